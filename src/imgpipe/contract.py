@@ -1,0 +1,318 @@
+"""The contract every step's output prefix keeps, and the commit protocol behind it.
+
+A committed step output ``DEST/`` holds:
+
+* data files (Parquet shards) listed in the manifest,
+* ``rejects.parquet`` with ``path``, ``reason``, ``detail`` (one row per dropped input),
+* ``config.yaml``, the resolved config of the run that wrote it,
+* ``manifest.json`` with ``step``, ``inputs``, ``outputs``, ``rejected``, ``files`` and more,
+* ``_SUCCESS``, written last.
+
+The order is the protocol: data first, manifest next, ``_SUCCESS`` last; a re-run
+removes ``_SUCCESS`` before touching anything else. Readers check ``_SUCCESS`` and
+read only the files the manifest lists, so a killed or concurrent writer is never
+mistaken for a finished one, and stale files from older runs are never read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgpipe import storage
+from imgpipe.config import config_to_dict, config_to_yaml
+
+__all__ = [
+    "MANIFEST",
+    "SUCCESS",
+    "REJECTS",
+    "CONFIG",
+    "REJECTS_SCHEMA",
+    "UncommittedOutputError",
+    "FileEntry",
+    "Reject",
+    "StepReport",
+    "OutputWriter",
+    "read_manifest",
+    "data_files",
+    "read_rejects",
+    "is_committed",
+]
+
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+REJECTS = "rejects.parquet"
+CONFIG = "config.yaml"
+SCHEMA_VERSION = 1
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+    ]
+)
+
+
+class UncommittedOutputError(ValueError):
+    """A step output prefix that has no ``_SUCCESS`` marker (unfinished, killed or absent)."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One data file of a step output."""
+
+    name: str
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Reject:
+    """One input that did not make it to the output, and why.
+
+    Attributes:
+        path: The original archive member path of the input.
+        reason: A stable reason code (``truncated``, ``unsafe_member``, ...).
+        detail: Human-readable specifics (the decoder's message, the limit crossed).
+    """
+
+    path: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class StepReport:
+    """What a step did; the manifest is this report plus file and config details.
+
+    Attributes:
+        step: Step name.
+        dest: The committed output prefix.
+        inputs: Items the step received.
+        outputs: Items it wrote.
+        rejected: Items it dropped; ``inputs == outputs + rejected``.
+        rejects_by_reason: Count per reason code.
+        files: Data files written.
+        seconds: Wall time.
+        extra: Step-specific facts (labels, split sizes, source checksum, ...).
+    """
+
+    step: str
+    dest: str
+    inputs: int
+    outputs: int
+    rejected: int
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    files: list[FileEntry] = field(default_factory=list)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.rejects_by_reason.items()))
+        return (
+            f"{self.step}: {self.inputs} in -> {self.outputs} out, {self.rejected} rejected"
+            + (f" ({reasons})" if reasons else "")
+            + f" in {self.seconds:.1f}s -> {self.dest}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        return asdict(self)
+
+
+def _dest_uri(dest: str, name: str) -> str:
+    return storage.join(dest, name)
+
+
+def is_committed(prefix: str) -> bool:
+    """Whether ``prefix`` holds a committed step output."""
+    return storage.exists(_dest_uri(prefix, SUCCESS))
+
+
+def read_manifest(prefix: str, expect_step: str | None = None) -> dict[str, Any]:
+    """Reads a committed output's manifest.
+
+    Args:
+        prefix: The step output prefix.
+        expect_step: If given, the manifest's ``step`` must match.
+
+    Raises:
+        UncommittedOutputError: If ``_SUCCESS`` is missing.
+        ValueError: If the manifest is unreadable or from another step.
+    """
+    prefix = storage.normalize_uri(prefix)
+    if not is_committed(prefix):
+        raise UncommittedOutputError(
+            f"{prefix} is not a committed step output (no {SUCCESS} marker): the step that writes "
+            "it has not finished, failed, or was pointed elsewhere; re-run that step first"
+        )
+    try:
+        manifest = json.loads(storage.read_bytes(_dest_uri(prefix, MANIFEST)))
+    except FileNotFoundError as exc:
+        raise ValueError(f"{prefix} has {SUCCESS} but no {MANIFEST}; the output is damaged") from exc
+    if expect_step is not None and manifest.get("step") != expect_step:
+        raise ValueError(
+            f"{prefix} holds the output of step {manifest.get('step')!r}, expected {expect_step!r}"
+        )
+    return manifest
+
+
+def data_files(prefix: str, manifest: Mapping[str, Any] | None = None) -> list[str]:
+    """URIs of the data files a committed output lists (never a directory listing)."""
+    prefix = storage.normalize_uri(prefix)
+    manifest = manifest or read_manifest(prefix)
+    return [_dest_uri(prefix, f["name"]) for f in manifest["files"]]
+
+
+def read_rejects(prefix: str) -> pa.Table:
+    """The rejects table of a committed output."""
+    read_manifest(prefix)
+    return pq.read_table(io.BytesIO(storage.read_bytes(_dest_uri(prefix, REJECTS))))
+
+
+def table_to_parquet_bytes(table: pa.Table, **kwargs: Any) -> bytes:
+    """Serializes a table to Parquet in memory (for small tables such as rejects)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **kwargs)
+    return buf.getvalue()
+
+
+class OutputWriter:
+    """Writes one step's output prefix and commits it.
+
+    Usage::
+
+        out = OutputWriter(dest, "clean")
+        out.begin()                       # drops _SUCCESS, then stale files
+        out.write_table("part-00000.parquet", table)   # thread-safe, call in parallel
+        report = out.commit(inputs=n, rejects=rejects, config=cfg)
+
+    Nothing becomes readable before ``commit`` writes ``_SUCCESS``.
+    """
+
+    def __init__(self, dest: str, step: str) -> None:
+        self.dest = storage.normalize_uri(dest)
+        self.step = step
+        self._files: dict[str, FileEntry] = {}
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._begun = False
+
+    def uri(self, name: str) -> str:
+        """Full URI of a file inside the output prefix."""
+        return _dest_uri(self.dest, name)
+
+    def begin(self) -> None:
+        """Invalidates any previous output at ``dest`` so a re-run starts clean.
+
+        ``_SUCCESS`` goes first: from that moment readers refuse the prefix, and the
+        stale files deleted next can never be read as part of a finished output.
+        """
+        storage.delete(self.uri(SUCCESS))
+        storage.delete_prefix(self.dest)
+        self._begun = True
+        self._started = time.monotonic()
+
+    def _check_name(self, name: str) -> None:
+        if not self._begun:
+            raise RuntimeError("OutputWriter.begin() must be called before writing")
+        if name in (MANIFEST, SUCCESS, REJECTS, CONFIG) or name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"{name!r} is reserved or not a valid data file name")
+
+    def write_table(self, name: str, table: pa.Table, **parquet_kwargs: Any) -> FileEntry:
+        """Writes a Parquet data file (thread-safe) and records it for the manifest."""
+        self._check_name(name)
+        parquet_kwargs.setdefault("compression", "zstd")
+        with storage.open_write(self.uri(name)) as fh:
+            pq.write_table(table, fh, **parquet_kwargs)
+            size = fh.tell()
+        entry = FileEntry(name=name, rows=table.num_rows, bytes=int(size))
+        with self._lock:
+            self._files[name] = entry
+        return entry
+
+    def add_file(self, entry: FileEntry) -> None:
+        """Records a data file written by another process (e.g. a pool worker)."""
+        self._check_name(entry.name)
+        with self._lock:
+            self._files[entry.name] = entry
+
+    @property
+    def files(self) -> list[FileEntry]:
+        """Data files written so far, sorted by name."""
+        with self._lock:
+            return sorted(self._files.values(), key=lambda f: f.name)
+
+    def commit(
+        self,
+        *,
+        inputs: int,
+        rejects: Iterable[Reject],
+        config: Any,
+        extra: Mapping[str, Any] | None = None,
+        upstream: Mapping[str, Any] | None = None,
+    ) -> StepReport:
+        """Writes rejects, config, manifest and finally ``_SUCCESS``.
+
+        Args:
+            inputs: How many items the step received.
+            rejects: Every dropped item with its reason.
+            config: The resolved step config (a dataclass).
+            extra: Step-specific manifest fields.
+            upstream: Where the inputs came from (URIs, upstream manifest facts).
+
+        Raises:
+            RuntimeError: If counts do not reconcile (``inputs != outputs + rejected``);
+                nothing is committed then.
+        """
+        rejects = sorted(rejects, key=lambda r: (r.path, r.reason))
+        files = self.files
+        outputs = sum(f.rows for f in files)
+        if inputs != outputs + len(rejects):
+            raise RuntimeError(
+                f"{self.step}: counts do not reconcile: {inputs} inputs != {outputs} outputs + "
+                f"{len(rejects)} rejected; refusing to commit {self.dest}"
+            )
+        rejects_table = pa.table(
+            {
+                "path": [r.path for r in rejects],
+                "reason": [r.reason for r in rejects],
+                "detail": [r.detail for r in rejects],
+            },
+            schema=REJECTS_SCHEMA,
+        )
+        storage.write_bytes(self.uri(REJECTS), table_to_parquet_bytes(rejects_table))
+        storage.write_bytes(self.uri(CONFIG), config_to_yaml(config).encode())
+        report = StepReport(
+            step=self.step,
+            dest=self.dest,
+            inputs=inputs,
+            outputs=outputs,
+            rejected=len(rejects),
+            rejects_by_reason=dict(sorted(Counter(r.reason for r in rejects).items())),
+            files=files,
+            seconds=round(time.monotonic() - self._started, 3),
+            extra=dict(extra or {}),
+        )
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            **report.to_dict(),
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": config_to_dict(config),
+            "upstream": dict(upstream or {}),
+        }
+        storage.write_bytes(self.uri(MANIFEST), json.dumps(manifest, indent=2, sort_keys=False).encode())
+        storage.write_bytes(self.uri(SUCCESS), b"")
+        return report

@@ -1,0 +1,104 @@
+"""Label encoding: class names from Oxford-style file names, folders, or a CSV.
+
+Class indices are assigned in a deterministic order (case-insensitive sort of the
+names, as the Oxford-IIIT Pet ``list.txt`` numbers its breeds), so the same set of
+names always maps to the same indices.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
+
+__all__ = [
+    "LabelSource",
+    "oxford_label",
+    "folder_label",
+    "read_label_csv",
+    "choose_label_source",
+    "Labeler",
+    "encode_labels",
+]
+
+LabelSource = Literal["auto", "oxford", "folder", "csv"]
+
+# Oxford-IIIT Pet names images "<Breed_Name>_<number>.<ext>": cats capitalized, dogs not.
+_OXFORD_NAME = re.compile(r"^(?P<breed>[A-Za-z][A-Za-z_]*?)_(?P<num>\d+)$")
+
+
+def oxford_label(path: str) -> str | None:
+    """The breed in an Oxford-IIIT Pet style name (``images/Bengal_12.jpg`` -> ``Bengal``)."""
+    stem = posixpath.splitext(posixpath.basename(path))[0]
+    match = _OXFORD_NAME.match(stem)
+    return match.group("breed") if match else None
+
+
+def folder_label(path: str) -> str | None:
+    """The parent folder of a file in a folder-per-class layout (``train/cat/1.jpg`` -> ``cat``)."""
+    parent = posixpath.basename(posixpath.dirname(path))
+    return parent or None
+
+
+def read_label_csv(data: bytes) -> dict[str, str]:
+    """Parses a ``path,label`` CSV (header required) into a mapping.
+
+    Paths may be archive member paths or bare file names.
+
+    Raises:
+        ValueError: If the header lacks ``path`` and ``label`` columns, or a path repeats
+            with different labels.
+    """
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+    if not reader.fieldnames or not {"path", "label"} <= {f.strip() for f in reader.fieldnames}:
+        raise ValueError(f"label CSV needs a header with 'path' and 'label' columns, got {reader.fieldnames}")
+    out: dict[str, str] = {}
+    for lineno, row in enumerate(reader, start=2):
+        path = (row.get("path") or "").strip().removeprefix("./")
+        label = (row.get("label") or "").strip()
+        if not path or not label:
+            continue
+        if path in out and out[path] != label:
+            raise ValueError(f"label CSV line {lineno}: {path!r} is labelled both {out[path]!r} and {label!r}")
+        out[path] = label
+    return out
+
+
+def choose_label_source(paths: Sequence[str]) -> Literal["oxford", "folder"]:
+    """Picks ``folder`` when images sit in two or more sibling folders, else ``oxford``."""
+    parents = {posixpath.dirname(p) for p in paths}
+    return "folder" if len(parents) >= 2 else "oxford"
+
+
+class Labeler:
+    """Maps a member path to its class name under one labelling scheme."""
+
+    def __init__(self, source: Literal["oxford", "folder", "csv"], csv_labels: Mapping[str, str] | None = None) -> None:
+        if source == "csv" and csv_labels is None:
+            raise ValueError("label_source 'csv' needs labels_csv (a path,label CSV)")
+        self.source = source
+        self.csv_labels = dict(csv_labels or {})
+
+    def __call__(self, path: str) -> str | None:
+        """The class name for ``path``, or ``None`` when it has none (reject ``no_label``)."""
+        if self.source == "oxford":
+            return oxford_label(path)
+        if self.source == "folder":
+            return folder_label(path)
+        return self.csv_labels.get(path) or self.csv_labels.get(posixpath.basename(path))
+
+    def describe_missing(self, path: str) -> str:
+        """Why ``path`` has no label, for the rejects table."""
+        if self.source == "oxford":
+            return f"file name {posixpath.basename(path)!r} does not match <Class_Name>_<number>"
+        if self.source == "folder":
+            return "file is not inside a class folder"
+        return "path not listed in labels_csv"
+
+
+def encode_labels(names: Iterable[str]) -> list[str]:
+    """Class names in index order: sorted case-insensitively, ties broken by exact name."""
+    return sorted(set(names), key=lambda n: (n.lower(), n))

@@ -1,0 +1,499 @@
+"""Object storage behind one interface, chosen by URI scheme.
+
+``file://`` URIs and plain paths go to the local file system, ``s3://`` URIs to any
+S3-compatible service (AWS, MinIO, Ceph, moto). Nothing else in imgpipe opens a
+path or calls boto3 directly, so every step runs unchanged against either.
+
+Every write goes to a temporary name and becomes visible only when it completes:
+locally a ``.tmp-*`` file renamed into place, on S3 an object that exists only once
+its (multipart) upload completes. A killed writer therefore never leaves a
+half-written object under its final name. Prefix-level atomicity (a whole step's
+output) is built on top of this in :mod:`imgpipe.contract`.
+
+The S3 endpoint comes from ``configure_s3(endpoint_url=...)`` or the standard
+``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` variables; credentials from the
+standard AWS chain (environment, profile, IRSA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+from urllib.parse import urlparse
+
+__all__ = [
+    "ObjectInfo",
+    "S3Options",
+    "configure_s3",
+    "normalize_uri",
+    "join",
+    "get_backend",
+    "exists",
+    "list_objects",
+    "open_read",
+    "read_bytes",
+    "open_write",
+    "write_bytes",
+    "delete",
+    "delete_prefix",
+    "download_file",
+    "upload_file",
+    "arrow_filesystem",
+    "with_retries",
+]
+
+T = TypeVar("T")
+TMP_MARKER = ".tmp-"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its full URI and size in bytes."""
+
+    uri: str
+    size: int
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Connection settings for S3-compatible storage.
+
+    Attributes:
+        endpoint_url: Service endpoint, e.g. ``http://minio.kubeflow:9000``; ``None``
+            uses ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` or AWS itself.
+        region: Region name; MinIO and moto accept any.
+        addressing_style: ``path`` works with every S3-compatible server; ``virtual``
+            is what AWS prefers for new buckets.
+        max_attempts: Retries for transient errors (throttling, 5xx, connection resets).
+        max_pool_connections: Connections per client, sized for parallel writes.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str = "path"
+    max_attempts: int = 8
+    max_pool_connections: int = 32
+
+
+_s3_options = S3Options()
+_clients: dict[tuple[int, S3Options], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def configure_s3(**kwargs: Any) -> S3Options:
+    """Sets the process-wide S3 options (see :class:`S3Options`) and returns them."""
+    global _s3_options
+    _s3_options = S3Options(**{**_s3_options.__dict__, **kwargs})
+    with _clients_lock:
+        _clients.clear()
+    return _s3_options
+
+
+def _endpoint_url() -> str | None:
+    return (
+        _s3_options.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or None
+    )
+
+
+def normalize_uri(uri: str | os.PathLike[str]) -> str:
+    """Returns a canonical URI: plain paths become absolute ``file://`` URIs.
+
+    Raises:
+        ValueError: For an empty URI or an unsupported scheme.
+    """
+    text = os.fspath(uri)
+    if not text:
+        raise ValueError("empty storage URI")
+    parsed = urlparse(text)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else text
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file URI {text!r} must be file:///absolute/path (got host {parsed.netloc!r})")
+        return "file://" + os.path.abspath(os.path.expanduser(path))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"S3 URI {text!r} has no bucket; expected s3://bucket/prefix")
+        return f"s3://{parsed.netloc}/{parsed.path.lstrip('/')}"
+    raise ValueError(f"unsupported storage URI {text!r}: use file://, s3:// or a local path")
+
+
+def join(base: str, *parts: str) -> str:
+    """Joins path components onto a URI with ``/`` (never the OS separator)."""
+    out = normalize_uri(base) if base else base
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = out.rstrip("/") + "/" + part
+    return out
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 5,
+    base_delay: float = 0.5,
+    retry_on: tuple[type[BaseException], ...] = (OSError,),
+    describe: str = "operation",
+) -> T:
+    """Calls ``fn`` and retries transient failures with exponential backoff.
+
+    Args:
+        fn: The operation.
+        attempts: Total tries.
+        base_delay: First backoff in seconds; doubles each retry.
+        retry_on: Exception types that count as transient.
+        describe: Name used in the final error.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except retry_on as exc:
+            if attempt == attempts:
+                raise OSError(f"{describe} failed after {attempts} attempts: {exc}") from exc
+            time.sleep(base_delay * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+class Backend(ABC):
+    """Operations every storage backend provides, on full URIs."""
+
+    @abstractmethod
+    def exists(self, uri: str) -> bool:
+        """Whether an object exists at exactly this URI."""
+
+    @abstractmethod
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """All committed objects below ``prefix`` (recursively), sorted by URI."""
+
+    @abstractmethod
+    def open_read(self, uri: str) -> IO[bytes]:
+        """A streaming binary reader; raises FileNotFoundError if absent."""
+
+    @abstractmethod
+    @contextlib.contextmanager
+    def open_write(self, uri: str) -> Iterator[IO[bytes]]:
+        """A binary writer whose object appears only when the block exits cleanly."""
+
+    @abstractmethod
+    def delete(self, uri: str) -> None:
+        """Deletes one object; absent objects are ignored."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Deletes every object below ``prefix``; returns how many."""
+
+    @abstractmethod
+    def arrow_filesystem(self, uri: str) -> tuple[Any, str]:
+        """A ``pyarrow.fs.FileSystem`` and the path within it, for columnar readers."""
+
+    def download_file(self, uri: str, local_path: str | os.PathLike[str]) -> None:
+        """Copies an object to a local file (atomically)."""
+        local_path = Path(local_path)
+        tmp = local_path.with_name(f"{local_path.name}{TMP_MARKER}{uuid.uuid4().hex}")
+        try:
+            with self.open_read(uri) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def upload_file(self, local_path: str | os.PathLike[str], uri: str) -> None:
+        """Copies a local file to an object."""
+        with open(local_path, "rb") as src, self.open_write(uri) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+
+class LocalBackend(Backend):
+    """``file://`` URIs on the local (or mounted) file system."""
+
+    @staticmethod
+    def _path(uri: str) -> Path:
+        return Path(urlparse(normalize_uri(uri)).path)
+
+    def exists(self, uri: str) -> bool:
+        return self._path(uri).is_file()
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        root = self._path(prefix)
+        if root.is_file():
+            return [ObjectInfo(normalize_uri(str(root)), root.stat().st_size)]
+        out = []
+        if root.is_dir():
+            for dirpath, _dirs, files in os.walk(root):
+                for name in files:
+                    if TMP_MARKER in name:
+                        continue  # an uncommitted write in progress (or abandoned)
+                    p = Path(dirpath) / name
+                    out.append(ObjectInfo("file://" + str(p), p.stat().st_size))
+        return sorted(out, key=lambda o: o.uri)
+
+    def open_read(self, uri: str) -> IO[bytes]:
+        path = self._path(uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"no object at {uri}")
+        return open(path, "rb")
+
+    @contextlib.contextmanager
+    def open_write(self, uri: str) -> Iterator[IO[bytes]]:
+        path = self._path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{TMP_MARKER}{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def delete(self, uri: str) -> None:
+        self._path(uri).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        root = self._path(prefix)
+        if root.is_file():
+            root.unlink()
+            return 1
+        if not root.is_dir():
+            return 0
+        count = sum(len(files) for _, _, files in os.walk(root))
+        shutil.rmtree(root)
+        return count
+
+    def arrow_filesystem(self, uri: str) -> tuple[Any, str]:
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem(), str(self._path(uri))
+
+    def download_file(self, uri: str, local_path: str | os.PathLike[str]) -> None:
+        src = self._path(uri)
+        if not src.is_file():
+            raise FileNotFoundError(f"no object at {uri}")
+        local_path = Path(local_path)
+        tmp = local_path.with_name(f"{local_path.name}{TMP_MARKER}{uuid.uuid4().hex}")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class _S3Writer(io.RawIOBase):
+    """Spools writes to a local temporary file; the upload happens at commit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # noqa: SIM115
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return self.spool.write(b)
+
+    def tell(self) -> int:
+        return self.spool.tell()
+
+
+class S3Backend(Backend):
+    """``s3://bucket/key`` URIs on any S3-compatible service."""
+
+    @staticmethod
+    def _split(uri: str) -> tuple[str, str]:
+        parsed = urlparse(normalize_uri(uri))
+        return parsed.netloc, parsed.path.lstrip("/")
+
+    @staticmethod
+    def client() -> Any:
+        """The boto3 S3 client for this process (clients are not fork-safe)."""
+        key = (os.getpid(), _s3_options)
+        with _clients_lock:
+            if key not in _clients:
+                import boto3
+                from botocore.config import Config
+
+                cfg = Config(
+                    retries={"max_attempts": _s3_options.max_attempts, "mode": "adaptive"},
+                    max_pool_connections=_s3_options.max_pool_connections,
+                    s3={"addressing_style": _s3_options.addressing_style},
+                )
+                _clients[key] = boto3.session.Session().client(
+                    "s3",
+                    endpoint_url=_endpoint_url(),
+                    region_name=_s3_options.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                    config=cfg,
+                )
+            return _clients[key]
+
+    def exists(self, uri: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._split(uri)
+        try:
+            self.client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        bucket, key = self._split(prefix)
+        paginator = self.client().get_paginator("list_objects_v2")
+        out = []
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                name = obj["Key"]
+                # "a/b" must not list "a/bc/...": only the object itself or keys below "a/b/".
+                if key and name != key and not key.endswith("/") and not name.startswith(key + "/"):
+                    continue
+                out.append(ObjectInfo(f"s3://{bucket}/{name}", int(obj["Size"])))
+        return sorted(out, key=lambda o: o.uri)
+
+    def open_read(self, uri: str) -> IO[bytes]:
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._split(uri)
+        try:
+            body = self.client().get_object(Bucket=bucket, Key=key)["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"no object at {uri}") from exc
+            raise
+        return body  # botocore StreamingBody: read(n), iter_chunks(), close()
+
+    @contextlib.contextmanager
+    def open_write(self, uri: str) -> Iterator[IO[bytes]]:
+        bucket, key = self._split(uri)
+        writer = _S3Writer()
+        try:
+            yield writer  # type: ignore[misc]
+            writer.spool.seek(0)
+            # upload_fileobj switches to multipart for large objects; either way the object
+            # only becomes visible when the upload completes, so there is no partial state.
+            self.client().upload_fileobj(writer.spool, bucket, key)
+        finally:
+            writer.spool.close()
+
+    def delete(self, uri: str) -> None:
+        bucket, key = self._split(uri)
+        self.client().delete_object(Bucket=bucket, Key=key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        bucket, _ = self._split(prefix)
+        objects = self.list_objects(prefix)
+        for i in range(0, len(objects), 1000):
+            batch = [{"Key": self._split(o.uri)[1]} for o in objects[i : i + 1000]]
+            self.client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(objects)
+
+    def download_file(self, uri: str, local_path: str | os.PathLike[str]) -> None:
+        bucket, key = self._split(uri)
+        local_path = Path(local_path)
+        tmp = local_path.with_name(f"{local_path.name}{TMP_MARKER}{uuid.uuid4().hex}")
+        try:
+            self.client().download_file(bucket, key, str(tmp))
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def upload_file(self, local_path: str | os.PathLike[str], uri: str) -> None:
+        bucket, key = self._split(uri)
+        self.client().upload_file(str(local_path), bucket, key)
+
+    def arrow_filesystem(self, uri: str) -> tuple[Any, str]:
+        import pyarrow.fs as pafs
+
+        bucket, key = self._split(uri)
+        kwargs: dict[str, Any] = {"region": _s3_options.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+        endpoint = _endpoint_url()
+        if endpoint:
+            parsed = urlparse(endpoint)
+            kwargs["endpoint_override"] = parsed.netloc or parsed.path
+            kwargs["scheme"] = parsed.scheme or "https"
+        creds = self.client()._request_signer._credentials  # same chain as boto3 uses
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=_s3_options.max_attempts)
+        return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}"
+
+
+_BACKENDS: dict[str, Backend] = {"file": LocalBackend(), "s3": S3Backend()}
+
+
+def get_backend(uri: str) -> Backend:
+    """Returns the backend serving ``uri``'s scheme."""
+    return _BACKENDS[urlparse(normalize_uri(uri)).scheme]
+
+
+def exists(uri: str) -> bool:
+    """Whether an object exists at ``uri``."""
+    return get_backend(uri).exists(normalize_uri(uri))
+
+
+def list_objects(prefix: str) -> list[ObjectInfo]:
+    """Committed objects below ``prefix``, sorted by URI."""
+    return get_backend(prefix).list_objects(normalize_uri(prefix))
+
+
+def open_read(uri: str) -> IO[bytes]:
+    """Opens ``uri`` for streaming reads."""
+    return get_backend(uri).open_read(normalize_uri(uri))
+
+
+def read_bytes(uri: str) -> bytes:
+    """Reads a whole (small) object."""
+    with open_read(uri) as fh:
+        return fh.read()
+
+
+def open_write(uri: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+    """Opens ``uri`` for writing; the object appears only if the block exits cleanly."""
+    return get_backend(uri).open_write(normalize_uri(uri))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Writes a whole object atomically."""
+    with open_write(uri) as fh:
+        fh.write(data)
+
+
+def delete(uri: str) -> None:
+    """Deletes one object (absent is fine)."""
+    get_backend(uri).delete(normalize_uri(uri))
+
+
+def delete_prefix(prefix: str) -> int:
+    """Deletes all objects below ``prefix``; returns how many were deleted."""
+    return get_backend(prefix).delete_prefix(normalize_uri(prefix))
+
+
+def download_file(uri: str, local_path: str | os.PathLike[str]) -> None:
+    """Copies an object to a local file."""
+    get_backend(uri).download_file(normalize_uri(uri), local_path)
+
+
+def upload_file(local_path: str | os.PathLike[str], uri: str) -> None:
+    """Copies a local file to an object."""
+    get_backend(uri).upload_file(local_path, normalize_uri(uri))
+
+
+def arrow_filesystem(uri: str) -> tuple[Any, str]:
+    """A ``pyarrow.fs`` file system and path for ``uri`` (for Parquet readers, Ray, the loader)."""
+    return get_backend(uri).arrow_filesystem(normalize_uri(uri))

@@ -1,0 +1,31 @@
+"""Test helpers that build committed step outputs directly through the contract."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import pyarrow as pa
+
+from imgpipe.contract import OutputWriter
+
+
+def write_download_output(dest: str, members: Mapping[str, bytes], row_group_rows: int = 4, shards: int = 2) -> str:
+    """Commits a download-shaped output (path, bytes, size, sha256) holding ``members``."""
+    items = list(members.items())
+    out = OutputWriter(dest, "download")
+    out.begin()
+    per = max(1, -(-len(items) // shards))
+    for k in range(0, len(items), per):
+        chunk = items[k : k + per]
+        table = pa.table(
+            {
+                "path": [p for p, _ in chunk],
+                "bytes": pa.array([b for _, b in chunk], pa.binary()),
+                "size": pa.array([len(b) for _, b in chunk], pa.int64()),
+                "sha256": [hashlib.sha256(b).hexdigest() for _, b in chunk],
+            }
+        )
+        out.write_table(f"part-{k // per:05d}.parquet", table, row_group_size=row_group_rows)
+    out.commit(inputs=len(items), rejects=[], config={"generated_by": "tests"})
+    return out.dest

@@ -1,0 +1,111 @@
+"""Generated test images, good and bad, as encoded bytes (shared by several test modules)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def photo(width: int = 96, height: int = 64, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth random image (compresses like a photo, not like noise)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
+    img = Image.fromarray(small, "RGB").resize((width, height), Image.BILINEAR)
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def jpeg(width: int = 96, height: int = 64, seed: int = 0) -> bytes:
+    return encode(photo(width, height, seed), "JPEG", quality=90)
+
+
+def truncated_jpeg(seed: int = 0) -> bytes:
+    data = jpeg(160, 120, seed)
+    return data[: int(len(data) * 0.6)]
+
+
+def cmyk_jpeg(seed: int = 0) -> bytes:
+    return encode(photo(96, 64, seed).convert("CMYK"), "JPEG", quality=90)
+
+
+def grayscale_jpeg(seed: int = 0) -> bytes:
+    return encode(photo(96, 64, seed).convert("L"), "JPEG", quality=90)
+
+
+def png16(seed: int = 0) -> bytes:
+    """A 16-bit grayscale PNG whose values use the full 16-bit range."""
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((64, 96)) * 65535).astype(np.uint16)
+    arr[:, :48] = 60000  # bright half: clipping to 255 would not be visible as a range bug
+    img = Image.fromarray(arr)
+    assert img.mode.startswith("I;16"), img.mode
+    return encode(img, "PNG")
+
+
+def palette_png_with_transparency(seed: int = 0) -> bytes:
+    img = photo(96, 64, seed).convert("P", palette=Image.ADAPTIVE, colors=16)
+    return encode(img, "PNG", transparency=0)
+
+
+def rgba_png(seed: int = 0) -> bytes:
+    img = photo(96, 64, seed).convert("RGBA")
+    alpha = Image.new("L", img.size, 0)
+    alpha.paste(255, (0, 0, 48, 64))
+    img.putalpha(alpha)
+    return encode(img, "PNG")
+
+
+def exif_rotated_jpeg(orientation: int = 6, seed: int = 0) -> bytes:
+    """A 96x64 stored image whose EXIF says 'rotate': upright it is 64x96."""
+    img = photo(96, 64, seed)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", quality=90, exif=exif.tobytes())
+
+
+def html_as_jpg() -> bytes:
+    return b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>gone</body></html>"
+
+
+def corrupt_jpeg(seed: int = 0) -> bytes:
+    """Valid headers, garbage entropy-coded data (the decoder fails mid-stream)."""
+    data = bytearray(jpeg(160, 120, seed))
+    sos = data.find(b"\xff\xda")
+    for i in range(sos + 20, len(data) - 2):
+        data[i] = 0xFF if i % 7 == 0 else data[i]
+    return bytes(data)
+
+
+def tiny_jpeg() -> bytes:
+    return encode(photo(16, 12), "JPEG")
+
+
+def png_in_jpg(seed: int = 0) -> bytes:
+    return encode(photo(96, 64, seed), "PNG")
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def png_bomb(side: int = 30000) -> bytes:
+    """A real, valid PNG of side x side black pixels (900 MP at 30000) in under a megabyte."""
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + one byte per grayscale pixel
+    chunks = []
+    block = row * 64
+    for _ in range(side // 64):
+        chunks.append(comp.compress(block))
+    chunks.append(comp.compress(row * (side % 64)))
+    chunks.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(chunks)) + _chunk(b"IEND", b"")

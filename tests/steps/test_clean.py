@@ -1,0 +1,259 @@
+"""The clean step end to end on generated inputs, on both storage backends."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from imgpipe import contract, storage
+from imgpipe.contract import UncommittedOutputError
+from imgpipe.steps import clean as clean_mod
+from imgpipe.steps.clean import OUTPUT_SCHEMA, CleanConfig, clean, stratified_split
+from tests import imagefactory as f
+from tests.helpers import write_download_output
+
+CLASSES = ["Bengal", "Siamese", "beagle"]
+
+
+def good_members(per_class: int = 10) -> dict[str, bytes]:
+    return {
+        f"images/{name}_{i}.jpg": f.jpeg(80 + 4 * i, 64 + 2 * c, seed=100 * c + i)
+        for c, name in enumerate(CLASSES)
+        for i in range(1, per_class + 1)
+    }
+
+
+BAD = {
+    "images/Bengal_900.jpg": ("truncated", f.truncated_jpeg(1)),
+    "images/Bengal_901.jpg": ("not_an_image", b""),
+    "images/Siamese_902.jpg": ("not_an_image", f.html_as_jpg()),
+    "images/Siamese_903.mat": ("not_an_image", b"MATLAB 5.0 MAT-file" + bytes(64)),
+    "images/beagle_904.jpg": ("too_small", f.tiny_jpeg()),
+    "images/beagle_905.png": ("too_large", f.png_bomb(12000)),
+    "images/README.jpg": ("no_label", f.jpeg(seed=7)),
+    "images/Siamese_906.jpg": ("corrupt", b"\xff\xd8\xff\xe0" + bytes(40)),
+}
+NORMALIZE = {
+    "images/Bengal_800.jpg": f.cmyk_jpeg(2),
+    "images/Bengal_801.jpg": f.grayscale_jpeg(3),
+    "images/Siamese_802.jpg": f.png16(4),
+    "images/Siamese_803.jpg": f.palette_png_with_transparency(5),
+    "images/beagle_804.jpg": f.exif_rotated_jpeg(6, seed=6),
+    "images/beagle_805.jpg": f.png_in_jpg(7),
+}
+
+
+def all_members() -> dict[str, bytes]:
+    members = good_members()
+    members.update({p: data for p, (_, data) in BAD.items()})
+    members.update(NORMALIZE)
+    # An exact copy: the later path in sorted order is the one rejected.
+    members["images/beagle_99.jpg"] = members["images/beagle_1.jpg"]
+    return members
+
+
+def read_output(prefix: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in contract.data_files(prefix)])
+
+
+@pytest.fixture
+def source(tmp_path) -> str:
+    return write_download_output(str(tmp_path / "download"), all_members())
+
+
+def test_every_input_accounted_for_with_reason(source, tmp_path):
+    dest = str(tmp_path / "clean")
+    report = clean(source, dest, CleanConfig(workers=1, min_side=32))
+    members = all_members()
+    rejects = contract.read_rejects(dest).to_pylist()
+    got = {r["path"]: r["reason"] for r in rejects}
+    expected = {p: reason for p, (reason, _) in BAD.items()}
+    expected["images/beagle_99.jpg"] = "duplicate"
+    assert got == expected
+    assert all(r["detail"] for r in rejects)
+    table = read_output(dest)
+    assert report.inputs == len(members) == report.outputs + report.rejected
+    assert table.num_rows == report.outputs
+    assert set(table.column("path").to_pylist()) | set(got) == set(members)
+    assert not set(table.column("path").to_pylist()) & set(got)
+
+
+def test_output_schema_order_and_images(source, tmp_path):
+    dest = str(tmp_path / "clean")
+    clean(source, dest, CleanConfig(workers=1))
+    table = read_output(dest)
+    assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    order = table.column("order").to_pylist()
+    assert order == sorted(order), "rows are written in the shuffled order"
+    assert sorted(order) == list(range(table.num_rows))
+    paths = table.column("path").to_pylist()
+    assert paths != sorted(paths), "the order is shuffled, not the input order"
+    for row in table.to_pylist():
+        assert row["image"]["path"] == row["path"]
+        img = Image.open(io.BytesIO(row["image"]["bytes"]))
+        img.load()
+        assert img.mode == "RGB" == row["mode"]
+        assert img.size == (row["width"], row["height"])
+        assert img.format.lower() == row["format"]
+    rotated = next(r for r in table.to_pylist() if r["path"] == "images/beagle_804.jpg")
+    assert (rotated["width"], rotated["height"]) == (64, 96)
+
+
+def test_labels_encoded_deterministically(source, tmp_path):
+    dest = str(tmp_path / "clean")
+    clean(source, dest, CleanConfig(workers=1))
+    labels = json.loads(storage.read_bytes(storage.join(dest, "labels.json")))
+    assert labels == {"0": "beagle", "1": "Bengal", "2": "Siamese"}
+    table = read_output(dest)
+    for row in table.to_pylist():
+        assert labels[str(row["label"])] == row["label_name"]
+        assert row["path"].split("/")[-1].startswith(row["label_name"] + "_")
+
+
+def test_manifest_config_and_reconciliation(source, tmp_path):
+    dest = str(tmp_path / "clean")
+    report = clean(source, dest, CleanConfig(workers=1, seed=3))
+    manifest = contract.read_manifest(dest, expect_step="clean")
+    for key in ("step", "inputs", "outputs", "rejected", "files"):
+        assert key in manifest
+    assert manifest["inputs"] == manifest["outputs"] + manifest["rejected"]
+    assert manifest["rejects_by_reason"]["not_an_image"] == 3
+    assert sum(f_["rows"] for f_ in manifest["files"]) == report.outputs
+    assert manifest["extra"]["splits"]["train"] > manifest["extra"]["splits"]["val"] > 0
+    cfg_text = storage.read_bytes(storage.join(dest, "config.yaml")).decode()
+    assert "seed: 3" in cfg_text and "split:" in cfg_text
+
+
+def test_grayscale_option(source, tmp_path):
+    dest = str(tmp_path / "gray")
+    clean(source, dest, CleanConfig(workers=1, grayscale=True))
+    table = read_output(dest)
+    assert set(table.column("mode").to_pylist()) == {"L"}
+    for row in table.to_pylist()[:5]:
+        assert Image.open(io.BytesIO(row["image"]["bytes"])).mode == "L"
+
+
+def test_stratified_split_per_class(tmp_path):
+    members = good_members(per_class=20)
+    src = write_download_output(str(tmp_path / "dl"), members)
+    dest = str(tmp_path / "clean")
+    clean(src, dest, CleanConfig(workers=1, split=(0.7, 0.2, 0.1)))
+    table = read_output(dest)
+    counts = Counter(zip(table.column("label_name").to_pylist(), table.column("split").to_pylist()))
+    for name in CLASSES:
+        assert (counts[(name, "train")], counts[(name, "val")], counts[(name, "test")]) == (14, 4, 2)
+
+
+def test_stratified_split_unit():
+    labels = [0] * 7 + [1] * 3 + [2]
+    splits = stratified_split(labels, (0.8, 0.1, 0.1), seed=0)
+    assert len(splits) == 11
+    assert splits[10] == "train", "a class of one goes to train"
+    per0 = Counter(s for s, lab in zip(splits, labels) if lab == 0)
+    assert sum(per0.values()) == 7 and per0["train"] >= 5
+    assert stratified_split(labels, (0.8, 0.1, 0.1), seed=0) == splits
+    assert stratified_split(labels * 10, (0.8, 0.1, 0.1), seed=1) != stratified_split(labels * 10, (0.8, 0.1, 0.1), seed=2)
+
+
+def test_seed_changes_order_and_is_reproducible(tmp_path):
+    src = write_download_output(str(tmp_path / "dl"), good_members(6))
+    paths = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        clean(src, str(tmp_path / name), CleanConfig(workers=1, seed=seed))
+        paths[name] = read_output(str(tmp_path / name)).column("path").to_pylist()
+    assert paths["a"] == paths["b"]
+    assert paths["a"] != paths["c"]
+
+
+def test_rerun_is_idempotent(source, tmp_path):
+    dest = str(tmp_path / "clean")
+    clean(source, dest, CleanConfig(workers=1, rows_per_shard=7))
+    first = sorted(o.uri for o in storage.list_objects(dest))
+    t1 = read_output(dest)
+    clean(source, dest, CleanConfig(workers=1, rows_per_shard=7))
+    assert sorted(o.uri for o in storage.list_objects(dest)) == first
+    assert read_output(dest).equals(t1)
+    # Fewer shards on the second run: the stale shard files must be gone, not merely unlisted.
+    clean(source, dest, CleanConfig(workers=1, rows_per_shard=1000))
+    names = [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(dest)]
+    assert sorted(n for n in names if n.startswith("part-")) == ["part-00000.parquet"]
+    assert read_output(dest).num_rows == t1.num_rows
+
+
+def test_folder_and_csv_labels(tmp_path):
+    members = {f"train/{cls}/{i}.jpg": f.jpeg(seed=10 * c + i) for c, cls in enumerate(["cat", "dog"]) for i in range(4)}
+    members["loose.jpg"] = f.jpeg(seed=99)
+    src = write_download_output(str(tmp_path / "dl"), members)
+    clean(src, str(tmp_path / "auto"), CleanConfig(workers=1))
+    table = read_output(str(tmp_path / "auto"))
+    assert set(table.column("label_name").to_pylist()) == {"cat", "dog"}
+    rejects = contract.read_rejects(str(tmp_path / "auto")).to_pylist()
+    # "loose.jpg" sits in the root, outside any class folder.
+    assert [(r["path"], r["reason"]) for r in rejects] == [("loose.jpg", "no_label")]
+
+    csv_uri = str(tmp_path / "labels.csv")
+    storage.write_bytes(csv_uri, b"path,label\ntrain/cat/0.jpg,tabby\n1.jpg,tabby\nloose.jpg,other\n")
+    clean(src, str(tmp_path / "csv"), CleanConfig(workers=1, label_source="csv", labels_csv=csv_uri))
+    table = read_output(str(tmp_path / "csv"))
+    got = dict(zip(table.column("path").to_pylist(), table.column("label_name").to_pylist()))
+    assert got["train/cat/0.jpg"] == "tabby" and got["loose.jpg"] == "other"
+    assert got["train/cat/1.jpg"] == "tabby"  # matched by file name
+    assert contract.read_manifest(str(tmp_path / "csv"))["rejects_by_reason"] == {"no_label": 5}
+
+
+def test_refuses_uncommitted_source(tmp_path):
+    src = write_download_output(str(tmp_path / "dl"), good_members(2))
+    storage.delete(storage.join(src, "_SUCCESS"))
+    with pytest.raises(UncommittedOutputError, match="_SUCCESS"):
+        clean(src, str(tmp_path / "clean"), CleanConfig(workers=1))
+
+
+def test_failure_midway_leaves_no_committed_output(source, tmp_path, monkeypatch):
+    dest = str(tmp_path / "clean")
+    clean(source, dest, CleanConfig(workers=1))
+    assert contract.is_committed(dest)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(clean_mod, "_write_shards", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        clean(source, dest, CleanConfig(workers=1))
+    assert not contract.is_committed(dest)
+    with pytest.raises(UncommittedOutputError):
+        contract.read_manifest(dest)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"split": (0.5, 0.5, 0.5)}, "sum to 1"),
+        ({"split": (0.0, 0.5, 0.5)}, "train fraction"),
+        ({"label_source": "csv"}, "labels_csv"),
+        ({"workers": -1}, "workers"),
+        ({"jpeg_quality": 0}, "jpeg_quality"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CleanConfig(**kwargs)
+
+
+def test_clean_on_s3_with_process_pool(s3_bucket):
+    members = good_members(4)
+    members["images/beagle_77.jpg"] = f.truncated_jpeg(3)
+    src = write_download_output(f"{s3_bucket}/runs/r1/download", members, row_group_rows=3)
+    dest = f"{s3_bucket}/runs/r1/clean"
+    report = clean(src, dest, CleanConfig(workers=2))
+    assert report.outputs == 12 and report.rejects_by_reason == {"truncated": 1}
+    table = read_output(dest)
+    assert table.num_rows == 12
+    assert np.array_equal(np.sort(table.column("order").to_numpy()), np.arange(12))
+    assert storage.exists(f"{dest}/_SUCCESS") and storage.exists(f"{dest}/labels.json")
