@@ -53,7 +53,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise ValueError(f"{name}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 __all__ = [
     "ObjectInfo",
@@ -120,7 +120,7 @@ def normalize_uri(uri: str | os.PathLike[str]) -> str:
         raise ValueError("empty storage URI")
     parsed = urlparse(text)
     if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else text
+        path = unquote(parsed.path) if parsed.scheme == "file" else text
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise ValueError(f"file URI {text!r} must be file:///absolute/path (got host {parsed.netloc!r})")
         return "file://" + os.path.abspath(os.path.expanduser(path))
@@ -403,12 +403,18 @@ class S3Backend(Backend):
         return len(objects)
 
     def download_file(self, uri: str, local_path: str | os.PathLike[str]) -> None:
+        from botocore.exceptions import ClientError
+
         bucket, key = self._split(uri)
         local_path = Path(local_path)
         tmp = local_path.with_name(f"{local_path.name}{TMP_MARKER}{uuid.uuid4().hex}")
         try:
             self.client().download_file(bucket, key, str(tmp))
             os.replace(tmp, local_path)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"no object at {uri}") from exc
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 

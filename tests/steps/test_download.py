@@ -1,0 +1,588 @@
+"""The download step on tiny generated archives: formats, transports, safety, the contract."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import stat
+import tarfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from imgpipe import archive, contract, storage
+from imgpipe.config import config_from_dict, config_to_yaml
+from imgpipe.steps.download import SHARD_SCHEMA, DownloadConfig, download
+
+IMAGES = {
+    "cats/a.jpg": b"\xff\xd8cat-a" * 50,
+    "cats/b.jpg": b"\xff\xd8cat-b" * 70,
+    "dogs/c.png": b"\x89PNGdog-c" * 30,
+    "dogs/d.jpg": b"\xff\xd8dog-d" * 90,
+    "e.jpg": b"\xff\xd8e" * 10,
+}
+# Small shards and row groups so a handful of members exercise sharding and parallel writes.
+FAST = DownloadConfig(
+    shard_bytes=1500, row_group_rows=2, write_workers=2, backoff_s=0.01, timeout_s=5.0
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _add_file(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _add_special(tf: tarfile.TarFile, name: str, kind: bytes, linkname: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    tf.addfile(info)
+
+
+def make_tar(path: Path, files: dict[str, bytes], mode: str = "w:gz", prefix: str = "./") -> Path:
+    """A tar archive with a directory entry and the files under ``prefix`` (tar's own ``./``)."""
+    with tarfile.open(path, mode) as tf:
+        _add_special(tf, prefix + "cats", tarfile.DIRTYPE)
+        for name, data in files.items():
+            _add_file(tf, prefix + name, data)
+    return path
+
+
+def make_zip(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cats/", b"")  # a directory entry: not an input
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def make_dir(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def read_rows(dest: str) -> dict[str, dict]:
+    """Every output row by path, read through the manifest; asserts paths are unique."""
+    rows: dict[str, dict] = {}
+    for uri in contract.data_files(dest):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        assert table.schema.equals(SHARD_SCHEMA)
+        for row in table.to_pylist():
+            assert row["path"] not in rows, f"duplicate row {row['path']}"
+            rows[row["path"]] = row
+    return rows
+
+
+def rejects_by_path(dest: str) -> dict[str, tuple[str, str]]:
+    table = contract.read_rejects(dest)
+    return {r["path"]: (r["reason"], r["detail"]) for r in table.to_pylist()}
+
+
+def assert_rows_match(dest: str, expected: dict[str, bytes]) -> None:
+    rows = read_rows(dest)
+    assert sorted(rows) == sorted(expected)
+    for path, data in expected.items():
+        assert rows[path]["bytes"] == data
+        assert rows[path]["size"] == len(data)
+        assert rows[path]["sha256"] == _sha(data)
+
+
+def object_names(dest: str) -> list[str]:
+    base = storage.normalize_uri(dest).rstrip("/") + "/"
+    return [o.uri[len(base) :] for o in storage.list_objects(dest)]
+
+
+# --------------------------------------------------------------------------- local HTTP server
+
+
+@dataclass
+class Route:
+    """How the test server answers one path."""
+
+    body: bytes
+    fail_first: int = 0  # answer 503 to this many requests first
+    drop_first: int = 0  # then cut this many responses off halfway through the body
+    ranges: bool = True  # honour Range with 206 (False: always send the whole body)
+    seen_ranges: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class HttpServer:
+    base: str
+    routes: dict[str, Route]
+    log: list[str]
+
+
+def _handler(routes: dict[str, Route], log: list[str]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        # HTTP/1.0: the server closes the connection after each response, so writing less
+        # than Content-Length is seen by the client as a connection dropped mid-body.
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            log.append(self.path)
+            route = routes.get(self.path)
+            if route is None:
+                self.send_error(404)
+                return
+            route.seen_ranges.append(self.headers.get("Range"))
+            hit = len(route.seen_ranges)
+            if hit <= route.fail_first:
+                self.send_error(503)
+                return
+            start = 0
+            match = re.match(r"bytes=(\d+)-$", self.headers.get("Range") or "")
+            if match and route.ranges:
+                start = int(match.group(1))
+                self.send_response(206)
+                self.send_header(
+                    "Content-Range", f"bytes {start}-{len(route.body) - 1}/{len(route.body)}"
+                )
+            else:
+                self.send_response(200)
+            body = route.body[start:]
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("ETag", '"v1"')
+            self.end_headers()
+            if hit <= route.fail_first + route.drop_first:
+                body = body[: len(body) // 2]
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def http_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpServer]:
+    """A real HTTP server on 127.0.0.1 in a thread; tests register routes on it."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    routes: dict[str, Route] = {}
+    log: list[str] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(routes, log))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield HttpServer(f"http://127.0.0.1:{server.server_address[1]}", routes, log)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+# --------------------------------------------------------------------------- formats and backends
+
+
+def test_tar_gz_to_any_backend_keeps_bytes_counts_and_row_groups(
+    tmp_path: Path, any_root: str
+) -> None:
+    src = make_tar(tmp_path / "images.tar.gz", IMAGES)
+    dest = storage.join(any_root, "download")
+
+    report = download(str(src), dest, FAST)
+
+    manifest = contract.read_manifest(dest, expect_step="download")
+    assert manifest["inputs"] == len(IMAGES) == report.inputs  # the directory entry is no input
+    assert manifest["outputs"] == len(IMAGES) and manifest["rejected"] == 0
+    assert_rows_match(dest, IMAGES)
+    names = [f["name"] for f in manifest["files"]]
+    assert len(names) > 1, "1500-byte shards must split these members"
+    assert names == [f"part-{i:05d}.parquet" for i in range(len(names))]
+    for uri in contract.data_files(dest, manifest):
+        meta = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri))).metadata
+        assert all(meta.row_group(i).num_rows <= 2 for i in range(meta.num_row_groups))
+    source = manifest["extra"]["sources"][0]
+    assert source["format"] == "tar.gz"
+    assert source["sha256"] == _sha(src.read_bytes()) and source["bytes"] == src.stat().st_size
+    assert manifest["config"]["row_group_rows"] == 2
+    assert set(object_names(dest)) == {
+        *names,
+        "manifest.json",
+        "rejects.parquet",
+        "config.yaml",
+        "_SUCCESS",
+    }
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip", "directory"])
+def test_other_formats_by_content_and_file_uri(tmp_path: Path, kind: str) -> None:
+    # Misleading names: the format must come from the content, not the extension.
+    if kind == "tar":
+        src = make_tar(tmp_path / "data.bin", IMAGES, mode="w", prefix="")
+    elif kind == "zip":
+        src = make_zip(tmp_path / "data.tar.gz", IMAGES)
+    else:
+        src = make_dir(tmp_path / "tree", IMAGES)
+    dest = str(tmp_path / "out")
+
+    download("file://" + str(src), dest, FAST)
+
+    manifest = contract.read_manifest(dest)
+    entry = manifest["extra"]["sources"][0]
+    assert entry["format"] == kind
+    if kind == "directory":
+        assert entry["sha256"] is None and entry["bytes"] is None  # no single file to hash
+    else:
+        assert entry["sha256"] == _sha(src.read_bytes()) and entry["bytes"] == src.stat().st_size
+    assert manifest["inputs"] == manifest["outputs"] == len(IMAGES)
+    assert_rows_match(dest, IMAGES)
+
+
+def test_unknown_format_names_supported_ones(tmp_path: Path) -> None:
+    src = tmp_path / "notes.tar.gz"
+    src.write_bytes(b"just some text, not an archive\n" * 40)
+    with pytest.raises(ValueError, match=r"not a supported archive.*tar\.gz.*zip"):
+        download(str(src), str(tmp_path / "out"), FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gzip_that_is_not_a_tar_is_refused(tmp_path: Path) -> None:
+    import gzip
+
+    src = tmp_path / "photo.jpg.gz"
+    src.write_bytes(gzip.compress(b"\xff\xd8" + b"x" * 2000))
+    with pytest.raises(ValueError, match="holds no tar archive"):
+        download(str(src), str(tmp_path / "out"), FAST)
+
+
+@pytest.mark.parametrize(
+    ("mode", "cut"),
+    [("w", 1800), ("w", 1536), ("w", 2100), ("w:gz", -30)],
+    ids=["mid-header", "at-header", "mid-data", "gzip-tail"],
+)
+def test_truncated_archive_fails_without_commit(tmp_path: Path, mode: str, cut: int) -> None:
+    # Uncompressed layout: dir header 0, a.jpg header 512 + data 1024, b.jpg header 1536.
+    whole = make_tar(tmp_path / "whole", IMAGES, mode=mode, prefix="").read_bytes()
+    src = tmp_path / "cut.tar"
+    src.write_bytes(whole[:cut])
+    dest = str(tmp_path / "out")
+    with pytest.raises(archive.ArchiveError, match="cut.tar.*truncated"):
+        download(str(src), dest, FAST)
+    assert not contract.is_committed(dest)
+
+
+def test_missing_sources_are_named(tmp_path: Path, s3_bucket: str) -> None:
+    missing = tmp_path / "nope.tar.gz"
+    with pytest.raises(FileNotFoundError, match="nope.tar.gz"):
+        download(str(missing), str(tmp_path / "out"), FAST)
+    with pytest.raises(FileNotFoundError, match="absent.tar"):
+        download(f"{s3_bucket}/absent.tar", str(tmp_path / "out"), FAST)
+    with pytest.raises(ValueError, match="unsupported source"):
+        download("ftp://example.invalid/x.tar", str(tmp_path / "out"), FAST)
+
+
+# --------------------------------------------------------------------------- remote sources
+
+
+def test_s3_source_with_matching_sha256(tmp_path: Path, s3_bucket: str) -> None:
+    data = make_tar(tmp_path / "images.tgz", IMAGES).read_bytes()
+    uri = f"{s3_bucket}/raw/images.tgz"
+    storage.write_bytes(uri, data)
+    dest = f"{s3_bucket}/out/download"
+
+    download(uri, dest, DownloadConfig(sha256=(_sha(data).upper(),), write_workers=2))
+
+    manifest = contract.read_manifest(dest)
+    assert manifest["extra"]["sources"] == [
+        {"uri": uri, "format": "tar.gz", "sha256": _sha(data), "bytes": len(data)}
+    ]
+    assert manifest["upstream"] == {"sources": [uri]}
+    assert_rows_match(dest, IMAGES)
+
+
+def test_http_retries_503_then_succeeds(tmp_path: Path, http_server: HttpServer) -> None:
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    route = http_server.routes["/pets/images.tar.gz"] = Route(data, fail_first=2)
+    dest = str(tmp_path / "out")
+
+    download(http_server.base + "/pets/images.tar.gz", dest, FAST)
+
+    assert len(route.seen_ranges) == 3
+    assert contract.read_manifest(dest)["extra"]["sources"][0]["sha256"] == _sha(data)
+    assert_rows_match(dest, IMAGES)
+
+
+def test_http_resumes_with_range_after_dropped_connection(
+    tmp_path: Path, http_server: HttpServer
+) -> None:
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    route = http_server.routes["/a.tar.gz"] = Route(data, drop_first=1)
+    dest = str(tmp_path / "out")
+
+    download(
+        http_server.base + "/a.tar.gz", dest, DownloadConfig(sha256=(_sha(data),), backoff_s=0.01)
+    )
+
+    # The second request asks only for the tail the first one did not deliver.
+    assert route.seen_ranges == [None, f"bytes={len(data) // 2}-"]
+    assert_rows_match(dest, IMAGES)
+
+
+def test_http_restarts_when_server_ignores_range(tmp_path: Path, http_server: HttpServer) -> None:
+    data = make_zip(tmp_path / "a.zip", IMAGES).read_bytes()
+    route = http_server.routes["/a.zip"] = Route(data, drop_first=2, ranges=False)
+    dest = str(tmp_path / "out")
+
+    download(
+        http_server.base + "/a.zip", dest, DownloadConfig(sha256=(_sha(data),), backoff_s=0.01)
+    )
+
+    assert len(route.seen_ranges) == 3 and route.seen_ranges[1] is not None
+    manifest = contract.read_manifest(dest)
+    assert manifest["extra"]["sources"][0]["bytes"] == len(data)  # not half + whole
+    assert_rows_match(dest, IMAGES)
+
+
+def test_http_404_fails_fast(tmp_path: Path, http_server: HttpServer) -> None:
+    with pytest.raises(FileNotFoundError, match=r"missing\.tar\.gz.*HTTP 404"):
+        download(http_server.base + "/missing.tar.gz", str(tmp_path / "out"), FAST)
+    assert http_server.log == ["/missing.tar.gz"]  # no retries
+
+
+def test_http_gives_up_after_retries(tmp_path: Path, http_server: HttpServer) -> None:
+    route = http_server.routes["/down.tar"] = Route(b"", fail_first=100)
+    with pytest.raises(ConnectionError, match=r"down\.tar.*HTTP 503"):
+        download(
+            http_server.base + "/down.tar",
+            str(tmp_path / "out"),
+            DownloadConfig(retries=2, backoff_s=0),
+        )
+    assert len(route.seen_ranges) == 3
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def test_sha256_mismatch_leaves_committed_output_untouched(tmp_path: Path, any_root: str) -> None:
+    src = make_tar(tmp_path / "a.tar.gz", IMAGES)
+    dest = storage.join(any_root, "d")
+    download(str(src), dest, FAST)
+    before = {o.uri: storage.read_bytes(o.uri) for o in storage.list_objects(dest)}
+    wrong = "ab" * 32
+
+    with pytest.raises(ValueError) as info:
+        download(str(src), dest, DownloadConfig(sha256=(wrong,)))
+
+    message = str(info.value)
+    assert str(src) in message and wrong in message and _sha(src.read_bytes()) in message
+    assert {o.uri: storage.read_bytes(o.uri) for o in storage.list_objects(dest)} == before
+    assert contract.is_committed(dest)
+
+
+def test_sha256_count_must_match_sources(tmp_path: Path) -> None:
+    src = make_tar(tmp_path / "a.tar.gz", IMAGES)
+    with pytest.raises(ValueError, match=r"1 sha256 digest\(s\) for 2 source"):
+        download([str(src), str(src)], str(tmp_path / "out"), DownloadConfig(sha256=("0" * 64,)))
+
+
+# --------------------------------------------------------------------------- unsafe members
+
+
+def test_unsafe_tar_members_become_rejects(tmp_path: Path) -> None:
+    src = tmp_path / "evil.tar"
+    with tarfile.open(src, "w") as tf:
+        _add_file(tf, "ok.jpg", b"fine")
+        _add_file(tf, "../evil.jpg", b"slip")
+        _add_file(tf, "cats/../../evil2.jpg", b"slip")
+        _add_file(tf, "/etc/x", b"abs")
+        _add_special(tf, "link.jpg", tarfile.SYMTYPE, "../../etc/passwd")
+        _add_special(tf, "hard.jpg", tarfile.LNKTYPE, "ok.jpg")
+        _add_special(tf, "tty", tarfile.CHRTYPE)
+        _add_special(tf, "disk", tarfile.BLKTYPE)
+        _add_special(tf, "pipe", tarfile.FIFOTYPE)
+    dest = str(tmp_path / "out")
+
+    report = download(str(src), dest, FAST)
+
+    rejects = rejects_by_path(dest)
+    assert {reason for reason, _ in rejects.values()} == {"unsafe_member"}
+    assert rejects["../evil.jpg"][1] == "parent directory '..' in path '../evil.jpg'"
+    assert "'..'" in rejects["cats/../../evil2.jpg"][1]
+    assert rejects["/etc/x"][1] == "absolute path '/etc/x'"
+    assert rejects["link.jpg"][1] == "symlink -> ../../etc/passwd"
+    assert rejects["hard.jpg"][1] == "hardlink -> ok.jpg"
+    assert rejects["tty"][1].startswith("character device")
+    assert rejects["disk"][1].startswith("block device")
+    assert rejects["pipe"][1].startswith("FIFO")
+    assert report.inputs == 9 and report.outputs == 1 and report.rejected == 8
+    assert report.rejects_by_reason == {"unsafe_member": 8}
+    assert list(read_rows(dest)) == ["ok.jpg"]
+    assert not (tmp_path / "evil.jpg").exists() and not (tmp_path / "evil2.jpg").exists()
+
+
+def test_unsafe_zip_members_become_rejects(tmp_path: Path) -> None:
+    src = tmp_path / "evil.zip"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("ok.jpg", b"fine")
+        zf.writestr("../slip.jpg", b"slip")
+        zf.writestr("/abs.jpg", b"abs")
+        zf.writestr("a\\..\\..\\win.jpg", b"windows slip")
+        link = zipfile.ZipInfo("link.jpg")
+        link.create_system = 3  # Unix, so external_attr carries st_mode
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "../../etc/passwd")
+        fifo = zipfile.ZipInfo("pipe")
+        fifo.create_system = 3
+        fifo.external_attr = (stat.S_IFIFO | 0o644) << 16
+        zf.writestr(fifo, b"")
+    dest = str(tmp_path / "out")
+
+    report = download(str(src), dest, FAST)
+
+    rejects = rejects_by_path(dest)
+    assert rejects == {
+        "../slip.jpg": ("unsafe_member", "parent directory '..' in path '../slip.jpg'"),
+        "/abs.jpg": ("unsafe_member", "absolute path '/abs.jpg'"),
+        "a\\..\\..\\win.jpg": (
+            "unsafe_member",
+            "parent directory '..' in path 'a\\\\..\\\\..\\\\win.jpg'",
+        ),
+        "link.jpg": ("unsafe_member", "symlink -> ../../etc/passwd"),
+        "pipe": ("unsafe_member", "FIFO (named pipe)"),
+    }
+    assert (report.inputs, report.outputs, report.rejected) == (6, 1, 5)
+    assert_rows_match(dest, {"ok.jpg": b"fine"})
+
+
+def test_directory_source_rejects_symlinks_and_fifos(tmp_path: Path) -> None:
+    root = make_dir(tmp_path / "tree", {"a.jpg": b"aaaa", "sub/b.jpg": b"bbbb"})
+    secret = make_dir(tmp_path / "secret", {"key.pem": b"private"})
+    os.symlink(secret / "key.pem", root / "key.jpg")
+    os.symlink(secret, root / "sub" / "linked_dir")
+    os.mkfifo(root / "pipe")
+    dest = str(tmp_path / "out")
+
+    report = download(str(root), dest, FAST)
+
+    rejects = rejects_by_path(dest)
+    assert rejects == {
+        "key.jpg": ("unsafe_member", f"symlink -> {secret / 'key.pem'}"),
+        "sub/linked_dir": ("unsafe_member", f"symlink -> {secret}"),
+        "pipe": ("unsafe_member", "FIFO (named pipe)"),
+    }
+    assert (report.inputs, report.outputs, report.rejected) == (5, 2, 3)
+    assert_rows_match(dest, {"a.jpg": b"aaaa", "sub/b.jpg": b"bbbb"})
+
+
+def test_too_large_and_duplicates_across_sources(tmp_path: Path) -> None:
+    first = tmp_path / "first.tar.gz"
+    with tarfile.open(first, "w:gz") as tf:
+        _add_file(tf, "./a.jpg", b"a" * 100)
+        _add_file(tf, "big.jpg", b"B" * 5000)
+        _add_file(tf, "a.jpg", b"again")  # same path once './' is stripped
+    second = make_zip(tmp_path / "second.zip", {"b.jpg": b"b" * 100, "big.jpg": b"small now"})
+    dest = str(tmp_path / "out")
+    cfg = DownloadConfig(max_member_bytes=1000, shard_bytes=150, write_workers=3)
+
+    report = download([str(first), "file://" + str(second)], dest, cfg)
+
+    table = contract.read_rejects(dest)
+    assert sorted(zip(table["path"].to_pylist(), table["reason"].to_pylist(), strict=True)) == [
+        ("a.jpg", "duplicate_member"),
+        ("big.jpg", "duplicate_member"),  # the path was seen (and rejected) in the first source
+        ("big.jpg", "member_too_large"),
+    ]
+    details = {(p, r): d for p, r, d in zip(*table.to_pydict().values(), strict=True)}
+    assert details[("big.jpg", "member_too_large")] == "5000 bytes > max_member_bytes=1000"
+    assert (report.inputs, report.outputs, report.rejected) == (5, 2, 3)
+    assert_rows_match(dest, {"a.jpg": b"a" * 100, "b.jpg": b"b" * 100})
+    sources = contract.read_manifest(dest)["extra"]["sources"]
+    assert [s["format"] for s in sources] == ["tar.gz", "zip"]
+
+
+def test_member_read_enforces_limit_whatever_the_header_says(tmp_path: Path) -> None:
+    src = make_zip(tmp_path / "bomb.zip", {"bomb.jpg": b"\0" * 50_000})
+    with zipfile.ZipFile(src) as zf:
+        info = zf.getinfo("bomb.jpg")
+        # A header that under-reports the size (size=10) must not get past the limit: the
+        # reader counts what it actually inflates.
+        liar = archive.Member("bomb.jpg", 10, opener=lambda: zf.open(info))
+        with pytest.raises(archive.MemberTooLarge, match="more than 1000 bytes"):
+            liar.read(1000)
+        assert liar.read(50_000) == b"\0" * 50_000
+
+
+def test_total_cap_raises_and_commits_nothing(tmp_path: Path) -> None:
+    src = make_tar(tmp_path / "bomb.tar.gz", {f"x{i}.jpg": b"\0" * 4000 for i in range(5)})
+    dest = str(tmp_path / "out")
+    download(str(make_tar(tmp_path / "ok.tar", IMAGES, mode="w")), dest, FAST)
+    assert contract.is_committed(dest)
+
+    with pytest.raises(ValueError, match=r"max_total_bytes=10000.*archive bomb"):
+        download(str(src), dest, DownloadConfig(max_total_bytes=10_000, shard_bytes=3000))
+
+    assert not contract.is_committed(dest)
+    assert "_SUCCESS" not in object_names(dest) and "manifest.json" not in object_names(dest)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_rerun_is_idempotent(tmp_path: Path, any_root: str) -> None:
+    src = make_tar(tmp_path / "a.tar.gz", IMAGES)
+    dest = storage.join(any_root, "again")
+
+    download(str(src), dest, FAST)
+    first_names, first_rows = object_names(dest), read_rows(dest)
+    first_files = contract.read_manifest(dest)["files"]
+    download(str(src), dest, FAST)
+
+    assert object_names(dest) == first_names
+    assert read_rows(dest) == first_rows
+    assert contract.read_manifest(dest)["files"] == first_files
+
+
+def test_dest_overlapping_a_source_is_refused(tmp_path: Path) -> None:
+    root = make_dir(tmp_path / "tree", {"a.jpg": b"a"})
+    with pytest.raises(ValueError, match="overlap"):
+        download(str(root), str(root / "out"), FAST)
+    with pytest.raises(ValueError, match="overlap"):
+        download(str(root / "a.jpg"), str(root), FAST)
+    assert (root / "a.jpg").read_bytes() == b"a"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_from_yaml_style_values() -> None:
+    cfg = config_from_dict(
+        DownloadConfig, {"sha256": f"{'AB' * 32},{'cd' * 32}", "shard_bytes": "64_000"}
+    )
+    assert cfg.sha256 == ("ab" * 32, "cd" * 32) and cfg.shard_bytes == 64_000
+    assert yaml.safe_load(config_to_yaml(cfg))["sha256"] == ["ab" * 32, "cd" * 32]
+    with pytest.raises(ValueError, match="unknown DownloadConfig option"):
+        config_from_dict(DownloadConfig, {"md5": "x"})
+
+
+def test_config_normalizes_and_validates() -> None:
+    digest = "AB" * 32
+    assert DownloadConfig(sha256=[digest]).sha256 == ("ab" * 32,)
+    with pytest.raises(ValueError, match="64 hex"):
+        DownloadConfig(sha256=("5c4f3ee8e5d25df40f4fd59a7f44e54c",))  # an md5
+    with pytest.raises(ValueError, match="shard_bytes must be between"):
+        DownloadConfig(shard_bytes=0)
+    with pytest.raises(ValueError, match="write_workers"):
+        DownloadConfig(write_workers=0)
+    with pytest.raises(TypeError, match="retries must be an integer"):
+        DownloadConfig(retries=True)
+    with pytest.raises(ValueError, match="timeout_s"):
+        DownloadConfig(timeout_s=0)

@@ -1,0 +1,45 @@
+"""The command line, end to end on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+
+from imgpipe import contract, storage
+from imgpipe.cli import build_parser, main
+
+
+def test_parser_is_reusable():
+    parser = build_parser(add_help=False)
+    args = parser.parse_args(["clean", "a", "b", "--split", "0.7,0.2,0.1", "--set", "seed=4"])
+    assert args.command == "clean" and args.split == "0.7,0.2,0.1" and args.overrides == ["seed=4"]
+
+
+def test_synth_download_clean_commands(tmp_path, capsys):
+    root = tmp_path / "data"
+    assert main(["synth", str(root / "synth"), "--classes", "3", "--per-class", "5", "--seed", "1"]) == 0
+    assert main(["download", str(root / "synth" / "images.tar.gz"), str(root / "dl")]) == 0
+    assert main(["clean", str(root / "dl"), str(root / "clean"), "--seed", "2", "--set", "workers=1", "--json"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{") :])
+    assert report["step"] == "clean" and report["inputs"] == report["outputs"] + report["rejected"]
+    dl = contract.read_manifest(str(root / "dl"))
+    assert dl["outputs"] == report["inputs"]
+    cfg = storage.read_bytes(storage.join(str(root / "clean"), "config.yaml")).decode()
+    assert "seed: 2" in cfg and "workers: 1" in cfg
+
+
+def test_user_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["clean", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgpipe clean: error:") and "_SUCCESS" in err
+    assert main(["clean", "a", "b", "--set", "bogus=1"]) == 2
+    assert "unknown CleanConfig option" in capsys.readouterr().err
+
+
+def test_run_reconciles_end_to_end(tmp_path, capsys):
+    rc = main(["run", "--data-root", str(tmp_path / "d"), "--classes", "3", "--per-class", "6"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "reconciled" in out and "NOT RECONCILED" not in out
+    clean_manifest = contract.read_manifest(str(tmp_path / "d" / "runs" / "local" / "clean"), expect_step="clean")
+    assert clean_manifest["outputs"] >= 3 * 6 - 3

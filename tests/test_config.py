@@ -1,0 +1,55 @@
+"""Config resolution: defaults, YAML, overrides, validation, resolved dump."""
+
+from __future__ import annotations
+
+from dataclasses import FrozenInstanceError
+
+import pytest
+import yaml
+
+from imgpipe.config import config_to_yaml, load_config, parse_override
+from imgpipe.steps.clean import CleanConfig
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 7\ngrayscale: true\nsplit: [0.6, 0.2, 0.2]\n")
+    cfg = load_config(CleanConfig, path, {"seed": 9, "workers": None})
+    assert cfg.seed == 9 and cfg.grayscale is True and cfg.split == (0.6, 0.2, 0.2) and cfg.workers == 0
+    with pytest.raises(FrozenInstanceError):
+        cfg.seed = 1  # type: ignore[misc]
+
+
+def test_sectioned_file(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("clean:\n  seed: 4\ndownload:\n  retries: 2\n")
+    assert load_config(CleanConfig, path, section="clean").seed == 4
+    path.write_text("download:\n  retries: 2\n")
+    assert load_config(CleanConfig, path, section="clean") == CleanConfig()
+
+
+def test_unknown_key_and_bad_type_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown CleanConfig option.*sed.*valid options"):
+        load_config(CleanConfig, overrides={"sed": 1})
+    with pytest.raises(TypeError, match="seed: expected an integer"):
+        load_config(CleanConfig, overrides={"seed": "abc"})
+    with pytest.raises(ValueError, match="label_source"):
+        load_config(CleanConfig, overrides={"label_source": "filename"})
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(CleanConfig, tmp_path / "missing.yaml")
+
+
+def test_string_forms_from_cli():
+    cfg = load_config(CleanConfig, overrides={"split": "0.8,0.1,0.1", "grayscale": "yes", "seed": "3"})
+    assert cfg.split == (0.8, 0.1, 0.1) and cfg.grayscale and cfg.seed == 3
+    assert parse_override("max-pixels=1000") == ("max_pixels", 1000)
+    assert parse_override("labels_csv=s3://b/x.csv") == ("labels_csv", "s3://b/x.csv")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_override("novalue")
+
+
+def test_resolved_yaml_round_trips():
+    cfg = CleanConfig(seed=5, split=(0.5, 0.25, 0.25))
+    data = yaml.safe_load(config_to_yaml(cfg))
+    assert data["split"] == [0.5, 0.25, 0.25]
+    assert load_config(CleanConfig, overrides=data) == cfg
