@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "clean_outputs": report.outputs,
         "clean_rejected": report.rejected,
     }
-    print("| what | images/s | time (s, median of %d) | ratio to floor |" % args.repeats)
+    print(f"| what | images/s | time (s, median of {args.repeats}) | ratio to floor |")
     print("| --- | --- | --- | --- |")
     print(f"| full-decode floor ({args.workers} processes) | {result['floor_img_s']} | {f_med:.2f} | 1.00 |")
     print(f"| imgpipe clean ({args.workers} workers, end to end) | {result['clean_img_s']} | {o_med:.2f} | {o_med / f_med:.2f} |")

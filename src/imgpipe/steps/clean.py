@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from imgpipe import contract, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
 from imgpipe.images import ImageRejected, validate_and_normalize
-from imgpipe.labels import LabelSource, Labeler, choose_label_source, encode_labels, read_label_csv
+from imgpipe.labels import Labeler, LabelSource, choose_label_source, encode_labels, read_label_csv
 
 __all__ = [
     "CleanConfig",
