@@ -71,3 +71,16 @@ def test_manifest_without_success_is_refused_even_if_present(tmp_path):
     storage.write_bytes(storage.join(dest, "manifest.json"), b"{}")
     with pytest.raises(UncommittedOutputError, match="re-run"):
         contract.data_files(dest)
+
+
+def test_binary_columns_stored_without_recompression(tmp_path):
+    out = OutputWriter(str(tmp_path / "s"), "demo")
+    out.begin()
+    image = pa.StructArray.from_arrays([pa.array([b"\xff\xd8" * 500] * 3, pa.binary()), pa.array(["a", "b", "c"])], names=["bytes", "path"])
+    out.write_table("part-00000.parquet", pa.table({"image": image, "label": [1, 2, 3]}))
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(str(tmp_path / "s" / "part-00000.parquet")).metadata.row_group(0)
+    codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
+    assert codecs == {"image.bytes": "UNCOMPRESSED", "image.path": "ZSTD", "label": "ZSTD"}
+    assert not meta.column(0).is_stats_set and meta.column(2).is_stats_set

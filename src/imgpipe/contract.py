@@ -47,6 +47,7 @@ __all__ = [
     "data_files",
     "read_rejects",
     "is_committed",
+    "parquet_write_options",
 ]
 
 MANIFEST = "manifest.json"
@@ -189,6 +190,38 @@ def table_to_parquet_bytes(table: pa.Table, **kwargs: Any) -> bytes:
     return buf.getvalue()
 
 
+def _leaf_paths(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
+    out: list[tuple[str, pa.DataType]] = []
+
+    def walk(prefix: str, dtype: pa.DataType) -> None:
+        if pa.types.is_struct(dtype):
+            for child in dtype:
+                walk(f"{prefix}.{child.name}", child.type)
+        else:
+            out.append((prefix, dtype))
+
+    for f in schema:
+        walk(f.name, f.type)
+    return out
+
+
+def parquet_write_options(schema: pa.Schema) -> dict[str, Any]:
+    """Parquet settings for a step's data files.
+
+    Binary columns hold encoded images (JPEG/PNG) or raw pixels: compressing them again
+    costs about 4x the write time for a fraction of a percent, dictionary encoding them
+    is pointless, and min/max statistics on them are never used. Everything else gets
+    zstd and statistics.
+    """
+    leaves = _leaf_paths(schema)
+    binary = [p for p, t in leaves if pa.types.is_binary(t) or pa.types.is_large_binary(t)]
+    return {
+        "compression": {p: ("none" if p in binary else "zstd") for p, _ in leaves},
+        "use_dictionary": [p for p, _ in leaves if p not in binary],
+        "write_statistics": [p for p, _ in leaves if p not in binary],
+    }
+
+
 class OutputWriter:
     """Writes one step's output prefix and commits it.
 
@@ -232,9 +265,12 @@ class OutputWriter:
             raise ValueError(f"{name!r} is reserved or not a valid data file name")
 
     def write_table(self, name: str, table: pa.Table, **parquet_kwargs: Any) -> FileEntry:
-        """Writes a Parquet data file (thread-safe) and records it for the manifest."""
+        """Writes a Parquet data file (thread-safe) and records it for the manifest.
+
+        Defaults come from :func:`parquet_write_options`; ``parquet_kwargs`` override them.
+        """
         self._check_name(name)
-        parquet_kwargs.setdefault("compression", "zstd")
+        parquet_kwargs = {**parquet_write_options(table.schema), **parquet_kwargs}
         with storage.open_write(self.uri(name)) as fh:
             pq.write_table(table, fh, **parquet_kwargs)
             size = fh.tell()

@@ -233,9 +233,11 @@ def _validate_all(tasks: list[tuple[str, int, int]], cfg: CleanConfig, spill_dir
                 results[i] = validate_row_group(uri, rg, cfg, str(spill_dir / f"spill-{i:06d}.parquet"))
                 bar.update(n)
         else:
-            # spawn, not fork: the parent may hold boto3/pyarrow threads, and forking a
-            # process with live threads can deadlock the child.
-            ctx = multiprocessing.get_context("spawn")
+            # Not plain fork: the parent may hold boto3/pyarrow/tqdm threads, and forking a
+            # process with live threads can deadlock the child. A forkserver with this
+            # module preloaded starts workers in ~0.05 s each instead of ~0.5 s for spawn.
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
             with ProcessPoolExecutor(
                 max_workers=min(workers, len(tasks)),
                 mp_context=ctx,
