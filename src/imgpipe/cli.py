@@ -71,7 +71,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("run", help="run the pipeline end to end locally on the embedded sample dataset")
-    p.add_argument("--data-root", default="file://./.data", help="where every step writes (default ./.data)")
+    p.add_argument("--data-root", default="./.data", help="where every step writes (default ./.data)")
     p.add_argument("--source", help="archive to process (default: generate the sample dataset)")
     p.add_argument("--classes", type=int, default=12, help="sample dataset breeds")
     p.add_argument("--per-class", type=int, default=60, help="sample dataset images per breed")
