@@ -43,3 +43,16 @@ def test_run_reconciles_end_to_end(tmp_path, capsys):
     assert "reconciled" in out and "NOT RECONCILED" not in out
     clean_manifest = contract.read_manifest(str(tmp_path / "d" / "runs" / "local" / "clean"), expect_step="clean")
     assert clean_manifest["outputs"] >= 3 * 6 - 3
+
+
+def test_resize_command(tmp_path, capsys):
+    root = tmp_path / "data"
+    assert main(["run", "--data-root", str(root), "--classes", "2", "--per-class", "4"]) == 0
+    clean_out = str(root / "runs" / "local" / "clean")
+    rc = main(["resize", clean_out, str(root / "r64"), "--size", "64", "--format", "jpeg", "--op", "equalize", "--json"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.rindex('{\n  "step"') :])
+    assert report["step"] == "resize" and report["outputs"] == 8
+    manifest = contract.read_manifest(str(root / "r64"), expect_step="resize")
+    assert manifest["config"]["size"] == 64 and manifest["config"]["ops"] == ["equalize"]

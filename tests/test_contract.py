@@ -84,3 +84,11 @@ def test_binary_columns_stored_without_recompression(tmp_path):
     codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
     assert codecs == {"image.bytes": "UNCOMPRESSED", "image.path": "ZSTD", "label": "ZSTD"}
     assert not meta.column(0).is_stats_set and meta.column(2).is_stats_set
+
+
+def test_check_disjoint(tmp_path):
+    base = str(tmp_path)
+    contract.check_disjoint(f"{base}/out", [f"{base}/in", f"{base}/output"], "demo")
+    for src in (f"{base}/out", f"{base}/out/sub", base):
+        with pytest.raises(ValueError, match="overlap"):
+            contract.check_disjoint(f"{base}/out", [src], "demo")

@@ -70,6 +70,17 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="decode processes (default: all cores)")
     _common(p)
 
+    p = sub.add_parser("resize", help="resize clean images to a model's input size on Ray Data")
+    p.add_argument("source", help="committed clean output prefix")
+    p.add_argument("dest", help="output prefix")
+    p.add_argument("--size", type=int, help="output side in pixels (default 224)")
+    p.add_argument("--mode", choices=["short-side-crop", "fixed", "pad"], help="geometry (default short-side-crop)")
+    p.add_argument("--preset", help="model preset, e.g. resnet, inception, clip, vit-384, efficientnet-b7")
+    p.add_argument("--format", choices=["raw", "jpeg"], help="stored pixels: raw uint8 or JPEG q95 (default raw)")
+    p.add_argument("--op", dest="ops", action="append", help="standardization op, in order (repeatable), e.g. clahe")
+    p.add_argument("--ray-address", help="Ray cluster to use (default: a local Ray)")
+    _common(p)
+
     p = sub.add_parser("run", help="run the pipeline end to end locally on the embedded sample dataset")
     p.add_argument("--data-root", default="./.data", help="where every step writes (default ./.data)")
     p.add_argument("--source", help="archive to process (default: generate the sample dataset)")
@@ -131,10 +142,27 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resize(args: argparse.Namespace) -> int:
+    from imgpipe.steps.resize import ResizeConfig, resize
+
+    named = {
+        "size": args.size,
+        "mode": args.mode,
+        "preset": args.preset,
+        "format": args.format,
+        "ops": tuple(args.ops) if args.ops else None,
+        "ray_address": args.ray_address,
+    }
+    cfg = load_config(ResizeConfig, args.config, _overrides(args, **named), "resize")
+    _emit(resize(args.source, args.dest, cfg), args.json)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Runs every step that exists, locally, and prints per-step counts."""
+    """Runs every step locally, prints per-step counts and checks that they reconcile."""
     from imgpipe.steps.clean import CleanConfig, clean
     from imgpipe.steps.download import DownloadConfig, download
+    from imgpipe.steps.resize import ResizeConfig, resize
     from imgpipe.synth import SynthConfig, generate
 
     root = storage.normalize_uri(args.data_root)
@@ -146,27 +174,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(generate(synth_dir, cfg).summary())
         sources = [storage.join(synth_dir, "images.tar.gz")]
     run_root = storage.join(root, "runs", "local")
-    reports = [
-        download(sources, storage.join(run_root, "download"), load_config(DownloadConfig, args.config, None, "download"))
-    ]
-    print(reports[-1].summary())
-    reports.append(
-        clean(reports[-1].dest, storage.join(run_root, "clean"), load_config(CleanConfig, args.config, None, "clean"))
-    )
-    print(reports[-1].summary())
-    download_report, clean_report = reports
-    archive_members = download_report.inputs
-    accounted = clean_report.outputs + clean_report.rejected + download_report.rejected
+
+    def step_config(cls: type, section: str) -> Any:
+        return load_config(cls, args.config, None, section)
+
+    dl = download(sources, storage.join(run_root, "download"), step_config(DownloadConfig, "download"))
+    print(dl.summary())
+    cl = clean(dl.dest, storage.join(run_root, "clean"), step_config(CleanConfig, "clean"))
+    print(cl.summary())
+    rs = resize(cl.dest, storage.join(run_root, "resize"), step_config(ResizeConfig, "resize"))
+    print(rs.summary())
+
+    # Every archive member is in exactly one place: clean's output or a rejects table;
+    # every clean row is in resize's output or its rejects.
+    reconciled = dl.inputs == cl.outputs + cl.rejected + dl.rejected and rs.inputs == cl.outputs
+    rejected = dl.rejected + cl.rejected + rs.rejected
     print(
-        f"\nrun finished in {time.monotonic() - started:.1f}s: {archive_members} archive members -> "
-        f"{clean_report.outputs} clean images, {download_report.rejected + clean_report.rejected} rejected "
-        f"({'reconciled' if accounted == archive_members else 'NOT RECONCILED'})"
+        f"\nrun finished in {time.monotonic() - started:.1f}s: {dl.inputs} archive members -> "
+        f"{rs.outputs} training images, {rejected} rejected ({'reconciled' if reconciled else 'NOT RECONCILED'})"
     )
-    print(f"clean output: {clean_report.dest}")
-    return 0 if accounted == archive_members else 1
+    print(f"clean output:  {cl.dest}\nresize output: {rs.dest}")
+    return 0 if reconciled else 1
 
 
-COMMANDS = {"synth": cmd_synth, "download": cmd_download, "clean": cmd_clean, "run": cmd_run}
+COMMANDS = {
+    "synth": cmd_synth,
+    "download": cmd_download,
+    "clean": cmd_clean,
+    "resize": cmd_resize,
+    "run": cmd_run,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

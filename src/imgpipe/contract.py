@@ -48,6 +48,7 @@ __all__ = [
     "read_rejects",
     "is_committed",
     "parquet_write_options",
+    "check_disjoint",
 ]
 
 MANIFEST = "manifest.json"
@@ -181,6 +182,26 @@ def read_rejects(prefix: str) -> pa.Table:
     """The rejects table of a committed output."""
     read_manifest(prefix)
     return pq.read_table(io.BytesIO(storage.read_bytes(_dest_uri(prefix, REJECTS))))
+
+
+def check_disjoint(dest: str, sources: Iterable[str], step: str) -> None:
+    """Refuses an output prefix that equals, contains or lies inside one of the step's inputs.
+
+    ``OutputWriter.begin()`` empties ``dest``; were a source inside it, the step would
+    delete its own input, and were ``dest`` inside a source, the output would be read
+    back as input by the next run.
+
+    Raises:
+        ValueError: Naming both URIs.
+    """
+    out = storage.normalize_uri(dest).rstrip("/")
+    for source in sources:
+        src = storage.normalize_uri(source).rstrip("/")
+        if src == out or src.startswith(out + "/") or out.startswith(src + "/"):
+            raise ValueError(
+                f"{step}: source {source} and dest {dest} overlap; the step clears dest before "
+                "writing, so choose a dest outside the source (and vice versa)"
+            )
 
 
 def table_to_parquet_bytes(table: pa.Table, **kwargs: Any) -> bytes:

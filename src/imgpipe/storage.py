@@ -432,12 +432,25 @@ class S3Backend(Backend):
             parsed = urlparse(endpoint)
             kwargs["endpoint_override"] = parsed.netloc or parsed.path
             kwargs["scheme"] = parsed.scheme or "https"
-        creds = self.client()._request_signer._credentials  # same chain as boto3 uses
-        if creds is not None:
+        from botocore.credentials import RefreshableCredentials
+
+        creds = boto3_credentials()
+        if creds is not None and not isinstance(creds, RefreshableCredentials):
+            # Static keys (environment, config file) never expire: pass them, so processes
+            # that do not share this one's environment (Ray workers) read with the same
+            # identity. Expiring ones (IRSA, assume-role) are left to pyarrow's own AWS
+            # chain, which refreshes them; frozen copies would expire in a long job.
             frozen = creds.get_frozen_credentials()
             kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
         kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=_s3_options.max_attempts)
         return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}"
+
+
+def boto3_credentials() -> Any:
+    """The credentials boto3's standard chain resolves in this process, or ``None``."""
+    import boto3
+
+    return boto3.session.Session().get_credentials()
 
 
 _BACKENDS: dict[str, Backend] = {"file": LocalBackend(), "s3": S3Backend()}

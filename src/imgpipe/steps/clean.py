@@ -414,8 +414,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     """
     cfg = cfg or CleanConfig()
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
-    if source.rstrip("/") == dest.rstrip("/"):
-        raise ValueError("clean: dest must differ from source (the source would be deleted)")
+    contract.check_disjoint(dest, [source] + ([cfg.labels_csv] if cfg.labels_csv else []), "clean")
     manifest = contract.read_manifest(source, expect_step="download")
     files = contract.data_files(source, manifest)
     tasks = _row_groups(files)

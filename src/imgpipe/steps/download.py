@@ -41,7 +41,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from imgpipe import archive, storage
+from imgpipe import archive, contract, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
 
 __all__ = [
@@ -221,16 +221,9 @@ def _local_path(uri: str) -> Path:
 
 
 def _check_outside_dest(uri: str, dest: str) -> None:
-    """Refuses a source that ``OutputWriter.begin()`` would delete, or that would see the output."""
-    if _scheme(uri) not in ("", "file", "s3"):
-        return
-    src = storage.normalize_uri(uri).rstrip("/")
-    out = dest.rstrip("/")
-    if src == out or src.startswith(out + "/") or out.startswith(src + "/"):
-        raise ValueError(
-            f"source {uri} and dest {dest} overlap; the step clears dest before writing, "
-            "so choose a dest outside the source (and vice versa)"
-        )
+    """Refuses a storage source that ``OutputWriter.begin()`` would delete, or that would see the output."""
+    if _scheme(uri) in ("", "file", "s3"):
+        contract.check_disjoint(dest, [uri], STEP)
 
 
 def _hash_file(path: Path, label: str) -> tuple[str, int]:

@@ -1,0 +1,618 @@
+"""Resizing and standardization of single images: the pure functions behind the resize step.
+
+Nothing here imports Ray. :func:`resize_batch` is the batch function the resize step
+hands to ``ray.data.Dataset.map_batches``; it takes and returns ``dict[str, np.ndarray]``
+and is unit-tested on hand-built dicts.
+
+Geometry modes (``size`` is the output side ``S``):
+
+* ``short-side-crop``: scale the short side to ``round(S / 0.875)`` and take the centre
+  ``S x S``, the ImageNet evaluation convention (resize 256, centre-crop 224) of the
+  torchvision classification references and timm's ``crop_pct=0.875``.
+* ``fixed``: scale to ``S x S`` ignoring the aspect ratio.
+* ``pad``: letterbox; fit inside ``S x S`` keeping the aspect ratio and fill the rest
+  with a constant grey level.
+
+The crop is done by resizing only the source box that ends up in the output
+(``PIL.Image.resize(box=...)``), which gives the same pixels as resize-then-crop
+without computing the discarded border.
+
+Fast decode: a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT scaling, via
+``Image.draft``) when the reduced image is still at least ``DRAFT_MARGIN`` (2) times
+what the final resize needs, so the antialiased resize always shrinks by 2x or more.
+On 2400x1800 photo-like JPEGs this decodes about twice as fast as a full decode (more
+for larger inputs), and the output differs from :func:`resize_image_reference` (full
+decode, exact resize) by a mean absolute difference of 0.5 to 1.6 grey levels out of
+255, depending on mode and size (measured values in
+``tests/test_resize_ops.py::test_fast_path_close_to_reference``). PNG and other
+lossless inputs are always fully decoded.
+
+Standardization ops run after the resize, in the order given, except ``roi_crop``,
+which selects the source region before the resize (so the output keeps its
+``S x S`` size) and therefore must come first. Each op is a name with optional
+``:``-separated numeric parameters, e.g. ``gaussian_blur:1.5`` or ``canny:50:150``:
+
+========================  =======  ==========================================================
+op                        output   meaning (parameters, defaults)
+========================  =======  ==========================================================
+``roi_crop``              C        crop to the row's ``bbox`` (normalized xmin,ymin,xmax,ymax)
+                                   before resizing; rows without a bbox are left whole
+``gaussian_blur[:sigma]`` C        Gaussian denoise (sigma 1.0)
+``median_blur[:ksize]``   C        median denoise, odd kernel size (3)
+``equalize``              C        histogram equalization (of luma Y for colour images)
+``clahe[:clip[:tiles]]``  C        contrast-limited adaptive equalization of L (2.0, 8)
+``to_ycbcr``              3        full-range BT.601 Y, Cb, Cr (JPEG's colour space)
+``to_lab``                3        CIE L*a*b* scaled to uint8 as OpenCV does
+``binarize``              1        Otsu threshold of the grey image, values 0/255
+``sobel``                 1        Sobel gradient magnitude of the grey image
+``canny[:low:high]``      1        Canny edges, values 0/255 (100, 200)
+========================  =======  ==========================================================
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "PRESETS",
+    "MODES",
+    "RESAMPLE",
+    "OPS",
+    "CROP_FRACTION",
+    "DRAFT_MARGIN",
+    "PASSTHROUGH",
+    "ResizeMode",
+    "Resample",
+    "OutputFormat",
+    "Op",
+    "ResizeSpec",
+    "ResizeError",
+    "Geometry",
+    "parse_op",
+    "plan_geometry",
+    "resize_image",
+    "resize_image_reference",
+    "apply_ops",
+    "encode_jpeg",
+    "resize_batch",
+    "gaussian_blur",
+    "median_blur",
+    "equalize",
+    "clahe",
+    "to_ycbcr",
+    "to_lab",
+    "binarize",
+    "sobel",
+    "canny",
+]
+
+ResizeMode = Literal["short-side-crop", "fixed", "pad"]
+Resample = Literal["bilinear", "bicubic", "lanczos", "box"]
+OutputFormat = Literal["raw", "jpeg"]
+
+MODES: tuple[str, ...] = ("short-side-crop", "fixed", "pad")
+RESAMPLE: dict[str, Image.Resampling] = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+# Resize 256 / crop 224: torchvision references/classification (--val-resize-size 256,
+# --val-crop-size 224) and timm's default crop_pct.
+CROP_FRACTION = 0.875
+
+# Input side of common model families (timm pretrained_cfg ``input_size``; CLIP ViT-L/14@336).
+PRESETS: dict[str, int] = {
+    "224": 224,
+    "256": 256,
+    "384": 384,
+    "448": 448,
+    "512": 512,
+    "resnet": 224,  # torchvision/timm ResNets, ImageNet 224
+    "vit": 224,  # ViT-B/16 at 224
+    "convnext": 224,
+    "efficientnet-b0": 224,
+    "inception": 299,  # Inception-v3, Xception
+    "efficientnet-b3": 300,
+    "clip": 336,  # CLIP ViT-L/14@336px
+    "vit-384": 384,  # ViT-B/16 fine-tuned at 384
+    "convnext-384": 384,
+    "efficientnet-b7": 600,
+}
+
+# Pillow's reducing_gap: shrink by an integer factor with reduce() first, leaving at
+# least 3x for the filtered resize; "almost indistinguishable" from one resize (Pillow docs).
+_GAP_FOR_REDUCE = 3.0
+# A JPEG is decoded at the smallest DCT-scaled size still >= DRAFT_MARGIN times the
+# resize output, so the final antialiased resize still shrinks by at least this much
+# and its filter, not libjpeg's box-like DCT scaling, shapes the result. Pillow's own
+# Image.thumbnail drafts to reducing_gap (2.0) times the target for the same reason.
+DRAFT_MARGIN = 2.0
+
+
+class ResizeError(Exception):
+    """A row that cannot be resized.
+
+    Attributes:
+        reason: Stable reject code (``missing_image``, ``undecodable``, ``too_large``,
+            ``bad_bbox``, ``op_failed``, ``resize_failed``).
+        detail: Specifics for the rejects table.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------------------
+# Standardization ops: HWC uint8 in, HWC uint8 out.
+
+
+def _hwc(arr: np.ndarray) -> np.ndarray:
+    """OpenCV drops a trailing channel axis of 1; put it back."""
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _gray(img: np.ndarray) -> np.ndarray:
+    return img[:, :, 0] if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def gaussian_blur(img: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Gaussian denoising; the kernel size follows from ``sigma`` (OpenCV's rule)."""
+    return _hwc(cv2.GaussianBlur(img, (0, 0), sigmaX=float(sigma)))
+
+
+def median_blur(img: np.ndarray, ksize: int = 3) -> np.ndarray:
+    """Median denoising (removes salt-and-pepper noise, keeps edges)."""
+    return _hwc(cv2.medianBlur(np.ascontiguousarray(img), int(ksize)))
+
+
+def equalize(img: np.ndarray) -> np.ndarray:
+    """Histogram equalization; colour images equalize luma only, so hues do not shift."""
+    if img.shape[2] == 1:
+        return _hwc(cv2.equalizeHist(img[:, :, 0]))
+    ycc = cv2.cvtColor(img, cv2.COLOR_RGB2YCrCb)
+    ycc[:, :, 0] = cv2.equalizeHist(ycc[:, :, 0])
+    return cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB)
+
+
+def clahe(img: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalization (of L* for colour images)."""
+    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tiles), int(tiles)))
+    if img.shape[2] == 1:
+        return _hwc(op.apply(img[:, :, 0]))
+    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB)
+    lab[:, :, 0] = op.apply(lab[:, :, 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def to_ycbcr(img: np.ndarray) -> np.ndarray:
+    """Full-range BT.601 YCbCr in Y, Cb, Cr order (PIL's and JPEG's; OpenCV's is Y, Cr, Cb)."""
+    return np.ascontiguousarray(cv2.cvtColor(_rgb(img), cv2.COLOR_RGB2YCrCb)[:, :, [0, 2, 1]])
+
+
+def to_lab(img: np.ndarray) -> np.ndarray:
+    """CIE L*a*b* for uint8 as OpenCV scales it: L*255/100, a+128, b+128."""
+    return cv2.cvtColor(_rgb(img), cv2.COLOR_RGB2LAB)
+
+
+def binarize(img: np.ndarray) -> np.ndarray:
+    """Otsu's threshold of the grey image: one channel of 0 and 255."""
+    _, out = cv2.threshold(_gray(img), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return _hwc(out)
+
+
+def sobel(img: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude of the grey image, one channel.
+
+    Divided by the 3x3 kernel's gain of 4, so a full 0-to-255 step edge maps to 255
+    with a fixed scale for every image (no per-image normalization).
+    """
+    gray = _gray(img).astype(np.float32)
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
+    return _hwc(np.clip(np.sqrt(gx * gx + gy * gy) / 4.0, 0, 255).round().astype(np.uint8))
+
+
+def canny(img: np.ndarray, low: float = 100.0, high: float = 200.0) -> np.ndarray:
+    """Canny edges of the grey image: one channel of 0 and 255."""
+    return _hwc(cv2.Canny(_gray(img), float(low), float(high)))
+
+
+@dataclass(frozen=True)
+class _OpDef:
+    fn: Callable[..., np.ndarray] | None
+    params: tuple[type, ...]
+    check: Callable[[tuple[Any, ...]], str | None] = lambda p: None
+
+
+def _positive(p: tuple[Any, ...]) -> str | None:
+    return None if all(v > 0 for v in p) else "parameters must be > 0"
+
+
+def _odd_ksize(p: tuple[Any, ...]) -> str | None:
+    return None if not p or (p[0] >= 3 and p[0] % 2 == 1) else "ksize must be odd and >= 3"
+
+
+def _thresholds(p: tuple[Any, ...]) -> str | None:
+    if len(p) == 1:
+        return "give both thresholds, canny:LOW:HIGH"
+    return None if not p or 0 <= p[0] <= p[1] else "need 0 <= low <= high"
+
+
+OPS: dict[str, _OpDef] = {
+    "roi_crop": _OpDef(None, ()),  # handled by the geometry, before the resize
+    "gaussian_blur": _OpDef(gaussian_blur, (float,), _positive),
+    "median_blur": _OpDef(median_blur, (int,), _odd_ksize),
+    "equalize": _OpDef(equalize, ()),
+    "clahe": _OpDef(clahe, (float, int), _positive),
+    "to_ycbcr": _OpDef(to_ycbcr, ()),
+    "to_lab": _OpDef(to_lab, ()),
+    "binarize": _OpDef(binarize, ()),
+    "sobel": _OpDef(sobel, ()),
+    "canny": _OpDef(canny, (float, float), _thresholds),
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One parsed standardization op: its name and numeric parameters."""
+
+    name: str
+    params: tuple[float | int, ...] = ()
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        fn = OPS[self.name].fn
+        assert fn is not None, "roi_crop is applied by the geometry, not as a post-op"
+        return fn(img, *self.params)
+
+
+def parse_op(text: str) -> Op:
+    """Parses ``name[:p1[:p2]]`` into an :class:`Op`.
+
+    Raises:
+        ValueError: For an unknown op, too many or non-numeric parameters, or values
+            out of range.
+    """
+    name, *raw = text.strip().split(":")
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r}; valid ops: {', '.join(OPS)}")
+    spec = OPS[name]
+    if len(raw) > len(spec.params):
+        raise ValueError(f"op {name!r} takes at most {len(spec.params)} parameter(s), got {text!r}")
+    params: list[float | int] = []
+    for kind, value in zip(spec.params, raw):
+        try:
+            number = float(value)
+            if kind is int:
+                if not number.is_integer():
+                    raise ValueError
+                number = int(number)
+        except ValueError:
+            raise ValueError(f"op {text!r}: {value!r} is not a valid {kind.__name__}") from None
+        params.append(number)
+    problem = spec.check(tuple(params))
+    if problem:
+        raise ValueError(f"op {text!r}: {problem}")
+    return Op(name, tuple(params))
+
+
+def apply_ops(img: np.ndarray, ops: Sequence[Op]) -> np.ndarray:
+    """Applies the post-resize ops in order (``roi_crop`` is skipped: it ran before)."""
+    for op in ops:
+        if op.name == "roi_crop":
+            continue
+        try:
+            img = op(img)
+        except Exception as exc:  # noqa: BLE001 - one image's failure becomes its reject row
+            raise ResizeError("op_failed", f"{op.name}: {type(exc).__name__}: {exc}") from exc
+    return img
+
+
+# ----------------------------------------------------------------------------------------
+# Geometry and decoding.
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """Everything needed to turn one encoded image into one output image.
+
+    Attributes:
+        size: Output side ``S``; every output is ``S x S``.
+        mode: ``short-side-crop``, ``fixed`` or ``pad``.
+        resample: PIL filter of the (antialiased) resize.
+        pad_value: Grey level of the letterbox border in ``pad`` mode.
+        ops: Standardization ops, as ``name[:params]`` strings.
+        format: ``raw`` (HWC uint8 bytes) or ``jpeg`` in :func:`resize_batch`'s output.
+        jpeg_quality: Quality of ``jpeg`` output.
+        fast_decode: Decode JPEGs at a reduced DCT scale where that loses nothing the
+            resize would keep.
+    """
+
+    size: int = 224
+    mode: ResizeMode = "short-side-crop"
+    resample: Resample = "bilinear"
+    pad_value: int = 0
+    ops: tuple[str, ...] = ()
+    format: OutputFormat = "raw"
+    jpeg_quality: int = 95
+    fast_decode: bool = True
+    parsed_ops: tuple[Op, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or not 1 <= self.size <= 8192:
+            raise ValueError(f"size must be an integer within 1..8192, got {self.size!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"resample must be one of {', '.join(RESAMPLE)}, got {self.resample!r}")
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"pad_value must be a grey level within 0..255, got {self.pad_value}")
+        if self.format not in ("raw", "jpeg"):
+            raise ValueError(f"format must be raw or jpeg, got {self.format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
+        parsed = tuple(parse_op(o) for o in self.ops)
+        if any(op.name == "roi_crop" for op in parsed[1:]):
+            raise ValueError("roi_crop selects the region before the resize, so it must be the first op")
+        object.__setattr__(self, "parsed_ops", parsed)
+
+    @property
+    def roi_crop(self) -> bool:
+        """Whether rows with a ``bbox`` are cropped to it before resizing."""
+        return bool(self.parsed_ops) and self.parsed_ops[0].name == "roi_crop"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where one source image goes in the output.
+
+    Attributes:
+        box: Source region (left, upper, right, lower) in source pixels, floats.
+        out_size: (width, height) the box is resized to.
+        offset: (x, y) where the resized box is pasted on the ``S x S`` canvas (``pad``).
+        region: The ``roi_crop`` region (source pixels), or None. Pixels outside it must
+            not reach the output, not even through the resize filter's support, so the
+            image is cropped to it before resizing.
+    """
+
+    box: tuple[float, float, float, float]
+    out_size: tuple[int, int]
+    offset: tuple[int, int] = (0, 0)
+    region: tuple[float, float, float, float] | None = None
+
+    @property
+    def scale(self) -> float:
+        """The larger of the two axis scale factors (output pixels per source pixel)."""
+        x0, y0, x1, y1 = self.box
+        return max(self.out_size[0] / (x1 - x0), self.out_size[1] / (y1 - y0))
+
+
+def _bbox_region(width: int, height: int, bbox: Sequence[float]) -> tuple[float, float, float, float]:
+    try:
+        xmin, ymin, xmax, ymax = (float(v) for v in bbox)
+    except (TypeError, ValueError) as exc:
+        raise ResizeError("bad_bbox", f"bbox must be 4 numbers (xmin,ymin,xmax,ymax), got {bbox!r}") from exc
+    if not (0.0 <= xmin < xmax <= 1.0 and 0.0 <= ymin < ymax <= 1.0):
+        raise ResizeError("bad_bbox", f"bbox {bbox!r} is not a normalized box with min < max within 0..1")
+    x0, y0, x1, y1 = xmin * width, ymin * height, xmax * width, ymax * height
+    # At least one source pixel each way, so a degenerate box still resizes.
+    if x1 - x0 < 1.0:
+        x0 = min(x0, width - 1.0)
+        x1 = x0 + 1.0
+    if y1 - y0 < 1.0:
+        y0 = min(y0, height - 1.0)
+        y1 = y0 + 1.0
+    return x0, y0, x1, y1
+
+
+def plan_geometry(
+    width: int, height: int, spec: ResizeSpec, bbox: Sequence[float] | None = None
+) -> Geometry:
+    """Computes the source box and output placement of one image.
+
+    Args:
+        width: Source width in pixels.
+        height: Source height in pixels.
+        spec: The resize settings.
+        bbox: Normalized (xmin, ymin, xmax, ymax) region; used only with ``roi_crop``.
+
+    Raises:
+        ResizeError: ``bad_bbox`` for a malformed box.
+    """
+    region = _bbox_region(width, height, bbox) if bbox is not None and spec.roi_crop else None
+    x0, y0, x1, y1 = region or (0.0, 0.0, float(width), float(height))
+    w, h, size = x1 - x0, y1 - y0, spec.size
+    if spec.mode == "fixed":
+        return Geometry((x0, y0, x1, y1), (size, size), region=region)
+    if spec.mode == "pad":
+        s = size / max(w, h)
+        ow, oh = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
+        return Geometry((x0, y0, x1, y1), (ow, oh), ((size - ow) // 2, (size - oh) // 2), region)
+    # short-side-crop: the short side becomes round(S / 0.875); the centre S x S of that,
+    # expressed in source pixels, is a square of side S / s.
+    s = round(size / CROP_FRACTION) / min(w, h)
+    side = size / s
+    cx, cy = x0 + (w - side) / 2.0, y0 + (h - side) / 2.0
+    return Geometry((cx, cy, cx + side, cy + side), (size, size), region=region)
+
+
+def _open(data: bytes | None) -> Image.Image:
+    if not data:
+        raise ResizeError("missing_image", "no image bytes")
+    try:
+        with warnings.catch_warnings():
+            # clean already bounded the pixel count with its own max_pixels.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        # Above PIL's hard limit (2x MAX_IMAGE_PIXELS, 179 MP): only reachable when clean
+        # ran with a max_pixels above that.
+        raise ResizeError("too_large", str(exc)) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ResizeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _decode(img: Image.Image, geometry: Geometry, fast: bool, margin: float) -> tuple[Image.Image, float]:
+    """Loads the pixels, at a reduced JPEG scale if allowed; returns the image and its scale."""
+    scale = 1.0
+    try:
+        if fast and img.format == "JPEG" and img.mode in ("RGB", "L") and geometry.scale * margin <= 0.5:
+            # Ask for the strongest power-of-two reduction that still leaves DRAFT_MARGIN
+            # times what the resize needs (only worth it when 1/2 or more is possible).
+            full_width, need = img.width, geometry.scale * margin
+            request = (max(1, math.ceil(img.width * need)), max(1, math.ceil(img.height * need)))
+            drafted = img.draft(img.mode, request)
+            if drafted is not None:
+                # draft() returns the original image's extent in reduced pixels.
+                scale = drafted[1][2] / full_width
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ResizeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+    if img.mode not in ("RGB", "L"):
+        # clean emits RGB or L; anything else (an input that skipped clean) becomes RGB.
+        img = img.convert("RGB")
+    return img, scale
+
+
+def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, fast: bool) -> np.ndarray:
+    img = _open(data)
+    geometry = plan_geometry(img.width, img.height, spec, bbox)
+    img, scale = _decode(img, geometry, fast, DRAFT_MARGIN)
+    x0, y0, x1, y1 = (v * scale for v in geometry.box)
+    if geometry.region is not None:
+        rx0, ry0, rx1, ry1 = (v * scale for v in geometry.region)
+        crop = (math.floor(rx0), math.floor(ry0), math.ceil(rx1), math.ceil(ry1))
+        img = img.crop(crop)
+        x0, y0, x1, y1 = x0 - crop[0], y0 - crop[1], x1 - crop[0], y1 - crop[1]
+    # Float round-off must not push the box past the (reduced) image: PIL refuses that.
+    box = (max(0.0, x0), max(0.0, y0), min(float(img.width), x1), min(float(img.height), y1))
+    try:
+        out = img.resize(
+            geometry.out_size,
+            RESAMPLE[spec.resample],
+            box=box,
+            reducing_gap=_GAP_FOR_REDUCE if fast else None,
+        )
+    except (OSError, ValueError) as exc:
+        raise ResizeError("resize_failed", f"{type(exc).__name__}: {exc}") from exc
+    if spec.mode == "pad":
+        canvas = Image.new(out.mode, (spec.size, spec.size), spec.pad_value if out.mode == "L" else (spec.pad_value,) * 3)
+        canvas.paste(out, geometry.offset)
+        out = canvas
+    arr = _hwc(np.asarray(out))
+    return apply_ops(arr, spec.parsed_ops)
+
+
+def resize_image(data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = None) -> np.ndarray:
+    """Decodes, resizes and standardizes one image.
+
+    Args:
+        data: Encoded image (clean's output: upright RGB or L, JPEG or PNG).
+        spec: The resize settings.
+        bbox: Normalized region for ``roi_crop``; ignored without that op.
+
+    Returns:
+        ``S x S x C`` uint8, C = 3 or 1 (grey inputs and one-channel ops).
+
+    Raises:
+        ResizeError: With a stable reason for the rejects table.
+    """
+    return _resize(data, spec, bbox, fast=spec.fast_decode)
+
+
+def resize_image_reference(data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = None) -> np.ndarray:
+    """:func:`resize_image` with a full decode and an exact resize: the quality yardstick."""
+    return _resize(data, spec, bbox, fast=False)
+
+
+def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
+    """Encodes an HWC uint8 image with 1 or 3 channels as JPEG (4:4:4 at quality >= 90)."""
+    if img.ndim != 3 or img.shape[2] not in (1, 3):
+        raise ValueError(f"JPEG needs 1 or 3 channels, got shape {img.shape}")
+    pil = Image.fromarray(img[:, :, 0], "L") if img.shape[2] == 1 else Image.fromarray(img, "RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------
+# The Ray batch function.
+
+PASSTHROUGH = ("path", "label", "label_name", "split", "order", "sha256")
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    """The encoded bytes of a clean ``image`` cell: a {bytes, path} struct, or bare bytes."""
+    if isinstance(value, Mapping):
+        value = value.get("bytes")
+    if value is None:
+        return None
+    return bytes(value)
+
+
+def resize_batch(batch: Mapping[str, np.ndarray], spec: ResizeSpec) -> dict[str, np.ndarray]:
+    """Resizes one batch of clean rows; a row that fails becomes an error row.
+
+    Args:
+        batch: Clean's columns as arrays: ``path`` and ``image`` ({bytes, path} dicts, as
+            Ray Data hands a struct column to a numpy batch) are required; ``label``,
+            ``label_name``, ``split``, ``order``, ``sha256`` are passed through if present;
+            an optional ``bbox`` column feeds ``roi_crop``.
+        spec: The resize settings.
+
+    Returns:
+        The pass-through columns plus ``height``, ``width``, ``channels`` (int32),
+        ``pixels`` (raw HWC uint8 bytes; ``format='raw'``) or ``image`` ({bytes, path}
+        JPEG; ``format='jpeg'``), and ``error_reason`` / ``error_detail`` (empty
+        strings on good rows). Error rows have zero sizes and empty bytes.
+    """
+    paths = batch["path"]
+    images = batch["image"]
+    bboxes = batch.get("bbox") if spec.roi_crop else None
+    n = len(paths)
+    height = np.zeros(n, np.int32)
+    width = np.zeros(n, np.int32)
+    channels = np.zeros(n, np.int32)
+    encoded = np.empty(n, dtype=object)
+    reason = np.full(n, "", dtype=object)
+    detail = np.full(n, "", dtype=object)
+    for i in range(n):
+        try:
+            bbox = None if bboxes is None else bboxes[i]
+            arr = resize_image(_image_bytes(images[i]), spec, None if bbox is None else list(bbox))
+            height[i], width[i], channels[i] = arr.shape
+            encoded[i] = arr.tobytes() if spec.format == "raw" else encode_jpeg(arr, spec.jpeg_quality)
+        except ResizeError as exc:
+            reason[i], detail[i] = exc.reason, exc.detail[:500]
+            encoded[i] = b""
+        except Exception as exc:  # noqa: BLE001 - a bug on one image must cost that image only
+            reason[i], detail[i] = "resize_failed", f"{type(exc).__name__}: {exc}"[:500]
+            encoded[i] = b""
+    out: dict[str, np.ndarray] = {k: batch[k] for k in PASSTHROUGH if k in batch}
+    out.update(height=height, width=width, channels=channels)
+    if spec.format == "raw":
+        out["pixels"] = encoded
+    else:
+        image = np.empty(n, dtype=object)
+        for i in range(n):
+            image[i] = {"bytes": encoded[i], "path": str(paths[i])}
+        out["image"] = image
+    out["error_reason"] = reason
+    out["error_detail"] = detail
+    return out

@@ -1,0 +1,571 @@
+"""The resize step: clean's images to fixed-size training inputs, on Ray Data.
+
+Reads a committed clean output and runs :func:`imgpipe.resize_ops.resize_batch` over
+it with ``Dataset.map_batches``: one work item per Parquet row group of the files the
+manifest lists, read inside Ray tasks (``concurrency`` at a time) through the
+``pyarrow.fs`` file system :mod:`imgpipe.storage` builds, so ``file://`` and ``s3://``
+sources work alike. Results stream back to the driver with ``iter_batches`` and are
+written through :class:`~imgpipe.contract.OutputWriter`, so the output keeps the same
+contract as every other step (data files, ``rejects.parquet``, ``config.yaml``,
+``manifest.json``, ``_SUCCESS``; ``inputs == outputs + rejected``). A row that cannot
+be resized becomes a reject, never a failed run.
+
+Output layout, one folder per split, each file sorted by ``order``::
+
+    DEST/train/part-00000.parquet   path, label, label_name, split, order, sha256,
+    DEST/train/part-00001.parquet   height, width, channels, pixels | image
+    DEST/val/part-00000.parquet
+    DEST/labels.json                (copied from clean)
+
+``format='raw'`` stores ``pixels``: the ``height x width x channels`` uint8 array as
+bytes, readable with plain pyarrow and ``np.frombuffer(...).reshape(h, w, c)``;
+``format='jpeg'`` stores ``image`` as clean does, a ``{bytes, path}`` struct.
+Folders are plain names, not ``split=train`` (hive style): the files also hold a
+``split`` column, and pyarrow refuses a dataset whose partition key repeats a column.
+
+Ray Data runs with ``preserve_order`` on, so rows come back in the manifest's order.
+clean writes its shuffled ``order`` in ascending runs, so each split's rows arrive
+ascending and stream into row groups as they come, with the driver holding at most
+one row group per split. Should an input ever arrive out of order, the writer starts
+a new file instead of breaking the sort. A re-run writes byte-identical data files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from imgpipe import contract, storage
+from imgpipe.contract import FileEntry, OutputWriter, Reject, StepReport
+from imgpipe.resize_ops import PRESETS, Resample, ResizeMode, ResizeSpec, resize_batch
+
+__all__ = [
+    "ResizeConfig",
+    "OUTPUT_COLUMNS",
+    "LABELS_FILE",
+    "output_schema",
+    "read_pixels",
+    "available_cpus",
+    "list_row_groups",
+    "read_row_group",
+    "table_to_batch",
+    "resize_row_groups",
+    "resize",
+]
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.json"
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+_META_FIELDS = [
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("label", pa.int32(), nullable=False),
+    pa.field("label_name", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("order", pa.int64(), nullable=False),
+    pa.field("sha256", pa.string(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("channels", pa.int32(), nullable=False),
+]
+OUTPUT_COLUMNS = {
+    "raw": tuple(f.name for f in _META_FIELDS) + ("pixels",),
+    "jpeg": tuple(f.name for f in _META_FIELDS) + ("image",),
+}
+# bbox is optional (no step writes it yet); it feeds roi_crop when present.
+_READ_COLUMNS = ("path", "image", "label", "label_name", "split", "order", "sha256", "bbox")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def output_schema(fmt: Literal["raw", "jpeg"]) -> pa.Schema:
+    """The Parquet schema of the data files for output format ``fmt``."""
+    if fmt == "raw":
+        return pa.schema([*_META_FIELDS, pa.field("pixels", pa.binary(), nullable=False)])
+    return pa.schema([*_META_FIELDS, pa.field("image", IMAGE_TYPE, nullable=False)])
+
+
+def read_pixels(row: dict[str, Any]) -> np.ndarray:
+    """The ``height x width x channels`` uint8 array of one raw output row (a dict)."""
+    return np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["height"], row["width"], row["channels"])
+
+
+@dataclass(frozen=True)
+class ResizeConfig:
+    """Settings of the resize step.
+
+    Attributes:
+        size: Output side; every image becomes ``size x size``.
+        mode: ``short-side-crop`` (ImageNet eval: short side to size/0.875, centre
+            crop), ``fixed`` (stretch) or ``pad`` (letterbox with ``pad_value``).
+        preset: A model family's input size from
+            :data:`imgpipe.resize_ops.PRESETS` (``resnet``, ``inception``, ``clip``,
+            ``vit-384``, ``efficientnet-b7``, ...); when set it overrides ``size``.
+        format: ``raw`` (uint8 HWC pixels, the fastest to load) or ``jpeg``.
+        jpeg_quality: Quality of ``jpeg`` output.
+        ops: Standardization ops applied after the resize, in order, e.g.
+            ``("clahe", "gaussian_blur:1.0")``; ``roi_crop`` (first) crops to a row's
+            ``bbox`` before it. See :mod:`imgpipe.resize_ops` for the list.
+        resample: Filter of the antialiased resize.
+        pad_value: Grey level of the letterbox border (``pad`` mode).
+        fast_decode: Decode large JPEGs at a reduced DCT scale (see resize_ops).
+        ray_address: ``""`` starts a local Ray (or joins the cluster ``RAY_ADDRESS``
+            names, as inside a Ray job); ``auto`` or ``ray://host:10001`` connects to
+            an existing cluster. Dashboard/Jobs addresses (``http://head:8265``) are for
+            the job submitter, not this function.
+        batch_size: Images per ``map_batches`` call.
+        concurrency: Resize tasks running at once; 0 means the cluster's CPUs minus
+            one, at least one (a pool as large as the CPU count leaves no CPU for the
+            read tasks that feed it, and the pipeline stalls).
+        rows_per_shard: Rows per output Parquet file (per split).
+        row_group_rows: Rows per Parquet row group (the unit the loader reads).
+        progress_bars: Ray Data's progress bars (off: pod logs are not terminals).
+        no_progress_timeout_s: Fail when no Ray Data operator makes progress for this
+            long, instead of hanging (``-1`` disables).
+    """
+
+    size: int = 224
+    mode: ResizeMode = "short-side-crop"
+    preset: str | None = None
+    format: Literal["raw", "jpeg"] = "raw"
+    jpeg_quality: int = 95
+    ops: tuple[str, ...] = ()
+    resample: Resample = "bilinear"
+    pad_value: int = 0
+    fast_decode: bool = True
+    ray_address: str = ""
+    batch_size: int = 64
+    concurrency: int = 0
+    rows_per_shard: int = 1024
+    row_group_rows: int = 64
+    progress_bars: bool = False
+    no_progress_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
+        if self.ray_address.startswith(("http://", "https://")):
+            raise ValueError(
+                f"ray_address {self.ray_address!r} is a dashboard/Jobs API address: submit the step as a Ray "
+                "job instead (the job's driver then runs with ray_address='' and joins that cluster)"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.concurrency < 0:
+            raise ValueError(f"concurrency must be >= 0 (0 = CPUs - 1), got {self.concurrency}")
+        if self.rows_per_shard < 1 or self.row_group_rows < 1:
+            raise ValueError("rows_per_shard and row_group_rows must be >= 1")
+        if self.no_progress_timeout_s <= 0 and self.no_progress_timeout_s != -1:
+            raise ValueError("no_progress_timeout_s must be > 0 seconds, or -1 to disable")
+        _ = self.spec  # building the per-image settings checks size, mode, ops, ... here
+
+    @property
+    def resolved_size(self) -> int:
+        """The output side: the preset's if one is set, else ``size``."""
+        return PRESETS[self.preset] if self.preset is not None else self.size
+
+    @property
+    def spec(self) -> ResizeSpec:
+        """The per-image settings handed to the batch function."""
+        return ResizeSpec(
+            size=self.resolved_size,
+            mode=self.mode,
+            resample=self.resample,
+            pad_value=self.pad_value,
+            ops=tuple(self.ops),
+            format=self.format,
+            jpeg_quality=self.jpeg_quality,
+            fast_decode=self.fast_decode,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Ray session and Data context.
+
+
+def _cgroup_cpu_limit(root: Path) -> float | None:
+    """The container's CPU limit from cgroup v2 ``cpu.max`` or v1 CFS quota, if one is set."""
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu" / "cpu.cfs_quota_us"
+        if v1.is_file():
+            quota_us = int(v1.read_text())
+            period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: the affinity mask, capped by a container CPU limit.
+
+    ``os.cpu_count()`` reports the node's CPUs; in a Kubernetes pod with a CPU limit, a
+    local Ray that size would start far more workers than the pod may run.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        cpus = min(cpus, max(1, math.floor(limit)))
+    return max(1, cpus)
+
+
+@contextlib.contextmanager
+def _ray_session(cfg: ResizeConfig) -> Iterator[Any]:
+    """Uses a running Ray, or starts/joins one and shuts down only what it started."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init()  # inside a Ray job: join the cluster that runs it
+    else:
+        ray.init(num_cpus=available_cpus(), include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _data_context(cfg: ResizeConfig) -> Iterator[Any]:
+    """Sets the Ray Data options this step needs, and restores them afterwards.
+
+    A Dataset copies the current DataContext when it is created, so the options are
+    set before the dataset is built; restoring keeps a long-lived driver (a notebook,
+    the test session) from inheriting them.
+    """
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    options = {
+        "enable_progress_bars": cfg.progress_bars,
+        "enable_operator_progress_bars": cfg.progress_bars,
+        "execution_no_progress_timeout_s": cfg.no_progress_timeout_s,
+        # Errors are per row (error rows); a failed block is a bug and must fail the run.
+        "max_errored_blocks": 0,
+    }
+    saved = {name: getattr(ctx, name) for name in options}
+    saved_order = ctx.execution_options.preserve_order
+    for name, value in options.items():
+        setattr(ctx, name, value)
+    # Keeps clean's file order, so split files stream out sorted and re-runs are identical.
+    ctx.execution_options.preserve_order = True
+    try:
+        yield ctx
+    finally:
+        for name, value in saved.items():
+            setattr(ctx, name, value)
+        ctx.execution_options.preserve_order = saved_order
+
+
+def _task_concurrency(ray: Any, cfg: ResizeConfig) -> int:
+    if cfg.concurrency:
+        return cfg.concurrency
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, cpus - 1)
+
+
+def list_row_groups(files: Sequence[str]) -> tuple[Any, list[dict[str, Any]]]:
+    """One work item per Parquet row group of ``files``, in file order, and their file system.
+
+    Returns:
+        A ``pyarrow.fs`` file system and items ``{"file", "row_group", "rows"}`` whose
+        ``file`` is a path within it.
+    """
+    fs, _ = storage.arrow_filesystem(files[0])
+    items: list[dict[str, Any]] = []
+    for uri in files:
+        _, path = storage.arrow_filesystem(uri)
+        with fs.open_input_file(path) as fh:
+            meta = pq.ParquetFile(fh).metadata
+        items.extend(
+            {"file": path, "row_group": rg, "rows": meta.row_group(rg).num_rows} for rg in range(meta.num_row_groups)
+        )
+    return fs, items
+
+
+def read_row_group(filesystem: Any, path: str, row_group: int) -> pa.Table:
+    """Reads the resize inputs (clean's columns, ``bbox`` if present) of one row group."""
+
+    def read() -> pa.Table:
+        with filesystem.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            columns = [c for c in _READ_COLUMNS if c in pf.schema_arrow.names]
+            return pf.read_row_group(row_group, columns=columns)
+
+    return storage.with_retries(read, attempts=3, describe=f"reading row group {row_group} of {path}")
+
+
+def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """A numpy batch as Ray Data hands one to a batch function: nested cells as Python objects."""
+    batch: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+            batch[name] = column.to_numpy()
+        else:
+            cells = np.empty(len(column), dtype=object)
+            for i, value in enumerate(column.to_pylist()):
+                cells[i] = value
+            batch[name] = cells
+    return batch
+
+
+def resize_row_groups(
+    items: dict[str, np.ndarray], spec: ResizeSpec, filesystem: Any, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The Ray task body: reads the listed row groups and resizes them ``batch_size`` rows at a time.
+
+    A generator, so Ray Data stores each resized batch as it comes and a task never
+    holds more than one row group of inputs plus one batch of outputs.
+    """
+    for path, row_group in zip(items["file"], items["row_group"]):
+        table = read_row_group(filesystem, str(path), int(row_group))
+        for start in range(0, table.num_rows, batch_size):
+            yield resize_batch(table_to_batch(table.slice(start, batch_size)), spec)
+
+
+def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[Any, int]:
+    fs, items = list_row_groups(files)
+    # Row groups are read by our own tasks rather than ray.data.read_parquet: Ray Data
+    # 2.60 resolves read_parquet's paths in 8 threads that each import
+    # fsspec.implementations.http; without aiohttp (ray[data] does not install it) two
+    # threads failing that import at once can raise "ImportError: cannot import name
+    # 'HTTPFileSystem'", which Ray's `except ModuleNotFoundError` misses (see
+    # ray/data/datasource/path_util.py::_is_http_filesystem). It failed one S3 run in
+    # three here. Reading row groups ourselves also fixes the order by the manifest.
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(
+        resize_row_groups,
+        fn_kwargs={"spec": cfg.spec, "filesystem": fs, "batch_size": cfg.batch_size},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=_task_concurrency(ray, cfg)),
+        num_cpus=1,
+    )
+    return ds, sum(item["rows"] for item in items)
+
+
+# ----------------------------------------------------------------------------------------
+# Writing: one stream of sorted shards per split.
+
+
+@dataclass
+class _Shard:
+    name: str
+    stack: contextlib.ExitStack
+    handle: Any
+    writer: pq.ParquetWriter
+    rows: int = 0
+    last_order: int = -1
+
+
+@dataclass
+class _SplitStream:
+    split: str
+    pending: list[pa.Table] = field(default_factory=list)
+    pending_rows: int = 0
+    shard: _Shard | None = None
+    shards: int = 0
+
+
+class _SplitWriter:
+    """Streams each split's rows into ``SPLIT/part-NNNNN.parquet`` files sorted by ``order``.
+
+    Holds at most about one row group per split in memory. Files are committed through
+    :mod:`imgpipe.storage` (temporary name, then rename/complete) and recorded on the
+    :class:`OutputWriter`; if the run fails, open files are abandoned uncommitted.
+    """
+
+    def __init__(self, out: OutputWriter, schema: pa.Schema, rows_per_shard: int, row_group_rows: int) -> None:
+        self.out = out
+        self.schema = schema
+        self.rows_per_shard = rows_per_shard
+        self.row_group_rows = min(row_group_rows, rows_per_shard)
+        self.streams: dict[str, _SplitStream] = {}
+        self.written: dict[str, int] = {}
+
+    def __enter__(self) -> _SplitWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self._abort(exc_type, exc, tb)
+            return
+        try:
+            for stream in self.streams.values():
+                self._drain(stream, final=True)
+                self._close(stream)
+        except BaseException as err:
+            self._abort(type(err), err, err.__traceback__)
+            raise
+
+    def _abort(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        for stream in self.streams.values():
+            if stream.shard is not None:
+                # Handing the exception to storage.open_write drops the unfinished object.
+                stream.shard.stack.__exit__(exc_type, exc, tb)
+                stream.shard = None
+
+    def add(self, table: pa.Table) -> None:
+        """Queues rows (of any splits) and writes every full row group."""
+        splits = table.column("split")
+        for split in pc.unique(splits).to_pylist():
+            if not isinstance(split, str) or not _SAFE_NAME.fullmatch(split) or split in (".", ".."):
+                raise ValueError(f"split value {split!r} cannot name an output folder")
+            part = table.filter(pc.equal(splits, split))
+            stream = self.streams.setdefault(split, _SplitStream(split))
+            stream.pending.append(part)
+            stream.pending_rows += part.num_rows
+            if stream.pending_rows >= self.row_group_rows:
+                self._drain(stream, final=False)
+
+    def _open(self, stream: _SplitStream) -> _Shard:
+        name = f"{stream.split}/part-{stream.shards:05d}.parquet"
+        stream.shards += 1
+        stack = contextlib.ExitStack()
+        handle = stack.enter_context(storage.open_write(self.out.uri(name)))
+        writer = pq.ParquetWriter(
+            handle,
+            self.schema,
+            # The house defaults (pixel/JPEG bytes stored as is, zstd elsewhere), as
+            # OutputWriter.write_table uses them; plus the sort order, for readers.
+            **contract.parquet_write_options(self.schema),
+            sorting_columns=[pq.SortingColumn(self.schema.get_field_index("order"))],
+        )
+        return _Shard(name, stack, handle, writer)
+
+    def _close(self, stream: _SplitStream) -> None:
+        shard = stream.shard
+        if shard is None:
+            return
+        stream.shard = None
+        shard.writer.close()
+        size = shard.handle.tell()
+        shard.stack.close()  # commits the object
+        self.out.add_file(FileEntry(name=shard.name, rows=shard.rows, bytes=int(size)))
+        self.written[stream.split] = self.written.get(stream.split, 0) + shard.rows
+
+    def _drain(self, stream: _SplitStream, final: bool) -> None:
+        if not stream.pending:
+            return
+        table = pa.concat_tables(stream.pending).sort_by("order")
+        stream.pending, stream.pending_rows = [], 0
+        while table.num_rows >= self.row_group_rows or (final and table.num_rows):
+            first = table.column("order")[0].as_py()
+            if stream.shard is not None and first <= stream.shard.last_order:
+                self._close(stream)  # out-of-order input: a new file keeps every file sorted
+            if stream.shard is None:
+                stream.shard = self._open(stream)
+            shard = stream.shard
+            n = min(self.row_group_rows, self.rows_per_shard - shard.rows, table.num_rows)
+            chunk = table.slice(0, n)
+            shard.writer.write_table(chunk, row_group_size=n)
+            shard.rows += n
+            shard.last_order = chunk.column("order")[n - 1].as_py()
+            table = table.slice(n)
+            if shard.rows >= self.rows_per_shard:
+                self._close(stream)
+        if table.num_rows:
+            stream.pending, stream.pending_rows = [table], table.num_rows
+
+
+def _split_results(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, list[Reject]]:
+    """Separates good rows (cast to the output schema) from error rows (as rejects)."""
+    failed = pc.not_equal(table.column("error_reason"), "")
+    rejects = [
+        Reject(path=r["path"], reason=r["error_reason"], detail=r["error_detail"] or "")
+        for r in table.filter(failed).select(["path", "error_reason", "error_detail"]).to_pylist()
+    ]
+    good = table.filter(pc.invert(failed)).select(schema.names)
+    return good.cast(schema), rejects
+
+
+# ----------------------------------------------------------------------------------------
+# The step.
+
+
+def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepReport:
+    """Runs the resize step from a committed clean output to a committed resize output.
+
+    Args:
+        source: Prefix of a committed clean output.
+        dest: Output prefix; any previous output there is replaced.
+        cfg: Step settings; defaults when omitted.
+
+    Returns:
+        The step report (also written as ``manifest.json``).
+
+    Raises:
+        UncommittedOutputError: If ``source`` is not a committed output.
+        ValueError: If ``source`` is not a clean output, or ``dest`` equals or contains it.
+        RuntimeError: If the rows that came back do not reconcile with the input.
+    """
+    cfg = cfg or ResizeConfig()
+    source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
+    contract.check_disjoint(dest, [source], "resize")
+    manifest = contract.read_manifest(source, expect_step="clean")
+    files = contract.data_files(source, manifest)
+    inputs = sum(int(f["rows"]) for f in manifest["files"])
+    schema = output_schema(cfg.format)
+    out = OutputWriter(dest, "resize")
+    out.begin()
+    rejects: list[Reject] = []
+    seen = 0
+    with _SplitWriter(out, schema, cfg.rows_per_shard, cfg.row_group_rows) as sink:
+        if files:
+            with _ray_session(cfg) as ray, _data_context(cfg):
+                ds, listed = _build_dataset(ray, files, cfg)
+                if listed != inputs:
+                    raise ValueError(f"{source}: the manifest lists {inputs} rows but its files hold {listed}")
+                next_log = 1000
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    good, bad = _split_results(batch, schema)
+                    sink.add(good)
+                    rejects.extend(bad)
+                    seen += batch.num_rows
+                    if seen >= next_log:
+                        log.info("resize: %d/%d images", seen, inputs)
+                        next_log = seen + max(1000, inputs // 10)
+    labels_uri = storage.join(source, LABELS_FILE)
+    if storage.exists(labels_uri):
+        storage.write_bytes(out.uri(LABELS_FILE), storage.read_bytes(labels_uri))
+    upstream_extra = manifest.get("extra", {})
+    return out.commit(
+        inputs=inputs,
+        rejects=rejects,
+        config=cfg,
+        extra={
+            "size": cfg.resolved_size,
+            "mode": cfg.mode,
+            "format": cfg.format,
+            "layout": "HWC uint8" if cfg.format == "raw" else "JPEG",
+            "ops": list(cfg.ops),
+            "splits": dict(sorted(sink.written.items())),
+            "classes": upstream_extra.get("classes", []),
+            "num_classes": upstream_extra.get("num_classes", 0),
+            "rows_returned": seen,
+        },
+        upstream={"source": source, "step": manifest.get("step"), "outputs": manifest.get("outputs")},
+    )

@@ -1,0 +1,375 @@
+"""The resize step: its config without Ray, then end to end on a real local Ray.
+
+The Ray tests share one small Ray session for the module and must run inside the
+loopback-only network namespace (``scripts/in-loopback-netns``), because Ray binds
+to the machine's external interface otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from imgpipe import contract, storage
+from imgpipe.config import config_from_dict, config_to_dict, config_to_yaml
+from imgpipe.contract import OutputWriter
+from imgpipe.resize_ops import ResizeSpec, resize_batch, resize_image
+from imgpipe.steps.clean import OUTPUT_SCHEMA as CLEAN_SCHEMA
+from imgpipe.steps.clean import CleanConfig, clean
+from imgpipe.steps.resize import (
+    OUTPUT_COLUMNS,
+    ResizeConfig,
+    _data_context,
+    available_cpus,
+    list_row_groups,
+    output_schema,
+    read_pixels,
+    read_row_group,
+    resize,
+    resize_row_groups,
+    table_to_batch,
+)
+from tests import imagefactory as f
+from tests.helpers import write_download_output
+
+# ------------------------------------------------------------------ config (no Ray)
+
+
+def test_config_defaults_and_preset_override():
+    cfg = ResizeConfig()
+    assert (cfg.resolved_size, cfg.mode, cfg.format, cfg.ops) == (224, "short-side-crop", "raw", ())
+    assert ResizeConfig(size=100, preset="inception").resolved_size == 299
+    assert ResizeConfig(preset="efficientnet-b7").spec.size == 600
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"preset": "resnet9000"}, "unknown preset"),
+        ({"mode": "stretch"}, "is not one of"),
+        ({"format": "png"}, "is not one of"),
+        ({"ops": "equalize,sharpen"}, "unknown op"),
+        ({"ops": ["clahe", "roi_crop"]}, "first op"),
+        ({"size": 0}, "size"),
+        ({"pad_value": 256}, "pad_value"),
+        ({"jpeg_quality": 0}, "jpeg_quality"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"concurrency": -1}, "concurrency"),
+        ({"rows_per_shard": 0}, "rows_per_shard"),
+        ({"no_progress_timeout_s": 0}, "no_progress_timeout_s"),
+        ({"ray_address": "http://head:8265"}, "Ray job"),
+        ({"colour": "blue"}, "unknown ResizeConfig option"),
+    ],
+)
+def test_config_rejects_bad_values_at_the_boundary(values, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        config_from_dict(ResizeConfig, values)
+
+
+def test_config_round_trips_through_yaml_overrides():
+    cfg = config_from_dict(ResizeConfig, {"ops": "roi_crop,clahe:3,gaussian_blur:1.5", "preset": "clip", "mode": "pad"})
+    assert cfg.ops == ("roi_crop", "clahe:3", "gaussian_blur:1.5")
+    assert cfg.spec.roi_crop and cfg.spec.size == 336
+    dumped = config_to_dict(cfg)
+    assert set(dumped) == {
+        "size", "mode", "preset", "format", "jpeg_quality", "ops", "resample", "pad_value", "fast_decode",
+        "ray_address", "batch_size", "concurrency", "rows_per_shard", "row_group_rows", "progress_bars",
+        "no_progress_timeout_s",
+    }  # fmt: skip
+    assert config_from_dict(ResizeConfig, dumped) == cfg
+    assert "ops:\n- roi_crop" in config_to_yaml(cfg)
+
+
+def test_output_schemas():
+    assert output_schema("raw").names == list(OUTPUT_COLUMNS["raw"])
+    assert output_schema("jpeg").field("image").type == CLEAN_SCHEMA.field("image").type
+
+
+def test_refuses_an_uncommitted_or_foreign_source(tmp_path):
+    # Checked before Ray starts.
+    with pytest.raises(contract.UncommittedOutputError):
+        resize(str(tmp_path / "nothing"), str(tmp_path / "out"), ResizeConfig())
+    download = write_download_output(str(tmp_path / "download"), {"a.jpg": f.jpeg()})
+    with pytest.raises(ValueError, match="expected 'clean'"):
+        resize(download, str(tmp_path / "out"), ResizeConfig())
+    with pytest.raises(ValueError, match="overlap"):
+        resize(download, download, ResizeConfig())
+    with pytest.raises(ValueError, match="overlap"):
+        resize(download, str(tmp_path), ResizeConfig())
+    assert contract.is_committed(download)
+
+
+def test_resize_row_groups_reads_every_row_group_in_order_without_ray(tmp_path):
+    source = build_clean("file://" + str(tmp_path))
+    fs, items = list_row_groups(contract.data_files(source))
+    assert len(items) > 2 and sum(i["rows"] for i in items) == len(clean_members())
+    work = {"file": np.array([i["file"] for i in items], dtype=object), "row_group": np.array([i["row_group"] for i in items])}
+    spec = ResizeSpec(size=16)
+    batches = list(resize_row_groups(work, spec, fs, batch_size=3))
+    assert all(len(b["path"]) <= 3 for b in batches)
+    got = [p for b in batches for p in b["path"].tolist()]
+    clean_rows = pa.concat_tables([read_table(u) for u in contract.data_files(source)])
+    assert got == clean_rows.column("path").to_pylist()
+    assert all(r == "" for b in batches for r in b["error_reason"].tolist())
+
+
+def test_bbox_column_reaches_roi_crop_without_ray(tmp_path):
+    two_tone = np.zeros((50, 100, 3), np.uint8)
+    two_tone[:, :50] = (255, 0, 0)
+    two_tone[:, 50:] = (0, 0, 255)
+    data = f.encode(Image.fromarray(two_tone), "PNG")
+    table = pa.table(
+        {
+            "path": ["a.png", "b.png"],
+            "image": [{"bytes": data, "path": "a.png"}, {"bytes": data, "path": "b.png"}],
+            "order": pa.array([0, 1], pa.int64()),
+            "bbox": pa.array([[0.0, 0.0, 0.5, 1.0], None], pa.list_(pa.float32())),
+        }
+    )
+    path = str(tmp_path / "part.parquet")
+    pq.write_table(table, path)
+    fs, _ = storage.arrow_filesystem(path)
+    batch = table_to_batch(read_row_group(fs, path, 0))
+    assert batch["order"].dtype == np.int64 and batch["image"][0]["bytes"] == data
+    out = resize_batch(batch, ResizeSpec(size=8, mode="fixed", ops=("roi_crop",)))
+    left, whole = (np.frombuffer(p, np.uint8).reshape(8, 8, 3) for p in out["pixels"])
+    assert left[:, :, 2].max() < 5 and whole[:, :, 2].max() > 250
+
+
+@pytest.mark.parametrize(
+    "files,expected",
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "150000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_available_cpus_respects_the_container_limit(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    unlimited = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == (unlimited if expected is None else min(expected, unlimited))
+
+
+def test_data_context_is_set_for_the_run_and_restored():
+    from ray.data import DataContext  # importing ray.data starts nothing
+
+    ctx = DataContext.get_current()
+    before = (ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s, ctx.execution_options.preserve_order)
+    with _data_context(ResizeConfig(progress_bars=False, no_progress_timeout_s=42.0)) as inside:
+        assert inside is ctx
+        assert (ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s) == (False, 42.0)
+        assert ctx.execution_options.preserve_order and ctx.max_errored_blocks == 0
+    assert (ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s, ctx.execution_options.preserve_order) == before
+
+
+# ------------------------------------------------------------------ Ray
+
+RAY_ALLOWED = os.environ.get("IMGPIPE_IN_NETNS") == "1" or os.environ.get("IMGPIPE_RAY_OUTSIDE_NETNS") == "1"
+ray_test = pytest.mark.skipif(
+    not RAY_ALLOWED,
+    reason="starts Ray: run under scripts/in-loopback-netns (or set IMGPIPE_RAY_OUTSIDE_NETNS=1 where that is fine)",
+)
+
+CLASSES = ["Abyssinian", "beagle", "Persian"]
+SIZE = 24
+
+
+def clean_members() -> dict[str, bytes]:
+    """Small, varied inputs: sizes, an extreme aspect ratio, grey, PNG, EXIF-rotated."""
+    members = {
+        f"images/{name}_{i}.jpg": f.jpeg(60 + 7 * i, 40 + 5 * c, seed=10 * c + i)
+        for c, name in enumerate(CLASSES)
+        for i in range(1, 7)
+    }
+    members["images/beagle_20.jpg"] = f.encode(f.photo(600, 40, seed=20), "JPEG", quality=90)
+    members["images/Persian_21.jpg"] = f.grayscale_jpeg(21)
+    members["images/Persian_22.png"] = f.png_in_jpg(22)
+    members["images/Abyssinian_23.jpg"] = f.exif_rotated_jpeg(6, seed=23)
+    members["images/Abyssinian_24.jpg"] = f.encode(f.photo(1200, 900, seed=24), "JPEG", quality=90)
+    return members
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One small local Ray for the whole module; the step must reuse it, not stop it."""
+    if not RAY_ALLOWED:
+        pytest.skip("Ray tests run only inside the loopback-only namespace")
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def build_clean(root: str) -> str:
+    download = write_download_output(storage.join(root, "download"), clean_members())
+    dest = storage.join(root, "clean")
+    report = clean(download, dest, CleanConfig(workers=1, seed=3, rows_per_shard=8, row_group_rows=4))
+    assert report.rejected == 0 and report.outputs == len(clean_members())
+    return dest
+
+
+def read_table(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+def check_output(source: str, dest: str, cfg: ResizeConfig) -> dict[str, pa.Table]:
+    """Asserts the contract and layout of a resize output; returns each data file's table."""
+    manifest = contract.read_manifest(dest, expect_step="resize")
+    clean_rows = pa.concat_tables([read_table(u) for u in contract.data_files(source)])
+    assert manifest["inputs"] == clean_rows.num_rows == manifest["outputs"] + manifest["rejected"]
+    assert manifest["upstream"]["source"] == storage.normalize_uri(source)
+    tables = {}
+    for entry, uri in zip(manifest["files"], contract.data_files(dest, manifest)):
+        table = read_table(uri)
+        split, name = entry["name"].split("/")
+        assert name.startswith("part-") and entry["rows"] == table.num_rows
+        assert table.schema.equals(output_schema(cfg.format), check_metadata=False)
+        assert set(table.column("split").to_pylist()) == {split}
+        orders = table.column("order").to_pylist()
+        assert orders == sorted(orders), f"{entry['name']} must be sorted by order"
+        assert table.num_rows <= cfg.rows_per_shard
+        meta = pq.read_metadata(io.BytesIO(storage.read_bytes(uri)))
+        assert all(meta.row_group(i).num_rows <= cfg.row_group_rows for i in range(meta.num_row_groups))
+        codecs = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).compression
+                  for i in range(meta.num_columns)}  # fmt: skip
+        payload = "pixels" if cfg.format == "raw" else "image.bytes"
+        assert (codecs[payload], codecs["order"]) == ("UNCOMPRESSED", "ZSTD"), "contract.parquet_write_options"
+        tables[entry["name"]] = table
+    if storage.exists(storage.join(source, "labels.json")):
+        labels = storage.read_bytes(storage.join(source, "labels.json"))
+        assert storage.read_bytes(storage.join(dest, "labels.json")) == labels
+    return tables
+
+
+@ray_test
+def test_end_to_end_local_partitioned_ordered_idempotent(ray_session, tmp_path):
+    source = build_clean("file://" + str(tmp_path))
+    dest = "file://" + str(tmp_path / "resize")
+    cfg = ResizeConfig(size=SIZE, batch_size=4, concurrency=1, rows_per_shard=5, row_group_rows=2)
+    report = resize(source, dest, cfg)
+    assert ray_session.is_initialized(), "the step must not shut down a Ray it did not start"
+    n = len(clean_members())
+    assert (report.inputs, report.outputs, report.rejected) == (n, n, 0)
+    tables = check_output(source, dest, cfg)
+
+    # Partitioned by split, each split's files together hold that split's orders, in order.
+    clean_rows = pa.concat_tables([read_table(u) for u in contract.data_files(source)])
+    by_split: dict[str, list[int]] = {}
+    for row in clean_rows.select(["split", "order"]).to_pylist():
+        by_split.setdefault(row["split"], []).append(row["order"])
+    for split, orders in by_split.items():
+        names = sorted(name for name in tables if name.startswith(split + "/"))
+        got = [o for name in names for o in tables[name].column("order").to_pylist()]
+        assert got == sorted(orders), f"{split}: files in name order must continue the order"
+    assert report.extra["splits"] == {s: len(o) for s, o in by_split.items()}
+    assert Counter(report.extra["classes"]) == Counter(CLASSES)
+
+    # Raw pixels: plain pyarrow + numpy, equal to resizing clean's bytes directly.
+    clean_by_path = {r["path"]: r for r in clean_rows.to_pylist()}
+    for table in tables.values():
+        for row in table.to_pylist():
+            arr = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["height"], row["width"], row["channels"])
+            assert arr.shape == (SIZE, SIZE, 3)
+            src = clean_by_path[row["path"]]
+            assert (row["label"], row["label_name"], row["sha256"]) == (src["label"], src["label_name"], src["sha256"])
+            assert np.array_equal(arr, resize_image(src["image"]["bytes"], cfg.spec))
+            assert np.array_equal(read_pixels(row), arr)
+
+    # A re-run replaces the output with identical data files; stale files disappear.
+    storage.write_bytes(storage.join(dest, "train", "part-99999.parquet"), b"stale")
+    first = {name: storage.read_bytes(storage.join(dest, name)) for name in tables}
+    again = resize(source, dest, cfg)
+    assert (again.outputs, again.rejected) == (report.outputs, report.rejected)
+    assert [e.name for e in again.files] == sorted(first)
+    assert {name: storage.read_bytes(storage.join(dest, name)) for name in first} == first
+    assert not storage.exists(storage.join(dest, "train", "part-99999.parquet"))
+
+
+@ray_test
+def test_end_to_end_on_s3(ray_session, s3_bucket):
+    root = s3_bucket + "/run"
+    source = build_clean(root)
+    dest = storage.join(root, "resize")
+    cfg = ResizeConfig(preset="resnet", mode="pad", pad_value=114, batch_size=8, rows_per_shard=100)
+    report = resize(source, dest, cfg)
+    assert (report.outputs, report.rejected) == (len(clean_members()), 0)
+    assert report.dest == dest and all(o.uri.startswith(s3_bucket) for o in storage.list_objects(dest))
+    tables = check_output(source, dest, cfg)
+    assert sorted(n.split("/")[0] for n in tables) == sorted(report.extra["splits"])
+    wide = next(r for t in tables.values() for r in t.to_pylist() if r["path"] == "images/beagle_20.jpg")
+    arr = read_pixels(wide)
+    assert arr.shape == (224, 224, 3)
+    assert (arr[:90] == 114).all() and (arr[-90:] == 114).all()  # 600x40 letterboxed
+
+
+def write_clean_by_hand(dest: str, rows: list[tuple[str, bytes, str, int]]) -> str:
+    """A clean-shaped committed output, rows in file order exactly as given (any order)."""
+    out = OutputWriter(dest, "clean")
+    out.begin()
+    table = pa.table(
+        {
+            "path": [p for p, *_ in rows],
+            "image": [{"bytes": data, "path": p} for p, data, *_ in rows],
+            "width": pa.array([1] * len(rows), pa.int32()),
+            "height": pa.array([1] * len(rows), pa.int32()),
+            "mode": ["RGB"] * len(rows),
+            "format": ["jpeg"] * len(rows),
+            "label": pa.array([0] * len(rows), pa.int32()),
+            "label_name": ["cat"] * len(rows),
+            "split": [split for *_, split, _ in rows],
+            "order": pa.array([order for *_, order in rows], pa.int64()),
+            "sha256": [f"{i:064x}" for i in range(len(rows))],
+        },
+        schema=CLEAN_SCHEMA,
+    )
+    out.write_table("part-00000.parquet", table.slice(0, 4), row_group_size=2)
+    out.write_table("part-00001.parquet", table.slice(4), row_group_size=2)
+    out.commit(inputs=len(rows), rejects=[], config={"generated_by": "tests"}, extra={"classes": ["cat"]})
+    return out.dest
+
+
+@ray_test
+def test_bad_rows_become_rejects_and_good_rows_survive(ray_session, tmp_path):
+    good = {f"g{i}.jpg": f.jpeg(50 + i, 40, seed=i) for i in range(6)}
+    # Orders deliberately not ascending in file order: every output file must still be sorted.
+    rows = [
+        ("g0.jpg", good["g0.jpg"], "train", 7),
+        ("garbage.jpg", b"\xff\xd8\xff\xe0" + bytes(40), "train", 3),
+        ("g1.jpg", good["g1.jpg"], "train", 1),
+        ("g2.jpg", good["g2.jpg"], "val", 6),
+        ("g3.jpg", good["g3.jpg"], "train", 0),
+        ("empty.jpg", b"", "val", 5),
+        ("g4.jpg", good["g4.jpg"], "train", 2),
+        ("g5.jpg", good["g5.jpg"], "train", 4),
+    ]
+    source = write_clean_by_hand(str(tmp_path / "clean"), rows)
+    dest = str(tmp_path / "resize")
+    cfg = ResizeConfig(size=SIZE, format="jpeg", batch_size=2, rows_per_shard=3, row_group_rows=2, ops=("equalize",))
+    report = resize(source, dest, cfg)
+    assert (report.inputs, report.outputs, report.rejected) == (8, 6, 2)
+    assert report.rejects_by_reason == {"missing_image": 1, "undecodable": 1}
+    rejects = {r["path"]: r for r in contract.read_rejects(dest).to_pylist()}
+    assert set(rejects) == {"garbage.jpg", "empty.jpg"} and all(r["detail"] for r in rejects.values())
+
+    tables = check_output(source, dest, cfg)
+    kept = {r["path"]: r for t in tables.values() for r in t.to_pylist()}
+    assert set(kept) == set(good)
+    assert sorted(o for t in tables.values() for o in t.column("order").to_pylist()) == [0, 1, 2, 4, 6, 7]
+    for path, row in kept.items():
+        img = Image.open(io.BytesIO(row["image"]["bytes"]))
+        assert img.format == "JPEG" and img.size == (SIZE, SIZE) and row["image"]["path"] == path
+        expected = resize_image(good[path], ResizeSpec(size=SIZE, ops=("equalize",)))
+        assert np.abs(np.asarray(img).astype(int) - expected.astype(int)).mean() < 4.0
+
