@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from imgpipe import contract, storage
 from imgpipe.cli import build_parser, main
 
@@ -36,6 +38,7 @@ def test_user_errors_are_one_clear_line(tmp_path, capsys):
     assert "unknown CleanConfig option" in capsys.readouterr().err
 
 
+@pytest.mark.ray
 def test_run_reconciles_end_to_end(tmp_path, capsys):
     rc = main(["run", "--data-root", str(tmp_path / "d"), "--classes", "3", "--per-class", "6"])
     out = capsys.readouterr().out
@@ -45,6 +48,7 @@ def test_run_reconciles_end_to_end(tmp_path, capsys):
     assert clean_manifest["outputs"] >= 3 * 6 - 3
 
 
+@pytest.mark.ray
 def test_resize_command(tmp_path, capsys):
     root = tmp_path / "data"
     assert main(["run", "--data-root", str(root), "--classes", "2", "--per-class", "4"]) == 0

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from imgpipe.labels import Labeler, choose_label_source, encode_labels, folder_label, oxford_label, read_label_csv
+from imgpipe.labels import (
+    Labeler,
+    choose_label_source,
+    encode_labels,
+    folder_label,
+    oxford_label,
+    read_label_csv,
+)
 
 
 @pytest.mark.parametrize(

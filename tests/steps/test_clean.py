@@ -257,3 +257,34 @@ def test_clean_on_s3_with_process_pool(s3_bucket):
     assert table.num_rows == 12
     assert np.array_equal(np.sort(table.column("order").to_numpy()), np.arange(12))
     assert storage.exists(f"{dest}/_SUCCESS") and storage.exists(f"{dest}/labels.json")
+
+
+def voc_xml(name: str, width: int, height: int, box: tuple[int, int, int, int]) -> bytes:
+    xmin, ymin, xmax, ymax = box
+    return (
+        f"<annotation><filename>{name}</filename><size><width>{width}</width><height>{height}</height>"
+        f"<depth>3</depth></size><object><name>cat</name><bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
+        f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object></annotation>"
+    ).encode()
+
+
+def test_head_boxes_from_annotations(tmp_path):
+    members = good_members(2)  # Bengal_1 is 84x64
+    src = write_download_output(str(tmp_path / "dl"), members)
+    ann = write_download_output(
+        str(tmp_path / "ann"),
+        {
+            "annotations/xmls/Bengal_1.xml": voc_xml("Bengal_1.jpg", 84, 64, (1, 1, 42, 32)),
+            "annotations/xmls/Bengal_2.xml": voc_xml("Bengal_2.jpg", 999, 64, (1, 1, 42, 32)),  # size mismatch
+            "annotations/xmls/Siamese_1.xml": b"<annotation><size>",  # malformed
+            "annotations/list.txt": b"#Image CLASS-ID SPECIES BREED ID\n",
+        },
+    )
+    dest = str(tmp_path / "clean")
+    clean(src, dest, CleanConfig(workers=1, annotations=ann))
+    rows = {r["path"]: r["bbox"] for r in read_output(dest).to_pylist()}
+    assert rows["images/Bengal_1.jpg"] == pytest.approx([0.0, 0.0, 0.5, 0.5])
+    assert rows["images/Bengal_2.jpg"] is None and rows["images/beagle_1.jpg"] is None
+    info = contract.read_manifest(dest)["extra"]["annotations"]
+    assert info["boxes_read"] == 2 and info["rows_with_bbox"] == 1
+    assert list(info["unusable_xml"]) == ["annotations/xmls/Siamese_1.xml"]

@@ -176,11 +176,7 @@ def test_data_context_is_set_for_the_run_and_restored():
 
 # ------------------------------------------------------------------ Ray
 
-RAY_ALLOWED = os.environ.get("IMGPIPE_IN_NETNS") == "1" or os.environ.get("IMGPIPE_RAY_OUTSIDE_NETNS") == "1"
-ray_test = pytest.mark.skipif(
-    not RAY_ALLOWED,
-    reason="starts Ray: run under scripts/in-loopback-netns (or set IMGPIPE_RAY_OUTSIDE_NETNS=1 where that is fine)",
-)
+ray_test = pytest.mark.ray
 
 CLASSES = ["Abyssinian", "beagle", "Persian"]
 SIZE = 24
@@ -204,9 +200,8 @@ def clean_members() -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def ray_session():
     """One small local Ray for the whole module; the step must reuse it, not stop it."""
-    if not RAY_ALLOWED:
-        pytest.skip("Ray tests run only inside the loopback-only namespace")
-    ray = pytest.importorskip("ray")
+    import ray
+
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
     yield ray
     ray.shutdown()
