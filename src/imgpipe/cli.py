@@ -8,6 +8,7 @@ options. The resolved config is written next to each step's output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -78,12 +79,22 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--preset", help="model preset, e.g. resnet, inception, clip, vit-384, efficientnet-b7")
     p.add_argument("--format", choices=["raw", "jpeg"], help="stored pixels: raw uint8 or JPEG q95 (default raw)")
     p.add_argument("--op", dest="ops", action="append", help="standardization op, in order (repeatable), e.g. clahe")
-    p.add_argument("--ray-address", help="Ray cluster to use (default: a local Ray)")
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster to use (default: a local Ray); http://HEAD:8265 submits a Ray job, "
+        "kuberay[://NAMESPACE] creates a KubeRay RayJob",
+    )
+    p.add_argument(
+        "--run-id",
+        help="with a remote --ray-address: retries with the same run id re-attach to the job "
+        "instead of running it twice (default: $IMGPIPE_RUN_ID)",
+    )
     _common(p)
 
     p = sub.add_parser("run", help="run the pipeline end to end locally on the embedded sample dataset")
     p.add_argument("--data-root", default="./.data", help="where every step writes (default ./.data)")
     p.add_argument("--source", help="archive to process (default: generate the sample dataset)")
+    p.add_argument("--annotations", help="Oxford-style annotations archive (default: the sample dataset's)")
     p.add_argument("--classes", type=int, default=12, help="sample dataset breeds")
     p.add_argument("--per-class", type=int, default=60, help="sample dataset images per breed")
     p.add_argument("--config", help="YAML with one section per step")
@@ -154,7 +165,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
         "ray_address": args.ray_address,
     }
     cfg = load_config(ResizeConfig, args.config, _overrides(args, **named), "resize")
-    _emit(resize(args.source, args.dest, cfg), args.json)
+    _emit(resize(args.source, args.dest, cfg, run_id=args.run_id), args.json)
     return 0
 
 
@@ -167,20 +178,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     root = storage.normalize_uri(args.data_root)
     started = time.monotonic()
-    sources = [args.source] if args.source else None
-    if sources is None:
+    source, annotations = args.source, args.annotations
+    if source is None:
         synth_dir = storage.join(root, "synth")
         cfg = load_config(SynthConfig, args.config, {"classes": args.classes, "per_class": args.per_class}, "synth")
         print(generate(synth_dir, cfg).summary())
-        sources = [storage.join(synth_dir, "images.tar.gz")]
+        source = storage.join(synth_dir, "images.tar.gz")
+        annotations = annotations or storage.join(synth_dir, "annotations.tar.gz")
     run_root = storage.join(root, "runs", "local")
 
-    def step_config(cls: type, section: str) -> Any:
-        return load_config(cls, args.config, None, section)
+    def step_config(cls: type, section: str, **defaults: Any) -> Any:
+        cfg = load_config(cls, args.config, None, section)
+        return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
-    dl = download(sources, storage.join(run_root, "download"), step_config(DownloadConfig, "download"))
+    download_cfg = step_config(DownloadConfig, "download")
+    dl = download([source], storage.join(run_root, "download"), download_cfg)
     print(dl.summary())
-    cl = clean(dl.dest, storage.join(run_root, "clean"), step_config(CleanConfig, "clean"))
+    ann = None
+    if annotations:
+        ann = download([annotations], storage.join(run_root, "annotations"), download_cfg)
+        print(ann.summary())
+    cl = clean(
+        dl.dest,
+        storage.join(run_root, "clean"),
+        step_config(CleanConfig, "clean", annotations=ann.dest if ann else None),
+    )
     print(cl.summary())
     rs = resize(cl.dest, storage.join(run_root, "resize"), step_config(ResizeConfig, "resize"))
     print(rs.summary())

@@ -64,7 +64,7 @@ def test_config_defaults_and_preset_override():
         ({"concurrency": -1}, "concurrency"),
         ({"rows_per_shard": 0}, "rows_per_shard"),
         ({"no_progress_timeout_s": 0}, "no_progress_timeout_s"),
-        ({"ray_address": "http://head:8265"}, "Ray job"),
+        ({"ray_address": "kuberay://Bad_NS"}, "namespace"),
         ({"colour": "blue"}, "unknown ResizeConfig option"),
     ],
 )
@@ -326,6 +326,7 @@ def write_clean_by_hand(dest: str, rows: list[tuple[str, bytes, str, int]]) -> s
             "split": [split for *_, split, _ in rows],
             "order": pa.array([order for *_, order in rows], pa.int64()),
             "sha256": [f"{i:064x}" for i in range(len(rows))],
+            "bbox": pa.array([None] * len(rows), pa.list_(pa.float32())),
         },
         schema=CLEAN_SCHEMA,
     )

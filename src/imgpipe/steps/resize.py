@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgpipe import contract, storage
+from imgpipe import contract, ray_jobs, storage
 from imgpipe.contract import FileEntry, OutputWriter, Reject, StepReport
 from imgpipe.resize_ops import PRESETS, Resample, ResizeMode, ResizeSpec, resize_batch
 
@@ -122,8 +122,13 @@ class ResizeConfig:
         fast_decode: Decode large JPEGs at a reduced DCT scale (see resize_ops).
         ray_address: ``""`` starts a local Ray (or joins the cluster ``RAY_ADDRESS``
             names, as inside a Ray job); ``auto`` or ``ray://host:10001`` connects to
-            an existing cluster. Dashboard/Jobs addresses (``http://head:8265``) are for
-            the job submitter, not this function.
+            an existing cluster. ``http://head:8265`` (a Jobs API) submits the step as
+            a Ray job to that cluster; ``kuberay`` or ``kuberay://NAMESPACE`` creates a
+            KubeRay ``RayJob`` from ``k8s/ray/rayjob-resize.yaml`` that brings its own
+            autoscaling cluster. Either waits for the job, streams its progress, and
+            returns the report of its committed output; a retry with the same run id
+            re-attaches instead of running twice. See :mod:`imgpipe.ray_jobs` and
+            :mod:`imgpipe.kuberay`.
         batch_size: Images per ``map_batches`` call.
         concurrency: Resize tasks running at once; 0 means the cluster's CPUs minus
             one, at least one (a pool as large as the CPU count leaves no CPU for the
@@ -155,11 +160,7 @@ class ResizeConfig:
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
-        if self.ray_address.startswith(("http://", "https://")):
-            raise ValueError(
-                f"ray_address {self.ray_address!r} is a dashboard/Jobs API address: submit the step as a Ray "
-                "job instead (the job's driver then runs with ray_address='' and joins that cluster)"
-            )
+        ray_jobs.parse_address(self.ray_address)  # a remote address is well-formed
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.concurrency < 0:
@@ -506,13 +507,15 @@ def _split_results(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, list[R
 # The step.
 
 
-def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepReport:
+def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: str | None = None) -> StepReport:
     """Runs the resize step from a committed clean output to a committed resize output.
 
     Args:
         source: Prefix of a committed clean output.
         dest: Output prefix; any previous output there is replaced.
         cfg: Step settings; defaults when omitted.
+        run_id: With a remote ``ray_address``: the idempotency key of the job
+            (default ``$IMGPIPE_RUN_ID``); unused locally.
 
     Returns:
         The step report (also written as ``manifest.json``).
@@ -523,6 +526,13 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepRepor
         RuntimeError: If the rows that came back do not reconcile with the input.
     """
     cfg = cfg or ResizeConfig()
+    target = ray_jobs.parse_address(cfg.ray_address)
+    if target.mode == "jobs":
+        return ray_jobs.run_step_job("resize", source, dest, cfg, address=target.address, run_id=run_id)
+    if target.mode == "kuberay":
+        from imgpipe import kuberay
+
+        return kuberay.run_step_rayjob("resize", source, dest, cfg, namespace=target.namespace, run_id=run_id)
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
     contract.check_disjoint(dest, [source], "resize")
     manifest = contract.read_manifest(source, expect_step="clean")

@@ -1,0 +1,461 @@
+"""Running a step as a KubeRay ``RayJob``: a job that brings its own Ray cluster.
+
+With ``ray_address`` ``kuberay`` (the current namespace) or ``kuberay://NAMESPACE``,
+the step becomes a ``RayJob`` (``ray.io/v1``) built from the template
+``k8s/ray/rayjob-<step>.yaml``: the template holds the cluster (head without CPUs
+for tasks, an autoscaling CPU worker group, S3 credentials from a Secret, TTL and
+deadlines); :func:`build_rayjob` sets what is per run (name, namespace, entrypoint,
+image, worker counts, the non-secret S3 settings) and unsuspends it.
+
+The RayJob's name is the job id of :mod:`imgpipe.ray_jobs` (run id, step, source,
+destination and config), so a retry finds it: creating an existing one (409) attaches
+to it, a finished successful one returns its committed output's report, a failed one
+gets a new attempt ``<name>-a2`` (the same rules as the Jobs API mode). Waiting
+follows ``.status.jobDeploymentStatus`` (``Complete``/``Failed`` are terminal) and
+``.status.jobStatus``; the step's own log is in the submitter Job of the same name
+(``kubectl logs -f job/<name>``).
+
+Settings from the environment (a pipeline component sets them):
+``IMGPIPE_RAY_IMAGE`` (the Ray image with imgpipe, required unless the template
+names a real one), ``IMGPIPE_KUBERAY_MAX_WORKERS`` (the worker group's maximum),
+``IMGPIPE_RAYJOB_TEMPLATE`` (the template's path, default the checkout's ``k8s/ray/``).
+The Kubernetes client uses the in-cluster service account first, then kubeconfig.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from imgpipe import contract, storage
+from imgpipe.contract import StepReport
+from imgpipe.ray_jobs import (
+    RUN_ID_ENV,
+    attempt_id,
+    choose_action,
+    committed_report,
+    forwarded_env,
+    job_id,
+    resolve_run_id,
+    step_entrypoint,
+)
+
+__all__ = [
+    "GROUP",
+    "VERSION",
+    "PLURAL",
+    "IMAGE_PLACEHOLDER",
+    "RayJobParams",
+    "template_path",
+    "load_template",
+    "build_rayjob",
+    "load_api",
+    "current_namespace",
+    "create_or_attach",
+    "rayjob_state",
+    "wait_for_rayjob",
+    "run_step_rayjob",
+]
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+IMAGE_PLACEHOLDER = "imgpipe-ray"
+IMAGE_ENV = "IMGPIPE_RAY_IMAGE"
+MAX_WORKERS_ENV = "IMGPIPE_KUBERAY_MAX_WORKERS"
+TEMPLATE_ENV = "IMGPIPE_RAYJOB_TEMPLATE"
+_SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+_REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "k8s" / "ray"
+
+
+@dataclass(frozen=True)
+class RayJobParams:
+    """What differs between runs of one RayJob template.
+
+    Attributes:
+        name: The RayJob's name (a DNS label; the job id).
+        namespace: Where it is created.
+        entrypoint: The shell command the job runs.
+        image: The Ray image with imgpipe; replaces the ``imgpipe-ray`` placeholder.
+        min_workers: The worker group's ``minReplicas`` (template's when ``None``).
+        max_workers: The worker group's ``maxReplicas`` (template's when ``None``).
+        worker_group: Which worker group the counts apply to.
+        env_vars: Added to the job's runtime env (non-secret settings only: the
+            RayJob spec is readable by anyone who may list RayJobs).
+        annotations: Added to the RayJob's metadata (the run id goes here: it may
+            not fit a label value).
+    """
+
+    name: str
+    namespace: str
+    entrypoint: str
+    image: str | None = None
+    min_workers: int | None = None
+    max_workers: int | None = None
+    worker_group: str = "cpu"
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+def template_path(step: str) -> Path:
+    """The RayJob template of ``step``: ``$IMGPIPE_RAYJOB_TEMPLATE``, else the checkout's ``k8s/ray/``."""
+    env = os.environ.get(TEMPLATE_ENV)
+    return Path(env) if env else _REPO_TEMPLATES / f"rayjob-{step}.yaml"
+
+
+def load_template(path: str | Path) -> dict[str, Any]:
+    """Reads a RayJob template (one YAML document).
+
+    Raises:
+        ValueError: If the file is missing or does not hold a ``ray.io/v1`` RayJob.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(
+            f"RayJob template {p} does not exist: set {TEMPLATE_ENV} to a copy of k8s/ray/rayjob-<step>.yaml "
+            "(an installed package has no k8s/ folder)"
+        )
+    doc = yaml.safe_load(p.read_text())
+    if not isinstance(doc, dict) or doc.get("kind") != "RayJob" or doc.get("apiVersion") != f"{GROUP}/{VERSION}":
+        raise ValueError(f"{p} is not a {GROUP}/{VERSION} RayJob")
+    return doc
+
+
+def _containers(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    cluster = spec.get("rayClusterSpec") or {}
+    templates = [cluster.get("headGroupSpec", {}).get("template", {})]
+    templates += [g.get("template", {}) for g in cluster.get("workerGroupSpecs", [])]
+    templates.append(spec.get("submitterPodTemplate") or {})
+    return [c for t in templates for c in t.get("spec", {}).get("containers", [])]
+
+
+def _is_placeholder(image: str) -> bool:
+    return image == IMAGE_PLACEHOLDER or image.startswith(IMAGE_PLACEHOLDER + ":")
+
+
+def _worker_group(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
+    groups = spec.get("rayClusterSpec", {}).get("workerGroupSpecs", [])
+    for group in groups:
+        if group.get("groupName") == name:
+            return group
+    raise ValueError(f"the RayJob template has no worker group {name!r} (has {[g.get('groupName') for g in groups]})")
+
+
+def build_rayjob(template: Mapping[str, Any], params: RayJobParams) -> dict[str, Any]:
+    """A RayJob for one run: a copy of ``template`` with ``params`` applied, unsuspended.
+
+    Raises:
+        ValueError: If a container keeps the image placeholder and ``params.image`` is
+            unset, or the worker counts are inconsistent.
+    """
+    body = copy.deepcopy(dict(template))
+    meta = body.setdefault("metadata", {})
+    meta["name"] = params.name
+    meta["namespace"] = params.namespace
+    meta["annotations"] = {**(meta.get("annotations") or {}), **params.annotations}
+    spec = body.setdefault("spec", {})
+    spec["entrypoint"] = params.entrypoint
+    spec["suspend"] = False
+    if params.env_vars:
+        runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "") or {}
+        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **params.env_vars}
+        spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=True)
+    for container in _containers(spec):
+        if _is_placeholder(container.get("image", "")):
+            if not params.image:
+                raise ValueError(
+                    f"the RayJob template's image is the placeholder {IMAGE_PLACEHOLDER!r}: set {IMAGE_ENV} "
+                    "to the Ray image that has imgpipe installed"
+                )
+            container["image"] = params.image
+    if params.min_workers is not None or params.max_workers is not None:
+        group = _worker_group(spec, params.worker_group)
+        low = group.get("minReplicas", 0) if params.min_workers is None else params.min_workers
+        high = group.get("maxReplicas", low) if params.max_workers is None else params.max_workers
+        if not 0 <= low <= high:
+            raise ValueError(f"worker counts must satisfy 0 <= min <= max, got min={low} max={high}")
+        group["minReplicas"], group["maxReplicas"] = low, high
+        group["replicas"] = min(max(group.get("replicas", low), low), high)
+    return body
+
+
+def _cpus(quantity: Any) -> float | None:
+    """A Kubernetes CPU quantity (``4``, ``"4"``, ``"500m"``) in CPUs."""
+    text = str(quantity).strip()
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+
+
+def _worker_cpus(template: Mapping[str, Any], group_name: str) -> float | None:
+    """Ray CPUs of one worker of ``group_name``: its ``num-cpus``, else its container's CPU limit."""
+    try:
+        group = _worker_group(template.get("spec", {}), group_name)
+    except ValueError:
+        return None
+    if "num-cpus" in (group.get("rayStartParams") or {}):
+        return _cpus(group["rayStartParams"]["num-cpus"])
+    containers = group.get("template", {}).get("spec", {}).get("containers", [])
+    limit = containers[0].get("resources", {}).get("limits", {}).get("cpu") if containers else None
+    return None if limit is None else _cpus(limit)
+
+
+def _sized_for_autoscaling(cfg: Any, template: Mapping[str, Any], params_max: int | None, group: str) -> Any:
+    """Sets a ``concurrency`` of 0 ("the cluster's CPUs") from the worker group's maximum.
+
+    An autoscaling cluster starts with no workers, so "the CPUs at start" would be
+    zero and the step would run one task at a time; the group's maximum is what it
+    can grow to. Minus one, as locally: the tasks that feed the pool need a CPU too.
+    """
+    if getattr(cfg, "concurrency", None) != 0:
+        return cfg
+    try:
+        high = params_max if params_max is not None else _worker_group(template.get("spec", {}), group).get("maxReplicas")
+    except ValueError:
+        return cfg
+    cpus = _worker_cpus(template, group)
+    if not high or not cpus:
+        return cfg
+    return dataclasses.replace(cfg, concurrency=max(1, math.floor(high * cpus) - 1))
+
+
+# ----------------------------------------------------------------------------------------
+# The Kubernetes side.
+
+
+def load_api() -> Any:
+    """A ``CustomObjectsApi``: in-cluster service account first, then kubeconfig."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+def current_namespace() -> str:
+    """The pod's namespace in a cluster, else the kubeconfig context's, else ``default``."""
+    if _SA_NAMESPACE.is_file():
+        return _SA_NAMESPACE.read_text().strip()
+    try:
+        from kubernetes import config
+
+        _, active = config.list_kube_config_contexts()
+        return (active or {}).get("context", {}).get("namespace") or "default"
+    except Exception:  # no kubeconfig: load_api reports that, with its own message
+        return "default"
+
+
+def _status_code(exc: Exception) -> int | None:
+    return getattr(exc, "status", None)
+
+
+def _get(api: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if _status_code(exc) == 404:
+            return None
+        raise
+
+
+def create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Creates the RayJob, or returns the existing one of that name (409 AlreadyExists).
+
+    Returns:
+        The object as the API server has it, and whether this call created it.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    try:
+        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body), True
+    except ApiException as exc:
+        if _status_code(exc) != 409:
+            raise
+    existing = _get(api, namespace, name)
+    if existing is None:  # deleted between the two calls: a retry creates it again
+        raise RuntimeError(f"RayJob {namespace}/{name} already existed but is gone now; retry")
+    return existing, False
+
+
+def rayjob_state(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """``active``, ``succeeded`` or ``failed``, and a one-line description of the status.
+
+    Terminal deployment states are ``Complete`` and ``Failed`` (KubeRay's
+    ``IsJobDeploymentTerminal``); only ``Complete`` with job status ``SUCCEEDED`` is
+    a success.
+    """
+    status = obj.get("status") or {}
+    deployment = status.get("jobDeploymentStatus") or "New"
+    job = status.get("jobStatus") or ""
+    parts = [f"jobDeploymentStatus={deployment}", f"jobStatus={job or '-'}"]
+    parts += [f"{k}={status[k]}" for k in ("reason", "message") if status.get(k)]
+    text = " ".join(parts)
+    if deployment == "Complete" and job == "SUCCEEDED":
+        return "succeeded", text
+    if deployment in ("Complete", "Failed"):
+        return "failed", text
+    return "active", text
+
+
+def wait_for_rayjob(
+    api: Any,
+    namespace: str,
+    name: str,
+    *,
+    timeout_s: float | None = None,
+    poll_s: float = 10.0,
+    out: TextIO | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Polls the RayJob until its deployment is terminal; prints each status change.
+
+    Returns:
+        The terminal object (success or failure: :func:`rayjob_state` tells).
+
+    Raises:
+        TimeoutError: After ``timeout_s`` (the RayJob keeps running; its own
+            ``activeDeadlineSeconds`` bounds it).
+        RuntimeError: If the RayJob is deleted meanwhile.
+    """
+    out = out or sys.stdout
+    deadline = None if timeout_s is None else clock() + timeout_s
+    last = ""
+    while True:
+        obj = _get(api, namespace, name)
+        if obj is None:
+            raise RuntimeError(f"RayJob {namespace}/{name} was deleted while waiting for it")
+        state, text = rayjob_state(obj)
+        if text != last:
+            out.write(f"rayjob {namespace}/{name}: {text}\n")
+            out.flush()
+            last = text
+        if state != "active":
+            return obj
+        if deadline is not None and clock() >= deadline:
+            raise TimeoutError(f"RayJob {namespace}/{name} not finished after {timeout_s:.0f}s ({text}); it keeps running")
+        sleep(poll_s)
+
+
+def _latest_attempt(api: Any, namespace: str, base: str) -> tuple[int, dict[str, Any] | None]:
+    attempt, latest = 0, None
+    while (obj := _get(api, namespace, attempt_id(base, attempt + 1))) is not None:
+        attempt, latest = attempt + 1, obj
+    return attempt, latest
+
+
+def run_step_rayjob(
+    step: str,
+    source: str,
+    dest: str,
+    cfg: Any,
+    *,
+    namespace: str | None = None,
+    run_id: str | None = None,
+    api: Any = None,
+    template: Mapping[str, Any] | None = None,
+    image: str | None = None,
+    max_workers: int | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = 10.0,
+    max_attempts: int = 3,
+    out: TextIO | None = None,
+) -> StepReport:
+    """Runs a step as a KubeRay RayJob and waits for it (see the module docstring).
+
+    Args:
+        step: The ``imgpipe`` sub-command (``resize``).
+        source: Input prefix.
+        dest: Output prefix.
+        cfg: The step's resolved config; the job runs it with ``ray_address`` cleared
+            (and a ``concurrency`` of 0 sized for the worker group's maximum).
+        namespace: Where the RayJob goes (default: :func:`current_namespace`).
+        run_id: Idempotency key (default ``$IMGPIPE_RUN_ID``).
+        api: A ``CustomObjectsApi`` (default: :func:`load_api`).
+        template: The RayJob template (default: :func:`template_path` of ``step``).
+        image: The Ray image (default ``$IMGPIPE_RAY_IMAGE``).
+        max_workers: The worker group's maximum (default ``$IMGPIPE_KUBERAY_MAX_WORKERS``,
+            else the template's).
+        timeout_s: Give up waiting after this long; ``None`` waits (the RayJob's
+            ``activeDeadlineSeconds`` bounds it).
+        poll_s: Status poll interval.
+        max_attempts: Attempts in all for one job id, across retries.
+        out: Where status changes are printed (default stdout).
+
+    Returns:
+        The step report, read from the committed manifest at ``dest``.
+
+    Raises:
+        RuntimeError: If the RayJob fails, with its status, reason and message.
+        TimeoutError: If ``timeout_s`` passes first.
+    """
+    source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
+    contract.check_disjoint(dest, [source], step)
+    template = template if template is not None else load_template(template_path(step))
+    image = image or os.environ.get(IMAGE_ENV) or None
+    if max_workers is None and os.environ.get(MAX_WORKERS_ENV):
+        max_workers = int(os.environ[MAX_WORKERS_ENV])
+    job_cfg = _sized_for_autoscaling(dataclasses.replace(cfg, ray_address=""), template, max_workers, "cpu")
+    run_id = resolve_run_id(run_id)
+    if run_id is None:
+        log.warning("%s: no run id (--run-id or $%s): a retry of this call cannot re-attach to its RayJob", step, RUN_ID_ENV)
+    base = job_id(step, source, dest, job_cfg, run_id)
+    namespace = namespace or current_namespace()
+    api = api if api is not None else load_api()
+
+    attempt, latest = _latest_attempt(api, namespace, base)
+    state, detail = rayjob_state(latest) if latest is not None else (None, "")
+    action, attempt = choose_action(
+        state, attempt, max_attempts, lambda: committed_report(step, source, dest, job_cfg) is not None, detail
+    )
+    name = attempt_id(base, attempt)
+    if action == "done":
+        log.info("%s: RayJob %s/%s already succeeded and %s holds its output", step, namespace, name, dest)
+        report = committed_report(step, source, dest, job_cfg)
+        assert report is not None  # checked by choose_action just now
+        return report
+    if action == "submit":
+        if latest is not None:
+            log.warning("%s: RayJob %s ended (%s); creating attempt %d", step, attempt_id(base, attempt - 1), detail, attempt)
+        params = RayJobParams(
+            name=name,
+            namespace=namespace,
+            entrypoint=step_entrypoint(step, source, dest, job_cfg),
+            image=image,
+            max_workers=max_workers,
+            env_vars=forwarded_env(),
+            annotations={"imgpipe.io/run-id": run_id or "", "imgpipe.io/attempt": str(attempt)},
+        )
+        _, created = create_or_attach(api, build_rayjob(template, params))
+        log.info(
+            "%s: %s RayJob %s/%s (attempt %d); its log: kubectl logs -n %s -f job/%s",
+            step, "created" if created else "attached to", namespace, name, attempt, namespace, name,
+        )  # fmt: skip
+    else:
+        log.info("%s: attaching to RayJob %s/%s (%s)", step, namespace, name, detail)
+
+    final = wait_for_rayjob(api, namespace, name, timeout_s=timeout_s, poll_s=poll_s, out=out)
+    state, detail = rayjob_state(final)
+    if state != "succeeded":
+        raise RuntimeError(f"RayJob {namespace}/{name} for {step} {dest} failed: {detail}")
+    report = committed_report(step, source, dest, job_cfg)
+    if report is None:
+        raise RuntimeError(f"RayJob {namespace}/{name} succeeded but {dest} does not hold its committed output")
+    return report

@@ -1,0 +1,363 @@
+"""KubeRay: the manifests in k8s/ray/ against the KubeRay v1.7 CRDs, the RayJob builder,
+and create-or-attach + wait against a fake ``CustomObjectsApi`` (no cluster here).
+
+Validation is strict: every object schema that lists its properties also gets
+``additionalProperties: false``, so a misspelt field (``shutdownAfterJobFinish``)
+fails here instead of being pruned silently by the API server.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from imgpipe import contract, kuberay, ray_jobs, storage
+from imgpipe.steps.resize import ResizeConfig
+from tests.test_ray_jobs import commit_like_the_job, parse_entrypoint
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s" / "ray"
+SECRETISH = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)
+
+
+def strict(schema: Any) -> Any:
+    """A copy of an OpenAPI schema that rejects properties it does not list."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        listed = "properties" in schema and "additionalProperties" not in schema
+        if listed and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def validators(shared_dir: Path) -> dict[str, jsonschema.Draft7Validator]:
+    out = {}
+    for kind, file in (("RayJob", "kuberay-v1.7-ray.io_rayjobs.yaml"), ("RayCluster", "kuberay-v1.7-ray.io_rayclusters.yaml")):
+        # The CRDs are 1-1.4 MB of YAML: libyaml's loader reads them ten times faster.
+        crd = yaml.load((shared_dir / "schemas" / file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        out[kind] = jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+    return out
+
+
+def validate(validators, doc: dict) -> None:
+    errors = sorted(validators[doc["kind"]].iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10])
+
+
+def load(name: str) -> dict:
+    docs = list(yaml.safe_load_all((K8S / name).read_text()))
+    assert len(docs) == 1, f"{name}: one resource per file"
+    return docs[0]
+
+
+def containers(cluster_spec: dict) -> list[dict]:
+    templates = [cluster_spec["headGroupSpec"]["template"]] + [g["template"] for g in cluster_spec["workerGroupSpecs"]]
+    return [c for t in templates for c in t["spec"]["containers"]]
+
+
+def check_cluster_spec(spec: dict) -> None:
+    """What both manifests promise: no work on the head, autoscaling CPU workers, secrets by reference."""
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["authOptions"] == {"mode": "token"}
+    assert spec["rayVersion"] == importlib.metadata.version("ray"), "image Ray version must match the client's"
+    [workers] = spec["workerGroupSpecs"]
+    assert workers["groupName"] == "cpu" and 0 <= workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
+    assert workers["maxReplicas"] >= 2
+    for c in containers(spec):
+        assert c["image"] == kuberay.IMAGE_PLACEHOLDER
+        assert set(c["resources"]) == {"requests", "limits"}
+        assert c["resources"]["limits"]["memory"] == c["resources"]["requests"]["memory"]
+        env = {e["name"]: e for e in c["env"]}
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "imgpipe-s3-credentials", "key": name}
+        # Nothing secret-looking has a literal value.
+        assert not [e["name"] for e in c["env"] if SECRETISH.search(e["name"]) and "value" in e]
+        assert all("configMapRef" in src or "secretRef" in src for src in c.get("envFrom", []))
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_an_overlay_sets_the_image_everywhere(tmp_path, validators):
+    """``kubectl kustomize`` renders the base with an overlay's ``images:``, nested CR containers included."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "namespace": "ml",
+            "resources": [os.path.relpath(K8S, tmp_path)],
+            "images": [{"name": "imgpipe-ray", "newName": "registry.example.com/imgpipe-ray", "newTag": "0.1.0"}],
+        })
+    )  # fmt: skip
+    rendered = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60, check=True)
+    docs = list(yaml.safe_load_all(rendered.stdout))
+    assert sorted(d["kind"] for d in docs) == ["RayCluster", "RayJob"]
+    for doc in docs:
+        validate(validators, doc)
+        spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+        assert doc["metadata"]["namespace"] == "ml"
+        assert {c["image"] for c in containers(spec)} == {"registry.example.com/imgpipe-ray:0.1.0"}
+
+
+def test_rayjob_template_validates_and_keeps_its_promises(validators):
+    job = load("rayjob-resize.yaml")
+    validate(validators, job)
+    spec = job["spec"]
+    check_cluster_spec(spec["rayClusterSpec"])
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["activeDeadlineSeconds"] > spec["preRunningDeadlineSeconds"] > 0
+    assert spec["backoffLimit"] == 0 and spec["submissionMode"] == "K8sJobMode"
+    assert spec["suspend"] is True, "applied as is, the template must not start anything"
+    assert spec["entrypoint"].startswith("python -m imgpipe.cli resize ")
+    assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+
+
+def test_shared_raycluster_validates_and_keeps_its_promises(validators):
+    cluster = load("raycluster-shared.yaml")
+    validate(validators, cluster)
+    check_cluster_spec(cluster["spec"])
+    assert cluster["spec"]["workerGroupSpecs"][0]["minReplicas"] >= 1  # see the file: concurrency 0 sizes at start
+
+
+def test_strict_validation_catches_a_misspelt_field(validators):
+    job = load("rayjob-resize.yaml")
+    job["spec"]["shutdownAfterJobFinish"] = True
+    with pytest.raises(AssertionError, match="shutdownAfterJobFinish"):
+        validate(validators, job)
+
+
+# ------------------------------------------------------------------ the builder
+
+
+def params(**overrides) -> kuberay.RayJobParams:
+    values = dict(
+        name="imgpipe-resize-0123456789abcdef",
+        namespace="ml",
+        entrypoint=ray_jobs.step_entrypoint("resize", "s3://b/clean", "s3://b/resize", ResizeConfig()),
+        image="registry.example.com/imgpipe-ray:0.1.0",
+        max_workers=3,
+        env_vars={"AWS_ENDPOINT_URL": "http://minio.kubeflow:9000"},
+        annotations={"imgpipe.io/run-id": "run-7"},
+    )
+    values.update(overrides)
+    return kuberay.RayJobParams(**values)
+
+
+def test_builder_output_validates_and_carries_the_run(validators):
+    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
+    before = copy.deepcopy(template)
+    job = kuberay.build_rayjob(template, params())
+    validate(validators, job)
+    assert template == before, "the template is copied, never changed"
+    assert job["metadata"]["name"] == "imgpipe-resize-0123456789abcdef" and job["metadata"]["namespace"] == "ml"
+    assert job["metadata"]["annotations"] == {"imgpipe.io/run-id": "run-7"}
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "resize"
+    spec = job["spec"]
+    assert spec["suspend"] is False and parse_entrypoint(spec["entrypoint"])[1:3] == ("s3://b/clean", "s3://b/resize")
+    assert {c["image"] for c in containers(spec["rayClusterSpec"])} == {"registry.example.com/imgpipe-ray:0.1.0"}
+    [workers] = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert (workers["minReplicas"], workers["replicas"], workers["maxReplicas"]) == (0, 0, 3)
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] == {
+        "PYTHONUNBUFFERED": "1",
+        "AWS_ENDPOINT_URL": "http://minio.kubeflow:9000",
+    }
+
+
+def test_builder_refuses_the_image_placeholder_and_bad_counts():
+    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
+    with pytest.raises(ValueError, match=kuberay.IMAGE_ENV):
+        kuberay.build_rayjob(template, params(image=None))
+    with pytest.raises(ValueError, match="min <= max"):
+        kuberay.build_rayjob(template, params(min_workers=4, max_workers=2))
+    with pytest.raises(ValueError, match="no worker group 'gpu'"):
+        kuberay.build_rayjob(template, params(worker_group="gpu"))
+
+
+def test_concurrency_zero_is_sized_for_the_worker_groups_maximum():
+    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
+    sized = kuberay._sized_for_autoscaling(ResizeConfig(), template, None, "cpu")
+    assert sized.concurrency == 8 * 4 - 1  # maxReplicas x the CPU limit, minus one
+    assert kuberay._sized_for_autoscaling(ResizeConfig(), template, 2, "cpu").concurrency == 7
+    assert kuberay._sized_for_autoscaling(ResizeConfig(concurrency=5), template, None, "cpu").concurrency == 5
+
+
+def test_missing_template_says_what_to_set(tmp_path):
+    with pytest.raises(ValueError, match=kuberay.TEMPLATE_ENV):
+        kuberay.load_template(tmp_path / "rayjob-resize.yaml")
+
+
+# ------------------------------------------------------------------ create-or-attach and wait, on a fake API
+
+SUCCESS = [("Initializing", ""), ("Running", "PENDING"), ("Running", "RUNNING"), ("Complete", "SUCCEEDED")]
+
+
+class FakeCustomObjects:
+    """A stand-in for ``CustomObjectsApi`` with an "operator" that advances a RayJob one
+    status per read, and "runs" its entrypoint when it succeeds."""
+
+    def __init__(self, script=SUCCESS, message="") -> None:
+        self.script, self.message = list(script), message
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.created: list[str] = []
+
+    def _check(self, group, version, plural) -> None:
+        assert (group, version, plural) == ("ray.io", "v1", "rayjobs")
+
+    def put(self, namespace, name, deployment, job="", entrypoint="", reason="", message=""):
+        status = {"jobDeploymentStatus": deployment, "jobStatus": job, "reason": reason, "message": message}
+        self.objects[(namespace, name)] = {"metadata": {"name": name, "namespace": namespace},
+                                           "spec": {"entrypoint": entrypoint}, "status": status, "_steps": []}  # fmt: skip
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self._check(group, version, plural)
+        key = (namespace, body["metadata"]["name"])
+        if key in self.objects:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.created.append(key[1])
+        self.objects[key] = {**copy.deepcopy(body), "status": {}, "_steps": list(self.script)}
+        return copy.deepcopy(self.objects[key])
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self._check(group, version, plural)
+        obj = self.objects.get((namespace, name))
+        if obj is None:
+            raise ApiException(status=404, reason="NotFound")
+        if obj["_steps"]:
+            deployment, job = obj["_steps"].pop(0)
+            obj["status"] = {"jobDeploymentStatus": deployment, "jobStatus": job}
+            if job in ("FAILED", "STOPPED") or deployment == "Failed":
+                obj["status"].update(reason="AppFailed", message=self.message)
+            if job == "SUCCEEDED":
+                commit_like_the_job(obj["spec"]["entrypoint"])
+        return copy.deepcopy(obj)
+
+
+@pytest.fixture
+def run_args(tmp_path, monkeypatch):
+    for name in (kuberay.IMAGE_ENV, kuberay.MAX_WORKERS_ENV, ray_jobs.RUN_ID_ENV):
+        monkeypatch.delenv(name, raising=False)
+    source, dest = storage.normalize_uri(str(tmp_path / "clean")), storage.normalize_uri(str(tmp_path / "resize"))
+    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
+    cfg = ResizeConfig(size=16, ray_address="kuberay://ml")
+    job_cfg = kuberay._sized_for_autoscaling(ResizeConfig(size=16), template, None, "cpu")
+    return dict(source=source, dest=dest, cfg=cfg, template=template,
+                base=ray_jobs.job_id("resize", source, dest, job_cfg, "run-7"), entrypoint=ray_jobs.step_entrypoint("resize", source, dest, job_cfg))  # fmt: skip
+
+
+def run(api, run_args, **kwargs):
+    out = io.StringIO()
+    report = kuberay.run_step_rayjob(
+        "resize", run_args["source"], run_args["dest"], run_args["cfg"], namespace="ml", run_id="run-7", api=api,
+        template=run_args["template"], image="reg/imgpipe-ray:1", poll_s=0, out=out, **kwargs,
+    )  # fmt: skip
+    return report, out.getvalue()
+
+
+def test_create_wait_succeed_then_a_retry_returns_without_creating(run_args, validators):
+    api = FakeCustomObjects()
+    report, printed = run(api, run_args)
+    assert api.created == [run_args["base"]]
+    created = api.objects[("ml", run_args["base"])]
+    validate(validators, {k: v for k, v in created.items() if k not in ("status", "_steps")})
+    assert created["spec"]["entrypoint"] == run_args["entrypoint"]
+    assert "jobDeploymentStatus=Initializing" in printed and "jobStatus=SUCCEEDED" in printed
+    assert report.step == "resize" and contract.read_manifest(run_args["dest"])["config"]["concurrency"] == 31
+
+    again, _ = run(api, run_args)
+    assert api.created == [run_args["base"]] and again == report
+
+
+def test_409_attaches_to_the_rayjob_another_submitter_created(run_args):
+    api = FakeCustomObjects()
+    body = kuberay.build_rayjob(run_args["template"], params(name="imgpipe-resize-x", entrypoint=run_args["entrypoint"]))
+    first, created = kuberay.create_or_attach(api, body)
+    again, created_again = kuberay.create_or_attach(api, body)
+    assert (created, created_again) == (True, False) and api.created == ["imgpipe-resize-x"]
+    assert again["metadata"]["name"] == "imgpipe-resize-x"
+
+
+def test_attaches_to_a_running_rayjob_instead_of_creating(run_args):
+    api = FakeCustomObjects()
+    api.put("ml", run_args["base"], "Running", "RUNNING", entrypoint=run_args["entrypoint"])
+    api.objects[("ml", run_args["base"])]["_steps"] = [("Running", "RUNNING")] * 2 + [("Complete", "SUCCEEDED")]
+    report, printed = run(api, run_args)
+    assert api.created == [] and report.step == "resize"
+    assert printed.count("jobStatus=RUNNING") == 1, "each status change is printed once"
+
+
+def test_failed_rayjob_raises_with_its_message_and_a_retry_makes_a_new_attempt(run_args):
+    api = FakeCustomObjects(script=[("Running", "RUNNING"), ("Complete", "FAILED")], message="exit code 2: not a committed step output")
+    with pytest.raises(RuntimeError, match=r"jobDeploymentStatus=Complete jobStatus=FAILED reason=AppFailed message=exit code 2"):
+        run(api, run_args, max_attempts=2)
+    assert api.created == [run_args["base"]]
+    with pytest.raises(RuntimeError, match="FAILED"):
+        run(api, run_args, max_attempts=2)
+    assert api.created == [run_args["base"], run_args["base"] + "-a2"]
+    with pytest.raises(RuntimeError, match="no attempt left"):
+        run(api, run_args, max_attempts=2)
+    assert len(api.created) == 2
+
+
+def test_deployment_failure_is_terminal_too():
+    state, text = kuberay.rayjob_state({"status": {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded",
+                                                   "message": "activeDeadlineSeconds passed"}})  # fmt: skip
+    assert state == "failed" and "reason=DeadlineExceeded" in text
+    assert kuberay.rayjob_state({"status": {"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}})[0] == "failed"
+    assert kuberay.rayjob_state({"status": {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}})[0] == "active"
+    assert kuberay.rayjob_state({})[0] == "active"
+
+
+def test_wait_times_out_on_a_fake_clock():
+    api = FakeCustomObjects(script=[("Initializing", "")] * 100)
+    api.create_namespaced_custom_object("ray.io", "v1", "ml", "rayjobs", {"metadata": {"name": "j"}, "spec": {}})
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(TimeoutError, match="not finished after 30s"):
+        kuberay.wait_for_rayjob(api, "ml", "j", timeout_s=30, poll_s=10, out=io.StringIO(), sleep=sleep, clock=lambda: now[0])
+    assert now[0] == 30
+
+
+def test_a_deleted_rayjob_fails_the_wait():
+    with pytest.raises(RuntimeError, match="was deleted"):
+        kuberay.wait_for_rayjob(FakeCustomObjects(), "ml", "gone", out=io.StringIO())
+
+
+def test_kuberay_address_picks_the_namespace(run_args, monkeypatch):
+    calls = {}
+
+    def fake_run(step, source, dest, cfg, *, namespace, run_id):
+        calls.update(step=step, namespace=namespace, run_id=run_id)
+        return "report"
+
+    monkeypatch.setattr(kuberay, "run_step_rayjob", fake_run)
+    from imgpipe.steps.resize import resize
+
+    assert resize(run_args["source"], run_args["dest"], run_args["cfg"], run_id="r") == "report"
+    assert calls == {"step": "resize", "namespace": "ml", "run_id": "r"}
