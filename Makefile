@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(NETNS) $(BIN)/imgpipe run
+	$(NETNS) $(BIN)/imgpipe run --config configs/local.yaml
 
 test: install
 	$(NETNS) $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -18,9 +18,26 @@ def test_parser_is_reusable():
 
 def test_synth_download_clean_commands(tmp_path, capsys):
     root = tmp_path / "data"
-    assert main(["synth", str(root / "synth"), "--classes", "3", "--per-class", "5", "--seed", "1"]) == 0
+    assert (
+        main(["synth", str(root / "synth"), "--classes", "3", "--per-class", "5", "--seed", "1"])
+        == 0
+    )
     assert main(["download", str(root / "synth" / "images.tar.gz"), str(root / "dl")]) == 0
-    assert main(["clean", str(root / "dl"), str(root / "clean"), "--seed", "2", "--set", "workers=1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "clean",
+                str(root / "dl"),
+                str(root / "clean"),
+                "--seed",
+                "2",
+                "--set",
+                "workers=1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     report = json.loads(out[out.index("{") :])
     assert report["step"] == "clean" and report["inputs"] == report["outputs"] + report["rejected"]
@@ -38,25 +55,86 @@ def test_user_errors_are_one_clear_line(tmp_path, capsys):
     assert "unknown CleanConfig option" in capsys.readouterr().err
 
 
+TINY_RUN = """
+resize: {size: 32}
+train: {model: tiny_cnn, epochs: 1, batch_size: 4, num_workers: 0, aug_policy: basic, mixup: 0.0, cutmix: 0.0}
+"""
+
+
+def tiny_config(tmp_path) -> str:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RUN)
+    return str(path)
+
+
 @pytest.mark.ray
 def test_run_reconciles_end_to_end(tmp_path, capsys):
-    rc = main(["run", "--data-root", str(tmp_path / "d"), "--classes", "3", "--per-class", "6"])
+    rc = main(
+        [
+            "run",
+            "--data-root",
+            str(tmp_path / "d"),
+            "--classes",
+            "3",
+            "--per-class",
+            "6",
+            "--config",
+            tiny_config(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "reconciled" in out and "NOT RECONCILED" not in out
-    clean_manifest = contract.read_manifest(str(tmp_path / "d" / "runs" / "local" / "clean"), expect_step="clean")
+    assert "model.pt:" in out and "report.html:" in out
+    assert (
+        contract.read_manifest(
+            str(tmp_path / "d" / "runs" / "local" / "train"), expect_step="train"
+        )["outputs"]
+        > 0
+    )
+    clean_manifest = contract.read_manifest(
+        str(tmp_path / "d" / "runs" / "local" / "clean"), expect_step="clean"
+    )
     assert clean_manifest["outputs"] >= 3 * 6 - 3
 
 
 @pytest.mark.ray
 def test_resize_command(tmp_path, capsys):
     root = tmp_path / "data"
-    assert main(["run", "--data-root", str(root), "--classes", "2", "--per-class", "4"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--data-root",
+                str(root),
+                "--classes",
+                "2",
+                "--per-class",
+                "8",
+                "--config",
+                tiny_config(tmp_path),
+            ]
+        )
+        == 0
+    )
     clean_out = str(root / "runs" / "local" / "clean")
-    rc = main(["resize", clean_out, str(root / "r64"), "--size", "64", "--format", "jpeg", "--op", "equalize", "--json"])
+    rc = main(
+        [
+            "resize",
+            clean_out,
+            str(root / "r64"),
+            "--size",
+            "64",
+            "--format",
+            "jpeg",
+            "--op",
+            "equalize",
+            "--json",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     report = json.loads(out[out.rindex('{\n  "step"') :])
-    assert report["step"] == "resize" and report["outputs"] == 8
+    assert report["step"] == "resize" and report["outputs"] == 16
     manifest = contract.read_manifest(str(root / "r64"), expect_step="resize")
     assert manifest["config"]["size"] == 64 and manifest["config"]["ops"] == ["equalize"]

@@ -91,13 +91,34 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     _common(p)
 
+    p = sub.add_parser("train", help="train a classifier on a committed resize output")
+    p.add_argument("data", help="committed resize output prefix")
+    p.add_argument("out", help="output prefix: model.pt, metrics, figures, report, checkpoint")
+    p.add_argument("--model", help="torchvision classification model or tiny_cnn (default resnet18)")
+    p.add_argument("--epochs", type=int, help="default 10")
+    p.add_argument("--batch-size", type=int, help="images per step per rank (default 128)")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-3)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--aug-policy", choices=["randaugment", "trivialaugment", "autoaugment", "basic", "none"])
+    p.add_argument("--aug-device", choices=["auto", "cpu", "gpu"], help="where augmentation runs (default auto)")
+    p.add_argument("--mixup", type=float, help="MixUp alpha, 0 disables (default 0.2)")
+    p.add_argument("--cutmix", type=float, help="CutMix alpha, 0 disables (default 1.0)")
+    p.add_argument(
+        "--no-hflip", dest="hflip", action="store_false", default=None, help="no horizontal flips (text, digits)"
+    )
+    p.add_argument("--weights", help="URI of initial weights (state dict, model.pt or checkpoint.pt)")
+    p.add_argument("--workers", dest="num_workers", type=int, help="loader workers per rank (default: from CPUs)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
+    _common(p)
+
     p = sub.add_parser("run", help="run the pipeline end to end locally on the embedded sample dataset")
     p.add_argument("--data-root", default="./.data", help="where every step writes (default ./.data)")
     p.add_argument("--source", help="archive to process (default: generate the sample dataset)")
     p.add_argument("--annotations", help="Oxford-style annotations archive (default: the sample dataset's)")
     p.add_argument("--classes", type=int, default=12, help="sample dataset breeds")
     p.add_argument("--per-class", type=int, default=60, help="sample dataset images per breed")
-    p.add_argument("--config", help="YAML with one section per step")
+    p.add_argument("--config", help="YAML with one section per step (e.g. configs/local.yaml)")
     return parser
 
 
@@ -169,6 +190,16 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from imgpipe.steps.train import TrainConfig, train
+
+    keys = ("model", "epochs", "batch_size", "lr", "device", "aug_policy", "aug_device", "mixup", "cutmix")
+    keys += ("hflip", "weights", "num_workers", "seed", "resume")
+    cfg = load_config(TrainConfig, args.config, _overrides(args, **{k: getattr(args, k) for k in keys}), "train")
+    _emit(train(args.data, args.out, cfg), args.json)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Runs every step locally, prints per-step counts and checks that they reconcile."""
     from imgpipe.steps.clean import CleanConfig, clean
@@ -206,6 +237,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(cl.summary())
     rs = resize(cl.dest, storage.join(run_root, "resize"), step_config(ResizeConfig, "resize"))
     print(rs.summary())
+    from imgpipe.steps.train import TrainConfig, train
+
+    tr = train(rs.dest, storage.join(run_root, "train"), step_config(TrainConfig, "train"))
+    print(tr.summary())
 
     # Every archive member is in exactly one place: clean's output or a rejects table;
     # every clean row is in resize's output or its rejects.
@@ -216,6 +251,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{rs.outputs} training images, {rejected} rejected ({'reconciled' if reconciled else 'NOT RECONCILED'})"
     )
     print(f"clean output:  {cl.dest}\nresize output: {rs.dest}")
+    for name in ("report.html", "model.pt", "metrics.json"):
+        print(f"{name + ':':14} {storage.join(tr.dest, name)}")
     return 0 if reconciled else 1
 
 
@@ -224,6 +261,7 @@ COMMANDS = {
     "download": cmd_download,
     "clean": cmd_clean,
     "resize": cmd_resize,
+    "train": cmd_train,
     "run": cmd_run,
 }
 

@@ -1,0 +1,865 @@
+"""Streaming training input: the resize step's Parquet shards as a torch ``IterableDataset``.
+
+The loader reads one split of a committed resize output (``DATA/<split>/part-*.parquet``,
+see :mod:`imgpipe.steps.resize`) from ``file://`` or ``s3://`` row group by row group
+through the ``pyarrow.fs`` file system :func:`imgpipe.storage.arrow_filesystem` builds.
+Nothing is downloaded first: a worker holds at most its shuffle buffer plus one row group.
+
+Partitioning. Each epoch the split's row groups are put in an order (a permutation
+seeded with ``seed + epoch``, the same on every rank; file order for evaluation) and
+their rows concatenated into one stream. The stream is cut rank-major: rank ``r`` takes
+the ``r``-th of ``world_size`` equal contiguous ranges, and its worker ``w`` the
+``w``-th of ``num_workers`` contiguous runs of whole batches within that. Ranks and
+workers therefore read disjoint rows that together cover the split exactly once per
+epoch; every rank gets the same number of batches and every worker the same number to
+within one, and at most the two row groups at the ends of a range are shared with a
+neighbour (read by both, each keeping its own rows). Training drops fewer than
+``world_size`` rows per epoch to equalize the ranks, plus fewer than ``batch_size`` per
+rank for the last partial batch; evaluation drops nothing.
+
+Order. Within a worker, rows pass through a shuffle buffer driven by a generator seeded
+with ``seed + epoch + rank + worker``. The order is computed from row-group metadata
+alone (no pixels), which makes resuming cheap: :meth:`ImageLoader.state_dict` records
+the epoch and how many samples each worker has delivered, and a loader restored from it
+skips exactly those (without reading rows it no longer needs) and delivers the rest of
+the epoch in the same order, batch for batch, as an uninterrupted run.
+
+Decoding. ``raw`` shards decode with ``numpy.frombuffer`` straight into a batch array;
+``jpeg`` shards decode in the workers with ``torchvision.io.decode_jpeg``, or, with
+``decode_device='cuda'``, are handed to the main process as bytes for
+:func:`decode_jpeg_batch` to decode on the GPU.
+
+Per-sample transforms (torchvision ``transforms.v2``) draw from torch's global CPU
+generator, which takes no ``generator=`` argument. :func:`seed_sample` is the one
+sanctioned place where that generator is seeded: before each sample's transform, from
+``seed + epoch + the sample's index in the split``, so an image's augmentation in an
+epoch does not depend on which rank or worker drew it and survives a resume exactly.
+In the main process (``num_workers=0``) the caller's RNG state is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from imgpipe import contract, storage
+
+__all__ = [
+    "LABELS_FILE",
+    "LoaderConfig",
+    "RowGroup",
+    "Unit",
+    "SplitInfo",
+    "available_cpus",
+    "default_num_workers",
+    "read_labels",
+    "split_names",
+    "describe_split",
+    "epoch_stream",
+    "rank_range",
+    "worker_batches",
+    "assign_rows",
+    "shuffle_order",
+    "sample_seed",
+    "seed_sample",
+    "ParquetImageDataset",
+    "ImageLoader",
+    "decode_jpeg_batch",
+    "read_samples",
+]
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.json"
+
+
+# ----------------------------------------------------------------------------------------
+# Settings and CPU budget.
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How one split is streamed.
+
+    Attributes:
+        batch_size: Samples per batch (per rank).
+        shuffle: Permute units and pass rows through the shuffle buffer (training);
+            off gives the file order, partitioned the same way (evaluation).
+        shuffle_buffer: Rows a worker mixes at once; 0 or 1 keeps the unit order.
+        drop_last: Training mode: every rank reads the same number of rows and only
+            full batches (DDP needs equal step counts); fewer than ``world_size`` rows
+            plus one partial batch per rank are left out each epoch. Off, every row is
+            read and the last batch of a rank may be short.
+        seed: Base seed of the unit permutation, the shuffle buffer and the
+            per-sample transform seeds.
+        num_workers: DataLoader worker processes; ``None`` picks
+            :func:`default_num_workers`.
+        prefetch_factor: Batches each worker prepares ahead.
+        pin_memory: Page-locked batches for fast host-to-GPU copies; ``None`` means
+            "when CUDA is available".
+        persistent_workers: Keep workers alive between epochs.
+        multiprocessing_context: Start method of the workers (``fork``, ``spawn``,
+            ``forkserver``); ``None`` picks ``forkserver`` for ``s3://`` data (the AWS
+            SDK's threads in the parent do not survive a ``fork``) and ``fork``, the
+            quickest to start, otherwise.
+    """
+
+    batch_size: int = 128
+    shuffle: bool = True
+    shuffle_buffer: int = 1024
+    drop_last: bool = True
+    seed: int = 0
+    num_workers: int | None = None
+    prefetch_factor: int = 2
+    pin_memory: bool | None = None
+    persistent_workers: bool = True
+    multiprocessing_context: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or None (automatic), got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(
+                f"multiprocessing_context must be fork, spawn or forkserver, got {self.multiprocessing_context!r}"
+            )
+
+    @property
+    def resolved_num_workers(self) -> int:
+        """``num_workers``, or the automatic choice when it is ``None``."""
+        return default_num_workers() if self.num_workers is None else self.num_workers
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota.
+
+    In a Kubernetes pod ``os.cpu_count()`` reports the node's cores, not the pod's
+    limit; the quota lives in ``/sys/fs/cgroup/cpu.max`` as ``"<quota> <period>"``.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def default_num_workers(local_world_size: int | None = None) -> int:
+    """Worker processes per rank: the rank's share of the CPUs minus one for the training loop.
+
+    Args:
+        local_world_size: Ranks on this machine; defaults to ``LOCAL_WORLD_SIZE`` (set
+            by torchrun) or 1.
+    """
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(16, available_cpus() // max(1, local) - 1))
+
+
+# ----------------------------------------------------------------------------------------
+# What a split holds (metadata only).
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One Parquet row group of a split.
+
+    Attributes:
+        file: URI of its file.
+        row_group: Index within the file.
+        rows: Row count.
+        first_index: Index of its first row within the split (file order).
+    """
+
+    file: str
+    row_group: int
+    rows: int
+    first_index: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The rows ``[start, stop)`` of row group ``group`` (an index into ``SplitInfo.row_groups``)."""
+
+    group: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """A split of a committed resize output, described from its metadata.
+
+    Attributes:
+        data: The resize output prefix.
+        split: Split name (``train``, ``val``, ``test``).
+        format: ``raw`` (``pixels`` column) or ``jpeg`` (``image`` column).
+        row_groups: Every row group of the split's files, in manifest order.
+        height: Image height of the first row (resize makes all rows alike).
+        width: Image width of the first row.
+        channels: Channels of the first row (1 or 3).
+    """
+
+    data: str
+    split: str
+    format: Literal["raw", "jpeg"]
+    row_groups: tuple[RowGroup, ...]
+    height: int
+    width: int
+    channels: int
+
+    @property
+    def num_samples(self) -> int:
+        """Rows in the split."""
+        return sum(g.rows for g in self.row_groups)
+
+
+def read_labels(data: str) -> list[str]:
+    """Class names by index, from ``labels.json`` (``{"0": name, ...}``) of a resize output.
+
+    Falls back to the manifest's ``extra.classes`` when the file is absent.
+
+    Raises:
+        ValueError: If neither names any class, or the indices are not 0..N-1.
+    """
+    data = storage.normalize_uri(data)
+    uri = storage.join(data, LABELS_FILE)
+    if storage.exists(uri):
+        raw = json.loads(storage.read_bytes(uri))
+        try:
+            by_index = {int(k): str(v) for k, v in raw.items()}
+        except (AttributeError, ValueError) as exc:
+            raise ValueError(f"{uri} must map class indices to names, e.g. {{\"0\": \"cat\"}}") from exc
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"{uri} must number its classes 0..N-1, got {sorted(by_index)}")
+        names = [by_index[i] for i in range(len(by_index))]
+    else:
+        names = [str(c) for c in contract.read_manifest(data).get("extra", {}).get("classes", [])]
+    if not names:
+        raise ValueError(f"{data} names no classes (no {LABELS_FILE}, no classes in its manifest)")
+    return names
+
+
+def split_names(data: str) -> list[str]:
+    """Splits that have at least one data file in a committed resize output."""
+    manifest = contract.read_manifest(data, expect_step="resize")
+    return sorted({f["name"].split("/", 1)[0] for f in manifest["files"] if "/" in f["name"] and f["rows"]})
+
+
+def describe_split(data: str, split: str) -> SplitInfo:
+    """Lists a split's row groups and image geometry from Parquet footers.
+
+    Raises:
+        UncommittedOutputError: If ``data`` is not committed.
+        ValueError: If ``data`` is not a resize output or holds no rows for ``split``.
+    """
+    data = storage.normalize_uri(data)
+    manifest = contract.read_manifest(data, expect_step="resize")
+    files = [
+        storage.join(data, f["name"]) for f in manifest["files"] if f["name"].startswith(split + "/") and f["rows"]
+    ]
+    if not files:
+        raise ValueError(f"{data} holds no rows for split {split!r}; splits present: {split_names(data)}")
+    fs, _ = storage.arrow_filesystem(files[0])
+    groups: list[RowGroup] = []
+    first_index = 0
+    fmt: str | None = None
+    geometry: tuple[int, int, int] | None = None
+    for uri in files:
+        _, path = storage.arrow_filesystem(uri)
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            names = pf.schema_arrow.names
+            file_fmt = "raw" if "pixels" in names else "jpeg" if "image" in names else None
+            if file_fmt is None or (fmt is not None and file_fmt != fmt):
+                raise ValueError(f"{uri} has neither a 'pixels' nor an 'image' column, or mixes formats")
+            fmt = file_fmt
+            if geometry is None and pf.metadata.num_rows:
+                first = pf.read_row_group(0, columns=["height", "width", "channels"]).slice(0, 1).to_pylist()[0]
+                geometry = (int(first["height"]), int(first["width"]), int(first["channels"]))
+            for rg in range(pf.metadata.num_row_groups):
+                rows = pf.metadata.row_group(rg).num_rows
+                if rows:
+                    groups.append(RowGroup(uri, rg, rows, first_index))
+                    first_index += rows
+    assert fmt is not None and geometry is not None
+    return SplitInfo(data, split, fmt, tuple(groups), *geometry)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------
+# Partitioning and order: pure functions of metadata, seed and epoch.
+
+
+def epoch_stream(groups: Sequence[RowGroup], *, epoch: int, seed: int, shuffle: bool) -> list[Unit]:
+    """The split's row groups, whole, in this epoch's order (the same on every rank)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(groups)) if shuffle else np.arange(len(groups))
+    return [Unit(int(i), 0, groups[int(i)].rows) for i in order]
+
+
+def rank_range(total: int, rank: int, world_size: int, *, drop_remainder: bool) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``[start, stop)`` of a stream of ``total`` rows.
+
+    With ``drop_remainder`` every rank gets ``total // world_size`` rows (the last
+    ``total % world_size`` are left out); otherwise the first ranks get one more.
+    """
+    base, extra = divmod(total, world_size)
+    if drop_remainder:
+        return rank * base, (rank + 1) * base
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def worker_batches(samples: int, batch_size: int, parts: int, *, drop_last: bool) -> list[int]:
+    """Batches each of ``parts`` workers delivers from ``samples`` rows: equal to within one."""
+    total = samples // batch_size if drop_last else -(-samples // batch_size)
+    return [total // parts + (1 if w < total % parts else 0) for w in range(parts)]
+
+
+def _slice_stream(stream: Sequence[Unit], start: int, stop: int) -> list[Unit]:
+    """The pieces of ``stream`` (concatenated) that cover rows ``[start, stop)``."""
+    out, offset = [], 0
+    for unit in stream:
+        size = unit.stop - unit.start
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            out.append(Unit(unit.group, unit.start + lo - offset, unit.start + hi - offset))
+        offset += size
+        if offset >= stop:
+            break
+    return out
+
+
+def assign_rows(
+    groups: Sequence[RowGroup],
+    *,
+    epoch: int,
+    seed: int,
+    shuffle: bool,
+    drop_last: bool,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    part: int,
+    parts: int,
+) -> list[Unit]:
+    """The row ranges one worker (``part`` of ``parts``) of one rank reads this epoch, in stream order."""
+    stream = epoch_stream(groups, epoch=epoch, seed=seed, shuffle=shuffle)
+    total = sum(g.rows for g in groups)
+    r0, r1 = rank_range(total, rank, world_size, drop_remainder=drop_last)
+    batches = worker_batches(r1 - r0, batch_size, parts, drop_last=drop_last)
+    w0 = r0 + batch_size * sum(batches[:part])
+    w1 = min(r1, w0 + batch_size * batches[part])
+    return _slice_stream(stream, w0, w1)
+
+
+def shuffle_order(indices: np.ndarray, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The order a shuffle buffer of ``buffer`` rows emits ``indices`` in.
+
+    Rows enter in stream order; once the buffer is full, each new row replaces a
+    uniformly chosen buffered row, which is emitted. The rest drains in random order.
+    """
+    n = len(indices)
+    if buffer <= 1 or n <= 1:
+        return indices.copy()
+    size = min(buffer, n)
+    buf = indices[:size].copy()
+    out = np.empty(n, dtype=indices.dtype)
+    picks = rng.integers(0, size, size=n - size)
+    for k, (j, incoming) in enumerate(zip(picks.tolist(), indices[size:].tolist())):
+        out[k] = buf[j]
+        buf[j] = incoming
+    out[n - size :] = buf[rng.permutation(size)]
+    return out
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The transform seed of sample ``index`` (its position in the split) in ``epoch``."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def seed_sample(seed: int, epoch: int, index: int) -> None:
+    """Seeds torch's global CPU generator for one sample's transform.
+
+    This is the sanctioned, explicit seeding point of per-sample augmentation:
+    torchvision ``transforms.v2`` (and kornia) draw from the global generator and accept
+    none of their own. Only the CPU generator is touched (``torch.manual_seed`` would
+    also seed every CUDA device and costs ~200x more).
+    """
+    torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
+
+
+def _epoch_order(
+    info: SplitInfo, cfg: LoaderConfig, epoch: int, rank: int, world_size: int, part: int, parts: int
+) -> tuple[list[Unit], np.ndarray]:
+    mine = assign_rows(
+        info.row_groups,
+        epoch=epoch,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        drop_last=cfg.drop_last,
+        batch_size=cfg.batch_size,
+        rank=rank,
+        world_size=world_size,
+        part=part,
+        parts=parts,
+    )
+    stream = [np.arange(u.start, u.stop) + info.row_groups[u.group].first_index for u in mine]
+    indices = np.concatenate(stream) if stream else np.empty(0, dtype=np.int64)
+    if cfg.shuffle:
+        rng = np.random.default_rng([cfg.seed, epoch, rank, part])
+        indices = shuffle_order(indices, cfg.shuffle_buffer, rng)
+    return mine, indices
+
+
+# ----------------------------------------------------------------------------------------
+# Reading and decoding.
+
+
+@dataclass
+class _Row:
+    label: int
+    data: bytes
+    shape: tuple[int, int, int]
+
+
+class _RowGroupReader:
+    """Reads row groups of a split's files, keeping each file's footer open."""
+
+    def __init__(self, info: SplitInfo) -> None:
+        self.info = info
+        self.column = "pixels" if info.format == "raw" else "image"
+        self._fs: Any = None
+        self._files: dict[str, pq.ParquetFile] = {}
+
+    def read(self, group: RowGroup) -> list[_Row]:
+        def once() -> list[_Row]:
+            if self._fs is None:  # built lazily: in the worker, after the fork
+                self._fs, _ = storage.arrow_filesystem(group.file)
+            pf = self._files.get(group.file)
+            if pf is None:
+                _, path = storage.arrow_filesystem(group.file)
+                pf = self._files[group.file] = pq.ParquetFile(self._fs.open_input_file(path))
+            table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column])
+            payload = table.column(self.column)
+            if self.info.format == "jpeg":
+                payload = payload.combine_chunks().field("bytes")
+            return [
+                _Row(label, data, (h, w, c))
+                for label, data, h, w, c in zip(
+                    table.column("label").to_pylist(),
+                    payload.to_pylist(),
+                    table.column("height").to_pylist(),
+                    table.column("width").to_pylist(),
+                    table.column("channels").to_pylist(),
+                )
+            ]
+
+        return storage.with_retries(once, attempts=3, describe=f"reading row group {group.row_group} of {group.file}")
+
+    def close(self) -> None:
+        for pf in self._files.values():
+            with contextlib.suppress(Exception):
+                pf.close()
+        self._files.clear()
+
+
+def _decode_raw(rows: Sequence[_Row]) -> torch.Tensor | list[torch.Tensor]:
+    """Raw rows as one ``B x C x H x W`` uint8 tensor (channels-last in memory), or a list if sizes differ."""
+    shapes = {r.shape for r in rows}
+    if len(shapes) == 1:
+        (shape,) = shapes
+        batch = np.empty((len(rows), *shape), dtype=np.uint8)
+        for i, r in enumerate(rows):
+            batch[i] = np.frombuffer(r.data, dtype=np.uint8).reshape(shape)
+        return torch.from_numpy(batch).permute(0, 3, 1, 2)
+    return [torch.from_numpy(np.frombuffer(r.data, np.uint8).reshape(r.shape).copy()).permute(2, 0, 1) for r in rows]
+
+
+def _jpeg_tensor(row: _Row) -> torch.Tensor:
+    return torch.frombuffer(bytearray(row.data), dtype=torch.uint8)
+
+
+def _decode_jpeg_cpu(rows: Sequence[_Row]) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return [
+        decode_jpeg(_jpeg_tensor(r), mode=ImageReadMode.GRAY if r.shape[2] == 1 else ImageReadMode.RGB) for r in rows
+    ]
+
+
+def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torch.device | str) -> torch.Tensor:
+    """Decodes a batch of JPEG byte tensors on ``device`` (nvJPEG on CUDA) into ``B x C x H x W`` uint8.
+
+    Raises:
+        ValueError: If the images differ in size (resize makes them equal; mixing
+            sizes means the data is not a resize output).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    device = torch.device(device)
+    if device.type == "cuda":
+        images = decode_jpeg(list(jpegs), mode=mode, device=device)
+    else:
+        images = [decode_jpeg(j, mode=mode) for j in jpegs]
+    if len({tuple(i.shape) for i in images}) != 1:
+        raise ValueError("JPEG batch holds images of different sizes; train expects a resize output")
+    return torch.stack(images)
+
+
+def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    if len({tuple(i.shape) for i in images}) != 1:
+        raise ValueError(
+            "a batch holds images of different sizes and no transform makes them equal; "
+            "pass a transform with a fixed output size (the resize step's outputs are all alike)"
+        )
+    return torch.stack(images)
+
+
+# ----------------------------------------------------------------------------------------
+# The dataset (runs in the workers) and the loader (the training loop's side).
+
+
+class ParquetImageDataset(IterableDataset):
+    """Yields ready batches of one rank's share of a split, each worker its own partition.
+
+    Usually built by :class:`ImageLoader`, which also runs the epoch/resume
+    bookkeeping; iterating it directly (``num_workers=0`` style) reads the rank's whole
+    share for the epoch given at construction.
+
+    Each batch is a dict: ``image`` (``B x C x H x W`` uint8 tensor, or a list of JPEG
+    byte tensors when decoding is left to the device), ``label`` and ``index`` (the
+    rows' positions in the split, int64), and ``part``, the worker partition it came from.
+
+    Args:
+        info: The split.
+        cfg: Batch size, shuffling and seed.
+        transform: Per-sample ``C x H x W`` uint8 -> uint8 transform, run in the worker
+            under :func:`seed_sample`; ``None`` leaves images as stored.
+        decode_device: ``cuda`` leaves JPEG rows undecoded for :func:`decode_jpeg_batch`.
+        rank: This process's rank.
+        world_size: Number of ranks.
+        num_workers: Worker processes of the DataLoader that will iterate this dataset
+            (it sizes the partitions); 0 for the main process.
+        epoch: The epoch to read when no :class:`ImageLoader` drives it.
+    """
+
+    def __init__(
+        self,
+        info: SplitInfo,
+        cfg: LoaderConfig,
+        *,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        decode_device: str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        epoch: int = 0,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.info = info
+        self.cfg = cfg
+        self.transform = transform
+        self.decode_on_device = info.format == "jpeg" and torch.device(decode_device).type == "cuda"
+        self.rank = rank
+        self.world_size = world_size
+        self.parts = max(1, num_workers)
+        # Shared with the workers (inherited at their start, so it also reaches
+        # persistent workers): [epoch, rotation, samples to skip per partition].
+        self.shared = multiprocessing.RawArray("q", 2 + self.parts)
+        self.shared[0] = epoch
+        # Workers started by spawn/forkserver begin with default S3 settings; carry any
+        # set in-process (e.g. by --s3-endpoint) over to them.
+        self.s3_options = storage.configure_s3() if info.data.startswith("s3://") else None
+
+    def partition_batches(self) -> list[int]:
+        """Batches each worker partition of this rank delivers in an epoch (the same every epoch)."""
+        r0, r1 = rank_range(self.info.num_samples, self.rank, self.world_size, drop_remainder=self.cfg.drop_last)
+        return worker_batches(r1 - r0, self.cfg.batch_size, self.parts, drop_last=self.cfg.drop_last)
+
+    def rank_samples(self) -> int:
+        """Rows this rank reads in an epoch (before dropping a last partial batch)."""
+        r0, r1 = rank_range(self.info.num_samples, self.rank, self.world_size, drop_remainder=self.cfg.drop_last)
+        return r1 - r0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        if worker is not None and self.s3_options is not None:
+            storage.configure_s3(**dataclasses.asdict(self.s3_options))
+        epoch, rotation = int(self.shared[0]), int(self.shared[1])
+        part = (worker_id + rotation) % self.parts
+        skip = int(self.shared[2 + part])
+        mine, order = _epoch_order(self.info, self.cfg, epoch, self.rank, self.world_size, part, self.parts)
+        order = order[skip:]
+        reader = _RowGroupReader(self.info)
+        try:
+            yield from self._batches(mine, order, reader, epoch, part, in_worker=worker is not None)
+        finally:
+            reader.close()
+
+    def _batches(
+        self, mine: list[Unit], order: np.ndarray, reader: _RowGroupReader, epoch: int, part: int, in_worker: bool
+    ) -> Iterator[dict[str, Any]]:
+        position = {int(g): i for i, g in enumerate(order.tolist())}
+        starts = np.array([g.first_index for g in self.info.row_groups])
+        ranges_by_group: dict[int, list[tuple[int, int]]] = {}
+        for u in mine:
+            ranges_by_group.setdefault(u.group, []).append((u.start, u.stop))
+        pending: dict[int, _Row] = {}
+        bs = self.cfg.batch_size
+        for first in range(0, len(order), bs):
+            keys = order[first : first + bs].tolist()
+            if len(keys) < bs and self.cfg.drop_last:
+                return
+            rows = []
+            for k in keys:
+                if k not in pending:
+                    g = int(np.searchsorted(starts, k, side="right") - 1)
+                    group = self.info.row_groups[g]
+                    loaded = reader.read(group)
+                    for a, b in ranges_by_group[g]:
+                        for r in range(a, b):
+                            idx = group.first_index + r
+                            if position.get(idx, -1) >= position[k]:
+                                pending[idx] = loaded[r]
+                rows.append(pending.pop(k))
+            yield self._make_batch(rows, keys, epoch, part, in_worker)
+
+    def _make_batch(self, rows: list[_Row], keys: list[int], epoch: int, part: int, in_worker: bool) -> dict[str, Any]:
+        labels = torch.tensor([r.label for r in rows], dtype=torch.int64)
+        index = torch.tensor(keys, dtype=torch.int64)
+        if self.decode_on_device:
+            return {"image": [_jpeg_tensor(r) for r in rows], "label": labels, "index": index, "part": part}
+        images = _decode_raw(rows) if self.info.format == "raw" else _decode_jpeg_cpu(rows)
+        if self.transform is not None:
+            images = self._transform_all(images, keys, epoch, in_worker)
+        elif isinstance(images, list):
+            images = _stack(images)
+        return {"image": images, "label": labels, "index": index, "part": part}
+
+    def _transform_all(
+        self, images: torch.Tensor | list[torch.Tensor], keys: list[int], epoch: int, in_worker: bool
+    ) -> torch.Tensor:
+        assert self.transform is not None
+        # A worker owns its global RNG; in the main process the caller's state is kept.
+        guard = contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[])
+        out = []
+        with guard:
+            for image, key in zip(images, keys):
+                seed_sample(self.cfg.seed, epoch, key)
+                out.append(self.transform(image))
+        return _stack(out)
+
+
+class ImageLoader:
+    """The training loop's view of a split: batches per epoch, resumable mid-epoch.
+
+    Wraps a :class:`ParquetImageDataset` in a ``DataLoader(batch_size=None)``;
+    batching, shuffling and partitioning happen in the dataset. Call :meth:`set_epoch`
+    before each epoch (as with ``DistributedSampler``).
+
+    Args:
+        info: The split.
+        cfg: Loader settings.
+        transform: Per-sample uint8 transform run in the workers, or ``None``.
+        decode_device: ``cuda`` to decode JPEG batches on the GPU (see
+            :func:`decode_jpeg_batch`); ignored for raw data.
+        rank: This process's rank (``torch.distributed.get_rank()`` under DDP).
+        world_size: Number of ranks.
+    """
+
+    def __init__(
+        self,
+        info: SplitInfo,
+        cfg: LoaderConfig,
+        *,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        decode_device: str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.info = info
+        self.cfg = cfg
+        self.num_workers = cfg.resolved_num_workers
+        self.dataset = ParquetImageDataset(
+            info,
+            cfg,
+            transform=transform,
+            decode_device=decode_device,
+            rank=rank,
+            world_size=world_size,
+            num_workers=self.num_workers,
+        )
+        self.epoch = 0
+        self._consumed = [0] * self.dataset.parts
+        self._rotation = 0
+        self._loader: DataLoader | None = None
+
+    @property
+    def parts(self) -> int:
+        """Worker partitions (``max(1, num_workers)``)."""
+        return self.dataset.parts
+
+    @property
+    def decode_on_device(self) -> bool:
+        """Whether batches carry undecoded JPEG bytes for :func:`decode_jpeg_batch`."""
+        return self.dataset.decode_on_device
+
+    def _dataloader(self) -> DataLoader:
+        if self._loader is None:
+            workers = self.num_workers
+            pin = torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=pin,
+                persistent_workers=self.cfg.persistent_workers and workers > 0,
+                prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+                # DataLoader draws its worker base seed from this, not from the global RNG.
+                generator=torch.Generator().manual_seed(self.cfg.seed),
+                multiprocessing_context=self._start_method() if workers > 0 else None,
+            )
+        return self._loader
+
+    def _start_method(self) -> str:
+        if self.cfg.multiprocessing_context is not None:
+            return self.cfg.multiprocessing_context
+        return "forkserver" if self.info.data.startswith("s3://") else "fork"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Starts ``epoch`` from its beginning."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+        self._consumed = [0] * self.parts
+        self._rotation = 0
+
+    def epoch_batches(self) -> int:
+        """Batches of an epoch from its start; with ``drop_last``, the same on every rank."""
+        return sum(self.dataset.partition_batches())
+
+    def epoch_samples(self) -> int:
+        """Rows this rank reads per epoch (with ``drop_last``, before the last partial batch is dropped)."""
+        return self.dataset.rank_samples()
+
+    def _consumed_batches(self) -> int:
+        return sum(-(-c // self.cfg.batch_size) for c in self._consumed)
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        return max(0, self.epoch_batches() - self._consumed_batches())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        remaining = len(self)
+        if remaining == 0:
+            return
+        shared = self.dataset.shared
+        shared[0], shared[1] = self.epoch, self._rotation
+        for p in range(self.parts):
+            shared[2 + p] = self._consumed[p]
+        for batch in self._dataloader():
+            self._consumed[batch["part"]] += len(batch["label"])
+            yield batch
+            remaining -= 1
+            if remaining == 0:
+                break
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small resumable position: epoch, samples delivered per worker partition, and the layout."""
+        return {
+            "epoch": self.epoch,
+            "consumed": list(self._consumed),
+            "seed": self.cfg.seed,
+            "batch_size": self.cfg.batch_size,
+            "parts": self.parts,
+            "world_size": self.dataset.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from a :meth:`state_dict`: the rest of its epoch, in the original order.
+
+        Raises:
+            ValueError: If the state is mid-epoch but was saved with another seed, batch
+                size, worker count or world size (the partitions would differ).
+        """
+        self.set_epoch(int(state["epoch"]))
+        consumed = [int(c) for c in state.get("consumed", [])]
+        if not any(consumed):
+            return
+        layout = {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "parts": self.parts}
+        layout["world_size"] = self.dataset.world_size
+        changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"cannot resume mid-epoch {self.epoch} with a different layout ({detail}); resume with the "
+                "saved num_workers/world size/batch size/seed, or restart the epoch (drop the loader state)"
+            )
+        self._consumed = consumed
+        self._rotation = _next_partition(self.dataset.partition_batches(), consumed, self.cfg.batch_size)
+
+
+def _next_partition(batches: Sequence[int], consumed: Sequence[int], batch_size: int) -> int:
+    """The partition the DataLoader would have served next, given what each has delivered.
+
+    A multi-worker DataLoader hands out batches round-robin over the workers that still
+    have data (in-order mode). Restarted, it begins at worker 0; the dataset rotates its
+    worker-to-partition map by the returned offset so the round-robin continues as before.
+    """
+    taken = [0] * len(batches)
+    goal = [-(-c // batch_size) for c in consumed]
+    produced, w = 0, 0
+    while produced < sum(goal):
+        if taken[w] < batches[w]:
+            taken[w] += 1
+            produced += 1
+        w = (w + 1) % len(batches)
+    if taken != goal:
+        raise ValueError(f"loader state {list(consumed)} does not match this epoch's partitions {list(batches)}")
+    for step in range(len(batches)):
+        p = (w + step) % len(batches)
+        if taken[p] < batches[p]:
+            return p
+    return 0
+
+
+def read_samples(info: SplitInfo, count: int) -> list[torch.Tensor]:
+    """The first ``count`` images of a split in file order, as ``C x H x W`` uint8 (for figures)."""
+    reader = _RowGroupReader(info)
+    rows: list[_Row] = []
+    try:
+        for group in info.row_groups:
+            rows.extend(reader.read(group)[: count - len(rows)])
+            if len(rows) >= count:
+                break
+    finally:
+        reader.close()
+    images = _decode_raw(rows) if info.format == "raw" else _decode_jpeg_cpu(rows)
+    return [img.contiguous() for img in images]

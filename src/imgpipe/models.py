@@ -1,0 +1,190 @@
+"""Classification models by name, and loading their weights from object storage.
+
+Models are torchvision's classification builders, always with ``weights=None``: there
+are no hub downloads. Pretrained or earlier weights come from a URI
+(``s3://bucket/resnet50.pt``, ``file:///...``) through :mod:`imgpipe.storage`, as a
+plain state dict, a ``model.pt`` written by the train step, or a ``checkpoint.pt``.
+
+``tiny_cnn`` is a four-layer network for smoke tests and CI, where a ResNet step on a
+shared CPU costs more than the test can afford.
+
+One-channel (grayscale) data gets a model whose first convolution takes one channel;
+3-channel weights loaded into it have their first-layer filters summed over RGB, which
+gives the same response to a grey image replicated to three channels.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from imgpipe import storage
+
+__all__ = ["TINY_CNN", "available_models", "build_model", "extract_state_dict", "load_weights"]
+
+log = logging.getLogger(__name__)
+
+TINY_CNN = "tiny_cnn"
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+def available_models() -> list[str]:
+    """Names :func:`build_model` accepts: torchvision's classification models and ``tiny_cnn``."""
+    return sorted([*torchvision.models.list_models(module=torchvision.models), TINY_CNN])
+
+
+def _tiny_cnn(num_classes: int, in_channels: int) -> nn.Module:
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(
+        *block(in_channels, 16),
+        nn.MaxPool2d(2),
+        *block(16, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d] | None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name) if parent_name else model, attr, module
+    return None
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    found = _first_conv(model)
+    if found is None:
+        raise ValueError("this model has no Conv2d to adapt to one-channel input; use 3-channel data")
+    parent, attr, conv = found
+    if conv.in_channels == in_channels:
+        return
+    if conv.groups != 1:
+        raise ValueError("this model's first convolution is grouped; use 3-channel data")
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    with torch.no_grad():
+        # Keeps the architecture's own initialization: summed over RGB, the filters see a
+        # grey image as the original filters see it replicated to three channels.
+        new.weight.copy_(conv.weight.sum(1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    setattr(parent, attr, new)
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A freshly initialized classifier.
+
+    Args:
+        name: A torchvision classification model (``resnet18``, ``efficientnet_b0``,
+            ``vit_b_16``, ...) or ``tiny_cnn``.
+        num_classes: Output classes.
+        in_channels: 3, or 1 for grayscale data (the first convolution is adapted).
+
+    Raises:
+        ValueError: For an unknown name, fewer than 1 class, or another channel count.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    if name == TINY_CNN:
+        return _tiny_cnn(num_classes, in_channels)
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _adapt_first_conv(model, in_channels)
+    return model
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The model state dict inside a loaded file: a bare state dict, or ``{"model": ...}``.
+
+    Wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``) are
+    removed.
+
+    Raises:
+        ValueError: If the object holds no tensor mapping.
+    """
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("expected a state dict (name -> tensor), or a file with one under 'model'")
+    out = {}
+    for key, value in obj.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def load_weights(model: nn.Module, uri: str) -> list[str]:
+    """Loads weights from object storage into ``model``.
+
+    Tensors whose shape does not fit are skipped (a classifier head with another class
+    count when fine-tuning); a 3-channel first convolution is summed into a 1-channel
+    one. Everything else must match.
+
+    Args:
+        model: The freshly built model.
+        uri: ``file://``, ``s3://`` or a path; a state dict, ``model.pt`` or ``checkpoint.pt``.
+
+    Returns:
+        Names of the parameters left at their initialization (skipped or absent).
+
+    Raises:
+        FileNotFoundError: If nothing is stored at ``uri``.
+        ValueError: If the file is not a state dict or does not fit the model's architecture.
+    """
+    try:
+        obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no weights at {uri}") from None
+    except Exception as exc:
+        raise ValueError(f"{uri} is not a loadable PyTorch weights file: {exc}") from exc
+    state = extract_state_dict(obj)
+    own = model.state_dict()
+    fitted: dict[str, torch.Tensor] = {}
+    skipped = []
+    for key, value in state.items():
+        target = own.get(key)
+        if target is None:
+            continue
+        if value.shape != target.shape and value.ndim == 4 and value.shape[1] == 3 and target.shape[1] == 1:
+            value = value.sum(1, keepdim=True)
+        if value.shape != target.shape:
+            skipped.append(key)
+            continue
+        fitted[key] = value
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(fitted))
+    if unexpected or len(fitted) < len(own) // 2:
+        raise ValueError(
+            f"weights at {uri} do not fit this model: {len(unexpected)} unknown tensors "
+            f"(e.g. {unexpected[:3]}), {len(missing)} of {len(own)} left unloaded; is it the same architecture?"
+        )
+    model.load_state_dict(fitted, strict=False)
+    if missing:
+        log.warning("weights from %s: %d tensors kept their initialization: %s", uri, len(missing), ", ".join(missing[:8]))
+    return missing

@@ -1,0 +1,1086 @@
+"""The train step: a committed resize output in, a trained classifier and its report out.
+
+``train(data, out, cfg)`` streams the resize output's ``train`` split through
+:class:`imgpipe.loader.ImageLoader`, augments it on the CPU workers or on the device
+(:mod:`imgpipe.augment`), and trains a torchvision model (:mod:`imgpipe.models`) with
+AdamW, a per-step cosine schedule after a linear warmup, soft-target cross-entropy
+(MixUp/CutMix, label smoothing), gradient clipping, and bf16 autocast plus
+channels-last on CUDA. It evaluates on ``val`` after every epoch and on ``test`` at the
+end (optionally with flip test-time augmentation).
+
+Distributed: under ``torchrun --nproc-per-node N`` (or any launcher that sets
+``WORLD_SIZE``/``RANK``/``LOCAL_RANK``/``MASTER_ADDR``) the step joins a process group
+(NCCL on CUDA, gloo on CPU), wraps the model in DDP and gives every rank disjoint
+shards; all ranks take the same number of steps per epoch. Only rank 0 writes.
+
+Outputs in ``out`` (all through :mod:`imgpipe.storage`, each object atomic)::
+
+    checkpoint.pt          every epoch: model, optimizer, scheduler, epoch, loader
+                           position, per-rank RNG states, config, metric history
+    model.pt               {"model": state dict, "config", "labels", "image_size", ...}
+    metrics.json           per epoch: train/val loss, accuracy, macro-F1, per-class
+                           recall, images/s, data-wait fraction; test (and TTA) metrics
+    curves.png, confusion_matrix.png, augmentations.png
+    report.html            the figures and tables in one page (report.html_report)
+    config.yaml            the resolved config
+    manifest.json          step "train": images seen per split, files, metrics
+    _SUCCESS               written last
+
+The output is a model, not a dataset, so :class:`~imgpipe.contract.OutputWriter` does
+not fit (its ``begin`` deletes the prefix, which would take ``checkpoint.pt`` with it on
+``--resume``, and its accounting counts table rows). The step keeps the same protocol by
+hand: ``_SUCCESS`` is removed first, files are written, then the manifest (same keys as
+every step's, ``inputs == outputs`` images, nothing rejected) and ``_SUCCESS`` last, so
+``contract.read_manifest(out, expect_step="train")`` works on it.
+
+Reproducibility: model initialization is seeded from ``seed``; data order from
+``seed + epoch (+ rank, + worker)``; per-sample augmentation from ``seed + epoch +
+sample``; batch-level randomness (GPU augmentation, MixUp/CutMix) from ``seed + epoch +
+rank + step``. With ``deterministic`` on, an interrupted run resumed from its last
+checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from imgpipe import contract, report, storage
+from imgpipe.augment import (
+    AugmentConfig,
+    BatchAugment,
+    MixupCutmix,
+    Policy,
+    build_eval_transform,
+    build_train_transform,
+    channel_stats,
+    normalize,
+    soft_target_cross_entropy,
+    step_generator,
+    step_seed,
+)
+from imgpipe.config import config_to_dict, config_to_yaml
+from imgpipe.contract import FileEntry, StepReport
+from imgpipe.loader import (
+    ImageLoader,
+    LoaderConfig,
+    SplitInfo,
+    decode_jpeg_batch,
+    describe_split,
+    read_labels,
+    read_samples,
+    seed_sample,
+    split_names,
+)
+from imgpipe.models import available_models, build_model, load_weights
+
+__all__ = [
+    "CHECKPOINT",
+    "MODEL",
+    "METRICS",
+    "TrainConfig",
+    "TrainReport",
+    "EvalResult",
+    "DistInfo",
+    "TrainingRun",
+    "init_distributed",
+    "resolve_device",
+    "lr_factor",
+    "build_optimizer",
+    "build_scheduler",
+    "train_one_epoch",
+    "evaluate",
+    "save_checkpoint",
+    "load_checkpoint",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+METRICS = "metrics.json"
+REPORT = "report.html"
+_AUG_SAMPLES, _AUG_VERSIONS = 6, 4
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration.
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the train step.
+
+    Attributes:
+        model: torchvision classification model name (``weights=None``) or ``tiny_cnn``.
+        epochs: Passes over the training split.
+        batch_size: Images per step per rank (the global batch is ``batch_size x ranks``).
+        lr: Peak AdamW learning rate, reached after the warmup.
+        weight_decay: AdamW decoupled weight decay (not applied to norms and biases).
+        warmup_epochs: Linear warmup length, in epochs (fractions allowed).
+        label_smoothing: Target smoothing, 0 to disable.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        aug_policy: ``randaugment``, ``trivialaugment``, ``autoaugment``, ``basic`` (no
+            policy) or ``none`` (no augmentation).
+        aug_device: Where training augmentation runs: ``cpu`` (per sample in the
+            loader workers), ``gpu`` (batched with kornia on the training device, also
+            on CPU tensors) or ``auto`` (``gpu`` when training on CUDA).
+        hflip: Random horizontal flips; off for text, digits and other mirror-sensitive data.
+        mixup: MixUp Beta alpha; 0 disables.
+        cutmix: CutMix Beta alpha; 0 disables.
+        randaugment_n: RandAugment operations per image.
+        randaugment_m: RandAugment magnitude (0-30).
+        color_jitter: ColorJitter strength; 0 disables.
+        grayscale_p: RandomGrayscale probability.
+        blur_p: GaussianBlur probability.
+        rotation: Maximum degrees of the small random affine; 0 disables.
+        random_erasing: RandomErasing probability.
+        crop_scale: RandomResizedCrop area range.
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        channels_last: Channels-last memory format on CUDA.
+        grad_clip: Maximum gradient norm; 0 disables clipping.
+        num_workers: Loader worker processes per rank; ``None`` derives it from the
+            CPUs available to this rank.
+        prefetch_factor: Batches each worker prepares ahead.
+        pin_memory: Page-locked host batches; ``None`` means "when CUDA is available".
+        persistent_workers: Keep training loader workers alive between epochs.
+        shuffle_buffer: Rows each loader worker mixes at once.
+        seed: Base of every random stream of the run.
+        deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.
+        resume: Continue from ``out/checkpoint.pt`` when it exists.
+        weights: Optional URI of initial weights (state dict, model.pt or
+            checkpoint.pt) in object storage; never downloaded from a hub.
+        tta_flip: Also evaluate the test split averaging original and flipped predictions.
+        max_steps_per_epoch: Cap on steps per epoch (smoke tests, quick sweeps).
+        image_size: Training/evaluation side; ``None`` uses the data's size.
+    """
+
+    model: str = "resnet18"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    device: str = "auto"
+    aug_policy: Policy = "randaugment"
+    aug_device: Literal["auto", "cpu", "gpu"] = "auto"
+    hflip: bool = True
+    mixup: float = 0.2
+    cutmix: float = 1.0
+    randaugment_n: int = 2
+    randaugment_m: int = 9
+    color_jitter: float = 0.2
+    grayscale_p: float = 0.02
+    blur_p: float = 0.1
+    rotation: float = 10.0
+    random_erasing: float = 0.25
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    amp: bool = True
+    channels_last: bool = True
+    grad_clip: float = 1.0
+    num_workers: int | None = None
+    prefetch_factor: int = 2
+    pin_memory: bool | None = None
+    persistent_workers: bool = True
+    shuffle_buffer: int = 1024
+    seed: int = 0
+    deterministic: bool = False
+    resume: bool = False
+    weights: str | None = None
+    tta_flip: bool = False
+    max_steps_per_epoch: int | None = None
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model not in available_models():
+            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(available_models())}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("lr, weight_decay and warmup_epochs must be >= 0")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError("mixup and cutmix are Beta alphas: >= 0, 0 disables")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 or unset, got {self.max_steps_per_epoch}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8 or unset (the data's size), got {self.image_size}")
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.weights is not None:
+            storage.normalize_uri(self.weights)  # raises ValueError for unsupported URIs
+        self.augment  # noqa: B018 - building it validates the augmentation fields
+        self.loader(shuffle=True)  # noqa: B018 - validates the loader fields
+
+    @property
+    def augment(self) -> AugmentConfig:
+        """The augmentation recipe these settings describe."""
+        return AugmentConfig(
+            policy=self.aug_policy,
+            hflip=self.hflip,
+            randaugment_n=self.randaugment_n,
+            randaugment_m=self.randaugment_m,
+            color_jitter=self.color_jitter,
+            grayscale_p=self.grayscale_p,
+            blur_p=self.blur_p,
+            rotation=self.rotation,
+            random_erasing=self.random_erasing,
+            crop_scale=tuple(self.crop_scale),  # type: ignore[arg-type]
+        )
+
+    def loader(self, *, shuffle: bool, persistent: bool | None = None) -> LoaderConfig:
+        """Loader settings: training (``shuffle``) or evaluation order."""
+        return LoaderConfig(
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            shuffle_buffer=self.shuffle_buffer,
+            drop_last=shuffle,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers if persistent is None else persistent,
+        )
+
+
+# Fields that change what a checkpoint means; resuming with other values is refused.
+_RESUME_FIXED = ("model", "batch_size", "seed", "image_size")
+
+
+@dataclass
+class TrainReport(StepReport):
+    """What the train step did; the manifest is this report plus config and provenance.
+
+    Attributes:
+        epochs_run: Epochs trained by this invocation (fewer than ``epochs`` on resume).
+        metrics: Final validation (and test) figures, as in ``metrics.json``.
+        model_uri: Where ``model.pt`` was written.
+    """
+
+    epochs_run: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    model_uri: str = ""
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        m = self.metrics
+        parts = [f"train: {self.epochs_run} epoch(s)"]
+        if m.get("val_accuracy") is not None:
+            parts.append(f"val acc {m['val_accuracy']:.3f}, macro-F1 {m['val_macro_f1']:.3f}")
+        if m.get("test_accuracy") is not None:
+            parts.append(f"test acc {m['test_accuracy']:.3f}")
+        return ", ".join(parts) + f" in {self.seconds:.1f}s -> {self.dest}"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Classification metrics of one evaluation, reduced over all ranks.
+
+    Attributes:
+        loss: Mean cross-entropy.
+        accuracy: Top-1 accuracy.
+        macro_f1: F1 averaged over the classes that occur (true or predicted).
+        per_class_recall: Recall per class index (``None`` for classes without samples).
+        confusion: ``confusion[true][predicted]`` counts.
+        images: Images evaluated.
+    """
+
+    loss: float
+    accuracy: float
+    macro_f1: float
+    per_class_recall: list[float | None]
+    confusion: list[list[int]]
+    images: int
+
+    def to_dict(self, labels: list[str]) -> dict[str, Any]:
+        """JSON-safe form with class names."""
+        return {
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "per_class_recall": dict(zip(labels, self.per_class_recall)),
+            "images": self.images,
+        }
+
+
+# ----------------------------------------------------------------------------------------
+# Processes and devices.
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job.
+
+    Attributes:
+        rank: Global rank.
+        world_size: Number of ranks.
+        local_rank: Rank on this machine (picks the GPU).
+        owns_group: Whether this step created the process group (and must destroy it).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the only writer."""
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The training device for ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+
+    Raises:
+        ValueError: If CUDA is asked for and not available.
+    """
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Joins the process group torchrun describes, or reuses one already initialized.
+
+    Uses NCCL when training on CUDA and gloo on CPU. Without ``WORLD_SIZE > 1`` and
+    without an existing group, the run is single-process.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=False)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
+
+
+def _all_reduce(values: list[float], device: torch.device, ctx: DistInfo) -> list[float]:
+    if ctx.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _barrier(ctx: DistInfo) -> None:
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _determinism(enabled: bool) -> Iterator[None]:
+    """Deterministic algorithms for the run, restoring the process's previous settings."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_benchmark = torch.backends.cudnn.benchmark
+    if enabled:
+        # cuBLAS needs a fixed workspace for reproducible results (PyTorch "Reproducibility" notes).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.benchmark = not enabled  # autotuning picks kernels by timing
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.backends.cudnn.benchmark = previous_benchmark
+
+
+# ----------------------------------------------------------------------------------------
+# Optimization.
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak LR at optimizer step ``step``: linear warmup, then cosine to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on weights only (not on norm parameters and biases)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step warmup + cosine schedule (:func:`lr_factor`)."""
+
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup_steps, total_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------
+# The run's pieces.
+
+
+@dataclass
+class TrainingRun:
+    """Everything one training run holds (settings, data, model, optimizer, loaders, history).
+
+    Built inside :func:`train`; :func:`train_one_epoch` and :func:`save_checkpoint`
+    take it so they stay short and testable.
+
+    Attributes:
+        cfg: The resolved config (image size, workers and augmentation device filled in).
+        ctx: This process's rank and world size.
+        gpu_augment: The batched augmentation when it runs on the device, else ``None``
+            (the loader's workers augment).
+        model: What the training step calls (the DDP wrapper under DDP).
+        module: The bare model (evaluation, checkpoints, ``model.pt``).
+        steps_per_epoch: Planned optimizer steps of each epoch (same on every rank).
+        history: One metrics record per finished epoch.
+        start_epoch: First epoch this invocation trains (after a resume, the next one).
+    """
+
+    data: str
+    out: str
+    cfg: TrainConfig
+    ctx: DistInfo
+    device: torch.device
+    labels: list[str]
+    train_info: SplitInfo
+    val_info: SplitInfo | None
+    test_info: SplitInfo | None
+    image_size: int
+    channels: int
+    gpu_augment: BatchAugment | None
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    mixer: MixupCutmix
+    train_loader: ImageLoader
+    val_loader: ImageLoader | None
+    steps_per_epoch: list[int]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+
+    @property
+    def amp(self) -> bool:
+        """bf16 autocast is on (CUDA only)."""
+        return self.cfg.amp and self.device.type == "cuda"
+
+    @property
+    def channels_last(self) -> bool:
+        """Channels-last memory format is on (CUDA only)."""
+        return self.cfg.channels_last and self.device.type == "cuda"
+
+
+def _aug_on_device(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.aug_device == "gpu" or (cfg.aug_device == "auto" and device.type == "cuda")
+
+
+def _optional_split(data: str, split: str) -> SplitInfo | None:
+    if split not in split_names(data):
+        log.warning("train: %s has no %s split; skipping its evaluation", data, split)
+        return None
+    return describe_split(data, split)
+
+
+def _eval_loader(cfg: TrainConfig, info: SplitInfo, size: int, decode: str, ctx: DistInfo, persistent: bool) -> ImageLoader:
+    """Evaluation order; the resize/centre-crop runs in the workers unless the device decodes."""
+    on_device = info.format == "jpeg" and decode == "cuda"
+    identity = (info.height, info.width) == (size, size)
+    return ImageLoader(
+        info,
+        cfg.loader(shuffle=False, persistent=persistent),
+        transform=None if identity or on_device else build_eval_transform(size),
+        decode_device=decode,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+
+
+def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo) -> TrainingRun:
+    device = resolve_device(cfg.device, ctx.local_rank)
+    labels = read_labels(data)
+    train_info = describe_split(data, "train")
+    size = cfg.image_size or train_info.height
+    channels = train_info.channels
+    on_device = _aug_on_device(cfg, device)
+    decode = "cuda" if on_device and device.type == "cuda" else "cpu"
+    transform = None if on_device else build_train_transform(cfg.augment, size, channels)
+    train_loader = ImageLoader(
+        train_info, cfg.loader(shuffle=True), transform=transform, decode_device=decode, rank=ctx.rank, world_size=ctx.world_size
+    )
+    val_info = _optional_split(data, "val")
+    val_loader = _eval_loader(cfg, val_info, size, decode, ctx, cfg.persistent_workers) if val_info else None
+    steps = []
+    for epoch in range(cfg.epochs):
+        train_loader.set_epoch(epoch)
+        steps.append(min(train_loader.epoch_batches(), cfg.max_steps_per_epoch or 1 << 62))
+    train_loader.set_epoch(0)
+    if min(steps) < 1:
+        raise ValueError(
+            f"train split has {train_info.num_samples} images: too few for one batch of {cfg.batch_size} per worker "
+            f"and rank ({train_loader.parts} worker partition(s) x {ctx.world_size} rank(s)); lower batch_size or num_workers"
+        )
+    torch.manual_seed(cfg.seed)  # the explicit seed of model initialization
+    module = build_model(cfg.model, len(labels), channels)
+    if cfg.weights:
+        load_weights(module, cfg.weights)
+    module.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        module.to(memory_format=torch.channels_last)
+    model: nn.Module = module
+    if ctx.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(module, cfg)
+    warmup = round(cfg.warmup_epochs * steps[0])
+    scheduler = build_scheduler(optimizer, warmup, sum(steps))
+    return TrainingRun(
+        data=data,
+        out=out,
+        cfg=cfg,
+        ctx=ctx,
+        device=device,
+        labels=labels,
+        train_info=train_info,
+        val_info=val_info,
+        test_info=_optional_split(data, "test"),
+        image_size=size,
+        channels=channels,
+        gpu_augment=BatchAugment(cfg.augment, size, channels).to(device) if on_device else None,
+        model=model,
+        module=module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        mixer=MixupCutmix(len(labels), cfg.mixup, cfg.cutmix, cfg.label_smoothing),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        steps_per_epoch=steps,
+    )
+
+
+def _to_device(run: TrainingRun, batch: Mapping[str, Any]) -> torch.Tensor:
+    images = batch["image"]
+    if isinstance(images, list):  # JPEG bytes left for the GPU decoder
+        return decode_jpeg_batch(images, run.channels, run.device)
+    return images.to(run.device, non_blocking=True)
+
+
+def _prepare_train_batch(run: TrainingRun, batch: Mapping[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images = _to_device(run, batch)
+    labels = batch["label"].to(run.device, non_blocking=True)
+    if run.gpu_augment is not None:
+        x = run.gpu_augment(images, step_seed(run.cfg.seed, epoch, run.ctx.rank, step))
+    else:
+        x = normalize(images, run.channels)
+    x, targets = run.mixer(x, labels, step_generator(run.cfg.seed, epoch, run.ctx.rank, step))
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, targets
+
+
+def _prepare_eval_batch(run: TrainingRun, loader: ImageLoader, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = _to_device(run, batch)
+    if loader.decode_on_device and images.shape[-2:] != (run.image_size, run.image_size):
+        images = build_eval_transform(run.image_size)(images)
+    return normalize(images, run.channels, run.channels_last), batch["label"].to(run.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Training and evaluation.
+
+
+def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
+    """Trains one epoch; returns train loss, images/s and data-wait fraction (over all ranks).
+
+    The data-wait fraction is the time the loop spent blocked on the loader divided by
+    the epoch's wall time. On CUDA the CPU runs ahead of the GPU, so time the GPU needs
+    shows up as compute, and time the loader is late shows up as waiting.
+    """
+    run.model.train()
+    run.train_loader.set_epoch(epoch)
+    steps = run.steps_per_epoch[epoch]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    seen, waited = 0, 0.0
+    started = tick = time.perf_counter()
+    batches = iter(run.train_loader)
+    progress = tqdm(total=steps, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", disable=not run.ctx.is_main, mininterval=5)
+    try:
+        for step in range(steps):
+            batch = next(batches, None)
+            if batch is None:
+                raise RuntimeError(f"train loader ended after {step} of {steps} planned steps in epoch {epoch}")
+            waited += time.perf_counter() - tick
+            x, targets = _prepare_train_batch(run, batch, epoch, step)
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+                logits = run.model(x)
+            loss = soft_target_cross_entropy(logits, targets)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if run.cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+            run.optimizer.step()
+            run.scheduler.step()
+            loss_sum += loss.detach().double() * len(targets)
+            seen += len(targets)
+            progress.update()
+            tick = time.perf_counter()
+    finally:
+        progress.close()
+        batches.close()  # type: ignore[attr-defined]
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    elapsed = time.perf_counter() - started
+    total_loss, total_seen, wait_fraction = _all_reduce(
+        [loss_sum.item(), float(seen), waited / max(elapsed, 1e-9)], run.device, run.ctx
+    )
+    return {
+        "train_loss": total_loss / max(total_seen, 1),
+        "train_images": int(total_seen),
+        "images_per_s": total_seen / max(elapsed, 1e-9),
+        "data_wait_fraction": wait_fraction / run.ctx.world_size,
+        "lr": run.scheduler.get_last_lr()[0],
+    }
+
+
+def _confusion_metrics(confusion: torch.Tensor) -> tuple[float, float, list[float | None]]:
+    cm = confusion.double()
+    tp = cm.diag()
+    support, predicted = cm.sum(1), cm.sum(0)
+    total = cm.sum().item()
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
+    present = (support + predicted) > 0
+    macro_f1 = f1[present].mean().item() if present.any() else 0.0
+    per_class = [r if s > 0 else None for r, s in zip(recall.tolist(), support.tolist())]
+    return (tp.sum().item() / total if total else 0.0), macro_f1, per_class
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    num_classes: int,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    tta_flip: bool = False,
+    ctx: DistInfo | None = None,
+) -> EvalResult:
+    """Loss, accuracy, macro-F1, per-class recall and the confusion matrix of ``model``.
+
+    Args:
+        model: The classifier (the bare module, not its DDP wrapper).
+        batches: Yields normalized ``(images, labels)`` on ``device``.
+        num_classes: Classes of the confusion matrix.
+        device: Where the model is.
+        amp: bf16 autocast (CUDA).
+        tta_flip: Average softmax probabilities of the images and their mirror images.
+        ctx: Distributed context; counts are summed over ranks.
+    """
+    ctx = ctx or DistInfo()
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.inference_mode():
+        for x, y in batches():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x).float()
+                if tta_flip:
+                    probs = (logits.softmax(-1) + model(x.flip(-1)).float().softmax(-1)) / 2
+                    logits = probs.clamp_min(1e-12).log()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            confusion.index_put_((y, logits.argmax(-1)), torch.ones_like(y), accumulate=True)
+    if ctx.world_size > 1:
+        dist.all_reduce(confusion)
+        dist.all_reduce(loss_sum)
+    images = int(confusion.sum().item())
+    accuracy, macro_f1, recall = _confusion_metrics(confusion)
+    return EvalResult(
+        loss=loss_sum.item() / max(images, 1),
+        accuracy=accuracy,
+        macro_f1=macro_f1,
+        per_class_recall=recall,
+        confusion=confusion.cpu().tolist(),
+        images=images,
+    )
+
+
+def _evaluate_split(run: TrainingRun, loader: ImageLoader, tta_flip: bool = False) -> EvalResult:
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader.set_epoch(0)
+        for batch in loader:
+            yield _prepare_eval_batch(run, loader, batch)
+
+    return evaluate(
+        run.module, batches, len(run.labels), run.device, amp=run.amp, tta_flip=tta_flip, ctx=run.ctx
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def _gather_rng(ctx: DistInfo) -> list[dict[str, Any]]:
+    state = _rng_state()
+    if ctx.world_size == 1:
+        return [state]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def save_checkpoint(run: TrainingRun, epoch: int) -> None:
+    """Writes ``checkpoint.pt`` after ``epoch`` atomically (rank 0; every rank must call it)."""
+    rng = _gather_rng(run.ctx)  # collective: every rank takes part
+    if not run.ctx.is_main:
+        return
+    run.train_loader.set_epoch(epoch + 1)
+    state = {
+        "format": 1,
+        "epoch": epoch,
+        "model": run.module.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "loader": run.train_loader.state_dict(),
+        "rng": rng,
+        "config": config_to_dict(run.cfg),
+        "history": run.history,
+        "labels": run.labels,
+    }
+    with storage.open_write(storage.join(run.out, CHECKPOINT)) as fh:
+        torch.save(state, fh)
+
+
+def load_checkpoint(uri: str) -> dict[str, Any]:
+    """Reads a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
+def _resume(run: TrainingRun) -> None:
+    uri = storage.join(run.out, CHECKPOINT)
+    if not storage.exists(uri):
+        log.info("train: --resume but no checkpoint at %s; starting from epoch 1", uri)
+        return
+    state = load_checkpoint(uri)
+    saved = state["config"]
+    current = config_to_dict(run.cfg)
+    fixed = {k: (saved.get(k), current[k]) for k in _RESUME_FIXED if saved.get(k) != current[k]}
+    if fixed:
+        raise ValueError(
+            f"cannot resume from {uri}: it was trained with "
+            + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in fixed.items())
+            + "; use the same values or write to a new output"
+        )
+    changed = sorted(k for k in current if k not in ("resume",) and saved.get(k) != current[k])
+    if changed:
+        log.warning("train: resuming with changed settings: %s", ", ".join(changed))
+    run.module.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.train_loader.load_state_dict(state["loader"])
+    rng = state["rng"]
+    _set_rng_state(rng[run.ctx.rank] if len(rng) == run.ctx.world_size else rng[0])
+    run.history = list(state["history"])
+    run.start_epoch = int(state["epoch"]) + 1
+    log.info("train: resumed from %s after epoch %d", uri, run.start_epoch)
+
+
+# ----------------------------------------------------------------------------------------
+# Outputs.
+
+
+def _to_display(images: torch.Tensor, channels: int) -> list[np.ndarray]:
+    """Normalized or uint8 ``B x C x H x W`` to ``H x W x C`` uint8 arrays."""
+    if images.dtype != torch.uint8:
+        mean, std = channel_stats(channels)
+        x = images.float().cpu() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+        images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return [img.permute(1, 2, 0).contiguous().cpu().numpy() for img in images]
+
+
+def _augmentation_grid(run: TrainingRun) -> bytes:
+    """Samples of the training split, as evaluated and as the training recipe augments them."""
+    samples = read_samples(run.train_info, _AUG_SAMPLES)
+    eval_tf = build_eval_transform(run.image_size)
+    originals = _to_display(torch.stack([eval_tf(s) for s in samples]), run.channels)
+    versions: list[list[np.ndarray]] = [[] for _ in samples]
+    for v in range(_AUG_VERSIONS):
+        if run.gpu_augment is not None:
+            batch = torch.stack(samples).to(run.device)
+            augmented = _to_display(run.gpu_augment(batch, step_seed(run.cfg.seed, v, 0, 0)), run.channels)
+        else:
+            tf = build_train_transform(run.cfg.augment, run.image_size, run.channels)
+            with torch.random.fork_rng(devices=[]):
+                outs = []
+                for i, s in enumerate(samples):
+                    seed_sample(run.cfg.seed, v, i)
+                    outs.append(tf(s))
+            augmented = _to_display(torch.stack(outs), run.channels)
+        for i, img in enumerate(augmented):
+            versions[i].append(img)
+    return report.augmentations_png(originals, versions)
+
+
+def _resolved_config(cfg: TrainConfig, run: TrainingRun) -> TrainConfig:
+    return dataclasses.replace(
+        cfg,
+        image_size=run.image_size,
+        num_workers=run.train_loader.num_workers,
+        pin_memory=torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory,
+        aug_device="gpu" if run.gpu_augment is not None else "cpu",
+    )
+
+
+def _write(run: TrainingRun, name: str, data: bytes, files: list[FileEntry]) -> None:
+    storage.write_bytes(storage.join(run.out, name), data)
+    files.append(FileEntry(name=name, rows=0, bytes=len(data)))
+
+
+def _write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResult | None) -> list[FileEntry]:
+    files: list[FileEntry] = []
+    model_state = {k: v.detach().cpu() for k, v in run.module.state_dict().items()}
+    mean, std = channel_stats(run.channels)
+    payload = {
+        "model": model_state,
+        "model_name": run.cfg.model,
+        "labels": run.labels,
+        "image_size": run.image_size,
+        "channels": run.channels,
+        "mean": list(mean),
+        "std": list(std),
+        "config": config_to_dict(run.cfg),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    _write(run, MODEL, buf.getvalue(), files)
+    _write(run, METRICS, json.dumps(metrics, indent=2).encode(), files)
+    figures = {"curves.png": report.curves_png(metrics["epochs"])}
+    if last_val is not None:
+        figures["confusion_matrix.png"] = report.confusion_matrix_png(last_val.confusion, run.labels)
+    figures["augmentations.png"] = _augmentation_grid(run)
+    for name, png in figures.items():
+        _write(run, name, png, files)
+    _write(run, REPORT, report.html_report(metrics, figures).encode(), files)
+    _write(run, contract.CONFIG, config_to_yaml(run.cfg).encode(), files)
+    return sorted(files, key=lambda f: f.name)
+
+
+def _commit(run: TrainingRun, train_report: TrainReport, upstream: Mapping[str, Any]) -> None:
+    """Manifest, then ``_SUCCESS``: the same protocol (and keys) as every step's output."""
+    manifest = {
+        "schema_version": contract.SCHEMA_VERSION,
+        **train_report.to_dict(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config_to_dict(run.cfg),
+        "upstream": dict(upstream),
+    }
+    storage.write_bytes(storage.join(run.out, contract.MANIFEST), json.dumps(manifest, indent=2).encode())
+    storage.write_bytes(storage.join(run.out, contract.SUCCESS), b"")
+
+
+def _start_output(out: str, cfg: TrainConfig, ctx: DistInfo) -> None:
+    """Invalidates a previous output: ``_SUCCESS`` first; everything else unless resuming."""
+    if ctx.is_main:
+        storage.delete(storage.join(out, contract.SUCCESS))
+        if not cfg.resume:
+            storage.delete_prefix(out)
+    _barrier(ctx)
+
+
+def _check_locations(data: str, out: str) -> None:
+    a, b = data.rstrip("/") + "/", out.rstrip("/") + "/"
+    if a.startswith(b) or b.startswith(a):
+        raise ValueError(f"train: out ({out}) must not be, contain or lie inside data ({data}); it is replaced")
+
+
+# ----------------------------------------------------------------------------------------
+# The step.
+
+
+def _epoch_record(epoch: int, stats: Mapping[str, float], val: EvalResult | None, labels: list[str], seconds: float) -> dict[str, Any]:
+    record: dict[str, Any] = {"epoch": epoch, **stats, "seconds": round(seconds, 3)}
+    if val is not None:
+        v = val.to_dict(labels)
+        record.update(
+            val_loss=v["loss"],
+            val_accuracy=v["accuracy"],
+            val_macro_f1=v["macro_f1"],
+            val_per_class_recall=v["per_class_recall"],
+            val_images=v["images"],
+        )
+    return record
+
+
+def _fit(run: TrainingRun) -> tuple[int, EvalResult | None]:
+    """Trains from ``run.start_epoch`` to the end; returns epochs run and the last validation."""
+    last_val: EvalResult | None = None
+    for epoch in range(run.start_epoch, run.cfg.epochs):
+        started = time.perf_counter()
+        stats = train_one_epoch(run, epoch)
+        last_val = _evaluate_split(run, run.val_loader) if run.val_loader is not None else None
+        run.history.append(_epoch_record(epoch, stats, last_val, run.labels, time.perf_counter() - started))
+        save_checkpoint(run, epoch)
+        if run.ctx.is_main:
+            log.info("train: %s", {k: v for k, v in run.history[-1].items() if not isinstance(v, dict)})
+    if last_val is None and run.val_loader is not None:  # resumed after the last epoch
+        last_val = _evaluate_split(run, run.val_loader)
+    return run.cfg.epochs - run.start_epoch, last_val
+
+
+def _test_metrics(run: TrainingRun) -> dict[str, Any]:
+    if run.test_info is None:
+        return {}
+    decode = "cuda" if run.train_loader.decode_on_device else "cpu"
+    loader = _eval_loader(run.cfg, run.test_info, run.image_size, decode, run.ctx, persistent=False)
+    out = {"test": _evaluate_split(run, loader).to_dict(run.labels)}
+    if run.cfg.tta_flip:
+        out["test_tta"] = _evaluate_split(run, loader, tta_flip=True).to_dict(run.labels)
+    return out
+
+
+def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
+    """Trains a classifier on a committed resize output and commits it to ``out``.
+
+    Args:
+        data: Prefix of a committed resize output (``file://``, ``s3://`` or a path).
+        out: Output prefix; replaced unless ``cfg.resume`` continues a run there.
+        cfg: Step settings; defaults when omitted.
+
+    Returns:
+        The report (also the body of ``manifest.json``); the same on every rank.
+
+    Raises:
+        UncommittedOutputError: If ``data`` is not committed.
+        ValueError: If ``data`` is not a resize output or has no ``train`` split, the
+            settings do not fit it, or a resume checkpoint is incompatible.
+    """
+    cfg = cfg or TrainConfig()
+    data, out = storage.normalize_uri(data), storage.normalize_uri(out)
+    _check_locations(data, out)
+    upstream_manifest = contract.read_manifest(data, expect_step="resize")
+    started = time.monotonic()
+    ctx = init_distributed(cfg.device)
+    try:
+        with _determinism(cfg.deterministic):
+            run = _build_run(data, out, cfg, ctx)
+            run.cfg = _resolved_config(cfg, run)
+            _start_output(out, cfg, ctx)
+            if cfg.resume:
+                _resume(run)
+            epochs_run, last_val = _fit(run)
+            tests = _test_metrics(run)
+            return _finish(run, epochs_run, last_val, tests, upstream_manifest, time.monotonic() - started)
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+def _finish(
+    run: TrainingRun,
+    epochs_run: int,
+    last_val: EvalResult | None,
+    tests: Mapping[str, Any],
+    upstream_manifest: Mapping[str, Any],
+    seconds: float,
+) -> TrainReport:
+    last = run.history[-1]
+    seen = {"train": int(last.get("train_images", 0))}
+    if last_val is not None:
+        seen["val"] = last_val.images
+    if "test" in tests:
+        seen["test"] = int(tests["test"]["images"])
+    metrics = {"epochs": run.history, **tests, "labels": run.labels, "images_seen": seen}
+    final = {
+        "val_accuracy": last_val.accuracy if last_val else None,
+        "val_macro_f1": last_val.macro_f1 if last_val else None,
+        "val_loss": last_val.loss if last_val else None,
+        "test_accuracy": tests["test"]["accuracy"] if "test" in tests else None,
+        "test_tta_accuracy": tests["test_tta"]["accuracy"] if "test_tta" in tests else None,
+        "train_loss": last.get("train_loss"),
+    }
+    files = _write_outputs(run, metrics, last_val) if run.ctx.is_main else []
+    total = sum(seen.values())
+    train_report = TrainReport(
+        step="train",
+        dest=run.out,
+        inputs=total,
+        outputs=total,
+        rejected=0,
+        files=files,
+        seconds=round(seconds, 3),
+        extra={
+            "images_seen": seen,
+            "epochs": run.cfg.epochs,
+            "model": run.cfg.model,
+            "num_classes": len(run.labels),
+            "image_size": run.image_size,
+            "channels": run.channels,
+            "world_size": run.ctx.world_size,
+            "device": str(run.device),
+            "resumed_from_epoch": run.start_epoch if run.start_epoch else None,
+        },
+        epochs_run=epochs_run,
+        metrics=final,
+        model_uri=storage.join(run.out, MODEL),
+    )
+    if run.ctx.is_main:
+        upstream = {"source": run.data, "step": "resize", "outputs": upstream_manifest.get("outputs")}
+        _commit(run, train_report, upstream)
+    _barrier(run.ctx)
+    return train_report
+

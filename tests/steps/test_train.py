@@ -1,0 +1,382 @@
+"""The train step on tiny resize-shaped data: outputs, learning, resume, weights, DDP.
+
+Runs use ``tiny_cnn`` (or resnet18 once) on 32 px images and a few steps so the module
+stays within a couple of minutes on two shared cores. The DDP test starts two gloo
+processes with torchrun; run the module inside ``scripts/in-loopback-netns``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from imgpipe import contract, storage
+from imgpipe.config import config_from_dict
+from imgpipe.models import build_model, extract_state_dict, load_weights
+from imgpipe.report import html_report
+from imgpipe.steps import train as train_mod
+from imgpipe.steps.train import (
+    TrainConfig,
+    evaluate,
+    lr_factor,
+    train,
+)
+from tests.test_loader import write_resize_output
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COUNTS = {"train": 32, "val": 8, "test": 8}
+
+
+def tiny(**overrides) -> TrainConfig:
+    """A fast, fully specified config: tiny_cnn, batches of 8, no worker processes."""
+    values = {
+        "model": "tiny_cnn",
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "warmup_epochs": 0.5,
+        "num_workers": 0,
+        "shuffle_buffer": 16,
+        "device": "cpu",
+        **overrides,
+    }
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("train-data")
+    return write_resize_output("file://" + str(root / "resize"), counts=COUNTS, size=32, row_group_rows=4)
+
+
+@pytest.fixture(scope="module")
+def finished(data: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, object]:
+    """One complete run with the default recipe (RandAugment, MixUp/CutMix) and flip TTA."""
+    out = "file://" + str(tmp_path_factory.mktemp("train-out") / "model")
+    report = train(data, out, tiny(tta_flip=True, label_smoothing=0.1))
+    return out, report
+
+
+def read_json(uri: str) -> dict:
+    return json.loads(storage.read_bytes(uri))
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def test_outputs_exist_and_commit_last(finished):
+    out, report = finished
+    manifest = contract.read_manifest(out, expect_step="train")
+    names = {f["name"] for f in manifest["files"]}
+    assert names == {
+        "model.pt", "metrics.json", "curves.png", "confusion_matrix.png", "augmentations.png", "report.html", "config.yaml",
+    }
+    for f in manifest["files"]:
+        assert storage.exists(storage.join(out, f["name"])) and f["bytes"] > 0
+    assert storage.exists(storage.join(out, "checkpoint.pt"))
+    assert manifest["extra"]["images_seen"] == {"train": 32, "val": 8, "test": 8}
+    assert manifest["inputs"] == manifest["outputs"] == 48 and manifest["rejected"] == 0
+    assert manifest["upstream"]["step"] == "resize"
+    assert report.epochs_run == 2 and report.summary().startswith("train: 2 epoch(s)")
+
+
+def test_metrics_json_has_per_epoch_and_test_fields(finished):
+    out, _ = finished
+    metrics = read_json(storage.join(out, "metrics.json"))
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
+    for epoch in metrics["epochs"]:
+        for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "images_per_s", "data_wait_fraction", "lr"):
+            assert isinstance(epoch[key], float) and np.isfinite(epoch[key]), key
+        assert 0 <= epoch["val_accuracy"] <= 1 and 0 <= epoch["data_wait_fraction"] <= 1
+        assert set(epoch["val_per_class_recall"]) == {f"class_{k}" for k in range(4)}
+        assert epoch["train_images"] == 32
+    assert metrics["test"]["images"] == metrics["test_tta"]["images"] == 8
+    assert metrics["labels"] == [f"class_{k}" for k in range(4)]
+    assert metrics["epochs"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ends at zero
+
+
+def test_figures_are_valid_pngs_and_the_html_report_embeds_them(finished):
+    out, _ = finished
+    for name in ("curves.png", "confusion_matrix.png", "augmentations.png"):
+        png = storage.read_bytes(storage.join(out, name))
+        assert png.startswith(PNG_MAGIC)
+        width, height = Image.open(io.BytesIO(png)).size
+        assert width > 100 and height > 100
+    page = storage.read_bytes(storage.join(out, "report.html")).decode()
+    assert page.count("data:image/png;base64,") == 3 and "val_macro_f1" in page
+    metrics = read_json(storage.join(out, "metrics.json"))
+    assert html_report(metrics, {"a <b>": PNG_MAGIC}).count("<img") == 1  # names are escaped
+    assert "a &lt;b&gt;" in html_report(metrics, {"a <b>": PNG_MAGIC})
+
+
+def test_model_file_and_resolved_config_round_trip(finished):
+    out, _ = finished
+    saved = torch.load(io.BytesIO(storage.read_bytes(storage.join(out, "model.pt"))), weights_only=True)
+    assert saved["labels"] == [f"class_{k}" for k in range(4)] and saved["image_size"] == 32
+    model = build_model(saved["model_name"], len(saved["labels"]), saved["channels"])
+    model.load_state_dict(saved["model"])
+    resolved = yaml.safe_load(storage.read_bytes(storage.join(out, "config.yaml")))
+    cfg = config_from_dict(TrainConfig, resolved)
+    assert (cfg.image_size, cfg.num_workers, cfg.aug_device, cfg.pin_memory) == (32, 0, "cpu", False)
+    assert cfg.tta_flip and cfg.label_smoothing == 0.1
+
+
+# ------------------------------------------------------------------ learning and resume
+
+
+def test_loss_falls_on_a_tiny_run(data, tmp_path):
+    report = train(data, "file://" + str(tmp_path / "out"), tiny(epochs=6, aug_policy="none", mixup=0.0, cutmix=0.0))
+    losses = [e["train_loss"] for e in read_json(str(tmp_path / "out" / "metrics.json"))["epochs"]]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert report.metrics["val_accuracy"] > 0.5  # 4 classes: chance is 0.25
+
+
+def test_resume_after_an_interruption_gives_the_same_weights(data, tmp_path, monkeypatch):
+    cfg = tiny(epochs=3, deterministic=True, max_steps_per_epoch=3)
+    train(data, "file://" + str(tmp_path / "straight"), cfg)
+
+    real = train_mod.train_one_epoch
+
+    def preempted(run, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("node preempted")
+        return real(run, epoch)
+
+    interrupted = "file://" + str(tmp_path / "interrupted")
+    monkeypatch.setattr(train_mod, "train_one_epoch", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, interrupted, cfg)
+    assert not contract.is_committed(interrupted)
+    assert torch.load(str(tmp_path / "interrupted" / "checkpoint.pt"), weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    report = train(data, interrupted, dataclasses.replace(cfg, resume=True))
+    assert report.epochs_run == 2 and report.extra["resumed_from_epoch"] == 1
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        return extract_state_dict(torch.load(str(tmp_path / name / "model.pt"), weights_only=True))
+
+    straight, resumed = weights("straight"), weights("interrupted")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    history = read_json(str(tmp_path / "interrupted" / "metrics.json"))["epochs"]
+    assert [e["epoch"] for e in history] == [0, 1, 2]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(data, tmp_path):
+    out = "file://" + str(tmp_path / "out")
+    train(data, out, tiny(epochs=1, max_steps_per_epoch=1))
+    with pytest.raises(ValueError, match="model='tiny_cnn'"):
+        train(data, out, tiny(model="resnet18", epochs=2, max_steps_per_epoch=1, resume=True))
+
+
+# ------------------------------------------------------------------ weights from object storage
+
+
+def test_load_weights_from_s3_fits_heads_and_channels(s3_bucket):
+    torch.manual_seed(0)
+    source = build_model("tiny_cnn", 10, 3)
+    buf = io.BytesIO()
+    torch.save({"model": {"module." + k: v for k, v in source.state_dict().items()}}, buf)  # a DDP checkpoint
+    uri = s3_bucket + "/weights/tiny.pt"
+    storage.write_bytes(uri, buf.getvalue())
+
+    same = build_model("tiny_cnn", 10, 3)
+    assert load_weights(same, uri) == []
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), source.state_dict().values()))
+
+    other_head = build_model("tiny_cnn", 4, 1)  # fine-tuning: 4 classes, grey input
+    missing = load_weights(other_head, uri)
+    assert missing == ["13.bias", "13.weight"]  # the classifier head
+    assert torch.equal(other_head[0].weight, source[0].weight.sum(1, keepdim=True))
+
+    with pytest.raises(ValueError, match="do not fit"):
+        load_weights(build_model("resnet18", 10, 3), uri)
+    with pytest.raises(FileNotFoundError):
+        load_weights(same, s3_bucket + "/weights/absent.pt")
+
+
+def test_training_starts_from_weights_in_object_storage(data, s3_bucket, tmp_path):
+    torch.manual_seed(123)
+    start = build_model("tiny_cnn", 4, 3)
+    buf = io.BytesIO()
+    torch.save(start.state_dict(), buf)
+    uri = s3_bucket + "/init/start.pt"
+    storage.write_bytes(uri, buf.getvalue())
+    out = s3_bucket + "/runs/from-weights"  # data local, outputs on S3
+    train(data, out, tiny(epochs=1, lr=0.0, max_steps_per_epoch=1, weights=uri))
+    trained = extract_state_dict(torch.load(io.BytesIO(storage.read_bytes(out + "/model.pt")), weights_only=True))
+    # lr=0: convolution weights are the loaded ones (BatchNorm running stats move regardless).
+    assert torch.equal(trained["0.weight"], start[0].weight) and torch.equal(trained["13.weight"], start[13].weight)
+    assert contract.read_manifest(out, expect_step="train")["config"]["weights"] == uri
+
+
+# ------------------------------------------------------------------ other paths
+
+
+def test_batched_augmentation_path_with_jpeg_data_and_workers(tmp_path):
+    data = write_resize_output("file://" + str(tmp_path / "jpeg"), counts={"train": 16, "val": 4}, size=32, fmt="jpeg")
+    out = "file://" + str(tmp_path / "out")
+    report = train(data, out, tiny(epochs=1, aug_device="gpu", num_workers=2, aug_policy="trivialaugment"))
+    assert report.extra["images_seen"] == {"train": 16, "val": 4}  # no test split: skipped
+    resolved = yaml.safe_load(storage.read_bytes(out + "/config.yaml"))
+    assert resolved["aug_device"] == "gpu" and resolved["num_workers"] == 2
+
+
+def test_grayscale_data_trains_resnet18_with_an_adapted_first_conv(tmp_path):
+    data = write_resize_output("file://" + str(tmp_path / "gray"), counts={"train": 8, "val": 4}, size=32, channels=1)
+    out = "file://" + str(tmp_path / "out")
+    report = train(data, out, tiny(model="resnet18", epochs=1, batch_size=4, max_steps_per_epoch=1, hflip=False))
+    saved = torch.load(io.BytesIO(storage.read_bytes(out + "/model.pt")), weights_only=True)
+    assert saved["channels"] == 1 and saved["model"]["conv1.weight"].shape[1] == 1
+    assert report.extra["channels"] == 1
+
+
+def test_evaluate_computes_accuracy_macro_f1_recall_and_flip_tta():
+    class Fixed(torch.nn.Module):
+        """Predicts class 0 for a left-bright image, class 1 otherwise."""
+
+        def forward(self, x):
+            left = x[..., : x.shape[-1] // 2].mean((1, 2, 3))
+            right = x[..., x.shape[-1] // 2 :].mean((1, 2, 3))
+            return torch.stack([left - right, right - left], 1) * 10
+
+    x = torch.zeros(4, 1, 2, 2)
+    x[:2, ..., 0] = 1  # two left-bright images
+    x[2:, ..., 1] = 1  # two right-bright images
+    y = torch.tensor([0, 0, 0, 1])  # one of class 0 looks like class 1
+    result = evaluate(Fixed(), lambda: iter([(x, y)]), 2, torch.device("cpu"))
+    assert result.accuracy == 0.75 and result.confusion == [[2, 1], [0, 1]]
+    assert result.per_class_recall == [pytest.approx(2 / 3), 1.0]
+    assert result.macro_f1 == pytest.approx((0.8 + 2 / 3) / 2)  # F1(class 0)=0.8, F1(class 1)=2/3
+    tta = evaluate(Fixed(), lambda: iter([(x, y)]), 2, torch.device("cpu"), tta_flip=True)
+    assert tta.images == 4 and tta.loss == pytest.approx(np.log(2), rel=1e-4)  # a flip cancels every logit
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    factors = [lr_factor(s, 4, 20) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert lr_factor(20, 4, 20) == pytest.approx(0.0)
+    assert lr_factor(12, 4, 20) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"model": "resnet9000"}, "unknown model"),
+        ({"epochs": 0}, "epochs"),
+        ({"aug_policy": "autoaug"}, "is not one of"),
+        ({"aug_device": "tpu"}, "is not one of"),
+        ({"device": "mps"}, "device"),
+        ({"mixup": -0.1}, "mixup"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"randaugment_m": 40}, "randaugment_m"),
+        ({"crop_scale": "0.9,0.1"}, "crop_scale"),
+        ({"weights": "gs://bucket/w.pt"}, "unsupported storage URI"),
+        ({"max_steps_per_epoch": 0}, "max_steps_per_epoch"),
+        ({"num_workers": -2}, "num_workers"),
+        ({"learning_rate": 0.1}, "unknown TrainConfig option"),
+    ],
+)
+def test_config_rejects_bad_values_at_the_boundary(values, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        config_from_dict(TrainConfig, values)
+
+
+def test_config_defaults_and_yaml_style_overrides():
+    cfg = TrainConfig()
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.device, cfg.aug_policy, cfg.aug_device) == (
+        "resnet18", 10, 128, "auto", "randaugment", "auto",
+    )
+    assert (cfg.mixup, cfg.cutmix, cfg.hflip, cfg.resume, cfg.weights, cfg.image_size) == (0.2, 1.0, True, False, None, None)
+    cfg = config_from_dict(TrainConfig, {"crop_scale": "0.35,1", "hflip": "false", "num_workers": "3"})
+    assert cfg.crop_scale == (0.35, 1.0) and cfg.hflip is False and cfg.num_workers == 3
+    assert cfg.augment.crop_scale == (0.35, 1.0) and cfg.loader(shuffle=True).num_workers == 3
+
+
+def test_train_rejects_bad_inputs(data, tmp_path):
+    with pytest.raises(ValueError, match="must not be"):
+        train(data, data + "/model", tiny())
+    with pytest.raises(contract.UncommittedOutputError):
+        train("file://" + str(tmp_path / "missing"), "file://" + str(tmp_path / "out"), tiny())
+    with pytest.raises(ValueError, match="too few for one batch"):
+        train(data, "file://" + str(tmp_path / "out"), tiny(batch_size=64))
+
+
+# ------------------------------------------------------------------ distributed and GPU
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_with_torchrun_gloo(data, tmp_path):
+    out = "file://" + str(tmp_path / "ddp")
+    script = tmp_path / "ddp_train.py"
+    # Each rank records a digest of its own parameters at every checkpoint (a collective that
+    # every rank enters), then the train and image counts the run reports.
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import hashlib, json, os
+            from imgpipe.steps import train as train_mod
+
+            rank = int(os.environ["RANK"])
+            digests = []
+            real_save = train_mod.save_checkpoint
+
+            def save_and_record(run, epoch):
+                # Parameters only: BatchNorm running stats are per rank until DDP's next broadcast.
+                weights = b"".join(p.detach().numpy().tobytes() for p in run.module.parameters())
+                digests.append(hashlib.sha256(weights).hexdigest())
+                real_save(run, epoch)
+
+            train_mod.save_checkpoint = save_and_record
+            cfg = train_mod.TrainConfig(model="tiny_cnn", epochs=2, batch_size=4, num_workers=0, device="cpu",
+                                        shuffle_buffer=8, deterministic=True)
+            report = train_mod.train({data!r}, {out!r}, cfg)
+            with open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w") as fh:
+                json.dump({{"digests": digests, "world": report.extra["world_size"],
+                           "seen": report.extra["images_seen"]}}, fh)
+            """
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()), str(script),
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["digests"] == ranks[1]["digests"]  # DDP keeps the replicas identical
+    assert len(set(ranks[0]["digests"])) == 2  # and they change from epoch to epoch
+    assert ranks[0]["world"] == 2
+    # 32 training images in all: each rank streamed its own 16 (4 steps of 4), none twice.
+    assert ranks[0]["seen"] == ranks[1]["seen"] == {"train": 32, "val": 8, "test": 8}
+    assert contract.read_manifest(out, expect_step="train")["extra"]["world_size"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU decode, kornia, bf16, channels_last)")
+def test_cuda_run_uses_the_gpu_path(tmp_path):
+    data = write_resize_output("file://" + str(tmp_path / "jpeg"), counts={"train": 32, "val": 8}, size=64, fmt="jpeg")
+    out = "file://" + str(tmp_path / "out")
+    report = train(data, out, TrainConfig(model="resnet18", epochs=2, batch_size=8, num_workers=2, device="auto"))
+    resolved = yaml.safe_load(storage.read_bytes(out + "/config.yaml"))
+    assert report.extra["device"].startswith("cuda") and resolved["aug_device"] == "gpu"
+    assert np.isfinite(report.metrics["train_loss"])
