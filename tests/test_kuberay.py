@@ -200,7 +200,7 @@ def test_builder_refuses_the_image_placeholder_and_bad_counts():
 def test_concurrency_zero_is_sized_for_the_worker_groups_maximum():
     template = kuberay.load_template(K8S / "rayjob-resize.yaml")
     sized = kuberay._sized_for_autoscaling(ResizeConfig(), template, None, "cpu")
-    assert sized.concurrency == 8 * 4 - 1  # maxReplicas x the CPU limit, minus one
+    assert sized.concurrency == 8 * 4  # maxReplicas x the CPU limit: one task per CPU
     assert kuberay._sized_for_autoscaling(ResizeConfig(), template, 2, "cpu").concurrency == 7
     assert kuberay._sized_for_autoscaling(ResizeConfig(concurrency=5), template, None, "cpu").concurrency == 5
 
@@ -285,7 +285,7 @@ def test_create_wait_succeed_then_a_retry_returns_without_creating(run_args, val
     validate(validators, {k: v for k, v in created.items() if k not in ("status", "_steps")})
     assert created["spec"]["entrypoint"] == run_args["entrypoint"]
     assert "jobDeploymentStatus=Initializing" in printed and "jobStatus=SUCCEEDED" in printed
-    assert report.step == "resize" and contract.read_manifest(run_args["dest"])["config"]["concurrency"] == 31
+    assert report.step == "resize" and contract.read_manifest(run_args["dest"])["config"]["concurrency"] == 32
 
     again, _ = run(api, run_args)
     assert api.created == [run_args["base"]] and again == report

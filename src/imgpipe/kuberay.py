@@ -217,7 +217,7 @@ def _sized_for_autoscaling(cfg: Any, template: Mapping[str, Any], params_max: in
 
     An autoscaling cluster starts with no workers, so "the CPUs at start" would be
     zero and the step would run one task at a time; the group's maximum is what it
-    can grow to. Minus one, as locally: the tasks that feed the pool need a CPU too.
+    can grow to: one task per CPU it will have, as locally.
     """
     if getattr(cfg, "concurrency", None) != 0:
         return cfg
@@ -228,7 +228,7 @@ def _sized_for_autoscaling(cfg: Any, template: Mapping[str, Any], params_max: in
     cpus = _worker_cpus(template, group)
     if not high or not cpus:
         return cfg
-    return dataclasses.replace(cfg, concurrency=max(1, math.floor(high * cpus) - 1))
+    return dataclasses.replace(cfg, concurrency=max(1, math.floor(high * cpus)))
 
 
 # ----------------------------------------------------------------------------------------

@@ -288,3 +288,13 @@ def test_head_boxes_from_annotations(tmp_path):
     info = contract.read_manifest(dest)["extra"]["annotations"]
     assert info["boxes_read"] == 2 and info["rows_with_bbox"] == 1
     assert list(info["unusable_xml"]) == ["annotations/xmls/Siamese_1.xml"]
+
+
+def test_row_groups_shrink_for_large_images(tmp_path):
+    src = write_download_output(str(tmp_path / "dl"), good_members(6))
+    dest = str(tmp_path / "clean")
+    clean(src, dest, CleanConfig(workers=1, row_group_rows=16, row_group_bytes=10_000))
+    (uri,) = contract.data_files(dest)
+    meta = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri))).metadata
+    # ~2-3 kB images and a 10 kB target: the floor of 8 rows wins over 16.
+    assert meta.row_group(0).num_rows == 8

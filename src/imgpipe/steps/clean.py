@@ -75,6 +75,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("bbox", pa.list_(pa.float32())),
     ]
 )
+
+
 @dataclass(frozen=True)
 class CleanConfig:
     """Settings of the clean step.
@@ -93,7 +95,9 @@ class CleanConfig:
         jpeg_quality: Quality for JPEGs that normalization had to re-encode.
         workers: Decode processes; 0 means one per CPU core.
         rows_per_shard: Rows per output Parquet shard.
-        row_group_rows: Rows per Parquet row group (the unit readers parallelize on).
+        row_group_rows: Most rows per Parquet row group (the unit resize parallelizes on).
+        row_group_bytes: Target bytes per row group: groups of large photos get fewer rows
+            (down to 8), so a set of 12-megapixel images still spreads over all workers.
         annotations: Prefix of a committed download output of the Oxford-IIIT Pet
             ``annotations.tar.gz``; the head boxes in ``annotations/xmls/*.xml`` become
             the ``bbox`` column (resize's ``roi_crop`` uses it). Boxes annotated on an
@@ -111,17 +115,24 @@ class CleanConfig:
     workers: int = 0
     rows_per_shard: int = 2048
     row_group_rows: int = 128
+    row_group_bytes: int = 64 << 20
     annotations: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.split) != 3 or any(f < 0 for f in self.split):
-            raise ValueError(f"split must be three non-negative fractions (train,val,test), got {self.split}")
+            raise ValueError(
+                f"split must be three non-negative fractions (train,val,test), got {self.split}"
+            )
         if not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
-            raise ValueError(f"split fractions must sum to 1, got {self.split} (sum {sum(self.split)})")
+            raise ValueError(
+                f"split fractions must sum to 1, got {self.split} (sum {sum(self.split)})"
+            )
         if self.split[0] <= 0:
             raise ValueError("split: the train fraction must be > 0")
         if self.label_source not in ("auto", "oxford", "folder", "csv"):
-            raise ValueError(f"label_source must be auto, oxford, folder or csv, got {self.label_source!r}")
+            raise ValueError(
+                f"label_source must be auto, oxford, folder or csv, got {self.label_source!r}"
+            )
         if self.label_source == "csv" and not self.labels_csv:
             raise ValueError("label_source='csv' needs labels_csv, the URI of a path,label CSV")
         if self.max_pixels < 1 or self.min_side < 1:
@@ -130,8 +141,8 @@ class CleanConfig:
             raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
         if self.workers < 0:
             raise ValueError("workers must be >= 0 (0 = all cores)")
-        if self.rows_per_shard < 1 or self.row_group_rows < 1:
-            raise ValueError("rows_per_shard and row_group_rows must be >= 1")
+        if self.rows_per_shard < 1 or self.row_group_rows < 1 or self.row_group_bytes < 1:
+            raise ValueError("rows_per_shard, row_group_rows and row_group_bytes must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -284,14 +295,20 @@ def validate_task(
                     results.append(RowResult(member, exc.reason, exc.detail[:500]))
                     continue
                 except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one image, not the run
-                    results.append(RowResult(member, "corrupt", f"{type(exc).__name__}: {exc}"[:500]))
+                    results.append(
+                        RowResult(member, "corrupt", f"{type(exc).__name__}: {exc}"[:500])
+                    )
                     continue
                 place = placements.get(member)
                 if place is None:
                     results.append(RowResult(member))  # decodes, but the plan rejects it
                     continue
                 bbox = _box_for(member, img.width, img.height, boxes)
-                results.append(RowResult(member, shard=buckets.add(member, img, place, bbox), boxed=bbox is not None))
+                results.append(
+                    RowResult(
+                        member, shard=buckets.add(member, img, place, bbox), boxed=bbox is not None
+                    )
+                )
             buckets.flush()
     finally:
         buckets.close()
@@ -438,7 +455,9 @@ def _validate_all(
         task_boxes = {image_stem(p): boxes[image_stem(p)] for p in places if image_stem(p) in boxes}
         return task, places, task_boxes, cfg, str(bucket_dir)
 
-    with tqdm(total=sum(t.rows for t in tasks), desc="clean: decode", unit="img", dynamic_ncols=True) as bar:
+    with tqdm(
+        total=sum(t.rows for t in tasks), desc="clean: decode", unit="img", dynamic_ncols=True
+    ) as bar:
         if workers == 1 or len(tasks) <= 1:
             for task in tasks:
                 results[task.index] = validate_task(*task_args(task))
@@ -463,8 +482,22 @@ def _validate_all(
     return [r for group in results for r in group]
 
 
+def _row_group_size(table: pa.Table, cfg: CleanConfig) -> int:
+    """Rows per row group: ``row_group_rows``, fewer when images are large (at least 8)."""
+    if table.num_rows == 0:
+        return cfg.row_group_rows
+    mean_bytes = max(
+        1, table.column("image").combine_chunks().field("bytes").nbytes // table.num_rows
+    )
+    return max(1, min(cfg.row_group_rows, max(8, cfg.row_group_bytes // mean_bytes)))
+
+
 def _write_shards(
-    bucket_dir: Path, kept_per_shard: dict[int, int], label_map: np.ndarray, out: OutputWriter, cfg: CleanConfig
+    bucket_dir: Path,
+    kept_per_shard: dict[int, int],
+    label_map: np.ndarray,
+    out: OutputWriter,
+    cfg: CleanConfig,
 ) -> None:
     """Sorts each shard's buckets by order and writes the final shards, in parallel.
 
@@ -478,14 +511,24 @@ def _write_shards(
 
     def write_one(part: int, shard: int) -> None:
         pieces = sorted((bucket_dir / f"shard-{shard:05d}").glob("task-*.parquet"))
-        table = pa.concat_tables([pq.read_table(p, schema=OUTPUT_SCHEMA) for p in pieces]).sort_by("order")
+        table = pa.concat_tables([pq.read_table(p, schema=OUTPUT_SCHEMA) for p in pieces]).sort_by(
+            "order"
+        )
         n = table.num_rows
         table = table.set_column(
-            table.schema.get_field_index("order"), "order", pa.array(np.arange(offsets[shard], offsets[shard] + n))
+            table.schema.get_field_index("order"),
+            "order",
+            pa.array(np.arange(offsets[shard], offsets[shard] + n)),
         )
         labels = label_map[table.column("label").to_numpy()]
-        table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
-        out.write_table(f"part-{part:05d}.parquet", table.cast(OUTPUT_SCHEMA), row_group_size=cfg.row_group_rows)
+        table = table.set_column(
+            table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32())
+        )
+        out.write_table(
+            f"part-{part:05d}.parquet",
+            table.cast(OUTPUT_SCHEMA),
+            row_group_size=_row_group_size(table, cfg),
+        )
 
     shards = sorted(s for s, n in kept_per_shard.items() if n)
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(shards)))) as pool:
@@ -525,14 +568,21 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         unit_paths = {(uri, rg): paths for uri, rg, paths in units}
         results = _validate_all(tasks, unit_paths, plan, boxes, cfg, bucket_dir)
         rejects = [Reject(r.path, r.reason, r.detail) for r in results if r.reason]
-        rejects += [plan.deferred[r.path] for r in results if not r.reason and r.path in plan.deferred]
+        rejects += [
+            plan.deferred[r.path] for r in results if not r.reason and r.path in plan.deferred
+        ]
         kept = [plan.placements[r.path] for r in results if r.shard is not None]
         kept_per_shard = Counter(r.shard for r in results if r.shard is not None)
         # A class whose every image failed to decode is dropped from the label space.
         classes = [c for i, c in enumerate(plan.classes) if any(p.label == i for p in kept)]
-        label_map = np.array([classes.index(c) if c in classes else -1 for c in plan.classes] or [0], dtype=np.int32)
+        label_map = np.array(
+            [classes.index(c) if c in classes else -1 for c in plan.classes] or [0], dtype=np.int32
+        )
         _write_shards(bucket_dir, kept_per_shard, label_map, out, cfg)
-    storage.write_bytes(out.uri(LABELS_FILE), json.dumps({str(i): n for i, n in enumerate(classes)}, indent=2).encode())
+    storage.write_bytes(
+        out.uri(LABELS_FILE),
+        json.dumps({str(i): n for i, n in enumerate(classes)}, indent=2).encode(),
+    )
     split_counts = Counter(p.split for p in kept)
     class_counts = Counter(p.label_name for p in kept)
     return out.commit(
@@ -553,5 +603,9 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
             if cfg.annotations
             else None,
         },
-        upstream={"source": source, "step": manifest.get("step"), "outputs": manifest.get("outputs")},
+        upstream={
+            "source": source,
+            "step": manifest.get("step"),
+            "outputs": manifest.get("outputs"),
+        },
     )

@@ -130,9 +130,10 @@ class ResizeConfig:
             re-attaches instead of running twice. See :mod:`imgpipe.ray_jobs` and
             :mod:`imgpipe.kuberay`.
         batch_size: Images per ``map_batches`` call.
-        concurrency: Resize tasks running at once; 0 means the cluster's CPUs minus
-            one, at least one (a pool as large as the CPU count leaves no CPU for the
-            read tasks that feed it, and the pipeline stalls).
+        concurrency: Resize tasks running at once; 0 means one per cluster CPU. Each
+            task asks for ``TASK_CPUS`` (0.9) of a CPU, so a pool as large as the CPU
+            count still leaves headroom for Ray Data's own tasks and cannot deadlock
+            them (there are no separate read tasks: each task reads its row group).
         rows_per_shard: Rows per output Parquet file (per split).
         row_group_rows: Rows per Parquet row group (the unit the loader reads).
         progress_bars: Ray Data's progress bars (off: pod logs are not terminals).
@@ -164,7 +165,7 @@ class ResizeConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.concurrency < 0:
-            raise ValueError(f"concurrency must be >= 0 (0 = CPUs - 1), got {self.concurrency}")
+            raise ValueError(f"concurrency must be >= 0 (0 = one per CPU), got {self.concurrency}")
         if self.rows_per_shard < 1 or self.row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be >= 1")
         if self.no_progress_timeout_s <= 0 and self.no_progress_timeout_s != -1:
@@ -280,11 +281,15 @@ def _data_context(cfg: ResizeConfig) -> Iterator[Any]:
         ctx.execution_options.preserve_order = saved_order
 
 
+# Fractional, so that one task per CPU still leaves a sliver for any other task Ray Data
+# schedules; on 2 cores, CPUs - 1 ran a single resize task and left a core idle.
+TASK_CPUS = 0.9
+
+
 def _task_concurrency(ray: Any, cfg: ResizeConfig) -> int:
     if cfg.concurrency:
         return cfg.concurrency
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, cpus - 1)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def list_row_groups(files: Sequence[str]) -> tuple[Any, list[dict[str, Any]]]:
@@ -363,7 +368,7 @@ def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[A
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=_task_concurrency(ray, cfg)),
-        num_cpus=1,
+        num_cpus=TASK_CPUS,
     )
     return ds, sum(item["rows"] for item in items)
 
@@ -471,7 +476,11 @@ class _SplitWriter:
     def _drain(self, stream: _SplitStream, final: bool) -> None:
         if not stream.pending:
             return
-        table = pa.concat_tables(stream.pending).sort_by("order")
+        table = pa.concat_tables(stream.pending)
+        order = table.column("order").to_numpy()
+        if len(order) > 1 and (order[1:] < order[:-1]).any():
+            # Rows normally arrive ascending (preserve_order); sorting copies every pixel.
+            table = table.sort_by("order")
         stream.pending, stream.pending_rows = [], 0
         while table.num_rows >= self.row_group_rows or (final and table.num_rows):
             first = table.column("order")[0].as_py()
