@@ -201,7 +201,7 @@ def test_concurrency_zero_is_sized_for_the_worker_groups_maximum():
     template = kuberay.load_template(K8S / "rayjob-resize.yaml")
     sized = kuberay._sized_for_autoscaling(ResizeConfig(), template, None, "cpu")
     assert sized.concurrency == 8 * 4  # maxReplicas x the CPU limit: one task per CPU
-    assert kuberay._sized_for_autoscaling(ResizeConfig(), template, 2, "cpu").concurrency == 7
+    assert kuberay._sized_for_autoscaling(ResizeConfig(), template, 2, "cpu").concurrency == 8
     assert kuberay._sized_for_autoscaling(ResizeConfig(concurrency=5), template, None, "cpu").concurrency == 5
 
 
