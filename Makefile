@@ -5,14 +5,21 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NETNS := scripts/in-loopback-netns
 PYTEST_ARGS ?=
+# Which images `make images` builds; names and tags come from components/images.py
+# (override with IMGPIPE_REGISTRY, IMGPIPE_IMAGE_TAG or IMGPIPE_{CPU,RAY,GPU}_IMAGE).
+IMAGE_KINDS ?= cpu ray gpu
+PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench images clean-data help
+.PHONY: install run test lint bench images images-push compile clean-data help
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
 	@echo "make test   install into $(VENV), then run the test suite"
 	@echo "make lint   ruff (and hadolint on docker/ when present)"
 	@echo "make bench  run the benchmarks in bench/ (results: docs/benchmarks.md)"
+	@echo "make images build and tag the step images (docker; IMAGE_KINDS=\"$(IMAGE_KINDS)\")"
+	@echo "make images-push  build, then push them"
+	@echo "make compile    compile the Kubeflow pipeline to $(PACKAGE)"
 
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -30,7 +37,18 @@ test: install
 	$(NETNS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench components pipelines
+	$(BIN)/hadolint docker/*.Dockerfile
+
+# Needs a Docker engine (BuildKit); the build context is the repository root (.dockerignore).
+images: install
+	$(BIN)/python -m components.images build $(IMAGE_KINDS)
+
+images-push: install
+	$(BIN)/python -m components.images build --push $(IMAGE_KINDS)
+
+compile: install
+	$(BIN)/imgpipe compile $(PACKAGE)
 
 bench: install
 	$(NETNS) $(BIN)/python bench/clean.py

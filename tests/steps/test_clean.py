@@ -298,3 +298,28 @@ def test_row_groups_shrink_for_large_images(tmp_path):
     meta = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri))).metadata
     # ~2-3 kB images and a 10 kB target: the floor of 8 rows wins over 16.
     assert meta.row_group(0).num_rows == 8
+
+
+def test_incremental_clean_carries_known_images(tmp_path):
+    first = good_members(6)
+    src1 = write_download_output(str(tmp_path / "dl1"), first)
+    prev = str(tmp_path / "clean1")
+    clean(src1, prev, CleanConfig(workers=1))
+    prev_rows = {r["path"]: r for r in read_output(prev).to_pylist()}
+
+    second = {**first, **{f"images/Siamese_{i}.jpg": f.jpeg(90, 70, seed=500 + i) for i in range(50, 56)}}
+    second["images/Bengal_999.jpg"] = f.truncated_jpeg(9)
+    src2 = write_download_output(str(tmp_path / "dl2"), second)
+    dest = str(tmp_path / "clean2")
+    report = clean(src2, dest, CleanConfig(workers=1, skip_hashes_from=prev))
+
+    assert report.inputs == len(second) == report.outputs + report.rejected
+    assert report.extra["carried"] == len(first)
+    rows = {r["path"]: r for r in read_output(dest).to_pylist()}
+    assert set(rows) == set(second) - {"images/Bengal_999.jpg"}
+    for path, old in prev_rows.items():
+        assert rows[path]["split"] == old["split"], "a known image never changes split"
+        assert rows[path]["image"]["bytes"] == old["image"]["bytes"]
+    assert sorted(r["order"] for r in rows.values()) == list(range(len(rows)))
+    with pytest.raises(ValueError, match="grayscale"):
+        clean(src2, str(tmp_path / "clean3"), CleanConfig(workers=1, grayscale=True, skip_hashes_from=prev))

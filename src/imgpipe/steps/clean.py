@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,12 @@ class CleanConfig:
             ``annotations.tar.gz``; the head boxes in ``annotations/xmls/*.xml`` become
             the ``bbox`` column (resize's ``roi_crop`` uses it). Boxes annotated on an
             image of another size than the cleaned one are left out.
+        skip_hashes_from: Prefix of a previous committed clean output (incremental
+            re-runs). Images whose sha256 it holds are not decoded again: their rows
+            are copied from it (bytes, size, mode, head box) and keep their split, so no
+            image moves between train and test across runs. Everything else is cleaned
+            as usual; labels and the shuffled order are computed over the union. The
+            previous output must have been cleaned with the same image settings.
     """
 
     grayscale: bool = False
@@ -117,6 +124,7 @@ class CleanConfig:
     row_group_rows: int = 128
     row_group_bytes: int = 64 << 20
     annotations: str | None = None
+    skip_hashes_from: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.split) != 3 or any(f < 0 for f in self.split):
@@ -154,6 +162,7 @@ class Placement:
     label_name: str
     split: str
     sha256: str
+    carried: bool = False
 
 
 @dataclass(frozen=True)
@@ -283,6 +292,8 @@ def validate_task(
                 table = pq.ParquetFile(fh).read_row_group(row_group, columns=["path", "bytes"])
             blobs = table.column("bytes")
             for i, member in enumerate(table.column("path").to_pylist()):
+                if member in placements and placements[member].carried:
+                    continue  # copied from the previous output by _carry_rows
                 try:
                     img = validate_and_normalize(
                         blobs[i].as_py() or b"",
@@ -403,7 +414,9 @@ def _build_labeler(cfg: CleanConfig, paths: Sequence[str]) -> Labeler:
     return Labeler(cfg.label_source)
 
 
-def _plan(sha_by_path: dict[str, str], labeler: Labeler, cfg: CleanConfig) -> _Plan:
+def _plan(
+    sha_by_path: dict[str, str], labeler: Labeler, cfg: CleanConfig, known: dict[str, str] | None = None
+) -> _Plan:
     """Labels, finds exact duplicates, splits and orders the rows, from metadata alone.
 
     Identical bytes decode identically, so duplicates can be settled before decoding:
@@ -429,11 +442,14 @@ def _plan(sha_by_path: dict[str, str], labeler: Labeler, cfg: CleanConfig) -> _P
     classes = encode_labels(name for _, name, _ in candidates)
     index = {name: i for i, name in enumerate(classes)}
     label_ids = [index[name] for _, name, _ in candidates]
-    splits = stratified_split(label_ids, cfg.split, cfg.seed)
+    known = known or {}
+    fresh = [i for i, (_, _, sha) in enumerate(candidates) if sha not in known]
+    fresh_splits = iter(stratified_split([label_ids[i] for i in fresh], cfg.split, cfg.seed))
+    splits = [known[sha] if sha in known else next(fresh_splits) for _, _, sha in candidates]
     order = shuffled_order(len(candidates), cfg.seed)
     plan = _Plan(classes=classes, deferred=deferred)
     for (path, name, sha), lab, split, o in zip(candidates, label_ids, splits, order):
-        plan.placements[path] = Placement(int(o), lab, name, split, sha)
+        plan.placements[path] = Placement(int(o), lab, name, split, sha, carried=sha in known)
     return plan
 
 
@@ -536,6 +552,52 @@ def _write_shards(
             fut.result()
 
 
+# Settings that change a cleaned row: a previous output made with others cannot be reused.
+_ROW_SETTINGS = ("grayscale", "max_pixels", "min_side", "jpeg_quality")
+
+
+def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], dict[str, str]]:
+    """Data files and sha256 -> split of a previous clean output (metadata columns only)."""
+    manifest = contract.read_manifest(prefix, expect_step="clean")
+    changed = [k for k in _ROW_SETTINGS if manifest["config"].get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(
+            f"skip_hashes_from={prefix} was cleaned with other {', '.join(changed)}; run a full clean instead"
+        )
+    files = contract.data_files(prefix, manifest)
+    known: dict[str, str] = {}
+    for uri in files:
+        fs, path = storage.arrow_filesystem(uri)
+        with fs.open_input_file(path) as fh:
+            table = pq.read_table(fh, columns=["sha256", "split"])
+        known.update(zip(table.column("sha256").to_pylist(), table.column("split").to_pylist()))
+    return files, known
+
+
+def _carry_rows(files: Sequence[str], plan: _Plan, bucket_dir: Path, task: int, cfg: CleanConfig) -> list[RowResult]:
+    """Copies the carried rows from the previous output into the shard buckets, placed anew."""
+    by_sha = {p.sha256: (path, p) for path, p in plan.placements.items() if p.carried}
+    buckets = _ShardBuckets(str(bucket_dir), task, cfg.rows_per_shard)
+    results: list[RowResult] = []
+    try:
+        for uri in files:
+            fs, path = storage.arrow_filesystem(uri)
+            with fs.open_input_file(path) as fh:
+                table = pq.read_table(fh, columns=["image", "width", "height", "mode", "format", "sha256", "bbox"])
+            for row in table.to_pylist():
+                if row["sha256"] not in by_sha:
+                    continue
+                member, place = by_sha.pop(row["sha256"])
+                img = SimpleNamespace(data=row["image"]["bytes"], **{k: row[k] for k in ("width", "height", "mode", "format")})
+                shard = buckets.add(member, img, place, row["bbox"])
+                results.append(RowResult(member, shard=shard, boxed=row["bbox"] is not None))
+            buckets.flush()
+    finally:
+        buckets.close()
+    assert not by_sha, f"{len(by_sha)} carried rows missing from the previous output"
+    return results
+
+
 def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     """Runs the clean step from a committed download output to a committed clean output.
 
@@ -553,12 +615,13 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     """
     cfg = cfg or CleanConfig()
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
-    inputs = [source] + [u for u in (cfg.labels_csv, cfg.annotations) if u]
+    inputs = [source] + [u for u in (cfg.labels_csv, cfg.annotations, cfg.skip_hashes_from) if u]
     contract.check_disjoint(dest, inputs, "clean")
     manifest = contract.read_manifest(source, expect_step="download")
     units, sha_by_path = _read_index(contract.data_files(source, manifest))
     labeler = _build_labeler(cfg, list(sha_by_path))
-    plan = _plan(sha_by_path, labeler, cfg)
+    known_files, known = _read_known(cfg.skip_hashes_from, cfg) if cfg.skip_hashes_from else ([], {})
+    plan = _plan(sha_by_path, labeler, cfg, known)
     boxes, bad_boxes = read_head_boxes(cfg.annotations) if cfg.annotations else ({}, {})
     tasks = _make_tasks(units, cfg.workers or os.cpu_count() or 1)
     out = OutputWriter(dest, "clean")
@@ -567,6 +630,8 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         bucket_dir = Path(tmp)
         unit_paths = {(uri, rg): paths for uri, rg, paths in units}
         results = _validate_all(tasks, unit_paths, plan, boxes, cfg, bucket_dir)
+        if known:
+            results += _carry_rows(known_files, plan, bucket_dir, len(tasks), cfg)
         rejects = [Reject(r.path, r.reason, r.detail) for r in results if r.reason]
         rejects += [
             plan.deferred[r.path] for r in results if not r.reason and r.path in plan.deferred
@@ -595,6 +660,8 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
             "num_classes": len(classes),
             "splits": {name: split_counts.get(name, 0) for name in SPLITS},
             "per_class": dict(sorted(class_counts.items())),
+            "carried": sum(p.carried for p in kept),
+            "carried_from": cfg.skip_hashes_from,
             "annotations": {
                 "boxes_read": len(boxes),
                 "rows_with_bbox": sum(r.boxed for r in results),

@@ -326,6 +326,7 @@ class EvalResult:
             "macro_f1": self.macro_f1,
             "per_class_recall": dict(zip(labels, self.per_class_recall)),
             "images": self.images,
+            "confusion": self.confusion,
         }
 
 
@@ -1045,6 +1046,8 @@ def _finish(
     if "test" in tests:
         seen["test"] = int(tests["test"]["images"])
     metrics = {"epochs": run.history, **tests, "labels": run.labels, "images_seen": seen}
+    if last_val is not None:
+        metrics["val_confusion"] = last_val.confusion
     final = {
         "val_accuracy": last_val.accuracy if last_val else None,
         "val_macro_f1": last_val.macro_f1 if last_val else None,
