@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from imgpipe import contract, storage
+from imgpipe import contract, kfp_artifacts, storage
 from imgpipe.cli import build_parser, main
 
 
@@ -74,6 +74,8 @@ def test_run_reconciles_end_to_end(tmp_path, capsys):
             "run",
             "--data-root",
             str(tmp_path / "d"),
+            "--workdir",
+            str(tmp_path / "w"),
             "--classes",
             "3",
             "--per-class",
@@ -86,15 +88,10 @@ def test_run_reconciles_end_to_end(tmp_path, capsys):
     assert rc == 0, out
     assert "reconciled" in out and "NOT RECONCILED" not in out
     assert "model.pt:" in out and "report.html:" in out
-    assert (
-        contract.read_manifest(
-            str(tmp_path / "d" / "runs" / "local" / "train"), expect_step="train"
-        )["outputs"]
-        > 0
-    )
-    clean_manifest = contract.read_manifest(
-        str(tmp_path / "d" / "runs" / "local" / "clean"), expect_step="clean"
-    )
+    # `run` executes the Kubeflow pipeline: outputs are under runs/<kfp run id>/, recorded in latest.json.
+    prefixes = kfp_artifacts.read_latest(str(tmp_path / "d"))["prefixes"]
+    assert contract.read_manifest(prefixes["train"], expect_step="train")["outputs"] > 0
+    clean_manifest = contract.read_manifest(prefixes["clean"], expect_step="clean")
     assert clean_manifest["outputs"] >= 3 * 6 - 3
 
 
@@ -107,6 +104,8 @@ def test_resize_command(tmp_path, capsys):
                 "run",
                 "--data-root",
                 str(root),
+                "--workdir",
+                str(tmp_path / "w"),
                 "--classes",
                 "2",
                 "--per-class",
@@ -117,7 +116,7 @@ def test_resize_command(tmp_path, capsys):
         )
         == 0
     )
-    clean_out = str(root / "runs" / "local" / "clean")
+    clean_out = kfp_artifacts.read_latest(str(root))["prefixes"]["clean"]
     rc = main(
         [
             "resize",

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +34,34 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override one config field (repeatable), e.g. --set max_pixels=50000000",
     )
     p.add_argument("--json", action="store_true", help="print the step report as JSON")
+
+
+def _compile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--caching", action=argparse.BooleanOptionalAction, default=False,
+        help="kfp caching of every task, fixed in the package (default off: scheduled retraining)",
+    )
+    p.add_argument(
+        "--gpu", action=argparse.BooleanOptionalAction, default=None,
+        help="schedule train on a GPU node (default: $IMGPIPE_TRAIN_GPU, else on)",
+    )
+
+
+def _kfp_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="KFP API endpoint (default $KF_PIPELINES_ENDPOINT)")
+    p.add_argument("--experiment", help="experiment name (default $IMGPIPE_EXPERIMENT, else imgpipe)")
+    p.add_argument("--namespace", help="Kubeflow profile namespace (default $IMGPIPE_KFP_NAMESPACE)")
+    p.add_argument("--service-account", help="service account of the run's pods (default $IMGPIPE_SERVICE_ACCOUNT)")
+    p.add_argument(
+        "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+        help="pipeline parameter (repeatable), e.g. --param data_root=s3://bucket/imgpipe",
+    )
+    p.add_argument(
+        "--params-from-env", action="store_true",
+        help="also read IMGPIPE_PARAM_<NAME> variables as parameters (--param wins)",
+    )
+    p.add_argument("--package", help="a compiled package (default: compile now)")
+    _compile_options(p)
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -112,13 +139,37 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
     _common(p)
 
-    p = sub.add_parser("run", help="run the pipeline end to end locally on the embedded sample dataset")
-    p.add_argument("--data-root", default="./.data", help="where every step writes (default ./.data)")
+    p = sub.add_parser(
+        "run",
+        help="run the Kubeflow pipeline locally (kfp.local, a local S3 server, local Ray) on the sample dataset",
+    )
+    p.add_argument("--config", help="YAML with sections pipeline (parameters), synth, download, clean, resize, train")
+    p.add_argument("--data-root", help="where the steps write (default: a moto S3 server on 127.0.0.1 for this run)")
+    p.add_argument("--workdir", default="./.data", help="kfp local outputs and copies of the results (default ./.data)")
     p.add_argument("--source", help="archive to process (default: generate the sample dataset)")
     p.add_argument("--annotations", help="Oxford-style annotations archive (default: the sample dataset's)")
-    p.add_argument("--classes", type=int, default=12, help="sample dataset breeds")
-    p.add_argument("--per-class", type=int, default=60, help="sample dataset images per breed")
-    p.add_argument("--config", help="YAML with one section per step (e.g. configs/local.yaml)")
+    p.add_argument("--classes", type=int, help="sample dataset breeds (default 12)")
+    p.add_argument("--per-class", type=int, help="sample dataset images per breed (default 60)")
+    p.add_argument(
+        "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+        help="pipeline parameter over the local defaults (repeatable), e.g. --param epochs=1",
+    )
+
+    p = sub.add_parser("compile", help="compile the Kubeflow pipeline to a YAML package")
+    p.add_argument("out", help="package path, e.g. out/imgpipe.yaml")
+    _compile_options(p)
+
+    p = sub.add_parser("submit", help="upload the pipeline version (idempotently) and start a run on Kubeflow Pipelines")
+    _kfp_options(p)
+    p.add_argument("--run-name", help="run display name; a run of that name in the experiment is re-attached to")
+    p.add_argument("--wait", action="store_true", help="wait for the run to end; fail unless it succeeds")
+    p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait with --wait (default 21600)")
+
+    p = sub.add_parser("schedule", help="create a KFP recurring run of the pipeline (cron: 6 fields, seconds first)")
+    p.add_argument("--cron", required=True, help='e.g. "0 0 3 * * *" = 03:00:00 every day')
+    p.add_argument("--name", default="imgpipe-retrain", help="schedule name (one per experiment)")
+    p.add_argument("--replace", action="store_true", help="replace a schedule of that name with another version or cron")
+    _kfp_options(p)
     return parser
 
 
@@ -201,59 +252,73 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Runs every step locally, prints per-step counts and checks that they reconcile."""
-    from imgpipe.steps.clean import CleanConfig, clean
-    from imgpipe.steps.download import DownloadConfig, download
-    from imgpipe.steps.resize import ResizeConfig, resize
-    from imgpipe.synth import SynthConfig, generate
+    """Runs the pipeline through kfp.local; prints per-step counts and where the results are."""
+    from imgpipe.local_run import load_local_config, run_local
 
-    root = storage.normalize_uri(args.data_root)
-    started = time.monotonic()
-    source, annotations = args.source, args.annotations
-    if source is None:
-        synth_dir = storage.join(root, "synth")
-        cfg = load_config(SynthConfig, args.config, {"classes": args.classes, "per_class": args.per_class}, "synth")
-        print(generate(synth_dir, cfg).summary())
-        source = storage.join(synth_dir, "images.tar.gz")
-        annotations = annotations or storage.join(synth_dir, "annotations.tar.gz")
-    run_root = storage.join(root, "runs", "local")
-
-    def step_config(cls: type, section: str, **defaults: Any) -> Any:
-        cfg = load_config(cls, args.config, None, section)
-        return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-
-    download_cfg = step_config(DownloadConfig, "download")
-    dl = download([source], storage.join(run_root, "download"), download_cfg)
-    print(dl.summary())
-    ann = None
-    if annotations:
-        ann = download([annotations], storage.join(run_root, "annotations"), download_cfg)
-        print(ann.summary())
-    cl = clean(
-        dl.dest,
-        storage.join(run_root, "clean"),
-        step_config(CleanConfig, "clean", annotations=ann.dest if ann else None),
+    cfg = load_local_config(
+        args.config,
+        data_root=args.data_root,
+        workdir=args.workdir,
+        source=args.source,
+        annotations=args.annotations,
+        classes=args.classes,
+        per_class=args.per_class,
     )
-    print(cl.summary())
-    rs = resize(cl.dest, storage.join(run_root, "resize"), step_config(ResizeConfig, "resize"))
-    print(rs.summary())
-    from imgpipe.steps.train import TrainConfig, train
+    if args.params:
+        cfg = dataclasses.replace(cfg, params={**cfg.params, **dict(parse_override(p) for p in args.params)})
+    result = run_local(cfg)
+    print(result.summary())
+    return 0 if result.reconciled else 1
 
-    tr = train(rs.dest, storage.join(run_root, "train"), step_config(TrainConfig, "train"))
-    print(tr.summary())
 
-    # Every archive member is in exactly one place: clean's output or a rejects table;
-    # every clean row is in resize's output or its rejects.
-    reconciled = dl.inputs == cl.outputs + cl.rejected + dl.rejected and rs.inputs == cl.outputs
-    rejected = dl.rejected + cl.rejected + rs.rejected
-    print(
-        f"\nrun finished in {time.monotonic() - started:.1f}s: {dl.inputs} archive members -> "
-        f"{rs.outputs} training images, {rejected} rejected ({'reconciled' if reconciled else 'NOT RECONCILED'})"
+def cmd_compile(args: argparse.Namespace) -> int:
+    from imgpipe import kfp_client
+
+    path = kfp_client.compile_package(args.out, caching=args.caching, gpu=args.gpu)
+    print(f"{path}: version {kfp_client.version_name(path)}, caching {'on' if args.caching else 'off'}")
+    return 0
+
+
+def _target(args: argparse.Namespace) -> Any:
+    from imgpipe import kfp_client
+
+    return kfp_client.Target(args.host, args.experiment, args.namespace, args.service_account)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from imgpipe import kfp_client
+
+    result = kfp_client.submit(
+        kfp_client.collect_params(args.params, from_env=args.params_from_env),
+        target=_target(args),
+        run_name=args.run_name,
+        package=args.package,
+        caching=args.caching,
+        gpu=args.gpu,
+        wait=args.wait,
+        timeout_s=args.timeout,
     )
-    print(f"clean output:  {cl.dest}\nresize output: {rs.dest}")
-    for name in ("report.html", "model.pt", "metrics.json"):
-        print(f"{name + ':':14} {storage.join(tr.dest, name)}")
-    return 0 if reconciled else 1
+    verb = "started" if result.created else "attached to"
+    print(f"{verb} run {result.run_id} of {result.version_name}" + (f": {result.state}" if result.state else ""))
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from imgpipe import kfp_client
+
+    result = kfp_client.schedule(
+        args.cron,
+        kfp_client.collect_params(args.params, from_env=args.params_from_env),
+        target=_target(args),
+        name=args.name,
+        package=args.package,
+        caching=args.caching,
+        gpu=args.gpu,
+        replace=args.replace,
+    )
+    state = "created" if result.created else "unchanged"
+    print(f"recurring run {args.name} ({result.recurring_run_id}) {state}: {result.cron!r} -> {result.version_name}")
+    return 0
 
 
 COMMANDS = {
@@ -263,6 +328,9 @@ COMMANDS = {
     "resize": cmd_resize,
     "train": cmd_train,
     "run": cmd_run,
+    "compile": cmd_compile,
+    "submit": cmd_submit,
+    "schedule": cmd_schedule,
 }
 
 
@@ -274,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         storage.configure_s3(endpoint_url=args.s3_endpoint)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
         if args.verbose:
             raise
         # A user's mistake: one clear line, no traceback (-v shows it).

@@ -1,0 +1,34 @@
+"""The clean component: the run's ``download/`` prefix into its ``clean/`` prefix."""
+
+# No `from __future__ import annotations`: kfp reads the annotations as types.
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Output
+
+from components.images import image
+
+
+@dsl.component(base_image=image("cpu"), install_kfp_package=False)
+def clean(
+    dataset: Input[Artifact],
+    data_root: str,
+    run_id: str,
+    cleaned: Output[Artifact],
+    grayscale: bool = False,
+    split: str = "0.8,0.1,0.1",
+    seed: int = 0,
+    previous_run_prefix: str = "",
+    step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
+) -> None:
+    """Validates, labels, splits and shuffles; with ``previous_run_prefix`` skips images seen before."""
+    from imgpipe import kfp_artifacts as ka
+    from imgpipe.steps.clean import CleanConfig, clean
+
+    annotations = dataset.metadata.get("annotations") or None
+    previous = ka.resolve_previous(data_root, previous_run_prefix)
+    named = {"grayscale": grayscale, "split": split, "seed": seed, "annotations": annotations}
+    named.update(ka.incremental_overrides(CleanConfig, previous, previous_run_prefix))
+    cfg = ka.step_config(CleanConfig, step_config, "clean", **named)
+    report = clean(ka.read_step_artifact(dataset, "download"), ka.run_prefix(data_root, run_id, "clean"), cfg)
+    ka.write_step_artifact(cleaned, report.dest, previous_run_prefix=previous or "")

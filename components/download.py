@@ -1,0 +1,32 @@
+"""The download component: source archives into the run's ``download/`` (and ``annotations/``) prefix."""
+
+# No `from __future__ import annotations`: kfp reads the annotations as types.
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import Artifact, Output
+
+from components.images import image
+
+
+@dsl.component(base_image=image("cpu"), install_kfp_package=False)
+def download(
+    source_uri: str,
+    data_root: str,
+    run_id: str,
+    dataset: Output[Artifact],
+    source_sha256: str = "",
+    annotations_uri: str = "",
+    annotations_sha256: str = "",
+    step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
+) -> None:
+    """Streams the image archive (and the optional annotations archive) into Parquet shards."""
+    from imgpipe import kfp_artifacts as ka
+    from imgpipe.steps.download import DownloadConfig, download
+
+    def fetch(uri: str, sha256: str, step: str) -> str:
+        cfg = ka.step_config(DownloadConfig, step_config, "download", sha256=[sha256] if sha256 else None)
+        return download([uri], ka.run_prefix(data_root, run_id, step), cfg).dest
+
+    annotations = fetch(annotations_uri, annotations_sha256, "annotations") if annotations_uri else ""
+    ka.write_step_artifact(dataset, fetch(source_uri, source_sha256, "download"), annotations=annotations)

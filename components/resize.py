@@ -1,0 +1,35 @@
+"""The resize component: the run's ``clean/`` prefix into its ``resize/`` prefix, on Ray Data."""
+
+# No `from __future__ import annotations`: kfp reads the annotations as types.
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Output
+
+from components.images import image
+
+
+@dsl.component(base_image=image("ray"), install_kfp_package=False)
+def resize(
+    cleaned: Input[Artifact],
+    data_root: str,
+    run_id: str,
+    resized: Output[Artifact],
+    image_size: int = 224,
+    preset: str = "",
+    mode: str = "short-side-crop",
+    ray_address: str = "",
+    step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
+) -> None:
+    """Resizes on a local Ray, a Ray cluster's Jobs API or a KubeRay RayJob (``ray_address``).
+
+    The run id is the idempotency key of a remote Ray job: a retried task re-attaches
+    to its job instead of starting a second one.
+    """
+    from imgpipe import kfp_artifacts as ka
+    from imgpipe.steps.resize import ResizeConfig, resize
+
+    named = {"size": image_size, "preset": preset or None, "mode": mode, "ray_address": ray_address}
+    cfg = ka.step_config(ResizeConfig, step_config, "resize", **named)
+    source, dest = ka.read_step_artifact(cleaned, "clean"), ka.run_prefix(data_root, run_id, "resize")
+    ka.write_step_artifact(resized, resize(source, dest, cfg, run_id=run_id).dest)

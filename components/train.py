@@ -1,0 +1,42 @@
+"""The train component: the run's ``resize/`` prefix into a model, metrics and a report."""
+
+# No `from __future__ import annotations`: kfp reads the annotations as types.
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Input, Metrics, Model, Output
+
+from components.images import image
+
+
+@dsl.component(base_image=image("gpu"), install_kfp_package=False)
+def train(
+    resized: Input[Artifact],
+    data_root: str,
+    run_id: str,
+    trained: Output[Artifact],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[HTML],
+    model_name: str = "resnet18",
+    epochs: int = 10,
+    batch_size: int = 128,
+    aug_policy: str = "randaugment",
+    step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
+) -> None:
+    """Trains on the resize output; records the run as the latest for incremental retraining.
+
+    ``resume`` is on: the prefix is the run's own, so a first attempt starts fresh and a
+    retried attempt continues from the checkpoint of the failed one.
+    """
+    from imgpipe import kfp_artifacts as ka
+    from imgpipe.steps.train import TrainConfig, train
+
+    named = {"model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy, "resume": True}
+    cfg = ka.step_config(TrainConfig, step_config, "train", **named)
+    data, out = ka.read_step_artifact(resized, "resize"), ka.run_prefix(data_root, run_id, "train")
+    result = train(data, out, cfg)
+    ka.publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)
+    ka.write_step_artifact(trained, result.dest)
+    ka.record_latest(data_root, run_id, {s: ka.run_prefix(data_root, run_id, s) for s in ("clean", "resize", "train")})

@@ -1,0 +1,267 @@
+"""The imgpipe Kubeflow pipeline: download -> clean -> resize -> train.
+
+Every task writes ``{data_root}/runs/{run id}/{step}/`` and passes the next one a small
+step artifact that names that prefix (:mod:`imgpipe.kfp_artifacts`); images never
+travel as kfp artifacts. The train task also emits the Model, Metrics,
+ClassificationMetrics and HTML artifacts the Kubeflow UI shows.
+
+What is fixed when the pipeline is compiled (:class:`PipelineOptions`): the images,
+resources, retries, GPU scheduling and caching. Caching is a compile-time choice on
+purpose: a run created from an uploaded pipeline version (``imgpipe submit``) cannot
+override it (kfp applies ``enable_caching`` only to runs created from a package
+file), and the version name carries the package digest, so a ``--caching`` build is
+another version. Note that every task takes the run id (its output prefix and the
+idempotency key of remote Ray jobs) as an input, and the KFP backend resolves
+``{{$.pipeline_job_uuid}}`` before it computes the cache key: with run-scoped prefixes
+a cache hit cannot happen across runs, so ``--caching`` buys little today. It is off
+by default and must stay off for scheduled retraining, where new data behind an
+unchanged URI must never be a cache hit.
+
+What is chosen per run: the pipeline parameters of :func:`imgpipe_pipeline`
+(``imgpipe submit --param k=v``); any step config field through ``step_config``
+(``{"train": {"lr": 3e-4}}``), which wins over the typed parameters.
+"""
+
+# No `from __future__ import annotations`: kfp reads the signature's annotations as types.
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from kfp import compiler, dsl, kubernetes
+from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
+
+from components.clean import clean
+from components.download import download
+from components.images import ImageSet
+from components.resize import resize
+from components.train import train
+from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
+
+__all__ = [
+    "PIPELINE_NAME",
+    "S3_SECRET",
+    "S3_SECRET_KEYS",
+    "S3_CONFIG_MAP",
+    "S3_CONFIG_KEYS",
+    "RAY_TOKEN_SECRET",
+    "Resources",
+    "Retry",
+    "GpuScheduling",
+    "PipelineOptions",
+    "build_pipeline",
+    "compile_pipeline",
+    "imgpipe_pipeline",
+]
+
+PIPELINE_NAME = "imgpipe"
+# The same Secret and ConfigMap the KubeRay resources use (k8s/ray/, k8s/base/).
+S3_SECRET = "imgpipe-s3-credentials"
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+S3_CONFIG_MAP = "imgpipe-s3-config"
+S3_CONFIG_KEYS = {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION"}
+# The token of the shared RayCluster's Jobs API (k8s/ray/raycluster-shared.yaml; KubeRay
+# creates the Secret). Optional: the local and KubeRay modes need none.
+RAY_TOKEN_SECRET = "imgpipe-ray-shared"
+RAY_TOKEN_KEYS = {"auth_token": "RAY_AUTH_TOKEN"}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Kubernetes requests and limits of one task (kfp quantity strings)."""
+
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A task's retry policy: ``num_retries`` more attempts, waiting ``backoff`` x ``factor``^n, capped."""
+
+    num_retries: int = 3
+    backoff: str = "60s"
+    factor: float = 2.0
+    max_backoff: str = "1800s"
+
+
+@dataclass(frozen=True)
+class GpuScheduling:
+    """Where the train task runs: one accelerator, the taint it tolerates, the nodes it selects.
+
+    The defaults fit the NVIDIA GPU operator (nodes labelled
+    ``nvidia.com/gpu.present=true``) and GPU node pools tainted ``nvidia.com/gpu``.
+    """
+
+    accelerator: str = "nvidia.com/gpu"
+    count: int = 1
+    toleration_key: str = "nvidia.com/gpu"
+    node_selector: tuple[tuple[str, str], ...] = (("nvidia.com/gpu.present", "true"),)
+    # PyTorch loader workers share batches through /dev/shm; the container default is 64 MiB.
+    shm_size: str = "16Gi"
+
+
+def _default_resources() -> dict[str, Resources]:
+    return {
+        "download": Resources("1", "2", "2Gi", "4Gi"),
+        "clean": Resources("4", "4", "8Gi", "8Gi"),
+        # With ray_address="" resize runs a local Ray in its pod; remote modes need far less.
+        "resize": Resources("4", "4", "8Gi", "8Gi"),
+        "train": Resources("8", "8", "32Gi", "32Gi"),
+    }
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """What is fixed at compile time.
+
+    Attributes:
+        caching: kfp caching of every task (off: see the module docstring).
+        images: The step images; read from the environment when the options are made.
+        retry: Retry policy of download, clean and resize; ``None`` disables retries.
+        train_retry: Retry policy of train (it resumes from its last checkpoint).
+        resources: Requests and limits per step.
+        gpu: GPU scheduling of train; ``None`` trains on CPU nodes.
+        s3_secret: Secret with ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, as env
+            of every task; ``None`` for pods with other credentials (IRSA, workload identity).
+    """
+
+    caching: bool = False
+    images: ImageSet = field(default_factory=ImageSet.from_env)
+    retry: Retry | None = Retry()
+    train_retry: Retry | None = Retry(num_retries=1, backoff="120s")
+    resources: dict = field(default_factory=_default_resources)
+    gpu: GpuScheduling | None = GpuScheduling()
+    s3_secret: str | None = S3_SECRET
+
+
+class Outputs(NamedTuple):
+    """What a run hands back: the train task's UI artifacts."""
+
+    model: Model
+    metrics: Metrics
+    confusion: ClassificationMetrics
+    report: HTML
+
+
+def _configure(task: dsl.PipelineTask, step: str, image: str, options: PipelineOptions, retry: Retry | None) -> None:
+    res = options.resources[step]
+    task.set_display_name(step)
+    task.set_container_image(image)
+    task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
+    task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
+    task.set_caching_options(enable_caching=options.caching)
+    task.set_env_variable("PYTHONUNBUFFERED", "1")
+    if retry is not None:
+        task.set_retry(
+            num_retries=retry.num_retries,
+            backoff_duration=retry.backoff,
+            backoff_factor=retry.factor,
+            backoff_max_duration=retry.max_backoff,
+        )
+    if options.s3_secret:
+        kubernetes.use_secret_as_env(task, secret_name=options.s3_secret, secret_key_to_env=S3_SECRET_KEYS)
+    # Endpoint and region are not secret, and a pod on AWS needs neither: optional.
+    kubernetes.use_config_map_as_env(task, S3_CONFIG_MAP, S3_CONFIG_KEYS, optional=True)
+
+
+def _schedule_on_gpu(task: dsl.PipelineTask, gpu: GpuScheduling) -> None:
+    task.set_accelerator_type(gpu.accelerator).set_accelerator_limit(gpu.count)
+    kubernetes.add_toleration(task, key=gpu.toleration_key, operator="Exists", effect="NoSchedule")
+    for key, value in gpu.node_selector:
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=gpu.shm_size)
+
+
+def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_component.GraphComponent:
+    """The pipeline for ``options`` (defaults: images from the environment, caching off)."""
+    options = options or PipelineOptions()
+    images = options.images
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Image dataset preparation and training: download -> clean -> resize (Ray Data) -> train.",
+    )
+    def imgpipe_pipeline(
+        data_root: str,
+        source_uri: str = OXFORD_PET_IMAGES_URL,
+        source_sha256: str = "",
+        annotations_uri: str = OXFORD_PET_ANNOTATIONS_URL,
+        annotations_sha256: str = "",
+        grayscale: bool = False,
+        split: str = "0.8,0.1,0.1",
+        seed: int = 0,
+        previous_run_prefix: str = "",
+        image_size: int = 224,
+        preset: str = "",
+        resize_mode: str = "short-side-crop",
+        ray_address: str = "kuberay",
+        model: str = "resnet18",
+        epochs: int = 10,
+        batch_size: int = 128,
+        aug_policy: str = "randaugment",
+        step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
+    ) -> Outputs:
+        """Runs the four steps; parameters are documented in README.md ("Deploying")."""
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        common = {"data_root": data_root, "run_id": run_id, "step_config": step_config}
+        dl = download(
+            source_uri=source_uri,
+            source_sha256=source_sha256,
+            annotations_uri=annotations_uri,
+            annotations_sha256=annotations_sha256,
+            **common,
+        )
+        _configure(dl, "download", images.cpu, options, options.retry)
+        cl = clean(
+            dataset=dl.outputs["dataset"],
+            grayscale=grayscale,
+            split=split,
+            seed=seed,
+            previous_run_prefix=previous_run_prefix,
+            **common,
+        )
+        _configure(cl, "clean", images.cpu, options, options.retry)
+        rs = resize(
+            cleaned=cl.outputs["cleaned"],
+            image_size=image_size,
+            preset=preset,
+            mode=resize_mode,
+            ray_address=ray_address,
+            **common,
+        )
+        _configure(rs, "resize", images.ray, options, options.retry)
+        # ray_address "kuberay": the RayJob's cluster runs the resize image too.
+        rs.set_env_variable("IMGPIPE_RAY_IMAGE", images.ray)
+        kubernetes.use_secret_as_env(rs, RAY_TOKEN_SECRET, RAY_TOKEN_KEYS, optional=True)
+        tr = train(
+            resized=rs.outputs["resized"],
+            model_name=model,
+            epochs=epochs,
+            batch_size=batch_size,
+            aug_policy=aug_policy,
+            **common,
+        )
+        _configure(tr, "train", images.gpu, options, options.train_retry)
+        if options.gpu is not None:
+            _schedule_on_gpu(tr, options.gpu)
+        return Outputs(
+            model=tr.outputs["model"],
+            metrics=tr.outputs["metrics"],
+            confusion=tr.outputs["confusion"],
+            report=tr.outputs["report"],
+        )
+
+    return imgpipe_pipeline
+
+
+def compile_pipeline(package_path: str | Path, options: PipelineOptions | None = None) -> Path:
+    """Compiles the pipeline to a YAML package; returns its path."""
+    path = Path(package_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(options), package_path=str(path))
+    return path
+
+
+# The default build, for `kfp dsl compile --py pipelines/imgpipe_pipeline.py` and imports.
+imgpipe_pipeline = build_pipeline()

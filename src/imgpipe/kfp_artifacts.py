@@ -1,0 +1,305 @@
+"""What the Kubeflow components hand each other, and where each run writes.
+
+Large data never travels as a kfp artifact. Every step writes a run-scoped prefix
+``{data_root}/runs/{run_id}/{step}/`` (the :mod:`imgpipe.contract` layout) and passes
+downstream a small *step artifact*: a file holding the step's ``manifest.json`` and,
+in the artifact's metadata, the prefix URI plus the counts the Kubeflow UI shows.
+The next step reads the prefix back from it (:func:`read_step_artifact`).
+
+The components in ``components/`` are a few lines each over these helpers and the
+step functions; this module holds the logic they share, so it is tested without kfp.
+It never imports kfp: artifacts are used through their ``path``/``metadata``
+attributes and ``log_metric``/``log_confusion_matrix`` methods.
+
+Incremental retraining: after a successful run, the train component records the run's
+prefixes in ``{data_root}/latest.json`` (:func:`record_latest`); a later run with
+``previous_run_prefix="latest"`` resolves it (:func:`resolve_previous`) to the previous
+clean output, whose sha256 column tells clean which images it has seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from imgpipe import contract, storage
+from imgpipe.config import config_from_dict
+
+__all__ = [
+    "RUNS",
+    "LATEST",
+    "LATEST_KEYWORD",
+    "INCREMENTAL_FIELD",
+    "check_run_id",
+    "run_prefix",
+    "step_config",
+    "write_step_artifact",
+    "read_step_artifact",
+    "resolve_previous",
+    "incremental_overrides",
+    "record_latest",
+    "read_latest",
+    "find_confusion",
+    "publish_training",
+]
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C")
+
+RUNS = "runs"
+LATEST = "latest.json"
+LATEST_KEYWORD = "latest"
+# The CleanConfig field that names a previous clean output whose images are not
+# decoded again (proposed; see resolve_previous and the pipeline's docs).
+INCREMENTAL_FIELD = "skip_hashes_from"
+
+# A run id becomes one path segment; a placeholder that was never substituted
+# ("{{$.pipeline_job_uuid}}") must fail loudly instead of becoming a directory.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Metadata the UI shows next to each step artifact (the rest is in the file).
+_SUMMARY_KEYS = ("step", "inputs", "outputs", "rejected", "rejects_by_reason")
+
+
+def check_run_id(run_id: str) -> str:
+    """Returns ``run_id`` stripped, or raises if it cannot name a run's prefix.
+
+    Raises:
+        ValueError: For an empty id, an unsubstituted kfp placeholder or characters
+            that do not belong in one path segment.
+    """
+    text = (run_id or "").strip()
+    if "{{" in text:
+        raise ValueError(
+            f"run id {run_id!r} is an unsubstituted kfp placeholder: pass dsl.PIPELINE_JOB_ID_PLACEHOLDER "
+            "as the whole parameter value (the backend resolves only exact placeholders)"
+        )
+    if not _RUN_ID.fullmatch(text):
+        raise ValueError(f"run id {run_id!r} must be 1-128 letters, digits, '.', '_' or '-' (one path segment)")
+    return text
+
+
+def run_prefix(data_root: str, run_id: str, step: str) -> str:
+    """The prefix ``step`` writes in run ``run_id``: ``{data_root}/runs/{run_id}/{step}``."""
+    return storage.join(storage.normalize_uri(data_root), RUNS, check_run_id(run_id), step)
+
+
+def step_config(cls: type[C], sections: Mapping[str, Any] | None, section: str, **named: Any) -> C:
+    """Builds a step's frozen config from the pipeline's typed parameters and its free-form section.
+
+    Args:
+        cls: The step's config dataclass.
+        sections: The pipeline's ``step_config`` parameter: one mapping per step name
+            (``{"train": {"epochs": 1}}``); any field of the step's config.
+        section: This step's key in ``sections``.
+        named: Values from typed pipeline parameters; ``None`` means "not set". A field
+            given in the section wins over the typed parameter (it is more specific).
+
+    Raises:
+        ValueError: On an unknown field or a value the config rejects.
+        TypeError: On a value of the wrong type (kfp passes JSON numbers as floats;
+            whole floats are accepted for integer fields).
+    """
+    sections = sections or {}
+    own = sections.get(section) or {}
+    if not isinstance(own, Mapping):
+        raise TypeError(f"step_config[{section!r}] must be a mapping of {cls.__name__} fields, got {own!r}")
+    values = {k: v for k, v in named.items() if v is not None}
+    values.update(own)
+    return config_from_dict(cls, values)
+
+
+def write_step_artifact(artifact: Any, prefix: str, **metadata: Any) -> dict[str, Any]:
+    """Fills a step's output artifact from its committed output prefix.
+
+    The artifact file holds the step's ``manifest.json``; its metadata holds
+    ``prefix`` (what the next step reads), the counts, and ``metadata``.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        UncommittedOutputError: If ``prefix`` is not committed (the step did not finish).
+    """
+    prefix = storage.normalize_uri(prefix)
+    manifest = contract.read_manifest(prefix)
+    path = Path(artifact.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2, default=str))
+    artifact.metadata.update({k: manifest.get(k) for k in _SUMMARY_KEYS})
+    artifact.metadata.update(prefix=prefix, **metadata)
+    return manifest
+
+
+def read_step_artifact(artifact: Any, expect_step: str) -> str:
+    """The committed prefix an upstream step artifact points at.
+
+    Raises:
+        ValueError: If the artifact names no prefix or points at another step's output.
+        UncommittedOutputError: If the prefix is no longer committed.
+    """
+    prefix = (artifact.metadata or {}).get("prefix")
+    if not prefix:
+        try:
+            prefix = json.loads(Path(artifact.path).read_text()).get("dest")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"step artifact {artifact.path} has no 'prefix' metadata and no readable manifest") from exc
+    if not prefix:
+        raise ValueError(f"step artifact {artifact.path} names no output prefix")
+    contract.read_manifest(prefix, expect_step=expect_step)
+    return storage.normalize_uri(prefix)
+
+
+def read_latest(data_root: str) -> dict[str, Any] | None:
+    """The record of the last successful run under ``data_root``, or ``None``."""
+    uri = storage.join(storage.normalize_uri(data_root), LATEST)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))
+
+
+def record_latest(data_root: str, run_id: str, prefixes: Mapping[str, str]) -> str:
+    """Records ``prefixes`` (step -> prefix) as the last successful run; returns the record's URI.
+
+    Written once, atomically, by the last step of a successful run, so a reader sees
+    either the previous record or this one.
+    """
+    uri = storage.join(storage.normalize_uri(data_root), LATEST)
+    record = {
+        "run_id": check_run_id(run_id),
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "prefixes": {k: storage.normalize_uri(v) for k, v in prefixes.items()},
+    }
+    storage.write_bytes(uri, json.dumps(record, indent=2).encode())
+    return uri
+
+
+def resolve_previous(data_root: str, previous: str) -> str | None:
+    """The previous clean output an incremental run compares against.
+
+    Args:
+        data_root: The pipeline's data root.
+        previous: ``""`` (a full run), ``"latest"`` (the clean output of the last
+            successful run recorded under ``data_root``; a full run if there is none
+            yet) or the URI of a committed clean output.
+
+    Raises:
+        ValueError: If an explicit URI is not a committed clean output.
+    """
+    text = (previous or "").strip()
+    if not text:
+        return None
+    if text == LATEST_KEYWORD:
+        record = read_latest(data_root)
+        prefix = ((record or {}).get("prefixes") or {}).get("clean")
+        if not prefix:
+            log.info("incremental: no previous run recorded under %s; processing everything", data_root)
+            return None
+        if not contract.is_committed(prefix):
+            log.warning("incremental: the recorded previous clean output %s is gone; processing everything", prefix)
+            return None
+        return storage.normalize_uri(prefix)
+    contract.read_manifest(text, expect_step="clean")
+    return storage.normalize_uri(text)
+
+
+def incremental_overrides(config_cls: type, previous: str | None, requested: str) -> dict[str, Any]:
+    """The clean config values that make a run incremental against ``previous``.
+
+    Until ``CleanConfig`` has the :data:`INCREMENTAL_FIELD` field, an explicit URI is
+    refused (the caller asked for something the step cannot do) while ``"latest"``
+    falls back to a full run with a warning, so a scheduled retraining keeps working.
+    """
+    if previous is None:
+        return {}
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    if INCREMENTAL_FIELD in fields:
+        return {INCREMENTAL_FIELD: previous}
+    message = f"{config_cls.__name__} has no {INCREMENTAL_FIELD!r} field: this clean step cannot skip known images"
+    if requested.strip() == LATEST_KEYWORD:
+        log.warning("incremental: %s; processing everything", message)
+        return {}
+    raise ValueError(f"previous_run_prefix={requested!r}: {message}")
+
+
+def find_confusion(metrics: Mapping[str, Any]) -> tuple[str, list[list[int]]] | None:
+    """The confusion matrix a train ``metrics.json`` carries: test first, then the last validation.
+
+    Returns:
+        ``(split, matrix)`` with ``matrix[true][predicted]``, or ``None`` when the
+        metrics hold none.
+    """
+    test = metrics.get("test")
+    if isinstance(test, Mapping) and test.get("confusion"):
+        return "test", test["confusion"]
+    for key in ("val_confusion", "confusion"):
+        if metrics.get(key):
+            return "val", metrics[key]
+    epochs = metrics.get("epochs") or []
+    if epochs and isinstance(epochs[-1], Mapping) and epochs[-1].get("val_confusion"):
+        return "val", epochs[-1]["val_confusion"]
+    return None
+
+
+_METRICS = ("val_accuracy", "val_macro_f1", "val_loss", "test_accuracy", "test_tta_accuracy", "train_loss")
+
+
+def publish_training(
+    out: str,
+    *,
+    model: Any,
+    metrics: Any,
+    classification: Any,
+    report: Any,
+) -> dict[str, Any]:
+    """Fills the train component's UI artifacts from a committed train output.
+
+    * ``model`` (Model): a copy of ``model.pt``; metadata: where the original lives,
+      the architecture, labels, input size.
+    * ``metrics`` (Metrics): the final scalars (validation, test, train loss).
+    * ``classification`` (ClassificationMetrics): the confusion matrix, when
+      ``metrics.json`` carries one (:func:`find_confusion`).
+    * ``report`` (HTML): ``report.html`` (augmentation grid, curves, tables).
+
+    Returns:
+        The train manifest.
+    """
+    out = storage.normalize_uri(out)
+    manifest = contract.read_manifest(out, expect_step="train")
+    extra = manifest.get("extra") or {}
+    model_uri = storage.join(out, "model.pt")
+    Path(model.path).parent.mkdir(parents=True, exist_ok=True)
+    storage.download_file(model_uri, model.path)
+    model.metadata.update(
+        framework="pytorch",
+        model_uri=model_uri,
+        model=extra.get("model"),
+        num_classes=extra.get("num_classes"),
+        image_size=extra.get("image_size"),
+        channels=extra.get("channels"),
+        prefix=out,
+    )
+    final = manifest.get("metrics") or {}
+    for key in _METRICS:
+        if final.get(key) is not None:
+            metrics.log_metric(key, float(final[key]))
+    metrics.log_metric("epochs_run", float(manifest.get("epochs_run") or 0))
+    history = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
+    found = find_confusion(history)
+    if found is not None:
+        split, matrix = found
+        classification.log_confusion_matrix(list(history.get("labels") or []), [list(map(int, r)) for r in matrix])
+        classification.metadata["split"] = split
+    else:
+        log.warning("train: %s/metrics.json holds no confusion matrix; the ClassificationMetrics artifact stays empty", out)
+    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
+    with storage.open_read(storage.join(out, "report.html")) as src, open(report.path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return manifest

@@ -1,0 +1,351 @@
+"""submit and schedule against a small fake of the KFP v2beta1 REST API on 127.0.0.1.
+
+The fake is a real HTTP server in a thread implementing only what ``kfp.Client`` calls
+for these two commands (healthz, pipeline upload and lookup, versions, experiments,
+runs, recurring runs), keeping objects in memory and recording every request, so the
+tests assert on the bodies kfp's generated client actually sends.
+"""
+
+from __future__ import annotations
+
+import email
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import yaml
+
+from imgpipe import kfp_client
+from imgpipe.kfp_client import Target
+
+API = "/apis/v2beta1"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    headers: dict[str, str]  # names lower-cased
+
+
+@dataclass
+class FakeKfp:
+    """In-memory KFP objects plus the request log; ``run_state`` is what GET /runs/{id} reports."""
+
+    requests: list[Request] = field(default_factory=list)
+    pipelines: list[dict] = field(default_factory=list)
+    versions: list[dict] = field(default_factory=list)
+    experiments: list[dict] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)
+    recurring: list[dict] = field(default_factory=list)
+    run_state: str = "SUCCEEDED"
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def new_id(self, kind: str) -> str:
+        return f"{kind}-{next(self.ids)}"
+
+    def posted(self, suffix: str) -> list[Request]:
+        return [r for r in self.requests if r.method == "POST" and r.path == API + suffix]
+
+
+def _matching(items: list[dict], query: dict[str, str], **equal: str) -> list[dict]:
+    """Items passing a kfp filter (display_name EQUALS) and exact field matches."""
+    out = [i for i in items if all(i.get(k) == v for k, v in equal.items() if v is not None)]
+    if query.get("filter"):
+        for p in json.loads(query["filter"])["predicates"]:
+            assert p["key"] == "display_name" and p["operation"] in (1, "EQUALS"), p
+            out = [i for i in out if i["display_name"] == p["stringValue"]]
+    return out
+
+
+def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # keep test output clean
+            pass
+
+        def _body(self) -> Any:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            ctype = self.headers.get("Content-Type", "")
+            if ctype.startswith("multipart/form-data"):
+                msg = email.message_from_bytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + raw)
+                return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) for part in msg.get_payload()}
+            return json.loads(raw) if raw else None
+
+        def _send(self, status: int, payload: Any) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _handle(self, method: str) -> None:
+            url = urlparse(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            body = self._body() if method in ("POST", "PATCH") else None
+            fake.requests.append(Request(method, url.path, query, body, {k.lower(): v for k, v in self.headers.items()}))
+            parts = url.path[len(API) :].strip("/").split("/")
+            status, payload = route(method, parts, query, body)
+            self._send(status, payload)
+
+        def do_GET(self) -> None:
+            self._handle("GET")
+
+        def do_POST(self) -> None:
+            self._handle("POST")
+
+        def do_DELETE(self) -> None:
+            self._handle("DELETE")
+
+    def route(method: str, parts: list[str], q: dict[str, str], body: Any) -> tuple[int, Any]:
+        match method, parts:
+            case "GET", ["healthz"]:
+                return 200, {"multi_user": False}
+            case "GET", ["pipelines"]:
+                return 200, {"pipelines": _matching(fake.pipelines, q), "total_size": len(fake.pipelines)}
+            case "POST", ["pipelines", "upload"]:
+                pipeline = {"pipeline_id": fake.new_id("p"), "display_name": q["name"], "description": q.get("description")}
+                fake.pipelines.append(pipeline)
+                fake.versions.append(
+                    {"pipeline_id": pipeline["pipeline_id"], "pipeline_version_id": fake.new_id("v"), "display_name": q["name"], "package": body["uploadfile"]}
+                )
+                return 200, pipeline
+            case "POST", ["pipelines", "upload_version"]:
+                version = {
+                    "pipeline_id": q["pipelineid"],
+                    "pipeline_version_id": fake.new_id("v"),
+                    "display_name": q["name"],
+                    "description": q.get("description"),
+                    "package": body["uploadfile"],
+                }
+                fake.versions.append(version)
+                return 200, {k: v for k, v in version.items() if k != "package"}
+            case "GET", ["pipelines", pid, "versions"]:
+                found = [{k: v for k, v in x.items() if k != "package"} for x in _matching(fake.versions, q, pipeline_id=pid)]
+                return 200, {"pipeline_versions": found[: int(q.get("page_size") or 10)], "total_size": len(found)}
+            case "GET", ["experiments"]:
+                return 200, {"experiments": _matching(fake.experiments, q, namespace=q.get("namespace"))}
+            case "POST", ["experiments"]:
+                experiment = {**body, "experiment_id": fake.new_id("e")}
+                fake.experiments.append(experiment)
+                return 200, experiment
+            case "GET", ["runs"]:
+                return 200, {"runs": _matching(fake.runs, q, experiment_id=q.get("experiment_id"))}
+            case "POST", ["runs"]:
+                run = {**body, "run_id": fake.new_id("r"), "state": "PENDING"}
+                fake.runs.append(run)
+                return 200, run
+            case "GET", ["runs", run_id]:
+                run = next(r for r in fake.runs if r["run_id"] == run_id)
+                return 200, {**run, "state": fake.run_state}
+            case "GET", ["recurringruns"]:
+                return 200, {"recurringRuns": _matching(fake.recurring, q, experiment_id=q.get("experiment_id"))}
+            case "POST", ["recurringruns"]:
+                rr = {**body, "recurring_run_id": fake.new_id("rr")}
+                fake.recurring.append(rr)
+                return 200, rr
+            case "DELETE", ["recurringruns", rr_id]:
+                fake.recurring[:] = [r for r in fake.recurring if r["recurring_run_id"] != rr_id]
+                return 200, {}
+        return 404, {"error": f"fake KFP has no {method} /{'/'.join(parts)}"}
+
+    return Handler
+
+
+@pytest.fixture
+def kfp_server() -> Iterator[tuple[str, FakeKfp]]:
+    fake = FakeKfp()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", fake
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _clean_kfp_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in (
+        kfp_client.HOST_ENV,
+        kfp_client.TOKEN_ENV,
+        kfp_client.SA_TOKEN_PATH_ENV,
+        kfp_client.EXPERIMENT_ENV,
+        kfp_client.NAMESPACE_ENV,
+        kfp_client.SERVICE_ACCOUNT_ENV,
+        kfp_client.GPU_ENV,
+        "KF_PIPELINES_UI_ENDPOINT",
+        "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME",
+        "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # kfp.Client's context file
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline compiled once (caching off, GPU on)."""
+    return kfp_client.compile_package(tmp_path_factory.mktemp("pkg") / "imgpipe.yaml", caching=False, gpu=True)
+
+
+PARAMS = ["data_root=s3://bucket/imgpipe", "epochs=3", "grayscale=true", "split=0.7,0.2,0.1", 'step_config={"train": {"lr": 0.0003}}']
+TYPED = {"data_root": "s3://bucket/imgpipe", "epochs": 3, "grayscale": True, "split": "0.7,0.2,0.1", "step_config": {"train": {"lr": 0.0003}}}
+
+
+def test_submit_uploads_pipeline_and_version_once_and_creates_runs(kfp_server, package):
+    host, fake = kfp_server
+    target = Target(host=host, experiment="nightly", service_account="default-editor")
+    first = kfp_client.submit(PARAMS, target=target, package=package)
+    second = kfp_client.submit(PARAMS, target=target, package=package)
+
+    version = f"imgpipe-{kfp_client.package_digest(package)}"
+    assert first.version_name == second.version_name == version
+    assert len(fake.posted("/pipelines/upload")) == 1, "the pipeline is created once"
+    assert [r.query["name"] for r in fake.posted("/pipelines/upload_version")] == [version], "the version once"
+    uploaded = fake.posted("/pipelines/upload_version")[0]
+    assert uploaded.query["pipelineid"] == first.pipeline_id
+    ir, platform = yaml.safe_load_all(uploaded.body["uploadfile"])
+    assert ir["pipelineInfo"]["name"] == "imgpipe" and "kubernetes" in platform["platforms"]
+    assert [e["display_name"] for e in fake.experiments] == ["nightly"]
+    assert first.run_id != second.run_id and first.created and second.created
+
+    body = fake.posted("/runs")[0].body
+    assert body["experiment_id"] == first.experiment_id
+    assert body["pipeline_version_reference"] == {"pipeline_id": first.pipeline_id, "pipeline_version_id": first.version_id}
+    assert "pipeline_spec" not in body, "runs reference the uploaded version, not an inline spec"
+    assert body["runtime_config"]["parameters"] == TYPED
+    assert body["service_account"] == "default-editor"
+    assert body["display_name"].startswith(version)
+    assert fake.requests[0].path == API + "/healthz"
+
+
+def test_a_different_package_is_a_new_version_of_the_same_pipeline(kfp_server, package, tmp_path):
+    host, fake = kfp_server
+    cached = kfp_client.compile_package(tmp_path / "cached.yaml", caching=True, gpu=True)
+    a = kfp_client.submit(PARAMS, target=Target(host=host), package=package)
+    b = kfp_client.submit(PARAMS, target=Target(host=host), package=cached)
+    assert a.pipeline_id == b.pipeline_id and a.version_id != b.version_id
+    assert len(fake.posted("/pipelines/upload")) == 1 and len(fake.posted("/pipelines/upload_version")) == 2
+
+
+def test_submit_with_a_run_name_reattaches_and_waits(kfp_server, package):
+    host, fake = kfp_server
+    target = Target(host=host)
+    first = kfp_client.submit(PARAMS, target=target, package=package, run_name="imgpipe-retrain-1718000000", wait=True, poll_s=0)
+    again = kfp_client.submit(PARAMS, target=target, package=package, run_name="imgpipe-retrain-1718000000", wait=True, poll_s=0)
+    assert len(fake.posted("/runs")) == 1, "a retried submitter must not start a second run"
+    assert (first.created, again.created) == (True, False)
+    assert first.run_id == again.run_id and again.state == "SUCCEEDED"
+    assert any(r.method == "GET" and r.path == f"{API}/runs/{first.run_id}" for r in fake.requests)
+
+
+def test_submit_wait_raises_when_the_run_fails(kfp_server, package):
+    host, fake = kfp_server
+    fake.run_state = "FAILED"
+    with pytest.raises(RuntimeError, match="ended FAILED"):
+        kfp_client.submit(PARAMS, target=Target(host=host), package=package, wait=True, poll_s=0)
+
+
+def test_submit_params_from_the_environment_and_sa_token(kfp_server, package, tmp_path, monkeypatch):
+    host, fake = kfp_server
+    token = tmp_path / "token"
+    token.write_text("projected-sa-token")
+    monkeypatch.setenv(kfp_client.HOST_ENV, host)
+    monkeypatch.setenv(kfp_client.SA_TOKEN_PATH_ENV, str(token))
+    monkeypatch.setenv(kfp_client.EXPERIMENT_ENV, "from-env")
+    monkeypatch.setenv("IMGPIPE_PARAM_DATA_ROOT", "s3://env-bucket/x")
+    monkeypatch.setenv("IMGPIPE_PARAM_PREVIOUS_RUN_PREFIX", "latest")
+    monkeypatch.setenv("IMGPIPE_PARAM_EPOCHS", "2")
+    params = kfp_client.params_from_env()
+    assert params == {"data_root": "s3://env-bucket/x", "epochs": "2", "previous_run_prefix": "latest"}
+    kfp_client.submit(params, package=package)
+    assert fake.posted("/runs")[0].body["runtime_config"]["parameters"] == {
+        "data_root": "s3://env-bucket/x",
+        "epochs": 2,
+        "previous_run_prefix": "latest",
+    }
+    assert fake.experiments[0]["display_name"] == "from-env"
+    assert {r.headers.get("authorization") for r in fake.requests} == {"Bearer projected-sa-token"}
+
+
+def test_schedule_creates_one_recurring_run_with_the_cron(kfp_server, package):
+    host, fake = kfp_server
+    target = Target(host=host, experiment="retrain")
+    params = ["data_root=s3://bucket/imgpipe", "previous_run_prefix=latest"]
+    made = kfp_client.schedule("0 0 3 * * *", params, target=target, package=package)
+    same = kfp_client.schedule("0  0 3 * * *", params, target=target, package=package)
+    assert made.created and not same.created and made.recurring_run_id == same.recurring_run_id
+    assert len(fake.posted("/recurringruns")) == 1
+
+    body = fake.posted("/recurringruns")[0].body
+    assert body["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
+    assert body["mode"] == "ENABLE"
+    assert int(body["max_concurrency"]) == 1 and body["no_catchup"] is True
+    assert body["pipeline_version_reference"] == {"pipeline_id": made.pipeline_id, "pipeline_version_id": made.version_id}
+    assert body["runtime_config"]["parameters"] == {"data_root": "s3://bucket/imgpipe", "previous_run_prefix": "latest"}
+    assert body["display_name"] == "imgpipe-retrain"
+
+    with pytest.raises(ValueError, match="--replace"):
+        kfp_client.schedule("0 30 2 * * *", params, target=target, package=package)
+    swapped = kfp_client.schedule("0 30 2 * * *", params, target=target, package=package, replace=True)
+    assert swapped.created and [r["trigger"]["cron_schedule"]["cron"] for r in fake.recurring] == ["0 30 2 * * *"]
+    assert any(r.method == "DELETE" and r.path == f"{API}/recurringruns/{made.recurring_run_id}" for r in fake.requests)
+
+
+def test_schedule_refuses_a_five_field_cron_before_any_request(kfp_server, package):
+    host, fake = kfp_server
+    with pytest.raises(ValueError, match=r"5 fields.*'0 0 3 \* \* \*'"):
+        kfp_client.schedule("0 3 * * *", ["data_root=s3://b"], target=Target(host=host), package=package)
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("cron", "message"),
+    [
+        ("0 0 3 * *", "5 fields"),
+        ("0 0 3 * * * *", "7 field"),
+        ("60 0 3 * * *", "second 60 is outside 0-59"),
+        ("0 0 24 * * *", "hour 24 is outside 0-23"),
+        ("0 ? 3 * * *", "'?' is only valid"),
+        ("0 0 3 * FOO *", "month 'FOO' is not a number"),
+        ("0 0 5-3 * * *", "runs backwards"),
+        ("0 */0 * * * *", "step must be >= 1"),
+        ("0 0 3 1,,2 * *", "is not"),
+    ],
+)
+def test_validate_cron_says_what_is_wrong(cron, message):
+    with pytest.raises(ValueError, match=message):
+        kfp_client.validate_cron(cron)
+
+
+@pytest.mark.parametrize("cron", ["0 0 3 * * *", "*/30 * * * * ?", "0 0 9 ? * MON-FRI", "0 15 1,13 1-15/2 JAN-JUN 0"])
+def test_validate_cron_accepts_six_field_expressions(cron):
+    assert kfp_client.validate_cron(cron) == cron
+
+
+def test_parse_params_types_and_refusals(package):
+    assert kfp_client.parse_params(PARAMS, package) == TYPED
+    assert kfp_client.parse_params({"data_root": "s3://b", "epochs": 2}, package) == {"data_root": "s3://b", "epochs": 2}
+    with pytest.raises(ValueError, match="unknown pipeline parameter 'epoch'"):
+        kfp_client.parse_params(["data_root=s3://b", "epoch=3"], package)
+    with pytest.raises(ValueError, match="missing required pipeline parameter.*data_root"):
+        kfp_client.parse_params(["epochs=3"], package)
+    with pytest.raises(ValueError, match="epochs: expected an integer"):
+        kfp_client.parse_params(["data_root=s3://b", "epochs=many"], package)
+    with pytest.raises(ValueError, match="key=value"):
+        kfp_client.parse_params(["data_root"], package)
+
+
+def test_connect_needs_a_host():
+    with pytest.raises(ValueError, match="KF_PIPELINES_ENDPOINT"):
+        kfp_client.connect(None)

@@ -1,0 +1,241 @@
+"""The pipeline: what the compiler emits (IR and Kubernetes platform spec), and a whole run through kfp.local.
+
+The compile tests read the YAML package the way the KFP backend does and check the
+DAG, images, resources, retries, caching, GPU scheduling and where the S3 credentials
+come from. The local run executes the same pipeline function with
+``kfp.local.SubprocessRunner(use_venv=False)`` on tiny data, against the moto S3 server
+of ``conftest.py`` and a local Ray (so it is marked ``ray``: run it inside
+``scripts/in-loopback-netns``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from imgpipe import contract, kfp_artifacts, kfp_client, storage
+from imgpipe.local_run import LocalRunConfig, load_local_config, run_local
+
+STEPS = ("download", "clean", "resize", "train")
+REGISTRY, TAG = "registry.test/ml", "t1"
+
+
+def _load(package: Path) -> tuple[dict, dict]:
+    ir, platform = yaml.safe_load_all(package.read_text())
+    return ir, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str]:
+    """The package as `imgpipe compile` writes it, with images named through the environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMGPIPE_REGISTRY", REGISTRY)
+        mp.setenv("IMGPIPE_IMAGE_TAG", TAG)
+        mp.setenv("IMGPIPE_GPU_IMAGE", "registry.test/cuda/trainer:7")
+        mp.delenv("IMGPIPE_CPU_IMAGE", raising=False)
+        mp.delenv("IMGPIPE_RAY_IMAGE", raising=False)
+        mp.delenv(kfp_client.GPU_ENV, raising=False)
+        package = kfp_client.compile_package(tmp_path_factory.mktemp("ir") / "imgpipe.yaml")
+    ir, executors = _load(package)
+    return ir, executors, package.read_text()
+
+
+def _tasks(ir: dict) -> dict:
+    return ir["root"]["dag"]["tasks"]
+
+
+def _container(ir: dict, step: str) -> dict:
+    return ir["deploymentSpec"]["executors"][f"exec-{step}"]["container"]
+
+
+def test_dag_runs_download_clean_resize_train_in_order(compiled):
+    ir, _, _ = compiled
+    tasks = _tasks(ir)
+    assert set(tasks) == set(STEPS)
+    assert "dependentTasks" not in tasks["download"]
+    assert {s: tasks[s].get("dependentTasks") for s in STEPS[1:]} == {"clean": ["download"], "resize": ["clean"], "train": ["resize"]}
+    # Each step reads the step artifact of the one before it, never a dataset artifact.
+    wiring = {
+        "clean": ("dataset", "download", "dataset"),
+        "resize": ("cleaned", "clean", "cleaned"),
+        "train": ("resized", "resize", "resized"),
+    }
+    for step, (name, producer, output) in wiring.items():
+        ref = tasks[step]["inputs"]["artifacts"][name]["taskOutputArtifact"]
+        assert (ref["producerTask"], ref["outputArtifactKey"]) == (producer, output)
+    # The run id reaches every step as the exact placeholder the backend substitutes.
+    for step in STEPS:
+        assert tasks[step]["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    outputs = ir["root"]["outputDefinitions"]["artifacts"]
+    assert {k: v["artifactType"]["schemaTitle"] for k, v in outputs.items()} == {
+        "model": "system.Model",
+        "metrics": "system.Metrics",
+        "confusion": "system.ClassificationMetrics",
+        "report": "system.HTML",
+    }
+
+
+def test_each_task_runs_its_kind_of_image_without_installing_anything(compiled):
+    ir, _, _ = compiled
+    images = {step: _container(ir, step)["image"] for step in STEPS}
+    assert images == {
+        "download": f"{REGISTRY}/imgpipe-cpu:{TAG}",
+        "clean": f"{REGISTRY}/imgpipe-cpu:{TAG}",
+        "resize": f"{REGISTRY}/imgpipe-ray:{TAG}",
+        "train": "registry.test/cuda/trainer:7",
+    }
+    for step in STEPS:
+        command = " ".join(_container(ir, step)["command"])
+        assert "pip install" not in command, "install_kfp_package=False: the image has kfp and imgpipe"
+        assert "kfp.dsl.executor_main" in command and f"from imgpipe.steps.{step} import" in command
+        env = {e["name"]: e["value"] for e in _container(ir, step).get("env", [])}
+        assert env["PYTHONUNBUFFERED"] == "1"
+    env = {e["name"]: e["value"] for e in _container(ir, "resize")["env"]}
+    assert env["IMGPIPE_RAY_IMAGE"] == f"{REGISTRY}/imgpipe-ray:{TAG}", "KubeRay clusters run the resize image"
+
+
+def test_resources_and_the_gpu_on_train_only(compiled):
+    ir, executors, _ = compiled
+    expected = {
+        "download": ("1", "2", "2Gi", "4Gi"),
+        "clean": ("4", "4", "8Gi", "8Gi"),
+        "resize": ("4", "4", "8Gi", "8Gi"),
+        "train": ("8", "8", "32Gi", "32Gi"),
+    }
+    for step, (cpu_req, cpu_lim, mem_req, mem_lim) in expected.items():
+        res = _container(ir, step)["resources"]
+        got = (res["resourceCpuRequest"], res["resourceCpuLimit"], res["resourceMemoryRequest"], res["resourceMemoryLimit"])
+        assert got == (cpu_req, cpu_lim, mem_req, mem_lim), step
+        assert ("accelerator" in res) == (step == "train"), step
+    accelerator = _container(ir, "train")["resources"]["accelerator"]
+    assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "1")
+
+    train = executors["exec-train"]
+    assert train["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert train["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "16Gi"}]
+    for step in ("download", "clean", "resize"):
+        assert not {"tolerations", "nodeSelector", "emptyDirMounts"} & set(executors[f"exec-{step}"]), step
+
+
+def test_retries_with_backoff_on_data_steps_and_a_resuming_retry_on_train(compiled):
+    ir, _, _ = compiled
+    tasks = _tasks(ir)
+    for step in ("download", "clean", "resize"):
+        assert tasks[step]["retryPolicy"] == {
+            "maxRetryCount": 3,
+            "backoffDuration": "60s",
+            "backoffFactor": 2.0,
+            "backoffMaxDuration": "1800s",
+        }, step
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 1
+    assert '"resume": True' in " ".join(_container(ir, "train")["command"]), "a retried train continues its checkpoint"
+
+
+def test_s3_credentials_come_from_the_secret_never_from_literals(compiled):
+    ir, executors, text = compiled
+    for step in STEPS:
+        platform = executors[f"exec-{step}"]
+        (secret,) = [s for s in platform["secretAsEnv"] if s["secretName"] == "imgpipe-s3-credentials"]
+        assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {
+            ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+            ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+        }
+        assert secret["optional"] is False
+        (config,) = platform["configMapAsEnv"]
+        assert config["configMapName"] == "imgpipe-s3-config" and config["optional"] is True
+        env_names = {e["name"] for e in _container(ir, step).get("env", [])}
+        assert not env_names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, "credentials must not be literal env"
+    ray_token = [s for s in executors["exec-resize"]["secretAsEnv"] if s["secretName"] == "imgpipe-ray-shared"]
+    assert ray_token and ray_token[0]["optional"] is True
+    assert "testing" not in text and "secret_access_key:" not in text.lower()
+
+
+def test_caching_is_decided_when_compiling(compiled, tmp_path):
+    ir, _, _ = compiled
+    assert all(_tasks(ir)[s]["cachingOptions"] == {} for s in STEPS), "off by default (scheduled retraining)"
+    cached, _ = _load(kfp_client.compile_package(tmp_path / "cached.yaml", caching=True))
+    assert all(_tasks(cached)[s]["cachingOptions"] == {"enableCache": True} for s in STEPS)
+
+
+def test_cpu_only_build_drops_the_gpu_scheduling(tmp_path, monkeypatch):
+    monkeypatch.setenv(kfp_client.GPU_ENV, "false")
+    ir, executors = _load(kfp_client.compile_package(tmp_path / "cpu.yaml"))
+    assert "accelerator" not in _container(ir, "train")["resources"]
+    assert not {"tolerations", "nodeSelector"} & set(executors["exec-train"])
+    assert executors["exec-train"]["secretAsEnv"], "credentials stay"
+
+
+def test_compiling_is_deterministic(compiled, tmp_path, monkeypatch):
+    _, _, text = compiled
+    monkeypatch.setenv("IMGPIPE_REGISTRY", REGISTRY)
+    monkeypatch.setenv("IMGPIPE_IMAGE_TAG", TAG)
+    monkeypatch.setenv("IMGPIPE_GPU_IMAGE", "registry.test/cuda/trainer:7")
+    monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
+    again = kfp_client.compile_package(tmp_path / "again.yaml")
+    assert again.read_text() == text, "same code and options must give the same version name"
+
+
+def test_local_run_config_sections(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("pipeline: {epochs: 1}\nsynth: {classes: 3}\ntrain: {max_steps_per_epoch: 2}\n")
+    cfg = load_local_config(path, per_class=5)
+    assert (cfg.classes, cfg.per_class) == (3, 5)
+    args = cfg.pipeline_arguments()
+    assert args["epochs"] == 1 and args["ray_address"] == ""
+    assert args["step_config"]["train"]["max_steps_per_epoch"] == 2
+    assert args["step_config"]["train"]["num_workers"] == 0, "local defaults stay unless overridden"
+    path.write_text("pipelin: {}\n")
+    with pytest.raises(ValueError, match="unknown section"):
+        load_local_config(path)
+
+
+@pytest.mark.ray
+def test_whole_pipeline_through_kfp_local_on_the_local_s3_server(s3_bucket, tmp_path):
+    cfg = LocalRunConfig(
+        data_root=f"{s3_bucket}/imgpipe",
+        workdir=str(tmp_path / "work"),
+        classes=3,
+        per_class=6,
+        params={"image_size": 32, "model": "tiny_cnn", "epochs": 1, "batch_size": 4},
+        step_config={"clean": {"workers": 1}, "train": {"max_steps_per_epoch": 2, "device": "cpu"}},
+    )
+    result = run_local(cfg)
+
+    assert result.reconciled, result.summary()
+    for step in STEPS:
+        prefix = result.prefixes[step]
+        assert prefix == f"{s3_bucket}/imgpipe/runs/{result.run_id}/{step}"
+        assert contract.read_manifest(prefix, expect_step=step)["step"] == step
+    reports = result.reports
+    assert reports["clean"]["inputs"] == reports["download"]["outputs"]
+    assert reports["resize"]["inputs"] == reports["clean"]["outputs"] > 0
+    assert reports["train"]["extra"]["model"] == "tiny_cnn"
+
+    # The kfp artifacts: files under the local pipeline root, not the data.
+    model = torch.load(result.artifacts["model"], map_location="cpu", weights_only=True)
+    assert model["model_name"] == "tiny_cnn" and len(model["labels"]) == 3
+    assert result.metadata["model"]["model_uri"] == f"{result.prefixes['train']}/model.pt"
+    assert {"val_accuracy", "train_loss", "epochs_run"} <= set(result.metadata["metrics"])
+    html = Path(result.artifacts["report"]).read_text()
+    assert "<html" in html.lower() and "data:image/png;base64" in html
+    history = json.loads(storage.read_bytes(f"{result.prefixes['train']}/metrics.json"))
+    found = kfp_artifacts.find_confusion(history)
+    # A matrix in metrics.json (the train step's test confusion) reaches the UI artifact, and
+    # only then: an empty artifact means train wrote none (see kfp_artifacts.find_confusion).
+    shown = result.metadata["confusion"].get("confusionMatrix")
+    assert (found is None) == (shown is None)
+    if found is not None:
+        assert [r["row"] for r in shown["rows"]] == found[1]
+    for path in result.artifacts.values():
+        assert Path(path).resolve().is_relative_to((tmp_path / "work" / "kfp").resolve())
+
+    latest = kfp_artifacts.read_latest(f"{s3_bucket}/imgpipe")
+    assert latest["run_id"] == result.run_id and latest["prefixes"]["clean"] == result.prefixes["clean"]
+    summary = result.summary()
+    assert "reconciled" in summary and f"report.html:   {result.prefixes['train']}/report.html" in summary
+    assert not result.copies, "an existing store keeps its results; nothing is copied"
