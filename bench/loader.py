@@ -2,13 +2,16 @@
 
 Both sides read the same images with the same number of worker processes, in one run:
 
-* **recipe**: ``torchvision.datasets.ImageFolder`` of JPEG files on local disk, PIL
+* **recipe**: ``torchvision.datasets.ImageFolder`` of the dataset's JPEG files on local
+  disk, at ``--source-size`` (default 500x375, the Oxford-IIIT Pet average: what a user
+  has without an offline resize step; ``--source-size 224x224`` compares at equal size), PIL
   ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``RandAugment`` + ``ToTensor`` +
   ``Normalize``, ``DataLoader(shuffle=True, num_workers=cores)``.
 * **imgpipe raw / jpeg**: the resize step's layout (``train/part-*.parquet``) streamed by
   :class:`imgpipe.loader.ImageLoader` with the same three augmentations as a
   ``transforms.v2`` pipeline on uint8 tensors in the workers, normalized in the loop
-  (where the GPU would do it); raw shards hold the pixels the JPEGs decode to.
+  (where the GPU would do it); the shards hold what the resize step makes of the same
+  JPEGs (``short-side-crop`` to ``--size``), raw pixels or JPEG q95.
 
 With ``--aug-device gpu`` the imgpipe side instead augments batches with kornia on the
 training device (CUDA when available). Each pipeline runs ``--epochs`` epochs; the first
@@ -45,6 +48,7 @@ from imgpipe.loader import (
     decode_jpeg_batch,
     describe_split,
 )
+from imgpipe.resize_ops import ResizeSpec, encode_jpeg, resize_image
 from imgpipe.steps.resize import output_schema
 
 CLASSES = 10
@@ -63,19 +67,21 @@ def make_image(index: int, size: int) -> Image.Image:
     return Image.fromarray(noisy)
 
 
-def write_datasets(root: Path, count: int, size: int) -> tuple[Path, str, str]:
-    """Writes the same images as an ImageFolder of JPEGs and as raw and JPEG resize outputs."""
+def write_datasets(root: Path, count: int, size: int, source: tuple[int, int]) -> tuple[Path, str, str]:
+    """Writes an ImageFolder of source-size JPEGs, and their resize-step outputs (raw and JPEG)."""
     folder = root / "imagefolder"
     rows: dict[str, list[dict]] = {"raw": [], "jpeg": []}
+    spec = ResizeSpec(size=size, mode="short-side-crop")
     for i in range(count):
         label = i % CLASSES
         buf = io.BytesIO()
-        make_image(i, size).save(buf, "JPEG", quality=90)
-        jpeg = buf.getvalue()
+        make_image(i, source[1]).resize(source, Image.BILINEAR).save(buf, "JPEG", quality=90)
+        original = buf.getvalue()
         path = folder / f"class_{label:02d}" / f"{i:06d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(jpeg)
-        pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))  # what the JPEG decodes to
+        path.write_bytes(original)
+        pixels = resize_image(original, spec)  # what the resize step stores
+        jpeg = encode_jpeg(pixels, 95)
         meta = {
             "path": str(path.relative_to(folder)),
             "label": label,
@@ -164,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--size", type=int, default=224, help="stored image side (both sides train at this size)")
+    parser.add_argument(
+        "--source-size", default="500x375", help="WxH of the recipe's JPEGs, the dataset as downloaded"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3, help="the first is warm-up")
     parser.add_argument("--workers", type=int, default=available_cpus(), help="worker processes for every pipeline")
@@ -178,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="imgpipe-bench-") as tmp:
         root = args.root or Path(tmp)
-        folder, raw, jpeg = write_datasets(root, args.images, args.size)
+        source = tuple(int(v) for v in args.source_size.lower().split("x"))
+        folder, raw, jpeg = write_datasets(root, args.images, args.size, source)
         recipe = recipe_loader(folder, args.size, args.batch_size, args.workers)
 
         def recipe_epoch(epoch: int) -> int:
@@ -200,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base = results[RECIPE]
     base_rate = base[0] / base[1]
-    print(f"\n{args.images} images of {args.size}x{args.size}, batch {args.batch_size}, {args.workers} workers, "
+    print(f"\n{args.images} images: recipe reads {args.source_size} JPEGs, imgpipe {args.size}x{args.size} shards; "
+          f"batch {args.batch_size}, {args.workers} workers, "
           f"{args.epochs - 1 if args.epochs > 1 else 1} timed epoch(s), device {device}\n")
     print("| pipeline | images | seconds | images/s | vs recipe |")
     print("|---|---:|---:|---:|---:|")

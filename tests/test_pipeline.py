@@ -214,6 +214,7 @@ def test_whole_pipeline_through_kfp_local_on_the_local_s3_server(s3_bucket, tmp_
     reports = result.reports
     assert reports["clean"]["inputs"] == reports["download"]["outputs"]
     assert reports["resize"]["inputs"] == reports["clean"]["outputs"] > 0
+    assert reports["train"]["inputs"] == reports["resize"]["outputs"], "train accounts for every row"
     assert reports["train"]["extra"]["model"] == "tiny_cnn"
 
     # The kfp artifacts: files under the local pipeline root, not the data.

@@ -1057,7 +1057,9 @@ def _finish(
         "train_loss": last.get("train_loss"),
     }
     files = _write_outputs(run, metrics, last_val) if run.ctx.is_main else []
-    total = sum(seen.values())
+    # The rows of the dataset it was given: a partial last batch is dropped each epoch,
+    # but a different one every epoch, so no row is lost; what was seen is in extra.
+    total = int(upstream_manifest.get("outputs", sum(seen.values())))
     train_report = TrainReport(
         step="train",
         dest=run.out,
