@@ -50,8 +50,12 @@ images-push: install
 compile: install
 	$(BIN)/imgpipe compile $(PACKAGE)
 
+# The resize benchmark's real photographs come from scikit-image and scikit-learn (extra "bench").
 bench: install
-	$(NETNS) $(BIN)/python bench/clean.py
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(NETNS) $(BIN)/python bench/clean.py --classes 37 --per-class 100 --repeats 5
+	$(NETNS) $(BIN)/python bench/resize.py --repeats 3
+	$(NETNS) $(BIN)/python bench/loader.py --images 2000 --epochs 3
 
 clean-data:
 	rm -rf .data
