@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -31,60 +27,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     """Starts moto's S3 server as a separate process on 127.0.0.1 and points boto3 at it.
 
-    The server speaks the real S3 HTTP API, so this exercises signing, multipart
-    uploads, pagination and pyarrow's own S3 client, not an in-process patch.
+    The same server ``imgpipe run`` uses as its local object store: it speaks the real S3
+    HTTP API, so tests exercise signing, multipart uploads, pagination and pyarrow's own
+    S3 client, not an in-process patch.
     """
-    port = _free_port()
-    env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto S3 server did not start on 127.0.0.1") from None
-            time.sleep(0.2)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    from imgpipe import storage
+    from imgpipe.local_run import moto_s3_server
 
-    storage.configure_s3()  # drop clients built before the environment changed
-    yield endpoint
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    storage.configure_s3()
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Mapping
 
 import pyarrow as pa
@@ -29,3 +30,10 @@ def write_download_output(dest: str, members: Mapping[str, bytes], row_group_row
         out.write_table(f"part-{k // per:05d}.parquet", table, row_group_size=row_group_rows)
     out.commit(inputs=len(items), rejects=[], config={"generated_by": "tests"})
     return out.dest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

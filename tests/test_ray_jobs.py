@@ -16,7 +16,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from imgpipe.contract import OutputWriter
 from imgpipe.steps.clean import CleanConfig, clean
 from imgpipe.steps.resize import ResizeConfig, resize
 from tests import imagefactory as f
-from tests.helpers import write_download_output
+from tests.helpers import free_port, write_download_output
 
 # ------------------------------------------------------------------ addresses, ids, entrypoint
 
@@ -270,11 +269,6 @@ def test_fake_timeout_leaves_the_job_running(job_args):
 ray_test = pytest.mark.ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _stop_process_group(proc: subprocess.Popen, temp_dir: str) -> None:
     """Stops the head we started: its process group, then any of its processes left over.
@@ -318,7 +312,7 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="imgpipe-ray-", dir="/tmp")  # short: Ray's socket paths live here
     token_path = Path(temp_dir) / "auth_token"
     token_path.write_text(secrets.token_hex(32))
-    port, gcs_port = _free_port(), _free_port()
+    port, gcs_port = free_port(), free_port()
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))

@@ -46,6 +46,7 @@ __all__ = [
     "LocalRunResult",
     "load_local_config",
     "local_s3_server",
+    "moto_s3_server",
     "run_local",
 ]
 
@@ -202,11 +203,15 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_s3_server(bucket: str = LOCAL_BUCKET) -> Iterator[str]:
-    """Runs a moto S3 server on 127.0.0.1 with ``bucket`` and points this process (and its children) at it.
+def moto_s3_server() -> Iterator[str]:
+    """Runs moto's S3 server as a process on 127.0.0.1 and points this process (and its children) at it.
+
+    The server speaks the real S3 HTTP API, so everything that talks to it, boto3 and
+    pyarrow's own S3 client alike, goes through signing, multipart uploads and
+    pagination as against a real store. The environment is restored on exit.
 
     Yields:
-        ``s3://bucket``.
+        The endpoint URL, ``http://127.0.0.1:PORT``.
 
     Raises:
         RuntimeError: If moto is not installed or the server does not come up.
@@ -245,8 +250,7 @@ def local_s3_server(bucket: str = LOCAL_BUCKET) -> Iterator[str]:
             AWS_DEFAULT_REGION="us-east-1",
         )
         storage.configure_s3()  # forget clients made for another endpoint
-        storage.S3Backend.client().create_bucket(Bucket=bucket)
-        yield f"s3://{bucket}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         for k, v in saved.items():
             if v is None:
@@ -259,6 +263,18 @@ def local_s3_server(bucket: str = LOCAL_BUCKET) -> Iterator[str]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def local_s3_server(bucket: str = LOCAL_BUCKET) -> Iterator[str]:
+    """:func:`moto_s3_server` with ``bucket`` created in it.
+
+    Yields:
+        ``s3://bucket``.
+    """
+    with moto_s3_server():
+        storage.S3Backend.client().create_bucket(Bucket=bucket)
+        yield f"s3://{bucket}"
 
 
 def _sample_dataset(cfg: LocalRunConfig, data_root: str) -> tuple[str, str]:

@@ -11,7 +11,6 @@ import dataclasses
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -34,6 +33,7 @@ from imgpipe.steps.train import (
     lr_factor,
     train,
 )
+from tests.helpers import free_port
 from tests.test_loader import write_resize_output
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -319,11 +319,6 @@ def test_train_rejects_bad_inputs(data, tmp_path):
 # ------------------------------------------------------------------ distributed and GPU
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ddp_two_ranks_with_torchrun_gloo(data, tmp_path):
     out = "file://" + str(tmp_path / "ddp")
@@ -359,7 +354,7 @@ def test_ddp_two_ranks_with_torchrun_gloo(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), str(script),
+        "--master-port", str(free_port()), str(script),
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
