@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 
 from imgpipe import contract, storage
+from imgpipe.augment import AugmentConfig
 from imgpipe.config import config_from_dict
 from imgpipe.models import build_model, extract_state_dict, load_weights
 from imgpipe.report import html_report
@@ -375,3 +376,7 @@ def test_cuda_run_uses_the_gpu_path(tmp_path):
     resolved = yaml.safe_load(storage.read_bytes(out + "/config.yaml"))
     assert report.extra["device"].startswith("cuda") and resolved["aug_device"] == "gpu"
     assert np.isfinite(report.metrics["train_loss"])
+
+
+def test_train_config_augmentation_defaults_are_augment_configs():
+    assert TrainConfig().augment == AugmentConfig()

@@ -183,19 +183,21 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     device: str = "auto"
-    aug_policy: Policy = "randaugment"
+    # The augmentation fields stay flat (one `train:` section, typed CLI flags and pipeline
+    # parameters); their defaults are AugmentConfig's, and `augment` rebuilds it.
+    aug_policy: Policy = AugmentConfig.policy
     aug_device: Literal["auto", "cpu", "gpu"] = "auto"
-    hflip: bool = True
+    hflip: bool = AugmentConfig.hflip
     mixup: float = 0.2
     cutmix: float = 1.0
-    randaugment_n: int = 2
-    randaugment_m: int = 9
-    color_jitter: float = 0.2
-    grayscale_p: float = 0.02
-    blur_p: float = 0.1
-    rotation: float = 10.0
-    random_erasing: float = 0.25
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    randaugment_n: int = AugmentConfig.randaugment_n
+    randaugment_m: int = AugmentConfig.randaugment_m
+    color_jitter: float = AugmentConfig.color_jitter
+    grayscale_p: float = AugmentConfig.grayscale_p
+    blur_p: float = AugmentConfig.blur_p
+    rotation: float = AugmentConfig.rotation
+    random_erasing: float = AugmentConfig.random_erasing
+    crop_scale: tuple[float, float] = AugmentConfig.crop_scale
     amp: bool = True
     channels_last: bool = True
     grad_clip: float = 1.0
