@@ -149,3 +149,11 @@ def test_sniff_format():
     assert sniff_format(f.jpeg()) == "jpeg"
     assert sniff_format(f.png_in_jpg()) == "png"
     assert sniff_format(f.html_as_jpg()) is None
+
+
+def test_max_pixels_governs_not_pils_process_wide_default(monkeypatch):
+    # PIL refuses by itself above 2x its global; the config's limit must win in every process.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    out = validate_and_normalize(f.jpeg(96, 64), max_pixels=96 * 64)
+    assert out.width == 96
+    assert Image.MAX_IMAGE_PIXELS == 100, "the global is restored"

@@ -345,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
         if args.verbose:
             raise
-        # A user's mistake: one clear line, no traceback (-v shows it).
+        # A user's mistake or a failed remote run (Ray job, KFP run): one clear line and a
+        # non-zero exit, no traceback (-v shows it).
         print(f"imgpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,8 +6,10 @@ pixel, and classifies failures into the stable reject codes the clean step write
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,12 +115,29 @@ def flatten_alpha(img: Image.Image, background: tuple[int, int, int] = (255, 255
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
-def _open(data: bytes) -> Image.Image:
+@contextlib.contextmanager
+def _bomb_limit(max_pixels: int) -> Iterator[None]:
+    """Makes PIL's own decompression-bomb check follow ``max_pixels`` while it is open.
+
+    ``Image.open`` raises by itself above twice ``Image.MAX_IMAGE_PIXELS``, a process-wide
+    setting; without this a ``max_pixels`` above PIL's default would be overruled, and
+    only in processes that had not changed the global. Not thread-safe: clean calls
+    this from one thread per process.
+    """
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageRejected("not_an_image", "empty file (0 bytes)")
     fmt = sniff_format(data)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _bomb_limit(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
@@ -201,7 +220,7 @@ def validate_and_normalize(
     Raises:
         ImageRejected: With the reject reason and detail.
     """
-    img = _open(data)
+    img = _open(data, max_pixels)
     width, height = img.size
     if width * height > max_pixels:
         raise ImageRejected("too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")

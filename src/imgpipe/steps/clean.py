@@ -195,14 +195,9 @@ class _Task:
     rows: int
 
 
-def _init_worker(s3_options: storage.S3Options, max_pixels: int) -> None:
-    """Pool initializer: the same storage settings as the parent, PIL's bomb limit raised to ours."""
-    from PIL import Image
-
+def _init_worker(s3_options: storage.S3Options) -> None:
+    """Pool initializer: the same storage settings as the parent."""
     storage.configure_s3(**s3_options.__dict__)
-    # PIL refuses images above 2x MAX_IMAGE_PIXELS by itself; keep that from overriding a
-    # user's larger max_pixels (ours is checked before any pixel is decoded).
-    Image.MAX_IMAGE_PIXELS = max(max_pixels, 89_478_485)
 
 
 def bucket_path(bucket_dir: str | Path, shard: int, task: int) -> Path:
@@ -500,7 +495,7 @@ def _validate_all(
             max_workers=min(workers, len(tasks)),
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(storage.configure_s3(), cfg.max_pixels),
+            initargs=(storage.configure_s3(),),
         ) as pool:
             futures = {pool.submit(validate_task, *task_args(t)): t for t in tasks}
             for fut in as_completed(futures):
@@ -538,7 +533,7 @@ def _write_shards(
         offsets[shard], running = running, running + kept_per_shard[shard]
 
     def write_one(part: int, shard: int) -> None:
-        pieces = sorted((bucket_dir / f"shard-{shard:05d}").glob("task-*.parquet"))
+        pieces = sorted(bucket_path(bucket_dir, shard, 0).parent.glob("task-*.parquet"))
         table = pa.concat_tables([pq.read_table(p, schema=OUTPUT_SCHEMA) for p in pieces]).sort_by(
             "order"
         )
