@@ -4,21 +4,25 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NETNS := scripts/in-loopback-netns
+ENGINE := scripts/with-engine
 PYTEST_ARGS ?=
 # Which images `make images` builds; names and tags come from components/images.py
 # (override with IMGPIPE_REGISTRY, IMGPIPE_IMAGE_TAG or IMGPIPE_{CPU,RAY,GPU}_IMAGE).
 IMAGE_KINDS ?= cpu ray gpu
+IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench images images-push compile clean-data help
+.PHONY: install run test lint bench images images-push compile clean-data help run-containers test-containers
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
 	@echo "make test   install into $(VENV), then run the test suite"
 	@echo "make lint   ruff (and hadolint on docker/ when present)"
 	@echo "make bench  run the benchmarks in bench/ (results: docs/benchmarks.md)"
-	@echo "make images build and tag the step images (docker; IMAGE_KINDS=\"$(IMAGE_KINDS)\")"
+	@echo "make images build and tag the step images through DOCKER_HOST (IMAGE_KINDS=\"$(IMAGE_KINDS)\")"
 	@echo "make images-push  build, then push them"
+	@echo "make run-containers  the pipeline with each step in its image, resize on a 2-container Ray cluster"
+	@echo "make test-containers the container tests (fails when no engine answers)"
 	@echo "make compile    compile the Kubeflow pipeline to $(PACKAGE)"
 
 # Re-install only when the dependency list changes.
@@ -33,19 +37,29 @@ install: $(STAMP)
 run: install
 	$(NETNS) $(BIN)/imgpipe run --config configs/local.yaml
 
+# The container suite has its own target (make test-containers): it needs an engine and images.
 test: install
-	$(NETNS) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -m "not containers" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests bench components pipelines
 	$(BIN)/hadolint docker/*.Dockerfile
 
-# Needs a Docker engine (BuildKit); the build context is the repository root (.dockerignore).
+# Needs a Docker-compatible engine (DOCKER_HOST; README.md, "Containers"). Builds use the
+# host's network for pip, so they run outside the loopback-only namespace.
 images: install
-	$(BIN)/python -m components.images build $(IMAGE_KINDS)
+	$(ENGINE) $(BIN)/imgpipe images build $(IMAGE_ARGS) $(IMAGE_KINDS)
 
 images-push: install
-	$(BIN)/python -m components.images build --push $(IMAGE_KINDS)
+	$(ENGINE) $(BIN)/imgpipe images build --push $(IMAGE_ARGS) $(IMAGE_KINDS)
+
+# The same pipeline as `make run`, each step in its image as uid 10001; every container,
+# the S3 server and the Ray cluster share one loopback-only network namespace.
+run-containers: install
+	$(NETNS) $(ENGINE) $(BIN)/imgpipe run --runner docker --config configs/local.yaml
+
+test-containers: install
+	$(NETNS) $(ENGINE) env IMGPIPE_REQUIRE_ENGINE=1 $(BIN)/python -m pytest -m containers tests/containers $(PYTEST_ARGS)
 
 compile: install
 	$(BIN)/imgpipe compile $(PACKAGE)

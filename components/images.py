@@ -1,51 +1,50 @@
-"""The container images of the steps: names and tags in one place.
+"""The container images of the steps: names, kinds and pins in one place.
 
-Three kinds, one Dockerfile each in ``docker/``:
+Three kinds, all built from ``docker/Dockerfile`` with ``--build-arg KIND=<kind>``, each
+installing ``imgpipe[<kind>]`` (the extras in ``pyproject.toml`` follow what the steps
+of that image import):
 
-* ``cpu``: download and clean (``docker/cpu.Dockerfile``),
-* ``ray``: resize on Ray Data, also the image of KubeRay clusters (``docker/ray.Dockerfile``),
-* ``gpu``: train on CUDA (``docker/gpu.Dockerfile``).
+* ``cpu``: download, clean, and ``imgpipe compile``/``submit`` (no torch, no Ray),
+* ``ray``: resize on Ray Data, also the image of KubeRay clusters (no torch),
+* ``gpu``: train on CUDA (torch's CUDA wheels from the package index).
 
 An image is ``{registry}/imgpipe-{kind}:{tag}``. The environment overrides it when
 the pipeline is compiled (``imgpipe compile``/``submit``): ``IMGPIPE_REGISTRY``,
 ``IMGPIPE_IMAGE_TAG``, or a whole name per kind in ``IMGPIPE_CPU_IMAGE``,
-``IMGPIPE_RAY_IMAGE``, ``IMGPIPE_GPU_IMAGE``. ``make images`` builds and tags the same
-names (``python -m components.images build``).
+``IMGPIPE_RAY_IMAGE``, ``IMGPIPE_GPU_IMAGE``. ``make images`` (``imgpipe images build``,
+:mod:`imgpipe.containers.build`) builds and tags the same names.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 
 import imgpipe
 
 __all__ = [
     "KINDS",
+    "DOCKERFILE",
     "DEFAULT_REGISTRY",
     "CONSTRAINED",
     "ImageSet",
     "image",
     "images",
-    "build_commands",
     "constraints",
     "main",
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REGISTRY = "ghcr.io/imgpipe"
-# kind -> Dockerfile, relative to the repository root (the build context).
+# The one Dockerfile of every kind, relative to the repository root (the build context).
+DOCKERFILE = "docker/Dockerfile"
+# kind -> what runs in it; the kind is also the pyproject extra the image installs.
 KINDS: dict[str, str] = {
-    "cpu": "docker/cpu.Dockerfile",
-    "ray": "docker/ray.Dockerfile",
-    "gpu": "docker/gpu.Dockerfile",
+    "cpu": "download, clean, compile/submit (no torch, no Ray)",
+    "ray": "resize on Ray Data; KubeRay head and workers (no torch)",
+    "gpu": "train on CUDA (torch, torchvision, kornia)",
 }
 # The packages whose versions docker/constraints.txt pins to the tested venv's: the
 # direct dependencies and the transitive ones whose drift has broken us or kfp.
@@ -62,6 +61,7 @@ CONSTRAINED = (
     "kubernetes",
     "matplotlib",
     "numpy",
+    "opencv-python-headless",
     "pillow",
     "protobuf",
     "pyarrow",
@@ -111,19 +111,6 @@ def images(environ: Mapping[str, str] | None = None) -> ImageSet:
     return ImageSet.from_env(environ)
 
 
-def build_commands(
-    kinds: Sequence[str] = tuple(KINDS), *, push: bool = False, environ: Mapping[str, str] | None = None
-) -> list[list[str]]:
-    """The ``docker`` commands that build (and optionally push) each image from the repo root."""
-    commands = []
-    for kind in kinds:
-        name = image(kind, environ)
-        commands.append(["docker", "build", "--file", KINDS[kind], "--tag", name, "."])
-        if push:
-            commands.append(["docker", "push", name])
-    return commands
-
-
 def _canonical(name: str) -> str:
     return name.lower().replace("_", "-")
 
@@ -146,27 +133,19 @@ def constraints(packages: Sequence[str] = CONSTRAINED) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m components.images {list,build,constraints}``."""
+    """``python -m components.images {list,constraints}`` (building: ``imgpipe images build``)."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="python -m components.images", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="print kind, Dockerfile and image name of each image")
-    b = sub.add_parser("build", help="docker build (and push) the images, from the repository root")
-    b.add_argument("kinds", nargs="*", metavar="KIND", help=f"which images (default: all of {', '.join(KINDS)})")
-    b.add_argument("--push", action="store_true", help="push after building")
-    b.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    sub.add_parser("list", help="print kind, image name and what runs in it")
     sub.add_parser("constraints", help="print docker/constraints.txt from this environment")
     args = parser.parse_args(argv)
     if args.command == "list":
-        for kind, dockerfile in KINDS.items():
-            print(f"{kind}\t{dockerfile}\t{image(kind)}")
+        for kind, what in KINDS.items():
+            print(f"{kind}\t{image(kind)}\t{what}")
         return 0
-    if args.command == "constraints":
-        sys.stdout.write(constraints())
-        return 0
-    for command in build_commands(args.kinds or list(KINDS), push=args.push):
-        print("+", shlex.join(command), flush=True)
-        if not args.dry_run:
-            subprocess.run(command, cwd=ROOT, check=True)
+    sys.stdout.write(constraints())
     return 0
 
 

@@ -23,7 +23,7 @@ from kfp import dsl, local
 
 from components.clean import clean
 from components.download import download
-from components.images import ImageSet, build_commands, image
+from components.images import ImageSet, image
 from components.resize import resize
 from components.train import train
 from imgpipe import contract, kfp_artifacts, storage
@@ -72,10 +72,6 @@ def test_image_names_come_from_one_place_and_the_environment():
     assert ImageSet.from_env({**env, "IMGPIPE_GPU_IMAGE": "nvcr.io/x/trainer:1"}) == ImageSet(
         cpu="reg.example/ml/imgpipe-cpu:2024.1", ray="reg.example/ml/imgpipe-ray:2024.1", gpu="nvcr.io/x/trainer:1"
     )
-    assert build_commands(["ray"], push=True, environ=env) == [
-        ["docker", "build", "--file", "docker/ray.Dockerfile", "--tag", "reg.example/ml/imgpipe-ray:2024.1", "."],
-        ["docker", "push", "reg.example/ml/imgpipe-ray:2024.1"],
-    ]
     with pytest.raises(ValueError, match="unknown image kind"):
         image("tpu", env)
 

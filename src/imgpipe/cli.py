@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import imgpipe
 from imgpipe import storage
 from imgpipe.config import load_config, parse_override
 
@@ -73,6 +74,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL or AWS)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"imgpipe {imgpipe.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="generate an Oxford-IIIT-Pet-shaped sample dataset (offline)")
@@ -154,6 +156,25 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
         help="pipeline parameter over the local defaults (repeatable), e.g. --param epochs=1",
     )
+    p.add_argument(
+        "--runner", choices=["subprocess", "docker"], default="subprocess",
+        help="subprocess: each step a subprocess of this Python (default, quick); docker: each step in "
+        "its image as non-root through the engine DOCKER_HOST names, resize on a Ray cluster of two "
+        "containers (build the images first: make images)",
+    )
+
+    p = sub.add_parser("images", help="build the step images through a Docker-compatible engine (DOCKER_HOST)")
+    images_sub = p.add_subparsers(dest="images_command", required=True, metavar="ACTION")
+    b = images_sub.add_parser("build", help="build (and push) the images from docker/Dockerfile")
+    b.add_argument("kinds", nargs="*", metavar="KIND", help="cpu, ray, gpu (default: all)")
+    b.add_argument("--base", help="base image with python3 and python3-venv (default: $IMGPIPE_BASE_IMAGE, "
+                   "else python:3.11-slim-bookworm, else one bootstrapped from Debian packages)")
+    b.add_argument("--no-bootstrap", dest="bootstrap", action="store_false",
+                   help="fail instead of bootstrapping a base image when the default cannot be pulled")
+    b.add_argument("--no-cache", action="store_true", help="build every layer anew")
+    b.add_argument("--push", action="store_true", help="push each image after building it")
+    images_sub.add_parser("list", help="print kind, image name and what runs in it")
+    images_sub.add_parser("bootstrap-base", help="build the Debian-based Python base image with mmdebstrap")
 
     p = sub.add_parser("compile", help="compile the Kubeflow pipeline to a YAML package")
     p.add_argument("out", help="package path, e.g. out/imgpipe.yaml")
@@ -263,12 +284,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         annotations=args.annotations,
         classes=args.classes,
         per_class=args.per_class,
+        runner=args.runner,
     )
     if args.params:
         cfg = dataclasses.replace(cfg, params={**cfg.params, **dict(parse_override(p) for p in args.params)})
     result = run_local(cfg)
     print(result.summary())
     return 0 if result.reconciled else 1
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    """Builds, lists or bootstraps the step images (:mod:`imgpipe.containers.build`)."""
+    from components.images import KINDS, image
+
+    if args.images_command == "list":
+        for kind, what in KINDS.items():
+            print(f"{kind}\t{image(kind)}\t{what}")
+        return 0
+    from imgpipe.containers import build, engine
+
+    if args.images_command == "bootstrap-base":
+        print(build.bootstrap_base(engine.connect()))
+        return 0
+    build.build_images(  # logs each image's size and build time
+        args.kinds or tuple(KINDS), base=args.base, bootstrap=args.bootstrap, push=args.push, no_cache=args.no_cache
+    )
+    return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -328,6 +369,7 @@ COMMANDS = {
     "resize": cmd_resize,
     "train": cmd_train,
     "run": cmd_run,
+    "images": cmd_images,
     "compile": cmd_compile,
     "submit": cmd_submit,
     "schedule": cmd_schedule,

@@ -17,6 +17,14 @@ train output is copied to ``{workdir}/runs/{run id}/train/``; the kfp artifacts
 (model, metrics, confusion matrix, HTML report) are files under ``{workdir}/kfp/``.
 ``data_root`` may instead be a directory (``file://``) or an existing bucket
 (``s3://...`` with ``AWS_ENDPOINT_URL`` set), and then nothing is copied.
+
+With ``runner="docker"`` the same pipeline runs under ``kfp.local.DockerRunner``: each
+task in its kind's image (``make images``) as uid 10001, through the engine
+``DOCKER_HOST`` names, on the host network (inside ``scripts/in-loopback-netns``: one
+loopback-only namespace shared with the S3 server). Resize submits to a Ray cluster of
+two containers from the ``ray`` image (:mod:`imgpipe.containers.raycluster`) through
+its Jobs API, with token auth on. Containers see only the S3 store (a ``file://``
+data root is refused) and the kfp pipeline root, which is mounted.
 """
 
 from __future__ import annotations
@@ -47,13 +55,25 @@ __all__ = [
     "load_local_config",
     "local_s3_server",
     "moto_s3_server",
+    "container_writable",
+    "container_env",
+    "docker_runner",
     "run_local",
 ]
 
 log = logging.getLogger(__name__)
 
 STEPS = ("download", "clean", "resize", "train")
+RUNNERS = ("subprocess", "docker")
 LOCAL_BUCKET = "imgpipe-local"
+# The S3 settings a step container gets from this process, as a pod gets them from the
+# imgpipe-s3-config ConfigMap and the imgpipe-s3-credentials Secret.
+S3_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+)  # fmt: skip
+# The uid the images run as (docker/Dockerfile); its group is 0.
+CONTAINER_USER = "10001"
 # Pipeline parameters that make a laptop run finish in minutes on two cores: small
 # images, a small model, few epochs, a local Ray (the pipeline's default is KubeRay).
 LOCAL_PARAMS: dict[str, Any] = {
@@ -87,6 +107,8 @@ class LocalRunConfig:
         seed: Sample dataset seed.
         params: Pipeline parameters over :data:`LOCAL_PARAMS`.
         step_config: Step config sections over :data:`LOCAL_STEP_CONFIG` (per field).
+        runner: ``subprocess`` (each step a subprocess of this Python) or ``docker``
+            (each step in its image; see the module docstring).
     """
 
     data_root: str | None = None
@@ -98,6 +120,11 @@ class LocalRunConfig:
     seed: int = 0
     params: Mapping[str, Any] = field(default_factory=dict)
     step_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    runner: str = "subprocess"
+
+    def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
 
     def pipeline_arguments(self) -> dict[str, Any]:
         """The pipeline parameters of this run, except the data locations."""
@@ -287,7 +314,7 @@ def _sample_dataset(cfg: LocalRunConfig, data_root: str) -> tuple[str, str]:
     return storage.join(synth_dir, "images.tar.gz"), cfg.annotations or storage.join(synth_dir, "annotations.tar.gz")
 
 
-def _run_pipeline(workdir: Path, arguments: dict[str, Any]) -> dict[str, Any]:
+def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None) -> dict[str, Any]:
     from kfp import local
 
     from imgpipe.kfp_client import import_pipelines
@@ -295,7 +322,7 @@ def _run_pipeline(workdir: Path, arguments: dict[str, Any]) -> dict[str, Any]:
     pipelines = import_pipelines()
 
     local.init(
-        runner=local.SubprocessRunner(use_venv=False),
+        runner=runner or local.SubprocessRunner(use_venv=False),
         pipeline_root=str(workdir / "kfp"),
         raise_on_error=True,
     )
@@ -307,6 +334,102 @@ def _run_pipeline(workdir: Path, arguments: dict[str, Any]) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
         task = pipeline(**arguments)
     return dict(task.outputs)
+
+
+def container_env() -> dict[str, str]:
+    """The S3 settings (:data:`S3_ENV`) of this process that a step container gets."""
+    return {k: os.environ[k] for k in S3_ENV if os.environ.get(k)}
+
+
+def _check_images(client: Any, images: Any) -> None:
+    import docker
+
+    for kind in ("cpu", "ray", "gpu"):
+        name = getattr(images, kind)
+        try:
+            client.images.get(name)
+        except docker.errors.ImageNotFound:
+            raise RuntimeError(f"the {kind} image {name} is not in the engine: build it first (make images)") from None
+
+
+def _check_network(client: Any, image: str, env: Mapping[str, str]) -> None:
+    """Fails clearly when step containers cannot reach the object store this run uses.
+
+    ``--network host`` joins the network namespace of the *engine*: an engine started
+    outside ours (a Docker daemon, a Podman service outside scripts/in-loopback-netns)
+    cannot see a server on our 127.0.0.1.
+    """
+    from urllib.parse import urlparse
+
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    probe = f"import socket; socket.create_connection(({url.hostname!r}, {port}), timeout=5).close()"
+    try:
+        client.containers.run(image, ["python", "-c", probe], network_mode="host", user=CONTAINER_USER, remove=True)
+    except Exception as exc:
+        raise RuntimeError(
+            f"a step container cannot reach the object store at {endpoint}: the engine's host network is not "
+            "this process's. Start the engine in this network namespace (make run-containers does: "
+            f"scripts/in-loopback-netns scripts/with-engine ...). ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+
+
+def _engine_for(cfg: LocalRunConfig, stack: contextlib.ExitStack) -> Any:
+    """The engine client of a docker run (checked before any work starts), else ``None``."""
+    if cfg.runner != "docker":
+        return None
+    from imgpipe.containers.engine import connect
+
+    if cfg.data_root is not None and not storage.normalize_uri(cfg.data_root).startswith("s3://"):
+        raise ValueError(
+            f"--runner docker needs an S3 data root: step containers cannot see {cfg.data_root} "
+            "(omit --data-root to use the run's own S3 server)"
+        )
+    return stack.enter_context(contextlib.closing(connect()))
+
+
+@contextlib.contextmanager
+def container_writable(pipeline_root: Path) -> Iterator[Path]:
+    """Makes a kfp pipeline root writable by step containers while the block runs.
+
+    The images run as uid 10001 in group 0 and write task outputs under the pipeline
+    root, which ``kfp.local`` mounts and partly creates from this process: the root and
+    everything created meanwhile is group-writable (umask 002), and owned by group 0
+    when this process runs as root.
+    """
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    os.chmod(pipeline_root, 0o775 if os.getuid() == 0 else 0o777)
+    previous = os.umask(0o002)
+    try:
+        yield pipeline_root
+    finally:
+        os.umask(previous)
+
+
+def docker_runner(env: Mapping[str, str]) -> Any:
+    """The ``kfp.local.DockerRunner`` of imgpipe: host network, uid 10001, ``env`` for every task."""
+    from kfp import local
+
+    return local.DockerRunner(network_mode="host", user=CONTAINER_USER, environment={**env, "PYTHONUNBUFFERED": "1"})
+
+
+def _docker_runner(client: Any, stack: contextlib.ExitStack, workdir: Path) -> tuple[Any, str]:
+    """The DockerRunner of this run and the Jobs API address of its Ray cluster."""
+    from components.images import ImageSet
+    from imgpipe.containers.raycluster import RayClusterSpec, ray_cluster
+
+    images = ImageSet.from_env()
+    _check_images(client, images)
+    env = container_env()
+    _check_network(client, images.cpu, env)
+    stack.enter_context(container_writable(workdir / "kfp"))
+    print(f"ray: starting a head and a worker container from {images.ray}")
+    cluster = stack.enter_context(ray_cluster(client, RayClusterSpec(image=images.ray, env=env)))
+    print(f"ray: 2 nodes up, Jobs API at {cluster.address} (token auth)")
+    return docker_runner({**env, **cluster.submitter_env}), cluster.address
 
 
 def _copy_prefix(prefix: str, dest: Path) -> dict[str, str]:
@@ -331,11 +454,19 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
     workdir = Path(cfg.workdir).resolve()
     arguments = cfg.pipeline_arguments()
     with contextlib.ExitStack() as stack:
+        client = _engine_for(cfg, stack)
         own_store = cfg.data_root is None
         data_root = stack.enter_context(local_s3_server()) if own_store else storage.normalize_uri(cfg.data_root)
         source, annotations = _sample_dataset(cfg, data_root)
+        runner = None
+        if client is not None:
+            runner, ray_address = _docker_runner(client, stack, workdir)
+            if not cfg.params.get("ray_address"):
+                arguments["ray_address"] = ray_address
         outputs = _run_pipeline(
-            workdir, {**arguments, "data_root": data_root, "source_uri": source, "annotations_uri": annotations}
+            workdir,
+            {**arguments, "data_root": data_root, "source_uri": source, "annotations_uri": annotations},
+            runner,
         )
         train_prefix = outputs["model"].metadata["prefix"]
         run_id = train_prefix.rstrip("/").split("/")[-2]

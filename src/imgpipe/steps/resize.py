@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,10 +347,24 @@ def resize_row_groups(
     A generator, so Ray Data stores each resized batch as it comes and a task never
     holds more than one row group of inputs plus one batch of outputs.
     """
+    node = _node_id()
     for path, row_group in zip(items["file"], items["row_group"]):
         table = read_row_group(filesystem, str(path), int(row_group))
         for start in range(0, table.num_rows, batch_size):
-            yield resize_batch(table_to_batch(table.slice(start, batch_size)), spec)
+            out = resize_batch(table_to_batch(table.slice(start, batch_size)), spec)
+            out[NODE_COLUMN] = np.full(len(out["path"]), node, dtype=object)
+            yield out
+
+
+# The Ray node that resized a row: driver-side bookkeeping (manifest extra.ray_nodes), never written.
+NODE_COLUMN = "_ray_node"
+
+
+def _node_id() -> str:
+    """The Ray node this task runs on ("" outside Ray), shortened as Ray's CLI shows node ids."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else ""
 
 
 def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[Any, int]:
@@ -552,6 +567,7 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
     out.begin()
     rejects: list[Reject] = []
     seen = 0
+    nodes: Counter[str] = Counter()
     with _SplitWriter(out, schema, cfg.rows_per_shard, cfg.row_group_rows) as sink:
         if files:
             with _ray_session(cfg) as ray, _data_context(cfg):
@@ -560,6 +576,7 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
                     raise ValueError(f"{source}: the manifest lists {inputs} rows but its files hold {listed}")
                 next_log = 1000
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    nodes.update(batch.column(NODE_COLUMN).to_pylist())
                     good, bad = _split_results(batch, schema)
                     sink.add(good)
                     rejects.extend(bad)
@@ -585,6 +602,8 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
             "classes": upstream_extra.get("classes", []),
             "num_classes": upstream_extra.get("num_classes", 0),
             "rows_returned": seen,
+            # Rows resized per Ray node: where the work ran (a multi-node cluster spreads it).
+            "ray_nodes": dict(sorted(nodes.items())),
         },
         upstream={"source": source, "step": manifest.get("step"), "outputs": manifest.get("outputs")},
     )
