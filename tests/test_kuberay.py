@@ -46,11 +46,11 @@ def strict(schema: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def validators(shared_dir: Path) -> dict[str, jsonschema.Draft7Validator]:
+def validators(schemas_dir: Path) -> dict[str, jsonschema.Draft7Validator]:
     out = {}
     for kind, file in (("RayJob", "kuberay-v1.7-ray.io_rayjobs.yaml"), ("RayCluster", "kuberay-v1.7-ray.io_rayclusters.yaml")):
         # The CRDs are 1-1.4 MB of YAML: libyaml's loader reads them ten times faster.
-        crd = yaml.load((shared_dir / "schemas" / file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        crd = yaml.load((schemas_dir / file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         out[kind] = jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
     return out

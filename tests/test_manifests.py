@@ -204,8 +204,8 @@ def _strict(node: Any) -> Any:
 
 
 @cache
-def argo_validator(shared: Path, name: str) -> jsonschema.protocols.Validator:
-    path = shared / "schemas" / name
+def argo_validator(schemas: Path, name: str) -> jsonschema.protocols.Validator:
+    path = schemas / name
     assert path.is_file(), f"{path} is missing"
     schema = json.loads(path.read_text())
     root = _strict(
@@ -221,8 +221,8 @@ def argo_validator(shared: Path, name: str) -> jsonschema.protocols.Validator:
 
 
 @cache
-def kuberay_validator(shared: Path, kind: str) -> jsonschema.protocols.Validator:
-    path = shared / "schemas" / f"kuberay-v1.7-ray.io_{kind.lower()}s.yaml"
+def kuberay_validator(schemas: Path, kind: str) -> jsonschema.protocols.Validator:
+    path = schemas / f"kuberay-v1.7-ray.io_{kind.lower()}s.yaml"
     assert path.is_file(), f"{path} is missing"
     crd = yaml.safe_load(path.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
@@ -263,18 +263,18 @@ def test_core_kinds_are_valid_kubernetes_objects(name):
 
 
 @pytest.mark.parametrize("name", BUILDS)
-def test_ray_resources_match_the_kuberay_crds(name, shared_dir):
+def test_ray_resources_match_the_kuberay_crds(name, schemas_dir):
     ray = [d for d in build(name) if d["kind"] in ("RayJob", "RayCluster")]
     assert "RayJob" in {d["kind"] for d in ray}, "k8s/ray is part of every build"
     for doc in ray:
-        assert _errors(kuberay_validator(shared_dir, doc["kind"]), doc) == [], f"{name}: {doc['kind']}"
+        assert _errors(kuberay_validator(schemas_dir, doc["kind"]), doc) == [], f"{name}: {doc['kind']}"
 
 
 @pytest.mark.parametrize("schema", ARGO_SCHEMAS)
 @pytest.mark.parametrize("name", BUILDS)
-def test_cronworkflow_matches_the_argo_schema_strictly(name, schema, shared_dir):
+def test_cronworkflow_matches_the_argo_schema_strictly(name, schema, schemas_dir):
     (cron,) = [d for d in build(name) if d["kind"] == "CronWorkflow"]
-    validator = argo_validator(shared_dir, schema)
+    validator = argo_validator(schemas_dir, schema)
     assert _errors(validator, cron) == []
     typo = copy.deepcopy(cron)
     typo["spec"]["workflowSpec"]["templates"][0]["container"]["imagePullPolcy"] = "Always"
