@@ -25,6 +25,8 @@ from imgpipe.synth import SynthConfig, generate
 # Small enough to run twice in a few minutes on 2 cores, big enough for several row groups.
 SYNTH = {"classes": 4, "per_class": 16, "seed": 3}
 TRAIN = {"epochs": 1, "max_steps_per_epoch": 2, "num_workers": 0, "batch_size": 8}
+# Row groups of 8: one resize task each, so both Ray nodes get some.
+CLEAN = {"row_group_rows": 8}
 
 
 def _data_files(prefix: str) -> dict[str, bytes]:
@@ -66,7 +68,7 @@ def test_docker_run_reconciles_and_matches_the_subprocess_run_byte_for_byte(engi
             data_root=f"{s3_bucket}/{runner}",
             workdir=str(tmp_path / runner),
             runner=runner,
-            step_config={"train": TRAIN},
+            step_config={"train": TRAIN, "clean": CLEAN},
             params={"image_size": 48},
             **SYNTH,
         )
