@@ -4,6 +4,22 @@ The fake is a real HTTP server in a thread implementing only what ``kfp.Client``
 for these two commands (healthz, pipeline upload and lookup, versions, experiments,
 runs, recurring runs), keeping objects in memory and recording every request, so the
 tests assert on the bodies kfp's generated client actually sends.
+
+With ``multi_user`` on it refuses what the real API server refuses in multi-user mode
+(kubeflow/pipelines 2.15.0, unchanged from 2.5.0 to 2.17.0):
+
+* an experiment without a namespace: ``backend/src/apiserver/server/experiment_server.go``
+  ``canAccessExperiment``, "An experiment cannot have an empty namespace in multi-user mode";
+* a run or recurring run without an experiment id: ``resource/resource_manager.go``
+  ``GetValidExperimentNamespacePair``, "Experiment id can not be empty in multi-user mode";
+  their namespace is the experiment's;
+* pipelines: ``?namespace=`` on upload makes a namespaced pipeline (``server/
+  pipeline_upload_server.go``); none makes a *shared* one, which a profile's service
+  account should not create (and ``REQUIRE_NAMESPACE_FOR_PIPELINES``, 2.15.0, refuses:
+  "Namespace is required for pipeline operations"); a version takes its pipeline's
+  namespace; listing with ``namespace`` returns that namespace's pipelines only.
+
+Errors come back as the grpc-gateway does: HTTP 400 with ``{"error", "code": 3, "message"}``.
 """
 
 from __future__ import annotations
@@ -48,6 +64,8 @@ class FakeKfp:
     runs: list[dict] = field(default_factory=list)
     recurring: list[dict] = field(default_factory=list)
     run_state: str = "SUCCEEDED"
+    multi_user: bool = False
+    require_namespace_for_pipelines: bool = False
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def new_id(self, kind: str) -> str:
@@ -65,6 +83,11 @@ def _matching(items: list[dict], query: dict[str, str], **equal: str) -> list[di
             assert p["key"] == "display_name" and p["operation"] in (1, "EQUALS"), p
             out = [i for i in out if i["display_name"] == p["stringValue"]]
     return out
+
+
+def _invalid(message: str) -> tuple[int, Any]:
+    """InvalidArgument, as grpc-gateway maps it."""
+    return 400, {"error": message, "code": 3, "message": message, "details": []}
 
 
 def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
@@ -109,11 +132,18 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
     def route(method: str, parts: list[str], q: dict[str, str], body: Any) -> tuple[int, Any]:
         match method, parts:
             case "GET", ["healthz"]:
-                return 200, {"multi_user": False}
+                return 200, {"multi_user": fake.multi_user}
             case "GET", ["pipelines"]:
-                return 200, {"pipelines": _matching(fake.pipelines, q), "total_size": len(fake.pipelines)}
+                found = _matching(fake.pipelines, q, namespace=q.get("namespace", "") if fake.multi_user else None)
+                return 200, {"pipelines": found, "total_size": len(found)}
             case "POST", ["pipelines", "upload"]:
-                pipeline = {"pipeline_id": fake.new_id("p"), "display_name": q["name"], "description": q.get("description")}
+                namespace = q.get("namespace", "") if fake.multi_user else ""
+                if fake.multi_user and fake.require_namespace_for_pipelines and not namespace:
+                    return _invalid("Namespace is required for pipeline operations")
+                pipeline = {
+                    "pipeline_id": fake.new_id("p"), "display_name": q["name"], "description": q.get("description"),
+                    "namespace": namespace,
+                }  # fmt: skip
                 fake.pipelines.append(pipeline)
                 fake.versions.append(
                     {"pipeline_id": pipeline["pipeline_id"], "pipeline_version_id": fake.new_id("v"), "display_name": q["name"], "package": body["uploadfile"]}
@@ -135,13 +165,17 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
             case "GET", ["experiments"]:
                 return 200, {"experiments": _matching(fake.experiments, q, namespace=q.get("namespace"))}
             case "POST", ["experiments"]:
+                if fake.multi_user and not body.get("namespace"):
+                    return _invalid("Failed to authorize the request: An experiment cannot have an empty namespace in multi-user mode")
                 experiment = {**body, "experiment_id": fake.new_id("e")}
                 fake.experiments.append(experiment)
                 return 200, experiment
             case "GET", ["runs"]:
                 return 200, {"runs": _matching(fake.runs, q, experiment_id=q.get("experiment_id"))}
             case "POST", ["runs"]:
-                run = {**body, "run_id": fake.new_id("r"), "state": "PENDING"}
+                if fake.multi_user and not body.get("experiment_id"):
+                    return _invalid("Experiment id can not be empty in multi-user mode")
+                run = {**body, "run_id": fake.new_id("r"), "state": "PENDING", "namespace": _namespace_of(body)}
                 fake.runs.append(run)
                 return 200, run
             case "GET", ["runs", run_id]:
@@ -150,13 +184,19 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
             case "GET", ["recurringruns"]:
                 return 200, {"recurringRuns": _matching(fake.recurring, q, experiment_id=q.get("experiment_id"))}
             case "POST", ["recurringruns"]:
-                rr = {**body, "recurring_run_id": fake.new_id("rr")}
+                if fake.multi_user and not body.get("experiment_id"):
+                    return _invalid("Experiment id can not be empty in multi-user mode")
+                rr = {**body, "recurring_run_id": fake.new_id("rr"), "namespace": _namespace_of(body)}
                 fake.recurring.append(rr)
                 return 200, rr
             case "DELETE", ["recurringruns", rr_id]:
                 fake.recurring[:] = [r for r in fake.recurring if r["recurring_run_id"] != rr_id]
                 return 200, {}
         return 404, {"error": f"fake KFP has no {method} /{'/'.join(parts)}"}
+
+    def _namespace_of(body: dict) -> str:
+        experiment = next((e for e in fake.experiments if e["experiment_id"] == body.get("experiment_id")), {})
+        return experiment.get("namespace", "")
 
     return Handler
 
@@ -349,3 +389,53 @@ def test_parse_params_types_and_refusals(package):
 def test_connect_needs_a_host():
     with pytest.raises(ValueError, match="KF_PIPELINES_ENDPOINT"):
         kfp_client.connect(None)
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-user Kubeflow: the profile namespace is a first-class setting.
+
+
+def test_the_fake_refuses_what_a_multi_user_server_refuses(kfp_server):
+    import requests
+
+    host, fake = kfp_server
+    fake.multi_user = fake.require_namespace_for_pipelines = True
+    answer = requests.post(f"{host}{API}/experiments", json={"display_name": "x"}, timeout=10)
+    assert answer.status_code == 400 and "empty namespace in multi-user mode" in answer.json()["message"]
+    answer = requests.post(f"{host}{API}/runs", json={"display_name": "r"}, timeout=10)
+    assert answer.status_code == 400 and "Experiment id can not be empty" in answer.json()["message"]
+    answer = requests.post(f"{host}{API}/pipelines/upload?name=p", files={"uploadfile": b"x"}, timeout=10)
+    assert answer.status_code == 400 and "Namespace is required" in answer.json()["message"]
+
+
+def test_multi_user_submit_keeps_pipeline_experiment_and_runs_in_the_namespace(kfp_server, package):
+    host, fake = kfp_server
+    fake.multi_user = fake.require_namespace_for_pipelines = True
+    fake.pipelines.append({"pipeline_id": "p-shared", "display_name": "imgpipe", "namespace": ""})  # someone else's
+    target = Target(host=host, experiment="nightly", namespace="team-a", service_account="default-editor")
+    first = kfp_client.submit(PARAMS, target=target, package=package)
+    again = kfp_client.submit(PARAMS, target=target, package=package)
+    assert [r.query.get("namespace") for r in fake.posted("/pipelines/upload")] == ["team-a"], "one namespaced pipeline"
+    assert len(fake.posted("/pipelines/upload_version")) == 1, "the version once: found again by name in the namespace"
+    assert first.pipeline_id == again.pipeline_id != "p-shared", "a shared pipeline of that name is not ours"
+    assert [(e["display_name"], e["namespace"]) for e in fake.experiments] == [("nightly", "team-a")]
+    assert {r["namespace"] for r in fake.runs} == {"team-a"} and len(fake.runs) == 2
+
+
+def test_multi_user_schedule_lands_in_the_namespace(kfp_server, package):
+    host, fake = kfp_server
+    fake.multi_user = True
+    made = kfp_client.schedule("0 0 3 * * *", ["data_root=s3://b"], target=Target(host=host, namespace="team-a"), package=package)
+    assert made.created and [r["namespace"] for r in fake.recurring] == ["team-a"]
+    assert [p["namespace"] for p in fake.pipelines] == ["team-a"]
+
+
+def test_multi_user_without_a_namespace_says_how_to_set_one_before_uploading(kfp_server, package, monkeypatch):
+    host, fake = kfp_server
+    fake.multi_user = True
+    with pytest.raises(ValueError, match=r"multi-user.*--namespace.*IMGPIPE_KFP_NAMESPACE"):
+        kfp_client.submit(PARAMS, target=Target(host=host), package=package)
+    assert not fake.posted("/pipelines/upload") and not fake.posted("/experiments")
+    monkeypatch.setenv(kfp_client.NAMESPACE_ENV, "team-b")
+    kfp_client.submit(PARAMS, target=Target(host=host), package=package)
+    assert fake.experiments[0]["namespace"] == "team-b"

@@ -270,9 +270,10 @@ def run_args(tmp_path, monkeypatch):
 
 def run(api, run_args, **kwargs):
     out = io.StringIO()
+    core_api = api if hasattr(api, "list_namespaced_pod") else kuberay.NO_LOGS
     report = kuberay.run_step_rayjob(
         "resize", run_args["source"], run_args["dest"], run_args["cfg"], namespace="ml", run_id="run-7", api=api,
-        template=run_args["template"], image="reg/imgpipe-ray:1", poll_s=0, out=out, **kwargs,
+        core_api=core_api, template=run_args["template"], image="reg/imgpipe-ray:1", poll_s=0, out=out, **kwargs,
     )  # fmt: skip
     return report, out.getvalue()
 
@@ -361,3 +362,139 @@ def test_kuberay_address_picks_the_namespace(run_args, monkeypatch):
 
     assert resize(run_args["source"], run_args["dest"], run_args["cfg"], run_id="r") == "report"
     assert calls == {"step": "resize", "namespace": "ml", "run_id": "r"}
+
+
+# ------------------------------------------------------------------ no hang, no orphans, the cluster's template
+# Statuses as KubeRay v1.6.0 sets them (ray-operator/controllers/ray/rayjob_controller.go): a spec the
+# validator refuses stays ValidationFailed and is never requeued; a head lost in K8sJobMode ends Failed
+# with SubmissionFailed once the submitter Job gives up; activeDeadlineSeconds ends Failed/DeadlineExceeded.
+
+VALIDATION_FAILED = ("ValidationFailed", "", "ValidationFailed", "The RayJob spec is invalid: preRunningDeadlineSeconds must be a positive integer")
+HEAD_EVICTED = ("Failed", "", "SubmissionFailed", "Job submission has failed. Reason: BackoffLimitExceeded. Message: Job has reached the specified backoff limit")
+
+
+class FakeCluster(FakeCustomObjects):
+    """The fake operator plus what imgpipe reads around it: deletes, the cluster's template, submitter pods and logs."""
+
+    def __init__(self, script=SUCCESS, message="", final=None, template=None, logs=()) -> None:
+        super().__init__(script, message)
+        self.final = final  # (deployment, job, reason, message) the script ends in and then keeps
+        self.deleted: list[str] = []
+        self.logs = list(logs)
+        if template is not None:
+            self.objects[("ml", "imgpipe-resize")] = {**copy.deepcopy(template), "status": {}, "_steps": []}
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        obj = super().get_namespaced_custom_object(group, version, namespace, plural, name)
+        if not self.objects[(namespace, name)]["_steps"] and self.final and name != "imgpipe-resize":
+            deployment, job, reason, message = self.final
+            self.objects[(namespace, name)]["status"] = obj["status"] = {
+                "jobDeploymentStatus": deployment, "jobStatus": job, "reason": reason, "message": message}  # fmt: skip
+        return obj
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
+        self._check(group, version, plural)
+        if self.objects.pop((namespace, name), None) is None:
+            raise ApiException(status=404, reason="NotFound")
+        self.deleted.append(name)
+        return {"kind": "Status", "status": "Success"}
+
+    # CoreV1Api: the submitter Job's pod (label job-name=<rayjob>) and its log.
+    def list_namespaced_pod(self, namespace, label_selector=""):
+        from types import SimpleNamespace
+
+        name = label_selector.split("=", 1)[1]
+        pods = [SimpleNamespace(metadata=SimpleNamespace(name=f"{name}-x7k2p", creation_timestamp=1))] if self.logs else []
+        return SimpleNamespace(items=pods)
+
+    def read_namespaced_pod_log(self, name, namespace, **kwargs):
+        return "\n".join(self.logs[: len(self.logs)]) + "\n"
+
+
+def test_validation_failed_is_a_failure_with_its_message_not_a_hang(run_args):
+    api = FakeCluster(script=[("Initializing", "")], final=VALIDATION_FAILED)
+    with pytest.raises(RuntimeError, match=r"ValidationFailed.*preRunningDeadlineSeconds must be a positive integer"):
+        run(api, run_args)
+    state, text = kuberay.rayjob_state({"status": dict(zip(("jobDeploymentStatus", "jobStatus", "reason", "message"), VALIDATION_FAILED))})
+    assert state == "failed" and "reason=ValidationFailed" in text
+
+
+def test_an_evicted_head_ends_the_wait_with_the_operators_reason(run_args):
+    api = FakeCluster(script=[("Initializing", ""), ("Running", "RUNNING")], final=HEAD_EVICTED)
+    with pytest.raises(RuntimeError, match=r"reason=SubmissionFailed.*backoff limit"):
+        run(api, run_args)
+
+
+def test_every_wait_has_a_deadline_from_the_rayjobs_own_deadlines(run_args):
+    spec = run_args["template"]["spec"]
+    expected = spec["activeDeadlineSeconds"] + spec["preRunningDeadlineSeconds"] + kuberay.WAIT_SLACK_S
+    assert kuberay.wait_deadline_s(run_args["template"]) == expected
+    bare = copy.deepcopy(run_args["template"])
+    del bare["spec"]["activeDeadlineSeconds"], bare["spec"]["preRunningDeadlineSeconds"]
+    body = kuberay.build_rayjob(bare, params())
+    assert body["spec"]["activeDeadlineSeconds"] == kuberay.DEFAULT_ACTIVE_DEADLINE_S, "a template without deadlines gets ours"
+    assert body["spec"]["preRunningDeadlineSeconds"] == kuberay.DEFAULT_PRE_RUNNING_DEADLINE_S
+    api = FakeCluster(script=[("Initializing", "")] * 1000)
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    with pytest.raises(TimeoutError, match="keeps running"):
+        kuberay.run_step_rayjob(
+            "resize", run_args["source"], run_args["dest"], run_args["cfg"], namespace="ml", run_id="run-7", api=api,
+            core_api=api, template=run_args["template"], image="reg/imgpipe-ray:1", poll_s=600, out=io.StringIO(),
+            sleep=sleep, clock=lambda: now[0],
+        )  # fmt: skip
+    assert expected <= now[0] < expected + 600
+
+
+def test_rayjobs_carry_run_and_step_labels_and_are_deleted_once_done(run_args, validators):
+    api = FakeCluster(script=[("Running", "RUNNING"), ("Complete", "FAILED")])
+    with pytest.raises(RuntimeError):
+        run(api, run_args, max_attempts=2)
+    labels = api.objects[("ml", run_args["base"])]["metadata"]["labels"]
+    assert labels[kuberay.RUN_ID_LABEL] == "run-7" and labels[kuberay.STEP_LABEL] == "resize"
+    assert api.deleted == [], "a failed RayJob stays for kubectl describe/logs"
+    api.script = SUCCESS
+    report, _ = run(api, run_args, max_attempts=2)
+    assert report.step == "resize"
+    assert sorted(api.deleted) == sorted([run_args["base"], run_args["base"] + "-a2"]), "every attempt goes once one succeeded"
+    validate(validators, {k: v for k, v in kuberay.build_rayjob(run_args["template"], params()).items()})
+
+
+def test_a_retry_after_the_output_is_committed_does_nothing(run_args):
+    api = FakeCluster()
+    report, _ = run(api, run_args)
+    calls_before = len(api.created)
+    api.objects.clear()  # the RayJob is gone (deleted on success, or by a person): the output decides
+    again, printed = run(api, run_args)
+    assert again == report and len(api.created) == calls_before and printed == ""
+
+
+def test_the_template_a_cluster_admin_edits_is_the_one_used(run_args):
+    edited = copy.deepcopy(run_args["template"])
+    worker = edited["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    worker["tolerations"] = [{"key": "pool", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}]
+    worker["containers"][0]["resources"] = {"requests": {"cpu": "2", "memory": "3Gi"}, "limits": {"cpu": "2", "memory": "3Gi"}}
+    edited["metadata"]["annotations"] = {"kubectl.kubernetes.io/last-applied-configuration": "{...}"}
+    api = FakeCluster(template=edited)
+    found, source = kuberay.cluster_template(api, "ml", "resize")
+    assert source == "RayJob ml/imgpipe-resize"
+    assert "kubectl.kubernetes.io/last-applied-configuration" not in (found["metadata"].get("annotations") or {})
+    run(api, {**run_args, "template": None})
+    made = api.objects.get(("ml", run_args["base"])) or {}
+    spec = made.get("spec") or {}
+    assert not made or spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["tolerations"] == worker["tolerations"]
+    body = kuberay.build_rayjob(found, params())
+    got = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert got["tolerations"] == worker["tolerations"] and got["containers"][0]["resources"] == worker["containers"][0]["resources"]
+    missing, source = kuberay.cluster_template(FakeCluster(), "ml", "resize")
+    assert source.startswith("packaged") and missing["kind"] == "RayJob"
+
+
+def test_the_submitters_log_lines_reach_the_step_log(run_args):
+    api = FakeCluster(logs=["resize: 1000/5000 images", "resize: 5000/5000 images"])
+    _, printed = run(api, run_args)
+    assert "resize: 1000/5000 images" in printed and "resize: 5000/5000 images" in printed
+    assert printed.count("resize: 1000/5000 images") == 1, "each log line once"

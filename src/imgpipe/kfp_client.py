@@ -23,6 +23,19 @@ ConfigMap): ``KF_PIPELINES_ENDPOINT`` (host), ``IMGPIPE_EXPERIMENT``,
 Credentials: inside a cluster, the projected service-account token that Kubeflow
 expects (audience ``pipelines.kubeflow.org``) at ``$KF_PIPELINES_SA_TOKEN_PATH``;
 otherwise ``existing_token`` (e.g. from ``$KF_PIPELINES_TOKEN``) or none.
+
+Multi-user Kubeflow (the common install): everything goes into the profile namespace
+(``--namespace``, ``$IMGPIPE_KFP_NAMESPACE``). The API server refuses an experiment
+without a namespace there ("An experiment cannot have an empty namespace in multi-user
+mode", kubeflow/pipelines 2.15.0 ``backend/src/apiserver/server/experiment_server.go``),
+takes a run's namespace from its experiment (``resource/resource_manager.go``
+``GetValidExperimentNamespacePair``), and makes an upload without ``?namespace=`` a
+*shared* pipeline, visible to every profile and refused outright where
+``REQUIRE_NAMESPACE_FOR_PIPELINES`` is set (2.15.0+). So the pipeline is uploaded into
+the namespace and looked up there: kfp's ``get_pipeline_id`` and
+``upload_pipeline_version(pipeline_name=...)`` see shared pipelines only
+(sdk 2.14.3-2.17.0 ``kfp/client/client.py``), hence ``list_pipelines(namespace=...)``
+and ``pipeline_id=``. Which mode the server runs in comes from its ``/healthz``.
 """
 
 from __future__ import annotations
@@ -327,23 +340,40 @@ def _by_name(name: str) -> str:
     return json.dumps({"predicates": [{"operation": _EQUALS, "key": "display_name", "stringValue": name}]})
 
 
+def _find_pipeline(client: Any, name: str, namespace: str | None) -> str | None:
+    """The id of pipeline ``name`` in ``namespace`` (``None``: the shared pipelines)."""
+    if namespace is None:
+        return client.get_pipeline_id(name)
+    found = client.list_pipelines(filter=_by_name(name), namespace=namespace, page_size=2)
+    return found.pipelines[0].pipeline_id if found.pipelines else None
+
+
 def ensure_pipeline_version(
-    client: Any, package: str | Path, *, pipeline_name: str = PIPELINE_NAME
+    client: Any, package: str | Path, *, pipeline_name: str = PIPELINE_NAME, namespace: str | None = None
 ) -> tuple[str, str, str]:
     """Finds or uploads the pipeline and the package's version.
+
+    Args:
+        client: A ``kfp.Client``.
+        package: The compiled package.
+        pipeline_name: The pipeline's display name.
+        namespace: The profile namespace of a multi-user deployment: the pipeline is
+            uploaded into it and looked up there; ``None`` uses shared pipelines
+            (single-user deployments).
 
     Returns:
         ``(pipeline_id, version_id, version_name)``.
     """
     package = str(package)
     version = version_name(package, pipeline_name)
-    pipeline_id = client.get_pipeline_id(pipeline_name)
+    pipeline_id = _find_pipeline(client, pipeline_name, namespace)
     if pipeline_id is None:
         # Creates the pipeline with a first version named like the pipeline; ours follows.
         pipeline_id = client.upload_pipeline(
-            package, pipeline_name=pipeline_name, description="imgpipe: download -> clean -> resize -> train"
+            package, pipeline_name=pipeline_name, description="imgpipe: download -> clean -> resize -> train",
+            namespace=namespace,
         ).pipeline_id
-        log.info("created pipeline %s (%s)", pipeline_name, pipeline_id)
+        log.info("created pipeline %s (%s) in %s", pipeline_name, pipeline_id, namespace or "the shared namespace")
     found = client.list_pipeline_versions(pipeline_id=pipeline_id, filter=_by_name(version), page_size=1)
     if found.pipeline_versions:
         version_id = found.pipeline_versions[0].pipeline_version_id
@@ -425,9 +455,27 @@ def _prepare(
     path = _package(package, caching, gpu, tmp)
     typed = parse_params(params, path)
     client = client or connect(target.host, namespace=target.namespace)
-    pipeline_id, version_id, version = ensure_pipeline_version(client, path)
-    experiment_id = client.create_experiment(target.experiment, namespace=target.namespace).experiment_id
+    namespace = _namespace(client, target)
+    pipeline_id, version_id, version = ensure_pipeline_version(client, path, namespace=namespace)
+    experiment_id = client.create_experiment(target.experiment, namespace=namespace).experiment_id
     return client, typed, pipeline_id, version_id, version, experiment_id
+
+
+def _namespace(client: Any, target: Target) -> str | None:
+    """The profile namespace in multi-user mode (required there), else ``None``.
+
+    Raises:
+        ValueError: If the server runs multi-user and no namespace is set.
+    """
+    multi_user = bool(getattr(client.get_kfp_healthz(), "multi_user", False))
+    if not multi_user:
+        return None
+    if not target.namespace:
+        raise ValueError(
+            "this Kubeflow Pipelines runs in multi-user mode: pass --namespace (or set "
+            f"{NAMESPACE_ENV}) to your Kubeflow profile's namespace; experiments, pipelines and runs live there"
+        )
+    return target.namespace
 
 
 def _wait(client: Any, run_id: str, timeout_s: float, poll_s: float) -> str:

@@ -27,6 +27,14 @@ def test_image_runs_as_uid_10001_with_imgpipe_and_the_kfp_executor(engine, built
     assert engine.images.get(name).attrs["Config"]["User"] == "10001"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_build_machine_pip_settings_never_reach_the_image(engine, built_images, kind):
+    out = _run(engine, getattr(built_images, kind), "ls /tmp/build-pip 2>&1; echo ${PIP_CONFIG_FILE:-unset}; pip config list")
+    assert "No such file" in out and "unset" in out and "cert" not in out, out
+    history = " ".join(layer.get("CreatedBy", "") for layer in engine.images.get(getattr(built_images, kind)).history())
+    assert "build-pip" not in history, "only the first (discarded) stage touches the build's pip settings"
+
+
 @pytest.mark.parametrize(
     ("kind", "absent", "present"),
     [
