@@ -223,6 +223,15 @@ class FakeCustomObjects:
         self.script, self.message = list(script), message
         self.objects: dict[tuple[str, str], dict] = {}
         self.created: list[str] = []
+        self.bodies: dict[str, dict] = {}  # what each create sent, kept after a delete
+        self.deleted: list[str] = []
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
+        self._check(group, version, plural)
+        if self.objects.pop((namespace, name), None) is None:
+            raise ApiException(status=404, reason="NotFound")
+        self.deleted.append(name)
+        return {"kind": "Status", "status": "Success"}
 
     def _check(self, group, version, plural) -> None:
         assert (group, version, plural) == ("ray.io", "v1", "rayjobs")
@@ -238,6 +247,7 @@ class FakeCustomObjects:
         if key in self.objects:
             raise ApiException(status=409, reason="AlreadyExists")
         self.created.append(key[1])
+        self.bodies[key[1]] = copy.deepcopy(body)
         self.objects[key] = {**copy.deepcopy(body), "status": {}, "_steps": list(self.script)}
         return copy.deepcopy(self.objects[key])
 
@@ -282,8 +292,8 @@ def test_create_wait_succeed_then_a_retry_returns_without_creating(run_args, val
     api = FakeCustomObjects()
     report, printed = run(api, run_args)
     assert api.created == [run_args["base"]]
-    created = api.objects[("ml", run_args["base"])]
-    validate(validators, {k: v for k, v in created.items() if k not in ("status", "_steps")})
+    created = api.bodies[run_args["base"]]
+    validate(validators, created)
     assert created["spec"]["entrypoint"] == run_args["entrypoint"]
     assert "jobDeploymentStatus=Initializing" in printed and "jobStatus=SUCCEEDED" in printed
     assert report.step == "resize" and contract.read_manifest(run_args["dest"])["config"]["concurrency"] == 32
@@ -379,7 +389,6 @@ class FakeCluster(FakeCustomObjects):
     def __init__(self, script=SUCCESS, message="", final=None, template=None, logs=()) -> None:
         super().__init__(script, message)
         self.final = final  # (deployment, job, reason, message) the script ends in and then keeps
-        self.deleted: list[str] = []
         self.logs = list(logs)
         if template is not None:
             self.objects[("ml", "imgpipe-resize")] = {**copy.deepcopy(template), "status": {}, "_steps": []}
@@ -391,13 +400,6 @@ class FakeCluster(FakeCustomObjects):
             self.objects[(namespace, name)]["status"] = obj["status"] = {
                 "jobDeploymentStatus": deployment, "jobStatus": job, "reason": reason, "message": message}  # fmt: skip
         return obj
-
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
-        self._check(group, version, plural)
-        if self.objects.pop((namespace, name), None) is None:
-            raise ApiException(status=404, reason="NotFound")
-        self.deleted.append(name)
-        return {"kind": "Status", "status": "Success"}
 
     # CoreV1Api: the submitter Job's pod (label job-name=<rayjob>) and its log.
     def list_namespaced_pod(self, namespace, label_selector=""):
@@ -453,7 +455,7 @@ def test_rayjobs_carry_run_and_step_labels_and_are_deleted_once_done(run_args, v
     api = FakeCluster(script=[("Running", "RUNNING"), ("Complete", "FAILED")])
     with pytest.raises(RuntimeError):
         run(api, run_args, max_attempts=2)
-    labels = api.objects[("ml", run_args["base"])]["metadata"]["labels"]
+    labels = api.bodies[run_args["base"]]["metadata"]["labels"]
     assert labels[kuberay.RUN_ID_LABEL] == "run-7" and labels[kuberay.STEP_LABEL] == "resize"
     assert api.deleted == [], "a failed RayJob stays for kubectl describe/logs"
     api.script = SUCCESS
@@ -483,9 +485,8 @@ def test_the_template_a_cluster_admin_edits_is_the_one_used(run_args):
     assert source == "RayJob ml/imgpipe-resize"
     assert "kubectl.kubernetes.io/last-applied-configuration" not in (found["metadata"].get("annotations") or {})
     run(api, {**run_args, "template": None})
-    made = api.objects.get(("ml", run_args["base"])) or {}
-    spec = made.get("spec") or {}
-    assert not made or spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["tolerations"] == worker["tolerations"]
+    (made,) = api.bodies.values()
+    assert made["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["tolerations"] == worker["tolerations"]
     body = kuberay.build_rayjob(found, params())
     got = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert got["tolerations"] == worker["tolerations"] and got["containers"][0]["resources"] == worker["containers"][0]["resources"]

@@ -15,6 +15,31 @@ follows ``.status.jobDeploymentStatus`` (``Complete``/``Failed`` are terminal) a
 ``.status.jobStatus``; the step's own log is in the submitter Job of the same name
 (``kubectl logs -f job/<name>``).
 
+Running on a real cluster (KubeRay >= 1.6; statuses as ``ray-operator/controllers/ray/
+rayjob_controller.go`` at v1.6.0 sets them):
+
+* **No hang.** ``ValidationFailed`` (a spec the operator's validator refuses; it is not
+  requeued and never moves on) is a failure with the validator's message. Every wait has
+  a deadline: the RayJob's ``activeDeadlineSeconds`` + ``preRunningDeadlineSeconds`` +
+  :data:`WAIT_SLACK_S` (a template without them gets ours, so the operator enforces them
+  too). A head lost in K8sJobMode ends ``Failed``/``SubmissionFailed`` once the
+  submitter Job gives up, and that message is raised.
+* **No double runs, no orphans.** A destination that already holds this job's committed
+  output returns at once, before any API call but reading the template. RayJobs carry
+  the labels :data:`RUN_ID_LABEL` and :data:`STEP_LABEL`; once an attempt succeeds, every
+  attempt of the job is deleted (a failed one stays for ``kubectl describe``; its
+  cluster goes with ``shutdownAfterJobFinishes``). A TTL through
+  ``deletionStrategy.deletionRules`` is not used: KubeRay refuses it together with
+  ``shutdownAfterJobFinishes``, which a suspended template needs
+  (``ray-operator/controllers/ray/utils/validation.go`` at v1.6.0).
+* **The cluster's template.** The RayJob ``imgpipe-<step>`` that ``k8s/ray`` applies
+  (suspended) is read from the cluster (:func:`cluster_template`), so what an admin or an
+  overlay changed there (tolerations, resources, Secret names) reaches every run; the
+  packaged copy is the fallback where none is applied.
+* **Logs.** The step's own output is in the submitter Job's pod (label
+  ``job-name=<rayjob>``, set by Kubernetes' Job controller; KubeRay names the Job after the
+  RayJob): its new lines are copied to this step's log at every poll.
+
 Settings from the environment (a pipeline component sets them):
 ``IMGPIPE_RAY_IMAGE`` (the Ray image with imgpipe, required unless the template
 names a real one), ``IMGPIPE_KUBERAY_MAX_WORKERS`` (the worker group's maximum),
@@ -26,9 +51,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -52,6 +79,15 @@ from imgpipe.ray_jobs import (
 )
 
 __all__ = [
+    "RUN_ID_LABEL",
+    "STEP_LABEL",
+    "WAIT_SLACK_S",
+    "DEFAULT_ACTIVE_DEADLINE_S",
+    "DEFAULT_PRE_RUNNING_DEADLINE_S",
+    "NO_LOGS",
+    "label_value",
+    "wait_deadline_s",
+    "cluster_template",
     "GROUP",
     "VERSION",
     "PLURAL",
@@ -65,6 +101,8 @@ __all__ = [
     "create_or_attach",
     "rayjob_state",
     "wait_for_rayjob",
+    "SubmitterLog",
+    "load_core_api",
     "run_step_rayjob",
 ]
 
@@ -76,6 +114,19 @@ IMAGE_ENV = "IMGPIPE_RAY_IMAGE"
 MAX_WORKERS_ENV = "IMGPIPE_KUBERAY_MAX_WORKERS"
 TEMPLATE_ENV = "IMGPIPE_RAYJOB_TEMPLATE"
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+RUN_ID_LABEL = "imgpipe.dev/run-id"
+STEP_LABEL = "imgpipe.dev/step"
+_MANAGED = {"app.kubernetes.io/managed-by": "imgpipe"}
+# Beyond the RayJob's own deadlines: the operator's reconcile period and the submitter's
+# grace periods (JobDeploymentStatusTransitionGracePeriod, 300 s in v1.6.0) before it
+# writes a terminal status.
+WAIT_SLACK_S = 600
+DEFAULT_ACTIVE_DEADLINE_S = 6 * 3600
+DEFAULT_PRE_RUNNING_DEADLINE_S = 1800
+# Metadata the API server owns or kubectl adds; not part of a template.
+_SERVER_METADATA = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields", "selfLink", "ownerReferences")
+NO_LOGS = object()  # core_api value that turns log tailing off
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "k8s" / "ray"
 
 
@@ -93,8 +144,8 @@ class RayJobParams:
         worker_group: Which worker group the counts apply to.
         env_vars: Added to the job's runtime env (non-secret settings only: the
             RayJob spec is readable by anyone who may list RayJobs).
-        annotations: Added to the RayJob's metadata (the run id goes here: it may
-            not fit a label value).
+        annotations: Added to the RayJob's metadata (the full run id goes here).
+        labels: Added to the RayJob's metadata (run id and step, as label values).
     """
 
     name: str
@@ -106,6 +157,24 @@ class RayJobParams:
     worker_group: str = "cpu"
     env_vars: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def label_value(text: str) -> str:
+    """``text`` as a Kubernetes label value: itself when valid, else a readable prefix plus a digest."""
+    if _LABEL_VALUE.fullmatch(text):
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    head = re.sub(r"[^-A-Za-z0-9_.]", "-", text)[:50].strip("-_.")
+    return f"{head}-{digest}" if head else digest
+
+
+def wait_deadline_s(rayjob: Mapping[str, Any]) -> float:
+    """How long a wait for ``rayjob`` may take: its deadlines plus :data:`WAIT_SLACK_S`."""
+    spec = rayjob.get("spec") or {}
+    active = spec.get("activeDeadlineSeconds") or DEFAULT_ACTIVE_DEADLINE_S
+    pre_running = spec.get("preRunningDeadlineSeconds") or DEFAULT_PRE_RUNNING_DEADLINE_S
+    return float(active + pre_running + WAIT_SLACK_S)
 
 
 def template_path(step: str) -> Path:
@@ -164,9 +233,13 @@ def build_rayjob(template: Mapping[str, Any], params: RayJobParams) -> dict[str,
     meta["name"] = params.name
     meta["namespace"] = params.namespace
     meta["annotations"] = {**(meta.get("annotations") or {}), **params.annotations}
+    meta["labels"] = {**(meta.get("labels") or {}), **_MANAGED, **params.labels}
     spec = body.setdefault("spec", {})
     spec["entrypoint"] = params.entrypoint
     spec["suspend"] = False
+    # The operator enforces these; a wait derives its own deadline from them.
+    spec.setdefault("activeDeadlineSeconds", DEFAULT_ACTIVE_DEADLINE_S)
+    spec.setdefault("preRunningDeadlineSeconds", DEFAULT_PRE_RUNNING_DEADLINE_S)
     if params.env_vars:
         runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "") or {}
         runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **params.env_vars}
@@ -299,7 +372,8 @@ def rayjob_state(obj: Mapping[str, Any]) -> tuple[str, str]:
 
     Terminal deployment states are ``Complete`` and ``Failed`` (KubeRay's
     ``IsJobDeploymentTerminal``); only ``Complete`` with job status ``SUCCEEDED`` is
-    a success.
+    a success. ``ValidationFailed`` is not terminal to KubeRay, but the operator never
+    requeues it (v1.5.0+): for a waiter it is a failure.
     """
     status = obj.get("status") or {}
     deployment = status.get("jobDeploymentStatus") or "New"
@@ -309,7 +383,7 @@ def rayjob_state(obj: Mapping[str, Any]) -> tuple[str, str]:
     text = " ".join(parts)
     if deployment == "Complete" and job == "SUCCEEDED":
         return "succeeded", text
-    if deployment in ("Complete", "Failed"):
+    if deployment in ("Complete", "Failed", "ValidationFailed"):
         return "failed", text
     return "active", text
 
@@ -324,8 +398,20 @@ def wait_for_rayjob(
     out: TextIO | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    on_poll: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Polls the RayJob until its deployment is terminal; prints each status change.
+
+    Args:
+        api: A ``CustomObjectsApi``.
+        namespace: The RayJob's namespace.
+        name: The RayJob's name.
+        timeout_s: Give up after this long (:func:`wait_deadline_s` is what a step uses).
+        poll_s: Status poll interval.
+        out: Where status changes are printed.
+        sleep: Waits between polls (a fake clock in tests).
+        clock: The clock the deadline is on.
+        on_poll: Called at every poll (copies the submitter's new log lines).
 
     Returns:
         The terminal object (success or failure: :func:`rayjob_state` tells).
@@ -342,6 +428,8 @@ def wait_for_rayjob(
         obj = _get(api, namespace, name)
         if obj is None:
             raise RuntimeError(f"RayJob {namespace}/{name} was deleted while waiting for it")
+        if on_poll is not None:
+            on_poll()
         state, text = rayjob_state(obj)
         if text != last:
             out.write(f"rayjob {namespace}/{name}: {text}\n")
@@ -352,6 +440,94 @@ def wait_for_rayjob(
         if deadline is not None and clock() >= deadline:
             raise TimeoutError(f"RayJob {namespace}/{name} not finished after {timeout_s:.0f}s ({text}); it keeps running")
         sleep(poll_s)
+
+
+class SubmitterLog:
+    """Copies the new lines of a RayJob's submitter pod log to ``out`` at each call.
+
+    KubeRay (K8sJobMode) names the submitter Job after the RayJob; Kubernetes' Job
+    controller labels its pods ``job-name=<job>``. A new pod (the Job retried the
+    submission) starts from its first line.
+    """
+
+    def __init__(self, core_api: Any, namespace: str, name: str, out: TextIO) -> None:
+        self.core_api, self.namespace, self.name, self.out = core_api, namespace, name, out
+        self.pod: str | None = None
+        self.shown = 0
+
+    def __call__(self) -> None:
+        try:
+            pods = self.core_api.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.name}").items
+            if not pods:
+                return
+            pod = max(pods, key=lambda p: str(p.metadata.creation_timestamp)).metadata.name
+            if pod != self.pod:
+                self.pod, self.shown = pod, 0
+            text = self.core_api.read_namespaced_pod_log(pod, self.namespace) or ""
+        except Exception as exc:  # a pod still pending, RBAC without pods/log: logs are a courtesy
+            log.debug("no log of RayJob %s/%s's submitter yet: %s", self.namespace, self.name, exc)
+            return
+        if len(text) > self.shown:
+            self.out.write(text[self.shown :])
+            self.out.flush()
+            self.shown = len(text)
+
+
+def load_core_api() -> Any:
+    """A ``CoreV1Api`` (pods and their logs) with the same credentials as :func:`load_api`."""
+    from kubernetes import client
+
+    load_api()  # loads the configuration
+    return client.CoreV1Api()
+
+
+def cluster_template(api: Any, namespace: str, step: str) -> tuple[dict[str, Any], str]:
+    """The RayJob template of ``step`` as applied to the cluster, else the packaged one.
+
+    ``k8s/ray`` applies the template as the suspended RayJob ``imgpipe-<step>``; an
+    overlay's or an admin's edits live there. Server-owned metadata, ``kubectl``'s
+    annotations and the status are dropped.
+
+    Returns:
+        The template and where it came from (for the log).
+
+    Raises:
+        RuntimeError: If the API refuses the read (RBAC): a silent fallback would
+            ignore the cluster's edits.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    name = f"imgpipe-{step}"
+    try:
+        obj = _get(api, namespace, name)
+    except ApiException as exc:
+        raise RuntimeError(
+            f"cannot read the RayJob template {namespace}/{name} ({_status_code(exc)} {exc.reason}): the pipeline's "
+            "service account needs `get` on rayjobs.ray.io (k8s/base/role-rayjobs.yaml)"
+        ) from exc
+    if obj is None:
+        path = template_path(step)
+        return load_template(path), f"packaged {path} (no RayJob {namespace}/{name} in the cluster)"
+    meta = obj.get("metadata") or {}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if not k.startswith("kubectl.kubernetes.io/")}
+    template = {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("status", "metadata")}
+    template["metadata"] = {k: copy.deepcopy(v) for k, v in meta.items() if k not in _SERVER_METADATA}
+    template["metadata"]["annotations"] = annotations
+    return template, f"RayJob {namespace}/{name}"
+
+
+def _delete_attempts(api: Any, namespace: str, base: str, attempts: int) -> None:
+    """Deletes attempts 1..``attempts`` of a job (its cluster goes with it); absent ones are fine."""
+    from kubernetes.client.exceptions import ApiException
+
+    for n in range(1, attempts + 1):
+        try:
+            api.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, attempt_id(base, n), propagation_policy="Background"
+            )
+        except ApiException as exc:
+            if _status_code(exc) != 404:
+                log.warning("could not delete RayJob %s/%s: %s", namespace, attempt_id(base, n), exc)
 
 
 def _latest_attempt(api: Any, namespace: str, base: str) -> tuple[int, dict[str, Any] | None]:
@@ -370,6 +546,7 @@ def run_step_rayjob(
     namespace: str | None = None,
     run_id: str | None = None,
     api: Any = None,
+    core_api: Any = None,
     template: Mapping[str, Any] | None = None,
     image: str | None = None,
     max_workers: int | None = None,
@@ -377,6 +554,8 @@ def run_step_rayjob(
     poll_s: float = 10.0,
     max_attempts: int = 3,
     out: TextIO | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> StepReport:
     """Runs a step as a KubeRay RayJob and waits for it (see the module docstring).
 
@@ -389,36 +568,47 @@ def run_step_rayjob(
         namespace: Where the RayJob goes (default: :func:`current_namespace`).
         run_id: Idempotency key (default ``$IMGPIPE_RUN_ID``).
         api: A ``CustomObjectsApi`` (default: :func:`load_api`).
-        template: The RayJob template (default: :func:`template_path` of ``step``).
+        core_api: A ``CoreV1Api`` for the submitter's log (default: :func:`load_core_api`;
+            :data:`NO_LOGS` turns it off).
+        template: The RayJob template (default: :func:`cluster_template`).
         image: The Ray image (default ``$IMGPIPE_RAY_IMAGE``).
         max_workers: The worker group's maximum (default ``$IMGPIPE_KUBERAY_MAX_WORKERS``,
             else the template's).
-        timeout_s: Give up waiting after this long; ``None`` waits (the RayJob's
-            ``activeDeadlineSeconds`` bounds it).
+        timeout_s: Give up waiting after this long (default: :func:`wait_deadline_s`).
         poll_s: Status poll interval.
         max_attempts: Attempts in all for one job id, across retries.
-        out: Where status changes are printed (default stdout).
+        out: Where status changes and the job's log are printed (default stdout).
+        sleep: Waits between polls.
+        clock: The clock of the deadline.
 
     Returns:
         The step report, read from the committed manifest at ``dest``.
 
     Raises:
-        RuntimeError: If the RayJob fails, with its status, reason and message.
-        TimeoutError: If ``timeout_s`` passes first.
+        RuntimeError: If the RayJob fails (``ValidationFailed`` included), with its
+            status, reason and message.
+        TimeoutError: If the deadline passes first (the RayJob keeps running).
     """
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
     contract.check_disjoint(dest, [source], step)
-    template = template if template is not None else load_template(template_path(step))
+    namespace = namespace or current_namespace()
+    api = api if api is not None else load_api()
+    if template is None:
+        template, origin = cluster_template(api, namespace, step)
+        log.info("%s: RayJob template from %s", step, origin)
     image = image or os.environ.get(IMAGE_ENV) or None
     if max_workers is None and os.environ.get(MAX_WORKERS_ENV):
         max_workers = int(os.environ[MAX_WORKERS_ENV])
     job_cfg = _sized_for_autoscaling(dataclasses.replace(cfg, ray_address=""), template, max_workers, "cpu")
+    done = committed_report(step, source, dest, job_cfg)
+    if done is not None:
+        # A retried task whose first attempt finished after all: nothing to run, nothing to create.
+        log.info("%s: %s already holds this job's committed output; not creating a RayJob", step, dest)
+        return done
     run_id = resolve_run_id(run_id)
     if run_id is None:
         log.warning("%s: no run id (--run-id or $%s): a retry of this call cannot re-attach to its RayJob", step, RUN_ID_ENV)
     base = job_id(step, source, dest, job_cfg, run_id)
-    namespace = namespace or current_namespace()
-    api = api if api is not None else load_api()
 
     attempt, latest = _latest_attempt(api, namespace, base)
     state, detail = rayjob_state(latest) if latest is not None else (None, "")
@@ -428,9 +618,11 @@ def run_step_rayjob(
     name = attempt_id(base, attempt)
     if action == "done":
         log.info("%s: RayJob %s/%s already succeeded and %s holds its output", step, namespace, name, dest)
+        _delete_attempts(api, namespace, base, attempt)
         report = committed_report(step, source, dest, job_cfg)
         assert report is not None  # checked by choose_action just now
         return report
+    body = latest
     if action == "submit":
         if latest is not None:
             log.warning("%s: RayJob %s ended (%s); creating attempt %d", step, attempt_id(base, attempt - 1), detail, attempt)
@@ -442,20 +634,32 @@ def run_step_rayjob(
             max_workers=max_workers,
             env_vars=forwarded_env(),
             annotations={"imgpipe.io/run-id": run_id or "", "imgpipe.io/attempt": str(attempt)},
+            labels={RUN_ID_LABEL: label_value(run_id or base), STEP_LABEL: label_value(step)},
         )
-        _, created = create_or_attach(api, build_rayjob(template, params))
+        body, created = create_or_attach(api, build_rayjob(template, params))
         log.info(
-            "%s: %s RayJob %s/%s (attempt %d); its log: kubectl logs -n %s -f job/%s",
+            "%s: %s RayJob %s/%s (attempt %d); its log follows (kubectl logs -n %s -f job/%s)",
             step, "created" if created else "attached to", namespace, name, attempt, namespace, name,
         )  # fmt: skip
     else:
         log.info("%s: attaching to RayJob %s/%s (%s)", step, namespace, name, detail)
 
-    final = wait_for_rayjob(api, namespace, name, timeout_s=timeout_s, poll_s=poll_s, out=out)
+    out = out or sys.stdout
+    if core_api is None:
+        core_api = load_core_api()
+    follow = None if core_api is NO_LOGS else SubmitterLog(core_api, namespace, name, out)
+    limit = timeout_s if timeout_s is not None else wait_deadline_s(body or template)
+    final = wait_for_rayjob(
+        api, namespace, name, timeout_s=limit, poll_s=poll_s, out=out, sleep=sleep, clock=clock, on_poll=follow
+    )
     state, detail = rayjob_state(final)
     if state != "succeeded":
-        raise RuntimeError(f"RayJob {namespace}/{name} for {step} {dest} failed: {detail}")
+        raise RuntimeError(
+            f"RayJob {namespace}/{name} for {step} {dest} failed: {detail}; it stays for a look "
+            f"(kubectl describe rayjob -n {namespace} {name}; kubectl delete rayjobs -n {namespace} -l {RUN_ID_LABEL}=...)"
+        )
     report = committed_report(step, source, dest, job_cfg)
     if report is None:
         raise RuntimeError(f"RayJob {namespace}/{name} succeeded but {dest} does not hold its committed output")
+    _delete_attempts(api, namespace, base, attempt)
     return report
