@@ -20,11 +20,12 @@ def resize(
     mode: str = "short-side-crop",
     ray_address: str = "",
     step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
-) -> None:
+) -> str:
     """Resizes on a local Ray, a Ray cluster's Jobs API or a KubeRay RayJob (``ray_address``).
 
     The run id is the idempotency key of a remote Ray job: a retried task re-attaches
-    to its job instead of starting a second one.
+    to its job instead of starting a second one. Returns the committed prefix (what
+    train takes: the pipeline picks one of two resize tasks with ``dsl.OneOf``).
     """
     from imgpipe import kfp_artifacts as ka
     from imgpipe.steps.resize import ResizeConfig, resize
@@ -32,4 +33,4 @@ def resize(
     named = {"size": image_size, "preset": preset or None, "mode": mode, "ray_address": ray_address}
     cfg = ka.step_config(ResizeConfig, step_config, "resize", **named)
     source, dest = ka.read_step_artifact(cleaned, "clean"), ka.run_prefix(data_root, run_id, "resize")
-    ka.write_step_artifact(resized, resize(source, dest, cfg, run_id=run_id).dest)
+    return ka.write_step_artifact(resized, resize(source, dest, cfg, run_id=run_id).dest)["dest"]

@@ -4,14 +4,14 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Metrics, Model, Output
 
 from components.images import image
 
 
 @dsl.component(base_image=image("gpu"), install_kfp_package=False)
 def train(
-    resized: Input[Artifact],
+    resized: str,
     data_root: str,
     run_id: str,
     trained: Output[Artifact],
@@ -25,7 +25,7 @@ def train(
     aug_policy: str = "randaugment",
     step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
 ) -> None:
-    """Trains on the resize output; records the run as the latest for incremental retraining.
+    """Trains on the resize output at ``resized`` (a committed prefix); records the run for incremental retraining.
 
     ``resume`` is on: the prefix is the run's own, so a first attempt starts fresh and a
     retried attempt continues from the checkpoint of the failed one.
@@ -35,7 +35,7 @@ def train(
 
     named = {"model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy, "resume": True}
     cfg = ka.step_config(TrainConfig, step_config, "train", **named)
-    data, out = ka.read_step_artifact(resized, "resize"), ka.run_prefix(data_root, run_id, "train")
+    data, out = ka.committed_prefix(resized, "resize"), ka.run_prefix(data_root, run_id, "train")
     result = train(data, out, cfg)
     ka.publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)
     ka.write_step_artifact(trained, result.dest)

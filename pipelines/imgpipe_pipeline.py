@@ -20,6 +20,13 @@ unchanged URI must never be a cache hit.
 What is chosen per run: the pipeline parameters of :func:`imgpipe_pipeline`
 (``imgpipe submit --param k=v``); any step config field through ``step_config``
 (``{"train": {"lr": 3e-4}}``), which wins over the typed parameters.
+
+Resize runs as one of two tasks, chosen by ``ray_address`` at run time: ``resize-local``
+(``ray_address == ""``: Ray inside the pod, sized like clean) or ``resize`` (a KubeRay
+RayJob or a Ray cluster's Jobs API does the work; the pod only submits and follows it,
+so it asks for what a poller needs). Train takes the committed prefix of whichever ran
+(``dsl.OneOf``). Train's memory limit covers its memory-backed ``/dev/shm``, which
+Kubernetes counts against the container's limit.
 """
 
 # No `from __future__ import annotations`: kfp reads the signature's annotations as types.
@@ -98,6 +105,7 @@ class GpuScheduling:
     toleration_key: str = "nvidia.com/gpu"
     node_selector: tuple[tuple[str, str], ...] = (("nvidia.com/gpu.present", "true"),)
     # PyTorch loader workers share batches through /dev/shm; the container default is 64 MiB.
+    # A memory-backed emptyDir counts against the container's memory limit.
     shm_size: str = "16Gi"
 
 
@@ -105,9 +113,12 @@ def _default_resources() -> dict[str, Resources]:
     return {
         "download": Resources("1", "2", "2Gi", "4Gi"),
         "clean": Resources("4", "4", "8Gi", "8Gi"),
-        # With ray_address="" resize runs a local Ray in its pod; remote modes need far less.
-        "resize": Resources("4", "4", "8Gi", "8Gi"),
-        "train": Resources("8", "8", "32Gi", "32Gi"),
+        # ray_address "": a local Ray in the pod does the work.
+        "resize-local": Resources("4", "4", "8Gi", "8Gi"),
+        # KubeRay or a Ray cluster does the work; the pod submits, polls and copies the log.
+        "resize": Resources("250m", "1", "512Mi", "1Gi"),
+        # 32 GiB for the process and its loader workers, plus GpuScheduling.shm_size (16 GiB).
+        "train": Resources("8", "8", "48Gi", "48Gi"),
     }
 
 
@@ -222,20 +233,21 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
             **common,
         )
         _configure(cl, "clean", images.cpu, options, options.retry)
-        rs = resize(
-            cleaned=cl.outputs["cleaned"],
-            image_size=image_size,
-            preset=preset,
-            mode=resize_mode,
-            ray_address=ray_address,
-            **common,
-        )
-        _configure(rs, "resize", images.ray, options, options.retry)
-        # ray_address "kuberay": the RayJob's cluster runs the resize image too.
-        rs.set_env_variable("IMGPIPE_RAY_IMAGE", images.ray)
-        kubernetes.use_secret_as_env(rs, RAY_TOKEN_SECRET, RAY_TOKEN_KEYS, optional=True)
+        resize_args = {
+            "cleaned": cl.outputs["cleaned"], "image_size": image_size, "preset": preset, "mode": resize_mode,
+            "ray_address": ray_address, **common,
+        }  # fmt: skip
+        with dsl.If(ray_address == "", name="ray-in-the-pod"):
+            in_pod = resize(**resize_args)
+            _configure(in_pod, "resize-local", images.ray, options, options.retry)
+        with dsl.Else(name="ray-cluster"):
+            remote = resize(**resize_args)
+            _configure(remote, "resize", images.ray, options, options.retry)
+            # ray_address "kuberay": the RayJob's cluster runs the resize image too.
+            remote.set_env_variable("IMGPIPE_RAY_IMAGE", images.ray)
+            kubernetes.use_secret_as_env(remote, RAY_TOKEN_SECRET, RAY_TOKEN_KEYS, optional=True)
         tr = train(
-            resized=rs.outputs["resized"],
+            resized=dsl.OneOf(in_pod.outputs["Output"], remote.outputs["Output"]),
             model_name=model,
             epochs=epochs,
             batch_size=batch_size,

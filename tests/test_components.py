@@ -144,7 +144,7 @@ def test_train_component_publishes_model_metrics_and_report(tmp_path, monkeypatc
         "report": _artifact(dsl.HTML, tmp_path / "report"),
     }
     train.python_func(
-        resized=_artifact(dsl.Artifact, tmp_path / "resized", prefix=data),
+        resized=data,  # the committed prefix, as dsl.OneOf hands over the resize branch that ran
         data_root=data_root,
         run_id="r1",
         model_name="tiny_cnn",

@@ -21,6 +21,8 @@ from imgpipe import contract, kfp_artifacts, kfp_client, storage
 from imgpipe.local_run import LocalRunConfig, load_local_config, run_local
 
 STEPS = ("download", "clean", "resize", "train")
+# The tasks of the compiled DAG, by display name: resize is two tasks, one per ray_address mode.
+TASKS = ("download", "clean", "resize-local", "resize", "train")
 REGISTRY, TAG = "registry.test/ml", "t1"
 
 
@@ -44,31 +46,63 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str]
     return ir, executors, package.read_text()
 
 
+def _all_tasks(ir: dict) -> dict[str, tuple[dict, str]]:
+    """Every container task, root DAG and condition branches alike: display name -> (task, executor label)."""
+    dags = [ir["root"]["dag"]] + [c["dag"] for c in ir["components"].values() if "dag" in c]
+    found = {}
+    for dag in dags:
+        for task in dag["tasks"].values():
+            component = ir["components"][task["componentRef"]["name"]]
+            if "executorLabel" in component:
+                found[task["taskInfo"]["name"]] = (task, component["executorLabel"])
+    return found
+
+
 def _tasks(ir: dict) -> dict:
-    return ir["root"]["dag"]["tasks"]
+    return {name: task for name, (task, _) in _all_tasks(ir).items()}
 
 
-def _container(ir: dict, step: str) -> dict:
-    return ir["deploymentSpec"]["executors"][f"exec-{step}"]["container"]
+def _executor(ir: dict, name: str) -> str:
+    return _all_tasks(ir)[name][1]
+
+
+def _container(ir: dict, name: str) -> dict:
+    return ir["deploymentSpec"]["executors"][_executor(ir, name)]["container"]
 
 
 def test_dag_runs_download_clean_resize_train_in_order(compiled):
     ir, _, _ = compiled
+    root = ir["root"]["dag"]["tasks"]
+    assert set(_tasks(ir)) == set(TASKS)
+    assert "dependentTasks" not in root["download"]
+    assert root["clean"]["dependentTasks"] == ["download"]
+    (branches,) = [name for name in root if name.startswith("condition-branches")]
+    assert root[branches]["dependentTasks"] == ["clean"] and root["train"]["dependentTasks"] == [branches]
+    # Exactly one resize runs: in the pod when ray_address is "", on a Ray cluster otherwise.
     tasks = _tasks(ir)
-    assert set(tasks) == set(STEPS)
-    assert "dependentTasks" not in tasks["download"]
-    assert {s: tasks[s].get("dependentTasks") for s in STEPS[1:]} == {"clean": ["download"], "resize": ["clean"], "train": ["resize"]}
-    # Each step reads the step artifact of the one before it, never a dataset artifact.
-    wiring = {
-        "clean": ("dataset", "download", "dataset"),
-        "resize": ("cleaned", "clean", "cleaned"),
-        "train": ("resized", "resize", "resized"),
+    conditions = {
+        name: next(c for c in ir["components"].values() if "dag" in c and any(t["taskInfo"]["name"] == name for t in c["dag"]["tasks"].values()))
+        for name in ("resize-local", "resize")
     }
-    for step, (name, producer, output) in wiring.items():
-        ref = tasks[step]["inputs"]["artifacts"][name]["taskOutputArtifact"]
-        assert (ref["producerTask"], ref["outputArtifactKey"]) == (producer, output)
+    triggers = {
+        name: next(t.get("triggerPolicy", {}).get("condition") for t in ir["components"][root[branches]["componentRef"]["name"]]["dag"]["tasks"].values()
+                   if ir["components"][t["componentRef"]["name"]] is conditions[name])
+        for name in conditions
+    }  # fmt: skip
+    assert triggers["resize-local"] == "inputs.parameter_values['pipelinechannel--ray_address'] == ''"
+    assert triggers["resize"] == "!(inputs.parameter_values['pipelinechannel--ray_address'] == '')"
+    # Each step reads the step artifact of the one before it, never a dataset artifact...
+    ref = tasks["clean"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
+    assert (ref["producerTask"], ref["outputArtifactKey"]) == ("download", "dataset")
+    channel = root[branches]["inputs"]["artifacts"]["pipelinechannel--clean-cleaned"]["taskOutputArtifact"]
+    assert (channel["producerTask"], channel["outputArtifactKey"]) == ("clean", "cleaned")
+    for step in ("resize-local", "resize"):
+        assert tasks[step]["inputs"]["artifacts"]["cleaned"]["componentInputArtifact"] == "pipelinechannel--clean-cleaned"
+    # ...and train the committed prefix of whichever resize ran.
+    resized = root["train"]["inputs"]["parameters"]["resized"]["taskOutputParameter"]
+    assert resized["producerTask"] == branches and "oneof" in resized["outputParameterKey"]
     # The run id reaches every step as the exact placeholder the backend substitutes.
-    for step in STEPS:
+    for step in TASKS:
         assert tasks[step]["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
     outputs = ir["root"]["outputDefinitions"]["artifacts"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in outputs.items()} == {
@@ -81,18 +115,20 @@ def test_dag_runs_download_clean_resize_train_in_order(compiled):
 
 def test_each_task_runs_its_kind_of_image_without_installing_anything(compiled):
     ir, _, _ = compiled
-    images = {step: _container(ir, step)["image"] for step in STEPS}
+    images = {step: _container(ir, step)["image"] for step in TASKS}
     assert images == {
         "download": f"{REGISTRY}/imgpipe-cpu:{TAG}",
         "clean": f"{REGISTRY}/imgpipe-cpu:{TAG}",
+        "resize-local": f"{REGISTRY}/imgpipe-ray:{TAG}",
         "resize": f"{REGISTRY}/imgpipe-ray:{TAG}",
         "train": "registry.test/cuda/trainer:7",
     }
-    for step in STEPS:
-        command = " ".join(_container(ir, step)["command"])
+    for task in TASKS:
+        step = task.split("-")[0]
+        command = " ".join(_container(ir, task)["command"])
         assert "pip install" not in command, "install_kfp_package=False: the image has kfp and imgpipe"
         assert "kfp.dsl.executor_main" in command and f"from imgpipe.steps.{step} import" in command
-        env = {e["name"]: e["value"] for e in _container(ir, step).get("env", [])}
+        env = {e["name"]: e["value"] for e in _container(ir, task).get("env", [])}
         assert env["PYTHONUNBUFFERED"] == "1"
     env = {e["name"]: e["value"] for e in _container(ir, "resize")["env"]}
     assert env["IMGPIPE_RAY_IMAGE"] == f"{REGISTRY}/imgpipe-ray:{TAG}", "KubeRay clusters run the resize image"
@@ -103,29 +139,34 @@ def test_resources_and_the_gpu_on_train_only(compiled):
     expected = {
         "download": ("1", "2", "2Gi", "4Gi"),
         "clean": ("4", "4", "8Gi", "8Gi"),
-        "resize": ("4", "4", "8Gi", "8Gi"),
-        "train": ("8", "8", "32Gi", "32Gi"),
+        "resize-local": ("4", "4", "8Gi", "8Gi"),  # Ray in the pod does the work
+        "resize": ("250m", "1", "512Mi", "1Gi"),  # a RayJob / Ray cluster does it; the pod polls
+        "train": ("8", "8", "48Gi", "48Gi"),
     }
     for step, (cpu_req, cpu_lim, mem_req, mem_lim) in expected.items():
         res = _container(ir, step)["resources"]
         got = (res["resourceCpuRequest"], res["resourceCpuLimit"], res["resourceMemoryRequest"], res["resourceMemoryLimit"])
         assert got == (cpu_req, cpu_lim, mem_req, mem_lim), step
         assert ("accelerator" in res) == (step == "train"), step
+    gib = {"Gi": 1, "Mi": 1 / 1024}
+    shm = executors[_executor(ir, "train")]["emptyDirMounts"][0]["sizeLimit"]
+    limit = _container(ir, "train")["resources"]["resourceMemoryLimit"]
+    assert float(limit[:-2]) * gib[limit[-2:]] >= float(shm[:-2]) * gib[shm[-2:]] + 16, "the limit covers /dev/shm plus the process"
     accelerator = _container(ir, "train")["resources"]["accelerator"]
     assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "1")
 
-    train = executors["exec-train"]
+    train = executors[_executor(ir, "train")]
     assert train["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert train["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "16Gi"}]
-    for step in ("download", "clean", "resize"):
-        assert not {"tolerations", "nodeSelector", "emptyDirMounts"} & set(executors[f"exec-{step}"]), step
+    for step in ("download", "clean", "resize-local", "resize"):
+        assert not {"tolerations", "nodeSelector", "emptyDirMounts"} & set(executors[_executor(ir, step)]), step
 
 
 def test_retries_with_backoff_on_data_steps_and_a_resuming_retry_on_train(compiled):
     ir, _, _ = compiled
     tasks = _tasks(ir)
-    for step in ("download", "clean", "resize"):
+    for step in ("download", "clean", "resize-local", "resize"):
         assert tasks[step]["retryPolicy"] == {
             "maxRetryCount": 3,
             "backoffDuration": "60s",
@@ -138,8 +179,8 @@ def test_retries_with_backoff_on_data_steps_and_a_resuming_retry_on_train(compil
 
 def test_s3_credentials_come_from_the_secret_never_from_literals(compiled):
     ir, executors, text = compiled
-    for step in STEPS:
-        platform = executors[f"exec-{step}"]
+    for step in TASKS:
+        platform = executors[_executor(ir, step)]
         (secret,) = [s for s in platform["secretAsEnv"] if s["secretName"] == "imgpipe-s3-credentials"]
         assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {
             ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
@@ -150,24 +191,25 @@ def test_s3_credentials_come_from_the_secret_never_from_literals(compiled):
         assert config["configMapName"] == "imgpipe-s3-config" and config["optional"] is True
         env_names = {e["name"] for e in _container(ir, step).get("env", [])}
         assert not env_names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, "credentials must not be literal env"
-    ray_token = [s for s in executors["exec-resize"]["secretAsEnv"] if s["secretName"] == "imgpipe-ray-shared"]
+    ray_token = [s for s in executors[_executor(ir, "resize")]["secretAsEnv"] if s["secretName"] == "imgpipe-ray-shared"]
     assert ray_token and ray_token[0]["optional"] is True
+    assert not [s for s in executors[_executor(ir, "resize-local")]["secretAsEnv"] if s["secretName"] == "imgpipe-ray-shared"]
     assert "testing" not in text and "secret_access_key:" not in text.lower()
 
 
 def test_caching_is_decided_when_compiling(compiled, tmp_path):
     ir, _, _ = compiled
-    assert all(_tasks(ir)[s]["cachingOptions"] == {} for s in STEPS), "off by default (scheduled retraining)"
+    assert all(_tasks(ir)[s]["cachingOptions"] == {} for s in TASKS), "off by default (scheduled retraining)"
     cached, _ = _load(kfp_client.compile_package(tmp_path / "cached.yaml", caching=True))
-    assert all(_tasks(cached)[s]["cachingOptions"] == {"enableCache": True} for s in STEPS)
+    assert all(_tasks(cached)[s]["cachingOptions"] == {"enableCache": True} for s in TASKS)
 
 
 def test_cpu_only_build_drops_the_gpu_scheduling(tmp_path, monkeypatch):
     monkeypatch.setenv(kfp_client.GPU_ENV, "false")
     ir, executors = _load(kfp_client.compile_package(tmp_path / "cpu.yaml"))
     assert "accelerator" not in _container(ir, "train")["resources"]
-    assert not {"tolerations", "nodeSelector"} & set(executors["exec-train"])
-    assert executors["exec-train"]["secretAsEnv"], "credentials stay"
+    assert not {"tolerations", "nodeSelector"} & set(executors[_executor(ir, "train")])
+    assert executors[_executor(ir, "train")]["secretAsEnv"], "credentials stay"
 
 
 def test_compiling_is_deterministic(compiled, tmp_path, monkeypatch):

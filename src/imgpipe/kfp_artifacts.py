@@ -42,6 +42,7 @@ __all__ = [
     "step_config",
     "write_step_artifact",
     "read_step_artifact",
+    "committed_prefix",
     "resolve_previous",
     "incremental_overrides",
     "record_latest",
@@ -136,6 +137,22 @@ def write_step_artifact(artifact: Any, prefix: str, **metadata: Any) -> dict[str
     artifact.metadata.update({k: manifest.get(k) for k in _SUMMARY_KEYS})
     artifact.metadata.update(prefix=prefix, **metadata)
     return manifest
+
+
+def committed_prefix(prefix: str, expect_step: str) -> str:
+    """``prefix`` normalized, once it is checked to hold a committed output of ``expect_step``.
+
+    What a step takes when its upstream hands it the prefix as a plain parameter (the
+    resize branches do: kfp selects one branch's *parameter* output with ``dsl.OneOf``).
+
+    Raises:
+        ValueError: If ``prefix`` is empty or another step's output.
+        UncommittedOutputError: If it is not committed.
+    """
+    if not (prefix or "").strip():
+        raise ValueError(f"no {expect_step} output prefix was handed over")
+    contract.read_manifest(prefix, expect_step=expect_step)
+    return storage.normalize_uri(prefix)
 
 
 def read_step_artifact(artifact: Any, expect_step: str) -> str:
