@@ -499,3 +499,37 @@ def test_the_submitters_log_lines_reach_the_step_log(run_args):
     _, printed = run(api, run_args)
     assert "resize: 1000/5000 images" in printed and "resize: 5000/5000 images" in printed
     assert printed.count("resize: 1000/5000 images") == 1, "each log line once"
+
+
+# The API calls imgpipe.kuberay makes, as (resource, RBAC verb).
+CALL_VERBS = {
+    "create_namespaced_custom_object": ("rayjobs", "create"),
+    "get_namespaced_custom_object": ("rayjobs", "get"),
+    "delete_namespaced_custom_object": ("rayjobs", "delete"),
+    "list_namespaced_pod": ("pods", "list"),
+    "read_namespaced_pod_log": ("pods/log", "get"),
+}
+
+
+class Recording:
+    """Passes every call to a fake API and records which method it was."""
+
+    def __init__(self, api) -> None:
+        self.api, self.calls = api, set()
+
+    def __getattr__(self, name):
+        self.calls.add(name)
+        return getattr(self.api, name)
+
+
+def test_the_role_grants_exactly_the_calls_the_code_makes(run_args):
+    api = Recording(FakeCluster(logs=["resize: 1/1 images"], template=run_args["template"]))
+    run(api, {**run_args, "template": None})  # template from the cluster, create, wait, logs, delete
+    failing = Recording(FakeCluster(script=[("Running", "RUNNING")], final=HEAD_EVICTED, template=run_args["template"]))
+    with pytest.raises(RuntimeError):
+        run(failing, {**run_args, "template": None})
+    used = {CALL_VERBS[m] for m in api.calls | failing.calls if m in CALL_VERBS}
+    assert not {m for m in api.calls | failing.calls if m.endswith(("_object", "_pod", "_log")) and m not in CALL_VERBS}
+    role = yaml.safe_load((ROOT / "k8s" / "base" / "role-rayjobs.yaml").read_text())
+    granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert used == granted, f"the Role grants {sorted(granted - used)} unused, lacks {sorted(used - granted)}"
