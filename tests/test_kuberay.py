@@ -527,7 +527,7 @@ def test_the_role_grants_exactly_the_calls_the_code_makes(run_args):
     run(api, {**run_args, "template": None})  # template from the cluster, create, wait, logs, delete
     failing = Recording(FakeCluster(script=[("Running", "RUNNING")], final=HEAD_EVICTED, template=run_args["template"]))
     with pytest.raises(RuntimeError):
-        run(failing, {**run_args, "template": None})
+        run(failing, {**run_args, "dest": run_args["dest"] + "-again", "template": None})
     used = {CALL_VERBS[m] for m in api.calls | failing.calls if m in CALL_VERBS}
     assert not {m for m in api.calls | failing.calls if m.endswith(("_object", "_pod", "_log")) and m not in CALL_VERBS}
     role = yaml.safe_load((ROOT / "k8s" / "base" / "role-rayjobs.yaml").read_text())
