@@ -70,8 +70,10 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]] | np.ndarray, labels: S
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     ticks = np.arange(len(labels))
-    ax.set_xticks(ticks, labels, rotation=90, fontsize=8)
-    ax.set_yticks(ticks, labels, fontsize=8)
+    # Class names come from folder and file names, i.e. from whoever made the archive:
+    # plain text, never mathtext ("$\\foo$" would otherwise crash after every epoch ran).
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=8, parse_math=False)
+    ax.set_yticks(ticks, labels, fontsize=8, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if len(labels) <= _ANNOTATE_MAX_CLASSES:
