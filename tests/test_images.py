@@ -157,3 +157,30 @@ def test_max_pixels_governs_not_pils_process_wide_default(monkeypatch):
     out = validate_and_normalize(f.jpeg(96, 64), max_pixels=96 * 64)
     assert out.width == 96
     assert Image.MAX_IMAGE_PIXELS == 100, "the global is restored"
+
+
+# ----------------------------------------------------------------------------------------
+# Only the decoders clean accepts: an EPS must never reach Ghostscript.
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [
+        pytest.param(EPS, "eps", id="eps"),
+        pytest.param(b"\xc5\xd0\xd3\xc6" + b"\x00" * 28 + EPS, "eps-binary-header", id="eps-binary-header"),
+        pytest.param(b"Image type: RGB image\r\nName: x\r\nImage size (x*y): 64*64\r\n\x1a" + b"\x00" * 600, "im", id="im"),
+    ],
+)
+def test_formats_outside_the_accepted_list_are_not_images_and_start_nothing(data, name, monkeypatch):
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{name}: an external program was started: {args[:1]}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(subprocess, "check_call", refuse)
+    with pytest.raises(ImageRejected) as rejected:
+        validate_and_normalize(data)
+    assert rejected.value.reason == "not_an_image", rejected.value.detail

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "ACCEPTED_FORMATS",
     "ImageRejected",
     "NormalizedImage",
     "sniff_format",
@@ -35,6 +36,12 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
 )
+
+
+# The only decoders clean lets Pillow use: the formats above and WebP. Image.open without
+# `formats=` tries every registered plugin, which reaches EPS (it starts Ghostscript),
+# SPIDER, IM, TGA and more; an archive member must never get there.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 
 
 class ImageRejected(Exception):
@@ -139,7 +146,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings(), _bomb_limit(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageRejected("too_large", str(exc)) from exc
     except UnidentifiedImageError as exc:

@@ -457,6 +457,9 @@ def plan_geometry(
     return Geometry((cx, cy, cx + side, cy + side), (size, size), region=region)
 
 
+STORED_FORMATS = ("JPEG", "PNG")
+
+
 def _open(data: bytes | None) -> Image.Image:
     if not data:
         raise ResizeError("missing_image", "no image bytes")
@@ -464,7 +467,8 @@ def _open(data: bytes | None) -> Image.Image:
         with warnings.catch_warnings():
             # clean already bounded the pixel count with its own max_pixels.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            # clean stores JPEG and PNG only; no other Pillow plugin is ever tried.
+            return Image.open(io.BytesIO(data), formats=STORED_FORMATS)
     except Image.DecompressionBombError as exc:
         # Above PIL's hard limit (2x MAX_IMAGE_PIXELS, 179 MP): only reachable when clean
         # ran with a max_pixels above that.
