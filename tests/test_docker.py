@@ -17,11 +17,11 @@ import shlex
 import subprocess
 import sys
 import tarfile
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from components import images
 from imgpipe import kuberay

@@ -37,6 +37,7 @@ __all__ = [
     "S3Options",
     "configure_s3",
     "normalize_uri",
+    "redact_uri",
     "join",
     "get_backend",
     "exists",
@@ -129,6 +130,26 @@ def normalize_uri(uri: str | os.PathLike[str]) -> str:
             raise ValueError(f"S3 URI {text!r} has no bucket; expected s3://bucket/prefix")
         return f"s3://{parsed.netloc}/{parsed.path.lstrip('/')}"
     raise ValueError(f"unsupported storage URI {text!r}: use file://, s3:// or a local path")
+
+
+def redact_uri(uri: str | os.PathLike[str]) -> str:
+    """``uri`` as it may be persisted or logged: without userinfo, query or fragment.
+
+    Presigned URLs carry their signature and access key in the query, ``user:pass@``
+    URLs their password; neither may reach a manifest, an artifact or a log. What
+    remains names the object well enough to find it.
+    """
+    text = os.fspath(uri)
+    parsed = urlparse(text)
+    if not parsed.scheme or parsed.scheme == "file":
+        return text
+    host = parsed.hostname or ""
+    if parsed.port:
+        host = f"{host}:{parsed.port}"
+    redacted = parsed._replace(netloc=host, query="", fragment="", params="").geturl()
+    if parsed.username or parsed.password or parsed.query or parsed.fragment:
+        redacted += " (credentials and query removed)"
+    return redacted
 
 
 def join(base: str, *parts: str) -> str:

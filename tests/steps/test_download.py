@@ -586,3 +586,40 @@ def test_config_normalizes_and_validates() -> None:
         DownloadConfig(retries=True)
     with pytest.raises(ValueError, match="timeout_s"):
         DownloadConfig(timeout_s=0)
+
+
+# Presigned URLs carry a signature and an access key in the query, user:pass@ a password.
+SECRETS = ("hunter2", "s3cr3tsignature", "AKIAEXAMPLEKEY")
+PRESIGNED = "?X-Amz-Credential=AKIAEXAMPLEKEY%2F20260101&X-Amz-Signature=s3cr3tsignature"
+
+
+def test_credentials_in_a_source_url_are_never_persisted_or_logged(
+    tmp_path: Path, http_server: HttpServer, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    http_server.routes["/pets/images.tar.gz" + PRESIGNED] = Route(data)
+    url = http_server.base.replace("http://", "http://alice:hunter2@") + "/pets/images.tar.gz" + PRESIGNED
+    dest = str(tmp_path / "out")
+    download(url, dest, FAST)
+    with pytest.raises(FileNotFoundError) as missing:
+        download(url.replace("images.tar.gz", "gone.tar.gz"), str(tmp_path / "out2"), FAST)
+    written = b"".join(storage.read_bytes(o.uri) for o in storage.list_objects(dest))
+    captured = capfd.readouterr()
+    seen = written.decode("latin-1") + captured.out + captured.err + caplog.text + str(missing.value)
+    assert not [s for s in SECRETS if s in seen], "a credential from the URL was persisted or logged"
+    source = contract.read_manifest(dest)["extra"]["sources"][0]["uri"]
+    assert source == http_server.base + "/pets/images.tar.gz (credentials and query removed)"
+    assert_rows_match(dest, IMAGES)
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("https://u:p@h.example:8443/a/b.tar?sig=x#frag", "https://h.example:8443/a/b.tar (credentials and query removed)"),
+        ("https://h.example/a.tar", "https://h.example/a.tar"),
+        ("s3://bucket/key.tar", "s3://bucket/key.tar"),
+        ("/data/images.tar", "/data/images.tar"),
+    ],
+)
+def test_redact_uri(uri: str, shown: str) -> None:
+    assert storage.redact_uri(uri) == shown

@@ -251,8 +251,13 @@ def _verify_digest(uri: str, expected: str | None, actual: str) -> None:
 
 
 def _fetch(uri: str, expected: str | None, spool: Path, cfg: DownloadConfig) -> _Source:
-    """Makes one source local, hashes it and checks its digest and format."""
+    """Makes one source local, hashes it and checks its digest and format.
+
+    Messages and the manifest name the source by :func:`storage.redact_uri`: a presigned
+    URL's signature or a ``user:pass@`` never leaves this function.
+    """
     scheme = _scheme(uri)
+    shown = storage.redact_uri(uri)
     if scheme in ("http", "https"):
         digest, size = _HttpSpooler(uri, spool, cfg).run()
         local = spool
@@ -264,20 +269,20 @@ def _fetch(uri: str, expected: str | None, spool: Path, cfg: DownloadConfig) -> 
         if local.is_dir():
             if expected is not None:
                 raise ValueError(
-                    f"sha256 was given for {uri}, a directory; checksums apply to archive files only"
+                    f"sha256 was given for {shown}, a directory; checksums apply to archive files only"
                 )
-            return _Source(uri, local, "directory", None, None)
+            return _Source(shown, local, "directory", None, None)
         if not local.is_file():
             raise FileNotFoundError(
-                f"download source {uri} does not exist (no file or directory at {local})"
+                f"download source {shown} does not exist (no file or directory at {local})"
             )
         digest, size = _hash_file(local, f"hash {local.name}")
     else:
         raise ValueError(
-            f"unsupported source {uri!r}: use http(s)://, s3://, file:// or a local path"
+            f"unsupported source {shown!r}: use http(s)://, s3://, file:// or a local path"
         )
-    _verify_digest(uri, expected, digest)
-    return _Source(uri, local, archive.detect_format(local, name=uri), digest, size)
+    _verify_digest(shown, expected, digest)
+    return _Source(shown, local, archive.detect_format(local, name=shown), digest, size)
 
 
 def _spool_s3(uri: str, spool: Path) -> tuple[str, int]:
@@ -331,7 +336,7 @@ class _HttpSpooler:
                     failures = 0 if self.have > before else failures + 1
                     if failures > self.cfg.retries:
                         raise ConnectionError(
-                            f"downloading {self.url} failed {failures} times in a row without "
+                            f"downloading {storage.redact_uri(self.url)} failed {failures} times in a row without "
                             f"progress (retries={self.cfg.retries}): {exc}"
                         ) from exc
                     time.sleep(self._delay(failures, exc))
@@ -385,13 +390,13 @@ class _HttpSpooler:
         status = resp.status_code
         if status in (404, 410):
             raise FileNotFoundError(
-                f"download source {self.url} not found (HTTP {status} {resp.reason})"
+                f"download source {storage.redact_uri(self.url)} not found (HTTP {status} {resp.reason})"
             )
         if status in _RETRY_STATUSES or status >= 500:
             raise _Transient(f"HTTP {status} {resp.reason}", _retry_after(resp))
         if status not in (200, 206):
             raise ValueError(
-                f"downloading {self.url} failed with HTTP {status} {resp.reason}; "
+                f"downloading {storage.redact_uri(self.url)} failed with HTTP {status} {resp.reason}; "
                 "check the URL and that it is publicly readable"
             )
 
@@ -635,5 +640,5 @@ def download(
             "sources": [src.manifest_entry() for src in fetched],
             "bytes_extracted": state.extracted,
         },
-        upstream={"sources": uris},
+        upstream={"sources": [storage.redact_uri(u) for u in uris]},
     )
