@@ -38,13 +38,12 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from imgpipe import storage
+from imgpipe import resources, storage
 from imgpipe.augment import AugmentConfig, BatchAugment, build_train_transform, normalize
 from imgpipe.contract import OutputWriter
 from imgpipe.loader import (
     ImageLoader,
     LoaderConfig,
-    available_cpus,
     decode_jpeg_batch,
     describe_split,
 )
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3, help="the first is warm-up")
-    parser.add_argument("--workers", type=int, default=available_cpus(), help="worker processes for every pipeline")
+    parser.add_argument("--workers", type=int, default=resources.available_cpus(), help="worker processes for every pipeline")
     parser.add_argument("--aug-device", choices=["cpu", "gpu"], default="cpu", help="where imgpipe augments")
     parser.add_argument("--root", type=Path, help="keep the generated data here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imgpipe import contract, storage
+from imgpipe import contract, resources, storage
 
 __all__ = [
     "LABELS_FILE",
@@ -62,7 +62,6 @@ __all__ = [
     "RowGroup",
     "Unit",
     "SplitInfo",
-    "available_cpus",
     "default_num_workers",
     "read_labels",
     "split_names",
@@ -147,26 +146,6 @@ class LoaderConfig:
         return default_num_workers() if self.num_workers is None else self.num_workers
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota.
-
-    In a Kubernetes pod ``os.cpu_count()`` reports the node's cores, not the pod's
-    limit; the quota lives in ``/sys/fs/cgroup/cpu.max`` as ``"<quota> <period>"``.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as fh:
-            quota, period = fh.read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
-
-
 def default_num_workers(local_world_size: int | None = None) -> int:
     """Worker processes per rank: the rank's share of the CPUs minus one for the training loop.
 
@@ -175,7 +154,7 @@ def default_num_workers(local_world_size: int | None = None) -> int:
             by torchrun) or 1.
     """
     local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(16, available_cpus() // max(1, local) - 1))
+    return max(1, min(16, resources.available_cpus() // max(1, local) - 1))
 
 
 # ----------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from imgpipe import storage
+from imgpipe import resources, storage
 from imgpipe.config import config_to_dict
 
 __all__ = [
@@ -743,7 +743,7 @@ def _render_all(
     members = list(members)
     # Threads overlap Pillow's JPEG encoding and numpy work, which release the GIL;
     # every image has its own RNG, so the output does not depend on scheduling.
-    workers = max(1, min(4, os.cpu_count() or 1))
+    workers = max(1, min(4, resources.available_cpus()))
     out: dict[str, _Rendered] = {}
     with (
         ThreadPoolExecutor(workers) as pool,

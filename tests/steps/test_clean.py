@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -323,3 +324,70 @@ def test_incremental_clean_carries_known_images(tmp_path):
     assert sorted(r["order"] for r in rows.values()) == list(range(len(rows)))
     with pytest.raises(ValueError, match="grayscale"):
         clean(src2, str(tmp_path / "clean3"), CleanConfig(workers=1, grayscale=True, skip_hashes_from=prev))
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (children, grandchildren: a forkserver's workers too)."""
+    import os
+
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    parents[int(entry)] = int(fields[1])
+            except OSError:
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_pool_workers_exit_when_clean_is_killed(tmp_path, backend, request):
+    """``kill -9`` of ``imgpipe clean`` while its pool decodes: no worker may outlive it (fork and forkserver)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = "file://" + str(tmp_path / "store") if backend == "file" else request.getfixturevalue("s3_bucket") + "/kill"
+    members = {f"images/Abyssinian_{i}.jpg": f.jpeg(640, 480, seed=i) for i in range(400)}
+    source = write_download_output(f"{root}/download", members, row_group_rows=8, shards=4)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgpipe.cli", "clean", source, f"{root}/clean", "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _descendants(proc.pid)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the pool never started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # decoding under way
+        workers = _descendants(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while (left := {p for p in workers if _running(p)}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for pid in left}
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"{len(left)} pool process(es) outlived the killed step: {names}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not contract.is_committed(f"{root}/clean")

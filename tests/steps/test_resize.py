@@ -8,7 +8,6 @@ to the machine's external interface otherwise.
 from __future__ import annotations
 
 import io
-import os
 from collections import Counter
 
 import numpy as np
@@ -27,7 +26,6 @@ from imgpipe.steps.resize import (
     OUTPUT_COLUMNS,
     ResizeConfig,
     _data_context,
-    available_cpus,
     list_row_groups,
     output_schema,
     read_pixels,
@@ -141,25 +139,6 @@ def test_bbox_column_reaches_roi_crop_without_ray(tmp_path):
     out = resize_batch(batch, ResizeSpec(size=8, mode="fixed", ops=("roi_crop",)))
     left, whole = (np.frombuffer(p, np.uint8).reshape(8, 8, 3) for p in out["pixels"])
     assert left[:, :, 2].max() < 5 and whole[:, :, 2].max() > 250
-
-
-@pytest.mark.parametrize(
-    "files,expected",
-    [
-        ({"cpu.max": "200000 100000\n"}, 2),
-        ({"cpu.max": "150000 100000\n"}, 1),
-        ({"cpu.max": "max 100000\n"}, None),
-        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-        ({}, None),
-    ],
-)
-def test_available_cpus_respects_the_container_limit(tmp_path, files, expected):
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    unlimited = len(os.sched_getaffinity(0))
-    assert available_cpus(tmp_path) == (unlimited if expected is None else min(expected, unlimited))
 
 
 def test_data_context_is_set_for_the_run_and_restored():

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from imgpipe import contract, storage
+from imgpipe import contract, resources, storage
 from imgpipe.annotations import HeadBox, image_stem, read_head_boxes
 from imgpipe.contract import OutputWriter, Reject, StepReport
 from imgpipe.images import ImageRejected, validate_and_normalize
@@ -195,8 +195,9 @@ class _Task:
     rows: int
 
 
-def _init_worker(s3_options: storage.S3Options) -> None:
-    """Pool initializer: the same storage settings as the parent."""
+def _init_worker(s3_options: storage.S3Options, step_pid: int) -> None:
+    """Pool initializer: the same storage settings as the parent; gone when the step is gone."""
+    resources.die_with_parent(owner=step_pid)
     storage.configure_s3(**s3_options.__dict__)
 
 
@@ -473,7 +474,7 @@ def _validate_all(
     bucket_dir: Path,
 ) -> list[RowResult]:
     """Runs :func:`validate_task` over all tasks on all cores, with progress."""
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or resources.available_cpus()
     results: list[list[RowResult]] = [[] for _ in tasks]
 
     def task_args(task: _Task) -> tuple:
@@ -495,7 +496,7 @@ def _validate_all(
             max_workers=min(workers, len(tasks)),
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(storage.configure_s3(),),
+            initargs=(storage.configure_s3(), os.getpid()),
         ) as pool:
             futures = {pool.submit(validate_task, *task_args(t)): t for t in tasks}
             for fut in as_completed(futures):
@@ -630,7 +631,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     known_files, known = _read_known(cfg.skip_hashes_from, cfg) if cfg.skip_hashes_from else ([], {})
     plan = _plan(sha_by_path, labeler, cfg, known)
     boxes, bad_boxes = read_head_boxes(cfg.annotations) if cfg.annotations else ({}, {})
-    tasks = _make_tasks(units, cfg.workers or os.cpu_count() or 1)
+    tasks = _make_tasks(units, cfg.workers or resources.available_cpus())
     out = OutputWriter(dest, "clean")
     out.begin()
     with tempfile.TemporaryDirectory(prefix="imgpipe-clean-") as tmp:

@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -48,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgpipe import contract, ray_jobs, storage
+from imgpipe import contract, ray_jobs, resources, storage
 from imgpipe.contract import FileEntry, OutputWriter, Reject, StepReport
 from imgpipe.resize_ops import PRESETS, Resample, ResizeMode, ResizeSpec, resize_batch
 
@@ -58,7 +56,6 @@ __all__ = [
     "LABELS_FILE",
     "output_schema",
     "read_pixels",
-    "available_cpus",
     "list_row_groups",
     "read_row_group",
     "table_to_batch",
@@ -197,39 +194,6 @@ class ResizeConfig:
 # Ray session and Data context.
 
 
-def _cgroup_cpu_limit(root: Path) -> float | None:
-    """The container's CPU limit from cgroup v2 ``cpu.max`` or v1 CFS quota, if one is set."""
-    try:
-        v2 = root / "cpu.max"
-        if v2.is_file():
-            quota, period = v2.read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
-        v1 = root / "cpu" / "cpu.cfs_quota_us"
-        if v1.is_file():
-            quota_us = int(v1.read_text())
-            period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-            return None if quota_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """CPUs this process may use: the affinity mask, capped by a container CPU limit.
-
-    ``os.cpu_count()`` reports the node's CPUs; in a Kubernetes pod with a CPU limit, a
-    local Ray that size would start far more workers than the pod may run.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    limit = _cgroup_cpu_limit(cgroup_root)
-    if limit is not None:
-        cpus = min(cpus, max(1, math.floor(limit)))
-    return max(1, cpus)
-
-
 @contextlib.contextmanager
 def _ray_session(cfg: ResizeConfig) -> Iterator[Any]:
     """Uses a running Ray, or starts/joins one and shuts down only what it started."""
@@ -243,7 +207,7 @@ def _ray_session(cfg: ResizeConfig) -> Iterator[Any]:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init()  # inside a Ray job: join the cluster that runs it
     else:
-        ray.init(num_cpus=available_cpus(), include_dashboard=False)
+        ray.init(num_cpus=resources.available_cpus(), include_dashboard=False)
     try:
         yield ray
     finally:

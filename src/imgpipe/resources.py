@@ -1,0 +1,132 @@
+"""What this process may use: CPUs and memory under its container's limits, and its lifetime.
+
+``os.cpu_count()`` reports the node's cores; a pod with a CPU limit of 2 on a 64-core node
+that sizes a pool by it starts 64 workers that the CFS quota then throttles. Everything
+in imgpipe that sizes a pool asks :func:`available_cpus` instead (one CPU budget), which
+reads the affinity mask and the cgroup CPU quota, v2 (``cpu.max``) or v1
+(``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us``). :func:`memory_limit` reads the
+memory limit the same way.
+
+:func:`die_with_parent` makes a worker process end when the process that started it
+dies, even by ``kill -9``: a pool worker must never outlive the step it works for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+__all__ = ["CGROUP_ROOT", "cpu_quota", "available_cpus", "memory_limit", "die_with_parent"]
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_UNLIMITED_V1 = 1 << 62  # cgroup v1 reports "no limit" as a huge page-rounded number
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """The container's CPU limit in CPUs (``1.5`` for ``1500m``), or ``None`` when there is none."""
+    try:
+        v2 = _read(root / "cpu.max")
+        if v2 is not None:
+            quota, period = v2.split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota_us = _read(root / "cpu" / "cpu.cfs_quota_us")
+        period_us = _read(root / "cpu" / "cpu.cfs_period_us")
+        if quota_us is not None and period_us is not None:
+            return None if int(quota_us) <= 0 else int(quota_us) / int(period_us)
+    except ValueError:
+        return None
+    return None
+
+
+def available_cpus(root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may use: its affinity mask, capped by the container's CPU limit (at least 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cpu_quota(root)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.floor(quota)))
+    return max(1, cpus)
+
+
+def memory_limit(root: Path = CGROUP_ROOT) -> int | None:
+    """The container's memory limit in bytes, or ``None`` when there is none."""
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        text = _read(path)
+        if text is None:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            return None
+        return None if value >= _UNLIMITED_V1 else value
+    return None
+
+
+def die_with_parent(owner: int | None = None, sig: int = signal.SIGKILL) -> bool:
+    """Ends this process with ``sig`` when its parent, or ``owner``, dies (Linux).
+
+    Meant for a pool initializer. The kernel signals the process when the one that forked
+    it dies (``PR_SET_PDEATHSIG``): enough for a ``fork`` pool. A ``forkserver`` pool's
+    workers are forked by the forkserver, which only exits once no worker holds its
+    "alive" pipe: the workers would wait for it and it for them. So pass ``owner``, the
+    step's own pid: a thread waits on a pidfd of it, readable when it exits (a zombie
+    included), and ends this process then.
+
+    Returns:
+        Whether the request was made (``False`` off Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        return False
+    # The parent may have died between fork and prctl: then no signal would ever come.
+    if os.getppid() == 1:
+        os.kill(os.getpid(), sig)
+    if owner is not None and owner != os.getppid():
+        _watch(owner, sig)
+    return True
+
+
+def _watch(pid: int, sig: int) -> None:
+    import select
+    import threading
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # gone already (ESRCH), or a kernel before 5.3
+        if not _alive(pid):
+            os.kill(os.getpid(), sig)
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=wait, name=f"die-with-{pid}", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
