@@ -369,7 +369,8 @@ def test_pool_workers_exit_when_clean_is_killed(tmp_path, backend, request):
     source = write_download_output(f"{root}/download", members, row_group_rows=8, shards=4)
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgpipe.cli", "clean", source, f"{root}/clean", "--workers", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+        # A step killed with SIGKILL cannot remove its scratch folder: keep it in tmp_path.
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
