@@ -50,7 +50,8 @@ def test_begin_invalidates_previous_output_first(any_root):
     second = OutputWriter(dest, "demo")
     second.begin()
     assert not contract.is_committed(dest)
-    assert storage.list_objects(dest) == [], "stale shards from the previous run are removed"
+    left = [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(dest)]
+    assert left == [contract.OWNER], "stale shards from the previous run are removed; only the owner marker is there"
     second.write_table("part-00000.parquet", pa.table({"x": [9]}))
     second.commit(inputs=1, rejects=[], config={})
     assert json.loads(storage.read_bytes(storage.join(dest, "manifest.json")))["outputs"] == 1
@@ -92,3 +93,52 @@ def test_check_disjoint(tmp_path):
     for src in (f"{base}/out", f"{base}/out/sub", base):
         with pytest.raises(ValueError, match="overlap"):
             contract.check_disjoint(f"{base}/out", [src], "demo")
+
+
+# ----------------------------------------------------------------------------------------
+# A destination is emptied before writing: only ever one this step owns.
+
+
+@pytest.mark.parametrize("dest", ["s3://some-bucket", "s3://some-bucket/", "/", "file:///tmp", "/data"])
+def test_bucket_roots_and_shallow_prefixes_are_refused(dest, monkeypatch):
+    # Safe by construction: nothing may be listed, deleted or written here, whatever the code
+    # under test does (a begin() that empties "/" must fail this test, not the machine).
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"storage was touched for {dest}: {args}")
+
+    for name in ("delete", "delete_prefix", "list_objects", "write_bytes", "exists"):
+        monkeypatch.setattr(storage, name, forbidden)
+    with pytest.raises(ValueError, match="at least 2 segments"):
+        OutputWriter(dest, "demo").begin()
+
+
+def test_a_prefix_with_foreign_objects_is_refused_and_left_alone(any_root):
+    dest = storage.join(any_root, "shared")
+    storage.write_bytes(storage.join(dest, "notes/keep-me.txt"), b"someone else's")
+    with pytest.raises(ValueError, match="objects imgpipe did not write.*notes/keep-me.txt"):
+        OutputWriter(dest, "demo").begin()
+    assert storage.read_bytes(storage.join(dest, "notes/keep-me.txt")) == b"someone else's"
+
+
+def test_another_steps_output_is_refused(any_root):
+    dest = storage.join(any_root, "out")
+    first = OutputWriter(dest, "download")
+    first.begin()
+    first.write_table("part-00000.parquet", pa.table({"x": [1]}))
+    first.commit(inputs=1, rejects=[], config={})
+    with pytest.raises(ValueError, match="holds a download output"):
+        OutputWriter(dest, "clean").begin()
+    assert contract.is_committed(dest), "the download output is untouched"
+
+
+def test_a_killed_attempt_of_the_same_step_is_taken_over(any_root):
+    dest = storage.join(any_root, "out")
+    killed = OutputWriter(dest, "demo")
+    killed.begin()
+    killed.write_table("part-00007.parquet", pa.table({"x": [1]}))  # then the pod died: no manifest
+    again = OutputWriter(dest, "demo")
+    again.begin()
+    again.write_table("part-00000.parquet", pa.table({"x": [2]}))
+    again.commit(inputs=1, rejects=[], config={})
+    assert [f["name"] for f in contract.read_manifest(dest)["files"]] == ["part-00000.parquet"]
+    assert not storage.exists(storage.join(dest, "part-00007.parquet"))

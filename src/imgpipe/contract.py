@@ -19,12 +19,14 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +35,10 @@ from imgpipe import storage
 from imgpipe.config import config_to_dict, config_to_yaml
 
 __all__ = [
+    "OWNER",
+    "MIN_DEST_SEGMENTS",
+    "check_destination",
+    "claim",
     "MANIFEST",
     "SUCCESS",
     "REJECTS",
@@ -53,6 +59,11 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
+# Written first by every attempt: which step owns the prefix (a killed attempt leaves it).
+OWNER = "_OWNER"
+# An output prefix has at least this many segments (the bucket counts as one): a destination
+# is emptied before writing, and "s3://bucket" or "/data" must never be.
+MIN_DEST_SEGMENTS = 2
 REJECTS = "rejects.parquet"
 CONFIG = "config.yaml"
 SCHEMA_VERSION = 1
@@ -184,6 +195,84 @@ def read_rejects(prefix: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(_dest_uri(prefix, REJECTS))))
 
 
+def _segments(uri: str) -> list[str]:
+    parsed = urlparse(storage.normalize_uri(uri))
+    head = [parsed.netloc] if parsed.scheme == "s3" else []
+    return head + [p for p in parsed.path.split("/") if p]
+
+
+def _owner(dest: str) -> str | None:
+    """The step that owns ``dest``: from its owner marker, else its manifest; ``None`` if neither."""
+    for name in (OWNER, MANIFEST):
+        uri = _dest_uri(dest, name)
+        if storage.exists(uri):
+            try:
+                return str(json.loads(storage.read_bytes(uri)).get("step") or "") or None
+            except (ValueError, AttributeError):
+                return None
+    return None
+
+
+def check_destination(dest: str, step: str) -> str:
+    """Refuses a destination a step must never empty: a bucket root, ``/``, a shallow prefix.
+
+    Returns:
+        ``dest`` normalized.
+
+    Raises:
+        ValueError: For a prefix of fewer than :data:`MIN_DEST_SEGMENTS` segments.
+    """
+    dest = storage.normalize_uri(dest)
+    if len(_segments(dest)) < MIN_DEST_SEGMENTS:
+        raise ValueError(
+            f"{step}: refusing to write to {dest}: a step empties its destination first, so it must be a "
+            f"prefix of at least {MIN_DEST_SEGMENTS} segments (e.g. s3://bucket/imgpipe/{step}), never a bucket root or /"
+        )
+    return dest
+
+
+def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> None:
+    """Makes ``dest`` this step's, emptied: refuses prefixes the step does not own.
+
+    ``dest`` may be empty, or hold an output of the same step (committed, or left by a
+    killed attempt: the owner marker says so). Anything else, another step's output or
+    objects imgpipe never wrote, is refused rather than deleted, and so are bucket roots,
+    ``/`` and shallow prefixes (:func:`check_destination`).
+
+    Order: the ``_SUCCESS`` marker goes first (readers refuse the prefix from then on),
+    then everything but ``keep``, then the owner marker is written.
+
+    Args:
+        dest: The output prefix.
+        step: The step that writes it.
+        keep: Names to leave in place (train keeps its checkpoint when resuming).
+
+    Raises:
+        ValueError: For a shallow prefix, or one the step does not own (naming some of
+            what is there).
+    """
+    dest = check_destination(dest, step)
+    present = storage.list_objects(dest)
+    owner = _owner(dest) if present else None
+    if present and owner != step:
+        names = ", ".join(o.uri[len(dest.rstrip("/")) + 1 :] for o in present[:5])
+        whose = f"a {owner} output" if owner else "objects imgpipe did not write"
+        raise ValueError(
+            f"{step}: refusing to overwrite {dest}: it holds {whose} ({len(present)} object(s): {names}"
+            f"{', ...' if len(present) > 5 else ''}). Choose an empty prefix, or remove them yourself"
+        )
+    storage.delete(_dest_uri(dest, SUCCESS))
+    kept = {_dest_uri(dest, name) for name in keep}
+    if kept:
+        for obj in present:
+            if obj.uri not in kept:
+                storage.delete(obj.uri)
+    elif present:
+        storage.delete_prefix(dest)
+    marker = {"step": step, "pid": os.getpid(), "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    storage.write_bytes(_dest_uri(dest, OWNER), json.dumps(marker).encode())
+
+
 def check_disjoint(dest: str, sources: Iterable[str], step: str) -> None:
     """Refuses an output prefix that equals, contains or lies inside one of the step's inputs.
 
@@ -269,20 +358,20 @@ class OutputWriter:
         return _dest_uri(self.dest, name)
 
     def begin(self) -> None:
-        """Invalidates any previous output at ``dest`` so a re-run starts clean.
+        """Invalidates any previous output at ``dest`` so a re-run starts clean (:func:`claim`).
 
         ``_SUCCESS`` goes first: from that moment readers refuse the prefix, and the
-        stale files deleted next can never be read as part of a finished output.
+        stale files deleted next can never be read as part of a finished output. A prefix
+        the step does not own is refused, never emptied.
         """
-        storage.delete(self.uri(SUCCESS))
-        storage.delete_prefix(self.dest)
+        claim(self.dest, self.step)
         self._begun = True
         self._started = time.monotonic()
 
     def _check_name(self, name: str) -> None:
         if not self._begun:
             raise RuntimeError("OutputWriter.begin() must be called before writing")
-        if name in (MANIFEST, SUCCESS, REJECTS, CONFIG) or name.startswith("/") or ".." in name.split("/"):
+        if name in (MANIFEST, SUCCESS, REJECTS, CONFIG, OWNER) or name.startswith("/") or ".." in name.split("/"):
             raise ValueError(f"{name!r} is reserved or not a valid data file name")
 
     def write_table(self, name: str, table: pa.Table, **parquet_kwargs: Any) -> FileEntry:

@@ -216,6 +216,7 @@ def test_tar_gz_to_any_backend_keeps_bytes_counts_and_row_groups(
     assert manifest["config"]["row_group_rows"] == 2
     assert set(object_names(dest)) == {
         *names,
+        contract.OWNER,
         "manifest.json",
         "rejects.parquet",
         "config.yaml",
@@ -526,12 +527,15 @@ def test_total_cap_raises_and_commits_nothing(tmp_path: Path) -> None:
     dest = str(tmp_path / "out")
     download(str(make_tar(tmp_path / "ok.tar", IMAGES, mode="w")), dest, FAST)
     assert contract.is_committed(dest)
+    before = contract.read_manifest(dest)
 
     with pytest.raises(ValueError, match=r"max_total_bytes=10000.*archive bomb"):
         download(str(src), dest, DownloadConfig(max_total_bytes=10_000, shard_bytes=3000))
 
-    assert not contract.is_committed(dest)
-    assert "_SUCCESS" not in object_names(dest) and "manifest.json" not in object_names(dest)
+    # The bomb is found by the dry run before dest is touched: nothing new is committed,
+    # and the previous output is still there, whole.
+    assert contract.read_manifest(dest) == before
+    assert_rows_match(dest, IMAGES)
 
 
 # --------------------------------------------------------------------------- determinism
@@ -623,3 +627,28 @@ def test_credentials_in_a_source_url_are_never_persisted_or_logged(
 )
 def test_redact_uri(uri: str, shown: str) -> None:
     assert storage.redact_uri(uri) == shown
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_a_corrupt_archive_never_costs_the_committed_output(tmp_path: Path, backend: str, request) -> None:
+    """Validation before begin(): a truncated re-download leaves yesterday's output committed and whole."""
+    root = str(tmp_path / "store") if backend == "file" else request.getfixturevalue("s3_bucket") + "/root"
+    dest = storage.join(storage.normalize_uri(root), "pets", "download")
+    good = make_tar(tmp_path / "good.tar.gz", IMAGES)
+    download(str(good), dest, FAST)
+    before = {o.uri: storage.read_bytes(o.uri) for o in storage.list_objects(dest)}
+    data = make_tar(tmp_path / "big.tar.gz", {f"images/x_{i}.jpg": bytes([i % 256]) * 5000 for i in range(40)}).read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(archive.ArchiveError):
+        download(str(cut), dest, FAST)
+    assert contract.is_committed(dest)
+    assert {o.uri: storage.read_bytes(o.uri) for o in storage.list_objects(dest)} == before
+
+
+def test_a_prefix_holding_foreign_objects_is_never_a_download_destination(tmp_path: Path) -> None:
+    dest = storage.normalize_uri(str(tmp_path / "team" / "shared"))
+    storage.write_bytes(storage.join(dest, "report.csv"), b"not ours")
+    with pytest.raises(ValueError, match="objects imgpipe did not write"):
+        download(str(make_tar(tmp_path / "a.tar.gz", IMAGES)), dest, FAST)
+    assert storage.read_bytes(storage.join(dest, "report.csv")) == b"not ours"

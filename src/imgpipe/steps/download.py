@@ -574,6 +574,24 @@ def _extract_source(source: _Source, state: _Extraction, shards: _ShardWriter) -
         raise archive.ArchiveError(f"{source.uri}: {exc}") from exc
 
 
+class _Discard:
+    """A shard sink that keeps nothing: what a dry run of the extraction writes to."""
+
+    def add(self, path: str, data: bytes) -> None:
+        """Drops the member."""
+
+
+def _dry_run(sources: Sequence[_Source], cfg: DownloadConfig) -> None:
+    """Reads every member as the extraction will, writing nothing.
+
+    A truncated or corrupt archive, or one over a size cap, fails here, before the
+    destination is touched: the previous committed output survives a bad download.
+    """
+    state = _Extraction(cfg)
+    for source in sources:
+        _extract_source(source, state, _Discard())  # type: ignore[arg-type]
+
+
 def _extract_all(sources: Sequence[_Source], out: OutputWriter, cfg: DownloadConfig) -> _Extraction:
     state = _Extraction(cfg)
     shards = _ShardWriter(out, cfg)
@@ -592,8 +610,11 @@ def download(
 ) -> StepReport:
     """Pulls image archives (or directories) into ``dest`` as Parquet shards.
 
-    Every source is fetched and its checksum verified before ``dest`` is touched;
-    only then is the previous output cleared and the new one written and committed.
+    Every source is fetched, its checksum verified and every member read once (a dry
+    run) before ``dest`` is touched: a corrupt, truncated or oversized archive fails
+    there and leaves the previous committed output as it was. Only then is ``dest``
+    claimed (:func:`imgpipe.contract.claim`: it must be empty or a download output)
+    and the new output written and committed.
     Re-running with the same sources and dest reproduces the same rows and shard names.
 
     Args:
@@ -628,7 +649,9 @@ def download(
             _fetch(uri, digest, Path(spool_dir) / f"source-{i:03d}", cfg)
             for i, (uri, digest) in enumerate(zip(uris, digests, strict=True))
         ]
-        # Every source is local and verified: only now may the old output go.
+        # Every source is local, verified and readable to its last member: only now may
+        # the old output go.
+        _dry_run(fetched, cfg)
         out = OutputWriter(dest, STEP)
         out.begin()
         state = _extract_all(fetched, out, cfg)

@@ -937,11 +937,9 @@ def _commit(run: TrainingRun, train_report: TrainReport, upstream: Mapping[str, 
 
 
 def _start_output(out: str, cfg: TrainConfig, ctx: DistInfo) -> None:
-    """Invalidates a previous output: ``_SUCCESS`` first; everything else unless resuming."""
+    """Claims ``out`` for train (``contract.claim``): ``_SUCCESS`` first; the rest unless resuming."""
     if ctx.is_main:
-        storage.delete(storage.join(out, contract.SUCCESS))
-        if not cfg.resume:
-            storage.delete_prefix(out)
+        contract.claim(out, "train", keep=(CHECKPOINT,) if cfg.resume else ())
     _barrier(ctx)
 
 
