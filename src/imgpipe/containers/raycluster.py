@@ -5,8 +5,9 @@ authentication on; the worker runs ``ray start --block --address=HEAD:GCS_PORT``
 come from the ``ray`` image, run as its non-root user, and share the network namespace
 of the engine's host network: inside ``scripts/in-loopback-netns`` that is one namespace
 whose only interface is loopback, so every Ray port is on 127.0.0.1. Because the two
-nodes share that address, each gets its own agent, metrics and worker ports (the
-defaults would collide), as noted in ``../shared/CONTAINERS.md``.
+nodes share that address, the worker gets its own dashboard-agent, metrics and
+runtime-env-agent ports and each node its own range of worker ports: Ray's defaults
+are the same on every node and would collide.
 
 A step reaches the cluster as a pod reaches a RayCluster's head service:
 ``ray_address=http://127.0.0.1:<dashboard port>`` with ``RAY_AUTH_TOKEN`` set.
