@@ -65,7 +65,13 @@ PIPELINE_NAME = "imgpipe"
 S3_SECRET = "imgpipe-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 S3_CONFIG_MAP = "imgpipe-s3-config"
-S3_CONFIG_KEYS = {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION"}
+# The non-secret settings of every task (the ConfigMap is optional, and so is each key):
+# the S3 endpoint and region, and the Ray clusters a run may send resize to.
+S3_CONFIG_KEYS = {
+    "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
+    "IMGPIPE_RAY_CLUSTERS": "IMGPIPE_RAY_CLUSTERS",
+}
 # The token of the shared RayCluster's Jobs API (k8s/ray/raycluster-shared.yaml; KubeRay
 # creates the Secret). Optional: the local and KubeRay modes need none.
 RAY_TOKEN_SECRET = "imgpipe-ray-shared"

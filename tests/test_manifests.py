@@ -460,3 +460,15 @@ def test_stated_version_floors_match_the_fields_used(tmp_path):
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
     assert any(c.get("optional") for e in executors for c in e.get("configMapAsEnv", []))
     assert all(len(c["spec"]["schedules"]) for c in (d for d in build("base") if d["kind"] == "CronWorkflow"))
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_the_ray_address_an_overlay_schedules_is_a_cluster_it_allows(name):
+    from imgpipe import ray_jobs
+
+    docs = build(name)
+    retrain = next(d for d in docs if _key(d) == ("ConfigMap", "imgpipe-retrain"))["data"]
+    config = next(d for d in docs if _key(d) == ("ConfigMap", "imgpipe-s3-config"))["data"]
+    ray_jobs.check_allowed(retrain["IMGPIPE_PARAM_RAY_ADDRESS"], environ=config)
+    with pytest.raises(ValueError, match="not a configured Ray cluster"):
+        ray_jobs.check_allowed("http://elsewhere.example:8265", environ=config)

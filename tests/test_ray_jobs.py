@@ -134,6 +134,7 @@ def test_auth_token_sources_in_rays_order(tmp_path):
 
 
 def test_an_environment_address_that_would_win_is_refused(monkeypatch):
+    monkeypatch.setenv(ray_jobs.CLUSTERS_ENV, "http://head:8265")
     monkeypatch.setenv("RAY_ADDRESS", "http://other:8265")
     with pytest.raises(ValueError, match="RAY_ADDRESS=http://other:8265"):
         ray_jobs.connect("http://head:8265")
@@ -353,6 +354,7 @@ def jobs_env(ray_head, monkeypatch):
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", ray_jobs.RUN_ID_ENV):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(ray_head.token_path))
+    monkeypatch.setenv(ray_jobs.CLUSTERS_ENV, ray_head.url)  # the operator configured this cluster
     return ray_head
 
 
@@ -418,3 +420,53 @@ def test_a_failing_job_raises_with_its_error(jobs_env, tmp_path):
     text = str(err.value)
     assert "ended FAILED" in text and "is not a committed step output" in text
     assert not contract.is_committed(dest)
+
+
+# ----------------------------------------------------------------------------------------
+# ray_address is a run's parameter: only "", KubeRay and configured clusters get the job.
+
+
+@pytest.mark.parametrize("address", ["ray://evil.example:10001", "http://attacker.example:8265", "auto", "10.0.0.7:6379"])
+def test_an_unconfigured_cluster_is_refused(address, monkeypatch):
+    monkeypatch.setenv(ray_jobs.CLUSTERS_ENV, "http://imgpipe-ray-shared-head-svc:8265")
+    with pytest.raises(ValueError, match="not a configured Ray cluster"):
+        ray_jobs.check_allowed(address)
+
+
+def test_local_kuberay_and_configured_clusters_are_accepted(monkeypatch):
+    monkeypatch.setenv(ray_jobs.CLUSTERS_ENV, "http://Head-Svc:8265/, ray://other:10001")
+    assert ray_jobs.check_allowed("").mode == "local"
+    assert ray_jobs.check_allowed("kuberay://team-a").namespace == "team-a"
+    assert ray_jobs.check_allowed("http://head-svc:8265").mode == "jobs"
+    assert ray_jobs.check_allowed("ray://other:10001").mode == "local"
+
+
+def test_resize_refuses_a_hostile_address_before_contacting_it(tmp_path, monkeypatch):
+    import ray.job_submission
+
+    def contacted(*args, **kwargs):
+        raise AssertionError("a client was made for a hostile address")
+
+    monkeypatch.delenv(ray_jobs.CLUSTERS_ENV, raising=False)
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", contacted)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "the-clusters-token")
+    source = build_clean("file://" + str(tmp_path))
+    with pytest.raises(ValueError, match="not a configured Ray cluster"):
+        resize(source, "file://" + str(tmp_path / "out"), ResizeConfig(size=16, ray_address="http://attacker.example:8265"))
+    with pytest.raises(ValueError, match="not a configured Ray cluster"):
+        ray_jobs.connect("http://attacker.example:8265")
+
+
+def test_no_credential_travels_in_a_resize_tasks_arguments(s3_bucket, monkeypatch):
+    import pickle
+
+    from imgpipe.steps.resize import list_row_groups, task_arguments
+
+    secret = "the-static-secret-key-4711"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    storage.configure_s3()
+    source = build_clean(f"{s3_bucket}/t")
+    fs, _ = storage.arrow_filesystem(source)
+    assert secret.encode() in pickle.dumps(fs), "what used to travel: a file system holding the static keys"
+    shipped = pickle.dumps((list_row_groups(contract.data_files(source)), task_arguments(ResizeConfig(size=16))))
+    assert secret.encode() not in shipped

@@ -429,7 +429,9 @@ def _docker_runner(client: Any, stack: contextlib.ExitStack, workdir: Path) -> t
     print(f"ray: starting a head and a worker container from {images.ray}")
     cluster = stack.enter_context(ray_cluster(client, RayClusterSpec(image=images.ray, env=env)))
     print(f"ray: 2 nodes up, Jobs API at {cluster.address} (token auth)")
-    return docker_runner({**env, **cluster.submitter_env}), cluster.address
+    # The cluster is this run's own: the resize container may submit to it and to nothing else.
+    allowed = {"IMGPIPE_RAY_CLUSTERS": cluster.address}
+    return docker_runner({**env, **cluster.submitter_env, **allowed}), cluster.address
 
 
 def _copy_prefix(prefix: str, dest: Path) -> dict[str, str]:

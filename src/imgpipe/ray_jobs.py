@@ -60,6 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
+from urllib.parse import urlparse
 
 from imgpipe import contract, storage
 from imgpipe.config import config_to_dict
@@ -70,6 +71,9 @@ __all__ = [
     "FORWARDED_ENV",
     "RemoteTarget",
     "parse_address",
+    "CLUSTERS_ENV",
+    "allowed_clusters",
+    "check_allowed",
     "resolve_run_id",
     "job_id",
     "attempt_id",
@@ -86,6 +90,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RUN_ID_ENV = "IMGPIPE_RUN_ID"
+# The Ray clusters a step may use besides its own local Ray and KubeRay: comma-separated
+# addresses, set by whoever runs the pods (the imgpipe-s3-config ConfigMap), never by a
+# pipeline parameter. A ray_address is a pipeline parameter: whoever starts a run chooses
+# it, and the address a step talks to receives its job (and the Ray token).
+CLUSTERS_ENV = "IMGPIPE_RAY_CLUSTERS"
 # Non-secret S3 settings the job needs to reach the same storage as the submitter.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
@@ -109,6 +118,44 @@ class RemoteTarget:
     mode: Mode
     address: str = ""
     namespace: str | None = None
+
+
+def _canonical(address: str) -> str:
+    text = address.strip().rstrip("/")
+    parsed = urlparse(text)
+    if parsed.scheme and parsed.netloc:
+        return f"{parsed.scheme.lower()}://{parsed.netloc.lower()}{parsed.path}"
+    return text.lower()
+
+
+def allowed_clusters(environ: Any = None) -> list[str]:
+    """The cluster addresses :data:`CLUSTERS_ENV` configures (canonical form)."""
+    environ = os.environ if environ is None else environ
+    return [_canonical(a) for a in environ.get(CLUSTERS_ENV, "").split(",") if a.strip()]
+
+
+def check_allowed(ray_address: str, environ: Any = None) -> RemoteTarget:
+    """Parses ``ray_address`` and refuses a cluster that is not configured.
+
+    Accepted: ``""`` (a Ray of this pod), ``kuberay`` / ``kuberay://NAMESPACE`` (a RayJob
+    the pod's own RBAC allows), and addresses listed in ``$IMGPIPE_RAY_CLUSTERS``. Anything
+    else (``ray://`` anywhere, ``http://attacker:8265``, ``auto``) would receive the step's
+    job, its settings and the Ray token.
+
+    Raises:
+        ValueError: Naming the address and how to allow it.
+    """
+    target = parse_address(ray_address)
+    if target.mode == "kuberay" or (target.mode == "local" and not target.address):
+        return target
+    allowed = allowed_clusters(environ)
+    if _canonical(target.address) not in allowed:
+        raise ValueError(
+            f"ray_address {ray_address!r} is not a configured Ray cluster: use \"\" (Ray in this pod), "
+            f"kuberay[://NAMESPACE], or one of ${CLUSTERS_ENV} ({', '.join(allowed) or 'none set'}); a cluster "
+            f"is added by whoever runs the pods (the imgpipe-s3-config ConfigMap), never by a run's parameters"
+        )
+    return target
 
 
 def parse_address(ray_address: str) -> RemoteTarget:
@@ -221,6 +268,7 @@ def connect(address: str, token: str | None = None) -> Any:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    check_allowed(address)  # the token goes to configured clusters only
     for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         value = os.environ.get(name, "").rstrip("/")
         if value and value != address.rstrip("/"):

@@ -60,6 +60,7 @@ __all__ = [
     "read_row_group",
     "table_to_batch",
     "resize_row_groups",
+    "task_arguments",
     "resize",
 ]
 
@@ -257,23 +258,20 @@ def _task_concurrency(ray: Any, cfg: ResizeConfig) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def list_row_groups(files: Sequence[str]) -> tuple[Any, list[dict[str, Any]]]:
-    """One work item per Parquet row group of ``files``, in file order, and their file system.
+def list_row_groups(files: Sequence[str]) -> list[dict[str, Any]]:
+    """One work item per Parquet row group of ``files``, in file order.
 
-    Returns:
-        A ``pyarrow.fs`` file system and items ``{"file", "row_group", "rows"}`` whose
-        ``file`` is a path within it.
+    Items are ``{"file": URI, "row_group", "rows"}``: plain data. A task builds its own
+    file system from the URI (:func:`resize_row_groups`), so no credential travels in
+    a task's arguments: workers read with the credentials of their own environment.
     """
-    fs, _ = storage.arrow_filesystem(files[0])
     items: list[dict[str, Any]] = []
     for uri in files:
-        _, path = storage.arrow_filesystem(uri)
+        fs, path = storage.arrow_filesystem(uri)
         with fs.open_input_file(path) as fh:
             meta = pq.ParquetFile(fh).metadata
-        items.extend(
-            {"file": path, "row_group": rg, "rows": meta.row_group(rg).num_rows} for rg in range(meta.num_row_groups)
-        )
-    return fs, items
+        items.extend({"file": uri, "row_group": rg, "rows": meta.row_group(rg).num_rows} for rg in range(meta.num_row_groups))
+    return items
 
 
 def read_row_group(filesystem: Any, path: str, row_group: int) -> pa.Table:
@@ -303,17 +301,17 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
     return batch
 
 
-def resize_row_groups(
-    items: dict[str, np.ndarray], spec: ResizeSpec, filesystem: Any, batch_size: int
-) -> Iterator[dict[str, np.ndarray]]:
+def resize_row_groups(items: dict[str, np.ndarray], spec: ResizeSpec, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """The Ray task body: reads the listed row groups and resizes them ``batch_size`` rows at a time.
 
     A generator, so Ray Data stores each resized batch as it comes and a task never
-    holds more than one row group of inputs plus one batch of outputs.
+    holds more than one row group of inputs plus one batch of outputs. The file system
+    is made here, from the worker's own environment (its S3 credentials).
     """
     node = _node_id()
-    for path, row_group in zip(items["file"], items["row_group"]):
-        table = read_row_group(filesystem, str(path), int(row_group))
+    for uri, row_group in zip(items["file"], items["row_group"]):
+        filesystem, path = storage.arrow_filesystem(str(uri))
+        table = read_row_group(filesystem, path, int(row_group))
         for start in range(0, table.num_rows, batch_size):
             out = resize_batch(table_to_batch(table.slice(start, batch_size)), spec)
             out[NODE_COLUMN] = np.full(len(out["path"]), node, dtype=object)
@@ -331,8 +329,13 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else ""
 
 
+def task_arguments(cfg: ResizeConfig) -> dict[str, Any]:
+    """What every resize task gets besides its items: settings only, never credentials."""
+    return {"spec": cfg.spec, "batch_size": cfg.batch_size}
+
+
 def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[Any, int]:
-    fs, items = list_row_groups(files)
+    items = list_row_groups(files)
     # Row groups are read by our own tasks rather than ray.data.read_parquet: Ray Data
     # 2.60 resolves read_parquet's paths in 8 threads that each import
     # fsspec.implementations.http; without aiohttp (ray[data] does not install it) two
@@ -343,7 +346,7 @@ def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[A
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(
         resize_row_groups,
-        fn_kwargs={"spec": cfg.spec, "filesystem": fs, "batch_size": cfg.batch_size},
+        fn_kwargs=task_arguments(cfg),
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=_task_concurrency(ray, cfg)),
@@ -514,7 +517,8 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
         RuntimeError: If the rows that came back do not reconcile with the input.
     """
     cfg = cfg or ResizeConfig()
-    target = ray_jobs.parse_address(cfg.ray_address)
+    # ray_address is a run's parameter: only "", KubeRay and configured clusters get the job.
+    target = ray_jobs.check_allowed(cfg.ray_address)
     if target.mode == "jobs":
         return ray_jobs.run_step_job("resize", source, dest, cfg, address=target.address, run_id=run_id)
     if target.mode == "kuberay":
