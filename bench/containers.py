@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -47,14 +46,7 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def _source_changed_copy(tmp: Path) -> Path:
-    repo = tmp / "repo"
-    for entry in build.CONTEXT:
-        src, dst = build.ROOT / entry, repo / entry
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copyfile(src, dst)
+    repo = build.copy_context(tmp / "repo")
     init = repo / "src" / "imgpipe" / "__init__.py"
     init.write_text(init.read_text() + f"# source change {time.time()}\n")
     return repo

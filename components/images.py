@@ -34,6 +34,7 @@ __all__ = [
     "image",
     "images",
     "constraints",
+    "listing",
     "main",
 ]
 
@@ -132,6 +133,11 @@ def constraints(packages: Sequence[str] = CONSTRAINED) -> str:
     return "\n".join(lines) + "\n"
 
 
+def listing(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per kind: kind, image name, what runs in it (tab-separated)."""
+    return [f"{kind}\t{image(kind, environ)}\t{what}" for kind, what in KINDS.items()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m components.images {list,constraints}`` (building: ``imgpipe images build``)."""
     import argparse
@@ -142,8 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("constraints", help="print docker/constraints.txt from this environment")
     args = parser.parse_args(argv)
     if args.command == "list":
-        for kind, what in KINDS.items():
-            print(f"{kind}\t{image(kind)}\t{what}")
+        print("\n".join(listing()))
         return 0
     sys.stdout.write(constraints())
     return 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections.abc import Mapping
 
 import pyarrow as pa
 
+from imgpipe import resources
 from imgpipe.contract import OutputWriter
 
 
@@ -34,6 +34,4 @@ def write_download_output(dest: str, members: Mapping[str, bytes], row_group_row
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return resources.free_port()

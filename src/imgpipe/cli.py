@@ -295,11 +295,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_images(args: argparse.Namespace) -> int:
     """Builds, lists or bootstraps the step images (:mod:`imgpipe.containers.build`)."""
-    from components.images import KINDS, image
+    from components.images import KINDS, listing
 
     if args.images_command == "list":
-        for kind, what in KINDS.items():
-            print(f"{kind}\t{image(kind)}\t{what}")
+        print("\n".join(listing()))
         return 0
     from imgpipe.containers import build, engine
 

@@ -308,14 +308,21 @@ def _sized_for_autoscaling(cfg: Any, template: Mapping[str, Any], params_max: in
 # The Kubernetes side.
 
 
-def load_api() -> Any:
-    """A ``CustomObjectsApi``: in-cluster service account first, then kubeconfig."""
-    from kubernetes import client, config
+def _load_config() -> None:
+    """The Kubernetes client's configuration: in-cluster service account first, then kubeconfig."""
+    from kubernetes import config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+
+
+def load_api() -> Any:
+    """A ``CustomObjectsApi`` (see :func:`_load_config` for the credentials)."""
+    from kubernetes import client
+
+    _load_config()
     return client.CustomObjectsApi()
 
 
@@ -477,7 +484,7 @@ def load_core_api() -> Any:
     """A ``CoreV1Api`` (pods and their logs) with the same credentials as :func:`load_api`."""
     from kubernetes import client
 
-    load_api()  # loads the configuration
+    _load_config()
     return client.CoreV1Api()
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from imgpipe import contract, storage
+from imgpipe import contract, resources, storage
 
 __all__ = [
     "STEPS",
@@ -223,12 +223,6 @@ def load_local_config(path: str | Path | None, **overrides: Any) -> LocalRunConf
     return LocalRunConfig(**values)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def moto_s3_server() -> Iterator[str]:
     """Runs moto's S3 server as a process on 127.0.0.1 and points this process (and its children) at it.
@@ -250,7 +244,7 @@ def moto_s3_server() -> Iterator[str]:
             "the local object store needs moto's S3 server: pip install 'imgpipe[local]', "
             "or pass --data-root DIR to write to a local directory instead"
         ) from exc
-    port = _free_port()
+    port = resources.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-__all__ = ["CGROUP_ROOT", "cpu_quota", "available_cpus", "memory_limit", "die_with_parent"]
+__all__ = ["CGROUP_ROOT", "cpu_quota", "available_cpus", "memory_limit", "die_with_parent", "free_port"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -76,6 +76,15 @@ def memory_limit(root: Path = CGROUP_ROOT) -> int | None:
             return None
         return None if value >= _UNLIMITED_V1 else value
     return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for local servers and Ray nodes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def die_with_parent(owner: int | None = None, sig: int = signal.SIGKILL) -> bool:

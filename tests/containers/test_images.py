@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from imgpipe.containers import build
@@ -69,15 +67,7 @@ def test_a_failed_build_shows_the_failing_instruction_and_its_output(engine, bui
     # A context whose pyproject.toml is not TOML: the step that reads the requirements fails.
     # Every layer before it is in the cache from `make images`, so no network is needed.
     conf, ca, _ = build.host_pip_settings()
-    broken = tmp_path / "repo"
-    for entry in build.CONTEXT:
-        src = build.ROOT / entry
-        dst = broken / entry
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            dst.write_bytes(src.read_bytes())
+    broken = build.copy_context(tmp_path / "repo")
     (broken / "pyproject.toml").write_text("[project\nname = ")
     context = build.build_context(broken, (conf, ca))
     with pytest.raises(build.BuildFailed) as failure:

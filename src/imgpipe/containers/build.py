@@ -46,6 +46,7 @@ __all__ = [
     "BuildFailed",
     "BuildResult",
     "host_pip_settings",
+    "copy_context",
     "build_context",
     "resolve_base",
     "bootstrap_base",
@@ -193,6 +194,18 @@ def _context_files(root: Path) -> Iterable[Path]:
                     yield file
         else:
             raise FileNotFoundError(f"the build context needs {entry}, missing under {root}")
+
+
+def copy_context(dest: Path, root: Path = ROOT) -> Path:
+    """Copies the files a build sends (:data:`CONTEXT`) to ``dest``; returns ``dest``.
+
+    For builds from altered sources (a benchmark's source change, a test's broken file).
+    """
+    for path in _context_files(root):
+        target = dest / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return dest
 
 
 def build_context(root: Path = ROOT, pip_settings: tuple[str, bytes | None] | None = None) -> bytes:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from imgpipe.resources import free_port
 
 __all__ = ["RayClusterSpec", "RayCluster", "ray_cluster"]
 
@@ -30,12 +31,6 @@ _NODES_SCRIPT = (
     "import ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False); "
     "print(sum(1 for n in ray.nodes() if n['Alive']))"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -140,7 +135,7 @@ def ray_cluster(client: Any, spec: RayClusterSpec) -> Iterator[RayCluster]:
         TimeoutError: If the dashboard or the second node does not come up in time.
     """
     token = secrets.token_hex(32)
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     suffix = uuid.uuid4().hex[:8]
     env = {**spec.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     common = [
@@ -155,8 +150,8 @@ def ray_cluster(client: Any, spec: RayClusterSpec) -> Iterator[RayCluster]:
     # Both nodes are on 127.0.0.1: the worker's agents and workers need ports of their own.
     worker_cmd = [
         "ray", "start", *common, f"--address=127.0.0.1:{gcs}",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
         "--min-worker-port=21000", "--max-worker-port=21999",
     ]  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
