@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pyarrow as pa
@@ -22,7 +23,11 @@ def test_commit_writes_everything_in_order(any_root):
     report = out.commit(inputs=4, rejects=[Reject("d.jpg", "corrupt", "bad")], config={"k": 1})
     assert report.outputs == 3 and report.rejected == 1
     manifest = contract.read_manifest(dest, expect_step="demo")
-    assert manifest["files"] == [{"name": "part-00000.parquet", "rows": 3, "bytes": manifest["files"][0]["bytes"]}]
+    data = storage.read_bytes(storage.join(dest, "part-00000.parquet"))
+    assert manifest["files"] == [
+        {"name": "part-00000.parquet", "rows": 3, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    ], "the manifest describes each file by size and digest, computed as it was written"
+    assert manifest["attempt"] == json.loads(storage.read_bytes(storage.join(dest, contract.OWNER)))["attempt"]
     assert manifest["inputs"] == 4 and manifest["rejects_by_reason"] == {"corrupt": 1}
     assert contract.read_rejects(dest).to_pylist() == [{"path": "d.jpg", "reason": "corrupt", "detail": "bad"}]
     assert contract.data_files(dest) == [storage.join(dest, "part-00000.parquet")]
@@ -142,3 +147,90 @@ def test_a_killed_attempt_of_the_same_step_is_taken_over(any_root):
     again.commit(inputs=1, rejects=[], config={})
     assert [f["name"] for f in contract.read_manifest(dest)["files"]] == ["part-00000.parquet"]
     assert not storage.exists(storage.join(dest, "part-00007.parquet"))
+
+
+def _one_file_output(dest: str, value: int) -> OutputWriter:
+    out = OutputWriter(dest, "demo")
+    out.begin()
+    out.write_table("part-00000.parquet", pa.table({"x": [value] * 3}))
+    return out
+
+
+def test_an_attempt_overtaken_by_a_newer_claim_does_not_commit(any_root):
+    """Two writers of one prefix (a retry while the first attempt runs): the newest claim owns it."""
+    dest = storage.join(any_root, "step")
+    first = _one_file_output(dest, 1)
+    second = _one_file_output(dest, 2)  # claims while the first still writes, deleting its file
+    with pytest.raises(contract.ConcurrentWriterError, match="another attempt"):
+        first.commit(inputs=3, rejects=[], config={})
+    assert not contract.is_committed(dest)
+    second.commit(inputs=3, rejects=[], config={})
+    manifest = contract.verify_output(dest)
+    assert manifest["attempt"] == second._attempt
+    assert contract.read_rejects(dest).num_rows == 0
+
+
+def test_a_stale_attempt_writing_after_the_newer_one_is_stopped(any_root):
+    """The older attempt's late write lands on the newer one's file name; it cannot commit, and the swap is found."""
+    dest = storage.join(any_root, "step")
+    first = OutputWriter(dest, "demo")
+    first.begin()
+    second = _one_file_output(dest, 2)
+    second.commit(inputs=3, rejects=[], config={})
+    first.write_table("part-00000.parquet", pa.table({"x": [1] * 3}))  # same size, other bytes
+    with pytest.raises(contract.ConcurrentWriterError):
+        first.commit(inputs=3, rejects=[], config={})
+    assert contract.is_committed(dest), "the newer attempt's commit stands"
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        contract.verify_output(dest)
+
+
+def test_commit_refuses_files_changed_under_it(tmp_path):
+    dest = str(tmp_path / "step")
+    out = _one_file_output(dest, 1)
+    storage.write_bytes(storage.join(dest, "part-00000.parquet"), b"short")
+    with pytest.raises(ValueError, match="has 5 bytes"):
+        out.commit(inputs=3, rejects=[], config={})
+    assert not contract.is_committed(dest)
+
+
+def test_readers_refuse_a_data_file_missing_after_the_commit(any_root):
+    dest = storage.join(any_root, "step")
+    _one_file_output(dest, 1).commit(inputs=3, rejects=[], config={})
+    storage.delete(storage.join(dest, "part-00000.parquet"))
+    with pytest.raises(ValueError, match="part-00000.parquet is missing"):
+        contract.data_files(dest)
+
+
+def test_a_claim_between_manifest_and_success_takes_the_marker_back(tmp_path, monkeypatch):
+    """The narrowest race: another attempt claims after this one's last check but before _SUCCESS."""
+    dest = str(tmp_path / "step")
+    out = _one_file_output(dest, 1)
+    real_write = storage.write_bytes
+
+    def claim_before_success(uri, data):
+        if uri.endswith(contract.SUCCESS):
+            contract.claim(dest, "demo")  # deletes the manifest and files, takes the owner marker
+        real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", claim_before_success)
+    with pytest.raises(contract.ConcurrentWriterError):
+        out.commit(inputs=3, rejects=[], config={})
+    assert not contract.is_committed(dest), "a _SUCCESS over another attempt's claim is removed again"
+
+
+def test_delete_prefix_raises_on_per_key_errors(s3_bucket, monkeypatch):
+    """S3 DeleteObjects answers 200 with an Errors list: a key it could not delete must not pass silently."""
+    dest = f"{s3_bucket}/step"
+    storage.write_bytes(f"{dest}/a", b"1")
+    client = storage.S3Backend.client()
+    real = client.delete_objects
+
+    def refuse(**kwargs):
+        real(**kwargs)
+        key = kwargs["Delete"]["Objects"][0]["Key"]
+        return {"Errors": [{"Key": key, "Code": "AccessDenied", "Message": "Access Denied"}]}
+
+    monkeypatch.setattr(client, "delete_objects", refuse)
+    with pytest.raises(OSError, match="AccessDenied"):
+        storage.delete_prefix(dest)

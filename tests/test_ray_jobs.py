@@ -470,3 +470,16 @@ def test_no_credential_travels_in_a_resize_tasks_arguments(s3_bucket, monkeypatc
     assert secret.encode() in pickle.dumps(fs), "what used to travel: a file system holding the static keys"
     shipped = pickle.dumps((list_row_groups(contract.data_files(source)), task_arguments(ResizeConfig(size=16))))
     assert secret.encode() not in shipped
+
+
+def test_resize_tasks_reach_the_drivers_store_whatever_their_environment(s3_endpoint, monkeypatch):
+    """An endpoint given by --s3-endpoint lives in the driver only; a Ray worker started earlier lacks it."""
+    from imgpipe.steps.resize import task_arguments
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    storage.configure_s3(endpoint_url=s3_endpoint)
+    try:
+        settings = task_arguments(ResizeConfig(size=16))["s3"]
+        assert settings.endpoint_url == s3_endpoint and settings.region
+    finally:
+        storage.configure_s3(endpoint_url=None)

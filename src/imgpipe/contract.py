@@ -10,22 +10,33 @@ A committed step output ``DEST/`` holds:
 
 The order is the protocol: data first, manifest next, ``_SUCCESS`` last; a re-run
 removes ``_SUCCESS`` before touching anything else. Readers check ``_SUCCESS`` and
-read only the files the manifest lists, so a killed or concurrent writer is never
-mistaken for a finished one, and stale files from older runs are never read.
+read only the files the manifest lists, so a killed writer is never mistaken for a
+finished one, and stale files from older runs are never read.
+
+Two attempts of one step may write one prefix at once (a retry started while the
+first attempt still runs). Each attempt claims the prefix under its own attempt id
+(in ``_OWNER``); the newest claim owns it, and an attempt that no longer owns the
+prefix stops without committing (:class:`ConcurrentWriterError`). The manifest records
+every file's size and SHA-256: :func:`data_files` checks the sizes against one listing
+and :func:`verify_output` the digests, so a file replaced after the commit is found,
+never read as part of the output.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
 import os
+import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -45,6 +56,10 @@ __all__ = [
     "CONFIG",
     "REJECTS_SCHEMA",
     "UncommittedOutputError",
+    "ConcurrentWriterError",
+    "HashingWriter",
+    "publish",
+    "verify_output",
     "FileEntry",
     "Reject",
     "StepReport",
@@ -81,13 +96,61 @@ class UncommittedOutputError(ValueError):
     """A step output prefix that has no ``_SUCCESS`` marker (unfinished, killed or absent)."""
 
 
+class ConcurrentWriterError(RuntimeError):
+    """Another attempt claimed the output prefix while this one was writing it."""
+
+
 @dataclass(frozen=True)
 class FileEntry:
-    """One data file of a step output."""
+    """One data file of a step output.
+
+    Attributes:
+        name: Path relative to the output prefix.
+        rows: Rows it holds (0 for files that are not tables).
+        bytes: Its size.
+        sha256: Hex SHA-256 of its content; empty in manifests written before it was recorded.
+    """
 
     name: str
     rows: int
     bytes: int
+    sha256: str = ""
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only stream that passes bytes on to ``sink`` while counting and hashing them.
+
+    What a manifest records about a data file is computed from the bytes as they are
+    written, so no file is read back to be described.
+    """
+
+    def __init__(self, sink: IO[bytes]) -> None:
+        super().__init__()
+        self._sink = sink
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        self._sink.write(view)
+        self._hash.update(view)
+        self._size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self._size
+
+    def entry(self, name: str, rows: int) -> FileEntry:
+        """The manifest entry of what was written so far."""
+        return FileEntry(name=name, rows=rows, bytes=self._size, sha256=self._hash.hexdigest())
+
+
+def entry_for_bytes(name: str, data: bytes, rows: int = 0) -> FileEntry:
+    """The manifest entry of a file written in one piece."""
+    return FileEntry(name=name, rows=rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 @dataclass(frozen=True)
@@ -183,10 +246,62 @@ def read_manifest(prefix: str, expect_step: str | None = None) -> dict[str, Any]
 
 
 def data_files(prefix: str, manifest: Mapping[str, Any] | None = None) -> list[str]:
-    """URIs of the data files a committed output lists (never a directory listing)."""
+    """URIs of the data files a committed output lists (never a directory listing).
+
+    Each listed file must be present with the size the manifest records (one listing of
+    the prefix): a file deleted or replaced after the commit fails here, not mid-read.
+
+    Raises:
+        ValueError: If a listed file is missing or has another size.
+    """
     prefix = storage.normalize_uri(prefix)
     manifest = manifest or read_manifest(prefix)
+    _check_sizes(prefix, manifest["files"])
     return [_dest_uri(prefix, f["name"]) for f in manifest["files"]]
+
+
+def _check_sizes(prefix: str, files: Iterable[Mapping[str, Any]]) -> None:
+    sizes = {o.uri: o.size for o in storage.list_objects(prefix)}
+    for f in files:
+        found = sizes.get(_dest_uri(prefix, f["name"]))
+        if found != f["bytes"]:
+            state = "is missing" if found is None else f"has {found} bytes"
+            raise ValueError(
+                f"{prefix}: data file {f['name']} {state}, the manifest says {f['bytes']} bytes; "
+                "the output changed after it was committed (a concurrent or manual write). "
+                "Re-run the step that writes it"
+            )
+
+
+def verify_output(prefix: str) -> dict[str, Any]:
+    """Checks every data file of a committed output against its recorded SHA-256.
+
+    Reads every byte: for audits and tests; readers rely on :func:`data_files`'s size
+    check.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        UncommittedOutputError: If the output is not committed.
+        ValueError: If a file is missing or its size or digest differ from the manifest.
+    """
+    prefix = storage.normalize_uri(prefix)
+    manifest = read_manifest(prefix)
+    _check_sizes(prefix, manifest["files"])
+    for f in manifest["files"]:
+        if not f.get("sha256"):
+            continue  # written before digests were recorded
+        digest = hashlib.sha256()
+        with storage.open_read(_dest_uri(prefix, f["name"])) as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != f["sha256"]:
+            raise ValueError(
+                f"{prefix}: data file {f['name']} does not match the sha256 its manifest records; "
+                "it was replaced after the commit. Re-run the step that writes it"
+            )
+    return manifest
 
 
 def read_rejects(prefix: str) -> pa.Table:
@@ -201,16 +316,27 @@ def _segments(uri: str) -> list[str]:
     return head + [p for p in parsed.path.split("/") if p]
 
 
+def _read_json(uri: str) -> dict[str, Any] | None:
+    """A small JSON object, or ``None`` if it is absent or not a JSON object."""
+    try:
+        value = json.loads(storage.read_bytes(uri))
+    except (FileNotFoundError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _owner(dest: str) -> str | None:
     """The step that owns ``dest``: from its owner marker, else its manifest; ``None`` if neither."""
     for name in (OWNER, MANIFEST):
         uri = _dest_uri(dest, name)
         if storage.exists(uri):
-            try:
-                return str(json.loads(storage.read_bytes(uri)).get("step") or "") or None
-            except (ValueError, AttributeError):
-                return None
+            marker = _read_json(uri) or {}
+            return str(marker.get("step") or "") or None
     return None
+
+
+def _attempt_of(dest: str, name: str) -> str | None:
+    return ((_read_json(_dest_uri(dest, name)) or {}).get("attempt")) or None
 
 
 def check_destination(dest: str, step: str) -> str:
@@ -231,7 +357,7 @@ def check_destination(dest: str, step: str) -> str:
     return dest
 
 
-def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> None:
+def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
     """Makes ``dest`` this step's, emptied: refuses prefixes the step does not own.
 
     ``dest`` may be empty, or hold an output of the same step (committed, or left by a
@@ -240,12 +366,17 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> None:
     ``/`` and shallow prefixes (:func:`check_destination`).
 
     Order: the ``_SUCCESS`` marker goes first (readers refuse the prefix from then on),
-    then everything but ``keep``, then the owner marker is written.
+    then everything but ``keep``, then the owner marker is written with a new attempt
+    id. The newest claim wins: an older attempt still writing finds out at
+    :func:`publish` and stops.
 
     Args:
         dest: The output prefix.
         step: The step that writes it.
         keep: Names to leave in place (train keeps its checkpoint when resuming).
+
+    Returns:
+        This attempt's id, for :func:`publish`.
 
     Raises:
         ValueError: For a shallow prefix, or one the step does not own (naming some of
@@ -269,8 +400,62 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> None:
                 storage.delete(obj.uri)
     elif present:
         storage.delete_prefix(dest)
-    marker = {"step": step, "pid": os.getpid(), "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    attempt = uuid.uuid4().hex
+    marker = {
+        "step": step,
+        "attempt": attempt,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": _now(),
+    }
     storage.write_bytes(_dest_uri(dest, OWNER), json.dumps(marker).encode())
+    return attempt
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_owner(dest: str, step: str, attempt: str) -> None:
+    current = _attempt_of(dest, OWNER)
+    if current != attempt:
+        raise ConcurrentWriterError(
+            f"{step}: another attempt ({current or 'unknown'}) claimed {dest} while this attempt "
+            f"({attempt}) was writing it; that attempt owns the output now, this one stops without "
+            "committing"
+        )
+
+
+def publish(dest: str, step: str, attempt: str, manifest: Mapping[str, Any]) -> None:
+    """Commits an output: the manifest, then ``_SUCCESS``, if this attempt still owns ``dest``.
+
+    Ownership is checked before the manifest is written and again after ``_SUCCESS``:
+    had another attempt claimed ``dest`` in between, the marker this attempt wrote is
+    taken back (unless that attempt has committed since), so readers never accept a
+    manifest whose files another attempt is replacing.
+
+    Args:
+        dest: The output prefix (normalized).
+        step: The step name.
+        attempt: The id :func:`claim` returned.
+        manifest: The manifest body; its ``files`` must be present with their sizes.
+
+    Raises:
+        ConcurrentWriterError: If another attempt claimed ``dest`` meanwhile.
+        ValueError: If a listed file is missing or has another size.
+    """
+    _check_owner(dest, step, attempt)
+    _check_sizes(dest, manifest.get("files", []))
+    body = {**manifest, "attempt": attempt}
+    storage.write_bytes(_dest_uri(dest, MANIFEST), json.dumps(body, indent=2).encode())
+    _check_owner(dest, step, attempt)
+    storage.write_bytes(_dest_uri(dest, SUCCESS), b"")
+    try:
+        _check_owner(dest, step, attempt)
+    except ConcurrentWriterError:
+        if _attempt_of(dest, MANIFEST) in (attempt, None):
+            storage.delete(_dest_uri(dest, SUCCESS))
+        raise
 
 
 def check_disjoint(dest: str, sources: Iterable[str], step: str) -> None:
@@ -351,7 +536,7 @@ class OutputWriter:
         self._files: dict[str, FileEntry] = {}
         self._lock = threading.Lock()
         self._started = time.monotonic()
-        self._begun = False
+        self._attempt: str | None = None
 
     def uri(self, name: str) -> str:
         """Full URI of a file inside the output prefix."""
@@ -364,12 +549,11 @@ class OutputWriter:
         stale files deleted next can never be read as part of a finished output. A prefix
         the step does not own is refused, never emptied.
         """
-        claim(self.dest, self.step)
-        self._begun = True
+        self._attempt = claim(self.dest, self.step)
         self._started = time.monotonic()
 
     def _check_name(self, name: str) -> None:
-        if not self._begun:
+        if self._attempt is None:
             raise RuntimeError("OutputWriter.begin() must be called before writing")
         if name in (MANIFEST, SUCCESS, REJECTS, CONFIG, OWNER) or name.startswith("/") or ".." in name.split("/"):
             raise ValueError(f"{name!r} is reserved or not a valid data file name")
@@ -382,9 +566,9 @@ class OutputWriter:
         self._check_name(name)
         parquet_kwargs = {**parquet_write_options(table.schema), **parquet_kwargs}
         with storage.open_write(self.uri(name)) as fh:
-            pq.write_table(table, fh, **parquet_kwargs)
-            size = fh.tell()
-        entry = FileEntry(name=name, rows=table.num_rows, bytes=int(size))
+            sink = HashingWriter(fh)
+            pq.write_table(table, sink, **parquet_kwargs)
+        entry = sink.entry(name, table.num_rows)
         with self._lock:
             self._files[name] = entry
         return entry
@@ -422,7 +606,10 @@ class OutputWriter:
         Raises:
             RuntimeError: If counts do not reconcile (``inputs != outputs + rejected``);
                 nothing is committed then.
+            ConcurrentWriterError: If another attempt claimed ``dest`` meanwhile.
         """
+        if self._attempt is None:
+            raise RuntimeError("OutputWriter.begin() must be called before commit()")
         rejects = sorted(rejects, key=lambda r: (r.path, r.reason))
         files = self.files
         outputs = sum(f.rows for f in files)
@@ -452,13 +639,16 @@ class OutputWriter:
             seconds=round(time.monotonic() - self._started, 3),
             extra=dict(extra or {}),
         )
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            **report.to_dict(),
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "config": config_to_dict(config),
-            "upstream": dict(upstream or {}),
-        }
-        storage.write_bytes(self.uri(MANIFEST), json.dumps(manifest, indent=2, sort_keys=False).encode())
-        storage.write_bytes(self.uri(SUCCESS), b"")
+        publish(self.dest, self.step, self._attempt or "", manifest_body(report, config, upstream))
         return report
+
+
+def manifest_body(report: StepReport, config: Any, upstream: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The manifest of a step output: the report plus provenance (every step writes this shape)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        **report.to_dict(),
+        "created_at": _now(),
+        "config": config_to_dict(config),
+        "upstream": dict(upstream or {}),
+    }

@@ -18,6 +18,7 @@ standard AWS chain (environment, profile, IRSA).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -99,6 +100,27 @@ def configure_s3(**kwargs: Any) -> S3Options:
     with _clients_lock:
         _clients.clear()
     return _s3_options
+
+
+def s3_settings() -> S3Options:
+    """This process's S3 options with endpoint and region resolved, and no credentials.
+
+    What another process (a Ray task, a pool worker) needs to reach the same store as
+    this one: an endpoint given by ``--s3-endpoint`` lives only in this process, and a
+    Ray worker's environment was fixed when its Ray started. Credentials stay out: the
+    other process takes them from its own environment.
+    """
+    return dataclasses.replace(
+        _s3_options,
+        endpoint_url=_endpoint_url(),
+        region=_s3_options.region or os.environ.get("AWS_DEFAULT_REGION") or None,
+    )
+
+
+def use_s3_settings(options: S3Options) -> None:
+    """Adopts settings from :func:`s3_settings` of another process (a no-op when they are already in use)."""
+    if options != _s3_options:
+        configure_s3(**options.__dict__)
 
 
 def _endpoint_url() -> str | None:
@@ -420,7 +442,11 @@ class S3Backend(Backend):
         objects = self.list_objects(prefix)
         for i in range(0, len(objects), 1000):
             batch = [{"Key": self._split(o.uri)[1]} for o in objects[i : i + 1000]]
-            self.client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            answer = self.client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            # DeleteObjects answers 200 even when keys fail; each failure is an entry in Errors.
+            if answer.get("Errors"):
+                failed = ", ".join(f"{e.get('Key')} ({e.get('Code')}: {e.get('Message')})" for e in answer["Errors"][:5])
+                raise OSError(f"could not delete {len(answer['Errors'])} object(s) below {prefix}: {failed}")
         return len(objects)
 
     def download_file(self, uri: str, local_path: str | os.PathLike[str]) -> None:

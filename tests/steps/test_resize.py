@@ -110,7 +110,7 @@ def test_resize_row_groups_reads_every_row_group_in_order_without_ray(tmp_path):
     assert len(items) > 2 and sum(i["rows"] for i in items) == len(clean_members())
     work = {"file": np.array([i["file"] for i in items], dtype=object), "row_group": np.array([i["row_group"] for i in items])}
     spec = ResizeSpec(size=16)
-    batches = list(resize_row_groups(work, spec, batch_size=3))
+    batches = list(resize_row_groups(work, spec, batch_size=3, s3=storage.s3_settings()))
     assert all(len(b["path"]) <= 3 for b in batches)
     got = [p for b in batches for p in b["path"].tolist()]
     clean_rows = pa.concat_tables([read_table(u) for u in contract.data_files(source)])

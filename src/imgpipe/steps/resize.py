@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgpipe import contract, ray_jobs, resources, storage
-from imgpipe.contract import FileEntry, OutputWriter, Reject, StepReport
+from imgpipe.contract import OutputWriter, Reject, StepReport
 from imgpipe.resize_ops import PRESETS, Resample, ResizeMode, ResizeSpec, resize_batch
 
 __all__ = [
@@ -301,13 +301,17 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
     return batch
 
 
-def resize_row_groups(items: dict[str, np.ndarray], spec: ResizeSpec, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def resize_row_groups(
+    items: dict[str, np.ndarray], spec: ResizeSpec, batch_size: int, s3: storage.S3Options
+) -> Iterator[dict[str, np.ndarray]]:
     """The Ray task body: reads the listed row groups and resizes them ``batch_size`` rows at a time.
 
     A generator, so Ray Data stores each resized batch as it comes and a task never
     holds more than one row group of inputs plus one batch of outputs. The file system
-    is made here, from the worker's own environment (its S3 credentials).
+    is made here, with the driver's endpoint settings (``s3``) and the worker's own
+    credentials.
     """
+    storage.use_s3_settings(s3)
     node = _node_id()
     for uri, row_group in zip(items["file"], items["row_group"]):
         filesystem, path = storage.arrow_filesystem(str(uri))
@@ -331,7 +335,7 @@ def _node_id() -> str:
 
 def task_arguments(cfg: ResizeConfig) -> dict[str, Any]:
     """What every resize task gets besides its items: settings only, never credentials."""
-    return {"spec": cfg.spec, "batch_size": cfg.batch_size}
+    return {"spec": cfg.spec, "batch_size": cfg.batch_size, "s3": storage.s3_settings()}
 
 
 def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[Any, int]:
@@ -433,7 +437,7 @@ class _SplitWriter:
         name = f"{stream.split}/part-{stream.shards:05d}.parquet"
         stream.shards += 1
         stack = contextlib.ExitStack()
-        handle = stack.enter_context(storage.open_write(self.out.uri(name)))
+        handle = contract.HashingWriter(stack.enter_context(storage.open_write(self.out.uri(name))))
         writer = pq.ParquetWriter(
             handle,
             self.schema,
@@ -450,9 +454,8 @@ class _SplitWriter:
             return
         stream.shard = None
         shard.writer.close()
-        size = shard.handle.tell()
         shard.stack.close()  # commits the object
-        self.out.add_file(FileEntry(name=shard.name, rows=shard.rows, bytes=int(size)))
+        self.out.add_file(shard.handle.entry(shard.name, shard.rows))
         self.written[stream.split] = self.written.get(stream.split, 0) + shard.rows
 
     def _drain(self, stream: _SplitStream, final: bool) -> None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
 import io
 import json
 import logging
@@ -479,6 +478,7 @@ class TrainingRun:
         steps_per_epoch: Planned optimizer steps of each epoch (same on every rank).
         history: One metrics record per finished epoch.
         start_epoch: First epoch this invocation trains (after a resume, the next one).
+        attempt: The output claim's attempt id (main rank), for the commit.
     """
 
     data: str
@@ -503,6 +503,7 @@ class TrainingRun:
     steps_per_epoch: list[int]
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
+    attempt: str = ""
 
     @property
     def amp(self) -> bool:
@@ -891,7 +892,7 @@ def _resolved_config(cfg: TrainConfig, run: TrainingRun) -> TrainConfig:
 
 def _write(run: TrainingRun, name: str, data: bytes, files: list[FileEntry]) -> None:
     storage.write_bytes(storage.join(run.out, name), data)
-    files.append(FileEntry(name=name, rows=0, bytes=len(data)))
+    files.append(contract.entry_for_bytes(name, data))
 
 
 def _write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResult | None) -> list[FileEntry]:
@@ -925,22 +926,21 @@ def _write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResu
 
 def _commit(run: TrainingRun, train_report: TrainReport, upstream: Mapping[str, Any]) -> None:
     """Manifest, then ``_SUCCESS``: the same protocol (and keys) as every step's output."""
-    manifest = {
-        "schema_version": contract.SCHEMA_VERSION,
-        **train_report.to_dict(),
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": config_to_dict(run.cfg),
-        "upstream": dict(upstream),
-    }
-    storage.write_bytes(storage.join(run.out, contract.MANIFEST), json.dumps(manifest, indent=2).encode())
-    storage.write_bytes(storage.join(run.out, contract.SUCCESS), b"")
+    manifest = contract.manifest_body(train_report, run.cfg, upstream)
+    contract.publish(run.out, "train", run.attempt, manifest)
 
 
-def _start_output(out: str, cfg: TrainConfig, ctx: DistInfo) -> None:
-    """Claims ``out`` for train (``contract.claim``): ``_SUCCESS`` first; the rest unless resuming."""
+def _start_output(out: str, cfg: TrainConfig, ctx: DistInfo) -> str:
+    """Claims ``out`` for train (``contract.claim``): ``_SUCCESS`` first; the rest unless resuming.
+
+    Returns:
+        The attempt id on the main rank (which commits), ``""`` on the others.
+    """
+    attempt = ""
     if ctx.is_main:
-        contract.claim(out, "train", keep=(CHECKPOINT,) if cfg.resume else ())
+        attempt = contract.claim(out, "train", keep=(CHECKPOINT,) if cfg.resume else ())
     _barrier(ctx)
+    return attempt
 
 
 def _check_locations(data: str, out: str) -> None:
@@ -1020,7 +1020,7 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
         with _determinism(cfg.deterministic):
             run = _build_run(data, out, cfg, ctx)
             run.cfg = _resolved_config(cfg, run)
-            _start_output(out, cfg, ctx)
+            run.attempt = _start_output(out, cfg, ctx)
             if cfg.resume:
                 _resume(run)
             epochs_run, last_val = _fit(run)
