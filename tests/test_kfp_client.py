@@ -439,3 +439,19 @@ def test_multi_user_without_a_namespace_says_how_to_set_one_before_uploading(kfp
     monkeypatch.setenv(kfp_client.NAMESPACE_ENV, "team-b")
     kfp_client.submit(PARAMS, target=Target(host=host), package=package)
     assert fake.experiments[0]["namespace"] == "team-b"
+
+
+def test_runs_in_a_namespace_default_to_imgpipes_own_service_account(monkeypatch):
+    """The RayJob Role is bound to that account only (k8s/base); default-editor cannot create RayJobs."""
+    import yaml
+
+    from imgpipe import kfp_client
+    from tests.conftest import ROOT
+
+    monkeypatch.delenv(kfp_client.SERVICE_ACCOUNT_ENV, raising=False)
+    monkeypatch.delenv(kfp_client.NAMESPACE_ENV, raising=False)
+    account = yaml.safe_load((ROOT / "k8s/base/serviceaccount-pipeline.yaml").read_text())["metadata"]["name"]
+    assert account == kfp_client.PIPELINE_SERVICE_ACCOUNT
+    assert Target(host="h", namespace="team-a").resolved().service_account == account
+    assert Target(host="h").resolved().service_account is None, "single-user: the server's default"
+    assert Target(host="h", namespace="team-a", service_account="other").resolved().service_account == "other"

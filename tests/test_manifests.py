@@ -36,6 +36,8 @@ NAMESPACES = {"base": "imgpipe", "overlays/dev": "imgpipe-dev", "overlays/gpu": 
 ARGO_SCHEMAS = ("argo-workflows-v3.6.0-schema.json", "argo-workflows-v4.1.2-schema.json")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass", "StorageClass"}
 CUSTOM = {"RayJob", "RayCluster", "CronWorkflow"}
+# ClusterRoles a Kubeflow install provides, which a build may bind in its namespace.
+KUBEFLOW_CLUSTER_ROLES = {("ClusterRole", "kubeflow-edit")}
 
 # ----------------------------------------------------------------------------------------
 # A kustomize subset.
@@ -318,10 +320,10 @@ def test_references_resolve_within_the_build(name, tmp_path_factory):
     namespace = NAMESPACES[name]
     assert all(d["metadata"].get("namespace") == namespace for d in docs if d["kind"] not in CLUSTER_SCOPED)
     for binding in (d for d in docs if d["kind"] == "RoleBinding"):
-        assert ("Role", binding["roleRef"]["name"]) in names
+        ref = (binding["roleRef"]["kind"], binding["roleRef"]["name"])
+        assert ref in names or ref in KUBEFLOW_CLUSTER_ROLES, f"{binding['metadata']['name']}: {ref}"
         assert all(s.get("namespace") for s in binding["subjects"]), f"{binding['metadata']['name']}: SA subject without namespace"
-    rayjobs = next(d for d in docs if _key(d) == ("RoleBinding", "imgpipe-rayjobs"))
-    assert {"name": "default-editor", "kind": "ServiceAccount", "namespace": namespace} in rayjobs["subjects"]
+        assert all(("ServiceAccount", s["name"]) in names for s in binding["subjects"]), "subjects are our own accounts"
 
     # The retraining settings name real pipeline parameters.
     config = next(d for d in docs if _key(d) == ("ConfigMap", "imgpipe-retrain"))["data"]
@@ -472,3 +474,251 @@ def test_the_ray_address_an_overlay_schedules_is_a_cluster_it_allows(name):
     ray_jobs.check_allowed(retrain["IMGPIPE_PARAM_RAY_ADDRESS"], environ=config)
     with pytest.raises(ValueError, match="not a configured Ray cluster"):
         ray_jobs.check_allowed("http://elsewhere.example:8265", environ=config)
+
+
+# ----------------------------------------------------------------------------------------
+# Hardening: Pod Security, securityContext, API tokens, NetworkPolicy, RBAC.
+
+IMAGE_UID = 10001  # docker/Dockerfile: the images' user
+PSS_LABELS = K8S / "profiles" / "pod-security-labels.yaml"
+TOKEN_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+# KubeRay labels every head and worker pod with its cluster's name; a template cannot
+# override it (ray-project/kuberay v1.6.0 ray-operator/controllers/ray/common/pod.go labelPod).
+RAY_CLUSTER_LABEL = "ray.io/cluster"
+# The service accounts every pipeline of a namespace runs as (multi-user KFP: default-editor;
+# standalone: pipeline-runner), and a namespace's default one.
+SHARED_ACCOUNTS = {"default-editor", "pipeline-runner", "default"}
+RUN_ACCOUNT = "imgpipe-pipeline"
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+_SECCOMP_OK = {"RuntimeDefault", "Localhost"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What the Pod Security Standard "restricted" (which includes "baseline") refuses in ``pod``.
+
+    The controls of https://kubernetes.io/docs/concepts/security/pod-security-standards/
+    that a pod spec's fields decide; init containers count like containers.
+    """
+    out = []
+    psc = pod.get("securityContext") or {}
+    out += [f"pod: {k}" for k in ("hostNetwork", "hostPID", "hostIPC") if pod.get(k)]
+    for volume in pod.get("volumes", []):
+        if not set(volume) - {"name"} <= _RESTRICTED_VOLUMES:
+            out.append(f"volume {volume['name']}: type {sorted(set(volume) - {'name'})}")
+    if psc.get("runAsUser") == 0:
+        out.append("pod: runAsUser 0")
+    if psc.get("sysctls"):
+        out.append("pod: sysctls")
+    pod_seccomp = (psc.get("seccompProfile") or {}).get("type")
+    if pod_seccomp is not None and pod_seccomp not in _SECCOMP_OK:
+        out.append(f"pod: seccomp {pod_seccomp}")
+    for c in [*pod.get("initContainers", []), *pod.get("containers", [])]:
+        sc, name = c.get("securityContext") or {}, c["name"]
+        caps = sc.get("capabilities") or {}
+        checks = {
+            "privileged": sc.get("privileged") is True,
+            "allowPrivilegeEscalation not false": sc.get("allowPrivilegeEscalation") is not False,
+            "capabilities not dropping ALL": "ALL" not in caps.get("drop", []),
+            "capabilities added": bool(set(caps.get("add", [])) - {"NET_BIND_SERVICE"}),
+            "runAsNonRoot not true": sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True,
+            "runAsUser 0": sc.get("runAsUser") == 0,
+            "seccomp not RuntimeDefault/Localhost": ((sc.get("seccompProfile") or {}).get("type") or pod_seccomp) not in _SECCOMP_OK,
+            "hostPort": any(port.get("hostPort") for port in c.get("ports", [])),
+            "procMount": sc.get("procMount", "Default") != "Default",
+        }
+        out += [f"{name}: {what}" for what, failed in checks.items() if failed]
+    return out
+
+
+def _autoscaler(cluster: dict) -> list[dict]:
+    """The container KubeRay adds to the head pod, with what the manifest sets on it.
+
+    ray-project/kuberay v1.6.0 ray-operator/controllers/ray/common/pod.go:
+    BuildAutoscalerContainer, then mergeAutoscalerOverrides (securityContext, volumeMounts).
+    """
+    if not cluster.get("enableInTreeAutoscaling"):
+        return []
+    options = cluster.get("autoscalerOptions") or {}
+    return [{"name": "autoscaler", "securityContext": options.get("securityContext"), "volumeMounts": options.get("volumeMounts", [])}]
+
+
+def _pods(doc: dict) -> list[tuple[str, dict]]:
+    """(role, pod spec) of every pod ``doc`` brings, with what the operators add that matters here.
+
+    Argo's own init and wait containers are not in a manifest: their securityContext is
+    the workflow controller's `executor` setting (docs/deploy.md, "Pod Security").
+    """
+    spec = doc.get("spec") or {}
+    if doc["kind"] in ("RayJob", "RayCluster"):
+        cluster = spec["rayClusterSpec"] if doc["kind"] == "RayJob" else spec
+        head = copy.deepcopy(cluster["headGroupSpec"]["template"]["spec"])
+        head["containers"] += _autoscaler(cluster)
+        pods = [("head", head)] + [(f"worker {g['groupName']}", g["template"]["spec"]) for g in cluster["workerGroupSpecs"]]
+        if doc["kind"] == "RayJob":
+            pods.append(("submitter", spec["submitterPodTemplate"]["spec"]))
+        return pods
+    if doc["kind"] == "CronWorkflow":
+        wf = spec["workflowSpec"]
+        common = {k: wf[k] for k in ("securityContext", "volumes", "automountServiceAccountToken", "serviceAccountName") if k in wf}
+        # A template's own securityContext replaces the workflow's (argo-workflows v3.5.15
+        # workflow/controller/workflowpod.go createWorkflowPod).
+        return [(t["name"], {**common, **({"securityContext": t["securityContext"]} if "securityContext" in t else {}), "containers": [t["container"]]}) for t in wf["templates"] if "container" in t]
+    return []
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector matches ``labels``."""
+    ok = all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok &= {"Exists": key in labels, "DoesNotExist": key not in labels, "In": labels.get(key) in values, "NotIn": labels.get(key) not in values}[op]
+    return ok
+
+
+def test_the_restricted_check_refuses_what_restricted_refuses():
+    good = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}],
+    }
+    assert restricted_violations(good) == []
+    bad = {
+        "no seccomp": lambda p: p["securityContext"].pop("seccompProfile"),
+        "root allowed": lambda p: p["securityContext"].pop("runAsNonRoot"),
+        "escalation": lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+        "capabilities": lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+        "hostPath": lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+        "unchecked init container": lambda p: p.setdefault("initContainers", []).append({"name": "i"}),
+        "privileged": lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+    }
+    for what, mutate in bad.items():
+        pod = copy.deepcopy(good)
+        mutate(pod)
+        assert restricted_violations(pod), what
+
+
+def test_profile_namespaces_get_pod_security_labels():
+    """Item 1: enforce what KFP's own pods meet (baseline), warn and audit on restricted."""
+    patch = yaml.safe_load(PSS_LABELS.read_text())
+    assert patch == {"metadata": {"labels": patch["metadata"]["labels"]}}, "a merge patch of labels only: it can neither create nor delete a namespace"
+    labels = patch["metadata"]["labels"]
+    prefix = "pod-security.kubernetes.io/"
+    assert {k.removeprefix(prefix): v for k, v in labels.items() if not k.endswith("-version")} == {
+        "enforce": "baseline",
+        "warn": "restricted",
+        "audit": "restricted",
+    }
+    assert re.fullmatch(r"v1\.\d+", labels[prefix + "enforce-version"]), "enforce pinned to a Kubernetes minor version"
+    assert {labels[prefix + m + "-version"] for m in ("warn", "audit")} == {"latest"}
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    assert "--type merge --patch-file k8s/profiles/pod-security-labels.yaml" in deploy
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_every_pod_we_bring_meets_pod_security_restricted(name):
+    """Item 2: uid 10001, no escalation, no capabilities, RuntimeDefault, a read-only root with /tmp."""
+    pods = [(d["kind"], role, pod) for d in build(name) for role, pod in _pods(d)]
+    expected = {"RayJob", "CronWorkflow"} | ({"RayCluster"} if name != "overlays/dev" else set())
+    assert {kind for kind, _, _ in pods} == expected
+    assert {role for kind, role, _ in pods if kind == "RayJob"} == {"head", "worker cpu", "submitter"}
+    for kind, role, pod in pods:
+        where = f"{name}: {kind} {role}"
+        assert restricted_violations(pod) == [], where
+        psc = pod["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert psc["runAsUser"] == psc["runAsGroup"] == psc["fsGroup"] == IMAGE_UID, where
+        scratch = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, f"{where} {c['name']}"
+            assert sc["readOnlyRootFilesystem"] is True, f"{where} {c['name']}"
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert mounts.get("/tmp") in scratch, f"{where} {c['name']}: a read-only root needs an emptyDir at /tmp (Ray: /tmp/ray)"
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_only_the_autoscaler_and_the_retraining_pod_get_an_api_token(name):
+    """Item 3: Ray pods never call the Kubernetes API; KubeRay's autoscaler and Argo's executor do."""
+    for doc in build(name):
+        for role, pod in _pods(doc):
+            where = f"{name}: {doc['kind']} {role}"
+            token_volumes = {
+                v["name"]
+                for v in pod.get("volumes", [])
+                if any("serviceAccountToken" in source for source in (v.get("projected") or {}).get("sources", []))
+            }
+            holders = {c["name"] for c in pod["containers"] for m in c.get("volumeMounts", []) if m["name"] in token_volumes}
+            if doc["kind"] == "CronWorkflow":
+                # Argo's wait container reports results with the pod's token (role-retrain.yaml).
+                assert pod.get("automountServiceAccountToken", True) is True and pod["serviceAccountName"] == "imgpipe-retrain", where
+                continue
+            assert pod.get("automountServiceAccountToken") is False, where
+            assert holders == ({"autoscaler"} if role == "head" else set()), where
+            if role == "head":
+                (autoscaler,) = [c for c in pod["containers"] if c["name"] == "autoscaler"]
+                (mount,) = [m for m in autoscaler["volumeMounts"] if m["name"] in token_volumes]
+                assert mount["mountPath"] == TOKEN_MOUNT and mount["readOnly"] is True, where
+                (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+                paths = {item["path"] for s in volume["projected"]["sources"] for item in (next(iter(s.values())).get("items") or [{"path": "token"}])}
+                assert paths == {"token", "ca.crt", "namespace"}, f"{where}: what in-cluster clients read from {TOKEN_MOUNT}"
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_networkpolicy_lets_only_this_namespace_reach_the_ray_pods(name):
+    """Item 4: Ray pods (as KubeRay labels them) take connections from this namespace and the operator only."""
+    docs = build(name)
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    selector = spec["podSelector"]
+    for doc in (d for d in docs if d["kind"] in ("RayJob", "RayCluster")):
+        cluster = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+        for template in [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]:
+            labels = {**template["metadata"]["labels"], RAY_CLUSTER_LABEL: "any-cluster", "ray.io/is-ray-node": "yes"}
+            assert _selects(selector, labels), f"{doc['kind']}: a Ray pod left out"
+        if doc["kind"] == "RayJob":
+            assert not _selects(selector, doc["spec"]["submitterPodTemplate"]["metadata"]["labels"])
+    ray_peer = namespace_peer = operator_peer = None
+    for rule in spec["ingress"]:
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "no address ranges"
+            if "namespaceSelector" in peer:
+                assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}, "only the operator from elsewhere"
+                operator_peer = rule
+            elif peer["podSelector"] == {}:
+                namespace_peer = rule
+            else:
+                assert peer["podSelector"] == selector, "Ray pods of this namespace"
+                ray_peer = rule
+    assert ray_peer is not None and "ports" not in ray_peer, "Ray's own ports are mostly random: every port, Ray pods only"
+    assert namespace_peer is not None and {(p["protocol"], p["port"]) for p in namespace_peer["ports"]} == {("TCP", 8265), ("TCP", 10001)}
+    assert operator_peer is not None and operator_peer["ports"] == [{"protocol": "TCP", "port": 8265}]
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_the_rayjob_role_is_bound_to_imgpipes_own_account_only(name, monkeypatch):
+    """Item 5: no binding names an account every pipeline of the namespace runs as."""
+    from tests.test_kuberay import CALL_VERBS
+
+    docs = build(name)
+    names = {_key(d) for d in docs}
+    namespace = NAMESPACES[name]
+    assert ("ServiceAccount", RUN_ACCOUNT) in names
+    bindings = {d["metadata"]["name"]: d for d in docs if d["kind"] == "RoleBinding"}
+    for binding in bindings.values():
+        assert not {s["name"] for s in binding["subjects"]} & SHARED_ACCOUNTS, binding["metadata"]["name"]
+    run_account = [{"kind": "ServiceAccount", "name": RUN_ACCOUNT, "namespace": namespace}]
+    assert bindings["imgpipe-rayjobs"]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "imgpipe-rayjobs"}
+    assert bindings["imgpipe-rayjobs"]["subjects"] == run_account
+    # The account must still run a KFP pipeline: what default-editor is bound to in a profile.
+    assert bindings["imgpipe-pipeline-kubeflow-edit"]["roleRef"]["name"] == "kubeflow-edit"
+    assert bindings["imgpipe-pipeline-kubeflow-edit"]["subjects"] == run_account
+    # The scheduled retraining's runs run as it (imgpipe submit reads the variable).
+    retrain = next(d for d in docs if _key(d) == ("ConfigMap", "imgpipe-retrain"))["data"]
+    monkeypatch.setenv(kfp_client.SERVICE_ACCOUNT_ENV, retrain[kfp_client.SERVICE_ACCOUNT_ENV])
+    assert kfp_client.Target().resolved().service_account == RUN_ACCOUNT
+    role = next(d for d in docs if _key(d) == ("Role", "imgpipe-rayjobs"))
+    granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert granted == set(CALL_VERBS.values()), "exactly the calls tests/test_kuberay.py records"
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    assert f"--as=system:serviceaccount:{NAMESPACES['overlays/dev']}:{RUN_ACCOUNT}" in deploy

@@ -89,6 +89,9 @@ HOST_ENV = "KF_PIPELINES_ENDPOINT"
 EXPERIMENT_ENV = "IMGPIPE_EXPERIMENT"
 NAMESPACE_ENV = "IMGPIPE_KFP_NAMESPACE"
 SERVICE_ACCOUNT_ENV = "IMGPIPE_SERVICE_ACCOUNT"
+# The account k8s/base creates for imgpipe's runs (k8s/base/serviceaccount-pipeline.yaml): the
+# only one the RayJob Role is bound to. Runs in a profile namespace use it unless told otherwise.
+PIPELINE_SERVICE_ACCOUNT = "imgpipe-pipeline"
 GPU_ENV = "IMGPIPE_TRAIN_GPU"
 PARAM_ENV_PREFIX = "IMGPIPE_PARAM_"
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
@@ -420,7 +423,8 @@ class Target:
         host: The KFP API endpoint, e.g. ``http://ml-pipeline.kubeflow:8888``.
         experiment: Experiment name (created if missing).
         namespace: The Kubeflow profile namespace (multi-user deployments).
-        service_account: The Kubernetes service account of the run's pods.
+        service_account: The Kubernetes service account of the run's pods; in a
+            namespace, :data:`PIPELINE_SERVICE_ACCOUNT` unless set.
     """
 
     host: str | None = None
@@ -431,11 +435,14 @@ class Target:
     def resolved(self) -> Target:
         """With the environment's values for unset fields."""
         env = os.environ
+        namespace = self.namespace or env.get(NAMESPACE_ENV) or None
         return Target(
             host=self.host or env.get(HOST_ENV) or None,
             experiment=self.experiment or env.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT,
-            namespace=self.namespace or env.get(NAMESPACE_ENV) or None,
-            service_account=self.service_account or env.get(SERVICE_ACCOUNT_ENV) or None,
+            namespace=namespace,
+            service_account=self.service_account
+            or env.get(SERVICE_ACCOUNT_ENV)
+            or (PIPELINE_SERVICE_ACCOUNT if namespace else None),
         )
 
 
