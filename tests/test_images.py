@@ -184,3 +184,107 @@ def test_formats_outside_the_accepted_list_are_not_images_and_start_nothing(data
     with pytest.raises(ImageRejected) as rejected:
         validate_and_normalize(data)
     assert rejected.value.reason == "not_an_image", rejected.value.detail
+
+
+# ----------------------------------------------------------------------------------------
+# Memory: to_8bit in row blocks, and a per-image budget checked from the header.
+
+
+def _reference_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
+    """to_8bit's documented mapping on a whole array, with negatives clipped to 0."""
+    if mode == "F":
+        lo, hi = np.nanmin(arr), np.nanmax(arr)
+        scaled = (arr - lo) / (hi - lo) * np.float32(255) if hi > lo else np.zeros_like(arr)
+        return np.clip(np.nan_to_num(scaled).round(), 0, 255).astype(np.uint8)
+    wide = arr.astype(np.int64)
+    if mode.startswith("I;16") or wide.max() > 255:
+        wide = wide * 255 // max(65535, int(wide.max()))
+    return np.clip(wide, 0, 255).astype(np.uint8)
+
+
+def test_to_8bit_memory_is_about_its_8bit_result():
+    import tracemalloc
+
+    arr = np.random.default_rng(0).integers(0, 65536, (2000, 2000), dtype=np.uint16)
+    img = Image.fromarray(arr)
+    assert img.mode == "I;16"
+    tracemalloc.start()
+    try:
+        out = to_8bit(img)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Whole-image int64 copies cost ~17 bytes per pixel; the 8-bit result is 1.
+    assert peak / arr.size < 4, f"{peak / arr.size:.1f} bytes per pixel"
+    assert np.array_equal(np.asarray(out), _reference_8bit(arr, "I;16"))
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.random.default_rng(1).integers(0, 65536, (37, 23), dtype=np.uint16),
+        np.random.default_rng(2).integers(-9, 10**7, (37, 23), dtype=np.int32),
+        np.random.default_rng(3).integers(0, 256, (37, 23), dtype=np.int32),
+        np.where(np.eye(37, 23, dtype=bool), np.nan, np.random.default_rng(4).random((37, 23))).astype(
+            np.float32
+        ),
+    ],
+    ids=["I;16", "I-wide", "I-8bit", "F-with-nan"],
+)
+def test_to_8bit_blocks_join_into_the_whole_image_mapping(arr, monkeypatch):
+    from imgpipe import images
+
+    monkeypatch.setattr(images, "_BLOCK_BYTES", 23 * 8 * 5)  # 5 rows a block, the last one short
+    img = Image.fromarray(arr)
+    assert np.array_equal(np.asarray(to_8bit(img)), _reference_8bit(arr, img.mode))
+
+
+def test_to_8bit_clips_negative_values_instead_of_wrapping():
+    img = Image.fromarray(np.array([[-5, 1000, 70000, 0]] * 3, dtype=np.int32))
+    out = np.asarray(to_8bit(img))
+    assert out[:, 0].tolist() == [0, 0, 0], "a negative value is black, not 255 by wrapping around"
+    assert out[0].tolist() == [0, 1000 * 255 // 70000, 255, 0]
+
+
+def test_memory_budget_rejects_from_the_header_before_decoding(monkeypatch):
+    from imgpipe import images
+
+    def no_decoding(img):
+        raise AssertionError("the budget must be checked before any pixel is decoded")
+
+    monkeypatch.setattr(images, "_decode", no_decoding)
+    data = f.png_bomb(4000)  # 16 megapixels of L in a 16 kB file
+    need = images.decode_bytes(Image.open(io.BytesIO(data)))
+    with pytest.raises(ImageRejected) as info:
+        validate_and_normalize(data, max_decode_bytes=need - 1)
+    assert info.value.reason == "too_large"
+    assert f"({need} bytes)" in info.value.detail and f"({need - 1} bytes)" in info.value.detail
+    assert "more memory or fewer workers" in info.value.detail
+
+
+def test_memory_budget_depends_on_the_mode_and_target():
+    from imgpipe.images import decode_bytes
+
+    rgba, gray = Image.open(io.BytesIO(f.rgba_png())), Image.open(io.BytesIO(f.grayscale_jpeg()))
+    assert rgba.size == gray.size and (rgba.mode, gray.mode) == ("RGBA", "L")
+    # L kept as L needs the fewest bytes; compositing alpha onto RGB the most.
+    assert decode_bytes(gray, grayscale=True) < decode_bytes(gray) < decode_bytes(rgba)
+    budget = decode_bytes(gray)
+    assert validate_and_normalize(f.grayscale_jpeg(), max_decode_bytes=budget).mode == "RGB"
+    assert reason_of(f.rgba_png(), max_decode_bytes=budget) == "too_large"
+    assert validate_and_normalize(f.rgba_png(), max_decode_bytes=None).mode == "RGB"
+    with pytest.raises(ValueError, match="max_decode_bytes"):
+        validate_and_normalize(f.jpeg(), max_decode_bytes=-1)
+
+
+def test_memory_estimate_counts_a_progressive_jpegs_coefficients():
+    from imgpipe.images import decode_bytes
+
+    def jpeg(**kwargs) -> Image.Image:
+        buf = io.BytesIO()
+        f.photo(96, 64, 0).save(buf, "JPEG", subsampling=0, **kwargs)
+        return Image.open(io.BytesIO(buf.getvalue()))
+
+    # libjpeg holds 2 bytes per sample until the last scan: 4 + 2 * 3 per pixel, grayscale or not.
+    assert decode_bytes(jpeg(progressive=True), grayscale=True) == 96 * 64 * 10
+    assert decode_bytes(jpeg(), grayscale=True) == 96 * 64 * 8  # the image and a rotated copy

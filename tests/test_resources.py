@@ -10,7 +10,14 @@ import time
 
 import pytest
 
-from imgpipe.resources import available_cpus, cpu_quota, die_with_parent, memory_limit
+from imgpipe.resources import (
+    available_cpus,
+    cpu_quota,
+    die_with_parent,
+    memory_limit,
+    physical_memory,
+    usable_memory,
+)
 
 
 @pytest.mark.parametrize(
@@ -91,3 +98,60 @@ time.sleep(600)
         os.kill(child, signal.SIGKILL)
     assert not alive, "the worker outlived its parent"
     assert die_with_parent.__doc__ and available_cpus() >= 1
+
+
+@pytest.mark.parametrize(
+    "files,expected",
+    [
+        ({"memory.max": "1073741824\n"}, 1 << 30),
+        ({"memory.max": f"{1 << 55}\n"}, "ram"),  # a limit above the node's RAM
+        ({"memory.max": "max\n"}, "ram"),
+        ({}, "ram"),
+    ],
+)
+def test_usable_memory_is_the_limit_capped_by_the_ram(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    ram = physical_memory()
+    assert ram is not None and ram > 1 << 30
+    assert usable_memory(tmp_path) == (ram if expected == "ram" else expected)
+
+
+def test_processes_started_in_a_reaped_block_die_with_the_process(tmp_path):
+    """kill -9 of the process that opened the block: what it started (and their children) goes too."""
+    import subprocess
+    import sys
+    import time
+
+    from imgpipe import resources
+
+    script = (
+        "import subprocess, sys, time\n"
+        "from imgpipe.resources import reaped_with_me\n"
+        "with reaped_with_me() as tag:\n"
+        "    # a grandchild in its own session, like Ray's agents: neither PDEATHSIG nor a group kill reaches it\n"
+        "    subprocess.Popen([sys.executable, '-c', 'import subprocess,sys,time; subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"], start_new_session=True); time.sleep(600)'], start_new_session=True)\n"
+        "    print(tag, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    tag = proc.stdout.readline().strip()
+    deadline = time.monotonic() + 10
+    while len(resources.tagged_processes(tag)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(resources.tagged_processes(tag)) == 2, "its child and grandchild carry the tag"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while resources.tagged_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert resources.tagged_processes(tag) == []
+
+
+def test_a_reaped_block_that_ends_normally_leaves_no_reaper():
+    from imgpipe import resources
+
+    with resources.reaped_with_me() as tag:
+        assert os.environ[resources.REAP_TAG_ENV] == tag
+    assert resources.REAP_TAG_ENV not in os.environ
+    assert resources.tagged_processes(tag) == []

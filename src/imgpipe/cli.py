@@ -97,7 +97,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the split and the shuffled order")
     p.add_argument("--label-source", choices=["auto", "oxford", "folder", "csv"])
     p.add_argument("--labels-csv", help="URI of a path,label CSV (with --label-source csv)")
-    p.add_argument("--workers", type=int, help="decode processes (default: all cores)")
+    p.add_argument("--workers", type=int, help="decode processes (default: one per CPU the pod may use, fewer when its memory is short)")
     _common(p)
 
     p = sub.add_parser("resize", help="resize clean images to a model's input size on Ray Data")

@@ -5,22 +5,45 @@ that sizes a pool by it starts 64 workers that the CFS quota then throttles. Eve
 in imgpipe that sizes a pool asks :func:`available_cpus` instead (one CPU budget), which
 reads the affinity mask and the cgroup CPU quota, v2 (``cpu.max``) or v1
 (``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us``). :func:`memory_limit` reads the
-memory limit the same way.
+memory limit the same way, and :func:`usable_memory` caps it by the machine's RAM: what a
+step divides among its workers.
 
 :func:`die_with_parent` makes a worker process end when the process that started it
 dies, even by ``kill -9``: a pool worker must never outlive the step it works for.
+:func:`reaped_with_me` does the same for processes this one does not start directly (a
+local Ray's daemons, agents and workers): a small reaper process kills them once this
+process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import signal
+import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["CGROUP_ROOT", "cpu_quota", "available_cpus", "memory_limit", "die_with_parent", "free_port"]
+__all__ = [
+    "CGROUP_ROOT",
+    "cpu_quota",
+    "available_cpus",
+    "memory_limit",
+    "physical_memory",
+    "usable_memory",
+    "die_with_parent",
+    "reaped_with_me",
+    "free_port",
+]
+
+# Names the processes a reaper ends: set in this process's environment, inherited by all
+# that it starts and everything they start in turn.
+REAP_TAG_ENV = "IMGPIPE_REAP_TAG"
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -76,6 +99,24 @@ def memory_limit(root: Path = CGROUP_ROOT) -> int | None:
             return None
         return None if value >= _UNLIMITED_V1 else value
     return None
+
+
+def physical_memory() -> int | None:
+    """The machine's RAM in bytes, or ``None`` where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def usable_memory(root: Path = CGROUP_ROOT) -> int | None:
+    """Memory this process may plan with: the container's limit, capped by the machine's RAM.
+
+    A limit above the node's RAM (or none at all) does not make more memory: the kernel's
+    OOM killer acts on the RAM there is. ``None`` only when neither is known.
+    """
+    known = [m for m in (memory_limit(root), physical_memory()) if m is not None]
+    return min(known) if known else None
 
 
 def free_port() -> int:
@@ -139,3 +180,71 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def reaped_with_me() -> Iterator[str]:
+    """Everything started inside the block dies with this process, however it ends.
+
+    Processes started inside inherit a tag in their environment (:data:`REAP_TAG_ENV`);
+    a reaper process started before it waits for this process to exit (a pidfd) and then
+    kills every process carrying the tag. A local Ray needs this: its daemons share the
+    driver's fate, but their children (the dashboard and runtime-env agents, busy
+    workers) outlive a ``kill -9`` of the driver by minutes. On a normal exit the block
+    ends the reaper and leaves the cleanup to the code inside (``ray.shutdown()``).
+
+    Yields:
+        The tag.
+    """
+    tag = f"{os.getpid()}-{uuid.uuid4().hex}"
+    reaper = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from imgpipe.resources import _reap; _reap(int(sys.argv[1]), sys.argv[2])", str(os.getpid()), tag],
+        env={k: v for k, v in os.environ.items() if k != REAP_TAG_ENV},
+        stdin=subprocess.DEVNULL,
+        # Its own session: a Ctrl-C or a group kill aimed at this process must not end it first.
+        start_new_session=True,
+    )
+    previous = os.environ.get(REAP_TAG_ENV)
+    os.environ[REAP_TAG_ENV] = tag
+    try:
+        yield tag
+    finally:
+        if previous is None:
+            os.environ.pop(REAP_TAG_ENV, None)
+        else:
+            os.environ[REAP_TAG_ENV] = previous
+        reaper.kill()
+        reaper.wait()
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of live processes whose environment carries ``REAP_TAG_ENV=tag`` (this one excluded)."""
+    needle = f"{REAP_TAG_ENV}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                found.append(int(entry))
+        except OSError:
+            continue  # gone, or not ours to read
+    return found
+
+
+def _reap(owner: int, tag: str, patience_s: float = 30.0) -> None:
+    """The reaper's body: waits for ``owner`` to exit, then kills the tagged processes until none is left."""
+    import select
+
+    try:
+        fd = os.pidfd_open(owner)
+        select.select([fd], [], [])
+    except OSError:
+        while _alive(owner):  # a kernel without pidfd: poll
+            time.sleep(0.5)
+    deadline = time.monotonic() + patience_s
+    while (pids := tagged_processes(tag)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from imgpipe import contract, storage
+from imgpipe import contract, resources, storage
 from imgpipe.contract import UncommittedOutputError
+from imgpipe.images import decode_bytes
 from imgpipe.steps import clean as clean_mod
 from imgpipe.steps.clean import OUTPUT_SCHEMA, CleanConfig, clean, stratified_split
 from tests import imagefactory as f
@@ -392,3 +396,109 @@ def test_pool_workers_exit_when_clean_is_killed(tmp_path, backend, request):
         if proc.poll() is None:
             proc.kill()
     assert not contract.is_committed(f"{root}/clean")
+
+
+# ----------------------------------------------------------------------------------------
+# Memory: workers and a per-image budget from the memory limit; a killed decoder costs one image.
+
+
+@pytest.mark.parametrize("memory", [None, 64 << 20, 1 << 30, 700 << 20, 64 << 30])
+def test_decode_pool_fits_the_memory(memory):
+    pool = clean_mod._decode_pool(8, memory)
+    if memory is None:
+        assert (pool.workers, pool.max_decode_bytes) == (8, None)
+        return
+    usable = memory * (1 - clean_mod._MEMORY_HEADROOM)
+    per_worker = clean_mod._WORKER_BASE_BYTES + clean_mod._MIN_IMAGE_BYTES
+    assert 1 <= pool.workers <= 8 and pool.memory == memory
+    assert pool.workers == 1 or pool.workers * per_worker <= usable
+    assert pool.workers == 8 or (pool.workers + 1) * per_worker > usable, "as many as the memory holds"
+    share = int(usable) // pool.workers
+    # Each image gets the worker's share less its base, or half the share when that is less.
+    assert pool.max_decode_bytes == max(share - clean_mod._WORKER_BASE_BYTES, share // 2)
+    assert memory < 1 << 30 or pool.max_decode_bytes >= clean_mod._MIN_IMAGE_BYTES
+
+
+def test_memory_limit_caps_workers_and_rejects_an_image_over_its_budget(tmp_path, monkeypatch):
+    members = good_members(2)
+    members["images/beagle_50.png"] = f.png_bomb(4000)  # 16 MP: 160 MB to decode as RGB
+    need = decode_bytes(Image.open(io.BytesIO(members["images/beagle_50.png"])))
+    src = write_download_output(str(tmp_path / "dl"), members, row_group_rows=2)
+    monkeypatch.setattr(resources, "available_cpus", lambda root=None: 8)
+    monkeypatch.setattr(resources, "memory_limit", lambda root=None: 700 << 20)
+    dest = str(tmp_path / "clean")
+    report = clean(src, dest, CleanConfig())
+    pool = report.extra["decode_pool"]
+    assert pool == contract.read_manifest(dest)["extra"]["decode_pool"]
+    assert pool["memory"] == 700 << 20 and pool["workers"] == 2, "8 CPUs, but memory for 2 workers"
+    assert clean_mod._MIN_IMAGE_BYTES <= pool["max_decode_bytes"] < need
+    (reject,) = contract.read_rejects(dest).to_pylist()
+    assert (reject["path"], reject["reason"]) == ("images/beagle_50.png", "too_large")
+    assert f"({pool['max_decode_bytes']} bytes)" in reject["detail"]
+    assert report.inputs == len(members) == report.outputs + 1
+
+
+def _kill_when_decoding(monkeypatch, victims: list[bytes], once_flag: Path | None = None) -> None:
+    """Makes a pool worker SIGKILL itself when it decodes a victim (as the OOM killer would).
+
+    With ``once_flag``, only the first time. Never in the test's own process.
+    """
+    test_pid, real = os.getpid(), clean_mod.validate_and_normalize
+
+    def decode(data, **kwargs):
+        if data in victims and os.getpid() != test_pid and not (once_flag and once_flag.exists()):
+            if once_flag:
+                once_flag.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(clean_mod, "validate_and_normalize", decode)
+
+
+@pytest.mark.parametrize("again", [True, False], ids=["dies-again-alone", "dies-once"])
+def test_a_killed_decoder_costs_one_image_not_the_step(tmp_path, monkeypatch, again):
+    members = good_members(4)
+    # Two victims in different row groups (tasks), when each dies again; one when not.
+    victims = ["images/Bengal_1.jpg", "images/Siamese_3.jpg"] if again else ["images/Siamese_3.jpg"]
+    src = write_download_output(str(tmp_path / "dl"), members, row_group_rows=2)
+    once = None if again else tmp_path / "killed-once"
+    _kill_when_decoding(monkeypatch, [members[v] for v in victims], once)
+    before = _descendants(os.getpid())
+    dest = str(tmp_path / "clean")
+    report = clean(src, dest, CleanConfig(workers=2))
+
+    assert contract.is_committed(dest)
+    assert report.inputs == len(members) == report.outputs + report.rejected
+    rejects = contract.read_rejects(dest).to_pylist()
+    kept = read_output(dest).column("path").to_pylist()
+    assert sorted(read_output(dest).column("order").to_pylist()) == list(range(len(kept)))
+    if again:
+        assert sorted((r["path"], r["reason"]) for r in rejects) == [(v, "decoder_killed") for v in victims]
+        assert all("SIGKILL" in r["detail"] and "memory" in r["detail"] for r in rejects)
+        assert set(kept) == set(members) - set(victims)
+    else:
+        assert once.exists(), "the worker was killed once"
+        assert rejects == [] and set(kept) == set(members)
+    deadline = time.monotonic() + 10
+    while (left := _descendants(os.getpid()) - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, "a decode process outlived the step"
+
+
+def test_workers_dying_outside_any_decode_fail_the_step_after_few_restarts(tmp_path, monkeypatch):
+    src = write_download_output(str(tmp_path / "dl"), good_members(2), row_group_rows=2)
+    test_pid = os.getpid()
+
+    def die_in_workers(self):
+        if os.getpid() != test_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(clean_mod._ShardBuckets, "flush", die_in_workers)
+    starts = []
+    real_run_pool = clean_mod._run_pool
+    monkeypatch.setattr(clean_mod, "_run_pool", lambda *a: starts.append(1) or real_run_pool(*a))
+    with pytest.raises(RuntimeError, match="outside (any image|the) decode"):
+        clean(src, str(tmp_path / "clean"), CleanConfig(workers=2))
+    # A worker the pool ended mid-decode names an image; run alone, it dies outside the decode.
+    assert 1 <= len(starts) <= clean_mod._MAX_BARREN_RESTARTS + 1
+    assert not contract.is_committed(str(tmp_path / "clean"))

@@ -13,19 +13,34 @@ The work happens in three passes, each bounded in memory by one shard:
    stratified split and the shuffled ``order``.
 3. **write**: spill rows are bucketed by output shard, each bucket is sorted by
    ``order`` and written to the destination, then the output is committed.
+
+Memory: the pool gets at most one worker per CPU (:func:`resources.available_cpus`) and
+no more than the memory (:func:`resources.usable_memory`) can hold, and each image a
+budget: one that would need more to decode is ``too_large`` before it is decoded
+(:func:`imgpipe.images.decode_bytes` estimates from its header).
+
+A decoder that kills its process anyway (the OOM killer's SIGKILL, a crash in a C
+library) costs one image, not the step: each worker names the member it is decoding in a
+marker file; when a worker dies, the member each unfinished task names is decoded again
+alone, in a process of its own, and becomes a ``decoder_killed`` reject if that dies too;
+then the unfinished tasks run again without those members.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
 import os
+import signal
 import tempfile
+import traceback
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -43,6 +58,7 @@ from imgpipe.labels import Labeler, LabelSource, choose_label_source, encode_lab
 
 __all__ = [
     "CleanConfig",
+    "DECODER_KILLED",
     "SPLITS",
     "OUTPUT_SCHEMA",
     "LABELS_FILE",
@@ -55,6 +71,21 @@ __all__ = [
 
 SPLITS = ("train", "val", "test")
 LABELS_FILE = "labels.json"
+# Reject code of an image whose decoder killed its process twice, in the pool and alone;
+# the other codes come from imgpipe.images, and no_label / duplicate from the plan.
+DECODER_KILLED = "decoder_killed"
+
+# How clean shares memory among its decode workers. A quarter stays with the step's own
+# process (index, plan, shard writing) and the allocator's slack. Each worker costs a base
+# before any image: the pages it dirties after the fork (interpreter, numpy, pyarrow,
+# Pillow) and a row group of encoded input beside its normalized copy. A worker is worth
+# starting only if it can still take a 12-megapixel photo (96 MiB at 8 bytes per pixel).
+_MEMORY_HEADROOM = 0.25
+_WORKER_BASE_BYTES = 128 << 20
+_MIN_IMAGE_BYTES = 128 << 20
+# Pool restarts in a row that a dead worker may cause without naming an image (it died
+# reading or writing a row group): past this the cause is not one image, and the step fails.
+_MAX_BARREN_RESTARTS = 2
 
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
@@ -94,7 +125,10 @@ class CleanConfig:
             is PIL's own decompression-bomb limit.
         min_side: Smallest width or height accepted; smaller is ``too_small``.
         jpeg_quality: Quality for JPEGs that normalization had to re-encode.
-        workers: Decode processes; 0 means one per CPU core.
+        workers: Decode processes; 0 means one per CPU the container may use. Fewer start
+            when the memory cannot hold that many (the manifest's ``decode_pool`` says how
+            many did). 1 decodes in the step's own process, where an image that gets the
+            process killed takes the step with it.
         rows_per_shard: Rows per output Parquet shard.
         row_group_rows: Most rows per Parquet row group (the unit resize parallelizes on).
         row_group_bytes: Target bytes per row group: groups of large photos get fewer rows
@@ -188,11 +222,50 @@ class _Plan:
 
 @dataclass(frozen=True)
 class _Task:
-    """One unit of pool work: some row groups of the download output."""
+    """One unit of pool work: some row groups of the download output.
+
+    Attributes:
+        index: Names the task's bucket and marker files.
+        units: ``(uri, row group)`` pairs to read.
+        rows: Rows it will decode (for progress).
+        only: Decode just this member (a suspect re-run alone).
+        skip: Members already settled by a re-run alone.
+    """
 
     index: int
     units: tuple[tuple[str, int], ...]
     rows: int
+    only: str | None = None
+    skip: frozenset[str] = frozenset()
+
+    def wants(self, member: str) -> bool:
+        return (self.only is None or member == self.only) and member not in self.skip
+
+
+@dataclass(frozen=True)
+class _DecodePool:
+    """How many decode processes run, and the memory one image may take in each.
+
+    Attributes:
+        workers: Decode processes.
+        max_decode_bytes: Per-image budget, ``None`` when the memory is unknown.
+        memory: The memory divided among them, ``None`` when unknown.
+    """
+
+    workers: int
+    max_decode_bytes: int | None
+    memory: int | None
+
+
+def _decode_pool(cpus: int, memory: int | None) -> _DecodePool:
+    """Caps ``cpus`` workers to those ``memory`` can hold, and gives each image a budget."""
+    if memory is None:
+        return _DecodePool(cpus, None, None)
+    usable = int(memory * (1 - _MEMORY_HEADROOM))
+    workers = max(1, min(cpus, usable // (_WORKER_BASE_BYTES + _MIN_IMAGE_BYTES)))
+    share = usable // workers
+    # Below the base, the base is a guess worth less than trying: images get half the share.
+    return _DecodePool(workers, max(share - _WORKER_BASE_BYTES, share // 2), memory)
 
 
 def _init_worker(s3_options: storage.S3Options, step_pid: int) -> None:
@@ -204,6 +277,55 @@ def _init_worker(s3_options: storage.S3Options, step_pid: int) -> None:
 def bucket_path(bucket_dir: str | Path, shard: int, task: int) -> Path:
     """Local file holding one task's rows for one output shard."""
     return Path(bucket_dir) / f"shard-{shard:05d}" / f"task-{task:05d}.parquet"
+
+
+def _drop_buckets(bucket_dir: str | Path, task: int) -> None:
+    """Removes a task's bucket files: a killed task leaves unfinished ones."""
+    for path in Path(bucket_dir).glob(f"shard-*/{bucket_path(bucket_dir, 0, task).name}"):
+        path.unlink()
+
+
+def _marker_path(bucket_dir: str | Path, task: int) -> Path:
+    return Path(bucket_dir) / "decoding" / f"task-{task:05d}"
+
+
+class _Marker:
+    """A file naming the member a task is decoding right now; empty between decodes.
+
+    Two system calls per image and no sync: the page cache outlives a killed process, so
+    the step reads what the worker last wrote.
+    """
+
+    def __init__(self, bucket_dir: str | Path, task: int) -> None:
+        path = _marker_path(bucket_dir, task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    @contextlib.contextmanager
+    def naming(self, member: str) -> Iterator[None]:
+        os.pwrite(self._fd, member.encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(self._fd, 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _take_suspect(bucket_dir: str | Path, task: int) -> str | None:
+    """The member a task's marker names (the one being decoded when its worker died), once.
+
+    The marker is removed: should the task not start again before the next pool breaks,
+    it must not name a member that is settled already.
+    """
+    path = _marker_path(bucket_dir, task)
+    try:
+        member = path.read_bytes().decode()
+    except FileNotFoundError:  # the task never started
+        return None
+    path.unlink()
+    return member or None
 
 
 def _box_for(member: str, width: int, height: int, boxes: dict[str, HeadBox]) -> list[float] | None:
@@ -262,24 +384,28 @@ def validate_task(
     boxes: dict[str, HeadBox],
     cfg: CleanConfig,
     bucket_dir: str,
+    max_decode_bytes: int | None = None,
 ) -> list[RowResult]:
     """Decodes and normalizes the rows of some download row groups.
 
     Every row is fully decoded, whatever the plan says about it, so the reject reason
     follows one precedence everywhere. Usable rows that the plan places are appended to
     this task's bucket file of their output shard; only per-row results travel back.
+    While a row decodes, the task's marker file names it.
 
     Args:
         task: The row groups to process.
         placements: Output placement of each candidate row in these row groups.
         boxes: Head boxes by image stem (may be empty).
         cfg: The clean config.
-        bucket_dir: Local folder for the shard buckets.
+        bucket_dir: Local folder for the shard buckets and markers.
+        max_decode_bytes: Memory one image may take to decode; ``None`` for no limit.
 
     Returns:
-        One result per input row, in input order.
+        One result per input row the task wants (not carried), in input order.
     """
     buckets = _ShardBuckets(bucket_dir, task.index, cfg.rows_per_shard)
+    marker = _Marker(bucket_dir, task.index)
     results: list[RowResult] = []
     try:
         for uri, row_group in task.units:
@@ -290,14 +416,18 @@ def validate_task(
             for i, member in enumerate(table.column("path").to_pylist()):
                 if member in placements and placements[member].carried:
                     continue  # copied from the previous output by _carry_rows
+                if not task.wants(member):
+                    continue
                 try:
-                    img = validate_and_normalize(
-                        blobs[i].as_py() or b"",
-                        grayscale=cfg.grayscale,
-                        max_pixels=cfg.max_pixels,
-                        min_side=cfg.min_side,
-                        jpeg_quality=cfg.jpeg_quality,
-                    )
+                    with marker.naming(member):
+                        img = validate_and_normalize(
+                            blobs[i].as_py() or b"",
+                            grayscale=cfg.grayscale,
+                            max_pixels=cfg.max_pixels,
+                            min_side=cfg.min_side,
+                            jpeg_quality=cfg.jpeg_quality,
+                            max_decode_bytes=max_decode_bytes,
+                        )
                 except ImageRejected as exc:
                     results.append(RowResult(member, exc.reason, exc.detail[:500]))
                     continue
@@ -318,6 +448,7 @@ def validate_task(
                 )
             buckets.flush()
     finally:
+        marker.close()
         buckets.close()
     return results
 
@@ -472,38 +603,180 @@ def _validate_all(
     boxes: dict[str, HeadBox],
     cfg: CleanConfig,
     bucket_dir: Path,
-) -> list[RowResult]:
-    """Runs :func:`validate_task` over all tasks on all cores, with progress."""
-    workers = cfg.workers or resources.available_cpus()
-    results: list[list[RowResult]] = [[] for _ in tasks]
+    pool: _DecodePool,
+) -> tuple[list[RowResult], int]:
+    """Runs :func:`validate_task` over all tasks on the decode pool, with progress.
+
+    A worker that dies costs the member it was decoding (see the module docstring).
+
+    Returns:
+        One result per row, and the next task index no bucket file uses.
+    """
+    results: dict[int, list[RowResult]] = {}
 
     def task_args(task: _Task) -> tuple:
-        members = [p for uri, rg in task.units for p in unit_paths[(uri, rg)]]
+        members = [p for uri, rg in task.units for p in unit_paths[(uri, rg)] if task.wants(p)]
         places = {p: plan.placements[p] for p in members if p in plan.placements}
         task_boxes = {image_stem(p): boxes[image_stem(p)] for p in places if image_stem(p) in boxes}
-        return task, places, task_boxes, cfg, str(bucket_dir)
+        return task, places, task_boxes, cfg, str(bucket_dir), pool.max_decode_bytes
 
+    next_index = len(tasks)
     with tqdm(
         total=sum(t.rows for t in tasks), desc="clean: decode", unit="img", dynamic_ncols=True
     ) as bar:
-        if workers == 1 or len(tasks) <= 1:
+        if cfg.workers == 1:
             for task in tasks:
                 results[task.index] = validate_task(*task_args(task))
                 bar.update(task.rows)
-            return [r for group in results for r in group]
+            return [r for i in sorted(results) for r in results[i]], next_index
         ctx = _pool_context(uri for t in tasks for uri, _ in t.units)
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(tasks)),
-            mp_context=ctx,
-            initializer=_init_worker,
-            initargs=(storage.configure_s3(), os.getpid()),
-        ) as pool:
-            futures = {pool.submit(validate_task, *task_args(t)): t for t in tasks}
-            for fut in as_completed(futures):
-                task = futures[fut]
+        pending, barren = list(tasks), 0
+        while pending := _run_pool(pending, task_args, pool.workers, ctx, results, bar):
+            for task in pending:
+                _drop_buckets(bucket_dir, task.index)
+            named = {t.index: _take_suspect(bucket_dir, t.index) for t in pending}
+            suspects = {index: member for index, member in named.items() if member is not None}
+            for task in (t for t in pending if t.index in suspects):
+                solo = _Task(next_index, task.units, 1, only=suspects[task.index])
+                results[solo.index] = _settle_alone(task_args(solo), ctx, bucket_dir, pool)
+                next_index += 1
+                bar.update(1)
+            barren = 0 if suspects else barren + 1
+            if barren > _MAX_BARREN_RESTARTS:
+                raise RuntimeError(
+                    f"clean: decode workers died {barren} times in a row outside any image decode"
+                    " (reading or writing row groups); give the step more memory or fewer workers"
+                )
+            pending = [_without(t, suspects.get(t.index)) for t in pending]
+    return [r for i in sorted(results) for r in results[i]], next_index
+
+
+def _without(task: _Task, member: str | None) -> _Task:
+    """``task`` skipping ``member``, once a run of its own settled it."""
+    if member is None:
+        return task
+    return replace(task, rows=task.rows - 1, skip=task.skip | {member})
+
+
+def _run_pool(
+    tasks: Sequence[_Task],
+    task_args: Callable[[_Task], tuple],
+    workers: int,
+    ctx: multiprocessing.context.BaseContext,
+    results: dict[int, list[RowResult]],
+    bar: tqdm,
+) -> list[_Task]:
+    """Runs ``tasks`` on a fresh process pool into ``results``.
+
+    Returns:
+        The tasks left unfinished because a worker died (all that were not done by then).
+    """
+    unfinished: list[_Task] = []
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)),
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(storage.configure_s3(), os.getpid()),
+    ) as executor:
+        futures = {}
+        for task in tasks:
+            try:
+                futures[executor.submit(validate_task, *task_args(task))] = task
+            except BrokenProcessPool:  # a worker died while tasks were still being handed out
+                unfinished.append(task)
+        for fut in as_completed(futures):
+            task = futures[fut]
+            try:
                 results[task.index] = fut.result()
+            except BrokenProcessPool:
+                unfinished.append(task)
+            else:
                 bar.update(task.rows)
-    return [r for group in results for r in group]
+    return sorted(unfinished, key=lambda t: t.index)
+
+
+def _settle_alone(
+    args: tuple, ctx: multiprocessing.context.BaseContext, bucket_dir: Path, pool: _DecodePool
+) -> list[RowResult]:
+    """Decodes a suspect alone: its result, or ``decoder_killed`` if it kills its process again.
+
+    Args:
+        args: :func:`validate_task`'s arguments, for a task of one member (``only``).
+        ctx: Multiprocessing context of the pool.
+        bucket_dir: Where its bucket files and marker go (removed if it dies).
+        pool: The decode pool, for the budget the detail names.
+
+    Raises:
+        RuntimeError: If the process died outside the decode: not the image's doing.
+    """
+    solo: _Task = args[0]
+    assert solo.only is not None, "a suspect runs alone"
+    outcome = _run_alone(args, ctx)
+    if not isinstance(outcome, int):
+        return outcome
+    _drop_buckets(bucket_dir, solo.index)
+    if _take_suspect(bucket_dir, solo.index) is None:
+        raise RuntimeError(
+            f"clean: the process decoding {solo.only} alone {_exit_text(outcome)} outside the"
+            " decode (reading or writing its row group); give the step more memory"
+        )
+    if pool.max_decode_bytes is None:
+        need = "more memory than the process could get"
+    else:
+        need = (
+            f"more memory than the per-image budget of {pool.max_decode_bytes} bytes,"
+            " which its header's estimate fitted"
+        )
+    detail = (
+        f"the process decoding it {_exit_text(outcome)} in the pool and again alone;"
+        f" it likely needs {need} (the OOM killer sends SIGKILL)"
+    )
+    return [RowResult(solo.only, DECODER_KILLED, detail)]
+
+
+def _exit_text(exit_code: int) -> str:
+    """``multiprocessing``'s exit code in words: negative is the signal that ended the process."""
+    if exit_code >= 0:
+        return f"ended with exit status {exit_code}"
+    try:
+        return f"was killed by {signal.Signals(-exit_code).name}"
+    except ValueError:
+        return f"was killed by signal {-exit_code}"
+
+
+def _run_alone(args: tuple, ctx: multiprocessing.context.BaseContext) -> list[RowResult] | int:
+    """Runs one :func:`validate_task` in a process of its own: its results, or its exit code.
+
+    A bare process rather than a one-worker pool: a pool reports a dead worker without
+    its exit code, which the reject detail names.
+    """
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_task_process, args=(send, storage.configure_s3(), os.getpid(), args), daemon=True
+    )
+    proc.start()
+    send.close()  # now only the child holds the sending end: its death reads as EOF
+    try:
+        kind, value = receive.recv()
+    except EOFError:
+        kind, value = "died", None
+    finally:
+        receive.close()
+        proc.join()
+    if kind == "error":
+        raise RuntimeError(f"clean: re-running one image alone failed:\n{value}")
+    return value if kind == "ok" else proc.exitcode
+
+
+def _task_process(send: Any, s3_options: storage.S3Options, step_pid: int, args: tuple) -> None:
+    """Body of :func:`_run_alone`'s process: runs the task and sends back its outcome."""
+    _init_worker(s3_options, step_pid)
+    try:
+        outcome: tuple[str, Any] = ("ok", validate_task(*args))
+    except Exception:  # noqa: BLE001 - sent back, so the step fails as it would in the pool
+        outcome = ("error", traceback.format_exc())
+    send.send(outcome)
+    send.close()
 
 
 def _row_group_size(table: pa.Table, cfg: CleanConfig) -> int:
@@ -631,15 +904,16 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     known_files, known = _read_known(cfg.skip_hashes_from, cfg) if cfg.skip_hashes_from else ([], {})
     plan = _plan(sha_by_path, labeler, cfg, known)
     boxes, bad_boxes = read_head_boxes(cfg.annotations) if cfg.annotations else ({}, {})
-    tasks = _make_tasks(units, cfg.workers or resources.available_cpus())
+    pool = _decode_pool(cfg.workers or resources.available_cpus(), resources.usable_memory())
+    tasks = _make_tasks(units, pool.workers)
     out = OutputWriter(dest, "clean")
     out.begin()
     with tempfile.TemporaryDirectory(prefix="imgpipe-clean-") as tmp:
         bucket_dir = Path(tmp)
         unit_paths = {(uri, rg): paths for uri, rg, paths in units}
-        results = _validate_all(tasks, unit_paths, plan, boxes, cfg, bucket_dir)
+        results, free_index = _validate_all(tasks, unit_paths, plan, boxes, cfg, bucket_dir, pool)
         if known:
-            results += _carry_rows(known_files, plan, bucket_dir, len(tasks), cfg)
+            results += _carry_rows(known_files, plan, bucket_dir, free_index, cfg)
         rejects = [Reject(r.path, r.reason, r.detail) for r in results if r.reason]
         rejects += [
             plan.deferred[r.path] for r in results if not r.reason and r.path in plan.deferred
@@ -668,6 +942,11 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
             "num_classes": len(classes),
             "splits": {name: split_counts.get(name, 0) for name in SPLITS},
             "per_class": dict(sorted(class_counts.items())),
+            "decode_pool": {
+                "workers": pool.workers,
+                "memory": pool.memory,
+                "max_decode_bytes": pool.max_decode_bytes,
+            },
             "carried": sum(p.carried for p in kept),
             "carried_from": cfg.skip_hashes_from,
             "annotations": {

@@ -203,16 +203,18 @@ def _ray_session(cfg: ResizeConfig) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init()  # inside a Ray job: join the cluster that runs it
-    else:
-        ray.init(num_cpus=resources.available_cpus(), include_dashboard=False)
-    try:
+    with contextlib.ExitStack() as stack:
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address)
+        elif os.environ.get("RAY_ADDRESS"):
+            ray.init()  # inside a Ray job: join the cluster that runs it
+        else:
+            # Ray ties its daemons to this driver, but their children (agents, busy
+            # workers) outlive a kill -9 of the step by minutes: a reaper ends them.
+            stack.enter_context(resources.reaped_with_me())
+            ray.init(num_cpus=resources.available_cpus(), include_dashboard=False)
+        stack.callback(ray.shutdown)  # runs before the reaper is dismissed
         yield ray
-    finally:
-        ray.shutdown()
 
 
 @contextlib.contextmanager
