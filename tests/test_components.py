@@ -27,6 +27,7 @@ from components.images import ImageSet, image
 from components.resize import resize
 from components.train import train
 from imgpipe import contract, kfp_artifacts, storage
+from imgpipe.sources import SOURCE_LOCAL_ENV
 from imgpipe.steps.clean import CleanConfig
 from imgpipe.steps.download import DownloadConfig
 from imgpipe.steps.download import download as run_download
@@ -77,7 +78,9 @@ def test_image_names_come_from_one_place_and_the_environment():
 
 
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom or non-Python base image")
-def test_download_component_under_kfp_local_writes_the_run_prefix(sample, tmp_path):
+def test_download_component_under_kfp_local_writes_the_run_prefix(sample, tmp_path, monkeypatch):
+    # The sample is a local file: the operator allows local sources (imgpipe run does the same).
+    monkeypatch.setenv(SOURCE_LOCAL_ENV, "1")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"), raise_on_error=True)
     data_root = "file://" + str(tmp_path / "store")
     task = download(

@@ -140,3 +140,15 @@ def test_missing_download_is_file_not_found(any_root, tmp_path):
 
 def test_file_uri_is_percent_decoded(tmp_path):
     assert storage.normalize_uri(f"file://{tmp_path}/a%20b") == f"file://{tmp_path}/a b"
+
+
+def test_size_of_one_object_needs_no_listing(any_root):
+    uri = storage.join(any_root, "a", "b.bin")
+    assert storage.size(uri) is None and not storage.exists(uri)
+    storage.write_bytes(uri, b"12345")
+    assert storage.size(uri) == 5 and storage.exists(uri)
+    assert storage.size(storage.join(any_root, "a")) is None, "a prefix is not an object"
+
+
+def test_redact_keeps_ipv6_brackets():
+    assert storage.redact_uri("http://u:p@[::1]:8080/x?sig=1").startswith("http://[::1]:8080/x ")

@@ -8,11 +8,18 @@ so the caller can count and report them.
 
 Formats are recognised by content (magic bytes), not by file name: ``tar``,
 ``tar.gz``/``tgz``, ``tar.bz2``, ``tar.xz`` and ``zip``.
+
+Memory stays bounded whatever the archive holds: a tar extended header (GNU
+longname/longlink, pax) over :data:`MAX_EXTENDED_HEADER_BYTES` is skipped unread and
+the member it describes flagged, chains of extended headers stop at
+:data:`MAX_HEADER_CHAIN`, names over :data:`MAX_NAME_BYTES` are flagged, and data a
+header declares is skipped in bounded reads that stop at the end of the stream.
 """
 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import lzma
 import os
@@ -31,10 +38,15 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "UNSAFE_MEMBER",
     "UNREADABLE_MEMBER",
+    "MAX_NAME_BYTES",
+    "MAX_EXTENDED_HEADER_BYTES",
+    "MAX_HEADER_CHAIN",
+    "HEADER_BYTES",
     "ArchiveError",
     "MemberTooLarge",
     "Member",
     "detect_format",
+    "declared_members",
     "normalize_member_path",
     "iter_archive",
     "iter_directory",
@@ -43,14 +55,26 @@ __all__ = [
 SUPPORTED_FORMATS = ("tar", "tar.gz", "tar.bz2", "tar.xz", "zip")
 UNSAFE_MEMBER = "unsafe_member"
 UNREADABLE_MEMBER = "unreadable_member"
+# Linux's PATH_MAX: no file system stores a longer path, so a longer name is an attack.
+MAX_NAME_BYTES = 4096
+# Room for a pax header carrying a PATH_MAX path and link path plus the usual times,
+# owners and a few xattrs; tarfile reads a whole extended header into memory.
+MAX_EXTENDED_HEADER_BYTES = 64 << 10
+# Real archivers write at most a longname, a longlink and a pax header before a member;
+# tarfile recurses once per header, so an endless chain would end in RecursionError.
+MAX_HEADER_CHAIN = 8
+# What one member costs besides its data and name: a tar header block (and about a
+# zip's local plus central directory entry), so zero-byte members still add up.
+HEADER_BYTES = tarfile.BLOCKSIZE
 
 _CHUNK = 1 << 20
-_TAR_MODES = {"tar": "r|", "tar.gz": "r|gz", "tar.bz2": "r|bz2", "tar.xz": "r|xz"}
 _COMPRESSED_TAR = (
     (b"\x1f\x8b", "tar.gz", "gzip", gzip.open),
     (b"BZh", "tar.bz2", "bzip2", bz2.open),
     (b"\xfd7zXZ\x00", "tar.xz", "xz", lzma.open),
 )
+_TAR_CODECS = {fmt: (codec, opener) for _, fmt, codec, opener in _COMPRESSED_TAR}
+_TAR_FORMATS = ("tar", *_TAR_CODECS)
 _SUPPORTED_TEXT = (
     "supported formats: .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .zip (detected by content), "
     "or a directory"
@@ -68,6 +92,14 @@ _CORRUPT = (
     gzip.BadGzipFile,
 )
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_EXTENDED_HEADERS = {
+    tarfile.GNUTYPE_LONGNAME: "GNU longname header",
+    tarfile.GNUTYPE_LONGLINK: "GNU longlink header",
+    tarfile.XHDTYPE: "pax header",
+    tarfile.XGLTYPE: "pax global header",
+    tarfile.SOLARIS_XHDTYPE: "Solaris extended header",
+}
+_SHOWN_NAME_CHARS = 200  # how much of an overlong name a reject keeps
 
 
 class ArchiveError(ValueError):
@@ -103,6 +135,11 @@ class Member:
     detail: str = ""
     opener: Callable[[], IO[bytes]] | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def header_bytes(self) -> int:
+        """What the member costs besides its data: a header block and its UTF-8 path."""
+        return HEADER_BYTES + _utf8_len(self.path)
+
     def read(self, limit: int) -> bytes:
         """Reads the whole member, refusing to hold more than ``limit`` bytes.
 
@@ -137,13 +174,36 @@ def _flagged(path: str, size: int, reason: str, detail: str) -> Member:
     return Member(path=path, size=size, reason=reason, detail=detail)
 
 
+def _utf8_len(text: str) -> int:
+    # surrogatepass: tar names decoded with surrogateescape must be countable, not an error.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _long_name_problem(what: str, name: str) -> str | None:
+    size = _utf8_len(name)
+    if size > MAX_NAME_BYTES:
+        return f"{what} of {size} bytes exceeds MAX_NAME_BYTES={MAX_NAME_BYTES}"
+    return None
+
+
+def _shown(name: str) -> str:
+    """An overlong name cut to what a reject may hold (rejects are kept in memory)."""
+    if _utf8_len(name) <= MAX_NAME_BYTES:
+        return name
+    return f"{name[:_SHOWN_NAME_CHARS]}...[{_utf8_len(name)} bytes]"
+
+
 def normalize_member_path(name: str) -> tuple[str, str | None]:
     """Returns a member's canonical path and, if it is unsafe, why.
 
     Absolute paths (``/x``, ``\\x``, ``C:x``), ``..`` components (with either
     separator), NUL bytes and empty names are unsafe: written anywhere naively they
     escape the destination. For those the name comes back with only ``./`` stripped.
+    Names over :data:`MAX_NAME_BYTES` are unsafe too and come back cut short.
     """
+    too_long = _long_name_problem("path", name)
+    if too_long:
+        return _shown(name), too_long
     path = name
     while path.startswith("./"):
         path = path[2:]
@@ -213,6 +273,23 @@ def detect_format(path: str | os.PathLike[str], name: str | None = None) -> str:
     )
 
 
+def declared_members(path: str | os.PathLike[str], fmt: str) -> int | None:
+    """How many entries a zip's central directory declares, read without parsing it.
+
+    ``zipfile.ZipFile`` builds an object per entry before the first one is yielded,
+    so a member limit must be checked on this count first. Tar archives have no index
+    (``None``); their members are counted as they stream.
+    """
+    if fmt != "zip":
+        return None
+    with open(path, "rb") as fh:
+        # The end-of-central-directory reader zipfile itself uses (zip64 aware); private,
+        # hence the fallback to counting while iterating if it ever goes away.
+        read_end = getattr(zipfile, "_EndRecData", None)
+        end = read_end(fh) if read_end is not None else None
+    return None if end is None else int(end[zipfile._ECD_ENTRIES_TOTAL])
+
+
 def iter_archive(path: str | os.PathLike[str], fmt: str) -> Iterator[Member]:
     """Yields every non-directory member of a local archive, in archive order.
 
@@ -226,8 +303,8 @@ def iter_archive(path: str | os.PathLike[str], fmt: str) -> Iterator[Member]:
     """
     if fmt == "zip":
         members = _iter_zip(path)
-    elif fmt in _TAR_MODES:
-        members = _iter_tar(path, _TAR_MODES[fmt])
+    elif fmt in _TAR_FORMATS:
+        members = _iter_tar(path, fmt)
     else:
         raise ValueError(f"unknown archive format {fmt!r}; expected one of {SUPPORTED_FORMATS}")
     try:
@@ -238,9 +315,9 @@ def iter_archive(path: str | os.PathLike[str], fmt: str) -> Iterator[Member]:
 
 def _tar_type_problem(info: tarfile.TarInfo) -> str | None:
     if info.issym():
-        return f"symlink -> {info.linkname}"
+        return f"symlink -> {_shown(info.linkname)}"
     if info.islnk():
-        return f"hardlink -> {info.linkname}"
+        return f"hardlink -> {_shown(info.linkname)}"
     if info.ischr():
         return f"character device {info.devmajor},{info.devminor}"
     if info.isblk():
@@ -252,18 +329,158 @@ def _tar_type_problem(info: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _iter_tar(path: str | os.PathLike[str], mode: str) -> Iterator[Member]:
-    with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode=mode) as tf:
-        while (info := tf.next()) is not None:
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo whose extended headers cannot exhaust memory or the stack.
+
+    tarfile reads a GNU longname/longlink or pax header whole
+    (``TarInfo._proc_gnulong``/``_proc_pax`` read ``self._block(self.size)`` bytes) and
+    recurses once per header. Here an oversized one is skipped in bounded reads and
+    the member it describes comes back with ``problem`` set, and a chain longer than
+    :data:`MAX_HEADER_CHAIN` fails the archive (``next()`` turns
+    ``SubsequentHeaderError`` into ``ReadError``).
+    """
+
+    __slots__ = ("problem",)
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self.problem: str | None = None
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        kind = _EXTENDED_HEADERS.get(self.type)
+        if kind is None:
+            return super()._proc_member(tarfile_)
+        chain = getattr(tarfile_, "_imgpipe_header_chain", 0) + 1
+        if chain > MAX_HEADER_CHAIN:
+            raise tarfile.SubsequentHeaderError(
+                f"more than MAX_HEADER_CHAIN={MAX_HEADER_CHAIN} extended headers in a row "
+                f"at byte {self.offset} of the tar stream"
+            )
+        tarfile_._imgpipe_header_chain = chain  # type: ignore[attr-defined]
+        try:
+            if self.size > MAX_EXTENDED_HEADER_BYTES:
+                return self._skip_header(tarfile_, kind)
+            member = super()._proc_member(tarfile_)
+        finally:
+            tarfile_._imgpipe_header_chain = chain - 1  # type: ignore[attr-defined]
+        if self.type == tarfile.XGLTYPE:
+            _check_global_headers(tarfile_)
+        return member
+
+    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        # An old GNU sparse map continues in as many extension blocks as the archive
+        # chains, and tarfile keeps every entry. Sparse files are no images: skip the
+        # blocks unread and leave an empty map, which marks the member unreadable.
+        _, isextended, real_size = self._sparse_structs
+        del self._sparse_structs
+        while isextended:
+            block = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
+            if len(block) < tarfile.BLOCKSIZE:
+                raise tarfile.SubsequentHeaderError("the tar stream ends inside a sparse map")
+            isextended = bool(block[504])  # the isextended byte of an extension block
+        self.sparse = []
+        self.offset_data = tarfile_.fileobj.tell()
+        tarfile_.offset = self.offset_data + self._block(self.size)
+        self.size = real_size
+        return self
+
+    def _proc_gnusparse_10(
+        self, next: tarfile.TarInfo, pax_headers: dict[str, str], tarfile_: tarfile.TarFile
+    ) -> None:
+        # A pax 1.0 sparse map is a list of numbers at the start of the member's data,
+        # as long as it claims; tarfile reads it all. The member's position is already
+        # known from its header, so leave the map unread.
+        next.sparse = []
+
+    def _skip_header(self, tarfile_: tarfile.TarFile, kind: str) -> tarfile.TarInfo:
+        _skip(tarfile_.fileobj, self._block(self.size), kind)
+        try:
+            member = self.fromtarfile(tarfile_)
+        except tarfile.HeaderError as exc:
+            raise tarfile.SubsequentHeaderError(str(exc)) from None
+        problem = f"{kind} of {self.size} bytes exceeds {MAX_EXTENDED_HEADER_BYTES}"
+        member.problem = _combine(problem, member.problem)
+        return member
+
+
+def _check_global_headers(tarfile_: tarfile.TarFile) -> None:
+    # Global pax headers accumulate in tarfile.pax_headers for the rest of the archive.
+    size = sum(_utf8_len(k) + _utf8_len(v) for k, v in tarfile_.pax_headers.items())
+    if size > MAX_EXTENDED_HEADER_BYTES:
+        raise tarfile.SubsequentHeaderError(
+            f"pax global headers hold {size} bytes, more than {MAX_EXTENDED_HEADER_BYTES}"
+        )
+
+
+def _skip(fileobj: IO[bytes], count: int, what: str) -> None:
+    """Reads and drops ``count`` bytes of a tar stream in bounded chunks.
+
+    ``tarfile._Stream.seek`` loops over the whole distance even past the end of the
+    data, so a header declaring an exabyte-sized member would spin forever.
+    """
+    while count > 0:
+        got = len(fileobj.read(min(count, _CHUNK)))
+        if not got:
+            raise tarfile.ReadError(f"the tar stream ends inside {what} (truncated?)")
+        count -= got
+
+
+def _next_tar(tf: tarfile.TarFile) -> _BoundedTarInfo | None:
+    """``tf.next()``, skipping the previous member's data with :func:`_skip`."""
+    # Opening read the first header already (tf.firstmember); its data is still to come.
+    if tf.firstmember is None and tf.offset > tf.fileobj.tell():
+        _skip(tf.fileobj, tf.offset - tf.fileobj.tell(), "a member's data")
+    return tf.next()  # type: ignore[return-value]
+
+
+class _BoundedDecompression:
+    """A compressed tar's bytes for tarfile's stream mode, decompressed a read at a time.
+
+    tarfile's own ``r|gz``/``r|bz2``/``r|xz`` decompress each 10 KiB input buffer
+    whole (no ``max_length``) and copy what is left on every read: 854 bytes of bzip2
+    become a GiB in one call. ``gzip.open`` and friends inflate only what a read asks
+    for. Codec errors become ``tarfile.ReadError`` as in tarfile's own stream.
+    """
+
+    def __init__(self, fh: IO[bytes], codec: str) -> None:
+        self._fh = fh
+        self._codec = codec
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self._fh.read(size)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:  # bz2 raises OSError
+            raise tarfile.ReadError(f"corrupt {self._codec} data: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _tar_stream(path: str | os.PathLike[str], fmt: str) -> Iterator[tarfile.TarFile]:
+    codec, opener = _TAR_CODECS.get(fmt, (None, None))
+    with opener(path, "rb") if opener else open(path, "rb") as fh:
+        stream = _BoundedDecompression(fh, codec) if codec else fh
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as tf:
+            yield tf
+
+
+def _iter_tar(path: str | os.PathLike[str], fmt: str) -> Iterator[Member]:
+    with _tar_stream(path, fmt) as tf:
+        while (info := _next_tar(tf)) is not None:
             # Stream mode still appends every header to tf.members; drop them so memory
             # stays flat on archives with millions of members (nothing here looks back).
             tf.members.clear()
             if info.isdir():
                 continue
             path_, bad_path = normalize_member_path(info.name)
-            problem = _combine(_tar_type_problem(info), bad_path)
+            problem = _combine(
+                info.problem,
+                _tar_type_problem(info),
+                bad_path,
+                _long_name_problem("link target", info.linkname),
+            )
             if problem:
                 yield _flagged(path_, info.size, UNSAFE_MEMBER, problem)
+            elif info.sparse is not None:
+                yield _flagged(path_, info.size, UNREADABLE_MEMBER, "GNU sparse file (holes are not supported)")
             else:
                 yield Member(path_, info.size, opener=partial(tf.extractfile, info))
         # tarfile reads a header cut short (or missing) as the end of the archive, so a

@@ -41,10 +41,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 
 from imgpipe import contract, resources, storage
+from imgpipe.sources import SOURCE_LOCAL_ENV
 
 __all__ = [
     "STEPS",
@@ -308,6 +310,28 @@ def _sample_dataset(cfg: LocalRunConfig, data_root: str) -> tuple[str, str]:
     return storage.join(synth_dir, "images.tar.gz"), cfg.annotations or storage.join(synth_dir, "annotations.tar.gz")
 
 
+@contextlib.contextmanager
+def _allow_local_sources(*uris: str) -> Iterator[None]:
+    """Lets the download component read the local sources of this run while the block runs.
+
+    The component refuses local paths unless its environment allows them (a run
+    parameter must not read the pod's files); here the operator named them, either as
+    ``--source`` or as the data root the sample dataset was generated into.
+    """
+    if not any(uri and urlparse(os.fspath(uri)).scheme in ("", "file") for uri in uris):
+        yield
+        return
+    saved = os.environ.get(SOURCE_LOCAL_ENV)
+    os.environ[SOURCE_LOCAL_ENV] = "1"  # component subprocesses inherit it
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(SOURCE_LOCAL_ENV, None)
+        else:
+            os.environ[SOURCE_LOCAL_ENV] = saved
+
+
 def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None) -> dict[str, Any]:
     from kfp import local
 
@@ -454,6 +478,7 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
         own_store = cfg.data_root is None
         data_root = stack.enter_context(local_s3_server()) if own_store else storage.normalize_uri(cfg.data_root)
         source, annotations = _sample_dataset(cfg, data_root)
+        stack.enter_context(_allow_local_sources(source, annotations))
         runner = None
         if client is not None:
             runner, ray_address = _docker_runner(client, stack, workdir)

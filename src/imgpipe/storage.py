@@ -166,6 +166,8 @@ def redact_uri(uri: str | os.PathLike[str]) -> str:
     if not parsed.scheme or parsed.scheme == "file":
         return text
     host = parsed.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal keeps its brackets (RFC 3986 section 3.2.2)
     if parsed.port:
         host = f"{host}:{parsed.port}"
     redacted = parsed._replace(netloc=host, query="", fragment="", params="").geturl()
@@ -214,9 +216,13 @@ def with_retries(
 class Backend(ABC):
     """Operations every storage backend provides, on full URIs."""
 
-    @abstractmethod
     def exists(self, uri: str) -> bool:
         """Whether an object exists at exactly this URI."""
+        return self.size(uri) is not None
+
+    @abstractmethod
+    def size(self, uri: str) -> int | None:
+        """The size of the object at exactly this URI, ``None`` if there is none."""
 
     @abstractmethod
     def list_objects(self, prefix: str) -> list[ObjectInfo]:
@@ -267,8 +273,9 @@ class LocalBackend(Backend):
     def _path(uri: str) -> Path:
         return Path(urlparse(normalize_uri(uri)).path)
 
-    def exists(self, uri: str) -> bool:
-        return self._path(uri).is_file()
+    def size(self, uri: str) -> int | None:
+        path = self._path(uri)
+        return path.stat().st_size if path.is_file() else None
 
     def list_objects(self, prefix: str) -> list[ObjectInfo]:
         root = self._path(prefix)
@@ -383,16 +390,15 @@ class S3Backend(Backend):
                 )
             return _clients[key]
 
-    def exists(self, uri: str) -> bool:
+    def size(self, uri: str) -> int | None:
         from botocore.exceptions import ClientError
 
         bucket, key = self._split(uri)
         try:
-            self.client().head_object(Bucket=bucket, Key=key)
-            return True
+            return int(self.client().head_object(Bucket=bucket, Key=key)["ContentLength"])
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
+                return None
             raise
 
     def list_objects(self, prefix: str) -> list[ObjectInfo]:
@@ -511,6 +517,11 @@ def get_backend(uri: str) -> Backend:
 def exists(uri: str) -> bool:
     """Whether an object exists at ``uri``."""
     return get_backend(uri).exists(normalize_uri(uri))
+
+
+def size(uri: str) -> int | None:
+    """The size of the object at ``uri`` (one HEAD request on S3), ``None`` if there is none."""
+    return get_backend(uri).size(normalize_uri(uri))
 
 
 def list_objects(prefix: str) -> list[ObjectInfo]:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import hashlib
 import io
+import json
 import os
 import re
+import socket
 import stat
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -21,6 +27,7 @@ import yaml
 
 from imgpipe import archive, contract, storage
 from imgpipe.config import config_from_dict, config_to_yaml
+from imgpipe.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV, SourcePolicy, SourceRefused
 from imgpipe.steps.download import SHARD_SCHEMA, DownloadConfig, download
 
 IMAGES = {
@@ -122,6 +129,8 @@ class Route:
     fail_first: int = 0  # answer 503 to this many requests first
     drop_first: int = 0  # then cut this many responses off halfway through the body
     ranges: bool = True  # honour Range with 206 (False: always send the whole body)
+    length: bool = True  # send Content-Length (False: the body ends when the connection closes)
+    redirect: str = ""  # answer 302 to this Location instead
     seen_ranges: list[str | None] = field(default_factory=list)
 
 
@@ -144,6 +153,12 @@ def _handler(routes: dict[str, Route], log: list[str]) -> type[BaseHTTPRequestHa
                 return
             route.seen_ranges.append(self.headers.get("Range"))
             hit = len(route.seen_ranges)
+            if route.redirect:
+                self.send_response(302)
+                self.send_header("Location", route.redirect)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if hit <= route.fail_first:
                 self.send_error(503)
                 return
@@ -158,7 +173,8 @@ def _handler(routes: dict[str, Route], log: list[str]) -> type[BaseHTTPRequestHa
             else:
                 self.send_response(200)
             body = route.body[start:]
-            self.send_header("Content-Length", str(len(body)))
+            if route.length:
+                self.send_header("Content-Length", str(len(body)))
             self.send_header("ETag", '"v1"')
             self.end_headers()
             if hit <= route.fail_first + route.drop_first:
@@ -652,3 +668,306 @@ def test_a_prefix_holding_foreign_objects_is_never_a_download_destination(tmp_pa
     with pytest.raises(ValueError, match="objects imgpipe did not write"):
         download(str(make_tar(tmp_path / "a.tar.gz", IMAGES)), dest, FAST)
     assert storage.read_bytes(storage.join(dest, "report.csv")) == b"not ours"
+
+
+# --------------------------------------------------------------------------- archive limits
+
+_MiB = 1 << 20
+
+
+def _write_oversized_header(gz: gzip.GzipFile, kind: str, size: int) -> None:
+    """A GNU longname or pax header whose data is ``size`` bytes, written in 1 MiB pieces."""
+    info = tarfile.TarInfo("././@LongLink" if kind == "longname" else "PaxHeader")
+    info.type = tarfile.GNUTYPE_LONGNAME if kind == "longname" else tarfile.XHDTYPE
+    info.size = size
+    gz.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+    prefix = b"" if kind == "longname" else b"%d path=" % size  # one pax record of `size` bytes
+    gz.write(prefix)
+    left = size - len(prefix) - (kind == "pax")
+    while left:
+        gz.write(b"a" * min(left, _MiB))
+        left -= min(left, _MiB)
+    gz.write(b"\n" if kind == "pax" else b"")
+
+
+def make_header_bomb(path: Path, kind: str, size: int = 64 * _MiB) -> Path:
+    """A tar.gz of about 65 KB: an extended header of ``size`` bytes, then two members."""
+    with gzip.open(path, "wb") as gz, tarfile.open(fileobj=io.BytesIO(), mode="w") as scratch:
+        _write_oversized_header(gz, kind, size)
+        for name, data in (("victim.jpg", b"v" * 100), ("ok.jpg", b"fine")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            gz.write(info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512))
+        gz.write(b"\0" * 1024)
+        del scratch
+    return path
+
+
+# Downloads a small archive (warming up imports, thread pools, pyarrow), then the bomb,
+# and reports how much the peak RSS grew over the second download (ru_maxrss is in KiB).
+_RSS_SCRIPT = """
+import json, os, resource, sys
+from imgpipe import contract
+from imgpipe.steps.download import DownloadConfig, download
+warm, bomb, out = sys.argv[1:4]
+download(warm, out + "/warm", DownloadConfig())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+report = download(bomb, out + "/bomb", DownloadConfig())
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"growth_kib": after - before, "outputs": report.outputs,
+                  "rejects": contract.read_rejects(out + "/bomb").to_pylist()}), flush=True)
+os._exit(0)  # pyarrow's C++ threads can abort a normal interpreter exit; the result is out
+"""
+
+
+@pytest.mark.parametrize("kind", ["longname", "pax"])
+def test_a_64_mib_extended_header_costs_no_memory_and_rejects_its_member(tmp_path: Path, kind: str) -> None:
+    bomb = make_header_bomb(tmp_path / "bomb.tar.gz", kind)
+    assert bomb.stat().st_size < 100_000, "the attack is a small download"
+    warm = make_tar(tmp_path / "warm.tar.gz", IMAGES)
+
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(warm), str(bomb), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["growth_kib"] < 50 * 1024, f"peak RSS grew {result['growth_kib']} KiB"
+    header = "GNU longname header" if kind == "longname" else "pax header"
+    assert result["rejects"] == [
+        {"path": "victim.jpg", "reason": "unsafe_member", "detail": f"{header} of {64 * _MiB} bytes exceeds 65536"}
+    ]
+    assert result["outputs"] == 1  # ok.jpg, after the victim: the stream stayed in step
+
+
+def test_a_name_over_4_kib_is_rejected_unsafe(tmp_path: Path) -> None:
+    long = "deep/" * 820 + "x.jpg"  # 4105 bytes
+    src = tmp_path / "long.tar"
+    with tarfile.open(src, "w", format=tarfile.PAX_FORMAT) as tf:
+        _add_file(tf, long, b"data")
+        _add_file(tf, "ok.jpg", b"fine")
+    dest = str(tmp_path / "out")
+
+    report = download(str(src), dest, FAST)
+
+    ((path, (reason, detail)),) = rejects_by_path(dest).items()
+    assert reason == "unsafe_member" and detail == "path of 4105 bytes exceeds MAX_NAME_BYTES=4096"
+    assert path.startswith("deep/deep/") and len(path) < 300
+    assert (report.inputs, report.outputs) == (2, 1)
+
+
+def test_zero_byte_members_still_cut_shards_and_count_toward_the_total(tmp_path: Path) -> None:
+    # Each member costs 512 header bytes plus its 13-byte path: four fill a 2000-byte shard.
+    files = {f"empty/{i:03d}.jpg": b"" for i in range(30)}
+    src = make_tar(tmp_path / "empty.tar", files, mode="w", prefix="")
+    dest = str(tmp_path / "out")
+
+    download(str(src), dest, DownloadConfig(shard_bytes=2000, write_workers=2))
+
+    assert len(contract.read_manifest(dest)["files"]) == 8  # ceil(30 / 4)
+    assert_rows_match(dest, files)
+    with pytest.raises(ValueError, match="max_total_bytes=10000"):
+        download(str(src), str(tmp_path / "out2"), DownloadConfig(max_total_bytes=10_000))
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_max_members_fails_in_the_dry_run(tmp_path: Path, kind: str) -> None:
+    files = {f"{i}.jpg": b"x" for i in range(5)}
+    src = make_tar(tmp_path / "many.tar", files, mode="w") if kind == "tar" else make_zip(tmp_path / "many.zip", files)
+    dest = str(tmp_path / "out")
+    download(str(make_tar(tmp_path / "ok.tar", IMAGES, mode="w")), dest, FAST)
+    before = contract.read_manifest(dest)
+
+    with pytest.raises(ValueError, match=r"max_members=4.*archive bomb"):
+        download(str(src), dest, DownloadConfig(max_members=4))
+
+    assert contract.read_manifest(dest) == before  # dest was never touched
+    # A zip's index is checked before it is parsed, and it counts the "cats/" directory entry too.
+    download(str(src), str(tmp_path / "out2"), DownloadConfig(max_members=5 if kind == "tar" else 6))
+
+
+def test_expansion_ratio_refuses_bombs_but_not_directories(tmp_path: Path) -> None:
+    zeros = {"zeros.bin": b"\0" * (3 * _MiB)}
+    bomb = make_tar(tmp_path / "bomb.tar.gz", zeros)  # about 3 KB
+    with pytest.raises(ValueError, match=r"max_expansion_ratio=100\.0 times its \d+ bytes.*archive bomb"):
+        download(str(bomb), str(tmp_path / "out"), DownloadConfig())
+
+    # A member too large to read still counts: the tar stream inflates it to skip it.
+    with pytest.raises(ValueError, match=r"max_expansion_ratio=100\.0.*zeros\.bin"):
+        download(str(bomb), str(tmp_path / "out"), DownloadConfig(max_member_bytes=_MiB))
+
+    plain = make_tar(tmp_path / "plain.tar", zeros, mode="w")
+    tree = make_dir(tmp_path / "tree", zeros)
+    for src in (plain, tree):
+        download(str(src), str(tmp_path / f"out-{src.name}"), DownloadConfig(max_expansion_ratio=1.0))
+
+
+def test_new_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_members must be >= 1"):
+        DownloadConfig(max_members=0)
+    with pytest.raises(ValueError, match="max_expansion_ratio must be > 0"):
+        DownloadConfig(max_expansion_ratio=0)
+    with pytest.raises(TypeError, match="max_download_bytes must be an integer"):
+        DownloadConfig(max_download_bytes="1GB")
+
+
+# --------------------------------------------------------------------------- source policy
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every (host, port) urllib3 opens a socket to: proves a refusal came before connecting."""
+    import urllib3.util.connection
+
+    seen: list[tuple[str, int]] = []
+    real = urllib3.util.connection.create_connection
+
+    def spy(address, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(tuple(address[:2]))
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", spy)
+    return seen
+
+
+@pytest.fixture
+def pipeline_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """A pod's environment: no local sources, no extra networks (tests add what they need)."""
+    monkeypatch.delenv(SOURCE_LOCAL_ENV, raising=False)
+    monkeypatch.delenv(SOURCE_NETWORKS_ENV, raising=False)
+    return monkeypatch
+
+
+def _pinned(data: bytes) -> DownloadConfig:
+    return dataclasses.replace(FAST, sha256=(_sha(data),))
+
+
+def test_from_env_reaches_loopback_only_when_its_network_is_listed(
+    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch, connections: list
+) -> None:
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    http_server.routes["/a.tar.gz"] = Route(data)
+    url = http_server.base + "/a.tar.gz"
+
+    with pytest.raises(SourceRefused, match=r"reaches 127\.0\.0\.1, which is not a globally routable.*IMGPIPE_SOURCE_NETWORKS"):
+        download(url, str(tmp_path / "no"), _pinned(data), policy=SourcePolicy.from_env())
+    assert connections == [] and http_server.log == []
+
+    pipeline_env.setenv(SOURCE_NETWORKS_ENV, "10.0.0.0/8, 127.0.0.1/32")
+    download(url, str(tmp_path / "out"), _pinned(data), policy=SourcePolicy.from_env())
+    assert_rows_match(str(tmp_path / "out"), IMAGES)
+
+
+def test_from_env_refuses_plain_http_without_a_pin(
+    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch
+) -> None:
+    pipeline_env.setenv(SOURCE_NETWORKS_ENV, "127.0.0.1/32")
+    http_server.routes["/a.tar.gz"] = Route(make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes())
+    with pytest.raises(SourceRefused, match="plain http needs a sha256 pin"):
+        download(http_server.base + "/a.tar.gz", str(tmp_path / "out"), FAST, policy=SourcePolicy.from_env())
+    assert http_server.log == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://169.254.169.254/latest/meta-data", "http://[::1]:{port}/a.tar.gz", "file:///etc/passwd"],
+    ids=["metadata", "ipv6-loopback", "file"],
+)
+def test_a_redirect_outside_the_policy_is_refused_before_connecting(
+    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch, connections: list, target: str
+) -> None:
+    pipeline_env.setenv(SOURCE_NETWORKS_ENV, "127.0.0.1/32")
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    port = int(http_server.base.rsplit(":", 1)[1])
+    target = target.format(port=port)
+    http_server.routes["/start"] = Route(b"", redirect=target)
+
+    shown = re.escape(storage.redact_uri(target))
+    with pytest.raises(SourceRefused, match=f"redirect 1 from .*/start to {shown} refused"):
+        download(http_server.base + "/start", str(tmp_path / "out"), _pinned(data), policy=SourcePolicy.from_env())
+
+    assert connections == [("127.0.0.1", port)], "only the server that redirected was contacted"
+    assert http_server.log == ["/start"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_redirect_to_a_file_is_refused_even_for_the_operator(tmp_path: Path, http_server: HttpServer) -> None:
+    http_server.routes["/start"] = Route(b"", redirect="file:///etc/passwd")
+    with pytest.raises(SourceRefused, match="may only lead to http"):
+        download(http_server.base + "/start", str(tmp_path / "out"), FAST)
+
+
+@pytest.mark.parametrize("policy", ["trusted", "from_env"])
+def test_redirects_are_followed_and_the_final_url_recorded(
+    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch, policy: str
+) -> None:
+    pipeline_env.setenv(SOURCE_NETWORKS_ENV, "127.0.0.1/32")
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    http_server.routes["/old"] = Route(b"", redirect="/mid")
+    http_server.routes["/mid"] = Route(b"", redirect=http_server.base + "/new" + PRESIGNED)
+    http_server.routes["/new" + PRESIGNED] = Route(data)
+    dest = str(tmp_path / "out")
+
+    download(http_server.base + "/old", dest, _pinned(data), policy=getattr(SourcePolicy, policy)())
+
+    (source,) = contract.read_manifest(dest)["extra"]["sources"]
+    assert source["uri"] == http_server.base + "/old"
+    assert source["final_uri"] == http_server.base + "/new (credentials and query removed)"
+    assert_rows_match(dest, IMAGES)
+
+
+def test_dns_rebinding_is_caught_at_the_connected_socket(
+    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch
+) -> None:
+    # The name resolves to a public address for the policy check, then to loopback for
+    # the connection: the socket's peer is checked before the request is sent.
+    real = socket.getaddrinfo
+    answers = iter(["8.8.8.8"])
+
+    def rebinding(host, port, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        return real(next(answers, "127.0.0.1") if host == "rebind.example" else host, port, *args, **kwargs)
+
+    pipeline_env.setattr(socket, "getaddrinfo", rebinding)
+    pipeline_env.setenv("NO_PROXY", "*")
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    http_server.routes["/a.tar.gz"] = Route(data)
+    url = http_server.base.replace("127.0.0.1", "rebind.example") + "/a.tar.gz"
+
+    with pytest.raises(SourceRefused, match=r"the connection to rebind\.example reaches 127\.0\.0\.1"):
+        download(url, str(tmp_path / "out"), _pinned(data), policy=SourcePolicy.from_env())
+    assert http_server.log == []
+
+
+def test_local_sources_need_the_operators_consent(tmp_path: Path, pipeline_env: pytest.MonkeyPatch) -> None:
+    archive_file = make_tar(tmp_path / "a.tar.gz", IMAGES)
+    tree = make_dir(tmp_path / "tree", IMAGES)
+    for src in ("file://" + str(archive_file), str(tree)):
+        with pytest.raises(SourceRefused, match=f"local path.*{SOURCE_LOCAL_ENV}=1"):
+            download(src, str(tmp_path / "out"), FAST, policy=SourcePolicy.from_env())
+    assert not (tmp_path / "out").exists()
+
+    pipeline_env.setenv(SOURCE_LOCAL_ENV, "1")
+    download("file://" + str(archive_file), str(tmp_path / "out"), FAST, policy=SourcePolicy.from_env())
+    assert_rows_match(str(tmp_path / "out"), IMAGES)
+
+
+@pytest.mark.parametrize("length", [True, False], ids=["content-length", "streamed"])
+def test_max_download_bytes_over_http(tmp_path: Path, http_server: HttpServer, length: bool) -> None:
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    route = http_server.routes["/a.tar.gz"] = Route(data, length=length)
+    cfg = dataclasses.replace(FAST, max_download_bytes=len(data) - 1)
+    with pytest.raises(ValueError, match=f"max_download_bytes={len(data) - 1}"):
+        download(http_server.base + "/a.tar.gz", str(tmp_path / "out"), cfg)
+    assert len(route.seen_ranges) == 1, "a size refusal is not retried"
+    download(http_server.base + "/a.tar.gz", str(tmp_path / "ok"), dataclasses.replace(cfg, max_download_bytes=len(data)))
+
+
+def test_max_download_bytes_for_s3_and_local_files(tmp_path: Path, s3_bucket: str) -> None:
+    src = make_tar(tmp_path / "a.tar.gz", IMAGES)
+    uri = f"{s3_bucket}/raw/a.tar.gz"
+    storage.write_bytes(uri, src.read_bytes())
+    cfg = DownloadConfig(max_download_bytes=src.stat().st_size - 1)
+    for source in (uri, str(src)):
+        with pytest.raises(ValueError, match=f"is {src.stat().st_size} bytes, more than max_download_bytes"):
+            download(source, str(tmp_path / "out"), cfg)

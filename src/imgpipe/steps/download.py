@@ -18,6 +18,11 @@ with the schema :data:`SHARD_SCHEMA`:
 
 Unsafe members (absolute or ``..`` paths, links, devices, FIFOs), oversized and
 duplicate ones become rejects; the output follows :mod:`imgpipe.contract`.
+
+Where a source may come from is a :class:`imgpipe.sources.SourcePolicy`: everything
+for the operator's own calls, much less for a URI that arrives as a pipeline
+parameter (the kfp component). HTTP redirects are followed by hand so that every hop
+is checked against it before connecting.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urljoin, urlparse
 
 import pyarrow as pa
 import requests
@@ -43,6 +48,7 @@ from tqdm import tqdm
 
 from imgpipe import archive, contract, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
+from imgpipe.sources import SourcePolicy, check_redirect, peer_checked_session
 
 __all__ = [
     "STEP",
@@ -82,6 +88,13 @@ _MAX_BINARY_BYTES = (1 << 31) - 1
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = _MiB
 _MAX_BACKOFF_S = 60.0
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
+# Headroom under max_expansion_ratio for tiny archives, whose per-member header and
+# path costs alone can exceed 100x the few hundred bytes they compress to.
+_EXPANSION_SLACK = _MiB
+# The library's callers are the operator: their sources are trusted (the policy is frozen).
+_TRUSTED = SourcePolicy.trusted()
 # Worth retrying: request timeout, rate limiting, and every server-side error.
 _RETRY_STATUSES = frozenset({408, 429})
 _TRANSIENT_ERRORS = (
@@ -103,9 +116,19 @@ class DownloadConfig:
             source order (normalized to lowercase).
         max_member_bytes: Largest member accepted; bigger ones are rejected
             ``member_too_large``. Also bounds the memory one member takes.
-        max_total_bytes: Cap on the bytes extracted from all sources together; crossing
+        max_total_bytes: Cap on the bytes extracted from all sources together, each
+            member counting its data plus ``archive.HEADER_BYTES`` and its path; crossing
             it aborts the run as an archive bomb.
-        shard_bytes: Target payload size of one Parquet shard.
+        max_members: Cap on the members (rejects included) of all sources together;
+            crossing it aborts the run before ``dest`` is touched.
+        max_expansion_ratio: An archive whose extracted bytes (counted as for
+            ``max_total_bytes``, plus the data of rejected tar members, which a tar
+            stream inflates all the same) exceed this many times its own size, plus
+            1 MiB, is refused as an archive bomb. Directories are exempt.
+        max_download_bytes: Largest source file fetched (HTTP, S3 or local); checked
+            on the announced size first and again on what arrives.
+        shard_bytes: Target size of one Parquet shard, counted as for
+            ``max_total_bytes`` (so zero-byte members still fill shards).
         row_group_rows: Rows per Parquet row group (downstream steps parallelize per
             row group).
         retries: HTTP retries after a failed attempt that made no progress.
@@ -118,6 +141,9 @@ class DownloadConfig:
     sha256: tuple[str, ...] = ()
     max_member_bytes: int = 256 * _MiB
     max_total_bytes: int = 64 * _GiB
+    max_members: int = 1_000_000
+    max_expansion_ratio: float = 100.0
+    max_download_bytes: int = 32 * _GiB
     shard_bytes: int = 256 * _MiB
     row_group_rows: int = 128
     retries: int = 5
@@ -129,6 +155,9 @@ class DownloadConfig:
         object.__setattr__(self, "sha256", _normalize_digests(self.sha256))
         _check_int("max_member_bytes", self.max_member_bytes, 1, _MAX_BINARY_BYTES)
         _check_int("max_total_bytes", self.max_total_bytes, 1)
+        _check_int("max_members", self.max_members, 1)
+        _check_number("max_expansion_ratio", self.max_expansion_ratio, positive=True)
+        _check_int("max_download_bytes", self.max_download_bytes, 1)
         _check_int("shard_bytes", self.shard_bytes, 1, _MAX_BINARY_BYTES)
         _check_int("row_group_rows", self.row_group_rows, 1)
         _check_int("retries", self.retries, 0)
@@ -183,9 +212,13 @@ class _Source:
     format: str
     sha256: str | None
     bytes: int | None
+    final_uri: str | None = None  # where HTTP redirects led (redacted)
 
     def manifest_entry(self) -> dict[str, Any]:
-        return {"uri": self.uri, "format": self.format, "sha256": self.sha256, "bytes": self.bytes}
+        entry = {"uri": self.uri, "format": self.format, "sha256": self.sha256, "bytes": self.bytes}
+        if self.final_uri is not None:
+            entry["final_uri"] = self.final_uri
+        return entry
 
     def members(self) -> Iterator[archive.Member]:
         if self.format == "directory":
@@ -250,7 +283,9 @@ def _verify_digest(uri: str, expected: str | None, actual: str) -> None:
         )
 
 
-def _fetch(uri: str, expected: str | None, spool: Path, cfg: DownloadConfig) -> _Source:
+def _fetch(
+    uri: str, expected: str | None, spool: Path, cfg: DownloadConfig, policy: SourcePolicy
+) -> _Source:
     """Makes one source local, hashes it and checks its digest and format.
 
     Messages and the manifest name the source by :func:`storage.redact_uri`: a presigned
@@ -258,12 +293,15 @@ def _fetch(uri: str, expected: str | None, spool: Path, cfg: DownloadConfig) -> 
     """
     scheme = _scheme(uri)
     shown = storage.redact_uri(uri)
+    final = None
     if scheme in ("http", "https"):
-        digest, size = _HttpSpooler(uri, spool, cfg).run()
+        spooler = _HttpSpooler(uri, spool, cfg, policy, pinned=expected is not None)
+        digest, size = spooler.run()
         local = spool
+        final = storage.redact_uri(spooler.final_url)
     elif scheme == "s3":
         local = spool
-        digest, size = _spool_s3(uri, spool)
+        digest, size = _spool_s3(uri, spool, cfg)
     elif scheme in ("", "file"):
         local = _local_path(uri)
         if local.is_dir():
@@ -276,19 +314,32 @@ def _fetch(uri: str, expected: str | None, spool: Path, cfg: DownloadConfig) -> 
             raise FileNotFoundError(
                 f"download source {shown} does not exist (no file or directory at {local})"
             )
+        _check_download_size(shown, local.stat().st_size, cfg)
         digest, size = _hash_file(local, f"hash {local.name}")
     else:
         raise ValueError(
             f"unsupported source {shown!r}: use http(s)://, s3://, file:// or a local path"
         )
     _verify_digest(shown, expected, digest)
-    return _Source(shown, local, archive.detect_format(local, name=shown), digest, size)
+    fmt = archive.detect_format(local, name=shown)
+    return _Source(shown, local, fmt, digest, size, final_uri=final)
 
 
-def _spool_s3(uri: str, spool: Path) -> tuple[str, int]:
-    if not storage.exists(uri):
+def _check_download_size(shown: str, size: int, cfg: DownloadConfig) -> None:
+    if size > cfg.max_download_bytes:
+        raise ValueError(
+            f"download source {shown} is {size} bytes, more than max_download_bytes="
+            f"{cfg.max_download_bytes}; raise max_download_bytes if it really is that large"
+        )
+
+
+def _spool_s3(uri: str, spool: Path, cfg: DownloadConfig) -> tuple[str, int]:
+    size = storage.size(uri)
+    if size is None:
         raise FileNotFoundError(f"download source {uri} does not exist (no such S3 object)")
+    _check_download_size(uri, size, cfg)
     storage.download_file(uri, spool)
+    _check_download_size(uri, spool.stat().st_size, cfg)  # the object may have changed since
     return _hash_file(spool, f"hash {_basename(uri)}")
 
 
@@ -307,11 +358,16 @@ class _HttpSpooler:
     After a dropped connection the next request asks for the missing tail with
     ``Range`` (guarded by ``If-Range`` so a changed file is not stitched to an old
     prefix); a server answering 200 instead of 206 makes the download restart.
+    Each attempt starts at ``url`` and follows redirects itself, checking every hop
+    against ``policy`` before connecting (a presigned target may have expired).
     """
 
     url: str
     path: Path
     cfg: DownloadConfig
+    policy: SourcePolicy
+    pinned: bool
+    final_url: str = ""
     have: int = 0
     total: int | None = None
     validator: str | None = None
@@ -320,7 +376,7 @@ class _HttpSpooler:
     def run(self) -> tuple[str, int]:
         failures = 0
         with (
-            requests.Session() as session,
+            peer_checked_session(self.policy) as session,
             open(self.path, "wb") as fh,
             _byte_bar(f"fetch {_basename(self.url)}", None) as bar,
         ):
@@ -363,9 +419,7 @@ class _HttpSpooler:
         return headers
 
     def _attempt(self, session: requests.Session, fh: Any, bar: tqdm) -> None:
-        with session.get(
-            self.url, headers=self._headers(), stream=True, timeout=self.cfg.timeout_s
-        ) as resp:
+        with self._open(session) as resp:
             if resp.status_code == 416 and self.have:
                 if self._already_complete(resp):
                     return
@@ -378,8 +432,48 @@ class _HttpSpooler:
                 self.hasher.update(chunk)
                 self.have += len(chunk)
                 bar.update(len(chunk))
+                self._check_size(self.have)
         if self.total is not None and self.have != self.total:
             raise _Transient(f"connection closed after {self.have} of {self.total} bytes")
+
+    def _open(self, session: requests.Session) -> requests.Response:
+        """The response at the end of the redirect chain from ``url``, body unread."""
+        url = self.url
+        self.policy.check_host(url)
+        for hop in range(1, _MAX_REDIRECTS + 2):
+            resp = session.get(
+                url,
+                headers=self._headers(),
+                stream=True,
+                timeout=self.cfg.timeout_s,
+                allow_redirects=False,
+            )
+            if resp.status_code not in _REDIRECTS:
+                self.final_url = url
+                return resp
+            location = resp.headers.get("Location")
+            resp.close()
+            if not location:
+                raise ValueError(
+                    f"{storage.redact_uri(url)} answered HTTP {resp.status_code} without a Location"
+                )
+            if hop > _MAX_REDIRECTS:
+                break
+            target = urljoin(url, location)
+            check_redirect(self.policy, url, target, pinned=self.pinned, hop=hop)
+            url = target
+        raise ValueError(
+            f"downloading {storage.redact_uri(self.url)}: more than {_MAX_REDIRECTS} redirects "
+            f"(last at {storage.redact_uri(url)})"
+        )
+
+    def _check_size(self, size: int) -> None:
+        if size > self.cfg.max_download_bytes:
+            raise ValueError(
+                f"download source {storage.redact_uri(self.url)} is more than max_download_bytes="
+                f"{self.cfg.max_download_bytes} bytes ({size} announced or received); raise "
+                "max_download_bytes if it really is that large"
+            )
 
     def _already_complete(self, resp: requests.Response) -> bool:
         # 416 to "bytes=N-" with "Content-Range: bytes */N": the previous attempt got everything.
@@ -420,6 +514,8 @@ class _HttpSpooler:
             self.validator = (
                 etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
             )
+        if self.total is not None:
+            self._check_size(self.total)
         bar.total = self.total
         bar.refresh()
 
@@ -462,9 +558,10 @@ class _ShardWriter:
         self._buffered = 0
         self.shards = 0
 
-    def add(self, path: str, data: bytes) -> None:
-        self._rows.append((path, data))
-        self._buffered += len(data)
+    def add(self, member: archive.Member, data: bytes) -> None:
+        self._rows.append((member.path, data))
+        # Header and path count too: a million empty members must still cut shards.
+        self._buffered += member.header_bytes + len(data)
         if self._buffered >= self._cfg.shard_bytes:
             self._submit()
 
@@ -507,13 +604,34 @@ class _ShardWriter:
 
 @dataclass
 class _Extraction:
-    """Running totals over all sources."""
+    """Running totals over all sources, and the caps on them."""
 
     cfg: DownloadConfig
     inputs: int = 0
-    extracted: int = 0
+    extracted: int = 0  # data bytes written (the manifest's bytes_extracted)
+    charged: int = 0  # data plus header and path bytes, all sources: max_total_bytes
+    expanded: int = 0  # the same for the current source, plus skipped tar data: the ratio
     rejects: list[Reject] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
+
+    def start(self, source: _Source) -> None:
+        """Begins a source; refuses a zip whose index alone declares too many entries.
+
+        The index counts directory entries too: they cost memory when it is parsed.
+        """
+        self.expanded = 0
+        declared = archive.declared_members(source.local, source.format)
+        if declared is not None and self.inputs + declared > self.cfg.max_members:
+            raise ValueError(
+                self._too_many(source, f"its index declares {declared} entries, directories included")
+            )
+
+    def admit(self, source: _Source, member: archive.Member) -> None:
+        """Counts a member, read or rejected, with its header and path bytes."""
+        self.inputs += 1
+        if self.inputs > self.cfg.max_members:
+            raise ValueError(self._too_many(source, f"at {member.path!r}"))
+        self._charge(source, member, member.header_bytes)
 
     def screen(self, member: archive.Member) -> Reject | None:
         """The reject for a member that must not be read, else ``None``."""
@@ -528,13 +646,42 @@ class _Extraction:
         return None
 
     def count(self, source: _Source, member: archive.Member, size: int) -> None:
+        """Counts the data bytes of a member that was read."""
         self.extracted += size
-        if self.extracted > self.cfg.max_total_bytes:
+        self._charge(source, member, size)
+
+    def skip(self, source: _Source, member: archive.Member) -> None:
+        """Counts a rejected member: a tar stream inflates its data all the same."""
+        if source.format.startswith("tar"):
+            self._expand(source, member, member.size)
+
+    def _charge(self, source: _Source, member: archive.Member, size: int) -> None:
+        self.charged += size
+        if self.charged > self.cfg.max_total_bytes:
             raise ValueError(
                 f"refusing to extract more than max_total_bytes={self.cfg.max_total_bytes} bytes "
                 f"(reached at {member.path!r} of {source.uri}); this looks like an archive bomb. "
                 "Raise max_total_bytes if the data set really is that large. Nothing was committed."
             )
+        self._expand(source, member, size)
+
+    def _expand(self, source: _Source, member: archive.Member, size: int) -> None:
+        self.expanded += size
+        if source.bytes is None:  # a directory: its files are what they are
+            return
+        if self.expanded > self.cfg.max_expansion_ratio * source.bytes + _EXPANSION_SLACK:
+            raise ValueError(
+                f"{source.uri} expands to more than max_expansion_ratio={self.cfg.max_expansion_ratio} "
+                f"times its {source.bytes} bytes (reached at {member.path!r}); this looks like an "
+                "archive bomb. Raise max_expansion_ratio if it is genuine. Nothing was committed."
+            )
+
+    def _too_many(self, source: _Source, where: str) -> str:
+        return (
+            f"{source.uri} brings the member count over max_members={self.cfg.max_members} "
+            f"({where}); this looks like an archive bomb. Raise max_members if the data set "
+            "really has that many files. Nothing was committed."
+        )
 
 
 def _too_large(size: int, cfg: DownloadConfig) -> str:
@@ -559,17 +706,19 @@ def _read_member(member: archive.Member, state: _Extraction) -> bytes | Reject:
 
 def _extract_source(source: _Source, state: _Extraction, shards: _ShardWriter) -> None:
     bar = tqdm(unit="member", desc=f"extract {_basename(source.uri)}", disable=None)
+    state.start(source)
     try:
         with closing(source.members()) as members, bar:
             for member in members:
-                state.inputs += 1
+                state.admit(source, member)
                 bar.update(1)
                 outcome = _read_member(member, state)
                 if isinstance(outcome, Reject):
                     state.rejects.append(outcome)
+                    state.skip(source, member)
                     continue
                 state.count(source, member, len(outcome))
-                shards.add(member.path, outcome)
+                shards.add(member, outcome)
     except archive.ArchiveError as exc:
         raise archive.ArchiveError(f"{source.uri}: {exc}") from exc
 
@@ -577,7 +726,7 @@ def _extract_source(source: _Source, state: _Extraction, shards: _ShardWriter) -
 class _Discard:
     """A shard sink that keeps nothing: what a dry run of the extraction writes to."""
 
-    def add(self, path: str, data: bytes) -> None:
+    def add(self, member: archive.Member, data: bytes) -> None:
         """Drops the member."""
 
 
@@ -606,7 +755,11 @@ def _extract_all(sources: Sequence[_Source], out: OutputWriter, cfg: DownloadCon
 
 
 def download(
-    sources: str | os.PathLike[str] | Sequence[str], dest: str, cfg: DownloadConfig
+    sources: str | os.PathLike[str] | Sequence[str],
+    dest: str,
+    cfg: DownloadConfig,
+    *,
+    policy: SourcePolicy = _TRUSTED,
 ) -> StepReport:
     """Pulls image archives (or directories) into ``dest`` as Parquet shards.
 
@@ -621,19 +774,25 @@ def download(
         sources: One URI/path or a list; see the module docstring for the kinds.
         dest: The output prefix (``file://``, ``s3://`` or a local path).
         cfg: Step settings.
+        policy: Where sources may come from. The default trusts the caller; a URI
+            from someone else (a pipeline parameter) needs ``SourcePolicy.from_env()``.
 
     Returns:
         The committed step report; ``extra["sources"]`` lists each source's URI,
-        format, SHA-256 and size.
+        format, SHA-256 and size, and for HTTP where redirects led (``final_uri``).
 
     Raises:
         ValueError: On a checksum mismatch, an unsupported or corrupt archive, a bad
-            source or config, or when ``max_total_bytes`` is exceeded.
+            source or config, a source or redirect the policy refuses
+            (:class:`imgpipe.sources.SourceRefused`), or when a size or count cap
+            is exceeded.
         FileNotFoundError: If a source does not exist (including HTTP 404).
         ConnectionError: If an HTTP download keeps failing after ``cfg.retries`` retries.
     """
     if not isinstance(cfg, DownloadConfig):
         raise TypeError(f"cfg must be a DownloadConfig, got {type(cfg).__name__}")
+    if not isinstance(policy, SourcePolicy):
+        raise TypeError(f"policy must be a SourcePolicy, got {type(policy).__name__}")
     uris = _source_list(sources)
     if cfg.sha256 and len(cfg.sha256) != len(uris):
         raise ValueError(
@@ -644,9 +803,11 @@ def download(
     for uri in uris:
         _check_outside_dest(uri, dest)
     digests: list[str | None] = list(cfg.sha256) or [None] * len(uris)
+    for uri, digest in zip(uris, digests, strict=True):
+        policy.check_source(uri, pinned=digest is not None)
     with tempfile.TemporaryDirectory(prefix="imgpipe-download-") as spool_dir:
         fetched = [
-            _fetch(uri, digest, Path(spool_dir) / f"source-{i:03d}", cfg)
+            _fetch(uri, digest, Path(spool_dir) / f"source-{i:03d}", cfg, policy)
             for i, (uri, digest) in enumerate(zip(uris, digests, strict=True))
         ]
         # Every source is local, verified and readable to its last member: only now may
