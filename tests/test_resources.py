@@ -155,3 +155,23 @@ def test_a_reaped_block_that_ends_normally_leaves_no_reaper():
         assert os.environ[resources.REAP_TAG_ENV] == tag
     assert resources.REAP_TAG_ENV not in os.environ
     assert resources.tagged_processes(tag) == []
+
+
+def test_a_reaped_block_leaves_what_ran_before_it_alone():
+    """The owner's earlier children (a test session's S3 server) are not the block's to kill."""
+    import subprocess
+    import sys
+    import time
+
+    from imgpipe import resources
+
+    earlier = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(0.05)  # start times have a resolution of one clock tick (10 ms)
+    try:
+        with resources.reaped_with_me():
+            inside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={"PATH": "/usr/bin"})
+        assert inside.wait(timeout=10) == -signal.SIGKILL, "started inside (even without the tag): reaped"
+        assert earlier.poll() is None, "started before: left alone"
+    finally:
+        earlier.kill()
+        earlier.wait()

@@ -190,17 +190,28 @@ def reaped_with_me() -> Iterator[str]:
     a reaper process started before it waits for this process to exit (a pidfd) and then
     kills every process carrying the tag. A local Ray needs this: its daemons share the
     driver's fate, but their children (the dashboard and runtime-env agents, busy
-    workers) outlive a ``kill -9`` of the driver by minutes. On a normal exit the block
-    ends the reaper and leaves the cleanup to the code inside (``ray.shutdown()``).
+    workers) outlive a ``kill -9`` of the driver by minutes, and its agents even a
+    clean ``ray.shutdown()`` by a while. On a normal exit the reaper is told to reap at
+    once, and the block waits for it.
 
     Yields:
         The tag.
     """
     tag = f"{os.getpid()}-{uuid.uuid4().hex}"
     reaper = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from imgpipe.resources import _reap; _reap(int(sys.argv[1]), sys.argv[2])", str(os.getpid()), tag],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from imgpipe.resources import _reap; _reap(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))",
+            str(os.getpid()),
+            tag,
+            # Start times are whole ticks (10 ms): one started in the block's first tick
+            # counts, and so would one started just before it, within that same tick.
+            str(_boot_ticks()),
+        ],
         env={k: v for k, v in os.environ.items() if k != REAP_TAG_ENV},
-        stdin=subprocess.DEVNULL,
+        # Closing this pipe tells the reaper to reap now (the block ended).
+        stdin=subprocess.PIPE,
         # Its own session: a Ctrl-C or a group kill aimed at this process must not end it first.
         start_new_session=True,
     )
@@ -213,8 +224,12 @@ def reaped_with_me() -> Iterator[str]:
             os.environ.pop(REAP_TAG_ENV, None)
         else:
             os.environ[REAP_TAG_ENV] = previous
-        reaper.kill()
-        reaper.wait()
+        reaper.stdin.close()
+        try:
+            reaper.wait(timeout=_PATIENCE_S + 5)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+            reaper.wait()
 
 
 def tagged_processes(tag: str) -> list[int]:
@@ -232,19 +247,95 @@ def tagged_processes(tag: str) -> list[int]:
     return found
 
 
-def _reap(owner: int, tag: str, patience_s: float = 30.0) -> None:
-    """The reaper's body: waits for ``owner`` to exit, then kills the tagged processes until none is left."""
+def _process_table() -> dict[int, tuple[int, int]]:
+    """Every live process: pid -> (parent pid, start time in clock ticks)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+class _Descendants:
+    """The processes below ``owner``, remembered (with their start times) while it lives.
+
+    A process whose title a library rewrote (setproctitle, as Ray's agents do) may no
+    longer show its environment, and one whose parent died hangs under init: what was
+    seen below the owner is what gets killed.
+    """
+
+    def __init__(self, owner: int, since: int) -> None:
+        self.owner = owner
+        # What the owner started before the block (a test session's S3 server) is not ours.
+        self.since = since
+        self.seen: dict[int, int] = {}
+
+    def update(self) -> dict[int, tuple[int, int]]:
+        table = _process_table()
+        known = {self.owner, *self.seen}
+        grew = True
+        while grew:
+            grew = False
+            for pid, (ppid, started) in table.items():
+                if ppid in known and pid not in known and started >= self.since and pid != os.getpid():
+                    self.seen[pid] = started
+                    known.add(pid)
+                    grew = True
+        return table
+
+    def alive(self, table: dict[int, tuple[int, int]]) -> list[int]:
+        return [pid for pid, started in self.seen.items() if table.get(pid, (0, None))[1] == started]
+
+
+_PATIENCE_S = 30.0
+_WATCH_S = 0.25
+# A tagged process may still be starting one (fork, then exec) when the last one seen dies.
+_QUIET_S = 0.3
+
+
+def _wait_for_owner(owner: int, tree: _Descendants) -> None:
     import select
 
     try:
         fd = os.pidfd_open(owner)
-        select.select([fd], [], [])
     except OSError:
-        while _alive(owner):  # a kernel without pidfd: poll
-            time.sleep(0.5)
-    deadline = time.monotonic() + patience_s
-    while (pids := tagged_processes(tag)) and time.monotonic() < deadline:
+        fd = None  # gone already, or a kernel without pidfd (its death still closes stdin)
+    watched = [sys.stdin.fileno()] + ([fd] if fd is not None else [])
+    while fd is not None or _alive(owner):
+        tree.update()
+        if select.select(watched, [], [], _WATCH_S)[0]:
+            return
+
+
+def _boot_ticks() -> int:
+    """Now, in the clock ticks since boot that /proc/PID/stat gives start times in."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def _reap(owner: int, tag: str, since: int) -> None:
+    """The reaper's body: waits for ``owner`` to exit or close its stdin, then kills what it started."""
+    tree = _Descendants(owner, since)
+    _wait_for_owner(owner, tree)
+    deadline = time.monotonic() + _PATIENCE_S
+    quiet_since = None
+    while time.monotonic() < deadline:
+        table = tree.update()
+        pids = set(tree.alive(table)) | set(tagged_processes(tag))
+        pids.discard(owner)
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
+        if pids:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > _QUIET_S:
+            return
+        time.sleep(0.05)

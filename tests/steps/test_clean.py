@@ -502,3 +502,35 @@ def test_workers_dying_outside_any_decode_fail_the_step_after_few_restarts(tmp_p
     # A worker the pool ended mid-decode names an image; run alone, it dies outside the decode.
     assert 1 <= len(starts) <= clean_mod._MAX_BARREN_RESTARTS + 1
     assert not contract.is_committed(str(tmp_path / "clean"))
+
+
+def test_a_decode_that_hangs_costs_one_image_after_the_time_limit(tmp_path, monkeypatch):
+    """A decoder stuck on a hostile file (a C loop no signal handler interrupts) is killed from outside."""
+    members = good_members(4)
+    victim = "images/Siamese_3.jpg"
+    src = write_download_output(str(tmp_path / "dl"), members, row_group_rows=2)
+    test_pid, real = os.getpid(), clean_mod.validate_and_normalize
+
+    def decode(data, **kwargs):
+        if data == members[victim] and os.getpid() != test_pid:
+            time.sleep(3600)
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(clean_mod, "validate_and_normalize", decode)
+    before = _descendants(os.getpid())
+    started = time.monotonic()
+    report = clean(src, str(tmp_path / "clean"), CleanConfig(workers=2, image_timeout_s=0.5))
+    assert time.monotonic() - started < 30
+    rejects = contract.read_rejects(str(tmp_path / "clean")).to_pylist()
+    assert [(r["path"], r["reason"]) for r in rejects] == [(victim, "decode_timeout")]
+    assert "image_timeout_s=0.5" in rejects[0]["detail"]
+    assert report.inputs == len(members) == report.outputs + 1
+    deadline = time.monotonic() + 10
+    while (left := _descendants(os.getpid()) - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left
+
+
+def test_image_timeout_must_not_be_negative():
+    with pytest.raises(ValueError, match="image_timeout_s"):
+        CleanConfig(image_timeout_s=-1)

@@ -23,7 +23,10 @@ A decoder that kills its process anyway (the OOM killer's SIGKILL, a crash in a 
 library) costs one image, not the step: each worker names the member it is decoding in a
 marker file; when a worker dies, the member each unfinished task names is decoded again
 alone, in a process of its own, and becomes a ``decoder_killed`` reject if that dies too;
-then the unfinished tasks run again without those members.
+then the unfinished tasks run again without those members. A decode that takes longer
+than ``image_timeout_s`` (a decoder looping on a hostile file) is ended the same way:
+the step kills the worker its marker names, and the image becomes ``decode_timeout`` if
+it overruns again alone.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import time
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -59,6 +63,7 @@ from imgpipe.labels import Labeler, LabelSource, choose_label_source, encode_lab
 __all__ = [
     "CleanConfig",
     "DECODER_KILLED",
+    "DECODE_TIMEOUT",
     "SPLITS",
     "OUTPUT_SCHEMA",
     "LABELS_FILE",
@@ -74,6 +79,7 @@ LABELS_FILE = "labels.json"
 # Reject code of an image whose decoder killed its process twice, in the pool and alone;
 # the other codes come from imgpipe.images, and no_label / duplicate from the plan.
 DECODER_KILLED = "decoder_killed"
+DECODE_TIMEOUT = "decode_timeout"
 
 # How clean shares memory among its decode workers. A quarter stays with the step's own
 # process (index, plan, shard writing) and the allocator's slack. Each worker costs a base
@@ -129,6 +135,9 @@ class CleanConfig:
             when the memory cannot hold that many (the manifest's ``decode_pool`` says how
             many did). 1 decodes in the step's own process, where an image that gets the
             process killed takes the step with it.
+        image_timeout_s: Longest one image may take to decode and normalize; a worker
+            past it is killed and the image, if it overruns again alone, is
+            ``decode_timeout``. 0 means no limit.
         rows_per_shard: Rows per output Parquet shard.
         row_group_rows: Most rows per Parquet row group (the unit resize parallelizes on).
         row_group_bytes: Target bytes per row group: groups of large photos get fewer rows
@@ -154,6 +163,7 @@ class CleanConfig:
     min_side: int = 32
     jpeg_quality: int = 95
     workers: int = 0
+    image_timeout_s: float = 60.0
     rows_per_shard: int = 2048
     row_group_rows: int = 128
     row_group_bytes: int = 64 << 20
@@ -183,6 +193,8 @@ class CleanConfig:
             raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
         if self.workers < 0:
             raise ValueError("workers must be >= 0 (0 = all cores)")
+        if self.image_timeout_s < 0:
+            raise ValueError(f"image_timeout_s must be >= 0 (0 = no limit), got {self.image_timeout_s}")
         if self.rows_per_shard < 1 or self.row_group_rows < 1 or self.row_group_bytes < 1:
             raise ValueError("rows_per_shard, row_group_rows and row_group_bytes must be >= 1")
 
@@ -303,7 +315,8 @@ class _Marker:
 
     @contextlib.contextmanager
     def naming(self, member: str) -> Iterator[None]:
-        os.pwrite(self._fd, member.encode(), 0)
+        # The pid first: the step kills the process whose decode overran (the watchdog).
+        os.pwrite(self._fd, f"{os.getpid()} {member}".encode(), 0)
         try:
             yield
         finally:
@@ -321,11 +334,36 @@ def _take_suspect(bucket_dir: str | Path, task: int) -> str | None:
     """
     path = _marker_path(bucket_dir, task)
     try:
-        member = path.read_bytes().decode()
+        text = path.read_bytes().decode()
     except FileNotFoundError:  # the task never started
         return None
     path.unlink()
-    return member or None
+    return text.partition(" ")[2] or None
+
+
+def _kill_overdue(bucket_dir: str | Path, tasks: Iterable[_Task], timeout_s: float) -> set[str]:
+    """Kills each worker whose marker has named one member for longer than ``timeout_s``.
+
+    Returns:
+        The members whose decode was cut short.
+    """
+    overdue = set()
+    if not timeout_s:
+        return overdue
+    now = time.time()
+    for task in tasks:
+        path = _marker_path(bucket_dir, task.index)
+        try:
+            if now - path.stat().st_mtime <= timeout_s:
+                continue
+            pid, _, member = path.read_bytes().decode().partition(" ")
+        except (FileNotFoundError, ValueError):
+            continue
+        if member:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+            overdue.add(member)
+    return overdue
 
 
 def _box_for(member: str, width: int, height: int, boxes: dict[str, HeadBox]) -> list[float] | None:
@@ -631,14 +669,15 @@ def _validate_all(
             return [r for i in sorted(results) for r in results[i]], next_index
         ctx = _pool_context(uri for t in tasks for uri, _ in t.units)
         pending, barren = list(tasks), 0
-        while pending := _run_pool(pending, task_args, pool.workers, ctx, results, bar):
+        watch = _Watch(bucket_dir, cfg.image_timeout_s)
+        while pending := _run_pool(pending, task_args, pool.workers, ctx, results, bar, watch):
             for task in pending:
                 _drop_buckets(bucket_dir, task.index)
             named = {t.index: _take_suspect(bucket_dir, t.index) for t in pending}
             suspects = {index: member for index, member in named.items() if member is not None}
             for task in (t for t in pending if t.index in suspects):
                 solo = _Task(next_index, task.units, 1, only=suspects[task.index])
-                results[solo.index] = _settle_alone(task_args(solo), ctx, bucket_dir, pool)
+                results[solo.index] = _settle_alone(task_args(solo), ctx, watch, pool)
                 next_index += 1
                 bar.update(1)
             barren = 0 if suspects else barren + 1
@@ -665,8 +704,9 @@ def _run_pool(
     ctx: multiprocessing.context.BaseContext,
     results: dict[int, list[RowResult]],
     bar: tqdm,
+    watch: _Watch,
 ) -> list[_Task]:
-    """Runs ``tasks`` on a fresh process pool into ``results``.
+    """Runs ``tasks`` on a fresh process pool into ``results``, killing overrunning decodes.
 
     Returns:
         The tasks left unfinished because a worker died (all that were not done by then).
@@ -684,26 +724,44 @@ def _run_pool(
                 futures[executor.submit(validate_task, *task_args(task))] = task
             except BrokenProcessPool:  # a worker died while tasks were still being handed out
                 unfinished.append(task)
-        for fut in as_completed(futures):
-            task = futures[fut]
-            try:
-                results[task.index] = fut.result()
-            except BrokenProcessPool:
-                unfinished.append(task)
-            else:
-                bar.update(task.rows)
+        running = set(futures)
+        while running:
+            done, running = wait(running, timeout=watch.poll_s, return_when=FIRST_COMPLETED)
+            watch.overdue |= _kill_overdue(watch.bucket_dir, (futures[f] for f in running), watch.timeout_s)
+            for fut in done:
+                task = futures[fut]
+                try:
+                    results[task.index] = fut.result()
+                except BrokenProcessPool:
+                    unfinished.append(task)
+                else:
+                    bar.update(task.rows)
     return sorted(unfinished, key=lambda t: t.index)
 
 
+@dataclass
+class _Watch:
+    """The per-image time limit: where the markers are, the limit, and who overran it."""
+
+    bucket_dir: Path
+    timeout_s: float
+    overdue: set[str] = field(default_factory=set)
+
+    @property
+    def poll_s(self) -> float:
+        return min(1.0, self.timeout_s / 4) if self.timeout_s else 1.0
+
+
 def _settle_alone(
-    args: tuple, ctx: multiprocessing.context.BaseContext, bucket_dir: Path, pool: _DecodePool
+    args: tuple, ctx: multiprocessing.context.BaseContext, watch: _Watch, pool: _DecodePool
 ) -> list[RowResult]:
-    """Decodes a suspect alone: its result, or ``decoder_killed`` if it kills its process again.
+    """Decodes a suspect alone: its result, or ``decoder_killed`` / ``decode_timeout`` if it fails again.
 
     Args:
         args: :func:`validate_task`'s arguments, for a task of one member (``only``).
         ctx: Multiprocessing context of the pool.
-        bucket_dir: Where its bucket files and marker go (removed if it dies).
+        watch: The time limit; its ``bucket_dir`` holds the bucket files and marker
+            (removed if the process dies).
         pool: The decode pool, for the budget the detail names.
 
     Raises:
@@ -711,10 +769,15 @@ def _settle_alone(
     """
     solo: _Task = args[0]
     assert solo.only is not None, "a suspect runs alone"
-    outcome = _run_alone(args, ctx)
+    bucket_dir = watch.bucket_dir
+    outcome = _run_alone(args, ctx, watch)
     if not isinstance(outcome, int):
         return outcome
     _drop_buckets(bucket_dir, solo.index)
+    if solo.only in watch.overdue and outcome == -signal.SIGKILL:
+        _take_suspect(bucket_dir, solo.index)
+        detail = f"decoding took longer than image_timeout_s={watch.timeout_s:g} s in the pool and again alone"
+        return [RowResult(solo.only, DECODE_TIMEOUT, detail)]
     if _take_suspect(bucket_dir, solo.index) is None:
         raise RuntimeError(
             f"clean: the process decoding {solo.only} alone {_exit_text(outcome)} outside the"
@@ -744,11 +807,13 @@ def _exit_text(exit_code: int) -> str:
         return f"was killed by signal {-exit_code}"
 
 
-def _run_alone(args: tuple, ctx: multiprocessing.context.BaseContext) -> list[RowResult] | int:
+def _run_alone(
+    args: tuple, ctx: multiprocessing.context.BaseContext, watch: _Watch
+) -> list[RowResult] | int:
     """Runs one :func:`validate_task` in a process of its own: its results, or its exit code.
 
     A bare process rather than a one-worker pool: a pool reports a dead worker without
-    its exit code, which the reject detail names.
+    its exit code, which the reject detail names. The time limit applies as in the pool.
     """
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(
@@ -757,6 +822,8 @@ def _run_alone(args: tuple, ctx: multiprocessing.context.BaseContext) -> list[Ro
     proc.start()
     send.close()  # now only the child holds the sending end: its death reads as EOF
     try:
+        while not receive.poll(watch.poll_s):
+            watch.overdue |= _kill_overdue(watch.bucket_dir, [args[0]], watch.timeout_s)
         kind, value = receive.recv()
     except EOFError:
         kind, value = "died", None
