@@ -24,9 +24,10 @@ library) costs one image, not the step: each worker names the member it is decod
 marker file; when a worker dies, the member each unfinished task names is decoded again
 alone, in a process of its own, and becomes a ``decoder_killed`` reject if that dies too;
 then the unfinished tasks run again without those members. A decode that takes longer
-than ``image_timeout_s`` (a decoder looping on a hostile file) is ended the same way:
-the step kills the worker its marker names, and the image becomes ``decode_timeout`` if
-it overruns again alone.
+than ``image_timeout_s`` (a decoder looping on a hostile file) is ended from outside:
+the step kills the worker its marker names, and the image becomes ``decode_timeout``.
+After a restart every unfinished task covers one row group, so each further loss
+repeats little work.
 """
 
 from __future__ import annotations
@@ -135,9 +136,9 @@ class CleanConfig:
             when the memory cannot hold that many (the manifest's ``decode_pool`` says how
             many did). 1 decodes in the step's own process, where an image that gets the
             process killed takes the step with it.
-        image_timeout_s: Longest one image may take to decode and normalize; a worker
-            past it is killed and the image, if it overruns again alone, is
-            ``decode_timeout``. 0 means no limit.
+        image_timeout_s: Longest one image may take to decode and normalize; the
+            worker past it is killed and the image is ``decode_timeout``. 0 means no
+            limit.
         rows_per_shard: Rows per output Parquet shard.
         row_group_rows: Most rows per Parquet row group (the unit resize parallelizes on).
         row_group_bytes: Target bytes per row group: groups of large photos get fewer rows
@@ -676,8 +677,14 @@ def _validate_all(
             named = {t.index: _take_suspect(bucket_dir, t.index) for t in pending}
             suspects = {index: member for index, member in named.items() if member is not None}
             for task in (t for t in pending if t.index in suspects):
-                solo = _Task(next_index, task.units, 1, only=suspects[task.index])
-                results[solo.index] = _settle_alone(task_args(solo), ctx, watch, pool)
+                member = suspects[task.index]
+                if member in watch.overdue:
+                    # It overran the limit itself (the watchdog, not a neighbour's crash,
+                    # ended its worker): a second full wait alone would tell nothing new.
+                    results[next_index] = [RowResult(member, DECODE_TIMEOUT, watch.detail())]
+                else:
+                    solo = _Task(next_index, task.units, 1, only=member)
+                    results[solo.index] = _settle_alone(task_args(solo), ctx, watch, pool)
                 next_index += 1
                 bar.update(1)
             barren = 0 if suspects else barren + 1
@@ -686,7 +693,15 @@ def _validate_all(
                     f"clean: decode workers died {barren} times in a row outside any image decode"
                     " (reading or writing row groups); give the step more memory or fewer workers"
                 )
-            pending = [_without(t, suspects.get(t.index)) for t in pending]
+            # A restart repeats an unfinished task from its first row: one row group per
+            # task bounds what each further hang or crash costs.
+            pieces = []
+            for task in (_without(t, suspects.get(t.index)) for t in pending):
+                for unit in task.units:
+                    rows = sum(task.wants(p) for p in unit_paths[unit])
+                    pieces.append(replace(task, index=next_index, units=(unit,), rows=rows))
+                    next_index += 1
+            pending = pieces
     return [r for i in sorted(results) for r in results[i]], next_index
 
 
@@ -747,6 +762,9 @@ class _Watch:
     timeout_s: float
     overdue: set[str] = field(default_factory=set)
 
+    def detail(self) -> str:
+        return f"decoding took longer than image_timeout_s={self.timeout_s:g} s; its worker was killed"
+
     @property
     def poll_s(self) -> float:
         return min(1.0, self.timeout_s / 4) if self.timeout_s else 1.0
@@ -776,8 +794,7 @@ def _settle_alone(
     _drop_buckets(bucket_dir, solo.index)
     if solo.only in watch.overdue and outcome == -signal.SIGKILL:
         _take_suspect(bucket_dir, solo.index)
-        detail = f"decoding took longer than image_timeout_s={watch.timeout_s:g} s in the pool and again alone"
-        return [RowResult(solo.only, DECODE_TIMEOUT, detail)]
+        return [RowResult(solo.only, DECODE_TIMEOUT, watch.detail())]
     if _take_suspect(bucket_dir, solo.index) is None:
         raise RuntimeError(
             f"clean: the process decoding {solo.only} alone {_exit_text(outcome)} outside the"
