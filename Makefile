@@ -12,7 +12,7 @@ IMAGE_KINDS ?= cpu ray gpu
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench images images-push compile clean-data help run-containers test-containers
+.PHONY: install run test lint bench images images-push compile clean-data help run-containers test-containers test-faults
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
@@ -23,6 +23,7 @@ help:
 	@echo "make images-push  build, then push them"
 	@echo "make run-containers  the pipeline with each step in its image, resize on a 2-container Ray cluster"
 	@echo "make test-containers the container tests (fails when no engine answers)"
+	@echo "make test-faults    the reliability suite: S3 faults, kill -9, two writers, fuzzing (docs/reliability.md)"
 	@echo "make compile    compile the Kubeflow pipeline to $(PACKAGE)"
 
 # Re-install only when the dependency list changes.
@@ -37,9 +38,14 @@ install: $(STAMP)
 run: install
 	$(NETNS) $(BIN)/imgpipe run --config configs/local.yaml
 
-# The container suite has its own target (make test-containers): it needs an engine and images.
+# The container suite (make test-containers) needs an engine and images; the reliability suite
+# (make test-faults) takes about ten minutes. Both have their own targets.
 test: install
-	$(NETNS) $(BIN)/python -m pytest -m "not containers" $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -m "not containers and not faults" $(PYTEST_ARGS)
+
+# Figures land in out/reliability/*.json; docs/reliability.md holds the table.
+test-faults: install
+	$(NETNS) $(BIN)/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests bench components pipelines

@@ -41,6 +41,7 @@ import signal
 import tempfile
 import time
 import traceback
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -284,6 +285,9 @@ def _decode_pool(cpus: int, memory: int | None) -> _DecodePool:
 def _init_worker(s3_options: storage.S3Options, step_pid: int) -> None:
     """Pool initializer: the same storage settings as the parent; gone when the step is gone."""
     resources.die_with_parent(owner=step_pid)
+    # What a decoder warns about (a bad TIFF tag, truncated EXIF) is in the reject detail or
+    # harmless; from every worker it would only flood the step's log.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     storage.configure_s3(**s3_options.__dict__)
 
 

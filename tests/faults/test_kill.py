@@ -1,0 +1,70 @@
+"""``kill -9`` of each step at seeded random points, and during its commit, then a rerun."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from imgpipe import contract, storage
+from tests.faults.conftest import Runner, kill_hard
+from tests.faults.pipeline import STEP_ARGS, STEPS, Layout, fingerprint, make_source, run_all
+from tests.faults.s3proxy import FaultProxy
+
+SEED = 9
+RANDOM_POINTS = 4  # per step, plus one while the manifest is being written: five in all
+# The upload of the step's own manifest: the commit is under way, _SUCCESS not yet written.
+COMMIT_REQUEST = r"/killed/{step}/manifest\.json$"
+
+
+def _check_after_kill(dest: str, reference: dict) -> str:
+    """Readers accept the prefix only if the kill came after the commit, and then it is whole."""
+    if contract.is_committed(dest):
+        assert fingerprint(dest) == reference, "a committed output is complete"
+        return "committed"
+    with pytest.raises(contract.UncommittedOutputError):
+        contract.read_manifest(dest)
+    return "refused"
+
+
+def _rerun_matches(runner: Runner, args: list[str], dest: str, reference: dict) -> None:
+    runner.run(*args).check()
+    assert fingerprint(dest) == reference
+
+
+@pytest.mark.ray
+def test_kill_9_anywhere_leaves_nothing_readable_half_written(s3_endpoint, s3_bucket, figures):
+    rng = random.Random(SEED)
+    reference = Layout(f"{s3_bucket}/reference")
+    runner = Runner(s3_endpoint)
+    make_source(runner, reference)
+    seconds = run_all(runner, reference)
+    rows = {}
+    with FaultProxy(s3_endpoint) as proxy:
+        via_proxy = Runner(proxy.endpoint, tag=runner.tag)
+        for step in STEPS:
+            dest = storage.join(s3_bucket, "killed", step)
+            args = STEP_ARGS[step](reference.input_of(step), dest)
+            expected = fingerprint(reference.prefix(step))
+            outcomes = []
+            for _ in range(RANDOM_POINTS):
+                at = rng.uniform(0.2, 1.0) * seconds[step]
+                proc = runner.start(*args)
+                time.sleep(at)
+                kill_hard(proc)
+                proc.wait()
+                assert not runner.wait_no_leftovers(), f"{step}: processes outlived the kill at {at:.1f} s"
+                outcomes.append((round(at, 1), _check_after_kill(dest, expected)))
+                _rerun_matches(runner, args, dest, expected)
+            proxy.hold(COMMIT_REQUEST.format(step=step))
+            proc = via_proxy.start(*args)
+            assert proxy.held.wait(timeout=600), f"{step} never wrote its manifest"
+            kill_hard(proc)
+            proc.wait()
+            proxy.release()
+            assert not runner.wait_no_leftovers(), f"{step}: processes outlived the kill during commit"
+            outcomes.append(("commit", _check_after_kill(dest, expected)))
+            _rerun_matches(runner, args, dest, expected)
+            rows[step] = {"uninterrupted_s": round(seconds[step], 1), "kills": outcomes}
+    figures.update(seed=SEED, steps=rows, leftover_processes=0)
