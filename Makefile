@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NETNS := scripts/in-loopback-netns
 ENGINE := scripts/with-engine
 PYTEST_ARGS ?=
-# Which images `make images` builds; names and tags come from components/images.py
+# Which images `make images` builds; names and tags come from src/imgpipe/containers/catalog.py
 # (override with IMGPIPE_REGISTRY, IMGPIPE_IMAGE_TAG or IMGPIPE_{CPU,RAY,GPU}_IMAGE).
 IMAGE_KINDS ?= cpu ray gpu
 IMAGE_ARGS ?=

@@ -29,8 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from components.images import KINDS, image
 from imgpipe.containers import build
+from imgpipe.containers.catalog import KINDS, image
 from imgpipe.containers.engine import connect, describe, image_size
 
 STEP_MODULE = {"cpu": "imgpipe.steps.clean", "ray": "imgpipe.steps.resize", "gpu": "imgpipe.steps.train"}

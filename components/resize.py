@@ -6,7 +6,7 @@ from typing import Optional
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
 
-from components.images import image
+from imgpipe.containers.catalog import image
 
 
 @dsl.component(base_image=image("ray"), install_kfp_package=False)

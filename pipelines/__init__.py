@@ -1,6 +1,6 @@
 """The Kubeflow pipelines of imgpipe (one for now: :mod:`pipelines.imgpipe_pipeline`)."""
 
-from pipelines.imgpipe_pipeline import (
+from imgpipe.pipelines.imgpipe_pipeline import (
     PIPELINE_NAME,
     GpuScheduling,
     PipelineOptions,

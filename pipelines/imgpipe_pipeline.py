@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from imgpipe.components.clean import clean
+from imgpipe.components.download import download
+from imgpipe.components.resize import resize
+from imgpipe.components.train import train
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
 
-from components.clean import clean
-from components.download import download
-from components.images import ImageSet
-from components.resize import resize
-from components.train import train
+from imgpipe.containers.catalog import ImageSet
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
 
 __all__ = [

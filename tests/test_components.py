@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from imgpipe.components.clean import clean
+from imgpipe.components.download import download
+from imgpipe.components.resize import resize
+from imgpipe.components.train import train
 from kfp import dsl, local
 
-from components.clean import clean
-from components.download import download
-from components.images import ImageSet, image
-from components.resize import resize
-from components.train import train
 from imgpipe import contract, kfp_artifacts, storage
+from imgpipe.containers.catalog import ImageSet, image
 from imgpipe.sources import SOURCE_LOCAL_ENV
 from imgpipe.steps.clean import CleanConfig
 from imgpipe.steps.download import DownloadConfig

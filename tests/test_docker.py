@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from components import images
 from imgpipe import kuberay
 from imgpipe.containers import build
+from imgpipe.containers import catalog as images
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / images.DOCKERFILE
@@ -83,8 +83,8 @@ def test_cpu_image_has_no_torch_and_no_ray_and_ray_image_no_torch():
     ("modules", "forbidden"),
     [
         (["imgpipe.cli", "imgpipe.steps.download", "imgpipe.steps.clean", "imgpipe.kfp_artifacts",
-          "imgpipe.kfp_client", "pipelines", "components.download", "components.clean"], ("torch", "ray")),
-        (["imgpipe.steps.resize", "imgpipe.ray_jobs", "imgpipe.kuberay", "components.resize"], ("torch",)),
+          "imgpipe.kfp_client", "imgpipe.pipelines", "imgpipe.components.download", "imgpipe.components.clean"], ("torch", "ray")),
+        (["imgpipe.steps.resize", "imgpipe.ray_jobs", "imgpipe.kuberay", "imgpipe.components.resize"], ("torch",)),
     ],
     ids=["cpu-steps", "ray-steps"],
 )  # fmt: skip
@@ -108,7 +108,7 @@ def test_constraints_pin_the_versions_the_tests_ran_with():
             pins[name] = version
     assert set(pins) == {p.lower() for p in images.CONSTRAINED}
     installed = {name: metadata.version(name).split("+")[0] for name in pins}
-    assert pins == installed, "regenerate: python -m components.images constraints > docker/constraints.txt"
+    assert pins == installed, "regenerate: python -m imgpipe.containers.catalog constraints > docker/constraints.txt"
     assert (ROOT / "docker" / "constraints.txt").read_text() == images.constraints()
 
 
@@ -206,3 +206,21 @@ def test_dockerignore_sends_the_same_files_as_the_builder():
             assert _included(source, patterns), f"{source} is in the build context but .dockerignore leaves it out"
     for excluded in (".venv/bin/python", ".data/runs/x", "tests/test_docker.py", ".git/HEAD", "src/imgpipe/__pycache__/x.pyc"):
         assert not _included(excluded, patterns), excluded
+
+
+def test_the_wheel_holds_one_top_level_package(tmp_path):
+    """Nothing generic (``components``, ``pipelines``) lands in site-packages beside imgpipe."""
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("imgpipe-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"imgpipe"}
+    for module in ("imgpipe/components/download.py", "imgpipe/pipelines/imgpipe_pipeline.py", "imgpipe/containers/catalog.py"):
+        assert module in names

@@ -295,7 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_images(args: argparse.Namespace) -> int:
     """Builds, lists or bootstraps the step images (:mod:`imgpipe.containers.build`)."""
-    from components.images import KINDS, listing
+    from imgpipe.containers.catalog import KINDS, listing
 
     if args.images_command == "list":
         print("\n".join(listing()))

@@ -17,7 +17,7 @@ Settings a scheduled submitter takes from its environment (the CronWorkflow's
 ConfigMap): ``KF_PIPELINES_ENDPOINT`` (host), ``IMGPIPE_EXPERIMENT``,
 ``IMGPIPE_KFP_NAMESPACE``, ``IMGPIPE_SERVICE_ACCOUNT``, ``IMGPIPE_TRAIN_GPU``
 (compile with or without the train task's GPU scheduling), the image names of
-``components.images``, and pipeline parameters as ``IMGPIPE_PARAM_<NAME>``
+``imgpipe.containers.catalog``, and pipeline parameters as ``IMGPIPE_PARAM_<NAME>``
 (:func:`params_from_env`).
 
 Credentials: inside a cluster, the projected service-account token that Kubeflow
@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import re
-import sys
 import tempfile
 import time
 import warnings
@@ -173,20 +172,9 @@ def validate_cron(expression: str) -> str:
 
 
 def import_pipelines() -> Any:
-    """The ``pipelines`` package (with ``components``).
+    """The pipeline package, :mod:`imgpipe.pipelines` (imported on demand: it imports kfp's DSL)."""
+    from imgpipe import pipelines
 
-    Installed, both are top-level packages of the imgpipe distribution; in a checkout
-    that was installed before they were packaged, they sit beside ``src/`` and the
-    checkout root goes on ``sys.path``.
-    """
-    try:
-        import pipelines
-    except ImportError:
-        root = Path(__file__).resolve().parents[2]
-        if not (root / "pipelines" / "__init__.py").is_file():
-            raise
-        sys.path.insert(0, str(root))
-        import pipelines
     return pipelines
 
 
@@ -202,7 +190,7 @@ def _env_flag(name: str, default: bool) -> bool:
 
 
 def compile_package(out: str | Path, *, caching: bool = False, gpu: bool | None = None) -> Path:
-    """Compiles the pipeline to ``out`` (YAML), images from the environment (see ``components.images``).
+    """Compiles the pipeline to ``out`` (YAML), images from the environment (see ``imgpipe.containers.catalog``).
 
     Args:
         out: The package path.

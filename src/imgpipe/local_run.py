@@ -436,7 +436,7 @@ def docker_runner(env: Mapping[str, str]) -> Any:
 
 def _docker_runner(client: Any, stack: contextlib.ExitStack, workdir: Path) -> tuple[Any, str]:
     """The DockerRunner of this run and the Jobs API address of its Ray cluster."""
-    from components.images import ImageSet
+    from imgpipe.containers.catalog import ImageSet
     from imgpipe.containers.raycluster import RayClusterSpec, ray_cluster
 
     images = ImageSet.from_env()

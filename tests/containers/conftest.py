@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from components.images import ImageSet
+from imgpipe.containers.catalog import ImageSet
 from imgpipe.containers.engine import EngineUnavailable, connect
 
 REQUIRE_ENGINE = os.environ.get("IMGPIPE_REQUIRE_ENGINE") == "1"

@@ -43,9 +43,8 @@ def synth_archive(s3_bucket) -> str:
 
 
 def test_one_component_runs_in_its_image_as_non_root(engine, built_images, s3_bucket, synth_archive, tmp_path):
+    from imgpipe.components.download import download
     from kfp import local
-
-    from components.download import download
 
     root = tmp_path / "kfp"
     with container_writable(root):

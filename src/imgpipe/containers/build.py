@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.images import DOCKERFILE, KINDS, image
+from imgpipe.containers.catalog import DOCKERFILE, KINDS, image
 
 __all__ = [
     "ROOT",

@@ -123,7 +123,7 @@ def constraints(packages: Sequence[str] = CONSTRAINED) -> str:
         metadata.PackageNotFoundError: If a constrained package is not installed here.
     """
     lines = [
-        "# Generated from the tested venv by `python -m components.images constraints > docker/constraints.txt`.",
+        "# Generated from the tested venv by `python -m imgpipe.containers.catalog constraints > docker/constraints.txt`.",
         "# Every image installs imgpipe with `pip install -c docker/constraints.txt .`; tests/test_docker.py",
         "# checks that these pins are the versions the test suite ran with.",
     ]
@@ -139,10 +139,10 @@ def listing(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m components.images {list,constraints}`` (building: ``imgpipe images build``)."""
+    """``python -m imgpipe.containers.catalog {list,constraints}`` (building: ``imgpipe images build``)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m components.images", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m imgpipe.containers.catalog", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print kind, image name and what runs in it")
     sub.add_parser("constraints", help="print docker/constraints.txt from this environment")
