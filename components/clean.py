@@ -27,8 +27,7 @@ def clean(
 
     annotations = dataset.metadata.get("annotations") or None
     previous = ka.resolve_previous(data_root, previous_run_prefix)
-    named = {"grayscale": grayscale, "split": split, "seed": seed, "annotations": annotations}
-    named.update(ka.incremental_overrides(CleanConfig, previous, previous_run_prefix))
+    named = {"grayscale": grayscale, "split": split, "seed": seed, "annotations": annotations, "skip_hashes_from": previous}
     cfg = ka.step_config(CleanConfig, step_config, "clean", **named)
     report = clean(ka.read_step_artifact(dataset, "download"), ka.run_prefix(data_root, run_id, "clean"), cfg)
     ka.write_step_artifact(cleaned, report.dest, previous_run_prefix=previous or "")

@@ -10,11 +10,9 @@ artifacts for a single component, so ``clean`` and ``train`` are called through 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import inspect
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -236,12 +234,7 @@ def test_read_step_artifact_checks_the_step_and_the_commit(tmp_path):
         kfp_artifacts.read_step_artifact(_artifact(dsl.Artifact, tmp_path / "missing"), "resize")
 
 
-@dataclass(frozen=True)
-class _IncrementalCleanConfig:
-    skip_hashes_from: str | None = None
-
-
-def test_incremental_runs_resolve_latest_and_need_the_clean_field(tmp_path, caplog):
+def test_incremental_runs_resolve_latest(tmp_path):
     root = "file://" + str(tmp_path / "store")
     assert kfp_artifacts.resolve_previous(root, "") is None
     assert kfp_artifacts.resolve_previous(root, "latest") is None, "first run: nothing recorded"
@@ -253,13 +246,4 @@ def test_incremental_runs_resolve_latest_and_need_the_clean_field(tmp_path, capl
     assert kfp_artifacts.resolve_previous(root, "latest") == prev
     assert kfp_artifacts.resolve_previous(root, prev) == prev
 
-    assert kfp_artifacts.incremental_overrides(_IncrementalCleanConfig, prev, "latest") == {"skip_hashes_from": prev}
-    assert kfp_artifacts.incremental_overrides(CleanConfig, None, "") == {}
-    if kfp_artifacts.INCREMENTAL_FIELD in {f.name for f in dataclasses.fields(CleanConfig)}:
-        assert kfp_artifacts.incremental_overrides(CleanConfig, prev, prev) == {"skip_hashes_from": prev}
-    else:  # until clean grows the field: "latest" degrades to a full run, an explicit prefix is refused
-        with caplog.at_level(logging.WARNING):
-            assert kfp_artifacts.incremental_overrides(CleanConfig, prev, "latest") == {}
-        assert "processing everything" in caplog.text
-        with pytest.raises(ValueError, match="cannot skip known images"):
-            kfp_artifacts.incremental_overrides(CleanConfig, prev, prev)
+    assert CleanConfig(skip_hashes_from=prev).skip_hashes_from == prev, "the component passes it straight on"

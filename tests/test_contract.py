@@ -234,3 +234,10 @@ def test_delete_prefix_raises_on_per_key_errors(s3_bucket, monkeypatch):
     monkeypatch.setattr(client, "delete_objects", refuse)
     with pytest.raises(OSError, match="AccessDenied"):
         storage.delete_prefix(dest)
+
+
+def test_a_report_rebuilt_from_its_manifest_is_the_report(tmp_path):
+    dest = str(tmp_path / "step")
+    out = _one_file_output(dest, 1)
+    report = out.commit(inputs=4, rejects=[Reject("x.jpg", "corrupt")], config={}, extra={"k": [1]})
+    assert contract.StepReport.from_manifest(contract.read_manifest(dest)) == report

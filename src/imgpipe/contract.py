@@ -81,6 +81,11 @@ OWNER = "_OWNER"
 MIN_DEST_SEGMENTS = 2
 REJECTS = "rejects.parquet"
 CONFIG = "config.yaml"
+# Files some steps write beside their data, each named here once.
+LABELS = "labels.json"  # clean and resize: the class names, in label order
+MODEL = "model.pt"  # train: weights, labels, normalization and config
+METRICS = "metrics.json"  # train: per-epoch and final metrics
+REPORT = "report.html"  # train: metrics and pictures in one page
 SCHEMA_VERSION = 1
 
 REJECTS_SCHEMA = pa.schema(
@@ -206,6 +211,21 @@ class StepReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form."""
         return asdict(self)
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> StepReport:
+        """The report a committed output's ``manifest.json`` was written from (its extra keys dropped)."""
+        return cls(
+            step=manifest["step"],
+            dest=manifest["dest"],
+            inputs=int(manifest["inputs"]),
+            outputs=int(manifest["outputs"]),
+            rejected=int(manifest["rejected"]),
+            rejects_by_reason=dict(manifest.get("rejects_by_reason", {})),
+            files=[FileEntry(**f) for f in manifest.get("files", [])],
+            seconds=float(manifest.get("seconds", 0.0)),
+            extra=dict(manifest.get("extra", {})),
+        )
 
 
 def _dest_uri(dest: str, name: str) -> str:

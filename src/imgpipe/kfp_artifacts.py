@@ -19,7 +19,6 @@ clean output, whose sha256 column tells clean which images it has seen.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -36,7 +35,6 @@ __all__ = [
     "RUNS",
     "LATEST",
     "LATEST_KEYWORD",
-    "INCREMENTAL_FIELD",
     "check_run_id",
     "run_prefix",
     "step_config",
@@ -44,7 +42,6 @@ __all__ = [
     "read_step_artifact",
     "committed_prefix",
     "resolve_previous",
-    "incremental_overrides",
     "record_latest",
     "read_latest",
     "find_confusion",
@@ -58,9 +55,7 @@ C = TypeVar("C")
 RUNS = "runs"
 LATEST = "latest.json"
 LATEST_KEYWORD = "latest"
-# The CleanConfig field that names a previous clean output whose images are not
-# decoded again (proposed; see resolve_previous and the pipeline's docs).
-INCREMENTAL_FIELD = "skip_hashes_from"
+
 
 # A run id becomes one path segment; a placeholder that was never substituted
 # ("{{$.pipeline_job_uuid}}") must fail loudly instead of becoming a directory.
@@ -227,25 +222,6 @@ def resolve_previous(data_root: str, previous: str) -> str | None:
     return storage.normalize_uri(text)
 
 
-def incremental_overrides(config_cls: type, previous: str | None, requested: str) -> dict[str, Any]:
-    """The clean config values that make a run incremental against ``previous``.
-
-    Until ``CleanConfig`` has the :data:`INCREMENTAL_FIELD` field, an explicit URI is
-    refused (the caller asked for something the step cannot do) while ``"latest"``
-    falls back to a full run with a warning, so a scheduled retraining keeps working.
-    """
-    if previous is None:
-        return {}
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    if INCREMENTAL_FIELD in fields:
-        return {INCREMENTAL_FIELD: previous}
-    message = f"{config_cls.__name__} has no {INCREMENTAL_FIELD!r} field: this clean step cannot skip known images"
-    if requested.strip() == LATEST_KEYWORD:
-        log.warning("incremental: %s; processing everything", message)
-        return {}
-    raise ValueError(f"previous_run_prefix={requested!r}: {message}")
-
-
 def find_confusion(metrics: Mapping[str, Any]) -> tuple[str, list[list[int]]] | None:
     """The confusion matrix a train ``metrics.json`` carries: test first, then the last validation.
 
@@ -291,7 +267,7 @@ def publish_training(
     out = storage.normalize_uri(out)
     manifest = contract.read_manifest(out, expect_step="train")
     extra = manifest.get("extra") or {}
-    model_uri = storage.join(out, "model.pt")
+    model_uri = storage.join(out, contract.MODEL)
     Path(model.path).parent.mkdir(parents=True, exist_ok=True)
     storage.download_file(model_uri, model.path)
     model.metadata.update(
@@ -308,7 +284,7 @@ def publish_training(
         if final.get(key) is not None:
             metrics.log_metric(key, float(final[key]))
     metrics.log_metric("epochs_run", float(manifest.get("epochs_run") or 0))
-    history = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
+    history = json.loads(storage.read_bytes(storage.join(out, contract.METRICS)))
     found = find_confusion(history)
     if found is not None:
         split, matrix = found
@@ -317,6 +293,6 @@ def publish_training(
     else:
         log.warning("train: %s/metrics.json holds no confusion matrix; the ClassificationMetrics artifact stays empty", out)
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
-    with storage.open_read(storage.join(out, "report.html")) as src, open(report.path, "wb") as dst:
+    with storage.open_read(storage.join(out, contract.REPORT)) as src, open(report.path, "wb") as dst:
         shutil.copyfileobj(src, dst)
     return manifest

@@ -81,7 +81,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.json"
+LABELS_FILE = contract.LABELS
 
 
 # ----------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class LocalRunResult:
         if metrics.get("val_accuracy") is not None:
             lines.append(f"validation accuracy {metrics['val_accuracy']:.3f}, macro-F1 {metrics['val_macro_f1']:.3f}")
         local = self.copies or {}
-        for name in ("report.html", "model.pt", "metrics.json"):
+        for name in (contract.REPORT, contract.MODEL, contract.METRICS):
             lines.append(f"{name + ':':14} {local.get(name) or storage.join(self.prefixes['train'], name)}")
         lines.append(f"{'kfp outputs:':14} {Path(self.artifacts['model']).parents[1]} (model, metrics, confusion, report)")
         return "\n".join(lines)

@@ -64,7 +64,7 @@ from urllib.parse import urlparse
 
 from imgpipe import contract, storage
 from imgpipe.config import config_to_dict
-from imgpipe.contract import FileEntry, StepReport
+from imgpipe.contract import StepReport
 
 __all__ = [
     "RUN_ID_ENV",
@@ -82,7 +82,6 @@ __all__ = [
     "resolve_auth_token",
     "connect",
     "choose_action",
-    "report_from_manifest",
     "committed_report",
     "run_step_job",
 ]
@@ -324,21 +323,6 @@ def choose_action(
     return "submit", attempt + 1
 
 
-def report_from_manifest(manifest: dict[str, Any]) -> StepReport:
-    """The :class:`StepReport` a local run returned, rebuilt from its ``manifest.json``."""
-    return StepReport(
-        step=manifest["step"],
-        dest=manifest["dest"],
-        inputs=int(manifest["inputs"]),
-        outputs=int(manifest["outputs"]),
-        rejected=int(manifest["rejected"]),
-        rejects_by_reason=dict(manifest.get("rejects_by_reason", {})),
-        files=[FileEntry(**f) for f in manifest.get("files", [])],
-        seconds=float(manifest.get("seconds", 0.0)),
-        extra=dict(manifest.get("extra", {})),
-    )
-
-
 def committed_report(step: str, source: str, dest: str, cfg: Any) -> StepReport | None:
     """The report of ``dest`` if it holds this very job's committed output, else ``None``.
 
@@ -353,7 +337,7 @@ def committed_report(step: str, source: str, dest: str, cfg: Any) -> StepReport 
         return None
     if manifest.get("upstream", {}).get("source", source) != source:
         return None
-    return report_from_manifest(manifest)
+    return StepReport.from_manifest(manifest)
 
 
 def _job_cfg(cfg: Any) -> Any:

@@ -77,7 +77,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test")
-LABELS_FILE = "labels.json"
+LABELS_FILE = contract.LABELS
 # Reject code of an image whose decoder killed its process twice, in the pool and alone;
 # the other codes come from imgpipe.images, and no_label / duplicate from the plan.
 DECODER_KILLED = "decoder_killed"

@@ -66,7 +66,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.json"
+LABELS_FILE = contract.LABELS
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 _META_FIELDS = [
     pa.field("path", pa.string(), nullable=False),

@@ -116,9 +116,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-MODEL = "model.pt"
-METRICS = "metrics.json"
-REPORT = "report.html"
+MODEL = contract.MODEL
+METRICS = contract.METRICS
+REPORT = contract.REPORT
 _AUG_SAMPLES, _AUG_VERSIONS = 6, 4
 
 
