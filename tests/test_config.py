@@ -53,3 +53,21 @@ def test_resolved_yaml_round_trips():
     data = yaml.safe_load(config_to_yaml(cfg))
     assert data["split"] == [0.5, 0.25, 0.25]
     assert load_config(CleanConfig, overrides=data) == cfg
+
+
+def test_a_typo_in_a_section_or_an_option_names_the_nearest_valid_one(tmp_path):
+    """A misspelt section used to train silently with defaults."""
+    from imgpipe.steps.train import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("trian: {epochs: 1}\nclean: {seed: 3}\n")
+    with pytest.raises(ValueError, match=r"unknown section\(s\) trian \(did you mean 'train'\?\)"):
+        load_config(TrainConfig, path, section="train")
+    path.write_text("train: {epocs: 1}\n")
+    with pytest.raises(ValueError, match=r"epocs \(did you mean 'epochs'\?\)"):
+        load_config(TrainConfig, path, section="train")
+    path.write_text("train: 3\nclean: {seed: 3}\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_config(TrainConfig, path, section="train")
+    path.write_text("clean: {seed: 3}\n")
+    assert load_config(TrainConfig, path, section="train") == TrainConfig(), "no section of its own: the defaults"

@@ -9,17 +9,29 @@ resolved config next to a step's outputs (as timm writes ``args.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["config_from_dict", "load_config", "config_to_dict", "config_to_yaml", "parse_override"]
+__all__ = [
+    "SECTIONS",
+    "check_sections",
+    "config_from_dict",
+    "load_config",
+    "config_to_dict",
+    "config_to_yaml",
+    "parse_override",
+]
 
 C = TypeVar("C")
+# The sections a multi-step config file may hold: the pipeline's parameters (imgpipe run),
+# the sample data set, and one per step.
+SECTIONS = ("pipeline", "synth", "download", "clean", "resize", "train")
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
@@ -120,11 +132,31 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], _prefix: str = "")
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(
-            f"unknown {cls.__name__} option(s) {', '.join(_prefix + u for u in unknown)}; "
+            f"unknown {cls.__name__} option(s) {', '.join(_prefix + u + _nearest(u, fields) for u in unknown)}; "
             f"valid options: {', '.join(sorted(fields))}"
         )
     kwargs = {k: _coerce(_prefix + k, v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
+
+
+def _nearest(name: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest valid name, or nothing."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_sections(doc: Mapping[str, Any], where: str, sections: Sequence[str] = SECTIONS) -> None:
+    """Refuses a section name no step reads: a typo would otherwise run with defaults.
+
+    Raises:
+        ValueError: Naming each unknown section and the nearest valid one.
+    """
+    unknown = sorted(set(doc) - set(sections))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown section(s) {', '.join(u + _nearest(u, sections) for u in unknown)}; "
+            f"sections: {', '.join(sections)}"
+        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -169,11 +201,12 @@ def load_config(
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, Mapping):
             raise ValueError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
-        if section is not None and section in loaded and isinstance(loaded[section], Mapping):
-            loaded = loaded[section]
-        elif section is not None and any(isinstance(v, Mapping) for v in loaded.values()):
-            # A multi-step file without this step's section: defaults apply.
-            loaded = {}
+        if section is not None and any(isinstance(v, Mapping) for v in loaded.values()):
+            check_sections(loaded, f"config file {p}")
+            # A multi-step file: this step's section, or its defaults when it has none.
+            loaded = loaded.get(section) or {}
+            if not isinstance(loaded, Mapping):
+                raise ValueError(f"config file {p}: section {section!r} must hold a mapping of options")
         values.update(loaded)
     for key, value in (overrides or {}).items():
         if value is not None:

@@ -46,6 +46,7 @@ from urllib.parse import urlparse
 import yaml
 
 from imgpipe import contract, resources, storage
+from imgpipe.config import SECTIONS, check_sections
 from imgpipe.sources import SOURCE_LOCAL_ENV
 
 __all__ = [
@@ -90,7 +91,6 @@ LOCAL_PARAMS: dict[str, Any] = {
 LOCAL_STEP_CONFIG: dict[str, dict[str, Any]] = {
     "train": {"num_workers": 0, "shuffle_buffer": 256, "warmup_epochs": 0.5},
 }
-_CONFIG_SECTIONS = ("pipeline", "synth", *STEPS)
 
 
 @dataclass(frozen=True)
@@ -208,10 +208,8 @@ def load_local_config(path: str | Path | None, **overrides: Any) -> LocalRunConf
             raise ValueError(f"config file {p} does not exist")
         doc = yaml.safe_load(p.read_text()) or {}
         if not isinstance(doc, Mapping):
-            raise ValueError(f"config file {p} must hold a mapping of sections {', '.join(_CONFIG_SECTIONS)}")
-        unknown = sorted(set(doc) - set(_CONFIG_SECTIONS))
-        if unknown:
-            raise ValueError(f"config file {p}: unknown section(s) {', '.join(unknown)}; sections: {', '.join(_CONFIG_SECTIONS)}")
+            raise ValueError(f"config file {p} must hold a mapping of sections {', '.join(SECTIONS)}")
+        check_sections(doc, f"config file {p}")
     synth = dict(doc.get("synth") or {})
     unknown = sorted(set(synth) - {"classes", "per_class", "seed"})
     if unknown:
