@@ -152,3 +152,16 @@ def test_size_of_one_object_needs_no_listing(any_root):
 
 def test_redact_keeps_ipv6_brackets():
     assert storage.redact_uri("http://u:p@[::1]:8080/x?sig=1").startswith("http://[::1]:8080/x ")
+
+
+def test_one_arrow_file_system_per_process_and_a_pure_path(any_root, monkeypatch):
+    """The loader asks for a path per file: that must not build a file system (and an S3 client) each time."""
+    a, b = storage.join(any_root, "x", "a.parquet"), storage.join(any_root, "y", "b.parquet")
+    fs_a, path_a = storage.arrow_filesystem(a)
+    fs_b, path_b = storage.arrow_filesystem(b)
+    assert fs_a is fs_b
+    assert (path_a, path_b) == (storage.arrow_path(a), storage.arrow_path(b))
+    assert path_a.endswith("x/a.parquet")
+    if any_root.startswith("s3://"):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-identity")
+        assert storage.arrow_filesystem(a)[0] is not fs_a, "other credentials, another file system"

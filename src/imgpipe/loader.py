@@ -267,8 +267,7 @@ def describe_split(data: str, split: str) -> SplitInfo:
     fmt: str | None = None
     geometry: tuple[int, int, int] | None = None
     for uri in files:
-        _, path = storage.arrow_filesystem(uri)
-        with fs.open_input_file(path) as fh:
+        with fs.open_input_file(storage.arrow_path(uri)) as fh:
             pf = pq.ParquetFile(fh)
             names = pf.schema_arrow.names
             file_fmt = "raw" if "pixels" in names else "jpeg" if "image" in names else None
@@ -438,8 +437,7 @@ class _RowGroupReader:
                 self._fs, _ = storage.arrow_filesystem(group.file)
             pf = self._files.get(group.file)
             if pf is None:
-                _, path = storage.arrow_filesystem(group.file)
-                pf = self._files[group.file] = pq.ParquetFile(self._fs.open_input_file(path))
+                pf = self._files[group.file] = pq.ParquetFile(self._fs.open_input_file(storage.arrow_path(group.file)))
             table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column])
             payload = table.column(self.column)
             if self.info.format == "jpeg":

@@ -52,6 +52,7 @@ __all__ = [
     "download_file",
     "upload_file",
     "arrow_filesystem",
+    "arrow_path",
     "with_retries",
 ]
 
@@ -90,6 +91,9 @@ class S3Options:
 
 _s3_options = S3Options()
 _clients: dict[tuple[int, S3Options], Any] = {}
+_arrow_filesystems: dict[tuple[Any, ...], Any] = {}
+# The environment an S3 file system is made from: another value makes another one.
+_ARROW_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 _clients_lock = threading.Lock()
 
 
@@ -99,6 +103,7 @@ def configure_s3(**kwargs: Any) -> S3Options:
     _s3_options = S3Options(**{**_s3_options.__dict__, **kwargs})
     with _clients_lock:
         _clients.clear()
+        _arrow_filesystems.clear()
     return _s3_options
 
 
@@ -246,8 +251,21 @@ class Backend(ABC):
         """Deletes every object below ``prefix``; returns how many."""
 
     @abstractmethod
+    def arrow_path(self, uri: str) -> str:
+        """The path of ``uri`` inside this backend's ``pyarrow.fs`` file system (no I/O)."""
+
+    @abstractmethod
+    def new_arrow_filesystem(self) -> Any:
+        """A new ``pyarrow.fs.FileSystem`` for this backend; use :func:`arrow_filesystem`, which caches."""
+
     def arrow_filesystem(self, uri: str) -> tuple[Any, str]:
-        """A ``pyarrow.fs.FileSystem`` and the path within it, for columnar readers."""
+        """A ``pyarrow.fs.FileSystem`` (one per process and settings) and the path within it."""
+        key = (type(self), os.getpid(), _s3_options, *(os.environ.get(name) for name in _ARROW_ENV))
+        with _clients_lock:
+            fs = _arrow_filesystems.get(key)
+            if fs is None:
+                fs = _arrow_filesystems[key] = self.new_arrow_filesystem()
+        return fs, self.arrow_path(uri)
 
     def download_file(self, uri: str, local_path: str | os.PathLike[str]) -> None:
         """Copies an object to a local file (atomically)."""
@@ -325,10 +343,13 @@ class LocalBackend(Backend):
         shutil.rmtree(root)
         return count
 
-    def arrow_filesystem(self, uri: str) -> tuple[Any, str]:
+    def arrow_path(self, uri: str) -> str:
+        return str(self._path(uri))
+
+    def new_arrow_filesystem(self) -> Any:
         import pyarrow.fs as pafs
 
-        return pafs.LocalFileSystem(), str(self._path(uri))
+        return pafs.LocalFileSystem()
 
     def download_file(self, uri: str, local_path: str | os.PathLike[str]) -> None:
         src = self._path(uri)
@@ -475,10 +496,13 @@ class S3Backend(Backend):
         bucket, key = self._split(uri)
         self.client().upload_file(str(local_path), bucket, key)
 
-    def arrow_filesystem(self, uri: str) -> tuple[Any, str]:
+    def arrow_path(self, uri: str) -> str:
+        bucket, key = self._split(uri)
+        return f"{bucket}/{key}"
+
+    def new_arrow_filesystem(self) -> Any:
         import pyarrow.fs as pafs
 
-        bucket, key = self._split(uri)
         kwargs: dict[str, Any] = {"region": _s3_options.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
         endpoint = _endpoint_url()
         if endpoint:
@@ -496,7 +520,7 @@ class S3Backend(Backend):
             frozen = creds.get_frozen_credentials()
             kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
         kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=_s3_options.max_attempts)
-        return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}"
+        return pafs.S3FileSystem(**kwargs)
 
 
 def boto3_credentials() -> Any:
@@ -572,5 +596,14 @@ def upload_file(local_path: str | os.PathLike[str], uri: str) -> None:
 
 
 def arrow_filesystem(uri: str) -> tuple[Any, str]:
-    """A ``pyarrow.fs`` file system and path for ``uri`` (for Parquet readers, Ray, the loader)."""
+    """A ``pyarrow.fs`` file system and path for ``uri`` (for Parquet readers, Ray, the loader).
+
+    The file system is made once per process and settings (an S3 one holds a client and
+    its connections): asking for another object's path costs nothing.
+    """
     return get_backend(uri).arrow_filesystem(normalize_uri(uri))
+
+
+def arrow_path(uri: str) -> str:
+    """The path of ``uri`` inside the file system :func:`arrow_filesystem` gives (no I/O)."""
+    return get_backend(uri).arrow_path(normalize_uri(uri))
