@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import io
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -132,7 +134,9 @@ def test_rayjob_template_validates_and_keeps_its_promises(validators):
     assert spec["activeDeadlineSeconds"] > spec["preRunningDeadlineSeconds"] > 0
     assert spec["backoffLimit"] == 0 and spec["submissionMode"] == "K8sJobMode"
     assert spec["suspend"] is True, "applied as is, the template must not start anything"
-    assert spec["entrypoint"].startswith("python -m imgpipe.cli resize ")
+    assert spec["entrypoint"].startswith("python -m imgpipe.remote resize ")
+    step, text = shlex.split(spec["entrypoint"])[3:]
+    assert set(json.loads(text)) == {"source", "dest", "config"}, "the shape imgpipe.remote reads"
     assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"env_vars": {"PYTHONUNBUFFERED": "1"}}
 
 

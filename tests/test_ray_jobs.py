@@ -11,6 +11,7 @@ inside the loopback-only network namespace (``scripts/in-loopback-netns``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shlex
@@ -26,9 +27,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from imgpipe import contract, ray_jobs, storage
-from imgpipe.cli import build_parser
-from imgpipe.config import config_from_dict, config_to_dict, parse_override
+from imgpipe import contract, ray_jobs, remote, storage
+from imgpipe.config import config_from_dict, config_to_dict
 from imgpipe.contract import OutputWriter
 from imgpipe.steps.clean import CleanConfig, clean
 from imgpipe.steps.resize import ResizeConfig, resize
@@ -90,15 +90,34 @@ def test_run_id_comes_from_the_argument_then_the_environment(monkeypatch):
 
 
 def parse_entrypoint(entrypoint: str) -> tuple[str, str, str, ResizeConfig]:
-    """What the job's ``python -m imgpipe.cli`` makes of an entrypoint: step, source, dest, config."""
+    """What the job's ``python -m imgpipe.remote`` makes of an entrypoint: step, source, dest, config."""
     argv = shlex.split(entrypoint)
-    assert argv[:3] == ["python", "-m", "imgpipe.cli"], entrypoint
-    args = build_parser().parse_args(argv[3:])
-    values = dict(parse_override(o) for o in args.overrides)
-    return args.command, args.source, args.dest, config_from_dict(ResizeConfig, values)
+    assert argv[:3] == ["python", "-m", "imgpipe.remote"], entrypoint
+    step, text = argv[3:]
+    body = json.loads(text)
+    return step, body["source"], body["dest"], config_from_dict(remote.STEPS[step]()[0], body["config"])
 
 
-def test_entrypoint_carries_the_resolved_config_through_the_real_cli_parser():
+def test_the_remote_entry_point_runs_the_step_with_exactly_that_config(monkeypatch):
+    calls = []
+    monkeypatch.setitem(remote.STEPS, "resize", lambda: (ResizeConfig, lambda *a: calls.append(a) or _Summary()))
+    cfg = ResizeConfig(preset="clip", mode="pad")
+    assert remote.main(["resize", remote.payload("s3://b/in", "s3://b/out", cfg)]) == 0
+    assert calls == [("s3://b/in", "s3://b/out", cfg)]
+    with pytest.raises(ValueError, match="usage"):
+        remote.main(["train", "{}"])
+    with pytest.raises(ValueError, match="source, dest, config"):
+        remote.main(["resize", '{"source": 1}'])
+    with pytest.raises(ValueError, match="unknown ResizeConfig option"):
+        remote.main(["resize", '{"source": "a", "dest": "b", "config": {"sise": 3}}'])
+
+
+class _Summary:
+    def summary(self) -> str:
+        return "ok"
+
+
+def test_entrypoint_carries_the_resolved_config_whole():
     cfg = ResizeConfig(preset="clip", mode="pad", pad_value=114, ops=("clahe:3", "gaussian_blur:1.5"), format="jpeg")
     entrypoint = ray_jobs.step_entrypoint("resize", "s3://b/my clean", "s3://b/out", cfg)
     step, source, dest, parsed = parse_entrypoint(entrypoint)

@@ -1,9 +1,8 @@
 """Running a step on a remote Ray cluster as a Ray job, idempotently per run.
 
 A step whose ``ray_address`` names a remote cluster does not run in this process:
-it becomes a *job* whose entrypoint is the step's own command line
-(``python -m imgpipe.cli STEP SOURCE DEST --set key=value ...``, the resolved config
-with ``ray_address`` cleared, so the job's driver joins its cluster through the
+it becomes a *job* whose entrypoint is :mod:`imgpipe.remote` with the resolved config
+as JSON (``ray_address`` cleared, so the job's driver joins its cluster through the
 ``RAY_ADDRESS`` Ray sets for it). This module holds what both remote modes share
 (address parsing, job ids, the entrypoint, the retry decision, the report) and the
 Jobs API mode; :mod:`imgpipe.kuberay` holds the RayJob mode.
@@ -62,7 +61,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 from urllib.parse import urlparse
 
-from imgpipe import contract, storage
+from imgpipe import contract, remote, storage
 from imgpipe.config import config_to_dict
 from imgpipe.contract import StepReport
 
@@ -211,16 +210,12 @@ def attempt_id(base: str, attempt: int) -> str:
 
 
 def step_entrypoint(step: str, source: str, dest: str, cfg: Any) -> str:
-    """The shell command that runs ``step`` with ``cfg`` on the cluster.
+    """The shell command that runs ``step`` with ``cfg`` on the cluster (:mod:`imgpipe.remote`).
 
-    Every field travels as ``--set key=<JSON>`` (JSON is YAML, which ``--set`` reads),
-    so the job runs exactly the resolved config, whatever the image's defaults.
+    The resolved config travels whole, as JSON, so the job runs exactly it, whatever
+    the image's defaults.
     """
-    args = ["python", "-m", "imgpipe.cli", step, source, dest]
-    for key, value in config_to_dict(cfg).items():
-        if value is not None:
-            args += ["--set", f"{key}={json.dumps(value)}"]
-    return shlex.join(args)
+    return shlex.join(["python", "-m", "imgpipe.remote", step, remote.payload(source, dest, cfg)])
 
 
 def forwarded_env(environ: Any = None) -> dict[str, str]:
