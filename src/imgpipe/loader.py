@@ -45,7 +45,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -215,7 +215,7 @@ class SplitInfo:
         return sum(g.rows for g in self.row_groups)
 
 
-def read_labels(data: str) -> list[str]:
+def read_labels(data: str, manifest: Mapping[str, Any] | None = None) -> list[str]:
     """Class names by index, from ``labels.json`` (``{"0": name, ...}``) of a resize output.
 
     Falls back to the manifest's ``extra.classes`` when the file is absent.
@@ -235,19 +235,25 @@ def read_labels(data: str) -> list[str]:
             raise ValueError(f"{uri} must number its classes 0..N-1, got {sorted(by_index)}")
         names = [by_index[i] for i in range(len(by_index))]
     else:
-        names = [str(c) for c in contract.read_manifest(data).get("extra", {}).get("classes", [])]
+        manifest = manifest or contract.read_manifest(data)
+        names = [str(c) for c in manifest.get("extra", {}).get("classes", [])]
     if not names:
         raise ValueError(f"{data} names no classes (no {LABELS_FILE}, no classes in its manifest)")
     return names
 
 
-def split_names(data: str) -> list[str]:
-    """Splits that have at least one data file in a committed resize output."""
-    manifest = contract.read_manifest(data, expect_step="resize")
+def split_names(data: str, manifest: Mapping[str, Any] | None = None) -> list[str]:
+    """Splits that have at least one data file in a committed resize output.
+
+    Args:
+        data: The resize output.
+        manifest: Its manifest when the caller has read it already (read once, passed down).
+    """
+    manifest = manifest or contract.read_manifest(data, expect_step="resize")
     return sorted({f["name"].split("/", 1)[0] for f in manifest["files"] if "/" in f["name"] and f["rows"]})
 
 
-def describe_split(data: str, split: str) -> SplitInfo:
+def describe_split(data: str, split: str, manifest: Mapping[str, Any] | None = None) -> SplitInfo:
     """Lists a split's row groups and image geometry from Parquet footers.
 
     Raises:
@@ -255,7 +261,7 @@ def describe_split(data: str, split: str) -> SplitInfo:
         ValueError: If ``data`` is not a resize output or holds no rows for ``split``.
     """
     data = storage.normalize_uri(data)
-    manifest = contract.read_manifest(data, expect_step="resize")
+    manifest = manifest or contract.read_manifest(data, expect_step="resize")
     files = [
         storage.join(data, f["name"]) for f in manifest["files"] if f["name"].startswith(split + "/") and f["rows"]
     ]

@@ -380,3 +380,13 @@ def test_cuda_run_uses_the_gpu_path(tmp_path):
 
 def test_train_config_augmentation_defaults_are_augment_configs():
     assert TrainConfig().augment == AugmentConfig()
+
+
+def test_train_reads_its_inputs_manifest_once(tmp_path, monkeypatch):
+    """The committed resize output is read once and passed down (it used to be read ~6 times)."""
+    data = write_resize_output(str(tmp_path / "resize"), counts=COUNTS)
+    reads = []
+    real = contract.read_manifest
+    monkeypatch.setattr(contract, "read_manifest", lambda prefix, *a, **k: reads.append(prefix) or real(prefix, *a, **k))
+    train(data, str(tmp_path / "out"), tiny(epochs=1))
+    assert reads.count(storage.normalize_uri(data)) == 1, reads

@@ -520,11 +520,11 @@ def _aug_on_device(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.aug_device == "gpu" or (cfg.aug_device == "auto" and device.type == "cuda")
 
 
-def _optional_split(data: str, split: str) -> SplitInfo | None:
-    if split not in split_names(data):
+def _optional_split(data: str, split: str, manifest: Mapping[str, Any]) -> SplitInfo | None:
+    if split not in split_names(data, manifest):
         log.warning("train: %s has no %s split; skipping its evaluation", data, split)
         return None
-    return describe_split(data, split)
+    return describe_split(data, split, manifest)
 
 
 def _eval_loader(cfg: TrainConfig, info: SplitInfo, size: int, decode: str, ctx: DistInfo, persistent: bool) -> ImageLoader:
@@ -541,10 +541,11 @@ def _eval_loader(cfg: TrainConfig, info: SplitInfo, size: int, decode: str, ctx:
     )
 
 
-def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo) -> TrainingRun:
+def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Mapping[str, Any]) -> TrainingRun:
+    """Everything a run holds, from ``data`` and its manifest (read once, by :func:`train`)."""
     device = resolve_device(cfg.device, ctx.local_rank)
-    labels = read_labels(data)
-    train_info = describe_split(data, "train")
+    labels = read_labels(data, manifest)
+    train_info = describe_split(data, "train", manifest)
     size = cfg.image_size or train_info.height
     channels = train_info.channels
     on_device = _aug_on_device(cfg, device)
@@ -553,7 +554,7 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo) -> Training
     train_loader = ImageLoader(
         train_info, cfg.loader(shuffle=True), transform=transform, decode_device=decode, rank=ctx.rank, world_size=ctx.world_size
     )
-    val_info = _optional_split(data, "val")
+    val_info = _optional_split(data, "val", manifest)
     val_loader = _eval_loader(cfg, val_info, size, decode, ctx, cfg.persistent_workers) if val_info else None
     steps = []
     for epoch in range(cfg.epochs):
@@ -587,7 +588,7 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo) -> Training
         labels=labels,
         train_info=train_info,
         val_info=val_info,
-        test_info=_optional_split(data, "test"),
+        test_info=_optional_split(data, "test", manifest),
         image_size=size,
         channels=channels,
         gpu_augment=BatchAugment(cfg.augment, size, channels).to(device) if on_device else None,
@@ -1018,7 +1019,7 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
     ctx = init_distributed(cfg.device)
     try:
         with _determinism(cfg.deterministic):
-            run = _build_run(data, out, cfg, ctx)
+            run = _build_run(data, out, cfg, ctx, upstream_manifest)
             run.cfg = _resolved_config(cfg, run)
             run.attempt = _start_output(out, cfg, ctx)
             if cfg.resume:
