@@ -72,7 +72,7 @@ S3_CONFIG_KEYS = {
     "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
     "IMGPIPE_RAY_CLUSTERS": "IMGPIPE_RAY_CLUSTERS",
 }
-# The token of the shared RayCluster's Jobs API (k8s/ray/raycluster-shared.yaml; KubeRay
+# The token of the shared RayCluster's Jobs API (k8s/ray-shared/raycluster-shared.yaml; KubeRay
 # creates the Secret). Optional: the local and KubeRay modes need none.
 RAY_TOKEN_SECRET = "imgpipe-ray-shared"
 RAY_TOKEN_KEYS = {"auth_token": "RAY_AUTH_TOKEN"}

@@ -95,10 +95,11 @@ def check_cluster_spec(spec: dict) -> None:
         assert all("configMapRef" in src or "secretRef" in src for src in c.get("envFrom", []))
 
 
-def test_kustomization_lists_every_manifest():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert kustomization["kind"] == "Kustomization"
-    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+@pytest.mark.parametrize("folder", [K8S, K8S.parent / "ray-shared"], ids=["ray", "ray-shared"])
+def test_kustomization_lists_every_manifest(folder):
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Component", "an opt-in piece that overlays include"
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
 def test_an_overlay_sets_the_image_everywhere(tmp_path, validators):
@@ -111,7 +112,7 @@ def test_an_overlay_sets_the_image_everywhere(tmp_path, validators):
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
             "namespace": "ml",
-            "resources": [os.path.relpath(K8S, tmp_path)],
+            "components": [os.path.relpath(K8S, tmp_path), os.path.relpath(K8S.parent / "ray-shared", tmp_path)],
             "images": [{"name": "imgpipe-ray", "newName": "registry.example.com/imgpipe-ray", "newTag": "0.1.0"}],
         })
     )  # fmt: skip
@@ -141,7 +142,7 @@ def test_rayjob_template_validates_and_keeps_its_promises(validators):
 
 
 def test_shared_raycluster_validates_and_keeps_its_promises(validators):
-    cluster = load("raycluster-shared.yaml")
+    cluster = load("../ray-shared/raycluster-shared.yaml")
     validate(validators, cluster)
     check_cluster_spec(cluster["spec"])
     assert cluster["spec"]["workerGroupSpecs"][0]["minReplicas"] >= 1  # see the file: concurrency 0 sizes at start

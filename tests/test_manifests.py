@@ -31,6 +31,8 @@ from imgpipe import kfp_client
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 BUILDS = ("base", "overlays/dev", "overlays/gpu")
+# What gets applied: base holds the shared objects, the overlays add the Components they use.
+DEPLOYED = ("overlays/dev", "overlays/gpu")
 # The namespace each build installs into (a Kubeflow profile's, created by its Profile).
 NAMESPACES = {"base": "imgpipe", "overlays/dev": "imgpipe-dev", "overlays/gpu": "imgpipe"}
 ARGO_SCHEMAS = ("argo-workflows-v3.6.0-schema.json", "argo-workflows-v4.1.2-schema.json")
@@ -52,6 +54,7 @@ _SUPPORTED = {
     "generatorOptions",
     "patches",
     "configurations",
+    "components",
 }
 
 
@@ -104,6 +107,10 @@ def _retag(image: str, rule: dict) -> str:
     return rule.get("newName", name) + (":" + rule["newTag"] if "newTag" in rule else sep + tag)
 
 
+def _kind(directory: Path) -> str:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text()).get("kind", "Kustomization")
+
+
 def _build(directory: Path) -> tuple[list[dict], list[dict]]:
     """(resources, image field specs) of one kustomization directory."""
     spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
@@ -114,11 +121,20 @@ def _build(directory: Path) -> tuple[list[dict], list[dict]]:
     for entry in spec.get("resources", []):
         path = (directory / entry).resolve()
         if path.is_dir():
+            assert _kind(path) == "Kustomization", f"{directory}: {entry} is a Component; list it under components:"
             sub_docs, sub_specs = _build(path)
             docs += sub_docs
             field_specs += sub_specs
         else:
             docs += _load_docs(path)
+    # A Component's resources (and image field specs) join this kustomization's before its
+    # generators, patches and transformers run, which then apply to them too.
+    for entry in spec.get("components", []):
+        path = (directory / entry).resolve()
+        assert _kind(path) == "Component", f"{directory}: {entry} is not a kustomize Component"
+        sub_docs, sub_specs = _build(path)
+        docs += sub_docs
+        field_specs += sub_specs
     for entry in spec.get("configurations", []):
         field_specs += yaml.safe_load((directory / entry).read_text()).get("images", [])
 
@@ -267,16 +283,16 @@ def test_core_kinds_are_valid_kubernetes_objects(name):
             pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']}: {exc}")
 
 
-@pytest.mark.parametrize("name", BUILDS)
+@pytest.mark.parametrize("name", DEPLOYED)
 def test_ray_resources_match_the_kuberay_crds(name, schemas_dir):
     ray = [d for d in build(name) if d["kind"] in ("RayJob", "RayCluster")]
-    assert "RayJob" in {d["kind"] for d in ray}, "k8s/ray is part of every build"
+    assert "RayJob" in {d["kind"] for d in ray}, "every overlay includes the k8s/ray Component"
     for doc in ray:
         assert _errors(kuberay_validator(schemas_dir, doc["kind"]), doc) == [], f"{name}: {doc['kind']}"
 
 
 @pytest.mark.parametrize("schema", ARGO_SCHEMAS)
-@pytest.mark.parametrize("name", BUILDS)
+@pytest.mark.parametrize("name", DEPLOYED)
 def test_cronworkflow_matches_the_argo_schema_strictly(name, schema, schemas_dir):
     (cron,) = [d for d in build(name) if d["kind"] == "CronWorkflow"]
     validator = argo_validator(schemas_dir, schema)
@@ -287,7 +303,7 @@ def test_cronworkflow_matches_the_argo_schema_strictly(name, schema, schemas_dir
 
 
 def test_cronworkflow_submits_without_overlap_and_with_a_kfp_token():
-    (cron,) = [d for d in build("base") if d["kind"] == "CronWorkflow"]
+    (cron,) = [d for d in build("overlays/gpu") if d["kind"] == "CronWorkflow"]
     spec = cron["spec"]
     assert spec["concurrencyPolicy"] == "Forbid" and spec["startingDeadlineSeconds"] > 0
     assert all(len(s.split()) == 5 for s in spec["schedules"]), "Argo cron: five fields"
@@ -307,7 +323,7 @@ def test_cronworkflow_submits_without_overlap_and_with_a_kfp_token():
     assert env[kfp_client.SA_TOKEN_PATH_ENV] == mount["mountPath"] + "/token"
 
 
-@pytest.mark.parametrize("name", BUILDS)
+@pytest.mark.parametrize("name", DEPLOYED)
 def test_references_resolve_within_the_build(name, tmp_path_factory):
     docs = build(name)
     names = {_key(d) for d in docs}
@@ -461,7 +477,7 @@ def test_stated_version_floors_match_the_fields_used(tmp_path):
     _, platform = yaml.safe_load_all(kfp_client.compile_package(tmp_path / "p.yaml").read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
     assert any(c.get("optional") for e in executors for c in e.get("configMapAsEnv", []))
-    assert all(len(c["spec"]["schedules"]) for c in (d for d in build("base") if d["kind"] == "CronWorkflow"))
+    assert all(len(c["spec"]["schedules"]) for c in (d for d in build("overlays/gpu") if d["kind"] == "CronWorkflow"))
 
 
 @pytest.mark.parametrize("name", BUILDS)
@@ -614,7 +630,7 @@ def test_profile_namespaces_get_pod_security_labels():
     assert "--type merge --patch-file k8s/profiles/pod-security-labels.yaml" in deploy
 
 
-@pytest.mark.parametrize("name", BUILDS)
+@pytest.mark.parametrize("name", DEPLOYED)
 def test_every_pod_we_bring_meets_pod_security_restricted(name):
     """Item 2: uid 10001, no escalation, no capabilities, RuntimeDefault, a read-only root with /tmp."""
     pods = [(d["kind"], role, pod) for d in build(name) for role, pod in _pods(d)]
