@@ -42,6 +42,7 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
 
 from imgpipe.containers.catalog import ImageSet
+from imgpipe.kfp_artifacts import PIPELINE_NAME
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
 
 __all__ = [
@@ -60,7 +61,6 @@ __all__ = [
     "imgpipe_pipeline",
 ]
 
-PIPELINE_NAME = "imgpipe"
 # The same Secret and ConfigMap the KubeRay resources use (k8s/ray/, k8s/base/).
 S3_SECRET = "imgpipe-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}

@@ -32,6 +32,7 @@ from imgpipe import contract, storage
 from imgpipe.config import config_from_dict
 
 __all__ = [
+    "PIPELINE_NAME",
     "RUNS",
     "LATEST",
     "LATEST_KEYWORD",
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 
 C = TypeVar("C")
 
+# The pipeline's name on Kubeflow (its display name, its versions' prefix).
+PIPELINE_NAME = "imgpipe"
 RUNS = "runs"
 LATEST = "latest.json"
 LATEST_KEYWORD = "latest"

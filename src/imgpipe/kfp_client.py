@@ -57,6 +57,8 @@ from typing import Any
 
 import yaml
 
+from imgpipe.kfp_artifacts import PIPELINE_NAME
+
 __all__ = [
     "PIPELINE_NAME",
     "DEFAULT_EXPERIMENT",
@@ -81,7 +83,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PIPELINE_NAME = "imgpipe"
 DEFAULT_EXPERIMENT = "imgpipe"
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 HOST_ENV = "KF_PIPELINES_ENDPOINT"
