@@ -21,6 +21,7 @@ import yaml
 __all__ = [
     "SECTIONS",
     "check_sections",
+    "read_config_file",
     "config_from_dict",
     "load_config",
     "config_to_dict",
@@ -159,6 +160,21 @@ def check_sections(doc: Mapping[str, Any], where: str, sections: Sequence[str] =
         )
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's YAML: a mapping (of options, or of sections), ``{}`` when empty.
+
+    Raises:
+        ValueError: If the file is missing or does not hold a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {p} does not exist")
+    loaded = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"config file {p} must hold a mapping (options, or sections {', '.join(SECTIONS)}), got {type(loaded).__name__}")
+    return dict(loaded)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parses one ``key=value`` override; the value is read as YAML (``true``, ``3``, ``[1, 2]``)."""
     if "=" not in text:
@@ -196,11 +212,7 @@ def load_config(
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, Mapping):
-            raise ValueError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
+        loaded = read_config_file(p)
         if section is not None and any(isinstance(v, Mapping) for v in loaded.values()):
             check_sections(loaded, f"config file {p}")
             # A multi-step file: this step's section, or its defaults when it has none.

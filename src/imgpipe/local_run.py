@@ -43,10 +43,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
 from imgpipe import contract, resources, storage
-from imgpipe.config import SECTIONS, check_sections
+from imgpipe.config import check_sections, read_config_file
 from imgpipe.sources import SOURCE_LOCAL_ENV
 
 __all__ = [
@@ -203,13 +201,8 @@ def load_local_config(path: str | Path | None, **overrides: Any) -> LocalRunConf
     """
     doc: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file {p} does not exist")
-        doc = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(doc, Mapping):
-            raise ValueError(f"config file {p} must hold a mapping of sections {', '.join(SECTIONS)}")
-        check_sections(doc, f"config file {p}")
+        doc = read_config_file(path)
+        check_sections(doc, f"config file {path}")
     synth = dict(doc.get("synth") or {})
     unknown = sorted(set(synth) - {"classes", "per_class", "seed"})
     if unknown:
