@@ -785,6 +785,10 @@ class ImageLoader:
             "world_size": self.dataset.world_size,
         }
 
+    def state_at_start(self, epoch: int) -> dict[str, Any]:
+        """The :meth:`state_dict` of ``epoch``'s beginning, without moving this loader there."""
+        return {**self.state_dict(), "epoch": epoch, "consumed": [0] * self.parts}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues from a :meth:`state_dict`: the rest of its epoch, in the original order.
 

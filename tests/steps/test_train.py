@@ -390,3 +390,21 @@ def test_train_reads_its_inputs_manifest_once(tmp_path, monkeypatch):
     monkeypatch.setattr(contract, "read_manifest", lambda prefix, *a, **k: reads.append(prefix) or real(prefix, *a, **k))
     train(data, str(tmp_path / "out"), tiny(epochs=1))
     assert reads.count(storage.normalize_uri(data)) == 1, reads
+
+
+def test_saving_a_checkpoint_leaves_the_loader_where_it_is(tmp_path, monkeypatch):
+    """The checkpoint records the next epoch's start; the live loader is not moved there."""
+    data = write_resize_output(str(tmp_path / "resize"), counts=COUNTS)
+    seen = []
+    real = train_mod.save_checkpoint
+
+    def save(run, epoch):
+        before = run.train_loader.state_dict()
+        real(run, epoch)
+        seen.append((before, run.train_loader.state_dict()))
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save)
+    train(data, str(tmp_path / "out"), tiny(epochs=2))
+    assert seen and all(before == after for before, after in seen)
+    state = train_mod.load_checkpoint(storage.join(str(tmp_path / "out"), train_mod.CHECKPOINT))
+    assert state["loader"]["epoch"] == 2 and not any(state["loader"]["consumed"])

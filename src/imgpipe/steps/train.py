@@ -42,14 +42,10 @@ checkpoint ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
 import logging
-import math
-import os
-import random
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -77,8 +73,17 @@ from imgpipe.augment import (
     step_generator,
     step_seed,
 )
+from imgpipe.checkpoint import CHECKPOINT, load_checkpoint, resume, save_checkpoint
 from imgpipe.config import config_to_dict, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
+from imgpipe.distributed import (
+    DistInfo,
+    all_reduce,
+    barrier,
+    determinism,
+    init_distributed,
+    resolve_device,
+)
 from imgpipe.loader import (
     ImageLoader,
     LoaderConfig,
@@ -91,6 +96,7 @@ from imgpipe.loader import (
     split_names,
 )
 from imgpipe.models import available_models, build_model, load_weights
+from imgpipe.optim import build_optimizer, build_scheduler, lr_factor
 
 __all__ = [
     "CHECKPOINT",
@@ -115,7 +121,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 MODEL = contract.MODEL
 METRICS = contract.METRICS
 REPORT = contract.REPORT
@@ -270,8 +275,6 @@ class TrainConfig:
         )
 
 
-# Fields that change what a checkpoint means; resuming with other values is refused.
-_RESUME_FIXED = ("model", "batch_size", "seed", "image_size")
 
 
 @dataclass
@@ -329,132 +332,6 @@ class EvalResult:
             "images": self.images,
             "confusion": self.confusion,
         }
-
-
-# ----------------------------------------------------------------------------------------
-# Processes and devices.
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in the job.
-
-    Attributes:
-        rank: Global rank.
-        world_size: Number of ranks.
-        local_rank: Rank on this machine (picks the GPU).
-        owns_group: Whether this step created the process group (and must destroy it).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0, the only writer."""
-        return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The training device for ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
-
-    Raises:
-        ValueError: If CUDA is asked for and not available.
-    """
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
-def init_distributed(device_name: str) -> DistInfo:
-    """Joins the process group torchrun describes, or reuses one already initialized.
-
-    Uses NCCL when training on CUDA and gloo on CPU. Without ``WORLD_SIZE > 1`` and
-    without an existing group, the run is single-process.
-    """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=False)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo()
-    device = resolve_device(device_name, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
-
-
-def _all_reduce(values: list[float], device: torch.device, ctx: DistInfo) -> list[float]:
-    if ctx.world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _barrier(ctx: DistInfo) -> None:
-    if ctx.world_size > 1:
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def _determinism(enabled: bool) -> Iterator[None]:
-    """Deterministic algorithms for the run, restoring the process's previous settings."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_benchmark = torch.backends.cudnn.benchmark
-    if enabled:
-        # cuBLAS needs a fixed workspace for reproducible results (PyTorch "Reproducibility" notes).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
-    torch.backends.cudnn.benchmark = not enabled  # autotuning picks kernels by timing
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-        torch.backends.cudnn.benchmark = previous_benchmark
-
-
-# ----------------------------------------------------------------------------------------
-# Optimization.
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak LR at optimizer step ``step``: linear warmup, then cosine to 0."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on weights only (not on norm parameters and biases)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The per-step warmup + cosine schedule (:func:`lr_factor`)."""
-
-    def factor(step: int) -> float:
-        return lr_factor(step, warmup_steps, total_steps)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------------
@@ -675,7 +552,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     elapsed = time.perf_counter() - started
-    total_loss, total_seen, wait_fraction = _all_reduce(
+    total_loss, total_seen, wait_fraction = all_reduce(
         [loss_sum.item(), float(seen), waited / max(elapsed, 1e-9)], run.device, run.ctx
     )
     return {
@@ -759,90 +636,6 @@ def _evaluate_split(run: TrainingRun, loader: ImageLoader, tta_flip: bool = Fals
     return evaluate(
         run.module, batches, len(run.labels), run.device, amp=run.amp, tta_flip=tta_flip, ctx=run.ctx
     )
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-
-
-def _gather_rng(ctx: DistInfo) -> list[dict[str, Any]]:
-    state = _rng_state()
-    if ctx.world_size == 1:
-        return [state]
-    gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, state)
-    return gathered
-
-
-def save_checkpoint(run: TrainingRun, epoch: int) -> None:
-    """Writes ``checkpoint.pt`` after ``epoch`` atomically (rank 0; every rank must call it)."""
-    rng = _gather_rng(run.ctx)  # collective: every rank takes part
-    if not run.ctx.is_main:
-        return
-    run.train_loader.set_epoch(epoch + 1)
-    state = {
-        "format": 1,
-        "epoch": epoch,
-        "model": run.module.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "loader": run.train_loader.state_dict(),
-        "rng": rng,
-        "config": config_to_dict(run.cfg),
-        "history": run.history,
-        "labels": run.labels,
-    }
-    with storage.open_write(storage.join(run.out, CHECKPOINT)) as fh:
-        torch.save(state, fh)
-
-
-def load_checkpoint(uri: str) -> dict[str, Any]:
-    """Reads a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-
-
-def _resume(run: TrainingRun) -> None:
-    uri = storage.join(run.out, CHECKPOINT)
-    if not storage.exists(uri):
-        log.info("train: --resume but no checkpoint at %s; starting from epoch 1", uri)
-        return
-    state = load_checkpoint(uri)
-    saved = state["config"]
-    current = config_to_dict(run.cfg)
-    fixed = {k: (saved.get(k), current[k]) for k in _RESUME_FIXED if saved.get(k) != current[k]}
-    if fixed:
-        raise ValueError(
-            f"cannot resume from {uri}: it was trained with "
-            + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in fixed.items())
-            + "; use the same values or write to a new output"
-        )
-    changed = sorted(k for k in current if k not in ("resume",) and saved.get(k) != current[k])
-    if changed:
-        log.warning("train: resuming with changed settings: %s", ", ".join(changed))
-    run.module.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.train_loader.load_state_dict(state["loader"])
-    rng = state["rng"]
-    _set_rng_state(rng[run.ctx.rank] if len(rng) == run.ctx.world_size else rng[0])
-    run.history = list(state["history"])
-    run.start_epoch = int(state["epoch"]) + 1
-    log.info("train: resumed from %s after epoch %d", uri, run.start_epoch)
 
 
 # ----------------------------------------------------------------------------------------
@@ -940,7 +733,7 @@ def _start_output(out: str, cfg: TrainConfig, ctx: DistInfo) -> str:
     attempt = ""
     if ctx.is_main:
         attempt = contract.claim(out, "train", keep=(CHECKPOINT,) if cfg.resume else ())
-    _barrier(ctx)
+    barrier(ctx)
     return attempt
 
 
@@ -1018,12 +811,12 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
     started = time.monotonic()
     ctx = init_distributed(cfg.device)
     try:
-        with _determinism(cfg.deterministic):
+        with determinism(cfg.deterministic):
             run = _build_run(data, out, cfg, ctx, upstream_manifest)
             run.cfg = _resolved_config(cfg, run)
             run.attempt = _start_output(out, cfg, ctx)
             if cfg.resume:
-                _resume(run)
+                resume(run)
             epochs_run, last_val = _fit(run)
             tests = _test_metrics(run)
             return _finish(run, epochs_run, last_val, tests, upstream_manifest, time.monotonic() - started)
@@ -1087,6 +880,6 @@ def _finish(
     if run.ctx.is_main:
         upstream = {"source": run.data, "step": "resize", "outputs": upstream_manifest.get("outputs")}
         _commit(run, train_report, upstream)
-    _barrier(run.ctx)
+    barrier(run.ctx)
     return train_report
 
