@@ -456,10 +456,19 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
     optimizer = build_optimizer(module, cfg)
     warmup = round(cfg.warmup_epochs * steps[0])
     scheduler = build_scheduler(optimizer, warmup, sum(steps))
+    # The config as run (what config.yaml and the checkpoint record): the values "auto"
+    # and "from the data" settled to, fixed here once rather than written back later.
+    resolved = dataclasses.replace(
+        cfg,
+        image_size=size,
+        num_workers=train_loader.num_workers,
+        pin_memory=torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory,
+        aug_device="gpu" if on_device else "cpu",
+    )
     return TrainingRun(
         data=data,
         out=out,
-        cfg=cfg,
+        cfg=resolved,
         ctx=ctx,
         device=device,
         labels=labels,
@@ -674,16 +683,6 @@ def _augmentation_grid(run: TrainingRun) -> bytes:
     return report.augmentations_png(originals, versions)
 
 
-def _resolved_config(cfg: TrainConfig, run: TrainingRun) -> TrainConfig:
-    return dataclasses.replace(
-        cfg,
-        image_size=run.image_size,
-        num_workers=run.train_loader.num_workers,
-        pin_memory=torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory,
-        aug_device="gpu" if run.gpu_augment is not None else "cpu",
-    )
-
-
 def _write(run: TrainingRun, name: str, data: bytes, files: list[FileEntry]) -> None:
     storage.write_bytes(storage.join(run.out, name), data)
     files.append(contract.entry_for_bytes(name, data))
@@ -813,7 +812,6 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
     try:
         with determinism(cfg.deterministic):
             run = _build_run(data, out, cfg, ctx, upstream_manifest)
-            run.cfg = _resolved_config(cfg, run)
             run.attempt = _start_output(out, cfg, ctx)
             if cfg.resume:
                 resume(run)
