@@ -515,6 +515,8 @@ def _zip_link_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
     try:
         with zf.open(info) as fh:
             return fh.read(4096).decode("utf-8", "replace")
+    # zipfile raises NotImplementedError for an unsupported method and RuntimeError for an
+    # encrypted member: the link is flagged unsafe either way, only its detail is lost.
     except (*_CORRUPT, NotImplementedError, RuntimeError):
         return "<unreadable target>"
 

@@ -60,6 +60,8 @@ __all__ = [
     "HashingWriter",
     "publish",
     "verify_output",
+    "manifest_body",
+    "entry_for_bytes",
     "FileEntry",
     "Reject",
     "StepReport",

@@ -38,6 +38,9 @@ __all__ = [
     "usable_memory",
     "die_with_parent",
     "reaped_with_me",
+    "tagged_processes",
+    "process_table",
+    "boot_ticks",
     "free_port",
 ]
 
@@ -207,7 +210,7 @@ def reaped_with_me() -> Iterator[str]:
             tag,
             # Start times are whole ticks (10 ms): one started in the block's first tick
             # counts, and so would one started just before it, within that same tick.
-            str(_boot_ticks()),
+            str(boot_ticks()),
         ],
         env={k: v for k, v in os.environ.items() if k != REAP_TAG_ENV},
         # Closing this pipe tells the reaper to reap now (the block ended).
@@ -247,7 +250,7 @@ def tagged_processes(tag: str) -> list[int]:
     return found
 
 
-def _process_table() -> dict[int, tuple[int, int]]:
+def process_table() -> dict[int, tuple[int, int]]:
     """Every live process: pid -> (parent pid, start time in clock ticks)."""
     table = {}
     for entry in os.listdir("/proc"):
@@ -278,7 +281,7 @@ class _Descendants:
         self.seen: dict[int, int] = {}
 
     def update(self) -> dict[int, tuple[int, int]]:
-        table = _process_table()
+        table = process_table()
         known = {self.owner, *self.seen}
         grew = True
         while grew:
@@ -314,7 +317,7 @@ def _wait_for_owner(owner: int, tree: _Descendants) -> None:
             return
 
 
-def _boot_ticks() -> int:
+def boot_ticks() -> int:
     """Now, in the clock ticks since boot that /proc/PID/stat gives start times in."""
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 

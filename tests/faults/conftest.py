@@ -76,7 +76,7 @@ class Runner:
     endpoint: str
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
     extra_env: dict[str, str] = field(default_factory=dict)
-    since: int = field(default_factory=lambda: resources._boot_ticks())
+    since: int = field(default_factory=lambda: resources.boot_ticks())
 
     def env(self) -> dict[str, str]:
         return {
@@ -123,7 +123,7 @@ class Runner:
         started after this runner count too.
         """
         found = []
-        for pid, (ppid, started) in resources._process_table().items():
+        for pid, (ppid, started) in resources.process_table().items():
             if ppid == 1 and started >= self.since:
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

@@ -57,6 +57,13 @@ def run_all(runner: Runner, layout: Layout) -> dict[str, float]:
     return seconds
 
 
+def reference_run(endpoint: str, bucket: str) -> tuple[Runner, Layout, dict[str, float]]:
+    """The uninterrupted run every fault test compares with: its runner, layout and seconds per step."""
+    runner, layout = Runner(endpoint), Layout(f"{bucket}/reference")
+    make_source(runner, layout)
+    return runner, layout, run_all(runner, layout)
+
+
 def fingerprint(prefix: str) -> dict:
     """What must be byte-identical between two runs of a step: data files and rejects."""
     manifest = contract.verify_output(prefix)

@@ -9,7 +9,7 @@ import pytest
 
 from imgpipe import contract, storage
 from tests.faults.conftest import Runner, kill_hard
-from tests.faults.pipeline import STEP_ARGS, STEPS, Layout, fingerprint, make_source, run_all
+from tests.faults.pipeline import STEP_ARGS, STEPS, fingerprint, reference_run
 from tests.faults.s3proxy import FaultProxy
 
 SEED = 9
@@ -36,10 +36,7 @@ def _rerun_matches(runner: Runner, args: list[str], dest: str, reference: dict) 
 @pytest.mark.ray
 def test_kill_9_anywhere_leaves_nothing_readable_half_written(s3_endpoint, s3_bucket, figures):
     rng = random.Random(SEED)
-    reference = Layout(f"{s3_bucket}/reference")
-    runner = Runner(s3_endpoint)
-    make_source(runner, reference)
-    seconds = run_all(runner, reference)
+    runner, reference, seconds = reference_run(s3_endpoint, s3_bucket)
     rows = {}
     with FaultProxy(s3_endpoint) as proxy:
         via_proxy = Runner(proxy.endpoint, tag=runner.tag)

@@ -14,7 +14,7 @@ import pytest
 
 from imgpipe import contract, storage
 from tests.faults.conftest import Runner
-from tests.faults.pipeline import STEP_ARGS, STEPS, Layout, fingerprint, make_source, run_all
+from tests.faults.pipeline import STEP_ARGS, STEPS, fingerprint, reference_run
 from tests.faults.s3proxy import FaultProxy
 
 OVERTAKEN = "another attempt"
@@ -36,10 +36,7 @@ def _wait_for_claim(dest: str, other_than: str | None, timeout: float = 600) -> 
 
 @pytest.mark.ray
 def test_two_writers_of_each_step_leave_one_consistent_output(s3_endpoint, s3_bucket, figures):
-    reference = Layout(f"{s3_bucket}/reference")
-    runner = Runner(s3_endpoint)
-    make_source(runner, reference)
-    run_all(runner, reference)
+    runner, reference, _ = reference_run(s3_endpoint, s3_bucket)
     rows = {}
     with FaultProxy(s3_endpoint) as proxy:
         held_runner = Runner(proxy.endpoint, tag=runner.tag)

@@ -518,9 +518,8 @@ def test_a_decode_that_hangs_costs_one_image_after_the_time_limit(tmp_path, monk
 
     monkeypatch.setattr(clean_mod, "validate_and_normalize", decode)
     before = _descendants(os.getpid())
-    started = time.monotonic()
+    # Without the limit this would hang until pytest's own timeout: the reject proves the kill.
     report = clean(src, str(tmp_path / "clean"), CleanConfig(workers=2, image_timeout_s=0.5))
-    assert time.monotonic() - started < 30
     rejects = contract.read_rejects(str(tmp_path / "clean")).to_pylist()
     assert [(r["path"], r["reason"]) for r in rejects] == [(victim, "decode_timeout")]
     assert "image_timeout_s=0.5" in rejects[0]["detail"]
