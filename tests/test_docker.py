@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import os
 import re
 import shlex
 import subprocess
@@ -140,14 +141,47 @@ def test_dependency_layers_come_before_the_sources():
     assert "--constraint /tmp/src/docker/constraints.txt" in steps[install][1]
 
 
+def _stage(dockerfile: Path, name: str) -> list[tuple[str, str]]:
+    steps = _instructions(dockerfile)
+    start = next(i for i, (op, rest) in enumerate(steps) if op == "FROM" and rest.lower().endswith(f" as {name}"))
+    end = next((i for i, (op, _) in enumerate(steps) if op == "FROM" and i > start), len(steps))
+    return steps[start:end]
+
+
+def _src_symlinks() -> dict[str, str]:
+    """Package-data symlinks under src/ -> their targets, relative to the repository root."""
+    links = {}
+    for link in sorted((ROOT / "src").rglob("*")):
+        if link.is_symlink():
+            target = Path(os.path.normpath(link.parent / os.readlink(link)))
+            assert target.is_relative_to(ROOT) and target.is_file(), f"{link} points outside the repository or nowhere"
+            links[link.relative_to(ROOT).as_posix()] = target.relative_to(ROOT).as_posix()
+    return links
+
+
 def test_image_carries_the_rayjob_template_where_kuberay_looks():
+    """The template is package data (a symlink under src/): the wheel stage must have its target."""
+    links = _src_symlinks()
+    assert links.get("src/imgpipe/manifests/rayjob-resize.yaml") == "k8s/ray/rayjob-resize.yaml"
+    copies = [shlex.split(rest) for op, rest in _stage(DOCKERFILE, "wheel") if op == "COPY"]
+    for target in links.values():
+        # `COPY src` keeps the link as a link: it resolves under /tmp/src only if the target is there too.
+        assert [target, f"/tmp/src/{Path(target).parent.as_posix()}/"] in copies, f"the wheel stage must COPY {target}"
+        assert target in build.CONTEXT
     final = _final_stage(DOCKERFILE)
     env = " ".join(rest for op, rest in final if op == "ENV")
-    match = re.search(rf"{kuberay.TEMPLATE_ENV}=(\S+)", env)
-    assert match, f"the image must set {kuberay.TEMPLATE_ENV}"
-    copies = [shlex.split(rest) for op, rest in final if op == "COPY"]
-    assert ["k8s/ray/rayjob-resize.yaml", "/opt/imgpipe/k8s/ray/"] in copies
-    assert match.group(1) == "/opt/imgpipe/k8s/ray/rayjob-resize.yaml"
+    assert kuberay.TEMPLATE_ENV not in env, "the installed package finds its own template"
+    runs = " ".join(rest for op, rest in final if op == "RUN")
+    assert "kuberay.load_template(kuberay.template_path('resize'))" in runs, "each build checks the template is installed"
+
+
+def test_build_context_sends_the_files_behind_package_data_symlinks():
+    data = build.build_context(ROOT, ("[global]\n", None))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for link, target in _src_symlinks().items():
+            member = tar.getmember(link)
+            assert member.isfile(), f"{link} is sent as a file, not a link"
+            assert tar.extractfile(member).read() == (ROOT / target).read_bytes()
 
 
 def test_build_context_holds_what_the_dockerfile_copies_and_this_machines_pip_settings():
@@ -224,3 +258,6 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
     assert top == {"imgpipe"}
     for module in ("imgpipe/components/download.py", "imgpipe/pipelines/imgpipe_pipeline.py", "imgpipe/containers/catalog.py"):
         assert module in names
+    # Package data through a symlink: the wheel holds the file itself, the same bytes.
+    packaged = zipfile.ZipFile(wheel).read("imgpipe/manifests/rayjob-resize.yaml")
+    assert packaged == (ROOT / "k8s" / "ray" / "rayjob-resize.yaml").read_bytes()

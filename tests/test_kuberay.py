@@ -215,6 +215,24 @@ def test_missing_template_says_what_to_set(tmp_path):
         kuberay.load_template(tmp_path / "rayjob-resize.yaml")
 
 
+def test_the_packaged_template_is_the_one_in_k8s_ray_and_needs_no_env(monkeypatch, tmp_path):
+    monkeypatch.delenv(kuberay.TEMPLATE_ENV, raising=False)
+    path = kuberay.template_path("resize")
+    assert path.is_file(), f"{path}: imgpipe must ship the RayJob template as package data"
+    assert path.read_bytes() == (K8S / "rayjob-resize.yaml").read_bytes()
+    assert kuberay.load_template(path)["kind"] == "RayJob"
+    # One copy in the repository: each template in k8s/ray/ is packaged through a relative
+    # symlink (kustomize reads k8s/ray/; the wheel gets the file).
+    for template in sorted(K8S.glob("rayjob-*.yaml")):
+        link = ROOT / "src" / "imgpipe" / "manifests" / template.name
+        assert link.is_symlink(), f"{link} must be a symlink to {template}"
+        assert os.readlink(link) == f"../../../k8s/ray/{template.name}", "relative, so it holds in any checkout"
+        assert link.resolve() == template.resolve()
+    custom = tmp_path / "custom.yaml"
+    monkeypatch.setenv(kuberay.TEMPLATE_ENV, str(custom))
+    assert kuberay.template_path("resize") == custom, "the environment variable still overrides it"
+
+
 # ------------------------------------------------------------------ create-or-attach and wait, on a fake API
 
 SUCCESS = [("Initializing", ""), ("Running", "PENDING"), ("Running", "RUNNING"), ("Complete", "SUCCEEDED")]

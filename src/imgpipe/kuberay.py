@@ -2,7 +2,8 @@
 
 With ``ray_address`` ``kuberay`` (the current namespace) or ``kuberay://NAMESPACE``,
 the step becomes a ``RayJob`` (``ray.io/v1``) built from the template
-``k8s/ray/rayjob-<step>.yaml``: the template holds the cluster (head without CPUs
+``k8s/ray/rayjob-<step>.yaml`` (as the cluster holds it, else the copy packaged with
+imgpipe, see below): the template holds the cluster (head without CPUs
 for tasks, an autoscaling CPU worker group, S3 credentials from a Secret, TTL and
 deadlines); :func:`build_rayjob` sets what is per run (name, namespace, entrypoint,
 image, worker counts, the non-secret S3 settings) and unsuspends it.
@@ -35,7 +36,7 @@ rayjob_controller.go`` at v1.6.0 sets them):
 * **The cluster's template.** The RayJob ``imgpipe-<step>`` that ``k8s/ray`` applies
   (suspended) is read from the cluster (:func:`cluster_template`), so what an admin or an
   overlay changed there (tolerations, resources, Secret names) reaches every run; the
-  packaged copy is the fallback where none is applied.
+  packaged copy (:func:`template_path`) is the fallback where none is applied.
 * **Logs.** The step's own output is in the submitter Job's pod (label
   ``job-name=<rayjob>``, set by Kubernetes' Job controller; KubeRay names the Job after the
   RayJob): its new lines are copied to this step's log at every poll.
@@ -43,7 +44,9 @@ rayjob_controller.go`` at v1.6.0 sets them):
 Settings from the environment (a pipeline component sets them):
 ``IMGPIPE_RAY_IMAGE`` (the Ray image with imgpipe, required unless the template
 names a real one), ``IMGPIPE_KUBERAY_MAX_WORKERS`` (the worker group's maximum),
-``IMGPIPE_RAYJOB_TEMPLATE`` (the template's path, default the checkout's ``k8s/ray/``).
+``IMGPIPE_RAYJOB_TEMPLATE`` (the fallback template's path, for a customised copy; default
+the packaged template ``imgpipe/manifests/rayjob-<step>.yaml``, a copy of
+``k8s/ray/rayjob-<step>.yaml``: in the repository a symlink to it, in a wheel the file).
 The Kubernetes client uses the in-cluster service account first, then kubeconfig.
 """
 
@@ -60,6 +63,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -127,7 +131,9 @@ DEFAULT_PRE_RUNNING_DEADLINE_S = 1800
 _SERVER_METADATA = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields", "selfLink", "ownerReferences")
 NO_LOGS = object()  # core_api value that turns log tailing off
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
-_REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "k8s" / "ray"
+# Package data: src/imgpipe/manifests/rayjob-<step>.yaml are relative symlinks to
+# k8s/ray/ (the one copy; kustomize reads it there), built into the wheel as files.
+_MANIFESTS = "manifests"
 
 
 @dataclass(frozen=True)
@@ -178,9 +184,17 @@ def wait_deadline_s(rayjob: Mapping[str, Any]) -> float:
 
 
 def template_path(step: str) -> Path:
-    """The RayJob template of ``step``: ``$IMGPIPE_RAYJOB_TEMPLATE``, else the checkout's ``k8s/ray/``."""
+    """The RayJob template of ``step``: ``$IMGPIPE_RAYJOB_TEMPLATE``, else the packaged one.
+
+    The packaged template is ``imgpipe/manifests/rayjob-<step>.yaml``, the same file as
+    ``k8s/ray/rayjob-<step>.yaml``; an installed imgpipe (a wheel, the images) has it
+    without a checkout.
+    """
     env = os.environ.get(TEMPLATE_ENV)
-    return Path(env) if env else _REPO_TEMPLATES / f"rayjob-{step}.yaml"
+    if env:
+        return Path(env)
+    # imgpipe is a regular package on the file system, so the resource is a real path.
+    return Path(str(resources.files("imgpipe") / _MANIFESTS / f"rayjob-{step}.yaml"))
 
 
 def load_template(path: str | Path) -> dict[str, Any]:
@@ -193,7 +207,7 @@ def load_template(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ValueError(
             f"RayJob template {p} does not exist: set {TEMPLATE_ENV} to a copy of k8s/ray/rayjob-<step>.yaml "
-            "(an installed package has no k8s/ folder)"
+            "(imgpipe packages one per step that runs as a RayJob, in imgpipe/manifests/)"
         )
     doc = yaml.safe_load(p.read_text())
     if not isinstance(doc, dict) or doc.get("kind") != "RayJob" or doc.get("apiVersion") != f"{GROUP}/{VERSION}":

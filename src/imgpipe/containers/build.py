@@ -67,6 +67,8 @@ CONTEXT = (
     "docker/Dockerfile",
     "docker/constraints.txt",
     "docker/build-pip/pip.conf",
+    # The target of the package-data symlink src/imgpipe/manifests/rayjob-resize.yaml (this
+    # context sends the file there too; a plain `docker build` sends the link).
     "k8s/ray/rayjob-resize.yaml",
 )
 PIP_DIR = "docker/build-pip"
