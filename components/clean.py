@@ -15,11 +15,12 @@ def clean(
     data_root: str,
     run_id: str,
     cleaned: Output[Artifact],
-    grayscale: bool = False,
-    split: str = "0.8,0.1,0.1",
-    seed: int = 0,
+    # None: CleanConfig's default (the pipeline passes its own parameters, derived from it).
+    grayscale: Optional[bool] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
+    split: Optional[str] = None,  # noqa: UP045
+    seed: Optional[int] = None,  # noqa: UP045
     previous_run_prefix: str = "",
-    step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
+    step_config: Optional[dict] = None,  # noqa: UP045
 ) -> None:
     """Validates, labels, splits and shuffles; with ``previous_run_prefix`` skips images seen before."""
     from imgpipe import kfp_artifacts as ka

@@ -15,11 +15,12 @@ def resize(
     data_root: str,
     run_id: str,
     resized: Output[Artifact],
-    image_size: int = 224,
+    # None: ResizeConfig's default (the pipeline passes its own parameters, derived from it).
+    image_size: Optional[int] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
     preset: str = "",
-    mode: str = "short-side-crop",
-    ray_address: str = "",
-    step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
+    mode: Optional[str] = None,  # noqa: UP045
+    ray_address: Optional[str] = None,  # noqa: UP045
+    step_config: Optional[dict] = None,  # noqa: UP045
 ) -> str:
     """Resizes on a local Ray, a Ray cluster's Jobs API or a KubeRay RayJob (``ray_address``).
 

@@ -19,11 +19,12 @@ def train(
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
-    model_name: str = "resnet18",
-    epochs: int = 10,
-    batch_size: int = 128,
-    aug_policy: str = "randaugment",
-    step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
+    # None: TrainConfig's default (the pipeline passes its own parameters, derived from it).
+    model_name: Optional[str] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
+    epochs: Optional[int] = None,  # noqa: UP045
+    batch_size: Optional[int] = None,  # noqa: UP045
+    aug_policy: Optional[str] = None,  # noqa: UP045
+    step_config: Optional[dict] = None,  # noqa: UP045
 ) -> None:
     """Trains on the resize output at ``resized`` (a committed prefix); records the run for incremental retraining.
 

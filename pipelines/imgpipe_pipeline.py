@@ -32,7 +32,7 @@ Kubernetes counts against the container's limit.
 # No `from __future__ import annotations`: kfp reads the signature's annotations as types.
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from imgpipe.components.clean import clean
 from imgpipe.components.download import download
@@ -41,12 +41,18 @@ from imgpipe.components.train import train
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
 
+from imgpipe.config import field_default, field_docs, plain_text
 from imgpipe.containers.catalog import ImageSet
 from imgpipe.kfp_artifacts import PIPELINE_NAME
+from imgpipe.resize_spec import ResizeConfig
+from imgpipe.steps.clean import CleanConfig
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
+from imgpipe.train_config import TrainConfig
 
 __all__ = [
     "PIPELINE_NAME",
+    "PARAMETER_FIELDS",
+    "DEFAULT_RAY_ADDRESS",
     "S3_SECRET",
     "S3_SECRET_KEYS",
     "S3_CONFIG_MAP",
@@ -76,6 +82,56 @@ S3_CONFIG_KEYS = {
 # creates the Secret). Optional: the local and KubeRay modes need none.
 RAY_TOKEN_SECRET = "imgpipe-ray-shared"
 RAY_TOKEN_KEYS = {"auth_token": "RAY_AUTH_TOKEN"}
+
+
+# Each typed run parameter sets one step config field; its default and its description
+# (shown in the Kubeflow UI and the package) are that field's, so they are written once.
+# The components take them as Optional (None: the config's default).
+PARAMETER_FIELDS: dict[str, tuple[type, str]] = {
+    "grayscale": (CleanConfig, "grayscale"),
+    "split": (CleanConfig, "split"),
+    "seed": (CleanConfig, "seed"),
+    "image_size": (ResizeConfig, "size"),
+    "preset": (ResizeConfig, "preset"),
+    "resize_mode": (ResizeConfig, "mode"),
+    "model": (TrainConfig, "model"),
+    "epochs": (TrainConfig, "epochs"),
+    "batch_size": (TrainConfig, "batch_size"),
+    "aug_policy": (TrainConfig, "aug_policy"),
+}
+# On Kubeflow the resize work goes to a KubeRay RayJob; the step's own default (a local
+# Ray, ResizeConfig.ray_address "") is the CLI's. "" runs Ray inside the resize pod.
+DEFAULT_RAY_ADDRESS = "kuberay"
+# The run parameters that are not a step config field.
+_OTHER_PARAMETERS = {
+    "data_root": "Where every step writes: {data_root}/runs/{run id}/{step}/ (s3://bucket/prefix).",
+    "source_uri": "The image archive (https:// or s3://; the pods' source policy applies).",
+    "source_sha256": "Expected SHA-256 of the image archive; empty skips the check.",
+    "annotations_uri": "Oxford-style annotations archive (head boxes, trimaps); empty for none.",
+    "annotations_sha256": "Expected SHA-256 of the annotations archive; empty skips the check.",
+    "previous_run_prefix": "'latest' or a run's prefix: clean skips the images that run saw (incremental).",
+    "ray_address": "Where resize runs: kuberay[://NAMESPACE] (a RayJob), http://HEAD:8265 (a Ray cluster's "
+    "Jobs API, one of IMGPIPE_RAY_CLUSTERS) or empty (Ray inside the resize pod).",
+    "step_config": 'Any step config field, per step: {"train": {"lr": 0.0003}}; wins over the typed parameters.',
+}
+
+
+def parameter_default(name: str) -> Any:
+    """The default of typed run parameter ``name``: its config field's, as a kfp parameter value."""
+    value = field_default(*PARAMETER_FIELDS[name])
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "" if value is None else value
+
+
+def _docstring() -> str:
+    """The pipeline's docstring; kfp reads each parameter's description from its ``Args:``."""
+    docs = dict(_OTHER_PARAMETERS)
+    for param, (cls, name) in PARAMETER_FIELDS.items():
+        docs[param] = f"{plain_text(field_docs(cls)[name])} ({cls.__name__}.{name}; default {parameter_default(param)!r})"
+    lines = ["Downloads, cleans, resizes (Ray Data) and trains; see README.md (Deploying).", "", "Args:"]
+    lines += [f"    {k}: {' '.join(v.split())}" for k, v in docs.items()]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -195,31 +251,26 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
     options = options or PipelineOptions()
     images = options.images
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="Image dataset preparation and training: download -> clean -> resize (Ray Data) -> train.",
-    )
     def imgpipe_pipeline(
         data_root: str,
         source_uri: str = OXFORD_PET_IMAGES_URL,
         source_sha256: str = "",
         annotations_uri: str = OXFORD_PET_ANNOTATIONS_URL,
         annotations_sha256: str = "",
-        grayscale: bool = False,
-        split: str = "0.8,0.1,0.1",
-        seed: int = 0,
+        grayscale: bool = parameter_default("grayscale"),
+        split: str = parameter_default("split"),
+        seed: int = parameter_default("seed"),
         previous_run_prefix: str = "",
-        image_size: int = 224,
-        preset: str = "",
-        resize_mode: str = "short-side-crop",
-        ray_address: str = "kuberay",
-        model: str = "resnet18",
-        epochs: int = 10,
-        batch_size: int = 128,
-        aug_policy: str = "randaugment",
+        image_size: int = parameter_default("image_size"),
+        preset: str = parameter_default("preset"),
+        resize_mode: str = parameter_default("resize_mode"),
+        ray_address: str = DEFAULT_RAY_ADDRESS,
+        model: str = parameter_default("model"),
+        epochs: int = parameter_default("epochs"),
+        batch_size: int = parameter_default("batch_size"),
+        aug_policy: str = parameter_default("aug_policy"),
         step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
     ) -> Outputs:
-        """Runs the four steps; parameters are documented in README.md ("Deploying")."""
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         common = {"data_root": data_root, "run_id": run_id, "step_config": step_config}
         dl = download(
@@ -270,7 +321,9 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
             report=tr.outputs["report"],
         )
 
-    return imgpipe_pipeline
+    imgpipe_pipeline.__doc__ = _docstring()
+    description = "Image dataset preparation and training: download -> clean -> resize (Ray Data) -> train."
+    return dsl.pipeline(name=PIPELINE_NAME, description=description)(imgpipe_pipeline)
 
 
 def compile_pipeline(package_path: str | Path, options: PipelineOptions | None = None) -> Path:

@@ -71,3 +71,42 @@ def test_a_typo_in_a_section_or_an_option_names_the_nearest_valid_one(tmp_path):
         load_config(TrainConfig, path, section="train")
     path.write_text("clean: {seed: 3}\n")
     assert load_config(TrainConfig, path, section="train") == TrainConfig(), "no section of its own: the defaults"
+
+
+def test_flags_take_type_choices_default_and_help_from_the_config():
+    import argparse
+
+    from imgpipe.config import add_field_flags, field_default, flag_overrides
+    from imgpipe.resize_spec import ResizeConfig
+
+    parser = argparse.ArgumentParser()
+    add_field_flags(parser, CleanConfig, ("grayscale", "split", "seed", "label_source", "workers"))
+    add_field_flags(parser, ResizeConfig, ("mode", "ops"), flags={"ops": "--op"})
+    helps = {a.dest: a for a in parser._actions}
+    assert f"(default: {field_default(CleanConfig, 'seed')})" in helps["seed"].help
+    assert helps["label_source"].choices == ["auto", "oxford", "folder", "csv"]
+    assert helps["mode"].choices == ["short-side-crop", "fixed", "pad"]
+    args = parser.parse_args(["--no-grayscale", "--seed", "3", "--split", "0.5,0.25,0.25", "--op", "clahe", "--op", "sobel"])
+    # Only what was given: the rest stays "not set" so the file, then the default, apply.
+    assert flag_overrides(args) == {"grayscale": False, "seed": 3, "split": "0.5,0.25,0.25", "ops": ("clahe", "sobel")}
+    assert load_config(CleanConfig, None, {k: v for k, v in flag_overrides(args).items() if k != "ops"}).split == (0.5, 0.25, 0.25)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--seed", "x"])
+
+
+def test_field_default_names_the_nearest_field():
+    from imgpipe.config import field_default
+
+    with pytest.raises(ValueError, match="did you mean 'seed'"):
+        field_default(CleanConfig, "sed")
+
+
+def test_one_coercer_for_configs_and_run_parameters():
+    from imgpipe.config import coerce
+
+    assert coerce("x", "0.8,0.1,0.1", tuple[float, float, float]) == (0.8, 0.1, 0.1)
+    assert coerce("x", {"a": 1}, dict) == {"a": 1} and coerce("x", (1, 2), list) == [1, 2]
+    with pytest.raises(TypeError, match="expected an integer"):
+        coerce("epochs", True, int)
+    with pytest.raises(TypeError, match="expected a mapping"):
+        coerce("step_config", [1], dict)

@@ -11,6 +11,8 @@ of ``conftest.py`` and a local Ray (so it is marked ``ray``: run it inside
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,6 +222,44 @@ def test_compiling_is_deterministic(compiled, tmp_path, monkeypatch):
     monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
     again = kfp_client.compile_package(tmp_path / "again.yaml")
     assert again.read_text() == text, "same code and options must give the same version name"
+
+
+def test_typed_parameters_default_to_their_config_field_and_say_so(compiled):
+    from imgpipe.config import field_default
+    from imgpipe.pipelines.imgpipe_pipeline import PARAMETER_FIELDS, parameter_default
+
+    params = compiled[0]["root"]["inputDefinitions"]["parameters"]
+    for name, (cls, field) in PARAMETER_FIELDS.items():
+        value = field_default(cls, field)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else ("" if value is None else value)
+        assert params[name]["defaultValue"] == shown == parameter_default(name), name
+        assert f"{cls.__name__}.{field}" in params[name]["description"], name
+    assert all(spec.get("description") for spec in params.values()), "every run parameter is described in the UI"
+
+
+def test_components_take_typed_parameters_as_optional(compiled):
+    # None means the step config's default: a default is written once, in the config.
+    comps = compiled[0]["components"]
+    inputs = {k: v for c in comps.values() for k, v in c.get("inputDefinitions", {}).get("parameters", {}).items()}
+    for name in ("grayscale", "split", "seed", "image_size", "mode", "model_name", "epochs", "batch_size", "aug_policy"):
+        assert inputs[name].get("isOptional") and "defaultValue" not in inputs[name], name
+
+
+def test_the_pipeline_compiles_without_torch_opencv_or_ray(tmp_path):
+    # The cpu image (no torch, no OpenCV, no Ray) runs `imgpipe submit`, which compiles.
+    script = f"""
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "cv2", "ray", "kornia", "albumentations"):
+            raise ImportError(f"{{name}} is not installed in the cpu image")
+sys.meta_path.insert(0, Refuse())
+from imgpipe import kfp_client
+kfp_client.compile_package({str(tmp_path / "p.yaml")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "p.yaml").is_file()
 
 
 def test_local_run_config_sections(tmp_path):

@@ -230,7 +230,7 @@ def low_contrast(channels: int = 3) -> np.ndarray:
 )
 def test_every_op_keeps_size_and_dtype(op, out_channels, channels):
     img = low_contrast(channels)
-    out = parse_op(op)(img)
+    out = ops.apply_ops(img, [parse_op(op)])
     assert out.dtype == np.uint8
     assert out.shape == (64, 64, out_channels or channels)
 
@@ -239,7 +239,7 @@ def test_every_op_keeps_size_and_dtype(op, out_channels, channels):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_equalization_spreads_a_narrow_histogram(name, channels):
     img = low_contrast(channels)
-    out = parse_op(name)(img)
+    out = ops.apply_ops(img, [parse_op(name)])
     assert out.std() > 2 * img.std()
 
 
@@ -475,7 +475,7 @@ def test_resize_batch_op_failure_costs_one_row(monkeypatch):
             raise RuntimeError("boom")
         return img
 
-    monkeypatch.setitem(ops.OPS, "equalize", ops._OpDef(broken, ()))
+    monkeypatch.setitem(ops.OP_FUNCTIONS, "equalize", broken)
     bright = png_of(np.full((40, 40, 3), 200, np.uint8))
     dark = png_of(np.full((40, 40, 3), 20, np.uint8))
     out = resize_batch(clean_batch({"bright.png": bright, "dark.png": dark}), ResizeSpec(size=8, ops=("equalize",)))
@@ -497,3 +497,8 @@ def test_resize_batch_accepts_an_empty_batch():
     out = resize_batch(clean_batch({}), ResizeSpec(size=8))
     assert all(len(v) == 0 for v in out.values())
     assert "error_reason" in out and "pixels" in out
+
+
+def test_every_declared_op_has_a_function():
+    # The names live in resize_spec (no OpenCV), the work in resize_ops; roi_crop is the geometry's.
+    assert set(ops.OP_FUNCTIONS) == set(ops.OPS) - {"roi_crop"}

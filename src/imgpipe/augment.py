@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
+
+# The recipe's settings are torch-free (imgpipe.train_config); re-exported here.
+from imgpipe.train_config import POLICIES, AugmentConfig, Policy
 
 __all__ = [
     "POLICIES",
@@ -56,64 +57,11 @@ __all__ = [
     "step_generator",
 ]
 
-Policy = Literal["randaugment", "trivialaugment", "autoaugment", "basic", "none"]
-POLICIES: tuple[str, ...] = ("randaugment", "trivialaugment", "autoaugment", "basic", "none")
-
 # ImageNet statistics (torchvision references); for one channel, their mean.
 _MEAN_RGB = (0.485, 0.456, 0.406)
 _STD_RGB = (0.229, 0.224, 0.225)
 _AFFINE_P = 0.5
 _COLOR_JITTER_P = 0.8
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """The training augmentation recipe (shared by the CPU and GPU paths).
-
-    Attributes:
-        policy: ``randaugment``, ``trivialaugment``, ``autoaugment``, ``basic`` (no
-            policy) or ``none`` (no augmentation).
-        hflip: Random horizontal flips; turn off where mirroring changes the class
-            (text, digits, some medical images).
-        randaugment_n: RandAugment operations per image.
-        randaugment_m: RandAugment magnitude, 0-30.
-        color_jitter: Brightness/contrast/saturation strength (hue a quarter of it),
-            applied with probability 0.8; 0 disables.
-        grayscale_p: Probability of converting a colour image to grey (kept 3-channel).
-        blur_p: Probability of a Gaussian blur (sigma 0.1-2, kernel ~5% of the side).
-        rotation: Maximum rotation in degrees of the affine (with +-5% translation and
-            scale), applied with probability 0.5; 0 disables.
-        random_erasing: Probability of erasing a random rectangle (filled with the
-            mean colour, i.e. 0 after normalization).
-        crop_scale: Area range of RandomResizedCrop, as fractions of the image.
-    """
-
-    policy: Policy = "randaugment"
-    hflip: bool = True
-    randaugment_n: int = 2
-    randaugment_m: int = 9
-    color_jitter: float = 0.2
-    grayscale_p: float = 0.02
-    blur_p: float = 0.1
-    rotation: float = 10.0
-    random_erasing: float = 0.25
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        if self.randaugment_n < 0:
-            raise ValueError(f"randaugment_n must be >= 0, got {self.randaugment_n}")
-        if not 0 <= self.randaugment_m <= 30:
-            raise ValueError(f"randaugment_m must be in [0, 30] (RandAugment's magnitude bins), got {self.randaugment_m}")
-        for name in ("grayscale_p", "blur_p", "random_erasing"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
-        if self.color_jitter < 0 or self.rotation < 0:
-            raise ValueError("color_jitter and rotation must be >= 0")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
 
 
 def channel_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

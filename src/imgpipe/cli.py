@@ -17,7 +17,12 @@ from typing import Any
 
 import imgpipe
 from imgpipe import storage
-from imgpipe.config import load_config, parse_override
+from imgpipe.config import add_field_flags, flag_overrides, load_config, parse_override
+from imgpipe.resize_spec import ResizeConfig
+from imgpipe.steps.clean import CleanConfig
+from imgpipe.steps.download import DownloadConfig
+from imgpipe.synth import SynthConfig
+from imgpipe.train_config import TrainConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -77,42 +82,28 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"imgpipe {imgpipe.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # Each step's flags come from its config dataclass (type, choices, default, help):
+    # a default changes in one place. Any other field: --set or --config.
     p = sub.add_parser("synth", help="generate an Oxford-IIIT-Pet-shaped sample dataset (offline)")
     p.add_argument("dest", help="directory URI for images.tar.gz and annotations.tar.gz")
-    p.add_argument("--classes", type=int, help="number of breeds (1-37, default 12)")
-    p.add_argument("--per-class", type=int, help="images per breed (default 60)")
-    p.add_argument("--seed", type=int, help="generator seed (default 0)")
+    add_field_flags(p, SynthConfig, ("classes", "per_class", "seed"))
     _common(p)
 
     p = sub.add_parser("download", help="pull image archives into object storage as Parquet")
     p.add_argument("paths", nargs="+", metavar="SOURCE... DEST", help="one or more sources, then the output prefix")
-    p.add_argument("--sha256", action="append", help="expected SHA-256 of each source, in order (repeatable)")
+    add_field_flags(p, DownloadConfig, ("sha256",))
     _common(p)
 
     p = sub.add_parser("clean", help="validate, normalize, label, split and shuffle the images")
     p.add_argument("source", help="committed download output prefix")
     p.add_argument("dest", help="output prefix")
-    p.add_argument("--grayscale", action="store_true", default=None, help="store single-channel images")
-    p.add_argument("--split", help="train,val,test fractions (default 0.8,0.1,0.1)")
-    p.add_argument("--seed", type=int, help="seed of the split and the shuffled order")
-    p.add_argument("--label-source", choices=["auto", "oxford", "folder", "csv"])
-    p.add_argument("--labels-csv", help="URI of a path,label CSV (with --label-source csv)")
-    p.add_argument("--workers", type=int, help="decode processes (default: one per CPU the pod may use, fewer when its memory is short)")
+    add_field_flags(p, CleanConfig, ("grayscale", "split", "seed", "label_source", "labels_csv", "workers"))
     _common(p)
 
     p = sub.add_parser("resize", help="resize clean images to a model's input size on Ray Data")
     p.add_argument("source", help="committed clean output prefix")
     p.add_argument("dest", help="output prefix")
-    p.add_argument("--size", type=int, help="output side in pixels (default 224)")
-    p.add_argument("--mode", choices=["short-side-crop", "fixed", "pad"], help="geometry (default short-side-crop)")
-    p.add_argument("--preset", help="model preset, e.g. resnet, inception, clip, vit-384, efficientnet-b7")
-    p.add_argument("--format", choices=["raw", "jpeg"], help="stored pixels: raw uint8 or JPEG q95 (default raw)")
-    p.add_argument("--op", dest="ops", action="append", help="standardization op, in order (repeatable), e.g. clahe")
-    p.add_argument(
-        "--ray-address",
-        help="Ray cluster to use (default: a local Ray); http://HEAD:8265 submits a Ray job, "
-        "kuberay[://NAMESPACE] creates a KubeRay RayJob",
-    )
+    add_field_flags(p, ResizeConfig, ("size", "mode", "preset", "format", "ops", "ray_address"), flags={"ops": "--op"})
     p.add_argument(
         "--run-id",
         help="with a remote --ray-address: retries with the same run id re-attach to the job "
@@ -123,22 +114,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a classifier on a committed resize output")
     p.add_argument("data", help="committed resize output prefix")
     p.add_argument("out", help="output prefix: model.pt, metrics, figures, report, checkpoint")
-    p.add_argument("--model", help="torchvision classification model or tiny_cnn (default resnet18)")
-    p.add_argument("--epochs", type=int, help="default 10")
-    p.add_argument("--batch-size", type=int, help="images per step per rank (default 128)")
-    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-3)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--aug-policy", choices=["randaugment", "trivialaugment", "autoaugment", "basic", "none"])
-    p.add_argument("--aug-device", choices=["auto", "cpu", "gpu"], help="where augmentation runs (default auto)")
-    p.add_argument("--mixup", type=float, help="MixUp alpha, 0 disables (default 0.2)")
-    p.add_argument("--cutmix", type=float, help="CutMix alpha, 0 disables (default 1.0)")
-    p.add_argument(
-        "--no-hflip", dest="hflip", action="store_false", default=None, help="no horizontal flips (text, digits)"
-    )
-    p.add_argument("--weights", help="URI of initial weights (state dict, model.pt or checkpoint.pt)")
-    p.add_argument("--workers", dest="num_workers", type=int, help="loader workers per rank (default: from CPUs)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
+    fields = ("model", "epochs", "batch_size", "lr", "device", "aug_policy", "aug_device", "mixup", "cutmix")
+    fields += ("hflip", "weights", "num_workers", "seed", "resume")
+    add_field_flags(p, TrainConfig, fields, flags={"num_workers": "--workers"})
     _common(p)
 
     p = sub.add_parser(
@@ -194,10 +172,6 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace, **named: Any) -> dict[str, Any]:
-    values = dict(parse_override(o) for o in getattr(args, "overrides", []) or [])
-    values.update({k: v for k, v in named.items() if v is not None})
-    return values
 
 
 def _emit(report: Any, as_json: bool) -> None:
@@ -208,66 +182,43 @@ def _emit(report: Any, as_json: bool) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from imgpipe.synth import SynthConfig, generate
+    from imgpipe.synth import generate
 
-    cfg = load_config(
-        SynthConfig, args.config, _overrides(args, classes=args.classes, per_class=args.per_class, seed=args.seed), "synth"
-    )
-    _emit(generate(args.dest, cfg), args.json)
+    _emit(generate(args.dest, load_config(SynthConfig, args.config, flag_overrides(args), "synth")), args.json)
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from imgpipe.steps.download import DownloadConfig, download
+    from imgpipe.steps.download import download
 
     if len(args.paths) < 2:
         raise ValueError("download needs at least one SOURCE and a DEST")
     *sources, dest = args.paths
-    cfg = load_config(
-        DownloadConfig, args.config, _overrides(args, sha256=tuple(args.sha256) if args.sha256 else None), "download"
-    )
+    cfg = load_config(DownloadConfig, args.config, flag_overrides(args), "download")
     _emit(download(sources, dest, cfg), args.json)
     return 0
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from imgpipe.steps.clean import CleanConfig, clean
+    from imgpipe.steps.clean import clean
 
-    named = {
-        "grayscale": args.grayscale,
-        "split": args.split,
-        "seed": args.seed,
-        "label_source": args.label_source,
-        "labels_csv": args.labels_csv,
-        "workers": args.workers,
-    }
-    cfg = load_config(CleanConfig, args.config, _overrides(args, **named), "clean")
+    cfg = load_config(CleanConfig, args.config, flag_overrides(args), "clean")
     _emit(clean(args.source, args.dest, cfg), args.json)
     return 0
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from imgpipe.steps.resize import ResizeConfig, resize
+    from imgpipe.steps.resize import resize
 
-    named = {
-        "size": args.size,
-        "mode": args.mode,
-        "preset": args.preset,
-        "format": args.format,
-        "ops": tuple(args.ops) if args.ops else None,
-        "ray_address": args.ray_address,
-    }
-    cfg = load_config(ResizeConfig, args.config, _overrides(args, **named), "resize")
+    cfg = load_config(ResizeConfig, args.config, flag_overrides(args), "resize")
     _emit(resize(args.source, args.dest, cfg, run_id=args.run_id), args.json)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imgpipe.steps.train import TrainConfig, train
+    from imgpipe.steps.train import train
 
-    keys = ("model", "epochs", "batch_size", "lr", "device", "aug_policy", "aug_device", "mixup", "cutmix")
-    keys += ("hflip", "weights", "num_workers", "seed", "resume")
-    cfg = load_config(TrainConfig, args.config, _overrides(args, **{k: getattr(args, k) for k in keys}), "train")
+    cfg = load_config(TrainConfig, args.config, flag_overrides(args), "train")
     _emit(train(args.data, args.out, cfg), args.json)
     return 0
 

@@ -8,14 +8,17 @@ resolved config next to a step's outputs (as timm writes ``args.yaml``).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import docstring_parser
 import yaml
 
 __all__ = [
@@ -27,6 +30,12 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "parse_override",
+    "coerce",
+    "field_docs",
+    "plain_text",
+    "field_default",
+    "add_field_flags",
+    "flag_overrides",
 ]
 
 C = TypeVar("C")
@@ -35,8 +44,24 @@ C = TypeVar("C")
 SECTIONS = ("pipeline", "synth", "download", "clean", "resize", "train")
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Coerces a YAML/CLI value to the annotated field type or raises a clear error."""
+def coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Coerces a YAML/CLI/JSON value to an annotated type, or raises a clear error.
+
+    The one coercer of the project: config fields, CLI flags and KFP run parameters
+    (:mod:`imgpipe.kfp_client`) all go through it. Strings are accepted where a user
+    typed them (``"3"`` for an int, ``"true"`` for a bool, ``"0.8,0.1,0.1"`` for a
+    tuple); ``True`` is never an integer.
+
+    Args:
+        name: What the value is, for the error message.
+        value: The value as read.
+        annotation: The target type: ``int``, ``float``, ``bool``, ``str``, ``dict``,
+            ``list``, ``Literal``, ``Optional``/unions, tuples or a config dataclass.
+
+    Raises:
+        TypeError: For a value of the wrong type.
+        ValueError: For a value outside a ``Literal``'s choices or a tuple's length.
+    """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if annotation is Any:
@@ -49,7 +74,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(name, value, arg)
+                return coerce(name, value, arg)
             except (TypeError, ValueError) as exc:
                 errors.append(str(exc))
         raise TypeError(f"{name}: {value!r} matches none of {annotation}: {'; '.join(errors)}")
@@ -63,10 +88,10 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{name}: expected a list, got {type(value).__name__} {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
+            return tuple(coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise ValueError(f"{name}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
@@ -109,6 +134,14 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise TypeError(f"{name}: expected a string, got {value!r}")
+    if annotation is dict or origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise TypeError(f"{name}: expected a mapping, got {value!r}")
+    if annotation is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise TypeError(f"{name}: expected a list, got {value!r}")
     return value
 
 
@@ -136,7 +169,7 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], _prefix: str = "")
             f"unknown {cls.__name__} option(s) {', '.join(_prefix + u + _nearest(u, fields) for u in unknown)}; "
             f"valid options: {', '.join(sorted(fields))}"
         )
-    kwargs = {k: _coerce(_prefix + k, v, hints[k]) for k, v in values.items()}
+    kwargs = {k: coerce(_prefix + k, v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
 
 
@@ -244,3 +277,109 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def config_to_yaml(cfg: Any) -> str:
     """Returns the resolved config as YAML, the form written next to a step's outputs."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------
+# Flags and parameters derived from a config: its fields' types, choices, defaults and docs.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description, from the ``Attributes:`` section of the class docstring."""
+    parsed = docstring_parser.parse(cls.__doc__ or "")
+    return {p.arg_name: " ".join(p.description.split()) for p in parsed.params if p.args[:1] == ["attribute"]}
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of config ``cls`` (the one place it is written).
+
+    Raises:
+        ValueError: If ``cls`` has no such field, or the field has no default.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ValueError(f"{cls.__name__} has no field {name!r}{_nearest(name, fields)}")
+    f = fields[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise ValueError(f"{cls.__name__}.{name} has no default")
+
+
+def _strip_optional(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def plain_text(doc: str) -> str:
+    """A docstring fragment without reST literals and roles (``x``, :data:`X`), for terminals and UIs."""
+    return re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc).replace("``", "")
+
+
+def _flag_help(doc: str, default: Any) -> str:
+    doc = plain_text(doc)
+    text = doc if default is None or default == () else f"{doc} (default: {_shown(default)})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def add_field_flags(
+    parser: argparse.ArgumentParser, cls: type, names: Sequence[str], *, flags: Mapping[str, str] | None = None
+) -> None:
+    """Adds one flag per config field, its type, choices, default and help taken from ``cls``.
+
+    Every flag's value defaults to ``None`` ("not given"): the config file, then the
+    field's default, apply (:func:`load_config`). Booleans get ``--x/--no-x``; a
+    ``Literal`` gets its choices; a ``tuple[str, ...]`` field a repeatable flag; other
+    tuples one comma-separated value. :func:`flag_overrides` reads them back.
+
+    Args:
+        parser: The sub-command's parser.
+        cls: The step's config dataclass.
+        names: The fields to expose, in help order.
+        flags: Flag names that differ from ``--field-name`` (``{"num_workers": "--workers"}``).
+
+    Raises:
+        ValueError: For a name that is not a field of ``cls``.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for name in names:
+        default = field_default(cls, name)
+        annotation = _strip_optional(hints[name])
+        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": _flag_help(docs.get(name, ""), default)}
+        args = typing.get_args(annotation)
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is typing.Literal:
+            kwargs.update(choices=list(args), type=type(args[0]))
+        elif typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis:
+            kwargs.update(action="append", type=args[0])
+        elif annotation in (int, float):
+            kwargs["type"] = annotation
+        if "choices" not in kwargs and annotation is not bool:
+            kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        parser.add_argument(flag, **kwargs)
+    known = parser.get_default("config_fields") or ()
+    parser.set_defaults(config_fields=(*known, *names))
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given as flags (see :func:`add_field_flags`) and ``--set`` pairs.
+
+    A flag wins over a ``--set`` of the same field; flags not given are left out.
+    """
+    values = dict(parse_override(o) for o in getattr(args, "overrides", None) or [])
+    for name in getattr(args, "config_fields", ()):
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = tuple(value) if isinstance(value, list) else value
+    return values

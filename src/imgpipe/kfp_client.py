@@ -57,6 +57,7 @@ from typing import Any
 
 import yaml
 
+from imgpipe.config import coerce
 from imgpipe.kfp_artifacts import PIPELINE_NAME
 
 __all__ = [
@@ -223,6 +224,12 @@ def pipeline_inputs(package: str | Path) -> dict[str, dict[str, Any]]:
     return dict(((doc.get("root") or {}).get("inputDefinitions") or {}).get("parameters") or {})
 
 
+# The Python type of each KFP parameter type (kfp/pipeline_spec's ParameterType).
+_PARAMETER_TYPES: dict[str, type] = {
+    "STRING": str, "BOOLEAN": bool, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "STRUCT": dict, "LIST": list,
+}  # fmt: skip
+
+
 def _coerce_param(name: str, raw: Any, kind: str) -> Any:
     if kind == "STRING":
         return raw if isinstance(raw, str) else json.dumps(raw)
@@ -230,19 +237,12 @@ def _coerce_param(name: str, raw: Any, kind: str) -> Any:
         value = yaml.safe_load(raw) if isinstance(raw, str) else raw
     except yaml.YAMLError as exc:
         raise ValueError(f"parameter {name}: {raw!r} is not valid YAML/JSON: {exc}") from None
-    if kind == "BOOLEAN" and isinstance(value, bool):
-        return value
-    if kind == "NUMBER_INTEGER" and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind == "NUMBER_DOUBLE" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind == "STRUCT" and isinstance(value, Mapping):
-        return dict(value)
-    if kind == "LIST" and isinstance(value, list):
-        return value
-    expected = {"BOOLEAN": "true/false", "NUMBER_INTEGER": "an integer", "NUMBER_DOUBLE": "a number",
-                "STRUCT": "a JSON/YAML mapping", "LIST": "a JSON/YAML list"}.get(kind, kind)
-    raise ValueError(f"parameter {name}: expected {expected}, got {raw!r}")
+    if kind not in _PARAMETER_TYPES:
+        raise ValueError(f"parameter {name}: the package declares an unknown type {kind!r}")
+    try:
+        return coerce(f"parameter {name}", value, _PARAMETER_TYPES[kind])
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def parse_params(pairs: Iterable[str] | Mapping[str, Any], package: str | Path) -> dict[str, Any]:

@@ -44,7 +44,6 @@ import dataclasses
 import json
 import logging
 import multiprocessing
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,7 +53,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imgpipe import contract, resources, storage
+from imgpipe import contract, storage
+
+# The settings are torch-free (imgpipe.train_config); re-exported here.
+from imgpipe.train_config import LoaderConfig, default_num_workers
 
 __all__ = [
     "LABELS_FILE",
@@ -86,75 +88,6 @@ LABELS_FILE = contract.LABELS
 
 # ----------------------------------------------------------------------------------------
 # Settings and CPU budget.
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    """How one split is streamed.
-
-    Attributes:
-        batch_size: Samples per batch (per rank).
-        shuffle: Permute units and pass rows through the shuffle buffer (training);
-            off gives the file order, partitioned the same way (evaluation).
-        shuffle_buffer: Rows a worker mixes at once; 0 or 1 keeps the unit order.
-        drop_last: Training mode: every rank reads the same number of rows and only
-            full batches (DDP needs equal step counts); fewer than ``world_size`` rows
-            plus one partial batch per rank are left out each epoch. Off, every row is
-            read and the last batch of a rank may be short.
-        seed: Base seed of the unit permutation, the shuffle buffer and the
-            per-sample transform seeds.
-        num_workers: DataLoader worker processes; ``None`` picks
-            :func:`default_num_workers`.
-        prefetch_factor: Batches each worker prepares ahead.
-        pin_memory: Page-locked batches for fast host-to-GPU copies; ``None`` means
-            "when CUDA is available".
-        persistent_workers: Keep workers alive between epochs.
-        multiprocessing_context: Start method of the workers (``fork``, ``spawn``,
-            ``forkserver``); ``None`` picks ``forkserver`` for ``s3://`` data (the AWS
-            SDK's threads in the parent do not survive a ``fork``) and ``fork``, the
-            quickest to start, otherwise.
-    """
-
-    batch_size: int = 128
-    shuffle: bool = True
-    shuffle_buffer: int = 1024
-    drop_last: bool = True
-    seed: int = 0
-    num_workers: int | None = None
-    prefetch_factor: int = 2
-    pin_memory: bool | None = None
-    persistent_workers: bool = True
-    multiprocessing_context: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0 or None (automatic), got {self.num_workers}")
-        if self.prefetch_factor < 1:
-            raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
-        if self.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
-            raise ValueError(
-                f"multiprocessing_context must be fork, spawn or forkserver, got {self.multiprocessing_context!r}"
-            )
-
-    @property
-    def resolved_num_workers(self) -> int:
-        """``num_workers``, or the automatic choice when it is ``None``."""
-        return default_num_workers() if self.num_workers is None else self.num_workers
-
-
-def default_num_workers(local_world_size: int | None = None) -> int:
-    """Worker processes per rank: the rank's share of the CPUs minus one for the training loop.
-
-    Args:
-        local_world_size: Ranks on this machine; defaults to ``LOCAL_WORLD_SIZE`` (set
-            by torchrun) or 1.
-    """
-    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(16, resources.available_cpus() // max(1, local) - 1))
 
 
 # ----------------------------------------------------------------------------------------

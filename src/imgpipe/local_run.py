@@ -76,13 +76,12 @@ S3_ENV = (
 # The uid the images run as (docker/Dockerfile); its group is 0.
 CONTAINER_USER = "10001"
 # Pipeline parameters that make a laptop run finish in minutes on two cores: small
-# images, a small model, few epochs, a local Ray (the pipeline's default is KubeRay).
+# images, few epochs, a local Ray (the pipeline's default is KubeRay); the rest (model,
+# augmentation, ...) are the configs' defaults.
 LOCAL_PARAMS: dict[str, Any] = {
     "image_size": 64,
-    "model": "resnet18",
     "epochs": 2,
     "batch_size": 32,
-    "aug_policy": "randaugment",
     "ray_address": "",
 }
 # Step config sections: loader workers as processes cost more than they give on two cores.

@@ -48,7 +48,10 @@ import pyarrow.parquet as pq
 
 from imgpipe import contract, ray_jobs, resources, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
-from imgpipe.resize_ops import PRESETS, Resample, ResizeMode, ResizeSpec, resize_batch
+from imgpipe.resize_ops import ResizeSpec, resize_batch
+
+# The settings are OpenCV-free (imgpipe.resize_spec) so the pipeline compiles without OpenCV.
+from imgpipe.resize_spec import ResizeConfig
 
 __all__ = [
     "ResizeConfig",
@@ -98,97 +101,6 @@ def output_schema(fmt: Literal["raw", "jpeg"]) -> pa.Schema:
 def read_pixels(row: dict[str, Any]) -> np.ndarray:
     """The ``height x width x channels`` uint8 array of one raw output row (a dict)."""
     return np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["height"], row["width"], row["channels"])
-
-
-@dataclass(frozen=True)
-class ResizeConfig:
-    """Settings of the resize step.
-
-    Attributes:
-        size: Output side; every image becomes ``size x size``.
-        mode: ``short-side-crop`` (ImageNet eval: short side to size/0.875, centre
-            crop), ``fixed`` (stretch) or ``pad`` (letterbox with ``pad_value``).
-        preset: A model family's input size from
-            :data:`imgpipe.resize_ops.PRESETS` (``resnet``, ``inception``, ``clip``,
-            ``vit-384``, ``efficientnet-b7``, ...); when set it overrides ``size``.
-        format: ``raw`` (uint8 HWC pixels, the fastest to load) or ``jpeg``.
-        jpeg_quality: Quality of ``jpeg`` output.
-        ops: Standardization ops applied after the resize, in order, e.g.
-            ``("clahe", "gaussian_blur:1.0")``; ``roi_crop`` (first) crops to a row's
-            ``bbox`` before it. See :mod:`imgpipe.resize_ops` for the list.
-        resample: Filter of the antialiased resize.
-        pad_value: Grey level of the letterbox border (``pad`` mode).
-        fast_decode: Decode large JPEGs at a reduced DCT scale (see resize_ops).
-        ray_address: ``""`` starts a local Ray (or joins the cluster ``RAY_ADDRESS``
-            names, as inside a Ray job); ``auto`` or ``ray://host:10001`` connects to
-            an existing cluster. ``http://head:8265`` (a Jobs API) submits the step as
-            a Ray job to that cluster; ``kuberay`` or ``kuberay://NAMESPACE`` creates a
-            KubeRay ``RayJob`` from ``k8s/ray/rayjob-resize.yaml`` that brings its own
-            autoscaling cluster. Either waits for the job, streams its progress, and
-            returns the report of its committed output; a retry with the same run id
-            re-attaches instead of running twice. See :mod:`imgpipe.ray_jobs` and
-            :mod:`imgpipe.kuberay`.
-        batch_size: Images per ``map_batches`` call.
-        concurrency: Resize tasks running at once; 0 means one per cluster CPU. Each
-            task asks for ``TASK_CPUS`` (0.9) of a CPU, so a pool as large as the CPU
-            count still leaves headroom for Ray Data's own tasks and cannot deadlock
-            them (there are no separate read tasks: each task reads its row group).
-        rows_per_shard: Rows per output Parquet file (per split).
-        row_group_rows: Rows per Parquet row group (the unit the loader reads).
-        progress_bars: Ray Data's progress bars (off: pod logs are not terminals).
-        no_progress_timeout_s: Fail when no Ray Data operator makes progress for this
-            long, instead of hanging (``-1`` disables).
-    """
-
-    size: int = 224
-    mode: ResizeMode = "short-side-crop"
-    preset: str | None = None
-    format: Literal["raw", "jpeg"] = "raw"
-    jpeg_quality: int = 95
-    ops: tuple[str, ...] = ()
-    resample: Resample = "bilinear"
-    pad_value: int = 0
-    fast_decode: bool = True
-    ray_address: str = ""
-    batch_size: int = 64
-    concurrency: int = 0
-    rows_per_shard: int = 1024
-    row_group_rows: int = 64
-    progress_bars: bool = False
-    no_progress_timeout_s: float = 600.0
-
-    def __post_init__(self) -> None:
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
-        ray_jobs.parse_address(self.ray_address)  # a remote address is well-formed
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.concurrency < 0:
-            raise ValueError(f"concurrency must be >= 0 (0 = one per CPU), got {self.concurrency}")
-        if self.rows_per_shard < 1 or self.row_group_rows < 1:
-            raise ValueError("rows_per_shard and row_group_rows must be >= 1")
-        if self.no_progress_timeout_s <= 0 and self.no_progress_timeout_s != -1:
-            raise ValueError("no_progress_timeout_s must be > 0 seconds, or -1 to disable")
-        _ = self.spec  # building the per-image settings checks size, mode, ops, ... here
-
-    @property
-    def resolved_size(self) -> int:
-        """The output side: the preset's if one is set, else ``size``."""
-        return PRESETS[self.preset] if self.preset is not None else self.size
-
-    @property
-    def spec(self) -> ResizeSpec:
-        """The per-image settings handed to the batch function."""
-        return ResizeSpec(
-            size=self.resolved_size,
-            mode=self.mode,
-            resample=self.resample,
-            pad_value=self.pad_value,
-            ops=tuple(self.ops),
-            format=self.format,
-            jpeg_quality=self.jpeg_quality,
-            fast_decode=self.fast_decode,
-        )
 
 
 # ----------------------------------------------------------------------------------------

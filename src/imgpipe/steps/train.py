@@ -46,11 +46,10 @@ import dataclasses
 import io
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,10 +60,8 @@ from tqdm import tqdm
 
 from imgpipe import contract, report, storage
 from imgpipe.augment import (
-    AugmentConfig,
     BatchAugment,
     MixupCutmix,
-    Policy,
     build_eval_transform,
     build_train_transform,
     channel_stats,
@@ -86,7 +83,6 @@ from imgpipe.distributed import (
 )
 from imgpipe.loader import (
     ImageLoader,
-    LoaderConfig,
     SplitInfo,
     decode_jpeg_batch,
     describe_split,
@@ -95,8 +91,11 @@ from imgpipe.loader import (
     seed_sample,
     split_names,
 )
-from imgpipe.models import available_models, build_model, load_weights
+from imgpipe.models import build_model, load_weights
 from imgpipe.optim import build_optimizer, build_scheduler, lr_factor
+
+# The settings are torch-free (imgpipe.train_config) so the pipeline compiles without torch.
+from imgpipe.train_config import TrainConfig
 
 __all__ = [
     "CHECKPOINT",
@@ -129,152 +128,6 @@ _AUG_SAMPLES, _AUG_VERSIONS = 6, 4
 
 # ----------------------------------------------------------------------------------------
 # Configuration.
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of the train step.
-
-    Attributes:
-        model: torchvision classification model name (``weights=None``) or ``tiny_cnn``.
-        epochs: Passes over the training split.
-        batch_size: Images per step per rank (the global batch is ``batch_size x ranks``).
-        lr: Peak AdamW learning rate, reached after the warmup.
-        weight_decay: AdamW decoupled weight decay (not applied to norms and biases).
-        warmup_epochs: Linear warmup length, in epochs (fractions allowed).
-        label_smoothing: Target smoothing, 0 to disable.
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-        aug_policy: ``randaugment``, ``trivialaugment``, ``autoaugment``, ``basic`` (no
-            policy) or ``none`` (no augmentation).
-        aug_device: Where training augmentation runs: ``cpu`` (per sample in the
-            loader workers), ``gpu`` (batched with kornia on the training device, also
-            on CPU tensors) or ``auto`` (``gpu`` when training on CUDA).
-        hflip: Random horizontal flips; off for text, digits and other mirror-sensitive data.
-        mixup: MixUp Beta alpha; 0 disables.
-        cutmix: CutMix Beta alpha; 0 disables.
-        randaugment_n: RandAugment operations per image.
-        randaugment_m: RandAugment magnitude (0-30).
-        color_jitter: ColorJitter strength; 0 disables.
-        grayscale_p: RandomGrayscale probability.
-        blur_p: GaussianBlur probability.
-        rotation: Maximum degrees of the small random affine; 0 disables.
-        random_erasing: RandomErasing probability.
-        crop_scale: RandomResizedCrop area range.
-        amp: bf16 autocast on CUDA (ignored on CPU).
-        channels_last: Channels-last memory format on CUDA.
-        grad_clip: Maximum gradient norm; 0 disables clipping.
-        num_workers: Loader worker processes per rank; ``None`` derives it from the
-            CPUs available to this rank.
-        prefetch_factor: Batches each worker prepares ahead.
-        pin_memory: Page-locked host batches; ``None`` means "when CUDA is available".
-        persistent_workers: Keep training loader workers alive between epochs.
-        shuffle_buffer: Rows each loader worker mixes at once.
-        seed: Base of every random stream of the run.
-        deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.
-        resume: Continue from ``out/checkpoint.pt`` when it exists.
-        weights: Optional URI of initial weights (state dict, model.pt or
-            checkpoint.pt) in object storage; never downloaded from a hub.
-        tta_flip: Also evaluate the test split averaging original and flipped predictions.
-        max_steps_per_epoch: Cap on steps per epoch (smoke tests, quick sweeps).
-        image_size: Training/evaluation side; ``None`` uses the data's size.
-    """
-
-    model: str = "resnet18"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    device: str = "auto"
-    # The augmentation fields stay flat (one `train:` section, typed CLI flags and pipeline
-    # parameters); their defaults are AugmentConfig's, and `augment` rebuilds it.
-    aug_policy: Policy = AugmentConfig.policy
-    aug_device: Literal["auto", "cpu", "gpu"] = "auto"
-    hflip: bool = AugmentConfig.hflip
-    mixup: float = 0.2
-    cutmix: float = 1.0
-    randaugment_n: int = AugmentConfig.randaugment_n
-    randaugment_m: int = AugmentConfig.randaugment_m
-    color_jitter: float = AugmentConfig.color_jitter
-    grayscale_p: float = AugmentConfig.grayscale_p
-    blur_p: float = AugmentConfig.blur_p
-    rotation: float = AugmentConfig.rotation
-    random_erasing: float = AugmentConfig.random_erasing
-    crop_scale: tuple[float, float] = AugmentConfig.crop_scale
-    amp: bool = True
-    channels_last: bool = True
-    grad_clip: float = 1.0
-    num_workers: int | None = None
-    prefetch_factor: int = 2
-    pin_memory: bool | None = None
-    persistent_workers: bool = True
-    shuffle_buffer: int = 1024
-    seed: int = 0
-    deterministic: bool = False
-    resume: bool = False
-    weights: str | None = None
-    tta_flip: bool = False
-    max_steps_per_epoch: int | None = None
-    image_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.model not in available_models():
-            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(available_models())}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ValueError("lr, weight_decay and warmup_epochs must be >= 0")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise ValueError("mixup and cutmix are Beta alphas: >= 0, 0 disables")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch must be >= 1 or unset, got {self.max_steps_per_epoch}")
-        if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8 or unset (the data's size), got {self.image_size}")
-        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.weights is not None:
-            storage.normalize_uri(self.weights)  # raises ValueError for unsupported URIs
-        self.augment  # noqa: B018 - building it validates the augmentation fields
-        self.loader(shuffle=True)  # noqa: B018 - validates the loader fields
-
-    @property
-    def augment(self) -> AugmentConfig:
-        """The augmentation recipe these settings describe."""
-        return AugmentConfig(
-            policy=self.aug_policy,
-            hflip=self.hflip,
-            randaugment_n=self.randaugment_n,
-            randaugment_m=self.randaugment_m,
-            color_jitter=self.color_jitter,
-            grayscale_p=self.grayscale_p,
-            blur_p=self.blur_p,
-            rotation=self.rotation,
-            random_erasing=self.random_erasing,
-            crop_scale=tuple(self.crop_scale),  # type: ignore[arg-type]
-        )
-
-    def loader(self, *, shuffle: bool, persistent: bool | None = None) -> LoaderConfig:
-        """Loader settings: training (``shuffle``) or evaluation order."""
-        return LoaderConfig(
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            shuffle_buffer=self.shuffle_buffer,
-            drop_last=shuffle,
-            seed=self.seed,
-            num_workers=self.num_workers,
-            prefetch_factor=self.prefetch_factor,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers if persistent is None else persistent,
-        )
-
-
 
 
 @dataclass
