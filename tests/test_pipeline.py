@@ -225,8 +225,9 @@ def test_compiling_is_deterministic(compiled, tmp_path, monkeypatch):
 
 
 def test_typed_parameters_default_to_their_config_field_and_say_so(compiled):
-    from imgpipe.config import field_default
     from imgpipe.pipelines.imgpipe_pipeline import PARAMETER_FIELDS, parameter_default
+
+    from imgpipe.config import field_default
 
     params = compiled[0]["root"]["inputDefinitions"]["parameters"]
     for name, (cls, field) in PARAMETER_FIELDS.items():

@@ -30,7 +30,6 @@ from imgpipe.report import html_report
 from imgpipe.steps import train as train_mod
 from imgpipe.steps.train import (
     TrainConfig,
-    evaluate,
     lr_factor,
     train,
 )
@@ -243,27 +242,6 @@ def test_grayscale_data_trains_resnet18_with_an_adapted_first_conv(tmp_path):
     saved = torch.load(io.BytesIO(storage.read_bytes(out + "/model.pt")), weights_only=True)
     assert saved["channels"] == 1 and saved["model"]["conv1.weight"].shape[1] == 1
     assert report.extra["channels"] == 1
-
-
-def test_evaluate_computes_accuracy_macro_f1_recall_and_flip_tta():
-    class Fixed(torch.nn.Module):
-        """Predicts class 0 for a left-bright image, class 1 otherwise."""
-
-        def forward(self, x):
-            left = x[..., : x.shape[-1] // 2].mean((1, 2, 3))
-            right = x[..., x.shape[-1] // 2 :].mean((1, 2, 3))
-            return torch.stack([left - right, right - left], 1) * 10
-
-    x = torch.zeros(4, 1, 2, 2)
-    x[:2, ..., 0] = 1  # two left-bright images
-    x[2:, ..., 1] = 1  # two right-bright images
-    y = torch.tensor([0, 0, 0, 1])  # one of class 0 looks like class 1
-    result = evaluate(Fixed(), lambda: iter([(x, y)]), 2, torch.device("cpu"))
-    assert result.accuracy == 0.75 and result.confusion == [[2, 1], [0, 1]]
-    assert result.per_class_recall == [pytest.approx(2 / 3), 1.0]
-    assert result.macro_f1 == pytest.approx((0.8 + 2 / 3) / 2)  # F1(class 0)=0.8, F1(class 1)=2/3
-    tta = evaluate(Fixed(), lambda: iter([(x, y)]), 2, torch.device("cpu"), tta_flip=True)
-    assert tta.images == 4 and tta.loss == pytest.approx(np.log(2), rel=1e-4)  # a flip cancels every logit
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
