@@ -101,6 +101,8 @@ __all__ = [
     "parse_op",
     "plan_geometry",
     "resize_image",
+    "warp_resize",
+    "ANTIALIAS_K",
     "resize_image_reference",
     "apply_ops",
     "encode_jpeg",
@@ -274,10 +276,66 @@ def _decode(img: Image.Image, geometry: Geometry, fast: bool, margin: float) -> 
     return img, scale
 
 
-def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, fast: bool) -> np.ndarray:
-    img = _open(data)
-    geometry = plan_geometry(img.width, img.height, spec, bbox)
-    img, scale = _decode(img, geometry, fast, DRAFT_MARGIN)
+# Antialiasing of the fast path: a Gaussian of sigma ANTIALIAS_K * sqrt(s^2 - 1) per axis
+# before bilinear sampling (s source pixels per output pixel; skimage's and kornia's
+# antialiased rescale use the same form). Bilinear sampling is itself a triangle of
+# half-width 1; the prefilter widens it to about what PIL's bilinear filter of support s
+# applies. 0.5 gave the smallest difference from PIL on real photos (MAD 0.55 mean, 1.05
+# at worst at 0.2 MP; 0.4 and 0.6 gave 0.74 and 0.86).
+ANTIALIAS_K = 0.5
+# Up to this many source pixels per output pixel the prefilter stays within ~0.5 grey
+# levels of PIL's filter; beyond it (large PNGs, ratios a JPEG draft would have cut) the
+# Gaussian and PIL's triangle part ways (MAD 2.35 at 10x), so PIL resizes. After a draft,
+# PIL resizes too: the reduced decode already spends the error budget.
+WARP_MAX_SCALE = 2.0
+
+
+def _sigma(scale: float) -> float:
+    return ANTIALIAS_K * math.sqrt(scale * scale - 1.0) if scale > 1.0 else 0.0
+
+
+def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> np.ndarray:
+    """Antialiased bilinear resize of the sub-pixel ``box`` of ``arr`` to ``out_size``, with OpenCV.
+
+    The same geometry as ``PIL.Image.resize(size, BILINEAR, box=box)`` (output pixel
+    centres map to the same source points) at about half its cost: a Gaussian prefilter
+    (:data:`ANTIALIAS_K`) on the box and a small margin, then ``cv2.warpAffine`` sampling.
+    Pixels beyond the edges of ``arr`` repeat the edge, so a caller that must keep pixels
+    outside a region out of the output passes only that region.
+
+    Args:
+        arr: ``H x W x C`` uint8 (C = 1 or 3).
+        box: (left, upper, right, lower) in ``arr`` pixels.
+        out_size: (width, height) of the output.
+
+    Returns:
+        ``height x width x C`` uint8.
+    """
+    x0, y0, x1, y1 = box
+    sx, sy = (x1 - x0) / out_size[0], (y1 - y0) / out_size[1]
+    sig_x, sig_y = _sigma(sx), _sigma(sy)
+    # Only the box and what the filters reach beyond it are touched.
+    margin = 2 + 2 * math.ceil(2 * max(sig_x, sig_y))
+    left, top = max(0, math.floor(x0) - margin), max(0, math.floor(y0) - margin)
+    right, bottom = min(arr.shape[1], math.ceil(x1) + margin), min(arr.shape[0], math.ceil(y1) + margin)
+    sub = arr[top:bottom, left:right]
+    if sig_x or sig_y:
+        kx, ky = 2 * round(2 * sig_x) + 1, 2 * round(2 * sig_y) + 1
+        sub = cv2.GaussianBlur(sub, (kx, ky), sigmaX=sig_x or 1e-6, sigmaY=sig_y or 1e-6, borderType=cv2.BORDER_REPLICATE)
+    # Output pixel (u, v) samples the source at x0 + (u + 0.5) * sx - 0.5 (pixel centres).
+    matrix = np.array([[sx, 0.0, x0 - left + 0.5 * sx - 0.5], [0.0, sy, y0 - top + 0.5 * sy - 0.5]])
+    out = cv2.warpAffine(
+        sub, matrix, out_size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+    )
+    return _hwc(out)
+
+
+def _within_warp(box: tuple[float, float, float, float], out_size: tuple[int, int]) -> bool:
+    return max((box[2] - box[0]) / out_size[0], (box[3] - box[1]) / out_size[1]) <= WARP_MAX_SCALE
+
+
+def _crop_region(img: Image.Image, geometry: Geometry, scale: float) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Crops to the roi_crop region (if any); returns the image and the resize box in its pixels."""
     x0, y0, x1, y1 = (v * scale for v in geometry.box)
     if geometry.region is not None:
         rx0, ry0, rx1, ry1 = (v * scale for v in geometry.region)
@@ -285,22 +343,32 @@ def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, 
         img = img.crop(crop)
         x0, y0, x1, y1 = x0 - crop[0], y0 - crop[1], x1 - crop[0], y1 - crop[1]
     # Float round-off must not push the box past the (reduced) image: PIL refuses that.
-    box = (max(0.0, x0), max(0.0, y0), min(float(img.width), x1), min(float(img.height), y1))
+    return img, (max(0.0, x0), max(0.0, y0), min(float(img.width), x1), min(float(img.height), y1))
+
+
+def _pad(out: np.ndarray, spec: ResizeSpec, offset: tuple[int, int]) -> np.ndarray:
+    canvas = np.full((spec.size, spec.size, out.shape[2]), spec.pad_value, dtype=np.uint8)
+    x, y = offset
+    canvas[y : y + out.shape[0], x : x + out.shape[1]] = out
+    return canvas
+
+
+def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, fast: bool) -> np.ndarray:
+    img = _open(data)
+    geometry = plan_geometry(img.width, img.height, spec, bbox)
+    img, scale = _decode(img, geometry, fast, DRAFT_MARGIN)
+    img, box = _crop_region(img, geometry, scale)
     try:
-        out = img.resize(
-            geometry.out_size,
-            RESAMPLE[spec.resample],
-            box=box,
-            reducing_gap=_GAP_FOR_REDUCE if fast else None,
-        )
-    except (OSError, ValueError) as exc:
+        if fast and spec.resample == "bilinear" and scale == 1.0 and _within_warp(box, geometry.out_size):
+            out = warp_resize(_hwc(np.asarray(img)), box, geometry.out_size)
+        else:
+            resample = RESAMPLE[spec.resample]
+            out = _hwc(np.asarray(img.resize(geometry.out_size, resample, box=box, reducing_gap=_GAP_FOR_REDUCE if fast else None)))
+    except (OSError, ValueError, cv2.error) as exc:
         raise ResizeError("resize_failed", f"{type(exc).__name__}: {exc}") from exc
     if spec.mode == "pad":
-        canvas = Image.new(out.mode, (spec.size, spec.size), spec.pad_value if out.mode == "L" else (spec.pad_value,) * 3)
-        canvas.paste(out, geometry.offset)
-        out = canvas
-    arr = _hwc(np.asarray(out))
-    return apply_ops(arr, spec.parsed_ops)
+        out = _pad(out, spec, geometry.offset)
+    return apply_ops(out, spec.parsed_ops)
 
 
 def resize_image(data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = None) -> np.ndarray:
