@@ -434,6 +434,9 @@ def resize_batch(batch: Mapping[str, np.ndarray], spec: ResizeSpec) -> dict[str,
         JPEG; ``format='jpeg'``), and ``error_reason`` / ``error_detail`` (empty
         strings on good rows). Error rows have zero sizes and empty bytes.
     """
+    # Each resize task (or pool process) is sized to one CPU: OpenCV's own threads inside
+    # it would only compete with the neighbouring tasks.
+    cv2.setNumThreads(1)
     paths = batch["path"]
     images = batch["image"]
     bboxes = batch.get("bbox") if spec.roi_crop else None
