@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from imgpipe import contract, storage
@@ -241,3 +242,20 @@ def test_a_report_rebuilt_from_its_manifest_is_the_report(tmp_path):
     out = _one_file_output(dest, 1)
     report = out.commit(inputs=4, rejects=[Reject("x.jpg", "corrupt")], config={}, extra={"k": [1]})
     assert contract.StepReport.from_manifest(contract.read_manifest(dest)) == report
+
+
+def test_parquet_file_streams_row_groups_and_commits_only_on_success(tmp_path):
+    out = OutputWriter("file://" + str(tmp_path / "out"), "clean")
+    out.begin()
+    table = pa.table({"order": pa.array(range(10), pa.int64())})
+    with out.parquet_file("part-00000.parquet", table.schema) as sink:
+        sink.write(table.slice(0, 4))
+        sink.write(table.slice(4), row_group_size=3)
+    (entry,) = out.files
+    written = pq.ParquetFile(tmp_path / "out" / "part-00000.parquet")
+    assert entry.rows == 10 and written.metadata.num_row_groups == 3
+    assert entry.sha256 == hashlib.sha256((tmp_path / "out" / "part-00000.parquet").read_bytes()).hexdigest()
+    with pytest.raises(RuntimeError, match="boom"), out.parquet_file("part-00001.parquet", table.schema) as sink:
+        sink.write(table)
+        raise RuntimeError("boom")
+    assert not (tmp_path / "out" / "part-00001.parquet").exists() and len(out.files) == 1

@@ -24,6 +24,7 @@ never read as part of the output.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import io
@@ -34,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 from urllib.parse import urlparse
@@ -58,6 +59,7 @@ __all__ = [
     "UncommittedOutputError",
     "ConcurrentWriterError",
     "HashingWriter",
+    "ParquetSink",
     "publish",
     "verify_output",
     "manifest_body",
@@ -539,6 +541,19 @@ def parquet_write_options(schema: pa.Schema) -> dict[str, Any]:
     }
 
 
+class ParquetSink:
+    """A data file :meth:`OutputWriter.parquet_file` is writing: counts the rows it is given."""
+
+    def __init__(self, writer: pq.ParquetWriter) -> None:
+        self.writer = writer
+        self.rows = 0
+
+    def write(self, table: pa.Table, row_group_size: int | None = None) -> None:
+        """Appends ``table`` as row groups of ``row_group_size`` rows (default: one row group)."""
+        self.writer.write_table(table, row_group_size=row_group_size or max(1, table.num_rows))
+        self.rows += table.num_rows
+
+
 class OutputWriter:
     """Writes one step's output prefix and commits it.
 
@@ -594,6 +609,26 @@ class OutputWriter:
         with self._lock:
             self._files[name] = entry
         return entry
+
+    @contextlib.contextmanager
+    def parquet_file(self, name: str, schema: pa.Schema, **parquet_kwargs: Any) -> Iterator[ParquetSink]:
+        """Streams a Parquet data file, row group by row group; recorded for the manifest on success.
+
+        The file is committed (renamed or completed) when the block ends without an
+        exception and dropped otherwise, so a failed step leaves no readable half-file.
+        Defaults come from :func:`parquet_write_options`; ``parquet_kwargs`` (e.g.
+        ``sorting_columns``) are added to the writer's.
+        """
+        self._check_name(name)
+        kwargs = {**parquet_write_options(schema), **parquet_kwargs}
+        with storage.open_write(self.uri(name)) as fh:
+            handle = HashingWriter(fh)
+            sink = ParquetSink(pq.ParquetWriter(handle, schema, **kwargs))
+            try:
+                yield sink
+            finally:
+                sink.writer.close()  # on an exception open_write then drops the object
+        self.add_file(handle.entry(name, sink.rows))
 
     def add_file(self, entry: FileEntry) -> None:
         """Records a data file written by another process (e.g. a pool worker)."""

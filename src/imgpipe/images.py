@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "load_decoders",
     "ACCEPTED_FORMATS",
     "ImageRejected",
     "NormalizedImage",
@@ -109,6 +110,15 @@ class NormalizedImage:
     mode: str
     format: str
     changes: tuple[str, ...]
+
+
+def load_decoders() -> None:
+    """Imports Pillow's format plugins now, so that processes forked afterwards share them.
+
+    Pillow imports them on the first ``Image.open``; done in each decode worker that is
+    one more start-up cost per worker, paid while the CPUs should be decoding.
+    """
+    Image.init()
 
 
 def sniff_format(data: bytes) -> str | None:

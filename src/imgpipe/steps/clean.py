@@ -53,13 +53,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from imgpipe import contract, resources, storage
 from imgpipe.annotations import HeadBox, image_stem, read_head_boxes
 from imgpipe.contract import OutputWriter, Reject, StepReport
-from imgpipe.images import ImageRejected, validate_and_normalize
+from imgpipe.images import ImageRejected, load_decoders, validate_and_normalize
 from imgpipe.labels import Labeler, LabelSource, choose_label_source, encode_labels, read_label_csv
 
 __all__ = [
@@ -291,9 +292,21 @@ def _init_worker(s3_options: storage.S3Options, step_pid: int) -> None:
     storage.configure_s3(**s3_options.__dict__)
 
 
+_BUCKET_SUFFIX = ".arrow"
+
+
 def bucket_path(bucket_dir: str | Path, shard: int, task: int) -> Path:
-    """Local file holding one task's rows for one output shard."""
-    return Path(bucket_dir) / f"shard-{shard:05d}" / f"task-{task:05d}.parquet"
+    """Local file holding one task's rows for one output shard.
+
+    Buckets are Arrow IPC files, not Parquet: the step maps them into memory and reads
+    them without decoding or copying, and the workers spend no time encoding them.
+    """
+    return Path(bucket_dir) / f"shard-{shard:05d}" / f"task-{task:05d}{_BUCKET_SUFFIX}"
+
+
+def _read_bucket(path: Path) -> pa.Table:
+    """A bucket file's rows, memory-mapped (no copy until they are reordered)."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
 
 def _drop_buckets(bucket_dir: str | Path, task: int) -> None:
@@ -384,7 +397,7 @@ class _ShardBuckets:
     def __init__(self, bucket_dir: str, task: int, rows_per_shard: int) -> None:
         self.bucket_dir, self.task, self.rows_per_shard = bucket_dir, task, rows_per_shard
         self.pending: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
 
     def add(self, member: str, img: Any, place: Placement, bbox: list[float] | None) -> int:
         shard = place.order // self.rows_per_shard
@@ -411,7 +424,7 @@ class _ShardBuckets:
             if shard not in self.writers:
                 path = bucket_path(self.bucket_dir, shard, self.task)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.writers[shard] = pq.ParquetWriter(path, OUTPUT_SCHEMA, compression="none")
+                self.writers[shard] = pa.ipc.new_file(str(path), OUTPUT_SCHEMA)
             self.writers[shard].write_table(pa.table(cols, schema=OUTPUT_SCHEMA))
         self.pending.clear()
 
@@ -673,6 +686,7 @@ def _validate_all(
                 bar.update(task.rows)
             return [r for i in sorted(results) for r in results[i]], next_index
         ctx = _pool_context(uri for t in tasks for uri, _ in t.units)
+        load_decoders()  # forked workers inherit the plugins instead of each importing them
         pending, barren = list(tasks), 0
         watch = _Watch(bucket_dir, cfg.image_timeout_s)
         while pending := _run_pool(pending, task_args, pool.workers, ctx, results, bar, watch):
@@ -871,9 +885,8 @@ def _row_group_size(table: pa.Table, cfg: CleanConfig) -> int:
     """Rows per row group: ``row_group_rows``, fewer when images are large (at least 8)."""
     if table.num_rows == 0:
         return cfg.row_group_rows
-    mean_bytes = max(
-        1, table.column("image").combine_chunks().field("bytes").nbytes // table.num_rows
-    )
+    image_bytes = sum(chunk.field("bytes").nbytes for chunk in table.column("image").chunks)
+    mean_bytes = max(1, image_bytes // table.num_rows)
     return max(1, min(cfg.row_group_rows, max(8, cfg.row_group_bytes // mean_bytes)))
 
 
@@ -895,25 +908,24 @@ def _write_shards(
         offsets[shard], running = running, running + kept_per_shard[shard]
 
     def write_one(part: int, shard: int) -> None:
-        pieces = sorted(bucket_path(bucket_dir, shard, 0).parent.glob("task-*.parquet"))
-        table = pa.concat_tables([pq.read_table(p, schema=OUTPUT_SCHEMA) for p in pieces]).sort_by(
-            "order"
-        )
-        n = table.num_rows
-        table = table.set_column(
-            table.schema.get_field_index("order"),
-            "order",
-            pa.array(np.arange(offsets[shard], offsets[shard] + n)),
-        )
-        labels = label_map[table.column("label").to_numpy()]
-        table = table.set_column(
-            table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32())
-        )
-        out.write_table(
-            f"part-{part:05d}.parquet",
-            table.cast(OUTPUT_SCHEMA),
-            row_group_size=_row_group_size(table, cfg),
-        )
+        pieces = sorted(bucket_path(bucket_dir, shard, 0).parent.glob(f"task-*{_BUCKET_SUFFIX}"))
+        table = pa.concat_tables([_read_bucket(p) for p in pieces])
+        by_order = pc.sort_indices(table.column("order")).to_numpy()
+        labels = label_map[table.column("label").to_numpy()[by_order]]
+        start, group = offsets[shard], _row_group_size(table, cfg)
+        # Row group by row group: one group's pixels are copied at a time, and the allocator
+        # reuses that memory for the next instead of faulting in the whole shard again.
+        with out.parquet_file(f"part-{part:05d}.parquet", OUTPUT_SCHEMA) as sink:
+            for first in range(0, table.num_rows, group):
+                rows = by_order[first : first + group]
+                chunk = table.take(rows)
+                chunk = chunk.set_column(
+                    chunk.schema.get_field_index("order"), "order", pa.array(np.arange(start + first, start + first + len(rows)))
+                )
+                chunk = chunk.set_column(
+                    chunk.schema.get_field_index("label"), "label", pa.array(labels[first : first + group], pa.int32())
+                )
+                sink.write(chunk.cast(OUTPUT_SCHEMA), row_group_size=len(rows))
 
     shards = sorted(s for s, n in kept_per_shard.items() if n)
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(shards)))) as pool:
