@@ -19,6 +19,7 @@ def resize(
     image_size: Optional[int] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
     preset: str = "",
     mode: Optional[str] = None,  # noqa: UP045
+    train_mode: Optional[str] = None,  # noqa: UP045 - the train split's mode; "" means mode's
     ray_address: Optional[str] = None,  # noqa: UP045
     step_config: Optional[dict] = None,  # noqa: UP045
 ) -> str:
@@ -31,7 +32,10 @@ def resize(
     from imgpipe import kfp_artifacts as ka
     from imgpipe.steps.resize import ResizeConfig, resize
 
-    named = {"size": image_size, "preset": preset or None, "mode": mode, "ray_address": ray_address}
+    named = {
+        "size": image_size, "preset": preset or None, "mode": mode, "train_mode": train_mode or None,
+        "ray_address": ray_address,
+    }  # fmt: skip
     cfg = ka.step_config(ResizeConfig, step_config, "resize", **named)
     source, dest = ka.read_step_artifact(cleaned, "clean"), ka.run_prefix(data_root, run_id, "resize")
     return ka.write_step_artifact(resized, resize(source, dest, cfg, run_id=run_id).dest)["dest"]

@@ -53,6 +53,7 @@ __all__ = [
     "PIPELINE_NAME",
     "PARAMETER_FIELDS",
     "DEFAULT_RAY_ADDRESS",
+    "DEFAULT_RESIZE_TRAIN_MODE",
     "S3_SECRET",
     "S3_SECRET_KEYS",
     "S3_CONFIG_MAP",
@@ -102,6 +103,11 @@ PARAMETER_FIELDS: dict[str, tuple[type, str]] = {
 # On Kubeflow the resize work goes to a KubeRay RayJob; the step's own default (a local
 # Ray, ResizeConfig.ray_address "") is the CLI's. "" runs Ray inside the resize pod.
 DEFAULT_RAY_ADDRESS = "kuberay"
+# "" means resize_mode. The pipeline is to store its train split whole by default (training
+# crops then sample the whole picture, as FFCV and timm do) once train crops variable-size
+# rows itself; until then the default keeps today's storage. The step's own default
+# (ResizeConfig.train_mode None: train as mode) is the CLI's.
+DEFAULT_RESIZE_TRAIN_MODE = ""
 # The run parameters that are not a step config field.
 _OTHER_PARAMETERS = {
     "data_root": "Where every step writes: {data_root}/runs/{run id}/{step}/ (s3://bucket/prefix).",
@@ -110,6 +116,9 @@ _OTHER_PARAMETERS = {
     "annotations_uri": "Oxford-style annotations archive (head boxes, trimaps); empty for none.",
     "annotations_sha256": "Expected SHA-256 of the annotations archive; empty skips the check.",
     "previous_run_prefix": "'latest' or a run's prefix: clean skips the images that run saw (incremental).",
+    "resize_train_mode": "Resize mode of the train split (ResizeConfig.train_mode): whole (the whole picture, "
+    "aspect kept, short side image_size/0.875, for training crops over all of it), short-side-crop, fixed, pad, "
+    "or empty for resize_mode; val and test always use resize_mode.",
     "ray_address": "Where resize runs: kuberay[://NAMESPACE] (a RayJob), http://HEAD:8265 (a Ray cluster's "
     "Jobs API, one of IMGPIPE_RAY_CLUSTERS) or empty (Ray inside the resize pod).",
     "step_config": 'Any step config field, per step: {"train": {"lr": 0.0003}}; wins over the typed parameters.',
@@ -264,6 +273,7 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
         image_size: int = parameter_default("image_size"),
         preset: str = parameter_default("preset"),
         resize_mode: str = parameter_default("resize_mode"),
+        resize_train_mode: str = DEFAULT_RESIZE_TRAIN_MODE,
         ray_address: str = DEFAULT_RAY_ADDRESS,
         model: str = parameter_default("model"),
         epochs: int = parameter_default("epochs"),
@@ -292,7 +302,7 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
         _configure(cl, "clean", images.cpu, options, options.retry)
         resize_args = {
             "cleaned": cl.outputs["cleaned"], "image_size": image_size, "preset": preset, "mode": resize_mode,
-            "ray_address": ray_address, **common,
+            "train_mode": resize_train_mode, "ray_address": ray_address, **common,
         }  # fmt: skip
         with dsl.If(ray_address == "", name="ray-in-the-pod"):
             in_pod = resize(**resize_args)

@@ -255,8 +255,36 @@ def test_components_take_typed_parameters_as_optional(compiled):
     # None means the step config's default: a default is written once, in the config.
     comps = compiled[0]["components"]
     inputs = {k: v for c in comps.values() for k, v in c.get("inputDefinitions", {}).get("parameters", {}).items()}
-    for name in ("grayscale", "split", "seed", "image_size", "mode", "model_name", "epochs", "batch_size", "aug_policy"):
+    for name in ("grayscale", "split", "seed", "image_size", "mode", "train_mode", "model_name", "epochs", "batch_size", "aug_policy"):
         assert inputs[name].get("isOptional") and "defaultValue" not in inputs[name], name
+
+
+def test_the_pipeline_chooses_the_train_split_mode_apart(compiled):
+    from imgpipe.pipelines.imgpipe_pipeline import DEFAULT_RESIZE_TRAIN_MODE, PARAMETER_FIELDS
+
+    from imgpipe.config import field_default
+    from imgpipe.resize_spec import MODES, ResizeConfig
+
+    ir = compiled[0]
+    param = ir["root"]["inputDefinitions"]["parameters"]["resize_train_mode"]
+    assert param["defaultValue"] == DEFAULT_RESIZE_TRAIN_MODE and param["parameterType"] == "STRING"
+    assert "train split" in param["description"] and "whole" in param["description"]
+    assert DEFAULT_RESIZE_TRAIN_MODE in (*MODES, "")
+    # On purpose not the config's default: the CLI keeps training on centre crops.
+    assert "resize_train_mode" not in PARAMETER_FIELDS and field_default(ResizeConfig, "train_mode") is None
+    tasks = _tasks(ir)
+    for step in ("resize-local", "resize"):
+        channel = tasks[step]["inputs"]["parameters"]["train_mode"]["componentInputParameter"]
+        assert channel == "pipelinechannel--resize_train_mode", step
+
+
+def test_the_resize_component_refuses_a_hostile_train_mode():
+    from imgpipe.components.resize import resize
+
+    # The config is built (and checked) before anything is read or written.
+    for hostile in ("whole; rm -rf /", "../../whole", "whole\n"):
+        with pytest.raises((ValueError, TypeError), match=r"train_mode: .* is not one of \['short-side-crop', 'fixed', 'pad', 'whole'\]"):
+            resize.python_func(cleaned=None, data_root="file:///nowhere", run_id="r", resized=None, train_mode=hostile)
 
 
 def test_the_pipeline_compiles_without_torch_opencv_or_ray(tmp_path):
@@ -278,15 +306,19 @@ kfp_client.compile_package({str(tmp_path / "p.yaml")!r})
 
 def test_local_run_config_sections(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("pipeline: {epochs: 1}\nsynth: {classes: 3}\ntrain: {max_steps_per_epoch: 2}\n")
+    path.write_text("pipeline: {epochs: 1}\nsynth: {classes: 3, off_centre: true}\ntrain: {max_steps_per_epoch: 2}\n")
     cfg = load_local_config(path, per_class=5)
-    assert (cfg.classes, cfg.per_class) == (3, 5)
+    assert (cfg.classes, cfg.per_class, cfg.off_centre) == (3, 5, True)
+    assert load_local_config(None).off_centre is False
     args = cfg.pipeline_arguments()
     assert args["epochs"] == 1 and args["ray_address"] == ""
     assert args["step_config"]["train"]["max_steps_per_epoch"] == 2
     assert args["step_config"]["train"]["num_workers"] == 0, "local defaults stay unless overridden"
     path.write_text("pipelin: {}\n")
     with pytest.raises(ValueError, match="unknown section"):
+        load_local_config(path)
+    path.write_text("synth: {off_center: true}\n")
+    with pytest.raises(ValueError, match="unknown key.*off_center.*off_centre"):
         load_local_config(path)
 
 

@@ -126,7 +126,8 @@ def test_grayscale_stays_one_channel():
     data = f.grayscale_jpeg()
     for mode in ops.MODES:
         out = resize_image(data, ResizeSpec(size=48, mode=mode, pad_value=7))
-        assert out.shape == (48, 48, 1)
+        # whole: 96x64 keeps its aspect, short side round(48 / 0.875) = 55.
+        assert out.shape == ((55, 82, 1) if mode == "whole" else (48, 48, 1))
     padded = resize_image(data, ResizeSpec(size=48, mode="pad", pad_value=7))
     assert (padded[:8] == 7).all()  # 96x64 -> 48x32 content, 8 rows of border on top
 
@@ -141,6 +142,105 @@ def test_exif_rotated_input_is_upright_after_clean():
     assert out[:, 20:76].mean() > 10
 
 
+# ---------------------------------------------------------------------------- whole
+
+
+@pytest.mark.parametrize(
+    "width,height,max_aspect,out_size",
+    [
+        (1000, 400, 2.0, (512, 205)),  # 2.5:1 > 2: long side capped at 2 * 256, aspect kept
+        (400, 1000, 2.0, (205, 512)),
+        (1000, 400, 3.0, (640, 256)),  # within 3:1: short side 256
+        (1024, 768, 2.0, (341, 256)),
+        (500, 375, 2.0, (341, 256)),
+        (512, 256, 2.0, (512, 256)),  # exactly 2:1: not capped
+        (224, 224, 2.0, (256, 256)),
+        (16, 12, 2.0, (341, 256)),  # small images grow, as short-side-crop grows them
+        (2000, 50, 2.0, (512, 13)),
+        (1, 1, 2.0, (256, 256)),
+        (8000, 1, 2.0, (512, 1)),  # at least one pixel
+    ],
+)
+def test_whole_geometry_keeps_the_picture_and_its_aspect(width, height, max_aspect, out_size):
+    g = plan_geometry(width, height, ResizeSpec(size=224, mode="whole", max_aspect=max_aspect))
+    assert g.out_size == out_size
+    assert g.box == (0.0, 0.0, width, height), "nothing is cropped"
+    assert g.offset == (0, 0) and g.region is None
+
+
+def test_whole_geometry_rule_over_many_shapes():
+    rng = np.random.default_rng(0)
+    for width, height in rng.integers(32, 4000, size=(500, 2)).tolist():
+        for size, max_aspect in ((224, 2.0), (299, 1.5), (64, 4.0)):
+            ow, oh = plan_geometry(width, height, ResizeSpec(size=size, mode="whole", max_aspect=max_aspect)).out_size
+            short_target = round(size / ops.CROP_FRACTION)
+            short, long = min(ow, oh), max(ow, oh)
+            assert ow == oh or (ow > oh) == (width > height), "orientation kept"
+            assert long <= round(max_aspect * short_target)
+            if max(width, height) / min(width, height) <= max_aspect:
+                assert short == short_target
+            else:
+                assert long == round(max_aspect * short_target) and 1 <= short <= short_target
+            # Aspect kept: the side that was rounded is within half a pixel of the exact one.
+            assert min(abs(ow - oh * width / height), abs(oh - ow * height / width)) <= 0.5
+
+
+def test_whole_keeps_both_ends_that_a_centre_crop_drops():
+    arr = np.full((300, 600, 3), 128, np.uint8)
+    arr[:, :60] = (0, 255, 0)  # a green band at each end, outside the centre square
+    arr[:, -60:] = (0, 255, 0)
+    data = png_of(arr)
+    whole = resize_image(data, ResizeSpec(size=56, mode="whole"))
+    assert whole.shape == (64, 128, 3)
+    assert (whole[:, :5, 1] > 250).all() and (whole[:, -5:, 1] > 250).all()
+    assert (whole[:, 20:108, 1] < 140).all()
+    cropped = resize_image(data, ResizeSpec(size=56))
+    assert (cropped[:, :, 1] < 140).all(), "short-side-crop keeps only the centre"
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_whole_centre_crop_is_what_short_side_crop_stores(reference):
+    # whole stores "resize 256"; a centre 224 crop of it is the ImageNet eval input that
+    # short-side-crop stores. 480 x 320 at 112: whole is 192 x 128 and the centre crop
+    # starts at a whole pixel (40, 8), so the two are the same pixels.
+    data = f.encode(textured_photo(480, 320, seed=5), "PNG")
+    resize = resize_image_reference if reference else resize_image
+    whole = resize(data, ResizeSpec(size=112, mode="whole"))
+    assert whole.shape == (128, 192, 3)
+    assert np.array_equal(whole[8:120, 40:152], resize(data, ResizeSpec(size=112)))
+    # Elsewhere the offset is fractional in short-side-crop (400 x 300: 29.33 px into a
+    # 170.67 px long side that whole stores as 171), so an integer centre crop of whole is
+    # the same view shifted by under a pixel.
+
+
+def test_whole_with_roi_crop_keeps_the_region_whole():
+    arr = np.zeros((100, 200, 3), np.uint8)
+    arr[:50] = two_tone(200, 50)  # red | blue on top, green below
+    arr[50:] = (0, 255, 0)
+    spec = ResizeSpec(size=32, mode="whole", ops=("roi_crop",))
+    # The top half (200 x 50, 4:1) at size 32: short side 37, long side capped at 74.
+    out = resize_image(png_of(arr), spec, bbox=(0.0, 0.0, 1.0, 0.5))
+    assert out.shape == (18, 74, 3)
+    assert out[:, :, 1].max() < 5, "nothing from outside the region"
+    assert (out[:, :30, 0] > 250).all() and (out[:, 44:, 2] > 250).all(), "both halves kept"
+    square = resize_image(png_of(arr), spec, bbox=(0.0, 0.0, 0.25, 0.5))
+    assert square.shape == (37, 37, 3) and (square[:, :, 0] > 250).all()
+    assert resize_image(png_of(arr), spec).shape == (37, 74, 3), "no bbox: the whole image"
+
+
+def test_whole_jpeg_output_and_fast_path(draft_calls):
+    data = f.encode(f.photo(2400, 1000, seed=9), "JPEG", quality=90)
+    spec = ResizeSpec(size=224, mode="whole")
+    fast = resize_image(data, spec)
+    assert draft_calls and draft_calls[-1][2] is not None, "the draft applies to any out_size"
+    ref = resize_image_reference(data, spec)
+    assert fast.shape == ref.shape == (213, 512, 3)
+    assert np.abs(fast.astype(np.int16) - ref.astype(np.int16)).mean() < 2.0
+    out = resize_batch(clean_batch({"a.jpg": data}), ResizeSpec(size=224, mode="whole", format="jpeg"))
+    img = Image.open(io.BytesIO(out["image"][0]["bytes"]))
+    assert img.size == (512, 213) and (out["height"][0], out["width"][0]) == (213, 512)
+
+
 # ---------------------------------------------------------------------------- fast decode
 
 
@@ -152,7 +252,7 @@ def test_exif_rotated_input_is_upright_after_clean():
 # the worst case was 4.3 on the textured image: libjpeg's DCT scaling then does the whole
 # downscale with its box-like filter instead of the antialiased resize.
 @pytest.mark.parametrize("kind", ["smooth", "textured"])
-@pytest.mark.parametrize("mode", ["short-side-crop", "fixed", "pad"])
+@pytest.mark.parametrize("mode", ["short-side-crop", "fixed", "pad", "whole"])
 @pytest.mark.parametrize("size", [224, 384])
 def test_fast_path_close_to_reference(kind, mode, size, draft_calls):
     img = f.photo(2400, 1800, seed=11) if kind == "smooth" else textured_photo(2400, 1800, seed=11)
@@ -166,7 +266,8 @@ def test_fast_path_close_to_reference(kind, mode, size, draft_calls):
     ref = resize_image_reference(data, spec)
     assert not draft_calls, "the reference decodes fully"
     mad = np.abs(fast.astype(np.int16) - ref.astype(np.int16)).mean()
-    assert fast.shape == ref.shape == (size, size, 3)
+    expected = plan_geometry(2400, 1800, spec).out_size[::-1] if mode == "whole" else (size, size)
+    assert fast.shape == ref.shape == (*expected, 3)
     assert mad < 2.0, f"fast path drifts from the full decode: MAD {mad:.2f}"
 
 
@@ -340,6 +441,9 @@ def test_spec_refuses_bad_settings():
         ResizeSpec(pad_value=300)
     with pytest.raises(ValueError, match="size"):
         ResizeSpec(size=0)
+    for bad in (0.5, 100.0, True, "2"):
+        with pytest.raises(ValueError, match="max_aspect"):
+            ResizeSpec(mode="whole", max_aspect=bad)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- roi_crop
@@ -469,6 +573,26 @@ def test_resize_batch_bbox_column_feeds_roi_crop():
     assert (red[:, :, 2] < 5).all()
 
 
+def test_resize_batch_picks_each_rows_spec_by_split():
+    items = {f"{i}.jpg": f.jpeg(96 + 10 * i, 64, seed=i) for i in range(4)}
+    batch = clean_batch(items)  # splits train, val, train, val
+    spec = ResizeSpec(size=32)
+    out = resize_batch(batch, spec, {"train": ResizeSpec(size=32, mode="whole")})
+    assert out["error_reason"].tolist() == [""] * 4
+    for i, (path, data) in enumerate(items.items()):
+        split = batch["split"][i]
+        want = resize_image(data, ResizeSpec(size=32, mode="whole") if split == "train" else spec)
+        h, w, c = out["height"][i], out["width"][i], out["channels"][i]
+        assert np.array_equal(np.frombuffer(out["pixels"][i], np.uint8).reshape(h, w, c), want), path
+        assert (h == 37 and w > 37) if split == "train" else (h, w) == (32, 32)
+    # No split column, or no split of the mapping: the spec.
+    no_split = {k: v for k, v in batch.items() if k != "split"}
+    assert set(resize_batch(no_split, spec, {"train": ResizeSpec(size=32, mode="whole")})["height"].tolist()) == {32}
+    assert set(resize_batch(batch, spec, {"test": ResizeSpec(size=32, mode="whole")})["height"].tolist()) == {32}
+    with pytest.raises(ValueError, match="output format"):
+        resize_batch(batch, spec, {"train": ResizeSpec(size=32, mode="whole", format="jpeg")})
+
+
 def test_resize_batch_op_failure_costs_one_row(monkeypatch):
     def broken(img):
         if img.mean() > 100:
@@ -505,7 +629,7 @@ def test_every_declared_op_has_a_function():
 
 
 @pytest.mark.parametrize("kind", ["smooth", "textured"])
-@pytest.mark.parametrize("mode", ["short-side-crop", "fixed", "pad"])
+@pytest.mark.parametrize("mode", ["short-side-crop", "fixed", "pad", "whole"])
 def test_warp_path_close_to_pil_where_no_draft_helps(kind, mode, monkeypatch):
     # 400 x 300 (0.12 MP) to 224: 1.2-1.8 source pixels per output pixel, no draft; the OpenCV
     # prefilter + warp stands in for PIL's bilinear filter.

@@ -31,6 +31,7 @@ from imgpipe.synth import (
     generate,
     image_rng,
     render_image,
+    sample_elongated_size,
     sample_size,
 )
 
@@ -112,7 +113,8 @@ def test_config_rejects_bad_values(kwargs: dict, match: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"classes": "4"}, {"per_class": 2.0}, {"quirks": 1}, {"seed": True}]
+    "kwargs",
+    [{"classes": "4"}, {"per_class": 2.0}, {"quirks": 1}, {"seed": True}, {"off_centre": 1}],
 )
 def test_config_rejects_wrong_types(kwargs: dict) -> None:
     with pytest.raises(TypeError, match="must be"):
@@ -122,7 +124,8 @@ def test_config_rejects_wrong_types(kwargs: dict) -> None:
 def test_config_small_without_quirks_and_from_dict() -> None:
     assert SynthConfig(classes=1, per_class=1, quirks=False).per_class == 1
     cfg = config_from_dict(SynthConfig, {"classes": "5", "quirks": "false"})
-    assert (cfg.classes, cfg.quirks, cfg.per_class) == (5, False, 60)
+    assert (cfg.classes, cfg.quirks, cfg.per_class, cfg.off_centre) == (5, False, 60, False)
+    assert config_from_dict(SynthConfig, {"off_centre": "true"}).off_centre is True
 
 
 def test_generate_rejects_bad_arguments(tmp_path: Path) -> None:
@@ -433,3 +436,121 @@ def test_classes_are_learnable_from_thumbnails(tmp_path: Path) -> None:
     pred = ((x[test][:, None, :] - centroids[None]) ** 2).sum(axis=-1).argmin(axis=1)
     accuracy = float((pred == y[test]).mean())
     assert accuracy >= 2 / len(classes), accuracy
+
+
+# --- off_centre -------------------------------------------------------------------
+
+
+def _head_boxes(g: Generated) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+    """(width, height, head box) of every annotated image, from the XML files."""
+    out = []
+    for name, data in sorted(g.annotations.items()):
+        if name.endswith(".xml"):
+            root = ET.fromstring(data)
+            size = [int(root.findtext(f"size/{k}")) for k in ("width", "height")]
+            box = tuple(
+                int(root.findtext(f"object/bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")
+            )
+            out.append((size[0], size[1], box))
+    return out
+
+
+def _centre_crop_misses(g: Generated) -> float:
+    """How often resize's centre crop (short-side-crop at 224) leaves out the head box's centre."""
+    from imgpipe.resize_spec import ResizeSpec, plan_geometry
+
+    boxes = _head_boxes(g)
+    missed = 0
+    for width, height, (xmin, ymin, xmax, ymax) in boxes:
+        # VOC boxes are 1-based and inclusive: pixel columns xmin-1 .. xmax-1.
+        cx, cy = (xmin - 1 + xmax) / 2, (ymin - 1 + ymax) / 2
+        left, top, right, bottom = plan_geometry(width, height, ResizeSpec(size=224)).box
+        missed += not (left <= cx <= right and top <= cy <= bottom)
+    return missed / len(boxes)
+
+
+def test_sample_elongated_size_is_wide_or_tall() -> None:
+    sizes = [sample_elongated_size(np.random.default_rng(i)) for i in range(400)]
+    assert all(200 <= s <= 800 for wh in sizes for s in wh)
+    aspects = [max(w, h) / min(w, h) for w, h in sizes]
+    assert min(aspects) >= 1.59 and max(aspects) <= 2.21
+    assert 0.35 < np.mean([w > h for w, h in sizes]) < 0.65, "both orientations, about evenly"
+    # Bounds that leave no room for the ratio still hold.
+    assert all(
+        100 <= s <= 120
+        for i in range(50)
+        for s in sample_elongated_size(np.random.default_rng(i), 100, 120)
+    )
+
+
+def test_off_centre_objects_stay_in_frame_with_a_correct_head_box() -> None:
+    for c in range(12):
+        for n in range(1, 6):
+            rng = image_rng(0, c, n)
+            img, (x0, y0, x1, y1) = render_image(
+                c, rng, sample_elongated_size(rng), off_centre=True
+            )
+            assert 1 <= x0 < x1 <= img.width and 1 <= y0 < y1 <= img.height
+            hsv = np.asarray(img.convert("HSV"), dtype=np.float32) / 255
+            dh = np.abs(hsv[..., 0] - class_style(c).hue)
+            on_hue = (np.minimum(dh, 1 - dh) < 0.06) & (hsv[..., 1] > 0.45)
+            inside = on_hue[y0 - 1 : y1, x0 - 1 : x1].mean()
+            assert inside >= 0.1, (c, n, inside)
+            assert inside >= 2 * on_hue.mean(), (c, n, inside, on_hue.mean())
+
+
+def test_off_centre_end_band_placement_keeps_the_object_in_frame() -> None:
+    from imgpipe.synth import _end_band_position
+
+    outside, tries = 0, 2000
+    for i in range(tries):
+        rng = np.random.default_rng(i)
+        width, height = sample_elongated_size(rng)
+        side = int(
+            min(width, height) * rng.uniform(0.25, 0.45) * 1.415
+        )  # up to the largest rotated object
+        w, h = (side, int(side * 0.9)) if i % 2 else (int(side * 0.9), side)
+        x, y = _end_band_position(rng, (width, height), (w, h))
+        assert 0 <= x <= width - w and 0 <= y <= height - h, (width, height, w, h, x, y)
+        # Where the object's centre sits along the long axis, against the central square.
+        length, across, centre = (
+            (width, height, x + w / 2) if width >= height else (height, width, y + h / 2)
+        )
+        outside += not (length - across) / 2 <= centre <= (length + across) / 2
+    # Half go to an end band (centred there, or as far out as they fit); some of the rest land outside too.
+    assert 0.5 <= outside / tries <= 0.8, outside / tries
+
+
+def test_a_centre_crop_often_misses_the_head_only_with_off_centre(tmp_path: Path) -> None:
+    cfg = SynthConfig(classes=6, per_class=30, seed=0, quirks=False)
+    plain = _generate(tmp_path / "plain", cfg)
+    hard = _generate(tmp_path / "hard", dataclasses.replace(cfg, off_centre=True))
+    assert plain.meta["config"]["off_centre"] is False and hard.meta["config"]["off_centre"] is True
+    aspects = [max(w, h) / min(w, h) for w, h, _ in _head_boxes(hard)]
+    assert min(aspects) >= 1.59 and max(aspects) <= 2.21
+    # Measured: 0.09 without (seeds 0-2), 0.64-0.67 with off_centre: half the objects sit
+    # in an end band, and a third of the rest falls outside the crop's 0.875 of the short side.
+    assert _centre_crop_misses(plain) < 0.15
+    assert 0.45 <= _centre_crop_misses(hard) <= 0.8
+
+
+def test_off_centre_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(SMALL, off_centre=True)
+    first, again = _generate(tmp_path / "a", cfg), _generate(tmp_path / "b", cfg)
+    for name in ("images.tar.gz", "annotations.tar.gz", "synth.json"):
+        assert (again.root / name).read_bytes() == (first.root / name).read_bytes(), name
+    plain = _generate(tmp_path / "plain", SMALL)
+    assert (plain.root / "images.tar.gz").read_bytes() != (
+        first.root / "images.tar.gz"
+    ).read_bytes()
+    assert set(plain.images) == set(first.images) and plain.meta["quirks"] == first.meta["quirks"]
+
+
+def test_synth_cli_flag() -> None:
+    from imgpipe.cli import build_parser
+    from imgpipe.config import flag_overrides
+
+    assert flag_overrides(build_parser().parse_args(["synth", "out", "--off-centre"])) == {
+        "off_centre": True
+    }
+    assert flag_overrides(build_parser().parse_args(["synth", "out"])) == {}

@@ -86,7 +86,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     # a default changes in one place. Any other field: --set or --config.
     p = sub.add_parser("synth", help="generate an Oxford-IIIT-Pet-shaped sample dataset (offline)")
     p.add_argument("dest", help="directory URI for images.tar.gz and annotations.tar.gz")
-    add_field_flags(p, SynthConfig, ("classes", "per_class", "seed"))
+    add_field_flags(p, SynthConfig, ("classes", "per_class", "seed", "off_centre"))
     _common(p)
 
     p = sub.add_parser("download", help="pull image archives into object storage as Parquet")
@@ -103,7 +103,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("resize", help="resize clean images to a model's input size on Ray Data")
     p.add_argument("source", help="committed clean output prefix")
     p.add_argument("dest", help="output prefix")
-    add_field_flags(p, ResizeConfig, ("size", "mode", "preset", "format", "ops", "ray_address"), flags={"ops": "--op"})
+    add_field_flags(p, ResizeConfig, ("size", "mode", "train_mode", "preset", "format", "ops", "ray_address"), flags={"ops": "--op"})
     p.add_argument(
         "--run-id",
         help="with a remote --ray-address: retries with the same run id re-attach to the job "

@@ -53,6 +53,7 @@ __all__ = [
     "LOCAL_STEP_CONFIG",
     "LocalRunConfig",
     "LocalRunResult",
+    "SYNTH_KEYS",
     "load_local_config",
     "local_s3_server",
     "moto_s3_server",
@@ -84,6 +85,8 @@ LOCAL_PARAMS: dict[str, Any] = {
     "batch_size": 32,
     "ray_address": "",
 }
+# The synth section's keys: the SynthConfig fields a local run passes on.
+SYNTH_KEYS = ("classes", "per_class", "seed", "off_centre")
 # Step config sections: loader workers as processes cost more than they give on two cores.
 LOCAL_STEP_CONFIG: dict[str, dict[str, Any]] = {
     "train": {"num_workers": 0, "shuffle_buffer": 256, "warmup_epochs": 0.5},
@@ -104,6 +107,8 @@ class LocalRunConfig:
         classes: Sample dataset breeds.
         per_class: Sample dataset images per breed.
         seed: Sample dataset seed.
+        off_centre: Sample dataset with off-centre objects in wide or tall images
+            (:class:`imgpipe.synth.SynthConfig`), which a centre crop often loses.
         params: Pipeline parameters over :data:`LOCAL_PARAMS`.
         step_config: Step config sections over :data:`LOCAL_STEP_CONFIG` (per field).
         runner: ``subprocess`` (each step a subprocess of this Python) or ``docker``
@@ -117,6 +122,7 @@ class LocalRunConfig:
     classes: int = 12
     per_class: int = 60
     seed: int = 0
+    off_centre: bool = False
     params: Mapping[str, Any] = field(default_factory=dict)
     step_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     runner: str = "subprocess"
@@ -188,7 +194,7 @@ def load_local_config(path: str | Path | None, **overrides: Any) -> LocalRunConf
     Example::
 
         pipeline: {epochs: 1, image_size: 48}
-        synth: {classes: 4, per_class: 10}
+        synth: {classes: 4, per_class: 10, off_centre: true}
         train: {max_steps_per_epoch: 5}
 
     Args:
@@ -203,9 +209,9 @@ def load_local_config(path: str | Path | None, **overrides: Any) -> LocalRunConf
         doc = read_config_file(path)
         check_sections(doc, f"config file {path}")
     synth = dict(doc.get("synth") or {})
-    unknown = sorted(set(synth) - {"classes", "per_class", "seed"})
+    unknown = sorted(set(synth) - set(SYNTH_KEYS))
     if unknown:
-        raise ValueError(f"synth section: unknown key(s) {', '.join(unknown)}; keys: classes, per_class, seed")
+        raise ValueError(f"synth section: unknown key(s) {', '.join(unknown)}; keys: {', '.join(SYNTH_KEYS)}")
     values: dict[str, Any] = {
         **synth,
         "params": dict(doc.get("pipeline") or {}),
@@ -296,7 +302,8 @@ def _sample_dataset(cfg: LocalRunConfig, data_root: str) -> tuple[str, str]:
     from imgpipe.synth import SynthConfig, generate
 
     synth_dir = storage.join(data_root, "synth")
-    print(generate(synth_dir, SynthConfig(classes=cfg.classes, per_class=cfg.per_class, seed=cfg.seed)).summary())
+    synth = SynthConfig(classes=cfg.classes, per_class=cfg.per_class, seed=cfg.seed, off_centre=cfg.off_centre)
+    print(generate(synth_dir, synth).summary())
     return storage.join(synth_dir, "images.tar.gz"), cfg.annotations or storage.join(synth_dir, "annotations.tar.gz")
 
 

@@ -12,6 +12,17 @@ Geometry modes (``size`` is the output side ``S``):
 * ``fixed``: scale to ``S x S`` ignoring the aspect ratio.
 * ``pad``: letterbox; fit inside ``S x S`` keeping the aspect ratio and fill the rest
   with a constant grey level.
+* ``whole``: the whole picture, aspect kept, nothing cropped: the short side becomes
+  ``round(S / 0.875)`` (256 for 224, the "resize 256" storage size), the long side at
+  most ``round(max_aspect * 256)`` (``max_aspect`` 2 by default: a more elongated image
+  keeps its aspect with a short side below 256). Rows vary in size; a training reader
+  samples its crops (RandomResizedCrop) from the whole picture, as FFCV and timm do,
+  and a centre ``S x S`` crop at evaluation is what ``short-side-crop`` stores (up to
+  the sub-pixel placement of the crop). With ``roi_crop`` the region is kept whole.
+
+:func:`resize_batch` can take another spec for some splits (``ResizeConfig.train_mode``:
+e.g. ``whole`` for ``train``, ``short-side-crop`` for ``val`` and ``test``), chosen per
+row from its ``split`` column, in the same pass.
 
 The crop is done by resizing only the source box that ends up in the output
 (``PIL.Image.resize(box=...)``), which gives the same pixels as resize-then-crop
@@ -29,8 +40,8 @@ photo-like and textured images, about 1 on real photos (measured values in
 lossless inputs are always fully decoded.
 
 Standardization ops run after the resize, in the order given, except ``roi_crop``,
-which selects the source region before the resize (so the output keeps its
-``S x S`` size) and therefore must come first. Each op is a name with optional
+which selects the source region before the resize (so the output keeps the mode's
+size) and therefore must come first. Each op is a name with optional
 ``:``-separated numeric parameters, e.g. ``gaussian_blur:1.5`` or ``canny:50:150``:
 
 ========================  =======  ==========================================================
@@ -380,7 +391,8 @@ def resize_image(data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = N
         bbox: Normalized region for ``roi_crop``; ignored without that op.
 
     Returns:
-        ``S x S x C`` uint8, C = 3 or 1 (grey inputs and one-channel ops).
+        ``S x S x C`` uint8 (``whole`` mode: ``H x W x C``, see :func:`plan_geometry`),
+        C = 3 or 1 (grey inputs and one-channel ops).
 
     Raises:
         ResizeError: With a stable reason for the rejects table.
@@ -418,7 +430,24 @@ def _image_bytes(value: Any) -> bytes | None:
     return bytes(value)
 
 
-def resize_batch(batch: Mapping[str, np.ndarray], spec: ResizeSpec) -> dict[str, np.ndarray]:
+def _row_specs(
+    batch: Mapping[str, np.ndarray], spec: ResizeSpec, split_specs: Mapping[str, ResizeSpec] | None, n: int
+) -> list[ResizeSpec]:
+    """Each row's settings: its split's entry of ``split_specs``, else ``spec``."""
+    if not split_specs:
+        return [spec] * n
+    for name, other in split_specs.items():
+        if (other.format, other.jpeg_quality) != (spec.format, spec.jpeg_quality):
+            raise ValueError(f"split {name!r}: every split must share the output format, got {other.format} vs {spec.format}")
+    splits = batch.get("split")
+    if splits is None:
+        return [spec] * n
+    return [split_specs.get(str(splits[i]), spec) for i in range(n)]
+
+
+def resize_batch(
+    batch: Mapping[str, np.ndarray], spec: ResizeSpec, split_specs: Mapping[str, ResizeSpec] | None = None
+) -> dict[str, np.ndarray]:
     """Resizes one batch of clean rows; a row that fails becomes an error row.
 
     Args:
@@ -427,20 +456,29 @@ def resize_batch(batch: Mapping[str, np.ndarray], spec: ResizeSpec) -> dict[str,
             ``label_name``, ``split``, ``order``, ``sha256`` are passed through if present;
             an optional ``bbox`` column feeds ``roi_crop``.
         spec: The resize settings.
+        split_specs: Other settings for the rows of some splits, by the ``split`` column
+            (``ResizeConfig.split_specs``: ``{"train": <whole spec>}``); they must share
+            ``spec``'s output format. Rows of other splits, or a batch without ``split``,
+            use ``spec``.
 
     Returns:
         The pass-through columns plus ``height``, ``width``, ``channels`` (int32),
         ``pixels`` (raw HWC uint8 bytes; ``format='raw'``) or ``image`` ({bytes, path}
         JPEG; ``format='jpeg'``), and ``error_reason`` / ``error_detail`` (empty
-        strings on good rows). Error rows have zero sizes and empty bytes.
+        strings on good rows). Error rows have zero sizes and empty bytes. Sizes are per
+        row: ``whole`` rows differ from one another.
+
+    Raises:
+        ValueError: If a split's settings change the output format.
     """
     # Each resize task (or pool process) is sized to one CPU: OpenCV's own threads inside
     # it would only compete with the neighbouring tasks.
     cv2.setNumThreads(1)
     paths = batch["path"]
     images = batch["image"]
-    bboxes = batch.get("bbox") if spec.roi_crop else None
     n = len(paths)
+    specs = _row_specs(batch, spec, split_specs, n)
+    bboxes = batch.get("bbox")
     height = np.zeros(n, np.int32)
     width = np.zeros(n, np.int32)
     channels = np.zeros(n, np.int32)
@@ -449,8 +487,9 @@ def resize_batch(batch: Mapping[str, np.ndarray], spec: ResizeSpec) -> dict[str,
     detail = np.full(n, "", dtype=object)
     for i in range(n):
         try:
-            bbox = None if bboxes is None else bboxes[i]
-            arr = resize_image(_image_bytes(images[i]), spec, None if bbox is None else list(bbox))
+            row_spec = specs[i]
+            bbox = None if bboxes is None or not row_spec.roi_crop else bboxes[i]
+            arr = resize_image(_image_bytes(images[i]), row_spec, None if bbox is None else list(bbox))
             height[i], width[i], channels[i] = arr.shape
             encoded[i] = arr.tobytes() if spec.format == "raw" else encode_jpeg(arr, spec.jpeg_quality)
         except ResizeError as exc:

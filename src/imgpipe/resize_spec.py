@@ -8,6 +8,7 @@ needs neither OpenCV nor Ray. :mod:`imgpipe.resize_ops` documents the modes and 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,6 +24,7 @@ __all__ = [
     "OPS",
     "CROP_FRACTION",
     "DRAFT_MARGIN",
+    "MAX_ASPECT_LIMIT",
     "ResizeMode",
     "Resample",
     "OutputFormat",
@@ -36,11 +38,11 @@ __all__ = [
     "plan_geometry",
 ]
 
-ResizeMode = Literal["short-side-crop", "fixed", "pad"]
+ResizeMode = Literal["short-side-crop", "fixed", "pad", "whole"]
 Resample = Literal["bilinear", "bicubic", "lanczos", "box"]
 OutputFormat = Literal["raw", "jpeg"]
 
-MODES: tuple[str, ...] = ("short-side-crop", "fixed", "pad")
+MODES: tuple[str, ...] = ("short-side-crop", "fixed", "pad", "whole")
 RESAMPLE: dict[str, Image.Resampling] = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -80,6 +82,10 @@ PRESETS: dict[str, int] = {
 # photos (bench/resize.py) and 1.94 at worst on a synthetic high-frequency texture
 # (tests/test_resize_ops.py). A margin of 1 reached 4.3 there.
 DRAFT_MARGIN = 1.25
+
+# The largest ``max_aspect`` a config may ask for: a ``whole`` row then holds at most this
+# many times the pixels of its short side squared, whatever the source's proportions.
+MAX_ASPECT_LIMIT = 8.0
 
 
 class ResizeError(Exception):
@@ -186,10 +192,14 @@ class ResizeSpec:
     """Everything needed to turn one encoded image into one output image.
 
     Attributes:
-        size: Output side ``S``; every output is ``S x S``.
-        mode: ``short-side-crop``, ``fixed`` or ``pad``.
+        size: Output side ``S``; every output is ``S x S``, except in ``whole`` mode (short
+            side ``round(S / 0.875)``, aspect kept; see :func:`plan_geometry`).
+        mode: ``short-side-crop``, ``fixed``, ``pad`` or ``whole``.
         resample: PIL filter of the (antialiased) resize.
         pad_value: Grey level of the letterbox border in ``pad`` mode.
+        max_aspect: ``whole`` mode: the long side is at most ``max_aspect`` times the
+            target short side; a more elongated image keeps its aspect and comes out
+            with a shorter short side.
         ops: Standardization ops, as ``name[:params]`` strings.
         format: ``raw`` (HWC uint8 bytes) or ``jpeg`` in :func:`resize_batch`'s output.
         jpeg_quality: Quality of ``jpeg`` output.
@@ -201,6 +211,7 @@ class ResizeSpec:
     mode: ResizeMode = "short-side-crop"
     resample: Resample = "bilinear"
     pad_value: int = 0
+    max_aspect: float = 2.0
     ops: tuple[str, ...] = ()
     format: OutputFormat = "raw"
     jpeg_quality: int = 95
@@ -216,6 +227,12 @@ class ResizeSpec:
             raise ValueError(f"resample must be one of {', '.join(RESAMPLE)}, got {self.resample!r}")
         if not 0 <= self.pad_value <= 255:
             raise ValueError(f"pad_value must be a grey level within 0..255, got {self.pad_value}")
+        if (
+            isinstance(self.max_aspect, bool)
+            or not isinstance(self.max_aspect, (int, float))
+            or not 1.0 <= self.max_aspect <= MAX_ASPECT_LIMIT
+        ):
+            raise ValueError(f"max_aspect must be a number within 1..{MAX_ASPECT_LIMIT:g}, got {self.max_aspect!r}")
         if self.format not in ("raw", "jpeg"):
             raise ValueError(f"format must be raw or jpeg, got {self.format!r}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -237,7 +254,8 @@ class Geometry:
 
     Attributes:
         box: Source region (left, upper, right, lower) in source pixels, floats.
-        out_size: (width, height) the box is resized to.
+        out_size: (width, height) the box is resized to; ``S x S`` but in ``pad`` mode
+            (the content, pasted on an ``S x S`` canvas) and ``whole`` mode (the output).
         offset: (x, y) where the resized box is pasted on the ``S x S`` canvas (``pad``).
         region: The ``roi_crop`` region (source pixels), or None. Pixels outside it must
             not reach the output, not even through the resize filter's support, so the
@@ -274,10 +292,30 @@ def _bbox_region(width: int, height: int, bbox: Sequence[float]) -> tuple[float,
     return x0, y0, x1, y1
 
 
+def _whole_size(w: float, h: float, size: int, max_aspect: float) -> tuple[int, int]:
+    """``whole`` mode's (width, height) for a ``w x h`` source: see :func:`plan_geometry`."""
+    short_target = round(size / CROP_FRACTION)
+    long_cap = max(short_target, round(max_aspect * short_target))
+    short_src, long_src = min(w, h), max(w, h)
+    long_out = round(long_src * short_target / short_src)
+    if long_out <= long_cap:
+        short_out = short_target
+    else:
+        long_out, short_out = long_cap, max(1, round(short_src * long_cap / long_src))
+    return (long_out, short_out) if w >= h else (short_out, long_out)
+
+
 def plan_geometry(
     width: int, height: int, spec: ResizeSpec, bbox: Sequence[float] | None = None
 ) -> Geometry:
     """Computes the source box and output placement of one image.
+
+    ``whole`` keeps the entire source (or ``roi_crop`` region) with its aspect ratio:
+    the short side becomes ``round(S / CROP_FRACTION)`` (256 for 224, so a centre crop
+    of ``S`` is what ``short-side-crop`` stores, up to a sub-pixel shift) unless the
+    long side would then exceed ``round(max_aspect * that)``; the long side is then
+    capped there and the short side follows the aspect (``round``, at least 1). E.g.
+    1000 x 400 at 224 with max_aspect 2: 512 x 205.
 
     Args:
         width: Source width in pixels.
@@ -297,6 +335,8 @@ def plan_geometry(
         s = size / max(w, h)
         ow, oh = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
         return Geometry((x0, y0, x1, y1), (ow, oh), ((size - ow) // 2, (size - oh) // 2), region)
+    if spec.mode == "whole":
+        return Geometry((x0, y0, x1, y1), _whole_size(w, h, size, spec.max_aspect), region=region)
     # short-side-crop: the short side becomes round(S / 0.875); the centre S x S of that,
     # expressed in source pixels, is a square of side S / s.
     s = round(size / CROP_FRACTION) / min(w, h)
@@ -314,9 +354,23 @@ class ResizeConfig:
     """Settings of the resize step.
 
     Attributes:
-        size: Output side; every image becomes ``size x size``.
+        size: Output side; every image becomes ``size x size`` (``whole`` mode: the
+            training size, see ``mode``).
         mode: ``short-side-crop`` (ImageNet eval: short side to size/0.875, centre
-            crop), ``fixed`` (stretch) or ``pad`` (letterbox with ``pad_value``).
+            crop), ``fixed`` (stretch), ``pad`` (letterbox with ``pad_value``) or
+            ``whole`` (the whole picture, aspect kept, no crop: short side to
+            size/0.875, e.g. 256 for 224, long side at most ``max_aspect`` times that;
+            rows vary in size, so a reader crops them, e.g. RandomResizedCrop to
+            ``size`` for training, a centre ``size`` crop for evaluation, which gives
+            what ``short-side-crop`` stores up to a sub-pixel shift). The mode of every
+            split but ``train`` when ``train_mode`` is set.
+        train_mode: The mode of the ``train`` split (e.g. ``whole``, so that training
+            crops sample the whole picture); unset (``None``) means ``mode``. Other splits
+            always use ``mode``. The manifest's ``extra.split_modes`` records each
+            split's mode.
+        max_aspect: ``whole`` mode: cap of the long side, as a multiple of the short
+            side's target; a more elongated image keeps its aspect, so its short side
+            comes out below the target. At most 8.
         preset: A model family's input size from
             :data:`PRESETS` (``resnet``, ``inception``, ``clip``,
             ``vit-384``, ``efficientnet-b7``, ...); when set it overrides ``size``.
@@ -352,6 +406,8 @@ class ResizeConfig:
     # The per-image fields' defaults are ResizeSpec's, which `spec` rebuilds.
     size: int = ResizeSpec.size
     mode: ResizeMode = ResizeSpec.mode
+    train_mode: ResizeMode | None = None
+    max_aspect: float = ResizeSpec.max_aspect
     preset: str | None = None
     format: OutputFormat = ResizeSpec.format
     jpeg_quality: int = ResizeSpec.jpeg_quality
@@ -380,6 +436,7 @@ class ResizeConfig:
         if self.no_progress_timeout_s <= 0 and self.no_progress_timeout_s != -1:
             raise ValueError("no_progress_timeout_s must be > 0 seconds, or -1 to disable")
         _ = self.spec  # building the per-image settings checks size, mode, ops, ... here
+        _ = self.spec_for("train")  # and train_mode
 
     @property
     def resolved_size(self) -> int:
@@ -388,14 +445,30 @@ class ResizeConfig:
 
     @property
     def spec(self) -> ResizeSpec:
-        """The per-image settings handed to the batch function."""
+        """The per-image settings of every split but ``train`` (and of ``train`` without ``train_mode``)."""
         return ResizeSpec(
             size=self.resolved_size,
             mode=self.mode,
             resample=self.resample,
             pad_value=self.pad_value,
+            max_aspect=self.max_aspect,
             ops=tuple(self.ops),
             format=self.format,
             jpeg_quality=self.jpeg_quality,
             fast_decode=self.fast_decode,
         )
+
+    def mode_for(self, split: str) -> ResizeMode:
+        """The resize mode of rows of ``split``: ``train_mode`` for ``train`` when set, else ``mode``."""
+        return self.train_mode if split == "train" and self.train_mode is not None else self.mode
+
+    def spec_for(self, split: str) -> ResizeSpec:
+        """The per-image settings of rows of ``split``."""
+        spec = self.spec
+        mode = self.mode_for(split)
+        return spec if mode == spec.mode else dataclasses.replace(spec, mode=mode)
+
+    @property
+    def split_specs(self) -> dict[str, ResizeSpec]:
+        """The splits whose settings differ from :attr:`spec` (what :func:`resize_batch` takes per row)."""
+        return {"train": self.spec_for("train")} if self.mode_for("train") != self.mode else {}

@@ -9,6 +9,14 @@ Each class draws one large object with its own combination of shape, texture and
 hue, on a cluttered background, with per-image variation in size, position,
 rotation, background and lighting, so a small CNN at 64-224 px can learn it.
 
+With ``off_centre=True`` the set is harder in one way that matters for storage: every
+image is wide or tall (aspect ratio 1.6 to 2.2, orientation random), the object is
+smaller (25-45% of the short side), and half the time its centre lies in one of the two
+end bands outside the central square (else anywhere), so a centre crop
+(``short-side-crop``) leaves out the centre of the object's head box in about two images
+in three (0.64-0.67 measured: nearly all end-band ones and a third of the rest), where a
+crop sampled from the whole picture (resize's ``whole`` mode) can still see it.
+
 Layout of ``images.tar.gz``:
 
 * ``images/<Breed>_<n>.jpg`` for ``n`` in ``1..per_class`` per class: valid images,
@@ -76,6 +84,7 @@ __all__ = [
     "class_style",
     "image_rng",
     "sample_size",
+    "sample_elongated_size",
     "render_image",
     "generate",
 ]
@@ -182,6 +191,12 @@ _EXIF_ORIENTATION = 0x0112
 _TRUNCATE_FRACTION = 0.6
 _HEAD_FRACTION = 0.4
 _XML_MISSING_FRACTION = 0.08
+# off_centre: the aspect ratio range of the images, the object's side as a fraction of the
+# short side, and how often its centre goes to an end band outside the central square.
+_OFF_CENTRE_ASPECT = (1.6, 2.2)
+_OFF_CENTRE_SIDE = (0.25, 0.45)
+_OFF_CENTRE_END_BAND = 0.5
+_SIDE = (0.3, 0.6)
 
 LIST_HEADER = (
     "#Image CLASS-ID SPECIES BREED ID\n"
@@ -206,6 +221,9 @@ class SynthConfig:
         max_side: Largest allowed image side in pixels.
         quirks: Add the fixed set of odd files (see the module docstring).
         jpeg_quality: JPEG quality, 1..95.
+        off_centre: Harder images for crop tests: wide or tall (aspect 1.6-2.2, as far as
+            min_side/max_side allow), a smaller object whose centre is, half the time, in
+            an end band outside the central square, so a centre crop often loses it.
     """
 
     classes: int = 12
@@ -215,11 +233,12 @@ class SynthConfig:
     max_side: int = 800
     quirks: bool = True
     jpeg_quality: int = 90
+    off_centre: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            want = bool if f.name == "quirks" else int
+            want = bool if isinstance(f.default, bool) else int
             # bool is an int subclass; reject it where a number is meant.
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise TypeError(f"SynthConfig.{f.name} must be {want.__name__}, got {value!r}")
@@ -351,6 +370,59 @@ def sample_size(
     return long_side, short_side
 
 
+def sample_elongated_size(
+    rng: np.random.Generator, min_side: int = 200, max_side: int = 800
+) -> tuple[int, int]:
+    """Draws a wide or tall ``(width, height)``: aspect ratio 1.6-2.2, orientation random.
+
+    The long side is drawn as :func:`sample_size` draws it; where ``min_side`` would
+    push the short side up, the long side grows with it (up to ``max_side``), so the
+    ratio holds unless the bounds leave no room for it.
+
+    Args:
+        rng: Source of randomness.
+        min_side: Lower bound for both sides.
+        max_side: Upper bound for both sides.
+    """
+    long_side = 500 if rng.random() < 0.6 else int(rng.integers(300, 801))
+    aspect = rng.uniform(*_OFF_CENTRE_ASPECT)
+    long_side = min(max(long_side, min_side), max_side)
+    short_side = round(long_side / aspect)
+    if short_side < min_side:
+        short_side = min_side
+        long_side = min(max_side, max(long_side, round(min_side * aspect)))
+    short_side = min(short_side, long_side)
+    if rng.random() < 0.5:
+        return short_side, long_side
+    return long_side, short_side
+
+
+def _end_band_position(
+    rng: np.random.Generator, size: tuple[int, int], extent: tuple[int, int]
+) -> tuple[int, int]:
+    """Top-left corner of an ``extent`` (w, h) object in a ``size`` (w, h) image, for off_centre.
+
+    With probability :data:`_OFF_CENTRE_END_BAND` the object's centre lies in one of the two
+    end bands of the long axis outside the central square (or as far out as the object's
+    size allows), either end alike; otherwise anywhere. Always fully in frame.
+    """
+    horizontal = size[0] >= size[1]
+    length, across = size if horizontal else size[::-1]
+    along_extent, across_extent = extent if horizontal else extent[::-1]
+    room = length - along_extent
+    if rng.random() < _OFF_CENTRE_END_BAND:
+        band = (length - across) // 2  # each end band's width
+        # The last start that keeps the centre in the band (the edge, if the object is too big).
+        last = max(0, min(room, band - (along_extent + 1) // 2))
+        along = int(rng.integers(0, last + 1))
+        if rng.random() < 0.5:
+            along = room - along  # the other end
+    else:
+        along = int(rng.integers(0, room + 1))
+    other = int(rng.integers(0, across - across_extent + 1))
+    return (along, other) if horizontal else (other, along)
+
+
 def _rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
 
@@ -465,7 +537,7 @@ def _texture(
 
 
 def render_image(
-    class_index: int, rng: np.random.Generator, size: tuple[int, int]
+    class_index: int, rng: np.random.Generator, size: tuple[int, int], *, off_centre: bool = False
 ) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """Draws one upright RGB image of class ``class_index`` and its head box.
 
@@ -473,6 +545,9 @@ def render_image(
         class_index: 0-based class id (see :func:`class_style`).
         rng: Source of every random choice for this image.
         size: ``(width, height)`` in pixels, each at least 32.
+        off_centre: A smaller object, half the time centred in an end band of the long
+            axis outside the central square (see :class:`SynthConfig`); the same draws
+            as without it otherwise, so ``False`` renders what it always did.
 
     Returns:
         The image and the "head" box ``(xmin, ymin, xmax, ymax)``: the top 40% of the
@@ -485,8 +560,9 @@ def render_image(
     img = _background(rng, width, height)
 
     short = min(width, height)
-    # Rotation can grow the box by up to sqrt(2); 0.6 * sqrt(2) < 1 keeps it in frame.
-    side = int(short * rng.uniform(0.3, 0.6))
+    # Rotation can grow the box by up to sqrt(2); 0.6 * sqrt(2) < 1 keeps it in frame
+    # (off_centre: 0.45 * sqrt(2) < 1 too).
+    side = int(short * rng.uniform(*(_OFF_CENTRE_SIDE if off_centre else _SIDE)))
     aspect = rng.uniform(0.75, 1.0)
     w, h = (
         (side, max(8, int(side * aspect)))
@@ -502,8 +578,11 @@ def render_image(
     mask = mask.rotate(angle, resample=Image.BILINEAR, expand=True)
     surface = surface.rotate(angle, resample=Image.BILINEAR, expand=True)
     mw, mh = mask.size
-    x0 = int(rng.integers(0, width - mw + 1))
-    y0 = int(rng.integers(0, height - mh + 1))
+    if off_centre:
+        x0, y0 = _end_band_position(rng, (width, height), (mw, mh))
+    else:
+        x0 = int(rng.integers(0, width - mw + 1))
+        y0 = int(rng.integers(0, height - mh + 1))
     img.paste(surface, (x0, y0), mask)
 
     m = np.asarray(mask) > 127
@@ -606,8 +685,9 @@ def _render_member(member: _Member, cfg: SynthConfig) -> _Rendered:
         return _Rendered(_mat_bytes(rng))
     if member.kind == "duplicate":
         return _Rendered(b"")
-    width, height = sample_size(rng, cfg.min_side, cfg.max_side)
-    img, box = render_image(member.class_index, rng, (width, height))
+    sample = sample_elongated_size if cfg.off_centre else sample_size
+    width, height = sample(rng, cfg.min_side, cfg.max_side)
+    img, box = render_image(member.class_index, rng, (width, height), off_centre=cfg.off_centre)
     q = cfg.jpeg_quality
     depth = 3
     if member.kind == "image":

@@ -19,7 +19,7 @@ from PIL import Image
 from imgpipe import contract, storage
 from imgpipe.config import config_from_dict, config_to_dict, config_to_yaml
 from imgpipe.contract import OutputWriter
-from imgpipe.resize_ops import ResizeSpec, resize_batch, resize_image
+from imgpipe.resize_ops import ResizeSpec, plan_geometry, resize_batch, resize_image
 from imgpipe.steps.clean import OUTPUT_SCHEMA as CLEAN_SCHEMA
 from imgpipe.steps.clean import CleanConfig, clean
 from imgpipe.steps.resize import (
@@ -33,6 +33,7 @@ from imgpipe.steps.resize import (
     resize,
     resize_row_groups,
     table_to_batch,
+    task_arguments,
 )
 from tests import imagefactory as f
 from tests.helpers import write_download_output
@@ -52,6 +53,10 @@ def test_config_defaults_and_preset_override():
     [
         ({"preset": "resnet9000"}, "unknown preset"),
         ({"mode": "stretch"}, "is not one of"),
+        ({"train_mode": "whole; rm -rf /"}, "train_mode: 'whole; rm -rf /' is not one of"),
+        ({"train_mode": "../../etc/passwd"}, "is not one of"),
+        ({"max_aspect": 0.5}, "max_aspect"),
+        ({"max_aspect": 1e9}, "max_aspect"),
         ({"format": "png"}, "is not one of"),
         ({"ops": "equalize,sharpen"}, "unknown op"),
         ({"ops": ["clahe", "roi_crop"]}, "first op"),
@@ -77,12 +82,51 @@ def test_config_round_trips_through_yaml_overrides():
     assert cfg.spec.roi_crop and cfg.spec.size == 336
     dumped = config_to_dict(cfg)
     assert set(dumped) == {
-        "size", "mode", "preset", "format", "jpeg_quality", "ops", "resample", "pad_value", "fast_decode",
+        "size", "mode", "train_mode", "max_aspect", "preset", "format", "jpeg_quality", "ops", "resample", "pad_value", "fast_decode",
         "ray_address", "batch_size", "concurrency", "rows_per_shard", "row_group_rows", "progress_bars",
         "no_progress_timeout_s",
     }  # fmt: skip
     assert config_from_dict(ResizeConfig, dumped) == cfg
     assert "ops:\n- roi_crop" in config_to_yaml(cfg)
+
+
+def test_train_mode_gives_the_train_split_its_own_spec():
+    cfg = ResizeConfig(size=64, train_mode="whole", max_aspect=3.0, ops=("clahe",))
+    assert (cfg.mode_for("train"), cfg.mode_for("val"), cfg.mode_for("test")) == ("whole", "short-side-crop", "short-side-crop")
+    assert cfg.spec.mode == "short-side-crop" and cfg.spec_for("val") == cfg.spec
+    train = cfg.spec_for("train")
+    assert train.mode == "whole" and train.max_aspect == 3.0 and train.ops == ("clahe",) and train.size == 64
+    assert cfg.split_specs == {"train": train}
+    # None (the default: the CLI keeps today's behaviour), or train_mode equal to mode: one spec.
+    assert ResizeConfig().split_specs == {} and ResizeConfig().mode_for("train") == "short-side-crop"
+    assert ResizeConfig(mode="whole", train_mode="whole").split_specs == {}
+    assert ResizeConfig(mode="whole").spec_for("train").mode == "whole"
+    # What each Ray task gets: settings, never credentials.
+    args = task_arguments(cfg)
+    assert args["spec"] == cfg.spec and args["split_specs"] == {"train": train}
+
+
+def test_hostile_train_mode_is_refused_with_a_clear_error():
+    # A run parameter reaches the config through kfp_artifacts.step_config (the component's path).
+    from imgpipe import kfp_artifacts
+
+    for hostile in ("whole; rm -rf /", "$(id)", "WHOLE", "", 3):
+        with pytest.raises((ValueError, TypeError), match="train_mode"):
+            kfp_artifacts.step_config(ResizeConfig, None, "resize", train_mode=hostile)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ResizeConfig(train_mode="stretch")  # type: ignore[arg-type]  # direct construction too
+    assert kfp_artifacts.step_config(ResizeConfig, None, "resize", train_mode="whole").train_mode == "whole"
+
+
+def test_cli_train_mode_flag():
+    from imgpipe.cli import build_parser
+    from imgpipe.config import flag_overrides
+
+    args = build_parser().parse_args(["resize", "src", "dest", "--train-mode", "whole", "--mode", "pad"])
+    assert flag_overrides(args) == {"train_mode": "whole", "mode": "pad"}
+    assert flag_overrides(build_parser().parse_args(["resize", "src", "dest"])) == {}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["resize", "src", "dest", "--train-mode", "whole;id"])
 
 
 def test_output_schemas():
@@ -253,6 +297,8 @@ def test_end_to_end_local_partitioned_ordered_idempotent(ray_session, tmp_path):
         got = [o for name in names for o in tables[name].column("order").to_pylist()]
         assert got == sorted(orders), f"{split}: files in name order must continue the order"
     assert report.extra["splits"] == {s: len(o) for s, o in by_split.items()}
+    assert report.extra["split_modes"] == {s: "short-side-crop" for s in by_split}
+    assert report.extra["train_mode"] == report.extra["mode"] == "short-side-crop"
     assert Counter(report.extra["classes"]) == Counter(CLASSES)
 
     # Raw pixels: plain pyarrow + numpy, equal to resizing clean's bytes directly.
@@ -353,3 +399,69 @@ def test_bad_rows_become_rejects_and_good_rows_survive(ray_session, tmp_path):
         expected = resize_image(good[path], ResizeSpec(size=SIZE, ops=("equalize",)))
         assert np.abs(np.asarray(img).astype(int) - expected.astype(int)).mean() < 4.0
 
+
+
+@ray_test
+def test_train_split_stored_whole_and_the_others_cropped(ray_session, tmp_path):
+    source = build_clean("file://" + str(tmp_path))
+    dest = "file://" + str(tmp_path / "resize")
+    cfg = ResizeConfig(size=SIZE, train_mode="whole", batch_size=4, rows_per_shard=5, row_group_rows=2)
+    report = resize(source, dest, cfg)
+    n = len(clean_members())
+    assert (report.inputs, report.outputs, report.rejected) == (n, n, 0)
+    tables = check_output(source, dest, cfg)
+    splits = sorted({name.split("/")[0] for name in tables})
+    assert {"train", "val"} <= set(splits)
+    assert report.extra["split_modes"] == {s: ("whole" if s == "train" else "short-side-crop") for s in splits}
+    assert (report.extra["mode"], report.extra["train_mode"], report.extra["max_aspect"]) == ("short-side-crop", "whole", 2.0)
+    manifest = contract.read_manifest(dest, expect_step="resize")
+    assert manifest["extra"]["split_modes"] == report.extra["split_modes"], "the manifest says what each split holds"
+
+    clean_by_path = {r["path"]: r for u in contract.data_files(source) for r in read_table(u).to_pylist()}
+    short = round(SIZE / 0.875)  # 27
+    shapes = set()
+    for name, table in tables.items():
+        for row in table.to_pylist():
+            arr = read_pixels(row)
+            src = clean_by_path[row["path"]]
+            assert np.array_equal(arr, resize_image(src["image"]["bytes"], cfg.spec_for(row["split"])))
+            if row["split"] == "train":
+                # Whole: aspect kept (the source's upright size is in clean's columns), no crop.
+                w, h = src["width"], src["height"]
+                assert min(arr.shape[:2]) <= short and max(arr.shape[:2]) <= 2 * short
+                assert min(abs(arr.shape[1] - arr.shape[0] * w / h), abs(arr.shape[0] - arr.shape[1] * h / w)) <= 0.5
+                shapes.add(arr.shape[:2])
+            else:
+                assert arr.shape[:2] == (SIZE, SIZE), name
+    assert len(shapes) > 1, "train rows vary in size"
+
+
+@ray_test
+def test_whole_train_split_jpeg_and_rejects(ray_session, tmp_path):
+    good = {f"g{i}.jpg": f.jpeg(50 + 20 * i, 40, seed=i) for i in range(6)}
+    rows = [
+        ("g0.jpg", good["g0.jpg"], "train", 7),
+        ("garbage.jpg", b"\xff\xd8\xff\xe0" + bytes(40), "train", 3),
+        ("g1.jpg", good["g1.jpg"], "train", 1),
+        ("g2.jpg", good["g2.jpg"], "val", 6),
+        ("g3.jpg", good["g3.jpg"], "train", 0),
+        ("empty.jpg", b"", "val", 5),
+        ("g4.jpg", good["g4.jpg"], "test", 2),
+        ("g5.jpg", good["g5.jpg"], "train", 4),
+    ]
+    source = write_clean_by_hand(str(tmp_path / "clean"), rows)
+    dest = str(tmp_path / "resize")
+    cfg = ResizeConfig(size=SIZE, format="jpeg", train_mode="whole", batch_size=3, rows_per_shard=3, row_group_rows=2)
+    report = resize(source, dest, cfg)
+    # The same accounting as without train_mode: every input is an output or a reject.
+    assert (report.inputs, report.outputs, report.rejected) == (8, 6, 2)
+    assert report.rejects_by_reason == {"missing_image": 1, "undecodable": 1}
+    assert report.extra["splits"] == {"test": 1, "train": 4, "val": 1}
+    assert report.extra["split_modes"] == {"test": "short-side-crop", "train": "whole", "val": "short-side-crop"}
+    tables = check_output(source, dest, cfg)
+    for row in (r for t in tables.values() for r in t.to_pylist()):
+        img = Image.open(io.BytesIO(row["image"]["bytes"]))
+        assert img.size == (row["width"], row["height"]), "the columns give each JPEG's size"
+        source_size = Image.open(io.BytesIO(good[row["path"]])).size
+        expected = plan_geometry(*source_size, cfg.spec_for(row["split"])).out_size
+        assert img.size == expected and (row["split"] == "train") == (img.size != (SIZE, SIZE))

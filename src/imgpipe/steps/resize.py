@@ -1,4 +1,4 @@
-"""The resize step: clean's images to fixed-size training inputs, on Ray Data.
+"""The resize step: clean's images to training inputs of a model's size, on Ray Data.
 
 Reads a committed clean output and runs :func:`imgpipe.resize_ops.resize_batch` over
 it with ``Dataset.map_batches``: one work item per Parquet row group of the files the
@@ -16,6 +16,12 @@ Output layout, one folder per split, each file sorted by ``order``::
     DEST/train/part-00001.parquet   height, width, channels, pixels | image
     DEST/val/part-00000.parquet
     DEST/labels.json                (copied from clean)
+
+Each row carries its own ``height``, ``width`` and ``channels``: every mode but
+``whole`` makes them ``size x size``; ``whole`` keeps each picture's aspect, so its rows
+vary. ``train_mode`` gives the ``train`` split its own mode (``whole`` for training
+crops over the whole picture, while ``val``/``test`` keep ``mode``), chosen per row in
+the same pass; the manifest's ``extra.split_modes`` says which mode each split holds.
 
 ``format='raw'`` stores ``pixels``: the ``height x width x channels`` uint8 array as
 bytes, readable with plain pyarrow and ``np.frombuffer(...).reshape(h, w, c)``;
@@ -37,7 +43,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -216,14 +222,18 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def resize_row_groups(
-    items: dict[str, np.ndarray], spec: ResizeSpec, batch_size: int, s3: storage.S3Options
+    items: dict[str, np.ndarray],
+    spec: ResizeSpec,
+    batch_size: int,
+    s3: storage.S3Options,
+    split_specs: Mapping[str, ResizeSpec] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray task body: reads the listed row groups and resizes them ``batch_size`` rows at a time.
 
     A generator, so Ray Data stores each resized batch as it comes and a task never
     holds more than one row group of inputs plus one batch of outputs. The file system
     is made here, with the driver's endpoint settings (``s3``) and the worker's own
-    credentials.
+    credentials. ``split_specs`` gives some splits other settings (see :func:`resize_batch`).
     """
     storage.use_s3_settings(s3)
     node = _node_id()
@@ -231,7 +241,7 @@ def resize_row_groups(
         filesystem, path = storage.arrow_filesystem(str(uri))
         table = read_row_group(filesystem, path, int(row_group))
         for start in range(0, table.num_rows, batch_size):
-            out = resize_batch(table_to_batch(table.slice(start, batch_size)), spec)
+            out = resize_batch(table_to_batch(table.slice(start, batch_size)), spec, split_specs)
             out[NODE_COLUMN] = np.full(len(out["path"]), node, dtype=object)
             yield out
 
@@ -249,7 +259,7 @@ def _node_id() -> str:
 
 def task_arguments(cfg: ResizeConfig) -> dict[str, Any]:
     """What every resize task gets besides its items: settings only, never credentials."""
-    return {"spec": cfg.spec, "batch_size": cfg.batch_size, "s3": storage.s3_settings()}
+    return {"spec": cfg.spec, "split_specs": cfg.split_specs, "batch_size": cfg.batch_size, "s3": storage.s3_settings()}
 
 
 def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[Any, int]:
@@ -473,6 +483,7 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
     if storage.exists(labels_uri):
         storage.write_bytes(out.uri(LABELS_FILE), storage.read_bytes(labels_uri))
     upstream_extra = manifest.get("extra", {})
+    written = dict(sorted(sink.written.items()))
     return out.commit(
         inputs=inputs,
         rejects=rejects,
@@ -480,10 +491,15 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
         extra={
             "size": cfg.resolved_size,
             "mode": cfg.mode,
+            # The mode each written split holds (train_mode for train): "whole" splits have
+            # rows of varying height/width, every other mode size x size rows.
+            "split_modes": {split: cfg.mode_for(split) for split in written},
+            "train_mode": cfg.mode_for("train"),
+            "max_aspect": cfg.max_aspect,
             "format": cfg.format,
             "layout": "HWC uint8" if cfg.format == "raw" else "JPEG",
             "ops": list(cfg.ops),
-            "splits": dict(sorted(sink.written.items())),
+            "splits": written,
             "classes": upstream_extra.get("classes", []),
             "num_classes": upstream_extra.get("num_classes", 0),
             "rows_returned": seen,
