@@ -289,11 +289,8 @@ def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[A
 
 @dataclass
 class _Shard:
-    name: str
     stack: contextlib.ExitStack
-    handle: Any
-    writer: pq.ParquetWriter
-    rows: int = 0
+    sink: contract.ParquetSink
     last_order: int = -1
 
 
@@ -361,26 +358,18 @@ class _SplitWriter:
         name = f"{stream.split}/part-{stream.shards:05d}.parquet"
         stream.shards += 1
         stack = contextlib.ExitStack()
-        handle = contract.HashingWriter(stack.enter_context(storage.open_write(self.out.uri(name))))
-        writer = pq.ParquetWriter(
-            handle,
-            self.schema,
-            # The house defaults (pixel/JPEG bytes stored as is, zstd elsewhere), as
-            # OutputWriter.write_table uses them; plus the sort order, for readers.
-            **contract.parquet_write_options(self.schema),
-            sorting_columns=[pq.SortingColumn(self.schema.get_field_index("order"))],
-        )
-        return _Shard(name, stack, handle, writer)
+        # The house Parquet settings, plus the sort order, for readers.
+        order = [pq.SortingColumn(self.schema.get_field_index("order"))]
+        sink = stack.enter_context(self.out.parquet_file(name, self.schema, sorting_columns=order))
+        return _Shard(stack, sink)
 
     def _close(self, stream: _SplitStream) -> None:
         shard = stream.shard
         if shard is None:
             return
         stream.shard = None
-        shard.writer.close()
-        shard.stack.close()  # commits the object
-        self.out.add_file(shard.handle.entry(shard.name, shard.rows))
-        self.written[stream.split] = self.written.get(stream.split, 0) + shard.rows
+        shard.stack.close()  # commits the object and records it on the OutputWriter
+        self.written[stream.split] = self.written.get(stream.split, 0) + shard.sink.rows
 
     def _drain(self, stream: _SplitStream, final: bool) -> None:
         if not stream.pending:
@@ -398,13 +387,12 @@ class _SplitWriter:
             if stream.shard is None:
                 stream.shard = self._open(stream)
             shard = stream.shard
-            n = min(self.row_group_rows, self.rows_per_shard - shard.rows, table.num_rows)
+            n = min(self.row_group_rows, self.rows_per_shard - shard.sink.rows, table.num_rows)
             chunk = table.slice(0, n)
-            shard.writer.write_table(chunk, row_group_size=n)
-            shard.rows += n
+            shard.sink.write(chunk, row_group_size=n)
             shard.last_order = chunk.column("order")[n - 1].as_py()
             table = table.slice(n)
-            if shard.rows >= self.rows_per_shard:
+            if shard.sink.rows >= self.rows_per_shard:
                 self._close(stream)
         if table.num_rows:
             stream.pending, stream.pending_rows = [table], table.num_rows
