@@ -83,8 +83,8 @@ from imgpipe.resize_ops import (  # noqa: E402
     resize_image,
     resize_image_reference,
 )
-from imgpipe.steps.clean import OUTPUT_SCHEMA, CleanConfig  # noqa: E402
 from imgpipe.resources import available_cpus  # noqa: E402
+from imgpipe.steps.clean import OUTPUT_SCHEMA, CleanConfig  # noqa: E402
 from imgpipe.steps.resize import ResizeConfig, resize  # noqa: E402
 
 

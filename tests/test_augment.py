@@ -1,18 +1,24 @@
-"""Augmentation: the per-sample CPU pipeline, the kornia batch path on CPU tensors, MixUp/CutMix."""
+"""Augmentation: the per-sample CPU recipe (albumentations), the kornia batch path on CPU tensors, MixUp/CutMix."""
 
 from __future__ import annotations
 
+import math
+import pickle
+import random
+
+import albumentations as A
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 from imgpipe.augment import (
     POLICIES,
     AugmentConfig,
     BatchAugment,
     MixupCutmix,
-    build_eval_transform,
-    build_train_transform,
+    build_batch_eval_transform,
     channel_stats,
     normalize,
     one_hot_targets,
@@ -20,7 +26,14 @@ from imgpipe.augment import (
     step_generator,
     step_seed,
 )
-from imgpipe.loader import seed_sample
+from imgpipe.augment_cpu import (
+    IMAGENET_POLICY,
+    SampleTransform,
+    build_eval_transform,
+    build_train_transform,
+    randaugment_ops,
+)
+from imgpipe.partition import sample_seed
 
 
 def images(n: int, channels: int = 3, size: int = 40, seed: int = 0) -> torch.Tensor:
@@ -28,36 +41,174 @@ def images(n: int, channels: int = 3, size: int = 40, seed: int = 0) -> torch.Te
     return torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
 
 
+def array(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """A smooth ``H x W x C`` uint8 image (noise would hide what blurs and sharpens do)."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.integers(0, 256, (1, channels, 6, 6)).astype(np.float32))
+    smooth = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 255)
+    return smooth[0].permute(1, 2, 0).round().to(torch.uint8).numpy().copy()
+
+
+def top_level_ops(transform: SampleTransform) -> list[str]:
+    return [type(t).__name__ for t in transform.pipeline.transforms]
+
+
+# ------------------------------------------------------------------ the CPU recipe (albumentations)
+
+
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_cpu_pipeline_shapes_and_dtypes_for_every_policy(policy, channels):
+def test_cpu_recipe_takes_any_size_and_gives_size_x_size_uint8(policy, channels):
     transform = build_train_transform(AugmentConfig(policy=policy, blur_p=0.5, grayscale_p=0.5), 32, channels)
-    batch = images(6, channels)
-    for i, image in enumerate(batch):
-        seed_sample(0, 0, i)
-        out = transform(image)
-        assert out.shape == (channels, 32, 32) and out.dtype == torch.uint8
+    # Smaller, larger, portrait, landscape, very thin: the later whole-picture data.
+    for i, (h, w) in enumerate([(40, 57), (31, 20), (32, 32), (120, 13), (300, 200)]):
+        image = array(h, w, channels, seed=i)
+        image.flags.writeable = False  # as np.frombuffer of a row gives it
+        for index in range(8):
+            out = transform(image, sample_seed(0, 0, 10 * i + index))
+            assert out.shape == (32, 32, channels) and out.dtype == np.uint8
+    with pytest.raises(TypeError, match="uint8"):
+        transform(array(32, 32, channels).astype(np.float32), 0)
+    with pytest.raises(TypeError, match=f"H x W x {channels}"):
+        transform(array(32, 32, 4 - channels), 0)
 
 
-def test_cpu_pipeline_is_reproducible_per_sample_seed_and_varies_across_seeds():
+def test_cpu_recipe_is_reproducible_per_sample_seed_and_varies_across_samples():
     transform = build_train_transform(AugmentConfig(), 24, 3)
-    image = images(1)[0]
-    outs = []
-    for index in (5, 5, 6):
-        seed_sample(1, 0, index)
-        outs.append(transform(image))
-    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    image = array(30, 40)
+    outs = [transform(image, sample_seed(1, 0, index)) for index in (5, 5, 6)]
+    assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
+    # Nothing carries over between samples: the same seed after others, or in a new object.
+    for index in range(20):
+        transform(image, sample_seed(1, 0, index))
+    assert np.array_equal(transform(image, sample_seed(1, 0, 5)), outs[0])
+    assert np.array_equal(build_train_transform(AugmentConfig(), 24, 3)(image, sample_seed(1, 0, 5)), outs[0])
+    # Another epoch of the same sample is another augmentation.
+    assert not np.array_equal(transform(image, sample_seed(1, 1, 5)), outs[0])
+    # A copy sent to a spawned worker augments alike.
+    assert np.array_equal(pickle.loads(pickle.dumps(transform))(image, sample_seed(1, 0, 5)), outs[0])
 
 
-def test_policy_none_is_the_eval_transform_and_hflip_can_be_switched_off():
-    assert "CenterCrop" in repr(build_train_transform(AugmentConfig(policy="none"), 24, 3))
-    assert "RandomHorizontalFlip" in repr(build_train_transform(AugmentConfig(hflip=True), 24, 3))
-    assert "RandomHorizontalFlip" not in repr(build_train_transform(AugmentConfig(hflip=False), 24, 3))
-    assert "RandomGrayscale" not in repr(build_train_transform(AugmentConfig(grayscale_p=0.5), 24, 1))
+def test_cpu_recipe_leaves_every_global_generator_alone():
+    transform = build_train_transform(AugmentConfig(policy="trivialaugment", blur_p=0.5), 24, 3)
+    image = array(30, 40)
+    np_state, py_state, torch_state = np.random.get_state(), random.getstate(), torch.get_rng_state()
+    first = [transform(image, sample_seed(0, 0, i)) for i in range(20)]
+    np_after = np.random.get_state()
+    assert np_state[0] == np_after[0] and np.array_equal(np_state[1], np_after[1]) and np_state[2:] == np_after[2:]
+    assert random.getstate() == py_state and torch.equal(torch.get_rng_state(), torch_state)
+    # Nor does it read them: reseeding every global generator changes nothing.
+    np.random.seed(123)
+    random.seed(123)
+    torch.manual_seed(123)
+    assert all(np.array_equal(a, transform(image, sample_seed(0, 0, i))) for i, a in enumerate(first))
+
+
+def test_cpu_operations_draw_independently():
+    """One generator shared in sequence, not one per operation seeded alike (Compose(seed=...)'s way)."""
+
+    def generators(op: A.BasicTransform | A.BaseCompose) -> set[tuple[int, int]]:
+        pairs = {(id(op.random_generator), id(op.py_random))}
+        for child in op.transforms if isinstance(op, A.BaseCompose) else ():
+            pairs |= generators(child)
+        return pairs
+
+    for policy in ("randaugment", "trivialaugment", "autoaugment"):
+        # Every nested operation draws from the transform's two generators.
+        assert len(generators(build_train_transform(AugmentConfig(policy=policy), 24, 3).pipeline)) == 1
+    cfg = AugmentConfig(policy="basic", color_jitter=0, grayscale_p=0, blur_p=0, random_erasing=0, crop_scale=(1.0, 1.0))
+    transform = build_train_transform(cfg, 16, 3)  # crop (whole image), flip p=0.5, affine p=0.5
+    image = array(16, 16)
+    flipped = image[:, ::-1]
+    outcomes = set()
+    for index in range(64):
+        out = transform(image, sample_seed(0, 0, index))
+        flip = np.array_equal(out, flipped)
+        affine = not flip and not np.array_equal(out, image)
+        outcomes.add((flip, affine))
+    assert (True, False) in outcomes and (False, True) in outcomes  # the flip and the affine are not tied
+
+
+def test_cpu_recipe_holds_the_configured_steps():
+    assert top_level_ops(build_train_transform(AugmentConfig(), 24, 3)) == [
+        "RandomResizedCrop", "HorizontalFlip", "Affine", "RandomOrder", "ColorJitter", "ToGray", "GaussianBlur", "Erasing",
+    ]
+    bare = AugmentConfig(policy="basic", hflip=False, color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0)
+    assert top_level_ops(build_train_transform(bare, 24, 3)) == ["RandomResizedCrop"]
+    assert "ToGray" not in top_level_ops(build_train_transform(AugmentConfig(grayscale_p=0.5), 24, 1))
+    assert top_level_ops(build_train_transform(AugmentConfig(policy="trivialaugment"), 24, 3))[3] == "OneOf"
+    assert top_level_ops(build_train_transform(AugmentConfig(policy="autoaugment"), 24, 3))[3] == "OneOf"
+    assert top_level_ops(build_train_transform(AugmentConfig(policy="none"), 24, 3)) == ["SmallestMaxSize", "CenterCrop"]
+    assert not build_train_transform(AugmentConfig(policy="none"), 24, 3).random
+    # RandAugment: N of the 14 operations with replacement, in the order drawn.
+    policy = build_train_transform(AugmentConfig(randaugment_n=3, randaugment_m=12), 24, 3).pipeline.transforms[3]
+    assert isinstance(policy, A.RandomOrder) and policy.n == 3 and policy.replace and len(policy.transforms) == 14
+    # AutoAugment: the 25 ImageNet sub-policies of two operations each.
+    auto = build_train_transform(AugmentConfig(policy="autoaugment"), 24, 3).pipeline.transforms[3]
+    assert len(auto.transforms) == len(IMAGENET_POLICY) == 25
+    assert all(isinstance(sub, A.Sequential) and len(sub.transforms) == 2 for sub in auto.transforms)
+
+
+def _apply(op: A.BasicTransform | A.BaseCompose, image: np.ndarray, seed: int = 0) -> np.ndarray:
+    compose = A.Compose([op], p=1.0)
+    compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return compose(image=image)["image"]
+
+
+def test_policy_operations_match_torchvision_at_their_magnitudes():
+    """RandAugment's operations at M=9 against torchvision's functional ops on the same image."""
+    image = array(32, 32)
+    t = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    ops = dict(zip(
+        ["Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+         "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize"],
+        randaugment_ops(9, 32),
+    ))
+    m = 9 / 30
+    reference = {
+        "Identity": t,
+        # Shears about the centre (torchvision's policies shear about the top-left corner).
+        "ShearX": TF.affine(t, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(0.3 * m)), 0.0]),
+        "ShearY": TF.affine(t, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(0.3 * m))]),
+        "TranslateX": TF.affine(t, angle=0.0, translate=[int(150 / 331 * 32 * m), 0], scale=1.0, shear=[0.0, 0.0]),
+        "Rotate": TF.rotate(t, 30 * m),
+        "Brightness": TF.adjust_brightness(t, 1 + 0.9 * m),
+        "Color": TF.adjust_saturation(t, 1 + 0.9 * m),
+        "Contrast": TF.adjust_contrast(t, 1 + 0.9 * m),
+        "Sharpness": TF.adjust_sharpness(t, 1 + 0.9 * m),
+        "Posterize": TF.posterize(t, 7),  # 8 - round(9 / 7.5) bits
+        "Solarize": TF.solarize(t, 255 * (1 - m)),
+        "AutoContrast": TF.autocontrast(t),
+        "Equalize": TF.equalize(t),
+    }
+    for name, expected in reference.items():
+        want = expected.permute(1, 2, 0).numpy().astype(int)
+        # Signed operations: one of the two signs is the positive magnitude.
+        got = [_apply(ops[name], image, seed).astype(int) for seed in range(8)]
+        error = min(np.abs(g - want)[1:-1, 1:-1].mean() for g in got)
+        assert error < 1.5, (name, error)  # equal up to rounding (Equalize: PIL's variant)
+    # Sharpness below 1 (the negative sign): torchvision's blend towards its 3x3 smoothing.
+    soft = [_apply(ops["Sharpness"], image, seed).astype(int) for seed in range(8)]
+    want = TF.adjust_sharpness(t, 1 - 0.9 * m).permute(1, 2, 0).numpy().astype(int)
+    assert min(np.abs(g - want)[1:-1, 1:-1].mean() for g in soft) < 0.5
 
 
 def test_eval_transform_is_deterministic_and_centre_crops():
     transform = build_eval_transform(20)
+    image = array(40, 40)
+    assert not transform.random
+    assert np.array_equal(transform(image, 0), transform(image, 12345))
+    assert transform(image, 0).shape == (20, 20, 3)
+    rect = np.arange(30 * 40, dtype=np.int64).reshape(30, 40, 1).astype(np.uint8)  # 30x40, one channel
+    assert np.array_equal(build_eval_transform(30)(rect, 0), rect[:, 5:35])  # no resize: the middle 30 columns
+    assert build_eval_transform(20)(rect, 0).shape == (20, 20, 1)
+    assert np.array_equal(build_eval_transform(40)(image, 0), image)  # identity at the data's size
+    tall = array(90, 30)
+    assert build_eval_transform(24)(tall, 0).shape == (24, 24, 3)
+
+
+def test_batch_eval_transform_on_the_device_is_deterministic_and_centre_crops():
+    transform = build_batch_eval_transform(20)
     batch = images(3, size=40)
     torch.manual_seed(0)
     first = [transform(x) for x in batch]
@@ -66,11 +217,10 @@ def test_eval_transform_is_deterministic_and_centre_crops():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert first[0].shape == (3, 20, 20)
     rect = torch.arange(30 * 40, dtype=torch.uint8).view(1, 30, 40)  # 30x40: short side to 20, crop the middle
-    out = transform(rect)
-    assert out.shape == (1, 20, 20)
+    assert transform(rect).shape == (1, 20, 20)
     # The same object handles whole batches on the device (the GPU path's validation).
     assert torch.equal(transform(batch), torch.stack(first))
-    assert torch.equal(build_eval_transform(40)(batch), batch)  # identity at the data's size
+    assert torch.equal(build_batch_eval_transform(40)(batch), batch)  # identity at the data's size
 
 
 @pytest.mark.parametrize("channels", [3, 1])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import random
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 
 from imgpipe import storage
+from imgpipe.augment_cpu import build_train_transform
 from imgpipe.contract import OutputWriter
 from imgpipe.loader import (
     ImageLoader,
@@ -23,6 +26,7 @@ from imgpipe.loader import (
 )
 from imgpipe.partition import describe_split
 from imgpipe.steps.resize import output_schema
+from imgpipe.train_config import AugmentConfig
 
 CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 40), (200, 60, 220), (40, 220, 220)]
 
@@ -133,6 +137,8 @@ def test_batches_hold_decoded_images_and_their_labels(raw_data):
     loader = ImageLoader(info, LoaderConfig(batch_size=5, num_workers=0))
     batch = next(iter(loader))
     assert batch["image"].shape == (5, 3, 16, 16) and batch["image"].dtype == torch.uint8
+    # An N x C x H x W view of one N x H x W x C array: channels-last strides, as a CUDA model wants.
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
     assert batch["label"].dtype == torch.int64
     # The stored bytes come back unchanged: the rows are regenerated from their seed.
     for image, label, index in zip(batch["image"], batch["label"], batch["index"]):
@@ -246,31 +252,68 @@ def test_grayscale_rows_keep_one_channel(tmp_path):
     info = describe_split(data, "train")
     assert info.channels == 1
     images = read_samples(info, 3)
-    assert len(images) == 3 and images[0].shape == (1, 16, 16)
+    assert len(images) == 3 and images[0].shape == (16, 16, 1) and images[0].dtype == np.uint8
     batch = next(iter(ImageLoader(info, LoaderConfig(batch_size=8, num_workers=0))))
     assert batch["image"].shape == (8, 1, 16, 16)
 
 
-def test_transforms_run_per_sample_with_a_seed_per_sample_and_epoch(raw_data):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_transforms_run_per_sample_with_a_seed_per_sample_and_epoch(raw_data, num_workers):
     info = describe_split(raw_data, "train")
 
-    def noisy(image: torch.Tensor) -> torch.Tensor:
-        return (image.int() + torch.randint(0, 50, image.shape)).clamp(0, 255).to(torch.uint8)
+    def noisy(image: np.ndarray, seed: int) -> np.ndarray:
+        noise = np.random.default_rng(seed).integers(0, 50, image.shape)
+        return np.clip(image.astype(np.int64) + noise, 0, 255).astype(np.uint8)
 
     def by_index(loader: ImageLoader, epoch: int) -> dict[int, torch.Tensor]:
         loader.set_epoch(epoch)
         return {int(i): img for b in loader for i, img in zip(b["index"], b["image"])}
 
-    cfg = LoaderConfig(batch_size=4, drop_last=False, num_workers=0, seed=1)
-    before = torch.get_rng_state()
+    cfg = LoaderConfig(batch_size=4, drop_last=False, num_workers=num_workers, seed=1)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     one = by_index(ImageLoader(info, cfg, transform=noisy), 0)
-    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is left alone
+    after = (torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    # The caller's RNG is left alone.
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
     two_ranks = {}
     for r in (0, 1):  # a different partition of the same epoch draws the same augmentations
         two_ranks.update(by_index(ImageLoader(info, cfg, transform=noisy, rank=r, world_size=2), 0))
     assert all(torch.equal(one[i], two_ranks[i]) for i in range(40))
     next_epoch = by_index(ImageLoader(info, cfg, transform=noisy), 1)
     assert not torch.equal(one[0], next_epoch[0])
+
+
+def test_recipe_batches_resume_exactly_and_do_not_depend_on_the_worker(raw_data):
+    """The albumentations recipe through the loader: uint8 NCHW batches, the same images after a resume."""
+    info = describe_split(raw_data, "train")
+    transform = build_train_transform(AugmentConfig(blur_p=0.5), 12, 3)
+    cfg = LoaderConfig(batch_size=3, shuffle_buffer=8, drop_last=False, num_workers=2, seed=4)
+
+    def images(loader: ImageLoader) -> list[tuple[list[int], torch.Tensor]]:
+        return [(b["index"].tolist(), b["image"]) for b in loader]
+
+    full = ImageLoader(info, cfg, transform=transform)
+    full.set_epoch(1)
+    reference = images(full)
+    assert reference[0][1].shape == (3, 3, 12, 12) and reference[0][1].dtype == torch.uint8
+    assert reference[0][1].is_contiguous(memory_format=torch.channels_last)
+    interrupted = ImageLoader(info, cfg, transform=transform)
+    interrupted.set_epoch(1)
+    head = []
+    for batch in interrupted:
+        head.append((batch["index"].tolist(), batch["image"]))
+        if len(head) == 4:
+            break
+    resumed = ImageLoader(info, cfg, transform=transform)
+    resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
+    got = head + images(resumed)
+    assert [i for i, _ in got] == [i for i, _ in reference]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, reference))
+    # Another worker layout reads the rows in another order but augments each image alike.
+    one_worker = ImageLoader(info, dataclasses.replace(cfg, num_workers=0), transform=transform)
+    one_worker.set_epoch(1)
+    by_index = {i: img for idx, batch in images(one_worker) for i, img in zip(idx, batch)}
+    assert all(torch.equal(img, by_index[i]) for idx, batch in reference for i, img in zip(idx, batch))
 
 
 def test_loader_config_rejects_bad_values():

@@ -1,11 +1,10 @@
-"""Training and evaluation image transforms, batch mixing, and the soft-target loss.
+"""Augmentation on the device, normalization, batch mixing, and the soft-target loss.
 
 Two ways to augment the training set, with the same recipe:
 
-* **CPU**: :func:`build_train_transform` returns a torchvision ``transforms.v2``
-  pipeline that the loader runs per sample in its worker processes, ``C x H x W``
-  uint8 tensors in and out (Pillow kernels inside; seeded per sample, see
-  :func:`imgpipe.loader.seed_sample`).
+* **CPU**: :mod:`imgpipe.augment_cpu` (albumentations on ``H x W x C`` uint8 numpy
+  arrays, per sample in the loader's workers, seeded per sample; its docstring maps
+  every operation to the torchvision one it replaces).
 * **GPU**: :class:`BatchAugment` runs the recipe with ``kornia.augmentation`` on a whole
   batch on the training device, drawing random parameters per sample. It also runs on
   CPU tensors (which is how it is tested without a GPU).
@@ -16,11 +15,12 @@ TrivialAugmentWide or AutoAugment-ImageNet), ColorJitter, RandomGrayscale,
 GaussianBlur, RandomErasing. Policy ``basic`` is the recipe without a policy; ``none``
 is no augmentation at all (the evaluation transform), for debugging and overfitting.
 
-Both paths leave normalization to one batched step on the device: the CPU pipeline
-outputs uint8 (4x fewer bytes through worker queues and host-to-GPU copies, as FFCV
+Both paths leave normalization to one batched step on the device: the CPU path's
+batches are uint8 (4x fewer bytes through worker queues and host-to-GPU copies, as FFCV
 does) and :func:`normalize` converts; :class:`BatchAugment` normalizes itself. The
 evaluation transform (resize + centre crop) is deterministic and never shares an object
-with training.
+with training: per sample on the CPU (:func:`imgpipe.augment_cpu.build_eval_transform`),
+or on a batch on the device (:func:`build_batch_eval_transform`).
 
 MixUp/CutMix (:class:`MixupCutmix`) mix a batch with its copy rolled by one, as
 torchvision's ``v2.MixUp``/``v2.CutMix`` do, but draw from an explicit
@@ -46,8 +46,7 @@ __all__ = [
     "Policy",
     "AugmentConfig",
     "channel_stats",
-    "build_train_transform",
-    "build_eval_transform",
+    "build_batch_eval_transform",
     "normalize",
     "BatchAugment",
     "MixupCutmix",
@@ -85,59 +84,12 @@ def _blur_kernel(size: int) -> int:
     return max(3, (size // 20) | 1)
 
 
-def _policy_transform(cfg: AugmentConfig) -> nn.Module | None:
-    if cfg.policy == "randaugment":
-        return v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m)
-    if cfg.policy == "trivialaugment":
-        return v2.TrivialAugmentWide()
-    if cfg.policy == "autoaugment":
-        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
-    return None
+def build_batch_eval_transform(size: int) -> v2.Compose:
+    """The evaluation resize on ``B x C x H x W`` tensors (on the device): shorter side to ``size``, centre crop.
 
-
-def build_train_transform(cfg: AugmentConfig, size: int, channels: int) -> v2.Compose:
-    """The per-sample training pipeline: ``C x H x W`` uint8 in, ``C x size x size`` uint8 out.
-
-    Inside, the v2 operations run on a PIL image (``ToPILImage`` first, ``PILToTensor``
-    before RandomErasing): Pillow's uint8 kernels run the default recipe at 224 px in
-    about half the time of the same v2 operations on uint8 tensors (4.0 vs 8.5 ms per
-    image on one core; RandAugment alone 1.5 vs 2.7 ms), because the tensor kernels of
-    the affine and colour operations go through float32. Randomness comes from torch's
-    global CPU generator, which the loader seeds per sample; the transform itself holds
-    no RNG state.
-    """
-    channel_stats(channels)  # validates the channel count
-    if cfg.policy == "none":
-        return build_eval_transform(size)
-    ops: list[nn.Module] = [v2.ToPILImage(), v2.RandomResizedCrop(size, scale=cfg.crop_scale, antialias=True)]
-    if cfg.hflip:
-        ops.append(v2.RandomHorizontalFlip())
-    if cfg.rotation > 0:
-        affine = v2.RandomAffine(degrees=cfg.rotation, translate=(0.05, 0.05), scale=(0.95, 1.05))
-        ops.append(v2.RandomApply([affine], p=_AFFINE_P))
-    policy = _policy_transform(cfg)
-    if policy is not None:
-        ops.append(policy)
-    if cfg.color_jitter > 0:
-        cj = cfg.color_jitter
-        ops.append(v2.RandomApply([v2.ColorJitter(cj, cj, cj, min(0.5, cj / 4))], p=_COLOR_JITTER_P))
-    if cfg.grayscale_p > 0 and channels == 3:
-        ops.append(v2.RandomGrayscale(cfg.grayscale_p))
-    if cfg.blur_p > 0:
-        k = _blur_kernel(size)
-        ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=cfg.blur_p))
-    ops.append(v2.PILToTensor())
-    if cfg.random_erasing > 0:
-        ops.append(v2.RandomErasing(cfg.random_erasing, value=_mean_uint8(channels)))
-    return v2.Compose(ops)
-
-
-def build_eval_transform(size: int) -> v2.Compose:
-    """The evaluation pipeline: shorter side to ``size``, centre crop ``size x size``; no randomness.
-
-    Works per sample in the workers and on whole batches on the device. The resize
-    step already applied the dataset-level crop (``short-side-crop``), so at the
-    data's own size this is the identity.
+    For batches decoded or augmented on the device (the GPU path); the loader's workers
+    use :func:`imgpipe.augment_cpu.build_eval_transform`. No randomness. At the data's own
+    size (the resize step's ``short-side-crop``) it is the identity.
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
@@ -200,7 +152,7 @@ class BatchAugment(nn.Module):
         channel_stats(channels)
         self.cfg, self.size, self.channels = cfg, size, channels
         self.policy_groups = max(1, policy_groups)
-        self.eval_transform = build_eval_transform(size)
+        self.eval_transform = build_batch_eval_transform(size)
         geometric: list[nn.Module] = [K.RandomResizedCrop((size, size), scale=cfg.crop_scale)]
         if cfg.hflip:
             geometric.append(K.RandomHorizontalFlip())

@@ -13,17 +13,21 @@ docstring has the rules). This module reads and decodes those rows; its names
 delivered, and a loader restored from it delivers the rest of the epoch in the same
 order, batch for batch, as an uninterrupted run.
 
-Decoding. ``raw`` shards decode with ``numpy.frombuffer`` straight into a batch array;
-``jpeg`` shards decode in the workers with ``torchvision.io.decode_jpeg``, or, with
+Decoding. ``raw`` rows are ``numpy.frombuffer`` views of their bytes, copied once, into
+the batch array (or by the transform); ``jpeg`` shards decode in the workers with
+``torchvision.io.decode_jpeg``, or, with
 ``decode_device='cuda'``, are handed to the main process as bytes for
 :func:`decode_jpeg_batch` to decode on the GPU.
 
-Per-sample transforms (torchvision ``transforms.v2``) draw from torch's global CPU
-generator, which takes no ``generator=`` argument. :func:`seed_sample` is the one
-sanctioned place where that generator is seeded: before each sample's transform, from
-``seed + epoch + the sample's index in the split``, so an image's augmentation in an
-epoch does not depend on which rank or worker drew it and survives a resume exactly.
-In the main process (``num_workers=0``) the caller's RNG state is restored afterwards.
+Per-sample transforms run in the workers on ``H x W x C`` uint8 numpy arrays (a raw
+row's ``np.frombuffer`` view, read-only; a decoded JPEG) and are called as
+``transform(image, seed)`` (:class:`imgpipe.augment_cpu.SampleTransform` is the
+recipe). The seed is :func:`sample_seed` of ``seed + epoch + the sample's index in the
+split``, so an image's augmentation in an epoch does not depend on which rank or worker
+drew it and survives a resume exactly; no global generator is seeded or read. The
+outputs are stacked into one ``N x H x W x C`` uint8 array, handed on as the
+``N x C x H x W`` view ``torch.from_numpy(batch).permute(0, 3, 1, 2)`` (channels-last
+strides, the layout a CUDA model wants).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +86,7 @@ __all__ = [
     "assign_rows",
     "shuffle_order",
     "sample_seed",
-    "seed_sample",
+    "SampleFn",
     "ParquetImageDataset",
     "ImageLoader",
     "decode_jpeg_batch",
@@ -91,19 +96,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------
-# Seeding per-sample transforms.
-
-
-def seed_sample(seed: int, epoch: int, index: int) -> None:
-    """Seeds torch's global CPU generator for one sample's transform.
-
-    This is the sanctioned, explicit seeding point of per-sample augmentation:
-    torchvision ``transforms.v2`` (and kornia) draw from the global generator and accept
-    none of their own. Only the CPU generator is touched (``torch.manual_seed`` would
-    also seed every CUDA device and costs ~200x more).
-    """
-    torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
+# A per-sample transform: an H x W x C uint8 array and the sample's seed (sample_seed) in,
+# an H' x W' x C uint8 array out, every output of a batch the same size.
+SampleFn = Callable[[np.ndarray, int], np.ndarray]
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,27 +152,25 @@ class _RowGroupReader:
         self._files.clear()
 
 
-def _decode_raw(rows: Sequence[_Row]) -> torch.Tensor | list[torch.Tensor]:
-    """Raw rows as one ``B x C x H x W`` uint8 tensor (channels-last in memory), or a list if sizes differ."""
-    shapes = {r.shape for r in rows}
-    if len(shapes) == 1:
-        (shape,) = shapes
-        batch = np.empty((len(rows), *shape), dtype=np.uint8)
-        for i, r in enumerate(rows):
-            batch[i] = np.frombuffer(r.data, dtype=np.uint8).reshape(shape)
-        return torch.from_numpy(batch).permute(0, 3, 1, 2)
-    return [torch.from_numpy(np.frombuffer(r.data, np.uint8).reshape(r.shape).copy()).permute(2, 0, 1) for r in rows]
+def _decode_raw(rows: Sequence[_Row]) -> list[np.ndarray]:
+    """Raw rows as ``H x W x C`` uint8 views of their bytes (read-only, no copy)."""
+    return [np.frombuffer(r.data, dtype=np.uint8).reshape(r.shape) for r in rows]
 
 
 def _jpeg_tensor(row: _Row) -> torch.Tensor:
     return torch.frombuffer(bytearray(row.data), dtype=torch.uint8)
 
 
-def _decode_jpeg_cpu(rows: Sequence[_Row]) -> list[torch.Tensor]:
+def _decode_jpeg_cpu(rows: Sequence[_Row]) -> list[np.ndarray]:
+    """JPEG rows decoded (libjpeg-turbo, as :func:`decode_jpeg_batch` on the CPU) into ``H x W x C`` uint8 arrays."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     return [
-        decode_jpeg(_jpeg_tensor(r), mode=ImageReadMode.GRAY if r.shape[2] == 1 else ImageReadMode.RGB) for r in rows
+        decode_jpeg(_jpeg_tensor(r), mode=ImageReadMode.GRAY if r.shape[2] == 1 else ImageReadMode.RGB)
+        .permute(1, 2, 0)
+        .contiguous()
+        .numpy()
+        for r in rows
     ]
 
 
@@ -201,13 +194,29 @@ def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torc
     return torch.stack(images)
 
 
-def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    if len({tuple(i.shape) for i in images}) != 1:
+def _stack(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """``H x W x C`` arrays as one ``N x C x H x W`` uint8 tensor with channels-last strides (one copy)."""
+    shapes = {i.shape for i in images}
+    if len(shapes) != 1:
         raise ValueError(
             "a batch holds images of different sizes and no transform makes them equal; "
             "pass a transform with a fixed output size (the resize step's outputs are all alike)"
         )
-    return torch.stack(images)
+    batch = np.empty((len(images), *images[0].shape), dtype=np.uint8)
+    for i, image in enumerate(images):
+        batch[i] = image
+    return torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+
+def _sequential_opencv() -> None:
+    """No OpenCV thread pool in a worker: the workers are the parallelism.
+
+    The transforms' OpenCV kernels would otherwise each use a pool as large as the
+    machine, in every worker (torch's own threads are already 1 in a DataLoader worker).
+    """
+    cv2 = sys.modules.get("cv2")  # loaded by a transform that uses it; never imported here
+    if cv2 is not None:
+        cv2.setNumThreads(0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -221,15 +230,16 @@ class ParquetImageDataset(IterableDataset):
     bookkeeping; iterating it directly (``num_workers=0`` style) reads the rank's whole
     share for the epoch given at construction.
 
-    Each batch is a dict: ``image`` (``B x C x H x W`` uint8 tensor, or a list of JPEG
-    byte tensors when decoding is left to the device), ``label`` and ``index`` (the
+    Each batch is a dict: ``image`` (``B x C x H x W`` uint8 tensor with channels-last
+    strides, a view of one ``B x H x W x C`` array; or a list of JPEG byte tensors when
+    decoding is left to the device), ``label`` and ``index`` (the
     rows' positions in the split, int64), and ``part``, the worker partition it came from.
 
     Args:
         info: The split.
         cfg: Batch size, shuffling and seed.
-        transform: Per-sample ``C x H x W`` uint8 -> uint8 transform, run in the worker
-            under :func:`seed_sample`; ``None`` leaves images as stored.
+        transform: Per-sample transform (:data:`SampleFn`), run in the worker with each
+            sample's :func:`sample_seed`; ``None`` leaves images as stored.
         decode_device: ``cuda`` leaves JPEG rows undecoded for :func:`decode_jpeg_batch`.
         rank: This process's rank.
         world_size: Number of ranks.
@@ -243,7 +253,7 @@ class ParquetImageDataset(IterableDataset):
         info: SplitInfo,
         cfg: LoaderConfig,
         *,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform: SampleFn | None = None,
         decode_device: str = "cpu",
         rank: int = 0,
         world_size: int = 1,
@@ -284,6 +294,8 @@ class ParquetImageDataset(IterableDataset):
         worker_id = worker.id if worker is not None else 0
         if worker is not None and self.s3_options is not None:
             storage.configure_s3(**dataclasses.asdict(self.s3_options))
+        if worker is not None:
+            _sequential_opencv()
         epoch, rotation = int(self.shared[0]), int(self.shared[1])
         part = (worker_id + rotation) % self.parts
         skip = int(self.shared[2 + part])
@@ -291,12 +303,12 @@ class ParquetImageDataset(IterableDataset):
         order = order[skip:]
         reader = _RowGroupReader(self.info)
         try:
-            yield from self._batches(mine, order, reader, epoch, part, in_worker=worker is not None)
+            yield from self._batches(mine, order, reader, epoch, part)
         finally:
             reader.close()
 
     def _batches(
-        self, mine: list[Unit], order: np.ndarray, reader: _RowGroupReader, epoch: int, part: int, in_worker: bool
+        self, mine: list[Unit], order: np.ndarray, reader: _RowGroupReader, epoch: int, part: int
     ) -> Iterator[dict[str, Any]]:
         position = {int(g): i for i, g in enumerate(order.tolist())}
         starts = np.array([g.first_index for g in self.info.row_groups])
@@ -321,32 +333,18 @@ class ParquetImageDataset(IterableDataset):
                             if position.get(idx, -1) >= position[k]:
                                 pending[idx] = loaded[r]
                 rows.append(pending.pop(k))
-            yield self._make_batch(rows, keys, epoch, part, in_worker)
+            yield self._make_batch(rows, keys, epoch, part)
 
-    def _make_batch(self, rows: list[_Row], keys: list[int], epoch: int, part: int, in_worker: bool) -> dict[str, Any]:
+    def _make_batch(self, rows: list[_Row], keys: list[int], epoch: int, part: int) -> dict[str, Any]:
         labels = torch.tensor([r.label for r in rows], dtype=torch.int64)
         index = torch.tensor(keys, dtype=torch.int64)
         if self.decode_on_device:
             return {"image": [_jpeg_tensor(r) for r in rows], "label": labels, "index": index, "part": part}
         images = _decode_raw(rows) if self.info.format == "raw" else _decode_jpeg_cpu(rows)
         if self.transform is not None:
-            images = self._transform_all(images, keys, epoch, in_worker)
-        elif isinstance(images, list):
-            images = _stack(images)
-        return {"image": images, "label": labels, "index": index, "part": part}
-
-    def _transform_all(
-        self, images: torch.Tensor | list[torch.Tensor], keys: list[int], epoch: int, in_worker: bool
-    ) -> torch.Tensor:
-        assert self.transform is not None
-        # A worker owns its global RNG; in the main process the caller's state is kept.
-        guard = contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[])
-        out = []
-        with guard:
-            for image, key in zip(images, keys):
-                seed_sample(self.cfg.seed, epoch, key)
-                out.append(self.transform(image))
-        return _stack(out)
+            seed = self.cfg.seed
+            images = [self.transform(image, sample_seed(seed, epoch, key)) for image, key in zip(images, keys)]
+        return {"image": _stack(images), "label": labels, "index": index, "part": part}
 
 
 class ImageLoader:
@@ -359,7 +357,7 @@ class ImageLoader:
     Args:
         info: The split.
         cfg: Loader settings.
-        transform: Per-sample uint8 transform run in the workers, or ``None``.
+        transform: Per-sample transform (:data:`SampleFn`) run in the workers, or ``None``.
         decode_device: ``cuda`` to decode JPEG batches on the GPU (see
             :func:`decode_jpeg_batch`); ignored for raw data.
         rank: This process's rank (``torch.distributed.get_rank()`` under DDP).
@@ -371,7 +369,7 @@ class ImageLoader:
         info: SplitInfo,
         cfg: LoaderConfig,
         *,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform: SampleFn | None = None,
         decode_device: str = "cpu",
         rank: int = 0,
         world_size: int = 1,
@@ -502,8 +500,8 @@ class ImageLoader:
         self._rotation = next_partition(self.dataset.partition_batches(), consumed, self.cfg.batch_size)
 
 
-def read_samples(info: SplitInfo, count: int) -> list[torch.Tensor]:
-    """The first ``count`` images of a split in file order, as ``C x H x W`` uint8 (for figures)."""
+def read_samples(info: SplitInfo, count: int) -> list[np.ndarray]:
+    """The first ``count`` images of a split in file order, as ``H x W x C`` uint8 arrays (for figures)."""
     reader = _RowGroupReader(info)
     rows: list[_Row] = []
     try:
@@ -514,4 +512,4 @@ def read_samples(info: SplitInfo, count: int) -> list[torch.Tensor]:
     finally:
         reader.close()
     images = _decode_raw(rows) if info.format == "raw" else _decode_jpeg_cpu(rows)
-    return [img.contiguous() for img in images]
+    return [np.array(img) for img in images]  # writable copies

@@ -1,8 +1,9 @@
 """The train step: a committed resize output in, a trained classifier and its report out.
 
 ``train(data, out, cfg)`` streams the resize output's ``train`` split through
-:class:`imgpipe.loader.ImageLoader`, augments it on the CPU workers or on the device
-(:mod:`imgpipe.augment`), and trains a torchvision model (:mod:`imgpipe.models`) with
+:class:`imgpipe.loader.ImageLoader`, augments it in the loader's CPU workers
+(albumentations, :mod:`imgpipe.augment_cpu`) or on the device (kornia,
+:mod:`imgpipe.augment`), and trains a torchvision model (:mod:`imgpipe.models`) with
 AdamW, a per-step cosine schedule after a linear warmup, soft-target cross-entropy
 (MixUp/CutMix, label smoothing), gradient clipping, and bf16 autocast plus
 channels-last on CUDA. It evaluates (:mod:`imgpipe.evaluation`) on ``val`` after every
@@ -61,14 +62,14 @@ from imgpipe import contract, report, storage
 from imgpipe.augment import (
     BatchAugment,
     MixupCutmix,
-    build_eval_transform,
-    build_train_transform,
+    build_batch_eval_transform,
     channel_stats,
     normalize,
     soft_target_cross_entropy,
     step_generator,
     step_seed,
 )
+from imgpipe.augment_cpu import build_eval_transform, build_train_transform
 from imgpipe.checkpoint import CHECKPOINT, load_checkpoint, resume, save_checkpoint
 from imgpipe.config import config_to_dict, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
@@ -81,10 +82,10 @@ from imgpipe.distributed import (
     resolve_device,
 )
 from imgpipe.evaluation import EvalResult, evaluate
-from imgpipe.loader import ImageLoader, decode_jpeg_batch, read_samples, seed_sample
+from imgpipe.loader import ImageLoader, decode_jpeg_batch, read_samples
 from imgpipe.models import build_model, load_weights
 from imgpipe.optim import build_optimizer, build_scheduler, lr_factor
-from imgpipe.partition import SplitInfo, describe_split, read_labels, split_names
+from imgpipe.partition import SplitInfo, describe_split, read_labels, sample_seed, split_names
 
 # The settings are torch-free (imgpipe.train_config) so the pipeline compiles without torch.
 from imgpipe.train_config import TrainConfig
@@ -224,7 +225,7 @@ def _eval_loader(cfg: TrainConfig, info: SplitInfo, size: int, decode: str, ctx:
     return ImageLoader(
         info,
         cfg.loader(shuffle=False, persistent=persistent),
-        transform=None if identity or on_device else build_eval_transform(size),
+        transform=None if identity or on_device else build_eval_transform(size, info.channels),
         decode_device=decode,
         rank=ctx.rank,
         world_size=ctx.world_size,
@@ -315,7 +316,7 @@ def _prepare_train_batch(run: TrainingRun, batch: Mapping[str, Any], epoch: int,
     if run.gpu_augment is not None:
         x = run.gpu_augment(images, step_seed(run.cfg.seed, epoch, run.ctx.rank, step))
     else:
-        x = normalize(images, run.channels)
+        x = normalize(images, run.channels, run.channels_last)
     x, targets = run.mixer(x, labels, step_generator(run.cfg.seed, epoch, run.ctx.rank, step))
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -382,7 +383,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
 def _prepare_eval_batch(run: TrainingRun, loader: ImageLoader, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     images = _to_device(run, batch)
     if loader.decode_on_device and images.shape[-2:] != (run.image_size, run.image_size):
-        images = build_eval_transform(run.image_size)(images)
+        images = build_batch_eval_transform(run.image_size)(images)
     return normalize(images, run.channels, run.channels_last), batch["label"].to(run.device, non_blocking=True)
 
 
@@ -415,21 +416,18 @@ def _to_display(images: torch.Tensor, channels: int) -> list[np.ndarray]:
 def _augmentation_grid(run: TrainingRun) -> bytes:
     """Samples of the training split, as evaluated and as the training recipe augments them."""
     samples = read_samples(run.train_info, _AUG_SAMPLES)
-    eval_tf = build_eval_transform(run.image_size)
-    originals = _to_display(torch.stack([eval_tf(s) for s in samples]), run.channels)
+    eval_tf = build_eval_transform(run.image_size, run.channels)
+    originals = [eval_tf(s, 0) for s in samples]
+    cpu_tf = None if run.gpu_augment is not None else build_train_transform(run.cfg.augment, run.image_size, run.channels)
     versions: list[list[np.ndarray]] = [[] for _ in samples]
     for v in range(_AUG_VERSIONS):
         if run.gpu_augment is not None:
-            batch = torch.stack(samples).to(run.device)
+            batch = torch.from_numpy(np.stack(samples)).permute(0, 3, 1, 2).to(run.device)
             augmented = _to_display(run.gpu_augment(batch, step_seed(run.cfg.seed, v, 0, 0)), run.channels)
         else:
-            tf = build_train_transform(run.cfg.augment, run.image_size, run.channels)
-            with torch.random.fork_rng(devices=[]):
-                outs = []
-                for i, s in enumerate(samples):
-                    seed_sample(run.cfg.seed, v, i)
-                    outs.append(tf(s))
-            augmented = _to_display(torch.stack(outs), run.channels)
+            assert cpu_tf is not None
+            # As the loader does in epoch v, with the sample's position as its index.
+            augmented = [cpu_tf(s, sample_seed(run.cfg.seed, v, i)) for i, s in enumerate(samples)]
         for i, img in enumerate(augmented):
             versions[i].append(img)
     return report.augmentations_png(originals, versions)
