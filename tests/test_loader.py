@@ -55,8 +55,13 @@ def write_resize_output(
     row_group_rows: int = 4,
     rows_per_shard: int = 12,
     seed: int = 0,
+    whole: tuple[str, ...] = (),
 ) -> str:
-    """Commits a resize-shaped output: ``SPLIT/part-NNNNN.parquet`` sorted by ``order``, labels.json, manifest."""
+    """Commits a resize-shaped output: ``SPLIT/part-NNNNN.parquet`` sorted by ``order``, labels.json, manifest.
+
+    Splits in ``whole`` hold whole pictures, as resize mode ``whole`` stores them: sizes
+    vary per row (short side ``size / 0.875``, aspect up to 2:1), and the manifest says so.
+    """
     counts = counts if counts is not None else {"train": 24, "val": 8, "test": 8}
     names = [f"class_{k}" for k in range(classes)]
     out = OutputWriter(dest, "resize")
@@ -69,6 +74,12 @@ def write_resize_output(
         for i in range(n):
             label = i % classes
             pixels = class_image(label, seed * 100_000 + order, size, channels)
+            if split in whole:
+                short = round(size / 0.875)
+                long = short + (order * 7) % short  # aspects from 1:1 to 2:1, both orientations
+                h, w = (short, long) if i % 2 else (long, short)
+                pixels = np.asarray(Image.fromarray(pixels[..., 0] if channels == 1 else pixels).resize((w, h)))
+                pixels = pixels.reshape(h, w, channels)
             row = {
                 "path": f"images/{split}_{i:04d}.jpg",
                 "label": label,
@@ -76,8 +87,8 @@ def write_resize_output(
                 "split": split,
                 "order": order,
                 "sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
-                "height": size,
-                "width": size,
+                "height": pixels.shape[0],
+                "width": pixels.shape[1],
                 "channels": channels,
             }
             if fmt == "raw":
@@ -97,7 +108,10 @@ def write_resize_output(
         inputs=total,
         rejects=[],
         config={"generated_by": "tests"},
-        extra={"size": size, "format": fmt, "splits": counts, "classes": names, "num_classes": classes},
+        extra={
+            "size": size, "format": fmt, "splits": counts, "classes": names, "num_classes": classes,
+            "mode": "short-side-crop", "split_modes": {s: "whole" if s in whole else "short-side-crop" for s in counts},
+        },  # fmt: skip
     )
     return out.dest
 
@@ -326,3 +340,11 @@ def test_loader_config_rejects_bad_values():
     ]:
         with pytest.raises(ValueError, match=message):
             LoaderConfig(**kwargs)
+
+
+def test_whole_picture_splits_are_described_as_such(tmp_path):
+    data = write_resize_output("file://" + str(tmp_path / "w"), size=16, whole=("train",))
+    train, val = describe_split(data, "train"), describe_split(data, "val")
+    assert train.whole and train.size == 16 and not val.whole and (val.height, val.width, val.size) == (16, 16, 16)
+    rows = read_samples(train, 8)
+    assert len({r.shape for r in rows}) > 1 and all(min(r.shape[:2]) == 18 for r in rows)

@@ -142,9 +142,11 @@ class BatchAugment(nn.Module):
         channels: 1 or 3. For one channel, the policy and colour operations run on a
             3-channel copy that is converted back to grey.
         policy_groups: Chunks with independent policy draws.
+        crop: Start with the RandomResizedCrop; off when the batch arrives cropped
+            (whole-picture rows, cropped per sample in the loader workers).
     """
 
-    def __init__(self, cfg: AugmentConfig, size: int, channels: int, policy_groups: int = 8) -> None:
+    def __init__(self, cfg: AugmentConfig, size: int, channels: int, policy_groups: int = 8, crop: bool = True) -> None:
         super().__init__()
         import kornia.augmentation as K
         from kornia.augmentation import auto
@@ -153,7 +155,8 @@ class BatchAugment(nn.Module):
         self.cfg, self.size, self.channels = cfg, size, channels
         self.policy_groups = max(1, policy_groups)
         self.eval_transform = build_batch_eval_transform(size)
-        geometric: list[nn.Module] = [K.RandomResizedCrop((size, size), scale=cfg.crop_scale)]
+        # crop=False: the workers took each sample's RandomResizedCrop (whole-picture rows).
+        geometric: list[nn.Module] = [K.RandomResizedCrop((size, size), scale=cfg.crop_scale)] if crop else []
         if cfg.hflip:
             geometric.append(K.RandomHorizontalFlip())
         if cfg.rotation > 0:

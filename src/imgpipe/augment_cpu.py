@@ -137,6 +137,7 @@ __all__ = [
     "SampleTransform",
     "Soften",
     "build_train_transform",
+    "build_crop_transform",
     "build_eval_transform",
     "randaugment_ops",
     "trivialaugment_ops",
@@ -508,15 +509,30 @@ def build_train_transform(cfg: AugmentConfig, size: int, channels: int) -> Sampl
     return SampleTransform(_train_ops(cfg, size, channels), size, channels, random=True)
 
 
-def build_eval_transform(size: int, channels: int | None = None) -> SampleTransform:
-    """Shorter side to ``size`` (INTER_AREA when shrinking), then the centre ``size x size``; no randomness.
+def build_crop_transform(cfg: AugmentConfig, size: int, channels: int) -> SampleTransform:
+    """Only the recipe's RandomResizedCrop: any-size rows to ``size x size`` for the device to augment.
 
-    At the data's own size (the resize step's ``short-side-crop``) this is the identity.
+    For whole-picture rows (resize mode ``whole``) when augmentation runs on the GPU: the
+    batch must be of one size before it is stacked, so the crop runs per sample in the
+    workers and :class:`imgpipe.augment.BatchAugment` (``crop=False``) does the rest.
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    return SampleTransform(_train_ops(cfg, size, channels)[:1], size, channels, random=True)
+
+
+def build_eval_transform(size: int, channels: int | None = None, resize_to: int | None = None) -> SampleTransform:
+    """Shorter side to ``resize_to`` (default ``size``; INTER_AREA when shrinking), then the centre ``size x size``.
+
+    No randomness. At the data's own size (the resize step's ``short-side-crop``) this is
+    the identity. For whole pictures stored with their short side at ``size / 0.875`` (mode
+    ``whole``), ``resize_to`` of that side gives the standard evaluation view, the centre
+    ``size`` of it, the pixels ``short-side-crop`` would have stored.
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     ops = [
-        A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image", p=1.0),
+        A.SmallestMaxSize(max_size=resize_to or size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image", p=1.0),
         A.CenterCrop(size, size, p=1.0),
     ]
     return SampleTransform(ops, size, channels, random=False)

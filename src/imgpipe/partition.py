@@ -100,9 +100,13 @@ class SplitInfo:
         split: Split name (``train``, ``val``, ``test``).
         format: ``raw`` (``pixels`` column) or ``jpeg`` (``image`` column).
         row_groups: Every row group of the split's files, in manifest order.
-        height: Image height of the first row (resize makes all rows alike).
+        height: Image height of the first row (all rows alike unless ``whole``).
         width: Image width of the first row.
         channels: Channels of the first row (1 or 3).
+        size: The side the resize step made for models (its manifest's ``size``): every
+            row's side, or for a ``whole`` split the side readers crop to.
+        whole: Rows are whole pictures of varying size (resize mode ``whole``); a reader
+            crops each one (RandomResizedCrop for training, a centre crop for evaluation).
     """
 
     data: str
@@ -112,6 +116,8 @@ class SplitInfo:
     height: int
     width: int
     channels: int
+    size: int = 0
+    whole: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -193,7 +199,10 @@ def describe_split(data: str, split: str, manifest: Mapping[str, Any] | None = N
                     groups.append(RowGroup(uri, rg, rows, first_index))
                     first_index += rows
     assert fmt is not None and geometry is not None
-    return SplitInfo(data, split, fmt, tuple(groups), *geometry)  # type: ignore[arg-type]
+    extra = manifest.get("extra") or {}
+    whole = (extra.get("split_modes") or {}).get(split, extra.get("mode")) == "whole"
+    size = int(extra.get("size") or geometry[0])
+    return SplitInfo(data, split, fmt, tuple(groups), *geometry, size=size, whole=whole)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------

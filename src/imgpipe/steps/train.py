@@ -69,7 +69,12 @@ from imgpipe.augment import (
     step_generator,
     step_seed,
 )
-from imgpipe.augment_cpu import build_eval_transform, build_train_transform
+from imgpipe.augment_cpu import (
+    SampleTransform,
+    build_crop_transform,
+    build_eval_transform,
+    build_train_transform,
+)
 from imgpipe.checkpoint import CHECKPOINT, load_checkpoint, resume, save_checkpoint
 from imgpipe.config import config_to_dict, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
@@ -88,6 +93,7 @@ from imgpipe.optim import build_optimizer, build_scheduler, lr_factor
 from imgpipe.partition import SplitInfo, describe_split, read_labels, sample_seed, split_names
 
 # The settings are torch-free (imgpipe.train_config) so the pipeline compiles without torch.
+from imgpipe.resize_spec import CROP_FRACTION
 from imgpipe.train_config import TrainConfig
 
 __all__ = [
@@ -218,18 +224,31 @@ def _optional_split(data: str, split: str, manifest: Mapping[str, Any]) -> Split
     return describe_split(data, split, manifest)
 
 
+def _eval_transform(info: SplitInfo, size: int) -> SampleTransform:
+    """The evaluation view: a whole picture's centre ``size``, as ``short-side-crop`` stores it; else resize + crop."""
+    resize_to = round(size / CROP_FRACTION) if info.whole else None
+    return build_eval_transform(size, info.channels, resize_to=resize_to)
+
+
 def _eval_loader(cfg: TrainConfig, info: SplitInfo, size: int, decode: str, ctx: DistInfo, persistent: bool) -> ImageLoader:
     """Evaluation order; the resize/centre-crop runs in the workers unless the device decodes."""
-    on_device = info.format == "jpeg" and decode == "cuda"
-    identity = (info.height, info.width) == (size, size)
+    on_device = info.format == "jpeg" and decode == "cuda" and not info.whole
+    identity = not info.whole and (info.height, info.width) == (size, size)
     return ImageLoader(
         info,
         cfg.loader(shuffle=False, persistent=persistent),
-        transform=None if identity or on_device else build_eval_transform(size, info.channels),
-        decode_device=decode,
+        transform=None if identity or on_device else _eval_transform(info, size),
+        decode_device="cpu" if info.whole else decode,
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
+
+
+def _train_transform(cfg: TrainConfig, info: SplitInfo, size: int, on_device: bool) -> SampleTransform | None:
+    """The workers' share of the recipe: all of it on CPU; on the device, only the crop of whole pictures."""
+    if not on_device:
+        return build_train_transform(cfg.augment, size, info.channels)
+    return build_crop_transform(cfg.augment, size, info.channels) if info.whole else None
 
 
 def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Mapping[str, Any]) -> TrainingRun:
@@ -237,13 +256,18 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
     device = resolve_device(cfg.device, ctx.local_rank)
     labels = read_labels(data, manifest)
     train_info = describe_split(data, "train", manifest)
-    size = cfg.image_size or train_info.height
+    size = cfg.image_size or train_info.size
     channels = train_info.channels
     on_device = _aug_on_device(cfg, device)
+    # Whole pictures are cropped in the workers, so they decode there too.
     decode = "cuda" if on_device and device.type == "cuda" else "cpu"
-    transform = None if on_device else build_train_transform(cfg.augment, size, channels)
     train_loader = ImageLoader(
-        train_info, cfg.loader(shuffle=True), transform=transform, decode_device=decode, rank=ctx.rank, world_size=ctx.world_size
+        train_info,
+        cfg.loader(shuffle=True),
+        transform=_train_transform(cfg, train_info, size, on_device),
+        decode_device="cpu" if train_info.whole else decode,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
     )
     val_info = _optional_split(data, "val", manifest)
     val_loader = _eval_loader(cfg, val_info, size, decode, ctx, cfg.persistent_workers) if val_info else None
@@ -291,7 +315,7 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
         test_info=_optional_split(data, "test", manifest),
         image_size=size,
         channels=channels,
-        gpu_augment=BatchAugment(cfg.augment, size, channels).to(device) if on_device else None,
+        gpu_augment=BatchAugment(cfg.augment, size, channels, crop=not train_info.whole).to(device) if on_device else None,
         model=model,
         module=module,
         optimizer=optimizer,
@@ -416,18 +440,20 @@ def _to_display(images: torch.Tensor, channels: int) -> list[np.ndarray]:
 def _augmentation_grid(run: TrainingRun) -> bytes:
     """Samples of the training split, as evaluated and as the training recipe augments them."""
     samples = read_samples(run.train_info, _AUG_SAMPLES)
-    eval_tf = build_eval_transform(run.image_size, run.channels)
+    eval_tf = _eval_transform(run.train_info, run.image_size)
     originals = [eval_tf(s, 0) for s in samples]
-    cpu_tf = None if run.gpu_augment is not None else build_train_transform(run.cfg.augment, run.image_size, run.channels)
+    cpu_tf = _train_transform(run.cfg, run.train_info, run.image_size, run.gpu_augment is not None)
     versions: list[list[np.ndarray]] = [[] for _ in samples]
     for v in range(_AUG_VERSIONS):
+        # As the loader does in epoch v, with the sample's position as its index.
+        seeds = [sample_seed(run.cfg.seed, v, i) for i in range(len(samples))]
         if run.gpu_augment is not None:
-            batch = torch.from_numpy(np.stack(samples)).permute(0, 3, 1, 2).to(run.device)
+            cropped = [cpu_tf(s, seed) for s, seed in zip(samples, seeds)] if cpu_tf is not None else samples
+            batch = torch.from_numpy(np.stack(cropped)).permute(0, 3, 1, 2).to(run.device)
             augmented = _to_display(run.gpu_augment(batch, step_seed(run.cfg.seed, v, 0, 0)), run.channels)
         else:
             assert cpu_tf is not None
-            # As the loader does in epoch v, with the sample's position as its index.
-            augmented = [cpu_tf(s, sample_seed(run.cfg.seed, v, i)) for i, s in enumerate(samples)]
+            augmented = [cpu_tf(s, seed) for s, seed in zip(samples, seeds)]
         for i, img in enumerate(augmented):
             versions[i].append(img)
     return report.augmentations_png(originals, versions)
