@@ -103,11 +103,11 @@ PARAMETER_FIELDS: dict[str, tuple[type, str]] = {
 # On Kubeflow the resize work goes to a KubeRay RayJob; the step's own default (a local
 # Ray, ResizeConfig.ray_address "") is the CLI's. "" runs Ray inside the resize pod.
 DEFAULT_RAY_ADDRESS = "kuberay"
-# "" means resize_mode. The pipeline is to store its train split whole by default (training
-# crops then sample the whole picture, as FFCV and timm do) once train crops variable-size
-# rows itself; until then the default keeps today's storage. The step's own default
-# (ResizeConfig.train_mode None: train as mode) is the CLI's.
-DEFAULT_RESIZE_TRAIN_MODE = ""
+# The pipeline always trains, so its train split is stored whole by default: training crops
+# then sample the whole picture (as FFCV and timm do), and train centre-crops val/test as
+# short-side-crop stored them. The step's own default (ResizeConfig.train_mode None: train
+# as mode) is the CLI's. "" means resize_mode.
+DEFAULT_RESIZE_TRAIN_MODE = "whole"
 # The run parameters that are not a step config field.
 _OTHER_PARAMETERS = {
     "data_root": "Where every step writes: {data_root}/runs/{run id}/{step}/ (s3://bucket/prefix).",
