@@ -26,6 +26,13 @@ but Ray Data's per-execution start-up of a few tenths of a second is included) a
 *after the first batch* (rows after the first output batch over the time from its
 arrival to the last). Pools are started and warmed outside the timing.
 
+Cold (``--cold``, what a pod pays): each set once more, each method in a fresh process timed
+from outside: ``imgpipe resize SOURCE DEST`` (imports, its own local Ray, the run, the commit)
+against a fresh process that reads the same clean output and maps ``resize_image`` over it in
+a ``multiprocessing.Pool`` (imports, pool start, reading, resizing). The fixed cost of each is
+its cold time less ``images / steady rate`` (the steady rates measured above), i.e. what it
+pays before and around the work itself.
+
 Per-image CPU time: one process, no Ray, ``time.process_time`` per piece (full decode,
 draft decode, ``resize_image``, the reference, the baseline recipe, and ``resize_image``
 at a smaller DRAFT_MARGIN with its difference from the reference).
@@ -66,6 +73,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -551,8 +559,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="only the CPU-time table: no Ray, pools, memory",
     )
+    parser.add_argument("--cold", action="store_true", help="also time each set's step and pool in fresh processes")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-run", nargs=2, metavar=("SOURCE", "DEST"), help=argparse.SUPPRESS)
+    parser.add_argument("--pool-run", nargs=2, metavar=("SOURCE", "WORKERS"), help=argparse.SUPPRESS)
     return parser
 
 
@@ -653,6 +663,7 @@ def measure_set(
         }
     return {
         "set": s.label,
+        "source": source,
         "images": s.count,
         "width": s.width,
         "height": s.height,
@@ -775,10 +786,59 @@ def print_tables(
             )
 
 
+def pool_run(source: str, workers: int) -> int:
+    """The cold process pool's child: read the clean output, resize every image in a Pool."""
+    from imgpipe import contract, storage
+
+    blobs = []
+    for uri in contract.data_files(source):
+        table = pa.parquet.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["image"])
+        blobs.extend(row["bytes"] for row in table.column("image").to_pylist())
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return len(pool.map(resize_one, blobs, chunksize=max(1, len(blobs) // (workers * 8))))
+
+
+def measure_cold(root: Path, r: dict[str, Any], workers: int) -> dict[str, Any]:
+    """One fresh ``imgpipe resize`` and one fresh pool process on a set's clean output (see the docstring)."""
+    source, dest = r["source"], str(root / f"{r['set']}-cold")
+    timings = {}
+    for name, cmd in (
+        ("step", [sys.executable, "-m", "imgpipe.cli", "resize", source, dest]),
+        ("pool", [sys.executable, __file__, "--pool-run", source, str(workers)]),
+    ):
+        shutil.rmtree(dest, ignore_errors=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        timings[name] = time.perf_counter() - t0
+    steady_step = r["methods"][OURS]["steady_img_s"] or r["methods"][OURS]["img_s"]
+    steady_pool = r["methods"][pool_name(workers)]["img_s"]
+    fixed_step = timings["step"] - r["images"] / steady_step
+    fixed_pool = timings["pool"] - r["images"] / steady_pool
+    return {
+        "set": r["set"], "images": r["images"], "step_cold_s": timings["step"], "pool_cold_s": timings["pool"],
+        "step_fixed_s": fixed_step, "pool_fixed_s": fixed_pool, "fixed_over_pool_s": fixed_step - fixed_pool,
+        "steady_step_over_pool": steady_step / steady_pool, "cold_step_over_pool": timings["pool"] / timings["step"],
+    }  # fmt: skip
+
+
+def print_cold(cold: list[dict[str, Any]]) -> None:
+    print("\nCold, a fresh process each (as a pod runs it):\n")
+    print("| set | images | `imgpipe resize` cold s | pool cold s | step / pool speed, cold | step fixed cost s | pool fixed cost s | fixed cost over the pool s | step / pool, steady |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in cold:
+        print(
+            f"| {c['set']} | {c['images']} | {c['step_cold_s']:.2f} | {c['pool_cold_s']:.2f} | {c['cold_step_over_pool']:.2f} "
+            f"| {c['step_fixed_s']:.2f} | {c['pool_fixed_s']:.2f} | **{c['fixed_over_pool_s']:.2f}** | **{c['steady_step_over_pool']:.2f}** |"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.memory_run:  # the child process of measure_memory
         print(json.dumps(memory_run(*args.memory_run)))
+        return 0
+    if args.pool_run:  # the child process of measure_cold
+        print(pool_run(args.pool_run[0], int(args.pool_run[1])))
         return 0
     sets = args.sets or [
         parse_set("0.2MP:300:516x388"),
@@ -807,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"per-image {s.label}: {per_image[s.label]}", file=sys.stderr, flush=True)
     results: list[dict[str, Any]] = []
     memory: list[dict[str, Any]] = []
+    cold: list[dict[str, Any]] = []
     if not args.per_image_only:
         with tempfile.TemporaryDirectory(prefix="imgpipe-bench-resize-") as tmp:
             root = Path(tmp)
@@ -820,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 ray.shutdown()
             env["loadavg_after_throughput"] = os.getloadavg()
+            if args.cold:
+                cold = [measure_cold(root, r, args.workers) for r in results]
             if args.memory_counts:
                 w, h = (int(v) for v in args.memory_size.lower().split("x"))
                 memory = measure_memory(
@@ -832,6 +895,8 @@ def main(argv: list[str] | None = None) -> int:
         print_per_image(per_image, args.per_image)
     if results:
         print_tables(env, results, checks, memory, args.repeats)
+    if cold:
+        print_cold(cold)
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -841,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sets": results,
                     "checks": checks,
                     "memory": memory,
+                    "cold": cold,
                 },
                 indent=2,
                 default=float,
