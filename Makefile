@@ -74,9 +74,10 @@ compile: install
 # The resize benchmark's real photographs come from scikit-image and scikit-learn (extra "bench").
 bench: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
-	$(NETNS) $(BIN)/python bench/clean.py --classes 37 --per-class 100 --repeats 5
-	$(NETNS) $(BIN)/python bench/resize.py --repeats 3
-	$(NETNS) $(BIN)/python bench/loader.py --images 2000 --epochs 3
+	$(NETNS) $(BIN)/python bench/clean.py --classes 37 --per-class 100 --repeats 3
+	$(NETNS) $(BIN)/python bench/resize.py --repeats 3 --cold
+	$(NETNS) $(BIN)/python bench/loader.py --images 2000 --epochs 3 --cold-repeats 2
+	$(NETNS) $(BIN)/python bench/crop_modes.py --classes 12 --per-class 80 --size 64 --epochs 12 --seeds 0,1
 
 clean-data:
 	rm -rf .data

@@ -446,6 +446,11 @@ def per_image_cpu(photos: Sequence[Photo], repeats: int = 3) -> dict[str, Any]:
     absolute difference (grey levels) of the fast path from the full-decode reference, at
     today's DRAFT_MARGIN and at PROPOSED_MARGIN.
     """
+    # As the step runs it (resize_batch): one OpenCV thread per process. OpenCV's own pool
+    # would add its threads' CPU time to this process's and overstate the work.
+    import cv2
+
+    cv2.setNumThreads(1)
     from torchvision import transforms
 
     transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
