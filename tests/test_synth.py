@@ -92,6 +92,18 @@ def _upright(data: bytes) -> Image.Image:
 # --- config ----------------------------------------------------------------------
 
 
+def assert_box_on_the_object(img, box, c, n):
+    """The head box is in frame and mostly covers pixels of the class hue, far above the image's share."""
+    x0, y0, x1, y1 = box
+    assert 1 <= x0 < x1 <= img.width and 1 <= y0 < y1 <= img.height
+    hsv = np.asarray(img.convert("HSV"), dtype=np.float32) / 255
+    dh = np.abs(hsv[..., 0] - class_style(c).hue)
+    on_hue = (np.minimum(dh, 1 - dh) < 0.06) & (hsv[..., 1] > 0.45)
+    inside = on_hue[y0 - 1 : y1, x0 - 1 : x1].mean()
+    assert inside >= 0.1, (c, n, inside)
+    assert inside >= 2 * on_hue.mean(), (c, n, inside, on_hue.mean())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -196,13 +208,7 @@ def test_head_box_sits_on_the_object() -> None:
         for n in range(1, 4):
             rng = image_rng(0, c, n)
             img, (x0, y0, x1, y1) = render_image(c, rng, sample_size(rng))
-            assert 1 <= x0 < x1 <= img.width and 1 <= y0 < y1 <= img.height
-            hsv = np.asarray(img.convert("HSV"), dtype=np.float32) / 255
-            dh = np.abs(hsv[..., 0] - class_style(c).hue)
-            on_hue = (np.minimum(dh, 1 - dh) < 0.06) & (hsv[..., 1] > 0.45)
-            inside = on_hue[y0 - 1 : y1, x0 - 1 : x1].mean()
-            assert inside >= 0.1, (c, n, inside)
-            assert inside >= 2 * on_hue.mean(), (c, n, inside, on_hue.mean())
+            assert_box_on_the_object(img, (x0, y0, x1, y1), c, n)
 
 
 # --- archives -------------------------------------------------------------------
@@ -490,13 +496,7 @@ def test_off_centre_objects_stay_in_frame_with_a_correct_head_box() -> None:
             img, (x0, y0, x1, y1) = render_image(
                 c, rng, sample_elongated_size(rng), off_centre=True
             )
-            assert 1 <= x0 < x1 <= img.width and 1 <= y0 < y1 <= img.height
-            hsv = np.asarray(img.convert("HSV"), dtype=np.float32) / 255
-            dh = np.abs(hsv[..., 0] - class_style(c).hue)
-            on_hue = (np.minimum(dh, 1 - dh) < 0.06) & (hsv[..., 1] > 0.45)
-            inside = on_hue[y0 - 1 : y1, x0 - 1 : x1].mean()
-            assert inside >= 0.1, (c, n, inside)
-            assert inside >= 2 * on_hue.mean(), (c, n, inside, on_hue.mean())
+            assert_box_on_the_object(img, (x0, y0, x1, y1), c, n)
 
 
 def test_off_centre_end_band_placement_keeps_the_object_in_frame() -> None:
