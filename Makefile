@@ -50,7 +50,7 @@ test-faults: install
 
 lint: install
 	$(BIN)/ruff check src tests bench components pipelines
-	$(BIN)/hadolint docker/*.Dockerfile
+	$(BIN)/hadolint docker/Dockerfile
 
 # Needs a Docker-compatible engine (DOCKER_HOST; README.md, "Containers"). Builds use the
 # host's network for pip, so they run outside the loopback-only namespace.
