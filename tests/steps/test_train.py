@@ -235,13 +235,14 @@ def test_batched_augmentation_path_with_jpeg_data_and_workers(tmp_path):
     assert resolved["aug_device"] == "gpu" and resolved["num_workers"] == 2
 
 
-@pytest.mark.parametrize(("aug_device", "fmt"), [("cpu", "raw"), ("gpu", "jpeg")])
-def test_whole_pictures_are_cropped_at_load_time(tmp_path, aug_device, fmt):
+@pytest.mark.parametrize(("aug_device", "fmt", "whole"), [("cpu", "raw", ("train",)), ("gpu", "jpeg", ("train",)), ("cpu", "jpeg", ("train", "val"))])
+def test_whole_pictures_are_cropped_at_load_time(tmp_path, aug_device, fmt, whole):
     # Train rows of varying size (resize mode whole): RandomResizedCrop over each whole picture,
     # in the recipe (CPU) or alone in the workers before the batched recipe (GPU path, here on
-    # CPU tensors); val is centre-cropped as stored. The training side is the data's size.
+    # CPU tensors); val is centre-cropped as stored, or at load time when it is whole too. The
+    # training side is the data's size.
     data = write_resize_output(
-        "file://" + str(tmp_path / "whole"), counts={"train": 16, "val": 4}, size=32, fmt=fmt, whole=("train",)
+        "file://" + str(tmp_path / "whole"), counts={"train": 16, "val": 4}, size=32, fmt=fmt, whole=whole
     )
     out = "file://" + str(tmp_path / "out")
     report = train(data, out, tiny(epochs=1, aug_device=aug_device, num_workers=2 if fmt == "jpeg" else 0))
