@@ -339,6 +339,20 @@ def test_end_to_end_on_s3(ray_session, s3_bucket):
     assert (arr[:90] == 114).all() and (arr[-90:] == 114).all()  # 600x40 letterboxed
 
 
+def rows_with_two_bad(good: dict[str, bytes], g4_split: str) -> list[tuple[str, bytes, str, int]]:
+    """Six good JPEGs and two bad rows (garbage, empty) over splits, orders deliberately not ascending."""
+    return [
+        ("g0.jpg", good["g0.jpg"], "train", 7),
+        ("garbage.jpg", b"\xff\xd8\xff\xe0" + bytes(40), "train", 3),
+        ("g1.jpg", good["g1.jpg"], "train", 1),
+        ("g2.jpg", good["g2.jpg"], "val", 6),
+        ("g3.jpg", good["g3.jpg"], "train", 0),
+        ("empty.jpg", b"", "val", 5),
+        ("g4.jpg", good["g4.jpg"], g4_split, 2),
+        ("g5.jpg", good["g5.jpg"], "train", 4),
+    ]
+
+
 def write_clean_by_hand(dest: str, rows: list[tuple[str, bytes, str, int]]) -> str:
     """A clean-shaped committed output, rows in file order exactly as given (any order)."""
     out = OutputWriter(dest, "clean")
@@ -370,16 +384,7 @@ def write_clean_by_hand(dest: str, rows: list[tuple[str, bytes, str, int]]) -> s
 def test_bad_rows_become_rejects_and_good_rows_survive(ray_session, tmp_path):
     good = {f"g{i}.jpg": f.jpeg(50 + i, 40, seed=i) for i in range(6)}
     # Orders deliberately not ascending in file order: every output file must still be sorted.
-    rows = [
-        ("g0.jpg", good["g0.jpg"], "train", 7),
-        ("garbage.jpg", b"\xff\xd8\xff\xe0" + bytes(40), "train", 3),
-        ("g1.jpg", good["g1.jpg"], "train", 1),
-        ("g2.jpg", good["g2.jpg"], "val", 6),
-        ("g3.jpg", good["g3.jpg"], "train", 0),
-        ("empty.jpg", b"", "val", 5),
-        ("g4.jpg", good["g4.jpg"], "train", 2),
-        ("g5.jpg", good["g5.jpg"], "train", 4),
-    ]
+    rows = rows_with_two_bad(good, g4_split="train")
     source = write_clean_by_hand(str(tmp_path / "clean"), rows)
     dest = str(tmp_path / "resize")
     cfg = ResizeConfig(size=SIZE, format="jpeg", batch_size=2, rows_per_shard=3, row_group_rows=2, ops=("equalize",))
@@ -439,16 +444,7 @@ def test_train_split_stored_whole_and_the_others_cropped(ray_session, tmp_path):
 @ray_test
 def test_whole_train_split_jpeg_and_rejects(ray_session, tmp_path):
     good = {f"g{i}.jpg": f.jpeg(50 + 20 * i, 40, seed=i) for i in range(6)}
-    rows = [
-        ("g0.jpg", good["g0.jpg"], "train", 7),
-        ("garbage.jpg", b"\xff\xd8\xff\xe0" + bytes(40), "train", 3),
-        ("g1.jpg", good["g1.jpg"], "train", 1),
-        ("g2.jpg", good["g2.jpg"], "val", 6),
-        ("g3.jpg", good["g3.jpg"], "train", 0),
-        ("empty.jpg", b"", "val", 5),
-        ("g4.jpg", good["g4.jpg"], "test", 2),
-        ("g5.jpg", good["g5.jpg"], "train", 4),
-    ]
+    rows = rows_with_two_bad(good, g4_split="test")
     source = write_clean_by_hand(str(tmp_path / "clean"), rows)
     dest = str(tmp_path / "resize")
     cfg = ResizeConfig(size=SIZE, format="jpeg", train_mode="whole", batch_size=3, rows_per_shard=3, row_group_rows=2)
