@@ -413,7 +413,8 @@ def measure_memory(
 # ----------------------------------------------------------------------------------------
 # Per-image CPU time, one process, no Ray: where the time goes.
 
-PROPOSED_MARGIN = 1.25
+# The train split's default storage (ResizeConfig.train_mode): the whole picture.
+_WHOLE = ResizeSpec(mode="whole")
 
 
 def baseline_one(data: bytes, transform: Any) -> np.ndarray:
@@ -427,24 +428,13 @@ def full_decode(data: bytes) -> int:
         return img.width
 
 
-@contextlib.contextmanager
-def draft_margin(margin: float) -> Iterator[None]:
-    """Bench-only: ``_resize`` reads the module-level DRAFT_MARGIN at call time."""
-    saved = resize_ops.DRAFT_MARGIN
-    resize_ops.DRAFT_MARGIN = margin
-    try:
-        yield
-    finally:
-        resize_ops.DRAFT_MARGIN = saved
-
-
 def per_image_cpu(photos: Sequence[Photo], repeats: int = 3) -> dict[str, Any]:
     """CPU ms per image (best of ``repeats`` passes, ``time.process_time``) of each piece.
 
     CPU time of one process is far less disturbed by other load than wall time, so these
     show the per-image work each method does, free of Ray and pool effects. Also the mean
-    absolute difference (grey levels) of the fast path from the full-decode reference, at
-    today's DRAFT_MARGIN and at PROPOSED_MARGIN.
+    absolute difference (grey levels) of the fast path from the full-decode reference, for
+    the default ``short-side-crop`` and for ``whole`` (the train split's default).
     """
     # As the step runs it (resize_batch): one OpenCV thread per process. OpenCV's own pool
     # would add its threads' CPU time to this process's and overstate the work.
@@ -466,24 +456,21 @@ def per_image_cpu(photos: Sequence[Photo], repeats: int = 3) -> dict[str, Any]:
             best = min(best, time.process_time() - t0)
         return 1000 * best / len(blobs)
 
-    def mad(outs: list[np.ndarray]) -> float:
-        diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)).mean() for a, b in zip(outs, refs)]
-        return float(np.mean(diffs))
+    def mad(spec: ResizeSpec) -> float:
+        pairs = [(resize_image(b, spec), resize_image_reference(b, spec)) for b in blobs]
+        return float(np.mean([np.abs(a.astype(np.int16) - r.astype(np.int16)).mean() for a, r in pairs]))
 
-    refs = [resize_image_reference(b, _SPEC) for b in blobs]
     row = {
         "full decode": ms(full_decode),
         "draft decode (floor)": ms(decode_floor),
         "resize_image": ms(resize_one),
         "resize_image_reference": ms(lambda b: resize_image_reference(b, _SPEC)),
         "baseline PIL + torchvision": ms(lambda b: baseline_one(b, transform)),
-        "mad": mad([resize_image(b, _SPEC) for b in blobs]),
+        "mad": mad(_SPEC),
+        "resize_image whole": ms(lambda b: resize_image(b, _WHOLE)),
+        "mad whole": mad(_WHOLE),
+        "draft": sorted({draft_scale(b) for b in blobs}),
     }
-    with draft_margin(PROPOSED_MARGIN):
-        row[f"resize_image, margin {PROPOSED_MARGIN:g}"] = ms(resize_one)
-        row["mad_proposed"] = mad([resize_image(b, _SPEC) for b in blobs])
-        row["draft_proposed"] = sorted({draft_scale(b) for b in blobs})
-    row["draft"] = sorted({draft_scale(b) for b in blobs})
     return row
 
 
@@ -493,19 +480,17 @@ def print_per_image(per_image: dict[str, dict[str, Any]], images: int) -> None:
     print(
         "| set | full decode | draft decode (floor) | resize_image | resize_image_reference "
         "| baseline PIL + torchvision | speed-up vs baseline | speed vs floor | MAD vs reference "
-        f"| resize_image, margin {PROPOSED_MARGIN:g} | its draft | its MAD | its speed-up vs baseline |"
+        "| draft | `whole` mode | its speed vs floor | its MAD |"
     )
-    print(
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"
-    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     for label, r in per_image.items():
-        ours, prop = r["resize_image"], r[f"resize_image, margin {PROPOSED_MARGIN:g}"]
+        ours, whole = r["resize_image"], r["resize_image whole"]
         base, floor = r["baseline PIL + torchvision"], r["draft decode (floor)"]
-        drafts = ", ".join(f"1/{round(1 / v)}" for v in r["draft_proposed"])
+        drafts = ", ".join(f"1/{round(1 / v)}" for v in r["draft"])
         print(
-            f"| {label} | {r['full decode']:.1f} | {floor:.1f} | {ours:.1f} "
+            f"| {label} | {r['full decode']:.1f} | {floor:.1f} | {ours:.2f} "
             f"| {r['resize_image_reference']:.1f} | {base:.1f} | {base / ours:.2f} | {floor / ours:.2f} "
-            f"| {r['mad']:.2f} | {prop:.1f} | {drafts} | {r['mad_proposed']:.2f} | {base / prop:.2f} |"
+            f"| {r['mad']:.2f} | {drafts} | {whole:.2f} | {floor / whole:.2f} | {r['mad whole']:.2f} |"
         )
     print()
 

@@ -643,3 +643,33 @@ def test_warp_path_close_to_pil_where_no_draft_helps(kind, mode, monkeypatch):
     assert used, "the warp path must have run"
     mad = np.abs(fast.astype(np.int16) - ref.astype(np.int16)).mean()
     assert fast.shape == ref.shape and mad < (1.0 if kind == "smooth" else 2.0), f"MAD {mad:.2f}"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_opencv_decode_gives_pillows_pixels(mode):
+    # The warp path decodes RGB and L JPEGs with OpenCV: the same libjpeg-turbo, the same pixels.
+    data = f.encode(textured_photo(300, 200, seed=2).convert(mode), "JPEG", quality=90)
+    with Image.open(io.BytesIO(data)) as img:
+        pil = np.asarray(img.convert(mode))
+        geometry = plan_geometry(img.width, img.height, ResizeSpec(size=224, mode="fixed"))
+        arr = ops._decode_array(data, img, geometry)
+    assert np.array_equal(arr, pil.reshape(arr.shape))
+
+
+def test_opencv_decode_rejects_a_truncated_jpeg_as_pillow_does():
+    data = f.encode(textured_photo(300, 200, seed=2), "JPEG", quality=90)
+    spec = ResizeSpec(size=224, mode="fixed")  # 1.3x: the warp path, OpenCV's decode
+    with pytest.raises(ResizeError) as err:
+        resize_image(data[: len(data) // 2], spec)
+    assert err.value.reason == "undecodable"
+    with pytest.raises(ResizeError):
+        resize_image_reference(data[: len(data) // 2], spec)
+
+
+def test_whole_array_resize_maps_pixels_as_the_warp_does():
+    # The whole-array shortcut (cv2.resize) and warpAffine sample the same source points.
+    arr = np.asarray(textured_photo(300, 200, seed=3))
+    whole = ops.warp_resize(arr, (0.0, 0.0, 300.0, 200.0), (171, 128))
+    warped = ops.warp_resize(arr, (0.0, 0.0, 300.0, 200.0 - 1e-9), (171, 128))
+    assert whole.shape == warped.shape == (128, 171, 3)
+    assert np.abs(whole.astype(np.int16) - warped.astype(np.int16)).max() <= 2

@@ -39,6 +39,12 @@ photo-like and textured images, about 1 on real photos (measured values in
 ``tests/test_resize_ops.py::test_fast_path_close_to_reference``). PNG and other
 lossless inputs are always fully decoded.
 
+Where no draft helps (at most :data:`WARP_MAX_SCALE` source pixels per output pixel, e.g.
+0.2 MP photos to 224), OpenCV does the work: it decodes an RGB or L JPEG straight into an
+array (the same pixels as Pillow, without Pillow's copy out of its buffer), and a
+Gaussian prefilter plus bilinear sampling of the exact box stands in for PIL's filter
+(:func:`warp_resize`).
+
 Standardization ops run after the resize, in the order given, except ``roi_crop``,
 which selects the source region before the resize (so the output keeps the mode's
 size) and therefore must come first. Each op is a name with optional
@@ -305,6 +311,11 @@ def _sigma(scale: float) -> float:
     return ANTIALIAS_K * math.sqrt(scale * scale - 1.0) if scale > 1.0 else 0.0
 
 
+def _blur(arr: np.ndarray, sig_x: float, sig_y: float) -> np.ndarray:
+    kx, ky = 2 * round(2 * sig_x) + 1, 2 * round(2 * sig_y) + 1
+    return cv2.GaussianBlur(arr, (kx, ky), sigmaX=sig_x or 1e-6, sigmaY=sig_y or 1e-6, borderType=cv2.BORDER_REPLICATE)
+
+
 def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> np.ndarray:
     """Antialiased bilinear resize of the sub-pixel ``box`` of ``arr`` to ``out_size``, with OpenCV.
 
@@ -325,14 +336,20 @@ def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_siz
     x0, y0, x1, y1 = box
     sx, sy = (x1 - x0) / out_size[0], (y1 - y0) / out_size[1]
     sig_x, sig_y = _sigma(sx), _sigma(sy)
+    if box == (0.0, 0.0, float(arr.shape[1]), float(arr.shape[0])):
+        # The whole array (whole, fixed and pad modes): cv2.resize maps output pixel
+        # centres onto the same source points as the warp below and repeats the edge
+        # too, at about 2/3 of warpAffine's cost (separable tables, no per-pixel map).
+        if sig_x or sig_y:
+            arr = _blur(arr, sig_x, sig_y)
+        return _hwc(cv2.resize(arr, out_size, interpolation=cv2.INTER_LINEAR))
     # Only the box and what the filters reach beyond it are touched.
     margin = 2 + 2 * math.ceil(2 * max(sig_x, sig_y))
     left, top = max(0, math.floor(x0) - margin), max(0, math.floor(y0) - margin)
     right, bottom = min(arr.shape[1], math.ceil(x1) + margin), min(arr.shape[0], math.ceil(y1) + margin)
     sub = arr[top:bottom, left:right]
     if sig_x or sig_y:
-        kx, ky = 2 * round(2 * sig_x) + 1, 2 * round(2 * sig_y) + 1
-        sub = cv2.GaussianBlur(sub, (kx, ky), sigmaX=sig_x or 1e-6, sigmaY=sig_y or 1e-6, borderType=cv2.BORDER_REPLICATE)
+        sub = _blur(sub, sig_x, sig_y)
     # Output pixel (u, v) samples the source at x0 + (u + 0.5) * sx - 0.5 (pixel centres).
     matrix = np.array([[sx, 0.0, x0 - left + 0.5 * sx - 0.5], [0.0, sy, y0 - top + 0.5 * sy - 0.5]])
     out = cv2.warpAffine(
@@ -345,16 +362,51 @@ def _within_warp(box: tuple[float, float, float, float], out_size: tuple[int, in
     return max((box[2] - box[0]) / out_size[0], (box[3] - box[1]) / out_size[1]) <= WARP_MAX_SCALE
 
 
-def _crop_region(img: Image.Image, geometry: Geometry, scale: float) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """Crops to the roi_crop region (if any); returns the image and the resize box in its pixels."""
+def _region_and_box(
+    geometry: Geometry, scale: float, size: tuple[int, int]
+) -> tuple[tuple[int, int, int, int] | None, tuple[float, float, float, float]]:
+    """The integer roi_crop region (if any) and the resize box in its pixels, at ``scale``.
+
+    ``size`` is the (width, height) of the decoded image the region is cut from.
+    """
     x0, y0, x1, y1 = (v * scale for v in geometry.box)
+    width, height = size
+    crop = None
     if geometry.region is not None:
         rx0, ry0, rx1, ry1 = (v * scale for v in geometry.region)
         crop = (math.floor(rx0), math.floor(ry0), math.ceil(rx1), math.ceil(ry1))
-        img = img.crop(crop)
         x0, y0, x1, y1 = x0 - crop[0], y0 - crop[1], x1 - crop[0], y1 - crop[1]
+        width, height = crop[2] - crop[0], crop[3] - crop[1]
     # Float round-off must not push the box past the (reduced) image: PIL refuses that.
-    return img, (max(0.0, x0), max(0.0, y0), min(float(img.width), x1), min(float(img.height), y1))
+    return crop, (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))
+
+
+# OpenCV's JPEG decode straight into an array, for the modes clean emits; EXIF orientation
+# ignored, as Pillow does (clean already stored the picture upright). Same libjpeg-turbo,
+# same pixels as Pillow's (tests/test_resize_ops.py); it saves Pillow's copy out of its
+# own buffer. OpenCV returns None for a truncated JPEG where Pillow raises ("image file is
+# truncated"), and both decode a JPEG with corrupt data but an end marker. IMREAD_COLOR_RGB
+# is OpenCV >= 4.11; older builds keep Pillow's decode.
+_CV_JPEG_FLAGS: dict[str, int] = (
+    {
+        "RGB": cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION,
+        "L": cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION,
+    }
+    if hasattr(cv2, "IMREAD_COLOR_RGB")
+    else {}
+)
+
+
+def _decode_array(data: bytes, img: Image.Image, geometry: Geometry) -> np.ndarray:
+    """Full-resolution ``H x W x C`` pixels: OpenCV for RGB/L JPEG, Pillow otherwise."""
+    flag = _CV_JPEG_FLAGS.get(img.mode) if img.format == "JPEG" else None
+    if flag is None:
+        img, _ = _decode(img, geometry, fast=False, margin=DRAFT_MARGIN)
+        return _hwc(np.asarray(img))
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if arr is None or arr.shape[:2] != (img.height, img.width):
+        raise ResizeError("undecodable", "OpenCV could not decode the JPEG (truncated or corrupt)")
+    return _hwc(arr)
 
 
 def _pad(out: np.ndarray, spec: ResizeSpec, offset: tuple[int, int]) -> np.ndarray:
@@ -364,17 +416,33 @@ def _pad(out: np.ndarray, spec: ResizeSpec, offset: tuple[int, int]) -> np.ndarr
     return canvas
 
 
+def _warp_path(data: bytes, img: Image.Image, geometry: Geometry) -> np.ndarray | None:
+    """The OpenCV path, where the box is within :data:`WARP_MAX_SCALE` (no draft would help)."""
+    crop, box = _region_and_box(geometry, 1.0, img.size)
+    if not _within_warp(box, geometry.out_size):
+        return None
+    arr = _decode_array(data, img, geometry)
+    if crop is not None:
+        arr = arr[crop[1] : crop[3], crop[0] : crop[2]]
+    return warp_resize(arr, box, geometry.out_size)
+
+
+def _pil_path(img: Image.Image, geometry: Geometry, resample: str, fast: bool) -> np.ndarray:
+    img, scale = _decode(img, geometry, fast, DRAFT_MARGIN)
+    crop, box = _region_and_box(geometry, scale, img.size)
+    if crop is not None:
+        img = img.crop(crop)
+    gap = _GAP_FOR_REDUCE if fast else None
+    return _hwc(np.asarray(img.resize(geometry.out_size, RESAMPLE[resample], box=box, reducing_gap=gap)))
+
+
 def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, fast: bool) -> np.ndarray:
     img = _open(data)
     geometry = plan_geometry(img.width, img.height, spec, bbox)
-    img, scale = _decode(img, geometry, fast, DRAFT_MARGIN)
-    img, box = _crop_region(img, geometry, scale)
     try:
-        if fast and spec.resample == "bilinear" and scale == 1.0 and _within_warp(box, geometry.out_size):
-            out = warp_resize(_hwc(np.asarray(img)), box, geometry.out_size)
-        else:
-            resample = RESAMPLE[spec.resample]
-            out = _hwc(np.asarray(img.resize(geometry.out_size, resample, box=box, reducing_gap=_GAP_FOR_REDUCE if fast else None)))
+        out = _warp_path(data, img, geometry) if fast and spec.resample == "bilinear" else None
+        if out is None:
+            out = _pil_path(img, geometry, spec.resample, fast)
     except (OSError, ValueError, cv2.error) as exc:
         raise ResizeError("resize_failed", f"{type(exc).__name__}: {exc}") from exc
     if spec.mode == "pad":
