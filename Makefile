@@ -78,6 +78,8 @@ bench: install
 	$(NETNS) $(BIN)/python bench/resize.py --repeats 3 --cold
 	$(NETNS) $(BIN)/python bench/loader.py --images 2000 --epochs 3 --cold-repeats 2
 	$(NETNS) $(BIN)/python bench/crop_modes.py --classes 12 --per-class 80 --size 64 --epochs 12 --seeds 0,1
+	$(NETNS) $(BIN)/python bench/pretrained.py --json bench/results/pretrained.json
+	$(NETNS) $(BIN)/python bench/step_report.py --repeats 3 --resize
 
 clean-data:
 	rm -rf .data

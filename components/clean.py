@@ -4,7 +4,7 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import HTML, Artifact, Input, Metrics, Output
 
 from imgpipe.containers.catalog import image
 
@@ -15,6 +15,8 @@ def clean(
     data_root: str,
     run_id: str,
     cleaned: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[HTML],
     # None: CleanConfig's default (the pipeline passes its own parameters, derived from it).
     grayscale: Optional[bool] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
     split: Optional[str] = None,  # noqa: UP045
@@ -30,5 +32,6 @@ def clean(
     previous = ka.resolve_previous(data_root, previous_run_prefix)
     named = {"grayscale": grayscale, "split": split, "seed": seed, "annotations": annotations, "skip_hashes_from": previous}
     cfg = ka.step_config(CleanConfig, step_config, "clean", **named)
-    report = clean(ka.read_step_artifact(dataset, "download"), ka.run_prefix(data_root, run_id, "clean"), cfg)
-    ka.write_step_artifact(cleaned, report.dest, previous_run_prefix=previous or "")
+    result = clean(ka.read_step_artifact(dataset, "download"), ka.run_prefix(data_root, run_id, "clean"), cfg)
+    ka.publish_step_report(result.dest, metrics=metrics, report=report)
+    ka.write_step_artifact(cleaned, result.dest, previous_run_prefix=previous or "")

@@ -4,7 +4,7 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Artifact, Output
+from kfp.dsl import HTML, Artifact, Metrics, Output
 
 from imgpipe.containers.catalog import image
 
@@ -15,12 +15,16 @@ def download(
     data_root: str,
     run_id: str,
     dataset: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[HTML],
     source_sha256: str = "",
     annotations_uri: str = "",
     annotations_sha256: str = "",
     step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
 ) -> None:
     """Streams the image archive (and the optional annotations archive) into Parquet shards.
+
+    ``metrics`` and ``report`` describe the image archive's output (the UI's view of the step).
 
     The URIs are run parameters, so they get the pod's source policy (``SourcePolicy.from_env``):
     no local files, loopback, metadata or private addresses unless the environment allows them.
@@ -34,4 +38,6 @@ def download(
         return download([uri], ka.run_prefix(data_root, run_id, step), cfg, policy=SourcePolicy.from_env()).dest
 
     annotations = fetch(annotations_uri, annotations_sha256, "annotations") if annotations_uri else ""
-    ka.write_step_artifact(dataset, fetch(source_uri, source_sha256, "download"), annotations=annotations)
+    images = fetch(source_uri, source_sha256, "download")
+    ka.publish_step_report(images, metrics=metrics, report=report)
+    ka.write_step_artifact(dataset, images, annotations=annotations)

@@ -4,7 +4,7 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import HTML, Artifact, Input, Metrics, Output
 
 from imgpipe.containers.catalog import image
 
@@ -15,6 +15,8 @@ def resize(
     data_root: str,
     run_id: str,
     resized: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[HTML],
     # None: ResizeConfig's default (the pipeline passes its own parameters, derived from it).
     image_size: Optional[int] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
     preset: str = "",
@@ -38,4 +40,6 @@ def resize(
     }  # fmt: skip
     cfg = ka.step_config(ResizeConfig, step_config, "resize", **named)
     source, dest = ka.read_step_artifact(cleaned, "clean"), ka.run_prefix(data_root, run_id, "resize")
-    return ka.write_step_artifact(resized, resize(source, dest, cfg, run_id=run_id).dest)["dest"]
+    done = resize(source, dest, cfg, run_id=run_id).dest
+    ka.publish_step_report(done, metrics=metrics, report=report)
+    return ka.write_step_artifact(resized, done)["dest"]

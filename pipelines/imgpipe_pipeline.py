@@ -2,8 +2,9 @@
 
 Every task writes ``{data_root}/runs/{run id}/{step}/`` and passes the next one a small
 step artifact that names that prefix (:mod:`imgpipe.kfp_artifacts`); images never
-travel as kfp artifacts. The train task also emits the Model, Metrics,
-ClassificationMetrics and HTML artifacts the Kubeflow UI shows.
+travel as kfp artifacts. Every data task also emits a Metrics and an HTML artifact
+(:func:`imgpipe.kfp_artifacts.publish_step_report`); the train task emits the Model,
+Metrics, ClassificationMetrics and HTML artifacts the Kubeflow UI shows.
 
 What is fixed when the pipeline is compiled (:class:`PipelineOptions`): the images,
 resources, retries, GPU scheduling and caching. Caching is a compile-time choice on
@@ -63,6 +64,8 @@ __all__ = [
     "Retry",
     "GpuScheduling",
     "PipelineOptions",
+    "data_steps",
+    "pipeline_docstring",
     "build_pipeline",
     "compile_pipeline",
     "imgpipe_pipeline",
@@ -99,6 +102,7 @@ PARAMETER_FIELDS: dict[str, tuple[type, str]] = {
     "epochs": (TrainConfig, "epochs"),
     "batch_size": (TrainConfig, "batch_size"),
     "aug_policy": (TrainConfig, "aug_policy"),
+    "pretrained": (TrainConfig, "pretrained"),
 }
 # On Kubeflow the resize work goes to a KubeRay RayJob; the step's own default (a local
 # Ray, ResizeConfig.ray_address "") is the CLI's. "" runs Ray inside the resize pod.
@@ -133,12 +137,24 @@ def parameter_default(name: str) -> Any:
     return "" if value is None else value
 
 
-def _docstring() -> str:
-    """The pipeline's docstring; kfp reads each parameter's description from its ``Args:``."""
+def pipeline_docstring(
+    summary: str = "Downloads, cleans, resizes (Ray Data) and trains; see README.md (Deploying).",
+    extra: dict[str, str] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> str:
+    """A pipeline's docstring; kfp reads each parameter's description from its ``Args:``.
+
+    Args:
+        summary: The first line.
+        extra: Descriptions of parameters beyond this pipeline's (the sweep's).
+        defaults: Typed parameters whose default differs from their config field's (the sweep's epochs).
+    """
     docs = dict(_OTHER_PARAMETERS)
+    shown = {**{param: parameter_default(param) for param in PARAMETER_FIELDS}, **(defaults or {})}
     for param, (cls, name) in PARAMETER_FIELDS.items():
-        docs[param] = f"{plain_text(field_docs(cls)[name])} ({cls.__name__}.{name}; default {parameter_default(param)!r})"
-    lines = ["Downloads, cleans, resizes (Ray Data) and trains; see README.md (Deploying).", "", "Args:"]
+        docs[param] = f"{plain_text(field_docs(cls)[name])} ({cls.__name__}.{name}; default {shown[param]!r})"
+    docs.update(extra or {})
+    lines = [summary, "", "Args:"]
     lines += [f"    {k}: {' '.join(v.split())}" for k, v in docs.items()]
     return "\n".join(lines)
 
@@ -255,6 +271,68 @@ def _schedule_on_gpu(task: dsl.PipelineTask, gpu: GpuScheduling) -> None:
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=gpu.shm_size)
 
 
+def data_steps(
+    options: PipelineOptions,
+    *,
+    data_root: Any,
+    source_uri: Any,
+    source_sha256: Any,
+    annotations_uri: Any,
+    annotations_sha256: Any,
+    grayscale: Any,
+    split: Any,
+    seed: Any,
+    previous_run_prefix: Any,
+    image_size: Any,
+    preset: Any,
+    resize_mode: Any,
+    resize_train_mode: Any,
+    ray_address: Any,
+    step_config: Any,
+) -> Any:
+    """Adds download -> clean -> resize to the pipeline being built; returns resize's committed prefix.
+
+    The arguments are the pipeline's parameters (channels) of the same names; the sweep
+    pipeline (``pipelines/imgpipe_sweep.py``) calls this too, so both prepare data alike.
+
+    Returns:
+        ``dsl.OneOf`` of the two resize tasks' outputs (the one ``ray_address`` chose).
+    """
+    images = options.images
+    common = {"data_root": data_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "step_config": step_config}
+    dl = download(
+        source_uri=source_uri,
+        source_sha256=source_sha256,
+        annotations_uri=annotations_uri,
+        annotations_sha256=annotations_sha256,
+        **common,
+    )
+    _configure(dl, "download", images.cpu, options, options.retry)
+    cl = clean(
+        dataset=dl.outputs["dataset"],
+        grayscale=grayscale,
+        split=split,
+        seed=seed,
+        previous_run_prefix=previous_run_prefix,
+        **common,
+    )
+    _configure(cl, "clean", images.cpu, options, options.retry)
+    resize_args = {
+        "cleaned": cl.outputs["cleaned"], "image_size": image_size, "preset": preset, "mode": resize_mode,
+        "train_mode": resize_train_mode, "ray_address": ray_address, **common,
+    }  # fmt: skip
+    with dsl.If(ray_address == "", name="ray-in-the-pod"):
+        in_pod = resize(**resize_args)
+        _configure(in_pod, "resize-local", images.ray, options, options.retry)
+    with dsl.Else(name="ray-cluster"):
+        remote = resize(**resize_args)
+        _configure(remote, "resize", images.ray, options, options.retry)
+        # ray_address "kuberay": the RayJob's cluster runs the resize image too.
+        remote.set_env_variable("IMGPIPE_RAY_IMAGE", images.ray)
+        kubernetes.use_secret_as_env(remote, RAY_TOKEN_SECRET, RAY_TOKEN_KEYS, optional=True)
+    return dsl.OneOf(in_pod.outputs["Output"], remote.outputs["Output"])
+
+
 def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_component.GraphComponent:
     """The pipeline for ``options`` (defaults: images from the environment, caching off)."""
     options = options or PipelineOptions()
@@ -279,47 +357,26 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
         epochs: int = parameter_default("epochs"),
         batch_size: int = parameter_default("batch_size"),
         aug_policy: str = parameter_default("aug_policy"),
+        pretrained: str = parameter_default("pretrained"),
         step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
     ) -> Outputs:
-        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        common = {"data_root": data_root, "run_id": run_id, "step_config": step_config}
-        dl = download(
-            source_uri=source_uri,
-            source_sha256=source_sha256,
-            annotations_uri=annotations_uri,
-            annotations_sha256=annotations_sha256,
-            **common,
-        )
-        _configure(dl, "download", images.cpu, options, options.retry)
-        cl = clean(
-            dataset=dl.outputs["dataset"],
-            grayscale=grayscale,
-            split=split,
-            seed=seed,
-            previous_run_prefix=previous_run_prefix,
-            **common,
-        )
-        _configure(cl, "clean", images.cpu, options, options.retry)
-        resize_args = {
-            "cleaned": cl.outputs["cleaned"], "image_size": image_size, "preset": preset, "mode": resize_mode,
-            "train_mode": resize_train_mode, "ray_address": ray_address, **common,
-        }  # fmt: skip
-        with dsl.If(ray_address == "", name="ray-in-the-pod"):
-            in_pod = resize(**resize_args)
-            _configure(in_pod, "resize-local", images.ray, options, options.retry)
-        with dsl.Else(name="ray-cluster"):
-            remote = resize(**resize_args)
-            _configure(remote, "resize", images.ray, options, options.retry)
-            # ray_address "kuberay": the RayJob's cluster runs the resize image too.
-            remote.set_env_variable("IMGPIPE_RAY_IMAGE", images.ray)
-            kubernetes.use_secret_as_env(remote, RAY_TOKEN_SECRET, RAY_TOKEN_KEYS, optional=True)
+        resized = data_steps(
+            options, data_root=data_root, source_uri=source_uri, source_sha256=source_sha256,
+            annotations_uri=annotations_uri, annotations_sha256=annotations_sha256, grayscale=grayscale,
+            split=split, seed=seed, previous_run_prefix=previous_run_prefix, image_size=image_size, preset=preset,
+            resize_mode=resize_mode, resize_train_mode=resize_train_mode, ray_address=ray_address,
+            step_config=step_config,
+        )  # fmt: skip
         tr = train(
-            resized=dsl.OneOf(in_pod.outputs["Output"], remote.outputs["Output"]),
+            resized=resized,
             model_name=model,
             epochs=epochs,
             batch_size=batch_size,
             aug_policy=aug_policy,
-            **common,
+            pretrained=pretrained,
+            data_root=data_root,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            step_config=step_config,
         )
         _configure(tr, "train", images.gpu, options, options.train_retry)
         if options.gpu is not None:
@@ -331,7 +388,7 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
             report=tr.outputs["report"],
         )
 
-    imgpipe_pipeline.__doc__ = _docstring()
+    imgpipe_pipeline.__doc__ = pipeline_docstring()
     description = "Image dataset preparation and training: download -> clean -> resize (Ray Data) -> train."
     return dsl.pipeline(name=PIPELINE_NAME, description=description)(imgpipe_pipeline)
 

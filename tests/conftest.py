@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -59,6 +61,65 @@ def any_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
         return "file://" + str(tmp_path / "store")
     return request.getfixturevalue("s3_bucket") + "/root"
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_endpoint):
+    """One small local Ray per test module; the steps must reuse it, not stop it.
+
+    Its workers take the S3 endpoint and credentials from the environment they start in,
+    as a pod's do: the local S3 server's settings must be there first, or a module run on
+    its own (no earlier test started the server) gets ACCESS_DENIED in an S3 test. Tests
+    that use it are marked ``ray`` (run under scripts/in-loopback-netns).
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def hf_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The real Hugging Face ``datasets`` library, offline, its caches under ``tmp_path``.
+
+    The offline switches and cache paths are set before ``datasets`` is imported (it reads
+    them once, datasets 5.2.0 src/datasets/config.py) and patched into its config should an
+    earlier test have imported it; a connection to anything but loopback fails the test.
+    Pass ``cache_dir=tmp_path / ...`` to ``load_dataset`` as well.
+    """
+    home = tmp_path / "hf-home"
+    env = {
+        "HF_HOME": str(home),
+        "HF_DATASETS_CACHE": str(home / "datasets"),
+        "HF_MODULES_CACHE": str(home / "modules"),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    connect = socket.socket.connect
+
+    def loopback_only(sock: socket.socket, address: object) -> None:
+        if isinstance(address, tuple) and not _is_loopback(str(address[0])):
+            raise AssertionError(f"a test with the datasets library tried to reach {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
+    monkeypatch.setattr(datasets.config, "HF_MODULES_CACHE", home / "modules")
+    return datasets
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -53,6 +54,39 @@ def test_user_errors_are_one_clear_line(tmp_path, capsys):
     assert err.startswith("imgpipe clean: error:") and "_SUCCESS" in err
     assert main(["clean", "a", "b", "--set", "bogus=1"]) == 2
     assert "unknown CleanConfig option" in capsys.readouterr().err
+
+
+def test_show_summarizes_each_committed_output(tmp_path, capsys):
+    root = tmp_path / "data"
+    assert main(["synth", str(root / "synth"), "--classes", "3", "--per-class", "5", "--seed", "1"]) == 0
+    assert main(["download", str(root / "synth" / "images.tar.gz"), str(root / "dl")]) == 0
+    assert main(["clean", str(root / "dl"), str(root / "clean"), "--set", "workers=1"]) == 0
+    capsys.readouterr()
+
+    assert main(["show", str(root / "dl")]) == 0
+    out = capsys.readouterr().out
+    manifest = contract.read_manifest(str(root / "dl"))
+    assert out.startswith(f"imgpipe download output: {manifest['dest']}")
+    assert manifest["extra"]["sources"][0]["sha256"] in out and "Sample members" in out
+
+    html, grid = tmp_path / "clean.html", tmp_path / "clean.png"
+    assert main(["show", str(root / "clean"), "--rows", "3", "--html", str(html), "--grid", str(grid)]) == 0
+    out = capsys.readouterr().out
+    clean_manifest = contract.read_manifest(str(root / "clean"))
+    for reason, count in clean_manifest["rejects_by_reason"].items():
+        assert re.search(rf"^{reason} +{count}$", out, re.MULTILINE), reason
+    assert "Images per class and split" in out and "Sample rows" in out and "... " in out
+    assert "<h2>Images per class</h2>" in html.read_text() and grid.read_bytes().startswith(b"\x89PNG")
+
+
+def test_show_refuses_an_uncommitted_prefix_in_one_line(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "manifest.json").write_text('{"step": "clean"}')
+    assert main(["show", str(tmp_path / "half")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.startswith("imgpipe show: error:") and "is not a committed step output" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
 
 
 TINY_RUN = """
@@ -137,3 +171,14 @@ def test_resize_command(tmp_path, capsys):
     assert report["step"] == "resize" and report["outputs"] == 16
     manifest = contract.read_manifest(str(root / "r64"), expect_step="resize")
     assert manifest["config"]["size"] == 64 and manifest["config"]["ops"] == ["equalize"]
+
+    # show works on resize and train outputs too; train's page is its own report.html.
+    html = tmp_path / "r64.html"
+    assert main(["show", str(root / "r64"), "--html", str(html)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^size +64$", out, re.MULTILINE) and re.search(r"^ops +equalize$", out, re.MULTILINE)
+    assert "<h2>Before and after</h2>" in html.read_text()
+    train_out = kfp_artifacts.read_latest(str(root))["prefixes"]["train"]
+    assert main(["show", train_out, "--html", str(tmp_path / "train.html")]) == 0
+    assert "Final metrics" in capsys.readouterr().out
+    assert (tmp_path / "train.html").read_bytes() == storage.read_bytes(f"{train_out}/report.html")

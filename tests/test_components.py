@@ -90,6 +90,9 @@ def test_download_component_under_kfp_local_writes_the_run_prefix(sample, tmp_pa
     )
     out = task.outputs["dataset"]
     assert out.metadata["prefix"] == f"{data_root}/runs/run-7/download"
+    # The UI artifacts describe the image archive's output, never the annotations'.
+    assert task.outputs["metrics"].metadata["outputs"] == out.metadata["outputs"]
+    assert "<h2>Sources</h2>" in Path(task.outputs["report"].path).read_text()
     assert out.metadata["annotations"] == f"{data_root}/runs/run-7/annotations"
     manifest = json.loads(Path(out.path).read_text())
     assert manifest == contract.read_manifest(out.metadata["prefix"], expect_step="download")
@@ -103,12 +106,14 @@ def test_clean_component_reads_the_download_artifact(sample, tmp_path, caplog):
     dl = run_download([storage.join(sample, "images.tar.gz")], kfp_artifacts.run_prefix(data_root, "r1", "download"), DownloadConfig())
     dataset = _artifact(dsl.Artifact, tmp_path / "dataset", prefix=dl.dest, annotations="")
     cleaned = _artifact(dsl.Artifact, tmp_path / "cleaned")
+    ui = {"metrics": _artifact(dsl.Metrics, tmp_path / "metrics"), "report": _artifact(dsl.HTML, tmp_path / "report")}
     with caplog.at_level(logging.WARNING):
         clean.python_func(
             dataset=dataset,
             data_root=data_root,
             run_id="r1",
             cleaned=cleaned,
+            **ui,
             split="0.5,0.25,0.25",
             previous_run_prefix="latest",
             step_config={"clean": {"workers": 1, "seed": 3.0}},
@@ -118,11 +123,13 @@ def test_clean_component_reads_the_download_artifact(sample, tmp_path, caplog):
     assert manifest["config"]["split"] == [0.5, 0.25, 0.25] and manifest["config"]["seed"] == 3
     assert cleaned.metadata["previous_run_prefix"] == "", "no run recorded yet: a full run"
     assert manifest["inputs"] == dl.outputs
+    assert ui["metrics"].metadata["outputs"] == manifest["outputs"] and ui["metrics"].metadata["classes"] == 2
+    assert "<h2>Images per class</h2>" in Path(ui["report"].path).read_text()
 
     # A prefix that is not a committed clean output is refused, before anything is written.
     with pytest.raises(ValueError, match="expected 'clean'"):
         clean.python_func(
-            dataset=dataset, data_root=data_root, run_id="r2", cleaned=cleaned, previous_run_prefix=dl.dest
+            dataset=dataset, data_root=data_root, run_id="r2", cleaned=cleaned, previous_run_prefix=dl.dest, **ui
         )
     assert not contract.is_committed(kfp_artifacts.run_prefix(data_root, "r2", "clean"))
 
@@ -166,7 +173,9 @@ def test_train_component_publishes_model_metrics_and_report(tmp_path, monkeypatc
     matrix = outs["confusion"].metadata["confusionMatrix"]
     assert [r["row"] for r in matrix["rows"]] == history["test"]["confusion"]
     assert sum(map(sum, history["test"]["confusion"])) == history["test"]["images"] > 0
-    assert contract.read_manifest(out, expect_step="train")["config"]["resume"] is True
+    config = contract.read_manifest(out, expect_step="train")["config"]
+    assert config["resume"] is True
+    assert config["pretrained"] is None and config["weights_cache"] == f"{data_root}/weights"  # one cache per data root
     latest = kfp_artifacts.read_latest(data_root)
     assert latest["run_id"] == "r1" and latest["prefixes"]["train"] == out
 

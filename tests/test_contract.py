@@ -259,3 +259,72 @@ def test_parquet_file_streams_row_groups_and_commits_only_on_success(tmp_path):
         sink.write(table)
         raise RuntimeError("boom")
     assert not (tmp_path / "out" / "part-00001.parquet").exists() and len(out.files) == 1
+
+
+# ------------------------------------------------------------------ Hugging Face features
+
+_IMAGE_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        contract.IMAGE_FIELD,
+        contract.LABEL_FIELD,
+        pa.field("pixels", pa.binary(), nullable=False),
+        pa.field("bbox", pa.list_(pa.float32())),
+    ]
+)
+
+
+def test_hf_features_are_what_the_datasets_library_writes(hf_datasets):
+    from datasets import ClassLabel, Features, Image, List, Value
+
+    schema = contract.with_hf_features(_IMAGE_SCHEMA, ["cat", "dog"])
+    ours = json.loads(schema.metadata[contract.HF_METADATA_KEY])
+    theirs = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog"]), "pixels": Value("binary")})
+    assert ours == json.loads(theirs.arrow_schema.metadata[contract.HF_METADATA_KEY])
+    assert ours == {"info": {"features": theirs.to_dict()}}
+    # What datasets makes of the schema: our features, and the Arrow types for the rest.
+    assert Features.from_arrow_schema(schema) == Features(
+        {
+            "path": Value("string"),
+            "image": Image(),
+            "label": ClassLabel(names=["cat", "dog"]),
+            "pixels": Value("binary"),
+            "bbox": List(Value("float32")),
+        }
+    )
+    # Without the metadata the same columns are a plain struct and an integer.
+    assert Features.from_arrow_schema(_IMAGE_SCHEMA)["label"] == Value("int64")
+
+
+def test_hf_features_survive_a_committed_parquet_file_byte_for_byte(tmp_path):
+    schema = contract.with_hf_features(_IMAGE_SCHEMA, ["cat", "dog"])
+    row = {"path": "a.jpg", "image": {"bytes": b"x", "path": "a.jpg"}, "label": 1, "pixels": b"\0", "bbox": None}
+    written = []
+    for name in ("one", "two"):
+        out = OutputWriter("file://" + str(tmp_path / name), "clean")
+        out.begin()
+        with out.parquet_file("part-00000.parquet", schema) as sink:
+            sink.write(pa.Table.from_pylist([row], schema=schema))
+        out.commit(inputs=1, rejects=[], config={})
+        contract.verify_output(out.dest)
+        written.append((tmp_path / name / "part-00000.parquet").read_bytes())
+    assert written[0] == written[1], "the metadata is deterministic: a re-run writes identical files"
+    stored = pq.read_schema(tmp_path / "one" / "part-00000.parquet")
+    assert stored.metadata[contract.HF_METADATA_KEY] == schema.metadata[contract.HF_METADATA_KEY]
+    assert stored.equals(schema, check_metadata=False)
+
+
+@pytest.mark.parametrize(
+    ("schema", "classes", "error", "message"),
+    [
+        (_IMAGE_SCHEMA, ["cat", "cat"], ValueError, "unique"),
+        (_IMAGE_SCHEMA, ["cat", 1], TypeError, "strings"),
+        (_IMAGE_SCHEMA, "cat", TypeError, "list of class names"),
+        (pa.schema([pa.field("label", pa.int32(), nullable=False)]), ["cat"], ValueError, "contract.LABEL_FIELD"),
+        (pa.schema([contract.LABEL_FIELD, contract.IMAGE_FIELD.with_nullable(False)]), ["cat"], ValueError, "IMAGE_FIELD"),
+        (pa.schema([pa.field("x", pa.int64())]), ["cat"], ValueError, "no 'label' column"),
+    ],
+)
+def test_hf_features_refuse_what_datasets_would_ignore_or_reject(schema, classes, error, message):
+    with pytest.raises(error, match=message):
+        contract.with_hf_features(schema, classes)

@@ -255,7 +255,7 @@ def test_components_take_typed_parameters_as_optional(compiled):
     # None means the step config's default: a default is written once, in the config.
     comps = compiled[0]["components"]
     inputs = {k: v for c in comps.values() for k, v in c.get("inputDefinitions", {}).get("parameters", {}).items()}
-    for name in ("grayscale", "split", "seed", "image_size", "mode", "train_mode", "model_name", "epochs", "batch_size", "aug_policy"):
+    for name in ("grayscale", "split", "seed", "image_size", "mode", "train_mode", "model_name", "epochs", "batch_size", "aug_policy", "pretrained"):
         assert inputs[name].get("isOptional") and "defaultValue" not in inputs[name], name
 
 
@@ -284,7 +284,28 @@ def test_the_resize_component_refuses_a_hostile_train_mode():
     # The config is built (and checked) before anything is read or written.
     for hostile in ("whole; rm -rf /", "../../whole", "whole\n"):
         with pytest.raises((ValueError, TypeError), match=r"train_mode: .* is not one of \['short-side-crop', 'fixed', 'pad', 'whole'\]"):
-            resize.python_func(cleaned=None, data_root="file:///nowhere", run_id="r", resized=None, train_mode=hostile)
+            resize.python_func(
+                cleaned=None, data_root="file:///nowhere", run_id="r", resized=None, metrics=None, report=None, train_mode=hostile
+            )
+
+
+def test_pretrained_is_a_run_parameter_that_reaches_train(compiled):
+    ir = compiled[0]
+    param = ir["root"]["inputDefinitions"]["parameters"]["pretrained"]
+    assert param["parameterType"] == "STRING" and param["defaultValue"] == "" and "torchvision" in param["description"]
+    assert _tasks(ir)["train"]["inputs"]["parameters"]["pretrained"]["componentInputParameter"] == "pretrained"
+
+
+def test_the_train_component_refuses_a_hostile_pretrained_name():
+    from imgpipe.components.train import train
+
+    # The config is built (and checked) before anything is read, written or downloaded.
+    for hostile in ("../../weights/evil", "IMAGENET1K_V1/../../x", "DEFAULT; rm -rf /"):
+        with pytest.raises(ValueError, match=r"is not a weights name of resnet18; choose one of: IMAGENET1K_V1, DEFAULT"):
+            train.python_func(
+                resized="file:///nowhere/resize", data_root="file:///nowhere", run_id="r", trained=None, model=None,
+                metrics=None, confusion=None, report=None, model_name="resnet18", pretrained=hostile,
+            )  # fmt: skip
 
 
 def test_the_pipeline_compiles_without_torch_opencv_or_ray(tmp_path):
@@ -362,6 +383,15 @@ def test_whole_pipeline_through_kfp_local_on_the_local_s3_server(s3_bucket, tmp_
         assert [r["row"] for r in shown["rows"]] == found[1]
     for path in result.artifacts.values():
         assert Path(path).resolve().is_relative_to((tmp_path / "work" / "kfp").resolve())
+    # Every step shows what it did in the UI: a Metrics and an HTML artifact per task
+    # (kfp.local names a task's folder after its component: resize-local runs as "resize").
+    for step in STEPS:
+        (executor,) = (tmp_path / "work" / "kfp").glob(f"*/{step}/executor_output.json")
+        produced = json.loads(executor.read_text())["artifacts"]
+        metrics = produced["metrics"]["artifacts"][0]["metadata"]
+        assert metrics and (step == "train" or metrics["outputs"] == reports[step]["outputs"]), step
+        page = Path(produced["report"]["artifacts"][0]["uri"]).read_text()
+        assert page.startswith("<!doctype html>") and len(page.encode()) < 2 << 20, step
 
     latest = kfp_artifacts.read_latest(f"{s3_bucket}/imgpipe")
     assert latest["run_id"] == result.run_id and latest["prefixes"]["clean"] == result.prefixes["clean"]

@@ -227,6 +227,18 @@ def run(job_args, client, out, **kwargs):
     )  # fmt: skip
 
 
+def test_log_lines_never_carry_the_password_of_a_cluster_address(job_args, caplog):
+    address = "http://ops:s3cret@head:8265"
+    with caplog.at_level("INFO", logger="imgpipe"), open(os.devnull, "w") as out:
+        ray_jobs.run_step_job(
+            "resize", job_args.source, job_args.dest, job_args.cfg,
+            address=address, run_id="run-7", client=FakeJobClient(), out=out, poll_s=0,
+        )  # fmt: skip
+    submitted = [m for m in caplog.messages if "submitted Ray job" in m]
+    assert submitted and "http://head:8265 (credentials and query removed)" in submitted[0]
+    assert not [m for m in caplog.messages if "s3cret" in m]
+
+
 def test_fake_submits_streams_and_returns_the_committed_report(job_args, capsys):
     client = FakeJobClient()
     report = run(job_args, client, sys.stdout)

@@ -53,6 +53,16 @@ def _compile_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _pipeline_options(p: argparse.ArgumentParser) -> None:
+    from imgpipe.kfp_client import PIPELINES
+
+    p.add_argument("--pipeline", choices=PIPELINES, default=PIPELINES[0], help="which pipeline (default %(default)s)")
+    p.add_argument(
+        "--parallelism", type=int,
+        help="imgpipe-sweep: branches (GPUs) training at once, fixed in the package (default 2)",
+    )
+
+
 def _kfp_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="KFP API endpoint (default $KF_PIPELINES_ENDPOINT)")
     p.add_argument("--experiment", help="experiment name (default $IMGPIPE_EXPERIMENT, else imgpipe)")
@@ -68,6 +78,31 @@ def _kfp_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--package", help="a compiled package (default: compile now)")
     _compile_options(p)
+
+
+def _local_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of the local runs (``run``, ``sweep``)."""
+    p.add_argument(
+        "--config", action="append", default=[],
+        help="YAML with sections pipeline (parameters), synth, download, clean, resize, train; repeatable, "
+        "a later file wins per field (e.g. configs/local.yaml, then a sweep's winner.yaml)",
+    )
+    p.add_argument("--data-root", help="where the steps write (default: a moto S3 server on 127.0.0.1 for this run)")
+    p.add_argument("--workdir", default="./.data", help="kfp local outputs and copies of the results (default ./.data)")
+    p.add_argument("--source", help="archive to process (default: generate the sample dataset)")
+    p.add_argument("--annotations", help="Oxford-style annotations archive (default: the sample dataset's)")
+    p.add_argument("--classes", type=int, help="sample dataset breeds (default 12)")
+    p.add_argument("--per-class", type=int, help="sample dataset images per breed (default 60)")
+    p.add_argument(
+        "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+        help="pipeline parameter over the local defaults (repeatable), e.g. --param epochs=1",
+    )
+    p.add_argument(
+        "--runner", choices=["subprocess", "docker"], default="subprocess",
+        help="subprocess: each step a subprocess of this Python (default, quick); docker: each step in "
+        "its image as non-root through the engine DOCKER_HOST names, resize on a Ray cluster of two "
+        "containers (build the images first: make images)",
+    )
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -115,31 +150,28 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("data", help="committed resize output prefix")
     p.add_argument("out", help="output prefix: model.pt, metrics, figures, report, checkpoint")
     fields = ("model", "epochs", "batch_size", "lr", "device", "aug_policy", "aug_device", "mixup", "cutmix")
-    fields += ("hflip", "weights", "num_workers", "seed", "resume")
+    fields += ("hflip", "weights", "pretrained", "freeze_backbone_epochs", "backbone_lr_mult", "num_workers", "seed", "resume")
     add_field_flags(p, TrainConfig, fields, flags={"num_workers": "--workers"})
     _common(p)
+
+    p = sub.add_parser("show", help="summarize a committed step output: counts, rejects, classes, sample rows")
+    p.add_argument("uri", help="a committed download, clean, resize or train output prefix")
+    p.add_argument("--html", metavar="FILE", help="also write the step's HTML report (the Kubeflow UI's) to FILE")
+    p.add_argument("--grid", metavar="FILE.png", help="also write a PNG grid of sample images to FILE.png")
+    p.add_argument("--rows", type=int, default=10, help="rows shown per table (default 10)")
 
     p = sub.add_parser(
         "run",
         help="run the Kubeflow pipeline locally (kfp.local, a local S3 server, local Ray) on the sample dataset",
     )
-    p.add_argument("--config", help="YAML with sections pipeline (parameters), synth, download, clean, resize, train")
-    p.add_argument("--data-root", help="where the steps write (default: a moto S3 server on 127.0.0.1 for this run)")
-    p.add_argument("--workdir", default="./.data", help="kfp local outputs and copies of the results (default ./.data)")
-    p.add_argument("--source", help="archive to process (default: generate the sample dataset)")
-    p.add_argument("--annotations", help="Oxford-style annotations archive (default: the sample dataset's)")
-    p.add_argument("--classes", type=int, help="sample dataset breeds (default 12)")
-    p.add_argument("--per-class", type=int, help="sample dataset images per breed (default 60)")
-    p.add_argument(
-        "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
-        help="pipeline parameter over the local defaults (repeatable), e.g. --param epochs=1",
+    _local_run_options(p)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run the augmentation sweep pipeline locally (as run does): one short training per grid branch, ranked",
     )
-    p.add_argument(
-        "--runner", choices=["subprocess", "docker"], default="subprocess",
-        help="subprocess: each step a subprocess of this Python (default, quick); docker: each step in "
-        "its image as non-root through the engine DOCKER_HOST names, resize on a Ray cluster of two "
-        "containers (build the images first: make images)",
-    )
+    p.add_argument("grid", help="grid YAML: 'grid' (a list of branches of grid keys) and/or 'axes' (key: [values])")
+    _local_run_options(p)
 
     p = sub.add_parser("images", help="build the step images through a Docker-compatible engine (DOCKER_HOST)")
     images_sub = p.add_subparsers(dest="images_command", required=True, metavar="ACTION")
@@ -154,12 +186,15 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     images_sub.add_parser("list", help="print kind, image name and what runs in it")
     images_sub.add_parser("bootstrap-base", help="build the Debian-based Python base image with mmdebstrap")
 
-    p = sub.add_parser("compile", help="compile the Kubeflow pipeline to a YAML package")
+    p = sub.add_parser("compile", help="compile the Kubeflow pipeline (or the sweep) to a YAML package")
     p.add_argument("out", help="package path, e.g. out/imgpipe.yaml")
     _compile_options(p)
+    _pipeline_options(p)
 
     p = sub.add_parser("submit", help="upload the pipeline version (idempotently) and start a run on Kubeflow Pipelines")
     _kfp_options(p)
+    _pipeline_options(p)
+    p.add_argument("--grid", help="with --pipeline imgpipe-sweep: a grid YAML, checked here and passed as the grid parameters")
     p.add_argument("--run-name", help="run display name; a run of that name in the experiment is re-attached to")
     p.add_argument("--wait", action="store_true", help="wait for the run to end; fail unless it succeeds")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait with --wait (default 21600)")
@@ -223,12 +258,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Runs the pipeline through kfp.local; prints per-step counts and where the results are."""
-    from imgpipe.local_run import load_local_config, run_local
+def cmd_show(args: argparse.Namespace) -> int:
+    """Prints what a committed output holds; writes its HTML report and a sample grid on request."""
+    from imgpipe.step_report import build_report
+
+    if args.rows < 1:
+        raise ValueError(f"--rows must be >= 1, got {args.rows}")
+    report = build_report(args.uri)
+    for path, content in ((args.html, lambda: report.html().encode("utf-8")), (args.grid, report.grid_png)):
+        if path:
+            storage.write_bytes(storage.normalize_uri(path), content())
+            log.info("wrote %s", path)
+    print(report.text(max_rows=args.rows))
+    return 0
+
+
+def _local_config(args: argparse.Namespace) -> Any:
+    """The :class:`~imgpipe.local_run.LocalRunConfig` of ``run``/``sweep``'s options."""
+    from imgpipe.local_run import load_local_config
 
     cfg = load_local_config(
-        args.config,
+        args.config or None,
         data_root=args.data_root,
         workdir=args.workdir,
         source=args.source,
@@ -239,9 +289,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if args.params:
         cfg = dataclasses.replace(cfg, params={**cfg.params, **dict(parse_override(p) for p in args.params)})
-    result = run_local(cfg)
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Runs the pipeline through kfp.local; prints per-step counts and where the results are."""
+    from imgpipe.local_run import run_local
+
+    result = run_local(_local_config(args))
     print(result.summary())
     return 0 if result.reconciled else 1
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Runs the sweep pipeline through kfp.local; prints the ranking, the flags and where the winner's config is."""
+    from imgpipe.local_run import run_sweep
+    from imgpipe.sweep import load_grid_file
+
+    grid, axes = load_grid_file(args.grid)
+    print(run_sweep(_local_config(args), grid, axes).summary())
+    return 0
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -265,8 +332,10 @@ def cmd_images(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from imgpipe import kfp_client
 
-    path = kfp_client.compile_package(args.out, caching=args.caching, gpu=args.gpu)
-    print(f"{path}: version {kfp_client.version_name(path)}, caching {'on' if args.caching else 'off'}")
+    path = kfp_client.compile_package(
+        args.out, caching=args.caching, gpu=args.gpu, pipeline=args.pipeline, parallelism=args.parallelism
+    )
+    print(f"{path}: version {kfp_client.version_name(path, args.pipeline)}, caching {'on' if args.caching else 'off'}")
     return 0
 
 
@@ -279,8 +348,15 @@ def _target(args: argparse.Namespace) -> Any:
 def cmd_submit(args: argparse.Namespace) -> int:
     from imgpipe import kfp_client
 
+    params: dict[str, Any] = kfp_client.collect_params(args.params, from_env=args.params_from_env)
+    if args.grid:
+        if args.pipeline != kfp_client.SWEEP_PIPELINE_NAME:
+            raise ValueError(f"--grid is a parameter of --pipeline {kfp_client.SWEEP_PIPELINE_NAME}")
+        from imgpipe.sweep import grid_parameters, load_grid_file
+
+        params.update({k: json.dumps(v) for k, v in grid_parameters(*load_grid_file(args.grid)).items()})
     result = kfp_client.submit(
-        kfp_client.collect_params(args.params, from_env=args.params_from_env),
+        params,
         target=_target(args),
         run_name=args.run_name,
         package=args.package,
@@ -288,6 +364,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         gpu=args.gpu,
         wait=args.wait,
         timeout_s=args.timeout,
+        pipeline=args.pipeline,
+        parallelism=args.parallelism,
     )
     verb = "started" if result.created else "attached to"
     print(f"{verb} run {result.run_id} of {result.version_name}" + (f": {result.state}" if result.state else ""))
@@ -318,7 +396,9 @@ COMMANDS = {
     "clean": cmd_clean,
     "resize": cmd_resize,
     "train": cmd_train,
+    "show": cmd_show,
     "run": cmd_run,
+    "sweep": cmd_sweep,
     "images": cmd_images,
     "compile": cmd_compile,
     "submit": cmd_submit,

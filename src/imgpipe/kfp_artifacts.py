@@ -15,6 +15,10 @@ Incremental retraining: after a successful run, the train component records the 
 prefixes in ``{data_root}/latest.json`` (:func:`record_latest`); a later run with
 ``previous_run_prefix="latest"`` resolves it (:func:`resolve_previous`) to the previous
 clean output, whose sha256 column tells clean which images it has seen.
+
+Pretrained weights: every run under a data root shares one cache,
+``{data_root}/weights/`` (:func:`weights_cache`, the layout in :mod:`imgpipe.pretrained`),
+so torchvision's weights are downloaded once per data root.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imgpipe import contract, storage
+from imgpipe import contract, step_report, storage
 from imgpipe.config import config_from_dict
+from imgpipe.train_config import WEIGHTS_CACHE
 
 __all__ = [
     "PIPELINE_NAME",
@@ -38,6 +44,7 @@ __all__ = [
     "LATEST_KEYWORD",
     "check_run_id",
     "run_prefix",
+    "weights_cache",
     "step_config",
     "write_step_artifact",
     "read_step_artifact",
@@ -47,6 +54,7 @@ __all__ = [
     "read_latest",
     "find_confusion",
     "publish_training",
+    "publish_step_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +96,11 @@ def check_run_id(run_id: str) -> str:
 def run_prefix(data_root: str, run_id: str, step: str) -> str:
     """The prefix ``step`` writes in run ``run_id``: ``{data_root}/runs/{run_id}/{step}``."""
     return storage.join(storage.normalize_uri(data_root), RUNS, check_run_id(run_id), step)
+
+
+def weights_cache(data_root: str) -> str:
+    """The pretrained-weights cache every run under ``data_root`` shares: ``{data_root}/weights``."""
+    return storage.join(storage.normalize_uri(data_root), WEIGHTS_CACHE)
 
 
 def step_config(cls: type[C], sections: Mapping[str, Any] | None, section: str, **named: Any) -> C:
@@ -244,9 +257,6 @@ def find_confusion(metrics: Mapping[str, Any]) -> tuple[str, list[list[int]]] | 
     return None
 
 
-_METRICS = ("val_accuracy", "val_macro_f1", "val_loss", "test_accuracy", "test_tta_accuracy", "train_loss")
-
-
 def publish_training(
     out: str,
     *,
@@ -282,11 +292,8 @@ def publish_training(
         channels=extra.get("channels"),
         prefix=out,
     )
-    final = manifest.get("metrics") or {}
-    for key in _METRICS:
-        if final.get(key) is not None:
-            metrics.log_metric(key, float(final[key]))
-    metrics.log_metric("epochs_run", float(manifest.get("epochs_run") or 0))
+    for key, value in step_report.train_metrics(manifest).items():
+        metrics.log_metric(key, value)
     history = json.loads(storage.read_bytes(storage.join(out, contract.METRICS)))
     found = find_confusion(history)
     if found is not None:
@@ -299,3 +306,31 @@ def publish_training(
     with storage.open_read(storage.join(out, contract.REPORT)) as src, open(report.path, "wb") as dst:
         shutil.copyfileobj(src, dst)
     return manifest
+
+
+def publish_step_report(prefix: str, *, metrics: Any, report: Any) -> step_report.OutputReport:
+    """Fills a data step's UI artifacts from its committed output (:func:`imgpipe.step_report.build_report`).
+
+    * ``metrics`` (Metrics): counts, rejects by reason and the step's own figures.
+    * ``report`` (HTML): the self-contained page (tables, class histograms, thumbnails).
+
+    Logs how long building them took, against the step's own time.
+
+    Returns:
+        The report.
+
+    Raises:
+        UncommittedOutputError: If ``prefix`` is not committed.
+    """
+    started = time.monotonic()
+    built = step_report.build_report(prefix)
+    for key, value in built.metrics.items():
+        metrics.log_metric(key, value)
+    page = built.html().encode("utf-8")
+    path = Path(report.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(page)
+    seconds, step_seconds = time.monotonic() - started, built.metrics.get("seconds", 0.0)
+    share = f"{100 * seconds / step_seconds:.1f}% of the step's {step_seconds:.1f} s" if step_seconds else "the step took 0 s"
+    log.info("%s: UI report built in %.2f s (%s), %d KiB", built.step, seconds, share, len(page) >> 10)
+    return built

@@ -492,15 +492,16 @@ def run_step_job(
         assert report is not None  # checked by choose_action just now
         return report
     if action == "attach":
-        log.info("%s: attaching to Ray job %s (%s) at %s", step, submission_id, _status(info), address)
+        log.info("%s: attaching to Ray job %s (%s) at %s", step, submission_id, _status(info), storage.redact_uri(address))
     else:
         if info is not None:
             log.warning("%s: Ray job %s ended %s: %s; submitting attempt %d",
                         step, attempt_id(base, attempt - 1), _status(info), _headline(info.message), attempt)  # fmt: skip
         _submit(client, step, source, dest, job_cfg, submission_id, run_id, attempt)
+        shown = storage.redact_uri(address)  # a cluster address may carry user:password@
         log.info(
             "%s: submitted Ray job %s (attempt %d) to %s; follow it with `ray job logs -f %s --address %s`",
-            step, submission_id, attempt, address, submission_id, address,
+            step, submission_id, attempt, shown, submission_id, shown,
         )  # fmt: skip
 
     info, logs = _wait(client, submission_id, out, timeout_s, poll_s, follow_logs)

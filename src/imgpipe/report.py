@@ -9,8 +9,6 @@ HTML artifact.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["curves_png", "confusion_matrix_png", "augmentations_png", "html_report"]
+from imgpipe import htmlpage
+
+__all__ = ["curves_png", "sweep_curves_png", "confusion_matrix_png", "augmentations_png", "html_report"]
 
 _ANNOTATE_MAX_CLASSES = 20
 
@@ -105,18 +105,6 @@ def augmentations_png(originals: Sequence[np.ndarray], augmented: Sequence[Seque
     return _png(fig)
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return html.escape(str(value))
-
-
-def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 _EPOCH_COLUMNS = (
     "epoch",
     "train_loss",
@@ -127,12 +115,6 @@ _EPOCH_COLUMNS = (
     "data_wait_fraction",
     "lr",
     "seconds",
-)
-_STYLE = (
-    "body{font-family:sans-serif;margin:1.5em;max-width:1100px}"
-    "table{border-collapse:collapse;margin:0.5em 0 1.5em}"
-    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
-    "img{max-width:100%;display:block;margin:0.5em 0 1.5em}"
 )
 
 
@@ -145,22 +127,43 @@ def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: 
         images: Figure name -> PNG bytes, shown in order.
         title: Page title.
     """
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
-    parts.append(f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>")
+    parts = []
     epochs = list(metrics.get("epochs", []))
     if epochs:
         shown = [{**e, "epoch": int(e["epoch"]) + 1} for e in epochs]
-        parts += ["<h2>Epochs</h2>", _table(shown, [c for c in _EPOCH_COLUMNS if c in epochs[-1]])]
+        parts.append(htmlpage.section("Epochs", htmlpage.table(shown, [c for c in _EPOCH_COLUMNS if c in epochs[-1]])))
     evaluations = [(name, metrics[name]) for name in ("test", "test_tta") if metrics.get(name)]
     if evaluations:
         rows = [{"split": n, **{k: v for k, v in m.items() if not isinstance(v, (Mapping, list))}} for n, m in evaluations]
-        parts += ["<h2>Test</h2>", _table(rows, ["split", "loss", "accuracy", "macro_f1", "images"])]
+        parts.append(htmlpage.section("Test", htmlpage.table(rows, ["split", "loss", "accuracy", "macro_f1", "images"])))
     recall = epochs[-1].get("val_per_class_recall") if epochs else None
     if recall:
         rows = [{"class": k, "recall": v} for k, v in recall.items()]
-        parts += ["<h2>Per-class recall (validation, last epoch)</h2>", _table(rows, ["class", "recall"])]
-    for name, png in images.items():
-        encoded = base64.b64encode(png).decode("ascii")
-        parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{encoded}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        parts.append(htmlpage.section("Per-class recall (validation, last epoch)", htmlpage.table(rows, ["class", "recall"])))
+    parts += [htmlpage.section(name, htmlpage.image(name, png)) for name, png in images.items()]
+    return htmlpage.page(title, parts)
+
+
+def sweep_curves_png(histories: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str]) -> bytes:
+    """One panel per key, one line per branch: a sweep's curves overlaid (:mod:`imgpipe.steps.compare`).
+
+    Args:
+        histories: Branch name -> its per-epoch records (``epoch`` and the keys; missing values skipped).
+        keys: The per-epoch keys to plot (``val_macro_f1``, ``val_accuracy``, ``train_loss``, ...).
+    """
+    fig = Figure(figsize=(5 * len(keys), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(keys)))
+    for ax, key in zip(axes, keys):
+        for name, history in histories.items():
+            points = [(int(h["epoch"]) + 1, h[key]) for h in history if h.get(key) is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if not key.endswith("loss"):
+            ax.set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8)
+    return _png(fig)

@@ -220,21 +220,6 @@ def clean_members() -> dict[str, bytes]:
     return members
 
 
-@pytest.fixture(scope="module")
-def ray_session(s3_endpoint):
-    """One small local Ray for the whole module; the step must reuse it, not stop it.
-
-    Its workers take the S3 endpoint and credentials from the environment they start in,
-    as a pod's do: the local S3 server's settings must be there first, or a module run on
-    its own (no earlier test started the server) gets ACCESS_DENIED in the S3 test.
-    """
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def build_clean(root: str) -> str:
     download = write_download_output(storage.join(root, "download"), clean_members())
     dest = storage.join(root, "clean")

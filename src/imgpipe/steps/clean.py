@@ -62,6 +62,7 @@ from imgpipe.annotations import HeadBox, image_stem, read_head_boxes
 from imgpipe.contract import OutputWriter, Reject, StepReport
 from imgpipe.images import ImageRejected, load_decoders, validate_and_normalize
 from imgpipe.labels import Labeler, LabelSource, choose_label_source, encode_labels, read_label_csv
+from imgpipe.phases import PhaseLog
 
 __all__ = [
     "CleanConfig",
@@ -69,6 +70,7 @@ __all__ = [
     "DECODE_TIMEOUT",
     "SPLITS",
     "OUTPUT_SCHEMA",
+    "output_schema",
     "LABELS_FILE",
     "clean",
     "validate_task",
@@ -96,18 +98,17 @@ _MIN_IMAGE_BYTES = 128 << 20
 # reading or writing a row group): past this the cause is not one image, and the step fails.
 _MAX_BARREN_RESTARTS = 2
 
-IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
         # {bytes, path}: the Hugging Face `datasets` Image feature layout, which Ray and
-        # pandas also read as-is.
-        pa.field("image", IMAGE_TYPE, nullable=False),
+        # pandas also read as-is; output_schema adds the features that name it an Image.
+        contract.IMAGE_FIELD,
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("mode", pa.string(), nullable=False),
         pa.field("format", pa.string(), nullable=False),
-        pa.field("label", pa.int32(), nullable=False),
+        contract.LABEL_FIELD,
         pa.field("label_name", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
         pa.field("order", pa.int64(), nullable=False),
@@ -116,6 +117,11 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("bbox", pa.list_(pa.float32())),
     ]
 )
+
+
+def output_schema(classes: Sequence[str]) -> pa.Schema:
+    """The schema of the data files: :data:`OUTPUT_SCHEMA` with the ``datasets`` features of ``classes``."""
+    return contract.with_hf_features(OUTPUT_SCHEMA, classes)
 
 
 @dataclass(frozen=True)
@@ -896,13 +902,16 @@ def _write_shards(
     label_map: np.ndarray,
     out: OutputWriter,
     cfg: CleanConfig,
+    classes: Sequence[str],
 ) -> None:
     """Sorts each shard's buckets by order and writes the final shards, in parallel.
 
     Rows rejected during decoding leave gaps in the planned order; each shard renumbers
     its rows from the count of rows kept in the shards before it, so ``order`` is
-    exactly ``0..n-1``. ``label_map`` re-indexes classes that lost every image.
+    exactly ``0..n-1``. ``label_map`` re-indexes classes that lost every image;
+    ``classes`` are the names of the re-indexed labels.
     """
+    schema = output_schema(classes)
     offsets, running = {}, 0
     for shard in sorted(kept_per_shard):
         offsets[shard], running = running, running + kept_per_shard[shard]
@@ -915,7 +924,7 @@ def _write_shards(
         start, group = offsets[shard], _row_group_size(table, cfg)
         # Row group by row group: one group's pixels are copied at a time, and the allocator
         # reuses that memory for the next instead of faulting in the whole shard again.
-        with out.parquet_file(f"part-{part:05d}.parquet", OUTPUT_SCHEMA) as sink:
+        with out.parquet_file(f"part-{part:05d}.parquet", schema) as sink:
             for first in range(0, table.num_rows, group):
                 rows = by_order[first : first + group]
                 chunk = table.take(rows)
@@ -923,9 +932,9 @@ def _write_shards(
                     chunk.schema.get_field_index("order"), "order", pa.array(np.arange(start + first, start + first + len(rows)))
                 )
                 chunk = chunk.set_column(
-                    chunk.schema.get_field_index("label"), "label", pa.array(labels[first : first + group], pa.int32())
+                    chunk.schema.get_field_index("label"), "label", pa.array(labels[first : first + group], contract.LABEL_FIELD.type)
                 )
-                sink.write(chunk.cast(OUTPUT_SCHEMA), row_group_size=len(rows))
+                sink.write(chunk.cast(schema), row_group_size=len(rows))
 
     shards = sorted(s for s, n in kept_per_shard.items() if n)
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(shards)))) as pool:
@@ -995,6 +1004,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         ValueError: If ``source`` is not a download output, or the config is unusable.
     """
     cfg = cfg or CleanConfig()
+    phases = PhaseLog("clean")
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
     inputs = [source] + [u for u in (cfg.labels_csv, cfg.annotations, cfg.skip_hashes_from) if u]
     contract.check_disjoint(dest, inputs, "clean")
@@ -1003,6 +1013,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     labeler = _build_labeler(cfg, list(sha_by_path))
     known_files, known = _read_known(cfg.skip_hashes_from, cfg) if cfg.skip_hashes_from else ([], {})
     plan = _plan(sha_by_path, labeler, cfg, known)
+    phases.done("plan", rows=len(sha_by_path), classes=len(plan.classes), planned=len(plan.placements), known=len(known))
     boxes, bad_boxes = read_head_boxes(cfg.annotations) if cfg.annotations else ({}, {})
     pool = _decode_pool(cfg.workers or resources.available_cpus(), resources.usable_memory())
     tasks = _make_tasks(units, pool.workers)
@@ -1012,6 +1023,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         bucket_dir = Path(tmp)
         unit_paths = {(uri, rg): paths for uri, rg, paths in units}
         results, free_index = _validate_all(tasks, unit_paths, plan, boxes, cfg, bucket_dir, pool)
+        phases.done("decode", rows=len(results), failed=sum(bool(r.reason) for r in results), workers=pool.workers)
         if known:
             results += _carry_rows(known_files, plan, bucket_dir, free_index, cfg)
         rejects = [Reject(r.path, r.reason, r.detail) for r in results if r.reason]
@@ -1025,14 +1037,15 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         label_map = np.array(
             [classes.index(c) if c in classes else -1 for c in plan.classes] or [0], dtype=np.int32
         )
-        _write_shards(bucket_dir, kept_per_shard, label_map, out, cfg)
+        _write_shards(bucket_dir, kept_per_shard, label_map, out, cfg, classes)
+        phases.done("write", kept=len(kept), rejected=len(rejects), shards=len(kept_per_shard))
     storage.write_bytes(
         out.uri(LABELS_FILE),
         json.dumps({str(i): n for i, n in enumerate(classes)}, indent=2).encode(),
     )
     split_counts = Counter(p.split for p in kept)
     class_counts = Counter(p.label_name for p in kept)
-    return out.commit(
+    report = out.commit(
         inputs=len(results),
         rejects=rejects,
         config=cfg,
@@ -1042,6 +1055,8 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
             "num_classes": len(classes),
             "splits": {name: split_counts.get(name, 0) for name in SPLITS},
             "per_class": dict(sorted(class_counts.items())),
+            # Class histograms per split (the step's report draws them from here).
+            "per_split_class": {s: dict(sorted(Counter(p.label_name for p in kept if p.split == s).items())) for s in SPLITS},
             "decode_pool": {
                 "workers": pool.workers,
                 "memory": pool.memory,
@@ -1063,3 +1078,5 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
             "outputs": manifest.get("outputs"),
         },
     )
+    phases.done("commit", outputs=report.outputs, rejected=report.rejected, files=len(report.files))
+    return report

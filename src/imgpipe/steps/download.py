@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from imgpipe import archive, contract, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
+from imgpipe.phases import PhaseLog
 from imgpipe.sources import SourcePolicy, check_redirect, peer_checked_session
 
 __all__ = [
@@ -730,8 +731,8 @@ class _Discard:
         """Drops the member."""
 
 
-def _dry_run(sources: Sequence[_Source], cfg: DownloadConfig) -> None:
-    """Reads every member as the extraction will, writing nothing.
+def _dry_run(sources: Sequence[_Source], cfg: DownloadConfig) -> int:
+    """Reads every member as the extraction will, writing nothing; returns the members read.
 
     A truncated or corrupt archive, or one over a size cap, fails here, before the
     destination is touched: the previous committed output survives a bad download.
@@ -739,6 +740,7 @@ def _dry_run(sources: Sequence[_Source], cfg: DownloadConfig) -> None:
     state = _Extraction(cfg)
     for source in sources:
         _extract_source(source, state, _Discard())  # type: ignore[arg-type]
+    return state.inputs
 
 
 def _extract_all(sources: Sequence[_Source], out: OutputWriter, cfg: DownloadConfig) -> _Extraction:
@@ -805,18 +807,21 @@ def download(
     digests: list[str | None] = list(cfg.sha256) or [None] * len(uris)
     for uri, digest in zip(uris, digests, strict=True):
         policy.check_source(uri, pinned=digest is not None)
+    phases = PhaseLog(STEP)
     with tempfile.TemporaryDirectory(prefix="imgpipe-download-") as spool_dir:
         fetched = [
             _fetch(uri, digest, Path(spool_dir) / f"source-{i:03d}", cfg, policy)
             for i, (uri, digest) in enumerate(zip(uris, digests, strict=True))
         ]
+        phases.done("fetch", sources=len(fetched), bytes=sum(src.bytes or 0 for src in fetched))
         # Every source is local, verified and readable to its last member: only now may
         # the old output go.
-        _dry_run(fetched, cfg)
+        phases.done("dry run", members=_dry_run(fetched, cfg))
         out = OutputWriter(dest, STEP)
         out.begin()
         state = _extract_all(fetched, out, cfg)
-    return out.commit(
+        phases.done("extract", members=state.inputs, rejected=len(state.rejects), bytes=state.extracted)
+    report = out.commit(
         inputs=state.inputs,
         rejects=state.rejects,
         config=cfg,
@@ -826,3 +831,5 @@ def download(
         },
         upstream={"sources": [storage.redact_uri(u) for u in uris]},
     )
+    phases.done("commit", outputs=report.outputs, rejected=report.rejected, files=len(report.files))
+    return report

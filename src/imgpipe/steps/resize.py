@@ -25,7 +25,10 @@ the same pass; the manifest's ``extra.split_modes`` says which mode each split h
 
 ``format='raw'`` stores ``pixels``: the ``height x width x channels`` uint8 array as
 bytes, readable with plain pyarrow and ``np.frombuffer(...).reshape(h, w, c)``;
-``format='jpeg'`` stores ``image`` as clean does, a ``{bytes, path}`` struct.
+``format='jpeg'`` stores ``image`` as clean does, a ``{bytes, path}`` struct. Either way the
+schema carries clean's class names as Hugging Face ``datasets`` features
+(:func:`output_schema`): ``datasets`` reads ``label`` as a ``ClassLabel``, ``image`` as an
+``Image``, ``pixels`` as plain bytes, and names the ``val`` folder's split ``validation``.
 Folders are plain names, not ``split=train`` (hive style): the files also hold a
 ``split`` column, and pyarrow refuses a dataset whose partition key repeats a column.
 
@@ -54,6 +57,7 @@ import pyarrow.parquet as pq
 
 from imgpipe import contract, ray_jobs, resources, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
+from imgpipe.phases import PhaseLog
 from imgpipe.resize_ops import ResizeSpec, resize_batch
 
 # The settings are OpenCV-free (imgpipe.resize_spec) so the pipeline compiles without OpenCV.
@@ -76,10 +80,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LABELS_FILE = contract.LABELS
-IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 _META_FIELDS = [
     pa.field("path", pa.string(), nullable=False),
-    pa.field("label", pa.int32(), nullable=False),
+    contract.LABEL_FIELD,
     pa.field("label_name", pa.string(), nullable=False),
     pa.field("split", pa.string(), nullable=False),
     pa.field("order", pa.int64(), nullable=False),
@@ -97,11 +100,20 @@ _READ_COLUMNS = ("path", "image", "label", "label_name", "split", "order", "sha2
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def output_schema(fmt: Literal["raw", "jpeg"]) -> pa.Schema:
-    """The Parquet schema of the data files for output format ``fmt``."""
+def output_schema(fmt: Literal["raw", "jpeg"], classes: Sequence[str] | None = None) -> pa.Schema:
+    """The Parquet schema of the data files for output format ``fmt``.
+
+    Args:
+        fmt: ``raw`` (``pixels``) or ``jpeg`` (``image``).
+        classes: Class names in label order; when given, the schema carries them as
+            ``datasets`` features (:func:`imgpipe.contract.with_hf_features`): ``label`` a
+            ``ClassLabel``, ``image`` an ``Image``, raw ``pixels`` plain bytes.
+    """
     if fmt == "raw":
-        return pa.schema([*_META_FIELDS, pa.field("pixels", pa.binary(), nullable=False)])
-    return pa.schema([*_META_FIELDS, pa.field("image", IMAGE_TYPE, nullable=False)])
+        schema = pa.schema([*_META_FIELDS, pa.field("pixels", pa.binary(), nullable=False)])
+    else:
+        schema = pa.schema([*_META_FIELDS, contract.IMAGE_FIELD])
+    return schema if classes is None else contract.with_hf_features(schema, classes)
 
 
 def read_pixels(row: dict[str, Any]) -> np.ndarray:
@@ -440,12 +452,15 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
         from imgpipe import kuberay
 
         return kuberay.run_step_rayjob("resize", source, dest, cfg, namespace=target.namespace, run_id=run_id)
+    phases = PhaseLog("resize")
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
     contract.check_disjoint(dest, [source], "resize")
     manifest = contract.read_manifest(source, expect_step="clean")
     files = contract.data_files(source, manifest)
     inputs = sum(int(f["rows"]) for f in manifest["files"])
-    schema = output_schema(cfg.format)
+    upstream_extra = manifest.get("extra", {})
+    # No class names upstream (a hand-made clean output): no ClassLabel rather than a wrong one.
+    schema = output_schema(cfg.format, upstream_extra.get("classes") or None)
     out = OutputWriter(dest, "resize")
     out.begin()
     rejects: list[Reject] = []
@@ -467,12 +482,12 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
                     if seen >= next_log:
                         log.info("resize: %d/%d images", seen, inputs)
                         next_log = seen + max(1000, inputs // 10)
+    phases.done("ray", rows=seen, rejected=len(rejects), files=len(files), ray_nodes=len(nodes))
     labels_uri = storage.join(source, LABELS_FILE)
     if storage.exists(labels_uri):
         storage.write_bytes(out.uri(LABELS_FILE), storage.read_bytes(labels_uri))
-    upstream_extra = manifest.get("extra", {})
     written = dict(sorted(sink.written.items()))
-    return out.commit(
+    report = out.commit(
         inputs=inputs,
         rejects=rejects,
         config=cfg,
@@ -496,3 +511,5 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
         },
         upstream={"source": source, "step": manifest.get("step"), "outputs": manifest.get("outputs")},
     )
+    phases.done("commit", outputs=report.outputs, rejected=report.rejected, files=len(report.files))
+    return report
