@@ -24,20 +24,30 @@ def train(
     epochs: Optional[int] = None,  # noqa: UP045
     batch_size: Optional[int] = None,  # noqa: UP045
     aug_policy: Optional[str] = None,  # noqa: UP045
+    pretrained: Optional[str] = None,  # noqa: UP045 - "" means none (a pipeline parameter's empty default)
     step_config: Optional[dict] = None,  # noqa: UP045
+    branch: str = "",
 ) -> None:
     """Trains on the resize output at ``resized`` (a committed prefix); records the run for incremental retraining.
 
     ``resume`` is on: the prefix is the run's own, so a first attempt starts fresh and a
-    retried attempt continues from the checkpoint of the failed one.
+    retried attempt continues from the checkpoint of the failed one. A sweep's branch
+    (``branch``, :mod:`imgpipe.sweep`) writes the run's ``train-{branch}`` prefix instead
+    and records nothing in ``latest.json``: a sweep tries settings, it is no retraining run.
     """
     from imgpipe import kfp_artifacts as ka
     from imgpipe.steps.train import TrainConfig, train
+    from imgpipe.sweep import branch_step
 
-    named = {"model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy, "resume": True}
+    named = {
+        "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy, "resume": True,
+        "pretrained": pretrained or None, "weights_cache": ka.weights_cache(data_root),
+    }  # fmt: skip
     cfg = ka.step_config(TrainConfig, step_config, "train", **named)
-    data, out = ka.committed_prefix(resized, "resize"), ka.run_prefix(data_root, run_id, "train")
+    step = branch_step(branch) if branch else "train"
+    data, out = ka.committed_prefix(resized, "resize"), ka.run_prefix(data_root, run_id, step)
     result = train(data, out, cfg)
     ka.publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)
-    ka.write_step_artifact(trained, result.dest)
-    ka.record_latest(data_root, run_id, {s: ka.run_prefix(data_root, run_id, s) for s in ("clean", "resize", "train")})
+    ka.write_step_artifact(trained, result.dest, branch=branch)
+    if not branch:
+        ka.record_latest(data_root, run_id, {s: ka.run_prefix(data_root, run_id, s) for s in ("clean", "resize", "train")})

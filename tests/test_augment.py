@@ -292,6 +292,24 @@ def test_mixing_is_reproducible_from_the_step_generator():
     assert step_seed(0, 1, 0, 7) == step_seed(0, 1, 0, 7) != step_seed(0, 1, 1, 7)
 
 
+def test_mixing_probability_leaves_batches_unmixed_and_keeps_the_stream_at_one():
+    x, labels = normalize(images(4), 3), torch.tensor([0, 1, 2, 0])
+    plain = one_hot_targets(labels, 3, 0.0)
+    never = MixupCutmix(3, prob=0.0)
+    for step in range(5):
+        mixed, targets = never(x, labels, step_generator(0, 0, 0, step))
+        assert mixed is x and torch.equal(targets, plain)
+    sometimes = MixupCutmix(3, prob=0.5)
+    outcomes = {sometimes(x, labels, step_generator(0, 0, 0, s))[0] is x for s in range(40)}
+    assert outcomes == {True, False}, "some batches mixed, some not"
+    # prob=1 draws nothing extra: the same batches as before the option existed.
+    always, default = MixupCutmix(3, prob=1.0), MixupCutmix(3)
+    a, b = always(x, labels, step_generator(0, 1, 0, 3)), default(x, labels, step_generator(0, 1, 0, 3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="prob must be in"):
+        MixupCutmix(3, prob=1.5)
+
+
 def test_soft_target_cross_entropy_equals_cross_entropy_with_smoothing():
     logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 2, 3, 0, 1])

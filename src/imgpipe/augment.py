@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ __all__ = [
     "POLICIES",
     "Policy",
     "AugmentConfig",
+    "IMAGENET",
+    "Normalization",
     "channel_stats",
     "build_batch_eval_transform",
     "normalize",
@@ -56,28 +59,47 @@ __all__ = [
     "step_generator",
 ]
 
-# ImageNet statistics (torchvision references); for one channel, their mean.
-_MEAN_RGB = (0.485, 0.456, 0.406)
-_STD_RGB = (0.229, 0.224, 0.225)
 _AFFINE_P = 0.5
 _COLOR_JITTER_P = 0.8
 
 
-def channel_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalization mean and std for 3 (ImageNet) or 1 (their average) channels.
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std of RGB pixels scaled to ``[0, 1]``, as a model's weights expect them.
+
+    The training run holds one (``TrainingRun.norm``): :data:`IMAGENET`, or the
+    pretrained weights' own (:func:`imgpipe.pretrained.normalization`); every
+    consumer (:func:`normalize`, :class:`BatchAugment`, the CPU recipe's erasing fill,
+    ``model.pt``) takes it from there.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"need 3 means and 3 positive stds, got mean={self.mean}, std={self.std}")
+
+
+# The ImageNet statistics of torchvision's references (and of most of its weights).
+IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def channel_stats(channels: int, norm: Normalization = IMAGENET) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalization mean and std for 3 channels, or their averages for 1 (grey) channel.
 
     Raises:
         ValueError: For any other channel count.
     """
     if channels == 3:
-        return _MEAN_RGB, _STD_RGB
+        return tuple(norm.mean), tuple(norm.std)
     if channels == 1:
-        return (sum(_MEAN_RGB) / 3,), (sum(_STD_RGB) / 3,)
+        return (sum(norm.mean) / 3,), (sum(norm.std) / 3,)
     raise ValueError(f"images must have 1 or 3 channels, got {channels}")
 
 
-def _mean_uint8(channels: int) -> list[int]:
-    return [round(m * 255) for m in channel_stats(channels)[0]]
+def _mean_uint8(channels: int, norm: Normalization = IMAGENET) -> list[int]:
+    return [round(m * 255) for m in channel_stats(channels, norm)[0]]
 
 
 def _blur_kernel(size: int) -> int:
@@ -96,20 +118,22 @@ def build_batch_eval_transform(size: int) -> v2.Compose:
     return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
 
-def _standardize(x: torch.Tensor, channels: int) -> torch.Tensor:
-    mean, std = channel_stats(channels)
+def _standardize(x: torch.Tensor, channels: int, norm: Normalization) -> torch.Tensor:
+    mean, std = channel_stats(channels, norm)
     mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x - mean_t) / std_t
 
 
-def normalize(images: torch.Tensor, channels: int, channels_last: bool = False) -> torch.Tensor:
-    """uint8 ``B x C x H x W`` (any device) to normalized float32, optionally channels-last.
+def normalize(
+    images: torch.Tensor, channels: int, channels_last: bool = False, norm: Normalization = IMAGENET
+) -> torch.Tensor:
+    """uint8 ``B x C x H x W`` (any device) to float32 normalized by ``norm``, optionally channels-last.
 
     One fused multiply-add, ``x * (1 / (255 std)) - mean / std``: the uint8-to-float
     conversion and a single pass, which matters when this runs on a CPU.
     """
-    mean, std = channel_stats(channels)
+    mean, std = channel_stats(channels, norm)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(1, -1, 1, 1)
     bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(1, -1, 1, 1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -144,15 +168,24 @@ class BatchAugment(nn.Module):
         policy_groups: Chunks with independent policy draws.
         crop: Start with the RandomResizedCrop; off when the batch arrives cropped
             (whole-picture rows, cropped per sample in the loader workers).
+        norm: The mean and std the output is normalized with.
     """
 
-    def __init__(self, cfg: AugmentConfig, size: int, channels: int, policy_groups: int = 8, crop: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        size: int,
+        channels: int,
+        policy_groups: int = 8,
+        crop: bool = True,
+        norm: Normalization = IMAGENET,
+    ) -> None:
         super().__init__()
         import kornia.augmentation as K
         from kornia.augmentation import auto
 
         channel_stats(channels)
-        self.cfg, self.size, self.channels = cfg, size, channels
+        self.cfg, self.size, self.channels, self.norm = cfg, size, channels, norm
         self.policy_groups = max(1, policy_groups)
         self.eval_transform = build_batch_eval_transform(size)
         # crop=False: the workers took each sample's RandomResizedCrop (whole-picture rows).
@@ -194,7 +227,7 @@ class BatchAugment(nn.Module):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise TypeError(f"expected a B x C x H x W uint8 batch, got {images.dtype} {tuple(images.shape)}")
         if self.cfg.policy == "none":
-            return normalize(self.eval_transform(images), self.channels)
+            return normalize(self.eval_transform(images), self.channels, norm=self.norm)
         with _seeded(seed, images.device):
             x = self.geometric(images.float() / 255.0)
             if self.policy is not None:
@@ -203,7 +236,7 @@ class BatchAugment(nn.Module):
                 x = self._as_rgb(self.color, x).clamp(0, 1)
             if self.blur is not None:
                 x = self.blur(x)
-            x = _standardize(x, self.channels)
+            x = _standardize(x, self.channels, self.norm)
             if self.erasing is not None:
                 x = self.erasing(x)
         return x
@@ -237,7 +270,9 @@ class MixupCutmix:
     """MixUp or CutMix on a batch, with soft targets and label smoothing.
 
     With both alphas positive, each batch uses CutMix or MixUp with probability
-    ``switch_prob``/``1 - switch_prob`` (timm's scheme). The partner of sample ``i`` is
+    ``switch_prob``/``1 - switch_prob`` (timm's scheme); with ``prob`` below 1 a batch is
+    mixed at all only with that probability (timm ``data/mixup.py`` ``Mixup(prob=...)``,
+    its train.py ``--mixup-prob``). The partner of sample ``i`` is
     sample ``i - 1`` (the batch rolled by one, as in torchvision v2). With both alphas 0
     the images pass unchanged and the targets are the smoothed one-hot labels.
 
@@ -247,6 +282,8 @@ class MixupCutmix:
         cutmix_alpha: Beta(alpha, alpha) parameter of CutMix; 0 disables CutMix.
         label_smoothing: Smoothing applied to both mixed labels.
         switch_prob: Probability of CutMix when both are enabled.
+        prob: Probability that a batch is mixed at all; the others keep their images
+            and get the smoothed one-hot targets.
     """
 
     def __init__(
@@ -256,6 +293,7 @@ class MixupCutmix:
         cutmix_alpha: float = 1.0,
         label_smoothing: float = 0.0,
         switch_prob: float = 0.5,
+        prob: float = 1.0,
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -263,10 +301,13 @@ class MixupCutmix:
             raise ValueError("mixup and cutmix alphas must be >= 0 (0 disables)")
         if not 0.0 <= switch_prob <= 1.0:
             raise ValueError(f"switch_prob must be in [0, 1], got {switch_prob}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
         self.num_classes = num_classes
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.label_smoothing = label_smoothing
         self.switch_prob = switch_prob
+        self.prob = prob
         one_hot_targets(torch.zeros(1, dtype=torch.int64), num_classes, label_smoothing)  # validates smoothing
 
     @property
@@ -280,6 +321,9 @@ class MixupCutmix:
         """Returns the mixed ``B x C x H x W`` float batch and ``B x num_classes`` targets."""
         targets = one_hot_targets(labels, self.num_classes, self.label_smoothing)
         if not self.enabled or len(labels) < 2:
+            return images, targets
+        # Drawn only when it can matter, so prob=1 keeps the random stream (and results) of before.
+        if self.prob < 1.0 and rng.random() >= self.prob:
             return images, targets
         use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < self.switch_prob)
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha

@@ -129,7 +129,15 @@ import albumentations as A  # noqa: E402 - after the setting above
 import cv2
 import numpy as np
 
-from imgpipe.augment import _AFFINE_P, _COLOR_JITTER_P, _blur_kernel, _mean_uint8, channel_stats
+from imgpipe.augment import (
+    _AFFINE_P,
+    _COLOR_JITTER_P,
+    IMAGENET,
+    Normalization,
+    _blur_kernel,
+    _mean_uint8,
+    channel_stats,
+)
 from imgpipe.train_config import AugmentConfig
 
 __all__ = [
@@ -450,7 +458,9 @@ class SampleTransform:
         return f"SampleTransform(size={self.size}, channels={self.channels}, random={self.random}, {self.pipeline!r})"
 
 
-def _train_ops(cfg: AugmentConfig, size: int, channels: int) -> list[A.BasicTransform | A.BaseCompose]:
+def _train_ops(
+    cfg: AugmentConfig, size: int, channels: int, norm: Normalization = IMAGENET
+) -> list[A.BasicTransform | A.BaseCompose]:
     ops: list[A.BasicTransform | A.BaseCompose] = [
         A.RandomResizedCrop(
             (size, size),
@@ -489,15 +499,18 @@ def _train_ops(cfg: AugmentConfig, size: int, channels: int) -> list[A.BasicTran
         ops.append(A.GaussianBlur(blur_limit=(k, k), sigma_limit=(0.1, 2.0), p=cfg.blur_p))
     if cfg.random_erasing > 0:
         ops.append(
-            A.Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill=tuple(_mean_uint8(channels)), p=cfg.random_erasing)
+            A.Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill=tuple(_mean_uint8(channels, norm)), p=cfg.random_erasing)
         )
     return ops
 
 
-def build_train_transform(cfg: AugmentConfig, size: int, channels: int) -> SampleTransform:
+def build_train_transform(
+    cfg: AugmentConfig, size: int, channels: int, norm: Normalization = IMAGENET
+) -> SampleTransform:
     """The training recipe (module docstring) for ``channels``-channel images, output ``size x size``.
 
-    Policy ``none`` gives :func:`build_eval_transform`.
+    Policy ``none`` gives :func:`build_eval_transform`. ``norm`` is the normalization the
+    batch gets later; random erasing fills with its mean, which normalizes to 0.
 
     Raises:
         ValueError: For a channel count other than 1 or 3, or ``size < 1``.
@@ -506,7 +519,7 @@ def build_train_transform(cfg: AugmentConfig, size: int, channels: int) -> Sampl
         raise ValueError(f"size must be >= 1, got {size}")
     if cfg.policy == "none":
         return build_eval_transform(size, channels)
-    return SampleTransform(_train_ops(cfg, size, channels), size, channels, random=True)
+    return SampleTransform(_train_ops(cfg, size, channels, norm), size, channels, random=True)
 
 
 def build_crop_transform(cfg: AugmentConfig, size: int, channels: int) -> SampleTransform:

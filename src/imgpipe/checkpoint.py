@@ -28,8 +28,9 @@ __all__ = ["CHECKPOINT", "RESUME_FIXED", "save_checkpoint", "load_checkpoint", "
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-# Fields that change what a checkpoint means; resuming with other values is refused.
-RESUME_FIXED = ("model", "batch_size", "seed", "image_size")
+# Fields that change what a checkpoint means; resuming with other values is refused
+# (pretrained also picks the mean and std every batch is normalized with).
+RESUME_FIXED = ("model", "batch_size", "seed", "image_size", "pretrained")
 
 
 

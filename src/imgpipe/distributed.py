@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "resolve_device", "init_distributed", "all_reduce", "barrier", "determinism"]
+__all__ = ["DistInfo", "resolve_device", "init_distributed", "all_reduce", "all_gather_rows", "barrier", "determinism"]
 
 
 
@@ -83,6 +83,25 @@ def all_reduce(values: list[float], device: torch.device, ctx: DistInfo) -> list
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_rows(rows: torch.Tensor, ctx: DistInfo) -> torch.Tensor:
+    """Every rank's ``rows`` (``N_r x ...``, ``N_r`` may differ by rank) concatenated in rank order, on every rank.
+
+    ``dist.all_gather`` needs tensors of one shape, so each rank first shares its row
+    count, then pads its rows to the largest count; the padding is cut off again.
+    """
+    if ctx.world_size == 1:
+        return rows
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(ctx.world_size)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
 
 
 def barrier(ctx: DistInfo) -> None:

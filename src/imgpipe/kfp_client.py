@@ -59,9 +59,12 @@ import yaml
 
 from imgpipe.config import coerce
 from imgpipe.kfp_artifacts import PIPELINE_NAME
+from imgpipe.sweep import SWEEP_PIPELINE_NAME
 
 __all__ = [
     "PIPELINE_NAME",
+    "SWEEP_PIPELINE_NAME",
+    "PIPELINES",
     "DEFAULT_EXPERIMENT",
     "TERMINAL_STATES",
     "validate_cron",
@@ -85,6 +88,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "imgpipe"
+# The pipelines imgpipe compiles and submits: the pipeline, and the augmentation sweep over its data steps.
+PIPELINES = (PIPELINE_NAME, SWEEP_PIPELINE_NAME)
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 HOST_ENV = "KF_PIPELINES_ENDPOINT"
 EXPERIMENT_ENV = "IMGPIPE_EXPERIMENT"
@@ -191,20 +196,39 @@ def _env_flag(name: str, default: bool) -> bool:
     raise ValueError(f"${name}={text!r}: expected true or false")
 
 
-def compile_package(out: str | Path, *, caching: bool = False, gpu: bool | None = None) -> Path:
-    """Compiles the pipeline to ``out`` (YAML), images from the environment (see ``imgpipe.containers.catalog``).
+def compile_package(
+    out: str | Path,
+    *,
+    caching: bool = False,
+    gpu: bool | None = None,
+    pipeline: str = PIPELINE_NAME,
+    parallelism: int | None = None,
+) -> Path:
+    """Compiles a pipeline to ``out`` (YAML), images from the environment (see ``imgpipe.containers.catalog``).
 
     Args:
         out: The package path.
         caching: kfp caching of every task; off for scheduled retraining.
         gpu: Schedule train on a GPU node (accelerator, toleration, node selector);
             ``None`` reads ``$IMGPIPE_TRAIN_GPU`` (default true).
+        pipeline: One of :data:`PIPELINES`.
+        parallelism: The sweep's branches training at once (its ``SweepOptions`` default when ``None``).
+
+    Raises:
+        ValueError: For an unknown pipeline, or ``parallelism`` with a pipeline that has no branches.
     """
+    if pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline {pipeline!r}; pipelines: {', '.join(PIPELINES)}")
+    if parallelism is not None and pipeline != SWEEP_PIPELINE_NAME:
+        raise ValueError(f"parallelism bounds the branches of {SWEEP_PIPELINE_NAME}; {pipeline} has none")
     pipelines = import_pipelines()
     gpu = _env_flag(GPU_ENV, True) if gpu is None else gpu
     options = pipelines.PipelineOptions(caching=caching)
     if not gpu:
         options = dataclasses.replace(options, gpu=None)
+    if pipeline == SWEEP_PIPELINE_NAME:
+        extra = {} if parallelism is None else {"parallelism": parallelism}
+        return pipelines.compile_sweep(out, pipelines.SweepOptions(pipeline=options, **extra))
     return pipelines.compile_pipeline(out, options)
 
 
@@ -435,24 +459,27 @@ class Target:
         )
 
 
-def _package(package: str | Path | None, caching: bool, gpu: bool | None, tmp: str) -> Path:
+def _package(
+    package: str | Path | None, caching: bool, gpu: bool | None, tmp: str, pipeline: str = PIPELINE_NAME,
+    parallelism: int | None = None,
+) -> Path:
     if package is not None:
         path = Path(package)
         if not path.is_file():
             raise ValueError(f"pipeline package {path} does not exist")
         return path
-    return compile_package(Path(tmp) / "imgpipe.yaml", caching=caching, gpu=gpu)
+    return compile_package(Path(tmp) / f"{pipeline}.yaml", caching=caching, gpu=gpu, pipeline=pipeline, parallelism=parallelism)
 
 
 def _prepare(
     target: Target, params: Iterable[str] | Mapping[str, Any], package: str | Path | None, caching: bool,
-    gpu: bool | None, client: Any, tmp: str,
+    gpu: bool | None, client: Any, tmp: str, pipeline: str = PIPELINE_NAME, parallelism: int | None = None,
 ) -> tuple[Any, dict[str, Any], str, str, str, str]:
-    path = _package(package, caching, gpu, tmp)
+    path = _package(package, caching, gpu, tmp, pipeline, parallelism)
     typed = parse_params(params, path)
     client = client or connect(target.host, namespace=target.namespace)
     namespace = _namespace(client, target)
-    pipeline_id, version_id, version = ensure_pipeline_version(client, path, namespace=namespace)
+    pipeline_id, version_id, version = ensure_pipeline_version(client, path, pipeline_name=pipeline, namespace=namespace)
     experiment_id = client.create_experiment(target.experiment, namespace=namespace).experiment_id
     return client, typed, pipeline_id, version_id, version, experiment_id
 
@@ -497,6 +524,8 @@ def submit(
     timeout_s: float = 6 * 3600,
     poll_s: float = 30.0,
     client: Any = None,
+    pipeline: str = PIPELINE_NAME,
+    parallelism: int | None = None,
 ) -> Submitted:
     """Uploads the pipeline version (idempotently) and creates a run of it.
 
@@ -514,6 +543,9 @@ def submit(
         timeout_s: How long to wait.
         poll_s: Status poll interval while waiting.
         client: A ``kfp.Client`` (default: :func:`connect`).
+        pipeline: Which pipeline (:data:`PIPELINES`), compiled when ``package`` is not given;
+            also the Kubeflow pipeline the version is uploaded under.
+        parallelism: The sweep's branches at once, when compiling it (see :func:`compile_package`).
 
     Raises:
         ValueError: For bad parameters or no host.
@@ -523,7 +555,7 @@ def submit(
     target = (target or Target()).resolved()
     with tempfile.TemporaryDirectory(prefix="imgpipe-kfp-") as tmp:
         client, typed, pipeline_id, version_id, version, experiment_id = _prepare(
-            target, params, package, caching, gpu, client, tmp
+            target, params, package, caching, gpu, client, tmp, pipeline, parallelism
         )
     run_id, created = None, True
     if run_name:

@@ -18,6 +18,11 @@ train output is copied to ``{workdir}/runs/{run id}/train/``; the kfp artifacts
 ``data_root`` may instead be a directory (``file://``) or an existing bucket
 (``s3://...`` with ``AWS_ENDPOINT_URL`` set), and then nothing is copied.
 
+:func:`run_sweep` runs the sweep pipeline (``pipelines/imgpipe_sweep.py``, ``imgpipe
+sweep``) the same way: the data steps once, one train task per grid branch (kfp.local
+runs at most two at once), the comparison; it copies the comparison and each branch's
+metrics and report to ``{workdir}/runs/{run id}/``.
+
 With ``runner="docker"`` the same pipeline runs under ``kfp.local.DockerRunner``: each
 task in its kind's image (``make images``) as uid 10001, through the engine
 ``DOCKER_HOST`` names, on the host network (inside ``scripts/in-loopback-netns``: one
@@ -30,6 +35,7 @@ data root is refused) and the kfp pipeline root, which is mounted.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -37,7 +43,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +59,7 @@ __all__ = [
     "LOCAL_STEP_CONFIG",
     "LocalRunConfig",
     "LocalRunResult",
+    "SweepRunResult",
     "SYNTH_KEYS",
     "load_local_config",
     "local_s3_server",
@@ -61,6 +68,7 @@ __all__ = [
     "container_env",
     "docker_runner",
     "run_local",
+    "run_sweep",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,8 +196,11 @@ class LocalRunResult:
         return "\n".join(lines)
 
 
-def load_local_config(path: str | Path | None, **overrides: Any) -> LocalRunConfig:
+def load_local_config(path: str | Path | Sequence[str | Path] | None, **overrides: Any) -> LocalRunConfig:
     """Reads a local run's YAML: sections ``pipeline`` (parameters), ``synth`` and one per step.
+
+    Several files are read in order and merged field by field, a later file winning (a
+    run's settings, then a sweep winner's ``train:`` recipe).
 
     Example::
 
@@ -198,16 +209,21 @@ def load_local_config(path: str | Path | None, **overrides: Any) -> LocalRunConf
         train: {max_steps_per_epoch: 5}
 
     Args:
-        path: The YAML file, or ``None``.
+        path: The YAML file, several of them, or ``None``.
         overrides: :class:`LocalRunConfig` fields that win over the file (``None`` ignored).
 
     Raises:
-        ValueError: On a missing file, an unknown section or an unknown synth key.
+        ValueError: On a missing file, an unknown section, a section that is not a
+            mapping or an unknown synth key.
     """
-    doc: dict[str, Any] = {}
-    if path is not None:
-        doc = read_config_file(path)
-        check_sections(doc, f"config file {path}")
+    doc: dict[str, dict[str, Any]] = {}
+    for one in [] if path is None else [path] if isinstance(path, (str, Path)) else list(path):
+        loaded = read_config_file(one)
+        check_sections(loaded, f"config file {one}")
+        for section, values in loaded.items():
+            if not isinstance(values, Mapping):
+                raise ValueError(f"config file {one}: section {section!r} must hold a mapping of options")
+            doc.setdefault(section, {}).update(values)
     synth = dict(doc.get("synth") or {})
     unknown = sorted(set(synth) - set(SYNTH_KEYS))
     if unknown:
@@ -329,7 +345,7 @@ def _allow_local_sources(*uris: str) -> Iterator[None]:
             os.environ[SOURCE_LOCAL_ENV] = saved
 
 
-def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None) -> dict[str, Any]:
+def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False) -> dict[str, Any]:
     from kfp import local
 
     from imgpipe.kfp_client import import_pipelines
@@ -342,7 +358,11 @@ def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None) 
         raise_on_error=True,
     )
     # Same pipeline as the cluster's, minus retries; the local runner ignores the rest.
-    pipeline = pipelines.build_pipeline(pipelines.PipelineOptions(retry=None, train_retry=None))
+    options = pipelines.PipelineOptions(retry=None, train_retry=None)
+    if sweep:
+        pipeline = pipelines.build_sweep_pipeline(pipelines.SweepOptions(pipeline=options))
+    else:
+        pipeline = pipelines.build_pipeline(options)
     with warnings.catch_warnings():
         # The images are not Python images to kfp's eye, and resources/GPU are Kubernetes-only.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
@@ -461,6 +481,28 @@ def _copy_prefix(prefix: str, dest: Path) -> dict[str, str]:
     return copies
 
 
+def _start(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, arguments: dict[str, Any]) -> tuple[str, bool, Any]:
+    """Sets up a local run inside ``stack``: engine, store, sample data, local sources, runner.
+
+    Fills the data locations (and a docker run's ``ray_address``) into ``arguments``.
+
+    Returns:
+        ``(data_root, own_store, runner)``; ``own_store``: the run's own S3 server, gone after ``stack``.
+    """
+    client = _engine_for(cfg, stack)
+    own_store = cfg.data_root is None
+    data_root = stack.enter_context(local_s3_server()) if own_store else storage.normalize_uri(cfg.data_root)
+    source, annotations = _sample_dataset(cfg, data_root)
+    stack.enter_context(_allow_local_sources(source, annotations))
+    runner = None
+    if client is not None:
+        runner, ray_address = _docker_runner(client, stack, workdir)
+        if not cfg.params.get("ray_address"):
+            arguments["ray_address"] = ray_address
+    arguments.update(data_root=data_root, source_uri=source, annotations_uri=annotations)
+    return data_root, own_store, runner
+
+
 def run_local(cfg: LocalRunConfig) -> LocalRunResult:
     """Runs the pipeline through ``kfp.local`` (see the module docstring); returns where things are.
 
@@ -471,21 +513,8 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
     workdir = Path(cfg.workdir).resolve()
     arguments = cfg.pipeline_arguments()
     with contextlib.ExitStack() as stack:
-        client = _engine_for(cfg, stack)
-        own_store = cfg.data_root is None
-        data_root = stack.enter_context(local_s3_server()) if own_store else storage.normalize_uri(cfg.data_root)
-        source, annotations = _sample_dataset(cfg, data_root)
-        stack.enter_context(_allow_local_sources(source, annotations))
-        runner = None
-        if client is not None:
-            runner, ray_address = _docker_runner(client, stack, workdir)
-            if not cfg.params.get("ray_address"):
-                arguments["ray_address"] = ray_address
-        outputs = _run_pipeline(
-            workdir,
-            {**arguments, "data_root": data_root, "source_uri": source, "annotations_uri": annotations},
-            runner,
-        )
+        data_root, own_store, runner = _start(cfg, stack, workdir, arguments)
+        outputs = _run_pipeline(workdir, arguments, runner)
         train_prefix = outputs["model"].metadata["prefix"]
         run_id = train_prefix.rstrip("/").split("/")[-2]
         prefixes = {step: storage.join(data_root, "runs", run_id, step) for step in STEPS}
@@ -504,3 +533,98 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
         seconds=round(time.monotonic() - started, 1),
     )
 
+
+@dataclass
+class SweepRunResult:
+    """Where a local sweep left its results.
+
+    Attributes:
+        run_id: The kfp local run id.
+        prefixes: ``compare`` and ``train-{branch}`` -> committed prefix (in the store the run used).
+        comparison: The compare step's ``comparison.json``.
+        artifacts: kfp output name -> local file (report, metrics, winner).
+        copies: Local copies (name -> file) of the comparison and the branches' metrics and
+            reports, when the store was the run's own.
+        seconds: Wall time of the whole run.
+    """
+
+    run_id: str
+    prefixes: dict[str, str]
+    comparison: dict[str, Any]
+    artifacts: dict[str, str]
+    copies: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """The lines ``imgpipe sweep`` prints at the end: the ranking, the flags, where the winner is."""
+        c = self.comparison
+        key = c["ranked_by"][0]
+        state = "imbalanced" if c["imbalanced"] else "balanced"
+        lines = [f"sweep {self.run_id}: {len(c['branches'])} branches ranked by {key} (classes {state}, "
+                 f"largest/smallest {c['imbalance']:.2f}) in {self.seconds:.1f}s"]  # fmt: skip
+        for row in c["branches"]:
+            settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "base settings"
+            figures = ", ".join(f"{k} {row[k]:.3f}" for k in ("val_macro_f1", "val_pr_auc", "val_accuracy") if row.get(k) is not None)
+            lines.append(f"{row['rank']:>3}. {row['branch']} ({settings}): {figures}")
+            lines += [f"       {f['kind']}: {f['message']}" for f in row["flags"]]
+        local = self.copies or {}
+        compare_prefix = self.prefixes["compare"]
+        for name in ("comparison.html", "winner.yaml"):
+            lines.append(f"{name + ':':17} {local.get(f'compare/{name}') or storage.join(compare_prefix, name)}")
+        return "\n".join(lines)
+
+
+def run_sweep(cfg: LocalRunConfig, grid: Sequence[Mapping[str, Any]] | None, axes: Mapping[str, Sequence[Any]] | None) -> SweepRunResult:
+    """Runs the sweep pipeline through ``kfp.local`` on the run's data; returns the comparison.
+
+    Every branch's config is checked (:func:`imgpipe.sweep.plan`) before anything runs.
+    ``epochs`` is the sweep's default (:data:`imgpipe.sweep.SWEEP_EPOCHS`) unless the
+    parameters or the ``train`` section set it.
+
+    Raises:
+        ValueError, TypeError: For a grid or a branch config that is refused.
+        RuntimeError: If a step fails (kfp.local raises) or the local S3 server cannot start.
+    """
+    from imgpipe import sweep
+
+    started = time.monotonic()
+    workdir = Path(cfg.workdir).resolve()
+    arguments = cfg.pipeline_arguments()
+    if "epochs" not in cfg.params:
+        arguments.pop("epochs")  # the laptop run's 2 epochs are too few to read a trend from
+    named = {"model": arguments.get("model"), "epochs": arguments.get("epochs"), "batch_size": arguments.get("batch_size"),
+             "aug_policy": arguments.get("aug_policy"), "resume": True}  # fmt: skip
+    sweep.plan("", grid, axes, arguments["step_config"], **named)  # the edge: fail before any data moves
+    arguments.update(sweep.grid_parameters(grid, axes))
+    with contextlib.ExitStack() as stack:
+        data_root, own_store, runner = _start(cfg, stack, workdir, arguments)
+        outputs = _run_pipeline(workdir, arguments, runner, sweep=True)
+        compare_prefix = storage.normalize_uri(outputs["winner"].metadata["prefix"])
+        run_id = compare_prefix.rstrip("/").split("/")[-2]
+        manifest = contract.read_manifest(compare_prefix, expect_step="compare")
+        prefixes = {"compare": compare_prefix}
+        prefixes.update({sweep.branch_step(b): p for b, p in manifest["upstream"]["branches"].items()})
+        comparison = json.loads(storage.read_bytes(storage.join(compare_prefix, "comparison.json")))
+        copies = _copy_sweep(prefixes, workdir / "runs" / run_id) if own_store else {}
+    return SweepRunResult(
+        run_id=run_id,
+        prefixes=prefixes,
+        comparison=comparison,
+        artifacts={name: artifact.path for name, artifact in outputs.items()},
+        copies=copies,
+        seconds=round(time.monotonic() - started, 1),
+    )
+
+
+def _copy_sweep(prefixes: Mapping[str, str], dest: Path) -> dict[str, str]:
+    """The comparison whole, and each branch's small files (not its weights and checkpoint)."""
+    copies = {f"compare/{k}": v for k, v in _copy_prefix(prefixes["compare"], dest / "compare").items()}
+    for step, prefix in prefixes.items():
+        if step == "compare":
+            continue
+        for name in (contract.METRICS, contract.REPORT, contract.CONFIG):
+            target = dest / step / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            storage.download_file(storage.join(prefix, name), target)
+            copies[f"{step}/{name}"] = str(target)
+    return copies

@@ -1,9 +1,17 @@
 """Classification models by name, and loading their weights from object storage.
 
-Models are torchvision's classification builders, always with ``weights=None``: there
-are no hub downloads. Pretrained or earlier weights come from a URI
+Models are torchvision's classification builders, always with ``weights=None``: this
+module makes no hub downloads. Earlier weights come from a URI
 (``s3://bucket/resnet50.pt``, ``file:///...``) through :mod:`imgpipe.storage`, as a
-plain state dict, a ``model.pt`` written by the train step, or a ``checkpoint.pt``.
+plain state dict, a ``model.pt`` written by the train step, or a ``checkpoint.pt``;
+torchvision's pretrained weights come through :mod:`imgpipe.pretrained`, which caches
+them in object storage and fits them with :func:`fit_state_dict` too.
+
+Fine-tuning splits a model in two: the **head**, the classifier layer whose output is the
+class scores (:func:`head_parameter_names`; replaced when the weights have another class
+count), and the **backbone**, everything else. :func:`set_backbone_frozen` freezes the
+backbone for the first epochs; :func:`imgpipe.optim.build_optimizer` gives it its own
+learning rate.
 
 ``tiny_cnn`` is a four-layer network for smoke tests and CI, where a ResNet step on a
 shared CPU costs more than the test can afford.
@@ -26,7 +34,17 @@ from torch import nn
 
 from imgpipe import storage
 
-__all__ = ["TINY_CNN", "available_models", "build_model", "extract_state_dict", "load_weights"]
+__all__ = [
+    "TINY_CNN",
+    "available_models",
+    "build_model",
+    "extract_state_dict",
+    "read_state_dict",
+    "fit_state_dict",
+    "load_weights",
+    "head_parameter_names",
+    "set_backbone_frozen",
+]
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +157,25 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(model: nn.Module, uri: str) -> list[str]:
-    """Loads weights from object storage into ``model``.
+def read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file's bytes (tensors and plain data only: ``weights_only``).
 
-    Tensors whose shape does not fit are skipped (a classifier head with another class
-    count when fine-tuning); a 3-channel first convolution is summed into a 1-channel
-    one. Everything else must match.
+    Args:
+        data: A state dict, ``model.pt`` or ``checkpoint.pt`` as stored.
+        source: Where the bytes came from, for error messages.
+
+    Raises:
+        ValueError: If the bytes are not a loadable PyTorch file holding a state dict.
+    """
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{source} is not a loadable PyTorch weights file: {exc}") from exc
+    return extract_state_dict(obj)
+
+
+def load_weights(model: nn.Module, uri: str) -> list[str]:
+    """Loads weights from object storage into ``model`` (:func:`fit_state_dict`).
 
     Args:
         model: The freshly built model.
@@ -158,12 +189,30 @@ def load_weights(model: nn.Module, uri: str) -> list[str]:
         ValueError: If the file is not a state dict or does not fit the model's architecture.
     """
     try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise FileNotFoundError(f"no weights at {uri}") from None
-    except Exception as exc:
-        raise ValueError(f"{uri} is not a loadable PyTorch weights file: {exc}") from exc
-    state = extract_state_dict(obj)
+    return fit_state_dict(model, read_state_dict(data, uri), uri)
+
+
+def fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> list[str]:
+    """Loads ``state`` into ``model`` where it fits: how weights are fine-tuned on other classes.
+
+    Tensors whose shape does not fit are skipped (a classifier head with another class
+    count); a 3-channel first convolution is summed into a 1-channel one. Everything
+    else must match.
+
+    Args:
+        model: The freshly built model.
+        state: Its architecture's state dict (wrapper prefixes removed).
+        source: Where the weights came from, for messages.
+
+    Returns:
+        Names of the tensors left at their initialization (skipped or absent).
+
+    Raises:
+        ValueError: If the weights do not fit the model's architecture.
+    """
     own = model.state_dict()
     fitted: dict[str, torch.Tensor] = {}
     skipped = []
@@ -181,10 +230,71 @@ def load_weights(model: nn.Module, uri: str) -> list[str]:
     missing = sorted(set(own) - set(fitted))
     if unexpected or len(fitted) < len(own) // 2:
         raise ValueError(
-            f"weights at {uri} do not fit this model: {len(unexpected)} unknown tensors "
+            f"weights at {source} do not fit this model: {len(unexpected)} unknown tensors "
             f"(e.g. {unexpected[:3]}), {len(missing)} of {len(own)} left unloaded; is it the same architecture?"
         )
     model.load_state_dict(fitted, strict=False)
     if missing:
-        log.warning("weights from %s: %d tensors kept their initialization: %s", uri, len(missing), ", ".join(missing[:8]))
+        log.warning("weights from %s: %d tensors kept their initialization: %s", source, len(missing), ", ".join(missing[:8]))
     return missing
+
+
+def _head_module(model: nn.Module) -> tuple[str, nn.Module]:
+    """The last module holding parameters of its own: the classifier layer of every torchvision model."""
+    found = [(name, m) for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    if not found:
+        raise ValueError("this model has no parameters")
+    return found[-1]
+
+
+def head_parameter_names(model: nn.Module, num_classes: int) -> frozenset[str]:
+    """Names (as in ``named_parameters``) of the classifier head: the layer producing the class scores.
+
+    Every torchvision classification model and ``tiny_cnn`` define that layer last
+    (``fc``, ``classifier.3``, ``heads.head``, ...); its parameters are the ones whose
+    shapes depend on the class count, the ones :func:`fit_state_dict` leaves out when
+    the weights have other classes. Auxiliary heads (GoogLeNet, Inception v3) count
+    as backbone.
+
+    Args:
+        model: The bare model (not a DDP wrapper).
+        num_classes: The classes it was built for.
+
+    Raises:
+        ValueError: If the last parameterized layer does not output ``num_classes`` values.
+    """
+    name, module = _head_module(model)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim < 2 or weight.shape[0] != num_classes:
+        raise ValueError(
+            f"cannot tell this model's classifier head: its last layer ({name or 'the model'}, "
+            f"{type(module).__name__}) does not output {num_classes} classes"
+        )
+    return frozenset(f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False))
+
+
+def set_backbone_frozen(model: nn.Module, head: frozenset[str], frozen: bool) -> None:
+    """Freezes (or unfreezes) every parameter outside ``head``; call after ``model.train()``.
+
+    Frozen means ``requires_grad`` off (no gradients, no optimizer updates: AdamW skips
+    parameters without one) and the backbone's normalization layers in eval mode, so
+    their running statistics stay those of the weights and the head learns on the
+    features it will see at evaluation. (Keras's transfer-learning guide keeps frozen
+    BatchNorm layers in inference mode for the same reason; timm's ``freeze`` turns them
+    into ``FrozenBatchNorm2d``.) Unfrozen, everything trains again; the caller's
+    ``model.train()`` already put those layers back in training mode.
+
+    Args:
+        model: The bare model (not a DDP wrapper), in training mode.
+        head: :func:`head_parameter_names`.
+        frozen: Freeze, or unfreeze.
+    """
+    for name, param in model.named_parameters():
+        if name not in head:
+            param.requires_grad_(not frozen)
+    if not frozen:
+        return
+    for name, module in model.named_modules():
+        own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not set(own) & head:
+            module.eval()

@@ -22,11 +22,16 @@ __all__ = [
     "AugmentConfig",
     "LoaderConfig",
     "TrainConfig",
+    "WEIGHTS_CACHE",
     "default_num_workers",
+    "default_weights_cache",
 ]
 
 Policy = Literal["randaugment", "trivialaugment", "autoaugment", "basic", "none"]
 POLICIES: tuple[str, ...] = get_args(Policy)
+# The pretrained-weights cache's folder: {data_root}/weights in the pipeline, and beside the
+# output prefix of a run that names no cache (imgpipe.pretrained has the layout below it).
+WEIGHTS_CACHE = "weights"
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,22 @@ def default_num_workers(local_world_size: int | None = None) -> int:
     return max(1, min(16, resources.available_cpus() // max(1, local) - 1))
 
 
+def default_weights_cache(out: str) -> str:
+    """The weights cache of a run that names none: ``weights/`` beside its output prefix.
+
+    ``s3://bucket/exp/train`` caches in ``s3://bucket/exp/weights``, so runs writing next
+    to each other share it.
+
+    Raises:
+        ValueError: If ``out`` is a bucket or file system root, with nothing beside it.
+    """
+    out = storage.normalize_uri(out).rstrip("/")
+    parent, _, name = out.rpartition("/")
+    if not name or parent.endswith((":/", "://")):
+        raise ValueError(f"output {out} lies at a root, with no folder beside it for weights/; set weights_cache")
+    return storage.join(parent, WEIGHTS_CACHE)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of the train step.
@@ -169,6 +190,10 @@ class TrainConfig:
         hflip: Random horizontal flips; off for text, digits and other mirror-sensitive data.
         mixup: MixUp Beta alpha; 0 disables.
         cutmix: CutMix Beta alpha; 0 disables.
+        mixup_prob: Probability that a batch is mixed at all (MixUp or CutMix), as timm's
+            ``--mixup-prob``; the other batches train on their own images.
+        mixup_switch_prob: Probability of CutMix instead of MixUp for a mixed batch when
+            both alphas are positive, as timm's ``--mixup-switch-prob``.
         randaugment_n: RandAugment operations per image.
         randaugment_m: RandAugment magnitude (0-30).
         color_jitter: ColorJitter strength; 0 disables.
@@ -191,6 +216,19 @@ class TrainConfig:
         resume: Continue from ``out/checkpoint.pt`` when it exists.
         weights: Optional URI of initial weights (state dict, model.pt or
             checkpoint.pt) in object storage; never downloaded from a hub.
+        pretrained: Name of a member of the model's torchvision weights enum
+            (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, ...) to start from: downloaded once
+            (torch.hub, hash-checked) into weights_cache and read from there by later
+            runs and every rank; the classifier head is replaced for the data's classes,
+            and images are normalized with the weights' mean and std. Not with weights.
+        weights_cache: Object-storage prefix of the pretrained weights cache
+            (<model>/<enum name>-<file name> below it); unset: weights/ beside the
+            output prefix. The pipeline uses {data_root}/weights.
+        freeze_backbone_epochs: Epochs at the start during which only the classifier
+            head trains (backbone parameters frozen, its BatchNorm statistics fixed);
+            at least epochs trains the head alone (a linear probe).
+        backbone_lr_mult: The backbone's learning rate as a fraction of lr (the head
+            gets lr); the schedule scales both.
         tta_flip: Also evaluate the test split averaging original and flipped predictions.
         max_steps_per_epoch: Cap on steps per epoch (smoke tests, quick sweeps).
         image_size: Training/evaluation side; ``None`` uses the data's size.
@@ -211,6 +249,8 @@ class TrainConfig:
     hflip: bool = AugmentConfig.hflip
     mixup: float = 0.2
     cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
     randaugment_n: int = AugmentConfig.randaugment_n
     randaugment_m: int = AugmentConfig.randaugment_m
     color_jitter: float = AugmentConfig.color_jitter
@@ -231,6 +271,10 @@ class TrainConfig:
     deterministic: bool = False
     resume: bool = False
     weights: str | None = None
+    pretrained: str | None = None
+    weights_cache: str | None = None
+    freeze_backbone_epochs: int = 0
+    backbone_lr_mult: float = 1.0
     tta_flip: bool = False
     max_steps_per_epoch: int | None = None
     image_size: int | None = None
@@ -250,6 +294,9 @@ class TrainConfig:
             raise ValueError("lr, weight_decay and warmup_epochs must be >= 0")
         if self.mixup < 0 or self.cutmix < 0:
             raise ValueError("mixup and cutmix are Beta alphas: >= 0, 0 disables")
+        for name in ("mixup_prob", "mixup_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip < 0:
@@ -262,8 +309,26 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.weights is not None:
             storage.normalize_uri(self.weights)  # raises ValueError for unsupported URIs
+        self._check_transfer()
         self.augment  # noqa: B018 - building it validates the augmentation fields
         self.loader(shuffle=True)  # noqa: B018 - validates the loader fields
+
+    def _check_transfer(self) -> None:
+        """The pretrained-weights and fine-tuning fields."""
+        if self.pretrained is not None:
+            if self.weights is not None:
+                raise ValueError("set pretrained (torchvision weights) or weights (a URI), not both")
+            from imgpipe.pretrained import resolve_weights
+
+            resolve_weights(self.model, self.pretrained)  # raises for names the model does not have
+        if self.weights_cache is not None:
+            storage.normalize_uri(self.weights_cache)
+        if self.freeze_backbone_epochs < 0:
+            raise ValueError(f"freeze_backbone_epochs must be >= 0, got {self.freeze_backbone_epochs}")
+        if not 0 < self.backbone_lr_mult < float("inf"):
+            raise ValueError(
+                f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}; freeze_backbone_epochs freezes the backbone"
+            )
 
     @property
     def augment(self) -> AugmentConfig:

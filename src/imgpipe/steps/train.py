@@ -9,6 +9,15 @@ AdamW, a per-step cosine schedule after a linear warmup, soft-target cross-entro
 channels-last on CUDA. It evaluates (:mod:`imgpipe.evaluation`) on ``val`` after every
 epoch and on ``test`` at the end (optionally with flip test-time augmentation).
 
+Transfer learning: ``pretrained`` starts from torchvision weights, read from an
+object-storage cache that the first run fills (:mod:`imgpipe.pretrained`; every rank
+reads it); the classifier head is replaced for the data's classes, and the weights' own
+mean and std normalize every batch (``TrainingRun.norm``, also written to ``model.pt``).
+``freeze_backbone_epochs`` trains the head alone for the first epochs (decided per epoch,
+so a resume at any epoch does the same), and ``backbone_lr_mult`` gives the backbone a
+lower learning rate in its own parameter groups, which the schedule scales like the
+head's.
+
 Distributed: under ``torchrun --nproc-per-node N`` (or any launcher that sets
 ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``/``MASTER_ADDR``) the step joins a process group
 (NCCL on CUDA, gloo on CPU), wraps the model in DDP and gives every rank disjoint
@@ -58,10 +67,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from imgpipe import contract, report, storage
+from imgpipe import contract, pretrained, report, storage
 from imgpipe.augment import (
+    IMAGENET,
     BatchAugment,
     MixupCutmix,
+    Normalization,
     build_batch_eval_transform,
     channel_stats,
     normalize,
@@ -88,13 +99,13 @@ from imgpipe.distributed import (
 )
 from imgpipe.evaluation import EvalResult, evaluate
 from imgpipe.loader import ImageLoader, decode_jpeg_batch, read_samples
-from imgpipe.models import build_model, load_weights
+from imgpipe.models import build_model, head_parameter_names, load_weights, set_backbone_frozen
 from imgpipe.optim import build_optimizer, build_scheduler, lr_factor
 from imgpipe.partition import SplitInfo, describe_split, read_labels, sample_seed, split_names
 
 # The settings are torch-free (imgpipe.train_config) so the pipeline compiles without torch.
 from imgpipe.resize_spec import CROP_FRACTION
-from imgpipe.train_config import TrainConfig
+from imgpipe.train_config import TrainConfig, default_weights_cache
 
 __all__ = [
     "CHECKPOINT",
@@ -176,6 +187,9 @@ class TrainingRun:
         history: One metrics record per finished epoch.
         start_epoch: First epoch this invocation trains (after a resume, the next one).
         attempt: The output claim's attempt id (main rank), for the commit.
+        norm: The mean and std every batch is normalized with (the pretrained weights'
+            own, else ImageNet's); the one place train reads them from.
+        head: Names of the classifier head's parameters (the rest is the backbone).
     """
 
     data: str
@@ -201,6 +215,8 @@ class TrainingRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
     attempt: str = ""
+    norm: Normalization = IMAGENET
+    head: frozenset[str] = frozenset()
 
     @property
     def amp(self) -> bool:
@@ -244,27 +260,59 @@ def _eval_loader(cfg: TrainConfig, info: SplitInfo, size: int, decode: str, ctx:
     )
 
 
-def _train_transform(cfg: TrainConfig, info: SplitInfo, size: int, on_device: bool) -> SampleTransform | None:
+def _train_transform(
+    cfg: TrainConfig, info: SplitInfo, size: int, on_device: bool, norm: Normalization
+) -> SampleTransform | None:
     """The workers' share of the recipe: all of it on CPU; on the device, only the crop of whole pictures."""
     if not on_device:
-        return build_train_transform(cfg.augment, size, info.channels)
+        return build_train_transform(cfg.augment, size, info.channels, norm)
     return build_crop_transform(cfg.augment, size, info.channels) if info.whole else None
+
+
+def _weights_cache(cfg: TrainConfig, out: str) -> str | None:
+    """Where pretrained weights are cached: ``cfg.weights_cache``, else ``weights/`` beside ``out``."""
+    if cfg.weights_cache:
+        return storage.normalize_uri(cfg.weights_cache)
+    return default_weights_cache(out) if cfg.pretrained else None
+
+
+def _normalization(cfg: TrainConfig) -> Normalization:
+    """The run's mean and std: the pretrained weights' own, else ImageNet's."""
+    return pretrained.normalization(pretrained.resolve_weights(cfg.model, cfg.pretrained)) if cfg.pretrained else IMAGENET
+
+
+def _initial_model(cfg: TrainConfig, num_classes: int, channels: int, size: int, ctx: DistInfo) -> nn.Module:
+    """The seeded model with its starting weights: ``weights``, or ``pretrained`` through the cache (every rank calls it)."""
+    torch.manual_seed(cfg.seed)  # the explicit seed of model initialization
+    module = build_model(cfg.model, num_classes, channels)
+    if cfg.weights:
+        load_weights(module, cfg.weights)
+    if cfg.pretrained:
+        assert cfg.weights_cache is not None, "resolved by _build_run"
+        weights = pretrained.resolve_weights(cfg.model, cfg.pretrained)
+        pretrained.load_pretrained(module, cfg.model, weights, cfg.weights_cache, ctx)
+        advice = pretrained.size_advice(cfg.model, weights, size)
+        if advice and ctx.is_main:
+            log.warning("train: %s", advice)
+    return module
 
 
 def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Mapping[str, Any]) -> TrainingRun:
     """Everything a run holds, from ``data`` and its manifest (read once, by :func:`train`)."""
+    cfg = dataclasses.replace(cfg, weights_cache=_weights_cache(cfg, out))
     device = resolve_device(cfg.device, ctx.local_rank)
     labels = read_labels(data, manifest)
     train_info = describe_split(data, "train", manifest)
     size = cfg.image_size or train_info.size
     channels = train_info.channels
     on_device = _aug_on_device(cfg, device)
+    norm = _normalization(cfg)
     # Whole pictures are cropped in the workers, so they decode there too.
     decode = "cuda" if on_device and device.type == "cuda" else "cpu"
     train_loader = ImageLoader(
         train_info,
         cfg.loader(shuffle=True),
-        transform=_train_transform(cfg, train_info, size, on_device),
+        transform=_train_transform(cfg, train_info, size, on_device, norm),
         decode_device="cpu" if train_info.whole else decode,
         rank=ctx.rank,
         world_size=ctx.world_size,
@@ -281,17 +329,21 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
             f"train split has {train_info.num_samples} images: too few for one batch of {cfg.batch_size} per worker "
             f"and rank ({train_loader.parts} worker partition(s) x {ctx.world_size} rank(s)); lower batch_size or num_workers"
         )
-    torch.manual_seed(cfg.seed)  # the explicit seed of model initialization
-    module = build_model(cfg.model, len(labels), channels)
-    if cfg.weights:
-        load_weights(module, cfg.weights)
+    module = _initial_model(cfg, len(labels), channels, size, ctx)
+    head = head_parameter_names(module, len(labels))
     module.to(device)
     if device.type == "cuda" and cfg.channels_last:
         module.to(memory_format=torch.channels_last)
     model: nn.Module = module
     if ctx.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(module, cfg)
+        # A frozen backbone gets no gradients; DDP then has to look for the parameters that
+        # took no part in a step, or it fails the next one ("Expected to have finished reduction").
+        model = nn.parallel.DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.freeze_backbone_epochs > 0,
+        )
+    optimizer = build_optimizer(module, cfg, head)
     warmup = round(cfg.warmup_epochs * steps[0])
     scheduler = build_scheduler(optimizer, warmup, sum(steps))
     # The config as run (what config.yaml and the checkpoint record): the values "auto"
@@ -315,15 +367,21 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
         test_info=_optional_split(data, "test", manifest),
         image_size=size,
         channels=channels,
-        gpu_augment=BatchAugment(cfg.augment, size, channels, crop=not train_info.whole).to(device) if on_device else None,
+        gpu_augment=(
+            BatchAugment(cfg.augment, size, channels, crop=not train_info.whole, norm=norm).to(device) if on_device else None
+        ),
         model=model,
         module=module,
         optimizer=optimizer,
         scheduler=scheduler,
-        mixer=MixupCutmix(len(labels), cfg.mixup, cfg.cutmix, cfg.label_smoothing),
+        mixer=MixupCutmix(
+            len(labels), cfg.mixup, cfg.cutmix, cfg.label_smoothing, switch_prob=cfg.mixup_switch_prob, prob=cfg.mixup_prob
+        ),
         train_loader=train_loader,
         val_loader=val_loader,
         steps_per_epoch=steps,
+        norm=norm,
+        head=head,
     )
 
 
@@ -340,7 +398,7 @@ def _prepare_train_batch(run: TrainingRun, batch: Mapping[str, Any], epoch: int,
     if run.gpu_augment is not None:
         x = run.gpu_augment(images, step_seed(run.cfg.seed, epoch, run.ctx.rank, step))
     else:
-        x = normalize(images, run.channels, run.channels_last)
+        x = normalize(images, run.channels, run.channels_last, run.norm)
     x, targets = run.mixer(x, labels, step_generator(run.cfg.seed, epoch, run.ctx.rank, step))
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -359,6 +417,9 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
     shows up as compute, and time the loader is late shows up as waiting.
     """
     run.model.train()
+    if run.cfg.freeze_backbone_epochs:
+        # Per epoch, from the epoch alone: a run resumed at any epoch freezes as the uninterrupted one.
+        set_backbone_frozen(run.module, run.head, frozen=epoch < run.cfg.freeze_backbone_epochs)
     run.train_loader.set_epoch(epoch)
     steps = run.steps_per_epoch[epoch]
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
@@ -408,7 +469,7 @@ def _prepare_eval_batch(run: TrainingRun, loader: ImageLoader, batch: Mapping[st
     images = _to_device(run, batch)
     if loader.decode_on_device and images.shape[-2:] != (run.image_size, run.image_size):
         images = build_batch_eval_transform(run.image_size)(images)
-    return normalize(images, run.channels, run.channels_last), batch["label"].to(run.device, non_blocking=True)
+    return normalize(images, run.channels, run.channels_last, run.norm), batch["label"].to(run.device, non_blocking=True)
 
 
 def _evaluate_split(run: TrainingRun, loader: ImageLoader, tta_flip: bool = False) -> EvalResult:
@@ -428,10 +489,10 @@ def _evaluate_split(run: TrainingRun, loader: ImageLoader, tta_flip: bool = Fals
 # Outputs.
 
 
-def _to_display(images: torch.Tensor, channels: int) -> list[np.ndarray]:
-    """Normalized or uint8 ``B x C x H x W`` to ``H x W x C`` uint8 arrays."""
+def _to_display(images: torch.Tensor, channels: int, norm: Normalization) -> list[np.ndarray]:
+    """Normalized (by ``norm``) or uint8 ``B x C x H x W`` to ``H x W x C`` uint8 arrays."""
     if images.dtype != torch.uint8:
-        mean, std = channel_stats(channels)
+        mean, std = channel_stats(channels, norm)
         x = images.float().cpu() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
         images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
     return [img.permute(1, 2, 0).contiguous().cpu().numpy() for img in images]
@@ -442,7 +503,7 @@ def _augmentation_grid(run: TrainingRun) -> bytes:
     samples = read_samples(run.train_info, _AUG_SAMPLES)
     eval_tf = _eval_transform(run.train_info, run.image_size)
     originals = [eval_tf(s, 0) for s in samples]
-    cpu_tf = _train_transform(run.cfg, run.train_info, run.image_size, run.gpu_augment is not None)
+    cpu_tf = _train_transform(run.cfg, run.train_info, run.image_size, run.gpu_augment is not None, run.norm)
     versions: list[list[np.ndarray]] = [[] for _ in samples]
     for v in range(_AUG_VERSIONS):
         # As the loader does in epoch v, with the sample's position as its index.
@@ -450,7 +511,7 @@ def _augmentation_grid(run: TrainingRun) -> bytes:
         if run.gpu_augment is not None:
             cropped = [cpu_tf(s, seed) for s, seed in zip(samples, seeds)] if cpu_tf is not None else samples
             batch = torch.from_numpy(np.stack(cropped)).permute(0, 3, 1, 2).to(run.device)
-            augmented = _to_display(run.gpu_augment(batch, step_seed(run.cfg.seed, v, 0, 0)), run.channels)
+            augmented = _to_display(run.gpu_augment(batch, step_seed(run.cfg.seed, v, 0, 0)), run.channels, run.norm)
         else:
             assert cpu_tf is not None
             augmented = [cpu_tf(s, seed) for s, seed in zip(samples, seeds)]
@@ -467,7 +528,7 @@ def _write(run: TrainingRun, name: str, data: bytes, files: list[FileEntry]) -> 
 def _write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResult | None) -> list[FileEntry]:
     files: list[FileEntry] = []
     model_state = {k: v.detach().cpu() for k, v in run.module.state_dict().items()}
-    mean, std = channel_stats(run.channels)
+    mean, std = channel_stats(run.channels, run.norm)
     payload = {
         "model": model_state,
         "model_name": run.cfg.model,
@@ -530,6 +591,7 @@ def _epoch_record(epoch: int, stats: Mapping[str, float], val: EvalResult | None
             val_loss=v["loss"],
             val_accuracy=v["accuracy"],
             val_macro_f1=v["macro_f1"],
+            val_pr_auc=v["pr_auc"],
             val_per_class_recall=v["per_class_recall"],
             val_images=v["images"],
         )
@@ -619,6 +681,7 @@ def _finish(
     final = {
         "val_accuracy": last_val.accuracy if last_val else None,
         "val_macro_f1": last_val.macro_f1 if last_val else None,
+        "val_pr_auc": last_val.pr_auc if last_val else None,
         "val_loss": last_val.loss if last_val else None,
         "test_accuracy": tests["test"]["accuracy"] if "test" in tests else None,
         "test_tta_accuracy": tests["test_tta"]["accuracy"] if "test_tta" in tests else None,

@@ -1,0 +1,30 @@
+"""The compare component of the sweep: the branches' train outputs into a ranking, flags and the winner's config."""
+
+# No `from __future__ import annotations`: kfp reads the annotations as types.
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Input, Metrics, Output
+
+from imgpipe.containers.catalog import image
+
+
+# The gpu image: the curves are drawn with matplotlib (not in the cpu image). No GPU is asked for.
+@dsl.component(base_image=image("gpu"), install_kfp_package=False)
+def compare(
+    branches: list,
+    trained: Input[list[Artifact]],
+    data_root: str,
+    run_id: str,
+    comparison: Output[Artifact],
+    report: Output[HTML],
+    metrics: Output[Metrics],
+    winner: Output[Artifact],
+) -> None:
+    """Ranks the branches (``branches``: the plan; ``trained``: their collected step artifacts) into the run's ``compare/``."""
+    from imgpipe import kfp_artifacts as ka
+    from imgpipe.steps.compare import compare
+    from imgpipe.sweep import branch_prefixes, publish_comparison
+
+    settings = {b["branch"]: b["settings"] for b in branches}
+    result = compare(branch_prefixes(branches, trained), ka.run_prefix(data_root, run_id, "compare"), settings=settings)
+    publish_comparison(result.dest, report=report, metrics=metrics, winner=winner)
+    ka.write_step_artifact(comparison, result.dest)

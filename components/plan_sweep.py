@@ -1,0 +1,49 @@
+"""The plan component of the sweep: the grid checked and expanded into the branches the ``ParallelFor`` runs."""
+
+# No `from __future__ import annotations`: kfp reads the annotations as types.
+from typing import Optional
+
+from kfp import dsl
+
+from imgpipe.containers.catalog import image
+
+
+# The gpu image: checking a branch's TrainConfig needs torchvision's model list. No GPU is asked for.
+@dsl.component(base_image=image("gpu"), install_kfp_package=False)
+def plan_sweep(
+    resized: str,
+    grid: list,
+    # One list of values per grid key (imgpipe.sweep.GRID_KEYS; a test keeps them in step).
+    grid_policy: list,
+    grid_randaugment_n: list,
+    grid_randaugment_m: list,
+    grid_mixup_alpha: list,
+    grid_cutmix_alpha: list,
+    grid_mixup_prob: list,
+    grid_switch_prob: list,
+    grid_label_smoothing: list,
+    # The typed train parameters, as the train component takes them (None: TrainConfig's default).
+    model_name: Optional[str] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
+    epochs: Optional[int] = None,  # noqa: UP045
+    batch_size: Optional[int] = None,  # noqa: UP045
+    aug_policy: Optional[str] = None,  # noqa: UP045
+    pretrained: Optional[str] = None,  # noqa: UP045 - "" means none (a pipeline parameter's empty default)
+    step_config: Optional[dict] = None,  # noqa: UP045
+) -> list:
+    """The sweep's branches: ``grid`` entries times the product of the ``grid_*`` lists, each config checked.
+
+    Returns one item per branch (``branch``, ``resized``, ``settings``, ``step_config``):
+    the loop's tasks take everything from the item and the run parameters.
+    """
+    from imgpipe.sweep import plan
+
+    axes = {
+        "policy": grid_policy, "randaugment_n": grid_randaugment_n, "randaugment_m": grid_randaugment_m,
+        "mixup_alpha": grid_mixup_alpha, "cutmix_alpha": grid_cutmix_alpha, "mixup_prob": grid_mixup_prob,
+        "switch_prob": grid_switch_prob, "label_smoothing": grid_label_smoothing,
+    }  # fmt: skip
+    named = {
+        "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy, "resume": True,
+        "pretrained": pretrained or None,
+    }  # fmt: skip
+    return plan(resized, grid, axes, step_config, **named)

@@ -1,0 +1,468 @@
+"""The compare step: the train outputs of a sweep's branches in, a ranking, flags and the winner's config out.
+
+``compare(branches, dest, cfg)`` reads each branch's committed train output
+(``metrics.json``: one record per epoch; ``manifest.json``: the resolved config) and:
+
+* **ranks** the branches on the last epoch's validation figures: macro-F1 (ties:
+  accuracy), or, when the classes are imbalanced, PR-AUC (macro one-vs-rest average
+  precision, :func:`imgpipe.evaluation.macro_average_precision`; ties: macro-F1).
+  Imbalanced means the largest validation class holds more than
+  :data:`IMBALANCE_RATIO` times the images of the smallest (classes with at least one
+  image; the validation split is the one the ranking is computed on). Macro-F1 judges
+  one decision (the argmax), which imbalance pulls toward the large classes; average
+  precision judges each class's ranking of the scores at every threshold, so a rare
+  class counts as much as a common one;
+* **flags over-regularization** (:func:`trend`, :func:`diagnose`): over the last
+  :data:`TREND_WINDOW` epochs the training loss fell by at least
+  :data:`MIN_TRAIN_LOSS_DROP` of its value while the validation accuracy of the last
+  epoch beat the best earlier epoch of the window by at most :data:`MAX_VAL_ACC_GAIN`
+  (it stalled or dropped), and the training loss is still at least
+  :data:`TRAIN_VAL_LOSS_RATIO` times the validation loss: the augmented task stays
+  harder than validation, so the recipe, not memorization, holds validation back, and
+  its strength should come down. The same trend with the training loss below that is
+  flagged **overfitting** instead (the opposite remedy: more regularization, fewer epochs);
+* **flags under-fitting**: a branch whose last training loss is at least
+  :data:`UNDERFIT_LOSS_RATIO` times the winner's and whose validation accuracy is at
+  least :data:`UNDERFIT_ACC_GAP` below the winner's: it has not learnt what the winner
+  learnt in the same epochs (too strong a recipe for the budget, or more epochs needed).
+  Both conditions, because MixUp/CutMix and label smoothing raise a training loss by
+  themselves (soft targets have an entropy floor);
+* writes ``comparison.json``, ``comparison.html`` (the table, the flags with their
+  numbers, the overlaid validation curves, the winner's config), ``val_curves.png``,
+  ``winner.yaml`` and ``config.yaml``, then commits the prefix like every step.
+
+``winner.yaml`` is a config file with one ``train:`` section holding the winner's whole
+augmentation recipe (:data:`imgpipe.sweep.RECIPE_FIELDS`, as it trained): what
+``imgpipe train --config``, ``imgpipe run --config``, ``imgpipe sweep --config`` and the
+pipelines' ``step_config`` parameter take.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from imgpipe import contract, htmlpage, report, storage
+from imgpipe.config import config_to_dict, config_to_yaml
+from imgpipe.contract import FileEntry, StepReport
+from imgpipe.sweep import GRID_KEYS, RECIPE_FIELDS
+
+__all__ = [
+    "IMBALANCE_RATIO",
+    "TREND_WINDOW",
+    "MIN_TRAIN_LOSS_DROP",
+    "MAX_VAL_ACC_GAIN",
+    "TRAIN_VAL_LOSS_RATIO",
+    "UNDERFIT_LOSS_RATIO",
+    "UNDERFIT_ACC_GAP",
+    "COMPARISON_JSON",
+    "COMPARISON_HTML",
+    "CURVES_PNG",
+    "WINNER_YAML",
+    "CompareConfig",
+    "Flag",
+    "BranchResult",
+    "CompareReport",
+    "class_counts",
+    "imbalance",
+    "ranking_keys",
+    "rank",
+    "trend",
+    "diagnose",
+    "under_fitting",
+    "winner_config",
+    "compare",
+]
+
+log = logging.getLogger(__name__)
+
+# Largest / smallest validation class above this: rank by PR-AUC instead of macro-F1.
+IMBALANCE_RATIO = 1.5
+# The last epochs the over-regularization trend is read over (fewer epochs: no verdict).
+TREND_WINDOW = 3
+# Training loss fell by at least this fraction of its value at the window's start...
+MIN_TRAIN_LOSS_DROP = 0.05
+# ...while the last epoch's validation accuracy beat the window's best earlier epoch by at most this.
+MAX_VAL_ACC_GAIN = 0.005
+# Over-regularized if the last training loss is at least this times the validation loss, else overfitting.
+TRAIN_VAL_LOSS_RATIO = 1.0
+# Under-fitted: last training loss at least this times the winner's...
+UNDERFIT_LOSS_RATIO = 1.25
+# ...and validation accuracy at least this below the winner's.
+UNDERFIT_ACC_GAP = 0.05
+
+COMPARISON_JSON = "comparison.json"
+COMPARISON_HTML = "comparison.html"
+CURVES_PNG = "val_curves.png"
+WINNER_YAML = "winner.yaml"
+
+_BALANCED_KEYS = ("val_macro_f1", "val_accuracy")
+_IMBALANCED_KEYS = ("val_pr_auc", "val_macro_f1")
+_TABLE_KEYS = ("val_macro_f1", "val_pr_auc", "val_accuracy", "val_loss", "train_loss")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """The thresholds of the comparison (defaults: the module's named constants).
+
+    Attributes:
+        imbalance_ratio: Largest / smallest validation class count above which the
+            ranking uses PR-AUC.
+        trend_window: Last epochs read for the over-regularization trend.
+        min_train_loss_drop: Relative fall of the training loss over the window that counts as falling.
+        max_val_acc_gain: Gain of the last epoch's validation accuracy over the window's
+            best earlier epoch that still counts as stalled.
+        train_val_loss_ratio: The trend is over-regularization when the last training
+            loss is at least this times the validation loss, else overfitting.
+        underfit_loss_ratio: Under-fitted when the last training loss is at least this
+            times the winner's ...
+        underfit_acc_gap: ... and the validation accuracy at least this below the winner's.
+    """
+
+    imbalance_ratio: float = IMBALANCE_RATIO
+    trend_window: int = TREND_WINDOW
+    min_train_loss_drop: float = MIN_TRAIN_LOSS_DROP
+    max_val_acc_gain: float = MAX_VAL_ACC_GAIN
+    train_val_loss_ratio: float = TRAIN_VAL_LOSS_RATIO
+    underfit_loss_ratio: float = UNDERFIT_LOSS_RATIO
+    underfit_acc_gap: float = UNDERFIT_ACC_GAP
+
+    def __post_init__(self) -> None:
+        if self.imbalance_ratio < 1:
+            raise ValueError(f"imbalance_ratio is a ratio of class counts, >= 1; got {self.imbalance_ratio}")
+        if self.trend_window < 2:
+            raise ValueError(f"trend_window must be >= 2 epochs, got {self.trend_window}")
+        if not 0 <= self.min_train_loss_drop < 1:
+            raise ValueError(f"min_train_loss_drop is a fraction in [0, 1), got {self.min_train_loss_drop}")
+        if self.underfit_loss_ratio < 1 or self.underfit_acc_gap < 0 or self.train_val_loss_ratio <= 0:
+            raise ValueError("underfit_loss_ratio must be >= 1, underfit_acc_gap >= 0 and train_val_loss_ratio > 0")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A diagnosis of one branch, with the numbers it rests on.
+
+    Attributes:
+        kind: ``over_regularized``, ``overfitting`` or ``under_fitted``.
+        message: What the numbers say and what to do, in one sentence.
+        numbers: The values the rule compared.
+    """
+
+    kind: str
+    message: str
+    numbers: dict[str, Any]
+
+
+@dataclass
+class BranchResult:
+    """One branch as the comparison sees it.
+
+    Attributes:
+        name: The branch name.
+        prefix: Its committed train output.
+        settings: Its grid settings (grid key -> value).
+        history: ``metrics.json``'s per-epoch records.
+        config: Its resolved TrainConfig (the manifest's ``config``).
+        flags: Its diagnoses.
+    """
+
+    name: str
+    prefix: str
+    settings: dict[str, Any]
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+    flags: list[Flag] = field(default_factory=list)
+
+    def last(self, key: str) -> float | None:
+        """``key`` of the last epoch's record, or ``None``."""
+        value = self.history[-1].get(key) if self.history else None
+        return None if value is None else float(value)
+
+
+@dataclass
+class CompareReport(StepReport):
+    """What the compare step did.
+
+    Attributes:
+        ranked_by: The ranking keys, primary first.
+        ranking: Branch names, best first.
+        winner: The winner's ``step_config`` (``{"train": recipe}``).
+    """
+
+    ranked_by: tuple[str, ...] = ()
+    ranking: list[str] = field(default_factory=list)
+    winner: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        return f"compare: {len(self.ranking)} branches ranked by {self.ranked_by[0]}, winner {self.ranking[0]} -> {self.dest}"
+
+
+def class_counts(metrics: Mapping[str, Any]) -> list[int]:
+    """Validation images per class: the row sums of ``metrics.json``'s ``val_confusion``.
+
+    Raises:
+        ValueError: If the metrics hold no validation confusion matrix.
+    """
+    matrix = metrics.get("val_confusion")
+    if not matrix:
+        raise ValueError("metrics.json holds no val_confusion: the branch trained without a val split")
+    return [int(sum(row)) for row in matrix]
+
+
+def imbalance(counts: Sequence[int]) -> float:
+    """Largest / smallest count over the classes with at least one image (1 when fewer than two)."""
+    present = [c for c in counts if c > 0]
+    return max(present) / min(present) if len(present) > 1 else 1.0
+
+
+def ranking_keys(imbalanced: bool) -> tuple[str, str]:
+    """The per-epoch keys branches are ranked on: primary, then the tie-break."""
+    return _IMBALANCED_KEYS if imbalanced else _BALANCED_KEYS
+
+
+def rank(results: Sequence[BranchResult], keys: Sequence[str]) -> list[BranchResult]:
+    """``results`` best first, on the last epoch's ``keys`` (higher is better; name breaks exact ties).
+
+    Raises:
+        ValueError: If a branch's last epoch lacks a key.
+    """
+    for r in results:
+        missing = [k for k in keys if r.last(k) is None]
+        if missing:
+            raise ValueError(f"branch {r.name} has no {', '.join(missing)} in its last epoch ({r.prefix}/metrics.json)")
+    return sorted(results, key=lambda r: (*(-r.last(k) for k in keys), r.name))  # type: ignore[operator]
+
+
+def trend(history: Sequence[Mapping[str, Any]], cfg: CompareConfig) -> dict[str, Any] | None:
+    """The numbers of the over-regularization trend over the last ``cfg.trend_window`` epochs.
+
+    Returns:
+        ``None`` with fewer epochs (or values missing); else the 1-based ``epochs`` of
+        the window, ``train_loss_first``/``_last``, ``train_loss_drop`` (relative fall),
+        ``val_acc_best_before`` (best of the window's earlier epochs), ``val_acc_last``,
+        ``val_acc_gain`` (last minus that best), ``val_loss_last`` and ``holds``.
+    """
+    window = list(history[-cfg.trend_window :])
+    if len(window) < cfg.trend_window:
+        return None
+    losses = [w.get("train_loss") for w in window]
+    accs = [w.get("val_accuracy") for w in window]
+    if any(v is None for v in (*losses, *accs)) or losses[0] <= 0:
+        return None
+    drop = (losses[0] - losses[-1]) / losses[0]
+    gain = accs[-1] - max(accs[:-1])
+    return {
+        "epochs": [int(w["epoch"]) + 1 for w in window],
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[-1],
+        "train_loss_drop": drop,
+        "val_acc_best_before": max(accs[:-1]),
+        "val_acc_last": accs[-1],
+        "val_acc_gain": gain,
+        "val_loss_last": window[-1].get("val_loss"),
+        "holds": drop >= cfg.min_train_loss_drop and gain <= cfg.max_val_acc_gain,
+    }
+
+
+def diagnose(history: Sequence[Mapping[str, Any]], cfg: CompareConfig) -> Flag | None:
+    """``over_regularized`` or ``overfitting`` when the :func:`trend` holds, else ``None`` (module docstring)."""
+    t = trend(history, cfg)
+    if t is None or not t["holds"]:
+        return None
+    val_loss = t["val_loss_last"]
+    ratio = t["train_loss_last"] / val_loss if val_loss else float("inf")
+    numbers = {**{k: v for k, v in t.items() if k != "holds"}, "train_val_loss_ratio": ratio}
+    first, last = t["epochs"][0], t["epochs"][-1]
+    seen = (
+        f"train loss fell {t['train_loss_drop']:.1%} over epochs {first}-{last} ({t['train_loss_first']:.3f} -> "
+        f"{t['train_loss_last']:.3f}) while val accuracy moved {t['val_acc_gain']:+.3f} (best earlier "
+        f"{t['val_acc_best_before']:.3f}, last {t['val_acc_last']:.3f})"
+    )
+    if ratio >= cfg.train_val_loss_ratio:
+        advice = f"; train loss is {ratio:.2f}x val loss: the recipe is too strong, lower its strength"
+        return Flag("over_regularized", seen + advice, numbers)
+    advice = f"; train loss is only {ratio:.2f}x val loss: the model memorizes, regularize more or train fewer epochs"
+    return Flag("overfitting", seen + advice, numbers)
+
+
+def under_fitting(result: BranchResult, winner: BranchResult, cfg: CompareConfig) -> Flag | None:
+    """``under_fitted`` when ``result`` trains to a much higher loss and a lower accuracy than ``winner`` (module docstring)."""
+    if result is winner:
+        return None
+    loss, best_loss = result.last("train_loss"), winner.last("train_loss")
+    acc, best_acc = result.last("val_accuracy"), winner.last("val_accuracy")
+    if None in (loss, best_loss, acc, best_acc) or not best_loss:
+        return None
+    ratio, gap = loss / best_loss, best_acc - acc  # type: ignore[operator]
+    if ratio < cfg.underfit_loss_ratio or gap < cfg.underfit_acc_gap:
+        return None
+    message = (
+        f"train loss {loss:.3f} is {ratio:.2f}x the winner's ({best_loss:.3f}) and val accuracy {acc:.3f} is "
+        f"{gap:.3f} below it ({best_acc:.3f}): the branch has not fitted in these epochs; weaken the recipe or train longer"
+    )
+    numbers = {"train_loss": loss, "winner_train_loss": best_loss, "train_loss_ratio": ratio,
+               "val_accuracy": acc, "winner_val_accuracy": best_acc, "val_acc_gap": gap}  # fmt: skip
+    return Flag("under_fitted", message, numbers)
+
+
+def winner_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``step_config`` of a full run with a branch's recipe: ``{"train": {field: value}}`` over :data:`RECIPE_FIELDS`."""
+    return {"train": {k: config[k] for k in RECIPE_FIELDS if k in config}}
+
+
+def _read_branch(name: str, prefix: str, settings: Mapping[str, Any]) -> tuple[BranchResult, dict[str, Any], dict[str, Any]]:
+    manifest = contract.read_manifest(prefix, expect_step="train")
+    metrics = json.loads(storage.read_bytes(storage.join(prefix, contract.METRICS)))
+    history = list(metrics.get("epochs") or [])
+    if not history:
+        raise ValueError(f"branch {name}: {prefix}/metrics.json has no epochs")
+    config = dict(manifest.get("config") or {})
+    # The values as the branch trained with them (kfp hands the plan's numbers over as floats), in grid key order.
+    shown = {k: config.get(GRID_KEYS[k], settings[k]) for k in GRID_KEYS if k in settings}
+    result = BranchResult(name, storage.normalize_uri(prefix), shown, history, config)
+    return result, manifest, metrics
+
+
+def _check_same_data(manifests: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, Mapping[str, Any]]) -> None:
+    sources = {n: (m.get("upstream") or {}).get("source") for n, m in manifests.items()}
+    labels = {n: tuple(m.get("labels") or ()) for n, m in metrics.items()}
+    for what, values in (("data", sources), ("classes", labels)):
+        if len(set(values.values())) > 1:
+            raise ValueError(f"the branches trained on different {what} ({values}); a comparison needs the same")
+
+
+def _rows(ranked: Sequence[BranchResult]) -> list[dict[str, Any]]:
+    rows = []
+    for i, r in enumerate(ranked, 1):
+        row = {"rank": i, "branch": r.name, "prefix": r.prefix, "settings": r.settings, "epochs": len(r.history)}
+        row.update({k: r.last(k) for k in _TABLE_KEYS})
+        row["flags"] = [{"kind": f.kind, "message": f.message, "numbers": f.numbers} for f in r.flags]
+        rows.append(row)
+    return rows
+
+
+def _html(result: Mapping[str, Any], curves: bytes, winner_yaml: str) -> str:
+    keys = result["ranked_by"]
+    shown = [
+        {**r, "settings": ", ".join(f"{k}={v}" for k, v in r["settings"].items()),
+         "flags": ", ".join(f["kind"] for f in r["flags"]) or "-"}
+        for r in result["branches"]
+    ]  # fmt: skip
+    why = (
+        f"ranked by {keys[0]} (ties: {keys[1]}) on the last epoch; the largest validation class holds "
+        f"{result['imbalance']:.2f}x the images of the smallest ({'>' if result['imbalanced'] else '<='} "
+        f"{result['rules']['imbalance_ratio']}: {'imbalanced' if result['imbalanced'] else 'balanced'})"
+    )
+    columns = ["rank", "branch", "settings", *_TABLE_KEYS, "epochs", "flags"]
+    flags = [{"branch": r["branch"], "flag": f["kind"], "what it saw": f["message"]} for r in result["branches"] for f in r["flags"]]
+    rules = [{"rule": k, "threshold": v} for k, v in result["rules"].items()]
+    parts = [
+        htmlpage.section("Ranking", htmlpage.table(shown, columns), note=why),
+        htmlpage.section(
+            "Flags",
+            htmlpage.table(flags, ["branch", "flag", "what it saw"]) if flags else "<p>none</p>",
+            note="over_regularized: lower the strength; overfitting: regularize more; under_fitted: weaken or train longer",
+        ),
+        htmlpage.section("Validation curves", htmlpage.image(CURVES_PNG, curves)),
+        htmlpage.section(
+            f"Winner: {result['winner']['branch']}", f"<pre>{htmlpage.text(winner_yaml)}</pre>",
+            note="imgpipe train DATA OUT --config winner.yaml, imgpipe run --config winner.yaml, "
+            "or the pipelines' step_config parameter",
+        ),
+        htmlpage.section("Rules", htmlpage.table(rules, ["rule", "threshold"])),
+    ]
+    return htmlpage.page("imgpipe sweep comparison", parts)
+
+
+def _winner_yaml(best: BranchResult, keys: Sequence[str], step_config: Mapping[str, Any]) -> str:
+    header = (
+        f"# The winner of an imgpipe sweep: branch {best.name} ({keys[0]} {best.last(keys[0]):.4f}), trained from\n"
+        f"# {best.prefix}. Its augmentation recipe, for a full run:\n"
+        "#   imgpipe train DATA OUT --config winner.yaml | imgpipe run --config winner.yaml\n"
+        "#   imgpipe submit --param step_config=\"$(cat winner.yaml)\"\n"
+    )
+    return header + yaml.safe_dump(dict(step_config), sort_keys=False)
+
+
+def compare(
+    branches: Mapping[str, str],
+    dest: str,
+    cfg: CompareConfig | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+) -> CompareReport:
+    """Ranks and diagnoses a sweep's branches; commits the comparison to ``dest``.
+
+    Args:
+        branches: Branch name -> its committed train output prefix.
+        dest: Output prefix; replaced (``contract.claim``).
+        cfg: The thresholds; the module's constants when omitted.
+        settings: Branch name -> its grid settings, for the table.
+
+    Raises:
+        ValueError: With no branch, branches trained on different data or classes, a
+            branch without validation metrics, or ``dest`` overlapping a branch.
+        UncommittedOutputError: If a branch's output is not committed.
+    """
+    cfg = cfg or CompareConfig()
+    started = time.monotonic()
+    if not branches:
+        raise ValueError("compare needs at least one branch")
+    dest = storage.normalize_uri(dest)
+    contract.check_disjoint(dest, branches.values(), "compare")
+    read = {n: _read_branch(n, p, (settings or {}).get(n, {})) for n, p in branches.items()}
+    _check_same_data({n: m for n, (_, m, _) in read.items()}, {n: x for n, (_, _, x) in read.items()})
+    first_metrics = next(iter(read.values()))[2]
+    ratio = imbalance(class_counts(first_metrics))
+    imbalanced = ratio > cfg.imbalance_ratio
+    keys = ranking_keys(imbalanced)
+    ranked = rank([r for r, _, _ in read.values()], keys)
+    best = ranked[0]
+    for r in ranked:
+        r.flags = [f for f in (diagnose(r.history, cfg), under_fitting(r, best, cfg)) if f is not None]
+    winner = winner_config(best.config)
+    result = {
+        "ranked_by": list(keys), "imbalanced": imbalanced, "imbalance": ratio, "class_counts": class_counts(first_metrics),
+        "labels": first_metrics.get("labels") or [], "rules": config_to_dict(cfg), "branches": _rows(ranked),
+        "winner": {"branch": best.name, "prefix": best.prefix, "step_config": winner},
+    }  # fmt: skip
+    curves = report.sweep_curves_png({r.name: r.history for r in ranked}, (keys[0], "val_accuracy", "train_loss", "val_loss"))
+    winner_yaml = _winner_yaml(best, keys, winner)
+    files = _write(dest, result, curves, winner_yaml, cfg)
+    out = CompareReport(
+        step="compare", dest=dest, inputs=len(ranked), outputs=len(ranked), rejected=0, files=files,
+        seconds=round(time.monotonic() - started, 3),
+        extra={"ranked_by": list(keys), "imbalanced": imbalanced, "winner": best.name,
+               "flags": {r.name: [f.kind for f in r.flags] for r in ranked if r.flags}},
+        ranked_by=keys, ranking=[r.name for r in ranked], winner=winner,
+    )  # fmt: skip
+    log.info("%s", out.summary())
+    return out
+
+
+def _write(dest: str, result: Mapping[str, Any], curves: bytes, winner_yaml: str, cfg: CompareConfig) -> list[FileEntry]:
+    """Claims ``dest``, writes the comparison's files, commits; returns the manifest's file entries."""
+    attempt = contract.claim(dest, "compare")
+    outputs = {
+        COMPARISON_JSON: json.dumps(result, indent=2).encode(),
+        COMPARISON_HTML: _html(result, curves, winner_yaml).encode(),
+        CURVES_PNG: curves,
+        WINNER_YAML: winner_yaml.encode(),
+        contract.CONFIG: config_to_yaml(cfg).encode(),
+    }
+    files = []
+    for name, data in outputs.items():
+        storage.write_bytes(storage.join(dest, name), data)
+        files.append(contract.entry_for_bytes(name, data))
+    files.sort(key=lambda f: f.name)
+    body = StepReport(step="compare", dest=dest, inputs=len(result["branches"]), outputs=len(result["branches"]),
+                      rejected=0, files=files, extra={"winner": result["winner"]["branch"], "ranked_by": result["ranked_by"]})  # fmt: skip
+    upstream = {"step": "train", "branches": {r["branch"]: r["prefix"] for r in result["branches"]}}
+    contract.publish(dest, "compare", attempt, contract.manifest_body(body, cfg, upstream))
+    return files

@@ -1,0 +1,375 @@
+"""The augmentation sweep: a grid of training settings, its branches, and what its components share.
+
+A sweep trains the same data with the same seed once per **branch** of a grid and
+compares the branches (:mod:`imgpipe.steps.compare`). The grid is written in **grid
+keys**, each one a :class:`~imgpipe.train_config.TrainConfig` field (:data:`GRID_KEYS`)::
+
+    grid:                      # explicit branches (each may carry a `name`)
+      - {name: light, policy: basic, mixup_alpha: 0, cutmix_alpha: 0}
+    axes:                      # and/or a cartesian product
+      randaugment_n: [1, 2]
+      randaugment_m: [5, 9]
+
+The branches are the explicit entries (a baseline, hand-picked points), then every point
+of the product of the axes; either part may be left out, and settings shared by every
+branch belong in the ``train`` section of the run's config. Values go through the
+one coercer (:func:`imgpipe.config.coerce`) with the field's type, and each branch's
+whole training config is built (:func:`plan`) before anything trains, so a wrong key, a
+wrong type or a value the config refuses fails at the edge, naming the branch.
+
+Each branch writes its own run prefix, ``{data_root}/runs/{run id}/train-{branch}/``
+(:func:`branch_step`); branch names are path segments checked like run ids. This
+module never imports kfp or torch: the components (``components/plan_sweep.py``,
+``components/compare.py``) and ``imgpipe sweep`` call it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgpipe import kfp_artifacts, storage
+from imgpipe.config import coerce, read_config_file
+from imgpipe.train_config import TrainConfig
+
+__all__ = [
+    "SWEEP_PIPELINE_NAME",
+    "GRID_KEYS",
+    "NAME_KEY",
+    "RECIPE_FIELDS",
+    "SWEEP_EPOCHS",
+    "MAX_BRANCHES",
+    "BRANCH_STEP_PREFIX",
+    "Branch",
+    "check_branch_name",
+    "branch_step",
+    "expand_grid",
+    "load_grid_file",
+    "grid_parameters",
+    "plan",
+    "branch_prefixes",
+    "publish_comparison",
+]
+
+log = logging.getLogger(__name__)
+
+# The sweep pipeline's name on Kubeflow (pipelines/imgpipe_sweep.py); here so that naming it needs no kfp.
+SWEEP_PIPELINE_NAME = "imgpipe-sweep"
+# Grid key -> the TrainConfig field it sets. The sweepable part of the augmentation recipe:
+# RandAugment's policy, N and M; MixUp/CutMix alphas and probabilities (timm's names:
+# mixup_alpha, cutmix_alpha, prob, switch_prob in timm data/mixup.py Mixup); label smoothing.
+GRID_KEYS: dict[str, str] = {
+    "policy": "aug_policy",
+    "randaugment_n": "randaugment_n",
+    "randaugment_m": "randaugment_m",
+    "mixup_alpha": "mixup",
+    "cutmix_alpha": "cutmix",
+    "mixup_prob": "mixup_prob",
+    "switch_prob": "mixup_switch_prob",
+    "label_smoothing": "label_smoothing",
+}
+# The optional branch name in an explicit grid entry.
+NAME_KEY = "name"
+# The TrainConfig fields of the whole augmentation recipe: what the winner's config carries
+# (the grid's fields and the rest of AugmentConfig's, under their TrainConfig names).
+RECIPE_FIELDS: tuple[str, ...] = (
+    *GRID_KEYS.values(),
+    "hflip", "color_jitter", "grayscale_p", "blur_p", "rotation", "random_erasing", "crop_scale",
+)  # fmt: skip
+# Short runs: a sweep ranks settings, the winner then trains in full.
+SWEEP_EPOCHS = 5
+# More branches than this is a typo in the axes (a product grows fast), not a sweep.
+MAX_BRANCHES = 64
+# A branch's train output is the run's step `train-{branch}`.
+BRANCH_STEP_PREFIX = "train-"
+# One path segment without dots (no '..'), short enough to read in a table.
+_BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")
+_FILE_KEYS = ("grid", "axes")
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One point of the grid.
+
+    Attributes:
+        name: Its name, a path segment (``b00``, ``b01``, ... unless the grid names it).
+        settings: Grid key -> value (coerced), in the grid's key order.
+    """
+
+    name: str
+    settings: dict[str, Any]
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The TrainConfig fields this branch sets."""
+        return {GRID_KEYS[k]: v for k, v in self.settings.items()}
+
+    def label(self) -> str:
+        """``name: key=value, ...`` for tables and logs."""
+        return f"{self.name}: " + ", ".join(f"{k}={v}" for k, v in self.settings.items())
+
+
+def check_branch_name(name: Any) -> str:
+    """Returns ``name`` if it can name a branch's output (one path segment), else raises.
+
+    Raises:
+        ValueError: For anything but 1-40 letters, digits, ``_`` and ``-`` starting with a letter or digit.
+    """
+    if not isinstance(name, str) or not _BRANCH_NAME.fullmatch(name):
+        raise ValueError(f"branch name {name!r} must be 1-40 letters, digits, '_' or '-', starting with a letter or digit")
+    return name
+
+
+def branch_step(name: str) -> str:
+    """The run-prefix step of branch ``name``: ``train-{name}`` (checked)."""
+    return BRANCH_STEP_PREFIX + check_branch_name(name)
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _value(where: str, key: Any, value: Any) -> Any:
+    if key not in GRID_KEYS:
+        raise ValueError(f"{where}: unknown grid key {key!r}; valid keys: {', '.join(GRID_KEYS)} (and {NAME_KEY!r} in grid entries)")
+    coerced = coerce(f"{where}.{key}", value, _HINTS[GRID_KEYS[key]])
+    if isinstance(coerced, float) and not math.isfinite(coerced):
+        raise ValueError(f"{where}.{key}: {value!r} is not a finite number")
+    return coerced
+
+
+def _entries(grid: Any) -> list[tuple[str | None, dict[str, Any]]]:
+    if grid is None:
+        return []
+    if not isinstance(grid, (list, tuple)):
+        raise TypeError(f"grid must be a list of mappings (one per branch), got {type(grid).__name__}")
+    entries = []
+    for i, entry in enumerate(grid):
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"grid[{i}] must be a mapping of grid keys, got {entry!r}")
+        name = check_branch_name(entry[NAME_KEY]) if NAME_KEY in entry else None
+        entries.append((name, {k: _value(f"grid[{i}]", k, v) for k, v in entry.items() if k != NAME_KEY}))
+    return entries
+
+
+def _axes(axes: Any) -> dict[str, list[Any]]:
+    if axes is None:
+        return {}
+    if not isinstance(axes, Mapping):
+        raise TypeError(f"axes must be a mapping of grid key -> list of values, got {type(axes).__name__}")
+    out = {}
+    for key, values in axes.items():
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"axes.{key} must be a list of values, got {values!r}")
+        if key == NAME_KEY:
+            raise ValueError(f"axes cannot set {NAME_KEY!r}; name the entries of grid instead")
+        if values:  # an empty axis is "not swept" (the pipeline's grid_* parameters default to [])
+            out[key] = [_value(f"axes.{key}[{i}]", key, v) for i, v in enumerate(values)]
+    return out
+
+
+def expand_grid(grid: Sequence[Mapping[str, Any]] | None = None, axes: Mapping[str, Sequence[Any]] | None = None) -> list[Branch]:
+    """The branches of a grid: the explicit entries, then every point of the axes' product.
+
+    Args:
+        grid: Explicit branches, each a mapping of grid keys (:data:`GRID_KEYS`) and an
+            optional ``name``.
+        axes: Grid key -> the values to sweep; their cartesian product, in key order.
+
+    Returns:
+        The branches in order, named as the grid names them, else ``bNN`` after their position.
+
+    Raises:
+        ValueError: On an unknown key (naming the valid ones), a value the field's type
+            refuses, a non-finite number, a bad or repeated name, two branches with the
+            same settings, no branch at all, or more than :data:`MAX_BRANCHES`.
+        TypeError: On a grid that is not a list of mappings or axes not lists.
+    """
+    entries, axes_values = _entries(grid), _axes(axes)
+    points = [dict(zip(axes_values, combo)) for combo in itertools.product(*axes_values.values())] if axes_values else []
+    count = len(entries) + len(points)
+    if count == 0:
+        raise ValueError("the grid has no branch: give grid entries, axes values, or both")
+    if count > MAX_BRANCHES:
+        raise ValueError(f"the grid has {count} branches, more than {MAX_BRANCHES}; sweep fewer values at once")
+    named = [*entries, *((None, point) for point in points)]
+    branches = [Branch(name or f"b{i:02d}", settings) for i, (name, settings) in enumerate(named)]
+    names = [b.name for b in branches]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"branch name(s) {', '.join(repeated)} used more than once; names must be unique")
+    _check_distinct([(b.name, b.settings) for b in branches], "the same settings")
+    return branches
+
+
+def _check_distinct(named: Sequence[tuple[str, Any]], what: str) -> None:
+    """Refuses two branches that would train alike: the sweep would spend a GPU on a repeat."""
+    seen: dict[str, str] = {}
+    for name, value in named:
+        key = repr(sorted(value.items()) if isinstance(value, Mapping) else value)
+        if key in seen:
+            raise ValueError(f"branches {seen[key]} and {name} have {what}; drop one of them")
+        seen[key] = name
+
+
+def load_grid_file(path: str | Path) -> tuple[list[Any], dict[str, Any]]:
+    """Reads a grid YAML: a mapping with ``grid`` (a list) and/or ``axes`` (a mapping), or a bare list.
+
+    Returns:
+        ``(grid, axes)`` as written; :func:`expand_grid` checks them.
+
+    Raises:
+        ValueError: For a missing file or top-level keys other than ``grid`` and ``axes``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"grid file {p} does not exist")
+    doc = yaml.safe_load(p.read_text())
+    if isinstance(doc, list):
+        return doc, {}
+    doc = read_config_file(p)  # a mapping, or a clear error
+    unknown = sorted(set(doc) - set(_FILE_KEYS))
+    if unknown:
+        raise ValueError(f"grid file {p}: unknown key(s) {', '.join(map(str, unknown))}; keys: {', '.join(_FILE_KEYS)}")
+    return list(doc.get("grid") or []), dict(doc.get("axes") or {})
+
+
+def grid_parameters(grid: Sequence[Mapping[str, Any]] | None, axes: Mapping[str, Sequence[Any]] | None) -> dict[str, list[Any]]:
+    """The sweep pipeline's grid parameters for a grid: ``grid`` and one ``grid_<key>`` list per grid key.
+
+    Raises:
+        ValueError, TypeError: As :func:`expand_grid` (the grid is checked here, at the edge).
+    """
+    expand_grid(grid, axes)
+    axes = dict(axes or {})
+    return {"grid": [dict(e) for e in grid or []], **{f"grid_{k}": list(axes.get(k) or []) for k in GRID_KEYS}}
+
+
+def plan(
+    resized: str,
+    grid: Sequence[Mapping[str, Any]] | None,
+    axes: Mapping[str, Sequence[Any]] | None,
+    step_config: Mapping[str, Any] | None,
+    **named: Any,
+) -> list[dict[str, Any]]:
+    """The items the sweep's ``ParallelFor`` runs: one per branch, its whole train config checked.
+
+    Each branch's ``step_config`` is the pipeline's with the branch's overrides laid
+    over its ``train`` section, so they win over both the typed parameters and the
+    section; everything else (seed included) is the same for every branch.
+
+    Args:
+        resized: The committed resize prefix every branch trains on (carried in the
+            items, so the loop's tasks take nothing but the item and run parameters).
+        grid: Explicit branches (:func:`expand_grid`).
+        axes: Swept values per grid key.
+        step_config: The pipeline's ``step_config`` parameter.
+        named: The typed train parameters (``model``, ``epochs``, ...), as the train
+            component passes them.
+
+    Returns:
+        ``[{"branch", "resized", "settings", "step_config"}, ...]``.
+
+    Raises:
+        ValueError, TypeError: As :func:`expand_grid`, or when a branch's config is
+            refused (the message names the branch).
+    """
+    sections = dict(step_config or {})
+    base = sections.get("train") or {}
+    if not isinstance(base, Mapping):
+        raise TypeError(f"step_config['train'] must be a mapping of TrainConfig fields, got {base!r}")
+    items, recipes = [], []
+    for branch in expand_grid(grid, axes):
+        own = {**sections, "train": {**base, **branch.overrides}}
+        try:
+            cfg = kfp_artifacts.step_config(TrainConfig, own, "train", **named)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"branch {branch.label()}: {exc}") from None
+        items.append({"branch": branch.name, "resized": resized, "settings": branch.settings, "step_config": own})
+        recipes.append((branch.name, _effective({k: getattr(cfg, k) for k in RECIPE_FIELDS})))
+        log.info("sweep: branch %s -> %s", branch.label(), recipes[-1][1])
+    _check_distinct(recipes, "the same effective augmentation recipe (a grid value that the policy ignores?)")
+    return items
+
+
+def _effective(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """``recipe`` without the fields its other fields make inert, so that branches training alike compare equal.
+
+    RandAugment's N and M act only under policy ``randaugment`` (``augment_cpu.py``,
+    ``augment.py``); the mixing probabilities only with an alpha above 0, and the
+    MixUp/CutMix switch only with both (``augment.MixupCutmix``).
+    """
+    out = dict(recipe)
+    if out["aug_policy"] != "randaugment":
+        out.pop("randaugment_n"), out.pop("randaugment_m")
+    mixing = [out["mixup"] > 0, out["cutmix"] > 0]
+    if not any(mixing):
+        out.pop("mixup_prob")
+    if not all(mixing):
+        out.pop("mixup_switch_prob")
+    return out
+
+
+def branch_prefixes(branches: Sequence[Mapping[str, Any]], trained: Sequence[Any]) -> dict[str, str]:
+    """Branch name -> its committed train prefix, from the plan and the collected step artifacts.
+
+    Args:
+        branches: The plan's items (:func:`plan`).
+        trained: The branches' train step artifacts (``metadata``: ``branch``, ``prefix``).
+
+    Raises:
+        ValueError: If a planned branch has no artifact, or an artifact names no planned branch.
+    """
+    found = {}
+    for artifact in trained:
+        meta = artifact.metadata or {}
+        name = check_branch_name(meta.get("branch"))
+        found[name] = storage.normalize_uri(meta["prefix"])
+    planned = [b["branch"] for b in branches]
+    if sorted(found) != sorted(planned):
+        raise ValueError(f"the branches trained ({', '.join(sorted(found))}) are not the branches planned ({', '.join(planned)})")
+    return {name: found[name] for name in planned}
+
+
+def publish_comparison(out: str, *, report: Any, metrics: Any, winner: Any) -> dict[str, Any]:
+    """Fills the compare component's artifacts from a committed compare output.
+
+    * ``report`` (HTML): ``comparison.html``.
+    * ``metrics`` (Metrics): the winner's validation figures and each branch's ranking value.
+    * ``winner`` (Artifact): ``winner.yaml``; metadata: the branch, its ranking value and
+      ``step_config`` (what the main pipeline's ``step_config`` parameter takes).
+
+    Returns:
+        The compare output's ``comparison.json``.
+    """
+    # Here, not at the top: steps.compare imports this module, and draws with matplotlib, which
+    # compiling the pipeline (this module's other users, in the cpu image) must not need.
+    from imgpipe.steps.compare import COMPARISON_HTML, COMPARISON_JSON, WINNER_YAML
+
+    out = storage.normalize_uri(out)
+    result = json.loads(storage.read_bytes(storage.join(out, COMPARISON_JSON)))
+    for artifact, name in ((report, COMPARISON_HTML), (winner, WINNER_YAML)):
+        Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(artifact.path).write_bytes(storage.read_bytes(storage.join(out, name)))
+    best, key = result["branches"][0], result["ranked_by"][0]
+    for name in ("val_macro_f1", "val_pr_auc", "val_accuracy", "val_loss"):
+        if best.get(name) is not None:
+            metrics.log_metric(f"winner_{name}", float(best[name]))
+    for row in result["branches"]:
+        if row.get(key) is not None:
+            metrics.log_metric(f"{row['branch']}_{key}", float(row[key]))
+    metrics.log_metric("branches", float(len(result["branches"])))
+    winner.metadata.update(
+        branch=best["branch"], ranked_by=key, value=best.get(key), step_config=result["winner"]["step_config"], prefix=out
+    )
+    report.metadata["prefix"] = out
+    return result
