@@ -413,6 +413,7 @@ def measure_memory(
 # ----------------------------------------------------------------------------------------
 # Per-image CPU time, one process, no Ray: where the time goes.
 
+PER_IMAGE_PASSES = 9
 # The train split's default storage (ResizeConfig.train_mode): the whole picture.
 _WHOLE = ResizeSpec(mode="whole")
 
@@ -428,8 +429,8 @@ def full_decode(data: bytes) -> int:
         return img.width
 
 
-def per_image_cpu(photos: Sequence[Photo], repeats: int = 3) -> dict[str, Any]:
-    """CPU ms per image (best of ``repeats`` passes, ``time.process_time``) of each piece.
+def per_image_cpu(photos: Sequence[Photo], repeats: int = PER_IMAGE_PASSES) -> dict[str, Any]:
+    """CPU ms per image (best of ``repeats`` interleaved passes, ``time.process_time``) of each piece.
 
     CPU time of one process is far less disturbed by other load than wall time, so these
     show the per-image work each method does, free of Ray and pool effects. Also the mean
@@ -446,36 +447,36 @@ def per_image_cpu(photos: Sequence[Photo], repeats: int = 3) -> dict[str, Any]:
     transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
     blobs = [p.data for p in photos]
 
-    def ms(fn: Callable[[bytes], Any]) -> float:
-        fn(blobs[0])
-        best = math.inf
-        for _ in range(repeats):
-            t0 = time.process_time()
-            for b in blobs:
-                fn(b)
-            best = min(best, time.process_time() - t0)
-        return 1000 * best / len(blobs)
-
     def mad(spec: ResizeSpec) -> float:
         pairs = [(resize_image(b, spec), resize_image_reference(b, spec)) for b in blobs]
         return float(np.mean([np.abs(a.astype(np.int16) - r.astype(np.int16)).mean() for a, r in pairs]))
 
-    row = {
-        "full decode": ms(full_decode),
-        "draft decode (floor)": ms(decode_floor),
-        "resize_image": ms(resize_one),
-        "resize_image_reference": ms(lambda b: resize_image_reference(b, _SPEC)),
-        "baseline PIL + torchvision": ms(lambda b: baseline_one(b, transform)),
-        "mad": mad(_SPEC),
-        "resize_image whole": ms(lambda b: resize_image(b, _WHOLE)),
-        "mad whole": mad(_WHOLE),
-        "draft": sorted({draft_scale(b) for b in blobs}),
+    methods: dict[str, Callable[[bytes], Any]] = {
+        "full decode": full_decode,
+        "draft decode (floor)": decode_floor,
+        "resize_image": resize_one,
+        "resize_image_reference": lambda b: resize_image_reference(b, _SPEC),
+        "baseline PIL + torchvision": lambda b: baseline_one(b, transform),
+        "resize_image whole": lambda b: resize_image(b, _WHOLE),
     }
+    # Interleaved: every pass times each method once, so a slow spell of the machine
+    # (frequency, a neighbour's load) falls on all of them alike and the ratios hold.
+    best = dict.fromkeys(methods, math.inf)
+    for fn in methods.values():
+        fn(blobs[0])
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            t0 = time.process_time()
+            for b in blobs:
+                fn(b)
+            best[name] = min(best[name], time.process_time() - t0)
+    row: dict[str, Any] = {name: 1000 * t / len(blobs) for name, t in best.items()}
+    row.update({"mad": mad(_SPEC), "mad whole": mad(_WHOLE), "draft": sorted({draft_scale(b) for b in blobs})})
     return row
 
 
 def print_per_image(per_image: dict[str, dict[str, Any]], images: int) -> None:
-    print(f"Per-image CPU time, one process, no Ray (ms, best of 3 passes over {images} images):")
+    print(f"Per-image CPU time, one process, no Ray (ms, best of {PER_IMAGE_PASSES} interleaved passes over {images} images):")
     print()
     print(
         "| set | full decode | draft decode (floor) | resize_image | resize_image_reference "

@@ -68,6 +68,7 @@ __all__ = [
     "pipeline_docstring",
     "build_pipeline",
     "compile_pipeline",
+    "write_package",
     "imgpipe_pipeline",
 ]
 
@@ -393,12 +394,17 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
     return dsl.pipeline(name=PIPELINE_NAME, description=description)(imgpipe_pipeline)
 
 
-def compile_pipeline(package_path: str | Path, options: PipelineOptions | None = None) -> Path:
-    """Compiles the pipeline to a YAML package; returns its path."""
+def write_package(pipeline: dsl.graph_component.GraphComponent, package_path: str | Path) -> Path:
+    """Compiles ``pipeline`` to a YAML package at ``package_path`` (folders made); returns its path."""
     path = Path(package_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(options), package_path=str(path))
+    compiler.Compiler().compile(pipeline, package_path=str(path))
     return path
+
+
+def compile_pipeline(package_path: str | Path, options: PipelineOptions | None = None) -> Path:
+    """Compiles the pipeline to a YAML package; returns its path."""
+    return write_package(build_pipeline(options), package_path)
 
 
 # The default build, for `kfp dsl compile --py pipelines/imgpipe_pipeline.py` and imports.

@@ -55,8 +55,9 @@ from imgpipe.pipelines.imgpipe_pipeline import (
     build_pipeline,
     data_steps,
     pipeline_docstring,
+    write_package,
 )
-from kfp import compiler, dsl
+from kfp import dsl
 from kfp.dsl import HTML, Artifact, Metrics
 
 from imgpipe.config import field_docs, plain_text
@@ -189,7 +190,4 @@ def build_sweep_pipeline(options: SweepOptions | None = None) -> dsl.graph_compo
 
 def compile_sweep(package_path: str | Path, options: SweepOptions | None = None) -> Path:
     """Compiles the sweep pipeline to a YAML package; returns its path."""
-    path = Path(package_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_sweep_pipeline(options), package_path=str(path))
-    return path
+    return write_package(build_sweep_pipeline(options), package_path)

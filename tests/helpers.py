@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -35,3 +40,18 @@ def write_download_output(dest: str, members: Mapping[str, bytes], row_group_row
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     return resources.free_port()
+
+
+def torchrun_two_ranks(script: Path, tmp_path: Path, timeout: float) -> list[dict]:
+    """Runs ``script`` on 2 CPU ranks with torchrun (gloo, loopback); returns each rank's ``rank{r}.json``.
+
+    The script writes ``{tmp_path}/rank{rank}.json``; a failed run fails the test with its stderr.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(free_port()), str(script),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

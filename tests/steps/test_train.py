@@ -10,11 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +29,7 @@ from imgpipe.steps.train import (
     lr_factor,
     train,
 )
-from tests.helpers import free_port
+from tests.helpers import torchrun_two_ranks
 from tests.test_loader import write_resize_output
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -347,14 +343,7 @@ def test_ddp_two_ranks_with_torchrun_gloo(data, tmp_path):
             """
         )
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), str(script),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[2])
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun_two_ranks(script, tmp_path, timeout=240)
     assert ranks[0]["digests"] == ranks[1]["digests"]  # DDP keeps the replicas identical
     assert len(set(ranks[0]["digests"])) == 2  # and they change from epoch to epoch
     assert ranks[0]["world"] == 2

@@ -11,11 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 from functools import partial
 from pathlib import Path
@@ -30,7 +26,7 @@ from imgpipe.augment import IMAGENET, Normalization
 from imgpipe.models import build_model, extract_state_dict, head_parameter_names
 from imgpipe.steps import train as train_mod
 from imgpipe.steps.train import train
-from tests.helpers import free_port
+from tests.helpers import torchrun_two_ranks
 from tests.steps.test_train import COUNTS, tiny
 from tests.test_loader import write_resize_output
 from tests.test_pretrained import count_downloads, serve_weights
@@ -190,14 +186,7 @@ def test_ddp_ranks_share_one_download_and_freeze_alike(data, tmp_path, monkeypat
             """
         )
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), str(script),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun_two_ranks(script, tmp_path, timeout=300)
     assert ranks[0]["downloads"] == [weights.url] and ranks[1]["downloads"] == []  # rank 0 filled the cache
     assert ranks[0]["digests"] == ranks[1]["digests"]
     reference = torch.load(io.BytesIO(served), weights_only=True)
