@@ -35,6 +35,7 @@ def plan_sweep(
     Returns one item per branch (``branch``, ``resized``, ``settings``, ``step_config``):
     the loop's tasks take everything from the item and the run parameters.
     """
+    from imgpipe.kfp_artifacts import train_overrides
     from imgpipe.sweep import plan
 
     axes = {
@@ -42,8 +43,4 @@ def plan_sweep(
         "mixup_alpha": grid_mixup_alpha, "cutmix_alpha": grid_cutmix_alpha, "mixup_prob": grid_mixup_prob,
         "switch_prob": grid_switch_prob, "label_smoothing": grid_label_smoothing,
     }  # fmt: skip
-    named = {
-        "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy, "resume": True,
-        "pretrained": pretrained or None,
-    }  # fmt: skip
-    return plan(resized, grid, axes, step_config, **named)
+    return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained))

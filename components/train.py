@@ -39,11 +39,8 @@ def train(
     from imgpipe.steps.train import TrainConfig, train
     from imgpipe.sweep import branch_step
 
-    named = {
-        "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy, "resume": True,
-        "pretrained": pretrained or None, "weights_cache": ka.weights_cache(data_root),
-    }  # fmt: skip
-    cfg = ka.step_config(TrainConfig, step_config, "train", **named)
+    named = ka.train_overrides(model_name, epochs, batch_size, aug_policy, pretrained)
+    cfg = ka.step_config(TrainConfig, step_config, "train", **named, weights_cache=ka.weights_cache(data_root))
     step = branch_step(branch) if branch else "train"
     data, out = ka.committed_prefix(resized, "resize"), ka.run_prefix(data_root, run_id, step)
     result = train(data, out, cfg)

@@ -46,6 +46,7 @@ __all__ = [
     "run_prefix",
     "weights_cache",
     "step_config",
+    "train_overrides",
     "write_step_artifact",
     "read_step_artifact",
     "committed_prefix",
@@ -101,6 +102,21 @@ def run_prefix(data_root: str, run_id: str, step: str) -> str:
 def weights_cache(data_root: str) -> str:
     """The pretrained-weights cache every run under ``data_root`` shares: ``{data_root}/weights``."""
     return storage.join(storage.normalize_uri(data_root), WEIGHTS_CACHE)
+
+
+def train_overrides(
+    model_name: str | None, epochs: int | None, batch_size: int | None, aug_policy: str | None, pretrained: str | None
+) -> dict[str, Any]:
+    """TrainConfig fields from the train component's typed inputs (as the sweep's plan takes them too).
+
+    ``model_name`` is ``model`` (the component's ``model`` is its Model output); an empty
+    ``pretrained`` (the pipeline parameter's default) means none; ``resume`` is on: a run's
+    prefix is its own, so a first attempt starts fresh and a retry continues.
+    """
+    return {
+        "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy,
+        "pretrained": pretrained or None, "resume": True,
+    }  # fmt: skip
 
 
 def step_config(cls: type[C], sections: Mapping[str, Any] | None, section: str, **named: Any) -> C:
