@@ -176,7 +176,9 @@ def test_retries_with_backoff_on_data_steps_and_a_resuming_retry_on_train(compil
             "backoffMaxDuration": "1800s",
         }, step
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 1
-    assert '"resume": True' in " ".join(_container(ir, "train")["command"]), "a retried train continues its checkpoint"
+    # A retried train continues its checkpoint: the component builds its config with resume on.
+    assert "ka.train_overrides(" in " ".join(_container(ir, "train")["command"])
+    assert kfp_artifacts.train_overrides(None, None, None, None, None)["resume"] is True
 
 
 def test_s3_credentials_come_from_the_secret_never_from_literals(compiled):
