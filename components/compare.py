@@ -22,9 +22,9 @@ def compare(
     """Ranks the branches (``branches``: the plan; ``trained``: their collected step artifacts) into the run's ``compare/``."""
     from imgpipe import kfp_artifacts as ka
     from imgpipe.steps.compare import compare
-    from imgpipe.sweep import branch_prefixes, publish_comparison
+    from imgpipe.sweep import branch_prefixes
 
     settings = {b["branch"]: b["settings"] for b in branches}
     result = compare(branch_prefixes(branches, trained), ka.run_prefix(data_root, run_id, "compare"), settings=settings)
-    publish_comparison(result.dest, report=report, metrics=metrics, winner=winner)
+    ka.publish_comparison(result.dest, report=report, metrics=metrics, winner=winner)
     ka.write_step_artifact(comparison, result.dest)

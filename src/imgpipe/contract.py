@@ -64,6 +64,7 @@ __all__ = [
     "verify_output",
     "manifest_body",
     "entry_for_bytes",
+    "write_entry",
     "FileEntry",
     "Reject",
     "StepReport",
@@ -165,6 +166,16 @@ class HashingWriter(io.RawIOBase):
 def entry_for_bytes(name: str, data: bytes, rows: int = 0) -> FileEntry:
     """The manifest entry of a file written in one piece."""
     return FileEntry(name=name, rows=rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def write_entry(dest: str, name: str, data: bytes) -> FileEntry:
+    """Writes ``data`` as ``name`` in the prefix ``dest`` (in one piece); returns its manifest entry.
+
+    For outputs of small files that commit with :func:`publish` (train, compare); Parquet
+    data files go through :class:`OutputWriter`.
+    """
+    storage.write_bytes(_dest_uri(dest, name), data)
+    return entry_for_bytes(name, data)
 
 
 @dataclass(frozen=True)

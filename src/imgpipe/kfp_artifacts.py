@@ -27,7 +27,6 @@ import datetime as _dt
 import json
 import logging
 import re
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,6 +54,7 @@ __all__ = [
     "read_latest",
     "find_confusion",
     "publish_training",
+    "publish_comparison",
     "publish_step_report",
 ]
 
@@ -273,6 +273,12 @@ def find_confusion(metrics: Mapping[str, Any]) -> tuple[str, list[list[int]]] | 
     return None
 
 
+def _copy_into(artifact: Any, uri: str) -> None:
+    """Copies the object ``uri`` to ``artifact.path``, where kfp uploads it from."""
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    storage.download_file(uri, artifact.path)
+
+
 def publish_training(
     out: str,
     *,
@@ -297,8 +303,7 @@ def publish_training(
     manifest = contract.read_manifest(out, expect_step="train")
     extra = manifest.get("extra") or {}
     model_uri = storage.join(out, contract.MODEL)
-    Path(model.path).parent.mkdir(parents=True, exist_ok=True)
-    storage.download_file(model_uri, model.path)
+    _copy_into(model, model_uri)
     model.metadata.update(
         framework="pytorch",
         model_uri=model_uri,
@@ -318,9 +323,7 @@ def publish_training(
         classification.metadata["split"] = split
     else:
         log.warning("train: %s/metrics.json holds no confusion matrix; the ClassificationMetrics artifact stays empty", out)
-    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
-    with storage.open_read(storage.join(out, contract.REPORT)) as src, open(report.path, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    _copy_into(report, storage.join(out, contract.REPORT))
     return manifest
 
 
@@ -350,3 +353,37 @@ def publish_step_report(prefix: str, *, metrics: Any, report: Any) -> step_repor
     share = f"{100 * seconds / step_seconds:.1f}% of the step's {step_seconds:.1f} s" if step_seconds else "the step took 0 s"
     log.info("%s: UI report built in %.2f s (%s), %d KiB", built.step, seconds, share, len(page) >> 10)
     return built
+
+
+def publish_comparison(out: str, *, report: Any, metrics: Any, winner: Any) -> dict[str, Any]:
+    """Fills the compare component's artifacts from a committed compare output.
+
+    * ``report`` (HTML): ``comparison.html``.
+    * ``metrics`` (Metrics): the winner's validation figures and each branch's ranking value.
+    * ``winner`` (Artifact): ``winner.yaml``; metadata: the branch, its ranking value and
+      ``step_config`` (what the main pipeline's ``step_config`` parameter takes).
+
+    Returns:
+        The compare output's ``comparison.json``.
+    """
+    # Here, not at the top: steps.compare draws with matplotlib, which the cpu image's users of
+    # this module (every data step's component, compiling the pipeline) must not need.
+    from imgpipe.steps.compare import COMPARISON_HTML, COMPARISON_JSON, WINNER_YAML
+
+    out = storage.normalize_uri(out)
+    result = json.loads(storage.read_bytes(storage.join(out, COMPARISON_JSON)))
+    for artifact, name in ((report, COMPARISON_HTML), (winner, WINNER_YAML)):
+        _copy_into(artifact, storage.join(out, name))
+    best, key = result["branches"][0], result["ranked_by"][0]
+    for name in ("val_macro_f1", "val_pr_auc", "val_accuracy", "val_loss"):
+        if best.get(name) is not None:
+            metrics.log_metric(f"winner_{name}", float(best[name]))
+    for row in result["branches"]:
+        if row.get(key) is not None:
+            metrics.log_metric(f"{row['branch']}_{key}", float(row[key]))
+    metrics.log_metric("branches", float(len(result["branches"])))
+    winner.metadata.update(
+        branch=best["branch"], ranked_by=key, value=best.get(key), step_config=result["winner"]["step_config"], prefix=out
+    )
+    report.metadata["prefix"] = out
+    return result

@@ -26,7 +26,6 @@ module never imports kfp or torch: the components (``components/plan_sweep.py``,
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import re
@@ -58,7 +57,6 @@ __all__ = [
     "grid_parameters",
     "plan",
     "branch_prefixes",
-    "publish_comparison",
 ]
 
 log = logging.getLogger(__name__)
@@ -338,38 +336,3 @@ def branch_prefixes(branches: Sequence[Mapping[str, Any]], trained: Sequence[Any
     if sorted(found) != sorted(planned):
         raise ValueError(f"the branches trained ({', '.join(sorted(found))}) are not the branches planned ({', '.join(planned)})")
     return {name: found[name] for name in planned}
-
-
-def publish_comparison(out: str, *, report: Any, metrics: Any, winner: Any) -> dict[str, Any]:
-    """Fills the compare component's artifacts from a committed compare output.
-
-    * ``report`` (HTML): ``comparison.html``.
-    * ``metrics`` (Metrics): the winner's validation figures and each branch's ranking value.
-    * ``winner`` (Artifact): ``winner.yaml``; metadata: the branch, its ranking value and
-      ``step_config`` (what the main pipeline's ``step_config`` parameter takes).
-
-    Returns:
-        The compare output's ``comparison.json``.
-    """
-    # Here, not at the top: steps.compare imports this module, and draws with matplotlib, which
-    # compiling the pipeline (this module's other users, in the cpu image) must not need.
-    from imgpipe.steps.compare import COMPARISON_HTML, COMPARISON_JSON, WINNER_YAML
-
-    out = storage.normalize_uri(out)
-    result = json.loads(storage.read_bytes(storage.join(out, COMPARISON_JSON)))
-    for artifact, name in ((report, COMPARISON_HTML), (winner, WINNER_YAML)):
-        Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
-        Path(artifact.path).write_bytes(storage.read_bytes(storage.join(out, name)))
-    best, key = result["branches"][0], result["ranked_by"][0]
-    for name in ("val_macro_f1", "val_pr_auc", "val_accuracy", "val_loss"):
-        if best.get(name) is not None:
-            metrics.log_metric(f"winner_{name}", float(best[name]))
-    for row in result["branches"]:
-        if row.get(key) is not None:
-            metrics.log_metric(f"{row['branch']}_{key}", float(row[key]))
-    metrics.log_metric("branches", float(len(result["branches"])))
-    winner.metadata.update(
-        branch=best["branch"], ranked_by=key, value=best.get(key), step_config=result["winner"]["step_config"], prefix=out
-    )
-    report.metadata["prefix"] = out
-    return result

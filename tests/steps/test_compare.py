@@ -231,7 +231,7 @@ def test_compare_refuses_branches_of_different_data_and_overlapping_dest(root):
 def test_publish_comparison_fills_the_kfp_artifacts(root, tmp_path):
     from types import SimpleNamespace
 
-    from imgpipe.sweep import publish_comparison
+    from imgpipe.kfp_artifacts import publish_comparison
 
     class Metrics(SimpleNamespace):
         def log_metric(self, key, value):

@@ -456,11 +456,7 @@ def _write(dest: str, result: Mapping[str, Any], curves: bytes, winner_yaml: str
         WINNER_YAML: winner_yaml.encode(),
         contract.CONFIG: config_to_yaml(cfg).encode(),
     }
-    files = []
-    for name, data in outputs.items():
-        storage.write_bytes(storage.join(dest, name), data)
-        files.append(contract.entry_for_bytes(name, data))
-    files.sort(key=lambda f: f.name)
+    files = sorted((contract.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
     body = StepReport(step="compare", dest=dest, inputs=len(result["branches"]), outputs=len(result["branches"]),
                       rejected=0, files=files, extra={"winner": result["winner"]["branch"], "ranked_by": result["ranked_by"]})  # fmt: skip
     upstream = {"step": "train", "branches": {r["branch"]: r["prefix"] for r in result["branches"]}}

@@ -521,8 +521,7 @@ def _augmentation_grid(run: TrainingRun) -> bytes:
 
 
 def _write(run: TrainingRun, name: str, data: bytes, files: list[FileEntry]) -> None:
-    storage.write_bytes(storage.join(run.out, name), data)
-    files.append(contract.entry_for_bytes(name, data))
+    files.append(contract.write_entry(run.out, name, data))
 
 
 def _write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResult | None) -> list[FileEntry]:
