@@ -140,24 +140,29 @@ def test_loss_falls_on_a_tiny_run(data, tmp_path):
     assert report.metrics["val_accuracy"] > 0.5  # 4 classes: chance is 0.25
 
 
+def train_preempted_at(epoch: int, data: str, out: str, cfg: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs ``train`` until the node is preempted as ``epoch`` starts (a KeyboardInterrupt), as a killed pod stops."""
+    real = train_mod.train_one_epoch
+
+    def preempted(run, at):
+        if at == epoch:
+            raise KeyboardInterrupt("node preempted")
+        return real(run, at)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_mod, "train_one_epoch", preempted)
+        with pytest.raises(KeyboardInterrupt):
+            train(data, out, cfg)
+
+
 def test_resume_after_an_interruption_gives_the_same_weights(data, tmp_path, monkeypatch):
     cfg = tiny(epochs=3, deterministic=True, max_steps_per_epoch=3)
     train(data, "file://" + str(tmp_path / "straight"), cfg)
 
-    real = train_mod.train_one_epoch
-
-    def preempted(run, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("node preempted")
-        return real(run, epoch)
-
     interrupted = "file://" + str(tmp_path / "interrupted")
-    monkeypatch.setattr(train_mod, "train_one_epoch", preempted)
-    with pytest.raises(KeyboardInterrupt):
-        train(data, interrupted, cfg)
+    train_preempted_at(1, data, interrupted, cfg, monkeypatch)
     assert not contract.is_committed(interrupted)
     assert torch.load(str(tmp_path / "interrupted" / "checkpoint.pt"), weights_only=True)["epoch"] == 0
-    monkeypatch.setattr(train_mod, "train_one_epoch", real)
     report = train(data, interrupted, dataclasses.replace(cfg, resume=True))
     assert report.epochs_run == 2 and report.extra["resumed_from_epoch"] == 1
 

@@ -27,7 +27,7 @@ from imgpipe.models import build_model, extract_state_dict, head_parameter_names
 from imgpipe.steps import train as train_mod
 from imgpipe.steps.train import train
 from tests.helpers import torchrun_two_ranks
-from tests.steps.test_train import COUNTS, tiny
+from tests.steps.test_train import COUNTS, tiny, train_preempted_at
 from tests.test_loader import write_resize_output
 from tests.test_pretrained import count_downloads, serve_weights
 
@@ -128,18 +128,8 @@ def test_resume_across_the_unfreeze_epoch_gives_the_same_weights(data, tmp_path,
     cfg = tiny(epochs=3, deterministic=True, max_steps_per_epoch=3, freeze_backbone_epochs=2, backbone_lr_mult=0.5)
     train(data, "file://" + str(tmp_path / "straight"), cfg)
 
-    real = train_mod.train_one_epoch
-
-    def preempted(run, epoch):
-        if epoch == interrupted_at:
-            raise KeyboardInterrupt("node preempted")
-        return real(run, epoch)
-
     resumed = "file://" + str(tmp_path / "resumed")
-    monkeypatch.setattr(train_mod, "train_one_epoch", preempted)
-    with pytest.raises(KeyboardInterrupt):
-        train(data, resumed, cfg)
-    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    train_preempted_at(interrupted_at, data, resumed, cfg, monkeypatch)
     report = train(data, resumed, dataclasses.replace(cfg, resume=True))
     assert report.extra["resumed_from_epoch"] == interrupted_at
 
