@@ -33,6 +33,7 @@ repeats little work.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import multiprocessing
@@ -736,6 +737,21 @@ def _without(task: _Task, member: str | None) -> _Task:
     return replace(task, rows=task.rows - 1, skip=task.skip | {member})
 
 
+@contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Keeps the collector off this process's objects while forked workers run.
+
+    Forked workers share the parent's pages until something writes to them, and a
+    collection in a worker writes to every tracked object it inherited (measured: 0.12 s
+    of a 2.4 s decode pass on 2 cores). The objects are collectable again afterwards.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _run_pool(
     tasks: Sequence[_Task],
     task_args: Callable[[_Task], tuple],
@@ -751,7 +767,7 @@ def _run_pool(
         The tasks left unfinished because a worker died (all that were not done by then).
     """
     unfinished: list[_Task] = []
-    with ProcessPoolExecutor(
+    with _frozen_heap(), ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)),
         mp_context=ctx,
         initializer=_init_worker,
@@ -896,6 +912,30 @@ def _row_group_size(table: pa.Table, cfg: CleanConfig) -> int:
     return max(1, min(cfg.row_group_rows, max(8, cfg.row_group_bytes // mean_bytes)))
 
 
+class _RowGather:
+    """Rows of a memory-mapped table in any order, as zero-copy one-row slices.
+
+    Gathering rows into new arrays (``Table.take``) copies every image, and on a chunked
+    table Arrow first concatenates the whole column, once per call: two full copies of a
+    shard into freshly faulted memory, the largest cost of the write pass. The Parquet
+    writer copies each slice into its pages anyway, so the rows are handed to it in place.
+    Every row group is built the same way, from one-row slices, so the file's bytes depend
+    only on its rows, not on how the spill files were chunked.
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        self._batches = table.to_batches()
+        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
+
+    def table(self, rows: np.ndarray, schema: pa.Schema) -> pa.Table:
+        """The rows at positions ``rows``, in that order, as a table of ``schema``."""
+        rows = rows.astype(np.int64)  # sort_indices gives uint64, which mixes with int64 as float
+        batch_of = np.searchsorted(self._starts, rows, side="right") - 1
+        offsets = rows - self._starts[batch_of]
+        slices = [self._batches[b].slice(o, 1) for b, o in zip(batch_of.tolist(), offsets.tolist())]
+        return pa.Table.from_batches(slices, schema=schema)
+
+
 def _write_shards(
     bucket_dir: Path,
     kept_per_shard: dict[int, int],
@@ -922,19 +962,15 @@ def _write_shards(
         by_order = pc.sort_indices(table.column("order")).to_numpy()
         labels = label_map[table.column("label").to_numpy()[by_order]]
         start, group = offsets[shard], _row_group_size(table, cfg)
-        # Row group by row group: one group's pixels are copied at a time, and the allocator
-        # reuses that memory for the next instead of faulting in the whole shard again.
+        rows_in_order = _RowGather(table)
+        order_at, label_at = schema.get_field_index("order"), schema.get_field_index("label")
         with out.parquet_file(f"part-{part:05d}.parquet", schema) as sink:
             for first in range(0, table.num_rows, group):
                 rows = by_order[first : first + group]
-                chunk = table.take(rows)
-                chunk = chunk.set_column(
-                    chunk.schema.get_field_index("order"), "order", pa.array(np.arange(start + first, start + first + len(rows)))
-                )
-                chunk = chunk.set_column(
-                    chunk.schema.get_field_index("label"), "label", pa.array(labels[first : first + group], contract.LABEL_FIELD.type)
-                )
-                sink.write(chunk.cast(schema), row_group_size=len(rows))
+                chunk = rows_in_order.table(rows, schema)
+                chunk = chunk.set_column(order_at, schema.field(order_at), pa.array(np.arange(start + first, start + first + len(rows))))
+                chunk = chunk.set_column(label_at, schema.field(label_at), pa.array(labels[first : first + group], contract.LABEL_FIELD.type))
+                sink.write(chunk, row_group_size=len(rows))
 
     shards = sorted(s for s, n in kept_per_shard.items() if n)
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(shards)))) as pool:
