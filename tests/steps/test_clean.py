@@ -381,7 +381,10 @@ def test_pool_workers_exit_when_clean_is_killed(tmp_path, backend, request):
     import time
 
     root = "file://" + str(tmp_path / "store") if backend == "file" else request.getfixturevalue("s3_bucket") + "/kill"
-    members = {f"images/Abyssinian_{i}.jpg": f.jpeg(640, 480, seed=i) for i in range(400)}
+    # Seconds of decoding after the pool starts, however fast the rest of the step gets:
+    # exact copies are rejected only after their full decode, so few pictures suffice.
+    pictures = [f.jpeg(640, 480, seed=i) for i in range(8)]
+    members = {f"images/Abyssinian_{i}.jpg": pictures[i % 8] for i in range(1000)}
     source = write_download_output(f"{root}/download", members, row_group_rows=8, shards=4)
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgpipe.cli", "clean", source, f"{root}/clean", "--workers", "2"],

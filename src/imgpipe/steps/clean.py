@@ -693,7 +693,7 @@ def _validate_all(
                 bar.update(task.rows)
             return [r for i in sorted(results) for r in results[i]], next_index
         ctx = _pool_context(uri for t in tasks for uri, _ in t.units)
-        load_decoders()  # forked workers inherit the plugins instead of each importing them
+        _import_before_fork()
         pending, barren = list(tasks), 0
         watch = _Watch(bucket_dir, cfg.image_timeout_s)
         while pending := _run_pool(pending, task_args, pool.workers, ctx, results, bar, watch):
@@ -735,6 +735,19 @@ def _without(task: _Task, member: str | None) -> _Task:
     if member is None:
         return task
     return replace(task, rows=task.rows - 1, skip=task.skip | {member})
+
+
+def _import_before_fork() -> None:
+    """Does here, once, the imports that every forked worker would otherwise do on first use.
+
+    Pillow loads its format plugins on the first open. pyarrow imports pandas, when it is
+    installed, the first time it builds an array from Python values (to recognize pandas
+    types): 0.3 s of CPU per process on this machine, paid by each worker on its first
+    spill write. (The step's images do not install pandas; a development environment with
+    Ray Data does.)
+    """
+    load_decoders()
+    pa.array([0])
 
 
 @contextlib.contextmanager
