@@ -285,6 +285,20 @@ def voc_xml(name: str, width: int, height: int, box: tuple[int, int, int, int]) 
     ).encode()
 
 
+def test_forkserver_preload_does_the_pre_fork_imports():
+    """S3 inputs fork workers from a server: its preload must leave them what fork workers inherit."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, imgpipe.steps._clean_forkserver; "
+        "print('PIL.JpegImagePlugin' in sys.modules, 'pandas' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out == ["True", str(importlib.util.find_spec("pandas") is not None)]
+
+
 def test_head_boxes_from_annotations(tmp_path):
     members = good_members(2)  # Bengal_1 is 84x64
     src = write_download_output(str(tmp_path / "dl"), members)

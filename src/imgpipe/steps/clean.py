@@ -655,7 +655,8 @@ def _pool_context(uris: Iterable[str]) -> multiprocessing.context.BaseContext:
     if all(uri.startswith("file://") for uri in uris):
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    # The server imports this module and runs import_before_fork once for all its workers.
+    ctx.set_forkserver_preload([f"{__package__}._clean_forkserver"])
     return ctx
 
 
@@ -693,7 +694,7 @@ def _validate_all(
                 bar.update(task.rows)
             return [r for i in sorted(results) for r in results[i]], next_index
         ctx = _pool_context(uri for t in tasks for uri, _ in t.units)
-        _import_before_fork()
+        import_before_fork()
         pending, barren = list(tasks), 0
         watch = _Watch(bucket_dir, cfg.image_timeout_s)
         while pending := _run_pool(pending, task_args, pool.workers, ctx, results, bar, watch):
@@ -737,8 +738,11 @@ def _without(task: _Task, member: str | None) -> _Task:
     return replace(task, rows=task.rows - 1, skip=task.skip | {member})
 
 
-def _import_before_fork() -> None:
+def import_before_fork() -> None:
     """Does here, once, the imports that every forked worker would otherwise do on first use.
+
+    Called in the step before a fork pool starts, and in the forkserver (S3 inputs) by
+    importing :mod:`imgpipe.steps._clean_forkserver`.
 
     Pillow loads its format plugins on the first open. pyarrow imports pandas, when it is
     installed, the first time it builds an array from Python values (to recognize pandas
