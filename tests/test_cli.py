@@ -4,17 +4,54 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
 from imgpipe import contract, kfp_artifacts, storage
-from imgpipe.cli import build_parser, main
+from imgpipe.cli import _command_named, build_parser, main
 
 
 def test_parser_is_reusable():
     parser = build_parser(add_help=False)
     args = parser.parse_args(["clean", "a", "b", "--split", "0.7,0.2,0.1", "--set", "seed=4"])
     assert args.command == "clean" and args.split == "0.7,0.2,0.1" and args.overrides == ["seed=4"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["synth", "out", "--classes", "3", "--off-centre"],
+        ["download", "a", "b", "dest", "--sha256", "0" * 64],
+        ["clean", "a", "b", "--workers", "2", "--set", "seed=4", "--json"],
+        ["resize", "a", "b", "--op", "grayscale", "--mode", "pad", "--run-id", "r1"],
+        ["train", "a", "b", "--epochs", "2", "--workers", "3"],
+        ["show", "uri", "--rows", "3"],
+    ],
+)
+def test_a_command_parses_as_with_every_flag_built(argv):
+    for prefix in ([], ["-v"], ["--s3-endpoint", "http://127.0.0.1:9"], ["--s3", "http://127.0.0.1:9"]):
+        words = prefix + argv
+        assert _command_named(words) == argv[0]
+        assert build_parser(only=_command_named(words)).parse_args(words) == build_parser().parse_args(words)
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["bogus", "x"], ["--s3-endpoint"], ["-v", "--version"]])
+def test_no_command_named_builds_every_flag(argv):
+    assert _command_named(argv) is None
+
+
+def test_a_step_command_imports_only_its_step():
+    # A fresh interpreter: this one has imported everything already.
+    code = (
+        "import sys\n"
+        "from imgpipe.cli import _command_named, build_parser\n"
+        "build_parser(only=_command_named(['clean', 'a', 'b'])).parse_args(['clean', 'a', 'b'])\n"
+        "print(sorted(m for m in ('requests', 'imgpipe.steps.download', 'imgpipe.ray_jobs', 'torch', 'ray') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_synth_download_clean_commands(tmp_path, capsys):

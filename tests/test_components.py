@@ -13,6 +13,8 @@ import ast
 import inspect
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +258,14 @@ def test_incremental_runs_resolve_latest(tmp_path):
     assert kfp_artifacts.resolve_previous(root, prev) == prev
 
     assert CleanConfig(skip_hashes_from=prev).skip_hashes_from == prev, "the component passes it straight on"
+
+
+def test_a_component_process_skips_the_collection_at_exit():
+    # The components import kfp_artifacts first; a fresh interpreter sees its exit handler.
+    code = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "import imgpipe.kfp_artifacts\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "frozen at exit: True"

@@ -1,4 +1,4 @@
-"""resources: the CPU budget and memory limit under cgroup v1 and v2, and workers that die with their parent."""
+"""resources: the CPU budget and memory limit under cgroup v1 and v2, workers that die with their parent, the exit."""
 
 from __future__ import annotations
 
@@ -175,3 +175,17 @@ def test_a_reaped_block_leaves_what_ran_before_it_alone():
     finally:
         earlier.kill()
         earlier.wait()
+
+
+def test_skipping_the_exit_collection_waits_for_the_exit():
+    # In a fresh interpreter: a handler registered before runs after it (exit handlers run
+    # last in, first out), so it sees the heap frozen; until then nothing is.
+    code = (
+        "import atexit, gc\n"
+        "from imgpipe import resources\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "resources.skip_collection_at_exit(); resources.skip_collection_at_exit()\n"
+        "print('frozen now:', gc.get_freeze_count() > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["frozen now: False", "frozen at exit: True"]

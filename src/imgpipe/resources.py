@@ -10,6 +10,8 @@ step divides among its workers.
 
 :func:`die_with_parent` makes a worker process end when the process that started it
 dies, even by ``kill -9``: a pool worker must never outlive the step it works for.
+:func:`skip_collection_at_exit` spares a step process the collector's passes over its
+whole heap on the way out.
 :func:`reaped_with_me` does the same for processes this one does not start directly (a
 local Ray's daemons, agents and workers): a small reaper process kills them once this
 process is gone.
@@ -17,8 +19,10 @@ process is gone.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import gc
 import math
 import os
 import signal
@@ -42,6 +46,7 @@ __all__ = [
     "process_table",
     "boot_ticks",
     "free_port",
+    "skip_collection_at_exit",
 ]
 
 # Names the processes a reaper ends: set in this process's environment, inherited by all
@@ -129,6 +134,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def skip_collection_at_exit() -> None:
+    """Lets this process end without the collector walking every object it still holds.
+
+    Python's finalization collects garbage several times while it tears the modules down,
+    and each pass visits every tracked object: 0.18–0.27 s of a cold ``imgpipe clean``
+    on 2 cores (``perf``: all in ``gc_collect_main``), for memory the kernel frees anyway.
+    Freezing the heap from an exit handler moves it out of the collector's view only once
+    the process is ending, so calling this from code that goes on running (a test, a
+    notebook) changes nothing until that process exits. Exit handlers, stream flushes and
+    the modules' teardown still run; only garbage in reference cycles is left unfinalized,
+    which is why the steps close their files and commit before they return.
+    """
+    atexit.unregister(gc.freeze)  # one registration however often it is called
+    atexit.register(gc.freeze)
 
 
 def die_with_parent(owner: int | None = None, sig: int = signal.SIGKILL) -> bool:
