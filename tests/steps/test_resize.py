@@ -8,7 +8,10 @@ to the machine's external interface otherwise.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +29,7 @@ from imgpipe.steps.resize import (
     OUTPUT_COLUMNS,
     ResizeConfig,
     _data_context,
+    _shut_down_local_ray,
     list_row_groups,
     output_schema,
     read_pixels,
@@ -446,3 +450,31 @@ def test_whole_train_split_jpeg_and_rejects(ray_session, tmp_path):
         source_size = Image.open(io.BytesIO(good[row["path"]])).size
         expected = plan_geometry(*source_size, cfg.spec_for(row["split"])).out_size
         assert img.size == expected and (row["split"] == "train") == (img.size != (SIZE, SIZE))
+
+
+@pytest.mark.ray
+def test_a_local_ray_it_started_is_shut_down_with_its_monitor_killed_first():
+    # A fresh interpreter: the step starts its own local Ray only where none runs. When
+    # ray.shutdown() begins, the monitor must be dead already (it ignores the SIGTERM that
+    # shutdown would send it, and would hold the step for a second).
+    code = (
+        "import ray\n"
+        "from imgpipe.steps.resize import ResizeConfig, _ray_session\n"
+        "shutdown = ray.shutdown\n"
+        "def watched():\n"
+        "    print('monitor at shutdown:', monitor.wait(timeout=5))\n"
+        "    shutdown()\n"
+        "with _ray_session(ResizeConfig()) as r:\n"
+        "    processes = r._private.worker._global_node.all_processes\n"
+        "    monitor, raylet = processes['monitor'][0].process, processes['raylet'][0].process\n"
+        "    ray.shutdown = watched\n"
+        "print('raylet stopped:', raylet.poll() is not None, 'initialized:', ray.is_initialized())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.strip().split("\n") == ["monitor at shutdown: -9", "raylet stopped: True initialized: False"], out
+
+
+def test_shutting_down_falls_back_to_a_plain_shutdown_without_rays_internals():
+    calls = []
+    _shut_down_local_ray(SimpleNamespace(shutdown=lambda: calls.append("shutdown")))
+    assert calls == ["shutdown"]
