@@ -189,3 +189,33 @@ def test_skipping_the_exit_collection_waits_for_the_exit():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["frozen now: False", "frozen at exit: True"]
+
+
+def _in_own_pid_namespace(code: str) -> subprocess.CompletedProcess:
+    """Runs ``code`` as pid 1 of a new pid namespace, as a container's main process runs."""
+    try:
+        return subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+            capture_output=True, text=True, timeout=120,
+        )
+    except FileNotFoundError:
+        pytest.skip("needs unshare (util-linux)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_worker_of_a_step_running_as_pid_1_lives():
+    # A container's main process is pid 1; its workers' parent is then pid 1, alive.
+    code = (
+        "import os, time\n"
+        "from imgpipe.resources import die_with_parent\n"
+        "assert os.getpid() == 1\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    die_with_parent(owner=1)\n"
+        "    os._exit(7)\n"
+        "print('worker exit', os.waitpid(pid, 0)[1] >> 8)\n"
+    )
+    result = _in_own_pid_namespace(code)
+    if result.returncode and "Operation not permitted" in result.stderr:
+        pytest.skip("creating a pid namespace needs privileges here")
+    assert result.stdout.strip() == "worker exit 7", result.stderr

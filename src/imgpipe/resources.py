@@ -160,7 +160,8 @@ def die_with_parent(owner: int | None = None, sig: int = signal.SIGKILL) -> bool
     workers are forked by the forkserver, which only exits once no worker holds its
     "alive" pipe: the workers would wait for it and it for them. So pass ``owner``, the
     step's own pid: a thread waits on a pidfd of it, readable when it exits (a zombie
-    included), and ends this process then.
+    included), and ends this process then. ``owner`` also covers a parent that died
+    before this call, which no signal would then report.
 
     Returns:
         Whether the request was made (``False`` off Linux).
@@ -170,9 +171,11 @@ def die_with_parent(owner: int | None = None, sig: int = signal.SIGKILL) -> bool
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         return False
-    # The parent may have died between fork and prctl: then no signal would ever come.
-    if os.getppid() == 1:
-        os.kill(os.getpid(), sig)
+    # The owner may have died between fork and prctl, and then no signal would ever come:
+    # a parent pid other than the owner's sends this process to watch it, which ends the
+    # process at once if the owner is gone. Only a known pid tells a dead parent from a
+    # live one: a step that runs as its container's main process is pid 1, and so is its
+    # workers' parent (testing for a parent pid of 1 killed every worker there).
     if owner is not None and owner != os.getppid():
         _watch(owner, sig)
     return True

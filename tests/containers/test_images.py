@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from imgpipe.containers import build
@@ -79,3 +81,17 @@ def test_a_failed_build_shows_the_failing_instruction_and_its_output(engine, bui
     assert "building the cpu image" in message and "STEP" in message.upper()
     assert "tomllib" in message or "TOMLDecodeError" in message, message
     assert "Traceback" not in message.split("\n", 1)[0]
+
+
+def test_a_step_runs_as_the_containers_main_process(engine, built_images):
+    # `docker run IMAGE imgpipe clean ...` makes the step pid 1, and its workers' parent pid 1.
+    script = (
+        "set -e; cd /tmp; imgpipe synth file:///tmp/s --classes 2 --per-class 6 >/dev/null 2>&1; "
+        "imgpipe download /tmp/s/images.tar.gz file:///tmp/d >/dev/null 2>&1; "
+        "echo pid $$; exec imgpipe clean file:///tmp/d file:///tmp/c --workers 2 2>/dev/null"
+    )
+    out = _run(engine, built_images.cpu, script)
+    counts = re.search(r"^clean: (\d+) in -> (\d+) out, (\d+) rejected", out, re.M)
+    assert out.startswith("pid 1\n") and counts, out
+    inputs, outputs, rejected = map(int, counts.groups())
+    assert outputs >= 2 * 6 - 2 and inputs == outputs + rejected, out
