@@ -9,7 +9,7 @@ Two figures for clean, both as ratios to the floor of the same repeat:
 * **cold**: ``imgpipe clean SOURCE DEST`` in a fresh process, timed from outside, as a
   Kubeflow pod or the CLI runs it: interpreter start, imports, the decode pool's start,
   the first read of every file, the writes and the commit;
-* **cold, without pandas**: the same with pandas hidden from the process, as in the
+* **cold, pandas hidden**: the same with pandas hidden from the process, as in the
   ``imgpipe-cpu`` image a pod runs (it does not install pandas; this venv has it through
   Ray Data, and pyarrow imports it, 0.3 s, the first time it builds an array);
 * **warm**: :func:`imgpipe.steps.clean.clean` called again in this process (imports done,
