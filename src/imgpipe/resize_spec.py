@@ -395,7 +395,7 @@ class ResizeConfig:
         concurrency: Resize tasks running at once; 0 means one per cluster CPU. Each
             task asks for ``TASK_CPUS`` (0.9) of a CPU, so a pool as large as the CPU
             count still leaves headroom for Ray Data's own tasks and cannot deadlock
-            them (there are no separate read tasks: each task reads its row group).
+            them (there are no separate read tasks: each task reads its own row groups).
         rows_per_shard: Rows per output Parquet file (per split).
         row_group_rows: Rows per Parquet row group (the unit the loader reads).
         progress_bars: Ray Data's progress bars (off: pod logs are not terminals).

@@ -38,6 +38,7 @@ from imgpipe.steps.resize import (
     resize_row_groups,
     table_to_batch,
     task_arguments,
+    task_count,
 )
 from tests import imagefactory as f
 from tests.helpers import write_download_output
@@ -164,6 +165,38 @@ def test_resize_row_groups_reads_every_row_group_in_order_without_ray(tmp_path):
     clean_rows = pa.concat_tables([read_table(u) for u in contract.data_files(source)])
     assert got == clean_rows.column("path").to_pylist()
     assert all(r == "" for b in batches for r in b["error_reason"].tolist())
+
+
+def test_list_row_groups_measures_each_group(tmp_path):
+    source = build_clean("file://" + str(tmp_path))
+    items = list_row_groups(contract.data_files(source))
+    for item in items:
+        with open(item["file"].removeprefix("file://"), "rb") as fh:
+            group = pq.ParquetFile(fh).metadata.row_group(item["row_group"])
+            assert (item["rows"], item["bytes"]) == (group.num_rows, group.total_byte_size) and item["bytes"] > 0
+
+
+def _groups(n, size=1000):
+    return [{"file": "f", "row_group": i, "rows": 10, "bytes": size} for i in range(n)]
+
+
+def test_task_count_gives_each_slot_several_runs_of_row_groups():
+    from imgpipe.steps import resize as step
+
+    slots = 2
+    assert task_count(_groups(3), slots) == 3  # fewer groups than wanted tasks: one each
+    assert task_count(_groups(24), slots) == slots * step.TASKS_PER_SLOT
+    assert task_count(_groups(10_000), 50) == 50 * step.TASKS_PER_SLOT
+    assert task_count([], slots) == 1
+
+
+def test_task_count_caps_the_input_of_one_task():
+    from imgpipe.steps import resize as step
+
+    groups = _groups(1000, size=step.MAX_TASK_BYTES // 10)  # 100 tasks' worth at the cap
+    assert task_count(groups, 2) == 100
+    with pytest.raises(ValueError, match="slots"):
+        task_count(groups, 0)
 
 
 def test_bbox_column_reaches_roi_crop_without_ray(tmp_path):

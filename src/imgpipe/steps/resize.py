@@ -2,7 +2,8 @@
 
 Reads a committed clean output and runs :func:`imgpipe.resize_ops.resize_batch` over
 it with ``Dataset.map_batches``: one work item per Parquet row group of the files the
-manifest lists, read inside Ray tasks (``concurrency`` at a time) through the
+manifest lists, runs of neighbouring items per task (:func:`task_count`), read inside
+Ray tasks (``concurrency`` at a time) through the
 ``pyarrow.fs`` file system :mod:`imgpipe.storage` builds, so ``file://`` and ``s3://``
 sources work alike. Results stream back to the driver with ``iter_batches`` and are
 written through :class:`~imgpipe.contract.OutputWriter`, so the output keeps the same
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -70,6 +72,7 @@ __all__ = [
     "output_schema",
     "read_pixels",
     "list_row_groups",
+    "task_count",
     "read_row_group",
     "table_to_batch",
     "resize_row_groups",
@@ -211,7 +214,8 @@ def _task_concurrency(ray: Any, cfg: ResizeConfig) -> int:
 def list_row_groups(files: Sequence[str]) -> list[dict[str, Any]]:
     """One work item per Parquet row group of ``files``, in file order.
 
-    Items are ``{"file": URI, "row_group", "rows"}``: plain data. A task builds its own
+    Items are ``{"file": URI, "row_group", "rows", "bytes"}`` (``bytes``: the group's
+    uncompressed size, the measure of its work): plain data. A task builds its own
     file system from the URI (:func:`resize_row_groups`), so no credential travels in
     a task's arguments: workers read with the credentials of their own environment.
     """
@@ -220,8 +224,39 @@ def list_row_groups(files: Sequence[str]) -> list[dict[str, Any]]:
         fs, path = storage.arrow_filesystem(uri)
         with fs.open_input_file(path) as fh:
             meta = pq.ParquetFile(fh).metadata
-        items.extend({"file": uri, "row_group": rg, "rows": meta.row_group(rg).num_rows} for rg in range(meta.num_row_groups))
+        items.extend(
+            {"file": uri, "row_group": rg, "rows": meta.row_group(rg).num_rows, "bytes": meta.row_group(rg).total_byte_size}
+            for rg in range(meta.num_row_groups)
+        )
     return items
+
+
+# Ray Data's executor sees that a task has finished only at its next ray.wait() round, up to
+# 0.1 s later (ray 2.60.0, python/ray/data/_internal/execution/streaming_executor_state.py,
+# WAIT_FOR_TASK_COMPLETION_TIMEOUT_S), and every task opens its file first. With one task per
+# row group of clean's default 128 rows, the CPUs sat idle for about a third of the run on
+# 2 cores (docs/benchmarks.md). So a task takes a run of neighbouring row groups: still
+# TASKS_PER_SLOT tasks per concurrent slot, which keeps the last round short, and about
+# MAX_TASK_BYTES of input at most, so that a retried task redoes little.
+TASKS_PER_SLOT = 4
+MAX_TASK_BYTES = 256 * 1024 * 1024
+
+
+def task_count(items: Sequence[Mapping[str, Any]], slots: int) -> int:
+    """How many Ray tasks share ``items`` (:func:`list_row_groups`) among ``slots`` at once.
+
+    Returns:
+        At least one task, at most one per row group: ``TASKS_PER_SLOT`` per slot, or
+        more where the input exceeds ``MAX_TASK_BYTES`` per task.
+
+    Raises:
+        ValueError: If ``slots`` is below 1.
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be at least 1, got {slots}")
+    total = sum(int(item["bytes"]) for item in items)
+    wanted = max(slots * TASKS_PER_SLOT, math.ceil(total / MAX_TASK_BYTES))
+    return max(1, min(len(items), wanted))
 
 
 def read_row_group(filesystem: Any, path: str, row_group: int) -> pa.Table:
@@ -301,13 +336,16 @@ def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[A
     # 'HTTPFileSystem'", which Ray's `except ModuleNotFoundError` misses (see
     # ray/data/datasource/path_util.py::_is_http_filesystem). It failed one S3 run in
     # three here. Reading row groups ourselves also fixes the order by the manifest.
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    slots = _task_concurrency(ray, cfg)
+    # from_items cuts the list into contiguous blocks, and batch_size=None hands each task
+    # its whole block: one task per run of neighbouring row groups, in order.
+    ds = ray.data.from_items(items, override_num_blocks=task_count(items, slots))
     ds = ds.map_batches(
         resize_row_groups,
         fn_kwargs=task_arguments(cfg),
-        batch_size=1,
+        batch_size=None,
         batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=_task_concurrency(ray, cfg)),
+        compute=ray.data.TaskPoolStrategy(size=slots),
         num_cpus=TASK_CPUS,
     )
     return ds, sum(item["rows"] for item in items)
