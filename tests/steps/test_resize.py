@@ -30,6 +30,7 @@ from imgpipe.steps.resize import (
     ResizeConfig,
     _data_context,
     _shut_down_local_ray,
+    _warm_worker,
     list_row_groups,
     output_schema,
     read_pixels,
@@ -505,6 +506,25 @@ def test_a_local_ray_it_started_is_shut_down_with_its_monitor_killed_first():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.strip().split("\n") == ["monitor at shutdown: -9", "raylet stopped: True initialized: False"], out
+
+
+def test_warm_worker_imports_what_the_resize_tasks_need():
+    _warm_worker()  # an import that fails here would fail in every worker
+
+
+@pytest.mark.ray
+def test_a_local_ray_it_started_has_its_task_workers_warmed():
+    # Tasks that run after the step's own start-up find Ray Data and OpenCV imported:
+    # Ray reuses the workers that ran the warm-up tasks.
+    code = (
+        "import sys\n"
+        "from imgpipe.steps.resize import TASK_CPUS, ResizeConfig, _ray_session\n"
+        "with _ray_session(ResizeConfig()) as r:\n"
+        "    probe = r.remote(num_cpus=TASK_CPUS)(lambda: 'imgpipe.resize_ops' in sys.modules)\n"
+        "    print('warm:', r.get([probe.remote() for _ in range(2)]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.strip() == "warm: [True, True]", out
 
 
 def test_shutting_down_falls_back_to_a_plain_shutdown_without_rays_internals():
