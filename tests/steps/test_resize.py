@@ -30,6 +30,8 @@ from imgpipe.steps.resize import (
     ResizeConfig,
     _data_context,
     _shut_down_local_ray,
+    _split_results,
+    _SplitWriter,
     _warm_worker,
     list_row_groups,
     output_schema,
@@ -221,6 +223,43 @@ def test_bbox_column_reaches_roi_crop_without_ray(tmp_path):
     out = resize_batch(batch, ResizeSpec(size=8, mode="fixed", ops=("roi_crop",)))
     left, whole = (np.frombuffer(p, np.uint8).reshape(8, 8, 3) for p in out["pixels"])
     assert left[:, :, 2].max() < 5 and whole[:, :, 2].max() > 250
+
+
+def _result_batch(splits, errors):
+    n = len(splits)
+    schema = output_schema("raw", ["cat"])
+    columns = {
+        "path": [f"p{i}.jpg" for i in range(n)], "label": pa.array([0] * n, pa.int32()), "label_name": ["cat"] * n,
+        "split": splits, "order": pa.array(range(n), pa.int64()), "sha256": ["0" * 64] * n,
+        "height": pa.array([1] * n, pa.int32()), "width": pa.array([1] * n, pa.int32()),
+        "channels": pa.array([1] * n, pa.int32()), "pixels": [bytes([i]) for i in range(n)],
+        "error_reason": errors, "error_detail": ["why" if e else "" for e in errors], "_ray_node": ["n"] * n,
+    }  # fmt: skip
+    return pa.table(columns), schema
+
+
+def test_results_split_into_good_rows_and_rejects_without_ray():
+    table, schema = _result_batch(["train"] * 3, ["", "undecodable", ""])
+    good, rejects = _split_results(table, schema)
+    assert good.schema == schema and good.column("path").to_pylist() == ["p0.jpg", "p2.jpg"]
+    assert [(r.path, r.reason, r.detail) for r in rejects] == [("p1.jpg", "undecodable", "why")]
+    clean_batch, _ = _result_batch(["train"] * 3, [""] * 3)
+    good, rejects = _split_results(clean_batch, schema)
+    assert good.schema == schema and good.num_rows == 3 and rejects == []
+    assert good.column("pixels").to_pylist() == clean_batch.column("pixels").to_pylist()
+
+
+def test_split_writer_files_each_split_of_a_mixed_batch_apart(tmp_path):
+    table, schema = _result_batch(["train", "val", "train", "test", "val"], [""] * 5)
+    good, _ = _split_results(table, schema)
+    out = OutputWriter(str(tmp_path / "out"), "resize")
+    out.begin()
+    with _SplitWriter(out, schema, rows_per_shard=10, row_group_rows=10) as sink:
+        sink.add(good.slice(0, 3))
+        sink.add(good.slice(3))
+    assert sink.written == {"train": 2, "val": 2, "test": 1}
+    for split, paths in {"train": ["p0.jpg", "p2.jpg"], "val": ["p1.jpg", "p4.jpg"], "test": ["p3.jpg"]}.items():
+        assert pq.read_table(tmp_path / "out" / split / "part-00000.parquet").column("path").to_pylist() == paths
 
 
 def test_data_context_is_set_for_the_run_and_restored():

@@ -437,10 +437,12 @@ class _SplitWriter:
     def add(self, table: pa.Table) -> None:
         """Queues rows (of any splits) and writes every full row group."""
         splits = table.column("split")
-        for split in pc.unique(splits).to_pylist():
+        names = pc.unique(splits).to_pylist()
+        for split in names:
             if not isinstance(split, str) or not _SAFE_NAME.fullmatch(split) or split in (".", ".."):
                 raise ValueError(f"split value {split!r} cannot name an output folder")
-            part = table.filter(pc.equal(splits, split))
+            # Clean writes one split per file, so a batch is normally one split: no copy.
+            part = table if len(names) == 1 else table.filter(pc.equal(splits, split))
             stream = self.streams.setdefault(split, _SplitStream(split))
             stream.pending.append(part)
             stream.pending_rows += part.num_rows
@@ -494,11 +496,13 @@ class _SplitWriter:
 def _split_results(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, list[Reject]]:
     """Separates good rows (cast to the output schema) from error rows (as rejects)."""
     failed = pc.not_equal(table.column("error_reason"), "")
+    if not pc.any(failed).as_py():  # the usual batch: keep its pixels where they are, no copy
+        return table.select(schema.names).cast(schema), []
     rejects = [
         Reject(path=r["path"], reason=r["error_reason"], detail=r["error_detail"] or "")
-        for r in table.filter(failed).select(["path", "error_reason", "error_detail"]).to_pylist()
+        for r in table.select(["path", "error_reason", "error_detail"]).filter(failed).to_pylist()
     ]
-    good = table.filter(pc.invert(failed)).select(schema.names)
+    good = table.select(schema.names).filter(pc.invert(failed))
     return good.cast(schema), rejects
 
 
