@@ -19,6 +19,10 @@ the tables report medians and the ratios between methods. Sets are real photogra
   at that scale, no resize), in a ``multiprocessing`` pool of all cores.
 * **process pool**: a plain ``multiprocessing.Pool`` of all cores mapping
   :func:`imgpipe.resize_ops.resize_image` over the bytes and returning the pixels.
+* **process-pool step**: the resize step's own work on a ``multiprocessing.Pool`` instead
+  of Ray (:func:`pool_step`): the same row groups, task body, driver loop (rejects, sorted
+  shards per split, hashed as written) and commit. It is the baseline for what Ray itself
+  costs, where the plain process pool above reads nothing and writes nothing.
 
 Ray runs are steady state in two senses, both reported: *warm* (Ray started once, every
 method run once untimed first, so start-up, imports and first-task warm-up are excluded,
@@ -29,7 +33,8 @@ arrival to the last). Pools are started and warmed outside the timing.
 Cold (``--cold``, what a pod pays): each set once more, each method in a fresh process timed
 from outside: ``imgpipe resize SOURCE DEST`` (imports, its own local Ray, the run, the commit)
 against a fresh process that reads the same clean output and maps ``resize_image`` over it in
-a ``multiprocessing.Pool`` (imports, pool start, reading, resizing). The fixed cost of each is
+a ``multiprocessing.Pool`` (imports, pool start, reading, resizing), and against a fresh
+process running the process-pool step (the same output, committed). The fixed cost of each is
 its cold time less ``images / steady rate`` (the steady rates measured above), i.e. what it
 pays before and around the work itself.
 
@@ -81,7 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import Photo, photo_set  # noqa: E402
 
 import imgpipe.steps.resize as resize_step  # noqa: E402
-from imgpipe import resize_ops  # noqa: E402
+from imgpipe import contract, resize_ops  # noqa: E402
 from imgpipe.contract import OutputWriter  # noqa: E402
 from imgpipe.resize_ops import (  # noqa: E402
     ResizeSpec,
@@ -267,6 +272,39 @@ def run_ours(source: str, dest: str, cfg: ResizeConfig, clock: Clock) -> int:
             f"resize rejected {report.rejected} bench images: {report.rejects_by_reason}"
         )
     return report.outputs
+
+
+def _pool_step_task(item: dict[str, Any]) -> list[pa.Table]:
+    """One row group through the step's own task body, in a pool process (see pool_step)."""
+    work = {"file": np.array([item["file"]], dtype=object), "row_group": np.array([item["row_group"]])}
+    batches = resize_step.resize_row_groups(work, **resize_step.task_arguments(ResizeConfig()))
+    return [pa.table(batch) for batch in batches]
+
+
+def pool_step(source: str, dest: str, pool: Any, clock: Clock) -> int:
+    """The resize step's work on a ``multiprocessing`` pool instead of Ray: the baseline for Ray.
+
+    The same row groups, task body (read, decode, resize), driver loop (good rows and
+    rejects, one sorted stream of shards per split, hashed as written) and commit as
+    :func:`imgpipe.steps.resize.resize` with the default config; only the executor differs.
+    """
+    cfg = ResizeConfig()
+    manifest = contract.read_manifest(source, expect_step="clean")
+    items = resize_step.list_row_groups(contract.data_files(source, manifest))
+    schema = resize_step.output_schema(cfg.format, manifest["extra"].get("classes"))
+    out = OutputWriter(dest, "resize")
+    out.begin()
+    rows, rejects = 0, []
+    with resize_step._SplitWriter(out, schema, cfg.rows_per_shard, cfg.row_group_rows) as sink:
+        for tables in pool.imap(_pool_step_task, items):
+            for table in tables:
+                clock.append((time.perf_counter(), table.num_rows))
+                good, bad = resize_step._split_results(table, schema)
+                sink.add(good)
+                rejects.extend(bad)
+                rows += good.num_rows
+    out.commit(inputs=sum(i["rows"] for i in items), rejects=rejects, config=cfg)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -554,12 +592,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-run", nargs=2, metavar=("SOURCE", "DEST"), help=argparse.SUPPRESS)
     parser.add_argument("--pool-run", nargs=2, metavar=("SOURCE", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--pool-step-run", nargs=3, metavar=("SOURCE", "DEST", "WORKERS"), help=argparse.SUPPRESS)
     return parser
 
 
 OURS = "ours: resize() step, default config"
 BASE_BYTES = "baseline: read_binary_files + PIL + torchvision"
 BASE_IMAGES = "baseline: read_images + torchvision"
+POOL_STEP = "process-pool step: the same step, Pool instead of Ray"
 
 
 def ours_all_cpus(workers: int) -> str:
@@ -611,6 +651,7 @@ def measure_set(
             source, dest, ResizeConfig(concurrency=args.workers), c
         ),
         BASE_BYTES: lambda c: run_baseline_bytes(ray, folder, blocks, rg_rows, c),
+        POOL_STEP: lambda c: pool_step(source, str(root / f"{s.label}-pool-step"), mp_pool, c),
     }
     if not args.no_read_images:
         ray_methods[BASE_IMAGES] = lambda c: run_baseline_read_images(ray, folder, blocks, c)
@@ -704,6 +745,7 @@ def summarize(
                 0.85 if large else None,
             )
             check(r, ours, pool_name(workers), f"ours ({tag}) / process pool", 0.85)
+            check(r, ours, POOL_STEP, f"ours ({tag}) / process-pool step", 0.85)
         check(
             r, pool_name(workers), floor_name(workers), "process pool / decode floor (no Ray)", None
         )
@@ -796,6 +838,7 @@ def measure_cold(root: Path, r: dict[str, Any], workers: int) -> dict[str, Any]:
     for name, cmd in (
         ("step", [sys.executable, "-m", "imgpipe.cli", "resize", source, dest]),
         ("pool", [sys.executable, __file__, "--pool-run", source, str(workers)]),
+        ("pool_step", [sys.executable, __file__, "--pool-step-run", source, dest, str(workers)]),
     ):
         shutil.rmtree(dest, ignore_errors=True)
         t0 = time.perf_counter()
@@ -805,7 +848,11 @@ def measure_cold(root: Path, r: dict[str, Any], workers: int) -> dict[str, Any]:
     steady_pool = r["methods"][pool_name(workers)]["img_s"]
     fixed_step = timings["step"] - r["images"] / steady_step
     fixed_pool = timings["pool"] - r["images"] / steady_pool
+    pool_step_rate = r["methods"][POOL_STEP]["img_s"]
+    fixed_pool_step = timings["pool_step"] - r["images"] / pool_step_rate
     return {
+        "pool_step_cold_s": timings["pool_step"], "pool_step_fixed_s": fixed_pool_step,
+        "fixed_over_pool_step_s": fixed_step - fixed_pool_step,
         "set": r["set"], "images": r["images"], "step_cold_s": timings["step"], "pool_cold_s": timings["pool"],
         "step_fixed_s": fixed_step, "pool_fixed_s": fixed_pool, "fixed_over_pool_s": fixed_step - fixed_pool,
         "steady_step_over_pool": steady_step / steady_pool, "cold_step_over_pool": timings["pool"] / timings["step"],
@@ -814,13 +861,14 @@ def measure_cold(root: Path, r: dict[str, Any], workers: int) -> dict[str, Any]:
 
 def print_cold(cold: list[dict[str, Any]]) -> None:
     print("\nCold, a fresh process each (as a pod runs it):\n")
-    print("| set | images | `imgpipe resize` cold s | pool cold s | step / pool speed, cold | step fixed cost s | pool fixed cost s | fixed cost over the pool s | step / pool, steady |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| set | images | `imgpipe resize` cold s | pool cold s | process-pool step cold s | step / pool speed, cold | step fixed cost s | pool fixed cost s | fixed cost over the pool s | fixed cost over the process-pool step s | step / pool, steady |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in cold:
         print(
-            f"| {c['set']} | {c['images']} | {c['step_cold_s']:.2f} | {c['pool_cold_s']:.2f} | {c['cold_step_over_pool']:.2f} "
-            f"| {c['step_fixed_s']:.2f} | {c['pool_fixed_s']:.2f} | **{c['fixed_over_pool_s']:.2f}** | **{c['steady_step_over_pool']:.2f}** |"
-        )
+            f"| {c['set']} | {c['images']} | {c['step_cold_s']:.2f} | {c['pool_cold_s']:.2f} | {c['pool_step_cold_s']:.2f} "
+            f"| {c['cold_step_over_pool']:.2f} | {c['step_fixed_s']:.2f} | {c['pool_fixed_s']:.2f} | **{c['fixed_over_pool_s']:.2f}** "
+            f"| **{c['fixed_over_pool_step_s']:.2f}** | **{c['steady_step_over_pool']:.2f}** |"
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -830,6 +878,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.pool_run:  # the child process of measure_cold
         print(pool_run(args.pool_run[0], int(args.pool_run[1])))
+        return 0
+    if args.pool_step_run:  # the child process of measure_cold
+        source, dest, workers = args.pool_step_run
+        with multiprocessing.get_context("fork").Pool(int(workers)) as pool:
+            print(pool_step(source, dest, pool, []))
         return 0
     sets = args.sets or [
         parse_set("0.2MP:300:516x388"),
