@@ -294,17 +294,11 @@ def pool_step(source: str, dest: str, pool: Any, clock: Clock) -> int:
     schema = resize_step.output_schema(cfg.format, manifest["extra"].get("classes"))
     out = OutputWriter(dest, "resize")
     out.begin()
-    rows, rejects = 0, []
-    with resize_step._SplitWriter(out, schema, cfg.rows_per_shard, cfg.row_group_rows) as sink:
-        for tables in pool.imap(_pool_step_task, items):
-            for table in tables:
-                clock.append((time.perf_counter(), table.num_rows))
-                good, bad = resize_step._split_results(table, schema)
-                sink.add(good)
-                rejects.extend(bad)
-                rows += good.num_rows
-    out.commit(inputs=sum(i["rows"] for i in items), rejects=rejects, config=cfg)
-    return rows
+    inputs = sum(i["rows"] for i in items)
+    batches = (table for tables in pool.imap(_pool_step_task, items) for table in tables)
+    with batch_clock(clock), resize_step._SplitWriter(out, schema, cfg.rows_per_shard, cfg.row_group_rows) as sink:
+        results = resize_step._write_results(batches, sink, schema, inputs)
+    return out.commit(inputs=inputs, rejects=results.rejects, config=cfg).outputs
 
 
 # ----------------------------------------------------------------------------------------

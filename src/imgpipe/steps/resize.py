@@ -48,7 +48,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -146,9 +146,10 @@ def _ray_session(cfg: ResizeConfig) -> Iterator[Any]:
             # Ray ties its daemons to this driver, but their children (agents, busy
             # workers) outlive a kill -9 of the step by minutes: a reaper ends them.
             stack.enter_context(resources.reaped_with_me())
-            ray.init(num_cpus=resources.available_cpus(), include_dashboard=False)
+            cpus = resources.available_cpus()
+            ray.init(num_cpus=cpus, include_dashboard=False)
             stack.callback(_shut_down_local_ray, ray)  # runs before the reaper is dismissed
-            _warm_workers(ray)
+            _warm_workers(ray, cpus)
         yield ray
 
 
@@ -159,8 +160,8 @@ def _warm_worker() -> None:
     from imgpipe import resize_ops  # noqa: F401
 
 
-def _warm_workers(ray: Any) -> None:
-    """Starts one :func:`_warm_worker` task per CPU of the local Ray just started, unwaited.
+def _warm_workers(ray: Any, cpus: int) -> None:
+    """Starts one :func:`_warm_worker` task per CPU (``cpus``) of the local Ray just started, unwaited.
 
     Ray Data's first execution gives the workers Ray pre-starts (one per CPU) to its two
     bookkeeping actors (``_StatsActor``, ``_AutoscalingCoordinatorActor``), so the resize
@@ -172,7 +173,7 @@ def _warm_workers(ray: Any) -> None:
     alternating runs each: median 8.10 s without, 7.70 s with (docs/benchmarks.md).
     """
     task = ray.remote(num_cpus=TASK_CPUS)(_warm_worker)
-    for _ in range(resources.available_cpus()):
+    for _ in range(cpus):
         task.remote()
 
 
@@ -496,14 +497,43 @@ class _SplitWriter:
 def _split_results(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, list[Reject]]:
     """Separates good rows (cast to the output schema) from error rows (as rejects)."""
     failed = pc.not_equal(table.column("error_reason"), "")
+    good = table.select(schema.names)
     if not pc.any(failed).as_py():  # the usual batch: keep its pixels where they are, no copy
-        return table.select(schema.names).cast(schema), []
+        return good.cast(schema), []
     rejects = [
         Reject(path=r["path"], reason=r["error_reason"], detail=r["error_detail"] or "")
         for r in table.select(["path", "error_reason", "error_detail"]).filter(failed).to_pylist()
     ]
-    good = table.select(schema.names).filter(pc.invert(failed))
-    return good.cast(schema), rejects
+    return good.filter(pc.invert(failed)).cast(schema), rejects
+
+
+@dataclass
+class _Results:
+    """What came back from the tasks, besides the rows written."""
+
+    rejects: list[Reject] = field(default_factory=list)
+    seen: int = 0
+    nodes: Counter[str] = field(default_factory=Counter)
+
+
+def _write_results(batches: Iterable[pa.Table], sink: _SplitWriter, schema: pa.Schema, inputs: int) -> _Results:
+    """Writes the good rows of every result batch to ``sink`` and collects the rejects.
+
+    The executor only supplies ``batches`` (Ray Data here; a process pool in
+    ``bench/resize.py``'s baseline), so the rest of the step is the same for both.
+    """
+    results = _Results()
+    next_log = 1000
+    for batch in batches:
+        results.nodes.update(batch.column(NODE_COLUMN).to_pylist())
+        good, bad = _split_results(batch, schema)
+        sink.add(good)
+        results.rejects.extend(bad)
+        results.seen += batch.num_rows
+        if results.seen >= next_log:
+            log.info("resize: %d/%d images", results.seen, inputs)
+            next_log = results.seen + max(1000, inputs // 10)
+    return results
 
 
 # ----------------------------------------------------------------------------------------
@@ -548,33 +578,23 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
     schema = output_schema(cfg.format, upstream_extra.get("classes") or None)
     out = OutputWriter(dest, "resize")
     out.begin()
-    rejects: list[Reject] = []
-    seen = 0
-    nodes: Counter[str] = Counter()
+    results = _Results()
     with _SplitWriter(out, schema, cfg.rows_per_shard, cfg.row_group_rows) as sink:
         if files:
             with _ray_session(cfg) as ray, _data_context(cfg):
                 ds, listed = _build_dataset(ray, files, cfg)
                 if listed != inputs:
                     raise ValueError(f"{source}: the manifest lists {inputs} rows but its files hold {listed}")
-                next_log = 1000
-                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                    nodes.update(batch.column(NODE_COLUMN).to_pylist())
-                    good, bad = _split_results(batch, schema)
-                    sink.add(good)
-                    rejects.extend(bad)
-                    seen += batch.num_rows
-                    if seen >= next_log:
-                        log.info("resize: %d/%d images", seen, inputs)
-                        next_log = seen + max(1000, inputs // 10)
-    phases.done("ray", rows=seen, rejected=len(rejects), files=len(files), ray_nodes=len(nodes))
+                batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+                results = _write_results(batches, sink, schema, inputs)
+    phases.done("ray", rows=results.seen, rejected=len(results.rejects), files=len(files), ray_nodes=len(results.nodes))
     labels_uri = storage.join(source, LABELS_FILE)
     if storage.exists(labels_uri):
         storage.write_bytes(out.uri(LABELS_FILE), storage.read_bytes(labels_uri))
     written = dict(sorted(sink.written.items()))
     report = out.commit(
         inputs=inputs,
-        rejects=rejects,
+        rejects=results.rejects,
         config=cfg,
         extra={
             "size": cfg.resolved_size,
@@ -590,9 +610,9 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: s
             "splits": written,
             "classes": upstream_extra.get("classes", []),
             "num_classes": upstream_extra.get("num_classes", 0),
-            "rows_returned": seen,
+            "rows_returned": results.seen,
             # Rows resized per Ray node: where the work ran (a multi-node cluster spreads it).
-            "ray_nodes": dict(sorted(nodes.items())),
+            "ray_nodes": dict(sorted(results.nodes.items())),
         },
         upstream={"source": source, "step": manifest.get("step"), "outputs": manifest.get("outputs")},
     )
