@@ -436,9 +436,7 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
     storage.delete(_dest_uri(dest, SUCCESS))
     kept = {_dest_uri(dest, name) for name in keep}
     if kept:
-        for obj in present:
-            if obj.uri not in kept:
-                storage.delete(obj.uri)
+        storage.delete_many([obj.uri for obj in present if obj.uri not in kept])
     elif present:
         storage.delete_prefix(dest)
     attempt = uuid.uuid4().hex

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -49,6 +50,7 @@ __all__ = [
     "write_bytes",
     "delete",
     "delete_prefix",
+    "delete_many",
     "download_file",
     "upload_file",
     "arrow_filesystem",
@@ -95,6 +97,12 @@ _arrow_filesystems: dict[tuple[Any, ...], Any] = {}
 # The environment an S3 file system is made from: another value makes another one.
 _ARROW_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 _clients_lock = threading.Lock()
+# (endpoint, bucket) pairs whose store answered a bulk DeleteObjects with AccessDenied.
+_bulk_delete_denied: set[tuple[str | None, str]] = set()
+_DENIED = ("AccessDenied", "403", "Forbidden")
+# Single-object deletes in flight at once when the bulk call is refused.
+DELETE_CONCURRENCY = 16
+_log = logging.getLogger(__name__)
 
 
 def configure_s3(**kwargs: Any) -> S3Options:
@@ -247,8 +255,12 @@ class Backend(ABC):
         """Deletes one object; absent objects are ignored."""
 
     @abstractmethod
+    def delete_many(self, uris: list[str]) -> int:
+        """Deletes these objects (absent ones are ignored); returns how many were asked for."""
+
     def delete_prefix(self, prefix: str) -> int:
         """Deletes every object below ``prefix``; returns how many."""
+        return self.delete_many([o.uri for o in self.list_objects(prefix)])
 
     @abstractmethod
     def arrow_path(self, uri: str) -> str:
@@ -342,6 +354,11 @@ class LocalBackend(Backend):
         count = sum(len(files) for _, _, files in os.walk(root))
         shutil.rmtree(root)
         return count
+
+    def delete_many(self, uris: list[str]) -> int:
+        for uri in uris:
+            self.delete(uri)
+        return len(uris)
 
     def arrow_path(self, uri: str) -> str:
         return str(self._path(uri))
@@ -464,17 +481,65 @@ class S3Backend(Backend):
         bucket, key = self._split(uri)
         self.client().delete_object(Bucket=bucket, Key=key)
 
-    def delete_prefix(self, prefix: str) -> int:
-        bucket, _ = self._split(prefix)
-        objects = self.list_objects(prefix)
-        for i in range(0, len(objects), 1000):
-            batch = [{"Key": self._split(o.uri)[1]} for o in objects[i : i + 1000]]
-            answer = self.client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    def delete_many(self, uris: list[str]) -> int:
+        """Bulk ``DeleteObjects`` where the store allows it, else one ``DeleteObject`` per key.
+
+        A per-prefix policy may grant deletes on keys but not the bulk call: SeaweedFS
+        before 4.33 (what Kubeflow Pipelines 2.15 and 2.16 install) authorizes ``POST
+        ?delete`` against the bucket, not the keys, so a profile's key for
+        ``mlpipeline/private/<namespace>/*`` gets ``AccessDenied`` for it while a single
+        delete of the same key passes (seaweedfs/seaweedfs 4.00
+        ``weed/s3api/s3api_server.go``, the ``?delete`` route behind ``iam.Auth`` with
+        ``ACTION_WRITE``; ``weed/s3api/auth_credentials.go``, the resource checked is the
+        request's bucket and object, empty for the bulk call). The first such answer is
+        remembered for the bucket, so a process asks once and then deletes key by key.
+        """
+        by_bucket: dict[str, list[str]] = {}
+        for uri in uris:
+            bucket, key = self._split(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            remaining = keys
+            if (_endpoint_url(), bucket) not in _bulk_delete_denied:
+                remaining = self._delete_in_bulk(bucket, keys)
+            if remaining:
+                self._delete_one_by_one(bucket, remaining)
+        return len(uris)
+
+    def _delete_in_bulk(self, bucket: str, keys: list[str]) -> list[str]:
+        """Deletes in batches of 1,000; returns the keys left when the bulk call is denied."""
+        from botocore.exceptions import ClientError
+
+        for i in range(0, len(keys), 1000):
+            batch = keys[i : i + 1000]
+            try:
+                answer = self.client().delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+            except ClientError as exc:
+                if _error_code(exc) not in _DENIED:
+                    raise
+                _bulk_delete_denied.add((_endpoint_url(), bucket))
+                _log.info(
+                    "s3://%s: the store refuses bulk deletes (%s); deleting %d object(s) one at a time",
+                    bucket, _error_code(exc), len(keys) - i,
+                )  # fmt: skip
+                return keys[i:]
             # DeleteObjects answers 200 even when keys fail; each failure is an entry in Errors.
             if answer.get("Errors"):
                 failed = ", ".join(f"{e.get('Key')} ({e.get('Code')}: {e.get('Message')})" for e in answer["Errors"][:5])
-                raise OSError(f"could not delete {len(answer['Errors'])} object(s) below {prefix}: {failed}")
-        return len(objects)
+                raise OSError(f"could not delete {len(answer['Errors'])} object(s) in s3://{bucket}: {failed}")
+        return []
+
+    def _delete_one_by_one(self, bucket: str, keys: list[str]) -> None:
+        """One ``DeleteObject`` per key, a bounded number at once (the client's connection pool)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        client = self.client()
+        workers = max(1, min(DELETE_CONCURRENCY, _s3_options.max_pool_connections, len(keys)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="imgpipe-delete") as pool:
+            for _ in pool.map(lambda k: client.delete_object(Bucket=bucket, Key=k), keys):
+                pass
 
     def download_file(self, uri: str, local_path: str | os.PathLike[str]) -> None:
         from botocore.exceptions import ClientError
@@ -521,6 +586,11 @@ class S3Backend(Backend):
             kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
         kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=_s3_options.max_attempts)
         return pafs.S3FileSystem(**kwargs)
+
+
+def _error_code(exc: Any) -> str:
+    """The S3 error code of a botocore ``ClientError`` (``AccessDenied``, ``NoSuchKey``, ...)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def boto3_credentials() -> Any:
@@ -583,6 +653,16 @@ def delete(uri: str) -> None:
 def delete_prefix(prefix: str) -> int:
     """Deletes all objects below ``prefix``; returns how many were deleted."""
     return get_backend(prefix).delete_prefix(normalize_uri(prefix))
+
+
+def delete_many(uris: list[str]) -> int:
+    """Deletes these objects (absent ones are ignored), in bulk where the store allows it."""
+    by_scheme: dict[str, list[str]] = {}
+    for uri in map(normalize_uri, uris):
+        by_scheme.setdefault(urlparse(uri).scheme, []).append(uri)
+    for scheme, group in by_scheme.items():
+        _BACKENDS[scheme].delete_many(group)
+    return sum(map(len, by_scheme.values()))
 
 
 def download_file(uri: str, local_path: str | os.PathLike[str]) -> None:

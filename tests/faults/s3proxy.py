@@ -13,6 +13,18 @@ test lets them go, which is how a test kills a step while it commits, or starts 
 second writer while the first one is committing.
 
 A request that repeats one that was faulted (same method and path) counts as a retry.
+
+In **policy mode** (``policy=PrefixPolicy(bucket, prefix)``) it also answers as
+SeaweedFS 4.00 does for a Kubeflow profile's key, whose identity may read, write,
+list and delete only below ``mlpipeline/private/<namespace>/`` (what KFP 2.15 and
+2.16 install: their profile controller, kubeflow/pipelines 2.15.0
+``manifests/kustomize/base/installs/multi-user/pipelines-profile-controller/sync.py``,
+makes one SeaweedFS identity per profile namespace with actions on that prefix): ``403 AccessDenied`` for the bulk
+``POST /bucket?delete`` (authorized against the bucket, not the keys:
+seaweedfs/seaweedfs 4.00 ``weed/s3api/s3api_server.go`` routes ``?delete`` through
+``iam.Auth`` with the bucket as the resource, ``weed/s3api/auth_credentials.go``
+matches it against ``bucket/prefix/*`` and fails; fixed in 4.33), and for any
+request whose key, or listing prefix, lies outside the granted prefix.
 """
 
 from __future__ import annotations
@@ -27,24 +39,57 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 FAULT_KINDS = ("slowdown", "reset", "stall")
 _SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+_ACCESS_DENIED_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied</Message></Error>"
+)
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and the ones rewritten here.
 _DROP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "content-length"}
 
 
+# The prefix a Kubeflow profile's key is granted in KFP's bucket (namespace imgpipe-dev).
+NAMESPACE_PREFIX = "private/imgpipe-dev/"
+
+
+@dataclass(frozen=True)
+class PrefixPolicy:
+    """What one key may do: everything below ``prefix`` of ``bucket``, no bulk deletes."""
+
+    bucket: str
+    prefix: str  # e.g. "private/imgpipe-dev/", with its trailing slash
+
+    def denies(self, method: str, path: str) -> str | None:
+        """Why a request is refused (``"bulk_delete"``, ``"outside_prefix"``), ``None`` if allowed."""
+        parsed = urlparse(path)
+        bucket, _, key = unquote(parsed.path).lstrip("/").partition("/")
+        query = parse_qs(parsed.query, keep_blank_values=True)
+        if bucket != self.bucket:
+            return "outside_prefix"
+        if not key:
+            if method == "POST" and "delete" in query:
+                return "bulk_delete"
+            listed = query.get("prefix", [""])[0]
+            if method == "GET" and listed.startswith(self.prefix):
+                return None  # ListObjects(V2) below the granted prefix
+            return "outside_prefix"
+        return None if key.startswith(self.prefix) else "outside_prefix"
+
+
 @dataclass
 class FaultStats:
-    """What the proxy saw: requests forwarded or faulted, by kind, and retries of faulted ones."""
+    """What the proxy saw: requests forwarded, faulted or denied by kind, and retries of faulted ones."""
 
     requests: int = 0
     faults: Counter = field(default_factory=Counter)
     retries: int = 0
+    denied: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
         return {
@@ -52,6 +97,8 @@ class FaultStats:
             "faults": sum(self.faults.values()),
             **{f"faults_{k}": self.faults.get(k, 0) for k in FAULT_KINDS},
             "retries": self.retries,
+            "denied_bulk_delete": self.denied.get("bulk_delete", 0),
+            "denied_outside_prefix": self.denied.get("outside_prefix", 0),
         }
 
 
@@ -63,11 +110,15 @@ class FaultProxy:
         rate: Fraction of requests to fault.
         seed: Seed of the fault sequence.
         stall_s: How long a stalled response is held.
+        policy: Answer like SeaweedFS 4.00 for a key limited to this prefix (policy mode).
     """
 
-    def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, stall_s: float = 1.0) -> None:
+    def __init__(
+        self, upstream: str, rate: float = 0.0, seed: int = 0, stall_s: float = 1.0, policy: PrefixPolicy | None = None
+    ) -> None:
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname, parsed.port)
+        self.policy = policy
         self.rate = rate
         self.stall_s = stall_s
         self.stats = FaultStats()
@@ -175,6 +226,13 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                why = proxy.policy.denies(self.command, self.path) if proxy.policy else None
+                if why:
+                    with proxy._lock:
+                        proxy.stats.requests += 1
+                        proxy.stats.denied[why] += 1
+                    self._send(403, "Forbidden", [("Content-Type", "application/xml")], _ACCESS_DENIED_BODY)
+                    return
                 hold = proxy._hold
                 if hold is not None and self.command == hold[0] and hold[1].search(self.path):
                     proxy.held.set()
@@ -193,3 +251,8 @@ class FaultProxy:
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
         return Handler
+
+
+def prefix_policy(bucket_uri: str) -> PrefixPolicy:
+    """The policy of a profile's key in ``bucket_uri`` (``s3://name``): :data:`NAMESPACE_PREFIX` only."""
+    return PrefixPolicy(bucket_uri.removeprefix("s3://"), NAMESPACE_PREFIX)

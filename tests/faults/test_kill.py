@@ -10,7 +10,7 @@ import pytest
 from imgpipe import contract, storage
 from tests.faults.conftest import Runner, kill_hard
 from tests.faults.pipeline import STEP_ARGS, STEPS, fingerprint, reference_run
-from tests.faults.s3proxy import FaultProxy
+from tests.faults.s3proxy import NAMESPACE_PREFIX, FaultProxy, prefix_policy
 
 SEED = 9
 RANDOM_POINTS = 4  # per step, plus one while the manifest is being written: five in all
@@ -34,14 +34,19 @@ def _rerun_matches(runner: Runner, args: list[str], dest: str, reference: dict) 
 
 
 @pytest.mark.ray
-def test_kill_9_anywhere_leaves_nothing_readable_half_written(s3_endpoint, s3_bucket, figures):
+@pytest.mark.parametrize("policy", [None, "seaweedfs-4.00"])
+def test_kill_9_anywhere_leaves_nothing_readable_half_written(s3_endpoint, s3_bucket, figures, policy):
+    """With ``policy``, every kill, rerun and commit goes through the proxy's policy mode."""
     rng = random.Random(SEED)
-    runner, reference, seconds = reference_run(s3_endpoint, s3_bucket)
+    root = storage.join(s3_bucket, NAMESPACE_PREFIX) if policy else s3_bucket
+    runner, reference, seconds = reference_run(s3_endpoint, root)
     rows = {}
-    with FaultProxy(s3_endpoint) as proxy:
+    with FaultProxy(s3_endpoint, policy=prefix_policy(s3_bucket) if policy else None) as proxy:
         via_proxy = Runner(proxy.endpoint, tag=runner.tag)
+        if policy:
+            runner = via_proxy
         for step in STEPS:
-            dest = storage.join(s3_bucket, "killed", step)
+            dest = storage.join(root, "killed", step)
             args = STEP_ARGS[step](reference.input_of(step), dest)
             expected = fingerprint(reference.prefix(step))
             outcomes = []
@@ -64,4 +69,4 @@ def test_kill_9_anywhere_leaves_nothing_readable_half_written(s3_endpoint, s3_bu
             outcomes.append(("commit", _check_after_kill(dest, expected)))
             _rerun_matches(runner, args, dest, expected)
             rows[step] = {"uninterrupted_s": round(seconds[step], 1), "kills": outcomes}
-    figures.update(seed=SEED, steps=rows, leftover_processes=0)
+    figures.update(seed=SEED, policy=policy, steps=rows, leftover_processes=0, **proxy.stats.as_dict())

@@ -15,7 +15,7 @@ import pytest
 from imgpipe import contract, storage
 from tests.faults.conftest import Runner
 from tests.faults.pipeline import STEP_ARGS, STEPS, fingerprint, reference_run
-from tests.faults.s3proxy import FaultProxy
+from tests.faults.s3proxy import NAMESPACE_PREFIX, FaultProxy, prefix_policy
 
 OVERTAKEN = "another attempt"
 
@@ -35,15 +35,20 @@ def _wait_for_claim(dest: str, other_than: str | None, timeout: float = 600) -> 
 
 
 @pytest.mark.ray
-def test_two_writers_of_each_step_leave_one_consistent_output(s3_endpoint, s3_bucket, figures):
-    runner, reference, _ = reference_run(s3_endpoint, s3_bucket)
+@pytest.mark.parametrize("policy", [None, "seaweedfs-4.00"])
+def test_two_writers_of_each_step_leave_one_consistent_output(s3_endpoint, s3_bucket, figures, policy):
+    """With ``policy``, both attempts go through the proxy's policy mode."""
+    root = storage.join(s3_bucket, NAMESPACE_PREFIX) if policy else s3_bucket
+    runner, reference, _ = reference_run(s3_endpoint, root)
     rows = {}
-    with FaultProxy(s3_endpoint) as proxy:
+    with FaultProxy(s3_endpoint, policy=prefix_policy(s3_bucket) if policy else None) as proxy:
         held_runner = Runner(proxy.endpoint, tag=runner.tag)
+        if policy:
+            runner = held_runner
         for step in STEPS:
-            dest = storage.join(s3_bucket, "two-writers", step)
+            dest = storage.join(root, "two-writers", step)
             args = STEP_ARGS[step](reference.input_of(step), dest)
-            proxy.hold(rf"/two-writers/{step}/manifest\.json$")
+            proxy.hold(rf"/two-writers/{step}/manifest\.json$")  # either layout
             started = time.monotonic()
             first = held_runner.start(*args)
             assert proxy.held.wait(timeout=600), f"{step}: the first attempt never committed"
@@ -58,4 +63,4 @@ def test_two_writers_of_each_step_leave_one_consistent_output(s3_endpoint, s3_bu
             assert contract.read_manifest(dest)["attempt"] == _attempt(dest) != first_attempt
             assert not runner.wait_no_leftovers()
             rows[step] = {"first_attempt_exit": a.returncode, "second_attempt_exit": b.returncode, "committed_by": "second"}
-    figures.update(steps=rows)
+    figures.update(policy=policy, steps=rows, **proxy.stats.as_dict())
