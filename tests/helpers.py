@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from imgpipe import resources
 from imgpipe.contract import OutputWriter
@@ -35,6 +38,51 @@ def write_download_output(dest: str, members: Mapping[str, bytes], row_group_row
         out.write_table(f"part-{k // per:05d}.parquet", table, row_group_size=row_group_rows)
     out.commit(inputs=len(items), rejects=[], config={"generated_by": "tests"})
     return out.dest
+
+
+# The cloud metadata ranges, spelled out here rather than taken from imgpipe.sources: the
+# guard must hold even when the code under test gets them wrong.
+_METADATA_NETWORKS = tuple(
+    ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
+)
+
+
+def forbid_metadata_connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Makes every socket connection to a link-local (cloud metadata) address fail the test.
+
+    Patches ``socket.socket.connect``/``connect_ex``, which every Python HTTP client ends
+    in, so a bug cannot send a request off the machine: the attempt raises AssertionError
+    (not OSError, which a retry loop would swallow) and is recorded in the returned list.
+    """
+    attempts: list[object] = []
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refuse(address: object) -> None:
+        if isinstance(address, tuple) and _is_metadata(str(address[0])):
+            attempts.append(address)
+            raise AssertionError(f"the test tried to connect to {address}, a cloud metadata address")
+
+    def guarded_connect(sock: socket.socket, address: object) -> None:
+        refuse(address)
+        return connect(sock, address)
+
+    def guarded_connect_ex(sock: socket.socket, address: object) -> int:
+        refuse(address)
+        return connect_ex(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+    return attempts
+
+
+def _is_metadata(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in _METADATA_NETWORKS)
 
 
 def free_port() -> int:

@@ -9,6 +9,13 @@ uses :meth:`SourcePolicy.from_env`: https and s3, plain http only with a sha256 
 no local files or directories unless :data:`SOURCE_LOCAL_ENV` says so, and only
 globally routable addresses unless :data:`SOURCE_NETWORKS_ENV` lists more.
 
+Link-local addresses (:data:`LINK_LOCAL_NETWORKS`) are refused under every policy, the
+operator's included, and no allow-list re-allows them: that is where clouds serve
+instance metadata and its credentials (``169.254.169.254``, AWS's ``fd00:ec2::254``), and
+no image archive lives there. An operator's ``imgpipe download https://host/x`` that
+a compromised host redirects to ``http://169.254.169.254/latest/meta-data/`` would
+otherwise copy the node's credentials into the dataset.
+
 Addresses are checked twice: every address a host name resolves to, before connecting,
 and the address the socket actually connected to, before the request is sent (a name
 that resolves differently the second time, DNS rebinding, is caught there).
@@ -29,6 +36,7 @@ import urllib3
 from imgpipe import storage
 
 __all__ = [
+    "LINK_LOCAL_NETWORKS",
     "SOURCE_LOCAL_ENV",
     "SOURCE_NETWORKS_ENV",
     "REMOTE_SCHEMES",
@@ -54,6 +62,15 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _ANY_ADDRESS: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("0.0.0.0/0"),
     ipaddress.ip_network("::/0"),
+)
+# Never reachable, whatever the policy: the link-local ranges, where AWS, GCP, Azure and
+# OCI serve instance metadata (169.254.169.254), and AWS's IPv6 metadata address, which
+# sits in fd00::/8 (unique local) rather than fe80::/10 (docs.aws.amazon.com/AWSEC2/latest/
+# UserGuide/instancedata-data-retrieval.html).
+LINK_LOCAL_NETWORKS: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("fe80::/10"),
+    ipaddress.ip_network("fd00:ec2::254/128"),
 )
 
 
@@ -98,11 +115,16 @@ class SourcePolicy:
         networks = tuple(self.allowed_networks)
         if not all(isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network)) for n in networks):
             raise TypeError("SourcePolicy.allowed_networks must hold ipaddress.ip_network objects")
+        _check_not_link_local(networks)
         object.__setattr__(self, "allowed_networks", networks)
 
     @classmethod
     def trusted(cls) -> SourcePolicy:
-        """Everything: for sources the operator typed (the CLI, library callers)."""
+        """Everything but link-local addresses: for sources the operator typed (the CLI, library callers).
+
+        Loopback and private addresses stay allowed (a local mirror, ``imgpipe run``'s
+        servers); link-local ones never are (see the module docstring).
+        """
         return cls()
 
     @classmethod
@@ -124,11 +146,6 @@ class SourcePolicy:
             allowed_networks=_env_networks(env, SOURCE_NETWORKS_ENV),
         )
 
-    @property
-    def restricts_addresses(self) -> bool:
-        """Whether some address is refused (else host checks are skipped)."""
-        return not set(_ANY_ADDRESS) <= set(self.allowed_networks)
-
     def check_source(self, uri: str, *, pinned: bool) -> None:
         """Refuses a source whose scheme (or locality) the policy does not allow.
 
@@ -148,6 +165,11 @@ class SourcePolicy:
             raise SourceRefused(
                 f"unsupported source {shown!r}: use http(s)://, s3://, file:// or a local path"
             )
+        literal = _literal_address(urlparse(uri).hostname)
+        if scheme in _HTTP_SCHEMES and literal is not None:
+            # An address written in the URL needs no lookup: refuse it before any source is
+            # fetched, and before the scheme or pin (the address is the graver matter).
+            self.check_address(literal, f"source {shown}")
         if scheme not in self.schemes:
             raise SourceRefused(
                 f"source {shown}: scheme {scheme!r} is not allowed here; use one of {sorted(self.schemes)}"
@@ -161,12 +183,12 @@ class SourcePolicy:
     def check_host(self, url: str) -> None:
         """Refuses a URL whose host resolves to any address outside the policy.
 
+        Runs under every policy: even the operator's may not reach a link-local address.
+
         Raises:
             SourceRefused: If an address is not allowed.
             ConnectionError: If the host name does not resolve (worth a retry).
         """
-        if not self.restricts_addresses:
-            return
         parsed = urlparse(url)
         host = parsed.hostname
         if not host:
@@ -186,6 +208,14 @@ class SourcePolicy:
             SourceRefused: Naming ``what`` and the address.
         """
         ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
+        if _is_link_local(ip):
+            embedded = _embedded_ipv4(ip)
+            shown = f"{ip} (which leads to {embedded})" if embedded is not None else str(ip)
+            raise SourceRefused(
+                f"{what} reaches {shown}, a link-local address, where clouds serve instance metadata and "
+                f"credentials (169.254.169.254, fd00:ec2::254): no download source may reach one, "
+                f"under any policy, and {SOURCE_NETWORKS_ENV} cannot allow it"
+            )
         if self._allows(ip):
             return
         raise SourceRefused(
@@ -202,6 +232,40 @@ class SourcePolicy:
         return all(
             _is_public(c) or any(c in net for net in self.allowed_networks) for c in candidates
         )
+
+
+def _is_link_local(ip: IPAddress) -> bool:
+    """Whether ``ip``, or the IPv4 address an IPv6 form of it leads to, is in :data:`LINK_LOCAL_NETWORKS`."""
+    candidates = [ip, _embedded_ipv4(ip)]
+    return any(c is not None and c in net for c in candidates for net in LINK_LOCAL_NETWORKS)
+
+
+def _literal_address(host: str | None) -> str | None:
+    """``host`` if it is an IP address written out (``169.254.169.254``, ``fe80::1%eth0``)."""
+    if not host:
+        return None
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None  # a name; check_host resolves it before connecting
+    return host
+
+
+def _check_not_link_local(networks: tuple[IPNetwork, ...]) -> None:
+    """Refuses an allow-list entry that lies inside a link-local range.
+
+    A wider entry (``0.0.0.0/0``, ``fd00::/8``) is fine: the link-local part of it stays
+    refused by :meth:`SourcePolicy.check_address`. One that holds nothing else can only be
+    an attempt to reach the metadata service, so it is an error rather than a silent no-op.
+    """
+    for net in networks:
+        for link_local in LINK_LOCAL_NETWORKS:
+            if net.version == link_local.version and net.subnet_of(link_local):  # type: ignore[arg-type]
+                raise ValueError(
+                    f"allowed network {net} ({SOURCE_NETWORKS_ENV}) lies inside link-local {link_local}, "
+                    "where clouds serve instance metadata and credentials; link-local addresses are "
+                    "never reachable from a download, so remove it"
+                )
 
 
 def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
@@ -273,13 +337,13 @@ def peer_checked_session(policy: SourcePolicy) -> requests.Session:
     """A requests session that checks each new connection's peer address before using it.
 
     The check runs in ``connect()``, right after the TCP (and TLS) handshake and before
-    the request is written. Connections through a proxy are not checked: their peer is
-    the proxy, which then decides what may be reached.
+    the request is written, under every policy (link-local addresses are refused to all).
+    Connections through a proxy are not checked: their peer is the proxy, which then
+    decides what may be reached.
     """
     session = requests.Session()
-    if policy.restricts_addresses:
-        session.mount("http://", _PeerCheckedAdapter(policy.check_address))
-        session.mount("https://", _PeerCheckedAdapter(policy.check_address))
+    session.mount("http://", _PeerCheckedAdapter(policy.check_address))
+    session.mount("https://", _PeerCheckedAdapter(policy.check_address))
     return session
 
 

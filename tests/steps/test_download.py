@@ -26,9 +26,11 @@ import pytest
 import yaml
 
 from imgpipe import archive, contract, storage
+from imgpipe.cli import main
 from imgpipe.config import config_from_dict, config_to_yaml
 from imgpipe.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV, SourcePolicy, SourceRefused
 from imgpipe.steps.download import SHARD_SCHEMA, DownloadConfig, download
+from tests.helpers import forbid_metadata_connections
 
 IMAGES = {
     "cats/a.jpg": b"\xff\xd8cat-a" * 50,
@@ -971,3 +973,120 @@ def test_max_download_bytes_for_s3_and_local_files(tmp_path: Path, s3_bucket: st
     for source in (uri, str(src)):
         with pytest.raises(ValueError, match=f"is {src.stat().st_size} bytes, more than max_download_bytes"):
             download(source, str(tmp_path / "out"), cfg)
+
+
+# --------------------------------------------------------------------------- link-local (cloud metadata)
+
+METADATA_TARGETS = ["http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/x", "http://[fd00:ec2::254]/latest/meta-data/"]
+
+
+@pytest.fixture
+def no_metadata(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Fails the test on any connection to a metadata address, so no bug sends traffic there."""
+    return forbid_metadata_connections(monkeypatch)
+
+
+def _policy(name: str, env: pytest.MonkeyPatch) -> SourcePolicy:
+    """The operator's policy, or the pipeline's with the test server's loopback address listed."""
+    if name == "operator":
+        return SourcePolicy.trusted()
+    env.setenv(SOURCE_NETWORKS_ENV, "127.0.0.1/32")
+    return SourcePolicy.from_env()
+
+
+def _written(dest: Path) -> list[Path]:
+    return sorted(dest.rglob("*")) if dest.exists() else []
+
+
+@pytest.mark.parametrize("target", METADATA_TARGETS, ids=["ipv4", "fe80", "aws-ipv6"])
+@pytest.mark.parametrize("policy", ["operator", "pipeline"])
+def test_a_redirect_to_the_metadata_service_is_refused_at_once_under_every_policy(
+    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch, connections: list,
+    no_metadata: list, policy: str, target: str,
+) -> None:
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    http_server.routes["/start"] = Route(b"", redirect=target)
+    port = int(http_server.base.rsplit(":", 1)[1])
+    dest = tmp_path / "out"
+
+    with pytest.raises(SourceRefused, match=rf"^redirect 1 from .*/start to {re.escape(target)} refused: .*a link-local address"):
+        download(http_server.base + "/start", str(dest), _pinned(data), policy=_policy(policy, pipeline_env))
+
+    assert http_server.log == ["/start"], "exactly one request: a refusal is not retried"
+    assert connections == [("127.0.0.1", port)] and no_metadata == []
+    assert _written(dest) == []
+
+
+def test_the_command_line_refuses_a_redirect_to_the_metadata_service_in_one_line(
+    tmp_path: Path, http_server: HttpServer, connections: list, no_metadata: list, capsys: pytest.CaptureFixture
+) -> None:
+    # `imgpipe download https://evil/x` whose server answers 302 to the metadata service.
+    target = METADATA_TARGETS[0]
+    http_server.routes["/x"] = Route(b"", redirect=target)
+    dest = tmp_path / "out"
+
+    assert main(["download", http_server.base + "/x", str(dest)]) == 2
+
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("imgpipe download: error: redirect 1 from ")
+    assert f"to {target} refused: source {target} reaches 169.254.169.254, a link-local address" in errors[0]
+    assert http_server.log == ["/x"] and no_metadata == []
+    assert _written(dest) == []
+
+
+@pytest.mark.parametrize("source", [*METADATA_TARGETS, "http://[fe80::1%25eth0]:8080/a.tar.gz"])
+@pytest.mark.parametrize("policy", ["operator", "pipeline"])
+def test_a_link_local_source_is_refused_before_any_request(
+    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch, connections: list,
+    no_metadata: list, policy: str, source: str,
+) -> None:
+    # The first source is fine: the refusal of the second must come before the first is fetched.
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    http_server.routes["/a.tar.gz"] = Route(data)
+    cfg = dataclasses.replace(FAST, sha256=(_sha(data), "0" * 64))  # pinned: the pipeline's http needs it
+    dest = tmp_path / "out"
+    with pytest.raises(SourceRefused, match=rf"^source {re.escape(source)} reaches .*, a link-local address"):
+        download([http_server.base + "/a.tar.gz", source], str(dest), cfg, policy=_policy(policy, pipeline_env))
+    assert connections == [] and http_server.log == [] and no_metadata == []
+    assert _written(dest) == []
+
+
+@pytest.mark.parametrize("policy", ["operator", "pipeline"])
+def test_a_name_that_resolves_to_the_metadata_service_is_refused_before_connecting(
+    tmp_path: Path, pipeline_env: pytest.MonkeyPatch, connections: list, no_metadata: list, policy: str
+) -> None:
+    real = socket.getaddrinfo
+
+    def resolver(host, port, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        return real("169.254.169.254" if host == "metadata.example" else host, port, *args, **kwargs)
+
+    pipeline_env.setattr(socket, "getaddrinfo", resolver)
+    pipeline_env.setenv("NO_PROXY", "*")
+    dest = tmp_path / "out"
+    with pytest.raises(SourceRefused, match=r"^http://metadata\.example/latest/meta-data/ reaches 169\.254\.169\.254, a link-local"):
+        download("http://metadata.example/latest/meta-data/", str(dest), _pinned(b"x"), policy=_policy(policy, pipeline_env))
+    assert connections == [] and no_metadata == []
+    assert _written(dest) == []
+
+
+@pytest.mark.parametrize("policy", ["operator", "pipeline"])
+def test_a_connection_that_lands_on_a_link_local_peer_sends_no_request(
+    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch, policy: str
+) -> None:
+    # The name passed the lookup, the socket's peer is a metadata address (DNS rebinding, or a
+    # route that sends 127.0.0.1 elsewhere): the peer check refuses before the request is written.
+    data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
+    http_server.routes["/a.tar.gz"] = Route(data)
+    port = int(http_server.base.rsplit(":", 1)[1])
+    real = socket.socket.getpeername
+
+    def landed_on_metadata(sock: socket.socket):  # noqa: ANN202
+        peer = real(sock)
+        return ("169.254.169.254", 80) if tuple(peer[:2]) == ("127.0.0.1", port) else peer
+
+    pipeline_env.setattr(socket.socket, "getpeername", landed_on_metadata)
+    dest = tmp_path / "out"
+    with pytest.raises(SourceRefused, match=r"the connection to 127\.0\.0\.1 reaches 169\.254\.169\.254, a link-local"):
+        download(http_server.base + "/a.tar.gz", str(dest), _pinned(data), policy=_policy(policy, pipeline_env))
+    assert http_server.log == []
+    assert _written(dest) == []

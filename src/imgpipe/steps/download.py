@@ -20,9 +20,10 @@ Unsafe members (absolute or ``..`` paths, links, devices, FIFOs), oversized and
 duplicate ones become rejects; the output follows :mod:`imgpipe.contract`.
 
 Where a source may come from is a :class:`imgpipe.sources.SourcePolicy`: everything
-for the operator's own calls, much less for a URI that arrives as a pipeline
-parameter (the kfp component). HTTP redirects are followed by hand so that every hop
-is checked against it before connecting.
+but link-local (cloud metadata) addresses for the operator's own calls, much less for
+a URI that arrives as a pipeline parameter (the kfp component). HTTP redirects are
+followed by hand so that every hop is checked against it before connecting; a refusal
+(:class:`imgpipe.sources.SourceRefused`, a ``ValueError``) is never retried.
 """
 
 from __future__ import annotations
@@ -94,9 +95,12 @@ _MAX_REDIRECTS = 5
 # Headroom under max_expansion_ratio for tiny archives, whose per-member header and
 # path costs alone can exceed 100x the few hundred bytes they compress to.
 _EXPANSION_SLACK = _MiB
-# The library's callers are the operator: their sources are trusted (the policy is frozen).
+# The library's callers are the operator: their sources are trusted (the policy is frozen),
+# all but link-local addresses, which no policy reaches.
 _TRUSTED = SourcePolicy.trusted()
-# Worth retrying: request timeout, rate limiting, and every server-side error.
+# Worth retrying: request timeout, rate limiting, and every server-side error. SourceRefused
+# is a ValueError, deliberately outside this list: a refused redirect or address is refused
+# again on every attempt, and retrying would only contact the redirecting server again.
 _RETRY_STATUSES = frozenset({408, 429})
 _TRANSIENT_ERRORS = (
     requests.ConnectionError,
