@@ -7,7 +7,7 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 
 
 def photo(width: int = 96, height: int = 64, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -109,3 +109,32 @@ def png_bomb(side: int = 30000) -> bytes:
     chunks.append(comp.flush())
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(chunks)) + _chunk(b"IEND", b"")
+
+
+# Real files in formats clean does not decode by default (CleanConfig.formats).
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def jpeg2000(width: int = 96, height: int = 64, seed: int = 0, codestream: bool = False) -> bytes:
+    """A JP2 file (or a raw J2K codestream) by Pillow's OpenJPEG encoder, when it has one.
+
+    Without the codec, the JP2 signature and file-type boxes (ISO/IEC 15444-1 I.5.1, I.5.2)
+    and an image header box: enough for a signature, not for a decode.
+    """
+    if features.check("jpg_2000"):
+        return encode(photo(width, height, seed), "JPEG2000", no_jp2=codestream)
+    signature = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+    ftyp = b"\x00\x00\x00\x14ftypjp2 \x00\x00\x00\x00jp2 "
+    ihdr = struct.pack(">I4sIIHBBBB", 22, b"ihdr", height, width, 3, 7, 7, 0, 0)
+    return signature + ftyp + struct.pack(">I4s", 8 + len(ihdr), b"jp2h") + ihdr
+
+
+def icns(seed: int = 0) -> bytes:
+    """An Apple icon family, as Pillow writes it (PNG-coded icons inside)."""
+    return encode(photo(64, 64, seed), "ICNS")
+
+
+def heic_header() -> bytes:
+    """The start of an iPhone HEIC (an ISO base media ftyp box, brand heic); Pillow has no decoder."""
+    return b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)

@@ -6,8 +6,9 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
+from imgpipe import images
 from imgpipe.images import ImageRejected, sniff_format, to_8bit, validate_and_normalize
 from tests import imagefactory as f
 
@@ -160,20 +161,15 @@ def test_max_pixels_governs_not_pils_process_wide_default(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------
-# Only the decoders clean accepts: an EPS must never reach Ghostscript.
+# Only the decoders clean accepts: an EPS must never reach Ghostscript; a real image in a
+# format outside the accepted set is unsupported_format, named, and never parsed.
 
-EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n"
+EPS = f.EPS
+DEFAULT_ACCEPTED = "accepted: jpeg, png, gif, bmp, tiff, webp"
+WITH_JPEG2000 = ("jpeg", "png", "gif", "bmp", "tiff", "webp", "jpeg2000")
 
 
-@pytest.mark.parametrize(
-    ("data", "name"),
-    [
-        pytest.param(EPS, "eps", id="eps"),
-        pytest.param(b"\xc5\xd0\xd3\xc6" + b"\x00" * 28 + EPS, "eps-binary-header", id="eps-binary-header"),
-        pytest.param(b"Image type: RGB image\r\nName: x\r\nImage size (x*y): 64*64\r\n\x1a" + b"\x00" * 600, "im", id="im"),
-    ],
-)
-def test_formats_outside_the_accepted_list_are_not_images_and_start_nothing(data, name, monkeypatch):
+def _refuse_programs(monkeypatch, name):
     import subprocess
 
     def refuse(*args, **kwargs):
@@ -181,9 +177,113 @@ def test_formats_outside_the_accepted_list_are_not_images_and_start_nothing(data
 
     monkeypatch.setattr(subprocess, "Popen", refuse)
     monkeypatch.setattr(subprocess, "check_call", refuse)
-    with pytest.raises(ImageRejected) as rejected:
-        validate_and_normalize(data)
-    assert rejected.value.reason == "not_an_image", rejected.value.detail
+
+
+def test_a_file_without_a_known_signature_is_not_an_image_and_starts_nothing(monkeypatch):
+    # Pillow's IM format: a plugin Pillow has, a signature clean does not look for.
+    _refuse_programs(monkeypatch, "im")
+    im = b"Image type: RGB image\r\nName: x\r\nImage size (x*y): 64*64\r\n\x1a" + b"\x00" * 600
+    assert reason_of(im) == "not_an_image"
+
+
+UNSUPPORTED = [
+    pytest.param(f.jpeg2000(), "JPEG2000", "jpeg2000", id="jp2"),
+    pytest.param(f.jpeg2000(codestream=True), "JPEG2000", "jpeg2000", id="j2k"),
+    pytest.param(f.icns(), "ICNS", "icns", id="icns"),
+    pytest.param(f.encode(f.photo(48, 48), "ICO"), "ICO", "ico", id="ico"),
+    pytest.param(f.encode(f.photo(48, 48), "QOI"), "QOI", "qoi", id="qoi"),
+    pytest.param(f.encode(f.photo(48, 48), "SGI"), "SGI", "sgi", id="sgi"),
+    pytest.param(f.encode(f.photo(48, 48), "PCX"), "PCX", "pcx", id="pcx"),
+    pytest.param(f.encode(f.photo(48, 48), "DDS"), "DDS", "dds", id="dds"),
+    pytest.param(f.encode(f.photo(48, 48), "PPM"), "PPM", "ppm", id="ppm"),
+    pytest.param(b"8BPS\x00\x01" + bytes(40), "PSD", "psd", id="psd"),
+    pytest.param(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64), "AVIF", "avif", id="avif"),
+]
+NEVER = [
+    pytest.param(EPS, "EPS", "Ghostscript", id="eps"),
+    pytest.param(b"\xc5\xd0\xd3\xc6" + b"\x00" * 28 + EPS, "EPS", "Ghostscript", id="eps-binary-header"),
+    pytest.param(f.heic_header(), "HEIF", "no HEIF/HEIC decoder", id="heic"),
+    pytest.param(bytes(128) + b"DICM" + bytes(64), "DICOM", "pydicom", id="dicom"),
+]
+
+
+def _unsupported(data, monkeypatch, **kwargs):
+    """The reject of ``data``, with Image.open made to fail: no plugin may parse the file."""
+
+    def no_plugin(*args, **kw):
+        raise AssertionError("the file reached Image.open")
+
+    monkeypatch.setattr(images.Image, "open", no_plugin)
+    with pytest.raises(ImageRejected) as info:
+        validate_and_normalize(data, **kwargs)
+    return info.value
+
+
+@pytest.mark.parametrize(("data", "shown", "name"), UNSUPPORTED)
+def test_a_real_image_in_a_format_not_accepted_is_unsupported_format_and_never_parsed(data, shown, name, monkeypatch):
+    rejected = _unsupported(data, monkeypatch)
+    assert rejected.reason == "unsupported_format"
+    assert rejected.detail == (
+        f"{shown} is not an accepted format ({DEFAULT_ACCEPTED}); add it with --set formats=jpeg,png,gif,bmp,tiff,webp,{name}"
+    )
+    assert sniff_format(data) == name
+
+
+@pytest.mark.parametrize(("data", "shown", "why"), NEVER)
+def test_formats_clean_never_decodes_are_unsupported_and_start_nothing(data, shown, why, monkeypatch):
+    _refuse_programs(monkeypatch, shown)
+    rejected = _unsupported(data, monkeypatch, formats=images.DECODABLE_FORMATS)
+    assert rejected.reason == "unsupported_format"
+    assert rejected.detail.startswith(f"{shown} is not an accepted format (accepted: jpeg, png,") and why in rejected.detail
+    assert "--set formats" not in rejected.detail, "no advice to accept what cannot be accepted"
+
+
+def test_the_accepted_set_is_the_callers_choice(monkeypatch):
+    # Taking JPEG 2000 in does not make PNG welcome when it is left out.
+    rejected = _unsupported(f.png_in_jpg(), monkeypatch, formats=("jpeg", "jpeg2000"))
+    assert rejected.reason == "unsupported_format"
+    assert rejected.detail == "PNG is not an accepted format (accepted: jpeg, jpeg2000); add it with --set formats=jpeg,jpeg2000,png"
+
+
+@pytest.mark.skipif(not features.check("jpg_2000"), reason="this Pillow has no OpenJPEG codec")
+@pytest.mark.parametrize("codestream", [False, True], ids=["jp2", "j2k"])
+def test_jpeg2000_decodes_once_accepted_and_is_stored_as_png(codestream):
+    data = f.jpeg2000(96, 64, seed=3, codestream=codestream)
+    out = validate_and_normalize(data, formats=WITH_JPEG2000)
+    assert (out.width, out.height, out.mode, out.format, out.changes) == (96, 64, "RGB", "png", ("jpeg2000->png",))
+    source = np.asarray(decode(data), dtype=np.int16)
+    assert np.abs(np.asarray(decode(out.data), dtype=np.int16) - source).max() == 0, "stored losslessly"
+
+
+def test_an_accepted_format_that_does_not_parse_is_corrupt():
+    broken = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 40
+    assert reason_of(broken, formats=WITH_JPEG2000) == "corrupt"
+    assert reason_of(broken) == "unsupported_format"
+
+
+def test_check_formats_at_the_edge(monkeypatch):
+    assert images.check_formats(["JPEG", "png", "jpeg"]) == ("jpeg", "png")
+    assert images.check_formats(images.DEFAULT_FORMATS) == images.DEFAULT_FORMATS
+    with pytest.raises(ValueError, match=r"unknown format 'jpg'; valid formats are jpeg, png, gif, bmp, tiff, webp, jpeg2000, "):
+        images.check_formats(["jpeg", "jpg"])
+    with pytest.raises(ValueError, match="cannot accept 'eps'.*Ghostscript"):
+        images.check_formats(["jpeg", "eps"])
+    with pytest.raises(ValueError, match="at least one format"):
+        images.check_formats([])
+    with pytest.raises(TypeError, match="list of format names"):
+        images.check_formats("jpeg,png")
+    with pytest.raises(ValueError, match="unknown format"):
+        validate_and_normalize(f.jpeg(), formats=("jpeg", "tga"))
+    monkeypatch.setattr(images.features, "check", lambda name: False)
+    with pytest.raises(ValueError, match=r"'jpeg2000' needs Pillow built with its jpg_2000 codec"):
+        images.check_formats(WITH_JPEG2000)
+
+
+def test_signatures_that_are_not_images():
+    assert sniff_format(b"\n\nplain text that starts with newlines") is None  # not a PCX
+    assert sniff_format(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2mp41" + bytes(16)) is None  # MP4 video
+    assert sniff_format(b"P6 is a paragraph of text") is None  # not a PPM
+    assert sniff_format(b"P5\n# a comment\n64 64\n255\n") == "ppm"
 
 
 # ----------------------------------------------------------------------------------------

@@ -59,8 +59,11 @@ TRAIN_METRICS = ("val_accuracy", "val_macro_f1", "val_pr_auc", "val_loss", "test
 SPLITS = ("train", "val", "test")
 # Rejects never decoded again for a thumbnail: a decompression bomb, or an image whose
 # decode hung or killed its process in clean, would do the same here; clean's own decoder
-# (the same Pillow, imgpipe.images) already failed on the others.
-_NEVER_DECODE = frozenset({"too_large", "decode_timeout", "decoder_killed", "not_an_image", "corrupt", "truncated"})
+# (the same Pillow, imgpipe.images) already failed on the others, or refused their format
+# (unsupported_format: no decoder of that format may see the file).
+_NEVER_DECODE = frozenset(
+    {"too_large", "decode_timeout", "decoder_killed", "not_an_image", "unsupported_format", "corrupt", "truncated"}
+)
 # Thumbnails clean's grid may always show, whatever thumb_share allows (tiny outputs).
 _MIN_THUMBS = 12
 # Threads that decode thumbnails: Pillow releases the GIL while it decodes and resizes.

@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from imgpipe import contract, resources, storage
+from imgpipe.config import config_from_dict
 from imgpipe.contract import UncommittedOutputError
 from imgpipe.images import decode_bytes
 from imgpipe.steps import clean as clean_mod
@@ -257,6 +258,8 @@ def test_failure_midway_leaves_no_committed_output(source, tmp_path, monkeypatch
         ({"label_source": "csv"}, "labels_csv"),
         ({"workers": -1}, "workers"),
         ({"jpeg_quality": 0}, "jpeg_quality"),
+        ({"formats": ("jpeg", "jp2")}, "unknown format 'jp2'; valid formats are jpeg, png, gif, bmp, tiff, webp, jpeg2000"),
+        ({"formats": ("jpeg", "eps")}, "cannot accept 'eps'.*Ghostscript"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -579,3 +582,62 @@ def test_the_pools_frozen_heap_leaves_a_callers_own_freeze_alone():
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+# Real images in formats clean does not decode by default, under names that do not say so.
+OTHER_FORMATS = {
+    "images/Bengal_700.jp2": ("JPEG2000", f.jpeg2000(96, 64, seed=70)),
+    "images/Siamese_701.jpg": ("EPS", f.EPS),
+    "images/beagle_702.icns": ("ICNS", f.icns(72)),
+}
+
+
+@pytest.fixture
+def other_formats(tmp_path) -> tuple[str, dict[str, bytes]]:
+    members = {**good_members(4), **{p: data for p, (_, data) in OTHER_FORMATS.items()}}
+    return write_download_output(str(tmp_path / "download"), members), members
+
+
+def _rejects(dest: str) -> dict[str, dict]:
+    return {r["path"]: r for r in contract.read_rejects(dest).to_pylist()}
+
+
+def _reconciles(dest: str, report, members: dict[str, bytes]) -> None:
+    kept = set(read_output(dest).column("path").to_pylist())
+    rejected = set(_rejects(dest))
+    assert report.inputs == len(members) == report.outputs + report.rejected
+    assert kept | rejected == set(members) and not kept & rejected
+
+
+def test_formats_outside_the_accepted_set_are_unsupported_format(other_formats, tmp_path):
+    src, members = other_formats
+    dest = str(tmp_path / "clean")
+    report = clean(src, dest, CleanConfig(workers=1))
+
+    rejects = _rejects(dest)
+    assert {p: r["reason"] for p, r in rejects.items()} == dict.fromkeys(OTHER_FORMATS, "unsupported_format")
+    for path, (shown, _) in OTHER_FORMATS.items():
+        assert rejects[path]["detail"].startswith(f"{shown} is not an accepted format (accepted: jpeg, png, gif, bmp, tiff, webp); ")
+    assert "--set formats=jpeg,png,gif,bmp,tiff,webp,jpeg2000" in rejects["images/Bengal_700.jp2"]["detail"]
+    assert report.rejects_by_reason == {"unsupported_format": 3}
+    _reconciles(dest, report, members)
+    assert contract.read_manifest(dest)["config"]["formats"] == ["jpeg", "png", "gif", "bmp", "tiff", "webp"]
+
+
+@pytest.mark.skipif(not features.check("jpg_2000"), reason="this Pillow has no OpenJPEG codec")
+def test_formats_added_by_config_are_cleaned(other_formats, tmp_path):
+    src, members = other_formats
+    dest = str(tmp_path / "clean")
+    # As `--set formats=...` delivers it: one comma-separated string.
+    cfg = config_from_dict(CleanConfig, {"workers": 1, "formats": "jpeg,png,gif,bmp,tiff,webp,jpeg2000,icns"})
+    report = clean(src, dest, cfg)
+
+    rows = {r["path"]: r for r in read_output(dest).to_pylist()}
+    for path in ("images/Bengal_700.jp2", "images/beagle_702.icns"):
+        assert rows[path]["format"] == "png" and Image.open(io.BytesIO(rows[path]["image"]["bytes"])).format == "PNG"
+    assert (rows["images/Bengal_700.jp2"]["width"], rows["images/Bengal_700.jp2"]["height"]) == (96, 64)
+    eps = _rejects(dest)["images/Siamese_701.jpg"]
+    assert eps["reason"] == "unsupported_format" and "Ghostscript" in eps["detail"]
+    _reconciles(dest, report, members)
+    with pytest.raises(ValueError, match="cleaned with other formats"):
+        clean(src, str(tmp_path / "again"), CleanConfig(workers=1, skip_hashes_from=dest))

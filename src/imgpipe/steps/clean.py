@@ -60,8 +60,15 @@ from tqdm.auto import tqdm
 
 from imgpipe import contract, resources, storage
 from imgpipe.annotations import HeadBox, image_stem, read_head_boxes
+from imgpipe.config import config_to_dict
 from imgpipe.contract import OutputWriter, Reject, StepReport
-from imgpipe.images import ImageRejected, load_decoders, validate_and_normalize
+from imgpipe.images import (
+    DEFAULT_FORMATS,
+    ImageRejected,
+    check_formats,
+    load_decoders,
+    validate_and_normalize,
+)
 from imgpipe.labels import Labeler, LabelSource, choose_label_source, encode_labels, read_label_csv
 from imgpipe.phases import PhaseLog
 
@@ -141,6 +148,11 @@ class CleanConfig:
             is PIL's own decompression-bomb limit.
         min_side: Smallest width or height accepted; smaller is ``too_small``.
         jpeg_quality: Quality for JPEGs that normalization had to re-encode.
+        formats: Image formats to decode, by Pillow's name in lowercase (any of
+            :data:`imgpipe.images.DECODABLE_FORMATS`); a file whose signature names
+            another format is rejected ``unsupported_format``, its plugin never run. Add
+            ``jpeg2000`` (needs Pillow with OpenJPEG, as its wheels have), ``avif``,
+            ``ico``, ``psd`` and others as needed; EPS is never decoded (Ghostscript).
         workers: Decode processes; 0 means one per CPU the container may use. Fewer start
             when the memory cannot hold that many (the manifest's ``decode_pool`` says how
             many did). 1 decodes in the step's own process, where an image that gets the
@@ -172,6 +184,7 @@ class CleanConfig:
     max_pixels: int = 89_478_485
     min_side: int = 32
     jpeg_quality: int = 95
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     workers: int = 0
     image_timeout_s: float = 60.0
     rows_per_shard: int = 2048
@@ -201,6 +214,7 @@ class CleanConfig:
             raise ValueError("max_pixels and min_side must be positive")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
+        object.__setattr__(self, "formats", check_formats(self.formats))
         if self.workers < 0:
             raise ValueError("workers must be >= 0 (0 = all cores)")
         if self.image_timeout_s < 0:
@@ -490,6 +504,7 @@ def validate_task(
                             min_side=cfg.min_side,
                             jpeg_quality=cfg.jpeg_quality,
                             max_decode_bytes=max_decode_bytes,
+                            formats=cfg.formats,
                         )
                 except ImageRejected as exc:
                     results.append(RowResult(member, exc.reason, exc.detail[:500]))
@@ -999,14 +1014,18 @@ def _write_shards(
             fut.result()
 
 
-# Settings that change a cleaned row: a previous output made with others cannot be reused.
-_ROW_SETTINGS = ("grayscale", "max_pixels", "min_side", "jpeg_quality")
+# Settings that change a cleaned row: a previous output made with others cannot be reused
+# (formats too: a row kept as JPEG 2000 must not be carried into a run that refuses it).
+_ROW_SETTINGS = ("grayscale", "max_pixels", "min_side", "jpeg_quality", "formats")
 
 
 def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], dict[str, str]]:
     """Data files and sha256 -> split of a previous clean output (metadata columns only)."""
     manifest = contract.read_manifest(prefix, expect_step="clean")
-    changed = [k for k in _ROW_SETTINGS if manifest["config"].get(k) != getattr(cfg, k)]
+    # As the manifest stores them (tuples as lists); an output written before a setting
+    # existed was made with its default.
+    current, default = config_to_dict(cfg), config_to_dict(CleanConfig())
+    changed = [k for k in _ROW_SETTINGS if manifest["config"].get(k, default[k]) != current[k]]
     if changed:
         raise ValueError(
             f"skip_hashes_from={prefix} was cleaned with other {', '.join(changed)}; run a full clean instead"
