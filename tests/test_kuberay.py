@@ -25,8 +25,9 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from imgpipe import contract, kuberay, ray_jobs, storage
+from imgpipe import contract, kfp_client, kuberay, ray_jobs, storage
 from imgpipe.steps.resize import ResizeConfig
+from tests import rbac
 from tests.test_ray_jobs import commit_like_the_job, parse_entrypoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,21 +237,110 @@ def test_the_packaged_template_is_the_one_in_k8s_ray_and_needs_no_env(monkeypatc
 # ------------------------------------------------------------------ create-or-attach and wait, on a fake API
 
 SUCCESS = [("Initializing", ""), ("Running", "PENDING"), ("Running", "RUNNING"), ("Complete", "SUCCEEDED")]
+# The account a pipeline's resize task runs as (k8s/base/serviceaccount-pipeline.yaml), in the
+# namespace these tests use: every fake call is authorized for it against the rendered Role.
+RUN_USER = rbac.service_account("ml", kfp_client.PIPELINE_SERVICE_ACCOUNT)
+
+
+@pytest.fixture(scope="module")
+def base_rbac(tmp_path_factory) -> list[dict]:
+    """k8s/base as ``kubectl kustomize`` renders it into the namespace ``ml``."""
+    return rbac.render(ROOT / "k8s" / "base", tmp_path_factory.mktemp("rbac"), namespace="ml")
+
+
+@pytest.fixture(autouse=True)
+def _fakes_authorize_with_the_rendered_role(base_rbac, monkeypatch):
+    monkeypatch.setattr(FakeCustomObjects, "authorizer", rbac.Authorizer(base_rbac))
+
+
+def prune(obj: Any, schema: dict) -> Any:
+    """Drops what a structural schema does not list, as the API server does on every write.
+
+    Kubernetes' custom resource field pruning (apiextensions.k8s.io/v1 CRDs always prune):
+    an object field not in ``properties`` goes unless the schema has
+    ``x-kubernetes-preserve-unknown-fields``; ``metadata`` is the API server's own
+    (the CRD schema lists it as a bare object).
+    """
+    if isinstance(obj, dict) and schema.get("type", "object") == "object":
+        props = schema.get("properties")
+        if props is not None:
+            for key in list(obj):
+                if key in props:
+                    obj[key] = prune(obj[key], props[key])
+                elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+                    del obj[key]
+        elif isinstance(schema.get("additionalProperties"), dict):
+            for key in obj:
+                obj[key] = prune(obj[key], schema["additionalProperties"])
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        return [prune(item, schema["items"]) for item in obj]
+    return obj
+
+
+# What each older KubeRay's RayJob CRD lacks of the fields imgpipe sets (ray-project/kuberay
+# ray-operator/config/crd/bases/ray.io_rayjobs.yaml at each tag: submitterConfig from v1.2.0,
+# rayClusterSpec.authOptions from v1.5.1, preRunningDeadlineSeconds from v1.6.0). v1.3.2 is the
+# KubeRay of Kubeflow's own install (kubeflow/manifests 26.03 experimental/ray).
+OLD_CRDS = {
+    "v1.1.1": [("spec", "preRunningDeadlineSeconds"), ("spec", "rayClusterSpec", "authOptions"), ("spec", "submitterConfig")],
+    "v1.3.2": [("spec", "preRunningDeadlineSeconds"), ("spec", "rayClusterSpec", "authOptions")],
+    "v1.5.0": [("spec", "preRunningDeadlineSeconds"), ("spec", "rayClusterSpec", "authOptions")],
+    "v1.5.2": [("spec", "preRunningDeadlineSeconds")],
+}
+
+
+@pytest.fixture(scope="module")
+def rayjob_schema(schemas_dir: Path) -> dict:
+    """The v1 openAPIV3Schema of KubeRay v1.7's RayJob CRD."""
+    crd = yaml.load((schemas_dir / "kuberay-v1.7-ray.io_rayjobs.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def old_crd_schema(schema: dict, release: str) -> dict:
+    """``schema`` without the properties ``release``'s CRD does not have yet."""
+    out = copy.deepcopy(schema)
+    for path in OLD_CRDS[release]:
+        node = out
+        for key in path[:-1]:
+            node = node["properties"][key]
+        del node["properties"][path[-1]]
+    return out
 
 
 class FakeCustomObjects:
     """A stand-in for ``CustomObjectsApi`` with an "operator" that advances a RayJob one
-    status per read, and "runs" its entrypoint when it succeeds."""
+    status per read, and "runs" its entrypoint when it succeeds.
 
-    def __init__(self, script=SUCCESS, message="") -> None:
+    Every call is authorized as :data:`RUN_USER` by ``authorizer`` (the rendered Role and
+    RoleBindings; none: everything allowed), a refusal being the API server's 403 with its
+    ``Status`` body. With ``schema`` (a RayJob CRD's openAPIV3Schema) a create stores and
+    returns the object pruned to it, as the API server does.
+    """
+
+    authorizer: rbac.Authorizer | None = None
+
+    def __init__(self, script=SUCCESS, message="", *, schema: dict | None = None, authorizer: rbac.Authorizer | None = None) -> None:
         self.script, self.message = list(script), message
+        self.schema = schema
+        if authorizer is not None:
+            self.authorizer = authorizer
         self.objects: dict[tuple[str, str], dict] = {}
         self.created: list[str] = []
         self.bodies: dict[str, dict] = {}  # what each create sent, kept after a delete
         self.deleted: list[str] = []
 
+    def authorize(self, verb, group, resource, namespace, name="", subresource="") -> None:
+        """Raises the API server's 403 unless :data:`RUN_USER` may make the call."""
+        request = rbac.Request(verb, group, resource, namespace, subresource, name)
+        if self.authorizer is not None and not self.authorizer.allows(RUN_USER, request):
+            exc = ApiException(status=403, reason="Forbidden")
+            exc.body = rbac.forbidden_status(RUN_USER, request)
+            raise exc
+
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
         self._check(group, version, plural)
+        self.authorize("delete", group, plural, namespace, name)
         if self.objects.pop((namespace, name), None) is None:
             raise ApiException(status=404, reason="NotFound")
         self.deleted.append(name)
@@ -266,16 +356,19 @@ class FakeCustomObjects:
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         self._check(group, version, plural)
+        self.authorize("create", group, plural, namespace)
         key = (namespace, body["metadata"]["name"])
         if key in self.objects:
             raise ApiException(status=409, reason="AlreadyExists")
         self.created.append(key[1])
         self.bodies[key[1]] = copy.deepcopy(body)
-        self.objects[key] = {**copy.deepcopy(body), "status": {}, "_steps": list(self.script)}
-        return copy.deepcopy(self.objects[key])
+        stored = prune(copy.deepcopy(body), self.schema) if self.schema is not None else copy.deepcopy(body)
+        self.objects[key] = {**stored, "status": {}, "_steps": list(self.script)}
+        return {k: copy.deepcopy(v) for k, v in self.objects[key].items() if k != "_steps"}
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
         self._check(group, version, plural)
+        self.authorize("get", group, plural, namespace, name)
         obj = self.objects.get((namespace, name))
         if obj is None:
             raise ApiException(status=404, reason="NotFound")
@@ -409,8 +502,8 @@ HEAD_EVICTED = ("Failed", "", "SubmissionFailed", "Job submission has failed. Re
 class FakeCluster(FakeCustomObjects):
     """The fake operator plus what imgpipe reads around it: deletes, the cluster's template, submitter pods and logs."""
 
-    def __init__(self, script=SUCCESS, message="", final=None, template=None, logs=()) -> None:
-        super().__init__(script, message)
+    def __init__(self, script=SUCCESS, message="", final=None, template=None, logs=(), **kwargs) -> None:
+        super().__init__(script, message, **kwargs)
         self.final = final  # (deployment, job, reason, message) the script ends in and then keeps
         self.logs = list(logs)
         if template is not None:
@@ -428,11 +521,13 @@ class FakeCluster(FakeCustomObjects):
     def list_namespaced_pod(self, namespace, label_selector=""):
         from types import SimpleNamespace
 
+        self.authorize("list", "", "pods", namespace)
         name = label_selector.split("=", 1)[1]
         pods = [SimpleNamespace(metadata=SimpleNamespace(name=f"{name}-x7k2p", creation_timestamp=1))] if self.logs else []
         return SimpleNamespace(items=pods)
 
     def read_namespaced_pod_log(self, name, namespace, **kwargs):
+        self.authorize("get", "", "pods", namespace, name, subresource="log")
         return "\n".join(self.logs[: len(self.logs)]) + "\n"
 
 
@@ -556,3 +651,91 @@ def test_the_role_grants_exactly_the_calls_the_code_makes(run_args):
     role = yaml.safe_load((ROOT / "k8s" / "base" / "role-rayjobs.yaml").read_text())
     granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
     assert used == granted, f"the Role grants {sorted(granted - used)} unused, lacks {sorted(used - granted)}"
+
+
+# ------------------------------------------------------------------ RBAC: every permission the code uses is needed
+
+
+def full_run(api, run_args):
+    """The whole path: the template from the cluster, create, wait, the submitter's log, delete."""
+    return run(api, {**run_args, "template": None})
+
+
+@pytest.mark.parametrize(("resource", "verb"), sorted(set(CALL_VERBS.values())), ids=lambda v: v.replace("/", "-"))
+def test_each_permission_the_code_uses_is_needed(resource, verb, run_args, base_rbac, caplog):
+    """A Role without one of its verbs: the refused call surfaces as one line naming it.
+
+    Creating and reading RayJobs fail the step; the submitter's log and the clean-up of
+    finished attempts are courtesies, so their refusal is a warning and the step succeeds.
+    """
+    authorizer = rbac.Authorizer(rbac.without_verb(base_rbac, "imgpipe-rayjobs", resource, verb))
+    api = FakeCluster(logs=["resize: 1/1 images"], template=run_args["template"], authorizer=authorizer)
+    qualified = f"{resource}.ray.io" if resource == "rayjobs" else resource
+    needed = f"service account ml/imgpipe-pipeline may not {verb} {qualified} in namespace ml"
+    if (resource, verb) in (("rayjobs", "create"), ("rayjobs", "get")):
+        with pytest.raises(RuntimeError) as caught:
+            full_run(api, run_args)
+        message = str(caught.value)
+        assert needed in message and "403 Forbidden" in message and "k8s/base/role-rayjobs.yaml" in message
+        assert "\n" not in message, "one line"
+        assert api.created == [], "nothing runs"
+        return
+    with caplog.at_level("WARNING", logger="imgpipe.kuberay"):
+        report, printed = full_run(api, run_args)
+    assert report.step == "resize"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w for w in warnings if needed in w], warnings
+    if resource in ("pods", "pods/log"):
+        assert "resize: 1/1 images" not in printed
+        assert sum(needed in w for w in warnings) == 1, "reported once, not at every poll"
+    else:
+        assert api.deleted == [] and api.objects, "the finished RayJob stays when its delete is refused"
+
+
+def test_a_refusal_names_the_account_the_api_server_saw(run_args, tmp_path):
+    """Bound to another account (default-editor), imgpipe's account has no RayJob rights at all."""
+    docs = rbac.render(ROOT / "k8s" / "base", tmp_path / "rbac", namespace="ml")
+    for doc in docs:
+        if doc["kind"] == "RoleBinding" and doc["metadata"]["name"] == "imgpipe-rayjobs":
+            doc["subjects"] = [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "ml"}]
+    api = FakeCluster(authorizer=rbac.Authorizer(docs))
+    with pytest.raises(RuntimeError, match=r"refused to read the RayJob template ml/imgpipe-resize \(403 Forbidden\): "
+                                           r"service account ml/imgpipe-pipeline may not get rayjobs\.ray\.io in namespace ml"):  # fmt: skip
+        full_run(api, run_args)
+
+
+# ------------------------------------------------------------------ an operator whose CRD prunes the fields imgpipe needs
+
+
+def test_the_fake_prunes_like_an_old_crd_and_keeps_everything_on_a_current_one(run_args, rayjob_schema):
+    body = kuberay.build_rayjob(run_args["template"], params())
+    current = FakeCustomObjects(schema=rayjob_schema).create_namespaced_custom_object("ray.io", "v1", "ml", "rayjobs", body)
+    assert {k: v for k, v in current.items() if k != "status"} == body, "KubeRay v1.7's CRD lists every field imgpipe sets"
+    old = FakeCustomObjects(schema=old_crd_schema(rayjob_schema, "v1.3.2")).create_namespaced_custom_object("ray.io", "v1", "ml", "rayjobs", body)
+    assert "preRunningDeadlineSeconds" not in old["spec"] and "authOptions" not in old["spec"]["rayClusterSpec"]
+    assert old["spec"]["submitterConfig"] == body["spec"]["submitterConfig"] and old["metadata"] == body["metadata"]
+    assert kuberay.dropped_fields(body, old) == ["spec.preRunningDeadlineSeconds", "spec.rayClusterSpec.authOptions"]
+    assert kuberay.dropped_fields(body, current) == []
+
+
+@pytest.mark.parametrize("release", sorted(OLD_CRDS))
+def test_an_operator_older_than_the_floor_fails_the_step_and_its_rayjob_goes(release, run_args, rayjob_schema):
+    api = FakeCluster(template=run_args["template"])
+    api.schema = old_crd_schema(rayjob_schema, release)
+    with pytest.raises(RuntimeError) as caught:
+        full_run(api, run_args)
+    message = str(caught.value)
+    assert f"KubeRay >= {kuberay.MIN_KUBERAY}" in message and "\n" not in message
+    for path in OLD_CRDS[release]:
+        assert ".".join(path) in message, path
+    assert "the RayJob was deleted" in message
+    assert api.created == api.deleted == [run_args["base"]], "created, found pruned, deleted before any wait"
+    assert ("ml", run_args["base"]) not in api.objects
+    assert api.objects[("ml", "imgpipe-resize")]["spec"]["suspend"] is True, "the template stays"
+
+
+def test_the_applied_by_label_of_the_template_stays_off_each_runs_rayjob(run_args):
+    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
+    assert template["metadata"]["labels"][kuberay.APPLIED_BY_LABEL] == "cluster-admin"
+    job = kuberay.build_rayjob(template, params())
+    assert kuberay.APPLIED_BY_LABEL not in job["metadata"]["labels"], "a run's RayJob is no admin's manifest (kubectl apply -l ... --prune)"

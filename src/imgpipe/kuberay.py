@@ -40,6 +40,18 @@ rayjob_controller.go`` at v1.6.0 sets them):
 * **Logs.** The step's own output is in the submitter Job's pod (label
   ``job-name=<rayjob>``, set by Kubernetes' Job controller; KubeRay names the Job after the
   RayJob): its new lines are copied to this step's log at every poll.
+* **An operator too old.** The API server prunes the fields a custom resource's schema
+  does not list, silently (structural schemas; ``apiextensions.k8s.io/v1`` always prunes),
+  so a RayJob sent to an older KubeRay's CRD loses ``spec.preRunningDeadlineSeconds``
+  (first in v1.6.0), ``spec.rayClusterSpec.authOptions`` (v1.5.1) or
+  ``spec.submitterConfig`` (v1.2.0) and runs without them: no start deadline, no Ray token.
+  The object the create returns is compared with what was sent; a dropped field fails the
+  step with the fields and the version it needs (:data:`MIN_KUBERAY`), and the RayJob is
+  deleted at once, before the wait.
+* **RBAC.** A call the service account may not make (403) fails with one line naming the
+  verb, the resource, the namespace and the account (:func:`forbidden_message`); the
+  submitter's log is a courtesy, so a refused log read is a warning, as is a refused
+  delete of finished attempts.
 
 Settings from the environment (a pipeline component sets them):
 ``IMGPIPE_RAY_IMAGE`` (the Ray image with imgpipe, required unless the template
@@ -55,6 +67,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -83,6 +96,11 @@ from imgpipe.ray_jobs import (
 )
 
 __all__ = [
+    "MIN_KUBERAY",
+    "REQUIRED_FIELDS",
+    "APPLIED_BY_LABEL",
+    "dropped_fields",
+    "forbidden_message",
     "RUN_ID_LABEL",
     "STEP_LABEL",
     "WAIT_SLACK_S",
@@ -130,6 +148,19 @@ DEFAULT_PRE_RUNNING_DEADLINE_S = 1800
 # Metadata the API server owns or kubectl adds; not part of a template.
 _SERVER_METADATA = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields", "selfLink", "ownerReferences")
 NO_LOGS = object()  # core_api value that turns log tailing off
+# The KubeRay floor (docs/deploy.md, "Versions"), and the RayJob fields behind it with the
+# release whose CRD first has each (ray-project/kuberay ray-operator/config/crd/bases/
+# ray.io_rayjobs.yaml at those tags; Kubeflow's own KubeRay install, kubeflow/manifests
+# 26.03 experimental/ray, is 1.3.2 and has only submitterConfig).
+MIN_KUBERAY = "1.6"
+REQUIRED_FIELDS: dict[tuple[str, ...], str] = {
+    ("spec", "preRunningDeadlineSeconds"): "v1.6.0",
+    ("spec", "rayClusterSpec", "authOptions"): "v1.5.1",
+    ("spec", "submitterConfig"): "v1.2.0",
+}
+# Says who applies a manifest (k8s/: a cluster admin applies the objects that carry it);
+# a template's label, not a run's, so build_rayjob leaves it off each run's RayJob.
+APPLIED_BY_LABEL = "imgpipe.dev/applied-by"
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 # Package data: src/imgpipe/manifests/rayjob-<step>.yaml are relative symlinks to
 # k8s/ray/ (the one copy; kustomize reads it there), built into the wheel as files.
@@ -247,7 +278,8 @@ def build_rayjob(template: Mapping[str, Any], params: RayJobParams) -> dict[str,
     meta["name"] = params.name
     meta["namespace"] = params.namespace
     meta["annotations"] = {**(meta.get("annotations") or {}), **params.annotations}
-    meta["labels"] = {**(meta.get("labels") or {}), **_MANAGED, **params.labels}
+    template_labels = {k: v for k, v in (meta.get("labels") or {}).items() if k != APPLIED_BY_LABEL}
+    meta["labels"] = {**template_labels, **_MANAGED, **params.labels}
     spec = body.setdefault("spec", {})
     spec["entrypoint"] = params.entrypoint
     spec["suspend"] = False
@@ -357,7 +389,45 @@ def _status_code(exc: Exception) -> int | None:
     return getattr(exc, "status", None)
 
 
-def _get(api: Any, namespace: str, name: str) -> dict[str, Any] | None:
+# The API server's refusal names the user: `<resource> ["<name>"] is forbidden: User "<user>"
+# cannot <verb> resource ...` (kubernetes/kubernetes staging/src/k8s.io/apiserver/pkg/endpoints/
+# handlers/responsewriters/errors.go, forbiddenMessage).
+_FORBIDDEN_USER = re.compile(r'User "([^"]*)"')
+_SA_USER = re.compile(r"system:serviceaccount:([^:]+):(.+)")
+_RBAC_HINT = 'k8s/base/role-rayjobs.yaml, bound to imgpipe-pipeline; docs/deploy.md, "RBAC"'
+
+
+def _caller(exc: Exception) -> str:
+    """Who the API server refused, from its message; else where this process's credentials come from."""
+    body = getattr(exc, "body", None)
+    try:
+        message = str(json.loads(body).get("message", "")) if body else ""
+    except (TypeError, ValueError, AttributeError):
+        message = str(body)
+    found = _FORBIDDEN_USER.search(message)
+    if found:
+        sa = _SA_USER.fullmatch(found.group(1))
+        return f"service account {sa.group(1)}/{sa.group(2)}" if sa else f"user {found.group(1)}"
+    return "this pod's service account" if _SA_NAMESPACE.is_file() else "the kubeconfig's user"
+
+
+def forbidden_message(exc: Exception, verb: str, resource: str, namespace: str, doing: str) -> str:
+    """One line for a 403: what was refused, to whom, and where the grant belongs.
+
+    Args:
+        exc: The ``ApiException`` (its body names the user the API server saw).
+        verb: The RBAC verb of the call (``create``, ``get``, ``list``, ``delete``).
+        resource: The RBAC resource, ``rayjobs.ray.io``, ``pods`` or ``pods/log``.
+        namespace: The namespace of the call.
+        doing: What imgpipe was doing, e.g. ``create RayJob ml/x``.
+    """
+    return (
+        f"the Kubernetes API refused to {doing} (403 Forbidden): {_caller(exc)} may not {verb} {resource} "
+        f"in namespace {namespace}; grant it to the run's service account ({_RBAC_HINT})"
+    )
+
+
+def _get(api: Any, namespace: str, name: str, doing: str | None = None) -> dict[str, Any] | None:
     from kubernetes.client.exceptions import ApiException
 
     try:
@@ -365,6 +435,9 @@ def _get(api: Any, namespace: str, name: str) -> dict[str, Any] | None:
     except ApiException as exc:
         if _status_code(exc) == 404:
             return None
+        if _status_code(exc) == 403:
+            what = doing or f"read RayJob {namespace}/{name}"
+            raise RuntimeError(forbidden_message(exc, "get", f"{PLURAL}.{GROUP}", namespace, what)) from None
         raise
 
 
@@ -373,6 +446,9 @@ def create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any],
 
     Returns:
         The object as the API server has it, and whether this call created it.
+
+    Raises:
+        RuntimeError: If RBAC refuses the create (403), in one line naming the permission.
     """
     from kubernetes.client.exceptions import ApiException
 
@@ -380,12 +456,61 @@ def create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any],
     try:
         return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body), True
     except ApiException as exc:
+        if _status_code(exc) == 403:
+            message = forbidden_message(exc, "create", f"{PLURAL}.{GROUP}", namespace, f"create RayJob {namespace}/{name}")
+            raise RuntimeError(message) from None
         if _status_code(exc) != 409:
             raise
     existing = _get(api, namespace, name)
     if existing is None:  # deleted between the two calls: a retry creates it again
         raise RuntimeError(f"RayJob {namespace}/{name} already existed but is gone now; retry")
     return existing, False
+
+
+def _field(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def dropped_fields(sent: Mapping[str, Any], returned: Mapping[str, Any]) -> list[str]:
+    """The :data:`REQUIRED_FIELDS` that ``sent`` sets and the API server's copy lacks.
+
+    The API server drops, without an error, every field the CRD's structural schema does
+    not list (Kubernetes' custom resource field pruning), so on an older KubeRay's CRD they
+    are gone from the object the create returns.
+    """
+    return [".".join(path) for path in REQUIRED_FIELDS if _field(sent, path) is not None and _field(returned, path) is None]
+
+
+def _refuse_pruned(api: Any, sent: Mapping[str, Any], returned: Mapping[str, Any]) -> None:
+    """Deletes the RayJob and raises if the cluster's CRD dropped a required field.
+
+    The RayJob is this job's attempt (its name is the job id) whether this call created it
+    or a retry of the task did (409): either way it must not run without the fields.
+
+    Raises:
+        RuntimeError: Naming the dropped fields, the release that added each and :data:`MIN_KUBERAY`.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    dropped = dropped_fields(sent, returned)
+    if not dropped:
+        return
+    namespace, name = sent["metadata"]["namespace"], sent["metadata"]["name"]
+    try:
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background")
+        outcome = "the RayJob was deleted"
+    except ApiException as exc:
+        outcome = f"deleting it failed ({_status_code(exc)} {exc.reason}): kubectl delete rayjob -n {namespace} {name}"
+    since = ", ".join(f"{field} since {REQUIRED_FIELDS[tuple(field.split('.'))]}" for field in dropped)
+    raise RuntimeError(
+        f"RayJob {namespace}/{name}: the cluster's RayJob CRD dropped {', '.join(dropped)} (the API server prunes "
+        f"fields its schema lacks): imgpipe needs KubeRay >= {MIN_KUBERAY} ({since}; kubectl get crd rayjobs.ray.io "
+        f"shows the installed schema); {outcome}"
+    )
 
 
 def rayjob_state(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -475,8 +600,10 @@ class SubmitterLog:
         self.core_api, self.namespace, self.name, self.out = core_api, namespace, name, out
         self.pod: str | None = None
         self.shown = 0
+        self.refused: set[str] = set()  # permissions already reported (once each)
 
     def __call__(self) -> None:
+        call = ("list", "pods", f"list the pods of RayJob {self.namespace}/{self.name}'s submitter")
         try:
             pods = self.core_api.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.name}").items
             if not pods:
@@ -484,9 +611,15 @@ class SubmitterLog:
             pod = max(pods, key=lambda p: str(p.metadata.creation_timestamp)).metadata.name
             if pod != self.pod:
                 self.pod, self.shown = pod, 0
+            call = ("get", "pods/log", f"read the log of pod {self.namespace}/{pod}")
             text = self.core_api.read_namespaced_pod_log(pod, self.namespace) or ""
         except Exception as exc:  # a pod still pending, RBAC without pods/log: logs are a courtesy
-            log.debug("no log of RayJob %s/%s's submitter yet: %s", self.namespace, self.name, exc)
+            verb, resource, doing = call
+            if _status_code(exc) == 403 and resource not in self.refused:
+                self.refused.add(resource)
+                log.warning("no submitter log in this step's log: %s", forbidden_message(exc, verb, resource, self.namespace, doing))
+            else:
+                log.debug("no log of RayJob %s/%s's submitter yet: %s", self.namespace, self.name, exc)
             return
         if len(text) > self.shown:
             self.out.write(text[self.shown :])
@@ -520,7 +653,7 @@ def cluster_template(api: Any, namespace: str, step: str) -> tuple[dict[str, Any
 
     name = f"imgpipe-{step}"
     try:
-        obj = _get(api, namespace, name)
+        obj = _get(api, namespace, name, doing=f"read the RayJob template {namespace}/{name}")
     except ApiException as exc:
         raise RuntimeError(
             f"cannot read the RayJob template {namespace}/{name} ({_status_code(exc)} {exc.reason}): the pipeline's "
@@ -547,7 +680,10 @@ def _delete_attempts(api: Any, namespace: str, base: str, attempts: int) -> None
                 GROUP, VERSION, namespace, PLURAL, attempt_id(base, n), propagation_policy="Background"
             )
         except ApiException as exc:
-            if _status_code(exc) != 404:
+            if _status_code(exc) == 403:
+                doing = f"delete RayJob {namespace}/{attempt_id(base, n)}"
+                log.warning("%s", forbidden_message(exc, "delete", f"{PLURAL}.{GROUP}", namespace, doing))
+            elif _status_code(exc) != 404:
                 log.warning("could not delete RayJob %s/%s: %s", namespace, attempt_id(base, n), exc)
 
 
@@ -607,7 +743,9 @@ def run_step_rayjob(
 
     Raises:
         RuntimeError: If the RayJob fails (``ValidationFailed`` included), with its
-            status, reason and message.
+            status, reason and message; if the cluster's CRD dropped a field of
+            :data:`REQUIRED_FIELDS` (the RayJob is deleted); if RBAC refuses a RayJob
+            call (403), naming the verb, resource, namespace and account.
         TimeoutError: If the deadline passes first (the RayJob keeps running).
     """
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
@@ -657,7 +795,11 @@ def run_step_rayjob(
             annotations={"imgpipe.io/run-id": run_id or "", "imgpipe.io/attempt": str(attempt)},
             labels={RUN_ID_LABEL: label_value(run_id or base), STEP_LABEL: label_value(step)},
         )
-        body, created = create_or_attach(api, build_rayjob(template, params))
+        sent = build_rayjob(template, params)
+        body, created = create_or_attach(api, sent)
+        # Before any wait: a RayJob without its deadline or token must not run on. (A running
+        # attempt attached to below was checked here by the try that created it.)
+        _refuse_pruned(api, sent, body)
         log.info(
             "%s: %s RayJob %s/%s (attempt %d); its log follows (kubectl logs -n %s -f job/%s)",
             step, "created" if created else "attached to", namespace, name, attempt, namespace, name,
