@@ -20,6 +20,30 @@ With ``multi_user`` on it refuses what the real API server refuses in multi-user
   namespace; listing with ``namespace`` returns that namespace's pipelines only.
 
 Errors come back as the grpc-gateway does: HTTP 400 with ``{"error", "code": 3, "message"}``.
+
+With an ``authorizer`` (tests/rbac.py over the rendered Roles and RoleBindings) it also
+authorizes every call as multi-user KFP does, for the account of the request's bearer token
+(the subject a TokenReview of it would return): one SubjectAccessReview per call on a
+``pipelines.kubeflow.org`` resource in the object's namespace (kubeflow/pipelines 2.15.0,
+unchanged in 2.16.0 and 2.17.0, ``backend/src/apiserver/server/``):
+
+* ``pipeline_server.go``: list pipelines -> ``list pipelines`` in the query's namespace;
+  list a pipeline's versions -> ``list pipelines`` in the pipeline's namespace
+  (``canAccessPipelineVersion`` -> ``canAccessPipeline``: a version is checked as its
+  pipeline, never as ``pipelines/versions``); a shared pipeline (no namespace) is not checked;
+* ``pipeline_upload_server.go``: upload a pipeline, upload a version -> ``create
+  pipelines`` (``canUploadVersionedPipeline``); refused with HTTP 400 and
+  ``{"error_message": "Failed to create a pipeline[ version]"}``;
+* ``experiment_server.go``: list -> ``list experiments``, create -> ``create experiments``
+  (named);
+* ``run_server.go``: list -> ``list runs`` (the experiment's namespace), create -> ``create
+  runs``, get -> ``get runs`` (named by the run's Kubernetes name);
+* ``job_server.go``: recurring runs as ``jobs``: ``list``, ``create``, ``delete``.
+
+A refusal is ``PermissionDenied`` (``resource/resource_manager.go`` ``IsAuthorized``), which
+grpc-gateway v2 (the API server's, ``go.mod`` v2.27.1) answers with HTTP 403 and a
+``google.rpc.Status`` body: ``{"code": 7, "message": ..., "details": []}``; no identity at all
+is ``Unauthenticated`` (401, code 16).
 """
 
 from __future__ import annotations
@@ -40,6 +64,7 @@ import yaml
 
 from imgpipe import kfp_client
 from imgpipe.kfp_client import Target
+from tests import rbac
 
 API = "/apis/v2beta1"
 
@@ -66,6 +91,8 @@ class FakeKfp:
     run_state: str = "SUCCEEDED"
     multi_user: bool = False
     require_namespace_for_pipelines: bool = False
+    authorizer: rbac.Authorizer | None = None
+    reviews: list[rbac.Request] = field(default_factory=list)  # every SubjectAccessReview made
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def new_id(self, kind: str) -> str:
@@ -88,6 +115,23 @@ def _matching(items: list[dict], query: dict[str, str], **equal: str) -> list[di
 def _invalid(message: str) -> tuple[int, Any]:
     """InvalidArgument, as grpc-gateway maps it."""
     return 400, {"error": message, "code": 3, "message": message, "details": []}
+
+
+def _denied(context: str, user: str, request: rbac.Request) -> str:
+    """The API server's PermissionDenied text (resource_manager.go IsAuthorized, wrapped by the server)."""
+    attributes = (
+        f"&ResourceAttributes{{Namespace:{request.namespace},Verb:{request.verb},Group:pipelines.kubeflow.org,"
+        f"Version:v1beta1,Resource:{request.resource},Subresource:,Name:{request.name},}}"
+    )
+    return f"{context}: PermissionDenied: User '{user}' is not authorized with reason:  (request: {attributes}): Unauthorized access"
+
+
+class _Refused(Exception):
+    """The API server's answer to a call it does not authorize."""
+
+    def __init__(self, status: int, payload: dict) -> None:
+        super().__init__(status)
+        self.status, self.payload = status, payload
 
 
 def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
@@ -115,9 +159,14 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
             body = self._body() if method in ("POST", "PATCH") else None
-            fake.requests.append(Request(method, url.path, query, body, {k.lower(): v for k, v in self.headers.items()}))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            fake.requests.append(Request(method, url.path, query, body, headers))
             parts = url.path[len(API) :].strip("/").split("/")
-            status, payload = route(method, parts, query, body)
+            token = headers.get("authorization", "").removeprefix("Bearer ")
+            try:
+                status, payload = route(method, parts, query, body, rbac.token_subject(token) if token else None)
+            except _Refused as refused:
+                status, payload = refused.status, refused.payload
             self._send(status, payload)
 
         def do_GET(self) -> None:
@@ -129,17 +178,41 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
         def do_DELETE(self) -> None:
             self._handle("DELETE")
 
-    def route(method: str, parts: list[str], q: dict[str, str], body: Any) -> tuple[int, Any]:
+    def check(user: str | None, verb: str, resource: str, namespace: str, name: str = "", *, context: str, upload: str = "") -> None:
+        """One SubjectAccessReview; raises the API server's refusal (``upload``: the upload endpoint's words)."""
+        if fake.authorizer is None or not fake.multi_user or not namespace:
+            return  # single-user mode, or a shared pipeline: not checked
+        request = rbac.Request(verb, "pipelines.kubeflow.org", resource, namespace, name=name)
+        fake.reviews.append(request)
+        if user is None:
+            message = "Failed to check authorization. User identity is empty in the request header"
+            raise _Refused(401, {"code": 16, "message": message, "details": []})
+        if fake.authorizer.allows(user, request):
+            return
+        if upload:
+            raise _Refused(400, {"error_message": upload, "error_details": upload})
+        raise _Refused(403, {"code": 7, "message": _denied(context, user, request), "details": []})
+
+    def pipeline_namespace(pipeline_id: str) -> str:
+        return next((p["namespace"] for p in fake.pipelines if p["pipeline_id"] == pipeline_id), "")
+
+    def experiment_namespace(experiment_id: str | None) -> str:
+        return next((e.get("namespace", "") for e in fake.experiments if e["experiment_id"] == experiment_id), "")
+
+    def route(method: str, parts: list[str], q: dict[str, str], body: Any, user: str | None) -> tuple[int, Any]:
         match method, parts:
             case "GET", ["healthz"]:
                 return 200, {"multi_user": fake.multi_user}
             case "GET", ["pipelines"]:
-                found = _matching(fake.pipelines, q, namespace=q.get("namespace", "") if fake.multi_user else None)
+                namespace = q.get("namespace", "")
+                check(user, "list", "pipelines", namespace, context=f"Failed to list pipelines due to authorization error. Check if you have read permission to namespace {namespace}")
+                found = _matching(fake.pipelines, q, namespace=namespace if fake.multi_user else None)
                 return 200, {"pipelines": found, "total_size": len(found)}
             case "POST", ["pipelines", "upload"]:
                 namespace = q.get("namespace", "") if fake.multi_user else ""
                 if fake.multi_user and fake.require_namespace_for_pipelines and not namespace:
                     return _invalid("Namespace is required for pipeline operations")
+                check(user, "create", "pipelines", namespace, context="", upload="Failed to create a pipeline")
                 pipeline = {
                     "pipeline_id": fake.new_id("p"), "display_name": q["name"], "description": q.get("description"),
                     "namespace": namespace,
@@ -150,6 +223,7 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                 )
                 return 200, pipeline
             case "POST", ["pipelines", "upload_version"]:
+                check(user, "create", "pipelines", pipeline_namespace(q["pipelineid"]), context="", upload="Failed to create a pipeline version")
                 version = {
                     "pipeline_id": q["pipelineid"],
                     "pipeline_version_id": fake.new_id("v"),
@@ -160,36 +234,49 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                 fake.versions.append(version)
                 return 200, {k: v for k, v in version.items() if k != "package"}
             case "GET", ["pipelines", pid, "versions"]:
+                namespace = pipeline_namespace(pid)
+                check(user, "list", "pipelines", namespace, context=f"Failed to list pipeline versions due to authorization error. Check if you have read permission to namespace {namespace}")
                 found = [{k: v for k, v in x.items() if k != "package"} for x in _matching(fake.versions, q, pipeline_id=pid)]
                 return 200, {"pipeline_versions": found[: int(q.get("page_size") or 10)], "total_size": len(found)}
             case "GET", ["experiments"]:
+                check(user, "list", "experiments", q.get("namespace", ""), context="Failed to authorize with API")
                 return 200, {"experiments": _matching(fake.experiments, q, namespace=q.get("namespace"))}
             case "POST", ["experiments"]:
                 if fake.multi_user and not body.get("namespace"):
                     return _invalid("Failed to authorize the request: An experiment cannot have an empty namespace in multi-user mode")
+                check(user, "create", "experiments", body.get("namespace", ""), body.get("display_name", ""), context="Failed to authorize the request: Failed to authorize with API")
                 experiment = {**body, "experiment_id": fake.new_id("e")}
                 fake.experiments.append(experiment)
                 return 200, experiment
             case "GET", ["runs"]:
+                namespace = experiment_namespace(q.get("experiment_id"))
+                check(user, "list", "runs", namespace, context=f"Failed to list runs due to authorization error. Check if you have permission to access namespace {namespace}")
                 return 200, {"runs": _matching(fake.runs, q, experiment_id=q.get("experiment_id"))}
             case "POST", ["runs"]:
                 if fake.multi_user and not body.get("experiment_id"):
                     return _invalid("Experiment id can not be empty in multi-user mode")
+                namespace = _namespace_of(body)
+                check(user, "create", "runs", namespace, context=f"Failed to create a run due to authorization error. Check if you have write permissions to namespace {namespace}")
                 run = {**body, "run_id": fake.new_id("r"), "state": "PENDING", "namespace": _namespace_of(body)}
                 fake.runs.append(run)
                 return 200, run
             case "GET", ["runs", run_id]:
                 run = next(r for r in fake.runs if r["run_id"] == run_id)
+                check(user, "get", "runs", run["namespace"], run_id, context=f"Failed to access run {run_id}. Check if you have access to namespace {run['namespace']}")
                 return 200, {**run, "state": fake.run_state}
             case "GET", ["recurringruns"]:
+                check(user, "list", "jobs", experiment_namespace(q.get("experiment_id")), context="Failed to authorize with API")
                 return 200, {"recurringRuns": _matching(fake.recurring, q, experiment_id=q.get("experiment_id"))}
             case "POST", ["recurringruns"]:
                 if fake.multi_user and not body.get("experiment_id"):
                     return _invalid("Experiment id can not be empty in multi-user mode")
+                check(user, "create", "jobs", _namespace_of(body), context="Failed to authorize with API")
                 rr = {**body, "recurring_run_id": fake.new_id("rr"), "namespace": _namespace_of(body)}
                 fake.recurring.append(rr)
                 return 200, rr
             case "DELETE", ["recurringruns", rr_id]:
+                namespace = next((r["namespace"] for r in fake.recurring if r["recurring_run_id"] == rr_id), "")
+                check(user, "delete", "jobs", namespace, rr_id, context="Failed to authorize with API")
                 fake.recurring[:] = [r for r in fake.recurring if r["recurring_run_id"] != rr_id]
                 return 200, {}
         return 404, {"error": f"fake KFP has no {method} /{'/'.join(parts)}"}
@@ -455,3 +542,110 @@ def test_runs_in_a_namespace_default_to_imgpipes_own_service_account(monkeypatch
     assert Target(host="h", namespace="team-a").resolved().service_account == account
     assert Target(host="h").resolved().service_account is None, "single-user: the server's default"
     assert Target(host="h", namespace="team-a", service_account="other").resolved().service_account == "other"
+
+
+# ----------------------------------------------------------------------------------------
+# Permissions: the fake authorizes like multi-user KFP, against the Roles as rendered.
+
+RETRAIN_ACCOUNT = "imgpipe-retrain"  # k8s/base/serviceaccount-retrain.yaml: the CronWorkflow's submitter
+
+
+@pytest.fixture(scope="module")
+def team_a_rbac(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """k8s/base as ``kubectl kustomize`` renders it into the profile namespace ``team-a``."""
+    return rbac.render(rbac.K8S / "base", tmp_path_factory.mktemp("rbac"), namespace="team-a")
+
+
+@pytest.fixture
+def as_retrain_submitter(kfp_server, tmp_path, monkeypatch, team_a_rbac):
+    """The retraining CronWorkflow's submitter: its projected token, its namespace, the Roles in force."""
+    host, fake = kfp_server
+    fake.multi_user = fake.require_namespace_for_pipelines = True
+    fake.authorizer = rbac.Authorizer(team_a_rbac)
+    token = tmp_path / "token"
+    token.write_text(rbac.service_account_token("team-a", RETRAIN_ACCOUNT))
+    monkeypatch.setenv(kfp_client.SA_TOKEN_PATH_ENV, str(token))
+    return host, fake
+
+
+def retrain_submit(host: str, package: Path, name: str = "imgpipe-retrain-1718000000") -> kfp_client.Submitted:
+    """What the CronWorkflow runs: `imgpipe submit --params-from-env --run-name {{workflow.name}} --wait`."""
+    target = Target(host=host, experiment="imgpipe-retrain", namespace="team-a")
+    return kfp_client.submit(PARAMS, target=target, package=package, run_name=name, wait=True, poll_s=0)
+
+
+def kfp_rules(docs: list[dict], role: str) -> set[tuple[str, str]]:
+    (found,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == role]
+    return {(r, v) for rule in found["rules"] if "pipelines.kubeflow.org" in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_the_retrain_role_grants_exactly_what_the_submitter_calls(as_retrain_submitter, package, team_a_rbac):
+    """A first submit (creates pipeline, version, experiment, run) and a retried one (re-attaches)."""
+    host, fake = as_retrain_submitter
+    first = retrain_submit(host, package)
+    again = retrain_submit(host, package)
+    assert first.created and not again.created and again.run_id == first.run_id
+    used = {(r.resource, r.verb) for r in fake.reviews}
+    granted = kfp_rules(team_a_rbac, "imgpipe-retrain")
+    assert used == granted, f"the Role grants {sorted(granted - used)} unused, lacks {sorted(used - granted)}"
+    assert {r.namespace for r in fake.reviews} == {"team-a"}
+    assert not {resource for resource, _ in granted if "/" in resource}, "versions are authorized as `pipelines`"
+
+
+@pytest.mark.parametrize(
+    ("resource", "verb"),
+    [("pipelines", "list"), ("pipelines", "create"), ("experiments", "list"), ("experiments", "create"),
+     ("runs", "list"), ("runs", "create"), ("runs", "get")],
+)  # fmt: skip
+def test_each_permission_of_the_retrain_role_is_needed(resource, verb, as_retrain_submitter, package, team_a_rbac):
+    """Without one verb the submitter stops at that call with one line naming it, no traceback."""
+    host, fake = as_retrain_submitter
+    fake.authorizer = rbac.Authorizer(rbac.without_verb(team_a_rbac, "imgpipe-retrain", resource, verb))
+    with pytest.raises(RuntimeError) as caught:
+        retrain_submit(host, package)
+    message = str(caught.value)
+    assert f"service account team-a/{RETRAIN_ACCOUNT} may not {verb} {resource}.pipelines.kubeflow.org in namespace team-a" in message
+    assert message.startswith("Kubeflow Pipelines refused to ") and "k8s/base/role-retrain.yaml" in message
+    assert "\n" not in message, "one line"
+
+
+def test_a_refused_version_upload_names_pipelines_not_versions(as_retrain_submitter, package, team_a_rbac, tmp_path):
+    """With the pipeline there already, the refused call is the version upload: HTTP 400, as the server answers it."""
+    host, fake = as_retrain_submitter
+    fake.pipelines.append({"pipeline_id": "p-team-a", "display_name": "imgpipe", "namespace": "team-a"})
+    fake.authorizer = rbac.Authorizer(rbac.without_verb(team_a_rbac, "imgpipe-retrain", "pipelines", "create"))
+    with pytest.raises(RuntimeError, match=r"refused to upload version imgpipe-\w+ of pipeline 'imgpipe' \(HTTP 400 'Failed to create a pipeline version'"
+                                           r".*may not create pipelines\.pipelines\.kubeflow\.org in namespace team-a"):  # fmt: skip
+        retrain_submit(host, package)
+    assert fake.reviews[-1] == rbac.Request("create", "pipelines.kubeflow.org", "pipelines", "team-a")
+
+
+def test_the_fake_answers_a_refusal_as_the_api_server_does(kfp_server, team_a_rbac):
+    import requests
+
+    host, fake = kfp_server
+    fake.multi_user, fake.authorizer = True, rbac.Authorizer(team_a_rbac)
+    default_editor = {"Authorization": "Bearer " + rbac.service_account_token("team-a", "default-editor")}
+    answer = requests.get(f"{host}{API}/experiments", params={"namespace": "team-a"}, headers=default_editor, timeout=10)
+    assert answer.status_code == 403
+    body = answer.json()
+    assert body["code"] == 7 and "User 'system:serviceaccount:team-a:default-editor' is not authorized" in body["message"]
+    assert "Verb:list,Group:pipelines.kubeflow.org,Version:v1beta1,Resource:experiments," in body["message"]
+    answer = requests.post(f"{host}{API}/pipelines/upload", params={"name": "p", "namespace": "team-a"}, files={"uploadfile": b"x"}, headers=default_editor, timeout=10)
+    assert answer.status_code == 400 and answer.json()["error_message"] == "Failed to create a pipeline"
+    answer = requests.get(f"{host}{API}/experiments", params={"namespace": "team-a"}, timeout=10)
+    assert answer.status_code == 401 and answer.json()["code"] == 16, "no token: no identity"
+    retrain = {"Authorization": "Bearer " + rbac.service_account_token("team-a", RETRAIN_ACCOUNT)}
+    assert requests.get(f"{host}{API}/experiments", params={"namespace": "team-a"}, headers=retrain, timeout=10).status_code == 200
+
+
+def test_a_user_without_jobs_rights_is_told_so_by_schedule(kfp_server, package, tmp_path, monkeypatch, team_a_rbac):
+    """`imgpipe schedule` as the retraining account: its Role has no `jobs`, the line says which verb."""
+    host, fake = kfp_server
+    fake.multi_user, fake.authorizer = True, rbac.Authorizer(team_a_rbac)
+    token = tmp_path / "token"
+    token.write_text(rbac.service_account_token("team-a", RETRAIN_ACCOUNT))
+    monkeypatch.setenv(kfp_client.SA_TOKEN_PATH_ENV, str(token))
+    with pytest.raises(RuntimeError, match=r"refused to look for recurring run 'imgpipe-retrain' \(HTTP 403 PermissionDenied\): "
+                                           r"service account team-a/imgpipe-retrain may not list jobs\.pipelines\.kubeflow\.org in namespace team-a"):  # fmt: skip
+        kfp_client.schedule("0 0 3 * * *", ["data_root=s3://b"], target=Target(host=host, namespace="team-a"), package=package)

@@ -36,10 +36,22 @@ the namespace and looked up there: kfp's ``get_pipeline_id`` and
 ``upload_pipeline_version(pipeline_name=...)`` see shared pipelines only
 (sdk 2.14.3-2.17.0 ``kfp/client/client.py``), hence ``list_pipelines(namespace=...)``
 and ``pipeline_id=``. Which mode the server runs in comes from its ``/healthz``.
+
+Permissions: in multi-user mode the API server checks every call with a
+SubjectAccessReview of the caller on a ``pipelines.kubeflow.org`` resource in the
+namespace (kubeflow/pipelines 2.15.0-2.17.0 ``backend/src/apiserver/resource/
+resource_manager.go`` ``IsAuthorized``): pipelines and their versions as ``pipelines``
+(``list``, ``create``; a version call on its pipeline's namespace), ``experiments``,
+``runs`` (``list``, ``create``, ``get``) and recurring runs as ``jobs`` (``list``,
+``create``, ``delete``). A refusal (HTTP 403, or the upload endpoints' HTTP 400 "Failed to
+create a pipeline[ version]", ``server/pipeline_upload_server.go``) becomes one line naming
+the verb, the resource, the namespace and the account (:func:`refusal_message`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -50,7 +62,7 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +89,7 @@ __all__ = [
     "package_digest",
     "version_name",
     "connect",
+    "refusal_message",
     "ensure_pipeline_version",
     "Submitted",
     "Scheduled",
@@ -352,15 +365,114 @@ def connect(host: str | None = None, *, namespace: str | None = None, existing_t
         )
 
 
+# ----------------------------------------------------------------------------------------
+# Refusals: multi-user KFP authorizes each call (module docstring, "Permissions").
+
+KFP_GROUP = "pipelines.kubeflow.org"
+# What the API server's PermissionDenied says (util.NewPermissionDeniedError in
+# resource_manager.go IsAuthorized): "User '<user>' is not authorized with reason: ...
+# (request: &ResourceAttributes{Namespace:...,Verb:...,Group:...,Version:...,Resource:...,".
+_DENIED_USER = re.compile(r"User '([^']*)' is not authorized")
+_DENIED_FIELD = re.compile(r"\b(Namespace|Verb|Resource):([^,}]*)")
+# The upload endpoints answer a refused authorization with HTTP 400 and only these words
+# (pipeline_upload_server.go uploadPipeline/uploadPipelineVersion, writeErrorToResponse).
+_UPLOAD_REFUSED = ("Failed to create a pipeline", "Failed to create a pipeline version")
+_SA_USER = re.compile(r"system:serviceaccount:([^:]+):(.+)")
+
+
+def _token_subject(token: str) -> str | None:
+    """The ``sub`` claim of a JWT (unverified: it only names the caller in a message)."""
+    try:
+        payload = token.strip().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    return claims.get("sub") if isinstance(claims, dict) else None
+
+
+def _caller() -> str | None:
+    """Who this process calls KFP as: the subject of its token (``connect``'s sources), if it tells."""
+    token = os.environ.get(TOKEN_ENV)
+    path = os.environ.get(SA_TOKEN_PATH_ENV)
+    if not token and path and Path(path).is_file():
+        token = Path(path).read_text()
+    return _token_subject(token) if token else None
+
+
+def _account(user: str) -> str:
+    sa = _SA_USER.fullmatch(user)
+    return f"service account {sa.group(1)}/{sa.group(2)}" if sa else f"user {user}"
+
+
+def refusal_message(exc: Exception, verb: str, resource: str, namespace: str | None, doing: str) -> str | None:
+    """One line for KFP's refusal of a call, or ``None`` when ``exc`` is no refusal.
+
+    The verb, resource and namespace are the server's own where its message names them
+    (a call may check more than one: creating an experiment lists first), else the ones
+    given; the account is the server's, else the subject of this process's token.
+
+    Args:
+        exc: What the call raised (a ``kfp_server_api`` ``ApiException``).
+        verb: The verb KFP checks for the call (``list``, ``create``, ``get``, ``delete``).
+        resource: The ``pipelines.kubeflow.org`` resource (``pipelines``, ``experiments``,
+            ``runs``, ``jobs``).
+        namespace: The namespace of the call.
+        doing: What imgpipe was doing, e.g. ``upload pipeline 'imgpipe' into team-a``.
+    """
+    status = getattr(exc, "status", None)
+    body = getattr(exc, "body", None)
+    if isinstance(body, bytes):
+        body = body.decode(errors="replace")
+    try:
+        payload = json.loads(body) if body else {}
+    except ValueError:
+        payload = {}
+    payload = payload if isinstance(payload, dict) else {}
+    message = str(payload.get("message") or payload.get("error_message") or body or "")
+    if status == 400 and message.strip() in _UPLOAD_REFUSED:
+        how = f"HTTP 400 {message.strip()!r}, the upload endpoint's answer to a refused authorization"
+    elif status == 403:
+        how = "HTTP 403 PermissionDenied"
+    else:
+        return None
+    fields = dict(_DENIED_FIELD.findall(message))
+    verb, resource = fields.get("Verb") or verb, fields.get("Resource") or resource
+    namespace = fields.get("Namespace") or namespace or "(no namespace)"
+    denied = _DENIED_USER.search(message)
+    user = denied.group(1) if denied else _caller()
+    who = _account(user) if user else "the caller"
+    return (
+        f"Kubeflow Pipelines refused to {doing} ({how}): {who} may not {verb} {resource}.{KFP_GROUP} in "
+        f"namespace {namespace}; grant it with a Role bound to that account in {namespace} (the retraining "
+        'submitter\'s: k8s/base/role-retrain.yaml; docs/deploy.md, "RBAC")'
+    )
+
+
+def _call(doing: str, verb: str, resource: str, namespace: str | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, a KFP refusal raised as one line (:func:`refusal_message`).
+
+    Raises:
+        RuntimeError: If KFP refuses the call.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        message = refusal_message(exc, verb, resource, namespace, doing)
+        if message is None:
+            raise
+        raise RuntimeError(message) from None
+
+
 def _by_name(name: str) -> str:
     return json.dumps({"predicates": [{"operation": _EQUALS, "key": "display_name", "stringValue": name}]})
 
 
 def _find_pipeline(client: Any, name: str, namespace: str | None) -> str | None:
     """The id of pipeline ``name`` in ``namespace`` (``None``: the shared pipelines)."""
+    doing = f"find pipeline {name!r} in {namespace or 'the shared pipelines'}"
     if namespace is None:
-        return client.get_pipeline_id(name)
-    found = client.list_pipelines(filter=_by_name(name), namespace=namespace, page_size=2)
+        return _call(doing, "list", "pipelines", namespace, client.get_pipeline_id, name)
+    found = _call(doing, "list", "pipelines", namespace, client.list_pipelines, filter=_by_name(name), namespace=namespace, page_size=2)
     return found.pipelines[0].pipeline_id if found.pipelines else None
 
 
@@ -385,19 +497,26 @@ def ensure_pipeline_version(
     pipeline_id = _find_pipeline(client, pipeline_name, namespace)
     if pipeline_id is None:
         # Creates the pipeline with a first version named like the pipeline; ours follows.
-        pipeline_id = client.upload_pipeline(
-            package, pipeline_name=pipeline_name, description="imgpipe: download -> clean -> resize -> train",
-            namespace=namespace,
-        ).pipeline_id
+        pipeline_id = _call(
+            f"upload pipeline {pipeline_name!r} into {namespace or 'the shared pipelines'}", "create", "pipelines", namespace,
+            client.upload_pipeline, package, pipeline_name=pipeline_name,
+            description="imgpipe: download -> clean -> resize -> train", namespace=namespace,
+        ).pipeline_id  # fmt: skip
         log.info("created pipeline %s (%s) in %s", pipeline_name, pipeline_id, namespace or "the shared namespace")
-    found = client.list_pipeline_versions(pipeline_id=pipeline_id, filter=_by_name(version), page_size=1)
+    # Version calls are authorized as `pipelines` on the version's pipeline (module docstring).
+    found = _call(
+        f"list the versions of pipeline {pipeline_name!r}", "list", "pipelines", namespace,
+        client.list_pipeline_versions, pipeline_id=pipeline_id, filter=_by_name(version), page_size=1,
+    )  # fmt: skip
     if found.pipeline_versions:
         version_id = found.pipeline_versions[0].pipeline_version_id
         log.info("pipeline version %s exists (%s)", version, version_id)
         return pipeline_id, version_id, version
-    uploaded = client.upload_pipeline_version(
-        package, pipeline_version_name=version, pipeline_id=pipeline_id, description=f"package sha256 {package_digest(package)}"
-    )
+    uploaded = _call(
+        f"upload version {version} of pipeline {pipeline_name!r}", "create", "pipelines", namespace,
+        client.upload_pipeline_version, package, pipeline_version_name=version, pipeline_id=pipeline_id,
+        description=f"package sha256 {package_digest(package)}",
+    )  # fmt: skip
     log.info("uploaded pipeline version %s (%s)", version, uploaded.pipeline_version_id)
     return pipeline_id, uploaded.pipeline_version_id, version
 
@@ -474,14 +593,18 @@ def _package(
 def _prepare(
     target: Target, params: Iterable[str] | Mapping[str, Any], package: str | Path | None, caching: bool,
     gpu: bool | None, client: Any, tmp: str, pipeline: str = PIPELINE_NAME, parallelism: int | None = None,
-) -> tuple[Any, dict[str, Any], str, str, str, str]:
+) -> tuple[Any, dict[str, Any], str, str, str, str, str | None]:
     path = _package(package, caching, gpu, tmp, pipeline, parallelism)
     typed = parse_params(params, path)
     client = client or connect(target.host, namespace=target.namespace)
     namespace = _namespace(client, target)
     pipeline_id, version_id, version = ensure_pipeline_version(client, path, pipeline_name=pipeline, namespace=namespace)
-    experiment_id = client.create_experiment(target.experiment, namespace=namespace).experiment_id
-    return client, typed, pipeline_id, version_id, version, experiment_id
+    # kfp's create_experiment lists experiments by name first, then creates one if none.
+    experiment_id = _call(
+        f"find or create experiment {target.experiment!r} in {namespace or 'the default namespace'}", "list and create",
+        "experiments", namespace, client.create_experiment, target.experiment, namespace=namespace,
+    ).experiment_id  # fmt: skip
+    return client, typed, pipeline_id, version_id, version, experiment_id, namespace
 
 
 def _namespace(client: Any, target: Target) -> str | None:
@@ -501,10 +624,10 @@ def _namespace(client: Any, target: Target) -> str | None:
     return target.namespace
 
 
-def _wait(client: Any, run_id: str, timeout_s: float, poll_s: float) -> str:
+def _wait(client: Any, run_id: str, timeout_s: float, poll_s: float, namespace: str | None = None) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
-        state = str(client.get_run(run_id).state or "").upper()
+        state = str(_call(f"read run {run_id}", "get", "runs", namespace, client.get_run, run_id).state or "").upper()
         if state in TERMINAL_STATES:
             return state
         if time.monotonic() > deadline:
@@ -549,33 +672,39 @@ def submit(
 
     Raises:
         ValueError: For bad parameters or no host.
-        RuntimeError: With ``wait``, if the run ends in another state than SUCCEEDED.
+        RuntimeError: With ``wait``, if the run ends in another state than SUCCEEDED; if
+            KFP refuses a call (multi-user RBAC), naming the missing permission.
         TimeoutError: With ``wait``, if the run is still going after ``timeout_s``.
     """
     target = (target or Target()).resolved()
     with tempfile.TemporaryDirectory(prefix="imgpipe-kfp-") as tmp:
-        client, typed, pipeline_id, version_id, version, experiment_id = _prepare(
+        client, typed, pipeline_id, version_id, version, experiment_id, namespace = _prepare(
             target, params, package, caching, gpu, client, tmp, pipeline, parallelism
         )
     run_id, created = None, True
     if run_name:
-        found = client.list_runs(experiment_id=experiment_id, filter=_by_name(run_name), page_size=1)
+        found = _call(
+            f"look for run {run_name!r}", "list", "runs", namespace,
+            client.list_runs, experiment_id=experiment_id, filter=_by_name(run_name), page_size=1,
+        )  # fmt: skip
         if found.runs:
             run_id, created = found.runs[0].run_id, False
             log.info("run %r exists (%s): attaching to it", run_name, run_id)
     if run_id is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        run_id = client.run_pipeline(
+        run_id = _call(
+            f"start a run of {version}", "create", "runs", namespace,
+            client.run_pipeline,
             experiment_id=experiment_id,
             job_name=run_name or f"{version} {stamp}",
             params=typed,
             pipeline_id=pipeline_id,
             version_id=version_id,
             service_account=target.service_account,
-        ).run_id
+        ).run_id  # fmt: skip
     state = None
     if wait:
-        state = _wait(client, run_id, timeout_s, poll_s)
+        state = _wait(client, run_id, timeout_s, poll_s, namespace)
         if state != "SUCCEEDED":
             raise RuntimeError(f"run {run_id} ended {state}")
     return Submitted(pipeline_id, version_id, version, experiment_id, run_id, created, state)
@@ -617,14 +746,18 @@ def schedule(
     Raises:
         ValueError: For a bad cron expression or parameters, or an existing schedule of
             another version or cron without ``replace``.
+        RuntimeError: If KFP refuses a call (multi-user RBAC), naming the missing permission.
     """
     cron = validate_cron(cron)
     target = (target or Target()).resolved()
     with tempfile.TemporaryDirectory(prefix="imgpipe-kfp-") as tmp:
-        client, typed, pipeline_id, version_id, version, experiment_id = _prepare(
+        client, typed, pipeline_id, version_id, version, experiment_id, namespace = _prepare(
             target, params, package, caching, gpu, client, tmp
         )
-    existing = client.list_recurring_runs(experiment_id=experiment_id, filter=_by_name(name), page_size=10)
+    existing = _call(
+        f"look for recurring run {name!r}", "list", "jobs", namespace,
+        client.list_recurring_runs, experiment_id=experiment_id, filter=_by_name(name), page_size=10,
+    )  # fmt: skip
     for rr in existing.recurring_runs or []:
         ref = rr.pipeline_version_reference
         same_version = ref is not None and ref.pipeline_version_id == version_id
@@ -636,8 +769,10 @@ def schedule(
                 f"recurring run {name!r} ({rr.recurring_run_id}) already exists with another version or "
                 "cron; pass --replace to swap it"
             )
-        client.delete_recurring_run(rr.recurring_run_id)
-    created = client.create_recurring_run(
+        _call(f"replace recurring run {name!r}", "delete", "jobs", namespace, client.delete_recurring_run, rr.recurring_run_id)
+    created = _call(
+        f"create recurring run {name!r}", "create", "jobs", namespace,
+        client.create_recurring_run,
         experiment_id=experiment_id,
         job_name=name,
         description=f"imgpipe retraining, {version}",
@@ -649,5 +784,5 @@ def schedule(
         version_id=version_id,
         enabled=True,
         service_account=target.service_account,
-    )
+    )  # fmt: skip
     return Scheduled(pipeline_id, version_id, version, experiment_id, created.recurring_run_id, cron, True)
