@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from imgpipe import kfp_client
+from tests import rbac
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -738,3 +739,100 @@ def test_the_rayjob_role_is_bound_to_imgpipes_own_account_only(name, monkeypatch
     assert granted == set(CALL_VERBS.values()), "exactly the calls tests/test_kuberay.py records"
     deploy = (ROOT / "docs" / "deploy.md").read_text()
     assert f"--as=system:serviceaccount:{NAMESPACES['overlays/dev']}:{RUN_ACCOUNT}" in deploy
+
+
+# ----------------------------------------------------------------------------------------
+# Who applies what: a cluster admin the objects labelled so, a profile's owner the rest.
+
+APPLIED_BY = "imgpipe.dev/applied-by"
+# The two commands of docs/deploy.md, "Who applies what" (kubectl filters the rendered
+# objects by the selector before it sends any: kubernetes/kubernetes
+# staging/src/k8s.io/cli-runtime/pkg/resource/builder.go, visitByPaths, FilterByLabelSelector).
+ADMIN_SELECTOR = f"{APPLIED_BY}=cluster-admin"
+OWNER_SELECTOR = f"{APPLIED_BY}!=cluster-admin"
+# (API group, resource) of each kind an overlay renders.
+RESOURCES = {
+    "Secret": ("", "secrets"), "ConfigMap": ("", "configmaps"), "ServiceAccount": ("", "serviceaccounts"),
+    "ResourceQuota": ("", "resourcequotas"), "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
+    "Role": ("rbac.authorization.k8s.io", "roles"), "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
+    "CronWorkflow": ("argoproj.io", "cronworkflows"), "RayJob": ("ray.io", "rayjobs"), "RayCluster": ("ray.io", "rayclusters"),
+}  # fmt: skip
+OWNER, CONTRIBUTOR = "owner@example.com", "contributor@example.com"
+
+
+def _selected(selector: str, doc: dict) -> bool:
+    """Whether ``doc`` matches a one-term equality selector (``k=v``; ``k!=v`` also matches docs without ``k``)."""
+    labels = doc["metadata"].get("labels") or {}
+    if "!=" in selector:
+        key, value = selector.split("!=")
+        return labels.get(key) != value
+    key, value = selector.split("=")
+    return labels.get(key) == value
+
+
+def _profile(namespace: str, *extra: list[dict]) -> rbac.Authorizer:
+    """The rights Kubeflow gives in a profile namespace (tests/rbac.py), plus ``extra`` ClusterRoles."""
+    roles = [r for group in (rbac.KUBEFLOW_CLUSTER_ROLES, *extra) for r in group]
+    return rbac.Authorizer(rbac.profile_bindings(namespace, OWNER, CONTRIBUTOR), roles)
+
+
+@pytest.mark.parametrize("name", DEPLOYED)
+def test_a_profile_member_applies_the_rest_and_only_the_admin_applies_the_labelled(name):
+    """The split follows what kubeflow-edit (a profile's contributors; its owner has it too) allows."""
+    docs, namespace = build(name), NAMESPACES[name]
+    admin = [d for d in docs if _selected(ADMIN_SELECTOR, d)]
+    owner = [d for d in docs if _selected(OWNER_SELECTOR, d)]
+    assert sorted(map(_key, admin + owner)) == sorted(map(_key, docs)) and not set(map(_key, admin)) & set(map(_key, owner))
+    expected = {"Role", "RoleBinding", "RayJob"} | ({"RayCluster", "ResourceQuota"} if name == "overlays/gpu" else set())
+    assert {d["kind"] for d in admin} == expected
+    assert {d["kind"] for d in owner} == {"Secret", "ConfigMap", "ServiceAccount", "NetworkPolicy", "CronWorkflow"}
+    kubeflow = _profile(namespace)
+    for doc in owner:
+        group, resource = RESOURCES[doc["kind"]]
+        for verb in ("get", "create", "patch"):  # what `kubectl apply` sends (get first, then create or patch)
+            request = rbac.Request(verb, group, resource, namespace, name="" if verb == "create" else doc["metadata"]["name"])
+            assert kubeflow.allows(CONTRIBUTOR, request), f"{name}: kubeflow-edit cannot {verb} {_key(doc)}"
+    for doc in admin:
+        group, resource = RESOURCES[doc["kind"]]
+        assert not kubeflow.allows(CONTRIBUTOR, rbac.Request("create", group, resource, namespace)), f"{_key(doc)} needs no admin"
+
+
+@pytest.mark.parametrize("name", DEPLOYED)
+def test_the_owner_cannot_grant_the_rayjob_role_without_kuberays_aggregation(name):
+    """RBAC escalation prevention: a Role (or a binding to it) only with rights one holds.
+
+    The owner (kubeflow-admin: kubeflow-edit plus roles/rolebindings) could make the retrain
+    Role, but not the RayJob Role: nothing on ray.io. Kubeflow's own KubeRay install
+    aggregates ray.io into kubeflow-edit, and then default-editor, which every pipeline
+    runs as, may create RayJobs too (docs/deploy.md, "RBAC").
+    """
+    docs, namespace = build(name), NAMESPACES[name]
+    roles = {d["metadata"]["name"]: d["rules"] for d in docs if d["kind"] == "Role"}
+    kubeflow = _profile(namespace)
+    assert kubeflow.allows(OWNER, rbac.Request("create", "rbac.authorization.k8s.io", "roles", namespace))
+    assert not kubeflow.allows(CONTRIBUTOR, rbac.Request("create", "rbac.authorization.k8s.io", "roles", namespace))
+    missing = kubeflow.uncovered(OWNER, namespace, roles["imgpipe-rayjobs"])
+    assert {(r.group, r.resource) for r in missing} == {("ray.io", "rayjobs")}
+    assert kubeflow.uncovered(OWNER, namespace, roles["imgpipe-retrain"]) == []
+    default_editor = rbac.service_account(namespace, "default-editor")
+    create_rayjob = rbac.Request("create", "ray.io", "rayjobs", namespace)
+    assert not kubeflow.allows(default_editor, create_rayjob)
+    with_kuberay = _profile(namespace, rbac.KUBERAY_EDIT)
+    assert with_kuberay.uncovered(OWNER, namespace, roles["imgpipe-rayjobs"]) == []
+    assert with_kuberay.allows(default_editor, create_rayjob), "the binding to imgpipe-pipeline does not keep others out"
+    # The pods rules of the RayJob Role are kubeflow-edit's already (imgpipe-pipeline is bound to it).
+    pods = [
+        rbac.Request(verb, "", resource.partition("/")[0], namespace, resource.partition("/")[2])
+        for rule in roles["imgpipe-rayjobs"] if rule["apiGroups"] == [""] for resource in rule["resources"] for verb in rule["verbs"]
+    ]  # fmt: skip
+    assert pods and all(kubeflow.allows(default_editor, r) for r in pods)
+
+
+def test_deploy_md_says_who_applies_what_with_these_selectors():
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    assert "## Who applies what" in deploy
+    for overlay in ("dev", "gpu"):
+        assert f"kubectl apply -k k8s/overlays/{overlay} -l {ADMIN_SELECTOR}" in deploy
+        assert f"kubectl apply -k k8s/overlays/{overlay} -l '{OWNER_SELECTOR}'" in deploy
+    assert "KubeRay 1.3.2" in deploy and "aggregated-roles.yaml" in deploy, "Kubeflow's KubeRay aggregates ray.io into kubeflow-edit"
+    assert "pipelines/versions" not in (K8S / "base" / "role-retrain.yaml").read_text().split("rules:")[1]
