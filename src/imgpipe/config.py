@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import docstring_parser
+import pydantic
+import pydantic_core
 import yaml
 
 __all__ = [
@@ -48,9 +51,12 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
     """Coerces a YAML/CLI/JSON value to an annotated type, or raises a clear error.
 
     The one coercer of the project: config fields, CLI flags and KFP run parameters
-    (:mod:`imgpipe.kfp_client`) all go through it. Strings are accepted where a user
-    typed them (``"3"`` for an int, ``"true"`` for a bool, ``"0.8,0.1,0.1"`` for a
-    tuple); ``True`` is never an integer.
+    (:mod:`imgpipe.kfp_client`) all go through it. pydantic's ``TypeAdapter`` in lax
+    mode does the work; this adds what a command line needs and pydantic does not do:
+    ``"0.8,0.1,0.1"`` for a tuple, config dataclasses through :func:`config_from_dict`
+    (unknown keys named with the nearest valid one), unions tried left to right, and
+    ``True`` never an integer or a number. Errors name the field and, for a choice,
+    the nearest valid one.
 
     Args:
         name: What the value is, for the error message.
@@ -62,87 +68,89 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
         TypeError: For a value of the wrong type.
         ValueError: For a value outside a ``Literal``'s choices or a tuple's length.
     """
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
     if annotation is Any:
         return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(name, value, arg)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise TypeError(f"{name}: {value!r} matches none of {annotation}: {'; '.join(errors)}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ValueError(f"{name}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{name}: expected a list, got {type(value).__name__} {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
-        if args and len(args) != len(value):
-            raise ValueError(f"{name}: expected {len(args)} items, got {len(value)}")
-        return tuple(coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
         if not isinstance(value, Mapping):
             raise TypeError(f"{name}: expected a mapping for {annotation.__name__}, got {value!r}")
         return config_from_dict(annotation, value, _prefix=f"{name}.")
-    if annotation is bool:
+    try:
+        return _adapter(annotation).validate_python(value)
+    except pydantic.ValidationError as exc:
+        raise _user_error(name, value, annotation, exc.errors(include_url=False)[0]) from None
+
+
+@functools.cache
+def _adapter(annotation: Any) -> pydantic.TypeAdapter:
+    """One validator per annotation; building one costs more than using it."""
+    return pydantic.TypeAdapter(_lax(annotation), config=pydantic.ConfigDict(coerce_numbers_to_str=True))
+
+
+def _not_bool(kind: str) -> Callable[[Any], Any]:
+    """A validator refusing ``True``/``False`` where pydantic's lax mode would take 1/0."""
+
+    def check(value: Any) -> Any:
         if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-            return False
-        raise TypeError(f"{name}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise TypeError(f"{name}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise TypeError(f"{name}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise TypeError(f"{name}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise TypeError(f"{name}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise TypeError(f"{name}: expected a string, got {value!r}")
-    if annotation is dict or origin is dict:
-        if isinstance(value, Mapping):
-            return dict(value)
-        raise TypeError(f"{name}: expected a mapping, got {value!r}")
+            raise pydantic_core.PydanticCustomError(kind, "a boolean is not a number")
+        return value
+
+    return check
+
+
+def _comma_separated(value: Any) -> Any:
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+def _lax(annotation: Any) -> Any:
+    """``annotation`` with the rules above as pydantic validators, recursively."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in (int, float):
+        return Annotated[annotation, pydantic.BeforeValidator(_not_bool(f"{annotation.__name__}_type"))]
+    if origin in (typing.Union, types.UnionType):
+        members = [_lax(a) for a in args if a is not type(None)]
+        lax = members[0] if len(members) == 1 else Annotated[typing.Union[tuple(members)], pydantic.Field(union_mode="left_to_right")]  # noqa: UP007 - built from a tuple
+        return lax | None if type(None) in args else lax
+    if origin is tuple:
+        inner = tuple(a if a is Ellipsis else _lax(a) for a in args)
+        return Annotated[tuple[inner] if inner else tuple, pydantic.BeforeValidator(_comma_separated)]
     if annotation is list or origin is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise TypeError(f"{name}: expected a list, got {value!r}")
-    return value
+        return Annotated[list, pydantic.BeforeValidator(lambda v: list(v) if isinstance(v, tuple) else v)]
+    return annotation
+
+
+# pydantic's error type -> what the user is told was expected.
+_EXPECTED = {
+    "int": "an integer", "float": "a number", "bool": "true/false", "string": "a string",
+    "dict": "a mapping", "list": "a list", "tuple": "a list", "value_error": "a number",
+}  # fmt: skip
+
+
+def _user_error(name: str, value: Any, annotation: Any, error: Mapping[str, Any]) -> TypeError | ValueError:
+    """One line naming the field (and the item of a tuple), the value and what would do."""
+    kind = str(error["type"])
+    where = name + "".join(f"[{p}]" for p in error["loc"] if isinstance(p, int))
+    got = error.get("input", value)
+    if kind == "literal_error":
+        choices = [a for a in typing.get_args(_literal_of(annotation)) if a is not None]
+        return ValueError(f"{where}: {got!r} is not one of {choices}{_nearest(str(got), map(str, choices))}")
+    if typing.get_origin(annotation) is tuple and kind in ("too_short", "too_long", "missing"):
+        items = _comma_separated(value)
+        return ValueError(f"{name}: expected {len(typing.get_args(annotation))} items, got {len(items)}")
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) not in typing.get_args(annotation):
+        return TypeError(f"{where}: {value!r} matches none of {annotation}")
+    expected = next((text for prefix, text in _EXPECTED.items() if kind.startswith(prefix)), None)
+    if expected is None:
+        return TypeError(f"{where}: {got!r} is not valid here: {error['msg']}")
+    return TypeError(f"{where}: expected {expected}, got {got!r}")
+
+
+def _literal_of(annotation: Any) -> Any:
+    """The ``Literal`` inside ``annotation`` (itself, or the member of an ``Optional``)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return annotation
+    return next((a for a in typing.get_args(annotation) if typing.get_origin(a) is typing.Literal), annotation)
 
 
 def config_from_dict(cls: type[C], values: Mapping[str, Any], _prefix: str = "") -> C:

@@ -65,6 +65,8 @@ CONSTRAINED = (
     "opencv-python-headless",
     "pillow",
     "protobuf",
+    "pydantic",
+    "pydantic-core",
     "pyarrow",
     "pyyaml",
     "ray",
