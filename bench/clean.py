@@ -41,9 +41,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from imgpipe import contract, storage
+from imgpipe.data.synth import SynthConfig, generate
 from imgpipe.steps.clean import CleanConfig, clean
 from imgpipe.steps.download import DownloadConfig, download
-from imgpipe.synth import SynthConfig, generate
 
 
 def decode_only(blobs: list[bytes]) -> int:

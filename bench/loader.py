@@ -8,9 +8,9 @@ Every pipeline reads the same images with the same number of worker processes, i
   ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``RandAugment`` + ``ToTensor`` +
   ``Normalize``, ``DataLoader(shuffle=True, num_workers=cores)``.
 * **imgpipe raw / jpeg**: the resize step's layout (``train/part-*.parquet``) streamed by
-  :class:`imgpipe.loader.ImageLoader` with the same three augmentations on the CPU
+  :class:`imgpipe.train.loader.ImageLoader` with the same three augmentations on the CPU
   path (albumentations on the shards' ``H x W x C`` uint8 arrays in the workers,
-  :mod:`imgpipe.augment_cpu`), normalized in the loop (where the GPU would do it); the
+  :mod:`imgpipe.train.augment_cpu`), normalized in the loop (where the GPU would do it); the
   shards hold what the resize step makes of the same JPEGs (``short-side-crop`` to
   ``--size``), raw pixels or JPEG q95. On a machine without CUDA the normalization of
   the loop runs on the same cores, so a fourth row, **imgpipe raw, uint8 out**, stops at
@@ -56,13 +56,13 @@ import torch
 from PIL import Image
 
 from imgpipe import resources, storage
-from imgpipe.train_config import AugmentConfig
+from imgpipe.train.config import AugmentConfig
 
 # What a pipeline needs is imported where it is built, so that a --child process (the cold
 # figure) imports what a pod running that pipeline would, and nothing for the others.
 if TYPE_CHECKING:
-    from imgpipe.augment import BatchAugment
-    from imgpipe.loader import ImageLoader
+    from imgpipe.train.augment import BatchAugment
+    from imgpipe.train.loader import ImageLoader
 
 CLASSES = 10
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -86,7 +86,8 @@ def write_datasets(root: Path, count: int, size: int, source: tuple[int, int]) -
     import pyarrow as pa
 
     from imgpipe.contract import OutputWriter
-    from imgpipe.resize_ops import ResizeSpec, encode_jpeg, resize_image
+    from imgpipe.resize.ops import encode_jpeg, resize_image
+    from imgpipe.resize.spec import ResizeSpec
     from imgpipe.steps.resize import output_schema
 
     folder = root / "imagefolder"
@@ -159,8 +160,10 @@ def recipe_loader(folder: Path, size: int, batch_size: int, workers: int) -> Ite
 
 def imgpipe_loader(data: str, size: int, batch_size: int, workers: int, on_device: bool) -> ImageLoader:
     """imgpipe's loader with the recipe's three augmentations (CPU path) or none (GPU path)."""
-    from imgpipe.augment_cpu import build_train_transform
-    from imgpipe.loader import ImageLoader, LoaderConfig, describe_split
+    from imgpipe.train.augment_cpu import build_train_transform
+    from imgpipe.train.config import LoaderConfig
+    from imgpipe.train.loader import ImageLoader
+    from imgpipe.train.partition import describe_split
 
     cfg = LoaderConfig(batch_size=batch_size, num_workers=workers, shuffle_buffer=1024)
     transform = None if on_device else build_train_transform(RECIPE_AUGMENT, size, 3)
@@ -193,8 +196,8 @@ def our_epoch(
     With ``finish=False`` the uint8 batches are only moved to ``device``: what the CPU
     does when a GPU normalizes (or augments), for a machine that has none.
     """
-    from imgpipe.augment import normalize
-    from imgpipe.loader import decode_jpeg_batch
+    from imgpipe.train.augment import normalize
+    from imgpipe.train.loader import decode_jpeg_batch
 
     loader.set_epoch(epoch)
     n = 0
@@ -229,7 +232,7 @@ def build_pipeline(
     on_device = args.aug_device == "gpu"
     if name == RECIPE:
         return functools.partial(recipe_epoch, recipe_loader(folder, args.size, args.batch_size, args.workers), device)
-    from imgpipe.augment import BatchAugment
+    from imgpipe.train.augment import BatchAugment
 
     data = raw if name.startswith("imgpipe raw") else jpeg
     augment = BatchAugment(RECIPE_AUGMENT, args.size, 3).to(device) if on_device else None

@@ -95,7 +95,7 @@ def publish_weights(model_pt: Path, hub: Path) -> Path:
     """Saves the model of a train output as torchvision publishes weights: ``hub/<model>-<sha256[:8]>.pth``."""
     import torch
 
-    from imgpipe.models import extract_state_dict
+    from imgpipe.train.models import extract_state_dict
 
     state = extract_state_dict(torch.load(model_pt, map_location="cpu", weights_only=True))
     buf = io.BytesIO()
@@ -110,7 +110,7 @@ def publish_weights(model_pt: Path, hub: Path) -> Path:
 def train_with_weights_at(url: str, argv: list[str]) -> int:
     """``imgpipe train ARGV`` with torchvision's URL of the weights pointed at ``url`` (this process only)."""
     from imgpipe import cli
-    from imgpipe.pretrained import resolve_weights
+    from imgpipe.train.models import resolve_weights
 
     resolve_weights(MODEL, WEIGHTS).value.url = url
     return cli.main(argv)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, work: Path) -> int:
     """Prepares both datasets in ``work``, pre-trains, then trains every variant on the target."""
-    from imgpipe.synth import choose_breeds
+    from imgpipe.data.synth import choose_breeds
 
     log = work / "bench.log"
     started = time.perf_counter()

@@ -18,7 +18,7 @@ the tables report medians and the ratios between methods. Sets are real photogra
 * **decode floor**: only the reduced-scale JPEG decode our fast path picks (``Image.draft``
   at that scale, no resize), in a ``multiprocessing`` pool of all cores.
 * **process pool**: a plain ``multiprocessing.Pool`` of all cores mapping
-  :func:`imgpipe.resize_ops.resize_image` over the bytes and returning the pixels.
+  :func:`imgpipe.resize.ops.resize_image` over the bytes and returning the pixels.
 * **process-pool step**: the resize step's own work on a ``multiprocessing.Pool`` instead
   of Ray (:func:`pool_step`): the same row groups, task body, driver loop (rejects, sorted
   shards per split, hashed as written) and commit. It is the baseline for what Ray itself
@@ -86,19 +86,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import Photo, photo_set  # noqa: E402
 
 import imgpipe.steps.resize as resize_step  # noqa: E402
-from imgpipe import contract, resize_ops  # noqa: E402
+from imgpipe import contract  # noqa: E402
 from imgpipe.contract import OutputWriter  # noqa: E402
-from imgpipe.resize_ops import (  # noqa: E402
-    ResizeSpec,
-    _decode,
-    _open,
-    plan_geometry,
-    resize_image,
-    resize_image_reference,
-)
+from imgpipe.resize.ops import _decode, _open, resize_image, resize_image_reference
+from imgpipe.resize.spec import DRAFT_MARGIN, ResizeConfig, ResizeSpec, plan_geometry
 from imgpipe.resources import available_cpus  # noqa: E402
 from imgpipe.steps.clean import OUTPUT_SCHEMA, CleanConfig  # noqa: E402
-from imgpipe.steps.resize import ResizeConfig, resize  # noqa: E402
+from imgpipe.steps.resize import resize
 
 
 @dataclass(frozen=True)
@@ -170,7 +164,7 @@ def decode_floor(data: bytes) -> int:
     """The floor's work: the fast path's reduced-scale decode of one JPEG, no resize."""
     img = _open(data)
     geometry = plan_geometry(img.width, img.height, _SPEC)
-    img, _ = _decode(img, geometry, _SPEC.fast_decode, resize_ops.DRAFT_MARGIN)
+    img, _ = _decode(img, geometry, _SPEC.fast_decode, DRAFT_MARGIN)
     return img.width
 
 
@@ -183,7 +177,7 @@ def draft_scale(data: bytes) -> float:
     """The decode scale the fast path picks for one JPEG (1, 1/2, 1/4 or 1/8)."""
     img = _open(data)
     geometry = plan_geometry(img.width, img.height, _SPEC)
-    _, scale = _decode(img, geometry, _SPEC.fast_decode, resize_ops.DRAFT_MARGIN)
+    _, scale = _decode(img, geometry, _SPEC.fast_decode, DRAFT_MARGIN)
     return scale
 
 

@@ -1,10 +1,10 @@
 """Benchmark: what each step's UI report (kfp Metrics + HTML) costs against the step itself.
 
 The components build the report in the step's own process right after the step
-(:func:`imgpipe.kfp_artifacts.publish_step_report`), once per pod. This runs each repeat
+(:func:`imgpipe.kfp.artifacts.publish_step_report`), once per pod. This runs each repeat
 in a fresh process, as a pod does: each step on a generated sample (``imgpipe synth``,
 the dataset of ``make run``), then its report as the component builds it
-(:func:`imgpipe.step_report.build_report` and the page, first use of everything it
+(:func:`imgpipe.report.steps.build_report` and the page, first use of everything it
 needs included), and reports the report's time as a fraction of the step's wall time,
 and the page's size. Resize needs Ray: run with ``--resize`` inside
 ``scripts/in-loopback-netns``.
@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from imgpipe import step_report
+from imgpipe.data.synth import SynthConfig, generate
+from imgpipe.report import steps as step_report
 from imgpipe.steps.clean import CleanConfig, clean
 from imgpipe.steps.download import DownloadConfig, download
-from imgpipe.synth import SynthConfig, generate
 
 
 def _timed(fn, *args, **kwargs):
@@ -51,7 +51,8 @@ def run_once(root: Path, args: argparse.Namespace) -> dict[str, dict[str, float]
         "clean": (clean, (f"{store}/download", f"{store}/clean", CleanConfig()), {}),
     }
     if args.resize:
-        from imgpipe.steps.resize import ResizeConfig, resize
+        from imgpipe.resize.spec import ResizeConfig
+        from imgpipe.steps.resize import resize
 
         steps["resize"] = (resize, (f"{store}/clean", f"{store}/resize", ResizeConfig(size=96, train_mode="whole")), {})
     results = {}

@@ -25,13 +25,14 @@ def clean(
     step_config: Optional[dict] = None,  # noqa: UP045
 ) -> None:
     """Validates, labels, splits and shuffles; with ``previous_run_prefix`` skips images seen before."""
-    from imgpipe import kfp_artifacts as ka
+    from imgpipe import config
+    from imgpipe.kfp import artifacts as ka
     from imgpipe.steps.clean import CleanConfig, clean
 
     annotations = dataset.metadata.get("annotations") or None
     previous = ka.resolve_previous(data_root, previous_run_prefix)
     named = {"grayscale": grayscale, "split": split, "seed": seed, "annotations": annotations, "skip_hashes_from": previous}
-    cfg = ka.step_config(CleanConfig, step_config, "clean", **named)
+    cfg = config.step_config(CleanConfig, step_config, "clean", **named)
     result = clean(ka.read_step_artifact(dataset, "download"), ka.run_prefix(data_root, run_id, "clean"), cfg)
     ka.publish_step_report(result.dest, metrics=metrics, report=report)
     ka.write_step_artifact(cleaned, result.dest, previous_run_prefix=previous or "")

@@ -20,7 +20,7 @@ def compare(
     winner: Output[Artifact],
 ) -> None:
     """Ranks the branches (``branches``: the plan; ``trained``: their collected step artifacts) into the run's ``compare/``."""
-    from imgpipe import kfp_artifacts as ka
+    from imgpipe.kfp import artifacts as ka
     from imgpipe.steps.compare import compare
     from imgpipe.sweep import branch_prefixes
 

@@ -29,12 +29,13 @@ def download(
     The URIs are run parameters, so they get the pod's source policy (``SourcePolicy.from_env``):
     no local files, loopback, metadata or private addresses unless the environment allows them.
     """
-    from imgpipe import kfp_artifacts as ka
-    from imgpipe.sources import SourcePolicy
+    from imgpipe import config
+    from imgpipe.data.sources import SourcePolicy
+    from imgpipe.kfp import artifacts as ka
     from imgpipe.steps.download import DownloadConfig, download
 
     def fetch(uri: str, sha256: str, step: str) -> str:
-        cfg = ka.step_config(DownloadConfig, step_config, "download", sha256=[sha256] if sha256 else None)
+        cfg = config.step_config(DownloadConfig, step_config, "download", sha256=[sha256] if sha256 else None)
         return download([uri], ka.run_prefix(data_root, run_id, step), cfg, policy=SourcePolicy.from_env()).dest
 
     annotations = fetch(annotations_uri, annotations_sha256, "annotations") if annotations_uri else ""

@@ -35,7 +35,7 @@ def plan_sweep(
     Returns one item per branch (``branch``, ``resized``, ``settings``, ``step_config``):
     the loop's tasks take everything from the item and the run parameters.
     """
-    from imgpipe.kfp_artifacts import train_overrides
+    from imgpipe.kfp.artifacts import train_overrides
     from imgpipe.sweep import plan
 
     axes = {

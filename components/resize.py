@@ -31,15 +31,17 @@ def resize(
     to its job instead of starting a second one. Returns the committed prefix (what
     train takes: the pipeline picks one of two resize tasks with ``dsl.OneOf``).
     """
-    from imgpipe import kfp_artifacts as ka
-    from imgpipe.steps.resize import ResizeConfig, resize
+    from imgpipe import config
+    from imgpipe.kfp import artifacts as ka
+    from imgpipe.remote.dispatch import run_step
+    from imgpipe.resize.spec import ResizeConfig
 
     named = {
         "size": image_size, "preset": preset or None, "mode": mode, "train_mode": train_mode or None,
         "ray_address": ray_address,
     }  # fmt: skip
-    cfg = ka.step_config(ResizeConfig, step_config, "resize", **named)
+    cfg = config.step_config(ResizeConfig, step_config, "resize", **named)
     source, dest = ka.read_step_artifact(cleaned, "clean"), ka.run_prefix(data_root, run_id, "resize")
-    done = resize(source, dest, cfg, run_id=run_id).dest
+    done = run_step("resize", source, dest, cfg, run_id=run_id).dest
     ka.publish_step_report(done, metrics=metrics, report=report)
     return ka.write_step_artifact(resized, done)["dest"]

@@ -35,12 +35,14 @@ def train(
     (``branch``, :mod:`imgpipe.sweep`) writes the run's ``train-{branch}`` prefix instead
     and records nothing in ``latest.json``: a sweep tries settings, it is no retraining run.
     """
-    from imgpipe import kfp_artifacts as ka
-    from imgpipe.steps.train import TrainConfig, train
+    from imgpipe import config
+    from imgpipe.kfp import artifacts as ka
+    from imgpipe.steps.train import train
     from imgpipe.sweep import branch_step
+    from imgpipe.train.config import TrainConfig
 
     named = ka.train_overrides(model_name, epochs, batch_size, aug_policy, pretrained)
-    cfg = ka.step_config(TrainConfig, step_config, "train", **named, weights_cache=ka.weights_cache(data_root))
+    cfg = config.step_config(TrainConfig, step_config, "train", **named, weights_cache=ka.weights_cache(data_root))
     step = branch_step(branch) if branch else "train"
     data, out = ka.committed_prefix(resized, "resize"), ka.run_prefix(data_root, run_id, step)
     result = train(data, out, cfg)

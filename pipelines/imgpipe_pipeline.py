@@ -1,9 +1,9 @@
 """The imgpipe Kubeflow pipeline: download -> clean -> resize -> train.
 
 Every task writes ``{data_root}/runs/{run id}/{step}/`` and passes the next one a small
-step artifact that names that prefix (:mod:`imgpipe.kfp_artifacts`); images never
+step artifact that names that prefix (:mod:`imgpipe.kfp.artifacts`); images never
 travel as kfp artifacts. Every data task also emits a Metrics and an HTML artifact
-(:func:`imgpipe.kfp_artifacts.publish_step_report`); the train task emits the Model,
+(:func:`imgpipe.kfp.artifacts.publish_step_report`); the train task emits the Model,
 Metrics, ClassificationMetrics and HTML artifacts the Kubeflow UI shows.
 
 What is fixed when the pipeline is compiled (:class:`PipelineOptions`): the images,
@@ -44,11 +44,11 @@ from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
 
 from imgpipe.config import field_default, field_docs, plain_text
 from imgpipe.containers.catalog import ImageSet
-from imgpipe.kfp_artifacts import PIPELINE_NAME
-from imgpipe.resize_spec import ResizeConfig
+from imgpipe.kfp.artifacts import PIPELINE_NAME
+from imgpipe.resize.spec import ResizeConfig
 from imgpipe.steps.clean import CleanConfig
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
-from imgpipe.train_config import TrainConfig
+from imgpipe.train.config import TrainConfig
 
 __all__ = [
     "PIPELINE_NAME",

@@ -62,7 +62,7 @@ from kfp.dsl import HTML, Artifact, Metrics
 
 from imgpipe.config import field_docs, plain_text
 from imgpipe.sweep import GRID_KEYS, SWEEP_EPOCHS, SWEEP_PIPELINE_NAME
-from imgpipe.train_config import TrainConfig
+from imgpipe.train.config import TrainConfig
 
 __all__ = [
     "SWEEP_PIPELINE_NAME",

@@ -40,7 +40,7 @@ def write_download_output(dest: str, members: Mapping[str, bytes], row_group_row
     return out.dest
 
 
-# The cloud metadata ranges, spelled out here rather than taken from imgpipe.sources: the
+# The cloud metadata ranges, spelled out here rather than taken from imgpipe.data.sources: the
 # guard must hold even when the code under test gets them wrong.
 _METADATA_NETWORKS = tuple(
     ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")

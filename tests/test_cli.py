@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from imgpipe import contract, kfp_artifacts, storage
+from imgpipe import contract, storage
 from imgpipe.cli import _command_named, build_parser, main
+from imgpipe.kfp import artifacts as kfp_artifacts
 
 
 def test_parser_is_reusable():
@@ -48,7 +49,7 @@ def test_a_step_command_imports_only_its_step():
         "import sys\n"
         "from imgpipe.cli import _command_named, build_parser\n"
         "build_parser(only=_command_named(['clean', 'a', 'b'])).parse_args(['clean', 'a', 'b'])\n"
-        "print(sorted(m for m in ('requests', 'imgpipe.steps.download', 'imgpipe.ray_jobs', 'torch', 'ray') if m in sys.modules))\n"
+        "print(sorted(m for m in ('requests', 'imgpipe.steps.download', 'imgpipe.remote.ray_jobs', 'torch', 'ray') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -57,7 +57,7 @@ def test_resolved_yaml_round_trips():
 
 def test_a_typo_in_a_section_or_an_option_names_the_nearest_valid_one(tmp_path):
     """A misspelt section used to train silently with defaults."""
-    from imgpipe.steps.train import TrainConfig
+    from imgpipe.train.config import TrainConfig
 
     path = tmp_path / "run.yaml"
     path.write_text("trian: {epochs: 1}\nclean: {seed: 3}\n")
@@ -77,7 +77,7 @@ def test_flags_take_type_choices_default_and_help_from_the_config():
     import argparse
 
     from imgpipe.config import add_field_flags, field_default, flag_overrides
-    from imgpipe.resize_spec import ResizeConfig
+    from imgpipe.resize.spec import ResizeConfig
 
     parser = argparse.ArgumentParser()
     add_field_flags(parser, CleanConfig, ("grayscale", "split", "seed", "label_source", "workers"))

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from imgpipe import kuberay
 from imgpipe.containers import build
 from imgpipe.containers import catalog as images
+from imgpipe.remote import kuberay
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / images.DOCKERFILE
@@ -83,9 +83,9 @@ def test_cpu_image_has_no_torch_and_no_ray_and_ray_image_no_torch():
 @pytest.mark.parametrize(
     ("modules", "forbidden"),
     [
-        (["imgpipe.cli", "imgpipe.steps.download", "imgpipe.steps.clean", "imgpipe.kfp_artifacts",
-          "imgpipe.kfp_client", "imgpipe.pipelines", "imgpipe.components.download", "imgpipe.components.clean"], ("torch", "ray")),
-        (["imgpipe.steps.resize", "imgpipe.ray_jobs", "imgpipe.kuberay", "imgpipe.components.resize"], ("torch",)),
+        (["imgpipe.cli", "imgpipe.steps.download", "imgpipe.steps.clean", "imgpipe.kfp.artifacts",
+          "imgpipe.kfp.client", "imgpipe.pipelines", "imgpipe.components.download", "imgpipe.components.clean"], ("torch", "ray")),
+        (["imgpipe.steps.resize", "imgpipe.remote.ray_jobs", "imgpipe.remote.kuberay", "imgpipe.components.resize"], ("torch",)),
     ],
     ids=["cpu-steps", "ray-steps"],
 )  # fmt: skip

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgpipe import contract, storage
+from imgpipe.data.synth import SynthConfig, generate
 from imgpipe.steps.clean import CleanConfig, clean
 from imgpipe.steps.download import DownloadConfig, download
-from imgpipe.synth import SynthConfig, generate
 
 
 @pytest.mark.parametrize("backend", ["file", "s3"])

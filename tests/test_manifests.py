@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from imgpipe import kfp_client
+from imgpipe.kfp import client as kfp_client
 from tests import rbac
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -358,7 +358,7 @@ def test_secret_is_a_template_and_rbac_covers_rayjobs():
     role = next(d for d in docs if _key(d) == ("Role", "imgpipe-rayjobs"))
     (rayjobs,) = [r for r in role["rules"] if r["resources"] == ["rayjobs"]]
     assert rayjobs["apiGroups"] == ["ray.io"] and {"create", "get", "delete"} == set(rayjobs["verbs"])
-    # ...and exactly the verbs the code calls: tests/test_kuberay.py records them against the fake API.
+    # ...and exactly the verbs the code calls: tests/remote/test_kuberay.py records them against the fake API.
 
 
 @pytest.mark.parametrize("name", ["overlays/dev", "overlays/gpu"])
@@ -483,14 +483,14 @@ def test_stated_version_floors_match_the_fields_used(tmp_path):
 
 @pytest.mark.parametrize("name", BUILDS)
 def test_the_ray_address_an_overlay_schedules_is_a_cluster_it_allows(name):
-    from imgpipe import ray_jobs
+    from imgpipe.remote.targets import check_allowed
 
     docs = build(name)
     retrain = next(d for d in docs if _key(d) == ("ConfigMap", "imgpipe-retrain"))["data"]
     config = next(d for d in docs if _key(d) == ("ConfigMap", "imgpipe-s3-config"))["data"]
-    ray_jobs.check_allowed(retrain["IMGPIPE_PARAM_RAY_ADDRESS"], environ=config)
+    check_allowed(retrain["IMGPIPE_PARAM_RAY_ADDRESS"], environ=config)
     with pytest.raises(ValueError, match="not a configured Ray cluster"):
-        ray_jobs.check_allowed("http://elsewhere.example:8265", environ=config)
+        check_allowed("http://elsewhere.example:8265", environ=config)
 
 
 # ----------------------------------------------------------------------------------------
@@ -715,7 +715,7 @@ def test_networkpolicy_lets_only_this_namespace_reach_the_ray_pods(name):
 @pytest.mark.parametrize("name", BUILDS)
 def test_the_rayjob_role_is_bound_to_imgpipes_own_account_only(name, monkeypatch):
     """Item 5: no binding names an account every pipeline of the namespace runs as."""
-    from tests.test_kuberay import CALL_VERBS
+    from tests.remote.test_kuberay import CALL_VERBS
 
     docs = build(name)
     names = {_key(d) for d in docs}
@@ -736,7 +736,7 @@ def test_the_rayjob_role_is_bound_to_imgpipes_own_account_only(name, monkeypatch
     assert kfp_client.Target().resolved().service_account == RUN_ACCOUNT
     role = next(d for d in docs if _key(d) == ("Role", "imgpipe-rayjobs"))
     granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
-    assert granted == set(CALL_VERBS.values()), "exactly the calls tests/test_kuberay.py records"
+    assert granted == set(CALL_VERBS.values()), "exactly the calls tests/remote/test_kuberay.py records"
     deploy = (ROOT / "docs" / "deploy.md").read_text()
     assert f"--as=system:serviceaccount:{NAMESPACES['overlays/dev']}:{RUN_ACCOUNT}" in deploy
 

@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 from imgpipe import contract, storage
+from imgpipe.resize.spec import ResizeConfig
 from imgpipe.steps.clean import CleanConfig, clean
-from imgpipe.steps.resize import ResizeConfig, read_pixels, resize
+from imgpipe.steps.resize import read_pixels, resize
 from tests import imagefactory as f
 from tests.helpers import write_download_output
 

@@ -19,8 +19,10 @@ import pytest
 import torch
 import yaml
 
-from imgpipe import contract, kfp_artifacts, kfp_client, storage
-from imgpipe.local_run import LocalRunConfig, load_local_config, run_local
+from imgpipe import contract, storage
+from imgpipe.kfp import artifacts as kfp_artifacts
+from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp.local_run import LocalRunConfig, load_local_config, run_local
 
 STEPS = ("download", "clean", "resize", "train")
 # The tasks of the compiled DAG, by display name: resize is two tasks, one per ray_address mode.
@@ -265,7 +267,7 @@ def test_the_pipeline_chooses_the_train_split_mode_apart(compiled):
     from imgpipe.pipelines.imgpipe_pipeline import DEFAULT_RESIZE_TRAIN_MODE, PARAMETER_FIELDS
 
     from imgpipe.config import field_default
-    from imgpipe.resize_spec import MODES, ResizeConfig
+    from imgpipe.resize.spec import MODES, ResizeConfig
 
     ir = compiled[0]
     param = ir["root"]["inputDefinitions"]["parameters"]["resize_train_mode"]
@@ -319,7 +321,7 @@ class Refuse:
         if name.split(".")[0] in ("torch", "torchvision", "cv2", "ray", "kornia", "albumentations"):
             raise ImportError(f"{{name}} is not installed in the cpu image")
 sys.meta_path.insert(0, Refuse())
-from imgpipe import kfp_client
+from imgpipe.kfp import client as kfp_client
 kfp_client.compile_package({str(tmp_path / "p.yaml")!r})
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
-from imgpipe import cli, kfp_client
+from imgpipe import cli
 from imgpipe.containers import catalog
+from imgpipe.kfp import client as kfp_client
 from tests.test_manifests import ARGO_SCHEMAS, K8S, ROOT, argo_validator, build
 
 KUBECTL = shutil.which("kubectl")
@@ -194,7 +195,7 @@ def _compiled_images(package: str) -> list[tuple[str, str]]:
     found = []
     for name, executor in spec["deploymentSpec"]["executors"].items():
         found.append((name, executor["container"]["image"]))
-        # The resize task passes IMGPIPE_RAY_IMAGE to the RayJob it creates (imgpipe.kuberay).
+        # The resize task passes IMGPIPE_RAY_IMAGE to the RayJob it creates (imgpipe.remote.kuberay).
         found += [
             (f"{name} ${e['name']}", e["value"])
             for e in executor["container"].get("env", [])

@@ -165,3 +165,40 @@ def test_one_arrow_file_system_per_process_and_a_pure_path(any_root, monkeypatch
     if any_root.startswith("s3://"):
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-identity")
         assert storage.arrow_filesystem(a)[0] is not fs_a, "other credentials, another file system"
+
+
+def test_settings_cross_a_process_boundary_without_credentials(s3_endpoint, monkeypatch):
+    """The one object a pool worker or a Ray task takes: each backend's settings, no secret."""
+    import multiprocessing
+    import pickle
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "the-secret-4711")
+    saved = storage._s3_options
+    try:
+        storage.configure_endpoint("http://127.0.0.1:1")
+        shipped = storage.settings()
+        assert b"the-secret-4711" not in pickle.dumps(shipped)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            assert pool.apply(_adopt_and_report, (shipped,)) == shipped
+    finally:
+        storage.configure_s3(**saved.__dict__)
+    with pytest.raises(TypeError, match="storage.Settings"):
+        storage.use_settings({"endpoint_url": "x"})  # type: ignore[arg-type]
+
+
+def _adopt_and_report(shipped: storage.Settings) -> storage.Settings:
+    storage.use_settings(shipped)
+    return storage.settings()
+
+
+def test_scheme_questions_are_answered_by_storage(tmp_path):
+    assert storage.segments("s3://bucket/a/b") == ["bucket", "a", "b"]
+    assert storage.segments(str(tmp_path)) == [p for p in str(tmp_path).split("/") if p]
+    assert storage.is_local(str(tmp_path)) and not storage.is_local("s3://bucket/a")
+    assert storage.local_path("file://" + str(tmp_path)) == tmp_path
+    with pytest.raises(ValueError, match="not on this machine's file system"):
+        storage.local_path("s3://bucket/a")
+    assert storage.fork_safe([str(tmp_path)]) and not storage.fork_safe([str(tmp_path), "s3://bucket/a"])
+    assert storage.serves("s3://b/k") and storage.serves("/x") and not storage.serves("https://example.com/a")
+    assert set(storage.schemes()) == {"file", "s3"}
+    assert storage.settings_env({"AWS_ENDPOINT_URL": "http://m:9000", "AWS_SECRET_ACCESS_KEY": "s"}) == {"AWS_ENDPOINT_URL": "http://m:9000"}

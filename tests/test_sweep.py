@@ -12,8 +12,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from imgpipe import kfp_artifacts, kfp_client, sweep
+from imgpipe import sweep
 from imgpipe.cli import main
+from imgpipe.kfp import artifacts as kfp_artifacts
+from imgpipe.kfp import client as kfp_client
 from imgpipe.sweep import (
     GRID_KEYS,
     Branch,
@@ -159,7 +161,7 @@ def test_branch_prefixes_come_from_the_collected_artifacts_and_match_the_plan():
 def test_every_augmentation_field_is_in_the_winners_recipe():
     from dataclasses import fields
 
-    from imgpipe.train_config import AugmentConfig, TrainConfig
+    from imgpipe.train.config import AugmentConfig, TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     augment = {"aug_policy" if f.name == "policy" else f.name for f in fields(AugmentConfig)}
@@ -258,7 +260,7 @@ class Refuse:
         if name.split(".")[0] in ("torch", "torchvision", "cv2", "ray", "kornia", "albumentations", "matplotlib"):
             raise ImportError(f"{{name}} is not installed in the cpu image")
 sys.meta_path.insert(0, Refuse())
-from imgpipe import kfp_client
+from imgpipe.kfp import client as kfp_client
 kfp_client.compile_package({str(tmp_path / "s.yaml")!r}, pipeline="imgpipe-sweep")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -288,7 +290,7 @@ def test_submit_checks_the_grid_before_contacting_a_server(tmp_path, capsys):
 
 
 def test_a_winner_file_layers_over_the_run_config(tmp_path):
-    from imgpipe.local_run import load_local_config
+    from imgpipe.kfp.local_run import load_local_config
 
     run, winner = tmp_path / "run.yaml", tmp_path / "winner.yaml"
     run.write_text("pipeline: {epochs: 2}\ntrain: {lr: 0.002, aug_policy: basic, mixup: 0.0}\n")

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgpipe import contract, kfp_artifacts, storage
+from imgpipe import contract, storage
 from imgpipe.config import load_config
-from imgpipe.local_run import LocalRunConfig, run_sweep
-from imgpipe.train_config import TrainConfig
+from imgpipe.kfp import artifacts as kfp_artifacts
+from imgpipe.kfp.local_run import LocalRunConfig, run_sweep
+from imgpipe.train.config import TrainConfig
 
 GRID = [
     {"name": "light", "policy": "basic", "mixup_alpha": 0, "cutmix_alpha": 0},

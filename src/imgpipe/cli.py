@@ -49,7 +49,7 @@ def _compile_options(p: argparse.ArgumentParser) -> None:
 
 
 def _pipeline_options(p: argparse.ArgumentParser) -> None:
-    from imgpipe.kfp_client import PIPELINES
+    from imgpipe.kfp.client import PIPELINES
 
     p.add_argument("--pipeline", choices=PIPELINES, default=PIPELINES[0], help="which pipeline (default %(default)s)")
     p.add_argument(
@@ -103,7 +103,7 @@ def _local_run_options(p: argparse.ArgumentParser) -> None:
 # Each step's flags come from its config dataclass (type, choices, default, help): a
 # default changes in one place. Any other field: --set or --config.
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
-    from imgpipe.synth import SynthConfig
+    from imgpipe.data.synth import SynthConfig
 
     p.add_argument("dest", help="directory URI for images.tar.gz and annotations.tar.gz")
     add_field_flags(p, SynthConfig, ("classes", "per_class", "seed", "off_centre"))
@@ -125,7 +125,7 @@ def _clean_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _resize_arguments(p: argparse.ArgumentParser) -> None:
-    from imgpipe.resize_spec import ResizeConfig
+    from imgpipe.resize.spec import ResizeConfig
 
     p.add_argument("source", help="committed clean output prefix")
     p.add_argument("dest", help="output prefix")
@@ -138,7 +138,7 @@ def _resize_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from imgpipe.train_config import TrainConfig
+    from imgpipe.train.config import TrainConfig
 
     p.add_argument("data", help="committed resize output prefix")
     p.add_argument("out", help="output prefix: model.pt, metrics, figures, report, checkpoint")
@@ -172,7 +172,7 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
         description="Image-dataset preparation and training: download -> clean -> resize -> train.",
         add_help=add_help,
     )
-    parser.add_argument(_ENDPOINT_FLAG, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL or AWS)")
+    parser.add_argument(_ENDPOINT_FLAG, dest="storage_endpoint", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL or AWS)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"imgpipe {imgpipe.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -247,7 +247,7 @@ def _emit(report: Any, as_json: bool) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from imgpipe.synth import SynthConfig, generate
+    from imgpipe.data.synth import SynthConfig, generate
 
     _emit(generate(args.dest, load_config(SynthConfig, args.config, flag_overrides(args), "synth")), args.json)
     return 0
@@ -273,15 +273,17 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from imgpipe.steps.resize import ResizeConfig, resize
+    from imgpipe.remote.dispatch import run_step
+    from imgpipe.resize.spec import ResizeConfig
 
     cfg = load_config(ResizeConfig, args.config, flag_overrides(args), "resize")
-    _emit(resize(args.source, args.dest, cfg, run_id=args.run_id), args.json)
+    _emit(run_step("resize", args.source, args.dest, cfg, run_id=args.run_id), args.json)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imgpipe.steps.train import TrainConfig, train
+    from imgpipe.steps.train import train
+    from imgpipe.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, flag_overrides(args), "train")
     _emit(train(args.data, args.out, cfg), args.json)
@@ -290,7 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Prints what a committed output holds; writes its HTML report and a sample grid on request."""
-    from imgpipe.step_report import build_report
+    from imgpipe.report.steps import build_report
 
     if args.rows < 1:
         raise ValueError(f"--rows must be >= 1, got {args.rows}")
@@ -304,8 +306,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _local_config(args: argparse.Namespace) -> Any:
-    """The :class:`~imgpipe.local_run.LocalRunConfig` of ``run``/``sweep``'s options."""
-    from imgpipe.local_run import load_local_config
+    """The :class:`~imgpipe.kfp.local_run.LocalRunConfig` of ``run``/``sweep``'s options."""
+    from imgpipe.kfp.local_run import load_local_config
 
     cfg = load_local_config(
         args.config or None,
@@ -324,7 +326,7 @@ def _local_config(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Runs the pipeline through kfp.local; prints per-step counts and where the results are."""
-    from imgpipe.local_run import run_local
+    from imgpipe.kfp.local_run import run_local
 
     result = run_local(_local_config(args))
     print(result.summary())
@@ -333,7 +335,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Runs the sweep pipeline through kfp.local; prints the ranking, the flags and where the winner's config is."""
-    from imgpipe.local_run import run_sweep
+    from imgpipe.kfp.local_run import run_sweep
     from imgpipe.sweep import load_grid_file
 
     grid, axes = load_grid_file(args.grid)
@@ -360,7 +362,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from imgpipe import kfp_client
+    from imgpipe.kfp import client as kfp_client
 
     path = kfp_client.compile_package(
         args.out, caching=args.caching, gpu=args.gpu, pipeline=args.pipeline, parallelism=args.parallelism
@@ -370,19 +372,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _target(args: argparse.Namespace) -> Any:
-    from imgpipe import kfp_client
+    from imgpipe.kfp import client as kfp_client
 
     return kfp_client.Target(args.host, args.experiment, args.namespace, args.service_account)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from imgpipe import kfp_client
+    from imgpipe.kfp import client as kfp_client
 
     params: dict[str, Any] = kfp_client.collect_params(args.params, from_env=args.params_from_env)
     if args.grid:
-        if args.pipeline != kfp_client.SWEEP_PIPELINE_NAME:
-            raise ValueError(f"--grid is a parameter of --pipeline {kfp_client.SWEEP_PIPELINE_NAME}")
-        from imgpipe.sweep import grid_parameters, load_grid_file
+        from imgpipe.sweep import SWEEP_PIPELINE_NAME, grid_parameters, load_grid_file
+
+        if args.pipeline != SWEEP_PIPELINE_NAME:
+            raise ValueError(f"--grid is a parameter of --pipeline {SWEEP_PIPELINE_NAME}")
 
         params.update({k: json.dumps(v) for k, v in grid_parameters(*load_grid_file(args.grid)).items()})
     result = kfp_client.submit(
@@ -403,7 +406,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from imgpipe import kfp_client
+    from imgpipe.kfp import client as kfp_client
 
     result = kfp_client.schedule(
         args.cron,
@@ -458,8 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(only=_command_named(argv)).parse_args(argv)
     resources.skip_collection_at_exit()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.s3_endpoint:
-        storage.configure_s3(endpoint_url=args.s3_endpoint)
+    if args.storage_endpoint:
+        storage.configure_endpoint(args.storage_endpoint)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, TimeoutError) as exc:

@@ -29,6 +29,7 @@ __all__ = [
     "check_sections",
     "read_config_file",
     "config_from_dict",
+    "step_config",
     "load_config",
     "config_to_dict",
     "config_to_yaml",
@@ -51,7 +52,7 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
     """Coerces a YAML/CLI/JSON value to an annotated type, or raises a clear error.
 
     The one coercer of the project: config fields, CLI flags and KFP run parameters
-    (:mod:`imgpipe.kfp_client`) all go through it. pydantic's ``TypeAdapter`` in lax
+    (:mod:`imgpipe.kfp.client`) all go through it. pydantic's ``TypeAdapter`` in lax
     mode does the work; this adds what a command line needs and pydantic does not do:
     ``"0.8,0.1,0.1"`` for a tuple, config dataclasses through :func:`config_from_dict`
     (unknown keys named with the nearest valid one), unions tried left to right, and
@@ -179,6 +180,31 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], _prefix: str = "")
         )
     kwargs = {k: coerce(_prefix + k, v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
+
+
+def step_config(cls: type[C], sections: Mapping[str, Any] | None, section: str, **named: Any) -> C:
+    """Builds a step's frozen config from the pipeline's typed parameters and its free-form section.
+
+    Args:
+        cls: The step's config dataclass.
+        sections: The pipeline's ``step_config`` parameter: one mapping per step name
+            (``{"train": {"epochs": 1}}``); any field of the step's config.
+        section: This step's key in ``sections``.
+        named: Values from typed pipeline parameters; ``None`` means "not set". A field
+            given in the section wins over the typed parameter (it is more specific).
+
+    Raises:
+        ValueError: On an unknown field or a value the config rejects.
+        TypeError: On a value of the wrong type (kfp passes JSON numbers as floats;
+            whole floats are accepted for integer fields).
+    """
+    sections = sections or {}
+    own = sections.get(section) or {}
+    if not isinstance(own, Mapping):
+        raise TypeError(f"step_config[{section!r}] must be a mapping of {cls.__name__} fields, got {own!r}")
+    values = {k: v for k, v in named.items() if v is not None}
+    values.update(own)
+    return config_from_dict(cls, values)
 
 
 def _nearest(name: str, valid: Iterable[str]) -> str:

@@ -38,7 +38,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -351,12 +350,6 @@ def read_rejects(prefix: str) -> pa.Table:
     return pq.ParquetFile(io.BytesIO(storage.read_bytes(_dest_uri(prefix, REJECTS)))).read()
 
 
-def _segments(uri: str) -> list[str]:
-    parsed = urlparse(storage.normalize_uri(uri))
-    head = [parsed.netloc] if parsed.scheme == "s3" else []
-    return head + [p for p in parsed.path.split("/") if p]
-
-
 def _read_json(uri: str) -> dict[str, Any] | None:
     """A small JSON object, or ``None`` if it is absent or not a JSON object."""
     try:
@@ -390,7 +383,7 @@ def check_destination(dest: str, step: str) -> str:
         ValueError: For a prefix of fewer than :data:`MIN_DEST_SEGMENTS` segments.
     """
     dest = storage.normalize_uri(dest)
-    if len(_segments(dest)) < MIN_DEST_SEGMENTS:
+    if len(storage.segments(dest)) < MIN_DEST_SEGMENTS:
         raise ValueError(
             f"{step}: refusing to write to {dest}: a step empties its destination first, so it must be a "
             f"prefix of at least {MIN_DEST_SEGMENTS} segments (e.g. s3://bucket/imgpipe/{step}), never a bucket root or /"

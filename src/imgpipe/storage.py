@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -37,7 +37,19 @@ from urllib.parse import unquote, urlparse
 __all__ = [
     "ObjectInfo",
     "S3Options",
+    "Settings",
+    "settings",
+    "use_settings",
     "configure_s3",
+    "configure_endpoint",
+    "SETTINGS_ENV",
+    "settings_env",
+    "schemes",
+    "serves",
+    "is_local",
+    "local_path",
+    "fork_safe",
+    "segments",
     "normalize_uri",
     "redact_uri",
     "join",
@@ -115,14 +127,8 @@ def configure_s3(**kwargs: Any) -> S3Options:
     return _s3_options
 
 
-def s3_settings() -> S3Options:
-    """This process's S3 options with endpoint and region resolved, and no credentials.
-
-    What another process (a Ray task, a pool worker) needs to reach the same store as
-    this one: an endpoint given by ``--s3-endpoint`` lives only in this process, and a
-    Ray worker's environment was fixed when its Ray started. Credentials stay out: the
-    other process takes them from its own environment.
-    """
+def _s3_settings() -> S3Options:
+    """This process's S3 options with endpoint and region resolved, and no credentials."""
     return dataclasses.replace(
         _s3_options,
         endpoint_url=_endpoint_url(),
@@ -130,8 +136,7 @@ def s3_settings() -> S3Options:
     )
 
 
-def use_s3_settings(options: S3Options) -> None:
-    """Adopts settings from :func:`s3_settings` of another process (a no-op when they are already in use)."""
+def _use_s3_settings(options: S3Options) -> None:
     if options != _s3_options:
         configure_s3(**options.__dict__)
 
@@ -227,7 +232,27 @@ def with_retries(
 
 
 class Backend(ABC):
-    """Operations every storage backend provides, on full URIs."""
+    """Operations every storage backend provides, on full URIs.
+
+    A new scheme is one subclass, its settings (what :meth:`settings` returns and
+    :meth:`use_settings` takes) and one entry in :data:`_BACKENDS`.
+    """
+
+    # Objects are files of this machine's file system (a path can be handed to a library).
+    local = False
+    # A forked child can keep using this backend (no client threads to inherit broken).
+    fork_safe = True
+
+    def settings(self) -> Any:
+        """What another process needs to reach the same store (never credentials); ``None`` for none."""
+        return None
+
+    def use_settings(self, settings: Any) -> None:  # noqa: B027 - most backends have none
+        """Adopts :meth:`settings` of another process."""
+
+    def segments(self, uri: str) -> list[str]:
+        """The location of ``uri`` as path segments, root first (a bucket counts as one)."""
+        return [p for p in urlparse(normalize_uri(uri)).path.split("/") if p]
 
     def exists(self, uri: str) -> bool:
         """Whether an object exists at exactly this URI."""
@@ -298,6 +323,8 @@ class Backend(ABC):
 
 class LocalBackend(Backend):
     """``file://`` URIs on the local (or mounted) file system."""
+
+    local = True
 
     @staticmethod
     def _path(uri: str) -> Path:
@@ -400,6 +427,20 @@ class _S3Writer(io.RawIOBase):
 
 class S3Backend(Backend):
     """``s3://bucket/key`` URIs on any S3-compatible service."""
+
+    # The AWS SDK (boto3's pools, pyarrow's S3 client) keeps threads that do not survive a
+    # fork: a child can deadlock on a lock one of them held.
+    fork_safe = False
+
+    def settings(self) -> S3Options:
+        return _s3_settings()
+
+    def use_settings(self, settings: S3Options) -> None:
+        _use_s3_settings(settings)
+
+    def segments(self, uri: str) -> list[str]:
+        bucket, key = self._split(uri)
+        return [bucket, *(p for p in key.split("/") if p)]
 
     @staticmethod
     def _split(uri: str) -> tuple[str, str]:
@@ -601,6 +642,89 @@ def boto3_credentials() -> Any:
 
 
 _BACKENDS: dict[str, Backend] = {"file": LocalBackend(), "s3": S3Backend()}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """This process's storage settings, for another process: each backend's, by scheme.
+
+    Made by :func:`settings`, adopted by :func:`use_settings` in a pool worker, a Ray task
+    or a DataLoader worker (whose environment or in-process settings, such as an endpoint
+    given on the command line, may differ). Holds no credentials: each process takes them
+    from its own environment. Picklable and comparable.
+    """
+
+    by_scheme: tuple[tuple[str, Any], ...] = ()
+
+
+def settings() -> Settings:
+    """This process's storage settings (:class:`Settings`), resolved, without credentials."""
+    return Settings(tuple((scheme, b.settings()) for scheme, b in sorted(_BACKENDS.items()) if b.settings() is not None))
+
+
+def use_settings(value: Settings) -> None:
+    """Adopts :func:`settings` of another process (a no-op when they are already in use).
+
+    Raises:
+        TypeError: For anything but a :class:`Settings`.
+    """
+    if not isinstance(value, Settings):
+        raise TypeError(f"expected storage.Settings, got {type(value).__name__}")
+    for scheme, backend_settings in value.by_scheme:
+        _BACKENDS[scheme].use_settings(backend_settings)
+
+
+# The environment variables that hold storage settings and no secret: what a process on
+# another machine (a Ray job's driver) must see to reach the same store as this one.
+SETTINGS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def settings_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The non-secret storage settings (:data:`SETTINGS_ENV`) set in ``environ`` (default: this process's)."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in SETTINGS_ENV if environ.get(name)}
+
+
+def configure_endpoint(endpoint_url: str | None) -> None:
+    """Points the object-store backend at an S3-compatible endpoint (``--s3-endpoint``)."""
+    configure_s3(endpoint_url=endpoint_url)
+
+
+def schemes() -> tuple[str, ...]:
+    """The URI schemes storage serves (plain paths are ``file``)."""
+    return tuple(sorted(_BACKENDS))
+
+
+def serves(uri: str | os.PathLike[str]) -> bool:
+    """Whether ``uri`` is one storage serves (a plain path, or a URI of :func:`schemes`)."""
+    scheme = urlparse(os.fspath(uri)).scheme.lower()
+    return scheme == "" or scheme in _BACKENDS
+
+
+def is_local(uri: str) -> bool:
+    """Whether ``uri`` is a file of this machine's file system."""
+    return get_backend(uri).local
+
+
+def local_path(uri: str) -> Path:
+    """The file-system path of a local ``uri``.
+
+    Raises:
+        ValueError: For a URI that is not local (see :func:`is_local`).
+    """
+    if not is_local(uri):
+        raise ValueError(f"{redact_uri(uri)} is not on this machine's file system")
+    return Path(urlparse(normalize_uri(uri)).path)
+
+
+def fork_safe(uris: Iterable[str]) -> bool:
+    """Whether a forked child may use every backend these URIs need (else start it fresh)."""
+    return all(get_backend(u).fork_safe for u in uris)
+
+
+def segments(uri: str) -> list[str]:
+    """The location of ``uri`` as segments, root first: ``s3://b/a/c`` is ``[b, a, c]``, ``/x/y`` ``[x, y]``."""
+    return get_backend(uri).segments(normalize_uri(uri))
 
 
 def get_backend(uri: str) -> Backend:

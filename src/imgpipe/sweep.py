@@ -2,7 +2,7 @@
 
 A sweep trains the same data with the same seed once per **branch** of a grid and
 compares the branches (:mod:`imgpipe.steps.compare`). The grid is written in **grid
-keys**, each one a :class:`~imgpipe.train_config.TrainConfig` field (:data:`GRID_KEYS`)::
+keys**, each one a :class:`~imgpipe.train.config.TrainConfig` field (:data:`GRID_KEYS`)::
 
     grid:                      # explicit branches (each may carry a `name`)
       - {name: light, policy: basic, mixup_alpha: 0, cutmix_alpha: 0}
@@ -37,9 +37,9 @@ from typing import Any
 
 import yaml
 
-from imgpipe import kfp_artifacts, storage
+from imgpipe import storage
 from imgpipe.config import coerce, read_config_file
-from imgpipe.train_config import TrainConfig
+from imgpipe.train.config import TrainConfig
 
 __all__ = [
     "SWEEP_PIPELINE_NAME",
@@ -289,7 +289,7 @@ def plan(
     for branch in expand_grid(grid, axes):
         own = {**sections, "train": {**base, **branch.overrides}}
         try:
-            cfg = kfp_artifacts.step_config(TrainConfig, own, "train", **named)
+            cfg = step_config(TrainConfig, own, "train", **named)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"branch {branch.label()}: {exc}") from None
         items.append({"branch": branch.name, "resized": resized, "settings": branch.settings, "step_config": own})

@@ -13,14 +13,14 @@ import uuid
 import pytest
 
 from imgpipe import contract, storage
-from imgpipe.local_run import (
+from imgpipe.data.synth import SynthConfig, generate
+from imgpipe.kfp.local_run import (
     LocalRunConfig,
     container_env,
     container_writable,
     docker_runner,
     run_local,
 )
-from imgpipe.synth import SynthConfig, generate
 
 # Small enough to run twice in a few minutes on 2 cores, big enough for several row groups.
 SYNTH = {"classes": 4, "per_class": 16, "seed": 3}

@@ -26,8 +26,8 @@ import pytest
 
 from imgpipe import storage
 from imgpipe.cli import main
-from imgpipe.local_run import LocalRunConfig, run_local
-from imgpipe.synth import SynthConfig, generate
+from imgpipe.data.synth import SynthConfig, generate
+from imgpipe.kfp.local_run import LocalRunConfig, run_local
 
 ACCESS_KEY = "AKIAIMGPIPESECRET4711"
 SECRET_KEY = "imgpipe-secret-key-0f3c9a7e55d1"

@@ -20,7 +20,7 @@ from PIL import Image, features
 from imgpipe import contract, resources, storage
 from imgpipe.config import config_from_dict
 from imgpipe.contract import UncommittedOutputError
-from imgpipe.images import decode_bytes
+from imgpipe.data.images import decode_bytes
 from imgpipe.steps import clean as clean_mod
 from imgpipe.steps.clean import OUTPUT_SCHEMA, CleanConfig, clean, stratified_split
 from tests import imagefactory as f

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from imgpipe import contract, storage
-from imgpipe.config import config_to_dict, load_config
+from imgpipe.config import config_to_dict, load_config, step_config
 from imgpipe.contract import StepReport
 from imgpipe.steps import compare as cmp
 from imgpipe.steps.compare import (
@@ -27,7 +27,7 @@ from imgpipe.steps.compare import (
     under_fitting,
 )
 from imgpipe.sweep import RECIPE_FIELDS
-from imgpipe.train_config import TrainConfig
+from imgpipe.train.config import TrainConfig
 
 LABELS = ["a", "b", "c"]
 BALANCED = [[8, 1, 1], [1, 8, 1], [1, 1, 8]]  # 10 validation images per class
@@ -194,7 +194,7 @@ def test_imbalanced_classes_switch_the_ranking_to_pr_auc(root):
 
 
 def test_the_winners_config_round_trips_into_a_full_run(root, tmp_path):
-    from imgpipe import kfp_artifacts, kfp_client
+    from imgpipe.kfp import client as kfp_client
 
     recipe = {"aug_policy": "trivialaugment", "mixup": 0.4, "cutmix": 0.0, "mixup_prob": 0.5, "label_smoothing": 0.1,
               "crop_scale": (0.25, 1.0), "randaugment_n": 1}  # fmt: skip
@@ -213,7 +213,7 @@ def test_the_winners_config_round_trips_into_a_full_run(root, tmp_path):
     package = kfp_client.compile_package(tmp_path / "imgpipe.yaml")
     typed = kfp_client.parse_params({"data_root": "s3://b/p", "step_config": winner.read_text()}, package)
     assert typed["step_config"] == yaml.safe_load(winner.read_text()) == {"train": {**expected, "crop_scale": [0.25, 1.0]}}
-    built = kfp_artifacts.step_config(TrainConfig, typed["step_config"], "train", model="tiny_cnn")
+    built = step_config(TrainConfig, typed["step_config"], "train", model="tiny_cnn")
     assert built.mixup_prob == 0.5 and built.aug_policy == "trivialaugment"
 
 
@@ -231,7 +231,7 @@ def test_compare_refuses_branches_of_different_data_and_overlapping_dest(root):
 def test_publish_comparison_fills_the_kfp_artifacts(root, tmp_path):
     from types import SimpleNamespace
 
-    from imgpipe.kfp_artifacts import publish_comparison
+    from imgpipe.kfp.artifacts import publish_comparison
 
     class Metrics(SimpleNamespace):
         def log_metric(self, key, value):

@@ -25,10 +25,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from imgpipe import archive, contract, storage
+from imgpipe import contract, storage
 from imgpipe.cli import main
 from imgpipe.config import config_from_dict, config_to_yaml
-from imgpipe.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV, SourcePolicy, SourceRefused
+from imgpipe.data import archive
+from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV, SourcePolicy, SourceRefused
 from imgpipe.steps.download import SHARD_SCHEMA, DownloadConfig, download
 from tests.helpers import forbid_metadata_connections
 

@@ -20,14 +20,14 @@ import pytest
 from PIL import Image
 
 from imgpipe import contract, storage
-from imgpipe.config import config_from_dict, config_to_dict, config_to_yaml
+from imgpipe.config import config_from_dict, config_to_dict, config_to_yaml, step_config
 from imgpipe.contract import OutputWriter
-from imgpipe.resize_ops import ResizeSpec, plan_geometry, resize_batch, resize_image
+from imgpipe.resize.ops import resize_batch, resize_image
+from imgpipe.resize.spec import ResizeConfig, ResizeSpec, plan_geometry
 from imgpipe.steps.clean import OUTPUT_SCHEMA as CLEAN_SCHEMA
 from imgpipe.steps.clean import CleanConfig, clean
 from imgpipe.steps.resize import (
     OUTPUT_COLUMNS,
-    ResizeConfig,
     _data_context,
     _shut_down_local_ray,
     _split_results,
@@ -116,14 +116,13 @@ def test_train_mode_gives_the_train_split_its_own_spec():
 
 def test_hostile_train_mode_is_refused_with_a_clear_error():
     # A run parameter reaches the config through kfp_artifacts.step_config (the component's path).
-    from imgpipe import kfp_artifacts
 
     for hostile in ("whole; rm -rf /", "$(id)", "WHOLE", "", 3):
         with pytest.raises((ValueError, TypeError), match="train_mode"):
-            kfp_artifacts.step_config(ResizeConfig, None, "resize", train_mode=hostile)
+            step_config(ResizeConfig, None, "resize", train_mode=hostile)
     with pytest.raises(ValueError, match="mode must be one of"):
         ResizeConfig(train_mode="stretch")  # type: ignore[arg-type]  # direct construction too
-    assert kfp_artifacts.step_config(ResizeConfig, None, "resize", train_mode="whole").train_mode == "whole"
+    assert step_config(ResizeConfig, None, "resize", train_mode="whole").train_mode == "whole"
 
 
 def test_cli_train_mode_flag():
@@ -162,7 +161,7 @@ def test_resize_row_groups_reads_every_row_group_in_order_without_ray(tmp_path):
     assert len(items) > 2 and sum(i["rows"] for i in items) == len(clean_members())
     work = {"file": np.array([i["file"] for i in items], dtype=object), "row_group": np.array([i["row_group"] for i in items])}
     spec = ResizeSpec(size=16)
-    batches = list(resize_row_groups(work, spec, batch_size=3, s3=storage.s3_settings()))
+    batches = list(resize_row_groups(work, spec, batch_size=3, settings=storage.settings()))
     assert all(len(b["path"]) <= 3 for b in batches)
     got = [p for b in batches for p in b["path"].tolist()]
     clean_rows = pa.concat_tables([read_table(u) for u in contract.data_files(source)])
@@ -559,7 +558,7 @@ def test_a_local_ray_it_started_has_its_task_workers_warmed():
         "import sys\n"
         "from imgpipe.steps.resize import TASK_CPUS, ResizeConfig, _ray_session\n"
         "with _ray_session(ResizeConfig()) as r:\n"
-        "    probe = r.remote(num_cpus=TASK_CPUS)(lambda: 'imgpipe.resize_ops' in sys.modules)\n"
+        "    probe = r.remote(num_cpus=TASK_CPUS)(lambda: 'imgpipe.resize.ops' in sys.modules)\n"
         "    print('warm:', r.get([probe.remote() for _ in range(2)]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout

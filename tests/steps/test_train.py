@@ -19,18 +19,15 @@ import yaml
 from PIL import Image
 
 from imgpipe import contract, storage
-from imgpipe.augment import AugmentConfig
 from imgpipe.config import config_from_dict
-from imgpipe.models import build_model, extract_state_dict, load_weights
 from imgpipe.report import html_report
 from imgpipe.steps import train as train_mod
-from imgpipe.steps.train import (
-    TrainConfig,
-    lr_factor,
-    train,
-)
+from imgpipe.steps.train import train
+from imgpipe.train.config import AugmentConfig, TrainConfig
+from imgpipe.train.models import build_model, extract_state_dict, load_weights
+from imgpipe.train.optim import lr_factor
 from tests.helpers import torchrun_two_ranks
-from tests.test_loader import write_resize_output
+from tests.train.test_loader import write_resize_output
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COUNTS = {"train": 32, "val": 8, "test": 8}

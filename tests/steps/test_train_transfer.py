@@ -1,7 +1,7 @@
 """The train step fine-tuning: pretrained weights through the cache, their statistics, a frozen backbone, its LR.
 
 Offline: the "pretrained" weights are a seeded random model served from a ``file://``
-URL (:func:`tests.test_pretrained.serve_weights`). Freezing and resume use ``tiny_cnn``;
+URL (:func:`tests.train.test_pretrained.serve_weights`). Freezing and resume use ``tiny_cnn``;
 the pretrained runs use resnet18 on 32 px images for one or two steps. The DDP test
 starts two gloo processes with torchrun; run the module inside ``scripts/in-loopback-netns``.
 """
@@ -22,14 +22,14 @@ import yaml
 from torchvision.transforms._presets import ImageClassification
 
 from imgpipe import contract, storage
-from imgpipe.augment import IMAGENET, Normalization
-from imgpipe.models import build_model, extract_state_dict, head_parameter_names
 from imgpipe.steps import train as train_mod
 from imgpipe.steps.train import train
+from imgpipe.train.augment import IMAGENET, Normalization
+from imgpipe.train.models import build_model, extract_state_dict, head_parameter_names
 from tests.helpers import torchrun_two_ranks
 from tests.steps.test_train import COUNTS, tiny, train_preempted_at
-from tests.test_loader import write_resize_output
-from tests.test_pretrained import count_downloads, serve_weights
+from tests.train.test_loader import write_resize_output
+from tests.train.test_pretrained import count_downloads, serve_weights
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_ddp_ranks_share_one_download_and_freeze_alike(data, tmp_path, monkeypat
             f"""
             import hashlib, json, os
             import torch.hub
-            from imgpipe.pretrained import resolve_weights
+            from imgpipe.train.models import resolve_weights
             from imgpipe.steps import train as train_mod
 
             rank = int(os.environ["RANK"])

@@ -1,4 +1,4 @@
-"""What clean's forkserver preloads (S3 inputs): the clean module, with its pre-fork imports done.
+"""What clean's forkserver preloads (inputs whose storage is not fork-safe): the clean module, with its pre-fork imports done.
 
 The forkserver preloads modules by name only, so importing this module does the work on
 purpose: every decode worker the server forks then starts with Pillow's plugins loaded

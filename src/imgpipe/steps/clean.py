@@ -17,7 +17,7 @@ The work happens in three passes, each bounded in memory by one shard:
 Memory: the pool gets at most one worker per CPU (:func:`resources.available_cpus`) and
 no more than the memory (:func:`resources.usable_memory`) can hold, and each image a
 budget: one that would need more to decode is ``too_large`` before it is decoded
-(:func:`imgpipe.images.decode_bytes` estimates from its header).
+(:func:`imgpipe.data.images.decode_bytes` estimates from its header).
 
 A decoder that kills its process anyway (the OOM killer's SIGKILL, a crash in a C
 library) costs one image, not the step: each worker names the member it is decoding in a
@@ -59,17 +59,23 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from imgpipe import contract, resources, storage
-from imgpipe.annotations import HeadBox, image_stem, read_head_boxes
 from imgpipe.config import config_to_dict
 from imgpipe.contract import OutputWriter, Reject, StepReport
-from imgpipe.images import (
+from imgpipe.data.annotations import HeadBox, image_stem, read_head_boxes
+from imgpipe.data.images import (
     DEFAULT_FORMATS,
     ImageRejected,
     check_formats,
     load_decoders,
     validate_and_normalize,
 )
-from imgpipe.labels import Labeler, LabelSource, choose_label_source, encode_labels, read_label_csv
+from imgpipe.data.labels import (
+    Labeler,
+    LabelSource,
+    choose_label_source,
+    encode_labels,
+    read_label_csv,
+)
 from imgpipe.phases import PhaseLog
 
 __all__ = [
@@ -90,7 +96,7 @@ __all__ = [
 SPLITS = ("train", "val", "test")
 LABELS_FILE = contract.LABELS
 # Reject code of an image whose decoder killed its process twice, in the pool and alone;
-# the other codes come from imgpipe.images, and no_label / duplicate from the plan.
+# the other codes come from imgpipe.data.images, and no_label / duplicate from the plan.
 DECODER_KILLED = "decoder_killed"
 DECODE_TIMEOUT = "decode_timeout"
 
@@ -149,7 +155,7 @@ class CleanConfig:
         min_side: Smallest width or height accepted; smaller is ``too_small``.
         jpeg_quality: Quality for JPEGs that normalization had to re-encode.
         formats: Image formats to decode, by Pillow's name in lowercase (any of
-            :data:`imgpipe.images.DECODABLE_FORMATS`); a file whose signature names
+            :data:`imgpipe.data.images.DECODABLE_FORMATS`); a file whose signature names
             another format is rejected ``unsupported_format``, its plugin never run. Add
             ``jpeg2000`` (needs Pillow with OpenJPEG, as its wheels have), ``avif``,
             ``ico``, ``psd`` and others as needed; EPS is never decoded (Ghostscript).
@@ -304,13 +310,13 @@ def _decode_pool(cpus: int, memory: int | None) -> _DecodePool:
     return _DecodePool(workers, max(share - _WORKER_BASE_BYTES, share // 2), memory)
 
 
-def _init_worker(s3_options: storage.S3Options, step_pid: int) -> None:
+def _init_worker(settings: storage.Settings, step_pid: int) -> None:
     """Pool initializer: the same storage settings as the parent; gone when the step is gone."""
     resources.die_with_parent(owner=step_pid)
     # What a decoder warns about (a bad TIFF tag, truncated EXIF) is in the reject detail or
     # harmless; from every worker it would only flood the step's log.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-    storage.configure_s3(**s3_options.__dict__)
+    storage.use_settings(settings)
 
 
 _BUCKET_SUFFIX = ".arrow"
@@ -659,15 +665,15 @@ def _plan(
 
 
 def _pool_context(uris: Iterable[str]) -> multiprocessing.context.BaseContext:
-    """Fork for local inputs; a forkserver with this module preloaded once S3 is involved.
+    """Fork where every input's backend survives a fork; else a forkserver with this module preloaded.
 
-    The AWS SDK inside pyarrow's S3 file system keeps threads that do not survive a fork
-    (the child can deadlock on a lock one of them held), so S3 inputs get a forkserver,
-    whose workers start in ~0.05 s each plus ~0.4 s once for the server, instead of
-    ~0.5 s each for spawn. Local inputs need no AWS threads and take plain fork, which
-    saves that ~0.4 s: a tenth of cleaning an Oxford-sized set on 2 cores.
+    An object store's client may keep threads that do not survive a fork (the child can
+    deadlock on a lock one of them held: :func:`imgpipe.storage.fork_safe`), so such inputs
+    get a forkserver, whose workers start in ~0.05 s each plus ~0.4 s once for the
+    server, instead of ~0.5 s each for spawn. Local inputs take plain fork, which saves
+    that ~0.4 s: a tenth of cleaning an Oxford-sized set on 2 cores.
     """
-    if all(uri.startswith("file://") for uri in uris):
+    if storage.fork_safe(uris):
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
     # The server imports this module and runs import_before_fork once for all its workers.
@@ -807,7 +813,7 @@ def _run_pool(
         max_workers=min(workers, len(tasks)),
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(storage.configure_s3(), os.getpid()),
+        initargs=(storage.settings(), os.getpid()),
     ) as executor:
         futures = {}
         for task in tasks:
@@ -910,7 +916,7 @@ def _run_alone(
     """
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(
-        target=_task_process, args=(send, storage.configure_s3(), os.getpid(), args), daemon=True
+        target=_task_process, args=(send, storage.settings(), os.getpid(), args), daemon=True
     )
     proc.start()
     send.close()  # now only the child holds the sending end: its death reads as EOF
@@ -928,9 +934,9 @@ def _run_alone(
     return value if kind == "ok" else proc.exitcode
 
 
-def _task_process(send: Any, s3_options: storage.S3Options, step_pid: int, args: tuple) -> None:
+def _task_process(send: Any, settings: storage.Settings, step_pid: int, args: tuple) -> None:
     """Body of :func:`_run_alone`'s process: runs the task and sends back its outcome."""
-    _init_worker(s3_options, step_pid)
+    _init_worker(settings, step_pid)
     try:
         outcome: tuple[str, Any] = ("ok", validate_task(*args))
     except Exception:  # noqa: BLE001 - sent back, so the step fails as it would in the pool

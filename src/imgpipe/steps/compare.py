@@ -5,7 +5,7 @@
 
 * **ranks** the branches on the last epoch's validation figures: macro-F1 (ties:
   accuracy), or, when the classes are imbalanced, PR-AUC (macro one-vs-rest average
-  precision, :func:`imgpipe.evaluation.macro_average_precision`; ties: macro-F1).
+  precision, :func:`imgpipe.train.evaluation.macro_average_precision`; ties: macro-F1).
   Imbalanced means the largest validation class holds more than
   :data:`IMBALANCE_RATIO` times the images of the smallest (classes with at least one
   image; the validation split is the one the ranking is computed on). Macro-F1 judges
@@ -48,9 +48,11 @@ from typing import Any
 
 import yaml
 
-from imgpipe import contract, htmlpage, report, storage
+from imgpipe import contract, storage
 from imgpipe.config import config_to_dict, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
+from imgpipe.report import html as htmlpage
+from imgpipe.report import training as report
 from imgpipe.sweep import GRID_KEYS, RECIPE_FIELDS
 
 __all__ = [

@@ -7,7 +7,7 @@ hashed; local ones are hashed in a first streaming pass. Every checksum is verif
 before the destination is touched, so a mismatch leaves an older committed output
 intact.
 
-Members are then read one at a time through :mod:`imgpipe.archive` (never
+Members are then read one at a time through :mod:`imgpipe.data.archive` (never
 extracted to disk) and written as ``part-00000.parquet``, ``part-00001.parquet``, ...
 with the schema :data:`SHARD_SCHEMA`:
 
@@ -19,11 +19,11 @@ with the schema :data:`SHARD_SCHEMA`:
 Unsafe members (absolute or ``..`` paths, links, devices, FIFOs), oversized and
 duplicate ones become rejects; the output follows :mod:`imgpipe.contract`.
 
-Where a source may come from is a :class:`imgpipe.sources.SourcePolicy`: everything
+Where a source may come from is a :class:`imgpipe.data.sources.SourcePolicy`: everything
 but link-local (cloud metadata) addresses for the operator's own calls, much less for
 a URI that arrives as a pipeline parameter (the kfp component). HTTP redirects are
 followed by hand so that every hop is checked against it before connecting; a refusal
-(:class:`imgpipe.sources.SourceRefused`, a ``ValueError``) is never retried.
+(:class:`imgpipe.data.sources.SourceRefused`, a ``ValueError``) is never retried.
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from imgpipe import archive, contract, storage
+from imgpipe import contract, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
+from imgpipe.data import archive
+from imgpipe.data.sources import SourcePolicy, check_redirect, is_http, peer_checked_session
 from imgpipe.phases import PhaseLog
-from imgpipe.sources import SourcePolicy, check_redirect, peer_checked_session
 
 __all__ = [
     "STEP",
@@ -246,21 +247,13 @@ def _source_list(sources: str | os.PathLike[str] | Sequence[str]) -> list[str]:
     return out
 
 
-def _scheme(uri: str) -> str:
-    return urlparse(uri).scheme.lower()
-
-
 def _basename(uri: str) -> str:
     return Path(urlparse(uri).path).name or uri
 
 
-def _local_path(uri: str) -> Path:
-    return Path(urlparse(storage.normalize_uri(uri)).path)
-
-
 def _check_outside_dest(uri: str, dest: str) -> None:
     """Refuses a storage source that ``OutputWriter.begin()`` would delete, or that would see the output."""
-    if _scheme(uri) in ("", "file", "s3"):
+    if storage.serves(uri):
         contract.check_disjoint(dest, [uri], STEP)
 
 
@@ -296,19 +289,15 @@ def _fetch(
     Messages and the manifest name the source by :func:`storage.redact_uri`: a presigned
     URL's signature or a ``user:pass@`` never leaves this function.
     """
-    scheme = _scheme(uri)
     shown = storage.redact_uri(uri)
     final = None
-    if scheme in ("http", "https"):
+    if is_http(uri):
         spooler = _HttpSpooler(uri, spool, cfg, policy, pinned=expected is not None)
         digest, size = spooler.run()
         local = spool
         final = storage.redact_uri(spooler.final_url)
-    elif scheme == "s3":
-        local = spool
-        digest, size = _spool_s3(uri, spool, cfg)
-    elif scheme in ("", "file"):
-        local = _local_path(uri)
+    elif storage.serves(uri) and storage.is_local(uri):
+        local = storage.local_path(uri)
         if local.is_dir():
             if expected is not None:
                 raise ValueError(
@@ -321,10 +310,12 @@ def _fetch(
             )
         _check_download_size(shown, local.stat().st_size, cfg)
         digest, size = _hash_file(local, f"hash {local.name}")
+    elif storage.serves(uri):
+        local = spool
+        digest, size = _spool_object(uri, spool, cfg)
     else:
-        raise ValueError(
-            f"unsupported source {shown!r}: use http(s)://, s3://, file:// or a local path"
-        )
+        schemes = ", ".join(f"{s}://" for s in storage.schemes())
+        raise ValueError(f"unsupported source {shown!r}: use http(s)://, {schemes} or a local path")
     _verify_digest(shown, expected, digest)
     fmt = archive.detect_format(local, name=shown)
     return _Source(shown, local, fmt, digest, size, final_uri=final)
@@ -338,10 +329,10 @@ def _check_download_size(shown: str, size: int, cfg: DownloadConfig) -> None:
         )
 
 
-def _spool_s3(uri: str, spool: Path, cfg: DownloadConfig) -> tuple[str, int]:
+def _spool_object(uri: str, spool: Path, cfg: DownloadConfig) -> tuple[str, int]:
     size = storage.size(uri)
     if size is None:
-        raise FileNotFoundError(f"download source {uri} does not exist (no such S3 object)")
+        raise FileNotFoundError(f"download source {uri} does not exist (no such object)")
     _check_download_size(uri, size, cfg)
     storage.download_file(uri, spool)
     _check_download_size(uri, spool.stat().st_size, cfg)  # the object may have changed since
@@ -790,7 +781,7 @@ def download(
     Raises:
         ValueError: On a checksum mismatch, an unsupported or corrupt archive, a bad
             source or config, a source or redirect the policy refuses
-            (:class:`imgpipe.sources.SourceRefused`), or when a size or count cap
+            (:class:`imgpipe.data.sources.SourceRefused`), or when a size or count cap
             is exceeded.
         FileNotFoundError: If a source does not exist (including HTTP 404).
         ConnectionError: If an HTTP download keeps failing after ``cfg.retries`` retries.

@@ -1,6 +1,6 @@
 """The resize step: clean's images to training inputs of a model's size, on Ray Data.
 
-Reads a committed clean output and runs :func:`imgpipe.resize_ops.resize_batch` over
+Reads a committed clean output and runs :func:`imgpipe.resize.ops.resize_batch` over
 it with ``Dataset.map_batches``: one work item per Parquet row group of the files the
 manifest lists, runs of neighbouring items per task (:func:`task_count`), read inside
 Ray tasks (``concurrency`` at a time) through the
@@ -57,16 +57,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgpipe import contract, ray_jobs, resources, storage
+from imgpipe import contract, resources, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
 from imgpipe.phases import PhaseLog
-from imgpipe.resize_ops import ResizeSpec, resize_batch
+from imgpipe.remote.targets import check_allowed
+from imgpipe.resize.ops import resize_batch
 
-# The settings are OpenCV-free (imgpipe.resize_spec) so the pipeline compiles without OpenCV.
-from imgpipe.resize_spec import ResizeConfig
+# The settings are OpenCV-free (imgpipe.resize.spec) so the pipeline compiles without OpenCV.
+from imgpipe.resize.spec import ResizeConfig, ResizeSpec
 
 __all__ = [
-    "ResizeConfig",
     "OUTPUT_COLUMNS",
     "LABELS_FILE",
     "output_schema",
@@ -157,7 +157,7 @@ def _warm_worker() -> None:
     """A task that imports what the resize tasks need (Ray Data, OpenCV), for its worker."""
     import ray.data  # noqa: F401
 
-    from imgpipe import resize_ops  # noqa: F401
+    from imgpipe.resize import ops as resize_ops  # noqa: F401
 
 
 def _warm_workers(ray: Any, cpus: int) -> None:
@@ -316,7 +316,7 @@ def resize_row_groups(
     items: dict[str, np.ndarray],
     spec: ResizeSpec,
     batch_size: int,
-    s3: storage.S3Options,
+    settings: storage.Settings,
     split_specs: Mapping[str, ResizeSpec] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray task body: reads the listed row groups and resizes them ``batch_size`` rows at a time.
@@ -326,7 +326,7 @@ def resize_row_groups(
     is made here, with the driver's endpoint settings (``s3``) and the worker's own
     credentials. ``split_specs`` gives some splits other settings (see :func:`resize_batch`).
     """
-    storage.use_s3_settings(s3)
+    storage.use_settings(settings)
     node = _node_id()
     for uri, row_group in zip(items["file"], items["row_group"]):
         filesystem, path = storage.arrow_filesystem(str(uri))
@@ -350,7 +350,7 @@ def _node_id() -> str:
 
 def task_arguments(cfg: ResizeConfig) -> dict[str, Any]:
     """What every resize task gets besides its items: settings only, never credentials."""
-    return {"spec": cfg.spec, "split_specs": cfg.split_specs, "batch_size": cfg.batch_size, "s3": storage.s3_settings()}
+    return {"spec": cfg.spec, "split_specs": cfg.split_specs, "batch_size": cfg.batch_size, "settings": storage.settings()}
 
 
 def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[Any, int]:
@@ -540,33 +540,35 @@ def _write_results(batches: Iterable[pa.Table], sink: _SplitWriter, schema: pa.S
 # The step.
 
 
-def resize(source: str, dest: str, cfg: ResizeConfig | None = None, *, run_id: str | None = None) -> StepReport:
+def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepReport:
     """Runs the resize step from a committed clean output to a committed resize output.
+
+    It runs here, on a local Ray or the Ray cluster ``ray_address`` joins (``auto``,
+    ``ray://``); a Jobs API or KubeRay target is for :func:`imgpipe.remote.dispatch.run_step`,
+    which the CLI and the components call.
 
     Args:
         source: Prefix of a committed clean output.
         dest: Output prefix; any previous output there is replaced.
         cfg: Step settings; defaults when omitted.
-        run_id: With a remote ``ray_address``: the idempotency key of the job
-            (default ``$IMGPIPE_RUN_ID``); unused locally.
 
     Returns:
         The step report (also written as ``manifest.json``).
 
     Raises:
         UncommittedOutputError: If ``source`` is not a committed output.
-        ValueError: If ``source`` is not a clean output, or ``dest`` equals or contains it.
+        ValueError: If ``source`` is not a clean output, ``dest`` equals or contains it, or
+            ``ray_address`` names a remote target (or a cluster nobody configured).
         RuntimeError: If the rows that came back do not reconcile with the input.
     """
     cfg = cfg or ResizeConfig()
-    # ray_address is a run's parameter: only "", KubeRay and configured clusters get the job.
-    target = ray_jobs.check_allowed(cfg.ray_address)
-    if target.mode == "jobs":
-        return ray_jobs.run_step_job("resize", source, dest, cfg, address=target.address, run_id=run_id)
-    if target.mode == "kuberay":
-        from imgpipe import kuberay
-
-        return kuberay.run_step_rayjob("resize", source, dest, cfg, namespace=target.namespace, run_id=run_id)
+    # ray_address is a run's parameter: only "", KubeRay and configured clusters are accepted.
+    target = check_allowed(cfg.ray_address)
+    if target.mode != "local":
+        raise ValueError(
+            f"resize runs where it is called, and ray_address {cfg.ray_address!r} is a {target.mode} target: "
+            "run it through imgpipe.remote.dispatch.run_step (as `imgpipe resize` and the pipeline do)"
+        )
     phases = PhaseLog("resize")
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
     contract.check_disjoint(dest, [source], "resize")

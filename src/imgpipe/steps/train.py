@@ -1,16 +1,16 @@
 """The train step: a committed resize output in, a trained classifier and its report out.
 
 ``train(data, out, cfg)`` streams the resize output's ``train`` split through
-:class:`imgpipe.loader.ImageLoader`, augments it in the loader's CPU workers
-(albumentations, :mod:`imgpipe.augment_cpu`) or on the device (kornia,
-:mod:`imgpipe.augment`), and trains a torchvision model (:mod:`imgpipe.models`) with
+:class:`imgpipe.train.loader.ImageLoader`, augments it in the loader's CPU workers
+(albumentations, :mod:`imgpipe.train.augment_cpu`) or on the device (kornia,
+:mod:`imgpipe.train.augment`), and trains a torchvision model (:mod:`imgpipe.train.models`) with
 AdamW, a per-step cosine schedule after a linear warmup, soft-target cross-entropy
 (MixUp/CutMix, label smoothing), gradient clipping, and bf16 autocast plus
-channels-last on CUDA. It evaluates (:mod:`imgpipe.evaluation`) on ``val`` after every
+channels-last on CUDA. It evaluates (:mod:`imgpipe.train.evaluation`) on ``val`` after every
 epoch and on ``test`` at the end (optionally with flip test-time augmentation).
 
 Transfer learning: ``pretrained`` starts from torchvision weights, read from an
-object-storage cache that the first run fills (:mod:`imgpipe.pretrained`; every rank
+object-storage cache that the first run fills (:mod:`imgpipe.train.pretrained`; every rank
 reads it); the classifier head is replaced for the data's classes, and the weights' own
 mean and std normalize every batch (``TrainingRun.norm``, also written to ``model.pt``).
 ``freeze_backbone_epochs`` trains the head alone for the first epochs (decided per epoch,
@@ -67,8 +67,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from imgpipe import contract, pretrained, report, storage
-from imgpipe.augment import (
+from imgpipe import contract, storage
+from imgpipe.config import config_to_dict, config_to_yaml
+from imgpipe.contract import FileEntry, StepReport
+from imgpipe.report import training as report
+
+# The settings are torch-free (imgpipe.train.config) so the pipeline compiles without torch.
+from imgpipe.resize.spec import CROP_FRACTION
+from imgpipe.train import pretrained
+from imgpipe.train.augment import (
     IMAGENET,
     BatchAugment,
     MixupCutmix,
@@ -80,16 +87,15 @@ from imgpipe.augment import (
     step_generator,
     step_seed,
 )
-from imgpipe.augment_cpu import (
+from imgpipe.train.augment_cpu import (
     SampleTransform,
     build_crop_transform,
     build_eval_transform,
     build_train_transform,
 )
-from imgpipe.checkpoint import CHECKPOINT, load_checkpoint, resume, save_checkpoint
-from imgpipe.config import config_to_dict, config_to_yaml
-from imgpipe.contract import FileEntry, StepReport
-from imgpipe.distributed import (
+from imgpipe.train.checkpoint import CHECKPOINT, resume, save_checkpoint
+from imgpipe.train.config import TrainConfig, default_weights_cache
+from imgpipe.train.distributed import (
     DistInfo,
     all_reduce,
     barrier,
@@ -97,34 +103,24 @@ from imgpipe.distributed import (
     init_distributed,
     resolve_device,
 )
-from imgpipe.evaluation import EvalResult, evaluate
-from imgpipe.loader import ImageLoader, decode_jpeg_batch, read_samples
-from imgpipe.models import build_model, head_parameter_names, load_weights, set_backbone_frozen
-from imgpipe.optim import build_optimizer, build_scheduler, lr_factor
-from imgpipe.partition import SplitInfo, describe_split, read_labels, sample_seed, split_names
-
-# The settings are torch-free (imgpipe.train_config) so the pipeline compiles without torch.
-from imgpipe.resize_spec import CROP_FRACTION
-from imgpipe.train_config import TrainConfig, default_weights_cache
+from imgpipe.train.evaluation import EvalResult, evaluate
+from imgpipe.train.loader import ImageLoader, decode_jpeg_batch, read_samples
+from imgpipe.train.models import (
+    build_model,
+    head_parameter_names,
+    load_weights,
+    resolve_weights,
+    set_backbone_frozen,
+)
+from imgpipe.train.optim import build_optimizer, build_scheduler
+from imgpipe.train.partition import SplitInfo, describe_split, read_labels, sample_seed, split_names
+from imgpipe.train.run import TrainingRun
 
 __all__ = [
-    "CHECKPOINT",
     "MODEL",
     "METRICS",
-    "TrainConfig",
     "TrainReport",
-    "EvalResult",
-    "DistInfo",
-    "TrainingRun",
-    "init_distributed",
-    "resolve_device",
-    "lr_factor",
-    "build_optimizer",
-    "build_scheduler",
     "train_one_epoch",
-    "evaluate",
-    "save_checkpoint",
-    "load_checkpoint",
     "train",
 ]
 
@@ -167,66 +163,6 @@ class TrainReport(StepReport):
 
 # ----------------------------------------------------------------------------------------
 # The run's pieces.
-
-
-@dataclass
-class TrainingRun:
-    """Everything one training run holds (settings, data, model, optimizer, loaders, history).
-
-    Built inside :func:`train`; :func:`train_one_epoch` and :func:`save_checkpoint`
-    take it so they stay short and testable.
-
-    Attributes:
-        cfg: The resolved config (image size, workers and augmentation device filled in).
-        ctx: This process's rank and world size.
-        gpu_augment: The batched augmentation when it runs on the device, else ``None``
-            (the loader's workers augment).
-        model: What the training step calls (the DDP wrapper under DDP).
-        module: The bare model (evaluation, checkpoints, ``model.pt``).
-        steps_per_epoch: Planned optimizer steps of each epoch (same on every rank).
-        history: One metrics record per finished epoch.
-        start_epoch: First epoch this invocation trains (after a resume, the next one).
-        attempt: The output claim's attempt id (main rank), for the commit.
-        norm: The mean and std every batch is normalized with (the pretrained weights'
-            own, else ImageNet's); the one place train reads them from.
-        head: Names of the classifier head's parameters (the rest is the backbone).
-    """
-
-    data: str
-    out: str
-    cfg: TrainConfig
-    ctx: DistInfo
-    device: torch.device
-    labels: list[str]
-    train_info: SplitInfo
-    val_info: SplitInfo | None
-    test_info: SplitInfo | None
-    image_size: int
-    channels: int
-    gpu_augment: BatchAugment | None
-    model: nn.Module
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    mixer: MixupCutmix
-    train_loader: ImageLoader
-    val_loader: ImageLoader | None
-    steps_per_epoch: list[int]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    start_epoch: int = 0
-    attempt: str = ""
-    norm: Normalization = IMAGENET
-    head: frozenset[str] = frozenset()
-
-    @property
-    def amp(self) -> bool:
-        """bf16 autocast is on (CUDA only)."""
-        return self.cfg.amp and self.device.type == "cuda"
-
-    @property
-    def channels_last(self) -> bool:
-        """Channels-last memory format is on (CUDA only)."""
-        return self.cfg.channels_last and self.device.type == "cuda"
 
 
 def _aug_on_device(cfg: TrainConfig, device: torch.device) -> bool:
@@ -278,7 +214,7 @@ def _weights_cache(cfg: TrainConfig, out: str) -> str | None:
 
 def _normalization(cfg: TrainConfig) -> Normalization:
     """The run's mean and std: the pretrained weights' own, else ImageNet's."""
-    return pretrained.normalization(pretrained.resolve_weights(cfg.model, cfg.pretrained)) if cfg.pretrained else IMAGENET
+    return pretrained.normalization(resolve_weights(cfg.model, cfg.pretrained)) if cfg.pretrained else IMAGENET
 
 
 def _initial_model(cfg: TrainConfig, num_classes: int, channels: int, size: int, ctx: DistInfo) -> nn.Module:
@@ -289,7 +225,7 @@ def _initial_model(cfg: TrainConfig, num_classes: int, channels: int, size: int,
         load_weights(module, cfg.weights)
     if cfg.pretrained:
         assert cfg.weights_cache is not None, "resolved by _build_run"
-        weights = pretrained.resolve_weights(cfg.model, cfg.pretrained)
+        weights = resolve_weights(cfg.model, cfg.pretrained)
         pretrained.load_pretrained(module, cfg.model, weights, cfg.weights_cache, ctx)
         advice = pretrained.size_advice(cfg.model, weights, size)
         if advice and ctx.is_main:
@@ -473,7 +409,7 @@ def _prepare_eval_batch(run: TrainingRun, loader: ImageLoader, batch: Mapping[st
 
 
 def _evaluate_split(run: TrainingRun, loader: ImageLoader, tta_flip: bool = False) -> EvalResult:
-    """:func:`imgpipe.evaluation.evaluate` of ``run.module`` over ``loader``'s split, in file order."""
+    """:func:`imgpipe.train.evaluation.evaluate` of ``run.module`` over ``loader``'s split, in file order."""
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader.set_epoch(0)

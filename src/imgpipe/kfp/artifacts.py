@@ -1,0 +1,370 @@
+"""What the Kubeflow components hand each other, and where each run writes.
+
+Large data never travels as a kfp artifact. Every step writes a run-scoped prefix
+``{data_root}/runs/{run_id}/{step}/`` (the :mod:`imgpipe.contract` layout) and passes
+downstream a small *step artifact*: a file holding the step's ``manifest.json`` and,
+in the artifact's metadata, the prefix URI plus the counts the Kubeflow UI shows.
+The next step reads the prefix back from it (:func:`read_step_artifact`).
+
+The components in ``components/`` are a few lines each over these helpers and the
+step functions; this module holds the logic they share, so it is tested without kfp.
+It never imports kfp: artifacts are used through their ``path``/``metadata``
+attributes and ``log_metric``/``log_confusion_matrix`` methods.
+
+Incremental retraining: after a successful run, the train component records the run's
+prefixes in ``{data_root}/latest.json`` (:func:`record_latest`); a later run with
+``previous_run_prefix="latest"`` resolves it (:func:`resolve_previous`) to the previous
+clean output, whose sha256 column tells clean which images it has seen.
+
+Pretrained weights: every run under a data root shares one cache,
+``{data_root}/weights/`` (:func:`weights_cache`, the layout in :mod:`imgpipe.train.pretrained`),
+so torchvision's weights are downloaded once per data root.
+
+Importing this module marks the process as a component's, which ends with its step:
+its exit skips the collector's passes over the heap
+(:func:`imgpipe.resources.skip_collection_at_exit`; 0.2 s of every pod). It changes
+nothing before the process exits, so a test that imports it is unaffected.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from imgpipe import contract, resources, storage
+from imgpipe.report import steps as step_report
+from imgpipe.train.config import WEIGHTS_CACHE
+
+__all__ = [
+    "PIPELINE_NAME",
+    "RUNS",
+    "LATEST",
+    "LATEST_KEYWORD",
+    "check_run_id",
+    "run_prefix",
+    "weights_cache",
+    "train_overrides",
+    "write_step_artifact",
+    "read_step_artifact",
+    "committed_prefix",
+    "resolve_previous",
+    "record_latest",
+    "read_latest",
+    "find_confusion",
+    "publish_training",
+    "publish_comparison",
+    "publish_step_report",
+]
+
+resources.skip_collection_at_exit()  # every component imports this module first
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C")
+
+# The pipeline's name on Kubeflow (its display name, its versions' prefix).
+PIPELINE_NAME = "imgpipe"
+RUNS = "runs"
+LATEST = "latest.json"
+LATEST_KEYWORD = "latest"
+
+
+# A run id becomes one path segment; a placeholder that was never substituted
+# ("{{$.pipeline_job_uuid}}") must fail loudly instead of becoming a directory.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Metadata the UI shows next to each step artifact (the rest is in the file).
+_SUMMARY_KEYS = ("step", "inputs", "outputs", "rejected", "rejects_by_reason")
+
+
+def check_run_id(run_id: str) -> str:
+    """Returns ``run_id`` stripped, or raises if it cannot name a run's prefix.
+
+    Raises:
+        ValueError: For an empty id, an unsubstituted kfp placeholder or characters
+            that do not belong in one path segment.
+    """
+    text = (run_id or "").strip()
+    if "{{" in text:
+        raise ValueError(
+            f"run id {run_id!r} is an unsubstituted kfp placeholder: pass dsl.PIPELINE_JOB_ID_PLACEHOLDER "
+            "as the whole parameter value (the backend resolves only exact placeholders)"
+        )
+    if not _RUN_ID.fullmatch(text):
+        raise ValueError(f"run id {run_id!r} must be 1-128 letters, digits, '.', '_' or '-' (one path segment)")
+    return text
+
+
+def run_prefix(data_root: str, run_id: str, step: str) -> str:
+    """The prefix ``step`` writes in run ``run_id``: ``{data_root}/runs/{run_id}/{step}``."""
+    return storage.join(storage.normalize_uri(data_root), RUNS, check_run_id(run_id), step)
+
+
+def weights_cache(data_root: str) -> str:
+    """The pretrained-weights cache every run under ``data_root`` shares: ``{data_root}/weights``."""
+    return storage.join(storage.normalize_uri(data_root), WEIGHTS_CACHE)
+
+
+def train_overrides(
+    model_name: str | None, epochs: int | None, batch_size: int | None, aug_policy: str | None, pretrained: str | None
+) -> dict[str, Any]:
+    """TrainConfig fields from the train component's typed inputs (as the sweep's plan takes them too).
+
+    ``model_name`` is ``model`` (the component's ``model`` is its Model output); an empty
+    ``pretrained`` (the pipeline parameter's default) means none; ``resume`` is on: a run's
+    prefix is its own, so a first attempt starts fresh and a retry continues.
+    """
+    return {
+        "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy,
+        "pretrained": pretrained or None, "resume": True,
+    }  # fmt: skip
+
+
+def write_step_artifact(artifact: Any, prefix: str, **metadata: Any) -> dict[str, Any]:
+    """Fills a step's output artifact from its committed output prefix.
+
+    The artifact file holds the step's ``manifest.json``; its metadata holds
+    ``prefix`` (what the next step reads), the counts, and ``metadata``.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        UncommittedOutputError: If ``prefix`` is not committed (the step did not finish).
+    """
+    prefix = storage.normalize_uri(prefix)
+    manifest = contract.read_manifest(prefix)
+    path = Path(artifact.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2, default=str))
+    artifact.metadata.update({k: manifest.get(k) for k in _SUMMARY_KEYS})
+    artifact.metadata.update(prefix=prefix, **metadata)
+    return manifest
+
+
+def committed_prefix(prefix: str, expect_step: str) -> str:
+    """``prefix`` normalized, once it is checked to hold a committed output of ``expect_step``.
+
+    What a step takes when its upstream hands it the prefix as a plain parameter (the
+    resize branches do: kfp selects one branch's *parameter* output with ``dsl.OneOf``).
+
+    Raises:
+        ValueError: If ``prefix`` is empty or another step's output.
+        UncommittedOutputError: If it is not committed.
+    """
+    if not (prefix or "").strip():
+        raise ValueError(f"no {expect_step} output prefix was handed over")
+    contract.read_manifest(prefix, expect_step=expect_step)
+    return storage.normalize_uri(prefix)
+
+
+def read_step_artifact(artifact: Any, expect_step: str) -> str:
+    """The committed prefix an upstream step artifact points at.
+
+    Raises:
+        ValueError: If the artifact names no prefix or points at another step's output.
+        UncommittedOutputError: If the prefix is no longer committed.
+    """
+    prefix = (artifact.metadata or {}).get("prefix")
+    if not prefix:
+        try:
+            prefix = json.loads(Path(artifact.path).read_text()).get("dest")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"step artifact {artifact.path} has no 'prefix' metadata and no readable manifest") from exc
+    if not prefix:
+        raise ValueError(f"step artifact {artifact.path} names no output prefix")
+    contract.read_manifest(prefix, expect_step=expect_step)
+    return storage.normalize_uri(prefix)
+
+
+def read_latest(data_root: str) -> dict[str, Any] | None:
+    """The record of the last successful run under ``data_root``, or ``None``."""
+    uri = storage.join(storage.normalize_uri(data_root), LATEST)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))
+
+
+def record_latest(data_root: str, run_id: str, prefixes: Mapping[str, str]) -> str:
+    """Records ``prefixes`` (step -> prefix) as the last successful run; returns the record's URI.
+
+    Written once, atomically, by the last step of a successful run, so a reader sees
+    either the previous record or this one.
+    """
+    uri = storage.join(storage.normalize_uri(data_root), LATEST)
+    record = {
+        "run_id": check_run_id(run_id),
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "prefixes": {k: storage.normalize_uri(v) for k, v in prefixes.items()},
+    }
+    storage.write_bytes(uri, json.dumps(record, indent=2).encode())
+    return uri
+
+
+def resolve_previous(data_root: str, previous: str) -> str | None:
+    """The previous clean output an incremental run compares against.
+
+    Args:
+        data_root: The pipeline's data root.
+        previous: ``""`` (a full run), ``"latest"`` (the clean output of the last
+            successful run recorded under ``data_root``; a full run if there is none
+            yet) or the URI of a committed clean output.
+
+    Raises:
+        ValueError: If an explicit URI is not a committed clean output.
+    """
+    text = (previous or "").strip()
+    if not text:
+        return None
+    if text == LATEST_KEYWORD:
+        record = read_latest(data_root)
+        prefix = ((record or {}).get("prefixes") or {}).get("clean")
+        if not prefix:
+            log.info("incremental: no previous run recorded under %s; processing everything", data_root)
+            return None
+        if not contract.is_committed(prefix):
+            log.warning("incremental: the recorded previous clean output %s is gone; processing everything", prefix)
+            return None
+        return storage.normalize_uri(prefix)
+    contract.read_manifest(text, expect_step="clean")
+    return storage.normalize_uri(text)
+
+
+def find_confusion(metrics: Mapping[str, Any]) -> tuple[str, list[list[int]]] | None:
+    """The confusion matrix a train ``metrics.json`` carries: test first, then the last validation.
+
+    Returns:
+        ``(split, matrix)`` with ``matrix[true][predicted]``, or ``None`` when the
+        metrics hold none.
+    """
+    test = metrics.get("test")
+    if isinstance(test, Mapping) and test.get("confusion"):
+        return "test", test["confusion"]
+    for key in ("val_confusion", "confusion"):
+        if metrics.get(key):
+            return "val", metrics[key]
+    epochs = metrics.get("epochs") or []
+    if epochs and isinstance(epochs[-1], Mapping) and epochs[-1].get("val_confusion"):
+        return "val", epochs[-1]["val_confusion"]
+    return None
+
+
+def _copy_into(artifact: Any, uri: str) -> None:
+    """Copies the object ``uri`` to ``artifact.path``, where kfp uploads it from."""
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    storage.download_file(uri, artifact.path)
+
+
+def publish_training(
+    out: str,
+    *,
+    model: Any,
+    metrics: Any,
+    classification: Any,
+    report: Any,
+) -> dict[str, Any]:
+    """Fills the train component's UI artifacts from a committed train output.
+
+    * ``model`` (Model): a copy of ``model.pt``; metadata: where the original lives,
+      the architecture, labels, input size.
+    * ``metrics`` (Metrics): the final scalars (validation, test, train loss).
+    * ``classification`` (ClassificationMetrics): the confusion matrix, when
+      ``metrics.json`` carries one (:func:`find_confusion`).
+    * ``report`` (HTML): ``report.html`` (augmentation grid, curves, tables).
+
+    Returns:
+        The train manifest.
+    """
+    out = storage.normalize_uri(out)
+    manifest = contract.read_manifest(out, expect_step="train")
+    extra = manifest.get("extra") or {}
+    model_uri = storage.join(out, contract.MODEL)
+    _copy_into(model, model_uri)
+    model.metadata.update(
+        framework="pytorch",
+        model_uri=model_uri,
+        model=extra.get("model"),
+        num_classes=extra.get("num_classes"),
+        image_size=extra.get("image_size"),
+        channels=extra.get("channels"),
+        prefix=out,
+    )
+    for key, value in step_report.train_metrics(manifest).items():
+        metrics.log_metric(key, value)
+    history = json.loads(storage.read_bytes(storage.join(out, contract.METRICS)))
+    found = find_confusion(history)
+    if found is not None:
+        split, matrix = found
+        classification.log_confusion_matrix(list(history.get("labels") or []), [list(map(int, r)) for r in matrix])
+        classification.metadata["split"] = split
+    else:
+        log.warning("train: %s/metrics.json holds no confusion matrix; the ClassificationMetrics artifact stays empty", out)
+    _copy_into(report, storage.join(out, contract.REPORT))
+    return manifest
+
+
+def publish_step_report(prefix: str, *, metrics: Any, report: Any) -> step_report.OutputReport:
+    """Fills a data step's UI artifacts from its committed output (:func:`imgpipe.report.steps.build_report`).
+
+    * ``metrics`` (Metrics): counts, rejects by reason and the step's own figures.
+    * ``report`` (HTML): the self-contained page (tables, class histograms, thumbnails).
+
+    Logs how long building them took, against the step's own time.
+
+    Returns:
+        The report.
+
+    Raises:
+        UncommittedOutputError: If ``prefix`` is not committed.
+    """
+    started = time.monotonic()
+    built = step_report.build_report(prefix)
+    for key, value in built.metrics.items():
+        metrics.log_metric(key, value)
+    page = built.html().encode("utf-8")
+    path = Path(report.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(page)
+    seconds, step_seconds = time.monotonic() - started, built.metrics.get("seconds", 0.0)
+    share = f"{100 * seconds / step_seconds:.1f}% of the step's {step_seconds:.1f} s" if step_seconds else "the step took 0 s"
+    log.info("%s: UI report built in %.2f s (%s), %d KiB", built.step, seconds, share, len(page) >> 10)
+    return built
+
+
+def publish_comparison(out: str, *, report: Any, metrics: Any, winner: Any) -> dict[str, Any]:
+    """Fills the compare component's artifacts from a committed compare output.
+
+    * ``report`` (HTML): ``comparison.html``.
+    * ``metrics`` (Metrics): the winner's validation figures and each branch's ranking value.
+    * ``winner`` (Artifact): ``winner.yaml``; metadata: the branch, its ranking value and
+      ``step_config`` (what the main pipeline's ``step_config`` parameter takes).
+
+    Returns:
+        The compare output's ``comparison.json``.
+    """
+    # Here, not at the top: steps.compare draws with matplotlib, which the cpu image's users of
+    # this module (every data step's component, compiling the pipeline) must not need.
+    from imgpipe.steps.compare import COMPARISON_HTML, COMPARISON_JSON, WINNER_YAML
+
+    out = storage.normalize_uri(out)
+    result = json.loads(storage.read_bytes(storage.join(out, COMPARISON_JSON)))
+    for artifact, name in ((report, COMPARISON_HTML), (winner, WINNER_YAML)):
+        _copy_into(artifact, storage.join(out, name))
+    best, key = result["branches"][0], result["ranked_by"][0]
+    for name in ("val_macro_f1", "val_pr_auc", "val_accuracy", "val_loss"):
+        if best.get(name) is not None:
+            metrics.log_metric(f"winner_{name}", float(best[name]))
+    for row in result["branches"]:
+        if row.get(key) is not None:
+            metrics.log_metric(f"{row['branch']}_{key}", float(row[key]))
+    metrics.log_metric("branches", float(len(result["branches"])))
+    winner.metadata.update(
+        branch=best["branch"], ranked_by=key, value=best.get(key), step_config=result["winner"]["step_config"], prefix=out
+    )
+    report.metadata["prefix"] = out
+    return result

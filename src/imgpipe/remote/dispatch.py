@@ -1,0 +1,90 @@
+"""Where a step runs, decided above the steps: here, a Ray cluster's Jobs API or a KubeRay RayJob.
+
+A step function (:mod:`imgpipe.steps`) does its work where it is called. The CLI and the
+Kubeflow components call :func:`run_step` instead, which reads the step's target from its
+config (``ray_address`` for resize, checked by :func:`imgpipe.remote.targets.check_allowed`)
+and either calls the step function here or hands the run to a remote runner
+(:mod:`imgpipe.remote.ray_jobs`, :mod:`imgpipe.remote.kuberay`), which starts
+``python -m imgpipe.remote STEP PAYLOAD`` (:mod:`imgpipe.remote.job`) on the cluster. A new
+remote-capable step is one entry in :data:`REMOTE_STEPS`; a new kind of target is one
+branch of :func:`run_step` and its runner module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from imgpipe.contract import StepReport
+from imgpipe.remote.targets import RemoteTarget, check_allowed
+
+__all__ = ["RemoteStep", "REMOTE_STEPS", "remote_step", "target_of", "run_step"]
+
+
+@dataclass(frozen=True)
+class RemoteStep:
+    """A step that may run elsewhere.
+
+    Attributes:
+        load: Imports the step on demand (a step's imports are heavy: Ray, OpenCV) and
+            returns its config class and step function.
+        target_field: The config field that names where it runs.
+    """
+
+    load: Callable[[], tuple[type, Callable[..., StepReport]]]
+    target_field: str = "ray_address"
+
+
+def _resize() -> tuple[type, Callable[..., StepReport]]:
+    from imgpipe.resize.spec import ResizeConfig
+    from imgpipe.steps.resize import resize
+
+    return ResizeConfig, resize
+
+
+# The steps that may run remotely, by name.
+REMOTE_STEPS: dict[str, RemoteStep] = {"resize": RemoteStep(_resize)}
+
+
+def remote_step(step: str) -> RemoteStep:
+    """The registry entry of ``step``.
+
+    Raises:
+        ValueError: For a step that cannot run remotely, naming the ones that can.
+    """
+    if step not in REMOTE_STEPS:
+        raise ValueError(f"step {step!r} cannot run remotely; remote-capable steps: {', '.join(sorted(REMOTE_STEPS))}")
+    return REMOTE_STEPS[step]
+
+
+def target_of(step: str, cfg: Any) -> RemoteTarget:
+    """Where ``cfg`` says ``step`` runs; a cluster nobody configured is refused (``ValueError``)."""
+    return check_allowed(getattr(cfg, remote_step(step).target_field))
+
+
+def run_step(step: str, source: str, dest: str, cfg: Any, *, run_id: str | None = None) -> StepReport:
+    """Runs ``step`` where its config says: here, as a Ray job, or as a KubeRay RayJob.
+
+    Args:
+        step: A name in :data:`REMOTE_STEPS`.
+        source: The step's input prefix.
+        dest: Its output prefix.
+        cfg: Its resolved config.
+        run_id: The idempotency key of a remote job (default ``$IMGPIPE_RUN_ID``): a
+            retried task re-attaches to its job instead of starting a second one.
+
+    Returns:
+        The step's report, from its committed output.
+    """
+    target = target_of(step, cfg)
+    if target.mode == "jobs":
+        from imgpipe.remote import ray_jobs
+
+        return ray_jobs.run_step_job(step, source, dest, cfg, address=target.address, run_id=run_id)
+    if target.mode == "kuberay":
+        from imgpipe.remote import kuberay
+
+        return kuberay.run_step_rayjob(step, source, dest, cfg, namespace=target.namespace, run_id=run_id)
+    _config, run = remote_step(step).load()
+    return run(source, dest, cfg)

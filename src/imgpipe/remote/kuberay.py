@@ -1,0 +1,827 @@
+"""Running a step as a KubeRay ``RayJob``: a job that brings its own Ray cluster.
+
+With ``ray_address`` ``kuberay`` (the current namespace) or ``kuberay://NAMESPACE``,
+the step becomes a ``RayJob`` (``ray.io/v1``) built from the template
+``k8s/ray/rayjob-<step>.yaml`` (as the cluster holds it, else the copy packaged with
+imgpipe, see below): the template holds the cluster (head without CPUs
+for tasks, an autoscaling CPU worker group, S3 credentials from a Secret, TTL and
+deadlines); :func:`build_rayjob` sets what is per run (name, namespace, entrypoint,
+image, worker counts, the non-secret S3 settings) and unsuspends it.
+
+The RayJob's name is the job id of :mod:`imgpipe.remote.ray_jobs` (run id, step, source,
+destination and config), so a retry finds it: creating an existing one (409) attaches
+to it, a finished successful one returns its committed output's report, a failed one
+gets a new attempt ``<name>-a2`` (the same rules as the Jobs API mode). Waiting
+follows ``.status.jobDeploymentStatus`` (``Complete``/``Failed`` are terminal) and
+``.status.jobStatus``; the step's own log is in the submitter Job of the same name
+(``kubectl logs -f job/<name>``).
+
+Running on a real cluster (KubeRay >= 1.6; statuses as ``ray-operator/controllers/ray/
+rayjob_controller.go`` at v1.6.0 sets them):
+
+* **No hang.** ``ValidationFailed`` (a spec the operator's validator refuses; it is not
+  requeued and never moves on) is a failure with the validator's message. Every wait has
+  a deadline: the RayJob's ``activeDeadlineSeconds`` + ``preRunningDeadlineSeconds`` +
+  :data:`WAIT_SLACK_S` (a template without them gets ours, so the operator enforces them
+  too). A head lost in K8sJobMode ends ``Failed``/``SubmissionFailed`` once the
+  submitter Job gives up, and that message is raised.
+* **No double runs, no orphans.** A destination that already holds this job's committed
+  output returns at once, before any API call but reading the template. RayJobs carry
+  the labels :data:`RUN_ID_LABEL` and :data:`STEP_LABEL`; once an attempt succeeds, every
+  attempt of the job is deleted (a failed one stays for ``kubectl describe``; its
+  cluster goes with ``shutdownAfterJobFinishes``). A TTL through
+  ``deletionStrategy.deletionRules`` is not used: KubeRay refuses it together with
+  ``shutdownAfterJobFinishes``, which a suspended template needs
+  (``ray-operator/controllers/ray/utils/validation.go`` at v1.6.0).
+* **The cluster's template.** The RayJob ``imgpipe-<step>`` that ``k8s/ray`` applies
+  (suspended) is read from the cluster (:func:`cluster_template`), so what an admin or an
+  overlay changed there (tolerations, resources, Secret names) reaches every run; the
+  packaged copy (:func:`template_path`) is the fallback where none is applied.
+* **Logs.** The step's own output is in the submitter Job's pod (label
+  ``job-name=<rayjob>``, set by Kubernetes' Job controller; KubeRay names the Job after the
+  RayJob): its new lines are copied to this step's log at every poll.
+* **An operator too old.** The API server prunes the fields a custom resource's schema
+  does not list, silently (structural schemas; ``apiextensions.k8s.io/v1`` always prunes),
+  so a RayJob sent to an older KubeRay's CRD loses ``spec.preRunningDeadlineSeconds``
+  (first in v1.6.0), ``spec.rayClusterSpec.authOptions`` (v1.5.1) or
+  ``spec.submitterConfig`` (v1.2.0) and runs without them: no start deadline, no Ray token.
+  The object the create returns is compared with what was sent; a dropped field fails the
+  step with the fields and the version it needs (:data:`MIN_KUBERAY`), and the RayJob is
+  deleted at once, before the wait.
+* **RBAC.** A call the service account may not make (403) fails with one line naming the
+  verb, the resource, the namespace and the account (:func:`forbidden_message`); the
+  submitter's log is a courtesy, so a refused log read is a warning, as is a refused
+  delete of finished attempts.
+
+Settings from the environment (a pipeline component sets them):
+``IMGPIPE_RAY_IMAGE`` (the Ray image with imgpipe, required unless the template
+names a real one), ``IMGPIPE_KUBERAY_MAX_WORKERS`` (the worker group's maximum),
+``IMGPIPE_RAYJOB_TEMPLATE`` (the fallback template's path, for a customised copy; default
+the packaged template ``imgpipe/manifests/rayjob-<step>.yaml``, a copy of
+``k8s/ray/rayjob-<step>.yaml``: in the repository a symlink to it, in a wheel the file).
+The Kubernetes client uses the in-cluster service account first, then kubeconfig.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from imgpipe import contract, storage
+from imgpipe.contract import StepReport
+from imgpipe.remote.payload import step_entrypoint
+from imgpipe.remote.ray_jobs import (
+    RUN_ID_ENV,
+    attempt_id,
+    choose_action,
+    committed_report,
+    job_id,
+    resolve_run_id,
+)
+
+__all__ = [
+    "MIN_KUBERAY",
+    "REQUIRED_FIELDS",
+    "APPLIED_BY_LABEL",
+    "dropped_fields",
+    "forbidden_message",
+    "RUN_ID_LABEL",
+    "STEP_LABEL",
+    "WAIT_SLACK_S",
+    "DEFAULT_ACTIVE_DEADLINE_S",
+    "DEFAULT_PRE_RUNNING_DEADLINE_S",
+    "NO_LOGS",
+    "label_value",
+    "wait_deadline_s",
+    "cluster_template",
+    "GROUP",
+    "VERSION",
+    "PLURAL",
+    "IMAGE_PLACEHOLDER",
+    "RayJobParams",
+    "template_path",
+    "load_template",
+    "build_rayjob",
+    "load_api",
+    "current_namespace",
+    "create_or_attach",
+    "rayjob_state",
+    "wait_for_rayjob",
+    "SubmitterLog",
+    "load_core_api",
+    "run_step_rayjob",
+]
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+IMAGE_PLACEHOLDER = "imgpipe-ray"
+IMAGE_ENV = "IMGPIPE_RAY_IMAGE"
+MAX_WORKERS_ENV = "IMGPIPE_KUBERAY_MAX_WORKERS"
+TEMPLATE_ENV = "IMGPIPE_RAYJOB_TEMPLATE"
+_SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+RUN_ID_LABEL = "imgpipe.dev/run-id"
+STEP_LABEL = "imgpipe.dev/step"
+_MANAGED = {"app.kubernetes.io/managed-by": "imgpipe"}
+# Beyond the RayJob's own deadlines: the operator's reconcile period and the submitter's
+# grace periods (JobDeploymentStatusTransitionGracePeriod, 300 s in v1.6.0) before it
+# writes a terminal status.
+WAIT_SLACK_S = 600
+DEFAULT_ACTIVE_DEADLINE_S = 6 * 3600
+DEFAULT_PRE_RUNNING_DEADLINE_S = 1800
+# Metadata the API server owns or kubectl adds; not part of a template.
+_SERVER_METADATA = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields", "selfLink", "ownerReferences")
+NO_LOGS = object()  # core_api value that turns log tailing off
+# The KubeRay floor (docs/deploy.md, "Versions"), and the RayJob fields behind it with the
+# release whose CRD first has each (ray-project/kuberay ray-operator/config/crd/bases/
+# ray.io_rayjobs.yaml at those tags; Kubeflow's own KubeRay install, kubeflow/manifests
+# 26.03 experimental/ray, is 1.3.2 and has only submitterConfig).
+MIN_KUBERAY = "1.6"
+REQUIRED_FIELDS: dict[tuple[str, ...], str] = {
+    ("spec", "preRunningDeadlineSeconds"): "v1.6.0",
+    ("spec", "rayClusterSpec", "authOptions"): "v1.5.1",
+    ("spec", "submitterConfig"): "v1.2.0",
+}
+# Says who applies a manifest (k8s/: a cluster admin applies the objects that carry it);
+# a template's label, not a run's, so build_rayjob leaves it off each run's RayJob.
+APPLIED_BY_LABEL = "imgpipe.dev/applied-by"
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+# Package data: src/imgpipe/manifests/rayjob-<step>.yaml are relative symlinks to
+# k8s/ray/ (the one copy; kustomize reads it there), built into the wheel as files.
+_MANIFESTS = "manifests"
+
+
+@dataclass(frozen=True)
+class RayJobParams:
+    """What differs between runs of one RayJob template.
+
+    Attributes:
+        name: The RayJob's name (a DNS label; the job id).
+        namespace: Where it is created.
+        entrypoint: The shell command the job runs.
+        image: The Ray image with imgpipe; replaces the ``imgpipe-ray`` placeholder.
+        min_workers: The worker group's ``minReplicas`` (template's when ``None``).
+        max_workers: The worker group's ``maxReplicas`` (template's when ``None``).
+        worker_group: Which worker group the counts apply to.
+        env_vars: Added to the job's runtime env (non-secret settings only: the
+            RayJob spec is readable by anyone who may list RayJobs).
+        annotations: Added to the RayJob's metadata (the full run id goes here).
+        labels: Added to the RayJob's metadata (run id and step, as label values).
+    """
+
+    name: str
+    namespace: str
+    entrypoint: str
+    image: str | None = None
+    min_workers: int | None = None
+    max_workers: int | None = None
+    worker_group: str = "cpu"
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def label_value(text: str) -> str:
+    """``text`` as a Kubernetes label value: itself when valid, else a readable prefix plus a digest."""
+    if _LABEL_VALUE.fullmatch(text):
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    head = re.sub(r"[^-A-Za-z0-9_.]", "-", text)[:50].strip("-_.")
+    return f"{head}-{digest}" if head else digest
+
+
+def wait_deadline_s(rayjob: Mapping[str, Any]) -> float:
+    """How long a wait for ``rayjob`` may take: its deadlines plus :data:`WAIT_SLACK_S`."""
+    spec = rayjob.get("spec") or {}
+    active = spec.get("activeDeadlineSeconds") or DEFAULT_ACTIVE_DEADLINE_S
+    pre_running = spec.get("preRunningDeadlineSeconds") or DEFAULT_PRE_RUNNING_DEADLINE_S
+    return float(active + pre_running + WAIT_SLACK_S)
+
+
+def template_path(step: str) -> Path:
+    """The RayJob template of ``step``: ``$IMGPIPE_RAYJOB_TEMPLATE``, else the packaged one.
+
+    The packaged template is ``imgpipe/manifests/rayjob-<step>.yaml``, the same file as
+    ``k8s/ray/rayjob-<step>.yaml``; an installed imgpipe (a wheel, the images) has it
+    without a checkout.
+    """
+    env = os.environ.get(TEMPLATE_ENV)
+    if env:
+        return Path(env)
+    # imgpipe is a regular package on the file system, so the resource is a real path.
+    return Path(str(resources.files("imgpipe") / _MANIFESTS / f"rayjob-{step}.yaml"))
+
+
+def load_template(path: str | Path) -> dict[str, Any]:
+    """Reads a RayJob template (one YAML document).
+
+    Raises:
+        ValueError: If the file is missing or does not hold a ``ray.io/v1`` RayJob.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(
+            f"RayJob template {p} does not exist: set {TEMPLATE_ENV} to a copy of k8s/ray/rayjob-<step>.yaml "
+            "(imgpipe packages one per step that runs as a RayJob, in imgpipe/manifests/)"
+        )
+    doc = yaml.safe_load(p.read_text())
+    if not isinstance(doc, dict) or doc.get("kind") != "RayJob" or doc.get("apiVersion") != f"{GROUP}/{VERSION}":
+        raise ValueError(f"{p} is not a {GROUP}/{VERSION} RayJob")
+    return doc
+
+
+def _containers(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    cluster = spec.get("rayClusterSpec") or {}
+    templates = [cluster.get("headGroupSpec", {}).get("template", {})]
+    templates += [g.get("template", {}) for g in cluster.get("workerGroupSpecs", [])]
+    templates.append(spec.get("submitterPodTemplate") or {})
+    return [c for t in templates for c in t.get("spec", {}).get("containers", [])]
+
+
+def _is_placeholder(image: str) -> bool:
+    return image == IMAGE_PLACEHOLDER or image.startswith(IMAGE_PLACEHOLDER + ":")
+
+
+def _worker_group(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
+    groups = spec.get("rayClusterSpec", {}).get("workerGroupSpecs", [])
+    for group in groups:
+        if group.get("groupName") == name:
+            return group
+    raise ValueError(f"the RayJob template has no worker group {name!r} (has {[g.get('groupName') for g in groups]})")
+
+
+def build_rayjob(template: Mapping[str, Any], params: RayJobParams) -> dict[str, Any]:
+    """A RayJob for one run: a copy of ``template`` with ``params`` applied, unsuspended.
+
+    Raises:
+        ValueError: If a container keeps the image placeholder and ``params.image`` is
+            unset, or the worker counts are inconsistent.
+    """
+    body = copy.deepcopy(dict(template))
+    meta = body.setdefault("metadata", {})
+    meta["name"] = params.name
+    meta["namespace"] = params.namespace
+    meta["annotations"] = {**(meta.get("annotations") or {}), **params.annotations}
+    template_labels = {k: v for k, v in (meta.get("labels") or {}).items() if k != APPLIED_BY_LABEL}
+    meta["labels"] = {**template_labels, **_MANAGED, **params.labels}
+    spec = body.setdefault("spec", {})
+    spec["entrypoint"] = params.entrypoint
+    spec["suspend"] = False
+    # The operator enforces these; a wait derives its own deadline from them.
+    spec.setdefault("activeDeadlineSeconds", DEFAULT_ACTIVE_DEADLINE_S)
+    spec.setdefault("preRunningDeadlineSeconds", DEFAULT_PRE_RUNNING_DEADLINE_S)
+    if params.env_vars:
+        runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "") or {}
+        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **params.env_vars}
+        spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=True)
+    for container in _containers(spec):
+        if _is_placeholder(container.get("image", "")):
+            if not params.image:
+                raise ValueError(
+                    f"the RayJob template's image is the placeholder {IMAGE_PLACEHOLDER!r}: set {IMAGE_ENV} "
+                    "to the Ray image that has imgpipe installed"
+                )
+            container["image"] = params.image
+    if params.min_workers is not None or params.max_workers is not None:
+        group = _worker_group(spec, params.worker_group)
+        low = group.get("minReplicas", 0) if params.min_workers is None else params.min_workers
+        high = group.get("maxReplicas", low) if params.max_workers is None else params.max_workers
+        if not 0 <= low <= high:
+            raise ValueError(f"worker counts must satisfy 0 <= min <= max, got min={low} max={high}")
+        group["minReplicas"], group["maxReplicas"] = low, high
+        group["replicas"] = min(max(group.get("replicas", low), low), high)
+    return body
+
+
+def _cpus(quantity: Any) -> float | None:
+    """A Kubernetes CPU quantity (``4``, ``"4"``, ``"500m"``) in CPUs."""
+    text = str(quantity).strip()
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+
+
+def _worker_cpus(template: Mapping[str, Any], group_name: str) -> float | None:
+    """Ray CPUs of one worker of ``group_name``: its ``num-cpus``, else its container's CPU limit."""
+    try:
+        group = _worker_group(template.get("spec", {}), group_name)
+    except ValueError:
+        return None
+    if "num-cpus" in (group.get("rayStartParams") or {}):
+        return _cpus(group["rayStartParams"]["num-cpus"])
+    containers = group.get("template", {}).get("spec", {}).get("containers", [])
+    limit = containers[0].get("resources", {}).get("limits", {}).get("cpu") if containers else None
+    return None if limit is None else _cpus(limit)
+
+
+def _sized_for_autoscaling(cfg: Any, template: Mapping[str, Any], params_max: int | None, group: str) -> Any:
+    """Sets a ``concurrency`` of 0 ("the cluster's CPUs") from the worker group's maximum.
+
+    An autoscaling cluster starts with no workers, so "the CPUs at start" would be
+    zero and the step would run one task at a time; the group's maximum is what it
+    can grow to: one task per CPU it will have, as locally.
+    """
+    if getattr(cfg, "concurrency", None) != 0:
+        return cfg
+    try:
+        high = params_max if params_max is not None else _worker_group(template.get("spec", {}), group).get("maxReplicas")
+    except ValueError:
+        return cfg
+    cpus = _worker_cpus(template, group)
+    if not high or not cpus:
+        return cfg
+    return dataclasses.replace(cfg, concurrency=max(1, math.floor(high * cpus)))
+
+
+# ----------------------------------------------------------------------------------------
+# The Kubernetes side.
+
+
+def _load_config() -> None:
+    """The Kubernetes client's configuration: in-cluster service account first, then kubeconfig."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+def load_api() -> Any:
+    """A ``CustomObjectsApi`` (see :func:`_load_config` for the credentials)."""
+    from kubernetes import client
+
+    _load_config()
+    return client.CustomObjectsApi()
+
+
+def current_namespace() -> str:
+    """The pod's namespace in a cluster, else the kubeconfig context's, else ``default``."""
+    if _SA_NAMESPACE.is_file():
+        return _SA_NAMESPACE.read_text().strip()
+    try:
+        from kubernetes import config
+
+        _, active = config.list_kube_config_contexts()
+        return (active or {}).get("context", {}).get("namespace") or "default"
+    except Exception:  # no kubeconfig: load_api reports that, with its own message
+        return "default"
+
+
+def _status_code(exc: Exception) -> int | None:
+    return getattr(exc, "status", None)
+
+
+# The API server's refusal names the user: `<resource> ["<name>"] is forbidden: User "<user>"
+# cannot <verb> resource ...` (kubernetes/kubernetes staging/src/k8s.io/apiserver/pkg/endpoints/
+# handlers/responsewriters/errors.go, forbiddenMessage).
+_FORBIDDEN_USER = re.compile(r'User "([^"]*)"')
+_SA_USER = re.compile(r"system:serviceaccount:([^:]+):(.+)")
+_RBAC_HINT = 'k8s/base/role-rayjobs.yaml, bound to imgpipe-pipeline; docs/deploy.md, "RBAC"'
+
+
+def _caller(exc: Exception) -> str:
+    """Who the API server refused, from its message; else where this process's credentials come from."""
+    body = getattr(exc, "body", None)
+    try:
+        message = str(json.loads(body).get("message", "")) if body else ""
+    except (TypeError, ValueError, AttributeError):
+        message = str(body)
+    found = _FORBIDDEN_USER.search(message)
+    if found:
+        sa = _SA_USER.fullmatch(found.group(1))
+        return f"service account {sa.group(1)}/{sa.group(2)}" if sa else f"user {found.group(1)}"
+    return "this pod's service account" if _SA_NAMESPACE.is_file() else "the kubeconfig's user"
+
+
+def forbidden_message(exc: Exception, verb: str, resource: str, namespace: str, doing: str) -> str:
+    """One line for a 403: what was refused, to whom, and where the grant belongs.
+
+    Args:
+        exc: The ``ApiException`` (its body names the user the API server saw).
+        verb: The RBAC verb of the call (``create``, ``get``, ``list``, ``delete``).
+        resource: The RBAC resource, ``rayjobs.ray.io``, ``pods`` or ``pods/log``.
+        namespace: The namespace of the call.
+        doing: What imgpipe was doing, e.g. ``create RayJob ml/x``.
+    """
+    return (
+        f"the Kubernetes API refused to {doing} (403 Forbidden): {_caller(exc)} may not {verb} {resource} "
+        f"in namespace {namespace}; grant it to the run's service account ({_RBAC_HINT})"
+    )
+
+
+def _get(api: Any, namespace: str, name: str, doing: str | None = None) -> dict[str, Any] | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if _status_code(exc) == 404:
+            return None
+        if _status_code(exc) == 403:
+            what = doing or f"read RayJob {namespace}/{name}"
+            raise RuntimeError(forbidden_message(exc, "get", f"{PLURAL}.{GROUP}", namespace, what)) from None
+        raise
+
+
+def create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Creates the RayJob, or returns the existing one of that name (409 AlreadyExists).
+
+    Returns:
+        The object as the API server has it, and whether this call created it.
+
+    Raises:
+        RuntimeError: If RBAC refuses the create (403), in one line naming the permission.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    try:
+        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body), True
+    except ApiException as exc:
+        if _status_code(exc) == 403:
+            message = forbidden_message(exc, "create", f"{PLURAL}.{GROUP}", namespace, f"create RayJob {namespace}/{name}")
+            raise RuntimeError(message) from None
+        if _status_code(exc) != 409:
+            raise
+    existing = _get(api, namespace, name)
+    if existing is None:  # deleted between the two calls: a retry creates it again
+        raise RuntimeError(f"RayJob {namespace}/{name} already existed but is gone now; retry")
+    return existing, False
+
+
+def _field(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def dropped_fields(sent: Mapping[str, Any], returned: Mapping[str, Any]) -> list[str]:
+    """The :data:`REQUIRED_FIELDS` that ``sent`` sets and the API server's copy lacks.
+
+    The API server drops, without an error, every field the CRD's structural schema does
+    not list (Kubernetes' custom resource field pruning), so on an older KubeRay's CRD they
+    are gone from the object the create returns.
+    """
+    return [".".join(path) for path in REQUIRED_FIELDS if _field(sent, path) is not None and _field(returned, path) is None]
+
+
+def _refuse_pruned(api: Any, sent: Mapping[str, Any], returned: Mapping[str, Any]) -> None:
+    """Deletes the RayJob and raises if the cluster's CRD dropped a required field.
+
+    The RayJob is this job's attempt (its name is the job id) whether this call created it
+    or a retry of the task did (409): either way it must not run without the fields.
+
+    Raises:
+        RuntimeError: Naming the dropped fields, the release that added each and :data:`MIN_KUBERAY`.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    dropped = dropped_fields(sent, returned)
+    if not dropped:
+        return
+    namespace, name = sent["metadata"]["namespace"], sent["metadata"]["name"]
+    try:
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background")
+        outcome = "the RayJob was deleted"
+    except ApiException as exc:
+        outcome = f"deleting it failed ({_status_code(exc)} {exc.reason}): kubectl delete rayjob -n {namespace} {name}"
+    since = ", ".join(f"{field} since {REQUIRED_FIELDS[tuple(field.split('.'))]}" for field in dropped)
+    raise RuntimeError(
+        f"RayJob {namespace}/{name}: the cluster's RayJob CRD dropped {', '.join(dropped)} (the API server prunes "
+        f"fields its schema lacks): imgpipe needs KubeRay >= {MIN_KUBERAY} ({since}; kubectl get crd rayjobs.ray.io "
+        f"shows the installed schema); {outcome}"
+    )
+
+
+def rayjob_state(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """``active``, ``succeeded`` or ``failed``, and a one-line description of the status.
+
+    Terminal deployment states are ``Complete`` and ``Failed`` (KubeRay's
+    ``IsJobDeploymentTerminal``); only ``Complete`` with job status ``SUCCEEDED`` is
+    a success. ``ValidationFailed`` is not terminal to KubeRay, but the operator never
+    requeues it (v1.5.0+): for a waiter it is a failure.
+    """
+    status = obj.get("status") or {}
+    deployment = status.get("jobDeploymentStatus") or "New"
+    job = status.get("jobStatus") or ""
+    parts = [f"jobDeploymentStatus={deployment}", f"jobStatus={job or '-'}"]
+    parts += [f"{k}={status[k]}" for k in ("reason", "message") if status.get(k)]
+    text = " ".join(parts)
+    if deployment == "Complete" and job == "SUCCEEDED":
+        return "succeeded", text
+    if deployment in ("Complete", "Failed", "ValidationFailed"):
+        return "failed", text
+    return "active", text
+
+
+def wait_for_rayjob(
+    api: Any,
+    namespace: str,
+    name: str,
+    *,
+    timeout_s: float | None = None,
+    poll_s: float = 10.0,
+    out: TextIO | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    on_poll: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Polls the RayJob until its deployment is terminal; prints each status change.
+
+    Args:
+        api: A ``CustomObjectsApi``.
+        namespace: The RayJob's namespace.
+        name: The RayJob's name.
+        timeout_s: Give up after this long (:func:`wait_deadline_s` is what a step uses).
+        poll_s: Status poll interval.
+        out: Where status changes are printed.
+        sleep: Waits between polls (a fake clock in tests).
+        clock: The clock the deadline is on.
+        on_poll: Called at every poll (copies the submitter's new log lines).
+
+    Returns:
+        The terminal object (success or failure: :func:`rayjob_state` tells).
+
+    Raises:
+        TimeoutError: After ``timeout_s`` (the RayJob keeps running; its own
+            ``activeDeadlineSeconds`` bounds it).
+        RuntimeError: If the RayJob is deleted meanwhile.
+    """
+    out = out or sys.stdout
+    deadline = None if timeout_s is None else clock() + timeout_s
+    last = ""
+    while True:
+        obj = _get(api, namespace, name)
+        if obj is None:
+            raise RuntimeError(f"RayJob {namespace}/{name} was deleted while waiting for it")
+        if on_poll is not None:
+            on_poll()
+        state, text = rayjob_state(obj)
+        if text != last:
+            out.write(f"rayjob {namespace}/{name}: {text}\n")
+            out.flush()
+            last = text
+        if state != "active":
+            return obj
+        if deadline is not None and clock() >= deadline:
+            raise TimeoutError(f"RayJob {namespace}/{name} not finished after {timeout_s:.0f}s ({text}); it keeps running")
+        sleep(poll_s)
+
+
+class SubmitterLog:
+    """Copies the new lines of a RayJob's submitter pod log to ``out`` at each call.
+
+    KubeRay (K8sJobMode) names the submitter Job after the RayJob; Kubernetes' Job
+    controller labels its pods ``job-name=<job>``. A new pod (the Job retried the
+    submission) starts from its first line.
+    """
+
+    def __init__(self, core_api: Any, namespace: str, name: str, out: TextIO) -> None:
+        self.core_api, self.namespace, self.name, self.out = core_api, namespace, name, out
+        self.pod: str | None = None
+        self.shown = 0
+        self.refused: set[str] = set()  # permissions already reported (once each)
+
+    def __call__(self) -> None:
+        call = ("list", "pods", f"list the pods of RayJob {self.namespace}/{self.name}'s submitter")
+        try:
+            pods = self.core_api.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.name}").items
+            if not pods:
+                return
+            pod = max(pods, key=lambda p: str(p.metadata.creation_timestamp)).metadata.name
+            if pod != self.pod:
+                self.pod, self.shown = pod, 0
+            call = ("get", "pods/log", f"read the log of pod {self.namespace}/{pod}")
+            text = self.core_api.read_namespaced_pod_log(pod, self.namespace) or ""
+        except Exception as exc:  # a pod still pending, RBAC without pods/log: logs are a courtesy
+            verb, resource, doing = call
+            if _status_code(exc) == 403 and resource not in self.refused:
+                self.refused.add(resource)
+                log.warning("no submitter log in this step's log: %s", forbidden_message(exc, verb, resource, self.namespace, doing))
+            else:
+                log.debug("no log of RayJob %s/%s's submitter yet: %s", self.namespace, self.name, exc)
+            return
+        if len(text) > self.shown:
+            self.out.write(text[self.shown :])
+            self.out.flush()
+            self.shown = len(text)
+
+
+def load_core_api() -> Any:
+    """A ``CoreV1Api`` (pods and their logs) with the same credentials as :func:`load_api`."""
+    from kubernetes import client
+
+    _load_config()
+    return client.CoreV1Api()
+
+
+def cluster_template(api: Any, namespace: str, step: str) -> tuple[dict[str, Any], str]:
+    """The RayJob template of ``step`` as applied to the cluster, else the packaged one.
+
+    ``k8s/ray`` applies the template as the suspended RayJob ``imgpipe-<step>``; an
+    overlay's or an admin's edits live there. Server-owned metadata, ``kubectl``'s
+    annotations and the status are dropped.
+
+    Returns:
+        The template and where it came from (for the log).
+
+    Raises:
+        RuntimeError: If the API refuses the read (RBAC): a silent fallback would
+            ignore the cluster's edits.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    name = f"imgpipe-{step}"
+    try:
+        obj = _get(api, namespace, name, doing=f"read the RayJob template {namespace}/{name}")
+    except ApiException as exc:
+        raise RuntimeError(
+            f"cannot read the RayJob template {namespace}/{name} ({_status_code(exc)} {exc.reason}): the pipeline's "
+            "service account needs `get` on rayjobs.ray.io (k8s/base/role-rayjobs.yaml)"
+        ) from exc
+    if obj is None:
+        path = template_path(step)
+        return load_template(path), f"packaged {path} (no RayJob {namespace}/{name} in the cluster)"
+    meta = obj.get("metadata") or {}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if not k.startswith("kubectl.kubernetes.io/")}
+    template = {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("status", "metadata")}
+    template["metadata"] = {k: copy.deepcopy(v) for k, v in meta.items() if k not in _SERVER_METADATA}
+    template["metadata"]["annotations"] = annotations
+    return template, f"RayJob {namespace}/{name}"
+
+
+def _delete_attempts(api: Any, namespace: str, base: str, attempts: int) -> None:
+    """Deletes attempts 1..``attempts`` of a job (its cluster goes with it); absent ones are fine."""
+    from kubernetes.client.exceptions import ApiException
+
+    for n in range(1, attempts + 1):
+        try:
+            api.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, attempt_id(base, n), propagation_policy="Background"
+            )
+        except ApiException as exc:
+            if _status_code(exc) == 403:
+                doing = f"delete RayJob {namespace}/{attempt_id(base, n)}"
+                log.warning("%s", forbidden_message(exc, "delete", f"{PLURAL}.{GROUP}", namespace, doing))
+            elif _status_code(exc) != 404:
+                log.warning("could not delete RayJob %s/%s: %s", namespace, attempt_id(base, n), exc)
+
+
+def _latest_attempt(api: Any, namespace: str, base: str) -> tuple[int, dict[str, Any] | None]:
+    attempt, latest = 0, None
+    while (obj := _get(api, namespace, attempt_id(base, attempt + 1))) is not None:
+        attempt, latest = attempt + 1, obj
+    return attempt, latest
+
+
+def run_step_rayjob(
+    step: str,
+    source: str,
+    dest: str,
+    cfg: Any,
+    *,
+    namespace: str | None = None,
+    run_id: str | None = None,
+    api: Any = None,
+    core_api: Any = None,
+    template: Mapping[str, Any] | None = None,
+    image: str | None = None,
+    max_workers: int | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = 10.0,
+    max_attempts: int = 3,
+    out: TextIO | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> StepReport:
+    """Runs a step as a KubeRay RayJob and waits for it (see the module docstring).
+
+    Args:
+        step: The ``imgpipe`` sub-command (``resize``).
+        source: Input prefix.
+        dest: Output prefix.
+        cfg: The step's resolved config; the job runs it with ``ray_address`` cleared
+            (and a ``concurrency`` of 0 sized for the worker group's maximum).
+        namespace: Where the RayJob goes (default: :func:`current_namespace`).
+        run_id: Idempotency key (default ``$IMGPIPE_RUN_ID``).
+        api: A ``CustomObjectsApi`` (default: :func:`load_api`).
+        core_api: A ``CoreV1Api`` for the submitter's log (default: :func:`load_core_api`;
+            :data:`NO_LOGS` turns it off).
+        template: The RayJob template (default: :func:`cluster_template`).
+        image: The Ray image (default ``$IMGPIPE_RAY_IMAGE``).
+        max_workers: The worker group's maximum (default ``$IMGPIPE_KUBERAY_MAX_WORKERS``,
+            else the template's).
+        timeout_s: Give up waiting after this long (default: :func:`wait_deadline_s`).
+        poll_s: Status poll interval.
+        max_attempts: Attempts in all for one job id, across retries.
+        out: Where status changes and the job's log are printed (default stdout).
+        sleep: Waits between polls.
+        clock: The clock of the deadline.
+
+    Returns:
+        The step report, read from the committed manifest at ``dest``.
+
+    Raises:
+        RuntimeError: If the RayJob fails (``ValidationFailed`` included), with its
+            status, reason and message; if the cluster's CRD dropped a field of
+            :data:`REQUIRED_FIELDS` (the RayJob is deleted); if RBAC refuses a RayJob
+            call (403), naming the verb, resource, namespace and account.
+        TimeoutError: If the deadline passes first (the RayJob keeps running).
+    """
+    source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
+    contract.check_disjoint(dest, [source], step)
+    namespace = namespace or current_namespace()
+    api = api if api is not None else load_api()
+    if template is None:
+        template, origin = cluster_template(api, namespace, step)
+        log.info("%s: RayJob template from %s", step, origin)
+    image = image or os.environ.get(IMAGE_ENV) or None
+    if max_workers is None and os.environ.get(MAX_WORKERS_ENV):
+        max_workers = int(os.environ[MAX_WORKERS_ENV])
+    job_cfg = _sized_for_autoscaling(dataclasses.replace(cfg, ray_address=""), template, max_workers, "cpu")
+    done = committed_report(step, source, dest, job_cfg)
+    if done is not None:
+        # A retried task whose first attempt finished after all: nothing to run, nothing to create.
+        log.info("%s: %s already holds this job's committed output; not creating a RayJob", step, dest)
+        return done
+    run_id = resolve_run_id(run_id)
+    if run_id is None:
+        log.warning("%s: no run id (--run-id or $%s): a retry of this call cannot re-attach to its RayJob", step, RUN_ID_ENV)
+    base = job_id(step, source, dest, job_cfg, run_id)
+
+    attempt, latest = _latest_attempt(api, namespace, base)
+    state, detail = rayjob_state(latest) if latest is not None else (None, "")
+    action, attempt = choose_action(
+        state, attempt, max_attempts, lambda: committed_report(step, source, dest, job_cfg) is not None, detail
+    )
+    name = attempt_id(base, attempt)
+    if action == "done":
+        log.info("%s: RayJob %s/%s already succeeded and %s holds its output", step, namespace, name, dest)
+        _delete_attempts(api, namespace, base, attempt)
+        report = committed_report(step, source, dest, job_cfg)
+        assert report is not None  # checked by choose_action just now
+        return report
+    body = latest
+    if action == "submit":
+        if latest is not None:
+            log.warning("%s: RayJob %s ended (%s); creating attempt %d", step, attempt_id(base, attempt - 1), detail, attempt)
+        params = RayJobParams(
+            name=name,
+            namespace=namespace,
+            entrypoint=step_entrypoint(step, source, dest, job_cfg),
+            image=image,
+            max_workers=max_workers,
+            env_vars=storage.settings_env(),
+            annotations={"imgpipe.io/run-id": run_id or "", "imgpipe.io/attempt": str(attempt)},
+            labels={RUN_ID_LABEL: label_value(run_id or base), STEP_LABEL: label_value(step)},
+        )
+        sent = build_rayjob(template, params)
+        body, created = create_or_attach(api, sent)
+        # Before any wait: a RayJob without its deadline or token must not run on. (A running
+        # attempt attached to below was checked here by the try that created it.)
+        _refuse_pruned(api, sent, body)
+        log.info(
+            "%s: %s RayJob %s/%s (attempt %d); its log follows (kubectl logs -n %s -f job/%s)",
+            step, "created" if created else "attached to", namespace, name, attempt, namespace, name,
+        )  # fmt: skip
+    else:
+        log.info("%s: attaching to RayJob %s/%s (%s)", step, namespace, name, detail)
+
+    out = out or sys.stdout
+    if core_api is None:
+        core_api = load_core_api()
+    follow = None if core_api is NO_LOGS else SubmitterLog(core_api, namespace, name, out)
+    limit = timeout_s if timeout_s is not None else wait_deadline_s(body or template)
+    final = wait_for_rayjob(
+        api, namespace, name, timeout_s=limit, poll_s=poll_s, out=out, sleep=sleep, clock=clock, on_poll=follow
+    )
+    state, detail = rayjob_state(final)
+    if state != "succeeded":
+        raise RuntimeError(
+            f"RayJob {namespace}/{name} for {step} {dest} failed: {detail}; it stays for a look "
+            f"(kubectl describe rayjob -n {namespace} {name}; kubectl delete rayjobs -n {namespace} -l {RUN_ID_LABEL}=...)"
+        )
+    report = committed_report(step, source, dest, job_cfg)
+    if report is None:
+        raise RuntimeError(f"RayJob {namespace}/{name} succeeded but {dest} does not hold its committed output")
+    _delete_attempts(api, namespace, base, attempt)
+    return report

@@ -1,0 +1,421 @@
+"""Running a step on a remote Ray cluster as a Ray job, idempotently per run.
+
+:func:`imgpipe.remote.dispatch.run_step` hands a step here when its ``ray_address`` names
+a cluster's Jobs API (:mod:`imgpipe.remote.targets`): it becomes a *job* whose entrypoint
+is :mod:`imgpipe.remote.job` with the resolved config as JSON (``ray_address`` cleared, so
+the job's driver joins its cluster through the ``RAY_ADDRESS`` Ray sets for it). This
+module holds what both remote Ray modes share (job ids, the retry decision, the report)
+and the Jobs API mode; :mod:`imgpipe.remote.kuberay` holds the RayJob mode.
+
+Idempotency. A job's id derives from the run id (``--run-id``, else
+``$IMGPIPE_RUN_ID``) and the step, source, destination and resolved config:
+``imgpipe-resize-<16 hex>``. A retry of the same pipeline task computes the same id
+and acts on what it finds:
+
+* no job yet: submit it;
+* ``PENDING``/``RUNNING``: attach (stream its logs, wait for it); never a second copy;
+* ``SUCCEEDED``: do not resubmit; return the report of the committed output at
+  ``DEST`` (if ``DEST`` no longer holds that output, submit a new attempt);
+* ``FAILED``/``STOPPED``: submit a new attempt, ``<id>-a2``, ``<id>-a3``, ... up to
+  ``max_attempts`` in all, then fail with the last attempt's error.
+
+A changed config under the same run id is a different job, never an attach to the old
+one. Without a run id every call submits a fresh job (a warning says a retry cannot
+re-attach). Interrupting the submitter leaves the job running, so the retry attaches.
+
+Authentication. Ray clusters with token authentication (``RAY_AUTH_MODE=token``,
+Ray >= 2.52) expect ``Authorization: Bearer <token>`` on every Jobs API request
+(https://docs.ray.io/en/latest/ray-security/token-auth.html). The token comes from
+where Ray's own client looks, in Ray's order: ``$RAY_AUTH_TOKEN``, the file
+``$RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token`` (that last one only when
+``RAY_AUTH_MODE=token``, as Ray's client does). It is sent as a header and never logged.
+
+Secrets. The job's ``runtime_env`` is stored by the cluster and shown by its job API
+and dashboard, so only non-secret storage settings travel in it (:func:`imgpipe.storage.settings_env`).
+Credentials come from the cluster's own environment (a Kubernetes Secret, IRSA):
+see ``k8s/ray/``. The cluster's image must have imgpipe installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from imgpipe import contract, storage
+from imgpipe.config import config_to_dict
+from imgpipe.contract import StepReport
+from imgpipe.remote.payload import step_entrypoint
+from imgpipe.remote.targets import check_allowed
+
+__all__ = [
+    "RUN_ID_ENV",
+    "resolve_run_id",
+    "job_id",
+    "attempt_id",
+    "resolve_auth_token",
+    "connect",
+    "choose_action",
+    "committed_report",
+    "run_step_job",
+]
+
+log = logging.getLogger(__name__)
+
+RUN_ID_ENV = "IMGPIPE_RUN_ID"
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+LOG_TAIL_LINES = 20
+def resolve_run_id(run_id: str | None = None) -> str | None:
+    """The run id that makes submissions idempotent: the argument, else ``$IMGPIPE_RUN_ID``.
+
+    A Kubeflow pipeline passes its run's id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``) as
+    ``--run-id``; it is the same for every retry of a task, which is the point.
+    """
+    value = run_id if run_id is not None else os.environ.get(RUN_ID_ENV, "")
+    return value.strip() or None
+
+
+def job_id(step: str, source: str, dest: str, cfg: Any, run_id: str | None) -> str:
+    """The job's base id: deterministic for a run id, unique without one.
+
+    The digest covers run id, step, source, destination and resolved config, so a
+    retry finds its job while a changed config under the same run id does not.
+    """
+    if run_id is None:
+        return f"imgpipe-{step}-{uuid.uuid4().hex[:16]}"
+    key = json.dumps(
+        {"run_id": run_id, "step": step, "source": source, "dest": dest, "config": config_to_dict(cfg)},
+        sort_keys=True,
+    )
+    return f"imgpipe-{step}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def attempt_id(base: str, attempt: int) -> str:
+    """The id of attempt ``attempt`` (1-based): ``base``, then ``base-a2``, ``base-a3``, ..."""
+    return base if attempt == 1 else f"{base}-a{attempt}"
+
+
+def resolve_auth_token(environ: Any = None, home: Path | None = None) -> str | None:
+    """The Ray auth token Ray's own client would use, or ``None`` (see the module docstring).
+
+    Raises:
+        ValueError: If ``RAY_AUTH_TOKEN_PATH`` names a missing or empty file (Ray
+            itself treats that as fatal rather than falling back).
+    """
+    environ = os.environ if environ is None else environ
+    token = environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = environ.get("RAY_AUTH_TOKEN_PATH", "")
+    if path:
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read: {exc}") from exc
+        if not token:
+            raise ValueError(f"RAY_AUTH_TOKEN_PATH={path} is empty")
+        return token
+    if environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        default = (home or Path.home()) / ".ray" / "auth_token"
+        if default.is_file():
+            return default.read_text().strip() or None
+    return None
+
+
+def connect(address: str, token: str | None = None) -> Any:
+    """A ``JobSubmissionClient`` for ``address``, authenticated when a token is known.
+
+    Raises:
+        ValueError: If ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS`` names another cluster:
+            Ray's client would silently use that one instead of ``address``.
+        RuntimeError: If the cluster refuses the credentials (or their absence).
+    """
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    check_allowed(address)  # the token goes to configured clusters only
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        value = os.environ.get(name, "").rstrip("/")
+        if value and value != address.rstrip("/"):
+            raise ValueError(
+                f"{name}={value} is set and Ray's JobSubmissionClient would use it instead of {address}; "
+                "unset it, or make it the same address"
+            )
+    token = token or resolve_auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as exc:
+        hint = "the token was refused" if token else "no token was found"
+        raise RuntimeError(
+            f"Ray Jobs API at {address} requires authentication and {hint}: set RAY_AUTH_TOKEN "
+            "or RAY_AUTH_TOKEN_PATH to the cluster's token (KubeRay: the Secret of the cluster's "
+            f"authOptions). Ray said: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+# ----------------------------------------------------------------------------------------
+# The retry decision and the result, shared with imgpipe.remote.kuberay.
+
+
+def choose_action(
+    state: str | None, attempt: int, max_attempts: int, output_ready: Callable[[], bool], detail: str = ""
+) -> tuple[Literal["submit", "attach", "done"], int]:
+    """What to do about the latest attempt of a job, and which attempt that concerns.
+
+    Args:
+        state: The latest attempt's state: ``None`` (no job yet), ``active``,
+            ``succeeded`` or ``failed``.
+        attempt: That attempt's number (0 when there is none).
+        max_attempts: Attempts allowed in all for one job id.
+        output_ready: Whether the destination holds this job's committed output.
+        detail: The latest attempt's error, for the message when no attempt is left.
+
+    Raises:
+        RuntimeError: When the latest attempt failed and none is left.
+    """
+    if state is None:
+        return "submit", 1
+    if state == "active":
+        return "attach", attempt
+    if state == "succeeded" and output_ready():
+        return "done", attempt
+    if attempt >= max_attempts:
+        raise RuntimeError(
+            f"attempt {attempt} of {max_attempts} {'succeeded but its output is gone' if state == 'succeeded' else 'failed'}"
+            f"{': ' + detail if detail else ''}; no attempt left for this run id: fix the cause, "
+            "then run with a new --run-id"
+        )
+    return "submit", attempt + 1
+
+
+def committed_report(step: str, source: str, dest: str, cfg: Any) -> StepReport | None:
+    """The report of ``dest`` if it holds this very job's committed output, else ``None``.
+
+    "This job's" means the manifest's step, upstream source and config all match:
+    another run that wrote ``dest`` since then does not count.
+    """
+    try:
+        manifest = contract.read_manifest(dest, expect_step=step)
+    except (ValueError, FileNotFoundError):
+        return None
+    if manifest.get("config") != config_to_dict(cfg):
+        return None
+    if manifest.get("upstream", {}).get("source", source) != source:
+        return None
+    return StepReport.from_manifest(manifest)
+
+
+def _job_cfg(cfg: Any) -> Any:
+    """The config the job runs: the same, joining its own cluster (``ray_address`` cleared)."""
+    return dataclasses.replace(cfg, ray_address="")
+
+
+# ----------------------------------------------------------------------------------------
+# The Jobs API mode.
+
+
+def _status(info: Any) -> str:
+    status = info.status
+    return str(getattr(status, "value", status))
+
+
+def _is_missing(exc: RuntimeError) -> bool:
+    # JobSubmissionClient raises RuntimeError("Request failed with status code 404: Job X does not exist.").
+    return "404" in str(exc) or "does not exist" in str(exc)
+
+
+def _job_info(client: Any, submission_id: str) -> Any | None:
+    try:
+        return client.get_job_info(submission_id)
+    except RuntimeError as exc:
+        if _is_missing(exc):
+            return None
+        raise
+
+
+def _latest_attempt(client: Any, base: str) -> tuple[int, Any | None]:
+    """The highest attempt of ``base`` the cluster knows, and its info; ``(0, None)`` if none."""
+    attempt, latest = 0, None
+    while (info := _job_info(client, attempt_id(base, attempt + 1))) is not None:
+        attempt, latest = attempt + 1, info
+    return attempt, latest
+
+
+def _state(status: str) -> str:
+    return {"PENDING": "active", "RUNNING": "active", "SUCCEEDED": "succeeded"}.get(status, "failed")
+
+
+def _headline(message: str | None) -> str:
+    """The first line of a job's status message, without the copy of the log Ray appends."""
+    line = (message or "").strip().split("\n", 1)[0]
+    return re.sub(r",? last available logs.*$", "", line)
+
+
+def _last_lines(text: str, n: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(text.rstrip("\n").splitlines()[-n:])
+
+
+def _follow(client: Any, submission_id: str, out: TextIO, timeout_s: float | None) -> int:
+    """Streams the job's log to ``out`` over the Jobs API websocket; returns characters written."""
+    written = 0
+
+    async def follow() -> None:
+        nonlocal written
+        async for chunk in client.tail_job_logs(submission_id):
+            out.write(chunk)
+            out.flush()
+            written += len(chunk)
+
+    try:
+        asyncio.run(asyncio.wait_for(follow(), timeout_s))
+    except asyncio.TimeoutError:
+        pass  # the poll loop below reports the timeout
+    except Exception as exc:  # a dropped websocket, a running event loop, no aiohttp: poll instead
+        log.warning("following the log of Ray job %s failed (%s); polling it instead", submission_id, exc)
+    return written
+
+
+def _wait(
+    client: Any, submission_id: str, out: TextIO, timeout_s: float | None, poll_s: float, follow: bool
+) -> tuple[Any, str]:
+    """Streams logs until the job is terminal; returns its info and full log."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    written = _follow(client, submission_id, out, timeout_s) if follow else 0
+    while True:
+        info = client.get_job_info(submission_id)
+        logs = client.get_job_logs(submission_id) or ""
+        if len(logs) > written:  # what the websocket missed (or everything, when polling)
+            out.write(logs[written:])
+            out.flush()
+            written = len(logs)
+        if _status(info) in TERMINAL:
+            return info, logs
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"Ray job {submission_id} is still {_status(info)} after {timeout_s:.0f}s; it keeps running "
+                "(a retry with the same run id re-attaches; `ray job stop` ends it)"
+            )
+        time.sleep(poll_s)
+
+
+def run_step_job(
+    step: str,
+    source: str,
+    dest: str,
+    cfg: Any,
+    *,
+    address: str,
+    run_id: str | None = None,
+    client: Any = None,
+    out: TextIO | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = 2.0,
+    max_attempts: int = 3,
+    follow_logs: bool = True,
+) -> StepReport:
+    """Runs a step as a Ray job through the cluster's Jobs API and waits for it.
+
+    Args:
+        step: The ``imgpipe`` sub-command (``resize``).
+        source: Input prefix, as the step takes it.
+        dest: Output prefix.
+        cfg: The step's resolved config; the job runs it with ``ray_address`` cleared.
+        address: The Jobs API URL, e.g. ``http://raycluster-head-svc:8265``.
+        run_id: Idempotency key (default ``$IMGPIPE_RUN_ID``); see the module docstring.
+        client: A ``JobSubmissionClient`` (default: :func:`connect` to ``address``).
+        out: Where the job's log is streamed (default stdout).
+        timeout_s: Give up waiting after this long (the job keeps running); ``None`` waits.
+        poll_s: Status poll interval.
+        max_attempts: Attempts in all for one job id, across retries.
+        follow_logs: Stream logs over the websocket (else poll them).
+
+    Returns:
+        The step report, read from the committed manifest at ``dest``.
+
+    Raises:
+        RuntimeError: If the job fails or stops, with its status, message and last log lines.
+        TimeoutError: If ``timeout_s`` passes first.
+    """
+    source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
+    contract.check_disjoint(dest, [source], step)
+    job_cfg = _job_cfg(cfg)
+    run_id = resolve_run_id(run_id)
+    if run_id is None:
+        log.warning("%s: no run id (--run-id or $%s): a retry of this call cannot re-attach to its job", step, RUN_ID_ENV)
+    base = job_id(step, source, dest, job_cfg, run_id)
+    out = out or sys.stdout
+    client = client or connect(address)
+
+    attempt, info = _latest_attempt(client, base)
+    state = _state(_status(info)) if info is not None else None
+    action, attempt = choose_action(
+        state,
+        attempt,
+        max_attempts,
+        lambda: committed_report(step, source, dest, job_cfg) is not None,
+        detail=f"{_status(info)}: {_headline(info.message)}" if info is not None else "",
+    )
+    submission_id = attempt_id(base, attempt)
+    if action == "done":
+        log.info("%s: Ray job %s already succeeded and %s holds its output; not resubmitting", step, submission_id, dest)
+        report = committed_report(step, source, dest, job_cfg)
+        assert report is not None  # checked by choose_action just now
+        return report
+    if action == "attach":
+        log.info("%s: attaching to Ray job %s (%s) at %s", step, submission_id, _status(info), storage.redact_uri(address))
+    else:
+        if info is not None:
+            log.warning("%s: Ray job %s ended %s: %s; submitting attempt %d",
+                        step, attempt_id(base, attempt - 1), _status(info), _headline(info.message), attempt)  # fmt: skip
+        _submit(client, step, source, dest, job_cfg, submission_id, run_id, attempt)
+        shown = storage.redact_uri(address)  # a cluster address may carry user:password@
+        log.info(
+            "%s: submitted Ray job %s (attempt %d) to %s; follow it with `ray job logs -f %s --address %s`",
+            step, submission_id, attempt, shown, submission_id, shown,
+        )  # fmt: skip
+
+    info, logs = _wait(client, submission_id, out, timeout_s, poll_s, follow_logs)
+    status = _status(info)
+    if status != "SUCCEEDED":
+        raise RuntimeError(
+            f"Ray job {submission_id} for {step} {dest} ended {status}: {_headline(info.message)}\n"
+            f"last log lines:\n{_last_lines(logs)}"
+        )
+    report = committed_report(step, source, dest, job_cfg)
+    if report is None:
+        raise RuntimeError(
+            f"Ray job {submission_id} SUCCEEDED but {dest} does not hold its committed output "
+            "(another run wrote there meanwhile?)"
+        )
+    return report
+
+
+def _submit(
+    client: Any, step: str, source: str, dest: str, job_cfg: Any, submission_id: str, run_id: str | None, attempt: int
+) -> None:
+    env = storage.settings_env()
+    if env:
+        log.info("%s: forwarding %s to the job", step, ", ".join(sorted(env)))  # names only, never values
+    try:
+        client.submit_job(
+            entrypoint=step_entrypoint(step, source, dest, job_cfg),
+            submission_id=submission_id,
+            runtime_env={"env_vars": env} if env else None,
+            metadata={"imgpipe.step": step, "imgpipe.run_id": run_id or "", "imgpipe.attempt": str(attempt)},
+        )
+    except RuntimeError as exc:
+        # Another submitter won the race for this id: the job exists, so attach to it.
+        if "already exists" not in str(exc) or _job_info(client, submission_id) is None:
+            raise
+        log.info("%s: Ray job %s was submitted concurrently; attaching", step, submission_id)

@@ -1,0 +1,169 @@
+"""Figures and the HTML report of a training run.
+
+Plots use matplotlib's object-oriented API on Agg canvases (no ``pyplot``, no global
+figure state, no display needed) and come back as PNG bytes for
+:func:`imgpipe.storage.write_bytes`. :func:`html_report` builds one self-contained page
+(PNGs embedded as base64, metrics as tables) that the Kubeflow component emits as an
+HTML artifact.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from imgpipe.report import html as htmlpage
+
+__all__ = ["curves_png", "sweep_curves_png", "confusion_matrix_png", "augmentations_png", "html_report"]
+
+_ANNOTATE_MAX_CLASSES = 20
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def curves_png(history: Sequence[Mapping[str, Any]]) -> bytes:
+    """Loss (train, val) and quality (val accuracy, macro-F1) per epoch, side by side.
+
+    Args:
+        history: One mapping per epoch with ``epoch``, ``train_loss``, ``val_loss``,
+            ``val_accuracy`` and ``val_macro_f1`` (missing values are skipped).
+    """
+    fig = Figure(figsize=(10, 4))
+    loss_ax, quality_ax = fig.subplots(1, 2)
+    epochs = [int(h["epoch"]) + 1 for h in history]
+    for ax, keys in ((loss_ax, ("train_loss", "val_loss")), (quality_ax, ("val_accuracy", "val_macro_f1"))):
+        for key in keys:
+            points = [(e, h[key]) for e, h in zip(epochs, history) if h.get(key) is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    loss_ax.set_title("loss")
+    quality_ax.set_title("validation")
+    quality_ax.set_ylim(0, 1.02)
+    return _png(fig)
+
+
+def confusion_matrix_png(matrix: Sequence[Sequence[int]] | np.ndarray, labels: Sequence[str]) -> bytes:
+    """Row-normalized confusion matrix (rows: true class, columns: predicted), with counts when small."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    if counts.shape != (len(labels), len(labels)):
+        raise ValueError(f"confusion matrix of shape {counts.shape} does not match {len(labels)} labels")
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    side = min(24.0, 2.5 + 0.45 * len(labels))
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ticks = np.arange(len(labels))
+    # Class names come from folder and file names, i.e. from whoever made the archive:
+    # plain text, never mathtext ("$\\foo$" would otherwise crash after every epoch ran).
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=8, parse_math=False)
+    ax.set_yticks(ticks, labels, fontsize=8, parse_math=False)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(labels) <= _ANNOTATE_MAX_CLASSES:
+        for (i, j), n in np.ndenumerate(counts):
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
+    return _png(fig)
+
+
+def augmentations_png(originals: Sequence[np.ndarray], augmented: Sequence[Sequence[np.ndarray]]) -> bytes:
+    """A grid: one row per sample, the original first, then its augmented versions.
+
+    Args:
+        originals: ``H x W x C`` uint8 images (C is 1 or 3).
+        augmented: For each original, its augmented ``H x W x C`` images.
+    """
+    if len(originals) != len(augmented) or not originals:
+        raise ValueError("need one list of augmented images per original, and at least one original")
+    cols = 1 + max(len(a) for a in augmented)
+    fig = Figure(figsize=(1.6 * cols, 1.6 * len(originals)))
+    axes = np.atleast_2d(fig.subplots(len(originals), cols, squeeze=False))
+    for r, (orig, augs) in enumerate(zip(originals, augmented)):
+        for c, img in enumerate([orig, *augs]):
+            ax = axes[r, c]
+            ax.axis("off")
+            gray = img.ndim == 2 or img.shape[-1] == 1
+            ax.imshow(img.squeeze(-1) if gray and img.ndim == 3 else img, cmap="gray" if gray else None, vmin=0, vmax=255)
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"augmented {c}", fontsize=8)
+    return _png(fig)
+
+
+_EPOCH_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_macro_f1",
+    "images_per_s",
+    "data_wait_fraction",
+    "lr",
+    "seconds",
+)
+
+
+def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: str = "imgpipe training report") -> str:
+    """A self-contained HTML page: metric tables and the PNG figures embedded as base64.
+
+    Args:
+        metrics: The contents of ``metrics.json`` (``epochs``, optional ``test``,
+            ``test_tta``, ``labels``, ``config``).
+        images: Figure name -> PNG bytes, shown in order.
+        title: Page title.
+    """
+    parts = []
+    epochs = list(metrics.get("epochs", []))
+    if epochs:
+        shown = [{**e, "epoch": int(e["epoch"]) + 1} for e in epochs]
+        parts.append(htmlpage.section("Epochs", htmlpage.table(shown, [c for c in _EPOCH_COLUMNS if c in epochs[-1]])))
+    evaluations = [(name, metrics[name]) for name in ("test", "test_tta") if metrics.get(name)]
+    if evaluations:
+        rows = [{"split": n, **{k: v for k, v in m.items() if not isinstance(v, (Mapping, list))}} for n, m in evaluations]
+        parts.append(htmlpage.section("Test", htmlpage.table(rows, ["split", "loss", "accuracy", "macro_f1", "images"])))
+    recall = epochs[-1].get("val_per_class_recall") if epochs else None
+    if recall:
+        rows = [{"class": k, "recall": v} for k, v in recall.items()]
+        parts.append(htmlpage.section("Per-class recall (validation, last epoch)", htmlpage.table(rows, ["class", "recall"])))
+    parts += [htmlpage.section(name, htmlpage.image(name, png)) for name, png in images.items()]
+    return htmlpage.page(title, parts)
+
+
+def sweep_curves_png(histories: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str]) -> bytes:
+    """One panel per key, one line per branch: a sweep's curves overlaid (:mod:`imgpipe.steps.compare`).
+
+    Args:
+        histories: Branch name -> its per-epoch records (``epoch`` and the keys; missing values skipped).
+        keys: The per-epoch keys to plot (``val_macro_f1``, ``val_accuracy``, ``train_loss``, ...).
+    """
+    fig = Figure(figsize=(5 * len(keys), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(keys)))
+    for ax, key in zip(axes, keys):
+        for name, history in histories.items():
+            points = [(int(h["epoch"]) + 1, h[key]) for h in history if h.get(key) is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if not key.endswith("loss"):
+            ax.set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8)
+    return _png(fig)

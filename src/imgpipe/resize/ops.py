@@ -1,0 +1,557 @@
+"""Resizing and standardization of single images: the pure functions behind the resize step.
+
+Nothing here imports Ray. :func:`resize_batch` is the batch function the resize step
+hands to ``ray.data.Dataset.map_batches``; it takes and returns ``dict[str, np.ndarray]``
+and is unit-tested on hand-built dicts.
+
+Geometry modes (``size`` is the output side ``S``):
+
+* ``short-side-crop``: scale the short side to ``round(S / 0.875)`` and take the centre
+  ``S x S``, the ImageNet evaluation convention (resize 256, centre-crop 224) of the
+  torchvision classification references and timm's ``crop_pct=0.875``.
+* ``fixed``: scale to ``S x S`` ignoring the aspect ratio.
+* ``pad``: letterbox; fit inside ``S x S`` keeping the aspect ratio and fill the rest
+  with a constant grey level.
+* ``whole``: the whole picture, aspect kept, nothing cropped: the short side becomes
+  ``round(S / 0.875)`` (256 for 224, the "resize 256" storage size), the long side at
+  most ``round(max_aspect * 256)`` (``max_aspect`` 2 by default: a more elongated image
+  keeps its aspect with a short side below 256). Rows vary in size; a training reader
+  samples its crops (RandomResizedCrop) from the whole picture, as FFCV and timm do,
+  and a centre ``S x S`` crop at evaluation is what ``short-side-crop`` stores (up to
+  the sub-pixel placement of the crop). With ``roi_crop`` the region is kept whole.
+
+:func:`resize_batch` can take another spec for some splits (``ResizeConfig.train_mode``:
+e.g. ``whole`` for ``train``, ``short-side-crop`` for ``val`` and ``test``), chosen per
+row from its ``split`` column, in the same pass.
+
+The crop is done by resizing only the source box that ends up in the output
+(``PIL.Image.resize(box=...)``), which gives the same pixels as resize-then-crop
+without computing the discarded border.
+
+Fast decode: a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT scaling, via
+``Image.draft``) when the reduced image is still at least ``DRAFT_MARGIN`` (1.25) times
+what the final resize needs, so the antialiased resize always shrinks by 1.25x or more.
+On real q90 photos a reduced decode costs 1/1.2 (1/2 scale) to 1/1.6 (1/4 scale) of a
+full one (reading the entropy-coded data is the part it cannot save; bench/resize.py),
+and the output differs from :func:`resize_image_reference` (full decode, exact resize)
+by a mean absolute difference of 0.9 to 1.9 grey levels out of 255 on synthetic
+photo-like and textured images, about 1 on real photos (measured values in
+``tests/resize/test_ops.py::test_fast_path_close_to_reference``). PNG and other
+lossless inputs are always fully decoded.
+
+Where no draft helps (at most :data:`WARP_MAX_SCALE` source pixels per output pixel, e.g.
+0.2 MP photos to 224), OpenCV does the work: it decodes an RGB or L JPEG straight into an
+array (the same pixels as Pillow, without Pillow's copy out of its buffer), and a
+Gaussian prefilter plus bilinear sampling of the exact box stands in for PIL's filter
+(:func:`warp_resize`).
+
+Standardization ops run after the resize, in the order given, except ``roi_crop``,
+which selects the source region before the resize (so the output keeps the mode's
+size) and therefore must come first. Each op is a name with optional
+``:``-separated numeric parameters, e.g. ``gaussian_blur:1.5`` or ``canny:50:150``:
+
+========================  =======  ==========================================================
+op                        output   meaning (parameters, defaults)
+========================  =======  ==========================================================
+``roi_crop``              C        crop to the row's ``bbox`` (normalized xmin,ymin,xmax,ymax)
+                                   before resizing; rows without a bbox are left whole
+``gaussian_blur[:sigma]`` C        Gaussian denoise (sigma 1.0)
+``median_blur[:ksize]``   C        median denoise, odd kernel size (3)
+``equalize``              C        histogram equalization (of luma Y for colour images)
+``clahe[:clip[:tiles]]``  C        contrast-limited adaptive equalization of L (2.0, 8)
+``to_ycbcr``              3        full-range BT.601 Y, Cb, Cr (JPEG's colour space)
+``to_lab``                3        CIE L*a*b* scaled to uint8 as OpenCV does
+``binarize``              1        Otsu threshold of the grey image, values 0/255
+``sobel``                 1        Sobel gradient magnitude of the grey image
+``canny[:low:high]``      1        Canny edges, values 0/255 (100, 200)
+========================  =======  ==========================================================
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# The declarations (modes, presets, op names, per-image settings, geometry) are OpenCV-free,
+# so configs and the pipeline compile without it; they are re-exported here for callers.
+from imgpipe.resize.spec import (
+    DRAFT_MARGIN,
+    RESAMPLE,
+    Geometry,
+    Op,
+    ResizeError,
+    ResizeSpec,
+    plan_geometry,
+)
+
+__all__ = [
+    "OP_FUNCTIONS",
+    "PASSTHROUGH",
+    "resize_image",
+    "warp_resize",
+    "ANTIALIAS_K",
+    "resize_image_reference",
+    "apply_ops",
+    "encode_jpeg",
+    "resize_batch",
+    "gaussian_blur",
+    "median_blur",
+    "equalize",
+    "clahe",
+    "to_ycbcr",
+    "to_lab",
+    "binarize",
+    "sobel",
+    "canny",
+]
+
+
+# ----------------------------------------------------------------------------------------
+# Standardization ops: HWC uint8 in, HWC uint8 out.
+
+
+def _hwc(arr: np.ndarray) -> np.ndarray:
+    """OpenCV drops a trailing channel axis of 1; put it back."""
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _gray(img: np.ndarray) -> np.ndarray:
+    return img[:, :, 0] if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def gaussian_blur(img: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Gaussian denoising; the kernel size follows from ``sigma`` (OpenCV's rule)."""
+    return _hwc(cv2.GaussianBlur(img, (0, 0), sigmaX=float(sigma)))
+
+
+def median_blur(img: np.ndarray, ksize: int = 3) -> np.ndarray:
+    """Median denoising (removes salt-and-pepper noise, keeps edges)."""
+    return _hwc(cv2.medianBlur(np.ascontiguousarray(img), int(ksize)))
+
+
+def equalize(img: np.ndarray) -> np.ndarray:
+    """Histogram equalization; colour images equalize luma only, so hues do not shift."""
+    if img.shape[2] == 1:
+        return _hwc(cv2.equalizeHist(img[:, :, 0]))
+    ycc = cv2.cvtColor(img, cv2.COLOR_RGB2YCrCb)
+    ycc[:, :, 0] = cv2.equalizeHist(ycc[:, :, 0])
+    return cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB)
+
+
+def clahe(img: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalization (of L* for colour images)."""
+    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tiles), int(tiles)))
+    if img.shape[2] == 1:
+        return _hwc(op.apply(img[:, :, 0]))
+    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB)
+    lab[:, :, 0] = op.apply(lab[:, :, 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def to_ycbcr(img: np.ndarray) -> np.ndarray:
+    """Full-range BT.601 YCbCr in Y, Cb, Cr order (PIL's and JPEG's; OpenCV's is Y, Cr, Cb)."""
+    return np.ascontiguousarray(cv2.cvtColor(_rgb(img), cv2.COLOR_RGB2YCrCb)[:, :, [0, 2, 1]])
+
+
+def to_lab(img: np.ndarray) -> np.ndarray:
+    """CIE L*a*b* for uint8 as OpenCV scales it: L*255/100, a+128, b+128."""
+    return cv2.cvtColor(_rgb(img), cv2.COLOR_RGB2LAB)
+
+
+def binarize(img: np.ndarray) -> np.ndarray:
+    """Otsu's threshold of the grey image: one channel of 0 and 255."""
+    _, out = cv2.threshold(_gray(img), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return _hwc(out)
+
+
+def sobel(img: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude of the grey image, one channel.
+
+    Divided by the 3x3 kernel's gain of 4, so a full 0-to-255 step edge maps to 255
+    with a fixed scale for every image (no per-image normalization).
+    """
+    gray = _gray(img).astype(np.float32)
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
+    return _hwc(np.clip(np.sqrt(gx * gx + gy * gy) / 4.0, 0, 255).round().astype(np.uint8))
+
+
+def canny(img: np.ndarray, low: float = 100.0, high: float = 200.0) -> np.ndarray:
+    """Canny edges of the grey image: one channel of 0 and 255."""
+    return _hwc(cv2.Canny(_gray(img), float(low), float(high)))
+
+
+
+# What each op of imgpipe.resize.spec.OPS does (roi_crop is the geometry's, before the resize).
+OP_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
+    "gaussian_blur": gaussian_blur,
+    "median_blur": median_blur,
+    "equalize": equalize,
+    "clahe": clahe,
+    "to_ycbcr": to_ycbcr,
+    "to_lab": to_lab,
+    "binarize": binarize,
+    "sobel": sobel,
+    "canny": canny,
+}
+
+
+def apply_ops(img: np.ndarray, ops: Sequence[Op]) -> np.ndarray:
+    """Applies the post-resize ops in order (``roi_crop`` is skipped: it ran before)."""
+    for op in ops:
+        if op.name == "roi_crop":
+            continue
+        try:
+            img = OP_FUNCTIONS[op.name](img, *op.params)
+        except Exception as exc:  # noqa: BLE001 - one image's failure becomes its reject row
+            raise ResizeError("op_failed", f"{op.name}: {type(exc).__name__}: {exc}") from exc
+    return img
+
+
+# ----------------------------------------------------------------------------------------
+# Geometry and decoding.
+
+
+
+# Pillow's reducing_gap: shrink by an integer factor with reduce() first, leaving at
+# least 3x for the filtered resize; "almost indistinguishable" from one resize (Pillow docs).
+_GAP_FOR_REDUCE = 3.0
+
+STORED_FORMATS = ("JPEG", "PNG")
+
+
+def _open(data: bytes | None) -> Image.Image:
+    if not data:
+        raise ResizeError("missing_image", "no image bytes")
+    try:
+        with warnings.catch_warnings():
+            # clean already bounded the pixel count with its own max_pixels.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # clean stores JPEG and PNG only; no other Pillow plugin is ever tried.
+            return Image.open(io.BytesIO(data), formats=STORED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        # Above PIL's hard limit (2x MAX_IMAGE_PIXELS, 179 MP): only reachable when clean
+        # ran with a max_pixels above that.
+        raise ResizeError("too_large", str(exc)) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ResizeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _decode(img: Image.Image, geometry: Geometry, fast: bool, margin: float) -> tuple[Image.Image, float]:
+    """Loads the pixels, at a reduced JPEG scale if allowed; returns the image and its scale."""
+    scale = 1.0
+    try:
+        if fast and img.format == "JPEG" and img.mode in ("RGB", "L") and geometry.scale * margin <= 0.5:
+            # Ask for the strongest power-of-two reduction that still leaves DRAFT_MARGIN
+            # times what the resize needs (only worth it when 1/2 or more is possible).
+            full_width, need = img.width, geometry.scale * margin
+            request = (max(1, math.ceil(img.width * need)), max(1, math.ceil(img.height * need)))
+            drafted = img.draft(img.mode, request)
+            if drafted is not None:
+                # draft() returns the original image's extent in reduced pixels.
+                scale = drafted[1][2] / full_width
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ResizeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+    if img.mode not in ("RGB", "L"):
+        # clean emits RGB or L; anything else (an input that skipped clean) becomes RGB.
+        img = img.convert("RGB")
+    return img, scale
+
+
+# Antialiasing of the fast path: a Gaussian of sigma ANTIALIAS_K * sqrt(s^2 - 1) per axis
+# before bilinear sampling (s source pixels per output pixel; skimage's and kornia's
+# antialiased rescale use the same form). Bilinear sampling is itself a triangle of
+# half-width 1; the prefilter widens it to about what PIL's bilinear filter of support s
+# applies. 0.5 gave the smallest difference from PIL on real photos (MAD 0.55 mean, 1.05
+# at worst at 0.2 MP; 0.4 and 0.6 gave 0.74 and 0.86).
+ANTIALIAS_K = 0.5
+# Up to this many source pixels per output pixel the prefilter stays within ~0.5 grey
+# levels of PIL's filter; beyond it (large PNGs, ratios a JPEG draft would have cut) the
+# Gaussian and PIL's triangle part ways (MAD 2.35 at 10x), so PIL resizes. After a draft,
+# PIL resizes too: the reduced decode already spends the error budget.
+WARP_MAX_SCALE = 2.0
+
+
+def _sigma(scale: float) -> float:
+    return ANTIALIAS_K * math.sqrt(scale * scale - 1.0) if scale > 1.0 else 0.0
+
+
+def _blur(arr: np.ndarray, sig_x: float, sig_y: float) -> np.ndarray:
+    kx, ky = 2 * round(2 * sig_x) + 1, 2 * round(2 * sig_y) + 1
+    return cv2.GaussianBlur(arr, (kx, ky), sigmaX=sig_x or 1e-6, sigmaY=sig_y or 1e-6, borderType=cv2.BORDER_REPLICATE)
+
+
+def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> np.ndarray:
+    """Antialiased bilinear resize of the sub-pixel ``box`` of ``arr`` to ``out_size``, with OpenCV.
+
+    The same geometry as ``PIL.Image.resize(size, BILINEAR, box=box)`` (output pixel
+    centres map to the same source points) at about half its cost: a Gaussian prefilter
+    (:data:`ANTIALIAS_K`) on the box and a small margin, then ``cv2.warpAffine`` sampling.
+    Pixels beyond the edges of ``arr`` repeat the edge, so a caller that must keep pixels
+    outside a region out of the output passes only that region.
+
+    Args:
+        arr: ``H x W x C`` uint8 (C = 1 or 3).
+        box: (left, upper, right, lower) in ``arr`` pixels.
+        out_size: (width, height) of the output.
+
+    Returns:
+        ``height x width x C`` uint8.
+    """
+    x0, y0, x1, y1 = box
+    sx, sy = (x1 - x0) / out_size[0], (y1 - y0) / out_size[1]
+    sig_x, sig_y = _sigma(sx), _sigma(sy)
+    if box == (0.0, 0.0, float(arr.shape[1]), float(arr.shape[0])):
+        # The whole array (whole, fixed and pad modes): cv2.resize maps output pixel
+        # centres onto the same source points as the warp below and repeats the edge
+        # too, at about 2/3 of warpAffine's cost (separable tables, no per-pixel map).
+        if sig_x or sig_y:
+            arr = _blur(arr, sig_x, sig_y)
+        return _hwc(cv2.resize(arr, out_size, interpolation=cv2.INTER_LINEAR))
+    # Only the box and what the filters reach beyond it are touched.
+    margin = 2 + 2 * math.ceil(2 * max(sig_x, sig_y))
+    left, top = max(0, math.floor(x0) - margin), max(0, math.floor(y0) - margin)
+    right, bottom = min(arr.shape[1], math.ceil(x1) + margin), min(arr.shape[0], math.ceil(y1) + margin)
+    sub = arr[top:bottom, left:right]
+    if sig_x or sig_y:
+        sub = _blur(sub, sig_x, sig_y)
+    # Output pixel (u, v) samples the source at x0 + (u + 0.5) * sx - 0.5 (pixel centres).
+    matrix = np.array([[sx, 0.0, x0 - left + 0.5 * sx - 0.5], [0.0, sy, y0 - top + 0.5 * sy - 0.5]])
+    out = cv2.warpAffine(
+        sub, matrix, out_size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+    )
+    return _hwc(out)
+
+
+def _within_warp(box: tuple[float, float, float, float], out_size: tuple[int, int]) -> bool:
+    return max((box[2] - box[0]) / out_size[0], (box[3] - box[1]) / out_size[1]) <= WARP_MAX_SCALE
+
+
+def _region_and_box(
+    geometry: Geometry, scale: float, size: tuple[int, int]
+) -> tuple[tuple[int, int, int, int] | None, tuple[float, float, float, float]]:
+    """The integer roi_crop region (if any) and the resize box in its pixels, at ``scale``.
+
+    ``size`` is the (width, height) of the decoded image the region is cut from.
+    """
+    x0, y0, x1, y1 = (v * scale for v in geometry.box)
+    width, height = size
+    crop = None
+    if geometry.region is not None:
+        rx0, ry0, rx1, ry1 = (v * scale for v in geometry.region)
+        crop = (math.floor(rx0), math.floor(ry0), math.ceil(rx1), math.ceil(ry1))
+        x0, y0, x1, y1 = x0 - crop[0], y0 - crop[1], x1 - crop[0], y1 - crop[1]
+        width, height = crop[2] - crop[0], crop[3] - crop[1]
+    # Float round-off must not push the box past the (reduced) image: PIL refuses that.
+    return crop, (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))
+
+
+# OpenCV's JPEG decode straight into an array, for the modes clean emits; EXIF orientation
+# ignored, as Pillow does (clean already stored the picture upright). Same libjpeg-turbo,
+# same pixels as Pillow's (tests/resize/test_ops.py); it saves Pillow's copy out of its
+# own buffer. OpenCV returns None for a truncated JPEG where Pillow raises ("image file is
+# truncated"), and both decode a JPEG with corrupt data but an end marker. IMREAD_COLOR_RGB
+# is OpenCV >= 4.11; older builds keep Pillow's decode.
+_CV_JPEG_FLAGS: dict[str, int] = (
+    {
+        "RGB": cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION,
+        "L": cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION,
+    }
+    if hasattr(cv2, "IMREAD_COLOR_RGB")
+    else {}
+)
+
+
+def _decode_array(data: bytes, img: Image.Image, geometry: Geometry) -> np.ndarray:
+    """Full-resolution ``H x W x C`` pixels: OpenCV for RGB/L JPEG, Pillow otherwise."""
+    flag = _CV_JPEG_FLAGS.get(img.mode) if img.format == "JPEG" else None
+    if flag is None:
+        img, _ = _decode(img, geometry, fast=False, margin=DRAFT_MARGIN)
+        return _hwc(np.asarray(img))
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if arr is None or arr.shape[:2] != (img.height, img.width):
+        raise ResizeError("undecodable", "OpenCV could not decode the JPEG (truncated or corrupt)")
+    return _hwc(arr)
+
+
+def _pad(out: np.ndarray, spec: ResizeSpec, offset: tuple[int, int]) -> np.ndarray:
+    canvas = np.full((spec.size, spec.size, out.shape[2]), spec.pad_value, dtype=np.uint8)
+    x, y = offset
+    canvas[y : y + out.shape[0], x : x + out.shape[1]] = out
+    return canvas
+
+
+def _warp_path(data: bytes, img: Image.Image, geometry: Geometry) -> np.ndarray | None:
+    """The OpenCV path, where the box is within :data:`WARP_MAX_SCALE` (no draft would help)."""
+    crop, box = _region_and_box(geometry, 1.0, img.size)
+    if not _within_warp(box, geometry.out_size):
+        return None
+    arr = _decode_array(data, img, geometry)
+    if crop is not None:
+        arr = arr[crop[1] : crop[3], crop[0] : crop[2]]
+    return warp_resize(arr, box, geometry.out_size)
+
+
+def _pil_path(img: Image.Image, geometry: Geometry, resample: str, fast: bool) -> np.ndarray:
+    img, scale = _decode(img, geometry, fast, DRAFT_MARGIN)
+    crop, box = _region_and_box(geometry, scale, img.size)
+    if crop is not None:
+        img = img.crop(crop)
+    gap = _GAP_FOR_REDUCE if fast else None
+    return _hwc(np.asarray(img.resize(geometry.out_size, RESAMPLE[resample], box=box, reducing_gap=gap)))
+
+
+def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, fast: bool) -> np.ndarray:
+    img = _open(data)
+    geometry = plan_geometry(img.width, img.height, spec, bbox)
+    try:
+        out = _warp_path(data, img, geometry) if fast and spec.resample == "bilinear" else None
+        if out is None:
+            out = _pil_path(img, geometry, spec.resample, fast)
+    except (OSError, ValueError, cv2.error) as exc:
+        raise ResizeError("resize_failed", f"{type(exc).__name__}: {exc}") from exc
+    if spec.mode == "pad":
+        out = _pad(out, spec, geometry.offset)
+    return apply_ops(out, spec.parsed_ops)
+
+
+def resize_image(data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = None) -> np.ndarray:
+    """Decodes, resizes and standardizes one image.
+
+    Args:
+        data: Encoded image (clean's output: upright RGB or L, JPEG or PNG).
+        spec: The resize settings.
+        bbox: Normalized region for ``roi_crop``; ignored without that op.
+
+    Returns:
+        ``S x S x C`` uint8 (``whole`` mode: ``H x W x C``, see :func:`plan_geometry`),
+        C = 3 or 1 (grey inputs and one-channel ops).
+
+    Raises:
+        ResizeError: With a stable reason for the rejects table.
+    """
+    return _resize(data, spec, bbox, fast=spec.fast_decode)
+
+
+def resize_image_reference(data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = None) -> np.ndarray:
+    """:func:`resize_image` with a full decode and an exact resize: the quality yardstick."""
+    return _resize(data, spec, bbox, fast=False)
+
+
+def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
+    """Encodes an HWC uint8 image with 1 or 3 channels as JPEG (4:4:4 at quality >= 90)."""
+    if img.ndim != 3 or img.shape[2] not in (1, 3):
+        raise ValueError(f"JPEG needs 1 or 3 channels, got shape {img.shape}")
+    pil = Image.fromarray(img[:, :, 0], "L") if img.shape[2] == 1 else Image.fromarray(img, "RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------
+# The Ray batch function.
+
+PASSTHROUGH = ("path", "label", "label_name", "split", "order", "sha256")
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    """The encoded bytes of a clean ``image`` cell: a {bytes, path} struct, or bare bytes."""
+    if isinstance(value, Mapping):
+        value = value.get("bytes")
+    if value is None:
+        return None
+    return bytes(value)
+
+
+def _row_specs(
+    batch: Mapping[str, np.ndarray], spec: ResizeSpec, split_specs: Mapping[str, ResizeSpec] | None, n: int
+) -> list[ResizeSpec]:
+    """Each row's settings: its split's entry of ``split_specs``, else ``spec``."""
+    if not split_specs:
+        return [spec] * n
+    for name, other in split_specs.items():
+        if (other.format, other.jpeg_quality) != (spec.format, spec.jpeg_quality):
+            raise ValueError(f"split {name!r}: every split must share the output format, got {other.format} vs {spec.format}")
+    splits = batch.get("split")
+    if splits is None:
+        return [spec] * n
+    return [split_specs.get(str(splits[i]), spec) for i in range(n)]
+
+
+def resize_batch(
+    batch: Mapping[str, np.ndarray], spec: ResizeSpec, split_specs: Mapping[str, ResizeSpec] | None = None
+) -> dict[str, np.ndarray]:
+    """Resizes one batch of clean rows; a row that fails becomes an error row.
+
+    Args:
+        batch: Clean's columns as arrays: ``path`` and ``image`` ({bytes, path} dicts, as
+            Ray Data hands a struct column to a numpy batch) are required; ``label``,
+            ``label_name``, ``split``, ``order``, ``sha256`` are passed through if present;
+            an optional ``bbox`` column feeds ``roi_crop``.
+        spec: The resize settings.
+        split_specs: Other settings for the rows of some splits, by the ``split`` column
+            (``ResizeConfig.split_specs``: ``{"train": <whole spec>}``); they must share
+            ``spec``'s output format. Rows of other splits, or a batch without ``split``,
+            use ``spec``.
+
+    Returns:
+        The pass-through columns plus ``height``, ``width``, ``channels`` (int32),
+        ``pixels`` (raw HWC uint8 bytes; ``format='raw'``) or ``image`` ({bytes, path}
+        JPEG; ``format='jpeg'``), and ``error_reason`` / ``error_detail`` (empty
+        strings on good rows). Error rows have zero sizes and empty bytes. Sizes are per
+        row: ``whole`` rows differ from one another.
+
+    Raises:
+        ValueError: If a split's settings change the output format.
+    """
+    # Each resize task (or pool process) is sized to one CPU: OpenCV's own threads inside
+    # it would only compete with the neighbouring tasks.
+    cv2.setNumThreads(1)
+    paths = batch["path"]
+    images = batch["image"]
+    n = len(paths)
+    specs = _row_specs(batch, spec, split_specs, n)
+    bboxes = batch.get("bbox")
+    height = np.zeros(n, np.int32)
+    width = np.zeros(n, np.int32)
+    channels = np.zeros(n, np.int32)
+    encoded = np.empty(n, dtype=object)
+    reason = np.full(n, "", dtype=object)
+    detail = np.full(n, "", dtype=object)
+    for i in range(n):
+        try:
+            row_spec = specs[i]
+            bbox = None if bboxes is None or not row_spec.roi_crop else bboxes[i]
+            arr = resize_image(_image_bytes(images[i]), row_spec, None if bbox is None else list(bbox))
+            height[i], width[i], channels[i] = arr.shape
+            encoded[i] = arr.tobytes() if spec.format == "raw" else encode_jpeg(arr, spec.jpeg_quality)
+        except ResizeError as exc:
+            reason[i], detail[i] = exc.reason, exc.detail[:500]
+            encoded[i] = b""
+        except Exception as exc:  # noqa: BLE001 - a bug on one image must cost that image only
+            reason[i], detail[i] = "resize_failed", f"{type(exc).__name__}: {exc}"[:500]
+            encoded[i] = b""
+    out: dict[str, np.ndarray] = {k: batch[k] for k in PASSTHROUGH if k in batch}
+    out.update(height=height, width=width, channels=channels)
+    if spec.format == "raw":
+        out["pixels"] = encoded
+    else:
+        image = np.empty(n, dtype=object)
+        for i in range(n):
+            image[i] = {"bytes": encoded[i], "path": str(paths[i])}
+        out["image"] = image
+    out["error_reason"] = reason
+    out["error_detail"] = detail
+    return out

@@ -1,0 +1,120 @@
+"""Checkpoints of the train step: written atomically after each epoch, read back by ``--resume``.
+
+A checkpoint holds the model, optimizer, scheduler, the loader's position (the start of
+the next epoch), every rank's random state, the config and the history: a resumed run
+continues as the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from imgpipe import storage
+from imgpipe.config import config_to_dict
+from imgpipe.train.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from imgpipe.train.run import TrainingRun
+
+__all__ = ["CHECKPOINT", "RESUME_FIXED", "save_checkpoint", "load_checkpoint", "resume"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+# Fields that change what a checkpoint means; resuming with other values is refused
+# (pretrained also picks the mean and std every batch is normalized with).
+RESUME_FIXED = ("model", "batch_size", "seed", "image_size", "pretrained")
+
+
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def _gather_rng(ctx: DistInfo) -> list[dict[str, Any]]:
+    state = _rng_state()
+    if ctx.world_size == 1:
+        return [state]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def save_checkpoint(run: TrainingRun, epoch: int) -> None:
+    """Writes ``checkpoint.pt`` after ``epoch`` atomically (rank 0; every rank must call it)."""
+    rng = _gather_rng(run.ctx)  # collective: every rank takes part
+    if not run.ctx.is_main:
+        return
+    state = {
+        "format": 1,
+        "epoch": epoch,
+        "model": run.module.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        # Where a resumed run starts: epoch + 1 from its beginning (the loader itself is untouched).
+        "loader": run.train_loader.state_at_start(epoch + 1),
+        "rng": rng,
+        "config": config_to_dict(run.cfg),
+        "history": run.history,
+        "labels": run.labels,
+    }
+    with storage.open_write(storage.join(run.out, CHECKPOINT)) as fh:
+        torch.save(state, fh)
+
+
+def load_checkpoint(uri: str) -> dict[str, Any]:
+    """Reads a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
+def resume(run: TrainingRun) -> None:
+    """Restores ``run`` from its output's checkpoint, if there is one (``--resume``).
+
+    Raises:
+        ValueError: If the checkpoint was trained with other :data:`RESUME_FIXED` settings.
+    """
+    uri = storage.join(run.out, CHECKPOINT)
+    if not storage.exists(uri):
+        log.info("train: --resume but no checkpoint at %s; starting from epoch 1", uri)
+        return
+    state = load_checkpoint(uri)
+    saved = state["config"]
+    current = config_to_dict(run.cfg)
+    fixed = {k: (saved.get(k), current[k]) for k in RESUME_FIXED if saved.get(k) != current[k]}
+    if fixed:
+        raise ValueError(
+            f"cannot resume from {uri}: it was trained with "
+            + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in fixed.items())
+            + "; use the same values or write to a new output"
+        )
+    changed = sorted(k for k in current if k not in ("resume",) and saved.get(k) != current[k])
+    if changed:
+        log.warning("train: resuming with changed settings: %s", ", ".join(changed))
+    run.module.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.train_loader.load_state_dict(state["loader"])
+    rng = state["rng"]
+    _set_rng_state(rng[run.ctx.rank] if len(rng) == run.ctx.world_size else rng[0])
+    run.history = list(state["history"])
+    run.start_epoch = int(state["epoch"]) + 1
+    log.info("train: resumed from %s after epoch %d", uri, run.start_epoch)

@@ -1,0 +1,361 @@
+"""What a training run is, without torch: the train step's settings and the recipes they hold.
+
+:class:`TrainConfig` (the train step), :class:`AugmentConfig` (its augmentation recipe)
+and :class:`LoaderConfig` (how a split is streamed) are plain frozen dataclasses, apart
+from the torch code that uses them (:mod:`imgpipe.steps.train`, :mod:`imgpipe.train.augment`,
+:mod:`imgpipe.train.loader`), so that reading a config or compiling the pipeline
+(``imgpipe compile`` in the ``cpu`` image) needs no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from imgpipe import resources, storage
+
+__all__ = [
+    "POLICIES",
+    "Policy",
+    "AugmentConfig",
+    "LoaderConfig",
+    "TrainConfig",
+    "WEIGHTS_CACHE",
+    "default_num_workers",
+    "default_weights_cache",
+]
+
+Policy = Literal["randaugment", "trivialaugment", "autoaugment", "basic", "none"]
+POLICIES: tuple[str, ...] = get_args(Policy)
+# The pretrained-weights cache's folder: {data_root}/weights in the pipeline, and beside the
+# output prefix of a run that names no cache (imgpipe.train.pretrained has the layout below it).
+WEIGHTS_CACHE = "weights"
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The training augmentation recipe (shared by the CPU and GPU paths).
+
+    Attributes:
+        policy: ``randaugment``, ``trivialaugment``, ``autoaugment``, ``basic`` (no
+            policy) or ``none`` (no augmentation).
+        hflip: Random horizontal flips; turn off where mirroring changes the class
+            (text, digits, some medical images).
+        randaugment_n: RandAugment operations per image.
+        randaugment_m: RandAugment magnitude, 0-30.
+        color_jitter: Brightness/contrast/saturation strength (hue a quarter of it),
+            applied with probability 0.8; 0 disables.
+        grayscale_p: Probability of converting a colour image to grey (kept 3-channel).
+        blur_p: Probability of a Gaussian blur (sigma 0.1-2, kernel ~5% of the side).
+        rotation: Maximum rotation in degrees of the affine (with +-5% translation and
+            scale), applied with probability 0.5; 0 disables.
+        random_erasing: Probability of erasing a random rectangle (filled with the
+            mean colour, i.e. 0 after normalization).
+        crop_scale: Area range of RandomResizedCrop, as fractions of the image.
+    """
+
+    policy: Policy = "randaugment"
+    hflip: bool = True
+    randaugment_n: int = 2
+    randaugment_m: int = 9
+    color_jitter: float = 0.2
+    grayscale_p: float = 0.02
+    blur_p: float = 0.1
+    rotation: float = 10.0
+    random_erasing: float = 0.25
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        if self.randaugment_n < 0:
+            raise ValueError(f"randaugment_n must be >= 0, got {self.randaugment_n}")
+        if not 0 <= self.randaugment_m <= 30:
+            raise ValueError(f"randaugment_m must be in [0, 30] (RandAugment's magnitude bins), got {self.randaugment_m}")
+        for name in ("grayscale_p", "blur_p", "random_erasing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.color_jitter < 0 or self.rotation < 0:
+            raise ValueError("color_jitter and rotation must be >= 0")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How one split is streamed.
+
+    Attributes:
+        batch_size: Samples per batch (per rank).
+        shuffle: Permute units and pass rows through the shuffle buffer (training);
+            off gives the file order, partitioned the same way (evaluation).
+        shuffle_buffer: Rows a worker mixes at once; 0 or 1 keeps the unit order.
+        drop_last: Training mode: every rank reads the same number of rows and only
+            full batches (DDP needs equal step counts); fewer than ``world_size`` rows
+            plus one partial batch per rank are left out each epoch. Off, every row is
+            read and the last batch of a rank may be short.
+        seed: Base seed of the unit permutation, the shuffle buffer and the
+            per-sample transform seeds.
+        num_workers: DataLoader worker processes; ``None`` picks
+            :func:`default_num_workers`.
+        prefetch_factor: Batches each worker prepares ahead.
+        pin_memory: Page-locked batches for fast host-to-GPU copies; ``None`` means
+            "when CUDA is available".
+        persistent_workers: Keep workers alive between epochs.
+        multiprocessing_context: Start method of the workers (``fork``, ``spawn``,
+            ``forkserver``); ``None`` picks ``forkserver`` for ``s3://`` data (the AWS
+            SDK's threads in the parent do not survive a ``fork``) and ``fork``, the
+            quickest to start, otherwise.
+    """
+
+    batch_size: int = 128
+    shuffle: bool = True
+    shuffle_buffer: int = 1024
+    drop_last: bool = True
+    seed: int = 0
+    num_workers: int | None = None
+    prefetch_factor: int = 2
+    pin_memory: bool | None = None
+    persistent_workers: bool = True
+    multiprocessing_context: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or None (automatic), got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(
+                f"multiprocessing_context must be fork, spawn or forkserver, got {self.multiprocessing_context!r}"
+            )
+
+    @property
+    def resolved_num_workers(self) -> int:
+        """``num_workers``, or the automatic choice when it is ``None``."""
+        return default_num_workers() if self.num_workers is None else self.num_workers
+
+
+def default_num_workers(local_world_size: int | None = None) -> int:
+    """Worker processes per rank: the rank's share of the CPUs minus one for the training loop.
+
+    Args:
+        local_world_size: Ranks on this machine; defaults to ``LOCAL_WORLD_SIZE`` (set
+            by torchrun) or 1.
+    """
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(16, resources.available_cpus() // max(1, local) - 1))
+
+
+def default_weights_cache(out: str) -> str:
+    """The weights cache of a run that names none: ``weights/`` beside its output prefix.
+
+    ``s3://bucket/exp/train`` caches in ``s3://bucket/exp/weights``, so runs writing next
+    to each other share it.
+
+    Raises:
+        ValueError: If ``out`` is a bucket or file system root, with nothing beside it.
+    """
+    out = storage.normalize_uri(out).rstrip("/")
+    parent, _, name = out.rpartition("/")
+    if not name or parent.endswith((":/", "://")):
+        raise ValueError(f"output {out} lies at a root, with no folder beside it for weights/; set weights_cache")
+    return storage.join(parent, WEIGHTS_CACHE)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the train step.
+
+    Attributes:
+        model: torchvision classification model name (``weights=None``) or ``tiny_cnn``.
+        epochs: Passes over the training split.
+        batch_size: Images per step per rank (the global batch is ``batch_size x ranks``).
+        lr: Peak AdamW learning rate, reached after the warmup.
+        weight_decay: AdamW decoupled weight decay (not applied to norms and biases).
+        warmup_epochs: Linear warmup length, in epochs (fractions allowed).
+        label_smoothing: Target smoothing, 0 to disable.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        aug_policy: ``randaugment``, ``trivialaugment``, ``autoaugment``, ``basic`` (no
+            policy) or ``none`` (no augmentation).
+        aug_device: Where training augmentation runs: ``cpu`` (per sample in the
+            loader workers), ``gpu`` (batched with kornia on the training device, also
+            on CPU tensors) or ``auto`` (``gpu`` when training on CUDA).
+        hflip: Random horizontal flips; off for text, digits and other mirror-sensitive data.
+        mixup: MixUp Beta alpha; 0 disables.
+        cutmix: CutMix Beta alpha; 0 disables.
+        mixup_prob: Probability that a batch is mixed at all (MixUp or CutMix), as timm's
+            ``--mixup-prob``; the other batches train on their own images.
+        mixup_switch_prob: Probability of CutMix instead of MixUp for a mixed batch when
+            both alphas are positive, as timm's ``--mixup-switch-prob``.
+        randaugment_n: RandAugment operations per image.
+        randaugment_m: RandAugment magnitude (0-30).
+        color_jitter: ColorJitter strength; 0 disables.
+        grayscale_p: RandomGrayscale probability.
+        blur_p: GaussianBlur probability.
+        rotation: Maximum degrees of the small random affine; 0 disables.
+        random_erasing: RandomErasing probability.
+        crop_scale: RandomResizedCrop area range.
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        channels_last: Channels-last memory format on CUDA.
+        grad_clip: Maximum gradient norm; 0 disables clipping.
+        num_workers: Loader worker processes per rank; ``None`` derives it from the
+            CPUs available to this rank.
+        prefetch_factor: Batches each worker prepares ahead.
+        pin_memory: Page-locked host batches; ``None`` means "when CUDA is available".
+        persistent_workers: Keep training loader workers alive between epochs.
+        shuffle_buffer: Rows each loader worker mixes at once.
+        seed: Base of every random stream of the run.
+        deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.
+        resume: Continue from ``out/checkpoint.pt`` when it exists.
+        weights: Optional URI of initial weights (state dict, model.pt or
+            checkpoint.pt) in object storage; never downloaded from a hub.
+        pretrained: Name of a member of the model's torchvision weights enum
+            (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, ...) to start from: downloaded once
+            (torch.hub, hash-checked) into weights_cache and read from there by later
+            runs and every rank; the classifier head is replaced for the data's classes,
+            and images are normalized with the weights' mean and std. Not with weights.
+        weights_cache: Object-storage prefix of the pretrained weights cache
+            (<model>/<enum name>-<file name> below it); unset: weights/ beside the
+            output prefix. The pipeline uses {data_root}/weights.
+        freeze_backbone_epochs: Epochs at the start during which only the classifier
+            head trains (backbone parameters frozen, its BatchNorm statistics fixed);
+            at least epochs trains the head alone (a linear probe).
+        backbone_lr_mult: The backbone's learning rate as a fraction of lr (the head
+            gets lr); the schedule scales both.
+        tta_flip: Also evaluate the test split averaging original and flipped predictions.
+        max_steps_per_epoch: Cap on steps per epoch (smoke tests, quick sweeps).
+        image_size: Training/evaluation side; ``None`` uses the data's size.
+    """
+
+    model: str = "resnet18"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    device: str = "auto"
+    # The augmentation fields stay flat (one `train:` section, typed CLI flags and pipeline
+    # parameters); their defaults are AugmentConfig's, and `augment` rebuilds it.
+    aug_policy: Policy = AugmentConfig.policy
+    aug_device: Literal["auto", "cpu", "gpu"] = "auto"
+    hflip: bool = AugmentConfig.hflip
+    mixup: float = 0.2
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    randaugment_n: int = AugmentConfig.randaugment_n
+    randaugment_m: int = AugmentConfig.randaugment_m
+    color_jitter: float = AugmentConfig.color_jitter
+    grayscale_p: float = AugmentConfig.grayscale_p
+    blur_p: float = AugmentConfig.blur_p
+    rotation: float = AugmentConfig.rotation
+    random_erasing: float = AugmentConfig.random_erasing
+    crop_scale: tuple[float, float] = AugmentConfig.crop_scale
+    amp: bool = True
+    channels_last: bool = True
+    grad_clip: float = 1.0
+    num_workers: int | None = None
+    prefetch_factor: int = 2
+    pin_memory: bool | None = None
+    persistent_workers: bool = True
+    shuffle_buffer: int = 1024
+    seed: int = 0
+    deterministic: bool = False
+    resume: bool = False
+    weights: str | None = None
+    pretrained: str | None = None
+    weights_cache: str | None = None
+    freeze_backbone_epochs: int = 0
+    backbone_lr_mult: float = 1.0
+    tta_flip: bool = False
+    max_steps_per_epoch: int | None = None
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        # The model list is torchvision's: checked here, where a config is built to train, and
+        # not at import, so the pipeline compiles without torch.
+        from imgpipe.train.models import available_models
+
+        if self.model not in available_models():
+            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(available_models())}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("lr, weight_decay and warmup_epochs must be >= 0")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError("mixup and cutmix are Beta alphas: >= 0, 0 disables")
+        for name in ("mixup_prob", "mixup_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 or unset, got {self.max_steps_per_epoch}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8 or unset (the data's size), got {self.image_size}")
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.weights is not None:
+            storage.normalize_uri(self.weights)  # raises ValueError for unsupported URIs
+        self._check_transfer()
+        self.augment  # noqa: B018 - building it validates the augmentation fields
+        self.loader(shuffle=True)  # noqa: B018 - validates the loader fields
+
+    def _check_transfer(self) -> None:
+        """The pretrained-weights and fine-tuning fields."""
+        if self.pretrained is not None:
+            if self.weights is not None:
+                raise ValueError("set pretrained (torchvision weights) or weights (a URI), not both")
+            from imgpipe.train.models import resolve_weights
+
+            resolve_weights(self.model, self.pretrained)  # raises for names the model does not have
+        if self.weights_cache is not None:
+            storage.normalize_uri(self.weights_cache)
+        if self.freeze_backbone_epochs < 0:
+            raise ValueError(f"freeze_backbone_epochs must be >= 0, got {self.freeze_backbone_epochs}")
+        if not 0 < self.backbone_lr_mult < float("inf"):
+            raise ValueError(
+                f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}; freeze_backbone_epochs freezes the backbone"
+            )
+
+    @property
+    def augment(self) -> AugmentConfig:
+        """The augmentation recipe these settings describe."""
+        return AugmentConfig(
+            policy=self.aug_policy,
+            hflip=self.hflip,
+            randaugment_n=self.randaugment_n,
+            randaugment_m=self.randaugment_m,
+            color_jitter=self.color_jitter,
+            grayscale_p=self.grayscale_p,
+            blur_p=self.blur_p,
+            rotation=self.rotation,
+            random_erasing=self.random_erasing,
+            crop_scale=tuple(self.crop_scale),  # type: ignore[arg-type]
+        )
+
+    def loader(self, *, shuffle: bool, persistent: bool | None = None) -> LoaderConfig:
+        """Loader settings: training (``shuffle``) or evaluation order."""
+        return LoaderConfig(
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            shuffle_buffer=self.shuffle_buffer,
+            drop_last=shuffle,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers if persistent is None else persistent,
+        )

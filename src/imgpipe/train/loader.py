@@ -1,0 +1,492 @@
+"""Streaming training input: the resize step's Parquet shards as a torch ``IterableDataset``.
+
+The loader reads one split of a committed resize output (``DATA/<split>/part-*.parquet``,
+see :mod:`imgpipe.steps.resize`) from ``file://`` or ``s3://`` row group by row group
+through the ``pyarrow.fs`` file system :func:`imgpipe.storage.arrow_filesystem` builds.
+Nothing is downloaded first: a worker holds at most its shuffle buffer plus one row group.
+
+Partitioning and order. Which rows each rank and worker reads, and in which order, is
+decided from row-group metadata alone by :mod:`imgpipe.train.partition` (torch-free; its
+docstring has the rules). This module reads and decodes those rows; its names
+(:func:`describe_split`, :func:`assign_rows`, ...) are re-exported here.
+:meth:`ImageLoader.state_dict` records the epoch and how many samples each worker has
+delivered, and a loader restored from it delivers the rest of the epoch in the same
+order, batch for batch, as an uninterrupted run.
+
+Decoding. ``raw`` rows are ``numpy.frombuffer`` views of their bytes, copied once, into
+the batch array (or by the transform); ``jpeg`` shards decode in the workers with
+``torchvision.io.decode_jpeg``, or, with
+``decode_device='cuda'``, are handed to the main process as bytes for
+:func:`decode_jpeg_batch` to decode on the GPU.
+
+Per-sample transforms run in the workers on ``H x W x C`` uint8 numpy arrays (a raw
+row's ``np.frombuffer`` view, read-only; a decoded JPEG) and are called as
+``transform(image, seed)`` (:class:`imgpipe.train.augment_cpu.SampleTransform` is the
+recipe). The seed is :func:`sample_seed` of ``seed + epoch + the sample's index in the
+split``, so an image's augmentation in an epoch does not depend on which rank or worker
+drew it and survives a resume exactly; no global generator is seeded or read. The
+outputs are stacked into one ``N x H x W x C`` uint8 array, handed on as the
+``N x C x H x W`` view ``torch.from_numpy(batch).permute(0, 3, 1, 2)`` (channels-last
+strides, the layout a CUDA model wants).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from imgpipe import storage
+
+# The settings are torch-free (imgpipe.train.config); re-exported here.
+from imgpipe.train.config import LoaderConfig
+
+# Which rows, in which order: torch-free (imgpipe.train.partition); re-exported here.
+from imgpipe.train.partition import (
+    RowGroup,
+    SplitInfo,
+    Unit,
+    epoch_order,
+    next_partition,
+    rank_range,
+    sample_seed,
+    worker_batches,
+)
+
+__all__ = [
+    "SampleFn",
+    "ParquetImageDataset",
+    "ImageLoader",
+    "decode_jpeg_batch",
+    "read_samples",
+]
+
+log = logging.getLogger(__name__)
+
+
+# A per-sample transform: an H x W x C uint8 array and the sample's seed (sample_seed) in,
+# an H' x W' x C uint8 array out, every output of a batch the same size.
+SampleFn = Callable[[np.ndarray, int], np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------
+# Reading and decoding.
+
+
+@dataclass
+class _Row:
+    label: int
+    data: bytes
+    shape: tuple[int, int, int]
+
+
+class _RowGroupReader:
+    """Reads row groups of a split's files, keeping each file's footer open."""
+
+    def __init__(self, info: SplitInfo) -> None:
+        self.info = info
+        self.column = "pixels" if info.format == "raw" else "image"
+        self._fs: Any = None
+        self._files: dict[str, pq.ParquetFile] = {}
+
+    def read(self, group: RowGroup) -> list[_Row]:
+        def once() -> list[_Row]:
+            if self._fs is None:  # built lazily: in the worker, after the fork
+                self._fs, _ = storage.arrow_filesystem(group.file)
+            pf = self._files.get(group.file)
+            if pf is None:
+                pf = self._files[group.file] = pq.ParquetFile(self._fs.open_input_file(storage.arrow_path(group.file)))
+            table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column])
+            payload = table.column(self.column)
+            if self.info.format == "jpeg":
+                payload = payload.combine_chunks().field("bytes")
+            return [
+                _Row(label, data, (h, w, c))
+                for label, data, h, w, c in zip(
+                    table.column("label").to_pylist(),
+                    payload.to_pylist(),
+                    table.column("height").to_pylist(),
+                    table.column("width").to_pylist(),
+                    table.column("channels").to_pylist(),
+                )
+            ]
+
+        return storage.with_retries(once, attempts=3, describe=f"reading row group {group.row_group} of {group.file}")
+
+    def close(self) -> None:
+        for pf in self._files.values():
+            with contextlib.suppress(Exception):
+                pf.close()
+        self._files.clear()
+
+
+def _decode_raw(rows: Sequence[_Row]) -> list[np.ndarray]:
+    """Raw rows as ``H x W x C`` uint8 views of their bytes (read-only, no copy)."""
+    return [np.frombuffer(r.data, dtype=np.uint8).reshape(r.shape) for r in rows]
+
+
+def _jpeg_tensor(row: _Row) -> torch.Tensor:
+    return torch.frombuffer(bytearray(row.data), dtype=torch.uint8)
+
+
+def _decode_jpeg_cpu(rows: Sequence[_Row]) -> list[np.ndarray]:
+    """JPEG rows decoded (libjpeg-turbo, as :func:`decode_jpeg_batch` on the CPU) into ``H x W x C`` uint8 arrays."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return [
+        decode_jpeg(_jpeg_tensor(r), mode=ImageReadMode.GRAY if r.shape[2] == 1 else ImageReadMode.RGB)
+        .permute(1, 2, 0)
+        .contiguous()
+        .numpy()
+        for r in rows
+    ]
+
+
+def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torch.device | str) -> torch.Tensor:
+    """Decodes a batch of JPEG byte tensors on ``device`` (nvJPEG on CUDA) into ``B x C x H x W`` uint8.
+
+    Raises:
+        ValueError: If the images differ in size (resize makes them equal; mixing
+            sizes means the data is not a resize output).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    device = torch.device(device)
+    if device.type == "cuda":
+        images = decode_jpeg(list(jpegs), mode=mode, device=device)
+    else:
+        images = [decode_jpeg(j, mode=mode) for j in jpegs]
+    if len({tuple(i.shape) for i in images}) != 1:
+        raise ValueError("JPEG batch holds images of different sizes; train expects a resize output")
+    return torch.stack(images)
+
+
+def _stack(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """``H x W x C`` arrays as one ``N x C x H x W`` uint8 tensor with channels-last strides (one copy)."""
+    shapes = {i.shape for i in images}
+    if len(shapes) != 1:
+        raise ValueError(
+            "a batch holds images of different sizes and no transform makes them equal; "
+            "pass a transform with a fixed output size (the resize step's outputs are all alike)"
+        )
+    batch = np.empty((len(images), *images[0].shape), dtype=np.uint8)
+    for i, image in enumerate(images):
+        batch[i] = image
+    return torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+
+def _sequential_opencv() -> None:
+    """No OpenCV thread pool in a worker: the workers are the parallelism.
+
+    The transforms' OpenCV kernels would otherwise each use a pool as large as the
+    machine, in every worker (torch's own threads are already 1 in a DataLoader worker).
+    """
+    cv2 = sys.modules.get("cv2")  # loaded by a transform that uses it; never imported here
+    if cv2 is not None:
+        cv2.setNumThreads(0)
+
+
+# ----------------------------------------------------------------------------------------
+# The dataset (runs in the workers) and the loader (the training loop's side).
+
+
+class ParquetImageDataset(IterableDataset):
+    """Yields ready batches of one rank's share of a split, each worker its own partition.
+
+    Usually built by :class:`ImageLoader`, which also runs the epoch/resume
+    bookkeeping; iterating it directly (``num_workers=0`` style) reads the rank's whole
+    share for the epoch given at construction.
+
+    Each batch is a dict: ``image`` (``B x C x H x W`` uint8 tensor with channels-last
+    strides, a view of one ``B x H x W x C`` array; or a list of JPEG byte tensors when
+    decoding is left to the device), ``label`` and ``index`` (the
+    rows' positions in the split, int64), and ``part``, the worker partition it came from.
+
+    Args:
+        info: The split.
+        cfg: Batch size, shuffling and seed.
+        transform: Per-sample transform (:data:`SampleFn`), run in the worker with each
+            sample's :func:`sample_seed`; ``None`` leaves images as stored.
+        decode_device: ``cuda`` leaves JPEG rows undecoded for :func:`decode_jpeg_batch`.
+        rank: This process's rank.
+        world_size: Number of ranks.
+        num_workers: Worker processes of the DataLoader that will iterate this dataset
+            (it sizes the partitions); 0 for the main process.
+        epoch: The epoch to read when no :class:`ImageLoader` drives it.
+    """
+
+    def __init__(
+        self,
+        info: SplitInfo,
+        cfg: LoaderConfig,
+        *,
+        transform: SampleFn | None = None,
+        decode_device: str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        epoch: int = 0,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.info = info
+        self.cfg = cfg
+        self.transform = transform
+        self.decode_on_device = info.format == "jpeg" and torch.device(decode_device).type == "cuda"
+        self.rank = rank
+        self.world_size = world_size
+        self.parts = max(1, num_workers)
+        # Shared with the workers (inherited at their start, so it also reaches
+        # persistent workers): [epoch, rotation, samples to skip per partition].
+        self.shared = multiprocessing.RawArray("q", 2 + self.parts)
+        self.shared[0] = epoch
+        # Workers started by spawn/forkserver begin with default storage settings; carry any
+        # set in-process (e.g. by --s3-endpoint) over to them.
+        self.storage_settings = storage.settings()
+
+    def partition_batches(self) -> list[int]:
+        """Batches each worker partition of this rank delivers in an epoch (the same every epoch)."""
+        r0, r1 = rank_range(self.info.num_samples, self.rank, self.world_size, drop_remainder=self.cfg.drop_last)
+        return worker_batches(r1 - r0, self.cfg.batch_size, self.parts, drop_last=self.cfg.drop_last)
+
+    def rank_samples(self) -> int:
+        """Rows this rank reads in an epoch (before dropping a last partial batch)."""
+        r0, r1 = rank_range(self.info.num_samples, self.rank, self.world_size, drop_remainder=self.cfg.drop_last)
+        return r1 - r0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        if worker is not None:
+            storage.use_settings(self.storage_settings)
+        if worker is not None:
+            _sequential_opencv()
+        epoch, rotation = int(self.shared[0]), int(self.shared[1])
+        part = (worker_id + rotation) % self.parts
+        skip = int(self.shared[2 + part])
+        mine, order = epoch_order(self.info, self.cfg, epoch, self.rank, self.world_size, part, self.parts)
+        order = order[skip:]
+        reader = _RowGroupReader(self.info)
+        try:
+            yield from self._batches(mine, order, reader, epoch, part)
+        finally:
+            reader.close()
+
+    def _batches(
+        self, mine: list[Unit], order: np.ndarray, reader: _RowGroupReader, epoch: int, part: int
+    ) -> Iterator[dict[str, Any]]:
+        position = {int(g): i for i, g in enumerate(order.tolist())}
+        starts = np.array([g.first_index for g in self.info.row_groups])
+        ranges_by_group: dict[int, list[tuple[int, int]]] = {}
+        for u in mine:
+            ranges_by_group.setdefault(u.group, []).append((u.start, u.stop))
+        pending: dict[int, _Row] = {}
+        bs = self.cfg.batch_size
+        for first in range(0, len(order), bs):
+            keys = order[first : first + bs].tolist()
+            if len(keys) < bs and self.cfg.drop_last:
+                return
+            rows = []
+            for k in keys:
+                if k not in pending:
+                    g = int(np.searchsorted(starts, k, side="right") - 1)
+                    group = self.info.row_groups[g]
+                    loaded = reader.read(group)
+                    for a, b in ranges_by_group[g]:
+                        for r in range(a, b):
+                            idx = group.first_index + r
+                            if position.get(idx, -1) >= position[k]:
+                                pending[idx] = loaded[r]
+                rows.append(pending.pop(k))
+            yield self._make_batch(rows, keys, epoch, part)
+
+    def _make_batch(self, rows: list[_Row], keys: list[int], epoch: int, part: int) -> dict[str, Any]:
+        labels = torch.tensor([r.label for r in rows], dtype=torch.int64)
+        index = torch.tensor(keys, dtype=torch.int64)
+        if self.decode_on_device:
+            return {"image": [_jpeg_tensor(r) for r in rows], "label": labels, "index": index, "part": part}
+        images = _decode_raw(rows) if self.info.format == "raw" else _decode_jpeg_cpu(rows)
+        if self.transform is not None:
+            seed = self.cfg.seed
+            images = [self.transform(image, sample_seed(seed, epoch, key)) for image, key in zip(images, keys)]
+        return {"image": _stack(images), "label": labels, "index": index, "part": part}
+
+
+class ImageLoader:
+    """The training loop's view of a split: batches per epoch, resumable mid-epoch.
+
+    Wraps a :class:`ParquetImageDataset` in a ``DataLoader(batch_size=None)``;
+    batching, shuffling and partitioning happen in the dataset. Call :meth:`set_epoch`
+    before each epoch (as with ``DistributedSampler``).
+
+    Args:
+        info: The split.
+        cfg: Loader settings.
+        transform: Per-sample transform (:data:`SampleFn`) run in the workers, or ``None``.
+        decode_device: ``cuda`` to decode JPEG batches on the GPU (see
+            :func:`decode_jpeg_batch`); ignored for raw data.
+        rank: This process's rank (``torch.distributed.get_rank()`` under DDP).
+        world_size: Number of ranks.
+    """
+
+    def __init__(
+        self,
+        info: SplitInfo,
+        cfg: LoaderConfig,
+        *,
+        transform: SampleFn | None = None,
+        decode_device: str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.info = info
+        self.cfg = cfg
+        self.num_workers = cfg.resolved_num_workers
+        self.dataset = ParquetImageDataset(
+            info,
+            cfg,
+            transform=transform,
+            decode_device=decode_device,
+            rank=rank,
+            world_size=world_size,
+            num_workers=self.num_workers,
+        )
+        self.epoch = 0
+        self._consumed = [0] * self.dataset.parts
+        self._rotation = 0
+        self._loader: DataLoader | None = None
+
+    @property
+    def parts(self) -> int:
+        """Worker partitions (``max(1, num_workers)``)."""
+        return self.dataset.parts
+
+    @property
+    def decode_on_device(self) -> bool:
+        """Whether batches carry undecoded JPEG bytes for :func:`decode_jpeg_batch`."""
+        return self.dataset.decode_on_device
+
+    def _dataloader(self) -> DataLoader:
+        if self._loader is None:
+            workers = self.num_workers
+            pin = torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=pin,
+                persistent_workers=self.cfg.persistent_workers and workers > 0,
+                prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+                # DataLoader draws its worker base seed from this, not from the global RNG.
+                generator=torch.Generator().manual_seed(self.cfg.seed),
+                multiprocessing_context=self._start_method() if workers > 0 else None,
+            )
+        return self._loader
+
+    def _start_method(self) -> str:
+        if self.cfg.multiprocessing_context is not None:
+            return self.cfg.multiprocessing_context
+        return "fork" if storage.fork_safe([self.info.data]) else "forkserver"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Starts ``epoch`` from its beginning."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+        self._consumed = [0] * self.parts
+        self._rotation = 0
+
+    def epoch_batches(self) -> int:
+        """Batches of an epoch from its start; with ``drop_last``, the same on every rank."""
+        return sum(self.dataset.partition_batches())
+
+    def epoch_samples(self) -> int:
+        """Rows this rank reads per epoch (with ``drop_last``, before the last partial batch is dropped)."""
+        return self.dataset.rank_samples()
+
+    def _consumed_batches(self) -> int:
+        return sum(-(-c // self.cfg.batch_size) for c in self._consumed)
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        return max(0, self.epoch_batches() - self._consumed_batches())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        remaining = len(self)
+        if remaining == 0:
+            return
+        shared = self.dataset.shared
+        shared[0], shared[1] = self.epoch, self._rotation
+        for p in range(self.parts):
+            shared[2 + p] = self._consumed[p]
+        for batch in self._dataloader():
+            self._consumed[batch["part"]] += len(batch["label"])
+            yield batch
+            remaining -= 1
+            if remaining == 0:
+                break
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small resumable position: epoch, samples delivered per worker partition, and the layout."""
+        return {
+            "epoch": self.epoch,
+            "consumed": list(self._consumed),
+            "seed": self.cfg.seed,
+            "batch_size": self.cfg.batch_size,
+            "parts": self.parts,
+            "world_size": self.dataset.world_size,
+        }
+
+    def state_at_start(self, epoch: int) -> dict[str, Any]:
+        """The :meth:`state_dict` of ``epoch``'s beginning, without moving this loader there."""
+        return {**self.state_dict(), "epoch": epoch, "consumed": [0] * self.parts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from a :meth:`state_dict`: the rest of its epoch, in the original order.
+
+        Raises:
+            ValueError: If the state is mid-epoch but was saved with another seed, batch
+                size, worker count or world size (the partitions would differ).
+        """
+        self.set_epoch(int(state["epoch"]))
+        consumed = [int(c) for c in state.get("consumed", [])]
+        if not any(consumed):
+            return
+        layout = {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "parts": self.parts}
+        layout["world_size"] = self.dataset.world_size
+        changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"cannot resume mid-epoch {self.epoch} with a different layout ({detail}); resume with the "
+                "saved num_workers/world size/batch size/seed, or restart the epoch (drop the loader state)"
+            )
+        self._consumed = consumed
+        self._rotation = next_partition(self.dataset.partition_batches(), consumed, self.cfg.batch_size)
+
+
+def read_samples(info: SplitInfo, count: int) -> list[np.ndarray]:
+    """The first ``count`` images of a split in file order, as ``H x W x C`` uint8 arrays (for figures)."""
+    reader = _RowGroupReader(info)
+    rows: list[_Row] = []
+    try:
+        for group in info.row_groups:
+            rows.extend(reader.read(group)[: count - len(rows)])
+            if len(rows) >= count:
+                break
+    finally:
+        reader.close()
+    images = _decode_raw(rows) if info.format == "raw" else _decode_jpeg_cpu(rows)
+    return [np.array(img) for img in images]  # writable copies

@@ -1,0 +1,78 @@
+"""The state of one training run, which the training loop and the checkpoints share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgpipe.train.augment import IMAGENET, BatchAugment, MixupCutmix, Normalization
+from imgpipe.train.config import TrainConfig
+from imgpipe.train.distributed import DistInfo
+from imgpipe.train.loader import ImageLoader
+from imgpipe.train.partition import SplitInfo
+
+__all__ = ["TrainingRun"]
+
+
+@dataclass
+class TrainingRun:
+    """Everything one training run holds (settings, data, model, optimizer, loaders, history).
+
+    Built inside :func:`imgpipe.steps.train.train`; ``train_one_epoch`` and
+    :func:`imgpipe.train.checkpoint.save_checkpoint`
+    take it so they stay short and testable.
+
+    Attributes:
+        cfg: The resolved config (image size, workers and augmentation device filled in).
+        ctx: This process's rank and world size.
+        gpu_augment: The batched augmentation when it runs on the device, else ``None``
+            (the loader's workers augment).
+        model: What the training step calls (the DDP wrapper under DDP).
+        module: The bare model (evaluation, checkpoints, ``model.pt``).
+        steps_per_epoch: Planned optimizer steps of each epoch (same on every rank).
+        history: One metrics record per finished epoch.
+        start_epoch: First epoch this invocation trains (after a resume, the next one).
+        attempt: The output claim's attempt id (main rank), for the commit.
+        norm: The mean and std every batch is normalized with (the pretrained weights'
+            own, else ImageNet's); the one place train reads them from.
+        head: Names of the classifier head's parameters (the rest is the backbone).
+    """
+
+    data: str
+    out: str
+    cfg: TrainConfig
+    ctx: DistInfo
+    device: torch.device
+    labels: list[str]
+    train_info: SplitInfo
+    val_info: SplitInfo | None
+    test_info: SplitInfo | None
+    image_size: int
+    channels: int
+    gpu_augment: BatchAugment | None
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    mixer: MixupCutmix
+    train_loader: ImageLoader
+    val_loader: ImageLoader | None
+    steps_per_epoch: list[int]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    attempt: str = ""
+    norm: Normalization = IMAGENET
+    head: frozenset[str] = frozenset()
+
+    @property
+    def amp(self) -> bool:
+        """bf16 autocast is on (CUDA only)."""
+        return self.cfg.amp and self.device.type == "cuda"
+
+    @property
+    def channels_last(self) -> bool:
+        """Channels-last memory format is on (CUDA only)."""
+        return self.cfg.channels_last and self.device.type == "cuda"

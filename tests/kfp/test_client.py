@@ -1,0 +1,651 @@
+"""submit and schedule against a small fake of the KFP v2beta1 REST API on 127.0.0.1.
+
+The fake is a real HTTP server in a thread implementing only what ``kfp.Client`` calls
+for these two commands (healthz, pipeline upload and lookup, versions, experiments,
+runs, recurring runs), keeping objects in memory and recording every request, so the
+tests assert on the bodies kfp's generated client actually sends.
+
+With ``multi_user`` on it refuses what the real API server refuses in multi-user mode
+(kubeflow/pipelines 2.15.0, unchanged from 2.5.0 to 2.17.0):
+
+* an experiment without a namespace: ``backend/src/apiserver/server/experiment_server.go``
+  ``canAccessExperiment``, "An experiment cannot have an empty namespace in multi-user mode";
+* a run or recurring run without an experiment id: ``resource/resource_manager.go``
+  ``GetValidExperimentNamespacePair``, "Experiment id can not be empty in multi-user mode";
+  their namespace is the experiment's;
+* pipelines: ``?namespace=`` on upload makes a namespaced pipeline (``server/
+  pipeline_upload_server.go``); none makes a *shared* one, which a profile's service
+  account should not create (and ``REQUIRE_NAMESPACE_FOR_PIPELINES``, 2.15.0, refuses:
+  "Namespace is required for pipeline operations"); a version takes its pipeline's
+  namespace; listing with ``namespace`` returns that namespace's pipelines only.
+
+Errors come back as the grpc-gateway does: HTTP 400 with ``{"error", "code": 3, "message"}``.
+
+With an ``authorizer`` (tests/rbac.py over the rendered Roles and RoleBindings) it also
+authorizes every call as multi-user KFP does, for the account of the request's bearer token
+(the subject a TokenReview of it would return): one SubjectAccessReview per call on a
+``pipelines.kubeflow.org`` resource in the object's namespace (kubeflow/pipelines 2.15.0,
+unchanged in 2.16.0 and 2.17.0, ``backend/src/apiserver/server/``):
+
+* ``pipeline_server.go``: list pipelines -> ``list pipelines`` in the query's namespace;
+  list a pipeline's versions -> ``list pipelines`` in the pipeline's namespace
+  (``canAccessPipelineVersion`` -> ``canAccessPipeline``: a version is checked as its
+  pipeline, never as ``pipelines/versions``); a shared pipeline (no namespace) is not checked;
+* ``pipeline_upload_server.go``: upload a pipeline, upload a version -> ``create
+  pipelines`` (``canUploadVersionedPipeline``); refused with HTTP 400 and
+  ``{"error_message": "Failed to create a pipeline[ version]"}``;
+* ``experiment_server.go``: list -> ``list experiments``, create -> ``create experiments``
+  (named);
+* ``run_server.go``: list -> ``list runs`` (the experiment's namespace), create -> ``create
+  runs``, get -> ``get runs`` (named by the run's Kubernetes name);
+* ``job_server.go``: recurring runs as ``jobs``: ``list``, ``create``, ``delete``.
+
+A refusal is ``PermissionDenied`` (``resource/resource_manager.go`` ``IsAuthorized``), which
+grpc-gateway v2 (the API server's, ``go.mod`` v2.27.1) answers with HTTP 403 and a
+``google.rpc.Status`` body: ``{"code": 7, "message": ..., "details": []}``; no identity at all
+is ``Unauthenticated`` (401, code 16).
+"""
+
+from __future__ import annotations
+
+import email
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import yaml
+
+from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp.client import Target
+from tests import rbac
+
+API = "/apis/v2beta1"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    headers: dict[str, str]  # names lower-cased
+
+
+@dataclass
+class FakeKfp:
+    """In-memory KFP objects plus the request log; ``run_state`` is what GET /runs/{id} reports."""
+
+    requests: list[Request] = field(default_factory=list)
+    pipelines: list[dict] = field(default_factory=list)
+    versions: list[dict] = field(default_factory=list)
+    experiments: list[dict] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)
+    recurring: list[dict] = field(default_factory=list)
+    run_state: str = "SUCCEEDED"
+    multi_user: bool = False
+    require_namespace_for_pipelines: bool = False
+    authorizer: rbac.Authorizer | None = None
+    reviews: list[rbac.Request] = field(default_factory=list)  # every SubjectAccessReview made
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def new_id(self, kind: str) -> str:
+        return f"{kind}-{next(self.ids)}"
+
+    def posted(self, suffix: str) -> list[Request]:
+        return [r for r in self.requests if r.method == "POST" and r.path == API + suffix]
+
+
+def _matching(items: list[dict], query: dict[str, str], **equal: str) -> list[dict]:
+    """Items passing a kfp filter (display_name EQUALS) and exact field matches."""
+    out = [i for i in items if all(i.get(k) == v for k, v in equal.items() if v is not None)]
+    if query.get("filter"):
+        for p in json.loads(query["filter"])["predicates"]:
+            assert p["key"] == "display_name" and p["operation"] in (1, "EQUALS"), p
+            out = [i for i in out if i["display_name"] == p["stringValue"]]
+    return out
+
+
+def _invalid(message: str) -> tuple[int, Any]:
+    """InvalidArgument, as grpc-gateway maps it."""
+    return 400, {"error": message, "code": 3, "message": message, "details": []}
+
+
+def _denied(context: str, user: str, request: rbac.Request) -> str:
+    """The API server's PermissionDenied text (resource_manager.go IsAuthorized, wrapped by the server)."""
+    attributes = (
+        f"&ResourceAttributes{{Namespace:{request.namespace},Verb:{request.verb},Group:pipelines.kubeflow.org,"
+        f"Version:v1beta1,Resource:{request.resource},Subresource:,Name:{request.name},}}"
+    )
+    return f"{context}: PermissionDenied: User '{user}' is not authorized with reason:  (request: {attributes}): Unauthorized access"
+
+
+class _Refused(Exception):
+    """The API server's answer to a call it does not authorize."""
+
+    def __init__(self, status: int, payload: dict) -> None:
+        super().__init__(status)
+        self.status, self.payload = status, payload
+
+
+def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # keep test output clean
+            pass
+
+        def _body(self) -> Any:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            ctype = self.headers.get("Content-Type", "")
+            if ctype.startswith("multipart/form-data"):
+                msg = email.message_from_bytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + raw)
+                return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) for part in msg.get_payload()}
+            return json.loads(raw) if raw else None
+
+        def _send(self, status: int, payload: Any) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _handle(self, method: str) -> None:
+            url = urlparse(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            body = self._body() if method in ("POST", "PATCH") else None
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            fake.requests.append(Request(method, url.path, query, body, headers))
+            parts = url.path[len(API) :].strip("/").split("/")
+            token = headers.get("authorization", "").removeprefix("Bearer ")
+            try:
+                status, payload = route(method, parts, query, body, rbac.token_subject(token) if token else None)
+            except _Refused as refused:
+                status, payload = refused.status, refused.payload
+            self._send(status, payload)
+
+        def do_GET(self) -> None:
+            self._handle("GET")
+
+        def do_POST(self) -> None:
+            self._handle("POST")
+
+        def do_DELETE(self) -> None:
+            self._handle("DELETE")
+
+    def check(user: str | None, verb: str, resource: str, namespace: str, name: str = "", *, context: str, upload: str = "") -> None:
+        """One SubjectAccessReview; raises the API server's refusal (``upload``: the upload endpoint's words)."""
+        if fake.authorizer is None or not fake.multi_user or not namespace:
+            return  # single-user mode, or a shared pipeline: not checked
+        request = rbac.Request(verb, "pipelines.kubeflow.org", resource, namespace, name=name)
+        fake.reviews.append(request)
+        if user is None:
+            message = "Failed to check authorization. User identity is empty in the request header"
+            raise _Refused(401, {"code": 16, "message": message, "details": []})
+        if fake.authorizer.allows(user, request):
+            return
+        if upload:
+            raise _Refused(400, {"error_message": upload, "error_details": upload})
+        raise _Refused(403, {"code": 7, "message": _denied(context, user, request), "details": []})
+
+    def pipeline_namespace(pipeline_id: str) -> str:
+        return next((p["namespace"] for p in fake.pipelines if p["pipeline_id"] == pipeline_id), "")
+
+    def experiment_namespace(experiment_id: str | None) -> str:
+        return next((e.get("namespace", "") for e in fake.experiments if e["experiment_id"] == experiment_id), "")
+
+    def route(method: str, parts: list[str], q: dict[str, str], body: Any, user: str | None) -> tuple[int, Any]:
+        match method, parts:
+            case "GET", ["healthz"]:
+                return 200, {"multi_user": fake.multi_user}
+            case "GET", ["pipelines"]:
+                namespace = q.get("namespace", "")
+                check(user, "list", "pipelines", namespace, context=f"Failed to list pipelines due to authorization error. Check if you have read permission to namespace {namespace}")
+                found = _matching(fake.pipelines, q, namespace=namespace if fake.multi_user else None)
+                return 200, {"pipelines": found, "total_size": len(found)}
+            case "POST", ["pipelines", "upload"]:
+                namespace = q.get("namespace", "") if fake.multi_user else ""
+                if fake.multi_user and fake.require_namespace_for_pipelines and not namespace:
+                    return _invalid("Namespace is required for pipeline operations")
+                check(user, "create", "pipelines", namespace, context="", upload="Failed to create a pipeline")
+                pipeline = {
+                    "pipeline_id": fake.new_id("p"), "display_name": q["name"], "description": q.get("description"),
+                    "namespace": namespace,
+                }  # fmt: skip
+                fake.pipelines.append(pipeline)
+                fake.versions.append(
+                    {"pipeline_id": pipeline["pipeline_id"], "pipeline_version_id": fake.new_id("v"), "display_name": q["name"], "package": body["uploadfile"]}
+                )
+                return 200, pipeline
+            case "POST", ["pipelines", "upload_version"]:
+                check(user, "create", "pipelines", pipeline_namespace(q["pipelineid"]), context="", upload="Failed to create a pipeline version")
+                version = {
+                    "pipeline_id": q["pipelineid"],
+                    "pipeline_version_id": fake.new_id("v"),
+                    "display_name": q["name"],
+                    "description": q.get("description"),
+                    "package": body["uploadfile"],
+                }
+                fake.versions.append(version)
+                return 200, {k: v for k, v in version.items() if k != "package"}
+            case "GET", ["pipelines", pid, "versions"]:
+                namespace = pipeline_namespace(pid)
+                check(user, "list", "pipelines", namespace, context=f"Failed to list pipeline versions due to authorization error. Check if you have read permission to namespace {namespace}")
+                found = [{k: v for k, v in x.items() if k != "package"} for x in _matching(fake.versions, q, pipeline_id=pid)]
+                return 200, {"pipeline_versions": found[: int(q.get("page_size") or 10)], "total_size": len(found)}
+            case "GET", ["experiments"]:
+                check(user, "list", "experiments", q.get("namespace", ""), context="Failed to authorize with API")
+                return 200, {"experiments": _matching(fake.experiments, q, namespace=q.get("namespace"))}
+            case "POST", ["experiments"]:
+                if fake.multi_user and not body.get("namespace"):
+                    return _invalid("Failed to authorize the request: An experiment cannot have an empty namespace in multi-user mode")
+                check(user, "create", "experiments", body.get("namespace", ""), body.get("display_name", ""), context="Failed to authorize the request: Failed to authorize with API")
+                experiment = {**body, "experiment_id": fake.new_id("e")}
+                fake.experiments.append(experiment)
+                return 200, experiment
+            case "GET", ["runs"]:
+                namespace = experiment_namespace(q.get("experiment_id"))
+                check(user, "list", "runs", namespace, context=f"Failed to list runs due to authorization error. Check if you have permission to access namespace {namespace}")
+                return 200, {"runs": _matching(fake.runs, q, experiment_id=q.get("experiment_id"))}
+            case "POST", ["runs"]:
+                if fake.multi_user and not body.get("experiment_id"):
+                    return _invalid("Experiment id can not be empty in multi-user mode")
+                namespace = _namespace_of(body)
+                check(user, "create", "runs", namespace, context=f"Failed to create a run due to authorization error. Check if you have write permissions to namespace {namespace}")
+                run = {**body, "run_id": fake.new_id("r"), "state": "PENDING", "namespace": _namespace_of(body)}
+                fake.runs.append(run)
+                return 200, run
+            case "GET", ["runs", run_id]:
+                run = next(r for r in fake.runs if r["run_id"] == run_id)
+                check(user, "get", "runs", run["namespace"], run_id, context=f"Failed to access run {run_id}. Check if you have access to namespace {run['namespace']}")
+                return 200, {**run, "state": fake.run_state}
+            case "GET", ["recurringruns"]:
+                check(user, "list", "jobs", experiment_namespace(q.get("experiment_id")), context="Failed to authorize with API")
+                return 200, {"recurringRuns": _matching(fake.recurring, q, experiment_id=q.get("experiment_id"))}
+            case "POST", ["recurringruns"]:
+                if fake.multi_user and not body.get("experiment_id"):
+                    return _invalid("Experiment id can not be empty in multi-user mode")
+                check(user, "create", "jobs", _namespace_of(body), context="Failed to authorize with API")
+                rr = {**body, "recurring_run_id": fake.new_id("rr"), "namespace": _namespace_of(body)}
+                fake.recurring.append(rr)
+                return 200, rr
+            case "DELETE", ["recurringruns", rr_id]:
+                namespace = next((r["namespace"] for r in fake.recurring if r["recurring_run_id"] == rr_id), "")
+                check(user, "delete", "jobs", namespace, rr_id, context="Failed to authorize with API")
+                fake.recurring[:] = [r for r in fake.recurring if r["recurring_run_id"] != rr_id]
+                return 200, {}
+        return 404, {"error": f"fake KFP has no {method} /{'/'.join(parts)}"}
+
+    def _namespace_of(body: dict) -> str:
+        experiment = next((e for e in fake.experiments if e["experiment_id"] == body.get("experiment_id")), {})
+        return experiment.get("namespace", "")
+
+    return Handler
+
+
+@pytest.fixture
+def kfp_server() -> Iterator[tuple[str, FakeKfp]]:
+    fake = FakeKfp()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", fake
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _clean_kfp_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in (
+        kfp_client.HOST_ENV,
+        kfp_client.TOKEN_ENV,
+        kfp_client.SA_TOKEN_PATH_ENV,
+        kfp_client.EXPERIMENT_ENV,
+        kfp_client.NAMESPACE_ENV,
+        kfp_client.SERVICE_ACCOUNT_ENV,
+        kfp_client.GPU_ENV,
+        "KF_PIPELINES_UI_ENDPOINT",
+        "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME",
+        "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # kfp.Client's context file
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline compiled once (caching off, GPU on)."""
+    return kfp_client.compile_package(tmp_path_factory.mktemp("pkg") / "imgpipe.yaml", caching=False, gpu=True)
+
+
+PARAMS = ["data_root=s3://bucket/imgpipe", "epochs=3", "grayscale=true", "split=0.7,0.2,0.1", 'step_config={"train": {"lr": 0.0003}}']
+TYPED = {"data_root": "s3://bucket/imgpipe", "epochs": 3, "grayscale": True, "split": "0.7,0.2,0.1", "step_config": {"train": {"lr": 0.0003}}}
+
+
+def test_submit_uploads_pipeline_and_version_once_and_creates_runs(kfp_server, package):
+    host, fake = kfp_server
+    target = Target(host=host, experiment="nightly", service_account="default-editor")
+    first = kfp_client.submit(PARAMS, target=target, package=package)
+    second = kfp_client.submit(PARAMS, target=target, package=package)
+
+    version = f"imgpipe-{kfp_client.package_digest(package)}"
+    assert first.version_name == second.version_name == version
+    assert len(fake.posted("/pipelines/upload")) == 1, "the pipeline is created once"
+    assert [r.query["name"] for r in fake.posted("/pipelines/upload_version")] == [version], "the version once"
+    uploaded = fake.posted("/pipelines/upload_version")[0]
+    assert uploaded.query["pipelineid"] == first.pipeline_id
+    ir, platform = yaml.safe_load_all(uploaded.body["uploadfile"])
+    assert ir["pipelineInfo"]["name"] == "imgpipe" and "kubernetes" in platform["platforms"]
+    assert [e["display_name"] for e in fake.experiments] == ["nightly"]
+    assert first.run_id != second.run_id and first.created and second.created
+
+    body = fake.posted("/runs")[0].body
+    assert body["experiment_id"] == first.experiment_id
+    assert body["pipeline_version_reference"] == {"pipeline_id": first.pipeline_id, "pipeline_version_id": first.version_id}
+    assert "pipeline_spec" not in body, "runs reference the uploaded version, not an inline spec"
+    assert body["runtime_config"]["parameters"] == TYPED
+    assert body["service_account"] == "default-editor"
+    assert body["display_name"].startswith(version)
+    assert fake.requests[0].path == API + "/healthz"
+
+
+def test_a_different_package_is_a_new_version_of_the_same_pipeline(kfp_server, package, tmp_path):
+    host, fake = kfp_server
+    cached = kfp_client.compile_package(tmp_path / "cached.yaml", caching=True, gpu=True)
+    a = kfp_client.submit(PARAMS, target=Target(host=host), package=package)
+    b = kfp_client.submit(PARAMS, target=Target(host=host), package=cached)
+    assert a.pipeline_id == b.pipeline_id and a.version_id != b.version_id
+    assert len(fake.posted("/pipelines/upload")) == 1 and len(fake.posted("/pipelines/upload_version")) == 2
+
+
+def test_submit_with_a_run_name_reattaches_and_waits(kfp_server, package):
+    host, fake = kfp_server
+    target = Target(host=host)
+    first = kfp_client.submit(PARAMS, target=target, package=package, run_name="imgpipe-retrain-1718000000", wait=True, poll_s=0)
+    again = kfp_client.submit(PARAMS, target=target, package=package, run_name="imgpipe-retrain-1718000000", wait=True, poll_s=0)
+    assert len(fake.posted("/runs")) == 1, "a retried submitter must not start a second run"
+    assert (first.created, again.created) == (True, False)
+    assert first.run_id == again.run_id and again.state == "SUCCEEDED"
+    assert any(r.method == "GET" and r.path == f"{API}/runs/{first.run_id}" for r in fake.requests)
+
+
+def test_submit_wait_raises_when_the_run_fails(kfp_server, package):
+    host, fake = kfp_server
+    fake.run_state = "FAILED"
+    with pytest.raises(RuntimeError, match="ended FAILED"):
+        kfp_client.submit(PARAMS, target=Target(host=host), package=package, wait=True, poll_s=0)
+
+
+def test_submit_params_from_the_environment_and_sa_token(kfp_server, package, tmp_path, monkeypatch):
+    host, fake = kfp_server
+    token = tmp_path / "token"
+    token.write_text("projected-sa-token")
+    monkeypatch.setenv(kfp_client.HOST_ENV, host)
+    monkeypatch.setenv(kfp_client.SA_TOKEN_PATH_ENV, str(token))
+    monkeypatch.setenv(kfp_client.EXPERIMENT_ENV, "from-env")
+    monkeypatch.setenv("IMGPIPE_PARAM_DATA_ROOT", "s3://env-bucket/x")
+    monkeypatch.setenv("IMGPIPE_PARAM_PREVIOUS_RUN_PREFIX", "latest")
+    monkeypatch.setenv("IMGPIPE_PARAM_EPOCHS", "2")
+    params = kfp_client.params_from_env()
+    assert params == {"data_root": "s3://env-bucket/x", "epochs": "2", "previous_run_prefix": "latest"}
+    kfp_client.submit(params, package=package)
+    assert fake.posted("/runs")[0].body["runtime_config"]["parameters"] == {
+        "data_root": "s3://env-bucket/x",
+        "epochs": 2,
+        "previous_run_prefix": "latest",
+    }
+    assert fake.experiments[0]["display_name"] == "from-env"
+    assert {r.headers.get("authorization") for r in fake.requests} == {"Bearer projected-sa-token"}
+
+
+def test_schedule_creates_one_recurring_run_with_the_cron(kfp_server, package):
+    host, fake = kfp_server
+    target = Target(host=host, experiment="retrain")
+    params = ["data_root=s3://bucket/imgpipe", "previous_run_prefix=latest"]
+    made = kfp_client.schedule("0 0 3 * * *", params, target=target, package=package)
+    same = kfp_client.schedule("0  0 3 * * *", params, target=target, package=package)
+    assert made.created and not same.created and made.recurring_run_id == same.recurring_run_id
+    assert len(fake.posted("/recurringruns")) == 1
+
+    body = fake.posted("/recurringruns")[0].body
+    assert body["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
+    assert body["mode"] == "ENABLE"
+    assert int(body["max_concurrency"]) == 1 and body["no_catchup"] is True
+    assert body["pipeline_version_reference"] == {"pipeline_id": made.pipeline_id, "pipeline_version_id": made.version_id}
+    assert body["runtime_config"]["parameters"] == {"data_root": "s3://bucket/imgpipe", "previous_run_prefix": "latest"}
+    assert body["display_name"] == "imgpipe-retrain"
+
+    with pytest.raises(ValueError, match="--replace"):
+        kfp_client.schedule("0 30 2 * * *", params, target=target, package=package)
+    swapped = kfp_client.schedule("0 30 2 * * *", params, target=target, package=package, replace=True)
+    assert swapped.created and [r["trigger"]["cron_schedule"]["cron"] for r in fake.recurring] == ["0 30 2 * * *"]
+    assert any(r.method == "DELETE" and r.path == f"{API}/recurringruns/{made.recurring_run_id}" for r in fake.requests)
+
+
+def test_schedule_refuses_a_five_field_cron_before_any_request(kfp_server, package):
+    host, fake = kfp_server
+    with pytest.raises(ValueError, match=r"5 fields.*'0 0 3 \* \* \*'"):
+        kfp_client.schedule("0 3 * * *", ["data_root=s3://b"], target=Target(host=host), package=package)
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("cron", "message"),
+    [
+        ("0 0 3 * *", "5 fields"),
+        ("0 0 3 * * * *", "7 field"),
+        ("60 0 3 * * *", "second 60 is outside 0-59"),
+        ("0 0 24 * * *", "hour 24 is outside 0-23"),
+        ("0 ? 3 * * *", "'?' is only valid"),
+        ("0 0 3 * FOO *", "month 'FOO' is not a number"),
+        ("0 0 5-3 * * *", "runs backwards"),
+        ("0 */0 * * * *", "step must be >= 1"),
+        ("0 0 3 1,,2 * *", "is not"),
+    ],
+)
+def test_validate_cron_says_what_is_wrong(cron, message):
+    with pytest.raises(ValueError, match=message):
+        kfp_client.validate_cron(cron)
+
+
+@pytest.mark.parametrize("cron", ["0 0 3 * * *", "*/30 * * * * ?", "0 0 9 ? * MON-FRI", "0 15 1,13 1-15/2 JAN-JUN 0"])
+def test_validate_cron_accepts_six_field_expressions(cron):
+    assert kfp_client.validate_cron(cron) == cron
+
+
+def test_parse_params_types_and_refusals(package):
+    assert kfp_client.parse_params(PARAMS, package) == TYPED
+    assert kfp_client.parse_params({"data_root": "s3://b", "epochs": 2}, package) == {"data_root": "s3://b", "epochs": 2}
+    with pytest.raises(ValueError, match="unknown pipeline parameter 'epoch'"):
+        kfp_client.parse_params(["data_root=s3://b", "epoch=3"], package)
+    with pytest.raises(ValueError, match="missing required pipeline parameter.*data_root"):
+        kfp_client.parse_params(["epochs=3"], package)
+    with pytest.raises(ValueError, match="epochs: expected an integer"):
+        kfp_client.parse_params(["data_root=s3://b", "epochs=many"], package)
+    with pytest.raises(ValueError, match="key=value"):
+        kfp_client.parse_params(["data_root"], package)
+
+
+def test_connect_needs_a_host():
+    with pytest.raises(ValueError, match="KF_PIPELINES_ENDPOINT"):
+        kfp_client.connect(None)
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-user Kubeflow: the profile namespace is a first-class setting.
+
+
+def test_the_fake_refuses_what_a_multi_user_server_refuses(kfp_server):
+    import requests
+
+    host, fake = kfp_server
+    fake.multi_user = fake.require_namespace_for_pipelines = True
+    answer = requests.post(f"{host}{API}/experiments", json={"display_name": "x"}, timeout=10)
+    assert answer.status_code == 400 and "empty namespace in multi-user mode" in answer.json()["message"]
+    answer = requests.post(f"{host}{API}/runs", json={"display_name": "r"}, timeout=10)
+    assert answer.status_code == 400 and "Experiment id can not be empty" in answer.json()["message"]
+    answer = requests.post(f"{host}{API}/pipelines/upload?name=p", files={"uploadfile": b"x"}, timeout=10)
+    assert answer.status_code == 400 and "Namespace is required" in answer.json()["message"]
+
+
+def test_multi_user_submit_keeps_pipeline_experiment_and_runs_in_the_namespace(kfp_server, package):
+    host, fake = kfp_server
+    fake.multi_user = fake.require_namespace_for_pipelines = True
+    fake.pipelines.append({"pipeline_id": "p-shared", "display_name": "imgpipe", "namespace": ""})  # someone else's
+    target = Target(host=host, experiment="nightly", namespace="team-a", service_account="default-editor")
+    first = kfp_client.submit(PARAMS, target=target, package=package)
+    again = kfp_client.submit(PARAMS, target=target, package=package)
+    assert [r.query.get("namespace") for r in fake.posted("/pipelines/upload")] == ["team-a"], "one namespaced pipeline"
+    assert len(fake.posted("/pipelines/upload_version")) == 1, "the version once: found again by name in the namespace"
+    assert first.pipeline_id == again.pipeline_id != "p-shared", "a shared pipeline of that name is not ours"
+    assert [(e["display_name"], e["namespace"]) for e in fake.experiments] == [("nightly", "team-a")]
+    assert {r["namespace"] for r in fake.runs} == {"team-a"} and len(fake.runs) == 2
+
+
+def test_multi_user_schedule_lands_in_the_namespace(kfp_server, package):
+    host, fake = kfp_server
+    fake.multi_user = True
+    made = kfp_client.schedule("0 0 3 * * *", ["data_root=s3://b"], target=Target(host=host, namespace="team-a"), package=package)
+    assert made.created and [r["namespace"] for r in fake.recurring] == ["team-a"]
+    assert [p["namespace"] for p in fake.pipelines] == ["team-a"]
+
+
+def test_multi_user_without_a_namespace_says_how_to_set_one_before_uploading(kfp_server, package, monkeypatch):
+    host, fake = kfp_server
+    fake.multi_user = True
+    with pytest.raises(ValueError, match=r"multi-user.*--namespace.*IMGPIPE_KFP_NAMESPACE"):
+        kfp_client.submit(PARAMS, target=Target(host=host), package=package)
+    assert not fake.posted("/pipelines/upload") and not fake.posted("/experiments")
+    monkeypatch.setenv(kfp_client.NAMESPACE_ENV, "team-b")
+    kfp_client.submit(PARAMS, target=Target(host=host), package=package)
+    assert fake.experiments[0]["namespace"] == "team-b"
+
+
+def test_runs_in_a_namespace_default_to_imgpipes_own_service_account(monkeypatch):
+    """The RayJob Role is bound to that account only (k8s/base); default-editor cannot create RayJobs."""
+    import yaml
+
+    from imgpipe.kfp import client as kfp_client
+    from tests.conftest import ROOT
+
+    monkeypatch.delenv(kfp_client.SERVICE_ACCOUNT_ENV, raising=False)
+    monkeypatch.delenv(kfp_client.NAMESPACE_ENV, raising=False)
+    account = yaml.safe_load((ROOT / "k8s/base/serviceaccount-pipeline.yaml").read_text())["metadata"]["name"]
+    assert account == kfp_client.PIPELINE_SERVICE_ACCOUNT
+    assert Target(host="h", namespace="team-a").resolved().service_account == account
+    assert Target(host="h").resolved().service_account is None, "single-user: the server's default"
+    assert Target(host="h", namespace="team-a", service_account="other").resolved().service_account == "other"
+
+
+# ----------------------------------------------------------------------------------------
+# Permissions: the fake authorizes like multi-user KFP, against the Roles as rendered.
+
+RETRAIN_ACCOUNT = "imgpipe-retrain"  # k8s/base/serviceaccount-retrain.yaml: the CronWorkflow's submitter
+
+
+@pytest.fixture(scope="module")
+def team_a_rbac(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """k8s/base as ``kubectl kustomize`` renders it into the profile namespace ``team-a``."""
+    return rbac.render(rbac.K8S / "base", tmp_path_factory.mktemp("rbac"), namespace="team-a")
+
+
+@pytest.fixture
+def as_retrain_submitter(kfp_server, tmp_path, monkeypatch, team_a_rbac):
+    """The retraining CronWorkflow's submitter: its projected token, its namespace, the Roles in force."""
+    host, fake = kfp_server
+    fake.multi_user = fake.require_namespace_for_pipelines = True
+    fake.authorizer = rbac.Authorizer(team_a_rbac)
+    token = tmp_path / "token"
+    token.write_text(rbac.service_account_token("team-a", RETRAIN_ACCOUNT))
+    monkeypatch.setenv(kfp_client.SA_TOKEN_PATH_ENV, str(token))
+    return host, fake
+
+
+def retrain_submit(host: str, package: Path, name: str = "imgpipe-retrain-1718000000") -> kfp_client.Submitted:
+    """What the CronWorkflow runs: `imgpipe submit --params-from-env --run-name {{workflow.name}} --wait`."""
+    target = Target(host=host, experiment="imgpipe-retrain", namespace="team-a")
+    return kfp_client.submit(PARAMS, target=target, package=package, run_name=name, wait=True, poll_s=0)
+
+
+def kfp_rules(docs: list[dict], role: str) -> set[tuple[str, str]]:
+    (found,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == role]
+    return {(r, v) for rule in found["rules"] if "pipelines.kubeflow.org" in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_the_retrain_role_grants_exactly_what_the_submitter_calls(as_retrain_submitter, package, team_a_rbac):
+    """A first submit (creates pipeline, version, experiment, run) and a retried one (re-attaches)."""
+    host, fake = as_retrain_submitter
+    first = retrain_submit(host, package)
+    again = retrain_submit(host, package)
+    assert first.created and not again.created and again.run_id == first.run_id
+    used = {(r.resource, r.verb) for r in fake.reviews}
+    granted = kfp_rules(team_a_rbac, "imgpipe-retrain")
+    assert used == granted, f"the Role grants {sorted(granted - used)} unused, lacks {sorted(used - granted)}"
+    assert {r.namespace for r in fake.reviews} == {"team-a"}
+    assert not {resource for resource, _ in granted if "/" in resource}, "versions are authorized as `pipelines`"
+
+
+@pytest.mark.parametrize(
+    ("resource", "verb"),
+    [("pipelines", "list"), ("pipelines", "create"), ("experiments", "list"), ("experiments", "create"),
+     ("runs", "list"), ("runs", "create"), ("runs", "get")],
+)  # fmt: skip
+def test_each_permission_of_the_retrain_role_is_needed(resource, verb, as_retrain_submitter, package, team_a_rbac):
+    """Without one verb the submitter stops at that call with one line naming it, no traceback."""
+    host, fake = as_retrain_submitter
+    fake.authorizer = rbac.Authorizer(rbac.without_verb(team_a_rbac, "imgpipe-retrain", resource, verb))
+    with pytest.raises(RuntimeError) as caught:
+        retrain_submit(host, package)
+    message = str(caught.value)
+    assert f"service account team-a/{RETRAIN_ACCOUNT} may not {verb} {resource}.pipelines.kubeflow.org in namespace team-a" in message
+    assert message.startswith("Kubeflow Pipelines refused to ") and "k8s/base/role-retrain.yaml" in message
+    assert "\n" not in message, "one line"
+
+
+def test_a_refused_version_upload_names_pipelines_not_versions(as_retrain_submitter, package, team_a_rbac, tmp_path):
+    """With the pipeline there already, the refused call is the version upload: HTTP 400, as the server answers it."""
+    host, fake = as_retrain_submitter
+    fake.pipelines.append({"pipeline_id": "p-team-a", "display_name": "imgpipe", "namespace": "team-a"})
+    fake.authorizer = rbac.Authorizer(rbac.without_verb(team_a_rbac, "imgpipe-retrain", "pipelines", "create"))
+    with pytest.raises(RuntimeError, match=r"refused to upload version imgpipe-\w+ of pipeline 'imgpipe' \(HTTP 400 'Failed to create a pipeline version'"
+                                           r".*may not create pipelines\.pipelines\.kubeflow\.org in namespace team-a"):  # fmt: skip
+        retrain_submit(host, package)
+    assert fake.reviews[-1] == rbac.Request("create", "pipelines.kubeflow.org", "pipelines", "team-a")
+
+
+def test_the_fake_answers_a_refusal_as_the_api_server_does(kfp_server, team_a_rbac):
+    import requests
+
+    host, fake = kfp_server
+    fake.multi_user, fake.authorizer = True, rbac.Authorizer(team_a_rbac)
+    default_editor = {"Authorization": "Bearer " + rbac.service_account_token("team-a", "default-editor")}
+    answer = requests.get(f"{host}{API}/experiments", params={"namespace": "team-a"}, headers=default_editor, timeout=10)
+    assert answer.status_code == 403
+    body = answer.json()
+    assert body["code"] == 7 and "User 'system:serviceaccount:team-a:default-editor' is not authorized" in body["message"]
+    assert "Verb:list,Group:pipelines.kubeflow.org,Version:v1beta1,Resource:experiments," in body["message"]
+    answer = requests.post(f"{host}{API}/pipelines/upload", params={"name": "p", "namespace": "team-a"}, files={"uploadfile": b"x"}, headers=default_editor, timeout=10)
+    assert answer.status_code == 400 and answer.json()["error_message"] == "Failed to create a pipeline"
+    answer = requests.get(f"{host}{API}/experiments", params={"namespace": "team-a"}, timeout=10)
+    assert answer.status_code == 401 and answer.json()["code"] == 16, "no token: no identity"
+    retrain = {"Authorization": "Bearer " + rbac.service_account_token("team-a", RETRAIN_ACCOUNT)}
+    assert requests.get(f"{host}{API}/experiments", params={"namespace": "team-a"}, headers=retrain, timeout=10).status_code == 200
+
+
+def test_a_user_without_jobs_rights_is_told_so_by_schedule(kfp_server, package, tmp_path, monkeypatch, team_a_rbac):
+    """`imgpipe schedule` as the retraining account: its Role has no `jobs`, the line says which verb."""
+    host, fake = kfp_server
+    fake.multi_user, fake.authorizer = True, rbac.Authorizer(team_a_rbac)
+    token = tmp_path / "token"
+    token.write_text(rbac.service_account_token("team-a", RETRAIN_ACCOUNT))
+    monkeypatch.setenv(kfp_client.SA_TOKEN_PATH_ENV, str(token))
+    with pytest.raises(RuntimeError, match=r"refused to look for recurring run 'imgpipe-retrain' \(HTTP 403 PermissionDenied\): "
+                                           r"service account team-a/imgpipe-retrain may not list jobs\.pipelines\.kubeflow\.org in namespace team-a"):  # fmt: skip
+        kfp_client.schedule("0 0 3 * * *", ["data_root=s3://b"], target=Target(host=host, namespace="team-a"), package=package)

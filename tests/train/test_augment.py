@@ -1,0 +1,339 @@
+"""Augmentation: the per-sample CPU recipe (albumentations), the kornia batch path on CPU tensors, MixUp/CutMix."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from imgpipe.train.augment import (
+    BatchAugment,
+    MixupCutmix,
+    build_batch_eval_transform,
+    channel_stats,
+    normalize,
+    one_hot_targets,
+    soft_target_cross_entropy,
+    step_generator,
+    step_seed,
+)
+from imgpipe.train.augment_cpu import (
+    IMAGENET_POLICY,
+    SampleTransform,
+    build_eval_transform,
+    build_train_transform,
+    randaugment_ops,
+)
+from imgpipe.train.config import POLICIES, AugmentConfig
+from imgpipe.train.partition import sample_seed
+
+
+def images(n: int, channels: int = 3, size: int = 40, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
+
+
+def array(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """A smooth ``H x W x C`` uint8 image (noise would hide what blurs and sharpens do)."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.integers(0, 256, (1, channels, 6, 6)).astype(np.float32))
+    smooth = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 255)
+    return smooth[0].permute(1, 2, 0).round().to(torch.uint8).numpy().copy()
+
+
+def top_level_ops(transform: SampleTransform) -> list[str]:
+    return [type(t).__name__ for t in transform.pipeline.transforms]
+
+
+# ------------------------------------------------------------------ the CPU recipe (albumentations)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cpu_recipe_takes_any_size_and_gives_size_x_size_uint8(policy, channels):
+    transform = build_train_transform(AugmentConfig(policy=policy, blur_p=0.5, grayscale_p=0.5), 32, channels)
+    # Smaller, larger, portrait, landscape, very thin: the later whole-picture data.
+    for i, (h, w) in enumerate([(40, 57), (31, 20), (32, 32), (120, 13), (300, 200)]):
+        image = array(h, w, channels, seed=i)
+        image.flags.writeable = False  # as np.frombuffer of a row gives it
+        for index in range(8):
+            out = transform(image, sample_seed(0, 0, 10 * i + index))
+            assert out.shape == (32, 32, channels) and out.dtype == np.uint8
+    with pytest.raises(TypeError, match="uint8"):
+        transform(array(32, 32, channels).astype(np.float32), 0)
+    with pytest.raises(TypeError, match=f"H x W x {channels}"):
+        transform(array(32, 32, 4 - channels), 0)
+
+
+def test_cpu_recipe_is_reproducible_per_sample_seed_and_varies_across_samples():
+    transform = build_train_transform(AugmentConfig(), 24, 3)
+    image = array(30, 40)
+    outs = [transform(image, sample_seed(1, 0, index)) for index in (5, 5, 6)]
+    assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
+    # Nothing carries over between samples: the same seed after others, or in a new object.
+    for index in range(20):
+        transform(image, sample_seed(1, 0, index))
+    assert np.array_equal(transform(image, sample_seed(1, 0, 5)), outs[0])
+    assert np.array_equal(build_train_transform(AugmentConfig(), 24, 3)(image, sample_seed(1, 0, 5)), outs[0])
+    # Another epoch of the same sample is another augmentation.
+    assert not np.array_equal(transform(image, sample_seed(1, 1, 5)), outs[0])
+    # A copy sent to a spawned worker augments alike.
+    assert np.array_equal(pickle.loads(pickle.dumps(transform))(image, sample_seed(1, 0, 5)), outs[0])
+
+
+def test_cpu_recipe_leaves_every_global_generator_alone():
+    transform = build_train_transform(AugmentConfig(policy="trivialaugment", blur_p=0.5), 24, 3)
+    image = array(30, 40)
+    np_state, py_state, torch_state = np.random.get_state(), random.getstate(), torch.get_rng_state()
+    first = [transform(image, sample_seed(0, 0, i)) for i in range(20)]
+    np_after = np.random.get_state()
+    assert np_state[0] == np_after[0] and np.array_equal(np_state[1], np_after[1]) and np_state[2:] == np_after[2:]
+    assert random.getstate() == py_state and torch.equal(torch.get_rng_state(), torch_state)
+    # Nor does it read them: reseeding every global generator changes nothing.
+    np.random.seed(123)
+    random.seed(123)
+    torch.manual_seed(123)
+    assert all(np.array_equal(a, transform(image, sample_seed(0, 0, i))) for i, a in enumerate(first))
+
+
+def test_cpu_operations_draw_independently():
+    """One generator shared in sequence, not one per operation seeded alike (Compose(seed=...)'s way)."""
+
+    def generators(op: A.BasicTransform | A.BaseCompose) -> set[tuple[int, int]]:
+        pairs = {(id(op.random_generator), id(op.py_random))}
+        for child in op.transforms if isinstance(op, A.BaseCompose) else ():
+            pairs |= generators(child)
+        return pairs
+
+    for policy in ("randaugment", "trivialaugment", "autoaugment"):
+        # Every nested operation draws from the transform's two generators.
+        assert len(generators(build_train_transform(AugmentConfig(policy=policy), 24, 3).pipeline)) == 1
+    cfg = AugmentConfig(policy="basic", color_jitter=0, grayscale_p=0, blur_p=0, random_erasing=0, crop_scale=(1.0, 1.0))
+    transform = build_train_transform(cfg, 16, 3)  # crop (whole image), flip p=0.5, affine p=0.5
+    image = array(16, 16)
+    flipped = image[:, ::-1]
+    outcomes = set()
+    for index in range(64):
+        out = transform(image, sample_seed(0, 0, index))
+        flip = np.array_equal(out, flipped)
+        affine = not flip and not np.array_equal(out, image)
+        outcomes.add((flip, affine))
+    assert (True, False) in outcomes and (False, True) in outcomes  # the flip and the affine are not tied
+
+
+def test_cpu_recipe_holds_the_configured_steps():
+    assert top_level_ops(build_train_transform(AugmentConfig(), 24, 3)) == [
+        "RandomResizedCrop", "HorizontalFlip", "Affine", "RandomOrder", "ColorJitter", "ToGray", "GaussianBlur", "Erasing",
+    ]
+    bare = AugmentConfig(policy="basic", hflip=False, color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0)
+    assert top_level_ops(build_train_transform(bare, 24, 3)) == ["RandomResizedCrop"]
+    assert "ToGray" not in top_level_ops(build_train_transform(AugmentConfig(grayscale_p=0.5), 24, 1))
+    assert top_level_ops(build_train_transform(AugmentConfig(policy="trivialaugment"), 24, 3))[3] == "OneOf"
+    assert top_level_ops(build_train_transform(AugmentConfig(policy="autoaugment"), 24, 3))[3] == "OneOf"
+    assert top_level_ops(build_train_transform(AugmentConfig(policy="none"), 24, 3)) == ["SmallestMaxSize", "CenterCrop"]
+    assert not build_train_transform(AugmentConfig(policy="none"), 24, 3).random
+    # RandAugment: N of the 14 operations with replacement, in the order drawn.
+    policy = build_train_transform(AugmentConfig(randaugment_n=3, randaugment_m=12), 24, 3).pipeline.transforms[3]
+    assert isinstance(policy, A.RandomOrder) and policy.n == 3 and policy.replace and len(policy.transforms) == 14
+    # AutoAugment: the 25 ImageNet sub-policies of two operations each.
+    auto = build_train_transform(AugmentConfig(policy="autoaugment"), 24, 3).pipeline.transforms[3]
+    assert len(auto.transforms) == len(IMAGENET_POLICY) == 25
+    assert all(isinstance(sub, A.Sequential) and len(sub.transforms) == 2 for sub in auto.transforms)
+
+
+def _apply(op: A.BasicTransform | A.BaseCompose, image: np.ndarray, seed: int = 0) -> np.ndarray:
+    compose = A.Compose([op], p=1.0)
+    compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return compose(image=image)["image"]
+
+
+def test_policy_operations_match_torchvision_at_their_magnitudes():
+    """RandAugment's operations at M=9 against torchvision's functional ops on the same image."""
+    image = array(32, 32)
+    t = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    ops = dict(zip(
+        ["Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+         "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize"],
+        randaugment_ops(9, 32),
+    ))
+    m = 9 / 30
+    reference = {
+        "Identity": t,
+        # Shears about the centre (torchvision's policies shear about the top-left corner).
+        "ShearX": TF.affine(t, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(0.3 * m)), 0.0]),
+        "ShearY": TF.affine(t, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(0.3 * m))]),
+        "TranslateX": TF.affine(t, angle=0.0, translate=[int(150 / 331 * 32 * m), 0], scale=1.0, shear=[0.0, 0.0]),
+        "Rotate": TF.rotate(t, 30 * m),
+        "Brightness": TF.adjust_brightness(t, 1 + 0.9 * m),
+        "Color": TF.adjust_saturation(t, 1 + 0.9 * m),
+        "Contrast": TF.adjust_contrast(t, 1 + 0.9 * m),
+        "Sharpness": TF.adjust_sharpness(t, 1 + 0.9 * m),
+        "Posterize": TF.posterize(t, 7),  # 8 - round(9 / 7.5) bits
+        "Solarize": TF.solarize(t, 255 * (1 - m)),
+        "AutoContrast": TF.autocontrast(t),
+        "Equalize": TF.equalize(t),
+    }
+    for name, expected in reference.items():
+        want = expected.permute(1, 2, 0).numpy().astype(int)
+        # Signed operations: one of the two signs is the positive magnitude.
+        got = [_apply(ops[name], image, seed).astype(int) for seed in range(8)]
+        error = min(np.abs(g - want)[1:-1, 1:-1].mean() for g in got)
+        assert error < 1.5, (name, error)  # equal up to rounding (Equalize: PIL's variant)
+    # Sharpness below 1 (the negative sign): torchvision's blend towards its 3x3 smoothing.
+    soft = [_apply(ops["Sharpness"], image, seed).astype(int) for seed in range(8)]
+    want = TF.adjust_sharpness(t, 1 - 0.9 * m).permute(1, 2, 0).numpy().astype(int)
+    assert min(np.abs(g - want)[1:-1, 1:-1].mean() for g in soft) < 0.5
+
+
+def test_eval_transform_is_deterministic_and_centre_crops():
+    transform = build_eval_transform(20)
+    image = array(40, 40)
+    assert not transform.random
+    assert np.array_equal(transform(image, 0), transform(image, 12345))
+    assert transform(image, 0).shape == (20, 20, 3)
+    rect = np.arange(30 * 40, dtype=np.int64).reshape(30, 40, 1).astype(np.uint8)  # 30x40, one channel
+    assert np.array_equal(build_eval_transform(30)(rect, 0), rect[:, 5:35])  # no resize: the middle 30 columns
+    assert build_eval_transform(20)(rect, 0).shape == (20, 20, 1)
+    assert np.array_equal(build_eval_transform(40)(image, 0), image)  # identity at the data's size
+    tall = array(90, 30)
+    assert build_eval_transform(24)(tall, 0).shape == (24, 24, 3)
+
+
+def test_batch_eval_transform_on_the_device_is_deterministic_and_centre_crops():
+    transform = build_batch_eval_transform(20)
+    batch = images(3, size=40)
+    torch.manual_seed(0)
+    first = [transform(x) for x in batch]
+    torch.manual_seed(1)
+    second = [transform(x) for x in batch]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert first[0].shape == (3, 20, 20)
+    rect = torch.arange(30 * 40, dtype=torch.uint8).view(1, 30, 40)  # 30x40: short side to 20, crop the middle
+    assert transform(rect).shape == (1, 20, 20)
+    # The same object handles whole batches on the device (the GPU path's validation).
+    assert torch.equal(transform(batch), torch.stack(first))
+    assert torch.equal(build_batch_eval_transform(40)(batch), batch)  # identity at the data's size
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_kornia_batch_path_on_cpu_tensors_for_every_policy(policy, channels):
+    augment = BatchAugment(AugmentConfig(policy=policy, blur_p=0.5, grayscale_p=0.5, random_erasing=0.5), 32, channels)
+    batch = images(8, channels)
+    out = augment(batch, seed=3)
+    assert out.shape == (8, channels, 32, 32) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    mean, std = channel_stats(channels)
+    lo, hi = (0 - max(mean)) / min(std), (1 - min(mean)) / min(std)
+    assert lo - 1e-4 <= out.min() and out.max() <= hi + 1e-4  # normalized values of [0, 1] pixels
+
+
+def test_kornia_batch_path_is_seeded_explicitly_and_leaves_the_global_rng_alone():
+    augment = BatchAugment(AugmentConfig(policy="randaugment"), 32, 3)
+    batch = images(8)
+    state = torch.get_rng_state()
+    a, b, c = augment(batch, seed=1), augment(batch, seed=1), augment(batch, seed=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Per-sample parameters: two copies of one image are augmented differently.
+    twins = augment(batch[:1].repeat(2, 1, 1, 1), seed=4)
+    assert not torch.equal(twins[0], twins[1])
+    with pytest.raises(TypeError, match="uint8"):
+        augment(batch.float(), seed=1)
+
+
+def test_normalize_matches_imagenet_statistics():
+    batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    out = normalize(batch, 3, channels_last=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]))
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        channel_stats(4)
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0), (0.0, 0.0)])
+def test_mixup_cutmix_targets_sum_to_one(mixup, cutmix):
+    mix = MixupCutmix(5, mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=0.1)
+    x = normalize(images(8), 3)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    for step in range(5):
+        mixed, targets = mix(x, labels, step_generator(0, 0, 0, step))
+        assert mixed.shape == x.shape and targets.shape == (8, 5)
+        assert torch.allclose(targets.sum(1), torch.ones(8))
+        assert (targets >= 0).all()
+    if not mix.enabled:
+        assert mixed is x and torch.allclose(targets, one_hot_targets(labels, 5, 0.1))
+
+
+def test_cutmix_weights_labels_by_the_pasted_area():
+    mix = MixupCutmix(2, mixup_alpha=0.0, cutmix_alpha=1.0)
+    x = torch.zeros(2, 1, 10, 10)
+    x[1] = 1.0  # sample 0's partner (rolled by one) is all ones
+    mixed, targets = mix(x, torch.tensor([0, 1]), step_generator(1, 0, 0, 0))
+    pasted = float(mixed[0].mean())
+    assert targets[0, 1].item() == pytest.approx(pasted)
+    assert targets[0, 0].item() == pytest.approx(1 - pasted)
+
+
+def test_mixing_is_reproducible_from_the_step_generator():
+    mix = MixupCutmix(3)
+    x, labels = normalize(images(4), 3), torch.tensor([0, 1, 2, 0])
+    a = mix(x, labels, step_generator(0, 1, 0, 7))
+    b = mix(x, labels, step_generator(0, 1, 0, 7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert step_seed(0, 1, 0, 7) == step_seed(0, 1, 0, 7) != step_seed(0, 1, 1, 7)
+
+
+def test_mixing_probability_leaves_batches_unmixed_and_keeps_the_stream_at_one():
+    x, labels = normalize(images(4), 3), torch.tensor([0, 1, 2, 0])
+    plain = one_hot_targets(labels, 3, 0.0)
+    never = MixupCutmix(3, prob=0.0)
+    for step in range(5):
+        mixed, targets = never(x, labels, step_generator(0, 0, 0, step))
+        assert mixed is x and torch.equal(targets, plain)
+    sometimes = MixupCutmix(3, prob=0.5)
+    outcomes = {sometimes(x, labels, step_generator(0, 0, 0, s))[0] is x for s in range(40)}
+    assert outcomes == {True, False}, "some batches mixed, some not"
+    # prob=1 draws nothing extra: the same batches as before the option existed.
+    always, default = MixupCutmix(3, prob=1.0), MixupCutmix(3)
+    a, b = always(x, labels, step_generator(0, 1, 0, 3)), default(x, labels, step_generator(0, 1, 0, 3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="prob must be in"):
+        MixupCutmix(3, prob=1.5)
+
+
+def test_soft_target_cross_entropy_equals_cross_entropy_with_smoothing():
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    ours = soft_target_cross_entropy(logits, one_hot_targets(labels, 4, 0.1))
+    assert ours.item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"policy": "mixmatch"}, "policy"),
+        ({"randaugment_m": 31}, "randaugment_m"),
+        ({"blur_p": 1.5}, "blur_p"),
+        ({"crop_scale": (0.9, 0.1)}, "crop_scale"),
+        ({"color_jitter": -1}, "color_jitter"),
+    ],
+)
+def test_augment_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AugmentConfig(**kwargs)
+
+
+
+def test_mixer_rejects_bad_values():
+    with pytest.raises(ValueError, match="smoothing"):
+        MixupCutmix(3, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="alphas"):
+        MixupCutmix(3, mixup_alpha=-1)

@@ -1,0 +1,118 @@
+"""Evaluation metrics on a fixed toy classifier: accuracy, macro-F1, recall, flip TTA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imgpipe.steps import train as train_mod
+from imgpipe.train import evaluation
+from imgpipe.train.evaluation import evaluate
+
+
+def test_evaluate_computes_accuracy_macro_f1_recall_and_flip_tta():
+    class Fixed(torch.nn.Module):
+        """Predicts class 0 for a left-bright image, class 1 otherwise."""
+
+        def forward(self, x):
+            left = x[..., : x.shape[-1] // 2].mean((1, 2, 3))
+            right = x[..., x.shape[-1] // 2 :].mean((1, 2, 3))
+            return torch.stack([left - right, right - left], 1) * 10
+
+    x = torch.zeros(4, 1, 2, 2)
+    x[:2, ..., 0] = 1  # two left-bright images
+    x[2:, ..., 1] = 1  # two right-bright images
+    y = torch.tensor([0, 0, 0, 1])  # one of class 0 looks like class 1
+    result = evaluate(Fixed(), lambda: iter([(x, y)]), 2, torch.device("cpu"))
+    assert result.accuracy == 0.75 and result.confusion == [[2, 1], [0, 1]]
+    assert result.per_class_recall == [pytest.approx(2 / 3), 1.0]
+    assert result.macro_f1 == pytest.approx((0.8 + 2 / 3) / 2)  # F1(class 0)=0.8, F1(class 1)=2/3
+    tta = evaluate(Fixed(), lambda: iter([(x, y)]), 2, torch.device("cpu"), tta_flip=True)
+    assert tta.images == 4 and tta.loss == pytest.approx(np.log(2), rel=1e-4)  # a flip cancels every logit
+
+
+def test_the_train_step_still_exports_evaluate_and_eval_result():
+    assert train_mod.evaluate is evaluation.evaluate and train_mod.EvalResult is evaluation.EvalResult
+    assert {"evaluate", "EvalResult"} <= set(train_mod.__all__)
+
+
+# ------------------------------------------------------------------ PR-AUC
+
+
+def test_average_precision_matches_scikit_learns_definition_by_hand():
+    # scikit-learn's average_precision_score docstring example: y_true [0, 0, 1, 1],
+    # scores [0.1, 0.4, 0.35, 0.8] -> 0.83. By hand, thresholds high to low:
+    # 0.8 (R 0.5, P 1), 0.4 (R 0.5, P 1/2), 0.35 (R 1, P 2/3), 0.1 (R 1, P 1/2):
+    # AP = 0.5 * 1 + 0 * 1/2 + 0.5 * 2/3 + 0 * 1/2 = 5/6.
+    scores = np.array([0.1, 0.4, 0.35, 0.8])
+    assert evaluation.average_precision(scores, np.array([0, 0, 1, 1], bool)) == pytest.approx(5 / 6)
+    # Tied scores are one threshold, whatever their order: 0.5 (R 0.5, P 1/2), 0.2 (R 1, P 2/3).
+    for order in ([0, 1, 2], [1, 0, 2]):
+        tied = np.array([0.5, 0.5, 0.2])[order]
+        assert evaluation.average_precision(tied, np.array([1, 0, 1], bool)[order]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
+    assert evaluation.average_precision(scores, np.zeros(4, bool)) is None, "undefined without positives"
+    assert evaluation.average_precision(scores, np.ones(4, bool)) == 1.0
+
+
+def test_macro_average_precision_is_one_vs_rest_over_classes_with_samples():
+    scores = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.5, 0.4, 0.1], [0.2, 0.3, 0.5]])
+    labels = np.array([0, 1, 1, 0])
+    # class 0: scores 0.7 (+), 0.5 (-), 0.3 (-), 0.2 (+) -> 1 * 0.5 + 0.5 * 2/4 = 0.75
+    # class 1: scores 0.6 (+), 0.4 (+), 0.3 (-), 0.2 (-) -> 1.0; class 2 has no sample: left out
+    macro, per_class = evaluation.macro_average_precision(scores, labels)
+    assert per_class == [pytest.approx(0.75), 1.0, None]
+    assert macro == pytest.approx(0.875)
+
+
+def test_evaluate_reports_pr_auc_from_softmax_scores():
+    logits = torch.tensor([[2.0, 0.0], [1.0, 0.5], [0.0, 1.0], [0.2, 0.1]])
+    y = torch.tensor([0, 1, 1, 0])
+    result = evaluate(torch.nn.Identity(), lambda: iter([(logits[:2], y[:2]), (logits[2:], y[2:])]), 2, torch.device("cpu"))
+    probs = logits.softmax(-1).numpy()
+    expected, per_class = evaluation.macro_average_precision(probs, y.numpy())
+    assert result.pr_auc == pytest.approx(expected) and result.per_class_ap == pytest.approx(per_class)
+    assert result.to_dict(["a", "b"])["per_class_ap"] == {"a": pytest.approx(per_class[0]), "b": pytest.approx(per_class[1])}
+
+
+def _ddp_rank(rank: int, init: str, out: str) -> None:
+    """One gloo rank of the gather test: ranks hold 3 and 5 of the 8 samples."""
+    import json
+
+    import torch.distributed as dist
+
+    from imgpipe.train.distributed import DistInfo
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        logits, y = _GATHER_CASE
+        part = slice(0, 3) if rank == 0 else slice(3, 8)
+        ctx = DistInfo(rank=rank, world_size=2)
+        result = evaluate(torch.nn.Identity(), lambda: iter([(logits[part], y[part])]), 3, torch.device("cpu"), ctx=ctx)
+        with open(f"{out}/rank{rank}.json", "w") as fh:
+            json.dump({"pr_auc": result.pr_auc, "images": result.images, "per_class_ap": result.per_class_ap}, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+_GATHER_CASE = (
+    torch.tensor([[2.0, 0.1, 0.0], [0.3, 1.5, 0.2], [0.1, 0.2, 0.9], [1.1, 1.0, 0.0],
+                  [0.0, 0.4, 0.5], [0.9, 0.1, 0.3], [0.2, 0.8, 0.7], [0.5, 0.5, 0.6]]),
+    torch.tensor([0, 1, 2, 1, 2, 0, 2, 0]),
+)  # fmt: skip
+
+
+def test_pr_auc_over_two_ranks_gathers_every_score(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
+    logits, y = _GATHER_CASE
+    alone = evaluate(torch.nn.Identity(), lambda: iter([(logits, y)]), 3, torch.device("cpu"))
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["images"] == 8, "every rank reports the whole split"
+        assert got["pr_auc"] == pytest.approx(alone.pr_auc) and got["per_class_ap"] == pytest.approx(alone.per_class_ap)
+    # Not a trivial case: the ranks' own halves would give other values.
+    assert alone.pr_auc != pytest.approx(evaluate(torch.nn.Identity(), lambda: iter([(logits[:3], y[:3])]), 3, torch.device("cpu")).pr_auc)
