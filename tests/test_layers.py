@@ -153,9 +153,9 @@ def scheme_mentions(path: Path) -> list[str]:
     }  # fmt: skip
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            if node.value in _SCHEME_WORDS:
-                found.append(f"line {node.lineno}: {node.value!r}")
+        literal = isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+        if literal and node.value in _SCHEME_WORDS:
+            found.append(f"line {node.lineno}: {node.value!r}")
         name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
         if name is None and isinstance(node, ast.alias):
             name = node.asname or node.name
