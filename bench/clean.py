@@ -41,8 +41,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from imgpipe import contract, storage
+from imgpipe.clean.config import CleanConfig
 from imgpipe.data.synth import SynthConfig, generate
-from imgpipe.steps.clean import CleanConfig, clean
+from imgpipe.steps.clean import clean
 from imgpipe.steps.download import DownloadConfig, download
 
 

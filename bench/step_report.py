@@ -23,9 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from imgpipe.clean.config import CleanConfig
 from imgpipe.data.synth import SynthConfig, generate
 from imgpipe.report import steps as step_report
-from imgpipe.steps.clean import CleanConfig, clean
+from imgpipe.steps.clean import clean
 from imgpipe.steps.download import DownloadConfig, download
 
 

@@ -26,8 +26,9 @@ def clean(
 ) -> None:
     """Validates, labels, splits and shuffles; with ``previous_run_prefix`` skips images seen before."""
     from imgpipe import config
+    from imgpipe.clean.config import CleanConfig
     from imgpipe.kfp import artifacts as ka
-    from imgpipe.steps.clean import CleanConfig, clean
+    from imgpipe.steps.clean import clean
 
     annotations = dataset.metadata.get("annotations") or None
     previous = ka.resolve_previous(data_root, previous_run_prefix)

@@ -42,11 +42,11 @@ from imgpipe.components.train import train
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
 
+from imgpipe.clean.config import CleanConfig
 from imgpipe.config import field_default, field_docs, plain_text
 from imgpipe.containers.catalog import ImageSet
 from imgpipe.kfp.artifacts import PIPELINE_NAME
 from imgpipe.resize.spec import ResizeConfig
-from imgpipe.steps.clean import CleanConfig
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
 from imgpipe.train.config import TrainConfig
 

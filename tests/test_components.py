@@ -26,13 +26,13 @@ from imgpipe.components.train import train
 from kfp import dsl, local
 
 from imgpipe import contract, storage
+from imgpipe.clean.config import CleanConfig
 from imgpipe.config import step_config
 from imgpipe.containers.catalog import ImageSet, image
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
 from imgpipe.data.synth import SynthConfig, generate
 from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.remote.dispatch import REMOTE_STEPS
-from imgpipe.steps.clean import CleanConfig
 from imgpipe.steps.download import DownloadConfig
 from imgpipe.steps.download import download as run_download
 from imgpipe.train.config import TrainConfig

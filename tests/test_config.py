@@ -7,8 +7,8 @@ from dataclasses import FrozenInstanceError
 import pytest
 import yaml
 
+from imgpipe.clean.config import CleanConfig
 from imgpipe.config import config_to_yaml, load_config, parse_override
-from imgpipe.steps.clean import CleanConfig
 
 
 def test_defaults_yaml_and_overrides(tmp_path):

@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 from imgpipe import contract, storage
+from imgpipe.clean.config import CleanConfig
 from imgpipe.resize.spec import ResizeConfig
-from imgpipe.steps.clean import CleanConfig, clean
+from imgpipe.steps.clean import clean
 from imgpipe.steps.resize import read_pixels, resize
 from tests import imagefactory as f
 from tests.helpers import write_download_output

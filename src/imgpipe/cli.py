@@ -117,7 +117,7 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _clean_arguments(p: argparse.ArgumentParser) -> None:
-    from imgpipe.steps.clean import CleanConfig
+    from imgpipe.clean.config import CleanConfig
 
     p.add_argument("source", help="committed download output prefix")
     p.add_argument("dest", help="output prefix")
@@ -265,7 +265,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from imgpipe.steps.clean import CleanConfig, clean
+    from imgpipe.clean.config import CleanConfig
+    from imgpipe.steps.clean import clean
 
     cfg = load_config(CleanConfig, args.config, flag_overrides(args), "clean")
     _emit(clean(args.source, args.dest, cfg), args.json)

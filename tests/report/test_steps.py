@@ -25,11 +25,12 @@ import pytest
 from PIL import Image
 
 from imgpipe import contract, storage
+from imgpipe.clean.config import CleanConfig
 from imgpipe.data.images import ImageRejected, thumbnail
 from imgpipe.phases import PhaseLog
 from imgpipe.report import html as htmlpage
 from imgpipe.report import steps as step_report
-from imgpipe.steps.clean import CleanConfig, clean
+from imgpipe.steps.clean import clean
 from imgpipe.steps.download import DownloadConfig, download
 from tests import imagefactory as f
 

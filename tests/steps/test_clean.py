@@ -18,11 +18,16 @@ import pytest
 from PIL import Image, features
 
 from imgpipe import contract, resources, storage
+from imgpipe.clean import decode as clean_decode
+from imgpipe.clean import pool as clean_pool
+from imgpipe.clean.config import CleanConfig
+from imgpipe.clean.decode import OUTPUT_SCHEMA
+from imgpipe.clean.plan import stratified_split
 from imgpipe.config import config_from_dict
 from imgpipe.contract import UncommittedOutputError
 from imgpipe.data.images import decode_bytes
 from imgpipe.steps import clean as clean_mod
-from imgpipe.steps.clean import OUTPUT_SCHEMA, CleanConfig, clean, stratified_split
+from imgpipe.steps.clean import clean
 from tests import imagefactory as f
 from tests.helpers import write_download_output
 
@@ -296,7 +301,7 @@ def test_forkserver_preload_does_the_pre_fork_imports():
     import sys
 
     code = (
-        "import sys, imgpipe.steps._clean_forkserver; "
+        "import sys, imgpipe.clean._forkserver; "
         "print('PIL.JpegImagePlugin' in sys.modules, 'pandas' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
@@ -437,19 +442,19 @@ def test_pool_workers_exit_when_clean_is_killed(tmp_path, backend, request):
 
 @pytest.mark.parametrize("memory", [None, 64 << 20, 1 << 30, 700 << 20, 64 << 30])
 def test_decode_pool_fits_the_memory(memory):
-    pool = clean_mod._decode_pool(8, memory)
+    pool = clean_pool.decode_pool(8, memory)
     if memory is None:
         assert (pool.workers, pool.max_decode_bytes) == (8, None)
         return
-    usable = memory * (1 - clean_mod._MEMORY_HEADROOM)
-    per_worker = clean_mod._WORKER_BASE_BYTES + clean_mod._MIN_IMAGE_BYTES
+    usable = memory * (1 - clean_pool._MEMORY_HEADROOM)
+    per_worker = clean_pool._WORKER_BASE_BYTES + clean_pool._MIN_IMAGE_BYTES
     assert 1 <= pool.workers <= 8 and pool.memory == memory
     assert pool.workers == 1 or pool.workers * per_worker <= usable
     assert pool.workers == 8 or (pool.workers + 1) * per_worker > usable, "as many as the memory holds"
     share = int(usable) // pool.workers
     # Each image gets the worker's share less its base, or half the share when that is less.
-    assert pool.max_decode_bytes == max(share - clean_mod._WORKER_BASE_BYTES, share // 2)
-    assert memory < 1 << 30 or pool.max_decode_bytes >= clean_mod._MIN_IMAGE_BYTES
+    assert pool.max_decode_bytes == max(share - clean_pool._WORKER_BASE_BYTES, share // 2)
+    assert memory < 1 << 30 or pool.max_decode_bytes >= clean_pool._MIN_IMAGE_BYTES
 
 
 def test_memory_limit_caps_workers_and_rejects_an_image_over_its_budget(tmp_path, monkeypatch):
@@ -464,7 +469,7 @@ def test_memory_limit_caps_workers_and_rejects_an_image_over_its_budget(tmp_path
     pool = report.extra["decode_pool"]
     assert pool == contract.read_manifest(dest)["extra"]["decode_pool"]
     assert pool["memory"] == 700 << 20 and pool["workers"] == 2, "8 CPUs, but memory for 2 workers"
-    assert clean_mod._MIN_IMAGE_BYTES <= pool["max_decode_bytes"] < need
+    assert clean_pool._MIN_IMAGE_BYTES <= pool["max_decode_bytes"] < need
     (reject,) = contract.read_rejects(dest).to_pylist()
     assert (reject["path"], reject["reason"]) == ("images/beagle_50.png", "too_large")
     assert f"({pool['max_decode_bytes']} bytes)" in reject["detail"]
@@ -476,7 +481,7 @@ def _kill_when_decoding(monkeypatch, victims: list[bytes], once_flag: Path | Non
 
     With ``once_flag``, only the first time. Never in the test's own process.
     """
-    test_pid, real = os.getpid(), clean_mod.validate_and_normalize
+    test_pid, real = os.getpid(), clean_decode.validate_and_normalize
 
     def decode(data, **kwargs):
         if data in victims and os.getpid() != test_pid and not (once_flag and once_flag.exists()):
@@ -485,7 +490,7 @@ def _kill_when_decoding(monkeypatch, victims: list[bytes], once_flag: Path | Non
             os.kill(os.getpid(), signal.SIGKILL)
         return real(data, **kwargs)
 
-    monkeypatch.setattr(clean_mod, "validate_and_normalize", decode)
+    monkeypatch.setattr(clean_decode, "validate_and_normalize", decode)
 
 
 @pytest.mark.parametrize("again", [True, False], ids=["dies-again-alone", "dies-once"])
@@ -526,14 +531,14 @@ def test_workers_dying_outside_any_decode_fail_the_step_after_few_restarts(tmp_p
         if os.getpid() != test_pid:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    monkeypatch.setattr(clean_mod._ShardBuckets, "flush", die_in_workers)
+    monkeypatch.setattr(clean_decode.ShardBuckets, "flush", die_in_workers)
     starts = []
-    real_run_pool = clean_mod._run_pool
-    monkeypatch.setattr(clean_mod, "_run_pool", lambda *a: starts.append(1) or real_run_pool(*a))
+    real_run_pool = clean_pool._run_pool
+    monkeypatch.setattr(clean_pool, "_run_pool", lambda *a: starts.append(1) or real_run_pool(*a))
     with pytest.raises(RuntimeError, match="outside (any image|the) decode"):
         clean(src, str(tmp_path / "clean"), CleanConfig(workers=2))
     # A worker the pool ended mid-decode names an image; run alone, it dies outside the decode.
-    assert 1 <= len(starts) <= clean_mod._MAX_BARREN_RESTARTS + 1
+    assert 1 <= len(starts) <= clean_pool._MAX_BARREN_RESTARTS + 1
     assert not contract.is_committed(str(tmp_path / "clean"))
 
 
@@ -542,14 +547,14 @@ def test_a_decode_that_hangs_costs_one_image_after_the_time_limit(tmp_path, monk
     members = good_members(4)
     victim = "images/Siamese_3.jpg"
     src = write_download_output(str(tmp_path / "dl"), members, row_group_rows=2)
-    test_pid, real = os.getpid(), clean_mod.validate_and_normalize
+    test_pid, real = os.getpid(), clean_decode.validate_and_normalize
 
     def decode(data, **kwargs):
         if data == members[victim] and os.getpid() != test_pid:
             time.sleep(3600)
         return real(data, **kwargs)
 
-    monkeypatch.setattr(clean_mod, "validate_and_normalize", decode)
+    monkeypatch.setattr(clean_decode, "validate_and_normalize", decode)
     before = _descendants(os.getpid())
     # Without the limit this would hang until pytest's own timeout: the reject proves the kill.
     report = clean(src, str(tmp_path / "clean"), CleanConfig(workers=2, image_timeout_s=0.5))
@@ -569,7 +574,7 @@ def test_image_timeout_must_not_be_negative():
 
 
 def test_the_pools_frozen_heap_leaves_a_callers_own_freeze_alone():
-    from imgpipe.steps.clean import _frozen_heap
+    from imgpipe.clean.pool import _frozen_heap
 
     with _frozen_heap():
         assert gc.get_freeze_count() > 0

@@ -20,12 +20,13 @@ import pytest
 from PIL import Image
 
 from imgpipe import contract, storage
+from imgpipe.clean.config import CleanConfig
+from imgpipe.clean.decode import OUTPUT_SCHEMA as CLEAN_SCHEMA
 from imgpipe.config import config_from_dict, config_to_dict, config_to_yaml, step_config
 from imgpipe.contract import OutputWriter
 from imgpipe.resize.ops import resize_batch, resize_image
 from imgpipe.resize.spec import ResizeConfig, ResizeSpec, plan_geometry
-from imgpipe.steps.clean import OUTPUT_SCHEMA as CLEAN_SCHEMA
-from imgpipe.steps.clean import CleanConfig, clean
+from imgpipe.steps.clean import clean
 from imgpipe.steps.resize import (
     OUTPUT_COLUMNS,
     _data_context,

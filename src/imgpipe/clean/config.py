@@ -1,0 +1,104 @@
+"""The clean step's settings (torch-, Ray- and decoder-free, so the pipeline compiles anywhere)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from imgpipe.data.images import DEFAULT_FORMATS, check_formats
+from imgpipe.data.labels import LabelSource
+
+__all__ = ["SPLITS", "CleanConfig"]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    """Settings of the clean step.
+
+    Attributes:
+        grayscale: Store single-channel ``L`` images instead of RGB.
+        split: Train/val/test fractions; they must sum to 1 and train must be > 0.
+        seed: Base seed for the split and the shuffled order.
+        label_source: ``oxford`` (``Breed_Name_12.jpg``), ``folder`` (class per
+            folder), ``csv`` (``labels_csv``), or ``auto`` (folder when images sit in
+            several folders, else oxford).
+        labels_csv: URI of a ``path,label`` CSV, for ``label_source='csv'``.
+        max_pixels: Largest width*height accepted; larger is ``too_large``. The default
+            is PIL's own decompression-bomb limit.
+        min_side: Smallest width or height accepted; smaller is ``too_small``.
+        jpeg_quality: Quality for JPEGs that normalization had to re-encode.
+        formats: Image formats to decode, by Pillow's name in lowercase (any of
+            :data:`imgpipe.data.images.DECODABLE_FORMATS`); a file whose signature names
+            another format is rejected ``unsupported_format``, its plugin never run. Add
+            ``jpeg2000`` (needs Pillow with OpenJPEG, as its wheels have), ``avif``,
+            ``ico``, ``psd`` and others as needed; EPS is never decoded (Ghostscript).
+        workers: Decode processes; 0 means one per CPU the container may use. Fewer start
+            when the memory cannot hold that many (the manifest's ``decode_pool`` says how
+            many did). 1 decodes in the step's own process, where an image that gets the
+            process killed takes the step with it.
+        image_timeout_s: Longest one image may take to decode and normalize; the
+            worker past it is killed and the image is ``decode_timeout``. 0 means no
+            limit.
+        rows_per_shard: Rows per output Parquet shard.
+        row_group_rows: Most rows per Parquet row group (the unit resize parallelizes on).
+        row_group_bytes: Target bytes per row group: groups of large photos get fewer rows
+            (down to 8), so a set of 12-megapixel images still spreads over all workers.
+        annotations: Prefix of a committed download output of the Oxford-IIIT Pet
+            ``annotations.tar.gz``; the head boxes in ``annotations/xmls/*.xml`` become
+            the ``bbox`` column (resize's ``roi_crop`` uses it). Boxes annotated on an
+            image of another size than the cleaned one are left out.
+        skip_hashes_from: Prefix of a previous committed clean output (incremental
+            re-runs). Images whose sha256 it holds are not decoded again: their rows
+            are copied from it (bytes, size, mode, head box) and keep their split, so no
+            image moves between train and test across runs. Everything else is cleaned
+            as usual; labels and the shuffled order are computed over the union. The
+            previous output must have been cleaned with the same image settings.
+    """
+
+    grayscale: bool = False
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    label_source: LabelSource = "auto"
+    labels_csv: str | None = None
+    max_pixels: int = 89_478_485
+    min_side: int = 32
+    jpeg_quality: int = 95
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    workers: int = 0
+    image_timeout_s: float = 60.0
+    rows_per_shard: int = 2048
+    row_group_rows: int = 128
+    row_group_bytes: int = 64 << 20
+    annotations: str | None = None
+    skip_hashes_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.split) != 3 or any(f < 0 for f in self.split):
+            raise ValueError(
+                f"split must be three non-negative fractions (train,val,test), got {self.split}"
+            )
+        if not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
+            raise ValueError(
+                f"split fractions must sum to 1, got {self.split} (sum {sum(self.split)})"
+            )
+        if self.split[0] <= 0:
+            raise ValueError("split: the train fraction must be > 0")
+        if self.label_source not in ("auto", "oxford", "folder", "csv"):
+            raise ValueError(
+                f"label_source must be auto, oxford, folder or csv, got {self.label_source!r}"
+            )
+        if self.label_source == "csv" and not self.labels_csv:
+            raise ValueError("label_source='csv' needs labels_csv, the URI of a path,label CSV")
+        if self.max_pixels < 1 or self.min_side < 1:
+            raise ValueError("max_pixels and min_side must be positive")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
+        object.__setattr__(self, "formats", check_formats(self.formats))
+        if self.workers < 0:
+            raise ValueError("workers must be >= 0 (0 = all cores)")
+        if self.image_timeout_s < 0:
+            raise ValueError(f"image_timeout_s must be >= 0 (0 = no limit), got {self.image_timeout_s}")
+        if self.rows_per_shard < 1 or self.row_group_rows < 1 or self.row_group_bytes < 1:
+            raise ValueError("rows_per_shard, row_group_rows and row_group_bytes must be >= 1")

@@ -1,0 +1,176 @@
+"""Clean's task: decode and normalize the rows of some row groups, into the output shards' buckets.
+
+:func:`validate_task` runs in the decode pool's workers (:mod:`imgpipe.clean.pool`): every
+row is fully decoded (:func:`imgpipe.data.images.validate_and_normalize`), usable rows the
+plan places are appended to the task's bucket file of their output shard, and only small
+per-row results go back to the step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgpipe import contract, storage
+from imgpipe.clean.config import CleanConfig
+from imgpipe.clean.plan import Placement
+from imgpipe.clean.pool import Marker, RowResult, Task, bucket_path
+from imgpipe.data.annotations import HeadBox, image_stem
+from imgpipe.data.images import ImageRejected, validate_and_normalize
+
+__all__ = ["OUTPUT_SCHEMA", "output_schema", "ShardBuckets", "validate_task"]
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        # {bytes, path}: the Hugging Face `datasets` Image feature layout, which Ray and
+        # pandas also read as-is; output_schema adds the features that name it an Image.
+        contract.IMAGE_FIELD,
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        contract.LABEL_FIELD,
+        pa.field("label_name", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("order", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        # Normalized (xmin, ymin, xmax, ymax) head box from the annotations, when given.
+        pa.field("bbox", pa.list_(pa.float32())),
+    ]
+)
+
+
+def output_schema(classes: Sequence[str]) -> pa.Schema:
+    """The schema of the data files: :data:`OUTPUT_SCHEMA` with the ``datasets`` features of ``classes``."""
+    return contract.with_hf_features(OUTPUT_SCHEMA, classes)
+
+
+def _box_for(member: str, width: int, height: int, boxes: dict[str, HeadBox]) -> list[float] | None:
+    head = boxes.get(image_stem(member))
+    if head is None or (head.width, head.height) != (width, height):
+        return None
+    return list(head.box)
+
+
+class ShardBuckets:
+    """Per-shard Parquet writers of one task; rows are appended as they validate."""
+
+    def __init__(self, bucket_dir: str, task: int, rows_per_shard: int) -> None:
+        self.bucket_dir, self.task, self.rows_per_shard = bucket_dir, task, rows_per_shard
+        self.pending: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+
+    def add(self, member: str, img: Any, place: Placement, bbox: list[float] | None) -> int:
+        shard = place.order // self.rows_per_shard
+        cols = self.pending[shard]
+        for key, value in (
+            ("path", member),
+            ("image", {"bytes": img.data, "path": member}),
+            ("width", img.width),
+            ("height", img.height),
+            ("mode", img.mode),
+            ("format", img.format),
+            ("label", place.label),
+            ("label_name", place.label_name),
+            ("split", place.split),
+            ("order", place.order),
+            ("sha256", place.sha256),
+            ("bbox", bbox),
+        ):
+            cols[key].append(value)
+        return shard
+
+    def flush(self) -> None:
+        for shard, cols in self.pending.items():
+            if shard not in self.writers:
+                path = bucket_path(self.bucket_dir, shard, self.task)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.writers[shard] = pa.ipc.new_file(str(path), OUTPUT_SCHEMA)
+            self.writers[shard].write_table(pa.table(cols, schema=OUTPUT_SCHEMA))
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        for writer in self.writers.values():
+            writer.close()
+
+
+def validate_task(
+    task: Task,
+    placements: dict[str, Placement],
+    boxes: dict[str, HeadBox],
+    cfg: CleanConfig,
+    bucket_dir: str,
+    max_decode_bytes: int | None = None,
+) -> list[RowResult]:
+    """Decodes and normalizes the rows of some download row groups.
+
+    Every row is fully decoded, whatever the plan says about it, so the reject reason
+    follows one precedence everywhere. Usable rows that the plan places are appended to
+    this task's bucket file of their output shard; only per-row results travel back.
+    While a row decodes, the task's marker file names it.
+
+    Args:
+        task: The row groups to process.
+        placements: Output placement of each candidate row in these row groups.
+        boxes: Head boxes by image stem (may be empty).
+        cfg: The clean config.
+        bucket_dir: Local folder for the shard buckets and markers.
+        max_decode_bytes: Memory one image may take to decode; ``None`` for no limit.
+
+    Returns:
+        One result per input row the task wants (not carried), in input order.
+    """
+    buckets = ShardBuckets(bucket_dir, task.index, cfg.rows_per_shard)
+    marker = Marker(bucket_dir, task.index)
+    results: list[RowResult] = []
+    try:
+        for uri, row_group in task.units:
+            fs, path = storage.arrow_filesystem(uri)
+            with fs.open_input_file(path) as fh:
+                table = pq.ParquetFile(fh).read_row_group(row_group, columns=["path", "bytes"])
+            blobs = table.column("bytes")
+            for i, member in enumerate(table.column("path").to_pylist()):
+                if member in placements and placements[member].carried:
+                    continue  # copied from the previous output by _carry_rows
+                if not task.wants(member):
+                    continue
+                try:
+                    with marker.naming(member):
+                        img = validate_and_normalize(
+                            blobs[i].as_py() or b"",
+                            grayscale=cfg.grayscale,
+                            max_pixels=cfg.max_pixels,
+                            min_side=cfg.min_side,
+                            jpeg_quality=cfg.jpeg_quality,
+                            max_decode_bytes=max_decode_bytes,
+                            formats=cfg.formats,
+                        )
+                except ImageRejected as exc:
+                    results.append(RowResult(member, exc.reason, exc.detail[:500]))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one image, not the run
+                    results.append(
+                        RowResult(member, "corrupt", f"{type(exc).__name__}: {exc}"[:500])
+                    )
+                    continue
+                place = placements.get(member)
+                if place is None:
+                    results.append(RowResult(member))  # decodes, but the plan rejects it
+                    continue
+                bbox = _box_for(member, img.width, img.height, boxes)
+                results.append(
+                    RowResult(
+                        member, shard=buckets.add(member, img, place, bbox), boxed=bbox is not None
+                    )
+                )
+            buckets.flush()
+    finally:
+        marker.close()
+        buckets.close()
+    return results

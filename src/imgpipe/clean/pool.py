@@ -1,0 +1,559 @@
+"""Clean's crash-isolating decode pool: a dead or stuck decoder costs one image, never the step.
+
+Tasks (:class:`Task`: some row groups of the input) run on a process pool sized by the
+CPUs and the memory (:func:`decode_pool`); each returns small per-row results
+(:class:`RowResult`) and writes its usable rows to local bucket files. While a task
+decodes a member, its marker file names it (:class:`Marker`), so:
+
+* a decode that takes longer than the time limit is ended from outside: the pool kills
+  the worker its marker names, and the image becomes ``decode_timeout``;
+* when a worker dies (the OOM killer's SIGKILL, a crash in a C library), the member each
+  unfinished task names is decoded again alone, in a process of its own, and becomes
+  ``decoder_killed`` if that dies too; then the unfinished tasks run again without those
+  members, one row group per task, so each further loss repeats little work.
+
+The task function is a parameter (:func:`run_tasks`); :func:`imgpipe.clean.decode.validate_task`
+is clean's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from imgpipe import resources, storage
+from imgpipe.data.images import load_decoders
+
+__all__ = [
+    "DECODER_KILLED",
+    "DECODE_TIMEOUT",
+    "RowResult",
+    "Task",
+    "make_tasks",
+    "DecodePool",
+    "decode_pool",
+    "BUCKET_SUFFIX",
+    "bucket_path",
+    "read_bucket",
+    "Marker",
+    "run_tasks",
+    "import_before_fork",
+]
+
+# A task: (Task, ...) -> one RowResult per row it settles.
+TaskFunction = Callable[..., "list[RowResult]"]
+
+# Reject code of an image whose decoder killed its process twice, in the pool and alone;
+# the other codes come from imgpipe.data.images, and no_label / duplicate from the plan.
+DECODER_KILLED = "decoder_killed"
+
+
+DECODE_TIMEOUT = "decode_timeout"
+
+
+# How clean shares memory among its decode workers. A quarter stays with the step's own
+# process (index, plan, shard writing) and the allocator's slack. Each worker costs a base
+# before any image: the pages it dirties after the fork (interpreter, numpy, pyarrow,
+# Pillow) and a row group of encoded input beside its normalized copy. A worker is worth
+# starting only if it can still take a 12-megapixel photo (96 MiB at 8 bytes per pixel).
+_MEMORY_HEADROOM = 0.25
+
+
+_WORKER_BASE_BYTES = 128 << 20
+
+
+_MIN_IMAGE_BYTES = 128 << 20
+
+
+# Pool restarts in a row that a dead worker may cause without naming an image (it died
+# reading or writing a row group): past this the cause is not one image, and the step fails.
+_MAX_BARREN_RESTARTS = 2
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """Outcome of validating one input row (small: no image bytes)."""
+
+    path: str
+    reason: str | None = None
+    detail: str = ""
+    shard: int | None = None
+    boxed: bool = False
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of pool work: some row groups of the download output.
+
+    Attributes:
+        index: Names the task's bucket and marker files.
+        units: ``(uri, row group)`` pairs to read.
+        rows: Rows it will decode (for progress).
+        only: Decode just this member (a suspect re-run alone).
+        skip: Members already settled by a re-run alone.
+    """
+
+    index: int
+    units: tuple[tuple[str, int], ...]
+    rows: int
+    only: str | None = None
+    skip: frozenset[str] = frozenset()
+
+    def wants(self, member: str) -> bool:
+        return (self.only is None or member == self.only) and member not in self.skip
+
+
+def make_tasks(units: Sequence[tuple[str, int, list[str]]], workers: int) -> list[Task]:
+    """Groups row groups into tasks: enough for load balance, few enough to bound bucket files.
+
+    Bucket files number tasks x output shards, so tasks are capped at 8 per worker; at
+    least 2 per worker keep both busy until the end.
+    """
+    total = sum(len(paths) for *_, paths in units)
+    count = max(1, min(len(units), max(2 * workers, min(8 * workers, math.ceil(total / 256)))))
+    target = math.ceil(total / count) if total else 1
+    tasks: list[Task] = []
+    current: list[tuple[str, int]] = []
+    rows = 0
+    for uri, rg, paths in units:
+        current.append((uri, rg))
+        rows += len(paths)
+        if rows >= target:
+            tasks.append(Task(len(tasks), tuple(current), rows))
+            current, rows = [], 0
+    if current:
+        tasks.append(Task(len(tasks), tuple(current), rows))
+    return tasks
+
+
+@dataclass(frozen=True)
+class DecodePool:
+    """How many decode processes run, and the memory one image may take in each.
+
+    Attributes:
+        workers: Decode processes.
+        max_decode_bytes: Per-image budget, ``None`` when the memory is unknown.
+        memory: The memory divided among them, ``None`` when unknown.
+    """
+
+    workers: int
+    max_decode_bytes: int | None
+    memory: int | None
+
+
+def decode_pool(cpus: int, memory: int | None) -> DecodePool:
+    """Caps ``cpus`` workers to those ``memory`` can hold, and gives each image a budget."""
+    if memory is None:
+        return DecodePool(cpus, None, None)
+    usable = int(memory * (1 - _MEMORY_HEADROOM))
+    workers = max(1, min(cpus, usable // (_WORKER_BASE_BYTES + _MIN_IMAGE_BYTES)))
+    share = usable // workers
+    # Below the base, the base is a guess worth less than trying: images get half the share.
+    return DecodePool(workers, max(share - _WORKER_BASE_BYTES, share // 2), memory)
+
+
+def _init_worker(settings: storage.Settings, step_pid: int) -> None:
+    """Pool initializer: the same storage settings as the parent; gone when the step is gone."""
+    resources.die_with_parent(owner=step_pid)
+    # What a decoder warns about (a bad TIFF tag, truncated EXIF) is in the reject detail or
+    # harmless; from every worker it would only flood the step's log.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    storage.use_settings(settings)
+
+
+BUCKET_SUFFIX = ".arrow"
+
+
+def bucket_path(bucket_dir: str | Path, shard: int, task: int) -> Path:
+    """Local file holding one task's rows for one output shard.
+
+    Buckets are Arrow IPC files, not Parquet: the step maps them into memory and reads
+    them without decoding or copying, and the workers spend no time encoding them.
+    """
+    return Path(bucket_dir) / f"shard-{shard:05d}" / f"task-{task:05d}{BUCKET_SUFFIX}"
+
+
+def read_bucket(path: Path) -> pa.Table:
+    """A bucket file's rows, memory-mapped (no copy until they are reordered)."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def _drop_buckets(bucket_dir: str | Path, task: int) -> None:
+    """Removes a task's bucket files: a killed task leaves unfinished ones."""
+    for path in Path(bucket_dir).glob(f"shard-*/{bucket_path(bucket_dir, 0, task).name}"):
+        path.unlink()
+
+
+def _marker_path(bucket_dir: str | Path, task: int) -> Path:
+    return Path(bucket_dir) / "decoding" / f"task-{task:05d}"
+
+
+class Marker:
+    """A file naming the member a task is decoding right now; empty between decodes.
+
+    Two system calls per image and no sync: the page cache outlives a killed process, so
+    the step reads what the worker last wrote.
+    """
+
+    def __init__(self, bucket_dir: str | Path, task: int) -> None:
+        path = _marker_path(bucket_dir, task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    @contextlib.contextmanager
+    def naming(self, member: str) -> Iterator[None]:
+        # The pid first: the step kills the process whose decode overran (the watchdog).
+        os.pwrite(self._fd, f"{os.getpid()} {member}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(self._fd, 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _take_suspect(bucket_dir: str | Path, task: int) -> str | None:
+    """The member a task's marker names (the one being decoded when its worker died), once.
+
+    The marker is removed: should the task not start again before the next pool breaks,
+    it must not name a member that is settled already.
+    """
+    path = _marker_path(bucket_dir, task)
+    try:
+        text = path.read_bytes().decode()
+    except FileNotFoundError:  # the task never started
+        return None
+    path.unlink()
+    return text.partition(" ")[2] or None
+
+
+def _kill_overdue(bucket_dir: str | Path, tasks: Iterable[Task], timeout_s: float) -> set[str]:
+    """Kills each worker whose marker has named one member for longer than ``timeout_s``.
+
+    Returns:
+        The members whose decode was cut short.
+    """
+    overdue = set()
+    if not timeout_s:
+        return overdue
+    now = time.time()
+    for task in tasks:
+        path = _marker_path(bucket_dir, task.index)
+        try:
+            if now - path.stat().st_mtime <= timeout_s:
+                continue
+            pid, _, member = path.read_bytes().decode().partition(" ")
+        except (FileNotFoundError, ValueError):
+            continue
+        if member:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+            overdue.add(member)
+    return overdue
+
+
+def _pool_context(uris: Iterable[str]) -> multiprocessing.context.BaseContext:
+    """Fork where every input's backend survives a fork; else a forkserver with this module preloaded.
+
+    An object store's client may keep threads that do not survive a fork (the child can
+    deadlock on a lock one of them held: :func:`imgpipe.storage.fork_safe`), so such inputs
+    get a forkserver, whose workers start in ~0.05 s each plus ~0.4 s once for the
+    server, instead of ~0.5 s each for spawn. Local inputs take plain fork, which saves
+    that ~0.4 s: a tenth of cleaning an Oxford-sized set on 2 cores.
+    """
+    if storage.fork_safe(uris):
+        return multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    # The server imports this module and runs import_before_fork once for all its workers.
+    ctx.set_forkserver_preload([f"{__package__}._forkserver"])
+    return ctx
+
+
+def run_tasks(
+    tasks: Sequence[Task],
+    run: TaskFunction,
+    task_args: Callable[[Task], tuple],
+    unit_paths: dict[tuple[str, int], list[str]],
+    bucket_dir: Path,
+    pool: DecodePool,
+    *,
+    in_process: bool = False,
+    timeout_s: float = 0.0,
+) -> tuple[list[RowResult], int]:
+    """Runs ``run(*task_args(task))`` for every task on the decode pool, with progress.
+
+    A worker that dies costs the member it was decoding (see the module docstring).
+
+    Args:
+        tasks: The tasks, each with a distinct ``index``.
+        run: The task function, at module level (workers import it by name); its first
+            argument is the :class:`Task`.
+        task_args: The arguments of ``run`` for a task (the task first).
+        unit_paths: The members of each ``(uri, row group)``, to split tasks after a loss.
+        bucket_dir: Where the tasks' bucket and marker files are.
+        pool: How many workers, and each image's memory budget.
+        in_process: Run the tasks one after another in this process (no isolation).
+        timeout_s: Longest decode of one image; 0 for no limit.
+
+    Returns:
+        One result per row, and the next task index no bucket file uses.
+    """
+    results: dict[int, list[RowResult]] = {}
+
+    next_index = len(tasks)
+    with tqdm(
+        total=sum(t.rows for t in tasks), desc="clean: decode", unit="img", dynamic_ncols=True
+    ) as bar:
+        if in_process:
+            for task in tasks:
+                results[task.index] = run(*task_args(task))
+                bar.update(task.rows)
+            return [r for i in sorted(results) for r in results[i]], next_index
+        ctx = _pool_context(uri for t in tasks for uri, _ in t.units)
+        import_before_fork()
+        pending, barren = list(tasks), 0
+        watch = _Watch(bucket_dir, timeout_s)
+        while pending := _run_pool(pending, run, task_args, pool.workers, ctx, results, bar, watch):
+            for task in pending:
+                _drop_buckets(bucket_dir, task.index)
+            named = {t.index: _take_suspect(bucket_dir, t.index) for t in pending}
+            suspects = {index: member for index, member in named.items() if member is not None}
+            for task in (t for t in pending if t.index in suspects):
+                member = suspects[task.index]
+                if member in watch.overdue:
+                    # It overran the limit itself (the watchdog, not a neighbour's crash,
+                    # ended its worker): a second full wait alone would tell nothing new.
+                    results[next_index] = [RowResult(member, DECODE_TIMEOUT, watch.detail())]
+                else:
+                    solo = Task(next_index, task.units, 1, only=member)
+                    results[solo.index] = _settle_alone(run, task_args(solo), ctx, watch, pool)
+                next_index += 1
+                bar.update(1)
+            barren = 0 if suspects else barren + 1
+            if barren > _MAX_BARREN_RESTARTS:
+                raise RuntimeError(
+                    f"clean: decode workers died {barren} times in a row outside any image decode"
+                    " (reading or writing row groups); give the step more memory or fewer workers"
+                )
+            # A restart repeats an unfinished task from its first row: one row group per
+            # task bounds what each further hang or crash costs.
+            pieces = []
+            for task in (_without(t, suspects.get(t.index)) for t in pending):
+                for unit in task.units:
+                    rows = sum(task.wants(p) for p in unit_paths[unit])
+                    pieces.append(replace(task, index=next_index, units=(unit,), rows=rows))
+                    next_index += 1
+            pending = pieces
+    return [r for i in sorted(results) for r in results[i]], next_index
+
+
+def _without(task: Task, member: str | None) -> Task:
+    """``task`` skipping ``member``, once a run of its own settled it."""
+    if member is None:
+        return task
+    return replace(task, rows=task.rows - 1, skip=task.skip | {member})
+
+
+def import_before_fork() -> None:
+    """Does here, once, the imports that every forked worker would otherwise do on first use.
+
+    Called before a fork pool starts, and in the forkserver (inputs whose storage is not
+    fork-safe) by importing :mod:`imgpipe.clean._forkserver`.
+
+    Pillow loads its format plugins on the first open. pyarrow imports pandas, when it is
+    installed, the first time it builds an array from Python values (to recognize pandas
+    types): 0.3 s of CPU per process on this machine, paid by each worker on its first
+    spill write. (The step's images do not install pandas; a development environment with
+    Ray Data does.)
+    """
+    load_decoders()
+    pa.array([0])
+
+
+@contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Keeps the collector off this process's objects while forked workers run.
+
+    Forked workers share the parent's pages until something writes to them, and a
+    collection in a worker writes to every tracked object it inherited (measured: 0.12 s
+    of a 2.4 s decode pass on 2 cores). The objects are collectable again afterwards,
+    unless the caller had frozen its heap itself: that is left as it was.
+    """
+    if gc.get_freeze_count():  # unfreezing would undo the caller's freeze too
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _run_pool(
+    tasks: Sequence[Task],
+    run: TaskFunction,
+    task_args: Callable[[Task], tuple],
+    workers: int,
+    ctx: multiprocessing.context.BaseContext,
+    results: dict[int, list[RowResult]],
+    bar: tqdm,
+    watch: _Watch,
+) -> list[Task]:
+    """Runs ``tasks`` on a fresh process pool into ``results``, killing overrunning decodes.
+
+    Returns:
+        The tasks left unfinished because a worker died (all that were not done by then).
+    """
+    unfinished: list[Task] = []
+    with _frozen_heap(), ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)),
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(storage.settings(), os.getpid()),
+    ) as executor:
+        futures = {}
+        for task in tasks:
+            try:
+                futures[executor.submit(run, *task_args(task))] = task
+            except BrokenProcessPool:  # a worker died while tasks were still being handed out
+                unfinished.append(task)
+        running = set(futures)
+        while running:
+            done, running = wait(running, timeout=watch.poll_s, return_when=FIRST_COMPLETED)
+            watch.overdue |= _kill_overdue(watch.bucket_dir, (futures[f] for f in running), watch.timeout_s)
+            for fut in done:
+                task = futures[fut]
+                try:
+                    results[task.index] = fut.result()
+                except BrokenProcessPool:
+                    unfinished.append(task)
+                else:
+                    bar.update(task.rows)
+    return sorted(unfinished, key=lambda t: t.index)
+
+
+@dataclass
+class _Watch:
+    """The per-image time limit: where the markers are, the limit, and who overran it."""
+
+    bucket_dir: Path
+    timeout_s: float
+    overdue: set[str] = field(default_factory=set)
+
+    def detail(self) -> str:
+        return f"decoding took longer than image_timeout_s={self.timeout_s:g} s; its worker was killed"
+
+    @property
+    def poll_s(self) -> float:
+        return min(1.0, self.timeout_s / 4) if self.timeout_s else 1.0
+
+
+def _settle_alone(
+    run: TaskFunction, args: tuple, ctx: multiprocessing.context.BaseContext, watch: _Watch, pool: DecodePool
+) -> list[RowResult]:
+    """Decodes a suspect alone: its result, or ``decoder_killed`` / ``decode_timeout`` if it fails again.
+
+    Args:
+        run: The task function.
+        args: Its arguments, for a task of one member (``only``).
+        ctx: Multiprocessing context of the pool.
+        watch: The time limit; its ``bucket_dir`` holds the bucket files and marker
+            (removed if the process dies).
+        pool: The decode pool, for the budget the detail names.
+
+    Raises:
+        RuntimeError: If the process died outside the decode: not the image's doing.
+    """
+    solo: Task = args[0]
+    assert solo.only is not None, "a suspect runs alone"
+    bucket_dir = watch.bucket_dir
+    outcome = _run_alone(run, args, ctx, watch)
+    if not isinstance(outcome, int):
+        return outcome
+    _drop_buckets(bucket_dir, solo.index)
+    if solo.only in watch.overdue and outcome == -signal.SIGKILL:
+        _take_suspect(bucket_dir, solo.index)
+        return [RowResult(solo.only, DECODE_TIMEOUT, watch.detail())]
+    if _take_suspect(bucket_dir, solo.index) is None:
+        raise RuntimeError(
+            f"clean: the process decoding {solo.only} alone {_exit_text(outcome)} outside the"
+            " decode (reading or writing its row group); give the step more memory"
+        )
+    if pool.max_decode_bytes is None:
+        need = "more memory than the process could get"
+    else:
+        need = (
+            f"more memory than the per-image budget of {pool.max_decode_bytes} bytes,"
+            " which its header's estimate fitted"
+        )
+    detail = (
+        f"the process decoding it {_exit_text(outcome)} in the pool and again alone;"
+        f" it likely needs {need} (the OOM killer sends SIGKILL)"
+    )
+    return [RowResult(solo.only, DECODER_KILLED, detail)]
+
+
+def _exit_text(exit_code: int) -> str:
+    """``multiprocessing``'s exit code in words: negative is the signal that ended the process."""
+    if exit_code >= 0:
+        return f"ended with exit status {exit_code}"
+    try:
+        return f"was killed by {signal.Signals(-exit_code).name}"
+    except ValueError:
+        return f"was killed by signal {-exit_code}"
+
+
+def _run_alone(
+    run: TaskFunction, args: tuple, ctx: multiprocessing.context.BaseContext, watch: _Watch
+) -> list[RowResult] | int:
+    """Runs one task in a process of its own: its results, or its exit code.
+
+    A bare process rather than a one-worker pool: a pool reports a dead worker without
+    its exit code, which the reject detail names. The time limit applies as in the pool.
+    """
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_task_process, args=(send, storage.settings(), os.getpid(), run, args), daemon=True
+    )
+    proc.start()
+    send.close()  # now only the child holds the sending end: its death reads as EOF
+    try:
+        while not receive.poll(watch.poll_s):
+            watch.overdue |= _kill_overdue(watch.bucket_dir, [args[0]], watch.timeout_s)
+        kind, value = receive.recv()
+    except EOFError:
+        kind, value = "died", None
+    finally:
+        receive.close()
+        proc.join()
+    if kind == "error":
+        raise RuntimeError(f"clean: re-running one image alone failed:\n{value}")
+    return value if kind == "ok" else proc.exitcode
+
+
+def _task_process(send: Any, settings: storage.Settings, step_pid: int, run: TaskFunction, args: tuple) -> None:
+    """Body of :func:`_run_alone`'s process: runs the task and sends back its outcome."""
+    _init_worker(settings, step_pid)
+    try:
+        outcome: tuple[str, Any] = ("ok", run(*args))
+    except Exception:  # noqa: BLE001 - sent back, so the step fails as it would in the pool
+        outcome = ("error", traceback.format_exc())
+    send.send(outcome)
+    send.close()
