@@ -110,3 +110,17 @@ def test_one_coercer_for_configs_and_run_parameters():
         coerce("epochs", True, int)
     with pytest.raises(TypeError, match="expected a mapping"):
         coerce("step_config", [1], dict)
+
+
+def test_well_typed_values_need_no_validator_import():
+    """A step started with typed values (argparse's ints, YAML's numbers) does not pay pydantic's import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from imgpipe.config import load_config; from imgpipe.clean.config import CleanConfig; "
+        "load_config(CleanConfig, overrides={'seed': 3, 'grayscale': True, 'label_source': 'auto', 'labels_csv': None}); "
+        "print('pydantic' in sys.modules); load_config(CleanConfig, overrides={'seed': '4'}); print('pydantic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out == ["False", "True"]

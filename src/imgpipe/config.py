@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import docstring_parser
-import pydantic
-import pydantic_core
 import yaml
 
 __all__ = [
@@ -77,20 +75,41 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, Mapping):
             raise TypeError(f"{name}: expected a mapping for {annotation.__name__}, got {value!r}")
         return config_from_dict(annotation, value, _prefix=f"{name}.")
+    if _already(value, annotation):
+        return value
+    import pydantic  # here: a step that is given only well-typed values never imports it
+
     try:
         return _adapter(annotation).validate_python(value)
     except pydantic.ValidationError as exc:
         raise _user_error(name, value, annotation, exc.errors(include_url=False)[0]) from None
 
 
+def _already(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` is exactly of the plain type (or one of the ``Literal`` choices) asked for."""
+    if annotation in (int, float, str, bool):
+        return type(value) is annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        # Only where no order among the members matters: None, or the one type of an Optional.
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(members) < len(typing.get_args(annotation))
+        return (value is None and optional) or (len(members) == 1 and _already(value, members[0]))
+    if typing.get_origin(annotation) is typing.Literal:
+        return any(type(value) is type(choice) and value == choice for choice in typing.get_args(annotation))
+    return False
+
+
 @functools.cache
-def _adapter(annotation: Any) -> pydantic.TypeAdapter:
-    """One validator per annotation; building one costs more than using it."""
+def _adapter(annotation: Any) -> Any:
+    """One validator (a pydantic ``TypeAdapter``) per annotation; building one costs more than using it."""
+    import pydantic
+
     return pydantic.TypeAdapter(_lax(annotation), config=pydantic.ConfigDict(coerce_numbers_to_str=True))
 
 
 def _not_bool(kind: str) -> Callable[[Any], Any]:
     """A validator refusing ``True``/``False`` where pydantic's lax mode would take 1/0."""
+    import pydantic_core
 
     def check(value: Any) -> Any:
         if isinstance(value, bool):
@@ -106,6 +125,7 @@ def _comma_separated(value: Any) -> Any:
 
 def _lax(annotation: Any) -> Any:
     """``annotation`` with the rules above as pydantic validators, recursively."""
+    import pydantic
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation in (int, float):
         return Annotated[annotation, pydantic.BeforeValidator(_not_bool(f"{annotation.__name__}_type"))]

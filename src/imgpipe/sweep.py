@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from imgpipe import storage
+from imgpipe import config, storage
 from imgpipe.config import coerce, read_config_file
 from imgpipe.train.config import TrainConfig
 
@@ -289,7 +289,7 @@ def plan(
     for branch in expand_grid(grid, axes):
         own = {**sections, "train": {**base, **branch.overrides}}
         try:
-            cfg = step_config(TrainConfig, own, "train", **named)
+            cfg = config.step_config(TrainConfig, own, "train", **named)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"branch {branch.label()}: {exc}") from None
         items.append({"branch": branch.name, "resized": resized, "settings": branch.settings, "step_config": own})

@@ -20,9 +20,10 @@ from PIL import Image
 
 from imgpipe import contract, storage
 from imgpipe.config import config_from_dict
-from imgpipe.report import html_report
+from imgpipe.report.training import html_report
 from imgpipe.steps import train as train_mod
 from imgpipe.steps.train import train
+from imgpipe.train.checkpoint import CHECKPOINT, load_checkpoint
 from imgpipe.train.config import AugmentConfig, TrainConfig
 from imgpipe.train.models import build_model, extract_state_dict, load_weights
 from imgpipe.train.optim import lr_factor
@@ -392,5 +393,5 @@ def test_saving_a_checkpoint_leaves_the_loader_where_it_is(tmp_path, monkeypatch
     monkeypatch.setattr(train_mod, "save_checkpoint", save)
     train(data, str(tmp_path / "out"), tiny(epochs=2))
     assert seen and all(before == after for before, after in seen)
-    state = train_mod.load_checkpoint(storage.join(str(tmp_path / "out"), train_mod.CHECKPOINT))
+    state = load_checkpoint(storage.join(str(tmp_path / "out"), CHECKPOINT))
     assert state["loader"]["epoch"] == 2 and not any(state["loader"]["consumed"])
