@@ -584,7 +584,9 @@ def test_the_pools_frozen_heap_leaves_a_callers_own_freeze_alone():
         frozen = gc.get_freeze_count()
         with _frozen_heap():
             pass
-        assert gc.get_freeze_count() == frozen
+        # Still frozen (an unfreeze empties the permanent generation). Not an exact count:
+        # frozen objects that another thread frees meanwhile leave it (seen: 2 of 789,774).
+        assert 0.99 * frozen <= gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
 
