@@ -71,7 +71,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,7 @@ from imgpipe.clean.decode import OUTPUT_SCHEMA  # noqa: E402
 from imgpipe.contract import OutputWriter  # noqa: E402
 from imgpipe.resize.ops import _decode, _open, resize_image, resize_image_reference
 from imgpipe.resize.spec import DRAFT_MARGIN, ResizeConfig, ResizeSpec, plan_geometry
+from imgpipe.resize.task import TaskOutput, TaskResult, run_task
 from imgpipe.resources import available_cpus  # noqa: E402
 from imgpipe.steps.resize import resize
 
@@ -238,25 +239,26 @@ def run_baseline_read_images(ray: Any, folder: str, blocks: int, clock: Clock) -
     return rows
 
 
+def timed_results(results: Iterable[TaskResult], clock: Clock) -> Iterator[TaskResult]:
+    """Passes task results on, recording when each reaches the driver and how many rows it covers."""
+    for result in results:
+        clock.append((time.perf_counter(), result.rows))
+        yield result
+
+
 @contextlib.contextmanager
 def batch_clock(clock: Clock) -> Iterator[None]:
-    """Records when each result batch reaches the resize step's driver loop.
+    """Records when each task's result reaches the resize step's driver.
 
-    Bench-only instrumentation: the step calls the module-level ``_split_results`` once
-    per batch that ``iter_batches`` hands it, so wrapping that name timestamps the batches
-    without touching the step's code.
+    Bench-only instrumentation: the step reads Ray's results through the module-level
+    ``_ray_results``, so wrapping that name timestamps them without touching the step's code.
     """
-    original = resize_step._split_results
-
-    def timed(table: pa.Table, schema: pa.Schema) -> Any:
-        clock.append((time.perf_counter(), table.num_rows))
-        return original(table, schema)
-
-    resize_step._split_results = timed
+    original = resize_step._ray_results
+    resize_step._ray_results = lambda ds: timed_results(original(ds), clock)
     try:
         yield
     finally:
-        resize_step._split_results = original
+        resize_step._ray_results = original
 
 
 def run_ours(source: str, dest: str, cfg: ResizeConfig, clock: Clock) -> int:
@@ -269,31 +271,31 @@ def run_ours(source: str, dest: str, cfg: ResizeConfig, clock: Clock) -> int:
     return report.outputs
 
 
-def _pool_step_task(item: dict[str, Any]) -> list[pa.Table]:
-    """One row group through the step's own task body, in a pool process (see pool_step)."""
-    work = {"file": np.array([item["file"]], dtype=object), "row_group": np.array([item["row_group"]])}
-    batches = resize_step.resize_row_groups(work, **resize_step.task_arguments(ResizeConfig()))
-    return [pa.table(batch) for batch in batches]
+def _pool_step_task(args: tuple[int, list[tuple[str, int]], TaskOutput]) -> TaskResult:
+    """One planned task through the step's own task body, in a pool process (see pool_step)."""
+    task, units, out = args
+    return run_task(task, units, **resize_step.task_arguments(ResizeConfig(), out))
 
 
 def pool_step(source: str, dest: str, pool: Any, clock: Clock) -> int:
     """The resize step's work on a ``multiprocessing`` pool instead of Ray: the baseline for Ray.
 
-    The same row groups, task body (read, decode, resize), driver loop (good rows and
-    rejects, one sorted stream of shards per split, hashed as written) and commit as
+    The same plan of tasks, task body (read, decode, resize, write the task's own files,
+    hashed as written), driver loop (files and rejects recorded) and commit as
     :func:`imgpipe.steps.resize.resize` with the default config; only the executor differs.
     """
     cfg = ResizeConfig()
     manifest = contract.read_manifest(source, expect_step="clean")
     items = resize_step.list_row_groups(contract.data_files(source, manifest))
+    tasks = resize_step.plan_tasks(items)
     schema = resize_step.output_schema(cfg.format, manifest["extra"].get("classes"))
     out = OutputWriter(dest, "resize")
     out.begin()
+    task_out = TaskOutput(out.dest, out.attempt, schema, cfg.rows_per_shard, cfg.row_group_rows)
     inputs = sum(i["rows"] for i in items)
-    batches = (table for tables in pool.imap(_pool_step_task, items) for table in tables)
-    with batch_clock(clock), resize_step._SplitWriter(out, schema, cfg.rows_per_shard, cfg.row_group_rows) as sink:
-        results = resize_step._write_results(batches, sink, schema, inputs)
-    return out.commit(inputs=inputs, rejects=results.rejects, config=cfg).outputs
+    results = pool.imap(_pool_step_task, [(i, units, task_out) for i, units in enumerate(tasks)])
+    got = resize_step.collect_results(timed_results(results, clock), out, inputs, len(tasks))
+    return out.commit(inputs=inputs, rejects=got.rejects, config=cfg).outputs
 
 
 # ----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -59,6 +60,9 @@ __all__ = [
     "ConcurrentWriterError",
     "HashingWriter",
     "ParquetSink",
+    "stream_parquet",
+    "attempt_name",
+    "unscoped_name",
     "publish",
     "verify_output",
     "manifest_body",
@@ -619,16 +623,77 @@ def with_hf_features(schema: pa.Schema, classes: Sequence[str]) -> pa.Schema:
 
 
 class ParquetSink:
-    """A data file :meth:`OutputWriter.parquet_file` is writing: counts the rows it is given."""
+    """A data file :func:`stream_parquet` is writing: counts the rows it is given.
+
+    Attributes:
+        writer: The open ``pyarrow.parquet.ParquetWriter``.
+        rows: Rows written so far.
+        entry: The file's manifest entry, set once the file is committed.
+    """
 
     def __init__(self, writer: pq.ParquetWriter) -> None:
         self.writer = writer
         self.rows = 0
+        self.entry: FileEntry | None = None
 
     def write(self, table: pa.Table, row_group_size: int | None = None) -> None:
         """Appends ``table`` as row groups of ``row_group_size`` rows (default: one row group)."""
         self.writer.write_table(table, row_group_size=row_group_size or max(1, table.num_rows))
         self.rows += table.num_rows
+
+
+@contextlib.contextmanager
+def stream_parquet(dest: str, name: str, schema: pa.Schema, **parquet_kwargs: Any) -> Iterator[ParquetSink]:
+    """Streams the data file ``name`` of the output prefix ``dest``, hashed as it is written.
+
+    For any process that writes a data file (a step's own, or a worker's such as a Ray
+    task of resize): the object is committed (renamed or completed) when the block ends
+    without an exception and dropped otherwise, and ``sink.entry`` then holds what the
+    manifest records. The file belongs to the output only once the step's driver records
+    the entry (:meth:`OutputWriter.add_file`) and commits.
+
+    Defaults come from :func:`parquet_write_options`; ``parquet_kwargs`` (e.g.
+    ``sorting_columns``) are added to the writer's.
+    """
+    kwargs = {**parquet_write_options(schema), **parquet_kwargs}
+    with storage.open_write(_dest_uri(dest, name)) as fh:
+        handle = HashingWriter(fh)
+        sink = ParquetSink(pq.ParquetWriter(handle, schema, **kwargs))
+        try:
+            yield sink
+        finally:
+            sink.writer.close()  # on an exception open_write then drops the object
+    sink.entry = handle.entry(name, sink.rows)
+
+
+# The attempt id in the names of files that workers write (attempt_name): long enough that two
+# attempts never share one (48 random bits), short enough to read.
+_ATTEMPT_CHARS = 12
+_ATTEMPT_IN_NAME = re.compile(rf"\.a[0-9a-f]{{{_ATTEMPT_CHARS}}}(?=\.[^./]+$)")
+
+
+def attempt_name(name: str, attempt: str) -> str:
+    """``name`` scoped to one attempt: ``train/part-00003-000.parquet`` -> ``train/part-00003-000.a<id>.parquet``.
+
+    Files that processes other than the step's driver write straight to the output (resize's
+    Ray tasks) carry the attempt in their names, so a worker of an overtaken attempt that
+    is still running can never replace a file of the attempt that owns the prefix: it can
+    only add files that no manifest lists, which the next claim removes.
+
+    Raises:
+        ValueError: If ``attempt`` is not a claim's id, or ``name`` has no extension.
+    """
+    if not re.fullmatch(rf"[0-9a-f]{{{_ATTEMPT_CHARS},}}", attempt or ""):
+        raise ValueError(f"{attempt!r} is not an attempt id (contract.claim returns one)")
+    stem, dot, ext = name.rpartition(".")
+    if not dot or "/" in ext:
+        raise ValueError(f"{name!r} needs an extension to be scoped to an attempt")
+    return f"{stem}.a{attempt[:_ATTEMPT_CHARS]}.{ext}"
+
+
+def unscoped_name(name: str) -> str:
+    """``name`` without the attempt :func:`attempt_name` put in it (for comparing the outputs of two runs)."""
+    return _ATTEMPT_IN_NAME.sub("", name)
 
 
 class OutputWriter:
@@ -697,15 +762,17 @@ class OutputWriter:
         ``sorting_columns``) are added to the writer's.
         """
         self._check_name(name)
-        kwargs = {**parquet_write_options(schema), **parquet_kwargs}
-        with storage.open_write(self.uri(name)) as fh:
-            handle = HashingWriter(fh)
-            sink = ParquetSink(pq.ParquetWriter(handle, schema, **kwargs))
-            try:
-                yield sink
-            finally:
-                sink.writer.close()  # on an exception open_write then drops the object
-        self.add_file(handle.entry(name, sink.rows))
+        with stream_parquet(self.dest, name, schema, **parquet_kwargs) as sink:
+            yield sink
+        assert sink.entry is not None
+        self.add_file(sink.entry)
+
+    @property
+    def attempt(self) -> str:
+        """This attempt's id (:func:`claim`), for files other processes write (:func:`attempt_name`)."""
+        if self._attempt is None:
+            raise RuntimeError("OutputWriter.begin() must be called first")
+        return self._attempt
 
     def add_file(self, entry: FileEntry) -> None:
         """Records a data file written by another process (e.g. a pool worker)."""

@@ -30,9 +30,9 @@ CLEAN = {"row_group_rows": 8}
 
 
 def _data_files(prefix: str) -> dict[str, bytes]:
-    """Name -> bytes of the data files a committed output's manifest lists."""
+    """Name (without its attempt, contract.unscoped_name) -> bytes of the data files a committed output lists."""
     manifest = contract.read_manifest(prefix)
-    return {f["name"]: storage.read_bytes(storage.join(prefix, f["name"])) for f in manifest["files"]}
+    return {contract.unscoped_name(f["name"]): storage.read_bytes(storage.join(prefix, f["name"])) for f in manifest["files"]}
 
 
 @pytest.fixture
@@ -84,6 +84,8 @@ def test_docker_run_reconciles_and_matches_the_subprocess_run_byte_for_byte(engi
     nodes = dock.reports["resize"]["extra"]["ray_nodes"]
     assert len(nodes) == 2 and all(rows > 0 for rows in nodes.values()), f"both Ray containers resize: {nodes}"
     assert sum(nodes.values()) == dock.reports["resize"]["inputs"]
+    files = dock.reports["resize"]["extra"]["ray_node_files"]
+    assert files.keys() == nodes.keys() and all(n > 0 for n in files.values()), f"both Ray containers write files: {files}"
     assert dock.reports["train"]["extra"]["device"] == "cpu"
 
 

@@ -491,10 +491,17 @@ def test_resize_refuses_a_hostile_address_before_contacting_it(tmp_path, monkeyp
         ray_jobs.connect("http://attacker.example:8265")
 
 
+def _task_output():
+    from imgpipe.resize.task import TaskOutput
+    from imgpipe.steps.resize import output_schema
+
+    return TaskOutput(dest="s3://b/out", attempt="0" * 32, schema=output_schema("raw"), rows_per_shard=8, row_group_rows=4)
+
+
 def test_no_credential_travels_in_a_resize_tasks_arguments(s3_bucket, monkeypatch):
     import pickle
 
-    from imgpipe.steps.resize import list_row_groups, task_arguments
+    from imgpipe.steps.resize import list_row_groups, plan_tasks, task_arguments
 
     secret = "the-static-secret-key-4711"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
@@ -502,7 +509,8 @@ def test_no_credential_travels_in_a_resize_tasks_arguments(s3_bucket, monkeypatc
     source = build_clean(f"{s3_bucket}/t")
     fs, _ = storage.arrow_filesystem(source)
     assert secret.encode() in pickle.dumps(fs), "what used to travel: a file system holding the static keys"
-    shipped = pickle.dumps((list_row_groups(contract.data_files(source)), task_arguments(ResizeConfig(size=16))))
+    tasks = plan_tasks(list_row_groups(contract.data_files(source)))
+    shipped = pickle.dumps((tasks, task_arguments(ResizeConfig(size=16), _task_output())))
     assert secret.encode() not in shipped
 
 
@@ -513,7 +521,7 @@ def test_resize_tasks_reach_the_drivers_store_whatever_their_environment(s3_endp
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     storage.configure_s3(endpoint_url=s3_endpoint)
     try:
-        settings = dict(task_arguments(ResizeConfig(size=16))["settings"].by_scheme)["s3"]
+        settings = dict(task_arguments(ResizeConfig(size=16), _task_output())["settings"].by_scheme)["s3"]
         assert settings.endpoint_url == s3_endpoint and settings.region
     finally:
         storage.configure_s3(endpoint_url=None)

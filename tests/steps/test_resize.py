@@ -7,7 +7,10 @@ to the machine's external interface otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -26,23 +29,28 @@ from imgpipe.config import config_from_dict, config_to_dict, config_to_yaml, ste
 from imgpipe.contract import OutputWriter
 from imgpipe.resize.ops import resize_batch, resize_image
 from imgpipe.resize.spec import ResizeConfig, ResizeSpec, plan_geometry
+from imgpipe.resize.task import (
+    SplitFiles,
+    TaskOutput,
+    read_row_group,
+    resized_batches,
+    run_task,
+    split_results,
+    table_to_batch,
+)
 from imgpipe.steps.clean import clean
 from imgpipe.steps.resize import (
     OUTPUT_COLUMNS,
     _data_context,
     _shut_down_local_ray,
-    _split_results,
-    _SplitWriter,
     _warm_worker,
+    collect_results,
     list_row_groups,
     output_schema,
+    plan_tasks,
     read_pixels,
-    read_row_group,
     resize,
-    resize_row_groups,
-    table_to_batch,
     task_arguments,
-    task_count,
 )
 from tests import imagefactory as f
 from tests.helpers import write_download_output
@@ -111,8 +119,9 @@ def test_train_mode_gives_the_train_split_its_own_spec():
     assert ResizeConfig(mode="whole", train_mode="whole").split_specs == {}
     assert ResizeConfig(mode="whole").spec_for("train").mode == "whole"
     # What each Ray task gets: settings, never credentials.
-    args = task_arguments(cfg)
-    assert args["spec"] == cfg.spec and args["split_specs"] == {"train": train}
+    out = TaskOutput("file:///o/resize", "0" * 32, output_schema("raw"), rows_per_shard=8, row_group_rows=4)
+    args = task_arguments(cfg, out)
+    assert args["spec"] == cfg.spec and args["split_specs"] == {"train": train} and args["out"] == out
 
 
 def test_hostile_train_mode_is_refused_with_a_clear_error():
@@ -156,18 +165,81 @@ def test_refuses_an_uncommitted_or_foreign_source(tmp_path):
     assert contract.is_committed(download)
 
 
-def test_resize_row_groups_reads_every_row_group_in_order_without_ray(tmp_path):
+def test_resized_batches_reads_every_row_group_in_order_without_ray(tmp_path):
     source = build_clean("file://" + str(tmp_path))
     items = list_row_groups(contract.data_files(source))
     assert len(items) > 2 and sum(i["rows"] for i in items) == len(clean_members())
-    work = {"file": np.array([i["file"] for i in items], dtype=object), "row_group": np.array([i["row_group"] for i in items])}
-    spec = ResizeSpec(size=16)
-    batches = list(resize_row_groups(work, spec, batch_size=3, settings=storage.settings()))
+    units = [(i["file"], i["row_group"]) for i in items]
+    batches = list(resized_batches(units, ResizeSpec(size=16), batch_size=3))
     assert all(len(b["path"]) <= 3 for b in batches)
     got = [p for b in batches for p in b["path"].tolist()]
     clean_rows = pa.concat_tables([read_table(u) for u in contract.data_files(source)])
     assert got == clean_rows.column("path").to_pylist()
     assert all(r == "" for b in batches for r in b["error_reason"].tolist())
+
+
+def test_a_task_writes_its_own_files_and_returns_only_metadata_without_ray(tmp_path):
+    source = build_clean("file://" + str(tmp_path))
+    items = list_row_groups(contract.data_files(source))
+    dest = OutputWriter("file://" + str(tmp_path / "resize"), "resize")
+    dest.begin()
+    cfg = ResizeConfig(size=16, batch_size=3, rows_per_shard=3, row_group_rows=2)
+    out = TaskOutput(dest.dest, dest.attempt, output_schema("raw"), cfg.rows_per_shard, cfg.row_group_rows)
+    units = [(i["file"], i["row_group"]) for i in items]
+    result = run_task(7, units, **task_arguments(cfg, out))
+    assert result.task == 7 and result.rows == len(clean_members()) and not result.rejects
+    assert sum(f.rows for f in result.files) == result.rows
+    result_bytes = len(json.dumps(result.to_dict()))
+    assert result_bytes < 300 * len(result.files), "metadata only: no pixel comes back"
+    for entry in result.files:
+        split, name = entry.name.split("/")
+        assert name.startswith("part-00007-") and name.endswith(f".a{dest.attempt[:12]}.parquet")
+        data = storage.read_bytes(storage.join(dest.dest, entry.name))
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry.bytes, entry.sha256), "hashed as written"
+        table = pq.read_table(io.BytesIO(data))
+        assert table.num_rows == entry.rows <= 3 and set(table.column("split").to_pylist()) == {split}
+        orders = table.column("order").to_pylist()
+        assert orders == sorted(orders)
+    # The driver's side: the files go on the OutputWriter and the step commits.
+    got = collect_results([result], dest, inputs=result.rows, tasks=1)
+    assert (got.seen, got.tasks, sum(got.splits.values())) == (result.rows, 1, result.rows)
+    report = dest.commit(inputs=result.rows, rejects=got.rejects, config=cfg)
+    assert report.outputs == result.rows and contract.verify_output(dest.dest)
+
+
+def test_collect_results_refuses_a_task_whose_rows_do_not_reconcile(tmp_path):
+    from imgpipe.contract import FileEntry
+    from imgpipe.resize.task import TaskResult
+
+    out = OutputWriter(str(tmp_path / "o"), "resize")
+    out.begin()
+    lost = TaskResult(task=3, rows=10, files=[FileEntry("train/part-00003-000.parquet", 9, 100, "0" * 64)])
+    with pytest.raises(RuntimeError, match="task 3 read 10 rows but wrote 9"):
+        collect_results([lost], out, inputs=10, tasks=1)
+
+
+def test_a_failing_task_leaves_no_file_behind(tmp_path, monkeypatch):
+    from imgpipe.resize import task as task_module
+
+    source = build_clean("file://" + str(tmp_path))
+    units = [(i["file"], i["row_group"]) for i in list_row_groups(contract.data_files(source))]
+    dest = OutputWriter("file://" + str(tmp_path / "resize"), "resize")
+    dest.begin()
+    cfg = ResizeConfig(size=16, batch_size=2, rows_per_shard=100, row_group_rows=2)
+    out = TaskOutput(dest.dest, dest.attempt, output_schema("raw"), cfg.rows_per_shard, cfg.row_group_rows)
+    real, calls = task_module.resize_batch, []
+
+    def dies_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("worker lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(task_module, "resize_batch", dies_on_the_third)
+    with pytest.raises(MemoryError):
+        run_task(0, units, **task_arguments(cfg, out))
+    left = [o.uri for o in storage.list_objects(dest.dest) if o.uri.endswith(".parquet")]
+    assert left == [], f"a failed task's open files are dropped, not committed: {left}"
 
 
 def test_list_row_groups_measures_each_group(tmp_path):
@@ -179,27 +251,32 @@ def test_list_row_groups_measures_each_group(tmp_path):
             assert (item["rows"], item["bytes"]) == (group.num_rows, group.total_byte_size) and item["bytes"] > 0
 
 
-def _groups(n, size=1000):
-    return [{"file": "f", "row_group": i, "rows": 10, "bytes": size} for i in range(n)]
+def _groups(n, size=1000, rows=10):
+    return [{"file": f"f{i // 7}", "row_group": i % 7, "rows": rows, "bytes": size} for i in range(n)]
 
 
-def test_task_count_gives_each_slot_several_runs_of_row_groups():
+def _flat(tasks):
+    return [unit for task in tasks for unit in task]
+
+
+def test_plan_tasks_runs_of_neighbouring_row_groups_from_the_input_alone():
     from imgpipe.steps import resize as step
 
-    slots = 2
-    assert task_count(_groups(3), slots) == 3  # fewer groups than wanted tasks: one each
-    assert task_count(_groups(24), slots) == slots * step.TASKS_PER_SLOT
-    assert task_count(_groups(10_000), 50) == 50 * step.TASKS_PER_SLOT
-    assert task_count([], slots) == 1
+    assert plan_tasks([]) == [[]]
+    assert [len(t) for t in plan_tasks(_groups(3))] == [1, 1, 1]  # fewer groups than tasks: one each
+    tasks = plan_tasks(_groups(24))
+    assert len(tasks) == step.MIN_TASKS and max(map(len, tasks)) - min(map(len, tasks)) <= 1
+    assert _flat(tasks) == [(g["file"], g["row_group"]) for g in _groups(24)], "every group once, in order"
+    # Rows bound a task: 10,000 groups of 64 rows at 2,048 rows a task.
+    many = plan_tasks(_groups(10_000, rows=64))
+    assert len(many) == math.ceil(10_000 * 64 / step.TASK_ROWS) and _flat(many) == [(g["file"], g["row_group"]) for g in _groups(10_000)]
 
 
-def test_task_count_caps_the_input_of_one_task():
+def test_plan_tasks_caps_the_input_of_one_task():
     from imgpipe.steps import resize as step
 
-    groups = _groups(1000, size=step.MAX_TASK_BYTES // 10)  # 100 tasks' worth at the cap
-    assert task_count(groups, 2) == 100
-    with pytest.raises(ValueError, match="slots"):
-        task_count(groups, 0)
+    groups = _groups(1000, size=step.MAX_TASK_BYTES // 10, rows=1)  # 100 tasks' worth at the cap
+    assert len(plan_tasks(groups)) == 100
 
 
 def test_bbox_column_reaches_roi_crop_without_ray(tmp_path):
@@ -240,38 +317,52 @@ def _result_batch(splits, errors):
 
 def test_results_split_into_good_rows_and_rejects_without_ray():
     table, schema = _result_batch(["train"] * 3, ["", "undecodable", ""])
-    good, rejects = _split_results(table, schema)
+    good, rejects = split_results(table, schema)
     assert good.schema == schema and good.column("path").to_pylist() == ["p0.jpg", "p2.jpg"]
     assert [(r.path, r.reason, r.detail) for r in rejects] == [("p1.jpg", "undecodable", "why")]
     clean_batch, _ = _result_batch(["train"] * 3, [""] * 3)
-    good, rejects = _split_results(clean_batch, schema)
+    good, rejects = split_results(clean_batch, schema)
     assert good.schema == schema and good.num_rows == 3 and rejects == []
     assert good.column("pixels").to_pylist() == clean_batch.column("pixels").to_pylist()
 
 
-def test_split_writer_files_each_split_of_a_mixed_batch_apart(tmp_path):
+def test_split_files_files_each_split_of_a_mixed_batch_apart(tmp_path):
     table, schema = _result_batch(["train", "val", "train", "test", "val"], [""] * 5)
-    good, _ = _split_results(table, schema)
-    out = OutputWriter(str(tmp_path / "out"), "resize")
-    out.begin()
-    with _SplitWriter(out, schema, rows_per_shard=10, row_group_rows=10) as sink:
-        sink.add(good.slice(0, 3))
-        sink.add(good.slice(3))
-    assert sink.written == {"train": 2, "val": 2, "test": 1}
+    good, _ = split_results(table, schema)
+    attempt = "ab" * 16
+    with SplitFiles(TaskOutput(str(tmp_path / "out"), attempt, schema, rows_per_shard=10, row_group_rows=10), task=2) as files:
+        files.add(good.slice(0, 3))
+        files.add(good.slice(3))
+    assert {e.name: e.rows for e in files.entries} == {
+        f"{split}/part-00002-000.a{attempt[:12]}.parquet": n for split, n in {"train": 2, "val": 2, "test": 1}.items()
+    }
     for split, paths in {"train": ["p0.jpg", "p2.jpg"], "val": ["p1.jpg", "p4.jpg"], "test": ["p3.jpg"]}.items():
-        assert pq.read_table(tmp_path / "out" / split / "part-00000.parquet").column("path").to_pylist() == paths
+        found = pq.read_table(tmp_path / "out" / split / f"part-00002-000.a{attempt[:12]}.parquet")
+        assert found.column("path").to_pylist() == paths
+
+
+def test_split_files_start_a_new_file_when_the_order_goes_back(tmp_path):
+    table, schema = _result_batch(["train"] * 4, [""] * 4)
+    good, _ = split_results(table, schema)
+    with SplitFiles(TaskOutput(str(tmp_path / "out"), "cd" * 16, schema, rows_per_shard=10, row_group_rows=2), task=0) as files:
+        files.add(good.slice(2))  # orders 2, 3
+        files.add(good.slice(0, 2))  # then 0, 1
+    assert [e.rows for e in files.entries] == [2, 2]
+    for entry in files.entries:
+        orders = pq.read_table(tmp_path / "out" / entry.name).column("order").to_pylist()
+        assert orders == sorted(orders)
 
 
 def test_data_context_is_set_for_the_run_and_restored():
     from ray.data import DataContext  # importing ray.data starts nothing
 
     ctx = DataContext.get_current()
-    before = (ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s, ctx.execution_options.preserve_order)
+    before = (ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s, ctx.max_errored_blocks)
     with _data_context(ResizeConfig(progress_bars=False, no_progress_timeout_s=42.0)) as inside:
         assert inside is ctx
         assert (ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s) == (False, 42.0)
-        assert ctx.execution_options.preserve_order and ctx.max_errored_blocks == 0
-    assert (ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s, ctx.execution_options.preserve_order) == before
+        assert ctx.max_errored_blocks == 0
+    assert (ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s, ctx.max_errored_blocks) == before
 
 
 # ------------------------------------------------------------------ Ray
@@ -374,14 +465,38 @@ def test_end_to_end_local_partitioned_ordered_idempotent(ray_session, tmp_path):
             assert np.array_equal(arr, resize_image(src["image"]["bytes"], cfg.spec))
             assert np.array_equal(read_pixels(row), arr)
 
-    # A re-run replaces the output with identical data files; stale files disappear.
+    # A re-run replaces the output with identical data files, under the new attempt's names;
+    # stale files disappear.
     storage.write_bytes(storage.join(dest, "train", "part-99999.parquet"), b"stale")
-    first = {name: storage.read_bytes(storage.join(dest, name)) for name in tables}
+    first = {contract.unscoped_name(name): storage.read_bytes(storage.join(dest, name)) for name in tables}
     again = resize(source, dest, cfg)
     assert (again.outputs, again.rejected) == (report.outputs, report.rejected)
-    assert [e.name for e in again.files] == sorted(first)
-    assert {name: storage.read_bytes(storage.join(dest, name)) for name in first} == first
+    assert [contract.unscoped_name(e.name) for e in again.files] == sorted(first)
+    assert {contract.unscoped_name(e.name): storage.read_bytes(storage.join(dest, e.name)) for e in again.files} == first
     assert not storage.exists(storage.join(dest, "train", "part-99999.parquet"))
+    assert not set(tables) & {e.name for e in again.files}, "each attempt names its own files"
+
+
+@ray_test
+def test_the_driver_writes_no_data_file_and_handles_no_pixel(ray_session, tmp_path, monkeypatch):
+    """Only the Ray tasks write data files: in the driver's process every data-file writer raises."""
+    from imgpipe.resize import task as task_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the resize driver must not write a data file")
+
+    source = build_clean("file://" + str(tmp_path))
+    monkeypatch.setattr(contract, "stream_parquet", refuse)
+    monkeypatch.setattr(contract.ParquetSink, "write", refuse)
+    monkeypatch.setattr(task_module, "run_task", refuse)
+    dest = "file://" + str(tmp_path / "resize")
+    cfg = ResizeConfig(size=SIZE, batch_size=4, rows_per_shard=5, row_group_rows=2)
+    report = resize(source, dest, cfg)
+    assert report.outputs == len(clean_members()) and report.extra["tasks"] > 1
+    assert sum(report.extra["ray_node_files"].values()) == len(report.files)
+    assert sum(report.extra["ray_nodes"].values()) == report.inputs
+    check_output(source, dest, cfg)
+    contract.verify_output(dest)
 
 
 @ray_test
@@ -394,7 +509,7 @@ def test_end_to_end_on_s3(ray_session, s3_bucket):
     assert (report.outputs, report.rejected) == (len(clean_members()), 0)
     assert report.dest == dest and all(o.uri.startswith(s3_bucket) for o in storage.list_objects(dest))
     tables = check_output(source, dest, cfg)
-    assert sorted(n.split("/")[0] for n in tables) == sorted(report.extra["splits"])
+    assert {n.split("/")[0] for n in tables} == set(report.extra["splits"])
     wide = next(r for t in tables.values() for r in t.to_pylist() if r["path"] == "images/beagle_20.jpg")
     arr = read_pixels(wide)
     assert arr.shape == (224, 224, 3)

@@ -1,22 +1,29 @@
 """The resize step: clean's images to training inputs of a model's size, on Ray Data.
 
-Reads a committed clean output and runs :func:`imgpipe.resize.ops.resize_batch` over
-it with ``Dataset.map_batches``: one work item per Parquet row group of the files the
-manifest lists, runs of neighbouring items per task (:func:`task_count`), read inside
-Ray tasks (``concurrency`` at a time) through the
-``pyarrow.fs`` file system :mod:`imgpipe.storage` builds, so ``file://`` and ``s3://``
-sources work alike. Results stream back to the driver with ``iter_batches`` and are
-written through :class:`~imgpipe.contract.OutputWriter`, so the output keeps the same
-contract as every other step (data files, ``rejects.parquet``, ``config.yaml``,
-``manifest.json``, ``_SUCCESS``; ``inputs == outputs + rejected``). A row that cannot
+Reads a committed clean output and plans its Parquet row groups into tasks of
+neighbouring groups (:func:`plan_tasks`, from the input alone). Each task runs on Ray Data
+(``concurrency`` at a time, on a local Ray, a Ray cluster, or KubeRay's), reads its row
+groups through the ``pyarrow.fs`` file system :mod:`imgpipe.storage` builds, resizes them
+(:func:`imgpipe.resize.ops.resize_batch`) and **writes its own output files** straight to
+the destination (:func:`imgpipe.resize.task.run_task`), hashed as written. Tasks return
+only metadata: each file's name, rows, bytes and sha256, their rejects, the rows they
+read. The driver records the files on its :class:`~imgpipe.contract.OutputWriter` and
+commits, so the output keeps the contract of every step (data files, ``rejects.parquet``,
+``config.yaml``, ``manifest.json``, ``_SUCCESS``; ``inputs == outputs + rejected``) while no
+pixel passes through the driver: adding Ray nodes adds write bandwidth. A row that cannot
 be resized becomes a reject, never a failed run.
 
 Output layout, one folder per split, each file sorted by ``order``::
 
-    DEST/train/part-00000.parquet   path, label, label_name, split, order, sha256,
-    DEST/train/part-00001.parquet   height, width, channels, pixels | image
-    DEST/val/part-00000.parquet
-    DEST/labels.json                (copied from clean)
+    DEST/train/part-00000-000.a<attempt>.parquet   path, label, label_name, split, order, sha256,
+    DEST/train/part-00001-000.a<attempt>.parquet   height, width, channels, pixels | image
+    DEST/val/part-00000-000.a<attempt>.parquet
+    DEST/labels.json                               (copied from clean)
+
+``part-TTTTT-KKK``: the task that wrote it and the file's index within that task and split;
+``a<attempt>``: the step attempt's id (:func:`imgpipe.contract.attempt_name`), so a task of an
+overtaken attempt never replaces a file of the attempt that commits. Readers take the names
+from the manifest, as always.
 
 Each row carries its own ``height``, ``width`` and ``channels``: every mode but
 ``whole`` makes them ``size x size``; ``whole`` keeps each picture's aspect, so its rows
@@ -33,20 +40,25 @@ schema carries clean's class names as Hugging Face ``datasets`` features
 Folders are plain names, not ``split=train`` (hive style): the files also hold a
 ``split`` column, and pyarrow refuses a dataset whose partition key repeats a column.
 
-Ray Data runs with ``preserve_order`` on, so rows come back in the manifest's order.
-clean writes its shuffled ``order`` in ascending runs, so each split's rows arrive
-ascending and stream into row groups as they come, with the driver holding at most
-one row group per split. Should an input ever arrive out of order, the writer starts
-a new file instead of breaking the sort. A re-run writes byte-identical data files.
+Tasks take neighbouring row groups and clean's row groups are sorted by ``order``, so a
+file holds a run of clean's shuffled order, sorted (a task starts a new file should its
+input ever go back). Names sort as the order runs: a split's files in name order continue
+its order. The plan depends only on the input, so a re-run on any cluster writes the same
+files with byte-identical content; only the attempt in their names differs.
+
+Memory: the driver holds the plan (one small item per input row group), one manifest
+entry per written file and the rejects; a task holds one input row group, one resized
+batch and at most one row group per split (:mod:`imgpipe.resize.task`). None of it grows
+with the number of images written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,17 +66,16 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgpipe import contract, resources, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
 from imgpipe.phases import PhaseLog
 from imgpipe.remote.targets import check_allowed
-from imgpipe.resize.ops import resize_batch
 
 # The settings are OpenCV-free (imgpipe.resize.spec) so the pipeline compiles without OpenCV.
-from imgpipe.resize.spec import ResizeConfig, ResizeSpec
+from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.task import TaskOutput, TaskResult, run_task
 
 __all__ = [
     "OUTPUT_COLUMNS",
@@ -72,11 +83,11 @@ __all__ = [
     "output_schema",
     "read_pixels",
     "list_row_groups",
-    "task_count",
-    "read_row_group",
-    "table_to_batch",
-    "resize_row_groups",
+    "plan_tasks",
     "task_arguments",
+    "ray_task",
+    "Results",
+    "collect_results",
     "resize",
 ]
 
@@ -99,8 +110,6 @@ OUTPUT_COLUMNS = {
     "jpeg": tuple(f.name for f in _META_FIELDS) + ("image",),
 }
 # bbox is optional (no step writes it yet); it feeds roi_crop when present.
-_READ_COLUMNS = ("path", "image", "label", "label_name", "split", "order", "sha256", "bbox")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def output_schema(fmt: Literal["raw", "jpeg"], classes: Sequence[str] | None = None) -> pa.Schema:
@@ -158,6 +167,7 @@ def _warm_worker() -> None:
     import ray.data  # noqa: F401
 
     from imgpipe.resize import ops as resize_ops  # noqa: F401
+    from imgpipe.resize import task as resize_task  # noqa: F401
 
 
 def _warm_workers(ray: Any, cpus: int) -> None:
@@ -213,17 +223,15 @@ def _data_context(cfg: ResizeConfig) -> Iterator[Any]:
         "max_errored_blocks": 0,
     }
     saved = {name: getattr(ctx, name) for name in options}
-    saved_order = ctx.execution_options.preserve_order
     for name, value in options.items():
         setattr(ctx, name, value)
-    # Keeps clean's file order, so split files stream out sorted and re-runs are identical.
-    ctx.execution_options.preserve_order = True
+    # No preserve_order: each task names its own files, so the order results come back in
+    # changes nothing, and a slow task does not hold back the others' results.
     try:
         yield ctx
     finally:
         for name, value in saved.items():
             setattr(ctx, name, value)
-        ctx.execution_options.preserve_order = saved_order
 
 
 # Fractional, so that one task per CPU still leaves a sliver for any other task Ray Data
@@ -259,86 +267,55 @@ def list_row_groups(files: Sequence[str]) -> list[dict[str, Any]]:
 
 # Ray Data's executor sees that a task has finished only at its next ray.wait() round, up to
 # 0.1 s later (ray 2.60.0, python/ray/data/_internal/execution/streaming_executor_state.py,
-# WAIT_FOR_TASK_COMPLETION_TIMEOUT_S), and every task opens its file first. With one task per
+# WAIT_FOR_TASK_COMPLETION_TIMEOUT_S), and every task opens its files first. With one task per
 # row group of clean's default 128 rows, the CPUs sat idle for about a third of the run on
-# 2 cores (docs/benchmarks.md). So a task takes a run of neighbouring row groups: still
-# TASKS_PER_SLOT tasks per concurrent slot, which keeps the last round short, and about
-# MAX_TASK_BYTES of input at most, so that a retried task redoes little.
-TASKS_PER_SLOT = 4
+# 2 cores (docs/benchmarks.md). So a task takes a run of neighbouring row groups. The plan
+# depends on the input alone, never on the cluster, because each task writes its own files:
+# the same input gives the same files on a laptop and on a hundred nodes. MIN_TASKS keeps
+# a small input spread over several CPUs; TASK_ROWS and MAX_TASK_BYTES bound one task's work
+# and output (a retried task redoes little, and a file holds at most a task's rows).
+MIN_TASKS = 16
+TASK_ROWS = 2048
 MAX_TASK_BYTES = 256 * 1024 * 1024
 
 
-def task_count(items: Sequence[Mapping[str, Any]], slots: int) -> int:
-    """How many Ray tasks share ``items`` (:func:`list_row_groups`) among ``slots`` at once.
+def plan_tasks(items: Sequence[Mapping[str, Any]]) -> list[list[tuple[str, int]]]:
+    """Groups the row groups ``items`` (:func:`list_row_groups`) into runs of neighbours, one per task.
 
     Returns:
-        At least one task, at most one per row group: ``TASKS_PER_SLOT`` per slot, or
-        more where the input exceeds ``MAX_TASK_BYTES`` per task.
-
-    Raises:
-        ValueError: If ``slots`` is below 1.
+        At least one task (an empty one for no input), at most one per row group:
+        ``MIN_TASKS``, or more where the input exceeds ``TASK_ROWS`` rows or
+        ``MAX_TASK_BYTES`` bytes per task. Each task is a list of ``(file, row_group)``;
+        consecutive tasks take consecutive row groups, sizes differing by one group at most.
     """
-    if slots < 1:
-        raise ValueError(f"slots must be at least 1, got {slots}")
+    if not items:
+        return [[]]
+    rows = sum(int(item["rows"]) for item in items)
     total = sum(int(item["bytes"]) for item in items)
-    wanted = max(slots * TASKS_PER_SLOT, math.ceil(total / MAX_TASK_BYTES))
-    return max(1, min(len(items), wanted))
+    wanted = max(MIN_TASKS, math.ceil(rows / TASK_ROWS), math.ceil(total / MAX_TASK_BYTES))
+    bounds = np.linspace(0, len(items), min(len(items), wanted) + 1).round().astype(int)
+    units = [(str(item["file"]), int(item["row_group"])) for item in items]
+    return [units[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def read_row_group(filesystem: Any, path: str, row_group: int) -> pa.Table:
-    """Reads the resize inputs (clean's columns, ``bbox`` if present) of one row group."""
-
-    def read() -> pa.Table:
-        with filesystem.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh)
-            columns = [c for c in _READ_COLUMNS if c in pf.schema_arrow.names]
-            return pf.read_row_group(row_group, columns=columns)
-
-    return storage.with_retries(read, attempts=3, describe=f"reading row group {row_group} of {path}")
-
-
-def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    """A numpy batch as Ray Data hands one to a batch function: nested cells as Python objects."""
-    batch: dict[str, np.ndarray] = {}
-    for name in table.column_names:
-        column = table.column(name)
-        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-            batch[name] = column.to_numpy()
-        else:
-            cells = np.empty(len(column), dtype=object)
-            for i, value in enumerate(column.to_pylist()):
-                cells[i] = value
-            batch[name] = cells
-    return batch
+def task_arguments(cfg: ResizeConfig, out: TaskOutput) -> dict[str, Any]:
+    """What every resize task gets besides its row groups: settings only, never credentials."""
+    return {
+        "spec": cfg.spec,
+        "split_specs": cfg.split_specs,
+        "batch_size": cfg.batch_size,
+        "out": out,
+        "settings": storage.settings(),
+    }
 
 
-def resize_row_groups(
-    items: dict[str, np.ndarray],
-    spec: ResizeSpec,
-    batch_size: int,
-    settings: storage.Settings,
-    split_specs: Mapping[str, ResizeSpec] | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """The Ray task body: reads the listed row groups and resizes them ``batch_size`` rows at a time.
-
-    A generator, so Ray Data stores each resized batch as it comes and a task never
-    holds more than one row group of inputs plus one batch of outputs. The file system
-    is made here, with the driver's endpoint settings (``s3``) and the worker's own
-    credentials. ``split_specs`` gives some splits other settings (see :func:`resize_batch`).
-    """
-    storage.use_settings(settings)
-    node = _node_id()
-    for uri, row_group in zip(items["file"], items["row_group"]):
-        filesystem, path = storage.arrow_filesystem(str(uri))
-        table = read_row_group(filesystem, path, int(row_group))
-        for start in range(0, table.num_rows, batch_size):
-            out = resize_batch(table_to_batch(table.slice(start, batch_size)), spec, split_specs)
-            out[NODE_COLUMN] = np.full(len(out["path"]), node, dtype=object)
-            yield out
-
-
-# The Ray node that resized a row: driver-side bookkeeping (manifest extra.ray_nodes), never written.
-NODE_COLUMN = "_ray_node"
+def ray_task(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+    """The Ray batch function: runs each task of ``batch`` (:func:`run_task`) and returns their results as JSON."""
+    results = [
+        run_task(int(task), json.loads(units), node=_node_id(), **kwargs).to_dict()
+        for task, units in zip(batch["task"], batch["units"])
+    ]
+    return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
 
 
 def _node_id() -> str:
@@ -348,192 +325,82 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else ""
 
 
-def task_arguments(cfg: ResizeConfig) -> dict[str, Any]:
-    """What every resize task gets besides its items: settings only, never credentials."""
-    return {"spec": cfg.spec, "split_specs": cfg.split_specs, "batch_size": cfg.batch_size, "settings": storage.settings()}
-
-
-def _build_dataset(ray: Any, files: Sequence[str], cfg: ResizeConfig) -> tuple[Any, int]:
-    items = list_row_groups(files)
+def _build_dataset(ray: Any, tasks: Sequence[Sequence[tuple[str, int]]], cfg: ResizeConfig, out: TaskOutput) -> Any:
     # Row groups are read by our own tasks rather than ray.data.read_parquet: Ray Data
     # 2.60 resolves read_parquet's paths in 8 threads that each import
     # fsspec.implementations.http; without aiohttp (ray[data] does not install it) two
     # threads failing that import at once can raise "ImportError: cannot import name
     # 'HTTPFileSystem'", which Ray's `except ModuleNotFoundError` misses (see
     # ray/data/datasource/path_util.py::_is_http_filesystem). It failed one S3 run in
-    # three here. Reading row groups ourselves also fixes the order by the manifest.
-    slots = _task_concurrency(ray, cfg)
-    # from_items cuts the list into contiguous blocks, and batch_size=None hands each task
-    # its whole block: one task per run of neighbouring row groups, in order.
-    ds = ray.data.from_items(items, override_num_blocks=task_count(items, slots))
-    ds = ds.map_batches(
-        resize_row_groups,
-        fn_kwargs=task_arguments(cfg),
+    # three here. Reading row groups ourselves also fixes which task writes which rows.
+    rows = [{"task": i, "units": json.dumps(units)} for i, units in enumerate(tasks)]
+    # One item per block and batch_size=None: one Ray task per planned task.
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    return ds.map_batches(
+        ray_task,
+        fn_kwargs=task_arguments(cfg, out),
         batch_size=None,
         batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=slots),
+        compute=ray.data.TaskPoolStrategy(size=_task_concurrency(ray, cfg)),
         num_cpus=TASK_CPUS,
     )
-    return ds, sum(item["rows"] for item in items)
 
 
 # ----------------------------------------------------------------------------------------
-# Writing: one stream of sorted shards per split.
+# The driver's side: metadata only.
 
 
 @dataclass
-class _Shard:
-    stack: contextlib.ExitStack
-    sink: contract.ParquetSink
-    last_order: int = -1
+class Results:
+    """What the driver keeps of the tasks' results: no pixel, no per-row record of good rows.
 
-
-@dataclass
-class _SplitStream:
-    split: str
-    pending: list[pa.Table] = field(default_factory=list)
-    pending_rows: int = 0
-    shard: _Shard | None = None
-    shards: int = 0
-
-
-class _SplitWriter:
-    """Streams each split's rows into ``SPLIT/part-NNNNN.parquet`` files sorted by ``order``.
-
-    Holds at most about one row group per split in memory. Files are committed through
-    :mod:`imgpipe.storage` (temporary name, then rename/complete) and recorded on the
-    :class:`OutputWriter`; if the run fails, open files are abandoned uncommitted.
+    Its memory grows with the number of files (one entry each, on the ``OutputWriter``)
+    and of rejected rows, never with the rows written.
     """
-
-    def __init__(self, out: OutputWriter, schema: pa.Schema, rows_per_shard: int, row_group_rows: int) -> None:
-        self.out = out
-        self.schema = schema
-        self.rows_per_shard = rows_per_shard
-        self.row_group_rows = min(row_group_rows, rows_per_shard)
-        self.streams: dict[str, _SplitStream] = {}
-        self.written: dict[str, int] = {}
-
-    def __enter__(self) -> _SplitWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            self._abort(exc_type, exc, tb)
-            return
-        try:
-            for stream in self.streams.values():
-                self._drain(stream, final=True)
-                self._close(stream)
-        except BaseException as err:
-            self._abort(type(err), err, err.__traceback__)
-            raise
-
-    def _abort(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        for stream in self.streams.values():
-            if stream.shard is not None:
-                # Handing the exception to storage.open_write drops the unfinished object.
-                stream.shard.stack.__exit__(exc_type, exc, tb)
-                stream.shard = None
-
-    def add(self, table: pa.Table) -> None:
-        """Queues rows (of any splits) and writes every full row group."""
-        splits = table.column("split")
-        names = pc.unique(splits).to_pylist()
-        for split in names:
-            if not isinstance(split, str) or not _SAFE_NAME.fullmatch(split) or split in (".", ".."):
-                raise ValueError(f"split value {split!r} cannot name an output folder")
-            # Clean writes one split per file, so a batch is normally one split: no copy.
-            part = table if len(names) == 1 else table.filter(pc.equal(splits, split))
-            stream = self.streams.setdefault(split, _SplitStream(split))
-            stream.pending.append(part)
-            stream.pending_rows += part.num_rows
-            if stream.pending_rows >= self.row_group_rows:
-                self._drain(stream, final=False)
-
-    def _open(self, stream: _SplitStream) -> _Shard:
-        name = f"{stream.split}/part-{stream.shards:05d}.parquet"
-        stream.shards += 1
-        stack = contextlib.ExitStack()
-        # The house Parquet settings, plus the sort order, for readers.
-        order = [pq.SortingColumn(self.schema.get_field_index("order"))]
-        sink = stack.enter_context(self.out.parquet_file(name, self.schema, sorting_columns=order))
-        return _Shard(stack, sink)
-
-    def _close(self, stream: _SplitStream) -> None:
-        shard = stream.shard
-        if shard is None:
-            return
-        stream.shard = None
-        shard.stack.close()  # commits the object and records it on the OutputWriter
-        self.written[stream.split] = self.written.get(stream.split, 0) + shard.sink.rows
-
-    def _drain(self, stream: _SplitStream, final: bool) -> None:
-        if not stream.pending:
-            return
-        table = pa.concat_tables(stream.pending)
-        order = table.column("order").to_numpy()
-        if len(order) > 1 and (order[1:] < order[:-1]).any():
-            # Rows normally arrive ascending (preserve_order); sorting copies every pixel.
-            table = table.sort_by("order")
-        stream.pending, stream.pending_rows = [], 0
-        while table.num_rows >= self.row_group_rows or (final and table.num_rows):
-            first = table.column("order")[0].as_py()
-            if stream.shard is not None and first <= stream.shard.last_order:
-                self._close(stream)  # out-of-order input: a new file keeps every file sorted
-            if stream.shard is None:
-                stream.shard = self._open(stream)
-            shard = stream.shard
-            n = min(self.row_group_rows, self.rows_per_shard - shard.sink.rows, table.num_rows)
-            chunk = table.slice(0, n)
-            shard.sink.write(chunk, row_group_size=n)
-            shard.last_order = chunk.column("order")[n - 1].as_py()
-            table = table.slice(n)
-            if shard.sink.rows >= self.rows_per_shard:
-                self._close(stream)
-        if table.num_rows:
-            stream.pending, stream.pending_rows = [table], table.num_rows
-
-
-def _split_results(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, list[Reject]]:
-    """Separates good rows (cast to the output schema) from error rows (as rejects)."""
-    failed = pc.not_equal(table.column("error_reason"), "")
-    good = table.select(schema.names)
-    if not pc.any(failed).as_py():  # the usual batch: keep its pixels where they are, no copy
-        return good.cast(schema), []
-    rejects = [
-        Reject(path=r["path"], reason=r["error_reason"], detail=r["error_detail"] or "")
-        for r in table.select(["path", "error_reason", "error_detail"]).filter(failed).to_pylist()
-    ]
-    return good.filter(pc.invert(failed)).cast(schema), rejects
-
-
-@dataclass
-class _Results:
-    """What came back from the tasks, besides the rows written."""
 
     rejects: list[Reject] = field(default_factory=list)
     seen: int = 0
-    nodes: Counter[str] = field(default_factory=Counter)
+    tasks: int = 0
+    node_rows: Counter[str] = field(default_factory=Counter)
+    node_files: Counter[str] = field(default_factory=Counter)
+    splits: Counter[str] = field(default_factory=Counter)
 
 
-def _write_results(batches: Iterable[pa.Table], sink: _SplitWriter, schema: pa.Schema, inputs: int) -> _Results:
-    """Writes the good rows of every result batch to ``sink`` and collects the rejects.
+def collect_results(results: Iterable[TaskResult], out: OutputWriter, inputs: int, tasks: int) -> Results:
+    """Records every task's files on ``out`` and gathers rejects, counts and nodes, logging progress.
 
-    The executor only supplies ``batches`` (Ray Data here; a process pool in
+    The executor only supplies ``results`` (Ray Data here; a process pool in
     ``bench/resize.py``'s baseline), so the rest of the step is the same for both.
+
+    Raises:
+        RuntimeError: If a task's rows do not reconcile with what it wrote and rejected.
     """
-    results = _Results()
+    got = Results()
     next_log = 1000
-    for batch in batches:
-        results.nodes.update(batch.column(NODE_COLUMN).to_pylist())
-        good, bad = _split_results(batch, schema)
-        sink.add(good)
-        results.rejects.extend(bad)
-        results.seen += batch.num_rows
-        if results.seen >= next_log:
-            log.info("resize: %d/%d images", results.seen, inputs)
-            next_log = results.seen + max(1000, inputs // 10)
-    return results
+    for result in results:
+        written = sum(f.rows for f in result.files)
+        if written + len(result.rejects) != result.rows:
+            raise RuntimeError(
+                f"resize task {result.task} read {result.rows} rows but wrote {written} and rejected {len(result.rejects)}"
+            )
+        for entry in result.files:
+            out.add_file(entry)
+            got.splits[entry.name.split("/", 1)[0]] += entry.rows
+        got.rejects.extend(result.rejects)
+        got.seen += result.rows
+        got.tasks += 1
+        got.node_rows[result.node] += result.rows
+        got.node_files[result.node] += len(result.files)
+        if got.seen >= next_log or got.tasks == tasks:
+            log.info("resize: %d/%d images, %d/%d tasks", got.seen, inputs, got.tasks, tasks)
+            next_log = got.seen + max(1000, inputs // 10)
+    return got
+
+
+def _ray_results(ds: Any) -> Iterator[TaskResult]:
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for value in batch["result"]:
+            yield TaskResult.from_dict(json.loads(value))
 
 
 # ----------------------------------------------------------------------------------------
@@ -578,22 +445,26 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepRepor
     upstream_extra = manifest.get("extra", {})
     # No class names upstream (a hand-made clean output): no ClassLabel rather than a wrong one.
     schema = output_schema(cfg.format, upstream_extra.get("classes") or None)
+    items = list_row_groups(files)
+    listed = sum(item["rows"] for item in items)
+    if listed != inputs:
+        raise ValueError(f"{source}: the manifest lists {inputs} rows but its files hold {listed}")
+    tasks = plan_tasks(items)
     out = OutputWriter(dest, "resize")
     out.begin()
-    results = _Results()
-    with _SplitWriter(out, schema, cfg.rows_per_shard, cfg.row_group_rows) as sink:
-        if files:
-            with _ray_session(cfg) as ray, _data_context(cfg):
-                ds, listed = _build_dataset(ray, files, cfg)
-                if listed != inputs:
-                    raise ValueError(f"{source}: the manifest lists {inputs} rows but its files hold {listed}")
-                batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
-                results = _write_results(batches, sink, schema, inputs)
-    phases.done("ray", rows=results.seen, rejected=len(results.rejects), files=len(files), ray_nodes=len(results.nodes))
+    task_out = TaskOutput(dest=out.dest, attempt=out.attempt, schema=schema, rows_per_shard=cfg.rows_per_shard, row_group_rows=cfg.row_group_rows)
+    results = Results()
+    if items:
+        with _ray_session(cfg) as ray, _data_context(cfg):
+            ds = _build_dataset(ray, tasks, cfg, task_out)
+            results = collect_results(_ray_results(ds), out, inputs, len(tasks))
+    if results.tasks != len(tasks) and items:
+        raise RuntimeError(f"resize: {results.tasks} of {len(tasks)} tasks reported back; refusing to commit {out.dest}")
+    phases.done("ray", rows=results.seen, rejected=len(results.rejects), tasks=results.tasks, files=len(out.files), ray_nodes=len(results.node_rows))
     labels_uri = storage.join(source, LABELS_FILE)
     if storage.exists(labels_uri):
         storage.write_bytes(out.uri(LABELS_FILE), storage.read_bytes(labels_uri))
-    written = dict(sorted(sink.written.items()))
+    written = dict(sorted(results.splits.items()))
     report = out.commit(
         inputs=inputs,
         rejects=results.rejects,
@@ -613,8 +484,11 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepRepor
             "classes": upstream_extra.get("classes", []),
             "num_classes": upstream_extra.get("num_classes", 0),
             "rows_returned": results.seen,
-            # Rows resized per Ray node: where the work ran (a multi-node cluster spreads it).
-            "ray_nodes": dict(sorted(results.nodes.items())),
+            "tasks": len(tasks),
+            # Rows resized and files written per Ray node: where the work ran (a multi-node
+            # cluster spreads both).
+            "ray_nodes": dict(sorted(results.node_rows.items())),
+            "ray_node_files": dict(sorted(results.node_files.items())),
         },
         upstream={"source": source, "step": manifest.get("step"), "outputs": manifest.get("outputs")},
     )
