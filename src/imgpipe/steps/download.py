@@ -28,12 +28,13 @@ followed by hand so that every hop is checked against it before connecting; a re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
-import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlparse
 
+import numpy as np
 import pyarrow as pa
 import requests
 import urllib3
@@ -139,8 +141,9 @@ class DownloadConfig:
             row group).
         retries: HTTP retries after a failed attempt that made no progress.
         timeout_s: HTTP connect and read timeout.
-        write_workers: Threads writing shards in parallel; memory holds at most
-            ``write_workers + 1`` shards.
+        write_workers: Threads hashing row groups in parallel; memory holds at most
+            ``write_workers + 2`` row groups (of ``row_group_rows`` rows, 32 MiB at most),
+            whatever ``shard_bytes``.
         backoff_s: First HTTP retry delay; it doubles on each consecutive failure.
     """
 
@@ -537,65 +540,140 @@ def _shard_table(rows: Sequence[tuple[str, bytes]]) -> pa.Table:
     )
 
 
-class _ShardWriter:
-    """Cuts rows into ~``shard_bytes`` shards written by a bounded thread pool.
+# A row group is cut at row_group_rows rows or at this many bytes, whichever comes first, so
+# that large images never make a row group (the unit of memory here and of work in clean) huge.
+_ROW_GROUP_BYTES = 32 * _MiB
 
-    At most ``write_workers`` shards are in flight; one more is being filled, so
-    memory stays at ``(write_workers + 1) * shard_bytes`` plus one member.
+
+class _ShardWriter:
+    """Streams rows into ~``shard_bytes`` shards, one row group at a time.
+
+    Rows are cut into row groups (``row_group_rows`` rows or ``_ROW_GROUP_BYTES``); each
+    row group is hashed and made a table in a pool thread (hashlib and Arrow release the
+    GIL), at most ``write_workers`` at once, and appended to the open shard in order. A
+    shard is committed when its members (header and path counted, as for
+    ``max_total_bytes``) reach ``shard_bytes``. Memory holds at most ``write_workers + 2``
+    row groups, whatever ``shard_bytes`` and the number of members.
     """
 
     def __init__(self, out: OutputWriter, cfg: DownloadConfig) -> None:
         self._out = out
         self._cfg = cfg
         self._pool = ThreadPoolExecutor(cfg.write_workers, thread_name_prefix="imgpipe-shard")
-        self._slots = threading.BoundedSemaphore(cfg.write_workers)
-        self._futures: list[Future[Any]] = []
+        self._pending: deque[Future[pa.Table]] = deque()
         self._rows: list[tuple[str, bytes]] = []
-        self._buffered = 0
+        self._group_bytes = 0
+        self._shard_bytes = 0
+        self._shard: tuple[contextlib.ExitStack, contract.ParquetSink] | None = None
         self.shards = 0
 
     def add(self, member: archive.Member, data: bytes) -> None:
         self._rows.append((member.path, data))
+        self._group_bytes += len(data)
         # Header and path count too: a million empty members must still cut shards.
-        self._buffered += member.header_bytes + len(data)
-        if self._buffered >= self._cfg.shard_bytes:
-            self._submit()
+        self._shard_bytes += member.header_bytes + len(data)
+        shard_full = self._shard_bytes >= self._cfg.shard_bytes
+        if shard_full or len(self._rows) >= self._cfg.row_group_rows or self._group_bytes >= _ROW_GROUP_BYTES:
+            self._submit(end_of_shard=shard_full)
 
-    def _submit(self) -> None:
-        if not self._rows:
+    def _submit(self, end_of_shard: bool) -> None:
+        if self._rows:
+            self._pending.append(self._pool.submit(_shard_table, self._rows))
+            self._rows, self._group_bytes = [], 0
+        if end_of_shard:
+            self._pending.append(_END_OF_SHARD)
+            self._shard_bytes = 0
+        while len(self._pending) > self._cfg.write_workers:
+            self._write_next()
+
+    def _write_next(self) -> None:
+        head = self._pending.popleft()
+        if head is _END_OF_SHARD:
+            self._close_shard()
             return
-        self._raise_failures()
-        self._slots.acquire()
-        rows, self._rows, self._buffered = self._rows, [], 0
-        name = f"part-{self.shards:05d}.parquet"
-        self.shards += 1
-        future = self._pool.submit(self._write, name, rows)
-        future.add_done_callback(lambda _: self._slots.release())
-        self._futures.append(future)
+        table = head.result()
+        if self._shard is None:
+            stack = contextlib.ExitStack()
+            name = f"part-{self.shards:05d}.parquet"
+            self.shards += 1
+            # The contract's Parquet defaults leave the bytes column uncompressed, without
+            # dictionary pages or statistics.
+            self._shard = (stack, stack.enter_context(self._out.parquet_file(name, SHARD_SCHEMA)))
+        self._shard[1].write(table)
 
-    def _write(self, name: str, rows: list[tuple[str, bytes]]) -> None:
-        # The contract's Parquet defaults already leave the bytes column uncompressed,
-        # without dictionary pages or statistics.
-        self._out.write_table(name, _shard_table(rows), row_group_size=self._cfg.row_group_rows)
-
-    def _raise_failures(self) -> None:
-        for future in self._futures:
-            if future.done() and future.exception() is not None:
-                raise future.exception()  # type: ignore[misc]
+    def _close_shard(self) -> None:
+        if self._shard is not None:
+            stack, self._shard = self._shard[0], None
+            stack.close()  # commits the object and records it on the OutputWriter
 
     def close(self) -> None:
-        """Writes the last partial shard and waits for every write; re-raises the first failure."""
-        self._submit()
+        """Writes the last rows and shard and waits for every write; re-raises the first failure."""
+        self._submit(end_of_shard=True)
+        while self._pending:
+            self._write_next()
         self._pool.shutdown(wait=True)
-        for future in self._futures:
-            future.result()
 
     def abort(self) -> None:
-        """Drops queued writes and waits for running ones (their files stay uncommitted)."""
+        """Drops queued work and the open shard (uncommitted)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._shard is not None:
+            stack, self._shard = self._shard[0], None
+            try:
+                raise RuntimeError("download aborted")
+            except RuntimeError as exc:
+                # Handing an exception to storage.open_write drops the unfinished object.
+                stack.__exit__(type(exc), exc, exc.__traceback__)
+
+
+# Marks where a shard ends in _ShardWriter's queue of row groups.
+_END_OF_SHARD: Any = object()
 
 
 # --------------------------------------------------------------------------- extraction
+
+
+class _SeenPaths:
+    """The member paths seen so far, 16 bytes each: finds a duplicate path in a stream of millions.
+
+    A set of the paths themselves costs about 150 bytes a member (the string and the set's
+    slot), 150 MB at a million members. Each path is kept as its 128-bit BLAKE2b digest
+    instead (a collision is as likely as guessing a random 128-bit key), recent ones in a
+    small set, older ones in sorted NumPy runs merged as they double (a log-structured
+    merge: each digest is re-sorted O(log n) times, a look-up searches O(log n) runs).
+    """
+
+    _RECENT = 1 << 16
+
+    def __init__(self) -> None:
+        self._recent: set[bytes] = set()
+        self._runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self._recent) + sum(len(run) for run in self._runs)
+
+    def add(self, path: str) -> bool:
+        """Adds ``path``; whether it had been added before."""
+        key = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+        if key in self._recent or any(self._in_run(run, key) for run in self._runs):
+            return True
+        self._recent.add(key)
+        if len(self._recent) >= self._RECENT:
+            self._flush()
+        return False
+
+    @staticmethod
+    def _in_run(run: np.ndarray, key: bytes) -> bool:
+        # Every key is exactly 16 bytes, so NumPy's fixed-width comparison is exact.
+        probe = np.array([key], dtype="S16")
+        at = int(np.searchsorted(run, probe)[0])
+        return at < len(run) and bool(run[at : at + 1] == probe)
+
+    def _flush(self) -> None:
+        run = np.sort(np.array(list(self._recent), dtype="S16"))
+        self._recent = set()
+        while self._runs and len(self._runs[-1]) <= 2 * len(run):
+            run = np.sort(np.concatenate([self._runs.pop(), run]))
+        self._runs.append(run)
 
 
 @dataclass
@@ -608,7 +686,7 @@ class _Extraction:
     charged: int = 0  # data plus header and path bytes, all sources: max_total_bytes
     expanded: int = 0  # the same for the current source, plus skipped tar data: the ratio
     rejects: list[Reject] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
+    seen: _SeenPaths = field(default_factory=lambda: _SeenPaths())
 
     def start(self, source: _Source) -> None:
         """Begins a source; refuses a zip whose index alone declares too many entries.
@@ -631,8 +709,7 @@ class _Extraction:
 
     def screen(self, member: archive.Member) -> Reject | None:
         """The reject for a member that must not be read, else ``None``."""
-        duplicate = member.path in self.seen
-        self.seen.add(member.path)
+        duplicate = self.seen.add(member.path)
         if member.reason is not None:
             return Reject(member.path, member.reason, member.detail)
         if duplicate:
