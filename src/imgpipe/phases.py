@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import logging
 import numbers
+import resource
+import sys
 import time
 
-__all__ = ["PhaseLog"]
+__all__ = ["PhaseLog", "peak_rss_mb"]
+
+
+def peak_rss_mb() -> int:
+    """This process's peak resident memory so far, in MB (what a pod's memory limit is set against)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return int(peak * (1 if sys.platform == "darwin" else 1024) / 1e6)
 
 
 class PhaseLog:
@@ -44,7 +53,7 @@ class PhaseLog:
         now = time.monotonic()
         seconds, self._last = now - self._last, now
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in counts.items())
-        self._log.info("%s: %s: %s (%.2f s)", self.step, phase, shown or "done", seconds)
+        self._log.info("%s: %s: %s (%.2f s, peak RSS %d MB)", self.step, phase, shown or "done", seconds, peak_rss_mb())
         return seconds
 
     @property

@@ -259,7 +259,7 @@ def test_phase_lines_carry_counts_and_time_only(caplog):
     phases = PhaseLog("clean")
     with caplog.at_level(logging.INFO, logger="imgpipe.steps.clean"):
         seconds = phases.done("decode", rows=725, rejected=5, ratio=0.5)
-    assert seconds >= 0 and re.fullmatch(r"clean: decode: rows=725 rejected=5 ratio=0\.5 \(\d+\.\d\d s\)", caplog.messages[-1])
+    assert seconds >= 0 and re.fullmatch(r"clean: decode: rows=725 rejected=5 ratio=0\.5 \(\d+\.\d\d s, peak RSS \d+ MB\)", caplog.messages[-1])
     with pytest.raises(TypeError, match="counts only"):
         phases.done("fetch", source="s3://key:secret@bucket/x")
 
@@ -269,7 +269,7 @@ def test_every_data_step_logs_its_phases(outputs, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="imgpipe"):
         dl = download([str(_tar(tmp_path / "a.tar.gz"))], f"{store}/download", DownloadConfig())
         clean(dl.dest, f"{store}/clean", CleanConfig(workers=1, label_source="folder"))
-    lines = [m for m in caplog.messages if re.fullmatch(r"(download|clean): [a-z ]+: .* \(\d+\.\d\d s\)", m)]
+    lines = [m for m in caplog.messages if re.fullmatch(r"(download|clean): [a-z ]+: .* \(\d+\.\d\d s, peak RSS \d+ MB\)", m)]
     phases = [tuple(m.split(": ")[:2]) for m in lines]
     assert phases == [
         ("download", "fetch"), ("download", "dry run"), ("download", "extract"), ("download", "commit"),

@@ -20,7 +20,7 @@ from imgpipe.data.labels import Labeler, choose_label_source, encode_labels, rea
 
 __all__ = ["Placement", "Plan", "read_index", "stratified_split", "shuffled_order", "build_labeler", "plan_rows"]
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Placement:
     """Where a row goes if it decodes; decided from metadata before any decoding."""
 
@@ -134,6 +134,8 @@ def plan_rows(
             candidates.append((path, name, sha))
     classes = encode_labels(name for _, name, _ in candidates)
     index = {name: i for i, name in enumerate(classes)}
+    # One string object per class, not one per row: the plan holds a placement per image.
+    shared = {name: name for name in classes}
     label_ids = [index[name] for _, name, _ in candidates]
     known = known or {}
     fresh = [i for i, (_, _, sha) in enumerate(candidates) if sha not in known]
@@ -142,5 +144,5 @@ def plan_rows(
     order = shuffled_order(len(candidates), cfg.seed)
     plan = Plan(classes=classes, deferred=deferred)
     for (path, name, sha), lab, split, o in zip(candidates, label_ids, splits, order):
-        plan.placements[path] = Placement(int(o), lab, name, split, sha, carried=sha in known)
+        plan.placements[path] = Placement(int(o), lab, shared[name], split, sha, carried=sha in known)
     return plan

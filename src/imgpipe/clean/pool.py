@@ -86,7 +86,7 @@ _MIN_IMAGE_BYTES = 128 << 20
 _MAX_BARREN_RESTARTS = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RowResult:
     """Outcome of validating one input row (small: no image bytes)."""
 

@@ -4,7 +4,7 @@ Reads a committed download output (``path``, ``bytes``, ``size``, ``sha256`` row
 writes Parquet shards whose rows are in a seeded random order, so that later steps
 and the training loader can stream them sequentially and still see a shuffled set.
 
-The work happens in three passes, each bounded in memory by one shard:
+The work happens in three passes:
 
 1. **validate** (process pool, all cores): each task decodes one Parquet row group,
    writes the usable images to a local spill file and returns only small per-row
@@ -117,6 +117,12 @@ class _RowGather:
         return pa.Table.from_batches(slices, schema=schema)
 
 
+# Shards written at once. Each maps its spill files (one shard: rows_per_shard images) and
+# gathers them in order, so this times a shard is the write pass's memory; more threads
+# than CPUs only add to it (the gather and the hashing are CPU work).
+_WRITE_THREADS = 4
+
+
 def _write_shards(
     bucket_dir: Path,
     kept_per_shard: dict[int, int],
@@ -154,7 +160,7 @@ def _write_shards(
                 sink.write(chunk, row_group_size=len(rows))
 
     shards = sorted(s for s, n in kept_per_shard.items() if n)
-    with ThreadPoolExecutor(max_workers=min(4, max(1, len(shards)))) as pool:
+    with ThreadPoolExecutor(max_workers=min(_WRITE_THREADS, resources.available_cpus(), max(1, len(shards)))) as pool:
         for fut in [pool.submit(write_one, part, shard) for part, shard in enumerate(shards)]:
             fut.result()
 
