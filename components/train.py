@@ -30,6 +30,8 @@ def train(
 ) -> None:
     """Trains on the resize output at ``resized`` (a committed prefix); records the run for incremental retraining.
 
+    One process per GPU of the pod (``imgpipe compile --train-gpus N``); rank 0 writes.
+
     ``resume`` is on: the prefix is the run's own, so a first attempt starts fresh and a
     retried attempt continues from the checkpoint of the failed one. A sweep's branch
     (``branch``, :mod:`imgpipe.sweep`) writes the run's ``train-{branch}`` prefix instead
@@ -37,7 +39,7 @@ def train(
     """
     from imgpipe import config
     from imgpipe.kfp import artifacts as ka
-    from imgpipe.steps.train import train
+    from imgpipe.remote.dispatch import run_train
     from imgpipe.sweep import branch_step
     from imgpipe.train.config import TrainConfig
 
@@ -45,7 +47,7 @@ def train(
     cfg = config.step_config(TrainConfig, step_config, "train", **named, weights_cache=ka.weights_cache(data_root))
     step = branch_step(branch) if branch else "train"
     data, out = ka.committed_prefix(resized, "resize"), ka.run_prefix(data_root, run_id, step)
-    result = train(data, out, cfg)
+    result = run_train(data, out, cfg)  # on every GPU the task was given (--train-gpus)
     ka.publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)
     ka.write_step_artifact(trained, result.dest, branch=branch)
     if not branch:

@@ -46,6 +46,7 @@ from imgpipe.clean.config import CleanConfig
 from imgpipe.config import field_default, field_docs, plain_text
 from imgpipe.containers.catalog import ImageSet
 from imgpipe.kfp.artifacts import PIPELINE_NAME
+from imgpipe.remote.ranks import PROCS_ENV
 from imgpipe.resize.spec import ResizeConfig
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
 from imgpipe.train.config import TrainConfig
@@ -182,7 +183,10 @@ class Retry:
 
 @dataclass(frozen=True)
 class GpuScheduling:
-    """Where the train task runs: one accelerator, the taint it tolerates, the nodes it selects.
+    """Where the train task runs: its accelerators, the taint it tolerates, the nodes it selects.
+
+    ``count`` GPUs, one training process each; the task's CPUs are ``count`` times train's
+    (each process has its loader workers), and its memory is train's limit as set.
 
     The defaults fit the NVIDIA GPU operator (nodes labelled
     ``nvidia.com/gpu.present=true``) and GPU node pools tainted ``nvidia.com/gpu``.
@@ -243,8 +247,19 @@ class Outputs(NamedTuple):
     report: HTML
 
 
+def _cpus_times(quantity: str, n: int) -> str:
+    """A CPU quantity (``"8"``, ``"500m"``) ``n`` times over."""
+    if quantity.endswith("m"):
+        return f"{int(quantity[:-1]) * n}m"
+    return f"{float(quantity) * n:g}"
+
+
 def _configure(task: dsl.PipelineTask, step: str, image: str, options: PipelineOptions, retry: Retry | None) -> None:
     res = options.resources[step]
+    if step == "train" and options.gpu is not None and options.gpu.count > 1:
+        # One training process per GPU, each with its loader workers.
+        n = options.gpu.count
+        res = Resources(_cpus_times(res.cpu_request, n), _cpus_times(res.cpu_limit, n), res.memory_request, res.memory_limit)
     task.set_display_name(step)
     task.set_container_image(image)
     task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
@@ -266,6 +281,8 @@ def _configure(task: dsl.PipelineTask, step: str, image: str, options: PipelineO
 
 def _schedule_on_gpu(task: dsl.PipelineTask, gpu: GpuScheduling) -> None:
     task.set_accelerator_type(gpu.accelerator).set_accelerator_limit(gpu.count)
+    # One training process per GPU (imgpipe.remote.ranks); CPU and memory grow with them.
+    task.set_env_variable(PROCS_ENV, str(gpu.count))
     kubernetes.add_toleration(task, key=gpu.toleration_key, operator="Exists", effect="NoSchedule")
     for key, value in gpu.node_selector:
         kubernetes.add_node_selector(task, label_key=key, label_value=value)

@@ -133,7 +133,7 @@ def test_each_task_runs_its_kind_of_image_without_installing_anything(compiled):
         command = " ".join(_container(ir, task)["command"])
         assert "pip install" not in command, "install_kfp_package=False: the image has kfp and imgpipe"
         # A step that may run remotely goes through the layer that decides where it runs.
-        runner = "from imgpipe.remote.dispatch import" if step in REMOTE_STEPS else f"from imgpipe.steps.{step} import"
+        runner = "from imgpipe.remote.dispatch import" if step in REMOTE_STEPS or step == "train" else f"from imgpipe.steps.{step} import"
         assert "kfp.dsl.executor_main" in command and runner in command
         env = {e["name"]: e["value"] for e in _container(ir, task).get("env", [])}
         assert env["PYTHONUNBUFFERED"] == "1"

@@ -46,6 +46,10 @@ def _compile_options(p: argparse.ArgumentParser) -> None:
         "--gpu", action=argparse.BooleanOptionalAction, default=None,
         help="schedule train on a GPU node (default: $IMGPIPE_TRAIN_GPU, else on)",
     )
+    p.add_argument(
+        "--train-gpus", type=int, metavar="N",
+        help="GPUs of the train task, one training process each (default: $IMGPIPE_TRAIN_GPUS, else 1)",
+    )
 
 
 def _pipeline_options(p: argparse.ArgumentParser) -> None:
@@ -366,7 +370,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from imgpipe.kfp import client as kfp_client
 
     path = kfp_client.compile_package(
-        args.out, caching=args.caching, gpu=args.gpu, pipeline=args.pipeline, parallelism=args.parallelism
+        args.out, caching=args.caching, gpu=args.gpu, pipeline=args.pipeline, parallelism=args.parallelism,
+        train_gpus=args.train_gpus,
     )
     print(f"{path}: version {kfp_client.version_name(path, args.pipeline)}, caching {'on' if args.caching else 'off'}")
     return 0

@@ -110,6 +110,8 @@ SERVICE_ACCOUNT_ENV = "IMGPIPE_SERVICE_ACCOUNT"
 # only one the RayJob Role is bound to. Runs in a profile namespace use it unless told otherwise.
 PIPELINE_SERVICE_ACCOUNT = "imgpipe-pipeline"
 GPU_ENV = "IMGPIPE_TRAIN_GPU"
+# GPUs (one training process each) the train task gets, when it runs on GPU nodes.
+GPUS_ENV = "IMGPIPE_TRAIN_GPUS"
 PARAM_ENV_PREFIX = "IMGPIPE_PARAM_"
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED"})
@@ -214,6 +216,7 @@ def compile_package(
     gpu: bool | None = None,
     pipeline: str = PIPELINE_NAME,
     parallelism: int | None = None,
+    train_gpus: int | None = None,
 ) -> Path:
     """Compiles a pipeline to ``out`` (YAML), images from the environment (see ``imgpipe.containers.catalog``).
 
@@ -224,9 +227,12 @@ def compile_package(
             ``None`` reads ``$IMGPIPE_TRAIN_GPU`` (default true).
         pipeline: One of :data:`PIPELINES`.
         parallelism: The sweep's branches training at once (its ``SweepOptions`` default when ``None``).
+        train_gpus: GPUs of the train task, one training process each (1 to
+            :data:`imgpipe.remote.ranks.MAX_PROCS`); ``None`` reads ``$IMGPIPE_TRAIN_GPUS`` (default 1).
 
     Raises:
-        ValueError: For an unknown pipeline, or ``parallelism`` with a pipeline that has no branches.
+        ValueError: For an unknown pipeline, ``parallelism`` with a pipeline that has no
+            branches, or a GPU count out of range or without GPU nodes.
     """
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {pipeline!r}; pipelines: {', '.join(PIPELINES)}")
@@ -234,13 +240,32 @@ def compile_package(
         raise ValueError(f"parallelism bounds the branches of {SWEEP_PIPELINE_NAME}; {pipeline} has none")
     pipelines = import_pipelines()
     gpu = _env_flag(GPU_ENV, True) if gpu is None else gpu
+    gpus = _train_gpus(train_gpus)
     options = pipelines.PipelineOptions(caching=caching)
     if not gpu:
+        if gpus != 1:
+            raise ValueError(f"train_gpus={gpus} needs the train task on GPU nodes; drop --no-gpu (or ${GPU_ENV}=false)")
         options = dataclasses.replace(options, gpu=None)
+    elif gpus != 1:
+        options = dataclasses.replace(options, gpu=dataclasses.replace(options.gpu, count=gpus))
     if pipeline == SWEEP_PIPELINE_NAME:
         extra = {} if parallelism is None else {"parallelism": parallelism}
         return pipelines.compile_sweep(out, pipelines.SweepOptions(pipeline=options, **extra))
     return pipelines.compile_pipeline(out, options)
+
+
+def _train_gpus(value: int | None) -> int:
+    """The train task's GPU count: ``value``, else ``$IMGPIPE_TRAIN_GPUS``, else 1; checked."""
+    from imgpipe.remote.ranks import check_procs
+
+    if value is None:
+        text = os.environ.get(GPUS_ENV, "").strip()
+        if not text:
+            return 1
+        if not text.isdigit():
+            raise ValueError(f"${GPUS_ENV}={text!r}: expected a whole number of GPUs")
+        value = int(text)
+    return check_procs(value, "train_gpus")
 
 
 def package_digest(package: str | Path) -> str:

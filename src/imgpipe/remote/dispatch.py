@@ -1,4 +1,4 @@
-"""Where a step runs, decided above the steps: here, a Ray cluster's Jobs API or a KubeRay RayJob.
+"""Where a step runs, decided above the steps: here, a Ray cluster's Jobs API, a KubeRay RayJob, every GPU of the pod.
 
 A step function (:mod:`imgpipe.steps`) does its work where it is called. The CLI and the
 Kubeflow components call :func:`run_step` instead, which reads the step's target from its
@@ -7,7 +7,8 @@ and either calls the step function here or hands the run to a remote runner
 (:mod:`imgpipe.remote.ray_jobs`, :mod:`imgpipe.remote.kuberay`), which starts
 ``python -m imgpipe.remote STEP PAYLOAD`` (:mod:`imgpipe.remote.job`) on the cluster. A new
 remote-capable step is one entry in :data:`REMOTE_STEPS`; a new kind of target is one
-branch of :func:`run_step` and its runner module.
+branch of :func:`run_step` and its runner module. Training goes through :func:`run_train`,
+which starts one process per GPU of the pod (:mod:`imgpipe.remote.ranks`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from imgpipe.contract import StepReport
 from imgpipe.remote.targets import RemoteTarget, check_allowed
 
-__all__ = ["RemoteStep", "REMOTE_STEPS", "remote_step", "target_of", "run_step"]
+__all__ = ["RemoteStep", "REMOTE_STEPS", "remote_step", "target_of", "run_step", "run_train"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +89,21 @@ def run_step(step: str, source: str, dest: str, cfg: Any, *, run_id: str | None 
         return kuberay.run_step_rayjob(step, source, dest, cfg, namespace=target.namespace, run_id=run_id)
     _config, run = remote_step(step).load()
     return run(source, dest, cfg)
+
+
+def run_train(data: str, out: str, cfg: Any, *, procs: int | None = None) -> StepReport:
+    """Runs the train step where the pipeline placed it: on every GPU of this pod.
+
+    Args:
+        data: The committed resize output.
+        out: The train output prefix.
+        cfg: The resolved train config.
+        procs: Processes (one per GPU) to train on; default ``$IMGPIPE_TRAIN_PROCS``
+            (:mod:`imgpipe.remote.ranks`), set at compile time, else 1.
+
+    Returns:
+        The train report (rank 0's).
+    """
+    from imgpipe.remote import ranks
+
+    return ranks.launch(data, out, cfg, ranks.procs_from_env() if procs is None else procs)
