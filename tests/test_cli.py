@@ -220,3 +220,38 @@ def test_resize_command(tmp_path, capsys):
     assert main(["show", train_out, "--html", str(tmp_path / "train.html")]) == 0
     assert "Final metrics" in capsys.readouterr().out
     assert (tmp_path / "train.html").read_bytes() == storage.read_bytes(f"{train_out}/report.html")
+
+
+def test_the_clean_command_never_imports_pandas(tmp_path):
+    """pyarrow would import pandas (0.3 s a process) where installed; the step images have none."""
+    from tests import imagefactory as f
+    from tests.helpers import write_download_output
+
+    source = write_download_output(str(tmp_path / "dl"), {f"images/{c}_{i}.jpg": f.jpeg(80, 60, seed=i + 9 * len(c)) for c in ("Persian", "beagle") for i in range(2)})
+    # As the `imgpipe` command calls it: main() with the process's own arguments.
+    code = (
+        "import sys\n"
+        "from imgpipe.cli import main\n"
+        f"sys.argv = ['imgpipe', 'clean', {source!r}, {str(tmp_path / 'clean')!r}, '--workers', '2']\n"
+        "rc = main()\n"
+        "print('pandas' in sys.modules, rc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False 0", out.stderr[-2000:]
+    assert contract.read_manifest(str(tmp_path / "clean"))["outputs"] == 4
+
+
+def test_hide_unused_module_answers_as_if_it_were_not_installed():
+    code = (
+        "import sys\n"
+        "from imgpipe import resources\n"
+        "print(resources.hide_unused_module('pandas'), resources.hide_unused_module('pandas'))\n"
+        "try:\n"
+        "    import pandas.core\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print('refused', exc.name)\n"
+        "import json\n"
+        "print(resources.hide_unused_module('json'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.split("\n")[:3] == ["True True", "refused pandas", "False"], out

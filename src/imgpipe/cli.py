@@ -257,6 +257,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# The steps whose process never uses pandas: pyarrow would import it anyway (resources.hide_unused_module).
+_WITHOUT_PANDAS = ("download", "clean")
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from imgpipe.steps.download import DownloadConfig, download
 
@@ -463,9 +467,12 @@ def _command_named(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``imgpipe`` command."""
+    whole_process = argv is None  # the `imgpipe` command, not a caller in a longer-lived process
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(only=_command_named(argv)).parse_args(argv)
     resources.skip_collection_at_exit()
+    if whole_process and args.command in _WITHOUT_PANDAS:
+        resources.hide_unused_module("pandas")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.storage_endpoint:
         storage.configure_endpoint(args.storage_endpoint)
