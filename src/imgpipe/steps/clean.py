@@ -37,6 +37,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -215,6 +216,58 @@ def _carry_rows(files: Sequence[str], plan: Plan, bucket_dir: Path, task: int, c
     return results
 
 
+@dataclass
+class _Tally:
+    """What the step keeps of the per-image results once they are counted: no per-image record."""
+
+    inputs: int
+    rejects: list[Reject]
+    kept: int
+    kept_per_shard: Counter[int]
+    classes: list[str]
+    label_map: np.ndarray
+    split_counts: Counter[str]
+    class_counts: Counter[str]
+    split_class_counts: Counter[tuple[str, str]]
+    carried: int
+    rows_with_bbox: int
+
+
+def _tally(results: Sequence[RowResult], plan: Plan) -> _Tally:
+    """Counts the outcome of every row: rejects (decode failures first, then the plan's), kept rows by shard, split and class.
+
+    A class whose every image failed to decode is dropped from the label space; ``label_map``
+    re-indexes the planned labels to the kept classes (-1 for a dropped one).
+    """
+    rejects = [Reject(r.path, r.reason, r.detail) for r in results if r.reason]
+    rejects += [plan.deferred[r.path] for r in results if not r.reason and r.path in plan.deferred]
+    kept_per_shard: Counter[int] = Counter()
+    split_class: Counter[tuple[str, str]] = Counter()
+    labels: set[int] = set()
+    carried = boxed = 0
+    for r in results:
+        boxed += r.boxed
+        if r.shard is None:
+            continue
+        place = plan.placements[r.path]
+        kept_per_shard[r.shard] += 1
+        split_class[(place.split, place.label_name)] += 1
+        labels.add(place.label)
+        carried += place.carried
+    classes = [c for i, c in enumerate(plan.classes) if i in labels]
+    label_map = np.array([classes.index(c) if c in classes else -1 for c in plan.classes] or [0], dtype=np.int32)
+    split_counts: Counter[str] = Counter()
+    class_counts: Counter[str] = Counter()
+    for (split, name), n in split_class.items():
+        split_counts[split] += n
+        class_counts[name] += n
+    return _Tally(
+        inputs=len(results), rejects=rejects, kept=sum(kept_per_shard.values()), kept_per_shard=kept_per_shard,
+        classes=classes, label_map=label_map, split_counts=split_counts, class_counts=class_counts,
+        split_class_counts=split_class, carried=carried, rows_with_bbox=boxed,
+    )  # fmt: skip
+
+
 def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     """Runs the clean step from a committed download output to a committed clean output.
 
@@ -256,47 +309,41 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         phases.done("decode", rows=len(results), failed=sum(bool(r.reason) for r in results), workers=pool.workers)
         if known:
             results += _carry_rows(known_files, plan, bucket_dir, free_index, cfg)
-        rejects = [Reject(r.path, r.reason, r.detail) for r in results if r.reason]
-        rejects += [
-            plan.deferred[r.path] for r in results if not r.reason and r.path in plan.deferred
-        ]
-        kept = [plan.placements[r.path] for r in results if r.shard is not None]
-        kept_per_shard = Counter(r.shard for r in results if r.shard is not None)
-        # A class whose every image failed to decode is dropped from the label space.
-        classes = [c for i, c in enumerate(plan.classes) if any(p.label == i for p in kept)]
-        label_map = np.array(
-            [classes.index(c) if c in classes else -1 for c in plan.classes] or [0], dtype=np.int32
-        )
-        _write_shards(bucket_dir, kept_per_shard, label_map, out, cfg, classes)
-        phases.done("write", kept=len(kept), rejected=len(rejects), shards=len(kept_per_shard))
+        tally = _tally(results, plan)
+        # The per-image records (index, plan, results: about 0.5 KB an image) are done with:
+        # freed here, the write pass's shards do not come on top of them.
+        del results, args, unit_paths, units, sha_by_path, plan, known
+        _write_shards(bucket_dir, tally.kept_per_shard, tally.label_map, out, cfg, tally.classes)
+        phases.done("write", kept=tally.kept, rejected=len(tally.rejects), shards=len(tally.kept_per_shard))
+    classes = tally.classes
     storage.write_bytes(
         out.uri(LABELS_FILE),
         json.dumps({str(i): n for i, n in enumerate(classes)}, indent=2).encode(),
     )
-    split_counts = Counter(p.split for p in kept)
-    class_counts = Counter(p.label_name for p in kept)
     report = out.commit(
-        inputs=len(results),
-        rejects=rejects,
+        inputs=tally.inputs,
+        rejects=tally.rejects,
         config=cfg,
         extra={
             "label_source": labeler.source,
             "classes": classes,
             "num_classes": len(classes),
-            "splits": {name: split_counts.get(name, 0) for name in SPLITS},
-            "per_class": dict(sorted(class_counts.items())),
+            "splits": {name: tally.split_counts.get(name, 0) for name in SPLITS},
+            "per_class": dict(sorted(tally.class_counts.items())),
             # Class histograms per split (the step's report draws them from here).
-            "per_split_class": {s: dict(sorted(Counter(p.label_name for p in kept if p.split == s).items())) for s in SPLITS},
+            "per_split_class": {
+                s: dict(sorted((name, n) for (split, name), n in tally.split_class_counts.items() if split == s)) for s in SPLITS
+            },
             "decode_pool": {
                 "workers": pool.workers,
                 "memory": pool.memory,
                 "max_decode_bytes": pool.max_decode_bytes,
             },
-            "carried": sum(p.carried for p in kept),
+            "carried": tally.carried,
             "carried_from": cfg.skip_hashes_from,
             "annotations": {
                 "boxes_read": len(boxes),
-                "rows_with_bbox": sum(r.boxed for r in results),
+                "rows_with_bbox": tally.rows_with_bbox,
                 "unusable_xml": dict(sorted(bad_boxes.items())[:100]),
             }
             if cfg.annotations
