@@ -12,13 +12,14 @@ IMAGE_KINDS ?= cpu ray gpu
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench images images-push compile clean-data help run-containers test-containers test-faults
+.PHONY: install run test lint bench bench-scale images images-push compile clean-data help run-containers test-containers test-faults
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
 	@echo "make test   install into $(VENV), then run the test suite"
 	@echo "make lint   ruff (and hadolint on docker/ when present)"
 	@echo "make bench  run the benchmarks in bench/ (results: docs/benchmarks.md)"
+	@echo "make bench-scale  every step at 4k, 32k and 128k generated images: peak RSS and CPU per image"
 	@echo "make images build and tag the step images through DOCKER_HOST (IMAGE_KINDS=\"$(IMAGE_KINDS)\")"
 	@echo "make images-push  build, then push them"
 	@echo "make run-containers  the pipeline with each step in its image, resize on a 2-container Ray cluster"
@@ -80,6 +81,16 @@ bench: install
 	$(NETNS) $(BIN)/python bench/crop_modes.py --classes 12 --per-class 80 --size 64 --epochs 12 --seeds 0,1
 	$(NETNS) $(BIN)/python bench/pretrained.py --json bench/results/pretrained.json
 	$(NETNS) $(BIN)/python bench/step_report.py --repeats 3 --resize
+
+# Every step as a fresh process at 4k, 32k and 128k generated photos (about 4 GB of archive
+# at 128k under SCALE_ROOT, reused between runs); about 40 minutes on 2 cores with the
+# first generation. Figures: bench/results/scale.json, docs/img/scale.png, docs/benchmarks.md.
+SCALE_ROOT ?= /var/tmp/imgpipe-scale
+SCALE_SIZES ?= 4000,32000,128000
+bench-scale: install
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(NETNS) $(BIN)/python bench/scale.py --sizes $(SCALE_SIZES) --root $(SCALE_ROOT) --repeats 3 \
+		--json bench/results/scale.json --plot docs/img/scale.png
 
 clean-data:
 	rm -rf .data

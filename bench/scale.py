@@ -34,6 +34,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -269,7 +270,23 @@ def step_commands(archive: Path, work: Path) -> dict[str, list[str]]:
     }
 
 
-def measure_size(root: Path, count: int, steps: Sequence[str]) -> dict[str, Any]:
+def median_run(step: str, argv: Sequence[str], images: int, log: Path, repeats: int) -> dict[str, Any]:
+    """Runs a step ``repeats`` times (each replaces its output): the median of each figure, and the spread.
+
+    A process's peak RSS varies from run to run by the allocators' timing (which thread
+    freed what, when): ±40 MB on 250 MB was seen for download. The median of three keeps
+    one lucky or unlucky run from deciding a ratio.
+    """
+    runs = [run_step(step, argv, images, log) for _ in range(repeats)]
+    out = dict(runs[0])
+    for key in ("wall_s", "cpu_s", "cpu_ms_per_image", "peak_rss_mb", "tree_peak_rss_mb"):
+        out[key] = statistics.median(r[key] for r in runs)
+    out["runs"] = repeats
+    out["peak_rss_mb_range"] = [min(r["peak_rss_mb"] for r in runs), max(r["peak_rss_mb"] for r in runs)]
+    return out
+
+
+def measure_size(root: Path, count: int, steps: Sequence[str], repeats: int = 1) -> dict[str, Any]:
     archive = root / str(count) / "images.tar"
     meta = generate_archive(archive, count)
     work = root / str(count) / "work"
@@ -277,7 +294,7 @@ def measure_size(root: Path, count: int, steps: Sequence[str]) -> dict[str, Any]
         shutil.rmtree(work)
     work.mkdir(parents=True)
     commands = step_commands(archive, work)
-    rows = [run_step(s, commands[s], count, work / f"{s}.log") for s in steps]
+    rows = [median_run(s, commands[s], count, work / f"{s}.log", repeats) for s in steps]
     shutil.rmtree(work)
     return {"images": count, "archive": meta, "steps": rows}
 
@@ -345,6 +362,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default="4000,32000,128000", help="image counts, comma separated, ascending")
     parser.add_argument("--root", default="/var/tmp/imgpipe-scale", help="archives and step outputs")
     parser.add_argument("--steps", default=",".join(STEPS), help="steps to run, in order (each needs the ones before)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each step per size (the median is reported)")
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--plot", default="", help="write the plot (PNG) here")
     return parser
@@ -358,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown steps {sorted(unknown)}; valid: {', '.join(STEPS)}")
     root = Path(args.root)
-    results = [measure_size(root, n, steps) for n in sizes]
+    results = [measure_size(root, n, steps, args.repeats) for n in sizes]
     checks = verdicts(results)
     print_table(results, checks)
     doc = {
