@@ -31,6 +31,7 @@ Kubernetes counts against the container's limit.
 """
 
 # No `from __future__ import annotations`: kfp reads the signature's annotations as types.
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -46,6 +47,7 @@ from imgpipe.clean.config import CleanConfig
 from imgpipe.config import field_default, field_docs, plain_text
 from imgpipe.containers.catalog import ImageSet
 from imgpipe.kfp.artifacts import PIPELINE_NAME
+from imgpipe.remote import trainjob
 from imgpipe.remote.ranks import PROCS_ENV
 from imgpipe.resize.spec import ResizeConfig
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
@@ -105,6 +107,7 @@ PARAMETER_FIELDS: dict[str, tuple[type, str]] = {
     "batch_size": (TrainConfig, "batch_size"),
     "aug_policy": (TrainConfig, "aug_policy"),
     "pretrained": (TrainConfig, "pretrained"),
+    "train_nodes": (TrainConfig, "nodes"),
 }
 # On Kubeflow the resize work goes to a KubeRay RayJob; the step's own default (a local
 # Ray, ResizeConfig.ray_address "") is the CLI's. "" runs Ray inside the resize pod.
@@ -289,6 +292,25 @@ def _schedule_on_gpu(task: dsl.PipelineTask, gpu: GpuScheduling) -> None:
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=gpu.shm_size)
 
 
+def _trainjob_settings(task: dsl.PipelineTask, image: str, options: PipelineOptions) -> None:
+    """What the train task hands a TrainJob's nodes (train_nodes > 1): its image, resources, S3 Secret.
+
+    Each node gets the train task's own requests and limits and GPUs (one fact, here).
+    """
+    res = options.resources["train"]
+    procs = options.gpu.count if options.gpu is not None else 1
+    node = {
+        "requests": {"cpu": _cpus_times(res.cpu_request, procs), "memory": res.memory_request},
+        "limits": {"cpu": _cpus_times(res.cpu_limit, procs), "memory": res.memory_limit},
+    }
+    if options.gpu is not None:
+        node["limits"][options.gpu.accelerator] = str(options.gpu.count)
+    task.set_env_variable(trainjob.IMAGE_ENV, image)
+    task.set_env_variable(trainjob.NODE_RESOURCES_ENV, json.dumps(node, sort_keys=True))
+    if options.s3_secret:
+        task.set_env_variable(trainjob.SECRET_ENV, options.s3_secret)
+
+
 def data_steps(
     options: PipelineOptions,
     *,
@@ -376,6 +398,7 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
         batch_size: int = parameter_default("batch_size"),
         aug_policy: str = parameter_default("aug_policy"),
         pretrained: str = parameter_default("pretrained"),
+        train_nodes: int = parameter_default("train_nodes"),
         step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
     ) -> Outputs:
         resized = data_steps(
@@ -392,11 +415,13 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
             batch_size=batch_size,
             aug_policy=aug_policy,
             pretrained=pretrained,
+            nodes=train_nodes,
             data_root=data_root,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             step_config=step_config,
         )
         _configure(tr, "train", images.gpu, options, options.train_retry)
+        _trainjob_settings(tr, images.gpu, options)
         if options.gpu is not None:
             _schedule_on_gpu(tr, options.gpu)
         return Outputs(

@@ -24,7 +24,8 @@ LOW = {
     "remote.payload",
 }  # fmt: skip
 MIDDLE = {
-    "steps", "clean", "resize", "train", "report", "remote.ray_jobs", "remote.kuberay", "kfp.artifacts", "sweep",
+    "steps", "clean", "resize", "train", "report", "remote.ray_jobs", "remote.kuberay", "remote.trainjob", "kfp.artifacts",
+    "sweep",
 }  # fmt: skip
 TOP = {"cli", "kfp", "remote", "containers", "components", "pipelines"}
 RANK = {**{m: 0 for m in LOW}, **{m: 1 for m in MIDDLE}, **{m: 2 for m in TOP}}

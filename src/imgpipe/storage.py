@@ -44,6 +44,7 @@ __all__ = [
     "configure_endpoint",
     "SETTINGS_ENV",
     "settings_env",
+    "SECRET_ENV",
     "schemes",
     "serves",
     "is_local",
@@ -677,6 +678,9 @@ def use_settings(value: Settings) -> None:
 # The environment variables that hold storage settings and no secret: what a process on
 # another machine (a Ray job's driver) must see to reach the same store as this one.
 SETTINGS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+# The environment variables that hold the store's static credentials: what a Kubernetes
+# Secret gives a pod (the pipeline's S3 Secret has these keys, and a TrainJob's nodes read them).
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def settings_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -108,7 +108,7 @@ def test_the_remote_entry_point_runs_the_step_with_exactly_that_config(monkeypat
     assert job.main(["resize", payload.payload("s3://b/in", "s3://b/out", cfg)]) == 0
     assert calls == [("s3://b/in", "s3://b/out", cfg)]
     with pytest.raises(ValueError, match="usage"):
-        job.main(["train", "{}"])
+        job.main(["download", "{}"])
     with pytest.raises(ValueError, match="source, dest, config"):
         job.main(["resize", '{"source": 1}'])
     with pytest.raises(ValueError, match="unknown ResizeConfig option"):

@@ -111,7 +111,12 @@ def weights_cache(data_root: str) -> str:
 
 
 def train_overrides(
-    model_name: str | None, epochs: int | None, batch_size: int | None, aug_policy: str | None, pretrained: str | None
+    model_name: str | None,
+    epochs: int | None,
+    batch_size: int | None,
+    aug_policy: str | None,
+    pretrained: str | None,
+    nodes: int | None = None,
 ) -> dict[str, Any]:
     """TrainConfig fields from the train component's typed inputs (as the sweep's plan takes them too).
 
@@ -121,7 +126,7 @@ def train_overrides(
     """
     return {
         "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy,
-        "pretrained": pretrained or None, "resume": True,
+        "pretrained": pretrained or None, "resume": True, "nodes": nodes,
     }  # fmt: skip
 
 

@@ -8,7 +8,8 @@ and either calls the step function here or hands the run to a remote runner
 ``python -m imgpipe.remote STEP PAYLOAD`` (:mod:`imgpipe.remote.job`) on the cluster. A new
 remote-capable step is one entry in :data:`REMOTE_STEPS`; a new kind of target is one
 branch of :func:`run_step` and its runner module. Training goes through :func:`run_train`,
-which starts one process per GPU of the pod (:mod:`imgpipe.remote.ranks`).
+which starts one process per GPU of the pod (:mod:`imgpipe.remote.ranks`), or a Kubeflow
+Trainer TrainJob across nodes (:mod:`imgpipe.remote.trainjob`).
 """
 
 from __future__ import annotations
@@ -91,19 +92,33 @@ def run_step(step: str, source: str, dest: str, cfg: Any, *, run_id: str | None 
     return run(source, dest, cfg)
 
 
-def run_train(data: str, out: str, cfg: Any, *, procs: int | None = None) -> StepReport:
-    """Runs the train step where the pipeline placed it: on every GPU of this pod.
+def run_train(data: str, out: str, cfg: Any, *, procs: int | None = None, run_id: str | None = None) -> StepReport:
+    """Runs the train step where its config and the pipeline place it.
+
+    ``cfg.nodes`` 1: on every GPU of this pod, one process each (:mod:`imgpipe.remote.ranks`).
+    More: as a Kubeflow Trainer TrainJob of that many nodes, each with ``procs`` processes
+    (:mod:`imgpipe.remote.trainjob`).
 
     Args:
         data: The committed resize output.
         out: The train output prefix.
         cfg: The resolved train config.
-        procs: Processes (one per GPU) to train on; default ``$IMGPIPE_TRAIN_PROCS``
-            (:mod:`imgpipe.remote.ranks`), set at compile time, else 1.
+        procs: Processes (one per GPU) per node; default ``$IMGPIPE_TRAIN_PROCS``, set at
+            compile time, else 1.
+        run_id: The idempotency key of a TrainJob (default ``$IMGPIPE_RUN_ID``).
 
     Returns:
         The train report (rank 0's).
+
+    Raises:
+        ValueError: For a node or process count out of range (the operator's cap included).
     """
     from imgpipe.remote import ranks
 
-    return ranks.launch(data, out, cfg, ranks.procs_from_env() if procs is None else procs)
+    procs = ranks.procs_from_env() if procs is None else ranks.check_procs(procs)
+    if cfg.nodes > 1:
+        from imgpipe.remote import trainjob
+
+        trainjob.check_nodes(cfg.nodes)
+        return trainjob.run_train_job(data, out, cfg, procs=procs, run_id=run_id)
+    return ranks.launch(data, out, cfg, procs)

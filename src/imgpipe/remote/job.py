@@ -1,4 +1,4 @@
-"""The entry point of a step run remotely (a Ray job, a KubeRay RayJob): ``python -m imgpipe.remote``.
+"""The entry point of a step run remotely (a Ray job, a KubeRay RayJob, a TrainJob's ranks): ``python -m imgpipe.remote``.
 
 ``python -m imgpipe.remote STEP '{"source": ..., "dest": ..., "config": {...}}'`` rebuilds
 the step's frozen config from the JSON (:mod:`imgpipe.remote.payload`) and calls the step
@@ -9,13 +9,32 @@ resolved, with no command line parsed in between.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from imgpipe.config import config_from_dict
 from imgpipe.remote.dispatch import REMOTE_STEPS
 from imgpipe.remote.payload import read_payload
 
-__all__ = ["main"]
+__all__ = ["JOB_STEPS", "main"]
+
+
+def _train() -> tuple[type, Callable[..., Any]]:
+    from imgpipe.steps.train import train
+    from imgpipe.train.config import TrainConfig
+
+    return TrainConfig, train
+
+
+# What a remote job may run besides the remote-capable steps (REMOTE_STEPS): train on a
+# TrainJob's nodes (every rank under torchrun, which describes the process group; rank 0 writes).
+JOB_STEPS: dict[str, Callable[[], tuple[type, Callable[..., Any]]]] = {"train": _train}
+
+
+def _loader(step: str) -> Callable[[], tuple[type, Callable[..., Any]]] | None:
+    if step in REMOTE_STEPS:
+        return REMOTE_STEPS[step].load
+    return JOB_STEPS.get(step)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,11 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             :func:`imgpipe.remote.payload.payload` makes.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2 or args[0] not in REMOTE_STEPS:
-        raise ValueError(f"usage: python -m imgpipe.remote {{{','.join(REMOTE_STEPS)}}} PAYLOAD_JSON, got {args!r}")
+    load = _loader(args[0]) if len(args) == 2 else None
+    if load is None:
+        raise ValueError(f"usage: python -m imgpipe.remote {{{','.join([*REMOTE_STEPS, *JOB_STEPS])}}} PAYLOAD_JSON, got {args!r}")
     step, text = args
     source, dest, values = read_payload(step, text)
-    config_cls, run = REMOTE_STEPS[step].load()
+    config_cls, run = load()
     report = run(source, dest, config_from_dict(config_cls, values))
     print(report.summary())
     return 0

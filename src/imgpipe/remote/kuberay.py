@@ -393,7 +393,7 @@ def _status_code(exc: Exception) -> int | None:
 # handlers/responsewriters/errors.go, forbiddenMessage).
 _FORBIDDEN_USER = re.compile(r'User "([^"]*)"')
 _SA_USER = re.compile(r"system:serviceaccount:([^:]+):(.+)")
-_RBAC_HINT = 'k8s/base/role-rayjobs.yaml, bound to imgpipe-pipeline; docs/deploy.md, "RBAC"'
+_RBAC_HINT = '{role}, bound to imgpipe-pipeline; docs/deploy.md, "RBAC"'
 
 
 def _caller(exc: Exception) -> str:
@@ -410,7 +410,9 @@ def _caller(exc: Exception) -> str:
     return "this pod's service account" if _SA_NAMESPACE.is_file() else "the kubeconfig's user"
 
 
-def forbidden_message(exc: Exception, verb: str, resource: str, namespace: str, doing: str) -> str:
+def forbidden_message(
+    exc: Exception, verb: str, resource: str, namespace: str, doing: str, role: str = "k8s/base/role-rayjobs.yaml"
+) -> str:
     """One line for a 403: what was refused, to whom, and where the grant belongs.
 
     Args:
@@ -419,10 +421,11 @@ def forbidden_message(exc: Exception, verb: str, resource: str, namespace: str, 
         resource: The RBAC resource, ``rayjobs.ray.io``, ``pods`` or ``pods/log``.
         namespace: The namespace of the call.
         doing: What imgpipe was doing, e.g. ``create RayJob ml/x``.
+        role: The manifest of the Role that grants it.
     """
     return (
         f"the Kubernetes API refused to {doing} (403 Forbidden): {_caller(exc)} may not {verb} {resource} "
-        f"in namespace {namespace}; grant it to the run's service account ({_RBAC_HINT})"
+        f"in namespace {namespace}; grant it to the run's service account ({_RBAC_HINT.format(role=role)})"
     )
 
 

@@ -32,6 +32,8 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 # The pretrained-weights cache's folder: {data_root}/weights in the pipeline, and beside the
 # output prefix of a run that names no cache (imgpipe.train.pretrained has the layout below it).
 WEIGHTS_CACHE = "weights"
+# The most nodes a config may name at all; the operator's cap on a run is lower (remote.trainjob).
+MAX_NODES = 64
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,10 @@ class TrainConfig:
         tta_flip: Also evaluate the test split averaging original and flipped predictions.
         max_steps_per_epoch: Cap on steps per epoch (smoke tests, quick sweeps).
         image_size: Training/evaluation side; ``None`` uses the data's size.
+        nodes: Machines to train on. 1 trains in the train task's own pod (on each of its
+            GPUs); more runs the step as a Kubeflow Trainer TrainJob of that many nodes,
+            each with the task's GPU count (:mod:`imgpipe.remote.trainjob`), up to the
+            operator's cap (``$IMGPIPE_TRAIN_MAX_NODES``, default 4).
     """
 
     model: str = "resnet18"
@@ -278,6 +284,7 @@ class TrainConfig:
     tta_flip: bool = False
     max_steps_per_epoch: int | None = None
     image_size: int | None = None
+    nodes: int = 1
 
     def __post_init__(self) -> None:
         # The model list is torchvision's: checked here, where a config is built to train, and
@@ -305,6 +312,8 @@ class TrainConfig:
             raise ValueError(f"max_steps_per_epoch must be >= 1 or unset, got {self.max_steps_per_epoch}")
         if self.image_size is not None and self.image_size < 8:
             raise ValueError(f"image_size must be >= 8 or unset (the data's size), got {self.image_size}")
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise ValueError(f"nodes must be between 1 and {MAX_NODES}, got {self.nodes}")
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.weights is not None:

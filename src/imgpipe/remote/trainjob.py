@@ -1,0 +1,515 @@
+"""Training across nodes as a Kubeflow Trainer ``TrainJob``.
+
+With ``TrainConfig.nodes`` above 1 (the pipeline parameter ``train_nodes``), the train task
+does not train in its own pod: it creates a ``TrainJob`` (``trainer.kubeflow.org/v1alpha1``)
+of that many nodes on the ``torch-distributed`` ClusterTrainingRuntime that Kubeflow Trainer
+ships, waits for it, and returns the report of the output it committed. Each node runs
+``torchrun -m imgpipe.remote train PAYLOAD`` in the gpu image with the pod's GPU count of
+processes (``numProcPerNode``); the runtime's torch plugin gives torchrun its node count,
+rank and rendezvous through the ``PET_*`` variables. Every rank runs the train step on
+the resolved config the payload carries; rank 0 alone writes.
+
+As Kubeflow Trainer v2.2.1 behaves (kubeflow/trainer at tag v2.2.1, commit c505fc7):
+
+* **The API.** ``spec.runtimeRef`` (required; ``kind`` ``ClusterTrainingRuntime``,
+  ``apiGroup`` ``trainer.kubeflow.org``), ``spec.trainer`` (``image``, ``command``, ``args``,
+  ``env``, ``numNodes``, ``numProcPerNode`` an integer, ``resourcesPerNode``) and
+  ``spec.activeDeadlineSeconds`` (new in v2.2.0; minimum 1, immutable)
+  (``pkg/apis/trainer/v1alpha1/trainjob_types.go``). Names are RFC 1035 labels of at most 63
+  characters (the CRD's CEL rules). The env names ``PET_NNODES``, ``PET_NPROC_PER_NODE``,
+  ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT`` are the torch plugin's and
+  refused by its webhook (``pkg/runtime/framework/plugins/torch/torch.go``).
+* **Status.** ``status.conditions`` of type ``Complete`` or ``Failed`` (``Suspended`` besides);
+  the controller copies the JobSet's ``Completed``/``Failed`` condition, reason and message
+  (``pkg/runtime/framework/plugins/jobset/jobset.go``), e.g. ``FailedJobs``: "jobset failed due
+  to one or more job failures (first failed job: ...)", or ``DeadlineExceeded`` once
+  ``activeDeadlineSeconds`` passes. There is no "created" or "running" condition.
+* **Deletion.** The JobSet, its Jobs and Pods belong to the TrainJob (owner references, no
+  finalizer): deleting the TrainJob removes them.
+* **Permissions.** The run's service account needs ``create``, ``get`` and ``delete`` on
+  ``trainjobs.trainer.kubeflow.org`` (``k8s/base/role-trainjobs.yaml``); Trainer's own
+  ``kubeflow-trainer-edit`` grants those to ``kubeflow-edit``
+  (``manifests/overlays/kubeflow-platform/kubeflow-trainer-roles.yaml``).
+
+The rules are those of the RayJob runner (:mod:`imgpipe.remote.kuberay`): the name is the
+job id (run id, step, data, output, config), so a retried task attaches to the TrainJob
+its first attempt created (409 on create), never starts a second one while it runs, and
+returns at once when the output is already committed; a failed TrainJob fails the task
+with the controller's reason and message and stays for ``kubectl describe``, and the next
+retry makes attempt ``-a2``; once one succeeds, every attempt is deleted. A TrainJob
+deleted while the task waits fails it. Every wait has a deadline: the TrainJob's
+``activeDeadlineSeconds`` plus :data:`WAIT_SLACK_S`. An older Trainer's CRD prunes
+``activeDeadlineSeconds`` silently; the step then deletes the TrainJob and names
+:data:`MIN_TRAINER`.
+
+Settings from the train task's environment (the pipeline sets them at compile time):
+``IMGPIPE_GPU_IMAGE`` (the image the nodes run), ``IMGPIPE_TRAIN_PROCS`` (processes and GPUs
+per node, :mod:`imgpipe.remote.ranks`), ``IMGPIPE_TRAINJOB_NODE_RESOURCES`` (JSON requests
+and limits of one node), ``IMGPIPE_CREDENTIALS_SECRET`` (the Secret with the store's keys), and the
+operator's cap ``IMGPIPE_TRAIN_MAX_NODES`` (:data:`MAX_NODES_ENV`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from imgpipe import contract, storage
+from imgpipe.config import config_to_dict
+from imgpipe.contract import StepReport
+from imgpipe.remote.kuberay import (
+    RUN_ID_LABEL,
+    STEP_LABEL,
+    current_namespace,
+    forbidden_message,
+    label_value,
+    load_api,
+)
+from imgpipe.remote.payload import payload
+from imgpipe.remote.ray_jobs import attempt_id, choose_action, job_id, resolve_run_id
+
+__all__ = [
+    "GROUP",
+    "VERSION",
+    "PLURAL",
+    "RUNTIME",
+    "MIN_TRAINER",
+    "REQUIRED_FIELDS",
+    "MAX_NODES_ENV",
+    "DEFAULT_MAX_NODES",
+    "IMAGE_ENV",
+    "NODE_RESOURCES_ENV",
+    "SECRET_ENV",
+    "DEFAULT_ACTIVE_DEADLINE_S",
+    "WAIT_SLACK_S",
+    "TrainJobParams",
+    "check_nodes",
+    "build_trainjob",
+    "trainjob_state",
+    "wait_for_trainjob",
+    "committed_train",
+    "run_train_job",
+]
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+# The PyTorch runtime Kubeflow Trainer ships (manifests/base/runtimes/torch_distributed.yaml at v2.2.1).
+RUNTIME = "torch-distributed"
+MIN_TRAINER = "2.2.0"
+# Fields imgpipe sets that an older Trainer's CRD lacks (the API server prunes them silently),
+# with the release that added each: activeDeadlineSeconds is absent from v2.1.0's CRD.
+REQUIRED_FIELDS: dict[tuple[str, ...], str] = {("spec", "activeDeadlineSeconds"): "2.2.0"}
+MAX_NODES_ENV = "IMGPIPE_TRAIN_MAX_NODES"
+# What a run may ask for unless the operator allows more: train_nodes is a run's parameter.
+DEFAULT_MAX_NODES = 4
+IMAGE_ENV = "IMGPIPE_GPU_IMAGE"
+NODE_RESOURCES_ENV = "IMGPIPE_TRAINJOB_NODE_RESOURCES"
+# The Secret with the store's credentials (storage.SECRET_ENV keys), as every step's pod gets it.
+SECRET_ENV = "IMGPIPE_CREDENTIALS_SECRET"
+DEFAULT_ACTIVE_DEADLINE_S = 3 * 24 * 3600
+WAIT_SLACK_S = 600.0
+# The variables the torch runtime sets for torchrun; its webhook refuses a TrainJob that sets them.
+_RESERVED_ENV = frozenset({"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"})
+
+
+def check_nodes(nodes: Any, max_nodes: int | None = None) -> int:
+    """``nodes`` as a count between 1 and the operator's cap (``$IMGPIPE_TRAIN_MAX_NODES``, default 4).
+
+    Raises:
+        TypeError: If it is not an integer.
+        ValueError: If it is below 1 or above the cap, naming the cap and how to raise it.
+    """
+    if isinstance(nodes, bool) or not isinstance(nodes, int):
+        raise TypeError(f"train nodes must be an integer, got {nodes!r}")
+    if max_nodes is None:
+        text = os.environ.get(MAX_NODES_ENV, "").strip()
+        if text and not text.isdigit():
+            raise ValueError(f"${MAX_NODES_ENV}={text!r}: expected a whole number of nodes")
+        max_nodes = int(text) if text else DEFAULT_MAX_NODES
+    if not 1 <= nodes <= max_nodes:
+        raise ValueError(
+            f"train nodes must be between 1 and {max_nodes}, got {nodes}; the operator raises the cap with "
+            f"${MAX_NODES_ENV} on the train task (the imgpipe-s3-config ConfigMap)"
+        )
+    return nodes
+
+
+@dataclass(frozen=True)
+class TrainJobParams:
+    """What is per run in a TrainJob.
+
+    Attributes:
+        name: The TrainJob's name (an attempt id).
+        namespace: Where it goes.
+        image: The gpu image with imgpipe.
+        nodes: Training nodes.
+        procs_per_node: Processes (GPUs) per node.
+        args: torchrun's arguments (the module and its payload).
+        env: Non-secret variables for every node (the storage settings).
+        secret: The Secret holding the store's credentials (:data:`imgpipe.storage.SECRET_ENV`
+            keys), or ``None`` (credentials from elsewhere: workload identity).
+        resources: Requests and limits of one node (``{"requests": {...}, "limits": {...}}``).
+        active_deadline_s: ``spec.activeDeadlineSeconds``.
+        labels: Labels of the TrainJob.
+        annotations: Annotations of the TrainJob.
+    """
+
+    name: str
+    namespace: str
+    image: str
+    nodes: int
+    procs_per_node: int
+    args: list[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    secret: str | None = None
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    active_deadline_s: int = DEFAULT_ACTIVE_DEADLINE_S
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+def build_trainjob(params: TrainJobParams) -> dict[str, Any]:
+    """The TrainJob of one attempt.
+
+    Raises:
+        ValueError: For an image, node count or deadline the API would refuse, or an env name
+            the torch runtime reserves.
+    """
+    if not params.image:
+        raise ValueError(f"no image for the TrainJob's nodes: set ${IMAGE_ENV} (the imgpipe-gpu image)")
+    if params.nodes < 1 or params.procs_per_node < 1 or params.active_deadline_s < 1:
+        raise ValueError("nodes, processes per node and the active deadline must be >= 1")
+    reserved = sorted(_RESERVED_ENV & set(params.env))
+    if reserved:
+        raise ValueError(f"the torch runtime sets {', '.join(reserved)} itself; they cannot be passed to a TrainJob")
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(params.env.items())]
+    if params.secret:
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": params.secret, "key": key}}} for key in storage.SECRET_ENV]
+    trainer: dict[str, Any] = {
+        "image": params.image,
+        "command": ["torchrun"],
+        "args": list(params.args),
+        "env": env,
+        "numNodes": params.nodes,
+        "numProcPerNode": params.procs_per_node,
+    }
+    if params.resources:
+        trainer["resourcesPerNode"] = copy.deepcopy(dict(params.resources))
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {
+            "name": params.name,
+            "namespace": params.namespace,
+            "labels": dict(params.labels),
+            "annotations": dict(params.annotations),
+        },
+        "spec": {
+            "runtimeRef": {"name": RUNTIME, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
+            "trainer": trainer,
+            "activeDeadlineSeconds": params.active_deadline_s,
+        },
+    }
+
+
+def node_resources(procs: int, text: str | None = None) -> dict[str, Any]:
+    """One node's requests and limits: ``$IMGPIPE_TRAINJOB_NODE_RESOURCES`` (JSON), with ``procs`` GPUs.
+
+    Raises:
+        ValueError: If the JSON is not an object of ``requests``/``limits`` mappings.
+    """
+    text = os.environ.get(NODE_RESOURCES_ENV, "") if text is None else text
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise ValueError(f"${NODE_RESOURCES_ENV} is not JSON: {exc}") from None
+    if not isinstance(value, dict) or set(value) - {"requests", "limits"} or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(f'${NODE_RESOURCES_ENV} must be {{"requests": {{...}}, "limits": {{...}}}}, got {text!r}')
+    limits = dict(value.get("limits") or {})
+    limits.setdefault("nvidia.com/gpu", str(procs))
+    return {**value, "limits": limits}
+
+
+def trainjob_state(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """``active``, ``succeeded`` or ``failed``, and a one-line description of the status.
+
+    ``Complete`` or ``Failed`` true is terminal (the controller copies them from the JobSet,
+    with its reason and message); anything else is still going.
+    """
+    conditions = {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or [] if isinstance(c, Mapping)}
+    for kind, state in (("Failed", "failed"), ("Complete", "succeeded")):
+        cond = conditions.get(kind)
+        if cond and str(cond.get("status")) == "True":
+            return state, " ".join(p for p in (kind, cond.get("reason") or "", cond.get("message") or "") if p)
+    shown = [f"{k}={c.get('status')}" + (f" ({c.get('reason')})" if c.get("reason") else "") for k, c in sorted(conditions.items())]
+    jobs = (obj.get("status") or {}).get("jobsStatus") or []
+    shown += [f"{j.get('name')}: active={j.get('active', 0)} ready={j.get('ready', 0)} failed={j.get('failed', 0)}" for j in jobs]
+    return "active", "; ".join(shown) or "no conditions yet"
+
+
+def _status_code(exc: Exception) -> int | None:
+    return getattr(exc, "status", None)
+
+
+# The Role that grants what this module calls.
+ROLE = "k8s/base/role-trainjobs.yaml"
+
+
+def _refused(exc: Exception, verb: str, namespace: str, doing: str) -> RuntimeError:
+    return RuntimeError(forbidden_message(exc, verb, f"{PLURAL}.{GROUP}", namespace, doing, ROLE))
+
+
+def _get(api: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if _status_code(exc) == 404:
+            return None
+        if _status_code(exc) == 403:
+            raise _refused(exc, "get", namespace, f"read TrainJob {namespace}/{name}") from None
+        raise
+
+
+def _create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    from kubernetes.client.exceptions import ApiException
+
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    try:
+        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body), True
+    except ApiException as exc:
+        if _status_code(exc) == 403:
+            raise _refused(exc, "create", namespace, f"create TrainJob {namespace}/{name}") from None
+        if _status_code(exc) == 422:
+            raise RuntimeError(f"the API server refused TrainJob {namespace}/{name}: {getattr(exc, 'body', exc)}") from None
+        if _status_code(exc) != 409:
+            raise
+    existing = _get(api, namespace, name)
+    if existing is None:
+        raise RuntimeError(f"TrainJob {namespace}/{name} already existed but is gone now; retry")
+    return existing, False
+
+
+def _delete(api: Any, namespace: str, name: str, *, quiet_missing: bool = True) -> bool:
+    """Deletes a TrainJob (its JobSet and pods follow); a refusal or failure is a warning."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background")
+        return True
+    except ApiException as exc:
+        if _status_code(exc) == 403:
+            log.warning("%s", forbidden_message(exc, "delete", f"{PLURAL}.{GROUP}", namespace, f"delete TrainJob {namespace}/{name}", ROLE))
+        elif _status_code(exc) != 404 or not quiet_missing:
+            log.warning("could not delete TrainJob %s/%s: %s", namespace, name, exc)
+        return False
+
+
+def _field(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def _refuse_pruned(api: Any, sent: Mapping[str, Any], returned: Mapping[str, Any]) -> None:
+    """Deletes the TrainJob and raises if the cluster's CRD dropped a field imgpipe relies on."""
+    dropped = [".".join(p) for p in REQUIRED_FIELDS if _field(sent, p) is not None and _field(returned, p) is None]
+    if not dropped:
+        return
+    namespace, name = sent["metadata"]["namespace"], sent["metadata"]["name"]
+    outcome = "the TrainJob was deleted" if _delete(api, namespace, name) else f"delete it: kubectl delete trainjob -n {namespace} {name}"
+    since = ", ".join(f"{f} since {REQUIRED_FIELDS[tuple(f.split('.'))]}" for f in dropped)
+    raise RuntimeError(
+        f"TrainJob {namespace}/{name}: the cluster's TrainJob CRD dropped {', '.join(dropped)} (the API server prunes "
+        f"fields its schema lacks): imgpipe needs Kubeflow Trainer >= {MIN_TRAINER} ({since}); {outcome}"
+    )
+
+
+def wait_for_trainjob(
+    api: Any,
+    namespace: str,
+    name: str,
+    *,
+    timeout_s: float,
+    poll_s: float = 15.0,
+    out: TextIO | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Polls the TrainJob until ``Complete`` or ``Failed``; prints each status change.
+
+    Raises:
+        TimeoutError: After ``timeout_s`` (the TrainJob's own deadline bounds it).
+        RuntimeError: If the TrainJob is deleted meanwhile.
+    """
+    out = out or sys.stdout
+    deadline, last = clock() + timeout_s, ""
+    while True:
+        obj = _get(api, namespace, name)
+        if obj is None:
+            raise RuntimeError(f"TrainJob {namespace}/{name} was deleted while the train task waited for it")
+        state, text = trainjob_state(obj)
+        if text != last:
+            out.write(f"trainjob {namespace}/{name}: {text}\n")
+            out.flush()
+            last = text
+        if state != "active":
+            return obj
+        if clock() >= deadline:
+            raise TimeoutError(f"TrainJob {namespace}/{name} not finished after {timeout_s:.0f}s ({text}); it keeps running")
+        sleep(poll_s)
+
+
+# What "unset" means in a TrainConfig: the step settles these from the data and the machine
+# (image size, loader workers, pinned memory, where augmentation runs, the weights cache).
+_SETTLED_BY_THE_STEP = (None, "auto")
+
+
+def committed_train(data: str, out: str, cfg: Any) -> StepReport | None:
+    """The report of ``out`` if it holds the train output of ``cfg`` on ``data``, else ``None``.
+
+    The manifest records the config as the step resolved it, so fields ``cfg`` leaves to
+    the step (``None`` or ``auto``) are not compared; every field it sets must match.
+    """
+    try:
+        manifest = contract.read_manifest(out, expect_step="train")
+    except (ValueError, FileNotFoundError):
+        return None
+    if (manifest.get("upstream") or {}).get("source") != data:
+        return None
+    recorded = manifest.get("config") or {}
+    wanted = {k: v for k, v in config_to_dict(cfg).items() if v not in _SETTLED_BY_THE_STEP}
+    if any(recorded.get(k) != v for k, v in wanted.items()):
+        return None
+    return StepReport.from_manifest(manifest)
+
+
+def _latest_attempt(api: Any, namespace: str, base: str) -> tuple[int, dict[str, Any] | None]:
+    attempt, latest = 0, None
+    while (obj := _get(api, namespace, attempt_id(base, attempt + 1))) is not None:
+        attempt, latest = attempt + 1, obj
+    return attempt, latest
+
+
+def run_train_job(
+    data: str,
+    out: str,
+    cfg: Any,
+    *,
+    procs: int,
+    namespace: str | None = None,
+    run_id: str | None = None,
+    api: Any = None,
+    image: str | None = None,
+    resources: Mapping[str, Any] | None = None,
+    secret: str | None = None,
+    active_deadline_s: int = DEFAULT_ACTIVE_DEADLINE_S,
+    poll_s: float = 15.0,
+    max_attempts: int = 3,
+    stream: TextIO | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> StepReport:
+    """Trains on ``cfg.nodes`` nodes as a TrainJob and waits for it (see the module docstring).
+
+    Args:
+        data: The committed resize output.
+        out: The train output prefix.
+        cfg: The resolved train config (``nodes`` > 1); every rank runs it as it is.
+        procs: Processes (GPUs) per node.
+        namespace: Where the TrainJob goes (default: this pod's namespace).
+        run_id: Idempotency key (default ``$IMGPIPE_RUN_ID``).
+        api: A ``CustomObjectsApi`` (default: in-cluster credentials, then kubeconfig).
+        image: The nodes' image (default ``$IMGPIPE_GPU_IMAGE``).
+        resources: One node's requests and limits (default ``$IMGPIPE_TRAINJOB_NODE_RESOURCES``).
+        secret: The Secret with the store's credentials (default ``$IMGPIPE_CREDENTIALS_SECRET``;
+            none: the nodes' own credentials).
+        active_deadline_s: ``spec.activeDeadlineSeconds``; the wait gives up
+            :data:`WAIT_SLACK_S` after it.
+        poll_s: Status poll interval.
+        max_attempts: Attempts in all for one job id, across retries.
+        stream: Where status changes are printed (default stdout).
+        sleep: Waits between polls.
+        clock: The clock of the deadline.
+
+    Returns:
+        The train report, read from the committed manifest at ``out``.
+
+    Raises:
+        RuntimeError: If the TrainJob fails (with the controller's reason and message), is
+            deleted while waited for, is refused by RBAC (naming the permission) or by the API
+            server, or if the cluster's CRD dropped a required field (it is then deleted).
+        TimeoutError: If the deadline passes first.
+    """
+    data, out = storage.normalize_uri(data), storage.normalize_uri(out)
+    contract.check_disjoint(out, [data], "train")
+    check_nodes(cfg.nodes)
+    done = committed_train(data, out, cfg)
+    if done is not None:
+        log.info("train: %s already holds this job's committed output; not creating a TrainJob", out)
+        return done
+    namespace = namespace or current_namespace()
+    api = api if api is not None else load_api()
+    run_id = resolve_run_id(run_id)
+    base = job_id("train", data, out, cfg, run_id)
+    attempt, latest = _latest_attempt(api, namespace, base)
+    state, detail = trainjob_state(latest) if latest is not None else (None, "")
+    action, attempt = choose_action(state, attempt, max_attempts, lambda: committed_train(data, out, cfg) is not None, detail)
+    name = attempt_id(base, attempt)
+    if action == "done":
+        for n in range(1, attempt + 1):
+            _delete(api, namespace, attempt_id(base, n))
+        report = committed_train(data, out, cfg)
+        assert report is not None  # checked by choose_action just now
+        return report
+    if action == "submit":
+        if latest is not None:
+            log.warning("train: TrainJob %s ended (%s); creating attempt %d", attempt_id(base, attempt - 1), detail, attempt)
+        params = TrainJobParams(
+            name=name,
+            namespace=namespace,
+            image=image or os.environ.get(IMAGE_ENV, ""),
+            nodes=cfg.nodes,
+            procs_per_node=procs,
+            args=["-m", "imgpipe.remote", "train", payload(data, out, cfg)],
+            env=storage.settings_env(),
+            secret=secret if secret is not None else (os.environ.get(SECRET_ENV) or None),
+            resources=resources if resources is not None else node_resources(procs),
+            active_deadline_s=active_deadline_s,
+            labels={RUN_ID_LABEL: label_value(run_id or base), STEP_LABEL: "train"},
+            annotations={"imgpipe.io/run-id": run_id or "", "imgpipe.io/attempt": str(attempt)},
+        )
+        sent = build_trainjob(params)
+        body, created = _create_or_attach(api, sent)
+        _refuse_pruned(api, sent, body)
+        log.info(
+            "train: %s TrainJob %s/%s (%d nodes x %d processes, attempt %d); kubectl get trainjob -n %s %s",
+            "created" if created else "attached to", namespace, name, cfg.nodes, procs, attempt, namespace, name,
+        )  # fmt: skip
+    else:
+        log.info("train: attaching to TrainJob %s/%s (%s)", namespace, name, detail)
+    final = wait_for_trainjob(
+        api, namespace, name, timeout_s=active_deadline_s + WAIT_SLACK_S, poll_s=poll_s, out=stream, sleep=sleep, clock=clock
+    )
+    state, detail = trainjob_state(final)
+    if state != "succeeded":
+        raise RuntimeError(
+            f"TrainJob {namespace}/{name} failed: {detail}; it stays for a look (kubectl describe trainjob -n {namespace} {name})"
+        )
+    report = committed_train(data, out, cfg)
+    if report is None:
+        raise RuntimeError(f"TrainJob {namespace}/{name} succeeded but {out} does not hold its committed output")
+    for n in range(1, attempt + 1):
+        _delete(api, namespace, attempt_id(base, n))
+    return report
