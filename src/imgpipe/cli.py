@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -259,6 +260,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 # The steps whose process never uses pandas: pyarrow would import it anyway (resources.hide_unused_module).
 _WITHOUT_PANDAS = ("download", "clean")
+# The steps whose threads encode Parquet row groups of megabytes at once: pyarrow's default
+# allocator (mimalloc) keeps segments per thread, 46 MB of clean's peak at 128k images against
+# the C library's allocator, at the same speed (docs/benchmarks.md, "Scale"). Arrow reads the
+# setting when it first allocates, so it is set before pyarrow is imported.
+_SYSTEM_ALLOCATOR = ("download", "clean")
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -469,10 +475,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``imgpipe`` command."""
     whole_process = argv is None  # the `imgpipe` command, not a caller in a longer-lived process
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(only=_command_named(argv)).parse_args(argv)
-    resources.skip_collection_at_exit()
-    if whole_process and args.command in _WITHOUT_PANDAS:
+    command = _command_named(argv)
+    # Before the parser imports the step's config (and with it pyarrow).
+    if whole_process and command in _WITHOUT_PANDAS:
         resources.hide_unused_module("pandas")
+    if whole_process and command in _SYSTEM_ALLOCATOR:
+        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    args = build_parser(only=command).parse_args(argv)
+    resources.skip_collection_at_exit()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.storage_endpoint:
         storage.configure_endpoint(args.storage_endpoint)
