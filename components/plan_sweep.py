@@ -28,6 +28,7 @@ def plan_sweep(
     batch_size: Optional[int] = None,  # noqa: UP045
     aug_policy: Optional[str] = None,  # noqa: UP045
     pretrained: Optional[str] = None,  # noqa: UP045 - "" means none (a pipeline parameter's empty default)
+    train_nodes: Optional[int] = None,  # noqa: UP045
     step_config: Optional[dict] = None,  # noqa: UP045
 ) -> list:
     """The sweep's branches: ``grid`` entries times the product of the ``grid_*`` lists, each config checked.
@@ -43,4 +44,4 @@ def plan_sweep(
         "mixup_alpha": grid_mixup_alpha, "cutmix_alpha": grid_cutmix_alpha, "mixup_prob": grid_mixup_prob,
         "switch_prob": grid_switch_prob, "label_smoothing": grid_label_smoothing,
     }  # fmt: skip
-    return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained))
+    return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes))

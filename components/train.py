@@ -25,13 +25,13 @@ def train(
     batch_size: Optional[int] = None,  # noqa: UP045
     aug_policy: Optional[str] = None,  # noqa: UP045
     pretrained: Optional[str] = None,  # noqa: UP045 - "" means none (a pipeline parameter's empty default)
-    nodes: Optional[int] = None,  # noqa: UP045 - more than 1: a Kubeflow Trainer TrainJob
+    train_nodes: Optional[int] = None,  # noqa: UP045 - more than 1: a Kubeflow Trainer TrainJob
     step_config: Optional[dict] = None,  # noqa: UP045
     branch: str = "",
 ) -> None:
     """Trains on the resize output at ``resized`` (a committed prefix); records the run for incremental retraining.
 
-    One process per GPU of the pod (``imgpipe compile --train-gpus N``); with ``nodes`` above 1
+    One process per GPU of the pod (``imgpipe compile --train-gpus N``); with ``train_nodes`` above 1
     a Kubeflow Trainer TrainJob of that many such nodes. Rank 0 writes.
 
     ``resume`` is on: the prefix is the run's own, so a first attempt starts fresh and a
@@ -45,7 +45,7 @@ def train(
     from imgpipe.sweep import branch_step
     from imgpipe.train.config import TrainConfig
 
-    named = ka.train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, nodes)
+    named = ka.train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes)
     cfg = config.step_config(TrainConfig, step_config, "train", **named, weights_cache=ka.weights_cache(data_root))
     step = branch_step(branch) if branch else "train"
     data, out = ka.committed_prefix(resized, "resize"), ka.run_prefix(data_root, run_id, step)

@@ -403,7 +403,7 @@ def test_the_pipeline_takes_train_nodes_and_gives_the_train_task_what_a_trainjob
     param = ir["root"]["inputDefinitions"]["parameters"]["train_nodes"]
     assert (param["parameterType"], param["defaultValue"]) == ("NUMBER_INTEGER", 1.0)
     (task,) = [t for t in ir["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == "train"]
-    assert task["inputs"]["parameters"]["nodes"]["componentInputParameter"] == "train_nodes"
+    assert task["inputs"]["parameters"]["train_nodes"]["componentInputParameter"] == "train_nodes"
     executor = ir["components"][task["componentRef"]["name"]]["executorLabel"]
     env = {e["name"]: e["value"] for e in ir["deploymentSpec"]["executors"][executor]["container"]["env"]}
     assert env[trainjob.IMAGE_ENV] == "registry.test/gpu:3" and env[trainjob.SECRET_ENV] == "imgpipe-s3-credentials"
