@@ -118,6 +118,9 @@ __all__ = [
     "load_template",
     "build_rayjob",
     "load_api",
+    "status_code",
+    "field_at",
+    "latest_attempt",
     "current_namespace",
     "create_or_attach",
     "rayjob_state",
@@ -384,7 +387,8 @@ def current_namespace() -> str:
         return "default"
 
 
-def _status_code(exc: Exception) -> int | None:
+def status_code(exc: Exception) -> int | None:
+    """The HTTP status of a Kubernetes client's ``ApiException`` (``None`` for any other error)."""
     return getattr(exc, "status", None)
 
 
@@ -435,9 +439,9 @@ def _get(api: Any, namespace: str, name: str, doing: str | None = None) -> dict[
     try:
         return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     except ApiException as exc:
-        if _status_code(exc) == 404:
+        if status_code(exc) == 404:
             return None
-        if _status_code(exc) == 403:
+        if status_code(exc) == 403:
             what = doing or f"read RayJob {namespace}/{name}"
             raise RuntimeError(forbidden_message(exc, "get", f"{PLURAL}.{GROUP}", namespace, what)) from None
         raise
@@ -458,10 +462,10 @@ def create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any],
     try:
         return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body), True
     except ApiException as exc:
-        if _status_code(exc) == 403:
+        if status_code(exc) == 403:
             message = forbidden_message(exc, "create", f"{PLURAL}.{GROUP}", namespace, f"create RayJob {namespace}/{name}")
             raise RuntimeError(message) from None
-        if _status_code(exc) != 409:
+        if status_code(exc) != 409:
             raise
     existing = _get(api, namespace, name)
     if existing is None:  # deleted between the two calls: a retry creates it again
@@ -469,7 +473,8 @@ def create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any],
     return existing, False
 
 
-def _field(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+def field_at(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at ``path`` in a nested mapping (a custom object), ``None`` where it is absent."""
     for key in path:
         if not isinstance(obj, Mapping) or key not in obj:
             return None
@@ -484,7 +489,7 @@ def dropped_fields(sent: Mapping[str, Any], returned: Mapping[str, Any]) -> list
     not list (Kubernetes' custom resource field pruning), so on an older KubeRay's CRD they
     are gone from the object the create returns.
     """
-    return [".".join(path) for path in REQUIRED_FIELDS if _field(sent, path) is not None and _field(returned, path) is None]
+    return [".".join(path) for path in REQUIRED_FIELDS if field_at(sent, path) is not None and field_at(returned, path) is None]
 
 
 def _refuse_pruned(api: Any, sent: Mapping[str, Any], returned: Mapping[str, Any]) -> None:
@@ -506,7 +511,7 @@ def _refuse_pruned(api: Any, sent: Mapping[str, Any], returned: Mapping[str, Any
         api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background")
         outcome = "the RayJob was deleted"
     except ApiException as exc:
-        outcome = f"deleting it failed ({_status_code(exc)} {exc.reason}): kubectl delete rayjob -n {namespace} {name}"
+        outcome = f"deleting it failed ({status_code(exc)} {exc.reason}): kubectl delete rayjob -n {namespace} {name}"
     since = ", ".join(f"{field} since {REQUIRED_FIELDS[tuple(field.split('.'))]}" for field in dropped)
     raise RuntimeError(
         f"RayJob {namespace}/{name}: the cluster's RayJob CRD dropped {', '.join(dropped)} (the API server prunes "
@@ -617,7 +622,7 @@ class SubmitterLog:
             text = self.core_api.read_namespaced_pod_log(pod, self.namespace) or ""
         except Exception as exc:  # a pod still pending, RBAC without pods/log: logs are a courtesy
             verb, resource, doing = call
-            if _status_code(exc) == 403 and resource not in self.refused:
+            if status_code(exc) == 403 and resource not in self.refused:
                 self.refused.add(resource)
                 log.warning("no submitter log in this step's log: %s", forbidden_message(exc, verb, resource, self.namespace, doing))
             else:
@@ -658,7 +663,7 @@ def cluster_template(api: Any, namespace: str, step: str) -> tuple[dict[str, Any
         obj = _get(api, namespace, name, doing=f"read the RayJob template {namespace}/{name}")
     except ApiException as exc:
         raise RuntimeError(
-            f"cannot read the RayJob template {namespace}/{name} ({_status_code(exc)} {exc.reason}): the pipeline's "
+            f"cannot read the RayJob template {namespace}/{name} ({status_code(exc)} {exc.reason}): the pipeline's "
             "service account needs `get` on rayjobs.ray.io (k8s/base/role-rayjobs.yaml)"
         ) from exc
     if obj is None:
@@ -682,16 +687,17 @@ def _delete_attempts(api: Any, namespace: str, base: str, attempts: int) -> None
                 GROUP, VERSION, namespace, PLURAL, attempt_id(base, n), propagation_policy="Background"
             )
         except ApiException as exc:
-            if _status_code(exc) == 403:
+            if status_code(exc) == 403:
                 doing = f"delete RayJob {namespace}/{attempt_id(base, n)}"
                 log.warning("%s", forbidden_message(exc, "delete", f"{PLURAL}.{GROUP}", namespace, doing))
-            elif _status_code(exc) != 404:
+            elif status_code(exc) != 404:
                 log.warning("could not delete RayJob %s/%s: %s", namespace, attempt_id(base, n), exc)
 
 
-def _latest_attempt(api: Any, namespace: str, base: str) -> tuple[int, dict[str, Any] | None]:
+def latest_attempt(get: Callable[[str], dict[str, Any] | None], base: str) -> tuple[int, dict[str, Any] | None]:
+    """The number and object of a job's last attempt (``base``, ``base-a2``, ...), by reading each in turn; ``(0, None)`` for none."""
     attempt, latest = 0, None
-    while (obj := _get(api, namespace, attempt_id(base, attempt + 1))) is not None:
+    while (obj := get(attempt_id(base, attempt + 1))) is not None:
         attempt, latest = attempt + 1, obj
     return attempt, latest
 
@@ -771,7 +777,7 @@ def run_step_rayjob(
         log.warning("%s: no run id (--run-id or $%s): a retry of this call cannot re-attach to its RayJob", step, RUN_ID_ENV)
     base = job_id(step, source, dest, job_cfg, run_id)
 
-    attempt, latest = _latest_attempt(api, namespace, base)
+    attempt, latest = latest_attempt(lambda name: _get(api, namespace, name), base)
     state, detail = rayjob_state(latest) if latest is not None else (None, "")
     action, attempt = choose_action(
         state, attempt, max_attempts, lambda: committed_report(step, source, dest, job_cfg) is not None, detail

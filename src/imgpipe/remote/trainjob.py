@@ -68,9 +68,12 @@ from imgpipe.remote.kuberay import (
     RUN_ID_LABEL,
     STEP_LABEL,
     current_namespace,
+    field_at,
     forbidden_message,
     label_value,
+    latest_attempt,
     load_api,
+    status_code,
 )
 from imgpipe.remote.payload import payload
 from imgpipe.remote.ray_jobs import attempt_id, choose_action, job_id, resolve_run_id
@@ -255,10 +258,6 @@ def trainjob_state(obj: Mapping[str, Any]) -> tuple[str, str]:
     return "active", "; ".join(shown) or "no conditions yet"
 
 
-def _status_code(exc: Exception) -> int | None:
-    return getattr(exc, "status", None)
-
-
 # The Role that grants what this module calls.
 ROLE = "k8s/base/role-trainjobs.yaml"
 
@@ -273,9 +272,9 @@ def _get(api: Any, namespace: str, name: str) -> dict[str, Any] | None:
     try:
         return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     except ApiException as exc:
-        if _status_code(exc) == 404:
+        if status_code(exc) == 404:
             return None
-        if _status_code(exc) == 403:
+        if status_code(exc) == 403:
             raise _refused(exc, "get", namespace, f"read TrainJob {namespace}/{name}") from None
         raise
 
@@ -287,11 +286,11 @@ def _create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any]
     try:
         return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body), True
     except ApiException as exc:
-        if _status_code(exc) == 403:
+        if status_code(exc) == 403:
             raise _refused(exc, "create", namespace, f"create TrainJob {namespace}/{name}") from None
-        if _status_code(exc) == 422:
+        if status_code(exc) == 422:
             raise RuntimeError(f"the API server refused TrainJob {namespace}/{name}: {getattr(exc, 'body', exc)}") from None
-        if _status_code(exc) != 409:
+        if status_code(exc) != 409:
             raise
     existing = _get(api, namespace, name)
     if existing is None:
@@ -307,24 +306,16 @@ def _delete(api: Any, namespace: str, name: str, *, quiet_missing: bool = True) 
         api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background")
         return True
     except ApiException as exc:
-        if _status_code(exc) == 403:
+        if status_code(exc) == 403:
             log.warning("%s", forbidden_message(exc, "delete", f"{PLURAL}.{GROUP}", namespace, f"delete TrainJob {namespace}/{name}", ROLE))
-        elif _status_code(exc) != 404 or not quiet_missing:
+        elif status_code(exc) != 404 or not quiet_missing:
             log.warning("could not delete TrainJob %s/%s: %s", namespace, name, exc)
         return False
 
 
-def _field(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(obj, Mapping) or key not in obj:
-            return None
-        obj = obj[key]
-    return obj
-
-
 def _refuse_pruned(api: Any, sent: Mapping[str, Any], returned: Mapping[str, Any]) -> None:
     """Deletes the TrainJob and raises if the cluster's CRD dropped a field imgpipe relies on."""
-    dropped = [".".join(p) for p in REQUIRED_FIELDS if _field(sent, p) is not None and _field(returned, p) is None]
+    dropped = [".".join(p) for p in REQUIRED_FIELDS if field_at(sent, p) is not None and field_at(returned, p) is None]
     if not dropped:
         return
     namespace, name = sent["metadata"]["namespace"], sent["metadata"]["name"]
@@ -395,13 +386,6 @@ def committed_train(data: str, out: str, cfg: Any) -> StepReport | None:
     return StepReport.from_manifest(manifest)
 
 
-def _latest_attempt(api: Any, namespace: str, base: str) -> tuple[int, dict[str, Any] | None]:
-    attempt, latest = 0, None
-    while (obj := _get(api, namespace, attempt_id(base, attempt + 1))) is not None:
-        attempt, latest = attempt + 1, obj
-    return attempt, latest
-
-
 def run_train_job(
     data: str,
     out: str,
@@ -463,7 +447,7 @@ def run_train_job(
     api = api if api is not None else load_api()
     run_id = resolve_run_id(run_id)
     base = job_id("train", data, out, cfg, run_id)
-    attempt, latest = _latest_attempt(api, namespace, base)
+    attempt, latest = latest_attempt(lambda name: _get(api, namespace, name), base)
     state, detail = trainjob_state(latest) if latest is not None else (None, "")
     action, attempt = choose_action(state, attempt, max_attempts, lambda: committed_train(data, out, cfg) is not None, detail)
     name = attempt_id(base, attempt)
