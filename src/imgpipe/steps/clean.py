@@ -313,7 +313,6 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         # The per-image records (index, plan, results: about 0.5 KB an image) are done with:
         # freed here, the write pass's shards do not come on top of them.
         del results, args, unit_paths, units, sha_by_path, plan, known
-        resources.return_freed_memory()
         _write_shards(bucket_dir, tally.kept_per_shard, tally.label_map, out, cfg, tally.classes)
         phases.done("write", kept=tally.kept, rejected=len(tally.rejects), shards=len(tally.kept_per_shard))
     classes = tally.classes
