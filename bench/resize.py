@@ -84,6 +84,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from photos import Photo, photo_set  # noqa: E402
+from proctree import process_tree  # noqa: E402
 
 import imgpipe.steps.resize as resize_step  # noqa: E402
 from imgpipe import contract  # noqa: E402
@@ -302,30 +303,6 @@ def pool_step(source: str, dest: str, pool: Any, clock: Clock) -> int:
 # Memory: RSS/PSS of this process and all its descendants.
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
-def _tree(root: int) -> list[int]:
-    kids, todo, seen = _children(), [root], []
-    while todo:
-        pid = todo.pop()
-        seen.append(pid)
-        todo.extend(kids.get(pid, []))
-    return seen
-
-
 def _rss_pss_kib(pid: int) -> tuple[int, int]:
     rss = pss = 0
     try:
@@ -353,7 +330,7 @@ class TreeSampler(threading.Thread):
     def run(self) -> None:
         me = os.getpid()
         while not self._stop_event.is_set():
-            pids = _tree(me)
+            pids = process_tree(me)
             rss = pss = 0
             for pid in pids:
                 r, p = _rss_pss_kib(pid)
@@ -374,7 +351,7 @@ class TreeSampler(threading.Thread):
 def tree_memory_kib() -> tuple[int, int]:
     """Summed RSS and PSS of this process and its descendants, now."""
     rss = pss = 0
-    for pid in _tree(os.getpid()):
+    for pid in process_tree(os.getpid()):
         r, p = _rss_pss_kib(pid)
         rss, pss = rss + r, pss + p
     return rss, pss

@@ -40,7 +40,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from photos import make_photo, source_photos  # noqa: E402
+from proctree import process_tree  # noqa: E402
 
 from imgpipe.data.synth import choose_breeds  # noqa: E402
 
@@ -121,27 +122,6 @@ class _Bytes:
 # Measuring one step process.
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
-def _tree(root: int) -> Iterator[int]:
-    kids, todo = _children(), [root]
-    while todo:
-        pid = todo.pop()
-        yield pid
-        todo.extend(kids.get(pid, []))
-
-
 def _status_kib(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as fh:
@@ -165,7 +145,7 @@ class Watch(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.is_set():
             tree = 0
-            for pid in _tree(self.root):
+            for pid in process_tree(self.root):
                 tree += _status_kib(pid, "VmRSS:")
             self.root_hwm_kib = max(self.root_hwm_kib, _status_kib(self.root, "VmHWM:"))
             self.tree_peak_kib = max(self.tree_peak_kib, tree)

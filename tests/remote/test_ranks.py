@@ -17,6 +17,7 @@ from imgpipe import contract, storage
 from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.kfp import client as kfp_client
 from imgpipe.remote import ranks
+from tests.test_components import _artifact
 from tests.train.test_loader import write_resize_output
 
 
@@ -112,13 +113,8 @@ def test_two_cpu_ranks_through_the_train_components_own_code_path(tmp_path, monk
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data_root = "file://" + str(tmp_path / "store")
     data = write_resize_output(kfp_artifacts.run_prefix(data_root, "r2", "resize"), classes=3, size=16)
-    outs = {
-        name: cls(name=name, uri=str(tmp_path / name), metadata={})
-        for name, cls in (
-            ("trained", dsl.Artifact), ("model", dsl.Model), ("metrics", dsl.Metrics),
-            ("confusion", dsl.ClassificationMetrics), ("report", dsl.HTML),
-        )
-    }  # fmt: skip
+    kinds = {"trained": dsl.Artifact, "model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}
+    outs = {name: _artifact(cls, tmp_path / name) for name, cls in kinds.items()}
     train_component.python_func(
         resized=data,
         data_root=data_root,

@@ -95,6 +95,7 @@ __all__ = [
     "TrainJobParams",
     "check_nodes",
     "build_trainjob",
+    "node_resources",
     "trainjob_state",
     "wait_for_trainjob",
     "committed_train",
@@ -298,7 +299,7 @@ def _create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any]
     return existing, False
 
 
-def _delete(api: Any, namespace: str, name: str, *, quiet_missing: bool = True) -> bool:
+def _delete(api: Any, namespace: str, name: str) -> bool:
     """Deletes a TrainJob (its JobSet and pods follow); a refusal or failure is a warning."""
     from kubernetes.client.exceptions import ApiException
 
@@ -308,7 +309,7 @@ def _delete(api: Any, namespace: str, name: str, *, quiet_missing: bool = True) 
     except ApiException as exc:
         if status_code(exc) == 403:
             log.warning("%s", forbidden_message(exc, "delete", f"{PLURAL}.{GROUP}", namespace, f"delete TrainJob {namespace}/{name}", ROLE))
-        elif status_code(exc) != 404 or not quiet_missing:
+        elif status_code(exc) != 404:
             log.warning("could not delete TrainJob %s/%s: %s", namespace, name, exc)
         return False
 
