@@ -49,6 +49,7 @@ __all__ = [
     "free_port",
     "skip_collection_at_exit",
     "hide_unused_module",
+    "return_freed_memory",
 ]
 
 # Names the processes a reaper ends: set in this process's environment, inherited by all
@@ -181,6 +182,27 @@ def hide_unused_module(name: str) -> bool:
         if isinstance(finder, _Hidden) and name in finder.names:
             return True
     sys.meta_path.insert(0, _Hidden(frozenset({name})))
+    return True
+
+
+def return_freed_memory() -> bool:
+    """Gives the memory this process has freed back to the system; whether the C library could.
+
+    A step that drops its per-image records (clean's plan and results, hundreds of thousands
+    of small objects) before its next phase would otherwise keep their pages: glibc's
+    allocator returns freed heap memory only from the top of the heap, so the next phase's
+    buffers come on top of them and the peak grows with the number of images. ``malloc_trim``
+    releases every free page of the heap and its arenas (glibc >= 2.8). Elsewhere (musl,
+    macOS) nothing happens.
+    """
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
     return True
 
 

@@ -2,8 +2,8 @@
 
 :func:`validate_task` runs in the decode pool's workers (:mod:`imgpipe.clean.pool`): every
 row is fully decoded (:func:`imgpipe.data.images.validate_and_normalize`), usable rows the
-plan places are appended to the task's bucket file of their output shard, and only small
-per-row results go back to the step.
+plan places are appended to the task's bucket file of their output shard, and only
+what the task settled goes back to the step, as arrays (:class:`imgpipe.clean.pool.TaskResult`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgpipe import contract, storage
-from imgpipe.clean.config import CleanConfig
-from imgpipe.clean.plan import Placement
-from imgpipe.clean.pool import Marker, RowResult, Task, bucket_path
+from imgpipe.clean.config import SPLITS, CleanConfig
+from imgpipe.clean.plan import RowsPlan
+from imgpipe.clean.pool import Marker, ResultBuilder, Task, TaskResult, bucket_path
 from imgpipe.data.annotations import HeadBox, image_stem
 from imgpipe.data.images import ImageRejected, validate_and_normalize
 
@@ -65,8 +65,10 @@ class ShardBuckets:
         self.pending: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
 
-    def add(self, member: str, img: Any, place: Placement, bbox: list[float] | None) -> int:
-        shard = place.order // self.rows_per_shard
+    def add(self, member: str, img: Any, place: RowsPlan, at: int, sha256: str, bbox: list[float] | None) -> int:
+        """Appends a normalized image as row ``at`` of ``place`` says; returns its output shard."""
+        order, label = int(place.order[at]), int(place.label[at])
+        shard = order // self.rows_per_shard
         cols = self.pending[shard]
         for key, value in (
             ("path", member),
@@ -75,11 +77,11 @@ class ShardBuckets:
             ("height", img.height),
             ("mode", img.mode),
             ("format", img.format),
-            ("label", place.label),
-            ("label_name", place.label_name),
-            ("split", place.split),
-            ("order", place.order),
-            ("sha256", place.sha256),
+            ("label", label),
+            ("label_name", place.classes[label]),
+            ("split", SPLITS[place.split[at]]),
+            ("order", order),
+            ("sha256", sha256),
             ("bbox", bbox),
         ):
             cols[key].append(value)
@@ -102,12 +104,12 @@ class ShardBuckets:
 
 def validate_task(
     task: Task,
-    placements: dict[str, Placement],
+    place: RowsPlan,
     boxes: dict[str, HeadBox],
     cfg: CleanConfig,
     bucket_dir: str,
     max_decode_bytes: int | None = None,
-) -> list[RowResult]:
+) -> TaskResult:
     """Decodes and normalizes the rows of some download row groups.
 
     Every row is fully decoded, whatever the plan says about it, so the reject reason
@@ -117,31 +119,31 @@ def validate_task(
 
     Args:
         task: The row groups to process.
-        placements: Output placement of each candidate row in these row groups.
+        place: The plan of every row of the task's row groups, in order.
         boxes: Head boxes by image stem (may be empty).
         cfg: The clean config.
         bucket_dir: Local folder for the shard buckets and markers.
         max_decode_bytes: Memory one image may take to decode; ``None`` for no limit.
 
     Returns:
-        One result per input row the task wants (not carried), in input order.
+        What the task settled: every input row it wants (not carried), in input order.
     """
     buckets = ShardBuckets(bucket_dir, task.index, cfg.rows_per_shard)
     marker = Marker(bucket_dir, task.index)
-    results: list[RowResult] = []
+    results = ResultBuilder()
+    offset = 0  # entry in ``place`` of the unit's first row
     try:
-        for uri, row_group in task.units:
-            fs, path = storage.arrow_filesystem(uri)
+        for unit in task.units:
+            fs, path = storage.arrow_filesystem(unit.uri)
             with fs.open_input_file(path) as fh:
-                table = pq.ParquetFile(fh).read_row_group(row_group, columns=["path", "bytes"])
-            blobs = table.column("bytes")
+                table = pq.ParquetFile(fh).read_row_group(unit.row_group, columns=["path", "bytes", "sha256"])
+            blobs, hashes = table.column("bytes"), table.column("sha256")
             for i, member in enumerate(table.column("path").to_pylist()):
-                if member in placements and placements[member].carried:
-                    continue  # copied from the previous output by _carry_rows
-                if not task.wants(member):
-                    continue
+                row, at = unit.start + i, offset + i
+                if place.carried[at] or not task.wants(row):
+                    continue  # carried rows are copied from the previous output by _carry_rows
                 try:
-                    with marker.naming(member):
+                    with marker.naming(row, member):
                         img = validate_and_normalize(
                             blobs[i].as_py() or b"",
                             grayscale=cfg.grayscale,
@@ -152,25 +154,20 @@ def validate_task(
                             formats=cfg.formats,
                         )
                 except ImageRejected as exc:
-                    results.append(RowResult(member, exc.reason, exc.detail[:500]))
+                    results.failed(row, exc.reason, exc.detail[:500])
                     continue
                 except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one image, not the run
-                    results.append(
-                        RowResult(member, "corrupt", f"{type(exc).__name__}: {exc}"[:500])
-                    )
+                    results.failed(row, "corrupt", f"{type(exc).__name__}: {exc}"[:500])
                     continue
-                place = placements.get(member)
-                if place is None:
-                    results.append(RowResult(member))  # decodes, but the plan rejects it
+                if place.order[at] < 0:
+                    results.settled(row)  # decodes, but the plan rejects it
                     continue
                 bbox = _box_for(member, img.width, img.height, boxes)
-                results.append(
-                    RowResult(
-                        member, shard=buckets.add(member, img, place, bbox), boxed=bbox is not None
-                    )
-                )
+                shard = buckets.add(member, img, place, at, hashes[i].as_py(), bbox)
+                results.settled(row, shard, bbox is not None)
             buckets.flush()
+            offset += unit.rows
     finally:
         marker.close()
         buckets.close()
-    return results
+    return results.build()

@@ -7,10 +7,12 @@ generators seeded with the config's ``seed`` (:func:`stratified_split`, :func:`s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgpipe import storage
@@ -18,47 +20,126 @@ from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.contract import Reject
 from imgpipe.data.labels import Labeler, choose_label_source, encode_labels, read_label_csv
 
-__all__ = ["Placement", "Plan", "read_index", "stratified_split", "shuffled_order", "build_labeler", "plan_rows"]
+__all__ = ["Unit", "Index", "Plan", "RowsPlan", "read_index", "split_codes", "stratified_split", "shuffled_order", "build_labeler", "plan_rows"]
+
+# Rows labelled per batch: the paths of one batch are Python strings for a moment, never
+# all of them at once.
+_LABEL_BATCH = 4096
+
 
 @dataclass(frozen=True, slots=True)
-class Placement:
-    """Where a row goes if it decodes; decided from metadata before any decoding."""
+class Unit:
+    """One row group of the download output, and where its rows sit in the :class:`Index`.
 
-    order: int
-    label: int
-    label_name: str
-    split: str
-    sha256: str
-    carried: bool = False
+    Attributes:
+        uri: The data file.
+        row_group: Its row group.
+        start: Index position of the row group's first row.
+        rows: Rows in the row group.
+    """
+
+    uri: str
+    row_group: int
+    start: int
+    rows: int
+
+    @property
+    def positions(self) -> range:
+        return range(self.start, self.start + self.rows)
+
+
+@dataclass(frozen=True)
+class Index:
+    """Path and sha256 of every input row, as Arrow arrays in input order.
+
+    A row is named by its position here everywhere in the step: the index holds no
+    Python object per row (about 100 bytes an image in Arrow buffers, where a dict of
+    strings took 0.5 KB and left the allocator's arenas fragmented after it was freed).
+    """
+
+    units: list[Unit]
+    paths: pa.Array
+    sha256: pa.Array
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, row: int) -> str:
+        return self.paths[int(row)].as_py()
+
+    def iter_paths(self) -> Iterator[str]:
+        """Every path in index order, a batch at a time."""
+        for lo in range(0, len(self.paths), _LABEL_BATCH):
+            yield from self.paths.slice(lo, _LABEL_BATCH).to_pylist()
 
 
 @dataclass
 class Plan:
-    """The metadata-only plan: placements of candidate rows and the rejects they imply."""
+    """The metadata-only plan, one array entry per input row (index position).
+
+    Attributes:
+        classes: Class names, in label order.
+        order: The row's place in the shuffled output, -1 for a row the plan does not place.
+        label: Class index of a placed row.
+        split: Index into :data:`SPLITS` of a placed row.
+        carried: Placed rows copied from a previous output instead of decoded.
+        deferred: ``no_label`` / ``duplicate`` rejects by row; they apply only to rows
+            that decode (a decode failure wins).
+    """
 
     classes: list[str]
-    placements: dict[str, Placement] = field(default_factory=dict)
-    # no_label / duplicate: these apply only to rows that decode (a decode failure wins).
-    deferred: dict[str, Reject] = field(default_factory=dict)
+    order: np.ndarray
+    label: np.ndarray
+    split: np.ndarray
+    carried: np.ndarray
+    deferred: dict[int, Reject] = field(default_factory=dict)
+
+    @property
+    def planned(self) -> int:
+        return int((self.order >= 0).sum())
+
+    def of_rows(self, rows: np.ndarray) -> RowsPlan:
+        """The plan of ``rows`` (index positions), in that order."""
+        return RowsPlan(tuple(self.classes), self.order[rows], self.label[rows], self.split[rows], self.carried[rows])
+
+    def of_units(self, units: Sequence[Unit]) -> RowsPlan:
+        """The plan of every row of ``units``, in order."""
+        return self.of_rows(np.concatenate([np.arange(u.start, u.start + u.rows) for u in units] or [np.zeros(0, np.int64)]))
 
 
-def read_index(files: Sequence[str]) -> tuple[list[tuple[str, int, list[str]]], dict[str, str]]:
+@dataclass(frozen=True)
+class RowsPlan:
+    """The plan of some rows (a decode task's row groups): what a worker needs, as arrays."""
+
+    classes: tuple[str, ...]
+    order: np.ndarray
+    label: np.ndarray
+    split: np.ndarray
+    carried: np.ndarray
+
+
+def read_index(files: Sequence[str]) -> Index:
     """Reads paths and hashes of every row (no image bytes), by row group."""
-    units: list[tuple[str, int, list[str]]] = []
-    sha_by_path: dict[str, str] = {}
+    units: list[Unit] = []
+    paths: list[pa.Array] = []
+    hashes: list[pa.Array] = []
+    start = 0
     for uri in files:
         fs, path = storage.arrow_filesystem(uri)
         with fs.open_input_file(path) as fh:
             pf = pq.ParquetFile(fh)
             for rg in range(pf.metadata.num_row_groups):
-                meta = pf.read_row_group(rg, columns=["path", "sha256"])
-                paths = meta.column("path").to_pylist()
-                sha_by_path.update(zip(paths, meta.column("sha256").to_pylist()))
-                units.append((uri, rg, paths))
-    return units, sha_by_path
+                meta = pf.read_row_group(rg, columns=["path", "sha256"], use_threads=False)
+                units.append(Unit(uri, rg, start, meta.num_rows))
+                # Large strings: at 100M images the paths alone pass 2 GiB, a string array's limit.
+                paths.append(meta.column("path").combine_chunks().cast(pa.large_string()))
+                hashes.append(meta.column("sha256").combine_chunks().cast(pa.large_string()))
+                start += meta.num_rows
+    empty = pa.array([], pa.large_string())
+    return Index(units, pa.concat_arrays(paths) if paths else empty, pa.concat_arrays(hashes) if hashes else empty)
 
 
-def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[str]:
+def split_codes(labels: Sequence[int] | np.ndarray, fractions: Sequence[float], seed: int) -> np.ndarray:
     """Assigns each item a split so every class follows ``fractions`` as closely as possible.
 
     Per class, counts come from the largest-remainder method (so they sum exactly),
@@ -71,11 +152,11 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
         seed: Base seed.
 
     Returns:
-        The split name per item.
+        The split per item, as an index into :data:`SPLITS` (int8).
     """
     rng = np.random.default_rng([seed, 0x5EED, 1])
     labels_arr = np.asarray(labels)
-    out = np.empty(len(labels_arr), dtype=object)
+    out = np.empty(len(labels_arr), dtype=np.int8)
     for cls in np.unique(labels_arr):
         idx = np.flatnonzero(labels_arr == cls)
         n = len(idx)
@@ -88,9 +169,14 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
             counts[0] += 1
         perm = rng.permutation(idx)
         bounds = np.cumsum(counts)[:-1]
-        for name, part in zip(SPLITS, np.split(perm, bounds)):
-            out[part] = name
-    return out.tolist()
+        for code, part in enumerate(np.split(perm, bounds)):
+            out[part] = code
+    return out
+
+
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[str]:
+    """:func:`split_codes` as split names."""
+    return [SPLITS[c] for c in split_codes(labels, fractions, seed).tolist()]
 
 
 def shuffled_order(n: int, seed: int) -> np.ndarray:
@@ -98,51 +184,88 @@ def shuffled_order(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 0x5EED, 2]).permutation(n)
 
 
-def build_labeler(cfg: CleanConfig, paths: Sequence[str]) -> Labeler:
+def build_labeler(cfg: CleanConfig, index: Index) -> Labeler:
+    """The labeler the config asks for; ``auto`` chooses from the index's paths."""
     if cfg.label_source == "csv":
         assert cfg.labels_csv is not None  # checked in CleanConfig
         return Labeler("csv", read_label_csv(storage.read_bytes(cfg.labels_csv)))
     if cfg.label_source == "auto":
-        return Labeler(choose_label_source(paths))
+        return Labeler(choose_label_source(index.iter_paths()))
     return Labeler(cfg.label_source)
 
 
-def plan_rows(
-    sha_by_path: dict[str, str], labeler: Labeler, cfg: CleanConfig, known: dict[str, str] | None = None
-) -> Plan:
+def _label_rows(index: Index, by_path: np.ndarray, labeler: Labeler, deferred: dict[int, Reject]) -> tuple[np.ndarray, list[str]]:
+    """Labels every row: a code into the returned names per row, -1 (and a ``no_label`` reject) where none."""
+    codes = np.full(len(index), -1, dtype=np.int32)
+    names: dict[str, int] = {}
+    for lo in range(0, len(by_path), _LABEL_BATCH):
+        rows = by_path[lo : lo + _LABEL_BATCH]
+        for row, path in zip(rows.tolist(), index.paths.take(pa.array(rows)).to_pylist()):
+            name = labeler(path)
+            if name is None:
+                deferred[row] = Reject(path, "no_label", labeler.describe_missing(path))
+            else:
+                codes[row] = names.setdefault(name, len(names))
+    return codes, list(names)
+
+
+def _first_of_each_hash(index: Index, labelled: np.ndarray, deferred: dict[int, Reject]) -> np.ndarray:
+    """The first row of ``labelled`` (rows in path order) per sha256; the others become ``duplicate`` rejects."""
+    if not len(labelled):
+        return labelled
+    hashes = index.sha256.take(pa.array(labelled))
+    rank = pa.array(np.arange(len(labelled)))
+    first = pa.table({"sha256": hashes, "rank": rank}).group_by("sha256").aggregate([("rank", "min")])
+    group = pc.index_in(hashes, value_set=first.column("sha256").combine_chunks()).to_numpy()
+    first_rank = first.column("rank_min").to_numpy()[group]
+    is_first = first_rank == np.arange(len(labelled))
+    for k in np.flatnonzero(~is_first).tolist():
+        original = index.path(labelled[first_rank[k]])
+        deferred[int(labelled[k])] = Reject(index.path(labelled[k]), "duplicate", f"same bytes as {original}")
+    return labelled[is_first]
+
+
+def plan_rows(index: Index, labeler: Labeler, cfg: CleanConfig, known: pa.Table | None = None) -> Plan:
     """Labels, finds exact duplicates, splits and orders the rows, from metadata alone.
 
     Identical bytes decode identically, so duplicates can be settled before decoding:
     among labelled rows with the same sha256, the first path in sorted order is the
     candidate and the others are deferred ``duplicate`` rejects.
+
+    Args:
+        index: Every input row's path and sha256.
+        labeler: Gives a row's class name from its path.
+        cfg: The clean config (split fractions, seed).
+        known: ``sha256`` and ``split`` of a previous output's rows: a candidate found there
+            keeps its split and is carried instead of decoded.
     """
-    deferred: dict[str, Reject] = {}
-    labelled: list[tuple[str, str, str]] = []
-    for path in sorted(sha_by_path):
-        name = labeler(path)
-        if name is None:
-            deferred[path] = Reject(path, "no_label", labeler.describe_missing(path))
-        else:
-            labelled.append((path, name, sha_by_path[path]))
-    first_by_hash: dict[str, str] = {}
-    candidates: list[tuple[str, str, str]] = []
-    for path, name, sha in labelled:
-        if sha in first_by_hash:
-            deferred[path] = Reject(path, "duplicate", f"same bytes as {first_by_hash[sha]}")
-        else:
-            first_by_hash[sha] = path
-            candidates.append((path, name, sha))
-    classes = encode_labels(name for _, name, _ in candidates)
-    index = {name: i for i, name in enumerate(classes)}
-    # One string object per class, not one per row: the plan holds a placement per image.
-    shared = {name: name for name in classes}
-    label_ids = [index[name] for _, name, _ in candidates]
-    known = known or {}
-    fresh = [i for i, (_, _, sha) in enumerate(candidates) if sha not in known]
-    fresh_splits = iter(stratified_split([label_ids[i] for i in fresh], cfg.split, cfg.seed))
-    splits = [known[sha] if sha in known else next(fresh_splits) for _, _, sha in candidates]
-    order = shuffled_order(len(candidates), cfg.seed)
-    plan = Plan(classes=classes, deferred=deferred)
-    for (path, name, sha), lab, split, o in zip(candidates, label_ids, splits, order):
-        plan.placements[path] = Placement(int(o), lab, shared[name], split, sha, carried=sha in known)
+    n = len(index)
+    deferred: dict[int, Reject] = {}
+    by_path = pc.sort_indices(index.paths).to_numpy().astype(np.int64)
+    name_codes, names = _label_rows(index, by_path, labeler, deferred)
+    candidates = _first_of_each_hash(index, by_path[name_codes[by_path] >= 0], deferred)
+    classes = encode_labels(names[c] for c in np.unique(name_codes[candidates]).tolist())
+    to_label = np.array([classes.index(name) if name in classes else -1 for name in names] or [0], dtype=np.int32)
+    label_ids = to_label[name_codes[candidates]]
+    carried = np.zeros(len(candidates), dtype=bool)
+    splits = np.empty(len(candidates), dtype=np.int8)
+    if known is not None and known.num_rows:
+        at = pc.index_in(index.sha256.take(pa.array(candidates)), value_set=known.column("sha256").combine_chunks().cast(pa.large_string()))
+        at = at.fill_null(-1).to_numpy()
+        carried = at >= 0
+        known_codes = np.array([SPLITS.index(s) for s in known.column("split").to_pylist()], dtype=np.int8)
+        splits[carried] = known_codes[at[carried]]
+    splits[~carried] = split_codes(label_ids[~carried], cfg.split, cfg.seed)
+    plan = Plan(
+        classes=classes,
+        order=np.full(n, -1, dtype=np.int64),
+        label=np.full(n, -1, dtype=np.int32),
+        split=np.full(n, -1, dtype=np.int8),
+        carried=np.zeros(n, dtype=bool),
+        deferred=deferred,
+    )
+    plan.order[candidates] = shuffled_order(len(candidates), cfg.seed)
+    plan.label[candidates] = label_ids
+    plan.split[candidates] = splits
+    plan.carried[candidates] = carried
     return plan

@@ -1,8 +1,9 @@
 """Clean's crash-isolating decode pool: a dead or stuck decoder costs one image, never the step.
 
 Tasks (:class:`Task`: some row groups of the input) run on a process pool sized by the
-CPUs and the memory (:func:`decode_pool`); each returns small per-row results
-(:class:`RowResult`) and writes its usable rows to local bucket files. While a task
+CPUs and the memory (:func:`decode_pool`); each writes its usable rows to local bucket
+files and returns what it settled as arrays (:class:`TaskResult`). Rows are named by
+their position in clean's index (:class:`imgpipe.clean.plan.Index`) throughout. While a task
 decodes a member, its marker file names it (:class:`Marker`), so:
 
 * a decode that takes longer than the time limit is ended from outside: the pool kills
@@ -34,16 +35,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from imgpipe import resources, storage
+from imgpipe.clean.plan import Unit
 from imgpipe.data.images import load_decoders
 
 __all__ = [
     "DECODER_KILLED",
     "DECODE_TIMEOUT",
-    "RowResult",
+    "TaskResult",
+    "ResultBuilder",
     "Task",
     "make_tasks",
     "DecodePool",
@@ -56,8 +60,8 @@ __all__ = [
     "import_before_fork",
 ]
 
-# A task: (Task, ...) -> one RowResult per row it settles.
-TaskFunction = Callable[..., "list[RowResult]"]
+# A task: (Task, ...) -> a TaskResult naming every row it settles.
+TaskFunction = Callable[..., "TaskResult"]
 
 # Reject code of an image whose decoder killed its process twice, in the pool and alone;
 # the other codes come from imgpipe.data.images, and no_label / duplicate from the plan.
@@ -86,15 +90,68 @@ _MIN_IMAGE_BYTES = 128 << 20
 _MAX_BARREN_RESTARTS = 2
 
 
-@dataclass(frozen=True, slots=True)
-class RowResult:
-    """Outcome of validating one input row (small: no image bytes)."""
+@dataclass(frozen=True)
+class TaskResult:
+    """What tasks settled: arrays with an entry per row, and the failures alone as objects.
 
-    path: str
-    reason: str | None = None
-    detail: str = ""
-    shard: int | None = None
-    boxed: bool = False
+    Attributes:
+        rows: Index positions of the rows settled.
+        shard: The output shard each row was written to; -1 when it was not written
+            (a failure, or a row the plan does not place).
+        boxed: Whether the row was written with a head box.
+        failures: ``(reason code, detail)`` of each row that did not decode, by row.
+    """
+
+    rows: np.ndarray
+    shard: np.ndarray
+    boxed: np.ndarray
+    failures: dict[int, tuple[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def failed(cls, row: int, reason: str, detail: str) -> TaskResult:
+        """The result of one row that failed."""
+        return cls(np.array([row], np.int64), np.array([-1], np.int32), np.zeros(1, bool), {row: (reason, detail)})
+
+    @classmethod
+    def concat(cls, parts: Sequence[TaskResult]) -> TaskResult:
+        """All of ``parts``, in their order."""
+        failures: dict[int, tuple[str, str]] = {}
+        for part in parts:
+            failures.update(part.failures)
+        return cls(
+            np.concatenate([p.rows for p in parts] or [np.zeros(0, np.int64)]),
+            np.concatenate([p.shard for p in parts] or [np.zeros(0, np.int32)]),
+            np.concatenate([p.boxed for p in parts] or [np.zeros(0, bool)]),
+            failures,
+        )
+
+
+class ResultBuilder:
+    """Collects a task's outcomes row by row (a task's rows: bounded by its row groups)."""
+
+    def __init__(self) -> None:
+        self._rows: list[int] = []
+        self._shard: list[int] = []
+        self._boxed: list[bool] = []
+        self._failures: dict[int, tuple[str, str]] = {}
+
+    def settled(self, row: int, shard: int = -1, boxed: bool = False) -> None:
+        """A row that decoded: written to ``shard``, or -1 when the plan does not place it."""
+        self._rows.append(row)
+        self._shard.append(shard)
+        self._boxed.append(boxed)
+
+    def failed(self, row: int, reason: str, detail: str) -> None:
+        self.settled(row)
+        self._failures[row] = (reason, detail)
+
+    def build(self) -> TaskResult:
+        return TaskResult(
+            np.array(self._rows, np.int64), np.array(self._shard, np.int32), np.array(self._boxed, bool), self._failures
+        )
 
 
 @dataclass(frozen=True)
@@ -103,37 +160,37 @@ class Task:
 
     Attributes:
         index: Names the task's bucket and marker files.
-        units: ``(uri, row group)`` pairs to read.
+        units: The row groups to read.
         rows: Rows it will decode (for progress).
-        only: Decode just this member (a suspect re-run alone).
-        skip: Members already settled by a re-run alone.
+        only: Decode just this row (a suspect re-run alone).
+        skip: Rows already settled by a re-run alone.
     """
 
     index: int
-    units: tuple[tuple[str, int], ...]
+    units: tuple[Unit, ...]
     rows: int
-    only: str | None = None
-    skip: frozenset[str] = frozenset()
+    only: int | None = None
+    skip: frozenset[int] = frozenset()
 
-    def wants(self, member: str) -> bool:
-        return (self.only is None or member == self.only) and member not in self.skip
+    def wants(self, row: int) -> bool:
+        return (self.only is None or row == self.only) and row not in self.skip
 
 
-def make_tasks(units: Sequence[tuple[str, int, list[str]]], workers: int) -> list[Task]:
+def make_tasks(units: Sequence[Unit], workers: int) -> list[Task]:
     """Groups row groups into tasks: enough for load balance, few enough to bound bucket files.
 
     Bucket files number tasks x output shards, so tasks are capped at 8 per worker; at
     least 2 per worker keep both busy until the end.
     """
-    total = sum(len(paths) for *_, paths in units)
+    total = sum(unit.rows for unit in units)
     count = max(1, min(len(units), max(2 * workers, min(8 * workers, math.ceil(total / 256)))))
     target = math.ceil(total / count) if total else 1
     tasks: list[Task] = []
-    current: list[tuple[str, int]] = []
+    current: list[Unit] = []
     rows = 0
-    for uri, rg, paths in units:
-        current.append((uri, rg))
-        rows += len(paths)
+    for unit in units:
+        current.append(unit)
+        rows += unit.rows
         if rows >= target:
             tasks.append(Task(len(tasks), tuple(current), rows))
             current, rows = [], 0
@@ -205,7 +262,7 @@ def _marker_path(bucket_dir: str | Path, task: int) -> Path:
 
 
 class Marker:
-    """A file naming the member a task is decoding right now; empty between decodes.
+    """A file naming the row a task is decoding right now (position and path); empty between decodes.
 
     Two system calls per image and no sync: the page cache outlives a killed process, so
     the step reads what the worker last wrote.
@@ -217,9 +274,9 @@ class Marker:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
     @contextlib.contextmanager
-    def naming(self, member: str) -> Iterator[None]:
+    def naming(self, row: int, member: str) -> Iterator[None]:
         # The pid first: the step kills the process whose decode overran (the watchdog).
-        os.pwrite(self._fd, f"{os.getpid()} {member}".encode(), 0)
+        os.pwrite(self._fd, f"{os.getpid()} {row} {member}".encode(), 0)
         try:
             yield
         finally:
@@ -229,8 +286,16 @@ class Marker:
         os.close(self._fd)
 
 
-def _take_suspect(bucket_dir: str | Path, task: int) -> str | None:
-    """The member a task's marker names (the one being decoded when its worker died), once.
+def _named(text: str) -> tuple[int, int, str] | None:
+    """``(pid, row, path)`` of a marker's text, ``None`` when it is empty or cut short."""
+    pid, row, member = (text.split(" ", 2) + ["", ""])[:3]
+    if not member or not pid.isdigit() or not row.isdigit():
+        return None
+    return int(pid), int(row), member
+
+
+def _take_suspect(bucket_dir: str | Path, task: int) -> tuple[int, str] | None:
+    """The row and path a task's marker names (being decoded when its worker died), once.
 
     The marker is removed: should the task not start again before the next pool breaks,
     it must not name a member that is settled already.
@@ -241,14 +306,15 @@ def _take_suspect(bucket_dir: str | Path, task: int) -> str | None:
     except FileNotFoundError:  # the task never started
         return None
     path.unlink()
-    return text.partition(" ")[2] or None
+    named = _named(text)
+    return None if named is None else named[1:]
 
 
-def _kill_overdue(bucket_dir: str | Path, tasks: Iterable[Task], timeout_s: float) -> set[str]:
-    """Kills each worker whose marker has named one member for longer than ``timeout_s``.
+def _kill_overdue(bucket_dir: str | Path, tasks: Iterable[Task], timeout_s: float) -> set[int]:
+    """Kills each worker whose marker has named one row for longer than ``timeout_s``.
 
     Returns:
-        The members whose decode was cut short.
+        The rows whose decode was cut short.
     """
     overdue = set()
     if not timeout_s:
@@ -259,13 +325,13 @@ def _kill_overdue(bucket_dir: str | Path, tasks: Iterable[Task], timeout_s: floa
         try:
             if now - path.stat().st_mtime <= timeout_s:
                 continue
-            pid, _, member = path.read_bytes().decode().partition(" ")
+            named = _named(path.read_bytes().decode())
         except (FileNotFoundError, ValueError):
             continue
-        if member:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-            overdue.add(member)
+        if named is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(named[0], signal.SIGKILL)
+            overdue.add(named[1])
     return overdue
 
 
@@ -290,13 +356,12 @@ def run_tasks(
     tasks: Sequence[Task],
     run: TaskFunction,
     task_args: Callable[[Task], tuple],
-    unit_paths: dict[tuple[str, int], list[str]],
     bucket_dir: Path,
     pool: DecodePool,
     *,
     in_process: bool = False,
     timeout_s: float = 0.0,
-) -> tuple[list[RowResult], int]:
+) -> tuple[TaskResult, int]:
     """Runs ``run(*task_args(task))`` for every task on the decode pool, with progress.
 
     A worker that dies costs the member it was decoding (see the module docstring).
@@ -306,16 +371,15 @@ def run_tasks(
         run: The task function, at module level (workers import it by name); its first
             argument is the :class:`Task`.
         task_args: The arguments of ``run`` for a task (the task first).
-        unit_paths: The members of each ``(uri, row group)``, to split tasks after a loss.
         bucket_dir: Where the tasks' bucket and marker files are.
         pool: How many workers, and each image's memory budget.
         in_process: Run the tasks one after another in this process (no isolation).
         timeout_s: Longest decode of one image; 0 for no limit.
 
     Returns:
-        One result per row, and the next task index no bucket file uses.
+        What the tasks settled, in task order, and the next task index no bucket file uses.
     """
-    results: dict[int, list[RowResult]] = {}
+    results: dict[int, TaskResult] = {}
 
     next_index = len(tasks)
     with tqdm(
@@ -325,8 +389,8 @@ def run_tasks(
             for task in tasks:
                 results[task.index] = run(*task_args(task))
                 bar.update(task.rows)
-            return [r for i in sorted(results) for r in results[i]], next_index
-        ctx = _pool_context(uri for t in tasks for uri, _ in t.units)
+            return TaskResult.concat([results[i] for i in sorted(results)]), next_index
+        ctx = _pool_context(unit.uri for t in tasks for unit in t.units)
         import_before_fork()
         pending, barren = list(tasks), 0
         watch = _Watch(bucket_dir, timeout_s)
@@ -334,16 +398,16 @@ def run_tasks(
             for task in pending:
                 _drop_buckets(bucket_dir, task.index)
             named = {t.index: _take_suspect(bucket_dir, t.index) for t in pending}
-            suspects = {index: member for index, member in named.items() if member is not None}
+            suspects = {index: suspect for index, suspect in named.items() if suspect is not None}
             for task in (t for t in pending if t.index in suspects):
-                member = suspects[task.index]
-                if member in watch.overdue:
+                row, member = suspects[task.index]
+                if row in watch.overdue:
                     # It overran the limit itself (the watchdog, not a neighbour's crash,
                     # ended its worker): a second full wait alone would tell nothing new.
-                    results[next_index] = [RowResult(member, DECODE_TIMEOUT, watch.detail())]
+                    results[next_index] = TaskResult.failed(row, DECODE_TIMEOUT, watch.detail())
                 else:
-                    solo = Task(next_index, task.units, 1, only=member)
-                    results[solo.index] = _settle_alone(run, task_args(solo), ctx, watch, pool)
+                    solo = Task(next_index, task.units, 1, only=row)
+                    results[solo.index] = _settle_alone(run, task_args(solo), member, ctx, watch, pool)
                 next_index += 1
                 bar.update(1)
             barren = 0 if suspects else barren + 1
@@ -357,18 +421,18 @@ def run_tasks(
             pieces = []
             for task in (_without(t, suspects.get(t.index)) for t in pending):
                 for unit in task.units:
-                    rows = sum(task.wants(p) for p in unit_paths[unit])
+                    rows = sum(map(task.wants, unit.positions))
                     pieces.append(replace(task, index=next_index, units=(unit,), rows=rows))
                     next_index += 1
             pending = pieces
-    return [r for i in sorted(results) for r in results[i]], next_index
+    return TaskResult.concat([results[i] for i in sorted(results)]), next_index
 
 
-def _without(task: Task, member: str | None) -> Task:
-    """``task`` skipping ``member``, once a run of its own settled it."""
-    if member is None:
+def _without(task: Task, suspect: tuple[int, str] | None) -> Task:
+    """``task`` skipping the suspect row, once a run of its own settled it."""
+    if suspect is None:
         return task
-    return replace(task, rows=task.rows - 1, skip=task.skip | {member})
+    return replace(task, rows=task.rows - 1, skip=task.skip | {suspect[0]})
 
 
 def import_before_fork() -> None:
@@ -412,7 +476,7 @@ def _run_pool(
     task_args: Callable[[Task], tuple],
     workers: int,
     ctx: multiprocessing.context.BaseContext,
-    results: dict[int, list[RowResult]],
+    results: dict[int, TaskResult],
     bar: tqdm,
     watch: _Watch,
 ) -> list[Task]:
@@ -466,13 +530,14 @@ class _Watch:
 
 
 def _settle_alone(
-    run: TaskFunction, args: tuple, ctx: multiprocessing.context.BaseContext, watch: _Watch, pool: DecodePool
-) -> list[RowResult]:
+    run: TaskFunction, args: tuple, member: str, ctx: multiprocessing.context.BaseContext, watch: _Watch, pool: DecodePool
+) -> TaskResult:
     """Decodes a suspect alone: its result, or ``decoder_killed`` / ``decode_timeout`` if it fails again.
 
     Args:
         run: The task function.
-        args: Its arguments, for a task of one member (``only``).
+        args: Its arguments, for a task of one row (``only``).
+        member: The row's path, for messages.
         ctx: Multiprocessing context of the pool.
         watch: The time limit; its ``bucket_dir`` holds the bucket files and marker
             (removed if the process dies).
@@ -490,10 +555,10 @@ def _settle_alone(
     _drop_buckets(bucket_dir, solo.index)
     if solo.only in watch.overdue and outcome == -signal.SIGKILL:
         _take_suspect(bucket_dir, solo.index)
-        return [RowResult(solo.only, DECODE_TIMEOUT, watch.detail())]
+        return TaskResult.failed(solo.only, DECODE_TIMEOUT, watch.detail())
     if _take_suspect(bucket_dir, solo.index) is None:
         raise RuntimeError(
-            f"clean: the process decoding {solo.only} alone {_exit_text(outcome)} outside the"
+            f"clean: the process decoding {member} alone {_exit_text(outcome)} outside the"
             " decode (reading or writing its row group); give the step more memory"
         )
     if pool.max_decode_bytes is None:
@@ -507,7 +572,7 @@ def _settle_alone(
         f"the process decoding it {_exit_text(outcome)} in the pool and again alone;"
         f" it likely needs {need} (the OOM killer sends SIGKILL)"
     )
-    return [RowResult(solo.only, DECODER_KILLED, detail)]
+    return TaskResult.failed(solo.only, DECODER_KILLED, detail)
 
 
 def _exit_text(exit_code: int) -> str:
@@ -522,7 +587,7 @@ def _exit_text(exit_code: int) -> str:
 
 def _run_alone(
     run: TaskFunction, args: tuple, ctx: multiprocessing.context.BaseContext, watch: _Watch
-) -> list[RowResult] | int:
+) -> TaskResult | int:
     """Runs one task in a process of its own: its results, or its exit code.
 
     A bare process rather than a one-worker pool: a pool reports a dead worker without

@@ -11,7 +11,7 @@ import csv
 import io
 import posixpath
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 __all__ = [
@@ -67,7 +67,7 @@ def read_label_csv(data: bytes) -> dict[str, str]:
     return out
 
 
-def choose_label_source(paths: Sequence[str]) -> Literal["oxford", "folder"]:
+def choose_label_source(paths: Iterable[str]) -> Literal["oxford", "folder"]:
     """Picks ``folder`` when images sit in two or more sibling folders, else ``oxford``."""
     parents = {posixpath.dirname(p) for p in paths}
     return "folder" if len(parents) >= 2 else "oxford"

@@ -49,12 +49,13 @@ import pyarrow.parquet as pq
 from imgpipe import contract, resources, storage
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.decode import ShardBuckets, output_schema, validate_task
-from imgpipe.clean.plan import Plan, build_labeler, plan_rows, read_index
+from imgpipe.clean.plan import Index, Plan, build_labeler, plan_rows, read_index
 from imgpipe.clean.pool import (
     BUCKET_SUFFIX,
     DecodePool,
-    RowResult,
+    ResultBuilder,
     Task,
+    TaskResult,
     bucket_path,
     decode_pool,
     make_tasks,
@@ -72,15 +73,23 @@ LABELS_FILE = contract.LABELS
 
 
 def _task_arguments(
-    plan: Plan, boxes: dict[str, HeadBox], cfg: CleanConfig, bucket_dir: Path, pool: DecodePool, unit_paths: dict[tuple[str, int], list[str]]
+    index: Index, plan: Plan, boxes: dict[str, HeadBox], cfg: CleanConfig, bucket_dir: Path, pool: DecodePool
 ) -> Callable[[Task], tuple]:
-    """What :func:`imgpipe.clean.decode.validate_task` gets for a task: only its own rows' placements and boxes."""
+    """What :func:`imgpipe.clean.decode.validate_task` gets for a task: only its own rows' plan and boxes.
+
+    Every task's arguments wait in the pool's queue until it runs, so they are arrays
+    (about 14 bytes a row), not a Python object per row.
+    """
 
     def task_args(task: Task) -> tuple:
-        members = [p for uri, rg in task.units for p in unit_paths[(uri, rg)] if task.wants(p)]
-        places = {p: plan.placements[p] for p in members if p in plan.placements}
-        task_boxes = {image_stem(p): boxes[image_stem(p)] for p in places if image_stem(p) in boxes}
-        return task, places, task_boxes, cfg, str(bucket_dir), pool.max_decode_bytes
+        place = plan.of_units(task.units)
+        task_boxes = {}
+        if boxes:
+            for unit in task.units:
+                for path in index.paths.slice(unit.start, unit.rows).to_pylist():
+                    if (stem := image_stem(path)) in boxes:
+                        task_boxes[stem] = boxes[stem]
+        return task, place, task_boxes, cfg, str(bucket_dir), pool.max_decode_bytes
 
     return task_args
 
@@ -171,8 +180,8 @@ def _write_shards(
 _ROW_SETTINGS = ("grayscale", "max_pixels", "min_side", "jpeg_quality", "formats")
 
 
-def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], dict[str, str]]:
-    """Data files and sha256 -> split of a previous clean output (metadata columns only)."""
+def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], pa.Table]:
+    """Data files, and ``sha256`` and ``split`` of every row, of a previous clean output."""
     manifest = contract.read_manifest(prefix, expect_step="clean")
     # As the manifest stores them (tuples as lists); an output written before a setting
     # existed was made with its default.
@@ -183,37 +192,45 @@ def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], dict[str, str
             f"skip_hashes_from={prefix} was cleaned with other {', '.join(changed)}; run a full clean instead"
         )
     files = contract.data_files(prefix, manifest)
-    known: dict[str, str] = {}
+    tables = []
     for uri in files:
         fs, path = storage.arrow_filesystem(uri)
         with fs.open_input_file(path) as fh:
-            table = pq.read_table(fh, columns=["sha256", "split"])
-        known.update(zip(table.column("sha256").to_pylist(), table.column("split").to_pylist()))
+            tables.append(pq.read_table(fh, columns=["sha256", "split"]))
+    known = pa.concat_tables(tables) if tables else pa.table({"sha256": pa.array([], pa.string()), "split": pa.array([], pa.string())})
     return files, known
 
 
-def _carry_rows(files: Sequence[str], plan: Plan, bucket_dir: Path, task: int, cfg: CleanConfig) -> list[RowResult]:
-    """Copies the carried rows from the previous output into the shard buckets, placed anew."""
-    by_sha = {p.sha256: (path, p) for path, p in plan.placements.items() if p.carried}
+def _carry_rows(files: Sequence[str], index: Index, plan: Plan, bucket_dir: Path, task: int, cfg: CleanConfig) -> TaskResult:
+    """Copies the carried rows from the previous output into the shard buckets, placed anew.
+
+    One previous file is read at a time; its rows are matched to the carried ones by
+    sha256 in Arrow (a clean output holds each sha256 once).
+    """
+    carried = np.flatnonzero(plan.carried)
+    hashes = index.sha256.take(pa.array(carried))
+    found = np.zeros(len(carried), dtype=bool)
     buckets = ShardBuckets(str(bucket_dir), task, cfg.rows_per_shard)
-    results: list[RowResult] = []
+    results = ResultBuilder()
     try:
         for uri in files:
             fs, path = storage.arrow_filesystem(uri)
             with fs.open_input_file(path) as fh:
                 table = pq.read_table(fh, columns=["image", "width", "height", "mode", "format", "sha256", "bbox"])
-            for row in table.to_pylist():
-                if row["sha256"] not in by_sha:
-                    continue
-                member, place = by_sha.pop(row["sha256"])
-                img = SimpleNamespace(data=row["image"]["bytes"], **{k: row[k] for k in ("width", "height", "mode", "format")})
-                shard = buckets.add(member, img, place, row["bbox"])
-                results.append(RowResult(member, shard=shard, boxed=row["bbox"] is not None))
+            at = pc.index_in(table.column("sha256").cast(hashes.type), value_set=hashes).fill_null(-1).to_numpy()
+            matched = np.flatnonzero(at >= 0)
+            place = plan.of_rows(carried[at[matched]])
+            for k, prev in enumerate(table.take(pa.array(matched)).to_pylist()):
+                row = int(carried[at[matched[k]]])
+                img = SimpleNamespace(data=prev["image"]["bytes"], **{f: prev[f] for f in ("width", "height", "mode", "format")})
+                shard = buckets.add(index.path(row), img, place, k, prev["sha256"], prev["bbox"])
+                results.settled(row, shard, prev["bbox"] is not None)
+            found[at[matched]] = True
             buckets.flush()
     finally:
         buckets.close()
-    assert not by_sha, f"{len(by_sha)} carried rows missing from the previous output"
-    return results
+    assert found.all(), f"{int((~found).sum())} carried rows missing from the previous output"
+    return results.build()
 
 
 @dataclass
@@ -233,27 +250,27 @@ class _Tally:
     rows_with_bbox: int
 
 
-def _tally(results: Sequence[RowResult], plan: Plan) -> _Tally:
+def _tally(settled: TaskResult, index: Index, plan: Plan) -> _Tally:
     """Counts the outcome of every row: rejects (decode failures first, then the plan's), kept rows by shard, split and class.
 
     A class whose every image failed to decode is dropped from the label space; ``label_map``
     re-indexes the planned labels to the kept classes (-1 for a dropped one).
     """
-    rejects = [Reject(r.path, r.reason, r.detail) for r in results if r.reason]
-    rejects += [plan.deferred[r.path] for r in results if not r.reason and r.path in plan.deferred]
-    kept_per_shard: Counter[int] = Counter()
-    split_class: Counter[tuple[str, str]] = Counter()
-    labels: set[int] = set()
-    carried = boxed = 0
-    for r in results:
-        boxed += r.boxed
-        if r.shard is None:
-            continue
-        place = plan.placements[r.path]
-        kept_per_shard[r.shard] += 1
-        split_class[(place.split, place.label_name)] += 1
-        labels.add(place.label)
-        carried += place.carried
+    rejects = [Reject(index.path(row), reason, detail) for row, (reason, detail) in settled.failures.items()]
+    decoded = np.zeros(len(index), dtype=bool)
+    decoded[settled.rows] = True
+    decoded[list(settled.failures)] = False
+    rejects += [reject for row, reject in plan.deferred.items() if decoded[row]]
+    written = settled.shard >= 0
+    kept_rows = settled.rows[written]
+    kept_per_shard = Counter(dict(zip(*(a.tolist() for a in np.unique(settled.shard[written], return_counts=True)))))
+    width = max(1, len(plan.classes))
+    pairs, counts = np.unique(plan.split[kept_rows].astype(np.int64) * width + plan.label[kept_rows], return_counts=True)
+    split_class: Counter[tuple[str, str]] = Counter(
+        {(SPLITS[p // width], plan.classes[p % width]): n for p, n in zip(pairs.tolist(), counts.tolist())}
+    )
+    labels = set(np.unique(plan.label[kept_rows]).tolist())
+    carried, boxed = int(plan.carried[kept_rows].sum()), int(settled.boxed.sum())
     classes = [c for i, c in enumerate(plan.classes) if i in labels]
     label_map = np.array([classes.index(c) if c in classes else -1 for c in plan.classes] or [0], dtype=np.int32)
     split_counts: Counter[str] = Counter()
@@ -262,7 +279,7 @@ def _tally(results: Sequence[RowResult], plan: Plan) -> _Tally:
         split_counts[split] += n
         class_counts[name] += n
     return _Tally(
-        inputs=len(results), rejects=rejects, kept=sum(kept_per_shard.values()), kept_per_shard=kept_per_shard,
+        inputs=len(settled), rejects=rejects, kept=sum(kept_per_shard.values()), kept_per_shard=kept_per_shard,
         classes=classes, label_map=label_map, split_counts=split_counts, class_counts=class_counts,
         split_class_counts=split_class, carried=carried, rows_with_bbox=boxed,
     )  # fmt: skip
@@ -289,30 +306,31 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     inputs = [source] + [u for u in (cfg.labels_csv, cfg.annotations, cfg.skip_hashes_from) if u]
     contract.check_disjoint(dest, inputs, "clean")
     manifest = contract.read_manifest(source, expect_step="download")
-    units, sha_by_path = read_index(contract.data_files(source, manifest))
-    labeler = build_labeler(cfg, list(sha_by_path))
-    known_files, known = _read_known(cfg.skip_hashes_from, cfg) if cfg.skip_hashes_from else ([], {})
-    plan = plan_rows(sha_by_path, labeler, cfg, known)
-    phases.done("plan", rows=len(sha_by_path), classes=len(plan.classes), planned=len(plan.placements), known=len(known))
+    index = read_index(contract.data_files(source, manifest))
+    labeler = build_labeler(cfg, index)
+    known_files, known = _read_known(cfg.skip_hashes_from, cfg) if cfg.skip_hashes_from else ([], None)
+    plan = plan_rows(index, labeler, cfg, known)
+    known_rows = known.num_rows if known is not None else 0
+    phases.done("plan", rows=len(index), classes=len(plan.classes), planned=plan.planned, known=known_rows)
     boxes, bad_boxes = read_head_boxes(cfg.annotations) if cfg.annotations else ({}, {})
     pool = decode_pool(cfg.workers or resources.available_cpus(), resources.usable_memory())
-    tasks = make_tasks(units, pool.workers)
+    tasks = make_tasks(index.units, pool.workers)
     out = OutputWriter(dest, "clean")
     out.begin()
     with tempfile.TemporaryDirectory(prefix="imgpipe-clean-") as tmp:
         bucket_dir = Path(tmp)
-        unit_paths = {(uri, rg): paths for uri, rg, paths in units}
-        args = _task_arguments(plan, boxes, cfg, bucket_dir, pool, unit_paths)
-        results, free_index = run_tasks(
-            tasks, validate_task, args, unit_paths, bucket_dir, pool, in_process=cfg.workers == 1, timeout_s=cfg.image_timeout_s
+        args = _task_arguments(index, plan, boxes, cfg, bucket_dir, pool)
+        settled, free_index = run_tasks(
+            tasks, validate_task, args, bucket_dir, pool, in_process=cfg.workers == 1, timeout_s=cfg.image_timeout_s
         )
-        phases.done("decode", rows=len(results), failed=sum(bool(r.reason) for r in results), workers=pool.workers)
-        if known:
-            results += _carry_rows(known_files, plan, bucket_dir, free_index, cfg)
-        tally = _tally(results, plan)
-        # The per-image records (index, plan, results: about 0.5 KB an image) are done with:
+        phases.done("decode", rows=len(settled), failed=len(settled.failures), workers=pool.workers)
+        if known_rows:
+            settled = TaskResult.concat([settled, _carry_rows(known_files, index, plan, bucket_dir, free_index, cfg)])
+        tally = _tally(settled, index, plan)
+        # The per-row arrays (index, plan, results: about 130 bytes an image) are done with:
         # freed here, the write pass's shards do not come on top of them.
-        del results, args, unit_paths, units, sha_by_path, plan, known
+        del settled, args, index, plan, known
+        resources.return_freed_memory()
         _write_shards(bucket_dir, tally.kept_per_shard, tally.label_map, out, cfg, tally.classes)
         phases.done("write", kept=tally.kept, rejected=len(tally.rejects), shards=len(tally.kept_per_shard))
     classes = tally.classes
