@@ -293,7 +293,7 @@ def _schedule_on_gpu(task: dsl.PipelineTask, gpu: GpuScheduling) -> None:
 
 
 def _trainjob_settings(task: dsl.PipelineTask, image: str, options: PipelineOptions) -> None:
-    """What the train task hands a TrainJob's nodes (train_nodes > 1): its image, resources, S3 Secret.
+    """What the train task hands a TrainJob's nodes (train_nodes > 1): its image, resources, /dev/shm, S3 Secret.
 
     Each node gets the train task's own requests and limits and GPUs (one fact, here).
     """
@@ -305,6 +305,7 @@ def _trainjob_settings(task: dsl.PipelineTask, image: str, options: PipelineOpti
     }
     if options.gpu is not None:
         node["limits"][options.gpu.accelerator] = str(options.gpu.count)
+        task.set_env_variable(trainjob.SHM_ENV, options.gpu.shm_size)
     task.set_env_variable(trainjob.IMAGE_ENV, image)
     task.set_env_variable(trainjob.NODE_RESOURCES_ENV, json.dumps(node, sort_keys=True))
     if options.s3_secret:

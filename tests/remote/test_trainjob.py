@@ -161,7 +161,7 @@ class FakeTrainer:
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch, trainjob_schema, base_rbac):
-    for name in (trainjob.IMAGE_ENV, trainjob.NODE_RESOURCES_ENV, trainjob.SECRET_ENV, trainjob.MAX_NODES_ENV, "IMGPIPE_RUN_ID"):
+    for name in (trainjob.IMAGE_ENV, trainjob.NODE_RESOURCES_ENV, trainjob.SECRET_ENV, trainjob.MAX_NODES_ENV, trainjob.SHM_ENV, "IMGPIPE_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     data = write_resize_output("file://" + str(tmp_path / "resize"), classes=3, size=16)
     out = "file://" + str(tmp_path / "train")
@@ -204,6 +204,37 @@ def test_the_trainjob_validates_against_trainer_v221_and_carries_the_run(setup, 
     assert report.step == "train" and contract.read_manifest(setup["out"])["config"]["nodes"] == 2
     assert api.deleted == [name] and not api.objects
     assert "Complete AllJobsCompleted jobset completed successfully" in printed
+
+
+def test_every_node_gets_a_memory_backed_dev_shm_through_runtime_patches(setup, trainjob_schema, monkeypatch):
+    monkeypatch.setenv(trainjob.SHM_ENV, "16Gi")
+    api = setup["fake"]()
+    run(setup, api)
+    body = api.sent[api.created[0]]
+    assert not list(jsonschema.Draft7Validator(strict(trainjob_schema)).iter_errors(body))
+    (patch,) = body["spec"]["runtimePatches"]
+    assert patch["manager"] == trainjob.PATCH_MANAGER
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = job["template"]["spec"]["template"]["spec"]
+    # torch_distributed.yaml at v2.2.1 names its replicated job and its container "node".
+    assert job["name"] == "node" and pod["containers"][0]["name"] == "node"
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    for bad in ("16 GiB", "-1Gi", "lots", "16Gi; rm"):
+        with pytest.raises(ValueError, match=trainjob.SHM_ENV):
+            trainjob.shm_patch(bad)
+
+
+def test_a_crd_without_runtime_patches_prunes_them_and_the_trainjob_is_deleted(setup, trainjob_schema, monkeypatch):
+    # v2.1's CRD set pod volumes through podTemplateOverrides; runtimePatches is v2.2's.
+    monkeypatch.setenv(trainjob.SHM_ENV, "16Gi")
+    old = copy.deepcopy(trainjob_schema)
+    del old["properties"]["spec"]["properties"]["runtimePatches"]
+    api = FakeTrainer(old, None, SUCCESS)
+    api.validator = jsonschema.Draft7Validator({})
+    with pytest.raises(RuntimeError, match=r"dropped spec.runtimePatches .*Kubeflow Trainer >= 2.2.0"):
+        run(setup, api)
+    assert api.deleted == api.created and not api.objects
 
 
 def test_a_retry_after_the_output_is_committed_creates_nothing(setup):
@@ -409,6 +440,7 @@ def test_the_pipeline_takes_train_nodes_and_gives_the_train_task_what_a_trainjob
     assert env[trainjob.IMAGE_ENV] == "registry.test/gpu:3" and env[trainjob.SECRET_ENV] == "imgpipe-s3-credentials"
     node = json.loads(env[trainjob.NODE_RESOURCES_ENV])
     assert node["limits"] == {"cpu": "16", "memory": "48Gi", "nvidia.com/gpu": "2"} and node["requests"]["cpu"] == "16"
+    assert env[trainjob.SHM_ENV] == "16Gi", "the nodes get the train task's /dev/shm"
 
 
 def test_only_this_jobs_output_counts_as_done(setup):

@@ -55,6 +55,7 @@ import copy
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -89,6 +90,8 @@ __all__ = [
     "DEFAULT_MAX_NODES",
     "IMAGE_ENV",
     "NODE_RESOURCES_ENV",
+    "SHM_ENV",
+    "PATCH_MANAGER",
     "SECRET_ENV",
     "DEFAULT_ACTIVE_DEADLINE_S",
     "WAIT_SLACK_S",
@@ -110,12 +113,22 @@ RUNTIME = "torch-distributed"
 MIN_TRAINER = "2.2.0"
 # Fields imgpipe sets that an older Trainer's CRD lacks (the API server prunes them silently),
 # with the release that added each: activeDeadlineSeconds is absent from v2.1.0's CRD.
-REQUIRED_FIELDS: dict[tuple[str, ...], str] = {("spec", "activeDeadlineSeconds"): "2.2.0"}
+# runtimePatches (v2.2.1's CRD; v2.1 had podTemplateOverrides instead) carries /dev/shm.
+REQUIRED_FIELDS: dict[tuple[str, ...], str] = {("spec", "activeDeadlineSeconds"): "2.2.0", ("spec", "runtimePatches"): "2.2"}
 MAX_NODES_ENV = "IMGPIPE_TRAIN_MAX_NODES"
 # What a run may ask for unless the operator allows more: train_nodes is a run's parameter.
 DEFAULT_MAX_NODES = 4
 IMAGE_ENV = "IMGPIPE_GPU_IMAGE"
 NODE_RESOURCES_ENV = "IMGPIPE_TRAINJOB_NODE_RESOURCES"
+# Size of each node's memory-backed /dev/shm (a Kubernetes quantity), set at compile time
+# from the train task's own; empty for none.
+SHM_ENV = "IMGPIPE_TRAINJOB_SHM"
+# Who owns imgpipe's entry in spec.runtimePatches (a list keyed by manager).
+PATCH_MANAGER = "imgpipe.io/train"
+# The replicated job and container of Trainer's torch-distributed runtime
+# (manifests/base/runtimes/torch_distributed.yaml at v2.2.1: both named "node").
+_NODE = "node"
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 # The Secret with the store's credentials (storage.SECRET_ENV keys), as every step's pod gets it.
 SECRET_ENV = "IMGPIPE_CREDENTIALS_SECRET"
 DEFAULT_ACTIVE_DEADLINE_S = 3 * 24 * 3600
@@ -164,6 +177,8 @@ class TrainJobParams:
         active_deadline_s: ``spec.activeDeadlineSeconds``.
         labels: Labels of the TrainJob.
         annotations: Annotations of the TrainJob.
+        shm_size: Each node's memory-backed ``/dev/shm`` (a quantity such as ``16Gi``), or
+            ``None`` for the container's default (64 MiB: too little for loader workers).
     """
 
     name: str
@@ -178,6 +193,27 @@ class TrainJobParams:
     active_deadline_s: int = DEFAULT_ACTIVE_DEADLINE_S
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    shm_size: str | None = None
+
+
+def shm_patch(size: str) -> dict[str, Any]:
+    """The ``spec.runtimePatches`` entry that gives every node a memory-backed ``/dev/shm`` of ``size``.
+
+    Trainer v2.2 lets a TrainJob add volumes and mounts to its runtime's pods only through
+    ``runtimePatches`` (CRD at v2.2.1: ``trainingRuntimeSpec.template.spec.replicatedJobs[]
+    .template.spec.template.spec`` with ``volumes`` and ``containers[].volumeMounts``).
+
+    Raises:
+        ValueError: If ``size`` is not a Kubernetes quantity.
+    """
+    if not _QUANTITY.match(size):
+        raise ValueError(f"${SHM_ENV} must be a Kubernetes quantity such as 16Gi, got {size!r}")
+    pod = {
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}],
+        "containers": [{"name": _NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
+    }
+    job = {"name": _NODE, "template": {"spec": {"template": {"spec": pod}}}}
+    return {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job]}}}}
 
 
 def build_trainjob(params: TrainJobParams) -> dict[str, Any]:
@@ -207,6 +243,13 @@ def build_trainjob(params: TrainJobParams) -> dict[str, Any]:
     }
     if params.resources:
         trainer["resourcesPerNode"] = copy.deepcopy(dict(params.resources))
+    spec: dict[str, Any] = {
+        "runtimeRef": {"name": RUNTIME, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
+        "trainer": trainer,
+        "activeDeadlineSeconds": params.active_deadline_s,
+    }
+    if params.shm_size:
+        spec["runtimePatches"] = [shm_patch(params.shm_size)]
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
@@ -216,11 +259,7 @@ def build_trainjob(params: TrainJobParams) -> dict[str, Any]:
             "labels": dict(params.labels),
             "annotations": dict(params.annotations),
         },
-        "spec": {
-            "runtimeRef": {"name": RUNTIME, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
-            "trainer": trainer,
-            "activeDeadlineSeconds": params.active_deadline_s,
-        },
+        "spec": spec,
     }
 
 
@@ -474,6 +513,7 @@ def run_train_job(
             active_deadline_s=active_deadline_s,
             labels={RUN_ID_LABEL: label_value(run_id or base), STEP_LABEL: "train"},
             annotations={"imgpipe.io/run-id": run_id or "", "imgpipe.io/attempt": str(attempt)},
+            shm_size=os.environ.get(SHM_ENV) or None,
         )
         sent = build_trainjob(params)
         body, created = _create_or_attach(api, sent)
