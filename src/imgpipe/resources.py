@@ -151,8 +151,22 @@ def skip_collection_at_exit() -> None:
     the modules' teardown still run; only garbage in reference cycles is left unfinalized,
     which is why the steps close their files and commit before they return.
     """
-    atexit.unregister(gc.freeze)  # one registration however often it is called
-    atexit.register(gc.freeze)
+    atexit.unregister(_freeze_at_exit)  # one registration however often it is called
+    atexit.register(_freeze_at_exit)
+
+
+# Extensions built with nanobind check, when the interpreter finalizes, that every object
+# they made was freed, and print a report of the rest ("nanobind: leaked 514 functions!",
+# about 27 lines) that users read as a crash. A frozen heap leaves their cycles unfreed, so
+# a process that loaded one is finalized in full. triton is one: torchvision.ops imports
+# torch._dynamo, which imports triton when it is installed (torch.utils._triton).
+_CHECKED_AT_EXIT = ("triton",)
+
+
+def _freeze_at_exit() -> None:
+    """Freezes the heap for the finalization, unless an extension that checks for leaks is loaded."""
+    if not any(name in sys.modules for name in _CHECKED_AT_EXIT):
+        gc.freeze()
 
 
 class _Hidden:
