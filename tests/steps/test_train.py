@@ -395,3 +395,66 @@ def test_saving_a_checkpoint_leaves_the_loader_where_it_is(tmp_path, monkeypatch
     assert seen and all(before == after for before, after in seen)
     state = load_checkpoint(storage.join(str(tmp_path / "out"), CHECKPOINT))
     assert state["loader"]["epoch"] == 2 and not any(state["loader"]["consumed"])
+
+
+# ------------------------------------------------------------------ best weights, early stopping, EMA
+
+
+def _scripted_validation(monkeypatch, f1_by_call: list[float]) -> list[dict]:
+    """Validations score ``f1_by_call`` in turn; returns the trained weights at each call."""
+    from imgpipe.train.evaluation import EvalResult
+
+    calls: list[dict] = []
+    real = train_mod._evaluate_split
+
+    def scripted(run, loader, tta_flip=False, model=None):
+        if loader is not run.val_loader:
+            return real(run, loader, tta_flip, model)
+        source = model or run.module
+        calls.append({k: v.detach().clone() for k, v in source.state_dict().items()})
+        f1 = f1_by_call[len(calls) - 1]
+        n = len(run.labels)
+        confusion = [[2 if i == j else 0 for j in range(n)] for i in range(n)]
+        return EvalResult(loss=1 - f1, accuracy=f1, macro_f1=f1, per_class_recall=[f1] * n, confusion=confusion, images=2 * n, pr_auc=f1)
+
+    monkeypatch.setattr(train_mod, "_evaluate_split", scripted)
+    return calls
+
+
+def test_the_best_epoch_is_kept_and_patience_stops_the_run(data, tmp_path, monkeypatch):
+    calls = _scripted_validation(monkeypatch, [0.4, 0.8, 0.6, 0.7, 0.9])
+    out = "file://" + str(tmp_path / "model")
+    report = train(data, out, tiny(epochs=5, patience=2, mixup=0, cutmix=0))
+    assert report.epochs_run == 4, "two epochs without a better macro-F1 after epoch 2"
+    metrics = read_json(storage.join(out, "metrics.json"))
+    sel = metrics["selection"]
+    assert (sel["epoch"], sel["weights"], sel["stopped_early"], sel["epochs_trained"]) == (1, "model", True, 4)
+    assert sel["ranked_by"] == ["val_macro_f1", "val_accuracy"] and "stopped early after epoch 4" in sel["reason"]
+    assert metrics["kept"]["val_macro_f1"] == 0.8 and report.metrics["val_macro_f1"] == 0.8
+    saved = torch.load(io.BytesIO(storage.read_bytes(storage.join(out, "model.pt"))), weights_only=True)["model"]
+    assert all(torch.equal(saved[k], calls[1][k]) for k in saved), "model.pt holds epoch 2's weights, not the last"
+    assert "stopped early" in storage.read_bytes(storage.join(out, "report.html")).decode()
+
+
+def test_the_moving_average_is_validated_and_kept_when_better(data, tmp_path, monkeypatch):
+    # Calls alternate: the trained weights, then their average, every epoch.
+    calls = _scripted_validation(monkeypatch, [0.5, 0.6, 0.55, 0.7])
+    out = "file://" + str(tmp_path / "model")
+    train(data, out, tiny(epochs=2, ema_decay=0.9, ema_steps=1, mixup=0, cutmix=0))
+    metrics = read_json(storage.join(out, "metrics.json"))
+    assert metrics["selection"]["weights"] == "ema" and metrics["selection"]["epoch"] == 1
+    assert metrics["epochs"][1]["ema_val_macro_f1"] == 0.7
+    saved = torch.load(io.BytesIO(storage.read_bytes(storage.join(out, "model.pt"))), weights_only=True)["model"]
+    assert all(torch.equal(saved[k], calls[3][k]) for k in saved), "model.pt holds the average"
+    assert not all(torch.equal(calls[2][k], calls[3][k]) for k in calls[2]), "the average differs from the weights"
+
+
+def test_a_resumed_run_keeps_the_same_weights(data, tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, [0.4, 0.9, 0.5])
+    out = "file://" + str(tmp_path / "model")
+    train(data, out, tiny(epochs=2))
+    first = read_json(storage.join(out, "metrics.json"))["selection"]
+    _scripted_validation(monkeypatch, [0.1])
+    train(data, out, tiny(epochs=3, resume=True))
+    second = read_json(storage.join(out, "metrics.json"))["selection"]
+    assert first["epoch"] == second["epoch"] == 1, "epoch 3 (0.1) does not displace epoch 2 (0.9)"

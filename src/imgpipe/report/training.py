@@ -129,6 +129,9 @@ def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: 
     """
     parts = []
     epochs = list(metrics.get("epochs", []))
+    selection = metrics.get("selection")
+    if selection:
+        parts.append(htmlpage.section("Kept weights", note=selection["reason"]))
     if epochs:
         shown = [{**e, "epoch": int(e["epoch"]) + 1} for e in epochs]
         parts.append(htmlpage.section("Epochs", htmlpage.table(shown, [c for c in _EPOCH_COLUMNS if c in epochs[-1]])))
@@ -136,10 +139,13 @@ def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: 
     if evaluations:
         rows = [{"split": n, **{k: v for k, v in m.items() if not isinstance(v, (Mapping, list))}} for n, m in evaluations]
         parts.append(htmlpage.section("Test", htmlpage.table(rows, ["split", "loss", "accuracy", "macro_f1", "images"])))
-    recall = epochs[-1].get("val_per_class_recall") if epochs else None
+    kept_epoch = selection.get("epoch") if selection else None
+    at = [e for e in epochs if e.get("epoch") == kept_epoch] or epochs[-1:]
+    recall = at[0].get("val_per_class_recall") if at else None
     if recall:
         rows = [{"class": k, "recall": v} for k, v in recall.items()]
-        parts.append(htmlpage.section("Per-class recall (validation, last epoch)", htmlpage.table(rows, ["class", "recall"])))
+        which = "kept epoch" if kept_epoch is not None else "last epoch"
+        parts.append(htmlpage.section(f"Per-class recall (validation, {which})", htmlpage.table(rows, ["class", "recall"])))
     parts += [htmlpage.section(name, htmlpage.image(name, png)) for name, png in images.items()]
     return htmlpage.page(title, parts)
 

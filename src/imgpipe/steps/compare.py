@@ -54,6 +54,7 @@ from imgpipe.contract import FileEntry, StepReport
 from imgpipe.report import html as htmlpage
 from imgpipe.report import training as report
 from imgpipe.sweep import GRID_KEYS, RECIPE_FIELDS
+from imgpipe.train.selection import IMBALANCE_RATIO, imbalance, ranking_keys
 
 __all__ = [
     "IMBALANCE_RATIO",
@@ -85,7 +86,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Largest / smallest validation class above this: rank by PR-AUC instead of macro-F1.
-IMBALANCE_RATIO = 1.5
+# IMBALANCE_RATIO: imgpipe.train.selection (one rule for picking an epoch and a branch).
 # The last epochs the over-regularization trend is read over (fewer epochs: no verdict).
 TREND_WINDOW = 3
 # Training loss fell by at least this fraction of its value at the window's start...
@@ -104,8 +105,6 @@ COMPARISON_HTML = "comparison.html"
 CURVES_PNG = "val_curves.png"
 WINNER_YAML = "winner.yaml"
 
-_BALANCED_KEYS = ("val_macro_f1", "val_accuracy")
-_IMBALANCED_KEYS = ("val_pr_auc", "val_macro_f1")
 _TABLE_KEYS = ("val_macro_f1", "val_pr_auc", "val_accuracy", "val_loss", "train_loss")
 
 
@@ -181,9 +180,11 @@ class BranchResult:
     config: dict[str, Any]
     flags: list[Flag] = field(default_factory=list)
 
+    kept: dict[str, Any] = field(default_factory=dict)
+
     def last(self, key: str) -> float | None:
-        """``key`` of the last epoch's record, or ``None``."""
-        value = self.history[-1].get(key) if self.history else None
+        """``key`` of the weights the branch kept (``metrics.json``'s ``kept``), else of its last epoch; or ``None``."""
+        value = self.kept.get(key) if key in self.kept else (self.history[-1].get(key) if self.history else None)
         return None if value is None else float(value)
 
 
@@ -216,17 +217,6 @@ def class_counts(metrics: Mapping[str, Any]) -> list[int]:
     if not matrix:
         raise ValueError("metrics.json holds no val_confusion: the branch trained without a val split")
     return [int(sum(row)) for row in matrix]
-
-
-def imbalance(counts: Sequence[int]) -> float:
-    """Largest / smallest count over the classes with at least one image (1 when fewer than two)."""
-    present = [c for c in counts if c > 0]
-    return max(present) / min(present) if len(present) > 1 else 1.0
-
-
-def ranking_keys(imbalanced: bool) -> tuple[str, str]:
-    """The per-epoch keys branches are ranked on: primary, then the tie-break."""
-    return _IMBALANCED_KEYS if imbalanced else _BALANCED_KEYS
 
 
 def rank(results: Sequence[BranchResult], keys: Sequence[str]) -> list[BranchResult]:
@@ -328,7 +318,7 @@ def _read_branch(name: str, prefix: str, settings: Mapping[str, Any]) -> tuple[B
     config = dict(manifest.get("config") or {})
     # The values as the branch trained with them (kfp hands the plan's numbers over as floats), in grid key order.
     shown = {k: config.get(GRID_KEYS[k], settings[k]) for k in GRID_KEYS if k in settings}
-    result = BranchResult(name, storage.normalize_uri(prefix), shown, history, config)
+    result = BranchResult(name, storage.normalize_uri(prefix), shown, history, config, kept=dict(metrics.get("kept") or {}))
     return result, manifest, metrics
 
 

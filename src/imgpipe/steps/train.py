@@ -115,6 +115,7 @@ from imgpipe.train.models import (
 from imgpipe.train.optim import build_optimizer, build_scheduler
 from imgpipe.train.partition import SplitInfo, describe_split, read_labels, sample_seed, split_names
 from imgpipe.train.run import TrainingRun
+from imgpipe.train.selection import EMA_PREFIX
 
 __all__ = [
     "MODEL",
@@ -318,7 +319,23 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
         steps_per_epoch=steps,
         norm=norm,
         head=head,
+        ema=_ema_model(module, cfg, ctx.world_size),
     )
+
+
+def _ema_model(module: nn.Module, cfg: TrainConfig, world_size: int) -> torch.optim.swa_utils.AveragedModel | None:
+    """The moving average of ``module``'s weights and buffers (``ema_decay`` > 0), else ``None``.
+
+    As torchvision's references do it (references/classification/train.py, ``--model-ema``):
+    updated every ``ema_steps`` optimizer steps with a decay adjusted by
+    ``ranks x batch_size x ema_steps / epochs``, so that the averaging horizon, counted in
+    images, stays the same when the batch, the ranks or the update interval change.
+    """
+    if not cfg.ema_decay:
+        return None
+    alpha = min(1.0, (1.0 - cfg.ema_decay) * world_size * cfg.batch_size * cfg.ema_steps / cfg.epochs)
+    avg = torch.optim.swa_utils.get_ema_multi_avg_fn(1.0 - alpha)
+    return torch.optim.swa_utils.AveragedModel(module, multi_avg_fn=avg, use_buffers=True)
 
 
 def _to_device(run: TrainingRun, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -379,6 +396,10 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
                 nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
             run.optimizer.step()
             run.scheduler.step()
+            if run.ema is not None and step % run.cfg.ema_steps == 0:
+                run.ema.update_parameters(run.module)
+                if epoch < run.cfg.warmup_epochs:  # during the warmup the average restarts: torchvision's rule
+                    run.ema.n_averaged.fill_(0)
             loss_sum += loss.detach().double() * len(targets)
             seen += len(targets)
             progress.update()
@@ -408,8 +429,8 @@ def _prepare_eval_batch(run: TrainingRun, loader: ImageLoader, batch: Mapping[st
     return normalize(images, run.channels, run.channels_last, run.norm), batch["label"].to(run.device, non_blocking=True)
 
 
-def _evaluate_split(run: TrainingRun, loader: ImageLoader, tta_flip: bool = False) -> EvalResult:
-    """:func:`imgpipe.train.evaluation.evaluate` of ``run.module`` over ``loader``'s split, in file order."""
+def _evaluate_split(run: TrainingRun, loader: ImageLoader, tta_flip: bool = False, model: nn.Module | None = None) -> EvalResult:
+    """:func:`imgpipe.train.evaluation.evaluate` of ``model`` (``run.module``) over ``loader``'s split, in file order."""
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader.set_epoch(0)
@@ -417,7 +438,7 @@ def _evaluate_split(run: TrainingRun, loader: ImageLoader, tta_flip: bool = Fals
             yield _prepare_eval_batch(run, loader, batch)
 
     return evaluate(
-        run.module, batches, len(run.labels), run.device, amp=run.amp, tta_flip=tta_flip, ctx=run.ctx
+        model or run.module, batches, len(run.labels), run.device, amp=run.amp, tta_flip=tta_flip, ctx=run.ctx
     )
 
 
@@ -518,35 +539,76 @@ def _check_locations(data: str, out: str) -> None:
 # The step.
 
 
-def _epoch_record(epoch: int, stats: Mapping[str, float], val: EvalResult | None, labels: list[str], seconds: float) -> dict[str, Any]:
-    record: dict[str, Any] = {"epoch": epoch, **stats, "seconds": round(seconds, 3)}
-    if val is not None:
-        v = val.to_dict(labels)
-        record.update(
-            val_loss=v["loss"],
-            val_accuracy=v["accuracy"],
-            val_macro_f1=v["macro_f1"],
-            val_pr_auc=v["pr_auc"],
-            val_per_class_recall=v["per_class_recall"],
-            val_images=v["images"],
-        )
-    return record
+def _val_keys(val: EvalResult, labels: list[str]) -> dict[str, Any]:
+    """A validation as the per-epoch record's ``val_*`` keys."""
+    v = val.to_dict(labels)
+    return {
+        "val_loss": v["loss"],
+        "val_accuracy": v["accuracy"],
+        "val_macro_f1": v["macro_f1"],
+        "val_pr_auc": v["pr_auc"],
+        "val_per_class_recall": v["per_class_recall"],
+        "val_images": v["images"],
+    }
 
 
-def _fit(run: TrainingRun) -> tuple[int, EvalResult | None]:
-    """Trains from ``run.start_epoch`` to the end; returns epochs run and the last validation."""
-    last_val: EvalResult | None = None
+def _validate(run: TrainingRun, epoch: int, record: dict[str, Any]) -> None:
+    """Validates the model (and its EMA) after ``epoch`` into ``record``; keeps the weights if they are the best yet."""
+    assert run.val_loader is not None
+    val = _evaluate_split(run, run.val_loader)
+    record.update(_val_keys(val, run.labels))
+    ema_val = None
+    if run.ema is not None:
+        ema_val = _evaluate_split(run, run.val_loader, model=run.ema.module)
+        record.update({EMA_PREFIX + k: v for k, v in _val_keys(ema_val, run.labels).items() if k != "val_per_class_recall"})
+    run.selection.fix_keys([sum(row) for row in val.confusion])
+    chosen = run.selection.consider(epoch, record)
+    if chosen is not None:
+        source = run.module if chosen == "model" else run.ema.module  # type: ignore[union-attr]
+        run.best_state = {k: v.detach().to("cpu", copy=True) for k, v in source.state_dict().items()}
+        run.best_val = val if chosen == "model" else ema_val
+
+
+def _fit(run: TrainingRun) -> int:
+    """Trains from ``run.start_epoch`` until the last epoch or early stopping; returns epochs run.
+
+    After each epoch the validation decides whether these weights (or their EMA) are the
+    best yet (:class:`imgpipe.train.selection.Selection`); at the end ``run.module`` holds
+    the kept weights, which the test split, ``model.pt`` and the export use.
+    """
+    ran = 0
     for epoch in range(run.start_epoch, run.cfg.epochs):
+        if run.selection.stopped_at is not None:  # resumed after early stopping
+            break
         started = time.perf_counter()
-        stats = train_one_epoch(run, epoch)
-        last_val = _evaluate_split(run, run.val_loader) if run.val_loader is not None else None
-        run.history.append(_epoch_record(epoch, stats, last_val, run.labels, time.perf_counter() - started))
+        record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(run, epoch)}
+        if run.val_loader is not None:
+            _validate(run, epoch, record)
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        run.history.append(record)
+        ran += 1
+        if run.selection.should_stop(run.cfg.patience):
+            run.selection.stopped_at = epoch
         save_checkpoint(run, epoch)
         if run.ctx.is_main:
-            log.info("train: %s", {k: v for k, v in run.history[-1].items() if not isinstance(v, dict)})
-    if last_val is None and run.val_loader is not None:  # resumed after the last epoch
-        last_val = _evaluate_split(run, run.val_loader)
-    return run.cfg.epochs - run.start_epoch, last_val
+            log.info("train: %s", {k: v for k, v in record.items() if not isinstance(v, dict)})
+        if run.selection.stopped_at is not None:
+            log.info("train: no better %s for %d epochs: stopping after epoch %d", run.selection.keys[0], run.cfg.patience, epoch + 1)
+            break
+    if run.best_state is not None:
+        run.module.load_state_dict(run.best_state)
+    return ran
+
+
+def _kept(run: TrainingRun) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``metrics.json``'s ``selection`` (which weights, and why) and ``kept`` (their validation keys)."""
+    trained = len(run.history)
+    if run.best_val is None:
+        last = run.history[-1]["epoch"] if run.history else run.cfg.epochs - 1
+        reason = "no validation split: the last epoch's weights"
+        return {"epoch": last, "weights": "model", "reason": reason, "epochs_trained": trained}, {}
+    kept = {k: v for k, v in _val_keys(run.best_val, run.labels).items() if k != "val_per_class_recall"}
+    return run.selection.summary(run.cfg.patience, run.cfg.epochs, trained), kept
 
 
 def _test_metrics(run: TrainingRun) -> dict[str, Any]:
@@ -588,9 +650,9 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
             run.attempt = _start_output(out, cfg, ctx)
             if cfg.resume:
                 resume(run)
-            epochs_run, last_val = _fit(run)
+            epochs_run = _fit(run)
             tests = _test_metrics(run)
-            return _finish(run, epochs_run, last_val, tests, upstream_manifest, time.monotonic() - started)
+            return _finish(run, epochs_run, run.best_val, tests, upstream_manifest, time.monotonic() - started)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -610,7 +672,8 @@ def _finish(
         seen["val"] = last_val.images
     if "test" in tests:
         seen["test"] = int(tests["test"]["images"])
-    metrics = {"epochs": run.history, **tests, "labels": run.labels, "images_seen": seen}
+    selection, kept = _kept(run)
+    metrics = {"epochs": run.history, **tests, "labels": run.labels, "images_seen": seen, "selection": selection, "kept": kept}
     if last_val is not None:
         metrics["val_confusion"] = last_val.confusion
     final = {
@@ -644,6 +707,7 @@ def _finish(
             "world_size": run.ctx.world_size,
             "device": str(run.device),
             "resumed_from_epoch": run.start_epoch if run.start_epoch else None,
+            "kept": {k: selection[k] for k in ("epoch", "weights", "reason")},
         },
         epochs_run=epochs_run,
         metrics=final,

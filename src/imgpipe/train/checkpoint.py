@@ -1,12 +1,15 @@
 """Checkpoints of the train step: written atomically after each epoch, read back by ``--resume``.
 
 A checkpoint holds the model, optimizer, scheduler, the loader's position (the start of
-the next epoch), every rank's random state, the config and the history: a resumed run
-continues as the uninterrupted one would have.
+the next epoch), every rank's random state, the config and the history, and the weights
+kept so far (the best epoch's, with their validation and the early-stopping count) and
+the moving average of the weights: a resumed run continues as the uninterrupted one
+would have, and keeps the same weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import random
@@ -19,6 +22,7 @@ import torch.distributed as dist
 from imgpipe import storage
 from imgpipe.config import config_to_dict
 from imgpipe.train.distributed import DistInfo
+from imgpipe.train.evaluation import EvalResult
 
 if TYPE_CHECKING:
     from imgpipe.train.run import TrainingRun
@@ -76,6 +80,10 @@ def save_checkpoint(run: TrainingRun, epoch: int) -> None:
         "config": config_to_dict(run.cfg),
         "history": run.history,
         "labels": run.labels,
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "best_state": run.best_state,
+        "best_val": dataclasses.asdict(run.best_val) if run.best_val is not None else None,
+        "selection": run.selection.state_dict(),
     }
     with storage.open_write(storage.join(run.out, CHECKPOINT)) as fh:
         torch.save(state, fh)
@@ -117,4 +125,11 @@ def resume(run: TrainingRun) -> None:
     _set_rng_state(rng[run.ctx.rank] if len(rng) == run.ctx.world_size else rng[0])
     run.history = list(state["history"])
     run.start_epoch = int(state["epoch"]) + 1
+    if state.get("ema") is not None and run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.best_state = state.get("best_state")
+    if state.get("best_val") is not None:
+        run.best_val = EvalResult(**state["best_val"])
+    if state.get("selection") is not None:
+        run.selection.load_state_dict(state["selection"])
     log.info("train: resumed from %s after epoch %d", uri, run.start_epoch)

@@ -232,6 +232,14 @@ class TrainConfig:
         backbone_lr_mult: The backbone's learning rate as a fraction of lr (the head
             gets lr); the schedule scales both.
         tta_flip: Also evaluate the test split averaging original and flipped predictions.
+        patience: Early stopping: end training after this many epochs without a better
+            validation score (the ranking metric of :mod:`imgpipe.train.selection`); 0 trains
+            every epoch. Either way the best epoch's weights are kept, not the last.
+        ema_decay: Keep an exponential moving average of the weights, as torchvision's
+            references do (``--model-ema-decay``, e.g. 0.99998, adjusted for the batch,
+            ranks, ``ema_steps`` and epochs); it is validated every epoch and kept when it
+            scores better. 0 disables.
+        ema_steps: Optimizer steps between EMA updates (``--model-ema-steps``).
         max_steps_per_epoch: Cap on steps per epoch (smoke tests, quick sweeps).
         image_size: Training/evaluation side; ``None`` uses the data's size.
         nodes: Machines to train on. 1 trains in the train task's own pod (on each of its
@@ -282,6 +290,9 @@ class TrainConfig:
     freeze_backbone_epochs: int = 0
     backbone_lr_mult: float = 1.0
     tta_flip: bool = False
+    patience: int = 0
+    ema_decay: float = 0.0
+    ema_steps: int = 32
     max_steps_per_epoch: int | None = None
     image_size: int | None = None
     nodes: int = 1
@@ -308,6 +319,12 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0 (0 trains every epoch), got {self.patience}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 disables; torchvision uses 0.99998), got {self.ema_decay}")
+        if self.ema_steps < 1:
+            raise ValueError(f"ema_steps must be >= 1, got {self.ema_steps}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be >= 1 or unset, got {self.max_steps_per_epoch}")
         if self.image_size is not None and self.image_size < 8:

@@ -13,6 +13,7 @@ from imgpipe.train.config import TrainConfig
 from imgpipe.train.distributed import DistInfo
 from imgpipe.train.loader import ImageLoader
 from imgpipe.train.partition import SplitInfo
+from imgpipe.train.selection import Selection
 
 __all__ = ["TrainingRun"]
 
@@ -39,6 +40,10 @@ class TrainingRun:
         norm: The mean and std every batch is normalized with (the pretrained weights'
             own, else ImageNet's); the one place train reads them from.
         head: Names of the classifier head's parameters (the rest is the backbone).
+        ema: The exponential moving average of ``module`` (``ema_decay`` > 0), else ``None``.
+        selection: Which epoch's weights are kept so far, and the epochs since they improved.
+        best_state: Those weights (on the CPU), ``None`` until a validation has run.
+        best_val: Their validation.
     """
 
     data: str
@@ -66,6 +71,10 @@ class TrainingRun:
     attempt: str = ""
     norm: Normalization = IMAGENET
     head: frozenset[str] = frozenset()
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    selection: Selection = field(default_factory=Selection)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_val: Any = None
 
     @property
     def amp(self) -> bool:
