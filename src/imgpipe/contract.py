@@ -99,6 +99,10 @@ LABELS = "labels.json"  # clean and resize: the class names, in label order
 MODEL = "model.pt"  # train: weights, labels, normalization and config
 METRICS = "metrics.json"  # train: per-epoch and final metrics
 REPORT = "report.html"  # train: metrics and pictures in one page
+PREDICTIONS = "predictions.parquet"  # train: per-image predictions of val and test; predict: its output
+MODEL_CARD = "model.json"  # train: what a model needs to run outside imgpipe (input, classes, recipe, metrics)
+MODEL_ONNX = "model.onnx"  # train: the kept weights as ONNX (dynamic batch)
+MODEL_TORCHSCRIPT = "model.ts"  # train: the kept weights as TorchScript (traced)
 SCHEMA_VERSION = 1
 
 REJECTS_SCHEMA = pa.schema(

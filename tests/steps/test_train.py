@@ -75,9 +75,12 @@ def test_outputs_exist_and_commit_last(finished):
     out, report = finished
     manifest = contract.read_manifest(out, expect_step="train")
     names = {f["name"] for f in manifest["files"]}
-    assert names == {
+    base = {
         "model.pt", "metrics.json", "curves.png", "confusion_matrix.png", "augmentations.png", "report.html", "config.yaml",
-    }
+        "predictions.parquet", "worst_loss.png",
+    }  # fmt: skip
+    confused = bool(read_json(storage.join(out, "metrics.json")).get("confused_pairs"))
+    assert names == base | ({"confused_pairs.png"} if confused else set())
     for f in manifest["files"]:
         assert storage.exists(storage.join(out, f["name"])) and f["bytes"] > 0
     assert storage.exists(storage.join(out, "checkpoint.pt"))
@@ -104,13 +107,15 @@ def test_metrics_json_has_per_epoch_and_test_fields(finished):
 
 def test_figures_are_valid_pngs_and_the_html_report_embeds_them(finished):
     out, _ = finished
-    for name in ("curves.png", "confusion_matrix.png", "augmentations.png"):
+    figures = [f["name"] for f in contract.read_manifest(out)["files"] if f["name"].endswith(".png")]
+    assert {"curves.png", "confusion_matrix.png", "augmentations.png", "worst_loss.png"} <= set(figures)
+    for name in figures:
         png = storage.read_bytes(storage.join(out, name))
         assert png.startswith(PNG_MAGIC)
         width, height = Image.open(io.BytesIO(png)).size
         assert width > 100 and height > 100
     page = storage.read_bytes(storage.join(out, "report.html")).decode()
-    assert page.count("data:image/png;base64,") == 3 and "val_macro_f1" in page
+    assert page.count("data:image/png;base64,") == len(figures) and "val_macro_f1" in page
     metrics = read_json(storage.join(out, "metrics.json"))
     assert html_report(metrics, {"a <b>": PNG_MAGIC}).count("<img") == 1  # names are escaped
     assert "a &lt;b&gt;" in html_report(metrics, {"a <b>": PNG_MAGIC})
@@ -407,9 +412,9 @@ def _scripted_validation(monkeypatch, f1_by_call: list[float]) -> list[dict]:
     calls: list[dict] = []
     real = train_mod._evaluate_split
 
-    def scripted(run, loader, tta_flip=False, model=None):
-        if loader is not run.val_loader:
-            return real(run, loader, tta_flip, model)
+    def scripted(run, loader, tta_flip=False, model=None, keep_rows=False):
+        if loader is not run.val_loader or keep_rows:  # the test split, and the kept weights' rows at the end
+            return real(run, loader, tta_flip, model, keep_rows)
         source = model or run.module
         calls.append({k: v.detach().clone() for k, v in source.state_dict().items()})
         f1 = f1_by_call[len(calls) - 1]
@@ -458,3 +463,52 @@ def test_a_resumed_run_keeps_the_same_weights(data, tmp_path, monkeypatch):
     train(data, out, tiny(epochs=3, resume=True))
     second = read_json(storage.join(out, "metrics.json"))["selection"]
     assert first["epoch"] == second["epoch"] == 1, "epoch 3 (0.1) does not displace epoch 2 (0.9)"
+
+
+# ------------------------------------------------------------------ per-image predictions
+
+
+def test_predictions_cover_val_and_test_and_open_in_pandas_and_datasets(finished, data):
+    import datasets
+    import pandas as pd
+
+    out, _ = finished
+    uri = storage.join(out, "predictions.parquet")
+    frame = pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
+    assert frame["split"].value_counts().to_dict() == {"val": 8, "test": 8}
+    assert set(frame.columns) >= {"path", "sha256", "label", "predicted", "top_classes", "top_probs", "loss"}
+    for split in ("val", "test"):
+        rows = frame[frame["split"] == split]
+        assert sorted(rows["index"]) == list(range(8)), "every image of the split once"
+    # The names and hashes are the data's own.
+    source = pa_concat(data, ("val", "test"))
+    assert set(frame["path"]) == set(source["path"]) and set(frame["sha256"]) == set(source["sha256"])
+    first = frame.iloc[0]
+    probs = list(first["top_probs"])
+    assert probs == sorted(probs, reverse=True) and len(probs) == 4 and first["top_classes"][0] == first["predicted_name"]
+    assert (frame["correct"] == (frame["label"] == frame["predicted"])).all()
+    local = str(pytest_tmp_copy(uri))
+    ds = datasets.load_dataset("parquet", data_files=local, split="train")
+    assert ds.num_rows == 16 and "top_probs" in ds.features
+
+
+def pa_concat(data: str, splits: tuple[str, ...]) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    manifest = contract.read_manifest(data)
+    out: dict[str, list] = {"path": [], "sha256": []}
+    for uri in contract.data_files(data, manifest):
+        if any(f"/{s}/" in uri for s in splits):
+            t = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["path", "sha256"])
+            out["path"] += t.column("path").to_pylist()
+            out["sha256"] += t.column("sha256").to_pylist()
+    return out
+
+
+def pytest_tmp_copy(uri: str):
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="imgpipe-test-")) / "predictions.parquet"
+    path.write_bytes(storage.read_bytes(uri))
+    return path

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 
 from imgpipe.report import html as htmlpage
 
-__all__ = ["curves_png", "sweep_curves_png", "confusion_matrix_png", "augmentations_png", "html_report"]
+__all__ = ["curves_png", "sweep_curves_png", "confusion_matrix_png", "augmentations_png", "gallery_png", "html_report"]
 
 _ANNOTATE_MAX_CLASSES = 20
 
@@ -105,6 +105,34 @@ def augmentations_png(originals: Sequence[np.ndarray], augmented: Sequence[Seque
     return _png(fig)
 
 
+def gallery_png(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]], cols: int | None = None) -> bytes:
+    """Captioned images in titled rows (the worst-loss images, the most-confused pairs).
+
+    Args:
+        rows: ``(row title, [(H x W x C uint8 image, caption), ...])`` per row.
+        cols: Images per row; the longest row's length when omitted.
+    """
+    if not rows:
+        raise ValueError("a gallery needs at least one row")
+    cols = cols or max(1, max(len(images) for _, images in rows))
+    fig = Figure(figsize=(2.1 * cols, 2.5 * len(rows)))
+    axes = np.atleast_2d(fig.subplots(len(rows), cols, squeeze=False))
+    for r, (title, images) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c >= len(images):
+                continue
+            img, caption = images[c]
+            gray = img.ndim == 2 or img.shape[-1] == 1
+            ax.imshow(img.squeeze(-1) if gray and img.ndim == 3 else img, cmap="gray" if gray else None, vmin=0, vmax=255)
+            # Class names come from whoever made the archive: plain text, never mathtext.
+            ax.set_title(caption, fontsize=7, parse_math=False)
+        axes[r, 0].text(-0.05, 0.5, title, transform=axes[r, 0].transAxes, ha="right", va="center",
+                        rotation=90, fontsize=8, parse_math=False)  # fmt: skip
+    return _png(fig)
+
+
 _EPOCH_COLUMNS = (
     "epoch",
     "train_loss",
@@ -146,6 +174,10 @@ def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: 
         rows = [{"class": k, "recall": v} for k, v in recall.items()]
         which = "kept epoch" if kept_epoch is not None else "last epoch"
         parts.append(htmlpage.section(f"Per-class recall (validation, {which})", htmlpage.table(rows, ["class", "recall"])))
+    pairs = metrics.get("confused_pairs")
+    if pairs:
+        rows = [{"true": p["true"], "predicted": p["predicted"], "images": p["count"]} for p in pairs]
+        parts.append(htmlpage.section("Most-confused classes (test)", htmlpage.table(rows, ["true", "predicted", "images"])))
     parts += [htmlpage.section(name, htmlpage.image(name, png)) for name, png in images.items()]
     return htmlpage.page(title, parts)
 

@@ -62,6 +62,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -104,7 +106,7 @@ from imgpipe.train.distributed import (
     resolve_device,
 )
 from imgpipe.train.evaluation import EvalResult, evaluate
-from imgpipe.train.loader import ImageLoader, decode_jpeg_batch, read_samples
+from imgpipe.train.loader import ImageLoader, decode_jpeg_batch, read_rows, read_samples
 from imgpipe.train.models import (
     build_model,
     head_parameter_names,
@@ -114,6 +116,7 @@ from imgpipe.train.models import (
 )
 from imgpipe.train.optim import build_optimizer, build_scheduler
 from imgpipe.train.partition import SplitInfo, describe_split, read_labels, sample_seed, split_names
+from imgpipe.train.predictions import confused_pairs, predictions_table, worst_per_class
 from imgpipe.train.run import TrainingRun
 from imgpipe.train.selection import EMA_PREFIX
 
@@ -130,6 +133,7 @@ log = logging.getLogger(__name__)
 MODEL = contract.MODEL
 METRICS = contract.METRICS
 REPORT = contract.REPORT
+PREDICTIONS = contract.PREDICTIONS
 _AUG_SAMPLES, _AUG_VERSIONS = 6, 4
 
 
@@ -429,13 +433,19 @@ def _prepare_eval_batch(run: TrainingRun, loader: ImageLoader, batch: Mapping[st
     return normalize(images, run.channels, run.channels_last, run.norm), batch["label"].to(run.device, non_blocking=True)
 
 
-def _evaluate_split(run: TrainingRun, loader: ImageLoader, tta_flip: bool = False, model: nn.Module | None = None) -> EvalResult:
-    """:func:`imgpipe.train.evaluation.evaluate` of ``model`` (``run.module``) over ``loader``'s split, in file order."""
+def _evaluate_split(
+    run: TrainingRun, loader: ImageLoader, tta_flip: bool = False, model: nn.Module | None = None, keep_rows: bool = False
+) -> EvalResult:
+    """:func:`imgpipe.train.evaluation.evaluate` of ``model`` (``run.module``) over ``loader``'s split.
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    With ``keep_rows`` the result keeps every image's probabilities and loss, by its row index.
+    """
+
+    def batches() -> Iterator[tuple[torch.Tensor, ...]]:
         loader.set_epoch(0)
         for batch in loader:
-            yield _prepare_eval_batch(run, loader, batch)
+            images, labels = _prepare_eval_batch(run, loader, batch)
+            yield (images, labels, batch["index"]) if keep_rows else (images, labels)
 
     return evaluate(
         model or run.module, batches, len(run.labels), run.device, amp=run.amp, tta_flip=tta_flip, ctx=run.ctx
@@ -481,8 +491,52 @@ def _write(run: TrainingRun, name: str, data: bytes, files: list[FileEntry]) -> 
     files.append(contract.write_entry(run.out, name, data))
 
 
-def _write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResult | None) -> list[FileEntry]:
+def _predictions(run: TrainingRun, with_rows: Mapping[str, EvalResult]) -> pa.Table | None:
+    """``predictions.parquet``: every val and test image's prediction (:mod:`imgpipe.train.predictions`)."""
+    infos = {"val": run.val_info, "test": run.test_info}
+    tables = [
+        predictions_table(split, infos[split], result.rows, run.labels)  # type: ignore[arg-type]
+        for split, result in with_rows.items()
+        if result.rows is not None and infos.get(split) is not None
+    ]
+    return pa.concat_tables(tables) if tables else None
+
+
+def _review_figures(run: TrainingRun, table: pa.Table, metrics: dict[str, Any]) -> dict[str, bytes]:
+    """The worst-loss images per class and the most-confused class pairs (test, else val), for people to look at."""
+    split = "test" if "test" in table.column("split").to_pylist() else "val"
+    info = run.test_info if split == "test" else run.val_info
+    rows = table.filter(pc.equal(table.column("split"), split))
+    if info is None or rows.num_rows == 0:
+        return {}
+    view = _eval_transform(info, run.image_size)
+    worst = worst_per_class(rows)
+    pairs = confused_pairs(rows)
+    metrics["confused_pairs"] = [{**p, "split": split, "examples": [e["path"] for e in p["examples"]]} for p in pairs]
+    wanted = [r["index"] for r in worst] + [e["index"] for p in pairs for e in p["examples"]]
+    images = dict(zip(wanted, (view(img, 0) for img in read_rows(info, wanted))))
+    figures = {}
+    by_class: dict[str, list[tuple[np.ndarray, str]]] = {}
+    for r in worst:
+        caption = f"predicted {r['predicted_name']}\np={r['confidence']:.2f}, loss {r['loss']:.2f}"
+        by_class.setdefault(r["label_name"], []).append((images[r["index"]], caption))
+    if by_class:
+        figures["worst_loss.png"] = report.gallery_png([(f"true {name}", imgs) for name, imgs in by_class.items()])
+    if pairs:
+        figures["confused_pairs.png"] = report.gallery_png(
+            [(f"{p['true']} as {p['predicted']} ({p['count']})", [(images[e["index"]], f"loss {e['loss']:.2f}") for e in p["examples"]]) for p in pairs]
+        )  # fmt: skip
+    return figures
+
+
+def _write_outputs(
+    run: TrainingRun, metrics: dict[str, Any], last_val: EvalResult | None, with_rows: Mapping[str, EvalResult]
+) -> list[FileEntry]:
     files: list[FileEntry] = []
+    predictions = _predictions(run, with_rows)
+    review = _review_figures(run, predictions, metrics) if predictions is not None else {}
+    if predictions is not None:
+        _write(run, PREDICTIONS, contract.table_to_parquet_bytes(predictions), files)
     model_state = {k: v.detach().cpu() for k, v in run.module.state_dict().items()}
     mean, std = channel_stats(run.channels, run.norm)
     payload = {
@@ -503,6 +557,7 @@ def _write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResu
     if last_val is not None:
         figures["confusion_matrix.png"] = report.confusion_matrix_png(last_val.confusion, run.labels)
     figures["augmentations.png"] = _augmentation_grid(run)
+    figures.update(review)
     for name, png in figures.items():
         _write(run, name, png, files)
     _write(run, REPORT, report.html_report(metrics, figures).encode(), files)
@@ -611,15 +666,24 @@ def _kept(run: TrainingRun) -> tuple[dict[str, Any], dict[str, Any]]:
     return run.selection.summary(run.cfg.patience, run.cfg.epochs, trained), kept
 
 
-def _test_metrics(run: TrainingRun) -> dict[str, Any]:
+def _final_evaluations(run: TrainingRun) -> tuple[dict[str, Any], dict[str, EvalResult]]:
+    """The kept weights on test (and with flip TTA), and per-image rows of val and test.
+
+    Returns:
+        ``metrics.json``'s ``test`` / ``test_tta``, and the evaluations with rows by split.
+    """
+    with_rows: dict[str, EvalResult] = {}
+    if run.val_loader is not None:
+        with_rows["val"] = _evaluate_split(run, run.val_loader, keep_rows=True)
     if run.test_info is None:
-        return {}
+        return {}, with_rows
     decode = "cuda" if run.train_loader.decode_on_device else "cpu"
     loader = _eval_loader(run.cfg, run.test_info, run.image_size, decode, run.ctx, persistent=False)
-    out = {"test": _evaluate_split(run, loader).to_dict(run.labels)}
+    with_rows["test"] = _evaluate_split(run, loader, keep_rows=True)
+    out = {"test": with_rows["test"].to_dict(run.labels)}
     if run.cfg.tta_flip:
         out["test_tta"] = _evaluate_split(run, loader, tta_flip=True).to_dict(run.labels)
-    return out
+    return out, with_rows
 
 
 def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
@@ -651,8 +715,8 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
             if cfg.resume:
                 resume(run)
             epochs_run = _fit(run)
-            tests = _test_metrics(run)
-            return _finish(run, epochs_run, run.best_val, tests, upstream_manifest, time.monotonic() - started)
+            tests, with_rows = _final_evaluations(run)
+            return _finish(run, epochs_run, run.best_val, tests, with_rows, upstream_manifest, time.monotonic() - started)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -663,6 +727,7 @@ def _finish(
     epochs_run: int,
     last_val: EvalResult | None,
     tests: Mapping[str, Any],
+    with_rows: Mapping[str, EvalResult],
     upstream_manifest: Mapping[str, Any],
     seconds: float,
 ) -> TrainReport:
@@ -685,7 +750,7 @@ def _finish(
         "test_tta_accuracy": tests["test_tta"]["accuracy"] if "test_tta" in tests else None,
         "train_loss": last.get("train_loss"),
     }
-    files = _write_outputs(run, metrics, last_val) if run.ctx.is_main else []
+    files = _write_outputs(run, metrics, last_val, with_rows) if run.ctx.is_main else []
     # The rows of the dataset it was given: a partial last batch is dropped each epoch,
     # but a different one every epoch, so no row is lost; what was seen is in extra.
     total = int(upstream_manifest.get("outputs", sum(seen.values())))

@@ -9,7 +9,6 @@ would have, and keeps the same weights.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import random
@@ -82,7 +81,7 @@ def save_checkpoint(run: TrainingRun, epoch: int) -> None:
         "labels": run.labels,
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "best_state": run.best_state,
-        "best_val": dataclasses.asdict(run.best_val) if run.best_val is not None else None,
+        "best_val": run.best_val.summary_dict() if run.best_val is not None else None,
         "selection": run.selection.state_dict(),
     }
     with storage.open_write(storage.join(run.out, CHECKPOINT)) as fh:

@@ -18,7 +18,7 @@ where a fixed binning loses the order that average precision depends on.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,24 @@ from torch import nn
 
 from imgpipe.train.distributed import DistInfo, all_gather_rows
 
-__all__ = ["EvalResult", "average_precision", "macro_average_precision", "evaluate"]
+__all__ = ["EvalRows", "EvalResult", "average_precision", "macro_average_precision", "evaluate"]
+
+
+@dataclass(frozen=True)
+class EvalRows:
+    """Per-image outcomes of an evaluation, gathered from every rank (rank order).
+
+    Attributes:
+        index: Each image's row index within its split (file order).
+        label: Its true class.
+        probs: ``N x C`` softmax probabilities.
+        loss: Its cross-entropy.
+    """
+
+    index: np.ndarray
+    label: np.ndarray
+    probs: np.ndarray
+    loss: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,7 @@ class EvalResult:
         pr_auc: Macro average precision (one-vs-rest, softmax scores) over the classes
             with samples; 0 when none has any.
         per_class_ap: Average precision per class index (``None`` for classes without samples).
+        rows: Per-image outcomes, when the batches carried row indexes (else ``None``).
     """
 
     loss: float
@@ -56,6 +74,11 @@ class EvalResult:
     images: int
     pr_auc: float = 0.0
     per_class_ap: list[float | None] | None = None
+    rows: EvalRows | None = field(default=None, repr=False, compare=False)
+
+    def summary_dict(self) -> dict[str, Any]:
+        """The metrics without the per-image rows (what a checkpoint keeps)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rows"}
 
     def to_dict(self, labels: list[str]) -> dict[str, Any]:
         """JSON-safe form with class names."""
@@ -128,7 +151,7 @@ def macro_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[flo
 
 def evaluate(
     model: nn.Module,
-    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    batches: Callable[[], Iterator[tuple[torch.Tensor, ...]]],
     num_classes: int,
     device: torch.device,
     *,
@@ -140,7 +163,8 @@ def evaluate(
 
     Args:
         model: The classifier (the bare module, not its DDP wrapper).
-        batches: Yields normalized ``(images, labels)`` on ``device``.
+        batches: Yields normalized ``(images, labels)`` on ``device``, or
+            ``(images, labels, row_indexes)``: then the result keeps per-image rows.
         num_classes: Classes of the confusion matrix.
         device: Where the model is.
         amp: bf16 autocast (CUDA).
@@ -152,14 +176,21 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     scores, targets = [torch.zeros(0, num_classes, device=device)], [torch.zeros(0, dtype=torch.int64, device=device)]
+    losses, indexes = [torch.zeros(0, device=device)], [torch.zeros(0, dtype=torch.int64, device=device)]
+    keep_rows = False
     with torch.inference_mode():
-        for x, y in batches():
+        for x, y, *index in batches():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(x).float()
                 if tta_flip:
                     probs = (logits.softmax(-1) + model(x.flip(-1)).float().softmax(-1)) / 2
                     logits = probs.clamp_min(1e-12).log()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            per_image = F.cross_entropy(logits, y, reduction="none")
+            loss_sum += per_image.sum().double()
+            if index:
+                keep_rows = True
+                losses.append(per_image)
+                indexes.append(index[0].to(device))
             confusion.index_put_((y, logits.argmax(-1)), torch.ones_like(y), accumulate=True)
             scores.append(logits.softmax(-1))
             targets.append(y)
@@ -169,7 +200,18 @@ def evaluate(
     images = int(confusion.sum().item())
     accuracy, macro_f1, recall = _confusion_metrics(confusion)
     all_scores = all_gather_rows(torch.cat(scores), ctx).cpu().numpy()
-    pr_auc, per_class_ap = macro_average_precision(all_scores, all_gather_rows(torch.cat(targets), ctx).cpu().numpy())
+    all_targets = all_gather_rows(torch.cat(targets), ctx).cpu().numpy()
+    pr_auc, per_class_ap = macro_average_precision(all_scores, all_targets)
+    rows = None
+    if ctx.world_size > 1:  # collective: every rank asks, whatever it saw
+        keep_rows = _any_rank(keep_rows, device)
+    if keep_rows:
+        rows = EvalRows(
+            index=all_gather_rows(torch.cat(indexes), ctx).cpu().numpy(),
+            label=all_targets,
+            probs=all_scores,
+            loss=all_gather_rows(torch.cat(losses), ctx).float().cpu().numpy(),
+        )
     return EvalResult(
         loss=loss_sum.item() / max(images, 1),
         accuracy=accuracy,
@@ -179,4 +221,12 @@ def evaluate(
         images=images,
         pr_auc=pr_auc,
         per_class_ap=per_class_ap,
+        rows=rows,
     )
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on some rank (a rank whose share of a split is empty saw no batch)."""
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

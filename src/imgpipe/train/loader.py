@@ -490,3 +490,27 @@ def read_samples(info: SplitInfo, count: int) -> list[np.ndarray]:
         reader.close()
     images = _decode_raw(rows) if info.format == "raw" else _decode_jpeg_cpu(rows)
     return [np.array(img) for img in images]  # writable copies
+
+
+def read_rows(info: SplitInfo, indexes: Sequence[int]) -> list[np.ndarray]:
+    """The images at ``indexes`` (positions in the split, file order), as ``H x W x C`` uint8 arrays.
+
+    Reads only the row groups that hold them (for figures of chosen images).
+    """
+    starts = np.array([g.first_index for g in info.row_groups])
+    wanted: dict[int, list[int]] = {}
+    for i in indexes:
+        wanted.setdefault(int(np.searchsorted(starts, i, side="right") - 1), []).append(int(i))
+    reader = _RowGroupReader(info)
+    found: dict[int, _Row] = {}
+    try:
+        for g, members in wanted.items():
+            group = info.row_groups[g]
+            rows = reader.read(group)
+            for i in members:
+                found[i] = rows[i - group.first_index]
+    finally:
+        reader.close()
+    picked = [found[int(i)] for i in indexes]
+    images = _decode_raw(picked) if info.format == "raw" else _decode_jpeg_cpu(picked)
+    return [np.array(img) for img in images]
