@@ -77,7 +77,7 @@ def test_outputs_exist_and_commit_last(finished):
     names = {f["name"] for f in manifest["files"]}
     base = {
         "model.pt", "metrics.json", "curves.png", "confusion_matrix.png", "augmentations.png", "report.html", "config.yaml",
-        "predictions.parquet", "worst_loss.png",
+        "predictions.parquet", "worst_loss.png", "model.json", "model.onnx", "model.ts",
     }  # fmt: skip
     confused = bool(read_json(storage.join(out, "metrics.json")).get("confused_pairs"))
     assert names == base | ({"confused_pairs.png"} if confused else set())

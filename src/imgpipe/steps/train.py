@@ -106,6 +106,7 @@ from imgpipe.train.distributed import (
     resolve_device,
 )
 from imgpipe.train.evaluation import EvalResult, evaluate
+from imgpipe.train.export import export_onnx, export_torchscript, model_card
 from imgpipe.train.loader import ImageLoader, decode_jpeg_batch, read_rows, read_samples
 from imgpipe.train.models import (
     build_model,
@@ -134,6 +135,7 @@ MODEL = contract.MODEL
 METRICS = contract.METRICS
 REPORT = contract.REPORT
 PREDICTIONS = contract.PREDICTIONS
+MODEL_CARD, MODEL_ONNX, MODEL_TORCHSCRIPT = contract.MODEL_CARD, contract.MODEL_ONNX, contract.MODEL_TORCHSCRIPT
 _AUG_SAMPLES, _AUG_VERSIONS = 6, 4
 
 
@@ -529,6 +531,35 @@ def _review_figures(run: TrainingRun, table: pa.Table, metrics: dict[str, Any]) 
     return figures
 
 
+def _exports(run: TrainingRun) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The kept weights as ONNX and TorchScript; an export that fails is reported, not fatal.
+
+    Training is the expensive part: a model whose ops one exporter does not support still
+    commits, with the reason in ``model.json`` (``export_failures``) and the log.
+    """
+    exported, failures = {}, {}
+    for name, export in ((MODEL_ONNX, export_onnx), (MODEL_TORCHSCRIPT, export_torchscript)):
+        try:
+            exported[name] = export(run.module, run.image_size, run.channels)
+        except Exception as exc:  # noqa: BLE001 - reported in model.json; the weights are in model.pt
+            failures[name] = f"{type(exc).__name__}: {exc}"[:1000]
+            log.warning("train: exporting %s failed: %s", name, failures[name])
+    return exported, failures
+
+
+def _present(name: str, exported: Mapping[str, bytes]) -> str | None:
+    return name if name in exported else None
+
+
+def _card_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The kept weights' validation and the test metrics, as scalars (model.json)."""
+    out: dict[str, Any] = {"val": dict(metrics.get("kept") or {})}
+    for split in ("test", "test_tta"):
+        if metrics.get(split):
+            out[split] = {k: v for k, v in metrics[split].items() if not isinstance(v, (Mapping, list))}
+    return out
+
+
 def _write_outputs(
     run: TrainingRun, metrics: dict[str, Any], last_val: EvalResult | None, with_rows: Mapping[str, EvalResult]
 ) -> list[FileEntry]:
@@ -552,6 +583,16 @@ def _write_outputs(
     buf = io.BytesIO()
     torch.save(payload, buf)
     _write(run, MODEL, buf.getvalue(), files)
+    exported, failures = _exports(run)
+    for name, data in exported.items():
+        _write(run, name, data, files)
+    card = model_card(
+        architecture=run.cfg.model, classes=run.labels, size=run.image_size, channels=run.channels, mean=mean, std=std,
+        recipe=config_to_dict(run.cfg), metrics=_card_metrics(metrics), selection=metrics["selection"], data=run.data,
+        files={"onnx": _present(MODEL_ONNX, exported), "torchscript": _present(MODEL_TORCHSCRIPT, exported), "state_dict": MODEL},
+        failures=failures,
+    )  # fmt: skip
+    _write(run, MODEL_CARD, json.dumps(card, indent=2).encode(), files)
     _write(run, METRICS, json.dumps(metrics, indent=2).encode(), files)
     figures = {"curves.png": report.curves_png(metrics["epochs"])}
     if last_val is not None:

@@ -1,0 +1,167 @@
+"""The kept model in forms that run without imgpipe: ONNX, TorchScript, and the card that says how to feed them.
+
+``model.json`` (:func:`model_card`) is the one description of a trained model that
+:mod:`imgpipe.steps.predict` and any serving stack need: the architecture, the input
+(side, the evaluation resize and centre crop, scale, mean and std, channels), the class
+names in output order, the recipe, the metrics and which weights were kept, and the
+digest of the data's manifest. :func:`read_card` is the edge check for a model prefix.
+
+ONNX comes from torch's exporter (``torch.onnx.export(..., dynamo=True)``, onnxscript)
+with a dynamic batch axis; TorchScript from ``torch.jit.trace``. Both take the kept
+weights on the CPU in float32, whatever the run trained with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgpipe import __version__, contract, storage
+from imgpipe.resize.spec import CROP_FRACTION
+
+__all__ = ["CARD_FORMAT", "OPSET", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "export_torchscript", "model_card", "read_card"]
+
+log = logging.getLogger(__name__)
+
+CARD_FORMAT = 1
+# A current opset that onnxruntime 1.20+ runs in full.
+OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+# The exporter's dynamic batch axis needs a bound; no serving batch comes near it.
+_MAX_BATCH = 1 << 16
+
+
+def _cpu_copy(module: nn.Module) -> nn.Module:
+    """The model for export: a float32 copy on the CPU, in evaluation mode, contiguous memory."""
+    model = copy.deepcopy(module).float().cpu().eval()
+    return model.to(memory_format=torch.contiguous_format)
+
+
+def export_onnx(module: nn.Module, size: int, channels: int) -> bytes:
+    """``module`` as an ONNX model: input ``image`` (``N x C x size x size`` float32, N dynamic), output ``logits``."""
+    model = _cpu_copy(module)
+    example = torch.zeros(2, channels, size, size)
+    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+    # The exporter reports its progress on stdout; a step's log is for the step.
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},), opset_version=OPSET,
+        )  # fmt: skip
+    buf = io.BytesIO()
+    program.save(buf)
+    return buf.getvalue()
+
+
+def export_torchscript(module: nn.Module, size: int, channels: int) -> bytes:
+    """``module`` traced to TorchScript (for libtorch and serving stacks that load it)."""
+    model = _cpu_copy(module)
+    with warnings.catch_warnings(), torch.no_grad():
+        # torch marks TorchScript deprecated in favour of torch.export; runtimes still load it.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(model, torch.zeros(1, channels, size, size))
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+    return buf.getvalue()
+
+
+def model_card(
+    *,
+    architecture: str,
+    classes: Sequence[str],
+    size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    recipe: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    selection: Mapping[str, Any],
+    data: str,
+    files: Mapping[str, str | None],
+    failures: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``model.json``: everything needed to run the model and to know what it is.
+
+    Args:
+        architecture: The torchvision model name (or ``tiny_cnn``).
+        classes: Class names in output order.
+        size: The input side.
+        channels: 1 (grey) or 3 (RGB).
+        mean: Per-channel mean of the normalization (after scaling to [0, 1]).
+        std: Per-channel std.
+        recipe: The resolved train config.
+        metrics: The kept weights' validation and the test metrics.
+        selection: Which weights were kept, and why.
+        data: The resize output it trained on.
+        files: Export name (``onnx``, ``torchscript``, ``state_dict``) -> file, ``None`` when missing.
+        failures: Export name -> why it is missing.
+    """
+    manifest = storage.read_bytes(storage.join(data, contract.MANIFEST))
+    return {
+        "format": CARD_FORMAT,
+        "created_by": f"imgpipe {__version__}",
+        "architecture": architecture,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": channels,
+            "mode": "L" if channels == 1 else "RGB",
+            "size": size,
+            # The evaluation view of a picture: shorter side to size / crop fraction, then the centre size x size.
+            "resize_short_side": round(size / CROP_FRACTION),
+            "center_crop": size,
+            "scale": 1 / 255,
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+        },
+        "output": {"name": OUTPUT_NAME, "activation": "softmax"},
+        "files": dict(files),
+        "export_failures": dict(failures or {}),
+        "onnx_opset": OPSET,
+        "recipe": dict(recipe),
+        "metrics": dict(metrics),
+        "selection": dict(selection),
+        "data": {"uri": data, "manifest_sha256": hashlib.sha256(manifest).hexdigest()},
+    }
+
+
+def read_card(prefix: str, classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """The ``model.json`` of a model prefix, checked.
+
+    Args:
+        prefix: A committed train output (or a copy of its files).
+        classes: When given, the classes the caller expects, in order.
+
+    Raises:
+        ValueError: If there is no ``model.json``, it is not one imgpipe wrote, or its classes differ.
+    """
+    uri = storage.join(prefix, contract.MODEL_CARD)
+    if not storage.exists(uri):
+        raise ValueError(f"{prefix} has no {contract.MODEL_CARD}: not a model exported by imgpipe train (or an older one)")
+    try:
+        card = json.loads(storage.read_bytes(uri))
+    except ValueError as exc:
+        raise ValueError(f"{uri} is not JSON: {exc}") from None
+    missing = [k for k in ("format", "classes", "input", "files") if k not in card]
+    if missing or card.get("format") != CARD_FORMAT:
+        raise ValueError(f"{uri} is not an imgpipe model card of format {CARD_FORMAT} (missing {missing or 'nothing'})")
+    if classes is not None and list(classes) != list(card["classes"]):
+        raise ValueError(
+            f"{prefix} was trained on other classes ({len(card['classes'])}: {', '.join(card['classes'][:5])}...)"
+            f" than expected ({len(classes)}: {', '.join(list(classes)[:5])}...)"
+        )
+    return card
