@@ -26,10 +26,11 @@ def train(
     aug_policy: Optional[str] = None,  # noqa: UP045
     pretrained: Optional[str] = None,  # noqa: UP045 - "" means none (a pipeline parameter's empty default)
     train_nodes: Optional[int] = None,  # noqa: UP045 - more than 1: a Kubeflow Trainer TrainJob
+    promotion_tolerance: Optional[float] = None,  # noqa: UP045 - None: PromoteConfig's default
     step_config: Optional[dict] = None,  # noqa: UP045
     branch: str = "",
 ) -> None:
-    """Trains on the resize output at ``resized`` (a committed prefix); records the run for incremental retraining.
+    """Trains on the resize output at ``resized`` (a committed prefix); promotes the model if it is as good as the current one.
 
     One process per GPU of the pod (``imgpipe compile --train-gpus N``); with ``train_nodes`` above 1
     a Kubeflow Trainer TrainJob of that many such nodes. Rank 0 writes.
@@ -38,6 +39,11 @@ def train(
     retried attempt continues from the checkpoint of the failed one. A sweep's branch
     (``branch``, :mod:`imgpipe.sweep`) writes the run's ``train-{branch}`` prefix instead
     and records nothing in ``latest.json``: a sweep tries settings, it is no retraining run.
+
+    Otherwise the promotion gate (:mod:`imgpipe.steps.promote`) scores the current model
+    (``latest.json``) on this run's test images; the run becomes ``latest`` only when its
+    own score is at least that, less ``promotion_tolerance``. Either way the task succeeds,
+    with the verdict and both numbers in its Metrics and report.
     """
     from imgpipe import config
     from imgpipe.kfp import artifacts as ka
@@ -52,5 +58,5 @@ def train(
     result = run_train(data, out, cfg, run_id=run_id)  # every GPU of the pod, or a TrainJob of cfg.nodes nodes
     ka.publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)
     ka.write_step_artifact(trained, result.dest, branch=branch)
-    if not branch:
-        ka.record_latest(data_root, run_id, {s: ka.run_prefix(data_root, run_id, s) for s in ("clean", "resize", "train")})
+    if not branch:  # the gate: latest.json names this run only if its model is at least as good
+        ka.promote_run(data_root, run_id, tolerance=promotion_tolerance or 0.0, metrics=metrics, report=report)

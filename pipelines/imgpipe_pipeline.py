@@ -51,6 +51,7 @@ from imgpipe.remote import trainjob
 from imgpipe.remote.ranks import PROCS_ENV
 from imgpipe.resize.spec import ResizeConfig
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
+from imgpipe.steps.promote import PromoteConfig
 from imgpipe.train.config import TrainConfig
 
 __all__ = [
@@ -108,6 +109,7 @@ PARAMETER_FIELDS: dict[str, tuple[type, str]] = {
     "aug_policy": (TrainConfig, "aug_policy"),
     "pretrained": (TrainConfig, "pretrained"),
     "train_nodes": (TrainConfig, "nodes"),
+    "promotion_tolerance": (PromoteConfig, "tolerance"),
 }
 # On Kubeflow the resize work goes to a KubeRay RayJob; the step's own default (a local
 # Ray, ResizeConfig.ray_address "") is the CLI's. "" runs Ray inside the resize pod.
@@ -400,6 +402,7 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
         aug_policy: str = parameter_default("aug_policy"),
         pretrained: str = parameter_default("pretrained"),
         train_nodes: int = parameter_default("train_nodes"),
+        promotion_tolerance: float = parameter_default("promotion_tolerance"),
         step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
     ) -> Outputs:
         resized = data_steps(
@@ -417,6 +420,7 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
             aug_policy=aug_policy,
             pretrained=pretrained,
             train_nodes=train_nodes,
+            promotion_tolerance=promotion_tolerance,
             data_root=data_root,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             step_config=step_config,

@@ -145,7 +145,9 @@ def _typed_train_inputs(params: dict[str, Any]) -> dict[str, Any]:
     ``model_name`` takes ``model`` (the component's ``model`` is its Model output).
     """
     inputs = train.component_spec.inputs
-    typed = {name: params[name] for name in inputs if name in params and name not in ("data_root", "step_config")}
+    # A branch promotes nothing (it records nothing in latest.json): the gate's tolerance stays out.
+    skip = ("data_root", "step_config", "promotion_tolerance")
+    typed = {name: params[name] for name in inputs if name in params and name not in skip}
     return {**typed, "model_name": params["model"]}
 
 

@@ -323,6 +323,7 @@ def test_each_branch_gets_the_run_parameters_the_main_pipelines_train_gets(compi
     main_train = from_parameters(main_ir["root"]["dag"]["tasks"]["train"])
     branch_train = from_parameters(_dag_tasks(ir)["train"])
     assert main_train.pop("step_config") == "step_config", "a branch takes its own, from the plan"
+    assert main_train.pop("promotion_tolerance") == "promotion_tolerance", "a branch promotes nothing"
     assert main_train.items() <= branch_train.items(), "typed train parameters reach every branch"
     plan_inputs = from_parameters(ir["root"]["dag"]["tasks"]["plan-sweep"])
     assert main_train.keys() - {"data_root"} <= plan_inputs.keys(), "plan checks the config the branches build"

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imgpipe import contract, resources, storage
+from imgpipe.report import html as htmlpage
 from imgpipe.report import steps as step_report
 from imgpipe.train.config import WEIGHTS_CACHE
 
@@ -56,6 +57,9 @@ __all__ = [
     "resolve_previous",
     "record_latest",
     "read_latest",
+    "current_model",
+    "promote_run",
+    "publish_promotion",
     "find_confusion",
     "publish_training",
     "publish_comparison",
@@ -311,6 +315,54 @@ def publish_training(
         log.warning("train: %s/metrics.json holds no confusion matrix; the ClassificationMetrics artifact stays empty", out)
     _copy_into(report, storage.join(out, contract.REPORT))
     return manifest
+
+
+def current_model(data_root: str) -> str | None:
+    """The train output ``latest.json`` names as the current model, if it is still there."""
+    prefix = ((read_latest(data_root) or {}).get("prefixes") or {}).get("train")
+    if prefix and not contract.is_committed(prefix):
+        log.warning("promotion: the current model %s recorded in latest.json is gone; the candidate is the first", prefix)
+        return None
+    return prefix or None
+
+
+def promote_run(
+    data_root: str, run_id: str, tolerance: float = 0.0, train_step: str = "train", *, metrics: Any = None, report: Any = None
+) -> Any:
+    """The promotion gate for a finished run (:mod:`imgpipe.steps.promote`): records it in ``latest.json`` only if promoted.
+
+    The decision is committed to ``{data_root}/runs/{run_id}/promote/``, promoted or not,
+    and shown in the task's ``metrics`` and ``report`` artifacts when given (:func:`publish_promotion`).
+
+    Returns:
+        The :class:`imgpipe.steps.promote.Decision`.
+    """
+    from imgpipe.steps.promote import PromoteConfig, promote
+
+    prefixes = {s: run_prefix(data_root, run_id, s) for s in ("clean", "resize", train_step)}
+    decision = promote(prefixes[train_step], current_model(data_root), run_prefix(data_root, run_id, "promote"),
+                       PromoteConfig(tolerance=tolerance))  # fmt: skip
+    if decision.promoted:
+        record_latest(data_root, run_id, {"clean": prefixes["clean"], "resize": prefixes["resize"], "train": prefixes[train_step]})
+    else:
+        log.warning("%s; latest.json still names %s", decision.summary(), decision.current_prefix)
+    if metrics is not None and report is not None:
+        publish_promotion(decision, metrics=metrics, report=report)
+    return decision
+
+
+def publish_promotion(decision: Any, *, metrics: Any, report: Any) -> None:
+    """Adds the promotion verdict to the train task's Metrics and to its HTML report artifact."""
+    metrics.log_metric("promoted", 1.0 if decision.promoted else 0.0)
+    metrics.log_metric(f"promotion_candidate_{decision.metric}", decision.candidate)
+    if decision.current is not None:
+        metrics.log_metric(f"promotion_current_{decision.metric}", decision.current)
+    path = Path(report.path)
+    if path.exists():
+        verdict = "promoted" if decision.promoted else "not promoted"
+        section = htmlpage.section(f"Promotion: {verdict}", note=decision.reason)
+        page = path.read_text()
+        path.write_text(page.replace("</body>", section + "</body>", 1) if "</body>" in page else page + section)
 
 
 def publish_step_report(prefix: str, *, metrics: Any, report: Any) -> step_report.OutputReport:

@@ -35,6 +35,7 @@ data root is refused) and the kfp pipeline root, which is mounted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ from urllib.parse import urlparse
 from imgpipe import contract, resources, storage
 from imgpipe.config import check_sections, read_config_file
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
+from imgpipe.kfp.artifacts import LATEST, read_latest
 
 __all__ = [
     "STEPS",
@@ -160,6 +162,7 @@ class LocalRunResult:
         artifacts: kfp output name -> local file (model, metrics, confusion, report).
         metadata: kfp output name -> the artifact's metadata (metrics, confusion matrix).
         copies: Local copies of the train output, when the store was the run's own.
+        promotion: The promotion gate's decision (:class:`imgpipe.steps.promote.Decision` as a dict).
         reconciled: Whether every archive member ended in exactly one place.
         seconds: Wall time of the whole run.
     """
@@ -172,6 +175,7 @@ class LocalRunResult:
     copies: dict[str, str] = field(default_factory=dict)
     reconciled: bool = False
     seconds: float = 0.0
+    promotion: dict[str, Any] | None = None
 
     def summary(self) -> str:
         """The lines ``imgpipe run`` prints at the end."""
@@ -189,6 +193,9 @@ class LocalRunResult:
         metrics = (r.get("train") or {}).get("metrics") or {}
         if metrics.get("val_accuracy") is not None:
             lines.append(f"validation accuracy {metrics['val_accuracy']:.3f}, macro-F1 {metrics['val_macro_f1']:.3f}")
+        if self.promotion is not None:
+            verdict = "promoted" if self.promotion["promoted"] else "NOT promoted (latest unchanged)"
+            lines.append(f"promotion: {verdict}: {self.promotion['reason']}")
         local = self.copies or {}
         for name in (contract.REPORT, contract.MODEL, contract.METRICS):
             lines.append(f"{name + ':':14} {local.get(name) or storage.join(self.prefixes['train'], name)}")
@@ -481,6 +488,42 @@ def _copy_prefix(prefix: str, dest: Path) -> dict[str, str]:
     return copies
 
 
+# The local run's record of its current model, in the workdir: the run's own S3 server is
+# gone after each run, so the model a promotion chose is restored into the next one from the
+# local copy of its train output, for the next run's promotion gate to score against.
+CURRENT = "current.json"
+
+
+def _restore_current(workdir: Path, data_root: str) -> str | None:
+    """Puts the last promoted model back into a fresh store and names it in ``latest.json``; its prefix, if any."""
+    path = workdir / CURRENT
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    local, prefix = Path(record["local_train"]), record["train"]
+    if not (local / contract.SUCCESS).exists():
+        log.warning("local run: the current model's copy %s is gone; this run's model will be the first", local)
+        return None
+    files = sorted((f for f in local.rglob("*") if f.is_file()), key=lambda f: f.name == contract.SUCCESS)  # _SUCCESS last
+    for f in files:
+        storage.upload_file(f, storage.join(prefix, f.relative_to(local).as_posix()))
+    latest = {"run_id": record["run_id"], "finished_at": record["finished_at"], "prefixes": {"train": prefix}}
+    storage.write_bytes(storage.join(data_root, LATEST), json.dumps(latest, indent=2).encode())
+    return prefix
+
+
+def _keep_current(workdir: Path, data_root: str, run_id: str, local_train: Path) -> None:
+    """After a promotion in the run's own store, records the local copy of its train output as the current model."""
+    latest = read_latest(data_root) or {}
+    if latest.get("run_id") != run_id:
+        return
+    record = {"run_id": run_id, "finished_at": latest.get("finished_at"), "train": latest["prefixes"]["train"],
+              "local_train": str(local_train)}  # fmt: skip
+    tmp = workdir / (CURRENT + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(workdir / CURRENT)
+
+
 def _start(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, arguments: dict[str, Any]) -> tuple[str, bool, Any]:
     """Sets up a local run inside ``stack``: engine, store, sample data, local sources, runner.
 
@@ -514,12 +557,17 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
     arguments = cfg.pipeline_arguments()
     with contextlib.ExitStack() as stack:
         data_root, own_store, runner = _start(cfg, stack, workdir, arguments)
+        if own_store:
+            _restore_current(workdir, data_root)
         outputs = _run_pipeline(workdir, arguments, runner)
         train_prefix = outputs["model"].metadata["prefix"]
         run_id = train_prefix.rstrip("/").split("/")[-2]
         prefixes = {step: storage.join(data_root, "runs", run_id, step) for step in STEPS}
         reports = {step: contract.read_manifest(prefix, expect_step=step) for step, prefix in prefixes.items()}
+        promotion = _decision(storage.join(data_root, "runs", run_id, "promote"))
         copies = _copy_prefix(prefixes["train"], workdir / "runs" / run_id / "train") if own_store else {}
+        if own_store:
+            _keep_current(workdir, data_root, run_id, workdir / "runs" / run_id / "train")
     dl, cl, rs = reports["download"], reports["clean"], reports["resize"]
     reconciled = dl["inputs"] == cl["outputs"] + cl["rejected"] + dl["rejected"] and rs["inputs"] == cl["outputs"]
     return LocalRunResult(
@@ -531,7 +579,17 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
         copies=copies,
         reconciled=reconciled,
         seconds=round(time.monotonic() - started, 1),
+        promotion=promotion,
     )
+
+
+def _decision(prefix: str) -> dict[str, Any] | None:
+    """The promotion decision of a run, when the gate committed one."""
+    from imgpipe.steps.promote import read_decision
+
+    if not contract.is_committed(prefix):
+        return None
+    return dataclasses.asdict(read_decision(prefix))
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""The promotion gate: same test images, both numbers, latest.json moved only by a promotion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imgpipe import contract, storage
+from imgpipe.kfp import artifacts as ka
+from imgpipe.steps.promote import PromoteConfig, promote, read_decision
+from imgpipe.steps.train import train
+from imgpipe.train.config import TrainConfig
+from tests.train.test_loader import write_resize_output
+
+COUNTS = {"train": 48, "val": 12, "test": 24}
+
+
+def _cfg(**kw) -> TrainConfig:
+    values = dict(model="tiny_cnn", epochs=3, batch_size=8, lr=3e-3, warmup_epochs=0.5, num_workers=0, device="cpu",
+                  shuffle_buffer=16, mixup=0.0, cutmix=0.0)  # fmt: skip
+    return TrainConfig(**{**values, **kw})
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A trained model and an untrained one (lr 0: its initial weights) on the same data."""
+    root = tmp_path_factory.mktemp("promote")
+    data = write_resize_output("file://" + str(root / "resize"), counts=COUNTS, size=16)
+    good, bad = "file://" + str(root / "good"), "file://" + str(root / "bad")
+    train(data, good, _cfg())
+    train(data, bad, _cfg(lr=0.0, epochs=1))
+    other = write_resize_output("file://" + str(root / "other"), counts=COUNTS, size=16, classes=3)
+    foreign = "file://" + str(root / "foreign")
+    train(other, foreign, _cfg(epochs=1))
+    return {"root": root, "data": data, "good": good, "bad": bad, "foreign": foreign}
+
+
+def _test_f1(prefix: str) -> float:
+    return json.loads(storage.read_bytes(storage.join(prefix, "metrics.json")))["test"]["macro_f1"]
+
+
+def test_the_first_model_promotes_itself(models):
+    d = promote(models["bad"], None, "file://" + str(models["root"] / "p1"))
+    assert d.promoted and d.current is None and "first model" in d.reason
+    assert read_decision("file://" + str(models["root"] / "p1")) == d
+
+
+def test_a_worse_candidate_is_not_promoted_and_both_numbers_are_kept(models):
+    dest = "file://" + str(models["root"] / "p2")
+    d = promote(models["bad"], models["good"], dest)
+    assert not d.promoted and d.metric == "macro_f1"
+    assert d.candidate == pytest.approx(_test_f1(models["bad"]))
+    # The current model re-scored on the candidate's test images is its own test score: the same images.
+    assert d.current == pytest.approx(_test_f1(models["good"]), abs=1e-6) and d.current > d.candidate
+    assert d.images == COUNTS["test"] and len(d.images_digest) == 64
+    assert "below" in d.reason and f"{d.current:.4f}" in d.reason
+    assert contract.read_manifest(dest)["extra"]["decision"]["promoted"] is False
+    assert "not promoted" in storage.read_bytes(storage.join(dest, "promotion.html")).decode()
+
+
+def test_a_better_candidate_or_one_within_the_tolerance_is_promoted(models):
+    better = promote(models["good"], models["bad"], "file://" + str(models["root"] / "p3"))
+    assert better.promoted and better.candidate >= better.current
+    gap = _test_f1(models["good"]) - _test_f1(models["bad"])
+    within = promote(models["bad"], models["good"], "file://" + str(models["root"] / "p4"), PromoteConfig(tolerance=min(1.0, gap + 1e-6)))
+    assert within.promoted and "within the tolerance" in within.reason
+
+
+def test_a_current_model_of_other_classes_is_not_compared_silently(models):
+    d = promote(models["good"], models["foreign"], "file://" + str(models["root"] / "p5"))
+    assert not d.promoted and d.current is None and "other classes" in d.reason
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="tolerance"):
+        PromoteConfig(tolerance=-0.1)
+    with pytest.raises(ValueError, match="split"):
+        PromoteConfig(split="train")
+
+
+def test_latest_json_moves_only_on_a_promotion(models, tmp_path):
+    root = "file://" + str(tmp_path / "root")
+
+    def place(run_id: str, model: str) -> None:
+        # The run's prefixes as the pipeline lays them out; train is a copy of a trained model.
+        for step in ("clean", "resize"):
+            storage.write_bytes(storage.join(ka.run_prefix(root, run_id, step), "x"), b"")
+        src, dst = model, ka.run_prefix(root, run_id, "train")
+        for name in [f["name"] for f in contract.read_manifest(src)["files"]] + ["manifest.json", "_SUCCESS"]:
+            storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+
+    place("r1", models["good"])
+    assert ka.promote_run(root, "r1").promoted
+    assert ka.read_latest(root)["run_id"] == "r1"
+    place("r2", models["bad"])
+    d = ka.promote_run(root, "r2")
+    assert not d.promoted and ka.read_latest(root)["run_id"] == "r1", "a worse run leaves latest.json as it was"
+    assert contract.is_committed(ka.run_prefix(root, "r2", "promote")), "the rejected candidate's decision stays"
+
+
+def test_a_local_run_keeps_its_current_model_for_the_next_runs_gate(models, tmp_path):
+    from imgpipe.kfp import local_run
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    first_root = "file://" + str(tmp_path / "store1")
+    place_train = ka.run_prefix(first_root, "r1", "train")
+    local = workdir / "runs" / "r1" / "train"
+    local.mkdir(parents=True)
+    for name in [f["name"] for f in contract.read_manifest(models["good"])["files"]] + ["manifest.json", "_SUCCESS"]:
+        (local / name).write_bytes(storage.read_bytes(storage.join(models["good"], name)))
+    ka.record_latest(first_root, "r1", {"train": place_train})
+    local_run._keep_current(workdir, first_root, "r1", local)
+    local_run._keep_current(workdir, first_root, "r0", local)  # not the latest run: nothing changes
+    assert json.loads((workdir / local_run.CURRENT).read_text())["run_id"] == "r1"
+    # The next run's store is a fresh one: the model comes back under its old prefix, named in latest.json.
+    second_root = "file://" + str(tmp_path / "store2")
+    assert not storage.exists(storage.join(place_train, "_SUCCESS")), "only the local copy holds the model so far"
+    prefix = local_run._restore_current(workdir, second_root)
+    assert prefix == place_train and contract.is_committed(prefix), "uploaded from the local copy, _SUCCESS last"
+    assert ka.read_latest(second_root)["prefixes"] == {"train": place_train}
