@@ -20,7 +20,7 @@ SRC = ROOT / "src" / "imgpipe"
 # docs/architecture.md, "Layers". A module's layer is that of the longest prefix named here;
 # a module no prefix covers fails the test until it is placed.
 LOW = {
-    "storage", "config", "contract", "resources", "phases", "data", "report.html", "remote.targets",
+    "storage", "config", "contract", "resources", "phases", "data", "report.html", "remote.targets", "raysession",
     "remote.payload",
 }  # fmt: skip
 MIDDLE = {

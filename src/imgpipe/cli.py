@@ -152,6 +152,15 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_field_flags(p, TrainConfig, fields, flags={"num_workers": "--workers"})
 
 
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    from imgpipe.steps.predict import PredictConfig
+
+    p.add_argument("model", help="a train output prefix (model.json, model.onnx)")
+    p.add_argument("data", help="a committed download, clean or resize output, or a folder or archive of images")
+    p.add_argument("dest", help="output prefix: predictions.parquet, rejects, manifest")
+    add_field_flags(p, PredictConfig, ("batch_size", "actors", "threads", "top_k", "splits", "ray_address"))
+
+
 _ENDPOINT_FLAG = "--s3-endpoint"  # the one global option that takes a value
 
 _STEP_ARGUMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
@@ -160,6 +169,7 @@ _STEP_ARGUMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]
     "clean": ("validate, normalize, label, split and shuffle the images", _clean_arguments),
     "resize": ("resize clean images to a model's input size on Ray Data", _resize_arguments),
     "train": ("train a classifier on a committed resize output", _train_arguments),
+    "predict": ("run a trained model's ONNX export over images on Ray Data", _predict_arguments),
 }
 
 
@@ -305,6 +315,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imgpipe.steps.predict import PredictConfig, predict
+
+    cfg = load_config(PredictConfig, args.config, flag_overrides(args), "predict")
+    report = predict(args.model, args.data, args.dest, cfg)
+    _emit(report, args.json)
+    for split, score in sorted((report.extra.get("scores") or {}).items()):
+        print(f"{split}: accuracy {score['accuracy']:.4f}, macro-F1 {score['macro_f1']:.4f} on {score['images']} images")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     """Prints what a committed output holds; writes its HTML report and a sample grid on request."""
     from imgpipe.report.steps import build_report
@@ -445,6 +466,7 @@ COMMANDS = {
     "clean": cmd_clean,
     "resize": cmd_resize,
     "train": cmd_train,
+    "predict": cmd_predict,
     "show": cmd_show,
     "run": cmd_run,
     "sweep": cmd_sweep,

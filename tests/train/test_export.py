@@ -11,8 +11,8 @@ import torch
 
 from imgpipe import contract, storage
 from imgpipe.steps.train import train
+from imgpipe.train.card import read_card
 from imgpipe.train.config import TrainConfig
-from imgpipe.train.export import read_card
 from imgpipe.train.models import build_model
 from imgpipe.train.partition import describe_split
 from tests.train.test_loader import write_resize_output

@@ -58,7 +58,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,9 +67,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgpipe import contract, resources, storage
+from imgpipe import contract, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
 from imgpipe.phases import PhaseLog
+from imgpipe.raysession import ray_session, shut_down_local_ray
 from imgpipe.remote.targets import check_allowed
 
 # The settings are OpenCV-free (imgpipe.resize.spec) so the pipeline compiles without OpenCV.
@@ -139,26 +139,17 @@ def read_pixels(row: dict[str, Any]) -> np.ndarray:
 
 @contextlib.contextmanager
 def _ray_session(cfg: ResizeConfig) -> Iterator[Any]:
-    """Uses a running Ray, or starts/joins one and shuts down only what it started."""
-    import ray
+    """The step's Ray (:func:`imgpipe.raysession.ray_session`), its workers warmed by :func:`_warm_worker`.
 
-    if ray.is_initialized():
-        yield ray
-        return
-    with contextlib.ExitStack() as stack:
-        if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-            # A cluster's address, or inside a Ray job (RAY_ADDRESS set): join the cluster;
-            # shutting down then only disconnects.
-            ray.init(address=cfg.ray_address or None)
-            stack.callback(ray.shutdown)
-        else:
-            # Ray ties its daemons to this driver, but their children (agents, busy
-            # workers) outlive a kill -9 of the step by minutes: a reaper ends them.
-            stack.enter_context(resources.reaped_with_me())
-            cpus = resources.available_cpus()
-            ray.init(num_cpus=cpus, include_dashboard=False)
-            stack.callback(_shut_down_local_ray, ray)  # runs before the reaper is dismissed
-            _warm_workers(ray, cpus)
+    Warming: Ray Data's first execution gives the workers Ray pre-starts (one per CPU) to
+    its two bookkeeping actors (``_StatsActor``, ``_AutoscalingCoordinatorActor``), so the
+    resize tasks wait for new workers, which then import Ray Data and OpenCV: about 1.6 s
+    to the first batch on 2 cores (ray 2.60.0). Started with the local Ray, that start-up
+    overlaps the driver's own imports and planning, and Ray reuses these workers for the
+    job's tasks. Cold ``imgpipe resize`` of 300 images, 10 alternating runs each: median
+    8.10 s without, 7.70 s with (docs/benchmarks.md).
+    """
+    with ray_session(cfg.ray_address, warm=_warm_worker, warm_cpus=TASK_CPUS) as ray:
         yield ray
 
 
@@ -170,38 +161,8 @@ def _warm_worker() -> None:
     from imgpipe.resize import task as resize_task  # noqa: F401
 
 
-def _warm_workers(ray: Any, cpus: int) -> None:
-    """Starts one :func:`_warm_worker` task per CPU (``cpus``) of the local Ray just started, unwaited.
-
-    Ray Data's first execution gives the workers Ray pre-starts (one per CPU) to its two
-    bookkeeping actors (``_StatsActor``, ``_AutoscalingCoordinatorActor``), so the resize
-    tasks wait for new workers, which then import Ray Data and OpenCV: about 1.6 s to the
-    first batch on 2 cores, even on a Ray that has been up for seconds (ray 2.60.0; the
-    raylet's log shows the task workers started only when the execution began). Started
-    here, that start-up overlaps the driver's own imports and planning, and Ray reuses
-    these workers for the job's tasks. Cold ``imgpipe resize`` of 300 images, 10
-    alternating runs each: median 8.10 s without, 7.70 s with (docs/benchmarks.md).
-    """
-    task = ray.remote(num_cpus=TASK_CPUS)(_warm_worker)
-    for _ in range(cpus):
-        task.remote()
-
-
-def _shut_down_local_ray(ray: Any) -> None:
-    """Shuts down the local Ray this step started, without waiting out its autoscaler monitor.
-
-    ``ray.shutdown()`` stops the local processes one after another, each with a SIGTERM and
-    up to 1 s before a SIGKILL (ray 2.60.0, ``python/ray/_private/node.py``,
-    ``Node.kill_all_processes`` and ``_kill_process_impl``). The autoscaler's monitor does
-    not exit on SIGTERM, so it takes that whole second: 1.02 s of a 1.46 s shutdown here.
-    A local Ray has nothing to autoscale, and the step's work is done, so the monitor is
-    killed first. Should Ray's internals move, this is a plain ``ray.shutdown()``.
-    """
-    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
-    for info in getattr(node, "all_processes", {}).get("monitor", ()):  # ray_constants.PROCESS_TYPE_MONITOR
-        with contextlib.suppress(OSError):
-            info.process.kill()
-    ray.shutdown()
+# The test suite and older callers know it by this name.
+_shut_down_local_ray = shut_down_local_ray
 
 
 @contextlib.contextmanager

@@ -95,6 +95,7 @@ from imgpipe.train.augment_cpu import (
     build_eval_transform,
     build_train_transform,
 )
+from imgpipe.train.card import read_card
 from imgpipe.train.checkpoint import CHECKPOINT, resume, save_checkpoint
 from imgpipe.train.config import TrainConfig, default_weights_cache
 from imgpipe.train.distributed import (
@@ -106,7 +107,7 @@ from imgpipe.train.distributed import (
     resolve_device,
 )
 from imgpipe.train.evaluation import EvalResult, evaluate
-from imgpipe.train.export import export_onnx, export_torchscript, model_card, read_card
+from imgpipe.train.export import export_onnx, export_torchscript, model_card
 from imgpipe.train.loader import ImageLoader, decode_jpeg_batch, read_rows, read_samples
 from imgpipe.train.models import (
     build_model,

@@ -4,7 +4,7 @@
 :mod:`imgpipe.steps.predict` and any serving stack need: the architecture, the input
 (side, the evaluation resize and centre crop, scale, mean and std, channels), the class
 names in output order, the recipe, the metrics and which weights were kept, and the
-digest of the data's manifest. :func:`read_card` is the edge check for a model prefix.
+digest of the data's manifest. Reading it back (no torch) is :mod:`imgpipe.train.card`.
 
 ONNX comes from torch's exporter (``torch.onnx.export(..., dynamo=True)``, onnxscript)
 with a dynamic batch axis; TorchScript from ``torch.jit.trace``. Both take the kept
@@ -17,7 +17,6 @@ import contextlib
 import copy
 import hashlib
 import io
-import json
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -28,15 +27,14 @@ from torch import nn
 
 from imgpipe import __version__, contract, storage
 from imgpipe.resize.spec import CROP_FRACTION
+from imgpipe.train.card import CARD_FORMAT, INPUT_NAME, OUTPUT_NAME
 
-__all__ = ["CARD_FORMAT", "OPSET", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "export_torchscript", "model_card", "read_card"]
+__all__ = ["OPSET", "export_onnx", "export_torchscript", "model_card"]
 
 log = logging.getLogger(__name__)
 
-CARD_FORMAT = 1
 # A current opset that onnxruntime 1.20+ runs in full.
 OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # The exporter's dynamic batch axis needs a bound; no serving batch comes near it.
 _MAX_BATCH = 1 << 16
 
@@ -137,31 +135,3 @@ def model_card(
         "selection": dict(selection),
         "data": {"uri": data, "manifest_sha256": hashlib.sha256(manifest).hexdigest()},
     }
-
-
-def read_card(prefix: str, classes: Sequence[str] | None = None) -> dict[str, Any]:
-    """The ``model.json`` of a model prefix, checked.
-
-    Args:
-        prefix: A committed train output (or a copy of its files).
-        classes: When given, the classes the caller expects, in order.
-
-    Raises:
-        ValueError: If there is no ``model.json``, it is not one imgpipe wrote, or its classes differ.
-    """
-    uri = storage.join(prefix, contract.MODEL_CARD)
-    if not storage.exists(uri):
-        raise ValueError(f"{prefix} has no {contract.MODEL_CARD}: not a model exported by imgpipe train (or an older one)")
-    try:
-        card = json.loads(storage.read_bytes(uri))
-    except ValueError as exc:
-        raise ValueError(f"{uri} is not JSON: {exc}") from None
-    missing = [k for k in ("format", "classes", "input", "files") if k not in card]
-    if missing or card.get("format") != CARD_FORMAT:
-        raise ValueError(f"{uri} is not an imgpipe model card of format {CARD_FORMAT} (missing {missing or 'nothing'})")
-    if classes is not None and list(classes) != list(card["classes"]):
-        raise ValueError(
-            f"{prefix} was trained on other classes ({len(card['classes'])}: {', '.join(card['classes'][:5])}...)"
-            f" than expected ({len(classes)}: {', '.join(list(classes)[:5])}...)"
-        )
-    return card

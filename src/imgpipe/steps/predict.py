@@ -1,0 +1,376 @@
+"""Batch prediction: an exported model over a dataset on Ray Data, one model per actor.
+
+``predict(model, data, dest)`` runs a train output's ``model.onnx`` (onnxruntime) over a
+committed download, clean or resize output, or a folder or archive of images (first
+made a download output in a temporary local prefix by :func:`imgpipe.steps.download.download`,
+with every member checked as usual). It preprocesses from ``model.json`` alone
+(:mod:`imgpipe.train.card`) exactly as the train step's evaluation does: images cut at the
+model's size by resize are used as stored (their evaluation view is the identity); whole
+pictures (resize mode ``whole``, clean and download outputs, folders) get the shorter
+side scaled to ``input.resize_short_side`` and the centre crop.
+
+Work: one Ray task per input row group on an actor pool (``actors``, default one per
+cluster CPU; each actor holds one onnxruntime session with ``threads`` intra-op threads).
+Actors return prediction rows (no pixels; about 200 bytes an image), which the driver
+streams into one committed ``predictions.parquet`` in input order (the contract of every
+step: an image that does not decode is a reject with its reason, and the counts
+reconcile). Where the input carries labels, the manifest has accuracy and macro-F1 per
+split: on a resize output's test split they reproduce the model's own test metrics.
+
+Memory: the driver holds one row group's predictions at a time, the actors one row
+group's decoded images and its input batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgpipe import contract, storage
+from imgpipe.contract import OutputWriter, Reject, StepReport
+from imgpipe.raysession import ray_session
+from imgpipe.train.card import eval_view, read_card, to_input
+
+__all__ = ["PREDICT_SCHEMA", "PredictConfig", "predict"]
+
+log = logging.getLogger(__name__)
+
+PREDICT_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("sha256", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("label", pa.int32()),  # the input's label, when it has one
+        pa.field("predicted", pa.int32(), nullable=False),
+        pa.field("predicted_name", pa.string(), nullable=False),
+        pa.field("confidence", pa.float32(), nullable=False),
+        pa.field("top_classes", pa.list_(pa.string()), nullable=False),
+        pa.field("top_probs", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+_IMAGE_KINDS = ("download", "clean", "resize")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of batch prediction.
+
+    Attributes:
+        batch_size: Images per onnxruntime call.
+        actors: Model actors on the Ray cluster; 0 means one per cluster CPU.
+        threads: onnxruntime intra-op threads per actor.
+        top_k: Classes kept per image, most likely first.
+        splits: Only these splits of a clean or resize output (empty: all).
+        ray_address: A Ray cluster to run on; empty starts a local Ray.
+    """
+
+    batch_size: int = 64
+    actors: int = 0
+    threads: int = 1
+    top_k: int = 5
+    splits: tuple[str, ...] = ()
+    ray_address: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "threads", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.actors < 0:
+            raise ValueError(f"actors must be >= 0 (0: one per CPU), got {self.actors}")
+        unknown = set(self.splits) - {"train", "val", "test"}
+        if unknown:
+            raise ValueError(f"splits must be among train, val, test; got {sorted(unknown)}")
+
+
+# ----------------------------------------------------------------------------------------
+# The input: what it is, and what each row needs.
+
+
+@dataclass(frozen=True)
+class _Input:
+    """A committed image dataset as predict reads it."""
+
+    kind: str  # download, clean or resize
+    files: list[str]
+    classes: list[str] | None
+    whole_splits: frozenset[str]  # resize splits stored as whole pictures
+
+
+def _describe(data: str, card: Mapping[str, Any], cfg: PredictConfig) -> _Input:
+    """The input's kind, data files and classes; refuses data the model cannot take.
+
+    Raises:
+        ValueError: If ``data`` is not a download, clean or resize output, its classes or
+            channels are not the model's.
+    """
+    manifest = contract.read_manifest(data)
+    kind = manifest.get("step")
+    if kind not in _IMAGE_KINDS:
+        raise ValueError(f"{data} is a {kind} output; predict reads download, clean or resize outputs, folders and archives")
+    extra = manifest.get("extra") or {}
+    classes = extra.get("classes") if kind != "download" else None
+    if classes is not None and list(classes) != list(card["classes"]):
+        raise ValueError(
+            f"{data} has classes {', '.join(classes[:5])}... ({len(classes)}); the model predicts"
+            f" {', '.join(card['classes'][:5])}... ({len(card['classes'])}): another class set"
+        )
+    files = contract.data_files(data, manifest)
+    channels, stored = int(card["input"]["channels"]), _stored_channels(kind, files)
+    if stored is not None and stored != channels:
+        raise ValueError(f"{data} holds {stored}-channel images; the model takes {channels}-channel ones")
+    if cfg.splits:
+        if kind == "download":
+            raise ValueError("splits apply to clean and resize outputs; a download output has none")
+        if kind == "resize":  # its files are SPLIT/part-...; clean's shards mix splits (the actors filter rows)
+            files = [f for f in files if any(f"/{split}/" in f for split in cfg.splits)]
+    modes = extra.get("split_modes") or {}
+    whole = frozenset(s for s, m in modes.items() if m == "whole") if kind == "resize" else frozenset()
+    return _Input(kind, files, list(classes) if classes else None, whole)
+
+
+def _stored_channels(kind: str, files: Sequence[str]) -> int | None:
+    """The channels of a clean or resize output's images (its first row; every row has the same)."""
+    if kind == "download" or not files:
+        return None
+    column = "channels" if kind == "resize" else "mode"
+    fs, path = storage.arrow_filesystem(files[0])
+    with fs.open_input_file(path) as fh:
+        pf = pq.ParquetFile(fh)
+        if pf.metadata.num_rows == 0:
+            return None
+        value = pf.read_row_group(0, columns=[column]).column(column)[0].as_py()
+    return int(value) if kind == "resize" else (1 if value == "L" else 3)
+
+
+def _row_groups(files: Sequence[str]) -> list[dict[str, Any]]:
+    items = []
+    for uri in files:
+        fs, path = storage.arrow_filesystem(uri)
+        with fs.open_input_file(path) as fh:
+            meta = pq.ParquetFile(fh).metadata
+        items += [{"file": uri, "row_group": rg} for rg in range(meta.num_row_groups)]
+    return items
+
+
+# ----------------------------------------------------------------------------------------
+# The actors' side.
+
+
+def _decode(data: bytes, channels: int) -> np.ndarray:
+    """Encoded image bytes as ``H x W x C`` uint8 in the model's mode (RGB or L)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("L" if channels == 1 else "RGB")).reshape(img.height, img.width, channels)
+
+
+class _Predictor:
+    """A Ray Data actor: one onnxruntime session, fed one input row group per call."""
+
+    def __init__(self, model: str, kind: str, splits: Sequence[str], whole: Sequence[str], cfg: Mapping[str, Any]) -> None:
+        import onnxruntime as ort
+
+        self.card = read_card(model)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(cfg["threads"])
+        options.inter_op_num_threads = 1
+        onnx = storage.read_bytes(storage.join(model, self.card["files"]["onnx"]))
+        self.session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+        self.kind, self.splits, self.whole = kind, set(splits), set(whole)
+        self.batch_size, self.top_k = int(cfg["batch_size"]), int(cfg["top_k"])
+        spec = self.card["input"]
+        self.size, self.channels, self.short = int(spec["size"]), int(spec["channels"]), int(spec["resize_short_side"])
+        self.names = np.asarray(self.card["classes"], dtype=object)
+
+    def _columns(self) -> list[str]:
+        base = ["path", "sha256"]
+        if self.kind == "download":
+            return [*base, "bytes"]
+        if self.kind == "clean":
+            return [*base, "image", "label", "split"]
+        return [*base, "label", "split", "height", "width", "channels"]
+
+    def _image(self, row: Mapping[str, Any], table_kind: str) -> np.ndarray:
+        """A row's evaluation view (see the module docstring)."""
+        if self.kind == "download":
+            return eval_view(_decode(row["bytes"], self.channels), self.size, self.short)
+        if self.kind == "clean":
+            return eval_view(_decode(row["image"]["bytes"], self.channels), self.size, self.short)
+        if table_kind == "raw":
+            img = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], row["channels"])
+        else:
+            img = _decode(row["image"]["bytes"], self.channels)
+        # Stored at the model's size (short-side-crop, fixed, pad): used as stored; whole: the view.
+        return eval_view(img, self.size, self.short if row["split"] in self.whole else self.size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (item,) = (json.loads(x) for x in batch["item"])
+        fs, path = storage.arrow_filesystem(item["file"])
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            names = set(pf.schema_arrow.names)
+            table_kind = "raw" if "pixels" in names else "jpeg"
+            columns = self._columns() + (["pixels"] if self.kind == "resize" and table_kind == "raw" else [])
+            columns += ["image"] if self.kind == "resize" and table_kind == "jpeg" else []
+            rows = pf.read_row_group(item["row_group"], columns=columns).to_pylist()
+        if self.splits and self.kind != "download":
+            rows = [r for r in rows if r["split"] in self.splits]
+        good, views, rejects = [], [], []
+        for row in rows:
+            try:
+                views.append(self._image(row, table_kind))
+                good.append(row)
+            except Exception as exc:  # noqa: BLE001 - one image, not the run: a reject with its reason
+                rejects.append({"path": row["path"], "reason": "undecodable", "detail": f"{type(exc).__name__}: {exc}"[:300]})
+        probs = [self._run(views[i : i + self.batch_size]) for i in range(0, len(views), self.batch_size)]
+        result = self._table(good, np.concatenate(probs) if probs else np.zeros((0, len(self.names)), np.float32))
+        return {"result": np.array([json.dumps({"rows": len(rows), "rejects": rejects})]),
+                "table": np.array([contract.table_to_parquet_bytes(result)], dtype=object)}  # fmt: skip
+
+    def _run(self, views: Sequence[np.ndarray]) -> np.ndarray:
+        logits = self.session.run(None, {self.card["input"]["name"]: to_input(views, self.card)})[0].astype(np.float64)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def _table(self, rows: Sequence[Mapping[str, Any]], probs: np.ndarray) -> pa.Table:
+        n, k = len(rows), min(self.top_k, probs.shape[1])
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top_probs = np.take_along_axis(probs, top, axis=1)
+        offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+        return pa.table(
+            {
+                "path": [r["path"] for r in rows],
+                "sha256": [r.get("sha256") for r in rows],
+                "split": [r.get("split") for r in rows],
+                "label": [r.get("label") for r in rows],
+                "predicted": pa.array(top[:, 0].astype(np.int32)) if n else pa.array([], pa.int32()),
+                "predicted_name": self.names[top[:, 0]].tolist() if n else [],
+                "confidence": pa.array(top_probs[:, 0]) if n else pa.array([], pa.float32()),
+                "top_classes": pa.ListArray.from_arrays(offsets, pa.array(self.names[top.reshape(-1)].tolist(), pa.string())),
+                "top_probs": pa.ListArray.from_arrays(offsets, pa.array(top_probs.reshape(-1).astype(np.float32))),
+            },
+            schema=PREDICT_SCHEMA,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# The driver.
+
+
+def _scores(tally: Mapping[str, np.ndarray], classes: int) -> dict[str, Any]:
+    """Accuracy and macro-F1 per split, from ``split -> confusion matrix``."""
+    out = {}
+    for split, cm in tally.items():
+        tp = np.diag(cm).astype(float)
+        support, predicted = cm.sum(1), cm.sum(0)
+        recall = np.where(support > 0, tp / np.maximum(support, 1), 0)
+        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+        present = (support + predicted) > 0
+        out[split] = {"images": int(cm.sum()), "accuracy": float(tp.sum() / max(cm.sum(), 1)),
+                      "macro_f1": float(f1[present].mean()) if present.any() else 0.0}  # fmt: skip
+    return out
+
+
+def _image_source(data: str, stack: Any) -> str:
+    """``data`` as a committed output: a folder or archive is downloaded into a temporary local prefix first."""
+    if contract.is_committed(data):
+        return data
+    from imgpipe.steps.download import DownloadConfig, download
+
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="imgpipe-predict-"))
+    prefix = storage.normalize_uri(tmp) + "/images"
+    log.info("predict: %s is no committed output; reading it as a folder or archive of images", data)
+    download(data, prefix, DownloadConfig())
+    return prefix
+
+
+def _results(ds: Any) -> Iterator[tuple[dict[str, Any], pa.Table]]:
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for meta, table in zip(batch["result"], batch["table"]):
+            yield json.loads(meta), pq.read_table(io.BytesIO(table))
+
+
+def predict(model: str, data: str, dest: str, cfg: PredictConfig | None = None) -> StepReport:
+    """Runs ``model``'s ONNX export over ``data`` on Ray Data; commits ``predictions.parquet`` to ``dest``.
+
+    Args:
+        model: A train output prefix (``model.json``, ``model.onnx``).
+        data: A committed download, clean or resize output, or a folder or archive of images.
+        dest: Output prefix; replaced.
+        cfg: Settings.
+
+    Raises:
+        ValueError: If the model has no card or no ONNX export, or ``data`` has another class
+            set or channel count than the model.
+    """
+    cfg = cfg or PredictConfig()
+    started = time.monotonic()
+    model, dest = storage.normalize_uri(model), storage.normalize_uri(dest)
+    card = read_card(model)
+    if not card["files"].get("onnx"):
+        raise ValueError(f"{model} has no ONNX export ({card.get('export_failures', {}).get('model.onnx', 'not written')})")
+    contract.check_disjoint(dest, [model, data], "predict")
+    with contextlib.ExitStack() as stack:
+        source = _image_source(storage.normalize_uri(data), stack)
+        spec = _describe(source, card, cfg)
+        items = _row_groups(spec.files)
+        out = OutputWriter(dest, "predict")
+        out.begin()
+        n_classes = len(card["classes"])
+        confusion: dict[str, np.ndarray] = {}
+        rejects: list[Reject] = []
+        inputs = 0
+        with ray_session(cfg.ray_address) as ray:
+            from ray.data import ActorPoolStrategy, DataContext
+
+            DataContext.get_current().execution_options.preserve_order = True  # the output in input order
+            actors = cfg.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.threads))
+            ds = ray.data.from_items([{"item": json.dumps(i)} for i in items], override_num_blocks=max(1, len(items)))
+            ds = ds.map_batches(
+                _Predictor,
+                fn_constructor_kwargs={"model": model, "kind": spec.kind, "splits": list(cfg.splits),
+                                       "whole": sorted(spec.whole_splits), "cfg": {"batch_size": cfg.batch_size,
+                                       "threads": cfg.threads, "top_k": cfg.top_k}},
+                batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=min(actors, max(1, len(items)))),
+                num_cpus=cfg.threads,
+            )  # fmt: skip
+            with out.parquet_file(contract.PREDICTIONS, PREDICT_SCHEMA) as sink:
+                for meta, table in _results(ds):
+                    inputs += meta["rows"]
+                    rejects += [Reject(r["path"], r["reason"], r["detail"]) for r in meta["rejects"]]
+                    if table.num_rows:
+                        sink.write(table)
+                    _count(confusion, table, n_classes)
+        report = out.commit(
+            inputs=inputs, rejects=rejects, config=cfg,
+            extra={"model": model, "architecture": card["architecture"], "classes": card["classes"], "input_kind": spec.kind,
+                   "scores": _scores(confusion, n_classes), "seconds": round(time.monotonic() - started, 3)},
+            upstream={"source": source, "step": spec.kind},
+        )  # fmt: skip
+    log.info("predict: %d images -> %d predictions, %d rejected -> %s", inputs, report.outputs, report.rejected, dest)
+    return report
+
+
+def _count(confusion: dict[str, np.ndarray], table: pa.Table, classes: int) -> None:
+    """Adds a batch's labelled rows to the per-split confusion matrices."""
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    if not len(labels) or table.column("label").null_count == len(labels):
+        return
+    predicted = table.column("predicted").to_numpy()
+    splits = table.column("split").to_pylist()
+    for split in set(splits):
+        at = np.array([s == split for s in splits]) & ~np.isnan(labels.astype(float))
+        cm = confusion.setdefault(split or "all", np.zeros((classes, classes), np.int64))
+        np.add.at(cm, (labels[at].astype(np.int64), predicted[at]), 1)

@@ -1,0 +1,81 @@
+"""A model's card (``model.json``) read back and applied, without torch: what predict and serving need.
+
+:func:`read_card` is the edge check for a model prefix; :func:`eval_view` and
+:func:`to_input` turn ``H x W x C`` uint8 images into the model's input exactly as the
+train step's evaluation does (:func:`imgpipe.train.augment_cpu.build_eval_transform`:
+albumentations' ``SmallestMaxSize`` with INTER_AREA when shrinking, then the centre
+crop; then scaling, mean and std), with OpenCV and NumPy alone, so that the ``ray``
+image (no torch) can run an exported model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from imgpipe import contract, storage
+
+__all__ = ["CARD_FORMAT", "INPUT_NAME", "OUTPUT_NAME", "read_card", "eval_view", "to_input"]
+
+CARD_FORMAT = 1
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+def read_card(prefix: str, classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """The ``model.json`` of a model prefix, checked.
+
+    Args:
+        prefix: A committed train output (or a copy of its files).
+        classes: When given, the classes the caller expects, in order.
+
+    Raises:
+        ValueError: If there is no ``model.json``, it is not one imgpipe wrote, or its classes differ.
+    """
+    uri = storage.join(prefix, contract.MODEL_CARD)
+    if not storage.exists(uri):
+        raise ValueError(f"{prefix} has no {contract.MODEL_CARD}: not a model exported by imgpipe train (or an older one)")
+    try:
+        card = json.loads(storage.read_bytes(uri))
+    except ValueError as exc:
+        raise ValueError(f"{uri} is not JSON: {exc}") from None
+    missing = [k for k in ("format", "classes", "input", "files") if k not in card]
+    if missing or card.get("format") != CARD_FORMAT:
+        raise ValueError(f"{uri} is not an imgpipe model card of format {CARD_FORMAT} (missing {missing or 'nothing'})")
+    if classes is not None and list(classes) != list(card["classes"]):
+        raise ValueError(
+            f"{prefix} was trained on other classes ({len(card['classes'])}: {', '.join(card['classes'][:5])}...)"
+            f" than expected ({len(classes)}: {', '.join(list(classes)[:5])}...)"
+        )
+    return card
+
+
+def eval_view(image: np.ndarray, size: int, resize_to: int) -> np.ndarray:
+    """The evaluation view: shorter side to ``resize_to``, then the centre ``size x size``.
+
+    As albumentations 2's ``SmallestMaxSize(max_size, INTER_LINEAR, area_for_downscale="image")``
+    computes it (``int(side * scale)``, INTER_AREA below scale 1), then ``CenterCrop``
+    (offsets ``(side - size) // 2``). A side the truncation leaves below ``size`` is made ``size``.
+    """
+    h, w = image.shape[:2]
+    scale = resize_to / min(h, w)
+    new_h, new_w = max(size, int(h * scale)), max(size, int(w * scale))
+    if (new_h, new_w) != (h, w):
+        interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+        resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+        image = resized.reshape(new_h, new_w, -1) if resized.ndim == 2 else resized
+    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def to_input(images: Sequence[np.ndarray], card: Mapping[str, Any]) -> np.ndarray:
+    """``N x C x size x size`` float32, scaled and normalized as ``card`` says, from evaluation views."""
+    spec = card["input"]
+    channels = int(spec["channels"])
+    x = np.stack([np.asarray(img).reshape(img.shape[0], img.shape[1], -1)[..., :channels] for img in images]).astype(np.float32)
+    mean = np.asarray(spec["mean"], np.float32).reshape(1, 1, 1, -1)
+    std = np.asarray(spec["std"], np.float32).reshape(1, 1, 1, -1)
+    return np.ascontiguousarray(((x * np.float32(spec["scale"]) - mean) / std).transpose(0, 3, 1, 2))
