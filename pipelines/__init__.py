@@ -1,6 +1,13 @@
-"""The Kubeflow pipelines of imgpipe: :mod:`pipelines.imgpipe_pipeline` (the pipeline) and
-:mod:`pipelines.imgpipe_sweep` (the augmentation sweep over its data steps)."""
+"""The Kubeflow pipelines of imgpipe: :mod:`pipelines.imgpipe_pipeline` (the pipeline),
+:mod:`pipelines.imgpipe_sweep` (the augmentation sweep over its data steps) and
+:mod:`pipelines.imgpipe_audit` (the K-fold label audit over them)."""
 
+from imgpipe.pipelines.imgpipe_audit import (
+    AUDIT_PIPELINE_NAME,
+    AuditOptions,
+    build_audit_pipeline,
+    compile_audit,
+)
 from imgpipe.pipelines.imgpipe_pipeline import (
     PIPELINE_NAME,
     GpuScheduling,
@@ -18,6 +25,7 @@ from imgpipe.pipelines.imgpipe_sweep import (
 )
 
 __all__ = [
-    "PIPELINE_NAME", "SWEEP_PIPELINE_NAME", "GpuScheduling", "PipelineOptions", "Resources", "Retry", "SweepOptions",
-    "build_pipeline", "build_sweep_pipeline", "compile_pipeline", "compile_sweep",
+    "PIPELINE_NAME", "SWEEP_PIPELINE_NAME", "AUDIT_PIPELINE_NAME", "GpuScheduling", "PipelineOptions", "Resources",
+    "Retry", "SweepOptions", "AuditOptions", "build_pipeline", "build_sweep_pipeline", "build_audit_pipeline",
+    "compile_pipeline", "compile_sweep", "compile_audit",
 ]  # fmt: skip

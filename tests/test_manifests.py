@@ -836,3 +836,21 @@ def test_deploy_md_says_who_applies_what_with_these_selectors():
         assert f"kubectl apply -k k8s/overlays/{overlay} -l '{OWNER_SELECTOR}'" in deploy
     assert "KubeRay 1.3.2" in deploy and "aggregated-roles.yaml" in deploy, "Kubeflow's KubeRay aggregates ray.io into kubeflow-edit"
     assert "pipelines/versions" not in (K8S / "base" / "role-retrain.yaml").read_text().split("rules:")[1]
+
+
+# ----------------------------------------------------------------------------------------
+# KServe (opt-in Component k8s/serving).
+
+KSERVE_CRD = "kserve-kubeflow-manifests-v1.11.0-inferenceservices.serving.kserve.io.yaml"
+
+
+def test_the_serving_component_is_a_valid_inferenceservice_for_the_onnx_export(schemas_dir):
+    assert _kind(K8S / "serving") == "Component", "opt-in: overlays add it under components:"
+    (isvc,) = _build(K8S / "serving")[0]
+    crd = yaml.safe_load((schemas_dir / KSERVE_CRD).read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == isvc["apiVersion"].split("/")[1]]
+    schema = _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(isvc))
+    assert not errors, [e.message for e in errors[:5]]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "onnx" and model["storageUri"].startswith("s3://")

@@ -218,6 +218,13 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
     p.add_argument("grid", help="grid YAML: 'grid' (a list of branches of grid keys) and/or 'axes' (key: [values])")
     _local_run_options(p)
 
+    p = sub.add_parser(
+        "audit",
+        help="run the label audit pipeline locally (as run does): K-fold training, cleanlab's suspected label errors",
+    )
+    p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: AuditConfig's, 5)")
+    _local_run_options(p)
+
     p = sub.add_parser("images", help="build the step images through a Docker-compatible engine (DOCKER_HOST)")
     images_sub = p.add_subparsers(dest="images_command", required=True, metavar="ACTION")
     b = images_sub.add_parser("build", help="build (and push) the images from docker/Dockerfile")
@@ -379,6 +386,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Runs the audit pipeline through kfp.local; prints how many labels are suspect and where the review files are."""
+    from imgpipe.kfp.local_run import run_audit
+
+    print(run_audit(_local_config(args), folds=args.folds).summary())
+    return 0
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     """Builds, lists or bootstraps the step images (:mod:`imgpipe.containers.build`)."""
     from imgpipe.containers.catalog import KINDS, listing
@@ -470,6 +485,7 @@ COMMANDS = {
     "show": cmd_show,
     "run": cmd_run,
     "sweep": cmd_sweep,
+    "audit": cmd_audit,
     "images": cmd_images,
     "compile": cmd_compile,
     "submit": cmd_submit,

@@ -648,3 +648,23 @@ def test_formats_added_by_config_are_cleaned(other_formats, tmp_path):
     _reconciles(dest, report, members)
     with pytest.raises(ValueError, match="cleaned with other formats"):
         clean(src, str(tmp_path / "again"), CleanConfig(workers=1, skip_hashes_from=dest))
+
+
+def test_label_overrides_replace_labels_and_are_counted(tmp_path):
+    src = write_download_output(str(tmp_path / "dl"), good_members(per_class=4))
+    overrides = tmp_path / "overrides.csv"
+    overrides.write_text(
+        "path,label,given_label,label_quality\n"
+        "images/Bengal_1.jpg,Siamese,Bengal,0.01\n"  # a full member path
+        "beagle_1.jpg,Bengal,beagle,0.02\n"  # a bare file name
+        "images/not_there.jpg,beagle,beagle,0.5\n"
+    )
+    dest = str(tmp_path / "clean")
+    report = clean(src, dest, CleanConfig(workers=1, label_overrides=str(overrides)))
+    table = read_output(dest)
+    labels = dict(zip(table.column("path").to_pylist(), table.column("label_name").to_pylist()))
+    assert labels["images/Bengal_1.jpg"] == "Siamese" and labels["images/beagle_1.jpg"] == "Bengal"
+    assert labels["images/Bengal_2.jpg"] == "Bengal", "the rest keep their source's label"
+    given = report.extra["label_overrides"]
+    assert (given["given"], given["applied"], given["unmatched"]) == (3, 2, 1)
+    assert given["unmatched_sample"] == ["images/not_there.jpg"]

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import random
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -50,11 +51,14 @@ def write_resize_output(
     rows_per_shard: int = 12,
     seed: int = 0,
     whole: tuple[str, ...] = (),
+    mislabel: Callable[[str, int], bool] | None = None,
 ) -> str:
     """Commits a resize-shaped output: ``SPLIT/part-NNNNN.parquet`` sorted by ``order``, labels.json, manifest.
 
     Splits in ``whole`` hold whole pictures, as resize mode ``whole`` stores them: sizes
     vary per row (short side ``size / 0.875``, aspect up to 2:1), and the manifest says so.
+    ``mislabel(split, i)`` true gives row ``i`` of ``split`` the next class's label (its pixels
+    stay its own class's): planted label errors.
     """
     counts = counts if counts is not None else {"train": 24, "val": 8, "test": 8}
     names = [f"class_{k}" for k in range(classes)]
@@ -74,10 +78,11 @@ def write_resize_output(
                 h, w = (short, long) if i % 2 else (long, short)
                 pixels = np.asarray(Image.fromarray(pixels[..., 0] if channels == 1 else pixels).resize((w, h)))
                 pixels = pixels.reshape(h, w, channels)
+            given = (label + 1) % classes if mislabel is not None and mislabel(split, i) else label
             row = {
                 "path": f"images/{split}_{i:04d}.jpg",
-                "label": label,
-                "label_name": names[label],
+                "label": given,
+                "label_name": names[given],
                 "split": split,
                 "order": order,
                 "sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),

@@ -25,6 +25,9 @@ class CleanConfig:
             folder), ``csv`` (``labels_csv``), or ``auto`` (folder when images sit in
             several folders, else oxford).
         labels_csv: URI of a ``path,label`` CSV, for ``label_source='csv'``.
+        label_overrides: URI of a ``path,label`` CSV whose labels replace the ones the
+            label source gives (paths or bare file names; other columns ignored): the
+            reviewed ``label_overrides.csv`` of a label audit (``imgpipe audit``).
         max_pixels: Largest width*height accepted; larger is ``too_large``. The default
             is PIL's own decompression-bomb limit.
         min_side: Smallest width or height accepted; smaller is ``too_small``.
@@ -62,6 +65,7 @@ class CleanConfig:
     seed: int = 0
     label_source: LabelSource = "auto"
     labels_csv: str | None = None
+    label_overrides: str | None = None
     max_pixels: int = 89_478_485
     min_side: int = 32
     jpeg_quality: int = 95

@@ -7,8 +7,10 @@ generators seeded with the config's ``seed`` (:func:`stratified_split`, :func:`s
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -185,13 +187,46 @@ def shuffled_order(n: int, seed: int) -> np.ndarray:
 
 
 def build_labeler(cfg: CleanConfig, index: Index) -> Labeler:
-    """The labeler the config asks for; ``auto`` chooses from the index's paths."""
+    """The labeler the config asks for (``auto`` chooses from the index's paths), with ``label_overrides`` over it."""
     if cfg.label_source == "csv":
         assert cfg.labels_csv is not None  # checked in CleanConfig
-        return Labeler("csv", read_label_csv(storage.read_bytes(cfg.labels_csv)))
-    if cfg.label_source == "auto":
-        return Labeler(choose_label_source(index.iter_paths()))
-    return Labeler(cfg.label_source)
+        base = Labeler("csv", read_label_csv(storage.read_bytes(cfg.labels_csv)))
+    elif cfg.label_source == "auto":
+        base = Labeler(choose_label_source(index.iter_paths()))
+    else:
+        base = Labeler(cfg.label_source)
+    if cfg.label_overrides:
+        return OverriddenLabeler(base, read_label_csv(storage.read_bytes(cfg.label_overrides)))
+    return base
+
+
+class OverriddenLabeler(Labeler):
+    """A labeler whose answers a reviewed ``path,label`` table replaces, counting what it replaced.
+
+    Attributes:
+        overrides: Path (or bare file name) -> label.
+        applied: Paths whose label an override set.
+    """
+
+    def __init__(self, base: Labeler, overrides: dict[str, str]) -> None:
+        super().__init__(base.source, base.csv_labels if base.source == "csv" else None)
+        self.base, self.overrides = base, overrides
+        self.applied: set[str] = set()
+
+    def __call__(self, path: str) -> str | None:
+        key = path if path in self.overrides else posixpath.basename(path)
+        if key in self.overrides:
+            self.applied.add(key)
+            return self.overrides[key]
+        return self.base(path)
+
+    def describe_missing(self, path: str) -> str:
+        return self.base.describe_missing(path)
+
+    def report(self) -> dict[str, Any]:
+        """What the manifest records: how many overrides applied, and those that matched no image."""
+        unmatched = sorted(set(self.overrides) - self.applied)
+        return {"given": len(self.overrides), "applied": len(self.applied), "unmatched": len(unmatched), "unmatched_sample": unmatched[:20]}
 
 
 def _label_rows(index: Index, by_path: np.ndarray, labeler: Labeler, deferred: dict[int, Reject]) -> tuple[np.ndarray, list[str]]:

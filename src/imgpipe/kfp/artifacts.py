@@ -63,6 +63,7 @@ __all__ = [
     "find_confusion",
     "publish_training",
     "publish_comparison",
+    "publish_audit",
     "publish_step_report",
 ]
 
@@ -363,6 +364,30 @@ def publish_promotion(decision: Any, *, metrics: Any, report: Any) -> None:
         section = htmlpage.section(f"Promotion: {verdict}", note=decision.reason)
         page = path.read_text()
         path.write_text(page.replace("</body>", section + "</body>", 1) if "</body>" in page else page + section)
+
+
+def publish_audit(out: str, *, report: Any, metrics: Any, overrides: Any) -> dict[str, Any]:
+    """Fills the audit component's artifacts from a committed audit output.
+
+    * ``report`` (HTML): ``label_issues.html``, the gallery of suspects.
+    * ``metrics`` (Metrics): images audited, suspected label errors, folds.
+    * ``overrides`` (Artifact): ``label_overrides.csv``, to review and hand to clean.
+
+    Returns:
+        The audit manifest.
+    """
+    from imgpipe.steps.audit import LABEL_ISSUES_HTML, LABEL_OVERRIDES
+
+    out = storage.normalize_uri(out)
+    manifest = contract.read_manifest(out, expect_step="audit")
+    extra = manifest.get("extra") or {}
+    _copy_into(report, storage.join(out, LABEL_ISSUES_HTML))
+    _copy_into(overrides, storage.join(out, LABEL_OVERRIDES))
+    for key in ("images", "issues", "folds"):
+        metrics.log_metric(key, float(extra.get(key) or 0))
+    overrides.metadata.update(prefix=out, issues=extra.get("issues"), clean_setting="label_overrides")
+    report.metadata["prefix"] = out
+    return manifest
 
 
 def publish_step_report(prefix: str, *, metrics: Any, report: Any) -> step_report.OutputReport:

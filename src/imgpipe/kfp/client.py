@@ -71,6 +71,7 @@ import yaml
 
 from imgpipe.config import coerce
 from imgpipe.kfp.artifacts import PIPELINE_NAME
+from imgpipe.steps.audit import AUDIT_PIPELINE_NAME
 from imgpipe.sweep import SWEEP_PIPELINE_NAME
 
 __all__ = [
@@ -100,7 +101,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "imgpipe"
 # The pipelines imgpipe compiles and submits: the pipeline, and the augmentation sweep over its data steps.
-PIPELINES = (PIPELINE_NAME, SWEEP_PIPELINE_NAME)
+PIPELINES = (PIPELINE_NAME, SWEEP_PIPELINE_NAME, AUDIT_PIPELINE_NAME)
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 HOST_ENV = "KF_PIPELINES_ENDPOINT"
 EXPERIMENT_ENV = "IMGPIPE_EXPERIMENT"
@@ -226,7 +227,7 @@ def compile_package(
         gpu: Schedule train on a GPU node (accelerator, toleration, node selector);
             ``None`` reads ``$IMGPIPE_TRAIN_GPU`` (default true).
         pipeline: One of :data:`PIPELINES`.
-        parallelism: The sweep's branches training at once (its ``SweepOptions`` default when ``None``).
+        parallelism: The sweep's branches, or the audit's folds, training at once (their options' default when ``None``).
         train_gpus: GPUs of the train task, one training process each (1 to
             :data:`imgpipe.remote.ranks.MAX_PROCS`); ``None`` reads ``$IMGPIPE_TRAIN_GPUS`` (default 1).
 
@@ -236,8 +237,8 @@ def compile_package(
     """
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {pipeline!r}; pipelines: {', '.join(PIPELINES)}")
-    if parallelism is not None and pipeline != SWEEP_PIPELINE_NAME:
-        raise ValueError(f"parallelism bounds the branches of {SWEEP_PIPELINE_NAME}; {pipeline} has none")
+    if parallelism is not None and pipeline not in (SWEEP_PIPELINE_NAME, AUDIT_PIPELINE_NAME):
+        raise ValueError(f"parallelism bounds the branches of {SWEEP_PIPELINE_NAME} and the folds of {AUDIT_PIPELINE_NAME}; {pipeline} has none")
     pipelines = import_pipelines()
     gpu = _env_flag(GPU_ENV, True) if gpu is None else gpu
     gpus = _train_gpus(train_gpus)
@@ -248,9 +249,11 @@ def compile_package(
         options = dataclasses.replace(options, gpu=None)
     elif gpus != 1:
         options = dataclasses.replace(options, gpu=dataclasses.replace(options.gpu, count=gpus))
+    extra = {} if parallelism is None else {"parallelism": parallelism}
     if pipeline == SWEEP_PIPELINE_NAME:
-        extra = {} if parallelism is None else {"parallelism": parallelism}
         return pipelines.compile_sweep(out, pipelines.SweepOptions(pipeline=options, **extra))
+    if pipeline == AUDIT_PIPELINE_NAME:
+        return pipelines.compile_audit(out, pipelines.AuditOptions(pipeline=options, **extra))
     return pipelines.compile_pipeline(out, options)
 
 

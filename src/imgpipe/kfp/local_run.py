@@ -71,6 +71,8 @@ __all__ = [
     "docker_runner",
     "run_local",
     "run_sweep",
+    "run_audit",
+    "AuditRunResult",
 ]
 
 log = logging.getLogger(__name__)
@@ -352,7 +354,9 @@ def _allow_local_sources(*uris: str) -> Iterator[None]:
             os.environ[SOURCE_LOCAL_ENV] = saved
 
 
-def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False) -> dict[str, Any]:
+def _run_pipeline(
+    workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False, audit: bool = False
+) -> dict[str, Any]:
     from kfp import local
 
     from imgpipe.kfp.client import import_pipelines
@@ -368,6 +372,8 @@ def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None, 
     options = pipelines.PipelineOptions(retry=None, train_retry=None)
     if sweep:
         pipeline = pipelines.build_sweep_pipeline(pipelines.SweepOptions(pipeline=options))
+    elif audit:
+        pipeline = pipelines.build_audit_pipeline(pipelines.AuditOptions(pipeline=options))
     else:
         pipeline = pipelines.build_pipeline(options)
     with warnings.catch_warnings():
@@ -672,6 +678,61 @@ def run_sweep(cfg: LocalRunConfig, grid: Sequence[Mapping[str, Any]] | None, axe
         copies=copies,
         seconds=round(time.monotonic() - started, 1),
     )
+
+
+@dataclass
+class AuditRunResult:
+    """Where a local label audit left its results.
+
+    Attributes:
+        run_id: The kfp local run id.
+        prefix: The committed audit output (in the store the run used).
+        manifest: Its manifest (counts in ``extra``).
+        copies: Local copies of the audit's files, when the store was the run's own.
+        seconds: Wall time of the whole run.
+    """
+
+    run_id: str
+    prefix: str
+    manifest: dict[str, Any]
+    copies: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """The lines ``imgpipe audit`` prints at the end."""
+        extra = self.manifest.get("extra") or {}
+        lines = [f"audit {self.run_id}: {extra.get('issues')} of {extra.get('images')} train images have a suspect label "
+                 f"({extra.get('folds')} folds, cleanlab {extra.get('filter_by')}) in {self.seconds:.1f}s"]  # fmt: skip
+        worst = list((extra.get("by_class") or {}).items())[:5]
+        if worst:
+            lines.append("most suspects in: " + ", ".join(f"{c} ({n})" for c, n in worst))
+        from imgpipe.steps.audit import LABEL_ISSUES, LABEL_ISSUES_HTML, LABEL_OVERRIDES
+
+        for name in (LABEL_ISSUES_HTML, LABEL_OVERRIDES, LABEL_ISSUES):
+            lines.append(f"{name + ':':22} {self.copies.get(name) or storage.join(self.prefix, name)}")
+        lines.append("review label_overrides.csv, then clean with --set label_overrides=<its URI>")
+        return "\n".join(lines)
+
+
+def run_audit(cfg: LocalRunConfig, folds: int | None = None) -> AuditRunResult:
+    """Runs the audit pipeline through ``kfp.local`` on the run's data (K folds of its train split).
+
+    Raises:
+        RuntimeError: If a step fails (kfp.local raises) or the local S3 server cannot start.
+    """
+    started = time.monotonic()
+    workdir = Path(cfg.workdir).resolve()
+    arguments = cfg.pipeline_arguments()
+    if folds is not None:
+        arguments["folds"] = folds
+    with contextlib.ExitStack() as stack:
+        data_root, own_store, runner = _start(cfg, stack, workdir, arguments)
+        outputs = _run_pipeline(workdir, arguments, runner, audit=True)
+        prefix = storage.normalize_uri(outputs["overrides"].metadata["prefix"])
+        run_id = prefix.rstrip("/").split("/")[-2]
+        manifest = contract.read_manifest(prefix, expect_step="audit")
+        copies = _copy_prefix(prefix, workdir / "runs" / run_id / "audit") if own_store else {}
+    return AuditRunResult(run_id=run_id, prefix=prefix, manifest=manifest, copies=copies, seconds=round(time.monotonic() - started, 1))
 
 
 def _copy_sweep(prefixes: Mapping[str, str], dest: Path) -> dict[str, str]:

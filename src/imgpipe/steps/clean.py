@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from imgpipe import contract, resources, storage
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.decode import ShardBuckets, output_schema, validate_task
-from imgpipe.clean.plan import Index, Plan, build_labeler, plan_rows, read_index
+from imgpipe.clean.plan import Index, OverriddenLabeler, Plan, build_labeler, plan_rows, read_index
 from imgpipe.clean.pool import (
     BUCKET_SUFFIX,
     DecodePool,
@@ -303,7 +303,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     cfg = cfg or CleanConfig()
     phases = PhaseLog("clean")
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
-    inputs = [source] + [u for u in (cfg.labels_csv, cfg.annotations, cfg.skip_hashes_from) if u]
+    inputs = [source] + [u for u in (cfg.labels_csv, cfg.label_overrides, cfg.annotations, cfg.skip_hashes_from) if u]
     contract.check_disjoint(dest, inputs, "clean")
     manifest = contract.read_manifest(source, expect_step="download")
     index = read_index(contract.data_files(source, manifest))
@@ -344,6 +344,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         config=cfg,
         extra={
             "label_source": labeler.source,
+            "label_overrides": labeler.report() if isinstance(labeler, OverriddenLabeler) else None,
             "classes": classes,
             "num_classes": len(classes),
             "splits": {name: tally.split_counts.get(name, 0) for name in SPLITS},

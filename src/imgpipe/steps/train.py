@@ -498,7 +498,7 @@ def _predictions(run: TrainingRun, with_rows: Mapping[str, EvalResult]) -> pa.Ta
     """``predictions.parquet``: every val and test image's prediction (:mod:`imgpipe.train.predictions`)."""
     infos = {"val": run.val_info, "test": run.test_info}
     tables = [
-        predictions_table(split, infos[split], result.rows, run.labels)  # type: ignore[arg-type]
+        predictions_table(split, infos[split], result.rows, run.labels, probs=run.cfg.predictions_probs)  # type: ignore[arg-type]
         for split, result in with_rows.items()
         if result.rows is not None and infos.get(split) is not None
     ]

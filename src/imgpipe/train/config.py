@@ -240,6 +240,8 @@ class TrainConfig:
             ranks, ``ema_steps`` and epochs); it is validated every epoch and kept when it
             scores better. 0 disables.
         ema_steps: Optimizer steps between EMA updates (``--model-ema-steps``).
+        predictions_probs: Also store every class's probability per image in
+            ``predictions.parquet`` (``probs``; images x classes floats): what a label audit needs.
         max_steps_per_epoch: Cap on steps per epoch (smoke tests, quick sweeps).
         image_size: Training/evaluation side; ``None`` uses the data's size.
         nodes: Machines to train on. 1 trains in the train task's own pod (on each of its
@@ -293,6 +295,7 @@ class TrainConfig:
     patience: int = 0
     ema_decay: float = 0.0
     ema_steps: int = 32
+    predictions_probs: bool = False
     max_steps_per_epoch: int | None = None
     image_size: int | None = None
     nodes: int = 1

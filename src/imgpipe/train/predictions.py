@@ -55,8 +55,8 @@ def _identity_columns(info: SplitInfo) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def predictions_table(split: str, info: SplitInfo, rows: EvalRows, labels: Sequence[str]) -> pa.Table:
-    """The per-image predictions of one split, in file order.
+def predictions_table(split: str, info: SplitInfo, rows: EvalRows, labels: Sequence[str], probs: bool = False) -> pa.Table:
+    """The per-image predictions of one split, in file order; with ``probs``, every class's probability too.
 
     Raises:
         ValueError: If the rows name indexes outside the split, or one twice.
@@ -65,33 +65,36 @@ def predictions_table(split: str, info: SplitInfo, rows: EvalRows, labels: Seque
     if len(index) and (index.min() < 0 or index.max() >= info.num_samples or len(np.unique(index)) != len(index)):
         raise ValueError(f"evaluation rows of {split} do not name distinct rows of its {info.num_samples} images")
     order = np.argsort(index, kind="stable")
-    index, label, probs, loss = index[order], rows.label[order], rows.probs[order], rows.loss[order]
+    index, label, probs_all, loss = index[order], rows.label[order], rows.probs[order], rows.loss[order]
     ids = _identity_columns(info).take(pa.array(index))
-    k = min(TOP_K, probs.shape[1])
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    top_probs = np.take_along_axis(probs, top, axis=1).astype(np.float32)
+    k = min(TOP_K, probs_all.shape[1])
+    top = np.argsort(-probs_all, axis=1, kind="stable")[:, :k]
+    top_probs = np.take_along_axis(probs_all, top, axis=1).astype(np.float32)
     names = np.asarray(labels, dtype=object)
     predicted = top[:, 0]
     n = len(index)
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    return pa.table(
-        {
-            "split": pa.array([split] * n, pa.string()),
-            "index": pa.array(index, pa.int64()),
-            "path": ids.column("path").combine_chunks(),
-            "sha256": ids.column("sha256").combine_chunks(),
-            "label": pa.array(label.astype(np.int32)),
-            "label_name": pa.array(names[label].tolist(), pa.string()),
-            "predicted": pa.array(predicted.astype(np.int32)),
-            "predicted_name": pa.array(names[predicted].tolist(), pa.string()),
-            "confidence": pa.array(top_probs[:, 0] if n else np.zeros(0, np.float32)),
-            "top_classes": pa.ListArray.from_arrays(offsets, pa.array(names[top.reshape(-1)].tolist(), pa.string())),
-            "top_probs": pa.ListArray.from_arrays(offsets, pa.array(top_probs.reshape(-1))),
-            "loss": pa.array(loss.astype(np.float32)),
-            "correct": pa.array(predicted == label),
-        },
-        schema=PREDICTION_SCHEMA,
-    )
+    columns = {
+        "split": pa.array([split] * n, pa.string()),
+        "index": pa.array(index, pa.int64()),
+        "path": ids.column("path").combine_chunks(),
+        "sha256": ids.column("sha256").combine_chunks(),
+        "label": pa.array(label.astype(np.int32)),
+        "label_name": pa.array(names[label].tolist(), pa.string()),
+        "predicted": pa.array(predicted.astype(np.int32)),
+        "predicted_name": pa.array(names[predicted].tolist(), pa.string()),
+        "confidence": pa.array(top_probs[:, 0] if n else np.zeros(0, np.float32)),
+        "top_classes": pa.ListArray.from_arrays(offsets, pa.array(names[top.reshape(-1)].tolist(), pa.string())),
+        "top_probs": pa.ListArray.from_arrays(offsets, pa.array(top_probs.reshape(-1))),
+        "loss": pa.array(loss.astype(np.float32)),
+        "correct": pa.array(predicted == label),
+    }
+    table = pa.table(columns, schema=PREDICTION_SCHEMA)
+    if probs:
+        width = probs_all.shape[1]
+        flat = pa.array(probs_all.astype(np.float32).reshape(-1))
+        table = table.append_column("probs", pa.FixedSizeListArray.from_arrays(flat, width) if n else pa.array([], pa.list_(pa.float32(), width)))
+    return table
 
 
 def worst_per_class(table: pa.Table, per_class: int = 2, classes: int = 12) -> list[dict]:

@@ -1,0 +1,141 @@
+"""The imgpipe-audit Kubeflow pipeline: download -> clean -> resize once, K-fold training, cleanlab's label issues.
+
+Step 4 of the notes' tuning procedure ("suspect label quality: review the high-loss
+samples") as a pipeline: the data steps are the main pipeline's
+(:func:`imgpipe_pipeline.data_steps`), and so are the run parameters (derived from its
+signature, never listed twice), plus ``folds`` and ``filter_by``. Then:
+
+* ``plan-folds`` (:mod:`components.plan_folds`, the cpu image) splits the train split into
+  ``folds`` stratified folds and writes one resize-shaped output per fold under the run's
+  ``folds/`` (train: the other folds, val: the fold), returning one item per fold;
+* ``dsl.ParallelFor`` runs the train component once per fold with the run's recipe and
+  ``predictions_probs`` on, into ``train-fold-{i}/`` (a branch: nothing recorded in
+  ``latest.json``, no promotion), at most ``AuditOptions.parallelism`` at once (kfp's
+  ``iteratorPolicy.parallelismLimit``, as the sweep's);
+* ``audit-labels`` (:mod:`components.audit_labels`) gathers the out-of-fold probabilities
+  and writes the run's ``audit/``: ``label_issues.parquet``, ``label_overrides.csv`` (an
+  artifact: review it, then pass its URI to clean as ``label_overrides``) and the gallery.
+
+The fold data travels in the loop items for the reason the sweep's resize prefix does
+(``kfp.local`` replaces a loop iteration's task-output inputs with the item).
+"""
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from imgpipe.components.audit_labels import audit_labels
+from imgpipe.components.plan_folds import plan_folds
+from imgpipe.components.train import train
+from imgpipe.pipelines.imgpipe_pipeline import (
+    PipelineOptions,
+    Resources,
+    _configure,
+    _schedule_on_gpu,
+    build_pipeline,
+    data_steps,
+    pipeline_docstring,
+    write_package,
+)
+from imgpipe.pipelines.imgpipe_sweep import _typed_train_inputs
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Metrics
+
+from imgpipe.config import field_docs, plain_text
+from imgpipe.steps.audit import AUDIT_PIPELINE_NAME, AuditConfig
+
+__all__ = ["AUDIT_PIPELINE_NAME", "DEFAULT_PARALLELISM", "AuditOptions", "build_audit_pipeline", "compile_audit"]
+
+DEFAULT_PARALLELISM = 2
+AUDIT_PARAMETERS = {"folds": int, "filter_by": str}
+_DATA_PARAMETERS = tuple(p for p in inspect.signature(data_steps).parameters if p != "options")
+
+
+def _default_resources() -> dict[str, Resources]:
+    # plan-folds copies the train split into the folds (streamed); audit-labels ranks and draws.
+    return {"plan_folds": Resources("500m", "2", "2Gi", "4Gi"), "audit_labels": Resources("500m", "2", "2Gi", "8Gi")}
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """What is fixed when the audit is compiled.
+
+    Attributes:
+        pipeline: The main pipeline's options (images, resources, retries, GPU, caching).
+        parallelism: Folds training at once (each asks for the train task's GPUs).
+        resources: Requests and limits of the ``plan_folds`` and ``audit_labels`` tasks.
+    """
+
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    parallelism: int = DEFAULT_PARALLELISM
+    resources: dict = field(default_factory=_default_resources)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.parallelism, bool) or not isinstance(self.parallelism, int) or self.parallelism < 1:
+            raise ValueError(f"parallelism must be an integer >= 1 (folds training at once), got {self.parallelism!r}")
+
+
+class Outputs(NamedTuple):
+    """What an audit run hands back: the gallery, the counts and the CSV to review."""
+
+    report: HTML
+    metrics: Metrics
+    overrides: Artifact
+
+
+def _signature(main: inspect.Signature) -> inspect.Signature:
+    """The main pipeline's parameters, then ``folds`` and ``filter_by`` before ``step_config``."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = list(main.parameters.values())
+    last = params.pop()
+    assert last.name == "step_config", "the main pipeline's last parameter is step_config"
+    defaults = AuditConfig()
+    extra = [inspect.Parameter(n, kind, default=getattr(defaults, n), annotation=t) for n, t in AUDIT_PARAMETERS.items()]
+    return inspect.Signature([*params, *extra, last], return_annotation=Outputs)
+
+
+def build_audit_pipeline(options: AuditOptions | None = None) -> dsl.graph_component.GraphComponent:
+    """The audit pipeline for ``options`` (defaults: the main pipeline's, parallelism 2)."""
+    options = options or AuditOptions()
+    base = dataclasses.replace(options.pipeline, resources={**options.pipeline.resources, **options.resources})
+    images = base.images
+    signature = _signature(inspect.signature(build_pipeline(options.pipeline).pipeline_func))
+
+    def imgpipe_audit(*args: Any) -> Outputs:
+        p = signature.bind(*args).arguments  # kfp calls the pipeline function with one channel per parameter
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        resized = data_steps(base, **{name: p[name] for name in _DATA_PARAMETERS})
+        planned = plan_folds(resized=resized, data_root=p["data_root"], run_id=run_id, folds=p["folds"], seed=p["seed"],
+                             step_config=p["step_config"])  # fmt: skip
+        _configure(planned, "plan_folds", images.cpu, base, base.retry)
+        typed = _typed_train_inputs(p)
+        with dsl.ParallelFor(planned.output, parallelism=options.parallelism, name="folds") as item:
+            tr = train(
+                resized=item.resized, data_root=p["data_root"], run_id=run_id, branch=item.branch,
+                step_config=item.step_config, **typed,
+            )  # fmt: skip
+            _configure(tr, "train", images.gpu, base, base.train_retry)
+            if base.gpu is not None:
+                _schedule_on_gpu(tr, base.gpu)
+        ranked = audit_labels(branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"],
+                              run_id=run_id, filter_by=p["filter_by"])  # fmt: skip
+        _configure(ranked, "audit_labels", images.gpu, base, base.retry)
+        return Outputs(report=ranked.outputs["report"], metrics=ranked.outputs["metrics"], overrides=ranked.outputs["overrides"])
+
+    docs = field_docs(AuditConfig)
+    extra = {name: plain_text(docs[name]) for name in AUDIT_PARAMETERS}
+    imgpipe_audit.__signature__ = signature  # type: ignore[attr-defined]
+    imgpipe_audit.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()} | {"return": Outputs}
+    imgpipe_audit.__doc__ = pipeline_docstring(
+        summary="Prepares the data once, trains one model per fold, ranks suspected label errors; see README.md (label audit).",
+        extra=extra,
+    )
+    description = "Label audit: download -> clean -> resize once, K-fold training (ParallelFor), cleanlab's label issues."
+    return dsl.pipeline(name=AUDIT_PIPELINE_NAME, description=description)(imgpipe_audit)
+
+
+def compile_audit(package_path: str | Path, options: AuditOptions | None = None) -> Path:
+    """Compiles the audit pipeline to a YAML package; returns its path."""
+    return write_package(build_audit_pipeline(options), package_path)

@@ -1,0 +1,296 @@
+"""Label audit, step 4 of the notes' tuning procedure: find the training images whose label is likely wrong.
+
+Three parts, each a plain function (the ``imgpipe-audit`` pipeline runs them as tasks,
+the K trainings in a ``ParallelFor``; ``bench/audit.py`` calls them in one process):
+
+1. :func:`make_folds` splits the ``train`` split of a resize output into ``k`` stratified
+   folds (by class, seeded) and writes, per fold, a resize-shaped output whose ``train``
+   split is the other folds and whose ``val`` split is the fold. Memory: one input row
+   group and ``2k`` open Parquet writers; storage: the train split ``k`` times over.
+2. Each fold trains with the run's recipe (:func:`imgpipe.steps.train.train`) and
+   ``predictions_probs`` on, so its ``predictions.parquet`` holds the full probability
+   vector of every held-out image: together, out-of-fold probabilities for every train image.
+3. :func:`rank_label_issues` gathers them and asks cleanlab (``cleanlab.filter.find_label_issues``,
+   confident learning, ranked by self-confidence; ``cleanlab.rank.get_label_quality_scores``)
+   which labels are suspect. It commits ``label_issues.parquet`` (every train image with its
+   given and suggested label and its label-quality score), ``label_overrides.csv`` (the
+   suspects, best first, with the suggested label in the ``label`` column: a person checks
+   each, edits or deletes the row, and hands the file to clean as ``label_overrides``), and
+   ``label_issues.html`` (a gallery of the most suspect images).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from imgpipe import contract, storage
+from imgpipe.contract import OutputWriter, StepReport
+from imgpipe.report import html as htmlpage
+
+__all__ = [
+    "AUDIT_PIPELINE_NAME",
+    "LABEL_ISSUES",
+    "LABEL_OVERRIDES",
+    "LABEL_ISSUES_HTML",
+    "AuditConfig",
+    "fold_of_rows",
+    "make_folds",
+    "plan_folds",
+    "fold_name",
+    "rank_label_issues",
+]
+
+log = logging.getLogger(__name__)
+
+# The audit pipeline's name on Kubeflow (pipelines/imgpipe_audit.py); here so that naming it needs no kfp.
+AUDIT_PIPELINE_NAME = "imgpipe-audit"
+LABEL_ISSUES = "label_issues.parquet"
+LABEL_OVERRIDES = "label_overrides.csv"
+LABEL_ISSUES_HTML = "label_issues.html"
+_GALLERY = 40
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Settings of a label audit.
+
+    Attributes:
+        folds: Cross-validation folds K: each train image is predicted by a model trained
+            on the other K-1 folds.
+        seed: Seed of the fold assignment.
+        filter_by: cleanlab's ``filter_by`` (``prune_by_noise_rate``, ``prune_by_class``,
+            ``both``, ``confident_learning``, ``predicted_neq_given``).
+    """
+
+    folds: int = 5
+    seed: int = 0
+    filter_by: str = "prune_by_noise_rate"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.folds <= 20:
+            raise ValueError(f"folds must be between 2 and 20, got {self.folds}")
+        allowed = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
+        if self.filter_by not in allowed:
+            raise ValueError(f"filter_by must be one of {', '.join(allowed)}; got {self.filter_by!r}")
+
+
+def fold_of_rows(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """A stratified fold per row: each class's rows dealt round-robin in a seeded order.
+
+    Every fold gets each class's rows within one of each other; a class with fewer rows than
+    folds leaves some folds without it (its models then never see it held out, which cleanlab
+    tolerates).
+    """
+    rng = np.random.default_rng([seed, 0xF01D])
+    out = np.empty(len(labels), dtype=np.int32)
+    for cls in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == cls))
+        out[rows] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    return out
+
+
+def _split_files(data: str, manifest: Mapping[str, Any], split: str) -> list[str]:
+    return [u for u in contract.data_files(data, manifest) if f"/{split}/" in u]
+
+
+def make_folds(data: str, dest_root: str, cfg: AuditConfig | None = None) -> list[str]:
+    """Writes one resize-shaped output per fold (``{dest_root}/fold-{i}``); returns their prefixes.
+
+    Raises:
+        ValueError: If ``data`` is not a resize output with a train split of at least ``folds`` images.
+    """
+    cfg = cfg or AuditConfig()
+    data, dest_root = storage.normalize_uri(data), storage.normalize_uri(dest_root)
+    manifest = contract.read_manifest(data, expect_step="resize")
+    files = _split_files(data, manifest, "train")
+    labels = np.concatenate(
+        [pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["label"]).column("label").to_numpy() for u in files]
+        or [np.zeros(0, np.int64)]
+    )
+    if len(labels) < cfg.folds:
+        raise ValueError(f"{data} has {len(labels)} train images: too few for {cfg.folds} folds")
+    fold = fold_of_rows(labels, cfg.folds, cfg.seed)
+    prefixes = [storage.join(dest_root, f"fold-{i}") for i in range(cfg.folds)]
+    writers = [OutputWriter(p, "resize") for p in prefixes]
+    for w in writers:
+        w.begin()
+    start = 0
+    with contextlib.ExitStack() as stack:
+        schema = None
+        sinks: list[dict[str, Any]] = []
+        for uri in files:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+            if schema is None:
+                schema = table.schema
+                sinks = [
+                    {s: stack.enter_context(w.parquet_file(f"{s}/part-00000.parquet", schema)) for s in ("train", "val")}
+                    for w in writers
+                ]
+            here = fold[start : start + table.num_rows]
+            start += table.num_rows
+            for i in range(cfg.folds):
+                held = pa.array(here == i)
+                sinks[i]["val"].write(_as_split(table.filter(held), "val"))
+                sinks[i]["train"].write(table.filter(pc.invert(held)))
+    extra = dict(manifest.get("extra") or {})
+    modes = dict(extra.get("split_modes") or {})
+    modes["val"] = modes.get("train", extra.get("mode"))  # the held-out rows are stored as train stored them
+    extra.update(split_modes=modes, splits=["train", "val"], audit={"source": data, "folds": cfg.folds, "seed": cfg.seed})
+    labels_json = storage.join(data, contract.LABELS)
+    for i, w in enumerate(writers):
+        held = int((fold == i).sum())
+        if storage.exists(labels_json):
+            storage.write_bytes(w.uri(contract.LABELS), storage.read_bytes(labels_json))
+        w.commit(inputs=len(labels), rejects=[], config=cfg, extra={**extra, "fold": i, "held_out": held},
+                 upstream={"source": data, "step": "resize"})  # fmt: skip
+    log.info("audit: %d train images in %d folds -> %s", len(labels), cfg.folds, dest_root)
+    return prefixes
+
+
+def fold_name(i: int) -> str:
+    """The branch name of fold ``i`` (its train output is the run's ``train-fold-{i}``)."""
+    return f"fold-{i}"
+
+
+def plan_folds(data: str, dest_root: str, cfg: AuditConfig, step_config: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Writes the folds (:func:`make_folds`) and returns one item per fold for the pipeline's ``ParallelFor``.
+
+    Each item carries the fold's data (``resized``), its branch name and the run's
+    ``step_config`` with ``train.predictions_probs`` on: the recipe is the run's own.
+    """
+    sections = {k: dict(v) for k, v in (step_config or {}).items()}
+    sections["train"] = {**sections.get("train", {}), "predictions_probs": True}
+    return [{"branch": fold_name(i), "resized": prefix, "step_config": sections} for i, prefix in enumerate(make_folds(data, dest_root, cfg))]
+
+
+def _as_split(table: pa.Table, split: str) -> pa.Table:
+    """``table`` with its ``split`` column set to ``split`` (the held-out rows become the fold's val)."""
+    at = table.schema.get_field_index("split")
+    return table.set_column(at, table.schema.field(at), pa.array([split] * table.num_rows, pa.string()))
+
+
+# ----------------------------------------------------------------------------------------
+# Ranking.
+
+
+def _out_of_fold(fold_models: Sequence[str]) -> pa.Table:
+    """Every held-out image's prediction across the folds (``predictions.parquet`` val rows with ``probs``)."""
+    tables = []
+    for prefix in fold_models:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prefix, contract.PREDICTIONS))))
+        if "probs" not in table.column_names:
+            raise ValueError(f"{prefix}/predictions.parquet has no probs: train the folds with predictions_probs on")
+        tables.append(table.filter(pc.equal(table.column("split"), "val")))
+    table = pa.concat_tables(tables)
+    paths = table.column("path").to_pylist()
+    if len(set(paths)) != len(paths):
+        raise ValueError("the folds' held-out images overlap: they are not folds of one train split")
+    return table
+
+
+def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | None = None) -> StepReport:
+    """Ranks the train images by how likely their label is wrong (cleanlab) and commits the review files.
+
+    Args:
+        fold_models: The folds' committed train outputs.
+        dest: Output prefix; replaced.
+        cfg: The audit settings (``filter_by``).
+    """
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    cfg = cfg or AuditConfig()
+    started = time.monotonic()
+    dest = storage.normalize_uri(dest)
+    contract.check_disjoint(dest, fold_models, "audit")
+    table = _out_of_fold(fold_models)
+    classes = json.loads(storage.read_bytes(storage.join(fold_models[0], contract.MODEL_CARD)))["classes"]
+    labels = table.column("label").to_numpy().astype(np.int64)
+    probs = np.stack(table.column("probs").to_numpy(zero_copy_only=False)).astype(np.float64)
+    probs /= probs.sum(axis=1, keepdims=True)
+    issues = find_label_issues(labels, probs, filter_by=cfg.filter_by, return_indices_ranked_by="self_confidence")
+    quality = get_label_quality_scores(labels, probs, method="self_confidence")
+    rank = np.full(len(labels), -1, np.int64)
+    rank[issues] = np.arange(len(issues))
+    suggested = probs.argmax(axis=1)
+    names = np.asarray(classes, dtype=object)
+    out_table = pa.table({
+        "path": table.column("path"), "sha256": table.column("sha256"),
+        "given_label": names[labels].tolist(), "suggested_label": names[suggested].tolist(),
+        "label_quality": pa.array(quality.astype(np.float32)), "suggested_prob": pa.array(probs.max(axis=1).astype(np.float32)),
+        "given_prob": pa.array(probs[np.arange(len(labels)), labels].astype(np.float32)),
+        "is_issue": pa.array(rank >= 0), "issue_rank": pa.array(np.where(rank >= 0, rank, None), pa.int64()),
+    })  # fmt: skip
+    order = np.argsort(np.where(rank >= 0, rank, len(labels) + np.argsort(np.argsort(quality))), kind="stable")
+    out_table = out_table.take(pa.array(order))
+    attempt = contract.claim(dest, "audit")
+    suspects = out_table.slice(0, len(issues)).to_pylist()
+    outputs = {
+        LABEL_ISSUES: contract.table_to_parquet_bytes(out_table),
+        LABEL_OVERRIDES: _overrides_csv(suspects).encode(),
+        LABEL_ISSUES_HTML: _gallery(suspects[:_GALLERY], fold_models, len(labels)).encode(),
+    }
+    files = sorted((contract.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
+    extra = {"images": len(labels), "issues": len(issues), "filter_by": cfg.filter_by, "folds": len(fold_models),
+             "by_class": dict(sorted(((c, int(n)) for c, n in zip(*np.unique(names[labels[issues]].astype(str), return_counts=True))),
+                                     key=lambda kv: -kv[1])) if len(issues) else {}}  # fmt: skip
+    body = StepReport(step="audit", dest=dest, inputs=len(labels), outputs=len(labels), rejected=0, files=files,
+                      seconds=round(time.monotonic() - started, 3), extra=extra)  # fmt: skip
+    contract.publish(dest, "audit", attempt, contract.manifest_body(body, cfg, {"step": "train", "folds": list(fold_models)}))
+    log.info("audit: %d of %d train images have a suspect label -> %s", len(issues), len(labels), dest)
+    return body
+
+
+def _overrides_csv(suspects: Sequence[Mapping[str, Any]]) -> str:
+    """The review file: ``path,label`` (the suggestion: edit or delete each row), then context columns clean ignores."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "given_label", "label_quality", "suggested_prob"])
+    for s in suspects:
+        writer.writerow([s["path"], s["suggested_label"], s["given_label"], f"{s['label_quality']:.4f}", f"{s['suggested_prob']:.4f}"])
+    return buf.getvalue()
+
+
+def _gallery(suspects: Sequence[Mapping[str, Any]], fold_models: Sequence[str], total: int) -> str:
+    """The most suspect images with their given and suggested labels, as one page."""
+    from imgpipe.report.training import gallery_png
+    from imgpipe.train.loader import read_rows
+    from imgpipe.train.partition import describe_split
+
+    parts = [htmlpage.section("Suspected label errors", note=(
+        f"{len(suspects)} most suspect of {total} train images, ranked by cleanlab's self-confidence "
+        f"(out-of-fold predictions of {len(fold_models)} models). Review label_overrides.csv and give it to "
+        "clean as label_overrides."))]  # fmt: skip
+    if suspects:
+        wanted = {s["path"] for s in suspects}
+        images: dict[str, np.ndarray] = {}
+        for prefix in fold_models:
+            data = json.loads(storage.read_bytes(storage.join(prefix, contract.MODEL_CARD)))["data"]["uri"]
+            info = describe_split(data, "val", contract.read_manifest(data))
+            paths = pa.concat_tables(
+                pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["path"]) for u in dict.fromkeys(g.file for g in info.row_groups)
+            ).column("path").to_pylist()
+            at = [i for i, p in enumerate(paths) if p in wanted]
+            images.update(zip((paths[i] for i in at), read_rows(info, at)))
+        rows = [(f"#{i + 1}", [(images[s["path"]], f"given {s['given_label']}\nsuggested {s['suggested_label']}\nquality {s['label_quality']:.2f}")])
+                for i, s in enumerate(suspects) if s["path"] in images]  # fmt: skip
+        per_row = 8
+        grid = [(f"#{k + 1}-{min(k + per_row, len(rows))}", [img for _, imgs in rows[k : k + per_row] for img in imgs])
+                for k in range(0, len(rows), per_row)]  # fmt: skip
+        parts.append(htmlpage.image("suspects", gallery_png(grid, cols=per_row)))
+        table_rows = [{k: s[k] for k in ("path", "given_label", "suggested_label", "label_quality")} for s in suspects]
+        parts.append(htmlpage.table(table_rows, ["path", "given_label", "suggested_label", "label_quality"]))
+    return htmlpage.page("imgpipe label audit", parts)

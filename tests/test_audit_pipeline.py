@@ -1,0 +1,52 @@
+"""The imgpipe-audit package: the main pipeline's parameters plus the audit's, K folds under a parallelism limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from imgpipe.cli import main
+from imgpipe.kfp import client as kfp_client
+from imgpipe.steps.audit import AuditConfig
+from tests.test_sweep import _dag_tasks, _load
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    out = tmp_path_factory.mktemp("audit-ir") / "audit.yaml"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMGPIPE_GPU_IMAGE", "registry.test/cuda/trainer:7")
+        mp.delenv(kfp_client.GPU_ENV, raising=False)
+        assert main(["compile", str(out), "--pipeline", "imgpipe-audit", "--parallelism", "3"]) == 0
+    return _load(out)
+
+
+def test_the_audit_takes_every_parameter_of_imgpipe_and_its_own(compiled, tmp_path):
+    ir, _ = compiled
+    assert ir["pipelineInfo"]["name"] == "imgpipe-audit"
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    main_params = kfp_client.pipeline_inputs(kfp_client.compile_package(tmp_path / "main.yaml"))
+    assert set(params) == set(main_params) | {"folds", "filter_by"}
+    assert params["folds"]["defaultValue"] == AuditConfig().folds and params["folds"]["description"]
+    assert params["filter_by"]["defaultValue"] == "prune_by_noise_rate"
+
+
+def test_folds_train_in_a_parallel_for_and_the_ranking_collects_them(compiled):
+    ir, executors = compiled
+    root = ir["root"]["dag"]["tasks"]
+    loop_name, loop = next((n, t) for n, t in root.items() if "parameterIterator" in t)
+    assert loop["iteratorPolicy"] == {"parallelismLimit": 3}
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--plan-folds-Output"}
+    assert root["audit-labels"]["inputs"]["artifacts"]["trained"]["taskOutputArtifact"]["producerTask"] == loop_name
+    train = _dag_tasks(ir)["train"]["inputs"]["parameters"]
+    for key in ("resized", "branch", "step_config"):
+        assert train[key]["parameterExpressionSelector"] == f'parseJson(string_value)["{key}"]', key
+    assert "promotion_tolerance" not in train, "a fold promotes nothing"
+    # The folds are written in the cpu image; the ranking (cleanlab) in the gpu one, without a GPU.
+    images = {name: spec["container"]["image"] for name, spec in ir["deploymentSpec"]["executors"].items()}
+    assert any("imgpipe-cpu" in v for k, v in images.items() if "plan-folds" in k)
+    assert any("trainer:7" in v for k, v in images.items() if "audit-labels" in k)
+
+
+def test_parallelism_is_refused_for_the_main_pipeline(tmp_path):
+    with pytest.raises(ValueError, match="parallelism"):
+        kfp_client.compile_package(tmp_path / "p.yaml", parallelism=2)
