@@ -846,7 +846,13 @@ KSERVE_CRD = "kserve-kubeflow-manifests-v1.11.0-inferenceservices.serving.kserve
 
 def test_the_serving_component_is_a_valid_inferenceservice_for_the_onnx_export(schemas_dir):
     assert _kind(K8S / "serving") == "Component", "opt-in: overlays add it under components:"
-    (isvc,) = _build(K8S / "serving")[0]
+    docs = _build(K8S / "serving")[0]
+    (isvc,) = [d for d in docs if d["kind"] == "InferenceService"]
+    (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    kubernetes_validate.validate(copy.deepcopy(account), kubernetes_validate.latest_version(), strict=True)
+    assert isvc["spec"]["predictor"]["serviceAccountName"] == account["metadata"]["name"]
+    secrets = {d["metadata"]["name"] for d in build("base") if d["kind"] == "Secret"}
+    assert {s["name"] for s in account["secrets"]} <= secrets, "it reads the store with the base's S3 Secret"
     crd = yaml.safe_load((schemas_dir / KSERVE_CRD).read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == isvc["apiVersion"].split("/")[1]]
     schema = _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
