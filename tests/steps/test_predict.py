@@ -95,3 +95,13 @@ def test_data_of_another_class_set_or_channel_count_is_refused(trained, tmp_path
         predict(model, grey, "file://" + str(tmp_path / "p2"))
     with pytest.raises(ValueError, match="has no model.json"):
         predict("file://" + str(tmp_path), other, "file://" + str(tmp_path / "p3"))
+
+
+def test_the_command_line_prints_the_scores(trained, tmp_path, capsys):
+    from imgpipe.cli import main
+
+    root, data, model = trained
+    assert main(["predict", model, data, "file://" + str(tmp_path / "cli"), "--splits", "test", "--actors", "1"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(storage.read_bytes(storage.join(model, "metrics.json")))["test"]
+    assert f"test: accuracy {metrics['accuracy']:.4f}" in out
