@@ -32,6 +32,7 @@ Kubernetes counts against the container's limit.
 
 # No `from __future__ import annotations`: kfp reads the signature's annotations as types.
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -43,6 +44,7 @@ from imgpipe.components.train import train
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
 
+from imgpipe import modelregistry
 from imgpipe.clean.config import CleanConfig
 from imgpipe.config import field_default, field_docs, plain_text
 from imgpipe.containers.catalog import ImageSet
@@ -232,6 +234,9 @@ class PipelineOptions:
         gpu: GPU scheduling of train; ``None`` trains on CPU nodes.
         s3_secret: Secret with ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, as env
             of every task; ``None`` for pods with other credentials (IRSA, workload identity).
+        model_registry: Kubeflow Model Registry where a promoted model is registered
+            (``http(s)://host[:port]``; read from ``$IMGPIPE_MODEL_REGISTRY`` when the options
+            are made); empty registers nothing.
     """
 
     caching: bool = False
@@ -241,6 +246,7 @@ class PipelineOptions:
     resources: dict = field(default_factory=_default_resources)
     gpu: GpuScheduling | None = GpuScheduling()
     s3_secret: str | None = S3_SECRET
+    model_registry: str = field(default_factory=lambda: os.environ.get(modelregistry.REGISTRY_ENV, ""))
 
 
 class Outputs(NamedTuple):
@@ -308,6 +314,8 @@ def _trainjob_settings(task: dsl.PipelineTask, image: str, options: PipelineOpti
     if options.gpu is not None:
         node["limits"][options.gpu.accelerator] = str(options.gpu.count)
         task.set_env_variable(trainjob.SHM_ENV, options.gpu.shm_size)
+    if options.model_registry:
+        task.set_env_variable(modelregistry.REGISTRY_ENV, options.model_registry)
     task.set_env_variable(trainjob.IMAGE_ENV, image)
     task.set_env_variable(trainjob.NODE_RESOURCES_ENV, json.dumps(node, sort_keys=True))
     if options.s3_secret:

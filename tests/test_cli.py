@@ -273,3 +273,18 @@ def test_the_clean_command_allocates_arrow_memory_from_the_c_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.strip().splitlines()[-1] == "pool system", out
+
+
+def test_the_cpu_images_command_line_builds_without_the_other_images_packages():
+    # The cpu image has the core dependencies only: `imgpipe --version` there builds every
+    # command's flags (docker/Dockerfile runs it), so no step module may import these at the top.
+    code = (
+        "from imgpipe import resources\n"
+        "for m in ('cv2', 'torch', 'torchvision', 'ray', 'matplotlib', 'albumentations', 'kornia', 'onnx',"
+        " 'onnxruntime', 'cleanlab', 'model_registry', 'pandas'):\n"
+        "    assert resources.hide_unused_module(m), m\n"
+        "from imgpipe.cli import build_parser\n"
+        "build_parser()\n"
+        "import imgpipe.kfp.artifacts, imgpipe.steps.audit, imgpipe.steps.promote, imgpipe.steps.predict\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)

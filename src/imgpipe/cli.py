@@ -218,6 +218,12 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
     p.add_argument("grid", help="grid YAML: 'grid' (a list of branches of grid keys) and/or 'axes' (key: [values])")
     _local_run_options(p)
 
+    p = sub.add_parser("register", help="register a train output's ONNX export in Kubeflow's Model Registry")
+    p.add_argument("prefix", help="a committed train output (model.json, model.onnx)")
+    p.add_argument("--version", required=True, help="the version's name (unique within the model), e.g. the run id")
+    p.add_argument("--registry", help="http(s)://host[:port] of the registry (default $IMGPIPE_MODEL_REGISTRY)")
+    p.add_argument("--name", help="the registered model (default $IMGPIPE_REGISTERED_MODEL or imgpipe-classifier)")
+
     p = sub.add_parser(
         "audit",
         help="run the label audit pipeline locally (as run does): K-fold training, cleanlab's suspected label errors",
@@ -386,6 +392,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from imgpipe.modelregistry import register_model
+
+    got = register_model(args.prefix, args.version, args.registry, args.name)
+    print(f"{'registered' if got['created'] else 'already registered'}: {got['name']} version {got['version']} -> {got['uri']}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """Runs the audit pipeline through kfp.local; prints how many labels are suspect and where the review files are."""
     from imgpipe.kfp.local_run import run_audit
@@ -486,6 +500,7 @@ COMMANDS = {
     "run": cmd_run,
     "sweep": cmd_sweep,
     "audit": cmd_audit,
+    "register": cmd_register,
     "images": cmd_images,
     "compile": cmd_compile,
     "submit": cmd_submit,

@@ -31,13 +31,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imgpipe import contract, resources, storage
+from imgpipe import contract, modelregistry, resources, storage
 from imgpipe.report import html as htmlpage
 from imgpipe.report import steps as step_report
 from imgpipe.train.config import WEIGHTS_CACHE
@@ -345,6 +346,8 @@ def promote_run(
                        PromoteConfig(tolerance=tolerance))  # fmt: skip
     if decision.promoted:
         record_latest(data_root, run_id, {"clean": prefixes["clean"], "resize": prefixes["resize"], "train": prefixes[train_step]})
+        if os.environ.get(modelregistry.REGISTRY_ENV):  # the operator's registry (compile time)
+            modelregistry.register_model(prefixes[train_step], check_run_id(run_id))
     else:
         log.warning("%s; latest.json still names %s", decision.summary(), decision.current_prefix)
     if metrics is not None and report is not None:

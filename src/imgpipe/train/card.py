@@ -14,7 +14,6 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from imgpipe import contract, storage
@@ -60,6 +59,8 @@ def eval_view(image: np.ndarray, size: int, resize_to: int) -> np.ndarray:
     computes it (``int(side * scale)``, INTER_AREA below scale 1), then ``CenterCrop``
     (offsets ``(side - size) // 2``). A side the truncation leaves below ``size`` is made ``size``.
     """
+    import cv2  # only where images are prepared (the ray and gpu images have OpenCV; the cpu image reads cards)
+
     h, w = image.shape[:2]
     scale = resize_to / min(h, w)
     new_h, new_w = max(size, int(h * scale)), max(size, int(w * scale))

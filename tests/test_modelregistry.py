@@ -1,0 +1,93 @@
+"""Registering a promoted model with the real model-registry client against a Model Registry REST server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imgpipe import storage
+from imgpipe.modelregistry import register_model
+from tests.fake_model_registry import FakeModelRegistry
+
+pytest.importorskip("model_registry")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from imgpipe.steps.train import train
+    from imgpipe.train.config import TrainConfig
+    from tests.train.test_loader import write_resize_output
+
+    root = tmp_path_factory.mktemp("registry")
+    data = write_resize_output("file://" + str(root / "resize"), size=16)
+    out = "file://" + str(root / "model")
+    train(data, out, TrainConfig(model="tiny_cnn", epochs=1, batch_size=8, num_workers=0, device="cpu", shuffle_buffer=8))
+    return out
+
+
+def test_a_model_is_registered_with_its_onnx_uri_and_card(model):
+    with FakeModelRegistry() as server:
+        got = register_model(model, "run-1", server.address, name="pets")
+        assert got["created"] and got["uri"] == storage.join(model, "model.onnx")
+        (registered,) = server.models.values()
+        (version,) = server.versions.values()
+        (artifact,) = server.artifacts[version["id"]]
+        assert registered["name"] == "pets" and version["name"] == "run-1"
+        assert artifact["uri"] == got["uri"] and artifact["modelFormatName"] == "onnx" and artifact["modelFormatVersion"] == "18"
+        props = {k: next(iter(v.values())) for k, v in version["customProperties"].items() if isinstance(v, dict)}
+        card = json.loads(storage.read_bytes(storage.join(model, "model.json")))
+        assert any(str(card["data"]["manifest_sha256"]) in str(v) for v in props.values())
+
+
+def test_registering_again_is_a_no_op_and_a_new_version_joins_the_model(model):
+    with FakeModelRegistry() as server:
+        register_model(model, "run-1", server.address, name="pets")
+        again = register_model(model, "run-1", server.address, name="pets")
+        assert not again["created"] and len(server.versions) == 1
+        register_model(model, "run-2", server.address, name="pets")
+        assert len(server.models) == 1 and sorted(v["name"] for v in server.versions.values()) == ["run-1", "run-2"]
+
+
+def test_no_registry_or_no_card_is_refused(model, tmp_path, monkeypatch):
+    monkeypatch.delenv("IMGPIPE_MODEL_REGISTRY", raising=False)
+    with pytest.raises(ValueError, match="Model Registry"):
+        register_model(model, "run-1")
+    with FakeModelRegistry() as server, pytest.raises(Exception, match="manifest|committed"):
+        register_model("file://" + str(tmp_path), "run-1", server.address)
+
+
+def test_a_promoted_run_is_registered_where_the_operator_names_a_registry(model, tmp_path, monkeypatch):
+    from imgpipe import contract
+    from imgpipe.kfp import artifacts as ka
+
+    root = "file://" + str(tmp_path / "root")
+    dst = ka.run_prefix(root, "r7", "train")
+    for name in [f["name"] for f in contract.read_manifest(model)["files"]] + ["manifest.json", "_SUCCESS"]:
+        storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(model, name)))
+    with FakeModelRegistry() as server:
+        monkeypatch.setenv("IMGPIPE_MODEL_REGISTRY", server.address)
+        assert ka.promote_run(root, "r7").promoted
+        (version,) = server.versions.values()
+        assert version["name"] == "r7"
+
+
+def test_the_compiled_train_task_carries_the_registry(tmp_path, monkeypatch):
+    import yaml
+
+    from imgpipe.kfp import client as kfp_client
+
+    monkeypatch.setenv("IMGPIPE_MODEL_REGISTRY", "http://model-registry-service.kubeflow.svc.cluster.local:8080")
+    monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
+    ir = next(yaml.safe_load_all(kfp_client.compile_package(tmp_path / "p.yaml").read_text()))
+    (executor,) = [e for n, e in ir["deploymentSpec"]["executors"].items() if n.endswith("-train")]
+    env = {e["name"]: e["value"] for e in executor["container"]["env"]}
+    assert env["IMGPIPE_MODEL_REGISTRY"].endswith(":8080")
+
+
+def test_the_command_line_registers_by_hand(model, capsys):
+    from imgpipe.cli import main
+
+    with FakeModelRegistry() as server:
+        assert main(["register", model, "--version", "manual-1", "--registry", server.address]) == 0
+        assert "registered: imgpipe-classifier version manual-1" in capsys.readouterr().out
