@@ -512,3 +512,16 @@ def pytest_tmp_copy(uri: str):
     path = Path(tempfile.mkdtemp(prefix="imgpipe-test-")) / "predictions.parquet"
     path.write_bytes(storage.read_bytes(uri))
     return path
+
+
+def test_balanced_class_weights_come_from_the_train_split(tmp_path):
+    from imgpipe.train.partition import describe_split
+
+    data = write_resize_output("file://" + str(tmp_path / "d"), counts={"train": 10, "val": 4}, size=16)
+    info = describe_split(data, "train", contract.read_manifest(data))
+    weights = train_mod._class_weights(tiny(class_weights="balanced"), info, 5, torch.device("cpu"))
+    # labels are i % 4: counts 3, 3, 2, 2 and none of class 4
+    assert weights.tolist() == pytest.approx([10 / 12, 10 / 12, 10 / 8, 10 / 8, 0.0])
+    assert train_mod._class_weights(tiny(), info, 5, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="class_weights"):
+        tiny(class_weights="inverse")

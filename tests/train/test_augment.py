@@ -337,3 +337,17 @@ def test_mixer_rejects_bad_values():
         MixupCutmix(3, label_smoothing=1.0)
     with pytest.raises(ValueError, match="alphas"):
         MixupCutmix(3, mixup_alpha=-1)
+
+
+def test_class_weights_weigh_each_class_share_of_the_loss():
+    import torch.nn.functional as F
+
+    from imgpipe.train.augment import soft_target_cross_entropy
+
+    logits = torch.randn(6, 3)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    one_hot = F.one_hot(labels, 3).float()
+    expected = F.cross_entropy(logits, labels, weight=weights, reduction="sum") / 6
+    assert torch.allclose(soft_target_cross_entropy(logits, one_hot, weights), expected)
+    assert torch.allclose(soft_target_cross_entropy(logits, one_hot), F.cross_entropy(logits, labels))

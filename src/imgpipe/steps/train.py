@@ -117,7 +117,14 @@ from imgpipe.train.models import (
     set_backbone_frozen,
 )
 from imgpipe.train.optim import build_optimizer, build_scheduler
-from imgpipe.train.partition import SplitInfo, describe_split, read_labels, sample_seed, split_names
+from imgpipe.train.partition import (
+    SplitInfo,
+    describe_split,
+    read_labels,
+    read_split_labels,
+    sample_seed,
+    split_names,
+)
 from imgpipe.train.predictions import confused_pairs, predictions_table, worst_per_class
 from imgpipe.train.run import TrainingRun
 from imgpipe.train.selection import EMA_PREFIX
@@ -327,6 +334,7 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
         norm=norm,
         head=head,
         ema=_ema_model(module, cfg, ctx.world_size),
+        class_weights=_class_weights(cfg, train_info, len(labels), device),
     )
 
 
@@ -343,6 +351,21 @@ def _ema_model(module: nn.Module, cfg: TrainConfig, world_size: int) -> torch.op
     alpha = min(1.0, (1.0 - cfg.ema_decay) * world_size * cfg.batch_size * cfg.ema_steps / cfg.epochs)
     avg = torch.optim.swa_utils.get_ema_multi_avg_fn(1.0 - alpha)
     return torch.optim.swa_utils.AveragedModel(module, multi_avg_fn=avg, use_buffers=True)
+
+
+def _class_weights(cfg: TrainConfig, info: SplitInfo, classes: int, device: torch.device) -> torch.Tensor | None:
+    """``N / (classes x n_c)`` per class of the train split (``class_weights: balanced``); ``None`` otherwise.
+
+    A class absent from the train split gets weight 0 (it has no loss to weigh). Counts come
+    from the split's ``label`` column (one small read per file).
+    """
+    if cfg.class_weights == "none":
+        return None
+    counts = np.bincount(read_split_labels(info), minlength=classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def _to_device(run: TrainingRun, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -396,7 +419,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
             x, targets = _prepare_train_batch(run, batch, epoch, step)
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
                 logits = run.model(x)
-            loss = soft_target_cross_entropy(logits, targets)
+            loss = soft_target_cross_entropy(logits, targets, run.class_weights)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if run.cfg.grad_clip > 0:

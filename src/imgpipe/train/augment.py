@@ -258,8 +258,16 @@ def one_hot_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0
     return targets.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy against soft targets (rows summing to 1), computed in float32."""
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy against soft targets (rows summing to 1), computed in float32.
+
+    With ``class_weights`` (one per class) each class's share of a target counts that much;
+    for one-hot targets that is ``CrossEntropyLoss(weight=..., reduction="sum")`` over the
+    batch size (not over the summed weights, so a batch of rare classes weighs more), and it
+    extends to MixUp/CutMix and smoothed targets.
+    """
+    if class_weights is not None:
+        targets = targets * class_weights.to(targets.device, targets.dtype)
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 

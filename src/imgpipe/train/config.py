@@ -240,6 +240,9 @@ class TrainConfig:
             ranks, ``ema_steps`` and epochs); it is validated every epoch and kept when it
             scores better. 0 disables.
         ema_steps: Optimizer steps between EMA updates (``--model-ema-steps``).
+        class_weights: ``balanced`` weighs each class's loss by ``N / (classes x n_class)`` of
+            the train split (scikit-learn's "balanced"; a sample's mean weight is 1), so rare
+            classes count as much as common ones; ``none`` weighs every image alike.
         predictions_probs: Also store every class's probability per image in
             ``predictions.parquet`` (``probs``; images x classes floats): what a label audit needs.
         max_steps_per_epoch: Cap on steps per epoch (smoke tests, quick sweeps).
@@ -295,6 +298,7 @@ class TrainConfig:
     patience: int = 0
     ema_decay: float = 0.0
     ema_steps: int = 32
+    class_weights: Literal["none", "balanced"] = "none"
     predictions_probs: bool = False
     max_steps_per_epoch: int | None = None
     image_size: int | None = None
@@ -326,6 +330,8 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 0 (0 trains every epoch), got {self.patience}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables; torchvision uses 0.99998), got {self.ema_decay}")
+        if self.class_weights not in ("none", "balanced"):
+            raise ValueError(f"class_weights must be none or balanced, got {self.class_weights!r}")
         if self.ema_steps < 1:
             raise ValueError(f"ema_steps must be >= 1, got {self.ema_steps}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:

@@ -41,6 +41,7 @@ from imgpipe import contract, storage
 from imgpipe.train.config import LoaderConfig
 
 __all__ = [
+    "read_split_labels",
     "LABELS_FILE",
     "RowGroup",
     "Unit",
@@ -123,6 +124,16 @@ class SplitInfo:
     def num_samples(self) -> int:
         """Rows in the split."""
         return sum(g.rows for g in self.row_groups)
+
+
+def read_split_labels(info: SplitInfo) -> np.ndarray:
+    """The ``label`` of every row of a split, in file order (one column read per file)."""
+    parts = []
+    for uri in dict.fromkeys(g.file for g in info.row_groups):
+        fs, path = storage.arrow_filesystem(uri)
+        with fs.open_input_file(path) as fh:
+            parts.append(pq.read_table(fh, columns=["label"]).column("label").to_numpy())
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def read_labels(data: str, manifest: Mapping[str, Any] | None = None) -> list[str]:

@@ -44,6 +44,7 @@ class TrainingRun:
         selection: Which epoch's weights are kept so far, and the epochs since they improved.
         best_state: Those weights (on the CPU), ``None`` until a validation has run.
         best_val: Their validation.
+        class_weights: Per-class loss weights (``class_weights: balanced``), else ``None``.
     """
 
     data: str
@@ -75,6 +76,7 @@ class TrainingRun:
     selection: Selection = field(default_factory=Selection)
     best_state: dict[str, torch.Tensor] | None = None
     best_val: Any = None
+    class_weights: torch.Tensor | None = None
 
     @property
     def amp(self) -> bool:
