@@ -668,3 +668,31 @@ def test_label_overrides_replace_labels_and_are_counted(tmp_path):
     given = report.extra["label_overrides"]
     assert (given["given"], given["applied"], given["unmatched"]) == (3, 2, 1)
     assert given["unmatched_sample"] == ["images/not_there.jpg"]
+
+
+def test_the_releases_own_split_when_asked(tmp_path):
+    members = good_members(per_class=10)
+    src = write_download_output(str(tmp_path / "dl"), members)
+    stems = sorted(p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in members)
+    test_stems = {s for s in stems if s.endswith(("_1", "_2", "_3"))}
+    listed = [s for s in stems if not s.endswith("_10")]  # the _10 images are in neither list
+    ann = write_download_output(
+        str(tmp_path / "ann"),
+        {
+            "annotations/test.txt": "".join(f"{s} 1 1 1\n" for s in listed if s in test_stems).encode(),
+            "annotations/trainval.txt": ("#Image CLASS-ID SPECIES BREED ID\n" + "".join(f"{s} 1 1 1\n" for s in listed if s not in test_stems)).encode(),
+        },
+    )  # fmt: skip
+    dest = str(tmp_path / "clean")
+    report = clean(src, dest, CleanConfig(workers=1, annotations=ann, split_from="annotations", split=(0.6, 0.2, 0.2)))
+    table = read_output(dest)
+    split_of = {p.rsplit("/", 1)[1].rsplit(".", 1)[0]: s for p, s in zip(table.column("path").to_pylist(), table.column("split").to_pylist())}
+    assert {s for s, sp in split_of.items() if sp == "test" and not s.endswith("_10")} == test_stems, "test.txt is the test split"
+    trainval = [s for s in listed if s not in test_stems]
+    counts = Counter(split_of[s] for s in trainval)
+    assert set(counts) == {"train", "val"} and counts["val"] == 3 * 2, "val carved from trainval, 1:3, per class"
+    assert report.extra["split_from"] == "annotations"
+    with pytest.raises(ValueError, match="needs annotations"):
+        CleanConfig(split_from="annotations")
+    with pytest.raises(ValueError, match="trainval.txt or test.txt"):
+        clean(src, str(tmp_path / "c2"), CleanConfig(workers=1, annotations=src, split_from="annotations"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from imgpipe.data.images import DEFAULT_FORMATS, check_formats
 from imgpipe.data.labels import LabelSource
@@ -52,6 +53,10 @@ class CleanConfig:
             ``annotations.tar.gz``; the head boxes in ``annotations/xmls/*.xml`` become
             the ``bbox`` column (resize's ``roi_crop`` uses it). Boxes annotated on an
             image of another size than the cleaned one are left out.
+        split_from: ``random`` (the stratified ``split`` of the images) or ``annotations``:
+            the Oxford-IIIT Pet release's own ``test.txt`` images are the test split, and val is
+            carved from ``trainval.txt``'s, stratified, in the ratio ``split`` gives train and val;
+            images in neither list get the random split. Needs ``annotations``.
         skip_hashes_from: Prefix of a previous committed clean output (incremental
             re-runs). Images whose sha256 it holds are not decoded again: their rows
             are copied from it (bytes, size, mode, head box) and keep their split, so no
@@ -76,6 +81,7 @@ class CleanConfig:
     row_group_rows: int = 128
     row_group_bytes: int = 64 << 20
     annotations: str | None = None
+    split_from: Literal["random", "annotations"] = "random"
     skip_hashes_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -95,6 +101,10 @@ class CleanConfig:
             )
         if self.label_source == "csv" and not self.labels_csv:
             raise ValueError("label_source='csv' needs labels_csv, the URI of a path,label CSV")
+        if self.split_from not in ("random", "annotations"):
+            raise ValueError(f"split_from must be random or annotations, got {self.split_from!r}")
+        if self.split_from == "annotations" and not self.annotations:
+            raise ValueError("split_from='annotations' needs annotations, the download of the release's annotations archive")
         if self.max_pixels < 1 or self.min_side < 1:
             raise ValueError("max_pixels and min_side must be positive")
         if not 1 <= self.jpeg_quality <= 100:

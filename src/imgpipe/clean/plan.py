@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from imgpipe import storage
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.contract import Reject
+from imgpipe.data.annotations import image_stem
 from imgpipe.data.labels import Labeler, choose_label_source, encode_labels, read_label_csv
 
 __all__ = ["Unit", "Index", "Plan", "RowsPlan", "read_index", "split_codes", "stratified_split", "shuffled_order", "build_labeler", "plan_rows"]
@@ -260,7 +261,22 @@ def _first_of_each_hash(index: Index, labelled: np.ndarray, deferred: dict[int, 
     return labelled[is_first]
 
 
-def plan_rows(index: Index, labeler: Labeler, cfg: CleanConfig, known: pa.Table | None = None) -> Plan:
+def _official_codes(index: Index, rows: np.ndarray, labels: np.ndarray, official: dict[str, str], cfg: CleanConfig) -> np.ndarray:
+    """Splits of ``rows`` from the release's lists: test.txt -> test, trainval.txt -> train/val (stratified), else random."""
+    which = np.array([official.get(image_stem(p), "") for p in index.paths.take(pa.array(rows)).to_pylist()] or [""], dtype=object)[: len(rows)]
+    codes = np.empty(len(rows), dtype=np.int8)
+    test, trainval = which == "test", which == "trainval"
+    codes[test] = SPLITS.index("test")
+    head = cfg.split[0] + cfg.split[1]
+    codes[trainval] = split_codes(labels[trainval], (cfg.split[0] / head, cfg.split[1] / head, 0.0), cfg.seed)
+    rest = ~(test | trainval)
+    codes[rest] = split_codes(labels[rest], cfg.split, cfg.seed)
+    return codes
+
+
+def plan_rows(
+    index: Index, labeler: Labeler, cfg: CleanConfig, known: pa.Table | None = None, official: dict[str, str] | None = None
+) -> Plan:
     """Labels, finds exact duplicates, splits and orders the rows, from metadata alone.
 
     Identical bytes decode identically, so duplicates can be settled before decoding:
@@ -273,6 +289,7 @@ def plan_rows(index: Index, labeler: Labeler, cfg: CleanConfig, known: pa.Table 
         cfg: The clean config (split fractions, seed).
         known: ``sha256`` and ``split`` of a previous output's rows: a candidate found there
             keeps its split and is carried instead of decoded.
+        official: Image stem -> ``trainval``/``test`` (``split_from: annotations``).
     """
     n = len(index)
     deferred: dict[int, Reject] = {}
@@ -290,7 +307,10 @@ def plan_rows(index: Index, labeler: Labeler, cfg: CleanConfig, known: pa.Table 
         carried = at >= 0
         known_codes = np.array([SPLITS.index(s) for s in known.column("split").to_pylist()], dtype=np.int8)
         splits[carried] = known_codes[at[carried]]
-    splits[~carried] = split_codes(label_ids[~carried], cfg.split, cfg.seed)
+    if official:
+        splits[~carried] = _official_codes(index, candidates[~carried], label_ids[~carried], official, cfg)
+    else:
+        splits[~carried] = split_codes(label_ids[~carried], cfg.split, cfg.seed)
     plan = Plan(
         classes=classes,
         order=np.full(n, -1, dtype=np.int64),

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from imgpipe import contract, storage
 
-__all__ = ["HeadBox", "parse_voc_xml", "read_head_boxes", "image_stem"]
+__all__ = ["HeadBox", "parse_voc_xml", "read_head_boxes", "read_official_split", "image_stem"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,36 @@ def read_head_boxes(prefix: str) -> tuple[dict[str, HeadBox], dict[str, str]]:
             if head is not None:
                 boxes[image_stem(path)] = head
     return boxes, problems
+
+
+# The Oxford-IIIT Pet release's own split: annotations/trainval.txt and annotations/test.txt,
+# one image per line ("Abyssinian_100 1 1 1": stem, class id, species, breed id).
+OFFICIAL_LISTS = {"trainval.txt": "trainval", "test.txt": "test"}
+
+
+def read_official_split(prefix: str) -> dict[str, str]:
+    """The release's split of a committed download of the annotations: image stem -> ``trainval`` or ``test``.
+
+    Raises:
+        ValueError: If the output holds neither list, or an image is in both.
+    """
+    manifest = contract.read_manifest(prefix, expect_step="download")
+    out: dict[str, str] = {}
+    seen_lists = set()
+    for uri in contract.data_files(prefix, manifest):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["path", "bytes"])
+        for path, blob in zip(table.column("path").to_pylist(), table.column("bytes").to_pylist()):
+            which = OFFICIAL_LISTS.get(posixpath.basename(path))
+            if which is None:
+                continue
+            seen_lists.add(which)
+            for line in (blob or b"").decode("utf-8", "replace").splitlines():
+                stem = line.split("#", 1)[0].strip().split(" ", 1)[0]
+                if not stem:
+                    continue
+                if out.get(stem, which) != which:
+                    raise ValueError(f"{prefix}: {stem} is in both trainval.txt and test.txt")
+                out[stem] = which
+    if not seen_lists:
+        raise ValueError(f"{prefix} holds no trainval.txt or test.txt: split_from=annotations needs the release's lists")
+    return out

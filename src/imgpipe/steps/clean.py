@@ -64,7 +64,7 @@ from imgpipe.clean.pool import (
 )
 from imgpipe.config import config_to_dict
 from imgpipe.contract import OutputWriter, Reject, StepReport
-from imgpipe.data.annotations import HeadBox, image_stem, read_head_boxes
+from imgpipe.data.annotations import HeadBox, image_stem, read_head_boxes, read_official_split
 from imgpipe.phases import PhaseLog
 
 __all__ = ["LABELS_FILE", "clean"]
@@ -309,7 +309,8 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     index = read_index(contract.data_files(source, manifest))
     labeler = build_labeler(cfg, index)
     known_files, known = _read_known(cfg.skip_hashes_from, cfg) if cfg.skip_hashes_from else ([], None)
-    plan = plan_rows(index, labeler, cfg, known)
+    official = read_official_split(cfg.annotations) if cfg.split_from == "annotations" and cfg.annotations else None
+    plan = plan_rows(index, labeler, cfg, known, official)
     known_rows = known.num_rows if known is not None else 0
     phases.done("plan", rows=len(index), classes=len(plan.classes), planned=plan.planned, known=known_rows)
     boxes, bad_boxes = read_head_boxes(cfg.annotations) if cfg.annotations else ({}, {})
@@ -344,6 +345,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         config=cfg,
         extra={
             "label_source": labeler.source,
+            "split_from": cfg.split_from,
             "label_overrides": labeler.report() if isinstance(labeler, OverriddenLabeler) else None,
             "classes": classes,
             "num_classes": len(classes),
