@@ -18,16 +18,18 @@ from imgpipe.config import config_to_dict, load_config, step_config
 from imgpipe.contract import StepReport
 from imgpipe.steps import compare as cmp
 from imgpipe.steps.compare import (
+    BranchResult,
     CompareConfig,
+    class_collapse,
     compare,
     diagnose,
-    imbalance,
     rank,
     trend,
     under_fitting,
 )
 from imgpipe.sweep import RECIPE_FIELDS
 from imgpipe.train.config import TrainConfig
+from imgpipe.train.selection import imbalance
 
 LABELS = ["a", "b", "c"]
 BALANCED = [[8, 1, 1], [1, 8, 1], [1, 1, 8]]  # 10 validation images per class
@@ -249,3 +251,21 @@ def test_publish_comparison_fills_the_kfp_artifacts(root, tmp_path):
     assert art["winner"].metadata["step_config"] == report.winner
     assert metrics.logged["winner_val_macro_f1"] == pytest.approx(0.7)
     assert metrics.logged["b_val_macro_f1"] == pytest.approx(0.6) and metrics.logged["branches"] == 2.0
+
+
+def test_a_class_whose_recall_collapses_in_one_branch_is_named():
+    def branch(name, recall, kept_epoch=None):
+        history = [{"epoch": 0, "val_per_class_recall": {"a": 0.9, "b": 0.9, "c": 0.9}},
+                   {"epoch": 1, "val_per_class_recall": recall}]  # fmt: skip
+        return BranchResult(name, f"file:///x/{name}", {}, history, {}, kept_epoch=kept_epoch)
+
+    strong = branch("strong", {"a": 0.9, "b": 0.05, "c": 0.8})
+    mild = branch("mild", {"a": 0.8, "b": 0.7, "c": 0.8})
+    flag = class_collapse(strong, [strong, mild], CompareConfig())
+    assert flag is not None and flag.kind == "class_collapse" and set(flag.numbers["classes"]) == {"b"}
+    assert "b (0.05 here, 0.70 in another branch)" in flag.message
+    assert class_collapse(mild, [strong, mild], CompareConfig()) is None
+    # The kept epoch's recall counts, not the last one's.
+    assert class_collapse(branch("early", {"a": 0.9, "b": 0.0, "c": 0.8}, kept_epoch=0), [mild], CompareConfig()) is None
+    with pytest.raises(ValueError, match="collapsed_recall"):
+        CompareConfig(collapsed_recall=0.6, collapse_reference=0.5)

@@ -57,13 +57,14 @@ from imgpipe.sweep import GRID_KEYS, RECIPE_FIELDS
 from imgpipe.train.selection import IMBALANCE_RATIO, imbalance, ranking_keys
 
 __all__ = [
-    "IMBALANCE_RATIO",
     "TREND_WINDOW",
     "MIN_TRAIN_LOSS_DROP",
     "MAX_VAL_ACC_GAIN",
     "TRAIN_VAL_LOSS_RATIO",
     "UNDERFIT_LOSS_RATIO",
     "UNDERFIT_ACC_GAP",
+    "COLLAPSED_RECALL",
+    "COLLAPSE_REFERENCE",
     "COMPARISON_JSON",
     "COMPARISON_HTML",
     "CURVES_PNG",
@@ -73,8 +74,7 @@ __all__ = [
     "BranchResult",
     "CompareReport",
     "class_counts",
-    "imbalance",
-    "ranking_keys",
+    "class_collapse",
     "rank",
     "trend",
     "diagnose",
@@ -99,6 +99,11 @@ TRAIN_VAL_LOSS_RATIO = 1.0
 UNDERFIT_LOSS_RATIO = 1.25
 # ...and validation accuracy at least this below the winner's.
 UNDERFIT_ACC_GAP = 0.05
+# A class's recall collapses in a branch when it is at most this...
+COLLAPSED_RECALL = 0.1
+# ...while another branch reaches at least this on the same class (the notes' warning:
+# too strong a recipe can wipe out a class while the averages still look fine).
+COLLAPSE_REFERENCE = 0.5
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_HTML = "comparison.html"
@@ -124,6 +129,8 @@ class CompareConfig:
         underfit_loss_ratio: Under-fitted when the last training loss is at least this
             times the winner's ...
         underfit_acc_gap: ... and the validation accuracy at least this below the winner's.
+        collapsed_recall: A class's validation recall at most this in a branch ...
+        collapse_reference: ... while another branch reaches at least this on it: ``class_collapse``.
     """
 
     imbalance_ratio: float = IMBALANCE_RATIO
@@ -133,8 +140,12 @@ class CompareConfig:
     train_val_loss_ratio: float = TRAIN_VAL_LOSS_RATIO
     underfit_loss_ratio: float = UNDERFIT_LOSS_RATIO
     underfit_acc_gap: float = UNDERFIT_ACC_GAP
+    collapsed_recall: float = COLLAPSED_RECALL
+    collapse_reference: float = COLLAPSE_REFERENCE
 
     def __post_init__(self) -> None:
+        if not 0 <= self.collapsed_recall < self.collapse_reference <= 1:
+            raise ValueError("collapsed_recall and collapse_reference must satisfy 0 <= collapsed_recall < collapse_reference <= 1")
         if self.imbalance_ratio < 1:
             raise ValueError(f"imbalance_ratio is a ratio of class counts, >= 1; got {self.imbalance_ratio}")
         if self.trend_window < 2:
@@ -150,7 +161,7 @@ class Flag:
     """A diagnosis of one branch, with the numbers it rests on.
 
     Attributes:
-        kind: ``over_regularized``, ``overfitting`` or ``under_fitted``.
+        kind: ``over_regularized``, ``overfitting``, ``under_fitted`` or ``class_collapse``.
         message: What the numbers say and what to do, in one sentence.
         numbers: The values the rule compared.
     """
@@ -181,6 +192,13 @@ class BranchResult:
     flags: list[Flag] = field(default_factory=list)
 
     kept: dict[str, Any] = field(default_factory=dict)
+    kept_epoch: int | None = None
+
+    def class_recall(self) -> dict[str, float]:
+        """Validation recall per class of the kept epoch (else the last), classes without images left out."""
+        at = [h for h in self.history if h.get("epoch") == self.kept_epoch] or self.history[-1:]
+        recall = (at[0].get("val_per_class_recall") if at else None) or {}
+        return {c: float(v) for c, v in recall.items() if v is not None}
 
     def last(self, key: str) -> float | None:
         """``key`` of the weights the branch kept (``metrics.json``'s ``kept``), else of its last epoch; or ``None``."""
@@ -284,6 +302,21 @@ def diagnose(history: Sequence[Mapping[str, Any]], cfg: CompareConfig) -> Flag |
     return Flag("overfitting", seen + advice, numbers)
 
 
+def class_collapse(result: BranchResult, results: Sequence[BranchResult], cfg: CompareConfig) -> Flag | None:
+    """``class_collapse`` when some class's recall is near zero in ``result`` but fine in another branch, naming the classes."""
+    mine = result.class_recall()
+    collapsed = {}
+    for cls, recall in mine.items():
+        best = max((r.class_recall().get(cls, 0.0) for r in results if r is not result), default=0.0)
+        if recall <= cfg.collapsed_recall and best >= cfg.collapse_reference:
+            collapsed[cls] = {"recall": recall, "best_elsewhere": best}
+    if not collapsed:
+        return None
+    named = ", ".join(f"{c} ({v['recall']:.2f} here, {v['best_elsewhere']:.2f} in another branch)" for c, v in sorted(collapsed.items()))
+    message = f"per-class recall collapsed for {named}: the recipe wipes out these classes; weaken it or check their labels"
+    return Flag("class_collapse", message, {"classes": collapsed})
+
+
 def under_fitting(result: BranchResult, winner: BranchResult, cfg: CompareConfig) -> Flag | None:
     """``under_fitted`` when ``result`` trains to a much higher loss and a lower accuracy than ``winner`` (module docstring)."""
     if result is winner:
@@ -318,7 +351,10 @@ def _read_branch(name: str, prefix: str, settings: Mapping[str, Any]) -> tuple[B
     config = dict(manifest.get("config") or {})
     # The values as the branch trained with them (kfp hands the plan's numbers over as floats), in grid key order.
     shown = {k: config.get(GRID_KEYS[k], settings[k]) for k in GRID_KEYS if k in settings}
-    result = BranchResult(name, storage.normalize_uri(prefix), shown, history, config, kept=dict(metrics.get("kept") or {}))
+    kept_epoch = (metrics.get("selection") or {}).get("epoch")
+    result = BranchResult(
+        name, storage.normalize_uri(prefix), shown, history, config, kept=dict(metrics.get("kept") or {}), kept_epoch=kept_epoch
+    )
     return result, manifest, metrics
 
 
@@ -417,7 +453,8 @@ def compare(
     ranked = rank([r for r, _, _ in read.values()], keys)
     best = ranked[0]
     for r in ranked:
-        r.flags = [f for f in (diagnose(r.history, cfg), under_fitting(r, best, cfg)) if f is not None]
+        checks = (diagnose(r.history, cfg), under_fitting(r, best, cfg), class_collapse(r, ranked, cfg))
+        r.flags = [f for f in checks if f is not None]
     winner = winner_config(best.config)
     result = {
         "ranked_by": list(keys), "imbalanced": imbalanced, "imbalance": ratio, "class_counts": class_counts(first_metrics),
