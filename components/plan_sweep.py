@@ -22,6 +22,12 @@ def plan_sweep(
     grid_mixup_prob: list,
     grid_switch_prob: list,
     grid_label_smoothing: list,
+    grid_lr: list,
+    grid_weight_decay: list,
+    grid_epochs: list,
+    grid_model: list,
+    grid_freeze_backbone_epochs: list,
+    grid_class_weights: list,
     # The typed train parameters, as the train component takes them (None: TrainConfig's default).
     model_name: Optional[str] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
     epochs: Optional[int] = None,  # noqa: UP045
@@ -42,6 +48,8 @@ def plan_sweep(
     axes = {
         "policy": grid_policy, "randaugment_n": grid_randaugment_n, "randaugment_m": grid_randaugment_m,
         "mixup_alpha": grid_mixup_alpha, "cutmix_alpha": grid_cutmix_alpha, "mixup_prob": grid_mixup_prob,
-        "switch_prob": grid_switch_prob, "label_smoothing": grid_label_smoothing,
+        "switch_prob": grid_switch_prob, "label_smoothing": grid_label_smoothing, "lr": grid_lr,
+        "weight_decay": grid_weight_decay, "epochs": grid_epochs, "model": grid_model,
+        "freeze_backbone_epochs": grid_freeze_backbone_epochs, "class_weights": grid_class_weights,
     }  # fmt: skip
     return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes))

@@ -53,8 +53,20 @@ def test_an_unknown_key_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"grid\[0\]: unknown grid key 'seed'; valid keys: policy, randaugment_n") as err:
         expand_grid([{"seed": 3}])
     assert all(key in str(err.value) for key in GRID_KEYS)
-    with pytest.raises(ValueError, match="unknown grid key 'lr'"):
-        expand_grid(None, {"lr": [0.1, 0.01]})
+    with pytest.raises(ValueError, match="unknown grid key 'learning_rate'"):
+        expand_grid(None, {"learning_rate": [0.1, 0.01]})
+
+
+def test_the_schedule_is_sweepable_too():
+    branches = expand_grid(None, {"lr": [1e-3, 3e-4], "model": ["tiny_cnn"], "freeze_backbone_epochs": [0, 2]})
+    assert len(branches) == 4 and {b.settings["lr"] for b in branches} == {1e-3, 3e-4}
+    from imgpipe.sweep import plan
+
+    items = plan("file:///data/resize", None, {"lr": [1e-3, 3e-4], "class_weights": ["none", "balanced"]}, None)
+    recipes = [i["step_config"]["train"] for i in items]
+    assert {(r["lr"], r["class_weights"]) for r in recipes} == {(1e-3, "none"), (1e-3, "balanced"), (3e-4, "none"), (3e-4, "balanced")}
+    with pytest.raises(ValueError, match="class_weights"):
+        plan("file:///data/resize", None, {"class_weights": ["inverse"]}, None)
 
 
 @pytest.mark.parametrize(
@@ -122,11 +134,11 @@ def test_plan_builds_every_branch_config_and_names_the_branch_it_refuses():
     with pytest.raises(ValueError, match="mixup_prob is a probability"):
         plan("", [{"mixup_prob": 1.5}], None, None, **NAMED)
     # Settings the policy ignores would train the same recipe twice: refused.
-    with pytest.raises(ValueError, match="branches b00 and b01 have the same effective augmentation recipe"):
+    with pytest.raises(ValueError, match="branches b00 and b01 have the same effective recipe"):
         plan("", [{"policy": "basic", "randaugment_m": 5}, {"policy": "basic", "randaugment_m": 15}], None, None, **NAMED)
-    with pytest.raises(ValueError, match="same effective augmentation recipe"):
+    with pytest.raises(ValueError, match="same effective recipe"):
         plan("", None, {"mixup_prob": [0.5, 1.0]}, {"train": {"mixup": 0, "cutmix": 0}}, **NAMED)
-    with pytest.raises(ValueError, match="same effective augmentation recipe"):
+    with pytest.raises(ValueError, match="same effective recipe"):
         plan("", [{}, {"randaugment_m": 9}], None, None, **NAMED)  # 9 is the default
     with pytest.raises(TypeError, match=r"step_config\['train'\] must be a mapping"):
         plan("", [{}], None, {"train": [1]}, **NAMED)

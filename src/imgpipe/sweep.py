@@ -65,7 +65,9 @@ log = logging.getLogger(__name__)
 SWEEP_PIPELINE_NAME = "imgpipe-sweep"
 # Grid key -> the TrainConfig field it sets. The sweepable part of the augmentation recipe:
 # RandAugment's policy, N and M; MixUp/CutMix alphas and probabilities (timm's names:
-# mixup_alpha, cutmix_alpha, prob, switch_prob in timm data/mixup.py Mixup); label smoothing.
+# mixup_alpha, cutmix_alpha, prob, switch_prob in timm data/mixup.py Mixup); label smoothing;
+# and the training schedule around it: learning rate, weight decay, epochs, the model, the
+# linear-probe-then-unfreeze schedule (epochs with a frozen backbone) and class weights.
 GRID_KEYS: dict[str, str] = {
     "policy": "aug_policy",
     "randaugment_n": "randaugment_n",
@@ -75,13 +77,21 @@ GRID_KEYS: dict[str, str] = {
     "mixup_prob": "mixup_prob",
     "switch_prob": "mixup_switch_prob",
     "label_smoothing": "label_smoothing",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "epochs": "epochs",
+    "model": "model",
+    "freeze_backbone_epochs": "freeze_backbone_epochs",
+    "class_weights": "class_weights",
 }
 # The optional branch name in an explicit grid entry.
 NAME_KEY = "name"
 # The TrainConfig fields of the whole augmentation recipe: what the winner's config carries
 # (the grid's fields and the rest of AugmentConfig's, under their TrainConfig names).
+# epochs is left out even when swept: a sweep's runs are short on purpose, and a full run sets
+# its own (the ranking still shows what each branch trained).
 RECIPE_FIELDS: tuple[str, ...] = (
-    *GRID_KEYS.values(),
+    *(f for f in GRID_KEYS.values() if f != "epochs"),
     "hflip", "color_jitter", "grayscale_p", "blur_p", "rotation", "random_erasing", "crop_scale",
 )  # fmt: skip
 # Short runs: a sweep ranks settings, the winner then trains in full.
@@ -293,9 +303,9 @@ def plan(
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"branch {branch.label()}: {exc}") from None
         items.append({"branch": branch.name, "resized": resized, "settings": branch.settings, "step_config": own})
-        recipes.append((branch.name, _effective({k: getattr(cfg, k) for k in RECIPE_FIELDS})))
+        recipes.append((branch.name, _effective({k: getattr(cfg, k) for k in (*RECIPE_FIELDS, "epochs")})))
         log.info("sweep: branch %s -> %s", branch.label(), recipes[-1][1])
-    _check_distinct(recipes, "the same effective augmentation recipe (a grid value that the policy ignores?)")
+    _check_distinct(recipes, "the same effective recipe (a grid value that the policy ignores?)")
     return items
 
 
