@@ -61,24 +61,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from prepared import prepare  # bench/ is the script's folder, on sys.path
+
     from imgpipe import storage
     from imgpipe.clean.config import CleanConfig
-    from imgpipe.data.synth import SynthConfig, generate
-    from imgpipe.resize.spec import ResizeConfig
-    from imgpipe.steps.clean import clean
-    from imgpipe.steps.download import DownloadConfig, download
-    from imgpipe.steps.resize import resize
     from imgpipe.steps.train import train
     from imgpipe.train.config import TrainConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="imgpipe-bench-balance-"))
     root = "file://" + str(work)
     started = time.monotonic()
-    generate(storage.join(root, "synth"), SynthConfig(classes=12, per_class=args.per_class, seed=args.seed), progress=False)
-    download(storage.join(root, "synth", "images.tar.gz"), storage.join(root, "download"), DownloadConfig())
-    clean(storage.join(root, "download"), storage.join(root, "clean"), CleanConfig(split=(0.6, 0.2, 0.2)))
-    resize(storage.join(root, "clean"), storage.join(root, "resize"), ResizeConfig(size=64, progress_bars=False))
-    minority = _imbalanced(storage.join(root, "resize"), storage.join(root, "imbalanced"), args.keep, args.seed)
+    resized = prepare(root, per_class=args.per_class, seed=args.seed, size=64, clean_cfg=CleanConfig(split=(0.6, 0.2, 0.2)))
+    minority = _imbalanced(resized, storage.join(root, "imbalanced"), args.keep, args.seed)
     results = {}
     for weights in ("none", "balanced"):
         out = storage.join(root, f"train-{weights}")

@@ -20,7 +20,6 @@ The fold data travels in the loop items for the reason the sweep's resize prefix
 (``kfp.local`` replaces a loop iteration's task-output inputs with the item).
 """
 
-import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,27 +27,23 @@ from typing import Any, NamedTuple
 
 from imgpipe.components.audit_labels import audit_labels
 from imgpipe.components.plan_folds import plan_folds
-from imgpipe.components.train import train
 from imgpipe.pipelines.imgpipe_pipeline import (
-    PipelineOptions,
     Resources,
     _configure,
-    _schedule_on_gpu,
     build_pipeline,
     data_steps,
     pipeline_docstring,
     write_package,
 )
-from imgpipe.pipelines.imgpipe_sweep import _typed_train_inputs
+from imgpipe.pipelines.imgpipe_sweep import SweepOptions, base_options, train_each
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Metrics
 
 from imgpipe.config import field_docs, plain_text
 from imgpipe.steps.audit import AUDIT_PIPELINE_NAME, AuditConfig
 
-__all__ = ["AUDIT_PIPELINE_NAME", "DEFAULT_PARALLELISM", "AuditOptions", "build_audit_pipeline", "compile_audit"]
+__all__ = ["AuditOptions", "build_audit_pipeline", "compile_audit"]
 
-DEFAULT_PARALLELISM = 2
 AUDIT_PARAMETERS = {"folds": int, "filter_by": str}
 _DATA_PARAMETERS = tuple(p for p in inspect.signature(data_steps).parameters if p != "options")
 
@@ -59,22 +54,12 @@ def _default_resources() -> dict[str, Resources]:
 
 
 @dataclass(frozen=True)
-class AuditOptions:
-    """What is fixed when the audit is compiled.
+class AuditOptions(SweepOptions):
+    """What is fixed when the audit is compiled: the sweep's options (the main pipeline's,
+    ``parallelism``: folds training at once, each with the train task's GPUs), with the
+    ``plan_folds`` and ``audit_labels`` tasks' resources."""
 
-    Attributes:
-        pipeline: The main pipeline's options (images, resources, retries, GPU, caching).
-        parallelism: Folds training at once (each asks for the train task's GPUs).
-        resources: Requests and limits of the ``plan_folds`` and ``audit_labels`` tasks.
-    """
-
-    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
-    parallelism: int = DEFAULT_PARALLELISM
     resources: dict = field(default_factory=_default_resources)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.parallelism, bool) or not isinstance(self.parallelism, int) or self.parallelism < 1:
-            raise ValueError(f"parallelism must be an integer >= 1 (folds training at once), got {self.parallelism!r}")
 
 
 class Outputs(NamedTuple):
@@ -99,7 +84,7 @@ def _signature(main: inspect.Signature) -> inspect.Signature:
 def build_audit_pipeline(options: AuditOptions | None = None) -> dsl.graph_component.GraphComponent:
     """The audit pipeline for ``options`` (defaults: the main pipeline's, parallelism 2)."""
     options = options or AuditOptions()
-    base = dataclasses.replace(options.pipeline, resources={**options.pipeline.resources, **options.resources})
+    base = base_options(options)
     images = base.images
     signature = _signature(inspect.signature(build_pipeline(options.pipeline).pipeline_func))
 
@@ -110,15 +95,7 @@ def build_audit_pipeline(options: AuditOptions | None = None) -> dsl.graph_compo
         planned = plan_folds(resized=resized, data_root=p["data_root"], run_id=run_id, folds=p["folds"], seed=p["seed"],
                              step_config=p["step_config"])  # fmt: skip
         _configure(planned, "plan_folds", images.cpu, base, base.retry)
-        typed = _typed_train_inputs(p)
-        with dsl.ParallelFor(planned.output, parallelism=options.parallelism, name="folds") as item:
-            tr = train(
-                resized=item.resized, data_root=p["data_root"], run_id=run_id, branch=item.branch,
-                step_config=item.step_config, **typed,
-            )  # fmt: skip
-            _configure(tr, "train", images.gpu, base, base.train_retry)
-            if base.gpu is not None:
-                _schedule_on_gpu(tr, base.gpu)
+        tr = train_each(planned.output, p, run_id, base, options.parallelism, "folds")
         ranked = audit_labels(branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"],
                               run_id=run_id, filter_by=p["filter_by"])  # fmt: skip
         _configure(ranked, "audit_labels", images.gpu, base, base.retry)

@@ -71,6 +71,8 @@ __all__ = [
     "SweepOptions",
     "build_sweep_pipeline",
     "compile_sweep",
+    "base_options",
+    "train_each",
 ]
 
 # Branches (each one GPU) training at once unless the package says otherwise.
@@ -151,10 +153,35 @@ def _typed_train_inputs(params: dict[str, Any]) -> dict[str, Any]:
     return {**typed, "model_name": params["model"]}
 
 
+def base_options(options: SweepOptions) -> PipelineOptions:
+    """The main pipeline's options with the fan-out pipeline's own tasks' resources added."""
+    return dataclasses.replace(options.pipeline, resources={**options.pipeline.resources, **options.resources})
+
+
+def train_each(items: Any, p: dict[str, Any], run_id: Any, base: PipelineOptions, parallelism: int, name: str) -> dsl.PipelineTask:
+    """A ``ParallelFor`` of train tasks over plan ``items`` (the sweep's branches, the audit's folds).
+
+    Each takes its data, branch name and ``step_config`` from the item and the typed train
+    parameters from the run (:func:`_typed_train_inputs`); at most ``parallelism`` at once.
+
+    Returns:
+        The loop's train task (for ``dsl.Collected`` of its outputs).
+    """
+    with dsl.ParallelFor(items, parallelism=parallelism, name=name) as item:
+        tr = train(
+            resized=item.resized, data_root=p["data_root"], run_id=run_id, branch=item.branch,
+            step_config=item.step_config, **_typed_train_inputs(p),
+        )  # fmt: skip
+        _configure(tr, "train", base.images.gpu, base, base.train_retry)
+        if base.gpu is not None:
+            _schedule_on_gpu(tr, base.gpu)
+    return tr
+
+
 def build_sweep_pipeline(options: SweepOptions | None = None) -> dsl.graph_component.GraphComponent:
     """The sweep pipeline for ``options`` (defaults: the main pipeline's, parallelism 2)."""
     options = options or SweepOptions()
-    base = dataclasses.replace(options.pipeline, resources={**options.pipeline.resources, **options.resources})
+    base = base_options(options)
     images = base.images
     signature = _signature(inspect.signature(build_pipeline(options.pipeline).pipeline_func))
 
@@ -165,14 +192,7 @@ def build_sweep_pipeline(options: SweepOptions | None = None) -> dsl.graph_compo
         typed = _typed_train_inputs(p)
         planned = plan_sweep(resized=resized, step_config=p["step_config"], **typed, **{g: p[g] for g in GRID_PARAMETERS})
         _configure(planned, "plan", images.gpu, base, base.retry)
-        with dsl.ParallelFor(planned.output, parallelism=options.parallelism, name="branches") as item:
-            tr = train(
-                resized=item.resized, data_root=p["data_root"], run_id=run_id, branch=item.branch,
-                step_config=item.step_config, **typed,
-            )  # fmt: skip
-            _configure(tr, "train", images.gpu, base, base.train_retry)
-            if base.gpu is not None:
-                _schedule_on_gpu(tr, base.gpu)
+        tr = train_each(planned.output, p, run_id, base, options.parallelism, "branches")
         cmp = compare(
             branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"], run_id=run_id
         )
