@@ -53,24 +53,23 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from prepared import (  # bench/ is the script's folder, on sys.path
+        clean_and_resize,
+        download_synth,
+    )
+
     from imgpipe import contract, storage
     from imgpipe.clean.config import CleanConfig
     from imgpipe.data.labels import oxford_label
-    from imgpipe.data.synth import SynthConfig, generate
-    from imgpipe.resize.spec import ResizeConfig
     from imgpipe.steps.audit import LABEL_ISSUES, AuditConfig, make_folds, rank_label_issues
-    from imgpipe.steps.clean import clean
-    from imgpipe.steps.download import DownloadConfig, download
-    from imgpipe.steps.resize import resize
     from imgpipe.steps.train import train
     from imgpipe.train.config import TrainConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="imgpipe-bench-audit-"))
     root = "file://" + str(work)
     started = time.monotonic()
-    generate(storage.join(root, "synth"), SynthConfig(classes=12, per_class=args.per_class, seed=args.seed), progress=False)
-    download(storage.join(root, "synth", "images.tar.gz"), storage.join(root, "download"), DownloadConfig())
-    index = contract.data_files(storage.join(root, "download"), contract.read_manifest(storage.join(root, "download")))
+    downloaded = download_synth(root, per_class=args.per_class, seed=args.seed)
+    index = contract.data_files(downloaded, contract.read_manifest(downloaded))
     paths = [p for uri in index for p in pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["path"]).column("path").to_pylist()]
     label_of = {p: oxford_label(p) for p in paths}
     labelled = [p for p in paths if label_of[p]]
@@ -78,10 +77,9 @@ def main() -> int:
     text, flipped = _flip_csv(labelled, classes, label_of, args.flip, args.seed)
     overrides = storage.join(root, "flipped.csv")
     storage.write_bytes(overrides, text.encode())
-    clean(storage.join(root, "download"), storage.join(root, "clean"), CleanConfig(label_overrides=overrides))
-    resize(storage.join(root, "clean"), storage.join(root, "resize"), ResizeConfig(size=args.size, progress_bars=False))
+    resized = clean_and_resize(root, size=args.size, clean_cfg=CleanConfig(label_overrides=overrides))
     cfg = AuditConfig(folds=args.folds, seed=args.seed)
-    folds = make_folds(storage.join(root, "resize"), storage.join(root, "folds"), cfg)
+    folds = make_folds(resized, storage.join(root, "folds"), cfg)
     recipe = TrainConfig(model=args.model, epochs=args.epochs, batch_size=32, lr=2e-3, warmup_epochs=0.5, num_workers=0, device="cpu",
                          aug_policy="basic", mixup=0.0, cutmix=0.0, random_erasing=0.0, predictions_probs=True)  # fmt: skip
     models = []

@@ -268,7 +268,7 @@ def _gallery(suspects: Sequence[Mapping[str, Any]], fold_models: Sequence[str], 
     """The most suspect images with their given and suggested labels, as one page."""
     from imgpipe.report.training import gallery_png
     from imgpipe.train.loader import read_rows
-    from imgpipe.train.partition import describe_split
+    from imgpipe.train.partition import describe_split, read_split_columns
 
     parts = [htmlpage.section("Suspected label errors", note=(
         f"{len(suspects)} most suspect of {total} train images, ranked by cleanlab's self-confidence "
@@ -280,9 +280,7 @@ def _gallery(suspects: Sequence[Mapping[str, Any]], fold_models: Sequence[str], 
         for prefix in fold_models:
             data = json.loads(storage.read_bytes(storage.join(prefix, contract.MODEL_CARD)))["data"]["uri"]
             info = describe_split(data, "val", contract.read_manifest(data))
-            paths = pa.concat_tables(
-                pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["path"]) for u in dict.fromkeys(g.file for g in info.row_groups)
-            ).column("path").to_pylist()
+            paths = read_split_columns(info, ["path"]).column("path").to_pylist()
             at = [i for i, p in enumerate(paths) if p in wanted]
             images.update(zip((paths[i] for i in at), read_rows(info, at)))
         rows = [(f"#{i + 1}", [(images[s["path"]], f"given {s['given_label']}\nsuggested {s['suggested_label']}\nquality {s['label_quality']:.2f}")])

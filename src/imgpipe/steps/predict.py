@@ -41,6 +41,7 @@ from imgpipe import contract, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
 from imgpipe.raysession import ray_session
 from imgpipe.train.card import eval_view, read_card, to_input
+from imgpipe.train.scores import confusion_scores, top_k_columns
 
 __all__ = ["PREDICT_SCHEMA", "PredictConfig", "predict"]
 
@@ -191,7 +192,6 @@ class _Predictor:
         self.batch_size, self.top_k = int(cfg["batch_size"]), int(cfg["top_k"])
         spec = self.card["input"]
         self.size, self.channels, self.short = int(spec["size"]), int(spec["channels"]), int(spec["resize_short_side"])
-        self.names = np.asarray(self.card["classes"], dtype=object)
 
     def _columns(self) -> list[str]:
         base = ["path", "sha256"]
@@ -234,7 +234,7 @@ class _Predictor:
             except Exception as exc:  # noqa: BLE001 - one image, not the run: a reject with its reason
                 rejects.append({"path": row["path"], "reason": "undecodable", "detail": f"{type(exc).__name__}: {exc}"[:300]})
         probs = [self._run(views[i : i + self.batch_size]) for i in range(0, len(views), self.batch_size)]
-        result = self._table(good, np.concatenate(probs) if probs else np.zeros((0, len(self.names)), np.float32))
+        result = self._table(good, np.concatenate(probs) if probs else np.zeros((0, len(self.card["classes"])), np.float32))
         return {"result": np.array([json.dumps({"rows": len(rows), "rejects": rejects})]),
                 "table": np.array([contract.table_to_parquet_bytes(result)], dtype=object)}  # fmt: skip
 
@@ -244,42 +244,26 @@ class _Predictor:
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def _table(self, rows: Sequence[Mapping[str, Any]], probs: np.ndarray) -> pa.Table:
-        n, k = len(rows), min(self.top_k, probs.shape[1])
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        top_probs = np.take_along_axis(probs, top, axis=1)
-        offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-        return pa.table(
-            {
-                "path": [r["path"] for r in rows],
-                "sha256": [r.get("sha256") for r in rows],
-                "split": [r.get("split") for r in rows],
-                "label": [r.get("label") for r in rows],
-                "predicted": pa.array(top[:, 0].astype(np.int32)) if n else pa.array([], pa.int32()),
-                "predicted_name": self.names[top[:, 0]].tolist() if n else [],
-                "confidence": pa.array(top_probs[:, 0]) if n else pa.array([], pa.float32()),
-                "top_classes": pa.ListArray.from_arrays(offsets, pa.array(self.names[top.reshape(-1)].tolist(), pa.string())),
-                "top_probs": pa.ListArray.from_arrays(offsets, pa.array(top_probs.reshape(-1).astype(np.float32))),
-            },
-            schema=PREDICT_SCHEMA,
-        )
+        columns = {
+            "path": [r["path"] for r in rows],
+            "sha256": [r.get("sha256") for r in rows],
+            "split": [r.get("split") for r in rows],
+            "label": [r.get("label") for r in rows],
+            **top_k_columns(probs, self.card["classes"], self.top_k),
+        }
+        return pa.table(columns, schema=PREDICT_SCHEMA)
 
 
 # ----------------------------------------------------------------------------------------
 # The driver.
 
 
-def _scores(tally: Mapping[str, np.ndarray], classes: int) -> dict[str, Any]:
-    """Accuracy and macro-F1 per split, from ``split -> confusion matrix``."""
+def _scores(tally: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Accuracy and macro-F1 per split, from ``split -> confusion matrix`` (as evaluation computes them)."""
     out = {}
     for split, cm in tally.items():
-        tp = np.diag(cm).astype(float)
-        support, predicted = cm.sum(1), cm.sum(0)
-        recall = np.where(support > 0, tp / np.maximum(support, 1), 0)
-        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
-        present = (support + predicted) > 0
-        out[split] = {"images": int(cm.sum()), "accuracy": float(tp.sum() / max(cm.sum(), 1)),
-                      "macro_f1": float(f1[present].mean()) if present.any() else 0.0}  # fmt: skip
+        accuracy, macro_f1, _ = confusion_scores(cm)
+        out[split] = {"images": int(cm.sum()), "accuracy": accuracy, "macro_f1": macro_f1}
     return out
 
 
@@ -356,7 +340,7 @@ def predict(model: str, data: str, dest: str, cfg: PredictConfig | None = None) 
         report = out.commit(
             inputs=inputs, rejects=rejects, config=cfg,
             extra={"model": model, "architecture": card["architecture"], "classes": card["classes"], "input_kind": spec.kind,
-                   "scores": _scores(confusion, n_classes), "seconds": round(time.monotonic() - started, 3)},
+                   "scores": _scores(confusion), "seconds": round(time.monotonic() - started, 3)},
             upstream={"source": source, "step": spec.kind},
         )  # fmt: skip
     log.info("predict: %d images -> %d predictions, %d rejected -> %s", inputs, report.outputs, report.rejected, dest)

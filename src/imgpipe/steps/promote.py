@@ -24,13 +24,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from imgpipe import contract, storage
 from imgpipe.config import config_to_yaml
 from imgpipe.contract import StepReport
 from imgpipe.report import html as htmlpage
-from imgpipe.train.partition import describe_split
+from imgpipe.train.partition import describe_split, read_split_columns
 
 __all__ = ["PROMOTION_JSON", "PROMOTION_HTML", "PromoteConfig", "Decision", "promote", "read_decision"]
 
@@ -104,11 +102,8 @@ def _images_digest(data: str, split: str) -> tuple[int, str]:
     """How many images the split has, and a digest of their sha256 values in file order."""
     info = describe_split(data, split, contract.read_manifest(data))
     digest = hashlib.sha256()
-    for uri in dict.fromkeys(g.file for g in info.row_groups):
-        fs, path = storage.arrow_filesystem(uri)
-        with fs.open_input_file(path) as fh:
-            for sha in pq.read_table(fh, columns=["sha256"]).column("sha256").to_pylist():
-                digest.update(sha.encode())
+    for sha in read_split_columns(info, ["sha256"]).column("sha256").to_pylist():
+        digest.update(sha.encode())
     return info.num_samples, digest.hexdigest()
 
 

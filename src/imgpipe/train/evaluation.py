@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgpipe.train.distributed import DistInfo, all_gather_rows
+from imgpipe.train.scores import confusion_scores
 
 __all__ = ["EvalRows", "EvalResult", "average_precision", "macro_average_precision", "evaluate"]
 
@@ -92,20 +93,6 @@ class EvalResult:
             "images": self.images,
             "confusion": self.confusion,
         }
-
-
-def _confusion_metrics(confusion: torch.Tensor) -> tuple[float, float, list[float | None]]:
-    cm = confusion.double()
-    tp = cm.diag()
-    support, predicted = cm.sum(1), cm.sum(0)
-    total = cm.sum().item()
-    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
-    present = (support + predicted) > 0
-    macro_f1 = f1[present].mean().item() if present.any() else 0.0
-    per_class = [r if s > 0 else None for r, s in zip(recall.tolist(), support.tolist())]
-    return (tp.sum().item() / total if total else 0.0), macro_f1, per_class
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float | None:
@@ -198,7 +185,7 @@ def evaluate(
         dist.all_reduce(confusion)
         dist.all_reduce(loss_sum)
     images = int(confusion.sum().item())
-    accuracy, macro_f1, recall = _confusion_metrics(confusion)
+    accuracy, macro_f1, recall = confusion_scores(confusion.cpu().numpy())
     all_scores = all_gather_rows(torch.cat(scores), ctx).cpu().numpy()
     all_targets = all_gather_rows(torch.cat(targets), ctx).cpu().numpy()
     pr_auc, per_class_ap = macro_average_precision(all_scores, all_targets)

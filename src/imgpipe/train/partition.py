@@ -35,12 +35,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgpipe import contract, storage
 from imgpipe.train.config import LoaderConfig
 
 __all__ = [
+    "read_split_columns",
     "read_split_labels",
     "LABELS_FILE",
     "RowGroup",
@@ -126,14 +128,21 @@ class SplitInfo:
         return sum(g.rows for g in self.row_groups)
 
 
-def read_split_labels(info: SplitInfo) -> np.ndarray:
-    """The ``label`` of every row of a split, in file order (one column read per file)."""
-    parts = []
+def read_split_columns(info: SplitInfo, columns: Sequence[str]) -> pa.Table:
+    """``columns`` of every row of a split, in file order (the loader's row indexes); no image bytes."""
+    tables = []
     for uri in dict.fromkeys(g.file for g in info.row_groups):
         fs, path = storage.arrow_filesystem(uri)
         with fs.open_input_file(path) as fh:
-            parts.append(pq.read_table(fh, columns=["label"]).column("label").to_numpy())
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            tables.append(pq.read_table(fh, columns=list(columns)))
+    if not tables:
+        raise ValueError(f"split {info.split} of {info.data} has no data files")
+    return pa.concat_tables(tables)
+
+
+def read_split_labels(info: SplitInfo) -> np.ndarray:
+    """The ``label`` of every row of a split, in file order."""
+    return read_split_columns(info, ["label"]).column("label").to_numpy()
 
 
 def read_labels(data: str, manifest: Mapping[str, Any] | None = None) -> list[str]:

@@ -16,11 +16,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from imgpipe import storage
 from imgpipe.train.evaluation import EvalRows
-from imgpipe.train.partition import SplitInfo
+from imgpipe.train.partition import SplitInfo, read_split_columns
+from imgpipe.train.scores import top_k_columns
 
 __all__ = ["TOP_K", "PREDICTION_SCHEMA", "predictions_table", "worst_per_class", "confused_pairs"]
 
@@ -45,16 +44,6 @@ PREDICTION_SCHEMA = pa.schema(
 )
 
 
-def _identity_columns(info: SplitInfo) -> pa.Table:
-    """``path`` and ``sha256`` of every row of the split, in file order (the loader's indexes)."""
-    tables = []
-    for uri in dict.fromkeys(g.file for g in info.row_groups):
-        fs, path = storage.arrow_filesystem(uri)
-        with fs.open_input_file(path) as fh:
-            tables.append(pq.read_table(fh, columns=["path", "sha256"]))
-    return pa.concat_tables(tables)
-
-
 def predictions_table(split: str, info: SplitInfo, rows: EvalRows, labels: Sequence[str], probs: bool = False) -> pa.Table:
     """The per-image predictions of one split, in file order; with ``probs``, every class's probability too.
 
@@ -66,14 +55,11 @@ def predictions_table(split: str, info: SplitInfo, rows: EvalRows, labels: Seque
         raise ValueError(f"evaluation rows of {split} do not name distinct rows of its {info.num_samples} images")
     order = np.argsort(index, kind="stable")
     index, label, probs_all, loss = index[order], rows.label[order], rows.probs[order], rows.loss[order]
-    ids = _identity_columns(info).take(pa.array(index))
-    k = min(TOP_K, probs_all.shape[1])
-    top = np.argsort(-probs_all, axis=1, kind="stable")[:, :k]
-    top_probs = np.take_along_axis(probs_all, top, axis=1).astype(np.float32)
+    ids = read_split_columns(info, ["path", "sha256"]).take(pa.array(index))
     names = np.asarray(labels, dtype=object)
-    predicted = top[:, 0]
+    top = top_k_columns(probs_all, labels, TOP_K)
+    predicted = top["predicted"].to_numpy()
     n = len(index)
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
     columns = {
         "split": pa.array([split] * n, pa.string()),
         "index": pa.array(index, pa.int64()),
@@ -81,11 +67,7 @@ def predictions_table(split: str, info: SplitInfo, rows: EvalRows, labels: Seque
         "sha256": ids.column("sha256").combine_chunks(),
         "label": pa.array(label.astype(np.int32)),
         "label_name": pa.array(names[label].tolist(), pa.string()),
-        "predicted": pa.array(predicted.astype(np.int32)),
-        "predicted_name": pa.array(names[predicted].tolist(), pa.string()),
-        "confidence": pa.array(top_probs[:, 0] if n else np.zeros(0, np.float32)),
-        "top_classes": pa.ListArray.from_arrays(offsets, pa.array(names[top.reshape(-1)].tolist(), pa.string())),
-        "top_probs": pa.ListArray.from_arrays(offsets, pa.array(top_probs.reshape(-1))),
+        **top,
         "loss": pa.array(loss.astype(np.float32)),
         "correct": pa.array(predicted == label),
     }
