@@ -128,7 +128,8 @@ def test_clean_report_counts_histograms_thumbnails_and_rejects(outputs):
     _assert_safe_page(page)
     for title in ("Rejects by reason", "Images per class and split", "Images per class", "Rejected images", "Sample rows"):
         assert f"<h2>{title}</h2>" in page
-    assert page.count("<svg") == 1 and page.count("data:image/jpeg;base64,") >= 3 * 4 + 1
+    # one chart of images per class and split, five of the quality measures (brightness ... aspect)
+    assert page.count("<svg") == 6 and page.count("data:image/jpeg;base64,") >= 3 * 4 + 1
 
 
 def test_text_is_aligned_and_inert_in_a_terminal(outputs):

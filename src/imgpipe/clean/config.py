@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from imgpipe.clean.neardup import MAX_DISTANCE
+from imgpipe.clean.quality import OUTLIERS
 from imgpipe.data.images import DEFAULT_FORMATS, check_formats
 from imgpipe.data.labels import LabelSource
 
@@ -63,6 +65,33 @@ class CleanConfig:
             image moves between train and test across runs. Everything else is cleaned
             as usual; labels and the shuffled order are computed over the union. The
             previous output must have been cleaned with the same image settings.
+        near_duplicates: What to do with near-duplicates (images whose perceptual hashes,
+            or one's and the other's mirrored, differ in at most ``near_duplicate_distance``
+            bits): ``reject`` keeps the first of each group in the shuffled order (a carried
+            image before others) and rejects the rest as ``near_duplicate``; ``group`` keeps
+            them all, each group in its first image's split, so no group spans train and
+            test; ``off`` does neither.
+        near_duplicate_distance: Largest Hamming distance between two 64-bit pHashes of
+            near-duplicates, 0..32 (0: same hash only; pHashes differ in even numbers of
+            bits, so 2 means 2 or 3). At 2 a JPEG re-encode is found nearly always and a 10%
+            resize or a mirror image about 9 times in 10 on the synthetic sample; at 4, 99
+            in 100, but two distinct images of the 3,705 of ``bench/clean.py``'s sample meet.
+        outlier_z: Robust z-score (median and MAD over the dataset) past which an image is
+            flagged ``dark``, ``overexposed``, ``blurry``, ``low_information`` or
+            ``odd_aspect`` in the manifest; flagged images are kept unless a
+            ``reject_*`` threshold says otherwise.
+        blank_std: Images whose grey standard deviation (0..255, on a 64-pixel thumbnail)
+            is below this are rejected ``blank``; 0 rejects none.
+        reject_dark: Robust z-score of low brightness past which an image is rejected
+            ``dark``; unset: such images are only flagged.
+        reject_overexposed: Robust z-score of high brightness past which an image is
+            rejected ``overexposed``; unset: flagged only.
+        reject_blurry: Robust z-score of low (log) variance of the Laplacian past which an
+            image is rejected ``blurry``; unset: flagged only.
+        reject_low_information: Robust z-score of low grey-histogram entropy past which an
+            image is rejected ``low_information``; unset: flagged only.
+        reject_odd_aspect: Robust z-score of the (log) aspect ratio, either way, past which
+            an image is rejected ``odd_aspect``; unset: flagged only.
     """
 
     grayscale: bool = False
@@ -83,6 +112,19 @@ class CleanConfig:
     annotations: str | None = None
     split_from: Literal["random", "annotations"] = "random"
     skip_hashes_from: str | None = None
+    near_duplicates: Literal["reject", "group", "off"] = "reject"
+    near_duplicate_distance: int = 2
+    outlier_z: float = 3.5
+    blank_std: float = 1.0
+    reject_dark: float | None = None
+    reject_overexposed: float | None = None
+    reject_blurry: float | None = None
+    reject_low_information: float | None = None
+    reject_odd_aspect: float | None = None
+
+    def reject_z(self) -> dict[str, float | None]:
+        """The ``reject_<reason>`` thresholds by outlier reason (:data:`imgpipe.clean.quality.OUTLIERS`)."""
+        return {o.reason: getattr(self, f"reject_{o.reason}") for o in OUTLIERS}
 
     def __post_init__(self) -> None:
         if len(self.split) != 3 or any(f < 0 for f in self.split):
@@ -116,3 +158,20 @@ class CleanConfig:
             raise ValueError(f"image_timeout_s must be >= 0 (0 = no limit), got {self.image_timeout_s}")
         if self.rows_per_shard < 1 or self.row_group_rows < 1 or self.row_group_bytes < 1:
             raise ValueError("rows_per_shard, row_group_rows and row_group_bytes must be >= 1")
+        if self.near_duplicates not in ("reject", "group", "off"):
+            raise ValueError(f"near_duplicates must be reject, group or off, got {self.near_duplicates!r}")
+        if isinstance(self.near_duplicate_distance, bool) or not 0 <= self.near_duplicate_distance <= MAX_DISTANCE:
+            raise ValueError(
+                f"near_duplicate_distance must be an integer within 0..{MAX_DISTANCE} bits of a 64-bit hash"
+                f" (unrelated images differ by ~32), got {self.near_duplicate_distance!r};"
+                " near_duplicates=off turns the search off"
+            )
+        if not 0 < self.outlier_z < math.inf:
+            raise ValueError(f"outlier_z must be a positive robust z-score (e.g. 3.5), got {self.outlier_z}")
+        if not 0 <= self.blank_std <= 128:
+            raise ValueError(f"blank_std must be within 0..128 (grey levels; 0 rejects no image as blank), got {self.blank_std}")
+        for reason, limit in self.reject_z().items():
+            if limit is not None and not 0 < limit < math.inf:
+                raise ValueError(
+                    f"reject_{reason} must be a positive robust z-score (e.g. 5) or unset to keep such images, got {limit}"
+                )

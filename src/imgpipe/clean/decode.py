@@ -2,8 +2,10 @@
 
 :func:`validate_task` runs in the decode pool's workers (:mod:`imgpipe.clean.pool`): every
 row is fully decoded (:func:`imgpipe.data.images.validate_and_normalize`), usable rows the
-plan places are appended to the task's bucket file of their output shard, and only
-what the task settled goes back to the step, as arrays (:class:`imgpipe.clean.pool.TaskResult`).
+plan places are measured while decoded (:func:`imgpipe.clean.quality.measure`: perceptual
+hashes and quality metrics) and appended to the task's bucket file of their output shard,
+and only what the task settled goes back to the step, as arrays
+(:class:`imgpipe.clean.pool.TaskResult`, hashes and metrics included).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from imgpipe import contract, storage
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.plan import RowsPlan
 from imgpipe.clean.pool import Marker, ResultBuilder, Task, TaskResult, bucket_path
+from imgpipe.clean.quality import METRICS, Measures, measure
 from imgpipe.data.annotations import HeadBox, image_stem
 from imgpipe.data.images import ImageRejected, validate_and_normalize
 
@@ -41,6 +44,12 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("sha256", pa.string(), nullable=False),
         # Normalized (xmin, ymin, xmax, ymax) head box from the annotations, when given.
         pa.field("bbox", pa.list_(pa.float32())),
+        # 64-bit pHash of the image and of its mirror image (imgpipe.clean.quality), which
+        # near-duplicate search compares; carried rows bring theirs along.
+        pa.field("phash", pa.uint64()),
+        pa.field("phash_mirror", pa.uint64()),
+        # Quality measures on a fixed-size grey thumbnail (imgpipe.clean.quality.measure).
+        *(pa.field(name, pa.float32()) for name in METRICS),
     ]
 )
 
@@ -65,8 +74,10 @@ class ShardBuckets:
         self.pending: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
 
-    def add(self, member: str, img: Any, place: RowsPlan, at: int, sha256: str, bbox: list[float] | None) -> int:
-        """Appends a normalized image as row ``at`` of ``place`` says; returns its output shard."""
+    def add(
+        self, member: str, img: Any, place: RowsPlan, at: int, sha256: str, bbox: list[float] | None, measures: Measures
+    ) -> int:
+        """Appends a normalized image and its measures as row ``at`` of ``place`` says; returns its output shard."""
         order, label = int(place.order[at]), int(place.label[at])
         shard = order // self.rows_per_shard
         cols = self.pending[shard]
@@ -83,6 +94,9 @@ class ShardBuckets:
             ("order", order),
             ("sha256", sha256),
             ("bbox", bbox),
+            ("phash", measures.phash),
+            ("phash_mirror", measures.phash_mirror),
+            *zip(METRICS, measures.metrics.tolist()),
         ):
             cols[key].append(value)
         return shard
@@ -163,8 +177,9 @@ def validate_task(
                     results.settled(row)  # decodes, but the plan rejects it
                     continue
                 bbox = _box_for(member, img.width, img.height, boxes)
-                shard = buckets.add(member, img, place, at, hashes[i].as_py(), bbox)
-                results.settled(row, shard, bbox is not None)
+                measures = measure(img.pixels)
+                shard = buckets.add(member, img, place, at, hashes[i].as_py(), bbox, measures)
+                results.settled(row, shard, bbox is not None, measures)
             buckets.flush()
             offset += unit.rows
     finally:

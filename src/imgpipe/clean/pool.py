@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from imgpipe import resources, storage
 from imgpipe.clean.plan import Unit
+from imgpipe.clean.quality import METRICS, Measures
 from imgpipe.data.images import load_decoders
 
 __all__ = [
@@ -100,12 +101,19 @@ class TaskResult:
             (a failure, or a row the plan does not place).
         boxed: Whether the row was written with a head box.
         failures: ``(reason code, detail)`` of each row that did not decode, by row.
+        phash: The row's 64-bit perceptual hash (:mod:`imgpipe.clean.quality`); 0 where
+            it was not written.
+        phash_mirror: The perceptual hash of the row's image mirrored.
+        metrics: ``rows x len(METRICS)`` quality measures (float32); NaN where not written.
     """
 
     rows: np.ndarray
     shard: np.ndarray
     boxed: np.ndarray
     failures: dict[int, tuple[str, str]]
+    phash: np.ndarray
+    phash_mirror: np.ndarray
+    metrics: np.ndarray
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -113,7 +121,9 @@ class TaskResult:
     @classmethod
     def failed(cls, row: int, reason: str, detail: str) -> TaskResult:
         """The result of one row that failed."""
-        return cls(np.array([row], np.int64), np.array([-1], np.int32), np.zeros(1, bool), {row: (reason, detail)})
+        builder = ResultBuilder()
+        builder.failed(row, reason, detail)
+        return builder.build()
 
     @classmethod
     def concat(cls, parts: Sequence[TaskResult]) -> TaskResult:
@@ -126,6 +136,9 @@ class TaskResult:
             np.concatenate([p.shard for p in parts] or [np.zeros(0, np.int32)]),
             np.concatenate([p.boxed for p in parts] or [np.zeros(0, bool)]),
             failures,
+            np.concatenate([p.phash for p in parts] or [np.zeros(0, np.uint64)]),
+            np.concatenate([p.phash_mirror for p in parts] or [np.zeros(0, np.uint64)]),
+            np.concatenate([p.metrics for p in parts] or [np.zeros((0, len(METRICS)), np.float32)]),
         )
 
 
@@ -137,21 +150,35 @@ class ResultBuilder:
         self._shard: list[int] = []
         self._boxed: list[bool] = []
         self._failures: dict[int, tuple[str, str]] = {}
+        self._hashes: list[tuple[int, int]] = []
+        self._metrics: list[np.ndarray] = []
 
-    def settled(self, row: int, shard: int = -1, boxed: bool = False) -> None:
-        """A row that decoded: written to ``shard``, or -1 when the plan does not place it."""
+    def settled(self, row: int, shard: int = -1, boxed: bool = False, measures: Measures | None = None) -> None:
+        """A row that decoded: written to ``shard`` with its ``measures``, or -1 when the plan does not place it."""
         self._rows.append(row)
         self._shard.append(shard)
         self._boxed.append(boxed)
+        if measures is None:
+            self._hashes.append((0, 0))
+            self._metrics.append(_NO_METRICS)
+        else:
+            self._hashes.append((measures.phash, measures.phash_mirror))
+            self._metrics.append(measures.metrics)
 
     def failed(self, row: int, reason: str, detail: str) -> None:
         self.settled(row)
         self._failures[row] = (reason, detail)
 
     def build(self) -> TaskResult:
+        hashes = np.array(self._hashes, np.uint64).reshape(-1, 2)
         return TaskResult(
-            np.array(self._rows, np.int64), np.array(self._shard, np.int32), np.array(self._boxed, bool), self._failures
-        )
+            np.array(self._rows, np.int64), np.array(self._shard, np.int32), np.array(self._boxed, bool), self._failures,
+            hashes[:, 0].copy(), hashes[:, 1].copy(),
+            np.array(self._metrics, np.float32).reshape(-1, len(METRICS)),
+        )  # fmt: skip
+
+
+_NO_METRICS = np.full(len(METRICS), np.nan, np.float32)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import io
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
@@ -149,6 +149,8 @@ class NormalizedImage:
         format: Encoding of ``data`` (``jpeg`` or ``png``).
         changes: What normalization did (``exif_rotate``, ``CMYK->RGB``, ...); empty
             when the original bytes are kept.
+        pixels: The normalized image itself, for measures taken while it is decoded
+            (clean's quality metrics and perceptual hash), so nothing decodes it twice.
     """
 
     data: bytes
@@ -157,6 +159,7 @@ class NormalizedImage:
     mode: str
     format: str
     changes: tuple[str, ...]
+    pixels: Image.Image | None = field(default=None, repr=False, compare=False)
 
 
 def load_decoders() -> None:
@@ -544,7 +547,7 @@ def validate_and_normalize(
     changes.extend(mode_changes)
     if not changes and source_format in ("jpeg", "png"):
         # Keep the original bytes: no generational loss and no encode cost.
-        return NormalizedImage(data, img.width, img.height, img.mode, source_format, ())
+        return NormalizedImage(data, img.width, img.height, img.mode, source_format, (), img)
     buf = io.BytesIO()
     if source_format == "jpeg":
         # Already lossy: a high-quality re-encode adds little loss and stays compact.
@@ -558,7 +561,7 @@ def validate_and_normalize(
         fmt = "png"
         if not changes:
             changes.append(f"{source_format}->png")
-    return NormalizedImage(buf.getvalue(), img.width, img.height, img.mode, fmt, tuple(changes))
+    return NormalizedImage(buf.getvalue(), img.width, img.height, img.mode, fmt, tuple(changes), img)
 
 
 def thumbnail(data: bytes, side: int, max_pixels: int) -> Image.Image:

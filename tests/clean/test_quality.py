@@ -1,0 +1,91 @@
+"""Quality measures and outliers (imgpipe.clean.quality), and the config's range checks."""
+
+from __future__ import annotations
+
+import io
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgpipe.clean.config import CleanConfig
+from imgpipe.clean.quality import METRICS, OUTLIERS, assess, measure, phash_pair, robust_z
+from imgpipe.data.synth import image_rng, render_image
+
+
+def _photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    return render_image(seed % 12, image_rng(7, seed % 12, seed), size)[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_phash_is_imagehash_phash(seed):
+    img = _photo(seed, (200 + 40 * seed, 260))
+    ours, mirrored = phash_pair(img)
+    assert ours == int(str(imagehash.phash(img)), 16)
+    assert mirrored == int(str(imagehash.phash(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))), 16)
+
+
+def test_measures_are_comparable_across_sizes():
+    img = _photo(1, (640, 480))
+    big, small = measure(img), measure(img.resize((320, 240), Image.Resampling.LANCZOS))
+    assert big.metrics.dtype == np.float32 and big.metrics.shape == (len(METRICS),)
+    for name in ("brightness", "contrast", "entropy", "aspect_ratio"):
+        k = METRICS.index(name)
+        assert abs(big.metrics[k] - small.metrics[k]) <= 0.1 * max(1.0, abs(big.metrics[k]))
+    blur = METRICS.index("blur")
+    assert 0.5 < big.metrics[blur] / small.metrics[blur] < 2  # the same scene, not 4x the pixels
+    # Blur finer than the 64-pixel thumbnail does not show: the measure is for heavy blur.
+    blurred = measure(img.resize((32, 24)).resize((640, 480), Image.Resampling.BILINEAR))
+    assert blurred.metrics[blur] < big.metrics[blur] / 2
+
+
+def test_blank_image_has_no_contrast():
+    m = measure(Image.new("RGB", (100, 80), (120, 30, 200))).metrics
+    assert m[METRICS.index("contrast")] == 0 and m[METRICS.index("entropy")] == 0
+
+
+def test_robust_z_survives_a_constant_majority():
+    values = np.array([5.0] * 90 + [5.5] * 9 + [50.0])
+    z = robust_z(values)
+    assert z[-1] > 10 and abs(z[0]) < 1
+    assert not robust_z(np.full(10, 3.0)).any()
+
+
+def test_assess_flags_then_rejects_past_the_threshold():
+    metrics = np.array([measure(_photo(s)).metrics for s in range(30)])
+    dark = metrics[0].copy()
+    dark[METRICS.index("brightness")] = 3.0
+    metrics = np.vstack([metrics, dark])
+    kept = assess(metrics, blank_std=1.0, flag_z=3.5, reject_z={})
+    k = [o.reason for o in OUTLIERS].index("dark")
+    assert kept.flagged[-1, k] and (kept.reason == -1).all()
+    rejected = assess(metrics, blank_std=1.0, flag_z=3.5, reject_z={"dark": 3.0})
+    assert rejected.reasons[rejected.reason[-1]] == "dark"
+    assert (rejected.reason[:-1] == -1).all()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("near_duplicate_distance", 33, "within 0..32"),
+        ("near_duplicate_distance", -1, "near_duplicates=off"),
+        ("near_duplicates", "drop", "reject, group or off"),
+        ("outlier_z", 0, "positive robust z-score"),
+        ("blank_std", -1, "within 0..128"),
+        ("reject_dark", -2.0, "reject_dark must be a positive"),
+        ("reject_odd_aspect", float("inf"), "reject_odd_aspect must be a positive"),
+    ],
+)
+def test_config_range_checks(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        CleanConfig(**{field: value})
+
+
+def test_jpeg_reencode_keeps_the_hash_close():
+    img = _photo(3)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=40)
+    a, _ = phash_pair(img)
+    b, _ = phash_pair(Image.open(io.BytesIO(buf.getvalue())))
+    assert bin(a ^ b).count("1") <= 4
