@@ -33,6 +33,7 @@ Kubernetes counts against the container's limit.
 # No `from __future__ import annotations`: kfp reads the signature's annotations as types.
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -139,11 +140,24 @@ _OTHER_PARAMETERS = {
 
 
 def parameter_default(name: str) -> Any:
-    """The default of typed run parameter ``name``: its config field's, as a kfp parameter value."""
+    """The default of typed run parameter ``name``: its config field's, as a kfp parameter value.
+
+    An unset field (``None``: the recipe's value, or none) is ``""`` for a text parameter and
+    ``None`` (an optional parameter left empty) for a number.
+    """
     value = field_default(*PARAMETER_FIELDS[name])
     if isinstance(value, tuple):
         return ",".join(map(str, value))
-    return "" if value is None else value
+    if value is None:
+        cls, field_name = PARAMETER_FIELDS[name]
+        return "" if _is_text(typing.get_type_hints(cls)[field_name]) else None
+    return value
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a field takes text: ``str`` or a ``Literal`` of strings, optional or not."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return all(a is str or (typing.get_origin(a) is typing.Literal and isinstance(typing.get_args(a)[0], str)) for a in args)
 
 
 def pipeline_docstring(
@@ -405,7 +419,7 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
         resize_train_mode: str = DEFAULT_RESIZE_TRAIN_MODE,
         ray_address: str = DEFAULT_RAY_ADDRESS,
         model: str = parameter_default("model"),
-        epochs: int = parameter_default("epochs"),
+        epochs: Optional[int] = parameter_default("epochs"),  # noqa: UP045 - unset: the recipe's
         batch_size: int = parameter_default("batch_size"),
         aug_policy: str = parameter_default("aug_policy"),
         pretrained: str = parameter_default("pretrained"),

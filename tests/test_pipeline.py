@@ -239,8 +239,11 @@ def test_typed_parameters_default_to_their_config_field_and_say_so(compiled):
     params = compiled[0]["root"]["inputDefinitions"]["parameters"]
     for name, (cls, field) in PARAMETER_FIELDS.items():
         value = field_default(cls, field)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else ("" if value is None else value)
-        assert params[name]["defaultValue"] == shown == parameter_default(name), name
+        if value is None and parameter_default(name) is None:  # an unset number: optional, left empty
+            assert params[name]["isOptional"] and "defaultValue" not in params[name], name
+        else:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else ("" if value is None else value)
+            assert params[name]["defaultValue"] == shown == parameter_default(name), name
         assert f"{cls.__name__}.{field}" in params[name]["description"], name
     assert all(spec.get("description") for spec in params.values()), "every run parameter is described in the UI"
 
@@ -253,7 +256,7 @@ def test_the_readme_table_shows_the_compiled_defaults(compiled):
     shown = {name: value for name, value in rows if name in params}
     assert len(shown) >= 14, shown
     for name, value in shown.items():
-        default = params[name].get("defaultValue", {} if name == "step_config" else None)
+        default = params[name].get("defaultValue", {} if name == "step_config" else "(empty)")  # optional, unset
         expected = json.dumps(default) if isinstance(default, dict) else str(default).lower() if isinstance(default, bool) else str(default).removesuffix(".0")
         assert value.strip('"') == expected.strip('"'), f"README says {name} defaults to {value}, the package {default!r}"
 

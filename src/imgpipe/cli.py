@@ -147,7 +147,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("data", help="committed resize output prefix")
     p.add_argument("out", help="output prefix: model.pt, metrics, figures, report, checkpoint")
-    fields = ("model", "epochs", "batch_size", "lr", "device", "aug_policy", "aug_device", "mixup", "cutmix")
+    fields = ("model", "recipe", "domain", "epochs", "batch_size", "lr", "device", "aug_policy", "aug_device", "mixup", "cutmix")
     fields += ("hflip", "weights", "pretrained", "freeze_backbone_epochs", "backbone_lr_mult", "num_workers", "seed", "resume")
     add_field_flags(p, TrainConfig, fields, flags={"num_workers": "--workers"})
 

@@ -548,6 +548,8 @@ def write_clean_by_hand(dest: str, rows: list[tuple[str, bytes, str, int]]) -> s
             "order": pa.array([order for *_, order in rows], pa.int64()),
             "sha256": [f"{i:064x}" for i in range(len(rows))],
             "bbox": pa.array([None] * len(rows), pa.list_(pa.float32())),
+            # clean's measurements (hashes, quality) are nullable: a hand-built table leaves them out
+            **{f.name: pa.nulls(len(rows), f.type) for f in CLEAN_SCHEMA if f.name not in ("path", "image", "width", "height", "mode", "format", "label", "label_name", "split", "order", "sha256", "bbox")},
         },
         schema=CLEAN_SCHEMA,
     )

@@ -27,6 +27,7 @@ from imgpipe.train.checkpoint import CHECKPOINT, load_checkpoint
 from imgpipe.train.config import AugmentConfig, TrainConfig
 from imgpipe.train.models import build_model, extract_state_dict, load_weights
 from imgpipe.train.optim import lr_factor
+from imgpipe.train.recipes import resolve as resolve_recipe
 from tests.helpers import torchrun_two_ranks
 from tests.train.test_loader import write_resize_output
 
@@ -297,12 +298,14 @@ def test_config_rejects_bad_values_at_the_boundary(values, message):
 
 
 def test_config_defaults_and_yaml_style_overrides():
-    cfg = TrainConfig()
+    unset = TrainConfig()
+    assert unset.epochs is None and unset.mixup is None and not unset.resolved, "recipe fields wait for the recipe"
+    cfg, _ = resolve_recipe(unset)
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.device, cfg.aug_policy, cfg.aug_device) == (
         "resnet18", 10, 128, "auto", "randaugment", "auto",
     )
     assert (cfg.mixup, cfg.cutmix, cfg.hflip, cfg.resume, cfg.weights, cfg.image_size) == (0.2, 1.0, True, False, None, None)
-    cfg = config_from_dict(TrainConfig, {"crop_scale": "0.35,1", "hflip": "false", "num_workers": "3"})
+    cfg, _ = resolve_recipe(config_from_dict(TrainConfig, {"crop_scale": "0.35,1", "hflip": "false", "num_workers": "3"}))
     assert cfg.crop_scale == (0.35, 1.0) and cfg.hflip is False and cfg.num_workers == 3
     assert cfg.augment.crop_scale == (0.35, 1.0) and cfg.loader(shuffle=True).num_workers == 3
 
@@ -371,7 +374,9 @@ def test_cuda_run_uses_the_gpu_path(tmp_path):
 
 
 def test_train_config_augmentation_defaults_are_augment_configs():
-    assert TrainConfig().augment == AugmentConfig()
+    assert resolve_recipe(TrainConfig())[0].augment == AugmentConfig()
+    with pytest.raises(ValueError, match="resolve it first"):
+        TrainConfig().augment  # noqa: B018
 
 
 def test_train_reads_its_inputs_manifest_once(tmp_path, monkeypatch):
@@ -412,9 +417,9 @@ def _scripted_validation(monkeypatch, f1_by_call: list[float]) -> list[dict]:
     calls: list[dict] = []
     real = train_mod._evaluate_split
 
-    def scripted(run, loader, tta_flip=False, model=None, keep_rows=False):
+    def scripted(run, loader, tta_flips=(), model=None, keep_rows=False):
         if loader is not run.val_loader or keep_rows:  # the test split, and the kept weights' rows at the end
-            return real(run, loader, tta_flip, model, keep_rows)
+            return real(run, loader, tta_flips, model, keep_rows)
         source = model or run.module
         calls.append({k: v.detach().clone() for k, v in source.state_dict().items()})
         f1 = f1_by_call[len(calls) - 1]
@@ -525,3 +530,23 @@ def test_balanced_class_weights_come_from_the_train_split(tmp_path):
     assert train_mod._class_weights(tiny(), info, 5, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="class_weights"):
         tiny(class_weights="inverse")
+
+
+def test_auto_recipe_and_text_domain_train_without_flips_and_say_so(tmp_path, caplog):
+    """The issue's check: 30 images per class pick the small-data recipe; text has no flips, in training or TTA."""
+    data = write_resize_output("file://" + str(tmp_path / "d"), counts={"train": 120, "val": 8, "test": 8}, size=16)
+    out = "file://" + str(tmp_path / "model")
+    with caplog.at_level("INFO", logger="imgpipe.steps.train"):
+        report = train(data, out, tiny(recipe="auto", domain="text", tta_flip=True, max_steps_per_epoch=2))
+    metrics = read_json(storage.join(out, "metrics.json"))
+    recipe = metrics["recipe"]
+    assert (recipe["requested"], recipe["recipe"], recipe["domain"]) == ("auto", "small", "text")
+    assert "30 train images per class" in recipe["reason"] and "30 train images per class" in caplog.text
+    assert "recipe small" in report.extra["recipe"]
+    assert recipe["from_domain"]["hflip"] is False and "epochs" in recipe["explicit"]
+    ran = yaml.safe_load(storage.read_bytes(storage.join(out, contract.CONFIG)))
+    assert (ran["recipe"], ran["hflip"], ran["vflip"], ran["rot90"], ran["epochs"]) == ("small", False, False, False, 2)
+    assert ran["cutmix"] == 0.0, "the small recipe's, where the config set none"
+    assert ran["freeze_backbone_epochs"] == 0 and "no linear probe" in recipe["reason"], "from scratch: nothing to probe"
+    assert "test_tta" not in metrics and "test" in metrics, "TTA with no allowed flip has no view to add"
+    assert "Recipe" in storage.read_bytes(storage.join(out, "report.html")).decode()

@@ -351,3 +351,73 @@ def test_class_weights_weigh_each_class_share_of_the_loss():
     expected = F.cross_entropy(logits, labels, weight=weights, reduction="sum") / 6
     assert torch.allclose(soft_target_cross_entropy(logits, one_hot, weights), expected)
     assert torch.allclose(soft_target_cross_entropy(logits, one_hot), F.cross_entropy(logits, labels))
+
+
+# ------------------------------------------------------------------ the domain operations, on both paths
+
+# Only the operation under test: a crop of the whole image at its own size is the identity.
+_ONLY = dict(policy="basic", hflip=False, color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0, crop_scale=(1.0, 1.0))
+
+
+def _quarter_turns_and_flips(image: np.ndarray) -> list[np.ndarray]:
+    turns = [np.rot90(image, k) for k in range(4)]
+    return turns + [t[::-1] for t in turns]
+
+
+def test_cpu_domain_operations_are_in_the_recipe_in_order():
+    cfg = AugmentConfig(vflip=True, rot90=True, noise_p=0.1, jpeg_p=0.2)
+    ops = top_level_ops(build_train_transform(cfg, 24, 3))
+    assert ops[:4] == ["RandomResizedCrop", "HorizontalFlip", "VerticalFlip", "RandomRotate90"]
+    assert ops[-3:] == ["GaussNoise", "ImageCompression", "Erasing"]
+    text = AugmentConfig(hflip=False, vflip=False, rot90=False)
+    assert not {"HorizontalFlip", "VerticalFlip", "RandomRotate90"} & set(top_level_ops(build_train_transform(text, 24, 3)))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_cpu_flips_and_quarter_turns_only_move_pixels(channels):
+    image = array(24, 24, channels, seed=3)
+    transform = build_train_transform(AugmentConfig(**{**_ONLY, "vflip": True, "rot90": True}), 24, channels)
+    outs = [transform(image, seed) for seed in range(24)]
+    allowed = _quarter_turns_and_flips(image)
+    assert all(any(np.array_equal(o, a) for a in allowed) for o in outs)
+    assert len({o.tobytes() for o in outs}) > 4, "the turns and flips vary per sample"
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_cpu_noise_and_jpeg_change_pixels_but_not_the_picture(channels):
+    image = array(32, 32, channels, seed=4)
+    for extra in ({"noise_p": 1.0}, {"jpeg_p": 1.0}):
+        out = build_train_transform(AugmentConfig(**{**_ONLY, **extra}), 32, channels)(image, 7)
+        diff = np.abs(out.astype(int) - image.astype(int))
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert diff.mean() > 0.5 and diff.mean() < 40, (extra, diff.mean())
+
+
+def test_cpu_zero_hue_keeps_hues():
+    cfg = AugmentConfig(**{**_ONLY, "color_jitter": 0.0})
+    assert "ColorJitter" not in top_level_ops(build_train_transform(cfg, 24, 3))
+    jitter = build_train_transform(AugmentConfig(**{**_ONLY, "color_jitter": 0.3, "hue": 0.0}), 24, 3).pipeline.transforms[1]
+    assert tuple(jitter.hue) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_kornia_flips_and_quarter_turns_only_move_pixels(channels):
+    batch = images(16, channels, size=24, seed=5)
+    augment = BatchAugment(AugmentConfig(**{**_ONLY, "vflip": True, "rot90": True}), 24, channels, crop=False)
+    out = augment(batch, seed=11)
+    plain = BatchAugment(AugmentConfig(**{**_ONLY, "policy": "none"}), 24, channels)(batch, seed=0)
+    views = [plain.rot90(k, (-2, -1)) for k in range(4)]
+    views += [v.flip(-2) for v in views]
+    for i in range(len(batch)):
+        assert any(torch.allclose(out[i], v[i], atol=1e-5) for v in views), i
+    assert len({tuple(out[i].flatten()[:8].tolist()) for i in range(len(batch))}) > 1
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_kornia_noise_and_jpeg_keep_shape_and_stay_close(channels):
+    batch = images(4, channels, size=32, seed=6)
+    base = BatchAugment(AugmentConfig(**{**_ONLY, "policy": "none"}), 32, channels)(batch, seed=0)
+    for extra in ({"noise_p": 1.0}, {"jpeg_p": 1.0}):
+        out = BatchAugment(AugmentConfig(**{**_ONLY, **extra}), 32, channels, crop=False)(batch, seed=3)
+        assert out.shape == base.shape and torch.isfinite(out).all()
+        assert 0 < (out - base).abs().mean() < 2.0, extra

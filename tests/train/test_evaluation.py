@@ -28,7 +28,7 @@ def test_evaluate_computes_accuracy_macro_f1_recall_and_flip_tta():
     assert result.accuracy == 0.75 and result.confusion == [[2, 1], [0, 1]]
     assert result.per_class_recall == [pytest.approx(2 / 3), 1.0]
     assert result.macro_f1 == pytest.approx((0.8 + 2 / 3) / 2)  # F1(class 0)=0.8, F1(class 1)=2/3
-    tta = evaluate(Fixed(), lambda: iter([(x, y)]), 2, torch.device("cpu"), tta_flip=True)
+    tta = evaluate(Fixed(), lambda: iter([(x, y)]), 2, torch.device("cpu"), tta_flips=(-1,))
     assert tta.images == 4 and tta.loss == pytest.approx(np.log(2), rel=1e-4)  # a flip cancels every logit
 
 

@@ -131,7 +131,7 @@ def train_overrides(
     prefix is its own, so a first attempt starts fresh and a retry continues.
     """
     return {
-        "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy,
+        "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy or None,
         "pretrained": pretrained or None, "resume": True, "nodes": nodes,
     }  # fmt: skip
 

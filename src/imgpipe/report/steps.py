@@ -650,17 +650,8 @@ def _pick_rejects(rejects: Sequence[Mapping[str, Any]], count: int) -> list[Mapp
     return picked
 
 
-def _reject_gallery(manifest: Mapping[str, Any], rejects: Sequence[Mapping[str, Any]], limits: ReportLimits, reader: _RowGroups) -> Gallery:
-    """Thumbnails of rejected images, from the download output they came from, where they decode at all."""
-    title = "Rejected images"
-    if not rejects:
-        return Gallery(title, ())
-    wanted = {r["path"]: r for r in _pick_rejects(rejects, 4 * limits.rejects_shown)}
-    skipped = sorted({r["reason"] for r in rejects} & _NEVER_DECODE)
-    never = f"; not decoded again: {', '.join(skipped)} (clean could not decode them, or it is unsafe)" if skipped else ""
-    source, why = _upstream(manifest, "download")
-    if source is None:
-        return Gallery(title, (), note=f"no thumbnails: {why}")
+def _source_images(source: str, wanted: set[str], limits: ReportLimits, reader: _RowGroups) -> dict[str, bytes]:
+    """The encoded images of ``wanted`` paths in the download output ``source``, from the row groups holding most of them."""
     located: dict[tuple[str, int], list[str]] = defaultdict(list)
     for uri, rg in reader.groups(_data_files(source, contract.read_manifest(source))):
         low_high = reader.range_of(uri, rg, "path")
@@ -680,6 +671,81 @@ def _reject_gallery(manifest: Mapping[str, Any], rejects: Sequence[Mapping[str, 
             break
         rows, blob = _rows_and_blobs(table, "bytes")
         found.update((r["path"], blob(i)) for i, r in enumerate(rows) if r["path"] in wanted)
+    return found
+
+
+def _quality_charts(extra: Mapping[str, Any]) -> list[Chart]:
+    """One histogram per quality measure, from the manifest (clean measured every image)."""
+    charts = []
+    for name, stats in ((extra.get("quality") or {}).get("metrics") or {}).items():
+        hist = stats.get("histogram") or {}
+        edges, counts = hist.get("edges") or [], hist.get("counts") or []
+        if not counts:
+            continue
+        axis = "log10 " if hist.get("log10") else ""
+        labels = tuple(f"{edges[i]:.3g}..{edges[i + 1]:.3g}" for i in range(len(counts)))
+        note = f"images per bin of {axis}{name}; median {stats.get('median')}"
+        charts.append(Chart(f"Quality: {name}", labels, {"images": tuple(int(c) for c in counts)}, note=note))
+    return charts
+
+
+def _quality_tables(extra: Mapping[str, Any], limits: ReportLimits) -> list[Table]:
+    """Outlier flags (kept images) and near-duplicate pairs, capped."""
+    quality, near = extra.get("quality") or {}, extra.get("near_duplicates") or {}
+    tables = []
+    flagged = quality.get("flagged") or {}
+    if any(f.get("count") for f in flagged.values()):
+        rows = tuple(
+            (reason, int(f.get("count") or 0), ", ".join(p.rsplit("/", 1)[-1] for p in (f.get("paths") or [])[:5]))
+            for reason, f in flagged.items()
+            if f.get("count")
+        )[: limits.table_rows]
+        note = f"robust z past {quality.get('outlier_z')}; kept unless a reject_* threshold is set"
+        tables.append(Table("Flagged outliers (kept)", ("flag", "images", "most extreme"), rows, note=note))
+    if near.get("groups"):
+        pairs = tuple((a, b, bits) for a, b, bits in (near.get("pairs") or [])[: limits.table_rows])
+        kept = "kept" if near.get("mode") == "reject" else "first of group"
+        note = f"mode {near.get('mode')}, distance {near.get('distance')}: {near.get('groups', 0)} groups, {near.get('images_in_groups', 0)} images"
+        tables.append(Table("Near-duplicates", (kept, "near-duplicate", "bits"), pairs, note=note))
+    return tables
+
+
+def _quality_gallery(manifest: Mapping[str, Any], limits: ReportLimits, reader: _RowGroups) -> Gallery:
+    """Near-duplicate pairs side by side (kept, other), then flagged images, from the download output."""
+    title = "Near-duplicates and flagged images"
+    extra = manifest.get("extra") or {}
+    pairs = ((extra.get("near_duplicates") or {}).get("pairs") or [])[: limits.samples]
+    flagged = [(reason, p) for reason, f in ((extra.get("quality") or {}).get("flagged") or {}).items() for p in (f.get("paths") or [])[:2]]
+    flagged = flagged[: limits.samples]
+    if not pairs and not flagged:
+        return Gallery(title, ())
+    source, why = _upstream(manifest, "download")
+    if source is None:
+        return Gallery(title, (), note=f"no thumbnails: {why}")
+    found = _source_images(source, {p for pair in pairs for p in pair[:2]} | {p for _, p in flagged}, limits, reader)
+    shown = [pair for pair in pairs if pair[0] in found and pair[1] in found]
+    items = [(found[p], p.rsplit("/", 1)[-1]) for a, b, _ in shown for p in (a, b)]
+    items += [(found[p], f"{reason}: {p.rsplit('/', 1)[-1]}") for reason, p in flagged if p in found]
+    tiles = _tiles(items, limits)
+    rows = [(f"{bits} bits: kept | other", tuple(tiles[2 * k : 2 * k + 2])) for k, (_, _, bits) in enumerate(shown)]
+    rest = tiles[2 * len(shown) :]
+    if rest:
+        rows.append(("flagged, kept", tuple(rest)))
+    return Gallery(title, tuple(rows), note=f"{len(shown)} of {len(pairs)} pairs shown; flagged images kept")
+
+
+def _reject_gallery(manifest: Mapping[str, Any], rejects: Sequence[Mapping[str, Any]], limits: ReportLimits, reader: _RowGroups) -> Gallery:
+    """Thumbnails of rejected images, from the download output they came from, where they decode at all."""
+    title = "Rejected images"
+    if not rejects:
+        return Gallery(title, ())
+    wanted = {r["path"]: r for r in _pick_rejects(rejects, 4 * limits.rejects_shown)}
+    skipped = sorted({r["reason"] for r in rejects} & _NEVER_DECODE)
+    never = f"; not decoded again: {', '.join(skipped)} (clean could not decode them, or it is unsafe)" if skipped else ""
+    source, why = _upstream(manifest, "download")
+    if source is None:
+        return Gallery(title, (), note=f"no thumbnails: {why}")
+    found = _source_images(source, set(wanted), limits, reader)
     shown = [r for r in wanted.values() if r["path"] in found][: limits.rejects_shown]
     tiles = tuple(_tiles([(found[r["path"]], f"{r['reason']}: {r['path'].rsplit('/', 1)[-1]}") for r in shown], limits))
     note = f"{len(tiles)} of {len(rejects)} rejects{never}"
@@ -703,9 +769,19 @@ def _clean(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reade
         _class_chart(extra, limits),
         gallery,
         _reject_gallery(manifest, rejects, limits, reader),
+        *_quality_tables(extra, limits),
+        *_quality_charts(extra),
+        _quality_gallery(manifest, limits, reader),
         _sample_table("Sample rows", sample, columns, limits),
     ]
-    more = {"classes": int(extra.get("num_classes") or 0), "carried": int(extra.get("carried") or 0)}
+    near = extra.get("near_duplicates") or {}
+    flagged = (extra.get("quality") or {}).get("flagged") or {}
+    more = {
+        "classes": int(extra.get("num_classes") or 0),
+        "carried": int(extra.get("carried") or 0),
+        "near_duplicate_groups": int(near.get("groups") or 0),
+        **{f"flagged_{reason}": int(f.get("count") or 0) for reason, f in flagged.items()},
+    }
     metrics = _metrics(manifest, **more, **{f"{s}_images": n for s, n in splits.items()})
     return OutputReport("clean", prefix, tuple(facts), metrics, tuple(sections), limits)
 
@@ -755,6 +831,30 @@ def _sources_by_order(manifest: Mapping[str, Any], orders: set[int], limits: Rep
     return found, "" if found else "its rows were not found in the row groups read"
 
 
+def _bin_labels(edges: Sequence[float]) -> tuple[str, ...]:
+    """``lo-hi`` per bin of ``edges`` (each a lower bound), the last one open: ``lo+``."""
+    shown = [f"{e:g}" for e in edges]
+    return tuple(f"{lo}-{hi}" for lo, hi in zip(shown, shown[1:])) + (f"{shown[-1]}+",)
+
+
+def _statistics_sections(stats: Mapping[str, Any] | None) -> list[Section]:
+    """The data's statistics (``extra.statistics``): channel moments, source sizes and aspect ratios per split."""
+    if not stats or not stats.get("splits"):
+        return []
+    splits = stats["splits"]
+    moments = tuple(
+        (name, s.get("images"), ", ".join(f"{m:.3f}" for m in s.get("mean") or []), ", ".join(f"{v:.3f}" for v in s.get("std") or []))
+        for name, s in splits.items()
+    )
+    space = stats.get("color_space", "")
+    charts: list[Section] = [Table(f"Channel mean and std ({space}, 0-1)", ("split", "images", "mean", "std"), moments)]
+    for key, edges, title in (("width", "size_edges", "Source widths (px)"), ("height", "size_edges", "Source heights (px)"), ("aspect", "aspect_edges", "Source aspect ratios (width / height)")):
+        series = {name: tuple(int(c) for c in s.get(key) or []) for name, s in splits.items() if s.get(key)}
+        if series and stats.get(edges):
+            charts.append(Chart(title, _bin_labels(stats[edges]), series))
+    return charts
+
+
 def _resize(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reader: _RowGroups) -> OutputReport:
     extra, config = manifest.get("extra") or {}, manifest.get("config") or {}
     split_modes = extra.get("split_modes") or {}
@@ -786,6 +886,7 @@ def _resize(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, read
         Table("Settings", ("setting", "value"), settings),
         Table("Splits", ("split", "mode", "rows"), split_rows),
         *reject_tables,
+        *_statistics_sections(extra.get("statistics")),
         Gallery("Before and after", tuple(rows), note=note),
         _sample_table("Sample rows", sample, ("path", "label_name", "split", "width", "height", "channels"), limits),
     ]

@@ -157,6 +157,14 @@ def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: 
     """
     parts = []
     epochs = list(metrics.get("epochs", []))
+    recipe = metrics.get("recipe")
+    if recipe:
+        set_by = {**{k: f"{v} (recipe)" for k, v in recipe["from_recipe"].items()}, **{k: f"{v} (domain)" for k, v in recipe["from_domain"].items()}}
+        rows = [{"setting": k, "value": v} for k, v in set_by.items()]
+        note = f"{recipe['recipe']} recipe: {recipe['reason']}; {recipe['domain']} domain" + (
+            f"; set explicitly, so kept: {', '.join(recipe['explicit'])}" if recipe["explicit"] else ""
+        )
+        parts.append(htmlpage.section("Recipe", htmlpage.table(rows, ["setting", "value"]) if rows else "", note=note))
     selection = metrics.get("selection")
     if selection:
         parts.append(htmlpage.section("Kept weights", note=selection["reason"]))

@@ -491,7 +491,10 @@ def _row_specs(
 
 
 def resize_batch(
-    batch: Mapping[str, np.ndarray], spec: ResizeSpec, split_specs: Mapping[str, ResizeSpec] | None = None
+    batch: Mapping[str, np.ndarray],
+    spec: ResizeSpec,
+    split_specs: Mapping[str, ResizeSpec] | None = None,
+    observe: Callable[[int, np.ndarray], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Resizes one batch of clean rows; a row that fails becomes an error row.
 
@@ -505,6 +508,10 @@ def resize_batch(
             (``ResizeConfig.split_specs``: ``{"train": <whole spec>}``); they must share
             ``spec``'s output format. Rows of other splits, or a batch without ``split``,
             use ``spec``.
+        observe: Called as ``observe(i, pixels)`` for every row ``i`` that succeeds, with
+            the ``H x W x C`` uint8 pixels it stores (before JPEG encoding): how a resize
+            task gathers its statistics (:mod:`imgpipe.resize.statistics`) without a second
+            decode.
 
     Returns:
         The pass-through columns plus ``height``, ``width``, ``channels`` (int32),
@@ -543,6 +550,10 @@ def resize_batch(
         except Exception as exc:  # noqa: BLE001 - a bug on one image must cost that image only
             reason[i], detail[i] = "resize_failed", f"{type(exc).__name__}: {exc}"[:500]
             encoded[i] = b""
+        else:
+            # Outside the try: a failing observer is a bug of the caller, not a reject of this row.
+            if observe is not None:
+                observe(i, arr)
     out: dict[str, np.ndarray] = {k: batch[k] for k in PASSTHROUGH if k in batch}
     out.update(height=height, width=width, channels=channels)
     if spec.format == "raw":

@@ -30,6 +30,8 @@ __all__ = [
     "OutputFormat",
     "OpSignature",
     "Op",
+    "MODEL_COLOR_SPACES",
+    "color_space",
     "ResizeSpec",
     "ResizeConfig",
     "ResizeError",
@@ -110,10 +112,18 @@ class ResizeError(Exception):
 
 @dataclass(frozen=True)
 class OpSignature:
-    """What an op takes: its numeric parameter types and a check of their values."""
+    """What an op takes, and what it makes of the colours.
+
+    Attributes:
+        params: Its numeric parameter types.
+        check: A check of their values: a message, or ``None`` when they are fine.
+        color_space: The colour space of its output (``YCbCr``, ``Lab``, ``grey``); ``None``
+            when the output keeps the input's.
+    """
 
     params: tuple[type, ...] = ()
     check: Callable[[tuple[Any, ...]], str | None] = lambda p: None
+    color_space: str | None = None
 
 
 def _positive(p: tuple[Any, ...]) -> str | None:
@@ -137,12 +147,16 @@ OPS: dict[str, OpSignature] = {
     "median_blur": OpSignature((int,), _odd_ksize),
     "equalize": OpSignature(),
     "clahe": OpSignature((float, int), _positive),
-    "to_ycbcr": OpSignature(),
-    "to_lab": OpSignature(),
-    "binarize": OpSignature(),
-    "sobel": OpSignature(),
-    "canny": OpSignature((float, float), _thresholds),
+    "to_ycbcr": OpSignature(color_space="YCbCr"),
+    "to_lab": OpSignature(color_space="Lab"),
+    "binarize": OpSignature(color_space="grey"),
+    "sobel": OpSignature(color_space="grey"),
+    "canny": OpSignature((float, float), _thresholds, color_space="grey"),
 }
+
+# What a model's input can be when its weights were trained on RGB photos: RGB itself, or
+# grey (imgpipe.train.models.fit_state_dict sums a first convolution's RGB filters for it).
+MODEL_COLOR_SPACES = ("RGB", "grey")
 
 
 @dataclass(frozen=True)
@@ -181,6 +195,22 @@ def parse_op(text: str) -> Op:
     if problem:
         raise ValueError(f"op {text!r}: {problem}")
     return Op(name, tuple(params))
+
+
+def color_space(ops: Sequence[str], source: str = "RGB") -> str:
+    """The colour space of the pixels the resize ``ops`` store: the last op's that sets one, else ``source``.
+
+    Args:
+        ops: The resize ops as configured (``name[:params]``), e.g. a manifest's ``extra.ops``.
+        source: The colour space of clean's images: ``RGB``, or ``grey`` for 1-channel ones.
+
+    Raises:
+        ValueError: For an op that :func:`parse_op` refuses.
+    """
+    space = source
+    for op in ops:
+        space = OPS[parse_op(op).name].color_space or space
+    return space
 
 
 # ----------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ resizes them ``batch_size`` rows at a time (:func:`imgpipe.resize.ops.resize_bat
 streams the good rows straight into the step's output prefix, one file per split (more
 when a split's file reaches ``rows_per_shard`` rows or its ``order`` goes back), each
 hashed as it is written. It returns only what the driver needs to commit: each file's
-manifest entry, the rows it could not resize as rejects, and how many rows it read
-(:class:`TaskResult`). No pixel goes back to the driver.
+manifest entry, the rows it could not resize as rejects, how many rows it read, and the
+fixed-size statistics of the rows it wrote (:mod:`imgpipe.resize.statistics`: counts,
+pixel sums, size histograms) (:class:`TaskResult`). No pixel goes back to the driver.
 
 Names: ``SPLIT/part-TTTTT-KKK.a<attempt>.parquet``, ``TTTTT`` the task's index in the
 step's plan, ``KKK`` the file's index within the task and split, and the attempt id of the
@@ -17,14 +18,15 @@ manifest of the new attempt lists. Every object is committed only when complete
 (:func:`imgpipe.contract.stream_parquet`), so a killed task leaves nothing readable.
 
 Memory of a task: one input row group, one batch of resized rows, and per split at most
-one row group (``row_group_rows``) waiting to be written, plus the rejects of its own rows.
+one row group (``row_group_rows``) waiting to be written, plus the rejects of its own rows
+and the statistics' sums (a few hundred bytes per split and class).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +39,7 @@ from imgpipe import contract, storage
 from imgpipe.contract import FileEntry, Reject
 from imgpipe.resize.ops import resize_batch
 from imgpipe.resize.spec import ResizeSpec
+from imgpipe.resize.statistics import DatasetStatistics
 
 __all__ = [
     "READ_COLUMNS",
@@ -50,8 +53,9 @@ __all__ = [
     "run_task",
 ]
 
-# bbox is optional (no step writes it yet); it feeds roi_crop when present.
-READ_COLUMNS = ("path", "image", "label", "label_name", "split", "order", "sha256", "bbox")
+# bbox is optional (no step writes it yet); it feeds roi_crop when present. width and height
+# (the source's, clean's columns) feed the statistics' size histograms only.
+READ_COLUMNS = ("path", "image", "label", "label_name", "split", "order", "sha256", "bbox", "width", "height")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -84,6 +88,7 @@ class TaskResult:
         files: Manifest entries of the files it wrote.
         rejects: Rows it could not resize, with the reason.
         node: The Ray node it ran on (``""`` outside Ray).
+        statistics: The statistics of the rows in ``files`` (:meth:`DatasetStatistics.to_dict`).
     """
 
     task: int
@@ -91,6 +96,7 @@ class TaskResult:
     files: list[FileEntry] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     node: str = ""
+    statistics: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (how a Ray task hands it back)."""
@@ -105,6 +111,7 @@ class TaskResult:
             files=[FileEntry(**f) for f in value["files"]],
             rejects=[Reject(**r) for r in value["rejects"]],
             node=str(value.get("node", "")),
+            statistics=dict(value.get("statistics") or {}),
         )
 
 
@@ -257,18 +264,42 @@ class SplitFiles:
             stream.pending, stream.pending_rows = [table], table.num_rows
 
 
+def _observer(batch: Mapping[str, np.ndarray], statistics: DatasetStatistics) -> Callable[[int, np.ndarray], None]:
+    """What :func:`resize_batch` calls for each good row of ``batch``: counts it in ``statistics``."""
+    n = len(batch["path"])
+    splits = batch.get("split", np.full(n, "", dtype=object))
+    labels = batch.get("label", np.zeros(n, np.int64))
+    widths, heights = batch.get("width"), batch.get("height")
+
+    def side(values: np.ndarray | None, i: int) -> int | None:
+        # A hand-made input may lack the column, or hold nulls (NaN once in a NumPy array).
+        value = None if values is None else values[i]
+        return int(value) if value is not None and np.isfinite(value) else None
+
+    def observe(i: int, pixels: np.ndarray) -> None:
+        statistics.add(str(splits[i]), int(labels[i]), side(widths, i), side(heights, i), pixels)
+
+    return observe
+
+
 def resized_batches(
     units: Sequence[tuple[str, int]],
     spec: ResizeSpec,
     batch_size: int,
     split_specs: Mapping[str, ResizeSpec] | None = None,
+    statistics: DatasetStatistics | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Reads the row groups ``units`` (file URI, row group) in order and resizes them ``batch_size`` rows at a time."""
+    """Reads the row groups ``units`` (file URI, row group) in order and resizes them ``batch_size`` rows at a time.
+
+    With ``statistics``, every row resized without error is counted in it (by its ``split``).
+    """
     for uri, row_group in units:
         filesystem, path = storage.arrow_filesystem(str(uri))
         table = read_row_group(filesystem, path, int(row_group))
         for start in range(0, table.num_rows, batch_size):
-            yield resize_batch(table_to_batch(table.slice(start, batch_size)), spec, split_specs)
+            batch = table_to_batch(table.slice(start, batch_size))
+            observe = None if statistics is None else _observer(batch, statistics)
+            yield resize_batch(batch, spec, split_specs, observe)
 
 
 def run_task(
@@ -295,15 +326,17 @@ def run_task(
         node: Where it runs, for the manifest.
 
     Returns:
-        The task's files, rejects and rows read.
+        The task's files, rejects, rows read and the statistics of the rows written.
     """
     storage.use_settings(settings)
     result = TaskResult(task=task, node=node)
+    statistics = DatasetStatistics()
     with SplitFiles(out, task) as files:
-        for batch in resized_batches(units, spec, batch_size, split_specs):
+        for batch in resized_batches(units, spec, batch_size, split_specs, statistics):
             good, bad = split_results(pa.table(batch), out.schema)
             files.add(good)
             result.rejects.extend(bad)
             result.rows += len(batch["path"])
     result.files = files.entries
+    result.statistics = statistics.to_dict()
     return result

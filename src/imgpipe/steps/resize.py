@@ -74,7 +74,8 @@ from imgpipe.raysession import ray_session, shut_down_local_ray
 from imgpipe.remote.targets import check_allowed
 
 # The settings are OpenCV-free (imgpipe.resize.spec) so the pipeline compiles without OpenCV.
-from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.spec import ResizeConfig, color_space
+from imgpipe.resize.statistics import DatasetStatistics
 from imgpipe.resize.task import TaskOutput, TaskResult, run_task
 
 __all__ = [
@@ -316,7 +317,8 @@ class Results:
     """What the driver keeps of the tasks' results: no pixel, no per-row record of good rows.
 
     Its memory grows with the number of files (one entry each, on the ``OutputWriter``)
-    and of rejected rows, never with the rows written.
+    and of rejected rows, never with the rows written: ``statistics`` are the tasks' sums
+    merged (:mod:`imgpipe.resize.statistics`), a fixed size per split and class.
     """
 
     rejects: list[Reject] = field(default_factory=list)
@@ -325,6 +327,7 @@ class Results:
     node_rows: Counter[str] = field(default_factory=Counter)
     node_files: Counter[str] = field(default_factory=Counter)
     splits: Counter[str] = field(default_factory=Counter)
+    statistics: DatasetStatistics = field(default_factory=DatasetStatistics)
 
 
 def collect_results(results: Iterable[TaskResult], out: OutputWriter, inputs: int, tasks: int) -> Results:
@@ -348,6 +351,7 @@ def collect_results(results: Iterable[TaskResult], out: OutputWriter, inputs: in
             out.add_file(entry)
             got.splits[entry.name.split("/", 1)[0]] += entry.rows
         got.rejects.extend(result.rejects)
+        got.statistics.merge(DatasetStatistics.from_dict(result.statistics))
         got.seen += result.rows
         got.tasks += 1
         got.node_rows[result.node] += result.rows
@@ -362,6 +366,20 @@ def _ray_results(ds: Any) -> Iterator[TaskResult]:
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for value in batch["result"]:
             yield TaskResult.from_dict(json.loads(value))
+
+
+def _statistics(statistics: DatasetStatistics, cfg: ResizeConfig, classes: list[str]) -> dict[str, Any]:
+    """The manifest's ``extra.statistics``, in the colour space the ops store (grey for 1-channel sources)."""
+    channels = {s.channels for s in statistics.splits.values() if s.channels}
+    # One stored channel means grey, whatever the ops; three are RGB unless an op converted them.
+    space = color_space(cfg.ops, "grey" if channels == {1} else "RGB")
+    for split, stats in statistics.splits.items():
+        if stats.other_channels:
+            log.warning(
+                "resize: %d %s image(s) have another channel count than the split's %d; its mean and std leave them out",
+                stats.other_channels, split, stats.channels,
+            )  # fmt: skip
+    return statistics.manifest_block(classes, space)
 
 
 # ----------------------------------------------------------------------------------------
@@ -426,6 +444,7 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepRepor
     if storage.exists(labels_uri):
         storage.write_bytes(out.uri(LABELS_FILE), storage.read_bytes(labels_uri))
     written = dict(sorted(results.splits.items()))
+    statistics = _statistics(results.statistics, cfg, upstream_extra.get("classes") or [])
     report = out.commit(
         inputs=inputs,
         rejects=results.rejects,
@@ -450,6 +469,7 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepRepor
             # cluster spreads both).
             "ray_nodes": dict(sorted(results.node_rows.items())),
             "ray_node_files": dict(sorted(results.node_files.items())),
+            "statistics": statistics,
         },
         upstream={"source": source, "step": manifest.get("step"), "outputs": manifest.get("outputs")},
     )

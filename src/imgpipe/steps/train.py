@@ -75,7 +75,8 @@ from imgpipe.contract import FileEntry, StepReport
 from imgpipe.report import training as report
 
 # The settings are torch-free (imgpipe.train.config) so the pipeline compiles without torch.
-from imgpipe.resize.spec import CROP_FRACTION
+from imgpipe.resize.spec import CROP_FRACTION, MODEL_COLOR_SPACES, color_space
+from imgpipe.resize.statistics import split_moments
 from imgpipe.train import pretrained
 from imgpipe.train.augment import (
     IMAGENET,
@@ -126,6 +127,8 @@ from imgpipe.train.partition import (
     split_names,
 )
 from imgpipe.train.predictions import confused_pairs, predictions_table, worst_per_class
+from imgpipe.train.recipes import Resolution, tta_flip_dims
+from imgpipe.train.recipes import resolve as resolve_recipe
 from imgpipe.train.run import TrainingRun
 from imgpipe.train.selection import EMA_PREFIX
 
@@ -227,15 +230,48 @@ def _weights_cache(cfg: TrainConfig, out: str) -> str | None:
     return default_weights_cache(out) if cfg.pretrained else None
 
 
-def _normalization(cfg: TrainConfig) -> Normalization:
-    """The run's mean and std: the pretrained weights' own, else ImageNet's."""
-    return pretrained.normalization(resolve_weights(cfg.model, cfg.pretrained)) if cfg.pretrained else IMAGENET
+def _check_color_space(cfg: TrainConfig, ops: list[str]) -> None:
+    """Refuses pretrained weights, trained on RGB photos, for pixels a resize op stored in another colour space."""
+    space = color_space(ops)
+    if cfg.pretrained and space not in MODEL_COLOR_SPACES:
+        converting = [op for op in ops if color_space([op]) not in MODEL_COLOR_SPACES]
+        raise ValueError(
+            f"pretrained={cfg.pretrained!r} ({cfg.model}) expects RGB images, but the resize op(s) "
+            f"{', '.join(converting)} stored {space}: train from scratch (no pretrained), or re-run resize without "
+            f"{' and '.join(converting)}"
+        )
+
+
+def _normalization(cfg: TrainConfig, manifest: Mapping[str, Any]) -> Normalization:
+    """The run's mean and std: the starting weights' own, else the data's train split's, else ImageNet's.
+
+    Pretrained weights keep theirs; ``weights`` keep what their ``model.pt`` records
+    (ImageNet's for a bare state dict); a model trained from scratch takes the mean and std
+    resize recorded for the ``train`` split, in the colour space it stored.
+
+    Raises:
+        ValueError: If pretrained weights would get pixels stored in a colour space other than RGB or grey.
+    """
+    _check_color_space(cfg, list((manifest.get("extra") or {}).get("ops") or ()))
+    if cfg.pretrained:
+        return pretrained.normalization(resolve_weights(cfg.model, cfg.pretrained))
+    if cfg.weights:
+        recorded = pretrained.recorded_normalization(cfg.weights)
+        if recorded is None:
+            log.info("train: %s records no mean and std; normalizing with ImageNet's", cfg.weights)
+        return recorded or IMAGENET
+    moments = split_moments(manifest, "train")
+    if moments is None:
+        log.warning("train: the resize output records no statistics (older than them); normalizing with ImageNet's "
+                    "mean and std, not the data's own: re-run resize to record them")  # fmt: skip
+        return IMAGENET
+    return Normalization.of_channels(*moments)
 
 
 def _initial_model(cfg: TrainConfig, num_classes: int, channels: int, size: int, ctx: DistInfo) -> nn.Module:
     """The seeded model with its starting weights: ``weights``, or ``pretrained`` through the cache (every rank calls it)."""
     torch.manual_seed(cfg.seed)  # the explicit seed of model initialization
-    module = build_model(cfg.model, num_classes, channels)
+    module = build_model(cfg.model, num_classes, channels, drop_path=cfg.drop_path)
     if cfg.weights:
         load_weights(module, cfg.weights)
     if cfg.pretrained:
@@ -254,10 +290,11 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
     device = resolve_device(cfg.device, ctx.local_rank)
     labels = read_labels(data, manifest)
     train_info = describe_split(data, "train", manifest)
+    cfg, recipe = _resolve_recipe(cfg, train_info, len(labels), ctx)
     size = cfg.image_size or train_info.size
     channels = train_info.channels
     on_device = _aug_on_device(cfg, device)
-    norm = _normalization(cfg)
+    norm = _normalization(cfg, manifest)
     # Whole pictures are cropped in the workers, so they decode there too.
     decode = "cuda" if on_device and device.type == "cuda" else "cpu"
     train_loader = ImageLoader(
@@ -335,7 +372,21 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
         head=head,
         ema=_ema_model(module, cfg, ctx.world_size),
         class_weights=_class_weights(cfg, train_info, len(labels), device),
+        recipe=recipe,
     )
+
+
+def _resolve_recipe(cfg: TrainConfig, info: SplitInfo, classes: int, ctx: DistInfo) -> tuple[TrainConfig, Resolution]:
+    """``cfg`` with its recipe and domain fields filled (:mod:`imgpipe.train.recipes`); says which and why.
+
+    ``recipe: auto`` reads the train split's labels (one small read per file) to count images
+    per class; every rank reads the same files, so every rank resolves alike.
+    """
+    counts = np.bincount(read_split_labels(info), minlength=classes) if cfg.recipe == "auto" else None
+    resolved, recipe = resolve_recipe(cfg, counts)
+    if ctx.is_main:
+        log.info("train: %s", recipe.summary())
+    return resolved, recipe
 
 
 def _ema_model(module: nn.Module, cfg: TrainConfig, world_size: int) -> torch.optim.swa_utils.AveragedModel | None:
@@ -460,7 +511,11 @@ def _prepare_eval_batch(run: TrainingRun, loader: ImageLoader, batch: Mapping[st
 
 
 def _evaluate_split(
-    run: TrainingRun, loader: ImageLoader, tta_flip: bool = False, model: nn.Module | None = None, keep_rows: bool = False
+    run: TrainingRun,
+    loader: ImageLoader,
+    tta_flips: tuple[int, ...] = (),
+    model: nn.Module | None = None,
+    keep_rows: bool = False,
 ) -> EvalResult:
     """:func:`imgpipe.train.evaluation.evaluate` of ``model`` (``run.module``) over ``loader``'s split.
 
@@ -474,7 +529,7 @@ def _evaluate_split(
             yield (images, labels, batch["index"]) if keep_rows else (images, labels)
 
     return evaluate(
-        model or run.module, batches, len(run.labels), run.device, amp=run.amp, tta_flip=tta_flip, ctx=run.ctx
+        model or run.module, batches, len(run.labels), run.device, amp=run.amp, tta_flips=tta_flips, ctx=run.ctx
     )
 
 
@@ -746,8 +801,11 @@ def _final_evaluations(run: TrainingRun) -> tuple[dict[str, Any], dict[str, Eval
     loader = _eval_loader(run.cfg, run.test_info, run.image_size, decode, run.ctx, persistent=False)
     with_rows["test"] = _evaluate_split(run, loader, keep_rows=True)
     out = {"test": with_rows["test"].to_dict(run.labels)}
-    if run.cfg.tta_flip:
-        out["test_tta"] = _evaluate_split(run, loader, tta_flip=True).to_dict(run.labels)
+    flips = tta_flip_dims(bool(run.cfg.hflip), bool(run.cfg.vflip))
+    if run.cfg.tta_flip and flips:
+        out["test_tta"] = {**_evaluate_split(run, loader, tta_flips=flips).to_dict(run.labels), "flips": list(flips)}
+    elif run.cfg.tta_flip and run.ctx.is_main:
+        log.warning("train: tta_flip is on, but the %s domain trains with no flip, so no view is tested but the image", run.cfg.domain)
     return out, with_rows
 
 
@@ -803,7 +861,10 @@ def _finish(
     if "test" in tests:
         seen["test"] = int(tests["test"]["images"])
     selection, kept = _kept(run)
-    metrics = {"epochs": run.history, **tests, "labels": run.labels, "images_seen": seen, "selection": selection, "kept": kept}
+    metrics = {
+        "epochs": run.history, **tests, "labels": run.labels, "images_seen": seen, "selection": selection, "kept": kept,
+        "recipe": run.recipe.to_dict() if run.recipe else None,
+    }  # fmt: skip
     if last_val is not None:
         metrics["val_confusion"] = last_val.confusion
     final = {
@@ -838,6 +899,7 @@ def _finish(
             "device": str(run.device),
             "resumed_from_epoch": run.start_epoch if run.start_epoch else None,
             "kept": {k: selection[k] for k in ("epoch", "weights", "reason")},
+            "recipe": run.recipe.summary() if run.recipe else None,
         },
         epochs_run=epochs_run,
         metrics=final,

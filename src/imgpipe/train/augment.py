@@ -10,9 +10,11 @@ Two ways to augment the training set, with the same recipe:
   CPU tensors (which is how it is tested without a GPU).
 
 The recipe, in order: RandomResizedCrop, horizontal flip (``hflip``; off for text and
-digits), a small affine (rotation/translation/scale), the policy (RandAugment,
-TrivialAugmentWide or AutoAugment-ImageNet), ColorJitter, RandomGrayscale,
-GaussianBlur, RandomErasing. Policy ``basic`` is the recipe without a policy; ``none``
+digits), vertical flip and quarter turns (``vflip``, ``rot90``; overhead images), a small
+affine (rotation/translation/scale), the policy (RandAugment, TrivialAugmentWide or
+AutoAugment-ImageNet), ColorJitter (its hue range ``hue``), RandomGrayscale, GaussianBlur,
+Gaussian noise (``noise_p``), JPEG re-encoding (``jpeg_p``), RandomErasing. Which of them a
+dataset gets follows its domain (:mod:`imgpipe.train.recipes`). Policy ``basic`` is the recipe without a policy; ``none``
 is no augmentation at all (the evaluation transform), for debugging and overfitting.
 
 Both paths leave normalization to one batched step on the device: the CPU path's
@@ -30,7 +32,7 @@ torchvision's ``v2.MixUp``/``v2.CutMix`` do, but draw from an explicit
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +46,8 @@ from imgpipe.train.config import AugmentConfig
 
 __all__ = [
     "IMAGENET",
+    "JPEG_QUALITY",
+    "NOISE_STD",
     "Normalization",
     "channel_stats",
     "build_batch_eval_transform",
@@ -58,16 +62,23 @@ __all__ = [
 
 _AFFINE_P = 0.5
 _COLOR_JITTER_P = 0.8
+# Gaussian noise's std as a fraction of the pixel range (the CPU path draws one per image in
+# this range; kornia's noise has one std, the range's middle), and the JPEG qualities drawn.
+NOISE_STD = (0.02, 0.08)
+JPEG_QUALITY = (40, 95)
 
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel mean and std of RGB pixels scaled to ``[0, 1]``, as a model's weights expect them.
+    """Per-channel mean and std of the stored pixels scaled to ``[0, 1]``, as a model expects them.
 
-    The training run holds one (``TrainingRun.norm``): :data:`IMAGENET`, or the
-    pretrained weights' own (:func:`imgpipe.train.pretrained.normalization`); every
-    consumer (:func:`normalize`, :class:`BatchAugment`, the CPU recipe's erasing fill,
-    ``model.pt``) takes it from there.
+    Three channels: RGB, or the colour space the resize ops stored (YCbCr, Lab); a grey
+    model uses their averages (:func:`channel_stats`). The training run holds one
+    (``TrainingRun.norm``): the starting weights' own (:func:`imgpipe.train.pretrained.normalization`,
+    :func:`imgpipe.train.pretrained.recorded_normalization`), else the data's own train-split
+    statistics (the resize manifest's, :func:`imgpipe.resize.statistics.split_moments`), else
+    :data:`IMAGENET`; every consumer (:func:`normalize`, :class:`BatchAugment`, the CPU recipe's
+    erasing fill, ``model.pt`` and ``model.json``) takes it from there.
     """
 
     mean: tuple[float, float, float]
@@ -76,6 +87,18 @@ class Normalization:
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"need 3 means and 3 positive stds, got mean={self.mean}, std={self.std}")
+
+    @classmethod
+    def of_channels(cls, mean: Sequence[float], std: Sequence[float]) -> Normalization:
+        """From per-channel values of 3 channels, or of 1 (grey: repeated, so :func:`channel_stats` gives it back).
+
+        Raises:
+            ValueError: For another count, counts that differ, or a std that is not positive.
+        """
+        if len(mean) != len(std) or len(mean) not in (1, 3):
+            raise ValueError(f"need 1 or 3 means and as many stds, got mean={list(mean)}, std={list(std)}")
+        repeat = 3 // len(mean)
+        return cls(tuple(float(m) for m in mean) * repeat, tuple(float(s) for s in std) * repeat)  # type: ignore[arg-type]
 
 
 # The ImageNet statistics of torchvision's references (and of most of its weights).
@@ -189,6 +212,10 @@ class BatchAugment(nn.Module):
         geometric: list[nn.Module] = [K.RandomResizedCrop((size, size), scale=cfg.crop_scale)] if crop else []
         if cfg.hflip:
             geometric.append(K.RandomHorizontalFlip())
+        if cfg.vflip:
+            geometric.append(K.RandomVerticalFlip())
+        if cfg.rot90:  # exact quarter turns of the square crop: nearest neighbour moves pixels only
+            geometric.append(K.RandomRotation90(times=(0, 3), resample="nearest", p=1.0))
         if cfg.rotation > 0:
             geometric.append(K.RandomAffine(cfg.rotation, translate=(0.05, 0.05), scale=(0.95, 1.05), p=_AFFINE_P))
         self.geometric = nn.Sequential(*geometric)
@@ -200,12 +227,15 @@ class BatchAugment(nn.Module):
         color: list[nn.Module] = []
         if cfg.color_jitter > 0:
             cj = cfg.color_jitter
-            color.append(K.ColorJitter(cj, cj, cj, min(0.5, cj / 4), p=_COLOR_JITTER_P))
+            color.append(K.ColorJitter(cj, cj, cj, cfg.hue, p=_COLOR_JITTER_P))
         if cfg.grayscale_p > 0 and channels == 3:
             color.append(K.RandomGrayscale(p=cfg.grayscale_p))
         self.color = nn.Sequential(*color)
         k = _blur_kernel(size)
         self.blur = K.RandomGaussianBlur((k, k), (0.1, 2.0), p=cfg.blur_p) if cfg.blur_p > 0 else None
+        mid_std = sum(NOISE_STD) / 2
+        self.noise = K.RandomGaussianNoise(std=mid_std, p=cfg.noise_p) if cfg.noise_p > 0 else None
+        self.jpeg = K.RandomJPEG(jpeg_quality=tuple(map(float, JPEG_QUALITY)), p=cfg.jpeg_p) if cfg.jpeg_p > 0 else None
         self.erasing = K.RandomErasing(p=cfg.random_erasing, value=0.0) if cfg.random_erasing > 0 else None
 
     def _as_rgb(self, fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -233,6 +263,10 @@ class BatchAugment(nn.Module):
                 x = self._as_rgb(self.color, x).clamp(0, 1)
             if self.blur is not None:
                 x = self.blur(x)
+            if self.noise is not None:
+                x = self.noise(x).clamp(0, 1)
+            if self.jpeg is not None:  # kornia's JPEG codes YCbCr: a grey batch goes through as RGB
+                x = self._as_rgb(self.jpeg, x).clamp(0, 1)
             x = _standardize(x, self.channels, self.norm)
             if self.erasing is not None:
                 x = self.erasing(x)

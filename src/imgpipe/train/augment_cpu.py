@@ -40,17 +40,21 @@ RandomResizedCrop(size, scale,   ``RandomResizedCrop((size, size), scale, ratio=
 antialias)                       INTER_LINEAR, area_for_downscale="image")``: INTER_AREA when
                                  shrinking (the antialiased resize), bilinear when enlarging
 RandomHorizontalFlip (hflip)     ``HorizontalFlip(p=0.5)``
+RandomVerticalFlip (vflip)       ``VerticalFlip(p=0.5)``
+(rot90; none in torchvision)     ``RandomRotate90()``: 0, 90, 180 or 270 degrees, uniformly
 RandomApply(RandomAffine(r,      ``Affine(rotate=(-r, r), translate_percent=(-0.05, 0.05),
 translate=(.05, .05),            scale=(0.95, 1.05), keep_ratio=True, INTER_NEAREST, fill 0,
 scale=(.95, 1.05)), p=0.5)       p=0.5)``
 policy                           see the policy table below
-RandomApply(ColorJitter(cj, cj,  ``ColorJitter(cj, cj, cj, min(0.5, cj / 4), p=0.8)`` (the
-cj, min(.5, cj/4)), p=0.8)       same factors and random order; saturation and hue skip
-                                 one-channel images, as in torchvision)
+RandomApply(ColorJitter(cj, cj,  ``ColorJitter(cj, cj, cj, hue, p=0.8)`` (the same factors
+cj, hue), p=0.8)                 and random order; saturation and hue skip one-channel
+                                 images, as in torchvision)
 RandomGrayscale(grayscale_p)     ``ToGray(num_output_channels=3, "weighted_average",
                                  p=grayscale_p)`` (ITU-R 601 weights); 3-channel images only
 RandomApply(GaussianBlur(k,      ``GaussianBlur(blur_limit=(k, k), sigma_limit=(0.1, 2.0),
 (0.1, 2)), p=blur_p)             p=blur_p)``, ``k = _blur_kernel(size)``
+GaussianNoise (noise_p; v2)      ``GaussNoise(std_range=NOISE_STD, p=noise_p)``, std drawn per image
+JPEG (jpeg_p; v2)                ``ImageCompression("jpeg", quality_range=JPEG_QUALITY, p=jpeg_p)``
 RandomErasing(random_erasing,    ``Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill=mean,
 value=mean)                      p=random_erasing)``, mean = ``_mean_uint8`` (0 once normalized)
 ===============================  ===============================================================
@@ -133,6 +137,8 @@ from imgpipe.train.augment import (
     _AFFINE_P,
     _COLOR_JITTER_P,
     IMAGENET,
+    JPEG_QUALITY,
+    NOISE_STD,
     Normalization,
     _blur_kernel,
     _mean_uint8,
@@ -473,6 +479,10 @@ def _train_ops(
     ]
     if cfg.hflip:
         ops.append(A.HorizontalFlip(p=0.5))
+    if cfg.vflip:
+        ops.append(A.VerticalFlip(p=0.5))
+    if cfg.rot90:
+        ops.append(A.RandomRotate90(p=1.0))  # k uniform in 0..3: a quarter of the images keep their orientation
     if cfg.rotation > 0:
         ops.append(
             A.Affine(
@@ -491,12 +501,16 @@ def _train_ops(
         ops.append(policy)
     if cfg.color_jitter > 0:
         cj = cfg.color_jitter
-        ops.append(A.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=min(0.5, cj / 4), p=_COLOR_JITTER_P))
+        ops.append(A.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=cfg.hue, p=_COLOR_JITTER_P))
     if cfg.grayscale_p > 0 and channels == 3:
         ops.append(A.ToGray(num_output_channels=3, method="weighted_average", p=cfg.grayscale_p))
     if cfg.blur_p > 0:
         k = _blur_kernel(size)
         ops.append(A.GaussianBlur(blur_limit=(k, k), sigma_limit=(0.1, 2.0), p=cfg.blur_p))
+    if cfg.noise_p > 0:
+        ops.append(A.GaussNoise(std_range=NOISE_STD, p=cfg.noise_p))
+    if cfg.jpeg_p > 0:
+        ops.append(A.ImageCompression(compression_type="jpeg", quality_range=JPEG_QUALITY, p=cfg.jpeg_p))
     if cfg.random_erasing > 0:
         ops.append(
             A.Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill=tuple(_mean_uint8(channels, norm)), p=cfg.random_erasing)

@@ -9,12 +9,23 @@ from the torch code that uses them (:mod:`imgpipe.steps.train`, :mod:`imgpipe.tr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 from imgpipe import resources, storage
+from imgpipe.train.recipes import (
+    BASE,
+    DOMAIN_FIELDS,
+    DOMAIN_NAMES,
+    MAY_STAY_UNSET,
+    RECIPE_FIELDS,
+    RECIPES,
+    Domain,
+    Recipe,
+)
 
 __all__ = [
     "POLICIES",
@@ -45,10 +56,16 @@ class AugmentConfig:
             policy) or ``none`` (no augmentation).
         hflip: Random horizontal flips; turn off where mirroring changes the class
             (text, digits, some medical images).
+        vflip: Random vertical flips (overhead and microscope images, which have no "up").
+        rot90: Random quarter turns (0, 90, 180 or 270 degrees), for the same images.
         randaugment_n: RandAugment operations per image.
         randaugment_m: RandAugment magnitude, 0-30.
-        color_jitter: Brightness/contrast/saturation strength (hue a quarter of it),
-            applied with probability 0.8; 0 disables.
+        color_jitter: Brightness/contrast/saturation strength, applied with probability
+            0.8 (with ``hue``); 0 disables.
+        hue: Hue shift range of the colour jitter, as a fraction of the colour circle
+            (0-0.5); 0 keeps hues, for data where colour is the label.
+        noise_p: Probability of additive Gaussian noise (std 2-8% of the range), as from a sensor.
+        jpeg_p: Probability of re-encoding as a JPEG of quality 40-95, as web images are.
         grayscale_p: Probability of converting a colour image to grey (kept 3-channel).
         blur_p: Probability of a Gaussian blur (sigma 0.1-2, kernel ~5% of the side).
         rotation: Maximum rotation in degrees of the affine (with +-5% translation and
@@ -58,14 +75,19 @@ class AugmentConfig:
         crop_scale: Area range of RandomResizedCrop, as fractions of the image.
     """
 
-    policy: Policy = "randaugment"
-    hflip: bool = True
-    randaugment_n: int = 2
-    randaugment_m: int = 9
-    color_jitter: float = 0.2
+    policy: Policy = BASE["aug_policy"]
+    hflip: bool = BASE["hflip"]
+    vflip: bool = BASE["vflip"]
+    rot90: bool = BASE["rot90"]
+    randaugment_n: int = BASE["randaugment_n"]
+    randaugment_m: int = BASE["randaugment_m"]
+    color_jitter: float = BASE["color_jitter"]
+    hue: float = BASE["hue"]
+    noise_p: float = BASE["noise_p"]
+    jpeg_p: float = BASE["jpeg_p"]
     grayscale_p: float = 0.02
     blur_p: float = 0.1
-    rotation: float = 10.0
+    rotation: float = BASE["rotation"]
     random_erasing: float = 0.25
     crop_scale: tuple[float, float] = (0.08, 1.0)
 
@@ -76,11 +98,13 @@ class AugmentConfig:
             raise ValueError(f"randaugment_n must be >= 0, got {self.randaugment_n}")
         if not 0 <= self.randaugment_m <= 30:
             raise ValueError(f"randaugment_m must be in [0, 30] (RandAugment's magnitude bins), got {self.randaugment_m}")
-        for name in ("grayscale_p", "blur_p", "random_erasing"):
+        for name in ("grayscale_p", "blur_p", "random_erasing", "noise_p", "jpeg_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if self.color_jitter < 0 or self.rotation < 0:
             raise ValueError("color_jitter and rotation must be >= 0")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"hue is a fraction of the colour circle in [0, 0.5] (0 keeps hues), got {self.hue}")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
@@ -175,33 +199,52 @@ def default_weights_cache(out: str) -> str:
 class TrainConfig:
     """Settings of the train step.
 
+    The fields a size recipe or a domain sets (:data:`imgpipe.train.recipes.RECIPE_FIELDS`
+    and ``DOMAIN_FIELDS``) default to ``None``, "unset": the train step fills them
+    (:func:`imgpipe.train.recipes.resolve`) once it knows the data, a value set here winning
+    field by field; :attr:`resolved` tells whether that has happened.
+
     Attributes:
         model: torchvision classification model name (``weights=None``) or ``tiny_cnn``.
-        epochs: Passes over the training split.
+        recipe: Training recipe by dataset size: ``small`` (under 50 images per class),
+            ``medium`` (thousands), ``large`` (hundreds of thousands), ``auto`` (chosen from
+            the train split's images per class) or ``none`` (imgpipe's base settings). It
+            sets the policy, RandAugment N/M, MixUp/CutMix, label smoothing, weight decay,
+            drop path, epochs and the linear-probe schedule; fields set explicitly win.
+        domain: What the images are: ``natural``, ``text`` (no flips), ``medical``
+            (conservative, orientation kept), ``satellite`` (vertical flips and quarter
+            turns), ``product`` (no hue change). It sets the flips, rotation, colour jitter,
+            hue, noise and JPEG augmentation, and which flips test-time augmentation uses.
+        epochs: Passes over the training split. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         batch_size: Images per step per rank (the global batch is ``batch_size x ranks``).
         lr: Peak AdamW learning rate, reached after the warmup.
-        weight_decay: AdamW decoupled weight decay (not applied to norms and biases).
+        weight_decay: AdamW decoupled weight decay (not applied to norms and biases). Unset: the recipe's or domain's value (imgpipe.train.recipes).
         warmup_epochs: Linear warmup length, in epochs (fractions allowed).
-        label_smoothing: Target smoothing, 0 to disable.
+        label_smoothing: Target smoothing, 0 to disable. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         aug_policy: ``randaugment``, ``trivialaugment``, ``autoaugment``, ``basic`` (no
-            policy) or ``none`` (no augmentation).
+            policy) or ``none`` (no augmentation). Unset: the recipe's or domain's value (imgpipe.train.recipes).
         aug_device: Where training augmentation runs: ``cpu`` (per sample in the
             loader workers), ``gpu`` (batched with kornia on the training device, also
             on CPU tensors) or ``auto`` (``gpu`` when training on CUDA).
-        hflip: Random horizontal flips; off for text, digits and other mirror-sensitive data.
-        mixup: MixUp Beta alpha; 0 disables.
-        cutmix: CutMix Beta alpha; 0 disables.
+        hflip: Random horizontal flips; off for text, digits and other mirror-sensitive data. Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        vflip: Random vertical flips (overhead, microscope images). Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        rot90: Random quarter turns (overhead, microscope images). Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        mixup: MixUp Beta alpha; 0 disables. Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        cutmix: CutMix Beta alpha; 0 disables. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         mixup_prob: Probability that a batch is mixed at all (MixUp or CutMix), as timm's
-            ``--mixup-prob``; the other batches train on their own images.
+            ``--mixup-prob``; the other batches train on their own images. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         mixup_switch_prob: Probability of CutMix instead of MixUp for a mixed batch when
             both alphas are positive, as timm's ``--mixup-switch-prob``.
-        randaugment_n: RandAugment operations per image.
-        randaugment_m: RandAugment magnitude (0-30).
-        color_jitter: ColorJitter strength; 0 disables.
+        randaugment_n: RandAugment operations per image. Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        randaugment_m: RandAugment magnitude (0-30). Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        color_jitter: ColorJitter strength (brightness, contrast, saturation); 0 disables. Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        hue: ColorJitter's hue range (0-0.5); 0 where colour is the label. Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        noise_p: Probability of Gaussian noise. Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        jpeg_p: Probability of a JPEG re-encoding at quality 40-95. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         grayscale_p: RandomGrayscale probability.
         blur_p: GaussianBlur probability.
-        rotation: Maximum degrees of the small random affine; 0 disables.
+        rotation: Maximum degrees of the small random affine; 0 disables. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         random_erasing: RandomErasing probability.
         crop_scale: RandomResizedCrop area range.
         amp: bf16 autocast on CUDA (ignored on CPU).
@@ -228,10 +271,15 @@ class TrainConfig:
             output prefix. The pipeline uses {data_root}/weights.
         freeze_backbone_epochs: Epochs at the start during which only the classifier
             head trains (backbone parameters frozen, its BatchNorm statistics fixed);
-            at least epochs trains the head alone (a linear probe).
+            at least epochs trains the head alone (a linear probe). Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        drop_path: Stochastic depth rate, for the torchvision models that take one
+            (``stochastic_depth_prob``: ConvNeXt, EfficientNet, Swin, MaxViT); others ignore
+            it. Left unset by the base settings: the model's own default. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         backbone_lr_mult: The backbone's learning rate as a fraction of lr (the head
             gets lr); the schedule scales both.
-        tta_flip: Also evaluate the test split averaging original and flipped predictions.
+        tta_flip: Also evaluate the test split averaging the predictions of the images and
+            their flips, only those training used (horizontal with ``hflip``, vertical with
+            ``vflip``): none for the ``text`` and ``medical`` domains.
         patience: Early stopping: end training after this many epochs without a better
             validation score (the ranking metric of :mod:`imgpipe.train.selection`); 0 trains
             every epoch. Either way the best epoch's weights are kept, not the last.
@@ -254,28 +302,36 @@ class TrainConfig:
     """
 
     model: str = "resnet18"
-    epochs: int = 10
+    recipe: Recipe = "none"
+    domain: Domain = "natural"
+    # None: unset, filled by imgpipe.train.recipes.resolve (here and below).
+    epochs: int | None = None
     batch_size: int = 128
     lr: float = 1e-3
-    weight_decay: float = 0.05
+    weight_decay: float | None = None
     warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None
     device: str = "auto"
     # The augmentation fields stay flat (one `train:` section, typed CLI flags and pipeline
-    # parameters); their defaults are AugmentConfig's, and `augment` rebuilds it.
-    aug_policy: Policy = AugmentConfig.policy
+    # parameters); their base values are AugmentConfig's, and `augment` rebuilds it.
+    aug_policy: Policy | None = None
     aug_device: Literal["auto", "cpu", "gpu"] = "auto"
-    hflip: bool = AugmentConfig.hflip
-    mixup: float = 0.2
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
+    hflip: bool | None = None
+    vflip: bool | None = None
+    rot90: bool | None = None
+    mixup: float | None = None
+    cutmix: float | None = None
+    mixup_prob: float | None = None
     mixup_switch_prob: float = 0.5
-    randaugment_n: int = AugmentConfig.randaugment_n
-    randaugment_m: int = AugmentConfig.randaugment_m
-    color_jitter: float = AugmentConfig.color_jitter
+    randaugment_n: int | None = None
+    randaugment_m: int | None = None
+    color_jitter: float | None = None
+    hue: float | None = None
+    noise_p: float | None = None
+    jpeg_p: float | None = None
     grayscale_p: float = AugmentConfig.grayscale_p
     blur_p: float = AugmentConfig.blur_p
-    rotation: float = AugmentConfig.rotation
+    rotation: float | None = None
     random_erasing: float = AugmentConfig.random_erasing
     crop_scale: tuple[float, float] = AugmentConfig.crop_scale
     amp: bool = True
@@ -292,7 +348,8 @@ class TrainConfig:
     weights: str | None = None
     pretrained: str | None = None
     weights_cache: str | None = None
-    freeze_backbone_epochs: int = 0
+    freeze_backbone_epochs: int | None = None
+    drop_path: float | None = None
     backbone_lr_mult: float = 1.0
     tta_flip: bool = False
     patience: int = 0
@@ -311,19 +368,26 @@ class TrainConfig:
 
         if self.model not in available_models():
             raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(available_models())}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
+        if self.domain not in DOMAIN_NAMES:
+            raise ValueError(f"unknown domain {self.domain!r}; choose one of: {', '.join(DOMAIN_NAMES)}")
+        v = self._filled()
+        if v.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {v.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+        if self.lr < 0 or v.weight_decay < 0 or self.warmup_epochs < 0:
             raise ValueError("lr, weight_decay and warmup_epochs must be >= 0")
-        if self.mixup < 0 or self.cutmix < 0:
+        if v.mixup < 0 or v.cutmix < 0:
             raise ValueError("mixup and cutmix are Beta alphas: >= 0, 0 disables")
         for name in ("mixup_prob", "mixup_switch_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            if not 0.0 <= getattr(v, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(v, name)}")
+        if not 0 <= v.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {v.label_smoothing}")
+        if v.drop_path is not None and not 0 <= v.drop_path < 1:
+            raise ValueError(f"drop_path is a stochastic depth rate in [0, 1), got {v.drop_path}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         if self.patience < 0:
@@ -344,12 +408,24 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.weights is not None:
             storage.normalize_uri(self.weights)  # raises ValueError for unsupported URIs
-        self._check_transfer()
-        self.augment  # noqa: B018 - building it validates the augmentation fields
+        self._check_transfer(v)
+        v.augment  # noqa: B018 - building it validates the augmentation fields
         self.loader(shuffle=True)  # noqa: B018 - validates the loader fields
 
-    def _check_transfer(self) -> None:
-        """The pretrained-weights and fine-tuning fields."""
+    @property
+    def resolved(self) -> bool:
+        """Whether every recipe and domain field is set (:func:`imgpipe.train.recipes.resolve` has run)."""
+        return all(getattr(self, f) is not None for f in (*RECIPE_FIELDS, *DOMAIN_FIELDS) if f not in MAY_STAY_UNSET)
+
+    def _filled(self) -> TrainConfig:
+        """This config with unset fields at :data:`imgpipe.train.recipes.BASE`, for validation only."""
+        if self.resolved:
+            return self
+        unset = {f: BASE[f] for f in (*RECIPE_FIELDS, *DOMAIN_FIELDS) if getattr(self, f) is None and f not in MAY_STAY_UNSET}
+        return dataclasses.replace(self, **unset)
+
+    def _check_transfer(self, v: TrainConfig) -> None:
+        """The pretrained-weights and fine-tuning fields (``v``: with unset fields filled)."""
         if self.pretrained is not None:
             if self.weights is not None:
                 raise ValueError("set pretrained (torchvision weights) or weights (a URI), not both")
@@ -358,8 +434,8 @@ class TrainConfig:
             resolve_weights(self.model, self.pretrained)  # raises for names the model does not have
         if self.weights_cache is not None:
             storage.normalize_uri(self.weights_cache)
-        if self.freeze_backbone_epochs < 0:
-            raise ValueError(f"freeze_backbone_epochs must be >= 0, got {self.freeze_backbone_epochs}")
+        if v.freeze_backbone_epochs < 0:
+            raise ValueError(f"freeze_backbone_epochs must be >= 0, got {v.freeze_backbone_epochs}")
         if not 0 < self.backbone_lr_mult < float("inf"):
             raise ValueError(
                 f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}; freeze_backbone_epochs freezes the backbone"
@@ -367,13 +443,25 @@ class TrainConfig:
 
     @property
     def augment(self) -> AugmentConfig:
-        """The augmentation recipe these settings describe."""
+        """The augmentation recipe these settings describe.
+
+        Raises:
+            ValueError: If the config is not resolved (:attr:`resolved`): an unset field has
+                no value until the recipe and domain fill it.
+        """
+        if not self.resolved:
+            raise ValueError("the augmentation of an unresolved TrainConfig is not known yet: resolve it first (imgpipe.train.recipes.resolve)")
         return AugmentConfig(
-            policy=self.aug_policy,
-            hflip=self.hflip,
-            randaugment_n=self.randaugment_n,
-            randaugment_m=self.randaugment_m,
-            color_jitter=self.color_jitter,
+            policy=self.aug_policy,  # type: ignore[arg-type]
+            hflip=self.hflip,  # type: ignore[arg-type]
+            vflip=self.vflip,  # type: ignore[arg-type]
+            rot90=self.rot90,  # type: ignore[arg-type]
+            randaugment_n=self.randaugment_n,  # type: ignore[arg-type]
+            randaugment_m=self.randaugment_m,  # type: ignore[arg-type]
+            color_jitter=self.color_jitter,  # type: ignore[arg-type]
+            hue=self.hue,  # type: ignore[arg-type]
+            noise_p=self.noise_p,  # type: ignore[arg-type]
+            jpeg_p=self.jpeg_p,  # type: ignore[arg-type]
             grayscale_p=self.grayscale_p,
             blur_p=self.blur_p,
             rotation=self.rotation,

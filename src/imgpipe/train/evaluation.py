@@ -143,7 +143,7 @@ def evaluate(
     device: torch.device,
     *,
     amp: bool = False,
-    tta_flip: bool = False,
+    tta_flips: tuple[int, ...] = (),
     ctx: DistInfo | None = None,
 ) -> EvalResult:
     """Loss, accuracy, macro-F1, PR-AUC, per-class recall and the confusion matrix of ``model``.
@@ -155,7 +155,9 @@ def evaluate(
         num_classes: Classes of the confusion matrix.
         device: Where the model is.
         amp: bf16 autocast (CUDA).
-        tta_flip: Average softmax probabilities of the images and their mirror images.
+        tta_flips: Test-time augmentation: average the softmax probabilities of the images
+            and of their flips along these dimensions, one view each (``-1`` horizontal,
+            ``-2`` vertical; :func:`imgpipe.train.recipes.tta_flip_dims`); none by default.
         ctx: Distributed context; counts are summed over ranks, scores gathered (module docstring).
     """
     ctx = ctx or DistInfo()
@@ -169,9 +171,11 @@ def evaluate(
         for x, y, *index in batches():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(x).float()
-                if tta_flip:
-                    probs = (logits.softmax(-1) + model(x.flip(-1)).float().softmax(-1)) / 2
-                    logits = probs.clamp_min(1e-12).log()
+                if tta_flips:
+                    probs = logits.softmax(-1)
+                    for dim in tta_flips:
+                        probs = probs + model(x.flip(dim)).float().softmax(-1)
+                    logits = (probs / (1 + len(tta_flips))).clamp_min(1e-12).log()
             per_image = F.cross_entropy(logits, y, reduction="none")
             loss_sum += per_image.sum().double()
             if index:

@@ -144,7 +144,7 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     setattr(parent, attr, new)
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int = 3, drop_path: float | None = None) -> nn.Module:
     """A freshly initialized classifier.
 
     Args:
@@ -152,6 +152,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
             ``vit_b_16``, ...) or ``tiny_cnn``.
         num_classes: Output classes.
         in_channels: 3, or 1 for grayscale data (the first convolution is adapted).
+        drop_path: Stochastic depth rate for the models that take one (torchvision's
+            ``stochastic_depth_prob``: ConvNeXt, EfficientNet, Swin, MaxViT); ``None`` keeps
+            the model's own. A model without stochastic depth ignores it (logged).
 
     Raises:
         ValueError: For an unknown name, fewer than 1 class, or another channel count.
@@ -164,10 +167,22 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         return _tiny_cnn(num_classes, in_channels)
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}")
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    model = _torchvision_model(name, num_classes, drop_path)
     if in_channels != 3:
         _adapt_first_conv(model, in_channels)
     return model
+
+
+def _torchvision_model(name: str, num_classes: int, drop_path: float | None) -> nn.Module:
+    if drop_path is None:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, stochastic_depth_prob=drop_path)
+    except TypeError as e:  # the model's constructor has no such argument: it has no stochastic depth
+        if "stochastic_depth_prob" not in str(e):
+            raise
+        log.info("model %s has no stochastic depth; drop_path %g is not used", name, drop_path)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:

@@ -22,12 +22,14 @@ Where pods cannot reach download.pytorch.org, copy the file to the cache object 
 
 The weights also decide the input: :func:`normalization` is their mean and std (most are
 ImageNet's, EfficientNet-V2-L's are 0.5), and :func:`size_advice` says when the training
-size is not the one they were trained at.
+size is not the one they were trained at. Weights from object storage (``TrainConfig.weights``)
+keep the mean and std an imgpipe ``model.pt`` records (:func:`recorded_normalization`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import posixpath
 import re
@@ -36,6 +38,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
 from torch import nn
 from torch.hub import HASH_REGEX
 from torchvision.models import WeightsEnum
@@ -50,6 +53,7 @@ __all__ = [
     "file_name",
     "cache_uri",
     "normalization",
+    "recorded_normalization",
     "size_advice",
     "fetch",
     "read_cached",
@@ -89,6 +93,29 @@ def normalization(weights: WeightsEnum) -> Normalization:
     """The mean and std the weights were trained with (their ``transforms()``, torchvision's ``ImageClassification``)."""
     preset = weights.transforms()
     return Normalization(tuple(preset.mean), tuple(preset.std))
+
+
+def recorded_normalization(uri: str) -> Normalization | None:
+    """The mean and std a weights file at ``uri`` was trained with, when it records them.
+
+    An imgpipe ``model.pt`` does (``mean``/``std``, one value per input channel); a bare
+    state dict or a ``checkpoint.pt`` does not: ``None``.
+
+    Raises:
+        FileNotFoundError: If nothing is stored at ``uri``.
+        ValueError: If the file is not a loadable PyTorch file.
+    """
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no weights at {uri}") from None
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{uri} is not a loadable PyTorch weights file: {exc}") from exc
+    if not isinstance(payload, dict) or not payload.get("mean") or not payload.get("std"):
+        return None
+    return Normalization.of_channels(payload["mean"], payload["std"])
 
 
 def size_advice(model: str, weights: WeightsEnum, size: int) -> str | None:

@@ -13,6 +13,7 @@ from imgpipe.train.config import TrainConfig
 from imgpipe.train.distributed import DistInfo
 from imgpipe.train.loader import ImageLoader
 from imgpipe.train.partition import SplitInfo
+from imgpipe.train.recipes import Resolution
 from imgpipe.train.selection import Selection
 
 __all__ = ["TrainingRun"]
@@ -45,6 +46,7 @@ class TrainingRun:
         best_state: Those weights (on the CPU), ``None`` until a validation has run.
         best_val: Their validation.
         class_weights: Per-class loss weights (``class_weights: balanced``), else ``None``.
+        recipe: How the recipe and domain fields of ``cfg`` were settled.
     """
 
     data: str
@@ -77,6 +79,7 @@ class TrainingRun:
     best_state: dict[str, torch.Tensor] | None = None
     best_val: Any = None
     class_weights: torch.Tensor | None = None
+    recipe: Resolution | None = None
 
     @property
     def amp(self) -> bool:

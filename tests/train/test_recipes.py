@@ -1,0 +1,120 @@
+"""Recipes by dataset size and settings by domain: which is picked, what wins, what they do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imgpipe.config import config_from_dict, config_to_dict
+from imgpipe.train import recipes
+from imgpipe.train.config import TrainConfig
+from imgpipe.train.recipes import BASE, DOMAINS, SIZE_RECIPES, pick_recipe, resolve, tta_flip_dims
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ([30] * 10, "small"),
+        ([49] * 3 + [500], "small"),  # the median decides: one big class does not make the data medium
+        ([50] * 37, "medium"),
+        ([100] * 37, "medium"),  # Oxford-IIIT Pet's size: thousands of images
+        ([1000] * 5, "large"),
+        ([200] * 600, "large"),  # 120,000 images
+    ],
+)
+def test_auto_picks_the_recipe_by_images_per_class(counts, expected):
+    name, reason = pick_recipe(counts)
+    assert name == expected
+    assert "per class" in reason and str(int(np.median(counts))) in reason
+
+
+def test_auto_picks_the_small_recipe_for_30_per_class_and_says_so():
+    cfg, how = resolve(TrainConfig(recipe="auto", pretrained="IMAGENET1K_V1"), [30] * 10 + [0])
+    assert how.requested == "auto" and how.recipe == cfg.recipe == "small"
+    assert "30 train images per class" in how.reason and "under 50" in how.reason
+    assert "recipe small" in how.summary()
+    small = SIZE_RECIPES["small"]
+    assert (cfg.epochs, cfg.cutmix, cfg.label_smoothing, cfg.freeze_backbone_epochs) == (
+        small["epochs"], small["cutmix"], small["label_smoothing"], small["freeze_backbone_epochs"],
+    )  # fmt: skip
+
+
+def test_explicit_settings_win_field_by_field():
+    cfg, how = resolve(TrainConfig(recipe="large", domain="text", mixup=0.0, hflip=True, epochs=3), [5000] * 3)
+    assert (cfg.mixup, cfg.hflip, cfg.epochs) == (0.0, True, 3), "set by the user"
+    assert cfg.cutmix == SIZE_RECIPES["large"]["cutmix"] and cfg.drop_path == SIZE_RECIPES["large"]["drop_path"]
+    assert cfg.vflip is False and cfg.rotation == DOMAINS["text"]["rotation"]
+    assert set(how.explicit) == {"mixup", "hflip", "epochs"}
+    assert "mixup" not in how.from_recipe and "hflip" not in how.from_domain
+
+
+def test_no_recipe_is_the_base_settings_of_before():
+    cfg, how = resolve(TrainConfig())
+    assert how.recipe == "none" and not how.from_recipe and not how.from_domain
+    assert all(getattr(cfg, k) == v for k, v in BASE.items())
+    assert cfg.drop_path is None and cfg.resolved, "the model keeps its own stochastic depth"
+
+
+def test_resolved_config_round_trips_and_resolves_to_itself():
+    cfg, _ = resolve(TrainConfig(recipe="auto", domain="satellite"), [20] * 4)
+    again = config_from_dict(TrainConfig, config_to_dict(cfg))
+    assert again == cfg and again.recipe == "small"
+    assert resolve(again)[0] == cfg, "config.yaml reruns the same settings"
+
+
+@pytest.mark.parametrize(
+    ("domain", "dims"), [("natural", (-1,)), ("text", ()), ("medical", ()), ("satellite", (-1, -2)), ("product", (-1,))]
+)
+def test_tta_uses_only_the_flips_the_domain_allows(domain, dims):
+    cfg, _ = resolve(TrainConfig(domain=domain))
+    assert tta_flip_dims(cfg.hflip, cfg.vflip) == dims
+
+
+def test_each_domain_sets_what_the_notes_ask():
+    text, _ = resolve(TrainConfig(domain="text"))
+    assert not text.hflip and not text.vflip and not text.rot90
+    satellite, _ = resolve(TrainConfig(domain="satellite"))
+    assert satellite.vflip and satellite.rot90
+    product, _ = resolve(TrainConfig(domain="product"))
+    assert product.hue == 0.0 and product.jpeg_p > 0
+    medical, _ = resolve(TrainConfig(domain="medical"))
+    assert not medical.hflip and medical.rotation <= 5 and medical.color_jitter < BASE["color_jitter"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"recipe": "tiny"}, "small"),  # the error lists the valid names
+        ({"domain": "aerial"}, "satellite"),
+        ({"hue": 0.7}, "hue"),
+        ({"noise_p": 1.5}, "noise_p"),
+        ({"jpeg_p": -0.1}, "jpeg_p"),
+        ({"drop_path": 1.0}, "drop_path"),
+        ({"epochs": 0}, "epochs"),
+    ],
+)
+def test_bad_recipe_settings_are_refused_with_the_valid_choices(values, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        config_from_dict(TrainConfig, values)
+
+
+def test_auto_needs_class_counts():
+    with pytest.raises(ValueError, match="class counts"):
+        resolve(TrainConfig(recipe="auto"))
+    with pytest.raises(ValueError, match="no labelled images"):
+        pick_recipe([0, 0])
+
+
+def test_every_recipe_sets_every_recipe_field_and_domains_only_domain_fields():
+    for values in SIZE_RECIPES.values():
+        assert set(values) == set(recipes.RECIPE_FIELDS)
+    for values in DOMAINS.values():
+        assert set(values) <= set(recipes.DOMAIN_FIELDS)
+    assert set(BASE) == {*recipes.RECIPE_FIELDS, *recipes.DOMAIN_FIELDS}
+
+
+def test_the_linear_probe_needs_a_pretrained_backbone():
+    scratch, how = resolve(TrainConfig(recipe="small"))
+    assert scratch.freeze_backbone_epochs == 0 and "untrained" in how.reason
+    tuned, _ = resolve(TrainConfig(recipe="small", pretrained="IMAGENET1K_V1"))
+    assert tuned.freeze_backbone_epochs == SIZE_RECIPES["small"]["freeze_backbone_epochs"]
