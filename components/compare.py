@@ -21,10 +21,14 @@ def compare(
 ) -> None:
     """Ranks the branches (``branches``: the plan; ``trained``: their collected step artifacts) into the run's ``compare/``."""
     from imgpipe.kfp import artifacts as ka
-    from imgpipe.steps.compare import compare
+    from imgpipe.steps.compare import compare, spread_metrics
     from imgpipe.sweep import branch_prefixes
 
     settings = {b["branch"]: b["settings"] for b in branches}
-    result = compare(branch_prefixes(branches, trained), ka.run_prefix(data_root, run_id, "compare"), settings=settings)
-    ka.publish_comparison(result.dest, report=report, metrics=metrics, winner=winner)
+    groups = {b["branch"]: b["group"] for b in branches if "group" in b}  # with seeds: run -> its branch
+    dest = ka.run_prefix(data_root, run_id, "compare")
+    result = compare(branch_prefixes(branches, trained), dest, settings=settings, groups=groups or None)
+    published = ka.publish_comparison(result.dest, report=report, metrics=metrics, winner=winner)
+    for name, value in spread_metrics(published).items():
+        metrics.log_metric(name, value)
     ka.write_step_artifact(comparison, result.dest)

@@ -28,6 +28,10 @@ def plan_sweep(
     grid_model: list,
     grid_freeze_backbone_epochs: list,
     grid_class_weights: list,
+    grid_recipe: list,
+    grid_domain: list,
+    # Runs per branch, seed = base seed + k (imgpipe.sweep.SEEDS_KEY); 1: each branch once.
+    seeds: int = 1,
     # The typed train parameters, as the train component takes them (None: TrainConfig's default).
     model_name: Optional[str] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
     epochs: Optional[int] = None,  # noqa: UP045
@@ -39,11 +43,12 @@ def plan_sweep(
 ) -> list:
     """The sweep's branches: ``grid`` entries times the product of the ``grid_*`` lists, each config checked.
 
-    Returns one item per branch (``branch``, ``resized``, ``settings``, ``step_config``):
-    the loop's tasks take everything from the item and the run parameters.
+    Returns one item per branch and seed (``branch``, ``resized``, ``settings``,
+    ``step_config``, and ``group`` with ``seeds`` above 1): the loop's tasks take
+    everything from the item and the run parameters.
     """
     from imgpipe.kfp.artifacts import train_overrides
-    from imgpipe.sweep import plan
+    from imgpipe.sweep import SEEDS_KEY, plan
 
     axes = {
         "policy": grid_policy, "randaugment_n": grid_randaugment_n, "randaugment_m": grid_randaugment_m,
@@ -51,5 +56,6 @@ def plan_sweep(
         "switch_prob": grid_switch_prob, "label_smoothing": grid_label_smoothing, "lr": grid_lr,
         "weight_decay": grid_weight_decay, "epochs": grid_epochs, "model": grid_model,
         "freeze_backbone_epochs": grid_freeze_backbone_epochs, "class_weights": grid_class_weights,
+        "recipe": grid_recipe, "domain": grid_domain, SEEDS_KEY: seeds,
     }  # fmt: skip
     return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes))

@@ -5,7 +5,8 @@ components, resources and retries), and so are the run parameters: the sweep tak
 every parameter of ``imgpipe`` (derived from its signature, never listed twice; only
 ``epochs`` defaults to :data:`imgpipe.sweep.SWEEP_EPOCHS`) plus the grid: ``grid`` (a
 list of branches, each a mapping of grid keys) and one ``grid_<key>`` list per grid key
-(:data:`imgpipe.sweep.GRID_KEYS`), whose cartesian product is crossed with ``grid``.
+(:data:`imgpipe.sweep.GRID_KEYS`), whose cartesian product is crossed with ``grid``, and
+``seeds`` (:data:`imgpipe.sweep.SEEDS_KEY`): runs per branch, each with its own seed.
 
 Then:
 
@@ -13,7 +14,8 @@ Then:
   TrainConfig before any GPU is asked for; it returns one item per branch, carrying the
   committed resize prefix so that the loop's tasks take only the item and run parameters.
 * ``dsl.ParallelFor`` over the items runs the train component once per branch, with the
-  same data and seed, into ``{data_root}/runs/{run id}/train-{branch}/``.
+  same data and seed, into ``{data_root}/runs/{run id}/train-{branch}/`` (with ``seeds``
+  N above 1, once per branch and seed k, into ``train-{branch}-s{k}/`` with seed base + k).
   ``SweepOptions.parallelism`` bounds how many branches (so GPUs) run at once: kfp
   compiles it into the loop task's ``iteratorPolicy.parallelismLimit``
   (kubeflow/pipelines sdk-2.14.0 ``sdk/python/kfp/dsl/tasks_group.py`` ``ParallelFor``
@@ -61,7 +63,7 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Metrics
 
 from imgpipe.config import field_docs, plain_text
-from imgpipe.sweep import GRID_KEYS, SWEEP_EPOCHS, SWEEP_PIPELINE_NAME
+from imgpipe.sweep import GRID_KEYS, MAX_SEEDS, SEEDS_KEY, SWEEP_EPOCHS, SWEEP_PIPELINE_NAME
 from imgpipe.train.config import TrainConfig
 
 __all__ = [
@@ -125,6 +127,10 @@ def _grid_docs() -> dict[str, str]:
     }  # fmt: skip
     for key, name in GRID_KEYS.items():
         out[f"grid_{key}"] = f"Values of {key} to sweep ({plain_text(docs[name]).rstrip('.')}; TrainConfig.{name}); [] sweeps none."
+    out[SEEDS_KEY] = (
+        f"Runs per branch, 1 to {MAX_SEEDS}: run k trains with seed base + k (TrainConfig.seed); "
+        "compare ranks each branch by the mean over its runs and shows the spread."
+    )
     return out
 
 
@@ -136,7 +142,9 @@ def _signature(main: inspect.Signature) -> inspect.Signature:
     assert last.name == "step_config", "the main pipeline's last parameter is step_config"
     # An empty list (no value swept) as the default: kfp.local cannot pass a None list default.
     grid = [inspect.Parameter(name, kind, default=[], annotation=list) for name in GRID_PARAMETERS]
-    return inspect.Signature([*params, *grid, last], return_annotation=Outputs)
+    # Then the runs per branch (1: each branch once, as before seeds existed).
+    seeds = inspect.Parameter(SEEDS_KEY, kind, default=1, annotation=int)
+    return inspect.Signature([*params, *grid, seeds, last], return_annotation=Outputs)
 
 
 def _typed_train_inputs(params: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +198,8 @@ def build_sweep_pipeline(options: SweepOptions | None = None) -> dsl.graph_compo
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         resized = data_steps(base, **{name: p[name] for name in _DATA_PARAMETERS})
         typed = _typed_train_inputs(p)
-        planned = plan_sweep(resized=resized, step_config=p["step_config"], **typed, **{g: p[g] for g in GRID_PARAMETERS})
+        grid = {g: p[g] for g in (*GRID_PARAMETERS, SEEDS_KEY)}
+        planned = plan_sweep(resized=resized, step_config=p["step_config"], **typed, **grid)
         _configure(planned, "plan", images.gpu, base, base.retry)
         tr = train_each(planned.output, p, run_id, base, options.parallelism, "branches")
         cmp = compare(

@@ -18,6 +18,8 @@ from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.kfp import client as kfp_client
 from imgpipe.sweep import (
     GRID_KEYS,
+    MAX_SEEDS,
+    SEEDS_KEY,
     Branch,
     branch_step,
     expand_grid,
@@ -150,7 +152,13 @@ def test_grid_files_and_pipeline_parameters(tmp_path: Path):
     grid, axes = load_grid_file(path)
     params = grid_parameters(grid, axes)
     assert params["grid"] == [{"name": "base", "policy": "basic"}] and params["grid_randaugment_n"] == [1, 2]
-    assert set(params) == {"grid", *(f"grid_{k}" for k in GRID_KEYS)} and params["grid_policy"] == []
+    assert set(params) == {"grid", *(f"grid_{k}" for k in GRID_KEYS), SEEDS_KEY} and params["grid_policy"] == []
+    assert params[SEEDS_KEY] == 1, "one run per branch unless the grid asks for more"
+    path.write_text("axes:\n  randaugment_n: [1, 2]\n  seeds: 3\n")
+    assert grid_parameters(*load_grid_file(path))[SEEDS_KEY] == 3
+    path.write_text("axes: {randaugment_n: [1, 2]}\nseeds: 3\n")
+    with pytest.raises(ValueError, match=r"seeds goes under axes \(`axes: \{seeds: 3\}`\)"):
+        load_grid_file(path)
     path.write_text("- {randaugment_m: 5}\n- {randaugment_m: 9}\n")
     assert load_grid_file(path) == ([{"randaugment_m": 5}, {"randaugment_m": 9}], {})
     path.write_text("grids: []\n")
@@ -158,6 +166,76 @@ def test_grid_files_and_pipeline_parameters(tmp_path: Path):
         load_grid_file(path)
     with pytest.raises(ValueError, match="does not exist"):
         load_grid_file(tmp_path / "missing.yaml")
+
+
+# ------------------------------------------------------------------ seeds
+
+
+def test_seeds_repeat_each_branch_with_seed_base_plus_k():
+    axes = {"label_smoothing": [0.0, 0.1], SEEDS_KEY: 3}
+    items = plan("s3://b/runs/r/resize", [{"name": "light", "policy": "basic"}], axes, {"train": {"seed": 7}}, **NAMED)
+    names = ["light-s0", "light-s1", "light-s2", "b01-s0", "b01-s1", "b01-s2", "b02-s0", "b02-s1", "b02-s2"]
+    assert [i["branch"] for i in items] == names
+    assert [i["group"] for i in items] == ["light"] * 3 + ["b01"] * 3 + ["b02"] * 3
+    assert [i["step_config"]["train"]["seed"] for i in items[:3]] == [7, 8, 9], "seed = base seed + k"
+    assert items[4]["step_config"]["train"] == {"seed": 8, "label_smoothing": 0.0}
+    assert items[3]["settings"] == items[5]["settings"] == {"label_smoothing": 0.0}, "the grid settings, not the seed"
+    # The default base seed is TrainConfig's (0).
+    assert [i["step_config"]["train"]["seed"] for i in plan("", [{}], {SEEDS_KEY: 2}, None, **NAMED)] == [0, 1]
+    for name in (f"train-{n}" for n in names):
+        assert branch_step(name.removeprefix("train-")) == name
+    # One seed: the items of a sweep without seeds (names, configs, no group).
+    assert plan("", None, {"lr": [1e-3, 3e-4], SEEDS_KEY: 1}, None, **NAMED) == plan("", None, {"lr": [1e-3, 3e-4]}, None, **NAMED)
+
+
+@pytest.mark.parametrize(
+    ("grid", "axes", "error", "match"),
+    [
+        ([{}], {SEEDS_KEY: 0}, ValueError, f"seeds must be from 1 to {MAX_SEEDS} runs per branch"),
+        ([{}], {SEEDS_KEY: MAX_SEEDS + 1}, ValueError, f"from 1 to {MAX_SEEDS} runs .*, got {MAX_SEEDS + 1}"),
+        ([{}], {SEEDS_KEY: -2}, ValueError, "seeds must be from 1"),
+        ([{}], {SEEDS_KEY: [0, 1, 2]}, TypeError, "seeds is a count of runs per branch, not a list of seeds: write `seeds: 3`"),
+        ([{}], {SEEDS_KEY: "three"}, TypeError, "seeds: expected an integer"),
+        ([{}], {SEEDS_KEY: True}, TypeError, "seeds: expected an integer"),
+        ([{}], {SEEDS_KEY: 2.5}, TypeError, "seeds: expected an integer"),
+        ([{SEEDS_KEY: 2}], None, ValueError, r"grid\[0\]: seeds is set once for the whole sweep, under axes"),
+        # A 40-character name is valid alone but not with the "-s0" suffix: refused, saying how short.
+        ([{"name": "x" * 40}], {SEEDS_KEY: 2}, ValueError, "repeated over 2 seeds is named 'x{40}-s0'; shorten .* at most 37"),
+        ([{"name": "x" * 38}], {SEEDS_KEY: 10}, ValueError, "at most 37 characters"),
+    ],
+)
+def test_seeds_are_checked_at_the_edge(grid, axes, error, match):
+    with pytest.raises(error, match=match):
+        expand_grid(grid, axes)
+
+
+def test_seeds_keep_the_name_rules():
+    assert len(plan("", [{"name": "x" * 37}], {SEEDS_KEY: MAX_SEEDS}, None, **NAMED)) == MAX_SEEDS, "x*37 + '-s9' is 40"
+    assert expand_grid([{"name": "x" * 40}], {SEEDS_KEY: 1})[0].name == "x" * 40, "no suffix with one seed"
+    assert [b.name for b in expand_grid(None, {"lr": [1e-3], SEEDS_KEY: "3"})] == ["b00"], "YAML/kfp strings coerce"
+    assert sweep.seed_runs("b00", 3) == ["b00-s0", "b00-s1", "b00-s2"] and sweep.seed_runs("b00", 1) == ["b00"]
+
+
+# ------------------------------------------------------------------ recipe and domain
+
+
+def test_recipe_and_domain_are_grid_keys():
+    assert GRID_KEYS["recipe"] == "recipe" and GRID_KEYS["domain"] == "domain"
+    items = plan("", None, {"recipe": ["none", "small", "auto"], "domain": ["natural", "satellite"]}, None, **NAMED)
+    assert len(items) == 6
+    assert items[3]["step_config"]["train"] == {"recipe": "small", "domain": "satellite"}
+    assert {"recipe", "domain"} <= set(sweep.RECIPE_FIELDS), "the winner carries the recipe and domain it trained"
+    with pytest.raises(ValueError, match=r"'huge' is not one of \['none', 'auto', 'small', 'medium', 'large'\]"):
+        expand_grid(None, {"recipe": ["small", "huge"]})
+    with pytest.raises(ValueError, match="is not one of"):
+        expand_grid([{"domain": "x-ray"}])
+    # What a domain or size recipe fills is compared: naming the default domain trains the same as not naming it.
+    with pytest.raises(ValueError, match="branches b00 and b01 have the same effective recipe"):
+        plan("", [{}, {"domain": "natural"}], None, None, **NAMED)
+    with pytest.raises(ValueError, match="same effective recipe"):
+        plan("", [{"recipe": "small"}, {"recipe": "small", "label_smoothing": 0.1}], None, None, **NAMED)  # small's own 0.1
+    # auto picks its size recipe from the data: unknown here, so it is no repeat of a named one.
+    assert len(plan("", [{"recipe": "auto"}, {"recipe": "small"}], None, None, **NAMED)) == 2
 
 
 def test_branch_prefixes_come_from_the_collected_artifacts_and_match_the_plan():
@@ -189,6 +267,7 @@ def test_the_plan_component_takes_one_list_per_grid_key():
     assert [p for p in params if p.startswith("grid_")] == [f"grid_{k}" for k in GRID_KEYS]
     source = inspect.getsource(plan_sweep.python_func)
     assert all(f'"{k}": grid_{k}' in source for k in GRID_KEYS), "each list reaches its own key"
+    assert params[SEEDS_KEY].default == 1 and "SEEDS_KEY: seeds" in source, "the runs per branch reach plan's axes"
 
 
 # ------------------------------------------------------------------ the compiled pipeline
@@ -223,13 +302,18 @@ def test_the_sweep_compiles_with_the_main_pipelines_parameters_and_the_grid(comp
     assert ir["pipelineInfo"]["name"] == "imgpipe-sweep"
     params = ir["root"]["inputDefinitions"]["parameters"]
     main_params = kfp_client.pipeline_inputs(kfp_client.compile_package(tmp_path / "main.yaml"))
-    assert set(params) == set(main_params) | set(GRID_PARAMETERS), "every parameter of imgpipe, plus the grid"
+    assert set(params) == set(main_params) | set(GRID_PARAMETERS) | {SEEDS_KEY}, "every parameter of imgpipe, plus the grid"
     for name, spec in main_params.items():
         if name != "epochs":
             assert params[name].get("defaultValue") == spec.get("defaultValue"), name
     assert params["epochs"]["defaultValue"] == sweep.SWEEP_EPOCHS and "default 5" in params["epochs"]["description"]
     for name in GRID_PARAMETERS:
         assert params[name]["parameterType"] == "LIST" and params[name]["defaultValue"] == [] and params[name]["description"]
+    assert {"grid_recipe", "grid_domain"} <= set(GRID_PARAMETERS)
+    seeds = params[SEEDS_KEY]
+    assert seeds["parameterType"] == "NUMBER_INTEGER" and seeds["defaultValue"] == 1 and "mean" in seeds["description"]
+    plan_inputs = ir["root"]["dag"]["tasks"]["plan-sweep"]["inputs"]["parameters"]
+    assert plan_inputs[SEEDS_KEY]["componentInputParameter"] == SEEDS_KEY, "the run parameter reaches plan"
 
 
 def test_branches_fan_out_under_a_parallelism_limit(compiled):

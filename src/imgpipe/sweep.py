@@ -9,10 +9,17 @@ keys**, each one a :class:`~imgpipe.train.config.TrainConfig` field (:data:`GRID
     axes:                      # and/or a cartesian product
       randaugment_n: [1, 2]
       randaugment_m: [5, 9]
+      seeds: 3                 # optional: every branch 3 times, seed = base seed + k
 
 The branches are the explicit entries (a baseline, hand-picked points), then every point
 of the product of the axes; either part may be left out, and settings shared by every
-branch belong in the ``train`` section of the run's config. Values go through the
+branch belong in the ``train`` section of the run's config.
+
+``seeds`` (:data:`SEEDS_KEY`, an integer count, not a list; default 1) is the repeat axis:
+each branch trains ``seeds`` times, run ``k`` (0-based) as ``{branch}-s{k}`` with
+``TrainConfig.seed`` = the run's base seed + k, and compare ranks each branch by its
+mean over the runs with their spread shown. It lives in ``axes`` because it multiplies
+the branches as an axis does, and so reaches every caller that passes a grid on. Values go through the
 one coercer (:func:`imgpipe.config.coerce`) with the field's type, and each branch's
 whole training config is built (:func:`plan`) before anything trains, so a wrong key, a
 wrong type or a value the config refuses fails at the edge, naming the branch.
@@ -31,7 +38,7 @@ import math
 import re
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +46,15 @@ import yaml
 
 from imgpipe import config, storage
 from imgpipe.config import coerce, read_config_file
-from imgpipe.train.config import TrainConfig
+from imgpipe.train import recipes
+from imgpipe.train.config import AugmentConfig, TrainConfig
 
 __all__ = [
     "SWEEP_PIPELINE_NAME",
     "GRID_KEYS",
     "NAME_KEY",
+    "SEEDS_KEY",
+    "MAX_SEEDS",
     "RECIPE_FIELDS",
     "SWEEP_EPOCHS",
     "MAX_BRANCHES",
@@ -52,6 +62,8 @@ __all__ = [
     "Branch",
     "check_branch_name",
     "branch_step",
+    "check_seeds",
+    "seed_runs",
     "expand_grid",
     "load_grid_file",
     "grid_parameters",
@@ -67,7 +79,9 @@ SWEEP_PIPELINE_NAME = "imgpipe-sweep"
 # RandAugment's policy, N and M; MixUp/CutMix alphas and probabilities (timm's names:
 # mixup_alpha, cutmix_alpha, prob, switch_prob in timm data/mixup.py Mixup); label smoothing;
 # and the training schedule around it: learning rate, weight decay, epochs, the model, the
-# linear-probe-then-unfreeze schedule (epochs with a frozen backbone) and class weights.
+# linear-probe-then-unfreeze schedule (epochs with a frozen backbone) and class weights; and
+# the named settings that fill the fields a branch leaves unset (imgpipe.train.recipes): the
+# size recipe and the image domain.
 GRID_KEYS: dict[str, str] = {
     "policy": "aug_policy",
     "randaugment_n": "randaugment_n",
@@ -83,17 +97,28 @@ GRID_KEYS: dict[str, str] = {
     "model": "model",
     "freeze_backbone_epochs": "freeze_backbone_epochs",
     "class_weights": "class_weights",
+    "recipe": "recipe",
+    "domain": "domain",
 }
 # The optional branch name in an explicit grid entry.
 NAME_KEY = "name"
+# The repeat axis in ``axes`` (and the sweep pipeline's parameter): runs per branch, seed = base seed + k.
+SEEDS_KEY = "seeds"
+# More runs per branch than this multiplies the GPUs for little: the spread of a mean over
+# N seeds shrinks as 1/sqrt(N), so 10 already resolves what 20 would.
+MAX_SEEDS = 10
+# Run k of a branch repeated over seeds is `{branch}-s{k}`.
+_SEED_SUFFIX = "-s"
 # The TrainConfig fields of the whole augmentation recipe: what the winner's config carries
 # (the grid's fields and the rest of AugmentConfig's, under their TrainConfig names).
 # epochs is left out even when swept: a sweep's runs are short on purpose, and a full run sets
 # its own (the ranking still shows what each branch trained).
-RECIPE_FIELDS: tuple[str, ...] = (
-    *(f for f in GRID_KEYS.values() if f != "epochs"),
-    "hflip", "color_jitter", "grayscale_p", "blur_p", "rotation", "random_erasing", "crop_scale",
-)  # fmt: skip
+RECIPE_FIELDS: tuple[str, ...] = tuple(
+    dict.fromkeys([
+        *(f for f in GRID_KEYS.values() if f != "epochs"),
+        *("aug_policy" if f.name == "policy" else f.name for f in fields(AugmentConfig)),
+    ])
+)
 # Short runs: a sweep ranks settings, the winner then trains in full.
 SWEEP_EPOCHS = 5
 # More branches than this is a typo in the axes (a product grows fast), not a sweep.
@@ -101,7 +126,8 @@ MAX_BRANCHES = 64
 # A branch's train output is the run's step `train-{branch}`.
 BRANCH_STEP_PREFIX = "train-"
 # One path segment without dots (no '..'), short enough to read in a table.
-_BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")
+_NAME_LENGTH = 40
+_BRANCH_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_-]{{0,{_NAME_LENGTH - 1}}}")
 _FILE_KEYS = ("grid", "axes")
 
 
@@ -134,7 +160,7 @@ def check_branch_name(name: Any) -> str:
         ValueError: For anything but 1-40 letters, digits, ``_`` and ``-`` starting with a letter or digit.
     """
     if not isinstance(name, str) or not _BRANCH_NAME.fullmatch(name):
-        raise ValueError(f"branch name {name!r} must be 1-40 letters, digits, '_' or '-', starting with a letter or digit")
+        raise ValueError(f"branch name {name!r} must be 1-{_NAME_LENGTH} letters, digits, '_' or '-', starting with a letter or digit")
     return name
 
 
@@ -143,10 +169,45 @@ def branch_step(name: str) -> str:
     return BRANCH_STEP_PREFIX + check_branch_name(name)
 
 
+def check_seeds(value: Any) -> int:
+    """Returns the runs per branch ``value`` asks for (the sweep's ``seeds``), else raises.
+
+    Raises:
+        TypeError: For anything but an integer (a list of seeds included: seeds is a count).
+        ValueError: Outside 1 to :data:`MAX_SEEDS`.
+    """
+    if isinstance(value, (list, tuple)):
+        raise TypeError(f"{SEEDS_KEY} is a count of runs per branch, not a list of seeds: write `{SEEDS_KEY}: {len(value) or 3}` under axes")
+    seeds = coerce(SEEDS_KEY, value, int)
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise ValueError(f"{SEEDS_KEY} must be from 1 to {MAX_SEEDS} runs per branch (the sweep trains seeds times the branches), got {seeds}")
+    return seeds
+
+
+def seed_runs(name: str, seeds: int) -> list[str]:
+    """The run names of branch ``name`` over ``seeds`` seeds: ``[name]`` for one, else ``{name}-s{k}`` for k = 0, 1, ...
+
+    Raises:
+        ValueError: If a run name breaks :func:`check_branch_name` (a branch name too long for the suffix).
+    """
+    if seeds == 1:
+        return [check_branch_name(name)]
+    runs = [f"{name}{_SEED_SUFFIX}{k}" for k in range(seeds)]
+    for run in runs:
+        try:
+            check_branch_name(run)
+        except ValueError:
+            room = _NAME_LENGTH - (len(runs[-1]) - len(name))
+            raise ValueError(f"branch {name!r} repeated over {seeds} seeds is named {run!r}; shorten the branch name to at most {room} characters") from None
+    return runs
+
+
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
 def _value(where: str, key: Any, value: Any) -> Any:
+    if key == SEEDS_KEY:
+        raise ValueError(f"{where}: {SEEDS_KEY} is set once for the whole sweep, under axes (`axes: {{{SEEDS_KEY}: 3}}`), not per branch")
     if key not in GRID_KEYS:
         raise ValueError(f"{where}: unknown grid key {key!r}; valid keys: {', '.join(GRID_KEYS)} (and {NAME_KEY!r} in grid entries)")
     coerced = coerce(f"{where}.{key}", value, _HINTS[GRID_KEYS[key]])
@@ -176,6 +237,8 @@ def _axes(axes: Any) -> dict[str, list[Any]]:
         raise TypeError(f"axes must be a mapping of grid key -> list of values, got {type(axes).__name__}")
     out = {}
     for key, values in axes.items():
+        if key == SEEDS_KEY:
+            continue  # a count, not values to cross: _seeds
         if not isinstance(values, (list, tuple)):
             raise TypeError(f"axes.{key} must be a list of values, got {values!r}")
         if key == NAME_KEY:
@@ -185,13 +248,20 @@ def _axes(axes: Any) -> dict[str, list[Any]]:
     return out
 
 
-def expand_grid(grid: Sequence[Mapping[str, Any]] | None = None, axes: Mapping[str, Sequence[Any]] | None = None) -> list[Branch]:
+def _seeds(axes: Any) -> int:
+    """The runs per branch ``axes`` asks for (:data:`SEEDS_KEY`, default 1)."""
+    return check_seeds(axes[SEEDS_KEY]) if isinstance(axes, Mapping) and SEEDS_KEY in axes else 1
+
+
+def expand_grid(grid: Sequence[Mapping[str, Any]] | None = None, axes: Mapping[str, Any] | None = None) -> list[Branch]:
     """The branches of a grid: the explicit entries, then every point of the axes' product.
 
     Args:
         grid: Explicit branches, each a mapping of grid keys (:data:`GRID_KEYS`) and an
             optional ``name``.
-        axes: Grid key -> the values to sweep; their cartesian product, in key order.
+        axes: Grid key -> the values to sweep; their cartesian product, in key order. And
+            optionally :data:`SEEDS_KEY` -> runs per branch (checked here, names included;
+            :func:`plan` makes the runs).
 
     Returns:
         The branches in order, named as the grid names them, else ``bNN`` after their position.
@@ -199,10 +269,11 @@ def expand_grid(grid: Sequence[Mapping[str, Any]] | None = None, axes: Mapping[s
     Raises:
         ValueError: On an unknown key (naming the valid ones), a value the field's type
             refuses, a non-finite number, a bad or repeated name, two branches with the
-            same settings, no branch at all, or more than :data:`MAX_BRANCHES`.
-        TypeError: On a grid that is not a list of mappings or axes not lists.
+            same settings, no branch at all, more than :data:`MAX_BRANCHES`, ``seeds``
+            outside 1 to :data:`MAX_SEEDS` or a name too long for its seed suffix.
+        TypeError: On a grid that is not a list of mappings, axes not lists, or ``seeds`` not an integer.
     """
-    entries, axes_values = _entries(grid), _axes(axes)
+    entries, axes_values, seeds = _entries(grid), _axes(axes), _seeds(axes)
     points = [dict(zip(axes_values, combo)) for combo in itertools.product(*axes_values.values())] if axes_values else []
     count = len(entries) + len(points)
     if count == 0:
@@ -216,6 +287,8 @@ def expand_grid(grid: Sequence[Mapping[str, Any]] | None = None, axes: Mapping[s
     if repeated:
         raise ValueError(f"branch name(s) {', '.join(repeated)} used more than once; names must be unique")
     _check_distinct([(b.name, b.settings) for b in branches], "the same settings")
+    for b in branches:
+        seed_runs(b.name, seeds)
     return branches
 
 
@@ -236,7 +309,8 @@ def load_grid_file(path: str | Path) -> tuple[list[Any], dict[str, Any]]:
         ``(grid, axes)`` as written; :func:`expand_grid` checks them.
 
     Raises:
-        ValueError: For a missing file or top-level keys other than ``grid`` and ``axes``.
+        ValueError: For a missing file or top-level keys other than ``grid`` and ``axes``
+            (``seeds`` among them: it goes under ``axes``).
     """
     p = Path(path)
     if not p.is_file():
@@ -246,46 +320,54 @@ def load_grid_file(path: str | Path) -> tuple[list[Any], dict[str, Any]]:
         return doc, {}
     doc = read_config_file(p)  # a mapping, or a clear error
     unknown = sorted(set(doc) - set(_FILE_KEYS))
+    if SEEDS_KEY in unknown:
+        raise ValueError(f"grid file {p}: {SEEDS_KEY} goes under axes (`axes: {{{SEEDS_KEY}: {doc[SEEDS_KEY]}}}`), as the repeat axis")
     if unknown:
         raise ValueError(f"grid file {p}: unknown key(s) {', '.join(map(str, unknown))}; keys: {', '.join(_FILE_KEYS)}")
     return list(doc.get("grid") or []), dict(doc.get("axes") or {})
 
 
-def grid_parameters(grid: Sequence[Mapping[str, Any]] | None, axes: Mapping[str, Sequence[Any]] | None) -> dict[str, list[Any]]:
-    """The sweep pipeline's grid parameters for a grid: ``grid`` and one ``grid_<key>`` list per grid key.
+def grid_parameters(grid: Sequence[Mapping[str, Any]] | None, axes: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The sweep pipeline's grid parameters for a grid: ``grid``, one ``grid_<key>`` list per grid key, and ``seeds``.
 
     Raises:
         ValueError, TypeError: As :func:`expand_grid` (the grid is checked here, at the edge).
     """
     expand_grid(grid, axes)
+    seeds = _seeds(axes)
     axes = dict(axes or {})
-    return {"grid": [dict(e) for e in grid or []], **{f"grid_{k}": list(axes.get(k) or []) for k in GRID_KEYS}}
+    lists = {f"grid_{k}": list(axes.get(k) or []) for k in GRID_KEYS}
+    return {"grid": [dict(e) for e in grid or []], **lists, SEEDS_KEY: seeds}
 
 
 def plan(
     resized: str,
     grid: Sequence[Mapping[str, Any]] | None,
-    axes: Mapping[str, Sequence[Any]] | None,
+    axes: Mapping[str, Any] | None,
     step_config: Mapping[str, Any] | None,
     **named: Any,
 ) -> list[dict[str, Any]]:
-    """The items the sweep's ``ParallelFor`` runs: one per branch, its whole train config checked.
+    """The items the sweep's ``ParallelFor`` runs: one per branch and seed, its whole train config checked.
 
     Each branch's ``step_config`` is the pipeline's with the branch's overrides laid
     over its ``train`` section, so they win over both the typed parameters and the
-    section; everything else (seed included) is the same for every branch.
+    section; everything else (seed included) is the same for every branch. With
+    ``seeds`` N above 1 each branch becomes N items, ``{branch}-s{k}`` with the train
+    section's ``seed`` set to the branch config's seed + k and ``group`` naming the branch
+    (what compare averages over); with one seed the items are the branches as they are.
 
     Args:
         resized: The committed resize prefix every branch trains on (carried in the
             items, so the loop's tasks take nothing but the item and run parameters).
         grid: Explicit branches (:func:`expand_grid`).
-        axes: Swept values per grid key.
+        axes: Swept values per grid key, and optionally ``seeds``.
         step_config: The pipeline's ``step_config`` parameter.
         named: The typed train parameters (``model``, ``epochs``, ...), as the train
             component passes them.
 
     Returns:
-        ``[{"branch", "resized", "settings", "step_config"}, ...]``.
+        ``[{"branch", "resized", "settings", "step_config"}, ...]``, plus ``group`` with
+        more than one seed.
 
     Raises:
         ValueError, TypeError: As :func:`expand_grid`, or when a branch's config is
@@ -296,17 +378,36 @@ def plan(
     if not isinstance(base, Mapping):
         raise TypeError(f"step_config['train'] must be a mapping of TrainConfig fields, got {base!r}")
     items, recipes = [], []
-    for branch in expand_grid(grid, axes):
+    branches, seeds = expand_grid(grid, axes), _seeds(axes)
+    for branch in branches:
         own = {**sections, "train": {**base, **branch.overrides}}
         try:
             cfg = config.step_config(TrainConfig, own, "train", **named)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"branch {branch.label()}: {exc}") from None
-        items.append({"branch": branch.name, "resized": resized, "settings": branch.settings, "step_config": own})
-        recipes.append((branch.name, _effective({k: getattr(cfg, k) for k in (*RECIPE_FIELDS, "epochs")})))
+        runs = seed_runs(branch.name, seeds)
+        if seeds == 1:  # the branch as it is: the items (and so the run prefixes) of a sweep without seeds
+            items.append({"branch": branch.name, "resized": resized, "settings": branch.settings, "step_config": own})
+        else:
+            for k, run in enumerate(runs):
+                # Explicit randomness: run k's every stream starts from the branch's seed + k (TrainConfig.seed).
+                repeat = {**own, "train": {**own["train"], "seed": cfg.seed + k}}
+                items.append({"branch": run, "resized": resized, "settings": branch.settings, "step_config": repeat, "group": branch.name})
+        recipes.append((branch.name, _effective(_resolved(cfg))))
         log.info("sweep: branch %s -> %s", branch.label(), recipes[-1][1])
     _check_distinct(recipes, "the same effective recipe (a grid value that the policy ignores?)")
     return items
+
+
+def _resolved(cfg: TrainConfig) -> dict[str, Any]:
+    """The recipe (and epochs) ``cfg`` trains, the fields its size recipe and domain fill included.
+
+    ``recipe: auto`` picks its size recipe from the train split, unknown here: its unset
+    fields stay ``None`` and the branch compares by what it sets (``auto`` included).
+    """
+    if cfg.recipe != "auto":
+        cfg, _ = recipes.resolve(cfg)
+    return {k: getattr(cfg, k) for k in (*RECIPE_FIELDS, "epochs")}
 
 
 def _effective(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -314,11 +415,14 @@ def _effective(recipe: Mapping[str, Any]) -> dict[str, Any]:
 
     RandAugment's N and M act only under policy ``randaugment`` (``augment_cpu.py``,
     ``augment.py``); the mixing probabilities only with an alpha above 0, and the
-    MixUp/CutMix switch only with both (``augment.MixupCutmix``).
+    MixUp/CutMix switch only with both (``augment.MixupCutmix``). A field still unset
+    (``None``, under ``recipe: auto``) makes nothing inert: its value is not known yet.
     """
     out = dict(recipe)
-    if out["aug_policy"] != "randaugment":
+    if out["aug_policy"] not in ("randaugment", None):
         out.pop("randaugment_n"), out.pop("randaugment_m")
+    if out["mixup"] is None or out["cutmix"] is None:
+        return out
     mixing = [out["mixup"] > 0, out["cutmix"] > 0]
     if not any(mixing):
         out.pop("mixup_prob")

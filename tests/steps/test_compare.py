@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -269,3 +270,116 @@ def test_a_class_whose_recall_collapses_in_one_branch_is_named():
     assert class_collapse(branch("early", {"a": 0.9, "b": 0.0, "c": 0.8}, kept_epoch=0), [mild], CompareConfig()) is None
     with pytest.raises(ValueError, match="collapsed_recall"):
         CompareConfig(collapsed_recall=0.6, collapse_reference=0.5)
+
+
+# ------------------------------------------------------------------ seeds
+
+
+def write_seeds(root: str, branch: str, f1s: list[float], **settings) -> dict[str, str]:
+    """``branch`` run once per value of ``f1s`` (seed k for the k-th), as a sweep with seeds writes them."""
+    return {
+        f"{branch}-s{k}": write_branch(root, f"{branch}-s{k}", history([1.0, 0.9, 0.8], [0.5, 0.6, f1], f1=[0.5, 0.6, f1]),
+                                       seed=k, **settings)
+        for k, f1 in enumerate(f1s)
+    }  # fmt: skip
+
+
+def test_seeds_rank_branches_by_the_mean_and_show_the_spread(root, tmp_path):
+    from imgpipe.kfp.artifacts import publish_comparison
+
+    # "lucky" has the best single run (0.80) but the lower mean (0.68); "steady" wins on the mean (0.71).
+    runs = {**write_seeds(root, "lucky", [0.80, 0.62, 0.62], aug_policy="basic"),
+            **write_seeds(root, "steady", [0.70, 0.71, 0.72], randaugment_m=5)}  # fmt: skip
+    groups = {run: run.rsplit("-s", 1)[0] for run in runs}
+    report = compare(runs, storage.join(root, "compare"), groups=groups)
+
+    assert report.ranking == ["steady", "lucky"] and report.extra["seeds"] == 3
+    result = json.loads(storage.read_bytes(storage.join(report.dest, cmp.COMPARISON_JSON)))
+    rows = {r["branch"]: r for r in result["branches"]}
+    steady = rows["steady"]
+    assert steady["val_macro_f1"] == pytest.approx(0.71) and steady["seeds"] == 3
+    assert steady["spread"]["val_macro_f1"] == pytest.approx({"std": 0.01, "min": 0.70, "max": 0.72})
+    assert [(r["branch"], r["seed"]) for r in steady["runs"]] == [("steady-s0", 0), ("steady-s1", 1), ("steady-s2", 2)]
+    assert steady["prefix"] == runs["steady-s0"], "the base seed's run"
+    assert rows["lucky"]["spread"]["val_macro_f1"]["max"] == pytest.approx(0.80)
+    # The winner's recipe never carries the seed; the manifest's lineage lists every run.
+    assert "seed" not in report.winner["train"] and report.winner["train"]["randaugment_m"] == 5
+    winner_yaml = storage.read_bytes(storage.join(report.dest, cmp.WINNER_YAML)).decode()
+    assert "seed:" not in winner_yaml and "over 3 seeds, std 0.0100, 0.7000-0.7200" in winner_yaml
+    manifest = contract.read_manifest(report.dest, expect_step="compare")
+    assert manifest["upstream"]["branches"] == runs and manifest["inputs"] == 6
+    page = storage.read_bytes(storage.join(report.dest, cmp.COMPARISON_HTML)).decode()
+    for text in ("the mean over 3 seeds of val_macro_f1", "val_macro_f1 spread", "±0.0100 (0.7000–0.7200)", "Seeds", "lucky-s2"):
+        assert text in page, text
+
+    # The Kubeflow Metrics: the mean as before, the spread beside it (the compare component logs both).
+    class Metrics(SimpleNamespace):
+        def log_metric(self, key, value):
+            self.logged[key] = value
+
+    art = {name: SimpleNamespace(path=str(tmp_path / "kfp" / name), metadata={}) for name in ("report", "winner")}
+    metrics = Metrics(logged={})
+    published = publish_comparison(report.dest, report=art["report"], metrics=metrics, winner=art["winner"])
+    spread = cmp.spread_metrics(published)
+    assert metrics.logged["steady_val_macro_f1"] == pytest.approx(0.71) and art["winner"].metadata["branch"] == "steady"
+    assert spread["steady_val_macro_f1_std"] == pytest.approx(0.01) and spread["lucky_val_macro_f1_min"] == pytest.approx(0.62)
+    assert set(spread) == {f"{b}_val_macro_f1_{s}" for b in ("steady", "lucky") for s in ("std", "min", "max")}
+
+
+def test_without_seeds_the_comparison_has_no_spread(root):
+    runs = {n: write_branch(root, n, history([1.0, 0.9], [0.5, acc])) for n, acc in (("a", 0.7), ("b", 0.6))}
+    result = json.loads(storage.read_bytes(storage.join(compare(runs, storage.join(root, "compare")).dest, cmp.COMPARISON_JSON)))
+    assert not any({"seeds", "spread", "runs"} & set(row) for row in result["branches"]) and cmp.spread_metrics(result) == {}
+
+
+def test_seed_groups_average_the_curves_and_the_recall_a_collapse_reads():
+    def run(name, seed, recall_b, f1):
+        epochs = [{"epoch": 0, "val_macro_f1": 0.5, "val_per_class_recall": {"a": 0.9, "b": 0.9}},
+                  {"epoch": 1, "val_macro_f1": f1, "val_per_class_recall": {"a": 0.9, "b": recall_b}}]  # fmt: skip
+        return BranchResult(name, f"file:///x/{name}", {}, epochs, {"seed": seed})
+
+    # Class b collapses in every seed of "strong", in one seed only of "unlucky": the mean recall decides.
+    strong = [run("strong-s0", 0, 0.05, 0.6), run("strong-s1", 1, 0.0, 0.5), run("strong-s2", 2, 0.1, 0.55)]
+    unlucky = [run("unlucky-s1", 1, 1.0, 0.7), run("unlucky-s0", 0, 0.0, 0.6)]
+    groups = cmp.group_seeds([*strong, *unlucky], {r.name: r.name.rsplit("-s", 1)[0] for r in (*strong, *unlucky)})
+    by_name = {g.name: g for g in groups}
+    assert [r.name for r in by_name["unlucky"].runs] == ["unlucky-s0", "unlucky-s1"], "lowest seed first"
+    assert by_name["strong"].class_recall()["b"] == pytest.approx(0.05)
+    assert by_name["unlucky"].history[1]["val_macro_f1"] == pytest.approx(0.65) and by_name["unlucky"].history[1]["epoch"] == 1
+    flag = class_collapse(by_name["strong"], groups, CompareConfig())
+    assert flag is not None and set(flag.numbers["classes"]) == {"b"}
+    assert class_collapse(by_name["unlucky"], groups, CompareConfig()) is None, "one seed's collapse, mean 0.5"
+    with pytest.raises(ValueError, match="run strong-s0 belongs to no branch"):
+        cmp.group_seeds(strong, {"strong-s1": "strong"})
+    with pytest.raises(ValueError, match="repeat a seed"):
+        cmp.group_seeds([strong[0], run("strong-s9", 0, 0.1, 0.5)], {"strong-s0": "strong", "strong-s9": "strong"})
+
+
+def test_the_compare_component_groups_the_plans_seeds_and_logs_the_spread(tmp_path):
+    from imgpipe.components.compare import compare as component
+    from kfp import dsl
+
+    from imgpipe.sweep import plan
+
+    data_root = "file://" + str(tmp_path / "store")
+    items = plan("", None, {"randaugment_m": [5, 13], "seeds": 2}, None, model="tiny_cnn")
+    scores = {"b00-s0": 0.70, "b00-s1": 0.72, "b01-s0": 0.80, "b01-s1": 0.50}  # b01: best run, lower mean
+    trained = []
+    for item in items:
+        run, seed = item["branch"], item["step_config"]["train"]["seed"]
+        prefix = write_branch(f"{data_root}/runs/r1", run,
+                              history([1.0, 0.9, 0.8], [0.5, 0.6, scores[run]], f1=[0.5, 0.6, scores[run]]),
+                              seed=seed, randaugment_m=item["settings"]["randaugment_m"])  # fmt: skip
+        trained.append(SimpleNamespace(metadata={"branch": run, "prefix": prefix}))
+
+    def artifact(cls, name):
+        return cls(name=name, uri=str(tmp_path / "kfp" / name))
+
+    outs = {"comparison": artifact(dsl.Artifact, "comparison"), "report": artifact(dsl.HTML, "report"),
+            "metrics": artifact(dsl.Metrics, "metrics"), "winner": artifact(dsl.Artifact, "winner")}  # fmt: skip
+    component.python_func(branches=items, trained=trained, data_root=data_root, run_id="r1", **outs)
+    logged = outs["metrics"].metadata
+    assert outs["winner"].metadata["branch"] == "b00" and logged["branches"] == 2.0
+    assert logged["b00_val_macro_f1"] == pytest.approx(0.71) and logged["b01_val_macro_f1_std"] == pytest.approx(0.2121, abs=1e-4)
+    assert (logged["b01_val_macro_f1_min"], logged["b01_val_macro_f1_max"]) == pytest.approx((0.50, 0.80))
+    assert "seed" not in outs["winner"].metadata["step_config"]["train"]

@@ -27,12 +27,19 @@
   learnt in the same epochs (too strong a recipe for the budget, or more epochs needed).
   Both conditions, because MixUp/CutMix and label smoothing raise a training loss by
   themselves (soft targets have an entropy floor);
+* **averages seeds** when the sweep repeated each branch (``seeds`` N above 1,
+  :func:`imgpipe.sweep.plan`): the N runs of a branch (``groups``) count as one
+  :class:`SeedGroup`, ranked by the mean over its runs of each ranking key, with the
+  spread (sample standard deviation, min and max) shown beside it; its curves and the
+  over-regularization trend are read on the epoch-wise mean of its runs, under-fitting
+  on the means, and ``class_collapse`` on each class's mean recall over the runs (one
+  unlucky seed does not flag a branch; a class every seed wipes out does);
 * writes ``comparison.json``, ``comparison.html`` (the table, the flags with their
   numbers, the overlaid validation curves, the winner's config), ``val_curves.png``,
   ``winner.yaml`` and ``config.yaml``, then commits the prefix like every step.
 
 ``winner.yaml`` is a config file with one ``train:`` section holding the winner's whole
-augmentation recipe (:data:`imgpipe.sweep.RECIPE_FIELDS`, as it trained): what
+augmentation recipe (:data:`imgpipe.sweep.RECIPE_FIELDS`, as it trained; never the seed): what
 ``imgpipe train --config``, ``imgpipe run --config``, ``imgpipe sweep --config`` and the
 pipelines' ``step_config`` parameter take.
 """
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,8 +80,11 @@ __all__ = [
     "CompareConfig",
     "Flag",
     "BranchResult",
+    "SeedGroup",
     "CompareReport",
     "class_counts",
+    "group_seeds",
+    "spread_metrics",
     "class_collapse",
     "rank",
     "trend",
@@ -207,6 +218,44 @@ class BranchResult:
 
 
 @dataclass
+class SeedGroup(BranchResult):
+    """A branch trained over several seeds: its runs, compared as one by their mean.
+
+    ``prefix`` and ``config`` are the base seed's run's (the lowest seed: the run a sweep
+    without seeds would have made), ``history`` the epoch-wise mean of the runs over the
+    epochs they all trained.
+
+    Attributes:
+        runs: The branch's runs, lowest seed first.
+    """
+
+    runs: list[BranchResult] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float] | None:
+        """``key`` of each run's kept weights (:meth:`BranchResult.last`), or ``None`` if a run lacks it."""
+        values = [r.last(key) for r in self.runs]
+        return None if any(v is None for v in values) else values  # type: ignore[return-value]
+
+    def last(self, key: str) -> float | None:
+        """The mean of ``key`` over the runs, or ``None`` if a run lacks it."""
+        values = self.values(key)
+        return None if values is None else statistics.fmean(values)
+
+    def spread(self, key: str) -> dict[str, float] | None:
+        """``std`` (sample standard deviation), ``min`` and ``max`` of ``key`` over the runs, or ``None``."""
+        values = self.values(key)
+        if values is None:
+            return None
+        return {"std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+
+    def class_recall(self) -> dict[str, float]:
+        """Each class's mean validation recall over the runs that report it."""
+        recalls = [r.class_recall() for r in self.runs]
+        classes = sorted(set().union(*recalls))
+        return {c: statistics.fmean(r[c] for r in recalls if c in r) for c in classes}
+
+
+@dataclass
 class CompareReport(StepReport):
     """What the compare step did.
 
@@ -237,8 +286,61 @@ def class_counts(metrics: Mapping[str, Any]) -> list[int]:
     return [int(sum(row)) for row in matrix]
 
 
+def group_seeds(runs: Sequence[BranchResult], groups: Mapping[str, str]) -> list[SeedGroup]:
+    """The runs of each branch as one :class:`SeedGroup` (``groups``: run name -> its branch), in first-seen order.
+
+    Raises:
+        ValueError: If a run has no branch in ``groups``, or two runs of a branch trained
+            with the same seed (their spread would be no spread).
+    """
+    members: dict[str, list[BranchResult]] = {}
+    for run in runs:
+        if run.name not in groups:
+            raise ValueError(f"run {run.name} belongs to no branch of the plan's groups ({', '.join(sorted(set(groups.values())))})")
+        members.setdefault(groups[run.name], []).append(run)
+    out = []
+    for name, group_runs in members.items():
+        ordered = sorted(group_runs, key=lambda r: (r.config.get("seed", 0), r.name))
+        seeds = [r.config.get("seed") for r in ordered]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"the runs of branch {name} ({', '.join(r.name for r in ordered)}) repeat a seed ({seeds}); each needs its own")
+        base = ordered[0]
+        out.append(SeedGroup(name, base.prefix, base.settings, _mean_history(ordered), base.config, runs=ordered))
+    return out
+
+
+def _mean_history(runs: Sequence[BranchResult]) -> list[dict[str, Any]]:
+    """Per epoch, the mean of each number every run recorded, over the epochs all the runs trained."""
+    out = []
+    for records in zip(*(r.history for r in runs)):  # stops at the shortest (early stopping)
+        numbers = [k for k, v in records[0].items() if _is_number(v) and all(_is_number(x.get(k)) for x in records)]
+        out.append({**{k: statistics.fmean(float(x[k]) for x in records) for k in numbers}, "epoch": records[0].get("epoch")})
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def spread_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The Kubeflow Metrics of a comparison's spread over seeds: ``{branch}_{key}_std``, ``_min``, ``_max``.
+
+    ``key`` is the primary ranking key, whose mean ``publish_comparison`` logs as
+    ``{branch}_{key}``; empty for a sweep without seeds.
+    """
+    key = result["ranked_by"][0]
+    out = {}
+    for row in result["branches"]:
+        spread = (row.get("spread") or {}).get(key)
+        if spread is not None:
+            out.update({f"{row['branch']}_{key}_{stat}": float(spread[stat]) for stat in ("std", "min", "max")})
+    return out
+
+
 def rank(results: Sequence[BranchResult], keys: Sequence[str]) -> list[BranchResult]:
     """``results`` best first, on the last epoch's ``keys`` (higher is better; name breaks exact ties).
+
+    A :class:`SeedGroup` ranks by its mean over its runs.
 
     Raises:
         ValueError: If a branch's last epoch lacks a key.
@@ -371,9 +473,20 @@ def _rows(ranked: Sequence[BranchResult]) -> list[dict[str, Any]]:
     for i, r in enumerate(ranked, 1):
         row = {"rank": i, "branch": r.name, "prefix": r.prefix, "settings": r.settings, "epochs": len(r.history)}
         row.update({k: r.last(k) for k in _TABLE_KEYS})
+        if isinstance(r, SeedGroup):  # the figures above are the means over the runs
+            row["seeds"] = len(r.runs)
+            row["spread"] = {k: s for k in _TABLE_KEYS if (s := r.spread(k)) is not None}
+            row["runs"] = [{"branch": run.name, "seed": run.config.get("seed"), "prefix": run.prefix,
+                            **{k: run.last(k) for k in _TABLE_KEYS}} for run in r.runs]  # fmt: skip
         row["flags"] = [{"kind": f.kind, "message": f.message, "numbers": f.numbers} for f in r.flags]
         rows.append(row)
     return rows
+
+
+def _spread_text(row: Mapping[str, Any], key: str) -> str:
+    """``±std (min–max)`` of ``key`` in a seed group's row, else ``-``."""
+    s = (row.get("spread") or {}).get(key)
+    return "-" if s is None else f"±{s['std']:.4f} ({s['min']:.4f}–{s['max']:.4f})"
 
 
 def _html(result: Mapping[str, Any], curves: bytes, winner_yaml: str) -> str:
@@ -383,12 +496,18 @@ def _html(result: Mapping[str, Any], curves: bytes, winner_yaml: str) -> str:
          "flags": ", ".join(f["kind"] for f in r["flags"]) or "-"}
         for r in result["branches"]
     ]  # fmt: skip
+    seeds = max((r.get("seeds", 1) for r in result["branches"]), default=1)
+    averaged = f"the mean over {seeds} seeds of " if seeds > 1 else ""
     why = (
-        f"ranked by {keys[0]} (ties: {keys[1]}) on the last epoch; the largest validation class holds "
+        f"ranked by {averaged}{keys[0]} (ties: {keys[1]}) on the last epoch; the largest validation class holds "
         f"{result['imbalance']:.2f}x the images of the smallest ({'>' if result['imbalanced'] else '<='} "
         f"{result['rules']['imbalance_ratio']}: {'imbalanced' if result['imbalanced'] else 'balanced'})"
     )
     columns = ["rank", "branch", "settings", *_TABLE_KEYS, "epochs", "flags"]
+    if seeds > 1:
+        spread = f"{keys[0]} spread"
+        shown = [{**r, spread: _spread_text(r, keys[0])} for r in shown]
+        columns[4:4] = [spread, "seeds"]
     flags = [{"branch": r["branch"], "flag": f["kind"], "what it saw": f["message"]} for r in result["branches"] for f in r["flags"]]
     rules = [{"rule": k, "threshold": v} for k, v in result["rules"].items()]
     parts = [
@@ -398,7 +517,8 @@ def _html(result: Mapping[str, Any], curves: bytes, winner_yaml: str) -> str:
             htmlpage.table(flags, ["branch", "flag", "what it saw"]) if flags else "<p>none</p>",
             note="over_regularized: lower the strength; overfitting: regularize more; under_fitted: weaken or train longer",
         ),
-        htmlpage.section("Validation curves", htmlpage.image(CURVES_PNG, curves)),
+        htmlpage.section("Validation curves", htmlpage.image(CURVES_PNG, curves),
+                         note="each branch's mean over its seeds, epoch by epoch" if seeds > 1 else ""),
         htmlpage.section(
             f"Winner: {result['winner']['branch']}", f"<pre>{htmlpage.text(winner_yaml)}</pre>",
             note="imgpipe train DATA OUT --config winner.yaml, imgpipe run --config winner.yaml, "
@@ -406,13 +526,22 @@ def _html(result: Mapping[str, Any], curves: bytes, winner_yaml: str) -> str:
         ),
         htmlpage.section("Rules", htmlpage.table(rules, ["rule", "threshold"])),
     ]
+    if seeds > 1:
+        runs = [{**run, "branch": r["branch"], "run": run["branch"]} for r in result["branches"] for run in r["runs"]]
+        parts.insert(-1, htmlpage.section("Seeds", htmlpage.table(runs, ["branch", "run", "seed", *_TABLE_KEYS]),
+                                          note="every run of every branch; the ranking is on their means"))  # fmt: skip
     return htmlpage.page("imgpipe sweep comparison", parts)
 
 
 def _winner_yaml(best: BranchResult, keys: Sequence[str], step_config: Mapping[str, Any]) -> str:
+    figure, where = f"{keys[0]} {best.last(keys[0]):.4f}", best.prefix
+    if isinstance(best, SeedGroup):
+        s = best.spread(keys[0]) or {}
+        figure = f"mean {figure} over {len(best.runs)} seeds, std {s['std']:.4f}, {s['min']:.4f}-{s['max']:.4f}"
+        where = f"{best.prefix} and the other seeds' runs"
     header = (
-        f"# The winner of an imgpipe sweep: branch {best.name} ({keys[0]} {best.last(keys[0]):.4f}), trained from\n"
-        f"# {best.prefix}. Its augmentation recipe, for a full run:\n"
+        f"# The winner of an imgpipe sweep: branch {best.name} ({figure}), trained from\n"
+        f"# {where}. Its augmentation recipe, for a full run:\n"
         "#   imgpipe train DATA OUT --config winner.yaml | imgpipe run --config winner.yaml\n"
         "#   imgpipe submit --param step_config=\"$(cat winner.yaml)\"\n"
     )
@@ -424,18 +553,22 @@ def compare(
     dest: str,
     cfg: CompareConfig | None = None,
     settings: Mapping[str, Mapping[str, Any]] | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> CompareReport:
     """Ranks and diagnoses a sweep's branches; commits the comparison to ``dest``.
 
     Args:
-        branches: Branch name -> its committed train output prefix.
+        branches: Branch name (a run's, with seeds) -> its committed train output prefix.
         dest: Output prefix; replaced (``contract.claim``).
         cfg: The thresholds; the module's constants when omitted.
         settings: Branch name -> its grid settings, for the table.
+        groups: With seeds: run name -> the branch it repeats (the plan items'
+            ``group``); each branch's runs are ranked as one :class:`SeedGroup`.
 
     Raises:
         ValueError: With no branch, branches trained on different data or classes, a
-            branch without validation metrics, or ``dest`` overlapping a branch.
+            branch without validation metrics, ``dest`` overlapping a branch, or runs
+            outside ``groups`` or repeating a seed.
         UncommittedOutputError: If a branch's output is not committed.
     """
     cfg = cfg or CompareConfig()
@@ -450,7 +583,8 @@ def compare(
     ratio = imbalance(class_counts(first_metrics))
     imbalanced = ratio > cfg.imbalance_ratio
     keys = ranking_keys(imbalanced)
-    ranked = rank([r for r, _, _ in read.values()], keys)
+    runs = [r for r, _, _ in read.values()]
+    ranked = rank(group_seeds(runs, groups) if groups else runs, keys)
     best = ranked[0]
     for r in ranked:
         checks = (diagnose(r.history, cfg), under_fitting(r, best, cfg), class_collapse(r, ranked, cfg))
@@ -465,10 +599,11 @@ def compare(
     winner_yaml = _winner_yaml(best, keys, winner)
     files = _write(dest, result, curves, winner_yaml, cfg)
     out = CompareReport(
-        step="compare", dest=dest, inputs=len(ranked), outputs=len(ranked), rejected=0, files=files,
+        step="compare", dest=dest, inputs=len(runs), outputs=len(ranked), rejected=0, files=files,
         seconds=round(time.monotonic() - started, 3),
         extra={"ranked_by": list(keys), "imbalanced": imbalanced, "winner": best.name,
-               "flags": {r.name: [f.kind for f in r.flags] for r in ranked if r.flags}},
+               "flags": {r.name: [f.kind for f in r.flags] for r in ranked if r.flags},
+               **({"seeds": len(best.runs)} if isinstance(best, SeedGroup) else {})},
         ranked_by=keys, ranking=[r.name for r in ranked], winner=winner,
     )  # fmt: skip
     log.info("%s", out.summary())
@@ -478,6 +613,8 @@ def compare(
 def _write(dest: str, result: Mapping[str, Any], curves: bytes, winner_yaml: str, cfg: CompareConfig) -> list[FileEntry]:
     """Claims ``dest``, writes the comparison's files, commits; returns the manifest's file entries."""
     attempt = contract.claim(dest, "compare")
+    # Every run trained (with seeds, each seed's), so lineage and local copies reach them all.
+    trained = [run for r in result["branches"] for run in r.get("runs", [r])]
     outputs = {
         COMPARISON_JSON: json.dumps(result, indent=2).encode(),
         COMPARISON_HTML: _html(result, curves, winner_yaml).encode(),
@@ -486,8 +623,8 @@ def _write(dest: str, result: Mapping[str, Any], curves: bytes, winner_yaml: str
         contract.CONFIG: config_to_yaml(cfg).encode(),
     }
     files = sorted((contract.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
-    body = StepReport(step="compare", dest=dest, inputs=len(result["branches"]), outputs=len(result["branches"]),
+    body = StepReport(step="compare", dest=dest, inputs=len(trained), outputs=len(result["branches"]),
                       rejected=0, files=files, extra={"winner": result["winner"]["branch"], "ranked_by": result["ranked_by"]})  # fmt: skip
-    upstream = {"step": "train", "branches": {r["branch"]: r["prefix"] for r in result["branches"]}}
+    upstream = {"step": "train", "branches": {r["branch"]: r["prefix"] for r in trained}}
     contract.publish(dest, "compare", attempt, contract.manifest_body(body, cfg, upstream))
     return files
