@@ -12,7 +12,7 @@ IMAGE_KINDS ?= cpu ray gpu
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench bench-scale images images-push compile clean-data help run-containers test-containers test-faults
+.PHONY: install run test lint bench bench-scale images images-push compile clean-data help run-containers test-containers test-faults test-slow
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
@@ -25,6 +25,7 @@ help:
 	@echo "make run-containers  the pipeline with each step in its image, resize on a 2-container Ray cluster"
 	@echo "make test-containers the container tests (fails when no engine answers)"
 	@echo "make test-faults    the reliability suite: S3 faults, kill -9, two writers, fuzzing (docs/reliability.md)"
+	@echo "make test-slow      the slow integration tests make test leaves out (@pytest.mark.slow)"
 	@echo "make compile    compile the Kubeflow pipeline to $(PACKAGE)"
 
 # Re-install only when the dependency list changes.
@@ -40,10 +41,15 @@ run: install
 	$(NETNS) $(BIN)/imgpipe run --config configs/local.yaml
 
 # The container suite (make test-containers) needs an engine and images; the reliability suite
-# (make test-faults) takes about eight minutes. Both have their own targets; the quick
-# reliability tests (fuzzing, the secrets scan) run here too.
+# (make test-faults) takes about eight minutes; the slow integration tests (make test-slow) repeat
+# what a faster test here covers. Each has its own target; the quick reliability tests (fuzzing)
+# run here too.
 test: install
-	$(NETNS) $(BIN)/python -m pytest -m "not containers and (not faults or quick)" $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -m "not containers and not slow and (not faults or quick)" $(PYTEST_ARGS)
+
+# The tests marked slow (whole-pipeline variants, Ray Data prediction cases, DDP variants).
+test-slow: install
+	$(NETNS) $(BIN)/python -m pytest -m "slow and not containers" $(PYTEST_ARGS)
 
 # Figures land in out/reliability/*.json; docs/reliability.md holds the table.
 test-faults: install

@@ -140,6 +140,7 @@ def tiny_config(tmp_path) -> str:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # the whole pipeline again: test_pipeline.py's kfp.local run covers it in make test
 def test_run_reconciles_end_to_end(tmp_path, capsys):
     rc = main(
         [
@@ -168,6 +169,7 @@ def test_run_reconciles_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a whole `imgpipe run` first; resize itself: tests/steps/test_resize.py
 def test_resize_command(tmp_path, capsys):
     root = tmp_path / "data"
     assert (

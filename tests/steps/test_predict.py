@@ -53,6 +53,7 @@ def test_predict_reproduces_the_models_test_metrics(trained):
     assert {r["path"]: r["predicted"] for r in table.to_pylist()} == own_test
 
 
+@pytest.mark.slow  # a Ray Data run each; make test keeps the first test's
 def test_a_folder_of_images_with_a_broken_one_is_predicted_and_reconciled(trained, tmp_path):
     root, _, model = trained
     folder = tmp_path / "imgs"
@@ -71,6 +72,7 @@ def test_a_folder_of_images_with_a_broken_one_is_predicted_and_reconciled(traine
     assert all(len(c) == 4 for c in table.column("top_classes").to_pylist())
 
 
+@pytest.mark.slow  # a Ray Data run each; make test keeps the first test's
 def test_an_archive_is_read_as_images_too(trained, tmp_path):
     _, _, model = trained
     archive = tmp_path / "a.tar"
@@ -85,6 +87,7 @@ def test_an_archive_is_read_as_images_too(trained, tmp_path):
     assert report.outputs == 3
 
 
+@pytest.mark.slow  # a Ray Data run each; make test keeps the first test's
 def test_data_of_another_class_set_or_channel_count_is_refused(trained, tmp_path):
     _, _, model = trained
     other = write_resize_output("file://" + str(tmp_path / "other"), classes=3, size=16)
@@ -97,6 +100,7 @@ def test_data_of_another_class_set_or_channel_count_is_refused(trained, tmp_path
         predict("file://" + str(tmp_path), other, "file://" + str(tmp_path / "p3"))
 
 
+@pytest.mark.slow  # a Ray Data run each; make test keeps the first test's
 def test_the_command_line_prints_the_scores(trained, tmp_path, capsys):
     from imgpipe.cli import main
 

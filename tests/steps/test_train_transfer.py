@@ -123,7 +123,8 @@ def test_the_backbone_stays_frozen_for_the_first_epochs_at_its_own_lr(data, tmp_
         assert by_part["backbone"] == pytest.approx(0.1 * by_part["head"]) and by_part["head"] > 0
 
 
-@pytest.mark.parametrize("interrupted_at", [1, 2], ids=["in-the-frozen-epochs", "at-the-unfreeze-epoch"])
+# The resume inside the frozen epochs is the plain case (tests/steps/test_train.py resumes too): slow.
+@pytest.mark.parametrize("interrupted_at", [pytest.param(1, marks=pytest.mark.slow), 2], ids=["in-the-frozen-epochs", "at-the-unfreeze-epoch"])
 def test_resume_across_the_unfreeze_epoch_gives_the_same_weights(data, tmp_path, monkeypatch, interrupted_at):
     cfg = tiny(epochs=3, deterministic=True, max_steps_per_epoch=3, freeze_backbone_epochs=2, backbone_lr_mult=0.5)
     train(data, "file://" + str(tmp_path / "straight"), cfg)
@@ -140,6 +141,7 @@ def test_resume_across_the_unfreeze_epoch_gives_the_same_weights(data, tmp_path,
 # ------------------------------------------------------------------ distributed
 
 
+@pytest.mark.slow  # two DDP ranks of resnet18: DDP is in test_train.py, pretrained runs above
 def test_ddp_ranks_share_one_download_and_freeze_alike(data, tmp_path, monkeypatch):
     weights, served = serve_weights("resnet18", "DEFAULT", tmp_path / "hub", monkeypatch, seed=2)
     out = "file://" + str(tmp_path / "ddp" / "train")
