@@ -39,6 +39,8 @@ def plan_sweep(
     aug_policy: Optional[str] = None,  # noqa: UP045
     pretrained: Optional[str] = None,  # noqa: UP045 - "" means none (a pipeline parameter's empty default)
     train_nodes: Optional[int] = None,  # noqa: UP045
+    recipe: Optional[str] = None,  # noqa: UP045
+    domain: Optional[str] = None,  # noqa: UP045
     step_config: Optional[dict] = None,  # noqa: UP045
 ) -> list:
     """The sweep's branches: ``grid`` entries times the product of the ``grid_*`` lists, each config checked.
@@ -58,4 +60,4 @@ def plan_sweep(
         "freeze_backbone_epochs": grid_freeze_backbone_epochs, "class_weights": grid_class_weights,
         "recipe": grid_recipe, "domain": grid_domain, SEEDS_KEY: seeds,
     }  # fmt: skip
-    return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes))
+    return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes, recipe, domain))

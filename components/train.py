@@ -26,6 +26,8 @@ def train(
     aug_policy: Optional[str] = None,  # noqa: UP045
     pretrained: Optional[str] = None,  # noqa: UP045 - "" means none (a pipeline parameter's empty default)
     train_nodes: Optional[int] = None,  # noqa: UP045 - more than 1: a Kubeflow Trainer TrainJob
+    recipe: Optional[str] = None,  # noqa: UP045 - TrainConfig.recipe (auto: from the train split's images per class)
+    domain: Optional[str] = None,  # noqa: UP045 - TrainConfig.domain
     promotion_tolerance: Optional[float] = None,  # noqa: UP045 - None: PromoteConfig's default
     step_config: Optional[dict] = None,  # noqa: UP045
     branch: str = "",
@@ -51,7 +53,7 @@ def train(
     from imgpipe.sweep import branch_step
     from imgpipe.train.config import TrainConfig
 
-    named = ka.train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes)
+    named = ka.train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes, recipe, domain)
     cfg = config.step_config(TrainConfig, step_config, "train", **named, weights_cache=ka.weights_cache(data_root))
     step = branch_step(branch) if branch else "train"
     data, out = ka.committed_prefix(resized, "resize"), ka.run_prefix(data_root, run_id, step)

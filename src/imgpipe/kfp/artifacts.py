@@ -123,6 +123,8 @@ def train_overrides(
     aug_policy: str | None,
     pretrained: str | None,
     nodes: int | None = None,
+    recipe: str | None = None,
+    domain: str | None = None,
 ) -> dict[str, Any]:
     """TrainConfig fields from the train component's typed inputs (as the sweep's plan takes them too).
 
@@ -132,7 +134,8 @@ def train_overrides(
     """
     return {
         "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy or None,
-        "pretrained": pretrained or None, "resume": True, "nodes": nodes,
+        "pretrained": pretrained or None, "resume": True, "nodes": nodes, "recipe": recipe or None,
+        "domain": domain or None,
     }  # fmt: skip
 
 
