@@ -423,3 +423,16 @@ def test_each_branch_gets_the_run_parameters_the_main_pipelines_train_gets(compi
     assert main_train.items() <= branch_train.items(), "typed train parameters reach every branch"
     plan_inputs = from_parameters(ir["root"]["dag"]["tasks"]["plan-sweep"])
     assert main_train.keys() - {"data_root"} <= plan_inputs.keys(), "plan checks the config the branches build"
+
+
+def test_the_sweep_summary_shows_each_branchs_spread_over_seeds():
+    from imgpipe.kfp.local_run import SweepRunResult
+
+    row = {"rank": 1, "branch": "ra", "settings": {"randaugment_m": 9}, "flags": [], "seeds": 3,
+           "val_macro_f1": 0.61, "val_accuracy": 0.7, "spread": {"val_macro_f1": {"std": 0.021, "min": 0.59, "max": 0.63}}}  # fmt: skip
+    single = {**row, "rank": 2, "branch": "base", "seeds": 1, "spread": {}}
+    comparison = {"ranked_by": ["val_macro_f1"], "imbalanced": False, "imbalance": 1.0, "branches": [row, single]}
+    result = SweepRunResult("r1", {"compare": "file:///tmp/x/compare"}, comparison, {})
+    lines = result.summary().splitlines()
+    assert "val_macro_f1 0.610 ±0.021" in lines[1] and "(mean of 3 seeds)" in lines[1]
+    assert "±" not in lines[2] and "seeds" not in lines[2]

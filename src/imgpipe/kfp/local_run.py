@@ -628,14 +628,21 @@ class SweepRunResult:
                  f"largest/smallest {c['imbalance']:.2f}) in {self.seconds:.1f}s"]  # fmt: skip
         for row in c["branches"]:
             settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "base settings"
-            figures = ", ".join(f"{k} {row[k]:.3f}" for k in ("val_macro_f1", "val_pr_auc", "val_accuracy") if row.get(k) is not None)
-            lines.append(f"{row['rank']:>3}. {row['branch']} ({settings}): {figures}")
+            figures = ", ".join(f"{k} {row[k]:.3f}{_spread(row, k)}" for k in ("val_macro_f1", "val_pr_auc", "val_accuracy") if row.get(k) is not None)
+            seeds = f" (mean of {row['seeds']} seeds)" if row.get("seeds", 1) > 1 else ""
+            lines.append(f"{row['rank']:>3}. {row['branch']} ({settings}): {figures}{seeds}")
             lines += [f"       {f['kind']}: {f['message']}" for f in row["flags"]]
         local = self.copies or {}
         compare_prefix = self.prefixes["compare"]
         for name in ("comparison.html", "winner.yaml"):
             lines.append(f"{name + ':':17} {local.get(f'compare/{name}') or storage.join(compare_prefix, name)}")
         return "\n".join(lines)
+
+
+def _spread(row: Mapping[str, Any], key: str) -> str:
+    """`` ±std`` of ``key`` over a branch's seeds (compare's ``spread``), or nothing for one seed."""
+    spread = (row.get("spread") or {}).get(key)
+    return f" ±{spread['std']:.3f}" if spread else ""
 
 
 def run_sweep(cfg: LocalRunConfig, grid: Sequence[Mapping[str, Any]] | None, axes: Mapping[str, Sequence[Any]] | None) -> SweepRunResult:
