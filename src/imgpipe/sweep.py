@@ -377,7 +377,8 @@ def plan(
     base = sections.get("train") or {}
     if not isinstance(base, Mapping):
         raise TypeError(f"step_config['train'] must be a mapping of TrainConfig fields, got {base!r}")
-    items, recipes = [], []
+    # (branch, the settings it trains with): "recipes" would hide the recipes module here.
+    items, trained_as = [], []
     branches, seeds = expand_grid(grid, axes), _seeds(axes)
     for branch in branches:
         own = {**sections, "train": {**base, **branch.overrides}}
@@ -393,9 +394,9 @@ def plan(
                 # Explicit randomness: run k's every stream starts from the branch's seed + k (TrainConfig.seed).
                 repeat = {**own, "train": {**own["train"], "seed": cfg.seed + k}}
                 items.append({"branch": run, "resized": resized, "settings": branch.settings, "step_config": repeat, "group": branch.name})
-        recipes.append((branch.name, _effective(_resolved(cfg))))
-        log.info("sweep: branch %s -> %s", branch.label(), recipes[-1][1])
-    _check_distinct(recipes, "the same effective recipe (a grid value that the policy ignores?)")
+        trained_as.append((branch.name, _effective(_resolved(cfg))))
+        log.info("sweep: branch %s -> %s", branch.label(), trained_as[-1][1])
+    _check_distinct(trained_as, "the same effective recipe (a grid value that the policy ignores?)")
     return items
 
 

@@ -290,7 +290,9 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
     device = resolve_device(cfg.device, ctx.local_rank)
     labels = read_labels(data, manifest)
     train_info = describe_split(data, "train", manifest)
-    cfg, recipe = _resolve_recipe(cfg, train_info, len(labels), ctx)
+    # Read once: recipe auto and balanced class weights both count the train split's labels.
+    counts = _class_counts(train_info, len(labels)) if cfg.recipe == "auto" or cfg.class_weights != "none" else None
+    cfg, recipe = _resolve_recipe(cfg, counts, ctx)
     size = cfg.image_size or train_info.size
     channels = train_info.channels
     on_device = _aug_on_device(cfg, device)
@@ -371,18 +373,22 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
         norm=norm,
         head=head,
         ema=_ema_model(module, cfg, ctx.world_size),
-        class_weights=_class_weights(cfg, train_info, len(labels), device),
+        class_weights=_class_weights(cfg, train_info, len(labels), device, counts),
         recipe=recipe,
     )
 
 
-def _resolve_recipe(cfg: TrainConfig, info: SplitInfo, classes: int, ctx: DistInfo) -> tuple[TrainConfig, Resolution]:
+def _class_counts(info: SplitInfo, classes: int) -> np.ndarray:
+    """Images per class of a split, from its ``label`` column (one small read per file)."""
+    return np.bincount(read_split_labels(info), minlength=classes)
+
+
+def _resolve_recipe(cfg: TrainConfig, counts: np.ndarray | None, ctx: DistInfo) -> tuple[TrainConfig, Resolution]:
     """``cfg`` with its recipe and domain fields filled (:mod:`imgpipe.train.recipes`); says which and why.
 
-    ``recipe: auto`` reads the train split's labels (one small read per file) to count images
-    per class; every rank reads the same files, so every rank resolves alike.
+    ``recipe: auto`` sizes the recipe by the train split's images per class (``counts``);
+    every rank reads the same files, so every rank resolves alike.
     """
-    counts = np.bincount(read_split_labels(info), minlength=classes) if cfg.recipe == "auto" else None
     resolved, recipe = resolve_recipe(cfg, counts)
     if ctx.is_main:
         log.info("train: %s", recipe.summary())
@@ -404,15 +410,17 @@ def _ema_model(module: nn.Module, cfg: TrainConfig, world_size: int) -> torch.op
     return torch.optim.swa_utils.AveragedModel(module, multi_avg_fn=avg, use_buffers=True)
 
 
-def _class_weights(cfg: TrainConfig, info: SplitInfo, classes: int, device: torch.device) -> torch.Tensor | None:
+def _class_weights(
+    cfg: TrainConfig, info: SplitInfo, classes: int, device: torch.device, counts: np.ndarray | None = None
+) -> torch.Tensor | None:
     """``N / (classes x n_c)`` per class of the train split (``class_weights: balanced``); ``None`` otherwise.
 
-    A class absent from the train split gets weight 0 (it has no loss to weigh). Counts come
-    from the split's ``label`` column (one small read per file).
+    A class absent from the train split gets weight 0 (it has no loss to weigh). ``counts``
+    are the split's images per class when the caller has read them (:func:`_class_counts`).
     """
     if cfg.class_weights == "none":
         return None
-    counts = np.bincount(read_split_labels(info), minlength=classes).astype(np.float64)
+    counts = (_class_counts(info, classes) if counts is None else counts).astype(np.float64)
     present = counts > 0
     weights = np.zeros(classes)
     weights[present] = counts.sum() / (present.sum() * counts[present])
