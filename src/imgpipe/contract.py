@@ -368,11 +368,17 @@ def _read_json(uri: str) -> dict[str, Any] | None:
 
 
 def _owner(dest: str) -> str | None:
-    """The step that owns ``dest``: from its owner marker, else its manifest; ``None`` if neither."""
+    """The step that owns ``dest``: from its owner marker, else its manifest; ``None`` if neither.
+
+    An owner marker written for another location (a copied or moved output) proves nothing
+    here: it counts as no owner, so :func:`claim` refuses rather than deletes.
+    """
     for name in (OWNER, MANIFEST):
         uri = _dest_uri(dest, name)
         if storage.exists(uri):
             marker = _read_json(uri) or {}
+            if name == OWNER and marker.get("path") not in (None, dest):
+                return None
             return str(marker.get("step") or "") or None
     return None
 
@@ -382,19 +388,31 @@ def _attempt_of(dest: str, name: str) -> str | None:
 
 
 def check_destination(dest: str, step: str) -> str:
-    """Refuses a destination a step must never empty: a bucket root, ``/``, a shallow prefix.
+    """Refuses a destination a step must never empty: a bucket root, ``/``, a shallow prefix, a link.
+
+    A local destination that is, passes through or holds a symbolic link is refused: what
+    a step deletes there could be another output (or anything else) the link points at.
 
     Returns:
         ``dest`` normalized.
 
     Raises:
-        ValueError: For a prefix of fewer than :data:`MIN_DEST_SEGMENTS` segments.
+        ValueError: For a prefix of fewer than :data:`MIN_DEST_SEGMENTS` segments, or one
+            with a symbolic link on the way to it or inside it.
     """
     dest = storage.normalize_uri(dest)
     if len(storage.segments(dest)) < MIN_DEST_SEGMENTS:
         raise ValueError(
             f"{step}: refusing to write to {dest}: a step empties its destination first, so it must be a "
             f"prefix of at least {MIN_DEST_SEGMENTS} segments (e.g. s3://bucket/imgpipe/{step}), never a bucket root or /"
+        )
+    links = storage.symlinks(dest)
+    if links:
+        real = os.path.realpath(storage.local_path(dest))
+        raise ValueError(
+            f"{step}: refusing to write to {dest}: symbolic link(s) {', '.join(links[:3])}"
+            f"{', ...' if len(links) > 3 else ''} would let it reach other files (it resolves to {real}); "
+            "name a real directory without links"
         )
     return dest
 
@@ -429,7 +447,12 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
     owner = _owner(dest) if present else None
     if present and owner != step:
         names = ", ".join(o.uri[len(dest.rstrip("/")) + 1 :] for o in present[:5])
-        whose = f"a {owner} output" if owner else "objects imgpipe did not write"
+        moved = (_read_json(_dest_uri(dest, OWNER)) or {}).get("path") if storage.exists(_dest_uri(dest, OWNER)) else None
+        whose = (
+            f"a {owner} output" if owner
+            else f"an output written at {moved}, not here" if moved not in (None, dest)
+            else "objects imgpipe did not write"
+        )
         raise ValueError(
             f"{step}: refusing to overwrite {dest}: it holds {whose} ({len(present)} object(s): {names}"
             f"{', ...' if len(present) > 5 else ''}). Choose an empty prefix, or remove them yourself"
@@ -444,6 +467,7 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
     marker = {
         "step": step,
         "attempt": attempt,
+        "path": dest,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started_at": _now(),

@@ -288,6 +288,10 @@ class Backend(ABC):
         """Deletes every object below ``prefix``; returns how many."""
         return self.delete_many([o.uri for o in self.list_objects(prefix)])
 
+    def symlinks(self, prefix: str) -> list[str]:
+        """Symbolic links on the way to ``prefix`` or below it (none where the store has no links)."""
+        return []
+
     @abstractmethod
     def arrow_path(self, uri: str) -> str:
         """The path of ``uri`` inside this backend's ``pyarrow.fs`` file system (no I/O)."""
@@ -387,6 +391,14 @@ class LocalBackend(Backend):
         for uri in uris:
             self.delete(uri)
         return len(uris)
+
+    def symlinks(self, prefix: str) -> list[str]:
+        path = self._path(prefix)
+        found = [str(p) for p in (path, *path.parents) if p.is_symlink()]
+        if path.is_dir() and not path.is_symlink():
+            for dirpath, dirs, files in os.walk(path):  # os.walk does not follow links
+                found += [os.path.join(dirpath, n) for n in (*dirs, *files) if os.path.islink(os.path.join(dirpath, n))]
+        return sorted(found)
 
     def arrow_path(self, uri: str) -> str:
         return str(self._path(uri))
@@ -749,6 +761,11 @@ def size(uri: str) -> int | None:
 def list_objects(prefix: str) -> list[ObjectInfo]:
     """Committed objects below ``prefix``, sorted by URI."""
     return get_backend(prefix).list_objects(normalize_uri(prefix))
+
+
+def symlinks(prefix: str) -> list[str]:
+    """Symbolic links on the way to ``prefix`` (itself or a parent) or anywhere below it; ``[]`` on S3."""
+    return get_backend(prefix).symlinks(normalize_uri(prefix))
 
 
 def open_read(uri: str) -> IO[bytes]:

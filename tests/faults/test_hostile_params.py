@@ -1,0 +1,89 @@
+"""Hostile run parameters (issue 36): what a user of a shared Kubeflow could name to reach what it should not.
+
+Each test is one attack, and each would have succeeded before its fix. Tests that could
+delete something make deleting impossible first (every storage deletion patched to
+raise), so a regression fails the test, never the machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pytest
+
+from imgpipe import contract, storage
+from imgpipe.contract import OutputWriter
+
+pytestmark = pytest.mark.quick
+
+
+@pytest.fixture
+def forbid_deletes(monkeypatch):
+    """Call it once the scene is set: from then on every storage deletion raises."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"storage deleted something: {args}")
+
+    def arm() -> None:
+        for name in ("delete", "delete_prefix", "delete_many"):
+            monkeypatch.setattr(storage, name, forbidden)
+            for backend in storage._BACKENDS.values():
+                monkeypatch.setattr(type(backend), name, forbidden)
+
+    return arm
+
+
+def _committed(dest: str, step: str = "clean") -> None:
+    out = OutputWriter(dest, step)
+    out.begin()
+    out.write_table("part-00000.parquet", pa.table({"x": [1]}))
+    out.commit(inputs=1, rejects=[], config={})
+
+
+def test_a_destination_that_is_a_link_to_another_output_is_refused_before_anything_is_deleted(tmp_path, forbid_deletes):
+    victim = str(tmp_path / "runs" / "victim")
+    _committed(victim)
+    link = tmp_path / "runs" / "mine"
+    os.symlink(storage.local_path(victim), link)
+    forbid_deletes()
+    with pytest.raises(ValueError, match="symbolic link.*resolves to .*victim"):
+        contract.claim(str(link), "clean")
+    with pytest.raises(ValueError, match="symbolic link"):
+        contract.claim(str(link), "clean", keep=["checkpoint.pt"])  # train's resume path
+    assert contract.is_committed(victim), "the other output keeps its _SUCCESS"
+
+
+def test_a_destination_below_a_linked_directory_or_holding_a_link_is_refused(tmp_path, forbid_deletes):
+    forbid_deletes()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "parent-link").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match="symbolic link"):
+        contract.claim(str(tmp_path / "parent-link" / "out"), "resize")
+    dest = tmp_path / "out" / "resize"
+    dest.mkdir(parents=True)
+    (elsewhere / "precious.txt").write_text("not imgpipe's")
+    (dest / "part-00000.parquet").symlink_to(elsewhere / "precious.txt")
+    with pytest.raises(ValueError, match="symbolic link.*part-00000.parquet"):
+        contract.claim(str(dest), "resize")
+    assert (elsewhere / "precious.txt").read_text() == "not imgpipe's"
+
+
+def test_a_copied_output_is_not_proof_of_ownership(tmp_path, forbid_deletes):
+    import shutil
+
+    original = str(tmp_path / "a" / "clean")
+    _committed(original)
+    copy = tmp_path / "b" / "clean"
+    shutil.copytree(storage.local_path(original), copy)
+    forbid_deletes()
+    with pytest.raises(ValueError, match="an output written at .*/a/clean, not here"):
+        contract.claim(str(copy), "clean")
+
+
+def test_an_output_claimed_again_at_its_own_path_is_still_taken_over(tmp_path):
+    dest = str(tmp_path / "out" / "clean")
+    _committed(dest)
+    contract.claim(dest, "clean")  # a re-run of the same step at the same resolved path
+    assert not contract.is_committed(dest)
