@@ -87,3 +87,25 @@ def test_an_output_claimed_again_at_its_own_path_is_still_taken_over(tmp_path):
     _committed(dest)
     contract.claim(dest, "clean")  # a re-run of the same step at the same resolved path
     assert not contract.is_committed(dest)
+
+
+def test_the_audits_review_file_runs_no_formulas_and_clean_reads_it_back():
+    import csv
+    import io
+
+    from imgpipe.data.labels import read_label_csv
+    from imgpipe.steps.audit import _overrides_csv
+
+    hostile = "=cmd|' -C calc'!A0"
+    suspects = [
+        {"path": f"{hostile}/1.jpg", "suggested_label": hostile, "given_label": "@SUM(1+1)", "label_quality": 0.01,
+         "suggested_prob": 0.9},
+        {"path": "+x/2.jpg", "suggested_label": "-1", "given_label": "\tcat", "label_quality": 0.2, "suggested_prob": 0.5},
+        {"path": "plain/3.jpg", "suggested_label": "'quoted", "given_label": "dog", "label_quality": 0.3,
+         "suggested_prob": 0.4},
+    ]
+    text = _overrides_csv(suspects)
+    cells = [c for row in csv.reader(io.StringIO(text)) for c in row]
+    assert not [c for c in cells if c.startswith(("=", "+", "-", "@", "\t", "\r"))], cells
+    # The round trip the README describes: audit -> a person reviews -> clean reads the overrides.
+    assert read_label_csv(text.encode()) == {f"{hostile}/1.jpg": hostile, "+x/2.jpg": "-1", "plain/3.jpg": "'quoted"}

@@ -18,6 +18,8 @@ __all__ = [
     "LabelSource",
     "oxford_label",
     "folder_label",
+    "escape_csv_cell",
+    "unescape_csv_cell",
     "read_label_csv",
     "choose_label_source",
     "Labeler",
@@ -43,10 +45,25 @@ def folder_label(path: str) -> str | None:
     return parent or None
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def escape_csv_cell(value: str) -> str:
+    """A cell a spreadsheet shows as text: one starting with ``= + - @``, tab or CR gets a leading ``'``."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def unescape_csv_cell(value: str) -> str:
+    """Undoes :func:`escape_csv_cell`: a ``'`` before a formula character is dropped, anything else is kept."""
+    return value[1:] if value.startswith("'") and value[1:].startswith(_FORMULA_START) else value
+
+
 def read_label_csv(data: bytes) -> dict[str, str]:
     """Parses a ``path,label`` CSV (header required) into a mapping.
 
-    Paths may be archive member paths or bare file names.
+    Paths may be archive member paths or bare file names. Cells escaped against formula
+    injection (:func:`escape_csv_cell`, as imgpipe writes them) are read back unescaped.
 
     Raises:
         ValueError: If the header lacks ``path`` and ``label`` columns, or a path repeats
@@ -57,8 +74,8 @@ def read_label_csv(data: bytes) -> dict[str, str]:
         raise ValueError(f"label CSV needs a header with 'path' and 'label' columns, got {reader.fieldnames}")
     out: dict[str, str] = {}
     for lineno, row in enumerate(reader, start=2):
-        path = (row.get("path") or "").strip().removeprefix("./")
-        label = (row.get("label") or "").strip()
+        path = unescape_csv_cell((row.get("path") or "").strip()).removeprefix("./")
+        label = unescape_csv_cell((row.get("label") or "").strip())
         if not path or not label:
             continue
         if path in out and out[path] != label:

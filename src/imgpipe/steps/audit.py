@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from imgpipe import contract, storage
 from imgpipe.contract import OutputWriter, StepReport
+from imgpipe.data.labels import escape_csv_cell
 from imgpipe.report import html as htmlpage
 
 __all__ = [
@@ -260,7 +261,8 @@ def _overrides_csv(suspects: Sequence[Mapping[str, Any]]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "label", "given_label", "label_quality", "suggested_prob"])
     for s in suspects:
-        writer.writerow([s["path"], s["suggested_label"], s["given_label"], f"{s['label_quality']:.4f}", f"{s['suggested_prob']:.4f}"])
+        cells = [s["path"], s["suggested_label"], s["given_label"], f"{s['label_quality']:.4f}", f"{s['suggested_prob']:.4f}"]
+        writer.writerow([escape_csv_cell(str(c)) for c in cells])  # a person opens it in a spreadsheet
     return buf.getvalue()
 
 
