@@ -25,6 +25,7 @@ import yaml
 __all__ = [
     "SECTIONS",
     "check_sections",
+    "load_yaml",
     "read_config_file",
     "config_from_dict",
     "step_config",
@@ -247,6 +248,21 @@ def check_sections(doc: Mapping[str, Any], where: str, sections: Sequence[str] =
         )
 
 
+def load_yaml(text: str, what: str) -> Any:
+    """Plain YAML data (``yaml.safe_load``): a tag that builds objects or bad syntax is one ``ValueError``.
+
+    Raises:
+        ValueError: Naming ``what`` and the line, never echoing the document.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"{what}{where}: not plain YAML data: {problem}; only mappings, lists, strings and numbers are read") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A config file's YAML: a mapping (of options, or of sections), ``{}`` when empty.
 
@@ -256,7 +272,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {p} does not exist")
-    loaded = yaml.safe_load(p.read_text()) or {}
+    loaded = load_yaml(p.read_text(), f"config file {p}") or {}
     if not isinstance(loaded, Mapping):
         raise ValueError(f"config file {p} must hold a mapping (options, or sections {', '.join(SECTIONS)}), got {type(loaded).__name__}")
     return dict(loaded)

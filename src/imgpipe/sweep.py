@@ -42,8 +42,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from imgpipe import config, storage
 from imgpipe.config import coerce, read_config_file
 from imgpipe.train import recipes
@@ -67,6 +65,7 @@ __all__ = [
     "expand_grid",
     "load_grid_file",
     "grid_parameters",
+    "checked_branches",
     "plan",
     "branch_prefixes",
 ]
@@ -315,7 +314,7 @@ def load_grid_file(path: str | Path) -> tuple[list[Any], dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"grid file {p} does not exist")
-    doc = yaml.safe_load(p.read_text())
+    doc = config.load_yaml(p.read_text(), f"grid file {p}")
     if isinstance(doc, list):
         return doc, {}
     doc = read_config_file(p)  # a mapping, or a clear error
@@ -331,9 +330,10 @@ def grid_parameters(grid: Sequence[Mapping[str, Any]] | None, axes: Mapping[str,
     """The sweep pipeline's grid parameters for a grid: ``grid``, one ``grid_<key>`` list per grid key, and ``seeds``.
 
     Raises:
-        ValueError, TypeError: As :func:`expand_grid` (the grid is checked here, at the edge).
+        ValueError, TypeError: As :func:`checked_branches`: the grid is checked here, at the
+            edge, by the same check :func:`plan` runs (each branch's whole train config).
     """
-    expand_grid(grid, axes)
+    checked_branches(grid, axes, None)
     seeds = _seeds(axes)
     axes = dict(axes or {})
     lists = {f"grid_{k}": list(axes.get(k) or []) for k in GRID_KEYS}
@@ -373,19 +373,10 @@ def plan(
         ValueError, TypeError: As :func:`expand_grid`, or when a branch's config is
             refused (the message names the branch).
     """
-    sections = dict(step_config or {})
-    base = sections.get("train") or {}
-    if not isinstance(base, Mapping):
-        raise TypeError(f"step_config['train'] must be a mapping of TrainConfig fields, got {base!r}")
     # (branch, the settings it trains with): "recipes" would hide the recipes module here.
     items, trained_as = [], []
-    branches, seeds = expand_grid(grid, axes), _seeds(axes)
-    for branch in branches:
-        own = {**sections, "train": {**base, **branch.overrides}}
-        try:
-            cfg = config.step_config(TrainConfig, own, "train", **named)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"branch {branch.label()}: {exc}") from None
+    seeds = _seeds(axes)
+    for branch, own, cfg in checked_branches(grid, axes, step_config, **named):
         runs = seed_runs(branch.name, seeds)
         if seeds == 1:  # the branch as it is: the items (and so the run prefixes) of a sweep without seeds
             items.append({"branch": branch.name, "resized": resized, "settings": branch.settings, "step_config": own})
@@ -398,6 +389,36 @@ def plan(
         log.info("sweep: branch %s -> %s", branch.label(), trained_as[-1][1])
     _check_distinct(trained_as, "the same effective recipe (a grid value that the policy ignores?)")
     return items
+
+
+def checked_branches(
+    grid: Sequence[Mapping[str, Any]] | None,
+    axes: Mapping[str, Any] | None,
+    step_config: Mapping[str, Any] | None,
+    **named: Any,
+) -> list[tuple[Branch, dict[str, Any], TrainConfig]]:
+    """Each branch of the grid with its ``step_config`` and its whole train config, checked.
+
+    The one check of a grid: the submitter's early check (:func:`grid_parameters`) and the
+    pipeline's plan (:func:`plan`) both run it, so neither lets through what the other refuses.
+
+    Raises:
+        ValueError, TypeError: As :func:`expand_grid`, or when a branch's config is refused
+            (the message names the branch).
+    """
+    sections = dict(step_config or {})
+    base = sections.get("train") or {}
+    if not isinstance(base, Mapping):
+        raise TypeError(f"step_config['train'] must be a mapping of TrainConfig fields, got {base!r}")
+    out = []
+    for branch in expand_grid(grid, axes):
+        own = {**sections, "train": {**base, **branch.overrides}}
+        try:
+            cfg = config.step_config(TrainConfig, own, "train", **named)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"branch {branch.label()}: {exc}") from None
+        out.append((branch, own, cfg))
+    return out
 
 
 def _resolved(cfg: TrainConfig) -> dict[str, Any]:

@@ -109,3 +109,48 @@ def test_the_audits_review_file_runs_no_formulas_and_clean_reads_it_back():
     assert not [c for c in cells if c.startswith(("=", "+", "-", "@", "\t", "\r"))], cells
     # The round trip the README describes: audit -> a person reviews -> clean reads the overrides.
     assert read_label_csv(text.encode()) == {f"{hostile}/1.jpg": hostile, "+x/2.jpg": "-1", "plain/3.jpg": "'quoted"}
+
+
+def test_a_config_with_a_python_tag_is_one_line_and_builds_nothing(tmp_path):
+    from imgpipe.config import read_config_file
+    from imgpipe.sweep import load_grid_file
+
+    marker = tmp_path / "ran"
+    evil = f"train:\n  model: !!python/object/apply:os.system ['touch {marker}']\n"
+    for reader, name in ((read_config_file, "cfg.yaml"), (load_grid_file, "grid.yaml")):
+        path = tmp_path / name
+        path.write_text(evil)
+        with pytest.raises(ValueError, match=r"line 2\): not plain YAML data") as info:
+            reader(path)
+        assert "\n" not in str(info.value) and "touch" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_that_is_not_weights_only_is_refused_in_one_line(tmp_path):
+    import pickle
+
+    from imgpipe.train.checkpoint import load_checkpoint
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(pickle.dumps({"model": Payload()}))
+    with pytest.raises(ValueError, match="cannot be resumed from") as info:
+        load_checkpoint(str(path))
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_the_early_grid_check_refuses_what_the_plan_refuses():
+    from imgpipe.sweep import grid_parameters, plan
+
+    for grid in ([{"model": "../../x"}], [{"lr": -1}]):
+        with pytest.raises(ValueError) as early:
+            grid_parameters(grid, None)
+        with pytest.raises(ValueError) as planned:
+            plan("file:///nowhere/resized", grid, None, None)
+        assert str(early.value) == str(planned.value)

@@ -22,6 +22,7 @@ from imgpipe import storage
 from imgpipe.config import config_to_dict
 from imgpipe.train.distributed import DistInfo
 from imgpipe.train.evaluation import EvalResult
+from imgpipe.train.models import error_line
 
 if TYPE_CHECKING:
     from imgpipe.train.run import TrainingRun
@@ -90,7 +91,12 @@ def save_checkpoint(run: TrainingRun, epoch: int) -> None:
 
 def load_checkpoint(uri: str) -> dict[str, Any]:
     """Reads a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a pickle of objects (not weights-only), a truncated or foreign file
+        raise ValueError(f"checkpoint {uri} cannot be resumed from: {error_line(exc)}") from None
 
 
 def resume(run: TrainingRun) -> None:

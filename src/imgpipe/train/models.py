@@ -37,6 +37,7 @@ from imgpipe import storage
 
 __all__ = [
     "resolve_weights",
+    "error_line",
     "TINY_CNN",
     "available_models",
     "build_model",
@@ -207,6 +208,12 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def error_line(exc: BaseException) -> str:
+    """The first line of an error from ``torch.load``: its refusals of non-weights pickles run to pages."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
 def read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
     """The state dict in a weights file's bytes (tensors and plain data only: ``weights_only``).
 
@@ -220,7 +227,7 @@ def read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{source} is not a loadable PyTorch weights file: {exc}") from exc
+        raise ValueError(f"{source} is not a loadable PyTorch weights file: {error_line(exc)}") from None
     return extract_state_dict(obj)
 
 

@@ -47,7 +47,7 @@ from imgpipe import storage
 from imgpipe.resize.spec import PRESETS
 from imgpipe.train.augment import Normalization
 from imgpipe.train.distributed import DistInfo, barrier
-from imgpipe.train.models import fit_state_dict, read_state_dict
+from imgpipe.train.models import error_line, fit_state_dict, read_state_dict
 
 __all__ = [
     "file_name",
@@ -112,7 +112,7 @@ def recorded_normalization(uri: str) -> Normalization | None:
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{uri} is not a loadable PyTorch weights file: {exc}") from exc
+        raise ValueError(f"{uri} is not a loadable PyTorch weights file: {error_line(exc)}") from None
     if not isinstance(payload, dict) or not payload.get("mean") or not payload.get("std"):
         return None
     return Normalization.of_channels(payload["mean"], payload["std"])
