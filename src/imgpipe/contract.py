@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
@@ -50,6 +50,7 @@ __all__ = [
     "OWNER",
     "MIN_DEST_SEGMENTS",
     "check_destination",
+    "check_name",
     "claim",
     "MANIFEST",
     "SUCCESS",
@@ -259,6 +260,25 @@ def _dest_uri(dest: str, name: str) -> str:
     return storage.join(dest, name)
 
 
+# Characters no file name of an output has: a backslash (another separator) and controls.
+_NOT_IN_NAMES = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
+def check_name(name: Any, where: str) -> str:
+    """``name`` if it names a file inside a prefix: relative, ``/``-separated, no ``.``/``..``, no scheme.
+
+    Names come from manifests and cards, which a run reads back from storage: a forged one
+    must not lead a reader (or ``register``) to another prefix.
+
+    Raises:
+        ValueError: Naming ``where`` and the refused name.
+    """
+    segments = name.split("/") if isinstance(name, str) else [""]
+    if not isinstance(name, str) or _NOT_IN_NAMES.search(name) or any(s in ("", ".", "..") for s in segments):
+        raise ValueError(f"{where}: file name {name!r} is not a plain name inside the prefix; the file was altered or forged")
+    return name
+
+
 def is_committed(prefix: str) -> bool:
     """Whether ``prefix`` holds a committed step output."""
     return storage.exists(_dest_uri(prefix, SUCCESS))
@@ -289,22 +309,36 @@ def read_manifest(prefix: str, expect_step: str | None = None) -> dict[str, Any]
         raise ValueError(
             f"{prefix} holds the output of step {manifest.get('step')!r}, expected {expect_step!r}"
         )
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, Mapping) for f in files):
+        raise ValueError(f"{prefix}/{MANIFEST}: 'files' must be a list of file entries; the manifest is damaged")
+    for f in files:
+        check_name(f.get("name"), f"{prefix}/{MANIFEST}")
     return manifest
 
 
-def data_files(prefix: str, manifest: Mapping[str, Any] | None = None) -> list[str]:
+def data_files(
+    prefix: str,
+    manifest: Mapping[str, Any] | None = None,
+    select: Callable[[Mapping[str, Any]], bool] | None = None,
+) -> list[str]:
     """URIs of the data files a committed output lists (never a directory listing).
 
-    Each listed file must be present with the size the manifest records (one listing of
-    the prefix): a file deleted or replaced after the commit fails here, not mid-read.
+    Each listed file (of those ``select`` keeps, given its manifest entry) must have a plain
+    name inside the prefix (:func:`check_name`) and be present with the size the manifest
+    records (one listing of the prefix): a file deleted or replaced after the commit fails
+    here, not mid-read.
 
     Raises:
-        ValueError: If a listed file is missing or has another size.
+        ValueError: If a listed file's name leaves the prefix, or it is missing or has another size.
     """
     prefix = storage.normalize_uri(prefix)
     manifest = manifest or read_manifest(prefix)
-    _check_sizes(prefix, manifest["files"])
-    return [_dest_uri(prefix, f["name"]) for f in manifest["files"]]
+    files = [f for f in manifest["files"] if select is None or select(f)]
+    for f in files:
+        check_name(f.get("name"), f"{prefix}/{MANIFEST}")
+    _check_sizes(prefix, files)
+    return [_dest_uri(prefix, f["name"]) for f in files]
 
 
 def _check_sizes(prefix: str, files: Iterable[Mapping[str, Any]]) -> None:

@@ -154,3 +154,46 @@ def test_the_early_grid_check_refuses_what_the_plan_refuses():
         with pytest.raises(ValueError) as planned:
             plan("file:///nowhere/resized", grid, None, None)
         assert str(early.value) == str(planned.value)
+
+
+def _forged_output(prefix, step: str, names: list[str]) -> str:
+    """A committed-looking output whose manifest lists ``names`` (as a forged previous run would)."""
+    import json
+
+    root = storage.local_path(storage.normalize_uri(str(prefix)))
+    root.mkdir(parents=True, exist_ok=True)
+    files = [{"name": n, "bytes": 1, "rows": 1, "sha256": "0" * 64} for n in names]
+    (root / contract.MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+    (root / contract.SUCCESS).write_text("")
+    return storage.normalize_uri(str(prefix))
+
+
+@pytest.mark.parametrize("name", ["train/../../other/part-0.parquet", "/etc/passwd", "s3://other/x.parquet", "../x"])
+def test_a_manifest_that_names_files_outside_its_prefix_is_refused(tmp_path, name):
+    from imgpipe.train.partition import describe_split
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "part-0.parquet").write_bytes(b"x")
+    data = _forged_output(tmp_path / "runs" / "resize", "resize", [name])
+    with pytest.raises(ValueError, match="not a plain name inside the prefix"):
+        describe_split(data, "train")
+    with pytest.raises(ValueError, match="not a plain name inside the prefix"):
+        contract.data_files(data)
+
+
+def test_a_card_that_names_another_models_file_is_refused_by_predict_and_register(tmp_path):
+    import json
+
+    from imgpipe.train.card import CARD_FORMAT, read_card
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "model.onnx").write_bytes(b"another model")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    card = {"format": CARD_FORMAT, "classes": ["a", "b"], "input": {}, "files": {"onnx": "../victim/model.onnx"}}
+    (mine / contract.MODEL_CARD).write_text(json.dumps(card))
+    # predict and register both read the card through read_card before they open an artifact.
+    with pytest.raises(ValueError, match="not a plain name inside the prefix"):
+        read_card(str(mine))

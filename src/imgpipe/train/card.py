@@ -32,7 +32,8 @@ def read_card(prefix: str, classes: Sequence[str] | None = None) -> dict[str, An
         classes: When given, the classes the caller expects, in order.
 
     Raises:
-        ValueError: If there is no ``model.json``, it is not one imgpipe wrote, or its classes differ.
+        ValueError: If there is no ``model.json``, it is not one imgpipe wrote, it names a
+            file outside the prefix, or its classes differ.
     """
     uri = storage.join(prefix, contract.MODEL_CARD)
     if not storage.exists(uri):
@@ -44,6 +45,11 @@ def read_card(prefix: str, classes: Sequence[str] | None = None) -> dict[str, An
     missing = [k for k in ("format", "classes", "input", "files") if k not in card]
     if missing or card.get("format") != CARD_FORMAT:
         raise ValueError(f"{uri} is not an imgpipe model card of format {CARD_FORMAT} (missing {missing or 'nothing'})")
+    if not isinstance(card["files"], dict):
+        raise ValueError(f"{uri}: 'files' must map artifact kinds to file names")
+    for name in card["files"].values():
+        if name is not None:  # an artifact the card names is a file of this prefix, never another's
+            contract.check_name(name, uri)
     if classes is not None and list(classes) != list(card["classes"]):
         raise ValueError(
             f"{prefix} was trained on other classes ({len(card['classes'])}: {', '.join(card['classes'][:5])}...)"

@@ -192,9 +192,7 @@ def describe_split(data: str, split: str, manifest: Mapping[str, Any] | None = N
     """
     data = storage.normalize_uri(data)
     manifest = manifest or contract.read_manifest(data, expect_step="resize")
-    files = [
-        storage.join(data, f["name"]) for f in manifest["files"] if f["name"].startswith(split + "/") and f["rows"]
-    ]
+    files = contract.data_files(data, manifest, select=lambda f: f["name"].startswith(split + "/") and bool(f["rows"]))
     if not files:
         raise ValueError(f"{data} holds no rows for split {split!r}; splits present: {split_names(data)}")
     fs, _ = storage.arrow_filesystem(files[0])
