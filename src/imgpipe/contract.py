@@ -309,7 +309,7 @@ def read_manifest(prefix: str, expect_step: str | None = None) -> dict[str, Any]
         raise ValueError(
             f"{prefix} holds the output of step {manifest.get('step')!r}, expected {expect_step!r}"
         )
-    files = manifest.get("files")
+    files = manifest.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, Mapping) for f in files):
         raise ValueError(f"{prefix}/{MANIFEST}: 'files' must be a list of file entries; the manifest is damaged")
     for f in files:

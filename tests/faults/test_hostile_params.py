@@ -197,3 +197,117 @@ def test_a_card_that_names_another_models_file_is_refused_by_predict_and_registe
     # predict and register both read the card through read_card before they open an artifact.
     with pytest.raises(ValueError, match="not a plain name inside the prefix"):
         read_card(str(mine))
+
+
+# ----------------------------------------------------------------------------------------
+# Carried rows and the one decode gate (issue 36, items 2 and 3).
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 96 72\nnewpath 0 0 moveto showpage\n"
+
+
+def _clean_output(tmp_path, name: str, members: dict[str, bytes]) -> str:
+    from imgpipe.clean.config import CleanConfig
+    from imgpipe.steps.clean import clean
+    from tests.helpers import write_download_output
+
+    src = write_download_output(str(tmp_path / f"dl-{name}"), members)
+    dest = str(tmp_path / name)
+    clean(src, dest, CleanConfig(workers=1))
+    return dest
+
+
+def _forge_rows(prefix: str, change) -> None:
+    """Rewrites a committed clean output's rows with ``change(row)`` and re-seals its manifest, as a forger would."""
+    import hashlib
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+
+    manifest = contract.read_manifest(prefix)
+    for entry, uri in zip(manifest["files"], contract.data_files(prefix, manifest)):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        rows = [change(dict(r)) for r in table.to_pylist()]
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), buf)
+        storage.write_bytes(uri, buf.getvalue())
+        entry["bytes"], entry["sha256"] = len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest()
+    storage.write_bytes(storage.join(prefix, contract.MANIFEST), json.dumps(manifest).encode())
+
+
+def test_forged_carried_rows_are_decoded_anew_from_this_runs_input(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    from imgpipe.clean.config import CleanConfig
+    from imgpipe.steps.clean import clean
+    from tests import imagefactory as f
+    from tests.helpers import write_download_output
+
+    members = {f"images/{c}_{i}.jpg": f.jpeg(80 + 4 * i, 64 + 2 * k, seed=10 * k + i) for k, c in enumerate(("Bengal", "pug")) for i in range(1, 7)}
+    prev = _clean_output(tmp_path, "previous", members)
+    eps_path, bomb_path, claim_path = "images/Bengal_1.jpg", "images/Bengal_2.jpg", "images/pug_3.jpg"
+
+    def change(row):
+        if row["path"] == eps_path:
+            row["image"] = {"bytes": EPS, "path": eps_path}
+        elif row["path"] == bomb_path:  # 150 megapixels behind a header, claiming 96 x 72
+            row["image"] = {"bytes": f.png_bomb(12_300), "path": bomb_path}
+            row["width"], row["height"] = 96, 72
+        elif row["path"] == claim_path:  # its own bytes, but columns that lie about them
+            row["width"] += 1
+        return row
+
+    _forge_rows(prev, change)
+    # Nothing may reach Ghostscript, whatever the code under test does.
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: (_ for _ in ()).throw(AssertionError("Ghostscript")))
+    src = write_download_output(str(tmp_path / "dl-now"), members)
+    dest = str(tmp_path / "now")
+    report = clean(src, dest, CleanConfig(workers=1, skip_hashes_from=prev))
+
+    assert report.inputs == len(members) == report.outputs + report.rejected
+    assert report.extra["carried"] == len(members) - 3
+    assert sum(report.extra["carried_refused"].values()) == 3
+    assert report.extra["carried_from"] == prev
+    import io
+
+    import pyarrow.parquet as pq
+
+    rows = {r["path"]: r for u in contract.data_files(dest) for r in pq.read_table(io.BytesIO(storage.read_bytes(u))).to_pylist()}
+    for path in (eps_path, bomb_path, claim_path):  # decoded from this run's input: the genuine image
+        assert rows[path]["image"]["bytes"] == members[path]
+        assert (rows[path]["width"], rows[path]["height"]) != (96, 72) or path == claim_path
+
+
+def test_resize_refuses_a_forged_row_from_its_header_before_decoding():
+    import numpy as np
+
+    from imgpipe.resize.ops import resize_batch
+    from imgpipe.resize.spec import ResizeSpec
+    from tests import imagefactory as f
+
+    good = f.jpeg(96, 72, seed=1)
+    batch = {
+        "path": np.array(["a.png", "b.jpg", "c.jpg", "d.eps"], dtype=object),
+        "image": np.array([{"bytes": f.png_bomb(12_300)}, {"bytes": good}, {"bytes": good}, {"bytes": EPS}], dtype=object),
+        "width": np.array([96, 96, 97, 96], np.int32),
+        "height": np.array([72, 72, 72, 72], np.int32),
+    }
+    out = resize_batch(batch, ResizeSpec(size=32))
+    assert list(out["error_reason"]) == ["too_large", "", "not_as_recorded", "undecodable"]
+    assert "pixels > max_pixels" in out["error_detail"][0]
+    assert "unsupported_format" in out["error_detail"][3] or "eps" in out["error_detail"][3].lower()
+
+
+def test_predicts_decode_goes_through_the_gate(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    from imgpipe.data.images import ImageRejected
+    from imgpipe.steps.predict import _decode
+    from tests import imagefactory as f
+
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: (_ for _ in ()).throw(AssertionError("Ghostscript")))
+    with pytest.raises(ImageRejected, match="unsupported_format"):
+        _decode(EPS, 3)
+    with pytest.raises(ImageRejected, match="too_large"):
+        _decode(f.png_bomb(12_300), 3)
+    assert _decode(f.jpeg(40, 30), 3).shape == (30, 40, 3)

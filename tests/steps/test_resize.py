@@ -99,7 +99,7 @@ def test_config_round_trips_through_yaml_overrides():
     assert cfg.spec.roi_crop and cfg.spec.size == 336
     dumped = config_to_dict(cfg)
     assert set(dumped) == {
-        "size", "mode", "train_mode", "max_aspect", "preset", "format", "jpeg_quality", "ops", "resample", "pad_value", "fast_decode",
+        "size", "mode", "train_mode", "max_aspect", "preset", "format", "jpeg_quality", "ops", "resample", "pad_value", "fast_decode", "max_pixels",
         "ray_address", "batch_size", "concurrency", "rows_per_shard", "row_group_rows", "progress_bars",
         "no_progress_timeout_s",
     }  # fmt: skip
@@ -530,16 +530,25 @@ def rows_with_two_bad(good: dict[str, bytes], g4_split: str) -> list[tuple[str, 
     ]
 
 
+def _size_of(data: bytes) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - a bad row of the fixture: any size, it is rejected anyway
+        return 1, 1
+
+
 def write_clean_by_hand(dest: str, rows: list[tuple[str, bytes, str, int]]) -> str:
     """A clean-shaped committed output, rows in file order exactly as given (any order)."""
     out = OutputWriter(dest, "clean")
     out.begin()
+    sizes = [_size_of(data) for _, data, *_ in rows]  # clean records each image's size (resize checks it)
     table = pa.table(
         {
             "path": [p for p, *_ in rows],
             "image": [{"bytes": data, "path": p} for p, data, *_ in rows],
-            "width": pa.array([1] * len(rows), pa.int32()),
-            "height": pa.array([1] * len(rows), pa.int32()),
+            "width": pa.array([w for w, _ in sizes], pa.int32()),
+            "height": pa.array([h for _, h in sizes], pa.int32()),
             "mode": ["RGB"] * len(rows),
             "format": ["jpeg"] * len(rows),
             "label": pa.array([0] * len(rows), pa.int32()),

@@ -8,7 +8,7 @@ from typing import Literal
 
 from imgpipe.clean.neardup import MAX_DISTANCE
 from imgpipe.clean.quality import OUTLIERS
-from imgpipe.data.images import DEFAULT_FORMATS, check_formats
+from imgpipe.data.images import DEFAULT_FORMATS, MAX_PIXELS, check_formats
 from imgpipe.data.labels import LabelSource
 
 __all__ = ["SPLITS", "CleanConfig"]
@@ -100,7 +100,7 @@ class CleanConfig:
     label_source: LabelSource = "auto"
     labels_csv: str | None = None
     label_overrides: str | None = None
-    max_pixels: int = 89_478_485
+    max_pixels: int = MAX_PIXELS
     min_side: int = 32
     jpeg_quality: int = 95
     formats: tuple[str, ...] = DEFAULT_FORMATS

@@ -388,6 +388,7 @@ def run_tasks(
     *,
     in_process: bool = False,
     timeout_s: float = 0.0,
+    first_free: int = 0,
 ) -> tuple[TaskResult, int]:
     """Runs ``run(*task_args(task))`` for every task on the decode pool, with progress.
 
@@ -402,13 +403,15 @@ def run_tasks(
         pool: How many workers, and each image's memory budget.
         in_process: Run the tasks one after another in this process (no isolation).
         timeout_s: Longest decode of one image; 0 for no limit.
+        first_free: The lowest index a task started here may take (a retry of one row
+            alone): indices below it are the caller's own bucket files.
 
     Returns:
         What the tasks settled, in task order, and the next task index no bucket file uses.
     """
     results: dict[int, TaskResult] = {}
 
-    next_index = len(tasks)
+    next_index = max(len(tasks), first_free)
     with tqdm(
         total=sum(t.rows for t in tasks), desc="clean: decode", unit="img", dynamic_ncols=True
     ) as bar:

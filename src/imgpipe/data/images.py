@@ -23,6 +23,8 @@ __all__ = [
     "check_formats",
     "ImageRejected",
     "NormalizedImage",
+    "MAX_PIXELS",
+    "open_image",
     "sniff_format",
     "decode_bytes",
     "validate_and_normalize",
@@ -30,6 +32,10 @@ __all__ = [
     "to_8bit",
     "flatten_alpha",
 ]
+
+# The largest image (width x height) decoded unless told otherwise: PIL's own default
+# MAX_IMAGE_PIXELS, a 1024 MiB 24-bit image (CleanConfig.max_pixels, ResizeSpec.max_pixels).
+MAX_PIXELS = 89_478_485
 
 # The formats clean decodes unless told otherwise (CleanConfig.formats), by Pillow's format
 # names in lowercase: what scraped photo sets hold.
@@ -359,6 +365,26 @@ def _bomb_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
+def open_image(data: bytes, *, formats: Sequence[str] = DEFAULT_FORMATS, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The one gate before any decoder: the header of ``data``, opened only if it may be decoded.
+
+    Every decode of bytes read from storage goes through here (clean, its carried rows,
+    resize, predict, the reports' thumbnails). In order: the signature must name one of
+    ``formats`` (:func:`sniff_format`; a format outside them is never parsed, so EPS never
+    reaches Ghostscript), Pillow opens the header with only those plugins, and the header's
+    ``width x height`` must be at most ``max_pixels`` (PIL's own bomb check follows it
+    while it opens). Nothing is decoded yet: the caller calls ``load()``.
+
+    Raises:
+        ImageRejected: ``not_an_image``, ``unsupported_format``, ``corrupt``, ``truncated``
+            or ``too_large``, with the detail.
+    """
+    img = _open(data, max_pixels, tuple(f.lower() for f in formats))
+    if img.width * img.height > max_pixels:
+        raise ImageRejected("too_large", f"{img.width}x{img.height} = {img.width * img.height} pixels > max_pixels {max_pixels}")
+    return img
+
+
 def _open(data: bytes, max_pixels: int, formats: Sequence[str]) -> Image.Image:
     """Opens ``data`` with only the plugins of ``formats`` (checked by :func:`check_formats`).
 
@@ -480,7 +506,7 @@ def validate_and_normalize(
     data: bytes,
     *,
     grayscale: bool = False,
-    max_pixels: int = 89_478_485,
+    max_pixels: int = MAX_PIXELS,
     min_side: int = 32,
     jpeg_quality: int = 95,
     max_decode_bytes: int | None = None,
@@ -584,9 +610,7 @@ def thumbnail(data: bytes, side: int, max_pixels: int) -> Image.Image:
     """
     if side < 1 or max_pixels < 1:
         raise ValueError(f"side and max_pixels must be >= 1, got {side} and {max_pixels}")
-    img = _open(data, max_pixels, DEFAULT_FORMATS)
-    if img.width * img.height > max_pixels:
-        raise ImageRejected("too_large", f"{img.width}x{img.height} = {img.width * img.height} pixels > {max_pixels}")
+    img = open_image(data, formats=DEFAULT_FORMATS, max_pixels=max_pixels)
     img.draft(None, (side, side))
     _decode(img)
     img, _ = _normalize_mode(img, grayscale=img.mode in ("L", "1", *_HIGH_BIT_MODES))

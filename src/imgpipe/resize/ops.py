@@ -71,13 +71,14 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from imgpipe.data.images import ImageRejected, open_image
 
 # The declarations (modes, presets, op names, per-image settings, geometry) are OpenCV-free,
 # so configs and the pipeline compile without it; they are re-exported here for callers.
@@ -228,24 +229,28 @@ def apply_ops(img: np.ndarray, ops: Sequence[Op]) -> np.ndarray:
 # least 3x for the filtered resize; "almost indistinguishable" from one resize (Pillow docs).
 _GAP_FOR_REDUCE = 3.0
 
-STORED_FORMATS = ("JPEG", "PNG")
+STORED_FORMATS = ("jpeg", "png")
 
 
-def _open(data: bytes | None) -> Image.Image:
+def _open(data: bytes | None, max_pixels: int, recorded: tuple[int, int] | None = None) -> Image.Image:
+    """The header of a clean row's bytes, through the one decode gate (:func:`imgpipe.data.images.open_image`).
+
+    clean stores JPEG and PNG only, so no other decoder is ever tried; the pixel count is
+    checked from the header against ``max_pixels`` with Pillow's bomb check on, because a
+    clean output read back from storage is untrusted. ``recorded`` is the ``(width,
+    height)`` clean wrote beside the bytes: a header that says otherwise is refused.
+    """
     if not data:
         raise ResizeError("missing_image", "no image bytes")
     try:
-        with warnings.catch_warnings():
-            # clean already bounded the pixel count with its own max_pixels.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            # clean stores JPEG and PNG only; no other Pillow plugin is ever tried.
-            return Image.open(io.BytesIO(data), formats=STORED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        # Above PIL's hard limit (2x MAX_IMAGE_PIXELS, 179 MP): only reachable when clean
-        # ran with a max_pixels above that.
-        raise ResizeError("too_large", str(exc)) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ResizeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+        img = open_image(data, formats=STORED_FORMATS, max_pixels=max_pixels)
+    except ImageRejected as exc:
+        raise ResizeError("too_large" if exc.reason == "too_large" else "undecodable", exc.detail) from None
+    if recorded is not None and tuple(img.size) != recorded:
+        raise ResizeError(
+            "not_as_recorded", f"the image is {img.width}x{img.height}, clean recorded {recorded[0]}x{recorded[1]}"
+        )
+    return img
 
 
 def _decode(img: Image.Image, geometry: Geometry, fast: bool, margin: float) -> tuple[Image.Image, float]:
@@ -413,8 +418,10 @@ def _pil_path(img: Image.Image, geometry: Geometry, resample: str, fast: bool) -
     return _hwc(np.asarray(img.resize(geometry.out_size, RESAMPLE[resample], box=box, reducing_gap=gap)))
 
 
-def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, fast: bool) -> np.ndarray:
-    img = _open(data)
+def _resize(
+    data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, fast: bool, recorded: tuple[int, int] | None = None
+) -> np.ndarray:
+    img = _open(data, spec.max_pixels, recorded)
     geometry = plan_geometry(img.width, img.height, spec, bbox)
     try:
         out = _warp_path(data, img, geometry) if fast and spec.resample == "bilinear" else None
@@ -427,13 +434,16 @@ def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, 
     return apply_ops(out, spec.parsed_ops)
 
 
-def resize_image(data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = None) -> np.ndarray:
+def resize_image(
+    data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = None, recorded: tuple[int, int] | None = None
+) -> np.ndarray:
     """Decodes, resizes and standardizes one image.
 
     Args:
         data: Encoded image (clean's output: upright RGB or L, JPEG or PNG).
         spec: The resize settings.
         bbox: Normalized region for ``roi_crop``; ignored without that op.
+        recorded: ``(width, height)`` clean recorded for it, checked against the header.
 
     Returns:
         ``S x S x C`` uint8 (``whole`` mode: ``H x W x C``, see :func:`plan_geometry`),
@@ -442,7 +452,7 @@ def resize_image(data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = N
     Raises:
         ResizeError: With a stable reason for the rejects table.
     """
-    return _resize(data, spec, bbox, fast=spec.fast_decode)
+    return _resize(data, spec, bbox, fast=spec.fast_decode, recorded=recorded)
 
 
 def resize_image_reference(data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = None) -> np.ndarray:
@@ -531,6 +541,7 @@ def resize_batch(
     n = len(paths)
     specs = _row_specs(batch, spec, split_specs, n)
     bboxes = batch.get("bbox")
+    widths, heights = batch.get("width"), batch.get("height")
     height = np.zeros(n, np.int32)
     width = np.zeros(n, np.int32)
     channels = np.zeros(n, np.int32)
@@ -541,7 +552,8 @@ def resize_batch(
         try:
             row_spec = specs[i]
             bbox = None if bboxes is None or not row_spec.roi_crop else bboxes[i]
-            arr = resize_image(_image_bytes(images[i]), row_spec, None if bbox is None else list(bbox))
+            recorded = None if widths is None or heights is None else (int(widths[i]), int(heights[i]))
+            arr = resize_image(_image_bytes(images[i]), row_spec, None if bbox is None else list(bbox), recorded)
             height[i], width[i], channels[i] = arr.shape
             encoded[i] = arr.tobytes() if spec.format == "raw" else encode_jpeg(arr, spec.jpeg_quality)
         except ResizeError as exc:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from imgpipe.data.images import MAX_PIXELS
 from imgpipe.remote.targets import parse_address
 
 __all__ = [
@@ -95,7 +96,8 @@ class ResizeError(Exception):
 
     Attributes:
         reason: Stable reject code (``missing_image``, ``undecodable``, ``too_large``,
-            ``bad_bbox``, ``op_failed``, ``resize_failed``).
+            ``not_as_recorded`` (the header's size is not clean's), ``bad_bbox``,
+            ``op_failed``, ``resize_failed``).
         detail: Specifics for the rejects table.
     """
 
@@ -235,6 +237,8 @@ class ResizeSpec:
         jpeg_quality: Quality of ``jpeg`` output.
         fast_decode: Decode JPEGs at a reduced DCT scale where that loses nothing the
             resize would keep.
+        max_pixels: Largest ``width x height`` decoded (checked from the header, before any
+            pixel): resize reads clean's rows as untrusted bytes. Raise it with clean's.
     """
 
     size: int = 224
@@ -246,6 +250,7 @@ class ResizeSpec:
     format: OutputFormat = "raw"
     jpeg_quality: int = 95
     fast_decode: bool = True
+    max_pixels: int = MAX_PIXELS
     parsed_ops: tuple[Op, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -267,6 +272,8 @@ class ResizeSpec:
             raise ValueError(f"format must be raw or jpeg, got {self.format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive integer (width x height), got {self.max_pixels!r}")
         parsed = tuple(parse_op(o) for o in self.ops)
         if any(op.name == "roi_crop" for op in parsed[1:]):
             raise ValueError("roi_crop selects the region before the resize, so it must be the first op")
@@ -412,6 +419,8 @@ class ResizeConfig:
         resample: Filter of the antialiased resize.
         pad_value: Grey level of the letterbox border (``pad`` mode).
         fast_decode: Decode large JPEGs at a reduced DCT scale (see resize_ops).
+        max_pixels: Largest image decoded, from its header (clean's ``max_pixels``; raise
+            both together); a larger one is a ``too_large`` reject.
         ray_address: ``""`` starts a local Ray (or joins the cluster ``RAY_ADDRESS``
             names, as inside a Ray job); ``auto`` or ``ray://host:10001`` connects to
             an existing cluster. ``http://head:8265`` (a Jobs API) submits the step as
@@ -445,6 +454,7 @@ class ResizeConfig:
     resample: Resample = ResizeSpec.resample
     pad_value: int = ResizeSpec.pad_value
     fast_decode: bool = ResizeSpec.fast_decode
+    max_pixels: int = ResizeSpec.max_pixels
     ray_address: str = ""
     batch_size: int = 64
     concurrency: int = 0
@@ -486,6 +496,7 @@ class ResizeConfig:
             format=self.format,
             jpeg_quality=self.jpeg_quality,
             fast_decode=self.fast_decode,
+            max_pixels=self.max_pixels,
         )
 
     def mode_for(self, split: str) -> ResizeMode:

@@ -36,8 +36,9 @@ repeats little work.
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
+import logging
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -50,7 +51,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 
 from imgpipe import contract, resources, storage
 from imgpipe.clean.config import SPLITS, CleanConfig
@@ -73,9 +73,12 @@ from imgpipe.clean.review import Review, review
 from imgpipe.config import config_to_dict
 from imgpipe.contract import OutputWriter, Reject, StepReport
 from imgpipe.data.annotations import HeadBox, image_stem, read_head_boxes, read_official_split
+from imgpipe.data.images import ImageRejected, open_image
 from imgpipe.phases import PhaseLog
 
 __all__ = ["LABELS_FILE", "clean"]
+
+log = logging.getLogger(__name__)
 
 LABELS_FILE = contract.LABELS
 
@@ -222,25 +225,57 @@ def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], pa.Table]:
 _MEASURE_COLUMNS = ["phash", "phash_mirror", *METRICS]
 
 
-def _carried_measures(prev: dict) -> Measures:
+def _carried_measures(prev: dict, cfg: CleanConfig) -> Measures:
     """A carried row's hashes and quality metrics: its own columns, or measured from its stored image."""
     if prev.get("phash") is not None and all(prev.get(m) is not None for m in METRICS):
         return Measures(prev["phash"], prev["phash_mirror"], np.array([prev[m] for m in METRICS], np.float32))
-    with Image.open(io.BytesIO(prev["image"]["bytes"])) as img:
+    with open_image(prev["image"]["bytes"], formats=_CARRIED_FORMATS, max_pixels=cfg.max_pixels) as img:
         img.load()
         return measure(img)
 
 
-def _carry_rows(files: Sequence[str], index: Index, plan: Plan, bucket_dir: Path, task: int, cfg: CleanConfig) -> TaskResult:
-    """Copies the carried rows from the previous output into the shard buckets, placed anew.
+# A carried row's bytes are stored unchanged, so they are JPEG or PNG (other formats are re-encoded).
+_CARRIED_FORMATS = ("jpeg", "png")
+
+
+def _recheck_carried(prev: dict, sha256: str, cfg: CleanConfig) -> str | None:
+    """Why a previous output's row cannot be carried as it is (``None``: it can), without decoding it.
+
+    The previous output is read back from storage, so it is untrusted: its bytes must be
+    this run's own input (the sha256 the row is carried for) and their header must say
+    what its columns say, within this run's ``max_pixels``. A row clean stored re-encoded
+    fails the first check too; it is decoded anew from the input like any new row.
+    """
+    data = (prev.get("image") or {}).get("bytes") or b""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return "stored bytes are not this run's input (re-encoded, or altered)"
+    try:
+        with open_image(data, formats=_CARRIED_FORMATS, max_pixels=cfg.max_pixels) as img:
+            seen = (img.width, img.height, img.mode, (img.format or "").lower())
+    except ImageRejected as exc:
+        return f"{exc.reason}: {exc.detail}"[:200]
+    claimed = (prev["width"], prev["height"], prev["mode"], prev["format"])
+    return None if seen == claimed else f"header says {seen}, the row says {claimed}"
+
+
+def _carry_rows(
+    files: Sequence[str], index: Index, plan: Plan, bucket_dir: Path, task: int, cfg: CleanConfig
+) -> tuple[TaskResult, Counter[str]]:
+    """Copies the carried rows that pass :func:`_recheck_carried` into the shard buckets, placed anew.
 
     One previous file is read at a time; its rows are matched to the carried ones by
-    sha256 in Arrow (a clean output holds each sha256 once).
+    sha256 in Arrow (a clean output holds each sha256 once). A row that fails the
+    re-check, or that the previous output lacks, is no longer carried (``plan.carried``
+    is cleared for it), so the decode pass that runs next decodes it from this run's input.
+
+    Returns:
+        What was carried, and how many rows were refused, by why.
     """
     carried = np.flatnonzero(plan.carried)
     hashes = index.sha256.take(pa.array(carried))
     columns = ["image", "width", "height", "mode", "format", "sha256", "bbox"]
     found = np.zeros(len(carried), dtype=bool)
+    refused: Counter[str] = Counter()
     buckets = ShardBuckets(str(bucket_dir), task, cfg.rows_per_shard)
     results = ResultBuilder()
     try:
@@ -255,16 +290,26 @@ def _carry_rows(files: Sequence[str], index: Index, plan: Plan, bucket_dir: Path
             place = plan.of_rows(carried[at[matched]])
             for k, prev in enumerate(table.take(pa.array(matched)).to_pylist()):
                 row = int(carried[at[matched[k]]])
+                found[at[matched[k]]] = True
+                problem = _recheck_carried(prev, index.sha256[row].as_py(), cfg)
+                if problem is not None:
+                    refused[problem.split(" (")[0].split(":")[0]] += 1
+                    plan.carried[row] = False
+                    continue
                 img = SimpleNamespace(data=prev["image"]["bytes"], **{f: prev[f] for f in ("width", "height", "mode", "format")})
-                measures = _carried_measures(prev)
+                measures = _carried_measures(prev, cfg)
                 shard = buckets.add(index.path(row), img, place, k, prev["sha256"], prev["bbox"], measures)
                 results.settled(row, shard, prev["bbox"] is not None, measures)
-            found[at[matched]] = True
             buckets.flush()
     finally:
         buckets.close()
-    assert found.all(), f"{int((~found).sum())} carried rows missing from the previous output"
-    return results.build()
+    if not found.all():
+        refused["missing from the previous output"] += int((~found).sum())
+        plan.carried[carried[~found]] = False
+    if refused:
+        log.warning("clean: %d carried row(s) of %s are decoded anew instead: %s", sum(refused.values()),
+                    cfg.skip_hashes_from, dict(refused))  # fmt: skip
+    return results.build(), refused
 
 
 @dataclass
@@ -354,13 +399,18 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     out.begin()
     with tempfile.TemporaryDirectory(prefix="imgpipe-clean-") as tmp:
         bucket_dir = Path(tmp)
+        # Carried first: a row that fails its re-check is decoded by the decode pass instead.
+        carried_rows, refused = (
+            _carry_rows(known_files, index, plan, bucket_dir, len(tasks), cfg) if known_rows else (None, Counter())
+        )
         args = _task_arguments(index, plan, boxes, cfg, bucket_dir, pool)
-        settled, free_index = run_tasks(
-            tasks, validate_task, args, bucket_dir, pool, in_process=cfg.workers == 1, timeout_s=cfg.image_timeout_s
+        settled, _ = run_tasks(
+            tasks, validate_task, args, bucket_dir, pool, in_process=cfg.workers == 1, timeout_s=cfg.image_timeout_s,
+            first_free=len(tasks) + 1,
         )
         phases.done("decode", rows=len(settled), failed=len(settled.failures), workers=pool.workers)
-        if known_rows:
-            settled = TaskResult.concat([settled, _carry_rows(known_files, index, plan, bucket_dir, free_index, cfg)])
+        if carried_rows is not None:
+            settled = TaskResult.concat([settled, carried_rows])
         reviewed = review(settled, index, plan, cfg)
         tally = _tally(reviewed.settled, index, plan)
         tally.rejects += reviewed.rejects
@@ -406,6 +456,8 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
             },
             "carried": tally.carried,
             "carried_from": cfg.skip_hashes_from,
+            # Rows of that output that failed their re-check (bytes, header), decoded anew instead.
+            "carried_refused": dict(sorted(refused.items())),
             # Quality measures, outlier flags and near-duplicate groups (imgpipe.clean.review).
             **summary,
             "annotations": {

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from imgpipe import contract, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
+from imgpipe.data.images import DEFAULT_FORMATS, MAX_PIXELS, ImageRejected, open_image
 from imgpipe.raysession import ray_session
 from imgpipe.train.card import eval_view, read_card, to_input
 from imgpipe.train.scores import confusion_scores, top_k_columns
@@ -169,10 +170,12 @@ def _row_groups(files: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _decode(data: bytes, channels: int) -> np.ndarray:
-    """Encoded image bytes as ``H x W x C`` uint8 in the model's mode (RGB or L)."""
-    from PIL import Image
+    """Encoded image bytes as ``H x W x C`` uint8 in the model's mode (RGB or L).
 
-    with Image.open(io.BytesIO(data)) as img:
+    Through the one decode gate (:func:`imgpipe.data.images.open_image`): a signature of
+    clean's default formats, the pixel count checked from the header, before any decoder.
+    """
+    with open_image(data, formats=DEFAULT_FORMATS, max_pixels=MAX_PIXELS) as img:
         return np.asarray(img.convert("L" if channels == 1 else "RGB")).reshape(img.height, img.width, channels)
 
 
@@ -231,6 +234,8 @@ class _Predictor:
             try:
                 views.append(self._image(row, table_kind))
                 good.append(row)
+            except ImageRejected as exc:  # the gate's reason: not_an_image, unsupported_format, too_large...
+                rejects.append({"path": row["path"], "reason": exc.reason, "detail": exc.detail[:300]})
             except Exception as exc:  # noqa: BLE001 - one image, not the run: a reject with its reason
                 rejects.append({"path": row["path"], "reason": "undecodable", "detail": f"{type(exc).__name__}: {exc}"[:300]})
         probs = [self._run(views[i : i + self.batch_size]) for i in range(0, len(views), self.batch_size)]
