@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# albumentations asks PyPI for a newer version on import unless told not to; a test module
+# may import it before imgpipe's modules set this (tests send nothing off the machine).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 # Upstream schemas the manifests are validated against (origin and license: tests/schemas/README.md).
 SCHEMAS = ROOT / "tests" / "schemas"

@@ -129,7 +129,7 @@ def test_plan_builds_every_branch_config_and_names_the_branch_it_refuses():
     }, "the grid wins over the train section; the seed and the other sections are every branch's"
     assert items[0]["step_config"]["train"] == {"lr": 0.01, "seed": 7, "label_smoothing": 0.2, "aug_policy": "basic"}
     # Ranges are the config's: refused before anything trains, naming the branch.
-    with pytest.raises(ValueError, match=r"branch b01: randaugment_m=31: .*randaugment_m must be in \[0, 30\]"):
+    with pytest.raises(ValueError, match=r"branch b01: randaugment_m=31: .*randaugment_m must be an integer in \[0, 30\]"):
         plan("", None, {"randaugment_m": [9, 31]}, None, **NAMED)
     with pytest.raises(ValueError, match=r"branch b00: label_smoothing=1.0: .*label_smoothing must be in \[0, 1\)"):
         plan("", [{"label_smoothing": 1.0}], None, None, **NAMED)

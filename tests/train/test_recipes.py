@@ -73,12 +73,18 @@ def test_tta_uses_only_the_flips_the_domain_allows(domain, dims):
 def test_each_domain_sets_what_the_notes_ask():
     text, _ = resolve(TrainConfig(domain="text"))
     assert not text.hflip and not text.vflip and not text.rot90
+    # "No flips, small rotations": the policy neither shears nor translates, and rotates at most 5 degrees.
+    assert {"ShearX", "ShearY", "TranslateX", "TranslateY"} <= set(text.policy_exclude) and text.policy_max_m == 5
     satellite, _ = resolve(TrainConfig(domain="satellite"))
-    assert satellite.vflip and satellite.rot90
+    # Flips on; "geographic rotation can change meaning": quarter turns only when asked.
+    assert satellite.vflip and satellite.hflip and not satellite.rot90
+    assert {"Color", "Equalize", "AutoContrast"} <= set(satellite.policy_exclude)  # bands change together
     product, _ = resolve(TrainConfig(domain="product"))
     assert product.hue == 0.0 and product.jpeg_p > 0
+    assert {"Color", "Solarize", "Invert", "Posterize"} <= set(product.policy_exclude)  # no colour-changing op
     medical, _ = resolve(TrainConfig(domain="medical"))
     assert not medical.hflip and medical.rotation <= 5 and medical.color_jitter < BASE["color_jitter"]
+    assert {"Rotate", "ShearX", "ShearY"} <= set(medical.policy_exclude) and medical.policy_max_m <= 9  # orientation kept
 
 
 @pytest.mark.parametrize(

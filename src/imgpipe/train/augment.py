@@ -43,6 +43,8 @@ from torchvision.transforms import v2
 
 # The recipe's settings are torch-free (imgpipe.train.config); re-exported here.
 from imgpipe.train.config import AugmentConfig
+from imgpipe.train.policies import POLICY_NAMES, PolicyLimits, PolicySpec
+from imgpipe.train.policy_gpu import apply_policy
 
 __all__ = [
     "IMAGENET",
@@ -173,19 +175,18 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 class BatchAugment(nn.Module):
-    """The training recipe on a whole batch with kornia: uint8 in, normalized float out.
+    """The training recipe on a whole batch on the device: uint8 in, normalized float out.
 
-    Random parameters are drawn per sample, except the policy's choice of operations,
-    which kornia makes per call; the batch is therefore split into ``policy_groups``
-    chunks that each draw their own. Every call is seeded explicitly (``seed``) and
-    leaves the global generators as it found them.
+    kornia draws the crop, flips, affine, colour jitter, blur, noise, JPEG and erasing per
+    sample; the policy is torchvision's (:mod:`imgpipe.train.policy_gpu`: each sample draws
+    its operations, torchvision's functional ops apply them per group). Every call is
+    seeded explicitly (``seed``) and leaves the global generators as it found them.
 
     Args:
         cfg: The recipe.
         size: Output side.
-        channels: 1 or 3. For one channel, the policy and colour operations run on a
-            3-channel copy that is converted back to grey.
-        policy_groups: Chunks with independent policy draws.
+        channels: 1 or 3. For one channel, the colour jitter and JPEG run on a 3-channel
+            copy that is converted back to grey; the policy takes one channel as it is.
         crop: Start with the RandomResizedCrop; off when the batch arrives cropped
             (whole-picture rows, cropped per sample in the loader workers).
         norm: The mean and std the output is normalized with.
@@ -196,17 +197,14 @@ class BatchAugment(nn.Module):
         cfg: AugmentConfig,
         size: int,
         channels: int,
-        policy_groups: int = 8,
         crop: bool = True,
         norm: Normalization = IMAGENET,
     ) -> None:
         super().__init__()
         import kornia.augmentation as K
-        from kornia.augmentation import auto
 
         channel_stats(channels)
         self.cfg, self.size, self.channels, self.norm = cfg, size, channels, norm
-        self.policy_groups = max(1, policy_groups)
         self.eval_transform = build_batch_eval_transform(size)
         # crop=False: the workers took each sample's RandomResizedCrop (whole-picture rows).
         geometric: list[nn.Module] = [K.RandomResizedCrop((size, size), scale=cfg.crop_scale)] if crop else []
@@ -219,11 +217,9 @@ class BatchAugment(nn.Module):
         if cfg.rotation > 0:
             geometric.append(K.RandomAffine(cfg.rotation, translate=(0.05, 0.05), scale=(0.95, 1.05), p=_AFFINE_P))
         self.geometric = nn.Sequential(*geometric)
-        self.policy: nn.Module | None = {
-            "randaugment": lambda: auto.RandAugment(n=cfg.randaugment_n, m=cfg.randaugment_m),
-            "trivialaugment": lambda: auto.TrivialAugment(),
-            "autoaugment": lambda: auto.AutoAugment(policy="imagenet"),
-        }.get(cfg.policy, lambda: None)()
+        # torchvision's policies with the domain's limits, drawn as on the CPU path (imgpipe.train.policies).
+        limits = PolicyLimits(tuple(cfg.policy_exclude), cfg.policy_max_m)
+        self.policy = PolicySpec(cfg.policy, cfg.randaugment_n, cfg.randaugment_m, size, limits) if cfg.policy in POLICY_NAMES else None
         color: list[nn.Module] = []
         if cfg.color_jitter > 0:
             cj = cfg.color_jitter
@@ -244,10 +240,12 @@ class BatchAugment(nn.Module):
         rgb = fn(x.expand(-1, 3, -1, -1))
         return (rgb * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
-    def _apply_policy(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply_policy(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """The policy on uint8 pixels, as torchvision's kernels take them; per-sample draws from ``seed``."""
         assert self.policy is not None
-        chunks = x.tensor_split(min(self.policy_groups, len(x)))
-        return torch.cat([self._as_rgb(self.policy, c).clamp(0, 1) for c in chunks])
+        pixels = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        out = apply_policy(pixels, self.policy, np.random.default_rng([seed, 2]))
+        return out.float().div_(255.0)
 
     def forward(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         """Augments a ``B x C x H x W`` uint8 batch into ``B x C x size x size`` normalized float32."""
@@ -258,7 +256,7 @@ class BatchAugment(nn.Module):
         with _seeded(seed, images.device):
             x = self.geometric(images.float() / 255.0)
             if self.policy is not None:
-                x = self._apply_policy(x)
+                x = self._apply_policy(x, seed)
             if len(self.color):
                 x = self._as_rgb(self.color, x).clamp(0, 1)
             if self.blur is not None:

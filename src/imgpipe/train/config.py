@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from imgpipe import resources, storage
+from imgpipe.train.policies import MAX_M, MAX_N, PolicyLimits, check_limits
 from imgpipe.train.recipes import (
     BASE,
     DOMAIN_FIELDS,
@@ -47,6 +48,19 @@ WEIGHTS_CACHE = "weights"
 MAX_NODES = 64
 
 
+def check_policy(n: int, m: int, policy: str, limits: PolicyLimits) -> None:
+    """RandAugment's N and M within what the CPU and GPU paths and torchvision all take, and usable limits.
+
+    Raises:
+        ValueError: Naming the field and its range, or the policy a domain leaves empty.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise ValueError(f"randaugment_n must be an integer in [1, {MAX_N}], got {n!r} (for no policy use aug_policy basic)")
+    if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_M:
+        raise ValueError(f"randaugment_m must be an integer in [0, {MAX_M}] (torchvision's magnitude bins), got {m!r}")
+    check_limits(policy, limits)
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """The training augmentation recipe (shared by the CPU and GPU paths).
@@ -58,8 +72,12 @@ class AugmentConfig:
             (text, digits, some medical images).
         vflip: Random vertical flips (overhead and microscope images, which have no "up").
         rot90: Random quarter turns (0, 90, 180 or 270 degrees), for the same images.
-        randaugment_n: RandAugment operations per image.
-        randaugment_m: RandAugment magnitude, 0-30.
+        randaugment_n: RandAugment operations per image, 1-4 (no policy: ``basic``).
+        randaugment_m: RandAugment magnitude bin, 0-30 (torchvision's 31 bins).
+        policy_exclude: Policy operations never applied (the domain's; names of
+            :data:`imgpipe.train.policies.ALL_OPS`).
+        policy_max_m: No policy operation stronger than RandAugment's at this bin (0-30;
+            30: no cap), on every policy (:class:`imgpipe.train.policies.PolicyLimits`).
         color_jitter: Brightness/contrast/saturation strength, applied with probability
             0.8 (with ``hue``); 0 disables.
         hue: Hue shift range of the colour jitter, as a fraction of the colour circle
@@ -81,6 +99,8 @@ class AugmentConfig:
     rot90: bool = BASE["rot90"]
     randaugment_n: int = BASE["randaugment_n"]
     randaugment_m: int = BASE["randaugment_m"]
+    policy_exclude: tuple[str, ...] = BASE["policy_exclude"]
+    policy_max_m: int = BASE["policy_max_m"]
     color_jitter: float = BASE["color_jitter"]
     hue: float = BASE["hue"]
     noise_p: float = BASE["noise_p"]
@@ -94,10 +114,7 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        if self.randaugment_n < 0:
-            raise ValueError(f"randaugment_n must be >= 0, got {self.randaugment_n}")
-        if not 0 <= self.randaugment_m <= 30:
-            raise ValueError(f"randaugment_m must be in [0, 30] (RandAugment's magnitude bins), got {self.randaugment_m}")
+        check_policy(self.randaugment_n, self.randaugment_m, self.policy, PolicyLimits(tuple(self.policy_exclude), self.policy_max_m))
         for name in ("grayscale_p", "blur_p", "random_erasing", "noise_p", "jpeg_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
@@ -236,8 +253,10 @@ class TrainConfig:
             ``--mixup-prob``; the other batches train on their own images. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         mixup_switch_prob: Probability of CutMix instead of MixUp for a mixed batch when
             both alphas are positive, as timm's ``--mixup-switch-prob``.
-        randaugment_n: RandAugment operations per image. Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        randaugment_n: RandAugment operations per image (1-4). Unset: the recipe's or domain's value (imgpipe.train.recipes).
         randaugment_m: RandAugment magnitude (0-30). Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        policy_exclude: Policy operations never applied (e.g. ``[Rotate, ShearX]``). Unset: the domain's.
+        policy_max_m: No policy operation stronger than RandAugment's at this bin (0-30). Unset: the domain's.
         color_jitter: ColorJitter strength (brightness, contrast, saturation); 0 disables. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         hue: ColorJitter's hue range (0-0.5); 0 where colour is the label. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         noise_p: Probability of Gaussian noise. Unset: the recipe's or domain's value (imgpipe.train.recipes).
@@ -325,6 +344,8 @@ class TrainConfig:
     mixup_switch_prob: float = 0.5
     randaugment_n: int | None = None
     randaugment_m: int | None = None
+    policy_exclude: tuple[str, ...] | None = None
+    policy_max_m: int | None = None
     color_jitter: float | None = None
     hue: float | None = None
     noise_p: float | None = None
@@ -458,6 +479,8 @@ class TrainConfig:
             rot90=self.rot90,  # type: ignore[arg-type]
             randaugment_n=self.randaugment_n,  # type: ignore[arg-type]
             randaugment_m=self.randaugment_m,  # type: ignore[arg-type]
+            policy_exclude=tuple(self.policy_exclude),  # type: ignore[arg-type]
+            policy_max_m=self.policy_max_m,  # type: ignore[arg-type]
             color_jitter=self.color_jitter,  # type: ignore[arg-type]
             hue=self.hue,  # type: ignore[arg-type]
             noise_p=self.noise_p,  # type: ignore[arg-type]

@@ -9,10 +9,11 @@ The notes' advice, as settings a run can name instead of a dozen fields:
   :data:`LARGE_FROM_PER_CLASS` per class: the DeiT/timm ImageNet recipe's MixUp 0.8, CutMix 1.0,
   drop-path). ``auto`` picks one from the train split's images per class (:func:`pick_recipe`);
   ``none`` is imgpipe's base settings (:data:`BASE`), as before recipes existed.
-* ``domain`` (:data:`DOMAINS`): which transformations keep the label: no mirror for text,
-  conservative and orientation-preserving for medical images, vertical flips and 90-degree
-  rotations for satellite images (no "up" in them), little hue change for products, where
-  colour is often the label. Test-time augmentation uses only the flips the domain allows.
+* ``domain`` (:data:`DOMAINS`): which transformations keep the label, flips and the
+  policy's operations alike: no mirror or shear for text, conservative and
+  orientation-preserving for medical images, vertical flips for satellite images (quarter
+  turns only when asked), no colour-changing operation for products, where colour is often
+  the label. Test-time augmentation uses only the flips the domain allows.
 
 Every field a recipe or a domain sets is ``None`` ("unset") in :class:`imgpipe.train.config.TrainConfig`
 until :func:`resolve` fills it: the user's value wins field by field, then the domain's, then
@@ -93,6 +94,9 @@ BASE: dict[str, Any] = {
     "hue": 0.05,
     "noise_p": 0.0,
     "jpeg_p": 0.0,
+    # Every policy operation, at any strength (imgpipe.train.policies.PolicyLimits).
+    "policy_exclude": (),
+    "policy_max_m": 30,
 }
 
 SIZE_RECIPES: dict[str, dict[str, Any]] = {
@@ -119,27 +123,47 @@ SIZE_RECIPES: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 
+# Each domain's flips and colour settings, and what it allows of a policy: the operations it
+# excludes and a magnitude cap (no operation stronger than RandAugment at policy_max_m), which
+# the CPU and GPU paths honour alike (imgpipe.train.policies). The notes' words, per domain:
 DOMAINS: dict[str, dict[str, Any]] = {
     "natural": {},
-    # Mirrored letters are other letters (or none): no flips; small rotations only.
-    "text": {"hflip": False, "vflip": False, "rot90": False, "rotation": 5.0},
-    # Orientation and laterality carry meaning; intensity is measured: conservative geometry,
-    # little colour change, some sensor noise.
+    # "Text: no flips, small rotations, contrast and noise": a mirrored or sheared letter is
+    # another letter (or none); tone changes only, rotations of a few degrees (5 at m 5).
+    "text": {
+        "hflip": False, "vflip": False, "rot90": False, "rotation": 5.0,
+        "policy_exclude": ("ShearX", "ShearY", "TranslateX", "TranslateY", "Color", "Solarize", "Posterize", "Invert"),
+        "policy_max_m": 5,
+    },
+    # "Medical: orientation kept, conservative strength": no flips, turns or shear (laterality
+    # and orientation carry meaning), intensity measured: no inversion, no colour, a low cap.
     "medical": {
         "hflip": False, "vflip": False, "rot90": False, "rotation": 5.0, "color_jitter": 0.1, "hue": 0.0,
         "noise_p": 0.1,
+        "policy_exclude": ("Rotate", "ShearX", "ShearY", "Color", "Solarize", "Posterize", "Invert", "Equalize"),
+        "policy_max_m": 5,
     },
-    # No "up" in an overhead image: every flip and quarter turn keeps the class.
-    "satellite": {"hflip": True, "vflip": True, "rot90": True, "rotation": 10.0, "hue": 0.02},
-    # Colour is often the label (the red or the blue shirt): no hue change; web photos are
-    # JPEGs of every quality.
-    "product": {"hflip": True, "vflip": False, "rot90": False, "color_jitter": 0.1, "hue": 0.0, "jpeg_p": 0.2},
+    # "Satellite: flips on; geographic rotation can change meaning", so quarter turns stay
+    # off unless asked; per-band brightness consistent: nothing that changes bands apart
+    # (per-channel equalize or autocontrast, saturation, solarize, inversion).
+    "satellite": {
+        "hflip": True, "vflip": True, "rot90": False, "rotation": 10.0, "hue": 0.02,
+        "policy_exclude": ("Color", "Equalize", "AutoContrast", "Solarize", "Invert"),
+    },
+    # "Product: no hue/colour-changing ops": colour is often the label (the red or the blue
+    # shirt); geometry, brightness, contrast and sharpness only. Web photos are JPEGs of every quality.
+    "product": {
+        "hflip": True, "vflip": False, "rot90": False, "color_jitter": 0.1, "hue": 0.0, "jpeg_p": 0.2,
+        "policy_exclude": ("Color", "Solarize", "Invert", "Posterize", "Equalize", "AutoContrast"),
+    },
 }  # fmt: skip
 
 RECIPE_FIELDS: tuple[str, ...] = tuple(SIZE_RECIPES["small"])
 # Fields whose base value is None ("the model's own"): set or not, a config is resolved.
 MAY_STAY_UNSET: tuple[str, ...] = ("drop_path",)
-DOMAIN_FIELDS: tuple[str, ...] = ("hflip", "vflip", "rot90", "rotation", "color_jitter", "hue", "noise_p", "jpeg_p")
+DOMAIN_FIELDS: tuple[str, ...] = (
+    "hflip", "vflip", "rot90", "rotation", "color_jitter", "hue", "noise_p", "jpeg_p", "policy_exclude", "policy_max_m",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
