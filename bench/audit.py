@@ -80,7 +80,7 @@ def main() -> int:
     resized = clean_and_resize(root, size=args.size, clean_cfg=CleanConfig(label_overrides=overrides))
     cfg = AuditConfig(folds=args.folds, seed=args.seed)
     folds = make_folds(resized, storage.join(root, "folds"), cfg)
-    recipe = TrainConfig(model=args.model, epochs=args.epochs, batch_size=32, lr=2e-3, warmup_epochs=0.5, num_workers=0, device="cpu",
+    recipe = TrainConfig(model=args.model, epochs=args.epochs, batch_size=32, lr=2e-3, warmup_fraction=0.05, num_workers=0, device="cpu",
                          aug_policy="basic", mixup=0.0, cutmix=0.0, random_erasing=0.0, predictions_probs=True)  # fmt: skip
     models = []
     for i, fold in enumerate(folds):

@@ -76,7 +76,7 @@ def main() -> int:
     results = {}
     for weights in ("none", "balanced"):
         out = storage.join(root, f"train-{weights}")
-        cfg = TrainConfig(model="resnet18", epochs=args.epochs, batch_size=32, lr=2e-3, warmup_epochs=0.5, num_workers=0,
+        cfg = TrainConfig(model="resnet18", epochs=args.epochs, batch_size=32, lr=2e-3, warmup_fraction=0.05, num_workers=0,
                           device="cpu", aug_policy="basic", mixup=0.0, cutmix=0.0, random_erasing=0.0, class_weights=weights)  # fmt: skip
         train(storage.join(root, "imbalanced"), out, cfg)
         test = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))["test"]

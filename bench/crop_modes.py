@@ -29,7 +29,7 @@ MODES = ("short-side-crop", "whole")
 TRAIN = {
     "model": "resnet18",
     "lr": 0.002,
-    "warmup_epochs": 0.5,
+    "warmup_fraction": 0.05,
     "aug_policy": "basic",
     "mixup": 0.0,
     "cutmix": 0.0,

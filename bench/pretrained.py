@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=40, help="target images per class (half of them train)")
     parser.add_argument("--epochs", type=int, default=15, help="target epochs, every run")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--freeze-epochs", type=int, default=2, help="the third run's freeze_backbone_epochs")
+    parser.add_argument("--freeze-fraction", type=float, default=0.2, help="the third run's freeze_fraction")
     parser.add_argument("--backbone-lr-mult", type=float, default=0.3, help="the third run's backbone_lr_mult")
     parser.add_argument("--seeds", default="0", help="training seeds, comma separated")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         "scratch": {},
         "pretrained": {"pretrained": WEIGHTS, "weights_cache": cache},
         "pretrained_frozen": {
-            "pretrained": WEIGHTS, "weights_cache": cache, "freeze_backbone_epochs": args.freeze_epochs,
+            "pretrained": WEIGHTS, "weights_cache": cache, "freeze_fraction": args.freeze_fraction,
             "backbone_lr_mult": args.backbone_lr_mult,
         },
     }  # fmt: skip

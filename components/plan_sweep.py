@@ -26,7 +26,7 @@ def plan_sweep(
     grid_weight_decay: list,
     grid_epochs: list,
     grid_model: list,
-    grid_freeze_backbone_epochs: list,
+    grid_freeze_fraction: list,
     grid_class_weights: list,
     grid_recipe: list,
     grid_domain: list,
@@ -57,7 +57,7 @@ def plan_sweep(
         "mixup_alpha": grid_mixup_alpha, "cutmix_alpha": grid_cutmix_alpha, "mixup_prob": grid_mixup_prob,
         "switch_prob": grid_switch_prob, "label_smoothing": grid_label_smoothing, "lr": grid_lr,
         "weight_decay": grid_weight_decay, "epochs": grid_epochs, "model": grid_model,
-        "freeze_backbone_epochs": grid_freeze_backbone_epochs, "class_weights": grid_class_weights,
+        "freeze_fraction": grid_freeze_fraction, "class_weights": grid_class_weights,
         "recipe": grid_recipe, "domain": grid_domain, SEEDS_KEY: seeds,
     }  # fmt: skip
     return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes, recipe, domain))

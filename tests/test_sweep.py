@@ -60,7 +60,7 @@ def test_an_unknown_key_names_the_valid_ones():
 
 
 def test_the_schedule_is_sweepable_too():
-    branches = expand_grid(None, {"lr": [1e-3, 3e-4], "model": ["tiny_cnn"], "freeze_backbone_epochs": [0, 2]})
+    branches = expand_grid(None, {"lr": [1e-3, 3e-4], "model": ["tiny_cnn"], "freeze_fraction": [0.0, 0.2]})
     assert len(branches) == 4 and {b.settings["lr"] for b in branches} == {1e-3, 3e-4}
     from imgpipe.sweep import plan
 

@@ -148,7 +148,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="committed resize output prefix")
     p.add_argument("out", help="output prefix: model.pt, metrics, figures, report, checkpoint")
     fields = ("model", "recipe", "domain", "epochs", "batch_size", "lr", "device", "aug_policy", "aug_device", "mixup", "cutmix")
-    fields += ("hflip", "weights", "pretrained", "freeze_backbone_epochs", "backbone_lr_mult", "num_workers", "seed", "resume")
+    fields += ("hflip", "weights", "pretrained", "freeze_fraction", "backbone_lr_mult", "num_workers", "seed", "resume")
     add_field_flags(p, TrainConfig, fields, flags={"num_workers": "--workers"})
 
 
@@ -158,7 +158,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a train output prefix (model.json, model.onnx)")
     p.add_argument("data", help="a committed download, clean or resize output, or a folder or archive of images")
     p.add_argument("dest", help="output prefix: predictions.parquet, rejects, manifest")
-    add_field_flags(p, PredictConfig, ("batch_size", "actors", "threads", "top_k", "splits", "ray_address"))
+    add_field_flags(p, PredictConfig, ("batch_size", "actors", "threads", "top_k", "splits", "ray_address", "tta"))
 
 
 _ENDPOINT_FLAG = "--s3-endpoint"  # the one global option that takes a value

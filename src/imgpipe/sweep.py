@@ -7,8 +7,8 @@ keys**, each one a :class:`~imgpipe.train.config.TrainConfig` field (:data:`GRID
     grid:                      # explicit branches (each may carry a `name`)
       - {name: light, policy: basic, mixup_alpha: 0, cutmix_alpha: 0}
     axes:                      # and/or a cartesian product
-      randaugment_n: [1, 2]
-      randaugment_m: [5, 9]
+      randaugment_n: [2, 3]
+      randaugment_m: [7, 12]
       seeds: 3                 # optional: every branch 3 times, seed = base seed + k
 
 The branches are the explicit entries (a baseline, hand-picked points), then every point
@@ -94,7 +94,7 @@ GRID_KEYS: dict[str, str] = {
     "weight_decay": "weight_decay",
     "epochs": "epochs",
     "model": "model",
-    "freeze_backbone_epochs": "freeze_backbone_epochs",
+    "freeze_fraction": "freeze_fraction",
     "class_weights": "class_weights",
     "recipe": "recipe",
     "domain": "domain",

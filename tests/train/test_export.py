@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = write_resize_output("file://" + str(root / "resize"), counts={"train": 64, "val": 16, "test": 400}, size=32, row_group_rows=16)
     out = "file://" + str(root / "model")
-    cfg = TrainConfig(model="tiny_cnn", epochs=2, batch_size=16, num_workers=0, device="cpu", shuffle_buffer=16, warmup_epochs=0.5)
+    cfg = TrainConfig(model="tiny_cnn", epochs=2, batch_size=16, num_workers=0, device="cpu", shuffle_buffer=16, warmup_fraction=0.2)
     train(data, out, cfg)
     return data, out
 

@@ -6,9 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from imgpipe.train.config import TrainConfig
-from imgpipe.train.models import build_model, head_parameter_names, set_backbone_frozen
-from imgpipe.train.optim import build_optimizer, build_scheduler, lr_factor
+from imgpipe.train.models import (
+    backbone_blocks,
+    build_model,
+    head_parameter_names,
+    set_backbone_frozen,
+)
+from imgpipe.train.optim import build_optimizer, build_scheduler, param_groups
+from imgpipe.train.schedule import UnfreezePlan, lr_factor, unfreeze_plan
 
 
 @pytest.mark.parametrize(
@@ -60,10 +65,11 @@ def test_freezing_stops_backbone_gradients_and_statistics_until_unfrozen():
 def test_the_backbone_gets_its_own_groups_and_the_schedule_scales_every_group():
     model = build_model("tiny_cnn", 4)
     head = head_parameter_names(model, 4)
-    cfg = TrainConfig(model="tiny_cnn", lr=1e-2, backbone_lr_mult=0.1, weight_decay=0.05)
-    optimizer = build_optimizer(model, cfg, head)
-    groups = [(g["name"], g["weight_decay"], g["lr"], len(g["params"])) for g in optimizer.param_groups]
-    assert groups == [("head", 0.05, 1e-2, 1), ("head", 0.0, 1e-2, 1), ("backbone", 0.05, 1e-3, 3), ("backbone", 0.0, 1e-3, 6)]
+    blocks = backbone_blocks(model, head)
+    groups = param_groups(head, blocks, UnfreezePlan(()), [5, 5], backbone_lr_mult=0.1)
+    optimizer = build_optimizer(model, 1e-2, 0.05, groups)
+    got = [(g["name"], g["weight_decay"], g["lr"]) for g in optimizer.param_groups]
+    assert got == [("head", 0.05, 1e-2), ("head", 0.0, 1e-2), ("backbone-0", 0.05, 1e-3), ("backbone-0", 0.0, 1e-3)]
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
     scheduler = build_scheduler(optimizer, warmup_steps=2, total_steps=10)
     for step in range(6):
@@ -71,6 +77,24 @@ def test_the_backbone_gets_its_own_groups_and_the_schedule_scales_every_group():
         assert scheduler.get_last_lr() == pytest.approx([1e-2 * factor] * 2 + [1e-3 * factor] * 2)
         optimizer.step()
         scheduler.step()
-    # Without a head, as before: one LR for all, decay and no-decay groups.
-    plain = build_optimizer(model, cfg)
-    assert [(g["name"], g["lr"]) for g in plain.param_groups] == [("head", 1e-2), ("head", 1e-2)]
+
+
+def test_a_block_that_unfreezes_later_starts_its_own_warmup_there():
+    model = build_model("resnet18", 4)
+    head = head_parameter_names(model, 4)
+    blocks = backbone_blocks(model, head)
+    assert len(blocks) >= 3 and all(n.startswith("layer4.1.") for n in blocks[-1])  # the last residual block
+    plan = unfreeze_plan(epochs=5, freeze_fraction=0.2, stages=2)  # head; + last block; all
+    groups = param_groups(head, blocks, plan, [10] * 5, backbone_lr_mult=0.1)
+    assert [(g.name, g.start_step) for g in groups] == [("head", 0), ("backbone-1", 10), ("backbone-2", 20)]
+    assert groups[1].names == blocks[-1]
+    optimizer = build_optimizer(model, 1e-2, 0.05, groups)
+    scheduler = build_scheduler(optimizer, warmup_steps=5, total_steps=50)
+    lrs = []
+    for _ in range(30):
+        lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    assert lrs[9]["backbone-1"] == 0 and lrs[10]["backbone-1"] == pytest.approx(1e-3 * lr_factor(10, 5, 50) / 5)
+    assert lrs[14]["backbone-1"] == pytest.approx(1e-3 * lr_factor(14, 5, 50))  # warmed up after 5 steps of its own
+    assert lrs[19]["backbone-2"] == 0 < lrs[20]["backbone-2"] < lrs[24]["backbone-2"]

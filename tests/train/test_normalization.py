@@ -141,7 +141,7 @@ def tiny(**overrides) -> TrainConfig:
         epochs=1,
         batch_size=4,
         shuffle_buffer=8,
-        warmup_epochs=0.0,
+        warmup_fraction=0.0,
         mixup=0.0,
         cutmix=0.0,
         **overrides,

@@ -117,7 +117,7 @@ def test_models_and_combinations_without_usable_weights_are_refused():
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"freeze_backbone_epochs": -1}, "freeze_backbone_epochs"),
+    ({"freeze_fraction": -0.1}, "freeze_fraction"),
     ({"backbone_lr_mult": 0}, "backbone_lr_mult must be > 0"),
     ({"backbone_lr_mult": float("nan")}, "backbone_lr_mult"),
 ])  # fmt: skip

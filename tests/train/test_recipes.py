@@ -18,8 +18,9 @@ from imgpipe.train.recipes import BASE, DOMAINS, SIZE_RECIPES, pick_recipe, reso
         ([49] * 3 + [500], "small"),  # the median decides: one big class does not make the data medium
         ([50] * 37, "medium"),
         ([100] * 37, "medium"),  # Oxford-IIIT Pet's size: thousands of images
-        ([1000] * 5, "large"),
-        ([200] * 600, "large"),  # 120,000 images
+        ([1000] * 5, "medium"),  # 5,000 images: "thousands", whatever the count per class
+        ([1040] * 2, "medium"),  # 2 classes x 1,300 images, 1,040 each in the train split (the issue's case)
+        ([200] * 600, "large"),  # 120,000 images: "hundreds of thousands"
     ],
 )
 def test_auto_picks_the_recipe_by_images_per_class(counts, expected):
@@ -34,8 +35,8 @@ def test_auto_picks_the_small_recipe_for_30_per_class_and_says_so():
     assert "30 train images per class" in how.reason and "under 50" in how.reason
     assert "recipe small" in how.summary()
     small = SIZE_RECIPES["small"]
-    assert (cfg.epochs, cfg.cutmix, cfg.label_smoothing, cfg.freeze_backbone_epochs) == (
-        small["epochs"], small["cutmix"], small["label_smoothing"], small["freeze_backbone_epochs"],
+    assert (cfg.epochs, cfg.cutmix, cfg.label_smoothing, cfg.freeze_fraction) == (
+        small["epochs"], small["cutmix"], small["label_smoothing"], small["freeze_fraction"],
     )  # fmt: skip
 
 
@@ -51,7 +52,8 @@ def test_explicit_settings_win_field_by_field():
 def test_no_recipe_is_the_base_settings_of_before():
     cfg, how = resolve(TrainConfig())
     assert how.recipe == "none" and not how.from_recipe and not how.from_domain
-    assert all(getattr(cfg, k) == v for k, v in BASE.items())
+    # Every base setting, but colour jitter: off under the base policy (RandAugment), as timm does.
+    assert all(getattr(cfg, k) == v for k, v in BASE.items() if k != "color_jitter") and cfg.color_jitter == 0.0
     assert cfg.drop_path is None and cfg.resolved, "the model keeps its own stochastic depth"
 
 
@@ -121,6 +123,55 @@ def test_every_recipe_sets_every_recipe_field_and_domains_only_domain_fields():
 
 def test_the_linear_probe_needs_a_pretrained_backbone():
     scratch, how = resolve(TrainConfig(recipe="small"))
-    assert scratch.freeze_backbone_epochs == 0 and "untrained" in how.reason
+    assert scratch.freeze_fraction == 0 and "untrained" in how.reason and scratch.backbone_lr_mult == 1.0
     tuned, _ = resolve(TrainConfig(recipe="small", pretrained="IMAGENET1K_V1"))
-    assert tuned.freeze_backbone_epochs == SIZE_RECIPES["small"]["freeze_backbone_epochs"]
+    assert tuned.freeze_fraction == SIZE_RECIPES["small"]["freeze_fraction"]
+    assert tuned.backbone_lr_mult == 0.1, "pretrained features move at a tenth of the head's LR unless set"
+    assert resolve(TrainConfig(recipe="small", pretrained="IMAGENET1K_V1", backbone_lr_mult=0.5))[0].backbone_lr_mult == 0.5
+
+
+# Note 004's recipes, as the issue quotes them: field -> the value the note gives.
+NOTES = {
+    "small": {  # "strong geometry + colour TrivialAugmentWide, MixUp alpha=0.2 often, CutMix at a low probability,
+                #  early stopping and fewer epochs, linear probe then gradual unfreezing"
+        "aug_policy": "trivialaugment", "mixup": 0.2, "crop_scale": (0.6, 1.0),
+    },
+    "medium": {  # "RandAugment N=2-3, M=7-12, MixUp 0.5 / CutMix 0.5, cosine + AMP + label smoothing 0.05"
+        "aug_policy": "randaugment", "mixup": 0.5, "cutmix": 0.5, "label_smoothing": 0.05, "crop_scale": (0.6, 1.0),
+    },
+    "large": {  # "AutoAugment(ImageNet) + CutMix/MixUp, drop path, long training, higher weight decay"
+        "aug_policy": "autoaugment", "label_smoothing": 0.0, "crop_scale": (0.6, 1.0),
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["small", "medium", "large"])
+def test_each_recipe_is_the_notes(name):
+    cfg, _ = resolve(TrainConfig(recipe=name, pretrained="IMAGENET1K_V1"))
+    for field, value in NOTES[name].items():
+        assert getattr(cfg, field) == value, field
+    small, medium, large = (SIZE_RECIPES[k] for k in ("small", "medium", "large"))
+    if name == "small":
+        assert small["mixup_prob"] >= 0.5 and small["mixup_switch_prob"] <= 0.25  # MixUp "often", CutMix "at a low probability"
+        assert small["patience"] > 0 and small["epochs"] < medium["epochs"]  # "early stopping and fewer epochs"
+        assert cfg.freeze_fraction > 0 and cfg.unfreeze_stages >= 2  # "linear probe then gradual unfreezing"
+    if name == "medium":
+        assert 2 <= cfg.randaugment_n <= 3 and 7 <= cfg.randaugment_m <= 12  # "N=2-3, M=7-12"
+    if name == "large":
+        assert cfg.mixup > 0 and cfg.cutmix > 0 and cfg.drop_path > 0  # "+ CutMix/MixUp, drop path"
+        assert large["epochs"] > medium["epochs"] and large["weight_decay"] > medium["weight_decay"]  # "long", "higher"
+    assert cfg.color_jitter == 0.0, "timm: no ColorJitter on top of a policy unless set"
+
+
+def test_color_jitter_stays_when_set_or_without_a_policy():
+    assert resolve(TrainConfig(recipe="medium", color_jitter=0.3))[0].color_jitter == 0.3
+    assert resolve(TrainConfig(aug_policy="basic"))[0].color_jitter == BASE["color_jitter"]
+
+
+def test_the_example_sweep_grid_uses_the_notes_ranges():
+    import yaml
+
+    from tests.conftest import ROOT
+
+    axes = yaml.safe_load((ROOT / "configs" / "sweeps" / "randaugment.yaml").read_text())["axes"]
+    assert set(axes["randaugment_n"]) <= {2, 3} and all(7 <= m <= 12 for m in axes["randaugment_m"])

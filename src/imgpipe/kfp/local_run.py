@@ -101,7 +101,7 @@ LOCAL_PARAMS: dict[str, Any] = {
 SYNTH_KEYS = ("classes", "per_class", "seed", "off_centre")
 # Step config sections: loader workers as processes cost more than they give on two cores.
 LOCAL_STEP_CONFIG: dict[str, dict[str, Any]] = {
-    "train": {"num_workers": 0, "shuffle_buffer": 256, "warmup_epochs": 0.5},
+    "train": {"num_workers": 0, "shuffle_buffer": 256, "warmup_fraction": 0.05},
 }
 
 

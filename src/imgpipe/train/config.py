@@ -101,7 +101,7 @@ class AugmentConfig:
     randaugment_m: int = BASE["randaugment_m"]
     policy_exclude: tuple[str, ...] = BASE["policy_exclude"]
     policy_max_m: int = BASE["policy_max_m"]
-    color_jitter: float = BASE["color_jitter"]
+    color_jitter: float = 0.0  # off under the default policy, as a resolved TrainConfig has it (timm)
     hue: float = BASE["hue"]
     noise_p: float = BASE["noise_p"]
     jpeg_p: float = BASE["jpeg_p"]
@@ -234,9 +234,15 @@ class TrainConfig:
             hue, noise and JPEG augmentation, and which flips test-time augmentation uses.
         epochs: Passes over the training split. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         batch_size: Images per step per rank (the global batch is ``batch_size x ranks``).
-        lr: Peak AdamW learning rate, reached after the warmup.
+        lr: Peak AdamW learning rate, as given: no scaling. Unset: ``lr_base`` scaled to the
+            global batch (:func:`imgpipe.train.schedule.effective_lr`).
+        lr_base: Peak learning rate for a global batch of ``lr_base_size`` images; the run's is
+            ``lr_base x sqrt(global batch / lr_base_size)`` (timm's rule for AdamW-type
+            optimizers), logged and in ``metrics.json``.
+        lr_base_size: The global batch ``lr_base`` is meant for (> 0).
         weight_decay: AdamW decoupled weight decay (not applied to norms and biases). Unset: the recipe's or domain's value (imgpipe.train.recipes).
-        warmup_epochs: Linear warmup length, in epochs (fractions allowed).
+        warmup_fraction: Linear warmup of the learning rate, as a fraction of all steps, in
+            [0, 1). A backbone part that unfreezes later warms up over as many steps again.
         label_smoothing: Target smoothing, 0 to disable. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         aug_policy: ``randaugment``, ``trivialaugment``, ``autoaugment``, ``basic`` (no
@@ -252,7 +258,7 @@ class TrainConfig:
         mixup_prob: Probability that a batch is mixed at all (MixUp or CutMix), as timm's
             ``--mixup-prob``; the other batches train on their own images. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         mixup_switch_prob: Probability of CutMix instead of MixUp for a mixed batch when
-            both alphas are positive, as timm's ``--mixup-switch-prob``.
+            both alphas are positive, as timm's ``--mixup-switch-prob``. Unset: the recipe's value.
         randaugment_n: RandAugment operations per image (1-4). Unset: the recipe's or domain's value (imgpipe.train.recipes).
         randaugment_m: RandAugment magnitude (0-30). Unset: the recipe's or domain's value (imgpipe.train.recipes).
         policy_exclude: Policy operations never applied (e.g. ``[Rotate, ShearX]``). Unset: the domain's.
@@ -265,7 +271,7 @@ class TrainConfig:
         blur_p: GaussianBlur probability.
         rotation: Maximum degrees of the small random affine; 0 disables. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         random_erasing: RandomErasing probability.
-        crop_scale: RandomResizedCrop area range.
+        crop_scale: RandomResizedCrop area range. Unset: the recipe's value (imgpipe.train.recipes).
         amp: bf16 autocast on CUDA (ignored on CPU).
         channels_last: Channels-last memory format on CUDA.
         grad_clip: Maximum gradient norm; 0 disables clipping.
@@ -277,6 +283,8 @@ class TrainConfig:
         shuffle_buffer: Rows each loader worker mixes at once.
         seed: Base of every random stream of the run.
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.
+        compile: ``torch.compile`` the model (the inductor backend on CUDA; the first steps
+            compile, the rest run faster). Off by default: compiling takes minutes on a CPU.
         resume: Continue from ``out/checkpoint.pt`` when it exists.
         weights: Optional URI of initial weights (state dict, model.pt or
             checkpoint.pt) in object storage; never downloaded from a hub.
@@ -288,20 +296,25 @@ class TrainConfig:
         weights_cache: Object-storage prefix of the pretrained weights cache
             (<model>/<enum name>-<file name> below it); unset: weights/ beside the
             output prefix. The pipeline uses {data_root}/weights.
-        freeze_backbone_epochs: Epochs at the start during which only the classifier
-            head trains (backbone parameters frozen, its BatchNorm statistics fixed);
-            at least epochs trains the head alone (a linear probe). Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        freeze_fraction: Fraction of the epochs, in [0, 1), at the start during which only the
+            classifier head trains (a linear probe: backbone frozen, its BatchNorm statistics
+            fixed); then ``unfreeze_stages`` stages of as many epochs each unfreeze the backbone
+            from its end (:func:`imgpipe.train.schedule.unfreeze_plan`). Only with pretrained
+            weights. Unset: the recipe's value (imgpipe.train.recipes).
+        unfreeze_stages: Stages after the probe (>= 1): 1 unfreezes everything at once; 2 the
+            last block, then all; 3 the last block, the last two, then all. Unset: the recipe's.
         drop_path: Stochastic depth rate, for the torchvision models that take one
             (``stochastic_depth_prob``: ConvNeXt, EfficientNet, Swin, MaxViT); others ignore
             it. Left unset by the base settings: the model's own default. Unset: the recipe's or domain's value (imgpipe.train.recipes).
-        backbone_lr_mult: The backbone's learning rate as a fraction of lr (the head
-            gets lr); the schedule scales both.
+        backbone_lr_mult: The backbone's learning rate as a fraction of the head's; the
+            schedule scales both. Unset: 0.1 with pretrained weights (``pretrained`` or
+            ``weights``), 1.0 without.
         tta_flip: Also evaluate the test split averaging the predictions of the images and
             their flips, only those training used (horizontal with ``hflip``, vertical with
             ``vflip``): none for the ``text`` and ``medical`` domains.
         patience: Early stopping: end training after this many epochs without a better
             validation score (the ranking metric of :mod:`imgpipe.train.selection`); 0 trains
-            every epoch. Either way the best epoch's weights are kept, not the last.
+            every epoch. Either way the best epoch's weights are kept, not the last. Unset: the recipe's value.
         ema_decay: Keep an exponential moving average of the weights, as torchvision's
             references do (``--model-ema-decay``, e.g. 0.99998, adjusted for the batch,
             ranks, ``ema_steps`` and epochs); it is validated every epoch and kept when it
@@ -326,9 +339,11 @@ class TrainConfig:
     # None: unset, filled by imgpipe.train.recipes.resolve (here and below).
     epochs: int | None = None
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float | None = None
+    lr_base: float = 1e-3
+    lr_base_size: int = 128
     weight_decay: float | None = None
-    warmup_epochs: float = 1.0
+    warmup_fraction: float = 0.1
     label_smoothing: float | None = None
     device: str = "auto"
     # The augmentation fields stay flat (one `train:` section, typed CLI flags and pipeline
@@ -341,7 +356,7 @@ class TrainConfig:
     mixup: float | None = None
     cutmix: float | None = None
     mixup_prob: float | None = None
-    mixup_switch_prob: float = 0.5
+    mixup_switch_prob: float | None = None
     randaugment_n: int | None = None
     randaugment_m: int | None = None
     policy_exclude: tuple[str, ...] | None = None
@@ -354,7 +369,7 @@ class TrainConfig:
     blur_p: float = AugmentConfig.blur_p
     rotation: float | None = None
     random_erasing: float = AugmentConfig.random_erasing
-    crop_scale: tuple[float, float] = AugmentConfig.crop_scale
+    crop_scale: tuple[float, float] | None = None
     amp: bool = True
     channels_last: bool = True
     grad_clip: float = 1.0
@@ -365,15 +380,17 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     seed: int = 0
     deterministic: bool = False
+    compile: bool = False
     resume: bool = False
     weights: str | None = None
     pretrained: str | None = None
     weights_cache: str | None = None
-    freeze_backbone_epochs: int | None = None
+    freeze_fraction: float | None = None
+    unfreeze_stages: int | None = None
     drop_path: float | None = None
-    backbone_lr_mult: float = 1.0
+    backbone_lr_mult: float | None = None
     tta_flip: bool = False
-    patience: int = 0
+    patience: int | None = None
     ema_decay: float = 0.0
     ema_steps: int = 32
     class_weights: Literal["none", "balanced"] = "none"
@@ -398,8 +415,16 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {v.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr < 0 or v.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ValueError("lr, weight_decay and warmup_epochs must be >= 0")
+        if (self.lr is not None and self.lr < 0) or self.lr_base <= 0 or v.weight_decay < 0:
+            raise ValueError("lr must be >= 0 (0 trains nothing), lr_base > 0, weight_decay >= 0")
+        if isinstance(self.lr_base_size, bool) or not isinstance(self.lr_base_size, int) or self.lr_base_size < 1:
+            raise ValueError(f"lr_base_size is the global batch lr_base is meant for: an integer >= 1, got {self.lr_base_size!r}")
+        for name in ("warmup_fraction", "freeze_fraction"):
+            value = self.warmup_fraction if name == "warmup_fraction" else v.freeze_fraction
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} is a fraction of the run in [0, 1), got {value}")
+        if isinstance(v.unfreeze_stages, bool) or not isinstance(v.unfreeze_stages, int) or not 1 <= v.unfreeze_stages <= 8:
+            raise ValueError(f"unfreeze_stages must be an integer in [1, 8], got {v.unfreeze_stages!r}")
         if v.mixup < 0 or v.cutmix < 0:
             raise ValueError("mixup and cutmix are Beta alphas: >= 0, 0 disables")
         for name in ("mixup_prob", "mixup_switch_prob"):
@@ -411,8 +436,8 @@ class TrainConfig:
             raise ValueError(f"drop_path is a stochastic depth rate in [0, 1), got {v.drop_path}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        if self.patience < 0:
-            raise ValueError(f"patience must be >= 0 (0 trains every epoch), got {self.patience}")
+        if v.patience < 0:
+            raise ValueError(f"patience must be >= 0 (0 trains every epoch), got {v.patience}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables; torchvision uses 0.99998), got {self.ema_decay}")
         if self.class_weights not in ("none", "balanced"):
@@ -455,12 +480,8 @@ class TrainConfig:
             resolve_weights(self.model, self.pretrained)  # raises for names the model does not have
         if self.weights_cache is not None:
             storage.normalize_uri(self.weights_cache)
-        if v.freeze_backbone_epochs < 0:
-            raise ValueError(f"freeze_backbone_epochs must be >= 0, got {v.freeze_backbone_epochs}")
-        if not 0 < self.backbone_lr_mult < float("inf"):
-            raise ValueError(
-                f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}; freeze_backbone_epochs freezes the backbone"
-            )
+        if self.backbone_lr_mult is not None and not 0 < self.backbone_lr_mult < float("inf"):
+            raise ValueError(f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}; freeze_fraction freezes the backbone")
 
     @property
     def augment(self) -> AugmentConfig:

@@ -38,6 +38,8 @@ from imgpipe import storage
 __all__ = [
     "resolve_weights",
     "error_line",
+    "backbone_blocks",
+    "set_trainable",
     "TINY_CNN",
     "available_models",
     "build_model",
@@ -328,6 +330,59 @@ def head_parameter_names(model: nn.Module, num_classes: int) -> frozenset[str]:
             f"{type(module).__name__}) does not output {num_classes} classes"
         )
     return frozenset(f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False))
+
+
+def backbone_blocks(model: nn.Module, head: frozenset[str]) -> list[frozenset[str]]:
+    """The backbone's parameter names in blocks, input first: what gradual unfreezing unfreezes from the end.
+
+    The model's top-level parameterized children outside the head; a block holding more than
+    half of the backbone's parameters is split into its own children while it has two or
+    more (ResNet's ``layer4`` into its two residual blocks, EfficientNet's ``features``
+    into its stages, a ViT's encoder into its layers), so the last block is a modest part;
+    a block under 1% of the backbone joins the one before it.
+    """
+    def own(prefix: str, module: nn.Module) -> frozenset[str]:
+        return frozenset(f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()) - head
+
+    def count(names: frozenset[str]) -> int:
+        return sum(params[n].numel() for n in names)
+
+    params = dict(model.named_parameters())
+    blocks = [(name, child) for name, child in model.named_children() if own(name, child)]
+    total = sum(count(own(n, c)) for n, c in blocks) or 1
+    changed = True
+    while changed:
+        changed = False
+        for i, (name, child) in enumerate(blocks):
+            inner = [(f"{name}.{n}", c) for n, c in child.named_children() if own(f"{name}.{n}", c)]
+            if count(own(name, child)) * 2 > total and len(inner) >= 2:
+                blocks[i : i + 1] = inner
+                changed = True
+                break
+    grouped = [own(n, c) for n, c in blocks]
+    loose = frozenset(params) - head - frozenset().union(*grouped)  # parameters of the model itself
+    merged: list[frozenset[str]] = []
+    for block in ([loose] if loose else []) + grouped:
+        # A sliver (a final norm layer, a lone bias) joins the block before it: a stage of its own would train nothing.
+        if merged and count(block) * 100 < total:
+            merged[-1] = merged[-1] | block
+        else:
+            merged.append(block)
+    return merged
+
+
+def set_trainable(model: nn.Module, trainable: frozenset[str]) -> None:
+    """Trains exactly the parameters named in ``trainable``; call after ``model.train()``.
+
+    The others are frozen as :func:`set_backbone_frozen` freezes the backbone: no gradients,
+    and their BatchNorm layers in eval mode (their running statistics stay the weights').
+    """
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    for name, module in model.named_modules():
+        mine = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and mine and not set(mine) & trainable:
+            module.eval()
 
 
 def set_backbone_frozen(model: nn.Module, head: frozenset[str], frozen: bool) -> None:

@@ -1,65 +1,100 @@
-"""The optimizer and learning-rate schedule of the train step."""
+"""The optimizer and learning-rate schedule of the train step.
+
+Call ``build_optimizer(model, lr, weight_decay, groups)`` with the parameter groups of
+:func:`param_groups` (head and backbone blocks, each with the step it starts training at),
+then ``build_scheduler(optimizer, warmup_steps, total_steps)``: every group follows
+:func:`imgpipe.train.schedule.lr_factor` from its own start.
+"""
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from imgpipe.train.config import TrainConfig
+from imgpipe.train.schedule import UnfreezePlan, lr_factor
 
-__all__ = ["lr_factor", "build_optimizer", "build_scheduler"]
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak LR at optimizer step ``step``: linear warmup, then cosine to 0."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+__all__ = ["TrainGroup", "param_groups", "fused_adamw", "build_optimizer", "build_scheduler"]
 
 
-def build_optimizer(
-    model: nn.Module, cfg: TrainConfig, head: frozenset[str] = frozenset()
-) -> torch.optim.Optimizer:
-    """AdamW with weight decay on weights only (not on norm parameters and biases).
+@dataclass(frozen=True)
+class TrainGroup:
+    """Parameters that start training together at one learning-rate multiplier.
 
-    With ``head`` (:func:`imgpipe.train.models.head_parameter_names`) the backbone's groups
-    start at ``cfg.lr * cfg.backbone_lr_mult`` and the head's at ``cfg.lr``; the
-    schedule multiplies every group's own initial LR by the same factor. Groups, in
-    order (empty ones left out): head decay, head no decay, backbone decay, backbone
-    no decay; ``param_groups[0]`` runs at the peak LR. Without ``head`` every
-    parameter runs at ``cfg.lr``. Every parameter is included,
-    also one frozen now (``requires_grad`` off): freezing is per epoch
-    (:func:`imgpipe.train.models.set_backbone_frozen`), and AdamW skips a parameter
-    without a gradient.
+    Attributes:
+        name: ``head``, or ``backbone`` with the stage (``backbone-1``: the last block).
+        names: Parameter names (as in ``named_parameters``).
+        lr_mult: Multiplier of the run's peak LR (``backbone_lr_mult`` for the backbone).
+        start_step: Optimizer step it starts training at (0, or when its stage unfreezes).
     """
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {
-        ("head", True): [], ("head", False): [], ("backbone", True): [], ("backbone", False): [],
-    }  # fmt: skip
+
+    name: str
+    names: frozenset[str]
+    lr_mult: float
+    start_step: int
+
+
+def param_groups(
+    head: frozenset[str],
+    blocks: Sequence[frozenset[str]],
+    plan: UnfreezePlan,
+    steps_per_epoch: Sequence[int],
+    backbone_lr_mult: float,
+) -> list[TrainGroup]:
+    """The head, and the backbone's blocks grouped by the stage that unfreezes them (:func:`imgpipe.train.schedule.unfreeze_plan`)."""
+    def first_step(epoch: int) -> int:
+        return int(sum(steps_per_epoch[:epoch]))
+
+    by_stage: dict[int, set[str]] = {}
+    for position, block in enumerate(reversed(blocks), start=1):
+        stage = plan.stage_of_block(position) if plan.starts else 0
+        by_stage.setdefault(stage, set()).update(block)
+    groups = [TrainGroup("head", frozenset(head), 1.0, 0)]
+    for stage in sorted(by_stage):
+        start = first_step(plan.starts[stage]) if plan.starts else 0
+        groups.append(TrainGroup(f"backbone-{stage}", frozenset(by_stage[stage]), backbone_lr_mult, start))
+    return groups
+
+
+def fused_adamw(model: nn.Module) -> bool:
+    """Whether AdamW may use its fused kernel: every parameter on CUDA (it has none for the CPU)."""
+    params = list(model.parameters())
+    return bool(params) and all(p.device.type == "cuda" for p in params)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, groups: Sequence[TrainGroup]) -> torch.optim.Optimizer:
+    """AdamW over ``groups``, weight decay on weights only (not on norm parameters and biases).
+
+    Every parameter is included, also one frozen now (``requires_grad`` off): AdamW skips a
+    parameter without a gradient, and its group's schedule starts when it unfreezes.
+    ``param_groups[0]`` is the head's decayed weights, at the peak LR. Fused on CUDA.
+    """
+    owner = {n: g for g in groups for n in g.names}
+    split: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        groups[("head" if name in head or not head else "backbone", p.ndim > 1)].append(p)
-    lr = {"head": cfg.lr, "backbone": cfg.lr * cfg.backbone_lr_mult}
+        group = owner.get(name, groups[0])
+        split.setdefault((group.name, p.ndim > 1), []).append(p)
+    by_name = {g.name: g for g in groups}
+    order = sorted(split, key=lambda k: ([g.name for g in groups].index(k[0]), not k[1]))
     return torch.optim.AdamW(
         [
-            {"params": params, "name": part, "lr": lr[part], "weight_decay": cfg.weight_decay if decay else 0.0}
-            for (part, decay), params in groups.items()
-            if params
+            {
+                "params": split[key], "name": key[0], "lr": lr * by_name[key[0]].lr_mult,
+                "weight_decay": weight_decay if key[1] else 0.0, "start_step": by_name[key[0]].start_step,
+            }
+            for key in order
         ],
-        lr=cfg.lr,
-    )
+        lr=lr,
+        fused=fused_adamw(model) or None,
+    )  # fmt: skip
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The per-step warmup + cosine schedule (:func:`lr_factor`), one factor for every parameter group."""
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step schedule of :func:`imgpipe.train.schedule.lr_factor`, each group from its own ``start_step``."""
 
-    def factor(step: int) -> float:
-        return lr_factor(step, warmup_steps, total_steps)
+    def from_step(start: int) -> Callable[[int], float]:
+        return lambda step: lr_factor(step, warmup_steps, total_steps, start)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [from_step(int(g.get("start_step", 0))) for g in optimizer.param_groups])

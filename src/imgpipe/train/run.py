@@ -12,8 +12,10 @@ from imgpipe.train.augment import IMAGENET, BatchAugment, MixupCutmix, Normaliza
 from imgpipe.train.config import TrainConfig
 from imgpipe.train.distributed import DistInfo
 from imgpipe.train.loader import ImageLoader
+from imgpipe.train.optim import TrainGroup
 from imgpipe.train.partition import SplitInfo
 from imgpipe.train.recipes import Resolution
+from imgpipe.train.schedule import LearningRate, UnfreezePlan
 from imgpipe.train.selection import Selection
 
 __all__ = ["TrainingRun"]
@@ -47,6 +49,10 @@ class TrainingRun:
         best_val: Their validation.
         class_weights: Per-class loss weights (``class_weights: balanced``), else ``None``.
         recipe: How the recipe and domain fields of ``cfg`` were settled.
+        learning_rate: The peak learning rate and how it was reached (``lr_base`` scaled to the global batch).
+        unfreeze: Which epochs train the head alone and which parts of the backbone.
+        groups: The optimizer's parameter groups: the head and the backbone blocks by stage.
+        warmup_steps: Steps of the learning-rate warmup (and of each late group's own).
     """
 
     data: str
@@ -80,6 +86,17 @@ class TrainingRun:
     best_val: Any = None
     class_weights: torch.Tensor | None = None
     recipe: Resolution | None = None
+    learning_rate: LearningRate | None = None
+    unfreeze: UnfreezePlan = field(default_factory=lambda: UnfreezePlan(()))
+    groups: list[TrainGroup] = field(default_factory=list)
+    warmup_steps: int = 0
+
+    def trainable(self, epoch: int) -> frozenset[str] | None:
+        """The parameters that train in ``epoch`` (the head and the unfrozen blocks), ``None`` for all."""
+        if not self.unfreeze.starts or self.unfreeze.stage(epoch) is None:
+            return None
+        first = sum(self.steps_per_epoch[:epoch])
+        return frozenset().union(*(g.names for g in self.groups if g.start_step <= first))
 
     @property
     def amp(self) -> bool:
