@@ -42,7 +42,7 @@ def tiny(**overrides) -> TrainConfig:
         "epochs": 2,
         "batch_size": 8,
         "lr": 3e-3,
-        "warmup_epochs": 0.5,
+        "warmup_fraction": 0.2,
         "num_workers": 0,
         "shuffle_buffer": 16,
         "device": "cpu",
@@ -185,6 +185,25 @@ def test_resume_refuses_a_checkpoint_of_another_model(data, tmp_path):
     train(data, out, tiny(epochs=1, max_steps_per_epoch=1))
     with pytest.raises(ValueError, match="model='tiny_cnn'"):
         train(data, out, tiny(model="resnet18", epochs=2, max_steps_per_epoch=1, resume=True))
+
+
+def test_resume_refuses_another_loader_layout_and_names_it(data, tmp_path):
+    """Another worker count deals the epoch's samples to other partitions: the resumed order would not be the run's."""
+    out = "file://" + str(tmp_path / "out")
+    train(data, out, tiny(epochs=1, max_steps_per_epoch=1, num_workers=0))
+    with pytest.raises(ValueError, match=r"loader_parts 1 \(now 2\).*same ranks and num_workers"):
+        train(data, out, tiny(epochs=2, max_steps_per_epoch=1, num_workers=2, resume=True))
+
+
+def test_compile_wraps_the_model_and_adamw_is_fused_only_on_cuda(data, tmp_path, monkeypatch):
+    from imgpipe.train.optim import fused_adamw
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    train(data, "file://" + str(tmp_path / "out"), tiny(epochs=1, max_steps_per_epoch=1, compile=True))
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    cpu_model = build_model("tiny_cnn", 4)
+    assert not fused_adamw(cpu_model)  # the fused kernel is CUDA's; on a CPU the foreach one runs
 
 
 # ------------------------------------------------------------------ weights from object storage
@@ -537,7 +556,7 @@ def test_auto_recipe_and_text_domain_train_without_flips_and_say_so(tmp_path, ca
     data = write_resize_output("file://" + str(tmp_path / "d"), counts={"train": 120, "val": 8, "test": 8}, size=16)
     out = "file://" + str(tmp_path / "model")
     with caplog.at_level("INFO", logger="imgpipe.steps.train"):
-        report = train(data, out, tiny(recipe="auto", domain="text", tta_flip=True, max_steps_per_epoch=2))
+        report = train(data, out, tiny(recipe="auto", domain="text", tta_flip=True, max_steps_per_epoch=2, lr=None))
     metrics = read_json(storage.join(out, "metrics.json"))
     recipe = metrics["recipe"]
     assert (recipe["requested"], recipe["recipe"], recipe["domain"]) == ("auto", "small", "text")
@@ -546,7 +565,11 @@ def test_auto_recipe_and_text_domain_train_without_flips_and_say_so(tmp_path, ca
     assert recipe["from_domain"]["hflip"] is False and "epochs" in recipe["explicit"]
     ran = yaml.safe_load(storage.read_bytes(storage.join(out, contract.CONFIG)))
     assert (ran["recipe"], ran["hflip"], ran["vflip"], ran["rot90"], ran["epochs"]) == ("small", False, False, False, 2)
-    assert ran["cutmix"] == 0.0, "the small recipe's, where the config set none"
-    assert ran["freeze_backbone_epochs"] == 0 and "no linear probe" in recipe["reason"], "from scratch: nothing to probe"
+    assert (ran["aug_policy"], ran["mixup_switch_prob"], ran["color_jitter"]) == ("trivialaugment", 0.2, 0.0), "the small recipe's"
+    # The learning rate: lr_base scaled to the global batch (sqrt, AdamW), logged and recorded.
+    lr = metrics["learning_rate"]
+    assert lr["global_batch"] == ran["batch_size"] and lr["lr"] == pytest.approx(ran["lr_base"] * (ran["batch_size"] / ran["lr_base_size"]) ** 0.5)
+    assert "sqrt" in lr["rule"] and "peak learning rate lr_base" in caplog.text
+    assert ran["freeze_fraction"] == 0 and "no linear probe" in recipe["reason"], "from scratch: nothing to probe"
     assert "test_tta" not in metrics and "test" in metrics, "TTA with no allowed flip has no view to add"
     assert "Recipe" in storage.read_bytes(storage.join(out, "report.html")).decode()

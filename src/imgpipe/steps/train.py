@@ -13,10 +13,10 @@ Transfer learning: ``pretrained`` starts from torchvision weights, read from an
 object-storage cache that the first run fills (:mod:`imgpipe.train.pretrained`; every rank
 reads it); the classifier head is replaced for the data's classes, and the weights' own
 mean and std normalize every batch (``TrainingRun.norm``, also written to ``model.pt``).
-``freeze_backbone_epochs`` trains the head alone for the first epochs (decided per epoch,
-so a resume at any epoch does the same), and ``backbone_lr_mult`` gives the backbone a
-lower learning rate in its own parameter groups, which the schedule scales like the
-head's.
+``freeze_fraction`` trains the head alone for a fraction of the epochs, then
+``unfreeze_stages`` stages add the backbone's blocks from its end (decided per epoch, so a
+resume at any epoch does the same; :mod:`imgpipe.train.schedule`); each part warms up on its
+own when it joins, at ``backbone_lr_mult`` of the head's learning rate.
 
 Distributed: under ``torchrun --nproc-per-node N`` (or any launcher that sets
 ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``/``MASTER_ADDR``) the step joins a process group
@@ -111,13 +111,14 @@ from imgpipe.train.evaluation import EvalResult, evaluate
 from imgpipe.train.export import export_onnx, export_torchscript, model_card
 from imgpipe.train.loader import ImageLoader, decode_jpeg_batch, read_rows, read_samples
 from imgpipe.train.models import (
+    backbone_blocks,
     build_model,
     head_parameter_names,
     load_weights,
     resolve_weights,
-    set_backbone_frozen,
+    set_trainable,
 )
-from imgpipe.train.optim import build_optimizer, build_scheduler
+from imgpipe.train.optim import TrainGroup, build_optimizer, build_scheduler, param_groups
 from imgpipe.train.partition import (
     SplitInfo,
     describe_split,
@@ -130,6 +131,7 @@ from imgpipe.train.predictions import confused_pairs, predictions_table, worst_p
 from imgpipe.train.recipes import Resolution, tta_flip_dims
 from imgpipe.train.recipes import resolve as resolve_recipe
 from imgpipe.train.run import TrainingRun
+from imgpipe.train.schedule import UnfreezePlan, effective_lr, unfreeze_plan
 from imgpipe.train.selection import EMA_PREFIX
 
 __all__ = [
@@ -325,17 +327,20 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
     if device.type == "cuda" and cfg.channels_last:
         module.to(memory_format=torch.channels_last)
     model: nn.Module = module
+    plan = unfreeze_plan(cfg.epochs, cfg.freeze_fraction, cfg.unfreeze_stages)
     if ctx.world_size > 1:
-        # A frozen backbone gets no gradients; DDP then has to look for the parameters that
-        # took no part in a step, or it fails the next one ("Expected to have finished reduction").
-        model = nn.parallel.DistributedDataParallel(
-            module,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.freeze_backbone_epochs > 0,
-        )
-    optimizer = build_optimizer(module, cfg, head)
-    warmup = round(cfg.warmup_epochs * steps[0])
+        # With an unfreeze plan, every epoch whose trainable set changes wraps the model anew
+        # (train_one_epoch), so DDP only ever reduces the parameters that train.
+        model = _ddp(module, device)
+    if cfg.compile:
+        model = torch.compile(model)
+    learning_rate = effective_lr(cfg.lr, cfg.lr_base, cfg.lr_base_size, cfg.batch_size, ctx.world_size)
+    groups = param_groups(head, backbone_blocks(module, head), plan, steps, cfg.backbone_lr_mult)
+    optimizer = build_optimizer(module, learning_rate.lr, cfg.weight_decay, groups)
+    warmup = round(cfg.warmup_fraction * sum(steps))
     scheduler = build_scheduler(optimizer, warmup, sum(steps))
+    if ctx.is_main:
+        log.info("train: peak learning rate %s; %s", learning_rate.rule, _describe_plan(plan, groups, cfg.epochs))
     # The config as run (what config.yaml and the checkpoint record): the values "auto"
     # and "from the data" settled to, fixed here once rather than written back later.
     resolved = dataclasses.replace(
@@ -375,7 +380,25 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
         ema=_ema_model(module, cfg, ctx.world_size),
         class_weights=_class_weights(cfg, train_info, len(labels), device, counts),
         recipe=recipe,
+        learning_rate=learning_rate,
+        unfreeze=plan,
+        groups=groups,
+        warmup_steps=warmup,
     )
+
+
+def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` in DDP over the parameters that train now (``requires_grad``): none unused, no search for them."""
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _describe_plan(plan: UnfreezePlan, groups: list[TrainGroup], epochs: int) -> str:
+    """One line for the log: which epochs train the head alone, and when each part of the backbone joins."""
+    if not plan.starts:
+        return f"every parameter trains from the first of {epochs} epochs"
+    joins = ", ".join(f"{g.name} ({len(g.names)} tensors) from epoch {plan.starts[min(int(g.name.split('-')[1]), plan.stages - 1)] + 1}"
+                      for g in groups if g.name != "head")  # fmt: skip
+    return f"the head alone in epochs 1-{plan.starts[1]} of {epochs}, then {joins}, each with its own warmup"
 
 
 def _class_counts(info: SplitInfo, classes: int) -> np.ndarray:
@@ -459,9 +482,14 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
     shows up as compute, and time the loader is late shows up as waiting.
     """
     run.model.train()
-    if run.cfg.freeze_backbone_epochs:
+    if run.unfreeze.starts:
         # Per epoch, from the epoch alone: a run resumed at any epoch freezes as the uninterrupted one.
-        set_backbone_frozen(run.module, run.head, frozen=epoch < run.cfg.freeze_backbone_epochs)
+        trainable = run.trainable(epoch)
+        set_trainable(run.module, trainable if trainable is not None else frozenset(n for n, _ in run.module.named_parameters()))
+        if run.ctx.world_size > 1 and (epoch == run.start_epoch or run.unfreeze.stage(epoch) != run.unfreeze.stage(epoch - 1)):
+            # DDP registers its reducer over the parameters that require gradients when it wraps;
+            # after a stage change it wraps again (ranks hold the same weights; it broadcasts rank 0's).
+            run.model = torch.compile(_ddp(run.module, run.device)) if run.cfg.compile else _ddp(run.module, run.device)
     run.train_loader.set_epoch(epoch)
     steps = run.steps_per_epoch[epoch]
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
@@ -487,7 +515,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
             run.scheduler.step()
             if run.ema is not None and step % run.cfg.ema_steps == 0:
                 run.ema.update_parameters(run.module)
-                if epoch < run.cfg.warmup_epochs:  # during the warmup the average restarts: torchvision's rule
+                if sum(run.steps_per_epoch[:epoch]) + step < run.warmup_steps:  # during the warmup the average restarts: torchvision's rule
                     run.ema.n_averaged.fill_(0)
             loss_sum += loss.detach().double() * len(targets)
             seen += len(targets)
@@ -872,6 +900,10 @@ def _finish(
     metrics = {
         "epochs": run.history, **tests, "labels": run.labels, "images_seen": seen, "selection": selection, "kept": kept,
         "recipe": run.recipe.to_dict() if run.recipe else None,
+        "learning_rate": {
+            **(run.learning_rate.to_dict() if run.learning_rate else {}),
+            "warmup_steps": run.warmup_steps, "unfreeze_epochs": list(run.unfreeze.starts),
+        },
     }  # fmt: skip
     if last_val is not None:
         metrics["val_confusion"] = last_val.confusion

@@ -63,6 +63,11 @@ def _gather_rng(ctx: DistInfo) -> list[dict[str, Any]]:
     return gathered
 
 
+def _layout(run: TrainingRun) -> dict[str, int]:
+    """What decides which rank and worker reads which samples, and how many steps an epoch has."""
+    return {"world_size": run.ctx.world_size, "loader_parts": int(run.train_loader.parts), "batch_size": run.cfg.batch_size}
+
+
 def save_checkpoint(run: TrainingRun, epoch: int) -> None:
     """Writes ``checkpoint.pt`` after ``epoch`` atomically (rank 0; every rank must call it)."""
     rng = _gather_rng(run.ctx)  # collective: every rank takes part
@@ -78,6 +83,8 @@ def save_checkpoint(run: TrainingRun, epoch: int) -> None:
         "loader": run.train_loader.state_at_start(epoch + 1),
         "rng": rng,
         "config": config_to_dict(run.cfg),
+        # How the epoch's samples were dealt: a resume with another layout would see others.
+        "layout": _layout(run),
         "history": run.history,
         "labels": run.labels,
         "ema": run.ema.state_dict() if run.ema is not None else None,
@@ -103,7 +110,8 @@ def resume(run: TrainingRun) -> None:
     """Restores ``run`` from its output's checkpoint, if there is one (``--resume``).
 
     Raises:
-        ValueError: If the checkpoint was trained with other :data:`RESUME_FIXED` settings.
+        ValueError: If the checkpoint was trained with other :data:`RESUME_FIXED` settings, or
+            another world size or loader layout (ranks, worker partitions).
     """
     uri = storage.join(run.out, CHECKPOINT)
     if not storage.exists(uri):
@@ -118,6 +126,14 @@ def resume(run: TrainingRun) -> None:
             f"cannot resume from {uri}: it was trained with "
             + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in fixed.items())
             + "; use the same values or write to a new output"
+        )
+    layout, now = state.get("layout"), _layout(run)
+    if layout is not None and layout != now:
+        differs = ", ".join(f"{k} {layout.get(k)} (now {now[k]})" for k in now if layout.get(k) != now[k])
+        raise ValueError(
+            f"cannot resume from {uri}: it was written with {differs}; the epoch's samples, their order per rank and "
+            "worker, and the schedule's step count depend on them. Resume with the same ranks and num_workers, or "
+            "write to a new output"
         )
     changed = sorted(k for k in current if k not in ("resume",) and saved.get(k) != current[k])
     if changed:
