@@ -41,7 +41,16 @@ from imgpipe import contract, storage
 from imgpipe.contract import OutputWriter, Reject, StepReport
 from imgpipe.data.images import DEFAULT_FORMATS, MAX_PIXELS, ImageRejected, open_image
 from imgpipe.raysession import ray_session
-from imgpipe.train.card import eval_view, read_card, to_input
+from imgpipe.resize.spec import ResizeError
+from imgpipe.train.card import (
+    eval_view,
+    preprocessing_mismatch,
+    preprocessing_of,
+    preprocessing_spec,
+    read_card,
+    to_input,
+)
+from imgpipe.train.recipes import tta_flip_dims
 from imgpipe.train.scores import confusion_scores, top_k_columns
 
 __all__ = ["PREDICT_SCHEMA", "PredictConfig", "predict"]
@@ -75,6 +84,8 @@ class PredictConfig:
         top_k: Classes kept per image, most likely first.
         splits: Only these splits of a clean or resize output (empty: all).
         ray_address: A Ray cluster to run on; empty starts a local Ray.
+        tta: Average the softmax of each image and its flips, only the flips the model
+            trained with (its domain's: none for text and medical); recorded in the manifest.
     """
 
     batch_size: int = 64
@@ -83,6 +94,7 @@ class PredictConfig:
     top_k: int = 5
     splits: tuple[str, ...] = ()
     ray_address: str = ""
+    tta: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "threads", "top_k"):
@@ -107,6 +119,7 @@ class _Input:
     files: list[str]
     classes: list[str] | None
     whole_splits: frozenset[str]  # resize splits stored as whole pictures
+    preprocessing: str  # how the pixels are prepared, for the manifest
 
 
 def _describe(data: str, card: Mapping[str, Any], cfg: PredictConfig) -> _Input:
@@ -128,6 +141,7 @@ def _describe(data: str, card: Mapping[str, Any], cfg: PredictConfig) -> _Input:
             f" {', '.join(card['classes'][:5])}... ({len(card['classes'])}): another class set"
         )
     files = contract.data_files(data, manifest)
+    how = _check_preprocessing(data, kind, manifest, card, files)
     channels, stored = int(card["input"]["channels"]), _stored_channels(kind, files)
     if stored is not None and stored != channels:
         raise ValueError(f"{data} holds {stored}-channel images; the model takes {channels}-channel ones")
@@ -138,7 +152,46 @@ def _describe(data: str, card: Mapping[str, Any], cfg: PredictConfig) -> _Input:
             files = [f for f in files if any(f"/{split}/" in f for split in cfg.splits)]
     modes = extra.get("split_modes") or {}
     whole = frozenset(s for s, m in modes.items() if m == "whole") if kind == "resize" else frozenset()
-    return _Input(kind, files, list(classes) if classes else None, whole)
+    return _Input(kind, files, list(classes) if classes else None, whole, how)
+
+
+def _check_preprocessing(data: str, kind: str, manifest: Mapping[str, Any], card: Mapping[str, Any], files: Sequence[str]) -> str:
+    """How the rows' pixels will be prepared; refuses data whose preprocessing is not the model's.
+
+    A resize output must have been made with the model's resize settings; raw images
+    (download or clean outputs, folders, archives) get the card's preprocessing from the
+    resize step's own code, which needs a card that records it, and boxes for ``roi_crop``.
+
+    Raises:
+        ValueError: Naming what differs, or why the card's preprocessing cannot be repeated.
+    """
+    recorded = card.get("preprocessing")
+    if kind == "resize":
+        if recorded is None:
+            return "as stored (the card predates recorded preprocessing: not checked)"
+        mismatch = preprocessing_mismatch(recorded, preprocessing_of(manifest))
+        if mismatch:
+            raise ValueError(f"{data} was resized otherwise than the data the model trained on ({mismatch}); "
+                             "predict on the raw images (a clean or download output) or resize them with the model's settings")  # fmt: skip
+        return "as stored (the model's resize settings)"
+    spec = preprocessing_spec(card)
+    if spec is None:
+        raise ValueError(
+            "the model card records no preprocessing (it predates it): predict cannot repeat what resize did to its training "
+            "images; predict on a resize output made with the model's settings, or train the model again"
+        )
+    if spec.roi_crop and (kind == "download" or not _has_column(files, "bbox")):
+        raise ValueError("the model was trained on images cropped to their annotated box (roi_crop); "
+                         f"{data} has no boxes: give predict a clean output made with the annotations")  # fmt: skip
+    return f"resize {spec.mode} {spec.size}{' + ' + ', '.join(spec.ops) if spec.ops else ''} (the card's, by the resize step's code)"
+
+
+def _has_column(files: Sequence[str], name: str) -> bool:
+    if not files:
+        return False
+    fs, path = storage.arrow_filesystem(files[0])
+    with fs.open_input_file(path) as fh:
+        return name in pq.ParquetFile(fh).schema_arrow.names
 
 
 def _stored_channels(kind: str, files: Sequence[str]) -> int | None:
@@ -182,7 +235,7 @@ def _decode(data: bytes, channels: int) -> np.ndarray:
 class _Predictor:
     """A Ray Data actor: one onnxruntime session, fed one input row group per call."""
 
-    def __init__(self, model: str, kind: str, splits: Sequence[str], whole: Sequence[str], cfg: Mapping[str, Any]) -> None:
+    def __init__(self, model: str, kind: str, splits: Sequence[str], whole: Sequence[str], cfg: Mapping[str, Any]) -> None:  # noqa: PLR0913
         import onnxruntime as ort
 
         self.card = read_card(model)
@@ -195,21 +248,22 @@ class _Predictor:
         self.batch_size, self.top_k = int(cfg["batch_size"]), int(cfg["top_k"])
         spec = self.card["input"]
         self.size, self.channels, self.short = int(spec["size"]), int(spec["channels"]), int(spec["resize_short_side"])
+        self.prepare = preprocessing_spec(self.card) if kind != "resize" else None
+        recipe = self.card.get("recipe") or {}
+        self.flips = tta_flip_dims(bool(recipe.get("hflip")), bool(recipe.get("vflip"))) if cfg.get("tta") else ()
 
     def _columns(self) -> list[str]:
         base = ["path", "sha256"]
         if self.kind == "download":
             return [*base, "bytes"]
         if self.kind == "clean":
-            return [*base, "image", "label", "split"]
+            return [*base, "image", "label", "split"] + (["bbox"] if self.prepare is not None and self.prepare.roi_crop else [])
         return [*base, "label", "split", "height", "width", "channels"]
 
     def _image(self, row: Mapping[str, Any], table_kind: str) -> np.ndarray:
         """A row's evaluation view (see the module docstring)."""
-        if self.kind == "download":
-            return eval_view(_decode(row["bytes"], self.channels), self.size, self.short)
-        if self.kind == "clean":
-            return eval_view(_decode(row["image"]["bytes"], self.channels), self.size, self.short)
+        if self.kind in ("download", "clean"):
+            return self._prepared(row["bytes"] if self.kind == "download" else row["image"]["bytes"], row.get("bbox"))
         if table_kind == "raw":
             img = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], row["channels"])
         else:
@@ -243,7 +297,30 @@ class _Predictor:
         return {"result": np.array([json.dumps({"rows": len(rows), "rejects": rejects})]),
                 "table": np.array([contract.table_to_parquet_bytes(result)], dtype=object)}  # fmt: skip
 
+    def _prepared(self, data: bytes, bbox: Sequence[float] | None) -> np.ndarray:
+        """Raw image bytes as the model's evaluation data was: the resize step's own code, then its evaluation view."""
+        from imgpipe.resize.ops import (  # OpenCV: in the actors only (the cpu image reads cards)
+            encode_jpeg,
+            resize_image,
+        )
+
+        assert self.prepare is not None  # _check_preprocessing refused the input otherwise
+        try:
+            arr = resize_image(data, self.prepare, list(bbox) if bbox is not None else None)
+        except ResizeError as exc:
+            raise ImageRejected(exc.reason, exc.detail) from None
+        if self.prepare.format == "jpeg":  # stored as JPEG, trained on its decoded pixels: the same round trip
+            arr = _decode(encode_jpeg(arr, self.prepare.jpeg_quality), arr.shape[2])
+        return eval_view(arr, self.size, self.short if self.prepare.mode == "whole" else self.size)
+
     def _run(self, views: Sequence[np.ndarray]) -> np.ndarray:
+        """Softmax over the model's classes; with TTA, the mean over each image and its flips."""
+        probs = self._softmax(views)
+        for axis in self.flips:  # -1: horizontal, -2: vertical, of N x C x H x W; here H x W x C views
+            probs = probs + self._softmax([np.ascontiguousarray(np.flip(v, axis=1 if axis == -1 else 0)) for v in views])
+        return (probs / (1 + len(self.flips))).astype(np.float32)
+
+    def _softmax(self, views: Sequence[np.ndarray]) -> np.ndarray:
         logits = self.session.run(None, {self.card["input"]["name"]: to_input(views, self.card)})[0].astype(np.float64)
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -331,7 +408,7 @@ def predict(model: str, data: str, dest: str, cfg: PredictConfig | None = None) 
                 _Predictor,
                 fn_constructor_kwargs={"model": model, "kind": spec.kind, "splits": list(cfg.splits),
                                        "whole": sorted(spec.whole_splits), "cfg": {"batch_size": cfg.batch_size,
-                                       "threads": cfg.threads, "top_k": cfg.top_k}},
+                                       "threads": cfg.threads, "top_k": cfg.top_k, "tta": cfg.tta}},
                 batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=min(actors, max(1, len(items)))),
                 num_cpus=cfg.threads,
             )  # fmt: skip
@@ -345,11 +422,20 @@ def predict(model: str, data: str, dest: str, cfg: PredictConfig | None = None) 
         report = out.commit(
             inputs=inputs, rejects=rejects, config=cfg,
             extra={"model": model, "architecture": card["architecture"], "classes": card["classes"], "input_kind": spec.kind,
+                   "preprocessing": spec.preprocessing, "tta": _tta_views(card, cfg.tta),
                    "scores": _scores(confusion), "seconds": round(time.monotonic() - started, 3)},
             upstream={"source": source, "step": spec.kind},
         )  # fmt: skip
     log.info("predict: %d images -> %d predictions, %d rejected -> %s", inputs, report.outputs, report.rejected, dest)
     return report
+
+
+def _tta_views(card: Mapping[str, Any], tta: bool) -> dict[str, Any]:
+    """The views each prediction averages: the image, and with ``tta`` the flips the model trained with."""
+    recipe = card.get("recipe") or {}
+    flips = tta_flip_dims(bool(recipe.get("hflip")), bool(recipe.get("vflip"))) if tta else ()
+    names = ["identity"] + [{-1: "horizontal flip", -2: "vertical flip"}[d] for d in flips]
+    return {"requested": tta, "views": names, "domain": recipe.get("domain")}
 
 
 def _count(confusion: dict[str, np.ndarray], table: pa.Table, classes: int) -> None:

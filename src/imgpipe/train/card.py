@@ -17,8 +17,20 @@ from typing import Any
 import numpy as np
 
 from imgpipe import contract, storage
+from imgpipe.config import config_from_dict
+from imgpipe.resize.spec import ResizeConfig, ResizeSpec, color_space
 
-__all__ = ["CARD_FORMAT", "INPUT_NAME", "OUTPUT_NAME", "read_card", "eval_view", "to_input"]
+__all__ = [
+    "CARD_FORMAT",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "read_card",
+    "eval_view",
+    "to_input",
+    "preprocessing_of",
+    "preprocessing_spec",
+    "preprocessing_mismatch",
+]
 
 CARD_FORMAT = 1
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -86,3 +98,49 @@ def to_input(images: Sequence[np.ndarray], card: Mapping[str, Any]) -> np.ndarra
     mean = np.asarray(spec["mean"], np.float32).reshape(1, 1, 1, -1)
     std = np.asarray(spec["std"], np.float32).reshape(1, 1, 1, -1)
     return np.ascontiguousarray(((x * np.float32(spec["scale"]) - mean) / std).transpose(0, 3, 1, 2))
+
+
+# ResizeSpec fields that are settings of safety, not of the pixels: left out of a card's preprocessing.
+_NOT_PREPROCESSING = ("max_pixels",)
+
+
+def preprocessing_of(resize_manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The preprocessing a resize output applied, as a card records it; ``None`` for a manifest without its config.
+
+    ``resize``: the settings of the evaluation splits (``ResizeSpec``: size, mode, resample,
+    padding, aspect cap, the standardization ops in order with their parameters, output
+    format and quality, reduced-DCT decoding); ``train_mode``: the train split's mode when it
+    differs; ``roi_crop``: whether images were cropped to their box first; ``color_space``.
+    """
+    raw = resize_manifest.get("config")
+    if resize_manifest.get("step") != "resize" or not isinstance(raw, Mapping) or "size" not in raw:
+        return None  # not a resize output's manifest, or one that does not say how it resized
+    known = {k: v for k, v in raw.items() if k in ResizeConfig.__dataclass_fields__}
+    cfg = config_from_dict(ResizeConfig, known)
+    spec = cfg.spec_for("test")
+    resize = {f: getattr(spec, f) for f in ResizeSpec.__dataclass_fields__ if f not in ("parsed_ops", *_NOT_PREPROCESSING)}
+    resize["ops"] = list(resize["ops"])
+    return {"resize": resize, "train_mode": cfg.mode_for("train"), "roi_crop": spec.roi_crop, "color_space": color_space(spec.ops)}
+
+
+def preprocessing_spec(card: Mapping[str, Any]) -> ResizeSpec | None:
+    """The ``ResizeSpec`` that prepares raw images as the model's evaluation data was; ``None`` for an older card."""
+    pre = card.get("preprocessing")
+    if not isinstance(pre, Mapping) or not isinstance(pre.get("resize"), Mapping):
+        return None
+    values = dict(pre["resize"])
+    values["ops"] = tuple(values.get("ops") or ())
+    return ResizeSpec(**values)
+
+
+def preprocessing_mismatch(ours: Mapping[str, Any] | None, theirs: Mapping[str, Any] | None) -> str | None:
+    """What differs between two recorded preprocessings (``None``: the same); unknown on either side is a difference."""
+    if ours is None or theirs is None:
+        return "the preprocessing is not recorded on one side (a card or manifest from before it was)"
+    diffs = []
+    for key in ("train_mode", "roi_crop", "color_space"):
+        if ours.get(key) != theirs.get(key):
+            diffs.append(f"{key} {ours.get(key)!r} vs {theirs.get(key)!r}")
+    a, b = ours.get("resize") or {}, theirs.get("resize") or {}
+    diffs += [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs) or None

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import json
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,7 +28,7 @@ from torch import nn
 
 from imgpipe import __version__, contract, storage
 from imgpipe.resize.spec import CROP_FRACTION
-from imgpipe.train.card import CARD_FORMAT, INPUT_NAME, OUTPUT_NAME
+from imgpipe.train.card import CARD_FORMAT, INPUT_NAME, OUTPUT_NAME, preprocessing_of
 
 __all__ = ["OPSET", "export_onnx", "export_torchscript", "model_card"]
 
@@ -106,6 +107,9 @@ def model_card(
         failures: Export name -> why it is missing.
     """
     manifest = storage.read_bytes(storage.join(data, contract.MANIFEST))
+    preprocessing = preprocessing_of(json.loads(manifest))
+    if preprocessing is not None:
+        preprocessing = {**preprocessing, "channels": channels, "normalization": {"mean": list(mean), "std": list(std)}}
     return {
         "format": CARD_FORMAT,
         "created_by": f"imgpipe {__version__}",
@@ -134,4 +138,6 @@ def model_card(
         "metrics": dict(metrics),
         "selection": dict(selection),
         "data": {"uri": data, "manifest_sha256": hashlib.sha256(manifest).hexdigest()},
+        # The resize step's preprocessing of the data it trained on: what predict repeats on raw images.
+        "preprocessing": preprocessing,
     }
