@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -33,8 +35,8 @@ def audited(tmp_path_factory):
     )  # fmt: skip
     cfg = AuditConfig(folds=2, seed=1)  # the fewest folds: each is a training run
     folds = make_folds(data, "file://" + str(root / "folds"), cfg)
-    recipe = TrainConfig(model="tiny_cnn", epochs=4, batch_size=8, lr=3e-3, num_workers=0, device="cpu", shuffle_buffer=16,
-                         warmup_epochs=0.5, mixup=0.0, cutmix=0.0, aug_policy="none", predictions_probs=True)  # fmt: skip
+    recipe = TrainConfig(model="tiny_cnn", epochs=6, batch_size=8, lr=3e-3, num_workers=0, device="cpu", shuffle_buffer=16,
+                         warmup_fraction=0.2, mixup=0.0, cutmix=0.0, aug_policy="none", predictions_probs=True)  # fmt: skip
     models = []
     for i, fold in enumerate(folds):
         out = "file://" + str(root / f"train-fold-{i}")
@@ -68,8 +70,8 @@ def test_each_train_image_is_held_out_exactly_once(audited):
     for fold in audited["folds"]:
         files = contract.data_files(fold, contract.read_manifest(fold, expect_step="resize"))
 
-        held, trained = _paths(files, "val"), _paths(files, "train")
-        assert not set(held) & set(trained) and len(held) + len(trained) == 96, "a fold trains on the rest"
+        held, trained = _paths(files, "test"), _paths(files, "train") + _paths(files, "val")
+        assert not set(held) & set(trained) and len(held) + len(trained) == 96, "a fold trains (and validates) on the rest"
         held_all += held
     assert len(held_all) == len(set(held_all)) == 96
 
@@ -102,3 +104,51 @@ def test_bad_settings_and_folds_without_probs_are_refused(audited, tmp_path):
     train(audited["folds"][0], plain, TrainConfig(model="tiny_cnn", epochs=1, batch_size=8, num_workers=0, device="cpu"))
     with pytest.raises(ValueError, match="predictions_probs"):
         rank_label_issues([plain], "file://" + str(tmp_path / "a"))
+
+
+def _split_paths(prefix: str, split: str) -> set[str]:
+    from imgpipe.train.partition import describe_split, read_split_columns
+
+    info = describe_split(prefix, split, contract.read_manifest(prefix))
+    return set(read_split_columns(info, ["path"]).column("path").to_pylist())
+
+
+def test_no_fold_selects_or_stops_on_the_images_it_then_scores(audited):
+    """The held-out fold is each model's test split; its validation (best epoch, EMA, early stopping) is carved elsewhere."""
+    held_out = []
+    for fold, model in zip(audited["folds"], audited["models"]):
+        train_rows, val_rows, test_rows = (_split_paths(fold, s) for s in ("train", "val", "test"))
+        assert val_rows and test_rows and not (val_rows & test_rows) and not (train_rows & test_rows) and not (train_rows & val_rows)
+        metrics = json.loads(storage.read_bytes(storage.join(model, "metrics.json")))
+        assert metrics["selection"]["ranked_by"][0].startswith("val_"), "selection reads the inner val split"
+        assert metrics["images_seen"]["val"] == len(val_rows) and metrics["images_seen"]["test"] == len(test_rows)
+        held_out.append(test_rows)
+    everything = _split_paths(audited["data"], "train")
+    assert set().union(*held_out) == everything and sum(map(len, held_out)) == len(everything)
+
+
+def test_a_near_duplicate_group_never_spans_folds(tmp_path):
+    import numpy as np
+
+    from imgpipe.contract import OutputWriter
+    from imgpipe.steps.audit import _near_duplicate_groups, fold_of_groups
+
+    # A clean output whose pHashes put rows 0-3 in one group (1 and 2 bits apart, and a mirror) and 4-5 in another.
+    rng = np.random.default_rng(0)
+    phash = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
+    mirror = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
+    phash[1], phash[2], mirror[3] = phash[0] ^ np.uint64(1), phash[0] ^ np.uint64(6), phash[0]
+    phash[5] = phash[4] ^ np.uint64(2)
+    hashes = [f"{i:064x}" for i in range(40)]
+    clean_out = OutputWriter("file://" + str(tmp_path / "clean"), "clean")
+    clean_out.begin()
+    clean_out.write_table("part-00000.parquet", pa.table({"sha256": hashes, "phash": phash, "phash_mirror": mirror}))
+    clean_out.commit(inputs=40, rejects=[], config={"near_duplicate_distance": 2})
+    groups, how = _near_duplicate_groups({"upstream": {"source": clean_out.dest}}, hashes[::-1])
+    assert "4 images joined a group" in how
+    labels = np.arange(40)[::-1] % 3
+    for seed in range(20):
+        fold = fold_of_groups(labels, groups, 5, seed)
+        rows = {h: f for h, f in zip(hashes[::-1], fold)}
+        assert len({rows[hashes[i]] for i in range(4)}) == 1 and rows[hashes[4]] == rows[hashes[5]]
+    assert _near_duplicate_groups({"upstream": {"source": "file:///nowhere/clean"}}, hashes)[1].startswith("none")

@@ -17,7 +17,7 @@ COUNTS = {"train": 48, "val": 12, "test": 24}
 
 
 def _cfg(**kw) -> TrainConfig:
-    values = dict(model="tiny_cnn", epochs=3, batch_size=8, lr=3e-3, warmup_epochs=0.5, num_workers=0, device="cpu",
+    values = dict(model="tiny_cnn", epochs=3, batch_size=8, lr=3e-3, warmup_fraction=0.2, num_workers=0, device="cpu",
                   shuffle_buffer=16, mixup=0.0, cutmix=0.0)  # fmt: skip
     return TrainConfig(**{**values, **kw})
 
@@ -77,6 +77,61 @@ def test_bad_settings_are_refused():
         PromoteConfig(tolerance=-0.1)
     with pytest.raises(ValueError, match="split"):
         PromoteConfig(split="train")
+    # A model's epoch was selected on its validation split: scoring it there is not like for like.
+    with pytest.raises(ValueError, match="split must be test.*selected on its validation split"):
+        PromoteConfig(split="val")
+    with pytest.raises(ValueError, match="min_images"):
+        PromoteConfig(min_images=0)
+
+
+def test_both_models_are_scored_by_one_evaluation_not_the_candidates_own_figure(models, monkeypatch):
+    from imgpipe.steps import train as train_mod
+
+    calls = []
+    real = train_mod.evaluate_saved
+    monkeypatch.setattr(train_mod, "evaluate_saved", lambda *a, **k: calls.append((a[1:], k)) or real(*a, **k))
+    # The candidate's run claims a perfect test score; the gate re-scores it instead.
+    forged = "file://" + str(models["root"] / "forged")
+    for name in [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(models["bad"])]:
+        storage.write_bytes(storage.join(forged, name), storage.read_bytes(storage.join(models["bad"], name)))
+    metrics = json.loads(storage.read_bytes(storage.join(forged, "metrics.json")))
+    metrics["test"]["macro_f1"] = 1.0
+    storage.write_bytes(storage.join(forged, "metrics.json"), json.dumps(metrics).encode())
+    d = promote(forged, models["good"], "file://" + str(models["root"] / "p-one"))
+    assert len(calls) == 2 and calls[0] == calls[1], "the same data, split, device and batch for both"
+    assert d.trained_score == 1.0 and d.candidate == pytest.approx(_test_f1(models["bad"])) and not d.promoted
+    assert d.evaluation.startswith("evaluate_saved") and d.overlap == 0
+
+
+def test_test_images_the_current_model_saw_are_left_out_and_counted(models, tmp_path):
+    # The current model trained on data whose train split holds 6 of the candidate's 24 test images.
+    seen = write_resize_output("file://" + str(tmp_path / "seen"), counts={"train": 66, "val": 12, "test": 6}, size=16)
+    current = "file://" + str(tmp_path / "current")
+    train(seen, current, _cfg(epochs=1))
+    d = promote(models["good"], current, "file://" + str(tmp_path / "p"), PromoteConfig(min_images=10))
+    assert d.overlap == 6 and d.images == COUNTS["test"] - 6 and "leaving out 6" in d.reason
+    strict = promote(models["good"], current, "file://" + str(tmp_path / "p-strict"), PromoteConfig(min_images=20))
+    assert not strict.promoted and strict.overlap == 6 and "fewer than 20" in strict.reason
+
+
+def test_a_current_model_that_cannot_be_loaded_is_a_decision_not_a_crash(models, tmp_path):
+    broken = "file://" + str(tmp_path / "broken")
+    for name in [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(models["good"])]:
+        storage.write_bytes(storage.join(broken, name), storage.read_bytes(storage.join(models["good"], name)))
+    storage.write_bytes(storage.join(broken, "model.pt"), b"not a checkpoint")  # e.g. a truncated upload
+    d = promote(models["good"], broken, "file://" + str(tmp_path / "p"))
+    assert not d.promoted and d.reason.startswith("current model cannot be scored: not promoted, reason")
+
+
+def test_models_whose_preprocessing_differs_are_not_compared(models, tmp_path):
+    other = "file://" + str(tmp_path / "other-pre")
+    for name in [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(models["good"])]:
+        storage.write_bytes(storage.join(other, name), storage.read_bytes(storage.join(models["good"], name)))
+    card = json.loads(storage.read_bytes(storage.join(other, "model.json")))
+    card["preprocessing"]["resize"]["ops"] = ["clahe"]
+    storage.write_bytes(storage.join(other, "model.json"), json.dumps(card).encode())
+    d = promote(models["good"], other, "file://" + str(tmp_path / "p"))
+    assert not d.promoted and "preprocessing differs" in d.reason and "ops" in d.reason
 
 
 def test_latest_json_moves_only_on_a_promotion(models, tmp_path):

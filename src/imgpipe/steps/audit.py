@@ -4,12 +4,15 @@ Three parts, each a plain function (the ``imgpipe-audit`` pipeline runs them as 
 the K trainings in a ``ParallelFor``; ``bench/audit.py`` calls them in one process):
 
 1. :func:`make_folds` splits the ``train`` split of a resize output into ``k`` stratified
-   folds (by class, seeded) and writes, per fold, a resize-shaped output whose ``train``
-   split is the other folds and whose ``val`` split is the fold. Memory: one input row
-   group and ``2k`` open Parquet writers; storage: the train split ``k`` times over.
+   folds (by class, seeded), keeping each near-duplicate group (clean's pHashes) in one
+   fold, and writes per fold a resize-shaped output: ``test`` is the fold, held out;
+   ``val`` is an inner validation split carved from the other folds (for the best epoch,
+   EMA and early stopping); ``train`` is the rest. Nothing is selected on the held-out
+   images. Memory: one input row group and ``3k`` open Parquet writers.
 2. Each fold trains with the run's recipe (:func:`imgpipe.steps.train.train`) and
    ``predictions_probs`` on, so its ``predictions.parquet`` holds the full probability
-   vector of every held-out image: together, out-of-fold probabilities for every train image.
+   vector of every held-out (``test``) image: together, out-of-fold probabilities for
+   every train image.
 3. :func:`rank_label_issues` gathers them and asks cleanlab (``cleanlab.filter.find_label_issues``,
    confident learning, ranked by self-confidence; ``cleanlab.rank.get_label_quality_scores``)
    which labels are suspect. It commits ``label_issues.parquet`` (every train image with its
@@ -48,6 +51,7 @@ __all__ = [
     "LABEL_ISSUES_HTML",
     "AuditConfig",
     "fold_of_rows",
+    "fold_of_groups",
     "make_folds",
     "plan_folds",
     "fold_name",
@@ -88,6 +92,19 @@ class AuditConfig:
             raise ValueError(f"filter_by must be one of {', '.join(allowed)}; got {self.filter_by!r}")
 
 
+# The inner validation split: about one in INNER_FOLDS of a fold's training rows (at least 1/5).
+INNER_FOLDS = 5
+
+
+def fold_of_groups(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """A stratified fold per row in which every group (``groups``: a group id per row) stays whole.
+
+    Groups are dealt as :func:`fold_of_rows` deals rows, by the label of their first row.
+    """
+    ids, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    return fold_of_rows(labels[first], folds, seed)[inverse.reshape(-1)]
+
+
 def fold_of_rows(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """A stratified fold per row: each class's rows dealt round-robin in a seeded order.
 
@@ -117,13 +134,14 @@ def make_folds(data: str, dest_root: str, cfg: AuditConfig | None = None) -> lis
     data, dest_root = storage.normalize_uri(data), storage.normalize_uri(dest_root)
     manifest = contract.read_manifest(data, expect_step="resize")
     files = _split_files(data, manifest, "train")
-    labels = np.concatenate(
-        [pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["label"]).column("label").to_numpy() for u in files]
-        or [np.zeros(0, np.int64)]
-    )
+    columns = [pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["label", "sha256"]) for u in files]
+    labels = np.concatenate([t.column("label").to_numpy() for t in columns] or [np.zeros(0, np.int64)])
+    hashes = [str(h) for t in columns for h in t.column("sha256").to_pylist()]
     if len(labels) < cfg.folds:
         raise ValueError(f"{data} has {len(labels)} train images: too few for {cfg.folds} folds")
-    fold = fold_of_rows(labels, cfg.folds, cfg.seed)
+    groups, grouping = _near_duplicate_groups(manifest, hashes)
+    fold = fold_of_groups(labels, groups, cfg.folds, cfg.seed)
+    inner = fold_of_groups(labels, groups, max(cfg.folds, INNER_FOLDS), cfg.seed + 1)
     prefixes = [storage.join(dest_root, f"fold-{i}") for i in range(cfg.folds)]
     writers = [OutputWriter(p, "resize") for p in prefixes]
     for w in writers:
@@ -137,19 +155,24 @@ def make_folds(data: str, dest_root: str, cfg: AuditConfig | None = None) -> lis
             if schema is None:
                 schema = table.schema
                 sinks = [
-                    {s: stack.enter_context(w.parquet_file(f"{s}/part-00000.parquet", schema)) for s in ("train", "val")}
+                    {s: stack.enter_context(w.parquet_file(f"{s}/part-00000.parquet", schema)) for s in ("train", "val", "test")}
                     for w in writers
                 ]
-            here = fold[start : start + table.num_rows]
+            here, inner_here = fold[start : start + table.num_rows], inner[start : start + table.num_rows]
             start += table.num_rows
             for i in range(cfg.folds):
-                held = pa.array(here == i)
-                sinks[i]["val"].write(_as_split(table.filter(held), "val"))
-                sinks[i]["train"].write(table.filter(pc.invert(held)))
+                held = here == i
+                # The inner validation rows: one inner fold of the rows this fold trains on.
+                validate = ~held & (inner_here == i % max(cfg.folds, INNER_FOLDS))
+                sinks[i]["test"].write(_as_split(table.filter(pa.array(held)), "test"))
+                sinks[i]["val"].write(_as_split(table.filter(pa.array(validate)), "val"))
+                sinks[i]["train"].write(table.filter(pa.array(~held & ~validate)))
     extra = dict(manifest.get("extra") or {})
     modes = dict(extra.get("split_modes") or {})
-    modes["val"] = modes.get("train", extra.get("mode"))  # the held-out rows are stored as train stored them
-    extra.update(split_modes=modes, splits=["train", "val"], audit={"source": data, "folds": cfg.folds, "seed": cfg.seed})
+    for split in ("val", "test"):
+        modes[split] = modes.get("train", extra.get("mode"))  # the rows are stored as train stored them
+    extra.update(split_modes=modes, splits=["train", "val", "test"],
+                 audit={"source": data, "folds": cfg.folds, "seed": cfg.seed, "groups": grouping})  # fmt: skip
     labels_json = storage.join(data, contract.LABELS)
     for i, w in enumerate(writers):
         held = int((fold == i).sum())
@@ -159,6 +182,35 @@ def make_folds(data: str, dest_root: str, cfg: AuditConfig | None = None) -> lis
                  upstream={"source": data, "step": "resize"})  # fmt: skip
     log.info("audit: %d train images in %d folds -> %s", len(labels), cfg.folds, dest_root)
     return prefixes
+
+
+def _near_duplicate_groups(manifest: Mapping[str, Any], hashes: Sequence[str]) -> tuple[np.ndarray, str]:
+    """A group id per train row: near-duplicates (clean's pHashes, at clean's distance) share one.
+
+    Read from the clean output the resize output was made from; where it has no hashes (an
+    older output) or cannot be read, every row is its own group, and the second value says why.
+    """
+    singles = np.arange(len(hashes))
+    clean_prefix = (manifest.get("upstream") or {}).get("source")
+    try:
+        clean_manifest = contract.read_manifest(clean_prefix, expect_step="clean")
+        distance = int((clean_manifest.get("config") or {}).get("near_duplicate_distance", 2))
+        tables = [pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["sha256", "phash", "phash_mirror"])
+                  for u in contract.data_files(clean_prefix, clean_manifest)]  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - no groups is a weaker audit, not a failed one; the manifest says so
+        return singles, f"none: the clean output {clean_prefix} could not be read ({type(exc).__name__})"
+    table = pa.concat_tables(tables).filter(pc.is_valid(pa.concat_tables(tables).column("phash")))
+    if not table.num_rows:
+        return singles, "none: the clean output has no pHashes"
+    from imgpipe.clean.neardup import group_representatives
+
+    reps = group_representatives(table.column("phash").to_numpy(), table.column("phash_mirror").to_numpy(), distance)
+    shas = table.column("sha256").to_pylist()
+    group_of = {sha: shas[int(r)] for sha, r in zip(shas, reps)}
+    by_sha = {h: i for i, h in enumerate(hashes)}
+    ids = np.array([by_sha.get(group_of.get(h, h), i) for i, h in enumerate(hashes)], np.int64)
+    merged = int(len(hashes) - len(np.unique(ids)))
+    return ids, f"near-duplicate groups of {clean_prefix} at distance {distance} ({merged} images joined a group)"
 
 
 def fold_name(i: int) -> str:
@@ -188,13 +240,13 @@ def _as_split(table: pa.Table, split: str) -> pa.Table:
 
 
 def _out_of_fold(fold_models: Sequence[str]) -> pa.Table:
-    """Every held-out image's prediction across the folds (``predictions.parquet`` val rows with ``probs``)."""
+    """Every held-out image's prediction across the folds (``predictions.parquet`` test rows with ``probs``)."""
     tables = []
     for prefix in fold_models:
         table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prefix, contract.PREDICTIONS))))
         if "probs" not in table.column_names:
             raise ValueError(f"{prefix}/predictions.parquet has no probs: train the folds with predictions_probs on")
-        tables.append(table.filter(pc.equal(table.column("split"), "val")))
+        tables.append(table.filter(pc.equal(table.column("split"), "test")))
     table = pa.concat_tables(tables)
     paths = table.column("path").to_pylist()
     if len(set(paths)) != len(paths):
@@ -281,7 +333,7 @@ def _gallery(suspects: Sequence[Mapping[str, Any]], fold_models: Sequence[str], 
         images: dict[str, np.ndarray] = {}
         for prefix in fold_models:
             data = json.loads(storage.read_bytes(storage.join(prefix, contract.MODEL_CARD)))["data"]["uri"]
-            info = describe_split(data, "val", contract.read_manifest(data))
+            info = describe_split(data, "test", contract.read_manifest(data))
             paths = read_split_columns(info, ["path"]).column("path").to_pylist()
             at = [i for i, p in enumerate(paths) if p in wanted]
             images.update(zip((paths[i] for i in at), read_rows(info, at)))

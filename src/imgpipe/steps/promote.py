@@ -1,15 +1,14 @@
 """The promotion gate: a new model replaces the current one only if it is at least as good on the same test images.
 
-A scheduled retraining run that finishes is not thereby better. :func:`promote` compares
-the candidate (a committed train output) with the current model (the one ``latest.json``
-names, :mod:`imgpipe.kfp.artifacts`) on **the candidate's test split**: the candidate's
-own test metric, from its run, against the current model re-evaluated there
-(:func:`imgpipe.steps.train.evaluate_saved`), on the metric the candidate's run ranked
-its epochs by (macro-F1, or PR-AUC when the classes are imbalanced;
-:mod:`imgpipe.train.selection`). The candidate is promoted when it scores at least the
-current model's figure minus ``tolerance``; the first model promotes itself. A model that
-cannot be compared (other classes or channels, no test split) is not promoted: the
-decision says why, and nothing is compared silently.
+:func:`promote` compares the candidate (a committed train output) with the current model
+(the one ``latest.json`` names) like for like: both are scored by one evaluation
+(:func:`imgpipe.steps.train.evaluate_saved`: the same code, fp32, batch and no TTA) on the
+candidate's **test** split, never on a validation split a model was selected on, and only
+on the test images the current model neither trained nor validated on (by sha256: the
+disjoint part, whose size the decision reports; fewer than ``min_images`` is no
+comparison). The metric is the one the candidate's run ranked its epochs by. Models whose
+recorded preprocessing differs are not compared, nor is a current model that cannot be
+loaded or scored: each is a decision with its reason, never a crash.
 
 The decision is a committed output of its own (``promotion.json``, ``promotion.html``);
 the caller records the run as ``latest`` only when it says so.
@@ -24,17 +23,22 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from imgpipe import contract, storage
 from imgpipe.config import config_to_yaml
 from imgpipe.contract import StepReport
 from imgpipe.report import html as htmlpage
-from imgpipe.train.partition import describe_split, read_split_columns
+from imgpipe.train.card import preprocessing_mismatch, read_card
+from imgpipe.train.partition import describe_split, read_split_columns, split_names
+from imgpipe.train.scores import confusion_scores
 
 __all__ = ["PROMOTION_JSON", "PROMOTION_HTML", "PromoteConfig", "Decision", "promote", "read_decision"]
 
 log = logging.getLogger(__name__)
 
 PROMOTION_JSON = "promotion.json"
+EVALUATION = "evaluate_saved: fp32, batch 64, the evaluation view, no TTA"
 PROMOTION_HTML = "promotion.html"
 
 
@@ -45,17 +49,26 @@ class PromoteConfig:
     Attributes:
         tolerance: How far (absolute) below the current model's score the candidate may be
             and still be promoted; 0 asks for at least the same score.
-        split: The split both models are scored on (the candidate's data).
+        split: The split both models are scored on: ``test`` only (a model's validation
+            split chose its epoch; scoring it there is not like for like).
+        min_images: The fewest test images a comparison may rest on, once the images the
+            current model trained or validated on are left out.
     """
 
     tolerance: float = 0.0
     split: str = "test"
+    min_images: int = 20
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.tolerance <= 1.0:
             raise ValueError(f"tolerance is a difference of scores in [0, 1], got {self.tolerance}")
-        if self.split not in ("val", "test"):
-            raise ValueError(f"split must be val or test, got {self.split!r}")
+        if self.split != "test":
+            raise ValueError(
+                f"split must be test, got {self.split!r}: a model's epoch was selected on its validation split, "
+                "so scoring it there favours it; the gate scores both models on the candidate's test split"
+            )
+        if isinstance(self.min_images, bool) or not isinstance(self.min_images, int) or self.min_images < 1:
+            raise ValueError(f"min_images must be an integer >= 1, got {self.min_images!r}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,10 @@ class Decision:
         images: Images of the split both were scored on.
         images_digest: sha256 over the split's images' sha256 values, in order.
         tolerance: The tolerance applied.
+        overlap: Test images the current model trained or validated on (left out), ``None``
+            when there is no current model or its data could not be read.
+        evaluation: How both models were scored.
+        trained_score: The candidate's own test score from its run (for reference only).
     """
 
     promoted: bool
@@ -87,6 +104,9 @@ class Decision:
     images: int
     images_digest: str
     tolerance: float
+    overlap: int | None = None
+    evaluation: str = EVALUATION
+    trained_score: float | None = None
 
     def summary(self) -> str:
         return f"promotion: {'promoted' if self.promoted else 'NOT promoted'}: {self.reason}"
@@ -98,53 +118,103 @@ def _metric(metrics: dict[str, Any]) -> str:
     return str(ranked[0]).removeprefix("val_")
 
 
-def _images_digest(data: str, split: str) -> tuple[int, str]:
-    """How many images the split has, and a digest of their sha256 values in file order."""
+def _test_hashes(data: str, split: str) -> list[str]:
+    """The sha256 of every image of ``split``, in file order (the evaluation's row indexes)."""
     info = describe_split(data, split, contract.read_manifest(data))
-    digest = hashlib.sha256()
-    for sha in read_split_columns(info, ["sha256"]).column("sha256").to_pylist():
-        digest.update(sha.encode())
-    return info.num_samples, digest.hexdigest()
+    return [str(h) for h in read_split_columns(info, ["sha256"]).column("sha256").to_pylist()]
+
+
+def _seen_by(model_card: dict[str, Any]) -> set[str]:
+    """The sha256 of the images a model trained and validated on (its data's train and val splits).
+
+    Raises:
+        Exception: Whatever reading that data raises (the caller records it).
+    """
+    data = model_card["data"]["uri"]
+    manifest = contract.read_manifest(data)
+    seen: set[str] = set()
+    for split in ("train", "val"):
+        if split in split_names(data, manifest):
+            seen.update(str(h) for h in read_split_columns(describe_split(data, split, manifest), ["sha256"]).column("sha256").to_pylist())
+    return seen
+
+
+def _score(result: Any, keep: np.ndarray, metric: str, classes: int) -> float:
+    """``metric`` of an evaluation over the rows ``keep`` (row indexes of the split)."""
+    rows = result.rows
+    at = np.isin(rows.index, keep)
+    labels, probs = rows.label[at].astype(np.int64), rows.probs[at]
+    if metric == "pr_auc":
+        from imgpipe.train.evaluation import (
+            macro_average_precision,  # torch: only where models are scored
+        )
+
+        return float(macro_average_precision(probs, labels)[0])
+    confusion = np.zeros((classes, classes), np.int64)
+    np.add.at(confusion, (labels, probs.argmax(axis=1)), 1)
+    accuracy, macro_f1, _ = confusion_scores(confusion)
+    return float(accuracy if metric == "accuracy" else macro_f1)
 
 
 def decide(candidate: str, current: str | None, cfg: PromoteConfig | None = None, device: str = "auto") -> Decision:
     """The verdict on ``candidate`` against ``current`` (see the module docstring).
 
     Raises:
-        ValueError: If the candidate has no ``split`` metrics (it trained without that split).
+        ValueError: If the candidate has no test split to be scored on.
     """
-    from imgpipe.steps.train import evaluate_saved  # torch: only where a current model is scored
+    from imgpipe.steps.train import evaluate_saved  # torch: only where models are scored
 
     cfg = cfg or PromoteConfig()
     candidate = storage.normalize_uri(candidate)
     contract.read_manifest(candidate, expect_step="train")
     metrics = json.loads(storage.read_bytes(storage.join(candidate, contract.METRICS)))
-    card = json.loads(storage.read_bytes(storage.join(candidate, contract.MODEL_CARD)))
+    card = read_card(candidate)
     metric = _metric(metrics)
-    scores = metrics.get(cfg.split) if cfg.split == "test" else {k.removeprefix("val_"): v for k, v in (metrics.get("kept") or {}).items()}
-    if not scores or scores.get(metric) is None:
-        raise ValueError(f"{candidate} has no {cfg.split} {metric}: it cannot be gated on its {cfg.split} split")
-    ours = float(scores[metric])
+    trained = (metrics.get("test") or {}).get(metric)
     data = card["data"]["uri"]
-    images, digest = _images_digest(data, cfg.split)
-    base = {"metric": metric, "candidate": ours, "candidate_prefix": candidate, "split": cfg.split,
-            "images": images, "images_digest": digest, "tolerance": cfg.tolerance}  # fmt: skip
+    if "test" not in split_names(data, contract.read_manifest(data)):
+        raise ValueError(f"{candidate} trained on {data}, which has no test split: it cannot be gated")
+    hashes = _test_hashes(data, cfg.split)
+    digest = hashlib.sha256("".join(hashes).encode()).hexdigest()
+    classes = len(card["classes"])
+    ours_eval = evaluate_saved(candidate, data, cfg.split, device=device)
+    every = np.arange(len(hashes))
+    base = {"metric": metric, "candidate_prefix": candidate, "split": cfg.split, "images_digest": digest,
+            "tolerance": cfg.tolerance, "trained_score": None if trained is None else float(trained)}  # fmt: skip
     if current is None:
-        return Decision(promoted=True, reason=f"the first model: {metric} {ours:.4f} on {images} {cfg.split} images", current=None, current_prefix=None, **base)
+        ours = _score(ours_eval, every, metric, classes)
+        return Decision(promoted=True, reason=f"the first model: {metric} {ours:.4f} on {len(hashes)} {cfg.split} images",
+                        candidate=ours, current=None, current_prefix=None, images=len(hashes), **base)  # fmt: skip
     current = storage.normalize_uri(current)
+
+    def refused(why: str, images: int = len(hashes), overlap: int | None = None) -> Decision:
+        return Decision(promoted=False, reason=why, candidate=_score(ours_eval, every, metric, classes), current=None,
+                        current_prefix=current, images=images, overlap=overlap, **base)  # fmt: skip
+
     try:
-        theirs = evaluate_saved(current, data, cfg.split, device=device)
-    except ValueError as exc:
-        reason = f"the current model {current} cannot be scored on the candidate's {cfg.split} images ({exc}); promote it by hand if that is intended"
-        return Decision(promoted=False, reason=reason, current=None, current_prefix=current, **base)
-    if theirs.images != images:
-        raise RuntimeError(f"scored the current model on {theirs.images} images of a split of {images}")
-    value = float(getattr(theirs, metric))
+        their_card = read_card(current, card["classes"])
+        mismatch = preprocessing_mismatch(card.get("preprocessing"), their_card.get("preprocessing"))
+        if mismatch and card.get("preprocessing") is not None and their_card.get("preprocessing") is not None:
+            return refused(f"not promoted: the models' preprocessing differs ({mismatch}), so no test set scores both alike; "
+                           "promote by hand if the change is intended")  # fmt: skip
+        seen = _seen_by(their_card)
+        keep = np.array([i for i, h in enumerate(hashes) if h not in seen], np.int64)
+        overlap = len(hashes) - len(keep)
+        if len(keep) < cfg.min_images:
+            return refused(f"not promoted: the current model trained or validated on {overlap} of the {len(hashes)} test "
+                           f"images; the {len(keep)} left are fewer than {cfg.min_images} to compare on", len(keep), overlap)  # fmt: skip
+        theirs_eval = evaluate_saved(current, data, cfg.split, device=device)
+    except Exception as exc:  # noqa: BLE001 - any failure to load or score the current model is a decision, not a crash
+        detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return refused(f"current model cannot be scored: not promoted, reason {detail}; promote by hand if intended")
+    ours, value = _score(ours_eval, keep, metric, classes), _score(theirs_eval, keep, metric, classes)
     promoted = ours >= value - cfg.tolerance
     verdict = "at least" if ours >= value else ("within the tolerance of" if promoted else "below")
-    reason = (f"{metric} {ours:.4f} is {verdict} the current model's {value:.4f} on the same {images} {cfg.split} images"
-              + (f" (tolerance {cfg.tolerance:g})" if cfg.tolerance else ""))  # fmt: skip
-    return Decision(promoted=promoted, reason=reason, current=value, current_prefix=current, **base)
+    left_out = f", leaving out {overlap} the current model trained or validated on" if overlap else ""
+    reason = (f"{metric} {ours:.4f} is {verdict} the current model's {value:.4f} on the same {len(keep)} {cfg.split} images"
+              f"{left_out}, both scored by one evaluation" + (f" (tolerance {cfg.tolerance:g})" if cfg.tolerance else ""))  # fmt: skip
+    return Decision(promoted=promoted, reason=reason, candidate=ours, current=value, current_prefix=current,
+                    images=len(keep), overlap=overlap, **base)  # fmt: skip
 
 
 def _html(decision: Decision) -> str:
