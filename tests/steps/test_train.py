@@ -187,6 +187,31 @@ def test_resume_refuses_a_checkpoint_of_another_model(data, tmp_path):
         train(data, out, tiny(model="resnet18", epochs=2, max_steps_per_epoch=1, resume=True))
 
 
+def test_a_run_preempted_mid_epoch_resumes_at_its_last_step_checkpoint_with_the_same_weights(data, tmp_path, monkeypatch):
+    cfg = tiny(epochs=2, deterministic=True, max_steps_per_epoch=4, checkpoint_every_steps=2)
+    train(data, "file://" + str(tmp_path / "straight"), cfg)
+
+    resumed = "file://" + str(tmp_path / "resumed")
+    real = train_mod.save_checkpoint
+    saved = []
+
+    def preempted_after_a_step_checkpoint(run, epoch, step=None):
+        real(run, epoch, step)
+        saved.append((epoch, step))
+        if epoch == 1 and step == 2:
+            raise KeyboardInterrupt("node preempted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_mod, "save_checkpoint", preempted_after_a_step_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            train(data, resumed, cfg)
+    assert saved == [(0, 2), (0, None), (1, 2)], "every 2 steps within an epoch, and at its end"
+    report = train(data, resumed, dataclasses.replace(cfg, resume=True))
+    assert report.extra["resumed_from_epoch"] == 1
+    straight, again = (extract_state_dict(torch.load(str(tmp_path / n / "model.pt"), weights_only=True)) for n in ("straight", "resumed"))
+    assert all(torch.equal(straight[k], again[k]) for k in straight), "the rest of the epoch, in its order, from step 2"
+
+
 def test_resume_refuses_another_loader_layout_and_names_it(data, tmp_path):
     """Another worker count deals the epoch's samples to other partitions: the resumed order would not be the run's."""
     out = "file://" + str(tmp_path / "out")

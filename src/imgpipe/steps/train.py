@@ -490,15 +490,19 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
             # DDP registers its reducer over the parameters that require gradients when it wraps;
             # after a stage change it wraps again (ranks hold the same weights; it broadcasts rank 0's).
             run.model = torch.compile(_ddp(run.module, run.device)) if run.cfg.compile else _ddp(run.module, run.device)
-    run.train_loader.set_epoch(epoch)
+    # A resume mid-epoch: the loader holds the rest of this epoch (resume set it); the steps go on from there.
+    first = run.start_step if epoch == run.start_epoch else 0
+    if not first:
+        run.train_loader.set_epoch(epoch)
     steps = run.steps_per_epoch[epoch]
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     seen, waited = 0, 0.0
     started = tick = time.perf_counter()
     batches = iter(run.train_loader)
-    progress = tqdm(total=steps, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", disable=not run.ctx.is_main, mininterval=5)
+    progress = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", disable=not run.ctx.is_main, mininterval=5)
+    every = run.cfg.checkpoint_every_steps
     try:
-        for step in range(steps):
+        for step in range(first, steps):
             batch = next(batches, None)
             if batch is None:
                 raise RuntimeError(f"train loader ended after {step} of {steps} planned steps in epoch {epoch}")
@@ -520,6 +524,8 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
             loss_sum += loss.detach().double() * len(targets)
             seen += len(targets)
             progress.update()
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                save_checkpoint(run, epoch, step=step + 1)  # every rank: it gathers their RNG states
             tick = time.perf_counter()
     finally:
         progress.close()

@@ -68,19 +68,21 @@ def _layout(run: TrainingRun) -> dict[str, int]:
     return {"world_size": run.ctx.world_size, "loader_parts": int(run.train_loader.parts), "batch_size": run.cfg.batch_size}
 
 
-def save_checkpoint(run: TrainingRun, epoch: int) -> None:
-    """Writes ``checkpoint.pt`` after ``epoch`` atomically (rank 0; every rank must call it)."""
+def save_checkpoint(run: TrainingRun, epoch: int, step: int | None = None) -> None:
+    """Writes ``checkpoint.pt`` atomically after ``epoch``, or after ``step`` steps into it (rank 0; every rank must call it)."""
     rng = _gather_rng(run.ctx)  # collective: every rank takes part
     if not run.ctx.is_main:
         return
     state = {
         "format": 1,
-        "epoch": epoch,
+        # The last whole epoch; "step": steps already taken in the next one (a mid-epoch checkpoint).
+        "epoch": epoch if step is None else epoch - 1,
+        "step": step,
         "model": run.module.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
-        # Where a resumed run starts: epoch + 1 from its beginning (the loader itself is untouched).
-        "loader": run.train_loader.state_at_start(epoch + 1),
+        # Where a resumed run starts: epoch + 1 from its beginning, or the rest of this epoch.
+        "loader": run.train_loader.state_at_start(epoch + 1) if step is None else run.train_loader.state_dict(),
         "rng": rng,
         "config": config_to_dict(run.cfg),
         # How the epoch's samples were dealt: a resume with another layout would see others.
@@ -146,6 +148,7 @@ def resume(run: TrainingRun) -> None:
     _set_rng_state(rng[run.ctx.rank] if len(rng) == run.ctx.world_size else rng[0])
     run.history = list(state["history"])
     run.start_epoch = int(state["epoch"]) + 1
+    run.start_step = int(state.get("step") or 0)
     if state.get("ema") is not None and run.ema is not None:
         run.ema.load_state_dict(state["ema"])
     run.best_state = state.get("best_state")
@@ -153,4 +156,5 @@ def resume(run: TrainingRun) -> None:
         run.best_val = EvalResult(**state["best_val"])
     if state.get("selection") is not None:
         run.selection.load_state_dict(state["selection"])
-    log.info("train: resumed from %s after epoch %d", uri, run.start_epoch)
+    log.info("train: resumed from %s after epoch %d%s", uri, run.start_epoch,
+             f" and {run.start_step} steps of the next" if run.start_step else "")  # fmt: skip

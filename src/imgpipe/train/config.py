@@ -285,6 +285,9 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.
         compile: ``torch.compile`` the model (the inductor backend on CUDA; the first steps
             compile, the rest run faster). Off by default: compiling takes minutes on a CPU.
+        checkpoint_every_steps: Also write ``checkpoint.pt`` every this many optimizer steps
+            within an epoch (0: at epoch ends only); a resume continues from that step, with
+            the rest of the epoch's samples in their order (a preempted pod loses at most N steps).
         resume: Continue from ``out/checkpoint.pt`` when it exists.
         weights: Optional URI of initial weights (state dict, model.pt or
             checkpoint.pt) in object storage; never downloaded from a hub.
@@ -381,6 +384,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     compile: bool = False
+    checkpoint_every_steps: int = 0
     resume: bool = False
     weights: str | None = None
     pretrained: str | None = None
@@ -436,6 +440,8 @@ class TrainConfig:
             raise ValueError(f"drop_path is a stochastic depth rate in [0, 1), got {v.drop_path}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if isinstance(self.checkpoint_every_steps, bool) or not isinstance(self.checkpoint_every_steps, int) or self.checkpoint_every_steps < 0:
+            raise ValueError(f"checkpoint_every_steps must be an integer >= 0 (0: at epoch ends only), got {self.checkpoint_every_steps!r}")
         if v.patience < 0:
             raise ValueError(f"patience must be >= 0 (0 trains every epoch), got {v.patience}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -77,6 +77,7 @@ class TrainingRun:
     steps_per_epoch: list[int]
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
+    start_step: int = 0
     attempt: str = ""
     norm: Normalization = IMAGENET
     head: frozenset[str] = frozenset()
