@@ -126,7 +126,9 @@ def test_cpu_operations_draw_independently():
 
 
 def test_cpu_recipe_holds_the_configured_steps():
-    assert top_level_ops(build_train_transform(AugmentConfig(), 24, 3)) == [
+    # ColorJitter is off under a policy unless set (timm's rule): the default recipe has none.
+    assert "ColorJitter" not in top_level_ops(build_train_transform(AugmentConfig(), 24, 3))
+    assert top_level_ops(build_train_transform(AugmentConfig(color_jitter=0.2), 24, 3)) == [
         "RandomResizedCrop", "HorizontalFlip", "Affine", "PolicyTransform", "ColorJitter", "ToGray", "GaussianBlur", "Erasing",
     ]
     bare = AugmentConfig(policy="basic", hflip=False, color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0)
