@@ -114,6 +114,17 @@ def test_test_images_the_current_model_saw_are_left_out_and_counted(models, tmp_
     assert not strict.promoted and strict.overlap == 6 and "fewer than 20" in strict.reason
 
 
+def test_a_current_model_whose_training_data_is_gone_is_compared_and_the_overlap_is_said_unchecked(models, tmp_path):
+    moved = "file://" + str(tmp_path / "moved")
+    for name in [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(models["good"])]:
+        storage.write_bytes(storage.join(moved, name), storage.read_bytes(storage.join(models["good"], name)))
+    card = json.loads(storage.read_bytes(storage.join(moved, "model.json")))
+    card["data"]["uri"] = "file://" + str(tmp_path / "deleted" / "resize")  # e.g. removed by a retention policy
+    storage.write_bytes(storage.join(moved, "model.json"), json.dumps(card).encode())
+    d = promote(models["good"], moved, "file://" + str(tmp_path / "p"))
+    assert d.promoted and d.overlap is None and "overlap unchecked" in d.reason and d.images == COUNTS["test"]
+
+
 def test_a_current_model_that_cannot_be_loaded_is_a_decision_not_a_crash(models, tmp_path):
     broken = "file://" + str(tmp_path / "broken")
     for name in [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(models["good"])]:

@@ -197,9 +197,12 @@ def decide(candidate: str, current: str | None, cfg: PromoteConfig | None = None
         if mismatch and card.get("preprocessing") is not None and their_card.get("preprocessing") is not None:
             return refused(f"not promoted: the models' preprocessing differs ({mismatch}), so no test set scores both alike; "
                            "promote by hand if the change is intended")  # fmt: skip
-        seen = _seen_by(their_card)
+        try:
+            seen, unchecked = _seen_by(their_card), ""
+        except Exception as exc:  # noqa: BLE001 - its data deleted or moved: say so, and compare on every test image
+            seen, unchecked = set(), f" (overlap unchecked: the current model's training data {their_card['data']['uri']} cannot be read, {type(exc).__name__})"
         keep = np.array([i for i, h in enumerate(hashes) if h not in seen], np.int64)
-        overlap = len(hashes) - len(keep)
+        overlap = None if unchecked else len(hashes) - len(keep)
         if len(keep) < cfg.min_images:
             return refused(f"not promoted: the current model trained or validated on {overlap} of the {len(hashes)} test "
                            f"images; the {len(keep)} left are fewer than {cfg.min_images} to compare on", len(keep), overlap)  # fmt: skip
@@ -210,7 +213,7 @@ def decide(candidate: str, current: str | None, cfg: PromoteConfig | None = None
     ours, value = _score(ours_eval, keep, metric, classes), _score(theirs_eval, keep, metric, classes)
     promoted = ours >= value - cfg.tolerance
     verdict = "at least" if ours >= value else ("within the tolerance of" if promoted else "below")
-    left_out = f", leaving out {overlap} the current model trained or validated on" if overlap else ""
+    left_out = f", leaving out {overlap} the current model trained or validated on" if overlap else unchecked
     reason = (f"{metric} {ours:.4f} is {verdict} the current model's {value:.4f} on the same {len(keep)} {cfg.split} images"
               f"{left_out}, both scored by one evaluation" + (f" (tolerance {cfg.tolerance:g})" if cfg.tolerance else ""))  # fmt: skip
     return Decision(promoted=promoted, reason=reason, candidate=ours, current=value, current_prefix=current,
