@@ -25,7 +25,7 @@ def audit_labels(
     from imgpipe.steps.audit import AuditConfig, rank_label_issues
     from imgpipe.sweep import branch_prefixes
 
-    models = list(branch_prefixes(branches, trained).values())
+    models = list(branch_prefixes(branches, trained, ka.read_policy(data_root)).values())
     result = rank_label_issues(models, ka.run_prefix(data_root, run_id, "audit"), AuditConfig(folds=len(models), filter_by=filter_by))
     ka.publish_audit(result.dest, report=report, metrics=metrics, overrides=overrides)
     ka.write_step_artifact(audit, result.dest)

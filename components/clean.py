@@ -30,10 +30,11 @@ def clean(
     from imgpipe.kfp import artifacts as ka
     from imgpipe.steps.clean import clean
 
+    policy = ka.read_policy(data_root)  # every URI the parameters name lies below data_root
     annotations = dataset.metadata.get("annotations") or None
-    previous = ka.resolve_previous(data_root, previous_run_prefix)
+    previous = ka.resolve_previous(data_root, previous_run_prefix, policy)
     named = {"grayscale": grayscale, "split": split, "seed": seed, "annotations": annotations, "skip_hashes_from": previous}
-    cfg = config.step_config(CleanConfig, step_config, "clean", **named)
-    result = clean(ka.read_step_artifact(dataset, "download"), ka.run_prefix(data_root, run_id, "clean"), cfg)
+    cfg = config.step_config(CleanConfig, step_config, "clean", policy=policy, **named)
+    result = clean(ka.read_step_artifact(dataset, "download", policy), ka.run_prefix(data_root, run_id, "clean"), cfg)
     ka.publish_step_report(result.dest, metrics=metrics, report=report)
     ka.write_step_artifact(cleaned, result.dest, previous_run_prefix=previous or "")

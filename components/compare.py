@@ -27,7 +27,7 @@ def compare(
     settings = {b["branch"]: b["settings"] for b in branches}
     groups = {b["branch"]: b["group"] for b in branches if "group" in b}  # with seeds: run -> its branch
     dest = ka.run_prefix(data_root, run_id, "compare")
-    result = compare(branch_prefixes(branches, trained), dest, settings=settings, groups=groups or None)
+    result = compare(branch_prefixes(branches, trained, ka.read_policy(data_root)), dest, settings=settings, groups=groups or None)
     published = ka.publish_comparison(result.dest, report=report, metrics=metrics, winner=winner)
     for name, value in spread_metrics(published).items():
         metrics.log_metric(name, value)

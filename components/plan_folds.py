@@ -24,5 +24,5 @@ def plan_folds(
     from imgpipe.kfp import artifacts as ka
     from imgpipe.steps.audit import AuditConfig, plan_folds
 
-    data = ka.committed_prefix(resized, "resize")
+    data = ka.committed_prefix(resized, "resize", ka.read_policy(data_root))
     return plan_folds(data, ka.run_prefix(data_root, run_id, "folds"), AuditConfig(folds=folds, seed=seed), step_config)

@@ -53,12 +53,12 @@ def train(
     from imgpipe.sweep import branch_step
     from imgpipe.train.config import TrainConfig
 
+    policy = ka.read_policy(data_root)  # weights, weights_cache and the data lie below data_root
     named = ka.train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes, recipe, domain)
-    cfg = config.step_config(TrainConfig, step_config, "train", **named, weights_cache=ka.weights_cache(data_root))
-    step = branch_step(branch) if branch else "train"
-    data, out = ka.committed_prefix(resized, "resize"), ka.run_prefix(data_root, run_id, step)
+    cfg = config.step_config(TrainConfig, step_config, "train", policy=policy, **named, weights_cache=ka.weights_cache(data_root))
+    data, out = ka.committed_prefix(resized, "resize", policy), ka.run_prefix(data_root, run_id, branch_step(branch) if branch else "train")
     result = run_train(data, out, cfg, run_id=run_id)  # every GPU of the pod, or a TrainJob of cfg.nodes nodes
     ka.publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)
     ka.write_step_artifact(trained, result.dest, branch=branch)
     if not branch:  # the gate: latest.json names this run only if its model is at least as good
-        ka.promote_run(data_root, run_id, tolerance=promotion_tolerance or 0.0, metrics=metrics, report=report)
+        ka.promote_run(data_root, run_id, tolerance=promotion_tolerance or 0.0, metrics=metrics, report=report, policy=policy)

@@ -110,7 +110,8 @@ def test_download_component_under_kfp_local_writes_the_run_prefix(sample, tmp_pa
     assert Path(out.path).stat().st_size < 64 << 10, "the artifact is the manifest, never the data"
 
 
-def test_clean_component_reads_the_download_artifact(sample, tmp_path, caplog):
+def test_clean_component_reads_the_download_artifact(sample, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv(SOURCE_LOCAL_ENV, "1")  # the data root is local: the operator allows it
     data_root = "file://" + str(tmp_path / "store")
     dl = run_download([storage.join(sample, "images.tar.gz")], kfp_artifacts.run_prefix(data_root, "r1", "download"), DownloadConfig())
     dataset = _artifact(dsl.Artifact, tmp_path / "dataset", prefix=dl.dest, annotations="")
@@ -151,6 +152,7 @@ def test_train_component_publishes_model_metrics_and_report(tmp_path, monkeypatc
     # ClassificationMetrics artifact is exercised with the real train step either way.
     to_dict = EvalResult.to_dict
     monkeypatch.setattr(EvalResult, "to_dict", lambda self, labels: {"confusion": self.confusion, **to_dict(self, labels)})
+    monkeypatch.setenv(SOURCE_LOCAL_ENV, "1")  # the data root is local: the operator allows it
     data_root = "file://" + str(tmp_path / "store")
     data = write_resize_output(kfp_artifacts.run_prefix(data_root, "r1", "resize"), classes=3, size=16)
     outs = {
@@ -252,7 +254,8 @@ def test_read_step_artifact_checks_the_step_and_the_commit(tmp_path):
         kfp_artifacts.read_step_artifact(_artifact(dsl.Artifact, tmp_path / "missing"), "resize")
 
 
-def test_incremental_runs_resolve_latest(tmp_path):
+def test_incremental_runs_resolve_latest(tmp_path, monkeypatch):
+    monkeypatch.setenv(SOURCE_LOCAL_ENV, "1")  # the data root is local: the operator allows it
     root = "file://" + str(tmp_path / "store")
     assert kfp_artifacts.resolve_previous(root, "") is None
     assert kfp_artifacts.resolve_previous(root, "latest") is None, "first run: nothing recorded"

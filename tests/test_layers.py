@@ -21,7 +21,7 @@ SRC = ROOT / "src" / "imgpipe"
 # a module no prefix covers fails the test until it is placed.
 LOW = {
     "storage", "config", "contract", "resources", "phases", "data", "report.html", "remote.targets", "raysession",
-    "remote.payload",
+    "remote.payload", "readpolicy",
 }  # fmt: skip
 MIDDLE = {
     "steps", "clean", "resize", "train", "report", "remote.ray_jobs", "remote.kuberay", "remote.trainjob", "kfp.artifacts",

@@ -65,6 +65,9 @@ def test_a_promoted_run_is_registered_where_the_operator_names_a_registry(model,
     dst = ka.run_prefix(root, "r7", "train")
     for name in [f["name"] for f in contract.read_manifest(model)["files"]] + ["manifest.json", "_SUCCESS"]:
         storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(model, name)))
+    # The task's read policy: a local data root, and the model's data (elsewhere in this test) listed.
+    monkeypatch.setenv("IMGPIPE_SOURCE_LOCAL", "1")
+    monkeypatch.setenv("IMGPIPE_READ_PREFIXES", json.loads(storage.read_bytes(storage.join(model, "model.json")))["data"]["uri"])
     with FakeModelRegistry() as server:
         monkeypatch.setenv("IMGPIPE_MODEL_REGISTRY", server.address)
         assert ka.promote_run(root, "r7").promoted

@@ -203,7 +203,7 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], _prefix: str = "")
     return cls(**kwargs)
 
 
-def step_config(cls: type[C], sections: Mapping[str, Any] | None, section: str, **named: Any) -> C:
+def step_config(cls: type[C], sections: Mapping[str, Any] | None, section: str, *, policy: Any = None, **named: Any) -> C:
     """Builds a step's frozen config from the pipeline's typed parameters and its free-form section.
 
     Args:
@@ -211,11 +211,14 @@ def step_config(cls: type[C], sections: Mapping[str, Any] | None, section: str, 
         sections: The pipeline's ``step_config`` parameter: one mapping per step name
             (``{"train": {"epochs": 1}}``); any field of the step's config.
         section: This step's key in ``sections``.
+        policy: A :class:`imgpipe.readpolicy.ReadPolicy`: every field the config class lists
+            in its ``READS`` (the URIs the step reads) must pass it.
         named: Values from typed pipeline parameters; ``None`` means "not set". A field
             given in the section wins over the typed parameter (it is more specific).
 
     Raises:
-        ValueError: On an unknown field or a value the config rejects.
+        ValueError: On an unknown field or a value the config rejects; a
+            ``ReadRefused`` for a URI outside ``policy``.
         TypeError: On a value of the wrong type (kfp passes JSON numbers as floats;
             whole floats are accepted for integer fields).
     """
@@ -225,7 +228,13 @@ def step_config(cls: type[C], sections: Mapping[str, Any] | None, section: str, 
         raise TypeError(f"step_config[{section!r}] must be a mapping of {cls.__name__} fields, got {own!r}")
     values = {k: v for k, v in named.items() if v is not None}
     values.update(own)
-    return config_from_dict(cls, values)
+    built = config_from_dict(cls, values)
+    if policy is not None:
+        for name in getattr(cls, "READS", ()):
+            value = getattr(built, name)
+            if value:
+                policy.check(f"{section}.{name}", value)
+    return built
 
 
 def _nearest(name: str, valid: Iterable[str]) -> str:

@@ -453,21 +453,24 @@ def _effective(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def branch_prefixes(branches: Sequence[Mapping[str, Any]], trained: Sequence[Any]) -> dict[str, str]:
+def branch_prefixes(branches: Sequence[Mapping[str, Any]], trained: Sequence[Any], policy: Any = None) -> dict[str, str]:
     """Branch name -> its committed train prefix, from the plan and the collected step artifacts.
 
     Args:
         branches: The plan's items (:func:`plan`).
         trained: The branches' train step artifacts (``metadata``: ``branch``, ``prefix``).
+        policy: A :class:`imgpipe.readpolicy.ReadPolicy` every prefix must pass.
 
     Raises:
-        ValueError: If a planned branch has no artifact, or an artifact names no planned branch.
+        ValueError: If a planned branch has no artifact, or an artifact names no planned
+            branch or a prefix outside ``policy``.
     """
     found = {}
     for artifact in trained:
         meta = artifact.metadata or {}
         name = check_branch_name(meta.get("branch"))
-        found[name] = storage.normalize_uri(meta["prefix"])
+        prefix = str(meta.get("prefix") or "")
+        found[name] = policy.check(f"branch {name}'s train artifact", prefix) if policy is not None else storage.normalize_uri(prefix)
     planned = [b["branch"] for b in branches]
     if sorted(found) != sorted(planned):
         raise ValueError(f"the branches trained ({', '.join(sorted(found))}) are not the branches planned ({', '.join(planned)})")

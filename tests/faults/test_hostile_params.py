@@ -311,3 +311,123 @@ def test_predicts_decode_goes_through_the_gate(monkeypatch):
     with pytest.raises(ImageRejected, match="too_large"):
         _decode(f.png_bomb(12_300), 3)
     assert _decode(f.jpeg(40, 30), 3).shape == (30, 40, 3)
+
+
+# ----------------------------------------------------------------------------------------
+# One read policy for every URI a run names (issue 36, item 1).
+
+SECRET = "imgpipe-test-secret-7f3a"  # stands for the profile's S3 key in the pod's environment
+ROOT = "s3://team/imgpipe"
+
+
+@pytest.fixture
+def forbid_reads(monkeypatch):
+    """Every storage read raises: a refused URI must be refused before the first byte is read."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"storage read something: {args}")
+
+    for name in ("read_bytes", "open_read", "exists", "size", "list_objects", "download_file", "arrow_filesystem"):
+        monkeypatch.setattr(storage, name, forbidden)
+    for backend in storage._BACKENDS.values():
+        for name in ("read_bytes", "open_read", "exists", "size", "list_objects", "download_file"):
+            if hasattr(type(backend), name):
+                monkeypatch.setattr(type(backend), name, forbidden)
+
+
+OUTSIDE = [
+    "file:///proc/self/environ",
+    "/etc/passwd",
+    "s3://other-team/imgpipe/labels.csv",
+    "s3://team/imgpipe-other/labels.csv",  # a sibling whose name starts the same
+    "s3://team/imgpipe/../secrets/labels.csv",
+]
+
+
+@pytest.mark.parametrize("uri", OUTSIDE)
+@pytest.mark.parametrize("field", ["label_overrides", "labels_csv", "annotations", "skip_hashes_from"])
+def test_a_clean_parameter_cannot_name_what_lies_outside_the_data_root(tmp_path, monkeypatch, forbid_reads, field, uri):
+    from imgpipe.components.clean import clean
+    from kfp import dsl
+
+    from imgpipe.readpolicy import ReadRefused
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    section = {field: uri, **({"label_source": "csv"} if field == "labels_csv" else {})}
+    arts = {}
+    for name, cls in (("dataset", dsl.Artifact), ("cleaned", dsl.Artifact), ("metrics", dsl.Metrics), ("report", dsl.HTML)):
+        arts[name] = cls(name=name, uri=str(tmp_path / name), metadata={"prefix": f"{ROOT}/runs/r1/download"} if name == "dataset" else {})
+    with pytest.raises(ReadRefused) as info:
+        clean.python_func(data_root=ROOT, run_id="r1", step_config={"clean": section}, **arts)
+    message = str(info.value)
+    assert message.startswith(f"clean.{field}: ") and storage.redact_uri(uri) in message
+    assert SECRET not in message and "\n" not in message
+
+
+def test_previous_run_prefix_and_the_prefixes_latest_json_names_are_checked_before_reading(monkeypatch, forbid_reads):
+    from imgpipe.kfp import artifacts as ka
+    from imgpipe.readpolicy import ReadPolicy, ReadRefused
+
+    policy = ReadPolicy.for_run(ROOT, {})
+    for uri in OUTSIDE:
+        with pytest.raises(ReadRefused, match="previous_run_prefix"):
+            ka.resolve_previous(ROOT, uri, policy)
+    monkeypatch.setattr(ka, "read_latest", lambda root: {"prefixes": {"clean": "file:///etc", "train": "s3://other/m"}})
+    with pytest.raises(ReadRefused, match="latest.json's clean prefix: file:///etc is a local path"):
+        ka.resolve_previous(ROOT, "latest", policy)
+    with pytest.raises(ReadRefused, match="latest.json's train prefix: s3://other/m is outside"):
+        ka.current_model(ROOT, policy)
+
+
+@pytest.mark.parametrize("field", ["weights", "weights_cache"])
+def test_train_weights_and_their_cache_stay_below_the_data_root(forbid_reads, field):
+    from imgpipe.config import step_config
+    from imgpipe.readpolicy import ReadPolicy, ReadRefused
+    from imgpipe.train.config import TrainConfig
+
+    policy = ReadPolicy.for_run(ROOT, {})
+    with pytest.raises(ReadRefused, match=f"train.{field}: s3://other/w.pt is outside"):
+        step_config(TrainConfig, {"train": {field: "s3://other/w.pt"}}, "train", policy=policy)
+    assert step_config(TrainConfig, {"train": {field: f"{ROOT}/weights/w.pt"}}, "train", policy=policy)
+
+
+def test_local_files_need_the_operator_and_links_are_judged_where_they_lead(tmp_path):
+    from imgpipe.readpolicy import ReadPolicy, ReadRefused
+
+    root = tmp_path / "store"
+    (root / "labels").mkdir(parents=True)
+    (root / "labels" / "ok.csv").write_text("path,label\n")
+    (root / "labels" / "env.csv").symlink_to("/proc/self/environ")
+    with pytest.raises(ReadRefused, match="a local path, which a run parameter may not name"):
+        ReadPolicy.for_run(str(root), {}).check("clean.label_overrides", str(root / "labels" / "ok.csv"))
+    allowed = ReadPolicy.for_run(str(root), {"IMGPIPE_SOURCE_LOCAL": "1"})
+    assert allowed.check("clean.label_overrides", str(root / "labels" / "ok.csv")).endswith("ok.csv")
+    with pytest.raises(ReadRefused, match="outside what this run may read"):
+        allowed.check("clean.label_overrides", str(root / "labels" / "env.csv"))
+    for wide in ("/", "/proc", "/tmp"):  # a data root that would reach the pod's own files counts for nothing
+        with pytest.raises(ReadRefused, match="not counted"):
+            ReadPolicy.for_run(wide, {"IMGPIPE_SOURCE_LOCAL": "1"}).check("clean.labels_csv", "/proc/self/environ")
+
+
+def test_the_operator_lists_more_prefixes_and_nothing_else_widens_the_policy():
+    from imgpipe.readpolicy import ReadPolicy, ReadRefused
+
+    policy = ReadPolicy.for_run(ROOT, {"IMGPIPE_READ_PREFIXES": "s3://shared/labels, s3://models/current"})
+    assert policy.allows("s3://shared/labels/pets.csv") and policy.allows("s3://models/current/model.json")
+    assert not policy.allows("s3://shared/labels-private/x.csv") and not policy.allows("s3://shared/other/x")
+    assert not policy.allows("file:///etc/passwd")
+    for bad in ("/", "ftp://x/y"):
+        with pytest.raises(ValueError, match="IMGPIPE_READ_PREFIXES"):
+            ReadPolicy.for_run(ROOT, {"IMGPIPE_READ_PREFIXES": bad})
+    with pytest.raises(ReadRefused):
+        ReadPolicy.for_run(ROOT, {}).check("x", "s3://shared/labels/pets.csv")
+
+
+def test_a_label_csv_error_names_the_field_and_uri_never_the_content():
+    from imgpipe.data.labels import read_label_csv
+
+    environ = f"AWS_SECRET_ACCESS_KEY={SECRET}\0HOME=/root\0".encode()
+    for data in (environ, f"path,label\na.jpg,{SECRET}\na.jpg,other\n".encode(), b"\xff\xfe" + environ):
+        with pytest.raises(ValueError) as info:
+            read_label_csv(data, "clean.label_overrides s3://team/imgpipe/env.csv")
+        assert SECRET not in str(info.value) and "clean.label_overrides s3://team/imgpipe/env.csv" in str(info.value)

@@ -145,16 +145,37 @@ def test_models_whose_preprocessing_differs_are_not_compared(models, tmp_path):
     assert not d.promoted and "preprocessing differs" in d.reason and "ops" in d.reason
 
 
-def test_latest_json_moves_only_on_a_promotion(models, tmp_path):
+@pytest.fixture
+def run_policy(models, monkeypatch):
+    """A task's read policy over a local data root: local files allowed, the shared test data listed."""
+    monkeypatch.setenv("IMGPIPE_SOURCE_LOCAL", "1")
+    monkeypatch.setenv("IMGPIPE_READ_PREFIXES", models["data"])
+
+
+def _place(root: str, run_id: str, model: str) -> None:
+    """A run's prefixes as the pipeline lays them out; train is a copy of a trained model."""
+    for step in ("clean", "resize"):
+        storage.write_bytes(storage.join(ka.run_prefix(root, run_id, step), "x"), b"")
+    src, dst = model, ka.run_prefix(root, run_id, "train")
+    for name in [f["name"] for f in contract.read_manifest(src)["files"]] + ["manifest.json", "_SUCCESS"]:
+        storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+
+
+def test_a_forged_latest_json_naming_a_model_outside_the_data_root_is_a_decision_not_a_read(models, tmp_path, run_policy):
+    root = "file://" + str(tmp_path / "root")
+    _place(root, "r1", models["good"])
+    forged = {"run_id": "r0", "prefixes": {"train": models["good"]}}  # a good model, but not under this data root
+    storage.write_bytes(storage.join(root, ka.LATEST), json.dumps(forged).encode())
+    d = ka.promote_run(root, "r1")
+    assert not d.promoted and "latest.json's train prefix" in d.reason and "outside what this run may read" in d.reason
+    assert d.current is None and ka.read_latest(root) == forged, "nothing outside was scored, latest.json is as it was"
+
+
+def test_latest_json_moves_only_on_a_promotion(models, tmp_path, run_policy):
     root = "file://" + str(tmp_path / "root")
 
     def place(run_id: str, model: str) -> None:
-        # The run's prefixes as the pipeline lays them out; train is a copy of a trained model.
-        for step in ("clean", "resize"):
-            storage.write_bytes(storage.join(ka.run_prefix(root, run_id, step), "x"), b"")
-        src, dst = model, ka.run_prefix(root, run_id, "train")
-        for name in [f["name"] for f in contract.read_manifest(src)["files"]] + ["manifest.json", "_SUCCESS"]:
-            storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+        _place(root, run_id, model)
 
     place("r1", models["good"])
     assert ka.promote_run(root, "r1").promoted

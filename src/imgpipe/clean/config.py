@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from imgpipe.clean.neardup import MAX_DISTANCE
 from imgpipe.clean.quality import OUTLIERS
@@ -93,6 +93,10 @@ class CleanConfig:
         reject_odd_aspect: Robust z-score of the (log) aspect ratio, either way, past which
             an image is rejected ``odd_aspect``; unset: flagged only.
     """
+
+    # The fields that name something to read: a pipeline task checks them against its
+    # read policy (imgpipe.readpolicy) before the step starts.
+    READS: ClassVar[tuple[str, ...]] = ("labels_csv", "label_overrides", "annotations", "skip_hashes_from")
 
     grayscale: bool = False
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)

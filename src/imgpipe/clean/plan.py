@@ -191,13 +191,13 @@ def build_labeler(cfg: CleanConfig, index: Index) -> Labeler:
     """The labeler the config asks for (``auto`` chooses from the index's paths), with ``label_overrides`` over it."""
     if cfg.label_source == "csv":
         assert cfg.labels_csv is not None  # checked in CleanConfig
-        base = Labeler("csv", read_label_csv(storage.read_bytes(cfg.labels_csv)))
+        base = Labeler("csv", read_label_csv(storage.read_bytes(cfg.labels_csv), f"labels_csv {storage.redact_uri(cfg.labels_csv)}"))
     elif cfg.label_source == "auto":
         base = Labeler(choose_label_source(index.iter_paths()))
     else:
         base = Labeler(cfg.label_source)
     if cfg.label_overrides:
-        return OverriddenLabeler(base, read_label_csv(storage.read_bytes(cfg.label_overrides)))
+        return OverriddenLabeler(base, read_label_csv(storage.read_bytes(cfg.label_overrides), f"label_overrides {storage.redact_uri(cfg.label_overrides)}"))
     return base
 
 

@@ -59,28 +59,39 @@ def unescape_csv_cell(value: str) -> str:
     return value[1:] if value.startswith("'") and value[1:].startswith(_FORMULA_START) else value
 
 
-def read_label_csv(data: bytes) -> dict[str, str]:
+def read_label_csv(data: bytes, what: str = "label CSV") -> dict[str, str]:
     """Parses a ``path,label`` CSV (header required) into a mapping.
 
     Paths may be archive member paths or bare file names. Cells escaped against formula
     injection (:func:`escape_csv_cell`, as imgpipe writes them) are read back unescaped.
+    Errors name ``what`` (the field and URI) and a line number, never a cell: the file
+    is whatever a run parameter named, and an error is shown to everyone who can view runs.
 
     Raises:
-        ValueError: If the header lacks ``path`` and ``label`` columns, or a path repeats
-            with different labels.
+        ValueError: If the bytes are not UTF-8 CSV, the header lacks ``path`` and
+            ``label`` columns, or a path repeats with different labels.
     """
-    reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
-    if not reader.fieldnames or not {"path", "label"} <= {f.strip() for f in reader.fieldnames}:
-        raise ValueError(f"label CSV needs a header with 'path' and 'label' columns, got {reader.fieldnames}")
+    try:
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+        fields = reader.fieldnames
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8 text; expected a path,label CSV") from None
+    except csv.Error as exc:
+        raise ValueError(f"{what} is not a readable CSV ({exc})") from None
+    if not fields or not {"path", "label"} <= {f.strip() for f in fields}:
+        raise ValueError(f"{what} needs a header row with 'path' and 'label' columns; its first row has {len(fields or [])} cell(s) and lacks them")
     out: dict[str, str] = {}
-    for lineno, row in enumerate(reader, start=2):
-        path = unescape_csv_cell((row.get("path") or "").strip()).removeprefix("./")
-        label = unescape_csv_cell((row.get("label") or "").strip())
-        if not path or not label:
-            continue
-        if path in out and out[path] != label:
-            raise ValueError(f"label CSV line {lineno}: {path!r} is labelled both {out[path]!r} and {label!r}")
-        out[path] = label
+    try:
+        for lineno, row in enumerate(reader, start=2):
+            path = unescape_csv_cell((row.get("path") or "").strip()).removeprefix("./")
+            label = unescape_csv_cell((row.get("label") or "").strip())
+            if not path or not label:
+                continue
+            if path in out and out[path] != label:
+                raise ValueError(f"{what} line {lineno}: a path listed on an earlier line has another label here")
+            out[path] = label
+    except csv.Error as exc:
+        raise ValueError(f"{what} line {reader.line_num}: not readable CSV ({exc})") from None
     return out
 
 

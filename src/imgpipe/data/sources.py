@@ -44,6 +44,7 @@ __all__ = [
     "SourcePolicy",
     "SourceRefused",
     "check_redirect",
+    "env_flag",
     "peer_checked_session",
 ]
 
@@ -143,7 +144,7 @@ class SourcePolicy:
         return cls(
             schemes=REMOTE_SCHEMES,
             pin_required=frozenset({"http"}),
-            allow_local=_env_flag(env, SOURCE_LOCAL_ENV),
+            allow_local=env_flag(env, SOURCE_LOCAL_ENV),
             allowed_networks=_env_networks(env, SOURCE_NETWORKS_ENV),
         )
 
@@ -287,7 +288,12 @@ def _is_public(ip: IPAddress) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
 
 
-def _env_flag(env: Mapping[str, str], name: str) -> bool:
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    """Whether the variable ``name`` of ``env`` says yes (``1``, ``true``, ``yes``); unset is no.
+
+    Raises:
+        ValueError: For a value that is neither yes nor no.
+    """
     value = env.get(name, "").strip().lower()
     if value in _TRUE:
         return True

@@ -16,6 +16,10 @@ prefixes in ``{data_root}/latest.json`` (:func:`record_latest`); a later run wit
 ``previous_run_prefix="latest"`` resolves it (:func:`resolve_previous`) to the previous
 clean output, whose sha256 column tells clean which images it has seen.
 
+What a run reads: every prefix handed over, every URI a run parameter names and every
+prefix ``latest.json`` or a model card names passes the task's :func:`read_policy`
+(below ``data_root`` and the operator's prefixes, :mod:`imgpipe.readpolicy`) before it is read.
+
 Pretrained weights: every run under a data root shares one cache,
 ``{data_root}/weights/`` (:func:`weights_cache`, the layout in :mod:`imgpipe.train.pretrained`),
 so torchvision's weights are downloaded once per data root.
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imgpipe import contract, modelregistry, resources, storage
+from imgpipe.readpolicy import ReadPolicy, ReadRefused
 from imgpipe.report import html as htmlpage
 from imgpipe.report import steps as step_report
 from imgpipe.train.config import WEIGHTS_CACHE
@@ -51,6 +56,7 @@ __all__ = [
     "check_run_id",
     "run_prefix",
     "weights_cache",
+    "read_policy",
     "train_overrides",
     "write_step_artifact",
     "read_step_artifact",
@@ -116,6 +122,11 @@ def weights_cache(data_root: str) -> str:
     return storage.join(storage.normalize_uri(data_root), WEIGHTS_CACHE)
 
 
+def read_policy(data_root: str) -> ReadPolicy:
+    """What a task of a run under ``data_root`` may read: :meth:`ReadPolicy.for_run` in the pod's environment."""
+    return ReadPolicy.for_run(data_root)
+
+
 def train_overrides(
     model_name: str | None,
     epochs: int | None,
@@ -161,27 +172,30 @@ def write_step_artifact(artifact: Any, prefix: str, **metadata: Any) -> dict[str
     return manifest
 
 
-def committed_prefix(prefix: str, expect_step: str) -> str:
+def committed_prefix(prefix: str, expect_step: str, policy: ReadPolicy | None = None) -> str:
     """``prefix`` normalized, once it is checked to hold a committed output of ``expect_step``.
 
     What a step takes when its upstream hands it the prefix as a plain parameter (the
     resize branches do: kfp selects one branch's *parameter* output with ``dsl.OneOf``).
 
     Raises:
-        ValueError: If ``prefix`` is empty or another step's output.
+        ValueError: If ``prefix`` is empty, another step's output or outside ``policy``.
         UncommittedOutputError: If it is not committed.
     """
     if not (prefix or "").strip():
         raise ValueError(f"no {expect_step} output prefix was handed over")
+    if policy is not None:
+        policy.check(f"the {expect_step} output handed over", prefix)
     contract.read_manifest(prefix, expect_step=expect_step)
     return storage.normalize_uri(prefix)
 
 
-def read_step_artifact(artifact: Any, expect_step: str) -> str:
+def read_step_artifact(artifact: Any, expect_step: str, policy: ReadPolicy | None = None) -> str:
     """The committed prefix an upstream step artifact points at.
 
     Raises:
-        ValueError: If the artifact names no prefix or points at another step's output.
+        ValueError: If the artifact names no prefix, points at another step's output or
+            outside ``policy``.
         UncommittedOutputError: If the prefix is no longer committed.
     """
     prefix = (artifact.metadata or {}).get("prefix")
@@ -192,16 +206,38 @@ def read_step_artifact(artifact: Any, expect_step: str) -> str:
             raise ValueError(f"step artifact {artifact.path} has no 'prefix' metadata and no readable manifest") from exc
     if not prefix:
         raise ValueError(f"step artifact {artifact.path} names no output prefix")
+    if policy is not None:
+        policy.check(f"the {expect_step} step artifact", prefix)
     contract.read_manifest(prefix, expect_step=expect_step)
     return storage.normalize_uri(prefix)
 
 
 def read_latest(data_root: str) -> dict[str, Any] | None:
-    """The record of the last successful run under ``data_root``, or ``None``."""
+    """The record of the last successful run under ``data_root``, or ``None``.
+
+    Raises:
+        ValueError: If the record is not a JSON object (naming the file, not its content).
+    """
     uri = storage.join(storage.normalize_uri(data_root), LATEST)
     if not storage.exists(uri):
         return None
-    return json.loads(storage.read_bytes(uri))
+    try:
+        record = json.loads(storage.read_bytes(uri))
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("prefixes", {}), dict):
+        raise ValueError(f"{uri} is not a record imgpipe wrote (a JSON object with 'prefixes'); remove it or restore it")
+    return record
+
+
+def _latest_prefix(data_root: str, step: str, policy: ReadPolicy | None) -> str | None:
+    """The ``step`` prefix ``latest.json`` names, checked against ``policy`` (the run's by default)."""
+    prefix = ((read_latest(data_root) or {}).get("prefixes") or {}).get(step)
+    if not prefix:
+        return None
+    if not isinstance(prefix, str):
+        raise ValueError(f"latest.json under {data_root} names a {step} prefix that is not a URI")
+    return (policy or read_policy(data_root)).check(f"latest.json's {step} prefix", prefix)
 
 
 def record_latest(data_root: str, run_id: str, prefixes: Mapping[str, str]) -> str:
@@ -220,7 +256,7 @@ def record_latest(data_root: str, run_id: str, prefixes: Mapping[str, str]) -> s
     return uri
 
 
-def resolve_previous(data_root: str, previous: str) -> str | None:
+def resolve_previous(data_root: str, previous: str, policy: ReadPolicy | None = None) -> str | None:
     """The previous clean output an incremental run compares against.
 
     Args:
@@ -228,16 +264,18 @@ def resolve_previous(data_root: str, previous: str) -> str | None:
         previous: ``""`` (a full run), ``"latest"`` (the clean output of the last
             successful run recorded under ``data_root``; a full run if there is none
             yet) or the URI of a committed clean output.
+        policy: What the run may read (:func:`read_policy` of ``data_root`` by default).
 
     Raises:
-        ValueError: If an explicit URI is not a committed clean output.
+        ValueError: If an explicit URI is not a committed clean output; ``ReadRefused``
+            if it, or the prefix ``latest.json`` names, is outside ``policy``.
     """
     text = (previous or "").strip()
     if not text:
         return None
+    policy = policy or read_policy(data_root)
     if text == LATEST_KEYWORD:
-        record = read_latest(data_root)
-        prefix = ((record or {}).get("prefixes") or {}).get("clean")
+        prefix = _latest_prefix(data_root, "clean", policy)
         if not prefix:
             log.info("incremental: no previous run recorded under %s; processing everything", data_root)
             return None
@@ -245,8 +283,9 @@ def resolve_previous(data_root: str, previous: str) -> str | None:
             log.warning("incremental: the recorded previous clean output %s is gone; processing everything", prefix)
             return None
         return storage.normalize_uri(prefix)
+    text = policy.check("previous_run_prefix", text)
     contract.read_manifest(text, expect_step="clean")
-    return storage.normalize_uri(text)
+    return text
 
 
 def find_confusion(metrics: Mapping[str, Any]) -> tuple[str, list[list[int]]] | None:
@@ -322,9 +361,13 @@ def publish_training(
     return manifest
 
 
-def current_model(data_root: str) -> str | None:
-    """The train output ``latest.json`` names as the current model, if it is still there."""
-    prefix = ((read_latest(data_root) or {}).get("prefixes") or {}).get("train")
+def current_model(data_root: str, policy: ReadPolicy | None = None) -> str | None:
+    """The train output ``latest.json`` names as the current model, if it is still there.
+
+    Raises:
+        ReadRefused: If ``latest.json`` names one outside ``policy`` (the run's by default).
+    """
+    prefix = _latest_prefix(data_root, "train", policy)
     if prefix and not contract.is_committed(prefix):
         log.warning("promotion: the current model %s recorded in latest.json is gone; the candidate is the first", prefix)
         return None
@@ -332,21 +375,28 @@ def current_model(data_root: str) -> str | None:
 
 
 def promote_run(
-    data_root: str, run_id: str, tolerance: float = 0.0, train_step: str = "train", *, metrics: Any = None, report: Any = None
+    data_root: str, run_id: str, tolerance: float = 0.0, train_step: str = "train", *, metrics: Any = None, report: Any = None,
+    policy: ReadPolicy | None = None,
 ) -> Any:
     """The promotion gate for a finished run (:mod:`imgpipe.steps.promote`): records it in ``latest.json`` only if promoted.
 
     The decision is committed to ``{data_root}/runs/{run_id}/promote/``, promoted or not,
     and shown in the task's ``metrics`` and ``report`` artifacts when given (:func:`publish_promotion`).
+    What ``latest.json`` and the current model's card name must pass ``policy`` (the run's by default).
 
     Returns:
         The :class:`imgpipe.steps.promote.Decision`.
     """
     from imgpipe.steps.promote import PromoteConfig, promote
 
+    policy = policy or read_policy(data_root)
     prefixes = {s: run_prefix(data_root, run_id, s) for s in ("clean", "resize", train_step)}
-    decision = promote(prefixes[train_step], current_model(data_root), run_prefix(data_root, run_id, "promote"),
-                       PromoteConfig(tolerance=tolerance))  # fmt: skip
+    try:
+        current = current_model(data_root, policy)
+    except ReadRefused:  # never probed; the gate refuses it again, as a decision rather than a failed run
+        current = _latest_prefix(data_root, "train", ReadPolicy.trusted())
+    decision = promote(prefixes[train_step], current, run_prefix(data_root, run_id, "promote"),
+                       PromoteConfig(tolerance=tolerance), policy=policy)  # fmt: skip
     if decision.promoted:
         record_latest(data_root, run_id, {"clean": prefixes["clean"], "resize": prefixes["resize"], "train": prefixes[train_step]})
         if os.environ.get(modelregistry.REGISTRY_ENV):  # the operator's registry (compile time)

@@ -333,12 +333,13 @@ def _sample_dataset(cfg: LocalRunConfig, data_root: str) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _allow_local_sources(*uris: str) -> Iterator[None]:
-    """Lets the download component read the local sources of this run while the block runs.
+def _allow_local_files(*uris: str) -> Iterator[None]:
+    """Lets the components read the local files of this run (sources, data root) while the block runs.
 
-    The component refuses local paths unless its environment allows them (a run
-    parameter must not read the pod's files); here the operator named them, either as
-    ``--source`` or as the data root the sample dataset was generated into.
+    A component refuses local paths unless its environment allows them (a run parameter
+    must not read the pod's files: :mod:`imgpipe.data.sources`, :mod:`imgpipe.readpolicy`);
+    here the operator named them, as ``--source``, ``--data-root`` or the data root the
+    sample dataset was generated into.
     """
     if not any(uri and urlparse(os.fspath(uri)).scheme in ("", "file") for uri in uris):
         yield
@@ -542,7 +543,7 @@ def _start(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, argu
     own_store = cfg.data_root is None
     data_root = stack.enter_context(local_s3_server()) if own_store else storage.normalize_uri(cfg.data_root)
     source, annotations = _sample_dataset(cfg, data_root)
-    stack.enter_context(_allow_local_sources(source, annotations))
+    stack.enter_context(_allow_local_files(source, annotations, data_root))
     runner = None
     if client is not None:
         runner, ray_address = _docker_runner(client, stack, workdir)

@@ -28,6 +28,7 @@ import numpy as np
 from imgpipe import contract, storage
 from imgpipe.config import config_to_yaml
 from imgpipe.contract import StepReport
+from imgpipe.readpolicy import ReadPolicy
 from imgpipe.report import html as htmlpage
 from imgpipe.train.card import preprocessing_mismatch, read_card
 from imgpipe.train.partition import describe_split, read_split_columns, split_names
@@ -124,13 +125,14 @@ def _test_hashes(data: str, split: str) -> list[str]:
     return [str(h) for h in read_split_columns(info, ["sha256"]).column("sha256").to_pylist()]
 
 
-def _seen_by(model_card: dict[str, Any]) -> set[str]:
+def _seen_by(model_card: dict[str, Any], policy: ReadPolicy) -> set[str]:
     """The sha256 of the images a model trained and validated on (its data's train and val splits).
 
     Raises:
-        Exception: Whatever reading that data raises (the caller records it).
+        Exception: Whatever reading that data raises (the caller records it); ``ReadRefused``
+            if the card names data outside ``policy``.
     """
-    data = model_card["data"]["uri"]
+    data = policy.check("the current model's card data.uri", model_card["data"]["uri"])
     manifest = contract.read_manifest(data)
     seen: set[str] = set()
     for split in ("train", "val"):
@@ -156,8 +158,13 @@ def _score(result: Any, keep: np.ndarray, metric: str, classes: int) -> float:
     return float(accuracy if metric == "accuracy" else macro_f1)
 
 
-def decide(candidate: str, current: str | None, cfg: PromoteConfig | None = None, device: str = "auto") -> Decision:
+def decide(
+    candidate: str, current: str | None, cfg: PromoteConfig | None = None, device: str = "auto", policy: ReadPolicy | None = None
+) -> Decision:
     """The verdict on ``candidate`` against ``current`` (see the module docstring).
+
+    ``policy`` (a pipeline task's :class:`~imgpipe.readpolicy.ReadPolicy`; the CLI's trusts
+    everything) bounds what the cards name: a current model outside it is not promoted against.
 
     Raises:
         ValueError: If the candidate has no test split to be scored on.
@@ -165,13 +172,14 @@ def decide(candidate: str, current: str | None, cfg: PromoteConfig | None = None
     from imgpipe.steps.train import evaluate_saved  # torch: only where models are scored
 
     cfg = cfg or PromoteConfig()
+    policy = policy or ReadPolicy.trusted()
     candidate = storage.normalize_uri(candidate)
     contract.read_manifest(candidate, expect_step="train")
     metrics = json.loads(storage.read_bytes(storage.join(candidate, contract.METRICS)))
     card = read_card(candidate)
     metric = _metric(metrics)
     trained = (metrics.get("test") or {}).get(metric)
-    data = card["data"]["uri"]
+    data = policy.check("the candidate's card data.uri", card["data"]["uri"])
     if "test" not in split_names(data, contract.read_manifest(data)):
         raise ValueError(f"{candidate} trained on {data}, which has no test split: it cannot be gated")
     hashes = _test_hashes(data, cfg.split)
@@ -185,20 +193,24 @@ def decide(candidate: str, current: str | None, cfg: PromoteConfig | None = None
         ours = _score(ours_eval, every, metric, classes)
         return Decision(promoted=True, reason=f"the first model: {metric} {ours:.4f} on {len(hashes)} {cfg.split} images",
                         candidate=ours, current=None, current_prefix=None, images=len(hashes), **base)  # fmt: skip
-    current = storage.normalize_uri(current)
+    try:
+        shown = storage.normalize_uri(current)
+    except ValueError:  # refused below, as a decision
+        shown = storage.redact_uri(current)
 
     def refused(why: str, images: int = len(hashes), overlap: int | None = None) -> Decision:
         return Decision(promoted=False, reason=why, candidate=_score(ours_eval, every, metric, classes), current=None,
-                        current_prefix=current, images=images, overlap=overlap, **base)  # fmt: skip
+                        current_prefix=shown, images=images, overlap=overlap, **base)  # fmt: skip
 
     try:
+        current = policy.check("latest.json's train prefix", current)
         their_card = read_card(current, card["classes"])
         mismatch = preprocessing_mismatch(card.get("preprocessing"), their_card.get("preprocessing"))
         if mismatch and card.get("preprocessing") is not None and their_card.get("preprocessing") is not None:
             return refused(f"not promoted: the models' preprocessing differs ({mismatch}), so no test set scores both alike; "
                            "promote by hand if the change is intended")  # fmt: skip
         try:
-            seen, unchecked = _seen_by(their_card), ""
+            seen, unchecked = _seen_by(their_card, policy), ""
         except Exception as exc:  # noqa: BLE001 - its data deleted or moved: say so, and compare on every test image
             seen, unchecked = set(), f" (overlap unchecked: the current model's training data {their_card['data']['uri']} cannot be read, {type(exc).__name__})"
         keep = np.array([i for i, h in enumerate(hashes) if h not in seen], np.int64)
@@ -232,7 +244,9 @@ def _html(decision: Decision) -> str:
     return htmlpage.page("imgpipe promotion", parts)
 
 
-def promote(candidate: str, current: str | None, dest: str, cfg: PromoteConfig | None = None, device: str = "auto") -> Decision:
+def promote(
+    candidate: str, current: str | None, dest: str, cfg: PromoteConfig | None = None, device: str = "auto", policy: ReadPolicy | None = None
+) -> Decision:
     """Decides on ``candidate`` and commits the decision to ``dest``.
 
     Args:
@@ -241,12 +255,13 @@ def promote(candidate: str, current: str | None, dest: str, cfg: PromoteConfig |
         dest: Output prefix of the decision; replaced.
         cfg: Tolerance and split.
         device: Where the current model is re-evaluated.
+        policy: What the cards may name (:func:`decide`); everything when ``None``.
     """
     cfg = cfg or PromoteConfig()
     started = time.monotonic()
     dest = storage.normalize_uri(dest)
     contract.check_disjoint(dest, [candidate] + ([current] if current else []), "promote")
-    decision = decide(candidate, current, cfg, device)
+    decision = decide(candidate, current, cfg, device, policy)
     attempt = contract.claim(dest, "promote")
     outputs = {
         PROMOTION_JSON: json.dumps(asdict(decision), indent=2).encode(),

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 from imgpipe import resources, storage
 from imgpipe.train.policies import MAX_M, MAX_N, PolicyLimits, check_limits
@@ -335,6 +335,10 @@ class TrainConfig:
             each with the task's GPU count (:mod:`imgpipe.remote.trainjob`), up to the
             operator's cap (``$IMGPIPE_TRAIN_MAX_NODES``, default 4).
     """
+
+    # The fields that name something to read: a pipeline task checks them against its
+    # read policy (imgpipe.readpolicy) before the step starts.
+    READS: ClassVar[tuple[str, ...]] = ("weights", "weights_cache")
 
     model: str = "resnet18"
     recipe: Recipe = "none"
