@@ -462,3 +462,21 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             values[name] = tuple(value) if isinstance(value, list) else value
     return values
+
+
+_TRUE = frozenset({"1", "true", "yes"})
+_FALSE = frozenset({"", "0", "false", "no"})
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    """Whether the variable ``name`` of ``env`` says yes (``1``, ``true``, ``yes``); unset is no.
+
+    Raises:
+        ValueError: For a value that is neither yes nor no.
+    """
+    value = env.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={env[name]!r} must be 1 (allow) or 0 (refuse)")

@@ -7,7 +7,7 @@ reads back name in turn (``latest.json``'s prefixes, a model card's data URI). W
 can start a run chooses those strings, so none is trusted: under this policy each must
 lie below the run's ``data_root`` or below a prefix the operator lists in
 :data:`READ_PREFIXES_ENV`, and a local path counts only where the operator allows local
-files (:data:`imgpipe.data.sources.SOURCE_LOCAL_ENV`, or a ``file://`` prefix listed).
+files (:data:`SOURCE_LOCAL_ENV`, or a ``file://`` prefix listed).
 
     policy = ReadPolicy.for_run("s3://bucket/imgpipe")            # the kfp components
     uri = policy.check("clean.label_overrides", "s3://bucket/imgpipe/review.csv")
@@ -28,11 +28,14 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from imgpipe import storage
-from imgpipe.data.sources import SOURCE_LOCAL_ENV, env_flag
+from imgpipe.config import env_flag
 
-__all__ = ["READ_PREFIXES_ENV", "ReadPolicy", "ReadRefused"]
+__all__ = ["READ_PREFIXES_ENV", "SOURCE_LOCAL_ENV", "ReadPolicy", "ReadRefused"]
 
 READ_PREFIXES_ENV = "IMGPIPE_READ_PREFIXES"
+# The operator's word that run parameters may name files in the pod (download sources too:
+# imgpipe.data.sources).
+SOURCE_LOCAL_ENV = "IMGPIPE_SOURCE_LOCAL"
 # A local root must be two folders deep: ``/`` or ``/proc`` as data_root would make the
 # policy allow the pod's own files. A bucket is a root on its own (the pod's credentials
 # bound it).
@@ -68,7 +71,7 @@ class ReadPolicy:
         """The policy of a pipeline task: below ``data_root`` and the operator's :data:`READ_PREFIXES_ENV`.
 
         ``data_root`` is a run parameter too: a local one counts only when
-        :data:`~imgpipe.data.sources.SOURCE_LOCAL_ENV` is ``1``, and none counts that is a
+        :data:`SOURCE_LOCAL_ENV` is ``1``, and none counts that is a
         bucket root or a top-level folder. Prefixes in :data:`READ_PREFIXES_ENV`
         (comma-separated URIs) are the operator's, so a ``file://`` one is allowed as written.
 

@@ -111,6 +111,7 @@ def test_more_cuda_ranks_than_gpus_is_refused(monkeypatch):
 def test_two_cpu_ranks_through_the_train_components_own_code_path(tmp_path, monkeypatch):
     monkeypatch.setenv(ranks.PROCS_ENV, "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("IMGPIPE_SOURCE_LOCAL", "1")  # the data root is local: the operator allows it
     data_root = "file://" + str(tmp_path / "store")
     data = write_resize_output(kfp_artifacts.run_prefix(data_root, "r2", "resize"), classes=3, size=16)
     kinds = {"trained": dsl.Artifact, "model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}

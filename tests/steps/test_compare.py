@@ -355,12 +355,13 @@ def test_seed_groups_average_the_curves_and_the_recall_a_collapse_reads():
         cmp.group_seeds([strong[0], run("strong-s9", 0, 0.1, 0.5)], {"strong-s0": "strong", "strong-s9": "strong"})
 
 
-def test_the_compare_component_groups_the_plans_seeds_and_logs_the_spread(tmp_path):
+def test_the_compare_component_groups_the_plans_seeds_and_logs_the_spread(tmp_path, monkeypatch):
     from imgpipe.components.compare import compare as component
     from kfp import dsl
 
     from imgpipe.sweep import plan
 
+    monkeypatch.setenv("IMGPIPE_SOURCE_LOCAL", "1")  # the data root is local: the operator allows it
     data_root = "file://" + str(tmp_path / "store")
     items = plan("", None, {"randaugment_m": [5, 13], "seeds": 2}, None, model="tiny_cnn")
     scores = {"b00-s0": 0.70, "b00-s1": 0.72, "b01-s0": 0.80, "b01-s1": 0.50}  # b01: best run, lower mean

@@ -34,6 +34,8 @@ import requests
 import urllib3
 
 from imgpipe import storage
+from imgpipe.config import env_flag
+from imgpipe.readpolicy import SOURCE_LOCAL_ENV
 
 __all__ = [
     "is_http",
@@ -44,18 +46,14 @@ __all__ = [
     "SourcePolicy",
     "SourceRefused",
     "check_redirect",
-    "env_flag",
     "peer_checked_session",
 ]
 
-SOURCE_LOCAL_ENV = "IMGPIPE_SOURCE_LOCAL"
 SOURCE_NETWORKS_ENV = "IMGPIPE_SOURCE_NETWORKS"
 REMOTE_SCHEMES = frozenset({"http", "https", "s3"})
 # Schemes an HTTP redirect may lead to; requests could not fetch any other, but a
 # Location: file:///etc/passwd deserves a clear refusal, not an InvalidSchema.
 _HTTP_SCHEMES = frozenset({"http", "https"})
-_TRUE = frozenset({"1", "true", "yes"})
-_FALSE = frozenset({"", "0", "false", "no"})
 # Embedded IPv4 addresses: IPv6 forms that a gateway turns into an IPv4 connection.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052
 
@@ -286,20 +284,6 @@ def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
 def _is_public(ip: IPAddress) -> bool:
     # is_global alone lets multicast through (224/4 is not "private" to ipaddress).
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
-
-
-def env_flag(env: Mapping[str, str], name: str) -> bool:
-    """Whether the variable ``name`` of ``env`` says yes (``1``, ``true``, ``yes``); unset is no.
-
-    Raises:
-        ValueError: For a value that is neither yes nor no.
-    """
-    value = env.get(name, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"{name}={env[name]!r} must be 1 (allow) or 0 (refuse)")
 
 
 def _env_networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
