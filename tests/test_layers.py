@@ -25,7 +25,7 @@ LOW = {
 }  # fmt: skip
 MIDDLE = {
     "steps", "clean", "resize", "train", "report", "remote.ray_jobs", "remote.kuberay", "remote.trainjob", "kfp.artifacts",
-    "modelregistry",
+    "modelregistry", "serving",
     "sweep",
 }  # fmt: skip
 TOP = {"cli", "kfp", "remote", "containers", "components", "pipelines"}

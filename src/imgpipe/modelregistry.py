@@ -9,10 +9,16 @@ were kept, the data's manifest digest). The train component calls it after a pro
 e.g. ``http://model-registry-service.kubeflow.svc.cluster.local:8080``); ``imgpipe register``
 does it by hand. Registering the same version again is a no-op, so a retried task is safe.
 
-The client (``model_registry.ModelRegistry``, model-registry 0.3) talks to the registry's REST
-API (``/api/model_registry/v1``); in kubeflow/manifests v1.11.0 the in-cluster service admits
-every caller (``applications/model-registry/upstream/options/istio/istio-authorization-policy.yaml``:
-``action: ALLOW``, ``rules: [{}]``), and the client sends the pod's token when it has one.
+The client (``model_registry.ModelRegistry``, model-registry 0.3.5 to 0.3.11) speaks the REST
+API the servers Kubeflow ships serve, ``/api/model_registry/v1alpha3`` (which versions, and why
+not a newer client: docs/deploy.md, "Model Registry"). A registry that answers another API
+version is named in one line (:class:`RegistryError`). The client sends the pod's token when it
+has one.
+
+In the pipeline, :func:`register_promoted` runs after the gate promotes a model and before the
+decision is committed and ``latest.json`` moves: a registration that fails fails the train task
+and promotes nothing, so a run is never half-promoted; ``$IMGPIPE_MODEL_REGISTRY_OPTIONAL=1``
+makes a failure a warning instead.
 """
 
 from __future__ import annotations
@@ -23,13 +29,21 @@ import os
 from typing import Any
 
 from imgpipe import contract, storage
+from imgpipe.config import env_flag
 from imgpipe.train.card import read_card
 
-__all__ = ["REGISTRY_ENV", "MODEL_NAME_ENV", "DEFAULT_MODEL_NAME", "register_model"]
+__all__ = [
+    "REGISTRY_ENV", "OPTIONAL_ENV", "MODEL_NAME_ENV", "DEFAULT_MODEL_NAME", "API_PATH", "RegistryError", "register_model",
+    "register_promoted",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 REGISTRY_ENV = "IMGPIPE_MODEL_REGISTRY"
+OPTIONAL_ENV = "IMGPIPE_MODEL_REGISTRY_OPTIONAL"
+# The REST API the client speaks, and the one newer servers (Kubeflow Hub) serve instead.
+API_PATH = "/api/model_registry/v1alpha3"
+_NEWER_API_PATH = "/api/model_registry/v1"
 MODEL_NAME_ENV = "IMGPIPE_REGISTERED_MODEL"
 DEFAULT_MODEL_NAME = "imgpipe-classifier"
 _AUTHOR = "imgpipe"
@@ -83,15 +97,67 @@ def register_model(prefix: str, version: str, address: str | None = None, name: 
         from model_registry import ModelRegistry
     except ImportError as exc:
         raise ValueError("registering needs the model-registry client: pip install 'imgpipe[registry]'") from exc
-    registry = ModelRegistry(server_address=address, author=_AUTHOR, is_secure=address.startswith("https://"))
     uri = storage.join(prefix, card["files"]["onnx"])
-    existing = registry.get_registered_model(name)
-    if existing is not None and registry.get_model_version(name, version) is not None:
-        log.info("register: %s version %s is registered already", name, version)
-        return {"registered_model_id": existing.id, "name": name, "version": version, "uri": uri, "created": False}
-    model = registry.register_model(
-        name, uri, model_format_name="onnx", model_format_version=str(card.get("onnx_opset", "")), version=version,
-        version_description=f"{card['architecture']} on {card['data']['uri']}", metadata=_properties(prefix, card),
-    )  # fmt: skip
+    try:
+        registry = ModelRegistry(server_address=address, author=_AUTHOR, is_secure=address.startswith("https://"))
+        existing = registry.get_registered_model(name)
+        if existing is not None and registry.get_model_version(name, version) is not None:
+            log.info("register: %s version %s is registered already", name, version)
+            return {"registered_model_id": existing.id, "name": name, "version": version, "uri": uri, "created": False}
+        model = registry.register_model(
+            name, uri, model_format_name="onnx", model_format_version=str(card.get("onnx_opset", "")), version=version,
+            version_description=f"{card['architecture']} on {card['data']['uri']}", metadata=_properties(prefix, card),
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - whatever the client raises becomes one line naming the server
+        raise RegistryError(_diagnose(address, name, version, exc)) from exc
     log.info("register: %s version %s -> %s (%s)", name, version, address, uri)
     return {"registered_model_id": model.id, "name": name, "version": version, "uri": uri, "created": True}
+
+
+class RegistryError(ValueError):
+    """A registration the Model Registry refused or could not take, in one line naming the server and the fix."""
+
+
+def _answers(address: str, path: str) -> int | None:
+    """The HTTP status of ``GET {address}{path}/registered_models?pageSize=1``; ``None`` if nothing answers."""
+    import requests  # only once a registration failed
+
+    try:
+        return requests.get(f"{address.rstrip('/')}{path}/registered_models", params={"pageSize": 1}, timeout=10).status_code
+    except requests.RequestException:
+        return None
+
+
+def _diagnose(address: str, name: str, version: str, exc: Exception) -> str:
+    """Why registering failed, as one line: a registry on another API version, none there, or the client's error."""
+    what = f"registering {name} version {version} at the Model Registry {address}"
+    ours, newer = _answers(address, API_PATH), _answers(address, _NEWER_API_PATH)
+    if ours is None:
+        return f"{what}: nothing answers there; check ${REGISTRY_ENV} (the in-cluster service, port 8080)"
+    if ours == 404 and newer is not None and newer != 404:
+        return (f"{what}: the server serves {_NEWER_API_PATH} (a Kubeflow Hub / model-registry server newer than "
+                f"v0.3.x), not {API_PATH}, the API of the servers Kubeflow 1.10 to 26.03 ship, which imgpipe's "
+                "client (model-registry 0.3.5 to 0.3.11) speaks; point it at a v0.3.x registry")  # fmt: skip
+    detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return f"{what} failed ({API_PATH} answers {ours}): {type(exc).__name__}: {detail}"
+
+
+def register_promoted(prefix: str, version: str) -> dict[str, Any] | None:
+    """Registers a promoted train output where the operator named a registry (``$IMGPIPE_MODEL_REGISTRY``).
+
+    Returns:
+        What :func:`register_model` returned; ``None`` with no registry named, or when it
+        failed and ``$IMGPIPE_MODEL_REGISTRY_OPTIONAL`` is ``1`` (logged as a warning).
+
+    Raises:
+        RegistryError: If registering failed and the registry is not optional.
+    """
+    if not os.environ.get(REGISTRY_ENV):
+        return None
+    try:
+        return register_model(prefix, version)
+    except ValueError as exc:
+        if env_flag(os.environ, OPTIONAL_ENV):
+            log.warning("register: %s; promoting without it (%s=1)", exc, OPTIONAL_ENV)
+            return None
+        raise RegistryError(f"{exc}; nothing was promoted (set {OPTIONAL_ENV}=1 to promote without registering)") from exc

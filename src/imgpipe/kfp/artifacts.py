@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -383,6 +382,9 @@ def promote_run(
     The decision is committed to ``{data_root}/runs/{run_id}/promote/``, promoted or not,
     and shown in the task's ``metrics`` and ``report`` artifacts when given (:func:`publish_promotion`).
     What ``latest.json`` and the current model's card name must pass ``policy`` (the run's by default).
+    A promoted model is registered (:func:`imgpipe.modelregistry.register_promoted`) before the
+    decision is committed and ``latest.json`` moves: a registration that fails fails the task
+    with nothing promoted (unless the operator made the registry optional).
 
     Returns:
         The :class:`imgpipe.steps.promote.Decision`.
@@ -395,12 +397,16 @@ def promote_run(
         current = current_model(data_root, policy)
     except ReadRefused:  # never probed; the gate refuses it again, as a decision rather than a failed run
         current = _latest_prefix(data_root, "train", ReadPolicy.trusted())
+
+    def register(decision: Any) -> None:  # before the decision is committed and latest.json moves
+        if decision.promoted:
+            modelregistry.register_promoted(prefixes[train_step], check_run_id(run_id))
+
     decision = promote(prefixes[train_step], current, run_prefix(data_root, run_id, "promote"),
-                       PromoteConfig(tolerance=tolerance), policy=policy)  # fmt: skip
+                       PromoteConfig(tolerance=tolerance), policy=policy, before_commit=register)  # fmt: skip
     if decision.promoted:
-        record_latest(data_root, run_id, {"clean": prefixes["clean"], "resize": prefixes["resize"], "train": prefixes[train_step]})
-        if os.environ.get(modelregistry.REGISTRY_ENV):  # the operator's registry (compile time)
-            modelregistry.register_model(prefixes[train_step], check_run_id(run_id))
+        served = {"serving": decision.serving} if decision.serving else {}  # KServe's storageUri (imgpipe.serving)
+        record_latest(data_root, run_id, {"clean": prefixes["clean"], "resize": prefixes["resize"], "train": prefixes[train_step], **served})
     else:
         log.warning("%s; latest.json still names %s", decision.summary(), decision.current_prefix)
     if metrics is not None and report is not None:

@@ -20,12 +20,13 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from imgpipe import contract, storage
+from imgpipe import contract, serving, storage
 from imgpipe.config import config_to_yaml
 from imgpipe.contract import StepReport
 from imgpipe.readpolicy import ReadPolicy
@@ -92,6 +93,8 @@ class Decision:
             when there is no current model or its data could not be read.
         evaluation: How both models were scored.
         trained_score: The candidate's own test score from its run (for reference only).
+        serving: The Triton model repository written for a promoted model (KServe's
+            ``storageUri``, :mod:`imgpipe.serving`); ``None`` when not promoted or it has no ONNX export.
     """
 
     promoted: bool
@@ -108,6 +111,7 @@ class Decision:
     overlap: int | None = None
     evaluation: str = EVALUATION
     trained_score: float | None = None
+    serving: str | None = None
 
     def summary(self) -> str:
         return f"promotion: {'promoted' if self.promoted else 'NOT promoted'}: {self.reason}"
@@ -245,7 +249,8 @@ def _html(decision: Decision) -> str:
 
 
 def promote(
-    candidate: str, current: str | None, dest: str, cfg: PromoteConfig | None = None, device: str = "auto", policy: ReadPolicy | None = None
+    candidate: str, current: str | None, dest: str, cfg: PromoteConfig | None = None, device: str = "auto", policy: ReadPolicy | None = None,
+    before_commit: Callable[[Decision], None] | None = None,
 ) -> Decision:
     """Decides on ``candidate`` and commits the decision to ``dest``.
 
@@ -256,17 +261,25 @@ def promote(
         cfg: Tolerance and split.
         device: Where the current model is re-evaluated.
         policy: What the cards may name (:func:`decide`); everything when ``None``.
+        before_commit: Called with the decision before anything is written (the pipeline
+            registers a promoted model there); what it raises leaves ``dest`` untouched.
     """
     cfg = cfg or PromoteConfig()
     started = time.monotonic()
     dest = storage.normalize_uri(dest)
     contract.check_disjoint(dest, [candidate] + ([current] if current else []), "promote")
     decision = decide(candidate, current, cfg, device, policy)
+    if before_commit is not None:
+        before_commit(decision)
     attempt = contract.claim(dest, "promote")
+    repository = _serving_files(decision.candidate_prefix) if decision.promoted else {}
+    if repository:
+        decision = replace(decision, serving=storage.join(dest, serving.REPOSITORY))
     outputs = {
         PROMOTION_JSON: json.dumps(asdict(decision), indent=2).encode(),
         PROMOTION_HTML: _html(decision).encode(),
         contract.CONFIG: config_to_yaml(cfg).encode(),
+        **{f"{serving.REPOSITORY}/{name}": data for name, data in repository.items()},
     }
     files = sorted((contract.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
     body = StepReport(step="promote", dest=dest, inputs=1, outputs=1, rejected=0, files=files,
@@ -275,6 +288,16 @@ def promote(
     contract.publish(dest, "promote", attempt, contract.manifest_body(body, cfg, upstream))
     log.info("%s", decision.summary())
     return decision
+
+
+def _serving_files(candidate: str) -> dict[str, bytes]:
+    """The Triton model repository of a promoted candidate (:func:`imgpipe.serving.repository_files`); none without an ONNX export."""
+    card = read_card(candidate)
+    onnx = card["files"].get("onnx")
+    if not onnx:
+        log.warning("promote: %s has no ONNX export (%s); no serving repository is written", candidate, card.get("export_failures"))
+        return {}
+    return serving.repository_files(card, storage.read_bytes(storage.join(candidate, onnx)))
 
 
 def read_decision(prefix: str) -> Decision:

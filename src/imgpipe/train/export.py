@@ -30,12 +30,16 @@ from imgpipe import __version__, contract, storage
 from imgpipe.resize.spec import CROP_FRACTION
 from imgpipe.train.card import CARD_FORMAT, INPUT_NAME, OUTPUT_NAME, preprocessing_of
 
-__all__ = ["OPSET", "export_onnx", "export_torchscript", "model_card"]
+__all__ = ["OPSET", "MAX_IR_VERSION", "export_onnx", "export_torchscript", "model_card"]
 
 log = logging.getLogger(__name__)
 
-# A current opset that onnxruntime 1.20+ runs in full.
+# A current opset that onnxruntime 1.20+ runs in full, and that the Triton KServe ships runs.
 OPSET = 18
+# The newest ONNX IR version that Triton runs: kubeflow/manifests v1.11.0 and 26.03 deploy
+# tritonserver 23.05 for KServe's onnx models, which bundles onnxruntime 1.15 (IR <= 9,
+# opset <= 19; docs/deploy.md, "Serving"). The exporter writes IR 10, which it refuses.
+MAX_IR_VERSION = 9
 # The exporter's dynamic batch axis needs a bound; no serving batch comes near it.
 _MAX_BATCH = 1 << 16
 
@@ -59,7 +63,19 @@ def export_onnx(module: nn.Module, size: int, channels: int) -> bytes:
         )  # fmt: skip
     buf = io.BytesIO()
     program.save(buf)
-    return buf.getvalue()
+    return _at_most_ir(buf.getvalue(), MAX_IR_VERSION)
+
+
+def _at_most_ir(data: bytes, version: int) -> bytes:
+    """The model with its IR version lowered to ``version``, once the checker finds nothing of a newer IR in it."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    if model.ir_version <= version:
+        return data
+    model.ir_version = version
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
 
 
 def export_torchscript(module: nn.Module, size: int, channels: int) -> bytes:

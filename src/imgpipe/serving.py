@@ -1,0 +1,67 @@
+"""A promoted model as the Triton model repository KServe serves ONNX from.
+
+KServe serves ``modelFormat: onnx`` with its Triton runtime (``kserve-tritonserver``), which loads
+a model repository, not a file: ``<repository>/<model>/config.pbtxt`` and
+``<repository>/<model>/<version>/model.onnx``. The promotion gate writes one for every model it
+promotes (:func:`repository_files`, below its promote prefix as ``serving/``), and ``latest.json``
+names it (``prefixes.serving``): that is the ``storageUri`` of ``k8s/serving``.
+
+    files = repository_files(card, onnx_bytes)   # {"imgpipe-classifier/config.pbtxt": b"...", ...}
+
+The model is :data:`MODEL_NAME` (the InferenceService's name, and the Model Registry's default
+registered model), version :data:`VERSION`. ``config.pbtxt`` names the export's input
+(``image``, ``C x S x S`` float32 after the card's preprocessing) and output (``logits``, one per
+class) with the batch dimension left to Triton (``max_batch_size``), and ``labels.txt`` lists the
+classes in output order, so Triton's classification extension answers with class names. Which
+Triton and ONNX versions this was checked against: docs/deploy.md, "Serving".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from imgpipe.train.card import INPUT_NAME, OUTPUT_NAME
+
+__all__ = ["MODEL_NAME", "VERSION", "REPOSITORY", "MAX_BATCH_SIZE", "LABELS", "triton_config", "repository_files"]
+
+# The InferenceService's name (k8s/serving/inferenceservice.yaml) and the model's in the repository.
+MODEL_NAME = "imgpipe-classifier"
+# Triton versions are whole numbers; the repository holds the one promoted model.
+VERSION = "1"
+# The repository's folder below the promote prefix.
+REPOSITORY = "serving"
+# Triton batches requests up to this (the export's batch axis is dynamic).
+MAX_BATCH_SIZE = 64
+LABELS = "labels.txt"
+
+
+def triton_config(card: Mapping[str, Any], name: str = MODEL_NAME, max_batch_size: int = MAX_BATCH_SIZE) -> str:
+    """``config.pbtxt`` (Triton's ``ModelConfig`` in protobuf text format) for the ONNX export a card describes."""
+    size, channels, classes = int(card["input"]["size"]), int(card["input"]["channels"]), len(card["classes"])
+    return (
+        f'name: "{name}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        "version_policy: { latest: { num_versions: 1 } }\n"
+        f'input [\n  {{\n    name: "{INPUT_NAME}"\n    data_type: TYPE_FP32\n'
+        f"    dims: [ {channels}, {size}, {size} ]\n  }}\n]\n"
+        f'output [\n  {{\n    name: "{OUTPUT_NAME}"\n    data_type: TYPE_FP32\n    dims: [ {classes} ]\n'
+        f'    label_filename: "{LABELS}"\n  }}\n]\n'
+    )
+
+
+def repository_files(card: Mapping[str, Any], onnx: bytes, name: str = MODEL_NAME) -> dict[str, bytes]:
+    """The repository's files, by path below its root: ``config.pbtxt``, ``labels.txt`` and ``1/model.onnx``.
+
+    Raises:
+        ValueError: If a class name holds a line break (``labels.txt`` has one per line).
+    """
+    classes = [str(c) for c in card["classes"]]
+    if any("\n" in c or "\r" in c for c in classes):
+        raise ValueError("a class name holds a line break; Triton's labels.txt has one class per line")
+    return {
+        f"{name}/config.pbtxt": triton_config(card, name).encode(),
+        f"{name}/{LABELS}": ("\n".join(classes) + "\n").encode(),
+        f"{name}/{VERSION}/model.onnx": onnx,
+    }
