@@ -49,9 +49,12 @@ from imgpipe import modelregistry
 from imgpipe.clean.config import CleanConfig
 from imgpipe.config import field_default, field_docs, plain_text
 from imgpipe.containers.catalog import ImageSet
+from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV
 from imgpipe.kfp.artifacts import PIPELINE_NAME
-from imgpipe.remote import trainjob
+from imgpipe.readpolicy import READ_PREFIXES_ENV
+from imgpipe.remote import kuberay, trainjob
 from imgpipe.remote.ranks import PROCS_ENV
+from imgpipe.remote.targets import CLUSTERS_ENV
 from imgpipe.resize.spec import ResizeConfig
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
 from imgpipe.steps.promote import PromoteConfig
@@ -66,6 +69,7 @@ __all__ = [
     "S3_SECRET_KEYS",
     "S3_CONFIG_MAP",
     "S3_CONFIG_KEYS",
+    "OPERATOR_SETTINGS",
     "RAY_TOKEN_SECRET",
     "Resources",
     "Retry",
@@ -83,13 +87,16 @@ __all__ = [
 S3_SECRET = "imgpipe-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 S3_CONFIG_MAP = "imgpipe-s3-config"
-# The non-secret settings of every task (the ConfigMap is optional, and so is each key):
-# the S3 endpoint and region, and the Ray clusters a run may send resize to.
-S3_CONFIG_KEYS = {
-    "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
-    "IMGPIPE_RAY_CLUSTERS": "IMGPIPE_RAY_CLUSTERS",
-}
+# Every operator setting a task reads at run time, as env of every task from the ConfigMap
+# (optional, and so is each key; docs/deploy.md, "Operator settings", lists the same): the S3
+# endpoint and region, the Ray clusters a run may send resize to, the KubeRay worker cap, the
+# TrainJob node cap, what sources and other URIs a run may name, and the Model Registry's
+# model name and whether registering may fail.
+OPERATOR_SETTINGS = (
+    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", CLUSTERS_ENV, kuberay.MAX_WORKERS_ENV, trainjob.MAX_NODES_ENV,
+    SOURCE_NETWORKS_ENV, SOURCE_LOCAL_ENV, READ_PREFIXES_ENV, modelregistry.MODEL_NAME_ENV, modelregistry.OPTIONAL_ENV,
+)  # fmt: skip
+S3_CONFIG_KEYS = {name: name for name in OPERATOR_SETTINGS}
 # The token of the shared RayCluster's Jobs API (k8s/ray-shared/raycluster-shared.yaml; KubeRay
 # creates the Secret). Optional: the local and KubeRay modes need none.
 RAY_TOKEN_SECRET = "imgpipe-ray-shared"
@@ -253,6 +260,9 @@ class PipelineOptions:
         model_registry: Kubeflow Model Registry where a promoted model is registered
             (``http(s)://host[:port]``; read from ``$IMGPIPE_MODEL_REGISTRY`` when the options
             are made); empty registers nothing.
+        image_pull_secrets: Secrets every pod pulls its image with (a private registry): the
+            tasks', the RayJobs' and the TrainJobs' (read from ``$IMGPIPE_IMAGE_PULL_SECRETS``,
+            comma-separated, when the options are made).
     """
 
     caching: bool = False
@@ -263,6 +273,7 @@ class PipelineOptions:
     gpu: GpuScheduling | None = GpuScheduling()
     s3_secret: str | None = S3_SECRET
     model_registry: str = field(default_factory=lambda: os.environ.get(modelregistry.REGISTRY_ENV, ""))
+    image_pull_secrets: tuple[str, ...] = field(default_factory=kuberay.pull_secrets)
 
 
 class Outputs(NamedTuple):
@@ -293,6 +304,9 @@ def _configure(task: dsl.PipelineTask, step: str, image: str, options: PipelineO
     task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
     task.set_caching_options(enable_caching=options.caching)
     task.set_env_variable("PYTHONUNBUFFERED", "1")
+    if options.image_pull_secrets:  # this pod's, and those of the RayJobs and TrainJobs it creates
+        kubernetes.set_image_pull_secrets(task, list(options.image_pull_secrets))
+        task.set_env_variable(kuberay.PULL_SECRETS_ENV, ",".join(options.image_pull_secrets))
     if retry is not None:
         task.set_retry(
             num_retries=retry.num_retries,
@@ -307,9 +321,9 @@ def _configure(task: dsl.PipelineTask, step: str, image: str, options: PipelineO
 
 
 def _schedule_on_gpu(task: dsl.PipelineTask, gpu: GpuScheduling) -> None:
+    # One training process per GPU (imgpipe.remote.ranks; _trainjob_settings sets their count);
+    # CPU and memory grow with them.
     task.set_accelerator_type(gpu.accelerator).set_accelerator_limit(gpu.count)
-    # One training process per GPU (imgpipe.remote.ranks); CPU and memory grow with them.
-    task.set_env_variable(PROCS_ENV, str(gpu.count))
     kubernetes.add_toleration(task, key=gpu.toleration_key, operator="Exists", effect="NoSchedule")
     for key, value in gpu.node_selector:
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
@@ -317,9 +331,10 @@ def _schedule_on_gpu(task: dsl.PipelineTask, gpu: GpuScheduling) -> None:
 
 
 def _trainjob_settings(task: dsl.PipelineTask, image: str, options: PipelineOptions) -> None:
-    """What the train task hands a TrainJob's nodes (train_nodes > 1): its image, resources, /dev/shm, S3 Secret.
+    """What the train task hands a TrainJob's nodes (train_nodes > 1): image, resources, scheduling, /dev/shm, S3 Secret.
 
-    Each node gets the train task's own requests and limits and GPUs (one fact, here).
+    Each node gets the train task's own requests, limits, GPUs, toleration, node selector and
+    pull secrets (one fact, here and in :func:`_schedule_on_gpu`); a CPU build's nodes get no GPU.
     """
     res = options.resources["train"]
     procs = options.gpu.count if options.gpu is not None else 1
@@ -327,9 +342,16 @@ def _trainjob_settings(task: dsl.PipelineTask, image: str, options: PipelineOpti
         "requests": {"cpu": _cpus_times(res.cpu_request, procs), "memory": res.memory_request},
         "limits": {"cpu": _cpus_times(res.cpu_limit, procs), "memory": res.memory_limit},
     }
+    pod: dict[str, Any] = {}
     if options.gpu is not None:
         node["limits"][options.gpu.accelerator] = str(options.gpu.count)
         task.set_env_variable(trainjob.SHM_ENV, options.gpu.shm_size)
+        pod["tolerations"] = [{"key": options.gpu.toleration_key, "operator": "Exists", "effect": "NoSchedule"}]
+        pod["nodeSelector"] = dict(options.gpu.node_selector)
+    if options.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in options.image_pull_secrets]
+    task.set_env_variable(trainjob.POD_ENV, json.dumps(pod, sort_keys=True))
+    task.set_env_variable(PROCS_ENV, str(procs))  # processes per node (the in-pod task's own, too)
     if options.model_registry:
         task.set_env_variable(modelregistry.REGISTRY_ENV, options.model_registry)
     task.set_env_variable(trainjob.IMAGE_ENV, image)
@@ -438,31 +460,21 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
             resize_mode=resize_mode, resize_train_mode=resize_train_mode, ray_address=ray_address,
             step_config=step_config,
         )  # fmt: skip
-        tr = train(
-            resized=resized,
-            model_name=model,
-            epochs=epochs,
-            batch_size=batch_size,
-            aug_policy=aug_policy,
-            pretrained=pretrained,
-            train_nodes=train_nodes,
-            recipe=recipe,
-            domain=domain,
-            promotion_tolerance=promotion_tolerance,
-            data_root=data_root,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            step_config=step_config,
-        )
+        train_args = {
+            "resized": resized, "model_name": model, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy,
+            "pretrained": pretrained, "train_nodes": train_nodes, "recipe": recipe, "domain": domain,
+            "promotion_tolerance": promotion_tolerance, "data_root": data_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            "step_config": step_config,
+        }  # fmt: skip
+        # With train_nodes > 1 the task creates a TrainJob and waits, keeping its GPUs: a
+        # branch without them needs dsl.OneOf over artifact outputs, which kfp.local (make run)
+        # cannot resolve ("Expected 1 artifact in ArtifactSelectorSpec"); docs/deploy.md says so.
+        tr = train(**train_args)
         _configure(tr, "train", images.gpu, options, options.train_retry)
         _trainjob_settings(tr, images.gpu, options)
         if options.gpu is not None:
             _schedule_on_gpu(tr, options.gpu)
-        return Outputs(
-            model=tr.outputs["model"],
-            metrics=tr.outputs["metrics"],
-            confusion=tr.outputs["confusion"],
-            report=tr.outputs["report"],
-        )
+        return Outputs(**{name: tr.outputs[name] for name in Outputs._fields})
 
     imgpipe_pipeline.__doc__ = pipeline_docstring()
     description = "Image dataset preparation and training: download -> clean -> resize (Ray Data) -> train."

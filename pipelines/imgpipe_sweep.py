@@ -54,6 +54,7 @@ from imgpipe.pipelines.imgpipe_pipeline import (
     Resources,
     _configure,
     _schedule_on_gpu,
+    _trainjob_settings,
     build_pipeline,
     data_steps,
     pipeline_docstring,
@@ -181,6 +182,7 @@ def train_each(items: Any, p: dict[str, Any], run_id: Any, base: PipelineOptions
             step_config=item.step_config, **_typed_train_inputs(p),
         )  # fmt: skip
         _configure(tr, "train", base.images.gpu, base, base.train_retry)
+        _trainjob_settings(tr, base.images.gpu, base)  # train_nodes > 1: the branch's TrainJob (the task keeps its GPUs)
         if base.gpu is not None:
             _schedule_on_gpu(tr, base.gpu)
     return tr

@@ -206,6 +206,21 @@ def test_s3_credentials_come_from_the_secret_never_from_literals(compiled):
     assert "testing" not in text and "secret_access_key:" not in text.lower()
 
 
+def test_every_operator_setting_the_docs_name_reaches_every_task(compiled):
+    """One list (OPERATOR_SETTINGS): the docs' table of ConfigMap keys, and each task's env in the compiled package."""
+    import re
+
+    from imgpipe.pipelines.imgpipe_pipeline import OPERATOR_SETTINGS
+
+    ir, executors, _ = compiled
+    for step in TASKS:
+        (config,) = executors[_executor(ir, step)]["configMapAsEnv"]
+        assert {(m["configMapKey"], m["envVar"]) for m in config["keyToEnv"]} == {(k, k) for k in OPERATOR_SETTINGS}, step
+    deploy = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    table = deploy[deploy.index("## Operator settings"):].split("\n## ", 1)[0]
+    assert set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.M)) == set(OPERATOR_SETTINGS)
+
+
 def test_caching_is_decided_when_compiling(compiled, tmp_path):
     ir, _, _ = compiled
     assert all(_tasks(ir)[s]["cachingOptions"] == {} for s in TASKS), "off by default (scheduled retraining)"

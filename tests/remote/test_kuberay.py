@@ -196,6 +196,18 @@ def test_builder_output_validates_and_carries_the_run(validators):
     }
 
 
+def test_every_pod_of_the_rayjob_pulls_with_the_operators_secrets(validators):
+    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
+    job = kuberay.build_rayjob(template, params(pull_secrets=("regcred",)))
+    validate(validators, job)
+    pods = kuberay._pod_specs(job["spec"])
+    assert len(pods) >= 3 and all(p["imagePullSecrets"] == [{"name": "regcred"}] for p in pods), "head, workers, submitter"
+    assert "imagePullSecrets" not in json.dumps(kuberay.build_rayjob(template, params())), "none unless named"
+    assert kuberay.pull_secrets(" regcred, other ") == ("regcred", "other")
+    with pytest.raises(ValueError, match=kuberay.PULL_SECRETS_ENV):
+        kuberay.pull_secrets("Reg Cred")
+
+
 def test_builder_refuses_the_image_placeholder_and_bad_counts():
     template = kuberay.load_template(K8S / "rayjob-resize.yaml")
     with pytest.raises(ValueError, match=kuberay.IMAGE_ENV):

@@ -1,14 +1,19 @@
-"""Training across nodes as a Kubeflow Trainer TrainJob, against a fake that behaves as Trainer v2.2.1.
+"""Training across nodes as a Kubeflow Trainer TrainJob, against a fake of each Trainer Kubeflow ships.
 
 No cluster here: :class:`FakeTrainer` stands in for the API server and the Trainer
-controller as kubeflow/trainer at tag v2.2.1 (commit c505fc7) has them:
+controller as kubeflow/trainer has them at v2.1.0 (commit 73c9bec, what kubeflow/manifests
+v1.11.0 and 26.03 ship) and at v2.2.1 (commit c505fc7); every test that creates a TrainJob
+runs against both (tests/contracts/trainer-kserve/README.md has the facts and citations):
 
 * the CRD (``manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml``, vendored in
-  tests/schemas): a create is validated against its schema strictly, with its CEL name
-  rules (RFC 1035 label, at most 63 characters), and stored pruned to it;
-* the validating webhook (``pkg/webhooks/trainjob_webhook.go``): the runtime must exist
-  ("specified clusterTrainingRuntime must be created before the TrainJob is created"), and
-  the torch plugin refuses the ``PET_*`` variables it sets itself;
+  tests/schemas and tests/contracts/trainer-kserve): fields the schema lacks are pruned, or
+  with ``fieldValidation=Strict`` refused with the API server's 400 ``strict decoding error:
+  unknown field``; the rest is validated against the schema (422), with its CEL name rules
+  (RFC 1035 label, at most 63 characters), and stored pruned;
+* the validating webhook ``validator.trainjob.trainer.kubeflow.org``
+  (``pkg/webhooks/trainjob_webhook.go``): the runtime must exist, and the torch plugin refuses
+  the ``PET_*`` variables it sets itself; a denial is the API server's 403 ``admission webhook
+  "..." denied the request: ...`` (controller-runtime's ``Denied``), not RBAC's;
 * the controller: no condition while the JobSet runs (``status.jobsStatus`` only), then the
   JobSet's ``Completed``/``Failed`` condition copied as ``Complete``/``Failed`` with its
   reason and message (``pkg/runtime/framework/plugins/jobset/jobset.go``). A successful
@@ -43,7 +48,12 @@ from tests.train.test_loader import write_resize_output
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_USER = rbac.service_account("ml", kfp_client.PIPELINE_SERVICE_ACCOUNT)
-CRD = "kubeflow-trainer-v2.2.1-trainer.kubeflow.org_trainjobs.yaml"
+# The TrainJob CRD of each Trainer release kubeflow/manifests ships or imgpipe supports.
+CRDS = {
+    "v2.1.0": ROOT / "tests" / "contracts" / "trainer-kserve" / "kubeflow-trainer-v2.1.0-trainer.kubeflow.org_trainjobs.yaml",
+    "v2.2.1": ROOT / "tests" / "schemas" / "kubeflow-trainer-v2.2.1-trainer.kubeflow.org_trainjobs.yaml",
+}
+WEBHOOK = "validator.trainjob.trainer.kubeflow.org"
 RUNTIMES = ("torch-distributed", "deepspeed-distributed", "mlx-distributed", "jax-distributed", "xgboost-distributed")
 TORCH_RESERVED = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 # Controller steps a TrainJob walks through, one per read: the JobSet running, then its end.
@@ -57,10 +67,33 @@ SUCCESS = [RUNNING, COMPLETE]
 
 
 @pytest.fixture(scope="module")
-def trainjob_schema(schemas_dir: Path) -> dict:
-    crd = yaml.load((schemas_dir / CRD).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
-    return version["schema"]["openAPIV3Schema"]
+def trainjob_schemas() -> dict[str, dict]:
+    """Each vendored TrainJob CRD's ``v1alpha1`` schema, by Trainer release."""
+    out = {}
+    for release, path in CRDS.items():
+        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+        out[release] = version["schema"]["openAPIV3Schema"]
+    return out
+
+
+@pytest.fixture(params=list(CRDS))
+def trainer_release(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def trainjob_schema(trainjob_schemas, trainer_release) -> dict:
+    return trainjob_schemas[trainer_release]
+
+
+def _unknown_fields(sent: Any, kept: Any, path: str = "") -> list[str]:
+    """The paths of ``sent`` that pruning to the schema dropped (``kept`` is the pruned copy)."""
+    if isinstance(sent, dict) and isinstance(kept, dict):
+        return [f for k, v in sent.items() for f in ([f"{path}{k}"] if k not in kept else _unknown_fields(v, kept[k], f"{path}{k}."))]
+    if isinstance(sent, list) and isinstance(kept, list):
+        return [f for a, b in zip(sent, kept) for f in _unknown_fields(a, b, path)]
+    return []
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +102,10 @@ def base_rbac(tmp_path_factory) -> list[dict]:
 
 
 class FakeTrainer:
-    """A ``CustomObjectsApi`` for TrainJobs, with Trainer v2.2.1's validation, webhook and controller."""
+    """A ``CustomObjectsApi`` for TrainJobs, with one Trainer release's CRD, webhook and controller."""
 
     def __init__(self, schema: dict, authorizer: rbac.Authorizer | None, script=SUCCESS, *, run_nodes=True) -> None:
-        self.schema, self.validator = schema, jsonschema.Draft7Validator(strict(schema))
+        self.schema, self.validator = schema, jsonschema.Draft7Validator(schema)
         self.authorizer, self.script, self.run_nodes = authorizer, list(script), run_nodes
         self.objects: dict[tuple[str, str], dict] = {}
         self.created: list[str] = []
@@ -90,39 +123,48 @@ class FakeTrainer:
     def _check(group, version, plural) -> None:
         assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
 
-    def _invalid(self, name: str, causes: list[str]) -> ApiException:
-        exc = ApiException(status=422, reason="Unprocessable Entity")
-        exc.body = json.dumps({"kind": "Status", "reason": "Invalid", "code": 422,
-                               "message": f'TrainJob.trainer.kubeflow.org "{name}" is invalid: {"; ".join(causes)}'})  # fmt: skip
+    @staticmethod
+    def _status(code: int, reason: str, message: str) -> ApiException:
+        exc = ApiException(status=code, reason=reason)
+        exc.body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message})
         return exc
 
-    def _admit(self, body: dict) -> None:
-        """The schema, its CEL rules and the validating webhook, as the API server runs them on a create."""
+    def _admit(self, body: dict, field_validation: str | None) -> dict:
+        """Decoding (unknown fields), the schema with its CEL rules, then the validating webhook; returns the object as stored."""
         name = body["metadata"]["name"]
-        causes = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in self.validator.iter_errors(body)]
+        stored = prune(copy.deepcopy(body), self.schema)
+        unknown = _unknown_fields(body, stored)
+        if unknown and field_validation == "Strict":  # apiserver: strict decoding refuses, 400, nothing is created
+            fields = ", ".join(f'unknown field "{f}"' for f in unknown)
+            raise self._status(400, "BadRequest", f'TrainJob in version "v1alpha1" cannot be handled as a TrainJob: strict decoding error: {fields}')
+        causes = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in self.validator.iter_errors(stored)]
         if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
             causes.append("metadata.name must match RFC 1035 DNS label format")
         if len(name) > 63:
             causes.append("metadata.name must be no more than 63 characters")
-        runtime = body["spec"].get("runtimeRef", {}).get("name")
-        if runtime not in RUNTIMES:
-            causes.append(f"spec.runtimeRef: Invalid value: {runtime!r}: specified clusterTrainingRuntime must be created before the TrainJob is created")
-        reserved = [e["name"] for e in body["spec"].get("trainer", {}).get("env", []) if e["name"] in TORCH_RESERVED]
-        if reserved:
-            causes.append(f"spec.trainer.env: must not have reserved envs, invalid envs configured: {reserved}")
         if causes:
-            raise self._invalid(name, causes)
+            raise self._status(422, "Invalid", f'TrainJob.trainer.kubeflow.org "{name}" is invalid: {"; ".join(causes)}')
+        runtime = stored["spec"].get("runtimeRef", {}).get("name")
+        denials = []
+        if runtime not in RUNTIMES:
+            denials.append(f"unsupported runtime: {{kind: ClusterTrainingRuntime, name: {runtime}}}")
+        reserved = [e for e in stored["spec"].get("trainer", {}).get("env", []) if e["name"] in TORCH_RESERVED]
+        if reserved:
+            denials.append(f"spec.trainer.env: Invalid value: {json.dumps(reserved)}: must not have reserved envs, "
+                           f"invalid envs configured: [{' '.join(e['name'] for e in reserved)}]")  # fmt: skip
+        if denials:
+            raise self._status(403, "Forbidden", f'admission webhook "{WEBHOOK}" denied the request: {"; ".join(denials)}')
+        return stored
 
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body, field_validation=None):
         self._check(group, version, plural)
         self._authorize("create", namespace)
         name = body["metadata"]["name"]
         if (namespace, name) in self.objects:
             raise ApiException(status=409, reason="AlreadyExists")
-        self._admit(body)
+        stored = self._admit(body, field_validation)
         self.created.append(name)
         self.sent[name] = copy.deepcopy(body)
-        stored = prune(copy.deepcopy(body), self.schema)
         self.objects[(namespace, name)] = {**stored, "status": {}, "_steps": [copy.deepcopy(s) for s in self.script]}
         return {k: copy.deepcopy(v) for k, v in self.objects[(namespace, name)].items() if k != "_steps"}
 
@@ -159,10 +201,18 @@ class FakeTrainer:
         return {"kind": "Status", "status": "Success"}
 
 
+# What a GPU build compiles into the train task (pipelines/imgpipe_pipeline.py, _trainjob_settings).
+GPU_NODE = {"requests": {"cpu": "32", "memory": "48Gi"}, "limits": {"cpu": "32", "memory": "48Gi", "nvidia.com/gpu": "4"}}
+GPU_POD = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+           "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"}, "imagePullSecrets": [{"name": "regcred"}]}  # fmt: skip
+
+
 @pytest.fixture
 def setup(tmp_path, monkeypatch, trainjob_schema, base_rbac):
-    for name in (trainjob.IMAGE_ENV, trainjob.NODE_RESOURCES_ENV, trainjob.SECRET_ENV, trainjob.MAX_NODES_ENV, trainjob.SHM_ENV, "IMGPIPE_RUN_ID"):
+    for name in (trainjob.IMAGE_ENV, trainjob.SECRET_ENV, trainjob.MAX_NODES_ENV, trainjob.SHM_ENV, "IMGPIPE_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(trainjob.NODE_RESOURCES_ENV, json.dumps(GPU_NODE))
+    monkeypatch.setenv(trainjob.POD_ENV, json.dumps(GPU_POD))
     data = write_resize_output("file://" + str(tmp_path / "resize"), classes=3, size=16)
     out = "file://" + str(tmp_path / "train")
     cfg = TrainConfig(model="tiny_cnn", epochs=1, batch_size=4, num_workers=0, device="cpu", shuffle_buffer=8, nodes=2)
@@ -183,12 +233,26 @@ def run(setup, api, **kwargs):
     return report, stream.getvalue()
 
 
-def test_the_trainjob_validates_against_trainer_v221_and_carries_the_run(setup, trainjob_schema):
+def _node_pod(body: dict) -> tuple[dict, dict]:
+    """The node pods' metadata and spec a TrainJob sets, in either Trainer's form."""
+    spec = body["spec"]
+    if "podTemplateOverrides" in spec:  # Trainer 2.1
+        (override,) = spec["podTemplateOverrides"]
+        assert override["targetJobs"] == [{"name": "node"}]
+        return override["metadata"], override["spec"]
+    (patch,) = spec["runtimePatches"]  # Trainer 2.2
+    assert patch["manager"] == trainjob.PATCH_MANAGER
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert job["name"] == "node"  # torch_distributed.yaml names its replicated job and container "node"
+    return job["template"]["spec"]["template"]["metadata"], job["template"]["spec"]["template"]["spec"]
+
+
+def test_the_trainjob_validates_against_each_trainer_and_carries_the_run(setup, trainjob_schema, trainer_release):
     api = setup["fake"]()
     report, printed = run(setup, api)
     (name,) = api.created
     body = api.sent[name]
-    assert not list(jsonschema.Draft7Validator(strict(trainjob_schema)).iter_errors(body))
+    assert not list(jsonschema.Draft7Validator(strict(trainjob_schema)).iter_errors(body)), "no field the release lacks"
     spec = body["spec"]
     assert spec["runtimeRef"] == {"name": "torch-distributed", "kind": "ClusterTrainingRuntime", "apiGroup": "trainer.kubeflow.org"}
     trainer = spec["trainer"]
@@ -197,7 +261,11 @@ def test_the_trainjob_validates_against_trainer_v221_and_carries_the_run(setup, 
     secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in trainer["env"] if "valueFrom" in e}
     assert secrets == {k: {"name": "imgpipe-s3-credentials", "key": k} for k in storage.SECRET_ENV}
     assert not [e for e in trainer["env"] if "value" in e and re.search("SECRET|KEY_ID", e["name"])], "no key in clear"
-    assert spec["activeDeadlineSeconds"] == trainjob.DEFAULT_ACTIVE_DEADLINE_S
+    # v2.2 ends the TrainJob at its deadline; v2.1 has no such field (the wait's deadline deletes it).
+    assert spec.get("activeDeadlineSeconds") == (trainjob.DEFAULT_ACTIVE_DEADLINE_S if trainer_release >= "v2.2" else None)
+    meta, pod = _node_pod(body)
+    assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}, "torch's rendezvous stays out of the mesh"
+    assert (pod["tolerations"], pod["nodeSelector"], pod["imagePullSecrets"]) == (GPU_POD["tolerations"], GPU_POD["nodeSelector"], GPU_POD["imagePullSecrets"])
     labels = body["metadata"]["labels"]
     assert labels["imgpipe.dev/step"] == "train" and labels["imgpipe.dev/run-id"] == "run-9"
     # The nodes ran the resolved config; the output is committed and the TrainJob deleted.
@@ -206,35 +274,62 @@ def test_the_trainjob_validates_against_trainer_v221_and_carries_the_run(setup, 
     assert "Complete AllJobsCompleted jobset completed successfully" in printed
 
 
-def test_every_node_gets_a_memory_backed_dev_shm_through_runtime_patches(setup, trainjob_schema, monkeypatch):
+def test_every_node_gets_a_memory_backed_dev_shm(setup, trainjob_schema, monkeypatch):
     monkeypatch.setenv(trainjob.SHM_ENV, "16Gi")
     api = setup["fake"]()
     run(setup, api)
     body = api.sent[api.created[0]]
     assert not list(jsonschema.Draft7Validator(strict(trainjob_schema)).iter_errors(body))
-    (patch,) = body["spec"]["runtimePatches"]
-    assert patch["manager"] == trainjob.PATCH_MANAGER
-    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
-    pod = job["template"]["spec"]["template"]["spec"]
-    # torch_distributed.yaml at v2.2.1 names its replicated job and its container "node".
-    assert job["name"] == "node" and pod["containers"][0]["name"] == "node"
+    _, pod = _node_pod(body)
+    assert pod["containers"][0]["name"] == "node"
     assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
     assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    params = dict(name="x", namespace="ml", image="i:1", nodes=2, procs_per_node=1, args=[])
     for bad in ("16 GiB", "-1Gi", "lots", "16Gi; rm"):
         with pytest.raises(ValueError, match=trainjob.SHM_ENV):
-            trainjob.shm_patch(bad)
+            trainjob.build_trainjob(trainjob.TrainJobParams(shm_size=bad, **params))
 
 
-def test_a_crd_without_runtime_patches_prunes_them_and_the_trainjob_is_deleted(setup, trainjob_schema, monkeypatch):
-    # v2.1's CRD set pod volumes through podTemplateOverrides; runtimePatches is v2.2's.
+def test_on_trainer_2_1_the_strict_create_is_refused_and_nothing_but_the_2_1_form_is_created(setup, trainjob_schemas):
+    api = FakeTrainer(trainjob_schemas["v2.1.0"], None, SUCCESS)
+    report, _ = run(setup, api)
+    (name,) = api.created
+    assert "podTemplateOverrides" in api.sent[name]["spec"] and "runtimePatches" not in api.sent[name]["spec"]
+    assert report.step == "train"
+
+
+def test_a_crd_with_neither_api_is_refused_in_one_line_naming_the_install_step(setup, trainjob_schemas):
+    old = copy.deepcopy(trainjob_schemas["v2.1.0"])
+    del old["properties"]["spec"]["properties"]["podTemplateOverrides"]
+    api = FakeTrainer(old, None, SUCCESS)
+    with pytest.raises(RuntimeError) as caught:
+        run(setup, api)
+    message = str(caught.value)
+    assert "takes neither spec.runtimePatches" in message and "Kubeflow Trainer >= 2.1.0" in message
+    assert "kubectl apply --server-side -k" in message and "\n" not in message and api.created == []
+
+
+def test_an_api_server_that_prunes_despite_strict_validation_is_caught_and_the_trainjob_deleted(setup, trainjob_schemas, monkeypatch):
     monkeypatch.setenv(trainjob.SHM_ENV, "16Gi")
-    old = copy.deepcopy(trainjob_schema)
+    old = copy.deepcopy(trainjob_schemas["v2.2.1"])
     del old["properties"]["spec"]["properties"]["runtimePatches"]
     api = FakeTrainer(old, None, SUCCESS)
-    api.validator = jsonschema.Draft7Validator({})
-    with pytest.raises(RuntimeError, match=r"dropped spec.runtimePatches .*Kubeflow Trainer >= 2.2.0"):
+    create = api.create_namespaced_custom_object
+    api.create_namespaced_custom_object = lambda *a, field_validation=None: create(*a)  # ignores fieldValidation
+    with pytest.raises(RuntimeError, match=r"dropped spec.runtimePatches although it was asked to refuse unknown fields"):
         run(setup, api)
     assert api.deleted == api.created and not api.objects
+
+
+def test_a_cpu_build_asks_for_no_gpu_on_any_node(setup, monkeypatch):
+    monkeypatch.setenv(trainjob.NODE_RESOURCES_ENV, json.dumps({"requests": {"cpu": "8"}, "limits": {"cpu": "8", "memory": "48Gi"}}))
+    monkeypatch.setenv(trainjob.POD_ENV, "")
+    api = setup["fake"]()
+    run(setup, api)
+    body = api.sent[api.created[0]]
+    assert "nvidia.com/gpu" not in json.dumps(body), "no GPU limit, toleration or selector"
+    meta, pod = _node_pod(body)
+    assert meta["annotations"] == {"sidecar.istio.io/inject": "false"} and "tolerations" not in pod
 
 
 def test_a_retry_after_the_output_is_committed_creates_nothing(setup):
@@ -244,21 +339,25 @@ def test_a_retry_after_the_output_is_committed_creates_nothing(setup):
     assert again.created == [] and report.step == "train"
 
 
-def test_a_retry_attaches_to_the_running_trainjob_and_never_starts_a_second(setup):
+def test_a_retry_attaches_to_the_running_trainjob_and_never_starts_a_second(setup, trainer_release):
     api = setup["fake"]()
     with pytest.raises(TimeoutError):  # the first attempt of the task gives up waiting (a pod restart, say)
         run(setup, api, active_deadline_s=1, clock=iter(range(0, 10**6, 10**4)).__next__)
     assert len(api.created) == 1
     report, _ = run(setup, api)  # the retried task
-    assert len(api.created) == 1, "attached, not created again"
+    if trainer_release >= "v2.2":
+        assert len(api.created) == 1, "attached, not created again (the TrainJob's own deadline ends it)"
+    else:
+        assert len(api.created) == 2 and len(api.deleted) >= 1, "v2.1: the wait's deadline deleted the first; one at a time"
     assert report.step == "train"
 
 
-def test_409_attaches_to_the_trainjob_another_submitter_created(setup):
+def test_409_attaches_to_the_trainjob_another_submitter_created(setup, trainer_release):
     api = setup["fake"]()
     name = setup["base"]
+    form = trainjob.API_FORMS[0] if trainer_release >= "v2.2" else trainjob.API_FORMS[1]
     body = trainjob.build_trainjob(trainjob.TrainJobParams(name=name, namespace="ml", image="reg/x:1", nodes=2, procs_per_node=4,
-                                                           args=["-m", "imgpipe.remote", "train", "{}"]))  # fmt: skip
+                                                           args=["-m", "imgpipe.remote", "train", "{}"], form=form))  # fmt: skip
     created, new = trainjob._create_or_attach(api, body)
     again, new_again = trainjob._create_or_attach(api, body)
     assert (new, new_again) == (True, False) and again["metadata"]["name"] == created["metadata"]["name"]
@@ -300,21 +399,20 @@ def test_the_deadline_exceeded_condition_ends_the_wait(setup):
         run(setup, setup["fake"](script=[RUNNING, exceeded]))
 
 
-def test_an_older_trainers_crd_prunes_the_deadline_and_the_trainjob_is_deleted(setup, trainjob_schema):
-    # kubeflow/trainer v2.1.0's CRD has no spec.activeDeadlineSeconds (added in v2.2.0).
-    old = copy.deepcopy(trainjob_schema)
-    del old["properties"]["spec"]["properties"]["activeDeadlineSeconds"]
-    api = FakeTrainer(old, None, SUCCESS)
-    api.validator = jsonschema.Draft7Validator({})  # the old API server accepts it, then prunes the field
-    with pytest.raises(RuntimeError, match=r"dropped spec.activeDeadlineSeconds .*Kubeflow Trainer >= 2.2.0"):
-        run(setup, api)
-    assert api.deleted == api.created and not api.objects, "deleted before it could run without a deadline"
+def test_on_trainer_2_1_the_wait_deadline_deletes_the_trainjob(setup, trainjob_schemas):
+    api = FakeTrainer(trainjob_schemas["v2.1.0"], None, [RUNNING] * 50)
+    with pytest.raises(TimeoutError):
+        run(setup, api, active_deadline_s=1, clock=iter(range(0, 10**6, 10**4)).__next__)
+    assert api.deleted == api.created and not api.objects, "nothing keeps running past the deadline"
 
 
-def test_the_webhook_refuses_a_runtime_that_is_not_installed(setup, monkeypatch):
+def test_a_webhook_denial_is_reported_with_the_webhooks_own_message_not_as_rbac(setup, monkeypatch):
     monkeypatch.setattr(trainjob, "RUNTIME", "torch-distributed-v9")
-    with pytest.raises(RuntimeError, match="must be created before the TrainJob is created"):
+    with pytest.raises(RuntimeError) as caught:
         run(setup, setup["fake"]())
+    message = str(caught.value)
+    assert f'admission webhook "{WEBHOOK}" denied the request: unsupported runtime' in message
+    assert "may not create" not in message and "role-trainjobs" not in message and "\n" not in message
 
 
 def test_reserved_torchrun_variables_and_a_missing_image_are_refused_before_any_call():
@@ -366,10 +464,15 @@ def test_dispatch_runs_one_node_in_the_pod_and_more_as_a_trainjob(setup, monkeyp
 def test_the_node_resources_come_from_the_task_and_are_checked():
     text = json.dumps({"requests": {"cpu": "16"}, "limits": {"cpu": "16", "memory": "48Gi", "nvidia.com/gpu": "2"}})
     assert trainjob.node_resources(2, text)["limits"]["nvidia.com/gpu"] == "2"
-    assert trainjob.node_resources(3, "")["limits"] == {"nvidia.com/gpu": "3"}
+    assert trainjob.node_resources(3, "") == {}, "a CPU build: no GPU unless the compiled resources ask for one"
     for bad in ("{", '["cpu"]', '{"limits": 4}', '{"cpus": {}}'):
         with pytest.raises(ValueError, match=trainjob.NODE_RESOURCES_ENV):
             trainjob.node_resources(1, bad)
+    with pytest.raises(ValueError, match="processes run on each"):
+        trainjob.node_resources(4, text)
+    for bad in ("{", '{"env": []}', "[]"):
+        with pytest.raises(ValueError, match=trainjob.POD_ENV):
+            trainjob.pod_settings(bad)
 
 
 # ------------------------------------------------------------------ RBAC
@@ -429,8 +532,9 @@ def test_kubeflow_edit_holds_the_trainjob_rights_where_trainer_is_installed():
 def test_the_pipeline_takes_train_nodes_and_gives_the_train_task_what_a_trainjob_needs(tmp_path, monkeypatch):
     monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
     monkeypatch.setenv("IMGPIPE_GPU_IMAGE", "registry.test/gpu:3")
+    monkeypatch.setenv("IMGPIPE_IMAGE_PULL_SECRETS", "regcred")
     package = kfp_client.compile_package(tmp_path / "p.yaml", train_gpus=2)
-    ir = next(yaml.safe_load_all(package.read_text()))
+    ir, platform = yaml.safe_load_all(package.read_text())
     param = ir["root"]["inputDefinitions"]["parameters"]["train_nodes"]
     assert (param["parameterType"], param["defaultValue"]) == ("NUMBER_INTEGER", 1.0)
     (task,) = [t for t in ir["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == "train"]
@@ -441,6 +545,12 @@ def test_the_pipeline_takes_train_nodes_and_gives_the_train_task_what_a_trainjob
     node = json.loads(env[trainjob.NODE_RESOURCES_ENV])
     assert node["limits"] == {"cpu": "16", "memory": "48Gi", "nvidia.com/gpu": "2"} and node["requests"]["cpu"] == "16"
     assert env[trainjob.SHM_ENV] == "16Gi", "the nodes get the train task's /dev/shm"
+    pod = json.loads(env[trainjob.POD_ENV])
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert env[ranks.PROCS_ENV] == "2"
+    kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert [s["secretName"] for s in kube[executor]["imagePullSecret"]] == ["regcred"]
 
 
 def test_only_this_jobs_output_counts_as_done(setup):

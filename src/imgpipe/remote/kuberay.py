@@ -95,6 +95,8 @@ from imgpipe.remote.ray_jobs import (
 )
 
 __all__ = [
+    "PULL_SECRETS_ENV",
+    "pull_secrets",
     "MIN_KUBERAY",
     "REQUIRED_FIELDS",
     "APPLIED_BY_LABEL",
@@ -185,6 +187,7 @@ class RayJobParams:
             RayJob spec is readable by anyone who may list RayJobs).
         annotations: Added to the RayJob's metadata (the full run id goes here).
         labels: Added to the RayJob's metadata (run id and step, as label values).
+        pull_secrets: Image pull secrets added to every pod (head, workers, submitter).
     """
 
     name: str
@@ -197,6 +200,26 @@ class RayJobParams:
     env_vars: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
+    pull_secrets: tuple[str, ...] = ()
+
+
+# The Secrets pods pull the step images with (a private registry), comma-separated; set at
+# compile time on the tasks that create pods (imgpipe compile; docs/deploy.md, "Private registries").
+PULL_SECRETS_ENV = "IMGPIPE_IMAGE_PULL_SECRETS"
+
+
+def pull_secrets(text: str | None = None) -> tuple[str, ...]:
+    """The names :data:`PULL_SECRETS_ENV` lists.
+
+    Raises:
+        ValueError: For a name that is not a Secret's (a DNS subdomain).
+    """
+    text = os.environ.get(PULL_SECRETS_ENV, "") if text is None else text
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", n)]
+    if bad:
+        raise ValueError(f"${PULL_SECRETS_ENV}: {bad} are not Secret names (lower-case DNS subdomains, comma-separated)")
+    return names
 
 
 def label_value(text: str) -> str:
@@ -248,12 +271,17 @@ def load_template(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _containers(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _pod_specs(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The pod specs of a RayJob: head, each worker group, the submitter (those the template has)."""
     cluster = spec.get("rayClusterSpec") or {}
     templates = [cluster.get("headGroupSpec", {}).get("template", {})]
     templates += [g.get("template", {}) for g in cluster.get("workerGroupSpecs", [])]
     templates.append(spec.get("submitterPodTemplate") or {})
-    return [c for t in templates for c in t.get("spec", {}).get("containers", [])]
+    return [t["spec"] for t in templates if isinstance(t.get("spec"), dict)]
+
+
+def _containers(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [c for pod in _pod_specs(spec) for c in pod.get("containers", [])]
 
 
 def _is_placeholder(image: str) -> bool:
@@ -292,6 +320,11 @@ def build_rayjob(template: Mapping[str, Any], params: RayJobParams) -> dict[str,
         runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "") or {}
         runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **params.env_vars}
         spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=True)
+    for pod in _pod_specs(spec):
+        have = [s.get("name") for s in pod.get("imagePullSecrets") or []]
+        pod["imagePullSecrets"] = [*(pod.get("imagePullSecrets") or []), *({"name": n} for n in params.pull_secrets if n not in have)]
+        if not pod["imagePullSecrets"]:
+            del pod["imagePullSecrets"]
     for container in _containers(spec):
         if _is_placeholder(container.get("image", "")):
             if not params.image:
@@ -400,13 +433,29 @@ _SA_USER = re.compile(r"system:serviceaccount:([^:]+):(.+)")
 _RBAC_HINT = '{role}, bound to imgpipe-pipeline; docs/deploy.md, "RBAC"'
 
 
-def _caller(exc: Exception) -> str:
-    """Who the API server refused, from its message; else where this process's credentials come from."""
+def _status_message(exc: Exception) -> str:
+    """The ``message`` of the API server's ``Status`` body, or the body as text."""
     body = getattr(exc, "body", None)
     try:
-        message = str(json.loads(body).get("message", "")) if body else ""
+        return str(json.loads(body).get("message", "")) if body else ""
     except (TypeError, ValueError, AttributeError):
-        message = str(body)
+        return str(body)
+
+
+def admission_denial(exc: Exception) -> str | None:
+    """The webhook's own message when a 403 is an admission webhook's denial, not RBAC's.
+
+    The API server answers a validating webhook's ``allowed: false`` with 403 and the message
+    ``admission webhook "NAME" denied the request: REASON`` (k8s.io/apiserver
+    ``pkg/admission/plugin/webhook/errors``); RBAC's 403 says ``... is forbidden: User ...``.
+    """
+    message = _status_message(exc)
+    return message.splitlines()[0][:1000] if message.startswith("admission webhook ") else None
+
+
+def _caller(exc: Exception) -> str:
+    """Who the API server refused, from its message; else where this process's credentials come from."""
+    message = _status_message(exc)
     found = _FORBIDDEN_USER.search(message)
     if found:
         sa = _SA_USER.fullmatch(found.group(1))
@@ -419,6 +468,9 @@ def forbidden_message(
 ) -> str:
     """One line for a 403: what was refused, to whom, and where the grant belongs.
 
+    A 403 that is an admission webhook's denial (a TrainJob's runtime missing, a reserved
+    variable) is no RBAC matter: the line quotes the webhook's own message instead.
+
     Args:
         exc: The ``ApiException`` (its body names the user the API server saw).
         verb: The RBAC verb of the call (``create``, ``get``, ``list``, ``delete``).
@@ -427,6 +479,9 @@ def forbidden_message(
         doing: What imgpipe was doing, e.g. ``create RayJob ml/x``.
         role: The manifest of the Role that grants it.
     """
+    denial = admission_denial(exc)
+    if denial is not None:
+        return f"the Kubernetes API refused to {doing} (403): {denial}"
     return (
         f"the Kubernetes API refused to {doing} (403 Forbidden): {_caller(exc)} may not {verb} {resource} "
         f"in namespace {namespace}; grant it to the run's service account ({_RBAC_HINT.format(role=role)})"
@@ -802,6 +857,7 @@ def run_step_rayjob(
             env_vars=storage.settings_env(),
             annotations={"imgpipe.io/run-id": run_id or "", "imgpipe.io/attempt": str(attempt)},
             labels={RUN_ID_LABEL: label_value(run_id or base), STEP_LABEL: label_value(step)},
+            pull_secrets=pull_secrets(),
         )
         sent = build_rayjob(template, params)
         body, created = create_or_attach(api, sent)

@@ -9,6 +9,18 @@ processes (``numProcPerNode``); the runtime's torch plugin gives torchrun its no
 rank and rendezvous through the ``PET_*`` variables. Every rank runs the train step on
 the resolved config the payload carries; rank 0 alone writes.
 
+Two Trainer APIs (kubeflow/manifests v1.11.0 and 26.03 ship Trainer v2.1.0; v2.2.0 replaced its
+``podTemplateOverrides`` with ``runtimePatches`` and added ``activeDeadlineSeconds``;
+tests/contracts/trainer-kserve/README.md): the TrainJob is created in v2.2's form with
+``fieldValidation=Strict``; a CRD without those fields answers 400 ``unknown field``, nothing is
+created, and the TrainJob is created in v2.1's form instead (:data:`API_FORMS`), where the wait's
+own deadline stands in for ``activeDeadlineSeconds`` (the TrainJob is deleted when it passes).
+Either way every node pod gets ``sidecar.istio.io/inject: "false"`` (torch's rendezvous on port
+29500 is not meshed, as no imgpipe pod is), the train task's GPU toleration and node selector,
+its image pull secrets and its ``/dev/shm``, all from ``IMGPIPE_TRAINJOB_POD`` (:data:`POD_ENV`,
+set at compile time from the same settings as the train task), and no GPU unless the node
+resources ask for one (a CPU build).
+
 As Kubeflow Trainer v2.2.1 behaves (kubeflow/trainer at tag v2.2.1, commit c505fc7):
 
 * **The API.** ``spec.runtimeRef`` (required; ``kind`` ``ClusterTrainingRuntime``,
@@ -18,7 +30,9 @@ As Kubeflow Trainer v2.2.1 behaves (kubeflow/trainer at tag v2.2.1, commit c505f
   (``pkg/apis/trainer/v1alpha1/trainjob_types.go``). Names are RFC 1035 labels of at most 63
   characters (the CRD's CEL rules). The env names ``PET_NNODES``, ``PET_NPROC_PER_NODE``,
   ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT`` are the torch plugin's and
-  refused by its webhook (``pkg/runtime/framework/plugins/torch/torch.go``).
+  refused by its webhook (``pkg/runtime/framework/plugins/torch/torch.go``). The webhook
+  (``validator.trainjob.trainer.kubeflow.org``) denies with 403 and its own message, which the
+  task reports as it is (:func:`imgpipe.remote.kuberay.forbidden_message`).
 * **Status.** ``status.conditions`` of type ``Complete`` or ``Failed`` (``Suspended`` besides);
   the controller copies the JobSet's ``Completed``/``Failed`` condition, reason and message
   (``pkg/runtime/framework/plugins/jobset/jobset.go``), e.g. ``FailedJobs``: "jobset failed due
@@ -52,6 +66,7 @@ operator's cap ``IMGPIPE_TRAIN_MAX_NODES`` (:data:`MAX_NODES_ENV`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -91,6 +106,9 @@ __all__ = [
     "IMAGE_ENV",
     "NODE_RESOURCES_ENV",
     "SHM_ENV",
+    "POD_ENV",
+    "ISTIO_ANNOTATIONS",
+    "API_FORMS",
     "PATCH_MANAGER",
     "SECRET_ENV",
     "DEFAULT_ACTIVE_DEADLINE_S",
@@ -110,10 +128,15 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 # The PyTorch runtime Kubeflow Trainer ships (manifests/base/runtimes/torch_distributed.yaml at v2.2.1).
 RUNTIME = "torch-distributed"
-MIN_TRAINER = "2.2.0"
-# Fields imgpipe sets that an older Trainer's CRD lacks (the API server prunes them silently),
-# with the release that added each: activeDeadlineSeconds is absent from v2.1.0's CRD.
-# runtimePatches (v2.2.1's CRD; v2.1 had podTemplateOverrides instead) carries /dev/shm.
+MIN_TRAINER = "2.1.0"
+# How to install or upgrade Trainer (kubeflow/trainer CHANGELOG-2.1.md; docs/deploy.md, "Kubeflow Trainer").
+INSTALL_HINT = (
+    'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=v2.2.1" '
+    "and the same for overlays/runtimes (docs/deploy.md, \"Kubeflow Trainer\")"
+)
+# Fields of the v2.2 form that v2.1.0's CRD lacks, with the release that added each. The create
+# asks for fieldValidation=Strict, so a CRD without them refuses the object (and the v2.1 form is
+# used); an API server that prunes them anyway (one without strict validation) is caught after.
 REQUIRED_FIELDS: dict[tuple[str, ...], str] = {("spec", "activeDeadlineSeconds"): "2.2.0", ("spec", "runtimePatches"): "2.2"}
 MAX_NODES_ENV = "IMGPIPE_TRAIN_MAX_NODES"
 # What a run may ask for unless the operator allows more: train_nodes is a run's parameter.
@@ -125,6 +148,15 @@ NODE_RESOURCES_ENV = "IMGPIPE_TRAINJOB_NODE_RESOURCES"
 SHM_ENV = "IMGPIPE_TRAINJOB_SHM"
 # Who owns imgpipe's entry in spec.runtimePatches (a list keyed by manager).
 PATCH_MANAGER = "imgpipe.io/train"
+# The node pods' scheduling and metadata, JSON (tolerations, nodeSelector, imagePullSecrets),
+# set at compile time from the train task's own settings.
+POD_ENV = "IMGPIPE_TRAINJOB_POD"
+# Every imgpipe pod stays out of the mesh: torch's rendezvous (port 29500) and NCCL are not
+# HTTP, and a profile's Istio policy would refuse them.
+ISTIO_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
+# How a TrainJob patches its runtime's node pods: Trainer >= 2.2, then 2.1.
+API_FORMS = ("runtimePatches", "podTemplateOverrides")
+_POD_KEYS = frozenset({"tolerations", "nodeSelector", "imagePullSecrets"})
 # The replicated job and container of Trainer's torch-distributed runtime
 # (manifests/base/runtimes/torch_distributed.yaml at v2.2.1: both named "node").
 _NODE = "node"
@@ -179,6 +211,8 @@ class TrainJobParams:
         annotations: Annotations of the TrainJob.
         shm_size: Each node's memory-backed ``/dev/shm`` (a quantity such as ``16Gi``), or
             ``None`` for the container's default (64 MiB: too little for loader workers).
+        pod: The node pods' ``tolerations``, ``nodeSelector`` and ``imagePullSecrets``.
+        form: Which of :data:`API_FORMS` the cluster's Trainer takes.
     """
 
     name: str
@@ -194,26 +228,50 @@ class TrainJobParams:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     shm_size: str | None = None
+    pod: Mapping[str, Any] = field(default_factory=dict)
+    form: str = API_FORMS[0]
 
 
-def shm_patch(size: str) -> dict[str, Any]:
-    """The ``spec.runtimePatches`` entry that gives every node a memory-backed ``/dev/shm`` of ``size``.
-
-    Trainer v2.2 lets a TrainJob add volumes and mounts to its runtime's pods only through
-    ``runtimePatches`` (CRD at v2.2.1: ``trainingRuntimeSpec.template.spec.replicatedJobs[]
-    .template.spec.template.spec`` with ``volumes`` and ``containers[].volumeMounts``).
+def pod_settings(text: str | None = None) -> dict[str, Any]:
+    """The node pods' settings from :data:`POD_ENV` (JSON; empty: none).
 
     Raises:
-        ValueError: If ``size`` is not a Kubernetes quantity.
+        ValueError: If it is not a JSON object of ``tolerations``, ``nodeSelector``, ``imagePullSecrets``.
     """
-    if not _QUANTITY.match(size):
-        raise ValueError(f"${SHM_ENV} must be a Kubernetes quantity such as 16Gi, got {size!r}")
-    pod = {
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}],
-        "containers": [{"name": _NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
-    }
-    job = {"name": _NODE, "template": {"spec": {"template": {"spec": pod}}}}
-    return {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job]}}}}
+    text = os.environ.get(POD_ENV, "") if text is None else text
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise ValueError(f"${POD_ENV} is not JSON: {exc}") from None
+    if not isinstance(value, dict) or set(value) - _POD_KEYS:
+        raise ValueError(f"${POD_ENV} must be a JSON object with only {sorted(_POD_KEYS)}, got {text!r}")
+    return value
+
+
+def _node_pod(params: TrainJobParams) -> dict[str, Any]:
+    """What imgpipe adds to each node pod's spec: scheduling, pull secrets, ``/dev/shm``."""
+    spec = {k: copy.deepcopy(v) for k, v in params.pod.items() if v}
+    if params.shm_size:
+        if not _QUANTITY.match(params.shm_size):
+            raise ValueError(f"${SHM_ENV} must be a Kubernetes quantity such as 16Gi, got {params.shm_size!r}")
+        spec["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": params.shm_size}}]
+        spec["containers"] = [{"name": _NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
+    return spec
+
+
+def node_patch(params: TrainJobParams) -> dict[str, Any]:
+    """The ``spec`` entries that shape the node pods, in the form the cluster's Trainer takes.
+
+    v2.2: one ``runtimePatches`` entry (``trainingRuntimeSpec.template.spec.replicatedJobs[]
+    .template.spec.template``: pod metadata and spec); v2.1: one ``podTemplateOverrides``
+    entry (``targetJobs``, ``metadata``, ``spec``). The CRDs of both are vendored in tests.
+    """
+    metadata = {"annotations": dict(ISTIO_ANNOTATIONS)}
+    spec = _node_pod(params)
+    if params.form == "podTemplateOverrides":
+        return {"podTemplateOverrides": [{"targetJobs": [{"name": _NODE}], "metadata": metadata, "spec": spec}]}
+    job = {"name": _NODE, "template": {"spec": {"template": {"metadata": metadata, "spec": spec}}}}
+    return {"runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job]}}}}]}
 
 
 def build_trainjob(params: TrainJobParams) -> dict[str, Any]:
@@ -227,6 +285,8 @@ def build_trainjob(params: TrainJobParams) -> dict[str, Any]:
         raise ValueError(f"no image for the TrainJob's nodes: set ${IMAGE_ENV} (the imgpipe-gpu image)")
     if params.nodes < 1 or params.procs_per_node < 1 or params.active_deadline_s < 1:
         raise ValueError("nodes, processes per node and the active deadline must be >= 1")
+    if params.form not in API_FORMS:
+        raise ValueError(f"TrainJob form must be one of {API_FORMS}, got {params.form!r}")
     reserved = sorted(_RESERVED_ENV & set(params.env))
     if reserved:
         raise ValueError(f"the torch runtime sets {', '.join(reserved)} itself; they cannot be passed to a TrainJob")
@@ -246,10 +306,10 @@ def build_trainjob(params: TrainJobParams) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "runtimeRef": {"name": RUNTIME, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
         "trainer": trainer,
-        "activeDeadlineSeconds": params.active_deadline_s,
+        **node_patch(params),
     }
-    if params.shm_size:
-        spec["runtimePatches"] = [shm_patch(params.shm_size)]
+    if params.form == API_FORMS[0]:  # v2.1 has no deadline field; the wait's own deadline stands in
+        spec["activeDeadlineSeconds"] = params.active_deadline_s
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
@@ -264,7 +324,10 @@ def build_trainjob(params: TrainJobParams) -> dict[str, Any]:
 
 
 def node_resources(procs: int, text: str | None = None) -> dict[str, Any]:
-    """One node's requests and limits: ``$IMGPIPE_TRAINJOB_NODE_RESOURCES`` (JSON), with ``procs`` GPUs.
+    """One node's requests and limits: ``$IMGPIPE_TRAINJOB_NODE_RESOURCES`` (JSON), as the pipeline compiled them.
+
+    GPUs only where they name some (the compiled train task's own accelerator limit): a CPU
+    build's nodes ask for none. ``procs`` is the processes per node, for the message.
 
     Raises:
         ValueError: If the JSON is not an object of ``requests``/``limits`` mappings.
@@ -276,9 +339,10 @@ def node_resources(procs: int, text: str | None = None) -> dict[str, Any]:
         raise ValueError(f"${NODE_RESOURCES_ENV} is not JSON: {exc}") from None
     if not isinstance(value, dict) or set(value) - {"requests", "limits"} or not all(isinstance(v, dict) for v in value.values()):
         raise ValueError(f'${NODE_RESOURCES_ENV} must be {{"requests": {{...}}, "limits": {{...}}}}, got {text!r}')
-    limits = dict(value.get("limits") or {})
-    limits.setdefault("nvidia.com/gpu", str(procs))
-    return {**value, "limits": limits}
+    gpus = {k: v for k, v in (value.get("limits") or {}).items() if k.endswith("/gpu")}
+    if gpus and any(int(str(v)) != procs for v in gpus.values()):
+        raise ValueError(f"${NODE_RESOURCES_ENV} asks for {gpus} per node, but {procs} processes run on each")
+    return value
 
 
 def trainjob_state(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -319,13 +383,19 @@ def _get(api: Any, namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
+class _UnknownFields(Exception):
+    """The CRD lacks fields the TrainJob set (``fieldValidation=Strict``: 400, nothing created)."""
+
+
 def _create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     from kubernetes.client.exceptions import ApiException
 
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
-        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body), True
+        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, field_validation="Strict"), True
     except ApiException as exc:
+        if status_code(exc) == 400 and "unknown field" in str(getattr(exc, "body", "")):
+            raise _UnknownFields(str(getattr(exc, "body", ""))) from None
         if status_code(exc) == 403:
             raise _refused(exc, "create", namespace, f"create TrainJob {namespace}/{name}") from None
         if status_code(exc) == 422:
@@ -336,6 +406,32 @@ def _create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any]
     if existing is None:
         raise RuntimeError(f"TrainJob {namespace}/{name} already existed but is gone now; retry")
     return existing, False
+
+
+def _create_in_form(api: Any, params: TrainJobParams) -> tuple[dict[str, Any], dict[str, Any], bool, TrainJobParams]:
+    """Creates (or attaches to) the TrainJob in the first of :data:`API_FORMS` the cluster's CRD takes.
+
+    Returns:
+        ``(sent, returned, created, params)`` with ``params.form`` the form used.
+
+    Raises:
+        RuntimeError: If the CRD takes neither, naming the Trainer release needed and how to install it.
+    """
+    refused = []
+    for form in API_FORMS:
+        params = dataclasses.replace(params, form=form)
+        sent = build_trainjob(params)
+        try:
+            returned, created = _create_or_attach(api, sent)
+            return sent, returned, created, params
+        except _UnknownFields as exc:
+            refused.append(f"{form}: {exc}"[:300])
+            log.warning("train: the TrainJob CRD does not take spec.%s; trying the next Trainer API", form)
+    raise RuntimeError(
+        f"TrainJob {params.namespace}/{params.name}: the cluster's TrainJob CRD takes neither spec.runtimePatches "
+        f"(Trainer >= 2.2) nor spec.podTemplateOverrides (Trainer 2.1): imgpipe needs Kubeflow Trainer >= {MIN_TRAINER}; "
+        f"install it: {INSTALL_HINT} ({'; '.join(refused)})"
+    )
 
 
 def _delete(api: Any, namespace: str, name: str) -> bool:
@@ -362,8 +458,9 @@ def _refuse_pruned(api: Any, sent: Mapping[str, Any], returned: Mapping[str, Any
     outcome = "the TrainJob was deleted" if _delete(api, namespace, name) else f"delete it: kubectl delete trainjob -n {namespace} {name}"
     since = ", ".join(f"{f} since {REQUIRED_FIELDS[tuple(f.split('.'))]}" for f in dropped)
     raise RuntimeError(
-        f"TrainJob {namespace}/{name}: the cluster's TrainJob CRD dropped {', '.join(dropped)} (the API server prunes "
-        f"fields its schema lacks): imgpipe needs Kubeflow Trainer >= {MIN_TRAINER} ({since}); {outcome}"
+        f"TrainJob {namespace}/{name}: the cluster's TrainJob CRD dropped {', '.join(dropped)} although it was asked to "
+        f"refuse unknown fields (fieldValidation=Strict, Kubernetes >= 1.25): a Trainer older than {since}; upgrade: "
+        f"{INSTALL_HINT}; {outcome}"
     )
 
 
@@ -514,19 +611,25 @@ def run_train_job(
             labels={RUN_ID_LABEL: label_value(run_id or base), STEP_LABEL: "train"},
             annotations={"imgpipe.io/run-id": run_id or "", "imgpipe.io/attempt": str(attempt)},
             shm_size=os.environ.get(SHM_ENV) or None,
+            pod=pod_settings(),
         )
-        sent = build_trainjob(params)
-        body, created = _create_or_attach(api, sent)
+        sent, body, created, params = _create_in_form(api, params)
         _refuse_pruned(api, sent, body)
+        latest = body
         log.info(
             "train: %s TrainJob %s/%s (%d nodes x %d processes, attempt %d); kubectl get trainjob -n %s %s",
             "created" if created else "attached to", namespace, name, cfg.nodes, procs, attempt, namespace, name,
         )  # fmt: skip
     else:
         log.info("train: attaching to TrainJob %s/%s (%s)", namespace, name, detail)
-    final = wait_for_trainjob(
-        api, namespace, name, timeout_s=active_deadline_s + WAIT_SLACK_S, poll_s=poll_s, out=stream, sleep=sleep, clock=clock
-    )
+    try:
+        final = wait_for_trainjob(
+            api, namespace, name, timeout_s=active_deadline_s + WAIT_SLACK_S, poll_s=poll_s, out=stream, sleep=sleep, clock=clock
+        )
+    except TimeoutError:
+        if latest is not None and field_at(latest, ("spec", "activeDeadlineSeconds")) is None:
+            _delete(api, namespace, name)  # Trainer 2.1 has no deadline of its own: the wait's ends it
+        raise
     state, detail = trainjob_state(final)
     if state != "succeeded":
         raise RuntimeError(
