@@ -539,7 +539,7 @@ class S3Backend(Backend):
         """Bulk ``DeleteObjects`` where the store allows it, else one ``DeleteObject`` per key.
 
         A per-prefix policy may grant deletes on keys but not the bulk call: SeaweedFS
-        before 4.33 (what Kubeflow Pipelines 2.15 and 2.16 install) authorizes ``POST
+        before 4.32 (what Kubeflow Pipelines 2.15 and 2.16 install) authorizes ``POST
         ?delete`` against the bucket, not the keys, so a profile's key for
         ``mlpipeline/private/<namespace>/*`` gets ``AccessDenied`` for it while a single
         delete of the same key passes (seaweedfs/seaweedfs 4.00

@@ -23,7 +23,7 @@ makes one SeaweedFS identity per profile namespace with actions on that prefix):
 ``POST /bucket?delete`` (authorized against the bucket, not the keys:
 seaweedfs/seaweedfs 4.00 ``weed/s3api/s3api_server.go`` routes ``?delete`` through
 ``iam.Auth`` with the bucket as the resource, ``weed/s3api/auth_credentials.go``
-matches it against ``bucket/prefix/*`` and fails; fixed in 4.33), and for any
+matches it against ``bucket/prefix/*`` and fails; fixed in 4.32), and for any
 request whose key, or listing prefix, lies outside the granted prefix.
 """
 

@@ -1,7 +1,7 @@
 """Retries under a per-namespace object-store policy (SeaweedFS 4.00, as KFP 2.15/2.16 install it).
 
 A profile's S3 key may read, write, list and delete single objects below
-``mlpipeline/private/<namespace>/``, but SeaweedFS before 4.33 answers ``403
+``mlpipeline/private/<namespace>/``, but SeaweedFS before 4.32 answers ``403
 AccessDenied`` to a bulk ``DeleteObjects`` (``tests/faults/s3proxy.py`` says why, with
 the upstream source). A retry of any step first clears the prefix its killed attempt
 left, so with bulk deletes only every retry failed there. These tests run the claim and
