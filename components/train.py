@@ -28,24 +28,21 @@ def train(
     train_nodes: Optional[int] = None,  # noqa: UP045 - more than 1: a Kubeflow Trainer TrainJob
     recipe: Optional[str] = None,  # noqa: UP045 - TrainConfig.recipe (auto: from the train split's images per class)
     domain: Optional[str] = None,  # noqa: UP045 - TrainConfig.domain
-    promotion_tolerance: Optional[float] = None,  # noqa: UP045 - None: PromoteConfig's default
     step_config: Optional[dict] = None,  # noqa: UP045
     branch: str = "",
-) -> None:
-    """Trains on the resize output at ``resized`` (a committed prefix); promotes the model if it is as good as the current one.
+    placement: str = "",
+) -> str:
+    """Trains on the resize output at ``resized`` (a committed prefix); returns the committed train prefix.
 
     One process per GPU of the pod (``imgpipe compile --train-gpus N``); with ``train_nodes`` above 1
-    a Kubeflow Trainer TrainJob of that many such nodes. Rank 0 writes.
+    a Kubeflow Trainer TrainJob of that many such nodes, which this task creates and follows.
+    ``placement`` is what the pipeline compiled the task for (``pod``: with GPUs; ``trainjob``:
+    a poller without any); a config that asks otherwise is refused. Rank 0 writes.
 
     ``resume`` is on: the prefix is the run's own, so a first attempt starts fresh and a
     retried attempt continues from the checkpoint of the failed one. A sweep's branch
-    (``branch``, :mod:`imgpipe.sweep`) writes the run's ``train-{branch}`` prefix instead
-    and records nothing in ``latest.json``: a sweep tries settings, it is no retraining run.
-
-    Otherwise the promotion gate (:mod:`imgpipe.steps.promote`) scores the current model
-    (``latest.json``) on this run's test images; the run becomes ``latest`` only when its
-    own score is at least that, less ``promotion_tolerance``. Either way the task succeeds,
-    with the verdict and both numbers in its Metrics and report.
+    (``branch``, :mod:`imgpipe.sweep`) writes the run's ``train-{branch}`` prefix instead.
+    The promotion gate is the next task's (``components/promote.py``).
     """
     from imgpipe import config
     from imgpipe.kfp import artifacts as ka
@@ -57,8 +54,6 @@ def train(
     named = ka.train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes, recipe, domain)
     cfg = config.step_config(TrainConfig, step_config, "train", policy=policy, **named, weights_cache=ka.weights_cache(data_root))
     data, out = ka.committed_prefix(resized, "resize", policy), ka.run_prefix(data_root, run_id, branch_step(branch) if branch else "train")
-    result = run_train(data, out, cfg, run_id=run_id)  # every GPU of the pod, or a TrainJob of cfg.nodes nodes
+    result = run_train(data, out, cfg, run_id=run_id, placement=placement)  # the pod's GPUs, or a TrainJob of cfg.nodes nodes
     ka.publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)
-    ka.write_step_artifact(trained, result.dest, branch=branch)
-    if not branch:  # the gate: latest.json names this run only if its model is at least as good
-        ka.promote_run(data_root, run_id, tolerance=promotion_tolerance or 0.0, metrics=metrics, report=report, policy=policy)
+    return ka.write_step_artifact(trained, result.dest, branch=branch)["dest"]

@@ -35,7 +35,12 @@ from imgpipe.pipelines.imgpipe_pipeline import (
     pipeline_docstring,
     write_package,
 )
-from imgpipe.pipelines.imgpipe_sweep import SweepOptions, base_options, train_each
+from imgpipe.pipelines.imgpipe_sweep import (
+    SweepOptions,
+    base_options,
+    branch_parameters,
+    train_each,
+)
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Metrics
 
@@ -73,7 +78,7 @@ class Outputs(NamedTuple):
 def _signature(main: inspect.Signature) -> inspect.Signature:
     """The main pipeline's parameters, then ``folds`` and ``filter_by`` before ``step_config``."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    params = list(main.parameters.values())
+    params = branch_parameters(main)
     last = params.pop()
     assert last.name == "step_config", "the main pipeline's last parameter is step_config"
     defaults = AuditConfig()

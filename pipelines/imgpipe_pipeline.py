@@ -28,6 +28,14 @@ RayJob or a Ray cluster's Jobs API does the work; the pod only submits and follo
 so it asks for what a poller needs). Train takes the committed prefix of whichever ran
 (``dsl.OneOf``). Train's memory limit covers its memory-backed ``/dev/shm``, which
 Kubernetes counts against the container's limit.
+
+Train runs as one of two tasks too, chosen by ``train_nodes``: ``train`` (1: every GPU of its
+pod) or ``train-trainjob`` (more: a Kubeflow Trainer TrainJob of that many nodes does the work;
+the pod creates and follows it and asks for no GPU, so a quota counts only the TrainJob's
+nodes). Both hand on the committed train prefix as a parameter, and ``promote`` takes the one
+that ran (``dsl.OneOf`` of parameters: KFP 2.16's backend resolves an artifact ``OneOf`` to the
+last branch whichever ran, kubeflow/pipelines#13436, and ``kfp.local`` refuses one). ``promote``
+runs the gate, registers a promoted model, and holds the run's outputs.
 """
 
 # No `from __future__ import annotations`: kfp reads the signature's annotations as types.
@@ -40,6 +48,7 @@ from typing import Any, NamedTuple, Optional
 
 from imgpipe.components.clean import clean
 from imgpipe.components.download import download
+from imgpipe.components.promote import promote
 from imgpipe.components.resize import resize
 from imgpipe.components.train import train
 from kfp import compiler, dsl, kubernetes
@@ -76,6 +85,7 @@ __all__ = [
     "GpuScheduling",
     "PipelineOptions",
     "data_steps",
+    "train_steps",
     "pipeline_docstring",
     "build_pipeline",
     "compile_pipeline",
@@ -241,6 +251,10 @@ def _default_resources() -> dict[str, Resources]:
         "resize": Resources("250m", "1", "512Mi", "1Gi"),
         # 32 GiB for the process and its loader workers, plus GpuScheduling.shm_size (16 GiB).
         "train": Resources("8", "8", "48Gi", "48Gi"),
+        # train_nodes > 1: a TrainJob's nodes do the work; the pod creates and follows it.
+        "train-trainjob": Resources("250m", "1", "512Mi", "1Gi"),
+        # Re-scores the current and the new model on the test split (CPU, one pass each).
+        "promote": Resources("2", "4", "4Gi", "8Gi"),
     }
 
 
@@ -277,7 +291,7 @@ class PipelineOptions:
 
 
 class Outputs(NamedTuple):
-    """What a run hands back: the train task's UI artifacts."""
+    """What a run hands back: the promote task's UI artifacts (the model, its scores and report, the verdict)."""
 
     model: Model
     metrics: Metrics
@@ -321,8 +335,8 @@ def _configure(task: dsl.PipelineTask, step: str, image: str, options: PipelineO
 
 
 def _schedule_on_gpu(task: dsl.PipelineTask, gpu: GpuScheduling) -> None:
-    # One training process per GPU (imgpipe.remote.ranks; _trainjob_settings sets their count);
-    # CPU and memory grow with them.
+    # One training process per GPU (imgpipe.remote.ranks); CPU and memory grow with them.
+    task.set_env_variable(PROCS_ENV, str(gpu.count))
     task.set_accelerator_type(gpu.accelerator).set_accelerator_limit(gpu.count)
     kubernetes.add_toleration(task, key=gpu.toleration_key, operator="Exists", effect="NoSchedule")
     for key, value in gpu.node_selector:
@@ -331,10 +345,11 @@ def _schedule_on_gpu(task: dsl.PipelineTask, gpu: GpuScheduling) -> None:
 
 
 def _trainjob_settings(task: dsl.PipelineTask, image: str, options: PipelineOptions) -> None:
-    """What the train task hands a TrainJob's nodes (train_nodes > 1): image, resources, scheduling, /dev/shm, S3 Secret.
+    """What the poller hands a TrainJob's nodes (train_nodes > 1): image, resources, scheduling, /dev/shm, S3 Secret.
 
-    Each node gets the train task's own requests, limits, GPUs, toleration, node selector and
-    pull secrets (one fact, here and in :func:`_schedule_on_gpu`); a CPU build's nodes get no GPU.
+    Each node gets what the in-pod train task gets: its requests, limits, GPUs, toleration,
+    node selector and pull secrets (one fact, here and in :func:`_schedule_on_gpu`); a CPU
+    build's nodes get no GPU. The poller itself asks for none.
     """
     res = options.resources["train"]
     procs = options.gpu.count if options.gpu is not None else 1
@@ -351,9 +366,7 @@ def _trainjob_settings(task: dsl.PipelineTask, image: str, options: PipelineOpti
     if options.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in options.image_pull_secrets]
     task.set_env_variable(trainjob.POD_ENV, json.dumps(pod, sort_keys=True))
-    task.set_env_variable(PROCS_ENV, str(procs))  # processes per node (the in-pod task's own, too)
-    if options.model_registry:
-        task.set_env_variable(modelregistry.REGISTRY_ENV, options.model_registry)
+    task.set_env_variable(PROCS_ENV, str(procs))  # processes per node
     task.set_env_variable(trainjob.IMAGE_ENV, image)
     task.set_env_variable(trainjob.NODE_RESOURCES_ENV, json.dumps(node, sort_keys=True))
     if options.s3_secret:
@@ -422,6 +435,30 @@ def data_steps(
     return dsl.OneOf(in_pod.outputs["Output"], remote.outputs["Output"])
 
 
+def train_steps(options: PipelineOptions, *, train_nodes: Any, **train_args: Any) -> Any:
+    """Adds the two train tasks to the pipeline being built; returns the committed train prefix of the one that ran.
+
+    ``train_nodes`` 1: ``train`` on every GPU of its pod. More: ``train-trainjob``, a poller
+    without GPUs that creates the TrainJob (:func:`_trainjob_settings`) and follows it. Each
+    task refuses a config whose node count is not its own (``placement``), so a
+    ``step_config`` cannot make the poller train or the GPU pod wait.
+
+    Returns:
+        ``dsl.OneOf`` of the two tasks' committed prefixes (parameters).
+    """
+    images = options.images
+    with dsl.If(train_nodes == 1, name="train-in-the-pod"):
+        in_pod = train(train_nodes=train_nodes, placement="pod", **train_args)
+        _configure(in_pod, "train", images.gpu, options, options.train_retry)
+        if options.gpu is not None:
+            _schedule_on_gpu(in_pod, options.gpu)
+    with dsl.Else(name="train-as-trainjob"):
+        poller = train(train_nodes=train_nodes, placement="trainjob", **train_args)
+        _configure(poller, "train-trainjob", images.gpu, options, options.train_retry)
+        _trainjob_settings(poller, images.gpu, options)
+    return dsl.OneOf(in_pod.outputs["Output"], poller.outputs["Output"])
+
+
 def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_component.GraphComponent:
     """The pipeline for ``options`` (defaults: images from the environment, caching off)."""
     options = options or PipelineOptions()
@@ -460,21 +497,17 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
             resize_mode=resize_mode, resize_train_mode=resize_train_mode, ray_address=ray_address,
             step_config=step_config,
         )  # fmt: skip
-        train_args = {
-            "resized": resized, "model_name": model, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy,
-            "pretrained": pretrained, "train_nodes": train_nodes, "recipe": recipe, "domain": domain,
-            "promotion_tolerance": promotion_tolerance, "data_root": data_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            "step_config": step_config,
-        }  # fmt: skip
-        # With train_nodes > 1 the task creates a TrainJob and waits, keeping its GPUs: a
-        # branch without them needs dsl.OneOf over artifact outputs, which kfp.local (make run)
-        # cannot resolve ("Expected 1 artifact in ArtifactSelectorSpec"); docs/deploy.md says so.
-        tr = train(**train_args)
-        _configure(tr, "train", images.gpu, options, options.train_retry)
-        _trainjob_settings(tr, images.gpu, options)
-        if options.gpu is not None:
-            _schedule_on_gpu(tr, options.gpu)
-        return Outputs(**{name: tr.outputs[name] for name in Outputs._fields})
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        trained = train_steps(
+            options, resized=resized, model_name=model, epochs=epochs, batch_size=batch_size, aug_policy=aug_policy,
+            pretrained=pretrained, train_nodes=train_nodes, recipe=recipe, domain=domain, data_root=data_root,
+            run_id=run_id, step_config=step_config,
+        )  # fmt: skip
+        pr = promote(trained=trained, data_root=data_root, run_id=run_id, promotion_tolerance=promotion_tolerance)
+        _configure(pr, "promote", images.gpu, options, options.retry)
+        if options.model_registry:
+            pr.set_env_variable(modelregistry.REGISTRY_ENV, options.model_registry)
+        return Outputs(**{name: pr.outputs[name] for name in Outputs._fields})
 
     imgpipe_pipeline.__doc__ = pipeline_docstring()
     description = "Image dataset preparation and training: download -> clean -> resize (Ray Data) -> train."

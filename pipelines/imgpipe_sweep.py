@@ -54,7 +54,6 @@ from imgpipe.pipelines.imgpipe_pipeline import (
     Resources,
     _configure,
     _schedule_on_gpu,
-    _trainjob_settings,
     build_pipeline,
     data_steps,
     pipeline_docstring,
@@ -75,6 +74,7 @@ __all__ = [
     "build_sweep_pipeline",
     "compile_sweep",
     "base_options",
+    "branch_parameters",
     "train_each",
 ]
 
@@ -84,6 +84,14 @@ DEFAULT_PARALLELISM = 2
 GRID_PARAMETERS: tuple[str, ...] = ("grid", *(f"grid_{key}" for key in GRID_KEYS))
 # The data steps' parameters (data_steps' keywords), taken from the run's parameters.
 _DATA_PARAMETERS = tuple(p for p in inspect.signature(data_steps).parameters if p != "options")
+# The main pipeline's parameters a fan-out pipeline does not offer: each branch trains on the
+# GPUs of its own pod (a branch waiting on a TrainJob would hold them, parallelism times over).
+NOT_OFFERED = ("train_nodes",)
+
+
+def branch_parameters(main: inspect.Signature) -> list[inspect.Parameter]:
+    """The main pipeline's parameters that a fan-out pipeline (sweep, audit) offers, in order."""
+    return [p for p in main.parameters.values() if p.name not in NOT_OFFERED]
 
 
 def _default_resources() -> dict[str, Resources]:
@@ -138,7 +146,7 @@ def _grid_docs() -> dict[str, str]:
 def _signature(main: inspect.Signature) -> inspect.Signature:
     """The main pipeline's parameters (``epochs`` defaulting to the sweep's), the grid's before ``step_config``."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    params = [p.replace(default=SWEEP_EPOCHS) if p.name == "epochs" else p for p in main.parameters.values()]
+    params = [p.replace(default=SWEEP_EPOCHS) if p.name == "epochs" else p for p in branch_parameters(main)]
     last = params.pop()
     assert last.name == "step_config", "the main pipeline's last parameter is step_config"
     # An empty list (no value swept) as the default: kfp.local cannot pass a None list default.
@@ -156,8 +164,7 @@ def _typed_train_inputs(params: dict[str, Any]) -> dict[str, Any]:
     ``model_name`` takes ``model`` (the component's ``model`` is its Model output).
     """
     inputs = train.component_spec.inputs
-    # A branch promotes nothing (it records nothing in latest.json): the gate's tolerance stays out.
-    skip = ("data_root", "step_config", "promotion_tolerance")
+    skip = ("data_root", "step_config")  # the task takes these from the item and the run
     typed = {name: params[name] for name in inputs if name in params and name not in skip}
     return {**typed, "model_name": params["model"]}
 
@@ -179,10 +186,9 @@ def train_each(items: Any, p: dict[str, Any], run_id: Any, base: PipelineOptions
     with dsl.ParallelFor(items, parallelism=parallelism, name=name) as item:
         tr = train(
             resized=item.resized, data_root=p["data_root"], run_id=run_id, branch=item.branch,
-            step_config=item.step_config, **_typed_train_inputs(p),
+            step_config=item.step_config, placement="pod", **_typed_train_inputs(p),
         )  # fmt: skip
         _configure(tr, "train", base.images.gpu, base, base.train_retry)
-        _trainjob_settings(tr, base.images.gpu, base)  # train_nodes > 1: the branch's TrainJob (the task keeps its GPUs)
         if base.gpu is not None:
             _schedule_on_gpu(tr, base.gpu)
     return tr

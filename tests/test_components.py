@@ -21,6 +21,7 @@ import pytest
 import torch
 from imgpipe.components.clean import clean
 from imgpipe.components.download import download
+from imgpipe.components.promote import promote
 from imgpipe.components.resize import resize
 from imgpipe.components.train import train
 from kfp import dsl, local
@@ -38,8 +39,11 @@ from imgpipe.steps.download import download as run_download
 from imgpipe.train.config import TrainConfig
 from tests.train.test_loader import write_resize_output
 
-COMPONENTS = {"download": download, "clean": clean, "resize": resize, "train": train}
-KINDS = {"download": "cpu", "clean": "cpu", "resize": "ray", "train": "gpu"}
+COMPONENTS = {"download": download, "clean": clean, "resize": resize, "train": train, "promote": promote}
+KINDS = {"download": "cpu", "clean": "cpu", "resize": "ray", "train": "gpu", "promote": "gpu"}
+# What each component calls: a step that may run remotely goes through the layer that decides
+# where (imgpipe.remote.dispatch); the gate through the run-level helper that moves latest.json.
+CALLS = {"train": "imgpipe.remote.dispatch", "promote": "ka.promote_run("}
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +74,7 @@ def test_each_component_is_a_thin_lightweight_wrapper_on_its_image(step):
     assert all(isinstance(n, ast.ImportFrom) and n.module.startswith("imgpipe") for n in imports), "imports imgpipe only"
     statements = sum(1 for node in body for _ in ast.walk(node) if isinstance(_, ast.stmt)) - len(imports)
     assert statements <= 9, f"{step}: a component calls the library, it holds no logic ({statements} statements)"
-    # A step that may run remotely goes through the layer that decides where (imgpipe.remote.dispatch).
-    assert ("imgpipe.remote.dispatch" if step in REMOTE_STEPS or step == "train" else f"imgpipe.steps.{step}") in command
+    assert ("imgpipe.remote.dispatch" if step in REMOTE_STEPS else CALLS.get(step, f"imgpipe.steps.{step}")) in command
 
 
 def test_image_names_come_from_one_place_and_the_environment():
@@ -144,7 +147,7 @@ def test_clean_component_reads_the_download_artifact(sample, tmp_path, caplog, m
     assert not contract.is_committed(kfp_artifacts.run_prefix(data_root, "r2", "clean"))
 
 
-def test_train_component_publishes_model_metrics_and_report(tmp_path, monkeypatch):
+def test_train_then_promote_components_publish_model_metrics_report_and_the_verdict(tmp_path, monkeypatch):
     from imgpipe.train.evaluation import EvalResult
 
     # metrics.json carries the test confusion matrix once EvalResult.to_dict includes it
@@ -162,7 +165,7 @@ def test_train_component_publishes_model_metrics_and_report(tmp_path, monkeypatc
         "confusion": _artifact(dsl.ClassificationMetrics, tmp_path / "confusion"),
         "report": _artifact(dsl.HTML, tmp_path / "report"),
     }
-    train.python_func(
+    trained = train.python_func(
         resized=data,  # the committed prefix, as dsl.OneOf hands over the resize branch that ran
         data_root=data_root,
         run_id="r1",
@@ -187,8 +190,17 @@ def test_train_component_publishes_model_metrics_and_report(tmp_path, monkeypatc
     config = contract.read_manifest(out, expect_step="train")["config"]
     assert config["resume"] is True
     assert config["pretrained"] is None and config["weights_cache"] == f"{data_root}/weights"  # one cache per data root
+    # The train task hands its prefix on (dsl.OneOf of the two train tasks); the promote task gates it.
+    assert trained == out and kfp_artifacts.read_latest(data_root) is None
+    shown = {name: _artifact(cls, tmp_path / "promote" / name) for name, cls in
+             {"model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}.items()}  # fmt: skip
+    promote.python_func(trained=trained, data_root=data_root, run_id="r1", **shown)
     latest = kfp_artifacts.read_latest(data_root)
     assert latest["run_id"] == "r1" and latest["prefixes"]["train"] == out
+    assert shown["model"].metadata["model_uri"] == f"{out}/model.pt" and shown["metrics"].metadata["promoted"] == 1.0
+    assert "Promotion: promoted" in Path(shown["report"].path).read_text()
+    with pytest.raises(ValueError, match="not this run's train output"):  # a prefix of another run is no candidate
+        promote.python_func(trained=trained, data_root=data_root, run_id="r2", **shown)
 
 
 def _fake_train_output(out: str, metrics: dict) -> None:

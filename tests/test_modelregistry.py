@@ -94,7 +94,7 @@ def test_a_promoted_run_is_registered_where_the_operator_names_a_registry(model,
         assert version["name"] == "r7"
 
 
-def test_the_compiled_train_task_carries_the_registry(tmp_path, monkeypatch):
+def test_the_compiled_promote_task_carries_the_registry(tmp_path, monkeypatch):
     import yaml
 
     from imgpipe.kfp import client as kfp_client
@@ -102,9 +102,9 @@ def test_the_compiled_train_task_carries_the_registry(tmp_path, monkeypatch):
     monkeypatch.setenv("IMGPIPE_MODEL_REGISTRY", "http://model-registry-service.kubeflow.svc.cluster.local:8080")
     monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
     ir = next(yaml.safe_load_all(kfp_client.compile_package(tmp_path / "p.yaml").read_text()))
-    (executor,) = [e for n, e in ir["deploymentSpec"]["executors"].items() if n.endswith("-train")]
-    env = {e["name"]: e["value"] for e in executor["container"]["env"]}
-    assert env["IMGPIPE_MODEL_REGISTRY"].endswith(":8080")
+    envs = {n: {e["name"]: e["value"] for e in x["container"].get("env", [])} for n, x in ir["deploymentSpec"]["executors"].items()}
+    assert envs["exec-promote"]["IMGPIPE_MODEL_REGISTRY"].endswith(":8080"), "the gate registers what it promotes"
+    assert [n for n, env in envs.items() if "IMGPIPE_MODEL_REGISTRY" in env] == ["exec-promote"]
 
 
 def test_the_command_line_registers_by_hand(model, capsys):

@@ -26,8 +26,9 @@ from imgpipe.kfp.local_run import LocalRunConfig, load_local_config, run_local
 from imgpipe.remote.dispatch import REMOTE_STEPS
 
 STEPS = ("download", "clean", "resize", "train")
-# The tasks of the compiled DAG, by display name: resize is two tasks, one per ray_address mode.
-TASKS = ("download", "clean", "resize-local", "resize", "train")
+# The tasks of the compiled DAG, by display name: resize is two tasks, one per ray_address mode,
+# and train two, one per train_nodes mode; promote takes whichever train ran.
+TASKS = ("download", "clean", "resize-local", "resize", "train", "train-trainjob", "promote")
 REGISTRY, TAG = "registry.test/ml", "t1"
 
 
@@ -75,27 +76,37 @@ def _container(ir: dict, name: str) -> dict:
     return ir["deploymentSpec"]["executors"][_executor(ir, name)]["container"]
 
 
+def _trigger(ir: dict, root: dict, name: str) -> str:
+    """The condition under which the task ``name`` (in one branch of an If/Else) runs."""
+    for group in root.values():
+        if "componentRef" not in group or "dag" not in ir["components"][group["componentRef"]["name"]]:
+            continue
+        for branch in ir["components"][group["componentRef"]["name"]]["dag"]["tasks"].values():
+            component = ir["components"][branch["componentRef"]["name"]]
+            if "dag" in component and any(t["taskInfo"]["name"] == name for t in component["dag"]["tasks"].values()):
+                return branch["triggerPolicy"]["condition"]
+    raise AssertionError(f"no branch runs {name}")
+
+
 def test_dag_runs_download_clean_resize_train_in_order(compiled):
     ir, _, _ = compiled
     root = ir["root"]["dag"]["tasks"]
     assert set(_tasks(ir)) == set(TASKS)
     assert "dependentTasks" not in root["download"]
     assert root["clean"]["dependentTasks"] == ["download"]
-    (branches,) = [name for name in root if name.startswith("condition-branches")]
-    assert root[branches]["dependentTasks"] == ["clean"] and root["train"]["dependentTasks"] == [branches]
-    # Exactly one resize runs: in the pod when ray_address is "", on a Ray cluster otherwise.
+    branches, train_branches = sorted((name for name in root if name.startswith("condition-branches")), key=lambda n: int(n.rsplit("-", 1)[1]))
+    assert root[branches]["dependentTasks"] == ["clean"] and root[train_branches]["dependentTasks"] == [branches]
+    assert root["promote"]["dependentTasks"] == [train_branches]
+    # Exactly one resize runs: in the pod when ray_address is "", on a Ray cluster otherwise;
+    # exactly one train: in the pod when train_nodes is 1, as a TrainJob's poller otherwise.
     tasks = _tasks(ir)
-    conditions = {
-        name: next(c for c in ir["components"].values() if "dag" in c and any(t["taskInfo"]["name"] == name for t in c["dag"]["tasks"].values()))
-        for name in ("resize-local", "resize")
-    }
-    triggers = {
-        name: next(t.get("triggerPolicy", {}).get("condition") for t in ir["components"][root[branches]["componentRef"]["name"]]["dag"]["tasks"].values()
-                   if ir["components"][t["componentRef"]["name"]] is conditions[name])
-        for name in conditions
-    }  # fmt: skip
+    triggers = {name: _trigger(ir, root, name) for name in ("resize-local", "resize", "train", "train-trainjob")}
     assert triggers["resize-local"] == "inputs.parameter_values['pipelinechannel--ray_address'] == ''"
     assert triggers["resize"] == "!(inputs.parameter_values['pipelinechannel--ray_address'] == '')"
+    assert triggers["train"] == "int(inputs.parameter_values['pipelinechannel--train_nodes']) == 1"
+    assert triggers["train-trainjob"] == "!(int(inputs.parameter_values['pipelinechannel--train_nodes']) == 1)"
+    assert (tasks["train"]["inputs"]["parameters"]["placement"]["runtimeValue"]["constant"],
+            tasks["train-trainjob"]["inputs"]["parameters"]["placement"]["runtimeValue"]["constant"]) == ("pod", "trainjob")  # fmt: skip
     # Each step reads the step artifact of the one before it, never a dataset artifact...
     ref = tasks["clean"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
     assert (ref["producerTask"], ref["outputArtifactKey"]) == ("download", "dataset")
@@ -103,9 +114,11 @@ def test_dag_runs_download_clean_resize_train_in_order(compiled):
     assert (channel["producerTask"], channel["outputArtifactKey"]) == ("clean", "cleaned")
     for step in ("resize-local", "resize"):
         assert tasks[step]["inputs"]["artifacts"]["cleaned"]["componentInputArtifact"] == "pipelinechannel--clean-cleaned"
-    # ...and train the committed prefix of whichever resize ran.
-    resized = root["train"]["inputs"]["parameters"]["resized"]["taskOutputParameter"]
-    assert resized["producerTask"] == branches and "oneof" in resized["outputParameterKey"]
+    # ...train the committed prefix of whichever resize ran, and promote that of whichever train ran.
+    resized = root[train_branches]["inputs"]["parameters"][f"pipelinechannel--{branches}-pipelinechannel--{branches}-oneof-1"]
+    assert resized["taskOutputParameter"]["producerTask"] == branches and "oneof" in resized["taskOutputParameter"]["outputParameterKey"]
+    trained = root["promote"]["inputs"]["parameters"]["trained"]["taskOutputParameter"]
+    assert trained["producerTask"] == train_branches and "oneof" in trained["outputParameterKey"]
     # The run id reaches every step as the exact placeholder the backend substitutes.
     for step in TASKS:
         assert tasks[step]["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
@@ -127,13 +140,16 @@ def test_each_task_runs_its_kind_of_image_without_installing_anything(compiled):
         "resize-local": f"{REGISTRY}/imgpipe-ray:{TAG}",
         "resize": f"{REGISTRY}/imgpipe-ray:{TAG}",
         "train": "registry.test/cuda/trainer:7",
+        "train-trainjob": "registry.test/cuda/trainer:7",
+        "promote": "registry.test/cuda/trainer:7",
     }
     for task in TASKS:
         step = task.split("-")[0]
         command = " ".join(_container(ir, task)["command"])
         assert "pip install" not in command, "install_kfp_package=False: the image has kfp and imgpipe"
         # A step that may run remotely goes through the layer that decides where it runs.
-        runner = "from imgpipe.remote.dispatch import" if step in REMOTE_STEPS or step == "train" else f"from imgpipe.steps.{step} import"
+        runner = {"train": "from imgpipe.remote.dispatch import", "promote": "ka.promote_run("}.get(step, f"from imgpipe.steps.{step} import")
+        runner = "from imgpipe.remote.dispatch import" if step in REMOTE_STEPS else runner
         assert "kfp.dsl.executor_main" in command and runner in command
         env = {e["name"]: e["value"] for e in _container(ir, task).get("env", [])}
         assert env["PYTHONUNBUFFERED"] == "1"
@@ -149,7 +165,10 @@ def test_resources_and_the_gpu_on_train_only(compiled):
         "resize-local": ("4", "4", "8Gi", "8Gi"),  # Ray in the pod does the work
         "resize": ("250m", "1", "512Mi", "1Gi"),  # a RayJob / Ray cluster does it; the pod polls
         "train": ("8", "8", "48Gi", "48Gi"),
+        "train-trainjob": ("250m", "1", "512Mi", "1Gi"),  # a TrainJob's nodes do it; the pod creates and follows it
+        "promote": ("2", "4", "4Gi", "8Gi"),  # re-scores two models on the test split, on CPU
     }
+    assert set(expected) == set(TASKS)
     for step, (cpu_req, cpu_lim, mem_req, mem_lim) in expected.items():
         res = _container(ir, step)["resources"]
         got = (res["resourceCpuRequest"], res["resourceCpuLimit"], res["resourceMemoryRequest"], res["resourceMemoryLimit"])
@@ -166,21 +185,21 @@ def test_resources_and_the_gpu_on_train_only(compiled):
     assert train["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert train["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "16Gi"}]
-    for step in ("download", "clean", "resize-local", "resize"):
+    for step in set(TASKS) - {"train"}:
         assert not {"tolerations", "nodeSelector", "emptyDirMounts"} & set(executors[_executor(ir, step)]), step
 
 
 def test_retries_with_backoff_on_data_steps_and_a_resuming_retry_on_train(compiled):
     ir, _, _ = compiled
     tasks = _tasks(ir)
-    for step in ("download", "clean", "resize-local", "resize"):
+    for step in ("download", "clean", "resize-local", "resize", "promote"):
         assert tasks[step]["retryPolicy"] == {
             "maxRetryCount": 3,
             "backoffDuration": "60s",
             "backoffFactor": 2.0,
             "backoffMaxDuration": "1800s",
         }, step
-    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 1
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == tasks["train-trainjob"]["retryPolicy"]["maxRetryCount"] == 1
     # A retried train continues its checkpoint: the component builds its config with resume on.
     assert "ka.train_overrides(" in " ".join(_container(ir, "train")["command"])
     assert kfp_artifacts.train_overrides(None, None, None, None, None)["resume"] is True
@@ -231,9 +250,12 @@ def test_caching_is_decided_when_compiling(compiled, tmp_path):
 def test_cpu_only_build_drops_the_gpu_scheduling(tmp_path, monkeypatch):
     monkeypatch.setenv(kfp_client.GPU_ENV, "false")
     ir, executors = _load(kfp_client.compile_package(tmp_path / "cpu.yaml"))
-    assert "accelerator" not in _container(ir, "train")["resources"]
-    assert not {"tolerations", "nodeSelector"} & set(executors[_executor(ir, "train")])
-    assert executors[_executor(ir, "train")]["secretAsEnv"], "credentials stay"
+    for step in ("train", "train-trainjob"):
+        assert "accelerator" not in _container(ir, step)["resources"]
+        assert not {"tolerations", "nodeSelector"} & set(executors[_executor(ir, step)])
+        assert executors[_executor(ir, step)]["secretAsEnv"], "credentials stay"
+    env = {e["name"]: e["value"] for e in _container(ir, "train-trainjob")["env"]}
+    assert "gpu" not in env["IMGPIPE_TRAINJOB_NODE_RESOURCES"] and env["IMGPIPE_TRAINJOB_POD"] == "{}", "nor do the TrainJob's nodes"
 
 
 def test_compiling_is_deterministic(compiled, tmp_path, monkeypatch):
@@ -318,7 +340,8 @@ def test_pretrained_is_a_run_parameter_that_reaches_train(compiled):
     ir = compiled[0]
     param = ir["root"]["inputDefinitions"]["parameters"]["pretrained"]
     assert param["parameterType"] == "STRING" and param["defaultValue"] == "" and "torchvision" in param["description"]
-    assert _tasks(ir)["train"]["inputs"]["parameters"]["pretrained"]["componentInputParameter"] == "pretrained"
+    for step in ("train", "train-trainjob"):  # each inside its branch, through the branch's channel
+        assert _tasks(ir)[step]["inputs"]["parameters"]["pretrained"]["componentInputParameter"] == "pipelinechannel--pretrained"
 
 
 def test_the_train_component_refuses_a_hostile_pretrained_name():

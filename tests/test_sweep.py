@@ -302,9 +302,13 @@ def test_the_sweep_compiles_with_the_main_pipelines_parameters_and_the_grid(comp
     assert ir["pipelineInfo"]["name"] == "imgpipe-sweep"
     params = ir["root"]["inputDefinitions"]["parameters"]
     main_params = kfp_client.pipeline_inputs(kfp_client.compile_package(tmp_path / "main.yaml"))
-    assert set(params) == set(main_params) | set(GRID_PARAMETERS) | {SEEDS_KEY}, "every parameter of imgpipe, plus the grid"
+    # Each branch trains on its own pod's GPUs: train_nodes (a TrainJob the branch would wait on) is not offered.
+    from imgpipe.pipelines.imgpipe_sweep import NOT_OFFERED
+
+    assert NOT_OFFERED == ("train_nodes",)
+    assert set(params) == set(main_params) - {"train_nodes"} | set(GRID_PARAMETERS) | {SEEDS_KEY}, "imgpipe's parameters, plus the grid"
     for name, spec in main_params.items():
-        if name != "epochs":
+        if name not in ("epochs", "train_nodes"):
             assert params[name].get("defaultValue") == spec.get("defaultValue"), name
     assert params["epochs"]["defaultValue"] == sweep.SWEEP_EPOCHS and "default 5" in params["epochs"]["description"]
     for name in GRID_PARAMETERS:
@@ -416,10 +420,12 @@ def test_each_branch_gets_the_run_parameters_the_main_pipelines_train_gets(compi
         return {k: v["componentInputParameter"].removeprefix("pipelinechannel--") for k, v in inputs
                 if "componentInputParameter" in v and "parameterExpressionSelector" not in v}  # fmt: skip
 
-    main_train = from_parameters(main_ir["root"]["dag"]["tasks"]["train"])
+    main_train = from_parameters(_dag_tasks(main_ir)["train"])
     branch_train = from_parameters(_dag_tasks(ir)["train"])
     assert main_train.pop("step_config") == "step_config", "a branch takes its own, from the plan"
-    assert main_train.pop("promotion_tolerance") == "promotion_tolerance", "a branch promotes nothing"
+    assert main_train.pop("train_nodes") == "train_nodes", "a branch trains in its pod: the sweep does not offer it"
+    assert "oneof" in main_train.pop("resized"), "the main train takes whichever resize ran; a branch, the plan's item"
+    assert "train_nodes" not in branch_train and "promotion_tolerance" not in main_train, "promote is a task of its own"
     assert main_train.items() <= branch_train.items(), "typed train parameters reach every branch"
     plan_inputs = from_parameters(ir["root"]["dag"]["tasks"]["plan-sweep"])
     assert main_train.keys() - {"data_root"} <= plan_inputs.keys(), "plan checks the config the branches build"

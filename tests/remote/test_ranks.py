@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from imgpipe.components.promote import promote as promote_component
 from imgpipe.components.train import train as train_component
 from kfp import dsl
 
@@ -49,7 +50,8 @@ def test_the_environment_count_defaults_to_one(monkeypatch):
 
 def _train_container(package: Path) -> tuple[dict, dict]:
     ir = next(yaml.safe_load_all(package.read_text()))
-    (label,) = [task["componentRef"]["name"] for task in ir["root"]["dag"]["tasks"].values() if task["taskInfo"]["name"] == "train"]
+    dags = [ir["root"]["dag"]] + [c["dag"] for c in ir["components"].values() if "dag" in c]  # train runs in an If branch
+    (label,) = [task["componentRef"]["name"] for dag in dags for task in dag["tasks"].values() if task["taskInfo"]["name"] == "train"]
     executor = ir["components"][label]["executorLabel"]
     return ir["deploymentSpec"]["executors"][executor]["container"], ir
 
@@ -116,7 +118,7 @@ def test_two_cpu_ranks_through_the_train_components_own_code_path(tmp_path, monk
     data = write_resize_output(kfp_artifacts.run_prefix(data_root, "r2", "resize"), classes=3, size=16)
     kinds = {"trained": dsl.Artifact, "model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}
     outs = {name: _artifact(cls, tmp_path / name) for name, cls in kinds.items()}
-    train_component.python_func(
+    trained = train_component.python_func(
         resized=data,
         data_root=data_root,
         run_id="r2",
@@ -138,4 +140,9 @@ def test_two_cpu_ranks_through_the_train_components_own_code_path(tmp_path, monk
     # Rank 0 alone wrote: one model, one manifest, no second attempt's files.
     names = sorted(o.uri.rsplit("/", 1)[1] for o in storage.list_objects(out))
     assert names.count("model.pt") == 1 and names.count("manifest.json") == 1
+    # The next task, the promotion gate, takes the prefix the train task handed on.
+    assert trained == out and kfp_artifacts.read_latest(data_root) is None, "train promotes nothing itself"
+    kinds = {"model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}
+    promote_component.python_func(trained=trained, data_root=data_root, run_id="r2",
+                                  **{name: _artifact(cls, tmp_path / "promote" / name) for name, cls in kinds.items()})  # fmt: skip
     assert kfp_artifacts.read_latest(data_root)["run_id"] == "r2"

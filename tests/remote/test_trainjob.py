@@ -529,7 +529,13 @@ def test_kubeflow_edit_holds_the_trainjob_rights_where_trainer_is_installed():
 # ------------------------------------------------------------------ the compiled pipeline
 
 
-def test_the_pipeline_takes_train_nodes_and_gives_the_train_task_what_a_trainjob_needs(tmp_path, monkeypatch):
+def _compiled_tasks(ir: dict) -> dict[str, dict]:
+    """Every container task of a compiled package, branches included, by display name."""
+    dags = [ir["root"]["dag"]] + [c["dag"] for c in ir["components"].values() if "dag" in c]
+    return {t["taskInfo"]["name"]: t for dag in dags for t in dag["tasks"].values() if "executorLabel" in ir["components"][t["componentRef"]["name"]]}
+
+
+def test_the_pipeline_takes_train_nodes_and_gives_a_poller_without_gpus_what_a_trainjob_needs(tmp_path, monkeypatch):
     monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
     monkeypatch.setenv("IMGPIPE_GPU_IMAGE", "registry.test/gpu:3")
     monkeypatch.setenv("IMGPIPE_IMAGE_PULL_SECRETS", "regcred")
@@ -537,10 +543,25 @@ def test_the_pipeline_takes_train_nodes_and_gives_the_train_task_what_a_trainjob
     ir, platform = yaml.safe_load_all(package.read_text())
     param = ir["root"]["inputDefinitions"]["parameters"]["train_nodes"]
     assert (param["parameterType"], param["defaultValue"]) == ("NUMBER_INTEGER", 1.0)
-    (task,) = [t for t in ir["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == "train"]
-    assert task["inputs"]["parameters"]["train_nodes"]["componentInputParameter"] == "train_nodes"
-    executor = ir["components"][task["componentRef"]["name"]]["executorLabel"]
-    env = {e["name"]: e["value"] for e in ir["deploymentSpec"]["executors"][executor]["container"]["env"]}
+    tasks = _compiled_tasks(ir)
+    kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+    def executor(name):
+        return ir["components"][tasks[name]["componentRef"]["name"]]["executorLabel"]
+
+    def container(name):
+        return ir["deploymentSpec"]["executors"][executor(name)]["container"]
+
+    # train_nodes 1: the pod trains on its GPUs and holds no TrainJob settings.
+    assert container("train")["resources"]["accelerator"]["resourceCount"] == "2"
+    assert not {e["name"] for e in container("train")["env"]} & {trainjob.IMAGE_ENV, trainjob.NODE_RESOURCES_ENV, trainjob.POD_ENV}
+    # More: the poller holds no GPU, toleration, selector or /dev/shm, so a quota counts only the nodes.
+    task = tasks["train-trainjob"]
+    assert task["inputs"]["parameters"]["train_nodes"]["componentInputParameter"] == "pipelinechannel--train_nodes"
+    res = container("train-trainjob")["resources"]
+    assert "accelerator" not in res and (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("1", "1Gi")
+    assert not {"tolerations", "nodeSelector", "emptyDirMounts"} & set(kube[executor("train-trainjob")])
+    env = {e["name"]: e["value"] for e in container("train-trainjob")["env"]}
     assert env[trainjob.IMAGE_ENV] == "registry.test/gpu:3" and env[trainjob.SECRET_ENV] == "imgpipe-s3-credentials"
     node = json.loads(env[trainjob.NODE_RESOURCES_ENV])
     assert node["limits"] == {"cpu": "16", "memory": "48Gi", "nvidia.com/gpu": "2"} and node["requests"]["cpu"] == "16"
@@ -549,8 +570,16 @@ def test_the_pipeline_takes_train_nodes_and_gives_the_train_task_what_a_trainjob
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert env[ranks.PROCS_ENV] == "2"
-    kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert [s["secretName"] for s in kube[executor]["imagePullSecret"]] == ["regcred"]
+    assert [s["secretName"] for s in kube[executor("train-trainjob")]["imagePullSecret"]] == ["regcred"]
+
+
+@pytest.mark.parametrize(("placement", "nodes"), [("pod", 2), ("trainjob", 1)])
+def test_a_config_that_asks_for_another_node_count_than_the_task_was_compiled_for_is_refused(setup, monkeypatch, placement, nodes):
+    monkeypatch.setattr(trainjob, "load_api", lambda: pytest.fail("no Kubernetes call"))
+    monkeypatch.setattr(ranks, "launch", lambda *a: pytest.fail("no training"))
+    cfg = TrainConfig(model="tiny_cnn", nodes=nodes)
+    with pytest.raises(ValueError, match=rf"compiled to run .* asks for {nodes} node\(s\): the train_nodes run parameter decides"):
+        dispatch.run_train(setup["data"], setup["out"], cfg, procs=1, placement=placement)
 
 
 def test_only_this_jobs_output_counts_as_done(setup):

@@ -375,7 +375,7 @@ def current_model(data_root: str, policy: ReadPolicy | None = None) -> str | Non
 
 def promote_run(
     data_root: str, run_id: str, tolerance: float = 0.0, train_step: str = "train", *, metrics: Any = None, report: Any = None,
-    policy: ReadPolicy | None = None,
+    policy: ReadPolicy | None = None, candidate: str | None = None,
 ) -> Any:
     """The promotion gate for a finished run (:mod:`imgpipe.steps.promote`): records it in ``latest.json`` only if promoted.
 
@@ -386,13 +386,20 @@ def promote_run(
     decision is committed and ``latest.json`` moves: a registration that fails fails the task
     with nothing promoted (unless the operator made the registry optional).
 
+    ``candidate``, when given (what the train task handed on), must be this run's train prefix.
+
     Returns:
         The :class:`imgpipe.steps.promote.Decision`.
+
+    Raises:
+        ValueError: If ``candidate`` names another prefix than the run's own train output.
     """
     from imgpipe.steps.promote import PromoteConfig, promote
 
     policy = policy or read_policy(data_root)
     prefixes = {s: run_prefix(data_root, run_id, s) for s in ("clean", "resize", train_step)}
+    if candidate is not None and storage.normalize_uri(candidate) != prefixes[train_step]:
+        raise ValueError(f"the train task handed on {candidate}, not this run's train output {prefixes[train_step]}")
     try:
         current = current_model(data_root, policy)
     except ReadRefused:  # never probed; the gate refuses it again, as a decision rather than a failed run
@@ -415,7 +422,7 @@ def promote_run(
 
 
 def publish_promotion(decision: Any, *, metrics: Any, report: Any) -> None:
-    """Adds the promotion verdict to the train task's Metrics and to its HTML report artifact."""
+    """Adds the promotion verdict to the promote task's Metrics and to its HTML report artifact (the training report)."""
     metrics.log_metric("promoted", 1.0 if decision.promoted else 0.0)
     metrics.log_metric(f"promotion_candidate_{decision.metric}", decision.candidate)
     if decision.current is not None:

@@ -21,7 +21,7 @@ from typing import Any
 from imgpipe.contract import StepReport
 from imgpipe.remote.targets import RemoteTarget, check_allowed
 
-__all__ = ["RemoteStep", "REMOTE_STEPS", "remote_step", "target_of", "run_step", "run_train"]
+__all__ = ["RemoteStep", "REMOTE_STEPS", "PLACEMENTS", "remote_step", "target_of", "run_step", "check_placement", "run_train"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,35 @@ def run_step(step: str, source: str, dest: str, cfg: Any, *, run_id: str | None 
     return run(source, dest, cfg)
 
 
-def run_train(data: str, out: str, cfg: Any, *, procs: int | None = None, run_id: str | None = None) -> StepReport:
+# Where the pipeline compiled a train task to run (the train component's ``placement``): in
+# its pod, with its GPUs, or as the small poller of a TrainJob, without any. "" is either.
+PLACEMENTS = ("", "pod", "trainjob")
+
+
+def check_placement(cfg: Any, placement: str) -> None:
+    """Refuses a train config whose node count is not what the task was compiled for.
+
+    The pipeline picks the train task by its ``train_nodes`` parameter (a pod with GPUs for
+    1, a poller without any for more); a ``step_config`` that sets ``nodes`` otherwise would
+    make the poller train on its CPU or the GPU pod wait on a TrainJob.
+
+    Raises:
+        ValueError: Naming both counts and the parameter to set.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if (placement == "pod" and cfg.nodes != 1) or (placement == "trainjob" and cfg.nodes == 1):
+        where = "in its pod (train_nodes 1)" if placement == "pod" else "as a TrainJob (train_nodes above 1)"
+        raise ValueError(
+            f"this train task was compiled to run {where}, but its config asks for {cfg.nodes} node(s): the "
+            "train_nodes run parameter decides this (a sweep's or audit's branch always trains in its pod), "
+            "not step_config's train.nodes"
+        )
+
+
+def run_train(
+    data: str, out: str, cfg: Any, *, procs: int | None = None, run_id: str | None = None, placement: str = ""
+) -> StepReport:
     """Runs the train step where its config and the pipeline place it.
 
     ``cfg.nodes`` 1: on every GPU of this pod, one process each (:mod:`imgpipe.remote.ranks`).
@@ -106,15 +134,18 @@ def run_train(data: str, out: str, cfg: Any, *, procs: int | None = None, run_id
         procs: Processes (one per GPU) per node; default ``$IMGPIPE_TRAIN_PROCS``, set at
             compile time, else 1.
         run_id: The idempotency key of a TrainJob (default ``$IMGPIPE_RUN_ID``).
+        placement: Where the pipeline compiled the task to run (:func:`check_placement`).
 
     Returns:
         The train report (rank 0's).
 
     Raises:
-        ValueError: For a node or process count out of range (the operator's cap included).
+        ValueError: For a node or process count out of range (the operator's cap included),
+            or one the task was not compiled for.
     """
     from imgpipe.remote import ranks
 
+    check_placement(cfg, placement)
     procs = ranks.procs_from_env() if procs is None else ranks.check_procs(procs)
     if cfg.nodes > 1:
         from imgpipe.remote import trainjob
