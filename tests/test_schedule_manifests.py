@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,6 +27,7 @@ import yaml
 from imgpipe import cli
 from imgpipe.containers import catalog
 from imgpipe.kfp import client as kfp_client
+from tests.kfp.fake_kfp import serve
 from tests.test_manifests import ARGO_SCHEMAS, K8S, ROOT, argo_validator, build
 
 KUBECTL = shutil.which("kubectl")
@@ -131,44 +131,6 @@ def _pod_environment(docs: list[dict], cron: dict) -> dict[str, str]:
     return env
 
 
-class FakeKfp:
-    """The calls ``imgpipe submit`` makes on a multi-user Kubeflow Pipelines, keeping each uploaded package."""
-
-    def __init__(self) -> None:
-        self.packages: list[str] = []
-        self.runs: list[dict[str, Any]] = []
-
-    def get_kfp_healthz(self) -> Any:
-        return SimpleNamespace(multi_user=True)
-
-    def list_pipelines(self, **_: Any) -> Any:
-        return SimpleNamespace(pipelines=[])
-
-    def upload_pipeline(self, package: str, **_: Any) -> Any:
-        self.packages.append(Path(package).read_text())
-        return SimpleNamespace(pipeline_id="p1")
-
-    def list_pipeline_versions(self, **_: Any) -> Any:
-        return SimpleNamespace(pipeline_versions=[])
-
-    def upload_pipeline_version(self, package: str, **_: Any) -> Any:
-        self.packages.append(Path(package).read_text())
-        return SimpleNamespace(pipeline_version_id="v1")
-
-    def create_experiment(self, name: str, namespace: str | None = None) -> Any:
-        return SimpleNamespace(experiment_id="e1")
-
-    def list_runs(self, **_: Any) -> Any:
-        return SimpleNamespace(runs=[])
-
-    def run_pipeline(self, **kwargs: Any) -> Any:
-        self.runs.append(kwargs)
-        return SimpleNamespace(run_id="r1")
-
-    def get_run(self, run_id: str) -> Any:
-        return SimpleNamespace(state="SUCCEEDED")
-
-
 def _run_scheduled_submit(docs: list[dict], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     """Runs the CronWorkflow's command in its container's environment; the packages it uploaded."""
     (cron,) = [d for d in docs if d["kind"] == "CronWorkflow"]
@@ -182,11 +144,15 @@ def _run_scheduled_submit(docs: list[dict], monkeypatch: pytest.MonkeyPatch, tmp
         monkeypatch.setenv(name, value)
     # The pod's HOME is its /tmp emptyDir; a test writes only under tmp_path.
     monkeypatch.setenv("HOME", str(tmp_path))
-    fake = FakeKfp()
-    monkeypatch.setattr(kfp_client, "connect", lambda *a, **k: fake)
-    assert cli.main(argv) == 0
-    assert fake.packages and len(fake.runs) == 1, "the command compiles, uploads and starts one run"
-    return fake.packages
+    # The KFP that Kubeflow 26.03 ships, multi-user, held to its API contract (tests/kfp/fake_kfp.py),
+    # in place of the in-cluster address the CronWorkflow names.
+    with serve("2.16.0", multi_user=True) as (host, fake):
+        monkeypatch.setenv(kfp_client.HOST_ENV, host)
+        monkeypatch.setenv(kfp_client.TOKEN_ENV, "the-pods-service-account-token")
+        assert cli.main(argv) == 0
+    packages = [v["package"].decode() for v in fake.versions]
+    assert packages and len(fake.runs) == 1, "the command compiles, uploads and starts one run"
+    return packages
 
 
 def _compiled_images(package: str) -> list[tuple[str, str]]:

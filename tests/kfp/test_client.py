@@ -1,63 +1,15 @@
-"""submit and schedule against a small fake of the KFP v2beta1 REST API on 127.0.0.1.
+"""submit and schedule against a fake of the KFP v2beta1 REST API (tests/kfp/fake_kfp.py), each KFP release Kubeflow ships.
 
-The fake is a real HTTP server in a thread implementing only what ``kfp.Client`` calls
-for these two commands (healthz, pipeline upload and lookup, versions, experiments,
-runs, recurring runs), keeping objects in memory and recording every request, so the
-tests assert on the bodies kfp's generated client actually sends.
-
-With ``multi_user`` on it refuses what the real API server refuses in multi-user mode
-(kubeflow/pipelines 2.15.0, unchanged from 2.5.0 to 2.17.0):
-
-* an experiment without a namespace: ``backend/src/apiserver/server/experiment_server.go``
-  ``canAccessExperiment``, "An experiment cannot have an empty namespace in multi-user mode";
-* a run or recurring run without an experiment id: ``resource/resource_manager.go``
-  ``GetValidExperimentNamespacePair``, "Experiment id can not be empty in multi-user mode";
-  their namespace is the experiment's;
-* pipelines: ``?namespace=`` on upload makes a namespaced pipeline (``server/
-  pipeline_upload_server.go``); none makes a *shared* one, which a profile's service
-  account should not create (and ``REQUIRE_NAMESPACE_FOR_PIPELINES``, 2.15.0, refuses:
-  "Namespace is required for pipeline operations"); a version takes its pipeline's
-  namespace; listing with ``namespace`` returns that namespace's pipelines only.
-
-Errors come back as the grpc-gateway does: HTTP 400 with ``{"error", "code": 3, "message"}``.
-
-With an ``authorizer`` (tests/rbac.py over the rendered Roles and RoleBindings) it also
-authorizes every call as multi-user KFP does, for the account of the request's bearer token
-(the subject a TokenReview of it would return): one SubjectAccessReview per call on a
-``pipelines.kubeflow.org`` resource in the object's namespace (kubeflow/pipelines 2.15.0,
-unchanged in 2.16.0 and 2.17.0, ``backend/src/apiserver/server/``):
-
-* ``pipeline_server.go``: list pipelines -> ``list pipelines`` in the query's namespace;
-  list a pipeline's versions -> ``list pipelines`` in the pipeline's namespace
-  (``canAccessPipelineVersion`` -> ``canAccessPipeline``: a version is checked as its
-  pipeline, never as ``pipelines/versions``); a shared pipeline (no namespace) is not checked;
-* ``pipeline_upload_server.go``: upload a pipeline, upload a version -> ``create
-  pipelines`` (``canUploadVersionedPipeline``); refused with HTTP 400 and
-  ``{"error_message": "Failed to create a pipeline[ version]"}``;
-* ``experiment_server.go``: list -> ``list experiments``, create -> ``create experiments``
-  (named);
-* ``run_server.go``: list -> ``list runs`` (the experiment's namespace), create -> ``create
-  runs``, get -> ``get runs`` (named by the run's Kubernetes name);
-* ``job_server.go``: recurring runs as ``jobs``: ``list``, ``create``, ``delete``.
-
-A refusal is ``PermissionDenied`` (``resource/resource_manager.go`` ``IsAuthorized``), which
-grpc-gateway v2 (the API server's, ``go.mod`` v2.27.1) answers with HTTP 403 and a
-``google.rpc.Status`` body: ``{"code": 7, "message": ..., "details": []}``; no identity at all
-is ``Unauthenticated`` (401, code 16).
+The fake implements only what ``kfp.Client`` calls for these two commands, records every request
+(the tests assert on the bodies kfp's generated client actually sends), refuses what a multi-user
+server refuses, authorizes each call against the rendered RBAC, and is held to the API server's
+Swagger document of 2.15.0 and of 2.16.0 (tests/kfp/contract.py): every test runs against both.
 """
 
 from __future__ import annotations
 
-import email
-import itertools
-import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
@@ -65,240 +17,14 @@ import yaml
 from imgpipe.kfp import client as kfp_client
 from imgpipe.kfp.client import Target
 from tests import rbac
-
-API = "/apis/v2beta1"
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    body: Any
-    headers: dict[str, str]  # names lower-cased
+from tests.kfp.contract import VERSIONS
+from tests.kfp.fake_kfp import API, FakeKfp, serve
 
 
-@dataclass
-class FakeKfp:
-    """In-memory KFP objects plus the request log; ``run_state`` is what GET /runs/{id} reports."""
-
-    requests: list[Request] = field(default_factory=list)
-    pipelines: list[dict] = field(default_factory=list)
-    versions: list[dict] = field(default_factory=list)
-    experiments: list[dict] = field(default_factory=list)
-    runs: list[dict] = field(default_factory=list)
-    recurring: list[dict] = field(default_factory=list)
-    run_state: str = "SUCCEEDED"
-    multi_user: bool = False
-    require_namespace_for_pipelines: bool = False
-    authorizer: rbac.Authorizer | None = None
-    reviews: list[rbac.Request] = field(default_factory=list)  # every SubjectAccessReview made
-    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
-
-    def new_id(self, kind: str) -> str:
-        return f"{kind}-{next(self.ids)}"
-
-    def posted(self, suffix: str) -> list[Request]:
-        return [r for r in self.requests if r.method == "POST" and r.path == API + suffix]
-
-
-def _matching(items: list[dict], query: dict[str, str], **equal: str) -> list[dict]:
-    """Items passing a kfp filter (display_name EQUALS) and exact field matches."""
-    out = [i for i in items if all(i.get(k) == v for k, v in equal.items() if v is not None)]
-    if query.get("filter"):
-        for p in json.loads(query["filter"])["predicates"]:
-            assert p["key"] == "display_name" and p["operation"] in (1, "EQUALS"), p
-            out = [i for i in out if i["display_name"] == p["stringValue"]]
-    return out
-
-
-def _invalid(message: str) -> tuple[int, Any]:
-    """InvalidArgument, as grpc-gateway maps it."""
-    return 400, {"error": message, "code": 3, "message": message, "details": []}
-
-
-def _denied(context: str, user: str, request: rbac.Request) -> str:
-    """The API server's PermissionDenied text (resource_manager.go IsAuthorized, wrapped by the server)."""
-    attributes = (
-        f"&ResourceAttributes{{Namespace:{request.namespace},Verb:{request.verb},Group:pipelines.kubeflow.org,"
-        f"Version:v1beta1,Resource:{request.resource},Subresource:,Name:{request.name},}}"
-    )
-    return f"{context}: PermissionDenied: User '{user}' is not authorized with reason:  (request: {attributes}): Unauthorized access"
-
-
-class _Refused(Exception):
-    """The API server's answer to a call it does not authorize."""
-
-    def __init__(self, status: int, payload: dict) -> None:
-        super().__init__(status)
-        self.status, self.payload = status, payload
-
-
-def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:  # keep test output clean
-            pass
-
-        def _body(self) -> Any:
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            ctype = self.headers.get("Content-Type", "")
-            if ctype.startswith("multipart/form-data"):
-                msg = email.message_from_bytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + raw)
-                return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) for part in msg.get_payload()}
-            return json.loads(raw) if raw else None
-
-        def _send(self, status: int, payload: Any) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _handle(self, method: str) -> None:
-            url = urlparse(self.path)
-            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            body = self._body() if method in ("POST", "PATCH") else None
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            fake.requests.append(Request(method, url.path, query, body, headers))
-            parts = url.path[len(API) :].strip("/").split("/")
-            token = headers.get("authorization", "").removeprefix("Bearer ")
-            try:
-                status, payload = route(method, parts, query, body, rbac.token_subject(token) if token else None)
-            except _Refused as refused:
-                status, payload = refused.status, refused.payload
-            self._send(status, payload)
-
-        def do_GET(self) -> None:
-            self._handle("GET")
-
-        def do_POST(self) -> None:
-            self._handle("POST")
-
-        def do_DELETE(self) -> None:
-            self._handle("DELETE")
-
-    def check(user: str | None, verb: str, resource: str, namespace: str, name: str = "", *, context: str, upload: str = "") -> None:
-        """One SubjectAccessReview; raises the API server's refusal (``upload``: the upload endpoint's words)."""
-        if fake.authorizer is None or not fake.multi_user or not namespace:
-            return  # single-user mode, or a shared pipeline: not checked
-        request = rbac.Request(verb, "pipelines.kubeflow.org", resource, namespace, name=name)
-        fake.reviews.append(request)
-        if user is None:
-            message = "Failed to check authorization. User identity is empty in the request header"
-            raise _Refused(401, {"code": 16, "message": message, "details": []})
-        if fake.authorizer.allows(user, request):
-            return
-        if upload:
-            raise _Refused(400, {"error_message": upload, "error_details": upload})
-        raise _Refused(403, {"code": 7, "message": _denied(context, user, request), "details": []})
-
-    def pipeline_namespace(pipeline_id: str) -> str:
-        return next((p["namespace"] for p in fake.pipelines if p["pipeline_id"] == pipeline_id), "")
-
-    def experiment_namespace(experiment_id: str | None) -> str:
-        return next((e.get("namespace", "") for e in fake.experiments if e["experiment_id"] == experiment_id), "")
-
-    def route(method: str, parts: list[str], q: dict[str, str], body: Any, user: str | None) -> tuple[int, Any]:
-        match method, parts:
-            case "GET", ["healthz"]:
-                return 200, {"multi_user": fake.multi_user}
-            case "GET", ["pipelines"]:
-                namespace = q.get("namespace", "")
-                check(user, "list", "pipelines", namespace, context=f"Failed to list pipelines due to authorization error. Check if you have read permission to namespace {namespace}")
-                found = _matching(fake.pipelines, q, namespace=namespace if fake.multi_user else None)
-                return 200, {"pipelines": found, "total_size": len(found)}
-            case "POST", ["pipelines", "upload"]:
-                namespace = q.get("namespace", "") if fake.multi_user else ""
-                if fake.multi_user and fake.require_namespace_for_pipelines and not namespace:
-                    return _invalid("Namespace is required for pipeline operations")
-                check(user, "create", "pipelines", namespace, context="", upload="Failed to create a pipeline")
-                pipeline = {
-                    "pipeline_id": fake.new_id("p"), "display_name": q["name"], "description": q.get("description"),
-                    "namespace": namespace,
-                }  # fmt: skip
-                fake.pipelines.append(pipeline)
-                fake.versions.append(
-                    {"pipeline_id": pipeline["pipeline_id"], "pipeline_version_id": fake.new_id("v"), "display_name": q["name"], "package": body["uploadfile"]}
-                )
-                return 200, pipeline
-            case "POST", ["pipelines", "upload_version"]:
-                check(user, "create", "pipelines", pipeline_namespace(q["pipelineid"]), context="", upload="Failed to create a pipeline version")
-                version = {
-                    "pipeline_id": q["pipelineid"],
-                    "pipeline_version_id": fake.new_id("v"),
-                    "display_name": q["name"],
-                    "description": q.get("description"),
-                    "package": body["uploadfile"],
-                }
-                fake.versions.append(version)
-                return 200, {k: v for k, v in version.items() if k != "package"}
-            case "GET", ["pipelines", pid, "versions"]:
-                namespace = pipeline_namespace(pid)
-                check(user, "list", "pipelines", namespace, context=f"Failed to list pipeline versions due to authorization error. Check if you have read permission to namespace {namespace}")
-                found = [{k: v for k, v in x.items() if k != "package"} for x in _matching(fake.versions, q, pipeline_id=pid)]
-                return 200, {"pipeline_versions": found[: int(q.get("page_size") or 10)], "total_size": len(found)}
-            case "GET", ["experiments"]:
-                check(user, "list", "experiments", q.get("namespace", ""), context="Failed to authorize with API")
-                return 200, {"experiments": _matching(fake.experiments, q, namespace=q.get("namespace"))}
-            case "POST", ["experiments"]:
-                if fake.multi_user and not body.get("namespace"):
-                    return _invalid("Failed to authorize the request: An experiment cannot have an empty namespace in multi-user mode")
-                check(user, "create", "experiments", body.get("namespace", ""), body.get("display_name", ""), context="Failed to authorize the request: Failed to authorize with API")
-                experiment = {**body, "experiment_id": fake.new_id("e")}
-                fake.experiments.append(experiment)
-                return 200, experiment
-            case "GET", ["runs"]:
-                namespace = experiment_namespace(q.get("experiment_id"))
-                check(user, "list", "runs", namespace, context=f"Failed to list runs due to authorization error. Check if you have permission to access namespace {namespace}")
-                return 200, {"runs": _matching(fake.runs, q, experiment_id=q.get("experiment_id"))}
-            case "POST", ["runs"]:
-                if fake.multi_user and not body.get("experiment_id"):
-                    return _invalid("Experiment id can not be empty in multi-user mode")
-                namespace = _namespace_of(body)
-                check(user, "create", "runs", namespace, context=f"Failed to create a run due to authorization error. Check if you have write permissions to namespace {namespace}")
-                run = {**body, "run_id": fake.new_id("r"), "state": "PENDING", "namespace": _namespace_of(body)}
-                fake.runs.append(run)
-                return 200, run
-            case "GET", ["runs", run_id]:
-                run = next(r for r in fake.runs if r["run_id"] == run_id)
-                check(user, "get", "runs", run["namespace"], run_id, context=f"Failed to access run {run_id}. Check if you have access to namespace {run['namespace']}")
-                return 200, {**run, "state": fake.run_state}
-            case "GET", ["recurringruns"]:
-                check(user, "list", "jobs", experiment_namespace(q.get("experiment_id")), context="Failed to authorize with API")
-                return 200, {"recurringRuns": _matching(fake.recurring, q, experiment_id=q.get("experiment_id"))}
-            case "POST", ["recurringruns"]:
-                if fake.multi_user and not body.get("experiment_id"):
-                    return _invalid("Experiment id can not be empty in multi-user mode")
-                check(user, "create", "jobs", _namespace_of(body), context="Failed to authorize with API")
-                rr = {**body, "recurring_run_id": fake.new_id("rr"), "namespace": _namespace_of(body)}
-                fake.recurring.append(rr)
-                return 200, rr
-            case "DELETE", ["recurringruns", rr_id]:
-                namespace = next((r["namespace"] for r in fake.recurring if r["recurring_run_id"] == rr_id), "")
-                check(user, "delete", "jobs", namespace, rr_id, context="Failed to authorize with API")
-                fake.recurring[:] = [r for r in fake.recurring if r["recurring_run_id"] != rr_id]
-                return 200, {}
-        return 404, {"error": f"fake KFP has no {method} /{'/'.join(parts)}"}
-
-    def _namespace_of(body: dict) -> str:
-        experiment = next((e for e in fake.experiments if e["experiment_id"] == body.get("experiment_id")), {})
-        return experiment.get("namespace", "")
-
-    return Handler
-
-
-@pytest.fixture
-def kfp_server() -> Iterator[tuple[str, FakeKfp]]:
-    fake = FakeKfp()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", fake
-    finally:
-        server.shutdown()
-        server.server_close()
+@pytest.fixture(params=VERSIONS)
+def kfp_server(request) -> Iterator[tuple[str, FakeKfp]]:
+    with serve(request.param) as served:
+        yield served
 
 
 @pytest.fixture(autouse=True)
@@ -492,7 +218,7 @@ def test_the_fake_refuses_what_a_multi_user_server_refuses(kfp_server):
     answer = requests.post(f"{host}{API}/runs", json={"display_name": "r"}, timeout=10)
     assert answer.status_code == 400 and "Experiment id can not be empty" in answer.json()["message"]
     answer = requests.post(f"{host}{API}/pipelines/upload?name=p", files={"uploadfile": b"x"}, timeout=10)
-    assert answer.status_code == 400 and "Namespace is required" in answer.json()["message"]
+    assert answer.status_code == 400 and answer.text == "Invalid input error: Namespace is required for pipeline operations\n", "http.Error's text"
 
 
 def test_multi_user_submit_keeps_pipeline_experiment_and_runs_in_the_namespace(kfp_server, package):
@@ -506,7 +232,8 @@ def test_multi_user_submit_keeps_pipeline_experiment_and_runs_in_the_namespace(k
     assert len(fake.posted("/pipelines/upload_version")) == 1, "the version once: found again by name in the namespace"
     assert first.pipeline_id == again.pipeline_id != "p-shared", "a shared pipeline of that name is not ours"
     assert [(e["display_name"], e["namespace"]) for e in fake.experiments] == [("nightly", "team-a")]
-    assert {r["namespace"] for r in fake.runs} == {"team-a"} and len(fake.runs) == 2
+    namespaces = {e["experiment_id"]: e["namespace"] for e in fake.experiments}
+    assert {namespaces[r["experiment_id"]] for r in fake.runs} == {"team-a"} and len(fake.runs) == 2, "a run is its experiment's"
 
 
 def test_multi_user_schedule_lands_in_the_namespace(kfp_server, package):
