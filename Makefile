@@ -47,9 +47,16 @@ run: install
 test: install
 	$(NETNS) $(BIN)/python -m pytest -m "not containers and not slow and (not faults or quick)" $(PYTEST_ARGS)
 
-# The tests marked slow (whole-pipeline variants, Ray Data prediction cases, DDP variants).
-test-slow: install
-	$(NETNS) $(BIN)/python -m pytest -m "slow and not containers" $(PYTEST_ARGS)
+# The tests marked slow (whole-pipeline variants, Ray Data prediction cases, DDP variants, the
+# export under onnxruntime 1.15.0, the one tritonserver 23.05 bundles: installed here, outside the
+# loopback-only namespace the tests run in).
+ORT115 := $(VENV)/ort115/bin/python
+$(ORT115):
+	$(PY) -m venv $(VENV)/ort115
+	$(ORT115) -m pip install -q onnxruntime==1.15.0 "numpy<2"
+
+test-slow: install $(ORT115)
+	$(NETNS) env IMGPIPE_ORT115_PYTHON=$(abspath $(ORT115)) $(BIN)/python -m pytest -m "slow and not containers" $(PYTEST_ARGS)
 
 # Figures land in out/reliability/*.json; docs/reliability.md holds the table.
 test-faults: install
