@@ -119,3 +119,14 @@ def test_onnxruntime_1_15_the_one_tritonserver_23_05_bundles_runs_the_export(pro
     done = subprocess.run([python, "-c", script, str(model)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["1.15.0", "(2,", "3)"]
+
+
+def test_a_model_triton_cannot_load_is_refused_in_one_line_before_anything_is_registered_or_written(promoted, tmp_path, monkeypatch):
+    monkeypatch.setattr(serving, "MAX_IR_VERSION", 8)  # as if the shipped Triton's onnxruntime took IR 8 at most
+    registered = []
+    dest = "file://" + str(tmp_path / "promote")
+    with pytest.raises(ValueError) as caught:
+        promote(promoted["model"], None, dest, before_commit=registered.append)
+    message = str(caught.value)
+    assert "IR 9" in message and serving.TRITON in message and "export it again" in message and "\n" not in message
+    assert registered == [] and not contract.is_committed(dest) and not (tmp_path / "promote").exists()

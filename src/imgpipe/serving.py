@@ -23,7 +23,10 @@ from typing import Any
 
 from imgpipe.train.card import INPUT_NAME, OUTPUT_NAME
 
-__all__ = ["MODEL_NAME", "VERSION", "REPOSITORY", "MAX_BATCH_SIZE", "LABELS", "triton_config", "repository_files"]
+__all__ = [
+    "MODEL_NAME", "VERSION", "REPOSITORY", "MAX_BATCH_SIZE", "LABELS", "TRITON", "MAX_IR_VERSION", "MAX_OPSET",
+    "triton_config", "check_loadable", "repository_files",
+]  # fmt: skip
 
 # The InferenceService's name (k8s/serving/inferenceservice.yaml) and the model's in the repository.
 MODEL_NAME = "imgpipe-classifier"
@@ -34,6 +37,12 @@ REPOSITORY = "serving"
 # Triton batches requests up to this (the export's batch axis is dynamic).
 MAX_BATCH_SIZE = 64
 LABELS = "labels.txt"
+# The Triton KServe runs for onnx in Kubeflow 1.11 and 26.03, and the newest ONNX its onnxruntime
+# (1.15.0) loads: IR 9 (IR 10 is refused, measured), opset 19 (onnxruntime's compatibility
+# table). docs/deploy.md, "Serving", cites both.
+TRITON = "tritonserver 23.05 (onnxruntime 1.15.0)"
+MAX_IR_VERSION = 9
+MAX_OPSET = 19
 
 
 def triton_config(card: Mapping[str, Any], name: str = MODEL_NAME, max_batch_size: int = MAX_BATCH_SIZE) -> str:
@@ -51,12 +60,32 @@ def triton_config(card: Mapping[str, Any], name: str = MODEL_NAME, max_batch_siz
     )
 
 
+def check_loadable(onnx: bytes) -> None:
+    """Refuses an ONNX model the shipped Triton's onnxruntime cannot load (IR or opset too new).
+
+    Raises:
+        ValueError: In one line naming the model's versions, the runtime's and the fix.
+    """
+    from onnx import ModelProto  # only the header fields are needed; the parse is protobuf's
+
+    model = ModelProto.FromString(onnx)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if model.ir_version > MAX_IR_VERSION or opset > MAX_OPSET:
+        raise ValueError(
+            f"the ONNX export is IR {model.ir_version}, opset {opset}; KServe's Triton runtime in Kubeflow 1.11 and 26.03, "
+            f"{TRITON}, loads IR <= {MAX_IR_VERSION} and opset <= {MAX_OPSET}: export it again with this imgpipe "
+            "(imgpipe.train.export writes IR 9, opset 18), or serve it from a newer Triton"
+        )
+
+
 def repository_files(card: Mapping[str, Any], onnx: bytes, name: str = MODEL_NAME) -> dict[str, bytes]:
     """The repository's files, by path below its root: ``config.pbtxt``, ``labels.txt`` and ``1/model.onnx``.
 
     Raises:
-        ValueError: If a class name holds a line break (``labels.txt`` has one per line).
+        ValueError: If a class name holds a line break (``labels.txt`` has one per line), or
+            the model is one Triton cannot load (:func:`check_loadable`).
     """
+    check_loadable(onnx)
     classes = [str(c) for c in card["classes"]]
     if any("\n" in c or "\r" in c for c in classes):
         raise ValueError("a class name holds a line break; Triton's labels.txt has one class per line")

@@ -263,16 +263,21 @@ def promote(
         policy: What the cards may name (:func:`decide`); everything when ``None``.
         before_commit: Called with the decision before anything is written (the pipeline
             registers a promoted model there); what it raises leaves ``dest`` untouched.
+
+    Raises:
+        ValueError: If a promoted model's ONNX export is one KServe's Triton cannot load
+            (:func:`imgpipe.serving.check_loadable`), before anything is registered or written.
     """
     cfg = cfg or PromoteConfig()
     started = time.monotonic()
     dest = storage.normalize_uri(dest)
     contract.check_disjoint(dest, [candidate] + ([current] if current else []), "promote")
     decision = decide(candidate, current, cfg, device, policy)
+    # Before the registry hears of it: a model Triton cannot load is refused with nothing registered.
+    repository = _serving_files(decision.candidate_prefix) if decision.promoted else {}
     if before_commit is not None:
         before_commit(decision)
     attempt = contract.claim(dest, "promote")
-    repository = _serving_files(decision.candidate_prefix) if decision.promoted else {}
     if repository:
         decision = replace(decision, serving=storage.join(dest, serving.REPOSITORY))
     outputs = {

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgpipe import __version__, contract, storage
+from imgpipe import __version__, contract, serving, storage
 from imgpipe.resize.spec import CROP_FRACTION
 from imgpipe.train.card import CARD_FORMAT, INPUT_NAME, OUTPUT_NAME, preprocessing_of
 
@@ -36,10 +36,9 @@ log = logging.getLogger(__name__)
 
 # A current opset that onnxruntime 1.20+ runs in full, and that the Triton KServe ships runs.
 OPSET = 18
-# The newest ONNX IR version that Triton runs: kubeflow/manifests v1.11.0 and 26.03 deploy
-# tritonserver 23.05 for KServe's onnx models, which bundles onnxruntime 1.15 (IR <= 9,
-# opset <= 19; docs/deploy.md, "Serving"). The exporter writes IR 10, which it refuses.
-MAX_IR_VERSION = 9
+# The newest ONNX IR version that KServe's Triton runs (imgpipe.serving.MAX_IR_VERSION); the
+# exporter writes IR 10, which it refuses.
+MAX_IR_VERSION = serving.MAX_IR_VERSION
 # The exporter's dynamic batch axis needs a bound; no serving batch comes near it.
 _MAX_BATCH = 1 << 16
 
