@@ -20,11 +20,14 @@ def download(
     source_sha256: str = "",
     annotations_uri: str = "",
     annotations_sha256: str = "",
+    previous_run_prefix: str = "",
     step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
 ) -> None:
-    """Streams the image archive (and the optional annotations archive) into Parquet shards.
+    """Streams the images (an archive, a bucket prefix, a URI list, WebDataset shards, Parquet) into Parquet shards.
 
-    ``metrics`` and ``report`` describe the image archive's output (the UI's view of the step).
+    ``metrics`` and ``report`` describe the images' output (the UI's view of the step). With
+    ``previous_run_prefix`` (``latest``, or an earlier run's clean output) a bucket prefix or
+    URI list fetches only the objects that are new or changed since that run's download.
 
     The URIs are run parameters, so they get the pod's source policy (``SourcePolicy.from_env``):
     no local files, loopback, metadata or private addresses unless the environment allows them.
@@ -34,11 +37,12 @@ def download(
     from imgpipe.kfp import artifacts as ka
     from imgpipe.steps.download import DownloadConfig, download
 
-    def fetch(uri: str, sha256: str, step: str) -> str:
+    def fetch(uri: str, sha256: str, step: str, previous: str | None = None) -> str:
         cfg = config.step_config(DownloadConfig, step_config, "download", sha256=[sha256] if sha256 else None)
-        return download([uri], ka.run_prefix(data_root, run_id, step), cfg, policy=SourcePolicy.from_env()).dest
+        return download([uri], ka.run_prefix(data_root, run_id, step), cfg, policy=SourcePolicy.from_env(), previous=previous).dest
 
     annotations = fetch(annotations_uri, annotations_sha256, "annotations") if annotations_uri else ""
-    images = fetch(source_uri, source_sha256, "download")
+    previous = ka.resolve_previous(data_root, previous_run_prefix, ka.read_policy(data_root), step="download")
+    images = fetch(source_uri, source_sha256, "download", previous)
     ka.publish_step_report(images, metrics=metrics, report=report)
     ka.write_step_artifact(dataset, images, annotations=annotations)

@@ -144,11 +144,14 @@ DEFAULT_RESIZE_TRAIN_MODE = "whole"
 # The run parameters that are not a step config field.
 _OTHER_PARAMETERS = {
     "data_root": "Where every step writes: {data_root}/runs/{run id}/{step}/ (s3://bucket/prefix).",
-    "source_uri": "The image archive (https:// or s3://; the pods' source policy applies).",
+    "source_uri": "Where the images are (https:// or s3://; the pods' source policy applies): an archive (tar, zip, "
+    "nested one level), a bucket prefix of loose images (s3://bucket/prefix/), a CSV or JSON Lines list of uri,label, "
+    "WebDataset shards (shards-{000..099}.tar) or a Hugging Face Parquet file.",
     "source_sha256": "Expected SHA-256 of the image archive; empty skips the check.",
     "annotations_uri": "Oxford-style annotations archive (head boxes, trimaps); empty for none.",
     "annotations_sha256": "Expected SHA-256 of the annotations archive; empty skips the check.",
-    "previous_run_prefix": "'latest' or a run's prefix: clean skips the images that run saw (incremental).",
+    "previous_run_prefix": "'latest' or a run's clean prefix: download fetches only the objects of a prefix or URI "
+    "list that are new or changed since that run, and clean skips the images it saw (incremental).",
     "resize_train_mode": "Resize mode of the train split (ResizeConfig.train_mode): whole (the whole picture, "
     "aspect kept, short side image_size/0.875, for training crops over all of it), short-side-crop, fixed, pad, "
     "or empty for resize_mode; val and test always use resize_mode.",
@@ -407,6 +410,7 @@ def data_steps(
         source_sha256=source_sha256,
         annotations_uri=annotations_uri,
         annotations_sha256=annotations_sha256,
+        previous_run_prefix=previous_run_prefix,
         **common,
     )
     _configure(dl, "download", images.cpu, options, options.retry)

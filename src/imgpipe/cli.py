@@ -115,10 +115,13 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _download_arguments(p: argparse.ArgumentParser) -> None:
+    from imgpipe.data.readers.factory import SUPPORTED
     from imgpipe.steps.download import DownloadConfig
 
+    p.description = f"Each SOURCE is {SUPPORTED}: told apart by its URI, then by its content."
     p.add_argument("paths", nargs="+", metavar="SOURCE... DEST", help="one or more sources, then the output prefix")
-    add_field_flags(p, DownloadConfig, ("sha256",))
+    p.add_argument("--previous", help="an earlier download output over the same prefix or URI list: fetch only what is new or changed")
+    add_field_flags(p, DownloadConfig, ("sha256", "fetch_workers"))
 
 
 def _clean_arguments(p: argparse.ArgumentParser) -> None:
@@ -165,7 +168,7 @@ _ENDPOINT_FLAG = "--s3-endpoint"  # the one global option that takes a value
 
 _STEP_ARGUMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "synth": ("generate an Oxford-IIIT-Pet-shaped sample dataset (offline)", _synth_arguments),
-    "download": ("pull image archives into object storage as Parquet", _download_arguments),
+    "download": ("pull images (archives, bucket prefixes, URI lists, WebDataset, Parquet) into object storage as Parquet", _download_arguments),
     "clean": ("validate, normalize, label, split and shuffle the images", _clean_arguments),
     "resize": ("resize clean images to a model's input size on Ray Data", _resize_arguments),
     "train": ("train a classifier on a committed resize output", _train_arguments),
@@ -297,7 +300,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         raise ValueError("download needs at least one SOURCE and a DEST")
     *sources, dest = args.paths
     cfg = load_config(DownloadConfig, args.config, flag_overrides(args), "download")
-    _emit(download(sources, dest, cfg), args.json)
+    _emit(download(sources, dest, cfg, previous=args.previous), args.json)
     return 0
 
 

@@ -57,8 +57,11 @@ __all__ = [
     "get_backend",
     "exists",
     "list_objects",
+    "iter_objects",
+    "stat",
     "open_read",
     "read_bytes",
+    "read_some",
     "open_write",
     "write_bytes",
     "delete",
@@ -77,10 +80,15 @@ TMP_MARKER = ".tmp-"
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One stored object: its full URI and size in bytes."""
+    """One stored object: its full URI, size in bytes and change token.
+
+    ``etag`` changes whenever the object's bytes do: S3's ETag, or a local file's
+    modification time and inode (``None`` where a store gives none).
+    """
 
     uri: str
     size: int
+    etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -263,13 +271,34 @@ class Backend(ABC):
     def size(self, uri: str) -> int | None:
         """The size of the object at exactly this URI, ``None`` if there is none."""
 
-    @abstractmethod
+    def stat(self, uri: str) -> ObjectInfo | None:
+        """Size and change token of the object at exactly this URI, ``None`` if there is none."""
+        size = self.size(uri)
+        return None if size is None else ObjectInfo(uri, size)
+
     def list_objects(self, prefix: str) -> list[ObjectInfo]:
         """All committed objects below ``prefix`` (recursively), sorted by URI."""
+        return sorted(self.iter_objects(prefix), key=lambda o: o.uri)
+
+    @abstractmethod
+    def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        """The committed objects below ``prefix``, a page at a time (never all held at once), in the store's order."""
 
     @abstractmethod
     def open_read(self, uri: str) -> IO[bytes]:
         """A streaming binary reader; raises FileNotFoundError if absent."""
+
+    def read_some(self, uri: str, limit: int) -> tuple[bytes, ObjectInfo]:
+        """At most ``limit`` bytes of an object, with its whole size and change token as read.
+
+        Raises:
+            FileNotFoundError: If there is no object.
+        """
+        info = self.stat(uri)
+        if info is None:
+            raise FileNotFoundError(f"no object at {uri}")
+        with self.open_read(uri) as fh:
+            return fh.read(limit), info
 
     @abstractmethod
     @contextlib.contextmanager
@@ -339,19 +368,27 @@ class LocalBackend(Backend):
         path = self._path(uri)
         return path.stat().st_size if path.is_file() else None
 
-    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+    def stat(self, uri: str) -> ObjectInfo | None:
+        path = self._path(uri)
+        return self._info(path) if path.is_file() else None
+
+    def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         root = self._path(prefix)
         if root.is_file():
-            return [ObjectInfo(normalize_uri(str(root)), root.stat().st_size)]
-        out = []
+            yield self._info(root)
+            return
         if root.is_dir():
-            for dirpath, _dirs, files in os.walk(root):
-                for name in files:
+            for dirpath, dirs, files in os.walk(root):
+                dirs.sort()  # a stable order from one listing to the next
+                for name in sorted(files):
                     if TMP_MARKER in name:
                         continue  # an uncommitted write in progress (or abandoned)
-                    p = Path(dirpath) / name
-                    out.append(ObjectInfo("file://" + str(p), p.stat().st_size))
-        return sorted(out, key=lambda o: o.uri)
+                    yield self._info(Path(dirpath) / name)
+
+    @staticmethod
+    def _info(path: Path) -> ObjectInfo:
+        st = path.stat()
+        return ObjectInfo("file://" + str(path), st.st_size, f"{st.st_mtime_ns:x}-{st.st_ino:x}")
 
     def open_read(self, uri: str) -> IO[bytes]:
         path = self._path(uri)
@@ -483,40 +520,51 @@ class S3Backend(Backend):
             return _clients[key]
 
     def size(self, uri: str) -> int | None:
+        info = self.stat(uri)
+        return None if info is None else info.size
+
+    def stat(self, uri: str) -> ObjectInfo | None:
         from botocore.exceptions import ClientError
 
         bucket, key = self._split(uri)
         try:
-            return int(self.client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+            head = self.client().head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
+        return ObjectInfo(uri, int(head["ContentLength"]), str(head.get("ETag", "")).strip('"') or None)
 
-    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+    def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         bucket, key = self._split(prefix)
         paginator = self.client().get_paginator("list_objects_v2")
-        out = []
-        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):  # 1,000 keys a page, in key order
             for obj in page.get("Contents", []):
                 name = obj["Key"]
                 # "a/b" must not list "a/bc/...": only the object itself or keys below "a/b/".
                 if key and name != key and not key.endswith("/") and not name.startswith(key + "/"):
                     continue
-                out.append(ObjectInfo(f"s3://{bucket}/{name}", int(obj["Size"])))
-        return sorted(out, key=lambda o: o.uri)
+                yield ObjectInfo(f"s3://{bucket}/{name}", int(obj["Size"]), str(obj.get("ETag", "")).strip('"') or None)
 
     def open_read(self, uri: str) -> IO[bytes]:
+        return self._get(uri)["Body"]  # botocore StreamingBody: read(n), iter_chunks(), close()
+
+    def read_some(self, uri: str, limit: int) -> tuple[bytes, ObjectInfo]:
+        answer = self._get(uri)  # one GET: the size and ETag come with the bytes
+        with answer["Body"] as body:
+            data = body.read(limit)
+        return data, ObjectInfo(uri, int(answer["ContentLength"]), str(answer.get("ETag", "")).strip('"') or None)
+
+    def _get(self, uri: str) -> dict[str, Any]:
         from botocore.exceptions import ClientError
 
         bucket, key = self._split(uri)
         try:
-            body = self.client().get_object(Bucket=bucket, Key=key)["Body"]
+            return self.client().get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise FileNotFoundError(f"no object at {uri}") from exc
             raise
-        return body  # botocore StreamingBody: read(n), iter_chunks(), close()
 
     @contextlib.contextmanager
     def open_write(self, uri: str) -> Iterator[IO[bytes]]:
@@ -758,9 +806,19 @@ def size(uri: str) -> int | None:
     return get_backend(uri).size(normalize_uri(uri))
 
 
+def stat(uri: str) -> ObjectInfo | None:
+    """Size and change token of the object at ``uri`` (one HEAD request on S3), ``None`` if there is none."""
+    return get_backend(uri).stat(normalize_uri(uri))
+
+
 def list_objects(prefix: str) -> list[ObjectInfo]:
     """Committed objects below ``prefix``, sorted by URI."""
     return get_backend(prefix).list_objects(normalize_uri(prefix))
+
+
+def iter_objects(prefix: str) -> Iterator[ObjectInfo]:
+    """Committed objects below ``prefix`` as the store lists them, a page at a time (for listings of millions)."""
+    return get_backend(prefix).iter_objects(normalize_uri(prefix))
 
 
 def symlinks(prefix: str) -> list[str]:
@@ -771,6 +829,11 @@ def symlinks(prefix: str) -> list[str]:
 def open_read(uri: str) -> IO[bytes]:
     """Opens ``uri`` for streaming reads."""
     return get_backend(uri).open_read(normalize_uri(uri))
+
+
+def read_some(uri: str, limit: int) -> tuple[bytes, ObjectInfo]:
+    """At most ``limit`` bytes of the object at ``uri``, with its whole size and change token (one GET on S3)."""
+    return get_backend(uri).read_some(normalize_uri(uri), limit)
 
 
 def read_bytes(uri: str) -> bytes:

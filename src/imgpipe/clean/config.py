@@ -25,7 +25,9 @@ class CleanConfig:
         split: Train/val/test fractions; they must sum to 1 and train must be > 0.
         seed: Base seed for the split and the shuffled order.
         label_source: ``oxford`` (``Breed_Name_12.jpg``), ``folder`` (class per
-            folder), ``csv`` (``labels_csv``), or ``auto`` (folder when images sit in
+            folder), ``csv`` (``labels_csv``), ``given`` (the label the source gave each
+            image: a URI list's, a WebDataset sample's, a Hugging Face ``ClassLabel``), or
+            ``auto`` (given when the source gave labels, else folder when images sit in
             several folders, else oxford).
         labels_csv: URI of a ``path,label`` CSV, for ``label_source='csv'``.
         label_overrides: URI of a ``path,label`` CSV whose labels replace the ones the
@@ -141,9 +143,9 @@ class CleanConfig:
             )
         if self.split[0] <= 0:
             raise ValueError("split: the train fraction must be > 0")
-        if self.label_source not in ("auto", "oxford", "folder", "csv"):
+        if self.label_source not in ("auto", "oxford", "folder", "csv", "given"):
             raise ValueError(
-                f"label_source must be auto, oxford, folder or csv, got {self.label_source!r}"
+                f"label_source must be auto, oxford, folder, csv or given, got {self.label_source!r}"
             )
         if self.label_source == "csv" and not self.labels_csv:
             raise ValueError("label_source='csv' needs labels_csv, the URI of a path,label CSV")

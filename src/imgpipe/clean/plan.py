@@ -63,6 +63,7 @@ class Index:
     units: list[Unit]
     paths: pa.Array
     sha256: pa.Array
+    labels: pa.Array | None = None  # what the source labelled each row (the download's label column), if it did
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -122,24 +123,30 @@ class RowsPlan:
 
 
 def read_index(files: Sequence[str]) -> Index:
-    """Reads paths and hashes of every row (no image bytes), by row group."""
+    """Reads paths, hashes and given labels of every row (no image bytes), by row group."""
     units: list[Unit] = []
     paths: list[pa.Array] = []
     hashes: list[pa.Array] = []
+    labels: list[pa.Array] = []
     start = 0
     for uri in files:
         fs, path = storage.arrow_filesystem(uri)
         with fs.open_input_file(path) as fh:
             pf = pq.ParquetFile(fh)
+            labelled = "label" in pf.schema_arrow.names  # downloads of older runs have no label column
             for rg in range(pf.metadata.num_row_groups):
-                meta = pf.read_row_group(rg, columns=["path", "sha256"], use_threads=False)
+                meta = pf.read_row_group(rg, columns=["path", "sha256", *(["label"] if labelled else [])], use_threads=False)
                 units.append(Unit(uri, rg, start, meta.num_rows))
                 # Large strings: at 100M images the paths alone pass 2 GiB, a string array's limit.
                 paths.append(meta.column("path").combine_chunks().cast(pa.large_string()))
                 hashes.append(meta.column("sha256").combine_chunks().cast(pa.large_string()))
+                given = meta.column("label").combine_chunks() if labelled else pa.nulls(meta.num_rows)
+                labels.append(given.cast(pa.large_string()))
                 start += meta.num_rows
     empty = pa.array([], pa.large_string())
-    return Index(units, pa.concat_arrays(paths) if paths else empty, pa.concat_arrays(hashes) if hashes else empty)
+    given = pa.concat_arrays(labels) if labels else empty
+    return Index(units, pa.concat_arrays(paths) if paths else empty, pa.concat_arrays(hashes) if hashes else empty,
+                 given if given.null_count < len(given) else None)  # fmt: skip
 
 
 def split_codes(labels: Sequence[int] | np.ndarray, fractions: Sequence[float], seed: int) -> np.ndarray:
@@ -193,7 +200,7 @@ def build_labeler(cfg: CleanConfig, index: Index) -> Labeler:
         assert cfg.labels_csv is not None  # checked in CleanConfig
         base = Labeler("csv", read_label_csv(storage.read_bytes(cfg.labels_csv), f"labels_csv {storage.redact_uri(cfg.labels_csv)}"))
     elif cfg.label_source == "auto":
-        base = Labeler(choose_label_source(index.iter_paths()))
+        base = Labeler(choose_label_source(index.iter_paths(), given=index.labels is not None))
     else:
         base = Labeler(cfg.label_source)
     if cfg.label_overrides:
@@ -214,12 +221,12 @@ class OverriddenLabeler(Labeler):
         self.base, self.overrides = base, overrides
         self.applied: set[str] = set()
 
-    def __call__(self, path: str) -> str | None:
+    def __call__(self, path: str, given: str | None = None) -> str | None:
         key = path if path in self.overrides else posixpath.basename(path)
         if key in self.overrides:
             self.applied.add(key)
             return self.overrides[key]
-        return self.base(path)
+        return self.base(path, given)
 
     def describe_missing(self, path: str) -> str:
         return self.base.describe_missing(path)
@@ -236,8 +243,9 @@ def _label_rows(index: Index, by_path: np.ndarray, labeler: Labeler, deferred: d
     names: dict[str, int] = {}
     for lo in range(0, len(by_path), _LABEL_BATCH):
         rows = by_path[lo : lo + _LABEL_BATCH]
-        for row, path in zip(rows.tolist(), index.paths.take(pa.array(rows)).to_pylist()):
-            name = labeler(path)
+        given = index.labels.take(pa.array(rows)).to_pylist() if index.labels is not None else [None] * len(rows)
+        for row, path, label in zip(rows.tolist(), index.paths.take(pa.array(rows)).to_pylist(), given):
+            name = labeler(path, label)
             if name is None:
                 deferred[row] = Reject(path, "no_label", labeler.describe_missing(path))
             else:

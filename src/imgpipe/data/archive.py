@@ -127,6 +127,9 @@ class Member:
             reject reason (:data:`UNSAFE_MEMBER` or :data:`UNREADABLE_MEMBER`).
         detail: What is wrong with it, e.g. ``symlink -> ../../etc/passwd``.
         opener: Opens the member's data for reading; ``None`` for flagged members.
+        label: The class its source gave it (a URI list's, a WebDataset sample's, a nested
+            archive's name), or ``None`` where the class comes from the path.
+        etag: The object's change token where the source is a listing, else ``None``.
     """
 
     path: str
@@ -134,6 +137,8 @@ class Member:
     reason: str | None = None
     detail: str = ""
     opener: Callable[[], IO[bytes]] | None = field(default=None, repr=False, compare=False)
+    label: str | None = None
+    etag: str | None = None
 
     @property
     def header_bytes(self) -> int:
@@ -570,7 +575,8 @@ def _directory_entry(full: str, rel: str) -> Member:
     problem = _mode_problem(st.st_mode)
     if problem:
         return _flagged(rel, 0, UNSAFE_MEMBER, problem)
-    return Member(rel, st.st_size, opener=partial(_open_no_follow, full))
+    # The change token of a local file, as storage.LocalBackend lists it (incremental runs).
+    return Member(rel, st.st_size, opener=partial(_open_no_follow, full), etag=f"{st.st_mtime_ns:x}-{st.st_ino:x}")
 
 
 def iter_directory(root: str | os.PathLike[str]) -> Iterator[Member]:

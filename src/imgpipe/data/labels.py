@@ -1,4 +1,4 @@
-"""Label encoding: class names from Oxford-style file names, folders, or a CSV.
+"""Label encoding: class names from Oxford-style file names, folders, a CSV, or the source itself.
 
 Class indices are assigned in a deterministic order (case-insensitive sort of the
 names, as the Oxford-IIIT Pet ``list.txt`` numbers its breeds), so the same set of
@@ -26,7 +26,7 @@ __all__ = [
     "encode_labels",
 ]
 
-LabelSource = Literal["auto", "oxford", "folder", "csv"]
+LabelSource = Literal["auto", "oxford", "folder", "csv", "given"]
 
 # Oxford-IIIT Pet names images "<Breed_Name>_<number>.<ext>": cats capitalized, dogs not.
 _OXFORD_NAME = re.compile(r"^(?P<breed>[A-Za-z][A-Za-z_]*?)_(?P<num>\d+)$")
@@ -95,23 +95,31 @@ def read_label_csv(data: bytes, what: str = "label CSV") -> dict[str, str]:
     return out
 
 
-def choose_label_source(paths: Iterable[str]) -> Literal["oxford", "folder"]:
-    """Picks ``folder`` when images sit in two or more sibling folders, else ``oxford``."""
+def choose_label_source(paths: Iterable[str], given: bool = False) -> Literal["oxford", "folder", "given"]:
+    """Picks ``given`` when the source labelled its images, else ``folder`` when they sit in two or more sibling folders, else ``oxford``."""
+    if given:
+        return "given"
     parents = {posixpath.dirname(p) for p in paths}
     return "folder" if len(parents) >= 2 else "oxford"
 
 
 class Labeler:
-    """Maps a member path to its class name under one labelling scheme."""
+    """Maps a member path (and the label its source gave it, if any) to its class name under one labelling scheme."""
 
-    def __init__(self, source: Literal["oxford", "folder", "csv"], csv_labels: Mapping[str, str] | None = None) -> None:
+    def __init__(self, source: Literal["oxford", "folder", "csv", "given"], csv_labels: Mapping[str, str] | None = None) -> None:
         if source == "csv" and csv_labels is None:
             raise ValueError("label_source 'csv' needs labels_csv (a path,label CSV)")
         self.source = source
         self.csv_labels = dict(csv_labels or {})
 
-    def __call__(self, path: str) -> str | None:
-        """The class name for ``path``, or ``None`` when it has none (reject ``no_label``)."""
+    def __call__(self, path: str, given: str | None = None) -> str | None:
+        """The class name for ``path``, or ``None`` when it has none (reject ``no_label``).
+
+        ``given`` is the label the download step's source recorded with it (a URI list's, a
+        WebDataset sample's, a Hugging Face ``ClassLabel``): the ``given`` scheme's answer.
+        """
+        if self.source == "given":
+            return given
         if self.source == "oxford":
             return oxford_label(path)
         if self.source == "folder":
@@ -124,6 +132,8 @@ class Labeler:
             return f"file name {posixpath.basename(path)!r} does not match <Class_Name>_<number>"
         if self.source == "folder":
             return "file is not inside a class folder"
+        if self.source == "given":
+            return "its source gave it no label"
         return "path not listed in labels_csv"
 
 

@@ -255,36 +255,45 @@ def record_latest(data_root: str, run_id: str, prefixes: Mapping[str, str]) -> s
     return uri
 
 
-def resolve_previous(data_root: str, previous: str, policy: ReadPolicy | None = None) -> str | None:
-    """The previous clean output an incremental run compares against.
+def resolve_previous(data_root: str, previous: str, policy: ReadPolicy | None = None, step: str = "clean") -> str | None:
+    """The previous output of ``step`` (clean, or download) an incremental run compares against.
 
     Args:
         data_root: The pipeline's data root.
-        previous: ``""`` (a full run), ``"latest"`` (the clean output of the last
-            successful run recorded under ``data_root``; a full run if there is none
-            yet) or the URI of a committed clean output.
+        previous: ``""`` (a full run), ``"latest"`` (the output of the last successful run
+            recorded under ``data_root``; a full run if there is none yet) or the URI of a
+            committed clean output (for ``download``: the download output it was made from).
         policy: What the run may read (:func:`read_policy` of ``data_root`` by default).
+        step: ``clean`` or ``download``.
 
     Raises:
         ValueError: If an explicit URI is not a committed clean output; ``ReadRefused``
-            if it, or the prefix ``latest.json`` names, is outside ``policy``.
+            if it, the prefix ``latest.json`` names or the one its manifest names, is outside ``policy``.
     """
     text = (previous or "").strip()
     if not text:
         return None
     policy = policy or read_policy(data_root)
     if text == LATEST_KEYWORD:
-        prefix = _latest_prefix(data_root, "clean", policy)
+        prefix = _latest_prefix(data_root, step, policy)
         if not prefix:
-            log.info("incremental: no previous run recorded under %s; processing everything", data_root)
+            log.info("incremental: no previous %s recorded under %s; processing everything", step, data_root)
             return None
         if not contract.is_committed(prefix):
-            log.warning("incremental: the recorded previous clean output %s is gone; processing everything", prefix)
+            log.warning("incremental: the recorded previous %s output %s is gone; processing everything", step, prefix)
             return None
         return storage.normalize_uri(prefix)
     text = policy.check("previous_run_prefix", text)
-    contract.read_manifest(text, expect_step="clean")
-    return text
+    manifest = contract.read_manifest(text, expect_step="clean")
+    if step == "clean":
+        return text
+    source = str((manifest.get("upstream") or {}).get("source") or "")
+    source = policy.check("previous_run_prefix's download", source)  # read back from storage: untrusted
+    if not contract.is_committed(source):
+        log.warning("incremental: the download output %s of %s is gone; fetching everything", source, text)
+        return None
+    contract.read_manifest(source, expect_step=step)
+    return source
 
 
 def find_confusion(metrics: Mapping[str, Any]) -> tuple[str, list[list[int]]] | None:
@@ -397,7 +406,7 @@ def promote_run(
     from imgpipe.steps.promote import PromoteConfig, promote
 
     policy = policy or read_policy(data_root)
-    prefixes = {s: run_prefix(data_root, run_id, s) for s in ("clean", "resize", train_step)}
+    prefixes = {s: run_prefix(data_root, run_id, s) for s in ("download", "clean", "resize", train_step)}
     if candidate is not None and storage.normalize_uri(candidate) != prefixes[train_step]:
         raise ValueError(f"the train task handed on {candidate}, not this run's train output {prefixes[train_step]}")
     try:
@@ -413,7 +422,7 @@ def promote_run(
                        PromoteConfig(tolerance=tolerance), policy=policy, before_commit=register)  # fmt: skip
     if decision.promoted:
         served = {"serving": decision.serving} if decision.serving else {}  # KServe's storageUri (imgpipe.serving)
-        record_latest(data_root, run_id, {"clean": prefixes["clean"], "resize": prefixes["resize"], "train": prefixes[train_step], **served})
+        record_latest(data_root, run_id, {**{s: prefixes[s] for s in ("download", "clean", "resize")}, "train": prefixes[train_step], **served})
     else:
         log.warning("%s; latest.json still names %s", decision.summary(), decision.current_prefix)
     if metrics is not None and report is not None:

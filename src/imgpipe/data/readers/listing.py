@@ -1,0 +1,110 @@
+"""A prefix of loose objects (``s3://bucket/prefix/``) as a source: listed a page at a time, fetched in a bounded pool.
+
+    reader = PrefixReader("s3://ml-data/pets/", settings)
+    for member in reader.members(): ...          # member.path: the key below the prefix
+
+Members come in the store's listing order (S3 lists keys in UTF-8 byte order), each with its
+size and ETag (:attr:`~imgpipe.data.archive.Member.etag`, recorded in the output for the next
+incremental run). ``settings.fetch_workers`` objects are fetched at once, at most twice that many
+held; boto3 retries throttling and 5xx answers (its adaptive mode, :mod:`imgpipe.storage`).
+An object that still cannot be read, or is gone by the time it is read, or is larger than
+``max_member_bytes``, is a reject with its reason; a key with ``..`` or a leading ``/`` is an
+``unsafe_member``. Where the previous run holds an object of the same key, size and ETag
+(``settings.carry``), its bytes are taken from there and the object is not fetched.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+from imgpipe import storage
+from imgpipe.data import archive
+from imgpipe.data.archive import Member
+from imgpipe.data.readers.base import Reader, ReaderSettings, ordered_map
+from imgpipe.data.transport import FETCH_FAILED, TOO_LARGE
+
+__all__ = ["VANISHED", "PrefixReader", "fetched", "read_object"]
+
+# An object listed but gone (deleted, or replaced by a folder) when it was read.
+VANISHED = "vanished"
+
+
+def fetched(path: str, data: bytes, *, etag: str | None = None, label: str | None = None) -> Member:
+    """A member whose bytes are in hand."""
+    return Member(path, len(data), opener=partial(io.BytesIO, data), etag=etag, label=label)
+
+
+def read_object(uri: str, limit: int) -> tuple[bytes, storage.ObjectInfo]:
+    """The bytes of one stored object with its size and change token, refusing more than ``limit`` (it may have grown since it was listed).
+
+    Raises:
+        archive.MemberTooLarge: Past ``limit`` bytes.
+        FileNotFoundError: If it is gone.
+    """
+    data, info = storage.read_some(uri, limit + 1)
+    if len(data) > limit or info.size > limit:
+        raise archive.MemberTooLarge(f"more than {limit} bytes")
+    return data, info
+
+
+class PrefixReader(Reader):
+    """The objects below one storage prefix (any scheme :mod:`imgpipe.storage` serves)."""
+
+    kind = "prefix"
+
+    def __init__(self, prefix: str, settings: ReaderSettings) -> None:
+        self.prefix = storage.normalize_uri(prefix).rstrip("/") + "/"
+        self.uri = storage.redact_uri(self.prefix)
+        self.settings = settings
+        self.listed = 0
+
+    @property
+    def checked_in_advance(self) -> bool:
+        return False
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"uri": self.uri, "format": self.kind, "sha256": None, "bytes": None, "objects": self.listed}
+
+    def census(self) -> tuple[int, int]:
+        """Objects and bytes below the prefix (one listing, nothing fetched)."""
+        count = total = 0
+        for info in storage.iter_objects(self.prefix):
+            count, total = count + 1, total + info.size
+        return count, total
+
+    def members(self) -> Iterator[Member]:
+        self.listed = 0
+        return ordered_map(self._member, self._listed(), self.settings.fetch_workers)
+
+    def _listed(self) -> Iterator[storage.ObjectInfo]:
+        for info in storage.iter_objects(self.prefix):
+            if info.uri.endswith("/") and info.size == 0:
+                continue  # a "folder" marker some consoles create
+            self.listed += 1
+            yield info
+
+    def _member(self, info: storage.ObjectInfo) -> Member:
+        key = info.uri[len(self.prefix) :]
+        path, problem = archive.normalize_member_path(key)
+        if problem is not None:
+            return Member(path, info.size, archive.UNSAFE_MEMBER, problem, etag=info.etag)
+        carry = self.settings.carry
+        if carry is not None:
+            data = carry.take(path, info.size, info.etag)
+            if data is not None:
+                return fetched(path, data, etag=info.etag)  # carried
+        limit = self.settings.max_member_bytes
+        if info.size > limit:
+            return Member(path, info.size, TOO_LARGE, f"{info.size} bytes listed > max_member_bytes={limit}", etag=info.etag)
+        try:
+            data, now = read_object(info.uri, limit)
+        except archive.MemberTooLarge:
+            return Member(path, info.size, TOO_LARGE, f"grew past max_member_bytes={limit} after it was listed", etag=info.etag)
+        except FileNotFoundError:
+            return Member(path, info.size, VANISHED, "listed, then gone when it was read", etag=info.etag)
+        except Exception as exc:  # noqa: BLE001 - what boto3 raises once its own retries are spent is this object's reject
+            return Member(path, info.size, FETCH_FAILED, f"{type(exc).__name__}: {str(exc)[:200]}", etag=info.etag)
+        return fetched(path, data, etag=now.etag or info.etag)

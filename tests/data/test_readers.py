@@ -1,0 +1,391 @@
+"""Sources where teams keep images: a bucket prefix, a URI list, WebDataset shards, Hugging Face Parquet, nested archives.
+
+Each kind goes through the download step itself, against real parts: the moto S3 server of
+``conftest.py`` for buckets, a real HTTP server on 127.0.0.1 for URI lists (ETags and 304s
+included), tar files written by ``tarfile``, and Parquet written by the Hugging Face
+``datasets`` library. Every test checks that each input ends in the output or in the rejects
+with a reason, and that the counts reconcile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from imgpipe import contract, storage
+from imgpipe.data.readers import base, listing
+from imgpipe.data.readers.webdataset import expand_braces, sample_key
+from imgpipe.data.sources import SourcePolicy
+from imgpipe.steps.download import DownloadConfig, download
+from tests.imagefactory import jpeg, png_in_jpg
+
+FAST = DownloadConfig(retries=1, backoff_s=0.0, timeout_s=5.0, fetch_workers=4)
+
+
+def rows(prefix: str) -> dict[str, dict]:
+    """path -> row (bytes, label, etag, sha256) of a committed download output."""
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in contract.data_files(prefix)]
+    table = pa.concat_tables(tables) if tables else pa.table({"path": []})
+    return {r["path"]: r for r in table.to_pylist()}
+
+
+def rejects(prefix: str) -> dict[str, str]:
+    return {r["path"]: r["reason"] for r in contract.read_rejects(prefix).to_pylist()}
+
+
+def reconciles(report, prefix: str) -> None:
+    assert report.inputs == report.outputs + report.rejected == len(rows(prefix)) + len(rejects(prefix))
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- a bucket prefix
+
+
+@pytest.fixture
+def pets(s3_bucket: str) -> str:
+    """``s3://bucket/pets/<class>/<id>.jpg``: 3 classes x 4 images, a folder marker, one big object."""
+    for c, name in enumerate(("cat", "dog", "fox")):
+        for i in range(4):
+            storage.write_bytes(f"{s3_bucket}/pets/{name}/{i}.jpg", jpeg(48, 40, seed=10 * c + i))
+    storage.S3Backend.client().put_object(Bucket=s3_bucket[5:], Key="pets/empty-folder/", Body=b"")
+    storage.write_bytes(f"{s3_bucket}/pets/fox/huge.jpg", b"\xff\xd8" + b"x" * 50_000)
+    return f"{s3_bucket}/pets/"
+
+
+def test_a_bucket_prefix_of_loose_images_is_a_source_with_keys_sizes_and_etags(pets, s3_bucket):
+    cfg = DownloadConfig(max_member_bytes=20_000, fetch_workers=4)
+    report = download(pets, f"{s3_bucket}/out/download", cfg)
+    got, refused = rows(report.dest), rejects(report.dest)
+    assert len(got) == 12 and set(refused) == {"fox/huge.jpg"} and refused["fox/huge.jpg"] == "member_too_large"
+    listed = {o.uri[len(pets):]: o for o in storage.iter_objects(pets) if not o.uri.endswith("/")}  # fmt: skip
+    for path, row in got.items():
+        assert row["etag"] == listed[path].etag and row["size"] == listed[path].size and row["label"] is None
+        assert row["sha256"] == hashlib.sha256(row["bytes"]).hexdigest()
+    (source,) = contract.read_manifest(report.dest)["extra"]["sources"]
+    assert source["format"] == "prefix" and source["objects"] == 13
+    reconciles(report, report.dest)
+
+
+def test_a_prefix_without_the_trailing_slash_is_recognised_and_a_key_with_dotdot_is_refused(pets, s3_bucket):
+    # S3 keys are strings: "pets/cat/../../up.jpg" lists below "pets/" yet names a path above it.
+    storage.S3Backend.client().put_object(Bucket=s3_bucket[5:], Key="pets/cat/../../up.jpg", Body=jpeg(seed=98))
+    report = download(pets.rstrip("/"), f"{s3_bucket}/out/download", FAST)
+    assert rejects(report.dest) == {"cat/../../up.jpg": "unsafe_member"}
+    assert len(rows(report.dest)) == 13
+    reconciles(report, report.dest)
+
+
+def test_a_listing_is_consumed_a_few_objects_ahead_never_held_whole(monkeypatch):
+    pulled = []
+
+    def endless(prefix):
+        for i in range(10**9):
+            pulled.append(i)
+            yield storage.ObjectInfo(f"s3://b/p/{i:09d}.jpg", 3, f"e{i}")
+
+    monkeypatch.setattr(storage, "iter_objects", endless)
+    monkeypatch.setattr(listing, "read_object", lambda uri, limit: (b"abc", storage.ObjectInfo(uri, 3, "x")))
+    reader = listing.PrefixReader("s3://b/p/", base.ReaderSettings(fetch_workers=4))
+    members = reader.members()
+    first = [next(members) for _ in range(5)]
+    members.close()
+    assert [m.path for m in first] == [f"{i:09d}.jpg" for i in range(5)]
+    assert len(pulled) <= 5 + 2 * 4 + 1, f"pulled {len(pulled)} objects from the listing for 5 members"
+
+
+def test_a_second_run_fetches_only_what_changed_and_counts_what_was_deleted(pets, s3_bucket, monkeypatch):
+    first = download(pets, f"{s3_bucket}/runs/1/download", FAST)
+    for i in range(10):
+        storage.write_bytes(f"{s3_bucket}/pets/cat/new-{i}.jpg", jpeg(48, 40, seed=500 + i))
+    storage.delete(f"{s3_bucket}/pets/dog/0.jpg")
+    storage.delete(f"{s3_bucket}/pets/dog/1.jpg")
+    reads = []
+    real = storage.read_some
+    monkeypatch.setattr(storage, "read_some", lambda uri, limit: (reads.append(uri), real(uri, limit))[1])
+    second = download(pets, f"{s3_bucket}/runs/2/download", FAST, previous=first.dest)
+    assert sorted(reads) == sorted(f"{s3_bucket}/pets/cat/new-{i}.jpg" for i in range(10)), "exactly the 10 new objects"
+    counts = contract.read_manifest(second.dest)["extra"]["incremental"]
+    assert counts == {"previous": first.dest, "new": 10, "changed": 0, "unchanged": 13 - 2, "deleted": 2, "carried_refused": 0}
+    before, after = rows(first.dest), rows(second.dest)
+    assert {p: r["sha256"] for p, r in after.items() if p in before} == {p: before[p]["sha256"] for p in after if p in before}
+    assert not {"dog/0.jpg", "dog/1.jpg"} & set(after) and len(after) == 13 - 2 + 10
+    reconciles(second, second.dest)
+
+
+def test_a_changed_object_and_a_forged_previous_row_are_fetched_again(pets, s3_bucket, monkeypatch):
+    first = download(pets, f"{s3_bucket}/runs/1/download", FAST)
+    storage.write_bytes(f"{s3_bucket}/pets/cat/0.jpg", jpeg(48, 40, seed=777))  # a new ETag
+    # Forge the previous output: one carried row's bytes no longer hash to its recorded sha256.
+    (shard,) = [u for u in contract.data_files(first.dest)]
+    table = pq.read_table(io.BytesIO(storage.read_bytes(shard)))
+    data = table.column("bytes").to_pylist()
+    at = table.column("path").to_pylist().index("dog/2.jpg")
+    data[at] = jpeg(48, 40, seed=12345)
+    forged = table.set_column(table.schema.get_field_index("bytes"), "bytes", pa.array(data, pa.binary()))
+    buf = io.BytesIO()
+    pq.write_table(forged, buf, row_group_size=4)
+    storage.write_bytes(shard, buf.getvalue())
+    monkeypatch.setattr(contract, "_check_sizes", lambda prefix, files: None)  # the forger also fixed the manifest's sizes
+    reads = []
+    real = storage.read_some
+    monkeypatch.setattr(storage, "read_some", lambda uri, limit: (reads.append(uri.rsplit("/pets/", 1)[1]), real(uri, limit))[1])
+    second = download(pets, f"{s3_bucket}/runs/2/download", FAST, previous=first.dest)
+    assert sorted(reads) == ["cat/0.jpg", "dog/2.jpg"], "the changed object, and the row that failed its check"
+    counts = contract.read_manifest(second.dest)["extra"]["incremental"]
+    assert (counts["changed"], counts["unchanged"], counts["carried_refused"]) == (2, 13 - 2, 1)
+    got = rows(second.dest)
+    assert got["dog/2.jpg"]["bytes"] == storage.read_bytes(f"{s3_bucket}/pets/dog/2.jpg"), "the source's bytes, not the forged ones"
+
+
+# --------------------------------------------------------------------------- a URI list
+
+
+class _Site:
+    """A real HTTP server on 127.0.0.1: paths -> bodies, ETags of their content, 304 on a matching If-None-Match."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, bytes] = {}
+        self.status: dict[str, int] = {}
+        self.log: list[tuple[str, str | None]] = []
+        self.answered: list[tuple[str, int]] = []
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                site.log.append((self.path, self.headers.get("If-None-Match")))
+                if self.path in site.status:
+                    site.answered.append((self.path, site.status[self.path]))
+                    self.send_error(site.status[self.path])
+                    return
+                body = site.bodies.get(self.path)
+                if body is None:
+                    site.answered.append((self.path, 404))
+                    self.send_error(404)
+                    return
+                etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+                site.answered.append((self.path, 304 if self.headers.get("If-None-Match") == etag else 200))
+                if self.headers.get("If-None-Match") == etag:
+                    self.send_response(304)
+                    self.send_header("ETag", etag)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", etag)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def transferred(self) -> list[str]:
+        """The paths answered with a whole body (200)."""
+        return [p for p, status in self.answered if status == 200]
+
+
+@pytest.fixture
+def site(monkeypatch) -> Iterator[_Site]:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    s = _Site()
+    thread = threading.Thread(target=s.server.serve_forever, daemon=True)
+    thread.start()
+    yield s
+    s.server.shutdown()
+    s.server.server_close()
+
+
+def _uri_list(site: _Site, s3_bucket: str, tmp_path: Path) -> Path:
+    for i in range(4):
+        site.bodies[f"/img/cat-{i}.jpg"] = jpeg(48, 40, seed=100 + i)
+        storage.write_bytes(f"{s3_bucket}/dogs/{i}.jpg", jpeg(48, 40, seed=200 + i))
+    site.status["/img/broken.jpg"] = 500
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "fox.jpg").write_bytes(jpeg(48, 40, seed=300))
+    lines = ["uri,label"]
+    lines += [f"{site.base}/img/cat-{i}.jpg,cat" for i in range(4)]
+    lines += [f"{s3_bucket}/dogs/{i}.jpg,dog" for i in range(4)]
+    lines += ["local/fox.jpg,fox", f"{site.base}/img/missing.jpg,cat", f"{site.base}/img/broken.jpg,cat", ",cat",
+              "../outside.jpg,cat", f"{s3_bucket}/dogs/none.jpg,dog"]  # fmt: skip
+    path = tmp_path / "train.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_csv_of_uris_and_labels_fetches_each_entry_and_makes_each_failure_a_reject(site, s3_bucket, tmp_path):
+    listed = _uri_list(site, s3_bucket, tmp_path)
+    report = download(str(listed), f"{s3_bucket}/out/download", FAST)
+    got, refused = rows(report.dest), rejects(report.dest)
+    host = site.base.removeprefix("http://")
+    assert {p: r["label"] for p, r in got.items()} == {
+        **{f"{host}/img/cat-{i}.jpg": "cat" for i in range(4)},
+        **{f"{s3_bucket[5:]}/dogs/{i}.jpg": "dog" for i in range(4)},
+        "local/fox.jpg": "fox",
+    }
+    assert got[f"{host}/img/cat-0.jpg"]["bytes"] == site.bodies["/img/cat-0.jpg"]
+    assert refused == {
+        f"{host}/img/missing.jpg": "http_error", f"{host}/img/broken.jpg": "http_error", "train.csv#line-13": "bad_row",
+        "../outside.jpg": "unsafe_member", f"{s3_bucket[5:]}/dogs/none.jpg": "vanished",
+    }  # fmt: skip
+    details = {r["path"]: r["detail"] for r in contract.read_rejects(report.dest).to_pylist()}
+    assert "HTTP 404" in details[f"{host}/img/missing.jpg"] and "HTTP 500" in details[f"{host}/img/broken.jpg"]
+    assert "line 13" in details["train.csv#line-13"]
+    reconciles(report, report.dest)
+
+
+def test_a_jsonl_list_under_a_pipelines_policy_refuses_local_and_loopback_entries_as_rejects(site, s3_bucket, tmp_path):
+    site.bodies["/a.jpg"] = jpeg(seed=1)
+    storage.write_bytes(f"{s3_bucket}/b.jpg", jpeg(seed=2))
+    entries = [{"uri": f"{s3_bucket}/b.jpg", "label": "b"}, {"url": f"{site.base}/a.jpg", "label": "a"},
+               {"uri": "file:///etc/hostname", "label": "x"}, {"label": "no uri"}]  # fmt: skip
+    listed = f"{s3_bucket}/lists/train.jsonl"
+    storage.write_bytes(listed, ("\n".join(json.dumps(e) for e in entries) + "\nnot json\n").encode())
+    policy = SourcePolicy.from_env({})  # what the kfp component uses: https and s3, public addresses only
+    report = download(listed, f"{s3_bucket}/out/download", FAST, policy=policy)
+    assert {p: r["label"] for p, r in rows(report.dest).items()} == {f"{s3_bucket[5:]}/b.jpg": "b"}
+    refused = rejects(report.dest)
+    assert refused == {f"{site.base.removeprefix('http://')}/a.jpg": "source_refused", "etc/hostname": "source_refused",
+                       "train.jsonl#line-4": "bad_row", "train.jsonl#line-5": "bad_row"}  # fmt: skip
+    assert site.log == [], "nothing was sent to a refused address"
+    reconciles(report, report.dest)
+
+
+def test_a_second_run_over_a_uri_list_asks_conditionally_and_fetches_only_what_changed(site, s3_bucket, tmp_path):
+    listed = _uri_list(site, s3_bucket, tmp_path)
+    first = download(str(listed), f"{s3_bucket}/runs/1/download", FAST)
+    site.bodies["/img/cat-1.jpg"] = jpeg(48, 40, seed=9999)  # changed at the source
+    site.log.clear()
+    site.answered.clear()
+    second = download(str(listed), f"{s3_bucket}/runs/2/download", FAST, previous=first.dest)
+    conditional = {p: etag for p, etag in site.log if etag is not None}
+    assert set(conditional) == {f"/img/cat-{i}.jpg" for i in range(4)}, "each known entry asked with If-None-Match"
+    assert site.transferred() == ["/img/cat-1.jpg"], "one body crossed the wire: the changed entry's"
+    counts = contract.read_manifest(second.dest)["extra"]["incremental"]
+    assert (counts["unchanged"], counts["changed"]) == (8, 1) and counts["deleted"] == 0
+    assert rows(second.dest)[f"{site.base.removeprefix('http://')}/img/cat-1.jpg"]["bytes"] == site.bodies["/img/cat-1.jpg"]
+    reconciles(second, second.dest)
+
+
+# --------------------------------------------------------------------------- WebDataset
+
+
+def _shard(samples: dict[str, dict[str, bytes]]) -> bytes:
+    return tar_bytes({f"{key}.{ext}": data for key, parts in samples.items() for ext, data in parts.items()})
+
+
+def test_webdataset_shards_from_a_brace_pattern_keep_their_classes(s3_bucket):
+    storage.write_bytes(f"{s3_bucket}/wds/train-000.tar", _shard({
+        "s/000": {"jpg": jpeg(seed=1), "cls": b"3"},
+        "s/001": {"png": png_in_jpg(seed=2)[:0] or jpeg(seed=2), "json": b'{"label": "tabby"}'},
+        "s/002": {"cls": b"1"},  # no image
+    }))  # fmt: skip
+    storage.write_bytes(f"{s3_bucket}/wds/train-001.tar", _shard({
+        "s/003": {"jpg": jpeg(seed=3), "txt": b"siamese", "json": b"{}"},
+        "s/004": {"jpg": jpeg(seed=4)},  # no class
+    }))  # fmt: skip
+    report = download(f"{s3_bucket}/wds/train-{{000..001}}.tar", f"{s3_bucket}/out/download", FAST)
+    assert {p: r["label"] for p, r in rows(report.dest).items()} == {"s/000.jpg": "3", "s/001.png": "tabby", "s/003.jpg": "siamese"}
+    assert rejects(report.dest) == {"s/002": "sample_without_image", "s/004.jpg": "no_label"}
+    formats = [s["format"] for s in contract.read_manifest(report.dest)["extra"]["sources"]]
+    assert formats == ["webdataset/tar", "webdataset/tar"]
+    reconciles(report, report.dest)
+
+
+def test_a_plain_tar_in_webdataset_layout_is_recognised_by_its_content(tmp_path):
+    path = tmp_path / "shard.tar"
+    path.write_bytes(_shard({"a": {"jpg": jpeg(seed=1), "cls": b"0"}, "b": {"jpg": jpeg(seed=2), "cls": b"1"}}))
+    report = download(str(path), str(tmp_path / "out"), FAST)
+    assert {p: r["label"] for p, r in rows("file://" + str(tmp_path / "out")).items()} == {"a.jpg": "0", "b.jpg": "1"}
+    assert report.rejected == 0
+
+
+def test_brace_patterns_expand_in_order_with_their_padding_and_are_bounded():
+    assert expand_braces("s3://b/x-{008..011}.tar") == [f"s3://b/x-{n:03d}.tar" for n in range(8, 12)]
+    assert expand_braces("a{1..2}-{0..1}") == ["a1-0", "a1-1", "a2-0", "a2-1"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(ValueError, match="counts down"):
+        expand_braces("x-{5..1}.tar")
+    with pytest.raises(ValueError, match="more than"):
+        expand_braces("x-{0..999999}-{0..9}.tar")
+    assert sample_key("n0144/10026.seg.png") == ("n0144/10026", "seg.png")
+
+
+def test_a_sha256_pin_cannot_name_a_pattern(tmp_path):
+    with pytest.raises(ValueError, match="a sha256 pin names one file"):
+        download("s3://b/x-{0..3}.tar", str(tmp_path / "out"), DownloadConfig(sha256=("0" * 64,)))
+
+
+# --------------------------------------------------------------------------- Hugging Face Parquet
+
+
+def test_a_hugging_face_parquet_dataset_keeps_its_labels_and_class_names(hf_datasets, tmp_path):
+    images = [jpeg(48, 40, seed=i) for i in range(6)]
+    features = hf_datasets.Features({"image": hf_datasets.Image(), "label": hf_datasets.ClassLabel(names=["cat", "dog", "fox"])})
+    data = {"image": [{"bytes": b, "path": f"/home/someone/pics/{i}.jpg"} for i, b in enumerate(images)], "label": [0, 1, 2, 0, 1, 2]}
+    path = tmp_path / "train-00000-of-00001.parquet"
+    hf_datasets.Dataset.from_dict(data, features=features).to_parquet(str(path))
+    table = pq.read_table(path)
+    broken = table.set_column(1, "label", pa.array([0, 1, 2, 0, 7, None], pa.int64()))
+    pq.write_table(broken, tmp_path / "broken.parquet")  # an out-of-range and a null label, same metadata
+    report = download([str(path), str(tmp_path / "broken.parquet")], str(tmp_path / "out"), FAST)
+    got = rows("file://" + str(tmp_path / "out"))
+    assert {p: r["label"] for p, r in got.items() if p.startswith("train")} == {
+        f"train-00000-of-00001/{i:08d}-{i}.jpg": ["cat", "dog", "fox"][i % 3] for i in range(6)}  # fmt: skip
+    assert got["train-00000-of-00001/00000000-0.jpg"]["bytes"] == images[0]
+    assert rejects("file://" + str(tmp_path / "out")) == {"broken/00000004-4.jpg": "no_label", "broken/00000005-5.jpg": "no_label"}
+    (first, _) = contract.read_manifest("file://" + str(tmp_path / "out"))["extra"]["sources"]
+    assert first["format"] == "hf-parquet" and first["classes"] == ["cat", "dog", "fox"]
+    reconciles(report, "file://" + str(tmp_path / "out"))
+
+
+def test_a_parquet_file_of_another_schema_is_refused_naming_what_it_lacks(tmp_path):
+    pq.write_table(pa.table({"pixels": [b"x"], "y": [1]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match=r"needs an 'image' column .* its columns are \['pixels', 'y'\]"):
+        download(str(tmp_path / "other.parquet"), str(tmp_path / "out"), FAST)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- nested archives
+
+
+def test_a_tar_of_per_class_tars_is_opened_one_level_with_classes_from_the_inner_names(tmp_path):
+    inner = {f"n0{c}": tar_bytes({f"n0{c}_{i}.JPEG": jpeg(seed=10 * c + i) for i in range(3)}) for c in range(2)}
+    deeper = tar_bytes({"x.tar": tar_bytes({"y.jpg": jpeg(seed=77)}), "ok.jpg": jpeg(seed=78)})
+    path = tmp_path / "ILSVRC2012_img_train.tar"
+    path.write_bytes(tar_bytes({"n00.tar": inner["n00"], "n01.tar": inner["n01"], "n02.tar": deeper, "README": b"not an image"}))
+    report = download(str(path), str(tmp_path / "out"), FAST)
+    got = rows("file://" + str(tmp_path / "out"))
+    assert {p: r["label"] for p, r in got.items()} == {
+        **{f"n0{c}/n0{c}_{i}.JPEG": f"n0{c}" for c in range(2) for i in range(3)}, "n02/ok.jpg": "n02", "README": None}  # fmt: skip
+    assert rejects("file://" + str(tmp_path / "out")) == {"n02/x.tar": "nested_archive"}
+    reconciles(report, "file://" + str(tmp_path / "out"))
+
+
+def test_the_member_cap_counts_across_both_levels(tmp_path):
+    inner = tar_bytes({f"{i}.jpg": b"\xff\xd8" + bytes(10) for i in range(8)})
+    path = tmp_path / "outer.tar"
+    path.write_bytes(tar_bytes({"a.tar": inner, "b.tar": inner}))
+    with pytest.raises(ValueError, match=r"max_members=10"):
+        download(str(path), str(tmp_path / "out"), DownloadConfig(max_members=10))
+    assert not (tmp_path / "out").exists(), "refused in the dry run, before dest was touched"
