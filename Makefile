@@ -12,7 +12,7 @@ IMAGE_KINDS ?= cpu ray gpu
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench bench-scale images images-push compile clean-data help run-containers test-containers test-faults test-slow
+.PHONY: install run test lint bench bench-scale bench-download images images-push compile clean-data help run-containers test-containers test-faults test-slow
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
@@ -20,6 +20,7 @@ help:
 	@echo "make lint   ruff (and hadolint on docker/ when present)"
 	@echo "make bench  run the benchmarks in bench/ (results: docs/benchmarks.md)"
 	@echo "make bench-scale  every step at 4k, 32k and 128k generated images: peak RSS and CPU per image"
+	@echo "make bench-download  a bucket prefix fetched by imgpipe, a boto3 loop and aws s3 sync (10k, 100k objects)"
 	@echo "make images build and tag the step images through DOCKER_HOST (IMAGE_KINDS=\"$(IMAGE_KINDS)\")"
 	@echo "make images-push  build, then push them"
 	@echo "make run-containers  the pipeline with each step in its image, resize on a 2-container Ray cluster"
@@ -94,6 +95,16 @@ bench: install
 	$(NETNS) $(BIN)/python bench/crop_modes.py --classes 12 --per-class 80 --size 64 --epochs 12 --seeds 0,1
 	$(NETNS) $(BIN)/python bench/pretrained.py --json bench/results/pretrained.json
 	$(NETNS) $(BIN)/python bench/step_report.py --repeats 3 --resize
+
+# imgpipe's download of a bucket prefix against a boto3 loop and `aws s3 sync` (its own venv: the
+# CLI pins botocore), 10k and 100k objects on a local S3 server; figures in docs/benchmarks.md.
+AWSCLI := $(VENV)/awscli/bin/aws
+$(AWSCLI):
+	$(PY) -m venv $(VENV)/awscli
+	$(VENV)/awscli/bin/python -m pip install -q awscli
+
+bench-download: install $(AWSCLI)
+	$(NETNS) $(BIN)/python bench/download.py --objects 10000,100000 --repeats 2 --json bench/results/download.json
 
 # Every step as a fresh process at 4k, 32k and 128k generated photos (about 4 GB of archive
 # at 128k under SCALE_ROOT, reused between runs); about 40 minutes on 2 cores with the
