@@ -29,11 +29,12 @@ help:
 	@echo "make test-slow      the slow integration tests make test leaves out (@pytest.mark.slow)"
 	@echo "make compile    compile the Kubeflow pipeline to $(PACKAGE)"
 
-# Re-install only when the dependency list changes.
-$(STAMP): pyproject.toml
+# Re-install only when the dependency list changes. The images' pins (docker/constraints.txt)
+# hold here too, so the tests run the versions the images ship, whatever the index has since.
+$(STAMP): pyproject.toml docker/constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]' --constraint docker/constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -38,7 +38,6 @@ def plan_sweep(
     batch_size: Optional[int] = None,  # noqa: UP045
     aug_policy: Optional[str] = None,  # noqa: UP045
     pretrained: Optional[str] = None,  # noqa: UP045 - "" means none (a pipeline parameter's empty default)
-    train_nodes: Optional[int] = None,  # noqa: UP045
     recipe: Optional[str] = None,  # noqa: UP045
     domain: Optional[str] = None,  # noqa: UP045
     step_config: Optional[dict] = None,  # noqa: UP045
@@ -60,4 +59,5 @@ def plan_sweep(
         "freeze_fraction": grid_freeze_fraction, "class_weights": grid_class_weights,
         "recipe": grid_recipe, "domain": grid_domain, SEEDS_KEY: seeds,
     }  # fmt: skip
-    return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes, recipe, domain))
+    # A branch trains in its own pod: one node (the sweep does not offer train_nodes).
+    return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, 1, recipe, domain))

@@ -186,7 +186,7 @@ def train_each(items: Any, p: dict[str, Any], run_id: Any, base: PipelineOptions
     with dsl.ParallelFor(items, parallelism=parallelism, name=name) as item:
         tr = train(
             resized=item.resized, data_root=p["data_root"], run_id=run_id, branch=item.branch,
-            step_config=item.step_config, placement="pod", **_typed_train_inputs(p),
+            step_config=item.step_config, placement="pod", train_nodes=1, **_typed_train_inputs(p),
         )  # fmt: skip
         _configure(tr, "train", base.images.gpu, base, base.train_retry)
         if base.gpu is not None:
