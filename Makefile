@@ -68,7 +68,7 @@ lint: install
 	$(BIN)/ruff check src tests bench components pipelines
 	$(BIN)/hadolint docker/Dockerfile
 
-# Needs a Docker-compatible engine (DOCKER_HOST; README.md, "Containers"). Builds use the
+# Needs a Docker-compatible engine (DOCKER_HOST; docs/containers.md). Builds use the
 # host's network for pip, so they run outside the loopback-only namespace.
 images: install
 	$(ENGINE) $(BIN)/imgpipe images build $(IMAGE_ARGS) $(IMAGE_KINDS)

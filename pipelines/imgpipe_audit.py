@@ -111,7 +111,7 @@ def build_audit_pipeline(options: AuditOptions | None = None) -> dsl.graph_compo
     imgpipe_audit.__signature__ = signature  # type: ignore[attr-defined]
     imgpipe_audit.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()} | {"return": Outputs}
     imgpipe_audit.__doc__ = pipeline_docstring(
-        summary="Prepares the data once, trains one model per fold, ranks suspected label errors; see README.md (label audit).",
+        summary="Prepares the data once, trains one model per fold, ranks suspected label errors; see docs/tuning.md (label audit).",
         extra=extra,
     )
     description = "Label audit: download -> clean -> resize once, K-fold training (ParallelFor), cleanlab's label issues."

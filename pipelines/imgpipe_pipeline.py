@@ -183,7 +183,7 @@ def _is_text(annotation: Any) -> bool:
 
 
 def pipeline_docstring(
-    summary: str = "Downloads, cleans, resizes (Ray Data) and trains; see README.md (Deploying).",
+    summary: str = "Downloads, cleans, resizes (Ray Data) and trains; see docs/deploy.md.",
     extra: dict[str, str] | None = None,
     defaults: dict[str, Any] | None = None,
 ) -> str:

@@ -219,7 +219,7 @@ def build_sweep_pipeline(options: SweepOptions | None = None) -> dsl.graph_compo
     imgpipe_sweep.__signature__ = signature  # type: ignore[attr-defined]
     imgpipe_sweep.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()} | {"return": Outputs}
     imgpipe_sweep.__doc__ = pipeline_docstring(
-        summary="Prepares the data once, trains one short run per grid branch, ranks them; see README.md (Tuning augmentation).",
+        summary="Prepares the data once, trains one short run per grid branch, ranks them; see docs/tuning.md (Tuning augmentation).",
         extra=_grid_docs(),
         defaults={"epochs": SWEEP_EPOCHS},
     )

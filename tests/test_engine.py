@@ -20,11 +20,11 @@ def test_engine_address_is_docker_host_else_the_default_socket():
     assert engine_address({}) == "unix:///var/run/docker.sock"
 
 
-def test_connect_names_docker_host_and_the_readme(no_engine):
+def test_connect_names_docker_host_and_the_containers_guide(no_engine):
     with pytest.raises(EngineUnavailable) as failure:
         connect()
     assert f"DOCKER_HOST={no_engine}" in str(failure.value)
-    assert "README.md, section 'Containers'" in str(failure.value)
+    assert "docs/containers.md" in str(failure.value)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_no_engine_is_one_clear_error_with_exit_code_2(no_engine, argv, capsys, 
     assert main(argv) == EXIT_NO_ENGINE == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert f"DOCKER_HOST={no_engine}" in err and "README.md, section 'Containers'" in err
+    assert f"DOCKER_HOST={no_engine}" in err and "docs/containers.md" in err
     assert not (tmp_path / "work").exists(), "no work starts before the engine answers"
 
 

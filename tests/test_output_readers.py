@@ -1,7 +1,7 @@
-"""clean and resize outputs open in the tools users already have (README, "Use the outputs").
+"""clean and resize outputs open in the tools users already have (docs/steps.md, "Use the outputs").
 
 The outputs come from the real steps on tiny generated images under ``tmp_path``
-(``file://``); each reader is the real library, called as the README's one-liners call
+(``file://``); each reader is the real library, called as the guide's one-liners call
 it: Hugging Face ``datasets`` (offline, caches under ``tmp_path``), pandas, pyarrow and
 Ray Data. resize runs on Ray, so its tests and the Ray Data ones are marked ``ray`` (run
 them under scripts/in-loopback-netns).

@@ -285,17 +285,17 @@ def test_typed_parameters_default_to_their_config_field_and_say_so(compiled):
     assert all(spec.get("description") for spec in params.values()), "every run parameter is described in the UI"
 
 
-def test_the_readme_table_shows_the_compiled_defaults(compiled):
+def test_the_parameters_table_shows_the_compiled_defaults(compiled):
     import re
 
     params = compiled[0]["root"]["inputDefinitions"]["parameters"]
-    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", (Path(__file__).parents[1] / "README.md").read_text(), re.M)
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", (Path(__file__).parents[1] / "docs" / "parameters.md").read_text(), re.M)
     shown = {name: value for name, value in rows if name in params}
     assert len(shown) >= 14, shown
     for name, value in shown.items():
         default = params[name].get("defaultValue", {} if name == "step_config" else "(empty)")  # optional, unset
         expected = json.dumps(default) if isinstance(default, dict) else str(default).lower() if isinstance(default, bool) else str(default).removesuffix(".0")
-        assert value.strip('"') == expected.strip('"'), f"README says {name} defaults to {value}, the package {default!r}"
+        assert value.strip('"') == expected.strip('"'), f"docs/parameters.md says {name} defaults to {value}, the package {default!r}"
 
 
 def test_components_take_typed_parameters_as_optional(compiled):

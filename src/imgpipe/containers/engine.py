@@ -24,7 +24,7 @@ __all__ = [
 
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 # Where a user learns to start an engine; every "no engine" message names it.
-ENGINE_HELP = "README.md, section 'Containers' (Podman: scripts/podman-service prints the DOCKER_HOST to export)"
+ENGINE_HELP = "docs/containers.md (Podman: scripts/podman-service prints the DOCKER_HOST to export)"
 # The exit code of every command that needs an engine and finds none.
 EXIT_NO_ENGINE = 2
 
@@ -49,7 +49,7 @@ def connect(timeout_s: float = 600.0) -> Any:
 
     Raises:
         EngineUnavailable: If the SDK is missing or nothing answers at the address; the
-            message names ``DOCKER_HOST`` and the README section.
+            message names ``DOCKER_HOST`` and docs/containers.md.
     """
     address = engine_address()
     try:
