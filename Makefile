@@ -17,7 +17,7 @@ PACKAGE ?= out/imgpipe.yaml
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
 	@echo "make test   install into $(VENV), then run the test suite"
-	@echo "make lint   ruff (and hadolint on docker/ when present)"
+	@echo "make lint   ruff check, ruff format --check, hadolint"
 	@echo "make bench  run the benchmarks in bench/ (results: docs/benchmarks.md)"
 	@echo "make bench-scale  every step at 4k, 32k and 128k generated images: peak RSS and CPU per image"
 	@echo "make bench-download  a bucket prefix fetched by imgpipe, a boto3 loop and aws s3 sync (10k, 100k objects)"
@@ -66,6 +66,7 @@ test-faults: install
 
 lint: install
 	$(BIN)/ruff check src tests bench components pipelines
+	$(BIN)/ruff format --check src tests bench components pipelines
 	$(BIN)/hadolint docker/Dockerfile
 
 # Needs a Docker-compatible engine (DOCKER_HOST; docs/containers.md). Builds use the

@@ -80,8 +80,20 @@ def main() -> int:
     resized = clean_and_resize(root, size=args.size, clean_cfg=CleanConfig(label_overrides=overrides))
     cfg = AuditConfig(folds=args.folds, seed=args.seed)
     folds = make_folds(resized, storage.join(root, "folds"), cfg)
-    recipe = TrainConfig(model=args.model, epochs=args.epochs, batch_size=32, lr=2e-3, warmup_fraction=0.05, num_workers=0, device="cpu",
-                         aug_policy="basic", mixup=0.0, cutmix=0.0, random_erasing=0.0, predictions_probs=True)  # fmt: skip
+    recipe = TrainConfig(
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=32,
+        lr=2e-3,
+        warmup_fraction=0.05,
+        num_workers=0,
+        device="cpu",
+        aug_policy="basic",
+        mixup=0.0,
+        cutmix=0.0,
+        random_erasing=0.0,
+        predictions_probs=True,
+    )
     models = []
     for i, fold in enumerate(folds):
         out = storage.join(root, f"train-fold-{i}")
@@ -96,14 +108,23 @@ def main() -> int:
     hits_flagged, hits_top = len(set(flagged) & planted), len(set(top) & planted)
     val_acc = [json.loads(storage.read_bytes(storage.join(m, "metrics.json")))["kept"]["val_accuracy"] for m in models]
     result = {
-        "images": len(labelled), "train_images": len(in_train), "flip_fraction": args.flip, "flipped_in_train": len(planted),
-        "folds": args.folds, "model": args.model, "size": args.size, "epochs": args.epochs,
+        "images": len(labelled),
+        "train_images": len(in_train),
+        "flip_fraction": args.flip,
+        "flipped_in_train": len(planted),
+        "folds": args.folds,
+        "model": args.model,
+        "size": args.size,
+        "epochs": args.epochs,
         "fold_held_out_accuracy": [round(a, 3) for a in val_acc],
-        "flagged": len(flagged), "precision_flagged": round(hits_flagged / max(1, len(flagged)), 3),
+        "flagged": len(flagged),
+        "precision_flagged": round(hits_flagged / max(1, len(flagged)), 3),
         "recall_flagged": round(hits_flagged / max(1, len(planted)), 3),
-        "precision_at_n": round(hits_top / max(1, len(top)), 3), "recall_at_n": round(hits_top / max(1, len(planted)), 3),
-        "seconds": round(time.monotonic() - started, 1), "issues_reported": report.extra["issues"],
-    }  # fmt: skip
+        "precision_at_n": round(hits_top / max(1, len(top)), 3),
+        "recall_at_n": round(hits_top / max(1, len(planted)), 3),
+        "seconds": round(time.monotonic() - started, 1),
+        "issues_reported": report.extra["issues"],
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

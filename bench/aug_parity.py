@@ -52,14 +52,28 @@ def op_rows() -> list[dict]:
     for policy in policies.POLICY_NAMES:
         for op in policies.ALL_OPS if policy == "autoaugment" else policies.RANDAUGMENT_OPS:
             table = policies.magnitude_table(policy, op, SIZE)
-            values = [0.0] if table is None else sorted({float(s * table[b]) for b in (1, len(table) // 2, len(table) - 1)
-                                                          for s in ((1, -1) if op in policies.SIGNED_OPS else (1,))})  # fmt: skip
+            values = (
+                [0.0]
+                if table is None
+                else sorted(
+                    {float(s * table[b]) for b in (1, len(table) // 2, len(table) - 1) for s in ((1, -1) if op in policies.SIGNED_OPS else (1,))}
+                )
+            )
             for m in values:
                 want = oracle(policy, image, op, m).astype(int)
                 cpu = np.abs(cpu_op(image, op, m).astype(int) - want)
                 gpu = np.abs(gpu_op(torch.from_numpy(image).permute(2, 0, 1)[None], op, m)[0].permute(1, 2, 0).numpy().astype(int) - want)
-                rows.append({"policy": policy, "op": op, "magnitude": round(m, 4), "cpu_mean": float(cpu.mean()), "cpu_max": int(cpu.max()),
-                             "gpu_mean": float(gpu.mean()), "gpu_max": int(gpu.max())})  # fmt: skip
+                rows.append(
+                    {
+                        "policy": policy,
+                        "op": op,
+                        "magnitude": round(m, 4),
+                        "cpu_mean": float(cpu.mean()),
+                        "cpu_max": int(cpu.max()),
+                        "gpu_mean": float(gpu.mean()),
+                        "gpu_max": int(gpu.max()),
+                    }
+                )
     return rows
 
 
@@ -80,8 +94,18 @@ def red_rows(n: int = 400) -> list[dict]:
         torch.manual_seed(0)
         ra = v2.RandAugment(num_ops=2, magnitude=m)
         theirs = not_red(np.stack([ra(torch.from_numpy(red).permute(2, 0, 1)).permute(1, 2, 0).numpy() for _ in range(n)]))
-        cfg = AugmentConfig(policy="randaugment", randaugment_n=2, randaugment_m=m, hflip=False, rotation=0, color_jitter=0,
-                            grayscale_p=0, blur_p=0, random_erasing=0, crop_scale=(1.0, 1.0))  # fmt: skip
+        cfg = AugmentConfig(
+            policy="randaugment",
+            randaugment_n=2,
+            randaugment_m=m,
+            hflip=False,
+            rotation=0,
+            color_jitter=0,
+            grayscale_p=0,
+            blur_p=0,
+            random_erasing=0,
+            crop_scale=(1.0, 1.0),
+        )
         cpu = build_train_transform(cfg, SIZE, 3)
         on_cpu = not_red(np.stack([cpu(red, i) for i in range(n)]))
         with torch.no_grad():
@@ -107,8 +131,10 @@ def main() -> None:
     print("| operation | cases | CPU path mean / max diff | GPU path mean / max diff |")
     print("| --- | ---: | ---: | ---: |")
     for op, rs in by_op.items():
-        print(f"| {op} | {len(rs)} | {max(r['cpu_mean'] for r in rs):.4f} / {max(r['cpu_max'] for r in rs)} | "
-              f"{max(r['gpu_mean'] for r in rs):.4f} / {max(r['gpu_max'] for r in rs)} |")  # fmt: skip
+        print(
+            f"| {op} | {len(rs)} | {max(r['cpu_mean'] for r in rs):.4f} / {max(r['cpu_max'] for r in rs)} | "
+            f"{max(r['gpu_mean'] for r in rs):.4f} / {max(r['gpu_max'] for r in rs)} |"
+        )
     print("\n| M | torchvision | CPU path | GPU path | kornia's default (before) |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for r in red:

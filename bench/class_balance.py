@@ -46,8 +46,13 @@ def _imbalanced(src: str, dest: str, keep: float, seed: int) -> list[str]:
         total += table.num_rows
         out.write_table(name, table)
     storage.write_bytes(out.uri(contract.LABELS), storage.read_bytes(storage.join(src, contract.LABELS)))
-    out.commit(inputs=total, rejects=[], config={"made_by": "bench/class_balance.py", "keep": keep}, extra=manifest.get("extra") or {},
-               upstream={"source": src, "step": "resize"})  # fmt: skip
+    out.commit(
+        inputs=total,
+        rejects=[],
+        config={"made_by": "bench/class_balance.py", "keep": keep},
+        extra=manifest.get("extra") or {},
+        upstream={"source": src, "step": "resize"},
+    )
     return [classes[i] for i in sorted(minority)]
 
 
@@ -76,18 +81,38 @@ def main() -> int:
     results = {}
     for weights in ("none", "balanced"):
         out = storage.join(root, f"train-{weights}")
-        cfg = TrainConfig(model="resnet18", epochs=args.epochs, batch_size=32, lr=2e-3, warmup_fraction=0.05, num_workers=0,
-                          device="cpu", aug_policy="basic", mixup=0.0, cutmix=0.0, random_erasing=0.0, class_weights=weights)  # fmt: skip
+        cfg = TrainConfig(
+            model="resnet18",
+            epochs=args.epochs,
+            batch_size=32,
+            lr=2e-3,
+            warmup_fraction=0.05,
+            num_workers=0,
+            device="cpu",
+            aug_policy="basic",
+            mixup=0.0,
+            cutmix=0.0,
+            random_erasing=0.0,
+            class_weights=weights,
+        )
         train(storage.join(root, "imbalanced"), out, cfg)
         test = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))["test"]
         recall = test["per_class_recall"]
         results[weights] = {
-            "test_macro_f1": round(test["macro_f1"], 4), "test_accuracy": round(test["accuracy"], 4),
+            "test_macro_f1": round(test["macro_f1"], 4),
+            "test_accuracy": round(test["accuracy"], 4),
             "minority_recall": round(float(np.mean([recall[c] for c in minority])), 4),
             "majority_recall": round(float(np.mean([v for c, v in recall.items() if c not in minority])), 4),
-        }  # fmt: skip
-    doc = {"keep": args.keep, "ratio": round(1 / args.keep, 1), "epochs": args.epochs, "per_class": args.per_class,
-           "minority": minority, "results": results, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+        }
+    doc = {
+        "keep": args.keep,
+        "ratio": round(1 / args.keep, 1),
+        "epochs": args.epochs,
+        "per_class": args.per_class,
+        "minority": minority,
+        "results": results,
+        "seconds": round(time.monotonic() - started, 1),
+    }
     print(json.dumps(doc, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")

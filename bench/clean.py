@@ -61,7 +61,7 @@ def decode_only(blobs: list[bytes]) -> int:
 
 
 def time_floor(blobs: list[bytes], workers: int) -> float:
-    chunks = [blobs[i::workers * 4] for i in range(workers * 4)]
+    chunks = [blobs[i :: workers * 4] for i in range(workers * 4)]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers) as pool:
         pool.map(decode_only, [[] for _ in range(workers)])  # start-up outside the timing

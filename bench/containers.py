@@ -60,7 +60,9 @@ def bench_builds(client, kinds, cold: bool) -> dict:
     for kind in kinds:
         row = {}
         if cold:
-            row["cold_s"] = build.build_image(client, kind, base, context=build.build_context(build.ROOT, (conf, ca)), no_cache=True, log=quiet).seconds
+            row["cold_s"] = build.build_image(
+                client, kind, base, context=build.build_context(build.ROOT, (conf, ca)), no_cache=True, log=quiet
+            ).seconds
         row["unchanged_s"] = build.build_image(client, kind, base, context=build.build_context(build.ROOT, (conf, ca)), log=quiet).seconds
         with tempfile.TemporaryDirectory() as tmp:
             repo = _source_changed_copy(Path(tmp))

@@ -81,12 +81,10 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 def contenders(prefix: str, out: Path, workers: int) -> dict[str, list[str]]:
     source = f"s3://{BUCKET}/{prefix}"
     return {
-        "imgpipe download": [str(ROOT / ".venv" / "bin" / "imgpipe"), "download", source, f"file://{out}/imgpipe",
-                             "--fetch-workers", str(workers)],
+        "imgpipe download": [str(ROOT / ".venv" / "bin" / "imgpipe"), "download", source, f"file://{out}/imgpipe", "--fetch-workers", str(workers)],
         "boto3 loop (sequential)": [sys.executable, "-c", BOTO3_LOOP, BUCKET, prefix, str(out / "boto3")],
-        "aws s3 sync": [str(AWS), "s3", "sync", source, str(out / "sync"), "--only-show-errors", "--endpoint-url",
-                        os.environ["AWS_ENDPOINT_URL"]],
-    }  # fmt: skip
+        "aws s3 sync": [str(AWS), "s3", "sync", source, str(out / "sync"), "--only-show-errors", "--endpoint-url", os.environ["AWS_ENDPOINT_URL"]],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,8 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no AWS CLI at {AWS}: run make bench-download (it installs one)")
     results = []
     with moto_s3_server() as endpoint:
-        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-               "AWS_DEFAULT_REGION": "us-east-1", "IMGPIPE_SOURCE_LOCAL": "1"}  # fmt: skip
+        env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "IMGPIPE_SOURCE_LOCAL": "1",
+        }
         os.environ.update(env)
         storage.S3Backend.client().create_bucket(Bucket=BUCKET)
         for count in map(int, args.objects.split(",")):
@@ -118,15 +122,25 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {count} #{repeat} {name}: {seconds:.1f} s, {count / seconds:.0f} obj/s, peak RSS {rss:.0f} MiB", flush=True)
             for name, values in runs.items():
                 secs = [s for s, _ in values]
-                results.append({"objects": count, "contender": name, "seconds": secs, "median_s": statistics.median(secs),
-                                "objects_per_s": count / statistics.median(secs), "peak_rss_mib": max(r for _, r in values)})  # fmt: skip
+                results.append(
+                    {
+                        "objects": count,
+                        "contender": name,
+                        "seconds": secs,
+                        "median_s": statistics.median(secs),
+                        "objects_per_s": count / statistics.median(secs),
+                        "peak_rss_mib": max(r for _, r in values),
+                    }
+                )
             storage.delete_prefix(f"s3://{BUCKET}/{prefix}")
     cli = {r["objects"]: r["median_s"] for r in results if r["contender"] == "aws s3 sync"}
     print("\n| objects | contender | median s (runs) | objects/s | vs aws s3 sync | peak RSS MiB |\n| ---: | --- | --- | ---: | ---: | ---: |")
     for r in results:
         runs_text = ", ".join(f"{s:.1f}" for s in r["seconds"])
-        print(f"| {r['objects']:,} | {r['contender']} | {r['median_s']:.1f} ({runs_text}) | {r['objects_per_s']:.0f} | "
-              f"{cli[r['objects']] / r['median_s']:.2f}x | {r['peak_rss_mib']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['objects']:,} | {r['contender']} | {r['median_s']:.1f} ({runs_text}) | {r['objects_per_s']:.0f} | "
+            f"{cli[r['objects']] / r['median_s']:.2f}x | {r['peak_rss_mib']:.0f} |"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"size": args.size, "workers": args.workers, "cpus": os.cpu_count(), "results": results}, indent=2))

@@ -143,9 +143,7 @@ def recipe_loader(folder: Path, size: int, batch_size: int, workers: int) -> Ite
     from torchvision import datasets
     from torchvision import transforms as T
 
-    transform = T.Compose(
-        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.RandAugment(), T.ToTensor(), T.Normalize(MEAN, STD)]
-    )
+    transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.RandAugment(), T.ToTensor(), T.Normalize(MEAN, STD)])
     dataset = datasets.ImageFolder(str(folder), transform=transform)
     return torch.utils.data.DataLoader(
         dataset,
@@ -224,9 +222,7 @@ def pipeline_names(on_device: bool, device: torch.device) -> list[str]:
     return names + [UINT8] if device.type == "cpu" and not on_device else names
 
 
-def build_pipeline(
-    name: str, root: Path, args: argparse.Namespace, device: torch.device
-) -> Callable[..., int]:
+def build_pipeline(name: str, root: Path, args: argparse.Namespace, device: torch.device) -> Callable[..., int]:
     """``run_epoch(epoch, first_batch=None) -> images`` for one of :func:`pipeline_names`."""
     folder, raw, jpeg = dataset_paths(root)
     on_device = args.aug_device == "gpu"
@@ -259,10 +255,21 @@ def measure(epochs: int, pipelines: dict[str, Callable[[int], int]]) -> dict[str
 def run_child(name: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
     """One cold start: a fresh ``--child`` process reads one epoch; timed from outside, start to exit."""
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--child", name, "--root", str(root),
-        "--size", str(args.size), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-        "--aug-device", args.aug_device,
-    ]  # fmt: skip
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        name,
+        "--root",
+        str(root),
+        "--size",
+        str(args.size),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--aug-device",
+        args.aug_device,
+    ]
     started, t0 = time.time(), time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     wall = time.perf_counter() - t0
@@ -301,9 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--size", type=int, default=224, help="stored image side (both sides train at this size)")
-    parser.add_argument(
-        "--source-size", default="500x375", help="WxH of the recipe's JPEGs, the dataset as downloaded"
-    )
+    parser.add_argument("--source-size", default="500x375", help="WxH of the recipe's JPEGs, the dataset as downloaded")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3, help="warm figure: epochs in this process, the first is warm-up")
     parser.add_argument("--cold-repeats", type=int, default=2, help="cold figure: fresh processes per pipeline (median)")

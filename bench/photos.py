@@ -47,10 +47,7 @@ def source_photos() -> dict[str, np.ndarray]:
     import skimage.data
     from sklearn.datasets import load_sample_images
 
-    photos: dict[str, np.ndarray] = {
-        name: np.asarray(getattr(skimage.data, name)())
-        for name in ("astronaut", "coffee", "chelsea", "rocket")
-    }
+    photos: dict[str, np.ndarray] = {name: np.asarray(getattr(skimage.data, name)()) for name in ("astronaut", "coffee", "chelsea", "rocket")}
     photos["motorcycle"] = np.asarray(skimage.data.stereo_motorcycle()[0])
     samples = load_sample_images()
     for filename, image in zip(samples.filenames, samples.images):

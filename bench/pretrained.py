@@ -79,8 +79,19 @@ def without_breeds(archive: Path, dest: Path, drop: set[str]) -> int:
 def prepare(name: str, workdir: Path, log: Path, *, seed: int, per_class: int, split: str, size: int, drop: set[str]) -> Path:
     """synth -> (filter) -> download -> clean -> resize; returns the resize output."""
     root = workdir / name
-    imgpipe("synth", str(root / "synth"), "--classes", str(SOURCE_CLASSES if drop else TARGET_CLASSES),
-            "--per-class", str(per_class), "--seed", str(seed), "--set", "max_side=400", log=log)  # fmt: skip
+    imgpipe(
+        "synth",
+        str(root / "synth"),
+        "--classes",
+        str(SOURCE_CLASSES if drop else TARGET_CLASSES),
+        "--per-class",
+        str(per_class),
+        "--seed",
+        str(seed),
+        "--set",
+        "max_side=400",
+        log=log,
+    )
     archive = root / "synth" / "images.tar.gz"
     if drop:
         archive, kept = root / "images.tar.gz", without_breeds(archive, root / "images.tar.gz", drop)
@@ -156,8 +167,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     log = work / "bench.log"
     started = time.perf_counter()
     target_breeds = set(choose_breeds(TARGET_CLASSES))
-    source = prepare("source", work, log, seed=1, per_class=args.source_per_class, split="0.8,0.1,0.1",
-                     size=args.size, drop=target_breeds)  # fmt: skip
+    source = prepare("source", work, log, seed=1, per_class=args.source_per_class, split="0.8,0.1,0.1", size=args.size, drop=target_breeds)
     target = prepare("target", work, log, seed=0, per_class=args.per_class, split="0.5,0.1,0.4", size=args.size, drop=set())
     pre_seconds = imgpipe(*train_args(source, work / "pretrain", args.pretrain_epochs, 0, args.batch_size, {}), log=log)
     pre = summary(work / "pretrain", pre_seconds)
@@ -169,10 +179,12 @@ def run(args: argparse.Namespace, work: Path) -> int:
         "scratch": {},
         "pretrained": {"pretrained": WEIGHTS, "weights_cache": cache},
         "pretrained_frozen": {
-            "pretrained": WEIGHTS, "weights_cache": cache, "freeze_fraction": args.freeze_fraction,
+            "pretrained": WEIGHTS,
+            "weights_cache": cache,
+            "freeze_fraction": args.freeze_fraction,
             "backbone_lr_mult": args.backbone_lr_mult,
         },
-    }  # fmt: skip
+    }
     results: dict[str, list[dict[str, object]]] = {name: [] for name in variants}
     for seed in (int(s) for s in args.seeds.split(",") if s):
         for name, extra in variants.items():
@@ -195,15 +207,24 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
     scratch = mean("scratch", "test_accuracy")
     report = {
-        "model": MODEL, "size": args.size, "target_epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs,
-        "pretrain": pre, "results": results, "weights_cache": cached, "hub_downloads": downloads,
+        "model": MODEL,
+        "size": args.size,
+        "target_epochs": args.epochs,
+        "pretrain_epochs": args.pretrain_epochs,
+        "pretrain": pre,
+        "results": results,
+        "weights_cache": cached,
+        "hub_downloads": downloads,
         "total_seconds": round(time.perf_counter() - started, 1),
         "vs_scratch": {
-            name: {"test_accuracy_difference": round(mean(name, "test_accuracy") - scratch, 4),
-                   "test_accuracy_ratio": round(mean(name, "test_accuracy") / scratch, 3) if scratch else None}
-            for name in variants if name != "scratch"
+            name: {
+                "test_accuracy_difference": round(mean(name, "test_accuracy") - scratch, 4),
+                "test_accuracy_ratio": round(mean(name, "test_accuracy") / scratch, 3) if scratch else None,
+            }
+            for name in variants
+            if name != "scratch"
         },
-    }  # fmt: skip
+    }
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

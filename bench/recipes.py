@@ -34,13 +34,40 @@ from imgpipe.train.config import TrainConfig  # noqa: E402
 
 # The tables of commit fab8432 (train/recipes.py then), as explicit settings.
 BEFORE = {
-    "small": {"aug_policy": "randaugment", "randaugment_n": 2, "randaugment_m": 5, "mixup": 0.2, "cutmix": 0.0,
-              "mixup_prob": 0.5, "label_smoothing": 0.1, "weight_decay": 0.1, "drop_path": 0.0},
-    "medium": {"aug_policy": "randaugment", "randaugment_n": 2, "randaugment_m": 9, "mixup": 0.2, "cutmix": 1.0,
-               "mixup_prob": 0.5, "label_smoothing": 0.1, "weight_decay": 0.05, "drop_path": 0.1},
-    "large": {"aug_policy": "randaugment", "randaugment_n": 2, "randaugment_m": 9, "mixup": 0.8, "cutmix": 1.0,
-              "mixup_prob": 1.0, "label_smoothing": 0.1, "weight_decay": 0.05, "drop_path": 0.1},
-}  # fmt: skip
+    "small": {
+        "aug_policy": "randaugment",
+        "randaugment_n": 2,
+        "randaugment_m": 5,
+        "mixup": 0.2,
+        "cutmix": 0.0,
+        "mixup_prob": 0.5,
+        "label_smoothing": 0.1,
+        "weight_decay": 0.1,
+        "drop_path": 0.0,
+    },
+    "medium": {
+        "aug_policy": "randaugment",
+        "randaugment_n": 2,
+        "randaugment_m": 9,
+        "mixup": 0.2,
+        "cutmix": 1.0,
+        "mixup_prob": 0.5,
+        "label_smoothing": 0.1,
+        "weight_decay": 0.05,
+        "drop_path": 0.1,
+    },
+    "large": {
+        "aug_policy": "randaugment",
+        "randaugment_n": 2,
+        "randaugment_m": 9,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "mixup_prob": 1.0,
+        "label_smoothing": 0.1,
+        "weight_decay": 0.05,
+        "drop_path": 0.1,
+    },
+}
 BEFORE_COMMON = {"color_jitter": 0.2, "crop_scale": (0.08, 1.0), "mixup_switch_prob": 0.5, "patience": 0, "lr": 1e-3}
 
 

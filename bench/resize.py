@@ -112,9 +112,7 @@ class SetSpec:
 # Inputs.
 
 
-def write_clean_output(
-    dest: Path, photos: Sequence[Photo], row_group_rows: int, rows_per_shard: int
-) -> str:
+def write_clean_output(dest: Path, photos: Sequence[Photo], row_group_rows: int, rows_per_shard: int) -> str:
     """Commits a clean-shaped output (``OUTPUT_SCHEMA``, one ``train`` split) holding ``photos``."""
     out = OutputWriter(str(dest), "clean")
     out.begin()
@@ -221,9 +219,7 @@ Clock = list[tuple[float, int]]  # (perf_counter at a batch's arrival in the dri
 
 
 def run_baseline_bytes(ray: Any, folder: str, blocks: int, batch: int, clock: Clock) -> int:
-    ds = ray.data.read_binary_files(folder, override_num_blocks=blocks).map_batches(
-        baseline_batch, batch_format="numpy", batch_size=batch
-    )
+    ds = ray.data.read_binary_files(folder, override_num_blocks=blocks).map_batches(baseline_batch, batch_format="numpy", batch_size=batch)
     rows = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         clock.append((time.perf_counter(), len(batch["image"])))
@@ -266,9 +262,7 @@ def run_ours(source: str, dest: str, cfg: ResizeConfig, clock: Clock) -> int:
     with batch_clock(clock):
         report = resize(source, dest, cfg)
     if report.rejected:
-        raise RuntimeError(
-            f"resize rejected {report.rejected} bench images: {report.rejects_by_reason}"
-        )
+        raise RuntimeError(f"resize rejected {report.rejected} bench images: {report.rejects_by_reason}")
     return report.outputs
 
 
@@ -379,9 +373,7 @@ def memory_run(source: str, dest: str) -> dict[str, Any]:
     }
 
 
-def measure_memory(
-    root: Path, counts: Sequence[int], width: int, height: int, distinct: int, seed: int
-) -> list[dict[str, Any]]:
+def measure_memory(root: Path, counts: Sequence[int], width: int, height: int, distinct: int, seed: int) -> list[dict[str, Any]]:
     """Peak memory of the resize step per image count, each in a fresh driver process.
 
     The input uses clean's default layout (shard and row-group sizes) and repeats
@@ -392,13 +384,8 @@ def measure_memory(
     defaults = CleanConfig()
     results = []
     for n in counts:
-        photos = [
-            Photo(f"{p.source}_{i:06d}.jpg", p.source, p.width, p.height, p.data)
-            for i, p in ((i, pool[i % distinct]) for i in range(n))
-        ]
-        source = write_clean_output(
-            root / f"mem-clean-{n}", photos, defaults.row_group_rows, defaults.rows_per_shard
-        )
+        photos = [Photo(f"{p.source}_{i:06d}.jpg", p.source, p.width, p.height, p.data) for i, p in ((i, pool[i % distinct]) for i in range(n))]
+        source = write_clean_output(root / f"mem-clean-{n}", photos, defaults.row_group_rows, defaults.rows_per_shard)
         del photos
         dest = root / f"mem-resize-{n}"
         proc = subprocess.run(
@@ -522,12 +509,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         type=parse_set,
         help="LABEL:COUNT:WxH, repeatable (default: 0.2MP:300:516x388, 3MP:60:2000x1500, 12MP:20:4000x3000)",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timed repeats per method and set (median)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=available_cpus(), help="pool processes and Ray CPUs"
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method and set (median)")
+    parser.add_argument("--workers", type=int, default=available_cpus(), help="pool processes and Ray CPUs")
     parser.add_argument(
         "--tasks-per-cpu",
         type=int,
@@ -535,9 +518,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="row groups per CPU in our input (rows per row group = ceil(count / (workers * this)))",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--no-read-images", action="store_true", help="skip the read_images baseline"
-    )
+    parser.add_argument("--no-read-images", action="store_true", help="skip the read_images baseline")
     parser.add_argument(
         "--memory-counts",
         type=lambda s: [int(v) for v in s.split(",") if v],
@@ -615,9 +596,7 @@ def measure_set(
 
     ray_methods: dict[str, Callable[[Clock], int]] = {
         OURS: lambda c: run_ours(source, dest, ResizeConfig(), c),
-        ours_all_cpus(args.workers): lambda c: run_ours(
-            source, dest, ResizeConfig(concurrency=args.workers), c
-        ),
+        ours_all_cpus(args.workers): lambda c: run_ours(source, dest, ResizeConfig(concurrency=args.workers), c),
         BASE_BYTES: lambda c: run_baseline_bytes(ray, folder, blocks, rg_rows, c),
         POOL_STEP: lambda c: pool_step(source, str(root / f"{s.label}-pool-step"), mp_pool, c),
     }
@@ -640,9 +619,7 @@ def measure_set(
                 raise RuntimeError(f"{name} returned {rows} rows for {s.count} images")
             first_s, steady = steady_rate(t0, clock)
             if rep:
-                runs[name].append(
-                    {"total_s": elapsed, "first_batch_s": first_s, "steady_img_s": steady}
-                )
+                runs[name].append({"total_s": elapsed, "first_batch_s": first_s, "steady_img_s": steady})
         print(
             f"{s.label}: round {rep} done, load {os.getloadavg()[0]:.2f}",
             file=sys.stderr,
@@ -675,9 +652,7 @@ def measure_set(
     }
 
 
-def summarize(
-    results: list[dict[str, Any]], workers: int, read_images: bool
-) -> list[dict[str, Any]]:
+def summarize(results: list[dict[str, Any]], workers: int, read_images: bool) -> list[dict[str, Any]]:
     """The target checks: one row per (set, ratio), on warm whole runs and from the first batch.
 
     "Warm" is a whole timed run after an untimed one (Ray up, workers warm; Ray Data's
@@ -714,9 +689,7 @@ def summarize(
             )
             check(r, ours, pool_name(workers), f"ours ({tag}) / process pool", 0.85)
             check(r, ours, POOL_STEP, f"ours ({tag}) / process-pool step", 0.85)
-        check(
-            r, pool_name(workers), floor_name(workers), "process pool / decode floor (no Ray)", None
-        )
+        check(r, pool_name(workers), floor_name(workers), "process pool / decode floor (no Ray)", None)
     return checks
 
 
@@ -728,9 +701,7 @@ def print_tables(
     repeats: int,
 ) -> None:
     load = ", ".join(f"{v:.2f}" for v in env["loadavg_start"])
-    print(
-        f"{env['workers']} workers on {env['cpus_available']} CPUs; 1-min load average at start {load}"
-    )
+    print(f"{env['workers']} workers on {env['cpus_available']} CPUs; 1-min load average at start {load}")
     print()
     print(
         f"| set | images | px | JPEG KB | draft | method | images/s (warm run) "
@@ -758,18 +729,11 @@ def print_tables(
 
     for c in checks:
         target = "(info)" if c["target"] is None else f">= {c['target']:g}"
-        met = (
-            "" if c["target"] is None else f"{verdict(c['met_warm'])} / {verdict(c['met_steady'])}"
-        )
-        print(
-            f"| {c['set']} | {c['check']} | {fmt(c['warm'])} | {fmt(c['steady'])} | {target} | {met} |"
-        )
+        met = "" if c["target"] is None else f"{verdict(c['met_warm'])} / {verdict(c['met_steady'])}"
+        print(f"| {c['set']} | {c['check']} | {fmt(c['warm'])} | {fmt(c['steady'])} | {target} | {met} |")
     if memory:
         print()
-        print(
-            "| images | s | images/s | peak RSS sum (MiB) | peak PSS sum (MiB) "
-            "| PSS before (MiB) | peak driver RSS (MiB) | processes |"
-        )
+        print("| images | s | images/s | peak RSS sum (MiB) | peak PSS sum (MiB) | PSS before (MiB) | peak driver RSS (MiB) | processes |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for m in memory:
             print(
@@ -781,10 +745,7 @@ def print_tables(
         for key in ("peak_rss_mib", "peak_pss_mib", "peak_driver_rss_mib"):
             ratio = last[key] / first[key]
             verdict = "met" if ratio <= 1.25 else "NOT met"
-            print(
-                f"- {key}: {last['images']} vs {first['images']} images = {ratio:.2f}x "
-                f"(target <= 1.25: {verdict})"
-            )
+            print(f"- {key}: {last['images']} vs {first['images']} images = {ratio:.2f}x (target <= 1.25: {verdict})")
 
 
 def pool_run(source: str, workers: int) -> int:
@@ -819,24 +780,34 @@ def measure_cold(root: Path, r: dict[str, Any], workers: int) -> dict[str, Any]:
     pool_step_rate = r["methods"][POOL_STEP]["img_s"]
     fixed_pool_step = timings["pool_step"] - r["images"] / pool_step_rate
     return {
-        "pool_step_cold_s": timings["pool_step"], "pool_step_fixed_s": fixed_pool_step,
+        "pool_step_cold_s": timings["pool_step"],
+        "pool_step_fixed_s": fixed_pool_step,
         "fixed_over_pool_step_s": fixed_step - fixed_pool_step,
-        "set": r["set"], "images": r["images"], "step_cold_s": timings["step"], "pool_cold_s": timings["pool"],
-        "step_fixed_s": fixed_step, "pool_fixed_s": fixed_pool, "fixed_over_pool_s": fixed_step - fixed_pool,
-        "steady_step_over_pool": steady_step / steady_pool, "cold_step_over_pool": timings["pool"] / timings["step"],
-    }  # fmt: skip
+        "set": r["set"],
+        "images": r["images"],
+        "step_cold_s": timings["step"],
+        "pool_cold_s": timings["pool"],
+        "step_fixed_s": fixed_step,
+        "pool_fixed_s": fixed_pool,
+        "fixed_over_pool_s": fixed_step - fixed_pool,
+        "steady_step_over_pool": steady_step / steady_pool,
+        "cold_step_over_pool": timings["pool"] / timings["step"],
+    }
 
 
 def print_cold(cold: list[dict[str, Any]]) -> None:
     print("\nCold, a fresh process each (as a pod runs it):\n")
-    print("| set | images | `imgpipe resize` cold s | pool cold s | process-pool step cold s | step / pool speed, cold | step fixed cost s | pool fixed cost s | fixed cost over the pool s | fixed cost over the process-pool step s | step / pool, steady |")
+    print(
+        "| set | images | `imgpipe resize` cold s | pool cold s | process-pool step cold s | step / pool speed, cold | step fixed cost s "
+        "| pool fixed cost s | fixed cost over the pool s | fixed cost over the process-pool step s | step / pool, steady |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in cold:
         print(
             f"| {c['set']} | {c['images']} | {c['step_cold_s']:.2f} | {c['pool_cold_s']:.2f} | {c['pool_step_cold_s']:.2f} "
             f"| {c['cold_step_over_pool']:.2f} | {c['step_fixed_s']:.2f} | {c['pool_fixed_s']:.2f} | **{c['fixed_over_pool_s']:.2f}** "
             f"| **{c['fixed_over_pool_step_s']:.2f}** | **{c['steady_step_over_pool']:.2f}** |"
-        )  # fmt: skip
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -897,9 +868,7 @@ def main(argv: list[str] | None = None) -> int:
                 cold = [measure_cold(root, r, args.workers) for r in results]
             if args.memory_counts:
                 w, h = (int(v) for v in args.memory_size.lower().split("x"))
-                memory = measure_memory(
-                    root, args.memory_counts, w, h, distinct=200, seed=args.seed
-                )
+                memory = measure_memory(root, args.memory_counts, w, h, distinct=200, seed=args.seed)
     env["loadavg_end"] = os.getloadavg()
     checks = summarize(results, args.workers, not args.no_read_images)
     print(f"environment: {env}", file=sys.stderr)

@@ -243,9 +243,19 @@ def step_commands(archive: Path, work: Path) -> dict[str, list[str]]:
         "clean": [*imgpipe, "clean", p["download"], p["clean"]],
         "resize": [*imgpipe, "resize", p["clean"], p["resize"], "--size", "64", "--train-mode", "whole"],
         "train": [
-            *imgpipe, "train", p["resize"], p["train"], "--set", "model=tiny_cnn", "--set", "epochs=1",
-            "--set", "batch_size=256", "--set", "device=cpu",
-        ],  # fmt: skip
+            *imgpipe,
+            "train",
+            p["resize"],
+            p["train"],
+            "--set",
+            "model=tiny_cnn",
+            "--set",
+            "epochs=1",
+            "--set",
+            "batch_size=256",
+            "--set",
+            "device=cpu",
+        ],
         "report": [*imgpipe, "show", p["clean"], "--html", str(work / "clean.html"), "--grid", str(work / "clean.png")],
     }
 
@@ -290,24 +300,35 @@ def verdicts(sizes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for a, b in zip(small["steps"], large["steps"]):
         rss = b["peak_rss_mb"] / a["peak_rss_mb"]
         cpu = b["cpu_ms_per_image"] / a["cpu_ms_per_image"]
-        out.append({
-            "step": a["step"], "rss_ratio": round(rss, 3), "cpu_ratio": round(cpu, 3),
-            "rss_ok": rss <= RSS_TARGET, "cpu_ok": cpu <= CPU_TARGET,
-        })  # fmt: skip
+        out.append(
+            {
+                "step": a["step"],
+                "rss_ratio": round(rss, 3),
+                "cpu_ratio": round(cpu, 3),
+                "rss_ok": rss <= RSS_TARGET,
+                "cpu_ok": cpu <= CPU_TARGET,
+            }
+        )
     return out
 
 
 def print_table(sizes: Sequence[dict[str, Any]], checks: Sequence[dict[str, Any]]) -> None:
     counts = [s["images"] for s in sizes]
-    print("| step | " + " | ".join(f"{n:,} peak RSS MB" for n in counts) + " | " + " | ".join(f"{n:,} CPU ms/img" for n in counts)
-          + " | RSS ratio | CPU ratio |")  # fmt: skip
+    print(
+        "| step | "
+        + " | ".join(f"{n:,} peak RSS MB" for n in counts)
+        + " | "
+        + " | ".join(f"{n:,} CPU ms/img" for n in counts)
+        + " | RSS ratio | CPU ratio |"
+    )
     print("| --- |" + " ---: |" * (2 * len(counts) + 2))
     for i, check in enumerate(checks):
         rss = " | ".join(f"{s['steps'][i]['peak_rss_mb']:,.0f}" for s in sizes)
         cpu = " | ".join(f"{s['steps'][i]['cpu_ms_per_image']:.3f}" for s in sizes)
         mark = {True: "", False: " (over)"}
-        print(f"| {check['step']} | {rss} | {cpu} | {check['rss_ratio']:.2f}{mark[check['rss_ok']]} | "
-              f"{check['cpu_ratio']:.2f}{mark[check['cpu_ok']]} |")  # fmt: skip
+        print(
+            f"| {check['step']} | {rss} | {cpu} | {check['rss_ratio']:.2f}{mark[check['rss_ok']]} | {check['cpu_ratio']:.2f}{mark[check['cpu_ok']]} |"
+        )
 
 
 def plot(sizes: Sequence[dict[str, Any]], path: Path) -> None:

@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             child = [sys.executable, __file__, "--child", str(root)] + (["--resize"] if args.resize else [])
             done = subprocess.run(child, capture_output=True, text=True, check=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    summary = {
-        step: {key: statistics.median(r[step][key] for r in runs) for key in runs[0][step]} for step in runs[0]
-    }
+    summary = {step: {key: statistics.median(r[step][key] for r in runs) for key in runs[0][step]} for step in runs[0]}
     print(f"{'step':10} {'step s':>8} {'report s':>9} {'fraction':>9} {'page KiB':>9}   (median of {args.repeats})")
     for step, s in summary.items():
         print(f"{step:10} {s['step_s']:8.2f} {s['report_s']:9.3f} {100 * s['fraction']:8.1f}% {s['page_bytes'] / 1024:9.0f}")

@@ -18,11 +18,11 @@ def clean(
     metrics: Output[Metrics],
     report: Output[HTML],
     # None: CleanConfig's default (the pipeline passes its own parameters, derived from it).
-    grayscale: Optional[bool] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
-    split: Optional[str] = None,  # noqa: UP045
-    seed: Optional[int] = None,  # noqa: UP045
+    grayscale: Optional[bool] = None,  # kfp reads typing.Optional, not `X | None`
+    split: Optional[str] = None,
+    seed: Optional[int] = None,
     previous_run_prefix: str = "",
-    step_config: Optional[dict] = None,  # noqa: UP045
+    step_config: Optional[dict] = None,
 ) -> None:
     """Validates, labels, splits and shuffles; with ``previous_run_prefix`` skips images seen before."""
     from imgpipe import config

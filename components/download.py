@@ -21,7 +21,7 @@ def download(
     annotations_uri: str = "",
     annotations_sha256: str = "",
     previous_run_prefix: str = "",
-    step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
+    step_config: Optional[dict] = None,  # kfp reads typing.Optional, not `dict | None`
 ) -> None:
     """Streams the images (an archive, a bucket prefix, a URI list, WebDataset shards, Parquet) into Parquet shards.
 

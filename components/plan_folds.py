@@ -15,7 +15,7 @@ def plan_folds(
     run_id: str,
     folds: int,
     seed: int,
-    step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
+    step_config: Optional[dict] = None,  # kfp reads typing.Optional, not `X | None`
 ) -> list:
     """Writes ``folds`` resize-shaped outputs into the run's ``folds/`` (train: the other folds; val: the fold).
 

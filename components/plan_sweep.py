@@ -33,14 +33,14 @@ def plan_sweep(
     # Runs per branch, seed = base seed + k (imgpipe.sweep.SEEDS_KEY); 1: each branch once.
     seeds: int = 1,
     # The typed train parameters, as the train component takes them (None: TrainConfig's default).
-    model_name: Optional[str] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
-    epochs: Optional[int] = None,  # noqa: UP045
-    batch_size: Optional[int] = None,  # noqa: UP045
-    aug_policy: Optional[str] = None,  # noqa: UP045
-    pretrained: Optional[str] = None,  # noqa: UP045 - "" means none (a pipeline parameter's empty default)
-    recipe: Optional[str] = None,  # noqa: UP045
-    domain: Optional[str] = None,  # noqa: UP045
-    step_config: Optional[dict] = None,  # noqa: UP045
+    model_name: Optional[str] = None,  # kfp reads typing.Optional, not `X | None`
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    aug_policy: Optional[str] = None,
+    pretrained: Optional[str] = None,  # "" means none (a pipeline parameter's empty default)
+    recipe: Optional[str] = None,
+    domain: Optional[str] = None,
+    step_config: Optional[dict] = None,
 ) -> list:
     """The sweep's branches: ``grid`` entries times the product of the ``grid_*`` lists, each config checked.
 
@@ -52,12 +52,23 @@ def plan_sweep(
     from imgpipe.sweep import SEEDS_KEY, plan
 
     axes = {
-        "policy": grid_policy, "randaugment_n": grid_randaugment_n, "randaugment_m": grid_randaugment_m,
-        "mixup_alpha": grid_mixup_alpha, "cutmix_alpha": grid_cutmix_alpha, "mixup_prob": grid_mixup_prob,
-        "switch_prob": grid_switch_prob, "label_smoothing": grid_label_smoothing, "lr": grid_lr,
-        "weight_decay": grid_weight_decay, "epochs": grid_epochs, "model": grid_model,
-        "freeze_fraction": grid_freeze_fraction, "class_weights": grid_class_weights,
-        "recipe": grid_recipe, "domain": grid_domain, SEEDS_KEY: seeds,
-    }  # fmt: skip
+        "policy": grid_policy,
+        "randaugment_n": grid_randaugment_n,
+        "randaugment_m": grid_randaugment_m,
+        "mixup_alpha": grid_mixup_alpha,
+        "cutmix_alpha": grid_cutmix_alpha,
+        "mixup_prob": grid_mixup_prob,
+        "switch_prob": grid_switch_prob,
+        "label_smoothing": grid_label_smoothing,
+        "lr": grid_lr,
+        "weight_decay": grid_weight_decay,
+        "epochs": grid_epochs,
+        "model": grid_model,
+        "freeze_fraction": grid_freeze_fraction,
+        "class_weights": grid_class_weights,
+        "recipe": grid_recipe,
+        "domain": grid_domain,
+        SEEDS_KEY: seeds,
+    }
     # A branch trains in its own pod: one node (the sweep does not offer train_nodes).
     return plan(resized, grid, axes, step_config, **train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, 1, recipe, domain))

@@ -19,7 +19,7 @@ def promote(
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
-    promotion_tolerance: Optional[float] = None,  # noqa: UP045 - None: PromoteConfig's default
+    promotion_tolerance: Optional[float] = None,  # None: PromoteConfig's default
 ) -> None:
     """Decides whether the run's model becomes ``latest`` (:mod:`imgpipe.steps.promote`); shows the model and the verdict.
 
@@ -34,5 +34,4 @@ def promote(
     policy = ka.read_policy(data_root)
     prefix = ka.committed_prefix(trained, "train", policy)
     ka.publish_training(prefix, model=model, metrics=metrics, classification=confusion, report=report)
-    ka.promote_run(data_root, run_id, tolerance=promotion_tolerance or 0.0, metrics=metrics, report=report, policy=policy,
-                   candidate=prefix)  # fmt: skip
+    ka.promote_run(data_root, run_id, tolerance=promotion_tolerance or 0.0, metrics=metrics, report=report, policy=policy, candidate=prefix)

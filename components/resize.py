@@ -18,12 +18,12 @@ def resize(
     metrics: Output[Metrics],
     report: Output[HTML],
     # None: ResizeConfig's default (the pipeline passes its own parameters, derived from it).
-    image_size: Optional[int] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
+    image_size: Optional[int] = None,  # kfp reads typing.Optional, not `X | None`
     preset: str = "",
-    mode: Optional[str] = None,  # noqa: UP045
-    train_mode: Optional[str] = None,  # noqa: UP045 - the train split's mode; "" means mode's
-    ray_address: Optional[str] = None,  # noqa: UP045
-    step_config: Optional[dict] = None,  # noqa: UP045
+    mode: Optional[str] = None,
+    train_mode: Optional[str] = None,  # the train split's mode; "" means mode's
+    ray_address: Optional[str] = None,
+    step_config: Optional[dict] = None,
 ) -> str:
     """Resizes on a local Ray, a Ray cluster's Jobs API or a KubeRay RayJob (``ray_address``).
 
@@ -37,9 +37,12 @@ def resize(
     from imgpipe.resize.spec import ResizeConfig
 
     named = {
-        "size": image_size, "preset": preset or None, "mode": mode, "train_mode": train_mode or None,
+        "size": image_size,
+        "preset": preset or None,
+        "mode": mode,
+        "train_mode": train_mode or None,
         "ray_address": ray_address,
-    }  # fmt: skip
+    }
     cfg = config.step_config(ResizeConfig, step_config, "resize", **named)
     source, dest = ka.read_step_artifact(cleaned, "clean", ka.read_policy(data_root)), ka.run_prefix(data_root, run_id, "resize")
     done = run_step("resize", source, dest, cfg, run_id=run_id).dest

@@ -20,15 +20,15 @@ def train(
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
     # None: TrainConfig's default (the pipeline passes its own parameters, derived from it).
-    model_name: Optional[str] = None,  # noqa: UP045 - kfp reads typing.Optional, not `X | None`
-    epochs: Optional[int] = None,  # noqa: UP045
-    batch_size: Optional[int] = None,  # noqa: UP045
-    aug_policy: Optional[str] = None,  # noqa: UP045
-    pretrained: Optional[str] = None,  # noqa: UP045 - "" means none (a pipeline parameter's empty default)
-    train_nodes: Optional[int] = None,  # noqa: UP045 - more than 1: a Kubeflow Trainer TrainJob
-    recipe: Optional[str] = None,  # noqa: UP045 - TrainConfig.recipe (auto: from the train split's images per class)
-    domain: Optional[str] = None,  # noqa: UP045 - TrainConfig.domain
-    step_config: Optional[dict] = None,  # noqa: UP045
+    model_name: Optional[str] = None,  # kfp reads typing.Optional, not `X | None`
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    aug_policy: Optional[str] = None,
+    pretrained: Optional[str] = None,  # "" means none (a pipeline parameter's empty default)
+    train_nodes: Optional[int] = None,  # more than 1: a Kubeflow Trainer TrainJob
+    recipe: Optional[str] = None,  # TrainConfig.recipe (auto: from the train split's images per class)
+    domain: Optional[str] = None,  # TrainConfig.domain
+    step_config: Optional[dict] = None,
     branch: str = "",
     placement: str = "",
 ) -> str:

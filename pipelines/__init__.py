@@ -25,7 +25,19 @@ from imgpipe.pipelines.imgpipe_sweep import (
 )
 
 __all__ = [
-    "PIPELINE_NAME", "SWEEP_PIPELINE_NAME", "AUDIT_PIPELINE_NAME", "GpuScheduling", "PipelineOptions", "Resources",
-    "Retry", "SweepOptions", "AuditOptions", "build_pipeline", "build_sweep_pipeline", "build_audit_pipeline",
-    "compile_pipeline", "compile_sweep", "compile_audit",
-]  # fmt: skip
+    "PIPELINE_NAME",
+    "SWEEP_PIPELINE_NAME",
+    "AUDIT_PIPELINE_NAME",
+    "GpuScheduling",
+    "PipelineOptions",
+    "Resources",
+    "Retry",
+    "SweepOptions",
+    "AuditOptions",
+    "build_pipeline",
+    "build_sweep_pipeline",
+    "build_audit_pipeline",
+    "compile_pipeline",
+    "compile_sweep",
+    "compile_audit",
+]

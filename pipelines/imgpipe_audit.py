@@ -97,12 +97,12 @@ def build_audit_pipeline(options: AuditOptions | None = None) -> dsl.graph_compo
         p = signature.bind(*args).arguments  # kfp calls the pipeline function with one channel per parameter
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         resized = data_steps(base, **{name: p[name] for name in _DATA_PARAMETERS})
-        planned = plan_folds(resized=resized, data_root=p["data_root"], run_id=run_id, folds=p["folds"], seed=p["seed"],
-                             step_config=p["step_config"])  # fmt: skip
+        planned = plan_folds(resized=resized, data_root=p["data_root"], run_id=run_id, folds=p["folds"], seed=p["seed"], step_config=p["step_config"])
         _configure(planned, "plan_folds", images.cpu, base, base.retry)
         tr = train_each(planned.output, p, run_id, base, options.parallelism, "folds")
-        ranked = audit_labels(branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"],
-                              run_id=run_id, filter_by=p["filter_by"])  # fmt: skip
+        ranked = audit_labels(
+            branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"], run_id=run_id, filter_by=p["filter_by"]
+        )
         _configure(ranked, "audit_labels", images.gpu, base, base.retry)
         return Outputs(report=ranked.outputs["report"], metrics=ranked.outputs["metrics"], overrides=ranked.outputs["overrides"])
 

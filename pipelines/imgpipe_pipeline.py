@@ -103,9 +103,17 @@ S3_CONFIG_MAP = "imgpipe-s3-config"
 # TrainJob node cap, what sources and other URIs a run may name, and the Model Registry's
 # model name and whether registering may fail.
 OPERATOR_SETTINGS = (
-    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", CLUSTERS_ENV, kuberay.MAX_WORKERS_ENV, trainjob.MAX_NODES_ENV,
-    SOURCE_NETWORKS_ENV, SOURCE_LOCAL_ENV, READ_PREFIXES_ENV, modelregistry.MODEL_NAME_ENV, modelregistry.OPTIONAL_ENV,
-)  # fmt: skip
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    CLUSTERS_ENV,
+    kuberay.MAX_WORKERS_ENV,
+    trainjob.MAX_NODES_ENV,
+    SOURCE_NETWORKS_ENV,
+    SOURCE_LOCAL_ENV,
+    READ_PREFIXES_ENV,
+    modelregistry.MODEL_NAME_ENV,
+    modelregistry.OPTIONAL_ENV,
+)
 S3_CONFIG_KEYS = {name: name for name in OPERATOR_SETTINGS}
 # The token of the shared RayCluster's Jobs API (k8s/ray-shared/raycluster-shared.yaml; KubeRay
 # creates the Secret). Optional: the local and KubeRay modes need none.
@@ -424,9 +432,14 @@ def data_steps(
     )
     _configure(cl, "clean", images.cpu, options, options.retry)
     resize_args = {
-        "cleaned": cl.outputs["cleaned"], "image_size": image_size, "preset": preset, "mode": resize_mode,
-        "train_mode": resize_train_mode, "ray_address": ray_address, **common,
-    }  # fmt: skip
+        "cleaned": cl.outputs["cleaned"],
+        "image_size": image_size,
+        "preset": preset,
+        "mode": resize_mode,
+        "train_mode": resize_train_mode,
+        "ray_address": ray_address,
+        **common,
+    }
     with dsl.If(ray_address == "", name="ray-in-the-pod"):
         in_pod = resize(**resize_args)
         _configure(in_pod, "resize-local", images.ray, options, options.retry)
@@ -486,27 +499,48 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
         model: str = parameter_default("model"),
         recipe: str = parameter_default("recipe"),
         domain: str = parameter_default("domain"),
-        epochs: Optional[int] = parameter_default("epochs"),  # noqa: UP045 - unset: the recipe's
+        epochs: Optional[int] = parameter_default("epochs"),  # unset: the recipe's
         batch_size: int = parameter_default("batch_size"),
         aug_policy: str = parameter_default("aug_policy"),
         pretrained: str = parameter_default("pretrained"),
         train_nodes: int = parameter_default("train_nodes"),
         promotion_tolerance: float = parameter_default("promotion_tolerance"),
-        step_config: Optional[dict] = None,  # noqa: UP045 - kfp reads typing.Optional, not `dict | None`
+        step_config: Optional[dict] = None,  # kfp reads typing.Optional, not `dict | None`
     ) -> Outputs:
         resized = data_steps(
-            options, data_root=data_root, source_uri=source_uri, source_sha256=source_sha256,
-            annotations_uri=annotations_uri, annotations_sha256=annotations_sha256, grayscale=grayscale,
-            split=split, seed=seed, previous_run_prefix=previous_run_prefix, image_size=image_size, preset=preset,
-            resize_mode=resize_mode, resize_train_mode=resize_train_mode, ray_address=ray_address,
+            options,
+            data_root=data_root,
+            source_uri=source_uri,
+            source_sha256=source_sha256,
+            annotations_uri=annotations_uri,
+            annotations_sha256=annotations_sha256,
+            grayscale=grayscale,
+            split=split,
+            seed=seed,
+            previous_run_prefix=previous_run_prefix,
+            image_size=image_size,
+            preset=preset,
+            resize_mode=resize_mode,
+            resize_train_mode=resize_train_mode,
+            ray_address=ray_address,
             step_config=step_config,
-        )  # fmt: skip
+        )
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         trained = train_steps(
-            options, resized=resized, model_name=model, epochs=epochs, batch_size=batch_size, aug_policy=aug_policy,
-            pretrained=pretrained, train_nodes=train_nodes, recipe=recipe, domain=domain, data_root=data_root,
-            run_id=run_id, step_config=step_config,
-        )  # fmt: skip
+            options,
+            resized=resized,
+            model_name=model,
+            epochs=epochs,
+            batch_size=batch_size,
+            aug_policy=aug_policy,
+            pretrained=pretrained,
+            train_nodes=train_nodes,
+            recipe=recipe,
+            domain=domain,
+            data_root=data_root,
+            run_id=run_id,
+            step_config=step_config,
+        )
         pr = promote(trained=trained, data_root=data_root, run_id=run_id, promotion_tolerance=promotion_tolerance)
         _configure(pr, "promote", images.gpu, options, options.retry)
         if options.model_registry:

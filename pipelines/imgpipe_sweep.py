@@ -132,8 +132,9 @@ def _grid_docs() -> dict[str, str]:
     docs = field_docs(TrainConfig)
     out = {
         "grid": "Explicit branches: a list of mappings of grid keys ("
-        + ", ".join(GRID_KEYS) + ") and an optional name; crossed with the grid_* lists.",
-    }  # fmt: skip
+        + ", ".join(GRID_KEYS)
+        + ") and an optional name; crossed with the grid_* lists.",
+    }
     for key, name in GRID_KEYS.items():
         out[f"grid_{key}"] = f"Values of {key} to sweep ({plain_text(docs[name]).rstrip('.')}; TrainConfig.{name}); [] sweeps none."
     out[SEEDS_KEY] = (
@@ -185,9 +186,15 @@ def train_each(items: Any, p: dict[str, Any], run_id: Any, base: PipelineOptions
     """
     with dsl.ParallelFor(items, parallelism=parallelism, name=name) as item:
         tr = train(
-            resized=item.resized, data_root=p["data_root"], run_id=run_id, branch=item.branch,
-            step_config=item.step_config, placement="pod", train_nodes=1, **_typed_train_inputs(p),
-        )  # fmt: skip
+            resized=item.resized,
+            data_root=p["data_root"],
+            run_id=run_id,
+            branch=item.branch,
+            step_config=item.step_config,
+            placement="pod",
+            train_nodes=1,
+            **_typed_train_inputs(p),
+        )
         _configure(tr, "train", base.images.gpu, base, base.train_retry)
         if base.gpu is not None:
             _schedule_on_gpu(tr, base.gpu)
@@ -210,9 +217,7 @@ def build_sweep_pipeline(options: SweepOptions | None = None) -> dsl.graph_compo
         planned = plan_sweep(resized=resized, step_config=p["step_config"], **typed, **grid)
         _configure(planned, "plan", images.gpu, base, base.retry)
         tr = train_each(planned.output, p, run_id, base, options.parallelism, "branches")
-        cmp = compare(
-            branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"], run_id=run_id
-        )
+        cmp = compare(branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"], run_id=run_id)
         _configure(cmp, "compare", images.gpu, base, base.retry)
         return Outputs(report=cmp.outputs["report"], metrics=cmp.outputs["metrics"], winner=cmp.outputs["winner"])
 

@@ -34,7 +34,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     """Starts moto's S3 server as a separate process on 127.0.0.1 and points boto3 at it.

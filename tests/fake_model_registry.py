@@ -54,8 +54,9 @@ def _discriminated(node: Any) -> Any:
         if "discriminator" in node and "oneOf" in node:
             prop, mapping = node["discriminator"]["propertyName"], node["discriminator"].get("mapping", {})
             node.pop("oneOf")
-            node["allOf"] = [{"if": {"properties": {prop: {"const": key}}, "required": [prop]}, "then": {"$ref": ref}}
-                             for key, ref in mapping.items()]  # fmt: skip
+            node["allOf"] = [
+                {"if": {"properties": {prop: {"const": key}}, "required": [prop]}, "then": {"$ref": ref}} for key, ref in mapping.items()
+            ]
         return node
     if isinstance(node, list):
         return [_discriminated(v) for v in node]

@@ -42,9 +42,7 @@ def write_download_output(dest: str, members: Mapping[str, bytes], row_group_row
 
 # The cloud metadata ranges, spelled out here rather than taken from imgpipe.data.sources: the
 # guard must hold even when the code under test gets them wrong.
-_METADATA_NETWORKS = tuple(
-    ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
-)
+_METADATA_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128"))
 
 
 def forbid_metadata_connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
@@ -97,9 +95,17 @@ def torchrun_two_ranks(script: Path, tmp_path: Path, timeout: float) -> list[dic
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), str(script),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(script),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -99,11 +99,7 @@ def rule_allows(rule: Mapping[str, Any], request: Request) -> bool:
     if "*" not in rule.get("apiGroups", []) and request.group not in rule.get("apiGroups", []):
         return False
     resources = rule.get("resources", [])
-    if not (
-        "*" in resources
-        or request.combined in resources
-        or (request.subresource and f"*/{request.subresource}" in resources)
-    ):
+    if not ("*" in resources or request.combined in resources or (request.subresource and f"*/{request.subresource}" in resources)):
         return False
     names = rule.get("resourceNames") or []
     return not names or request.name in names
@@ -234,13 +230,15 @@ def render(directory: Path, workdir: Path, namespace: str | None = None) -> list
     if namespace is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "kustomization.yaml").write_text(
-            yaml.safe_dump({
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "namespace": namespace,
-                "resources": [os.path.relpath(directory, workdir)],
-            })
-        )  # fmt: skip
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "namespace": namespace,
+                    "resources": [os.path.relpath(directory, workdir)],
+                }
+            )
+        )
         target = workdir
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -268,11 +266,18 @@ def forbidden_message(user: str, request: Request) -> str:
 
 def forbidden_status(user: str, request: Request) -> str:
     """The JSON body (a ``Status``) of the API server's 403 for ``request``."""
-    return json.dumps({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": forbidden_message(user, request), "reason": "Forbidden",
-        "details": {"name": request.name, "group": request.group, "kind": request.resource}, "code": 403,
-    })  # fmt: skip
+    return json.dumps(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": forbidden_message(user, request),
+            "reason": "Forbidden",
+            "details": {"name": request.name, "group": request.group, "kind": request.resource},
+            "code": 403,
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -312,56 +317,132 @@ KUBEFLOW_CLUSTER_ROLES = [
     _cluster_role("kubeflow-admin", aggregates="kubeflow-admin"),
     _cluster_role("kubeflow-edit", aggregates="kubeflow-edit", into=("kubeflow-admin",)),
     _cluster_role("kubeflow-view", aggregates="kubeflow-view", into=("kubeflow-edit",)),
-    _cluster_role("kubeflow-kubernetes-admin", [
-        _rule(["authorization.k8s.io"], ["localsubjectaccessreviews"], ["create"]),
-        _rule(["rbac.authorization.k8s.io"], ["rolebindings", "roles"], [*_CHANGE, "get", "list", "watch"]),
-    ], into=("kubeflow-admin",)),
-    _cluster_role("kubeflow-kubernetes-edit", [
-        _rule([""], ["pods/attach", "pods/exec", "pods/portforward", "pods/proxy", "secrets", "services/proxy"], _READ),
-        _rule([""], ["pods", "pods/attach", "pods/exec", "pods/portforward", "pods/proxy"], _CHANGE),
-        _rule([""], ["configmaps", "endpoints", "persistentvolumeclaims", "replicationcontrollers",
-                     "replicationcontrollers/scale", "secrets", "serviceaccounts", "services", "services/proxy"], _CHANGE),
-        _rule(["batch"], ["cronjobs", "jobs"], _CHANGE),
-        _rule(["networking.k8s.io"], ["ingresses", "networkpolicies"], _CHANGE),
-    ], into=("kubeflow-edit",)),
-    _cluster_role("kubeflow-kubernetes-view", [
-        _rule([""], ["configmaps", "endpoints", "persistentvolumeclaims", "persistentvolumeclaims/status", "pods",
-                     "replicationcontrollers", "replicationcontrollers/scale", "serviceaccounts", "services",
-                     "services/status"], _READ),
-        _rule([""], ["bindings", "events", "limitranges", "namespaces/status", "pods/log", "pods/status",
-                     "replicationcontrollers/status", "resourcequotas", "resourcequotas/status"], _READ),
-        _rule(["batch"], ["cronjobs", "cronjobs/status", "jobs", "jobs/status"], _READ),
-        _rule(["networking.k8s.io"], ["ingresses", "ingresses/status", "networkpolicies"], _READ),
-    ], into=("kubeflow-view",)),
+    _cluster_role(
+        "kubeflow-kubernetes-admin",
+        [
+            _rule(["authorization.k8s.io"], ["localsubjectaccessreviews"], ["create"]),
+            _rule(["rbac.authorization.k8s.io"], ["rolebindings", "roles"], [*_CHANGE, "get", "list", "watch"]),
+        ],
+        into=("kubeflow-admin",),
+    ),
+    _cluster_role(
+        "kubeflow-kubernetes-edit",
+        [
+            _rule([""], ["pods/attach", "pods/exec", "pods/portforward", "pods/proxy", "secrets", "services/proxy"], _READ),
+            _rule([""], ["pods", "pods/attach", "pods/exec", "pods/portforward", "pods/proxy"], _CHANGE),
+            _rule(
+                [""],
+                [
+                    "configmaps",
+                    "endpoints",
+                    "persistentvolumeclaims",
+                    "replicationcontrollers",
+                    "replicationcontrollers/scale",
+                    "secrets",
+                    "serviceaccounts",
+                    "services",
+                    "services/proxy",
+                ],
+                _CHANGE,
+            ),
+            _rule(["batch"], ["cronjobs", "jobs"], _CHANGE),
+            _rule(["networking.k8s.io"], ["ingresses", "networkpolicies"], _CHANGE),
+        ],
+        into=("kubeflow-edit",),
+    ),
+    _cluster_role(
+        "kubeflow-kubernetes-view",
+        [
+            _rule(
+                [""],
+                [
+                    "configmaps",
+                    "endpoints",
+                    "persistentvolumeclaims",
+                    "persistentvolumeclaims/status",
+                    "pods",
+                    "replicationcontrollers",
+                    "replicationcontrollers/scale",
+                    "serviceaccounts",
+                    "services",
+                    "services/status",
+                ],
+                _READ,
+            ),
+            _rule(
+                [""],
+                [
+                    "bindings",
+                    "events",
+                    "limitranges",
+                    "namespaces/status",
+                    "pods/log",
+                    "pods/status",
+                    "replicationcontrollers/status",
+                    "resourcequotas",
+                    "resourcequotas/status",
+                ],
+                _READ,
+            ),
+            _rule(["batch"], ["cronjobs", "cronjobs/status", "jobs", "jobs/status"], _READ),
+            _rule(["networking.k8s.io"], ["ingresses", "ingresses/status", "networkpolicies"], _READ),
+        ],
+        into=("kubeflow-view",),
+    ),
     _cluster_role("kubeflow-pipelines-edit", aggregates="kubeflow-pipelines-edit", into=("kubeflow-edit",)),
-    _cluster_role("kubeflow-pipelines-view", aggregates="kubeflow-pipelines-view",
-                  into=("kubeflow-pipelines-edit", "kubeflow-view")),
-    _cluster_role("aggregate-to-kubeflow-pipelines-edit", [
-        _rule(["pipelines.kubeflow.org"], ["pipelines", "pipelineversions"], ["create", "delete", "update"]),
-        _rule(["pipelines.kubeflow.org"], ["experiments"], ["archive", "create", "delete", "unarchive"]),
-        _rule(["pipelines.kubeflow.org"], ["runs"], ["archive", "create", "delete", "retry", "terminate", "unarchive",
-                                                     "reportMetrics", "readArtifact"]),
-        _rule(["pipelines.kubeflow.org"], ["jobs"], ["create", "delete", "disable", "enable"]),
-        _rule(["kubeflow.org"], ["scheduledworkflows"], ["*"]),
-        _rule(["argoproj.io"], ["cronworkflows", "cronworkflows/finalizers", "workflows", "workflows/finalizers",
-                                "workfloweventbindings", "workflowtemplates", "workflowtaskresults"], ["*"]),
-    ], into=("kubeflow-pipelines-edit",)),
-    _cluster_role("aggregate-to-kubeflow-pipelines-view", [
-        _rule(["pipelines.kubeflow.org"], ["pipelines", "pipelineversions", "experiments", "jobs"], ["get", "list"]),
-        _rule(["pipelines.kubeflow.org"], ["runs"], ["get", "list", "readArtifact"]),
-        _rule(["kubeflow.org"], ["viewers"], ["create", "get", "delete"]),
-        _rule(["pipelines.kubeflow.org"], ["visualizations"], ["create"]),
-    ], into=("kubeflow-pipelines-view",)),
-]  # fmt: skip
+    _cluster_role("kubeflow-pipelines-view", aggregates="kubeflow-pipelines-view", into=("kubeflow-pipelines-edit", "kubeflow-view")),
+    _cluster_role(
+        "aggregate-to-kubeflow-pipelines-edit",
+        [
+            _rule(["pipelines.kubeflow.org"], ["pipelines", "pipelineversions"], ["create", "delete", "update"]),
+            _rule(["pipelines.kubeflow.org"], ["experiments"], ["archive", "create", "delete", "unarchive"]),
+            _rule(
+                ["pipelines.kubeflow.org"],
+                ["runs"],
+                ["archive", "create", "delete", "retry", "terminate", "unarchive", "reportMetrics", "readArtifact"],
+            ),
+            _rule(["pipelines.kubeflow.org"], ["jobs"], ["create", "delete", "disable", "enable"]),
+            _rule(["kubeflow.org"], ["scheduledworkflows"], ["*"]),
+            _rule(
+                ["argoproj.io"],
+                [
+                    "cronworkflows",
+                    "cronworkflows/finalizers",
+                    "workflows",
+                    "workflows/finalizers",
+                    "workfloweventbindings",
+                    "workflowtemplates",
+                    "workflowtaskresults",
+                ],
+                ["*"],
+            ),
+        ],
+        into=("kubeflow-pipelines-edit",),
+    ),
+    _cluster_role(
+        "aggregate-to-kubeflow-pipelines-view",
+        [
+            _rule(["pipelines.kubeflow.org"], ["pipelines", "pipelineversions", "experiments", "jobs"], ["get", "list"]),
+            _rule(["pipelines.kubeflow.org"], ["runs"], ["get", "list", "readArtifact"]),
+            _rule(["kubeflow.org"], ["viewers"], ["create", "get", "delete"]),
+            _rule(["pipelines.kubeflow.org"], ["visualizations"], ["create"]),
+        ],
+        into=("kubeflow-pipelines-view",),
+    ),
+]
 
 # Kubeflow's KubeRay install (kubeflow/manifests 26.03 experimental/ray/kuberay-operator,
 # KubeRay 1.3.2) aggregates every ray.io right into kubeflow-edit, and so to default-editor:
 # with it installed, any pipeline of a profile may create RayJobs.
 KUBERAY_EDIT = [
-    _cluster_role("kubeflow-kuberay-edit", [
-        _rule(["ray.io"], ["*"], ["get", "list", "watch", "create", "update", "patch", "delete"]),
-    ], into=("kubeflow-edit", "kubeflow-admin")),
-]  # fmt: skip
+    _cluster_role(
+        "kubeflow-kuberay-edit",
+        [
+            _rule(["ray.io"], ["*"], ["get", "list", "watch", "create", "update", "patch", "delete"]),
+        ],
+        into=("kubeflow-edit", "kubeflow-admin"),
+    ),
+]
 
 
 def profile_bindings(namespace: str, owner: str, contributor: str | None = None) -> list[dict]:
@@ -372,8 +453,12 @@ def profile_bindings(namespace: str, owner: str, contributor: str | None = None)
     """
 
     def binding(name: str, role: str, subject: dict) -> dict:
-        return {"kind": "RoleBinding", "metadata": {"name": name, "namespace": namespace},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}, "subjects": [subject]}  # fmt: skip
+        return {
+            "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [subject],
+        }
 
     out = [
         binding("namespaceAdmin", "kubeflow-admin", {"kind": "User", "name": owner}),

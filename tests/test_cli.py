@@ -57,10 +57,7 @@ def test_a_step_command_imports_only_its_step():
 
 def test_synth_download_clean_commands(tmp_path, capsys):
     root = tmp_path / "data"
-    assert (
-        main(["synth", str(root / "synth"), "--classes", "3", "--per-class", "5", "--seed", "1"])
-        == 0
-    )
+    assert main(["synth", str(root / "synth"), "--classes", "3", "--per-class", "5", "--seed", "1"]) == 0
     assert main(["download", str(root / "synth" / "images.tar.gz"), str(root / "dl")]) == 0
     assert (
         main(
@@ -229,7 +226,9 @@ def test_the_clean_command_never_imports_pandas(tmp_path):
     from tests import imagefactory as f
     from tests.helpers import write_download_output
 
-    source = write_download_output(str(tmp_path / "dl"), {f"images/{c}_{i}.jpg": f.jpeg(80, 60, seed=i + 9 * len(c)) for c in ("Persian", "beagle") for i in range(2)})
+    source = write_download_output(
+        str(tmp_path / "dl"), {f"images/{c}_{i}.jpg": f.jpeg(80, 60, seed=i + 9 * len(c)) for c in ("Persian", "beagle") for i in range(2)}
+    )
     # As the `imgpipe` command calls it: main() with the process's own arguments.
     code = (
         "import sys\n"

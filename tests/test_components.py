@@ -141,9 +141,7 @@ def test_clean_component_reads_the_download_artifact(sample, tmp_path, caplog, m
 
     # A prefix that is not a committed clean output is refused, before anything is written.
     with pytest.raises(ValueError, match="expected 'clean'"):
-        clean.python_func(
-            dataset=dataset, data_root=data_root, run_id="r2", cleaned=cleaned, previous_run_prefix=dl.dest, **ui
-        )
+        clean.python_func(dataset=dataset, data_root=data_root, run_id="r2", cleaned=cleaned, previous_run_prefix=dl.dest, **ui)
     assert not contract.is_committed(kfp_artifacts.run_prefix(data_root, "r2", "clean"))
 
 
@@ -192,8 +190,10 @@ def test_train_then_promote_components_publish_model_metrics_report_and_the_verd
     assert config["pretrained"] is None and config["weights_cache"] == f"{data_root}/weights"  # one cache per data root
     # The train task hands its prefix on (dsl.OneOf of the two train tasks); the promote task gates it.
     assert trained == out and kfp_artifacts.read_latest(data_root) is None
-    shown = {name: _artifact(cls, tmp_path / "promote" / name) for name, cls in
-             {"model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}.items()}  # fmt: skip
+    shown = {
+        name: _artifact(cls, tmp_path / "promote" / name)
+        for name, cls in {"model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}.items()
+    }
     promote.python_func(trained=trained, data_root=data_root, run_id="r1", **shown)
     latest = kfp_artifacts.read_latest(data_root)
     assert latest["run_id"] == "r1" and latest["prefixes"]["train"] == out
@@ -284,10 +284,6 @@ def test_incremental_runs_resolve_latest(tmp_path, monkeypatch):
 
 def test_a_component_process_skips_the_collection_at_exit():
     # The components import kfp_artifacts first; a fresh interpreter sees its exit handler.
-    code = (
-        "import atexit, gc\n"
-        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
-        "import imgpipe.kfp.artifacts\n"
-    )
+    code = "import atexit, gc\natexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\nimport imgpipe.kfp.artifacts\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "frozen at exit: True"

@@ -25,9 +25,9 @@ def test_commit_writes_everything_in_order(any_root):
     assert report.outputs == 3 and report.rejected == 1
     manifest = contract.read_manifest(dest, expect_step="demo")
     data = storage.read_bytes(storage.join(dest, "part-00000.parquet"))
-    assert manifest["files"] == [
-        {"name": "part-00000.parquet", "rows": 3, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    ], "the manifest describes each file by size and digest, computed as it was written"
+    assert manifest["files"] == [{"name": "part-00000.parquet", "rows": 3, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}], (
+        "the manifest describes each file by size and digest, computed as it was written"
+    )
     assert manifest["attempt"] == json.loads(storage.read_bytes(storage.join(dest, contract.OWNER)))["attempt"]
     assert manifest["inputs"] == 4 and manifest["rejects_by_reason"] == {"corrupt": 1}
     assert contract.read_rejects(dest).to_pylist() == [{"path": "d.jpg", "reason": "corrupt", "detail": "bad"}]

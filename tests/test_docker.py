@@ -83,12 +83,23 @@ def test_cpu_image_has_no_torch_and_no_ray_and_ray_image_no_torch():
 @pytest.mark.parametrize(
     ("modules", "forbidden"),
     [
-        (["imgpipe.cli", "imgpipe.steps.download", "imgpipe.steps.clean", "imgpipe.kfp.artifacts",
-          "imgpipe.kfp.client", "imgpipe.pipelines", "imgpipe.components.download", "imgpipe.components.clean"], ("torch", "ray")),
+        (
+            [
+                "imgpipe.cli",
+                "imgpipe.steps.download",
+                "imgpipe.steps.clean",
+                "imgpipe.kfp.artifacts",
+                "imgpipe.kfp.client",
+                "imgpipe.pipelines",
+                "imgpipe.components.download",
+                "imgpipe.components.clean",
+            ],
+            ("torch", "ray"),
+        ),
         (["imgpipe.steps.resize", "imgpipe.remote.ray_jobs", "imgpipe.remote.kuberay", "imgpipe.components.resize"], ("torch",)),
     ],
     ids=["cpu-steps", "ray-steps"],
-)  # fmt: skip
+)
 def test_steps_import_only_what_their_image_has(modules, forbidden):
     code = (
         "import sys\n"

@@ -59,8 +59,11 @@ def _candidates(doc: Path, token: str, link: bool) -> list[Path] | None:
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(ROOT)))
 def test_every_path_a_doc_names_exists(doc):
-    missing = [f"{doc.relative_to(ROOT)}:{n}: {token}" for n, token, link in _named(doc)
-               if (c := _candidates(doc, token, link)) is not None and not any(p.exists() for p in c)]  # fmt: skip
+    missing = [
+        f"{doc.relative_to(ROOT)}:{n}: {token}"
+        for n, token, link in _named(doc)
+        if (c := _candidates(doc, token, link)) is not None and not any(p.exists() for p in c)
+    ]
     assert not missing, "docs name paths that do not exist:\n" + "\n".join(missing)
 
 

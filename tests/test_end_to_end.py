@@ -29,9 +29,11 @@ def test_members_accounted_once_across_steps(backend, tmp_path, request):
     dl = download([storage.join(synth_dir, "images.tar.gz")], storage.join(root, "dl"), DownloadConfig())
     cl = clean(dl.dest, storage.join(root, "clean"), CleanConfig(workers=2 if backend == "s3" else 1))
 
-    kept = pa.concat_tables(
-        [pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["path"]) for u in contract.data_files(cl.dest)]
-    ).column("path").to_pylist()
+    kept = (
+        pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["path"]) for u in contract.data_files(cl.dest)])
+        .column("path")
+        .to_pylist()
+    )
     rejected = contract.read_rejects(dl.dest).to_pylist() + contract.read_rejects(cl.dest).to_pylist()
     places = kept + [r["path"] for r in rejected]
     assert sorted(places) == sorted(members), "each member exactly once, output or rejects"

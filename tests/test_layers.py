@@ -20,14 +20,32 @@ SRC = ROOT / "src" / "imgpipe"
 # docs/architecture.md, "Layers". A module's layer is that of the longest prefix named here;
 # a module no prefix covers fails the test until it is placed.
 LOW = {
-    "storage", "config", "contract", "resources", "phases", "data", "report.html", "remote.targets", "raysession",
-    "remote.payload", "readpolicy",
-}  # fmt: skip
+    "storage",
+    "config",
+    "contract",
+    "resources",
+    "phases",
+    "data",
+    "report.html",
+    "remote.targets",
+    "raysession",
+    "remote.payload",
+    "readpolicy",
+}
 MIDDLE = {
-    "steps", "clean", "resize", "train", "report", "remote.ray_jobs", "remote.kuberay", "remote.trainjob", "kfp.artifacts",
-    "modelregistry", "serving",
+    "steps",
+    "clean",
+    "resize",
+    "train",
+    "report",
+    "remote.ray_jobs",
+    "remote.kuberay",
+    "remote.trainjob",
+    "kfp.artifacts",
+    "modelregistry",
+    "serving",
     "sweep",
-}  # fmt: skip
+}
 TOP = {"cli", "kfp", "remote", "containers", "components", "pipelines"}
 RANK = {**{m: 0 for m in LOW}, **{m: 1 for m in MIDDLE}, **{m: 2 for m in TOP}}
 
@@ -151,8 +169,10 @@ def scheme_mentions(path: Path) -> list[str]:
         id(node.body[0].value)
         for node in ast.walk(tree)
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
-    }  # fmt: skip
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
     found = []
     for node in ast.walk(tree):
         literal = isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings

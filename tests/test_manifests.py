@@ -211,11 +211,7 @@ def _canonical(docs: Any) -> list[str]:
 def _strict(node: Any) -> Any:
     """Adds ``additionalProperties: false`` to every object schema that lists properties."""
     if isinstance(node, dict):
-        if (
-            "properties" in node
-            and "additionalProperties" not in node
-            and not node.get("x-kubernetes-preserve-unknown-fields")
-        ):
+        if "properties" in node and "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
             node["additionalProperties"] = False
         for v in node.values():
             _strict(v)
@@ -402,7 +398,9 @@ def _pod_templates(doc: dict) -> list[dict]:
     if doc["kind"] == "RayCluster":
         return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
     if doc["kind"] == "CronWorkflow":
-        return [{"metadata": spec["workflowSpec"]["podMetadata"], "spec": {"containers": [t["container"] for t in spec["workflowSpec"]["templates"]]}}]
+        return [
+            {"metadata": spec["workflowSpec"]["podMetadata"], "spec": {"containers": [t["container"] for t in spec["workflowSpec"]["templates"]]}}
+        ]
     return []
 
 
@@ -411,7 +409,7 @@ def _references(template: dict) -> list[tuple[str, str, bool]]:
     out = []
     for c in template["spec"]["containers"]:
         for env in c.get("env", []):
-            ref = (env.get("valueFrom") or {})
+            ref = env.get("valueFrom") or {}
             for key, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
                 if key in ref:
                     out.append((kind, ref[key]["name"], bool(ref[key].get("optional"))))
@@ -427,7 +425,9 @@ def test_every_pod_reads_only_configmaps_and_secrets_the_overlay_creates(name, t
     docs = build(name)
     made = {_key(d) for d in docs}
     # KubeRay creates the token Secret of a token-auth RayCluster under the cluster's name (key auth_token).
-    made |= {("Secret", d["metadata"]["name"]) for d in docs if d["kind"] == "RayCluster" and (d["spec"].get("authOptions") or {}).get("mode") == "token"}
+    made |= {
+        ("Secret", d["metadata"]["name"]) for d in docs if d["kind"] == "RayCluster" and (d["spec"].get("authOptions") or {}).get("mode") == "token"
+    }
     refs = [r for d in docs for t in _pod_templates(d) for r in _references(t)]
     # The pipeline's tasks, as compiled for this overlay (its retraining settings).
     config = next(d for d in docs if _key(d) == ("ConfigMap", "imgpipe-retrain"))["data"]
@@ -579,7 +579,11 @@ def _pods(doc: dict) -> list[tuple[str, dict]]:
         common = {k: wf[k] for k in ("securityContext", "volumes", "automountServiceAccountToken", "serviceAccountName") if k in wf}
         # A template's own securityContext replaces the workflow's (argo-workflows v3.5.15
         # workflow/controller/workflowpod.go createWorkflowPod).
-        return [(t["name"], {**common, **({"securityContext": t["securityContext"]} if "securityContext" in t else {}), "containers": [t["container"]]}) for t in wf["templates"] if "container" in t]
+        return [
+            (t["name"], {**common, **({"securityContext": t["securityContext"]} if "securityContext" in t else {}), "containers": [t["container"]]})
+            for t in wf["templates"]
+            if "container" in t
+        ]
     return []
 
 
@@ -588,7 +592,9 @@ def _selects(selector: dict, labels: dict[str, str]) -> bool:
     ok = all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
     for expr in selector.get("matchExpressions") or []:
         key, op, values = expr["key"], expr["operator"], expr.get("values", [])
-        ok &= {"Exists": key in labels, "DoesNotExist": key not in labels, "In": labels.get(key) in values, "NotIn": labels.get(key) not in values}[op]
+        ok &= {"Exists": key in labels, "DoesNotExist": key not in labels, "In": labels.get(key) in values, "NotIn": labels.get(key) not in values}[
+            op
+        ]
     return ok
 
 
@@ -617,7 +623,9 @@ def test_the_restricted_check_refuses_what_restricted_refuses():
 def test_profile_namespaces_get_pod_security_labels():
     """Item 1: enforce what KFP's own pods meet (baseline), warn and audit on restricted."""
     patch = yaml.safe_load(PSS_LABELS.read_text())
-    assert patch == {"metadata": {"labels": patch["metadata"]["labels"]}}, "a merge patch of labels only: it can neither create nor delete a namespace"
+    assert patch == {"metadata": {"labels": patch["metadata"]["labels"]}}, (
+        "a merge patch of labels only: it can neither create nor delete a namespace"
+    )
     labels = patch["metadata"]["labels"]
     prefix = "pod-security.kubernetes.io/"
     assert {k.removeprefix(prefix): v for k, v in labels.items() if not k.endswith("-version")} == {
@@ -676,7 +684,9 @@ def test_only_the_autoscaler_and_the_retraining_pod_get_an_api_token(name):
                 (mount,) = [m for m in autoscaler["volumeMounts"] if m["name"] in token_volumes]
                 assert mount["mountPath"] == TOKEN_MOUNT and mount["readOnly"] is True, where
                 (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-                paths = {item["path"] for s in volume["projected"]["sources"] for item in (next(iter(s.values())).get("items") or [{"path": "token"}])}
+                paths = {
+                    item["path"] for s in volume["projected"]["sources"] for item in (next(iter(s.values())).get("items") or [{"path": "token"}])
+                }
                 assert paths == {"token", "ca.crt", "namespace"}, f"{where}: what in-cluster clients read from {TOKEN_MOUNT}"
 
 
@@ -752,11 +762,17 @@ ADMIN_SELECTOR = f"{APPLIED_BY}=cluster-admin"
 OWNER_SELECTOR = f"{APPLIED_BY}!=cluster-admin"
 # (API group, resource) of each kind an overlay renders.
 RESOURCES = {
-    "Secret": ("", "secrets"), "ConfigMap": ("", "configmaps"), "ServiceAccount": ("", "serviceaccounts"),
-    "ResourceQuota": ("", "resourcequotas"), "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
-    "Role": ("rbac.authorization.k8s.io", "roles"), "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
-    "CronWorkflow": ("argoproj.io", "cronworkflows"), "RayJob": ("ray.io", "rayjobs"), "RayCluster": ("ray.io", "rayclusters"),
-}  # fmt: skip
+    "Secret": ("", "secrets"),
+    "ConfigMap": ("", "configmaps"),
+    "ServiceAccount": ("", "serviceaccounts"),
+    "ResourceQuota": ("", "resourcequotas"),
+    "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
+    "Role": ("rbac.authorization.k8s.io", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
+    "CronWorkflow": ("argoproj.io", "cronworkflows"),
+    "RayJob": ("ray.io", "rayjobs"),
+    "RayCluster": ("ray.io", "rayclusters"),
+}
 OWNER, CONTRIBUTOR = "owner@example.com", "contributor@example.com"
 
 
@@ -823,8 +839,11 @@ def test_the_owner_cannot_grant_the_rayjob_role_without_kuberays_aggregation(nam
     # The pods rules of the RayJob Role are kubeflow-edit's already (imgpipe-pipeline is bound to it).
     pods = [
         rbac.Request(verb, "", resource.partition("/")[0], namespace, resource.partition("/")[2])
-        for rule in roles["imgpipe-rayjobs"] if rule["apiGroups"] == [""] for resource in rule["resources"] for verb in rule["verbs"]
-    ]  # fmt: skip
+        for rule in roles["imgpipe-rayjobs"]
+        if rule["apiGroups"] == [""]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    ]
     assert pods and all(kubeflow.allows(default_editor, r) for r in pods)
 
 

@@ -35,11 +35,7 @@ HF_SPLIT = {"train": "train", "val": "validation", "test": "test"}
 
 
 def members() -> dict[str, bytes]:
-    return {
-        f"images/{name}_{i}.jpg": f.jpeg(60 + 3 * i, 48 + 4 * c, seed=10 * c + i)
-        for c, name in enumerate(CLASSES)
-        for i in range(1, 6)
-    }
+    return {f"images/{name}_{i}.jpg": f.jpeg(60 + 3 * i, 48 + 4 * c, seed=10 * c + i) for c, name in enumerate(CLASSES) for i in range(1, 6)}
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +78,7 @@ def decoded(data: bytes) -> np.ndarray:
 
 def test_clean_output_loads_in_datasets_as_images_with_class_labels(hf_datasets, clean_dest, tmp_path):
     manifest = contract.read_manifest(clean_dest)
-    ds = hf_datasets.load_dataset(
-        "parquet", data_files=contract.data_files(clean_dest), split="train", cache_dir=str(tmp_path / "cache")
-    )
+    ds = hf_datasets.load_dataset("parquet", data_files=contract.data_files(clean_dest), split="train", cache_dir=str(tmp_path / "cache"))
     assert isinstance(ds.features["image"], hf_datasets.Image)
     assert ds.features["label"] == hf_datasets.ClassLabel(names=manifest["extra"]["classes"])
     assert sorted(ds.features["label"].names) == sorted(CLASSES)
@@ -99,9 +93,7 @@ def test_clean_output_loads_in_datasets_as_images_with_class_labels(hf_datasets,
         assert np.array_equal(np.asarray(row["image"]), decoded(stored[row["path"]]["image"]["bytes"]))
         assert ds.features["label"].int2str(row["label"]) == row["label_name"]
     # The local one-liner: a glob of the data files (the prefix also holds rejects.parquet).
-    glob = hf_datasets.load_dataset(
-        "parquet", data_files=f"{local(clean_dest)}/part-*.parquet", split="train", cache_dir=str(tmp_path / "cache")
-    )
+    glob = hf_datasets.load_dataset("parquet", data_files=f"{local(clean_dest)}/part-*.parquet", split="train", cache_dir=str(tmp_path / "cache"))
     assert glob.num_rows == ds.num_rows and glob.features == ds.features
 
 

@@ -105,8 +105,10 @@ def test_dag_runs_download_clean_resize_train_in_order(compiled):
     assert triggers["resize"] == "!(inputs.parameter_values['pipelinechannel--ray_address'] == '')"
     assert triggers["train"] == "int(inputs.parameter_values['pipelinechannel--train_nodes']) == 1"
     assert triggers["train-trainjob"] == "!(int(inputs.parameter_values['pipelinechannel--train_nodes']) == 1)"
-    assert (tasks["train"]["inputs"]["parameters"]["placement"]["runtimeValue"]["constant"],
-            tasks["train-trainjob"]["inputs"]["parameters"]["placement"]["runtimeValue"]["constant"]) == ("pod", "trainjob")  # fmt: skip
+    assert (
+        tasks["train"]["inputs"]["parameters"]["placement"]["runtimeValue"]["constant"],
+        tasks["train-trainjob"]["inputs"]["parameters"]["placement"]["runtimeValue"]["constant"],
+    ) == ("pod", "trainjob")
     # Each step reads the step artifact of the one before it, never a dataset artifact...
     ref = tasks["clean"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
     assert (ref["producerTask"], ref["outputArtifactKey"]) == ("download", "dataset")
@@ -236,7 +238,7 @@ def test_every_operator_setting_the_docs_name_reaches_every_task(compiled):
         (config,) = executors[_executor(ir, step)]["configMapAsEnv"]
         assert {(m["configMapKey"], m["envVar"]) for m in config["keyToEnv"]} == {(k, k) for k in OPERATOR_SETTINGS}, step
     deploy = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
-    table = deploy[deploy.index("## Operator settings"):].split("\n## ", 1)[0]
+    table = deploy[deploy.index("## Operator settings") :].split("\n## ", 1)[0]
     assert set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.M)) == set(OPERATOR_SETTINGS)
 
 
@@ -294,7 +296,13 @@ def test_the_parameters_table_shows_the_compiled_defaults(compiled):
     assert len(shown) >= 14, shown
     for name, value in shown.items():
         default = params[name].get("defaultValue", {} if name == "step_config" else "(empty)")  # optional, unset
-        expected = json.dumps(default) if isinstance(default, dict) else str(default).lower() if isinstance(default, bool) else str(default).removesuffix(".0")
+        expected = (
+            json.dumps(default)
+            if isinstance(default, dict)
+            else str(default).lower()
+            if isinstance(default, bool)
+            else str(default).removesuffix(".0")
+        )
         assert value.strip('"') == expected.strip('"'), f"docs/parameters.md says {name} defaults to {value}, the package {default!r}"
 
 
@@ -331,9 +339,7 @@ def test_the_resize_component_refuses_a_hostile_train_mode():
     # The config is built (and checked) before anything is read or written.
     for hostile in ("whole; rm -rf /", "../../whole", "whole\n"):
         with pytest.raises((ValueError, TypeError), match=r"train_mode: .* is not one of \['short-side-crop', 'fixed', 'pad', 'whole'\]"):
-            resize.python_func(
-                cleaned=None, data_root="file:///nowhere", run_id="r", resized=None, metrics=None, report=None, train_mode=hostile
-            )
+            resize.python_func(cleaned=None, data_root="file:///nowhere", run_id="r", resized=None, metrics=None, report=None, train_mode=hostile)
 
 
 def test_pretrained_is_a_run_parameter_that_reaches_train(compiled):
@@ -351,9 +357,17 @@ def test_the_train_component_refuses_a_hostile_pretrained_name():
     for hostile in ("../../weights/evil", "IMAGENET1K_V1/../../x", "DEFAULT; rm -rf /"):
         with pytest.raises(ValueError, match=r"is not a weights name of resnet18; choose one of: IMAGENET1K_V1, DEFAULT"):
             train.python_func(
-                resized="file:///nowhere/resize", data_root="file:///nowhere", run_id="r", trained=None, model=None,
-                metrics=None, confusion=None, report=None, model_name="resnet18", pretrained=hostile,
-            )  # fmt: skip
+                resized="file:///nowhere/resize",
+                data_root="file:///nowhere",
+                run_id="r",
+                trained=None,
+                model=None,
+                metrics=None,
+                confusion=None,
+                report=None,
+                model_name="resnet18",
+                pretrained=hostile,
+            )
 
 
 def test_the_pipeline_compiles_without_torch_opencv_or_ray(tmp_path):

@@ -39,7 +39,6 @@ def test_available_cpus_respects_the_container_limit(tmp_path, files, expected):
     assert available_cpus(tmp_path) == (unlimited if expected is None else min(expected, unlimited))
 
 
-
 @pytest.mark.parametrize(
     "files,expected",
     [
@@ -70,7 +69,11 @@ def _alive(pid: int) -> bool:
 def test_a_worker_dies_when_its_parent_is_killed(tmp_path):
     """A parent starts a child that asked to die with it, then is killed with SIGKILL."""
     pid_file = tmp_path / "child.pid"
-    parent = subprocess.Popen([sys.executable, "-c", f"""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import os, sys, time
 sys.path[:0] = {sys.path!r}
 from imgpipe.resources import die_with_parent
@@ -81,7 +84,9 @@ if pid == 0:
     time.sleep(600)
     os._exit(0)
 time.sleep(600)
-"""])
+""",
+        ]
+    )
     deadline = time.monotonic() + 30
     while not pid_file.exists() or not pid_file.read_text():
         assert time.monotonic() < deadline, "the child never started"
@@ -130,7 +135,9 @@ def test_processes_started_in_a_reaped_block_die_with_the_process(tmp_path):
         "from imgpipe.resources import reaped_with_me\n"
         "with reaped_with_me() as tag:\n"
         "    # a grandchild in its own session, like Ray's agents: neither PDEATHSIG nor a group kill reaches it\n"
-        "    subprocess.Popen([sys.executable, '-c', 'import subprocess,sys,time; subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"], start_new_session=True); time.sleep(600)'], start_new_session=True)\n"
+        '    inner = (\'import subprocess,sys,time; subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], \'\n'
+        "             'start_new_session=True); time.sleep(600)')\n"
+        "    subprocess.Popen([sys.executable, '-c', inner], start_new_session=True)\n"
         "    print(tag, flush=True)\n"
         "    time.sleep(600)\n"
     )
@@ -205,7 +212,9 @@ def _in_own_pid_namespace(code: str) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
             ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     except FileNotFoundError:
         pytest.skip("needs unshare (util-linux)")

@@ -80,7 +80,10 @@ def test_config_pbtxt_is_a_model_config_that_matches_the_onnx_graph(promoted, mo
     # With max_batch_size > 0 Triton's dims leave out the batch axis, which the export keeps dynamic.
     assert dims(graph.input[0])[0] == -1 and list(inp.dims) == dims(graph.input[0])[1:]
     assert list(out.dims) == dims(graph.output[0])[1:]
-    assert model_config.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type.values_by_number[inp.data_type].name == "TYPE_FP32"
+    assert (
+        model_config.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type.values_by_number[inp.data_type].name
+        == "TYPE_FP32"
+    )
     labels = storage.read_bytes(storage.join(base, out.label_filename)).decode().splitlines()
     assert len(labels) == out.dims[0] == 3
 

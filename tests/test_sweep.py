@@ -119,8 +119,13 @@ def test_branch_steps_are_safe_path_segments():
 
 
 def test_plan_builds_every_branch_config_and_names_the_branch_it_refuses():
-    items = plan("s3://b/runs/r/resize", [{"name": "light", "policy": "basic"}], {"label_smoothing": [0.0, 0.1]},
-                 {"train": {"lr": 0.01, "seed": 7, "label_smoothing": 0.2}, "clean": {"min_side": 8}}, **NAMED)  # fmt: skip
+    items = plan(
+        "s3://b/runs/r/resize",
+        [{"name": "light", "policy": "basic"}],
+        {"label_smoothing": [0.0, 0.1]},
+        {"train": {"lr": 0.01, "seed": 7, "label_smoothing": 0.2}, "clean": {"min_side": 8}},
+        **NAMED,
+    )
     assert [i["branch"] for i in items] == ["light", "b01", "b02"]
     assert items[2]["resized"] == "s3://b/runs/r/resize"
     assert items[2]["step_config"] == {
@@ -417,8 +422,11 @@ def test_each_branch_gets_the_run_parameters_the_main_pipelines_train_gets(compi
 
     def from_parameters(task: dict) -> dict[str, str]:
         inputs = task["inputs"]["parameters"].items()
-        return {k: v["componentInputParameter"].removeprefix("pipelinechannel--") for k, v in inputs
-                if "componentInputParameter" in v and "parameterExpressionSelector" not in v}  # fmt: skip
+        return {
+            k: v["componentInputParameter"].removeprefix("pipelinechannel--")
+            for k, v in inputs
+            if "componentInputParameter" in v and "parameterExpressionSelector" not in v
+        }
 
     main_train = from_parameters(_dag_tasks(main_ir)["train"])
     branch_train = from_parameters(_dag_tasks(ir)["train"])
@@ -434,8 +442,16 @@ def test_each_branch_gets_the_run_parameters_the_main_pipelines_train_gets(compi
 def test_the_sweep_summary_shows_each_branchs_spread_over_seeds():
     from imgpipe.kfp.local_run import SweepRunResult
 
-    row = {"rank": 1, "branch": "ra", "settings": {"randaugment_m": 9}, "flags": [], "seeds": 3,
-           "val_macro_f1": 0.61, "val_accuracy": 0.7, "spread": {"val_macro_f1": {"std": 0.021, "min": 0.59, "max": 0.63}}}  # fmt: skip
+    row = {
+        "rank": 1,
+        "branch": "ra",
+        "settings": {"randaugment_m": 9},
+        "flags": [],
+        "seeds": 3,
+        "val_macro_f1": 0.61,
+        "val_accuracy": 0.7,
+        "spread": {"val_macro_f1": {"std": 0.021, "min": 0.59, "max": 0.63}},
+    }
     single = {**row, "rank": 2, "branch": "base", "seeds": 1, "spread": {}}
     comparison = {"ranked_by": ["val_macro_f1"], "imbalanced": False, "imbalance": 1.0, "branches": [row, single]}
     result = SweepRunResult("r1", {"compare": "file:///tmp/x/compare"}, comparison, {})

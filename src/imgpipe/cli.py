@@ -40,15 +40,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _compile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--caching", action=argparse.BooleanOptionalAction, default=False,
+        "--caching",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="kfp caching of every task, fixed in the package (default off: scheduled retraining)",
     )
     p.add_argument(
-        "--gpu", action=argparse.BooleanOptionalAction, default=None,
+        "--gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="schedule train on a GPU node (default: $IMGPIPE_TRAIN_GPU, else on)",
     )
     p.add_argument(
-        "--train-gpus", type=int, metavar="N",
+        "--train-gpus",
+        type=int,
+        metavar="N",
         help="GPUs of the train task, one training process each (default: $IMGPIPE_TRAIN_GPUS, else 1)",
     )
 
@@ -58,7 +64,8 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--pipeline", choices=PIPELINES, default=PIPELINES[0], help="which pipeline (default %(default)s)")
     p.add_argument(
-        "--parallelism", type=int,
+        "--parallelism",
+        type=int,
         help="imgpipe-sweep: branches (GPUs) training at once, fixed in the package (default 2)",
     )
 
@@ -69,11 +76,16 @@ def _kfp_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", help="Kubeflow profile namespace (default $IMGPIPE_KFP_NAMESPACE)")
     p.add_argument("--service-account", help="service account of the run's pods (default $IMGPIPE_SERVICE_ACCOUNT)")
     p.add_argument(
-        "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="pipeline parameter (repeatable), e.g. --param data_root=s3://bucket/imgpipe",
     )
     p.add_argument(
-        "--params-from-env", action="store_true",
+        "--params-from-env",
+        action="store_true",
         help="also read IMGPIPE_PARAM_<NAME> variables as parameters (--param wins)",
     )
     p.add_argument("--package", help="a compiled package (default: compile now)")
@@ -83,7 +95,9 @@ def _kfp_options(p: argparse.ArgumentParser) -> None:
 def _local_run_options(p: argparse.ArgumentParser) -> None:
     """The options of the local runs (``run``, ``sweep``)."""
     p.add_argument(
-        "--config", action="append", default=[],
+        "--config",
+        action="append",
+        default=[],
         help="YAML with sections pipeline (parameters), synth, download, clean, resize, train; repeatable, "
         "a later file wins per field (e.g. configs/local.yaml, then a sweep's winner.yaml)",
     )
@@ -94,11 +108,17 @@ def _local_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, help="sample dataset breeds (default 12)")
     p.add_argument("--per-class", type=int, help="sample dataset images per breed (default 60)")
     p.add_argument(
-        "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="pipeline parameter over the local defaults (repeatable), e.g. --param epochs=1",
     )
     p.add_argument(
-        "--runner", choices=["subprocess", "docker"], default="subprocess",
+        "--runner",
+        choices=["subprocess", "docker"],
+        default="subprocess",
         help="subprocess: each step a subprocess of this Python (default, quick); docker: each step in "
         "its image as non-root through the engine DOCKER_HOST names, resize on a Ray cluster of two "
         "containers (build the images first: make images)",
@@ -140,8 +160,7 @@ def _resize_arguments(p: argparse.ArgumentParser) -> None:
     add_field_flags(p, ResizeConfig, ("size", "mode", "train_mode", "preset", "format", "ops", "ray_address"), flags={"ops": "--op"})
     p.add_argument(
         "--run-id",
-        help="with a remote --ray-address: retries with the same run id re-attach to the job "
-        "instead of running it twice (default: $IMGPIPE_RUN_ID)",
+        help="with a remote --ray-address: retries with the same run id re-attach to the job instead of running it twice (default: $IMGPIPE_RUN_ID)",
     )
 
 
@@ -238,10 +257,14 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
     images_sub = p.add_subparsers(dest="images_command", required=True, metavar="ACTION")
     b = images_sub.add_parser("build", help="build (and push) the images from docker/Dockerfile")
     b.add_argument("kinds", nargs="*", metavar="KIND", help="cpu, ray, gpu (default: all)")
-    b.add_argument("--base", help="base image with python3 and python3-venv (default: $IMGPIPE_BASE_IMAGE, "
-                   "else python:3.11-slim-bookworm, else one bootstrapped from Debian packages)")
-    b.add_argument("--no-bootstrap", dest="bootstrap", action="store_false",
-                   help="fail instead of bootstrapping a base image when the default cannot be pulled")
+    b.add_argument(
+        "--base",
+        help="base image with python3 and python3-venv (default: $IMGPIPE_BASE_IMAGE, "
+        "else python:3.11-slim-bookworm, else one bootstrapped from Debian packages)",
+    )
+    b.add_argument(
+        "--no-bootstrap", dest="bootstrap", action="store_false", help="fail instead of bootstrapping a base image when the default cannot be pulled"
+    )
     b.add_argument("--no-cache", action="store_true", help="build every layer anew")
     b.add_argument("--push", action="store_true", help="push each image after building it")
     images_sub.add_parser("list", help="print kind, image name and what runs in it")
@@ -266,8 +289,6 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
     p.add_argument("--replace", action="store_true", help="replace a schedule of that name with another version or cron")
     _kfp_options(p)
     return parser
-
-
 
 
 def _emit(report: Any, as_json: bool) -> None:
@@ -433,7 +454,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from imgpipe.kfp import client as kfp_client
 
     path = kfp_client.compile_package(
-        args.out, caching=args.caching, gpu=args.gpu, pipeline=args.pipeline, parallelism=args.parallelism,
+        args.out,
+        caching=args.caching,
+        gpu=args.gpu,
+        pipeline=args.pipeline,
+        parallelism=args.parallelism,
         train_gpus=args.train_gpus,
     )
     print(f"{path}: version {kfp_client.version_name(path, args.pipeline)}, caching {'on' if args.caching else 'off'}")

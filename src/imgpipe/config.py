@@ -127,6 +127,7 @@ def _comma_separated(value: Any) -> Any:
 def _lax(annotation: Any) -> Any:
     """``annotation`` with the rules above as pydantic validators, recursively."""
     import pydantic
+
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation in (int, float):
         return Annotated[annotation, pydantic.BeforeValidator(_not_bool(f"{annotation.__name__}_type"))]
@@ -144,9 +145,15 @@ def _lax(annotation: Any) -> Any:
 
 # pydantic's error type -> what the user is told was expected.
 _EXPECTED = {
-    "int": "an integer", "float": "a number", "bool": "true/false", "string": "a string",
-    "dict": "a mapping", "list": "a list", "tuple": "a list", "value_error": "a number",
-}  # fmt: skip
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true/false",
+    "string": "a string",
+    "dict": "a mapping",
+    "list": "a list",
+    "tuple": "a list",
+    "value_error": "a number",
+}
 
 
 def _user_error(name: str, value: Any, annotation: Any, error: Mapping[str, Any]) -> TypeError | ValueError:
@@ -251,10 +258,7 @@ def check_sections(doc: Mapping[str, Any], where: str, sections: Sequence[str] =
     """
     unknown = sorted(set(doc) - set(sections))
     if unknown:
-        raise ValueError(
-            f"{where}: unknown section(s) {', '.join(u + _nearest(u, sections) for u in unknown)}; "
-            f"sections: {', '.join(sections)}"
-        )
+        raise ValueError(f"{where}: unknown section(s) {', '.join(u + _nearest(u, sections) for u in unknown)}; sections: {', '.join(sections)}")
 
 
 def load_yaml(text: str, what: str) -> Any:
@@ -409,9 +413,7 @@ def _flag_help(doc: str, default: Any) -> str:
     return text.replace("%", "%%")  # argparse formats help with %
 
 
-def add_field_flags(
-    parser: argparse.ArgumentParser, cls: type, names: Sequence[str], *, flags: Mapping[str, str] | None = None
-) -> None:
+def add_field_flags(parser: argparse.ArgumentParser, cls: type, names: Sequence[str], *, flags: Mapping[str, str] | None = None) -> None:
     """Adds one flag per config field, its type, choices, default and help taken from ``cls``.
 
     Every flag's value defaults to ``None`` ("not given"): the config file, then the

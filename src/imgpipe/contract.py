@@ -306,9 +306,7 @@ def read_manifest(prefix: str, expect_step: str | None = None) -> dict[str, Any]
     except FileNotFoundError as exc:
         raise ValueError(f"{prefix} has {SUCCESS} but no {MANIFEST}; the output is damaged") from exc
     if expect_step is not None and manifest.get("step") != expect_step:
-        raise ValueError(
-            f"{prefix} holds the output of step {manifest.get('step')!r}, expected {expect_step!r}"
-        )
+        raise ValueError(f"{prefix} holds the output of step {manifest.get('step')!r}, expected {expect_step!r}")
     files = manifest.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, Mapping) for f in files):
         raise ValueError(f"{prefix}/{MANIFEST}: 'files' must be a list of file entries; the manifest is damaged")
@@ -483,8 +481,10 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
         names = ", ".join(o.uri[len(dest.rstrip("/")) + 1 :] for o in present[:5])
         moved = (_read_json(_dest_uri(dest, OWNER)) or {}).get("path") if storage.exists(_dest_uri(dest, OWNER)) else None
         whose = (
-            f"a {owner} output" if owner
-            else f"an output written at {moved}, not here" if moved not in (None, dest)
+            f"a {owner} output"
+            if owner
+            else f"an output written at {moved}, not here"
+            if moved not in (None, dest)
             else "objects imgpipe did not write"
         )
         raise ValueError(

@@ -33,9 +33,15 @@ from imgpipe.config import env_flag
 from imgpipe.train.card import read_card
 
 __all__ = [
-    "REGISTRY_ENV", "OPTIONAL_ENV", "MODEL_NAME_ENV", "DEFAULT_MODEL_NAME", "API_PATH", "RegistryError", "register_model",
+    "REGISTRY_ENV",
+    "OPTIONAL_ENV",
+    "MODEL_NAME_ENV",
+    "DEFAULT_MODEL_NAME",
+    "API_PATH",
+    "RegistryError",
+    "register_model",
     "register_promoted",
-]  # fmt: skip
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +111,14 @@ def register_model(prefix: str, version: str, address: str | None = None, name: 
             log.info("register: %s version %s is registered already", name, version)
             return {"registered_model_id": existing.id, "name": name, "version": version, "uri": uri, "created": False}
         model = registry.register_model(
-            name, uri, model_format_name="onnx", model_format_version=str(card.get("onnx_opset", "")), version=version,
-            version_description=f"{card['architecture']} on {card['data']['uri']}", metadata=_properties(prefix, card),
-        )  # fmt: skip
+            name,
+            uri,
+            model_format_name="onnx",
+            model_format_version=str(card.get("onnx_opset", "")),
+            version=version,
+            version_description=f"{card['architecture']} on {card['data']['uri']}",
+            metadata=_properties(prefix, card),
+        )
     except Exception as exc:  # noqa: BLE001 - whatever the client raises becomes one line naming the server
         raise RegistryError(_diagnose(address, name, version, exc)) from exc
     log.info("register: %s version %s -> %s (%s)", name, version, address, uri)
@@ -135,9 +146,11 @@ def _diagnose(address: str, name: str, version: str, exc: Exception) -> str:
     if ours is None:
         return f"{what}: nothing answers there; check ${REGISTRY_ENV} (the in-cluster service, port 8080)"
     if ours == 404 and newer is not None and newer != 404:
-        return (f"{what}: the server serves {_NEWER_API_PATH} (a Kubeflow Hub / model-registry server newer than "
-                f"v0.3.x), not {API_PATH}, the API of the servers Kubeflow 1.10 to 26.03 ship, which imgpipe's "
-                "client (model-registry 0.3.5 to 0.3.11) speaks; point it at a v0.3.x registry")  # fmt: skip
+        return (
+            f"{what}: the server serves {_NEWER_API_PATH} (a Kubeflow Hub / model-registry server newer than "
+            f"v0.3.x), not {API_PATH}, the API of the servers Kubeflow 1.10 to 26.03 ship, which imgpipe's "
+            "client (model-registry 0.3.5 to 0.3.11) speaks; point it at a v0.3.x registry"
+        )
     detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
     return f"{what} failed ({API_PATH} answers {ours}): {type(exc).__name__}: {detail}"
 

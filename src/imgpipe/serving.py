@@ -24,9 +24,18 @@ from typing import Any
 from imgpipe.train.card import INPUT_NAME, OUTPUT_NAME
 
 __all__ = [
-    "MODEL_NAME", "VERSION", "REPOSITORY", "MAX_BATCH_SIZE", "LABELS", "TRITON", "MAX_IR_VERSION", "MAX_OPSET",
-    "triton_config", "check_loadable", "repository_files",
-]  # fmt: skip
+    "MODEL_NAME",
+    "VERSION",
+    "REPOSITORY",
+    "MAX_BATCH_SIZE",
+    "LABELS",
+    "TRITON",
+    "MAX_IR_VERSION",
+    "MAX_OPSET",
+    "triton_config",
+    "check_loadable",
+    "repository_files",
+]
 
 # The InferenceService's name (k8s/serving/inferenceservice.yaml) and the model's in the repository.
 MODEL_NAME = "imgpipe-classifier"

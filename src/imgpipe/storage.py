@@ -116,7 +116,15 @@ _s3_options = S3Options()
 _clients: dict[tuple[int, S3Options], Any] = {}
 _arrow_filesystems: dict[tuple[Any, ...], Any] = {}
 # The environment an S3 file system is made from: another value makes another one.
-_ARROW_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+_ARROW_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+)
 _clients_lock = threading.Lock()
 # (endpoint, bucket) pairs whose store answered a bulk DeleteObjects with AccessDenied.
 _bulk_delete_denied: set[tuple[str | None, str]] = set()
@@ -151,12 +159,7 @@ def _use_s3_settings(options: S3Options) -> None:
 
 
 def _endpoint_url() -> str | None:
-    return (
-        _s3_options.endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or None
-    )
+    return _s3_options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 def normalize_uri(uri: str | os.PathLike[str]) -> str:
@@ -615,17 +618,17 @@ class S3Backend(Backend):
         for i in range(0, len(keys), 1000):
             batch = keys[i : i + 1000]
             try:
-                answer = self.client().delete_objects(
-                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
-                )
+                answer = self.client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
             except ClientError as exc:
                 if _error_code(exc) not in _DENIED:
                     raise
                 _bulk_delete_denied.add((_endpoint_url(), bucket))
                 _log.info(
                     "s3://%s: the store refuses bulk deletes (%s); deleting %d object(s) one at a time",
-                    bucket, _error_code(exc), len(keys) - i,
-                )  # fmt: skip
+                    bucket,
+                    _error_code(exc),
+                    len(keys) - i,
+                )
                 return keys[i:]
             # DeleteObjects answers 200 even when keys fail; each failure is an entry in Errors.
             if answer.get("Errors"):

@@ -113,10 +113,12 @@ _SEED_SUFFIX = "-s"
 # epochs is left out even when swept: a sweep's runs are short on purpose, and a full run sets
 # its own (the ranking still shows what each branch trained).
 RECIPE_FIELDS: tuple[str, ...] = tuple(
-    dict.fromkeys([
-        *(f for f in GRID_KEYS.values() if f != "epochs"),
-        *("aug_policy" if f.name == "policy" else f.name for f in fields(AugmentConfig)),
-    ])
+    dict.fromkeys(
+        [
+            *(f for f in GRID_KEYS.values() if f != "epochs"),
+            *("aug_policy" if f.name == "policy" else f.name for f in fields(AugmentConfig)),
+        ]
+    )
 )
 # Short runs: a sweep ranks settings, the winner then trains in full.
 SWEEP_EPOCHS = 5
@@ -197,7 +199,9 @@ def seed_runs(name: str, seeds: int) -> list[str]:
             check_branch_name(run)
         except ValueError:
             room = _NAME_LENGTH - (len(runs[-1]) - len(name))
-            raise ValueError(f"branch {name!r} repeated over {seeds} seeds is named {run!r}; shorten the branch name to at most {room} characters") from None
+            raise ValueError(
+                f"branch {name!r} repeated over {seeds} seeds is named {run!r}; shorten the branch name to at most {room} characters"
+            ) from None
     return runs
 
 

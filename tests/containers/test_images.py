@@ -74,9 +74,13 @@ def test_a_failed_build_shows_the_failing_instruction_and_its_output(engine, bui
     context = build.build_context(broken, (conf, ca))
     with pytest.raises(build.BuildFailed) as failure:
         build.build_image(
-            engine, "cpu", build.resolve_base(engine, log=lambda _: None), context=context,
-            tag="localhost/imgpipe-broken:test", log=lambda _: None,
-        )  # fmt: skip
+            engine,
+            "cpu",
+            build.resolve_base(engine, log=lambda _: None),
+            context=context,
+            tag="localhost/imgpipe-broken:test",
+            log=lambda _: None,
+        )
     message = str(failure.value)
     assert "building the cpu image" in message and "STEP" in message.upper()
     assert "tomllib" in message or "TOMLDecodeError" in message, message

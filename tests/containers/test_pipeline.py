@@ -89,9 +89,7 @@ def test_docker_run_reconciles_and_matches_the_subprocess_run_byte_for_byte(engi
     assert dock.reports["train"]["extra"]["device"] == "cpu"
 
 
-def test_a_step_container_killed_mid_step_leaves_nothing_committed_and_a_rerun_succeeds(
-    engine, built_images, s3_bucket
-):
+def test_a_step_container_killed_mid_step_leaves_nothing_committed_and_a_rerun_succeeds(engine, built_images, s3_bucket):
     """``kill -9`` of the clean step's container while it writes, then the same step again."""
     src = generate(storage.join(s3_bucket, "synth"), SynthConfig(classes=6, per_class=40, seed=2))
     assert src.files

@@ -211,12 +211,9 @@ def test_a_member_declaring_an_absurd_size_ends_the_stream_promptly(tmp_path: Pa
     src = tmp_path / "huge.tar"
     src.write_bytes(with_checksum(block) + END)
 
-    done = subprocess.run(
-        [sys.executable, "-c", _HUGE_MEMBER, str(src)], capture_output=True, text=True, timeout=20
-    )
+    done = subprocess.run([sys.executable, "-c", _HUGE_MEMBER, str(src)], capture_output=True, text=True, timeout=20)
 
     assert "ArchiveError:" in done.stdout and "truncated" in done.stdout, done.stderr
-
 
 
 # Iterates a tar.bz2 without reading its member and reports the peak RSS growth in KiB.
@@ -243,9 +240,7 @@ def test_a_bzip2_bomb_is_inflated_a_read_at_a_time(tmp_path: Path) -> None:
     src.write_bytes(b"".join(parts))
     assert src.stat().st_size < 1000
 
-    done = subprocess.run(
-        [sys.executable, "-c", _SKIP_BZ2, str(src)], capture_output=True, text=True, timeout=30
-    )
+    done = subprocess.run([sys.executable, "-c", _SKIP_BZ2, str(src)], capture_output=True, text=True, timeout=30)
 
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)

@@ -223,9 +223,7 @@ def _unsupported(data, monkeypatch, **kwargs):
 def test_a_real_image_in_a_format_not_accepted_is_unsupported_format_and_never_parsed(data, shown, name, monkeypatch):
     rejected = _unsupported(data, monkeypatch)
     assert rejected.reason == "unsupported_format"
-    assert rejected.detail == (
-        f"{shown} is not an accepted format ({DEFAULT_ACCEPTED}); add it with --set formats=jpeg,png,gif,bmp,tiff,webp,{name}"
-    )
+    assert rejected.detail == (f"{shown} is not an accepted format ({DEFAULT_ACCEPTED}); add it with --set formats=jpeg,png,gif,bmp,tiff,webp,{name}")
     assert sniff_format(data) == name
 
 
@@ -325,9 +323,7 @@ def test_to_8bit_memory_is_about_its_8bit_result():
         np.random.default_rng(1).integers(0, 65536, (37, 23), dtype=np.uint16),
         np.random.default_rng(2).integers(-9, 10**7, (37, 23), dtype=np.int32),
         np.random.default_rng(3).integers(0, 256, (37, 23), dtype=np.int32),
-        np.where(np.eye(37, 23, dtype=bool), np.nan, np.random.default_rng(4).random((37, 23))).astype(
-            np.float32
-        ),
+        np.where(np.eye(37, 23, dtype=bool), np.nan, np.random.default_rng(4).random((37, 23))).astype(np.float32),
     ],
     ids=["I;16", "I-wide", "I-8bit", "F-with-nan"],
 )

@@ -76,7 +76,7 @@ def test_a_bucket_prefix_of_loose_images_is_a_source_with_keys_sizes_and_etags(p
     report = download(pets, f"{s3_bucket}/out/download", cfg)
     got, refused = rows(report.dest), rejects(report.dest)
     assert len(got) == 12 and set(refused) == {"fox/huge.jpg"} and refused["fox/huge.jpg"] == "member_too_large"
-    listed = {o.uri[len(pets):]: o for o in storage.iter_objects(pets) if not o.uri.endswith("/")}  # fmt: skip
+    listed = {o.uri[len(pets) :]: o for o in storage.iter_objects(pets) if not o.uri.endswith("/")}
     for path, row in got.items():
         assert row["etag"] == listed[path].etag and row["size"] == listed[path].size and row["label"] is None
         assert row["sha256"] == hashlib.sha256(row["bytes"]).hexdigest()
@@ -226,8 +226,14 @@ def _uri_list(site: _Site, s3_bucket: str, tmp_path: Path) -> Path:
     lines = ["uri,label"]
     lines += [f"{site.base}/img/cat-{i}.jpg,cat" for i in range(4)]
     lines += [f"{s3_bucket}/dogs/{i}.jpg,dog" for i in range(4)]
-    lines += ["local/fox.jpg,fox", f"{site.base}/img/missing.jpg,cat", f"{site.base}/img/broken.jpg,cat", ",cat",
-              "../outside.jpg,cat", f"{s3_bucket}/dogs/none.jpg,dog"]  # fmt: skip
+    lines += [
+        "local/fox.jpg,fox",
+        f"{site.base}/img/missing.jpg,cat",
+        f"{site.base}/img/broken.jpg,cat",
+        ",cat",
+        "../outside.jpg,cat",
+        f"{s3_bucket}/dogs/none.jpg,dog",
+    ]
     path = tmp_path / "train.csv"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -245,9 +251,12 @@ def test_a_csv_of_uris_and_labels_fetches_each_entry_and_makes_each_failure_a_re
     }
     assert got[f"{host}/img/cat-0.jpg"]["bytes"] == site.bodies["/img/cat-0.jpg"]
     assert refused == {
-        f"{host}/img/missing.jpg": "http_error", f"{host}/img/broken.jpg": "http_error", "train.csv#line-13": "bad_row",
-        "../outside.jpg": "unsafe_member", f"{s3_bucket[5:]}/dogs/none.jpg": "vanished",
-    }  # fmt: skip
+        f"{host}/img/missing.jpg": "http_error",
+        f"{host}/img/broken.jpg": "http_error",
+        "train.csv#line-13": "bad_row",
+        "../outside.jpg": "unsafe_member",
+        f"{s3_bucket[5:]}/dogs/none.jpg": "vanished",
+    }
     details = {r["path"]: r["detail"] for r in contract.read_rejects(report.dest).to_pylist()}
     assert "HTTP 404" in details[f"{host}/img/missing.jpg"] and "HTTP 500" in details[f"{host}/img/broken.jpg"]
     assert "line 13" in details["train.csv#line-13"]
@@ -257,16 +266,24 @@ def test_a_csv_of_uris_and_labels_fetches_each_entry_and_makes_each_failure_a_re
 def test_a_jsonl_list_under_a_pipelines_policy_refuses_local_and_loopback_entries_as_rejects(site, s3_bucket, tmp_path):
     site.bodies["/a.jpg"] = jpeg(seed=1)
     storage.write_bytes(f"{s3_bucket}/b.jpg", jpeg(seed=2))
-    entries = [{"uri": f"{s3_bucket}/b.jpg", "label": "b"}, {"url": f"{site.base}/a.jpg", "label": "a"},
-               {"uri": "file:///etc/hostname", "label": "x"}, {"label": "no uri"}]  # fmt: skip
+    entries = [
+        {"uri": f"{s3_bucket}/b.jpg", "label": "b"},
+        {"url": f"{site.base}/a.jpg", "label": "a"},
+        {"uri": "file:///etc/hostname", "label": "x"},
+        {"label": "no uri"},
+    ]
     listed = f"{s3_bucket}/lists/train.jsonl"
     storage.write_bytes(listed, ("\n".join(json.dumps(e) for e in entries) + "\nnot json\n").encode())
     policy = SourcePolicy.from_env({})  # what the kfp component uses: https and s3, public addresses only
     report = download(listed, f"{s3_bucket}/out/download", FAST, policy=policy)
     assert {p: r["label"] for p, r in rows(report.dest).items()} == {f"{s3_bucket[5:]}/b.jpg": "b"}
     refused = rejects(report.dest)
-    assert refused == {f"{site.base.removeprefix('http://')}/a.jpg": "source_refused", "etc/hostname": "source_refused",
-                       "train.jsonl#line-4": "bad_row", "train.jsonl#line-5": "bad_row"}  # fmt: skip
+    assert refused == {
+        f"{site.base.removeprefix('http://')}/a.jpg": "source_refused",
+        "etc/hostname": "source_refused",
+        "train.jsonl#line-4": "bad_row",
+        "train.jsonl#line-5": "bad_row",
+    }
     assert site.log == [], "nothing was sent to a refused address"
     reconciles(report, report.dest)
 
@@ -295,15 +312,25 @@ def _shard(samples: dict[str, dict[str, bytes]]) -> bytes:
 
 
 def test_webdataset_shards_from_a_brace_pattern_keep_their_classes(s3_bucket):
-    storage.write_bytes(f"{s3_bucket}/wds/train-000.tar", _shard({
-        "s/000": {"jpg": jpeg(seed=1), "cls": b"3"},
-        "s/001": {"png": png_in_jpg(seed=2)[:0] or jpeg(seed=2), "json": b'{"label": "tabby"}'},
-        "s/002": {"cls": b"1"},  # no image
-    }))  # fmt: skip
-    storage.write_bytes(f"{s3_bucket}/wds/train-001.tar", _shard({
-        "s/003": {"jpg": jpeg(seed=3), "txt": b"siamese", "json": b"{}"},
-        "s/004": {"jpg": jpeg(seed=4)},  # no class
-    }))  # fmt: skip
+    storage.write_bytes(
+        f"{s3_bucket}/wds/train-000.tar",
+        _shard(
+            {
+                "s/000": {"jpg": jpeg(seed=1), "cls": b"3"},
+                "s/001": {"png": png_in_jpg(seed=2)[:0] or jpeg(seed=2), "json": b'{"label": "tabby"}'},
+                "s/002": {"cls": b"1"},  # no image
+            }
+        ),
+    )
+    storage.write_bytes(
+        f"{s3_bucket}/wds/train-001.tar",
+        _shard(
+            {
+                "s/003": {"jpg": jpeg(seed=3), "txt": b"siamese", "json": b"{}"},
+                "s/004": {"jpg": jpeg(seed=4)},  # no class
+            }
+        ),
+    )
     report = download(f"{s3_bucket}/wds/train-{{000..001}}.tar", f"{s3_bucket}/out/download", FAST)
     assert {p: r["label"] for p, r in rows(report.dest).items()} == {"s/000.jpg": "3", "s/001.png": "tabby", "s/003.jpg": "siamese"}
     assert rejects(report.dest) == {"s/002": "sample_without_image", "s/004.jpg": "no_label"}
@@ -351,7 +378,8 @@ def test_a_hugging_face_parquet_dataset_keeps_its_labels_and_class_names(hf_data
     report = download([str(path), str(tmp_path / "broken.parquet")], str(tmp_path / "out"), FAST)
     got = rows("file://" + str(tmp_path / "out"))
     assert {p: r["label"] for p, r in got.items() if p.startswith("train")} == {
-        f"train-00000-of-00001/{i:08d}-{i}.jpg": ["cat", "dog", "fox"][i % 3] for i in range(6)}  # fmt: skip
+        f"train-00000-of-00001/{i:08d}-{i}.jpg": ["cat", "dog", "fox"][i % 3] for i in range(6)
+    }
     assert got["train-00000-of-00001/00000000-0.jpg"]["bytes"] == images[0]
     assert rejects("file://" + str(tmp_path / "out")) == {"broken/00000004-4.jpg": "no_label", "broken/00000005-5.jpg": "no_label"}
     (first, _) = contract.read_manifest("file://" + str(tmp_path / "out"))["extra"]["sources"]
@@ -377,7 +405,10 @@ def test_a_tar_of_per_class_tars_is_opened_one_level_with_classes_from_the_inner
     report = download(str(path), str(tmp_path / "out"), FAST)
     got = rows("file://" + str(tmp_path / "out"))
     assert {p: r["label"] for p, r in got.items()} == {
-        **{f"n0{c}/n0{c}_{i}.JPEG": f"n0{c}" for c in range(2) for i in range(3)}, "n02/ok.jpg": "n02", "README": None}  # fmt: skip
+        **{f"n0{c}/n0{c}_{i}.JPEG": f"n0{c}" for c in range(2) for i in range(3)},
+        "n02/ok.jpg": "n02",
+        "README": None,
+    }
     assert rejects("file://" + str(tmp_path / "out")) == {"n02/x.tar": "nested_archive"}
     reconciles(report, "file://" + str(tmp_path / "out"))
 

@@ -172,9 +172,7 @@ def test_a_link_local_literal_is_refused_as_a_source(policy: str, uri: str, no_m
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_a_host_name_resolving_to_link_local_is_refused_before_connecting(
-    policy: str, monkeypatch: pytest.MonkeyPatch, no_metadata: list
-) -> None:
+def test_a_host_name_resolving_to_link_local_is_refused_before_connecting(policy: str, monkeypatch: pytest.MonkeyPatch, no_metadata: list) -> None:
     real = socket.getaddrinfo
 
     def resolver(host, port, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202

@@ -219,9 +219,7 @@ def test_same_seed_gives_identical_bytes(small: Generated, tmp_path: Path) -> No
     for name in ("images.tar.gz", "annotations.tar.gz", "synth.json"):
         assert (again.root / name).read_bytes() == (small.root / name).read_bytes(), name
     other = _generate(tmp_path / "other", dataclasses.replace(SMALL, seed=4))
-    assert (other.root / "images.tar.gz").read_bytes() != (
-        small.root / "images.tar.gz"
-    ).read_bytes()
+    assert (other.root / "images.tar.gz").read_bytes() != (small.root / "images.tar.gz").read_bytes()
     shared = set(other.images) & set(small.images)
     assert shared and all(other.images[p] != small.images[p] for p in shared if p.endswith(".jpg"))
 
@@ -232,9 +230,7 @@ def test_archives_are_reproducible_in_form(small: Generated) -> None:
         assert raw[:2] == b"\x1f\x8b" and raw[4:8] == b"\0\0\0\0"  # gzip mtime 0
     names = [i.name for i in small.image_infos]
     assert names == sorted(names)
-    assert all(
-        i.isfile() and i.uid == i.gid == 0 and i.uname == i.gname == "" for i in small.image_infos
-    )
+    assert all(i.isfile() and i.uid == i.gid == 0 and i.uname == i.gname == "" for i in small.image_infos)
     assert len({i.mtime for i in small.image_infos}) == 1
 
 
@@ -255,11 +251,7 @@ def test_counts_reconcile(small: Generated) -> None:
     assert meta["config"] == dataclasses.asdict(cfg)
     assert Counter(meta["quirks"].values()) == Counter(QUIRK_COUNTS)
     assert meta["quirks"] == small.report.quirks
-    assert meta["expected_rejects"] == {
-        p: EXPECTED_REJECT_REASONS[k]
-        for p, k in meta["quirks"].items()
-        if k in EXPECTED_REJECT_REASONS
-    }
+    assert meta["expected_rejects"] == {p: EXPECTED_REJECT_REASONS[k] for p, k in meta["quirks"].items() if k in EXPECTED_REJECT_REASONS}
     assert Counter(meta["expected_rejects"].values()) == {
         "truncated": 2,
         "not_an_image": 2,
@@ -273,9 +265,7 @@ def test_counts_reconcile(small: Generated) -> None:
     assert per_class == {b: cfg.per_class for b in meta["classes"]}
     assert {_number(p) for p in kept} == set(range(1, cfg.per_class + 1))
     assert all(_number(p) > cfg.per_class for p in meta["expected_rejects"])
-    assert small.report.summary().startswith(
-        f"synth: {len(kept)} images in {len(small.images)} files"
-    )
+    assert small.report.summary().startswith(f"synth: {len(kept)} images in {len(small.images)} files")
 
 
 def test_valid_images_decode_within_size_bounds(small: Generated) -> None:
@@ -454,9 +444,7 @@ def _head_boxes(g: Generated) -> list[tuple[int, int, tuple[int, int, int, int]]
         if name.endswith(".xml"):
             root = ET.fromstring(data)
             size = [int(root.findtext(f"size/{k}")) for k in ("width", "height")]
-            box = tuple(
-                int(root.findtext(f"object/bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")
-            )
+            box = tuple(int(root.findtext(f"object/bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
             out.append((size[0], size[1], box))
     return out
 
@@ -482,20 +470,14 @@ def test_sample_elongated_size_is_wide_or_tall() -> None:
     assert min(aspects) >= 1.59 and max(aspects) <= 2.21
     assert 0.35 < np.mean([w > h for w, h in sizes]) < 0.65, "both orientations, about evenly"
     # Bounds that leave no room for the ratio still hold.
-    assert all(
-        100 <= s <= 120
-        for i in range(50)
-        for s in sample_elongated_size(np.random.default_rng(i), 100, 120)
-    )
+    assert all(100 <= s <= 120 for i in range(50) for s in sample_elongated_size(np.random.default_rng(i), 100, 120))
 
 
 def test_off_centre_objects_stay_in_frame_with_a_correct_head_box() -> None:
     for c in range(12):
         for n in range(1, 6):
             rng = image_rng(0, c, n)
-            img, (x0, y0, x1, y1) = render_image(
-                c, rng, sample_elongated_size(rng), off_centre=True
-            )
+            img, (x0, y0, x1, y1) = render_image(c, rng, sample_elongated_size(rng), off_centre=True)
             assert_box_on_the_object(img, (x0, y0, x1, y1), c, n)
 
 
@@ -506,16 +488,12 @@ def test_off_centre_end_band_placement_keeps_the_object_in_frame() -> None:
     for i in range(tries):
         rng = np.random.default_rng(i)
         width, height = sample_elongated_size(rng)
-        side = int(
-            min(width, height) * rng.uniform(0.25, 0.45) * 1.415
-        )  # up to the largest rotated object
+        side = int(min(width, height) * rng.uniform(0.25, 0.45) * 1.415)  # up to the largest rotated object
         w, h = (side, int(side * 0.9)) if i % 2 else (int(side * 0.9), side)
         x, y = _end_band_position(rng, (width, height), (w, h))
         assert 0 <= x <= width - w and 0 <= y <= height - h, (width, height, w, h, x, y)
         # Where the object's centre sits along the long axis, against the central square.
-        length, across, centre = (
-            (width, height, x + w / 2) if width >= height else (height, width, y + h / 2)
-        )
+        length, across, centre = (width, height, x + w / 2) if width >= height else (height, width, y + h / 2)
         outside += not (length - across) / 2 <= centre <= (length + across) / 2
     # Half go to an end band (centred there, or as far out as they fit); some of the rest land outside too.
     assert 0.5 <= outside / tries <= 0.8, outside / tries
@@ -540,9 +518,7 @@ def test_off_centre_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
     for name in ("images.tar.gz", "annotations.tar.gz", "synth.json"):
         assert (again.root / name).read_bytes() == (first.root / name).read_bytes(), name
     plain = _generate(tmp_path / "plain", SMALL)
-    assert (plain.root / "images.tar.gz").read_bytes() != (
-        first.root / "images.tar.gz"
-    ).read_bytes()
+    assert (plain.root / "images.tar.gz").read_bytes() != (first.root / "images.tar.gz").read_bytes()
     assert set(plain.images) == set(first.images) and plain.meta["quirks"] == first.meta["quirks"]
 
 
@@ -550,7 +526,5 @@ def test_synth_cli_flag() -> None:
     from imgpipe.cli import build_parser
     from imgpipe.config import flag_overrides
 
-    assert flag_overrides(build_parser().parse_args(["synth", "out", "--off-centre"])) == {
-        "off_centre": True
-    }
+    assert flag_overrides(build_parser().parse_args(["synth", "out", "--off-centre"])) == {"off_centre": True}
     assert flag_overrides(build_parser().parse_args(["synth", "out"])) == {}

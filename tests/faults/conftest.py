@@ -173,4 +173,3 @@ def figures(request: pytest.FixtureRequest):
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-

@@ -42,14 +42,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
 FAULT_KINDS = ("slowdown", "reset", "stall")
-_SLOWDOWN_BODY = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-    b"<Message>Please reduce your request rate.</Message></Error>"
-)
-_ACCESS_DENIED_BODY = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-    b"<Message>Access Denied</Message></Error>"
-)
+_SLOWDOWN_BODY = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>'
+_ACCESS_DENIED_BODY = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and the ones rewritten here.
 _DROP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "content-length"}
 
@@ -113,9 +107,7 @@ class FaultProxy:
         policy: Answer like SeaweedFS 4.00 for a key limited to this prefix (policy mode).
     """
 
-    def __init__(
-        self, upstream: str, rate: float = 0.0, seed: int = 0, stall_s: float = 1.0, policy: PrefixPolicy | None = None
-    ) -> None:
+    def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, stall_s: float = 1.0, policy: PrefixPolicy | None = None) -> None:
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname, parsed.port)
         self.policy = policy
@@ -202,10 +194,8 @@ class FaultProxy:
                 for name, value in headers:
                     if name.lower() not in _DROP:
                         self.send_header(name, value)
-                if self.command == "HEAD":  # no body, but the length of the one a GET would get
-                    length = next((v for k, v in headers if k.lower() == "content-length"), "0")
-                else:
-                    length = str(len(body))
+                # HEAD: no body, but the length of the one a GET would get
+                length = next((v for k, v in headers if k.lower() == "content-length"), "0") if self.command == "HEAD" else str(len(body))
                 self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":

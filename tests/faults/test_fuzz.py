@@ -92,9 +92,7 @@ def test_mutated_images_are_kept_or_rejected_with_a_reason(tmp_path, s3_endpoint
     dl, cl, rs = (storage.join(root, s) for s in ("download", "clean", "resize"))
     runs = {
         "download": runner.run("download", archive, dl, timeout=STEP_TIMEOUT_S).check(),
-        "clean": runner.run(
-            "clean", dl, cl, "--workers", "2", "--set", f"image_timeout_s={IMAGE_TIMEOUT_S}", timeout=STEP_TIMEOUT_S
-        ).check(),
+        "clean": runner.run("clean", dl, cl, "--workers", "2", "--set", f"image_timeout_s={IMAGE_TIMEOUT_S}", timeout=STEP_TIMEOUT_S).check(),
         "resize": runner.run("resize", cl, rs, "--size", "32", timeout=STEP_TIMEOUT_S).check(),
     }
     manifests = {s: contract.read_manifest(p) for s, p in (("download", dl), ("clean", cl), ("resize", rs))}

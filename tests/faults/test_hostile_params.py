@@ -98,11 +98,9 @@ def test_the_audits_review_file_runs_no_formulas_and_clean_reads_it_back():
 
     hostile = "=cmd|' -C calc'!A0"
     suspects = [
-        {"path": f"{hostile}/1.jpg", "suggested_label": hostile, "given_label": "@SUM(1+1)", "label_quality": 0.01,
-         "suggested_prob": 0.9},
+        {"path": f"{hostile}/1.jpg", "suggested_label": hostile, "given_label": "@SUM(1+1)", "label_quality": 0.01, "suggested_prob": 0.9},
         {"path": "+x/2.jpg", "suggested_label": "-1", "given_label": "\tcat", "label_quality": 0.2, "suggested_prob": 0.5},
-        {"path": "plain/3.jpg", "suggested_label": "'quoted", "given_label": "dog", "label_quality": 0.3,
-         "suggested_prob": 0.4},
+        {"path": "plain/3.jpg", "suggested_label": "'quoted", "given_label": "dog", "label_quality": 0.3, "suggested_prob": 0.4},
     ]
     text = _overrides_csv(suspects)
     cells = [c for row in csv.reader(io.StringIO(text)) for c in row]

@@ -42,11 +42,15 @@ HEALTHZ = "/apis/v2beta1/healthz"
 # main.go's healthz handler at 2.15.0 and 2.16.0 (a literal JSON string).
 HEALTHZ_BODY = {
     "type": "object",
-    "properties": {"commit_sha": {"type": "string"}, "tag_name": {"type": "string"}, "multi_user": {"type": "boolean"},
-                   "pipeline_store": {"type": "string"}},
+    "properties": {
+        "commit_sha": {"type": "string"},
+        "tag_name": {"type": "string"},
+        "multi_user": {"type": "boolean"},
+        "pipeline_store": {"type": "string"},
+    },
     "required": ["commit_sha", "tag_name", "multi_user", "pipeline_store"],
     "additionalProperties": False,
-}  # fmt: skip
+}
 # pipeline_upload_server.go writeErrorToResponse: apiv1beta1.Error with these statuses.
 UPLOAD_ERROR = {
     "type": "object",
@@ -162,4 +166,3 @@ class KfpContract:
 def contract(version: str) -> KfpContract:
     """The contract of KFP ``version`` (loaded once)."""
     return KfpContract(version)
-

@@ -214,7 +214,13 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                 return 200, {"commit_sha": "unknown", "tag_name": fake.version, "multi_user": fake.multi_user, "pipeline_store": "database"}
             case "GET", ["pipelines"]:
                 namespace = q.get("namespace", "")
-                check(user, "list", "pipelines", namespace, context=f"Failed to list pipelines due to authorization error. Check if you have read permission to namespace {namespace}")
+                check(
+                    user,
+                    "list",
+                    "pipelines",
+                    namespace,
+                    context=f"Failed to list pipelines due to authorization error. Check if you have read permission to namespace {namespace}",
+                )
                 found = _matching(fake.pipelines, q, namespace=namespace if fake.multi_user else None)
                 return 200, {"pipelines": found, "total_size": len(found)}
             case "POST", ["pipelines", "upload"]:
@@ -224,12 +230,19 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                     return 400, "Invalid input error: Namespace is required for pipeline operations"
                 check(user, "create", "pipelines", namespace, context="", upload="Failed to create a pipeline")
                 pipeline = {
-                    "pipeline_id": fake.new_id("p"), "display_name": q["name"], "description": q.get("description"),
+                    "pipeline_id": fake.new_id("p"),
+                    "display_name": q["name"],
+                    "description": q.get("description"),
                     "namespace": namespace,
-                }  # fmt: skip
+                }
                 fake.pipelines.append(pipeline)
                 fake.versions.append(
-                    {"pipeline_id": pipeline["pipeline_id"], "pipeline_version_id": fake.new_id("v"), "display_name": q["name"], "package": body["uploadfile"]}
+                    {
+                        "pipeline_id": pipeline["pipeline_id"],
+                        "pipeline_version_id": fake.new_id("v"),
+                        "display_name": q["name"],
+                        "package": body["uploadfile"],
+                    }
                 )
                 return 200, pipeline
             case "POST", ["pipelines", "upload_version"]:
@@ -245,7 +258,14 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                 return 200, {k: v for k, v in version.items() if k != "package"}
             case "GET", ["pipelines", pid, "versions"]:
                 namespace = pipeline_namespace(pid)
-                check(user, "list", "pipelines", namespace, context=f"Failed to list pipeline versions due to authorization error. Check if you have read permission to namespace {namespace}")
+                check(
+                    user,
+                    "list",
+                    "pipelines",
+                    namespace,
+                    context="Failed to list pipeline versions due to authorization error. "
+                    f"Check if you have read permission to namespace {namespace}",
+                )
                 found = [{k: v for k, v in x.items() if k != "package"} for x in _matching(fake.versions, q, pipeline_id=pid)]
                 return 200, {"pipeline_versions": found[: int(q.get("page_size") or 10)], "total_size": len(found)}
             case "GET", ["experiments"]:
@@ -254,26 +274,52 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
             case "POST", ["experiments"]:
                 if fake.multi_user and not body.get("namespace"):
                     return _invalid("Failed to authorize the request: An experiment cannot have an empty namespace in multi-user mode")
-                check(user, "create", "experiments", body.get("namespace", ""), body.get("display_name", ""), context="Failed to authorize the request: Failed to authorize with API")
+                check(
+                    user,
+                    "create",
+                    "experiments",
+                    body.get("namespace", ""),
+                    body.get("display_name", ""),
+                    context="Failed to authorize the request: Failed to authorize with API",
+                )
                 experiment = {**body, "experiment_id": fake.new_id("e")}
                 fake.experiments.append(experiment)
                 return 200, experiment
             case "GET", ["runs"]:
                 namespace = experiment_namespace(q.get("experiment_id"))
-                check(user, "list", "runs", namespace, context=f"Failed to list runs due to authorization error. Check if you have permission to access namespace {namespace}")
+                check(
+                    user,
+                    "list",
+                    "runs",
+                    namespace,
+                    context=f"Failed to list runs due to authorization error. Check if you have permission to access namespace {namespace}",
+                )
                 return 200, {"runs": _matching(fake.runs, q, experiment_id=q.get("experiment_id"))}
             case "POST", ["runs"]:
                 if fake.multi_user and not body.get("experiment_id"):
                     return _invalid("Experiment id can not be empty in multi-user mode")
                 namespace = _namespace_of(body)
-                check(user, "create", "runs", namespace, context=f"Failed to create a run due to authorization error. Check if you have write permissions to namespace {namespace}")
+                check(
+                    user,
+                    "create",
+                    "runs",
+                    namespace,
+                    context=f"Failed to create a run due to authorization error. Check if you have write permissions to namespace {namespace}",
+                )
                 run = {**body, "run_id": fake.new_id("r"), "state": "PENDING"}  # v2beta1Run has no namespace: its experiment's
                 fake.runs.append(run)
                 return 200, run
             case "GET", ["runs", run_id]:
                 run = next(r for r in fake.runs if r["run_id"] == run_id)
                 namespace = _namespace_of(run)
-                check(user, "get", "runs", namespace, run_id, context=f"Failed to access run {run_id}. Check if you have access to namespace {namespace}")
+                check(
+                    user,
+                    "get",
+                    "runs",
+                    namespace,
+                    run_id,
+                    context=f"Failed to access run {run_id}. Check if you have access to namespace {namespace}",
+                )
                 return 200, {**run, "state": fake.run_state}
             case "GET", ["recurringruns"]:
                 check(user, "list", "jobs", experiment_namespace(q.get("experiment_id")), context="Failed to authorize with API")
@@ -282,7 +328,9 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                 if fake.multi_user and not body.get("experiment_id"):
                     return _invalid("Experiment id can not be empty in multi-user mode")
                 check(user, "create", "jobs", _namespace_of(body), context="Failed to authorize with API")
-                rr = contract(fake.version).as_served("v2beta1RecurringRun", {**body, "recurring_run_id": fake.new_id("rr"), "namespace": _namespace_of(body)})
+                rr = contract(fake.version).as_served(
+                    "v2beta1RecurringRun", {**body, "recurring_run_id": fake.new_id("rr"), "namespace": _namespace_of(body)}
+                )
                 fake.recurring.append(rr)
                 return 200, rr
             case "DELETE", ["recurringruns", rr_id]:

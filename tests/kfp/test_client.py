@@ -321,9 +321,16 @@ def test_the_retrain_role_grants_exactly_what_the_submitter_calls(as_retrain_sub
 
 @pytest.mark.parametrize(
     ("resource", "verb"),
-    [("pipelines", "list"), ("pipelines", "create"), ("experiments", "list"), ("experiments", "create"),
-     ("runs", "list"), ("runs", "create"), ("runs", "get")],
-)  # fmt: skip
+    [
+        ("pipelines", "list"),
+        ("pipelines", "create"),
+        ("experiments", "list"),
+        ("experiments", "create"),
+        ("runs", "list"),
+        ("runs", "create"),
+        ("runs", "get"),
+    ],
+)
 def test_each_permission_of_the_retrain_role_is_needed(resource, verb, as_retrain_submitter, package, team_a_rbac):
     """Without one verb the submitter stops at that call with one line naming it, no traceback."""
     host, fake = as_retrain_submitter
@@ -341,8 +348,11 @@ def test_a_refused_version_upload_names_pipelines_not_versions(as_retrain_submit
     host, fake = as_retrain_submitter
     fake.pipelines.append({"pipeline_id": "p-team-a", "display_name": "imgpipe", "namespace": "team-a"})
     fake.authorizer = rbac.Authorizer(rbac.without_verb(team_a_rbac, "imgpipe-retrain", "pipelines", "create"))
-    with pytest.raises(RuntimeError, match=r"refused to upload version imgpipe-\w+ of pipeline 'imgpipe' \(HTTP 400 'Failed to create a pipeline version'"
-                                           r".*may not create pipelines\.pipelines\.kubeflow\.org in namespace team-a"):  # fmt: skip
+    with pytest.raises(
+        RuntimeError,
+        match=r"refused to upload version imgpipe-\w+ of pipeline 'imgpipe' \(HTTP 400 'Failed to create a pipeline version'"
+        r".*may not create pipelines\.pipelines\.kubeflow\.org in namespace team-a",
+    ):
         retrain_submit(host, package)
     assert fake.reviews[-1] == rbac.Request("create", "pipelines.kubeflow.org", "pipelines", "team-a")
 
@@ -358,7 +368,9 @@ def test_the_fake_answers_a_refusal_as_the_api_server_does(kfp_server, team_a_rb
     body = answer.json()
     assert body["code"] == 7 and "User 'system:serviceaccount:team-a:default-editor' is not authorized" in body["message"]
     assert "Verb:list,Group:pipelines.kubeflow.org,Version:v1beta1,Resource:experiments," in body["message"]
-    answer = requests.post(f"{host}{API}/pipelines/upload", params={"name": "p", "namespace": "team-a"}, files={"uploadfile": b"x"}, headers=default_editor, timeout=10)
+    answer = requests.post(
+        f"{host}{API}/pipelines/upload", params={"name": "p", "namespace": "team-a"}, files={"uploadfile": b"x"}, headers=default_editor, timeout=10
+    )
     assert answer.status_code == 400 and answer.json()["error_message"] == "Failed to create a pipeline"
     answer = requests.get(f"{host}{API}/experiments", params={"namespace": "team-a"}, timeout=10)
     assert answer.status_code == 401 and answer.json()["code"] == 16, "no token: no identity"
@@ -373,6 +385,9 @@ def test_a_user_without_jobs_rights_is_told_so_by_schedule(kfp_server, package, 
     token = tmp_path / "token"
     token.write_text(rbac.service_account_token("team-a", RETRAIN_ACCOUNT))
     monkeypatch.setenv(kfp_client.SA_TOKEN_PATH_ENV, str(token))
-    with pytest.raises(RuntimeError, match=r"refused to look for recurring run 'imgpipe-retrain' \(HTTP 403 PermissionDenied\): "
-                                           r"service account team-a/imgpipe-retrain may not list jobs\.pipelines\.kubeflow\.org in namespace team-a"):  # fmt: skip
+    with pytest.raises(
+        RuntimeError,
+        match=r"refused to look for recurring run 'imgpipe-retrain' \(HTTP 403 PermissionDenied\): "
+        r"service account team-a/imgpipe-retrain may not list jobs\.pipelines\.kubeflow\.org in namespace team-a",
+    ):
         kfp_client.schedule("0 0 3 * * *", ["data_root=s3://b"], target=Target(host=host, namespace="team-a"), package=package)

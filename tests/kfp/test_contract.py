@@ -39,8 +39,7 @@ def test_each_vendored_swagger_is_the_upstream_file_at_its_tag(version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_what_the_server_serves_passes(version):
     kfp = contract(version)
-    run = {"run_id": "r1", "display_name": "x", "experiment_id": "e1", "state": "PENDING",
-           "runtime_config": {"parameters": {"epochs": 3}}}  # fmt: skip
+    run = {"run_id": "r1", "display_name": "x", "experiment_id": "e1", "state": "PENDING", "runtime_config": {"parameters": {"epochs": 3}}}
     assert kfp.check("GET", f"{RUNS}/r1", {}, None, 200, run) == []
     assert kfp.check("POST", RUNS, {}, {"display_name": "x", "experiment_id": "e1"}, 200, run) == []
     assert kfp.check("POST", f"{RUNS}/r1:terminate", {}, None, 200, {}) == []
@@ -72,7 +71,6 @@ def test_what_the_server_would_not_do_is_refused(version):
     assert "is not an integer" in " ".join(kfp.check("GET", PIPELINES, {"page_size": "ten"}, None, 200, {}))
     upload = f"{PIPELINES}/upload"
     assert kfp.check("POST", upload, {}, None, 403, {"error_message": "x"}), "the upload handler answers 400, 409 or 500"
-
 
 
 VENDORED = sorted(p for p in CONTRACTS.parent.rglob("*") if p.is_file() and p.name != "README.md")

@@ -112,14 +112,16 @@ def test_an_overlay_sets_the_image_everywhere(tmp_path, validators):
     if kubectl is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed")
     (tmp_path / "kustomization.yaml").write_text(
-        yaml.safe_dump({
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "namespace": "ml",
-            "components": [os.path.relpath(K8S, tmp_path), os.path.relpath(K8S.parent / "ray-shared", tmp_path)],
-            "images": [{"name": "imgpipe-ray", "newName": "registry.example.com/imgpipe-ray", "newTag": "0.1.0"}],
-        })
-    )  # fmt: skip
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "namespace": "ml",
+                "components": [os.path.relpath(K8S, tmp_path), os.path.relpath(K8S.parent / "ray-shared", tmp_path)],
+                "images": [{"name": "imgpipe-ray", "newName": "registry.example.com/imgpipe-ray", "newTag": "0.1.0"}],
+            }
+        )
+    )
     rendered = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60, check=True)
     docs = list(yaml.safe_load_all(rendered.stdout))
     assert sorted(d["kind"] for d in docs) == ["RayCluster", "RayJob"]
@@ -366,8 +368,12 @@ class FakeCustomObjects:
 
     def put(self, namespace, name, deployment, job="", entrypoint="", reason="", message=""):
         status = {"jobDeploymentStatus": deployment, "jobStatus": job, "reason": reason, "message": message}
-        self.objects[(namespace, name)] = {"metadata": {"name": name, "namespace": namespace},
-                                           "spec": {"entrypoint": entrypoint}, "status": status, "_steps": []}  # fmt: skip
+        self.objects[(namespace, name)] = {
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"entrypoint": entrypoint},
+            "status": status,
+            "_steps": [],
+        }
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         self._check(group, version, plural)
@@ -405,17 +411,34 @@ def run_args(tmp_path, monkeypatch):
     template = kuberay.load_template(K8S / "rayjob-resize.yaml")
     cfg = ResizeConfig(size=16, ray_address="kuberay://ml")
     job_cfg = kuberay._sized_for_autoscaling(ResizeConfig(size=16), template, None, "cpu")
-    return dict(source=source, dest=dest, cfg=cfg, template=template,
-                base=ray_jobs.job_id("resize", source, dest, job_cfg, "run-7"), entrypoint=step_entrypoint("resize", source, dest, job_cfg))  # fmt: skip
+    return dict(
+        source=source,
+        dest=dest,
+        cfg=cfg,
+        template=template,
+        base=ray_jobs.job_id("resize", source, dest, job_cfg, "run-7"),
+        entrypoint=step_entrypoint("resize", source, dest, job_cfg),
+    )
 
 
 def run(api, run_args, **kwargs):
     out = io.StringIO()
     core_api = api if hasattr(api, "list_namespaced_pod") else kuberay.NO_LOGS
     report = kuberay.run_step_rayjob(
-        "resize", run_args["source"], run_args["dest"], run_args["cfg"], namespace="ml", run_id="run-7", api=api,
-        core_api=core_api, template=run_args["template"], image="reg/imgpipe-ray:1", poll_s=0, out=out, **kwargs,
-    )  # fmt: skip
+        "resize",
+        run_args["source"],
+        run_args["dest"],
+        run_args["cfg"],
+        namespace="ml",
+        run_id="run-7",
+        api=api,
+        core_api=core_api,
+        template=run_args["template"],
+        image="reg/imgpipe-ray:1",
+        poll_s=0,
+        out=out,
+        **kwargs,
+    )
     return report, out.getvalue()
 
 
@@ -465,8 +488,9 @@ def test_failed_rayjob_raises_with_its_message_and_a_retry_makes_a_new_attempt(r
 
 
 def test_deployment_failure_is_terminal_too():
-    state, text = kuberay.rayjob_state({"status": {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded",
-                                                   "message": "activeDeadlineSeconds passed"}})  # fmt: skip
+    state, text = kuberay.rayjob_state(
+        {"status": {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "activeDeadlineSeconds passed"}}
+    )
     assert state == "failed" and "reason=DeadlineExceeded" in text
     assert kuberay.rayjob_state({"status": {"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}})[0] == "failed"
     assert kuberay.rayjob_state({"status": {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}})[0] == "active"
@@ -509,7 +533,12 @@ def test_kuberay_address_picks_the_namespace(run_args, monkeypatch):
 # with SubmissionFailed once the submitter Job gives up; activeDeadlineSeconds ends Failed/DeadlineExceeded.
 
 VALIDATION_FAILED = ("ValidationFailed", "", "ValidationFailed", "The RayJob spec is invalid: preRunningDeadlineSeconds must be a positive integer")
-HEAD_EVICTED = ("Failed", "", "SubmissionFailed", "Job submission has failed. Reason: BackoffLimitExceeded. Message: Job has reached the specified backoff limit")
+HEAD_EVICTED = (
+    "Failed",
+    "",
+    "SubmissionFailed",
+    "Job submission has failed. Reason: BackoffLimitExceeded. Message: Job has reached the specified backoff limit",
+)
 
 
 class FakeCluster(FakeCustomObjects):
@@ -527,7 +556,11 @@ class FakeCluster(FakeCustomObjects):
         if not self.objects[(namespace, name)]["_steps"] and self.final and name != "imgpipe-resize":
             deployment, job, reason, message = self.final
             self.objects[(namespace, name)]["status"] = obj["status"] = {
-                "jobDeploymentStatus": deployment, "jobStatus": job, "reason": reason, "message": message}  # fmt: skip
+                "jobDeploymentStatus": deployment,
+                "jobStatus": job,
+                "reason": reason,
+                "message": message,
+            }
         return obj
 
     # CoreV1Api: the submitter Job's pod (label job-name=<rayjob>) and its log.
@@ -575,10 +608,21 @@ def test_every_wait_has_a_deadline_from_the_rayjobs_own_deadlines(run_args):
 
     with pytest.raises(TimeoutError, match="keeps running"):
         kuberay.run_step_rayjob(
-            "resize", run_args["source"], run_args["dest"], run_args["cfg"], namespace="ml", run_id="run-7", api=api,
-            core_api=api, template=run_args["template"], image="reg/imgpipe-ray:1", poll_s=600, out=io.StringIO(),
-            sleep=sleep, clock=lambda: now[0],
-        )  # fmt: skip
+            "resize",
+            run_args["source"],
+            run_args["dest"],
+            run_args["cfg"],
+            namespace="ml",
+            run_id="run-7",
+            api=api,
+            core_api=api,
+            template=run_args["template"],
+            image="reg/imgpipe-ray:1",
+            poll_s=600,
+            out=io.StringIO(),
+            sleep=sleep,
+            clock=lambda: now[0],
+        )
     assert expected <= now[0] < expected + 600
 
 
@@ -712,8 +756,11 @@ def test_a_refusal_names_the_account_the_api_server_saw(run_args, tmp_path):
         if doc["kind"] == "RoleBinding" and doc["metadata"]["name"] == "imgpipe-rayjobs":
             doc["subjects"] = [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "ml"}]
     api = FakeCluster(authorizer=rbac.Authorizer(docs))
-    with pytest.raises(RuntimeError, match=r"refused to read the RayJob template ml/imgpipe-resize \(403 Forbidden\): "
-                                           r"service account ml/imgpipe-pipeline may not get rayjobs\.ray\.io in namespace ml"):  # fmt: skip
+    with pytest.raises(
+        RuntimeError,
+        match=r"refused to read the RayJob template ml/imgpipe-resize \(403 Forbidden\): "
+        r"service account ml/imgpipe-pipeline may not get rayjobs\.ray\.io in namespace ml",
+    ):
         full_run(api, run_args)
 
 

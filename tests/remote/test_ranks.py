@@ -143,6 +143,7 @@ def test_two_cpu_ranks_through_the_train_components_own_code_path(tmp_path, monk
     # The next task, the promotion gate, takes the prefix the train task handed on.
     assert trained == out and kfp_artifacts.read_latest(data_root) is None, "train promotes nothing itself"
     kinds = {"model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}
-    promote_component.python_func(trained=trained, data_root=data_root, run_id="r2",
-                                  **{name: _artifact(cls, tmp_path / "promote" / name) for name, cls in kinds.items()})  # fmt: skip
+    promote_component.python_func(
+        trained=trained, data_root=data_root, run_id="r2", **{name: _artifact(cls, tmp_path / "promote" / name) for name, cls in kinds.items()}
+    )
     assert kfp_artifacts.read_latest(data_root)["run_id"] == "r2"

@@ -188,8 +188,14 @@ class FakeJobClient:
         if submission_id in self.jobs:
             raise RuntimeError(f"Request failed with status code 500: Job with submission_id {submission_id} already exists.")
         self.submitted.append(submission_id)
-        self.jobs[submission_id] = {"steps": list(self.script), "entrypoint": entrypoint, "message": "", "logs": self.log_text,
-                                    "runtime_env": runtime_env, "metadata": metadata}  # fmt: skip
+        self.jobs[submission_id] = {
+            "steps": list(self.script),
+            "entrypoint": entrypoint,
+            "message": "",
+            "logs": self.log_text,
+            "runtime_env": runtime_env,
+            "metadata": metadata,
+        }
         return submission_id
 
     def get_job_info(self, submission_id):
@@ -225,18 +231,33 @@ def job_args(tmp_path):
 
 def run(job_args, client, out, **kwargs):
     return ray_jobs.run_step_job(
-        "resize", job_args.source, job_args.dest, job_args.cfg,
-        address="http://head:8265", run_id="run-7", client=client, out=out, poll_s=0, **kwargs,
-    )  # fmt: skip
+        "resize",
+        job_args.source,
+        job_args.dest,
+        job_args.cfg,
+        address="http://head:8265",
+        run_id="run-7",
+        client=client,
+        out=out,
+        poll_s=0,
+        **kwargs,
+    )
 
 
 def test_log_lines_never_carry_the_password_of_a_cluster_address(job_args, caplog):
     address = "http://ops:s3cret@head:8265"
     with caplog.at_level("INFO", logger="imgpipe"), open(os.devnull, "w") as out:
         ray_jobs.run_step_job(
-            "resize", job_args.source, job_args.dest, job_args.cfg,
-            address=address, run_id="run-7", client=FakeJobClient(), out=out, poll_s=0,
-        )  # fmt: skip
+            "resize",
+            job_args.source,
+            job_args.dest,
+            job_args.cfg,
+            address=address,
+            run_id="run-7",
+            client=FakeJobClient(),
+            out=out,
+            poll_s=0,
+        )
     submitted = [m for m in caplog.messages if "submitted Ray job" in m]
     assert submitted and "http://head:8265 (credentials and query removed)" in submitted[0]
     assert not [m for m in caplog.messages if "s3cret" in m]
@@ -260,8 +281,11 @@ def test_fake_submits_streams_and_returns_the_committed_report(job_args, capsys)
 
 def test_fake_attaches_to_a_running_job_and_polls_when_the_websocket_drops(job_args, capsys):
     client = FakeJobClient(tail_fails=True)
-    client.add(job_args.base, "RUNNING", entrypoint=payload.step_entrypoint(
-        "resize", storage.normalize_uri(job_args.source), storage.normalize_uri(job_args.dest), job_args.job_cfg))  # fmt: skip
+    client.add(
+        job_args.base,
+        "RUNNING",
+        entrypoint=payload.step_entrypoint("resize", storage.normalize_uri(job_args.source), storage.normalize_uri(job_args.dest), job_args.job_cfg),
+    )
     client.jobs[job_args.base]["steps"] = ["RUNNING", "RUNNING", "SUCCEEDED"]
     report = run(job_args, client, sys.stdout)
     assert client.submitted == [] and report.step == "resize"
@@ -302,7 +326,6 @@ def test_fake_timeout_leaves_the_job_running(job_args):
 
 # Gated like every Ray test by the `ray` marker (tests/conftest.py).
 ray_test = pytest.mark.ray
-
 
 
 def _stop_process_group(proc: subprocess.Popen, temp_dir: str) -> None:
@@ -355,13 +378,33 @@ def ray_head():
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [
-                str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-                "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(port), "--include-dashboard", "true",
-                "--num-cpus", "2", "--object-store-memory", str(200 * 1024 * 1024), "--temp-dir", temp_dir,
+                str(bin_dir / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--disable-usage-stats",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(gcs_port),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(port),
+                "--include-dashboard",
+                "true",
+                "--num-cpus",
+                "2",
+                "--object-store-memory",
+                str(200 * 1024 * 1024),
+                "--temp-dir",
+                temp_dir,
             ],
-            stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {token_path.read_text()}"}
     try:
@@ -393,8 +436,7 @@ def jobs_env(ray_head, monkeypatch):
 
 
 def build_clean(root: str, n: int = 6) -> str:
-    members = {f"images/{name}_{i}.jpg": f.jpeg(48 + 3 * i, 40 + 2 * i, seed=i)
-               for i, name in enumerate(["cat", "dog"] * (n // 2))}  # fmt: skip
+    members = {f"images/{name}_{i}.jpg": f.jpeg(48 + 3 * i, 40 + 2 * i, seed=i) for i, name in enumerate(["cat", "dog"] * (n // 2))}
     download = write_download_output(storage.join(root, "download"), members)
     dest = storage.join(root, "clean")
     report = clean(download, dest, CleanConfig(workers=1, seed=1, rows_per_shard=4, row_group_rows=2))

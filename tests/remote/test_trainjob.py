@@ -60,9 +60,11 @@ TORCH_RESERVED = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MAST
 RUNNING = {"jobsStatus": [{"name": "node", "active": 2, "ready": 2, "succeeded": 0, "failed": 0, "suspended": 0}]}
 COMPLETE = {"type": "Complete", "status": "True", "reason": "AllJobsCompleted", "message": "jobset completed successfully"}
 FAILED = {
-    "type": "Failed", "status": "True", "reason": "FailedJobs",
+    "type": "Failed",
+    "status": "True",
+    "reason": "FailedJobs",
     "message": "jobset failed due to one or more job failures (first failed job: {name}-node-0)",
-}  # fmt: skip
+}
 SUCCESS = [RUNNING, COMPLETE]
 
 
@@ -150,8 +152,10 @@ class FakeTrainer:
             denials.append(f"unsupported runtime: {{kind: ClusterTrainingRuntime, name: {runtime}}}")
         reserved = [e for e in stored["spec"].get("trainer", {}).get("env", []) if e["name"] in TORCH_RESERVED]
         if reserved:
-            denials.append(f"spec.trainer.env: Invalid value: {json.dumps(reserved)}: must not have reserved envs, "
-                           f"invalid envs configured: [{' '.join(e['name'] for e in reserved)}]")  # fmt: skip
+            denials.append(
+                f"spec.trainer.env: Invalid value: {json.dumps(reserved)}: must not have reserved envs, "
+                f"invalid envs configured: [{' '.join(e['name'] for e in reserved)}]"
+            )
         if denials:
             raise self._status(403, "Forbidden", f'admission webhook "{WEBHOOK}" denied the request: {"; ".join(denials)}')
         return stored
@@ -203,8 +207,11 @@ class FakeTrainer:
 
 # What a GPU build compiles into the train task (pipelines/imgpipe_pipeline.py, _trainjob_settings).
 GPU_NODE = {"requests": {"cpu": "32", "memory": "48Gi"}, "limits": {"cpu": "32", "memory": "48Gi", "nvidia.com/gpu": "4"}}
-GPU_POD = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-           "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"}, "imagePullSecrets": [{"name": "regcred"}]}  # fmt: skip
+GPU_POD = {
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+    "imagePullSecrets": [{"name": "regcred"}],
+}
 
 
 @pytest.fixture
@@ -227,9 +234,19 @@ def setup(tmp_path, monkeypatch, trainjob_schema, base_rbac):
 def run(setup, api, **kwargs):
     stream = io.StringIO()
     report = trainjob.run_train_job(
-        setup["data"], setup["out"], setup["cfg"], procs=4, namespace="ml", run_id="run-9", api=api,
-        image="reg/imgpipe-gpu:1", secret="imgpipe-s3-credentials", poll_s=0, stream=stream, **kwargs,
-    )  # fmt: skip
+        setup["data"],
+        setup["out"],
+        setup["cfg"],
+        procs=4,
+        namespace="ml",
+        run_id="run-9",
+        api=api,
+        image="reg/imgpipe-gpu:1",
+        secret="imgpipe-s3-credentials",
+        poll_s=0,
+        stream=stream,
+        **kwargs,
+    )
     return report, stream.getvalue()
 
 
@@ -265,7 +282,11 @@ def test_the_trainjob_validates_against_each_trainer_and_carries_the_run(setup, 
     assert spec.get("activeDeadlineSeconds") == (trainjob.DEFAULT_ACTIVE_DEADLINE_S if trainer_release >= "v2.2" else None)
     meta, pod = _node_pod(body)
     assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}, "torch's rendezvous stays out of the mesh"
-    assert (pod["tolerations"], pod["nodeSelector"], pod["imagePullSecrets"]) == (GPU_POD["tolerations"], GPU_POD["nodeSelector"], GPU_POD["imagePullSecrets"])
+    assert (pod["tolerations"], pod["nodeSelector"], pod["imagePullSecrets"]) == (
+        GPU_POD["tolerations"],
+        GPU_POD["nodeSelector"],
+        GPU_POD["imagePullSecrets"],
+    )
     labels = body["metadata"]["labels"]
     assert labels["imgpipe.dev/step"] == "train" and labels["imgpipe.dev/run-id"] == "run-9"
     # The nodes ran the resolved config; the output is committed and the TrainJob deleted.
@@ -356,8 +377,11 @@ def test_409_attaches_to_the_trainjob_another_submitter_created(setup, trainer_r
     api = setup["fake"]()
     name = setup["base"]
     form = trainjob.API_FORMS[0] if trainer_release >= "v2.2" else trainjob.API_FORMS[1]
-    body = trainjob.build_trainjob(trainjob.TrainJobParams(name=name, namespace="ml", image="reg/x:1", nodes=2, procs_per_node=4,
-                                                           args=["-m", "imgpipe.remote", "train", "{}"], form=form))  # fmt: skip
+    body = trainjob.build_trainjob(
+        trainjob.TrainJobParams(
+            name=name, namespace="ml", image="reg/x:1", nodes=2, procs_per_node=4, args=["-m", "imgpipe.remote", "train", "{}"], form=form
+        )
+    )
     created, new = trainjob._create_or_attach(api, body)
     again, new_again = trainjob._create_or_attach(api, body)
     assert (new, new_again) == (True, False) and again["metadata"]["name"] == created["metadata"]["name"]
@@ -512,14 +536,21 @@ def test_each_permission_the_code_uses_is_needed(verb, setup, base_rbac, caplog)
 def test_kubeflow_edit_holds_the_trainjob_rights_where_trainer_is_installed():
     """Trainer v2.2.1's kubeflow-trainer-edit aggregates create/get/delete on trainjobs into kubeflow-edit."""
     trainer_edit = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
         "metadata": {"name": "kubeflow-trainer-edit", "labels": {"rbac.authorization.kubeflow.org/aggregate-to-kubeflow-edit": "true"}},
-        "rules": [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "patch", "get", "list", "watch", "delete"]}],
-    }  # fmt: skip
+        "rules": [
+            {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "patch", "get", "list", "watch", "delete"]}
+        ],
+    }
     role = yaml.safe_load((ROOT / "k8s" / "base" / "role-trainjobs.yaml").read_text())
-    owner = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "owner", "namespace": "ml"},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubeflow-edit"},
-             "subjects": [{"kind": "User", "name": "owner@example.com"}]}  # fmt: skip
+    owner = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "owner", "namespace": "ml"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubeflow-edit"},
+        "subjects": [{"kind": "User", "name": "owner@example.com"}],
+    }
     with_trainer = rbac.Authorizer([owner], cluster_roles=[*rbac.KUBEFLOW_CLUSTER_ROLES, trainer_edit])
     assert with_trainer.uncovered("owner@example.com", "ml", role["rules"]) == []
     without = rbac.Authorizer([owner], cluster_roles=rbac.KUBEFLOW_CLUSTER_ROLES)

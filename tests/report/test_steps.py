@@ -108,8 +108,12 @@ def test_clean_report_counts_histograms_thumbnails_and_rejects(outputs):
     m = report.metrics
     assert m["outputs"] == manifest["outputs"] == 3 * PER_CLASS
     assert {k: v for k, v in m.items() if k.startswith("rejected_")} == {
-        "rejected_duplicate": 1, "rejected_not_an_image": 1, "rejected_too_large": 1, "rejected_too_small": 1, "rejected_truncated": 1,
-    }  # fmt: skip
+        "rejected_duplicate": 1,
+        "rejected_not_an_image": 1,
+        "rejected_too_large": 1,
+        "rejected_too_small": 1,
+        "rejected_truncated": 1,
+    }
     assert m["classes"] == 3 and m["train_images"] + m["val_images"] + m["test_images"] == m["outputs"]
     chart = next(s for s in report.sections if isinstance(s, step_report.Chart))
     assert set(chart.series) == {"train", "val", "test"} and sorted(chart.categories) == sorted(HOSTILE)
@@ -273,9 +277,15 @@ def test_every_data_step_logs_its_phases(outputs, tmp_path, caplog):
     lines = [m for m in caplog.messages if re.fullmatch(r"(download|clean): [a-z ]+: .* \(\d+\.\d\d s, peak RSS \d+ MB\)", m)]
     phases = [tuple(m.split(": ")[:2]) for m in lines]
     assert phases == [
-        ("download", "fetch"), ("download", "dry run"), ("download", "extract"), ("download", "commit"),
-        ("clean", "plan"), ("clean", "decode"), ("clean", "write"), ("clean", "commit"),
-    ]  # fmt: skip
+        ("download", "fetch"),
+        ("download", "dry run"),
+        ("download", "extract"),
+        ("download", "commit"),
+        ("clean", "plan"),
+        ("clean", "decode"),
+        ("clean", "write"),
+        ("clean", "commit"),
+    ]
     assert "download: commit: outputs=23 rejected=2 files=1" in " ".join(lines)
 
 

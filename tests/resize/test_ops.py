@@ -272,7 +272,7 @@ def test_fast_path_close_to_reference(kind, mode, size, draft_calls):
 def test_draft_keeps_the_margin_over_the_needed_resolution(draft_calls):
     data = f.encode(f.photo(2000, 1500, seed=2), "JPEG", quality=90)
     resize_image(data, ResizeSpec(size=224, mode="short-side-crop"))
-    (original, request, (_, box)), = draft_calls
+    ((original, request, (_, box)),) = draft_calls
     # short side 1500 -> 256: the resize needs 256/1500 = 0.17 of the source, with the
     # 1.25 margin 0.21; the largest power-of-two reduction that keeps >= 0.21 is 1/4.
     assert original == (2000, 1500)

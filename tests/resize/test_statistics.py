@@ -62,9 +62,7 @@ def test_moments_are_exact_and_merge_in_any_order():
         merged_forward.merge(SplitStatistics.from_dict(part.to_dict()))  # as a task hands it back
     for part in reversed(parts):
         merged_backward.merge(part)
-    assert merged_forward.to_dict() == merged_backward.to_dict() == whole.to_dict(), (
-        "integer sums: no rounding"
-    )
+    assert merged_forward.to_dict() == merged_backward.to_dict() == whole.to_dict(), "integer sums: no rounding"
     mean, std = whole.mean_std()
     want_mean, want_std = _numpy_moments(images)
     np.testing.assert_allclose(mean, want_mean, atol=1e-12)
@@ -105,11 +103,7 @@ def test_the_manifest_block_names_classes_and_floors_a_constant_channels_std():
     stats.add("val", 0, 10, 20, np.full((4, 4, 3), 0, np.uint8))
     block = stats.manifest_block(["cat", "dog"], "RGB")
     train = block["splits"]["train"]
-    assert (
-        train["images_per_class"] == {"dog": 1}
-        and train["mean"] == [0.2, 0.2, 0.2]
-        and train["std"] == [0.0] * 3
-    )
+    assert train["images_per_class"] == {"dog": 1} and train["mean"] == [0.2, 0.2, 0.2] and train["std"] == [0.0] * 3
     assert block["size_edges"] == list(SIZE_EDGES) and len(train["aspect"]) == len(ASPECT_EDGES)
     assert split_moments({"extra": {"statistics": block}}) == ([0.2] * 3, [MIN_STD] * 3)
     assert split_moments({"extra": {}}) is None, "a manifest from before the statistics"
@@ -140,9 +134,7 @@ def test_resize_batch_shows_each_good_row_its_stored_pixels():
     )
     assert sorted(seen) == [0, 2], "rejected rows are not observed"
     for i in seen:
-        stored = np.frombuffer(out["pixels"][i], np.uint8).reshape(
-            out["height"][i], out["width"][i], out["channels"][i]
-        )
+        stored = np.frombuffer(out["pixels"][i], np.uint8).reshape(out["height"][i], out["width"][i], out["channels"][i])
         assert np.array_equal(seen[i], stored)
 
 
@@ -172,26 +164,20 @@ def _check_statistics(source: str, dest: str, fmt: str, atol: float) -> dict:
     """Recomputes the manifest's statistics from the written files and clean's sizes; returns the block."""
     manifest, table = _written(dest)
     block = manifest["extra"]["statistics"]
-    clean = pa.concat_tables([read_table(u) for u in contract.data_files(source)]).select(
-        ["path", "width", "height"]
-    )
+    clean = pa.concat_tables([read_table(u) for u in contract.data_files(source)]).select(["path", "width", "height"])
     sizes = {r["path"]: (r["width"], r["height"]) for r in clean.to_pylist()}
     rows = table.to_pylist()
     assert set(block["splits"]) == set(manifest["extra"]["splits"])
     for split, got in block["splits"].items():
         mine = [r for r in rows if r["split"] == split]
         assert got["images"] == len(mine) == manifest["extra"]["splits"][split]
-        assert got["images_per_class"] == {
-            c: n for c in CLASSES if (n := sum(r["label_name"] == c for r in mine))
-        }
+        assert got["images_per_class"] == {c: n for c in CLASSES if (n := sum(r["label_name"] == c for r in mine))}
         mean, std = _numpy_moments([_stored(r, fmt) for r in mine])
         np.testing.assert_allclose(got["mean"], mean, atol=atol)
         np.testing.assert_allclose(got["std"], std, atol=atol)
         widths = np.array([sizes[r["path"]][0] for r in mine])
         heights = np.array([sizes[r["path"]][1] for r in mine])
-        assert got["width"] == _bins(SIZE_EDGES, widths) and got["height"] == _bins(
-            SIZE_EDGES, heights
-        )
+        assert got["width"] == _bins(SIZE_EDGES, widths) and got["height"] == _bins(SIZE_EDGES, heights)
         assert got["aspect"] == _bins(ASPECT_EDGES, widths / heights)
         assert sum(got["width"]) == sum(got["height"]) == sum(got["aspect"]) == len(mine)
         assert (got["unsized"], got["other_channels"], got["channels"]) == (0, 0, 3)

@@ -30,13 +30,27 @@ FLIPPED = {3, 17, 31, 45, 59, 73}  # train rows given the next class's label
 def audited(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     data = write_resize_output(
-        "file://" + str(root / "resize"), counts={"train": 96, "val": 8, "test": 8}, size=16,
+        "file://" + str(root / "resize"),
+        counts={"train": 96, "val": 8, "test": 8},
+        size=16,
         mislabel=lambda split, i: split == "train" and i in FLIPPED,
-    )  # fmt: skip
+    )
     cfg = AuditConfig(folds=2, seed=1)  # the fewest folds: each is a training run
     folds = make_folds(data, "file://" + str(root / "folds"), cfg)
-    recipe = TrainConfig(model="tiny_cnn", epochs=6, batch_size=8, lr=3e-3, num_workers=0, device="cpu", shuffle_buffer=16,
-                         warmup_fraction=0.2, mixup=0.0, cutmix=0.0, aug_policy="none", predictions_probs=True)  # fmt: skip
+    recipe = TrainConfig(
+        model="tiny_cnn",
+        epochs=6,
+        batch_size=8,
+        lr=3e-3,
+        num_workers=0,
+        device="cpu",
+        shuffle_buffer=16,
+        warmup_fraction=0.2,
+        mixup=0.0,
+        cutmix=0.0,
+        aug_policy="none",
+        predictions_probs=True,
+    )
     models = []
     for i, fold in enumerate(folds):
         out = "file://" + str(root / f"train-fold-{i}")

@@ -36,9 +36,7 @@ CLASSES = ["Bengal", "Siamese", "beagle"]
 
 def good_members(per_class: int = 10) -> dict[str, bytes]:
     return {
-        f"images/{name}_{i}.jpg": f.jpeg(80 + 4 * i, 64 + 2 * c, seed=100 * c + i)
-        for c, name in enumerate(CLASSES)
-        for i in range(1, per_class + 1)
+        f"images/{name}_{i}.jpg": f.jpeg(80 + 4 * i, 64 + 2 * c, seed=100 * c + i) for c, name in enumerate(CLASSES) for i in range(1, per_class + 1)
     }
 
 
@@ -300,10 +298,7 @@ def test_forkserver_preload_does_the_pre_fork_imports():
     import subprocess
     import sys
 
-    code = (
-        "import sys, imgpipe.clean._forkserver; "
-        "print('PIL.JpegImagePlugin' in sys.modules, 'pandas' in sys.modules)"
-    )
+    code = "import sys, imgpipe.clean._forkserver; print('PIL.JpegImagePlugin' in sys.modules, 'pandas' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     assert out == ["True", str(importlib.util.find_spec("pandas") is not None)]
 
@@ -412,8 +407,10 @@ def test_pool_workers_exit_when_clean_is_killed(tmp_path, backend, request):
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgpipe.cli", "clean", source, f"{root}/clean", "--workers", "2"],
         # A step killed with SIGKILL cannot remove its scratch folder: keep it in tmp_path.
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp_path)},
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
     try:
         deadline = time.monotonic() + 60
         while len(workers := _descendants(proc.pid)) < 2:
@@ -680,9 +677,11 @@ def test_the_releases_own_split_when_asked(tmp_path):
         str(tmp_path / "ann"),
         {
             "annotations/test.txt": "".join(f"{s} 1 1 1\n" for s in listed if s in test_stems).encode(),
-            "annotations/trainval.txt": ("#Image CLASS-ID SPECIES BREED ID\n" + "".join(f"{s} 1 1 1\n" for s in listed if s not in test_stems)).encode(),
+            "annotations/trainval.txt": (
+                "#Image CLASS-ID SPECIES BREED ID\n" + "".join(f"{s} 1 1 1\n" for s in listed if s not in test_stems)
+            ).encode(),
         },
-    )  # fmt: skip
+    )
     dest = str(tmp_path / "clean")
     report = clean(src, dest, CleanConfig(workers=1, annotations=ann, split_from="annotations", split=(0.6, 0.2, 0.2)))
     table = read_output(dest)

@@ -44,10 +44,9 @@ def history(train_loss, val_acc, val_loss=None, f1=None, pr_auc=None):
     f1 = f1 or val_acc
     pr_auc = pr_auc or val_acc
     return [
-        {"epoch": i, "train_loss": train_loss[i], "val_accuracy": val_acc[i], "val_loss": val_loss[i],
-         "val_macro_f1": f1[i], "val_pr_auc": pr_auc[i]}
+        {"epoch": i, "train_loss": train_loss[i], "val_accuracy": val_acc[i], "val_loss": val_loss[i], "val_macro_f1": f1[i], "val_pr_auc": pr_auc[i]}
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def write_branch(root: str, name: str, epochs: list[dict], confusion=BALANCED, data="file:///data/resize", **settings) -> str:
@@ -57,8 +56,7 @@ def write_branch(root: str, name: str, epochs: list[dict], confusion=BALANCED, d
     metrics = {"epochs": epochs, "labels": LABELS, "val_confusion": confusion}
     body = json.dumps(metrics).encode()
     storage.write_bytes(storage.join(prefix, contract.METRICS), body)
-    report = StepReport(step="train", dest=prefix, inputs=1, outputs=1, rejected=0,
-                        files=[contract.entry_for_bytes(contract.METRICS, body)])  # fmt: skip
+    report = StepReport(step="train", dest=prefix, inputs=1, outputs=1, rejected=0, files=[contract.entry_for_bytes(contract.METRICS, body)])
     cfg = TrainConfig(model="tiny_cnn", device="cpu", **settings)
     contract.publish(prefix, "train", attempt, contract.manifest_body(report, cfg, {"source": data, "step": "resize"}))
     return prefix
@@ -158,13 +156,16 @@ def root(tmp_path: Path) -> str:
 
 def test_compare_ranks_flags_writes_and_commits(root):
     branches = {
-        "light": write_branch(root, "light", history([1.2, 0.9, 0.7], [0.5, 0.6, 0.66], f1=[0.5, 0.6, 0.64]),
-                              aug_policy="basic", mixup=0.0, cutmix=0.0),
-        "strong": write_branch(root, "strong", history([2.0, 1.6, 1.4], [0.5, 0.62, 0.70], f1=[0.5, 0.6, 0.69]),
-                               randaugment_n=3, randaugment_m=15, crop_scale=(0.2, 1.0)),
-        "stalled": write_branch(root, "stalled", history([2.4, 2.0, 1.8], [0.4, 0.5, 0.48], val_loss=[1.4, 1.3, 1.3],
-                                f1=[0.4, 0.5, 0.47]), randaugment_m=25),
-    }  # fmt: skip
+        "light": write_branch(
+            root, "light", history([1.2, 0.9, 0.7], [0.5, 0.6, 0.66], f1=[0.5, 0.6, 0.64]), aug_policy="basic", mixup=0.0, cutmix=0.0
+        ),
+        "strong": write_branch(
+            root, "strong", history([2.0, 1.6, 1.4], [0.5, 0.62, 0.70], f1=[0.5, 0.6, 0.69]), randaugment_n=3, randaugment_m=15, crop_scale=(0.2, 1.0)
+        ),
+        "stalled": write_branch(
+            root, "stalled", history([2.4, 2.0, 1.8], [0.4, 0.5, 0.48], val_loss=[1.4, 1.3, 1.3], f1=[0.4, 0.5, 0.47]), randaugment_m=25
+        ),
+    }
     settings = {"strong": {"randaugment_n": 3, "randaugment_m": 15}}
     report = compare(branches, storage.join(root, "compare"), settings=settings)
 
@@ -199,8 +200,15 @@ def test_imbalanced_classes_switch_the_ranking_to_pr_auc(root):
 def test_the_winners_config_round_trips_into_a_full_run(root, tmp_path):
     from imgpipe.kfp import client as kfp_client
 
-    recipe = {"aug_policy": "trivialaugment", "mixup": 0.4, "cutmix": 0.0, "mixup_prob": 0.5, "label_smoothing": 0.1,
-              "crop_scale": (0.25, 1.0), "randaugment_n": 1}  # fmt: skip
+    recipe = {
+        "aug_policy": "trivialaugment",
+        "mixup": 0.4,
+        "cutmix": 0.0,
+        "mixup_prob": 0.5,
+        "label_smoothing": 0.1,
+        "crop_scale": (0.25, 1.0),
+        "randaugment_n": 1,
+    }
     branches = {"only": write_branch(root, "only", history([1.0, 0.9, 0.8], [0.5, 0.6, 0.7]), **recipe)}
     report = compare(branches, storage.join(root, "compare"))
     expected = {k: v for k, v in config_to_dict(TrainConfig(model="tiny_cnn", **recipe)).items() if k in RECIPE_FIELDS}
@@ -240,8 +248,7 @@ def test_publish_comparison_fills_the_kfp_artifacts(root, tmp_path):
         def log_metric(self, key, value):
             self.logged[key] = value
 
-    branches = {n: write_branch(root, n, history([1.0, 0.9, 0.8], [0.5, 0.6, acc], f1=[0.5, 0.6, acc]))
-                for n, acc in (("a", 0.7), ("b", 0.6))}  # fmt: skip
+    branches = {n: write_branch(root, n, history([1.0, 0.9, 0.8], [0.5, 0.6, acc], f1=[0.5, 0.6, acc])) for n, acc in (("a", 0.7), ("b", 0.6))}
     report = compare(branches, storage.join(root, "compare"))
     art = {name: SimpleNamespace(path=str(tmp_path / "kfp" / name), metadata={}) for name in ("report", "winner")}
     metrics = Metrics(logged={})
@@ -256,8 +263,7 @@ def test_publish_comparison_fills_the_kfp_artifacts(root, tmp_path):
 
 def test_a_class_whose_recall_collapses_in_one_branch_is_named():
     def branch(name, recall, kept_epoch=None):
-        history = [{"epoch": 0, "val_per_class_recall": {"a": 0.9, "b": 0.9, "c": 0.9}},
-                   {"epoch": 1, "val_per_class_recall": recall}]  # fmt: skip
+        history = [{"epoch": 0, "val_per_class_recall": {"a": 0.9, "b": 0.9, "c": 0.9}}, {"epoch": 1, "val_per_class_recall": recall}]
         return BranchResult(name, f"file:///x/{name}", {}, history, {}, kept_epoch=kept_epoch)
 
     strong = branch("strong", {"a": 0.9, "b": 0.05, "c": 0.8})
@@ -278,18 +284,16 @@ def test_a_class_whose_recall_collapses_in_one_branch_is_named():
 def write_seeds(root: str, branch: str, f1s: list[float], **settings) -> dict[str, str]:
     """``branch`` run once per value of ``f1s`` (seed k for the k-th), as a sweep with seeds writes them."""
     return {
-        f"{branch}-s{k}": write_branch(root, f"{branch}-s{k}", history([1.0, 0.9, 0.8], [0.5, 0.6, f1], f1=[0.5, 0.6, f1]),
-                                       seed=k, **settings)
+        f"{branch}-s{k}": write_branch(root, f"{branch}-s{k}", history([1.0, 0.9, 0.8], [0.5, 0.6, f1], f1=[0.5, 0.6, f1]), seed=k, **settings)
         for k, f1 in enumerate(f1s)
-    }  # fmt: skip
+    }
 
 
 def test_seeds_rank_branches_by_the_mean_and_show_the_spread(root, tmp_path):
     from imgpipe.kfp.artifacts import publish_comparison
 
     # "lucky" has the best single run (0.80) but the lower mean (0.68); "steady" wins on the mean (0.71).
-    runs = {**write_seeds(root, "lucky", [0.80, 0.62, 0.62], aug_policy="basic"),
-            **write_seeds(root, "steady", [0.70, 0.71, 0.72], randaugment_m=5)}  # fmt: skip
+    runs = {**write_seeds(root, "lucky", [0.80, 0.62, 0.62], aug_policy="basic"), **write_seeds(root, "steady", [0.70, 0.71, 0.72], randaugment_m=5)}
     groups = {run: run.rsplit("-s", 1)[0] for run in runs}
     report = compare(runs, storage.join(root, "compare"), groups=groups)
 
@@ -334,8 +338,10 @@ def test_without_seeds_the_comparison_has_no_spread(root):
 
 def test_seed_groups_average_the_curves_and_the_recall_a_collapse_reads():
     def run(name, seed, recall_b, f1):
-        epochs = [{"epoch": 0, "val_macro_f1": 0.5, "val_per_class_recall": {"a": 0.9, "b": 0.9}},
-                  {"epoch": 1, "val_macro_f1": f1, "val_per_class_recall": {"a": 0.9, "b": recall_b}}]  # fmt: skip
+        epochs = [
+            {"epoch": 0, "val_macro_f1": 0.5, "val_per_class_recall": {"a": 0.9, "b": 0.9}},
+            {"epoch": 1, "val_macro_f1": f1, "val_per_class_recall": {"a": 0.9, "b": recall_b}},
+        ]
         return BranchResult(name, f"file:///x/{name}", {}, epochs, {"seed": seed})
 
     # Class b collapses in every seed of "strong", in one seed only of "unlucky": the mean recall decides.
@@ -368,16 +374,24 @@ def test_the_compare_component_groups_the_plans_seeds_and_logs_the_spread(tmp_pa
     trained = []
     for item in items:
         run, seed = item["branch"], item["step_config"]["train"]["seed"]
-        prefix = write_branch(f"{data_root}/runs/r1", run,
-                              history([1.0, 0.9, 0.8], [0.5, 0.6, scores[run]], f1=[0.5, 0.6, scores[run]]),
-                              seed=seed, randaugment_m=item["settings"]["randaugment_m"])  # fmt: skip
+        prefix = write_branch(
+            f"{data_root}/runs/r1",
+            run,
+            history([1.0, 0.9, 0.8], [0.5, 0.6, scores[run]], f1=[0.5, 0.6, scores[run]]),
+            seed=seed,
+            randaugment_m=item["settings"]["randaugment_m"],
+        )
         trained.append(SimpleNamespace(metadata={"branch": run, "prefix": prefix}))
 
     def artifact(cls, name):
         return cls(name=name, uri=str(tmp_path / "kfp" / name))
 
-    outs = {"comparison": artifact(dsl.Artifact, "comparison"), "report": artifact(dsl.HTML, "report"),
-            "metrics": artifact(dsl.Metrics, "metrics"), "winner": artifact(dsl.Artifact, "winner")}  # fmt: skip
+    outs = {
+        "comparison": artifact(dsl.Artifact, "comparison"),
+        "report": artifact(dsl.HTML, "report"),
+        "metrics": artifact(dsl.Metrics, "metrics"),
+        "winner": artifact(dsl.Artifact, "winner"),
+    }
     component.python_func(branches=items, trained=trained, data_root=data_root, run_id="r1", **outs)
     logged = outs["metrics"].metadata
     assert outs["winner"].metadata["branch"] == "b00" and logged["branches"] == 2.0

@@ -41,9 +41,7 @@ IMAGES = {
     "e.jpg": b"\xff\xd8e" * 10,
 }
 # Small shards and row groups so a handful of members exercise sharding and parallel writes.
-FAST = DownloadConfig(
-    shard_bytes=1500, row_group_rows=2, write_workers=2, backoff_s=0.01, timeout_s=5.0
-)
+FAST = DownloadConfig(shard_bytes=1500, row_group_rows=2, write_workers=2, backoff_s=0.01, timeout_s=5.0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -170,9 +168,7 @@ def _handler(routes: dict[str, Route], log: list[str]) -> type[BaseHTTPRequestHa
             if match and route.ranges:
                 start = int(match.group(1))
                 self.send_response(206)
-                self.send_header(
-                    "Content-Range", f"bytes {start}-{len(route.body) - 1}/{len(route.body)}"
-                )
+                self.send_header("Content-Range", f"bytes {start}-{len(route.body) - 1}/{len(route.body)}")
             else:
                 self.send_response(200)
             body = route.body[start:]
@@ -211,9 +207,7 @@ def http_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpServer]:
 # --------------------------------------------------------------------------- formats and backends
 
 
-def test_tar_gz_to_any_backend_keeps_bytes_counts_and_row_groups(
-    tmp_path: Path, any_root: str
-) -> None:
+def test_tar_gz_to_any_backend_keeps_bytes_counts_and_row_groups(tmp_path: Path, any_root: str) -> None:
     src = make_tar(tmp_path / "images.tar.gz", IMAGES)
     dest = storage.join(any_root, "download")
 
@@ -322,9 +316,7 @@ def test_s3_source_with_matching_sha256(tmp_path: Path, s3_bucket: str) -> None:
     download(uri, dest, DownloadConfig(sha256=(_sha(data).upper(),), write_workers=2))
 
     manifest = contract.read_manifest(dest)
-    assert manifest["extra"]["sources"] == [
-        {"uri": uri, "format": "tar.gz", "sha256": _sha(data), "bytes": len(data)}
-    ]
+    assert manifest["extra"]["sources"] == [{"uri": uri, "format": "tar.gz", "sha256": _sha(data), "bytes": len(data)}]
     assert manifest["upstream"] == {"sources": [uri]}
     assert_rows_match(dest, IMAGES)
 
@@ -341,16 +333,12 @@ def test_http_retries_503_then_succeeds(tmp_path: Path, http_server: HttpServer)
     assert_rows_match(dest, IMAGES)
 
 
-def test_http_resumes_with_range_after_dropped_connection(
-    tmp_path: Path, http_server: HttpServer
-) -> None:
+def test_http_resumes_with_range_after_dropped_connection(tmp_path: Path, http_server: HttpServer) -> None:
     data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
     route = http_server.routes["/a.tar.gz"] = Route(data, drop_first=1)
     dest = str(tmp_path / "out")
 
-    download(
-        http_server.base + "/a.tar.gz", dest, DownloadConfig(sha256=(_sha(data),), backoff_s=0.01)
-    )
+    download(http_server.base + "/a.tar.gz", dest, DownloadConfig(sha256=(_sha(data),), backoff_s=0.01))
 
     # The second request asks only for the tail the first one did not deliver.
     assert route.seen_ranges == [None, f"bytes={len(data) // 2}-"]
@@ -362,9 +350,7 @@ def test_http_restarts_when_server_ignores_range(tmp_path: Path, http_server: Ht
     route = http_server.routes["/a.zip"] = Route(data, drop_first=2, ranges=False)
     dest = str(tmp_path / "out")
 
-    download(
-        http_server.base + "/a.zip", dest, DownloadConfig(sha256=(_sha(data),), backoff_s=0.01)
-    )
+    download(http_server.base + "/a.zip", dest, DownloadConfig(sha256=(_sha(data),), backoff_s=0.01))
 
     assert len(route.seen_ranges) == 3 and route.seen_ranges[1] is not None
     manifest = contract.read_manifest(dest)
@@ -587,9 +573,7 @@ def test_dest_overlapping_a_source_is_refused(tmp_path: Path) -> None:
 
 
 def test_config_from_yaml_style_values() -> None:
-    cfg = config_from_dict(
-        DownloadConfig, {"sha256": f"{'AB' * 32},{'cd' * 32}", "shard_bytes": "64_000"}
-    )
+    cfg = config_from_dict(DownloadConfig, {"sha256": f"{'AB' * 32},{'cd' * 32}", "shard_bytes": "64_000"})
     assert cfg.sha256 == ("ab" * 32, "cd" * 32) and cfg.shard_bytes == 64_000
     assert yaml.safe_load(config_to_yaml(cfg))["sha256"] == ["ab" * 32, "cd" * 32]
     with pytest.raises(ValueError, match="unknown DownloadConfig option"):
@@ -731,16 +715,17 @@ def test_a_64_mib_extended_header_costs_no_memory_and_rejects_its_member(tmp_pat
 
     done = subprocess.run(
         [sys.executable, "-c", _RSS_SCRIPT, str(warm), str(bomb), str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["growth_kib"] < 50 * 1024, f"peak RSS grew {result['growth_kib']} KiB"
     header = "GNU longname header" if kind == "longname" else "pax header"
-    assert result["rejects"] == [
-        {"path": "victim.jpg", "reason": "unsafe_member", "detail": f"{header} of {64 * _MiB} bytes exceeds 65536"}
-    ]
+    assert result["rejects"] == [{"path": "victim.jpg", "reason": "unsafe_member", "detail": f"{header} of {64 * _MiB} bytes exceeds 65536"}]
     assert result["outputs"] == 1  # ok.jpg, after the victim: the stream stayed in step
 
 
@@ -862,9 +847,7 @@ def test_from_env_reaches_loopback_only_when_its_network_is_listed(
     assert_rows_match(str(tmp_path / "out"), IMAGES)
 
 
-def test_from_env_refuses_plain_http_without_a_pin(
-    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch
-) -> None:
+def test_from_env_refuses_plain_http_without_a_pin(tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch) -> None:
     pipeline_env.setenv(SOURCE_NETWORKS_ENV, "127.0.0.1/32")
     http_server.routes["/a.tar.gz"] = Route(make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes())
     with pytest.raises(SourceRefused, match="plain http needs a sha256 pin"):
@@ -920,9 +903,7 @@ def test_redirects_are_followed_and_the_final_url_recorded(
     assert_rows_match(dest, IMAGES)
 
 
-def test_dns_rebinding_is_caught_at_the_connected_socket(
-    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch
-) -> None:
+def test_dns_rebinding_is_caught_at_the_connected_socket(tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch) -> None:
     # The name resolves to a public address for the policy check, then to loopback for
     # the connection: the socket's peer is checked before the request is sent.
     real = socket.getaddrinfo
@@ -1002,8 +983,13 @@ def _written(dest: Path) -> list[Path]:
 @pytest.mark.parametrize("target", METADATA_TARGETS, ids=["ipv4", "fe80", "aws-ipv6"])
 @pytest.mark.parametrize("policy", ["operator", "pipeline"])
 def test_a_redirect_to_the_metadata_service_is_refused_at_once_under_every_policy(
-    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch, connections: list,
-    no_metadata: list, policy: str, target: str,
+    tmp_path: Path,
+    http_server: HttpServer,
+    pipeline_env: pytest.MonkeyPatch,
+    connections: list,
+    no_metadata: list,
+    policy: str,
+    target: str,
 ) -> None:
     data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()
     http_server.routes["/start"] = Route(b"", redirect=target)
@@ -1038,8 +1024,13 @@ def test_the_command_line_refuses_a_redirect_to_the_metadata_service_in_one_line
 @pytest.mark.parametrize("source", [*METADATA_TARGETS, "http://[fe80::1%25eth0]:8080/a.tar.gz"])
 @pytest.mark.parametrize("policy", ["operator", "pipeline"])
 def test_a_link_local_source_is_refused_before_any_request(
-    tmp_path: Path, http_server: HttpServer, pipeline_env: pytest.MonkeyPatch, connections: list,
-    no_metadata: list, policy: str, source: str,
+    tmp_path: Path,
+    http_server: HttpServer,
+    pipeline_env: pytest.MonkeyPatch,
+    connections: list,
+    no_metadata: list,
+    policy: str,
+    source: str,
 ) -> None:
     # The first source is fine: the refusal of the second must come before the first is fetched.
     data = make_tar(tmp_path / "a.tar.gz", IMAGES).read_bytes()

@@ -25,8 +25,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     data = write_resize_output("file://" + str(root / "resize"), counts={"train": 48, "val": 12, "test": 40}, size=16)
     model = "file://" + str(root / "model")
-    cfg = TrainConfig(model="tiny_cnn", epochs=2, batch_size=8, num_workers=0, device="cpu", shuffle_buffer=16,
-                      warmup_fraction=0.2, mixup=0.0, cutmix=0.0)  # fmt: skip
+    cfg = TrainConfig(
+        model="tiny_cnn", epochs=2, batch_size=8, num_workers=0, device="cpu", shuffle_buffer=16, warmup_fraction=0.2, mixup=0.0, cutmix=0.0
+    )
     train(data, model, cfg)
     return root, data, model
 

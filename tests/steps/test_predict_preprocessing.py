@@ -37,8 +37,19 @@ def clahe_run(tmp_path_factory):
     download(storage.join("file://" + synth, "images.tar.gz"), uri("download"), DownloadConfig())
     clean(uri("download"), uri("clean"), CleanConfig(workers=1, seed=1))
     resize(uri("clean"), uri("resize"), ResizeConfig(size=32, ops=("clahe",), format="jpeg", concurrency=1))
-    cfg = TrainConfig(model="tiny_cnn", epochs=8, batch_size=16, lr=3e-3, num_workers=0, device="cpu", shuffle_buffer=32,
-                      mixup=0.0, cutmix=0.0, aug_policy="basic", seed=1)  # fmt: skip
+    cfg = TrainConfig(
+        model="tiny_cnn",
+        epochs=8,
+        batch_size=16,
+        lr=3e-3,
+        num_workers=0,
+        device="cpu",
+        shuffle_buffer=32,
+        mixup=0.0,
+        cutmix=0.0,
+        aug_policy="basic",
+        seed=1,
+    )
     train(uri("resize"), uri("model"), cfg)
     return root, uri
 
@@ -89,16 +100,16 @@ def test_predict_refuses_raw_images_it_cannot_prepare(clahe_run):
     older = {k: v for k, v in card.items() if k != "preprocessing"}
     with pytest.raises(ValueError, match="records no preprocessing"):
         _check_preprocessing(uri("download"), "download", manifest, older, files)
-    boxed = dict(card, preprocessing=dict(card["preprocessing"], roi_crop=True,
-                                           resize=dict(card["preprocessing"]["resize"], ops=["roi_crop", "clahe"])))  # fmt: skip
+    boxed = dict(
+        card, preprocessing=dict(card["preprocessing"], roi_crop=True, resize=dict(card["preprocessing"]["resize"], ops=["roi_crop", "clahe"]))
+    )
     with pytest.raises(ValueError, match="roi_crop.*has no boxes"):
         _check_preprocessing(uri("download"), "download", manifest, boxed, files)
 
 
 def test_tta_averages_only_the_flips_the_model_trained_with_and_says_so(clahe_run, tmp_path):
     _, uri = clahe_run
-    report = predict(uri("model"), uri("resize"), "file://" + str(tmp_path / "tta"),
-                     PredictConfig(actors=1, splits=("test",), tta=True))  # fmt: skip
+    report = predict(uri("model"), uri("resize"), "file://" + str(tmp_path / "tta"), PredictConfig(actors=1, splits=("test",), tta=True))
     assert report.extra["tta"] == {"requested": True, "views": ["identity", "horizontal flip"], "domain": "natural"}
     # A text model flips nothing: TTA has no view to add, and its predictions are the plain ones.
     card_uri = storage.join(uri("model"), contract.MODEL_CARD)

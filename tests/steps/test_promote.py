@@ -17,8 +17,9 @@ COUNTS = {"train": 48, "val": 12, "test": 24}
 
 
 def _cfg(**kw) -> TrainConfig:
-    values = dict(model="tiny_cnn", epochs=3, batch_size=8, lr=3e-3, warmup_fraction=0.2, num_workers=0, device="cpu",
-                  shuffle_buffer=16, mixup=0.0, cutmix=0.0)  # fmt: skip
+    values = dict(
+        model="tiny_cnn", epochs=3, batch_size=8, lr=3e-3, warmup_fraction=0.2, num_workers=0, device="cpu", shuffle_buffer=16, mixup=0.0, cutmix=0.0
+    )
     return TrainConfig(**{**values, **kw})
 
 

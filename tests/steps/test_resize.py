@@ -99,10 +99,26 @@ def test_config_round_trips_through_yaml_overrides():
     assert cfg.spec.roi_crop and cfg.spec.size == 336
     dumped = config_to_dict(cfg)
     assert set(dumped) == {
-        "size", "mode", "train_mode", "max_aspect", "preset", "format", "jpeg_quality", "ops", "resample", "pad_value", "fast_decode", "max_pixels",
-        "ray_address", "batch_size", "concurrency", "rows_per_shard", "row_group_rows", "progress_bars",
+        "size",
+        "mode",
+        "train_mode",
+        "max_aspect",
+        "preset",
+        "format",
+        "jpeg_quality",
+        "ops",
+        "resample",
+        "pad_value",
+        "fast_decode",
+        "max_pixels",
+        "ray_address",
+        "batch_size",
+        "concurrency",
+        "rows_per_shard",
+        "row_group_rows",
+        "progress_bars",
         "no_progress_timeout_s",
-    }  # fmt: skip
+    }
     assert config_from_dict(ResizeConfig, dumped) == cfg
     assert "ops:\n- roi_crop" in config_to_yaml(cfg)
 
@@ -306,12 +322,20 @@ def _result_batch(splits, errors):
     n = len(splits)
     schema = output_schema("raw", ["cat"])
     columns = {
-        "path": [f"p{i}.jpg" for i in range(n)], "label": pa.array([0] * n, pa.int32()), "label_name": ["cat"] * n,
-        "split": splits, "order": pa.array(range(n), pa.int64()), "sha256": ["0" * 64] * n,
-        "height": pa.array([1] * n, pa.int32()), "width": pa.array([1] * n, pa.int32()),
-        "channels": pa.array([1] * n, pa.int32()), "pixels": [bytes([i]) for i in range(n)],
-        "error_reason": errors, "error_detail": ["why" if e else "" for e in errors], "_ray_node": ["n"] * n,
-    }  # fmt: skip
+        "path": [f"p{i}.jpg" for i in range(n)],
+        "label": pa.array([0] * n, pa.int32()),
+        "label_name": ["cat"] * n,
+        "split": splits,
+        "order": pa.array(range(n), pa.int64()),
+        "sha256": ["0" * 64] * n,
+        "height": pa.array([1] * n, pa.int32()),
+        "width": pa.array([1] * n, pa.int32()),
+        "channels": pa.array([1] * n, pa.int32()),
+        "pixels": [bytes([i]) for i in range(n)],
+        "error_reason": errors,
+        "error_detail": ["why" if e else "" for e in errors],
+        "_ray_node": ["n"] * n,
+    }
     return pa.table(columns), schema
 
 
@@ -375,11 +399,7 @@ SIZE = 24
 
 def clean_members() -> dict[str, bytes]:
     """Small, varied inputs: sizes, an extreme aspect ratio, grey, PNG, EXIF-rotated."""
-    members = {
-        f"images/{name}_{i}.jpg": f.jpeg(60 + 7 * i, 40 + 5 * c, seed=10 * c + i)
-        for c, name in enumerate(CLASSES)
-        for i in range(1, 7)
-    }
+    members = {f"images/{name}_{i}.jpg": f.jpeg(60 + 7 * i, 40 + 5 * c, seed=10 * c + i) for c, name in enumerate(CLASSES) for i in range(1, 7)}
     members["images/beagle_20.jpg"] = f.encode(f.photo(600, 40, seed=20), "JPEG", quality=90)
     members["images/Persian_21.jpg"] = f.grayscale_jpeg(21)
     members["images/Persian_22.png"] = f.png_in_jpg(22)
@@ -418,8 +438,7 @@ def check_output(source: str, dest: str, cfg: ResizeConfig) -> dict[str, pa.Tabl
         assert table.num_rows <= cfg.rows_per_shard
         meta = pq.read_metadata(io.BytesIO(storage.read_bytes(uri)))
         assert all(meta.row_group(i).num_rows <= cfg.row_group_rows for i in range(meta.num_row_groups))
-        codecs = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).compression
-                  for i in range(meta.num_columns)}  # fmt: skip
+        codecs = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).compression for i in range(meta.num_columns)}
         payload = "pixels" if cfg.format == "raw" else "image.bytes"
         assert (codecs[payload], codecs["order"]) == ("UNCOMPRESSED", "ZSTD"), "contract.parquet_write_options"
         tables[entry["name"]] = table
@@ -558,7 +577,11 @@ def write_clean_by_hand(dest: str, rows: list[tuple[str, bytes, str, int]]) -> s
             "sha256": [f"{i:064x}" for i in range(len(rows))],
             "bbox": pa.array([None] * len(rows), pa.list_(pa.float32())),
             # clean's measurements (hashes, quality) are nullable: a hand-built table leaves them out
-            **{f.name: pa.nulls(len(rows), f.type) for f in CLEAN_SCHEMA if f.name not in ("path", "image", "width", "height", "mode", "format", "label", "label_name", "split", "order", "sha256", "bbox")},
+            **{
+                f.name: pa.nulls(len(rows), f.type)
+                for f in CLEAN_SCHEMA
+                if f.name not in ("path", "image", "width", "height", "mode", "format", "label", "label_name", "split", "order", "sha256", "bbox")
+            },
         },
         schema=CLEAN_SCHEMA,
     )
@@ -591,7 +614,6 @@ def test_bad_rows_become_rejects_and_good_rows_survive(ray_session, tmp_path):
         assert img.format == "JPEG" and img.size == (SIZE, SIZE) and row["image"]["path"] == path
         expected = resize_image(good[path], ResizeSpec(size=SIZE, ops=("equalize",)))
         assert np.abs(np.asarray(img).astype(int) - expected.astype(int)).mean() < 4.0
-
 
 
 @ray_test

@@ -77,9 +77,19 @@ def test_outputs_exist_and_commit_last(finished):
     manifest = contract.read_manifest(out, expect_step="train")
     names = {f["name"] for f in manifest["files"]}
     base = {
-        "model.pt", "metrics.json", "curves.png", "confusion_matrix.png", "augmentations.png", "report.html", "config.yaml",
-        "predictions.parquet", "worst_loss.png", "model.json", "model.onnx", "model.ts",
-    }  # fmt: skip
+        "model.pt",
+        "metrics.json",
+        "curves.png",
+        "confusion_matrix.png",
+        "augmentations.png",
+        "report.html",
+        "config.yaml",
+        "predictions.parquet",
+        "worst_loss.png",
+        "model.json",
+        "model.onnx",
+        "model.ts",
+    }
     confused = bool(read_json(storage.join(out, "metrics.json")).get("confused_pairs"))
     assert names == base | ({"confused_pairs.png"} if confused else set())
     for f in manifest["files"]:
@@ -290,9 +300,7 @@ def test_whole_pictures_are_cropped_at_load_time(tmp_path, aug_device, fmt, whol
     # in the recipe (CPU) or alone in the workers before the batched recipe (GPU path, here on
     # CPU tensors); val is centre-cropped as stored, or at load time when it is whole too. The
     # training side is the data's size.
-    data = write_resize_output(
-        "file://" + str(tmp_path / "whole"), counts={"train": 16, "val": 4}, size=32, fmt=fmt, whole=whole
-    )
+    data = write_resize_output("file://" + str(tmp_path / "whole"), counts={"train": 16, "val": 4}, size=32, fmt=fmt, whole=whole)
     out = "file://" + str(tmp_path / "out")
     report = train(data, out, tiny(epochs=1, aug_device=aug_device, num_workers=2 if fmt == "jpeg" else 0))
     assert report.extra["images_seen"] == {"train": 16, "val": 4}
@@ -346,7 +354,12 @@ def test_config_defaults_and_yaml_style_overrides():
     assert unset.epochs is None and unset.mixup is None and not unset.resolved, "recipe fields wait for the recipe"
     cfg, _ = resolve_recipe(unset)
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.device, cfg.aug_policy, cfg.aug_device) == (
-        "resnet18", 10, 128, "auto", "randaugment", "auto",
+        "resnet18",
+        10,
+        128,
+        "auto",
+        "randaugment",
+        "auto",
     )
     assert (cfg.mixup, cfg.cutmix, cfg.hflip, cfg.resume, cfg.weights, cfg.image_size) == (0.2, 1.0, True, False, None, None)
     cfg, _ = resolve_recipe(config_from_dict(TrainConfig, {"crop_scale": "0.35,1", "hflip": "false", "num_workers": "3"}))
@@ -364,7 +377,6 @@ def test_train_rejects_bad_inputs(data, tmp_path):
 
 
 # ------------------------------------------------------------------ distributed and GPU
-
 
 
 def test_ddp_two_ranks_with_torchrun_gloo(data, tmp_path):

@@ -185,7 +185,9 @@ def test_ddp_ranks_share_one_download_and_freeze_alike(data, tmp_path, monkeypat
     assert ranks[0]["downloads"] == [weights.url] and ranks[1]["downloads"] == []  # rank 0 filled the cache
     assert ranks[0]["digests"] == ranks[1]["digests"]
     reference = torch.load(io.BytesIO(served), weights_only=True)
-    served_backbone = b"".join(v.numpy().tobytes() for k, v in reference.items() if k in dict(build_model("resnet18", 4).named_parameters()) and not k.startswith("fc."))
+    served_backbone = b"".join(
+        v.numpy().tobytes() for k, v in reference.items() if k in dict(build_model("resnet18", 4).named_parameters()) and not k.startswith("fc.")
+    )
     assert ranks[0]["digests"][0] == hashlib.sha256(served_backbone).hexdigest()  # frozen through epoch 0
     assert ranks[0]["digests"][1] != ranks[0]["digests"][0]  # trained in epoch 1
     assert contract.read_manifest(out, expect_step="train")["config"]["pretrained"] == "DEFAULT"

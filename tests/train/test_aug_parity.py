@@ -143,9 +143,18 @@ def test_the_distribution_of_operations_is_torchvisions(policy, kwargs, spec):
 
 def _only_policy(policy: str, m: int, **limits) -> AugmentConfig:
     return AugmentConfig(
-        policy=policy, randaugment_n=2, randaugment_m=m, hflip=False, rotation=0, color_jitter=0, grayscale_p=0,
-        blur_p=0, random_erasing=0, crop_scale=(1.0, 1.0), **limits,
-    )  # fmt: skip
+        policy=policy,
+        randaugment_n=2,
+        randaugment_m=m,
+        hflip=False,
+        rotation=0,
+        color_jitter=0,
+        grayscale_p=0,
+        blur_p=0,
+        random_erasing=0,
+        crop_scale=(1.0, 1.0),
+        **limits,
+    )
 
 
 def _not_red(images: np.ndarray) -> float:

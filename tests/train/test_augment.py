@@ -129,7 +129,14 @@ def test_cpu_recipe_holds_the_configured_steps():
     # ColorJitter is off under a policy unless set (timm's rule): the default recipe has none.
     assert "ColorJitter" not in top_level_ops(build_train_transform(AugmentConfig(), 24, 3))
     assert top_level_ops(build_train_transform(AugmentConfig(color_jitter=0.2), 24, 3)) == [
-        "RandomResizedCrop", "HorizontalFlip", "Affine", "PolicyTransform", "ColorJitter", "ToGray", "GaussianBlur", "Erasing",
+        "RandomResizedCrop",
+        "HorizontalFlip",
+        "Affine",
+        "PolicyTransform",
+        "ColorJitter",
+        "ToGray",
+        "GaussianBlur",
+        "Erasing",
     ]
     bare = AugmentConfig(policy="basic", hflip=False, color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0)
     assert top_level_ops(build_train_transform(bare, 24, 3)) == ["RandomResizedCrop"]
@@ -279,7 +286,6 @@ def test_soft_target_cross_entropy_equals_cross_entropy_with_smoothing():
 def test_augment_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AugmentConfig(**kwargs)
-
 
 
 def test_mixer_rejects_bad_values():

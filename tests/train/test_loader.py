@@ -107,12 +107,16 @@ def write_resize_output(
         inputs=total,
         rejects=[],
         # The resize settings these rows stand for (what a model card records as its preprocessing).
-        config={"generated_by": "tests", "size": size, "format": fmt, "mode": "short-side-crop",
-                "train_mode": "whole" if "train" in whole else None},
+        config={"generated_by": "tests", "size": size, "format": fmt, "mode": "short-side-crop", "train_mode": "whole" if "train" in whole else None},
         extra={
-            "size": size, "format": fmt, "splits": counts, "classes": names, "num_classes": classes,
-            "mode": "short-side-crop", "split_modes": {s: "whole" if s in whole else "short-side-crop" for s in counts},
-        },  # fmt: skip
+            "size": size,
+            "format": fmt,
+            "splits": counts,
+            "classes": names,
+            "num_classes": classes,
+            "mode": "short-side-crop",
+            "split_modes": {s: "whole" if s in whole else "short-side-crop" for s in counts},
+        },
     )
     return out.dest
 

@@ -32,9 +32,7 @@ from tests.train.test_pretrained import count_downloads, serve_weights
 DATA_MEAN, DATA_STD = [0.41, 0.52, 0.33], [0.21, 0.19, 0.24]
 
 
-def manifest(
-    ops: list[str] | None = None, mean=DATA_MEAN, std=DATA_STD, statistics: bool = True
-) -> dict:
+def manifest(ops: list[str] | None = None, mean=DATA_MEAN, std=DATA_STD, statistics: bool = True) -> dict:
     """A resize manifest as the train step reads it: the ops and the train split's statistics."""
     extra: dict = {"ops": ops or []}
     if statistics:
@@ -56,13 +54,9 @@ def cfg(**overrides) -> TrainConfig:
 
 
 def test_from_scratch_normalizes_with_the_train_splits_statistics():
-    assert train_mod._normalization(cfg(), manifest()) == Normalization(
-        tuple(DATA_MEAN), tuple(DATA_STD)
-    )
+    assert train_mod._normalization(cfg(), manifest()) == Normalization(tuple(DATA_MEAN), tuple(DATA_STD))
     # A colour-space op is fine from scratch: the statistics are of what it stored.
-    assert train_mod._normalization(cfg(), manifest(["to_lab"])) == Normalization(
-        tuple(DATA_MEAN), tuple(DATA_STD)
-    )
+    assert train_mod._normalization(cfg(), manifest(["to_lab"])) == Normalization(tuple(DATA_MEAN), tuple(DATA_STD))
     grey = train_mod._normalization(cfg(), manifest(mean=[0.4], std=[0.2]))
     assert channel_stats(1, grey) == ((pytest.approx(0.4),), (pytest.approx(0.2),))
 
@@ -70,30 +64,18 @@ def test_from_scratch_normalizes_with_the_train_splits_statistics():
 def test_an_older_manifest_without_statistics_falls_back_to_imagenet_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="imgpipe"):
         assert train_mod._normalization(cfg(), manifest(statistics=False)) == IMAGENET
-    assert any(
-        "records no statistics" in r.getMessage() and "re-run resize" in r.getMessage()
-        for r in caplog.records
-    )
+    assert any("records no statistics" in r.getMessage() and "re-run resize" in r.getMessage() for r in caplog.records)
 
 
 def test_pretrained_weights_keep_their_own_statistics():
     for model, member in [("resnet18", "DEFAULT"), ("efficientnet_v2_l", "DEFAULT")]:
         own = train_mod._normalization(cfg(model=model, pretrained=member), manifest())
-        assert (
-            own
-            == train_mod.pretrained.normalization(resolve_weights(model, member))
-            != Normalization(tuple(DATA_MEAN), tuple(DATA_STD))
-        )
+        assert own == train_mod.pretrained.normalization(resolve_weights(model, member)) != Normalization(tuple(DATA_MEAN), tuple(DATA_STD))
     # Grey (one-channel ops) is what a first convolution's summed RGB filters take.
-    assert (
-        train_mod._normalization(cfg(model="resnet18", pretrained="DEFAULT"), manifest(["sobel"]))
-        == IMAGENET
-    )
+    assert train_mod._normalization(cfg(model="resnet18", pretrained="DEFAULT"), manifest(["sobel"])) == IMAGENET
 
 
-@pytest.mark.parametrize(
-    "ops, space", [(["to_ycbcr"], "YCbCr"), (["clahe", "to_lab", "gaussian_blur:1.0"], "Lab")]
-)
+@pytest.mark.parametrize("ops, space", [(["to_ycbcr"], "YCbCr"), (["clahe", "to_lab", "gaussian_blur:1.0"], "Lab")])
 def test_pretrained_rgb_weights_refuse_a_colour_space_op(ops, space):
     op = next(o for o in ops if o.startswith("to_"))
     with pytest.raises(
@@ -106,14 +88,10 @@ def test_pretrained_rgb_weights_refuse_a_colour_space_op(ops, space):
 def test_weights_from_storage_keep_what_their_model_file_records(tmp_path):
     model = build_model("tiny_cnn", 3)
     recorded = tmp_path / "model.pt"
-    torch.save(
-        {"model": model.state_dict(), "mean": [0.3, 0.4, 0.5], "std": [0.2, 0.2, 0.2]}, recorded
-    )
+    torch.save({"model": model.state_dict(), "mean": [0.3, 0.4, 0.5], "std": [0.2, 0.2, 0.2]}, recorded)
     bare = tmp_path / "bare.pt"
     torch.save(model.state_dict(), bare)
-    assert train_mod._normalization(cfg(weights=str(recorded)), manifest()) == Normalization(
-        (0.3, 0.4, 0.5), (0.2,) * 3
-    )
+    assert train_mod._normalization(cfg(weights=str(recorded)), manifest()) == Normalization((0.3, 0.4, 0.5), (0.2,) * 3)
     assert train_mod._normalization(cfg(weights=str(bare)), manifest()) == IMAGENET
 
 
@@ -129,9 +107,7 @@ def resized(ray_session, tmp_path_factory) -> str:
 
 
 def _saved(out: str) -> tuple[dict, dict]:
-    model = torch.load(
-        io.BytesIO(storage.read_bytes(storage.join(out, "model.pt"))), weights_only=True
-    )
+    model = torch.load(io.BytesIO(storage.read_bytes(storage.join(out, "model.pt"))), weights_only=True)
     card = json.loads(storage.read_bytes(storage.join(out, "model.json")))
     return model, card
 
@@ -149,9 +125,7 @@ def tiny(**overrides) -> TrainConfig:
 
 
 @pytest.mark.ray
-def test_a_run_from_scratch_records_the_datas_statistics_and_predict_reproduces_it(
-    resized, tmp_path
-):
+def test_a_run_from_scratch_records_the_datas_statistics_and_predict_reproduces_it(resized, tmp_path):
     out = "file://" + str(tmp_path / "train")
     train(resized, out, tiny())
     mean, std = split_moments(contract.read_manifest(resized, expect_step="resize"))
@@ -173,9 +147,7 @@ def test_a_run_from_scratch_records_the_datas_statistics_and_predict_reproduces_
 
 
 @pytest.mark.ray
-def test_a_pretrained_run_keeps_the_weights_statistics_on_data_with_its_own(
-    resized, tmp_path, monkeypatch
-):
+def test_a_pretrained_run_keeps_the_weights_statistics_on_data_with_its_own(resized, tmp_path, monkeypatch):
     weights, _ = serve_weights("resnet18", "DEFAULT", tmp_path / "hub", monkeypatch, seed=1)
     own = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     monkeypatch.setattr(
@@ -187,9 +159,7 @@ def test_a_pretrained_run_keeps_the_weights_statistics_on_data_with_its_own(
     train(
         resized,
         out,
-        tiny(
-            model="resnet18", pretrained="DEFAULT", lr=0.0, max_steps_per_epoch=1, aug_policy="none"
-        ),
+        tiny(model="resnet18", pretrained="DEFAULT", lr=0.0, max_steps_per_epoch=1, aug_policy="none"),
     )
     model, card = _saved(out)
     assert tuple(model["mean"]) == tuple(card["input"]["mean"]) == own.mean
@@ -197,9 +167,7 @@ def test_a_pretrained_run_keeps_the_weights_statistics_on_data_with_its_own(
 
 
 @pytest.mark.ray
-def test_pretrained_weights_and_a_colour_space_op_are_refused_before_anything_runs(
-    ray_session, tmp_path, monkeypatch
-):
+def test_pretrained_weights_and_a_colour_space_op_are_refused_before_anything_runs(ray_session, tmp_path, monkeypatch):
     root = "file://" + str(tmp_path)
     data = storage.join(root, "resize")
     resize(build_clean(root), data, ResizeConfig(size=32, ops=("to_ycbcr",), batch_size=4))
@@ -208,9 +176,7 @@ def test_pretrained_weights_and_a_colour_space_op_are_refused_before_anything_ru
     out = storage.join(root, "exp", "train")
     with pytest.raises(ValueError, match="to_ycbcr stored YCbCr: train from scratch"):
         train(data, out, tiny(model="resnet18", pretrained="DEFAULT"))
-    assert downloads == [] and not storage.exists(storage.join(out, "_OWNER")), (
-        "refused before the weights or the output"
-    )
+    assert downloads == [] and not storage.exists(storage.join(out, "_OWNER")), "refused before the weights or the output"
     # From scratch, the same data trains, normalized with its own YCbCr statistics.
     train(data, out, tiny())
     model, _ = _saved(out)

@@ -116,11 +116,14 @@ def test_models_and_combinations_without_usable_weights_are_refused():
         TrainConfig(pretrained="DEFAULT", weights_cache="gs://bucket/weights")
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"freeze_fraction": -0.1}, "freeze_fraction"),
-    ({"backbone_lr_mult": 0}, "backbone_lr_mult must be > 0"),
-    ({"backbone_lr_mult": float("nan")}, "backbone_lr_mult"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"freeze_fraction": -0.1}, "freeze_fraction"),
+        ({"backbone_lr_mult": 0}, "backbone_lr_mult must be > 0"),
+        ({"backbone_lr_mult": float("nan")}, "backbone_lr_mult"),
+    ],
+)
 def test_fine_tuning_options_are_checked(values, message):
     with pytest.raises(ValueError, match=message):
         config_from_dict(TrainConfig, values)

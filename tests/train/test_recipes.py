@@ -36,8 +36,11 @@ def test_auto_picks_the_small_recipe_for_30_per_class_and_says_so():
     assert "recipe small" in how.summary()
     small = SIZE_RECIPES["small"]
     assert (cfg.epochs, cfg.cutmix, cfg.label_smoothing, cfg.freeze_fraction) == (
-        small["epochs"], small["cutmix"], small["label_smoothing"], small["freeze_fraction"],
-    )  # fmt: skip
+        small["epochs"],
+        small["cutmix"],
+        small["label_smoothing"],
+        small["freeze_fraction"],
+    )
 
 
 def test_explicit_settings_win_field_by_field():
@@ -64,9 +67,7 @@ def test_resolved_config_round_trips_and_resolves_to_itself():
     assert resolve(again)[0] == cfg, "config.yaml reruns the same settings"
 
 
-@pytest.mark.parametrize(
-    ("domain", "dims"), [("natural", (-1,)), ("text", ()), ("medical", ()), ("satellite", (-1, -2)), ("product", (-1,))]
-)
+@pytest.mark.parametrize(("domain", "dims"), [("natural", (-1,)), ("text", ()), ("medical", ()), ("satellite", (-1, -2)), ("product", (-1,))])
 def test_tta_uses_only_the_flips_the_domain_allows(domain, dims):
     cfg, _ = resolve(TrainConfig(domain=domain))
     assert tta_flip_dims(cfg.hflip, cfg.vflip) == dims
@@ -133,16 +134,24 @@ def test_the_linear_probe_needs_a_pretrained_backbone():
 # Note 004's recipes, as the issue quotes them: field -> the value the note gives.
 NOTES = {
     "small": {  # "strong geometry + colour TrivialAugmentWide, MixUp alpha=0.2 often, CutMix at a low probability,
-                #  early stopping and fewer epochs, linear probe then gradual unfreezing"
-        "aug_policy": "trivialaugment", "mixup": 0.2, "crop_scale": (0.6, 1.0),
+        #  early stopping and fewer epochs, linear probe then gradual unfreezing"
+        "aug_policy": "trivialaugment",
+        "mixup": 0.2,
+        "crop_scale": (0.6, 1.0),
     },
     "medium": {  # "RandAugment N=2-3, M=7-12, MixUp 0.5 / CutMix 0.5, cosine + AMP + label smoothing 0.05"
-        "aug_policy": "randaugment", "mixup": 0.5, "cutmix": 0.5, "label_smoothing": 0.05, "crop_scale": (0.6, 1.0),
+        "aug_policy": "randaugment",
+        "mixup": 0.5,
+        "cutmix": 0.5,
+        "label_smoothing": 0.05,
+        "crop_scale": (0.6, 1.0),
     },
     "large": {  # "AutoAugment(ImageNet) + CutMix/MixUp, drop path, long training, higher weight decay"
-        "aug_policy": "autoaugment", "label_smoothing": 0.0, "crop_scale": (0.6, 1.0),
+        "aug_policy": "autoaugment",
+        "label_smoothing": 0.0,
+        "crop_scale": (0.6, 1.0),
     },
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", ["small", "medium", "large"])

@@ -134,19 +134,13 @@ class CleanConfig:
 
     def __post_init__(self) -> None:
         if len(self.split) != 3 or any(f < 0 for f in self.split):
-            raise ValueError(
-                f"split must be three non-negative fractions (train,val,test), got {self.split}"
-            )
+            raise ValueError(f"split must be three non-negative fractions (train,val,test), got {self.split}")
         if not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
-            raise ValueError(
-                f"split fractions must sum to 1, got {self.split} (sum {sum(self.split)})"
-            )
+            raise ValueError(f"split fractions must sum to 1, got {self.split} (sum {sum(self.split)})")
         if self.split[0] <= 0:
             raise ValueError("split: the train fraction must be > 0")
         if self.label_source not in ("auto", "oxford", "folder", "csv", "given"):
-            raise ValueError(
-                f"label_source must be auto, oxford, folder, csv or given, got {self.label_source!r}"
-            )
+            raise ValueError(f"label_source must be auto, oxford, folder, csv or given, got {self.label_source!r}")
         if self.label_source == "csv" and not self.labels_csv:
             raise ValueError("label_source='csv' needs labels_csv, the URI of a path,label CSV")
         if self.split_from not in ("random", "annotations"):
@@ -178,6 +172,4 @@ class CleanConfig:
             raise ValueError(f"blank_std must be within 0..128 (grey levels; 0 rejects no image as blank), got {self.blank_std}")
         for reason, limit in self.reject_z().items():
             if limit is not None and not 0 < limit < math.inf:
-                raise ValueError(
-                    f"reject_{reason} must be a positive robust z-score (e.g. 5) or unset to keep such images, got {limit}"
-                )
+                raise ValueError(f"reject_{reason} must be a positive robust z-score (e.g. 5) or unset to keep such images, got {limit}")

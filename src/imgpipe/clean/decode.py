@@ -74,9 +74,7 @@ class ShardBuckets:
         self.pending: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
 
-    def add(
-        self, member: str, img: Any, place: RowsPlan, at: int, sha256: str, bbox: list[float] | None, measures: Measures
-    ) -> int:
+    def add(self, member: str, img: Any, place: RowsPlan, at: int, sha256: str, bbox: list[float] | None, measures: Measures) -> int:
         """Appends a normalized image and its measures as row ``at`` of ``place`` says; returns its output shard."""
         order, label = int(place.order[at]), int(place.label[at])
         shard = order // self.rows_per_shard

@@ -150,4 +150,3 @@ def group_representatives(phash: np.ndarray, mirror: np.ndarray, t: int) -> np.n
     smallest = np.full(k, n, np.int64)
     np.minimum.at(smallest, root, np.arange(n))
     return smallest[root]
-

@@ -145,8 +145,12 @@ def read_index(files: Sequence[str]) -> Index:
                 start += meta.num_rows
     empty = pa.array([], pa.large_string())
     given = pa.concat_arrays(labels) if labels else empty
-    return Index(units, pa.concat_arrays(paths) if paths else empty, pa.concat_arrays(hashes) if hashes else empty,
-                 given if given.null_count < len(given) else None)  # fmt: skip
+    return Index(
+        units,
+        pa.concat_arrays(paths) if paths else empty,
+        pa.concat_arrays(hashes) if hashes else empty,
+        given if given.null_count < len(given) else None,
+    )
 
 
 def split_codes(labels: Sequence[int] | np.ndarray, fractions: Sequence[float], seed: int) -> np.ndarray:
@@ -204,7 +208,9 @@ def build_labeler(cfg: CleanConfig, index: Index) -> Labeler:
     else:
         base = Labeler(cfg.label_source)
     if cfg.label_overrides:
-        return OverriddenLabeler(base, read_label_csv(storage.read_bytes(cfg.label_overrides), f"label_overrides {storage.redact_uri(cfg.label_overrides)}"))
+        return OverriddenLabeler(
+            base, read_label_csv(storage.read_bytes(cfg.label_overrides), f"label_overrides {storage.redact_uri(cfg.label_overrides)}")
+        )
     return base
 
 
@@ -282,9 +288,7 @@ def _official_codes(index: Index, rows: np.ndarray, labels: np.ndarray, official
     return codes
 
 
-def plan_rows(
-    index: Index, labeler: Labeler, cfg: CleanConfig, known: pa.Table | None = None, official: dict[str, str] | None = None
-) -> Plan:
+def plan_rows(index: Index, labeler: Labeler, cfg: CleanConfig, known: pa.Table | None = None, official: dict[str, str] | None = None) -> Plan:
     """Labels, finds exact duplicates, splits and orders the rows, from metadata alone.
 
     Identical bytes decode identically, so duplicates can be settled before decoding:

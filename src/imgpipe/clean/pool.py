@@ -172,10 +172,14 @@ class ResultBuilder:
     def build(self) -> TaskResult:
         hashes = np.array(self._hashes, np.uint64).reshape(-1, 2)
         return TaskResult(
-            np.array(self._rows, np.int64), np.array(self._shard, np.int32), np.array(self._boxed, bool), self._failures,
-            hashes[:, 0].copy(), hashes[:, 1].copy(),
+            np.array(self._rows, np.int64),
+            np.array(self._shard, np.int32),
+            np.array(self._boxed, bool),
+            self._failures,
+            hashes[:, 0].copy(),
+            hashes[:, 1].copy(),
             np.array(self._metrics, np.float32).reshape(-1, len(METRICS)),
-        )  # fmt: skip
+        )
 
 
 _NO_METRICS = np.full(len(METRICS), np.nan, np.float32)
@@ -412,9 +416,7 @@ def run_tasks(
     results: dict[int, TaskResult] = {}
 
     next_index = max(len(tasks), first_free)
-    with tqdm(
-        total=sum(t.rows for t in tasks), desc="clean: decode", unit="img", dynamic_ncols=True
-    ) as bar:
+    with tqdm(total=sum(t.rows for t in tasks), desc="clean: decode", unit="img", dynamic_ncols=True) as bar:
         if in_process:
             for task in tasks:
                 results[task.index] = run(*task_args(task))
@@ -516,12 +518,15 @@ def _run_pool(
         The tasks left unfinished because a worker died (all that were not done by then).
     """
     unfinished: list[Task] = []
-    with _frozen_heap(), ProcessPoolExecutor(
-        max_workers=min(workers, len(tasks)),
-        mp_context=ctx,
-        initializer=_init_worker,
-        initargs=(storage.settings(), os.getpid()),
-    ) as executor:
+    with (
+        _frozen_heap(),
+        ProcessPoolExecutor(
+            max_workers=min(workers, len(tasks)),
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(storage.settings(), os.getpid()),
+        ) as executor,
+    ):
         futures = {}
         for task in tasks:
             try:
@@ -594,14 +599,8 @@ def _settle_alone(
     if pool.max_decode_bytes is None:
         need = "more memory than the process could get"
     else:
-        need = (
-            f"more memory than the per-image budget of {pool.max_decode_bytes} bytes,"
-            " which its header's estimate fitted"
-        )
-    detail = (
-        f"the process decoding it {_exit_text(outcome)} in the pool and again alone;"
-        f" it likely needs {need} (the OOM killer sends SIGKILL)"
-    )
+        need = f"more memory than the per-image budget of {pool.max_decode_bytes} bytes, which its header's estimate fitted"
+    detail = f"the process decoding it {_exit_text(outcome)} in the pool and again alone; it likely needs {need} (the OOM killer sends SIGKILL)"
     return TaskResult.failed(solo.only, DECODER_KILLED, detail)
 
 
@@ -615,18 +614,14 @@ def _exit_text(exit_code: int) -> str:
         return f"was killed by signal {-exit_code}"
 
 
-def _run_alone(
-    run: TaskFunction, args: tuple, ctx: multiprocessing.context.BaseContext, watch: _Watch
-) -> TaskResult | int:
+def _run_alone(run: TaskFunction, args: tuple, ctx: multiprocessing.context.BaseContext, watch: _Watch) -> TaskResult | int:
     """Runs one task in a process of its own: its results, or its exit code.
 
     A bare process rather than a one-worker pool: a pool reports a dead worker without
     its exit code, which the reject detail names. The time limit applies as in the pool.
     """
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=_task_process, args=(send, storage.settings(), os.getpid(), run, args), daemon=True
-    )
+    proc = ctx.Process(target=_task_process, args=(send, storage.settings(), os.getpid(), run, args), daemon=True)
     proc.start()
     send.close()  # now only the child holds the sending end: its death reads as EOF
     try:

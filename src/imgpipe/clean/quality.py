@@ -160,9 +160,7 @@ def measure(img: Image.Image) -> Measures:
     lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
     counts = np.bincount(grey.ravel(), minlength=256)
     p = counts[counts > 0] / grey.size
-    metrics = np.array(
-        [g.mean(), g.std(), lap.var(), -(p * np.log2(p)).sum(), img.width / img.height], dtype=np.float32
-    )
+    metrics = np.array([g.mean(), g.std(), lap.var(), -(p * np.log2(p)).sum(), img.width / img.height], dtype=np.float32)
     phash, mirror = _hash_pair(np.asarray(thumb.reduce(THUMB_SIDE // _HASH_SIDE), np.float64))
     return Measures(phash, mirror, metrics)
 
@@ -244,4 +242,3 @@ def histogram(values: np.ndarray, bins: int = 20, log: bool = False) -> dict[str
         return {"edges": [], "counts": [], "log10": log}
     counts, edges = np.histogram(finite, bins=bins)
     return {"edges": [round(float(e), 4) for e in edges], "counts": counts.tolist(), "log10": log}
-

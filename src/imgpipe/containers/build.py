@@ -129,9 +129,7 @@ class BuildResult:
 
 def _pip_config_values() -> dict[str, str]:
     """``pip config list`` of this interpreter (files and PIP_* variables), as key -> value."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60, check=False
-    )
+    result = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60, check=False)
     values: dict[str, str] = {}
     for line in result.stdout.splitlines():
         key, sep, value = line.partition("=")
@@ -279,14 +277,20 @@ def bootstrap_base(client: Any, name: str = BOOTSTRAP_BASE, suite: str = DEBIAN_
     with tempfile.TemporaryDirectory(prefix="imgpipe-base-") as tmp:
         rootfs = Path(tmp) / "rootfs.tar"
         command = [
-            tool, "--quiet", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-            "--aptopt=APT::Install-Recommends \"false\"",
-            "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-            "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
+            tool,
+            "--quiet",
+            "--variant=minbase",
+            "--include=python3,python3-venv,ca-certificates",
+            '--aptopt=APT::Install-Recommends "false"',
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
             "--dpkgopt=path-exclude=/usr/share/info/*",
             '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
-            suite, str(rootfs),
-        ]  # fmt: skip
+            suite,
+            str(rootfs),
+        ]
         log(f"base: building {name} from Debian {suite} packages with mmdebstrap")
         started = time.monotonic()
         result = subprocess.run(command, capture_output=True, text=True, check=False)

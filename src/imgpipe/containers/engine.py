@@ -55,9 +55,7 @@ def connect(timeout_s: float = 600.0) -> Any:
     try:
         import docker
     except ImportError as exc:
-        raise EngineUnavailable(
-            "the docker SDK is not installed: pip install 'imgpipe[containers]'"
-        ) from exc
+        raise EngineUnavailable("the docker SDK is not installed: pip install 'imgpipe[containers]'") from exc
     try:
         client = docker.DockerClient(base_url=address, timeout=int(timeout_s))
         client.ping()

@@ -27,10 +27,7 @@ from imgpipe.resources import free_port
 
 __all__ = ["RayClusterSpec", "RayCluster", "ray_cluster"]
 
-_NODES_SCRIPT = (
-    "import ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False); "
-    "print(sum(1 for n in ray.nodes() if n['Alive']))"
-)
+_NODES_SCRIPT = "import ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False); print(sum(1 for n in ray.nodes() if n['Alive']))"
 
 
 @dataclass(frozen=True)
@@ -139,21 +136,37 @@ def ray_cluster(client: Any, spec: RayClusterSpec) -> Iterator[RayCluster]:
     suffix = uuid.uuid4().hex[:8]
     env = {**spec.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     common = [
-        "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-        f"--num-cpus={spec.cpus_per_node}", f"--object-store-memory={spec.object_store_bytes}",
-    ]  # fmt: skip
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={spec.cpus_per_node}",
+        f"--object-store-memory={spec.object_store_bytes}",
+    ]
     head_cmd = [
-        "ray", "start", "--head", *common, f"--port={gcs}", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        "--min-worker-port=20000", "--max-worker-port=20999",
-    ]  # fmt: skip
+        "ray",
+        "start",
+        "--head",
+        *common,
+        f"--port={gcs}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        "--min-worker-port=20000",
+        "--max-worker-port=20999",
+    ]
     # Both nodes are on 127.0.0.1: the worker's agents and workers need ports of their own.
     worker_cmd = [
-        "ray", "start", *common, f"--address=127.0.0.1:{gcs}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-        "--min-worker-port=21000", "--max-worker-port=21999",
-    ]  # fmt: skip
+        "ray",
+        "start",
+        *common,
+        f"--address=127.0.0.1:{gcs}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        "--min-worker-port=21000",
+        "--max-worker-port=21999",
+    ]
     address = f"http://127.0.0.1:{dashboard}"
     started: list[Any] = []
     try:
@@ -162,9 +175,7 @@ def ray_cluster(client: Any, spec: RayClusterSpec) -> Iterator[RayCluster]:
         _wait_for(lambda: _dashboard_up(address, token), [(head, "head")], spec.start_timeout_s, "the Ray dashboard")
         worker = _start(client, spec, f"imgpipe-ray-worker-{suffix}", worker_cmd, env)
         started.append(worker)
-        _wait_for(
-            lambda: _alive_nodes(head) >= 2, [(head, "head"), (worker, "worker")], spec.start_timeout_s, "two Ray nodes"
-        )
+        _wait_for(lambda: _alive_nodes(head) >= 2, [(head, "head"), (worker, "worker")], spec.start_timeout_s, "two Ray nodes")
         yield RayCluster(address=address, token=token, containers=started)
     finally:
         # `ray start --block` answers SIGTERM by draining for up to 30 s; these nodes hold

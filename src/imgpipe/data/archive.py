@@ -75,10 +75,7 @@ _COMPRESSED_TAR = (
 )
 _TAR_CODECS = {fmt: (codec, opener) for _, fmt, codec, opener in _COMPRESSED_TAR}
 _TAR_FORMATS = ("tar", *_TAR_CODECS)
-_SUPPORTED_TEXT = (
-    "supported formats: .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .zip (detected by content), "
-    "or a directory"
-)
+_SUPPORTED_TEXT = "supported formats: .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .zip (detected by content), or a directory"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # first local header, or the end record of an empty zip
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _ZIP_ENCRYPTED = 0x1  # general purpose bit 0, APPNOTE.TXT section 4.4.4
@@ -154,9 +151,7 @@ class Member:
             ValueError: If the member was flagged and must not be read.
         """
         if self.reason is not None or self.opener is None:
-            raise ValueError(
-                f"member {self.path!r} must not be read: {self.reason} ({self.detail})"
-            )
+            raise ValueError(f"member {self.path!r} must not be read: {self.reason} ({self.detail})")
         chunks: list[bytes] = []
         size = 0
         try:
@@ -169,9 +164,7 @@ class Member:
                     if size > limit:
                         raise MemberTooLarge(f"{self.path!r} holds more than {limit} bytes")
         except _CORRUPT as exc:
-            raise ArchiveError(
-                f"corrupt or truncated archive at member {self.path!r}: {exc}"
-            ) from exc
+            raise ArchiveError(f"corrupt or truncated archive at member {self.path!r}: {exc}") from exc
         return b"".join(chunks)
 
 
@@ -263,9 +256,7 @@ def detect_format(path: str | os.PathLike[str], name: str | None = None) -> str:
             except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
                 raise ArchiveError(f"{name}: corrupt {codec} data: {exc}") from exc
             if not _looks_like_tar(block):
-                raise ValueError(
-                    f"{name} is {codec}-compressed but holds no tar archive; {_SUPPORTED_TEXT}"
-                )
+                raise ValueError(f"{name} is {codec}-compressed but holds no tar archive; {_SUPPORTED_TEXT}")
             return fmt
     if head[:4] in _ZIP_MAGIC:
         return "zip"
@@ -273,9 +264,7 @@ def detect_format(path: str | os.PathLike[str], name: str | None = None) -> str:
         return "tar"
     if zipfile.is_zipfile(path):  # a zip with a prefix, e.g. a self-extracting stub
         return "zip"
-    raise ValueError(
-        f"{name} is not a supported archive (starts with {head[:8]!r}); {_SUPPORTED_TEXT}"
-    )
+    raise ValueError(f"{name} is not a supported archive (starts with {head[:8]!r}); {_SUPPORTED_TEXT}")
 
 
 def declared_members(path: str | os.PathLike[str], fmt: str) -> int | None:
@@ -358,8 +347,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
         chain = getattr(tarfile_, "_imgpipe_header_chain", 0) + 1
         if chain > MAX_HEADER_CHAIN:
             raise tarfile.SubsequentHeaderError(
-                f"more than MAX_HEADER_CHAIN={MAX_HEADER_CHAIN} extended headers in a row "
-                f"at byte {self.offset} of the tar stream"
+                f"more than MAX_HEADER_CHAIN={MAX_HEADER_CHAIN} extended headers in a row at byte {self.offset} of the tar stream"
             )
         tarfile_._imgpipe_header_chain = chain  # type: ignore[attr-defined]
         try:
@@ -389,9 +377,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
         self.size = real_size
         return self
 
-    def _proc_gnusparse_10(
-        self, next: tarfile.TarInfo, pax_headers: dict[str, str], tarfile_: tarfile.TarFile
-    ) -> None:
+    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str], tarfile_: tarfile.TarFile) -> None:
         # A pax 1.0 sparse map is a list of numbers at the start of the member's data,
         # as long as it claims; tarfile reads it all. The member's position is already
         # known from its header, so leave the map unread.
@@ -412,9 +398,7 @@ def _check_global_headers(tarfile_: tarfile.TarFile) -> None:
     # Global pax headers accumulate in tarfile.pax_headers for the rest of the archive.
     size = sum(_utf8_len(k) + _utf8_len(v) for k, v in tarfile_.pax_headers.items())
     if size > MAX_EXTENDED_HEADER_BYTES:
-        raise tarfile.SubsequentHeaderError(
-            f"pax global headers hold {size} bytes, more than {MAX_EXTENDED_HEADER_BYTES}"
-        )
+        raise tarfile.SubsequentHeaderError(f"pax global headers hold {size} bytes, more than {MAX_EXTENDED_HEADER_BYTES}")
 
 
 def _skip(fileobj: IO[bytes], count: int, what: str) -> None:
@@ -493,8 +477,7 @@ def _iter_tar(path: str | os.PathLike[str], fmt: str) -> Iterator[Member]:
         # archive ends with zero blocks: the last header read must have been a full block.
         if tf.fileobj.tell() - tf.offset < tarfile.BLOCKSIZE:
             raise ArchiveError(
-                f"archive ends at byte {tf.offset} of its tar stream without the end-of-archive "
-                "blocks; it is truncated (an incomplete download?)"
+                f"archive ends at byte {tf.offset} of its tar stream without the end-of-archive blocks; it is truncated (an incomplete download?)"
             )
 
 

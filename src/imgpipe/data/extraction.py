@@ -112,9 +112,7 @@ class Extraction:
         self.expanded = 0
         declared = source.declared_members()
         if declared is not None and self.inputs + declared > self.cfg.max_members:
-            raise ValueError(
-                self._too_many(source, f"its index declares {declared} entries, directories included")
-            )
+            raise ValueError(self._too_many(source, f"its index declares {declared} entries, directories included"))
 
     def admit(self, source: Reader, member: Member) -> None:
         """Counts a member, read or rejected, with its header and path bytes."""

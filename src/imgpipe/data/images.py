@@ -43,13 +43,10 @@ DEFAULT_FORMATS = ("jpeg", "png", "gif", "bmp", "tiff", "webp")
 # The formats clean may be told to decode: Pillow decodes each in-process, and sniff_format
 # knows its signature, so a file that has one and does not parse is "corrupt", as with the
 # defaults. TGA is left out: it has no signature, and its plugin takes almost any bytes.
-DECODABLE_FORMATS = (
-    *DEFAULT_FORMATS, "jpeg2000", "avif", "ico", "icns", "psd", "pcx", "sgi", "dds", "qoi", "ppm", "blp", "fits"
-)
+DECODABLE_FORMATS = (*DEFAULT_FORMATS, "jpeg2000", "avif", "ico", "icns", "psd", "pcx", "sgi", "dds", "qoi", "ppm", "blp", "fits")
 # Formats sniff_format recognizes that clean never decodes, and what to do instead.
 _NEVER_DECODED = {
-    "eps": "Pillow decodes EPS and PostScript by running Ghostscript on the file, which clean never does; "
-    "convert it to PNG first",
+    "eps": "Pillow decodes EPS and PostScript by running Ghostscript on the file, which clean never does; convert it to PNG first",
     "heif": "Pillow has no HEIF/HEIC decoder; convert it to JPEG or PNG first",
     "jxl": "Pillow has no JPEG XL decoder; convert it to PNG first",
     "dicom": "Pillow does not read DICOM; export its pixels to PNG (pydicom, dcmtk) first",
@@ -262,10 +259,7 @@ def _check_format(name: str) -> None:
 def _unsupported(fmt: str, formats: Sequence[str]) -> ImageRejected:
     """The ``unsupported_format`` reject of a file in format ``fmt``, saying how to accept it."""
     accepted = ", ".join(formats)
-    if fmt in _NEVER_DECODED:
-        how = _NEVER_DECODED[fmt]
-    else:
-        how = f"add it with --set formats={','.join((*formats, fmt))}"
+    how = _NEVER_DECODED[fmt] if fmt in _NEVER_DECODED else f"add it with --set formats={','.join((*formats, fmt))}"
     return ImageRejected("unsupported_format", f"{fmt.upper()} is not an accepted format (accepted: {accepted}); {how}")
 
 
@@ -543,9 +537,7 @@ def validate_and_normalize(
         TypeError: If ``formats`` is not a list of names.
     """
     if max_decode_bytes is not None and max_decode_bytes < 0:
-        raise ValueError(
-            f"max_decode_bytes must be >= 0 or None (no limit), got {max_decode_bytes}"
-        )
+        raise ValueError(f"max_decode_bytes must be >= 0 or None (no limit), got {max_decode_bytes}")
     img = _open(data, max_pixels, check_formats(formats))
     width, height = img.size
     if width * height > max_pixels:

@@ -118,5 +118,10 @@ class PreviousDownload:
     def counts(self, listed: int) -> dict[str, int]:
         """New, changed, unchanged and deleted objects, for a run that listed ``listed`` objects."""
         seen = len(self._seen)
-        return {"new": listed - seen, "changed": seen - self.carried, "unchanged": self.carried, "deleted": len(self._rows) - seen,
-                "carried_refused": self.refused}  # fmt: skip
+        return {
+            "new": listed - seen,
+            "changed": seen - self.carried,
+            "unchanged": self.carried,
+            "deleted": len(self._rows) - seen,
+            "carried_refused": self.refused,
+        }

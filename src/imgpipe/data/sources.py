@@ -105,8 +105,7 @@ class SourcePolicy:
         unknown = sorted(self.schemes - REMOTE_SCHEMES)
         if unknown:
             raise ValueError(
-                f"SourcePolicy.schemes has {unknown}; remote schemes are {sorted(REMOTE_SCHEMES)} "
-                "(local files are allowed with allow_local=True)"
+                f"SourcePolicy.schemes has {unknown}; remote schemes are {sorted(REMOTE_SCHEMES)} (local files are allowed with allow_local=True)"
             )
         if not self.pin_required <= self.schemes:
             raise ValueError("SourcePolicy.pin_required must be a subset of SourcePolicy.schemes")
@@ -162,22 +161,17 @@ class SourcePolicy:
                 )
             return
         if scheme not in REMOTE_SCHEMES:
-            raise SourceRefused(
-                f"unsupported source {shown!r}: use http(s)://, s3://, file:// or a local path"
-            )
+            raise SourceRefused(f"unsupported source {shown!r}: use http(s)://, s3://, file:// or a local path")
         literal = _literal_address(urlparse(uri).hostname)
         if scheme in _HTTP_SCHEMES and literal is not None:
             # An address written in the URL needs no lookup: refuse it before any source is
             # fetched, and before the scheme or pin (the address is the graver matter).
             self.check_address(literal, f"source {shown}")
         if scheme not in self.schemes:
-            raise SourceRefused(
-                f"source {shown}: scheme {scheme!r} is not allowed here; use one of {sorted(self.schemes)}"
-            )
+            raise SourceRefused(f"source {shown}: scheme {scheme!r} is not allowed here; use one of {sorted(self.schemes)}")
         if scheme in self.pin_required and not pinned:
             raise SourceRefused(
-                f"source {shown}: plain {scheme} needs a sha256 pin (its bytes can be altered in "
-                "transit); give the archive's sha256 or use https"
+                f"source {shown}: plain {scheme} needs a sha256 pin (its bytes can be altered in transit); give the archive's sha256 or use https"
             )
 
     def check_host(self, url: str) -> None:
@@ -229,9 +223,7 @@ class SourcePolicy:
         embedded = _embedded_ipv4(ip)
         if embedded is not None:
             candidates = [embedded]  # judged by where it really leads
-        return all(
-            _is_public(c) or any(c in net for net in self.allowed_networks) for c in candidates
-        )
+        return all(_is_public(c) or any(c in net for net in self.allowed_networks) for c in candidates)
 
 
 def _is_link_local(ip: IPAddress) -> bool:
@@ -294,10 +286,7 @@ def _env_networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
         try:
             networks.append(ipaddress.ip_network(item.strip(), strict=False))
         except ValueError as exc:
-            raise ValueError(
-                f"{name} must be comma-separated CIDR networks such as 10.0.0.0/8,fd00::/8; "
-                f"{item.strip()!r}: {exc}"
-            ) from None
+            raise ValueError(f"{name} must be comma-separated CIDR networks such as 10.0.0.0/8,fd00::/8; {item.strip()!r}: {exc}") from None
     return tuple(networks)
 
 

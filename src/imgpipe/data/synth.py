@@ -243,29 +243,19 @@ class SynthConfig:
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise TypeError(f"SynthConfig.{f.name} must be {want.__name__}, got {value!r}")
         if not 1 <= self.classes <= len(OXFORD_BREEDS):
-            raise ValueError(
-                f"SynthConfig.classes must be in 1..{len(OXFORD_BREEDS)}, got {self.classes}"
-            )
+            raise ValueError(f"SynthConfig.classes must be in 1..{len(OXFORD_BREEDS)}, got {self.classes}")
         if self.per_class < 1:
             raise ValueError(f"SynthConfig.per_class must be >= 1, got {self.per_class}")
         if self.seed < 0:
-            raise ValueError(
-                f"SynthConfig.seed must be >= 0 (numpy seeds are non-negative), got {self.seed}"
-            )
+            raise ValueError(f"SynthConfig.seed must be >= 0 (numpy seeds are non-negative), got {self.seed}")
         if self.min_side < 32:
-            raise ValueError(
-                f"SynthConfig.min_side must be >= 32 so the object stays drawable, got {self.min_side}"
-            )
+            raise ValueError(f"SynthConfig.min_side must be >= 32 so the object stays drawable, got {self.min_side}")
         if self.max_side > 4096:
             raise ValueError(f"SynthConfig.max_side must be <= 4096, got {self.max_side}")
         if self.min_side > self.max_side:
-            raise ValueError(
-                f"SynthConfig.min_side ({self.min_side}) must not exceed max_side ({self.max_side})"
-            )
+            raise ValueError(f"SynthConfig.min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
         if not 1 <= self.jpeg_quality <= 95:
-            raise ValueError(
-                f"SynthConfig.jpeg_quality must be in 1..95 (Pillow advises against >95), got {self.jpeg_quality}"
-            )
+            raise ValueError(f"SynthConfig.jpeg_quality must be in 1..95 (Pillow advises against >95), got {self.jpeg_quality}")
         if self.quirks and self.classes * self.per_class < _MIN_IMAGES_FOR_QUIRKS:
             raise ValueError(
                 f"quirks=True needs at least {_MIN_IMAGES_FOR_QUIRKS} images (classes * per_class), got "
@@ -349,9 +339,7 @@ def image_rng(seed: int, class_index: int, image_number: int) -> np.random.Gener
     return np.random.default_rng([seed, _STREAM_IMAGE, class_index, image_number])
 
 
-def sample_size(
-    rng: np.random.Generator, min_side: int = 200, max_side: int = 800
-) -> tuple[int, int]:
+def sample_size(rng: np.random.Generator, min_side: int = 200, max_side: int = 800) -> tuple[int, int]:
     """Draws ``(width, height)`` like the real set: mostly 500 px long side, 4:3, landscape.
 
     Args:
@@ -370,9 +358,7 @@ def sample_size(
     return long_side, short_side
 
 
-def sample_elongated_size(
-    rng: np.random.Generator, min_side: int = 200, max_side: int = 800
-) -> tuple[int, int]:
+def sample_elongated_size(rng: np.random.Generator, min_side: int = 200, max_side: int = 800) -> tuple[int, int]:
     """Draws a wide or tall ``(width, height)``: aspect ratio 1.6-2.2, orientation random.
 
     The long side is drawn as :func:`sample_size` draws it; where ``min_side`` would
@@ -397,9 +383,7 @@ def sample_elongated_size(
     return long_side, short_side
 
 
-def _end_band_position(
-    rng: np.random.Generator, size: tuple[int, int], extent: tuple[int, int]
-) -> tuple[int, int]:
+def _end_band_position(rng: np.random.Generator, size: tuple[int, int], extent: tuple[int, int]) -> tuple[int, int]:
     """Top-left corner of an ``extent`` (w, h) object in a ``size`` (w, h) image, for off_centre.
 
     With probability :data:`_OFF_CENTRE_END_BAND` the object's centre lies in one of the two
@@ -442,9 +426,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     grain = rng.standard_normal((height, width), dtype=np.float32) * np.float32(rng.uniform(2, 10))
     # Blotches: coarse colour noise upsampled, cheaper than full-resolution smooth noise.
     coarse = rng.normal(128.0, rng.uniform(5, 30), (max(2, height // 24), max(2, width // 24), 3))
-    blotch = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize(
-        (width, height), Image.BILINEAR
-    )
+    blotch = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
     arr = np.asarray(blotch, dtype=np.float32) + (c0 - 128.0)
     arr += t[..., None] * (c1 - c0)
     arr += grain[..., None]
@@ -454,9 +436,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     for _ in range(int(rng.integers(3, 9))):
         r = short * rng.uniform(0.03, 0.08)
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        colour = tuple(
-            int(c) for c in _rgb(rng.random(), rng.uniform(0, 0.5), rng.uniform(0.2, 0.95))
-        )
+        colour = tuple(int(c) for c in _rgb(rng.random(), rng.uniform(0, 0.5), rng.uniform(0.2, 0.95)))
         box = [cx - r, cy - r * rng.uniform(0.3, 1.0), cx + r, cy + r]
         if rng.random() < 0.5:
             draw.ellipse(box, fill=colour)
@@ -499,9 +479,7 @@ def _shape_mask(shape: str, w: int, h: int, rng: np.random.Generator) -> Image.I
     return mask
 
 
-def _regular(
-    cx: float, cy: float, rx: float, ry: float, n: int, start: float
-) -> list[tuple[float, float]]:
+def _regular(cx: float, cy: float, rx: float, ry: float, n: int, start: float) -> list[tuple[float, float]]:
     return [
         (
             cx + rx * math.cos(start + 2 * math.pi * k / n),
@@ -511,9 +489,7 @@ def _regular(
     ]
 
 
-def _texture(
-    texture: str, colour: np.ndarray, w: int, h: int, rng: np.random.Generator
-) -> Image.Image:
+def _texture(texture: str, colour: np.ndarray, w: int, h: int, rng: np.random.Generator) -> Image.Image:
     """The object's surface: the class hue with a dark same-hue pattern."""
     dark = colour * np.float32(rng.uniform(0.2, 0.4))
     xx = np.arange(w, dtype=np.float32)[None, :]
@@ -564,14 +540,8 @@ def render_image(
     # (off_centre: 0.45 * sqrt(2) < 1 too).
     side = int(short * rng.uniform(*(_OFF_CENTRE_SIDE if off_centre else _SIDE)))
     aspect = rng.uniform(0.75, 1.0)
-    w, h = (
-        (side, max(8, int(side * aspect)))
-        if rng.random() < 0.5
-        else (max(8, int(side * aspect)), side)
-    )
-    colour = _rgb(
-        style.hue + rng.uniform(-0.02, 0.02), rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0)
-    )
+    w, h = (side, max(8, int(side * aspect))) if rng.random() < 0.5 else (max(8, int(side * aspect)), side)
+    colour = _rgb(style.hue + rng.uniform(-0.02, 0.02), rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
     mask = _shape_mask(style.shape, w, h, rng)
     surface = _texture(style.texture, colour, w, h, rng)
     angle = float(rng.uniform(-180, 180))
@@ -633,11 +603,7 @@ class _Rendered:
 
 def _plan(cfg: SynthConfig, breeds: Sequence[str]) -> list[_Member]:
     """Every member, with quirks placed by an RNG of their own."""
-    members = {
-        (c, n): _Member(c, n, "image", breeds[c])
-        for c in range(cfg.classes)
-        for n in range(1, cfg.per_class + 1)
-    }
+    members = {(c, n): _Member(c, n, "image", breeds[c]) for c in range(cfg.classes) for n in range(1, cfg.per_class + 1)}
     if not cfg.quirks:
         return list(members.values())
     rng = np.random.default_rng([cfg.seed, _STREAM_QUIRKS])
@@ -651,9 +617,7 @@ def _plan(cfg: SynthConfig, breeds: Sequence[str]) -> list[_Member]:
     # The duplicate's original must sort before its copy, so that the copy (an
     # extra) is the member a sort-order dedup rejects; <Breed>_1.jpg always does.
     dup = next(m for m in extras if m.kind == "duplicate")
-    candidates = [
-        key for key, m in members.items() if key[0] == dup.class_index and m.path < dup.path
-    ]
+    candidates = [key for key, m in members.items() if key[0] == dup.class_index and m.path < dup.path]
     original = candidates[int(rng.integers(len(candidates)))]
     extras[extras.index(dup)] = dataclasses.replace(dup, source=members[original].path)
 
@@ -755,9 +719,7 @@ def _voc_xml(stem: str, breed: str, r: _Rendered, pose: str) -> str:
     )
 
 
-def _annotations(
-    cfg: SynthConfig, breeds: Sequence[str], kept: Sequence[_Member], rendered: dict[str, _Rendered]
-) -> dict[str, bytes]:
+def _annotations(cfg: SynthConfig, breeds: Sequence[str], kept: Sequence[_Member], rendered: dict[str, _Rendered]) -> dict[str, bytes]:
     """list.txt, trainval.txt, test.txt and head-box XMLs for the images cleaning keeps."""
     rng = np.random.default_rng([cfg.seed, _STREAM_SPLIT])
     species = [1 if b[0].isupper() else 2 for b in breeds]
@@ -777,18 +739,12 @@ def _annotations(
 
     # The real release lacks head boxes for some images; so does this one.
     n_missing = max(1, round(_XML_MISSING_FRACTION * len(ordered))) if len(ordered) >= 2 else 0
-    missing = {
-        ordered[int(i)].stem for i in rng.choice(len(ordered), size=n_missing, replace=False)
-    }
+    missing = {ordered[int(i)].stem for i in rng.choice(len(ordered), size=n_missing, replace=False)}
     poses = ("Frontal", "Frontal", "Left", "Right", "Unspecified")
     files = {
         "annotations/list.txt": (LIST_HEADER + "".join(line(m) for m in ordered)).encode(),
-        "annotations/trainval.txt": "".join(
-            line(m) for m in ordered if m.stem in trainval
-        ).encode(),
-        "annotations/test.txt": "".join(
-            line(m) for m in ordered if m.stem not in trainval
-        ).encode(),
+        "annotations/trainval.txt": "".join(line(m) for m in ordered if m.stem in trainval).encode(),
+        "annotations/test.txt": "".join(line(m) for m in ordered if m.stem not in trainval).encode(),
     }
     for m in ordered:
         pose = poses[int(rng.integers(len(poses)))]
@@ -802,9 +758,7 @@ def _write_tar_gz(path: str, files: dict[str, bytes], compresslevel: int) -> Non
     """Writes a byte-reproducible tar.gz: sorted members, fixed owner/mode/mtimes."""
     with (
         open(path, "wb") as raw,
-        gzip.GzipFile(
-            filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=compresslevel
-        ) as gz,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=compresslevel) as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar,
     ):
         for name in sorted(files):
@@ -817,9 +771,7 @@ def _write_tar_gz(path: str, files: dict[str, bytes], compresslevel: int) -> Non
             tar.addfile(info, io.BytesIO(files[name]))
 
 
-def _render_all(
-    members: Iterable[_Member], cfg: SynthConfig, progress: bool
-) -> dict[str, _Rendered]:
+def _render_all(members: Iterable[_Member], cfg: SynthConfig, progress: bool) -> dict[str, _Rendered]:
     members = list(members)
     # Threads overlap Pillow's JPEG encoding and numpy work, which release the GIL;
     # every image has its own RNG, so the output does not depend on scheduling.
@@ -875,9 +827,7 @@ def generate(dest: str, cfg: SynthConfig, *, progress: bool = True) -> SynthRepo
     rendered = _render_all(members, cfg, progress)
 
     quirks = {m.path: m.kind for m in sorted(members, key=lambda m: m.path) if m.kind != "image"}
-    expected_rejects = {
-        p: EXPECTED_REJECT_REASONS[k] for p, k in quirks.items() if k in EXPECTED_REJECT_REASONS
-    }
+    expected_rejects = {p: EXPECTED_REJECT_REASONS[k] for p, k in quirks.items() if k in EXPECTED_REJECT_REASONS}
     for m in members:
         if m.kind == "duplicate":
             assert m.source < m.path, "the copy must be the later path of a duplicate pair"
@@ -904,9 +854,7 @@ def generate(dest: str, cfg: SynthConfig, *, progress: bool = True) -> SynthRepo
             local = os.path.join(tmp, name)
             _write_tar_gz(local, files, level)
             storage.upload_file(local, storage.join(dest, name))
-    storage.write_bytes(
-        storage.join(dest, "synth.json"), json.dumps(meta, indent=2).encode() + b"\n"
-    )
+    storage.write_bytes(storage.join(dest, "synth.json"), json.dumps(meta, indent=2).encode() + b"\n")
     return SynthReport(
         dest=dest,
         classes=list(breeds),

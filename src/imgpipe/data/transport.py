@@ -27,9 +27,22 @@ from imgpipe import storage
 from imgpipe.data.sources import SourcePolicy, check_redirect, peer_checked_session
 
 __all__ = [
-    "HttpSettings", "Transient", "TRANSIENT_ERRORS", "HttpSpooler", "open_response", "FetchFailed", "fetch_url", "retry_after",
-    "byte_bar", "basename", "HTTP_ERROR", "FETCH_TIMEOUT", "FETCH_FAILED", "TOO_LARGE", "REFUSED",
-]  # fmt: skip
+    "HttpSettings",
+    "Transient",
+    "TRANSIENT_ERRORS",
+    "HttpSpooler",
+    "open_response",
+    "FetchFailed",
+    "fetch_url",
+    "retry_after",
+    "byte_bar",
+    "basename",
+    "HTTP_ERROR",
+    "FETCH_TIMEOUT",
+    "FETCH_FAILED",
+    "TOO_LARGE",
+    "REFUSED",
+]
 
 _CHUNK = 1 << 20
 _MAX_BACKOFF_S = 60.0
@@ -164,8 +177,9 @@ class HttpSpooler:
 
     def _open(self, session: requests.Session) -> requests.Response:
         """The response at the end of the redirect chain from ``url``, body unread."""
-        resp, self.final_url = open_response(session, self.url, self.policy, headers=self._headers(),
-                                             timeout_s=self.cfg.timeout_s, pinned=self.pinned)  # fmt: skip
+        resp, self.final_url = open_response(
+            session, self.url, self.policy, headers=self._headers(), timeout_s=self.cfg.timeout_s, pinned=self.pinned
+        )
         return resp
 
     def _check_size(self, size: int) -> None:
@@ -184,15 +198,12 @@ class HttpSpooler:
     def _check_status(self, resp: requests.Response) -> None:
         status = resp.status_code
         if status in (404, 410):
-            raise FileNotFoundError(
-                f"download source {storage.redact_uri(self.url)} not found (HTTP {status} {resp.reason})"
-            )
+            raise FileNotFoundError(f"download source {storage.redact_uri(self.url)} not found (HTTP {status} {resp.reason})")
         if status in _RETRY_STATUSES or status >= 500:
             raise Transient(f"HTTP {status} {resp.reason}", retry_after(resp))
         if status not in (200, 206):
             raise ValueError(
-                f"downloading {storage.redact_uri(self.url)} failed with HTTP {status} {resp.reason}; "
-                "check the URL and that it is publicly readable"
+                f"downloading {storage.redact_uri(self.url)} failed with HTTP {status} {resp.reason}; check the URL and that it is publicly readable"
             )
 
     def _position(self, resp: requests.Response, fh: Any, bar: tqdm) -> None:
@@ -201,9 +212,7 @@ class HttpSpooler:
             match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", resp.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != self.have:
                 self._restart(fh, bar)
-                raise Transient(
-                    f"server resumed at an unexpected range {resp.headers.get('Content-Range')!r}"
-                )
+                raise Transient(f"server resumed at an unexpected range {resp.headers.get('Content-Range')!r}")
             self.total = int(match.group(2)) if match.group(2) != "*" else None
         else:
             if self.have:
@@ -212,9 +221,7 @@ class HttpSpooler:
             self.total = int(length) if length and length.isdigit() else None
             etag = resp.headers.get("ETag", "")
             # Weak ETags cannot guard a byte range (RFC 9110 section 13.1.5).
-            self.validator = (
-                etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
-            )
+            self.validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
         if self.total is not None:
             self._check_size(self.total)
         bar.total = self.total

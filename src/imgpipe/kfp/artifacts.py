@@ -143,10 +143,16 @@ def train_overrides(
     prefix is its own, so a first attempt starts fresh and a retry continues.
     """
     return {
-        "model": model_name, "epochs": epochs, "batch_size": batch_size, "aug_policy": aug_policy or None,
-        "pretrained": pretrained or None, "resume": True, "nodes": nodes, "recipe": recipe or None,
+        "model": model_name,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "aug_policy": aug_policy or None,
+        "pretrained": pretrained or None,
+        "resume": True,
+        "nodes": nodes,
+        "recipe": recipe or None,
         "domain": domain or None,
-    }  # fmt: skip
+    }
 
 
 def write_step_artifact(artifact: Any, prefix: str, **metadata: Any) -> dict[str, Any]:
@@ -383,8 +389,15 @@ def current_model(data_root: str, policy: ReadPolicy | None = None) -> str | Non
 
 
 def promote_run(
-    data_root: str, run_id: str, tolerance: float = 0.0, train_step: str = "train", *, metrics: Any = None, report: Any = None,
-    policy: ReadPolicy | None = None, candidate: str | None = None,
+    data_root: str,
+    run_id: str,
+    tolerance: float = 0.0,
+    train_step: str = "train",
+    *,
+    metrics: Any = None,
+    report: Any = None,
+    policy: ReadPolicy | None = None,
+    candidate: str | None = None,
 ) -> Any:
     """The promotion gate for a finished run (:mod:`imgpipe.steps.promote`): records it in ``latest.json`` only if promoted.
 
@@ -418,8 +431,14 @@ def promote_run(
         if decision.promoted:
             modelregistry.register_promoted(prefixes[train_step], check_run_id(run_id))
 
-    decision = promote(prefixes[train_step], current, run_prefix(data_root, run_id, "promote"),
-                       PromoteConfig(tolerance=tolerance), policy=policy, before_commit=register)  # fmt: skip
+    decision = promote(
+        prefixes[train_step],
+        current,
+        run_prefix(data_root, run_id, "promote"),
+        PromoteConfig(tolerance=tolerance),
+        policy=policy,
+        before_commit=register,
+    )
     if decision.promoted:
         served = {"serving": decision.serving} if decision.serving else {}  # KServe's storageUri (imgpipe.serving)
         record_latest(data_root, run_id, {**{s: prefixes[s] for s in ("download", "clean", "resize")}, "train": prefixes[train_step], **served})
@@ -523,8 +542,6 @@ def publish_comparison(out: str, *, report: Any, metrics: Any, winner: Any) -> d
         if row.get(key) is not None:
             metrics.log_metric(f"{row['branch']}_{key}", float(row[key]))
     metrics.log_metric("branches", float(len(result["branches"])))
-    winner.metadata.update(
-        branch=best["branch"], ranked_by=key, value=best.get(key), step_config=result["winner"]["step_config"], prefix=out
-    )
+    winner.metadata.update(branch=best["branch"], ranked_by=key, value=best.get(key), step_config=result["winner"]["step_config"], prefix=out)
     report.metadata["prefix"] = out
     return result

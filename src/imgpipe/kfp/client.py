@@ -159,14 +159,10 @@ def validate_cron(expression: str) -> str:
     fields = (expression or "").split()
     example = "e.g. '0 0 3 * * *' for 03:00:00 every day"
     if len(fields) == 5:
-        raise ValueError(
-            f"cron {expression!r} has 5 fields (crontab style); KFP schedules take 6, seconds first: "
-            f"{'0 ' + ' '.join(fields)!r}"
-        )
+        raise ValueError(f"cron {expression!r} has 5 fields (crontab style); KFP schedules take 6, seconds first: {'0 ' + ' '.join(fields)!r}")
     if len(fields) != 6:
         raise ValueError(
-            f"cron {expression!r} has {len(fields)} field(s); KFP schedules take 6 "
-            f"(second minute hour day-of-month month day-of-week), {example}"
+            f"cron {expression!r} has {len(fields)} field(s); KFP schedules take 6 (second minute hour day-of-month month day-of-week), {example}"
         )
     for text, (name, low, high, names, question) in zip(fields, _CRON_FIELDS):
         for item in text.split(","):
@@ -289,8 +285,13 @@ def pipeline_inputs(package: str | Path) -> dict[str, dict[str, Any]]:
 
 # The Python type of each KFP parameter type (kfp/pipeline_spec's ParameterType).
 _PARAMETER_TYPES: dict[str, type] = {
-    "STRING": str, "BOOLEAN": bool, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "STRUCT": dict, "LIST": list,
-}  # fmt: skip
+    "STRING": str,
+    "BOOLEAN": bool,
+    "NUMBER_INTEGER": int,
+    "NUMBER_DOUBLE": float,
+    "STRUCT": dict,
+    "LIST": list,
+}
 
 
 def _coerce_param(name: str, raw: Any, kind: str) -> Any:
@@ -524,25 +525,43 @@ def ensure_pipeline_version(
     if pipeline_id is None:
         # Creates the pipeline with a first version named like the pipeline; ours follows.
         pipeline_id = _call(
-            f"upload pipeline {pipeline_name!r} into {namespace or 'the shared pipelines'}", "create", "pipelines", namespace,
-            client.upload_pipeline, package, pipeline_name=pipeline_name,
-            description="imgpipe: download -> clean -> resize -> train", namespace=namespace,
-        ).pipeline_id  # fmt: skip
+            f"upload pipeline {pipeline_name!r} into {namespace or 'the shared pipelines'}",
+            "create",
+            "pipelines",
+            namespace,
+            client.upload_pipeline,
+            package,
+            pipeline_name=pipeline_name,
+            description="imgpipe: download -> clean -> resize -> train",
+            namespace=namespace,
+        ).pipeline_id
         log.info("created pipeline %s (%s) in %s", pipeline_name, pipeline_id, namespace or "the shared namespace")
     # Version calls are authorized as `pipelines` on the version's pipeline (module docstring).
     found = _call(
-        f"list the versions of pipeline {pipeline_name!r}", "list", "pipelines", namespace,
-        client.list_pipeline_versions, pipeline_id=pipeline_id, filter=_by_name(version), page_size=1,
-    )  # fmt: skip
+        f"list the versions of pipeline {pipeline_name!r}",
+        "list",
+        "pipelines",
+        namespace,
+        client.list_pipeline_versions,
+        pipeline_id=pipeline_id,
+        filter=_by_name(version),
+        page_size=1,
+    )
     if found.pipeline_versions:
         version_id = found.pipeline_versions[0].pipeline_version_id
         log.info("pipeline version %s exists (%s)", version, version_id)
         return pipeline_id, version_id, version
     uploaded = _call(
-        f"upload version {version} of pipeline {pipeline_name!r}", "create", "pipelines", namespace,
-        client.upload_pipeline_version, package, pipeline_version_name=version, pipeline_id=pipeline_id,
+        f"upload version {version} of pipeline {pipeline_name!r}",
+        "create",
+        "pipelines",
+        namespace,
+        client.upload_pipeline_version,
+        package,
+        pipeline_version_name=version,
+        pipeline_id=pipeline_id,
         description=f"package sha256 {package_digest(package)}",
-    )  # fmt: skip
+    )
     log.info("uploaded pipeline version %s (%s)", version, uploaded.pipeline_version_id)
     return pipeline_id, uploaded.pipeline_version_id, version
 
@@ -598,14 +617,16 @@ class Target:
             host=self.host or env.get(HOST_ENV) or None,
             experiment=self.experiment or env.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT,
             namespace=namespace,
-            service_account=self.service_account
-            or env.get(SERVICE_ACCOUNT_ENV)
-            or (PIPELINE_SERVICE_ACCOUNT if namespace else None),
+            service_account=self.service_account or env.get(SERVICE_ACCOUNT_ENV) or (PIPELINE_SERVICE_ACCOUNT if namespace else None),
         )
 
 
 def _package(
-    package: str | Path | None, caching: bool, gpu: bool | None, tmp: str, pipeline: str = PIPELINE_NAME,
+    package: str | Path | None,
+    caching: bool,
+    gpu: bool | None,
+    tmp: str,
+    pipeline: str = PIPELINE_NAME,
     parallelism: int | None = None,
 ) -> Path:
     if package is not None:
@@ -617,8 +638,15 @@ def _package(
 
 
 def _prepare(
-    target: Target, params: Iterable[str] | Mapping[str, Any], package: str | Path | None, caching: bool,
-    gpu: bool | None, client: Any, tmp: str, pipeline: str = PIPELINE_NAME, parallelism: int | None = None,
+    target: Target,
+    params: Iterable[str] | Mapping[str, Any],
+    package: str | Path | None,
+    caching: bool,
+    gpu: bool | None,
+    client: Any,
+    tmp: str,
+    pipeline: str = PIPELINE_NAME,
+    parallelism: int | None = None,
 ) -> tuple[Any, dict[str, Any], str, str, str, str, str | None]:
     path = _package(package, caching, gpu, tmp, pipeline, parallelism)
     typed = parse_params(params, path)
@@ -627,9 +655,14 @@ def _prepare(
     pipeline_id, version_id, version = ensure_pipeline_version(client, path, pipeline_name=pipeline, namespace=namespace)
     # kfp's create_experiment lists experiments by name first, then creates one if none.
     experiment_id = _call(
-        f"find or create experiment {target.experiment!r} in {namespace or 'the default namespace'}", "list and create",
-        "experiments", namespace, client.create_experiment, target.experiment, namespace=namespace,
-    ).experiment_id  # fmt: skip
+        f"find or create experiment {target.experiment!r} in {namespace or 'the default namespace'}",
+        "list and create",
+        "experiments",
+        namespace,
+        client.create_experiment,
+        target.experiment,
+        namespace=namespace,
+    ).experiment_id
     return client, typed, pipeline_id, version_id, version, experiment_id, namespace
 
 
@@ -710,16 +743,25 @@ def submit(
     run_id, created = None, True
     if run_name:
         found = _call(
-            f"look for run {run_name!r}", "list", "runs", namespace,
-            client.list_runs, experiment_id=experiment_id, filter=_by_name(run_name), page_size=1,
-        )  # fmt: skip
+            f"look for run {run_name!r}",
+            "list",
+            "runs",
+            namespace,
+            client.list_runs,
+            experiment_id=experiment_id,
+            filter=_by_name(run_name),
+            page_size=1,
+        )
         if found.runs:
             run_id, created = found.runs[0].run_id, False
             log.info("run %r exists (%s): attaching to it", run_name, run_id)
     if run_id is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         run_id = _call(
-            f"start a run of {version}", "create", "runs", namespace,
+            f"start a run of {version}",
+            "create",
+            "runs",
+            namespace,
             client.run_pipeline,
             experiment_id=experiment_id,
             job_name=run_name or f"{version} {stamp}",
@@ -727,7 +769,7 @@ def submit(
             pipeline_id=pipeline_id,
             version_id=version_id,
             service_account=target.service_account,
-        ).run_id  # fmt: skip
+        ).run_id
     state = None
     if wait:
         state = _wait(client, run_id, timeout_s, poll_s, namespace)
@@ -777,13 +819,17 @@ def schedule(
     cron = validate_cron(cron)
     target = (target or Target()).resolved()
     with tempfile.TemporaryDirectory(prefix="imgpipe-kfp-") as tmp:
-        client, typed, pipeline_id, version_id, version, experiment_id, namespace = _prepare(
-            target, params, package, caching, gpu, client, tmp
-        )
+        client, typed, pipeline_id, version_id, version, experiment_id, namespace = _prepare(target, params, package, caching, gpu, client, tmp)
     existing = _call(
-        f"look for recurring run {name!r}", "list", "jobs", namespace,
-        client.list_recurring_runs, experiment_id=experiment_id, filter=_by_name(name), page_size=10,
-    )  # fmt: skip
+        f"look for recurring run {name!r}",
+        "list",
+        "jobs",
+        namespace,
+        client.list_recurring_runs,
+        experiment_id=experiment_id,
+        filter=_by_name(name),
+        page_size=10,
+    )
     for rr in existing.recurring_runs or []:
         ref = rr.pipeline_version_reference
         same_version = ref is not None and ref.pipeline_version_id == version_id
@@ -791,13 +837,13 @@ def schedule(
         if same_version and same_cron:
             return Scheduled(pipeline_id, version_id, version, experiment_id, rr.recurring_run_id, cron, False)
         if not replace:
-            raise ValueError(
-                f"recurring run {name!r} ({rr.recurring_run_id}) already exists with another version or "
-                "cron; pass --replace to swap it"
-            )
+            raise ValueError(f"recurring run {name!r} ({rr.recurring_run_id}) already exists with another version or cron; pass --replace to swap it")
         _call(f"replace recurring run {name!r}", "delete", "jobs", namespace, client.delete_recurring_run, rr.recurring_run_id)
     created = _call(
-        f"create recurring run {name!r}", "create", "jobs", namespace,
+        f"create recurring run {name!r}",
+        "create",
+        "jobs",
+        namespace,
         client.create_recurring_run,
         experiment_id=experiment_id,
         job_name=name,
@@ -810,5 +856,5 @@ def schedule(
         version_id=version_id,
         enabled=True,
         service_account=target.service_account,
-    )  # fmt: skip
+    )
     return Scheduled(pipeline_id, version_id, version, experiment_id, created.recurring_run_id, cron, True)

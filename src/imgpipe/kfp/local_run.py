@@ -83,9 +83,14 @@ LOCAL_BUCKET = "imgpipe-local"
 # The S3 settings a step container gets from this process, as a pod gets them from the
 # imgpipe-s3-config ConfigMap and the imgpipe-s3-credentials Secret.
 S3_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-)  # fmt: skip
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
 # The uid the images run as (docker/Dockerfile); its group is 0.
 CONTAINER_USER = "10001"
 # Pipeline parameters that make a laptop run finish in minutes on two cores: small
@@ -182,10 +187,7 @@ class LocalRunResult:
     def summary(self) -> str:
         """The lines ``imgpipe run`` prints at the end."""
         r = self.reports
-        lines = [
-            f"{step}: {m['inputs']} in -> {m['outputs']} out, {m['rejected']} rejected -> {self.prefixes[step]}"
-            for step, m in r.items()
-        ]
+        lines = [f"{step}: {m['inputs']} in -> {m['outputs']} out, {m['rejected']} rejected -> {self.prefixes[step]}" for step, m in r.items()]
         dl, cl, rs = r["download"], r["clean"], r["resize"]
         lines.append(
             f"\nrun {self.run_id} finished in {self.seconds:.1f}s: {dl['inputs']} archive members -> "
@@ -355,9 +357,7 @@ def _allow_local_files(*uris: str) -> Iterator[None]:
             os.environ[SOURCE_LOCAL_ENV] = saved
 
 
-def _run_pipeline(
-    workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False, audit: bool = False
-) -> dict[str, Any]:
+def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False, audit: bool = False) -> dict[str, Any]:
     from kfp import local
 
     from imgpipe.kfp.client import import_pipelines
@@ -434,8 +434,7 @@ def _engine_for(cfg: LocalRunConfig, stack: contextlib.ExitStack) -> Any:
 
     if cfg.data_root is not None and not storage.normalize_uri(cfg.data_root).startswith("s3://"):
         raise ValueError(
-            f"--runner docker needs an S3 data root: step containers cannot see {cfg.data_root} "
-            "(omit --data-root to use the run's own S3 server)"
+            f"--runner docker needs an S3 data root: step containers cannot see {cfg.data_root} (omit --data-root to use the run's own S3 server)"
         )
     return stack.enter_context(contextlib.closing(connect()))
 
@@ -524,8 +523,7 @@ def _keep_current(workdir: Path, data_root: str, run_id: str, local_train: Path)
     latest = read_latest(data_root) or {}
     if latest.get("run_id") != run_id:
         return
-    record = {"run_id": run_id, "finished_at": latest.get("finished_at"), "train": latest["prefixes"]["train"],
-              "local_train": str(local_train)}  # fmt: skip
+    record = {"run_id": run_id, "finished_at": latest.get("finished_at"), "train": latest["prefixes"]["train"], "local_train": str(local_train)}
     tmp = workdir / (CURRENT + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(workdir / CURRENT)
@@ -625,11 +623,15 @@ class SweepRunResult:
         c = self.comparison
         key = c["ranked_by"][0]
         state = "imbalanced" if c["imbalanced"] else "balanced"
-        lines = [f"sweep {self.run_id}: {len(c['branches'])} branches ranked by {key} (classes {state}, "
-                 f"largest/smallest {c['imbalance']:.2f}) in {self.seconds:.1f}s"]  # fmt: skip
+        lines = [
+            f"sweep {self.run_id}: {len(c['branches'])} branches ranked by {key} (classes {state}, "
+            f"largest/smallest {c['imbalance']:.2f}) in {self.seconds:.1f}s"
+        ]
         for row in c["branches"]:
             settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "base settings"
-            figures = ", ".join(f"{k} {row[k]:.3f}{_spread(row, k)}" for k in ("val_macro_f1", "val_pr_auc", "val_accuracy") if row.get(k) is not None)
+            figures = ", ".join(
+                f"{k} {row[k]:.3f}{_spread(row, k)}" for k in ("val_macro_f1", "val_pr_auc", "val_accuracy") if row.get(k) is not None
+            )
             seeds = f" (mean of {row['seeds']} seeds)" if row.get("seeds", 1) > 1 else ""
             lines.append(f"{row['rank']:>3}. {row['branch']} ({settings}): {figures}{seeds}")
             lines += [f"       {f['kind']}: {f['message']}" for f in row["flags"]]
@@ -664,8 +666,13 @@ def run_sweep(cfg: LocalRunConfig, grid: Sequence[Mapping[str, Any]] | None, axe
     arguments = cfg.pipeline_arguments()
     if "epochs" not in cfg.params:
         arguments.pop("epochs")  # the laptop run's 2 epochs are too few to read a trend from
-    named = {"model": arguments.get("model"), "epochs": arguments.get("epochs"), "batch_size": arguments.get("batch_size"),
-             "aug_policy": arguments.get("aug_policy"), "resume": True}  # fmt: skip
+    named = {
+        "model": arguments.get("model"),
+        "epochs": arguments.get("epochs"),
+        "batch_size": arguments.get("batch_size"),
+        "aug_policy": arguments.get("aug_policy"),
+        "resume": True,
+    }
     sweep.plan("", grid, axes, arguments["step_config"], **named)  # the edge: fail before any data moves
     arguments.update(sweep.grid_parameters(grid, axes))
     with contextlib.ExitStack() as stack:
@@ -709,8 +716,10 @@ class AuditRunResult:
     def summary(self) -> str:
         """The lines ``imgpipe audit`` prints at the end."""
         extra = self.manifest.get("extra") or {}
-        lines = [f"audit {self.run_id}: {extra.get('issues')} of {extra.get('images')} train images have a suspect label "
-                 f"({extra.get('folds')} folds, cleanlab {extra.get('filter_by')}) in {self.seconds:.1f}s"]  # fmt: skip
+        lines = [
+            f"audit {self.run_id}: {extra.get('issues')} of {extra.get('images')} train images have a suspect label "
+            f"({extra.get('folds')} folds, cleanlab {extra.get('filter_by')}) in {self.seconds:.1f}s"
+        ]
         worst = list((extra.get("by_class") or {}).items())[:5]
         if worst:
             lines.append("most suspects in: " + ", ".join(f"{c} ({n})" for c, n in worst))

@@ -118,9 +118,7 @@ def check_placement(cfg: Any, placement: str) -> None:
         )
 
 
-def run_train(
-    data: str, out: str, cfg: Any, *, procs: int | None = None, run_id: str | None = None, placement: str = ""
-) -> StepReport:
+def run_train(data: str, out: str, cfg: Any, *, procs: int | None = None, run_id: str | None = None, placement: str = "") -> StepReport:
     """Runs the train step where its config and the pipeline place it.
 
     ``cfg.nodes`` 1: on every GPU of this pod, one process each (:mod:`imgpipe.remote.ranks`).

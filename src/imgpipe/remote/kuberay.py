@@ -463,9 +463,7 @@ def _caller(exc: Exception) -> str:
     return "this pod's service account" if _SA_NAMESPACE.is_file() else "the kubeconfig's user"
 
 
-def forbidden_message(
-    exc: Exception, verb: str, resource: str, namespace: str, doing: str, role: str = "k8s/base/role-rayjobs.yaml"
-) -> str:
+def forbidden_message(exc: Exception, verb: str, resource: str, namespace: str, doing: str, role: str = "k8s/base/role-rayjobs.yaml") -> str:
     """One line for a 403: what was refused, to whom, and where the grant belongs.
 
     A 403 that is an admission webhook's denial (a TrainJob's runtime missing, a reserved
@@ -738,9 +736,7 @@ def _delete_attempts(api: Any, namespace: str, base: str, attempts: int) -> None
 
     for n in range(1, attempts + 1):
         try:
-            api.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, attempt_id(base, n), propagation_policy="Background"
-            )
+            api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, attempt_id(base, n), propagation_policy="Background")
         except ApiException as exc:
             if status_code(exc) == 403:
                 doing = f"delete RayJob {namespace}/{attempt_id(base, n)}"
@@ -834,9 +830,7 @@ def run_step_rayjob(
 
     attempt, latest = latest_attempt(lambda name: _get(api, namespace, name), base)
     state, detail = rayjob_state(latest) if latest is not None else (None, "")
-    action, attempt = choose_action(
-        state, attempt, max_attempts, lambda: committed_report(step, source, dest, job_cfg) is not None, detail
-    )
+    action, attempt = choose_action(state, attempt, max_attempts, lambda: committed_report(step, source, dest, job_cfg) is not None, detail)
     name = attempt_id(base, attempt)
     if action == "done":
         log.info("%s: RayJob %s/%s already succeeded and %s holds its output", step, namespace, name, dest)
@@ -866,8 +860,14 @@ def run_step_rayjob(
         _refuse_pruned(api, sent, body)
         log.info(
             "%s: %s RayJob %s/%s (attempt %d); its log follows (kubectl logs -n %s -f job/%s)",
-            step, "created" if created else "attached to", namespace, name, attempt, namespace, name,
-        )  # fmt: skip
+            step,
+            "created" if created else "attached to",
+            namespace,
+            name,
+            attempt,
+            namespace,
+            name,
+        )
     else:
         log.info("%s: attaching to RayJob %s/%s (%s)", step, namespace, name, detail)
 
@@ -876,9 +876,7 @@ def run_step_rayjob(
         core_api = load_core_api()
     follow = None if core_api is NO_LOGS else SubmitterLog(core_api, namespace, name, out)
     limit = timeout_s if timeout_s is not None else wait_deadline_s(body or template)
-    final = wait_for_rayjob(
-        api, namespace, name, timeout_s=limit, poll_s=poll_s, out=out, sleep=sleep, clock=clock, on_poll=follow
-    )
+    final = wait_for_rayjob(api, namespace, name, timeout_s=limit, poll_s=poll_s, out=out, sleep=sleep, clock=clock, on_poll=follow)
     state, detail = rayjob_state(final)
     if state != "succeeded":
         raise RuntimeError(

@@ -72,8 +72,7 @@ def _check_devices(procs: int, device: str) -> None:
     found = torch.cuda.device_count()
     if procs > found:
         raise ValueError(
-            f"{procs} train processes need {procs} GPUs, but this pod sees {found}: compile with "
-            f"--train-gpus {found}, or give the task more GPUs"
+            f"{procs} train processes need {procs} GPUs, but this pod sees {found}: compile with --train-gpus {found}, or give the task more GPUs"
         )
 
 

@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 RUN_ID_ENV = "IMGPIPE_RUN_ID"
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 LOG_TAIL_LINES = 20
+
+
 def resolve_run_id(run_id: str | None = None) -> str | None:
     """The run id that makes submissions idempotent: the argument, else ``$IMGPIPE_RUN_ID``.
 
@@ -148,8 +150,7 @@ def connect(address: str, token: str | None = None) -> Any:
         value = os.environ.get(name, "").rstrip("/")
         if value and value != address.rstrip("/"):
             raise ValueError(
-                f"{name}={value} is set and Ray's JobSubmissionClient would use it instead of {address}; "
-                "unset it, or make it the same address"
+                f"{name}={value} is set and Ray's JobSubmissionClient would use it instead of {address}; unset it, or make it the same address"
             )
     token = token or resolve_auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -286,9 +287,7 @@ def _follow(client: Any, submission_id: str, out: TextIO, timeout_s: float | Non
     return written
 
 
-def _wait(
-    client: Any, submission_id: str, out: TextIO, timeout_s: float | None, poll_s: float, follow: bool
-) -> tuple[Any, str]:
+def _wait(client: Any, submission_id: str, out: TextIO, timeout_s: float | None, poll_s: float, follow: bool) -> tuple[Any, str]:
     """Streams logs until the job is terminal; returns its info and full log."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     written = _follow(client, submission_id, out, timeout_s) if follow else 0
@@ -376,34 +375,39 @@ def run_step_job(
         log.info("%s: attaching to Ray job %s (%s) at %s", step, submission_id, _status(info), storage.redact_uri(address))
     else:
         if info is not None:
-            log.warning("%s: Ray job %s ended %s: %s; submitting attempt %d",
-                        step, attempt_id(base, attempt - 1), _status(info), _headline(info.message), attempt)  # fmt: skip
+            log.warning(
+                "%s: Ray job %s ended %s: %s; submitting attempt %d",
+                step,
+                attempt_id(base, attempt - 1),
+                _status(info),
+                _headline(info.message),
+                attempt,
+            )
         _submit(client, step, source, dest, job_cfg, submission_id, run_id, attempt)
         shown = storage.redact_uri(address)  # a cluster address may carry user:password@
         log.info(
             "%s: submitted Ray job %s (attempt %d) to %s; follow it with `ray job logs -f %s --address %s`",
-            step, submission_id, attempt, shown, submission_id, shown,
-        )  # fmt: skip
+            step,
+            submission_id,
+            attempt,
+            shown,
+            submission_id,
+            shown,
+        )
 
     info, logs = _wait(client, submission_id, out, timeout_s, poll_s, follow_logs)
     status = _status(info)
     if status != "SUCCEEDED":
         raise RuntimeError(
-            f"Ray job {submission_id} for {step} {dest} ended {status}: {_headline(info.message)}\n"
-            f"last log lines:\n{_last_lines(logs)}"
+            f"Ray job {submission_id} for {step} {dest} ended {status}: {_headline(info.message)}\nlast log lines:\n{_last_lines(logs)}"
         )
     report = committed_report(step, source, dest, job_cfg)
     if report is None:
-        raise RuntimeError(
-            f"Ray job {submission_id} SUCCEEDED but {dest} does not hold its committed output "
-            "(another run wrote there meanwhile?)"
-        )
+        raise RuntimeError(f"Ray job {submission_id} SUCCEEDED but {dest} does not hold its committed output (another run wrote there meanwhile?)")
     return report
 
 
-def _submit(
-    client: Any, step: str, source: str, dest: str, job_cfg: Any, submission_id: str, run_id: str | None, attempt: int
-) -> None:
+def _submit(client: Any, step: str, source: str, dest: str, job_cfg: Any, submission_id: str, run_id: str | None, attempt: int) -> None:
     env = storage.settings_env()
     if env:
         log.info("%s: forwarding %s to the job", step, ", ".join(sorted(env)))  # names only, never values

@@ -82,7 +82,7 @@ def check_allowed(ray_address: str, environ: Any = None) -> RemoteTarget:
     allowed = allowed_clusters(environ)
     if _canonical(target.address) not in allowed:
         raise ValueError(
-            f"ray_address {ray_address!r} is not a configured Ray cluster: use \"\" (Ray in this pod), "
+            f'ray_address {ray_address!r} is not a configured Ray cluster: use "" (Ray in this pod), '
             f"kuberay[://NAMESPACE], or one of ${CLUSTERS_ENV} ({', '.join(allowed) or 'none set'}); a cluster "
             f"is added by whoever runs the pods (the imgpipe-s3-config ConfigMap), never by a run's parameters"
         )
@@ -105,8 +105,7 @@ def parse_address(ray_address: str) -> RemoteTarget:
         namespace = text[len("kuberay://") :].strip("/") if text != "kuberay" else ""
         if namespace and not _NAMESPACE.fullmatch(namespace):
             raise ValueError(
-                f"ray_address {ray_address!r}: {namespace!r} is not a Kubernetes namespace name "
-                "(lower-case letters, digits and '-', at most 63)"
+                f"ray_address {ray_address!r}: {namespace!r} is not a Kubernetes namespace name (lower-case letters, digits and '-', at most 63)"
             )
         return RemoteTarget("kuberay", namespace=namespace or None)
     return RemoteTarget("local", text)

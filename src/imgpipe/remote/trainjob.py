@@ -132,7 +132,7 @@ MIN_TRAINER = "2.1.0"
 # How to install or upgrade Trainer (kubeflow/trainer CHANGELOG-2.1.md; docs/deploy.md, "Kubeflow Trainer").
 INSTALL_HINT = (
     'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=v2.2.1" '
-    "and the same for overlays/runtimes (docs/deploy.md, \"Kubeflow Trainer\")"
+    'and the same for overlays/runtimes (docs/deploy.md, "Kubeflow Trainer")'
 )
 # Fields of the v2.2 form that v2.1.0's CRD lacks, with the release that added each. The create
 # asks for fieldValidation=Strict, so a CRD without them refuses the object (and the v2.1 form is
@@ -618,8 +618,15 @@ def run_train_job(
         latest = body
         log.info(
             "train: %s TrainJob %s/%s (%d nodes x %d processes, attempt %d); kubectl get trainjob -n %s %s",
-            "created" if created else "attached to", namespace, name, cfg.nodes, procs, attempt, namespace, name,
-        )  # fmt: skip
+            "created" if created else "attached to",
+            namespace,
+            name,
+            cfg.nodes,
+            procs,
+            attempt,
+            namespace,
+            name,
+        )
     else:
         log.info("train: attaching to TrainJob %s/%s (%s)", namespace, name, detail)
     try:
@@ -632,9 +639,7 @@ def run_train_job(
         raise
     state, detail = trainjob_state(final)
     if state != "succeeded":
-        raise RuntimeError(
-            f"TrainJob {namespace}/{name} failed: {detail}; it stays for a look (kubectl describe trainjob -n {namespace} {name})"
-        )
+        raise RuntimeError(f"TrainJob {namespace}/{name} failed: {detail}; it stays for a look (kubectl describe trainjob -n {namespace} {name})")
     report = committed_train(data, out, cfg)
     if report is None:
         raise RuntimeError(f"TrainJob {namespace}/{name} succeeded but {out} does not hold its committed output")

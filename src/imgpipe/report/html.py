@@ -97,10 +97,7 @@ def bar_chart_svg(categories: Sequence[str], series: Mapping[str, Sequence[int]]
             raise ValueError(f"series {name!r} has {len(values)} values for {len(categories)} categories")
     row, top, panel, label_px = 14, 20, 200, 7 * label_width
     width, height = label_px + panel * max(1, len(series)), top + row * len(categories) + 4
-    parts = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
-        f"font-family='sans-serif' font-size='11'>"
-    ]
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' font-size='11'>"]
     for i, label in enumerate(categories):
         y = top + row * i + row - 3
         parts.append(f"<text x='{label_px - 4}' y='{y}' text-anchor='end'>{text(clip(label, label_width))}</text>")

@@ -62,9 +62,7 @@ SPLITS = ("train", "val", "test")
 # decode hung or killed its process in clean, would do the same here; clean's own decoder
 # (the same Pillow, imgpipe.data.images) already failed on the others, or refused their format
 # (unsupported_format: no decoder of that format may see the file).
-_NEVER_DECODE = frozenset(
-    {"too_large", "decode_timeout", "decoder_killed", "not_an_image", "unsupported_format", "corrupt", "truncated"}
-)
+_NEVER_DECODE = frozenset({"too_large", "decode_timeout", "decoder_killed", "not_an_image", "unsupported_format", "corrupt", "truncated"})
 # Thumbnails clean's grid may always show, whatever thumb_share allows (tiny outputs).
 _MIN_THUMBS = 12
 # Threads that decode thumbnails: Pillow releases the GIL while it decodes and resizes.
@@ -242,9 +240,7 @@ def build_report(prefix: str, limits: ReportLimits | None = None) -> OutputRepor
     manifest = contract.read_manifest(prefix)
     builder = _BUILDERS.get(manifest.get("step"))
     if builder is None:
-        raise ValueError(
-            f"{prefix} holds a {manifest.get('step')!r} output; reports exist for {', '.join(_BUILDERS)} outputs"
-        )
+        raise ValueError(f"{prefix} holds a {manifest.get('step')!r} output; reports exist for {', '.join(_BUILDERS)} outputs")
     with _RowGroups(limits) as reader:
         return builder(prefix, manifest, limits, reader)
 
@@ -256,9 +252,7 @@ def train_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:
     return {**found, "epochs_run": float(manifest.get("epochs_run") or 0)}
 
 
-def text_table(
-    columns: Sequence[str], rows: Sequence[Sequence[Any]], *, width: int = 60, header: bool = True
-) -> list[str]:
+def text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, width: int = 60, header: bool = True) -> list[str]:
     """Aligned plain-text lines of a table: numbers right-aligned, text left, each cell cut to ``width``.
 
     Cells are made printable first (control characters escaped), so a hostile name cannot
@@ -329,11 +323,7 @@ class _RowGroups:
         pf = self._open[uri]
         present = [c for c in columns if c in pf.schema_arrow.names]
         meta = pf.metadata.row_group(rg)
-        cost = sum(
-            meta.column(j).total_compressed_size
-            for j in range(meta.num_columns)
-            if meta.column(j).path_in_schema.split(".")[0] in present
-        )
+        cost = sum(meta.column(j).total_compressed_size for j in range(meta.num_columns) if meta.column(j).path_in_schema.split(".")[0] in present)
         if cost > self.left:
             return None
         self.left -= cost
@@ -484,10 +474,7 @@ def _clip(value: Any, width: int) -> Any:
 
 def _printable(value: Any, width: int = 60) -> str:
     """``value`` for a terminal: control and format characters escaped, cut to ``width``."""
-    chars = (
-        c if unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode("ascii")
-        for c in str(value)
-    )
+    chars = (c if unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode("ascii") for c in str(value))
     return htmlpage.clip("".join(chars), width)
 
 
@@ -569,9 +556,7 @@ def _download(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, re
         _sample_table("Sample members", sample, ("path", "size", "sha256"), limits),
         Gallery("Sample members", (("members", tuple(tiles)),) if tiles else (), note="the first members of the output"),
     ]
-    metrics = _metrics(
-        manifest, bytes_extracted=float(extra.get("bytes_extracted") or 0), archive_bytes=archive_bytes, sources=len(sources)
-    )
+    metrics = _metrics(manifest, bytes_extracted=float(extra.get("bytes_extracted") or 0), archive_bytes=archive_bytes, sources=len(sources))
     return OutputReport("download", prefix, tuple(facts), metrics, tuple(sections), limits)
 
 
@@ -848,7 +833,11 @@ def _statistics_sections(stats: Mapping[str, Any] | None) -> list[Section]:
     )
     space = stats.get("color_space", "")
     charts: list[Section] = [Table(f"Channel mean and std ({space}, 0-1)", ("split", "images", "mean", "std"), moments)]
-    for key, edges, title in (("width", "size_edges", "Source widths (px)"), ("height", "size_edges", "Source heights (px)"), ("aspect", "aspect_edges", "Source aspect ratios (width / height)")):
+    for key, edges, title in (
+        ("width", "size_edges", "Source widths (px)"),
+        ("height", "size_edges", "Source heights (px)"),
+        ("aspect", "aspect_edges", "Source aspect ratios (width / height)"),
+    ):
         series = {name: tuple(int(c) for c in s.get(key) or []) for name, s in splits.items() if s.get(key)}
         if series and stats.get(edges):
             charts.append(Chart(title, _bin_labels(stats[edges]), series))
@@ -910,9 +899,7 @@ def _train(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reade
     metrics = train_metrics(manifest)
     history = json.loads(_read_optional(storage.join(prefix, contract.METRICS)) or b"{}")
     columns = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "seconds")
-    epochs = tuple(
-        tuple(int(e["epoch"]) + 1 if c == "epoch" else e.get(c) for c in columns) for e in history.get("epochs") or []
-    )
+    epochs = tuple(tuple(int(e["epoch"]) + 1 if c == "epoch" else e.get(c) for c in columns) for e in history.get("epochs") or [])
     facts = _facts(manifest) + [
         ("model", extra.get("model")),
         ("classes", extra.get("num_classes")),
@@ -926,9 +913,15 @@ def _train(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reade
     page = _read_optional(storage.join(prefix, contract.REPORT))
     picture = _read_optional(storage.join(prefix, "augmentations.png"))  # the name steps/train.py writes
     return OutputReport(
-        "train", prefix, tuple(facts), metrics, tuple(sections), limits,
-        page=page.decode("utf-8") if page is not None else None, picture=picture,
-    )  # fmt: skip
+        "train",
+        prefix,
+        tuple(facts),
+        metrics,
+        tuple(sections),
+        limits,
+        page=page.decode("utf-8") if page is not None else None,
+        picture=picture,
+    )
 
 
 _Builder = Callable[[str, Mapping[str, Any], ReportLimits, _RowGroups], OutputReport]

@@ -128,8 +128,7 @@ def gallery_png(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]], co
             ax.imshow(img.squeeze(-1) if gray and img.ndim == 3 else img, cmap="gray" if gray else None, vmin=0, vmax=255)
             # Class names come from whoever made the archive: plain text, never mathtext.
             ax.set_title(caption, fontsize=7, parse_math=False)
-        axes[r, 0].text(-0.05, 0.5, title, transform=axes[r, 0].transAxes, ha="right", va="center",
-                        rotation=90, fontsize=8, parse_math=False)  # fmt: skip
+        axes[r, 0].text(-0.05, 0.5, title, transform=axes[r, 0].transAxes, ha="right", va="center", rotation=90, fontsize=8, parse_math=False)
     return _png(fig)
 
 

@@ -193,7 +193,6 @@ def canny(img: np.ndarray, low: float = 100.0, high: float = 200.0) -> np.ndarra
     return _hwc(cv2.Canny(_gray(img), float(low), float(high)))
 
 
-
 # What each op of imgpipe.resize.spec.OPS does (roi_crop is the geometry's, before the resize).
 OP_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
     "gaussian_blur": gaussian_blur,
@@ -224,7 +223,6 @@ def apply_ops(img: np.ndarray, ops: Sequence[Op]) -> np.ndarray:
 # Geometry and decoding.
 
 
-
 # Pillow's reducing_gap: shrink by an integer factor with reduce() first, leaving at
 # least 3x for the filtered resize; "almost indistinguishable" from one resize (Pillow docs).
 _GAP_FOR_REDUCE = 3.0
@@ -247,9 +245,7 @@ def _open(data: bytes | None, max_pixels: int, recorded: tuple[int, int] | None 
     except ImageRejected as exc:
         raise ResizeError("too_large" if exc.reason == "too_large" else "undecodable", exc.detail) from None
     if recorded is not None and tuple(img.size) != recorded:
-        raise ResizeError(
-            "not_as_recorded", f"the image is {img.width}x{img.height}, clean recorded {recorded[0]}x{recorded[1]}"
-        )
+        raise ResizeError("not_as_recorded", f"the image is {img.width}x{img.height}, clean recorded {recorded[0]}x{recorded[1]}")
     return img
 
 
@@ -334,9 +330,7 @@ def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_siz
         sub = _blur(sub, sig_x, sig_y)
     # Output pixel (u, v) samples the source at x0 + (u + 0.5) * sx - 0.5 (pixel centres).
     matrix = np.array([[sx, 0.0, x0 - left + 0.5 * sx - 0.5], [0.0, sy, y0 - top + 0.5 * sy - 0.5]])
-    out = cv2.warpAffine(
-        sub, matrix, out_size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
-    )
+    out = cv2.warpAffine(sub, matrix, out_size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
     return _hwc(out)
 
 
@@ -418,9 +412,7 @@ def _pil_path(img: Image.Image, geometry: Geometry, resample: str, fast: bool) -
     return _hwc(np.asarray(img.resize(geometry.out_size, RESAMPLE[resample], box=box, reducing_gap=gap)))
 
 
-def _resize(
-    data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, fast: bool, recorded: tuple[int, int] | None = None
-) -> np.ndarray:
+def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, fast: bool, recorded: tuple[int, int] | None = None) -> np.ndarray:
     img = _open(data, spec.max_pixels, recorded)
     geometry = plan_geometry(img.width, img.height, spec, bbox)
     try:
@@ -434,9 +426,7 @@ def _resize(
     return apply_ops(out, spec.parsed_ops)
 
 
-def resize_image(
-    data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = None, recorded: tuple[int, int] | None = None
-) -> np.ndarray:
+def resize_image(data: bytes, spec: ResizeSpec, bbox: Sequence[float] | None = None, recorded: tuple[int, int] | None = None) -> np.ndarray:
     """Decodes, resizes and standardizes one image.
 
     Args:
@@ -485,9 +475,7 @@ def _image_bytes(value: Any) -> bytes | None:
     return bytes(value)
 
 
-def _row_specs(
-    batch: Mapping[str, np.ndarray], spec: ResizeSpec, split_specs: Mapping[str, ResizeSpec] | None, n: int
-) -> list[ResizeSpec]:
+def _row_specs(batch: Mapping[str, np.ndarray], spec: ResizeSpec, split_specs: Mapping[str, ResizeSpec] | None, n: int) -> list[ResizeSpec]:
     """Each row's settings: its split's entry of ``split_specs``, else ``spec``."""
     if not split_specs:
         return [spec] * n

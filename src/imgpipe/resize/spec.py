@@ -107,7 +107,6 @@ class ResizeError(Exception):
         self.detail = detail
 
 
-
 # ----------------------------------------------------------------------------------------
 # Standardization ops: names and parameters.
 
@@ -262,11 +261,7 @@ class ResizeSpec:
             raise ValueError(f"resample must be one of {', '.join(RESAMPLE)}, got {self.resample!r}")
         if not 0 <= self.pad_value <= 255:
             raise ValueError(f"pad_value must be a grey level within 0..255, got {self.pad_value}")
-        if (
-            isinstance(self.max_aspect, bool)
-            or not isinstance(self.max_aspect, (int, float))
-            or not 1.0 <= self.max_aspect <= MAX_ASPECT_LIMIT
-        ):
+        if isinstance(self.max_aspect, bool) or not isinstance(self.max_aspect, (int, float)) or not 1.0 <= self.max_aspect <= MAX_ASPECT_LIMIT:
             raise ValueError(f"max_aspect must be a number within 1..{MAX_ASPECT_LIMIT:g}, got {self.max_aspect!r}")
         if self.format not in ("raw", "jpeg"):
             raise ValueError(f"format must be raw or jpeg, got {self.format!r}")
@@ -342,9 +337,7 @@ def _whole_size(w: float, h: float, size: int, max_aspect: float) -> tuple[int, 
     return (long_out, short_out) if w >= h else (short_out, long_out)
 
 
-def plan_geometry(
-    width: int, height: int, spec: ResizeSpec, bbox: Sequence[float] | None = None
-) -> Geometry:
+def plan_geometry(width: int, height: int, spec: ResizeSpec, bbox: Sequence[float] | None = None) -> Geometry:
     """Computes the source box and output placement of one image.
 
     ``whole`` keeps the entire source (or ``roi_crop`` region) with its aspect ratio:

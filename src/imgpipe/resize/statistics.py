@@ -187,10 +187,7 @@ class SplitStatistics:
         n = self.pixels
         mean = [s / n / PIXEL_SCALE for s in self.sums]
         # n * sum(x^2) - sum(x)^2 in exact integers, so no cancellation before the one division.
-        std = [
-            math.sqrt(max(0, n * q - s * s)) / n / PIXEL_SCALE
-            for s, q in zip(self.sums, self.squares)
-        ]
+        std = [math.sqrt(max(0, n * q - s * s)) / n / PIXEL_SCALE for s, q in zip(self.sums, self.squares)]
         return mean, std
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,9 +230,7 @@ class DatasetStatistics:
 
     splits: dict[str, SplitStatistics] = field(default_factory=dict)
 
-    def add(
-        self, split: str, label: int, width: int | None, height: int | None, pixels: np.ndarray
-    ) -> None:
+    def add(self, split: str, label: int, width: int | None, height: int | None, pixels: np.ndarray) -> None:
         """Counts one written image of ``split`` (:meth:`SplitStatistics.add`)."""
         self.splits.setdefault(split, SplitStatistics()).add(label, width, height, pixels)
 
@@ -288,9 +283,7 @@ class DatasetStatistics:
         }
 
 
-def split_moments(
-    manifest: Mapping[str, Any], split: str = "train"
-) -> tuple[list[float], list[float]] | None:
+def split_moments(manifest: Mapping[str, Any], split: str = "train") -> tuple[list[float], list[float]] | None:
     """The per-channel mean and std (of pixels / 255) a resize manifest records for ``split``.
 
     Each std is at least :data:`MIN_STD`, so normalizing by it stays finite.
@@ -299,9 +292,7 @@ def split_moments(
         ``(mean, std)``, one value per stored channel; ``None`` for a manifest written
         before resize recorded statistics, or a split without pixels.
     """
-    stats = ((manifest.get("extra") or {}).get("statistics") or {}).get("splits", {}).get(
-        split
-    ) or {}
+    stats = ((manifest.get("extra") or {}).get("statistics") or {}).get("splits", {}).get(split) or {}
     if not stats.get("mean") or not stats.get("std"):
         return None
     return [float(m) for m in stats["mean"]], [max(float(s), MIN_STD) for s in stats["std"]]

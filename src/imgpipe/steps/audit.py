@@ -155,8 +155,7 @@ def make_folds(data: str, dest_root: str, cfg: AuditConfig | None = None) -> lis
             if schema is None:
                 schema = table.schema
                 sinks = [
-                    {s: stack.enter_context(w.parquet_file(f"{s}/part-00000.parquet", schema)) for s in ("train", "val", "test")}
-                    for w in writers
+                    {s: stack.enter_context(w.parquet_file(f"{s}/part-00000.parquet", schema)) for s in ("train", "val", "test")} for w in writers
                 ]
             here, inner_here = fold[start : start + table.num_rows], inner[start : start + table.num_rows]
             start += table.num_rows
@@ -171,15 +170,15 @@ def make_folds(data: str, dest_root: str, cfg: AuditConfig | None = None) -> lis
     modes = dict(extra.get("split_modes") or {})
     for split in ("val", "test"):
         modes[split] = modes.get("train", extra.get("mode"))  # the rows are stored as train stored them
-    extra.update(split_modes=modes, splits=["train", "val", "test"],
-                 audit={"source": data, "folds": cfg.folds, "seed": cfg.seed, "groups": grouping})  # fmt: skip
+    extra.update(split_modes=modes, splits=["train", "val", "test"], audit={"source": data, "folds": cfg.folds, "seed": cfg.seed, "groups": grouping})
     labels_json = storage.join(data, contract.LABELS)
     for i, w in enumerate(writers):
         held = int((fold == i).sum())
         if storage.exists(labels_json):
             storage.write_bytes(w.uri(contract.LABELS), storage.read_bytes(labels_json))
-        w.commit(inputs=len(labels), rejects=[], config=cfg, extra={**extra, "fold": i, "held_out": held},
-                 upstream={"source": data, "step": "resize"})  # fmt: skip
+        w.commit(
+            inputs=len(labels), rejects=[], config=cfg, extra={**extra, "fold": i, "held_out": held}, upstream={"source": data, "step": "resize"}
+        )
     log.info("audit: %d train images in %d folds -> %s", len(labels), cfg.folds, dest_root)
     return prefixes
 
@@ -195,8 +194,10 @@ def _near_duplicate_groups(manifest: Mapping[str, Any], hashes: Sequence[str]) -
     try:
         clean_manifest = contract.read_manifest(clean_prefix, expect_step="clean")
         distance = int((clean_manifest.get("config") or {}).get("near_duplicate_distance", 2))
-        tables = [pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["sha256", "phash", "phash_mirror"])
-                  for u in contract.data_files(clean_prefix, clean_manifest)]  # fmt: skip
+        tables = [
+            pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["sha256", "phash", "phash_mirror"])
+            for u in contract.data_files(clean_prefix, clean_manifest)
+        ]
     except Exception as exc:  # noqa: BLE001 - no groups is a weaker audit, not a failed one; the manifest says so
         return singles, f"none: the clean output {clean_prefix} could not be read ({type(exc).__name__})"
     table = pa.concat_tables(tables).filter(pc.is_valid(pa.concat_tables(tables).column("phash")))
@@ -280,13 +281,19 @@ def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | 
     rank[issues] = np.arange(len(issues))
     suggested = probs.argmax(axis=1)
     names = np.asarray(classes, dtype=object)
-    out_table = pa.table({
-        "path": table.column("path"), "sha256": table.column("sha256"),
-        "given_label": names[labels].tolist(), "suggested_label": names[suggested].tolist(),
-        "label_quality": pa.array(quality.astype(np.float32)), "suggested_prob": pa.array(probs.max(axis=1).astype(np.float32)),
-        "given_prob": pa.array(probs[np.arange(len(labels)), labels].astype(np.float32)),
-        "is_issue": pa.array(rank >= 0), "issue_rank": pa.array(np.where(rank >= 0, rank, None), pa.int64()),
-    })  # fmt: skip
+    out_table = pa.table(
+        {
+            "path": table.column("path"),
+            "sha256": table.column("sha256"),
+            "given_label": names[labels].tolist(),
+            "suggested_label": names[suggested].tolist(),
+            "label_quality": pa.array(quality.astype(np.float32)),
+            "suggested_prob": pa.array(probs.max(axis=1).astype(np.float32)),
+            "given_prob": pa.array(probs[np.arange(len(labels)), labels].astype(np.float32)),
+            "is_issue": pa.array(rank >= 0),
+            "issue_rank": pa.array(np.where(rank >= 0, rank, None), pa.int64()),
+        }
+    )
     order = np.argsort(np.where(rank >= 0, rank, len(labels) + np.argsort(np.argsort(quality))), kind="stable")
     out_table = out_table.take(pa.array(order))
     attempt = contract.claim(dest, "audit")
@@ -297,11 +304,27 @@ def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | 
         LABEL_ISSUES_HTML: _gallery(suspects[:_GALLERY], fold_models, len(labels)).encode(),
     }
     files = sorted((contract.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
-    extra = {"images": len(labels), "issues": len(issues), "filter_by": cfg.filter_by, "folds": len(fold_models),
-             "by_class": dict(sorted(((c, int(n)) for c, n in zip(*np.unique(names[labels[issues]].astype(str), return_counts=True))),
-                                     key=lambda kv: -kv[1])) if len(issues) else {}}  # fmt: skip
-    body = StepReport(step="audit", dest=dest, inputs=len(labels), outputs=len(labels), rejected=0, files=files,
-                      seconds=round(time.monotonic() - started, 3), extra=extra)  # fmt: skip
+    extra = {
+        "images": len(labels),
+        "issues": len(issues),
+        "filter_by": cfg.filter_by,
+        "folds": len(fold_models),
+        "by_class": dict(
+            sorted(((c, int(n)) for c, n in zip(*np.unique(names[labels[issues]].astype(str), return_counts=True))), key=lambda kv: -kv[1])
+        )
+        if len(issues)
+        else {},
+    }
+    body = StepReport(
+        step="audit",
+        dest=dest,
+        inputs=len(labels),
+        outputs=len(labels),
+        rejected=0,
+        files=files,
+        seconds=round(time.monotonic() - started, 3),
+        extra=extra,
+    )
     contract.publish(dest, "audit", attempt, contract.manifest_body(body, cfg, {"step": "train", "folds": list(fold_models)}))
     log.info("audit: %d of %d train images have a suspect label -> %s", len(issues), len(labels), dest)
     return body
@@ -324,10 +347,16 @@ def _gallery(suspects: Sequence[Mapping[str, Any]], fold_models: Sequence[str], 
     from imgpipe.train.loader import read_rows
     from imgpipe.train.partition import describe_split, read_split_columns
 
-    parts = [htmlpage.section("Suspected label errors", note=(
-        f"{len(suspects)} most suspect of {total} train images, ranked by cleanlab's self-confidence "
-        f"(out-of-fold predictions of {len(fold_models)} models). Review label_overrides.csv and give it to "
-        "clean as label_overrides."))]  # fmt: skip
+    parts = [
+        htmlpage.section(
+            "Suspected label errors",
+            note=(
+                f"{len(suspects)} most suspect of {total} train images, ranked by cleanlab's self-confidence "
+                f"(out-of-fold predictions of {len(fold_models)} models). Review label_overrides.csv and give it to "
+                "clean as label_overrides."
+            ),
+        )
+    ]
     if suspects:
         wanted = {s["path"] for s in suspects}
         images: dict[str, np.ndarray] = {}
@@ -337,11 +366,16 @@ def _gallery(suspects: Sequence[Mapping[str, Any]], fold_models: Sequence[str], 
             paths = read_split_columns(info, ["path"]).column("path").to_pylist()
             at = [i for i, p in enumerate(paths) if p in wanted]
             images.update(zip((paths[i] for i in at), read_rows(info, at)))
-        rows = [(f"#{i + 1}", [(images[s["path"]], f"given {s['given_label']}\nsuggested {s['suggested_label']}\nquality {s['label_quality']:.2f}")])
-                for i, s in enumerate(suspects) if s["path"] in images]  # fmt: skip
+        rows = [
+            (f"#{i + 1}", [(images[s["path"]], f"given {s['given_label']}\nsuggested {s['suggested_label']}\nquality {s['label_quality']:.2f}")])
+            for i, s in enumerate(suspects)
+            if s["path"] in images
+        ]
         per_row = 8
-        grid = [(f"#{k + 1}-{min(k + per_row, len(rows))}", [img for _, imgs in rows[k : k + per_row] for img in imgs])
-                for k in range(0, len(rows), per_row)]  # fmt: skip
+        grid = [
+            (f"#{k + 1}-{min(k + per_row, len(rows))}", [img for _, imgs in rows[k : k + per_row] for img in imgs])
+            for k in range(0, len(rows), per_row)
+        ]
         parts.append(htmlpage.image("suspects", gallery_png(grid, cols=per_row)))
         table_rows = [{k: s[k] for k in ("path", "given_label", "suggested_label", "label_quality")} for s in suspects]
         parts.append(htmlpage.table(table_rows, ["path", "given_label", "suggested_label", "label_quality"]))

@@ -208,9 +208,7 @@ def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], pa.Table]:
     current, default = config_to_dict(cfg), config_to_dict(CleanConfig())
     changed = [k for k in _ROW_SETTINGS if manifest["config"].get(k, default[k]) != current[k]]
     if changed:
-        raise ValueError(
-            f"skip_hashes_from={prefix} was cleaned with other {', '.join(changed)}; run a full clean instead"
-        )
+        raise ValueError(f"skip_hashes_from={prefix} was cleaned with other {', '.join(changed)}; run a full clean instead")
     files = contract.data_files(prefix, manifest)
     tables = []
     for uri in files:
@@ -258,9 +256,7 @@ def _recheck_carried(prev: dict, sha256: str, cfg: CleanConfig) -> str | None:
     return None if seen == claimed else f"header says {seen}, the row says {claimed}"
 
 
-def _carry_rows(
-    files: Sequence[str], index: Index, plan: Plan, bucket_dir: Path, task: int, cfg: CleanConfig
-) -> tuple[TaskResult, Counter[str]]:
+def _carry_rows(files: Sequence[str], index: Index, plan: Plan, bucket_dir: Path, task: int, cfg: CleanConfig) -> tuple[TaskResult, Counter[str]]:
     """Copies the carried rows that pass :func:`_recheck_carried` into the shard buckets, placed anew.
 
     One previous file is read at a time; its rows are matched to the carried ones by
@@ -307,8 +303,7 @@ def _carry_rows(
         refused["missing from the previous output"] += int((~found).sum())
         plan.carried[carried[~found]] = False
     if refused:
-        log.warning("clean: %d carried row(s) of %s are decoded anew instead: %s", sum(refused.values()),
-                    cfg.skip_hashes_from, dict(refused))  # fmt: skip
+        log.warning("clean: %d carried row(s) of %s are decoded anew instead: %s", sum(refused.values()), cfg.skip_hashes_from, dict(refused))
     return results.build(), refused
 
 
@@ -358,10 +353,18 @@ def _tally(settled: TaskResult, index: Index, plan: Plan) -> _Tally:
         split_counts[split] += n
         class_counts[name] += n
     return _Tally(
-        inputs=len(settled), rejects=rejects, kept=sum(kept_per_shard.values()), kept_per_shard=kept_per_shard,
-        classes=classes, label_map=label_map, split_counts=split_counts, class_counts=class_counts,
-        split_class_counts=split_class, carried=carried, rows_with_bbox=boxed,
-    )  # fmt: skip
+        inputs=len(settled),
+        rejects=rejects,
+        kept=sum(kept_per_shard.values()),
+        kept_per_shard=kept_per_shard,
+        classes=classes,
+        label_map=label_map,
+        split_counts=split_counts,
+        class_counts=class_counts,
+        split_class_counts=split_class,
+        carried=carried,
+        rows_with_bbox=boxed,
+    )
 
 
 def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
@@ -400,12 +403,16 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     with tempfile.TemporaryDirectory(prefix="imgpipe-clean-") as tmp:
         bucket_dir = Path(tmp)
         # Carried first: a row that fails its re-check is decoded by the decode pass instead.
-        carried_rows, refused = (
-            _carry_rows(known_files, index, plan, bucket_dir, len(tasks), cfg) if known_rows else (None, Counter())
-        )
+        carried_rows, refused = _carry_rows(known_files, index, plan, bucket_dir, len(tasks), cfg) if known_rows else (None, Counter())
         args = _task_arguments(index, plan, boxes, cfg, bucket_dir, pool)
         settled, _ = run_tasks(
-            tasks, validate_task, args, bucket_dir, pool, in_process=cfg.workers == 1, timeout_s=cfg.image_timeout_s,
+            tasks,
+            validate_task,
+            args,
+            bucket_dir,
+            pool,
+            in_process=cfg.workers == 1,
+            timeout_s=cfg.image_timeout_s,
             first_free=len(tasks) + 1,
         )
         phases.done("decode", rows=len(settled), failed=len(settled.failures), workers=pool.workers)
@@ -424,10 +431,13 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         _write_shards(bucket_dir, tally.kept_per_shard, tally.label_map, out, cfg, tally.classes, reviewed)
         # The review's time counts in the write phase (milliseconds at 4k images, seconds at 128k).
         phases.done(
-            "write", kept=tally.kept, rejected=len(tally.rejects), shards=len(tally.kept_per_shard),
+            "write",
+            kept=tally.kept,
+            rejected=len(tally.rejects),
+            shards=len(tally.kept_per_shard),
             near_duplicate_groups=summary["near_duplicates"]["groups"],
             flagged=sum(f["count"] for f in summary["quality"]["flagged"].values()),
-        )  # fmt: skip
+        )
     classes = tally.classes
     storage.write_bytes(
         out.uri(LABELS_FILE),
@@ -446,9 +456,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
             "splits": {name: tally.split_counts.get(name, 0) for name in SPLITS},
             "per_class": dict(sorted(tally.class_counts.items())),
             # Class histograms per split (the step's report draws them from here).
-            "per_split_class": {
-                s: dict(sorted((name, n) for (split, name), n in tally.split_class_counts.items() if split == s)) for s in SPLITS
-            },
+            "per_split_class": {s: dict(sorted((name, n) for (split, name), n in tally.split_class_counts.items() if split == s)) for s in SPLITS},
             "decode_pool": {
                 "workers": pool.workers,
                 "memory": pool.memory,

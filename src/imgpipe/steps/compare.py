@@ -434,8 +434,14 @@ def under_fitting(result: BranchResult, winner: BranchResult, cfg: CompareConfig
         f"train loss {loss:.3f} is {ratio:.2f}x the winner's ({best_loss:.3f}) and val accuracy {acc:.3f} is "
         f"{gap:.3f} below it ({best_acc:.3f}): the branch has not fitted in these epochs; weaken the recipe or train longer"
     )
-    numbers = {"train_loss": loss, "winner_train_loss": best_loss, "train_loss_ratio": ratio,
-               "val_accuracy": acc, "winner_val_accuracy": best_acc, "val_acc_gap": gap}  # fmt: skip
+    numbers = {
+        "train_loss": loss,
+        "winner_train_loss": best_loss,
+        "train_loss_ratio": ratio,
+        "val_accuracy": acc,
+        "winner_val_accuracy": best_acc,
+        "val_acc_gap": gap,
+    }
     return Flag("under_fitted", message, numbers)
 
 
@@ -454,9 +460,7 @@ def _read_branch(name: str, prefix: str, settings: Mapping[str, Any]) -> tuple[B
     # The values as the branch trained with them (kfp hands the plan's numbers over as floats), in grid key order.
     shown = {k: config.get(GRID_KEYS[k], settings[k]) for k in GRID_KEYS if k in settings}
     kept_epoch = (metrics.get("selection") or {}).get("epoch")
-    result = BranchResult(
-        name, storage.normalize_uri(prefix), shown, history, config, kept=dict(metrics.get("kept") or {}), kept_epoch=kept_epoch
-    )
+    result = BranchResult(name, storage.normalize_uri(prefix), shown, history, config, kept=dict(metrics.get("kept") or {}), kept_epoch=kept_epoch)
     return result, manifest, metrics
 
 
@@ -476,8 +480,9 @@ def _rows(ranked: Sequence[BranchResult]) -> list[dict[str, Any]]:
         if isinstance(r, SeedGroup):  # the figures above are the means over the runs
             row["seeds"] = len(r.runs)
             row["spread"] = {k: s for k in _TABLE_KEYS if (s := r.spread(k)) is not None}
-            row["runs"] = [{"branch": run.name, "seed": run.config.get("seed"), "prefix": run.prefix,
-                            **{k: run.last(k) for k in _TABLE_KEYS}} for run in r.runs]  # fmt: skip
+            row["runs"] = [
+                {"branch": run.name, "seed": run.config.get("seed"), "prefix": run.prefix, **{k: run.last(k) for k in _TABLE_KEYS}} for run in r.runs
+            ]
         row["flags"] = [{"kind": f.kind, "message": f.message, "numbers": f.numbers} for f in r.flags]
         rows.append(row)
     return rows
@@ -492,10 +497,9 @@ def _spread_text(row: Mapping[str, Any], key: str) -> str:
 def _html(result: Mapping[str, Any], curves: bytes, winner_yaml: str) -> str:
     keys = result["ranked_by"]
     shown = [
-        {**r, "settings": ", ".join(f"{k}={v}" for k, v in r["settings"].items()),
-         "flags": ", ".join(f["kind"] for f in r["flags"]) or "-"}
+        {**r, "settings": ", ".join(f"{k}={v}" for k, v in r["settings"].items()), "flags": ", ".join(f["kind"] for f in r["flags"]) or "-"}
         for r in result["branches"]
-    ]  # fmt: skip
+    ]
     seeds = max((r.get("seeds", 1) for r in result["branches"]), default=1)
     averaged = f"the mean over {seeds} seeds of " if seeds > 1 else ""
     why = (
@@ -517,19 +521,26 @@ def _html(result: Mapping[str, Any], curves: bytes, winner_yaml: str) -> str:
             htmlpage.table(flags, ["branch", "flag", "what it saw"]) if flags else "<p>none</p>",
             note="over_regularized: lower the strength; overfitting: regularize more; under_fitted: weaken or train longer",
         ),
-        htmlpage.section("Validation curves", htmlpage.image(CURVES_PNG, curves),
-                         note="each branch's mean over its seeds, epoch by epoch" if seeds > 1 else ""),
         htmlpage.section(
-            f"Winner: {result['winner']['branch']}", f"<pre>{htmlpage.text(winner_yaml)}</pre>",
-            note="imgpipe train DATA OUT --config winner.yaml, imgpipe run --config winner.yaml, "
-            "or the pipelines' step_config parameter",
+            "Validation curves", htmlpage.image(CURVES_PNG, curves), note="each branch's mean over its seeds, epoch by epoch" if seeds > 1 else ""
+        ),
+        htmlpage.section(
+            f"Winner: {result['winner']['branch']}",
+            f"<pre>{htmlpage.text(winner_yaml)}</pre>",
+            note="imgpipe train DATA OUT --config winner.yaml, imgpipe run --config winner.yaml, or the pipelines' step_config parameter",
         ),
         htmlpage.section("Rules", htmlpage.table(rules, ["rule", "threshold"])),
     ]
     if seeds > 1:
         runs = [{**run, "branch": r["branch"], "run": run["branch"]} for r in result["branches"] for run in r["runs"]]
-        parts.insert(-1, htmlpage.section("Seeds", htmlpage.table(runs, ["branch", "run", "seed", *_TABLE_KEYS]),
-                                          note="every run of every branch; the ranking is on their means"))  # fmt: skip
+        parts.insert(
+            -1,
+            htmlpage.section(
+                "Seeds",
+                htmlpage.table(runs, ["branch", "run", "seed", *_TABLE_KEYS]),
+                note="every run of every branch; the ranking is on their means",
+            ),
+        )
     return htmlpage.page("imgpipe sweep comparison", parts)
 
 
@@ -543,7 +554,7 @@ def _winner_yaml(best: BranchResult, keys: Sequence[str], step_config: Mapping[s
         f"# The winner of an imgpipe sweep: branch {best.name} ({figure}), trained from\n"
         f"# {where}. Its augmentation recipe, for a full run:\n"
         "#   imgpipe train DATA OUT --config winner.yaml | imgpipe run --config winner.yaml\n"
-        "#   imgpipe submit --param step_config=\"$(cat winner.yaml)\"\n"
+        '#   imgpipe submit --param step_config="$(cat winner.yaml)"\n'
     )
     return header + yaml.safe_dump(dict(step_config), sort_keys=False)
 
@@ -591,21 +602,37 @@ def compare(
         r.flags = [f for f in checks if f is not None]
     winner = winner_config(best.config)
     result = {
-        "ranked_by": list(keys), "imbalanced": imbalanced, "imbalance": ratio, "class_counts": class_counts(first_metrics),
-        "labels": first_metrics.get("labels") or [], "rules": config_to_dict(cfg), "branches": _rows(ranked),
+        "ranked_by": list(keys),
+        "imbalanced": imbalanced,
+        "imbalance": ratio,
+        "class_counts": class_counts(first_metrics),
+        "labels": first_metrics.get("labels") or [],
+        "rules": config_to_dict(cfg),
+        "branches": _rows(ranked),
         "winner": {"branch": best.name, "prefix": best.prefix, "step_config": winner},
-    }  # fmt: skip
+    }
     curves = report.sweep_curves_png({r.name: r.history for r in ranked}, (keys[0], "val_accuracy", "train_loss", "val_loss"))
     winner_yaml = _winner_yaml(best, keys, winner)
     files = _write(dest, result, curves, winner_yaml, cfg)
     out = CompareReport(
-        step="compare", dest=dest, inputs=len(runs), outputs=len(ranked), rejected=0, files=files,
+        step="compare",
+        dest=dest,
+        inputs=len(runs),
+        outputs=len(ranked),
+        rejected=0,
+        files=files,
         seconds=round(time.monotonic() - started, 3),
-        extra={"ranked_by": list(keys), "imbalanced": imbalanced, "winner": best.name,
-               "flags": {r.name: [f.kind for f in r.flags] for r in ranked if r.flags},
-               **({"seeds": len(best.runs)} if isinstance(best, SeedGroup) else {})},
-        ranked_by=keys, ranking=[r.name for r in ranked], winner=winner,
-    )  # fmt: skip
+        extra={
+            "ranked_by": list(keys),
+            "imbalanced": imbalanced,
+            "winner": best.name,
+            "flags": {r.name: [f.kind for f in r.flags] for r in ranked if r.flags},
+            **({"seeds": len(best.runs)} if isinstance(best, SeedGroup) else {}),
+        },
+        ranked_by=keys,
+        ranking=[r.name for r in ranked],
+        winner=winner,
+    )
     log.info("%s", out.summary())
     return out
 
@@ -623,8 +650,15 @@ def _write(dest: str, result: Mapping[str, Any], curves: bytes, winner_yaml: str
         contract.CONFIG: config_to_yaml(cfg).encode(),
     }
     files = sorted((contract.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
-    body = StepReport(step="compare", dest=dest, inputs=len(trained), outputs=len(result["branches"]),
-                      rejected=0, files=files, extra={"winner": result["winner"]["branch"], "ranked_by": result["ranked_by"]})  # fmt: skip
+    body = StepReport(
+        step="compare",
+        dest=dest,
+        inputs=len(trained),
+        outputs=len(result["branches"]),
+        rejected=0,
+        files=files,
+        extra={"winner": result["winner"]["branch"], "ranked_by": result["ranked_by"]},
+    )
     upstream = {"step": "train", "branches": {r["branch"]: r["prefix"] for r in trained}}
     contract.publish(dest, "compare", attempt, contract.manifest_body(body, cfg, upstream))
     return files

@@ -256,11 +256,15 @@ def _census(readers: Sequence[Reader], caps: Caps) -> None:
         count, size = reader.census()
         members, total = members + count, total + (size or 0)
         if members > caps.max_members:
-            raise ValueError(f"{reader.uri} brings the count of objects over max_members={caps.max_members}; raise it if the data set "
-                             "really has that many. Nothing was committed.")  # fmt: skip
+            raise ValueError(
+                f"{reader.uri} brings the count of objects over max_members={caps.max_members}; raise it if the data set "
+                "really has that many. Nothing was committed."
+            )
         if total > caps.max_total_bytes:
-            raise ValueError(f"{reader.uri} brings the bytes listed over max_total_bytes={caps.max_total_bytes}; raise it if the data "
-                             "set really is that large. Nothing was committed.")  # fmt: skip
+            raise ValueError(
+                f"{reader.uri} brings the bytes listed over max_total_bytes={caps.max_total_bytes}; raise it if the data "
+                "set really is that large. Nothing was committed."
+            )
 
 
 def _extract_all(readers: Sequence[Reader], out: OutputWriter, cfg: DownloadConfig) -> Extraction:
@@ -317,10 +321,7 @@ def download(
         raise TypeError(f"policy must be a SourcePolicy, got {type(policy).__name__}")
     uris = _source_list(sources)
     if cfg.sha256 and len(cfg.sha256) != len(uris):
-        raise ValueError(
-            f"got {len(cfg.sha256)} sha256 digest(s) for {len(uris)} source(s); "
-            "give one digest per source, in the same order, or none"
-        )
+        raise ValueError(f"got {len(cfg.sha256)} sha256 digest(s) for {len(uris)} source(s); give one digest per source, in the same order, or none")
     planned = _plan(uris, list(cfg.sha256) or [None] * len(uris))
     dest = storage.normalize_uri(dest)
     for item in planned:
@@ -333,7 +334,7 @@ def download(
         readers = [
             open_source(item.uri, sha256=item.sha256, spool=Path(spool_dir) / f"source-{i:05d}", settings=settings, webdataset=item.webdataset)
             for i, item in enumerate(planned)
-        ]  # fmt: skip
+        ]
         phases.done("fetch", sources=len(readers), bytes=sum(r.bytes or 0 for r in readers))
         # Every file is local, verified and readable to its last member, and every listing
         # within the caps: only now may the old output go.

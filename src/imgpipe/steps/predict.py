@@ -171,8 +171,10 @@ def _check_preprocessing(data: str, kind: str, manifest: Mapping[str, Any], card
             return "as stored (the card predates recorded preprocessing: not checked)"
         mismatch = preprocessing_mismatch(recorded, preprocessing_of(manifest))
         if mismatch:
-            raise ValueError(f"{data} was resized otherwise than the data the model trained on ({mismatch}); "
-                             "predict on the raw images (a clean or download output) or resize them with the model's settings")  # fmt: skip
+            raise ValueError(
+                f"{data} was resized otherwise than the data the model trained on ({mismatch}); "
+                "predict on the raw images (a clean or download output) or resize them with the model's settings"
+            )
         return "as stored (the model's resize settings)"
     spec = preprocessing_spec(card)
     if spec is None:
@@ -181,8 +183,10 @@ def _check_preprocessing(data: str, kind: str, manifest: Mapping[str, Any], card
             "images; predict on a resize output made with the model's settings, or train the model again"
         )
     if spec.roi_crop and (kind == "download" or not _has_column(files, "bbox")):
-        raise ValueError("the model was trained on images cropped to their annotated box (roi_crop); "
-                         f"{data} has no boxes: give predict a clean output made with the annotations")  # fmt: skip
+        raise ValueError(
+            "the model was trained on images cropped to their annotated box (roi_crop); "
+            f"{data} has no boxes: give predict a clean output made with the annotations"
+        )
     return f"resize {spec.mode} {spec.size}{' + ' + ', '.join(spec.ops) if spec.ops else ''} (the card's, by the resize step's code)"
 
 
@@ -294,8 +298,10 @@ class _Predictor:
                 rejects.append({"path": row["path"], "reason": "undecodable", "detail": f"{type(exc).__name__}: {exc}"[:300]})
         probs = [self._run(views[i : i + self.batch_size]) for i in range(0, len(views), self.batch_size)]
         result = self._table(good, np.concatenate(probs) if probs else np.zeros((0, len(self.card["classes"])), np.float32))
-        return {"result": np.array([json.dumps({"rows": len(rows), "rejects": rejects})]),
-                "table": np.array([contract.table_to_parquet_bytes(result)], dtype=object)}  # fmt: skip
+        return {
+            "result": np.array([json.dumps({"rows": len(rows), "rejects": rejects})]),
+            "table": np.array([contract.table_to_parquet_bytes(result)], dtype=object),
+        }
 
     def _prepared(self, data: bytes, bbox: Sequence[float] | None) -> np.ndarray:
         """Raw image bytes as the model's evaluation data was: the resize step's own code, then its evaluation view."""
@@ -406,12 +412,18 @@ def predict(model: str, data: str, dest: str, cfg: PredictConfig | None = None) 
             ds = ray.data.from_items([{"item": json.dumps(i)} for i in items], override_num_blocks=max(1, len(items)))
             ds = ds.map_batches(
                 _Predictor,
-                fn_constructor_kwargs={"model": model, "kind": spec.kind, "splits": list(cfg.splits),
-                                       "whole": sorted(spec.whole_splits), "cfg": {"batch_size": cfg.batch_size,
-                                       "threads": cfg.threads, "top_k": cfg.top_k, "tta": cfg.tta}},
-                batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=min(actors, max(1, len(items)))),
+                fn_constructor_kwargs={
+                    "model": model,
+                    "kind": spec.kind,
+                    "splits": list(cfg.splits),
+                    "whole": sorted(spec.whole_splits),
+                    "cfg": {"batch_size": cfg.batch_size, "threads": cfg.threads, "top_k": cfg.top_k, "tta": cfg.tta},
+                },
+                batch_size=1,
+                batch_format="numpy",
+                compute=ActorPoolStrategy(size=min(actors, max(1, len(items)))),
                 num_cpus=cfg.threads,
-            )  # fmt: skip
+            )
             with out.parquet_file(contract.PREDICTIONS, PREDICT_SCHEMA) as sink:
                 for meta, table in _results(ds):
                     inputs += meta["rows"]
@@ -420,12 +432,21 @@ def predict(model: str, data: str, dest: str, cfg: PredictConfig | None = None) 
                         sink.write(table)
                     _count(confusion, table, n_classes)
         report = out.commit(
-            inputs=inputs, rejects=rejects, config=cfg,
-            extra={"model": model, "architecture": card["architecture"], "classes": card["classes"], "input_kind": spec.kind,
-                   "preprocessing": spec.preprocessing, "tta": _tta_views(card, cfg.tta),
-                   "scores": _scores(confusion), "seconds": round(time.monotonic() - started, 3)},
+            inputs=inputs,
+            rejects=rejects,
+            config=cfg,
+            extra={
+                "model": model,
+                "architecture": card["architecture"],
+                "classes": card["classes"],
+                "input_kind": spec.kind,
+                "preprocessing": spec.preprocessing,
+                "tta": _tta_views(card, cfg.tta),
+                "scores": _scores(confusion),
+                "seconds": round(time.monotonic() - started, 3),
+            },
             upstream={"source": source, "step": spec.kind},
-        )  # fmt: skip
+        )
     log.info("predict: %d images -> %d predictions, %d rejected -> %s", inputs, report.outputs, report.rejected, dest)
     return report
 

@@ -162,9 +162,7 @@ def _score(result: Any, keep: np.ndarray, metric: str, classes: int) -> float:
     return float(accuracy if metric == "accuracy" else macro_f1)
 
 
-def decide(
-    candidate: str, current: str | None, cfg: PromoteConfig | None = None, device: str = "auto", policy: ReadPolicy | None = None
-) -> Decision:
+def decide(candidate: str, current: str | None, cfg: PromoteConfig | None = None, device: str = "auto", policy: ReadPolicy | None = None) -> Decision:
     """The verdict on ``candidate`` against ``current`` (see the module docstring).
 
     ``policy`` (a pipeline task's :class:`~imgpipe.readpolicy.ReadPolicy`; the CLI's trusts
@@ -191,37 +189,67 @@ def decide(
     classes = len(card["classes"])
     ours_eval = evaluate_saved(candidate, data, cfg.split, device=device)
     every = np.arange(len(hashes))
-    base = {"metric": metric, "candidate_prefix": candidate, "split": cfg.split, "images_digest": digest,
-            "tolerance": cfg.tolerance, "trained_score": None if trained is None else float(trained)}  # fmt: skip
+    base = {
+        "metric": metric,
+        "candidate_prefix": candidate,
+        "split": cfg.split,
+        "images_digest": digest,
+        "tolerance": cfg.tolerance,
+        "trained_score": None if trained is None else float(trained),
+    }
     if current is None:
         ours = _score(ours_eval, every, metric, classes)
-        return Decision(promoted=True, reason=f"the first model: {metric} {ours:.4f} on {len(hashes)} {cfg.split} images",
-                        candidate=ours, current=None, current_prefix=None, images=len(hashes), **base)  # fmt: skip
+        return Decision(
+            promoted=True,
+            reason=f"the first model: {metric} {ours:.4f} on {len(hashes)} {cfg.split} images",
+            candidate=ours,
+            current=None,
+            current_prefix=None,
+            images=len(hashes),
+            **base,
+        )
     try:
         shown = storage.normalize_uri(current)
     except ValueError:  # refused below, as a decision
         shown = storage.redact_uri(current)
 
     def refused(why: str, images: int = len(hashes), overlap: int | None = None) -> Decision:
-        return Decision(promoted=False, reason=why, candidate=_score(ours_eval, every, metric, classes), current=None,
-                        current_prefix=shown, images=images, overlap=overlap, **base)  # fmt: skip
+        return Decision(
+            promoted=False,
+            reason=why,
+            candidate=_score(ours_eval, every, metric, classes),
+            current=None,
+            current_prefix=shown,
+            images=images,
+            overlap=overlap,
+            **base,
+        )
 
     try:
         current = policy.check("latest.json's train prefix", current)
         their_card = read_card(current, card["classes"])
         mismatch = preprocessing_mismatch(card.get("preprocessing"), their_card.get("preprocessing"))
         if mismatch and card.get("preprocessing") is not None and their_card.get("preprocessing") is not None:
-            return refused(f"not promoted: the models' preprocessing differs ({mismatch}), so no test set scores both alike; "
-                           "promote by hand if the change is intended")  # fmt: skip
+            return refused(
+                f"not promoted: the models' preprocessing differs ({mismatch}), so no test set scores both alike; "
+                "promote by hand if the change is intended"
+            )
         try:
             seen, unchecked = _seen_by(their_card, policy), ""
         except Exception as exc:  # noqa: BLE001 - its data deleted or moved: say so, and compare on every test image
-            seen, unchecked = set(), f" (overlap unchecked: the current model's training data {their_card['data']['uri']} cannot be read, {type(exc).__name__})"
+            seen, unchecked = (
+                set(),
+                f" (overlap unchecked: the current model's training data {their_card['data']['uri']} cannot be read, {type(exc).__name__})",
+            )
         keep = np.array([i for i, h in enumerate(hashes) if h not in seen], np.int64)
         overlap = None if unchecked else len(hashes) - len(keep)
         if len(keep) < cfg.min_images:
-            return refused(f"not promoted: the current model trained or validated on {overlap} of the {len(hashes)} test "
-                           f"images; the {len(keep)} left are fewer than {cfg.min_images} to compare on", len(keep), overlap)  # fmt: skip
+            return refused(
+                f"not promoted: the current model trained or validated on {overlap} of the {len(hashes)} test "
+                f"images; the {len(keep)} left are fewer than {cfg.min_images} to compare on",
+                len(keep),
+                overlap,
+            )
         theirs_eval = evaluate_saved(current, data, cfg.split, device=device)
     except Exception as exc:  # noqa: BLE001 - any failure to load or score the current model is a decision, not a crash
         detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -230,10 +258,13 @@ def decide(
     promoted = ours >= value - cfg.tolerance
     verdict = "at least" if ours >= value else ("within the tolerance of" if promoted else "below")
     left_out = f", leaving out {overlap} the current model trained or validated on" if overlap else unchecked
-    reason = (f"{metric} {ours:.4f} is {verdict} the current model's {value:.4f} on the same {len(keep)} {cfg.split} images"
-              f"{left_out}, both scored by one evaluation" + (f" (tolerance {cfg.tolerance:g})" if cfg.tolerance else ""))  # fmt: skip
-    return Decision(promoted=promoted, reason=reason, candidate=ours, current=value, current_prefix=current,
-                    images=len(keep), overlap=overlap, **base)  # fmt: skip
+    reason = (
+        f"{metric} {ours:.4f} is {verdict} the current model's {value:.4f} on the same {len(keep)} {cfg.split} images"
+        f"{left_out}, both scored by one evaluation" + (f" (tolerance {cfg.tolerance:g})" if cfg.tolerance else "")
+    )
+    return Decision(
+        promoted=promoted, reason=reason, candidate=ours, current=value, current_prefix=current, images=len(keep), overlap=overlap, **base
+    )
 
 
 def _html(decision: Decision) -> str:
@@ -242,14 +273,22 @@ def _html(decision: Decision) -> str:
         {"model": "current", "prefix": decision.current_prefix or "(none)", decision.metric: decision.current},
     ]
     verdict = "promoted" if decision.promoted else "not promoted"
-    parts = [htmlpage.section(f"Verdict: {verdict}", note=decision.reason),
-             htmlpage.section(f"Scores on the candidate's {decision.split} split ({decision.images} images)",
-                              htmlpage.table(rows, ["model", decision.metric, "prefix"]))]  # fmt: skip
+    parts = [
+        htmlpage.section(f"Verdict: {verdict}", note=decision.reason),
+        htmlpage.section(
+            f"Scores on the candidate's {decision.split} split ({decision.images} images)", htmlpage.table(rows, ["model", decision.metric, "prefix"])
+        ),
+    ]
     return htmlpage.page("imgpipe promotion", parts)
 
 
 def promote(
-    candidate: str, current: str | None, dest: str, cfg: PromoteConfig | None = None, device: str = "auto", policy: ReadPolicy | None = None,
+    candidate: str,
+    current: str | None,
+    dest: str,
+    cfg: PromoteConfig | None = None,
+    device: str = "auto",
+    policy: ReadPolicy | None = None,
     before_commit: Callable[[Decision], None] | None = None,
 ) -> Decision:
     """Decides on ``candidate`` and commits the decision to ``dest``.
@@ -287,8 +326,16 @@ def promote(
         **{f"{serving.REPOSITORY}/{name}": data for name, data in repository.items()},
     }
     files = sorted((contract.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
-    body = StepReport(step="promote", dest=dest, inputs=1, outputs=1, rejected=0, files=files,
-                      seconds=round(time.monotonic() - started, 3), extra={"decision": asdict(decision)})  # fmt: skip
+    body = StepReport(
+        step="promote",
+        dest=dest,
+        inputs=1,
+        outputs=1,
+        rejected=0,
+        files=files,
+        seconds=round(time.monotonic() - started, 3),
+        extra={"decision": asdict(decision)},
+    )
     upstream = {"step": "train", "candidate": decision.candidate_prefix, "current": decision.current_prefix}
     contract.publish(dest, "promote", attempt, contract.manifest_body(body, cfg, upstream))
     log.info("%s", decision.summary())

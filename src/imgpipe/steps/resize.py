@@ -273,10 +273,7 @@ def task_arguments(cfg: ResizeConfig, out: TaskOutput) -> dict[str, Any]:
 
 def ray_task(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
     """The Ray batch function: runs each task of ``batch`` (:func:`run_task`) and returns their results as JSON."""
-    results = [
-        run_task(int(task), json.loads(units), node=_node_id(), **kwargs).to_dict()
-        for task, units in zip(batch["task"], batch["units"])
-    ]
+    results = [run_task(int(task), json.loads(units), node=_node_id(), **kwargs).to_dict() for task, units in zip(batch["task"], batch["units"])]
     return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
 
 
@@ -344,9 +341,7 @@ def collect_results(results: Iterable[TaskResult], out: OutputWriter, inputs: in
     for result in results:
         written = sum(f.rows for f in result.files)
         if written + len(result.rejects) != result.rows:
-            raise RuntimeError(
-                f"resize task {result.task} read {result.rows} rows but wrote {written} and rejected {len(result.rejects)}"
-            )
+            raise RuntimeError(f"resize task {result.task} read {result.rows} rows but wrote {written} and rejected {len(result.rejects)}")
         for entry in result.files:
             out.add_file(entry)
             got.splits[entry.name.split("/", 1)[0]] += entry.rows
@@ -377,8 +372,10 @@ def _statistics(statistics: DatasetStatistics, cfg: ResizeConfig, classes: list[
         if stats.other_channels:
             log.warning(
                 "resize: %d %s image(s) have another channel count than the split's %d; its mean and std leave them out",
-                stats.other_channels, split, stats.channels,
-            )  # fmt: skip
+                stats.other_channels,
+                split,
+                stats.channels,
+            )
     return statistics.manifest_block(classes, space)
 
 

@@ -216,9 +216,7 @@ def _eval_loader(cfg: TrainConfig, info: SplitInfo, size: int, decode: str, ctx:
     )
 
 
-def _train_transform(
-    cfg: TrainConfig, info: SplitInfo, size: int, on_device: bool, norm: Normalization
-) -> SampleTransform | None:
+def _train_transform(cfg: TrainConfig, info: SplitInfo, size: int, on_device: bool, norm: Normalization) -> SampleTransform | None:
     """The workers' share of the recipe: all of it on CPU; on the device, only the crop of whole pictures."""
     if not on_device:
         return build_train_transform(cfg.augment, size, info.channels, norm)
@@ -264,8 +262,10 @@ def _normalization(cfg: TrainConfig, manifest: Mapping[str, Any]) -> Normalizati
         return recorded or IMAGENET
     moments = split_moments(manifest, "train")
     if moments is None:
-        log.warning("train: the resize output records no statistics (older than them); normalizing with ImageNet's "
-                    "mean and std, not the data's own: re-run resize to record them")  # fmt: skip
+        log.warning(
+            "train: the resize output records no statistics (older than them); normalizing with ImageNet's "
+            "mean and std, not the data's own: re-run resize to record them"
+        )
         return IMAGENET
     return Normalization.of_channels(*moments)
 
@@ -362,16 +362,12 @@ def _build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: M
         test_info=_optional_split(data, "test", manifest),
         image_size=size,
         channels=channels,
-        gpu_augment=(
-            BatchAugment(cfg.augment, size, channels, crop=not train_info.whole, norm=norm).to(device) if on_device else None
-        ),
+        gpu_augment=(BatchAugment(cfg.augment, size, channels, crop=not train_info.whole, norm=norm).to(device) if on_device else None),
         model=model,
         module=module,
         optimizer=optimizer,
         scheduler=scheduler,
-        mixer=MixupCutmix(
-            len(labels), cfg.mixup, cfg.cutmix, cfg.label_smoothing, switch_prob=cfg.mixup_switch_prob, prob=cfg.mixup_prob
-        ),
+        mixer=MixupCutmix(len(labels), cfg.mixup, cfg.cutmix, cfg.label_smoothing, switch_prob=cfg.mixup_switch_prob, prob=cfg.mixup_prob),
         train_loader=train_loader,
         val_loader=val_loader,
         steps_per_epoch=steps,
@@ -396,8 +392,11 @@ def _describe_plan(plan: UnfreezePlan, groups: list[TrainGroup], epochs: int) ->
     """One line for the log: which epochs train the head alone, and when each part of the backbone joins."""
     if not plan.starts:
         return f"every parameter trains from the first of {epochs} epochs"
-    joins = ", ".join(f"{g.name} ({len(g.names)} tensors) from epoch {plan.starts[min(int(g.name.split('-')[1]), plan.stages - 1)] + 1}"
-                      for g in groups if g.name != "head")  # fmt: skip
+    joins = ", ".join(
+        f"{g.name} ({len(g.names)} tensors) from epoch {plan.starts[min(int(g.name.split('-')[1]), plan.stages - 1)] + 1}"
+        for g in groups
+        if g.name != "head"
+    )
     return f"the head alone in epochs 1-{plan.starts[1]} of {epochs}, then {joins}, each with its own warmup"
 
 
@@ -433,9 +432,7 @@ def _ema_model(module: nn.Module, cfg: TrainConfig, world_size: int) -> torch.op
     return torch.optim.swa_utils.AveragedModel(module, multi_avg_fn=avg, use_buffers=True)
 
 
-def _class_weights(
-    cfg: TrainConfig, info: SplitInfo, classes: int, device: torch.device, counts: np.ndarray | None = None
-) -> torch.Tensor | None:
+def _class_weights(cfg: TrainConfig, info: SplitInfo, classes: int, device: torch.device, counts: np.ndarray | None = None) -> torch.Tensor | None:
     """``N / (classes x n_c)`` per class of the train split (``class_weights: balanced``); ``None`` otherwise.
 
     A class absent from the train split gets weight 0 (it has no loss to weigh). ``counts``
@@ -533,9 +530,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     elapsed = time.perf_counter() - started
-    total_loss, total_seen, wait_fraction = all_reduce(
-        [loss_sum.item(), float(seen), waited / max(elapsed, 1e-9)], run.device, run.ctx
-    )
+    total_loss, total_seen, wait_fraction = all_reduce([loss_sum.item(), float(seen), waited / max(elapsed, 1e-9)], run.device, run.ctx)
     return {
         "train_loss": total_loss / max(total_seen, 1),
         "train_images": int(total_seen),
@@ -570,9 +565,7 @@ def _evaluate_split(
             images, labels = _prepare_eval_batch(run, loader, batch)
             yield (images, labels, batch["index"]) if keep_rows else (images, labels)
 
-    return evaluate(
-        model or run.module, batches, len(run.labels), run.device, amp=run.amp, tta_flips=tta_flips, ctx=run.ctx
-    )
+    return evaluate(model or run.module, batches, len(run.labels), run.device, amp=run.amp, tta_flips=tta_flips, ctx=run.ctx)
 
 
 # ----------------------------------------------------------------------------------------
@@ -647,8 +640,11 @@ def _review_figures(run: TrainingRun, table: pa.Table, metrics: dict[str, Any]) 
         figures["worst_loss.png"] = report.gallery_png([(f"true {name}", imgs) for name, imgs in by_class.items()])
     if pairs:
         figures["confused_pairs.png"] = report.gallery_png(
-            [(f"{p['true']} as {p['predicted']} ({p['count']})", [(images[e["index"]], f"loss {e['loss']:.2f}") for e in p["examples"]]) for p in pairs]
-        )  # fmt: skip
+            [
+                (f"{p['true']} as {p['predicted']} ({p['count']})", [(images[e["index"]], f"loss {e['loss']:.2f}") for e in p["examples"]])
+                for p in pairs
+            ]
+        )
     return figures
 
 
@@ -681,9 +677,7 @@ def _card_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_outputs(
-    run: TrainingRun, metrics: dict[str, Any], last_val: EvalResult | None, with_rows: Mapping[str, EvalResult]
-) -> list[FileEntry]:
+def _write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResult | None, with_rows: Mapping[str, EvalResult]) -> list[FileEntry]:
     files: list[FileEntry] = []
     predictions = _predictions(run, with_rows)
     review = _review_figures(run, predictions, metrics) if predictions is not None else {}
@@ -708,11 +702,19 @@ def _write_outputs(
     for name, data in exported.items():
         _write(run, name, data, files)
     card = model_card(
-        architecture=run.cfg.model, classes=run.labels, size=run.image_size, channels=run.channels, mean=mean, std=std,
-        recipe=config_to_dict(run.cfg), metrics=_card_metrics(metrics), selection=metrics["selection"], data=run.data,
+        architecture=run.cfg.model,
+        classes=run.labels,
+        size=run.image_size,
+        channels=run.channels,
+        mean=mean,
+        std=std,
+        recipe=config_to_dict(run.cfg),
+        metrics=_card_metrics(metrics),
+        selection=metrics["selection"],
+        data=run.data,
         files={"onnx": _present(MODEL_ONNX, exported), "torchscript": _present(MODEL_TORCHSCRIPT, exported), "state_dict": MODEL},
         failures=failures,
-    )  # fmt: skip
+    )
     _write(run, MODEL_CARD, json.dumps(card, indent=2).encode(), files)
     _write(run, METRICS, json.dumps(metrics, indent=2).encode(), files)
     figures = {"curves.png": report.curves_png(metrics["epochs"])}
@@ -904,13 +906,19 @@ def _finish(
         seen["test"] = int(tests["test"]["images"])
     selection, kept = _kept(run)
     metrics = {
-        "epochs": run.history, **tests, "labels": run.labels, "images_seen": seen, "selection": selection, "kept": kept,
+        "epochs": run.history,
+        **tests,
+        "labels": run.labels,
+        "images_seen": seen,
+        "selection": selection,
+        "kept": kept,
         "recipe": run.recipe.to_dict() if run.recipe else None,
         "learning_rate": {
             **(run.learning_rate.to_dict() if run.learning_rate else {}),
-            "warmup_steps": run.warmup_steps, "unfreeze_epochs": list(run.unfreeze.starts),
+            "warmup_steps": run.warmup_steps,
+            "unfreeze_epochs": list(run.unfreeze.starts),
         },
-    }  # fmt: skip
+    }
     if last_val is not None:
         metrics["val_confusion"] = last_val.confusion
     final = {
@@ -956,7 +964,6 @@ def _finish(
         _commit(run, train_report, upstream)
     barrier(run.ctx)
     return train_report
-
 
 
 # ----------------------------------------------------------------------------------------

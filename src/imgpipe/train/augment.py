@@ -147,9 +147,7 @@ def _standardize(x: torch.Tensor, channels: int, norm: Normalization) -> torch.T
     return (x - mean_t) / std_t
 
 
-def normalize(
-    images: torch.Tensor, channels: int, channels_last: bool = False, norm: Normalization = IMAGENET
-) -> torch.Tensor:
+def normalize(images: torch.Tensor, channels: int, channels_last: bool = False, norm: Normalization = IMAGENET) -> torch.Tensor:
     """uint8 ``B x C x H x W`` (any device) to float32 normalized by ``norm``, optionally channels-last.
 
     One fused multiply-add, ``x * (1 / (255 std)) - mean / std``: the uint8-to-float
@@ -352,9 +350,7 @@ class MixupCutmix:
         """Whether any mixing happens."""
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
-    def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the mixed ``B x C x H x W`` float batch and ``B x num_classes`` targets."""
         targets = one_hot_targets(labels, self.num_classes, self.label_smoothing)
         if not self.enabled or len(labels) < 2:
@@ -373,9 +369,7 @@ class MixupCutmix:
         return images, targets * lam + targets.roll(1, 0) * (1.0 - lam)
 
     @staticmethod
-    def _cutmix(
-        images: torch.Tensor, partner: torch.Tensor, lam: float, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, float]:
+    def _cutmix(images: torch.Tensor, partner: torch.Tensor, lam: float, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
         """Pastes a box of area ~``1 - lam`` from the partner; returns the exact kept fraction."""
         h, w = images.shape[-2:]
         ratio = np.sqrt(1.0 - lam)
@@ -386,4 +380,3 @@ class MixupCutmix:
         mixed = images.clone()
         mixed[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
         return mixed, 1.0 - float((y1 - y0) * (x1 - x0)) / float(h * w)
-

@@ -79,9 +79,7 @@ class SampleTransform:
         random: Whether the output depends on the seed.
     """
 
-    def __init__(
-        self, ops: Sequence[A.BasicTransform | A.BaseCompose], size: int, channels: int | None, *, random: bool
-    ) -> None:
+    def __init__(self, ops: Sequence[A.BasicTransform | A.BaseCompose], size: int, channels: int | None, *, random: bool) -> None:
         if channels is not None:
             channel_stats(channels)  # validates the channel count
         self.pipeline = A.Compose(list(ops), p=1.0, is_check_shapes=False)
@@ -101,10 +99,7 @@ class SampleTransform:
     def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
         expected = (1, 3) if self.channels is None else (self.channels,)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in expected:
-            raise TypeError(
-                f"expected an H x W x {' or '.join(map(str, expected))} uint8 array, "
-                f"got {image.dtype} {tuple(image.shape)}"
-            )
+            raise TypeError(f"expected an H x W x {' or '.join(map(str, expected))} uint8 array, got {image.dtype} {tuple(image.shape)}")
         if self.random:
             # Reset in place: the state depends on this seed alone (as fresh generators would).
             self._py_rng.seed(seed)
@@ -118,9 +113,7 @@ class SampleTransform:
         return f"SampleTransform(size={self.size}, channels={self.channels}, random={self.random}, {self.pipeline!r})"
 
 
-def _train_ops(
-    cfg: AugmentConfig, size: int, channels: int, norm: Normalization = IMAGENET
-) -> list[A.BasicTransform | A.BaseCompose]:
+def _train_ops(cfg: AugmentConfig, size: int, channels: int, norm: Normalization = IMAGENET) -> list[A.BasicTransform | A.BaseCompose]:
     ops: list[A.BasicTransform | A.BaseCompose] = [
         A.RandomResizedCrop(
             (size, size),
@@ -166,15 +159,11 @@ def _train_ops(
     if cfg.jpeg_p > 0:
         ops.append(A.ImageCompression(compression_type="jpeg", quality_range=JPEG_QUALITY, p=cfg.jpeg_p))
     if cfg.random_erasing > 0:
-        ops.append(
-            A.Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill=tuple(_mean_uint8(channels, norm)), p=cfg.random_erasing)
-        )
+        ops.append(A.Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill=tuple(_mean_uint8(channels, norm)), p=cfg.random_erasing))
     return ops
 
 
-def build_train_transform(
-    cfg: AugmentConfig, size: int, channels: int, norm: Normalization = IMAGENET
-) -> SampleTransform:
+def build_train_transform(cfg: AugmentConfig, size: int, channels: int, norm: Normalization = IMAGENET) -> SampleTransform:
     """The training recipe (module docstring) for ``channels``-channel images, output ``size x size``.
 
     Policy ``none`` gives :func:`build_eval_transform`. ``norm`` is the normalization the
@@ -217,4 +206,3 @@ def build_eval_transform(size: int, channels: int | None = None, resize_to: int 
         A.CenterCrop(size, size, p=1.0),
     ]
     return SampleTransform(ops, size, channels, random=False)
-

@@ -37,8 +37,6 @@ CHECKPOINT = "checkpoint.pt"
 RESUME_FIXED = ("model", "batch_size", "seed", "image_size", "pretrained")
 
 
-
-
 def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
@@ -156,5 +154,4 @@ def resume(run: TrainingRun) -> None:
         run.best_val = EvalResult(**state["best_val"])
     if state.get("selection") is not None:
         run.selection.load_state_dict(state["selection"])
-    log.info("train: resumed from %s after epoch %d%s", uri, run.start_epoch,
-             f" and {run.start_step} steps of the next" if run.start_step else "")  # fmt: skip
+    log.info("train: resumed from %s after epoch %d%s", uri, run.start_epoch, f" and {run.start_step} steps of the next" if run.start_step else "")

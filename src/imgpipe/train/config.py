@@ -175,9 +175,7 @@ class LoaderConfig:
         if self.prefetch_factor < 1:
             raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if self.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
-            raise ValueError(
-                f"multiprocessing_context must be fork, spawn or forkserver, got {self.multiprocessing_context!r}"
-            )
+            raise ValueError(f"multiprocessing_context must be fork, spawn or forkserver, got {self.multiprocessing_context!r}")
 
     @property
     def resolved_num_workers(self) -> int:
@@ -250,7 +248,8 @@ class TrainConfig:
         aug_device: Where training augmentation runs: ``cpu`` (per sample in the
             loader workers), ``gpu`` (batched with kornia on the training device, also
             on CPU tensors) or ``auto`` (``gpu`` when training on CUDA).
-        hflip: Random horizontal flips; off for text, digits and other mirror-sensitive data. Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        hflip: Random horizontal flips; off for text, digits and other mirror-sensitive data.
+            Unset: the recipe's or domain's value (imgpipe.train.recipes).
         vflip: Random vertical flips (overhead, microscope images). Unset: the recipe's or domain's value (imgpipe.train.recipes).
         rot90: Random quarter turns (overhead, microscope images). Unset: the recipe's or domain's value (imgpipe.train.recipes).
         mixup: MixUp Beta alpha; 0 disables. Unset: the recipe's or domain's value (imgpipe.train.recipes).
@@ -263,7 +262,8 @@ class TrainConfig:
         randaugment_m: RandAugment magnitude (0-30). Unset: the recipe's or domain's value (imgpipe.train.recipes).
         policy_exclude: Policy operations never applied (e.g. ``[Rotate, ShearX]``). Unset: the domain's.
         policy_max_m: No policy operation stronger than RandAugment's at this bin (0-30). Unset: the domain's.
-        color_jitter: ColorJitter strength (brightness, contrast, saturation); 0 disables. Unset: the recipe's or domain's value (imgpipe.train.recipes).
+        color_jitter: ColorJitter strength (brightness, contrast, saturation); 0 disables.
+            Unset: the recipe's or domain's value (imgpipe.train.recipes).
         hue: ColorJitter's hue range (0-0.5); 0 where colour is the label. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         noise_p: Probability of Gaussian noise. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         jpeg_p: Probability of a JPEG re-encoding at quality 40-95. Unset: the recipe's or domain's value (imgpipe.train.recipes).

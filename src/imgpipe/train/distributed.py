@@ -17,7 +17,6 @@ import torch.distributed as dist
 __all__ = ["DistInfo", "resolve_device", "init_distributed", "all_reduce", "all_gather_rows", "barrier", "determinism"]
 
 
-
 @dataclass(frozen=True)
 class DistInfo:
     """This process's place in the job.

@@ -57,9 +57,14 @@ def export_onnx(module: nn.Module, size: int, channels: int) -> bytes:
     # The exporter reports its progress on stdout; a step's log is for the step.
     with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         program = torch.onnx.export(
-            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch},), opset_version=OPSET,
-        )  # fmt: skip
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            opset_version=OPSET,
+        )
     buf = io.BytesIO()
     program.save(buf)
     return _at_most_ir(buf.getvalue(), MAX_IR_VERSION)

@@ -143,10 +143,7 @@ def _decode_jpeg_cpu(rows: Sequence[_Row]) -> list[np.ndarray]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     return [
-        decode_jpeg(_jpeg_tensor(r), mode=ImageReadMode.GRAY if r.shape[2] == 1 else ImageReadMode.RGB)
-        .permute(1, 2, 0)
-        .contiguous()
-        .numpy()
+        decode_jpeg(_jpeg_tensor(r), mode=ImageReadMode.GRAY if r.shape[2] == 1 else ImageReadMode.RGB).permute(1, 2, 0).contiguous().numpy()
         for r in rows
     ]
 
@@ -162,10 +159,7 @@ def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torc
 
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     device = torch.device(device)
-    if device.type == "cuda":
-        images = decode_jpeg(list(jpegs), mode=mode, device=device)
-    else:
-        images = [decode_jpeg(j, mode=mode) for j in jpegs]
+    images = decode_jpeg(list(jpegs), mode=mode, device=device) if device.type == "cuda" else [decode_jpeg(j, mode=mode) for j in jpegs]
     if len({tuple(i.shape) for i in images}) != 1:
         raise ValueError("JPEG batch holds images of different sizes; train expects a resize output")
     return torch.stack(images)
@@ -284,9 +278,7 @@ class ParquetImageDataset(IterableDataset):
         finally:
             reader.close()
 
-    def _batches(
-        self, mine: list[Unit], order: np.ndarray, reader: _RowGroupReader, epoch: int, part: int
-    ) -> Iterator[dict[str, Any]]:
+    def _batches(self, mine: list[Unit], order: np.ndarray, reader: _RowGroupReader, epoch: int, part: int) -> Iterator[dict[str, Any]]:
         position = {int(g): i for i, g in enumerate(order.tolist())}
         starts = np.array([g.first_index for g in self.info.row_groups])
         ranges_by_group: dict[int, list[tuple[int, int]]] = {}

@@ -85,8 +85,7 @@ def resolve_weights(model: str, name: str) -> WeightsEnum:
     member = enum.__members__.get(name.removeprefix(f"{enum.__name__}."))
     if member is None:
         raise ValueError(
-            f"pretrained={name!r} is not a weights name of {model}; choose one of: "
-            f"{', '.join(enum.__members__)} (torchvision's {enum.__name__})"
+            f"pretrained={name!r} is not a weights name of {model}; choose one of: {', '.join(enum.__members__)} (torchvision's {enum.__name__})"
         )
     if member.meta.get("categories") is None:
         # torchvision 0.29 torchvision/models/vgg.py, VGG16_Weights.IMAGENET1K_FEATURES: "can't be
@@ -341,6 +340,7 @@ def backbone_blocks(model: nn.Module, head: frozenset[str]) -> list[frozenset[st
     into its stages, a ViT's encoder into its layers), so the last block is a modest part;
     a block under 1% of the backbone joins the one before it.
     """
+
     def own(prefix: str, module: nn.Module) -> frozenset[str]:
         return frozenset(f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()) - head
 

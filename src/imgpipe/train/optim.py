@@ -44,6 +44,7 @@ def param_groups(
     backbone_lr_mult: float,
 ) -> list[TrainGroup]:
     """The head, and the backbone's blocks grouped by the stage that unfreezes them (:func:`imgpipe.train.schedule.unfreeze_plan`)."""
+
     def first_step(epoch: int) -> int:
         return int(sum(steps_per_epoch[:epoch]))
 
@@ -81,14 +82,17 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, groups: Se
     return torch.optim.AdamW(
         [
             {
-                "params": split[key], "name": key[0], "lr": lr * by_name[key[0]].lr_mult,
-                "weight_decay": weight_decay if key[1] else 0.0, "start_step": by_name[key[0]].start_step,
+                "params": split[key],
+                "name": key[0],
+                "lr": lr * by_name[key[0]].lr_mult,
+                "weight_decay": weight_decay if key[1] else 0.0,
+                "start_step": by_name[key[0]].start_step,
             }
             for key in order
         ],
         lr=lr,
         fused=fused_adamw(model) or None,
-    )  # fmt: skip
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

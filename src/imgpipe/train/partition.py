@@ -160,7 +160,7 @@ def read_labels(data: str, manifest: Mapping[str, Any] | None = None) -> list[st
         try:
             by_index = {int(k): str(v) for k, v in raw.items()}
         except (AttributeError, ValueError) as exc:
-            raise ValueError(f"{uri} must map class indices to names, e.g. {{\"0\": \"cat\"}}") from exc
+            raise ValueError(f'{uri} must map class indices to names, e.g. {{"0": "cat"}}') from exc
         if sorted(by_index) != list(range(len(by_index))):
             raise ValueError(f"{uri} must number its classes 0..N-1, got {sorted(by_index)}")
         names = [by_index[i] for i in range(len(by_index))]
@@ -314,9 +314,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def epoch_order(
-    info: SplitInfo, cfg: LoaderConfig, epoch: int, rank: int, world_size: int, part: int, parts: int
-) -> tuple[list[Unit], np.ndarray]:
+def epoch_order(info: SplitInfo, cfg: LoaderConfig, epoch: int, rank: int, world_size: int, part: int, parts: int) -> tuple[list[Unit], np.ndarray]:
     """What worker partition ``part`` of ``parts`` of one rank reads in ``epoch``.
 
     Returns:

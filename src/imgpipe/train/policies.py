@@ -40,9 +40,21 @@ PolicyName = Literal["randaugment", "trivialaugment", "autoaugment"]
 POLICY_NAMES: tuple[str, ...] = ("randaugment", "trivialaugment", "autoaugment")
 # RandAugment's and TrivialAugmentWide's operations, in torchvision's order.
 RANDAUGMENT_OPS: tuple[str, ...] = (
-    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
-    "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
-)  # fmt: skip
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)
 AUTOAUGMENT_OPS: tuple[str, ...] = (*RANDAUGMENT_OPS[1:], "Invert")
 ALL_OPS: tuple[str, ...] = (*RANDAUGMENT_OPS, "Invert")
 SIGNED_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"})

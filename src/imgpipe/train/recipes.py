@@ -96,47 +96,60 @@ SIZE_RECIPES: dict[str, dict[str, Any]] = {
     # often, CutMix at a low probability, early stopping and fewer epochs, linear probe then
     # gradual unfreezing."
     "small": {
-        "aug_policy": "trivialaugment",                 # "strong geometry + colour TrivialAugmentWide"
-        "randaugment_n": 2, "randaugment_m": 9,         # (inert under TrivialAugmentWide; a grid that switches policy finds them)
-        "mixup": 0.2, "mixup_prob": 0.8,                # "MixUp alpha=0.2 often" (8 batches in 10 mixed)
-        "cutmix": 1.0, "mixup_switch_prob": 0.2,        # "CutMix at a low probability" (1 mixed batch in 5; alpha timm's 1.0)
-        "patience": 5,                                  # "early stopping"
-        "epochs": 20,                                   # "fewer epochs" (than medium's 50)
-        "freeze_fraction": 0.2, "unfreeze_stages": 2,   # "linear probe then gradual unfreezing": head, last block, all
-        "label_smoothing": 0.1,                         # (torchvision's references: 0.1)
-        "weight_decay": 0.05,                           # (timm/DeiT AdamW: 0.05)
-        "drop_path": 0.0,                               # (none: little data, a pretrained backbone regularizes)
-        "crop_scale": (0.6, 1.0),                       # the notes' RandomResizedCrop(scale=(0.6, 1))
+        "aug_policy": "trivialaugment",  # "strong geometry + colour TrivialAugmentWide"
+        "randaugment_n": 2,
+        "randaugment_m": 9,  # (inert under TrivialAugmentWide; a grid that switches policy finds them)
+        "mixup": 0.2,
+        "mixup_prob": 0.8,  # "MixUp alpha=0.2 often" (8 batches in 10 mixed)
+        "cutmix": 1.0,
+        "mixup_switch_prob": 0.2,  # "CutMix at a low probability" (1 mixed batch in 5; alpha timm's 1.0)
+        "patience": 5,  # "early stopping"
+        "epochs": 20,  # "fewer epochs" (than medium's 50)
+        "freeze_fraction": 0.2,
+        "unfreeze_stages": 2,  # "linear probe then gradual unfreezing": head, last block, all
+        "label_smoothing": 0.1,  # (torchvision's references: 0.1)
+        "weight_decay": 0.05,  # (timm/DeiT AdamW: 0.05)
+        "drop_path": 0.0,  # (none: little data, a pretrained backbone regularizes)
+        "crop_scale": (0.6, 1.0),  # the notes' RandomResizedCrop(scale=(0.6, 1))
     },
     # "Thousands: RandAugment N=2-3, M=7-12, MixUp 0.5 / CutMix 0.5, cosine + AMP + label smoothing 0.05."
     "medium": {
-        "aug_policy": "randaugment", "randaugment_n": 2, "randaugment_m": 9,   # "N=2-3, M=7-12"
-        "mixup": 0.5, "cutmix": 0.5,                    # "MixUp 0.5 / CutMix 0.5" (alphas, as timm's --mixup/--cutmix)
-        "mixup_prob": 1.0, "mixup_switch_prob": 0.5,    # (timm's defaults)
-        "label_smoothing": 0.05,                        # "label smoothing 0.05"
-        "epochs": 50,                                   # (cosine + AMP are imgpipe's schedule and default)
-        "patience": 10,                                 # (a safeguard at a fifth of the run)
-        "freeze_fraction": 0.1, "unfreeze_stages": 1,   # (a short probe with pretrained weights)
-        "weight_decay": 0.05,                           # (timm/DeiT AdamW: 0.05)
-        "drop_path": 0.1,                               # (timm/DeiT: 0.1)
-        "crop_scale": (0.6, 1.0),                       # the notes' RandomResizedCrop(scale=(0.6, 1))
+        "aug_policy": "randaugment",
+        "randaugment_n": 2,
+        "randaugment_m": 9,  # "N=2-3, M=7-12"
+        "mixup": 0.5,
+        "cutmix": 0.5,  # "MixUp 0.5 / CutMix 0.5" (alphas, as timm's --mixup/--cutmix)
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,  # (timm's defaults)
+        "label_smoothing": 0.05,  # "label smoothing 0.05"
+        "epochs": 50,  # (cosine + AMP are imgpipe's schedule and default)
+        "patience": 10,  # (a safeguard at a fifth of the run)
+        "freeze_fraction": 0.1,
+        "unfreeze_stages": 1,  # (a short probe with pretrained weights)
+        "weight_decay": 0.05,  # (timm/DeiT AdamW: 0.05)
+        "drop_path": 0.1,  # (timm/DeiT: 0.1)
+        "crop_scale": (0.6, 1.0),  # the notes' RandomResizedCrop(scale=(0.6, 1))
     },
     # "Hundreds of thousands: AutoAugment(ImageNet) + CutMix/MixUp, drop path, long training,
     # higher weight decay."
     "large": {
-        "aug_policy": "autoaugment",                    # "AutoAugment(ImageNet)"
-        "randaugment_n": 2, "randaugment_m": 9,         # (inert under AutoAugment)
-        "mixup": 0.8, "cutmix": 1.0,                    # "+ CutMix/MixUp" (alphas: DeiT/timm's ImageNet 0.8, 1.0)
-        "mixup_prob": 1.0, "mixup_switch_prob": 0.5,    # (timm's defaults)
-        "label_smoothing": 0.0,                         # no smoothing stacked on mixing (mixed targets are soft already)
-        "drop_path": 0.2,                               # "drop path" (timm's ImageNet recipes: 0.1-0.2)
-        "epochs": 100,                                  # "long training"
-        "patience": 0,                                  # (a long run trains every epoch)
-        "weight_decay": 0.1,                            # "higher weight decay" (than medium's 0.05)
-        "freeze_fraction": 0.0, "unfreeze_stages": 1,   # (enough data to train everything from the first step)
-        "crop_scale": (0.6, 1.0),                       # the notes' RandomResizedCrop(scale=(0.6, 1))
+        "aug_policy": "autoaugment",  # "AutoAugment(ImageNet)"
+        "randaugment_n": 2,
+        "randaugment_m": 9,  # (inert under AutoAugment)
+        "mixup": 0.8,
+        "cutmix": 1.0,  # "+ CutMix/MixUp" (alphas: DeiT/timm's ImageNet 0.8, 1.0)
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,  # (timm's defaults)
+        "label_smoothing": 0.0,  # no smoothing stacked on mixing (mixed targets are soft already)
+        "drop_path": 0.2,  # "drop path" (timm's ImageNet recipes: 0.1-0.2)
+        "epochs": 100,  # "long training"
+        "patience": 0,  # (a long run trains every epoch)
+        "weight_decay": 0.1,  # "higher weight decay" (than medium's 0.05)
+        "freeze_fraction": 0.0,
+        "unfreeze_stages": 1,  # (enough data to train everything from the first step)
+        "crop_scale": (0.6, 1.0),  # the notes' RandomResizedCrop(scale=(0.6, 1))
     },
-}  # fmt: skip
+}
 
 # Each domain's flips and colour settings, and what it allows of a policy: the operations it
 # excludes and a magnitude cap (no operation stronger than RandAugment at policy_max_m), which
@@ -146,14 +159,22 @@ DOMAINS: dict[str, dict[str, Any]] = {
     # "Text: no flips, small rotations, contrast and noise": a mirrored or sheared letter is
     # another letter (or none); tone changes only, rotations of a few degrees (5 at m 5).
     "text": {
-        "hflip": False, "vflip": False, "rot90": False, "rotation": 5.0,
+        "hflip": False,
+        "vflip": False,
+        "rot90": False,
+        "rotation": 5.0,
         "policy_exclude": ("ShearX", "ShearY", "TranslateX", "TranslateY", "Color", "Solarize", "Posterize", "Invert"),
         "policy_max_m": 5,
     },
     # "Medical: orientation kept, conservative strength": no flips, turns or shear (laterality
     # and orientation carry meaning), intensity measured: no inversion, no colour, a low cap.
     "medical": {
-        "hflip": False, "vflip": False, "rot90": False, "rotation": 5.0, "color_jitter": 0.1, "hue": 0.0,
+        "hflip": False,
+        "vflip": False,
+        "rot90": False,
+        "rotation": 5.0,
+        "color_jitter": 0.1,
+        "hue": 0.0,
         "noise_p": 0.1,
         "policy_exclude": ("Rotate", "ShearX", "ShearY", "Color", "Solarize", "Posterize", "Invert", "Equalize"),
         "policy_max_m": 5,
@@ -162,23 +183,41 @@ DOMAINS: dict[str, dict[str, Any]] = {
     # off unless asked; per-band brightness consistent: nothing that changes bands apart
     # (per-channel equalize or autocontrast, saturation, solarize, inversion).
     "satellite": {
-        "hflip": True, "vflip": True, "rot90": False, "rotation": 10.0, "hue": 0.02,
+        "hflip": True,
+        "vflip": True,
+        "rot90": False,
+        "rotation": 10.0,
+        "hue": 0.02,
         "policy_exclude": ("Color", "Equalize", "AutoContrast", "Solarize", "Invert"),
     },
     # "Product: no hue/colour-changing ops": colour is often the label (the red or the blue
     # shirt); geometry, brightness, contrast and sharpness only. Web photos are JPEGs of every quality.
     "product": {
-        "hflip": True, "vflip": False, "rot90": False, "color_jitter": 0.1, "hue": 0.0, "jpeg_p": 0.2,
+        "hflip": True,
+        "vflip": False,
+        "rot90": False,
+        "color_jitter": 0.1,
+        "hue": 0.0,
+        "jpeg_p": 0.2,
         "policy_exclude": ("Color", "Solarize", "Invert", "Posterize", "Equalize", "AutoContrast"),
     },
-}  # fmt: skip
+}
 
 RECIPE_FIELDS: tuple[str, ...] = tuple(SIZE_RECIPES["small"])
 # Fields whose base value is None ("the model's own"): set or not, a config is resolved.
 MAY_STAY_UNSET: tuple[str, ...] = ("drop_path",)
 DOMAIN_FIELDS: tuple[str, ...] = (
-    "hflip", "vflip", "rot90", "rotation", "color_jitter", "hue", "noise_p", "jpeg_p", "policy_exclude", "policy_max_m",
-)  # fmt: skip
+    "hflip",
+    "vflip",
+    "rot90",
+    "rotation",
+    "color_jitter",
+    "hue",
+    "noise_p",
+    "jpeg_p",
+    "policy_exclude",
+    "policy_max_m",
+)
 
 
 @dataclass(frozen=True)
@@ -297,5 +336,3 @@ def tta_flip_dims(hflip: bool, vflip: bool) -> tuple[int, ...]:
     for text or medical images, where a mirror image is another image.
     """
     return (-1,) * hflip + (-2,) * vflip
-
-

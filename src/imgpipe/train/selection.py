@@ -117,7 +117,9 @@ class Selection:
         best = self.best
         which = "their exponential moving average" if best.weights == "ema" else "the trained weights"
         primary = f"{self.keys[0]} {best.score[0]:.4f}"
-        reason = f"best {primary} of {trained} epochs ({'imbalanced' if self.imbalanced else 'balanced'} classes): {which} after epoch {best.epoch + 1}"
+        reason = (
+            f"best {primary} of {trained} epochs ({'imbalanced' if self.imbalanced else 'balanced'} classes): {which} after epoch {best.epoch + 1}"
+        )
         if self.stopped_at is not None:
             reason += f"; stopped early after epoch {self.stopped_at + 1}, {patience} epochs without improvement"
         return {

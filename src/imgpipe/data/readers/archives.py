@@ -47,8 +47,17 @@ class ArchiveReader(Reader):
 
     streams_skipped = True
 
-    def __init__(self, uri: str, local: Path, fmt: str, *, sha256: str | None, size: int | None,
-                 final_uri: str | None = None, max_member_bytes: int = 256 << 20) -> None:  # fmt: skip
+    def __init__(
+        self,
+        uri: str,
+        local: Path,
+        fmt: str,
+        *,
+        sha256: str | None,
+        size: int | None,
+        final_uri: str | None = None,
+        max_member_bytes: int = 256 << 20,
+    ) -> None:
         self.uri, self.local, self.kind = uri, local, fmt
         self.sha256, self.bytes, self.final_uri = sha256, size, final_uri
         self.max_member_bytes = max_member_bytes

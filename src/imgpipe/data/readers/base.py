@@ -29,6 +29,7 @@ __all__ = ["ReaderSettings", "Carry", "Reader", "ordered_map"]
 T = TypeVar("T")
 R = TypeVar("R")
 
+
 class Carry(Protocol):
     """The previous run's output, for a listing that fetches only what changed (an incremental run)."""
 

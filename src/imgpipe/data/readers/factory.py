@@ -94,8 +94,7 @@ def open_source(uri: str, *, sha256: str | None, spool: Path, settings: ReaderSe
     return _by_content(uri, shown, local, digest, size, final, settings, webdataset)
 
 
-def _by_content(uri: str, shown: str, local: Path, digest: str, size: int, final: str | None, settings: ReaderSettings,
-                webdataset: bool) -> Reader:  # fmt: skip
+def _by_content(uri: str, shown: str, local: Path, digest: str, size: int, final: str | None, settings: ReaderSettings, webdataset: bool) -> Reader:
     try:
         fmt, refused = archive.detect_format(local, name=shown), None
     except ValueError as exc:

@@ -72,7 +72,11 @@ class HfParquetReader(Reader):
 
     def _check(self, schema: pa.Schema) -> tuple[list[str] | None, pa.DataType]:
         image = schema.field("image") if "image" in schema.names else None
-        kids = {image.type.field(i).name: image.type.field(i).type for i in range(image.type.num_fields)} if image and pa.types.is_struct(image.type) else {}
+        kids = (
+            {image.type.field(i).name: image.type.field(i).type for i in range(image.type.num_fields)}
+            if image and pa.types.is_struct(image.type)
+            else {}
+        )
         if not (pa.types.is_binary(kids.get("bytes", pa.null())) or pa.types.is_large_binary(kids.get("bytes", pa.null()))):
             raise ValueError(
                 f"{self.uri} is Parquet but not a Hugging Face image dataset: it needs an 'image' column of "
