@@ -61,7 +61,7 @@ from imgpipe.containers.catalog import ImageSet
 from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV
 from imgpipe.kfp.artifacts import PIPELINE_NAME
 from imgpipe.readpolicy import READ_PREFIXES_ENV
-from imgpipe.remote import kuberay, trainjob
+from imgpipe.remote import kube, kuberay, trainjob
 from imgpipe.remote.ranks import PROCS_ENV
 from imgpipe.remote.targets import CLUSTERS_ENV
 from imgpipe.resize.spec import ResizeConfig
@@ -298,7 +298,7 @@ class PipelineOptions:
     gpu: GpuScheduling | None = GpuScheduling()
     s3_secret: str | None = S3_SECRET
     model_registry: str = field(default_factory=lambda: os.environ.get(modelregistry.REGISTRY_ENV, ""))
-    image_pull_secrets: tuple[str, ...] = field(default_factory=kuberay.pull_secrets)
+    image_pull_secrets: tuple[str, ...] = field(default_factory=kube.pull_secrets)
 
 
 class Outputs(NamedTuple):
@@ -331,7 +331,7 @@ def _configure(task: dsl.PipelineTask, step: str, image: str, options: PipelineO
     task.set_env_variable("PYTHONUNBUFFERED", "1")
     if options.image_pull_secrets:  # this pod's, and those of the RayJobs and TrainJobs it creates
         kubernetes.set_image_pull_secrets(task, list(options.image_pull_secrets))
-        task.set_env_variable(kuberay.PULL_SECRETS_ENV, ",".join(options.image_pull_secrets))
+        task.set_env_variable(kube.PULL_SECRETS_ENV, ",".join(options.image_pull_secrets))
     if retry is not None:
         task.set_retry(
             num_retries=retry.num_retries,

@@ -30,6 +30,8 @@ LOW = {
     "remote.targets",
     "raysession",
     "remote.payload",
+    "remote.kube",
+    "remote.attempts",
     "readpolicy",
 }
 MIDDLE = {
@@ -41,6 +43,7 @@ MIDDLE = {
     "remote.ray_jobs",
     "remote.kuberay",
     "remote.trainjob",
+    "remote.runner",
     "kfp.artifacts",
     "modelregistry",
     "serving",

@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from imgpipe import contract, storage
 from imgpipe.kfp import client as kfp_client
-from imgpipe.remote import dispatch, kuberay, ray_jobs
+from imgpipe.remote import attempts, dispatch, kube, kuberay
 from imgpipe.remote.payload import step_entrypoint
 from imgpipe.resize.spec import ResizeConfig
 from tests import rbac
@@ -205,9 +205,9 @@ def test_every_pod_of_the_rayjob_pulls_with_the_operators_secrets(validators):
     pods = kuberay._pod_specs(job["spec"])
     assert len(pods) >= 3 and all(p["imagePullSecrets"] == [{"name": "regcred"}] for p in pods), "head, workers, submitter"
     assert "imagePullSecrets" not in json.dumps(kuberay.build_rayjob(template, params())), "none unless named"
-    assert kuberay.pull_secrets(" regcred, other ") == ("regcred", "other")
-    with pytest.raises(ValueError, match=kuberay.PULL_SECRETS_ENV):
-        kuberay.pull_secrets("Reg Cred")
+    assert kube.pull_secrets(" regcred, other ") == ("regcred", "other")
+    with pytest.raises(ValueError, match=kube.PULL_SECRETS_ENV):
+        kube.pull_secrets("Reg Cred")
 
 
 def test_builder_refuses_the_image_placeholder_and_bad_counts():
@@ -405,7 +405,7 @@ class FakeCustomObjects:
 
 @pytest.fixture
 def run_args(tmp_path, monkeypatch):
-    for name in (kuberay.IMAGE_ENV, kuberay.MAX_WORKERS_ENV, ray_jobs.RUN_ID_ENV):
+    for name in (kuberay.IMAGE_ENV, kuberay.MAX_WORKERS_ENV, attempts.RUN_ID_ENV):
         monkeypatch.delenv(name, raising=False)
     source, dest = storage.normalize_uri(str(tmp_path / "clean")), storage.normalize_uri(str(tmp_path / "resize"))
     template = kuberay.load_template(K8S / "rayjob-resize.yaml")
@@ -416,7 +416,7 @@ def run_args(tmp_path, monkeypatch):
         dest=dest,
         cfg=cfg,
         template=template,
-        base=ray_jobs.job_id("resize", source, dest, job_cfg, "run-7"),
+        base=attempts.job_id("resize", source, dest, job_cfg, "run-7"),
         entrypoint=step_entrypoint("resize", source, dest, job_cfg),
     )
 
@@ -459,8 +459,8 @@ def test_create_wait_succeed_then_a_retry_returns_without_creating(run_args, val
 def test_409_attaches_to_the_rayjob_another_submitter_created(run_args):
     api = FakeCustomObjects()
     body = kuberay.build_rayjob(run_args["template"], params(name="imgpipe-resize-x", entrypoint=run_args["entrypoint"]))
-    first, created = kuberay.create_or_attach(api, body)
-    again, created_again = kuberay.create_or_attach(api, body)
+    first, created = kuberay.rayjobs(api).create_or_attach(body)
+    again, created_again = kuberay.rayjobs(api).create_or_attach(body)
     assert (created, created_again) == (True, False) and api.created == ["imgpipe-resize-x"]
     assert again["metadata"]["name"] == "imgpipe-resize-x"
 
@@ -631,7 +631,7 @@ def test_rayjobs_carry_run_and_step_labels_and_are_deleted_once_done(run_args, v
     with pytest.raises(RuntimeError):
         run(api, run_args, max_attempts=2)
     labels = api.bodies[run_args["base"]]["metadata"]["labels"]
-    assert labels[kuberay.RUN_ID_LABEL] == "run-7" and labels[kuberay.STEP_LABEL] == "resize"
+    assert labels[kube.RUN_ID_LABEL] == "run-7" and labels[kube.STEP_LABEL] == "resize"
     assert api.deleted == [], "a failed RayJob stays for kubectl describe/logs"
     api.script = SUCCESS
     report, _ = run(api, run_args, max_attempts=2)

@@ -31,7 +31,7 @@ from imgpipe import contract, storage
 from imgpipe.clean.config import CleanConfig
 from imgpipe.config import config_from_dict, config_to_dict
 from imgpipe.contract import OutputWriter
-from imgpipe.remote import dispatch, job, payload, ray_jobs, targets
+from imgpipe.remote import attempts, dispatch, job, payload, ray_jobs, targets
 from imgpipe.resize.spec import ResizeConfig
 from imgpipe.steps.clean import clean
 from imgpipe.steps.resize import resize
@@ -70,26 +70,26 @@ def test_remote_addresses_are_valid_config():
 
 def test_job_id_is_deterministic_per_run_and_config():
     cfg = ResizeConfig(size=32)
-    a = ray_jobs.job_id("resize", "s3://b/clean", "s3://b/resize", cfg, "run-1")
-    assert a == ray_jobs.job_id("resize", "s3://b/clean", "s3://b/resize", ResizeConfig(size=32), "run-1")
+    a = attempts.job_id("resize", "s3://b/clean", "s3://b/resize", cfg, "run-1")
+    assert a == attempts.job_id("resize", "s3://b/clean", "s3://b/resize", ResizeConfig(size=32), "run-1")
     assert a.startswith("imgpipe-resize-") and len(a) == len("imgpipe-resize-") + 16
     others = {
-        ray_jobs.job_id("resize", "s3://b/clean", "s3://b/resize", cfg, "run-2"),
-        ray_jobs.job_id("resize", "s3://b/clean", "s3://b/other", cfg, "run-1"),
-        ray_jobs.job_id("resize", "s3://b/clean", "s3://b/resize", ResizeConfig(size=64), "run-1"),
+        attempts.job_id("resize", "s3://b/clean", "s3://b/resize", cfg, "run-2"),
+        attempts.job_id("resize", "s3://b/clean", "s3://b/other", cfg, "run-1"),
+        attempts.job_id("resize", "s3://b/clean", "s3://b/resize", ResizeConfig(size=64), "run-1"),
     }
     assert a not in others and len(others) == 3
     # Without a run id every call is a new job.
-    assert ray_jobs.job_id("resize", "s", "d", cfg, None) != ray_jobs.job_id("resize", "s", "d", cfg, None)
-    assert [ray_jobs.attempt_id(a, n) for n in (1, 2)] == [a, a + "-a2"]
+    assert attempts.job_id("resize", "s", "d", cfg, None) != attempts.job_id("resize", "s", "d", cfg, None)
+    assert [attempts.attempt_id(a, n) for n in (1, 2)] == [a, a + "-a2"]
 
 
 def test_run_id_comes_from_the_argument_then_the_environment(monkeypatch):
-    monkeypatch.setenv(ray_jobs.RUN_ID_ENV, "from-env")
-    assert ray_jobs.resolve_run_id("explicit") == "explicit"
-    assert ray_jobs.resolve_run_id() == "from-env"
-    monkeypatch.setenv(ray_jobs.RUN_ID_ENV, "  ")
-    assert ray_jobs.resolve_run_id() is None
+    monkeypatch.setenv(attempts.RUN_ID_ENV, "from-env")
+    assert attempts.resolve_run_id("explicit") == "explicit"
+    assert attempts.resolve_run_id() == "from-env"
+    monkeypatch.setenv(attempts.RUN_ID_ENV, "  ")
+    assert attempts.resolve_run_id() is None
 
 
 def parse_entrypoint(entrypoint: str) -> tuple[str, str, str, ResizeConfig]:
@@ -225,7 +225,7 @@ def job_args(tmp_path):
     source, dest = str(tmp_path / "clean"), str(tmp_path / "resize")
     cfg = ResizeConfig(size=16, ray_address="http://head:8265")
     job_cfg = ResizeConfig(size=16)
-    base = ray_jobs.job_id("resize", storage.normalize_uri(source), storage.normalize_uri(dest), job_cfg, "run-7")
+    base = attempts.job_id("resize", storage.normalize_uri(source), storage.normalize_uri(dest), job_cfg, "run-7")
     return SimpleNamespace(source=source, dest=dest, cfg=cfg, job_cfg=job_cfg, base=base)
 
 
@@ -428,7 +428,7 @@ def ray_head():
 @pytest.fixture
 def jobs_env(ray_head, monkeypatch):
     """The submitter's environment: the token only through RAY_AUTH_TOKEN_PATH, as in a pod."""
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", ray_jobs.RUN_ID_ENV):
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", attempts.RUN_ID_ENV):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(ray_head.token_path))
     monkeypatch.setenv(targets.CLUSTERS_ENV, ray_head.url)  # the operator configured this cluster
@@ -479,7 +479,7 @@ def test_resize_runs_as_a_ray_job_and_a_retry_reattaches(jobs_env, tmp_path, cap
 
     [job] = our_jobs(jobs_env.client)
     assert str(job.status) == "SUCCEEDED" and job.metadata["imgpipe.run_id"] == "pipeline-run-1"
-    assert job.submission_id == ray_jobs.job_id("resize", source, dest, replace(cfg, ray_address=""), "pipeline-run-1")
+    assert job.submission_id == attempts.job_id("resize", source, dest, replace(cfg, ray_address=""), "pipeline-run-1")
 
     # The retry of the same pipeline task: same report, no second job, nothing re-run.
     again = dispatch.run_step("resize", source, dest, cfg, run_id="pipeline-run-1")

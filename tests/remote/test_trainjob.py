@@ -39,8 +39,8 @@ from kubernetes.client.exceptions import ApiException
 from imgpipe import contract, storage
 from imgpipe.kfp import client as kfp_client
 from imgpipe.remote import dispatch, ranks, trainjob
+from imgpipe.remote.attempts import attempt_id, job_id
 from imgpipe.remote.job import main as job_main
-from imgpipe.remote.ray_jobs import attempt_id, job_id
 from imgpipe.train.config import TrainConfig
 from tests import rbac
 from tests.remote.test_kuberay import Recording, prune, strict
@@ -382,8 +382,8 @@ def test_409_attaches_to_the_trainjob_another_submitter_created(setup, trainer_r
             name=name, namespace="ml", image="reg/x:1", nodes=2, procs_per_node=4, args=["-m", "imgpipe.remote", "train", "{}"], form=form
         )
     )
-    created, new = trainjob._create_or_attach(api, body)
-    again, new_again = trainjob._create_or_attach(api, body)
+    created, new = trainjob.trainjobs(api).create_or_attach(body)
+    again, new_again = trainjob.trainjobs(api).create_or_attach(body)
     assert (new, new_again) == (True, False) and again["metadata"]["name"] == created["metadata"]["name"]
 
 

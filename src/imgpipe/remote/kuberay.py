@@ -66,12 +66,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -84,31 +81,32 @@ import yaml
 
 from imgpipe import contract, storage
 from imgpipe.contract import StepReport
-from imgpipe.remote.payload import step_entrypoint
-from imgpipe.remote.ray_jobs import (
-    RUN_ID_ENV,
-    attempt_id,
-    choose_action,
-    committed_report,
-    job_id,
-    resolve_run_id,
+from imgpipe.remote.attempts import RUN_ID_ENV, attempt_id, committed_report, job_id, resolve_run_id
+from imgpipe.remote.kube import (
+    RUN_ID_LABEL,
+    CustomObjects,
+    ObjectTarget,
+    current_namespace,
+    field_at,
+    forbidden_message,
+    load_api,
+    load_core_api,
+    pull_secrets,
+    run_metadata,
+    status_code,
 )
+from imgpipe.remote.payload import step_entrypoint
+from imgpipe.remote.runner import run_remote
 
 __all__ = [
-    "PULL_SECRETS_ENV",
-    "pull_secrets",
     "MIN_KUBERAY",
     "REQUIRED_FIELDS",
     "APPLIED_BY_LABEL",
     "dropped_fields",
-    "forbidden_message",
-    "RUN_ID_LABEL",
-    "STEP_LABEL",
     "WAIT_SLACK_S",
     "DEFAULT_ACTIVE_DEADLINE_S",
     "DEFAULT_PRE_RUNNING_DEADLINE_S",
     "NO_LOGS",
-    "label_value",
     "wait_deadline_s",
     "cluster_template",
     "GROUP",
@@ -119,16 +117,10 @@ __all__ = [
     "template_path",
     "load_template",
     "build_rayjob",
-    "load_api",
-    "status_code",
-    "field_at",
-    "latest_attempt",
-    "current_namespace",
-    "create_or_attach",
     "rayjob_state",
     "wait_for_rayjob",
     "SubmitterLog",
-    "load_core_api",
+    "rayjobs",
     "run_step_rayjob",
 ]
 
@@ -139,9 +131,7 @@ IMAGE_PLACEHOLDER = "imgpipe-ray"
 IMAGE_ENV = "IMGPIPE_RAY_IMAGE"
 MAX_WORKERS_ENV = "IMGPIPE_KUBERAY_MAX_WORKERS"
 TEMPLATE_ENV = "IMGPIPE_RAYJOB_TEMPLATE"
-_SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-RUN_ID_LABEL = "imgpipe.dev/run-id"
-STEP_LABEL = "imgpipe.dev/step"
+ROLE = "k8s/base/role-rayjobs.yaml"
 _MANAGED = {"app.kubernetes.io/managed-by": "imgpipe"}
 # Beyond the RayJob's own deadlines: the operator's reconcile period and the submitter's
 # grace periods (JobDeploymentStatusTransitionGracePeriod, 300 s in v1.6.0) before it
@@ -165,7 +155,6 @@ REQUIRED_FIELDS: dict[tuple[str, ...], str] = {
 # Says who applies a manifest (k8s/: a cluster admin applies the objects that carry it);
 # a template's label, not a run's, so build_rayjob leaves it off each run's RayJob.
 APPLIED_BY_LABEL = "imgpipe.dev/applied-by"
-_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 # Package data: src/imgpipe/manifests/rayjob-<step>.yaml are relative symlinks to
 # k8s/ray/ (the one copy; kustomize reads it there), built into the wheel as files.
 _MANIFESTS = "manifests"
@@ -201,34 +190,6 @@ class RayJobParams:
     annotations: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     pull_secrets: tuple[str, ...] = ()
-
-
-# The Secrets pods pull the step images with (a private registry), comma-separated; set at
-# compile time on the tasks that create pods (imgpipe compile; docs/deploy.md, "Private registries").
-PULL_SECRETS_ENV = "IMGPIPE_IMAGE_PULL_SECRETS"
-
-
-def pull_secrets(text: str | None = None) -> tuple[str, ...]:
-    """The names :data:`PULL_SECRETS_ENV` lists.
-
-    Raises:
-        ValueError: For a name that is not a Secret's (a DNS subdomain).
-    """
-    text = os.environ.get(PULL_SECRETS_ENV, "") if text is None else text
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    bad = [n for n in names if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", n)]
-    if bad:
-        raise ValueError(f"${PULL_SECRETS_ENV}: {bad} are not Secret names (lower-case DNS subdomains, comma-separated)")
-    return names
-
-
-def label_value(text: str) -> str:
-    """``text`` as a Kubernetes label value: itself when valid, else a readable prefix plus a digest."""
-    if _LABEL_VALUE.fullmatch(text):
-        return text
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    head = re.sub(r"[^-A-Za-z0-9_.]", "-", text)[:50].strip("-_.")
-    return f"{head}-{digest}" if head else digest
 
 
 def wait_deadline_s(rayjob: Mapping[str, Any]) -> float:
@@ -389,150 +350,9 @@ def _sized_for_autoscaling(cfg: Any, template: Mapping[str, Any], params_max: in
 # The Kubernetes side.
 
 
-def _load_config() -> None:
-    """The Kubernetes client's configuration: in-cluster service account first, then kubeconfig."""
-    from kubernetes import config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-
-
-def load_api() -> Any:
-    """A ``CustomObjectsApi`` (see :func:`_load_config` for the credentials)."""
-    from kubernetes import client
-
-    _load_config()
-    return client.CustomObjectsApi()
-
-
-def current_namespace() -> str:
-    """The pod's namespace in a cluster, else the kubeconfig context's, else ``default``."""
-    if _SA_NAMESPACE.is_file():
-        return _SA_NAMESPACE.read_text().strip()
-    try:
-        from kubernetes import config
-
-        _, active = config.list_kube_config_contexts()
-        return (active or {}).get("context", {}).get("namespace") or "default"
-    except Exception:  # no kubeconfig: load_api reports that, with its own message
-        return "default"
-
-
-def status_code(exc: Exception) -> int | None:
-    """The HTTP status of a Kubernetes client's ``ApiException`` (``None`` for any other error)."""
-    return getattr(exc, "status", None)
-
-
-# The API server's refusal names the user: `<resource> ["<name>"] is forbidden: User "<user>"
-# cannot <verb> resource ...` (kubernetes/kubernetes staging/src/k8s.io/apiserver/pkg/endpoints/
-# handlers/responsewriters/errors.go, forbiddenMessage).
-_FORBIDDEN_USER = re.compile(r'User "([^"]*)"')
-_SA_USER = re.compile(r"system:serviceaccount:([^:]+):(.+)")
-_RBAC_HINT = '{role}, bound to imgpipe-pipeline; docs/deploy.md, "RBAC"'
-
-
-def _status_message(exc: Exception) -> str:
-    """The ``message`` of the API server's ``Status`` body, or the body as text."""
-    body = getattr(exc, "body", None)
-    try:
-        return str(json.loads(body).get("message", "")) if body else ""
-    except (TypeError, ValueError, AttributeError):
-        return str(body)
-
-
-def admission_denial(exc: Exception) -> str | None:
-    """The webhook's own message when a 403 is an admission webhook's denial, not RBAC's.
-
-    The API server answers a validating webhook's ``allowed: false`` with 403 and the message
-    ``admission webhook "NAME" denied the request: REASON`` (k8s.io/apiserver
-    ``pkg/admission/plugin/webhook/errors``); RBAC's 403 says ``... is forbidden: User ...``.
-    """
-    message = _status_message(exc)
-    return message.splitlines()[0][:1000] if message.startswith("admission webhook ") else None
-
-
-def _caller(exc: Exception) -> str:
-    """Who the API server refused, from its message; else where this process's credentials come from."""
-    message = _status_message(exc)
-    found = _FORBIDDEN_USER.search(message)
-    if found:
-        sa = _SA_USER.fullmatch(found.group(1))
-        return f"service account {sa.group(1)}/{sa.group(2)}" if sa else f"user {found.group(1)}"
-    return "this pod's service account" if _SA_NAMESPACE.is_file() else "the kubeconfig's user"
-
-
-def forbidden_message(exc: Exception, verb: str, resource: str, namespace: str, doing: str, role: str = "k8s/base/role-rayjobs.yaml") -> str:
-    """One line for a 403: what was refused, to whom, and where the grant belongs.
-
-    A 403 that is an admission webhook's denial (a TrainJob's runtime missing, a reserved
-    variable) is no RBAC matter: the line quotes the webhook's own message instead.
-
-    Args:
-        exc: The ``ApiException`` (its body names the user the API server saw).
-        verb: The RBAC verb of the call (``create``, ``get``, ``list``, ``delete``).
-        resource: The RBAC resource, ``rayjobs.ray.io``, ``pods`` or ``pods/log``.
-        namespace: The namespace of the call.
-        doing: What imgpipe was doing, e.g. ``create RayJob ml/x``.
-        role: The manifest of the Role that grants it.
-    """
-    denial = admission_denial(exc)
-    if denial is not None:
-        return f"the Kubernetes API refused to {doing} (403): {denial}"
-    return (
-        f"the Kubernetes API refused to {doing} (403 Forbidden): {_caller(exc)} may not {verb} {resource} "
-        f"in namespace {namespace}; grant it to the run's service account ({_RBAC_HINT.format(role=role)})"
-    )
-
-
-def _get(api: Any, namespace: str, name: str, doing: str | None = None) -> dict[str, Any] | None:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as exc:
-        if status_code(exc) == 404:
-            return None
-        if status_code(exc) == 403:
-            what = doing or f"read RayJob {namespace}/{name}"
-            raise RuntimeError(forbidden_message(exc, "get", f"{PLURAL}.{GROUP}", namespace, what)) from None
-        raise
-
-
-def create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Creates the RayJob, or returns the existing one of that name (409 AlreadyExists).
-
-    Returns:
-        The object as the API server has it, and whether this call created it.
-
-    Raises:
-        RuntimeError: If RBAC refuses the create (403), in one line naming the permission.
-    """
-    from kubernetes.client.exceptions import ApiException
-
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    try:
-        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body), True
-    except ApiException as exc:
-        if status_code(exc) == 403:
-            message = forbidden_message(exc, "create", f"{PLURAL}.{GROUP}", namespace, f"create RayJob {namespace}/{name}")
-            raise RuntimeError(message) from None
-        if status_code(exc) != 409:
-            raise
-    existing = _get(api, namespace, name)
-    if existing is None:  # deleted between the two calls: a retry creates it again
-        raise RuntimeError(f"RayJob {namespace}/{name} already existed but is gone now; retry")
-    return existing, False
-
-
-def field_at(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    """The value at ``path`` in a nested mapping (a custom object), ``None`` where it is absent."""
-    for key in path:
-        if not isinstance(obj, Mapping) or key not in obj:
-            return None
-        obj = obj[key]
-    return obj
+def rayjobs(api: Any) -> CustomObjects:
+    """The RayJobs of ``api``, their refusals naming :data:`ROLE`."""
+    return CustomObjects(api, GROUP, VERSION, PLURAL, "RayJob", ROLE)
 
 
 def dropped_fields(sent: Mapping[str, Any], returned: Mapping[str, Any]) -> list[str]:
@@ -554,17 +374,12 @@ def _refuse_pruned(api: Any, sent: Mapping[str, Any], returned: Mapping[str, Any
     Raises:
         RuntimeError: Naming the dropped fields, the release that added each and :data:`MIN_KUBERAY`.
     """
-    from kubernetes.client.exceptions import ApiException
-
     dropped = dropped_fields(sent, returned)
     if not dropped:
         return
     namespace, name = sent["metadata"]["namespace"], sent["metadata"]["name"]
-    try:
-        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background")
-        outcome = "the RayJob was deleted"
-    except ApiException as exc:
-        outcome = f"deleting it failed ({status_code(exc)} {exc.reason}): kubectl delete rayjob -n {namespace} {name}"
+    deleted = rayjobs(api).delete(namespace, name)
+    outcome = "the RayJob was deleted" if deleted else f"deleting it failed: kubectl delete rayjob -n {namespace} {name}"
     since = ", ".join(f"{field} since {REQUIRED_FIELDS[tuple(field.split('.'))]}" for field in dropped)
     raise RuntimeError(
         f"RayJob {namespace}/{name}: the cluster's RayJob CRD dropped {', '.join(dropped)} (the API server prunes "
@@ -631,7 +446,7 @@ def wait_for_rayjob(
     deadline = None if timeout_s is None else clock() + timeout_s
     last = ""
     while True:
-        obj = _get(api, namespace, name)
+        obj = rayjobs(api).get(namespace, name)
         if obj is None:
             raise RuntimeError(f"RayJob {namespace}/{name} was deleted while waiting for it")
         if on_poll is not None:
@@ -687,14 +502,6 @@ class SubmitterLog:
             self.shown = len(text)
 
 
-def load_core_api() -> Any:
-    """A ``CoreV1Api`` (pods and their logs) with the same credentials as :func:`load_api`."""
-    from kubernetes import client
-
-    _load_config()
-    return client.CoreV1Api()
-
-
 def cluster_template(api: Any, namespace: str, step: str) -> tuple[dict[str, Any], str]:
     """The RayJob template of ``step`` as applied to the cluster, else the packaged one.
 
@@ -713,7 +520,7 @@ def cluster_template(api: Any, namespace: str, step: str) -> tuple[dict[str, Any
 
     name = f"imgpipe-{step}"
     try:
-        obj = _get(api, namespace, name, doing=f"read the RayJob template {namespace}/{name}")
+        obj = rayjobs(api).get(namespace, name, doing=f"read the RayJob template {namespace}/{name}")
     except ApiException as exc:
         raise RuntimeError(
             f"cannot read the RayJob template {namespace}/{name} ({status_code(exc)} {exc.reason}): the pipeline's "
@@ -728,29 +535,6 @@ def cluster_template(api: Any, namespace: str, step: str) -> tuple[dict[str, Any
     template["metadata"] = {k: copy.deepcopy(v) for k, v in meta.items() if k not in _SERVER_METADATA}
     template["metadata"]["annotations"] = annotations
     return template, f"RayJob {namespace}/{name}"
-
-
-def _delete_attempts(api: Any, namespace: str, base: str, attempts: int) -> None:
-    """Deletes attempts 1..``attempts`` of a job (its cluster goes with it); absent ones are fine."""
-    from kubernetes.client.exceptions import ApiException
-
-    for n in range(1, attempts + 1):
-        try:
-            api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, attempt_id(base, n), propagation_policy="Background")
-        except ApiException as exc:
-            if status_code(exc) == 403:
-                doing = f"delete RayJob {namespace}/{attempt_id(base, n)}"
-                log.warning("%s", forbidden_message(exc, "delete", f"{PLURAL}.{GROUP}", namespace, doing))
-            elif status_code(exc) != 404:
-                log.warning("could not delete RayJob %s/%s: %s", namespace, attempt_id(base, n), exc)
-
-
-def latest_attempt(get: Callable[[str], dict[str, Any] | None], base: str) -> tuple[int, dict[str, Any] | None]:
-    """The number and object of a job's last attempt (``base``, ``base-a2``, ...), by reading each in turn; ``(0, None)`` for none."""
-    attempt, latest = 0, None
-    while (obj := get(attempt_id(base, attempt + 1))) is not None:
-        attempt, latest = attempt + 1, obj
-    return attempt, latest
 
 
 def run_step_rayjob(
@@ -827,64 +611,113 @@ def run_step_rayjob(
     if run_id is None:
         log.warning("%s: no run id (--run-id or $%s): a retry of this call cannot re-attach to its RayJob", step, RUN_ID_ENV)
     base = job_id(step, source, dest, job_cfg, run_id)
+    target = _RayJobTarget(
+        step,
+        source,
+        dest,
+        job_cfg,
+        rayjobs(api),
+        namespace,
+        template,
+        image,
+        max_workers,
+        run_id or "",
+        base,
+        out or sys.stdout,
+        core_api,
+        timeout_s,
+        poll_s,
+        sleep,
+        clock,
+    )
+    return run_remote(target, base=base, committed=lambda: committed_report(step, source, dest, job_cfg), max_attempts=max_attempts)
 
-    attempt, latest = latest_attempt(lambda name: _get(api, namespace, name), base)
-    state, detail = rayjob_state(latest) if latest is not None else (None, "")
-    action, attempt = choose_action(state, attempt, max_attempts, lambda: committed_report(step, source, dest, job_cfg) is not None, detail)
-    name = attempt_id(base, attempt)
-    if action == "done":
-        log.info("%s: RayJob %s/%s already succeeded and %s holds its output", step, namespace, name, dest)
-        _delete_attempts(api, namespace, base, attempt)
-        report = committed_report(step, source, dest, job_cfg)
-        assert report is not None  # checked by choose_action just now
-        return report
-    body = latest
-    if action == "submit":
-        if latest is not None:
-            log.warning("%s: RayJob %s ended (%s); creating attempt %d", step, attempt_id(base, attempt - 1), detail, attempt)
+
+@dataclass
+class _RayJobTarget(ObjectTarget):
+    """A step as KubeRay RayJobs, for :func:`imgpipe.remote.runner.run_remote`."""
+
+    step: str
+    source: str
+    dest: str
+    cfg: Any
+    objects: CustomObjects
+    namespace: str
+    template: Mapping[str, Any]
+    image: str | None
+    max_workers: int | None
+    run_id: str
+    base: str
+    out: TextIO
+    core_api: Any
+    timeout_s: float | None
+    poll_s: float
+    sleep: Callable[[float], None]
+    clock: Callable[[], float]
+
+    def state(self, obj: Mapping[str, Any]) -> tuple[str, str]:
+        return rayjob_state(obj)
+
+    def submit(self, name: str, attempt: int, previous: Any, detail: str) -> dict[str, Any]:
+        if previous is not None:
+            log.warning("%s: RayJob %s ended (%s); creating attempt %d", self.step, attempt_id(self.base, attempt - 1), detail, attempt)
+        labels, annotations = run_metadata(self.run_id, self.base, self.step, attempt)
         params = RayJobParams(
             name=name,
-            namespace=namespace,
-            entrypoint=step_entrypoint(step, source, dest, job_cfg),
-            image=image,
-            max_workers=max_workers,
+            namespace=self.namespace,
+            entrypoint=step_entrypoint(self.step, self.source, self.dest, self.cfg),
+            image=self.image,
+            max_workers=self.max_workers,
             env_vars=storage.settings_env(),
-            annotations={"imgpipe.io/run-id": run_id or "", "imgpipe.io/attempt": str(attempt)},
-            labels={RUN_ID_LABEL: label_value(run_id or base), STEP_LABEL: label_value(step)},
+            labels=labels,
+            annotations=annotations,
             pull_secrets=pull_secrets(),
         )
-        sent = build_rayjob(template, params)
-        body, created = create_or_attach(api, sent)
+        sent = build_rayjob(self.template, params)
+        body, created = self.objects.create_or_attach(sent)
         # Before any wait: a RayJob without its deadline or token must not run on. (A running
-        # attempt attached to below was checked here by the try that created it.)
-        _refuse_pruned(api, sent, body)
+        # attempt attached to later was checked here by the try that created it.)
+        _refuse_pruned(self.objects.api, sent, body)
         log.info(
             "%s: %s RayJob %s/%s (attempt %d); its log follows (kubectl logs -n %s -f job/%s)",
-            step,
+            self.step,
             "created" if created else "attached to",
-            namespace,
+            self.namespace,
             name,
             attempt,
-            namespace,
+            self.namespace,
             name,
         )
-    else:
-        log.info("%s: attaching to RayJob %s/%s (%s)", step, namespace, name, detail)
+        return body
 
-    out = out or sys.stdout
-    if core_api is None:
-        core_api = load_core_api()
-    follow = None if core_api is NO_LOGS else SubmitterLog(core_api, namespace, name, out)
-    limit = timeout_s if timeout_s is not None else wait_deadline_s(body or template)
-    final = wait_for_rayjob(api, namespace, name, timeout_s=limit, poll_s=poll_s, out=out, sleep=sleep, clock=clock, on_poll=follow)
-    state, detail = rayjob_state(final)
-    if state != "succeeded":
-        raise RuntimeError(
-            f"RayJob {namespace}/{name} for {step} {dest} failed: {detail}; it stays for a look "
-            f"(kubectl describe rayjob -n {namespace} {name}; kubectl delete rayjobs -n {namespace} -l {RUN_ID_LABEL}=...)"
+    def attach(self, name: str, obj: Any, detail: str) -> Any:
+        log.info("%s: attaching to RayJob %s/%s (%s)", self.step, self.namespace, name, detail)
+        return obj
+
+    def wait(self, name: str, obj: Any) -> dict[str, Any]:
+        core_api = self.core_api if self.core_api is not None else load_core_api()
+        follow = None if core_api is NO_LOGS else SubmitterLog(core_api, self.namespace, name, self.out)
+        limit = self.timeout_s if self.timeout_s is not None else wait_deadline_s(obj or self.template)
+        return wait_for_rayjob(
+            self.objects.api,
+            self.namespace,
+            name,
+            timeout_s=limit,
+            poll_s=self.poll_s,
+            out=self.out,
+            sleep=self.sleep,
+            clock=self.clock,
+            on_poll=follow,
         )
-    report = committed_report(step, source, dest, job_cfg)
-    if report is None:
-        raise RuntimeError(f"RayJob {namespace}/{name} succeeded but {dest} does not hold its committed output")
-    _delete_attempts(api, namespace, base, attempt)
-    return report
+
+    def done(self, name: str) -> None:
+        log.info("%s: RayJob %s/%s already succeeded and %s holds its output", self.step, self.namespace, name, self.dest)
+
+    def failure(self, name: str, detail: str, final: Any) -> str:
+        return (
+            f"RayJob {self.namespace}/{name} for {self.step} {self.dest} failed: {detail}; it stays for a look "
+            f"(kubectl describe rayjob -n {self.namespace} {name}; kubectl delete rayjobs -n {self.namespace} -l {RUN_ID_LABEL}=...)"
+        )
+
+    def no_output(self, name: str) -> str:
+        return f"RayJob {self.namespace}/{name} succeeded but {self.dest} does not hold its committed output"

@@ -40,71 +40,28 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import re
 import sys
 import time
-import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 from imgpipe import contract, storage
-from imgpipe.config import config_to_dict
 from imgpipe.contract import StepReport
+from imgpipe.remote.attempts import RUN_ID_ENV, attempt_id, committed_report, job_id, resolve_run_id
 from imgpipe.remote.payload import step_entrypoint
+from imgpipe.remote.runner import run_remote
 from imgpipe.remote.targets import check_allowed
 
-__all__ = [
-    "RUN_ID_ENV",
-    "resolve_run_id",
-    "job_id",
-    "attempt_id",
-    "resolve_auth_token",
-    "connect",
-    "choose_action",
-    "committed_report",
-    "run_step_job",
-]
+__all__ = ["resolve_auth_token", "connect", "run_step_job"]
 
 log = logging.getLogger(__name__)
 
-RUN_ID_ENV = "IMGPIPE_RUN_ID"
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 LOG_TAIL_LINES = 20
-
-
-def resolve_run_id(run_id: str | None = None) -> str | None:
-    """The run id that makes submissions idempotent: the argument, else ``$IMGPIPE_RUN_ID``.
-
-    A Kubeflow pipeline passes its run's id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``) as
-    ``--run-id``; it is the same for every retry of a task, which is the point.
-    """
-    value = run_id if run_id is not None else os.environ.get(RUN_ID_ENV, "")
-    return value.strip() or None
-
-
-def job_id(step: str, source: str, dest: str, cfg: Any, run_id: str | None) -> str:
-    """The job's base id: deterministic for a run id, unique without one.
-
-    The digest covers run id, step, source, destination and resolved config, so a
-    retry finds its job while a changed config under the same run id does not.
-    """
-    if run_id is None:
-        return f"imgpipe-{step}-{uuid.uuid4().hex[:16]}"
-    key = json.dumps(
-        {"run_id": run_id, "step": step, "source": source, "dest": dest, "config": config_to_dict(cfg)},
-        sort_keys=True,
-    )
-    return f"imgpipe-{step}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def attempt_id(base: str, attempt: int) -> str:
-    """The id of attempt ``attempt`` (1-based): ``base``, then ``base-a2``, ``base-a3``, ..."""
-    return base if attempt == 1 else f"{base}-a{attempt}"
 
 
 def resolve_auth_token(environ: Any = None, home: Path | None = None) -> str | None:
@@ -165,58 +122,6 @@ def connect(address: str, token: str | None = None) -> Any:
         ) from exc
 
 
-# ----------------------------------------------------------------------------------------
-# The retry decision and the result, shared with imgpipe.remote.kuberay.
-
-
-def choose_action(
-    state: str | None, attempt: int, max_attempts: int, output_ready: Callable[[], bool], detail: str = ""
-) -> tuple[Literal["submit", "attach", "done"], int]:
-    """What to do about the latest attempt of a job, and which attempt that concerns.
-
-    Args:
-        state: The latest attempt's state: ``None`` (no job yet), ``active``,
-            ``succeeded`` or ``failed``.
-        attempt: That attempt's number (0 when there is none).
-        max_attempts: Attempts allowed in all for one job id.
-        output_ready: Whether the destination holds this job's committed output.
-        detail: The latest attempt's error, for the message when no attempt is left.
-
-    Raises:
-        RuntimeError: When the latest attempt failed and none is left.
-    """
-    if state is None:
-        return "submit", 1
-    if state == "active":
-        return "attach", attempt
-    if state == "succeeded" and output_ready():
-        return "done", attempt
-    if attempt >= max_attempts:
-        raise RuntimeError(
-            f"attempt {attempt} of {max_attempts} {'succeeded but its output is gone' if state == 'succeeded' else 'failed'}"
-            f"{': ' + detail if detail else ''}; no attempt left for this run id: fix the cause, "
-            "then run with a new --run-id"
-        )
-    return "submit", attempt + 1
-
-
-def committed_report(step: str, source: str, dest: str, cfg: Any) -> StepReport | None:
-    """The report of ``dest`` if it holds this very job's committed output, else ``None``.
-
-    "This job's" means the manifest's step, upstream source and config all match:
-    another run that wrote ``dest`` since then does not count.
-    """
-    try:
-        manifest = contract.read_manifest(dest, expect_step=step)
-    except (ValueError, FileNotFoundError):
-        return None
-    if manifest.get("config") != config_to_dict(cfg):
-        return None
-    if manifest.get("upstream", {}).get("source", source) != source:
-        return None
-    return StepReport.from_manifest(manifest)
-
-
 def _job_cfg(cfg: Any) -> Any:
     """The config the job runs: the same, joining its own cluster (``ray_address`` cleared)."""
     return dataclasses.replace(cfg, ray_address="")
@@ -243,14 +148,6 @@ def _job_info(client: Any, submission_id: str) -> Any | None:
         if _is_missing(exc):
             return None
         raise
-
-
-def _latest_attempt(client: Any, base: str) -> tuple[int, Any | None]:
-    """The highest attempt of ``base`` the cluster knows, and its info; ``(0, None)`` if none."""
-    attempt, latest = 0, None
-    while (info := _job_info(client, attempt_id(base, attempt + 1))) is not None:
-        attempt, latest = attempt + 1, info
-    return attempt, latest
 
 
 def _state(status: str) -> str:
@@ -353,58 +250,70 @@ def run_step_job(
     if run_id is None:
         log.warning("%s: no run id (--run-id or $%s): a retry of this call cannot re-attach to its job", step, RUN_ID_ENV)
     base = job_id(step, source, dest, job_cfg, run_id)
-    out = out or sys.stdout
-    client = client or connect(address)
-
-    attempt, info = _latest_attempt(client, base)
-    state = _state(_status(info)) if info is not None else None
-    action, attempt = choose_action(
-        state,
-        attempt,
-        max_attempts,
-        lambda: committed_report(step, source, dest, job_cfg) is not None,
-        detail=f"{_status(info)}: {_headline(info.message)}" if info is not None else "",
+    target = _JobsApiTarget(
+        step, source, dest, job_cfg, client or connect(address), address, run_id, base, out or sys.stdout, timeout_s, poll_s, follow_logs
     )
-    submission_id = attempt_id(base, attempt)
-    if action == "done":
-        log.info("%s: Ray job %s already succeeded and %s holds its output; not resubmitting", step, submission_id, dest)
-        report = committed_report(step, source, dest, job_cfg)
-        assert report is not None  # checked by choose_action just now
-        return report
-    if action == "attach":
-        log.info("%s: attaching to Ray job %s (%s) at %s", step, submission_id, _status(info), storage.redact_uri(address))
-    else:
-        if info is not None:
-            log.warning(
-                "%s: Ray job %s ended %s: %s; submitting attempt %d",
-                step,
-                attempt_id(base, attempt - 1),
-                _status(info),
-                _headline(info.message),
-                attempt,
-            )
-        _submit(client, step, source, dest, job_cfg, submission_id, run_id, attempt)
-        shown = storage.redact_uri(address)  # a cluster address may carry user:password@
+    return run_remote(target, base=base, committed=lambda: committed_report(step, source, dest, job_cfg), max_attempts=max_attempts)
+
+
+@dataclass
+class _JobsApiTarget:
+    """A step as Ray jobs of a cluster's Jobs API, for :func:`imgpipe.remote.runner.run_remote`."""
+
+    step: str
+    source: str
+    dest: str
+    cfg: Any
+    client: Any
+    address: str
+    run_id: str | None
+    base: str
+    out: TextIO
+    timeout_s: float | None
+    poll_s: float
+    follow_logs: bool
+    logs: str = ""
+
+    def find(self, name: str) -> Any | None:
+        return _job_info(self.client, name)
+
+    def state(self, info: Any) -> tuple[str, str]:
+        return _state(_status(info)), f"{_status(info)}: {_headline(info.message)}"
+
+    def submit(self, name: str, attempt: int, previous: Any, detail: str) -> None:
+        if previous is not None:
+            log.warning("%s: Ray job %s ended %s; submitting attempt %d", self.step, attempt_id(self.base, attempt - 1), detail, attempt)
+        _submit(self.client, self.step, self.source, self.dest, self.cfg, name, self.run_id, attempt)
+        shown = storage.redact_uri(self.address)  # a cluster address may carry user:password@
         log.info(
             "%s: submitted Ray job %s (attempt %d) to %s; follow it with `ray job logs -f %s --address %s`",
-            step,
-            submission_id,
+            self.step,
+            name,
             attempt,
             shown,
-            submission_id,
+            name,
             shown,
         )
 
-    info, logs = _wait(client, submission_id, out, timeout_s, poll_s, follow_logs)
-    status = _status(info)
-    if status != "SUCCEEDED":
-        raise RuntimeError(
-            f"Ray job {submission_id} for {step} {dest} ended {status}: {_headline(info.message)}\nlast log lines:\n{_last_lines(logs)}"
-        )
-    report = committed_report(step, source, dest, job_cfg)
-    if report is None:
-        raise RuntimeError(f"Ray job {submission_id} SUCCEEDED but {dest} does not hold its committed output (another run wrote there meanwhile?)")
-    return report
+    def attach(self, name: str, info: Any, detail: str) -> None:
+        log.info("%s: attaching to Ray job %s (%s) at %s", self.step, name, _status(info), storage.redact_uri(self.address))
+
+    def wait(self, name: str, obj: Any) -> Any:
+        info, self.logs = _wait(self.client, name, self.out, self.timeout_s, self.poll_s, self.follow_logs)
+        return info
+
+    def done(self, name: str) -> None:
+        log.info("%s: Ray job %s already succeeded and %s holds its output; not resubmitting", self.step, name, self.dest)
+
+    def failure(self, name: str, detail: str, final: Any) -> str:
+        ended = f"Ray job {name} for {self.step} {self.dest} ended {_status(final)}: {_headline(final.message)}"
+        return f"{ended}\nlast log lines:\n{_last_lines(self.logs)}"
+
+    def no_output(self, name: str) -> str:
+        return f"Ray job {name} SUCCEEDED but {self.dest} does not hold its committed output (another run wrote there meanwhile?)"
+
+    def clean_up(self, names: list[str]) -> None:
+        """The Jobs API keeps finished jobs (its dashboard shows them); nothing to delete."""
 
 
 def _submit(client: Any, step: str, source: str, dest: str, job_cfg: Any, submission_id: str, run_id: str | None, attempt: int) -> None:

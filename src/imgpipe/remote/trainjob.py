@@ -80,19 +80,10 @@ from typing import Any, TextIO
 from imgpipe import contract, storage
 from imgpipe.config import config_to_dict
 from imgpipe.contract import StepReport
-from imgpipe.remote.kuberay import (
-    RUN_ID_LABEL,
-    STEP_LABEL,
-    current_namespace,
-    field_at,
-    forbidden_message,
-    label_value,
-    latest_attempt,
-    load_api,
-    status_code,
-)
+from imgpipe.remote.attempts import attempt_id, job_id, resolve_run_id
+from imgpipe.remote.kube import CustomObjects, ObjectTarget, current_namespace, field_at, load_api, run_metadata, status_code
 from imgpipe.remote.payload import payload
-from imgpipe.remote.ray_jobs import attempt_id, choose_action, job_id, resolve_run_id
+from imgpipe.remote.runner import run_remote
 
 __all__ = [
     "GROUP",
@@ -366,46 +357,21 @@ def trainjob_state(obj: Mapping[str, Any]) -> tuple[str, str]:
 ROLE = "k8s/base/role-trainjobs.yaml"
 
 
-def _refused(exc: Exception, verb: str, namespace: str, doing: str) -> RuntimeError:
-    return RuntimeError(forbidden_message(exc, verb, f"{PLURAL}.{GROUP}", namespace, doing, ROLE))
-
-
-def _get(api: Any, namespace: str, name: str) -> dict[str, Any] | None:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as exc:
-        if status_code(exc) == 404:
-            return None
-        if status_code(exc) == 403:
-            raise _refused(exc, "get", namespace, f"read TrainJob {namespace}/{name}") from None
-        raise
-
-
 class _UnknownFields(Exception):
     """The CRD lacks fields the TrainJob set (``fieldValidation=Strict``: 400, nothing created)."""
 
 
-def _create_or_attach(api: Any, body: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
-    from kubernetes.client.exceptions import ApiException
+def _create_refused(exc: Exception, namespace: str, name: str) -> None:
+    """A strict create's 400 (fields the CRD lacks: try the next form) and the schema's 422, as errors of their own."""
+    if status_code(exc) == 400 and "unknown field" in str(getattr(exc, "body", "")):
+        raise _UnknownFields(str(getattr(exc, "body", ""))) from None
+    if status_code(exc) == 422:
+        raise RuntimeError(f"the API server refused TrainJob {namespace}/{name}: {getattr(exc, 'body', exc)}") from None
 
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    try:
-        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, field_validation="Strict"), True
-    except ApiException as exc:
-        if status_code(exc) == 400 and "unknown field" in str(getattr(exc, "body", "")):
-            raise _UnknownFields(str(getattr(exc, "body", ""))) from None
-        if status_code(exc) == 403:
-            raise _refused(exc, "create", namespace, f"create TrainJob {namespace}/{name}") from None
-        if status_code(exc) == 422:
-            raise RuntimeError(f"the API server refused TrainJob {namespace}/{name}: {getattr(exc, 'body', exc)}") from None
-        if status_code(exc) != 409:
-            raise
-    existing = _get(api, namespace, name)
-    if existing is None:
-        raise RuntimeError(f"TrainJob {namespace}/{name} already existed but is gone now; retry")
-    return existing, False
+
+def trainjobs(api: Any) -> CustomObjects:
+    """The TrainJobs of ``api``: created with ``fieldValidation=Strict``, refusals naming :data:`ROLE`."""
+    return CustomObjects(api, GROUP, VERSION, PLURAL, KIND, ROLE, field_validation="Strict", on_create_error=_create_refused)
 
 
 def _create_in_form(api: Any, params: TrainJobParams) -> tuple[dict[str, Any], dict[str, Any], bool, TrainJobParams]:
@@ -422,7 +388,7 @@ def _create_in_form(api: Any, params: TrainJobParams) -> tuple[dict[str, Any], d
         params = dataclasses.replace(params, form=form)
         sent = build_trainjob(params)
         try:
-            returned, created = _create_or_attach(api, sent)
+            returned, created = trainjobs(api).create_or_attach(sent)
             return sent, returned, created, params
         except _UnknownFields as exc:
             refused.append(f"{form}: {exc}"[:300])
@@ -434,28 +400,13 @@ def _create_in_form(api: Any, params: TrainJobParams) -> tuple[dict[str, Any], d
     )
 
 
-def _delete(api: Any, namespace: str, name: str) -> bool:
-    """Deletes a TrainJob (its JobSet and pods follow); a refusal or failure is a warning."""
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background")
-        return True
-    except ApiException as exc:
-        if status_code(exc) == 403:
-            log.warning("%s", forbidden_message(exc, "delete", f"{PLURAL}.{GROUP}", namespace, f"delete TrainJob {namespace}/{name}", ROLE))
-        elif status_code(exc) != 404:
-            log.warning("could not delete TrainJob %s/%s: %s", namespace, name, exc)
-        return False
-
-
 def _refuse_pruned(api: Any, sent: Mapping[str, Any], returned: Mapping[str, Any]) -> None:
     """Deletes the TrainJob and raises if the cluster's CRD dropped a field imgpipe relies on."""
     dropped = [".".join(p) for p in REQUIRED_FIELDS if field_at(sent, p) is not None and field_at(returned, p) is None]
     if not dropped:
         return
     namespace, name = sent["metadata"]["namespace"], sent["metadata"]["name"]
-    outcome = "the TrainJob was deleted" if _delete(api, namespace, name) else f"delete it: kubectl delete trainjob -n {namespace} {name}"
+    outcome = "the TrainJob was deleted" if trainjobs(api).delete(namespace, name) else f"delete it: kubectl delete trainjob -n {namespace} {name}"
     since = ", ".join(f"{f} since {REQUIRED_FIELDS[tuple(f.split('.'))]}" for f in dropped)
     raise RuntimeError(
         f"TrainJob {namespace}/{name}: the cluster's TrainJob CRD dropped {', '.join(dropped)} although it was asked to "
@@ -484,7 +435,7 @@ def wait_for_trainjob(
     out = out or sys.stdout
     deadline, last = clock() + timeout_s, ""
     while True:
-        obj = _get(api, namespace, name)
+        obj = trainjobs(api).get(namespace, name)
         if obj is None:
             raise RuntimeError(f"TrainJob {namespace}/{name} was deleted while the train task waited for it")
         state, text = trainjob_state(obj)
@@ -584,65 +535,106 @@ def run_train_job(
     api = api if api is not None else load_api()
     run_id = resolve_run_id(run_id)
     base = job_id("train", data, out, cfg, run_id)
-    attempt, latest = latest_attempt(lambda name: _get(api, namespace, name), base)
-    state, detail = trainjob_state(latest) if latest is not None else (None, "")
-    action, attempt = choose_action(state, attempt, max_attempts, lambda: committed_train(data, out, cfg) is not None, detail)
-    name = attempt_id(base, attempt)
-    if action == "done":
-        for n in range(1, attempt + 1):
-            _delete(api, namespace, attempt_id(base, n))
-        report = committed_train(data, out, cfg)
-        assert report is not None  # checked by choose_action just now
-        return report
-    if action == "submit":
-        if latest is not None:
-            log.warning("train: TrainJob %s ended (%s); creating attempt %d", attempt_id(base, attempt - 1), detail, attempt)
+    target = _TrainJobTarget(
+        data,
+        out,
+        cfg,
+        procs,
+        trainjobs(api),
+        namespace,
+        run_id or "",
+        base,
+        image,
+        resources,
+        secret,
+        active_deadline_s,
+        stream,
+        poll_s,
+        sleep,
+        clock,
+    )
+    return run_remote(target, base=base, committed=lambda: committed_train(data, out, cfg), max_attempts=max_attempts)
+
+
+@dataclass
+class _TrainJobTarget(ObjectTarget):
+    """Training across nodes as Kubeflow Trainer TrainJobs, for :func:`imgpipe.remote.runner.run_remote`."""
+
+    data: str
+    out: str
+    cfg: Any
+    procs: int
+    objects: CustomObjects
+    namespace: str
+    run_id: str
+    base: str
+    image: str | None
+    resources: Mapping[str, Any] | None
+    secret: str | None
+    active_deadline_s: int
+    stream: TextIO | None
+    poll_s: float
+    sleep: Callable[[float], None]
+    clock: Callable[[], float]
+
+    def state(self, obj: Mapping[str, Any]) -> tuple[str, str]:
+        return trainjob_state(obj)
+
+    def submit(self, name: str, attempt: int, previous: Any, detail: str) -> dict[str, Any]:
+        if previous is not None:
+            log.warning("train: TrainJob %s ended (%s); creating attempt %d", attempt_id(self.base, attempt - 1), detail, attempt)
+        labels, annotations = run_metadata(self.run_id, self.base, "train", attempt)
         params = TrainJobParams(
             name=name,
-            namespace=namespace,
-            image=image or os.environ.get(IMAGE_ENV, ""),
-            nodes=cfg.nodes,
-            procs_per_node=procs,
-            args=["-m", "imgpipe.remote", "train", payload(data, out, cfg)],
+            namespace=self.namespace,
+            image=self.image or os.environ.get(IMAGE_ENV, ""),
+            nodes=self.cfg.nodes,
+            procs_per_node=self.procs,
+            args=["-m", "imgpipe.remote", "train", payload(self.data, self.out, self.cfg)],
             env=storage.settings_env(),
-            secret=secret if secret is not None else (os.environ.get(SECRET_ENV) or None),
-            resources=resources if resources is not None else node_resources(procs),
-            active_deadline_s=active_deadline_s,
-            labels={RUN_ID_LABEL: label_value(run_id or base), STEP_LABEL: "train"},
-            annotations={"imgpipe.io/run-id": run_id or "", "imgpipe.io/attempt": str(attempt)},
+            secret=self.secret if self.secret is not None else (os.environ.get(SECRET_ENV) or None),
+            resources=self.resources if self.resources is not None else node_resources(self.procs),
+            active_deadline_s=self.active_deadline_s,
+            labels=labels,
+            annotations=annotations,
             shm_size=os.environ.get(SHM_ENV) or None,
             pod=pod_settings(),
         )
-        sent, body, created, params = _create_in_form(api, params)
-        _refuse_pruned(api, sent, body)
-        latest = body
+        sent, body, created, params = _create_in_form(self.objects.api, params)
+        _refuse_pruned(self.objects.api, sent, body)
         log.info(
             "train: %s TrainJob %s/%s (%d nodes x %d processes, attempt %d); kubectl get trainjob -n %s %s",
             "created" if created else "attached to",
-            namespace,
+            self.namespace,
             name,
-            cfg.nodes,
-            procs,
+            self.cfg.nodes,
+            self.procs,
             attempt,
-            namespace,
+            self.namespace,
             name,
         )
-    else:
-        log.info("train: attaching to TrainJob %s/%s (%s)", namespace, name, detail)
-    try:
-        final = wait_for_trainjob(
-            api, namespace, name, timeout_s=active_deadline_s + WAIT_SLACK_S, poll_s=poll_s, out=stream, sleep=sleep, clock=clock
-        )
-    except TimeoutError:
-        if latest is not None and field_at(latest, ("spec", "activeDeadlineSeconds")) is None:
-            _delete(api, namespace, name)  # Trainer 2.1 has no deadline of its own: the wait's ends it
-        raise
-    state, detail = trainjob_state(final)
-    if state != "succeeded":
-        raise RuntimeError(f"TrainJob {namespace}/{name} failed: {detail}; it stays for a look (kubectl describe trainjob -n {namespace} {name})")
-    report = committed_train(data, out, cfg)
-    if report is None:
-        raise RuntimeError(f"TrainJob {namespace}/{name} succeeded but {out} does not hold its committed output")
-    for n in range(1, attempt + 1):
-        _delete(api, namespace, attempt_id(base, n))
-    return report
+        return body
+
+    def attach(self, name: str, obj: Any, detail: str) -> Any:
+        log.info("train: attaching to TrainJob %s/%s (%s)", self.namespace, name, detail)
+        return obj
+
+    def wait(self, name: str, obj: Any) -> dict[str, Any]:
+        limit = self.active_deadline_s + WAIT_SLACK_S
+        try:
+            return wait_for_trainjob(
+                self.objects.api, self.namespace, name, timeout_s=limit, poll_s=self.poll_s, out=self.stream, sleep=self.sleep, clock=self.clock
+            )
+        except TimeoutError:
+            if obj is not None and field_at(obj, ("spec", "activeDeadlineSeconds")) is None:
+                self.objects.delete(self.namespace, name)  # Trainer 2.1 has no deadline of its own: the wait's ends it
+            raise
+
+    def done(self, name: str) -> None:
+        log.info("train: %s already holds this job's committed output", self.out)
+
+    def failure(self, name: str, detail: str, final: Any) -> str:
+        return f"TrainJob {self.namespace}/{name} failed: {detail}; it stays for a look (kubectl describe trainjob -n {self.namespace} {name})"
+
+    def no_output(self, name: str) -> str:
+        return f"TrainJob {self.namespace}/{name} succeeded but {self.out} does not hold its committed output"
