@@ -84,7 +84,7 @@ def test_flags_take_type_choices_default_and_help_from_the_config():
     add_field_flags(parser, ResizeConfig, ("mode", "ops"), flags={"ops": "--op"})
     helps = {a.dest: a for a in parser._actions}
     assert f"(default: {field_default(CleanConfig, 'seed')})" in helps["seed"].help
-    assert helps["label_source"].choices == ["auto", "oxford", "folder", "csv"]
+    assert helps["label_source"].choices == ["auto", "oxford", "folder", "csv", "given"]
     assert helps["mode"].choices == ["short-side-crop", "fixed", "pad", "whole"]
     args = parser.parse_args(["--no-grayscale", "--seed", "3", "--split", "0.5,0.25,0.25", "--op", "clahe", "--op", "sobel"])
     # Only what was given: the rest stays "not set" so the file, then the default, apply.
