@@ -46,8 +46,11 @@ run: install
 # (make test-faults) takes about eight minutes; the slow integration tests (make test-slow) repeat
 # what a faster test here covers. Each has its own target; the quick reliability tests (fuzzing)
 # run here too.
+# Spread over the machine's cores, a test file per worker (module fixtures stay shared); the 20
+# slowest tests and the total time are printed at the end.
+TEST_WORKERS ?= auto
 test: install
-	$(NETNS) $(BIN)/python -m pytest -m "not containers and not slow and (not faults or quick)" $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -m "not containers and not slow and (not faults or quick)" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The tests marked slow (whole-pipeline variants, Ray Data prediction cases, DDP variants, the
 # export under onnxruntime 1.15.0, the one tritonserver 23.05 bundles: installed here, outside the

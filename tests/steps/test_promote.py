@@ -86,11 +86,11 @@ def test_bad_settings_are_refused():
 
 
 def test_both_models_are_scored_by_one_evaluation_not_the_candidates_own_figure(models, monkeypatch):
-    from imgpipe.steps import train as train_mod
+    from imgpipe.train import saved
 
     calls = []
-    real = train_mod.evaluate_saved
-    monkeypatch.setattr(train_mod, "evaluate_saved", lambda *a, **k: calls.append((a[1:], k)) or real(*a, **k))
+    real = saved.evaluate_saved
+    monkeypatch.setattr(saved, "evaluate_saved", lambda *a, **k: calls.append((a[1:], k)) or real(*a, **k))
     # The candidate's run claims a perfect test score; the gate re-scores it instead.
     forged = "file://" + str(models["root"] / "forged")
     for name in [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(models["bad"])]:

@@ -23,6 +23,7 @@ from imgpipe.config import config_from_dict
 from imgpipe.report.training import html_report
 from imgpipe.steps import train as train_mod
 from imgpipe.steps.train import train
+from imgpipe.train import assembly
 from imgpipe.train.checkpoint import CHECKPOINT, load_checkpoint
 from imgpipe.train.config import AugmentConfig, TrainConfig
 from imgpipe.train.models import build_model, extract_state_dict, load_weights
@@ -580,10 +581,10 @@ def test_balanced_class_weights_come_from_the_train_split(tmp_path):
 
     data = write_resize_output("file://" + str(tmp_path / "d"), counts={"train": 10, "val": 4}, size=16)
     info = describe_split(data, "train", contract.read_manifest(data))
-    weights = train_mod._class_weights(tiny(class_weights="balanced"), info, 5, torch.device("cpu"))
+    weights = assembly.class_weights(tiny(class_weights="balanced"), info, 5, torch.device("cpu"))
     # labels are i % 4: counts 3, 3, 2, 2 and none of class 4
     assert weights.tolist() == pytest.approx([10 / 12, 10 / 12, 10 / 8, 10 / 8, 0.0])
-    assert train_mod._class_weights(tiny(), info, 5, torch.device("cpu")) is None
+    assert assembly.class_weights(tiny(), info, 5, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="class_weights"):
         tiny(class_weights="inverse")
 
@@ -592,7 +593,7 @@ def test_auto_recipe_and_text_domain_train_without_flips_and_say_so(tmp_path, ca
     """The issue's check: 30 images per class pick the small-data recipe; text has no flips, in training or TTA."""
     data = write_resize_output("file://" + str(tmp_path / "d"), counts={"train": 120, "val": 8, "test": 8}, size=16)
     out = "file://" + str(tmp_path / "model")
-    with caplog.at_level("INFO", logger="imgpipe.steps.train"):
+    with caplog.at_level("INFO"):
         report = train(data, out, tiny(recipe="auto", domain="text", tta_flip=True, max_steps_per_epoch=2, lr=None))
     metrics = read_json(storage.join(out, "metrics.json"))
     recipe = metrics["recipe"]

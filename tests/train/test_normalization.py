@@ -19,10 +19,10 @@ from torchvision.transforms._presets import ImageClassification
 from imgpipe import contract, storage
 from imgpipe.resize.spec import ResizeConfig
 from imgpipe.resize.statistics import split_moments
-from imgpipe.steps import train as train_mod
 from imgpipe.steps.predict import PredictConfig, predict
 from imgpipe.steps.resize import resize
 from imgpipe.steps.train import train
+from imgpipe.train import assembly
 from imgpipe.train.augment import IMAGENET, Normalization, channel_stats
 from imgpipe.train.config import TrainConfig
 from imgpipe.train.models import build_model, resolve_weights
@@ -54,25 +54,25 @@ def cfg(**overrides) -> TrainConfig:
 
 
 def test_from_scratch_normalizes_with_the_train_splits_statistics():
-    assert train_mod._normalization(cfg(), manifest()) == Normalization(tuple(DATA_MEAN), tuple(DATA_STD))
+    assert assembly.normalization_for(cfg(), manifest()) == Normalization(tuple(DATA_MEAN), tuple(DATA_STD))
     # A colour-space op is fine from scratch: the statistics are of what it stored.
-    assert train_mod._normalization(cfg(), manifest(["to_lab"])) == Normalization(tuple(DATA_MEAN), tuple(DATA_STD))
-    grey = train_mod._normalization(cfg(), manifest(mean=[0.4], std=[0.2]))
+    assert assembly.normalization_for(cfg(), manifest(["to_lab"])) == Normalization(tuple(DATA_MEAN), tuple(DATA_STD))
+    grey = assembly.normalization_for(cfg(), manifest(mean=[0.4], std=[0.2]))
     assert channel_stats(1, grey) == ((pytest.approx(0.4),), (pytest.approx(0.2),))
 
 
 def test_an_older_manifest_without_statistics_falls_back_to_imagenet_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="imgpipe"):
-        assert train_mod._normalization(cfg(), manifest(statistics=False)) == IMAGENET
+        assert assembly.normalization_for(cfg(), manifest(statistics=False)) == IMAGENET
     assert any("records no statistics" in r.getMessage() and "re-run resize" in r.getMessage() for r in caplog.records)
 
 
 def test_pretrained_weights_keep_their_own_statistics():
     for model, member in [("resnet18", "DEFAULT"), ("efficientnet_v2_l", "DEFAULT")]:
-        own = train_mod._normalization(cfg(model=model, pretrained=member), manifest())
-        assert own == train_mod.pretrained.normalization(resolve_weights(model, member)) != Normalization(tuple(DATA_MEAN), tuple(DATA_STD))
+        own = assembly.normalization_for(cfg(model=model, pretrained=member), manifest())
+        assert own == assembly.pretrained.normalization(resolve_weights(model, member)) != Normalization(tuple(DATA_MEAN), tuple(DATA_STD))
     # Grey (one-channel ops) is what a first convolution's summed RGB filters take.
-    assert train_mod._normalization(cfg(model="resnet18", pretrained="DEFAULT"), manifest(["sobel"])) == IMAGENET
+    assert assembly.normalization_for(cfg(model="resnet18", pretrained="DEFAULT"), manifest(["sobel"])) == IMAGENET
 
 
 @pytest.mark.parametrize("ops, space", [(["to_ycbcr"], "YCbCr"), (["clahe", "to_lab", "gaussian_blur:1.0"], "Lab")])
@@ -82,7 +82,7 @@ def test_pretrained_rgb_weights_refuse_a_colour_space_op(ops, space):
         ValueError,
         match=rf"pretrained='DEFAULT' \(resnet18\) expects RGB.*{op} stored {space}.*from scratch.*without {op}",
     ):
-        train_mod._normalization(cfg(model="resnet18", pretrained="DEFAULT"), manifest(ops))
+        assembly.normalization_for(cfg(model="resnet18", pretrained="DEFAULT"), manifest(ops))
 
 
 def test_weights_from_storage_keep_what_their_model_file_records(tmp_path):
@@ -91,8 +91,8 @@ def test_weights_from_storage_keep_what_their_model_file_records(tmp_path):
     torch.save({"model": model.state_dict(), "mean": [0.3, 0.4, 0.5], "std": [0.2, 0.2, 0.2]}, recorded)
     bare = tmp_path / "bare.pt"
     torch.save(model.state_dict(), bare)
-    assert train_mod._normalization(cfg(weights=str(recorded)), manifest()) == Normalization((0.3, 0.4, 0.5), (0.2,) * 3)
-    assert train_mod._normalization(cfg(weights=str(bare)), manifest()) == IMAGENET
+    assert assembly.normalization_for(cfg(weights=str(recorded)), manifest()) == Normalization((0.3, 0.4, 0.5), (0.2,) * 3)
+    assert assembly.normalization_for(cfg(weights=str(bare)), manifest()) == IMAGENET
 
 
 # ------------------------------------------------------------------ round trips on a real local Ray

@@ -2,7 +2,7 @@
 
 :func:`promote` compares the candidate (a committed train output) with the current model
 (the one ``latest.json`` names) like for like: both are scored by one evaluation
-(:func:`imgpipe.steps.train.evaluate_saved`: the same code, fp32, batch and no TTA) on the
+(:func:`imgpipe.train.saved.evaluate_saved`: the same code, fp32, batch and no TTA) on the
 candidate's **test** split, never on a validation split a model was selected on, and only
 on the test images the current model neither trained nor validated on (by sha256: the
 disjoint part, whose size the decision reports; fewer than ``min_images`` is no
@@ -171,7 +171,7 @@ def decide(candidate: str, current: str | None, cfg: PromoteConfig | None = None
     Raises:
         ValueError: If the candidate has no test split to be scored on.
     """
-    from imgpipe.steps.train import evaluate_saved  # torch: only where models are scored
+    from imgpipe.train.saved import evaluate_saved  # torch: only where models are scored
 
     cfg = cfg or PromoteConfig()
     policy = policy or ReadPolicy.trusted()
