@@ -29,6 +29,7 @@ from imgpipe.clean.config import CleanConfig
 from imgpipe.data.images import ImageRejected, thumbnail
 from imgpipe.phases import PhaseLog
 from imgpipe.report import html as htmlpage
+from imgpipe.report import output
 from imgpipe.report import steps as step_report
 from imgpipe.steps.clean import clean
 from imgpipe.steps.download import DownloadConfig, download
@@ -115,10 +116,10 @@ def test_clean_report_counts_histograms_thumbnails_and_rejects(outputs):
         "rejected_truncated": 1,
     }
     assert m["classes"] == 3 and m["train_images"] + m["val_images"] + m["test_images"] == m["outputs"]
-    chart = next(s for s in report.sections if isinstance(s, step_report.Chart))
+    chart = next(s for s in report.sections if isinstance(s, output.Chart))
     assert set(chart.series) == {"train", "val", "test"} and sorted(chart.categories) == sorted(HOSTILE)
     assert sum(map(sum, chart.series.values())) == m["outputs"]
-    galleries = {s.title: s for s in report.sections if isinstance(s, step_report.Gallery)}
+    galleries = {s.title: s for s in report.sections if isinstance(s, output.Gallery)}
     per_class = galleries["Images per class"]
     assert {label for label, _ in per_class.rows} == set(HOSTILE)
     assert all(len(tiles) == 4 and all(t.picture is not None for t in tiles) for _, tiles in per_class.rows)
@@ -148,18 +149,18 @@ def test_text_is_aligned_and_inert_in_a_terminal(outputs):
 
 
 def test_reports_are_bounded_by_their_limits(outputs):
-    limits = step_report.ReportLimits(per_class=1, classes=2, chart_classes=2, table_rows=2, rejects_shown=1, samples=1)
+    limits = output.ReportLimits(per_class=1, classes=2, chart_classes=2, table_rows=2, rejects_shown=1, samples=1)
     report = step_report.build_report(outputs["clean"], limits)
-    galleries = [s for s in report.sections if isinstance(s, step_report.Gallery)]
+    galleries = [s for s in report.sections if isinstance(s, output.Gallery)]
     assert [len(tiles) for g in galleries for _, tiles in g.rows] == [1, 1, 1]
-    chart = next(s for s in report.sections if isinstance(s, step_report.Chart))
+    chart = next(s for s in report.sections if isinstance(s, output.Chart))
     assert len(chart.categories) == 2 and "largest" in chart.note
-    assert all(len(s.rows) <= 2 for s in report.sections if isinstance(s, step_report.Table) and s.title != "Rejects by reason")
-    starved = step_report.build_report(outputs["clean"], step_report.ReportLimits(read_bytes=1))
-    assert all(not g.rows for g in starved.sections if isinstance(g, step_report.Gallery)), "nothing read past the budget"
+    assert all(len(s.rows) <= 2 for s in report.sections if isinstance(s, output.Table) and s.title != "Rejects by reason")
+    starved = step_report.build_report(outputs["clean"], output.ReportLimits(read_bytes=1))
+    assert all(not g.rows for g in starved.sections if isinstance(g, output.Gallery)), "nothing read past the budget"
     assert starved.metrics == report.metrics, "the counts come from the manifest, not from the sample"
     with pytest.raises(ValueError, match="thumb_side must be an integer >= 1"):
-        step_report.ReportLimits(thumb_side=0)
+        output.ReportLimits(thumb_side=0)
 
 
 def test_a_page_stays_small_with_many_classes_and_big_images(tmp_path):
@@ -171,14 +172,14 @@ def test_a_page_stays_small_with_many_classes_and_big_images(tmp_path):
     dl = write_download_output(f"{store}/download", members, row_group_rows=32)
     cl = clean(dl, f"{store}/clean", CleanConfig(workers=1, label_source="folder"))
 
-    def thumbnails(report: step_report.OutputReport) -> list[step_report.Tile]:
-        gallery = next(s for s in report.sections if isinstance(s, step_report.Gallery))
+    def thumbnails(report: output.OutputReport) -> list[output.Tile]:
+        gallery = next(s for s in report.sections if isinstance(s, output.Gallery))
         return [t for _, tiles in gallery.rows for t in tiles]
 
     # One thumbnail per thumb_share (10) images: a thumbnail costs part of what cleaning the image did.
     assert len(thumbnails(step_report.build_report(cl.dest))) == 225 // 10
     # The most a page ever shows: classes (40) x per_class (4) thumbnails, still far below 2 MB.
-    dense = step_report.build_report(cl.dest, step_report.ReportLimits(thumb_share=1, read_bytes=256 << 20))
+    dense = step_report.build_report(cl.dest, output.ReportLimits(thumb_share=1, read_bytes=256 << 20))
     assert len(thumbnails(dense)) == 40 * 4 and all(max(t.picture.size) <= 80 for t in thumbnails(dense))
     assert 100 << 10 < len(dense.html().encode()) < MAX_PAGE
 
@@ -222,9 +223,9 @@ def test_a_clean_report_without_its_download_output_says_why(outputs, tmp_path):
     manifest["extra"].pop("per_split_class")  # as written before the per-split counts existed
     (copy / "manifest.json").write_text(json.dumps(manifest))
     report = step_report.build_report(str(copy))
-    rejected = next(s for s in report.sections if isinstance(s, step_report.Gallery) and s.title == "Rejected images")
+    rejected = next(s for s in report.sections if isinstance(s, output.Gallery) and s.title == "Rejected images")
     assert not rejected.rows and "no thumbnails" in rejected.note and "not a committed step output" in rejected.note
-    chart = next(s for s in report.sections if isinstance(s, step_report.Chart))
+    chart = next(s for s in report.sections if isinstance(s, output.Chart))
     assert list(chart.series) == ["all splits"] and "predates" in chart.note
 
 
@@ -307,13 +308,13 @@ def test_resize_report_shows_before_and_after(resized):
     manifest = contract.read_manifest(resized)
     assert report.metrics["outputs"] == manifest["outputs"] and report.metrics["size"] == 32
     assert {"train_rows", "val_rows", "test_rows"} <= set(report.metrics)
-    gallery = next(s for s in report.sections if isinstance(s, step_report.Gallery))
-    assert 0 < len(gallery.rows) <= step_report.ReportLimits().samples
+    gallery = next(s for s in report.sections if isinstance(s, output.Gallery))
+    assert 0 < len(gallery.rows) <= output.ReportLimits().samples
     for label, (before, after) in gallery.rows:
         assert before.picture is not None and after.picture is not None, label
         mode = "whole" if label.endswith("(train)") else "short-side-crop"
         assert after.caption.endswith(f"{mode} +equalize")
-    settings = dict(next(s for s in report.sections if isinstance(s, step_report.Table) and s.title == "Settings").rows)
+    settings = dict(next(s for s in report.sections if isinstance(s, output.Table) and s.title == "Settings").rows)
     assert settings["mode"] == "short-side-crop" and settings["train_mode"] == "whole" and settings["ops"] == "equalize"
     page = report.html()
     _assert_safe_page(page)
@@ -327,7 +328,7 @@ def test_resize_report_without_its_clean_output(resized, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["upstream"]["source"] = "file://" + str(tmp_path / "gone")
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    gallery = next(s for s in step_report.build_report(str(copy)).sections if isinstance(s, step_report.Gallery))
+    gallery = next(s for s in step_report.build_report(str(copy)).sections if isinstance(s, output.Gallery))
     assert gallery.rows and all(before.picture is None and after.picture is not None for _, (before, after) in gallery.rows)
     assert "no sources" in gallery.note
 

@@ -45,6 +45,7 @@ from imgpipe import contract, modelregistry, resources, storage
 from imgpipe.readpolicy import ReadPolicy, ReadRefused
 from imgpipe.report import html as htmlpage
 from imgpipe.report import steps as step_report
+from imgpipe.report.output import OutputReport
 from imgpipe.train.config import WEIGHTS_CACHE
 
 __all__ = [
@@ -487,7 +488,7 @@ def publish_audit(out: str, *, report: Any, metrics: Any, overrides: Any) -> dic
     return manifest
 
 
-def publish_step_report(prefix: str, *, metrics: Any, report: Any) -> step_report.OutputReport:
+def publish_step_report(prefix: str, *, metrics: Any, report: Any) -> OutputReport:
     """Fills a data step's UI artifacts from its committed output (:func:`imgpipe.report.steps.build_report`).
 
     * ``metrics`` (Metrics): counts, rejects by reason and the step's own figures.
