@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 def _imbalanced(src: str, dest: str, keep: float, seed: int) -> list[str]:
     """A copy of the resize output ``src`` whose train split keeps ``keep`` of the odd half of the classes."""
     from imgpipe import contract, storage
-    from imgpipe.contract import OutputWriter
+    from imgpipe.writer import OutputWriter
 
     manifest = contract.read_manifest(src, expect_step="resize")
     classes = list((manifest.get("extra") or {}).get("classes") or [])

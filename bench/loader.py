@@ -85,10 +85,10 @@ def write_datasets(root: Path, count: int, size: int, source: tuple[int, int]) -
     """Writes an ImageFolder of source-size JPEGs, and their resize-step outputs (raw and JPEG)."""
     import pyarrow as pa
 
-    from imgpipe.contract import OutputWriter
     from imgpipe.resize.ops import encode_jpeg, resize_image
     from imgpipe.resize.spec import ResizeSpec
     from imgpipe.steps.resize import output_schema
+    from imgpipe.writer import OutputWriter
 
     folder = root / "imagefolder"
     rows: dict[str, list[dict]] = {"raw": [], "jpeg": []}

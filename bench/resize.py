@@ -90,12 +90,12 @@ import imgpipe.steps.resize as resize_step  # noqa: E402
 from imgpipe import contract  # noqa: E402
 from imgpipe.clean.config import CleanConfig  # noqa: E402
 from imgpipe.clean.decode import OUTPUT_SCHEMA  # noqa: E402
-from imgpipe.contract import OutputWriter  # noqa: E402
 from imgpipe.resize.ops import _decode, _open, resize_image, resize_image_reference
 from imgpipe.resize.spec import DRAFT_MARGIN, ResizeConfig, ResizeSpec, plan_geometry
 from imgpipe.resize.task import TaskOutput, TaskResult, run_task
 from imgpipe.resources import available_cpus  # noqa: E402
 from imgpipe.steps.resize import resize
+from imgpipe.writer import OutputWriter  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from imgpipe import resources
-from imgpipe.contract import OutputWriter
+from imgpipe.writer import OutputWriter
 
 
 def write_download_output(dest: str, members: Mapping[str, bytes], row_group_rows: int = 4, shards: int = 2) -> str:

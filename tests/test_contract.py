@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imgpipe import contract, storage
-from imgpipe.contract import OutputWriter, Reject, UncommittedOutputError
+from imgpipe import contract, parquet, storage
+from imgpipe.contract import Reject, UncommittedOutputError
+from imgpipe.writer import OutputWriter
 
 
 def test_commit_writes_everything_in_order(any_root):
@@ -266,8 +267,8 @@ def test_parquet_file_streams_row_groups_and_commits_only_on_success(tmp_path):
 _IMAGE_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
-        contract.IMAGE_FIELD,
-        contract.LABEL_FIELD,
+        parquet.IMAGE_FIELD,
+        parquet.LABEL_FIELD,
         pa.field("pixels", pa.binary(), nullable=False),
         pa.field("bbox", pa.list_(pa.float32())),
     ]
@@ -277,10 +278,10 @@ _IMAGE_SCHEMA = pa.schema(
 def test_hf_features_are_what_the_datasets_library_writes(hf_datasets):
     from datasets import ClassLabel, Features, Image, List, Value
 
-    schema = contract.with_hf_features(_IMAGE_SCHEMA, ["cat", "dog"])
-    ours = json.loads(schema.metadata[contract.HF_METADATA_KEY])
+    schema = parquet.with_hf_features(_IMAGE_SCHEMA, ["cat", "dog"])
+    ours = json.loads(schema.metadata[parquet.HF_METADATA_KEY])
     theirs = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog"]), "pixels": Value("binary")})
-    assert ours == json.loads(theirs.arrow_schema.metadata[contract.HF_METADATA_KEY])
+    assert ours == json.loads(theirs.arrow_schema.metadata[parquet.HF_METADATA_KEY])
     assert ours == {"info": {"features": theirs.to_dict()}}
     # What datasets makes of the schema: our features, and the Arrow types for the rest.
     assert Features.from_arrow_schema(schema) == Features(
@@ -297,7 +298,7 @@ def test_hf_features_are_what_the_datasets_library_writes(hf_datasets):
 
 
 def test_hf_features_survive_a_committed_parquet_file_byte_for_byte(tmp_path):
-    schema = contract.with_hf_features(_IMAGE_SCHEMA, ["cat", "dog"])
+    schema = parquet.with_hf_features(_IMAGE_SCHEMA, ["cat", "dog"])
     row = {"path": "a.jpg", "image": {"bytes": b"x", "path": "a.jpg"}, "label": 1, "pixels": b"\0", "bbox": None}
     written = []
     for name in ("one", "two"):
@@ -310,7 +311,7 @@ def test_hf_features_survive_a_committed_parquet_file_byte_for_byte(tmp_path):
         written.append((tmp_path / name / "part-00000.parquet").read_bytes())
     assert written[0] == written[1], "the metadata is deterministic: a re-run writes identical files"
     stored = pq.read_schema(tmp_path / "one" / "part-00000.parquet")
-    assert stored.metadata[contract.HF_METADATA_KEY] == schema.metadata[contract.HF_METADATA_KEY]
+    assert stored.metadata[parquet.HF_METADATA_KEY] == schema.metadata[parquet.HF_METADATA_KEY]
     assert stored.equals(schema, check_metadata=False)
 
 
@@ -320,11 +321,11 @@ def test_hf_features_survive_a_committed_parquet_file_byte_for_byte(tmp_path):
         (_IMAGE_SCHEMA, ["cat", "cat"], ValueError, "unique"),
         (_IMAGE_SCHEMA, ["cat", 1], TypeError, "strings"),
         (_IMAGE_SCHEMA, "cat", TypeError, "list of class names"),
-        (pa.schema([pa.field("label", pa.int32(), nullable=False)]), ["cat"], ValueError, "contract.LABEL_FIELD"),
-        (pa.schema([contract.LABEL_FIELD, contract.IMAGE_FIELD.with_nullable(False)]), ["cat"], ValueError, "IMAGE_FIELD"),
+        (pa.schema([pa.field("label", pa.int32(), nullable=False)]), ["cat"], ValueError, "parquet.LABEL_FIELD"),
+        (pa.schema([parquet.LABEL_FIELD, parquet.IMAGE_FIELD.with_nullable(False)]), ["cat"], ValueError, "IMAGE_FIELD"),
         (pa.schema([pa.field("x", pa.int64())]), ["cat"], ValueError, "no 'label' column"),
     ],
 )
 def test_hf_features_refuse_what_datasets_would_ignore_or_reject(schema, classes, error, message):
     with pytest.raises(error, match=message):
-        contract.with_hf_features(schema, classes)
+        parquet.with_hf_features(schema, classes)

@@ -23,6 +23,8 @@ LOW = {
     "storage",
     "config",
     "contract",
+    "writer",
+    "parquet",
     "resources",
     "phases",
     "data",

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from imgpipe import contract, storage
+from imgpipe import contract, parquet, storage
 from imgpipe.clean.config import CleanConfig
 from imgpipe.resize.spec import ResizeConfig
 from imgpipe.steps.clean import clean
@@ -106,7 +106,7 @@ def test_clean_output_in_pandas_and_pyarrow(clean_dest):
     assert Image.open(io.BytesIO(first["image"]["bytes"])).size == (first["width"], first["height"])
     table = pa.concat_tables([pq.read_table(u) for u in files])
     assert table.num_rows == len(stored)
-    assert table.schema.metadata[contract.HF_METADATA_KEY], "pyarrow keeps the datasets features"
+    assert table.schema.metadata[parquet.HF_METADATA_KEY], "pyarrow keeps the datasets features"
     contract.verify_output(clean_dest)  # the digests the manifest records are those of the files
 
 

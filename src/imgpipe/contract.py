@@ -24,7 +24,6 @@ never read as part of the output.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import io
@@ -32,21 +31,19 @@ import json
 import os
 import re
 import socket
-import threading
-import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgpipe import storage
-from imgpipe.config import config_to_dict, config_to_yaml
+from imgpipe.config import config_to_dict
 
 __all__ = [
+    "dest_uri",
     "OWNER",
     "MIN_DEST_SEGMENTS",
     "check_destination",
@@ -59,31 +56,17 @@ __all__ = [
     "REJECTS_SCHEMA",
     "UncommittedOutputError",
     "ConcurrentWriterError",
-    "HashingWriter",
-    "ParquetSink",
-    "stream_parquet",
-    "attempt_name",
-    "unscoped_name",
     "publish",
     "verify_output",
     "manifest_body",
-    "entry_for_bytes",
-    "write_entry",
     "FileEntry",
     "Reject",
     "StepReport",
-    "OutputWriter",
     "read_manifest",
     "data_files",
     "read_rejects",
     "is_committed",
-    "parquet_write_options",
     "check_disjoint",
-    "IMAGE_FIELD",
-    "LABEL_FIELD",
-    "HF_METADATA_KEY",
-    "hf_features",
-    "with_hf_features",
 ]
 
 MANIFEST = "manifest.json"
@@ -138,52 +121,6 @@ class FileEntry:
     rows: int
     bytes: int
     sha256: str = ""
-
-
-class HashingWriter(io.RawIOBase):
-    """A write-only stream that passes bytes on to ``sink`` while counting and hashing them.
-
-    What a manifest records about a data file is computed from the bytes as they are
-    written, so no file is read back to be described.
-    """
-
-    def __init__(self, sink: IO[bytes]) -> None:
-        super().__init__()
-        self._sink = sink
-        self._hash = hashlib.sha256()
-        self._size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        self._sink.write(view)
-        self._hash.update(view)
-        self._size += view.nbytes
-        return view.nbytes
-
-    def tell(self) -> int:
-        return self._size
-
-    def entry(self, name: str, rows: int) -> FileEntry:
-        """The manifest entry of what was written so far."""
-        return FileEntry(name=name, rows=rows, bytes=self._size, sha256=self._hash.hexdigest())
-
-
-def entry_for_bytes(name: str, data: bytes, rows: int = 0) -> FileEntry:
-    """The manifest entry of a file written in one piece."""
-    return FileEntry(name=name, rows=rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-
-def write_entry(dest: str, name: str, data: bytes) -> FileEntry:
-    """Writes ``data`` as ``name`` in the prefix ``dest`` (in one piece); returns its manifest entry.
-
-    For outputs of small files that commit with :func:`publish` (train, compare); Parquet
-    data files go through :class:`OutputWriter`.
-    """
-    storage.write_bytes(_dest_uri(dest, name), data)
-    return entry_for_bytes(name, data)
 
 
 @dataclass(frozen=True)
@@ -256,7 +193,7 @@ class StepReport:
         )
 
 
-def _dest_uri(dest: str, name: str) -> str:
+def dest_uri(dest: str, name: str) -> str:
     return storage.join(dest, name)
 
 
@@ -281,7 +218,7 @@ def check_name(name: Any, where: str) -> str:
 
 def is_committed(prefix: str) -> bool:
     """Whether ``prefix`` holds a committed step output."""
-    return storage.exists(_dest_uri(prefix, SUCCESS))
+    return storage.exists(dest_uri(prefix, SUCCESS))
 
 
 def read_manifest(prefix: str, expect_step: str | None = None) -> dict[str, Any]:
@@ -302,7 +239,7 @@ def read_manifest(prefix: str, expect_step: str | None = None) -> dict[str, Any]
             "it has not finished, failed, or was pointed elsewhere; re-run that step first"
         )
     try:
-        manifest = json.loads(storage.read_bytes(_dest_uri(prefix, MANIFEST)))
+        manifest = json.loads(storage.read_bytes(dest_uri(prefix, MANIFEST)))
     except FileNotFoundError as exc:
         raise ValueError(f"{prefix} has {SUCCESS} but no {MANIFEST}; the output is damaged") from exc
     if expect_step is not None and manifest.get("step") != expect_step:
@@ -336,13 +273,13 @@ def data_files(
     for f in files:
         check_name(f.get("name"), f"{prefix}/{MANIFEST}")
     _check_sizes(prefix, files)
-    return [_dest_uri(prefix, f["name"]) for f in files]
+    return [dest_uri(prefix, f["name"]) for f in files]
 
 
 def _check_sizes(prefix: str, files: Iterable[Mapping[str, Any]]) -> None:
     sizes = {o.uri: o.size for o in storage.list_objects(prefix)}
     for f in files:
-        found = sizes.get(_dest_uri(prefix, f["name"]))
+        found = sizes.get(dest_uri(prefix, f["name"]))
         if found != f["bytes"]:
             state = "is missing" if found is None else f"has {found} bytes"
             raise ValueError(
@@ -372,7 +309,7 @@ def verify_output(prefix: str) -> dict[str, Any]:
         if not f.get("sha256"):
             continue  # written before digests were recorded
         digest = hashlib.sha256()
-        with storage.open_read(_dest_uri(prefix, f["name"])) as fh:
+        with storage.open_read(dest_uri(prefix, f["name"])) as fh:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
         if digest.hexdigest() != f["sha256"]:
@@ -387,7 +324,7 @@ def read_rejects(prefix: str) -> pa.Table:
     """The rejects table of a committed output."""
     read_manifest(prefix)
     # ParquetFile, not read_table: one small file needs no pyarrow.dataset (a 30 ms import).
-    return pq.ParquetFile(io.BytesIO(storage.read_bytes(_dest_uri(prefix, REJECTS)))).read()
+    return pq.ParquetFile(io.BytesIO(storage.read_bytes(dest_uri(prefix, REJECTS)))).read()
 
 
 def _read_json(uri: str) -> dict[str, Any] | None:
@@ -406,7 +343,7 @@ def _owner(dest: str) -> str | None:
     here: it counts as no owner, so :func:`claim` refuses rather than deletes.
     """
     for name in (OWNER, MANIFEST):
-        uri = _dest_uri(dest, name)
+        uri = dest_uri(dest, name)
         if storage.exists(uri):
             marker = _read_json(uri) or {}
             if name == OWNER and marker.get("path") not in (None, dest):
@@ -416,7 +353,7 @@ def _owner(dest: str) -> str | None:
 
 
 def _attempt_of(dest: str, name: str) -> str | None:
-    return ((_read_json(_dest_uri(dest, name)) or {}).get("attempt")) or None
+    return ((_read_json(dest_uri(dest, name)) or {}).get("attempt")) or None
 
 
 def check_destination(dest: str, step: str) -> str:
@@ -479,7 +416,7 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
     owner = _owner(dest) if present else None
     if present and owner != step:
         names = ", ".join(o.uri[len(dest.rstrip("/")) + 1 :] for o in present[:5])
-        moved = (_read_json(_dest_uri(dest, OWNER)) or {}).get("path") if storage.exists(_dest_uri(dest, OWNER)) else None
+        moved = (_read_json(dest_uri(dest, OWNER)) or {}).get("path") if storage.exists(dest_uri(dest, OWNER)) else None
         whose = (
             f"a {owner} output"
             if owner
@@ -491,8 +428,8 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
             f"{step}: refusing to overwrite {dest}: it holds {whose} ({len(present)} object(s): {names}"
             f"{', ...' if len(present) > 5 else ''}). Choose an empty prefix, or remove them yourself"
         )
-    storage.delete(_dest_uri(dest, SUCCESS))
-    kept = {_dest_uri(dest, name) for name in keep}
+    storage.delete(dest_uri(dest, SUCCESS))
+    kept = {dest_uri(dest, name) for name in keep}
     if kept:
         storage.delete_many([obj.uri for obj in present if obj.uri not in kept])
     elif present:
@@ -506,7 +443,7 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
         "pid": os.getpid(),
         "started_at": _now(),
     }
-    storage.write_bytes(_dest_uri(dest, OWNER), json.dumps(marker).encode())
+    storage.write_bytes(dest_uri(dest, OWNER), json.dumps(marker).encode())
     return attempt
 
 
@@ -545,14 +482,14 @@ def publish(dest: str, step: str, attempt: str, manifest: Mapping[str, Any]) -> 
     _check_owner(dest, step, attempt)
     _check_sizes(dest, manifest.get("files", []))
     body = {**manifest, "attempt": attempt}
-    storage.write_bytes(_dest_uri(dest, MANIFEST), json.dumps(body, indent=2).encode())
+    storage.write_bytes(dest_uri(dest, MANIFEST), json.dumps(body, indent=2).encode())
     _check_owner(dest, step, attempt)
-    storage.write_bytes(_dest_uri(dest, SUCCESS), b"")
+    storage.write_bytes(dest_uri(dest, SUCCESS), b"")
     try:
         _check_owner(dest, step, attempt)
     except ConcurrentWriterError:
         if _attempt_of(dest, MANIFEST) in (attempt, None):
-            storage.delete(_dest_uri(dest, SUCCESS))
+            storage.delete(dest_uri(dest, SUCCESS))
         raise
 
 
@@ -574,336 +511,6 @@ def check_disjoint(dest: str, sources: Iterable[str], step: str) -> None:
                 f"{step}: source {source} and dest {dest} overlap; the step clears dest before "
                 "writing, so choose a dest outside the source (and vice versa)"
             )
-
-
-def table_to_parquet_bytes(table: pa.Table, **kwargs: Any) -> bytes:
-    """Serializes a table to Parquet in memory (for small tables such as rejects)."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf, **kwargs)
-    return buf.getvalue()
-
-
-def _leaf_paths(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
-    out: list[tuple[str, pa.DataType]] = []
-
-    def walk(prefix: str, dtype: pa.DataType) -> None:
-        if pa.types.is_struct(dtype):
-            for child in dtype:
-                walk(f"{prefix}.{child.name}", child.type)
-        else:
-            out.append((prefix, dtype))
-
-    for f in schema:
-        walk(f.name, f.type)
-    return out
-
-
-def parquet_write_options(schema: pa.Schema) -> dict[str, Any]:
-    """Parquet settings for a step's data files.
-
-    Binary columns hold encoded images (JPEG/PNG) or raw pixels: compressing them again
-    costs about 4x the write time for a fraction of a percent, dictionary encoding them
-    is pointless, and min/max statistics on them are never used. Everything else gets
-    zstd and statistics.
-    """
-    leaves = _leaf_paths(schema)
-    binary = [p for p, t in leaves if pa.types.is_binary(t) or pa.types.is_large_binary(t)]
-    return {
-        "compression": {p: ("none" if p in binary else "zstd") for p, _ in leaves},
-        "use_dictionary": [p for p, _ in leaves if p not in binary],
-        "write_statistics": [p for p, _ in leaves if p not in binary],
-    }
-
-
-# The image and label columns of clean and resize, typed as the Hugging Face `datasets` Image
-# and ClassLabel features store them (datasets 5.2.0 src/datasets/features/image.py
-# Image.pa_type, features.py ClassLabel.pa_type), nullable included: datasets applies a feature
-# from the schema metadata only to a field equal to its own (with_hf_features). No step writes
-# nulls there.
-IMAGE_FIELD = pa.field("image", pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())]))
-LABEL_FIELD = pa.field("label", pa.int64())
-# The Parquet schema metadata key `datasets` reads features from (arrow_writer.py _build_metadata).
-HF_METADATA_KEY = b"huggingface"
-
-
-def hf_features(schema: pa.Schema, classes: Sequence[str]) -> dict[str, Any]:
-    """The Hugging Face ``datasets`` features of a step's data files, as ``Features.to_dict()`` writes them.
-
-    Only the columns whose meaning the Arrow type does not carry are described: ``image``
-    is an ``Image``, ``label`` a ``ClassLabel`` named by ``classes``, and any other binary
-    column (resize's raw ``pixels``) a plain ``Value("binary")``, never an image. ``datasets``
-    infers every other column from its Arrow type (datasets 5.2.0
-    src/datasets/features/features.py ``Features.from_arrow_schema``), which also keeps the
-    metadata readable by versions whose nested feature names differ (``List``/``Sequence``).
-
-    Args:
-        schema: The data files' schema; it must have ``label`` typed as :data:`LABEL_FIELD`,
-            and ``image``, if present, as :data:`IMAGE_FIELD`.
-        classes: Class names in label order.
-
-    Raises:
-        TypeError: If a class name is not a string.
-        ValueError: If class names repeat, or ``label``/``image`` are typed otherwise (datasets
-            would silently ignore their features).
-    """
-    if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
-        raise TypeError(f"classes must be a list of class names (strings), got {classes!r}")
-    if len(set(classes)) != len(classes):
-        raise ValueError(f"class names must be unique (they name the label indices), got {list(classes)}")
-    expected = {LABEL_FIELD.name: LABEL_FIELD, IMAGE_FIELD.name: IMAGE_FIELD}
-    if LABEL_FIELD.name not in schema.names:
-        raise ValueError(f"the schema has no {LABEL_FIELD.name!r} column to carry the class names")
-    features: dict[str, Any] = {}
-    for f in schema:
-        if f.name in expected and not f.equals(expected[f.name]):
-            raise ValueError(
-                f"column {f.name!r} is {f.type} (nullable={f.nullable}); the datasets library applies its "
-                f"feature only to {expected[f.name].type} (nullable=True): use contract.{f.name.upper()}_FIELD"
-            )
-        if f.name == IMAGE_FIELD.name:
-            features[f.name] = {"_type": "Image"}
-        elif f.name == LABEL_FIELD.name:
-            features[f.name] = {"names": list(classes), "_type": "ClassLabel"}
-        elif pa.types.is_binary(f.type):
-            features[f.name] = {"dtype": "binary", "_type": "Value"}
-    return features
-
-
-def with_hf_features(schema: pa.Schema, classes: Sequence[str]) -> pa.Schema:
-    """``schema`` with its :func:`hf_features` in the metadata, as ``datasets`` writes them.
-
-    ``datasets.load_dataset("parquet", ...)`` then reads ``image`` as ``Image`` and ``label`` as
-    ``ClassLabel(names=classes)``; other readers ignore the key. The JSON is deterministic,
-    so a re-run still writes byte-identical files.
-
-    Raises:
-        TypeError: As :func:`hf_features`.
-        ValueError: As :func:`hf_features`.
-    """
-    body = json.dumps({"info": {"features": hf_features(schema, classes)}})
-    return schema.with_metadata({**(schema.metadata or {}), HF_METADATA_KEY: body.encode()})
-
-
-class ParquetSink:
-    """A data file :func:`stream_parquet` is writing: counts the rows it is given.
-
-    Attributes:
-        writer: The open ``pyarrow.parquet.ParquetWriter``.
-        rows: Rows written so far.
-        entry: The file's manifest entry, set once the file is committed.
-    """
-
-    def __init__(self, writer: pq.ParquetWriter) -> None:
-        self.writer = writer
-        self.rows = 0
-        self.entry: FileEntry | None = None
-
-    def write(self, table: pa.Table, row_group_size: int | None = None) -> None:
-        """Appends ``table`` as row groups of ``row_group_size`` rows (default: one row group)."""
-        self.writer.write_table(table, row_group_size=row_group_size or max(1, table.num_rows))
-        self.rows += table.num_rows
-
-
-@contextlib.contextmanager
-def stream_parquet(dest: str, name: str, schema: pa.Schema, **parquet_kwargs: Any) -> Iterator[ParquetSink]:
-    """Streams the data file ``name`` of the output prefix ``dest``, hashed as it is written.
-
-    For any process that writes a data file (a step's own, or a worker's such as a Ray
-    task of resize): the object is committed (renamed or completed) when the block ends
-    without an exception and dropped otherwise, and ``sink.entry`` then holds what the
-    manifest records. The file belongs to the output only once the step's driver records
-    the entry (:meth:`OutputWriter.add_file`) and commits.
-
-    Defaults come from :func:`parquet_write_options`; ``parquet_kwargs`` (e.g.
-    ``sorting_columns``) are added to the writer's.
-    """
-    kwargs = {**parquet_write_options(schema), **parquet_kwargs}
-    with storage.open_write(_dest_uri(dest, name)) as fh:
-        handle = HashingWriter(fh)
-        sink = ParquetSink(pq.ParquetWriter(handle, schema, **kwargs))
-        try:
-            yield sink
-        finally:
-            sink.writer.close()  # on an exception open_write then drops the object
-    sink.entry = handle.entry(name, sink.rows)
-
-
-# The attempt id in the names of files that workers write (attempt_name): long enough that two
-# attempts never share one (48 random bits), short enough to read.
-_ATTEMPT_CHARS = 12
-_ATTEMPT_IN_NAME = re.compile(rf"\.a[0-9a-f]{{{_ATTEMPT_CHARS}}}(?=\.[^./]+$)")
-
-
-def attempt_name(name: str, attempt: str) -> str:
-    """``name`` scoped to one attempt: ``train/part-00003-000.parquet`` -> ``train/part-00003-000.a<id>.parquet``.
-
-    Files that processes other than the step's driver write straight to the output (resize's
-    Ray tasks) carry the attempt in their names, so a worker of an overtaken attempt that
-    is still running can never replace a file of the attempt that owns the prefix: it can
-    only add files that no manifest lists, which the next claim removes.
-
-    Raises:
-        ValueError: If ``attempt`` is not a claim's id, or ``name`` has no extension.
-    """
-    if not re.fullmatch(rf"[0-9a-f]{{{_ATTEMPT_CHARS},}}", attempt or ""):
-        raise ValueError(f"{attempt!r} is not an attempt id (contract.claim returns one)")
-    stem, dot, ext = name.rpartition(".")
-    if not dot or "/" in ext:
-        raise ValueError(f"{name!r} needs an extension to be scoped to an attempt")
-    return f"{stem}.a{attempt[:_ATTEMPT_CHARS]}.{ext}"
-
-
-def unscoped_name(name: str) -> str:
-    """``name`` without the attempt :func:`attempt_name` put in it (for comparing the outputs of two runs)."""
-    return _ATTEMPT_IN_NAME.sub("", name)
-
-
-class OutputWriter:
-    """Writes one step's output prefix and commits it.
-
-    Usage::
-
-        out = OutputWriter(dest, "clean")
-        out.begin()                       # drops _SUCCESS, then stale files
-        out.write_table("part-00000.parquet", table)   # thread-safe, call in parallel
-        report = out.commit(inputs=n, rejects=rejects, config=cfg)
-
-    Nothing becomes readable before ``commit`` writes ``_SUCCESS``.
-    """
-
-    def __init__(self, dest: str, step: str) -> None:
-        self.dest = storage.normalize_uri(dest)
-        self.step = step
-        self._files: dict[str, FileEntry] = {}
-        self._lock = threading.Lock()
-        self._started = time.monotonic()
-        self._attempt: str | None = None
-
-    def uri(self, name: str) -> str:
-        """Full URI of a file inside the output prefix."""
-        return _dest_uri(self.dest, name)
-
-    def begin(self) -> None:
-        """Invalidates any previous output at ``dest`` so a re-run starts clean (:func:`claim`).
-
-        ``_SUCCESS`` goes first: from that moment readers refuse the prefix, and the
-        stale files deleted next can never be read as part of a finished output. A prefix
-        the step does not own is refused, never emptied.
-        """
-        self._attempt = claim(self.dest, self.step)
-        self._started = time.monotonic()
-
-    def _check_name(self, name: str) -> None:
-        if self._attempt is None:
-            raise RuntimeError("OutputWriter.begin() must be called before writing")
-        if name in (MANIFEST, SUCCESS, REJECTS, CONFIG, OWNER) or name.startswith("/") or ".." in name.split("/"):
-            raise ValueError(f"{name!r} is reserved or not a valid data file name")
-
-    def write_table(self, name: str, table: pa.Table, **parquet_kwargs: Any) -> FileEntry:
-        """Writes a Parquet data file (thread-safe) and records it for the manifest.
-
-        Defaults come from :func:`parquet_write_options`; ``parquet_kwargs`` override them.
-        """
-        self._check_name(name)
-        parquet_kwargs = {**parquet_write_options(table.schema), **parquet_kwargs}
-        with storage.open_write(self.uri(name)) as fh:
-            sink = HashingWriter(fh)
-            pq.write_table(table, sink, **parquet_kwargs)
-        entry = sink.entry(name, table.num_rows)
-        with self._lock:
-            self._files[name] = entry
-        return entry
-
-    @contextlib.contextmanager
-    def parquet_file(self, name: str, schema: pa.Schema, **parquet_kwargs: Any) -> Iterator[ParquetSink]:
-        """Streams a Parquet data file, row group by row group; recorded for the manifest on success.
-
-        The file is committed (renamed or completed) when the block ends without an
-        exception and dropped otherwise, so a failed step leaves no readable half-file.
-        Defaults come from :func:`parquet_write_options`; ``parquet_kwargs`` (e.g.
-        ``sorting_columns``) are added to the writer's.
-        """
-        self._check_name(name)
-        with stream_parquet(self.dest, name, schema, **parquet_kwargs) as sink:
-            yield sink
-        assert sink.entry is not None
-        self.add_file(sink.entry)
-
-    @property
-    def attempt(self) -> str:
-        """This attempt's id (:func:`claim`), for files other processes write (:func:`attempt_name`)."""
-        if self._attempt is None:
-            raise RuntimeError("OutputWriter.begin() must be called first")
-        return self._attempt
-
-    def add_file(self, entry: FileEntry) -> None:
-        """Records a data file written by another process (e.g. a pool worker)."""
-        self._check_name(entry.name)
-        with self._lock:
-            self._files[entry.name] = entry
-
-    @property
-    def files(self) -> list[FileEntry]:
-        """Data files written so far, sorted by name."""
-        with self._lock:
-            return sorted(self._files.values(), key=lambda f: f.name)
-
-    def commit(
-        self,
-        *,
-        inputs: int,
-        rejects: Iterable[Reject],
-        config: Any,
-        extra: Mapping[str, Any] | None = None,
-        upstream: Mapping[str, Any] | None = None,
-    ) -> StepReport:
-        """Writes rejects, config, manifest and finally ``_SUCCESS``.
-
-        Args:
-            inputs: How many items the step received.
-            rejects: Every dropped item with its reason.
-            config: The resolved step config (a dataclass).
-            extra: Step-specific manifest fields.
-            upstream: Where the inputs came from (URIs, upstream manifest facts).
-
-        Raises:
-            RuntimeError: If counts do not reconcile (``inputs != outputs + rejected``);
-                nothing is committed then.
-            ConcurrentWriterError: If another attempt claimed ``dest`` meanwhile.
-        """
-        if self._attempt is None:
-            raise RuntimeError("OutputWriter.begin() must be called before commit()")
-        rejects = sorted(rejects, key=lambda r: (r.path, r.reason))
-        files = self.files
-        outputs = sum(f.rows for f in files)
-        if inputs != outputs + len(rejects):
-            raise RuntimeError(
-                f"{self.step}: counts do not reconcile: {inputs} inputs != {outputs} outputs + "
-                f"{len(rejects)} rejected; refusing to commit {self.dest}"
-            )
-        rejects_table = pa.table(
-            {
-                "path": [r.path for r in rejects],
-                "reason": [r.reason for r in rejects],
-                "detail": [r.detail for r in rejects],
-            },
-            schema=REJECTS_SCHEMA,
-        )
-        storage.write_bytes(self.uri(REJECTS), table_to_parquet_bytes(rejects_table))
-        storage.write_bytes(self.uri(CONFIG), config_to_yaml(config).encode())
-        report = StepReport(
-            step=self.step,
-            dest=self.dest,
-            inputs=inputs,
-            outputs=outputs,
-            rejected=len(rejects),
-            rejects_by_reason=dict(sorted(Counter(r.reason for r in rejects).items())),
-            files=files,
-            seconds=round(time.monotonic() - self._started, 3),
-            extra=dict(extra or {}),
-        )
-        publish(self.dest, self.step, self._attempt or "", manifest_body(report, config, upstream))
-        return report
 
 
 def manifest_body(report: StepReport, config: Any, upstream: Mapping[str, Any] | None) -> dict[str, Any]:

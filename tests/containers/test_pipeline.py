@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from imgpipe import contract, storage
+from imgpipe import contract, storage, writer
 from imgpipe.data.synth import SynthConfig, generate
 from imgpipe.kfp.local_run import (
     LocalRunConfig,
@@ -30,9 +30,9 @@ CLEAN = {"row_group_rows": 8}
 
 
 def _data_files(prefix: str) -> dict[str, bytes]:
-    """Name (without its attempt, contract.unscoped_name) -> bytes of the data files a committed output lists."""
+    """Name (without its attempt, writer.unscoped_name) -> bytes of the data files a committed output lists."""
     manifest = contract.read_manifest(prefix)
-    return {contract.unscoped_name(f["name"]): storage.read_bytes(storage.join(prefix, f["name"])) for f in manifest["files"]}
+    return {writer.unscoped_name(f["name"]): storage.read_bytes(storage.join(prefix, f["name"])) for f in manifest["files"]}
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from imgpipe import contract, storage
+from imgpipe import contract, storage, writer
 from tests.faults.conftest import Runner
 
 STEPS = ("download", "clean", "resize", "train")
@@ -87,8 +87,8 @@ def fingerprint(prefix: str) -> dict:
         files = [f for f in files if f["name"] in _COMPARED_TRAIN_FILES]
     rejects = hashlib.sha256(storage.read_bytes(storage.join(prefix, contract.REJECTS))).hexdigest() if manifest["step"] != "train" else None
     return {
-        # Files written by workers carry their attempt in the name (contract.attempt_name).
-        "files": [(contract.unscoped_name(f["name"]), f["rows"], f["bytes"], f["sha256"]) for f in files],
+        # Files written by workers carry their attempt in the name (writer.attempt_name).
+        "files": [(writer.unscoped_name(f["name"]), f["rows"], f["bytes"], f["sha256"]) for f in files],
         "rejects": rejects,
         "counts": (manifest["inputs"], manifest["outputs"], manifest["rejected"]),
     }

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from imgpipe import contract, storage
-from imgpipe.contract import OutputWriter
+from imgpipe.writer import OutputWriter
 
 pytestmark = pytest.mark.quick
 

@@ -30,11 +30,11 @@ import pytest
 from imgpipe import contract, storage
 from imgpipe.clean.config import CleanConfig
 from imgpipe.config import config_from_dict, config_to_dict
-from imgpipe.contract import OutputWriter
 from imgpipe.remote import attempts, dispatch, job, payload, ray_jobs, targets
 from imgpipe.resize.spec import ResizeConfig
 from imgpipe.steps.clean import clean
 from imgpipe.steps.resize import resize
+from imgpipe.writer import OutputWriter
 from tests import imagefactory as f
 from tests.helpers import free_port, write_download_output
 

@@ -144,8 +144,8 @@ def test_no_fold_selects_or_stops_on_the_images_it_then_scores(audited):
 def test_a_near_duplicate_group_never_spans_folds(tmp_path):
     import numpy as np
 
-    from imgpipe.contract import OutputWriter
     from imgpipe.steps.audit import _near_duplicate_groups, fold_of_groups
+    from imgpipe.writer import OutputWriter
 
     # A clean output whose pHashes put rows 0-3 in one group (1 and 2 bits apart, and a mirror) and 4-5 in another.
     rng = np.random.default_rng(0)

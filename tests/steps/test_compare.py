@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from imgpipe import contract, storage
+from imgpipe import contract, storage, writer
 from imgpipe.config import config_to_dict, load_config, step_config
 from imgpipe.contract import StepReport
 from imgpipe.steps import compare as cmp
@@ -56,7 +56,7 @@ def write_branch(root: str, name: str, epochs: list[dict], confusion=BALANCED, d
     metrics = {"epochs": epochs, "labels": LABELS, "val_confusion": confusion}
     body = json.dumps(metrics).encode()
     storage.write_bytes(storage.join(prefix, contract.METRICS), body)
-    report = StepReport(step="train", dest=prefix, inputs=1, outputs=1, rejected=0, files=[contract.entry_for_bytes(contract.METRICS, body)])
+    report = StepReport(step="train", dest=prefix, inputs=1, outputs=1, rejected=0, files=[writer.entry_for_bytes(contract.METRICS, body)])
     cfg = TrainConfig(model="tiny_cnn", device="cpu", **settings)
     contract.publish(prefix, "train", attempt, contract.manifest_body(report, cfg, {"source": data, "step": "resize"}))
     return prefix

@@ -22,11 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from imgpipe import contract, storage
+from imgpipe import contract, storage, writer
 from imgpipe.clean.config import CleanConfig
 from imgpipe.clean.decode import OUTPUT_SCHEMA as CLEAN_SCHEMA
 from imgpipe.config import config_from_dict, config_to_dict, config_to_yaml, step_config
-from imgpipe.contract import OutputWriter
 from imgpipe.resize.ops import resize_batch, resize_image
 from imgpipe.resize.spec import ResizeConfig, ResizeSpec, plan_geometry
 from imgpipe.resize.task import (
@@ -52,6 +51,7 @@ from imgpipe.steps.resize import (
     resize,
     task_arguments,
 )
+from imgpipe.writer import OutputWriter
 from tests import imagefactory as f
 from tests.helpers import write_download_output
 
@@ -440,7 +440,7 @@ def check_output(source: str, dest: str, cfg: ResizeConfig) -> dict[str, pa.Tabl
         assert all(meta.row_group(i).num_rows <= cfg.row_group_rows for i in range(meta.num_row_groups))
         codecs = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).compression for i in range(meta.num_columns)}
         payload = "pixels" if cfg.format == "raw" else "image.bytes"
-        assert (codecs[payload], codecs["order"]) == ("UNCOMPRESSED", "ZSTD"), "contract.parquet_write_options"
+        assert (codecs[payload], codecs["order"]) == ("UNCOMPRESSED", "ZSTD"), "parquet.parquet_write_options"
         tables[entry["name"]] = table
     if storage.exists(storage.join(source, "labels.json")):
         labels = storage.read_bytes(storage.join(source, "labels.json"))
@@ -487,11 +487,11 @@ def test_end_to_end_local_partitioned_ordered_idempotent(ray_session, tmp_path):
     # A re-run replaces the output with identical data files, under the new attempt's names;
     # stale files disappear.
     storage.write_bytes(storage.join(dest, "train", "part-99999.parquet"), b"stale")
-    first = {contract.unscoped_name(name): storage.read_bytes(storage.join(dest, name)) for name in tables}
+    first = {writer.unscoped_name(name): storage.read_bytes(storage.join(dest, name)) for name in tables}
     again = resize(source, dest, cfg)
     assert (again.outputs, again.rejected) == (report.outputs, report.rejected)
-    assert [contract.unscoped_name(e.name) for e in again.files] == sorted(first)
-    assert {contract.unscoped_name(e.name): storage.read_bytes(storage.join(dest, e.name)) for e in again.files} == first
+    assert [writer.unscoped_name(e.name) for e in again.files] == sorted(first)
+    assert {writer.unscoped_name(e.name): storage.read_bytes(storage.join(dest, e.name)) for e in again.files} == first
     assert not storage.exists(storage.join(dest, "train", "part-99999.parquet"))
     assert not set(tables) & {e.name for e in again.files}, "each attempt names its own files"
 
@@ -505,8 +505,8 @@ def test_the_driver_writes_no_data_file_and_handles_no_pixel(ray_session, tmp_pa
         raise AssertionError("the resize driver must not write a data file")
 
     source = build_clean("file://" + str(tmp_path))
-    monkeypatch.setattr(contract, "stream_parquet", refuse)
-    monkeypatch.setattr(contract.ParquetSink, "write", refuse)
+    monkeypatch.setattr(writer, "stream_parquet", refuse)
+    monkeypatch.setattr(writer.ParquetSink, "write", refuse)
     monkeypatch.setattr(task_module, "run_task", refuse)
     dest = "file://" + str(tmp_path / "resize")
     cfg = ResizeConfig(size=SIZE, batch_size=4, rows_per_shard=5, row_group_rows=2)

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from imgpipe import storage
-from imgpipe.contract import OutputWriter
 from imgpipe.steps.resize import output_schema
 from imgpipe.train.augment_cpu import build_train_transform
 from imgpipe.train.config import AugmentConfig, LoaderConfig
 from imgpipe.train.loader import ImageLoader, ParquetImageDataset, decode_jpeg_batch, read_samples
 from imgpipe.train.partition import describe_split
+from imgpipe.writer import OutputWriter
 
 CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 40), (200, 60, 220), (40, 220, 220)]
 

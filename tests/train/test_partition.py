@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from imgpipe.contract import OutputWriter, UncommittedOutputError
+from imgpipe.contract import UncommittedOutputError
 from imgpipe.train.partition import (
     assign_rows,
     describe_split,
@@ -19,6 +19,7 @@ from imgpipe.train.partition import (
     split_names,
     worker_batches,
 )
+from imgpipe.writer import OutputWriter
 from tests.train.test_loader import write_resize_output
 
 

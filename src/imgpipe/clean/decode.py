@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgpipe import contract, storage
+from imgpipe import parquet, storage
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.plan import RowsPlan
 from imgpipe.clean.pool import Marker, ResultBuilder, Task, TaskResult, bucket_path
@@ -32,12 +32,12 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("path", pa.string(), nullable=False),
         # {bytes, path}: the Hugging Face `datasets` Image feature layout, which Ray and
         # pandas also read as-is; output_schema adds the features that name it an Image.
-        contract.IMAGE_FIELD,
+        parquet.IMAGE_FIELD,
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("mode", pa.string(), nullable=False),
         pa.field("format", pa.string(), nullable=False),
-        contract.LABEL_FIELD,
+        parquet.LABEL_FIELD,
         pa.field("label_name", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
         pa.field("order", pa.int64(), nullable=False),
@@ -56,7 +56,7 @@ OUTPUT_SCHEMA = pa.schema(
 
 def output_schema(classes: Sequence[str]) -> pa.Schema:
     """The schema of the data files: :data:`OUTPUT_SCHEMA` with the ``datasets`` features of ``classes``."""
-    return contract.with_hf_features(OUTPUT_SCHEMA, classes)
+    return parquet.with_hf_features(OUTPUT_SCHEMA, classes)
 
 
 def _box_for(member: str, width: int, height: int, boxes: dict[str, HeadBox]) -> list[float] | None:

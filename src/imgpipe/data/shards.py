@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
-from imgpipe import contract
-from imgpipe.contract import OutputWriter
+from imgpipe import writer
 from imgpipe.data.archive import Member
+from imgpipe.writer import OutputWriter
 
 __all__ = ["SHARD_SCHEMA", "Row", "shard_table", "ShardWriter"]
 
@@ -88,7 +88,7 @@ class ShardWriter:
         self._rows: list[Row] = []
         self._group_bytes = 0
         self._shard_bytes = 0
-        self._shard: tuple[contextlib.ExitStack, contract.ParquetSink] | None = None
+        self._shard: tuple[contextlib.ExitStack, writer.ParquetSink] | None = None
         self.shards = 0
 
     def add(self, member: Member, data: bytes) -> None:

@@ -12,10 +12,10 @@ pixel sums, size histograms) (:class:`TaskResult`). No pixel goes back to the dr
 
 Names: ``SPLIT/part-TTTTT-KKK.a<attempt>.parquet``, ``TTTTT`` the task's index in the
 step's plan, ``KKK`` the file's index within the task and split, and the attempt id of the
-step's claim (:func:`imgpipe.contract.attempt_name`). A retried task (a worker lost) writes
+step's claim (:func:`imgpipe.writer.attempt_name`). A retried task (a worker lost) writes
 the same names with the same bytes; a task of an overtaken attempt writes names no
 manifest of the new attempt lists. Every object is committed only when complete
-(:func:`imgpipe.contract.stream_parquet`), so a killed task leaves nothing readable.
+(:func:`imgpipe.writer.stream_parquet`), so a killed task leaves nothing readable.
 
 Memory of a task: one input row group, one batch of resized rows, and per split at most
 one row group (``row_group_rows``) waiting to be written, plus the rejects of its own rows
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgpipe import contract, storage
+from imgpipe import storage, writer
 from imgpipe.contract import FileEntry, Reject
 from imgpipe.resize.ops import resize_batch
 from imgpipe.resize.spec import ResizeSpec
@@ -162,7 +162,7 @@ class _Stream:
     split: str
     pending: list[pa.Table] = field(default_factory=list)
     pending_rows: int = 0
-    file: tuple[contextlib.ExitStack, contract.ParquetSink] | None = None
+    file: tuple[contextlib.ExitStack, writer.ParquetSink] | None = None
     last_order: int = -1
     files: int = 0
 
@@ -220,12 +220,12 @@ class SplitFiles:
             if stream.pending_rows >= self.row_group_rows:
                 self._drain(stream, final=False)
 
-    def _open(self, stream: _Stream) -> tuple[contextlib.ExitStack, contract.ParquetSink]:
-        name = contract.attempt_name(f"{stream.split}/part-{self.task:05d}-{stream.files:03d}.parquet", self.out.attempt)
+    def _open(self, stream: _Stream) -> tuple[contextlib.ExitStack, writer.ParquetSink]:
+        name = writer.attempt_name(f"{stream.split}/part-{self.task:05d}-{stream.files:03d}.parquet", self.out.attempt)
         stream.files += 1
         stack = contextlib.ExitStack()
         order = [pq.SortingColumn(self.out.schema.get_field_index("order"))]  # for readers
-        sink = stack.enter_context(contract.stream_parquet(self.out.dest, name, self.out.schema, sorting_columns=order))
+        sink = stack.enter_context(writer.stream_parquet(self.out.dest, name, self.out.schema, sorting_columns=order))
         return stack, sink
 
     def _close(self, stream: _Stream) -> None:

@@ -39,10 +39,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgpipe import contract, storage
-from imgpipe.contract import OutputWriter, StepReport
+from imgpipe import contract, parquet, storage, writer
+from imgpipe.contract import StepReport
 from imgpipe.data.labels import escape_csv_cell
 from imgpipe.report import html as htmlpage
+from imgpipe.writer import OutputWriter
 
 __all__ = [
     "AUDIT_PIPELINE_NAME",
@@ -299,11 +300,11 @@ def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | 
     attempt = contract.claim(dest, "audit")
     suspects = out_table.slice(0, len(issues)).to_pylist()
     outputs = {
-        LABEL_ISSUES: contract.table_to_parquet_bytes(out_table),
+        LABEL_ISSUES: parquet.table_to_parquet_bytes(out_table),
         LABEL_OVERRIDES: _overrides_csv(suspects).encode(),
         LABEL_ISSUES_HTML: _gallery(suspects[:_GALLERY], fold_models, len(labels)).encode(),
     }
-    files = sorted((contract.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
+    files = sorted((writer.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
     extra = {
         "images": len(labels),
         "issues": len(issues),

@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgpipe import contract, resources, storage
+from imgpipe import contract, parquet, resources, storage
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.decode import ShardBuckets, output_schema, validate_task
 from imgpipe.clean.plan import Index, OverriddenLabeler, Plan, build_labeler, plan_rows, read_index
@@ -71,10 +71,11 @@ from imgpipe.clean.pool import (
 from imgpipe.clean.quality import METRICS, Measures, measure
 from imgpipe.clean.review import Review, review
 from imgpipe.config import config_to_dict
-from imgpipe.contract import OutputWriter, Reject, StepReport
+from imgpipe.contract import Reject, StepReport
 from imgpipe.data.annotations import HeadBox, image_stem, read_head_boxes, read_official_split
 from imgpipe.data.images import ImageRejected, open_image
 from imgpipe.phases import PhaseLog
+from imgpipe.writer import OutputWriter
 
 __all__ = ["LABELS_FILE", "clean"]
 
@@ -185,7 +186,7 @@ def _write_shards(
                 rows = by_order[first : first + group]
                 chunk = rows_in_order.table(rows, schema)
                 chunk = chunk.set_column(order_at, schema.field(order_at), pa.array(np.arange(start + first, start + first + len(rows))))
-                chunk = chunk.set_column(label_at, schema.field(label_at), pa.array(labels[first : first + group], contract.LABEL_FIELD.type))
+                chunk = chunk.set_column(label_at, schema.field(label_at), pa.array(labels[first : first + group], parquet.LABEL_FIELD.type))
                 chunk = chunk.set_column(split_at, schema.field(split_at), splits.slice(first, len(rows)))
                 sink.write(chunk, row_group_size=len(rows))
 

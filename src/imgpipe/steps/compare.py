@@ -56,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from imgpipe import contract, storage
+from imgpipe import contract, storage, writer
 from imgpipe.config import config_to_dict, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
 from imgpipe.report import html as htmlpage
@@ -649,7 +649,7 @@ def _write(dest: str, result: Mapping[str, Any], curves: bytes, winner_yaml: str
         WINNER_YAML: winner_yaml.encode(),
         contract.CONFIG: config_to_yaml(cfg).encode(),
     }
-    files = sorted((contract.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
+    files = sorted((writer.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
     body = StepReport(
         step="compare",
         dest=dest,

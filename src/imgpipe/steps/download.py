@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import contract, storage
-from imgpipe.contract import OutputWriter, StepReport
+from imgpipe.contract import StepReport
 from imgpipe.data.extraction import Caps, Extraction, dry_run, extract_source
 from imgpipe.data.previous import PreviousDownload
 from imgpipe.data.readers.archives import DirectoryReader
@@ -56,6 +56,7 @@ from imgpipe.data.shards import SHARD_SCHEMA, ShardWriter
 from imgpipe.data.sources import SourcePolicy
 from imgpipe.data.transport import HttpSettings
 from imgpipe.phases import PhaseLog
+from imgpipe.writer import OutputWriter
 
 __all__ = [
     "STEP",

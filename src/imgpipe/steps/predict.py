@@ -37,8 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgpipe import contract, storage
-from imgpipe.contract import OutputWriter, Reject, StepReport
+from imgpipe import contract, parquet, storage
+from imgpipe.contract import Reject, StepReport
 from imgpipe.data.images import DEFAULT_FORMATS, MAX_PIXELS, ImageRejected, open_image
 from imgpipe.raysession import ray_session
 from imgpipe.resize.spec import ResizeError
@@ -52,6 +52,7 @@ from imgpipe.train.card import (
 )
 from imgpipe.train.recipes import tta_flip_dims
 from imgpipe.train.scores import confusion_scores, top_k_columns
+from imgpipe.writer import OutputWriter
 
 __all__ = ["PREDICT_SCHEMA", "PredictConfig", "predict"]
 
@@ -300,7 +301,7 @@ class _Predictor:
         result = self._table(good, np.concatenate(probs) if probs else np.zeros((0, len(self.card["classes"])), np.float32))
         return {
             "result": np.array([json.dumps({"rows": len(rows), "rejects": rejects})]),
-            "table": np.array([contract.table_to_parquet_bytes(result)], dtype=object),
+            "table": np.array([parquet.table_to_parquet_bytes(result)], dtype=object),
         }
 
     def _prepared(self, data: bytes, bbox: Sequence[float] | None) -> np.ndarray:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from imgpipe import contract, serving, storage
+from imgpipe import contract, serving, storage, writer
 from imgpipe.config import config_to_yaml
 from imgpipe.contract import StepReport
 from imgpipe.readpolicy import ReadPolicy
@@ -325,7 +325,7 @@ def promote(
         contract.CONFIG: config_to_yaml(cfg).encode(),
         **{f"{serving.REPOSITORY}/{name}": data for name, data in repository.items()},
     }
-    files = sorted((contract.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
+    files = sorted((writer.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
     body = StepReport(
         step="promote",
         dest=dest,

@@ -7,7 +7,7 @@ groups through the ``pyarrow.fs`` file system :mod:`imgpipe.storage` builds, res
 (:func:`imgpipe.resize.ops.resize_batch`) and **writes its own output files** straight to
 the destination (:func:`imgpipe.resize.task.run_task`), hashed as written. Tasks return
 only metadata: each file's name, rows, bytes and sha256, their rejects, the rows they
-read. The driver records the files on its :class:`~imgpipe.contract.OutputWriter` and
+read. The driver records the files on its :class:`~imgpipe.writer.OutputWriter` and
 commits, so the output keeps the contract of every step (data files, ``rejects.parquet``,
 ``config.yaml``, ``manifest.json``, ``_SUCCESS``; ``inputs == outputs + rejected``) while no
 pixel passes through the driver: adding Ray nodes adds write bandwidth. A row that cannot
@@ -21,7 +21,7 @@ Output layout, one folder per split, each file sorted by ``order``::
     DEST/labels.json                               (copied from clean)
 
 ``part-TTTTT-KKK``: the task that wrote it and the file's index within that task and split;
-``a<attempt>``: the step attempt's id (:func:`imgpipe.contract.attempt_name`), so a task of an
+``a<attempt>``: the step attempt's id (:func:`imgpipe.writer.attempt_name`), so a task of an
 overtaken attempt never replaces a file of the attempt that commits. Readers take the names
 from the manifest, as always.
 
@@ -67,8 +67,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgpipe import contract, storage
-from imgpipe.contract import OutputWriter, Reject, StepReport
+from imgpipe import contract, parquet, storage
+from imgpipe.contract import Reject, StepReport
 from imgpipe.phases import PhaseLog
 from imgpipe.raysession import ray_session, shut_down_local_ray
 from imgpipe.remote.targets import check_allowed
@@ -77,6 +77,7 @@ from imgpipe.remote.targets import check_allowed
 from imgpipe.resize.spec import ResizeConfig, color_space
 from imgpipe.resize.statistics import DatasetStatistics
 from imgpipe.resize.task import TaskOutput, TaskResult, run_task
+from imgpipe.writer import OutputWriter
 
 __all__ = [
     "OUTPUT_COLUMNS",
@@ -97,7 +98,7 @@ log = logging.getLogger(__name__)
 LABELS_FILE = contract.LABELS
 _META_FIELDS = [
     pa.field("path", pa.string(), nullable=False),
-    contract.LABEL_FIELD,
+    parquet.LABEL_FIELD,
     pa.field("label_name", pa.string(), nullable=False),
     pa.field("split", pa.string(), nullable=False),
     pa.field("order", pa.int64(), nullable=False),
@@ -119,14 +120,14 @@ def output_schema(fmt: Literal["raw", "jpeg"], classes: Sequence[str] | None = N
     Args:
         fmt: ``raw`` (``pixels``) or ``jpeg`` (``image``).
         classes: Class names in label order; when given, the schema carries them as
-            ``datasets`` features (:func:`imgpipe.contract.with_hf_features`): ``label`` a
+            ``datasets`` features (:func:`imgpipe.parquet.with_hf_features`): ``label`` a
             ``ClassLabel``, ``image`` an ``Image``, raw ``pixels`` plain bytes.
     """
     if fmt == "raw":
         schema = pa.schema([*_META_FIELDS, pa.field("pixels", pa.binary(), nullable=False)])
     else:
-        schema = pa.schema([*_META_FIELDS, contract.IMAGE_FIELD])
-    return schema if classes is None else contract.with_hf_features(schema, classes)
+        schema = pa.schema([*_META_FIELDS, parquet.IMAGE_FIELD])
+    return schema if classes is None else parquet.with_hf_features(schema, classes)
 
 
 def read_pixels(row: dict[str, Any]) -> np.ndarray:

@@ -36,7 +36,7 @@ Outputs in ``out`` (all through :mod:`imgpipe.storage`, each object atomic)::
     manifest.json          step "train": images seen per split, files, metrics
     _SUCCESS               written last
 
-The output is a model, not a dataset, so :class:`~imgpipe.contract.OutputWriter` does
+The output is a model, not a dataset, so :class:`~imgpipe.writer.OutputWriter` does
 not fit (its ``begin`` deletes the prefix, which would take ``checkpoint.pt`` with it on
 ``--resume``, and its accounting counts table rows). The step keeps the same protocol by
 hand: ``_SUCCESS`` is removed first, files are written, then the manifest (same keys as

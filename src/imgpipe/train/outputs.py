@@ -4,7 +4,7 @@
     files = write_outputs(run, metrics, last_val, with_rows)
     commit(run, report, upstream)                # manifest, then _SUCCESS
 
-The output is a model, not a dataset, so :class:`imgpipe.contract.OutputWriter` does not fit (its
+The output is a model, not a dataset, so :class:`imgpipe.writer.OutputWriter` does not fit (its
 ``begin`` would delete the checkpoint a resume needs): the same protocol is kept by hand.
 Only rank 0 calls these.
 """
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from imgpipe import contract
+from imgpipe import contract, parquet, writer
 from imgpipe.config import config_to_dict, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
 from imgpipe.report import training as report
@@ -90,7 +90,7 @@ def _augmentation_grid(run: TrainingRun) -> bytes:
 
 
 def _write(run: TrainingRun, name: str, data: bytes, files: list[FileEntry]) -> None:
-    files.append(contract.write_entry(run.out, name, data))
+    files.append(writer.write_entry(run.out, name, data))
 
 
 def _predictions(run: TrainingRun, with_rows: Mapping[str, EvalResult]) -> pa.Table | None:
@@ -168,7 +168,7 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResul
     predictions = _predictions(run, with_rows)
     review = _review_figures(run, predictions, metrics) if predictions is not None else {}
     if predictions is not None:
-        _write(run, contract.PREDICTIONS, contract.table_to_parquet_bytes(predictions), files)
+        _write(run, contract.PREDICTIONS, parquet.table_to_parquet_bytes(predictions), files)
     model_state = {k: v.detach().cpu() for k, v in run.module.state_dict().items()}
     mean, std = channel_stats(run.channels, run.norm)
     payload = {

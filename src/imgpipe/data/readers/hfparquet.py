@@ -24,11 +24,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgpipe.contract import HF_METADATA_KEY
 from imgpipe.data.archive import Member
 from imgpipe.data.readers.base import Reader
 from imgpipe.data.readers.listing import fetched
 from imgpipe.data.readers.webdataset import NO_IMAGE, NO_LABEL
+from imgpipe.parquet import HF_METADATA_KEY
 
 __all__ = ["PARQUET_MAGIC", "is_parquet", "class_names", "HfParquetReader"]
 
