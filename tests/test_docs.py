@@ -22,7 +22,16 @@ PACKAGE_DIRS = {p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.s
 GENERATED = ("bench/results/", "out/")
 # Cited upstream paths whose first folder is also one of ours (Kubeflow's components/ and manifests/,
 # kfp's SDK, a KFP API resource).
-UPSTREAM = ("components/profile-controller", "manifests/kustomize/", "manifests/base/", "kfp/dsl/", "kfp/compiler/", "pipelines/versions")
+UPSTREAM = (
+    "components/profile-controller",
+    "manifests/kustomize/",
+    "manifests/base/",
+    "manifests/overlays/",
+    "kfp/dsl/",
+    "kfp/compiler/",
+    "kfp/client/",
+    "pipelines/versions",
+)
 README_MAX_LINES = 250
 
 

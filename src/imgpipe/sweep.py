@@ -1,33 +1,8 @@
 """The augmentation sweep: a grid of training settings, its branches, and what its components share.
 
-A sweep trains the same data with the same seed once per **branch** of a grid and
-compares the branches (:mod:`imgpipe.steps.compare`). The grid is written in **grid
-keys**, each one a :class:`~imgpipe.train.config.TrainConfig` field (:data:`GRID_KEYS`)::
+    items = plan(resized, grid, axes, step_config, model="resnet18")   # one loop item per branch and seed
 
-    grid:                      # explicit branches (each may carry a `name`)
-      - {name: light, policy: basic, mixup_alpha: 0, cutmix_alpha: 0}
-    axes:                      # and/or a cartesian product
-      randaugment_n: [2, 3]
-      randaugment_m: [7, 12]
-      seeds: 3                 # optional: every branch 3 times, seed = base seed + k
-
-The branches are the explicit entries (a baseline, hand-picked points), then every point
-of the product of the axes; either part may be left out, and settings shared by every
-branch belong in the ``train`` section of the run's config.
-
-``seeds`` (:data:`SEEDS_KEY`, an integer count, not a list; default 1) is the repeat axis:
-each branch trains ``seeds`` times, run ``k`` (0-based) as ``{branch}-s{k}`` with
-``TrainConfig.seed`` = the run's base seed + k, and compare ranks each branch by its
-mean over the runs with their spread shown. It lives in ``axes`` because it multiplies
-the branches as an axis does, and so reaches every caller that passes a grid on. Values go through the
-one coercer (:func:`imgpipe.config.coerce`) with the field's type, and each branch's
-whole training config is built (:func:`plan`) before anything trains, so a wrong key, a
-wrong type or a value the config refuses fails at the edge, naming the branch.
-
-Each branch writes its own run prefix, ``{data_root}/runs/{run id}/train-{branch}/``
-(:func:`branch_step`); branch names are path segments checked like run ids. This
-module never imports kfp or torch: the components (``components/plan_sweep.py``,
-``components/compare.py``) and ``imgpipe sweep`` call it.
+How it works in detail: docs/internals.md, "imgpipe.sweep".
 """
 
 from __future__ import annotations

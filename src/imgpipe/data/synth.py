@@ -1,48 +1,8 @@
 """A deterministic, offline stand-in for the Oxford-IIIT Pet release.
 
-:func:`generate` writes ``images.tar.gz`` and ``annotations.tar.gz`` laid out like
-the real archives (https://www.robots.ox.ac.uk/~vgg/data/pets/) plus ``synth.json``,
-which says what a correct clean step must reject. The pipeline's embedded default
-uses it so every stage runs without network access.
+    generate("file:///tmp/sample", SynthConfig(classes=12, per_class=60))   # images.tar.gz, annotations.tar.gz, synth.json
 
-Each class draws one large object with its own combination of shape, texture and
-hue, on a cluttered background, with per-image variation in size, position,
-rotation, background and lighting, so a small CNN at 64-224 px can learn it.
-
-With ``off_centre=True`` the set is harder in one way that matters for storage: every
-image is wide or tall (aspect ratio 1.6 to 2.2, orientation random), the object is
-smaller (25-45% of the short side), and half the time its centre lies in one of the two
-end bands outside the central square (else anywhere), so a centre crop
-(``short-side-crop``) leaves out the centre of the object's head box in about two images
-in three (0.64-0.67 measured: nearly all end-band ones and a third of the rest), where a
-crop sampled from the whole picture (resize's ``whole`` mode) can still see it.
-
-Layout of ``images.tar.gz``:
-
-* ``images/<Breed>_<n>.jpg`` for ``n`` in ``1..per_class`` per class: valid images,
-  ``per_class`` distinct ones per class, quirky encodings included.
-* With ``quirks=True``, five extra members numbered after ``per_class`` in the class
-  they land in: two truncated JPEGs, two ``.mat`` strays and one byte-exact
-  duplicate. Extras never replace a valid image, so every class keeps exactly
-  ``per_class`` images that survive cleaning.
-
-Quirk kinds (``synth.json`` ``quirks``) and what cleaning should do with them:
-
-=================  ====================================================  ==============
-kind               file                                                  expected reject
-=================  ====================================================  ==============
-``grayscale``      JPEG in mode ``L`` (2 files)                          kept
-``cmyk``           JPEG in mode ``CMYK`` (2 files)                       kept
-``png_rgb``        RGB PNG under a ``.jpg`` name (1 file)                kept
-``png_palette``    palette PNG with transparency, ``.jpg`` name (1)      kept
-``exif_rotated``   JPEG stored rotated, EXIF Orientation=6 (1 file)      kept
-``truncated``      JPEG cut to 60% of its bytes, no EOI (2 files)        ``truncated``
-``not_an_image``   ``images/<Breed>_<n>.mat`` MATLAB header (2 files)     ``not_an_image``
-``duplicate``      same bytes as another image of its class (1 file)     ``duplicate``
-=================  ====================================================  ==============
-
-Of a duplicate pair, the member whose path sorts later is the one rejected; the
-generator picks the original so that the extra copy is always that one.
+How it works in detail: docs/internals.md, "imgpipe.data.synth".
 """
 
 from __future__ import annotations

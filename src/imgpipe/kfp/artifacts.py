@@ -1,33 +1,8 @@
 """What the Kubeflow components hand each other, and where each run writes.
 
-Large data never travels as a kfp artifact. Every step writes a run-scoped prefix
-``{data_root}/runs/{run_id}/{step}/`` (the :mod:`imgpipe.contract` layout) and passes
-downstream a small *step artifact*: a file holding the step's ``manifest.json`` and,
-in the artifact's metadata, the prefix URI plus the counts the Kubeflow UI shows.
-The next step reads the prefix back from it (:func:`read_step_artifact`).
+    prefix = run_prefix(data_root, run_id, "clean"); publish_step_report(prefix, metrics=m, report=r); promote_run(data_root, run_id)
 
-The components in ``components/`` are a few lines each over these helpers and the
-step functions; this module holds the logic they share, so it is tested without kfp.
-It never imports kfp: artifacts are used through their ``path``/``metadata``
-attributes and ``log_metric``/``log_confusion_matrix`` methods.
-
-Incremental retraining: after a successful run, the train component records the run's
-prefixes in ``{data_root}/latest.json`` (:func:`record_latest`); a later run with
-``previous_run_prefix="latest"`` resolves it (:func:`resolve_previous`) to the previous
-clean output, whose sha256 column tells clean which images it has seen.
-
-What a run reads: every prefix handed over, every URI a run parameter names and every
-prefix ``latest.json`` or a model card names passes the task's :func:`read_policy`
-(below ``data_root`` and the operator's prefixes, :mod:`imgpipe.readpolicy`) before it is read.
-
-Pretrained weights: every run under a data root shares one cache,
-``{data_root}/weights/`` (:func:`weights_cache`, the layout in :mod:`imgpipe.train.pretrained`),
-so torchvision's weights are downloaded once per data root.
-
-Importing this module marks the process as a component's, which ends with its step:
-its exit skips the collector's passes over the heap
-(:func:`imgpipe.resources.skip_collection_at_exit`; 0.2 s of every pod). It changes
-nothing before the process exits, so a test that imports it is unaffected.
+How it works in detail: docs/internals.md, "imgpipe.kfp.artifacts".
 """
 
 from __future__ import annotations

@@ -1,51 +1,8 @@
 """Compiling, submitting and scheduling the pipeline on Kubeflow Pipelines.
 
-* :func:`compile_package` writes the pipeline YAML (caching chosen here, at compile time).
-* :func:`submit` uploads it as a pipeline version and creates a run from that version.
-* :func:`schedule` does the same upload, then creates a recurring run (a KFP cron
-  schedule: six fields, seconds first, see :func:`validate_cron`).
+    submit(["data_root=s3://b/imgpipe"], target=Target(host=..., namespace="team-a")); schedule("0 0 3 * * *", params, target=...)
 
-Uploads are idempotent: the pipeline is found by name (``imgpipe``) and created only if
-missing, and the version is named after the package's content,
-``imgpipe-<sha256[:12]>``, and uploaded only if no version of that name exists. So a
-second submit of unchanged code, images and options reuses the version, and anything
-that changes the compiled YAML (a new image tag, ``--caching``) makes a new one.
-A run created from an uploaded version keeps the version's compile-time caching:
-kfp's submit-time ``enable_caching`` reaches only runs made from a package file.
-
-Settings a scheduled submitter takes from its environment (the CronWorkflow's
-ConfigMap): ``KF_PIPELINES_ENDPOINT`` (host), ``IMGPIPE_EXPERIMENT``,
-``IMGPIPE_KFP_NAMESPACE``, ``IMGPIPE_SERVICE_ACCOUNT``, ``IMGPIPE_TRAIN_GPU``
-(compile with or without the train task's GPU scheduling), the image names of
-``imgpipe.containers.catalog``, and pipeline parameters as ``IMGPIPE_PARAM_<NAME>``
-(:func:`params_from_env`).
-
-Credentials: inside a cluster, the projected service-account token that Kubeflow
-expects (audience ``pipelines.kubeflow.org``) at ``$KF_PIPELINES_SA_TOKEN_PATH``;
-otherwise ``existing_token`` (e.g. from ``$KF_PIPELINES_TOKEN``) or none.
-
-Multi-user Kubeflow (the common install): everything goes into the profile namespace
-(``--namespace``, ``$IMGPIPE_KFP_NAMESPACE``). The API server refuses an experiment
-without a namespace there ("An experiment cannot have an empty namespace in multi-user
-mode", kubeflow/pipelines 2.15.0 ``backend/src/apiserver/server/experiment_server.go``),
-takes a run's namespace from its experiment (``resource/resource_manager.go``
-``GetValidExperimentNamespacePair``), and makes an upload without ``?namespace=`` a
-*shared* pipeline, visible to every profile and refused outright where
-``REQUIRE_NAMESPACE_FOR_PIPELINES`` is set (2.15.0+). So the pipeline is uploaded into
-the namespace and looked up there: kfp's ``get_pipeline_id`` and
-``upload_pipeline_version(pipeline_name=...)`` see shared pipelines only
-(sdk 2.14.3-2.17.0 ``kfp/client/client.py``), hence ``list_pipelines(namespace=...)``
-and ``pipeline_id=``. Which mode the server runs in comes from its ``/healthz``.
-
-Permissions: in multi-user mode the API server checks every call with a
-SubjectAccessReview of the caller on a ``pipelines.kubeflow.org`` resource in the
-namespace (kubeflow/pipelines 2.15.0-2.17.0 ``backend/src/apiserver/resource/
-resource_manager.go`` ``IsAuthorized``): pipelines and their versions as ``pipelines``
-(``list``, ``create``; a version call on its pipeline's namespace), ``experiments``,
-``runs`` (``list``, ``create``, ``get``) and recurring runs as ``jobs`` (``list``,
-``create``, ``delete``). A refusal (HTTP 403, or the upload endpoints' HTTP 400 "Failed to
-create a pipeline[ version]", ``server/pipeline_upload_server.go``) becomes one line naming
-the verb, the resource, the namespace and the account (:func:`refusal_message`).
+How it works in detail: docs/internals.md, "imgpipe.kfp.client".
 """
 
 from __future__ import annotations

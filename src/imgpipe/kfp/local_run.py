@@ -1,35 +1,8 @@
 """``imgpipe run``: the Kubeflow pipeline end to end on this machine, through ``kfp.local``.
 
-The pipeline function that ``imgpipe compile`` compiles runs here unchanged under
-``kfp.local.SubprocessRunner(use_venv=False)``: every component is a subprocess of this
-venv's Python, executing the same component source a pod would, with the resize step
-on a local Ray. Only the retries are off (a local failure is not transient); the
-Kubernetes-only settings (Secret as env, GPU, tolerations, ``/dev/shm``) stay in the
-pipeline and ``kfp.local`` ignores them.
+    result = run_local(load_local_config("configs/local.yaml")); print(result.summary())
 
-The object store is a real S3 API: unless ``data_root`` names one, a moto S3 server is
-started on 127.0.0.1 for the run (``moto[server]``, the ``local`` extra), and the
-components reach it through ``AWS_ENDPOINT_URL`` and ``AWS_*`` credentials in their
-environment, exactly as pods get them from the ``imgpipe-s3-config`` ConfigMap and the
-``imgpipe-s3-credentials`` Secret. So the local run exercises the same ``s3://`` code
-paths as a cluster. That server keeps objects in memory, so before it stops the run's
-train output is copied to ``{workdir}/runs/{run id}/train/``; the kfp artifacts
-(model, metrics, confusion matrix, HTML report) are files under ``{workdir}/kfp/``.
-``data_root`` may instead be a directory (``file://``) or an existing bucket
-(``s3://...`` with ``AWS_ENDPOINT_URL`` set), and then nothing is copied.
-
-:func:`run_sweep` runs the sweep pipeline (``pipelines/imgpipe_sweep.py``, ``imgpipe
-sweep``) the same way: the data steps once, one train task per grid branch (kfp.local
-runs at most two at once), the comparison; it copies the comparison and each branch's
-metrics and report to ``{workdir}/runs/{run id}/``.
-
-With ``runner="docker"`` the same pipeline runs under ``kfp.local.DockerRunner``: each
-task in its kind's image (``make images``) as uid 10001, through the engine
-``DOCKER_HOST`` names, on the host network (inside ``scripts/in-loopback-netns``: one
-loopback-only namespace shared with the S3 server). Resize submits to a Ray cluster of
-two containers from the ``ray`` image (:mod:`imgpipe.containers.raycluster`) through
-its Jobs API, with token auth on. Containers see only the S3 store (a ``file://``
-data root is refused) and the kfp pipeline root, which is mounted.
+How it works in detail: docs/internals.md, "imgpipe.kfp.local_run".
 """
 
 from __future__ import annotations

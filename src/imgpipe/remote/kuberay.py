@@ -1,65 +1,8 @@
 """Running a step as a KubeRay ``RayJob``: a job that brings its own Ray cluster.
 
-With ``ray_address`` ``kuberay`` (the current namespace) or ``kuberay://NAMESPACE``,
-the step becomes a ``RayJob`` (``ray.io/v1``) built from the template
-``k8s/ray/rayjob-<step>.yaml`` (as the cluster holds it, else the copy packaged with
-imgpipe, see below): the template holds the cluster (head without CPUs
-for tasks, an autoscaling CPU worker group, S3 credentials from a Secret, TTL and
-deadlines); :func:`build_rayjob` sets what is per run (name, namespace, entrypoint,
-image, worker counts, the non-secret S3 settings) and unsuspends it.
+    report = run_step_rayjob("resize", source, dest, cfg, namespace="team-a", run_id=run_id)
 
-The RayJob's name is the job id of :mod:`imgpipe.remote.ray_jobs` (run id, step, source,
-destination and config), so a retry finds it: creating an existing one (409) attaches
-to it, a finished successful one returns its committed output's report, a failed one
-gets a new attempt ``<name>-a2`` (the same rules as the Jobs API mode). Waiting
-follows ``.status.jobDeploymentStatus`` (``Complete``/``Failed`` are terminal) and
-``.status.jobStatus``; the step's own log is in the submitter Job of the same name
-(``kubectl logs -f job/<name>``).
-
-Running on a real cluster (KubeRay >= 1.6; statuses as ``ray-operator/controllers/ray/
-rayjob_controller.go`` at v1.6.0 sets them):
-
-* **No hang.** ``ValidationFailed`` (a spec the operator's validator refuses; it is not
-  requeued and never moves on) is a failure with the validator's message. Every wait has
-  a deadline: the RayJob's ``activeDeadlineSeconds`` + ``preRunningDeadlineSeconds`` +
-  :data:`WAIT_SLACK_S` (a template without them gets ours, so the operator enforces them
-  too). A head lost in K8sJobMode ends ``Failed``/``SubmissionFailed`` once the
-  submitter Job gives up, and that message is raised.
-* **No double runs, no orphans.** A destination that already holds this job's committed
-  output returns at once, before any API call but reading the template. RayJobs carry
-  the labels :data:`RUN_ID_LABEL` and :data:`STEP_LABEL`; once an attempt succeeds, every
-  attempt of the job is deleted (a failed one stays for ``kubectl describe``; its
-  cluster goes with ``shutdownAfterJobFinishes``). A TTL through
-  ``deletionStrategy.deletionRules`` is not used: KubeRay refuses it together with
-  ``shutdownAfterJobFinishes``, which a suspended template needs
-  (``ray-operator/controllers/ray/utils/validation.go`` at v1.6.0).
-* **The cluster's template.** The RayJob ``imgpipe-<step>`` that ``k8s/ray`` applies
-  (suspended) is read from the cluster (:func:`cluster_template`), so what an admin or an
-  overlay changed there (tolerations, resources, Secret names) reaches every run; the
-  packaged copy (:func:`template_path`) is the fallback where none is applied.
-* **Logs.** The step's own output is in the submitter Job's pod (label
-  ``job-name=<rayjob>``, set by Kubernetes' Job controller; KubeRay names the Job after the
-  RayJob): its new lines are copied to this step's log at every poll.
-* **An operator too old.** The API server prunes the fields a custom resource's schema
-  does not list, silently (structural schemas; ``apiextensions.k8s.io/v1`` always prunes),
-  so a RayJob sent to an older KubeRay's CRD loses ``spec.preRunningDeadlineSeconds``
-  (first in v1.6.0), ``spec.rayClusterSpec.authOptions`` (v1.5.1) or
-  ``spec.submitterConfig`` (v1.2.0) and runs without them: no start deadline, no Ray token.
-  The object the create returns is compared with what was sent; a dropped field fails the
-  step with the fields and the version it needs (:data:`MIN_KUBERAY`), and the RayJob is
-  deleted at once, before the wait.
-* **RBAC.** A call the service account may not make (403) fails with one line naming the
-  verb, the resource, the namespace and the account (:func:`forbidden_message`); the
-  submitter's log is a courtesy, so a refused log read is a warning, as is a refused
-  delete of finished attempts.
-
-Settings from the environment (a pipeline component sets them):
-``IMGPIPE_RAY_IMAGE`` (the Ray image with imgpipe, required unless the template
-names a real one), ``IMGPIPE_KUBERAY_MAX_WORKERS`` (the worker group's maximum),
-``IMGPIPE_RAYJOB_TEMPLATE`` (the fallback template's path, for a customised copy; default
-the packaged template ``imgpipe/manifests/rayjob-<step>.yaml``, a copy of
-``k8s/ray/rayjob-<step>.yaml``: in the repository a symlink to it, in a wheel the file).
-The Kubernetes client uses the in-cluster service account first, then kubeconfig.
+How it works in detail: docs/internals.md, "imgpipe.remote.kuberay".
 """
 
 from __future__ import annotations

@@ -1,39 +1,8 @@
 """Running a step on a remote Ray cluster as a Ray job, idempotently per run.
 
-:func:`imgpipe.remote.dispatch.run_step` hands a step here when its ``ray_address`` names
-a cluster's Jobs API (:mod:`imgpipe.remote.targets`): it becomes a *job* whose entrypoint
-is :mod:`imgpipe.remote.job` with the resolved config as JSON (``ray_address`` cleared, so
-the job's driver joins its cluster through the ``RAY_ADDRESS`` Ray sets for it). This
-module holds what both remote Ray modes share (job ids, the retry decision, the report)
-and the Jobs API mode; :mod:`imgpipe.remote.kuberay` holds the RayJob mode.
+    report = run_step_job("resize", source, dest, cfg, address="http://raycluster-head-svc:8265", run_id=run_id)
 
-Idempotency. A job's id derives from the run id (``--run-id``, else
-``$IMGPIPE_RUN_ID``) and the step, source, destination and resolved config:
-``imgpipe-resize-<16 hex>``. A retry of the same pipeline task computes the same id
-and acts on what it finds:
-
-* no job yet: submit it;
-* ``PENDING``/``RUNNING``: attach (stream its logs, wait for it); never a second copy;
-* ``SUCCEEDED``: do not resubmit; return the report of the committed output at
-  ``DEST`` (if ``DEST`` no longer holds that output, submit a new attempt);
-* ``FAILED``/``STOPPED``: submit a new attempt, ``<id>-a2``, ``<id>-a3``, ... up to
-  ``max_attempts`` in all, then fail with the last attempt's error.
-
-A changed config under the same run id is a different job, never an attach to the old
-one. Without a run id every call submits a fresh job (a warning says a retry cannot
-re-attach). Interrupting the submitter leaves the job running, so the retry attaches.
-
-Authentication. Ray clusters with token authentication (``RAY_AUTH_MODE=token``,
-Ray >= 2.52) expect ``Authorization: Bearer <token>`` on every Jobs API request
-(https://docs.ray.io/en/latest/ray-security/token-auth.html). The token comes from
-where Ray's own client looks, in Ray's order: ``$RAY_AUTH_TOKEN``, the file
-``$RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token`` (that last one only when
-``RAY_AUTH_MODE=token``, as Ray's client does). It is sent as a header and never logged.
-
-Secrets. The job's ``runtime_env`` is stored by the cluster and shown by its job API
-and dashboard, so only non-secret storage settings travel in it (:func:`imgpipe.storage.settings_env`).
-Credentials come from the cluster's own environment (a Kubernetes Secret, IRSA):
-see ``k8s/ray/``. The cluster's image must have imgpipe installed.
+How it works in detail: docs/internals.md, "imgpipe.remote.ray_jobs".
 """
 
 from __future__ import annotations

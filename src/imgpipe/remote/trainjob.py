@@ -1,66 +1,8 @@
 """Training across nodes as a Kubeflow Trainer ``TrainJob``.
 
-With ``TrainConfig.nodes`` above 1 (the pipeline parameter ``train_nodes``), the train task
-does not train in its own pod: it creates a ``TrainJob`` (``trainer.kubeflow.org/v1alpha1``)
-of that many nodes on the ``torch-distributed`` ClusterTrainingRuntime that Kubeflow Trainer
-ships, waits for it, and returns the report of the output it committed. Each node runs
-``torchrun -m imgpipe.remote train PAYLOAD`` in the gpu image with the pod's GPU count of
-processes (``numProcPerNode``); the runtime's torch plugin gives torchrun its node count,
-rank and rendezvous through the ``PET_*`` variables. Every rank runs the train step on
-the resolved config the payload carries; rank 0 alone writes.
+    report = run_train_job(data, out, cfg, procs=4, run_id=run_id)   # cfg.nodes > 1
 
-Two Trainer APIs (kubeflow/manifests v1.11.0 and 26.03 ship Trainer v2.1.0; v2.2.0 replaced its
-``podTemplateOverrides`` with ``runtimePatches`` and added ``activeDeadlineSeconds``;
-tests/contracts/trainer-kserve/README.md): the TrainJob is created in v2.2's form with
-``fieldValidation=Strict``; a CRD without those fields answers 400 ``unknown field``, nothing is
-created, and the TrainJob is created in v2.1's form instead (:data:`API_FORMS`), where the wait's
-own deadline stands in for ``activeDeadlineSeconds`` (the TrainJob is deleted when it passes).
-Either way every node pod gets ``sidecar.istio.io/inject: "false"`` (torch's rendezvous on port
-29500 is not meshed, as no imgpipe pod is), the train task's GPU toleration and node selector,
-its image pull secrets and its ``/dev/shm``, all from ``IMGPIPE_TRAINJOB_POD`` (:data:`POD_ENV`,
-set at compile time from the same settings as the train task), and no GPU unless the node
-resources ask for one (a CPU build).
-
-As Kubeflow Trainer v2.2.1 behaves (kubeflow/trainer at tag v2.2.1, commit c505fc7):
-
-* **The API.** ``spec.runtimeRef`` (required; ``kind`` ``ClusterTrainingRuntime``,
-  ``apiGroup`` ``trainer.kubeflow.org``), ``spec.trainer`` (``image``, ``command``, ``args``,
-  ``env``, ``numNodes``, ``numProcPerNode`` an integer, ``resourcesPerNode``) and
-  ``spec.activeDeadlineSeconds`` (new in v2.2.0; minimum 1, immutable)
-  (``pkg/apis/trainer/v1alpha1/trainjob_types.go``). Names are RFC 1035 labels of at most 63
-  characters (the CRD's CEL rules). The env names ``PET_NNODES``, ``PET_NPROC_PER_NODE``,
-  ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT`` are the torch plugin's and
-  refused by its webhook (``pkg/runtime/framework/plugins/torch/torch.go``). The webhook
-  (``validator.trainjob.trainer.kubeflow.org``) denies with 403 and its own message, which the
-  task reports as it is (:func:`imgpipe.remote.kuberay.forbidden_message`).
-* **Status.** ``status.conditions`` of type ``Complete`` or ``Failed`` (``Suspended`` besides);
-  the controller copies the JobSet's ``Completed``/``Failed`` condition, reason and message
-  (``pkg/runtime/framework/plugins/jobset/jobset.go``), e.g. ``FailedJobs``: "jobset failed due
-  to one or more job failures (first failed job: ...)", or ``DeadlineExceeded`` once
-  ``activeDeadlineSeconds`` passes. There is no "created" or "running" condition.
-* **Deletion.** The JobSet, its Jobs and Pods belong to the TrainJob (owner references, no
-  finalizer): deleting the TrainJob removes them.
-* **Permissions.** The run's service account needs ``create``, ``get`` and ``delete`` on
-  ``trainjobs.trainer.kubeflow.org`` (``k8s/base/role-trainjobs.yaml``); Trainer's own
-  ``kubeflow-trainer-edit`` grants those to ``kubeflow-edit``
-  (``manifests/overlays/kubeflow-platform/kubeflow-trainer-roles.yaml``).
-
-The rules are those of the RayJob runner (:mod:`imgpipe.remote.kuberay`): the name is the
-job id (run id, step, data, output, config), so a retried task attaches to the TrainJob
-its first attempt created (409 on create), never starts a second one while it runs, and
-returns at once when the output is already committed; a failed TrainJob fails the task
-with the controller's reason and message and stays for ``kubectl describe``, and the next
-retry makes attempt ``-a2``; once one succeeds, every attempt is deleted. A TrainJob
-deleted while the task waits fails it. Every wait has a deadline: the TrainJob's
-``activeDeadlineSeconds`` plus :data:`WAIT_SLACK_S`. An older Trainer's CRD prunes
-``activeDeadlineSeconds`` silently; the step then deletes the TrainJob and names
-:data:`MIN_TRAINER`.
-
-Settings from the train task's environment (the pipeline sets them at compile time):
-``IMGPIPE_GPU_IMAGE`` (the image the nodes run), ``IMGPIPE_TRAIN_PROCS`` (processes and GPUs
-per node, :mod:`imgpipe.remote.ranks`), ``IMGPIPE_TRAINJOB_NODE_RESOURCES`` (JSON requests
-and limits of one node), ``IMGPIPE_CREDENTIALS_SECRET`` (the Secret with the store's keys), and the
-operator's cap ``IMGPIPE_TRAIN_MAX_NODES`` (:data:`MAX_NODES_ENV`).
+How it works in detail: docs/internals.md, "imgpipe.remote.trainjob".
 """
 
 from __future__ import annotations

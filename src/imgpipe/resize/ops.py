@@ -1,70 +1,8 @@
 """Resizing and standardization of single images: the pure functions behind the resize step.
 
-Nothing here imports Ray. :func:`resize_batch` is the batch function the resize step
-hands to ``ray.data.Dataset.map_batches``; it takes and returns ``dict[str, np.ndarray]``
-and is unit-tested on hand-built dicts.
+    pixels = resize_image(jpeg_bytes, spec)   # decoded, resized to the spec's size and mode, its ops applied: H x W x C uint8
 
-Geometry modes (``size`` is the output side ``S``):
-
-* ``short-side-crop``: scale the short side to ``round(S / 0.875)`` and take the centre
-  ``S x S``, the ImageNet evaluation convention (resize 256, centre-crop 224) of the
-  torchvision classification references and timm's ``crop_pct=0.875``.
-* ``fixed``: scale to ``S x S`` ignoring the aspect ratio.
-* ``pad``: letterbox; fit inside ``S x S`` keeping the aspect ratio and fill the rest
-  with a constant grey level.
-* ``whole``: the whole picture, aspect kept, nothing cropped: the short side becomes
-  ``round(S / 0.875)`` (256 for 224, the "resize 256" storage size), the long side at
-  most ``round(max_aspect * 256)`` (``max_aspect`` 2 by default: a more elongated image
-  keeps its aspect with a short side below 256). Rows vary in size; a training reader
-  samples its crops (RandomResizedCrop) from the whole picture, as FFCV and timm do,
-  and a centre ``S x S`` crop at evaluation is what ``short-side-crop`` stores (up to
-  the sub-pixel placement of the crop). With ``roi_crop`` the region is kept whole.
-
-:func:`resize_batch` can take another spec for some splits (``ResizeConfig.train_mode``:
-e.g. ``whole`` for ``train``, ``short-side-crop`` for ``val`` and ``test``), chosen per
-row from its ``split`` column, in the same pass.
-
-The crop is done by resizing only the source box that ends up in the output
-(``PIL.Image.resize(box=...)``), which gives the same pixels as resize-then-crop
-without computing the discarded border.
-
-Fast decode: a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT scaling, via
-``Image.draft``) when the reduced image is still at least ``DRAFT_MARGIN`` (1.25) times
-what the final resize needs, so the antialiased resize always shrinks by 1.25x or more.
-On real q90 photos a reduced decode costs 1/1.2 (1/2 scale) to 1/1.6 (1/4 scale) of a
-full one (reading the entropy-coded data is the part it cannot save; bench/resize.py),
-and the output differs from :func:`resize_image_reference` (full decode, exact resize)
-by a mean absolute difference of 0.9 to 1.9 grey levels out of 255 on synthetic
-photo-like and textured images, about 1 on real photos (measured values in
-``tests/resize/test_ops.py::test_fast_path_close_to_reference``). PNG and other
-lossless inputs are always fully decoded.
-
-Where no draft helps (at most :data:`WARP_MAX_SCALE` source pixels per output pixel, e.g.
-0.2 MP photos to 224), OpenCV does the work: it decodes an RGB or L JPEG straight into an
-array (the same pixels as Pillow, without Pillow's copy out of its buffer), and a
-Gaussian prefilter plus bilinear sampling of the exact box stands in for PIL's filter
-(:func:`warp_resize`).
-
-Standardization ops run after the resize, in the order given, except ``roi_crop``,
-which selects the source region before the resize (so the output keeps the mode's
-size) and therefore must come first. Each op is a name with optional
-``:``-separated numeric parameters, e.g. ``gaussian_blur:1.5`` or ``canny:50:150``:
-
-========================  =======  ==========================================================
-op                        output   meaning (parameters, defaults)
-========================  =======  ==========================================================
-``roi_crop``              C        crop to the row's ``bbox`` (normalized xmin,ymin,xmax,ymax)
-                                   before resizing; rows without a bbox are left whole
-``gaussian_blur[:sigma]`` C        Gaussian denoise (sigma 1.0)
-``median_blur[:ksize]``   C        median denoise, odd kernel size (3)
-``equalize``              C        histogram equalization (of luma Y for colour images)
-``clahe[:clip[:tiles]]``  C        contrast-limited adaptive equalization of L (2.0, 8)
-``to_ycbcr``              3        full-range BT.601 Y, Cb, Cr (JPEG's colour space)
-``to_lab``                3        CIE L*a*b* scaled to uint8 as OpenCV does
-``binarize``              1        Otsu threshold of the grey image, values 0/255
-``sobel``                 1        Sobel gradient magnitude of the grey image
-``canny[:low:high]``      1        Canny edges, values 0/255 (100, 200)
-========================  =======  ==========================================================
+How it works in detail: docs/internals.md, "imgpipe.resize.ops".
 """
 
 from __future__ import annotations

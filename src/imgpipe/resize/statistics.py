@@ -1,42 +1,8 @@
 """Dataset statistics of a resize output, in fixed-size sums that tasks accumulate and the driver merges.
 
-Each resize task counts, per split, over the rows it writes (:class:`DatasetStatistics`):
+    moments = split_moments(manifest, "train")   # per-channel mean and std a resize output recorded
 
-* images, and images per class (by ``label``);
-* the stored pixels' per-channel count, sum and sum of squares, in grey levels 0..255:
-  every pixel of every written image, no sampling. They come from a 256-bin histogram of
-  each channel per image (``np.bincount``, about 0.25 ms for 224 x 224 x 3, against
-  several ms for the resize itself), so the sums are exact integers: Python ints merge
-  without overflow or rounding, in any order. With ``format=jpeg`` they are the pixels
-  before JPEG encoding (q95 moves a channel's mean by well under one grey level);
-* histograms of the *source* image sizes (clean's ``width``/``height``, before any resize)
-  and aspect ratios (``width / height``), with the fixed edges :data:`SIZE_EDGES` and
-  :data:`ASPECT_EDGES` (each bin's lower bound; the last bin is open), so that any two
-  counts merge by adding.
-
-A task's statistics travel back with its result as plain JSON (:meth:`DatasetStatistics.to_dict`);
-the driver merges them (:meth:`DatasetStatistics.merge`) and writes the manifest's
-``extra.statistics`` (:meth:`DatasetStatistics.manifest_block`). Memory is a few hundred bytes
-per split and class, whatever the number of images. Readers take what they need through
-:func:`split_moments`; the train step normalizes a model trained from scratch with the
-``train`` split's mean and std.
-
-The manifest block::
-
-    "statistics": {
-      "color_space": "RGB",                       # of the stored pixels (imgpipe.resize.spec.color_space)
-      "pixel_scale": 255,                         # mean and std are of pixels / 255
-      "size_edges": [0, 64, 128, ...],            # px; bin i is [edge i, edge i+1), the last [edge, inf)
-      "aspect_edges": [0.0, 0.25, 0.5, ...],      # width / height, bins as above
-      "splits": {
-        "train": {
-          "images": 14, "images_per_class": {"Abyssinian": 5, ...},
-          "channels": 3, "mean": [0.47, 0.45, 0.40], "std": [0.27, 0.26, 0.28],
-          "width": [...], "height": [...], "aspect": [...],    # counts, one per bin
-          "other_channels": 0                     # rows left out of mean/std: another channel count
-        }, ...
-      }
-    }
+How it works in detail: docs/internals.md, "imgpipe.resize.statistics".
 """
 
 from __future__ import annotations

@@ -1,37 +1,8 @@
 """The clean step: validate every image by a full decode, normalize, label, split, shuffle.
 
-Reads a committed download output (``path``, ``bytes``, ``size``, ``sha256`` rows) and
-writes Parquet shards whose rows are in a seeded random order, so that later steps
-and the training loader can stream them sequentially and still see a shuffled set.
+    report = clean("s3://b/run/download", "s3://b/run/clean", CleanConfig(seed=1))
 
-The work happens in four passes:
-
-1. **plan** (main process, metadata only): labels, exact-duplicate removal, the
-   stratified split and the shuffled ``order``.
-2. **validate** (process pool, all cores): each task decodes some Parquet row groups,
-   measures each usable image (perceptual hashes, quality metrics), writes it to a local
-   spill file of its output shard and returns only small per-row arrays; the bytes never
-   cross the process boundary.
-3. **review** (main process, arrays): blank images and configured outliers are rejected,
-   outliers flagged, near-duplicate groups found; each group is rejected but for one, or
-   kept whole in one split (:mod:`imgpipe.clean.review`).
-4. **write**: each shard's spill rows are sorted by ``order``, the reviewed-out rows left
-   out and the splits set, and written to the destination; then the output is committed.
-
-Memory: the pool gets at most one worker per CPU (:func:`resources.available_cpus`) and
-no more than the memory (:func:`resources.usable_memory`) can hold, and each image a
-budget: one that would need more to decode is ``too_large`` before it is decoded
-(:func:`imgpipe.data.images.decode_bytes` estimates from its header).
-
-A decoder that kills its process anyway (the OOM killer's SIGKILL, a crash in a C
-library) costs one image, not the step: each worker names the member it is decoding in a
-marker file; when a worker dies, the member each unfinished task names is decoded again
-alone, in a process of its own, and becomes a ``decoder_killed`` reject if that dies too;
-then the unfinished tasks run again without those members. A decode that takes longer
-than ``image_timeout_s`` (a decoder looping on a hostile file) is ended from outside:
-the step kills the worker its marker names, and the image becomes ``decode_timeout``.
-After a restart every unfinished task covers one row group, so each further loss
-repeats little work.
+How it works in detail: docs/internals.md, "imgpipe.steps.clean".
 """
 
 from __future__ import annotations

@@ -1,47 +1,8 @@
 """The compare step: the train outputs of a sweep's branches in, a ranking, flags and the winner's config out.
 
-``compare(branches, dest, cfg)`` reads each branch's committed train output
-(``metrics.json``: one record per epoch; ``manifest.json``: the resolved config) and:
+    report = compare({"ra": prefix_a, "base": prefix_b}, dest)   # ranks a sweep's branches: comparison.json, .html, winner.yaml
 
-* **ranks** the branches on the last epoch's validation figures: macro-F1 (ties:
-  accuracy), or, when the classes are imbalanced, PR-AUC (macro one-vs-rest average
-  precision, :func:`imgpipe.train.evaluation.macro_average_precision`; ties: macro-F1).
-  Imbalanced means the largest validation class holds more than
-  :data:`IMBALANCE_RATIO` times the images of the smallest (classes with at least one
-  image; the validation split is the one the ranking is computed on). Macro-F1 judges
-  one decision (the argmax), which imbalance pulls toward the large classes; average
-  precision judges each class's ranking of the scores at every threshold, so a rare
-  class counts as much as a common one;
-* **flags over-regularization** (:func:`trend`, :func:`diagnose`): over the last
-  :data:`TREND_WINDOW` epochs the training loss fell by at least
-  :data:`MIN_TRAIN_LOSS_DROP` of its value while the validation accuracy of the last
-  epoch beat the best earlier epoch of the window by at most :data:`MAX_VAL_ACC_GAIN`
-  (it stalled or dropped), and the training loss is still at least
-  :data:`TRAIN_VAL_LOSS_RATIO` times the validation loss: the augmented task stays
-  harder than validation, so the recipe, not memorization, holds validation back, and
-  its strength should come down. The same trend with the training loss below that is
-  flagged **overfitting** instead (the opposite remedy: more regularization, fewer epochs);
-* **flags under-fitting**: a branch whose last training loss is at least
-  :data:`UNDERFIT_LOSS_RATIO` times the winner's and whose validation accuracy is at
-  least :data:`UNDERFIT_ACC_GAP` below the winner's: it has not learnt what the winner
-  learnt in the same epochs (too strong a recipe for the budget, or more epochs needed).
-  Both conditions, because MixUp/CutMix and label smoothing raise a training loss by
-  themselves (soft targets have an entropy floor);
-* **averages seeds** when the sweep repeated each branch (``seeds`` N above 1,
-  :func:`imgpipe.sweep.plan`): the N runs of a branch (``groups``) count as one
-  :class:`SeedGroup`, ranked by the mean over its runs of each ranking key, with the
-  spread (sample standard deviation, min and max) shown beside it; its curves and the
-  over-regularization trend are read on the epoch-wise mean of its runs, under-fitting
-  on the means, and ``class_collapse`` on each class's mean recall over the runs (one
-  unlucky seed does not flag a branch; a class every seed wipes out does);
-* writes ``comparison.json``, ``comparison.html`` (the table, the flags with their
-  numbers, the overlaid validation curves, the winner's config), ``val_curves.png``,
-  ``winner.yaml`` and ``config.yaml``, then commits the prefix like every step.
-
-``winner.yaml`` is a config file with one ``train:`` section holding the winner's whole
-augmentation recipe (:data:`imgpipe.sweep.RECIPE_FIELDS`, as it trained; never the seed): what
-``imgpipe train --config``, ``imgpipe run --config``, ``imgpipe sweep --config`` and the
-pipelines' ``step_config`` parameter take.
+How it works in detail: docs/internals.md, "imgpipe.steps.compare".
 """
 
 from __future__ import annotations

@@ -1,37 +1,8 @@
 """The download step: images from where they are into Parquet shards of raw bytes.
 
-Sources (one URI or a list; :mod:`imgpipe.data.readers.factory` tells them apart by URI, then
-by content):
+    report = download(["s3://ml-data/pets/"], "s3://b/run/download", DownloadConfig(), previous=None)
 
-* an archive: tar / tar.gz / tar.bz2 / tar.xz / zip over ``http(s)://``, ``s3://`` or a local
-  path, nested archives one level deep (ImageNet's tar of per-class tars, the class from the
-  inner archive's name);
-* a local directory, or a bucket prefix of loose images (``s3://bucket/prefix/``): listed a
-  page at a time, objects fetched ``fetch_workers`` at once, each one's key, size and ETag kept;
-* a URI list: CSV or JSON Lines of ``uri,label`` (https or s3 URIs, or paths relative to the list);
-* WebDataset shards (``key.jpg`` + ``key.cls``/``.json``/``.txt``), brace patterns expanded
-  (``shards-{000000..000099}.tar``);
-* a Hugging Face Parquet file (``image`` as ``{bytes, path}``, ``label`` with its ``ClassLabel``
-  names), imgpipe's own clean and resize outputs included.
-
-A file source is spooled (HTTP with resumes), hashed and checked against its sha256 pin, and
-read once to its last member (a dry run), and every listing is counted against the caps,
-before the destination is touched: a mismatch, a corrupt archive or a bomb leaves an older
-committed output intact. The output is ``part-00000.parquet``, ... of
-:data:`imgpipe.data.shards.SHARD_SCHEMA` (path, bytes, size, sha256, the label a source gave,
-the ETag a listing gave).
-
-Every input ends in the output or in the rejects with a reason: unsafe members (absolute or
-``..`` paths, links, devices), oversized and duplicate ones, and for listings an object that
-could not be fetched (``http_error``, ``fetch_timeout``, ``vanished``, ``source_refused``, ...),
-never the step's failure. With ``previous`` (an earlier run's output over the same listing) an
-unchanged object is taken from there instead of fetched (:mod:`imgpipe.data.previous`).
-
-Where a source may come from is a :class:`imgpipe.data.sources.SourcePolicy`: everything
-but link-local (cloud metadata) addresses for the operator's own calls, much less for
-a URI that arrives as a pipeline parameter (the kfp component), and the same for every
-entry of a URI list. HTTP redirects are followed by hand so that every hop is checked
-against it before connecting; a refusal is never retried.
+How it works in detail: docs/internals.md, "imgpipe.steps.download".
 """
 
 from __future__ import annotations

@@ -1,55 +1,8 @@
 """The resize step: clean's images to training inputs of a model's size, on Ray Data.
 
-Reads a committed clean output and plans its Parquet row groups into tasks of
-neighbouring groups (:func:`plan_tasks`, from the input alone). Each task runs on Ray Data
-(``concurrency`` at a time, on a local Ray, a Ray cluster, or KubeRay's), reads its row
-groups through the ``pyarrow.fs`` file system :mod:`imgpipe.storage` builds, resizes them
-(:func:`imgpipe.resize.ops.resize_batch`) and **writes its own output files** straight to
-the destination (:func:`imgpipe.resize.task.run_task`), hashed as written. Tasks return
-only metadata: each file's name, rows, bytes and sha256, their rejects, the rows they
-read. The driver records the files on its :class:`~imgpipe.writer.OutputWriter` and
-commits, so the output keeps the contract of every step (data files, ``rejects.parquet``,
-``config.yaml``, ``manifest.json``, ``_SUCCESS``; ``inputs == outputs + rejected``) while no
-pixel passes through the driver: adding Ray nodes adds write bandwidth. A row that cannot
-be resized becomes a reject, never a failed run.
+    report = resize("s3://b/run/clean", "s3://b/run/resize", ResizeConfig(preset="resnet"))
 
-Output layout, one folder per split, each file sorted by ``order``::
-
-    DEST/train/part-00000-000.a<attempt>.parquet   path, label, label_name, split, order, sha256,
-    DEST/train/part-00001-000.a<attempt>.parquet   height, width, channels, pixels | image
-    DEST/val/part-00000-000.a<attempt>.parquet
-    DEST/labels.json                               (copied from clean)
-
-``part-TTTTT-KKK``: the task that wrote it and the file's index within that task and split;
-``a<attempt>``: the step attempt's id (:func:`imgpipe.writer.attempt_name`), so a task of an
-overtaken attempt never replaces a file of the attempt that commits. Readers take the names
-from the manifest, as always.
-
-Each row carries its own ``height``, ``width`` and ``channels``: every mode but
-``whole`` makes them ``size x size``; ``whole`` keeps each picture's aspect, so its rows
-vary. ``train_mode`` gives the ``train`` split its own mode (``whole`` for training
-crops over the whole picture, while ``val``/``test`` keep ``mode``), chosen per row in
-the same pass; the manifest's ``extra.split_modes`` says which mode each split holds.
-
-``format='raw'`` stores ``pixels``: the ``height x width x channels`` uint8 array as
-bytes, readable with plain pyarrow and ``np.frombuffer(...).reshape(h, w, c)``;
-``format='jpeg'`` stores ``image`` as clean does, a ``{bytes, path}`` struct. Either way the
-schema carries clean's class names as Hugging Face ``datasets`` features
-(:func:`output_schema`): ``datasets`` reads ``label`` as a ``ClassLabel``, ``image`` as an
-``Image``, ``pixels`` as plain bytes, and names the ``val`` folder's split ``validation``.
-Folders are plain names, not ``split=train`` (hive style): the files also hold a
-``split`` column, and pyarrow refuses a dataset whose partition key repeats a column.
-
-Tasks take neighbouring row groups and clean's row groups are sorted by ``order``, so a
-file holds a run of clean's shuffled order, sorted (a task starts a new file should its
-input ever go back). Names sort as the order runs: a split's files in name order continue
-its order. The plan depends only on the input, so a re-run on any cluster writes the same
-files with byte-identical content; only the attempt in their names differs.
-
-Memory: the driver holds the plan (one small item per input row group), one manifest
-entry per written file and the rejects; a task holds one input row group, one resized
-batch and at most one row group per split (:mod:`imgpipe.resize.task`). None of it grows
-with the number of images written.
+How it works in detail: docs/internals.md, "imgpipe.steps.resize".
 """
 
 from __future__ import annotations

@@ -1,53 +1,8 @@
 """The train step: a committed resize output in, a trained classifier and its report out.
 
-``train(data, out, cfg)`` streams the resize output's ``train`` split through
-:class:`imgpipe.train.loader.ImageLoader`, augments it in the loader's CPU workers
-(albumentations, :mod:`imgpipe.train.augment_cpu`) or on the device (kornia,
-:mod:`imgpipe.train.augment`), and trains a torchvision model (:mod:`imgpipe.train.models`) with
-AdamW, a per-step cosine schedule after a linear warmup, soft-target cross-entropy
-(MixUp/CutMix, label smoothing), gradient clipping, and bf16 autocast plus
-channels-last on CUDA. It evaluates (:mod:`imgpipe.train.evaluation`) on ``val`` after every
-epoch and on ``test`` at the end (optionally with flip test-time augmentation).
+    report = train("s3://b/run/resize", "s3://b/run/train", TrainConfig(model="resnet18", epochs=10))
 
-Transfer learning: ``pretrained`` starts from torchvision weights, read from an
-object-storage cache that the first run fills (:mod:`imgpipe.train.pretrained`; every rank
-reads it); the classifier head is replaced for the data's classes, and the weights' own
-mean and std normalize every batch (``TrainingRun.norm``, also written to ``model.pt``).
-``freeze_fraction`` trains the head alone for a fraction of the epochs, then
-``unfreeze_stages`` stages add the backbone's blocks from its end (decided per epoch, so a
-resume at any epoch does the same; :mod:`imgpipe.train.schedule`); each part warms up on its
-own when it joins, at ``backbone_lr_mult`` of the head's learning rate.
-
-Distributed: under ``torchrun --nproc-per-node N`` (or any launcher that sets
-``WORLD_SIZE``/``RANK``/``LOCAL_RANK``/``MASTER_ADDR``) the step joins a process group
-(NCCL on CUDA, gloo on CPU), wraps the model in DDP and gives every rank disjoint
-shards; all ranks take the same number of steps per epoch. Only rank 0 writes.
-
-Outputs in ``out`` (all through :mod:`imgpipe.storage`, each object atomic)::
-
-    checkpoint.pt          every epoch: model, optimizer, scheduler, epoch, loader
-                           position, per-rank RNG states, config, metric history
-    model.pt               {"model": state dict, "config", "labels", "image_size", ...}
-    metrics.json           per epoch: train/val loss, accuracy, macro-F1, per-class
-                           recall, images/s, data-wait fraction; test (and TTA) metrics
-    curves.png, confusion_matrix.png, augmentations.png
-    report.html            the figures and tables in one page (report.html_report)
-    config.yaml            the resolved config
-    manifest.json          step "train": images seen per split, files, metrics
-    _SUCCESS               written last
-
-The output is a model, not a dataset, so :class:`~imgpipe.writer.OutputWriter` does
-not fit (its ``begin`` deletes the prefix, which would take ``checkpoint.pt`` with it on
-``--resume``, and its accounting counts table rows). The step keeps the same protocol by
-hand: ``_SUCCESS`` is removed first, files are written, then the manifest (same keys as
-every step's, ``inputs == outputs`` images, nothing rejected) and ``_SUCCESS`` last, so
-``contract.read_manifest(out, expect_step="train")`` works on it.
-
-Reproducibility: model initialization is seeded from ``seed``; data order from
-``seed + epoch (+ rank, + worker)``; per-sample augmentation from ``seed + epoch +
-sample``; batch-level randomness (GPU augmentation, MixUp/CutMix) from ``seed + epoch +
-rank + step``. With ``deterministic`` on, an interrupted run resumed from its last
-checkpoint ends with the same weights as an uninterrupted one.
+How it works in detail: docs/internals.md, "imgpipe.steps.train".
 """
 
 from __future__ import annotations

@@ -1,32 +1,8 @@
 """Augmentation on the device, normalization, batch mixing, and the soft-target loss.
 
-Two ways to augment the training set, with the same recipe:
+    batch = BatchAugment(cfg, size, channels, ...)(images, seed)   # uint8 B x C x H x W in, normalized float out, on the device
 
-* **CPU**: :mod:`imgpipe.train.augment_cpu` (albumentations on ``H x W x C`` uint8 numpy
-  arrays, per sample in the loader's workers, seeded per sample; its docstring maps
-  every operation to the torchvision one it replaces).
-* **GPU**: :class:`BatchAugment` runs the recipe with ``kornia.augmentation`` on a whole
-  batch on the training device, drawing random parameters per sample. It also runs on
-  CPU tensors (which is how it is tested without a GPU).
-
-The recipe, in order: RandomResizedCrop, horizontal flip (``hflip``; off for text and
-digits), vertical flip and quarter turns (``vflip``, ``rot90``; overhead images), a small
-affine (rotation/translation/scale), the policy (RandAugment, TrivialAugmentWide or
-AutoAugment-ImageNet), ColorJitter (its hue range ``hue``), RandomGrayscale, GaussianBlur,
-Gaussian noise (``noise_p``), JPEG re-encoding (``jpeg_p``), RandomErasing. Which of them a
-dataset gets follows its domain (:mod:`imgpipe.train.recipes`). Policy ``basic`` is the recipe without a policy; ``none``
-is no augmentation at all (the evaluation transform), for debugging and overfitting.
-
-Both paths leave normalization to one batched step on the device: the CPU path's
-batches are uint8 (4x fewer bytes through worker queues and host-to-GPU copies, as FFCV
-does) and :func:`normalize` converts; :class:`BatchAugment` normalizes itself. The
-evaluation transform (resize + centre crop) is deterministic and never shares an object
-with training: per sample on the CPU (:func:`imgpipe.train.augment_cpu.build_eval_transform`),
-or on a batch on the device (:func:`build_batch_eval_transform`).
-
-MixUp/CutMix (:class:`MixupCutmix`) mix a batch with its copy rolled by one, as
-torchvision's ``v2.MixUp``/``v2.CutMix`` do, but draw from an explicit
-``numpy.random.Generator`` (see :func:`step_generator`).
+How it works in detail: docs/internals.md, "imgpipe.train.augment".
 """
 
 from __future__ import annotations

@@ -1,33 +1,8 @@
 """Streaming training input: the resize step's Parquet shards as a torch ``IterableDataset``.
 
-The loader reads one split of a committed resize output (``DATA/<split>/part-*.parquet``,
-see :mod:`imgpipe.steps.resize`) from ``file://`` or ``s3://`` row group by row group
-through the ``pyarrow.fs`` file system :func:`imgpipe.storage.arrow_filesystem` builds.
-Nothing is downloaded first: a worker holds at most its shuffle buffer plus one row group.
+    loader = ImageLoader(info, LoaderConfig(batch_size=128, seed=0), transform=tf, rank=0, world_size=1); loader.set_epoch(epoch)
 
-Partitioning and order. Which rows each rank and worker reads, and in which order, is
-decided from row-group metadata alone by :mod:`imgpipe.train.partition` (torch-free; its
-docstring has the rules). This module reads and decodes those rows; its names
-(:func:`describe_split`, :func:`assign_rows`, ...) are re-exported here.
-:meth:`ImageLoader.state_dict` records the epoch and how many samples each worker has
-delivered, and a loader restored from it delivers the rest of the epoch in the same
-order, batch for batch, as an uninterrupted run.
-
-Decoding. ``raw`` rows are ``numpy.frombuffer`` views of their bytes, copied once, into
-the batch array (or by the transform); ``jpeg`` shards decode in the workers with
-``torchvision.io.decode_jpeg``, or, with
-``decode_device='cuda'``, are handed to the main process as bytes for
-:func:`decode_jpeg_batch` to decode on the GPU.
-
-Per-sample transforms run in the workers on ``H x W x C`` uint8 numpy arrays (a raw
-row's ``np.frombuffer`` view, read-only; a decoded JPEG) and are called as
-``transform(image, seed)`` (:class:`imgpipe.train.augment_cpu.SampleTransform` is the
-recipe). The seed is :func:`sample_seed` of ``seed + epoch + the sample's index in the
-split``, so an image's augmentation in an epoch does not depend on which rank or worker
-drew it and survives a resume exactly; no global generator is seeded or read. The
-outputs are stacked into one ``N x H x W x C`` uint8 array, handed on as the
-``N x C x H x W`` view ``torch.from_numpy(batch).permute(0, 3, 1, 2)`` (channels-last
-strides, the layout a CUDA model wants).
+How it works in detail: docs/internals.md, "imgpipe.train.loader".
 """
 
 from __future__ import annotations
