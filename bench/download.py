@@ -55,7 +55,7 @@ print(n)
 def populate(count: int, size: int) -> str:
     """``count`` objects of ``size`` bytes (a JPEG header, then noise) under a fresh prefix; returns it."""
     prefix = f"objs-{count}/"
-    client = storage.S3Backend.client()
+    client = storage.s3_client()
     rng = np.random.default_rng(count)
     body = b"\xff\xd8\xff\xe0" + rng.integers(0, 256, size - 4, dtype=np.uint8).tobytes()
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             "IMGPIPE_SOURCE_LOCAL": "1",
         }
         os.environ.update(env)
-        storage.S3Backend.client().create_bucket(Bucket=BUCKET)
+        storage.s3_client().create_bucket(Bucket=BUCKET)
         for count in map(int, args.objects.split(",")):
             t0 = time.perf_counter()
             prefix = populate(count, args.size)

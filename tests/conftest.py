@@ -54,7 +54,7 @@ def s3_bucket(s3_endpoint: str) -> str:
     from imgpipe import storage
 
     name = f"test-{uuid.uuid4().hex[:12]}"
-    storage.S3Backend.client().create_bucket(Bucket=name)
+    storage.s3_client().create_bucket(Bucket=name)
     return f"s3://{name}"
 
 

@@ -225,7 +225,7 @@ def test_delete_prefix_raises_on_per_key_errors(s3_bucket, monkeypatch):
     """S3 DeleteObjects answers 200 with an Errors list: a key it could not delete must not pass silently."""
     dest = f"{s3_bucket}/step"
     storage.write_bytes(f"{dest}/a", b"1")
-    client = storage.S3Backend.client()
+    client = storage.s3_client()
     real = client.delete_objects
 
     def refuse(**kwargs):

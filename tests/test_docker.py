@@ -267,8 +267,10 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"imgpipe"}
-    for module in ("imgpipe/components/download.py", "imgpipe/pipelines/imgpipe_pipeline.py", "imgpipe/containers/catalog.py"):
-        assert module in names
+    sources = [f"imgpipe/{p.relative_to(ROOT / 'src' / 'imgpipe').as_posix()}" for p in (ROOT / "src" / "imgpipe").rglob("*.py")]
+    sources += [f"imgpipe/{folder}/{p.name}" for folder in ("components", "pipelines") for p in (ROOT / folder).glob("*.py")]
+    missing = sorted(set(sources) - set(names))
+    assert not missing, f"pyproject.toml [tool.setuptools] packages leaves these out of the wheel: {missing}"
     # Package data through a symlink: the wheel holds the file itself, the same bytes.
     packaged = zipfile.ZipFile(wheel).read("imgpipe/manifests/rayjob-resize.yaml")
     assert packaged == (ROOT / "k8s" / "ray" / "rayjob-resize.yaml").read_bytes()

@@ -1,7 +1,7 @@
 """The docs name only paths that exist, and the README stays a short front door.
 
 Every repository path README.md and docs/*.md name, in backticks or as a link, must exist: a
-path from the repository root (``src/imgpipe/storage.py``, ``k8s/base/``), one inside the package
+path from the repository root (``src/imgpipe/storage/s3.py``, ``k8s/base/``), one inside the package
 (``data/readers/factory.py``, as docs/architecture.md writes them), or a doc beside the doc.
 Paths a run writes (``bench/results/``, ``out/``) are not looked for, nor upstream paths cited
 from another project that happen to share a first folder name with ours (:data:`UPSTREAM`).

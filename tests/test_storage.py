@@ -99,7 +99,7 @@ def test_arrow_filesystem_reads_parquet_with_ranges(any_root):
 
 def test_many_objects_listing_paginates(s3_bucket):
     # More than one page of list_objects_v2 (1000 keys).
-    client = storage.S3Backend.client()
+    client = storage.s3_client()
     bucket = s3_bucket.removeprefix("s3://")
     for i in range(1005):
         client.put_object(Bucket=bucket, Key=f"many/{i:05d}", Body=b"")
@@ -173,7 +173,7 @@ def test_settings_cross_a_process_boundary_without_credentials(s3_endpoint, monk
     import pickle
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "the-secret-4711")
-    saved = storage._s3_options
+    saved = storage.s3._s3_options
     try:
         storage.configure_endpoint("http://127.0.0.1:1")
         shipped = storage.settings()

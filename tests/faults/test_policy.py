@@ -25,15 +25,15 @@ from tests.faults.s3proxy import NAMESPACE_PREFIX, FaultProxy, PrefixPolicy, pre
 @pytest.fixture
 def policy_store(s3_endpoint, s3_bucket):
     """A policy-mode proxy for the test's bucket; this process's S3 client talks to it."""
-    saved = storage._s3_options
+    saved = storage.s3._s3_options
     with FaultProxy(s3_endpoint, policy=prefix_policy(s3_bucket)) as proxy:
         storage.configure_s3(endpoint_url=proxy.endpoint)
-        storage._bulk_delete_denied.clear()  # each test starts as a fresh process does
+        storage.s3._bulk_delete_denied.clear()  # each test starts as a fresh process does
         try:
             yield proxy, f"{s3_bucket}/{NAMESPACE_PREFIX}"
         finally:
             storage.configure_s3(**saved.__dict__)
-            storage._bulk_delete_denied.clear()
+            storage.s3._bulk_delete_denied.clear()
 
 
 pytestmark = pytest.mark.quick
@@ -84,7 +84,7 @@ def test_single_deletes_run_a_bounded_number_at_once(policy_store, monkeypatch):
     uris = [storage.join(root, "many", f"{i:04d}") for i in range(60)]
     for uri in uris:
         storage.write_bytes(uri, b"")
-    client = storage.S3Backend.client()
+    client = storage.s3_client()
     real, lock, state = client.delete_object, threading.Lock(), {"now": 0, "most": 0}
 
     def counting(**kwargs):
@@ -101,7 +101,7 @@ def test_single_deletes_run_a_bounded_number_at_once(policy_store, monkeypatch):
     monkeypatch.setattr(client, "delete_object", counting)
     assert storage.delete_prefix(storage.join(root, "many")) == 60
     assert storage.list_objects(storage.join(root, "many")) == []
-    assert 1 < state["most"] <= storage.DELETE_CONCURRENCY
+    assert 1 < state["most"] <= storage.s3.DELETE_CONCURRENCY
 
 
 def test_an_error_other_than_access_denied_still_raises(policy_store, monkeypatch):
@@ -109,7 +109,7 @@ def test_an_error_other_than_access_denied_still_raises(policy_store, monkeypatc
 
     _proxy, root = policy_store
     storage.write_bytes(storage.join(root, "d", "a"), b"")
-    client = storage.S3Backend.client()
+    client = storage.s3_client()
 
     def slow_down(**kwargs):
         raise ClientError({"Error": {"Code": "InternalError", "Message": "boom"}}, "DeleteObjects")
@@ -117,7 +117,7 @@ def test_an_error_other_than_access_denied_still_raises(policy_store, monkeypatc
     monkeypatch.setattr(client, "delete_objects", slow_down)
     with pytest.raises(ClientError, match="InternalError"):
         storage.delete_prefix(storage.join(root, "d"))
-    assert not storage._bulk_delete_denied
+    assert not storage.s3._bulk_delete_denied
 
 
 def test_a_rerun_of_a_step_process_under_the_policy_replaces_its_output(s3_endpoint, s3_bucket, figures):

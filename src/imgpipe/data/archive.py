@@ -558,7 +558,7 @@ def _directory_entry(full: str, rel: str) -> Member:
     problem = _mode_problem(st.st_mode)
     if problem:
         return _flagged(rel, 0, UNSAFE_MEMBER, problem)
-    # The change token of a local file, as storage.LocalBackend lists it (incremental runs).
+    # The change token of a local file, as imgpipe.storage.local lists it (incremental runs).
     return Member(rel, st.st_size, opener=partial(_open_no_follow, full), etag=f"{st.st_mtime_ns:x}-{st.st_ino:x}")
 
 

@@ -292,7 +292,7 @@ def local_s3_server(bucket: str = LOCAL_BUCKET) -> Iterator[str]:
         ``s3://bucket``.
     """
     with moto_s3_server():
-        storage.S3Backend.client().create_bucket(Bucket=bucket)
+        storage.s3_client().create_bucket(Bucket=bucket)
         yield f"s3://{bucket}"
 
 
