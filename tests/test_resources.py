@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -182,6 +183,24 @@ def test_a_reaped_block_leaves_what_ran_before_it_alone():
     finally:
         earlier.kill()
         earlier.wait()
+
+
+def test_a_killed_child_not_yet_collected_is_not_alive():
+    """A zombie holds its pid and start time until its parent waits: the reaper must not
+    keep killing it until its patience runs out (it did, for 30 s at every such exit)."""
+
+    from imgpipe import resources
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert child.pid in resources.process_table()
+        child.kill()
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        assert child.pid not in resources.process_table()
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_skipping_the_exit_collection_waits_for_the_exit():

@@ -343,7 +343,7 @@ def tagged_processes(tag: str) -> list[int]:
 
 
 def process_table() -> dict[int, tuple[int, int]]:
-    """Every live process: pid -> (parent pid, start time in clock ticks)."""
+    """Every live process (zombies aside): pid -> (parent pid, start time in clock ticks)."""
     table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -354,6 +354,8 @@ def process_table() -> dict[int, tuple[int, int]]:
             continue
         # The command name (field 2) may hold spaces and parentheses: split after the last ")".
         fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] in ("Z", "X"):
+            continue  # dead, waiting for its parent to collect it: nothing left to kill
         table[int(entry)] = (int(fields[1]), int(fields[19]))
     return table
 
