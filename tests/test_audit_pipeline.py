@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from imgpipe.cli import main
-from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp import package as kfp_package
 from imgpipe.steps.audit import AuditConfig
 from tests.test_sweep import _dag_tasks, _load
 
@@ -15,7 +15,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     out = tmp_path_factory.mktemp("audit-ir") / "audit.yaml"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IMGPIPE_GPU_IMAGE", "registry.test/cuda/trainer:7")
-        mp.delenv(kfp_client.GPU_ENV, raising=False)
+        mp.delenv(kfp_package.GPU_ENV, raising=False)
         assert main(["compile", str(out), "--pipeline", "imgpipe-audit", "--parallelism", "3"]) == 0
     return _load(out)
 
@@ -24,7 +24,7 @@ def test_the_audit_takes_every_parameter_of_imgpipe_and_its_own(compiled, tmp_pa
     ir, _ = compiled
     assert ir["pipelineInfo"]["name"] == "imgpipe-audit"
     params = ir["root"]["inputDefinitions"]["parameters"]
-    main_params = kfp_client.pipeline_inputs(kfp_client.compile_package(tmp_path / "main.yaml"))
+    main_params = kfp_package.pipeline_inputs(kfp_package.compile_package(tmp_path / "main.yaml"))
     assert set(params) == set(main_params) - {"train_nodes"} | {"folds", "filter_by"}, "each fold trains in its pod"
     assert params["folds"]["defaultValue"] == AuditConfig().folds and params["folds"]["description"]
     assert params["filter_by"]["defaultValue"] == "prune_by_noise_rate"
@@ -49,4 +49,4 @@ def test_folds_train_in_a_parallel_for_and_the_ranking_collects_them(compiled):
 
 def test_parallelism_is_refused_for_the_main_pipeline(tmp_path):
     with pytest.raises(ValueError, match="parallelism"):
-        kfp_client.compile_package(tmp_path / "p.yaml", parallelism=2)
+        kfp_package.compile_package(tmp_path / "p.yaml", parallelism=2)

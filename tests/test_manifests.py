@@ -27,6 +27,8 @@ import pytest
 import yaml
 
 from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp import connect as kfp_connect
+from imgpipe.kfp import package as kfp_package
 from tests import rbac
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,7 +319,7 @@ def test_cronworkflow_submits_without_overlap_and_with_a_kfp_token():
     assert container["args"][container["args"].index("--run-name") + 1] == "{{workflow.name}}"
     env = {e["name"]: e.get("value") for e in container["env"]}
     mount = next(m for m in container["volumeMounts"] if m["name"] == "kfp-token")
-    assert env[kfp_client.SA_TOKEN_PATH_ENV] == mount["mountPath"] + "/token"
+    assert env[kfp_connect.SA_TOKEN_PATH_ENV] == mount["mountPath"] + "/token"
 
 
 @pytest.mark.parametrize("name", DEPLOYED)
@@ -340,11 +342,11 @@ def test_references_resolve_within_the_build(name, tmp_path_factory):
 
     # The retraining settings name real pipeline parameters.
     config = next(d for d in docs if _key(d) == ("ConfigMap", "imgpipe-retrain"))["data"]
-    package = kfp_client.compile_package(tmp_path_factory.mktemp("pkg") / "p.yaml")
-    inputs = kfp_client.pipeline_inputs(package)
-    params = kfp_client.params_from_env(config)
+    package = kfp_package.compile_package(tmp_path_factory.mktemp("pkg") / "p.yaml")
+    inputs = kfp_package.pipeline_inputs(package)
+    params = kfp_package.params_from_env(config)
     assert set(params) <= set(inputs) and "data_root" in params
-    kfp_client.parse_params(params, package)
+    kfp_package.parse_params(params, package)
 
 
 def test_secret_is_a_template_and_rbac_covers_rayjobs():
@@ -373,7 +375,7 @@ def test_dev_overlay_is_cpu_only_suspended_and_without_the_shared_cluster():
     assert cron["spec"]["suspend"] is True
     assert "RayCluster" not in {d["kind"] for d in docs}
     config = next(d for d in docs if _key(d) == ("ConfigMap", "imgpipe-retrain"))["data"]
-    assert config[kfp_client.GPU_ENV] == "false" and config["IMGPIPE_PARAM_PREVIOUS_RUN_PREFIX"] == "latest"
+    assert config[kfp_package.GPU_ENV] == "false" and config["IMGPIPE_PARAM_PREVIOUS_RUN_PREFIX"] == "latest"
     gpu = build("overlays/gpu")
     assert "RayCluster" in {d["kind"] for d in gpu}
     assert next(d for d in gpu if d["kind"] == "ResourceQuota")["spec"]["hard"]["requests.nvidia.com/gpu"] == "4"
@@ -431,8 +433,8 @@ def test_every_pod_reads_only_configmaps_and_secrets_the_overlay_creates(name, t
     refs = [r for d in docs for t in _pod_templates(d) for r in _references(t)]
     # The pipeline's tasks, as compiled for this overlay (its retraining settings).
     config = next(d for d in docs if _key(d) == ("ConfigMap", "imgpipe-retrain"))["data"]
-    monkeypatch.setenv(kfp_client.GPU_ENV, config[kfp_client.GPU_ENV])
-    package = kfp_client.compile_package(tmp_path_factory.mktemp("pkg") / "p.yaml")
+    monkeypatch.setenv(kfp_package.GPU_ENV, config[kfp_package.GPU_ENV])
+    package = kfp_package.compile_package(tmp_path_factory.mktemp("pkg") / "p.yaml")
     _, platform = yaml.safe_load_all(package.read_text())
     for executor in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
         refs += [("Secret", s["secretName"], s.get("optional", False)) for s in executor.get("secretAsEnv", [])]
@@ -475,7 +477,7 @@ def test_stated_version_floors_match_the_fields_used(tmp_path):
         assert re.search(rf"{product}\s+>= {re.escape(version)}", base), product
     # The fields behind each floor are the ones actually used.
     assert "preRunningDeadlineSeconds" in (K8S / "ray" / "rayjob-resize.yaml").read_text()
-    _, platform = yaml.safe_load_all(kfp_client.compile_package(tmp_path / "p.yaml").read_text())
+    _, platform = yaml.safe_load_all(kfp_package.compile_package(tmp_path / "p.yaml").read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
     assert any(c.get("optional") for e in executors for c in e.get("configMapAsEnv", []))
     assert all(len(c["spec"]["schedules"]) for c in (d for d in build("overlays/gpu") if d["kind"] == "CronWorkflow"))

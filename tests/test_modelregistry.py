@@ -97,11 +97,11 @@ def test_a_promoted_run_is_registered_where_the_operator_names_a_registry(model,
 def test_the_compiled_promote_task_carries_the_registry(tmp_path, monkeypatch):
     import yaml
 
-    from imgpipe.kfp import client as kfp_client
+    from imgpipe.kfp import package as kfp_package
 
     monkeypatch.setenv("IMGPIPE_MODEL_REGISTRY", "http://model-registry-service.kubeflow.svc.cluster.local:8080")
-    monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
-    ir = next(yaml.safe_load_all(kfp_client.compile_package(tmp_path / "p.yaml").read_text()))
+    monkeypatch.delenv(kfp_package.GPU_ENV, raising=False)
+    ir = next(yaml.safe_load_all(kfp_package.compile_package(tmp_path / "p.yaml").read_text()))
     envs = {n: {e["name"]: e["value"] for e in x["container"].get("env", [])} for n, x in ir["deploymentSpec"]["executors"].items()}
     assert envs["exec-promote"]["IMGPIPE_MODEL_REGISTRY"].endswith(":8080"), "the gate registers what it promotes"
     assert [n for n, env in envs.items() if "IMGPIPE_MODEL_REGISTRY" in env] == ["exec-promote"]

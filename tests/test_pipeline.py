@@ -21,7 +21,7 @@ import yaml
 
 from imgpipe import contract, storage
 from imgpipe.kfp import artifacts as kfp_artifacts
-from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp import package as kfp_package
 from imgpipe.kfp.local_run import LocalRunConfig, load_local_config, run_local
 from imgpipe.remote.dispatch import REMOTE_STEPS
 
@@ -46,8 +46,8 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str]
         mp.setenv("IMGPIPE_GPU_IMAGE", "registry.test/cuda/trainer:7")
         mp.delenv("IMGPIPE_CPU_IMAGE", raising=False)
         mp.delenv("IMGPIPE_RAY_IMAGE", raising=False)
-        mp.delenv(kfp_client.GPU_ENV, raising=False)
-        package = kfp_client.compile_package(tmp_path_factory.mktemp("ir") / "imgpipe.yaml")
+        mp.delenv(kfp_package.GPU_ENV, raising=False)
+        package = kfp_package.compile_package(tmp_path_factory.mktemp("ir") / "imgpipe.yaml")
     ir, executors = _load(package)
     return ir, executors, package.read_text()
 
@@ -245,13 +245,13 @@ def test_every_operator_setting_the_docs_name_reaches_every_task(compiled):
 def test_caching_is_decided_when_compiling(compiled, tmp_path):
     ir, _, _ = compiled
     assert all(_tasks(ir)[s]["cachingOptions"] == {} for s in TASKS), "off by default (scheduled retraining)"
-    cached, _ = _load(kfp_client.compile_package(tmp_path / "cached.yaml", caching=True))
+    cached, _ = _load(kfp_package.compile_package(tmp_path / "cached.yaml", caching=True))
     assert all(_tasks(cached)[s]["cachingOptions"] == {"enableCache": True} for s in TASKS)
 
 
 def test_cpu_only_build_drops_the_gpu_scheduling(tmp_path, monkeypatch):
-    monkeypatch.setenv(kfp_client.GPU_ENV, "false")
-    ir, executors = _load(kfp_client.compile_package(tmp_path / "cpu.yaml"))
+    monkeypatch.setenv(kfp_package.GPU_ENV, "false")
+    ir, executors = _load(kfp_package.compile_package(tmp_path / "cpu.yaml"))
     for step in ("train", "train-trainjob"):
         assert "accelerator" not in _container(ir, step)["resources"]
         assert not {"tolerations", "nodeSelector"} & set(executors[_executor(ir, step)])
@@ -265,8 +265,8 @@ def test_compiling_is_deterministic(compiled, tmp_path, monkeypatch):
     monkeypatch.setenv("IMGPIPE_REGISTRY", REGISTRY)
     monkeypatch.setenv("IMGPIPE_IMAGE_TAG", TAG)
     monkeypatch.setenv("IMGPIPE_GPU_IMAGE", "registry.test/cuda/trainer:7")
-    monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
-    again = kfp_client.compile_package(tmp_path / "again.yaml")
+    monkeypatch.delenv(kfp_package.GPU_ENV, raising=False)
+    again = kfp_package.compile_package(tmp_path / "again.yaml")
     assert again.read_text() == text, "same code and options must give the same version name"
 
 
@@ -380,7 +380,8 @@ class Refuse:
             raise ImportError(f"{{name}} is not installed in the cpu image")
 sys.meta_path.insert(0, Refuse())
 from imgpipe.kfp import client as kfp_client
-kfp_client.compile_package({str(tmp_path / "p.yaml")!r})
+from imgpipe.kfp import package as kfp_package
+kfp_package.compile_package({str(tmp_path / "p.yaml")!r})
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -26,7 +26,7 @@ import yaml
 
 from imgpipe import cli
 from imgpipe.containers import catalog
-from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp import connect as kfp_connect
 from tests.kfp.fake_kfp import serve
 from tests.test_manifests import ARGO_SCHEMAS, K8S, ROOT, argo_validator, build
 
@@ -147,8 +147,8 @@ def _run_scheduled_submit(docs: list[dict], monkeypatch: pytest.MonkeyPatch, tmp
     # The KFP that Kubeflow 26.03 ships, multi-user, held to its API contract (tests/kfp/fake_kfp.py),
     # in place of the in-cluster address the CronWorkflow names.
     with serve("2.16.0", multi_user=True) as (host, fake):
-        monkeypatch.setenv(kfp_client.HOST_ENV, host)
-        monkeypatch.setenv(kfp_client.TOKEN_ENV, "the-pods-service-account-token")
+        monkeypatch.setenv(kfp_connect.HOST_ENV, host)
+        monkeypatch.setenv(kfp_connect.TOKEN_ENV, "the-pods-service-account-token")
         assert cli.main(argv) == 0
     packages = [v["package"].decode() for v in fake.versions]
     assert packages and len(fake.runs) == 1, "the command compiles, uploads and starts one run"

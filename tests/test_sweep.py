@@ -15,7 +15,7 @@ import yaml
 from imgpipe import sweep
 from imgpipe.cli import main
 from imgpipe.kfp import artifacts as kfp_artifacts
-from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp import package as kfp_package
 from imgpipe.sweep import (
     GRID_KEYS,
     MAX_SEEDS,
@@ -289,7 +289,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     out = tmp_path_factory.mktemp("sweep-ir") / "sweep.yaml"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IMGPIPE_GPU_IMAGE", "registry.test/cuda/trainer:7")
-        mp.delenv(kfp_client.GPU_ENV, raising=False)
+        mp.delenv(kfp_package.GPU_ENV, raising=False)
         assert main(["compile", str(out), "--pipeline", "imgpipe-sweep", "--parallelism", "3"]) == 0
     return _load(out)
 
@@ -306,7 +306,7 @@ def test_the_sweep_compiles_with_the_main_pipelines_parameters_and_the_grid(comp
     ir, _ = compiled
     assert ir["pipelineInfo"]["name"] == "imgpipe-sweep"
     params = ir["root"]["inputDefinitions"]["parameters"]
-    main_params = kfp_client.pipeline_inputs(kfp_client.compile_package(tmp_path / "main.yaml"))
+    main_params = kfp_package.pipeline_inputs(kfp_package.compile_package(tmp_path / "main.yaml"))
     # Each branch trains on its own pod's GPUs: train_nodes (a TrainJob the branch would wait on) is not offered.
     from imgpipe.pipelines.imgpipe_sweep import NOT_OFFERED
 
@@ -366,7 +366,8 @@ class Refuse:
             raise ImportError(f"{{name}} is not installed in the cpu image")
 sys.meta_path.insert(0, Refuse())
 from imgpipe.kfp import client as kfp_client
-kfp_client.compile_package({str(tmp_path / "s.yaml")!r}, pipeline="imgpipe-sweep")
+from imgpipe.kfp import package as kfp_package
+kfp_package.compile_package({str(tmp_path / "s.yaml")!r}, pipeline="imgpipe-sweep")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -374,9 +375,9 @@ kfp_client.compile_package({str(tmp_path / "s.yaml")!r}, pipeline="imgpipe-sweep
 
 def test_compile_options_are_checked():
     with pytest.raises(ValueError, match="unknown pipeline 'imgpipe-sweeps'"):
-        kfp_client.compile_package("unused.yaml", pipeline="imgpipe-sweeps")
+        kfp_package.compile_package("unused.yaml", pipeline="imgpipe-sweeps")
     with pytest.raises(ValueError, match="parallelism bounds the branches of imgpipe-sweep"):
-        kfp_client.compile_package("unused.yaml", parallelism=2)
+        kfp_package.compile_package("unused.yaml", parallelism=2)
     from imgpipe.pipelines import SweepOptions
 
     for bad in (0, -1, True, 1.5):
@@ -418,7 +419,7 @@ def test_the_example_grids_plan_on_the_local_config(name):
 
 def test_each_branch_gets_the_run_parameters_the_main_pipelines_train_gets(compiled, tmp_path):
     ir, _ = compiled
-    main_ir, _ = _load(kfp_client.compile_package(tmp_path / "main.yaml"))
+    main_ir, _ = _load(kfp_package.compile_package(tmp_path / "main.yaml"))
 
     def from_parameters(task: dict) -> dict[str, str]:
         inputs = task["inputs"]["parameters"].items()

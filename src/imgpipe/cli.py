@@ -60,7 +60,7 @@ def _compile_options(p: argparse.ArgumentParser) -> None:
 
 
 def _pipeline_options(p: argparse.ArgumentParser) -> None:
-    from imgpipe.kfp.client import PIPELINES
+    from imgpipe.kfp.package import PIPELINES
 
     p.add_argument("--pipeline", choices=PIPELINES, default=PIPELINES[0], help="which pipeline (default %(default)s)")
     p.add_argument(
@@ -451,9 +451,9 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from imgpipe.kfp import client as kfp_client
+    from imgpipe.kfp import package as kfp_package
 
-    path = kfp_client.compile_package(
+    path = kfp_package.compile_package(
         args.out,
         caching=args.caching,
         gpu=args.gpu,
@@ -461,7 +461,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         parallelism=args.parallelism,
         train_gpus=args.train_gpus,
     )
-    print(f"{path}: version {kfp_client.version_name(path, args.pipeline)}, caching {'on' if args.caching else 'off'}")
+    print(f"{path}: version {kfp_package.version_name(path, args.pipeline)}, caching {'on' if args.caching else 'off'}")
     return 0
 
 
@@ -473,8 +473,9 @@ def _target(args: argparse.Namespace) -> Any:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from imgpipe.kfp import client as kfp_client
+    from imgpipe.kfp import package as kfp_package
 
-    params: dict[str, Any] = kfp_client.collect_params(args.params, from_env=args.params_from_env)
+    params: dict[str, Any] = kfp_package.collect_params(args.params, from_env=args.params_from_env)
     if args.grid:
         from imgpipe.sweep import SWEEP_PIPELINE_NAME, grid_parameters, load_grid_file
 
@@ -501,10 +502,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     from imgpipe.kfp import client as kfp_client
+    from imgpipe.kfp import package as kfp_package
 
     result = kfp_client.schedule(
         args.cron,
-        kfp_client.collect_params(args.params, from_env=args.params_from_env),
+        kfp_package.collect_params(args.params, from_env=args.params_from_env),
         target=_target(args),
         name=args.name,
         package=args.package,

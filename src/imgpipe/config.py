@@ -466,19 +466,21 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-_TRUE = frozenset({"1", "true", "yes"})
-_FALSE = frozenset({"", "0", "false", "no"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
-def env_flag(env: Mapping[str, str], name: str) -> bool:
-    """Whether the variable ``name`` of ``env`` says yes (``1``, ``true``, ``yes``); unset is no.
+def env_flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    """Whether the variable ``name`` of ``env`` says yes (``1``, ``true``, ``yes``, ``on``); unset or empty is ``default``.
 
     Raises:
         ValueError: For a value that is neither yes nor no.
     """
     value = env.get(name, "").strip().lower()
+    if not value:
+        return default
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"{name}={env[name]!r} must be 1 (allow) or 0 (refuse)")
+    raise ValueError(f"{name}={env[name]!r} must be 1 (yes) or 0 (no)")

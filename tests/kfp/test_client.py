@@ -15,6 +15,9 @@ import pytest
 import yaml
 
 from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp import connect as kfp_connect
+from imgpipe.kfp import cron as kfp_cron
+from imgpipe.kfp import package as kfp_package
 from imgpipe.kfp.client import Target
 from tests import rbac
 from tests.kfp.contract import VERSIONS
@@ -30,13 +33,13 @@ def kfp_server(request) -> Iterator[tuple[str, FakeKfp]]:
 @pytest.fixture(autouse=True)
 def _clean_kfp_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in (
-        kfp_client.HOST_ENV,
-        kfp_client.TOKEN_ENV,
-        kfp_client.SA_TOKEN_PATH_ENV,
+        kfp_connect.HOST_ENV,
+        kfp_connect.TOKEN_ENV,
+        kfp_connect.SA_TOKEN_PATH_ENV,
         kfp_client.EXPERIMENT_ENV,
         kfp_client.NAMESPACE_ENV,
         kfp_client.SERVICE_ACCOUNT_ENV,
-        kfp_client.GPU_ENV,
+        kfp_package.GPU_ENV,
         "KF_PIPELINES_UI_ENDPOINT",
         "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME",
         "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME",
@@ -48,7 +51,7 @@ def _clean_kfp_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The pipeline compiled once (caching off, GPU on)."""
-    return kfp_client.compile_package(tmp_path_factory.mktemp("pkg") / "imgpipe.yaml", caching=False, gpu=True)
+    return kfp_package.compile_package(tmp_path_factory.mktemp("pkg") / "imgpipe.yaml", caching=False, gpu=True)
 
 
 PARAMS = ["data_root=s3://bucket/imgpipe", "epochs=3", "grayscale=true", "split=0.7,0.2,0.1", 'step_config={"train": {"lr": 0.0003}}']
@@ -61,7 +64,7 @@ def test_submit_uploads_pipeline_and_version_once_and_creates_runs(kfp_server, p
     first = kfp_client.submit(PARAMS, target=target, package=package)
     second = kfp_client.submit(PARAMS, target=target, package=package)
 
-    version = f"imgpipe-{kfp_client.package_digest(package)}"
+    version = f"imgpipe-{kfp_package.package_digest(package)}"
     assert first.version_name == second.version_name == version
     assert len(fake.posted("/pipelines/upload")) == 1, "the pipeline is created once"
     assert [r.query["name"] for r in fake.posted("/pipelines/upload_version")] == [version], "the version once"
@@ -84,7 +87,7 @@ def test_submit_uploads_pipeline_and_version_once_and_creates_runs(kfp_server, p
 
 def test_a_different_package_is_a_new_version_of_the_same_pipeline(kfp_server, package, tmp_path):
     host, fake = kfp_server
-    cached = kfp_client.compile_package(tmp_path / "cached.yaml", caching=True, gpu=True)
+    cached = kfp_package.compile_package(tmp_path / "cached.yaml", caching=True, gpu=True)
     a = kfp_client.submit(PARAMS, target=Target(host=host), package=package)
     b = kfp_client.submit(PARAMS, target=Target(host=host), package=cached)
     assert a.pipeline_id == b.pipeline_id and a.version_id != b.version_id
@@ -113,13 +116,13 @@ def test_submit_params_from_the_environment_and_sa_token(kfp_server, package, tm
     host, fake = kfp_server
     token = tmp_path / "token"
     token.write_text("projected-sa-token")
-    monkeypatch.setenv(kfp_client.HOST_ENV, host)
-    monkeypatch.setenv(kfp_client.SA_TOKEN_PATH_ENV, str(token))
+    monkeypatch.setenv(kfp_connect.HOST_ENV, host)
+    monkeypatch.setenv(kfp_connect.SA_TOKEN_PATH_ENV, str(token))
     monkeypatch.setenv(kfp_client.EXPERIMENT_ENV, "from-env")
     monkeypatch.setenv("IMGPIPE_PARAM_DATA_ROOT", "s3://env-bucket/x")
     monkeypatch.setenv("IMGPIPE_PARAM_PREVIOUS_RUN_PREFIX", "latest")
     monkeypatch.setenv("IMGPIPE_PARAM_EPOCHS", "2")
-    params = kfp_client.params_from_env()
+    params = kfp_package.params_from_env()
     assert params == {"data_root": "s3://env-bucket/x", "epochs": "2", "previous_run_prefix": "latest"}
     kfp_client.submit(params, package=package)
     assert fake.posted("/runs")[0].body["runtime_config"]["parameters"] == {
@@ -178,30 +181,30 @@ def test_schedule_refuses_a_five_field_cron_before_any_request(kfp_server, packa
 )
 def test_validate_cron_says_what_is_wrong(cron, message):
     with pytest.raises(ValueError, match=message):
-        kfp_client.validate_cron(cron)
+        kfp_cron.validate_cron(cron)
 
 
 @pytest.mark.parametrize("cron", ["0 0 3 * * *", "*/30 * * * * ?", "0 0 9 ? * MON-FRI", "0 15 1,13 1-15/2 JAN-JUN 0"])
 def test_validate_cron_accepts_six_field_expressions(cron):
-    assert kfp_client.validate_cron(cron) == cron
+    assert kfp_cron.validate_cron(cron) == cron
 
 
 def test_parse_params_types_and_refusals(package):
-    assert kfp_client.parse_params(PARAMS, package) == TYPED
-    assert kfp_client.parse_params({"data_root": "s3://b", "epochs": 2}, package) == {"data_root": "s3://b", "epochs": 2}
+    assert kfp_package.parse_params(PARAMS, package) == TYPED
+    assert kfp_package.parse_params({"data_root": "s3://b", "epochs": 2}, package) == {"data_root": "s3://b", "epochs": 2}
     with pytest.raises(ValueError, match="unknown pipeline parameter 'epoch'"):
-        kfp_client.parse_params(["data_root=s3://b", "epoch=3"], package)
+        kfp_package.parse_params(["data_root=s3://b", "epoch=3"], package)
     with pytest.raises(ValueError, match="missing required pipeline parameter.*data_root"):
-        kfp_client.parse_params(["epochs=3"], package)
+        kfp_package.parse_params(["epochs=3"], package)
     with pytest.raises(ValueError, match="epochs: expected an integer"):
-        kfp_client.parse_params(["data_root=s3://b", "epochs=many"], package)
+        kfp_package.parse_params(["data_root=s3://b", "epochs=many"], package)
     with pytest.raises(ValueError, match="key=value"):
-        kfp_client.parse_params(["data_root"], package)
+        kfp_package.parse_params(["data_root"], package)
 
 
 def test_connect_needs_a_host():
     with pytest.raises(ValueError, match="KF_PIPELINES_ENDPOINT"):
-        kfp_client.connect(None)
+        kfp_connect.connect(None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -291,7 +294,7 @@ def as_retrain_submitter(kfp_server, tmp_path, monkeypatch, team_a_rbac):
     fake.authorizer = rbac.Authorizer(team_a_rbac)
     token = tmp_path / "token"
     token.write_text(rbac.service_account_token("team-a", RETRAIN_ACCOUNT))
-    monkeypatch.setenv(kfp_client.SA_TOKEN_PATH_ENV, str(token))
+    monkeypatch.setenv(kfp_connect.SA_TOKEN_PATH_ENV, str(token))
     return host, fake
 
 
@@ -384,7 +387,7 @@ def test_a_user_without_jobs_rights_is_told_so_by_schedule(kfp_server, package, 
     fake.multi_user, fake.authorizer = True, rbac.Authorizer(team_a_rbac)
     token = tmp_path / "token"
     token.write_text(rbac.service_account_token("team-a", RETRAIN_ACCOUNT))
-    monkeypatch.setenv(kfp_client.SA_TOKEN_PATH_ENV, str(token))
+    monkeypatch.setenv(kfp_connect.SA_TOKEN_PATH_ENV, str(token))
     with pytest.raises(
         RuntimeError,
         match=r"refused to look for recurring run 'imgpipe-retrain' \(HTTP 403 PermissionDenied\): "

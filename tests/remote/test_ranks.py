@@ -16,7 +16,7 @@ from kfp import dsl
 
 from imgpipe import contract, storage
 from imgpipe.kfp import artifacts as kfp_artifacts
-from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp import package as kfp_package
 from imgpipe.remote import ranks
 from tests.test_components import _artifact
 from tests.train.test_loader import write_resize_output
@@ -58,9 +58,9 @@ def _train_container(package: Path) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("gpus", [1, 4])
 def test_compile_with_train_gpus_asks_for_them_and_starts_one_process_each(tmp_path, monkeypatch, gpus):
-    monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
-    monkeypatch.delenv(kfp_client.GPUS_ENV, raising=False)
-    package = kfp_client.compile_package(tmp_path / "p.yaml", train_gpus=gpus)
+    monkeypatch.delenv(kfp_package.GPU_ENV, raising=False)
+    monkeypatch.delenv(kfp_package.GPUS_ENV, raising=False)
+    package = kfp_package.compile_package(tmp_path / "p.yaml", train_gpus=gpus)
     container, _ = _train_container(package)
     accelerator = container["resources"]["accelerator"]
     assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", str(gpus))
@@ -71,26 +71,26 @@ def test_compile_with_train_gpus_asks_for_them_and_starts_one_process_each(tmp_p
 
 
 def test_the_gpu_count_comes_from_the_environment_too(tmp_path, monkeypatch):
-    monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
-    monkeypatch.setenv(kfp_client.GPUS_ENV, "2")
-    container, _ = _train_container(kfp_client.compile_package(tmp_path / "p.yaml"))
+    monkeypatch.delenv(kfp_package.GPU_ENV, raising=False)
+    monkeypatch.setenv(kfp_package.GPUS_ENV, "2")
+    container, _ = _train_container(kfp_package.compile_package(tmp_path / "p.yaml"))
     assert container["resources"]["accelerator"]["resourceCount"] == "2"
-    monkeypatch.setenv(kfp_client.GPUS_ENV, "lots")
-    with pytest.raises(ValueError, match=kfp_client.GPUS_ENV):
-        kfp_client.compile_package(tmp_path / "q.yaml")
+    monkeypatch.setenv(kfp_package.GPUS_ENV, "lots")
+    with pytest.raises(ValueError, match=kfp_package.GPUS_ENV):
+        kfp_package.compile_package(tmp_path / "q.yaml")
 
 
 def test_more_gpus_without_gpu_nodes_is_refused(tmp_path):
     with pytest.raises(ValueError, match="needs the train task on GPU nodes"):
-        kfp_client.compile_package(tmp_path / "p.yaml", gpu=False, train_gpus=2)
+        kfp_package.compile_package(tmp_path / "p.yaml", gpu=False, train_gpus=2)
     with pytest.raises(ValueError, match="between 1 and"):
-        kfp_client.compile_package(tmp_path / "p.yaml", train_gpus=0)
+        kfp_package.compile_package(tmp_path / "p.yaml", train_gpus=0)
 
 
 def test_cli_compile_takes_train_gpus(tmp_path, monkeypatch):
     from imgpipe.cli import main
 
-    monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
+    monkeypatch.delenv(kfp_package.GPU_ENV, raising=False)
     assert main(["compile", str(tmp_path / "p.yaml"), "--train-gpus", "2"]) == 0
     container, _ = _train_container(tmp_path / "p.yaml")
     assert container["resources"]["accelerator"]["resourceCount"] == "2"

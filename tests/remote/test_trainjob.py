@@ -38,6 +38,7 @@ from kubernetes.client.exceptions import ApiException
 
 from imgpipe import contract, storage
 from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp import package as kfp_package
 from imgpipe.remote import dispatch, ranks, trainjob
 from imgpipe.remote.attempts import attempt_id, job_id
 from imgpipe.remote.job import main as job_main
@@ -567,10 +568,10 @@ def _compiled_tasks(ir: dict) -> dict[str, dict]:
 
 
 def test_the_pipeline_takes_train_nodes_and_gives_a_poller_without_gpus_what_a_trainjob_needs(tmp_path, monkeypatch):
-    monkeypatch.delenv(kfp_client.GPU_ENV, raising=False)
+    monkeypatch.delenv(kfp_package.GPU_ENV, raising=False)
     monkeypatch.setenv("IMGPIPE_GPU_IMAGE", "registry.test/gpu:3")
     monkeypatch.setenv("IMGPIPE_IMAGE_PULL_SECRETS", "regcred")
-    package = kfp_client.compile_package(tmp_path / "p.yaml", train_gpus=2)
+    package = kfp_package.compile_package(tmp_path / "p.yaml", train_gpus=2)
     ir, platform = yaml.safe_load_all(package.read_text())
     param = ir["root"]["inputDefinitions"]["parameters"]["train_nodes"]
     assert (param["parameterType"], param["defaultValue"]) == ("NUMBER_INTEGER", 1.0)

@@ -198,7 +198,7 @@ def test_imbalanced_classes_switch_the_ranking_to_pr_auc(root):
 
 
 def test_the_winners_config_round_trips_into_a_full_run(root, tmp_path):
-    from imgpipe.kfp import client as kfp_client
+    from imgpipe.kfp import package as kfp_package
 
     recipe = {
         "aug_policy": "trivialaugment",
@@ -221,8 +221,8 @@ def test_the_winners_config_round_trips_into_a_full_run(root, tmp_path):
     assert {k: getattr(cfg, k) for k in RECIPE_FIELDS} == {**expected, "crop_scale": (0.25, 1.0)}
     assert cfg.epochs == 30, "the winner carries the recipe, not the sweep's short epochs"
     # the main pipeline's step_config parameter, as `imgpipe submit --param step_config="$(cat winner.yaml)"` passes it
-    package = kfp_client.compile_package(tmp_path / "imgpipe.yaml")
-    typed = kfp_client.parse_params({"data_root": "s3://b/p", "step_config": winner.read_text()}, package)
+    package = kfp_package.compile_package(tmp_path / "imgpipe.yaml")
+    typed = kfp_package.parse_params({"data_root": "s3://b/p", "step_config": winner.read_text()}, package)
     assert typed["step_config"] == yaml.safe_load(winner.read_text()) == {"train": {**expected, "crop_scale": [0.25, 1.0]}}
     built = step_config(TrainConfig, typed["step_config"], "train", model="tiny_cnn")
     assert built.mixup_prob == 0.5 and built.aug_policy == "trivialaugment"

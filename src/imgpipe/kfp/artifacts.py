@@ -60,8 +60,6 @@ PIPELINE_NAME = "imgpipe"
 RUNS = "runs"
 LATEST = "latest.json"
 LATEST_KEYWORD = "latest"
-
-
 # A run id becomes one path segment; a placeholder that was never substituted
 # ("{{$.pipeline_job_uuid}}") must fail loudly instead of becoming a directory.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

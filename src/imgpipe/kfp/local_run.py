@@ -333,7 +333,7 @@ def _allow_local_files(*uris: str) -> Iterator[None]:
 def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False, audit: bool = False) -> dict[str, Any]:
     from kfp import local
 
-    from imgpipe.kfp.client import import_pipelines
+    from imgpipe.kfp.package import import_pipelines
 
     pipelines = import_pipelines()
 

@@ -33,6 +33,7 @@ __all__ = [
     "status_code",
     "admission_denial",
     "forbidden_message",
+    "account_name",
     "field_at",
     "label_value",
     "pull_secrets",
@@ -128,9 +129,14 @@ def _caller(exc: Exception) -> str:
     message = _status_message(exc)
     found = _FORBIDDEN_USER.search(message)
     if found:
-        sa = _SA_USER.fullmatch(found.group(1))
-        return f"service account {sa.group(1)}/{sa.group(2)}" if sa else f"user {found.group(1)}"
+        return account_name(found.group(1))
     return "this pod's service account" if _SA_NAMESPACE.is_file() else "the kubeconfig's user"
+
+
+def account_name(user: str) -> str:
+    """A Kubernetes user as a message names it: ``service account NS/NAME`` or ``user NAME``."""
+    sa = _SA_USER.fullmatch(user)
+    return f"service account {sa.group(1)}/{sa.group(2)}" if sa else f"user {user}"
 
 
 def forbidden_message(exc: Exception, verb: str, resource: str, namespace: str, doing: str, role: str = "k8s/base/role-rayjobs.yaml") -> str:

@@ -1,0 +1,87 @@
+"""Kubeflow Pipelines refusing a call (multi-user authorization), said in one line a user can act on.
+
+    call("upload pipeline imgpipe into team-a", "create", "pipelines", "team-a", api.upload, ...)
+
+The account, verb, resource and namespace the server named, and the Role that grants them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from imgpipe.kfp.connect import caller
+from imgpipe.remote.kube import account_name
+
+__all__ = ["KFP_GROUP", "refusal_message", "call"]
+
+KFP_GROUP = "pipelines.kubeflow.org"
+# What the API server's PermissionDenied says (util.NewPermissionDeniedError in
+# resource_manager.go IsAuthorized): "User '<user>' is not authorized with reason: ...
+# (request: &ResourceAttributes{Namespace:...,Verb:...,Group:...,Version:...,Resource:...,".
+_DENIED_USER = re.compile(r"User '([^']*)' is not authorized")
+_DENIED_FIELD = re.compile(r"\b(Namespace|Verb|Resource):([^,}]*)")
+# The upload endpoints answer a refused authorization with HTTP 400 and only these words
+# (pipeline_upload_server.go uploadPipeline/uploadPipelineVersion, writeErrorToResponse).
+_UPLOAD_REFUSED = ("Failed to create a pipeline", "Failed to create a pipeline version")
+
+
+def refusal_message(exc: Exception, verb: str, resource: str, namespace: str | None, doing: str) -> str | None:
+    """One line for KFP's refusal of a call, or ``None`` when ``exc`` is no refusal.
+
+    The verb, resource and namespace are the server's own where its message names them
+    (a call may check more than one: creating an experiment lists first), else the ones
+    given; the account is the server's, else the subject of this process's token.
+
+    Args:
+        exc: What the call raised (a ``kfp_server_api`` ``ApiException``).
+        verb: The verb KFP checks for the call (``list``, ``create``, ``get``, ``delete``).
+        resource: The ``pipelines.kubeflow.org`` resource (``pipelines``, ``experiments``,
+            ``runs``, ``jobs``).
+        namespace: The namespace of the call.
+        doing: What imgpipe was doing, e.g. ``upload pipeline 'imgpipe' into team-a``.
+    """
+    status = getattr(exc, "status", None)
+    body = getattr(exc, "body", None)
+    if isinstance(body, bytes):
+        body = body.decode(errors="replace")
+    try:
+        payload = json.loads(body) if body else {}
+    except ValueError:
+        payload = {}
+    payload = payload if isinstance(payload, dict) else {}
+    message = str(payload.get("message") or payload.get("error_message") or body or "")
+    if status == 400 and message.strip() in _UPLOAD_REFUSED:
+        how = f"HTTP 400 {message.strip()!r}, the upload endpoint's answer to a refused authorization"
+    elif status == 403:
+        how = "HTTP 403 PermissionDenied"
+    else:
+        return None
+    fields = dict(_DENIED_FIELD.findall(message))
+    verb, resource = fields.get("Verb") or verb, fields.get("Resource") or resource
+    namespace = fields.get("Namespace") or namespace or "(no namespace)"
+    denied = _DENIED_USER.search(message)
+    user = denied.group(1) if denied else caller()
+    who = account_name(user) if user else "the caller"
+    return (
+        f"Kubeflow Pipelines refused to {doing} ({how}): {who} may not {verb} {resource}.{KFP_GROUP} in "
+        f"namespace {namespace}; grant it with a Role bound to that account in {namespace} (the retraining "
+        'submitter\'s: k8s/base/role-retrain.yaml; docs/deploy.md, "RBAC")'
+    )
+
+
+def call(doing: str, verb: str, resource: str, namespace: str | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, a KFP refusal raised as one line (:func:`refusal_message`).
+
+    Raises:
+        RuntimeError: If KFP refuses the call.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        message = refusal_message(exc, verb, resource, namespace, doing)
+        if message is None:
+            raise
+        raise RuntimeError(message) from None
