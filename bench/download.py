@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from imgpipe import storage
-from imgpipe.kfp.local_run import moto_s3_server
+from imgpipe.kfp.local_s3 import moto_s3_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "bench-download"

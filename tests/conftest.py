@@ -42,7 +42,7 @@ def s3_endpoint() -> str:
     HTTP API, so tests exercise signing, multipart uploads, pagination and pyarrow's own
     S3 client, not an in-process patch.
     """
-    from imgpipe.kfp.local_run import moto_s3_server
+    from imgpipe.kfp.local_s3 import moto_s3_server
 
     with moto_s3_server() as endpoint:
         yield endpoint

@@ -441,7 +441,7 @@ def test_each_branch_gets_the_run_parameters_the_main_pipelines_train_gets(compi
 
 
 def test_the_sweep_summary_shows_each_branchs_spread_over_seeds():
-    from imgpipe.kfp.local_run import SweepRunResult
+    from imgpipe.kfp.local_sweeps import SweepRunResult
 
     row = {
         "rank": 1,

@@ -408,7 +408,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Runs the sweep pipeline through kfp.local; prints the ranking, the flags and where the winner's config is."""
-    from imgpipe.kfp.local_run import run_sweep
+    from imgpipe.kfp.local_sweeps import run_sweep
     from imgpipe.sweep import load_grid_file
 
     grid, axes = load_grid_file(args.grid)
@@ -426,7 +426,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Runs the audit pipeline through kfp.local; prints how many labels are suspect and where the review files are."""
-    from imgpipe.kfp.local_run import run_audit
+    from imgpipe.kfp.local_sweeps import run_audit
 
     print(run_audit(_local_config(args), folds=args.folds).summary())
     return 0

@@ -12,9 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,10 +20,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from imgpipe import contract, resources, storage
+from imgpipe import contract, storage
 from imgpipe.config import check_sections, read_config_file
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
 from imgpipe.kfp.artifacts import LATEST, read_latest
+from imgpipe.kfp.local_containers import docker_runner_for, engine_for
+from imgpipe.kfp.local_s3 import local_s3_server, moto_s3_server
 
 __all__ = [
     "STEPS",
@@ -34,38 +33,17 @@ __all__ = [
     "LOCAL_STEP_CONFIG",
     "LocalRunConfig",
     "LocalRunResult",
-    "SweepRunResult",
     "SYNTH_KEYS",
     "load_local_config",
     "local_s3_server",
     "moto_s3_server",
-    "container_writable",
-    "container_env",
-    "docker_runner",
     "run_local",
-    "run_sweep",
-    "run_audit",
-    "AuditRunResult",
 ]
 
 log = logging.getLogger(__name__)
 
 STEPS = ("download", "clean", "resize", "train")
 RUNNERS = ("subprocess", "docker")
-LOCAL_BUCKET = "imgpipe-local"
-# The S3 settings a step container gets from this process, as a pod gets them from the
-# imgpipe-s3-config ConfigMap and the imgpipe-s3-credentials Secret.
-S3_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-)
-# The uid the images run as (docker/Dockerfile); its group is 0.
-CONTAINER_USER = "10001"
 # Pipeline parameters that make a laptop run finish in minutes on two cores: small
 # images, few epochs, a local Ray (the pipeline's default is KubeRay); the rest (model,
 # augmentation, ...) are the configs' defaults.
@@ -221,81 +199,6 @@ def load_local_config(path: str | Path | Sequence[str | Path] | None, **override
     return LocalRunConfig(**values)
 
 
-@contextlib.contextmanager
-def moto_s3_server() -> Iterator[str]:
-    """Runs moto's S3 server as a process on 127.0.0.1 and points this process (and its children) at it.
-
-    The server speaks the real S3 HTTP API, so everything that talks to it, boto3 and
-    pyarrow's own S3 client alike, goes through signing, multipart uploads and
-    pagination as against a real store. The environment is restored on exit.
-
-    Yields:
-        The endpoint URL, ``http://127.0.0.1:PORT``.
-
-    Raises:
-        RuntimeError: If moto is not installed or the server does not come up.
-    """
-    try:
-        import moto.server  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError(
-            "the local object store needs moto's S3 server: pip install 'imgpipe[local]', "
-            "or pass --data-root DIR to write to a local directory instead"
-        ) from exc
-    port = resources.free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
-    )
-    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {k: os.environ.get(k) for k in names}
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the local S3 server (moto) did not start on 127.0.0.1") from None
-                time.sleep(0.2)
-        # Component subprocesses inherit these, as pods get them from the Secret and ConfigMap.
-        os.environ.update(
-            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-            AWS_ACCESS_KEY_ID="local",
-            AWS_SECRET_ACCESS_KEY="local",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
-        storage.configure_s3()  # forget clients made for another endpoint
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage.configure_s3()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@contextlib.contextmanager
-def local_s3_server(bucket: str = LOCAL_BUCKET) -> Iterator[str]:
-    """:func:`moto_s3_server` with ``bucket`` created in it.
-
-    Yields:
-        ``s3://bucket``.
-    """
-    with moto_s3_server():
-        storage.s3_client().create_bucket(Bucket=bucket)
-        yield f"s3://{bucket}"
-
-
 def _sample_dataset(cfg: LocalRunConfig, data_root: str) -> tuple[str, str]:
     if cfg.source is not None:
         return cfg.source, cfg.annotations or ""
@@ -330,7 +233,7 @@ def _allow_local_files(*uris: str) -> Iterator[None]:
             os.environ[SOURCE_LOCAL_ENV] = saved
 
 
-def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False, audit: bool = False) -> dict[str, Any]:
+def run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False, audit: bool = False) -> dict[str, Any]:
     from kfp import local
 
     from imgpipe.kfp.package import import_pipelines
@@ -358,104 +261,7 @@ def _run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None, 
     return dict(task.outputs)
 
 
-def container_env() -> dict[str, str]:
-    """The S3 settings (:data:`S3_ENV`) of this process that a step container gets."""
-    return {k: os.environ[k] for k in S3_ENV if os.environ.get(k)}
-
-
-def _check_images(client: Any, images: Any) -> None:
-    import docker
-
-    for kind in ("cpu", "ray", "gpu"):
-        name = getattr(images, kind)
-        try:
-            client.images.get(name)
-        except docker.errors.ImageNotFound:
-            raise RuntimeError(f"the {kind} image {name} is not in the engine: build it first (make images)") from None
-
-
-def _check_network(client: Any, image: str, env: Mapping[str, str]) -> None:
-    """Fails clearly when step containers cannot reach the object store this run uses.
-
-    ``--network host`` joins the network namespace of the *engine*: an engine started
-    outside ours (a Docker daemon, a Podman service outside scripts/in-loopback-netns)
-    cannot see a server on our 127.0.0.1.
-    """
-    from urllib.parse import urlparse
-
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    probe = f"import socket; socket.create_connection(({url.hostname!r}, {port}), timeout=5).close()"
-    try:
-        client.containers.run(image, ["python", "-c", probe], network_mode="host", user=CONTAINER_USER, remove=True)
-    except Exception as exc:
-        raise RuntimeError(
-            f"a step container cannot reach the object store at {endpoint}: the engine's host network is not "
-            "this process's. Start the engine in this network namespace (make run-containers does: "
-            f"scripts/in-loopback-netns scripts/with-engine ...). ({type(exc).__name__}: {str(exc)[:300]})"
-        ) from exc
-
-
-def _engine_for(cfg: LocalRunConfig, stack: contextlib.ExitStack) -> Any:
-    """The engine client of a docker run (checked before any work starts), else ``None``."""
-    if cfg.runner != "docker":
-        return None
-    from imgpipe.containers.engine import connect
-
-    if cfg.data_root is not None and not storage.normalize_uri(cfg.data_root).startswith("s3://"):
-        raise ValueError(
-            f"--runner docker needs an S3 data root: step containers cannot see {cfg.data_root} (omit --data-root to use the run's own S3 server)"
-        )
-    return stack.enter_context(contextlib.closing(connect()))
-
-
-@contextlib.contextmanager
-def container_writable(pipeline_root: Path) -> Iterator[Path]:
-    """Makes a kfp pipeline root writable by step containers while the block runs.
-
-    The images run as uid 10001 in group 0 and write task outputs under the pipeline
-    root, which ``kfp.local`` mounts and partly creates from this process: the root and
-    everything created meanwhile is group-writable (umask 002), and owned by group 0
-    when this process runs as root.
-    """
-    pipeline_root.mkdir(parents=True, exist_ok=True)
-    os.chmod(pipeline_root, 0o775 if os.getuid() == 0 else 0o777)
-    previous = os.umask(0o002)
-    try:
-        yield pipeline_root
-    finally:
-        os.umask(previous)
-
-
-def docker_runner(env: Mapping[str, str]) -> Any:
-    """The ``kfp.local.DockerRunner`` of imgpipe: host network, uid 10001, ``env`` for every task."""
-    from kfp import local
-
-    return local.DockerRunner(network_mode="host", user=CONTAINER_USER, environment={**env, "PYTHONUNBUFFERED": "1"})
-
-
-def _docker_runner(client: Any, stack: contextlib.ExitStack, workdir: Path) -> tuple[Any, str]:
-    """The DockerRunner of this run and the Jobs API address of its Ray cluster."""
-    from imgpipe.containers.catalog import ImageSet
-    from imgpipe.containers.raycluster import RayClusterSpec, ray_cluster
-
-    images = ImageSet.from_env()
-    _check_images(client, images)
-    env = container_env()
-    _check_network(client, images.cpu, env)
-    stack.enter_context(container_writable(workdir / "kfp"))
-    print(f"ray: starting a head and a worker container from {images.ray}")
-    cluster = stack.enter_context(ray_cluster(client, RayClusterSpec(image=images.ray, env=env)))
-    print(f"ray: 2 nodes up, Jobs API at {cluster.address} (token auth)")
-    # The cluster is this run's own: the resize container may submit to it and to nothing else.
-    allowed = {"IMGPIPE_RAY_CLUSTERS": cluster.address}
-    return docker_runner({**env, **cluster.submitter_env, **allowed}), cluster.address
-
-
-def _copy_prefix(prefix: str, dest: Path) -> dict[str, str]:
+def copy_prefix(prefix: str, dest: Path) -> dict[str, str]:
     dest.mkdir(parents=True, exist_ok=True)
     copies = {}
     for obj in storage.list_objects(prefix):
@@ -502,7 +308,7 @@ def _keep_current(workdir: Path, data_root: str, run_id: str, local_train: Path)
     tmp.replace(workdir / CURRENT)
 
 
-def _start(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, arguments: dict[str, Any]) -> tuple[str, bool, Any]:
+def start_run(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, arguments: dict[str, Any]) -> tuple[str, bool, Any]:
     """Sets up a local run inside ``stack``: engine, store, sample data, local sources, runner.
 
     Fills the data locations (and a docker run's ``ray_address``) into ``arguments``.
@@ -510,14 +316,14 @@ def _start(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, argu
     Returns:
         ``(data_root, own_store, runner)``; ``own_store``: the run's own S3 server, gone after ``stack``.
     """
-    client = _engine_for(cfg, stack)
+    client = engine_for(cfg.runner, cfg.data_root, stack)
     own_store = cfg.data_root is None
     data_root = stack.enter_context(local_s3_server()) if own_store else storage.normalize_uri(cfg.data_root)
     source, annotations = _sample_dataset(cfg, data_root)
     stack.enter_context(_allow_local_files(source, annotations, data_root))
     runner = None
     if client is not None:
-        runner, ray_address = _docker_runner(client, stack, workdir)
+        runner, ray_address = docker_runner_for(client, stack, workdir)
         if not cfg.params.get("ray_address"):
             arguments["ray_address"] = ray_address
     arguments.update(data_root=data_root, source_uri=source, annotations_uri=annotations)
@@ -534,16 +340,16 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
     workdir = Path(cfg.workdir).resolve()
     arguments = cfg.pipeline_arguments()
     with contextlib.ExitStack() as stack:
-        data_root, own_store, runner = _start(cfg, stack, workdir, arguments)
+        data_root, own_store, runner = start_run(cfg, stack, workdir, arguments)
         if own_store:
             _restore_current(workdir, data_root)
-        outputs = _run_pipeline(workdir, arguments, runner)
+        outputs = run_pipeline(workdir, arguments, runner)
         train_prefix = outputs["model"].metadata["prefix"]
         run_id = train_prefix.rstrip("/").split("/")[-2]
         prefixes = {step: storage.join(data_root, "runs", run_id, step) for step in STEPS}
         reports = {step: contract.read_manifest(prefix, expect_step=step) for step, prefix in prefixes.items()}
-        promotion = _decision(storage.join(data_root, "runs", run_id, "promote"))
-        copies = _copy_prefix(prefixes["train"], workdir / "runs" / run_id / "train") if own_store else {}
+        promotion = decision(storage.join(data_root, "runs", run_id, "promote"))
+        copies = copy_prefix(prefixes["train"], workdir / "runs" / run_id / "train") if own_store else {}
         if own_store:
             _keep_current(workdir, data_root, run_id, workdir / "runs" / run_id / "train")
     dl, cl, rs = reports["download"], reports["clean"], reports["resize"]
@@ -561,179 +367,10 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
     )
 
 
-def _decision(prefix: str) -> dict[str, Any] | None:
+def decision(prefix: str) -> dict[str, Any] | None:
     """The promotion decision of a run, when the gate committed one."""
     from imgpipe.steps.promote import read_decision
 
     if not contract.is_committed(prefix):
         return None
     return dataclasses.asdict(read_decision(prefix))
-
-
-@dataclass
-class SweepRunResult:
-    """Where a local sweep left its results.
-
-    Attributes:
-        run_id: The kfp local run id.
-        prefixes: ``compare`` and ``train-{branch}`` -> committed prefix (in the store the run used).
-        comparison: The compare step's ``comparison.json``.
-        artifacts: kfp output name -> local file (report, metrics, winner).
-        copies: Local copies (name -> file) of the comparison and the branches' metrics and
-            reports, when the store was the run's own.
-        seconds: Wall time of the whole run.
-    """
-
-    run_id: str
-    prefixes: dict[str, str]
-    comparison: dict[str, Any]
-    artifacts: dict[str, str]
-    copies: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        """The lines ``imgpipe sweep`` prints at the end: the ranking, the flags, where the winner is."""
-        c = self.comparison
-        key = c["ranked_by"][0]
-        state = "imbalanced" if c["imbalanced"] else "balanced"
-        lines = [
-            f"sweep {self.run_id}: {len(c['branches'])} branches ranked by {key} (classes {state}, "
-            f"largest/smallest {c['imbalance']:.2f}) in {self.seconds:.1f}s"
-        ]
-        for row in c["branches"]:
-            settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "base settings"
-            figures = ", ".join(
-                f"{k} {row[k]:.3f}{_spread(row, k)}" for k in ("val_macro_f1", "val_pr_auc", "val_accuracy") if row.get(k) is not None
-            )
-            seeds = f" (mean of {row['seeds']} seeds)" if row.get("seeds", 1) > 1 else ""
-            lines.append(f"{row['rank']:>3}. {row['branch']} ({settings}): {figures}{seeds}")
-            lines += [f"       {f['kind']}: {f['message']}" for f in row["flags"]]
-        local = self.copies or {}
-        compare_prefix = self.prefixes["compare"]
-        for name in ("comparison.html", "winner.yaml"):
-            lines.append(f"{name + ':':17} {local.get(f'compare/{name}') or storage.join(compare_prefix, name)}")
-        return "\n".join(lines)
-
-
-def _spread(row: Mapping[str, Any], key: str) -> str:
-    """`` ±std`` of ``key`` over a branch's seeds (compare's ``spread``), or nothing for one seed."""
-    spread = (row.get("spread") or {}).get(key)
-    return f" ±{spread['std']:.3f}" if spread else ""
-
-
-def run_sweep(cfg: LocalRunConfig, grid: Sequence[Mapping[str, Any]] | None, axes: Mapping[str, Sequence[Any]] | None) -> SweepRunResult:
-    """Runs the sweep pipeline through ``kfp.local`` on the run's data; returns the comparison.
-
-    Every branch's config is checked (:func:`imgpipe.sweep.plan`) before anything runs.
-    ``epochs`` is the sweep's default (:data:`imgpipe.sweep.SWEEP_EPOCHS`) unless the
-    parameters or the ``train`` section set it.
-
-    Raises:
-        ValueError, TypeError: For a grid or a branch config that is refused.
-        RuntimeError: If a step fails (kfp.local raises) or the local S3 server cannot start.
-    """
-    from imgpipe import sweep
-
-    started = time.monotonic()
-    workdir = Path(cfg.workdir).resolve()
-    arguments = cfg.pipeline_arguments()
-    if "epochs" not in cfg.params:
-        arguments.pop("epochs")  # the laptop run's 2 epochs are too few to read a trend from
-    named = {
-        "model": arguments.get("model"),
-        "epochs": arguments.get("epochs"),
-        "batch_size": arguments.get("batch_size"),
-        "aug_policy": arguments.get("aug_policy"),
-        "resume": True,
-    }
-    sweep.plan("", grid, axes, arguments["step_config"], **named)  # the edge: fail before any data moves
-    arguments.update(sweep.grid_parameters(grid, axes))
-    with contextlib.ExitStack() as stack:
-        data_root, own_store, runner = _start(cfg, stack, workdir, arguments)
-        outputs = _run_pipeline(workdir, arguments, runner, sweep=True)
-        compare_prefix = storage.normalize_uri(outputs["winner"].metadata["prefix"])
-        run_id = compare_prefix.rstrip("/").split("/")[-2]
-        manifest = contract.read_manifest(compare_prefix, expect_step="compare")
-        prefixes = {"compare": compare_prefix}
-        prefixes.update({sweep.branch_step(b): p for b, p in manifest["upstream"]["branches"].items()})
-        comparison = json.loads(storage.read_bytes(storage.join(compare_prefix, "comparison.json")))
-        copies = _copy_sweep(prefixes, workdir / "runs" / run_id) if own_store else {}
-    return SweepRunResult(
-        run_id=run_id,
-        prefixes=prefixes,
-        comparison=comparison,
-        artifacts={name: artifact.path for name, artifact in outputs.items()},
-        copies=copies,
-        seconds=round(time.monotonic() - started, 1),
-    )
-
-
-@dataclass
-class AuditRunResult:
-    """Where a local label audit left its results.
-
-    Attributes:
-        run_id: The kfp local run id.
-        prefix: The committed audit output (in the store the run used).
-        manifest: Its manifest (counts in ``extra``).
-        copies: Local copies of the audit's files, when the store was the run's own.
-        seconds: Wall time of the whole run.
-    """
-
-    run_id: str
-    prefix: str
-    manifest: dict[str, Any]
-    copies: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        """The lines ``imgpipe audit`` prints at the end."""
-        extra = self.manifest.get("extra") or {}
-        lines = [
-            f"audit {self.run_id}: {extra.get('issues')} of {extra.get('images')} train images have a suspect label "
-            f"({extra.get('folds')} folds, cleanlab {extra.get('filter_by')}) in {self.seconds:.1f}s"
-        ]
-        worst = list((extra.get("by_class") or {}).items())[:5]
-        if worst:
-            lines.append("most suspects in: " + ", ".join(f"{c} ({n})" for c, n in worst))
-        from imgpipe.steps.audit import LABEL_ISSUES, LABEL_ISSUES_HTML, LABEL_OVERRIDES
-
-        for name in (LABEL_ISSUES_HTML, LABEL_OVERRIDES, LABEL_ISSUES):
-            lines.append(f"{name + ':':22} {self.copies.get(name) or storage.join(self.prefix, name)}")
-        lines.append("review label_overrides.csv, then clean with --set label_overrides=<its URI>")
-        return "\n".join(lines)
-
-
-def run_audit(cfg: LocalRunConfig, folds: int | None = None) -> AuditRunResult:
-    """Runs the audit pipeline through ``kfp.local`` on the run's data (K folds of its train split).
-
-    Raises:
-        RuntimeError: If a step fails (kfp.local raises) or the local S3 server cannot start.
-    """
-    started = time.monotonic()
-    workdir = Path(cfg.workdir).resolve()
-    arguments = cfg.pipeline_arguments()
-    if folds is not None:
-        arguments["folds"] = folds
-    with contextlib.ExitStack() as stack:
-        data_root, own_store, runner = _start(cfg, stack, workdir, arguments)
-        outputs = _run_pipeline(workdir, arguments, runner, audit=True)
-        prefix = storage.normalize_uri(outputs["overrides"].metadata["prefix"])
-        run_id = prefix.rstrip("/").split("/")[-2]
-        manifest = contract.read_manifest(prefix, expect_step="audit")
-        copies = _copy_prefix(prefix, workdir / "runs" / run_id / "audit") if own_store else {}
-    return AuditRunResult(run_id=run_id, prefix=prefix, manifest=manifest, copies=copies, seconds=round(time.monotonic() - started, 1))
-
-
-def _copy_sweep(prefixes: Mapping[str, str], dest: Path) -> dict[str, str]:
-    """The comparison whole, and each branch's small files (not its weights and checkpoint)."""
-    copies = {f"compare/{k}": v for k, v in _copy_prefix(prefixes["compare"], dest / "compare").items()}
-    for step, prefix in prefixes.items():
-        if step == "compare":
-            continue
-        for name in (contract.METRICS, contract.REPORT, contract.CONFIG):
-            target = dest / step / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            storage.download_file(storage.join(prefix, name), target)
-            copies[f"{step}/{name}"] = str(target)
-    return copies
