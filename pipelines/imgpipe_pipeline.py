@@ -61,7 +61,7 @@ from imgpipe.containers.catalog import ImageSet
 from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV
 from imgpipe.kfp.artifacts import PIPELINE_NAME
 from imgpipe.readpolicy import READ_PREFIXES_ENV
-from imgpipe.remote import kube, kuberay, trainjob
+from imgpipe.remote import kube, rayjob_spec, trainjob
 from imgpipe.remote.ranks import PROCS_ENV
 from imgpipe.remote.targets import CLUSTERS_ENV
 from imgpipe.resize.spec import ResizeConfig
@@ -106,7 +106,7 @@ OPERATOR_SETTINGS = (
     "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
     CLUSTERS_ENV,
-    kuberay.MAX_WORKERS_ENV,
+    rayjob_spec.MAX_WORKERS_ENV,
     trainjob.MAX_NODES_ENV,
     SOURCE_NETWORKS_ENV,
     SOURCE_LOCAL_ENV,

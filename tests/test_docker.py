@@ -26,7 +26,7 @@ import tomllib
 
 from imgpipe.containers import build
 from imgpipe.containers import catalog as images
-from imgpipe.remote import kuberay
+from imgpipe.remote import rayjob_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / images.DOCKERFILE
@@ -181,9 +181,9 @@ def test_image_carries_the_rayjob_template_where_kuberay_looks():
         assert target in build.CONTEXT
     final = _final_stage(DOCKERFILE)
     env = " ".join(rest for op, rest in final if op == "ENV")
-    assert kuberay.TEMPLATE_ENV not in env, "the installed package finds its own template"
+    assert rayjob_spec.TEMPLATE_ENV not in env, "the installed package finds its own template"
     runs = " ".join(rest for op, rest in final if op == "RUN")
-    assert "kuberay.load_template(kuberay.template_path('resize'))" in runs, "each build checks the template is installed"
+    assert "rayjob_spec.load_template(rayjob_spec.template_path('resize'))" in runs, "each build checks the template is installed"
 
 
 def test_build_context_sends_the_files_behind_package_data_symlinks():

@@ -34,6 +34,7 @@ LOW = {
     "remote.payload",
     "remote.kube",
     "remote.attempts",
+    "remote.rayjob_spec",
     "readpolicy",
 }
 MIDDLE = {

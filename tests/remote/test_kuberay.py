@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from imgpipe import contract, storage
 from imgpipe.kfp import client as kfp_client
-from imgpipe.remote import attempts, dispatch, kube, kuberay
+from imgpipe.remote import attempts, dispatch, kube, kuberay, rayjob_spec
 from imgpipe.remote.payload import step_entrypoint
 from imgpipe.resize.spec import ResizeConfig
 from tests import rbac
@@ -88,7 +88,7 @@ def check_cluster_spec(spec: dict) -> None:
     assert workers["groupName"] == "cpu" and 0 <= workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
     assert workers["maxReplicas"] >= 2
     for c in containers(spec):
-        assert c["image"] == kuberay.IMAGE_PLACEHOLDER
+        assert c["image"] == rayjob_spec.IMAGE_PLACEHOLDER
         assert set(c["resources"]) == {"requests", "limits"}
         assert c["resources"]["limits"]["memory"] == c["resources"]["requests"]["memory"]
         env = {e["name"]: e for e in c["env"]}
@@ -164,7 +164,7 @@ def test_strict_validation_catches_a_misspelt_field(validators):
 # ------------------------------------------------------------------ the builder
 
 
-def params(**overrides) -> kuberay.RayJobParams:
+def params(**overrides) -> rayjob_spec.RayJobParams:
     values = dict(
         name="imgpipe-resize-0123456789abcdef",
         namespace="ml",
@@ -175,13 +175,13 @@ def params(**overrides) -> kuberay.RayJobParams:
         annotations={"imgpipe.io/run-id": "run-7"},
     )
     values.update(overrides)
-    return kuberay.RayJobParams(**values)
+    return rayjob_spec.RayJobParams(**values)
 
 
 def test_builder_output_validates_and_carries_the_run(validators):
-    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
+    template = rayjob_spec.load_template(K8S / "rayjob-resize.yaml")
     before = copy.deepcopy(template)
-    job = kuberay.build_rayjob(template, params())
+    job = rayjob_spec.build_rayjob(template, params())
     validate(validators, job)
     assert template == before, "the template is copied, never changed"
     assert job["metadata"]["name"] == "imgpipe-resize-0123456789abcdef" and job["metadata"]["namespace"] == "ml"
@@ -199,46 +199,46 @@ def test_builder_output_validates_and_carries_the_run(validators):
 
 
 def test_every_pod_of_the_rayjob_pulls_with_the_operators_secrets(validators):
-    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
-    job = kuberay.build_rayjob(template, params(pull_secrets=("regcred",)))
+    template = rayjob_spec.load_template(K8S / "rayjob-resize.yaml")
+    job = rayjob_spec.build_rayjob(template, params(pull_secrets=("regcred",)))
     validate(validators, job)
-    pods = kuberay._pod_specs(job["spec"])
+    pods = rayjob_spec._pod_specs(job["spec"])
     assert len(pods) >= 3 and all(p["imagePullSecrets"] == [{"name": "regcred"}] for p in pods), "head, workers, submitter"
-    assert "imagePullSecrets" not in json.dumps(kuberay.build_rayjob(template, params())), "none unless named"
+    assert "imagePullSecrets" not in json.dumps(rayjob_spec.build_rayjob(template, params())), "none unless named"
     assert kube.pull_secrets(" regcred, other ") == ("regcred", "other")
     with pytest.raises(ValueError, match=kube.PULL_SECRETS_ENV):
         kube.pull_secrets("Reg Cred")
 
 
 def test_builder_refuses_the_image_placeholder_and_bad_counts():
-    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
-    with pytest.raises(ValueError, match=kuberay.IMAGE_ENV):
-        kuberay.build_rayjob(template, params(image=None))
+    template = rayjob_spec.load_template(K8S / "rayjob-resize.yaml")
+    with pytest.raises(ValueError, match=rayjob_spec.IMAGE_ENV):
+        rayjob_spec.build_rayjob(template, params(image=None))
     with pytest.raises(ValueError, match="min <= max"):
-        kuberay.build_rayjob(template, params(min_workers=4, max_workers=2))
+        rayjob_spec.build_rayjob(template, params(min_workers=4, max_workers=2))
     with pytest.raises(ValueError, match="no worker group 'gpu'"):
-        kuberay.build_rayjob(template, params(worker_group="gpu"))
+        rayjob_spec.build_rayjob(template, params(worker_group="gpu"))
 
 
 def test_concurrency_zero_is_sized_for_the_worker_groups_maximum():
-    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
-    sized = kuberay._sized_for_autoscaling(ResizeConfig(), template, None, "cpu")
+    template = rayjob_spec.load_template(K8S / "rayjob-resize.yaml")
+    sized = rayjob_spec.sized_for_autoscaling(ResizeConfig(), template, None, "cpu")
     assert sized.concurrency == 8 * 4  # maxReplicas x the CPU limit: one task per CPU
-    assert kuberay._sized_for_autoscaling(ResizeConfig(), template, 2, "cpu").concurrency == 8
-    assert kuberay._sized_for_autoscaling(ResizeConfig(concurrency=5), template, None, "cpu").concurrency == 5
+    assert rayjob_spec.sized_for_autoscaling(ResizeConfig(), template, 2, "cpu").concurrency == 8
+    assert rayjob_spec.sized_for_autoscaling(ResizeConfig(concurrency=5), template, None, "cpu").concurrency == 5
 
 
 def test_missing_template_says_what_to_set(tmp_path):
-    with pytest.raises(ValueError, match=kuberay.TEMPLATE_ENV):
-        kuberay.load_template(tmp_path / "rayjob-resize.yaml")
+    with pytest.raises(ValueError, match=rayjob_spec.TEMPLATE_ENV):
+        rayjob_spec.load_template(tmp_path / "rayjob-resize.yaml")
 
 
 def test_the_packaged_template_is_the_one_in_k8s_ray_and_needs_no_env(monkeypatch, tmp_path):
-    monkeypatch.delenv(kuberay.TEMPLATE_ENV, raising=False)
-    path = kuberay.template_path("resize")
+    monkeypatch.delenv(rayjob_spec.TEMPLATE_ENV, raising=False)
+    path = rayjob_spec.template_path("resize")
     assert path.is_file(), f"{path}: imgpipe must ship the RayJob template as package data"
     assert path.read_bytes() == (K8S / "rayjob-resize.yaml").read_bytes()
-    assert kuberay.load_template(path)["kind"] == "RayJob"
+    assert rayjob_spec.load_template(path)["kind"] == "RayJob"
     # One copy in the repository: each template in k8s/ray/ is packaged through a relative
     # symlink (kustomize reads k8s/ray/; the wheel gets the file).
     for template in sorted(K8S.glob("rayjob-*.yaml")):
@@ -247,8 +247,8 @@ def test_the_packaged_template_is_the_one_in_k8s_ray_and_needs_no_env(monkeypatc
         assert os.readlink(link) == f"../../../k8s/ray/{template.name}", "relative, so it holds in any checkout"
         assert link.resolve() == template.resolve()
     custom = tmp_path / "custom.yaml"
-    monkeypatch.setenv(kuberay.TEMPLATE_ENV, str(custom))
-    assert kuberay.template_path("resize") == custom, "the environment variable still overrides it"
+    monkeypatch.setenv(rayjob_spec.TEMPLATE_ENV, str(custom))
+    assert rayjob_spec.template_path("resize") == custom, "the environment variable still overrides it"
 
 
 # ------------------------------------------------------------------ create-or-attach and wait, on a fake API
@@ -405,12 +405,12 @@ class FakeCustomObjects:
 
 @pytest.fixture
 def run_args(tmp_path, monkeypatch):
-    for name in (kuberay.IMAGE_ENV, kuberay.MAX_WORKERS_ENV, attempts.RUN_ID_ENV):
+    for name in (rayjob_spec.IMAGE_ENV, rayjob_spec.MAX_WORKERS_ENV, attempts.RUN_ID_ENV):
         monkeypatch.delenv(name, raising=False)
     source, dest = storage.normalize_uri(str(tmp_path / "clean")), storage.normalize_uri(str(tmp_path / "resize"))
-    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
+    template = rayjob_spec.load_template(K8S / "rayjob-resize.yaml")
     cfg = ResizeConfig(size=16, ray_address="kuberay://ml")
-    job_cfg = kuberay._sized_for_autoscaling(ResizeConfig(size=16), template, None, "cpu")
+    job_cfg = rayjob_spec.sized_for_autoscaling(ResizeConfig(size=16), template, None, "cpu")
     return dict(
         source=source,
         dest=dest,
@@ -458,7 +458,7 @@ def test_create_wait_succeed_then_a_retry_returns_without_creating(run_args, val
 
 def test_409_attaches_to_the_rayjob_another_submitter_created(run_args):
     api = FakeCustomObjects()
-    body = kuberay.build_rayjob(run_args["template"], params(name="imgpipe-resize-x", entrypoint=run_args["entrypoint"]))
+    body = rayjob_spec.build_rayjob(run_args["template"], params(name="imgpipe-resize-x", entrypoint=run_args["entrypoint"]))
     first, created = kuberay.rayjobs(api).create_or_attach(body)
     again, created_again = kuberay.rayjobs(api).create_or_attach(body)
     assert (created, created_again) == (True, False) and api.created == ["imgpipe-resize-x"]
@@ -593,13 +593,13 @@ def test_an_evicted_head_ends_the_wait_with_the_operators_reason(run_args):
 
 def test_every_wait_has_a_deadline_from_the_rayjobs_own_deadlines(run_args):
     spec = run_args["template"]["spec"]
-    expected = spec["activeDeadlineSeconds"] + spec["preRunningDeadlineSeconds"] + kuberay.WAIT_SLACK_S
-    assert kuberay.wait_deadline_s(run_args["template"]) == expected
+    expected = spec["activeDeadlineSeconds"] + spec["preRunningDeadlineSeconds"] + rayjob_spec.WAIT_SLACK_S
+    assert rayjob_spec.wait_deadline_s(run_args["template"]) == expected
     bare = copy.deepcopy(run_args["template"])
     del bare["spec"]["activeDeadlineSeconds"], bare["spec"]["preRunningDeadlineSeconds"]
-    body = kuberay.build_rayjob(bare, params())
-    assert body["spec"]["activeDeadlineSeconds"] == kuberay.DEFAULT_ACTIVE_DEADLINE_S, "a template without deadlines gets ours"
-    assert body["spec"]["preRunningDeadlineSeconds"] == kuberay.DEFAULT_PRE_RUNNING_DEADLINE_S
+    body = rayjob_spec.build_rayjob(bare, params())
+    assert body["spec"]["activeDeadlineSeconds"] == rayjob_spec.DEFAULT_ACTIVE_DEADLINE_S, "a template without deadlines gets ours"
+    assert body["spec"]["preRunningDeadlineSeconds"] == rayjob_spec.DEFAULT_PRE_RUNNING_DEADLINE_S
     api = FakeCluster(script=[("Initializing", "")] * 1000)
     now = [0.0]
 
@@ -637,7 +637,7 @@ def test_rayjobs_carry_run_and_step_labels_and_are_deleted_once_done(run_args, v
     report, _ = run(api, run_args, max_attempts=2)
     assert report.step == "resize"
     assert sorted(api.deleted) == sorted([run_args["base"], run_args["base"] + "-a2"]), "every attempt goes once one succeeded"
-    validate(validators, {k: v for k, v in kuberay.build_rayjob(run_args["template"], params()).items()})
+    validate(validators, {k: v for k, v in rayjob_spec.build_rayjob(run_args["template"], params()).items()})
 
 
 def test_a_retry_after_the_output_is_committed_does_nothing(run_args):
@@ -662,7 +662,7 @@ def test_the_template_a_cluster_admin_edits_is_the_one_used(run_args):
     run(api, {**run_args, "template": None})
     (made,) = api.bodies.values()
     assert made["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["tolerations"] == worker["tolerations"]
-    body = kuberay.build_rayjob(found, params())
+    body = rayjob_spec.build_rayjob(found, params())
     got = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert got["tolerations"] == worker["tolerations"] and got["containers"][0]["resources"] == worker["containers"][0]["resources"]
     missing, source = kuberay.cluster_template(FakeCluster(), "ml", "resize")
@@ -768,7 +768,7 @@ def test_a_refusal_names_the_account_the_api_server_saw(run_args, tmp_path):
 
 
 def test_the_fake_prunes_like_an_old_crd_and_keeps_everything_on_a_current_one(run_args, rayjob_schema):
-    body = kuberay.build_rayjob(run_args["template"], params())
+    body = rayjob_spec.build_rayjob(run_args["template"], params())
     current = FakeCustomObjects(schema=rayjob_schema).create_namespaced_custom_object("ray.io", "v1", "ml", "rayjobs", body)
     assert {k: v for k, v in current.items() if k != "status"} == body, "KubeRay v1.7's CRD lists every field imgpipe sets"
     old = FakeCustomObjects(schema=old_crd_schema(rayjob_schema, "v1.3.2")).create_namespaced_custom_object("ray.io", "v1", "ml", "rayjobs", body)
@@ -795,7 +795,7 @@ def test_an_operator_older_than_the_floor_fails_the_step_and_its_rayjob_goes(rel
 
 
 def test_the_applied_by_label_of_the_template_stays_off_each_runs_rayjob(run_args):
-    template = kuberay.load_template(K8S / "rayjob-resize.yaml")
-    assert template["metadata"]["labels"][kuberay.APPLIED_BY_LABEL] == "cluster-admin"
-    job = kuberay.build_rayjob(template, params())
-    assert kuberay.APPLIED_BY_LABEL not in job["metadata"]["labels"], "a run's RayJob is no admin's manifest (kubectl apply -l ... --prune)"
+    template = rayjob_spec.load_template(K8S / "rayjob-resize.yaml")
+    assert template["metadata"]["labels"][rayjob_spec.APPLIED_BY_LABEL] == "cluster-admin"
+    job = rayjob_spec.build_rayjob(template, params())
+    assert rayjob_spec.APPLIED_BY_LABEL not in job["metadata"]["labels"], "a run's RayJob is no admin's manifest (kubectl apply -l ... --prune)"
