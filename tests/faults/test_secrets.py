@@ -66,7 +66,6 @@ def _hits(blob: bytes, where: str) -> list[str]:
 
 
 @pytest.mark.ray
-@pytest.mark.quick
 def test_no_secret_in_outputs_artifacts_or_logs(s3_bucket, tmp_path, monkeypatch, capfd, archive_server, figures):
     host, digest = archive_server
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)  # moto accepts any keys

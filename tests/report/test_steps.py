@@ -294,7 +294,7 @@ def test_every_data_step_logs_its_phases(outputs, tmp_path, caplog):
 
 
 @pytest.fixture(scope="module")
-def resized(outputs) -> str:
+def resized(outputs, ray_session) -> str:
     from imgpipe.resize.spec import ResizeConfig
     from imgpipe.steps.resize import resize
 

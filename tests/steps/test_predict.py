@@ -21,7 +21,7 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("predict")
     data = write_resize_output("file://" + str(root / "resize"), counts={"train": 48, "val": 12, "test": 40}, size=16)
     model = "file://" + str(root / "model")

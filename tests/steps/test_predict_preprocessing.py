@@ -29,7 +29,7 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def clahe_run(tmp_path_factory):
+def clahe_run(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("clahe")
     synth = str(root / "synth")
     generate(synth, SynthConfig(classes=3, per_class=40, seed=3, min_side=48, max_side=96, quirks=False), progress=False)
