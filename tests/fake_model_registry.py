@@ -37,6 +37,8 @@ from urllib.parse import parse_qs, urlparse
 import jsonschema
 import yaml
 
+from tests import serving
+
 CONTRACTS = Path(__file__).resolve().parent / "contracts" / "model-registry"
 # The server versions kubeflow/manifests deploys (tests/contracts/model-registry/README.md).
 VERSIONS = ("v0.3.4", "v0.3.8")
@@ -132,19 +134,18 @@ class FakeModelRegistry:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread: threading.Thread | None = None
 
     @property
     def address(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def __enter__(self) -> FakeModelRegistry:
-        self.thread.start()
+        self.thread = serving.start(self.server)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        serving.stop(self.server, self.thread)
         if self.violations and exc[0] is None:
             raise AssertionError(f"the fake answered outside the Model Registry {self.version} contract: {self.violations}")
 

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +26,7 @@ from imgpipe.data.readers import base, listing
 from imgpipe.data.readers.webdataset import expand_braces, sample_key
 from imgpipe.data.sources import SourcePolicy
 from imgpipe.steps.download import DownloadConfig, download
+from tests import serving
 from tests.imagefactory import jpeg, png_in_jpg
 
 FAST = DownloadConfig(retries=1, backoff_s=0.0, timeout_s=5.0, fetch_workers=4)
@@ -209,11 +209,9 @@ class _Site:
 def site(monkeypatch) -> Iterator[_Site]:
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     s = _Site()
-    thread = threading.Thread(target=s.server.serve_forever, daemon=True)
-    thread.start()
+    thread = serving.start(s.server)
     yield s
-    s.server.shutdown()
-    s.server.server_close()
+    serving.stop(s.server, thread)
 
 
 def _uri_list(site: _Site, s3_bucket: str, tmp_path: Path) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,6 +18,7 @@ from imgpipe.data.sources import (
     check_redirect,
     peer_checked_session,
 )
+from tests import serving
 from tests.helpers import forbid_metadata_connections
 
 POD = SourcePolicy.from_env({})
@@ -139,15 +139,11 @@ def metadata_redirector() -> Iterator[tuple[str, list[str]]]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    thread = serving.start(server)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", log
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        serving.stop(server, thread)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
+from tests import serving
+
 FAULT_KINDS = ("slowdown", "reset", "stall")
 _SLOWDOWN_BODY = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>'
 _ACCESS_DENIED_BODY = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
@@ -121,21 +123,19 @@ class FaultProxy:
         self.held = threading.Event()  # set when a request matching the hold pattern arrived
         self._release = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread: threading.Thread | None = None
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> FaultProxy:
-        self._thread.start()
+        self._thread = serving.start(self._server)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-        self._server.shutdown()
-        self._server.server_close()
+        serving.stop(self._server, self._thread)
 
     def hold(self, pattern: str, method: str = "PUT") -> None:
         """Holds ``method`` requests whose path matches ``pattern`` (a regex) until :meth:`release`."""

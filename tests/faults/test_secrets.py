@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import threading
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from imgpipe import storage
 from imgpipe.cli import main
 from imgpipe.data.synth import SynthConfig, generate
 from imgpipe.kfp.local_run import LocalRunConfig, run_local
+from tests import serving
 
 ACCESS_KEY = "AKIAIMGPIPESECRET4711"
 SECRET_KEY = "imgpipe-secret-key-0f3c9a7e55d1"
@@ -43,11 +43,10 @@ def archive_server(tmp_path):
     generate(str(synth), SynthConfig(classes=3, per_class=6, seed=1), progress=False)
     handler = functools.partial(_QuietHandler, directory=str(synth))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    thread = serving.start(server)
     digest = hashlib.sha256((synth / "images.tar.gz").read_bytes()).hexdigest()
     yield f"127.0.0.1:{server.server_address[1]}", digest
-    server.shutdown()
-    server.server_close()
+    serving.stop(server, thread)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -61,14 +61,13 @@ import contextlib
 import email
 import itertools
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from tests import rbac
+from tests import rbac, serving
 from tests.kfp.contract import contract
 
 API = "/apis/v2beta1"
@@ -356,11 +355,9 @@ def serve(version: str = "2.15.0", **settings: Any) -> Iterator[tuple[str, FakeK
     """
     fake = FakeKfp(version=version, **settings)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    thread = serving.start(server)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", fake
     finally:
-        server.shutdown()
-        server.server_close()
+        serving.stop(server, thread)
     assert not fake.violations, f"the fake answered what KFP {version} would not: {fake.violations}"

@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from imgpipe.config import config_from_dict, config_to_yaml
 from imgpipe.data import archive
 from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV, SourcePolicy, SourceRefused
 from imgpipe.steps.download import SHARD_SCHEMA, DownloadConfig, download
+from tests import serving
 from tests.helpers import forbid_metadata_connections
 
 IMAGES = {
@@ -193,15 +193,11 @@ def http_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpServer]:
     routes: dict[str, Route] = {}
     log: list[str] = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(routes, log))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    thread = serving.start(server)
     try:
         yield HttpServer(f"http://127.0.0.1:{server.server_address[1]}", routes, log)
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        serving.stop(server, thread)
 
 
 # --------------------------------------------------------------------------- formats and backends
