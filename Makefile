@@ -44,7 +44,7 @@ run: install
 
 # The container suite (make test-containers) needs an engine and images; the reliability suite
 # (make test-faults) takes about eight minutes; the slow integration tests (make test-slow) repeat
-# what a faster test here covers. Each has its own target; the quick reliability tests (fuzzing)
+# what a faster test here covers. Each has its own target; the quick reliability tests (hostile parameters, storage policy)
 # run here too.
 # Spread over the machine's cores, a test file per worker (module fixtures stay shared); the 20
 # slowest tests and the total time are printed at the end.

@@ -170,9 +170,19 @@ def _compiled_images(package: str) -> list[tuple[str, str]]:
     return found
 
 
+# Each overlay once and each way of naming an image once in make test; the other pairs in make test-slow.
+IN_MAKE_TEST = {("dev", "committed"), ("dev", "digest"), ("gpu", "tag")}
+
+
 @needs_kubectl
-@pytest.mark.parametrize("how", ["committed", "tag", "digest"])
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize(
+    ("overlay", "how"),
+    [
+        pytest.param(overlay, how, id=f"{overlay}-{how}", marks=() if (overlay, how) in IN_MAKE_TEST else pytest.mark.slow)
+        for overlay in OVERLAYS
+        for how in ("committed", "tag", "digest")
+    ],
+)
 def test_the_scheduled_run_compiles_the_images_the_overlay_names(overlay, how, tmp_path, monkeypatch):
     directory, expected = _overlay(tmp_path, overlay, how)
     docs = _kustomize(directory)

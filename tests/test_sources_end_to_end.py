@@ -94,7 +94,12 @@ def _nested(root: str, tmp_path: Path, request) -> str:
 KINDS = {"prefix": _prefix, "urilist": _uri_list, "webdataset": _webdataset, "hf-parquet": _hf_parquet, "nested": _nested}
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+# A bucket prefix and WebDataset shards in make test; the others' readers are tested on their
+# own (tests/data/test_readers.py), and run end to end in make test-slow.
+IN_MAKE_TEST = ("prefix", "webdataset")
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k in IN_MAKE_TEST else pytest.mark.slow) for k in KINDS])
 def test_each_source_kind_trains_a_model_of_its_classes(kind, s3_bucket, ray_session, tmp_path, request):
     root = s3_bucket
     source = KINDS[kind](root, tmp_path, request)

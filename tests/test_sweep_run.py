@@ -28,7 +28,10 @@ GRID = [
 ]
 
 
+# make test-slow: the sweep's compiled DAG (tests/test_sweep.py), its grid and branches
+# (plan_sweep) and the ranking (tests/steps/test_compare.py) are tested apart in make test.
 @pytest.mark.ray
+@pytest.mark.slow
 def test_sweep_through_kfp_local_trains_each_branch_and_ranks_them(s3_bucket, tmp_path):
     data_root = f"{s3_bucket}/imgpipe"
     cfg = LocalRunConfig(

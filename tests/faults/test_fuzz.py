@@ -83,7 +83,6 @@ def _fuzz_archive(path: str) -> Counter:
 
 
 @pytest.mark.ray
-@pytest.mark.quick
 def test_mutated_images_are_kept_or_rejected_with_a_reason(tmp_path, s3_endpoint, figures):
     root = "file://" + str(tmp_path / "store")
     archive = str(tmp_path / "fuzz.tar.gz")
