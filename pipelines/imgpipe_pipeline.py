@@ -61,6 +61,7 @@ from imgpipe.containers.catalog import ImageSet
 from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV
 from imgpipe.kfp.artifacts import PIPELINE_NAME
 from imgpipe.readpolicy import READ_PREFIXES_ENV
+from imgpipe.registry import STEPS
 from imgpipe.remote import kube, rayjob_spec, trainjob
 from imgpipe.remote.ranks import PROCS_ENV
 from imgpipe.remote.targets import CLUSTERS_ENV
@@ -317,6 +318,11 @@ def _cpus_times(quantity: str, n: int) -> str:
     return f"{float(quantity) * n:g}"
 
 
+def step_image(images: ImageSet, step: str) -> str:
+    """The image of ``step``'s task: the kind its :mod:`imgpipe.registry` entry names."""
+    return getattr(images, STEPS[step].image)
+
+
 def _configure(task: dsl.PipelineTask, step: str, image: str, options: PipelineOptions, retry: Retry | None) -> None:
     res = options.resources[step]
     if step == "train" and options.gpu is not None and options.gpu.count > 1:
@@ -421,7 +427,7 @@ def data_steps(
         previous_run_prefix=previous_run_prefix,
         **common,
     )
-    _configure(dl, "download", images.cpu, options, options.retry)
+    _configure(dl, "download", step_image(images, "download"), options, options.retry)
     cl = clean(
         dataset=dl.outputs["dataset"],
         grayscale=grayscale,
@@ -430,7 +436,7 @@ def data_steps(
         previous_run_prefix=previous_run_prefix,
         **common,
     )
-    _configure(cl, "clean", images.cpu, options, options.retry)
+    _configure(cl, "clean", step_image(images, "clean"), options, options.retry)
     resize_args = {
         "cleaned": cl.outputs["cleaned"],
         "image_size": image_size,
@@ -442,10 +448,10 @@ def data_steps(
     }
     with dsl.If(ray_address == "", name="ray-in-the-pod"):
         in_pod = resize(**resize_args)
-        _configure(in_pod, "resize-local", images.ray, options, options.retry)
+        _configure(in_pod, "resize-local", step_image(images, "resize"), options, options.retry)
     with dsl.Else(name="ray-cluster"):
         remote = resize(**resize_args)
-        _configure(remote, "resize", images.ray, options, options.retry)
+        _configure(remote, "resize", step_image(images, "resize"), options, options.retry)
         # ray_address "kuberay": the RayJob's cluster runs the resize image too.
         remote.set_env_variable("IMGPIPE_RAY_IMAGE", images.ray)
         kubernetes.use_secret_as_env(remote, RAY_TOKEN_SECRET, RAY_TOKEN_KEYS, optional=True)
@@ -466,12 +472,12 @@ def train_steps(options: PipelineOptions, *, train_nodes: Any, **train_args: Any
     images = options.images
     with dsl.If(train_nodes == 1, name="train-in-the-pod"):
         in_pod = train(train_nodes=train_nodes, placement="pod", **train_args)
-        _configure(in_pod, "train", images.gpu, options, options.train_retry)
+        _configure(in_pod, "train", step_image(images, "train"), options, options.train_retry)
         if options.gpu is not None:
             _schedule_on_gpu(in_pod, options.gpu)
     with dsl.Else(name="train-as-trainjob"):
         poller = train(train_nodes=train_nodes, placement="trainjob", **train_args)
-        _configure(poller, "train-trainjob", images.gpu, options, options.train_retry)
+        _configure(poller, "train-trainjob", step_image(images, "train"), options, options.train_retry)
         _trainjob_settings(poller, images.gpu, options)
     return dsl.OneOf(in_pod.outputs["Output"], poller.outputs["Output"])
 

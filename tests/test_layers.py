@@ -36,6 +36,7 @@ LOW = {
     "remote.attempts",
     "remote.rayjob_spec",
     "readpolicy",
+    "registry",
 }
 MIDDLE = {
     "steps",

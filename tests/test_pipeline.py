@@ -23,7 +23,7 @@ from imgpipe import contract, storage
 from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.kfp import package as kfp_package
 from imgpipe.kfp.local_run import LocalRunConfig, load_local_config, run_local
-from imgpipe.remote.dispatch import REMOTE_STEPS
+from imgpipe.remote.dispatch import remote_steps
 
 STEPS = ("download", "clean", "resize", "train")
 # The tasks of the compiled DAG, by display name: resize is two tasks, one per ray_address mode,
@@ -151,7 +151,7 @@ def test_each_task_runs_its_kind_of_image_without_installing_anything(compiled):
         assert "pip install" not in command, "install_kfp_package=False: the image has kfp and imgpipe"
         # A step that may run remotely goes through the layer that decides where it runs.
         runner = {"train": "from imgpipe.remote.dispatch import", "promote": "ka.promote_run("}.get(step, f"from imgpipe.steps.{step} import")
-        runner = "from imgpipe.remote.dispatch import" if step in REMOTE_STEPS else runner
+        runner = "from imgpipe.remote.dispatch import" if step in remote_steps() else runner
         assert "kfp.dsl.executor_main" in command and runner in command
         env = {e["name"]: e["value"] for e in _container(ir, task).get("env", [])}
         assert env["PYTHONUNBUFFERED"] == "1"

@@ -19,6 +19,7 @@ from typing import Any
 import imgpipe
 from imgpipe import resources, storage
 from imgpipe.config import add_field_flags, flag_overrides, load_config, parse_override
+from imgpipe.registry import STEPS
 
 __all__ = ["build_parser", "main"]
 
@@ -187,10 +188,10 @@ _ENDPOINT_FLAG = "--s3-endpoint"  # the one global option that takes a value
 
 _STEP_ARGUMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "synth": ("generate an Oxford-IIIT-Pet-shaped sample dataset (offline)", _synth_arguments),
-    "download": ("pull images (archives, bucket prefixes, URI lists, WebDataset, Parquet) into object storage as Parquet", _download_arguments),
-    "clean": ("validate, normalize, label, split and shuffle the images", _clean_arguments),
-    "resize": ("resize clean images to a model's input size on Ray Data", _resize_arguments),
-    "train": ("train a classifier on a committed resize output", _train_arguments),
+    "download": (STEPS["download"].summary, _download_arguments),
+    "clean": (STEPS["clean"].summary, _clean_arguments),
+    "resize": (STEPS["resize"].summary, _resize_arguments),
+    "train": (STEPS["train"].summary, _train_arguments),
     "predict": ("run a trained model's ONNX export over images on Ray Data", _predict_arguments),
 }
 

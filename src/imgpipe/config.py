@@ -22,6 +22,8 @@ from typing import Annotated, Any, TypeVar
 import docstring_parser
 import yaml
 
+from imgpipe.registry import STEPS
+
 __all__ = [
     "SECTIONS",
     "check_sections",
@@ -44,7 +46,8 @@ __all__ = [
 C = TypeVar("C")
 # The sections a multi-step config file may hold: the pipeline's parameters (imgpipe run),
 # the sample data set, and one per step.
-SECTIONS = ("pipeline", "synth", "download", "clean", "resize", "train")
+# A config file's sections: the pipeline's parameters, the sample data set, and one per step.
+SECTIONS = ("pipeline", "synth", *STEPS)
 
 
 def coerce(name: str, value: Any, annotation: Any) -> Any:

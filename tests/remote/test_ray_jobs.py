@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from imgpipe import contract, storage
+from imgpipe import contract, registry, storage
 from imgpipe.clean.config import CleanConfig
 from imgpipe.config import config_from_dict, config_to_dict
 from imgpipe.remote import attempts, dispatch, job, payload, ray_jobs, targets
@@ -98,12 +98,12 @@ def parse_entrypoint(entrypoint: str) -> tuple[str, str, str, ResizeConfig]:
     assert argv[:3] == ["python", "-m", "imgpipe.remote"], entrypoint
     step, text = argv[3:]
     body = json.loads(text)
-    return step, body["source"], body["dest"], config_from_dict(dispatch.REMOTE_STEPS[step].load()[0], body["config"])
+    return step, body["source"], body["dest"], config_from_dict(registry.step(step).config_class(), body["config"])
 
 
 def test_the_remote_entry_point_runs_the_step_with_exactly_that_config(monkeypatch):
     calls = []
-    monkeypatch.setitem(dispatch.REMOTE_STEPS, "resize", dispatch.RemoteStep(lambda: (ResizeConfig, lambda *a: calls.append(a) or _Summary())))
+    monkeypatch.setattr(registry.Step, "run", lambda self: lambda *a: calls.append(a) or _Summary())
     cfg = ResizeConfig(preset="clip", mode="pad")
     assert job.main(["resize", payload.payload("s3://b/in", "s3://b/out", cfg)]) == 0
     assert calls == [("s3://b/in", "s3://b/out", cfg)]

@@ -26,9 +26,9 @@ from imgpipe.data.sources import SOURCE_LOCAL_ENV
 from imgpipe.kfp.artifacts import LATEST, read_latest
 from imgpipe.kfp.local_containers import docker_runner_for, engine_for
 from imgpipe.kfp.local_s3 import local_s3_server, moto_s3_server
+from imgpipe.registry import STEPS
 
 __all__ = [
-    "STEPS",
     "LOCAL_PARAMS",
     "LOCAL_STEP_CONFIG",
     "LocalRunConfig",
@@ -42,7 +42,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STEPS = ("download", "clean", "resize", "train")
 RUNNERS = ("subprocess", "docker")
 # Pipeline parameters that make a laptop run finish in minutes on two cores: small
 # images, few epochs, a local Ray (the pipeline's default is KubeRay); the rest (model,

@@ -6,7 +6,7 @@ config (``ray_address`` for resize, checked by :func:`imgpipe.remote.targets.che
 and either calls the step function here or hands the run to a remote runner
 (:mod:`imgpipe.remote.ray_jobs`, :mod:`imgpipe.remote.kuberay`), which starts
 ``python -m imgpipe.remote STEP PAYLOAD`` (:mod:`imgpipe.remote.job`) on the cluster. A new
-remote-capable step is one entry in :data:`REMOTE_STEPS`; a new kind of target is one
+remote-capable step is a ``ray_target`` in its :mod:`imgpipe.registry` entry; a new kind of target is one
 branch of :func:`run_step` and its runner module. Training goes through :func:`run_train`,
 which starts one process per GPU of the pod (:mod:`imgpipe.remote.ranks`), or a Kubeflow
 Trainer TrainJob across nodes (:mod:`imgpipe.remote.trainjob`).
@@ -14,62 +14,42 @@ Trainer TrainJob across nodes (:mod:`imgpipe.remote.trainjob`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from imgpipe.contract import StepReport
+from imgpipe.registry import Step, steps_where
 from imgpipe.remote.targets import RemoteTarget, check_allowed
 
-__all__ = ["RemoteStep", "REMOTE_STEPS", "PLACEMENTS", "remote_step", "target_of", "run_step", "check_placement", "run_train"]
+__all__ = ["remote_steps", "PLACEMENTS", "remote_step", "target_of", "run_step", "check_placement", "run_train"]
 
 
-@dataclass(frozen=True)
-class RemoteStep:
-    """A step that may run elsewhere.
-
-    Attributes:
-        load: Imports the step on demand (a step's imports are heavy: Ray, OpenCV) and
-            returns its config class and step function.
-        target_field: The config field that names where it runs.
-    """
-
-    load: Callable[[], tuple[type, Callable[..., StepReport]]]
-    target_field: str = "ray_address"
+def remote_steps() -> dict[str, Step]:
+    """The steps that may run on a Ray cluster (their ``ray_target`` names it), by name."""
+    return steps_where(lambda s: s.ray_target is not None)
 
 
-def _resize() -> tuple[type, Callable[..., StepReport]]:
-    from imgpipe.resize.spec import ResizeConfig
-    from imgpipe.steps.resize import resize
-
-    return ResizeConfig, resize
-
-
-# The steps that may run remotely, by name.
-REMOTE_STEPS: dict[str, RemoteStep] = {"resize": RemoteStep(_resize)}
-
-
-def remote_step(step: str) -> RemoteStep:
-    """The registry entry of ``step``.
+def remote_step(step: str) -> Step:
+    """The registry entry of a step that may run remotely.
 
     Raises:
         ValueError: For a step that cannot run remotely, naming the ones that can.
     """
-    if step not in REMOTE_STEPS:
-        raise ValueError(f"step {step!r} cannot run remotely; remote-capable steps: {', '.join(sorted(REMOTE_STEPS))}")
-    return REMOTE_STEPS[step]
+    steps = remote_steps()
+    if step not in steps:
+        raise ValueError(f"step {step!r} cannot run remotely; remote-capable steps: {', '.join(sorted(steps))}")
+    return steps[step]
 
 
 def target_of(step: str, cfg: Any) -> RemoteTarget:
     """Where ``cfg`` says ``step`` runs; a cluster nobody configured is refused (``ValueError``)."""
-    return check_allowed(getattr(cfg, remote_step(step).target_field))
+    return check_allowed(getattr(cfg, remote_step(step).ray_target))
 
 
 def run_step(step: str, source: str, dest: str, cfg: Any, *, run_id: str | None = None) -> StepReport:
     """Runs ``step`` where its config says: here, as a Ray job, or as a KubeRay RayJob.
 
     Args:
-        step: A name in :data:`REMOTE_STEPS`.
+        step: A name in :func:`remote_steps`.
         source: The step's input prefix.
         dest: Its output prefix.
         cfg: Its resolved config.
@@ -88,8 +68,7 @@ def run_step(step: str, source: str, dest: str, cfg: Any, *, run_id: str | None 
         from imgpipe.remote import kuberay
 
         return kuberay.run_step_rayjob(step, source, dest, cfg, namespace=target.namespace, run_id=run_id)
-    _config, run = remote_step(step).load()
-    return run(source, dest, cfg)
+    return remote_step(step).run()(source, dest, cfg)
 
 
 # Where the pipeline compiled a train task to run (the train component's ``placement``): in

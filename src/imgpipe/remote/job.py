@@ -9,32 +9,18 @@ resolved, with no command line parsed in between.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from imgpipe.config import config_from_dict
-from imgpipe.remote.dispatch import REMOTE_STEPS
+from imgpipe.registry import Step, steps_where
 from imgpipe.remote.payload import read_payload
 
-__all__ = ["JOB_STEPS", "main"]
+__all__ = ["job_steps", "main"]
 
 
-def _train() -> tuple[type, Callable[..., Any]]:
-    from imgpipe.steps.train import train
-    from imgpipe.train.config import TrainConfig
-
-    return TrainConfig, train
-
-
-# What a remote job may run besides the remote-capable steps (REMOTE_STEPS): train on a
-# TrainJob's nodes (every rank under torchrun, which describes the process group; rank 0 writes).
-JOB_STEPS: dict[str, Callable[[], tuple[type, Callable[..., Any]]]] = {"train": _train}
-
-
-def _loader(step: str) -> Callable[[], tuple[type, Callable[..., Any]]] | None:
-    if step in REMOTE_STEPS:
-        return REMOTE_STEPS[step].load
-    return JOB_STEPS.get(step)
+def job_steps() -> dict[str, Step]:
+    """The steps ``python -m imgpipe.remote`` runs: a Ray job's driver, a TrainJob's node (every rank under torchrun)."""
+    return steps_where(lambda s: s.job)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,13 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             :func:`imgpipe.remote.payload.payload` makes.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    load = _loader(args[0]) if len(args) == 2 else None
-    if load is None:
-        raise ValueError(f"usage: python -m imgpipe.remote {{{','.join([*REMOTE_STEPS, *JOB_STEPS])}}} PAYLOAD_JSON, got {args!r}")
+    entry = job_steps().get(args[0]) if len(args) == 2 else None
+    if entry is None:
+        raise ValueError(f"usage: python -m imgpipe.remote {{{','.join(job_steps())}}} PAYLOAD_JSON, got {args!r}")
     step, text = args
     source, dest, values = read_payload(step, text)
-    config_cls, run = load()
-    report = run(source, dest, config_from_dict(config_cls, values))
+    report = entry.run()(source, dest, config_from_dict(entry.config_class(), values))
     print(report.summary())
     return 0
 

@@ -3,7 +3,7 @@
     report = build_report(prefix)        # any committed download, clean, resize or train output
     report.html(); report.text(); report.grid_png()
 
-One builder per step behind :data:`_BUILDERS` (download and train here, clean and resize in
+One builder per step, named by its :mod:`imgpipe.registry` entry (download and train here, clean and resize in
 :mod:`imgpipe.report.clean` and :mod:`imgpipe.report.resize`) makes an
 :class:`~imgpipe.report.output.OutputReport`; the component and the command line share it, so
 the UI and the terminal say the same thing. Every read is bounded
@@ -14,13 +14,11 @@ report costs about the same on 700 images or 7 million and stays far below 2 MB.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from imgpipe import contract, storage
-from imgpipe.report.clean import (
-    clean_report,
-)
+from imgpipe.registry import STEPS
 from imgpipe.report.output import (
     Gallery,
     OutputReport,
@@ -38,7 +36,6 @@ from imgpipe.report.parts import (
     step_metrics,
     thumb_tiles,
 )
-from imgpipe.report.resize import resize_report
 
 __all__ = ["TRAIN_METRICS", "build_report", "train_metrics"]
 
@@ -59,11 +56,11 @@ def build_report(prefix: str, limits: ReportLimits | None = None) -> OutputRepor
         raise TypeError(f"limits must be a ReportLimits, got {type(limits).__name__}")
     prefix = storage.normalize_uri(prefix)
     manifest = contract.read_manifest(prefix)
-    builder = _BUILDERS.get(manifest.get("step"))
-    if builder is None:
-        raise ValueError(f"{prefix} holds a {manifest.get('step')!r} output; reports exist for {', '.join(_BUILDERS)} outputs")
+    entry = STEPS.get(manifest.get("step"))
+    if entry is None:
+        raise ValueError(f"{prefix} holds a {manifest.get('step')!r} output; reports exist for {', '.join(STEPS)} outputs")
     with RowGroups(limits) as reader:
-        return builder(prefix, manifest, limits, reader)
+        return entry.report_builder()(prefix, manifest, limits, reader)
 
 
 def train_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:
@@ -76,7 +73,7 @@ def train_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:
 # ---------------------------------------------------------------------------- download
 
 
-def _download(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reader: RowGroups) -> OutputReport:
+def download_report(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reader: RowGroups) -> OutputReport:
     extra = manifest.get("extra") or {}
     sources = list(extra.get("sources") or [])
     source_rows = tuple((s.get("uri"), s.get("format"), s.get("sha256") or "", s.get("bytes")) for s in sources)
@@ -127,7 +124,7 @@ def _read_optional(uri: str) -> bytes | None:
         return None
 
 
-def _train(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reader: RowGroups) -> OutputReport:
+def train_report(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reader: RowGroups) -> OutputReport:
     extra = manifest.get("extra") or {}
     metrics = train_metrics(manifest)
     history = json.loads(_read_optional(storage.join(prefix, contract.METRICS)) or b"{}")
@@ -155,8 +152,3 @@ def _train(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reade
         page=page.decode("utf-8") if page is not None else None,
         picture=picture,
     )
-
-
-# One builder per step (the clean and resize ones in their own modules).
-_Builder = Callable[[str, Mapping[str, Any], ReportLimits, RowGroups], OutputReport]
-_BUILDERS: dict[str, _Builder] = {"download": _download, "clean": clean_report, "resize": resize_report, "train": _train}
