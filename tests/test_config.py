@@ -124,3 +124,31 @@ def test_well_typed_values_need_no_validator_import():
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     assert out == ["False", "True"]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        (("epochs", 0, 1), {"integer": True, "note": "0 trains nothing"}, ValueError, "epochs must be an integer >= 1 (0 trains nothing), got 0"),
+        (("lr", 1.0, 0, 1), {"high_open": True}, ValueError, "lr must be a number in [0, 1), got 1.0"),
+        (("p", -0.5, 0, 1), {}, ValueError, "p must be a number in [0, 1], got -0.5"),
+        (("ratio", 0, 0), {"low_open": True}, ValueError, "ratio must be a number > 0, got 0"),
+        (("n", True, 1), {"integer": True}, TypeError, "n must be an integer >= 1, got True"),
+        (("n", 2.0, 1), {"integer": True}, TypeError, "n must be an integer >= 1, got 2.0"),
+        (("x", "3", None, 4), {}, ValueError, "x must be a number <= 4, got '3'"),
+    ],
+)
+def test_check_range_refuses_in_one_message_for_every_config(args, kwargs, error, message):
+    from imgpipe.config import check_range
+
+    with pytest.raises(error) as raised:
+        check_range(*args, **kwargs)
+    assert str(raised.value) == message
+
+
+def test_check_range_passes_values_in_range():
+    from imgpipe.config import check_range
+
+    check_range("lr", 0.5, 0, 1, high_open=True)
+    check_range("workers", 0, 0, integer=True)
+    check_range("alpha", 3, 0)

@@ -136,9 +136,9 @@ def test_plan_builds_every_branch_config_and_names_the_branch_it_refuses():
     # Ranges are the config's: refused before anything trains, naming the branch.
     with pytest.raises(ValueError, match=r"branch b01: randaugment_m=31: .*randaugment_m must be an integer in \[0, 30\]"):
         plan("", None, {"randaugment_m": [9, 31]}, None, **NAMED)
-    with pytest.raises(ValueError, match=r"branch b00: label_smoothing=1.0: .*label_smoothing must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"branch b00: label_smoothing=1.0: .*label_smoothing must be a number in \[0, 1\)"):
         plan("", [{"label_smoothing": 1.0}], None, None, **NAMED)
-    with pytest.raises(ValueError, match="mixup_prob is a probability"):
+    with pytest.raises(ValueError, match=r"mixup_prob must be a number in \[0, 1\] \(a probability\)"):
         plan("", [{"mixup_prob": 1.5}], None, None, **NAMED)
     # Settings the policy ignores would train the same recipe twice: refused.
     with pytest.raises(ValueError, match="branches b00 and b01 have the same effective recipe"):

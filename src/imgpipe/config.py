@@ -36,6 +36,7 @@ __all__ = [
     "config_to_yaml",
     "parse_override",
     "coerce",
+    "check_range",
     "field_docs",
     "plain_text",
     "field_default",
@@ -48,6 +49,61 @@ C = TypeVar("C")
 # the sample data set, and one per step.
 # A config file's sections: the pipeline's parameters, the sample data set, and one per step.
 SECTIONS = ("pipeline", "synth", *STEPS)
+
+
+class NotANumberError(TypeError, ValueError):
+    """A config value of the wrong type: a ``TypeError`` that callers catching bad values (``ValueError``) also catch."""
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    integer: bool = False,
+    low_open: bool = False,
+    high_open: bool = False,
+    note: str = "",
+) -> None:
+    """Refuses a config value that is not a number in its range, in one message for every config.
+
+    ``check_range("lr", 0.5, 0, 1, high_open=True)`` passes; ``check_range("epochs", 0, 1,
+    integer=True, note="0 trains nothing")`` raises ``epochs must be an integer >= 1 (0
+    trains nothing), got 0``. A ``bool`` is never a number here.
+
+    Args:
+        name: The field, as the message names it.
+        value: What was given.
+        low: The lowest allowed (``low_open``: the bound it must exceed); ``None``: none.
+        high: The highest allowed (``high_open``: the bound it must stay below); ``None``: none.
+        integer: Whether only an ``int`` will do.
+        low_open: Whether ``low`` itself is refused.
+        high_open: Whether ``high`` itself is refused.
+        note: What a special value means, e.g. ``0 disables``.
+
+    Raises:
+        NotANumberError: For anything but a number (an ``int`` with ``integer``).
+        ValueError: For a number outside the range.
+    """
+    kind = "an integer" if integer else "a number"
+    bad_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+    outside = not bad_type and (
+        (low is not None and (value <= low if low_open else value < low)) or (high is not None and (value >= high if high_open else value > high))
+    )
+    if not (bad_type or outside):
+        return
+    text = lambda x: str(x) if isinstance(x, int) else f"{x:g}"  # noqa: E731
+    if low is not None and high is not None:
+        bound = f"in {'(' if low_open else '['}{text(low)}, {text(high)}{')' if high_open else ']'}"
+    elif low is not None:
+        bound = f"{'>' if low_open else '>='} {text(low)}"
+    elif high is not None:
+        bound = f"{'<' if high_open else '<='} {text(high)}"
+    else:
+        bound = ""
+    message = f"{name} must be {kind}{' ' + bound if bound else ''}{f' ({note})' if note else ''}, got {value!r}"
+    raise (NotANumberError if bad_type else ValueError)(message)
 
 
 def coerce(name: str, value: Any, annotation: Any) -> Any:

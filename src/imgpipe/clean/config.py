@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 
 from imgpipe.clean.neardup import MAX_DISTANCE
 from imgpipe.clean.quality import OUTLIERS
+from imgpipe.config import check_range
 from imgpipe.data.images import DEFAULT_FORMATS, MAX_PIXELS, check_formats
 from imgpipe.data.labels import LabelSource
 
@@ -147,17 +148,14 @@ class CleanConfig:
             raise ValueError(f"split_from must be random or annotations, got {self.split_from!r}")
         if self.split_from == "annotations" and not self.annotations:
             raise ValueError("split_from='annotations' needs annotations, the download of the release's annotations archive")
-        if self.max_pixels < 1 or self.min_side < 1:
-            raise ValueError("max_pixels and min_side must be positive")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
+        check_range("max_pixels", self.max_pixels, 1, integer=True)
+        check_range("min_side", self.min_side, 1, integer=True)
+        check_range("jpeg_quality", self.jpeg_quality, 1, 100, integer=True)
         object.__setattr__(self, "formats", check_formats(self.formats))
-        if self.workers < 0:
-            raise ValueError("workers must be >= 0 (0 = all cores)")
-        if self.image_timeout_s < 0:
-            raise ValueError(f"image_timeout_s must be >= 0 (0 = no limit), got {self.image_timeout_s}")
-        if self.rows_per_shard < 1 or self.row_group_rows < 1 or self.row_group_bytes < 1:
-            raise ValueError("rows_per_shard, row_group_rows and row_group_bytes must be >= 1")
+        check_range("workers", self.workers, 0, integer=True, note="0 = all cores")
+        check_range("image_timeout_s", self.image_timeout_s, 0, note="0 = no limit")
+        for name in ("rows_per_shard", "row_group_rows", "row_group_bytes"):
+            check_range(name, getattr(self, name), 1, integer=True)
         if self.near_duplicates not in ("reject", "group", "off"):
             raise ValueError(f"near_duplicates must be reject, group or off, got {self.near_duplicates!r}")
         if isinstance(self.near_duplicate_distance, bool) or not 0 <= self.near_duplicate_distance <= MAX_DISTANCE:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from imgpipe import contract, storage
-from imgpipe.config import config_to_dict
+from imgpipe.config import check_range, config_to_dict
 from imgpipe.contract import StepReport
 from imgpipe.remote.attempts import attempt_id, job_id, resolve_run_id
 from imgpipe.remote.kube import CustomObjects, ObjectTarget, current_namespace, field_at, load_api, run_metadata, status_code
@@ -109,18 +109,20 @@ def check_nodes(nodes: Any, max_nodes: int | None = None) -> int:
         TypeError: If it is not an integer.
         ValueError: If it is below 1 or above the cap, naming the cap and how to raise it.
     """
-    if isinstance(nodes, bool) or not isinstance(nodes, int):
-        raise TypeError(f"train nodes must be an integer, got {nodes!r}")
+    check_range("train nodes", nodes, integer=True)  # the type first, before the operator's cap is read
     if max_nodes is None:
         text = os.environ.get(MAX_NODES_ENV, "").strip()
         if text and not text.isdigit():
             raise ValueError(f"${MAX_NODES_ENV}={text!r}: expected a whole number of nodes")
         max_nodes = int(text) if text else DEFAULT_MAX_NODES
-    if not 1 <= nodes <= max_nodes:
-        raise ValueError(
-            f"train nodes must be between 1 and {max_nodes}, got {nodes}; the operator raises the cap with "
-            f"${MAX_NODES_ENV} on the train task (the imgpipe-s3-config ConfigMap)"
-        )
+    check_range(
+        "train nodes",
+        nodes,
+        1,
+        max_nodes,
+        integer=True,
+        note=f"the operator raises the cap with ${MAX_NODES_ENV} on the train task, in the imgpipe-s3-config ConfigMap",
+    )
     return nodes
 
 

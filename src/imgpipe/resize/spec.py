@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from imgpipe.config import check_range
 from imgpipe.data.images import MAX_PIXELS
 from imgpipe.remote.targets import parse_address
 
@@ -253,22 +254,17 @@ class ResizeSpec:
     parsed_ops: tuple[Op, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or not 1 <= self.size <= 8192:
-            raise ValueError(f"size must be an integer within 1..8192, got {self.size!r}")
+        check_range("size", self.size, 1, 8192, integer=True)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.resample not in RESAMPLE:
             raise ValueError(f"resample must be one of {', '.join(RESAMPLE)}, got {self.resample!r}")
-        if not 0 <= self.pad_value <= 255:
-            raise ValueError(f"pad_value must be a grey level within 0..255, got {self.pad_value}")
-        if isinstance(self.max_aspect, bool) or not isinstance(self.max_aspect, (int, float)) or not 1.0 <= self.max_aspect <= MAX_ASPECT_LIMIT:
-            raise ValueError(f"max_aspect must be a number within 1..{MAX_ASPECT_LIMIT:g}, got {self.max_aspect!r}")
+        check_range("pad_value", self.pad_value, 0, 255, integer=True, note="a grey level")
+        check_range("max_aspect", self.max_aspect, 1, MAX_ASPECT_LIMIT)
         if self.format not in ("raw", "jpeg"):
             raise ValueError(f"format must be raw or jpeg, got {self.format!r}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
-        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be a positive integer (width x height), got {self.max_pixels!r}")
+        check_range("jpeg_quality", self.jpeg_quality, 1, 100, integer=True)
+        check_range("max_pixels", self.max_pixels, 1, integer=True, note="width x height")
         parsed = tuple(parse_op(o) for o in self.ops)
         if any(op.name == "roi_crop" for op in parsed[1:]):
             raise ValueError("roi_crop selects the region before the resize, so it must be the first op")
@@ -460,12 +456,10 @@ class ResizeConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         parse_address(self.ray_address)  # a remote address is well-formed
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.concurrency < 0:
-            raise ValueError(f"concurrency must be >= 0 (0 = one per CPU), got {self.concurrency}")
-        if self.rows_per_shard < 1 or self.row_group_rows < 1:
-            raise ValueError("rows_per_shard and row_group_rows must be >= 1")
+        check_range("batch_size", self.batch_size, 1, integer=True)
+        check_range("concurrency", self.concurrency, 0, integer=True, note="0 = one per CPU")
+        check_range("rows_per_shard", self.rows_per_shard, 1, integer=True)
+        check_range("row_group_rows", self.row_group_rows, 1, integer=True)
         if self.no_progress_timeout_s <= 0 and self.no_progress_timeout_s != -1:
             raise ValueError("no_progress_timeout_s must be > 0 seconds, or -1 to disable")
         _ = self.spec  # building the per-image settings checks size, mode, ops, ... here

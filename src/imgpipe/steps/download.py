@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import contract, storage
+from imgpipe.config import check_range
 from imgpipe.contract import StepReport
 from imgpipe.data.extraction import Caps, Extraction, dry_run, extract_source
 from imgpipe.data.previous import PreviousDownload
@@ -124,18 +125,18 @@ class DownloadConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha256", _normalize_digests(self.sha256))
-        _check_int("max_member_bytes", self.max_member_bytes, 1, _MAX_BINARY_BYTES)
-        _check_int("max_total_bytes", self.max_total_bytes, 1)
-        _check_int("max_members", self.max_members, 1)
-        _check_number("max_expansion_ratio", self.max_expansion_ratio, positive=True)
-        _check_int("max_download_bytes", self.max_download_bytes, 1)
-        _check_int("shard_bytes", self.shard_bytes, 1, _MAX_BINARY_BYTES)
-        _check_int("row_group_rows", self.row_group_rows, 1)
-        _check_int("retries", self.retries, 0)
-        _check_int("write_workers", self.write_workers, 1)
-        _check_int("fetch_workers", self.fetch_workers, 1, 256)
-        _check_number("timeout_s", self.timeout_s, positive=True)
-        _check_number("backoff_s", self.backoff_s, positive=False)
+        check_range("max_member_bytes", self.max_member_bytes, 1, _MAX_BINARY_BYTES, integer=True)
+        check_range("max_total_bytes", self.max_total_bytes, 1, integer=True)
+        check_range("max_members", self.max_members, 1, integer=True)
+        check_range("max_expansion_ratio", self.max_expansion_ratio, 0, low_open=True)
+        check_range("max_download_bytes", self.max_download_bytes, 1, integer=True)
+        check_range("shard_bytes", self.shard_bytes, 1, _MAX_BINARY_BYTES, integer=True)
+        check_range("row_group_rows", self.row_group_rows, 1, integer=True)
+        check_range("retries", self.retries, 0, integer=True)
+        check_range("write_workers", self.write_workers, 1, integer=True)
+        check_range("fetch_workers", self.fetch_workers, 1, 256, integer=True)
+        check_range("timeout_s", self.timeout_s, 0, low_open=True)
+        check_range("backoff_s", self.backoff_s, 0)
 
 
 def _normalize_digests(value: Any) -> tuple[str, ...]:
@@ -155,21 +156,6 @@ def _normalize_digests(value: Any) -> tuple[str, ...]:
             )
         digests.append(digest)
     return tuple(digests)
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-
-
-def _check_number(name: str, value: Any, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
 
 
 # --------------------------------------------------------------------------- sources

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
 from imgpipe import resources, storage
+from imgpipe.config import check_range
 from imgpipe.train.policies import MAX_M, MAX_N, PolicyLimits, check_limits
 from imgpipe.train.recipes import (
     BASE,
@@ -116,12 +117,10 @@ class AugmentConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
         check_policy(self.randaugment_n, self.randaugment_m, self.policy, PolicyLimits(tuple(self.policy_exclude), self.policy_max_m))
         for name in ("grayscale_p", "blur_p", "random_erasing", "noise_p", "jpeg_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
-        if self.color_jitter < 0 or self.rotation < 0:
-            raise ValueError("color_jitter and rotation must be >= 0")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"hue is a fraction of the colour circle in [0, 0.5] (0 keeps hues), got {self.hue}")
+            check_range(name, getattr(self, name), 0, 1, note="a probability")
+        check_range("color_jitter", self.color_jitter, 0)
+        check_range("rotation", self.rotation, 0)
+        check_range("hue", self.hue, 0, 0.5, note="a fraction of the colour circle; 0 keeps hues")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
@@ -166,14 +165,11 @@ class LoaderConfig:
     multiprocessing_context: str | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0 or None (automatic), got {self.num_workers}")
-        if self.prefetch_factor < 1:
-            raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        check_range("batch_size", self.batch_size, 1, integer=True)
+        check_range("shuffle_buffer", self.shuffle_buffer, 0, integer=True)
+        if self.num_workers is not None:
+            check_range("num_workers", self.num_workers, 0, integer=True, note="or unset: automatic")
+        check_range("prefetch_factor", self.prefetch_factor, 1, integer=True)
         if self.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
             raise ValueError(f"multiprocessing_context must be fork, spawn or forkserver, got {self.multiprocessing_context!r}")
 
@@ -419,47 +415,35 @@ class TrainConfig:
         if self.domain not in DOMAIN_NAMES:
             raise ValueError(f"unknown domain {self.domain!r}; choose one of: {', '.join(DOMAIN_NAMES)}")
         v = self._filled()
-        if v.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {v.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if (self.lr is not None and self.lr < 0) or self.lr_base <= 0 or v.weight_decay < 0:
-            raise ValueError("lr must be >= 0 (0 trains nothing), lr_base > 0, weight_decay >= 0")
-        if isinstance(self.lr_base_size, bool) or not isinstance(self.lr_base_size, int) or self.lr_base_size < 1:
-            raise ValueError(f"lr_base_size is the global batch lr_base is meant for: an integer >= 1, got {self.lr_base_size!r}")
-        for name in ("warmup_fraction", "freeze_fraction"):
-            value = self.warmup_fraction if name == "warmup_fraction" else v.freeze_fraction
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} is a fraction of the run in [0, 1), got {value}")
-        if isinstance(v.unfreeze_stages, bool) or not isinstance(v.unfreeze_stages, int) or not 1 <= v.unfreeze_stages <= 8:
-            raise ValueError(f"unfreeze_stages must be an integer in [1, 8], got {v.unfreeze_stages!r}")
-        if v.mixup < 0 or v.cutmix < 0:
-            raise ValueError("mixup and cutmix are Beta alphas: >= 0, 0 disables")
-        for name in ("mixup_prob", "mixup_switch_prob"):
-            if not 0.0 <= getattr(v, name) <= 1.0:
-                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(v, name)}")
-        if not 0 <= v.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {v.label_smoothing}")
-        if v.drop_path is not None and not 0 <= v.drop_path < 1:
-            raise ValueError(f"drop_path is a stochastic depth rate in [0, 1), got {v.drop_path}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        if isinstance(self.checkpoint_every_steps, bool) or not isinstance(self.checkpoint_every_steps, int) or self.checkpoint_every_steps < 0:
-            raise ValueError(f"checkpoint_every_steps must be an integer >= 0 (0: at epoch ends only), got {self.checkpoint_every_steps!r}")
-        if v.patience < 0:
-            raise ValueError(f"patience must be >= 0 (0 trains every epoch), got {v.patience}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) (0 disables; torchvision uses 0.99998), got {self.ema_decay}")
+        check_range("epochs", v.epochs, 1, integer=True)
+        check_range("batch_size", self.batch_size, 1, integer=True)
+        if self.lr is not None:
+            check_range("lr", self.lr, 0, note="0 trains nothing")
+        check_range("lr_base", self.lr_base, 0, low_open=True)
+        check_range("weight_decay", v.weight_decay, 0)
+        check_range("lr_base_size", self.lr_base_size, 1, integer=True, note="the global batch lr_base is meant for")
+        check_range("warmup_fraction", self.warmup_fraction, 0, 1, high_open=True, note="a fraction of the run")
+        check_range("freeze_fraction", v.freeze_fraction, 0, 1, high_open=True, note="a fraction of the run")
+        check_range("unfreeze_stages", v.unfreeze_stages, 1, 8, integer=True)
+        check_range("mixup", v.mixup, 0, note="a Beta alpha; 0 disables")
+        check_range("cutmix", v.cutmix, 0, note="a Beta alpha; 0 disables")
+        check_range("mixup_prob", v.mixup_prob, 0, 1, note="a probability")
+        check_range("mixup_switch_prob", v.mixup_switch_prob, 0, 1, note="a probability")
+        check_range("label_smoothing", v.label_smoothing, 0, 1, high_open=True)
+        if v.drop_path is not None:
+            check_range("drop_path", v.drop_path, 0, 1, high_open=True, note="a stochastic depth rate")
+        check_range("grad_clip", self.grad_clip, 0, note="0 disables")
+        check_range("checkpoint_every_steps", self.checkpoint_every_steps, 0, integer=True, note="0: at epoch ends only")
+        check_range("patience", v.patience, 0, integer=True, note="0 trains every epoch")
+        check_range("ema_decay", self.ema_decay, 0, 1, high_open=True, note="0 disables; torchvision uses 0.99998")
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"class_weights must be none or balanced, got {self.class_weights!r}")
-        if self.ema_steps < 1:
-            raise ValueError(f"ema_steps must be >= 1, got {self.ema_steps}")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch must be >= 1 or unset, got {self.max_steps_per_epoch}")
-        if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8 or unset (the data's size), got {self.image_size}")
-        if not 1 <= self.nodes <= MAX_NODES:
-            raise ValueError(f"nodes must be between 1 and {MAX_NODES}, got {self.nodes}")
+        check_range("ema_steps", self.ema_steps, 1, integer=True)
+        if self.max_steps_per_epoch is not None:
+            check_range("max_steps_per_epoch", self.max_steps_per_epoch, 1, integer=True, note="or unset")
+        if self.image_size is not None:
+            check_range("image_size", self.image_size, 8, integer=True, note="or unset: the data's size")
+        check_range("nodes", self.nodes, 1, MAX_NODES, integer=True)
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.weights is not None:
