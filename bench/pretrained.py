@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, work: Path) -> int:
     """Prepares both datasets in ``work``, pre-trains, then trains every variant on the target."""
-    from imgpipe.data.synth import choose_breeds
+    from imgpipe.data.synth_images import choose_breeds
 
     log = work / "bench.log"
     started = time.perf_counter()

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import make_photo, source_photos  # noqa: E402
 from proctree import process_tree  # noqa: E402
 
-from imgpipe.data.synth import choose_breeds  # noqa: E402
+from imgpipe.data.synth_images import choose_breeds  # noqa: E402
 
 CLASSES = 37
 MIN_SIDE, MAX_SIDE = 250, 640

@@ -11,7 +11,7 @@ from PIL import Image
 
 from imgpipe.clean.config import CleanConfig
 from imgpipe.clean.quality import METRICS, OUTLIERS, assess, measure, phash_pair, robust_z
-from imgpipe.data.synth import image_rng, render_image
+from imgpipe.data.synth_images import image_rng, render_image
 
 
 def _photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from imgpipe.data import images
-from imgpipe.data.images import ImageRejected, sniff_format, to_8bit, validate_and_normalize
+from imgpipe.data import formats, images
+from imgpipe.data.formats import sniff_format
+from imgpipe.data.images import ImageRejected, to_8bit, validate_and_normalize
 from tests import imagefactory as f
 
 
@@ -230,7 +231,7 @@ def test_a_real_image_in_a_format_not_accepted_is_unsupported_format_and_never_p
 @pytest.mark.parametrize(("data", "shown", "why"), NEVER)
 def test_formats_clean_never_decodes_are_unsupported_and_start_nothing(data, shown, why, monkeypatch):
     _refuse_programs(monkeypatch, shown)
-    rejected = _unsupported(data, monkeypatch, formats=images.DECODABLE_FORMATS)
+    rejected = _unsupported(data, monkeypatch, formats=formats.DECODABLE_FORMATS)
     assert rejected.reason == "unsupported_format"
     assert rejected.detail.startswith(f"{shown} is not an accepted format (accepted: jpeg, png,") and why in rejected.detail
     assert "--set formats" not in rejected.detail, "no advice to accept what cannot be accepted"
@@ -260,21 +261,21 @@ def test_an_accepted_format_that_does_not_parse_is_corrupt():
 
 
 def test_check_formats_at_the_edge(monkeypatch):
-    assert images.check_formats(["JPEG", "png", "jpeg"]) == ("jpeg", "png")
-    assert images.check_formats(images.DEFAULT_FORMATS) == images.DEFAULT_FORMATS
+    assert formats.check_formats(["JPEG", "png", "jpeg"]) == ("jpeg", "png")
+    assert formats.check_formats(formats.DEFAULT_FORMATS) == formats.DEFAULT_FORMATS
     with pytest.raises(ValueError, match=r"unknown format 'jpg'; valid formats are jpeg, png, gif, bmp, tiff, webp, jpeg2000, "):
-        images.check_formats(["jpeg", "jpg"])
+        formats.check_formats(["jpeg", "jpg"])
     with pytest.raises(ValueError, match="cannot accept 'eps'.*Ghostscript"):
-        images.check_formats(["jpeg", "eps"])
+        formats.check_formats(["jpeg", "eps"])
     with pytest.raises(ValueError, match="at least one format"):
-        images.check_formats([])
+        formats.check_formats([])
     with pytest.raises(TypeError, match="list of format names"):
-        images.check_formats("jpeg,png")
+        formats.check_formats("jpeg,png")
     with pytest.raises(ValueError, match="unknown format"):
         validate_and_normalize(f.jpeg(), formats=("jpeg", "tga"))
-    monkeypatch.setattr(images.features, "check", lambda name: False)
+    monkeypatch.setattr(formats.features, "check", lambda name: False)
     with pytest.raises(ValueError, match=r"'jpeg2000' needs Pillow built with its jpg_2000 codec"):
-        images.check_formats(WITH_JPEG2000)
+        formats.check_formats(WITH_JPEG2000)
 
 
 def test_signatures_that_are_not_images():

@@ -17,18 +17,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgpipe import storage
 from imgpipe.config import config_from_dict
-from imgpipe.data.synth import (
+from imgpipe.data.synth import EXPECTED_REJECT_REASONS, LIST_HEADER, QUIRK_COUNTS, SynthConfig, SynthReport, generate
+from imgpipe.data.synth_images import (
     CAT_BREEDS,
     DOG_BREEDS,
-    EXPECTED_REJECT_REASONS,
-    LIST_HEADER,
     OXFORD_BREEDS,
-    QUIRK_COUNTS,
-    SynthConfig,
-    SynthReport,
     choose_breeds,
     class_style,
-    generate,
     image_rng,
     render_image,
     sample_elongated_size,
@@ -482,7 +477,7 @@ def test_off_centre_objects_stay_in_frame_with_a_correct_head_box() -> None:
 
 
 def test_off_centre_end_band_placement_keeps_the_object_in_frame() -> None:
-    from imgpipe.data.synth import _end_band_position
+    from imgpipe.data.synth_images import _end_band_position
 
     outside, tries = 0, 2000
     for i in range(tries):

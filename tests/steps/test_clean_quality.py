@@ -13,7 +13,7 @@ from PIL import Image
 from imgpipe import contract, storage
 from imgpipe.clean.config import CleanConfig
 from imgpipe.clean.quality import METRICS
-from imgpipe.data.synth import image_rng, render_image, sample_size
+from imgpipe.data.synth_images import image_rng, render_image, sample_size
 from imgpipe.steps.clean import clean
 from tests.helpers import write_download_output
 

@@ -17,6 +17,7 @@ import yaml
 from imgpipe import contract, storage, writer
 from imgpipe.config import config_to_dict, load_config, step_config
 from imgpipe.contract import StepReport
+from imgpipe.report.comparison import CURVES_PNG
 from imgpipe.steps import compare as cmp
 from imgpipe.steps.compare import (
     BranchResult,
@@ -183,7 +184,7 @@ def test_compare_ranks_flags_writes_and_commits(root):
     page = storage.read_bytes(storage.join(report.dest, cmp.COMPARISON_HTML)).decode()
     for text in ("Ranking", "stalled", "over_regularized", "Validation curves", "data:image/png;base64", "randaugment_m: 15"):
         assert text in page, text
-    assert storage.read_bytes(storage.join(report.dest, cmp.CURVES_PNG)).startswith(b"\x89PNG")
+    assert storage.read_bytes(storage.join(report.dest, CURVES_PNG)).startswith(b"\x89PNG")
 
 
 def test_imbalanced_classes_switch_the_ranking_to_pr_auc(root):

@@ -9,7 +9,8 @@ from typing import ClassVar, Literal
 from imgpipe.clean.neardup import MAX_DISTANCE
 from imgpipe.clean.quality import OUTLIERS
 from imgpipe.config import check_range
-from imgpipe.data.images import DEFAULT_FORMATS, MAX_PIXELS, check_formats
+from imgpipe.data.formats import DEFAULT_FORMATS, check_formats
+from imgpipe.data.images import MAX_PIXELS
 from imgpipe.data.labels import LabelSource
 
 __all__ = ["SPLITS", "CleanConfig"]
@@ -39,7 +40,7 @@ class CleanConfig:
         min_side: Smallest width or height accepted; smaller is ``too_small``.
         jpeg_quality: Quality for JPEGs that normalization had to re-encode.
         formats: Image formats to decode, by Pillow's name in lowercase (any of
-            :data:`imgpipe.data.images.DECODABLE_FORMATS`); a file whose signature names
+            :data:`imgpipe.data.formats.DECODABLE_FORMATS`); a file whose signature names
             another format is rejected ``unsupported_format``, its plugin never run. Add
             ``jpeg2000`` (needs Pillow with OpenJPEG, as its wheels have), ``avif``,
             ``ico``, ``psd`` and others as needed; EPS is never decoded (Ghostscript).

@@ -5,7 +5,7 @@ row is fully decoded (:func:`imgpipe.data.images.validate_and_normalize`), usabl
 plan places are measured while decoded (:func:`imgpipe.clean.quality.measure`: perceptual
 hashes and quality metrics) and appended to the task's bucket file of their output shard,
 and only what the task settled goes back to the step, as arrays
-(:class:`imgpipe.clean.pool.TaskResult`, hashes and metrics included).
+(:class:`imgpipe.clean.tasks.TaskResult`, hashes and metrics included).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgpipe import parquet, storage
+from imgpipe.clean.buckets import Marker, bucket_path
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.plan import RowsPlan
-from imgpipe.clean.pool import Marker, ResultBuilder, Task, TaskResult, bucket_path
 from imgpipe.clean.quality import METRICS, Measures, measure
+from imgpipe.clean.tasks import ResultBuilder, Task, TaskResult
 from imgpipe.data.annotations import HeadBox, image_stem
 from imgpipe.data.images import ImageRejected, validate_and_normalize
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import multiprocessing
 import os
 import signal
@@ -35,28 +34,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from imgpipe import resources, storage
-from imgpipe.clean.plan import Unit
-from imgpipe.clean.quality import METRICS, Measures
+from imgpipe.clean.buckets import drop_buckets, marker_path, read_marker, take_suspect
+from imgpipe.clean.tasks import Task, TaskResult
 from imgpipe.data.images import load_decoders
 
 __all__ = [
     "DECODER_KILLED",
     "DECODE_TIMEOUT",
-    "TaskResult",
-    "ResultBuilder",
-    "Task",
-    "make_tasks",
     "DecodePool",
     "decode_pool",
-    "BUCKET_SUFFIX",
-    "bucket_path",
-    "read_bucket",
-    "Marker",
     "run_tasks",
     "import_before_fork",
 ]
@@ -89,145 +79,6 @@ _MIN_IMAGE_BYTES = 128 << 20
 # Pool restarts in a row that a dead worker may cause without naming an image (it died
 # reading or writing a row group): past this the cause is not one image, and the step fails.
 _MAX_BARREN_RESTARTS = 2
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    """What tasks settled: arrays with an entry per row, and the failures alone as objects.
-
-    Attributes:
-        rows: Index positions of the rows settled.
-        shard: The output shard each row was written to; -1 when it was not written
-            (a failure, or a row the plan does not place).
-        boxed: Whether the row was written with a head box.
-        failures: ``(reason code, detail)`` of each row that did not decode, by row.
-        phash: The row's 64-bit perceptual hash (:mod:`imgpipe.clean.quality`); 0 where
-            it was not written.
-        phash_mirror: The perceptual hash of the row's image mirrored.
-        metrics: ``rows x len(METRICS)`` quality measures (float32); NaN where not written.
-    """
-
-    rows: np.ndarray
-    shard: np.ndarray
-    boxed: np.ndarray
-    failures: dict[int, tuple[str, str]]
-    phash: np.ndarray
-    phash_mirror: np.ndarray
-    metrics: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @classmethod
-    def failed(cls, row: int, reason: str, detail: str) -> TaskResult:
-        """The result of one row that failed."""
-        builder = ResultBuilder()
-        builder.failed(row, reason, detail)
-        return builder.build()
-
-    @classmethod
-    def concat(cls, parts: Sequence[TaskResult]) -> TaskResult:
-        """All of ``parts``, in their order."""
-        failures: dict[int, tuple[str, str]] = {}
-        for part in parts:
-            failures.update(part.failures)
-        return cls(
-            np.concatenate([p.rows for p in parts] or [np.zeros(0, np.int64)]),
-            np.concatenate([p.shard for p in parts] or [np.zeros(0, np.int32)]),
-            np.concatenate([p.boxed for p in parts] or [np.zeros(0, bool)]),
-            failures,
-            np.concatenate([p.phash for p in parts] or [np.zeros(0, np.uint64)]),
-            np.concatenate([p.phash_mirror for p in parts] or [np.zeros(0, np.uint64)]),
-            np.concatenate([p.metrics for p in parts] or [np.zeros((0, len(METRICS)), np.float32)]),
-        )
-
-
-class ResultBuilder:
-    """Collects a task's outcomes row by row (a task's rows: bounded by its row groups)."""
-
-    def __init__(self) -> None:
-        self._rows: list[int] = []
-        self._shard: list[int] = []
-        self._boxed: list[bool] = []
-        self._failures: dict[int, tuple[str, str]] = {}
-        self._hashes: list[tuple[int, int]] = []
-        self._metrics: list[np.ndarray] = []
-
-    def settled(self, row: int, shard: int = -1, boxed: bool = False, measures: Measures | None = None) -> None:
-        """A row that decoded: written to ``shard`` with its ``measures``, or -1 when the plan does not place it."""
-        self._rows.append(row)
-        self._shard.append(shard)
-        self._boxed.append(boxed)
-        if measures is None:
-            self._hashes.append((0, 0))
-            self._metrics.append(_NO_METRICS)
-        else:
-            self._hashes.append((measures.phash, measures.phash_mirror))
-            self._metrics.append(measures.metrics)
-
-    def failed(self, row: int, reason: str, detail: str) -> None:
-        self.settled(row)
-        self._failures[row] = (reason, detail)
-
-    def build(self) -> TaskResult:
-        hashes = np.array(self._hashes, np.uint64).reshape(-1, 2)
-        return TaskResult(
-            np.array(self._rows, np.int64),
-            np.array(self._shard, np.int32),
-            np.array(self._boxed, bool),
-            self._failures,
-            hashes[:, 0].copy(),
-            hashes[:, 1].copy(),
-            np.array(self._metrics, np.float32).reshape(-1, len(METRICS)),
-        )
-
-
-_NO_METRICS = np.full(len(METRICS), np.nan, np.float32)
-
-
-@dataclass(frozen=True)
-class Task:
-    """One unit of pool work: some row groups of the download output.
-
-    Attributes:
-        index: Names the task's bucket and marker files.
-        units: The row groups to read.
-        rows: Rows it will decode (for progress).
-        only: Decode just this row (a suspect re-run alone).
-        skip: Rows already settled by a re-run alone.
-    """
-
-    index: int
-    units: tuple[Unit, ...]
-    rows: int
-    only: int | None = None
-    skip: frozenset[int] = frozenset()
-
-    def wants(self, row: int) -> bool:
-        return (self.only is None or row == self.only) and row not in self.skip
-
-
-def make_tasks(units: Sequence[Unit], workers: int) -> list[Task]:
-    """Groups row groups into tasks: enough for load balance, few enough to bound bucket files.
-
-    Bucket files number tasks x output shards, so tasks are capped at 8 per worker; at
-    least 2 per worker keep both busy until the end.
-    """
-    total = sum(unit.rows for unit in units)
-    count = max(1, min(len(units), max(2 * workers, min(8 * workers, math.ceil(total / 256)))))
-    target = math.ceil(total / count) if total else 1
-    tasks: list[Task] = []
-    current: list[Unit] = []
-    rows = 0
-    for unit in units:
-        current.append(unit)
-        rows += unit.rows
-        if rows >= target:
-            tasks.append(Task(len(tasks), tuple(current), rows))
-            current, rows = [], 0
-    if current:
-        tasks.append(Task(len(tasks), tuple(current), rows))
-    return tasks
 
 
 @dataclass(frozen=True)
@@ -265,82 +116,6 @@ def _init_worker(settings: storage.Settings, step_pid: int) -> None:
     storage.use_settings(settings)
 
 
-BUCKET_SUFFIX = ".arrow"
-
-
-def bucket_path(bucket_dir: str | Path, shard: int, task: int) -> Path:
-    """Local file holding one task's rows for one output shard.
-
-    Buckets are Arrow IPC files, not Parquet: the step maps them into memory and reads
-    them without decoding or copying, and the workers spend no time encoding them.
-    """
-    return Path(bucket_dir) / f"shard-{shard:05d}" / f"task-{task:05d}{BUCKET_SUFFIX}"
-
-
-def read_bucket(path: Path) -> pa.Table:
-    """A bucket file's rows, memory-mapped (no copy until they are reordered)."""
-    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-
-
-def _drop_buckets(bucket_dir: str | Path, task: int) -> None:
-    """Removes a task's bucket files: a killed task leaves unfinished ones."""
-    for path in Path(bucket_dir).glob(f"shard-*/{bucket_path(bucket_dir, 0, task).name}"):
-        path.unlink()
-
-
-def _marker_path(bucket_dir: str | Path, task: int) -> Path:
-    return Path(bucket_dir) / "decoding" / f"task-{task:05d}"
-
-
-class Marker:
-    """A file naming the row a task is decoding right now (position and path); empty between decodes.
-
-    Two system calls per image and no sync: the page cache outlives a killed process, so
-    the step reads what the worker last wrote.
-    """
-
-    def __init__(self, bucket_dir: str | Path, task: int) -> None:
-        path = _marker_path(bucket_dir, task)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-
-    @contextlib.contextmanager
-    def naming(self, row: int, member: str) -> Iterator[None]:
-        # The pid first: the step kills the process whose decode overran (the watchdog).
-        os.pwrite(self._fd, f"{os.getpid()} {row} {member}".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(self._fd, 0)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def _named(text: str) -> tuple[int, int, str] | None:
-    """``(pid, row, path)`` of a marker's text, ``None`` when it is empty or cut short."""
-    pid, row, member = (text.split(" ", 2) + ["", ""])[:3]
-    if not member or not pid.isdigit() or not row.isdigit():
-        return None
-    return int(pid), int(row), member
-
-
-def _take_suspect(bucket_dir: str | Path, task: int) -> tuple[int, str] | None:
-    """The row and path a task's marker names (being decoded when its worker died), once.
-
-    The marker is removed: should the task not start again before the next pool breaks,
-    it must not name a member that is settled already.
-    """
-    path = _marker_path(bucket_dir, task)
-    try:
-        text = path.read_bytes().decode()
-    except FileNotFoundError:  # the task never started
-        return None
-    path.unlink()
-    named = _named(text)
-    return None if named is None else named[1:]
-
-
 def _kill_overdue(bucket_dir: str | Path, tasks: Iterable[Task], timeout_s: float) -> set[int]:
     """Kills each worker whose marker has named one row for longer than ``timeout_s``.
 
@@ -352,11 +127,11 @@ def _kill_overdue(bucket_dir: str | Path, tasks: Iterable[Task], timeout_s: floa
         return overdue
     now = time.time()
     for task in tasks:
-        path = _marker_path(bucket_dir, task.index)
+        path = marker_path(bucket_dir, task.index)
         try:
             if now - path.stat().st_mtime <= timeout_s:
                 continue
-            named = _named(path.read_bytes().decode())
+            named = read_marker(path.read_bytes().decode())
         except (FileNotFoundError, ValueError):
             continue
         if named is not None:
@@ -428,8 +203,8 @@ def run_tasks(
         watch = _Watch(bucket_dir, timeout_s)
         while pending := _run_pool(pending, run, task_args, pool.workers, ctx, results, bar, watch):
             for task in pending:
-                _drop_buckets(bucket_dir, task.index)
-            named = {t.index: _take_suspect(bucket_dir, t.index) for t in pending}
+                drop_buckets(bucket_dir, task.index)
+            named = {t.index: take_suspect(bucket_dir, t.index) for t in pending}
             suspects = {index: suspect for index, suspect in named.items() if suspect is not None}
             for task in (t for t in pending if t.index in suspects):
                 row, member = suspects[task.index]
@@ -587,11 +362,11 @@ def _settle_alone(
     outcome = _run_alone(run, args, ctx, watch)
     if not isinstance(outcome, int):
         return outcome
-    _drop_buckets(bucket_dir, solo.index)
+    drop_buckets(bucket_dir, solo.index)
     if solo.only in watch.overdue and outcome == -signal.SIGKILL:
-        _take_suspect(bucket_dir, solo.index)
+        take_suspect(bucket_dir, solo.index)
         return TaskResult.failed(solo.only, DECODE_TIMEOUT, watch.detail())
-    if _take_suspect(bucket_dir, solo.index) is None:
+    if take_suspect(bucket_dir, solo.index) is None:
         raise RuntimeError(
             f"clean: the process decoding {member} alone {_exit_text(outcome)} outside the"
             " decode (reading or writing its row group); give the step more memory"

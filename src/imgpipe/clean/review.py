@@ -5,7 +5,7 @@ any image is decoded (:mod:`imgpipe.clean.plan`), and the decode workers already
 usable row into its output shard's bucket file, split included. Whether an image is an
 outlier or a near-duplicate of another is known only once every image is measured. So
 the decode pass measures (:func:`imgpipe.clean.quality.measure`, per-row arrays in
-:class:`imgpipe.clean.pool.TaskResult`), and :func:`review` decides over the whole set, as
+:class:`imgpipe.clean.tasks.TaskResult`), and :func:`review` decides over the whole set, as
 arrays: which written rows to drop and which to move to another split. The write pass
 (:func:`imgpipe.steps.clean._write_shards`) already re-reads every bucket in ``order`` and
 renumbers the rows; it now also leaves out the dropped rows and takes each row's split
@@ -34,8 +34,8 @@ import numpy as np
 from imgpipe.clean.config import CleanConfig
 from imgpipe.clean.neardup import group_representatives, hamming
 from imgpipe.clean.plan import Index, Plan
-from imgpipe.clean.pool import TaskResult
 from imgpipe.clean.quality import BLANK, METRICS, OUTLIERS, assess, histogram
+from imgpipe.clean.tasks import TaskResult
 from imgpipe.contract import Reject
 
 __all__ = ["NEAR_DUPLICATE", "REPORTED", "Review", "review"]

@@ -24,23 +24,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgpipe import contract, parquet, resources, storage
+from imgpipe.clean.buckets import BUCKET_SUFFIX, bucket_path, read_bucket
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.decode import ShardBuckets, output_schema, validate_task
 from imgpipe.clean.plan import Index, OverriddenLabeler, Plan, build_labeler, plan_rows, read_index
-from imgpipe.clean.pool import (
-    BUCKET_SUFFIX,
-    DecodePool,
-    ResultBuilder,
-    Task,
-    TaskResult,
-    bucket_path,
-    decode_pool,
-    make_tasks,
-    read_bucket,
-    run_tasks,
-)
+from imgpipe.clean.pool import DecodePool, decode_pool, run_tasks
 from imgpipe.clean.quality import METRICS, Measures, measure
 from imgpipe.clean.review import Review, review
+from imgpipe.clean.tasks import ResultBuilder, Task, TaskResult, make_tasks
 from imgpipe.config import config_to_dict
 from imgpipe.contract import Reject, StepReport
 from imgpipe.data.annotations import HeadBox, image_stem, read_head_boxes, read_official_split

@@ -20,8 +20,8 @@ import yaml
 from imgpipe import contract, storage, writer
 from imgpipe.config import config_to_dict, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
-from imgpipe.report import html as htmlpage
 from imgpipe.report import training as report
+from imgpipe.report.comparison import CURVES_PNG, TABLE_KEYS, page
 from imgpipe.sweep import GRID_KEYS, RECIPE_FIELDS
 from imgpipe.train.selection import IMBALANCE_RATIO, imbalance, ranking_keys
 
@@ -36,7 +36,6 @@ __all__ = [
     "COLLAPSE_REFERENCE",
     "COMPARISON_JSON",
     "COMPARISON_HTML",
-    "CURVES_PNG",
     "WINNER_YAML",
     "CompareConfig",
     "Flag",
@@ -79,10 +78,7 @@ COLLAPSE_REFERENCE = 0.5
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_HTML = "comparison.html"
-CURVES_PNG = "val_curves.png"
 WINNER_YAML = "winner.yaml"
-
-_TABLE_KEYS = ("val_macro_f1", "val_pr_auc", "val_accuracy", "val_loss", "train_loss")
 
 
 @dataclass(frozen=True)
@@ -437,72 +433,16 @@ def _rows(ranked: Sequence[BranchResult]) -> list[dict[str, Any]]:
     rows = []
     for i, r in enumerate(ranked, 1):
         row = {"rank": i, "branch": r.name, "prefix": r.prefix, "settings": r.settings, "epochs": len(r.history)}
-        row.update({k: r.last(k) for k in _TABLE_KEYS})
+        row.update({k: r.last(k) for k in TABLE_KEYS})
         if isinstance(r, SeedGroup):  # the figures above are the means over the runs
             row["seeds"] = len(r.runs)
-            row["spread"] = {k: s for k in _TABLE_KEYS if (s := r.spread(k)) is not None}
+            row["spread"] = {k: s for k in TABLE_KEYS if (s := r.spread(k)) is not None}
             row["runs"] = [
-                {"branch": run.name, "seed": run.config.get("seed"), "prefix": run.prefix, **{k: run.last(k) for k in _TABLE_KEYS}} for run in r.runs
+                {"branch": run.name, "seed": run.config.get("seed"), "prefix": run.prefix, **{k: run.last(k) for k in TABLE_KEYS}} for run in r.runs
             ]
         row["flags"] = [{"kind": f.kind, "message": f.message, "numbers": f.numbers} for f in r.flags]
         rows.append(row)
     return rows
-
-
-def _spread_text(row: Mapping[str, Any], key: str) -> str:
-    """``±std (min–max)`` of ``key`` in a seed group's row, else ``-``."""
-    s = (row.get("spread") or {}).get(key)
-    return "-" if s is None else f"±{s['std']:.4f} ({s['min']:.4f}–{s['max']:.4f})"
-
-
-def _html(result: Mapping[str, Any], curves: bytes, winner_yaml: str) -> str:
-    keys = result["ranked_by"]
-    shown = [
-        {**r, "settings": ", ".join(f"{k}={v}" for k, v in r["settings"].items()), "flags": ", ".join(f["kind"] for f in r["flags"]) or "-"}
-        for r in result["branches"]
-    ]
-    seeds = max((r.get("seeds", 1) for r in result["branches"]), default=1)
-    averaged = f"the mean over {seeds} seeds of " if seeds > 1 else ""
-    why = (
-        f"ranked by {averaged}{keys[0]} (ties: {keys[1]}) on the last epoch; the largest validation class holds "
-        f"{result['imbalance']:.2f}x the images of the smallest ({'>' if result['imbalanced'] else '<='} "
-        f"{result['rules']['imbalance_ratio']}: {'imbalanced' if result['imbalanced'] else 'balanced'})"
-    )
-    columns = ["rank", "branch", "settings", *_TABLE_KEYS, "epochs", "flags"]
-    if seeds > 1:
-        spread = f"{keys[0]} spread"
-        shown = [{**r, spread: _spread_text(r, keys[0])} for r in shown]
-        columns[4:4] = [spread, "seeds"]
-    flags = [{"branch": r["branch"], "flag": f["kind"], "what it saw": f["message"]} for r in result["branches"] for f in r["flags"]]
-    rules = [{"rule": k, "threshold": v} for k, v in result["rules"].items()]
-    parts = [
-        htmlpage.section("Ranking", htmlpage.table(shown, columns), note=why),
-        htmlpage.section(
-            "Flags",
-            htmlpage.table(flags, ["branch", "flag", "what it saw"]) if flags else "<p>none</p>",
-            note="over_regularized: lower the strength; overfitting: regularize more; under_fitted: weaken or train longer",
-        ),
-        htmlpage.section(
-            "Validation curves", htmlpage.image(CURVES_PNG, curves), note="each branch's mean over its seeds, epoch by epoch" if seeds > 1 else ""
-        ),
-        htmlpage.section(
-            f"Winner: {result['winner']['branch']}",
-            f"<pre>{htmlpage.text(winner_yaml)}</pre>",
-            note="imgpipe train DATA OUT --config winner.yaml, imgpipe run --config winner.yaml, or the pipelines' step_config parameter",
-        ),
-        htmlpage.section("Rules", htmlpage.table(rules, ["rule", "threshold"])),
-    ]
-    if seeds > 1:
-        runs = [{**run, "branch": r["branch"], "run": run["branch"]} for r in result["branches"] for run in r["runs"]]
-        parts.insert(
-            -1,
-            htmlpage.section(
-                "Seeds",
-                htmlpage.table(runs, ["branch", "run", "seed", *_TABLE_KEYS]),
-                note="every run of every branch; the ranking is on their means",
-            ),
-        )
-    return htmlpage.page("imgpipe sweep comparison", parts)
 
 
 def _winner_yaml(best: BranchResult, keys: Sequence[str], step_config: Mapping[str, Any]) -> str:
@@ -605,7 +545,7 @@ def _write(dest: str, result: Mapping[str, Any], curves: bytes, winner_yaml: str
     trained = [run for r in result["branches"] for run in r.get("runs", [r])]
     outputs = {
         COMPARISON_JSON: json.dumps(result, indent=2).encode(),
-        COMPARISON_HTML: _html(result, curves, winner_yaml).encode(),
+        COMPARISON_HTML: page(result, curves, winner_yaml).encode(),
         CURVES_PNG: curves,
         WINNER_YAML: winner_yaml.encode(),
         contract.CONFIG: config_to_yaml(cfg).encode(),

@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 
 from imgpipe import contract, parquet, storage
 from imgpipe.contract import Reject, StepReport
-from imgpipe.data.images import DEFAULT_FORMATS, MAX_PIXELS, ImageRejected, open_image
+from imgpipe.data.formats import DEFAULT_FORMATS
+from imgpipe.data.images import MAX_PIXELS, ImageRejected, open_image
 from imgpipe.raysession import ray_session
 from imgpipe.resize.spec import ResizeError
 from imgpipe.train.card import (
