@@ -30,9 +30,9 @@ from imgpipe.components.plan_folds import plan_folds
 from imgpipe.pipelines.imgpipe_pipeline import (
     Resources,
     _configure,
-    build_pipeline,
     data_steps,
     pipeline_docstring,
+    pipeline_function,
     write_package,
 )
 from imgpipe.pipelines.imgpipe_sweep import (
@@ -91,7 +91,7 @@ def build_audit_pipeline(options: AuditOptions | None = None) -> dsl.graph_compo
     options = options or AuditOptions()
     base = base_options(options)
     images = base.images
-    signature = _signature(inspect.signature(build_pipeline(options.pipeline).pipeline_func))
+    signature = _signature(inspect.signature(pipeline_function(options.pipeline)))
 
     def imgpipe_audit(*args: Any) -> Outputs:
         p = signature.bind(*args).arguments  # kfp calls the pipeline function with one channel per parameter

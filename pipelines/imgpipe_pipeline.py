@@ -39,9 +39,11 @@ runs the gate, registers a promoted model, and holds the run's outputs.
 """
 
 # No `from __future__ import annotations`: kfp reads the signature's annotations as types.
+import functools
 import json
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -91,7 +93,7 @@ __all__ = [
     "build_pipeline",
     "compile_pipeline",
     "write_package",
-    "imgpipe_pipeline",
+    "pipeline_function",
 ]
 
 # The same Secret and ConfigMap the KubeRay resources use (k8s/ray/, k8s/base/).
@@ -484,6 +486,12 @@ def train_steps(options: PipelineOptions, *, train_nodes: Any, **train_args: Any
 
 def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_component.GraphComponent:
     """The pipeline for ``options`` (defaults: images from the environment, caching off)."""
+    description = "Image dataset preparation and training: download -> clean -> resize (Ray Data) -> train."
+    return dsl.pipeline(name=PIPELINE_NAME, description=description)(pipeline_function(options))
+
+
+def pipeline_function(options: PipelineOptions | None = None) -> Callable[..., Outputs]:
+    """The pipeline's Python function for ``options``, not yet traced by kfp: its signature is the run's parameters."""
     options = options or PipelineOptions()
     images = options.images
 
@@ -554,8 +562,7 @@ def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_componen
         return Outputs(**{name: pr.outputs[name] for name in Outputs._fields})
 
     imgpipe_pipeline.__doc__ = pipeline_docstring()
-    description = "Image dataset preparation and training: download -> clean -> resize (Ray Data) -> train."
-    return dsl.pipeline(name=PIPELINE_NAME, description=description)(imgpipe_pipeline)
+    return imgpipe_pipeline
 
 
 def write_package(pipeline: dsl.graph_component.GraphComponent, package_path: str | Path) -> Path:
@@ -571,5 +578,21 @@ def compile_pipeline(package_path: str | Path, options: PipelineOptions | None =
     return write_package(build_pipeline(options), package_path)
 
 
-# The default build, for `kfp dsl compile --py pipelines/imgpipe_pipeline.py` and imports.
-imgpipe_pipeline = build_pipeline()
+@functools.cache
+def _default_build() -> dsl.graph_component.GraphComponent:
+    return build_pipeline()
+
+
+def __getattr__(name: str) -> Any:
+    """``imgpipe_pipeline``, the default build, for ``kfp dsl compile --py pipelines/imgpipe_pipeline.py`` and imports.
+
+    Built on first use, not at import: kfp calls ``inspect.stack()`` for each task's
+    settings, and under an import's frames that took about 10 s of a compile (2 s outside).
+    """
+    if name == "imgpipe_pipeline":
+        return _default_build()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "imgpipe_pipeline"])

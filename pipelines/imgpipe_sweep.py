@@ -54,9 +54,9 @@ from imgpipe.pipelines.imgpipe_pipeline import (
     Resources,
     _configure,
     _schedule_on_gpu,
-    build_pipeline,
     data_steps,
     pipeline_docstring,
+    pipeline_function,
     write_package,
 )
 from kfp import dsl
@@ -206,7 +206,7 @@ def build_sweep_pipeline(options: SweepOptions | None = None) -> dsl.graph_compo
     options = options or SweepOptions()
     base = base_options(options)
     images = base.images
-    signature = _signature(inspect.signature(build_pipeline(options.pipeline).pipeline_func))
+    signature = _signature(inspect.signature(pipeline_function(options.pipeline)))
 
     def imgpipe_sweep(*args: Any) -> Outputs:
         p = signature.bind(*args).arguments  # kfp calls the pipeline function with one channel per parameter

@@ -270,6 +270,19 @@ def test_compiling_is_deterministic(compiled, tmp_path, monkeypatch):
     assert again.read_text() == text, "same code and options must give the same version name"
 
 
+def test_kfps_own_compile_command_finds_the_one_default_pipeline(compiled, tmp_path):
+    """``kfp dsl compile --py pipelines/imgpipe_pipeline.py`` collects the module's one pipeline, built on first use."""
+    from imgpipe.pipelines import imgpipe_pipeline as module
+    from kfp import compiler
+    from kfp.cli.compile_ import collect_pipeline_or_component_from_module
+
+    pipeline = collect_pipeline_or_component_from_module(module)
+    assert pipeline is module.imgpipe_pipeline and pipeline.name == kfp_package.PIPELINE_NAME
+    out = tmp_path / "by-kfp.yaml"
+    compiler.Compiler().compile(pipeline, package_path=str(out))
+    assert next(yaml.safe_load_all(out.read_text()))["pipelineInfo"] == compiled[0]["pipelineInfo"]
+
+
 def test_typed_parameters_default_to_their_config_field_and_say_so(compiled):
     from imgpipe.pipelines.imgpipe_pipeline import PARAMETER_FIELDS, parameter_default
 
