@@ -56,139 +56,62 @@ loopback-only namespace (Ray binds the external interface otherwise)::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import io
 import json
 import math
 import multiprocessing
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from photos import Photo, photo_set  # noqa: E402
-from proctree import process_tree  # noqa: E402
+from resize_cold import measure_cold, pool_run, print_cold
+from resize_common import (
+    BASE_BYTES,
+    BASE_IMAGES,
+    OURS,
+    POOL_STEP,
+    Clock,
+    SetSpec,
+    decode_floor,
+    draft_scale,
+    floor_name,
+    ours_all_cpus,
+    pool_name,
+    resize_one,
+    run_ours,
+    time_pool,
+    timed_results,
+    write_clean_output,
+    write_files,
+)
+from resize_memory import measure_memory, memory_run
+from resize_per_image import per_image_cpu, print_per_image
 
 import imgpipe.steps.resize as resize_step  # noqa: E402
 from imgpipe import contract  # noqa: E402
-from imgpipe.clean.config import CleanConfig  # noqa: E402
-from imgpipe.clean.decode import OUTPUT_SCHEMA  # noqa: E402
-from imgpipe.resize.ops import _decode, _open, resize_image, resize_image_reference
-from imgpipe.resize.spec import DRAFT_MARGIN, ResizeConfig, ResizeSpec, plan_geometry
+from imgpipe.resize.spec import ResizeConfig
 from imgpipe.resize.task import TaskOutput, TaskResult, run_task
 from imgpipe.resources import available_cpus  # noqa: E402
-from imgpipe.steps.resize import resize
 from imgpipe.writer import OutputWriter  # noqa: E402
-
-
-@dataclass(frozen=True)
-class SetSpec:
-    """One photo set: its label, image count and pixel size."""
-
-    label: str
-    count: int
-    width: int
-    height: int
-
 
 # ----------------------------------------------------------------------------------------
 # Inputs.
 
 
-def write_clean_output(dest: Path, photos: Sequence[Photo], row_group_rows: int, rows_per_shard: int) -> str:
-    """Commits a clean-shaped output (``OUTPUT_SCHEMA``, one ``train`` split) holding ``photos``."""
-    out = OutputWriter(str(dest), "clean")
-    out.begin()
-    classes = sorted({p.source for p in photos})
-    for k, start in enumerate(range(0, len(photos), rows_per_shard)):
-        chunk = photos[start : start + rows_per_shard]
-        columns = {
-            "path": [p.name for p in chunk],
-            "image": [{"bytes": p.data, "path": p.name} for p in chunk],
-            "width": pa.array([p.width for p in chunk], pa.int32()),
-            "height": pa.array([p.height for p in chunk], pa.int32()),
-            "mode": ["RGB"] * len(chunk),
-            "format": ["JPEG"] * len(chunk),
-            "label": pa.array([classes.index(p.source) for p in chunk], pa.int32()),
-            "label_name": [p.source for p in chunk],
-            "split": ["train"] * len(chunk),
-            "order": pa.array(range(start, start + len(chunk)), pa.int64()),
-            "sha256": [hashlib.sha256(p.data).hexdigest() for p in chunk],
-        }
-        # Optional columns of clean's schema that these photos lack (e.g. ``bbox``) stay null.
-        table = pa.table(
-            {f.name: columns.get(f.name, pa.nulls(len(chunk), f.type)) for f in OUTPUT_SCHEMA},
-            schema=OUTPUT_SCHEMA,
-        )
-        out.write_table(f"train/part-{k:05d}.parquet", table, row_group_size=row_group_rows)
-    out.commit(
-        inputs=len(photos),
-        rejects=[],
-        config={"generated_by": "bench/resize.py"},
-        extra={"classes": classes, "num_classes": len(classes)},
-    )
-    return out.dest
-
-
-def write_files(folder: Path, photos: Sequence[Photo]) -> str:
-    """Writes the photos as plain ``.jpg`` files, for the baseline's readers."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in photos:
-        (folder / p.name).write_bytes(p.data)
-    return str(folder)
-
-
 # ----------------------------------------------------------------------------------------
 # Process-pool work (module level, so spawned workers can import it).
-
-_SPEC = ResizeSpec()
-
-
-def decode_floor(data: bytes) -> int:
-    """The floor's work: the fast path's reduced-scale decode of one JPEG, no resize."""
-    img = _open(data)
-    geometry = plan_geometry(img.width, img.height, _SPEC)
-    img, _ = _decode(img, geometry, _SPEC.fast_decode, DRAFT_MARGIN)
-    return img.width
-
-
-def resize_one(data: bytes) -> bytes:
-    """The process pool's work: our per-image function, returning the pixels as Ray's tasks do."""
-    return resize_image(data, _SPEC).tobytes()
-
-
-def draft_scale(data: bytes) -> float:
-    """The decode scale the fast path picks for one JPEG (1, 1/2, 1/4 or 1/8)."""
-    img = _open(data)
-    geometry = plan_geometry(img.width, img.height, _SPEC)
-    _, scale = _decode(img, geometry, _SPEC.fast_decode, DRAFT_MARGIN)
-    return scale
-
-
-def time_pool(pool: Any, fn: Callable[[bytes], Any], blobs: Sequence[bytes], workers: int) -> float:
-    chunksize = max(1, len(blobs) // (workers * 8))
-    t0 = time.perf_counter()
-    results = pool.map(fn, blobs, chunksize=chunksize)
-    elapsed = time.perf_counter() - t0
-    assert len(results) == len(blobs)
-    return elapsed
 
 
 # ----------------------------------------------------------------------------------------
@@ -215,9 +138,6 @@ def baseline_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"image": np.asarray(transform(Image.fromarray(row["image"])))}
 
 
-Clock = list[tuple[float, int]]  # (perf_counter at a batch's arrival in the driver, its rows)
-
-
 def run_baseline_bytes(ray: Any, folder: str, blocks: int, batch: int, clock: Clock) -> int:
     ds = ray.data.read_binary_files(folder, override_num_blocks=blocks).map_batches(baseline_batch, batch_format="numpy", batch_size=batch)
     rows = 0
@@ -234,36 +154,6 @@ def run_baseline_read_images(ray: Any, folder: str, blocks: int, clock: Clock) -
         clock.append((time.perf_counter(), len(batch["image"])))
         rows += len(batch["image"])
     return rows
-
-
-def timed_results(results: Iterable[TaskResult], clock: Clock) -> Iterator[TaskResult]:
-    """Passes task results on, recording when each reaches the driver and how many rows it covers."""
-    for result in results:
-        clock.append((time.perf_counter(), result.rows))
-        yield result
-
-
-@contextlib.contextmanager
-def batch_clock(clock: Clock) -> Iterator[None]:
-    """Records when each task's result reaches the resize step's driver.
-
-    Bench-only instrumentation: the step reads Ray's results through the module-level
-    ``_ray_results``, so wrapping that name timestamps them without touching the step's code.
-    """
-    original = resize_step._ray_results
-    resize_step._ray_results = lambda ds: timed_results(original(ds), clock)
-    try:
-        yield
-    finally:
-        resize_step._ray_results = original
-
-
-def run_ours(source: str, dest: str, cfg: ResizeConfig, clock: Clock) -> int:
-    with batch_clock(clock):
-        report = resize(source, dest, cfg)
-    if report.rejected:
-        raise RuntimeError(f"resize rejected {report.rejected} bench images: {report.rejects_by_reason}")
-    return report.outputs
 
 
 def _pool_step_task(args: tuple[int, list[tuple[str, int]], TaskOutput]) -> TaskResult:
@@ -297,196 +187,8 @@ def pool_step(source: str, dest: str, pool: Any, clock: Clock) -> int:
 # Memory: RSS/PSS of this process and all its descendants.
 
 
-def _rss_pss_kib(pid: int) -> tuple[int, int]:
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, pss
-
-
-class TreeSampler(threading.Thread):
-    """Samples the summed RSS and PSS of this process tree until stopped; keeps the peaks."""
-
-    def __init__(self, interval_s: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.interval_s = interval_s
-        self.peak_rss_kib = self.peak_pss_kib = self.peak_driver_kib = self.peak_procs = 0
-        self.samples = 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        me = os.getpid()
-        while not self._stop_event.is_set():
-            pids = process_tree(me)
-            rss = pss = 0
-            for pid in pids:
-                r, p = _rss_pss_kib(pid)
-                rss, pss = rss + r, pss + p
-                if pid == me:
-                    self.peak_driver_kib = max(self.peak_driver_kib, r)
-            self.peak_rss_kib = max(self.peak_rss_kib, rss)
-            self.peak_pss_kib = max(self.peak_pss_kib, pss)
-            self.peak_procs = max(self.peak_procs, len(pids))
-            self.samples += 1
-            self._stop_event.wait(self.interval_s)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-
-def tree_memory_kib() -> tuple[int, int]:
-    """Summed RSS and PSS of this process and its descendants, now."""
-    rss = pss = 0
-    for pid in process_tree(os.getpid()):
-        r, p = _rss_pss_kib(pid)
-        rss, pss = rss + r, pss + p
-    return rss, pss
-
-
-def memory_run(source: str, dest: str) -> dict[str, Any]:
-    """One peak-memory measurement: the resize step with defaults, starting its own Ray."""
-    rss_before, pss_before = tree_memory_kib()
-    sampler = TreeSampler()
-    sampler.start()
-    t0 = time.perf_counter()
-    outputs = run_ours(source, dest, ResizeConfig(), [])
-    elapsed = time.perf_counter() - t0
-    sampler.stop()
-    return {
-        "outputs": outputs,
-        "seconds": round(elapsed, 2),
-        "rss_before_mib": round(rss_before / 1024),
-        "pss_before_mib": round(pss_before / 1024),
-        "peak_rss_mib": round(sampler.peak_rss_kib / 1024),
-        "peak_pss_mib": round(sampler.peak_pss_kib / 1024),
-        "peak_driver_rss_mib": round(sampler.peak_driver_kib / 1024),
-        "processes": sampler.peak_procs,
-        "samples": sampler.samples,
-    }
-
-
-def measure_memory(root: Path, counts: Sequence[int], width: int, height: int, distinct: int, seed: int) -> list[dict[str, Any]]:
-    """Peak memory of the resize step per image count, each in a fresh driver process.
-
-    The input uses clean's default layout (shard and row-group sizes) and repeats
-    ``distinct`` photos under new names. Each count runs in its own Python process, so
-    no count inherits the heap high-water mark of an earlier one.
-    """
-    pool = photo_set(distinct, width, height, seed=seed + 99)
-    defaults = CleanConfig()
-    results = []
-    for n in counts:
-        photos = [Photo(f"{p.source}_{i:06d}.jpg", p.source, p.width, p.height, p.data) for i, p in ((i, pool[i % distinct]) for i in range(n))]
-        source = write_clean_output(root / f"mem-clean-{n}", photos, defaults.row_group_rows, defaults.rows_per_shard)
-        del photos
-        dest = root / f"mem-resize-{n}"
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--memory-run", source, str(dest)],
-            check=True,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        result = {"images": n, **json.loads(proc.stdout.strip().splitlines()[-1])}
-        result["img_s"] = round(n / result["seconds"], 1)
-        results.append(result)
-        print(f"memory: {result}", file=sys.stderr, flush=True)
-        shutil.rmtree(dest)  # 3 GB of pixels at 20,000 images
-        shutil.rmtree(source.removeprefix("file://"), ignore_errors=True)
-    return results
-
-
 # ----------------------------------------------------------------------------------------
 # Per-image CPU time, one process, no Ray: where the time goes.
-
-PER_IMAGE_PASSES = 9
-# The train split's default storage (ResizeConfig.train_mode): the whole picture.
-_WHOLE = ResizeSpec(mode="whole")
-
-
-def baseline_one(data: bytes, transform: Any) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(transform(img.convert("RGB")))
-
-
-def full_decode(data: bytes) -> int:
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.width
-
-
-def per_image_cpu(photos: Sequence[Photo], repeats: int = PER_IMAGE_PASSES) -> dict[str, Any]:
-    """CPU ms per image (best of ``repeats`` interleaved passes, ``time.process_time``) of each piece.
-
-    CPU time of one process is far less disturbed by other load than wall time, so these
-    show the per-image work each method does, free of Ray and pool effects. Also the mean
-    absolute difference (grey levels) of the fast path from the full-decode reference, for
-    the default ``short-side-crop`` and for ``whole`` (the train split's default).
-    """
-    # As the step runs it (resize_batch): one OpenCV thread per process. OpenCV's own pool
-    # would add its threads' CPU time to this process's and overstate the work.
-    import cv2
-
-    cv2.setNumThreads(1)
-    from torchvision import transforms
-
-    transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
-    blobs = [p.data for p in photos]
-
-    def mad(spec: ResizeSpec) -> float:
-        pairs = [(resize_image(b, spec), resize_image_reference(b, spec)) for b in blobs]
-        return float(np.mean([np.abs(a.astype(np.int16) - r.astype(np.int16)).mean() for a, r in pairs]))
-
-    methods: dict[str, Callable[[bytes], Any]] = {
-        "full decode": full_decode,
-        "draft decode (floor)": decode_floor,
-        "resize_image": resize_one,
-        "resize_image_reference": lambda b: resize_image_reference(b, _SPEC),
-        "baseline PIL + torchvision": lambda b: baseline_one(b, transform),
-        "resize_image whole": lambda b: resize_image(b, _WHOLE),
-    }
-    # Interleaved: every pass times each method once, so a slow spell of the machine
-    # (frequency, a neighbour's load) falls on all of them alike and the ratios hold.
-    best = dict.fromkeys(methods, math.inf)
-    for fn in methods.values():
-        fn(blobs[0])
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            t0 = time.process_time()
-            for b in blobs:
-                fn(b)
-            best[name] = min(best[name], time.process_time() - t0)
-    row: dict[str, Any] = {name: 1000 * t / len(blobs) for name, t in best.items()}
-    row.update({"mad": mad(_SPEC), "mad whole": mad(_WHOLE), "draft": sorted({draft_scale(b) for b in blobs})})
-    return row
-
-
-def print_per_image(per_image: dict[str, dict[str, Any]], images: int) -> None:
-    print(f"Per-image CPU time, one process, no Ray (ms, best of {PER_IMAGE_PASSES} interleaved passes over {images} images):")
-    print()
-    print(
-        "| set | full decode | draft decode (floor) | resize_image | resize_image_reference "
-        "| baseline PIL + torchvision | speed-up vs baseline | speed vs floor | MAD vs reference "
-        "| draft | `whole` mode | its speed vs floor | its MAD |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
-    for label, r in per_image.items():
-        ours, whole = r["resize_image"], r["resize_image whole"]
-        base, floor = r["baseline PIL + torchvision"], r["draft decode (floor)"]
-        drafts = ", ".join(f"1/{round(1 / v)}" for v in r["draft"])
-        print(
-            f"| {label} | {r['full decode']:.1f} | {floor:.1f} | {ours:.2f} "
-            f"| {r['resize_image_reference']:.1f} | {base:.1f} | {base / ours:.2f} | {floor / ours:.2f} "
-            f"| {r['mad']:.2f} | {drafts} | {whole:.2f} | {floor / whole:.2f} | {r['mad whole']:.2f} |"
-        )
-    print()
 
 
 # ----------------------------------------------------------------------------------------
@@ -543,24 +245,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--pool-run", nargs=2, metavar=("SOURCE", "WORKERS"), help=argparse.SUPPRESS)
     parser.add_argument("--pool-step-run", nargs=3, metavar=("SOURCE", "DEST", "WORKERS"), help=argparse.SUPPRESS)
     return parser
-
-
-OURS = "ours: resize() step, default config"
-BASE_BYTES = "baseline: read_binary_files + PIL + torchvision"
-BASE_IMAGES = "baseline: read_images + torchvision"
-POOL_STEP = "process-pool step: the same step, Pool instead of Ray"
-
-
-def ours_all_cpus(workers: int) -> str:
-    return f"ours: resize() step, concurrency={workers}"
-
-
-def floor_name(workers: int) -> str:
-    return f"decode floor: draft decode only, Pool({workers})"
-
-
-def pool_name(workers: int) -> str:
-    return f"process pool: resize_image, Pool({workers})"
 
 
 def steady_rate(t0: float, clock: Clock) -> tuple[float, float | None]:
@@ -746,68 +430,6 @@ def print_tables(
             ratio = last[key] / first[key]
             verdict = "met" if ratio <= 1.25 else "NOT met"
             print(f"- {key}: {last['images']} vs {first['images']} images = {ratio:.2f}x (target <= 1.25: {verdict})")
-
-
-def pool_run(source: str, workers: int) -> int:
-    """The cold process pool's child: read the clean output, resize every image in a Pool."""
-    from imgpipe import contract, storage
-
-    blobs = []
-    for uri in contract.data_files(source):
-        table = pa.parquet.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["image"])
-        blobs.extend(row["bytes"] for row in table.column("image").to_pylist())
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return len(pool.map(resize_one, blobs, chunksize=max(1, len(blobs) // (workers * 8))))
-
-
-def measure_cold(root: Path, r: dict[str, Any], workers: int) -> dict[str, Any]:
-    """One fresh ``imgpipe resize`` and one fresh pool process on a set's clean output (see the docstring)."""
-    source, dest = r["source"], str(root / f"{r['set']}-cold")
-    timings = {}
-    for name, cmd in (
-        ("step", [sys.executable, "-m", "imgpipe.cli", "resize", source, dest]),
-        ("pool", [sys.executable, __file__, "--pool-run", source, str(workers)]),
-        ("pool_step", [sys.executable, __file__, "--pool-step-run", source, dest, str(workers)]),
-    ):
-        shutil.rmtree(dest, ignore_errors=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        timings[name] = time.perf_counter() - t0
-    steady_step = r["methods"][OURS]["steady_img_s"] or r["methods"][OURS]["img_s"]
-    steady_pool = r["methods"][pool_name(workers)]["img_s"]
-    fixed_step = timings["step"] - r["images"] / steady_step
-    fixed_pool = timings["pool"] - r["images"] / steady_pool
-    pool_step_rate = r["methods"][POOL_STEP]["img_s"]
-    fixed_pool_step = timings["pool_step"] - r["images"] / pool_step_rate
-    return {
-        "pool_step_cold_s": timings["pool_step"],
-        "pool_step_fixed_s": fixed_pool_step,
-        "fixed_over_pool_step_s": fixed_step - fixed_pool_step,
-        "set": r["set"],
-        "images": r["images"],
-        "step_cold_s": timings["step"],
-        "pool_cold_s": timings["pool"],
-        "step_fixed_s": fixed_step,
-        "pool_fixed_s": fixed_pool,
-        "fixed_over_pool_s": fixed_step - fixed_pool,
-        "steady_step_over_pool": steady_step / steady_pool,
-        "cold_step_over_pool": timings["pool"] / timings["step"],
-    }
-
-
-def print_cold(cold: list[dict[str, Any]]) -> None:
-    print("\nCold, a fresh process each (as a pod runs it):\n")
-    print(
-        "| set | images | `imgpipe resize` cold s | pool cold s | process-pool step cold s | step / pool speed, cold | step fixed cost s "
-        "| pool fixed cost s | fixed cost over the pool s | fixed cost over the process-pool step s | step / pool, steady |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for c in cold:
-        print(
-            f"| {c['set']} | {c['images']} | {c['step_cold_s']:.2f} | {c['pool_cold_s']:.2f} | {c['pool_step_cold_s']:.2f} "
-            f"| {c['cold_step_over_pool']:.2f} | {c['step_fixed_s']:.2f} | {c['pool_fixed_s']:.2f} | **{c['fixed_over_pool_s']:.2f}** "
-            f"| **{c['fixed_over_pool_step_s']:.2f}** | **{c['steady_step_over_pool']:.2f}** |"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,193 @@
+"""What the resize benchmarks share: the input sets written as clean's output or as files, the
+per-image functions the pools map, the step timed batch by batch, and the methods' names.
+
+source = write_clean_output(root / "clean", photos, row_group_rows, rows_per_shard)
+images = run_ours(source, dest, ResizeConfig(), clock)   # clock: (arrival, rows) per batch
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet
+from photos import Photo  # noqa: E402
+
+import imgpipe.steps.resize as resize_step  # noqa: E402
+from imgpipe.clean.decode import OUTPUT_SCHEMA  # noqa: E402
+from imgpipe.resize.ops import _decode, _open, resize_image
+from imgpipe.resize.spec import DRAFT_MARGIN, ResizeConfig, ResizeSpec, plan_geometry
+from imgpipe.resize.task import TaskResult
+from imgpipe.steps.resize import resize
+from imgpipe.writer import OutputWriter  # noqa: E402
+
+__all__ = [
+    "SetSpec",
+    "write_clean_output",
+    "write_files",
+    "SPEC",
+    "decode_floor",
+    "resize_one",
+    "draft_scale",
+    "time_pool",
+    "Clock",
+    "timed_results",
+    "batch_clock",
+    "run_ours",
+    "OURS",
+    "BASE_BYTES",
+    "BASE_IMAGES",
+    "POOL_STEP",
+    "ours_all_cpus",
+    "floor_name",
+    "pool_name",
+]
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    """One photo set: its label, image count and pixel size."""
+
+    label: str
+    count: int
+    width: int
+    height: int
+
+
+def write_clean_output(dest: Path, photos: Sequence[Photo], row_group_rows: int, rows_per_shard: int) -> str:
+    """Commits a clean-shaped output (``OUTPUT_SCHEMA``, one ``train`` split) holding ``photos``."""
+    out = OutputWriter(str(dest), "clean")
+    out.begin()
+    classes = sorted({p.source for p in photos})
+    for k, start in enumerate(range(0, len(photos), rows_per_shard)):
+        chunk = photos[start : start + rows_per_shard]
+        columns = {
+            "path": [p.name for p in chunk],
+            "image": [{"bytes": p.data, "path": p.name} for p in chunk],
+            "width": pa.array([p.width for p in chunk], pa.int32()),
+            "height": pa.array([p.height for p in chunk], pa.int32()),
+            "mode": ["RGB"] * len(chunk),
+            "format": ["JPEG"] * len(chunk),
+            "label": pa.array([classes.index(p.source) for p in chunk], pa.int32()),
+            "label_name": [p.source for p in chunk],
+            "split": ["train"] * len(chunk),
+            "order": pa.array(range(start, start + len(chunk)), pa.int64()),
+            "sha256": [hashlib.sha256(p.data).hexdigest() for p in chunk],
+        }
+        # Optional columns of clean's schema that these photos lack (e.g. ``bbox``) stay null.
+        table = pa.table(
+            {f.name: columns.get(f.name, pa.nulls(len(chunk), f.type)) for f in OUTPUT_SCHEMA},
+            schema=OUTPUT_SCHEMA,
+        )
+        out.write_table(f"train/part-{k:05d}.parquet", table, row_group_size=row_group_rows)
+    out.commit(
+        inputs=len(photos),
+        rejects=[],
+        config={"generated_by": "bench/resize.py"},
+        extra={"classes": classes, "num_classes": len(classes)},
+    )
+    return out.dest
+
+
+def write_files(folder: Path, photos: Sequence[Photo]) -> str:
+    """Writes the photos as plain ``.jpg`` files, for the baseline's readers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in photos:
+        (folder / p.name).write_bytes(p.data)
+    return str(folder)
+
+
+SPEC = ResizeSpec()
+
+
+def decode_floor(data: bytes) -> int:
+    """The floor's work: the fast path's reduced-scale decode of one JPEG, no resize."""
+    img = _open(data, SPEC.max_pixels)
+    geometry = plan_geometry(img.width, img.height, SPEC)
+    img, _ = _decode(img, geometry, SPEC.fast_decode, DRAFT_MARGIN)
+    return img.width
+
+
+def resize_one(data: bytes) -> bytes:
+    """The process pool's work: our per-image function, returning the pixels as Ray's tasks do."""
+    return resize_image(data, SPEC).tobytes()
+
+
+def draft_scale(data: bytes) -> float:
+    """The decode scale the fast path picks for one JPEG (1, 1/2, 1/4 or 1/8)."""
+    img = _open(data, SPEC.max_pixels)
+    geometry = plan_geometry(img.width, img.height, SPEC)
+    _, scale = _decode(img, geometry, SPEC.fast_decode, DRAFT_MARGIN)
+    return scale
+
+
+def time_pool(pool: Any, fn: Callable[[bytes], Any], blobs: Sequence[bytes], workers: int) -> float:
+    chunksize = max(1, len(blobs) // (workers * 8))
+    t0 = time.perf_counter()
+    results = pool.map(fn, blobs, chunksize=chunksize)
+    elapsed = time.perf_counter() - t0
+    assert len(results) == len(blobs)
+    return elapsed
+
+
+Clock = list[tuple[float, int]]  # (perf_counter at a batch's arrival in the driver, its rows)
+
+
+def timed_results(results: Iterable[TaskResult], clock: Clock) -> Iterator[TaskResult]:
+    """Passes task results on, recording when each reaches the driver and how many rows it covers."""
+    for result in results:
+        clock.append((time.perf_counter(), result.rows))
+        yield result
+
+
+@contextlib.contextmanager
+def batch_clock(clock: Clock) -> Iterator[None]:
+    """Records when each task's result reaches the resize step's driver.
+
+    Bench-only instrumentation: the step reads Ray's results through the module-level
+    ``_ray_results``, so wrapping that name timestamps them without touching the step's code.
+    """
+    original = resize_step._ray_results
+    resize_step._ray_results = lambda ds: timed_results(original(ds), clock)
+    try:
+        yield
+    finally:
+        resize_step._ray_results = original
+
+
+def run_ours(source: str, dest: str, cfg: ResizeConfig, clock: Clock) -> int:
+    with batch_clock(clock):
+        report = resize(source, dest, cfg)
+    if report.rejected:
+        raise RuntimeError(f"resize rejected {report.rejected} bench images: {report.rejects_by_reason}")
+    return report.outputs
+
+
+OURS = "ours: resize() step, default config"
+
+
+BASE_BYTES = "baseline: read_binary_files + PIL + torchvision"
+
+
+BASE_IMAGES = "baseline: read_images + torchvision"
+
+
+POOL_STEP = "process-pool step: the same step, Pool instead of Ray"
+
+
+def ours_all_cpus(workers: int) -> str:
+    return f"ours: resize() step, concurrency={workers}"
+
+
+def floor_name(workers: int) -> str:
+    return f"decode floor: draft decode only, Pool({workers})"
+
+
+def pool_name(workers: int) -> str:
+    return f"process pool: resize_image, Pool({workers})"
