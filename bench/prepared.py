@@ -23,7 +23,7 @@ def clean_and_resize(root: str, *, size: int, clean_cfg: Any = None) -> str:
     """
     from imgpipe import storage
     from imgpipe.clean.config import CleanConfig
-    from imgpipe.resize.spec import ResizeConfig
+    from imgpipe.resize.config import ResizeConfig
     from imgpipe.steps.clean import clean
     from imgpipe.steps.resize import resize
 

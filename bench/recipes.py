@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from imgpipe import storage  # noqa: E402
 from imgpipe.clean.config import CleanConfig  # noqa: E402
 from imgpipe.data.synth import SynthConfig, generate  # noqa: E402
-from imgpipe.resize.spec import ResizeConfig  # noqa: E402
+from imgpipe.resize.config import ResizeConfig  # noqa: E402
 from imgpipe.steps.clean import clean  # noqa: E402
 from imgpipe.steps.download import DownloadConfig, download  # noqa: E402
 from imgpipe.steps.resize import resize  # noqa: E402

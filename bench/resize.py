@@ -101,7 +101,7 @@ from resize_per_image import per_image_cpu, print_per_image
 
 import imgpipe.steps.resize as resize_step  # noqa: E402
 from imgpipe import contract  # noqa: E402
-from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.config import ResizeConfig
 from imgpipe.resize.task import TaskOutput, TaskResult, run_task
 from imgpipe.resources import available_cpus  # noqa: E402
 from imgpipe.writer import OutputWriter  # noqa: E402

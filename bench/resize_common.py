@@ -21,8 +21,9 @@ from photos import Photo  # noqa: E402
 
 import imgpipe.steps.resize as resize_step  # noqa: E402
 from imgpipe.clean.decode import OUTPUT_SCHEMA  # noqa: E402
+from imgpipe.resize.config import ResizeConfig
 from imgpipe.resize.ops import _decode, _open, resize_image
-from imgpipe.resize.spec import DRAFT_MARGIN, ResizeConfig, ResizeSpec, plan_geometry
+from imgpipe.resize.spec import DRAFT_MARGIN, ResizeSpec, plan_geometry
 from imgpipe.resize.task import TaskResult
 from imgpipe.steps.resize import resize
 from imgpipe.writer import OutputWriter  # noqa: E402

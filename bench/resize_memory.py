@@ -26,7 +26,7 @@ from resize_common import (
 )
 
 from imgpipe.clean.config import CleanConfig  # noqa: E402
-from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.config import ResizeConfig
 
 __all__ = ["TreeSampler", "tree_memory_kib", "memory_run", "measure_memory"]
 

@@ -52,7 +52,7 @@ def run_once(root: Path, args: argparse.Namespace) -> dict[str, dict[str, float]
         "clean": (clean, (f"{store}/download", f"{store}/clean", CleanConfig()), {}),
     }
     if args.resize:
-        from imgpipe.resize.spec import ResizeConfig
+        from imgpipe.resize.config import ResizeConfig
         from imgpipe.steps.resize import resize
 
         steps["resize"] = (resize, (f"{store}/clean", f"{store}/resize", ResizeConfig(size=96, train_mode="whole")), {})

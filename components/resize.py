@@ -34,7 +34,7 @@ def resize(
     from imgpipe import config
     from imgpipe.kfp import artifacts as ka
     from imgpipe.remote.dispatch import run_step
-    from imgpipe.resize.spec import ResizeConfig
+    from imgpipe.resize.config import ResizeConfig
 
     named = {
         "size": image_size,

@@ -67,7 +67,7 @@ from imgpipe.registry import STEPS
 from imgpipe.remote import kube, rayjob_spec, trainjob
 from imgpipe.remote.ranks import PROCS_ENV
 from imgpipe.remote.targets import CLUSTERS_ENV
-from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
 from imgpipe.steps.promote import PromoteConfig
 from imgpipe.train.config import TrainConfig

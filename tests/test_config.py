@@ -77,7 +77,7 @@ def test_flags_take_type_choices_default_and_help_from_the_config():
     import argparse
 
     from imgpipe.config import add_field_flags, field_default, flag_overrides
-    from imgpipe.resize.spec import ResizeConfig
+    from imgpipe.resize.config import ResizeConfig
 
     parser = argparse.ArgumentParser()
     add_field_flags(parser, CleanConfig, ("grayscale", "split", "seed", "label_source", "workers"))

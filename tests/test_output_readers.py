@@ -21,7 +21,7 @@ from PIL import Image
 
 from imgpipe import contract, parquet, storage
 from imgpipe.clean.config import CleanConfig
-from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.clean import clean
 from imgpipe.steps.resize import read_pixels, resize
 from tests import imagefactory as f

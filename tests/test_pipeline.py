@@ -331,7 +331,8 @@ def test_the_pipeline_chooses_the_train_split_mode_apart(compiled):
     from imgpipe.pipelines.imgpipe_pipeline import DEFAULT_RESIZE_TRAIN_MODE, PARAMETER_FIELDS
 
     from imgpipe.config import field_default
-    from imgpipe.resize.spec import MODES, ResizeConfig
+    from imgpipe.resize.config import ResizeConfig
+    from imgpipe.resize.spec import MODES
 
     ir = compiled[0]
     param = ir["root"]["inputDefinitions"]["parameters"]["resize_train_mode"]

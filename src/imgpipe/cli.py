@@ -154,7 +154,7 @@ def _clean_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _resize_arguments(p: argparse.ArgumentParser) -> None:
-    from imgpipe.resize.spec import ResizeConfig
+    from imgpipe.resize.config import ResizeConfig
 
     p.add_argument("source", help="committed clean output prefix")
     p.add_argument("dest", help="output prefix")
@@ -337,7 +337,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def cmd_resize(args: argparse.Namespace) -> int:
     from imgpipe.remote.dispatch import run_step
-    from imgpipe.resize.spec import ResizeConfig
+    from imgpipe.resize.config import ResizeConfig
 
     cfg = load_config(ResizeConfig, args.config, flag_overrides(args), "resize")
     _emit(run_step("resize", args.source, args.dest, cfg, run_id=args.run_id), args.json)

@@ -85,7 +85,7 @@ STEPS: dict[str, Step] = {
         Step(
             "resize",
             "resize clean images to a model's input size on Ray Data",
-            config="imgpipe.resize.spec:ResizeConfig",
+            config="imgpipe.resize.config:ResizeConfig",
             function="imgpipe.steps.resize:resize",
             report="imgpipe.report.resize:resize_report",
             image="ray",

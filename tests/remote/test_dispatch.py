@@ -9,7 +9,7 @@ import pytest
 
 from imgpipe import registry
 from imgpipe.remote import dispatch
-from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.resize import resize
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -29,7 +29,7 @@ from imgpipe import contract, storage
 from imgpipe.kfp import client as kfp_client
 from imgpipe.remote import attempts, dispatch, kube, kuberay, rayjob_spec
 from imgpipe.remote.payload import step_entrypoint
-from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.config import ResizeConfig
 from tests import rbac
 from tests.remote.test_ray_jobs import commit_like_the_job, parse_entrypoint
 

@@ -31,7 +31,7 @@ from imgpipe import contract, registry, storage
 from imgpipe.clean.config import CleanConfig
 from imgpipe.config import config_from_dict, config_to_dict
 from imgpipe.remote import attempts, dispatch, job, payload, ray_jobs, targets
-from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.clean import clean
 from imgpipe.steps.resize import resize
 from imgpipe.writer import OutputWriter

@@ -295,7 +295,7 @@ def test_every_data_step_logs_its_phases(outputs, tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def resized(outputs, ray_session) -> str:
-    from imgpipe.resize.spec import ResizeConfig
+    from imgpipe.resize.config import ResizeConfig
     from imgpipe.steps.resize import resize
 
     cfg = ResizeConfig(size=32, train_mode="whole", ops=("equalize",), concurrency=1)

@@ -11,14 +11,7 @@ from PIL import Image, JpegImagePlugin
 from imgpipe.data.images import validate_and_normalize
 from imgpipe.resize import ops, spec
 from imgpipe.resize.ops import resize_batch, resize_image, resize_image_reference
-from imgpipe.resize.spec import (
-    DRAFT_MARGIN,
-    PRESETS,
-    ResizeError,
-    ResizeSpec,
-    parse_op,
-    plan_geometry,
-)
+from imgpipe.resize.spec import DRAFT_MARGIN, PRESETS, ResizeError, ResizeSpec, parse_op, plan_geometry
 from tests import imagefactory as f
 
 

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from imgpipe import contract
+from imgpipe.resize.config import ResizeConfig
 from imgpipe.resize.ops import resize_batch
-from imgpipe.resize.spec import ResizeConfig, ResizeSpec, color_space
+from imgpipe.resize.spec import ResizeSpec, color_space
 from imgpipe.resize.statistics import (
     ASPECT_EDGES,
     MIN_STD,

@@ -17,7 +17,7 @@ import pytest
 from imgpipe import contract, storage
 from imgpipe.clean.config import CleanConfig
 from imgpipe.data.synth import SynthConfig, generate
-from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.clean import clean
 from imgpipe.steps.download import DownloadConfig, download
 from imgpipe.steps.predict import PredictConfig, predict

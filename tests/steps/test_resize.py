@@ -26,8 +26,9 @@ from imgpipe import contract, storage, writer
 from imgpipe.clean.config import CleanConfig
 from imgpipe.clean.decode import OUTPUT_SCHEMA as CLEAN_SCHEMA
 from imgpipe.config import config_from_dict, config_to_dict, config_to_yaml, step_config
+from imgpipe.resize.config import ResizeConfig
 from imgpipe.resize.ops import resize_batch, resize_image
-from imgpipe.resize.spec import ResizeConfig, ResizeSpec, plan_geometry
+from imgpipe.resize.spec import ResizeSpec, plan_geometry
 from imgpipe.resize.task import (
     SplitFiles,
     TaskOutput,

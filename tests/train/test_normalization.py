@@ -17,7 +17,7 @@ import torch
 from torchvision.transforms._presets import ImageClassification
 
 from imgpipe import contract, storage
-from imgpipe.resize.spec import ResizeConfig
+from imgpipe.resize.config import ResizeConfig
 from imgpipe.resize.statistics import split_moments
 from imgpipe.steps.predict import PredictConfig, predict
 from imgpipe.steps.resize import resize

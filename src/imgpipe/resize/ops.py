@@ -20,15 +20,7 @@ from imgpipe.data.images import ImageRejected, open_image
 
 # The declarations (modes, presets, op names, per-image settings, geometry) are OpenCV-free,
 # so configs and the pipeline compile without it; they are re-exported here for callers.
-from imgpipe.resize.spec import (
-    DRAFT_MARGIN,
-    RESAMPLE,
-    Geometry,
-    Op,
-    ResizeError,
-    ResizeSpec,
-    plan_geometry,
-)
+from imgpipe.resize.spec import DRAFT_MARGIN, RESAMPLE, Geometry, Op, ResizeError, ResizeSpec, plan_geometry
 
 __all__ = [
     "OP_FUNCTIONS",

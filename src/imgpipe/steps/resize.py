@@ -25,9 +25,10 @@ from imgpipe.contract import Reject, StepReport
 from imgpipe.phases import PhaseLog
 from imgpipe.raysession import ray_session, shut_down_local_ray
 from imgpipe.remote.targets import check_allowed
+from imgpipe.resize.config import ResizeConfig
 
 # The settings are OpenCV-free (imgpipe.resize.spec) so the pipeline compiles without OpenCV.
-from imgpipe.resize.spec import ResizeConfig, color_space
+from imgpipe.resize.spec import color_space
 from imgpipe.resize.statistics import DatasetStatistics
 from imgpipe.resize.task import TaskOutput, TaskResult, run_task
 from imgpipe.writer import OutputWriter

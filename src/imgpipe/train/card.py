@@ -18,7 +18,8 @@ import numpy as np
 
 from imgpipe import contract, storage
 from imgpipe.config import config_from_dict
-from imgpipe.resize.spec import ResizeConfig, ResizeSpec, color_space
+from imgpipe.resize.config import ResizeConfig
+from imgpipe.resize.spec import ResizeSpec, color_space
 
 __all__ = [
     "CARD_FORMAT",
