@@ -34,6 +34,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_onnx_registry_per_worker() -> None:
+    """torch's ONNX exporter, with its table of ATen translations built once per test process.
+
+    ``torch.onnx.export(dynamo=True)`` rebuilds that table from onnxscript's torchlib on every
+    call (about 1.2 s of a 2.5 s export of tiny_cnn). A pod exports once; the suite exports
+    after every train() it runs. The table is only read when no custom translation table is
+    given, which imgpipe never gives, so one per process changes no export.
+    """
+    import functools
+
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:  # another torch: exports just take longer
+        return
+    build = _registration.ONNXRegistry.from_torchlib
+    _registration.ONNXRegistry.from_torchlib = staticmethod(functools.cache(build))
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     """Starts moto's S3 server as a separate process on 127.0.0.1 and points boto3 at it.
