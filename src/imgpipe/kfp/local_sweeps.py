@@ -15,6 +15,7 @@ from typing import Any
 
 from imgpipe import contract, storage
 from imgpipe.kfp.local_run import LocalRunConfig, copy_prefix, run_pipeline, start_run
+from imgpipe.steps.compare import COMPARISON_JSON
 
 __all__ = ["SweepRunResult", "run_sweep", "AuditRunResult", "run_audit"]
 
@@ -100,12 +101,10 @@ def run_sweep(cfg: LocalRunConfig, grid: Sequence[Mapping[str, Any]] | None, axe
     with contextlib.ExitStack() as stack:
         data_root, own_store, runner = start_run(cfg, stack, workdir, arguments)
         outputs = run_pipeline(workdir, arguments, runner, sweep=True)
-        compare_prefix = storage.normalize_uri(outputs["winner"].metadata["prefix"])
-        run_id = compare_prefix.rstrip("/").split("/")[-2]
-        manifest = contract.read_manifest(compare_prefix, expect_step="compare")
+        compare_prefix, run_id, manifest = _committed(outputs, "winner", "compare")
         prefixes = {"compare": compare_prefix}
         prefixes.update({sweep.branch_step(b): p for b, p in manifest["upstream"]["branches"].items()})
-        comparison = json.loads(storage.read_bytes(storage.join(compare_prefix, "comparison.json")))
+        comparison = json.loads(storage.read_bytes(storage.join(compare_prefix, COMPARISON_JSON)))
         copies = _copy_sweep(prefixes, workdir / "runs" / run_id) if own_store else {}
     return SweepRunResult(
         run_id=run_id,
@@ -167,9 +166,7 @@ def run_audit(cfg: LocalRunConfig, folds: int | None = None) -> AuditRunResult:
     with contextlib.ExitStack() as stack:
         data_root, own_store, runner = start_run(cfg, stack, workdir, arguments)
         outputs = run_pipeline(workdir, arguments, runner, audit=True)
-        prefix = storage.normalize_uri(outputs["overrides"].metadata["prefix"])
-        run_id = prefix.rstrip("/").split("/")[-2]
-        manifest = contract.read_manifest(prefix, expect_step="audit")
+        prefix, run_id, manifest = _committed(outputs, "overrides", "audit")
         copies = copy_prefix(prefix, workdir / "runs" / run_id / "audit") if own_store else {}
     return AuditRunResult(run_id=run_id, prefix=prefix, manifest=manifest, copies=copies, seconds=round(time.monotonic() - started, 1))
 
@@ -186,3 +183,9 @@ def _copy_sweep(prefixes: Mapping[str, str], dest: Path) -> dict[str, str]:
             storage.download_file(storage.join(prefix, name), target)
             copies[f"{step}/{name}"] = str(target)
     return copies
+
+
+def _committed(outputs: Mapping[str, Any], name: str, step: str) -> tuple[str, str, dict[str, Any]]:
+    """The committed prefix the pipeline output ``name`` names, its run id (``<root>/<run>/<step>``) and its manifest."""
+    prefix = storage.normalize_uri(outputs[name].metadata["prefix"])
+    return prefix, prefix.rstrip("/").split("/")[-2], contract.read_manifest(prefix, expect_step=step)

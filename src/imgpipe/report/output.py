@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from imgpipe.config import check_range
 from imgpipe.report import html as htmlpage
 
 __all__ = ["ReportLimits", "Table", "Chart", "Tile", "Gallery", "Section", "OutputReport", "text_table", "printable", "jpeg"]
@@ -62,10 +63,7 @@ class ReportLimits:
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ReportLimits.{name} must be an integer >= 1, got {value!r}")
-        if self.thumb_quality > 95:
-            raise ValueError(f"ReportLimits.thumb_quality must be within 1..95, got {self.thumb_quality}")
+            check_range(f"ReportLimits.{name}", value, 1, 95 if name == "thumb_quality" else None, integer=True)
 
 
 @dataclass(frozen=True)
@@ -150,8 +148,7 @@ class OutputReport:
 
     def text(self, max_rows: int = 10) -> str:
         """The terminal summary: facts, then every table and chart as aligned text (galleries left out)."""
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        check_range("max_rows", max_rows, 1, integer=True)
         width = self.limits.text_width
         lines = [f"{self.title}: {printable(self.prefix, 400)}", ""]
         lines += text_table(("", ""), self.facts, width=width, header=False)
