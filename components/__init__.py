@@ -8,4 +8,4 @@ kfp). The function body imports ``imgpipe`` and calls the step and
 nothing else in this package runs there. Image names come from :mod:`imgpipe.containers.catalog`.
 """
 
-__all__ = ["download", "clean", "resize", "train", "promote", "plan_sweep", "compare", "plan_folds", "audit_labels"]
+__all__ = ["download", "clean", "resize", "train", "promote", "plan_sweep", "compare", "plan_folds", "audit_labels", "prepare_shard", "merge_shards"]

@@ -50,6 +50,8 @@ from typing import Any, NamedTuple, Optional
 
 from imgpipe.components.clean import clean
 from imgpipe.components.download import download
+from imgpipe.components.merge_shards import merge_shards
+from imgpipe.components.prepare_shard import prepare_shard
 from imgpipe.components.promote import promote
 from imgpipe.components.resize import resize
 from imgpipe.components.train import train
@@ -58,10 +60,11 @@ from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
 
 from imgpipe import modelregistry
 from imgpipe.clean.config import CleanConfig
-from imgpipe.config import field_default, field_docs, plain_text
+from imgpipe.config import check_range, field_default, field_docs, plain_text
 from imgpipe.containers.catalog import ImageSet
 from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV
 from imgpipe.kfp.artifacts import PIPELINE_NAME
+from imgpipe.kfp.shards import shard_items
 from imgpipe.readpolicy import READ_PREFIXES_ENV
 from imgpipe.registry import STEPS
 from imgpipe.remote import kube, rayjob_spec, trainjob
@@ -259,6 +262,10 @@ def _default_resources() -> dict[str, Resources]:
     return {
         "download": Resources("1", "2", "2Gi", "4Gi"),
         "clean": Resources("4", "4", "8Gi", "8Gi"),
+        # PipelineOptions.shards > 1: each shard downloads and cleans its share, sized like clean.
+        "prepare-shard": Resources("4", "4", "8Gi", "8Gi"),
+        # About 60 bytes an image plus one Parquet batch per shard (imgpipe.steps.merge).
+        "merge-shards": Resources("2", "2", "4Gi", "8Gi"),
         # ray_address "": a local Ray in the pod does the work.
         "resize-local": Resources("4", "4", "8Gi", "8Gi"),
         # KubeRay or a Ray cluster does the work; the pod submits, polls and copies the log.
@@ -291,6 +298,11 @@ class PipelineOptions:
         image_pull_secrets: Secrets every pod pulls its image with (a private registry): the
             tasks', the RayJobs' and the TrainJobs' (read from ``$IMGPIPE_IMAGE_PULL_SECRETS``,
             comma-separated, when the options are made).
+        shards: Pods download and clean run on: 1 is one task each; more compiles a
+            ``ParallelFor`` of ``prepare-shard`` tasks (each downloads and cleans its share of
+            the sources, :mod:`imgpipe.data.sharding`) and a ``merge-shards`` task that writes
+            the one clean output resize reads. Fixed when compiling, like the sweep's parallelism.
+        shard_parallelism: Shards running at once (0: all of them).
     """
 
     caching: bool = False
@@ -302,6 +314,12 @@ class PipelineOptions:
     s3_secret: str | None = S3_SECRET
     model_registry: str = field(default_factory=lambda: os.environ.get(modelregistry.REGISTRY_ENV, ""))
     image_pull_secrets: tuple[str, ...] = field(default_factory=kube.pull_secrets)
+    shards: int = 1
+    shard_parallelism: int = 0
+
+    def __post_init__(self) -> None:
+        shard_items(self.shards)  # checks the count
+        check_range("shard_parallelism", self.shard_parallelism, 0, self.shards, integer=True)
 
 
 class Outputs(NamedTuple):
@@ -421,26 +439,18 @@ def data_steps(
     """
     images = options.images
     common = {"data_root": data_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "step_config": step_config}
-    dl = download(
-        source_uri=source_uri,
-        source_sha256=source_sha256,
-        annotations_uri=annotations_uri,
-        annotations_sha256=annotations_sha256,
-        previous_run_prefix=previous_run_prefix,
-        **common,
-    )
-    _configure(dl, "download", step_image(images, "download"), options, options.retry)
-    cl = clean(
-        dataset=dl.outputs["dataset"],
-        grayscale=grayscale,
-        split=split,
-        seed=seed,
-        previous_run_prefix=previous_run_prefix,
-        **common,
-    )
-    _configure(cl, "clean", step_image(images, "clean"), options, options.retry)
+    sources = {"source_uri": source_uri, "source_sha256": source_sha256, "annotations_uri": annotations_uri, "annotations_sha256": annotations_sha256}
+    cleaning = {"grayscale": grayscale, "split": split, "seed": seed, "previous_run_prefix": previous_run_prefix}
+    if options.shards > 1:
+        cleaned = _sharded_clean(options, sources, cleaning, common)
+    else:
+        dl = download(**sources, previous_run_prefix=previous_run_prefix, **common)
+        _configure(dl, "download", step_image(images, "download"), options, options.retry)
+        cl = clean(dataset=dl.outputs["dataset"], **cleaning, **common)
+        _configure(cl, "clean", step_image(images, "clean"), options, options.retry)
+        cleaned = cl.outputs["cleaned"]
     resize_args = {
-        "cleaned": cl.outputs["cleaned"],
+        "cleaned": cleaned,
         "image_size": image_size,
         "preset": preset,
         "mode": resize_mode,
@@ -458,6 +468,21 @@ def data_steps(
         remote.set_env_variable("IMGPIPE_RAY_IMAGE", images.ray)
         kubernetes.use_secret_as_env(remote, RAY_TOKEN_SECRET, RAY_TOKEN_KEYS, optional=True)
     return dsl.OneOf(in_pod.outputs["Output"], remote.outputs["Output"])
+
+
+def _sharded_clean(options: PipelineOptions, sources: dict[str, Any], cleaning: dict[str, Any], common: dict[str, Any]) -> Any:
+    """Adds the ``ParallelFor`` of ``prepare-shard`` tasks and the ``merge-shards`` task; returns the merged clean artifact.
+
+    The loop items are constants (one per shard) and every other input of a shard task is a
+    run parameter: ``kfp.local`` hands a loop body the item in place of any task output.
+    """
+    image = step_image(options.images, "clean")
+    with dsl.ParallelFor(shard_items(options.shards), parallelism=options.shard_parallelism, name="shards") as item:
+        prep = prepare_shard(shard=item, **sources, **cleaning, **common)
+        _configure(prep, "prepare-shard", image, options, options.retry)
+    merged = merge_shards(shards=dsl.Collected(prep.outputs["Output"]), **cleaning, **common)
+    _configure(merged, "merge-shards", image, options, options.retry)
+    return merged.outputs["cleaned"]
 
 
 def train_steps(options: PipelineOptions, *, train_nodes: Any, **train_args: Any) -> Any:

@@ -69,6 +69,12 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
         type=int,
         help="imgpipe-sweep: branches (GPUs) training at once, fixed in the package (default 2)",
     )
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="pods download and clean run on, fixed in the package: above 1, a ParallelFor of shard tasks and a merge (default 1)",
+    )
 
 
 def _kfp_options(p: argparse.ArgumentParser) -> None:
@@ -108,6 +114,7 @@ def _local_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--annotations", help="Oxford-style annotations archive (default: the sample dataset's)")
     p.add_argument("--classes", type=int, help="sample dataset breeds (default 12)")
     p.add_argument("--per-class", type=int, help="sample dataset images per breed (default 60)")
+    p.add_argument("--shards", type=int, help="download and clean as this many shard tasks and a merge (default 1)")
     p.add_argument(
         "--param",
         dest="params",
@@ -392,6 +399,7 @@ def _local_config(args: argparse.Namespace) -> Any:
         classes=args.classes,
         per_class=args.per_class,
         runner=args.runner,
+        shards=getattr(args, "shards", None),
     )
     if args.params:
         cfg = dataclasses.replace(cfg, params={**cfg.params, **dict(parse_override(p) for p in args.params)})
@@ -461,6 +469,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         pipeline=args.pipeline,
         parallelism=args.parallelism,
         train_gpus=args.train_gpus,
+        shards=args.shards,
     )
     print(f"{path}: version {kfp_package.version_name(path, args.pipeline)}, caching {'on' if args.caching else 'off'}")
     return 0
@@ -495,6 +504,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         pipeline=args.pipeline,
         parallelism=args.parallelism,
+        shards=args.shards,
     )
     verb = "started" if result.created else "attached to"
     print(f"{verb} run {result.run_id} of {result.version_name}" + (f": {result.state}" if result.state else ""))

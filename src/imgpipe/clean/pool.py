@@ -192,7 +192,7 @@ def run_tasks(
 
     next_index = max(len(tasks), first_free)
     with tqdm(total=sum(t.rows for t in tasks), desc="clean: decode", unit="img", dynamic_ncols=True) as bar:
-        if in_process:
+        if in_process or not tasks:  # no rows (an empty source, a shard with nothing of its own): no pool to start
             for task in tasks:
                 results[task.index] = run(*task_args(task))
                 bar.update(task.rows)

@@ -194,13 +194,14 @@ def _package(
     tmp: str,
     pipeline: str = PIPELINE_NAME,
     parallelism: int | None = None,
+    shards: int = 1,
 ) -> Path:
     if package is not None:
         path = Path(package)
         if not path.is_file():
             raise ValueError(f"pipeline package {path} does not exist")
         return path
-    return compile_package(Path(tmp) / f"{pipeline}.yaml", caching=caching, gpu=gpu, pipeline=pipeline, parallelism=parallelism)
+    return compile_package(Path(tmp) / f"{pipeline}.yaml", caching=caching, gpu=gpu, pipeline=pipeline, parallelism=parallelism, shards=shards)
 
 
 def _prepare(
@@ -213,8 +214,9 @@ def _prepare(
     tmp: str,
     pipeline: str = PIPELINE_NAME,
     parallelism: int | None = None,
+    shards: int = 1,
 ) -> tuple[Any, dict[str, Any], str, str, str, str, str | None]:
-    path = _package(package, caching, gpu, tmp, pipeline, parallelism)
+    path = _package(package, caching, gpu, tmp, pipeline, parallelism, shards)
     typed = parse_params(params, path)
     client = client or connect(target.host, namespace=target.namespace)
     namespace = _namespace(client, target)
@@ -274,6 +276,7 @@ def submit(
     client: Any = None,
     pipeline: str = PIPELINE_NAME,
     parallelism: int | None = None,
+    shards: int = 1,
 ) -> Submitted:
     """Uploads the pipeline version (idempotently) and creates a run of it.
 
@@ -294,6 +297,7 @@ def submit(
         pipeline: Which pipeline (:data:`PIPELINES`), compiled when ``package`` is not given;
             also the Kubeflow pipeline the version is uploaded under.
         parallelism: The sweep's branches at once, when compiling it (see :func:`compile_package`).
+        shards: Pods download and clean run on, when compiling (see :func:`compile_package`).
 
     Raises:
         ValueError: For bad parameters or no host.
@@ -304,7 +308,7 @@ def submit(
     target = (target or Target()).resolved()
     with tempfile.TemporaryDirectory(prefix="imgpipe-kfp-") as tmp:
         client, typed, pipeline_id, version_id, version, experiment_id, namespace = _prepare(
-            target, params, package, caching, gpu, client, tmp, pipeline, parallelism
+            target, params, package, caching, gpu, client, tmp, pipeline, parallelism, shards
         )
     run_id, created = None, True
     if run_name:

@@ -22,10 +22,12 @@ from urllib.parse import urlparse
 
 from imgpipe import contract, storage
 from imgpipe.config import check_sections, read_config_file
+from imgpipe.data.sharding import Shard
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
 from imgpipe.kfp.artifacts import LATEST, read_latest
 from imgpipe.kfp.local_containers import docker_runner_for, engine_for
 from imgpipe.kfp.local_s3 import local_s3_server, moto_s3_server
+from imgpipe.kfp.shards import SHARDS_DIR
 from imgpipe.registry import STEPS
 
 __all__ = [
@@ -80,6 +82,7 @@ class LocalRunConfig:
         step_config: Step config sections over :data:`LOCAL_STEP_CONFIG` (per field).
         runner: ``subprocess`` (each step a subprocess of this Python) or ``docker``
             (each step in its image; see the module docstring).
+        shards: Download and clean as this many shard tasks and a merge (``PipelineOptions.shards``).
     """
 
     data_root: str | None = None
@@ -93,6 +96,7 @@ class LocalRunConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
     step_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     runner: str = "subprocess"
+    shards: int = 1
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -232,7 +236,9 @@ def _allow_local_files(*uris: str) -> Iterator[None]:
             os.environ[SOURCE_LOCAL_ENV] = saved
 
 
-def run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False, audit: bool = False) -> dict[str, Any]:
+def run_pipeline(
+    workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False, audit: bool = False, shards: int = 1
+) -> dict[str, Any]:
     from kfp import local
 
     from imgpipe.kfp.package import import_pipelines
@@ -245,7 +251,7 @@ def run_pipeline(workdir: Path, arguments: dict[str, Any], runner: Any = None, *
         raise_on_error=True,
     )
     # Same pipeline as the cluster's, minus retries; the local runner ignores the rest.
-    options = pipelines.PipelineOptions(retry=None, train_retry=None)
+    options = pipelines.PipelineOptions(retry=None, train_retry=None, shards=shards)
     if sweep:
         pipeline = pipelines.build_sweep_pipeline(pipelines.SweepOptions(pipeline=options))
     elif audit:
@@ -342,11 +348,13 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
         data_root, own_store, runner = start_run(cfg, stack, workdir, arguments)
         if own_store:
             _restore_current(workdir, data_root)
-        outputs = run_pipeline(workdir, arguments, runner)
+        outputs = run_pipeline(workdir, arguments, runner, shards=cfg.shards)
         train_prefix = outputs["model"].metadata["prefix"]
         run_id = train_prefix.rstrip("/").split("/")[-2]
         prefixes = {step: storage.join(data_root, "runs", run_id, step) for step in STEPS}
-        reports = {step: contract.read_manifest(prefix, expect_step=step) for step, prefix in prefixes.items()}
+        if cfg.shards > 1:
+            prefixes["download"] = storage.join(data_root, "runs", run_id, SHARDS_DIR)
+        reports = {step: _report(step, prefix, cfg.shards) for step, prefix in prefixes.items()}
         promotion = decision(storage.join(data_root, "runs", run_id, "promote"))
         copies = copy_prefix(prefixes["train"], workdir / "runs" / run_id / "train") if own_store else {}
         if own_store:
@@ -364,6 +372,14 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
         seconds=round(time.monotonic() - started, 1),
         promotion=promotion,
     )
+
+
+def _report(step: str, prefix: str, shards: int) -> dict[str, Any]:
+    """A step's manifest; a sharded run's download is its shards' downloads, counted together."""
+    if step != "download" or shards == 1:
+        return contract.read_manifest(prefix, expect_step=step)
+    parts = [contract.read_manifest(storage.join(prefix, Shard(i, shards).name, "download"), expect_step=step) for i in range(shards)]
+    return {"step": step, "shards": shards, **{k: sum(int(m[k]) for m in parts) for k in ("inputs", "outputs", "rejected")}}
 
 
 def decision(prefix: str) -> dict[str, Any] | None:

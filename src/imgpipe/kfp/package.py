@@ -60,6 +60,7 @@ def compile_package(
     pipeline: str = PIPELINE_NAME,
     parallelism: int | None = None,
     train_gpus: int | None = None,
+    shards: int = 1,
 ) -> Path:
     """Compiles a pipeline to ``out`` (YAML), images from the environment (see ``imgpipe.containers.catalog``).
 
@@ -72,6 +73,7 @@ def compile_package(
         parallelism: The sweep's branches, or the audit's folds, training at once (their options' default when ``None``).
         train_gpus: GPUs of the train task, one training process each (1 to
             :data:`imgpipe.remote.ranks.MAX_PROCS`); ``None`` reads ``$IMGPIPE_TRAIN_GPUS`` (default 1).
+        shards: Pods download and clean run on (``PipelineOptions.shards``; 1: one task each).
 
     Raises:
         ValueError: For an unknown pipeline, ``parallelism`` with a pipeline that has no
@@ -84,7 +86,7 @@ def compile_package(
     pipelines = import_pipelines()
     gpu = env_flag(os.environ, GPU_ENV, default=True) if gpu is None else gpu
     gpus = _train_gpus(train_gpus)
-    options = pipelines.PipelineOptions(caching=caching)
+    options = pipelines.PipelineOptions(caching=caching, shards=shards)
     if not gpu:
         if gpus != 1:
             raise ValueError(f"train_gpus={gpus} needs the train task on GPU nodes; drop --no-gpu (or ${GPU_ENV}=false)")

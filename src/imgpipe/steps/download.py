@@ -22,8 +22,10 @@ from imgpipe.data.extraction import Caps, Extraction, dry_run, extract_source
 from imgpipe.data.previous import PreviousDownload
 from imgpipe.data.readers.archives import DirectoryReader
 from imgpipe.data.readers.base import Reader, ReaderSettings
-from imgpipe.data.readers.factory import open_source
+from imgpipe.data.readers.factory import is_prefix, open_source
+from imgpipe.data.readers.urilist import UriListReader
 from imgpipe.data.readers.webdataset import expand_braces
+from imgpipe.data.sharding import Shard
 from imgpipe.data.shards import SHARD_SCHEMA, ShardWriter
 from imgpipe.data.sources import SourcePolicy
 from imgpipe.data.transport import HttpSettings
@@ -199,6 +201,29 @@ def _plan(uris: list[str], digests: Sequence[str | None]) -> list[_Planned]:
     return planned
 
 
+# Names of a single file that may be a URI list, which a sharded download splits by entry
+# (so every pod reads it); any other single file goes whole to the shard that owns its URI.
+_LIST_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".jsonl", ".ndjson")
+
+
+def _is_mine(item: _Planned, shard: Shard | None) -> bool | None:
+    """Whether this pod reads ``item`` at all: True, False, or ``None`` when only its content can tell (a listing is split by entry)."""
+    if shard is None or shard.count == 1:
+        return True
+    if item.webdataset:
+        return shard.owns(item.uri)
+    if is_prefix(item.uri) or (storage.serves(item.uri) and storage.is_local(item.uri) and storage.local_path(item.uri).is_dir()):
+        return True  # split object by object
+    if item.uri.split("?", 1)[0].lower().endswith(_LIST_SUFFIXES):
+        return None
+    return shard.owns(item.uri)
+
+
+def _split_by_entry(reader: Reader) -> bool:
+    """Whether a reader splits its members among shards itself (listings) rather than going whole to one."""
+    return isinstance(reader, (UriListReader, DirectoryReader)) or not reader.checked_in_advance
+
+
 def _check_outside_dest(uri: str, dest: str) -> None:
     """Refuses a storage source that ``OutputWriter.begin()`` would delete, or that would see the output."""
     if storage.serves(uri):
@@ -240,6 +265,7 @@ def download(
     *,
     policy: SourcePolicy = _TRUSTED,
     previous: str | None = None,
+    shard: Shard | None = None,
 ) -> StepReport:
     """Pulls images from where they are into ``dest`` as Parquet shards.
 
@@ -286,13 +312,19 @@ def download(
         _check_outside_dest(item.uri, dest)
         policy.check_source(item.uri, pinned=item.sha256 is not None)
     carry = PreviousDownload(previous) if previous else None
-    settings = ReaderSettings(cfg.max_member_bytes, cfg.fetch_workers, cfg.http(), policy, carry)
+    settings = ReaderSettings(cfg.max_member_bytes, cfg.fetch_workers, cfg.http(), policy, carry, shard)
     phases = PhaseLog(STEP)
     with tempfile.TemporaryDirectory(prefix="imgpipe-download-") as spool_dir:
-        readers = [
-            open_source(item.uri, sha256=item.sha256, spool=Path(spool_dir) / f"source-{i:05d}", settings=settings, webdataset=item.webdataset)
-            for i, item in enumerate(planned)
-        ]
+        readers = []
+        for i, item in enumerate(planned):
+            mine = _is_mine(item, shard)
+            if mine is False:
+                continue  # another shard's file: not fetched here
+            reader = open_source(
+                item.uri, sha256=item.sha256, spool=Path(spool_dir) / f"source-{i:05d}", settings=settings, webdataset=item.webdataset
+            )
+            if mine or _split_by_entry(reader) or (shard is not None and shard.owns(item.uri)):
+                readers.append(reader)
         phases.done("fetch", sources=len(readers), bytes=sum(r.bytes or 0 for r in readers))
         # Every file is local, verified and readable to its last member, and every listing
         # within the caps: only now may the old output go.
@@ -303,6 +335,8 @@ def download(
         state = _extract_all(readers, out, cfg)
         phases.done("extract", members=state.inputs, rejected=len(state.rejects), bytes=state.extracted)
     extra: dict[str, Any] = {"sources": [r.manifest_entry() for r in readers], "bytes_extracted": state.extracted}
+    if shard is not None:
+        extra["shard"] = shard.as_dict()
     if carry is not None:
         listed = sum(state.per_source.get(r.uri, 0) for r in readers if not r.checked_in_advance or isinstance(r, DirectoryReader))
         counts = carry.counts(listed)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import posixpath
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -124,8 +124,8 @@ class DirectoryReader(Reader):
 
     kind = "directory"
 
-    def __init__(self, uri: str, local: Path, carry: Carry | None = None) -> None:
-        self.uri, self.local, self.carry = uri, local, carry
+    def __init__(self, uri: str, local: Path, carry: Carry | None = None, keeps: Callable[[str], bool] | None = None) -> None:
+        self.uri, self.local, self.carry, self.keeps = uri, local, carry, keeps
 
     @property
     def checked_in_advance(self) -> bool:
@@ -136,5 +136,7 @@ class DirectoryReader(Reader):
 
     def members(self) -> Iterator[Member]:
         for member in archive.iter_directory(self.local):
+            if self.keeps is not None and not self.keeps(member.path):
+                continue  # another shard's
             data = self.carry.take(member.path, member.size, member.etag) if self.carry and member.reason is None else None
             yield member if data is None else Member(member.path, len(data), opener=partial(io.BytesIO, data), etag=member.etag)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from imgpipe.data.archive import Member
+from imgpipe.data.sharding import Shard
 from imgpipe.data.sources import SourcePolicy
 from imgpipe.data.transport import HttpSettings
 
@@ -51,6 +52,7 @@ class ReaderSettings:
         http: Timeouts, retries and the size cap of HTTP transfers.
         policy: Where a listed URI may lead (a URI list's entries are run input).
         carry: The previous run's objects that need no fetching (incremental runs).
+        shard: This pod's share of a listing (a sharded download); ``None``: all of it.
     """
 
     max_member_bytes: int = 256 << 20
@@ -58,6 +60,11 @@ class ReaderSettings:
     http: HttpSettings = field(default_factory=HttpSettings)
     policy: SourcePolicy = field(default_factory=SourcePolicy.trusted)
     carry: Carry | None = None
+    shard: Shard | None = None
+
+    def keeps(self, key: str) -> bool:
+        """Whether the listed input named ``key`` is this pod's to read (:meth:`Shard.owns`)."""
+        return self.shard is None or self.shard.owns(key)
 
 
 class Reader(ABC):

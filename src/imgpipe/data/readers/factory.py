@@ -75,7 +75,7 @@ def open_source(uri: str, *, sha256: str | None, spool: Path, settings: ReaderSe
         local = storage.local_path(uri)
         if local.is_dir():
             _no_pin(shown, sha256, "a directory")
-            return DirectoryReader(shown, local, settings.carry)
+            return DirectoryReader(shown, local, settings.carry, settings.keeps if settings.shard else None)
         if not local.is_file():
             raise FileNotFoundError(f"download source {shown} does not exist (no file or directory at {local})")
         _check_size(shown, local.stat().st_size, settings)

@@ -71,7 +71,7 @@ class PrefixReader(Reader):
     def census(self) -> tuple[int, int]:
         """Objects and bytes below the prefix (one listing, nothing fetched)."""
         count = total = 0
-        for info in storage.iter_objects(self.prefix):
+        for info in self._listed(counted=False):
             count, total = count + 1, total + info.size
         return count, total
 
@@ -79,11 +79,13 @@ class PrefixReader(Reader):
         self.listed = 0
         return ordered_map(self._member, self._listed(), self.settings.fetch_workers)
 
-    def _listed(self) -> Iterator[storage.ObjectInfo]:
+    def _listed(self, counted: bool = True) -> Iterator[storage.ObjectInfo]:
         for info in storage.iter_objects(self.prefix):
             if info.uri.endswith("/") and info.size == 0:
                 continue  # a "folder" marker some consoles create
-            self.listed += 1
+            if not self.settings.keeps(info.uri[len(self.prefix) :]):
+                continue  # another shard's
+            self.listed += counted
             yield info
 
     def _member(self, info: storage.ObjectInfo) -> Member:

@@ -109,6 +109,8 @@ class UriListReader(Reader):
         with open(self.local, encoding="utf-8-sig", errors="replace", newline="") as fh:
             rows = self._csv_rows(fh) if self.format == "csv" else self._jsonl_rows(fh)
             for entry in rows:
+                if not self.settings.keeps(entry.uri if entry.uri is not None and entry.problem is None else f"#line-{entry.line}"):
+                    continue  # another shard's
                 self.entries += 1
                 yield entry
 
