@@ -19,7 +19,7 @@ needs every image at once is settled here, from metadata first and then in one s
 Every input is accounted once: the shards' rejects are carried over and the merge's own are
 added, so ``inputs == outputs + rejected`` over the union. Memory: about 60 bytes per image
 for the metadata (sha256 prefix, hashes, label, split, place), plus one Parquet batch of each
-shard while the rows stream into the output (:data:`_BATCH_ROWS` rows each).
+shard while the rows stream into the output (at most clean's ``row_group_bytes`` each).
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ __all__ = ["merge"]
 
 STEP = "clean"  # the merged output is a clean output: resize reads it as it reads clean's
 
-# Rows of one shard read at once in the write pass (the merge holds one such batch per shard).
-_BATCH_ROWS = 16
 # Hex digits of the sha256 the exact-duplicate search compares (128 bits: no collision among 10^9 images).
 _KEY_HEX = 32
 _META_COLUMNS = ["sha256", "label", "split", "phash", "phash_mirror"]
@@ -102,11 +100,11 @@ class _Shard:
         if self.rows != int(self.manifest.get("outputs") or 0):
             raise ValueError(f"shard {prefix} holds {self.rows} rows but its manifest says {self.manifest.get('outputs')}")
         if meta is None:
-            self.keys, self.label = np.zeros(0, f"S{_KEY_HEX}"), np.zeros(0, np.int64)
+            self.keys, self.label = np.zeros(0, f"S{_KEY_HEX}"), np.zeros(0, np.int32)
             self.split, self.phash, self.mirror = np.zeros(0, np.int8), np.zeros(0, np.uint64), np.zeros(0, np.uint64)
             return
         self.keys = _sha_keys(meta.column("sha256"))
-        self.label = meta.column("label").to_numpy().astype(np.int64)
+        self.label = meta.column("label").to_numpy().astype(np.int32)
         if len(self.label) and (self.label.min() < 0 or self.label.max() >= len(self.classes)):
             raise ValueError(f"shard {prefix} has labels outside its {len(self.classes)} classes")
         split = np.array(meta.column("split").to_pylist(), dtype=object)
@@ -120,11 +118,13 @@ class _Shard:
         self.mirror = meta.column("phash_mirror").to_numpy(zero_copy_only=False).astype(np.uint64)
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        """Every row, in file order, :data:`_BATCH_ROWS` at a time, one file open at a time."""
+        """Every row, in file order, one row group at a time (``ParquetFile.iter_batches`` reads a whole file ahead)."""
         for uri in self.files:
             fs, path = storage.arrow_filesystem(uri)
             with fs.open_input_file(path) as fh:
-                yield from pq.ParquetFile(fh).iter_batches(batch_size=_BATCH_ROWS, use_threads=False)
+                pf = pq.ParquetFile(fh)
+                for rg in range(pf.metadata.num_row_groups):
+                    yield from pf.read_row_group(rg, use_threads=False).to_batches()
 
 
 class _Cursor:
@@ -192,6 +192,16 @@ def _paths_of(shards: Sequence[_Shard], wanted: dict[int, list[int]]) -> dict[tu
     return out
 
 
+def _exact_duplicates(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose key an earlier row has (the lowest shard's copy is kept), and that earlier row of each."""
+    order = np.argsort(keys, kind="stable")  # equal keys stay in row order: the first is the kept one
+    ranked = keys[order]
+    starts = np.r_[0, np.flatnonzero(ranked[1:] != ranked[:-1]) + 1] if len(keys) else np.zeros(0, np.int64)
+    first = np.repeat(order[starts], np.diff(np.r_[starts, len(keys)]))  # per position in ``order``
+    later = first != order
+    return order[later], first[later]
+
+
 def _name(named: dict[tuple[int, int], str], row: int, shard_of: np.ndarray, start: np.ndarray) -> str:
     """The path of merged row ``row`` among those :func:`_paths_of` read."""
     k = int(shard_of[row])
@@ -228,29 +238,20 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
     lookup = {c: i for i, c in enumerate(classes)}
     start = np.cumsum([0] + [s.rows for s in parts])
     keys = np.concatenate([s.keys for s in parts]) if parts else np.zeros(0, f"S{_KEY_HEX}")
-    label = np.concatenate([np.array([lookup[c] for c in s.classes] or [0], np.int64)[s.label] for s in parts])
+    label = np.concatenate([np.array([lookup[c] for c in s.classes] or [0], np.int32)[s.label] for s in parts])
     split = np.concatenate([s.split for s in parts])
     phash, mirror = np.concatenate([s.phash for s in parts]), np.concatenate([s.mirror for s in parts])
     for s in parts:
         del s.keys, s.label, s.split, s.phash, s.mirror
     n = len(keys)
-    shard_of = np.repeat(np.arange(len(parts)), np.diff(start))
+    shard_of = np.repeat(np.arange(len(parts), dtype=np.int32), np.diff(start))
     dropped = np.zeros(n, bool)
     why: dict[int, tuple[str, str]] = {}
     wanted: dict[int, list[int]] = {k: [] for k in range(len(parts))}
 
-    # Exact duplicates across shards: the lowest shard's copy is kept.
-    _, first = np.unique(keys, return_index=True)
-    is_first = np.zeros(n, bool)
-    is_first[first] = True
-    dup = np.flatnonzero(~is_first)
-    if len(dup):
-        order = np.argsort(keys, kind="stable")
-        lead_of = np.empty(n, np.int64)
-        run_start = np.r_[0, np.flatnonzero(keys[order][1:] != keys[order][:-1]) + 1]
-        lead_of[order] = order[np.repeat(run_start, np.diff(np.r_[run_start, n]))]
-        for g in dup.tolist():
-            wanted[int(shard_of[lead_of[g]])].append(int(lead_of[g] - start[shard_of[lead_of[g]]]))
+    dup, dup_lead = _exact_duplicates(keys)
+    for lead in dup_lead.tolist():
+        wanted[int(shard_of[lead])].append(int(lead - start[shard_of[lead]]))
     dropped[dup] = True
     del keys
 
@@ -288,10 +289,8 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
 
     # The reject details name the kept copy.
     named = _paths_of(parts, wanted)
-    if len(dup):
-        for g in dup.tolist():
-            lead = int(lead_of[g])
-            why[int(g)] = ("duplicate", f"same bytes as {_name(named, lead, shard_of, start)}")
+    for g, lead in zip(dup.tolist(), dup_lead.tolist()):
+        why[g] = ("duplicate", f"same bytes as {_name(named, lead, shard_of, start)}")
     if cfg.near_duplicates == "reject":
         for g, lead, b in zip(members.tolist(), leads.tolist(), bits.tolist()):
             why[int(g)] = (NEAR_DUPLICATE, f"{b} bits from {_name(named, lead, shard_of, start)} (pHash), which is kept")
