@@ -85,6 +85,19 @@ def any_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("s3_bucket") + "/root"
 
 
+@pytest.fixture
+def no_exports(monkeypatch):
+    """Trains without the ONNX and TorchScript exports, for tests that check neither (1-5 s a run).
+
+    An export failure is never fatal (``train.outputs._exports`` records it), so leaving them
+    out changes nothing a test of training asserts; tests/train/test_export.py, predict,
+    promote, serving and the kfp.local runs keep the real exports.
+    """
+    from imgpipe.train import outputs
+
+    monkeypatch.setattr(outputs, "_exports", lambda run: ({}, {}))
+
+
 @pytest.fixture(scope="module")
 def ray_session(s3_endpoint):
     """One small local Ray per test module; the steps must reuse it, not stop it.

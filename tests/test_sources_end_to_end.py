@@ -24,7 +24,7 @@ from imgpipe.steps.train import train
 from imgpipe.train.config import TrainConfig
 from tests.imagefactory import jpeg
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("no_exports")]  # the exports are tests/train/test_export.py's
 CLASSES = ("cat", "dog", "fox")
 PER_CLASS = 6
 FAST = DownloadConfig(retries=1, backoff_s=0.0, timeout_s=5.0, fetch_workers=4)

@@ -47,6 +47,9 @@ from tests import rbac
 from tests.remote.test_kuberay import Recording, prune, strict
 from tests.train.test_loader import write_resize_output
 
+# No test here checks the ONNX or TorchScript exports (tests/train/test_export.py does).
+pytestmark = pytest.mark.usefixtures("no_exports")
+
 ROOT = Path(__file__).resolve().parents[2]
 RUN_USER = rbac.service_account("ml", kfp_client.PIPELINE_SERVICE_ACCOUNT)
 # The TrainJob CRD of each Trainer release kubeflow/manifests ships or imgpipe supports.
@@ -78,6 +81,10 @@ def trainjob_schemas() -> dict[str, dict]:
         [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
         out[release] = version["schema"]["openAPIV3Schema"]
     return out
+
+
+# For a test that installs the CRDs it needs itself: the release of ``setup`` would only repeat it.
+ONE_RELEASE = pytest.mark.parametrize("trainer_release", [next(iter(CRDS))])
 
 
 @pytest.fixture(params=list(CRDS))
@@ -312,6 +319,7 @@ def test_every_node_gets_a_memory_backed_dev_shm(setup, trainjob_schema, monkeyp
             trainjob.build_trainjob(trainjob.TrainJobParams(shm_size=bad, **params))
 
 
+@ONE_RELEASE
 def test_on_trainer_2_1_the_strict_create_is_refused_and_nothing_but_the_2_1_form_is_created(setup, trainjob_schemas):
     api = FakeTrainer(trainjob_schemas["v2.1.0"], None, SUCCESS)
     report, _ = run(setup, api)
@@ -320,6 +328,7 @@ def test_on_trainer_2_1_the_strict_create_is_refused_and_nothing_but_the_2_1_for
     assert report.step == "train"
 
 
+@ONE_RELEASE
 def test_a_crd_with_neither_api_is_refused_in_one_line_naming_the_install_step(setup, trainjob_schemas):
     old = copy.deepcopy(trainjob_schemas["v2.1.0"])
     del old["properties"]["spec"]["properties"]["podTemplateOverrides"]
@@ -331,6 +340,7 @@ def test_a_crd_with_neither_api_is_refused_in_one_line_naming_the_install_step(s
     assert "kubectl apply --server-side -k" in message and "\n" not in message and api.created == []
 
 
+@ONE_RELEASE
 def test_an_api_server_that_prunes_despite_strict_validation_is_caught_and_the_trainjob_deleted(setup, trainjob_schemas, monkeypatch):
     monkeypatch.setenv(trainjob.SHM_ENV, "16Gi")
     old = copy.deepcopy(trainjob_schemas["v2.2.1"])
@@ -424,6 +434,7 @@ def test_the_deadline_exceeded_condition_ends_the_wait(setup):
         run(setup, setup["fake"](script=[RUNNING, exceeded]))
 
 
+@ONE_RELEASE
 def test_on_trainer_2_1_the_wait_deadline_deletes_the_trainjob(setup, trainjob_schemas):
     api = FakeTrainer(trainjob_schemas["v2.1.0"], None, [RUNNING] * 50)
     with pytest.raises(TimeoutError):

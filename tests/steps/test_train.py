@@ -32,6 +32,9 @@ from imgpipe.train.recipes import resolve as resolve_recipe
 from tests.helpers import torchrun_two_ranks
 from tests.train.test_loader import write_resize_output
 
+# Only the module fixture `finished` (set up before any function fixture) checks the exports, and keeps them.
+pytestmark = pytest.mark.usefixtures("no_exports")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COUNTS = {"train": 32, "val": 8, "test": 8}
 

@@ -31,6 +31,9 @@ from tests.steps.test_train import COUNTS, tiny, train_preempted_at
 from tests.train.test_loader import write_resize_output
 from tests.train.test_pretrained import count_downloads, serve_weights
 
+# No test here checks the ONNX or TorchScript exports (tests/train/test_export.py does).
+pytestmark = pytest.mark.usefixtures("no_exports")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> str:

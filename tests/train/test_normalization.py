@@ -29,6 +29,9 @@ from imgpipe.train.models import build_model, resolve_weights
 from tests.steps.test_resize import build_clean
 from tests.train.test_pretrained import count_downloads, serve_weights
 
+# For a training whose ONNX and TorchScript exports nothing reads (predict reads the ONNX one).
+NO_EXPORTS = pytest.mark.usefixtures("no_exports")
+
 DATA_MEAN, DATA_STD = [0.41, 0.52, 0.33], [0.21, 0.19, 0.24]
 
 
@@ -147,6 +150,7 @@ def test_a_run_from_scratch_records_the_datas_statistics_and_predict_reproduces_
 
 
 @pytest.mark.ray
+@NO_EXPORTS
 def test_a_pretrained_run_keeps_the_weights_statistics_on_data_with_its_own(resized, tmp_path, monkeypatch):
     weights, _ = serve_weights("resnet18", "DEFAULT", tmp_path / "hub", monkeypatch, seed=1)
     own = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
