@@ -22,6 +22,11 @@ What is chosen per run: the pipeline parameters of :func:`imgpipe_pipeline`
 (``imgpipe submit --param k=v``); any step config field through ``step_config``
 (``{"train": {"lr": 3e-4}}``), which wins over the typed parameters.
 
+Download and clean run as one task each, or, in a package compiled with ``PipelineOptions.shards``
+above 1, as a ``ParallelFor`` of ``prepare-shard`` tasks (each downloads and cleans its share of
+the sources) and a ``merge-shards`` task that writes the one clean output resize reads
+(:mod:`imgpipe.kfp.shards`, docs/sources.md, "Past one pod").
+
 Resize runs as one of two tasks, chosen by ``ray_address`` at run time: ``resize-local``
 (``ray_address == ""``: Ray inside the pod, sized like clean) or ``resize`` (a KubeRay
 RayJob or a Ray cluster's Jobs API does the work; the pod only submits and follows it,

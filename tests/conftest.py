@@ -24,8 +24,31 @@ SCHEMAS = ROOT / "tests" / "schemas"
 RAY_ALLOWED = os.environ.get("IMGPIPE_IN_NETNS") == "1" or os.environ.get("IMGPIPE_RAY_OUTSIDE_NETNS") == "1"
 
 
+# The test files that take longest (seconds of `make test`, 2026-11-25), longest first: given
+# to the two xdist workers first (`--dist loadfile` hands files out in collection order), so
+# that the run ends on short files rather than one worker finishing a minute-long one alone.
+LONGEST_FIRST = (
+    "tests/steps/test_train.py",
+    "tests/test_pipeline.py",
+    "tests/remote/test_trainjob.py",
+    "tests/test_sharded_pipeline.py",
+    "tests/steps/test_predict_preprocessing.py",
+    "tests/test_output_readers.py",
+    "tests/steps/test_resize.py",
+    "tests/train/test_normalization.py",
+    "tests/test_sources_end_to_end.py",
+    "tests/steps/test_audit.py",
+    "tests/remote/test_ray_jobs.py",
+    "tests/remote/test_ranks.py",
+    "tests/steps/test_train_transfer.py",
+    "tests/train/test_evaluation.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skips ``@pytest.mark.ray`` tests, with the reason, outside the loopback-only namespace."""
+    """Orders the longest files first (:data:`LONGEST_FIRST`); skips ``ray`` tests, with the reason, outside the loopback-only namespace."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix(), len(rank)))  # stable
     if RAY_ALLOWED:
         return
     skip = pytest.mark.skip(reason="starts Ray: run under scripts/in-loopback-netns (make test does)")

@@ -96,7 +96,7 @@ KINDS = {"prefix": _prefix, "urilist": _uri_list, "webdataset": _webdataset, "hf
 
 # A bucket prefix and WebDataset shards in make test; the others' readers are tested on their
 # own (tests/data/test_readers.py), and run end to end in make test-slow.
-IN_MAKE_TEST = ("prefix", "webdataset")
+IN_MAKE_TEST = ("webdataset",)  # a prefix is tests/test_sharded_pipeline.py's kfp.local run's source too
 
 
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k in IN_MAKE_TEST else pytest.mark.slow) for k in KINDS])

@@ -151,6 +151,7 @@ def test_a_run_from_scratch_records_the_datas_statistics_and_predict_reproduces_
 
 @pytest.mark.ray
 @NO_EXPORTS
+@pytest.mark.slow  # test_pretrained_weights_keep_their_own_statistics (above) and test_train_transfer's cache run cover it
 def test_a_pretrained_run_keeps_the_weights_statistics_on_data_with_its_own(resized, tmp_path, monkeypatch):
     weights, _ = serve_weights("resnet18", "DEFAULT", tmp_path / "hub", monkeypatch, seed=1)
     own = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
