@@ -34,6 +34,7 @@ __all__ = [
     "Policy",
     "AugmentConfig",
     "LoaderConfig",
+    "LOADER_ENGINES",
     "TrainConfig",
     "WEIGHTS_CACHE",
     "default_num_workers",
@@ -126,6 +127,9 @@ class AugmentConfig:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
 
 
+LOADER_ENGINES = ("threads", "processes")
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
     """How one split is streamed.
@@ -151,6 +155,11 @@ class LoaderConfig:
             ``forkserver``); ``None`` picks ``forkserver`` for ``s3://`` data (the AWS
             SDK's threads in the parent do not survive a ``fork``) and ``fork``, the
             quickest to start, otherwise.
+        engine: What the ``num_workers`` workers are: ``threads`` in the training
+            process (nothing to start, no batch copied between processes; reads,
+            decoding and OpenCV release the GIL), or DataLoader worker ``processes``
+            (for a transform that holds the GIL in Python). Both deliver the same
+            batches in the same order.
     """
 
     batch_size: int = 128
@@ -163,9 +172,12 @@ class LoaderConfig:
     pin_memory: bool | None = None
     persistent_workers: bool = True
     multiprocessing_context: str | None = None
+    engine: str = "processes"
 
     def __post_init__(self) -> None:
         check_range("batch_size", self.batch_size, 1, integer=True)
+        if self.engine not in LOADER_ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(LOADER_ENGINES)}, got {self.engine!r}")
         check_range("shuffle_buffer", self.shuffle_buffer, 0, integer=True)
         if self.num_workers is not None:
             check_range("num_workers", self.num_workers, 0, integer=True, note="or unset: automatic")

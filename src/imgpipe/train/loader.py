@@ -36,6 +36,7 @@ from imgpipe.train.partition import (
     sample_seed,
     worker_batches,
 )
+from imgpipe.train.threads import thread_batches
 
 __all__ = [
     "SampleFn",
@@ -60,8 +61,22 @@ SampleFn = Callable[[np.ndarray, int], np.ndarray]
 @dataclass
 class _Row:
     label: int
-    data: bytes
+    data: np.ndarray  # uint8, a view of the row group's Arrow buffer (no copy)
     shape: tuple[int, int, int]
+
+
+def _binary_views(array: Any) -> list[np.ndarray]:
+    """Each value of an Arrow binary array as a uint8 view of its data buffer: no copy per row.
+
+    The views keep the buffer (and so the row group) alive until the last one is dropped.
+    """
+    if array.null_count:
+        raise ValueError("an image column holds nulls; the resize step never writes them (is this a resize output?)")
+    _, offsets, data = array.buffers()
+    width = 8 if str(array.type) in ("large_binary", "large_string") else 4
+    starts = np.frombuffer(offsets, dtype=np.int64 if width == 8 else np.int32)[array.offset : array.offset + len(array) + 1]
+    flat = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
+    return [flat[a:b] for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
 
 
 class _RowGroupReader:
@@ -81,14 +96,14 @@ class _RowGroupReader:
             if pf is None:
                 pf = self._files[group.file] = pq.ParquetFile(self._fs.open_input_file(storage.arrow_path(group.file)))
             table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column])
-            payload = table.column(self.column)
+            payload = table.column(self.column).combine_chunks()
             if self.info.format == "jpeg":
-                payload = payload.combine_chunks().field("bytes")
+                payload = payload.field("bytes")
             return [
                 _Row(label, data, (h, w, c))
                 for label, data, h, w, c in zip(
                     table.column("label").to_pylist(),
-                    payload.to_pylist(),
+                    _binary_views(payload),
                     table.column("height").to_pylist(),
                     table.column("width").to_pylist(),
                     table.column("channels").to_pylist(),
@@ -106,11 +121,11 @@ class _RowGroupReader:
 
 def _decode_raw(rows: Sequence[_Row]) -> list[np.ndarray]:
     """Raw rows as ``H x W x C`` uint8 views of their bytes (read-only, no copy)."""
-    return [np.frombuffer(r.data, dtype=np.uint8).reshape(r.shape) for r in rows]
+    return [r.data.reshape(r.shape) for r in rows]
 
 
 def _jpeg_tensor(row: _Row) -> torch.Tensor:
-    return torch.frombuffer(bytearray(row.data), dtype=torch.uint8)
+    return torch.from_numpy(row.data.copy())  # a writable copy: torch warns on a read-only buffer
 
 
 def _decode_jpeg_cpu(rows: Sequence[_Row]) -> list[np.ndarray]:
@@ -244,16 +259,23 @@ class ParquetImageDataset(IterableDataset):
             _sequential_opencv()
         epoch, rotation = int(self.shared[0]), int(self.shared[1])
         part = (worker_id + rotation) % self.parts
-        skip = int(self.shared[2 + part])
+        for rows, keys in self.part_rows(epoch, part, int(self.shared[2 + part])):
+            yield self.make_batch(rows, keys, epoch, part)
+
+    def part_rows(self, epoch: int, part: int, skip: int = 0) -> Iterator[tuple[list[_Row], list[int]]]:
+        """The undecoded rows and split positions of each batch of worker partition ``part`` in ``epoch``.
+
+        ``skip`` samples of the partition were delivered before (a resumed epoch). Reading
+        is cheap next to :meth:`make_batch`, which turns the rows into a batch.
+        """
         mine, order = epoch_order(self.info, self.cfg, epoch, self.rank, self.world_size, part, self.parts)
-        order = order[skip:]
         reader = _RowGroupReader(self.info)
         try:
-            yield from self._batches(mine, order, reader, epoch, part)
+            yield from self._batches(mine, order[skip:], reader)
         finally:
             reader.close()
 
-    def _batches(self, mine: list[Unit], order: np.ndarray, reader: _RowGroupReader, epoch: int, part: int) -> Iterator[dict[str, Any]]:
+    def _batches(self, mine: list[Unit], order: np.ndarray, reader: _RowGroupReader) -> Iterator[tuple[list[_Row], list[int]]]:
         position = {int(g): i for i, g in enumerate(order.tolist())}
         starts = np.array([g.first_index for g in self.info.row_groups])
         ranges_by_group: dict[int, list[tuple[int, int]]] = {}
@@ -277,9 +299,10 @@ class ParquetImageDataset(IterableDataset):
                             if position.get(idx, -1) >= position[k]:
                                 pending[idx] = loaded[r]
                 rows.append(pending.pop(k))
-            yield self._make_batch(rows, keys, epoch, part)
+            yield rows, keys
 
-    def _make_batch(self, rows: list[_Row], keys: list[int], epoch: int, part: int) -> dict[str, Any]:
+    def make_batch(self, rows: list[_Row], keys: list[int], epoch: int, part: int) -> dict[str, Any]:
+        """One batch (class docstring) from :meth:`part_rows`' rows: decoded, transformed, stacked."""
         labels = torch.tensor([r.label for r in rows], dtype=torch.int64)
         index = torch.tensor(keys, dtype=torch.int64)
         if self.decode_on_device:
@@ -362,6 +385,22 @@ class ImageLoader:
             )
         return self._loader
 
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """The current epoch's batches from where it stands, made by the configured engine."""
+        if self.cfg.engine == "processes" or self.num_workers == 0:
+            return iter(self._dataloader())
+        _sequential_opencv()  # the threads are the parallelism
+        pin = torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
+        return thread_batches(
+            self.dataset,
+            epoch=self.epoch,
+            rotation=self._rotation,
+            consumed=list(self._consumed),
+            workers=self.num_workers,
+            prefetch=self.cfg.prefetch_factor,
+            pin=pin,
+        )
+
     def _start_method(self) -> str:
         if self.cfg.multiprocessing_context is not None:
             return self.cfg.multiprocessing_context
@@ -398,7 +437,7 @@ class ImageLoader:
         shared[0], shared[1] = self.epoch, self._rotation
         for p in range(self.parts):
             shared[2 + p] = self._consumed[p]
-        for batch in self._dataloader():
+        for batch in self._batches():
             self._consumed[batch["part"]] += len(batch["label"])
             yield batch
             remaining -= 1
