@@ -377,3 +377,36 @@ def test_kornia_noise_and_jpeg_keep_shape_and_stay_close(channels):
         out = BatchAugment(AugmentConfig(**{**_ONLY, **extra}), 32, channels, crop=False)(batch, seed=3)
         assert out.shape == base.shape and torch.isfinite(out).all()
         assert 0 < (out - base).abs().mean() < 2.0, extra
+
+
+def _albumentations_itself(transform: SampleTransform, image: np.ndarray, seed: int) -> np.ndarray:
+    """The transform's own ``albumentations.Compose``, run as albumentations runs it, with the sample's generators."""
+    pipeline = transform.pipeline
+    pipeline.set_random_state(np.random.Generator(np.random.PCG64(seed)), random.Random(seed))
+    out = pipeline(image=image)["image"]
+    return out[..., None] if out.ndim == 2 else out
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AugmentConfig(policy="basic", color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0),  # RRC + flip
+        AugmentConfig(policy="basic", hflip=False, color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0),  # RRC
+        AugmentConfig(),  # the default recipe: a policy and erasing after the crop
+        AugmentConfig(color_jitter=0.3, rotation=10, crop_scale=(0.3, 1.0)),
+    ],
+)
+def test_the_native_crop_and_flip_are_albumentations_own_pixels(cfg, channels):
+    rng = np.random.default_rng(7)
+    for size in (24, 64):
+        transform = build_train_transform(cfg, size, channels)
+        reference = build_train_transform(cfg, size, channels)  # its pipeline gets other generators below
+        for i in range(120):
+            image = rng.integers(0, 256, (int(rng.integers(8, 90)), int(rng.integers(8, 90)), channels), dtype=np.uint8)
+            image.flags.writeable = False  # as the loader's rows are
+            expected = _albumentations_itself(reference, image, i)
+            np.testing.assert_array_equal(transform(image, i), expected)
+            row = np.zeros((size, size, channels), np.uint8)
+            assert transform(image, i, out=row) is row
+            np.testing.assert_array_equal(row, expected)

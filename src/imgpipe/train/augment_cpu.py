@@ -65,12 +65,32 @@ def _policy(cfg: AugmentConfig, size: int) -> PolicyTransform | None:
 # The transforms.
 
 
+def _filled(slot: np.ndarray, image: np.ndarray) -> np.ndarray:
+    np.copyto(slot, image)
+    return slot
+
+
+def _flipped(image: np.ndarray, *, in_place: bool) -> np.ndarray:
+    """``image`` mirrored left to right: in place where it is a slot of ours, else a new array."""
+    if in_place:
+        image[:] = image[:, ::-1].copy()
+        return image
+    return np.ascontiguousarray(image[:, ::-1])
+
+
 class SampleTransform:
     """One sample's transform: ``H x W x C`` uint8 in (any ``H x W``), ``size x size x C`` uint8 out.
 
-    Called as ``transform(image, seed)``. Random transforms draw only from generators
+    Called as ``transform(image, seed)``, or ``transform(image, seed, out=slot)`` to write
+    the result into ``slot`` (a batch's row). Random transforms draw only from generators
     made from ``seed`` for this call; deterministic ones ignore it. Picklable (workers
     started by spawn or forkserver receive a copy).
+
+    A pipeline that starts with a ``RandomResizedCrop`` (and a ``HorizontalFlip``) runs those
+    two natively: albumentations' own crop parameters from the same draws, then one
+    ``cv2.resize`` straight into ``out`` and an in-place flip, without albumentations' per-call
+    bookkeeping; the rest of the pipeline, if any, runs as albumentations runs it. The pixels
+    are albumentations' own, bit for bit (``tests/train/test_augment.py``).
 
     Attributes:
         pipeline: The ``albumentations.Compose`` it runs.
@@ -79,11 +99,19 @@ class SampleTransform:
         random: Whether the output depends on the seed.
     """
 
+    fills_out = True  # the loader may pass out= (a batch's row)
+
     def __init__(self, ops: Sequence[A.BasicTransform | A.BaseCompose], size: int, channels: int | None, *, random: bool) -> None:
         if channels is not None:
             channel_stats(channels)  # validates the channel count
-        self.pipeline = A.Compose(list(ops), p=1.0, is_check_shapes=False)
+        ops = list(ops)
+        self.pipeline = A.Compose(ops, p=1.0, is_check_shapes=False)
         self.size, self.channels, self.random = size, channels, random
+        crop = ops[0] if ops and type(ops[0]) is A.RandomResizedCrop else None
+        flip = ops[1] if crop is not None and len(ops) > 1 and type(ops[1]) is A.HorizontalFlip else None
+        self._crop, self._flip = crop, flip
+        rest = ops[(crop is not None) + (flip is not None) :]
+        self._rest = A.Compose(rest, p=1.0, is_check_shapes=False) if crop is not None and rest else None
         self._link_generators()
 
     def _link_generators(self) -> None:
@@ -91,12 +119,33 @@ class SampleTransform:
         self._np_rng = np.random.Generator(np.random.PCG64(0))
         self._py_rng = _random.Random(0)
         self.pipeline.set_random_state(self._np_rng, self._py_rng)
+        if self._rest is not None:
+            self._rest.set_random_state(self._np_rng, self._py_rng)
+
+    def _native_head(self, image: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """The leading crop (and flip) with albumentations' draws, in albumentations' order."""
+        crop, flip, rng = self._crop, self._flip, self._py_rng
+        rng.random()  # Compose's own draw: it makes one even at p=1 (need_to_run)
+        x1, y1, x2, y2 = crop.get_params_dependent_on_data({"shape": image.shape}, {"image": image})["crop_coords"]
+        region = image[y1:y2, x1:x2]
+        h, w = crop.size
+        slot = out if out is not None and self._rest is None and out.shape == (h, w, image.shape[2]) else None
+        if region.shape[:2] == (h, w):  # albumentations keeps a crop of the right size as it is
+            result = region if slot is None else _filled(slot, region)
+        else:
+            interpolation = crop._get_interpolation_for_resize(region.shape[:2], "image")
+            result = cv2.resize(region, (w, h), dst=slot, interpolation=interpolation)
+            if result.ndim == 2:  # OpenCV drops the channel axis of a one-channel image
+                result = result[..., None]
+        if flip is not None and flip.p > 0 and (flip.p >= 1 or rng.random() < flip.p):
+            result = _flipped(result, in_place=np.shares_memory(result, out) if out is not None else False)
+        return result
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._link_generators()  # a copy (spawned worker) must not rely on pickle keeping them shared
 
-    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
+    def __call__(self, image: np.ndarray, seed: int, out: np.ndarray | None = None) -> np.ndarray:
         expected = (1, 3) if self.channels is None else (self.channels,)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in expected:
             raise TypeError(f"expected an H x W x {' or '.join(map(str, expected))} uint8 array, got {image.dtype} {tuple(image.shape)}")
@@ -104,10 +153,18 @@ class SampleTransform:
             # Reset in place: the state depends on this seed alone (as fresh generators would).
             self._py_rng.seed(seed)
             self._np_rng.bit_generator.state = np.random.PCG64(seed).state
-        out = self.pipeline(image=image)["image"]
-        if out.ndim == 2:  # an OpenCV kernel dropped the channel axis of a one-channel image
-            out = out[..., None]
-        return out
+        if self._crop is not None:
+            result = self._native_head(image, out)
+            if self._rest is not None:
+                result = self._rest(image=result, force_apply=True)["image"]  # force_apply: no second Compose draw
+        else:
+            result = self.pipeline(image=image)["image"]
+        if result.ndim == 2:  # an OpenCV kernel dropped the channel axis of a one-channel image
+            result = result[..., None]
+        if out is not None and not np.shares_memory(result, out):
+            np.copyto(out, result)
+            return out
+        return result
 
     def __repr__(self) -> str:
         return f"SampleTransform(size={self.size}, channels={self.channels}, random={self.random}, {self.pipeline!r})"

@@ -155,14 +155,17 @@ def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torc
     return torch.stack(images)
 
 
+_MIXED_SIZES = (
+    "a batch holds images of different sizes and no transform makes them equal; "
+    "pass a transform with a fixed output size (the resize step's outputs are all alike)"
+)
+
+
 def _stack(images: Sequence[np.ndarray]) -> torch.Tensor:
     """``H x W x C`` arrays as one ``N x C x H x W`` uint8 tensor with channels-last strides (one copy)."""
     shapes = {i.shape for i in images}
     if len(shapes) != 1:
-        raise ValueError(
-            "a batch holds images of different sizes and no transform makes them equal; "
-            "pass a transform with a fixed output size (the resize step's outputs are all alike)"
-        )
+        raise ValueError(_MIXED_SIZES)
     batch = np.empty((len(images), *images[0].shape), dtype=np.uint8)
     for i, image in enumerate(images):
         batch[i] = image
@@ -309,9 +312,26 @@ class ParquetImageDataset(IterableDataset):
             return {"image": [_jpeg_tensor(r) for r in rows], "label": labels, "index": index, "part": part}
         images = _decode_raw(rows) if self.info.format == "raw" else _decode_jpeg_cpu(rows)
         if self.transform is not None:
-            seed = self.cfg.seed
-            images = [self.transform(image, sample_seed(seed, epoch, key)) for image, key in zip(images, keys)]
+            return {"image": self._transformed(images, keys, epoch), "label": labels, "index": index, "part": part}
         return {"image": _stack(images), "label": labels, "index": index, "part": part}
+
+    def _transformed(self, images: Sequence[np.ndarray], keys: Sequence[int], epoch: int) -> torch.Tensor:
+        """The transform's outputs as one ``N x C x H x W`` batch, each written into its row where the transform can."""
+        transform, seed = self.transform, self.cfg.seed
+        assert transform is not None
+        fills = getattr(transform, "fills_out", False)  # SampleTransform: transform(image, seed, out=row)
+        first = transform(images[0], sample_seed(seed, epoch, keys[0]))
+        batch = np.empty((len(images), *first.shape), dtype=np.uint8)
+        batch[0] = first
+        for i in range(1, len(images)):
+            row = batch[i]
+            seed_i = sample_seed(seed, epoch, keys[i])
+            got = transform(images[i], seed_i, out=row) if fills else transform(images[i], seed_i)
+            if got is not row:
+                if got.shape != row.shape:
+                    raise ValueError(_MIXED_SIZES)
+                row[...] = got
+        return torch.from_numpy(batch).permute(0, 3, 1, 2)
 
 
 class ImageLoader:
