@@ -165,7 +165,7 @@ def _resize_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("source", help="committed clean output prefix")
     p.add_argument("dest", help="output prefix")
-    add_field_flags(p, ResizeConfig, ("size", "mode", "train_mode", "preset", "format", "ops", "ray_address"), flags={"ops": "--op"})
+    add_field_flags(p, ResizeConfig, ("size", "mode", "train_mode", "preset", "format", "ops", "ray_address", "executor"), flags={"ops": "--op"})
     p.add_argument(
         "--run-id",
         help="with a remote --ray-address: retries with the same run id re-attach to the job instead of running it twice (default: $IMGPIPE_RUN_ID)",
