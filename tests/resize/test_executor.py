@@ -6,6 +6,7 @@ The step on each executor, end to end, is tests/steps/test_resize.py's.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -112,3 +113,19 @@ def test_a_stalled_pool_fails_and_its_workers_are_killed():
     with stalled, pool_results(tasks, _hang, {}, 1, ["file:///a.parquet"], no_progress_timeout_s=0.5) as results:
         list(results)
     assert time.monotonic() - started < 30, "the hanging worker was killed, not waited for"
+
+
+def test_a_pool_worker_builds_tables_without_importing_pandas():
+    # A fresh interpreter, set up as a pool worker: pyarrow would import pandas (where
+    # installed) the first time it builds an array, only to recognize pandas objects.
+    code = (
+        "import os, sys\n"
+        "import numpy as np, pyarrow as pa\n"
+        "from imgpipe import storage\n"
+        "from imgpipe.resize.executor import _init_worker\n"
+        "_init_worker(storage.settings(), os.getppid())\n"
+        "table = pa.table({'image': np.array([b'x', b'yz'], dtype=object), 'order': np.arange(2)})\n"
+        "print(table.num_rows, 'pandas' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.split() == ["2", "False"], out
