@@ -6,10 +6,12 @@ the tables report medians and the ratios between methods. Sets are real photogra
 ``bench/photos.py``) at about 0.2, 3 and 12 megapixels.
 
 * **ours**: :func:`imgpipe.steps.resize.resize` end to end on ``file://`` (Parquet read in
-  the Ray tasks, resize, output Parquet written by the driver), with the default config
-  and with ``concurrency`` = all CPUs. The input is clean's layout with row groups of
+  the tasks, resize, output Parquet written by the tasks), on Ray (``executor="ray"``) with
+  the default concurrency and with ``concurrency`` = all CPUs, and on the step's own
+  process pool (``executor="pool"``, its workers started in every run, from a forkserver
+  because Ray runs in this process). The input is clean's layout with row groups of
   ``ceil(count / (workers * --tasks-per-cpu))`` rows, so a small set still makes several
-  tasks (the step runs one task per row group).
+  tasks.
 * **baseline (bytes)**: ``ray.data.read_binary_files`` on the same JPEGs as files, then
   PIL decode + torchvision ``Resize(256)`` + ``CenterCrop(224)`` per image in
   ``map_batches``; **baseline (read_images)**: ``ray.data.read_images`` (full decode in
@@ -31,9 +33,11 @@ but Ray Data's per-execution start-up of a few tenths of a second is included) a
 arrival to the last). Pools are started and warmed outside the timing.
 
 Cold (``--cold``, what a pod pays): each set once more, each method in a fresh process timed
-from outside: ``imgpipe resize SOURCE DEST`` (imports, its own local Ray, the run, the commit)
-against a fresh process that reads the same clean output and maps ``resize_image`` over it in
-a ``multiprocessing.Pool`` (imports, pool start, reading, resizing), and against a fresh
+from outside, ``--cold-repeats`` times in turn (medians): ``imgpipe resize SOURCE DEST
+--executor ray`` (imports, its own local Ray, the run, the commit) and ``--executor pool``
+(the step's own pool; what ``auto`` picks for a small local input), against a fresh process
+that reads the same clean output and maps ``resize_image`` over it in a
+``multiprocessing.Pool`` (imports, pool start, reading, resizing), and against a fresh
 process running the process-pool step (the same output, committed). The fixed cost of each is
 its cold time less ``images / steady rate`` (the steady rates measured above), i.e. what it
 pays before and around the work itself.
@@ -42,7 +46,7 @@ Per-image CPU time: one process, no Ray, ``time.process_time`` per piece (full d
 draft decode, ``resize_image``, the reference, the baseline recipe, and ``resize_image``
 at a smaller DRAFT_MARGIN with its difference from the reference).
 
-Peak memory: the resize step (default config, its own Ray) runs on 2,000 and on 20,000
+Peak memory: the resize step (default config on Ray, its own Ray) runs on 2,000 and on 20,000
 small photos in clean's default layout, each count in a fresh driver process, while a
 thread samples the summed RSS and PSS of the driver and all its descendants (Ray's GCS,
 the raylet with the object store, the workers) from ``/proc``.
@@ -81,6 +85,7 @@ from resize_common import (
     BASE_BYTES,
     BASE_IMAGES,
     OURS,
+    OURS_POOL,
     POOL_STEP,
     Clock,
     SetSpec,
@@ -240,6 +245,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="only the CPU-time table: no Ray, pools, memory",
     )
     parser.add_argument("--cold", action="store_true", help="also time each set's step and pool in fresh processes")
+    parser.add_argument("--cold-repeats", type=int, default=1, help="fresh processes per cold method (median)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-run", nargs=2, metavar=("SOURCE", "DEST"), help=argparse.SUPPRESS)
     parser.add_argument("--pool-run", nargs=2, metavar=("SOURCE", "WORKERS"), help=argparse.SUPPRESS)
@@ -279,8 +285,10 @@ def measure_set(
     scales = sorted({draft_scale(b) for b in blobs})
 
     ray_methods: dict[str, Callable[[Clock], int]] = {
-        OURS: lambda c: run_ours(source, dest, ResizeConfig(), c),
-        ours_all_cpus(args.workers): lambda c: run_ours(source, dest, ResizeConfig(concurrency=args.workers), c),
+        OURS: lambda c: run_ours(source, dest, ResizeConfig(executor="ray"), c),
+        ours_all_cpus(args.workers): lambda c: run_ours(source, dest, ResizeConfig(executor="ray", concurrency=args.workers), c),
+        # Its workers start in every run (a forkserver's: Ray runs in this process).
+        OURS_POOL: lambda c: run_ours(source, dest, ResizeConfig(executor="pool"), c),
         BASE_BYTES: lambda c: run_baseline_bytes(ray, folder, blocks, rg_rows, c),
         POOL_STEP: lambda c: pool_step(source, str(root / f"{s.label}-pool-step"), mp_pool, c),
     }
@@ -362,7 +370,7 @@ def summarize(results: list[dict[str, Any]], workers: int, read_images: bool) ->
         bases = [BASE_BYTES] + ([BASE_IMAGES] if read_images else [])
         fastest = max(bases, key=lambda b: r["methods"][b]["img_s"])
         large = r["set"] in ("3MP", "12MP")
-        for ours, tag in ((OURS, "default"), (ours_all_cpus(workers), f"concurrency={workers}")):
+        for ours, tag in ((OURS, "Ray"), (ours_all_cpus(workers), f"Ray, concurrency={workers}"), (OURS_POOL, "pool")):
             check(r, ours, fastest, f"ours ({tag}) / fastest baseline", speedup.get(r["set"]))
             check(
                 r,
@@ -487,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 ray.shutdown()
             env["loadavg_after_throughput"] = os.getloadavg()
             if args.cold:
-                cold = [measure_cold(root, r, args.workers) for r in results]
+                cold = [measure_cold(root, r, args.workers, args.cold_repeats) for r in results]
             if args.memory_counts:
                 w, h = (int(v) for v in args.memory_size.lower().split("x"))
                 memory = measure_memory(root, args.memory_counts, w, h, distinct=200, seed=args.seed)

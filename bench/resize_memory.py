@@ -86,12 +86,12 @@ def tree_memory_kib() -> tuple[int, int]:
 
 
 def memory_run(source: str, dest: str) -> dict[str, Any]:
-    """One peak-memory measurement: the resize step with defaults, starting its own Ray."""
+    """One peak-memory measurement: the resize step with defaults on Ray, starting its own Ray."""
     rss_before, pss_before = tree_memory_kib()
     sampler = TreeSampler()
     sampler.start()
     t0 = time.perf_counter()
-    outputs = run_ours(source, dest, ResizeConfig(), [])
+    outputs = run_ours(source, dest, ResizeConfig(executor="ray"), [])
     elapsed = time.perf_counter() - t0
     sampler.stop()
     return {
@@ -123,7 +123,7 @@ def measure_memory(root: Path, counts: Sequence[int], width: int, height: int, d
         del photos
         dest = root / f"mem-resize-{n}"
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--memory-run", source, str(dest)],
+            [sys.executable, str(Path(__file__).resolve().with_name("resize.py")), "--memory-run", source, str(dest)],
             check=True,
             stdout=subprocess.PIPE,
             text=True,

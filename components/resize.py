@@ -1,4 +1,4 @@
-"""The resize component: the run's ``clean/`` prefix into its ``resize/`` prefix, on Ray Data."""
+"""The resize component: the run's ``clean/`` prefix into its ``resize/`` prefix, on Ray Data or a local pool."""
 
 # No `from __future__ import annotations`: kfp reads the annotations as types.
 from typing import Optional
@@ -25,7 +25,7 @@ def resize(
     ray_address: Optional[str] = None,
     step_config: Optional[dict] = None,
 ) -> str:
-    """Resizes on a local Ray, a Ray cluster's Jobs API or a KubeRay RayJob (``ray_address``).
+    """Resizes in this pod (a process pool or a local Ray), a Ray cluster's Jobs API or a KubeRay RayJob (``ray_address``).
 
     The run id is the idempotency key of a remote Ray job: a retried task re-attaches
     to its job instead of starting a second one. Returns the committed prefix (what

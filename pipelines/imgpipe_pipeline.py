@@ -28,7 +28,8 @@ the sources) and a ``merge-shards`` task that writes the one clean output resize
 (:mod:`imgpipe.kfp.shards`, docs/sources.md, "Past one pod").
 
 Resize runs as one of two tasks, chosen by ``ray_address`` at run time: ``resize-local``
-(``ray_address == ""``: Ray inside the pod, sized like clean) or ``resize`` (a KubeRay
+(``ray_address == ""``: the work inside the pod, sized like clean: a process pool for a
+small input, else a local Ray, by ``ResizeConfig.executor``) or ``resize`` (a KubeRay
 RayJob or a Ray cluster's Jobs API does the work; the pod only submits and follows it,
 so it asks for what a poller needs). Train takes the committed prefix of whichever ran
 (``dsl.OneOf``). Train's memory limit covers its memory-backed ``/dev/shm``, which
@@ -153,7 +154,7 @@ PARAMETER_FIELDS: dict[str, tuple[type, str]] = {
     "promotion_tolerance": (PromoteConfig, "tolerance"),
 }
 # On Kubeflow the resize work goes to a KubeRay RayJob; the step's own default (a local
-# Ray, ResizeConfig.ray_address "") is the CLI's. "" runs Ray inside the resize pod.
+# Ray, ResizeConfig.ray_address "") is the CLI's. "" runs the work inside the resize pod.
 DEFAULT_RAY_ADDRESS = "kuberay"
 # The pipeline always trains, so its train split is stored whole by default: training crops
 # then sample the whole picture (as FFCV and timm do), and train centre-crops val/test as
@@ -175,7 +176,8 @@ _OTHER_PARAMETERS = {
     "aspect kept, short side image_size/0.875, for training crops over all of it), short-side-crop, fixed, pad, "
     "or empty for resize_mode; val and test always use resize_mode.",
     "ray_address": "Where resize runs: kuberay[://NAMESPACE] (a RayJob), http://HEAD:8265 (a Ray cluster's "
-    "Jobs API, one of IMGPIPE_RAY_CLUSTERS) or empty (Ray inside the resize pod).",
+    "Jobs API, one of IMGPIPE_RAY_CLUSTERS) or empty (inside the resize pod: a process pool for a small input, "
+    "else a local Ray; step_config's resize.executor decides).",
     "step_config": 'Any step config field, per step: {"train": {"lr": 0.0003}}; wins over the typed parameters.',
 }
 
@@ -271,7 +273,7 @@ def _default_resources() -> dict[str, Resources]:
         "prepare-shard": Resources("4", "4", "8Gi", "8Gi"),
         # About 60 bytes an image plus one Parquet batch per shard (imgpipe.steps.merge).
         "merge-shards": Resources("2", "2", "4Gi", "8Gi"),
-        # ray_address "": a local Ray in the pod does the work.
+        # ray_address "": the pod does the work (a process pool or a local Ray: ResizeConfig.executor).
         "resize-local": Resources("4", "4", "8Gi", "8Gi"),
         # KubeRay or a Ray cluster does the work; the pod submits, polls and copies the log.
         "resize": Resources("250m", "1", "512Mi", "1Gi"),

@@ -26,6 +26,7 @@ LOW = {
     "writer",
     "parquet",
     "resources",
+    "pools",
     "phases",
     "data",
     "report.html",

@@ -165,7 +165,7 @@ def _resize_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("source", help="committed clean output prefix")
     p.add_argument("dest", help="output prefix")
-    add_field_flags(p, ResizeConfig, ("size", "mode", "train_mode", "preset", "format", "ops", "ray_address"), flags={"ops": "--op"})
+    add_field_flags(p, ResizeConfig, ("size", "mode", "train_mode", "preset", "format", "ops", "ray_address", "executor"), flags={"ops": "--op"})
     p.add_argument(
         "--run-id",
         help="with a remote --ray-address: retries with the same run id re-attach to the job instead of running it twice (default: $IMGPIPE_RUN_ID)",
@@ -278,14 +278,18 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
     images_sub.add_parser("list", help="print kind, image name and what runs in it")
     images_sub.add_parser("bootstrap-base", help="build the Debian-based Python base image with mmdebstrap")
 
+    # --pipeline's choices import the pipeline package (kfp.artifacts, the reports, 0.12 s):
+    # a step command leaves them out as it leaves out the other steps' flags.
     p = sub.add_parser("compile", help="compile the Kubeflow pipeline (or the sweep) to a YAML package")
     p.add_argument("out", help="package path, e.g. out/imgpipe.yaml")
     _compile_options(p)
-    _pipeline_options(p)
+    if only in (None, "compile"):
+        _pipeline_options(p)
 
     p = sub.add_parser("submit", help="upload the pipeline version (idempotently) and start a run on Kubeflow Pipelines")
     _kfp_options(p)
-    _pipeline_options(p)
+    if only in (None, "submit"):
+        _pipeline_options(p)
     p.add_argument("--grid", help="with --pipeline imgpipe-sweep: a grid YAML, checked here and passed as the grid parameters")
     p.add_argument("--run-name", help="run display name; a run of that name in the experiment is re-attached to")
     p.add_argument("--wait", action="store_true", help="wait for the run to end; fail unless it succeeds")

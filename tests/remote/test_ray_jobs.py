@@ -473,6 +473,8 @@ def test_resize_runs_as_a_ray_job_and_a_retry_reattaches(jobs_env, tmp_path, cap
 
     manifest = contract.read_manifest(dest, expect_step="resize")
     assert manifest["config"]["ray_address"] == "" and manifest["config"]["size"] == 16
+    # Inside the job ($RAY_ADDRESS set) "auto" joins the cluster: a cluster path never takes the pool.
+    assert manifest["config"]["executor"] == "auto" and manifest["extra"]["executor"] == "ray"
     assert manifest["inputs"] == manifest["outputs"] + manifest["rejected"] == 6
     assert sum(f["rows"] for f in manifest["files"]) == 6 and len(contract.data_files(dest, manifest)) >= 2
     assert report.files == [contract.FileEntry(**f) for f in manifest["files"]]

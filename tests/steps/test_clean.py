@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import os
@@ -568,24 +567,6 @@ def test_a_decode_that_hangs_costs_one_image_after_the_time_limit(tmp_path, monk
 def test_image_timeout_must_not_be_negative():
     with pytest.raises(ValueError, match="image_timeout_s"):
         CleanConfig(image_timeout_s=-1)
-
-
-def test_the_pools_frozen_heap_leaves_a_callers_own_freeze_alone():
-    from imgpipe.clean.pool import _frozen_heap
-
-    with _frozen_heap():
-        assert gc.get_freeze_count() > 0
-    assert gc.get_freeze_count() == 0  # collectable again afterwards
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        with _frozen_heap():
-            pass
-        # Still frozen (an unfreeze empties the permanent generation). Not an exact count:
-        # frozen objects that another thread frees meanwhile leave it (seen: 2 of 789,774).
-        assert 0.99 * frozen <= gc.get_freeze_count() <= frozen
-    finally:
-        gc.unfreeze()
 
 
 # Real images in formats clean does not decode by default, under names that do not say so.

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import imgpipe.steps.resize as resize_module
 from imgpipe import contract, storage, writer
 from imgpipe.clean.config import CleanConfig
 from imgpipe.clean.decode import OUTPUT_SCHEMA as CLEAN_SCHEMA
@@ -86,6 +88,8 @@ def test_config_defaults_and_preset_override():
         ({"rows_per_shard": 0}, "rows_per_shard"),
         ({"no_progress_timeout_s": 0}, "no_progress_timeout_s"),
         ({"ray_address": "kuberay://Bad_NS"}, "namespace"),
+        ({"executor": "threads"}, "is not one of"),
+        ({"executor": "pool", "ray_address": "kuberay"}, "executor 'pool'"),
         ({"colour": "blue"}, "unknown ResizeConfig option"),
     ],
 )
@@ -113,6 +117,7 @@ def test_config_round_trips_through_yaml_overrides():
         "fast_decode",
         "max_pixels",
         "ray_address",
+        "executor",
         "batch_size",
         "concurrency",
         "rows_per_shard",
@@ -453,7 +458,7 @@ def check_output(source: str, dest: str, cfg: ResizeConfig) -> dict[str, pa.Tabl
 def test_end_to_end_local_partitioned_ordered_idempotent(ray_session, tmp_path):
     source = build_clean("file://" + str(tmp_path))
     dest = "file://" + str(tmp_path / "resize")
-    cfg = ResizeConfig(size=SIZE, batch_size=4, concurrency=1, rows_per_shard=5, row_group_rows=2)
+    cfg = ResizeConfig(size=SIZE, batch_size=4, concurrency=1, rows_per_shard=5, row_group_rows=2, executor="ray")
     report = resize(source, dest, cfg)
     assert ray_session.is_initialized(), "the step must not shut down a Ray it did not start"
     n = len(clean_members())
@@ -510,11 +515,12 @@ def test_the_driver_writes_no_data_file_and_handles_no_pixel(ray_session, tmp_pa
     monkeypatch.setattr(writer.ParquetSink, "write", refuse)
     monkeypatch.setattr(task_module, "run_task", refuse)
     dest = "file://" + str(tmp_path / "resize")
-    cfg = ResizeConfig(size=SIZE, batch_size=4, rows_per_shard=5, row_group_rows=2)
+    cfg = ResizeConfig(size=SIZE, batch_size=4, rows_per_shard=5, row_group_rows=2, executor="ray")
     report = resize(source, dest, cfg)
     assert report.outputs == len(clean_members()) and report.extra["tasks"] > 1
     assert sum(report.extra["ray_node_files"].values()) == len(report.files)
     assert sum(report.extra["ray_nodes"].values()) == report.inputs
+    assert report.extra["executor"] == "ray"
     check_output(source, dest, cfg)
     contract.verify_output(dest)
 
@@ -524,7 +530,7 @@ def test_end_to_end_on_s3(ray_session, s3_bucket):
     root = s3_bucket + "/run"
     source = build_clean(root)
     dest = storage.join(root, "resize")
-    cfg = ResizeConfig(preset="resnet", mode="pad", pad_value=114, batch_size=8, rows_per_shard=100)
+    cfg = ResizeConfig(preset="resnet", mode="pad", pad_value=114, batch_size=8, rows_per_shard=100, executor="ray")
     report = resize(source, dest, cfg)
     assert (report.outputs, report.rejected) == (len(clean_members()), 0)
     assert report.dest == dest and all(o.uri.startswith(s3_bucket) for o in storage.list_objects(dest))
@@ -599,7 +605,7 @@ def test_bad_rows_become_rejects_and_good_rows_survive(ray_session, tmp_path):
     rows = rows_with_two_bad(good, g4_split="train")
     source = write_clean_by_hand(str(tmp_path / "clean"), rows)
     dest = str(tmp_path / "resize")
-    cfg = ResizeConfig(size=SIZE, format="jpeg", batch_size=2, rows_per_shard=3, row_group_rows=2, ops=("equalize",))
+    cfg = ResizeConfig(size=SIZE, format="jpeg", batch_size=2, rows_per_shard=3, row_group_rows=2, ops=("equalize",), executor="ray")
     report = resize(source, dest, cfg)
     assert (report.inputs, report.outputs, report.rejected) == (8, 6, 2)
     assert report.rejects_by_reason == {"missing_image": 1, "undecodable": 1}
@@ -621,7 +627,7 @@ def test_bad_rows_become_rejects_and_good_rows_survive(ray_session, tmp_path):
 def test_train_split_stored_whole_and_the_others_cropped(ray_session, tmp_path):
     source = build_clean("file://" + str(tmp_path))
     dest = "file://" + str(tmp_path / "resize")
-    cfg = ResizeConfig(size=SIZE, train_mode="whole", batch_size=4, rows_per_shard=5, row_group_rows=2)
+    cfg = ResizeConfig(size=SIZE, train_mode="whole", batch_size=4, rows_per_shard=5, row_group_rows=2, executor="ray")
     report = resize(source, dest, cfg)
     n = len(clean_members())
     assert (report.inputs, report.outputs, report.rejected) == (n, n, 0)
@@ -658,7 +664,7 @@ def test_whole_train_split_jpeg_and_rejects(ray_session, tmp_path):
     rows = rows_with_two_bad(good, g4_split="test")
     source = write_clean_by_hand(str(tmp_path / "clean"), rows)
     dest = str(tmp_path / "resize")
-    cfg = ResizeConfig(size=SIZE, format="jpeg", train_mode="whole", batch_size=3, rows_per_shard=3, row_group_rows=2)
+    cfg = ResizeConfig(size=SIZE, format="jpeg", train_mode="whole", batch_size=3, rows_per_shard=3, row_group_rows=2, executor="ray")
     report = resize(source, dest, cfg)
     # The same accounting as without train_mode: every input is an output or a reject.
     assert (report.inputs, report.outputs, report.rejected) == (8, 6, 2)
@@ -672,6 +678,80 @@ def test_whole_train_split_jpeg_and_rejects(ray_session, tmp_path):
         source_size = Image.open(io.BytesIO(good[row["path"]])).size
         expected = plan_geometry(*source_size, cfg.spec_for(row["split"])).out_size
         assert img.size == expected and (row["split"] == "train") == (img.size != (SIZE, SIZE))
+
+
+# ------------------------------------------------------------------ the local process pool
+
+
+def _written(dest: str, report: contract.StepReport) -> dict[str, bytes]:
+    """Each data file's bytes, by its name without the attempt (which differs run to run)."""
+    return {writer.unscoped_name(e.name): storage.read_bytes(storage.join(dest, e.name)) for e in report.files}
+
+
+@ray_test
+@pytest.mark.parametrize("inputs", ["clean", "bad_rows"])
+def test_the_pool_and_ray_write_the_same_files(ray_session, tmp_path, inputs):
+    """The plan depends on the input alone, so either executor writes byte-identical files and rows.
+
+    Ray runs in this process (the module's session), so the pool starts its workers from a
+    forkserver here, as it does for S3 inputs.
+    """
+    if inputs == "clean":
+        source = build_clean("file://" + str(tmp_path))
+        settings = {"train_mode": "whole"}
+    else:
+        good = {f"g{i}.jpg": f.jpeg(50 + 20 * i, 40, seed=i) for i in range(6)}
+        source = write_clean_by_hand(str(tmp_path / "clean"), rows_with_two_bad(good, g4_split="test"))
+        settings = {"format": "jpeg", "ops": ("equalize",)}
+    reports, files = {}, {}
+    for executor in ("pool", "ray"):
+        dest = str(tmp_path / executor)
+        cfg = ResizeConfig(size=SIZE, batch_size=3, rows_per_shard=3, row_group_rows=2, executor=executor, **settings)
+        reports[executor] = resize(source, dest, cfg)
+        files[executor] = _written(dest, reports[executor])
+        check_output(source, dest, cfg)
+    pool, ray = reports["pool"], reports["ray"]
+    assert files["pool"] == files["ray"] and len(files["pool"]) > 1
+    assert contract.read_rejects(str(tmp_path / "pool")).equals(contract.read_rejects(str(tmp_path / "ray")))
+    assert (pool.inputs, pool.outputs, pool.rejected, pool.rejects_by_reason) == (ray.inputs, ray.outputs, ray.rejected, ray.rejects_by_reason)
+    assert (pool.extra["executor"], ray.extra["executor"]) == ("pool", "ray")
+    where = ("executor", "ray_nodes", "ray_node_files")
+    assert {k: v for k, v in pool.extra.items() if k not in where} == {k: v for k, v in ray.extra.items() if k not in where}
+    assert pool.extra["ray_nodes"] == {"local-pool": pool.inputs}
+    assert pool.extra["ray_node_files"] == {"local-pool": len(pool.files)}
+    assert sum(ray.extra["ray_nodes"].values()) == ray.inputs and "local-pool" not in ray.extra["ray_nodes"]
+
+
+def _die(task: int, units: list, **kwargs: object) -> None:
+    """A task whose worker dies as the OOM killer's SIGKILL would end it: no exception, no cleanup."""
+    os._exit(1)
+
+
+def test_a_pool_worker_that_dies_fails_the_step_and_commits_nothing(tmp_path, monkeypatch):
+    source = build_clean("file://" + str(tmp_path))
+    dest = "file://" + str(tmp_path / "resize")
+    cfg = ResizeConfig(size=SIZE, batch_size=4, rows_per_shard=5, row_group_rows=2, executor="pool")
+    assert resize(source, dest, cfg).extra["executor"] == "pool"  # a previous output, committed
+    monkeypatch.setattr(resize_module, "run_task", _die)  # the function the step hands its pool
+    with pytest.raises(RuntimeError, match="a pool worker died .* nothing is committed"):
+        resize(source, dest, cfg)
+    assert not contract.is_committed(dest)
+    with pytest.raises(contract.UncommittedOutputError):
+        contract.read_manifest(dest)
+
+
+def test_the_pool_path_imports_no_ray(tmp_path):
+    """``imgpipe resize`` of a small local input, as a pod runs it: a pool, and Ray never imported (``-X importtime``)."""
+    source = build_clean("file://" + str(tmp_path))
+    dest = str(tmp_path / "resize")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-X", "importtime", "-m", "imgpipe.cli", "resize", source, dest, "--size", str(SIZE)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=True, timeout=300)
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "imgpipe.resize.executor" in imported and "cv2" in imported, "the listing covers the step's imports"
+    assert sorted(m for m in imported if m.split(".")[0] == "ray") == []
+    manifest = contract.read_manifest(dest, expect_step="resize")
+    assert manifest["extra"]["executor"] == "pool" and manifest["outputs"] == len(clean_members())
 
 
 @pytest.mark.ray

@@ -20,14 +20,13 @@ is clean's.
 from __future__ import annotations
 
 import contextlib
-import gc
 import multiprocessing
 import os
 import signal
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -37,7 +36,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from imgpipe import resources, storage
+from imgpipe import pools, storage
 from imgpipe.clean.buckets import drop_buckets, marker_path, read_marker, take_suspect
 from imgpipe.clean.tasks import Task, TaskResult
 from imgpipe.data.images import load_decoders
@@ -108,12 +107,11 @@ def decode_pool(cpus: int, memory: int | None) -> DecodePool:
 
 
 def _init_worker(settings: storage.Settings, step_pid: int) -> None:
-    """Pool initializer: the same storage settings as the parent; gone when the step is gone."""
-    resources.die_with_parent(owner=step_pid)
+    """Pool initializer: :func:`imgpipe.pools.init_worker`, and quiet decoders."""
+    pools.init_worker(settings, step_pid)
     # What a decoder warns about (a bad TIFF tag, truncated EXIF) is in the reject detail or
     # harmless; from every worker it would only flood the step's log.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-    storage.use_settings(settings)
 
 
 def _kill_overdue(bucket_dir: str | Path, tasks: Iterable[Task], timeout_s: float) -> set[int]:
@@ -142,20 +140,11 @@ def _kill_overdue(bucket_dir: str | Path, tasks: Iterable[Task], timeout_s: floa
 
 
 def _pool_context(uris: Iterable[str]) -> multiprocessing.context.BaseContext:
-    """Fork where every input's backend survives a fork; else a forkserver with this module preloaded.
+    """Fork for fork-safe inputs, else a forkserver that imports :mod:`imgpipe.clean._forkserver` (:func:`imgpipe.pools.pool_context`).
 
-    An object store's client may keep threads that do not survive a fork (the child can
-    deadlock on a lock one of them held: :func:`imgpipe.storage.fork_safe`), so such inputs
-    get a forkserver, whose workers start in ~0.05 s each plus ~0.4 s once for the
-    server, instead of ~0.5 s each for spawn. Local inputs take plain fork, which saves
-    that ~0.4 s: a tenth of cleaning an Oxford-sized set on 2 cores.
+    The server imports that module and so runs :func:`import_before_fork` once for all its workers.
     """
-    if storage.fork_safe(uris):
-        return multiprocessing.get_context("fork")
-    ctx = multiprocessing.get_context("forkserver")
-    # The server imports this module and runs import_before_fork once for all its workers.
-    ctx.set_forkserver_preload([f"{__package__}._forkserver"])
-    return ctx
+    return pools.pool_context(uris, preload=[f"{__package__}._forkserver"])
 
 
 def run_tasks(
@@ -258,25 +247,6 @@ def import_before_fork() -> None:
     pa.array([0])
 
 
-@contextlib.contextmanager
-def _frozen_heap() -> Iterator[None]:
-    """Keeps the collector off this process's objects while forked workers run.
-
-    Forked workers share the parent's pages until something writes to them, and a
-    collection in a worker writes to every tracked object it inherited (measured: 0.12 s
-    of a 2.4 s decode pass on 2 cores). The objects are collectable again afterwards,
-    unless the caller had frozen its heap itself: that is left as it was.
-    """
-    if gc.get_freeze_count():  # unfreezing would undo the caller's freeze too
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def _run_pool(
     tasks: Sequence[Task],
     run: TaskFunction,
@@ -294,7 +264,7 @@ def _run_pool(
     """
     unfinished: list[Task] = []
     with (
-        _frozen_heap(),
+        pools.frozen_heap(),
         ProcessPoolExecutor(
             max_workers=min(workers, len(tasks)),
             mp_context=ctx,

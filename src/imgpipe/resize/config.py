@@ -1,5 +1,5 @@
 """The resize step's settings (OpenCV-free, so the pipeline compiles in the cpu image): a preset
-or a size, the per-image spec for each split, and where Ray runs.
+or a size, the per-image spec for each split, and where the tasks run (Ray or a local pool).
 
 cfg = ResizeConfig(preset="efficientnet_b3", ray_address="kuberay")
 cfg.spec_for("train")     # the ResizeSpec train images get (train_mode may differ)
@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from imgpipe.config import check_range
 from imgpipe.remote.targets import parse_address
 from imgpipe.resize.spec import PRESETS, OutputFormat, Resample, ResizeMode, ResizeSpec
 
-__all__ = ["ResizeConfig"]
+__all__ = ["EXECUTORS", "Executor", "ResizeConfig"]
+
+Executor = Literal["auto", "ray", "pool"]
+EXECUTORS: tuple[str, ...] = get_args(Executor)
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,9 @@ class ResizeConfig:
         fast_decode: Decode large JPEGs at a reduced DCT scale (see resize_ops).
         max_pixels: Largest image decoded, from its header (clean's ``max_pixels``; raise
             both together); a larger one is a ``too_large`` reject.
-        ray_address: ``""`` starts a local Ray (or joins the cluster ``RAY_ADDRESS``
-            names, as inside a Ray job); ``auto`` or ``ray://host:10001`` connects to
+        ray_address: ``""`` runs here: on a local Ray it starts or the pool (see
+            ``executor``), or on the cluster ``RAY_ADDRESS`` names, as inside a Ray
+            job; ``auto`` or ``ray://host:10001`` connects to
             an existing cluster. ``http://head:8265`` (a Jobs API) submits the step as
             a Ray job to that cluster; ``kuberay`` or ``kuberay://NAMESPACE`` creates a
             KubeRay ``RayJob`` from ``k8s/ray/rayjob-resize.yaml`` that brings its own
@@ -61,16 +66,26 @@ class ResizeConfig:
             returns the report of its committed output; a retry with the same run id
             re-attaches instead of running twice. See :mod:`imgpipe.remote.targets` and
             :mod:`imgpipe.remote.dispatch`.
+        executor: What runs the tasks where the step runs: ``ray`` (Ray Data on a local
+            Ray or the cluster ``ray_address`` joins), ``pool`` (a process pool of this
+            machine's CPUs; Ray is neither started nor imported; refused with a
+            ``ray_address``) or ``auto``: the pool when no cluster is named
+            (``ray_address`` and ``$RAY_ADDRESS`` empty), no Ray runs in the process, and
+            the input has at most 20,000 rows (Ray's start of several seconds weighs on
+            such a run, and a lost worker costs at most a re-run of it); Ray otherwise,
+            which retries only a lost worker's task. The manifest's ``extra.executor``
+            says which ran (:mod:`imgpipe.resize.executor`).
         batch_size: Images per ``map_batches`` call.
-        concurrency: Resize tasks running at once; 0 means one per cluster CPU. Each
-            task asks for ``TASK_CPUS`` (0.9) of a CPU, so a pool as large as the CPU
-            count still leaves headroom for Ray Data's own tasks and cannot deadlock
-            them (there are no separate read tasks: each task reads its own row groups).
+        concurrency: Resize tasks running at once; 0 means one per cluster CPU (on the
+            pool, one per available CPU). On Ray each task asks for ``TASK_CPUS`` (0.9)
+            of a CPU, so a pool as large as the CPU count still leaves headroom for Ray
+            Data's own tasks and cannot deadlock them (there are no separate read tasks:
+            each task reads its own row groups).
         rows_per_shard: Rows per output Parquet file (per split).
         row_group_rows: Rows per Parquet row group (the unit the loader reads).
         progress_bars: Ray Data's progress bars (off: pod logs are not terminals).
-        no_progress_timeout_s: Fail when no Ray Data operator makes progress for this
-            long, instead of hanging (``-1`` disables).
+        no_progress_timeout_s: Fail when no Ray Data operator makes progress (on the
+            pool: no task finishes) for this long, instead of hanging (``-1`` disables).
     """
 
     # The per-image fields' defaults are ResizeSpec's, which `spec` rebuilds.
@@ -87,6 +102,7 @@ class ResizeConfig:
     fast_decode: bool = ResizeSpec.fast_decode
     max_pixels: int = ResizeSpec.max_pixels
     ray_address: str = ""
+    executor: Executor = "auto"
     batch_size: int = 64
     concurrency: int = 0
     rows_per_shard: int = 1024
@@ -98,6 +114,13 @@ class ResizeConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         parse_address(self.ray_address)  # a remote address is well-formed
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.executor == "pool" and self.ray_address.strip():
+            raise ValueError(
+                f"executor 'pool' runs the tasks in this process's own pool, but ray_address {self.ray_address!r} "
+                "names a Ray cluster or job: use executor 'ray' or 'auto' there, or an empty ray_address for the pool"
+            )
         check_range("batch_size", self.batch_size, 1, integer=True)
         check_range("concurrency", self.concurrency, 0, integer=True, note="0 = one per CPU")
         check_range("rows_per_shard", self.rows_per_shard, 1, integer=True)

@@ -1,14 +1,15 @@
 """One resize task: read a run of clean's row groups, resize them, write its own output files.
 
-The task is the unit of work the resize step hands to Ray (or to any executor: the
-benchmark's process pool runs the same function). It reads the row groups it is given,
-resizes them ``batch_size`` rows at a time (:func:`imgpipe.resize.ops.resize_batch`), and
-streams the good rows straight into the step's output prefix, one file per split (more
-when a split's file reaches ``rows_per_shard`` rows or its ``order`` goes back), each
-hashed as it is written. It returns only what the driver needs to commit: each file's
-manifest entry, the rows it could not resize as rejects, how many rows it read, and the
-fixed-size statistics of the rows it wrote (:mod:`imgpipe.resize.statistics`: counts,
-pixel sums, size histograms) (:class:`TaskResult`). No pixel goes back to the driver.
+The task is the unit of work the resize step hands to Ray Data or to its local process
+pool (:mod:`imgpipe.resize.executor`), which run this same function. It reads the row
+groups it is given, resizes them ``batch_size`` rows at a time
+(:func:`imgpipe.resize.ops.resize_batch`), and streams the good rows straight into the
+step's output prefix, one file per split (more when a split's file reaches
+``rows_per_shard`` rows or its ``order`` goes back), each hashed as it is written. It
+returns only what the driver needs to commit: each file's manifest entry, the rows it
+could not resize as rejects, how many rows it read, and the fixed-size statistics of the
+rows it wrote (:mod:`imgpipe.resize.statistics`: counts, pixel sums, size histograms)
+(:class:`TaskResult`). No pixel goes back to the driver.
 
 Names: ``SPLIT/part-TTTTT-KKK.a<attempt>.parquet``, ``TTTTT`` the task's index in the
 step's plan, ``KKK`` the file's index within the task and split, and the attempt id of the
@@ -87,7 +88,8 @@ class TaskResult:
         rows: Input rows it read (each is in one of ``files`` or in ``rejects``).
         files: Manifest entries of the files it wrote.
         rejects: Rows it could not resize, with the reason.
-        node: The Ray node it ran on (``""`` outside Ray).
+        node: The Ray node it ran on; ``local-pool`` on the step's process pool
+            (:data:`imgpipe.resize.executor.POOL_NODE`), ``""`` called directly.
         statistics: The statistics of the rows in ``files`` (:meth:`DatasetStatistics.to_dict`).
     """
 

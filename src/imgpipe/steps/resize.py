@@ -1,4 +1,4 @@
-"""The resize step: clean's images to training inputs of a model's size, on Ray Data.
+"""The resize step: clean's images to training inputs of a model's size, on Ray Data or a local pool.
 
     report = resize("s3://b/run/clean", "s3://b/run/resize", ResizeConfig(preset="resnet"))
 
@@ -20,12 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgpipe import contract, parquet, storage
+from imgpipe import contract, parquet, resources, storage
 from imgpipe.contract import Reject, StepReport
 from imgpipe.phases import PhaseLog
 from imgpipe.raysession import ray_session, shut_down_local_ray
 from imgpipe.remote.targets import check_allowed
 from imgpipe.resize.config import ResizeConfig
+from imgpipe.resize.executor import choose_executor, pool_results
 
 # The settings are OpenCV-free (imgpipe.resize.spec) so the pipeline compiles without OpenCV.
 from imgpipe.resize.spec import color_space
@@ -285,8 +286,8 @@ class Results:
 def collect_results(results: Iterable[TaskResult], out: OutputWriter, inputs: int, tasks: int) -> Results:
     """Records every task's files on ``out`` and gathers rejects, counts and nodes, logging progress.
 
-    The executor only supplies ``results`` (Ray Data here; a process pool in
-    ``bench/resize.py``'s baseline), so the rest of the step is the same for both.
+    The executor only supplies ``results`` (Ray Data, or the local process pool of
+    :mod:`imgpipe.resize.executor`), so the rest of the step is the same for both.
 
     Raises:
         RuntimeError: If a task's rows do not reconcile with what it wrote and rejected.
@@ -341,9 +342,10 @@ def _statistics(statistics: DatasetStatistics, cfg: ResizeConfig, classes: list[
 def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepReport:
     """Runs the resize step from a committed clean output to a committed resize output.
 
-    It runs here, on a local Ray or the Ray cluster ``ray_address`` joins (``auto``,
-    ``ray://``); a Jobs API or KubeRay target is for :func:`imgpipe.remote.dispatch.run_step`,
-    which the CLI and the components call.
+    It runs here: on a local process pool, a local Ray, or the Ray cluster ``ray_address``
+    joins (``auto``, ``ray://``), as ``executor`` and the input's size decide
+    (:func:`imgpipe.resize.executor.choose_executor`); a Jobs API or KubeRay target is for
+    :func:`imgpipe.remote.dispatch.run_step`, which the CLI and the components call.
 
     Args:
         source: Prefix of a committed clean output.
@@ -355,9 +357,11 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepRepor
 
     Raises:
         UncommittedOutputError: If ``source`` is not a committed output.
-        ValueError: If ``source`` is not a clean output, ``dest`` equals or contains it, or
-            ``ray_address`` names a remote target (or a cluster nobody configured).
-        RuntimeError: If the rows that came back do not reconcile with the input.
+        ValueError: If ``source`` is not a clean output, ``dest`` equals or contains it,
+            ``ray_address`` names a remote target (or a cluster nobody configured), or
+            ``executor`` is ``pool`` inside a Ray job.
+        RuntimeError: If the rows that came back do not reconcile with the input, or a
+            pool worker died.
     """
     cfg = cfg or ResizeConfig()
     # ray_address is a run's parameter: only "", KubeRay and configured clusters are accepted.
@@ -381,17 +385,25 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepRepor
     if listed != inputs:
         raise ValueError(f"{source}: the manifest lists {inputs} rows but its files hold {listed}")
     tasks = plan_tasks(items)
+    executor = choose_executor(cfg.executor, cfg.ray_address, inputs)
     out = OutputWriter(dest, "resize")
     out.begin()
     task_out = TaskOutput(dest=out.dest, attempt=out.attempt, schema=schema, rows_per_shard=cfg.rows_per_shard, row_group_rows=cfg.row_group_rows)
     results = Results()
-    if items:
+    if items and executor == "ray":
         with _ray_session(cfg) as ray, _data_context(cfg):
             ds = _build_dataset(ray, tasks, cfg, task_out)
             results = collect_results(_ray_results(ds), out, inputs, len(tasks))
+    elif items:
+        workers = cfg.concurrency or resources.available_cpus()
+        log.info("resize: %d tasks on a local process pool of %d (executor=%s)", len(tasks), min(workers, len(tasks)), cfg.executor)
+        arguments = task_arguments(cfg, task_out)
+        with pool_results(tasks, run_task, arguments, workers, files, cfg.no_progress_timeout_s) as finished:
+            results = collect_results(finished, out, inputs, len(tasks))
     if results.tasks != len(tasks) and items:
         raise RuntimeError(f"resize: {results.tasks} of {len(tasks)} tasks reported back; refusing to commit {out.dest}")
-    phases.done("ray", rows=results.seen, rejected=len(results.rejects), tasks=results.tasks, files=len(out.files), ray_nodes=len(results.node_rows))
+    counts = {"rows": results.seen, "rejected": len(results.rejects), "tasks": results.tasks, "files": len(out.files)}
+    phases.done(executor, **counts, ray_nodes=len(results.node_rows))
     labels_uri = storage.join(source, LABELS_FILE)
     if storage.exists(labels_uri):
         storage.write_bytes(out.uri(LABELS_FILE), storage.read_bytes(labels_uri))
@@ -417,8 +429,10 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepRepor
             "num_classes": upstream_extra.get("num_classes", 0),
             "rows_returned": results.seen,
             "tasks": len(tasks),
+            # What ran the tasks: "ray" or "pool" (ResizeConfig.executor, "auto" resolved).
+            "executor": executor,
             # Rows resized and files written per Ray node: where the work ran (a multi-node
-            # cluster spreads both).
+            # cluster spreads both; the pool is one node, imgpipe.resize.executor.POOL_NODE).
             "ray_nodes": dict(sorted(results.node_rows.items())),
             "ray_node_files": dict(sorted(results.node_files.items())),
             "statistics": statistics,
