@@ -194,6 +194,15 @@ def test_resume_after_an_interruption_gives_the_same_weights(data, tmp_path, mon
     assert [e["epoch"] for e in history] == [0, 1, 2]
 
 
+def test_the_loaders_thread_engine_trains_the_same_weights_as_its_worker_processes(data, tmp_path):
+    cfg = tiny(epochs=2, deterministic=True, max_steps_per_epoch=3, num_workers=2, persistent_workers=False)
+    for engine in ("processes", "threads"):
+        train(data, "file://" + str(tmp_path / engine), dataclasses.replace(cfg, loader_engine=engine))
+    weights = {e: extract_state_dict(torch.load(str(tmp_path / e / "model.pt"), weights_only=True)) for e in ("processes", "threads")}
+    assert weights["processes"].keys() == weights["threads"].keys()
+    assert all(torch.equal(weights["processes"][k], weights["threads"][k]) for k in weights["processes"])
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(data, tmp_path):
     out = "file://" + str(tmp_path / "out")
     train(data, out, tiny(epochs=1, max_steps_per_epoch=1))
@@ -345,6 +354,7 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
         ({"weights": "gs://bucket/w.pt"}, "unsupported storage URI"),
         ({"max_steps_per_epoch": 0}, "max_steps_per_epoch"),
         ({"num_workers": -2}, "num_workers"),
+        ({"loader_engine": "greenlets"}, "loader_engine must be one of threads, processes"),
         ({"learning_rate": 0.1}, "unknown TrainConfig option"),
     ],
 )

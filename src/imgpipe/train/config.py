@@ -288,6 +288,9 @@ class TrainConfig:
         prefetch_factor: Batches each worker prepares ahead.
         pin_memory: Page-locked host batches; ``None`` means "when CUDA is available".
         persistent_workers: Keep training loader workers alive between epochs.
+        loader_engine: The loader's workers: DataLoader worker ``processes`` or
+            ``threads`` in the training process (the same batches either way; see
+            :class:`LoaderConfig`).
         shuffle_buffer: Rows each loader worker mixes at once.
         seed: Base of every random stream of the run.
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.
@@ -392,6 +395,7 @@ class TrainConfig:
     prefetch_factor: int = 2
     pin_memory: bool | None = None
     persistent_workers: bool = True
+    loader_engine: str = "processes"
     shuffle_buffer: int = 1024
     seed: int = 0
     deterministic: bool = False
@@ -424,6 +428,8 @@ class TrainConfig:
             raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(available_models())}")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
+        if self.loader_engine not in LOADER_ENGINES:
+            raise ValueError(f"loader_engine must be one of {', '.join(LOADER_ENGINES)}, got {self.loader_engine!r}")
         if self.domain not in DOMAIN_NAMES:
             raise ValueError(f"unknown domain {self.domain!r}; choose one of: {', '.join(DOMAIN_NAMES)}")
         v = self._filled()
@@ -531,4 +537,5 @@ class TrainConfig:
             prefetch_factor=self.prefetch_factor,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers if persistent is None else persistent,
+            engine=self.loader_engine,
         )
