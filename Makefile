@@ -12,7 +12,7 @@ IMAGE_KINDS ?= cpu ray gpu
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench bench-scale bench-download images images-push compile clean-data help run-containers test-containers test-faults test-slow
+.PHONY: install run test lint bench bench-scale bench-download bench-peers images images-push compile clean-data help run-containers test-containers test-faults test-slow
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench  run the benchmarks in bench/ (results: docs/benchmarks.md)"
 	@echo "make bench-scale  every step at 4k, 32k and 128k generated images: peak RSS and CPU per image"
 	@echo "make bench-download  a bucket prefix fetched by imgpipe, a boto3 loop and aws s3 sync (10k, 100k objects)"
+	@echo "make bench-peers  imgpipe against FFCV, torchvision, HF datasets, MosaicML Streaming, WebDataset, Ray Data, a Pool, cleanvision"
 	@echo "make images build and tag the step images through DOCKER_HOST (IMAGE_KINDS=\"$(IMAGE_KINDS)\")"
 	@echo "make images-push  build, then push them"
 	@echo "make run-containers  the pipeline with each step in its image, resize on a 2-container Ray cluster"
@@ -110,6 +111,32 @@ $(AWSCLI):
 
 bench-download: install $(AWSCLI)
 	$(NETNS) $(BIN)/python bench/download.py --objects 10000,100000 --repeats 2 --json bench/results/download.json
+
+# imgpipe against the tools a user would pick instead (issue 39): the training loader against FFCV,
+# torchvision ImageFolder, HF datasets, MosaicML Streaming and WebDataset; resize against Ray Data's
+# canonical pipelines and a process pool; near-duplicates against cleanvision. Figures:
+# bench/results/peers.json, docs/img/peers.png, docs/benchmarks.md. FFCV and MosaicML Streaming get
+# their own venv: FFCV builds from its sdist against OpenCV and libjpeg-turbo (apt, installed when
+# missing) and pulls opencv-python; Streaming pins numpy<2.2 and transformers<5 (huggingface-hub<1),
+# which this venv's numpy and datasets exclude. Either may fail to install: the bench's rows say so.
+PEERS_APT := libopencv-dev libturbojpeg0-dev pkg-config g++
+PEERS_PY := $(VENV)/peers/bin/python
+PEERS_STAMP := $(VENV)/peers/.installed
+PEERS_PINS = "numpy<2.2" $(shell grep -E '^(torch|torchvision|pyarrow)==' docker/constraints.txt)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(PEERS_STAMP): docker/constraints.txt
+	-dpkg -s $(PEERS_APT) >/dev/null 2>&1 || ($(SUDO) apt-get update && $(SUDO) apt-get install -y $(PEERS_APT))
+	$(PY) -m venv $(VENV)/peers
+	$(PEERS_PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PEERS_PY) -m pip install -q $(PEERS_PINS)
+	-$(PEERS_PY) -m pip install -q $(PEERS_PINS) ffcv==1.0.2
+	-$(PEERS_PY) -m pip install -q $(PEERS_PINS) mosaicml-streaming==0.13.0
+	touch $(PEERS_STAMP)
+
+bench-peers: install $(PEERS_STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench,peers]' --constraint docker/constraints.txt
+	$(NETNS) env IMGPIPE_PEERS_PYTHON=$(abspath $(PEERS_PY)) $(BIN)/python bench/peers.py --repeats 3 \
+		--json bench/results/peers.json --plot docs/img/peers.png
 
 # Every step as a fresh process at 4k, 32k and 128k generated photos (about 4 GB of archive
 # at 128k under SCALE_ROOT, reused between runs); about 40 minutes on 2 cores with the

@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +31,30 @@ from resize_common import (
 
 from imgpipe import contract  # noqa: E402
 
-__all__ = ["pool_run", "measure_cold", "print_cold"]
+__all__ = ["read_blobs", "pool_map", "pool_run", "measure_cold", "print_cold"]
 
 
-def pool_run(source: str, workers: int) -> int:
-    """The cold process pool's child: read the clean output, resize every image in a Pool."""
+def read_blobs(source: str) -> list[bytes]:
+    """Every image's encoded bytes in a committed clean output, in file order."""
     from imgpipe import storage
 
     blobs = []
     for uri in contract.data_files(source):
         table = pa.parquet.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["image"])
         blobs.extend(row["bytes"] for row in table.column("image").to_pylist())
+    return blobs
+
+
+def pool_map(pool: Any, fn: Callable[[bytes], Any], blobs: list[bytes], workers: int) -> list[Any]:
+    """``fn`` over ``blobs`` in ``pool``, about eight chunks per worker."""
+    return pool.map(fn, blobs, chunksize=max(1, len(blobs) // (workers * 8)))
+
+
+def pool_run(source: str, workers: int) -> int:
+    """The cold process pool's child: read the clean output, resize every image in a Pool."""
+    blobs = read_blobs(source)
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return len(pool.map(resize_one, blobs, chunksize=max(1, len(blobs) // (workers * 8))))
+        return len(pool_map(pool, resize_one, blobs, workers))
 
 
 # The children run bench/resize.py, which parses --pool-run and --pool-step-run (this module has
