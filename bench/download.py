@@ -78,9 +78,22 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     return seconds, rss
 
 
+# Not a contender: one listing of the prefix and nothing fetched, what each extra pass over the
+# listing costs (imgpipe lists a prefix twice: a census against the caps before the old output
+# goes, then the fetch).
+LISTING = """
+import os, sys, boto3
+bucket, prefix = sys.argv[1:3]
+s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+print(sum(len(page.get("Contents", [])) for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)))
+"""
+LISTING_NAME = "one listing and nothing fetched (boto3)"
+
+
 def contenders(prefix: str, out: Path, workers: int) -> dict[str, list[str]]:
     source = f"s3://{BUCKET}/{prefix}"
     return {
+        LISTING_NAME: [sys.executable, "-c", LISTING, BUCKET, prefix],
         "imgpipe download": [str(ROOT / ".venv" / "bin" / "imgpipe"), "download", source, f"file://{out}/imgpipe", "--fetch-workers", str(workers)],
         "boto3 loop (sequential)": [sys.executable, "-c", BOTO3_LOOP, BUCKET, prefix, str(out / "boto3")],
         "aws s3 sync": [str(AWS), "s3", "sync", source, str(out / "sync"), "--only-show-errors", "--endpoint-url", os.environ["AWS_ENDPOINT_URL"]],
@@ -94,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, default=16, help="imgpipe's fetch_workers")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--only", help="run only these contenders (names as printed, comma-separated)")
     args = p.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
     if not AWS.exists():
         raise SystemExit(f"no AWS CLI at {AWS}: run make bench-download (it installs one)")
     results = []
@@ -116,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[tuple[float, float]]] = {}
             for repeat in range(args.repeats):
                 for name, cmd in contenders(prefix, Path("/nonexistent"), args.workers).items():
+                    if only is not None and name not in only:
+                        continue
                     with tempfile.TemporaryDirectory(prefix="imgpipe-bench-dl-") as tmp:
                         seconds, rss = timed([a.replace("/nonexistent", tmp) for a in cmd], env)
                     runs.setdefault(name, []).append((seconds, rss))

@@ -35,9 +35,17 @@ JPEG_QUALITY = 95  # imgpipe's jpeg output (ResizeSpec.jpeg_quality); FFCV's JPE
 WDS_SHARDS = 8
 
 IMGPIPE_RAW, IMGPIPE_JPEG = "imgpipe raw", "imgpipe jpeg"
+# The same loader with LoaderConfig(engine="threads") (imgpipe.train.threads): its workers are threads.
+IMGPIPE_RAW_THREADS, IMGPIPE_JPEG_THREADS = "imgpipe raw, threads", "imgpipe jpeg, threads"
+IMGPIPE = {
+    IMGPIPE_RAW: ("raw", "processes"),
+    IMGPIPE_JPEG: ("jpeg", "processes"),
+    IMGPIPE_RAW_THREADS: ("raw", "threads"),
+    IMGPIPE_JPEG_THREADS: ("jpeg", "threads"),
+}
 FFCV_RAW, FFCV_JPEG = "FFCV raw .beton", "FFCV JPEG .beton"
 TORCHVISION, HF, MDS, WDS = "torchvision ImageFolder", "HF datasets (Parquet)", "MosaicML Streaming (MDS)", "WebDataset (tar)"
-CONTENDERS = [IMGPIPE_RAW, IMGPIPE_JPEG, FFCV_RAW, FFCV_JPEG, TORCHVISION, HF, MDS, WDS]
+CONTENDERS = [IMGPIPE_RAW, IMGPIPE_JPEG, IMGPIPE_RAW_THREADS, IMGPIPE_JPEG_THREADS, FFCV_RAW, FFCV_JPEG, TORCHVISION, HF, MDS, WDS]
 IN_PEERS_VENV = {FFCV_RAW, FFCV_JPEG, MDS}
 # The copy each contender reads, written once by `--prepare KEY` (in the contender's venv).
 COPY = {FFCV_RAW: "ffcv-raw", FFCV_JPEG: "ffcv-jpeg", TORCHVISION: "imagefolder", HF: "hf", MDS: "mds", WDS: "wds"}
@@ -183,7 +191,7 @@ def _hf_dataset(root: Path) -> Any:
 # The contenders: run_epoch(epoch) -> images.
 
 
-def imgpipe_loader(data: str, batch_size: int, workers: int) -> Any:
+def imgpipe_loader(data: str, batch_size: int, workers: int, engine: str = "processes") -> Any:
     """imgpipe's contender: :class:`imgpipe.train.loader.ImageLoader` with exactly RandomResizedCrop + flip, uint8 out."""
     from imgpipe.train.augment_cpu import build_train_transform
     from imgpipe.train.config import AugmentConfig, LoaderConfig
@@ -191,7 +199,7 @@ def imgpipe_loader(data: str, batch_size: int, workers: int) -> Any:
     from imgpipe.train.partition import describe_split
 
     crop_flip = AugmentConfig(policy="basic", color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0)
-    cfg = LoaderConfig(batch_size=batch_size, num_workers=workers)
+    cfg = LoaderConfig(batch_size=batch_size, num_workers=workers, engine=engine)
     return ImageLoader(describe_split(data, "train"), cfg, transform=build_train_transform(crop_flip, SIZE, 3))
 
 
@@ -220,10 +228,11 @@ def _count(loader: Any) -> Callable[[int], int]:
 
 def build(name: str, root: Path, batch_size: int, workers: int) -> Callable[[int], int]:
     """``run_epoch(epoch) -> images`` of one contender, reading its copy under ``root``."""
-    if name in (IMGPIPE_RAW, IMGPIPE_JPEG):
+    if name in IMGPIPE:
         from imgpipe import storage
 
-        loader = imgpipe_loader(storage.normalize_uri(str(root / f"resize-{name.split()[1]}")), batch_size, workers)
+        fmt, engine = IMGPIPE[name]
+        loader = imgpipe_loader(storage.normalize_uri(str(root / f"resize-{fmt}")), batch_size, workers, engine)
 
         def run_epoch(epoch: int) -> int:
             loader.set_epoch(epoch)
@@ -360,6 +369,11 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         (IMGPIPE_RAW, best_warm, "warm_img_s"),
         (IMGPIPE_JPEG, FFCV_JPEG, "cold_s"),
         (IMGPIPE_JPEG, FFCV_JPEG, "warm_img_s"),
+        (IMGPIPE_RAW_THREADS, best_cold, "cold_s"),
+        (IMGPIPE_RAW_THREADS, best_warm, "warm_img_s"),
+        (IMGPIPE_RAW_THREADS, FFCV_RAW, "warm_img_s"),
+        (IMGPIPE_JPEG_THREADS, FFCV_JPEG, "cold_s"),
+        (IMGPIPE_JPEG_THREADS, FFCV_JPEG, "warm_img_s"),
     ):
         ratio = _speedup(results.get(ours), results.get(theirs) if theirs else None, what)
         row = {"ours": ours, "peer": theirs, "figure": "cold" if what == "cold_s" else "warm", "speedup": ratio}
