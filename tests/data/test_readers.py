@@ -85,6 +85,24 @@ def test_a_bucket_prefix_of_loose_images_is_a_source_with_keys_sizes_and_etags(p
     reconciles(report, report.dest)
 
 
+def test_the_store_lists_a_prefix_once_per_run_and_the_fetch_reads_the_census_listing(pets, s3_bucket, monkeypatch):
+    listed = []
+    real = storage.S3Backend.iter_objects
+
+    def counting(self, prefix):
+        for info in real(self, prefix):
+            listed.append(info.uri)
+            yield info
+
+    monkeypatch.setattr(storage.S3Backend, "iter_objects", counting)
+    report = download(pets, f"{s3_bucket}/out/download", DownloadConfig(max_member_bytes=20_000, fetch_workers=4))
+    below = [u for u in listed if u.startswith(pets)]
+    # The census lists all 14 keys once (the source's recognition may read the first); the fetch lists nothing again.
+    assert len(set(below)) == 14 and len(below) - len(set(below)) <= 1
+    assert len(rows(report.dest)) == 12
+    reconciles(report, report.dest)
+
+
 def test_a_prefix_without_the_trailing_slash_is_recognised_and_a_key_with_dotdot_is_refused(pets, s3_bucket):
     # S3 keys are strings: "pets/cat/../../up.jpg" lists below "pets/" yet names a path above it.
     storage.S3Backend.client().put_object(Bucket=s3_bucket[5:], Key="pets/cat/../../up.jpg", Body=jpeg(seed=98))

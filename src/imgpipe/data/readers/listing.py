@@ -5,7 +5,8 @@
 
 Members come in the store's listing order (S3 lists keys in UTF-8 byte order), each with its
 size and ETag (:attr:`~imgpipe.data.archive.Member.etag`, recorded in the output for the next
-incremental run). ``settings.fetch_workers`` objects are fetched at once, at most twice that many
+incremental run). The census lists the prefix once, into a temporary file the fetch then
+reads. ``settings.fetch_workers`` objects are fetched at once, at most twice that many
 held; boto3 retries throttling and 5xx answers (its adaptive mode, :mod:`imgpipe.storage`).
 An object that still cannot be read, or is gone by the time it is read, or is larger than
 ``max_member_bytes``, is a reject with its reason; a key with ``..`` or a leading ``/`` is an
@@ -16,9 +17,11 @@ An object that still cannot be read, or is gone by the time it is read, or is la
 from __future__ import annotations
 
 import io
+import json
+import tempfile
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import IO, Any
 
 from imgpipe import storage
 from imgpipe.data import archive
@@ -60,6 +63,7 @@ class PrefixReader(Reader):
         self.uri = storage.redact_uri(self.prefix)
         self.settings = settings
         self.listed = 0
+        self._spool: IO[str] | None = None
 
     @property
     def checked_in_advance(self) -> bool:
@@ -69,15 +73,41 @@ class PrefixReader(Reader):
         return {"uri": self.uri, "format": self.kind, "sha256": None, "bytes": None, "objects": self.listed}
 
     def census(self) -> tuple[int, int]:
-        """Objects and bytes below the prefix (one listing, nothing fetched)."""
+        """Objects and bytes below the prefix (the listing, nothing fetched).
+
+        The listing is kept in a temporary file, a line an object, which :meth:`members`
+        then reads instead of listing again: one pass over a store's listing per run, and
+        memory flat with the count (``docs/benchmarks.md``: a listing page costs a round trip).
+        """
+        self._drop_spool()
+        spool = self._spool = tempfile.TemporaryFile(mode="w+", encoding="utf-8", prefix="imgpipe-listing-")
         count = total = 0
         for info in self._listed(counted=False):
+            spool.write(json.dumps([info.uri, info.size, info.etag]) + "\n")
             count, total = count + 1, total + info.size
         return count, total
 
     def members(self) -> Iterator[Member]:
         self.listed = 0
-        return ordered_map(self._member, self._listed(), self.settings.fetch_workers)
+        return ordered_map(self._member, self._listing(), self.settings.fetch_workers)
+
+    def _listing(self) -> Iterator[storage.ObjectInfo]:
+        """The census's listing where it was taken, else the store's."""
+        spool, self._spool = self._spool, None
+        if spool is None:
+            yield from self._listed()
+            return
+        with spool:
+            spool.seek(0)
+            for line in spool:
+                uri, size, etag = json.loads(line)
+                self.listed += 1
+                yield storage.ObjectInfo(uri, int(size), etag)
+
+    def _drop_spool(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
     def _listed(self, counted: bool = True) -> Iterator[storage.ObjectInfo]:
         for info in storage.iter_objects(self.prefix):
