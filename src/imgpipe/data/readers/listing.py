@@ -80,7 +80,8 @@ class PrefixReader(Reader):
         memory flat with the count (``docs/benchmarks.md``: a listing page costs a round trip).
         """
         self._drop_spool()
-        spool = self._spool = tempfile.TemporaryFile(mode="w+", encoding="utf-8", prefix="imgpipe-listing-")
+        # Kept open past this call (members() reads and closes it): no context manager.
+        spool = self._spool = tempfile.TemporaryFile(mode="w+", encoding="utf-8", prefix="imgpipe-listing-")  # noqa: SIM115
         count = total = 0
         for info in self._listed(counted=False):
             spool.write(json.dumps([info.uri, info.size, info.etag]) + "\n")
