@@ -15,8 +15,21 @@ KINDS = [pytest.param(kind, id=f"{kind}-kind") for kind in ("cpu", "ray", "gpu")
 
 
 def _run(engine, image: str, script: str) -> str:
-    out = engine.containers.run(image, ["sh", "-c", script], remove=True, network_mode="none")
-    return out.decode().strip()
+    """The script's standard output, read once the container has exited.
+
+    ``containers.run(..., remove=True)`` reads the log while the container may still be
+    writing it; through Podman's compatible API that lost the last line of a step once
+    (the clean summary after ``pid 1``). Waiting first, then reading, then removing does not.
+    """
+    container = engine.containers.run(image, ["sh", "-c", script], detach=True, network_mode="none")
+    try:
+        status = container.wait(timeout=600)["StatusCode"]
+        out = container.logs(stdout=True, stderr=False).decode()
+        if status != 0:
+            raise AssertionError(f"{image}: the script exited {status}: {container.logs(stdout=True, stderr=True).decode()[-3000:]}")
+    finally:
+        container.remove(force=True)
+    return out.strip()
 
 
 @pytest.mark.parametrize("kind", KINDS)
