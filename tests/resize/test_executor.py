@@ -99,6 +99,26 @@ def test_the_pool_runs_every_task_once_with_its_arguments(tmp_path):
     assert len({r["pid"] for r in got}) <= 2 and os.getpid() not in {r["pid"] for r in got}
 
 
+def test_a_process_with_another_thread_starts_its_workers_from_a_forkserver(tmp_path, monkeypatch):
+    import imgpipe.resize.executor as executor
+
+    asked = []
+    real = executor.pools.pool_context
+    monkeypatch.setattr(
+        executor.pools, "pool_context", lambda uris, preload=(), *, fork_ok=True: asked.append(fork_ok) or real(uris, preload, fork_ok=fork_ok)
+    )
+    tasks = [[(str(tmp_path / "a.parquet"), 0)]]
+    monkeypatch.setattr(executor.threading, "active_count", lambda: 1)
+    with pool_results(tasks, _echo, {"tag": "x"}, 1, ["file://" + str(tmp_path)]) as results:
+        assert len(list(results)) == 1
+    # A thread alive beside the step (a progress bar's monitor, a notebook's): no fork, whose
+    # worker could wait for ever on a lock that thread held (a pool forked beside tqdm's monitor hung).
+    monkeypatch.setattr(executor.threading, "active_count", lambda: 3)
+    with pool_results(tasks, _echo, {"tag": "x"}, 1, ["file://" + str(tmp_path)]) as results:
+        assert len(list(results)) == 1
+    assert asked == [True, False]
+
+
 def test_a_dead_worker_fails_the_run_with_a_clear_message(tmp_path):
     tasks = [[("file:///a.parquet", i)] for i in range(4)]
     died = pytest.raises(RuntimeError, match="a pool worker died.*nothing is committed.*executor 'ray'")

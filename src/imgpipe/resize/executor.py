@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -106,8 +107,10 @@ def pool_results(
         RuntimeError: From the iteration, if a worker died (the pool retries nothing, and
             the step commits nothing) or no task finished within ``no_progress_timeout_s``.
     """
-    # A driver that holds Ray's threads forks none of them into a worker: a forkserver then.
-    ctx = pools.pool_context(uris, preload=[run.__module__], fork_ok=not ray_running())
+    # Fork only a process with no other thread (a fresh `imgpipe resize`, a pod): a thread of a
+    # notebook, a test session, a progress bar or a Ray driver may hold a lock at the fork, and
+    # the worker then waits on it for ever (seen: a pool forked beside tqdm's monitor hung).
+    ctx = pools.pool_context(uris, preload=[run.__module__], fork_ok=threading.active_count() == 1 and not ray_running())
     executor = ProcessPoolExecutor(
         max_workers=max(1, min(workers, len(tasks))),
         mp_context=ctx,
