@@ -202,3 +202,14 @@ def test_scheme_questions_are_answered_by_storage(tmp_path):
     assert storage.serves("s3://b/k") and storage.serves("/x") and not storage.serves("https://example.com/a")
     assert set(storage.schemes()) == {"file", "s3"}
     assert storage.settings_env({"AWS_ENDPOINT_URL": "http://m:9000", "AWS_SECRET_ACCESS_KEY": "s"}) == {"AWS_ENDPOINT_URL": "http://m:9000"}
+
+
+def test_a_local_parquet_input_is_memory_mapped_and_reads_as_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"pixels": [b"\x01\x02", b"\x03"]}), path)
+    source = storage.open_arrow_input(storage.normalize_uri(str(path)))
+    assert isinstance(source, pa.MemoryMappedFile)
+    assert pq.ParquetFile(source).read().column("pixels").to_pylist() == [b"\x01\x02", b"\x03"]
