@@ -71,6 +71,7 @@ CONSTRAINED = (
     "pyyaml",
     "ray",
     "requests",
+    "simplejpeg",
     "torch",
     "torchvision",
     "tqdm",

@@ -150,7 +150,8 @@ class SampleTransform:
         if self.random:
             # Reset in place: the state depends on this seed alone (as fresh generators would).
             self._py_rng.seed(seed)
-            self._np_rng.bit_generator.state = np.random.PCG64(seed).state
+            if self._crop is None or self._rest is not None:  # the native head draws from the Python generator alone
+                self._np_rng.bit_generator.state = np.random.PCG64(seed).state
         if self._crop is not None:
             result = self._native_head(image, out)
             if self._rest is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from imgpipe.train.partition import (
     epoch_order,
     next_partition,
     rank_range,
-    sample_seed,
+    sample_seeds,
     worker_batches,
 )
 from imgpipe.train.threads import thread_batches
@@ -92,8 +93,11 @@ class _RowGroupReader:
             pf = self._files.get(group.file)  # opened here, lazily: in the worker, after any fork
             if pf is None:
                 pf = self._files[group.file] = pq.ParquetFile(storage.open_arrow_input(group.file))
-            table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column])
-            payload = table.column(self.column).combine_chunks()
+            # One thread: Arrow's pool would compete with the loader's own workers (and reads a
+            # row group of one large column 4x slower here).
+            table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column], use_threads=False)
+            column = table.column(self.column)
+            payload = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # combining copies even one chunk
             if self.info.format == "jpeg":
                 payload = payload.field("bytes")
             return [
@@ -126,13 +130,19 @@ def _jpeg_tensor(row: _Row) -> torch.Tensor:
 
 
 def _decode_jpeg_cpu(rows: Sequence[_Row]) -> list[np.ndarray]:
-    """JPEG rows decoded (libjpeg-turbo, as :func:`decode_jpeg_batch` on the CPU) into ``H x W x C`` uint8 arrays."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    """JPEG rows decoded into ``H x W x C`` uint8 arrays.
 
-    return [
-        decode_jpeg(_jpeg_tensor(r), mode=ImageReadMode.GRAY if r.shape[2] == 1 else ImageReadMode.RGB).permute(1, 2, 0).contiguous().numpy()
-        for r in rows
-    ]
+    simplejpeg: libjpeg-turbo with its accurate IDCT, torchvision's ``decode_jpeg`` pixels
+    (``tests/train/test_loader.py``), decoded straight into ``H x W x C`` from the row's
+    bytes without holding the GIL (torchvision's ``C x H x W`` needed a second copy).
+    """
+    import simplejpeg
+
+    decoded = [simplejpeg.decode_jpeg(r.data, colorspace="GRAY" if r.shape[2] == 1 else "RGB") for r in rows]
+    for r, image in zip(rows, decoded):
+        if image.shape[:2] != r.shape[:2]:
+            raise ValueError(f"a JPEG row decodes to {image.shape[1]}x{image.shape[0]}, its row says {r.shape[1]}x{r.shape[0]}")
+    return decoded
 
 
 def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torch.device | str) -> torch.Tensor:
@@ -239,6 +249,7 @@ class ParquetImageDataset(IterableDataset):
         # Workers started by spawn/forkserver begin with default storage settings; carry any
         # set in-process (e.g. by --s3-endpoint) over to them.
         self.storage_settings = storage.settings()
+        self._readers: dict[int, _RowGroupReader] = {}
 
     def partition_batches(self) -> list[int]:
         """Batches each worker partition of this rank delivers in an epoch (the same every epoch)."""
@@ -269,11 +280,19 @@ class ParquetImageDataset(IterableDataset):
         is cheap next to :meth:`make_batch`, which turns the rows into a batch.
         """
         mine, order = epoch_order(self.info, self.cfg, epoch, self.rank, self.world_size, part, self.parts)
-        reader = _RowGroupReader(self.info)
-        try:
-            yield from self._batches(mine, order[skip:], reader)
-        finally:
-            reader.close()
+        yield from self._batches(mine, order[skip:], self._reader())
+
+    def _reader(self) -> _RowGroupReader:
+        """This process's reader, kept from epoch to epoch: its files stay open (and mapped)."""
+        pid = os.getpid()
+        if self._readers.get(pid) is None:  # a forked worker opens its own, after the fork
+            self._readers = {pid: _RowGroupReader(self.info)}
+        return self._readers[pid]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_readers"] = {}  # open files do not travel to a spawned worker
+        return state
 
     def _batches(self, mine: list[Unit], order: np.ndarray, reader: _RowGroupReader) -> Iterator[tuple[list[_Row], list[int]]]:
         position = {int(g): i for i, g in enumerate(order.tolist())}
@@ -317,13 +336,13 @@ class ParquetImageDataset(IterableDataset):
         transform, seed = self.transform, self.cfg.seed
         assert transform is not None
         fills = getattr(transform, "fills_out", False)  # SampleTransform: transform(image, seed, out=row)
-        first = transform(images[0], sample_seed(seed, epoch, keys[0]))
+        seeds = sample_seeds(seed, epoch, keys).tolist()
+        first = transform(images[0], seeds[0])
         batch = np.empty((len(images), *first.shape), dtype=np.uint8)
         batch[0] = first
         for i in range(1, len(images)):
             row = batch[i]
-            seed_i = sample_seed(seed, epoch, keys[i])
-            got = transform(images[i], seed_i, out=row) if fills else transform(images[i], seed_i)
+            got = transform(images[i], seeds[i], out=row) if fills else transform(images[i], seeds[i])
             if got is not row:
                 if got.shape != row.shape:
                     raise ValueError(_MIXED_SIZES)

@@ -45,7 +45,7 @@ from imgpipe.train.evaluation import EvalResult
 from imgpipe.train.export import export_onnx, export_torchscript, model_card
 from imgpipe.train.loader import read_rows, read_samples
 from imgpipe.train.partition import (
-    sample_seed,
+    sample_seeds,
 )
 from imgpipe.train.predictions import confused_pairs, predictions_table, worst_per_class
 from imgpipe.train.run import TrainingRun
@@ -76,7 +76,7 @@ def _augmentation_grid(run: TrainingRun) -> bytes:
     versions: list[list[np.ndarray]] = [[] for _ in samples]
     for v in range(_AUG_VERSIONS):
         # As the loader does in epoch v, with the sample's position as its index.
-        seeds = [sample_seed(run.cfg.seed, v, i) for i in range(len(samples))]
+        seeds = sample_seeds(run.cfg.seed, v, range(len(samples))).tolist()
         if run.gpu_augment is not None:
             cropped = [cpu_tf(s, seed) for s, seed in zip(samples, seeds)] if cpu_tf is not None else samples
             batch = torch.from_numpy(np.stack(cropped)).permute(0, 3, 1, 2).to(run.device)

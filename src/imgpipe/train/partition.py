@@ -57,6 +57,7 @@ __all__ = [
     "assign_rows",
     "shuffle_order",
     "sample_seed",
+    "sample_seeds",
     "epoch_order",
     "next_partition",
 ]
@@ -309,9 +310,28 @@ def shuffle_order(indices: np.ndarray, buffer: int, rng: np.random.Generator) ->
     return out
 
 
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def sample_seeds(seed: int, epoch: int, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The transform seeds (int64, >= 0) of the samples at ``indices`` (positions in the split) in ``epoch``.
+
+    SplitMix64 (Steele, Lea and Flood 2014) over the sample's index, started from a
+    ``SeedSequence`` of ``(seed, epoch)``: one vectorized step for a whole batch (a
+    ``SeedSequence`` per sample cost 15 us of Python each), and seeds as well mixed.
+    """
+    base = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    z = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    z = base + (z + np.uint64(1)) * _GOLDEN  # uint64 arrays wrap silently
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The transform seed of sample ``index`` (its position in the split) in ``epoch``."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+    """The transform seed of sample ``index`` (its position in the split) in ``epoch`` (:func:`sample_seeds`)."""
+    return int(sample_seeds(seed, epoch, [index])[0])
 
 
 def epoch_order(info: SplitInfo, cfg: LoaderConfig, epoch: int, rank: int, world_size: int, part: int, parts: int) -> tuple[list[Unit], np.ndarray]:
