@@ -353,3 +353,14 @@ def test_whole_picture_splits_are_described_as_such(tmp_path):
     assert train.whole and train.size == 16 and not val.whole and (val.height, val.width, val.size) == (16, 16, 16)
     rows = read_samples(train, 8)
     assert len({r.shape for r in rows}) > 1 and all(min(r.shape[:2]) == 18 for r in rows)
+
+
+def test_cpu_jpeg_decode_gives_torchvisions_pixels_rgb_and_grayscale(tmp_path):
+    for channels in (3, 1):
+        data = write_resize_output("file://" + str(tmp_path / f"jpeg{channels}"), counts={"train": 8}, fmt="jpeg", size=24, channels=channels)
+        info = describe_split(data, "train")
+        cfg = LoaderConfig(batch_size=8, shuffle=False, num_workers=0)
+        decoded = next(iter(ImageLoader(info, cfg)))["image"]
+        files = next(iter(ImageLoader(info, cfg, decode_device="cuda")))["image"]  # the bytes, left undecoded
+        assert decoded.shape == (8, channels, 24, 24)
+        assert torch.equal(decode_jpeg_batch(files, channels, "cpu"), decoded)  # torchvision's decoder, the oracle

@@ -96,3 +96,25 @@ def test_shuffle_buffer_emits_a_permutation_and_respects_its_window():
     # A row can only leave after it has entered: position k emits a row < k + buffer.
     assert all(v < k + 10 for k, v in enumerate(out.tolist()))
     assert shuffle_order(idx, 1, np.random.default_rng(0)).tolist() == idx.tolist()
+
+
+def test_sample_seeds_are_splitmix64_from_a_seed_sequence_of_seed_and_epoch():
+    from imgpipe.train.partition import sample_seed, sample_seeds, splitmix64
+
+    # SplitMix64's published outputs from state 0 (Vigna, splitmix64.c).
+    expected = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F, 0xF88BB8A8724C81EC]
+    assert [int(x) for x in splitmix64(np.uint64(0), np.arange(4, dtype=np.uint64))] == expected
+
+    def reference(state: int, step: int) -> int:  # the algorithm in Python integers
+        mask = (1 << 64) - 1
+        z = (state + (step + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    base = int(np.random.SeedSequence([7, 3]).generate_state(1, np.uint64)[0])
+    seeds = sample_seeds(7, 3, [0, 5, 10**9])
+    assert seeds.tolist() == [reference(base, i) >> 1 for i in (0, 5, 10**9)]
+    assert sample_seed(7, 3, 5) == seeds[1] and all(0 <= s < 2**63 for s in seeds.tolist())
+    many = sample_seeds(0, 0, np.arange(100_000))
+    assert len(set(many.tolist())) == 100_000 and not np.array_equal(many, sample_seeds(0, 1, np.arange(100_000)))

@@ -160,6 +160,10 @@ class LoaderConfig:
             decoding and OpenCV release the GIL), or DataLoader worker ``processes``
             (for a transform that holds the GIL in Python). Both deliver the same
             batches in the same order.
+        cache_bytes: Memory for keeping the row groups read (0: none): a group kept is
+            not read again in later epochs, neither copied out of Parquet's pages nor
+            downloaded (:mod:`imgpipe.train.rowcache`). The loader's memory grows by up to
+            this much; worker processes share it out.
     """
 
     batch_size: int = 128
@@ -173,9 +177,11 @@ class LoaderConfig:
     persistent_workers: bool = True
     multiprocessing_context: str | None = None
     engine: str = "processes"
+    cache_bytes: int = 0
 
     def __post_init__(self) -> None:
         check_range("batch_size", self.batch_size, 1, integer=True)
+        check_range("cache_bytes", self.cache_bytes, 0, integer=True)
         if self.engine not in LOADER_ENGINES:
             raise ValueError(f"engine must be one of {', '.join(LOADER_ENGINES)}, got {self.engine!r}")
         check_range("shuffle_buffer", self.shuffle_buffer, 0, integer=True)
@@ -291,6 +297,9 @@ class TrainConfig:
         loader_engine: The loader's workers: DataLoader worker ``processes`` or
             ``threads`` in the training process (the same batches either way; see
             :class:`LoaderConfig`).
+        loader_cache_gb: Memory, in GiB, for keeping the training rows read in the first
+            epoch, so that later epochs neither copy them out of Parquet nor download them
+            again (``LoaderConfig.cache_bytes``; 0: none).
         shuffle_buffer: Rows each loader worker mixes at once.
         seed: Base of every random stream of the run.
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.
@@ -396,6 +405,7 @@ class TrainConfig:
     pin_memory: bool | None = None
     persistent_workers: bool = True
     loader_engine: str = "processes"
+    loader_cache_gb: float = 0.0
     shuffle_buffer: int = 1024
     seed: int = 0
     deterministic: bool = False
@@ -435,6 +445,7 @@ class TrainConfig:
         v = self._filled()
         check_range("epochs", v.epochs, 1, integer=True)
         check_range("batch_size", self.batch_size, 1, integer=True)
+        check_range("loader_cache_gb", self.loader_cache_gb, 0, note="0 keeps nothing")
         if self.lr is not None:
             check_range("lr", self.lr, 0, note="0 trains nothing")
         check_range("lr_base", self.lr_base, 0, low_open=True)
@@ -538,4 +549,5 @@ class TrainConfig:
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers if persistent is None else persistent,
             engine=self.loader_engine,
+            cache_bytes=int(self.loader_cache_gb * 2**30) if shuffle else 0,
         )

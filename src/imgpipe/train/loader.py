@@ -37,6 +37,7 @@ from imgpipe.train.partition import (
     sample_seeds,
     worker_batches,
 )
+from imgpipe.train.rowcache import RowCache
 from imgpipe.train.threads import thread_batches
 
 __all__ = [
@@ -81,21 +82,30 @@ def _binary_views(array: Any) -> list[np.ndarray]:
 
 
 class _RowGroupReader:
-    """Reads row groups of a split's files, keeping each file's footer open."""
+    """Reads row groups of a split's files, keeping each file's footer open; through ``cache`` when there is one."""
 
-    def __init__(self, info: SplitInfo) -> None:
+    def __init__(self, info: SplitInfo, cache: RowCache | None = None) -> None:
         self.info = info
+        self.cache = cache
         self.column = "pixels" if info.format == "raw" else "image"
         self._files: dict[str, pq.ParquetFile] = {}
+
+    def _table(self, pf: pq.ParquetFile, group: RowGroup) -> Any:
+        key = (group.file, group.row_group)
+        cached = self.cache.get(key) if self.cache is not None else None
+        if cached is not None:
+            return cached
+        # One thread: Arrow's pool would compete with the loader's own workers (and reads a
+        # row group of one large column 4x slower here).
+        table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column], use_threads=False)
+        return table if self.cache is None else self.cache.put(key, table)
 
     def read(self, group: RowGroup) -> list[_Row]:
         def once() -> list[_Row]:
             pf = self._files.get(group.file)  # opened here, lazily: in the worker, after any fork
             if pf is None:
                 pf = self._files[group.file] = pq.ParquetFile(storage.open_arrow_input(group.file))
-            # One thread: Arrow's pool would compete with the loader's own workers (and reads a
-            # row group of one large column 4x slower here).
-            table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column], use_threads=False)
+            table = self._table(pf, group)
             column = table.column(self.column)
             payload = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # combining copies even one chunk
             if self.info.format == "jpeg":
@@ -250,6 +260,10 @@ class ParquetImageDataset(IterableDataset):
         # set in-process (e.g. by --s3-endpoint) over to them.
         self.storage_settings = storage.settings()
         self._readers: dict[int, _RowGroupReader] = {}
+        # One budget per process: the thread engine's threads share it; worker processes get
+        # a share each (a copy of the cache in a worker starts empty).
+        processes = cfg.engine == "processes" and num_workers > 0
+        self.cache = RowCache(cfg.cache_bytes // (self.parts if processes else 1)) if cfg.cache_bytes else None
 
     def partition_batches(self) -> list[int]:
         """Batches each worker partition of this rank delivers in an epoch (the same every epoch)."""
@@ -286,7 +300,7 @@ class ParquetImageDataset(IterableDataset):
         """This process's reader, kept from epoch to epoch: its files stay open (and mapped)."""
         pid = os.getpid()
         if self._readers.get(pid) is None:  # a forked worker opens its own, after the fork
-            self._readers = {pid: _RowGroupReader(self.info)}
+            self._readers = {pid: _RowGroupReader(self.info, self.cache)}
         return self._readers[pid]
 
     def __getstate__(self) -> dict[str, Any]:

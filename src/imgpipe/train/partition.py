@@ -321,12 +321,15 @@ def sample_seeds(seed: int, epoch: int, indices: Sequence[int] | np.ndarray) -> 
     ``SeedSequence`` per sample cost 15 us of Python each), and seeds as well mixed.
     """
     base = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
-    z = np.asarray(indices, dtype=np.int64).astype(np.uint64)
-    z = base + (z + np.uint64(1)) * _GOLDEN  # uint64 arrays wrap silently
+    return (splitmix64(base, np.asarray(indices, dtype=np.int64).astype(np.uint64)) >> np.uint64(1)).astype(np.int64)
+
+
+def splitmix64(state: np.uint64, steps: np.ndarray) -> np.ndarray:
+    """SplitMix64's outputs number ``steps`` (0 = the first) from ``state``, vectorized (uint64 arrays wrap silently)."""
+    z = state + (steps + np.uint64(1)) * _GOLDEN
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
-    z ^= z >> np.uint64(31)
-    return (z >> np.uint64(1)).astype(np.int64)
+    return z ^ (z >> np.uint64(31))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

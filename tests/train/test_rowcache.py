@@ -1,0 +1,97 @@
+"""The loader's row cache: the same batches, each row group read once, the budget kept."""
+
+from __future__ import annotations
+
+import pickle
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from imgpipe.train.config import LoaderConfig, TrainConfig
+from imgpipe.train.loader import ImageLoader
+from imgpipe.train.partition import describe_split
+from imgpipe.train.rowcache import RowCache
+from tests.train.test_loader import write_resize_output
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """40 train rows in row groups of 4 (10 groups), 16 px RGB."""
+    return write_resize_output("file://" + str(tmp_path_factory.mktemp("rowcache") / "raw"), counts={"train": 40})
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Row groups read out of Parquet, as they happen."""
+    seen: list[int] = []
+    read = pq.ParquetFile.read_row_group
+
+    def counted(self, i, *args, **kwargs):
+        seen.append(i)
+        return read(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    return seen
+
+
+def epochs(loader: ImageLoader, count: int) -> list[list[tuple[torch.Tensor, list[int]]]]:
+    out = []
+    for epoch in range(count):
+        loader.set_epoch(epoch)
+        out.append([(b["image"].clone(), b["index"].tolist()) for b in loader])
+    return out
+
+
+@pytest.mark.parametrize("engine", ["threads", "processes"])
+def test_a_cache_reads_each_row_group_once_and_changes_no_batch(data, reads, engine):
+    info = describe_split(data, "train")
+    groups = len(info.row_groups)
+    workers = 2 if engine == "threads" else 0  # a worker process's reads are not seen here
+    plain_loader = ImageLoader(info, LoaderConfig(batch_size=4, num_workers=workers, engine=engine))
+    reads.clear()
+    plain = epochs(plain_loader, 3)
+    assert len(reads) == 3 * groups
+    loader = ImageLoader(info, LoaderConfig(batch_size=4, num_workers=workers, engine=engine, cache_bytes=1 << 30))
+    reads.clear()
+    cached = epochs(loader, 3)
+    assert len(reads) == groups  # the first epoch only
+    assert len(loader.dataset.cache) == groups
+    for a, b in zip(plain, cached):
+        assert [k for _, k in a] == [k for _, k in b]
+        assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
+
+
+def test_the_budget_bounds_what_is_kept(data, reads):
+    info = describe_split(data, "train")
+    group_bytes = 4 * (16 * 16 * 3 + 8 * 5)  # four rows of pixels, with room for the small columns
+    loader = ImageLoader(info, LoaderConfig(batch_size=4, num_workers=0, cache_bytes=3 * group_bytes))
+    reads.clear()
+    epochs(loader, 2)
+    cache = loader.dataset.cache
+    assert 0 < len(cache) <= 3 and cache.used_bytes <= cache.limit_bytes
+    groups = len(info.row_groups)
+    assert len(reads) == 2 * groups - len(cache)  # what is kept is not read again; the rest is
+
+
+def test_worker_processes_share_the_budget_out_and_start_empty(data):
+    info = describe_split(data, "train")
+    loader = ImageLoader(info, LoaderConfig(batch_size=4, num_workers=2, engine="processes", cache_bytes=1000))
+    assert loader.dataset.cache.limit_bytes == 500
+    loader.dataset.cache.put("k", pq.read_table(info.row_groups[0].file.removeprefix("file://")))
+    copy = pickle.loads(pickle.dumps(loader.dataset.cache))
+    assert len(copy) == 0 and copy.limit_bytes == 500
+    assert ImageLoader(info, LoaderConfig(batch_size=4, num_workers=2, engine="threads", cache_bytes=1000)).dataset.cache.limit_bytes == 1000
+    assert ImageLoader(info, LoaderConfig(batch_size=4, num_workers=0)).dataset.cache is None
+
+
+def test_settings_refuse_a_negative_budget():
+    with pytest.raises(ValueError, match="cache_bytes"):
+        LoaderConfig(cache_bytes=-1)
+    with pytest.raises(ValueError, match="limit_bytes"):
+        RowCache(-1)
+    with pytest.raises(ValueError, match="loader_cache_gb"):
+        TrainConfig(loader_cache_gb=-0.5)
+    cfg = TrainConfig(loader_cache_gb=1.5)
+    assert cfg.loader(shuffle=True).cache_bytes == 1.5 * 2**30
+    assert cfg.loader(shuffle=False).cache_bytes == 0  # evaluation reads each row once an epoch: nothing to keep
