@@ -2,9 +2,10 @@
 
 All resize the same photo-like JPEGs (bench/photos.py, about 0.2 MP) to short side 256 +
 centre crop 224 and write JPEG: imgpipe from clean's layout, the canonical pipeline of Ray's
-docs (``read_parquet`` → ``map_batches`` → ``write_parquet``) and the pool with imgpipe's own
-per-image function (:func:`resize_jpeg`), ``read_images`` from the same JPEGs as files with
-the torchvision recipe. **Cold**: a fresh process each, timed from outside (imports, Ray or
+docs (``read_parquet`` → ``map_batches`` → ``write_parquet``) with the torchvision recipe a
+user writes (:func:`recipe_batch`) and with imgpipe's own per-image function
+(:func:`resize_jpeg`), the pool with imgpipe's function, ``read_images`` from the same JPEGs
+as files with the torchvision recipe. **Cold**: a fresh process each, timed from outside (imports, Ray or
 the pool, reads, the work, the writes). **Warm**: again in one process (Ray up, the pool
 started, every contender run once untimed first). Run inside ``scripts/in-loopback-netns``.
 
@@ -37,11 +38,14 @@ from imgpipe.resize.ops import encode_jpeg, resize_image
 __all__ = ["CONTENDERS", "IMGPIPE", "RAY_PARQUET", "POOL", "resize_jpeg", "prepare", "measure", "summarize", "tables"]
 
 IMGPIPE = "imgpipe resize step"
-RAY_PARQUET = "Ray Data: read_parquet → map_batches → write_parquet"
+# The canonical pipeline twice: with the recipe a user writes from Ray's docs (PIL, torchvision),
+# and with imgpipe's own per-image function (what is left is Ray Data's own cost).
+RAY_PARQUET_RECIPE = "Ray Data: read_parquet → map_batches (torchvision recipe) → write_parquet"
+RAY_PARQUET = "Ray Data: read_parquet → map_batches (imgpipe's function) → write_parquet"
 RAY_IMAGES = "Ray Data: read_images → map → write_parquet"
 POOL = "multiprocessing.Pool"
-CONTENDERS = [IMGPIPE, RAY_PARQUET, RAY_IMAGES, POOL]
-CHILD = {RAY_PARQUET: "ray-parquet", RAY_IMAGES: "ray-images", POOL: "pool"}
+CONTENDERS = [IMGPIPE, RAY_PARQUET_RECIPE, RAY_PARQUET, RAY_IMAGES, POOL]
+CHILD = {RAY_PARQUET_RECIPE: "ray-parquet-recipe", RAY_PARQUET: "ray-parquet", RAY_IMAGES: "ray-images", POOL: "pool"}
 
 
 def resize_jpeg(data: bytes) -> bytes:
@@ -52,6 +56,21 @@ def resize_jpeg(data: bytes) -> bytes:
 def resize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """:func:`resize_jpeg` over a ``read_parquet`` batch of clean's rows (``image`` structs)."""
     return {"image": np.array([resize_jpeg(image["bytes"]) for image in batch["image"]], dtype=object), "label": batch["label"]}
+
+
+def recipe_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A ``read_parquet`` batch of clean's rows through the torchvision recipe of bench/resize.py (PIL decode), JPEG out."""
+    import io
+
+    from PIL import Image
+    from torchvision import transforms
+
+    transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    out = []
+    for image in batch["image"]:
+        with Image.open(io.BytesIO(image["bytes"])) as img:
+            out.append(encode_jpeg(np.asarray(transform(img.convert("RGB"))), SPEC.jpeg_quality))
+    return {"image": np.array(out, dtype=object), "label": batch["label"]}
 
 
 def images_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -70,9 +89,9 @@ def prepare(root: Path, images: int) -> str:
     return write_clean_output(root / "clean", photos, 128, 2048)
 
 
-def run_ray_parquet(ray: Any, source: str, dest: Path) -> None:
+def run_ray_parquet(ray: Any, source: str, dest: Path, fn: Callable = resize_batch) -> None:
     files = [storage.arrow_path(uri) for uri in contract.data_files(source)]
-    ray.data.read_parquet(files, columns=["image", "label"]).map_batches(resize_batch, batch_format="numpy").write_parquet(str(dest))
+    ray.data.read_parquet(files, columns=["image", "label"]).map_batches(fn, batch_format="numpy").write_parquet(str(dest))
 
 
 def run_ray_images(ray: Any, folder: Path, dest: Path) -> None:
@@ -104,6 +123,8 @@ def child_main(args: argparse.Namespace) -> int:
         ray.data.DataContext.get_current().enable_progress_bars = False
         if args.child == "ray-parquet":
             run_ray_parquet(ray, args.source, dest)
+        elif args.child == "ray-parquet-recipe":
+            run_ray_parquet(ray, args.source, dest, recipe_batch)
         else:
             run_ray_images(ray, root / "files", dest)
     print(json.dumps({"outputs": outputs(dest)}))
@@ -145,6 +166,7 @@ def measure(root: Path, source: str, images: int, repeats: int, workers: int) ->
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             warm: dict[str, Callable[[Path], Any]] = {
                 IMGPIPE: lambda d: resize(source, storage.normalize_uri(str(d)), ResizeConfig(format="jpeg")),
+                RAY_PARQUET_RECIPE: lambda d: run_ray_parquet(ray, source, d, recipe_batch),
                 RAY_PARQUET: lambda d: run_ray_parquet(ray, source, d),
                 RAY_IMAGES: lambda d: run_ray_images(ray, root / "files", d),
                 POOL: lambda d: run_pool(pool, source, d, workers),
@@ -185,7 +207,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     best_cold = min((n for n in peers if peers[n]["cold_s"]), key=lambda n: peers[n]["cold_s"]["median"], default=None)
     best_warm = max((n for n in peers if peers[n]["warm_img_s"]), key=lambda n: peers[n]["warm_img_s"]["median"], default=None)
     rows = []
-    for peer, key in ((POOL, "cold_s"), (best_cold, "cold_s"), (RAY_PARQUET, "warm_img_s"), (best_warm, "warm_img_s")):
+    named = ((POOL, "cold_s"), (best_cold, "cold_s"), (RAY_PARQUET_RECIPE, "warm_img_s"), (RAY_PARQUET, "warm_img_s"), (best_warm, "warm_img_s"))
+    for peer, key in named:
         theirs = results.get(peer) if peer else None
         ratio = None
         if ours[key] and theirs and theirs[key]:
