@@ -195,7 +195,7 @@ def our_epoch(
     does when a GPU normalizes (or augments), for a machine that has none.
     """
     from imgpipe.train.augment import normalize
-    from imgpipe.train.loader import decode_jpeg_batch
+    from imgpipe.train.rows import decode_jpeg_batch
 
     loader.set_epoch(epoch)
     n = 0

@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
 
 def _test_batches(data: str, card: dict):
     """The test split as evaluation feeds it: stored at the model's size, scaled and normalized from the card."""
-    from imgpipe.train.loader import read_rows
+    from imgpipe.train.rows import read_rows
 
     info = describe_split(data, "test", contract.read_manifest(data))
     images = np.stack(read_rows(info, list(range(info.num_samples)))).astype(np.float32)

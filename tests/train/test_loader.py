@@ -19,8 +19,9 @@ from imgpipe import storage
 from imgpipe.steps.resize import output_schema
 from imgpipe.train.augment_cpu import build_train_transform
 from imgpipe.train.config import AugmentConfig, LoaderConfig
-from imgpipe.train.loader import ImageLoader, ParquetImageDataset, decode_jpeg_batch, read_samples
+from imgpipe.train.loader import ImageLoader, ParquetImageDataset
 from imgpipe.train.partition import describe_split
+from imgpipe.train.rows import decode_jpeg_batch, read_samples
 from imgpipe.writer import OutputWriter
 
 CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 40), (200, 60, 220), (40, 220, 220)]

@@ -95,3 +95,13 @@ def test_settings_refuse_a_negative_budget():
     cfg = TrainConfig(loader_cache_gb=1.5)
     assert cfg.loader(shuffle=True).cache_bytes == 1.5 * 2**30
     assert cfg.loader(shuffle=False).cache_bytes == 0  # evaluation reads each row once an epoch: nothing to keep
+
+
+def test_a_budget_past_half_the_memory_is_cut_to_it_with_a_warning(data, monkeypatch, caplog):
+    from imgpipe import resources
+
+    monkeypatch.setattr(resources, "usable_memory", lambda: 4000)  # read by imgpipe.train.rows.cache_budget
+    info = describe_split(data, "train")
+    loader = ImageLoader(info, LoaderConfig(batch_size=4, num_workers=0, cache_bytes=10**12))
+    assert loader.dataset.cache.limit_bytes == 2000
+    assert "lower loader_cache_gb" in caplog.text

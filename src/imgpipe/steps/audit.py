@@ -345,8 +345,8 @@ def _overrides_csv(suspects: Sequence[Mapping[str, Any]]) -> str:
 def _gallery(suspects: Sequence[Mapping[str, Any]], fold_models: Sequence[str], total: int) -> str:
     """The most suspect images with their given and suggested labels, as one page."""
     from imgpipe.report.training import gallery_png
-    from imgpipe.train.loader import read_rows
     from imgpipe.train.partition import describe_split, read_split_columns
+    from imgpipe.train.rows import read_rows
 
     parts = [
         htmlpage.section(

@@ -43,7 +43,7 @@ from imgpipe.train.distributed import (
     init_distributed,
 )
 from imgpipe.train.evaluation import EvalResult, evaluate
-from imgpipe.train.loader import ImageLoader, decode_jpeg_batch
+from imgpipe.train.loader import ImageLoader
 from imgpipe.train.models import (
     set_trainable,
 )
@@ -54,6 +54,7 @@ from imgpipe.train.outputs import (
     write_outputs,
 )
 from imgpipe.train.recipes import tta_flip_dims
+from imgpipe.train.rows import decode_jpeg_batch
 from imgpipe.train.run import TrainingRun
 from imgpipe.train.selection import EMA_PREFIX
 

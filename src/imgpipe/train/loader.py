@@ -7,17 +7,14 @@ How it works in detail: docs/internals.md, "imgpipe.train.loader".
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -28,7 +25,6 @@ from imgpipe.train.config import LoaderConfig
 
 # Which rows, in which order: torch-free (imgpipe.train.partition); re-exported here.
 from imgpipe.train.partition import (
-    RowGroup,
     SplitInfo,
     Unit,
     epoch_order,
@@ -38,14 +34,13 @@ from imgpipe.train.partition import (
     worker_batches,
 )
 from imgpipe.train.rowcache import RowCache
+from imgpipe.train.rows import Row, RowGroupReader, cache_budget, decode_jpeg_cpu, decode_raw, jpeg_tensor
 from imgpipe.train.threads import thread_batches
 
 __all__ = [
     "SampleFn",
     "ParquetImageDataset",
     "ImageLoader",
-    "decode_jpeg_batch",
-    "read_samples",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,122 +49,6 @@ log = logging.getLogger(__name__)
 # A per-sample transform: an H x W x C uint8 array and the sample's seed (sample_seed) in,
 # an H' x W' x C uint8 array out, every output of a batch the same size.
 SampleFn = Callable[[np.ndarray, int], np.ndarray]
-
-
-# ----------------------------------------------------------------------------------------
-# Reading and decoding.
-
-
-@dataclass
-class _Row:
-    label: int
-    data: np.ndarray  # uint8, a view of the row group's Arrow buffer (no copy)
-    shape: tuple[int, int, int]
-
-
-def _binary_views(array: Any) -> list[np.ndarray]:
-    """Each value of an Arrow binary array as a uint8 view of its data buffer: no copy per row.
-
-    The views keep the buffer (and so the row group) alive until the last one is dropped.
-    """
-    if array.null_count:
-        raise ValueError("an image column holds nulls; the resize step never writes them (is this a resize output?)")
-    _, offsets, data = array.buffers()
-    width = 8 if str(array.type) in ("large_binary", "large_string") else 4
-    starts = np.frombuffer(offsets, dtype=np.int64 if width == 8 else np.int32)[array.offset : array.offset + len(array) + 1]
-    flat = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
-    return [flat[a:b] for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
-
-
-class _RowGroupReader:
-    """Reads row groups of a split's files, keeping each file's footer open; through ``cache`` when there is one."""
-
-    def __init__(self, info: SplitInfo, cache: RowCache | None = None) -> None:
-        self.info = info
-        self.cache = cache
-        self.column = "pixels" if info.format == "raw" else "image"
-        self._files: dict[str, pq.ParquetFile] = {}
-
-    def _table(self, pf: pq.ParquetFile, group: RowGroup) -> Any:
-        key = (group.file, group.row_group)
-        cached = self.cache.get(key) if self.cache is not None else None
-        if cached is not None:
-            return cached
-        # One thread: Arrow's pool would compete with the loader's own workers (and reads a
-        # row group of one large column 4x slower here).
-        table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column], use_threads=False)
-        return table if self.cache is None else self.cache.put(key, table)
-
-    def read(self, group: RowGroup) -> list[_Row]:
-        def once() -> list[_Row]:
-            pf = self._files.get(group.file)  # opened here, lazily: in the worker, after any fork
-            if pf is None:
-                pf = self._files[group.file] = pq.ParquetFile(storage.open_arrow_input(group.file))
-            table = self._table(pf, group)
-            column = table.column(self.column)
-            payload = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # combining copies even one chunk
-            if self.info.format == "jpeg":
-                payload = payload.field("bytes")
-            return [
-                _Row(label, data, (h, w, c))
-                for label, data, h, w, c in zip(
-                    table.column("label").to_pylist(),
-                    _binary_views(payload),
-                    table.column("height").to_pylist(),
-                    table.column("width").to_pylist(),
-                    table.column("channels").to_pylist(),
-                )
-            ]
-
-        return storage.with_retries(once, attempts=3, describe=f"reading row group {group.row_group} of {group.file}")
-
-    def close(self) -> None:
-        for pf in self._files.values():
-            with contextlib.suppress(Exception):
-                pf.close()
-        self._files.clear()
-
-
-def _decode_raw(rows: Sequence[_Row]) -> list[np.ndarray]:
-    """Raw rows as ``H x W x C`` uint8 views of their bytes (read-only, no copy)."""
-    return [r.data.reshape(r.shape) for r in rows]
-
-
-def _jpeg_tensor(row: _Row) -> torch.Tensor:
-    return torch.from_numpy(row.data.copy())  # a writable copy: torch warns on a read-only buffer
-
-
-def _decode_jpeg_cpu(rows: Sequence[_Row]) -> list[np.ndarray]:
-    """JPEG rows decoded into ``H x W x C`` uint8 arrays.
-
-    simplejpeg: libjpeg-turbo with its accurate IDCT, torchvision's ``decode_jpeg`` pixels
-    (``tests/train/test_loader.py``), decoded straight into ``H x W x C`` from the row's
-    bytes without holding the GIL (torchvision's ``C x H x W`` needed a second copy).
-    """
-    import simplejpeg
-
-    decoded = [simplejpeg.decode_jpeg(r.data, colorspace="GRAY" if r.shape[2] == 1 else "RGB") for r in rows]
-    for r, image in zip(rows, decoded):
-        if image.shape[:2] != r.shape[:2]:
-            raise ValueError(f"a JPEG row decodes to {image.shape[1]}x{image.shape[0]}, its row says {r.shape[1]}x{r.shape[0]}")
-    return decoded
-
-
-def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torch.device | str) -> torch.Tensor:
-    """Decodes a batch of JPEG byte tensors on ``device`` (nvJPEG on CUDA) into ``B x C x H x W`` uint8.
-
-    Raises:
-        ValueError: If the images differ in size (resize makes them equal; mixing
-            sizes means the data is not a resize output).
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    device = torch.device(device)
-    images = decode_jpeg(list(jpegs), mode=mode, device=device) if device.type == "cuda" else [decode_jpeg(j, mode=mode) for j in jpegs]
-    if len({tuple(i.shape) for i in images}) != 1:
-        raise ValueError("JPEG batch holds images of different sizes; train expects a resize output")
-    return torch.stack(images)
 
 
 _MIXED_SIZES = (
@@ -259,11 +138,12 @@ class ParquetImageDataset(IterableDataset):
         # Workers started by spawn/forkserver begin with default storage settings; carry any
         # set in-process (e.g. by --s3-endpoint) over to them.
         self.storage_settings = storage.settings()
-        self._readers: dict[int, _RowGroupReader] = {}
+        self._readers: dict[int, RowGroupReader] = {}
         # One budget per process: the thread engine's threads share it; worker processes get
         # a share each (a copy of the cache in a worker starts empty).
         processes = cfg.engine == "processes" and num_workers > 0
-        self.cache = RowCache(cfg.cache_bytes // (self.parts if processes else 1)) if cfg.cache_bytes else None
+        budget = cache_budget(cfg.cache_bytes)
+        self.cache = RowCache(budget // (self.parts if processes else 1)) if budget else None
 
     def partition_batches(self) -> list[int]:
         """Batches each worker partition of this rank delivers in an epoch (the same every epoch)."""
@@ -287,7 +167,7 @@ class ParquetImageDataset(IterableDataset):
         for rows, keys in self.part_rows(epoch, part, int(self.shared[2 + part])):
             yield self.make_batch(rows, keys, epoch, part)
 
-    def part_rows(self, epoch: int, part: int, skip: int = 0) -> Iterator[tuple[list[_Row], list[int]]]:
+    def part_rows(self, epoch: int, part: int, skip: int = 0) -> Iterator[tuple[list[Row], list[int]]]:
         """The undecoded rows and split positions of each batch of worker partition ``part`` in ``epoch``.
 
         ``skip`` samples of the partition were delivered before (a resumed epoch). Reading
@@ -296,11 +176,11 @@ class ParquetImageDataset(IterableDataset):
         mine, order = epoch_order(self.info, self.cfg, epoch, self.rank, self.world_size, part, self.parts)
         yield from self._batches(mine, order[skip:], self._reader())
 
-    def _reader(self) -> _RowGroupReader:
+    def _reader(self) -> RowGroupReader:
         """This process's reader, kept from epoch to epoch: its files stay open (and mapped)."""
         pid = os.getpid()
         if self._readers.get(pid) is None:  # a forked worker opens its own, after the fork
-            self._readers = {pid: _RowGroupReader(self.info, self.cache)}
+            self._readers = {pid: RowGroupReader(self.info, self.cache)}
         return self._readers[pid]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -308,13 +188,13 @@ class ParquetImageDataset(IterableDataset):
         state["_readers"] = {}  # open files do not travel to a spawned worker
         return state
 
-    def _batches(self, mine: list[Unit], order: np.ndarray, reader: _RowGroupReader) -> Iterator[tuple[list[_Row], list[int]]]:
+    def _batches(self, mine: list[Unit], order: np.ndarray, reader: RowGroupReader) -> Iterator[tuple[list[Row], list[int]]]:
         position = {int(g): i for i, g in enumerate(order.tolist())}
         starts = np.array([g.first_index for g in self.info.row_groups])
         ranges_by_group: dict[int, list[tuple[int, int]]] = {}
         for u in mine:
             ranges_by_group.setdefault(u.group, []).append((u.start, u.stop))
-        pending: dict[int, _Row] = {}
+        pending: dict[int, Row] = {}
         bs = self.cfg.batch_size
         for first in range(0, len(order), bs):
             keys = order[first : first + bs].tolist()
@@ -334,13 +214,13 @@ class ParquetImageDataset(IterableDataset):
                 rows.append(pending.pop(k))
             yield rows, keys
 
-    def make_batch(self, rows: list[_Row], keys: list[int], epoch: int, part: int) -> dict[str, Any]:
+    def make_batch(self, rows: list[Row], keys: list[int], epoch: int, part: int) -> dict[str, Any]:
         """One batch (class docstring) from :meth:`part_rows`' rows: decoded, transformed, stacked."""
         labels = torch.tensor([r.label for r in rows], dtype=torch.int64)
         index = torch.tensor(keys, dtype=torch.int64)
         if self.decode_on_device:
-            return {"image": [_jpeg_tensor(r) for r in rows], "label": labels, "index": index, "part": part}
-        images = _decode_raw(rows) if self.info.format == "raw" else _decode_jpeg_cpu(rows)
+            return {"image": [jpeg_tensor(r) for r in rows], "label": labels, "index": index, "part": part}
+        images = decode_raw(rows) if self.info.format == "raw" else decode_jpeg_cpu(rows)
         if self.transform is not None:
             return {"image": self._transformed(images, keys, epoch), "label": labels, "index": index, "part": part}
         return {"image": _stack(images), "label": labels, "index": index, "part": part}
@@ -531,42 +411,3 @@ class ImageLoader:
             )
         self._consumed = consumed
         self._rotation = next_partition(self.dataset.partition_batches(), consumed, self.cfg.batch_size)
-
-
-def read_samples(info: SplitInfo, count: int) -> list[np.ndarray]:
-    """The first ``count`` images of a split in file order, as ``H x W x C`` uint8 arrays (for figures)."""
-    reader = _RowGroupReader(info)
-    rows: list[_Row] = []
-    try:
-        for group in info.row_groups:
-            rows.extend(reader.read(group)[: count - len(rows)])
-            if len(rows) >= count:
-                break
-    finally:
-        reader.close()
-    images = _decode_raw(rows) if info.format == "raw" else _decode_jpeg_cpu(rows)
-    return [np.array(img) for img in images]  # writable copies
-
-
-def read_rows(info: SplitInfo, indexes: Sequence[int]) -> list[np.ndarray]:
-    """The images at ``indexes`` (positions in the split, file order), as ``H x W x C`` uint8 arrays.
-
-    Reads only the row groups that hold them (for figures of chosen images).
-    """
-    starts = np.array([g.first_index for g in info.row_groups])
-    wanted: dict[int, list[int]] = {}
-    for i in indexes:
-        wanted.setdefault(int(np.searchsorted(starts, i, side="right") - 1), []).append(int(i))
-    reader = _RowGroupReader(info)
-    found: dict[int, _Row] = {}
-    try:
-        for g, members in wanted.items():
-            group = info.row_groups[g]
-            rows = reader.read(group)
-            for i in members:
-                found[i] = rows[i - group.first_index]
-    finally:
-        reader.close()
-    picked = [found[int(i)] for i in indexes]
-    images = _decode_raw(picked) if info.format == "raw" else _decode_jpeg_cpu(picked)
-    return [np.array(img) for img in images]

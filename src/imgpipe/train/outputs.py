@@ -43,11 +43,11 @@ from imgpipe.train.distributed import (
 )
 from imgpipe.train.evaluation import EvalResult
 from imgpipe.train.export import export_onnx, export_torchscript, model_card
-from imgpipe.train.loader import read_rows, read_samples
 from imgpipe.train.partition import (
     sample_seeds,
 )
 from imgpipe.train.predictions import confused_pairs, predictions_table, worst_per_class
+from imgpipe.train.rows import read_rows, read_samples
 from imgpipe.train.run import TrainingRun
 
 __all__ = ["write_outputs", "commit", "start_output", "check_locations"]

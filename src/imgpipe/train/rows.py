@@ -1,0 +1,207 @@
+"""A split's rows read and decoded: row groups of the resize output's Parquet as ``H x W x C`` uint8 arrays.
+
+    reader = RowGroupReader(info, cache=None); rows = reader.read(info.row_groups[0]); images = decode_raw(rows)
+    images = read_samples(info, 8)                    # the first images, for figures
+    batch = decode_jpeg_batch(jpegs, 3, "cuda")       # nvJPEG on the GPU
+
+The loader (:mod:`imgpipe.train.loader`) reads and decodes through this module; how it
+reads (memory maps, views of Arrow's buffers, the row cache) is in docs/internals.md,
+"imgpipe.train.loader".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from imgpipe import resources, storage
+from imgpipe.train.partition import RowGroup, SplitInfo
+from imgpipe.train.rowcache import RowCache
+
+__all__ = [
+    "Row",
+    "RowGroupReader",
+    "binary_views",
+    "cache_budget",
+    "decode_raw",
+    "decode_jpeg_cpu",
+    "decode_jpeg_batch",
+    "jpeg_tensor",
+    "read_samples",
+    "read_rows",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    label: int
+    data: np.ndarray  # uint8, a view of the row group's Arrow buffer (no copy)
+    shape: tuple[int, int, int]
+
+
+def binary_views(array: Any) -> list[np.ndarray]:
+    """Each value of an Arrow binary array as a uint8 view of its data buffer: no copy per row.
+
+    The views keep the buffer (and so the row group) alive until the last one is dropped.
+    """
+    if array.null_count:
+        raise ValueError("an image column holds nulls; the resize step never writes them (is this a resize output?)")
+    _, offsets, data = array.buffers()
+    width = 8 if str(array.type) in ("large_binary", "large_string") else 4
+    starts = np.frombuffer(offsets, dtype=np.int64 if width == 8 else np.int32)[array.offset : array.offset + len(array) + 1]
+    flat = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
+    return [flat[a:b] for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
+
+
+class RowGroupReader:
+    """Reads row groups of a split's files, keeping each file's footer open; through ``cache`` when there is one."""
+
+    def __init__(self, info: SplitInfo, cache: RowCache | None = None) -> None:
+        self.info = info
+        self.cache = cache
+        self.column = "pixels" if info.format == "raw" else "image"
+        self._files: dict[str, pq.ParquetFile] = {}
+
+    def _table(self, pf: pq.ParquetFile, group: RowGroup) -> Any:
+        key = (group.file, group.row_group)
+        cached = self.cache.get(key) if self.cache is not None else None
+        if cached is not None:
+            return cached
+        # One thread: Arrow's pool would compete with the loader's own workers (and reads a
+        # row group of one large column 4x slower here).
+        table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column], use_threads=False)
+        return table if self.cache is None else self.cache.put(key, table)
+
+    def read(self, group: RowGroup) -> list[Row]:
+        def once() -> list[Row]:
+            pf = self._files.get(group.file)  # opened here, lazily: in the worker, after any fork
+            if pf is None:
+                pf = self._files[group.file] = pq.ParquetFile(storage.open_arrow_input(group.file))
+            table = self._table(pf, group)
+            column = table.column(self.column)
+            payload = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # combining copies even one chunk
+            if self.info.format == "jpeg":
+                payload = payload.field("bytes")
+            return [
+                Row(label, data, (h, w, c))
+                for label, data, h, w, c in zip(
+                    table.column("label").to_pylist(),
+                    binary_views(payload),
+                    table.column("height").to_pylist(),
+                    table.column("width").to_pylist(),
+                    table.column("channels").to_pylist(),
+                )
+            ]
+
+        return storage.with_retries(once, attempts=3, describe=f"reading row group {group.row_group} of {group.file}")
+
+    def close(self) -> None:
+        for pf in self._files.values():
+            with contextlib.suppress(Exception):
+                pf.close()
+        self._files.clear()
+
+
+def decode_raw(rows: Sequence[Row]) -> list[np.ndarray]:
+    """Raw rows as ``H x W x C`` uint8 views of their bytes (read-only, no copy)."""
+    return [r.data.reshape(r.shape) for r in rows]
+
+
+def jpeg_tensor(row: Row) -> torch.Tensor:
+    return torch.from_numpy(row.data.copy())  # a writable copy: torch warns on a read-only buffer
+
+
+def decode_jpeg_cpu(rows: Sequence[Row]) -> list[np.ndarray]:
+    """JPEG rows decoded into ``H x W x C`` uint8 arrays.
+
+    simplejpeg: libjpeg-turbo with its accurate IDCT, torchvision's ``decode_jpeg`` pixels
+    (``tests/train/test_loader.py``), decoded straight into ``H x W x C`` from the row's
+    bytes without holding the GIL (torchvision's ``C x H x W`` needed a second copy).
+    """
+    import simplejpeg
+
+    decoded = [simplejpeg.decode_jpeg(r.data, colorspace="GRAY" if r.shape[2] == 1 else "RGB") for r in rows]
+    for r, image in zip(rows, decoded):
+        if image.shape[:2] != r.shape[:2]:
+            raise ValueError(f"a JPEG row decodes to {image.shape[1]}x{image.shape[0]}, its row says {r.shape[1]}x{r.shape[0]}")
+    return decoded
+
+
+def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torch.device | str) -> torch.Tensor:
+    """Decodes a batch of JPEG byte tensors on ``device`` (nvJPEG on CUDA) into ``B x C x H x W`` uint8.
+
+    Raises:
+        ValueError: If the images differ in size (resize makes them equal; mixing
+            sizes means the data is not a resize output).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    device = torch.device(device)
+    images = decode_jpeg(list(jpegs), mode=mode, device=device) if device.type == "cuda" else [decode_jpeg(j, mode=mode) for j in jpegs]
+    if len({tuple(i.shape) for i in images}) != 1:
+        raise ValueError("JPEG batch holds images of different sizes; train expects a resize output")
+    return torch.stack(images)
+
+
+def cache_budget(asked: int) -> int:
+    """``asked`` bytes of row cache, at most half the memory this process may use (a run's setting is untrusted)."""
+    usable = resources.usable_memory()
+    if asked and usable is not None and asked > usable // 2:
+        log.warning(
+            "loader: a row cache of %.1f GiB is more than half the %.1f GiB this process may use; keeping %.1f GiB"
+            " (lower loader_cache_gb, or give the pod more memory)",
+            asked / 2**30,
+            usable / 2**30,
+            usable // 2 / 2**30,
+        )
+        return usable // 2
+    return asked
+
+
+def read_samples(info: SplitInfo, count: int) -> list[np.ndarray]:
+    """The first ``count`` images of a split in file order, as ``H x W x C`` uint8 arrays (for figures)."""
+    reader = RowGroupReader(info)
+    rows: list[Row] = []
+    try:
+        for group in info.row_groups:
+            rows.extend(reader.read(group)[: count - len(rows)])
+            if len(rows) >= count:
+                break
+    finally:
+        reader.close()
+    images = decode_raw(rows) if info.format == "raw" else decode_jpeg_cpu(rows)
+    return [np.array(img) for img in images]  # writable copies
+
+
+def read_rows(info: SplitInfo, indexes: Sequence[int]) -> list[np.ndarray]:
+    """The images at ``indexes`` (positions in the split, file order), as ``H x W x C`` uint8 arrays.
+
+    Reads only the row groups that hold them (for figures of chosen images).
+    """
+    starts = np.array([g.first_index for g in info.row_groups])
+    wanted: dict[int, list[int]] = {}
+    for i in indexes:
+        wanted.setdefault(int(np.searchsorted(starts, i, side="right") - 1), []).append(int(i))
+    reader = RowGroupReader(info)
+    found: dict[int, Row] = {}
+    try:
+        for g, members in wanted.items():
+            group = info.row_groups[g]
+            rows = reader.read(group)
+            for i in members:
+                found[i] = rows[i - group.first_index]
+    finally:
+        reader.close()
+    picked = [found[int(i)] for i in indexes]
+    images = decode_raw(picked) if info.format == "raw" else decode_jpeg_cpu(picked)
+    return [np.array(img) for img in images]
