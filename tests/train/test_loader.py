@@ -365,3 +365,22 @@ def test_cpu_jpeg_decode_gives_torchvisions_pixels_rgb_and_grayscale(tmp_path):
         files = next(iter(ImageLoader(info, cfg, decode_device="cuda")))["image"]  # the bytes, left undecoded
         assert decoded.shape == (8, channels, 24, 24)
         assert torch.equal(decode_jpeg_batch(files, channels, "cpu"), decoded)  # torchvision's decoder, the oracle
+
+
+def test_a_jpeg_row_larger_than_its_row_says_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    import simplejpeg
+
+    from imgpipe.train.rows import Row, decode_jpeg_cpu
+
+    buf = io.BytesIO()
+    Image.fromarray(class_image(0, 0, 64)).save(buf, "JPEG", quality=90)
+    data = np.frombuffer(buf.getvalue(), np.uint8)
+
+    def never(*args, **kwargs):
+        raise AssertionError("decoded a JPEG its row does not describe")
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", never)
+    with pytest.raises(ValueError, match="64x64 image, its row says 16x16"):
+        decode_jpeg_cpu([Row(0, data, (16, 16, 3))])
+    with pytest.raises(ValueError):
+        decode_jpeg_cpu([Row(0, np.frombuffer(b"not a jpeg at all", np.uint8), (16, 16, 3))])

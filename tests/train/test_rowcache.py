@@ -100,8 +100,15 @@ def test_settings_refuse_a_negative_budget():
 def test_a_budget_past_half_the_memory_is_cut_to_it_with_a_warning(data, monkeypatch, caplog):
     from imgpipe import resources
 
-    monkeypatch.setattr(resources, "usable_memory", lambda: 4000)  # read by imgpipe.train.rows.cache_budget
+    monkeypatch.setattr(resources, "usable_memory", lambda: 4000)  # read by imgpipe.train.rowcache.cache_budget
     info = describe_split(data, "train")
     loader = ImageLoader(info, LoaderConfig(batch_size=4, num_workers=0, cache_bytes=10**12))
     assert loader.dataset.cache.limit_bytes == 2000
     assert "lower loader_cache_gb" in caplog.text
+
+
+def test_worker_processes_that_end_each_epoch_get_no_cache(data, caplog):
+    info = describe_split(data, "train")
+    cfg = LoaderConfig(batch_size=4, num_workers=2, engine="processes", persistent_workers=False, cache_bytes=1 << 20)
+    assert ImageLoader(info, cfg).dataset.cache is None
+    assert "set persistent_workers" in caplog.text

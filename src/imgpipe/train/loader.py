@@ -33,8 +33,8 @@ from imgpipe.train.partition import (
     sample_seeds,
     worker_batches,
 )
-from imgpipe.train.rowcache import RowCache
-from imgpipe.train.rows import Row, RowGroupReader, cache_budget, decode_jpeg_cpu, decode_raw, jpeg_tensor
+from imgpipe.train.rowcache import RowCache, cache_budget
+from imgpipe.train.rows import Row, RowGroupReader, decode_jpeg_cpu, decode_raw, jpeg_tensor
 from imgpipe.train.threads import thread_batches
 
 __all__ = [
@@ -143,6 +143,9 @@ class ParquetImageDataset(IterableDataset):
         # a share each (a copy of the cache in a worker starts empty).
         processes = cfg.engine == "processes" and num_workers > 0
         budget = cache_budget(cfg.cache_bytes)
+        if budget and processes and not cfg.persistent_workers:
+            log.warning("loader: no row cache: worker processes that end with each epoch would fill it and drop it (set persistent_workers)")
+            budget = 0
         self.cache = RowCache(budget // (self.parts if processes else 1)) if budget else None
 
     def partition_batches(self) -> list[int]:

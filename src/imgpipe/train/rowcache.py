@@ -11,16 +11,22 @@ memory-mapped ``.beton``. Nothing is evicted: an epoch visits every row group in
 order, so a cache smaller than the split keeps the first groups it was given (those it saves
 a read of in every later epoch) rather than churning. The budget bounds what the cache adds
 to the process's memory; a copy of it made in a worker process (``processes`` engine)
-starts empty with the same budget.
+starts empty with the same budget. :func:`cache_budget` cuts a budget to half the memory
+the process may use (a run's ``loader_cache_gb`` is untrusted).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Hashable
 from typing import Any
 
-__all__ = ["RowCache"]
+from imgpipe import resources
+
+__all__ = ["RowCache", "cache_budget"]
+
+log = logging.getLogger(__name__)
 
 
 class RowCache:
@@ -57,3 +63,18 @@ class RowCache:
         with self._lock:
             self._tables.clear()
             self.used_bytes = 0
+
+
+def cache_budget(asked: int) -> int:
+    """``asked`` bytes of row cache, at most half the memory this process may use (a run's setting is untrusted)."""
+    usable = resources.usable_memory()
+    if asked and usable is not None and asked > usable // 2:
+        log.warning(
+            "loader: a row cache of %.1f GiB is more than half the %.1f GiB this process may use; keeping %.1f GiB"
+            " (lower loader_cache_gb, or give the pod more memory)",
+            asked / 2**30,
+            usable / 2**30,
+            usable // 2 / 2**30,
+        )
+        return usable // 2
+    return asked

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from imgpipe import resources, storage
+from imgpipe import storage
 from imgpipe.train.partition import RowGroup, SplitInfo
 from imgpipe.train.rowcache import RowCache
 
@@ -29,7 +29,6 @@ __all__ = [
     "Row",
     "RowGroupReader",
     "binary_views",
-    "cache_budget",
     "decode_raw",
     "decode_jpeg_cpu",
     "decode_jpeg_batch",
@@ -126,13 +125,21 @@ def decode_jpeg_cpu(rows: Sequence[Row]) -> list[np.ndarray]:
     simplejpeg: libjpeg-turbo with its accurate IDCT, torchvision's ``decode_jpeg`` pixels
     (``tests/train/test_loader.py``), decoded straight into ``H x W x C`` from the row's
     bytes without holding the GIL (torchvision's ``C x H x W`` needed a second copy).
+
+    A file read back from storage is untrusted: its header must give the size its row
+    records before anything is decoded (a JPEG larger than its row is refused unread).
+
+    Raises:
+        ValueError: For bytes that are not a JPEG, or one of another size than its row's.
     """
     import simplejpeg
 
-    decoded = [simplejpeg.decode_jpeg(r.data, colorspace="GRAY" if r.shape[2] == 1 else "RGB") for r in rows]
-    for r, image in zip(rows, decoded):
-        if image.shape[:2] != r.shape[:2]:
-            raise ValueError(f"a JPEG row decodes to {image.shape[1]}x{image.shape[0]}, its row says {r.shape[1]}x{r.shape[0]}")
+    decoded = []
+    for r in rows:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(r.data)
+        if (height, width) != r.shape[:2]:
+            raise ValueError(f"a JPEG row holds a {width}x{height} image, its row says {r.shape[1]}x{r.shape[0]}; is this a resize output?")
+        decoded.append(simplejpeg.decode_jpeg(r.data, colorspace="GRAY" if r.shape[2] == 1 else "RGB"))
     return decoded
 
 
@@ -151,21 +158,6 @@ def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torc
     if len({tuple(i.shape) for i in images}) != 1:
         raise ValueError("JPEG batch holds images of different sizes; train expects a resize output")
     return torch.stack(images)
-
-
-def cache_budget(asked: int) -> int:
-    """``asked`` bytes of row cache, at most half the memory this process may use (a run's setting is untrusted)."""
-    usable = resources.usable_memory()
-    if asked and usable is not None and asked > usable // 2:
-        log.warning(
-            "loader: a row cache of %.1f GiB is more than half the %.1f GiB this process may use; keeping %.1f GiB"
-            " (lower loader_cache_gb, or give the pod more memory)",
-            asked / 2**30,
-            usable / 2**30,
-            usable // 2 / 2**30,
-        )
-        return usable // 2
-    return asked
 
 
 def read_samples(info: SplitInfo, count: int) -> list[np.ndarray]:
