@@ -2,7 +2,8 @@
 
 The tool a user would pick instead is the AWS CLI's ``s3 sync`` (concurrent, 10 requests at
 once by default); the floor of effort is a sequential boto3 loop (list, then get each object).
-All three read the same prefix of a local S3 server (moto, on 127.0.0.1) and write to local
+All three read the same prefix of a local S3 server (SeaweedFS, the store Kubeflow ships, on 127.0.0.1;
+the figures before issue 46 were taken on moto) and write to local
 disk: imgpipe its Parquet shards, the others one file per object. Each run is a fresh process
 (cold, as a pod runs the step), timed from outside, its peak RSS taken by GNU time; the
 contenders are interleaved within each repeat.
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from imgpipe import storage
-from imgpipe.kfp.local_s3 import moto_s3_server
+from imgpipe.kfp.local_s3 import seaweedfs_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "bench-download"
@@ -113,15 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if not AWS.exists():
         raise SystemExit(f"no AWS CLI at {AWS}: run make bench-download (it installs one)")
     results = []
-    with moto_s3_server() as endpoint:
-        env = {
-            **os.environ,
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "IMGPIPE_SOURCE_LOCAL": "1",
-        }
+    with tempfile.TemporaryDirectory(prefix="bench-seaweedfs-") as store, seaweedfs_server(Path(store)):
+        # The server set the endpoint and its keys in this environment; the contenders inherit them.
+        env = {**os.environ, "IMGPIPE_SOURCE_LOCAL": "1"}
         os.environ.update(env)
         storage.s3_client().create_bucket(Bucket=BUCKET)
         for count in map(int, args.objects.split(",")):

@@ -77,17 +77,28 @@ def _one_onnx_registry_per_worker() -> None:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> str:
-    """Starts moto's S3 server as a separate process on 127.0.0.1 and points boto3 at it.
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Starts SeaweedFS (``weed server -s3``, the store Kubeflow ships) on 127.0.0.1 and points boto3 at it.
 
     The same server ``imgpipe run`` uses as its local object store: it speaks the real S3
     HTTP API, so tests exercise signing, multipart uploads, pagination and pyarrow's own
-    S3 client, not an in-process patch.
+    S3 client, not an in-process patch. Its data lives in this session's temporary directory.
     """
-    from imgpipe.kfp.local_s3 import moto_s3_server
+    from imgpipe.kfp.local_s3 import seaweedfs_server
 
-    with moto_s3_server() as endpoint:
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
         yield endpoint
+
+
+@pytest.fixture
+def moto_bucket() -> str:
+    """A bucket on moto's S3 server, for what SeaweedFS refuses to store (tests/moto_s3.py names each use)."""
+    from imgpipe import storage
+    from tests.moto_s3 import moto_s3_server
+
+    with moto_s3_server():
+        storage.s3_client().create_bucket(Bucket="moto-test")
+        yield "s3://moto-test"
 
 
 @pytest.fixture

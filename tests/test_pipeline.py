@@ -3,7 +3,7 @@
 The compile tests read the YAML package the way the KFP backend does and check the
 DAG, images, resources, retries, caching, GPU scheduling and where the S3 credentials
 come from. The local run executes the same pipeline function with
-``kfp.local.SubprocessRunner(use_venv=False)`` on tiny data, against the moto S3 server
+``kfp.local.SubprocessRunner(use_venv=False)`` on tiny data, against the SeaweedFS S3 server
 of ``conftest.py`` and a local Ray (so it is marked ``ray``: run it inside
 ``scripts/in-loopback-netns``).
 """

@@ -1,6 +1,6 @@
 """The sharded download + clean (``PipelineOptions.shards``): compiled as a ``ParallelFor`` and a merge, run under ``kfp.local``.
 
-The run reads a bucket prefix of loose images on the moto server, so that every shard has
+The run reads a bucket prefix of loose images on the SeaweedFS server, so that every shard has
 objects of its own; resize and train then read the merged clean output as they read an
 unsharded run's (marked ``ray``: run inside scripts/in-loopback-netns).
 """

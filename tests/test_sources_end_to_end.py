@@ -1,6 +1,6 @@
 """Each kind of source the download step reads, through download -> clean -> resize -> train.
 
-The S3 ones against the moto server, resize on a local Ray (marked ``ray``: run inside
+The S3 ones against the SeaweedFS server, resize on a local Ray (marked ``ray``: run inside
 scripts/in-loopback-netns). Each run must end with a model of the classes the source gave,
 and every input accounted for once: download's inputs = clean's outputs + both steps' rejects.
 """

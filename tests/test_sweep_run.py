@@ -1,7 +1,7 @@
 """The imgpipe-sweep pipeline end to end through kfp.local: data steps once, two branches, the comparison.
 
 The same pipeline function ``imgpipe compile --pipeline imgpipe-sweep`` compiles, under
-``kfp.local.SubprocessRunner(use_venv=False)``, against the moto S3 server of
+``kfp.local.SubprocessRunner(use_venv=False)``, against the SeaweedFS S3 server of
 ``conftest.py`` and a local Ray (resize): marked ``ray``, run it inside
 ``scripts/in-loopback-netns``. Tiny on purpose (3 classes x 6 images, 32 px, ``tiny_cnn``,
 3 epochs of 2 steps) so that it stays near the main pipeline's local test in time.

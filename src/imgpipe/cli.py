@@ -108,7 +108,7 @@ def _local_run_options(p: argparse.ArgumentParser) -> None:
         help="YAML with sections pipeline (parameters), synth, download, clean, resize, train; repeatable, "
         "a later file wins per field (e.g. configs/local.yaml, then a sweep's winner.yaml)",
     )
-    p.add_argument("--data-root", help="where the steps write (default: a moto S3 server on 127.0.0.1 for this run)")
+    p.add_argument("--data-root", help="where the steps write (default: SeaweedFS on 127.0.0.1 over WORKDIR/seaweedfs, kept from run to run)")
     p.add_argument("--workdir", default="./.data", help="kfp local outputs and copies of the results (default ./.data)")
     p.add_argument("--source", help="archive to process (default: generate the sample dataset)")
     p.add_argument("--annotations", help="Oxford-style annotations archive (default: the sample dataset's)")

@@ -2,7 +2,7 @@
 
 The engine's containers share this process's network namespace (make test-containers
 runs inside scripts/in-loopback-netns with a private Podman service), so they reach the
-moto S3 server of the ``s3_endpoint`` fixture on 127.0.0.1, and nothing else.
+SeaweedFS S3 server of the ``s3_endpoint`` fixture on 127.0.0.1, and nothing else.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Sources where teams keep images: a bucket prefix, a URI list, WebDataset shards, Hugging Face Parquet, nested archives.
 
-Each kind goes through the download step itself, against real parts: the moto S3 server of
+Each kind goes through the download step itself, against real parts: the SeaweedFS S3 server of
 ``conftest.py`` for buckets, a real HTTP server on 127.0.0.1 for URI lists (ETags and 304s
 included), tar files written by ``tarfile``, and Parquet written by the Hugging Face
 ``datasets`` library. Every test checks that each input ends in the output or in the rejects
@@ -63,6 +63,10 @@ def tar_bytes(members: dict[str, bytes]) -> bytes:
 @pytest.fixture
 def pets(s3_bucket: str) -> str:
     """``s3://bucket/pets/<class>/<id>.jpg``: 3 classes x 4 images, a folder marker, one big object."""
+    return _pets(s3_bucket)
+
+
+def _pets(s3_bucket: str) -> str:
     for c, name in enumerate(("cat", "dog", "fox")):
         for i in range(4):
             storage.write_bytes(f"{s3_bucket}/pets/{name}/{i}.jpg", jpeg(48, 40, seed=10 * c + i))
@@ -103,8 +107,11 @@ def test_the_store_lists_a_prefix_once_per_run_and_the_fetch_reads_the_census_li
     reconciles(report, report.dest)
 
 
-def test_a_prefix_without_the_trailing_slash_is_recognised_and_a_key_with_dotdot_is_refused(pets, s3_bucket):
+def test_a_prefix_without_the_trailing_slash_is_recognised_and_a_key_with_dotdot_is_refused(moto_bucket):
     # S3 keys are strings: "pets/cat/../../up.jpg" lists below "pets/" yet names a path above it.
+    # AWS keeps such a key; SeaweedFS refuses to store it, so the bucket is moto's (tests/moto_s3.py).
+    s3_bucket = moto_bucket
+    pets = _pets(s3_bucket)
     storage.S3Backend.client().put_object(Bucket=s3_bucket[5:], Key="pets/cat/../../up.jpg", Body=jpeg(seed=98))
     report = download(pets.rstrip("/"), f"{s3_bucket}/out/download", FAST)
     assert rejects(report.dest) == {"cat/../../up.jpg": "unsafe_member"}

@@ -1,6 +1,6 @@
 """A fault-injecting HTTP proxy in front of the local S3 server.
 
-It forwards every request to the real server (moto's, on loopback) unchanged, Host
+It forwards every request to the real server (SeaweedFS, on loopback) unchanged, Host
 header included, so SigV4 signatures stay valid, and, for a seeded fraction of
 requests, answers in one of the ways a real S3 misbehaves:
 

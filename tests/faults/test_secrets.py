@@ -27,6 +27,7 @@ from imgpipe import storage
 from imgpipe.cli import main
 from imgpipe.data.synth import SynthConfig, generate
 from imgpipe.kfp.local_run import LocalRunConfig, run_local
+from imgpipe.kfp.local_s3 import ADMIN_USER, S3Identity, seaweedfs_server
 from tests import serving
 
 ACCESS_KEY = "AKIAIMGPIPESECRET4711"
@@ -65,12 +66,18 @@ def _hits(blob: bytes, where: str) -> list[str]:
 
 
 @pytest.mark.ray
-def test_no_secret_in_outputs_artifacts_or_logs(s3_bucket, tmp_path, monkeypatch, capfd, archive_server, figures):
+def test_no_secret_in_outputs_artifacts_or_logs(tmp_path, monkeypatch, capfd, archive_server, figures):
     host, digest = archive_server
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)  # moto accepts any keys
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("IMGPIPE_SOURCE_NETWORKS", "127.0.0.1/32")  # the archive server is on loopback
-    storage.configure_s3()
+    # A store of its own whose one identity has the secret keys (the server sets the environment).
+    store = seaweedfs_server(tmp_path / "seaweedfs", S3Identity(ADMIN_USER, ACCESS_KEY, SECRET_KEY))
+    with store:
+        storage.s3_client().create_bucket(Bucket="secrets")
+        _run_and_search(tmp_path, capfd, host, digest, figures)
+
+
+def _run_and_search(tmp_path, capfd, host, digest, figures):
+    s3_bucket = "s3://secrets"
     source = f"http://reader:{URL_PASSWORD}@{host}/images.tar.gz?X-Amz-Signature={URL_SIGNATURE}&X-Amz-Expires=600"
     result = run_local(
         LocalRunConfig(

