@@ -12,7 +12,7 @@ IMAGE_KINDS ?= cpu ray gpu
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench bench-scale bench-download bench-peers images images-push compile clean-data help run-containers test-containers test-faults test-slow
+.PHONY: install run test lint bench bench-scale bench-download bench-peers images images-push compile clean-data help run-containers test-containers test-faults test-slow cluster-build cluster-up cluster-down test-cluster
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
@@ -29,6 +29,10 @@ help:
 	@echo "make test-faults    the reliability suite: S3 faults, kill -9, two writers, fuzzing (docs/reliability.md)"
 	@echo "make test-slow      the slow integration tests make test leaves out (@pytest.mark.slow)"
 	@echo "make compile    compile the Kubeflow pipeline to $(PACKAGE)"
+	@echo "make cluster-build  build the cluster's binaries from upstream's Go modules into the cache (cluster/; ~20 min cold)"
+	@echo "make cluster-up     start the cluster in a network namespace of its own (docs/cluster.md)"
+	@echo "make test-cluster   the tests against the running cluster (each skips with one line when it is not up)"
+	@echo "make cluster-down   stop it: no process, mount, cgroup or state left"
 
 # Re-install only when the dependency list changes. The images' pins (docker/constraints.txt)
 # hold here too, so the tests run the versions the images ship, whatever the index has since.
@@ -51,7 +55,7 @@ run: install
 # slowest tests and the total time are printed at the end.
 TEST_WORKERS ?= auto
 test: install
-	$(NETNS) $(BIN)/python -m pytest -m "not containers and not slow and (not faults or quick)" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -m "not containers and not slow and not cluster and (not faults or quick)" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The tests marked slow (whole-pipeline variants, Ray Data prediction cases, DDP variants, the
 # export under onnxruntime 1.15.0, the one tritonserver 23.05 bundles: installed here, outside the
@@ -72,6 +76,7 @@ lint: install
 	$(BIN)/ruff check src tests bench components pipelines
 	$(BIN)/ruff format --check src tests bench components pipelines
 	$(BIN)/hadolint docker/Dockerfile
+	$(BIN)/shellcheck -x cluster/*.sh cluster/kubectl cluster/in-netns scripts/*
 
 # Needs a Docker-compatible engine (DOCKER_HOST; docs/containers.md). Builds use the
 # host's network for pip, so they run outside the loopback-only namespace.
@@ -147,6 +152,23 @@ bench-scale: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(NETNS) $(BIN)/python bench/scale.py --sizes $(SCALE_SIZES) --root $(SCALE_ROOT) --repeats 3 \
 		--json bench/results/scale.json --plot docs/img/scale.png
+
+# The cluster tiers (issue 46; docs/cluster.md): real etcd, kube-apiserver, controllers, built
+# from upstream's Go modules at the versions in cluster/versions.env into CLUSTER_CACHE (outside
+# the repository), run inside a network and mount namespace of their own. Not part of make test.
+cluster-build:
+	bash cluster/build.sh
+
+cluster-up: cluster-build
+	bash cluster/up.sh
+
+cluster-down:
+	bash cluster/down.sh
+
+# Inside the cluster's network namespace when it is up (its API server is on 127.0.0.1 there);
+# otherwise every test skips with the one line that says so.
+test-cluster: install
+	cluster/in-netns $(BIN)/python -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
 
 clean-data:
 	rm -rf .data

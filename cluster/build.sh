@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Builds the cluster's binaries from upstream's own Go modules (fetched through the Go module
+# proxy) into the cache, keyed by the versions in cluster/versions.env. Nothing is built in the
+# repository and no upstream source is committed: each component gets a go.mod of ours in the
+# cache that requires the upstream module at its pinned version and carries over the module's own
+# `replace` directives (Kubernetes' staging modules become their published v0.X.Y releases).
+#
+# usage: cluster/build.sh [GROUP ...]    groups: control node runtime pause argo kuberay trainer (default: all)
+# A built group is skipped (its stamp names the versions); CLUSTER_REBUILD=1 forces it.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=cluster/lib.sh
+. "$here/lib.sh"
+
+export GOMODCACHE="$CLUSTER_CACHE/gomod" GOCACHE="$CLUSTER_CACHE/gocache" GOFLAGS=-mod=mod GOTOOLCHAIN=local
+export GOPROXY="${GOPROXY:-https://proxy.golang.org}" GONOSUMDB="" GOFLAGS="-mod=mod"
+
+log() { printf '%s build: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# A module's own go.mod, as the proxy serves it.
+upstream_mod() { # MODULE VERSION
+	local info
+	info=$(cd "$CLUSTER_CACHE" && go mod download -json "$1@$2")
+	jq -r .GoMod <<<"$info"
+}
+
+# `replace` lines for our go.mod from MODULE@VERSION's own: module targets are kept as they are;
+# a local target (./staging/src/k8s.io/api) becomes the published module at STAGING (if given).
+replaces_of() { # MODULE VERSION [STAGING]
+	local gomod
+	gomod=$(upstream_mod "$1" "$2")
+	go mod edit -json "$gomod" | jq -r --arg staging "${3:-}" '
+		(.Replace // [])[]
+		| if (.New.Path | startswith(".")) then
+			(if $staging != "" then "\(.Old.Path) => \(.Old.Path) \($staging)" else empty end)
+		  else "\(.Old.Path)\(if .Old.Version then " " + .Old.Version else "" end) => \(.New.Path) \(.New.Version)" end'
+}
+
+# A work dir in the cache with a go.mod requiring MODULE@VERSION and its replaces.
+moddir() { # NAME MODULE VERSION [STAGING]
+	local dir="$CLUSTER_CACHE/mod/$1"
+	mkdir -p "$dir"
+	{
+		echo "module imgpipe.local/cluster/$1"
+		echo
+		echo "go 1.25"
+		echo
+		echo "require $2 $3"
+		replaces_of "$2" "$3" "${4:-}" | sed 's/^/replace /'
+	} >"$dir/go.mod"
+	echo "$dir"
+}
+
+# go build PACKAGE into the group's bin dir under the name NAME.
+gobuild() { # DIR OUT PACKAGE [LDFLAGS] [CGO]
+	log "go build $3 -> $2"
+	(cd "$1" && CGO_ENABLED="${5:-0}" go build -trimpath -ldflags "-s -w ${4:-}" -o "$2" "$3")
+}
+
+# Runs GROUP's build once per versions; the stamp records what was built.
+group() { # GROUP KEY
+	local stamp="$CLUSTER_CACHE/stamps/$1-$2"
+	if [[ -f $stamp && -z ${CLUSTER_REBUILD:-} ]]; then
+		log "$1 ($2): cached"
+		return 0
+	fi
+	local start=$SECONDS
+	"build_$1"
+	mkdir -p "$CLUSTER_CACHE/stamps"
+	echo "built in $((SECONDS - start)) s on $(date -u +%FT%TZ)" >"$stamp"
+	log "$1 ($2): built in $((SECONDS - start)) s"
+}
+
+k8s_ldflags() {
+	local v=$KUBERNETES_VERSION minor
+	minor=$(cut -d. -f2 <<<"$v")
+	local f=""
+	for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+		f+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+		f+=" -X $pkg.buildDate=1970-01-01T00:00:00Z"
+	done
+	echo "$f"
+}
+
+k8s_dir() { moddir kubernetes-$KUBERNETES_VERSION k8s.io/kubernetes "$KUBERNETES_VERSION" "$KUBERNETES_STAGING_VERSION"; }
+
+build_control() {
+	local bin dir
+	bin=$(bin_dir control)
+	mkdir -p "$bin"
+	dir=$(moddir etcd-$ETCD_VERSION go.etcd.io/etcd/server/v3 "$ETCD_VERSION")
+	# etcd's binary is a few lines over etcdmain (its root module cannot be built from the proxy:
+	# it replaces its own submodules by path).
+	mkdir -p "$dir/cmd/etcd"
+	cat >"$dir/cmd/etcd/main.go" <<-'GO'
+		package main
+
+		import (
+			"os"
+
+			"go.etcd.io/etcd/server/v3/etcdmain"
+		)
+
+		func main() { etcdmain.Main(os.Args) }
+	GO
+	gobuild "$dir" "$bin/etcd" ./cmd/etcd "-X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION"
+	dir=$(k8s_dir)
+	for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+		gobuild "$dir" "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd" "$(k8s_ldflags)"
+	done
+}
+
+build_node() {
+	local bin dir
+	bin=$(bin_dir node)
+	mkdir -p "$bin"
+	dir=$(k8s_dir)
+	gobuild "$dir" "$bin/kubelet" k8s.io/kubernetes/cmd/kubelet "$(k8s_ldflags)" 1
+	gobuild "$dir" "$bin/kube-proxy" k8s.io/kubernetes/cmd/kube-proxy "$(k8s_ldflags)"
+}
+
+build_runtime() {
+	local bin dir
+	bin=$(bin_dir runtime)
+	mkdir -p "$bin"
+	dir=$(moddir containerd-$CONTAINERD_VERSION github.com/containerd/containerd/v2 "$CONTAINERD_VERSION")
+	local cv="-X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
+	gobuild "$dir" "$bin/containerd" github.com/containerd/containerd/v2/cmd/containerd "$cv" 1
+	gobuild "$dir" "$bin/containerd-shim-runc-v2" github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 "$cv"
+	gobuild "$dir" "$bin/ctr" github.com/containerd/containerd/v2/cmd/ctr "$cv"
+	dir=$(moddir coredns-$COREDNS_VERSION github.com/coredns/coredns "$COREDNS_VERSION")
+	gobuild "$dir" "$bin/coredns" github.com/coredns/coredns
+}
+
+# MODULE VERSION NAME: a writable copy of the module's tree in the cache, for what its zip lost.
+module_tree() {
+	local src tree="$CLUSTER_CACHE/src/$3"
+	src=$(cd "$CLUSTER_CACHE" && go mod download -json "$1@$2" | jq -r .Dir)
+	rm -rf "$tree"
+	mkdir -p "$(dirname "$tree")"
+	cp -r "$src" "$tree"
+	chmod -R u+w "$tree"
+	echo "$tree"
+}
+
+build_pause() {
+	local bin
+	bin=$(bin_dir pause)
+	mkdir -p "$bin"
+	gobuild "$here/pause" "$bin/pause" .
+}
+
+build_argo() {
+	local bin dir tree m=github.com/argoproj/argo-workflows/v3
+	bin=$(bin_dir argo)
+	mkdir -p "$bin"
+	dir=$(moddir argo-$ARGO_VERSION "$m" "$ARGO_VERSION")
+	# Upstream's workflow/executor/osspecific/signal_linux.go is a symlink to signal_darwin.go;
+	# module zips hold no symlinks, so argoexec does not build from the zip alone. Restore it.
+	tree=$(module_tree "$m" "$ARGO_VERSION" "argo-$ARGO_VERSION")
+	ln -s signal_darwin.go "$tree/workflow/executor/osspecific/signal_linux.go"
+	echo "replace $m => $tree" >>"$dir/go.mod"
+	local av="-X github.com/argoproj/argo-workflows/v3.version=$ARGO_VERSION"
+	gobuild "$dir" "$bin/workflow-controller" github.com/argoproj/argo-workflows/v3/cmd/workflow-controller "$av"
+	gobuild "$dir" "$bin/argoexec" github.com/argoproj/argo-workflows/v3/cmd/argoexec "$av"
+}
+
+build_kuberay() {
+	local bin dir
+	bin=$(bin_dir kuberay)
+	mkdir -p "$bin"
+	dir=$(moddir kuberay-$KUBERAY_VERSION github.com/ray-project/kuberay/ray-operator "$KUBERAY_VERSION")
+	gobuild "$dir" "$bin/ray-operator" github.com/ray-project/kuberay/ray-operator
+}
+
+build_trainer() {
+	local bin dir
+	bin=$(bin_dir trainer)
+	mkdir -p "$bin"
+	dir=$(moddir trainer-$TRAINER_VERSION github.com/kubeflow/trainer/v2 "$TRAINER_VERSION")
+	gobuild "$dir" "$bin/trainer-controller-manager" github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager
+	dir=$(moddir jobset-$JOBSET_VERSION sigs.k8s.io/jobset "$JOBSET_VERSION")
+	gobuild "$dir" "$bin/jobset-manager" sigs.k8s.io/jobset
+}
+
+groups=("$@")
+[[ ${#groups[@]} -gt 0 ]] || groups=(control node runtime pause argo kuberay trainer)
+mkdir -p "$CLUSTER_CACHE"
+for g in "${groups[@]}"; do
+	group "$g" "$(group_key "$g")"
+done

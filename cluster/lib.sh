@@ -1,0 +1,124 @@
+# shellcheck shell=bash disable=SC2034  # sourced: the names are used by the scripts that source it
+# Shared by cluster/*.sh (sourced): the pinned versions, the cache and where each group's
+# binaries live. The cache sits outside the repository and survives `make cluster-down`.
+here=${here:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
+# shellcheck source=cluster/versions.env
+. "$here/versions.env"
+CLUSTER_CACHE=${CLUSTER_CACHE:-/var/cache/imgpipe-cluster}
+
+# The versions a group's binaries are built from: its cache key.
+group_key() { # GROUP
+	case $1 in
+	control) echo "k8s$KUBERNETES_VERSION-etcd$ETCD_VERSION" ;;
+	node) echo "k8s$KUBERNETES_VERSION" ;;
+	runtime) echo "containerd$CONTAINERD_VERSION-coredns$COREDNS_VERSION" ;;
+	argo) echo "argo$ARGO_VERSION" ;;
+	kuberay) echo "kuberay$KUBERAY_VERSION" ;;
+	trainer) echo "trainer$TRAINER_VERSION-jobset$JOBSET_VERSION" ;;
+	# Our own sandbox process: keyed by its source.
+	pause) echo "src$(cat "$here/pause/main.go" "$here/pause/go.mod" | sha256sum | cut -c1-12)" ;;
+	*) echo "unknown group: $1" >&2; return 1 ;;
+	esac
+}
+
+bin_dir() { echo "$CLUSTER_CACHE/bin/$1-$(group_key "$1")"; }
+
+# The running cluster: its state (certificates, etcd's data, logs, pids) and its addresses, all
+# inside the network namespace that `make cluster-up` makes (nothing is bound outside it).
+CLUSTER_STATE=${CLUSTER_STATE:-/var/lib/imgpipe-cluster}
+# The parent of every cgroup the cluster makes, in each cgroup v1 hierarchy; cluster-down removes it.
+CLUSTER_CGROUP=imgpipe-cluster
+CLUSTER_NODE_NAME=imgpipe-node
+# Addresses exist only inside the cluster's namespace: its loopback interface carries the node's.
+CLUSTER_NODE_IP=10.240.0.1
+CLUSTER_SERVICE_CIDR=10.96.0.0/16
+CLUSTER_API_SERVICE_IP=10.96.0.1
+CLUSTER_DNS_IP=10.96.0.10
+CLUSTER_POD_CIDR=10.244.0.0/16
+# The one node's share of it (the controller manager hands the first node the first /24).
+CLUSTER_NODE_POD_CIDR=10.244.0.0/24
+CLUSTER_DOMAIN=cluster.local
+CLUSTER_API=https://127.0.0.1:6443
+# kubelet writes these machine-wide sysctls (setupKernelTunables); inside the cluster's mount
+# namespace each is a file of ours, so the machine's own stay as they are.
+CLUSTER_MASKED_SYSCTLS="kernel/panic kernel/panic_on_oops vm/overcommit_memory vm/panic_on_oom kernel/keys/root_maxkeys kernel/keys/root_maxbytes"
+
+# Debian's containernetworking-plugins.
+CNI_BIN=/usr/lib/cni
+# Images the cluster needs, built here from the binaries above (cluster/images.sh): no registry.
+CLUSTER_IMAGES="pause coredns argoexec"
+
+image_ref() { # NAME
+	case $1 in
+	pause) echo "localhost/imgpipe-cluster/pause:$(group_key pause)" ;;
+	coredns) echo "localhost/imgpipe-cluster/coredns:$COREDNS_VERSION" ;;
+	argoexec) echo "localhost/imgpipe-cluster/argoexec:$ARGO_VERSION" ;;
+	*) echo "unknown image: $1" >&2; return 1 ;;
+	esac
+}
+
+holder_pid() { cat "$CLUSTER_STATE/run/holder.pid" 2>/dev/null; }
+
+# Is the namespace holder alive (and ours: its command line names the state dir's marker)?
+cluster_running() {
+	local pid
+	pid=$(holder_pid) || return 1
+	[[ -n $pid && -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "imgpipe-cluster-holder"
+}
+
+# Runs a command inside the cluster's network and mount namespaces.
+in_cluster() { nsenter -t "$(holder_pid)" -n -m --wd="$PWD" -- "$@"; }
+
+cgroup_controllers() {
+	local c
+	for c in /sys/fs/cgroup/*/; do
+		c=$(basename "$c")
+		[[ $c == unified ]] && continue
+		[[ -f /sys/fs/cgroup/$c/cgroup.procs ]] && echo "$c"
+	done
+}
+
+log() { printf '%s %s: %s\n' "$(date +%H:%M:%S)" "$(basename "$0" .sh)" "$*" >&2; }
+die() {
+	log "$*"
+	exit 1
+}
+
+# NAME CMD...: a daemon in the namespace and in the cluster's cgroup; its pid in run/NAME.pid.
+start_daemon() {
+	local name=$1
+	shift
+	# shellcheck disable=SC2016 # expanded by the inner bash
+	setsid nsenter -t "$(holder_pid)" -n -m -- bash -c '
+		for c in $1; do echo $$ >"/sys/fs/cgroup/$c/$2/control/cgroup.procs"; done
+		echo $$ >"$3"
+		shift 3
+		exec "$@"' _ "$(cgroup_controllers | tr '\n' ' ')" "$CLUSTER_CGROUP" "$CLUSTER_STATE/run/$name.pid" "$@" \
+		</dev/null >>"$CLUSTER_STATE/log/$name.log" 2>&1 &
+}
+
+# NAME SECONDS CMD...: until CMD succeeds inside the namespace, or say which daemon's log to read.
+wait_for() {
+	local name=$1 seconds=$2 i
+	shift 2
+	for i in $(seq $((seconds * 5))); do
+		in_cluster "$@" >/dev/null 2>&1 && return 0
+		sleep 0.2
+	done
+	tail -n 20 "$CLUSTER_STATE/log/$name.log" >&2 || true
+	die "$name is not ready after $seconds s (log: $CLUSTER_STATE/log/$name.log)"
+}
+
+kubeconfig() { # NAME CERT
+	local kc=$CLUSTER_STATE/$1.kubeconfig k PKI=$CLUSTER_STATE/pki
+	k=$(bin_dir control)/kubectl
+	$k config set-cluster imgpipe --server="$CLUSTER_API" --certificate-authority="$PKI/ca.crt" --embed-certs --kubeconfig="$kc" >/dev/null
+	$k config set-credentials "$1" --client-certificate="$PKI/$2.crt" --client-key="$PKI/$2.key" --embed-certs --kubeconfig="$kc" >/dev/null
+	$k config set-context default --cluster=imgpipe --user="$1" --kubeconfig="$kc" >/dev/null
+	$k config use-context default --kubeconfig="$kc" >/dev/null
+	chmod 600 "$kc"
+}
+
+
+# kubectl as the cluster's admin, inside its namespace.
+kubectl_admin() { in_cluster "$(bin_dir control)/kubectl" --kubeconfig="$CLUSTER_STATE/admin.kubeconfig" "$@"; }

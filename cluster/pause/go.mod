@@ -1,0 +1,3 @@
+module imgpipe.local/cluster/pause
+
+go 1.25

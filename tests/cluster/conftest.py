@@ -1,0 +1,86 @@
+"""The cluster tier: tests against the real cluster `make cluster-up` runs (cluster/), or one skip line.
+
+`make test-cluster` runs them inside the cluster's network namespace, where the API server
+listens on 127.0.0.1:6443; the admin kubeconfig and the binaries are the ones cluster/up.sh used.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+SETTINGS = (
+    "CLUSTER_STATE",
+    "CLUSTER_CGROUP",
+    "CLUSTER_MASKED_SYSCTLS",
+    "KUBERNETES_VERSION",
+    "ETCD_VERSION",
+    "CONTAINERD_VERSION",
+    "ARGO_VERSION",
+    "KUBERAY_VERSION",
+    "TRAINER_VERSION",
+    "JOBSET_VERSION",
+)
+
+
+@cache
+def settings() -> dict[str, str]:
+    """The cluster's settings as cluster/lib.sh (and versions.env, the one place they are named) give them."""
+    script = f". {CLUSTER / 'lib.sh'}; " + "; ".join(f'printf "%s=%s\\n" {n} "${n}"' for n in SETTINGS)
+    script += '; printf "CONTROL_BIN=%s\\n" "$(bin_dir control)"; printf "HOLDER=%s\\n" "$(holder_pid)"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+def running() -> bool:
+    """Whether cluster/up.sh's namespace holder is alive (the same test as cluster/lib.sh's)."""
+    return subprocess.run(["bash", "-c", f". {CLUSTER / 'lib.sh'}; cluster_running"], check=False).returncode == 0
+
+
+def in_cluster_netns() -> bool:
+    holder = settings()["HOLDER"]
+    try:
+        return Path(f"/proc/{holder}/ns/net").readlink() == Path("/proc/self/ns/net").readlink()
+    except OSError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    reason = None
+    if not running():
+        reason = "the cluster is not up: make cluster-up, then make test-cluster"
+    elif not in_cluster_netns():
+        reason = "not inside the cluster's network namespace: run make test-cluster"
+    for item in items:
+        if reason and Path(item.fspath).is_relative_to(here):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def kubectl(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    """The pinned kubectl as the cluster's admin."""
+    s = settings()
+    cmd = [f"{s['CONTROL_BIN']}/kubectl", f"--kubeconfig={s['CLUSTER_STATE']}/admin.kubeconfig", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, input=input, check=False, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def kubectl_json(*args: str) -> Any:
+    return json.loads(kubectl(*args, "-o", "json").stdout)
+
+
+@pytest.fixture(scope="session")
+def api_client():
+    """A Kubernetes client (the library imgpipe's remote steps use) as the cluster's admin."""
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=f"{settings()['CLUSTER_STATE']}/admin.kubeconfig")
