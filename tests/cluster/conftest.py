@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+
+from tests import rbac
+from tests.test_manifests import CONTRIBUTOR, DEPLOYED, NAMESPACES, OWNER
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -84,3 +89,38 @@ def api_client():
     from kubernetes import config
 
     return config.new_client_from_config(config_file=f"{settings()['CLUSTER_STATE']}/admin.kubeconfig")
+
+
+# The profile namespaces, as Kubeflow's profile controller leaves them (tests/rbac.py).
+RBAC_API = "rbac.authorization.k8s.io/v1"
+
+
+def apply_docs(docs: list[dict], *extra: str) -> None:
+    text = yaml.safe_dump_all(docs)
+    kubectl("apply", "--server-side", "--force-conflicts", "--validate=strict", "--field-manager=imgpipe-tests", *extra, "-f", "-", input=text)
+
+
+def _with_api_version(doc: dict) -> dict:
+    return {"apiVersion": RBAC_API, **doc}
+
+
+@pytest.fixture(scope="session")
+def profiles():
+    """The profile namespaces, as Kubeflow's profile controller makes them, and Kubeflow's ClusterRoles."""
+    apply_docs([_with_api_version(r) for r in (*rbac.KUBEFLOW_CLUSTER_ROLES, *rbac.KUBERAY_EDIT)])
+    for namespace in sorted(set(NAMESPACES[b] for b in DEPLOYED)):
+        apply_docs([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}])
+        kubectl("patch", "namespace", namespace, "--type", "merge", "--patch-file", "k8s/profiles/pod-security-labels.yaml")
+        account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default-editor", "namespace": namespace}}
+        apply_docs([account, *(_with_api_version(b) for b in rbac.profile_bindings(namespace, OWNER, CONTRIBUTOR))])
+    _wait_aggregated("kubeflow-edit")
+    return DEPLOYED
+
+
+def _wait_aggregated(role: str) -> None:
+    """Until the controller manager's aggregation controller has filled ``role``'s rules."""
+    for _ in range(100):
+        if kubectl_json("get", "clusterrole", role).get("rules"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"ClusterRole {role} was not aggregated")

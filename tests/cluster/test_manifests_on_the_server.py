@@ -10,49 +10,17 @@ profile's accounts is compared with the API server's own SubjectAccessReview.
 
 from __future__ import annotations
 
-import time
 from itertools import product
 
 import pytest
 import yaml
 
 from tests import rbac
+from tests.cluster.conftest import apply_docs as _apply
 from tests.cluster.conftest import kubectl, kubectl_json
 from tests.test_manifests import ADMIN_SELECTOR, CONTRIBUTOR, DEPLOYED, NAMESPACES, OWNER, OWNER_SELECTOR, _selected, build
 
 pytestmark = pytest.mark.cluster
-RBAC_API = "rbac.authorization.k8s.io/v1"
-
-
-def _apply(docs: list[dict], *extra: str) -> None:
-    text = yaml.safe_dump_all(docs)
-    kubectl("apply", "--server-side", "--force-conflicts", "--validate=strict", "--field-manager=imgpipe-tests", *extra, "-f", "-", input=text)
-
-
-def _with_api_version(doc: dict) -> dict:
-    return {"apiVersion": RBAC_API, **doc}
-
-
-@pytest.fixture(scope="module")
-def profiles():
-    """The profile namespaces, as Kubeflow's profile controller makes them, and Kubeflow's ClusterRoles."""
-    _apply([_with_api_version(r) for r in (*rbac.KUBEFLOW_CLUSTER_ROLES, *rbac.KUBERAY_EDIT)])
-    for namespace in sorted(set(NAMESPACES[b] for b in DEPLOYED)):
-        _apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}])
-        kubectl("patch", "namespace", namespace, "--type", "merge", "--patch-file", "k8s/profiles/pod-security-labels.yaml")
-        account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default-editor", "namespace": namespace}}
-        _apply([account, *(_with_api_version(b) for b in rbac.profile_bindings(namespace, OWNER, CONTRIBUTOR))])
-    _wait_aggregated("kubeflow-edit")
-    return DEPLOYED
-
-
-def _wait_aggregated(role: str) -> None:
-    """Until the controller manager's aggregation controller has filled ``role``'s rules."""
-    for _ in range(100):
-        if kubectl_json("get", "clusterrole", role).get("rules"):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"ClusterRole {role} was not aggregated")
 
 
 @pytest.mark.parametrize("name", DEPLOYED)

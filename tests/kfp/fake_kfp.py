@@ -61,7 +61,7 @@ import contextlib
 import email
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -98,6 +98,8 @@ class FakeKfp:
     multi_user: bool = False
     require_namespace_for_pipelines: bool = False
     authorizer: rbac.Authorizer | None = None
+    # Who a bearer token is (a TokenReview's answer); tests/cluster passes a real TokenReview.
+    authenticate: Callable[[str], str | None] = rbac.token_subject
     reviews: list[rbac.Request] = field(default_factory=list)  # every SubjectAccessReview made
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -171,7 +173,7 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
             parts = url.path[len(API) :].strip("/").split("/")
             token = headers.get("authorization", "").removeprefix("Bearer ")
             try:
-                status, payload = route(method, parts, query, body, rbac.token_subject(token) if token else None)
+                status, payload = route(method, parts, query, body, fake.authenticate(token) if token else None)
             except _Refused as refused:
                 status, payload = refused.status, refused.payload
             fake.violations += contract(fake.version).check(method, url.path, query, body, status, payload)
@@ -347,17 +349,17 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
 
 
 @contextlib.contextmanager
-def serve(version: str = "2.15.0", **settings: Any) -> Iterator[tuple[str, FakeKfp]]:
-    """A fake of KFP ``version`` on 127.0.0.1: ``(base URL, fake)``.
+def serve(version: str = "2.15.0", host: str = "127.0.0.1", **settings: Any) -> Iterator[tuple[str, FakeKfp]]:
+    """A fake of KFP ``version`` on ``host`` (loopback unless a test names its own namespace's address): ``(base URL, fake)``.
 
     Raises:
         AssertionError: When the block ends, if any exchange broke the release's contract.
     """
     fake = FakeKfp(version=version, **settings)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    server = ThreadingHTTPServer((host, 0), _handler(fake))
     thread = serving.start(server)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", fake
+        yield f"http://{host}:{server.server_address[1]}", fake
     finally:
         serving.stop(server, thread)
     assert not fake.violations, f"the fake answered what KFP {version} would not: {fake.violations}"

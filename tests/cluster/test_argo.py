@@ -1,0 +1,151 @@
+"""Tier 2, Argo: the retraining CronWorkflow of k8s/argo fires on its schedule and its pod runs to completion.
+
+The CronWorkflow is the dev overlay's, applied as docs/deploy.md says, with its image the
+imgpipe-cpu image `make images IMAGE_KINDS=cpu` built (imported into the cluster's containerd).
+Argo's real workflow-controller fires it; its pod runs `imgpipe submit` with the projected token
+the API server issues. KFP's API server cannot be built here (docs/cluster.md), so the pod talks
+to tests/kfp/fake_kfp.py, held to KFP's Swagger contract, behind the Service name the overlay
+names (`ml-pipeline.kubeflow`); the fake authenticates each call with a real TokenReview and
+authorizes it with a real SubjectAccessReview, as multi-user KFP does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import time
+
+import pytest
+
+from imgpipe.containers import catalog
+from tests import rbac
+from tests.cluster.conftest import apply_docs, kubectl, kubectl_json, settings
+from tests.kfp import fake_kfp
+from tests.test_manifests import ADMIN_SELECTOR, OWNER, OWNER_SELECTOR, _selected, build
+
+pytestmark = pytest.mark.cluster
+NAMESPACE = "imgpipe-dev"
+CRON = "imgpipe-retrain"
+NODE_IP = "10.240.0.1"
+
+
+@pytest.fixture(scope="module")
+def cpu_image() -> str:
+    """The cpu step image in the cluster's containerd (from podman's store, where make images leaves it)."""
+    ref = catalog.image("cpu")
+    if not _podman() or subprocess.run(["podman", "image", "exists", ref], check=False).returncode != 0:
+        pytest.skip(f"no {ref} in podman's store: make images IMAGE_KINDS=cpu, then make test-cluster")
+    s = settings()
+    ctr_bin = subprocess.run(
+        ["bash", "-c", ". cluster/lib.sh; echo $(bin_dir runtime)/ctr"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE)
+    subprocess.run(
+        [ctr_bin, "--address", f"{s['CLUSTER_STATE']}/containerd/containerd.sock", "-n", "k8s.io", "images", "import", "-"],
+        stdin=save.stdout,
+        check=True,
+        capture_output=True,
+    )
+    assert save.wait() == 0
+    return ref
+
+
+def _podman() -> bool:
+    return subprocess.run(["bash", "-c", "command -v podman"], capture_output=True, check=False).returncode == 0
+
+
+class _ApiServerAuth:
+    """KFP's multi-user checks, made against the real API server: TokenReview, then SubjectAccessReview."""
+
+    def __init__(self, api_client) -> None:
+        from kubernetes import client
+
+        self.auth = client.AuthenticationV1Api(api_client)
+        self.authz = client.AuthorizationV1Api(api_client)
+        self.client = client
+
+    def authenticate(self, token: str) -> str | None:
+        c = self.client
+        review = c.V1TokenReview(spec=c.V1TokenReviewSpec(token=token, audiences=["pipelines.kubeflow.org"]))
+        status = self.auth.create_token_review(review).status
+        return status.user.username if status.authenticated else None
+
+    def allows(self, user: str, request: rbac.Request) -> bool:
+        c = self.client
+        attributes = c.V1ResourceAttributes(
+            namespace=request.namespace, verb=request.verb, group=request.group, resource=request.resource, name=request.name or None
+        )
+        groups = sorted(rbac._groups(user)) if user.startswith(rbac.SA_PREFIX) else ["system:authenticated"]
+        spec = c.V1SubjectAccessReviewSpec(user=user, groups=groups, resource_attributes=attributes)
+        return bool(self.authz.create_subject_access_review(c.V1SubjectAccessReview(spec=spec)).status.allowed)
+
+
+def _ml_pipeline_service(port: int) -> list[dict]:
+    """``ml-pipeline.kubeflow:8888`` as the overlay names it, its endpoint the fake on the node's address."""
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubeflow"}},
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "ml-pipeline", "namespace": "kubeflow"},
+            "spec": {"ports": [{"name": "http", "port": 8888, "targetPort": port, "protocol": "TCP"}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "ml-pipeline-fake", "namespace": "kubeflow", "labels": {"kubernetes.io/service-name": "ml-pipeline"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [NODE_IP]}],
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        },
+    ]
+
+
+def _with_image(docs: list[dict], image: str) -> list[dict]:
+    out = copy.deepcopy(docs)
+    for doc in out:
+        if doc["kind"] == "CronWorkflow":
+            for template in doc["spec"]["workflowSpec"]["templates"]:
+                if "container" in template and template["container"]["image"].endswith("imgpipe-cpu:dev"):
+                    template["container"]["image"] = image
+                    template["container"]["imagePullPolicy"] = "IfNotPresent"
+    return out
+
+
+def _wait_workflow(deadline_s: float) -> dict:
+    label = f"workflows.argoproj.io/cron-workflow={CRON}"
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        items = kubectl_json("get", "workflows", "-n", NAMESPACE, "-l", label)["items"]
+        done = [w for w in items if w.get("status", {}).get("phase") in ("Succeeded", "Failed", "Error")]
+        if done:
+            return done[0]
+        time.sleep(2)
+    raise AssertionError(f"no finished Workflow of {CRON} in {deadline_s} s: {json.dumps(items)[:1500]}")
+
+
+def test_the_retraining_cronworkflow_fires_and_its_pod_submits_a_run(profiles, cpu_image, api_client):
+    docs = _with_image(list(build("overlays/dev")), cpu_image)
+    apply_docs([d for d in docs if _selected(ADMIN_SELECTOR, d)])
+    apply_docs([d for d in docs if _selected(OWNER_SELECTOR, d)], f"--as={OWNER}")
+    kubectl("delete", "workflows", "-n", NAMESPACE, "-l", f"workflows.argoproj.io/cron-workflow={CRON}", "--wait=true")
+    auth = _ApiServerAuth(api_client)
+    with fake_kfp.serve("2.16.0", host=NODE_IP, multi_user=True, authorizer=auth, authenticate=auth.authenticate) as (url, fake):
+        apply_docs(_ml_pipeline_service(int(url.rsplit(":", 1)[1])))
+        # Fire it: every minute, not suspended (the dev overlay ships it suspended).
+        patch = {"spec": {"suspend": False, "schedules": ["* * * * *"], "startingDeadlineSeconds": 120}}
+        kubectl("patch", "cronworkflow", CRON, "-n", NAMESPACE, "--type", "merge", "-p", json.dumps(patch))
+        try:
+            workflow = _wait_workflow(420)
+        finally:
+            kubectl("patch", "cronworkflow", CRON, "-n", NAMESPACE, "--type", "merge", "-p", json.dumps({"spec": {"suspend": True}}))
+        name = workflow["metadata"]["name"]
+        pods = kubectl_json("get", "pods", "-n", NAMESPACE, "-l", f"workflows.argoproj.io/workflow={name}")["items"]
+        logs = "\n".join(kubectl("logs", p["metadata"]["name"], "-n", NAMESPACE, "-c", "main", check=False).stdout for p in pods)
+        assert workflow["status"]["phase"] == "Succeeded", f"{workflow['status'].get('message')}\n{logs[-3000:]}"
+        account = rbac.service_account(NAMESPACE, "imgpipe-retrain")
+        assert fake.runs and fake.runs[-1]["display_name"] == name, "the run is named for the workflow"
+        assert fake.reviews and all(r.namespace == NAMESPACE for r in fake.reviews)
+        users = {auth.authenticate(r.headers.get("authorization", "").removeprefix("Bearer ")) for r in fake.posted("/runs")}
+        assert users == {account}, users
