@@ -46,13 +46,15 @@ CLUSTER_MASKED_SYSCTLS="kernel/panic kernel/panic_on_oops vm/overcommit_memory v
 # Debian's containernetworking-plugins.
 CNI_BIN=/usr/lib/cni
 # Images the cluster needs, built here from the binaries above (cluster/images.sh): no registry.
-CLUSTER_IMAGES="pause coredns argoexec"
+CLUSTER_IMAGES="pause coredns argoexec jobset trainer"
 
 image_ref() { # NAME
 	case $1 in
 	pause) echo "localhost/imgpipe-cluster/pause:$(group_key pause)" ;;
 	coredns) echo "localhost/imgpipe-cluster/coredns:$COREDNS_VERSION" ;;
 	argoexec) echo "localhost/imgpipe-cluster/argoexec:$ARGO_VERSION" ;;
+	jobset) echo "localhost/imgpipe-cluster/jobset:$JOBSET_VERSION" ;;
+	trainer) echo "localhost/imgpipe-cluster/trainer-controller-manager:$TRAINER_VERSION" ;;
 	*) echo "unknown image: $1" >&2; return 1 ;;
 	esac
 }

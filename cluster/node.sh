@@ -106,7 +106,8 @@ healthzBindAddress: 127.0.0.1
 protectKernelDefaults: false
 serializeImagePulls: false
 maxPods: 30
-evictionHard: {memory.available: 200Mi, nodefs.available: 5%, imagefs.available: 5%}
+# Absolute floors: a percentage of a large shared disk would evict pods with tens of GB free.
+evictionHard: {memory.available: 200Mi, nodefs.available: 2Gi, imagefs.available: 2Gi}
 imageGCHighThresholdPercent: 95
 imageGCLowThresholdPercent: 90
 EOF

@@ -120,7 +120,8 @@ kubeconfig kubelet kubelet
 start_control
 if [[ -x $(bin_dir node)/kubelet && -x $(bin_dir runtime)/containerd && -x $(bin_dir pause)/pause ]]; then
 	"$here/node.sh"
-	[[ -x $(bin_dir argo)/workflow-controller ]] && "$here/argo.sh"
+	[[ -x $(bin_dir argo)/workflow-controller ]] && "$here/controllers.sh"
+	[[ -x $(bin_dir trainer)/trainer-controller-manager ]] && "$here/trainer.sh"
 else
 	log "no node binaries: control plane only (make cluster-build builds them)"
 fi

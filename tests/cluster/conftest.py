@@ -124,3 +124,27 @@ def _wait_aggregated(role: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"ClusterRole {role} was not aggregated")
+
+
+def _podman() -> bool:
+    return subprocess.run(["bash", "-c", "command -v podman"], capture_output=True, check=False).returncode == 0
+
+
+def step_image(kind: str) -> str:
+    """imgpipe's ``kind`` step image, from podman's store (where make images leaves it) into the cluster's containerd."""
+    from imgpipe.containers import catalog
+
+    ref = catalog.image(kind)
+    if not _podman() or subprocess.run(["podman", "image", "exists", ref], check=False).returncode != 0:
+        pytest.skip(f"no {ref} in podman's store: make images IMAGE_KINDS={kind}, then make test-cluster")
+    s = settings()
+    ctr = subprocess.run(
+        ["bash", "-c", f". {CLUSTER / 'lib.sh'}; echo $(bin_dir runtime)/ctr"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    address = ["--address", f"{s['CLUSTER_STATE']}/containerd/containerd.sock", "-n", "k8s.io"]
+    if subprocess.run([ctr, *address, "images", "check", f"name=={ref}"], capture_output=True, text=True, check=False).stdout.count(ref):
+        return ref
+    save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE)
+    subprocess.run([ctr, *address, "images", "import", "-"], stdin=save.stdout, check=True, capture_output=True)
+    assert save.wait() == 0
+    return ref

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import time
 
 import pytest
 
-from imgpipe.containers import catalog
 from tests import rbac
-from tests.cluster.conftest import apply_docs, kubectl, kubectl_json, settings
+from tests.cluster.conftest import apply_docs, kubectl, kubectl_json, step_image
 from tests.kfp import fake_kfp
 from tests.test_manifests import ADMIN_SELECTOR, OWNER, OWNER_SELECTOR, _selected, build
 
@@ -32,27 +30,7 @@ NODE_IP = "10.240.0.1"
 
 @pytest.fixture(scope="module")
 def cpu_image() -> str:
-    """The cpu step image in the cluster's containerd (from podman's store, where make images leaves it)."""
-    ref = catalog.image("cpu")
-    if not _podman() or subprocess.run(["podman", "image", "exists", ref], check=False).returncode != 0:
-        pytest.skip(f"no {ref} in podman's store: make images IMAGE_KINDS=cpu, then make test-cluster")
-    s = settings()
-    ctr_bin = subprocess.run(
-        ["bash", "-c", ". cluster/lib.sh; echo $(bin_dir runtime)/ctr"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE)
-    subprocess.run(
-        [ctr_bin, "--address", f"{s['CLUSTER_STATE']}/containerd/containerd.sock", "-n", "k8s.io", "images", "import", "-"],
-        stdin=save.stdout,
-        check=True,
-        capture_output=True,
-    )
-    assert save.wait() == 0
-    return ref
-
-
-def _podman() -> bool:
-    return subprocess.run(["bash", "-c", "command -v podman"], capture_output=True, check=False).returncode == 0
+    return step_image("cpu")
 
 
 class _ApiServerAuth:

@@ -116,14 +116,14 @@ def _identity(data_dir: Path, given: S3Identity | None = None) -> S3Identity:
     return identity
 
 
-def _command(weed: str, data_dir: Path, ports: dict[str, int], sockets: Path) -> list[str]:
-    """``weed server`` as kubeflow/manifests runs it (``-s3 -iam -filer``, no preallocation), on 127.0.0.1 only."""
+def _command(weed: str, data_dir: Path, ports: dict[str, int], sockets: Path, host: str) -> list[str]:
+    """``weed server`` as kubeflow/manifests runs it (``-s3 -iam -filer``, no preallocation), on ``host`` only."""
     return [
         weed,
         "server",
         f"-dir={data_dir}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
+        f"-ip={host}",
+        f"-ip.bind={host}",
         "-filer",
         "-s3",
         f"-s3.config={data_dir / IDENTITIES}",
@@ -250,8 +250,8 @@ def _pointed_at(endpoint: str, identity: S3Identity) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None) -> Iterator[str]:
-    """Runs SeaweedFS's ``weed server -s3`` on 127.0.0.1 over ``data_dir`` and points this process at it.
+def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: str = "127.0.0.1") -> Iterator[str]:
+    """Runs SeaweedFS's ``weed server -s3`` on 127.0.0.1 (or ``host``) over ``data_dir`` and points this process at it.
 
     The server speaks the real S3 HTTP API, so everything that talks to it, boto3 and
     pyarrow's own S3 client alike, goes through signing, multipart uploads and pagination
@@ -261,6 +261,7 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None) -> Iter
     Args:
         data_dir: The store's data; made if missing.
         identity: The admin key pair to serve (default: the one made for ``data_dir`` on its first start).
+        host: The one address it listens on (a test cluster's pods reach it on the node's).
 
     Yields:
         The endpoint URL, ``http://127.0.0.1:PORT``.
@@ -275,14 +276,14 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None) -> Iter
         identity = _identity(data_dir, identity)
         (data_dir / "master.toml").write_text(MASTER_TOML)
         ports = _ports()
-        endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+        endpoint = f"http://{host}:{ports['s3.port']}"
         log = data_dir / LOG
         # A short private directory for its sockets (a socket path holds at most 107 bytes), and its TMPDIR.
         sockets = Path(tempfile.mkdtemp(prefix="imgpipe-weed-"))
         try:
             with open(log, "ab") as out:
                 proc = subprocess.Popen(
-                    _command(weed, data_dir, ports, sockets),
+                    _command(weed, data_dir, ports, sockets, host),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     cwd=data_dir,
