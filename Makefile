@@ -156,8 +156,12 @@ bench-scale: install
 # The cluster tiers (issue 46; docs/cluster.md): real etcd, kube-apiserver, controllers, built
 # from upstream's Go modules at the versions in cluster/versions.env into CLUSTER_CACHE (outside
 # the repository), run inside a network and mount namespace of their own. Not part of make test.
+# What the node runs beside the binaries built from Go modules (Debian's packages).
+CLUSTER_APT := runc containernetworking-plugins iptables podman jq openssl
 cluster-build:
+	dpkg -s $(CLUSTER_APT) >/dev/null 2>&1 || ($(SUDO) apt-get update && $(SUDO) apt-get install -y $(CLUSTER_APT))
 	bash cluster/build.sh
+	bash cluster/images.sh build
 
 cluster-up: cluster-build
 	bash cluster/up.sh

@@ -1,0 +1,79 @@
+"""Tier 4, Kubeflow Trainer: train on two nodes as a TrainJob that Trainer turns into JobSet pods, on CPU.
+
+imgpipe's own code (``remote.trainjob.run_train_job``) creates the TrainJob as the pipeline's
+account (Trainer v2.1's form, the CRD installed) and waits for it, as the poller branch of the
+pipeline does; the two node pods run torchrun in the gpu step image (made by make images, run
+on CPU here) and rank 0 commits the train output to SeaweedFS on the node's address.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+
+import pytest
+
+from imgpipe import contract, storage
+from imgpipe.clean.config import CleanConfig
+from imgpipe.data.synth import SynthConfig, generate
+from imgpipe.kfp.local_s3 import seaweedfs_server
+from imgpipe.remote import trainjob
+from imgpipe.resize.config import ResizeConfig
+from imgpipe.steps.clean import clean
+from imgpipe.steps.download import DownloadConfig, download
+from imgpipe.steps.resize import resize
+from imgpipe.train.config import TrainConfig
+from tests.cluster.conftest import apply_docs, kubectl_json, step_image
+from tests.cluster.test_remote_objects import (
+    NAMESPACE,
+    _api_as,
+    dev_overlay,  # noqa: F401 - the fixture
+)
+
+pytestmark = pytest.mark.cluster
+NODE_IP = "10.240.0.1"
+NODE = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "3Gi"}}
+
+
+def test_a_two_node_trainjob_trains_and_rank_0_commits(dev_overlay, tmp_path):  # noqa: F811
+    if not kubectl_json("get", "clustertrainingruntimes", "--ignore-not-found")["items"]:
+        pytest.skip("Kubeflow Trainer is not installed: make cluster-build builds it, make cluster-up installs it")
+    image = step_image("gpu")
+    with seaweedfs_server(tmp_path / "store", host=NODE_IP):
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "imgpipe-s3-credentials", "namespace": NAMESPACE},
+            "stringData": {"AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"]},
+        }
+        apply_docs([secret])
+        storage.s3_client().create_bucket(Bucket="mlpipeline")
+        root = f"s3://mlpipeline/private/{NAMESPACE}/trainer-{uuid.uuid4().hex[:6]}"
+        generate(f"{root}/synth", SynthConfig(classes=3, per_class=10, seed=5), progress=False)
+        dl = download([f"{root}/synth/images.tar.gz"], f"{root}/download", DownloadConfig())
+        cl = clean(dl.dest, f"{root}/clean", CleanConfig(workers=1))
+        rs = resize(cl.dest, f"{root}/resize", ResizeConfig(size=32, executor="pool"))
+        cfg = TrainConfig(model="tiny_cnn", epochs=1, batch_size=4, num_workers=0, device="cpu", nodes=2, max_steps_per_epoch=3)
+        stream = io.StringIO()
+        report = trainjob.run_train_job(
+            rs.dest,
+            f"{root}/train",
+            cfg,
+            procs=1,
+            namespace=NAMESPACE,
+            run_id=f"cluster-{uuid.uuid4().hex[:8]}",
+            api=_api_as("imgpipe-pipeline"),
+            image=image,
+            resources=NODE,
+            secret="imgpipe-s3-credentials",
+            active_deadline_s=900,
+            poll_s=5,
+            stream=stream,
+        )
+        assert contract.is_committed(f"{root}/train"), stream.getvalue()[-2000:]
+        manifest = contract.read_manifest(f"{root}/train", expect_step="train")
+        assert report.outputs == manifest["outputs"]
+        assert manifest["extra"]["world_size"] == 2, "two node pods trained as one process group"
+        assert manifest["extra"]["device"] == "cpu"
+        assert "Complete" in stream.getvalue() or "Succeeded" in stream.getvalue(), stream.getvalue()
