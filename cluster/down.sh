@@ -11,12 +11,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 log() { printf '%s cluster-down: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-# The pids in the cluster's cgroups (any hierarchy holds them all; the union covers strays).
+# The pids in the cluster's cgroups, in every hierarchy (the union covers strays).
 cluster_pids() {
-	local c
-	for c in $(cgroup_controllers); do
-		[[ -d /sys/fs/cgroup/$c/$CLUSTER_CGROUP ]] || continue
-		find "/sys/fs/cgroup/$c/$CLUSTER_CGROUP" -name cgroup.procs -exec cat {} + 2>/dev/null
+	local d
+	for d in $(cluster_cgroup_dirs); do
+		find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null
 	done | sort -un
 }
 
@@ -46,9 +45,8 @@ left=$(cluster_pids)
 	exit 1
 }
 
-for c in $(cgroup_controllers); do
-	dir=/sys/fs/cgroup/$c/$CLUSTER_CGROUP
-	[[ -d $dir ]] && find "$dir" -depth -type d -exec rmdir {} \;
+for dir in $(cluster_cgroup_dirs); do
+	find "$dir" -depth -type d -exec rmdir {} \;
 done
 
 # Mount points cluster/node.sh had to make on the machine (empty directories), and nothing else.
@@ -61,4 +59,6 @@ case $CLUSTER_STATE in
 /*imgpipe-cluster*) rm -rf --one-file-system "$CLUSTER_STATE" ;;
 *) log "not removing $CLUSTER_STATE: not a path cluster/up.sh makes" ;;
 esac
+left=$(cluster_cgroup_dirs)
+[[ -z $left && ! -e $CLUSTER_STATE ]] || die "left behind: $left $(ls -d "$CLUSTER_STATE" 2>/dev/null)"
 log "down: no process, cgroup or state left"

@@ -71,6 +71,16 @@ cluster_running() {
 # Runs a command inside the cluster's network and mount namespaces.
 in_cluster() { nsenter -t "$(holder_pid)" -n -m --wd="$PWD" -- "$@"; }
 
+# The cluster's cgroup parent in every hierarchy, cgroup v2's "unified" one included (runc and
+# kubelet make their cgroups there too on a hybrid host).
+cluster_cgroup_dirs() {
+	local d
+	for d in /sys/fs/cgroup/*/"$CLUSTER_CGROUP"; do
+		[[ -d $d ]] && echo "$d"
+	done
+	return 0
+}
+
 cgroup_controllers() {
 	local c
 	for c in /sys/fs/cgroup/*/; do
