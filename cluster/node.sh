@@ -108,8 +108,10 @@ serializeImagePulls: false
 maxPods: 30
 # Absolute floors: a percentage of a large shared disk would evict pods with tens of GB free.
 evictionHard: {memory.available: 200Mi, nodefs.available: 2Gi, imagefs.available: 2Gi}
-imageGCHighThresholdPercent: 95
-imageGCLowThresholdPercent: 90
+# No image garbage collection: kubelet reads this disk's usage as total minus available (96% on
+# a shared machine with 25 GB free) and deleted the images no registry can give back.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 EOF
 start_daemon kubelet "$NODE_BIN/kubelet" --config="$CLUSTER_STATE/kubelet.yaml" \
 	--kubeconfig="$CLUSTER_STATE/kubelet.kubeconfig" --root-dir="$CLUSTER_STATE/kubelet" \

@@ -17,7 +17,8 @@ import sys
 import time
 from collections.abc import Iterator
 
-from imgpipe import resources, storage
+from imgpipe import resources
+from imgpipe.kfp.local_s3 import S3Identity, pointed_at
 
 
 @contextlib.contextmanager
@@ -41,8 +42,6 @@ def moto_s3_server() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
         env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
     )
-    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {k: os.environ.get(k) for k in names}
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -53,22 +52,10 @@ def moto_s3_server() -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the local S3 server (moto) did not start on 127.0.0.1") from None
                 time.sleep(0.2)
-        # Component subprocesses inherit these, as pods get them from the Secret and ConfigMap.
-        os.environ.update(
-            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-            AWS_ACCESS_KEY_ID="local",
-            AWS_SECRET_ACCESS_KEY="local",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
-        storage.configure_s3()  # forget clients made for another endpoint
-        yield f"http://127.0.0.1:{port}"
+        # moto takes any key; the environment is set and restored as for the store everything else uses.
+        with pointed_at(f"http://127.0.0.1:{port}", S3Identity("moto", "local", "local")):
+            yield f"http://127.0.0.1:{port}"
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage.configure_s3()
         proc.terminate()
         try:
             proc.wait(timeout=10)

@@ -6,9 +6,12 @@ listens on 127.0.0.1:6443; the admin kubeconfig and the binaries are the ones cl
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 SETTINGS = (
     "CLUSTER_STATE",
+    "CLUSTER_NODE_IP",
     "CLUSTER_CGROUP",
     "CLUSTER_MASKED_SYSCTLS",
     "KUBERNETES_VERSION",
@@ -148,3 +152,65 @@ def step_image(kind: str) -> str:
     subprocess.run([ctr, *address, "images", "import", "-"], stdin=save.stdout, check=True, capture_output=True)
     assert save.wait() == 0
     return ref
+
+
+def server_allows(api_client, user: str, request: rbac.Request) -> bool:
+    """The API server's own answer: a SubjectAccessReview (what `kubectl auth can-i --as` sends)."""
+    from kubernetes import client
+
+    groups = sorted(rbac._groups(user)) if user.startswith(rbac.SA_PREFIX) else ["system:authenticated"]
+    attributes = client.V1ResourceAttributes(
+        namespace=request.namespace,
+        verb=request.verb,
+        group=request.group,
+        resource=request.resource,
+        subresource=request.subresource or None,
+        name=request.name or None,
+    )
+    review = client.V1SubjectAccessReview(spec=client.V1SubjectAccessReviewSpec(user=user, groups=groups, resource_attributes=attributes))
+    return bool(client.AuthorizationV1Api(api_client).create_subject_access_review(review).status.allowed)
+
+
+def node_service(name: str, port: int, target_port: int, namespace: str = "kubeflow") -> list[dict]:
+    """A Service ``name.namespace:port`` whose one endpoint is ``target_port`` on the node's address (a server of the test's)."""
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"ports": [{"name": "main", "port": port, "targetPort": target_port, "protocol": "TCP"}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": f"{name}-node", "namespace": namespace, "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [settings()["CLUSTER_NODE_IP"]]}],
+            "ports": [{"name": "main", "port": target_port, "protocol": "TCP"}],
+        },
+    ]
+
+
+@contextlib.contextmanager
+def cleaned_data(tmp_path: Path, namespace: str, name: str, synth: Any) -> Iterator[tuple[str, Any]]:
+    """SeaweedFS on the node's address behind ``seaweedfs.kubeflow:8333`` (what the dev overlay names), its
+    keys in ``namespace``'s ``imgpipe-s3-credentials``, and a clean output of ``synth`` below the profile's
+    prefix: yields ``(root, clean report)``."""
+    from imgpipe import storage
+    from imgpipe.clean.config import CleanConfig
+    from imgpipe.data.synth import generate
+    from imgpipe.kfp.local_s3 import seaweedfs_server
+    from imgpipe.steps.clean import clean
+    from imgpipe.steps.download import DownloadConfig, download
+
+    with seaweedfs_server(tmp_path / "store", host=settings()["CLUSTER_NODE_IP"]) as endpoint:
+        apply_docs(node_service("seaweedfs", 8333, int(endpoint.rsplit(":", 1)[1])))
+        keys = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        secret = {"name": "imgpipe-s3-credentials", "namespace": namespace}
+        apply_docs([{"apiVersion": "v1", "kind": "Secret", "metadata": secret, "stringData": keys}])
+        storage.s3_client().create_bucket(Bucket="mlpipeline")
+        root = f"s3://mlpipeline/private/{namespace}/{name}"
+        generate(f"{root}/synth", synth, progress=False)
+        dl = download([f"{root}/synth/images.tar.gz"], f"{root}/download", DownloadConfig())
+        yield root, clean(dl.dest, f"{root}/clean", CleanConfig(workers=1))

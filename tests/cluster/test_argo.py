@@ -18,14 +18,13 @@ import time
 import pytest
 
 from tests import rbac
-from tests.cluster.conftest import apply_docs, kubectl, kubectl_json, step_image
+from tests.cluster.conftest import apply_docs, kubectl, kubectl_json, node_service, server_allows, settings, step_image
 from tests.kfp import fake_kfp
 from tests.test_manifests import ADMIN_SELECTOR, OWNER, OWNER_SELECTOR, _selected, build
 
 pytestmark = pytest.mark.cluster
 NAMESPACE = "imgpipe-dev"
 CRON = "imgpipe-retrain"
-NODE_IP = "10.240.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,7 @@ class _ApiServerAuth:
         from kubernetes import client
 
         self.auth = client.AuthenticationV1Api(api_client)
-        self.authz = client.AuthorizationV1Api(api_client)
+        self.api_client = api_client
         self.client = client
 
     def authenticate(self, token: str) -> str | None:
@@ -50,34 +49,7 @@ class _ApiServerAuth:
         return status.user.username if status.authenticated else None
 
     def allows(self, user: str, request: rbac.Request) -> bool:
-        c = self.client
-        attributes = c.V1ResourceAttributes(
-            namespace=request.namespace, verb=request.verb, group=request.group, resource=request.resource, name=request.name or None
-        )
-        groups = sorted(rbac._groups(user)) if user.startswith(rbac.SA_PREFIX) else ["system:authenticated"]
-        spec = c.V1SubjectAccessReviewSpec(user=user, groups=groups, resource_attributes=attributes)
-        return bool(self.authz.create_subject_access_review(c.V1SubjectAccessReview(spec=spec)).status.allowed)
-
-
-def _ml_pipeline_service(port: int) -> list[dict]:
-    """``ml-pipeline.kubeflow:8888`` as the overlay names it, its endpoint the fake on the node's address."""
-    return [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubeflow"}},
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "ml-pipeline", "namespace": "kubeflow"},
-            "spec": {"ports": [{"name": "http", "port": 8888, "targetPort": port, "protocol": "TCP"}]},
-        },
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {"name": "ml-pipeline-fake", "namespace": "kubeflow", "labels": {"kubernetes.io/service-name": "ml-pipeline"}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [NODE_IP]}],
-            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-        },
-    ]
+        return server_allows(self.api_client, user, request)
 
 
 def _with_image(docs: list[dict], image: str) -> list[dict]:
@@ -109,8 +81,9 @@ def test_the_retraining_cronworkflow_fires_and_its_pod_submits_a_run(profiles, c
     apply_docs([d for d in docs if _selected(OWNER_SELECTOR, d)], f"--as={OWNER}")
     kubectl("delete", "workflows", "-n", NAMESPACE, "-l", f"workflows.argoproj.io/cron-workflow={CRON}", "--wait=true")
     auth = _ApiServerAuth(api_client)
-    with fake_kfp.serve("2.16.0", host=NODE_IP, multi_user=True, authorizer=auth, authenticate=auth.authenticate) as (url, fake):
-        apply_docs(_ml_pipeline_service(int(url.rsplit(":", 1)[1])))
+    node_ip = settings()["CLUSTER_NODE_IP"]
+    with fake_kfp.serve("2.16.0", host=node_ip, multi_user=True, authorizer=auth, authenticate=auth.authenticate) as (url, fake):
+        apply_docs(node_service("ml-pipeline", 8888, int(url.rsplit(":", 1)[1])))
         # Fire it: every minute, not suspended (the dev overlay ships it suspended).
         patch = {"spec": {"suspend": False, "schedules": ["* * * * *"], "startingDeadlineSeconds": 120}}
         kubectl("patch", "cronworkflow", CRON, "-n", NAMESPACE, "--type", "merge", "-p", json.dumps(patch))

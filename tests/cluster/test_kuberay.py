@@ -16,15 +16,11 @@ import uuid
 
 import pytest
 
-from imgpipe import contract, storage
-from imgpipe.clean.config import CleanConfig
-from imgpipe.data.synth import SynthConfig, generate
-from imgpipe.kfp.local_s3 import seaweedfs_server
+from imgpipe import contract
+from imgpipe.data.synth import SynthConfig
 from imgpipe.remote import kuberay
 from imgpipe.resize.config import ResizeConfig
-from imgpipe.steps.clean import clean
-from imgpipe.steps.download import DownloadConfig, download
-from tests.cluster.conftest import apply_docs, settings, step_image
+from tests.cluster.conftest import cleaned_data, settings, step_image
 from tests.cluster.test_remote_objects import (
     NAMESPACE,
     _api_as,
@@ -32,7 +28,6 @@ from tests.cluster.test_remote_objects import (
 )
 
 pytestmark = pytest.mark.cluster
-NODE_IP = "10.240.0.1"
 SMALL = {
     "ray-head": {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "3Gi"}},
     "ray-worker": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "3Gi"}},
@@ -58,45 +53,12 @@ def _small(template: dict, image: str) -> dict:
     return out
 
 
-def _seaweedfs_service(port: int) -> list[dict]:
-    return [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubeflow"}},
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "seaweedfs", "namespace": "kubeflow"},
-            "spec": {"ports": [{"name": "s3", "port": 8333, "targetPort": port}]},
-        },
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {"name": "seaweedfs-node", "namespace": "kubeflow", "labels": {"kubernetes.io/service-name": "seaweedfs"}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [NODE_IP]}],
-            "ports": [{"name": "s3", "port": port, "protocol": "TCP"}],
-        },
-    ]
-
-
 def test_resize_runs_as_a_rayjob_the_operator_runs_to_the_end(dev_overlay, tmp_path):  # noqa: F811
     if not os.path.exists(f"{settings()['CLUSTER_STATE']}/run/ray-operator.pid"):
         pytest.skip("KubeRay's operator is not running: make cluster-build builds it, make cluster-up starts it")
     image = step_image("ray")
     template = next(d for d in dev_overlay if d["kind"] == "RayJob")
-    with seaweedfs_server(tmp_path / "store", host=NODE_IP) as endpoint:
-        apply_docs(_seaweedfs_service(int(endpoint.rsplit(":", 1)[1])))
-        secret = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "imgpipe-s3-credentials", "namespace": NAMESPACE},
-            "stringData": {"AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"]},
-        }
-        apply_docs([secret])
-        storage.s3_client().create_bucket(Bucket="mlpipeline")
-        root = f"s3://mlpipeline/private/{NAMESPACE}/kuberay-{uuid.uuid4().hex[:6]}"
-        generate(f"{root}/synth", SynthConfig(classes=3, per_class=8, seed=3), progress=False)
-        dl = download([f"{root}/synth/images.tar.gz"], f"{root}/download", DownloadConfig())
-        cl = clean(dl.dest, f"{root}/clean", CleanConfig(workers=1))
+    with cleaned_data(tmp_path, NAMESPACE, f"kuberay-{uuid.uuid4().hex[:6]}", SynthConfig(classes=3, per_class=8, seed=3)) as (root, cl):
         out = io.StringIO()
         report = kuberay.run_step_rayjob(
             "resize",

@@ -17,7 +17,7 @@ import yaml
 
 from tests import rbac
 from tests.cluster.conftest import apply_docs as _apply
-from tests.cluster.conftest import kubectl, kubectl_json
+from tests.cluster.conftest import kubectl, kubectl_json, server_allows
 from tests.test_manifests import ADMIN_SELECTOR, CONTRIBUTOR, DEPLOYED, NAMESPACES, OWNER, OWNER_SELECTOR, _selected, build
 
 pytestmark = pytest.mark.cluster
@@ -79,23 +79,6 @@ def _requests(namespace: str, docs: list[dict]) -> list[rbac.Request]:
     return out
 
 
-def _server_allows(api_client, user: str, request: rbac.Request) -> bool:
-    """The API server's own answer: a SubjectAccessReview (what `kubectl auth can-i --as` sends)."""
-    from kubernetes import client
-
-    groups = sorted(rbac._groups(user)) if user.startswith(rbac.SA_PREFIX) else ["system:authenticated"]
-    attributes = client.V1ResourceAttributes(
-        namespace=request.namespace,
-        verb=request.verb,
-        group=request.group,
-        resource=request.resource,
-        subresource=request.subresource or None,
-        name=request.name or None,
-    )
-    review = client.V1SubjectAccessReview(spec=client.V1SubjectAccessReviewSpec(user=user, groups=groups, resource_attributes=attributes))
-    return bool(client.AuthorizationV1Api(api_client).create_subject_access_review(review).status.allowed)
-
-
 @pytest.mark.parametrize("namespace", sorted(set(NAMESPACES[b] for b in DEPLOYED)))
 def test_the_rbac_fake_answers_as_the_api_server_does(profiles, api_client, namespace):
     for name in DEPLOYED:  # the Roles and bindings under test are on the server
@@ -107,7 +90,7 @@ def test_the_rbac_fake_answers_as_the_api_server_does(profiles, api_client, name
     users = [OWNER, CONTRIBUTOR, rbac.service_account(namespace, "default-editor"), *accounts]
     differ, answers = [], []
     for user, request in product(users, _requests(namespace, docs)):
-        real, mine = _server_allows(api_client, user, request), fake.allows(user, request)
+        real, mine = server_allows(api_client, user, request), fake.allows(user, request)
         answers.append(real)
         if real != mine:
             differ.append(f"{user} {request.verb} {request.group}/{request.combined}: server {real}, fake {mine}")

@@ -9,22 +9,17 @@ on CPU here) and rank 0 commits the train output to SeaweedFS on the node's addr
 from __future__ import annotations
 
 import io
-import os
 import uuid
 
 import pytest
 
-from imgpipe import contract, storage
-from imgpipe.clean.config import CleanConfig
-from imgpipe.data.synth import SynthConfig, generate
-from imgpipe.kfp.local_s3 import seaweedfs_server
+from imgpipe import contract
+from imgpipe.data.synth import SynthConfig
 from imgpipe.remote import trainjob
 from imgpipe.resize.config import ResizeConfig
-from imgpipe.steps.clean import clean
-from imgpipe.steps.download import DownloadConfig, download
 from imgpipe.steps.resize import resize
 from imgpipe.train.config import TrainConfig
-from tests.cluster.conftest import apply_docs, kubectl_json, step_image
+from tests.cluster.conftest import cleaned_data, kubectl_json, step_image
 from tests.cluster.test_remote_objects import (
     NAMESPACE,
     _api_as,
@@ -32,7 +27,6 @@ from tests.cluster.test_remote_objects import (
 )
 
 pytestmark = pytest.mark.cluster
-NODE_IP = "10.240.0.1"
 NODE = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "3Gi"}}
 
 
@@ -40,19 +34,7 @@ def test_a_two_node_trainjob_trains_and_rank_0_commits(dev_overlay, tmp_path):  
     if not kubectl_json("get", "clustertrainingruntimes", "--ignore-not-found")["items"]:
         pytest.skip("Kubeflow Trainer is not installed: make cluster-build builds it, make cluster-up installs it")
     image = step_image("gpu")
-    with seaweedfs_server(tmp_path / "store", host=NODE_IP):
-        secret = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "imgpipe-s3-credentials", "namespace": NAMESPACE},
-            "stringData": {"AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"]},
-        }
-        apply_docs([secret])
-        storage.s3_client().create_bucket(Bucket="mlpipeline")
-        root = f"s3://mlpipeline/private/{NAMESPACE}/trainer-{uuid.uuid4().hex[:6]}"
-        generate(f"{root}/synth", SynthConfig(classes=3, per_class=10, seed=5), progress=False)
-        dl = download([f"{root}/synth/images.tar.gz"], f"{root}/download", DownloadConfig())
-        cl = clean(dl.dest, f"{root}/clean", CleanConfig(workers=1))
+    with cleaned_data(tmp_path, NAMESPACE, f"trainer-{uuid.uuid4().hex[:6]}", SynthConfig(classes=3, per_class=10, seed=5)) as (root, cl):
         rs = resize(cl.dest, f"{root}/resize", ResizeConfig(size=32, executor="pool"))
         cfg = TrainConfig(model="tiny_cnn", epochs=1, batch_size=4, num_workers=0, device="cpu", nodes=2, max_steps_per_epoch=3)
         stream = io.StringIO()

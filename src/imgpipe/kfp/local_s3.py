@@ -31,7 +31,7 @@ from pathlib import Path
 
 from imgpipe import resources, storage
 
-__all__ = ["ADMIN_USER", "LOCAL_BUCKET", "WEED_ENV", "S3Identity", "iam_endpoint", "local_s3_server", "seaweedfs_server", "weed_binary"]
+__all__ = ["ADMIN_USER", "LOCAL_BUCKET", "WEED_ENV", "S3Identity", "iam_endpoint", "local_s3_server", "pointed_at", "seaweedfs_server", "weed_binary"]
 
 LOCAL_BUCKET = "imgpipe-local"
 # kubeflow/manifests' SeaweedFS gives its admin identity this name (keys from the
@@ -273,7 +273,7 @@ def _exclusive(data_dir: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _pointed_at(endpoint: str, identity: S3Identity) -> Iterator[None]:
+def pointed_at(endpoint: str, identity: S3Identity) -> Iterator[None]:
     """This process (and the component subprocesses it starts) talks to ``endpoint``; restored after."""
     saved = {k: os.environ.get(k) for k in _S3_ENV}
     # Component subprocesses inherit these, as pods get them from the Secret and ConfigMap.
@@ -341,7 +341,7 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
                 _configure_admin(weed, host, ports, identity, proc, log)
                 _wait_ready(proc, endpoint, identity, log)
                 _IAM[endpoint] = f"http://{host}:{ports['iam.port']}"
-                with _pointed_at(endpoint, identity):
+                with pointed_at(endpoint, identity):
                     yield endpoint
             finally:
                 _IAM.pop(endpoint, None)
