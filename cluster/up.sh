@@ -4,7 +4,8 @@
 # land on files of ours, and every process sits in one cgroup parent (cluster/down.sh removes all).
 #
 # usage: cluster/up.sh    (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the CRDs;
-#                          then the node, cluster/node.sh, when its binaries are built)
+#                          then, where their binaries are built, the node (node.sh), Argo and
+#                          KubeRay (controllers.sh), JobSet and Trainer (trainer.sh))
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
