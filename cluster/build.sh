@@ -12,23 +12,15 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
 . "$here/lib.sh"
 
-export GOMODCACHE="$CLUSTER_CACHE/gomod" GOCACHE="$CLUSTER_CACHE/gocache" GOFLAGS=-mod=mod GOTOOLCHAIN=local
-export GOPROXY="${GOPROXY:-https://proxy.golang.org}" GONOSUMDB="" GOFLAGS="-mod=mod"
+go_env
 
-log() { printf '%s build: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-# A module's own go.mod, as the proxy serves it.
-upstream_mod() { # MODULE VERSION
-	local info
-	info=$(cd "$CLUSTER_CACHE" && go mod download -json "$1@$2")
-	jq -r .GoMod <<<"$info"
-}
 
 # `replace` lines for our go.mod from MODULE@VERSION's own: module targets are kept as they are;
 # a local target (./staging/src/k8s.io/api) becomes the published module at STAGING (if given).
 replaces_of() { # MODULE VERSION [STAGING]
 	local gomod
-	gomod=$(upstream_mod "$1" "$2")
+	gomod=$(module_info "$1" "$2" | jq -r .GoMod) # the module's own go.mod, as the proxy serves it
 	go mod edit -json "$gomod" | jq -r --arg staging "${3:-}" '
 		(.Replace // [])[]
 		| if (.New.Path | startswith(".")) then
@@ -135,7 +127,7 @@ build_runtime() {
 # MODULE VERSION NAME: a writable copy of the module's tree in the cache, for what its zip lost.
 module_tree() {
 	local src tree="$CLUSTER_CACHE/src/$3"
-	src=$(cd "$CLUSTER_CACHE" && go mod download -json "$1@$2" | jq -r .Dir)
+	src=$(module_path "$1" "$2")
 	rm -rf "$tree"
 	mkdir -p "$(dirname "$tree")"
 	cp -r "$src" "$tree"

@@ -8,12 +8,11 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
 . "$here/lib.sh"
-export GOMODCACHE="$CLUSTER_CACHE/gomod" GOFLAGS=-mod=mod GOTOOLCHAIN=local
 
-# MODULE VERSION SUBDIR: the module's directory in the cache, downloading it if needed.
+# MODULE VERSION SUBDIR: a folder of the module in the cache.
 module_dir() {
 	local dir
-	dir=$(cd "$CLUSTER_CACHE" && go mod download -json "$1@$2" | jq -r .Dir)
+	dir=$(module_path "$1" "$2")
 	[[ -d $dir/$3 ]] || {
 		echo "no $3 in $1@$2" >&2
 		return 1
@@ -38,5 +37,4 @@ for f in "${files[@]}"; do
 	in_cluster "${kubectl[@]}" apply --server-side --force-conflicts --field-manager=imgpipe-cluster -f "$f" >/dev/null
 done
 in_cluster "${kubectl[@]}" wait --for=condition=Established --timeout=60s crd --all >/dev/null
-printf '%s cluster-up: %d CRDs installed: %s\n' "$(date +%H:%M:%S)" "${#files[@]}" \
-	"$(in_cluster "${kubectl[@]}" get crd -o name | sed 's|.*/||' | tr '\n' ' ')" >&2
+log "${#files[@]} CRDs installed: $(in_cluster "${kubectl[@]}" get crd -o name | sed 's|.*/||' | tr '\n' ' ')"

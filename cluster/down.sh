@@ -9,7 +9,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
 . "$here/lib.sh"
 
-log() { printf '%s cluster-down: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # The pids in the cluster's cgroups, in every hierarchy (the union covers strays).
 cluster_pids() {

@@ -23,6 +23,20 @@ group_key() { # GROUP
 
 bin_dir() { echo "$CLUSTER_CACHE/bin/$1-$(group_key "$1")"; }
 
+# Go's module and build caches inside the cluster's cache; -mod=mod: our go.mod files are made
+# in the cache and filled in as go resolves them.
+go_env() {
+	export GOMODCACHE="$CLUSTER_CACHE/gomod" GOCACHE="$CLUSTER_CACHE/gocache" GOFLAGS=-mod=mod GOTOOLCHAIN=local
+	export GOPROXY="${GOPROXY:-https://proxy.golang.org}"
+}
+
+# MODULE VERSION: `go mod download -json`'s answer (the module's Dir, its GoMod file, ...),
+# fetched through the proxy into the cache if it is not there yet.
+module_info() { (go_env && cd "$CLUSTER_CACHE" && go mod download -json "$1@$2"); }
+
+# MODULE VERSION: the module's folder in the cache (where the CRDs and manifests are taken from).
+module_path() { module_info "$1" "$2" | jq -r .Dir; }
+
 # The running cluster: its state (certificates, etcd's data, logs, pids) and its addresses, all
 # inside the network namespace that `make cluster-up` makes (nothing is bound outside it).
 CLUSTER_STATE=${CLUSTER_STATE:-/var/lib/imgpipe-cluster}

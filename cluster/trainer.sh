@@ -10,12 +10,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
 . "$here/lib.sh"
 cluster_running || die "the cluster is not up: make cluster-up"
-export GOMODCACHE="$CLUSTER_CACHE/gomod" GOFLAGS=-mod=mod GOTOOLCHAIN=local
 
 # A module's folder in the cache, relative to DIR (kustomize takes no absolute resources).
 module_dir() { # MODULE VERSION DIR
 	mkdir -p "$3"
-	realpath --relative-to="$3" "$(cd "$CLUSTER_CACHE" && go mod download -json "$1@$2" | jq -r .Dir)"
+	realpath --relative-to="$3" "$(module_path "$1" "$2")"
 }
 
 # DIR KUSTOMIZATION: render a kustomization of ours (it names folders in the module cache) and apply it.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -145,3 +148,39 @@ def test_a_profiles_key_made_as_kfp_makes_it_writes_only_below_its_prefix(tmp_pa
         assert [d["Key"] for d in deleted.get("Deleted", [])] == ["private/team-a/run/x"], deleted
         with pytest.raises(ClientError, match="AccessDenied"):
             profile.list_objects_v2(Bucket="mlpipeline", Prefix="private/team-b/")
+
+
+def test_the_server_dies_with_the_process_that_started_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from imgpipe.kfp import local_s3\n"
+        "with local_s3.seaweedfs_server(Path(sys.argv[1])):\n"
+        "    print(open(Path(sys.argv[1]) / '.lock').name, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "store")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline(), "the server came up"
+        weeds = [int(p) for p in subprocess.run(["pgrep", "-P", str(parent.pid), "-f", "weed server"], capture_output=True, text=True).stdout.split()]
+        assert len(weeds) == 1
+        args = Path(f"/proc/{weeds[0]}/cmdline").read_text().split("\0")
+    finally:
+        parent.send_signal(signal.SIGKILL)  # the test's act; also when an assertion above fails
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{weeds[0]}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{weeds[0]}"), "weed outlived the process that started it"
+    # Nobody ran the server's own clean-up: remove what it left outside tmp_path, by the names its arguments give.
+    options = dict(a.lstrip("-").split("=", 1) for a in args if a.startswith("-") and "=" in a)
+    shutil.rmtree(Path(options["filer.localSocket"]).parent, ignore_errors=True)
+    for name, port in options.items():
+        if name.endswith(".port") or name.endswith(".port.grpc"):
+            for sock in (f"/tmp/seaweedfs-{name.split('.')[0]}-grpc-{port}.sock", f"/tmp/seaweedfs-{name.split('.')[0]}-{port}.sock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sock)

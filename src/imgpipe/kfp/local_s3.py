@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,12 +231,17 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log
     raise RuntimeError(f"the local S3 server (SeaweedFS) {state}; its log {log} ends:\n" + "\n".join(tail))
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the process that started it dies (a killed test run leaves no server)."""
+def _die_with_parent() -> Callable[[], None]:
+    """What the child runs before exec: SIGKILL when the process that started it dies (a killed test run leaves no server).
+
+    libc's ``prctl`` is looked up here, in the parent: a ``dlopen`` between fork and exec could
+    wait forever on a lock another thread of the parent held at the fork.
+    """
     import ctypes
 
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1  # <linux/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
@@ -335,7 +340,7 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
                     cwd=data_dir,
                     start_new_session=True,
                     env={**os.environ, "TMPDIR": str(sockets)},
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=_die_with_parent(),
                 )
             try:
                 _configure_admin(weed, host, ports, identity, proc, log)
