@@ -47,6 +47,13 @@ install: $(STAMP)
 run: install
 	$(NETNS) $(BIN)/imgpipe run --config configs/local.yaml
 
+# img2dataset writes sources for tests/data/test_img2dataset_sources.py from its own venv: it pins
+# webdataset<0.3 and albumentations<2, older than this venv's.
+IMG2DATASET := $(VENV)/img2dataset/bin/python
+$(IMG2DATASET):
+	$(PY) -m venv $(VENV)/img2dataset
+	$(IMG2DATASET) -m pip install -q img2dataset==1.47.0
+
 # The container suite (make test-containers) needs an engine and images; the reliability suite
 # (make test-faults) takes about eight minutes; the slow integration tests (make test-slow) repeat
 # what a faster test here covers. Each has its own target; the quick reliability tests (hostile parameters, storage policy)
@@ -54,8 +61,8 @@ run: install
 # Spread over the machine's cores, a test file per worker (module fixtures stay shared); the 20
 # slowest tests and the total time are printed at the end.
 TEST_WORKERS ?= auto
-test: install
-	$(NETNS) $(BIN)/python -m pytest -m "not containers and not slow and not cluster and (not faults or quick)" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
+test: install $(IMG2DATASET)
+	$(NETNS) env IMGPIPE_IMG2DATASET_PYTHON=$(abspath $(IMG2DATASET)) $(BIN)/python -m pytest -m "not containers and not slow and not cluster and (not faults or quick)" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The tests marked slow (whole-pipeline variants, Ray Data prediction cases, DDP variants, the
 # export under onnxruntime 1.15.0, the one tritonserver 23.05 bundles: installed here, outside the

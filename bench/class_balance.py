@@ -45,7 +45,7 @@ def _imbalanced(src: str, dest: str, keep: float, seed: int) -> list[str]:
             table = table.filter(pa.array(keep_row, pa.bool_())) if len(labels) else table
         total += table.num_rows
         out.write_table(name, table)
-    storage.write_bytes(out.uri(contract.LABELS), storage.read_bytes(storage.join(src, contract.LABELS)))
+    storage.write_bytes(out.uri(contract.LABELS), contract.read_side_file(src, contract.LABELS))
     out.commit(
         inputs=total,
         rejects=[],

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgpipe import resources, storage
+from imgpipe import contract, resources, storage
 from imgpipe.train.config import AugmentConfig
 
 # What a pipeline needs is imported where it is built, so that a --child process (the cold
@@ -123,7 +123,7 @@ def write_datasets(root: Path, count: int, size: int, source: tuple[int, int]) -
         for shard, start in enumerate(range(0, count, 1024)):
             table = pa.Table.from_pylist(fmt_rows[start : start + 1024], schema=output_schema(fmt))
             out.write_table(f"train/part-{shard:05d}.parquet", table, row_group_size=64)
-        storage.write_bytes(out.uri("labels.json"), json.dumps({str(k): f"class_{k:02d}" for k in range(CLASSES)}).encode())
+        storage.write_bytes(out.uri(contract.LABELS), json.dumps({str(k): f"class_{k:02d}" for k in range(CLASSES)}).encode())
         out.commit(inputs=count, rejects=[], config={"generated_by": "bench/loader.py"}, extra={"format": fmt, "size": size})
         uris[fmt] = out.dest
     return folder, uris["raw"], uris["jpeg"]

@@ -25,6 +25,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from imgpipe import contract
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scale import generate_archive, run_step  # noqa: E402
@@ -79,7 +81,7 @@ def measure(root: Path, size: int, per_shard: int) -> dict[str, Any]:
         for i in range(shards)
     ]
     merged = run_step("merge", [*me, "merge", str(work), str(shards)], size, work / "merge.log")
-    manifest = json.loads((work / "clean" / "manifest.json").read_text())
+    manifest = json.loads((work / "clean" / contract.MANIFEST).read_text())
     shutil.rmtree(work)
     cpu = sum(p["cpu_s"] for p in pods)
     return {

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from imgpipe import resources
+from imgpipe import contract, resources, storage
 from imgpipe.writer import OutputWriter
 
 
@@ -38,6 +38,17 @@ def write_download_output(dest: str, members: Mapping[str, bytes], row_group_row
         out.write_table(f"part-{k // per:05d}.parquet", table, row_group_size=row_group_rows)
     out.commit(inputs=len(items), rejects=[], config={"generated_by": "tests"})
     return out.dest
+
+
+def as_legacy_layout(dest: str) -> str:
+    """Moves a committed output's side files to where earlier versions wrote them (``manifest.json`` beside the data)."""
+    for name, legacy in contract.LEGACY_NAMES.items():
+        uri = storage.join(dest, name)
+        if storage.exists(uri):
+            storage.write_bytes(storage.join(dest, legacy), storage.read_bytes(uri))
+            storage.delete(uri)
+    assert not any(contract.META_DIR in o.uri for o in storage.list_objects(dest))
+    return dest
 
 
 # The cloud metadata ranges, spelled out here rather than taken from imgpipe.data.sources: the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 
@@ -80,7 +81,7 @@ def test_synth_download_clean_commands(tmp_path, capsys):
     assert report["step"] == "clean" and report["inputs"] == report["outputs"] + report["rejected"]
     dl = contract.read_manifest(str(root / "dl"))
     assert dl["outputs"] == report["inputs"]
-    cfg = storage.read_bytes(storage.join(str(root / "clean"), "config.yaml")).decode()
+    cfg = storage.read_bytes(storage.join(str(root / "clean"), contract.CONFIG)).decode()
     assert "seed: 2" in cfg and "workers: 1" in cfg
 
 
@@ -116,8 +117,7 @@ def test_show_summarizes_each_committed_output(tmp_path, capsys):
 
 
 def test_show_refuses_an_uncommitted_prefix_in_one_line(tmp_path, capsys):
-    (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "manifest.json").write_text('{"step": "clean"}')
+    storage.write_bytes(storage.join(str(tmp_path / "half"), contract.MANIFEST), b'{"step": "clean"}')
     assert main(["show", str(tmp_path / "half")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
@@ -155,10 +155,17 @@ def test_run_reconciles_end_to_end(tmp_path, capsys):
             tiny_config(tmp_path),
         ]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0, out
     assert "reconciled" in out and "NOT RECONCILED" not in out
     assert "model.pt:" in out and "report.html:" in out
+    # For people: a line per step and the summary; kfp's own output (executor inputs) in the log.
+    steps = [line.split()[0] for line in captured.err.splitlines() if " done in " in line]
+    assert {"download", "clean", "resize", "train", "promote"} <= set(steps), captured.err
+    assert len((out + captured.err).splitlines()) < 60 and "executorInput" not in out + captured.err
+    (log,) = (tmp_path / "w" / "logs").glob("run-*.log")
+    assert "Executing task" in log.read_text()
     # `run` executes the Kubeflow pipeline: outputs are under runs/<kfp run id>/, recorded in latest.json.
     prefixes = kfp_artifacts.read_latest(str(tmp_path / "d"))["prefixes"]
     assert contract.read_manifest(prefixes["train"], expect_step="train")["outputs"] > 0
@@ -234,7 +241,7 @@ def test_the_clean_command_never_imports_pandas(tmp_path):
     code = (
         "import sys\n"
         "from imgpipe.cli import main\n"
-        f"sys.argv = ['imgpipe', 'clean', {source!r}, {str(tmp_path / 'clean')!r}, '--workers', '2']\n"
+        f"sys.argv = ['imgpipe', 'clean', {source!r}, {str(tmp_path / 'clean')!r}, '--workers', '2', '--set', 'min_images_per_split=0']\n"
         "rc = main()\n"
         "print('pandas' in sys.modules, rc)\n"
     )
@@ -290,3 +297,32 @@ def test_the_cpu_images_command_line_builds_without_the_other_images_packages():
         "import imgpipe.kfp.artifacts, imgpipe.steps.audit, imgpipe.steps.promote, imgpipe.steps.predict\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+
+
+def test_a_store_that_refuses_or_does_not_answer_is_one_line_naming_what_to_check(s3_bucket, tmp_path, capsys, monkeypatch):
+    """Against the real SeaweedFS: a missing bucket, wrong keys, and an endpoint where nothing listens."""
+    assert main(["download", "s3://no-such-bucket-here/images/", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgpipe download: error:") and err.count("\n") == 1, err
+    assert "does not exist" in err and "--s3-endpoint" in err, err
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    storage.configure_s3()  # a fresh client with the wrong key
+    try:
+        assert main(["download", f"{s3_bucket}/images/", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "access denied" in err and "AWS_SECRET_ACCESS_KEY" in err and err.count("\n") == 1, err
+    finally:
+        monkeypatch.undo()
+        storage.configure_s3()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    previous = storage.configure_s3().endpoint_url  # None: the environment's, which later tests repoint
+    try:
+        assert main(["--s3-endpoint", closed, "download", f"{s3_bucket}/images/", str(tmp_path / "out")]) == 2
+    finally:
+        storage.configure_endpoint(previous)
+    err = capsys.readouterr().err
+    assert "does not answer" in err and closed in err and err.count("\n") == 1, err

@@ -129,7 +129,8 @@ def test_clean_component_reads_the_download_artifact(sample, tmp_path, caplog, m
             **ui,
             split="0.5,0.25,0.25",
             previous_run_prefix="latest",
-            step_config={"clean": {"workers": 1, "seed": 3.0}},
+            # Eight images: a decoded-away one can leave the test split empty.
+            step_config={"clean": {"workers": 1, "seed": 3.0, "min_images_per_split": 0}},
         )
     manifest = contract.read_manifest(cleaned.metadata["prefix"], expect_step="clean")
     assert cleaned.metadata["prefix"] == f"{data_root}/runs/r1/clean"
@@ -208,8 +209,8 @@ def _fake_train_output(out: str, metrics: dict) -> None:
     storage.write_bytes(f"{out}/metrics.json", json.dumps(metrics).encode())
     storage.write_bytes(f"{out}/report.html", b"<html>report</html>")
     manifest = {"step": "train", "extra": {"model": "m"}, "metrics": {"val_accuracy": 0.5, "test_accuracy": None}, "epochs_run": 2}
-    storage.write_bytes(f"{out}/manifest.json", json.dumps(manifest).encode())
-    storage.write_bytes(f"{out}/_SUCCESS", b"")
+    storage.write_bytes(f"{out}/{contract.MANIFEST}", json.dumps(manifest).encode())
+    storage.write_bytes(f"{out}/{contract.SUCCESS}", b"")
 
 
 def test_publish_training_logs_the_confusion_matrix_of_the_test_split(tmp_path):
@@ -259,7 +260,7 @@ def test_read_step_artifact_checks_the_step_and_the_commit(tmp_path):
     assert kfp_artifacts.read_step_artifact(art, "resize") == prefix
     with pytest.raises(ValueError, match="expected 'clean'"):
         kfp_artifacts.read_step_artifact(art, "clean")
-    storage.delete(f"{prefix}/_SUCCESS")
+    storage.delete(f"{prefix}/{contract.SUCCESS}")
     with pytest.raises(contract.UncommittedOutputError):
         kfp_artifacts.read_step_artifact(art, "resize")
     with pytest.raises(ValueError, match="no 'prefix' metadata"):
@@ -275,7 +276,7 @@ def test_incremental_runs_resolve_latest(tmp_path, monkeypatch):
     kfp_artifacts.record_latest(root, "old", {"clean": prev})
     with pytest.raises(ValueError, match="expected 'clean'"):  # the fixture writes resize-shaped output
         kfp_artifacts.resolve_previous(root, prev)
-    storage.write_bytes(f"{prev}/manifest.json", json.dumps({"step": "clean"}).encode())
+    storage.write_bytes(f"{prev}/{contract.MANIFEST}", json.dumps({"step": "clean"}).encode())
     assert kfp_artifacts.resolve_previous(root, "latest") == prev
     assert kfp_artifacts.resolve_previous(root, prev) == prev
 

@@ -11,7 +11,9 @@ import pytest
 
 from imgpipe import contract, parquet, storage
 from imgpipe.contract import Reject, UncommittedOutputError
+from imgpipe.data.previous import PreviousDownload
 from imgpipe.writer import OutputWriter
+from tests.helpers import as_legacy_layout, write_download_output
 
 
 def test_commit_writes_everything_in_order(any_root):
@@ -33,7 +35,7 @@ def test_commit_writes_everything_in_order(any_root):
     assert manifest["inputs"] == 4 and manifest["rejects_by_reason"] == {"corrupt": 1}
     assert contract.read_rejects(dest).to_pylist() == [{"path": "d.jpg", "reason": "corrupt", "detail": "bad"}]
     assert contract.data_files(dest) == [storage.join(dest, "part-00000.parquet")]
-    assert b"k: 1" in storage.read_bytes(storage.join(dest, "config.yaml"))
+    assert b"k: 1" in storage.read_bytes(storage.join(dest, contract.CONFIG))
     with pytest.raises(ValueError, match="expected 'other'"):
         contract.read_manifest(dest, expect_step="other")
 
@@ -57,11 +59,11 @@ def test_begin_invalidates_previous_output_first(any_root):
     second = OutputWriter(dest, "demo")
     second.begin()
     assert not contract.is_committed(dest)
-    left = [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(dest)]
+    left = [o.uri[len(storage.normalize_uri(dest).rstrip("/")) + 1 :] for o in storage.list_objects(dest)]
     assert left == [contract.OWNER], "stale shards from the previous run are removed; only the owner marker is there"
     second.write_table("part-00000.parquet", pa.table({"x": [9]}))
     second.commit(inputs=1, rejects=[], config={})
-    assert json.loads(storage.read_bytes(storage.join(dest, "manifest.json")))["outputs"] == 1
+    assert json.loads(storage.read_bytes(storage.join(dest, contract.MANIFEST)))["outputs"] == 1
 
 
 def test_reserved_and_unsafe_names_refused(tmp_path):
@@ -69,16 +71,73 @@ def test_reserved_and_unsafe_names_refused(tmp_path):
     with pytest.raises(RuntimeError, match="begin"):
         out.write_table("a.parquet", pa.table({"x": [1]}))
     out.begin()
-    for name in ("manifest.json", "_SUCCESS", "../escape.parquet", "/abs.parquet"):
+    names = (contract.MANIFEST, contract.REJECTS, contract.SUCCESS, "_SUCCESS", "../escape.parquet", "/abs.parquet")
+    # Names directory readers skip (the rows would be lost), and an empty folder.
+    names += ("_part.parquet", ".part.parquet", "train/_x.parquet", "a//b.parquet")
+    for name in names:
         with pytest.raises(ValueError):
             out.write_table(name, pa.table({"x": [1]}))
 
 
 def test_manifest_without_success_is_refused_even_if_present(tmp_path):
     dest = str(tmp_path / "s")
-    storage.write_bytes(storage.join(dest, "manifest.json"), b"{}")
+    storage.write_bytes(storage.join(dest, contract.MANIFEST), b"{}")
     with pytest.raises(UncommittedOutputError, match="re-run"):
         contract.data_files(dest)
+
+
+def test_side_files_are_out_of_the_directory_readers_way(tmp_path):
+    """Every name but the data starts with "_": pyarrow reads the prefix as its data rows alone."""
+    import pyarrow.dataset as ds
+
+    dest = str(tmp_path / "s")
+    out = OutputWriter(dest, "demo")
+    out.begin()
+    out.write_table("part-00000.parquet", pa.table({"x": [1, 2]}))
+    storage.write_bytes(out.uri(contract.LABELS), b"{}")
+    out.commit(inputs=3, rejects=[Reject("d.jpg", "corrupt")], config={"k": 1})
+    names = {o.uri[len(storage.normalize_uri(dest)) + 1 :] for o in storage.list_objects(dest)}
+    assert names == {"part-00000.parquet", contract.OWNER, contract.SUCCESS, contract.MANIFEST, contract.REJECTS, contract.CONFIG, contract.LABELS}
+    assert all(n.startswith(contract.META_DIR + "/") for n in names - {"part-00000.parquet"}), "one folder readers skip"
+    assert [f.rsplit("/", 1)[1] for f in ds.dataset(dest, format="parquet").files] == ["part-00000.parquet"]
+    assert pq.read_table(dest).column("x").to_pylist() == [1, 2]
+
+
+def test_outputs_of_earlier_versions_read_with_their_side_files_beside_the_data(any_root):
+    """manifest.json, rejects.parquet, config.yaml and labels.json where earlier versions wrote them."""
+    dest = storage.join(any_root, "old")
+    out = OutputWriter(dest, "demo")
+    out.begin()
+    out.write_table("part-00000.parquet", pa.table({"x": [1, 2]}))
+    storage.write_bytes(out.uri(contract.LABELS), b'{"0": "cat"}')
+    out.commit(inputs=3, rejects=[Reject("d.jpg", "corrupt", "bad")], config={"k": 1})
+    as_legacy_layout(dest)
+    assert storage.exists(storage.join(dest, "manifest.json")) and not storage.exists(storage.join(dest, contract.MANIFEST))
+    assert contract.is_committed(dest)
+    manifest = contract.read_manifest(dest, expect_step="demo")
+    assert manifest["outputs"] == 2
+    assert contract.verify_output(dest) == manifest
+    assert contract.data_files(dest) == [storage.join(dest, "part-00000.parquet")]
+    assert contract.read_rejects(dest).to_pylist() == [{"path": "d.jpg", "reason": "corrupt", "detail": "bad"}]
+    assert contract.side_file(dest, contract.LABELS) == storage.join(dest, "labels.json")
+    assert contract.read_side_file(dest, contract.CONFIG) == storage.read_bytes(storage.join(dest, "config.yaml"))
+    assert contract.side_file(dest, "nothing.json") is None
+    # Its owner is read from the old manifest: another step refuses it, the same step takes it over.
+    with pytest.raises(ValueError, match="a demo output"):
+        OutputWriter(dest, "other").begin()
+    again = OutputWriter(dest, "demo")
+    again.begin()
+    again.write_table("part-00000.parquet", pa.table({"x": [7]}))
+    again.commit(inputs=1, rejects=[], config={})
+    assert contract.read_manifest(dest)["outputs"] == 1 and not storage.exists(storage.join(dest, "manifest.json"))
+
+
+def test_a_download_output_of_an_earlier_version_is_a_previous_run(tmp_path):
+    """Incremental downloads carry the rows of an output written before the side files moved."""
+    dest = as_legacy_layout(write_download_output(str(tmp_path / "dl"), {"a.jpg": b"aaa", "b.jpg": b"bbbb"}))
+    previous = PreviousDownload(dest)
+    assert previous.files == contract.data_files(dest) and len(previous) == 2
+    assert previous.known("b.jpg") == (4, None)
 
 
 def test_binary_columns_stored_without_recompression(tmp_path):

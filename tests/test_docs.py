@@ -9,6 +9,7 @@ from another project that happen to share a first folder name with ours (:data:`
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -82,3 +83,40 @@ def test_the_readme_is_a_short_front_door_and_links_every_guide():
     guides = {p.name for p in (ROOT / "docs").glob("*.md")}
     linked = set(re.findall(r"\(docs/([a-z]+\.md)\)", readme))
     assert guides <= linked, f"README.md links no {sorted(guides - linked)}"
+
+
+def _command_examples(doc: Path) -> list[str]:
+    """Every ``imgpipe COMMAND ...`` a doc shows: lines of its code blocks and inline code spans."""
+    text = doc.read_text()
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            if (m := re.search(r"(?:^|[\s;&|(])(imgpipe\s+-?-?[a-z].*)$", line.strip())) is not None:
+                found.append(m.group(1))
+    found += re.findall(r"`(imgpipe [^`]+)`", re.sub(r"\s+", " ", text))
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_a_doc_shows_has_the_flags_it_uses(doc):
+    """Each example's command and every ``--flag`` it uses exist in the real CLI parser (a removed flag fails here)."""
+    from imgpipe.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    common = {o for a in parser._actions for o in a.option_strings}
+    wrong = []
+    for example in _command_examples(doc):
+        words = re.sub(r"\s#.*$", "", example).split()
+        name = words[1]
+        if name.startswith("-"):
+            options, rest = common, words[1:]
+        elif name in commands.choices:
+            options, rest = common | {o for a in commands.choices[name]._actions for o in a.option_strings}, words[2:]
+        else:
+            if not (name.isupper() or name.startswith("<")):  # a placeholder such as STEP or <step>
+                wrong.append(f"no command {name!r}: {example}")
+            continue
+        used = [flag for w in rest for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", w)]
+        wrong += [f"{flag} is no option of imgpipe {name}: {example}" for flag in used if flag not in options]
+    assert not wrong, "\n".join(wrong)

@@ -38,6 +38,7 @@ LOW = {
     "remote.rayjob_spec",
     "readpolicy",
     "registry",
+    "outcome",
 }
 MIDDLE = {
     "steps",

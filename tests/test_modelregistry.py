@@ -75,7 +75,7 @@ def _as_run(model: str, tmp_path, monkeypatch, run_id: str) -> str:
 
     root = "file://" + str(tmp_path / "root")
     dst = ka.run_prefix(root, run_id, "train")
-    for name in [f["name"] for f in contract.read_manifest(model)["files"]] + ["manifest.json", "_SUCCESS"]:
+    for name in [f["name"] for f in contract.read_manifest(model)["files"]] + [contract.MANIFEST, contract.SUCCESS]:
         storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(model, name)))
     # The task's read policy: a local data root, and the model's data (elsewhere in this test) listed.
     monkeypatch.setenv("IMGPIPE_SOURCE_LOCAL", "1")

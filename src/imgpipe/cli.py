@@ -110,7 +110,11 @@ def _local_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--data-root", help="where the steps write (default: SeaweedFS on 127.0.0.1 over WORKDIR/seaweedfs, kept from run to run)")
     p.add_argument("--workdir", default="./.data", help="kfp local outputs and copies of the results (default ./.data)")
-    p.add_argument("--source", help="archive to process (default: generate the sample dataset)")
+    p.add_argument(
+        "--source",
+        help="your images: a folder, an archive, a bucket prefix, WebDataset shards, Hugging Face Parquet or a "
+        "uri,label list (docs/sources.md; default: generate the sample dataset)",
+    )
     p.add_argument("--annotations", help="Oxford-style annotations archive (default: the sample dataset's)")
     p.add_argument("--classes", type=int, help="sample dataset breeds (default 12)")
     p.add_argument("--per-class", type=int, help="sample dataset images per breed (default 60)")
@@ -414,7 +418,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Runs the pipeline through kfp.local; prints per-step counts and where the results are."""
     from imgpipe.kfp.local_run import run_local
 
-    result = run_local(_local_config(args))
+    result = run_local(_local_config(args), verbose=args.verbose)
     print(result.summary())
     return 0 if result.reconciled else 1
 
@@ -586,12 +590,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         storage.configure_endpoint(args.storage_endpoint)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
-        if args.verbose:
+    except Exception as exc:
+        known = isinstance(exc, (ValueError, TypeError, OSError, RuntimeError, TimeoutError))
+        line = storage.explain(exc) or (str(exc) if known else None)
+        if args.verbose or line is None:
             raise
-        # A user's mistake or a failed remote run (Ray job, KFP run): one clear line and a
-        # non-zero exit, no traceback (-v shows it).
-        print(f"imgpipe {args.command}: error: {exc}", file=sys.stderr)
+        # A user's mistake, a store that refuses or does not answer, or a failed remote run
+        # (Ray job, KFP run): one clear line and a non-zero exit, no traceback (-v shows it).
+        print(f"imgpipe {args.command}: error: {line}", file=sys.stderr)
         return 2
 
 

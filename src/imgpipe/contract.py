@@ -3,10 +3,16 @@
 A committed step output ``DEST/`` holds:
 
 * data files (Parquet shards) listed in the manifest,
-* ``rejects.parquet`` with ``path``, ``reason``, ``detail`` (one row per dropped input),
-* ``config.yaml``, the resolved config of the run that wrote it,
-* ``manifest.json`` with ``step``, ``inputs``, ``outputs``, ``rejected``, ``files`` and more,
-* ``_SUCCESS``, written last.
+* ``__imgpipe__/rejects.parquet`` with ``path``, ``reason``, ``detail`` (one row per dropped input),
+* ``__imgpipe__/config.yaml``, the resolved config of the run that wrote it,
+* ``__imgpipe__/manifest.json`` with ``step``, ``inputs``, ``outputs``, ``rejected``, ``files`` and more,
+* ``__imgpipe__/_SUCCESS``, written last.
+
+Everything but the data is in ``__imgpipe__/`` (:data:`META_DIR`), so the prefix reads as a
+plain directory of data rows in pyarrow, pandas and Ray Data (which skip names starting with
+``_`` or ``.``) and in Hugging Face ``datasets`` (which skips folders starting with ``__``).
+Outputs of earlier versions hold these files beside the data (:data:`LEGACY_NAMES`);
+readers fall back to those names.
 
 The order is the protocol: data first, manifest next, ``_SUCCESS`` last; a re-run
 removes ``_SUCCESS`` before touching anything else. Readers check ``_SUCCESS`` and
@@ -15,7 +21,7 @@ finished one, and stale files from older runs are never read.
 
 Two attempts of one step may write one prefix at once (a retry started while the
 first attempt still runs). Each attempt claims the prefix under its own attempt id
-(in ``_OWNER``); the newest claim owns it, and an attempt that no longer owns the
+(in ``__imgpipe__/_OWNER``); the newest claim owns it, and an attempt that no longer owns the
 prefix stops without committing (:class:`ConcurrentWriterError`). The manifest records
 every file's size and SHA-256: :func:`data_files` checks the sizes against one listing
 and :func:`verify_output` the digests, so a file replaced after the commit is found,
@@ -53,6 +59,11 @@ __all__ = [
     "SUCCESS",
     "REJECTS",
     "CONFIG",
+    "META_DIR",
+    "LABELS",
+    "LEGACY_NAMES",
+    "side_file",
+    "read_side_file",
     "REJECTS_SCHEMA",
     "UncommittedOutputError",
     "ConcurrentWriterError",
@@ -69,17 +80,32 @@ __all__ = [
     "check_disjoint",
 ]
 
-MANIFEST = "manifest.json"
-SUCCESS = "_SUCCESS"
+# The folder of a step output's own files (markers, manifest, rejects, config, labels): directory
+# readers skip it, so the prefix reads as its data rows only. Two underscores: pyarrow, pandas and Ray
+# Data skip any name starting with "_", Hugging Face datasets only folders starting with "__"
+# (datasets 5.2.0 src/datasets/data_files.py, _is_inside_unrequested_special_dir).
+META_DIR = "__imgpipe__"
+MANIFEST = f"{META_DIR}/manifest.json"
+SUCCESS = f"{META_DIR}/_SUCCESS"
 # Written first by every attempt: which step owns the prefix (a killed attempt leaves it).
-OWNER = "_OWNER"
+OWNER = f"{META_DIR}/_OWNER"
 # An output prefix has at least this many segments (the bucket counts as one): a destination
 # is emptied before writing, and "s3://bucket" or "/data" must never be.
 MIN_DEST_SEGMENTS = 2
-REJECTS = "rejects.parquet"
-CONFIG = "config.yaml"
+REJECTS = f"{META_DIR}/rejects.parquet"
+CONFIG = f"{META_DIR}/config.yaml"
 # Files some steps write beside their data, each named here once.
-LABELS = "labels.json"  # clean and resize: the class names, in label order
+LABELS = f"{META_DIR}/labels.json"  # clean, resize, merge: the class names, in label order
+# Where outputs written before META_DIR held these files (beside the data): what readers fall
+# back to (side_file, is_committed, claim), so incremental runs and readers take older outputs.
+LEGACY_NAMES = {
+    SUCCESS: "_SUCCESS",
+    OWNER: "_OWNER",
+    MANIFEST: "manifest.json",
+    REJECTS: "rejects.parquet",
+    CONFIG: "config.yaml",
+    LABELS: "labels.json",
+}
 MODEL = "model.pt"  # train: weights, labels, normalization and config
 METRICS = "metrics.json"  # train: per-epoch and final metrics
 REPORT = "report.html"  # train: metrics and pictures in one page
@@ -216,9 +242,34 @@ def check_name(name: Any, where: str) -> str:
     return name
 
 
+def side_file(prefix: str, name: str) -> str | None:
+    """The URI of the side file ``name`` (:data:`MANIFEST`, :data:`LABELS`, ...) in ``prefix``, ``None`` if absent.
+
+    The current name first, then the one earlier versions wrote (:data:`LEGACY_NAMES`).
+    """
+    for candidate in (name, LEGACY_NAMES.get(name)):
+        if candidate and storage.exists(dest_uri(prefix, candidate)):
+            return dest_uri(prefix, candidate)
+    return None
+
+
+def read_side_file(prefix: str, name: str) -> bytes:
+    """The content of the side file ``name`` of ``prefix``, under its current or its earlier name.
+
+    Raises:
+        FileNotFoundError: If neither is present.
+    """
+    try:
+        return storage.read_bytes(dest_uri(prefix, name))
+    except FileNotFoundError:
+        if name not in LEGACY_NAMES:
+            raise
+    return storage.read_bytes(dest_uri(prefix, LEGACY_NAMES[name]))
+
+
 def is_committed(prefix: str) -> bool:
-    """Whether ``prefix`` holds a committed step output."""
-    return storage.exists(dest_uri(prefix, SUCCESS))
+    """Whether ``prefix`` holds a committed step output (its ``_SUCCESS`` marker, or an earlier version's)."""
+    return side_file(prefix, SUCCESS) is not None
 
 
 def read_manifest(prefix: str, expect_step: str | None = None) -> dict[str, Any]:
@@ -239,7 +290,7 @@ def read_manifest(prefix: str, expect_step: str | None = None) -> dict[str, Any]
             "it has not finished, failed, or was pointed elsewhere; re-run that step first"
         )
     try:
-        manifest = json.loads(storage.read_bytes(dest_uri(prefix, MANIFEST)))
+        manifest = json.loads(read_side_file(prefix, MANIFEST))
     except FileNotFoundError as exc:
         raise ValueError(f"{prefix} has {SUCCESS} but no {MANIFEST}; the output is damaged") from exc
     if expect_step is not None and manifest.get("step") != expect_step:
@@ -324,7 +375,7 @@ def read_rejects(prefix: str) -> pa.Table:
     """The rejects table of a committed output."""
     read_manifest(prefix)
     # ParquetFile, not read_table: one small file needs no pyarrow.dataset (a 30 ms import).
-    return pq.ParquetFile(io.BytesIO(storage.read_bytes(dest_uri(prefix, REJECTS)))).read()
+    return pq.ParquetFile(io.BytesIO(read_side_file(prefix, REJECTS))).read()
 
 
 def _read_json(uri: str) -> dict[str, Any] | None:
@@ -342,11 +393,11 @@ def _owner(dest: str) -> str | None:
     An owner marker written for another location (a copied or moved output) proves nothing
     here: it counts as no owner, so :func:`claim` refuses rather than deletes.
     """
-    for name in (OWNER, MANIFEST):
+    for name in (OWNER, LEGACY_NAMES[OWNER], MANIFEST, LEGACY_NAMES[MANIFEST]):
         uri = dest_uri(dest, name)
         if storage.exists(uri):
             marker = _read_json(uri) or {}
-            if name == OWNER and marker.get("path") not in (None, dest):
+            if name in (OWNER, LEGACY_NAMES[OWNER]) and marker.get("path") not in (None, dest):
                 return None
             return str(marker.get("step") or "") or None
     return None
@@ -416,7 +467,8 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
     owner = _owner(dest) if present else None
     if present and owner != step:
         names = ", ".join(o.uri[len(dest.rstrip("/")) + 1 :] for o in present[:5])
-        moved = (_read_json(dest_uri(dest, OWNER)) or {}).get("path") if storage.exists(dest_uri(dest, OWNER)) else None
+        marker = side_file(dest, OWNER)
+        moved = (_read_json(marker) or {}).get("path") if marker else None
         whose = (
             f"a {owner} output"
             if owner
@@ -429,6 +481,7 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
             f"{', ...' if len(present) > 5 else ''}). Choose an empty prefix, or remove them yourself"
         )
     storage.delete(dest_uri(dest, SUCCESS))
+    storage.delete(dest_uri(dest, LEGACY_NAMES[SUCCESS]))  # an earlier version's output
     kept = {dest_uri(dest, name) for name in keep}
     if kept:
         storage.delete_many([obj.uri for obj in present if obj.uri not in kept])

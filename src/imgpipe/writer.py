@@ -29,11 +29,8 @@ from imgpipe import storage
 from imgpipe.config import config_to_yaml
 from imgpipe.contract import (
     CONFIG,
-    MANIFEST,
-    OWNER,
     REJECTS,
     REJECTS_SCHEMA,
-    SUCCESS,
     FileEntry,
     Reject,
     StepReport,
@@ -207,8 +204,10 @@ class OutputWriter:
     def _check_name(self, name: str) -> None:
         if self._attempt is None:
             raise RuntimeError("OutputWriter.begin() must be called before writing")
-        if name in (MANIFEST, SUCCESS, REJECTS, CONFIG, OWNER) or name.startswith("/") or ".." in name.split("/"):
-            raise ValueError(f"{name!r} is reserved or not a valid data file name")
+        # The output's own files (manifest, rejects, markers) start with "_"; directory readers
+        # (pyarrow, pandas, Ray Data) skip such names, so a data file named so would be lost.
+        if name.startswith("/") or any(part.startswith(("_", ".")) or not part for part in name.split("/")):
+            raise ValueError(f"{name!r} is not a data file name: no part may be empty or start with '_' or '.' (reserved for the output's own files)")
 
     def write_table(self, name: str, table: pa.Table, **parquet_kwargs: Any) -> FileEntry:
         """Writes a Parquet data file (thread-safe) and records it for the manifest.

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 
 from imgpipe.clean.config import SPLITS, CleanConfig
-from imgpipe.clean.plan import Index, Unit, plan_rows, split_codes, stratified_split
+from imgpipe.clean.plan import Index, Unit, plan_rows
+from imgpipe.clean.splits import split_codes, stratified_split
 from imgpipe.data.labels import Labeler
 
 

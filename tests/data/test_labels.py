@@ -1,16 +1,19 @@
-"""Label parsing: Oxford names, folders, CSV, and the index order."""
+"""Label parsing: Oxford names, folders, CSV, ``auto`` per image, and the index order."""
 
 from __future__ import annotations
 
 import pytest
 
 from imgpipe.data.labels import (
+    AutoLabeler,
     Labeler,
-    choose_label_source,
+    auto_layout,
     encode_labels,
     folder_label,
+    merge_class_orders,
     oxford_label,
     read_label_csv,
+    source_class_order,
 )
 
 
@@ -40,9 +43,30 @@ def test_folder_label():
     assert folder_label("loose.jpg") is None
 
 
-def test_choose_label_source():
-    assert choose_label_source(["images/a_1.jpg", "images/b_2.jpg"]) == "oxford"
-    assert choose_label_source(["cat/1.jpg", "dog/2.jpg"]) == "folder"
+def test_auto_layout_finds_class_folders_among_the_images_without_a_given_label():
+    assert auto_layout([("images/a_1.jpg", None), ("images/b_2.jpg", None)]) == frozenset()
+    assert auto_layout([("cat/1.jpg", None), ("dog/2.jpg", None)]) == {"cat", "dog"}
+    # A nested archive's members carry the archive's name: they do not make a layout multi-folder.
+    assert auto_layout([("images/a_1.jpg", None), ("x/1.jpg", "x")]) == frozenset()
+
+
+def test_auto_decides_per_image_and_counts_each_scheme():
+    lab = AutoLabeler(auto_layout([("A/1.png", None), ("B/2.png", None)]), nested=["B/x/", "n01/"])
+    assert lab("A/1.png") == "A" and lab("B/2.png") == "B"
+    assert lab("B/x/deep/3.png", "x") == "B", "a nested archive inside a class folder takes that folder's class"
+    assert lab("n01/4.png", "n01") == "n01", "a nested archive at the top keeps its name (ImageNet's tar of tars)"
+    assert lab("list/5.csv", "given") == "given"
+    assert lab("loose.png") is None and "label_source auto" in lab.describe_missing("loose.png")
+    assert lab.auto_counts() == {"given": 2, "folder": 3, "oxford": 0, "none": 1}
+    assert lab.resolved == "auto" and not lab.folds_case
+    oxford = AutoLabeler(frozenset())
+    assert oxford("images/Bengal_1.jpg") == "Bengal" and oxford.resolved == "oxford" and oxford.folds_case
+
+
+def test_the_source_class_order_is_merged_from_the_manifest_entries_in_order():
+    entries = [{"uri": "a", "classes": ["dog", "cat"]}, {"uri": "b"}, {"uri": "c", "classes": ["cat", "bird"]}]
+    assert source_class_order(entries) == ("dog", "cat", "bird")
+    assert merge_class_orders([None, ["b", "a"], ["a", "c"]]) == ("b", "a", "c")
 
 
 def test_read_label_csv():
@@ -62,6 +86,16 @@ def test_labeler_csv_matches_member_path_or_basename():
         Labeler("csv")
 
 
-def test_encode_labels_case_insensitive_like_oxford():
+def test_encode_labels_case_insensitive_for_oxford_breeds_like_list_txt():
     names = ["beagle", "Abyssinian", "american_bulldog", "Bengal", "beagle"]
-    assert encode_labels(names) == ["Abyssinian", "american_bulldog", "beagle", "Bengal"]
+    assert encode_labels(names, fold_case=True) == ["Abyssinian", "american_bulldog", "beagle", "Bengal"]
+
+
+def test_encode_labels_sorts_like_imagefolder_and_integers_by_value():
+    assert encode_labels(["Cat", "ant", "Bee"]) == sorted(["Cat", "ant", "Bee"]) == ["Bee", "Cat", "ant"]
+    assert encode_labels(["10", "2", "0", "1"]) == ["0", "1", "2", "10"]
+
+
+def test_encode_labels_keeps_the_source_order_whole_and_appends_the_rest():
+    assert encode_labels(["bird", "dog"], ["dog", "cat", "bird"]) == ["dog", "cat", "bird"]
+    assert encode_labels(["bird", "zebra", "Ant"], ["dog", "cat", "bird"]) == ["dog", "cat", "bird", "Ant", "zebra"]

@@ -159,7 +159,7 @@ def _forged_output(prefix, step: str, names: list[str]) -> str:
     import json
 
     root = storage.local_path(storage.normalize_uri(str(prefix)))
-    root.mkdir(parents=True, exist_ok=True)
+    (root / contract.META_DIR).mkdir(parents=True, exist_ok=True)
     files = [{"name": n, "bytes": 1, "rows": 1, "sha256": "0" * 64} for n in names]
     (root / contract.MANIFEST).write_text(json.dumps({"step": step, "files": files}))
     (root / contract.SUCCESS).write_text("")

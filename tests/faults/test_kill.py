@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from tests.faults.s3proxy import NAMESPACE_PREFIX, FaultProxy, prefix_policy
 SEED = 9
 RANDOM_POINTS = 4  # per step, plus one while the manifest is being written: five in all
 # The upload of the step's own manifest: the commit is under way, _SUCCESS not yet written.
-COMMIT_REQUEST = r"/killed/{step}/manifest\.json$"
+COMMIT_REQUEST = "/killed/{step}/" + re.escape(contract.MANIFEST) + "$"
 
 
 def _check_after_kill(dest: str, reference: dict) -> str:

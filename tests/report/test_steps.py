@@ -206,11 +206,11 @@ for prefix in ({outputs["download"]!r}, {outputs["clean"]!r}):
 
 def test_an_uncommitted_prefix_is_refused(outputs, tmp_path):
     half = "file://" + str(tmp_path / "half")
-    storage.write_bytes(f"{half}/manifest.json", json.dumps({"step": "clean"}).encode())
+    storage.write_bytes(f"{half}/{contract.MANIFEST}", json.dumps({"step": "clean"}).encode())
     with pytest.raises(contract.UncommittedOutputError, match="is not a committed step output"):
         step_report.build_report(half)
-    storage.write_bytes(f"{half}/_SUCCESS", b"")
-    storage.write_bytes(f"{half}/manifest.json", json.dumps({"step": "mystery"}).encode())
+    storage.write_bytes(f"{half}/{contract.SUCCESS}", b"")
+    storage.write_bytes(f"{half}/{contract.MANIFEST}", json.dumps({"step": "mystery"}).encode())
     with pytest.raises(ValueError, match="reports exist for download, clean, resize, train"):
         step_report.build_report(half)
 
@@ -218,10 +218,10 @@ def test_an_uncommitted_prefix_is_refused(outputs, tmp_path):
 def test_a_clean_report_without_its_download_output_says_why(outputs, tmp_path):
     copy = tmp_path / "clean-copy"
     shutil.copytree(outputs["clean"].removeprefix("file://"), copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest = json.loads((copy / contract.MANIFEST).read_text())
     manifest["upstream"]["source"] = "file://" + str(tmp_path / "gone")
     manifest["extra"].pop("per_split_class")  # as written before the per-split counts existed
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / contract.MANIFEST).write_text(json.dumps(manifest))
     report = step_report.build_report(str(copy))
     rejected = next(s for s in report.sections if isinstance(s, output.Gallery) and s.title == "Rejected images")
     assert not rejected.rows and "no thumbnails" in rejected.note and "not a committed step output" in rejected.note
@@ -325,9 +325,9 @@ def test_resize_report_shows_before_and_after(resized):
 def test_resize_report_without_its_clean_output(resized, tmp_path):
     copy = tmp_path / "resize-copy"
     shutil.copytree(resized.removeprefix("file://"), copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest = json.loads((copy / contract.MANIFEST).read_text())
     manifest["upstream"]["source"] = "file://" + str(tmp_path / "gone")
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / contract.MANIFEST).write_text(json.dumps(manifest))
     gallery = next(s for s in step_report.build_report(str(copy)).sections if isinstance(s, output.Gallery))
     assert gallery.rows and all(before.picture is None and after.picture is not None for _, (before, after) in gallery.rows)
     assert "no sources" in gallery.note

@@ -29,3 +29,21 @@ def test_html_report_escapes_class_names():
     }
     page = report.html_report(metrics, {})
     assert "<script>alert(1)</script>" not in page
+
+
+def test_the_recipe_table_shows_only_settings_that_took_effect():
+    recipe = {
+        "recipe": "small",
+        "reason": "40 images per class",
+        "domain": "natural",
+        "explicit": [],
+        "from_recipe": {"aug_policy": "basic", "randaugment_n": 2, "randaugment_m": 9, "mixup": 0.0, "cutmix": 0.0, "mixup_prob": 1.0},
+        "from_domain": {"hflip": True, "freeze_fraction": 0.0, "unfreeze_stages": 2},
+    }
+    page = report.html_report({"recipe": recipe, "config": {"epochs": 5}}, {})
+    section = page[page.index("Recipe") :]
+    assert "aug_policy" in section and "mixup" in section and "hflip" in section
+    for inert in ("randaugment_n", "randaugment_m", "mixup_prob", "unfreeze_stages"):
+        assert inert not in section, inert
+    shown = report.html_report({"recipe": {**recipe, "from_recipe": {**recipe["from_recipe"], "aug_policy": "randaugment", "mixup": 0.2}}}, {})
+    assert "randaugment_m" in shown and "mixup_prob" in shown

@@ -21,7 +21,7 @@ from imgpipe.clean import decode as clean_decode
 from imgpipe.clean import pool as clean_pool
 from imgpipe.clean.config import CleanConfig
 from imgpipe.clean.decode import OUTPUT_SCHEMA
-from imgpipe.clean.plan import stratified_split
+from imgpipe.clean.splits import stratified_split
 from imgpipe.config import config_from_dict
 from imgpipe.contract import UncommittedOutputError
 from imgpipe.data.images import decode_bytes
@@ -118,7 +118,7 @@ def test_output_schema_order_and_images(source, tmp_path):
 def test_labels_encoded_deterministically(source, tmp_path):
     dest = str(tmp_path / "clean")
     clean(source, dest, CleanConfig(workers=1))
-    labels = json.loads(storage.read_bytes(storage.join(dest, "labels.json")))
+    labels = json.loads(storage.read_bytes(storage.join(dest, contract.LABELS)))
     assert labels == {"0": "beagle", "1": "Bengal", "2": "Siamese"}
     table = read_output(dest)
     for row in table.to_pylist():
@@ -136,7 +136,7 @@ def test_manifest_config_and_reconciliation(source, tmp_path):
     assert manifest["rejects_by_reason"]["not_an_image"] == 3
     assert sum(f_["rows"] for f_ in manifest["files"]) == report.outputs
     assert manifest["extra"]["splits"]["train"] > manifest["extra"]["splits"]["val"] > 0
-    cfg_text = storage.read_bytes(storage.join(dest, "config.yaml")).decode()
+    cfg_text = storage.read_bytes(storage.join(dest, contract.CONFIG)).decode()
     assert "seed: 3" in cfg_text and "split:" in cfg_text
 
 
@@ -221,7 +221,8 @@ def test_folder_and_csv_labels(tmp_path):
 
     csv_uri = str(tmp_path / "labels.csv")
     storage.write_bytes(csv_uri, b"path,label\ntrain/cat/0.jpg,tabby\n1.jpg,tabby\nloose.jpg,other\n")
-    clean(src, str(tmp_path / "csv"), CleanConfig(workers=1, label_source="csv", labels_csv=csv_uri))
+    # Four images: too few for a val and a test split.
+    clean(src, str(tmp_path / "csv"), CleanConfig(workers=1, label_source="csv", labels_csv=csv_uri, min_images_per_split=0))
     table = read_output(str(tmp_path / "csv"))
     got = dict(zip(table.column("path").to_pylist(), table.column("label_name").to_pylist()))
     assert got["train/cat/0.jpg"] == "tabby" and got["loose.jpg"] == "other"
@@ -231,7 +232,7 @@ def test_folder_and_csv_labels(tmp_path):
 
 def test_refuses_uncommitted_source(tmp_path):
     src = write_download_output(str(tmp_path / "dl"), good_members(2))
-    storage.delete(storage.join(src, "_SUCCESS"))
+    storage.delete(storage.join(src, contract.SUCCESS))
     with pytest.raises(UncommittedOutputError, match="_SUCCESS"):
         clean(src, str(tmp_path / "clean"), CleanConfig(workers=1))
 
@@ -279,7 +280,7 @@ def test_clean_on_s3_with_process_pool(s3_bucket):
     table = read_output(dest)
     assert table.num_rows == 12
     assert np.array_equal(np.sort(table.column("order").to_numpy()), np.arange(12))
-    assert storage.exists(f"{dest}/_SUCCESS") and storage.exists(f"{dest}/labels.json")
+    assert storage.exists(storage.join(dest, contract.SUCCESS)) and storage.exists(storage.join(dest, contract.LABELS))
 
 
 def voc_xml(name: str, width: int, height: int, box: tuple[int, int, int, int]) -> bytes:
@@ -461,7 +462,7 @@ def test_memory_limit_caps_workers_and_rejects_an_image_over_its_budget(tmp_path
     monkeypatch.setattr(resources, "available_cpus", lambda root=None: 8)
     monkeypatch.setattr(resources, "memory_limit", lambda root=None: 700 << 20)
     dest = str(tmp_path / "clean")
-    report = clean(src, dest, CleanConfig())
+    report = clean(src, dest, CleanConfig(min_images_per_split=0))  # six images: no val split
     pool = report.extra["decode_pool"]
     assert pool == contract.read_manifest(dest)["extra"]["decode_pool"]
     assert pool["memory"] == 700 << 20 and pool["workers"] == 2, "8 CPUs, but memory for 2 workers"

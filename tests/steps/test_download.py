@@ -226,10 +226,10 @@ def test_tar_gz_to_any_backend_keeps_bytes_counts_and_row_groups(tmp_path: Path,
     assert set(object_names(dest)) == {
         *names,
         contract.OWNER,
-        "manifest.json",
-        "rejects.parquet",
-        "config.yaml",
-        "_SUCCESS",
+        contract.MANIFEST,
+        contract.REJECTS,
+        contract.CONFIG,
+        contract.SUCCESS,
     }
 
 

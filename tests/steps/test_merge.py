@@ -18,7 +18,7 @@ from PIL import Image
 
 from imgpipe import contract
 from imgpipe.clean.config import CleanConfig
-from imgpipe.clean.plan import split_codes
+from imgpipe.clean.splits import split_codes
 from imgpipe.data.sharding import Shard
 from imgpipe.steps import download as download_step
 from imgpipe.steps.clean import clean

@@ -93,7 +93,7 @@ def test_both_models_are_scored_by_one_evaluation_not_the_candidates_own_figure(
     monkeypatch.setattr(saved, "evaluate_saved", lambda *a, **k: calls.append((a[1:], k)) or real(*a, **k))
     # The candidate's run claims a perfect test score; the gate re-scores it instead.
     forged = "file://" + str(models["root"] / "forged")
-    for name in [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(models["bad"])]:
+    for name in [o.uri[len(models["bad"]) + 1 :] for o in storage.list_objects(models["bad"])]:
         storage.write_bytes(storage.join(forged, name), storage.read_bytes(storage.join(models["bad"], name)))
     metrics = json.loads(storage.read_bytes(storage.join(forged, "metrics.json")))
     metrics["test"]["macro_f1"] = 1.0
@@ -117,7 +117,7 @@ def test_test_images_the_current_model_saw_are_left_out_and_counted(models, tmp_
 
 def test_a_current_model_whose_training_data_is_gone_is_compared_and_the_overlap_is_said_unchecked(models, tmp_path):
     moved = "file://" + str(tmp_path / "moved")
-    for name in [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(models["good"])]:
+    for name in [o.uri[len(models["good"]) + 1 :] for o in storage.list_objects(models["good"])]:
         storage.write_bytes(storage.join(moved, name), storage.read_bytes(storage.join(models["good"], name)))
     card = json.loads(storage.read_bytes(storage.join(moved, "model.json")))
     card["data"]["uri"] = "file://" + str(tmp_path / "deleted" / "resize")  # e.g. removed by a retention policy
@@ -128,7 +128,7 @@ def test_a_current_model_whose_training_data_is_gone_is_compared_and_the_overlap
 
 def test_a_current_model_that_cannot_be_loaded_is_a_decision_not_a_crash(models, tmp_path):
     broken = "file://" + str(tmp_path / "broken")
-    for name in [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(models["good"])]:
+    for name in [o.uri[len(models["good"]) + 1 :] for o in storage.list_objects(models["good"])]:
         storage.write_bytes(storage.join(broken, name), storage.read_bytes(storage.join(models["good"], name)))
     storage.write_bytes(storage.join(broken, "model.pt"), b"not a checkpoint")  # e.g. a truncated upload
     d = promote(models["good"], broken, "file://" + str(tmp_path / "p"))
@@ -137,7 +137,7 @@ def test_a_current_model_that_cannot_be_loaded_is_a_decision_not_a_crash(models,
 
 def test_models_whose_preprocessing_differs_are_not_compared(models, tmp_path):
     other = "file://" + str(tmp_path / "other-pre")
-    for name in [o.uri.rsplit("/", 1)[1] for o in storage.list_objects(models["good"])]:
+    for name in [o.uri[len(models["good"]) + 1 :] for o in storage.list_objects(models["good"])]:
         storage.write_bytes(storage.join(other, name), storage.read_bytes(storage.join(models["good"], name)))
     card = json.loads(storage.read_bytes(storage.join(other, "model.json")))
     card["preprocessing"]["resize"]["ops"] = ["clahe"]
@@ -158,7 +158,7 @@ def _place(root: str, run_id: str, model: str) -> None:
     for step in ("clean", "resize"):
         storage.write_bytes(storage.join(ka.run_prefix(root, run_id, step), "x"), b"")
     src, dst = model, ka.run_prefix(root, run_id, "train")
-    for name in [f["name"] for f in contract.read_manifest(src)["files"]] + ["manifest.json", "_SUCCESS"]:
+    for name in [f["name"] for f in contract.read_manifest(src)["files"]] + [contract.MANIFEST, contract.SUCCESS]:
         storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
 
 

@@ -448,9 +448,9 @@ def check_output(source: str, dest: str, cfg: ResizeConfig) -> dict[str, pa.Tabl
         payload = "pixels" if cfg.format == "raw" else "image.bytes"
         assert (codecs[payload], codecs["order"]) == ("UNCOMPRESSED", "ZSTD"), "parquet.parquet_write_options"
         tables[entry["name"]] = table
-    if storage.exists(storage.join(source, "labels.json")):
-        labels = storage.read_bytes(storage.join(source, "labels.json"))
-        assert storage.read_bytes(storage.join(dest, "labels.json")) == labels
+    if contract.side_file(source, contract.LABELS):
+        labels = contract.read_side_file(source, contract.LABELS)
+        assert storage.read_bytes(storage.join(dest, contract.LABELS)) == labels
     return tables
 
 

@@ -87,7 +87,7 @@ def test_outputs_exist_and_commit_last(finished):
         "confusion_matrix.png",
         "augmentations.png",
         "report.html",
-        "config.yaml",
+        contract.CONFIG,
         "predictions.parquet",
         "worst_loss.png",
         "model.json",
@@ -142,7 +142,7 @@ def test_model_file_and_resolved_config_round_trip(finished):
     assert saved["labels"] == [f"class_{k}" for k in range(4)] and saved["image_size"] == 32
     model = build_model(saved["model_name"], len(saved["labels"]), saved["channels"])
     model.load_state_dict(saved["model"])
-    resolved = yaml.safe_load(storage.read_bytes(storage.join(out, "config.yaml")))
+    resolved = yaml.safe_load(storage.read_bytes(storage.join(out, contract.CONFIG)))
     cfg = config_from_dict(TrainConfig, resolved)
     assert (cfg.image_size, cfg.num_workers, cfg.aug_device, cfg.pin_memory) == (32, 0, "cpu", False)
     assert cfg.tta_flip and cfg.label_smoothing == 0.1
@@ -303,7 +303,7 @@ def test_batched_augmentation_path_with_jpeg_data_and_workers(tmp_path):
     out = "file://" + str(tmp_path / "out")
     report = train(data, out, tiny(epochs=1, aug_device="gpu", num_workers=2, aug_policy="trivialaugment"))
     assert report.extra["images_seen"] == {"train": 16, "val": 4}  # no test split: skipped
-    resolved = yaml.safe_load(storage.read_bytes(out + "/config.yaml"))
+    resolved = yaml.safe_load(storage.read_bytes(storage.join(out, contract.CONFIG)))
     assert resolved["aug_device"] == "gpu" and resolved["num_workers"] == 2
 
 
@@ -317,7 +317,7 @@ def test_whole_pictures_are_cropped_at_load_time(tmp_path, aug_device, fmt, whol
     out = "file://" + str(tmp_path / "out")
     report = train(data, out, tiny(epochs=1, aug_device=aug_device, num_workers=2 if fmt == "jpeg" else 0))
     assert report.extra["images_seen"] == {"train": 16, "val": 4}
-    resolved = yaml.safe_load(storage.read_bytes(out + "/config.yaml"))
+    resolved = yaml.safe_load(storage.read_bytes(storage.join(out, contract.CONFIG)))
     assert resolved["image_size"] == 32 and resolved["aug_device"] == aug_device
     assert storage.exists(out + "/augmentations.png")
 
@@ -438,7 +438,7 @@ def test_cuda_run_uses_the_gpu_path(tmp_path):
     data = write_resize_output("file://" + str(tmp_path / "jpeg"), counts={"train": 32, "val": 8}, size=64, fmt="jpeg")
     out = "file://" + str(tmp_path / "out")
     report = train(data, out, TrainConfig(model="resnet18", epochs=2, batch_size=8, num_workers=2, device="auto"))
-    resolved = yaml.safe_load(storage.read_bytes(out + "/config.yaml"))
+    resolved = yaml.safe_load(storage.read_bytes(storage.join(out, contract.CONFIG)))
     assert report.extra["device"].startswith("cuda") and resolved["aug_device"] == "gpu"
     assert np.isfinite(report.metrics["train_loss"])
 

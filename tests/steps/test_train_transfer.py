@@ -75,7 +75,7 @@ def test_a_pretrained_run_reads_the_cache_and_normalizes_with_the_weights_statis
     assert (tuple(saved["mean"]), tuple(saved["std"])) == (own.mean, own.std)
     assert used and all(n == own for n in used)  # training and evaluation batches alike
     assert not [r for r in caplog.records if "trained at" in r.getMessage()]  # 32 px weights, 32 px data
-    resolved = yaml.safe_load(storage.read_bytes(storage.join(out, "config.yaml")))
+    resolved = yaml.safe_load(storage.read_bytes(storage.join(out, contract.CONFIG)))
     assert (resolved["pretrained"], resolved["weights_cache"]) == ("DEFAULT", cache)
 
     # The next run (torchvision's own statistics and 224 px) reads the cache and says the size differs.

@@ -69,7 +69,7 @@ def test_the_card_says_how_to_feed_the_model_and_what_it_is(trained):
     assert card["classes"] == [f"class_{k}" for k in range(4)]
     assert card["input"]["size"] == 32 and card["input"]["center_crop"] == 32 and card["input"]["resize_short_side"] == 37
     assert len(card["input"]["mean"]) == len(card["input"]["std"]) == card["input"]["channels"] == 3
-    manifest = storage.read_bytes(storage.join(data, "manifest.json"))
+    manifest = storage.read_bytes(storage.join(data, contract.MANIFEST))
     import hashlib
 
     assert card["data"] == {"uri": data, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}

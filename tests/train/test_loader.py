@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imgpipe import storage
+from imgpipe import contract, storage
 from imgpipe.steps.resize import output_schema
 from imgpipe.train.augment_cpu import build_train_transform
 from imgpipe.train.config import AugmentConfig, LoaderConfig
@@ -103,7 +103,7 @@ def write_resize_output(
         for shard, start in enumerate(range(0, n, rows_per_shard)):
             table = pa.Table.from_pylist(rows[start : start + rows_per_shard], schema=schema)
             out.write_table(f"{split}/part-{shard:05d}.parquet", table, row_group_size=row_group_rows)
-    storage.write_bytes(out.uri("labels.json"), json.dumps({str(i): n for i, n in enumerate(names)}).encode())
+    storage.write_bytes(out.uri(contract.LABELS), json.dumps({str(i): n for i, n in enumerate(names)}).encode())
     out.commit(
         inputs=total,
         rejects=[],

@@ -181,7 +181,7 @@ def test_pretrained_weights_and_a_colour_space_op_are_refused_before_anything_ru
     out = storage.join(root, "exp", "train")
     with pytest.raises(ValueError, match="to_ycbcr stored YCbCr: train from scratch"):
         train(data, out, tiny(model="resnet18", pretrained="DEFAULT"))
-    assert downloads == [] and not storage.exists(storage.join(out, "_OWNER")), "refused before the weights or the output"
+    assert downloads == [] and not storage.exists(storage.join(out, contract.OWNER)), "refused before the weights or the output"
     # From scratch, the same data trains, normalized with its own YCbCr statistics.
     train(data, out, tiny())
     model, _ = _saved(out)

@@ -29,8 +29,9 @@ class CleanConfig:
         label_source: ``oxford`` (``Breed_Name_12.jpg``), ``folder`` (class per
             folder), ``csv`` (``labels_csv``), ``given`` (the label the source gave each
             image: a URI list's, a WebDataset sample's, a Hugging Face ``ClassLabel``), or
-            ``auto`` (given when the source gave labels, else folder when images sit in
-            several folders, else oxford).
+            ``auto``, decided per image: the source's label where it gave one, else its class
+            folder when the unlabelled images sit in several folders, else oxford
+            (:class:`imgpipe.data.labels.AutoLabeler`).
         labels_csv: URI of a ``path,label`` CSV, for ``label_source='csv'``.
         label_overrides: URI of a ``path,label`` CSV whose labels replace the ones the
             label source gives (paths or bare file names; other columns ignored): the
@@ -59,10 +60,20 @@ class CleanConfig:
             ``annotations.tar.gz``; the head boxes in ``annotations/xmls/*.xml`` become
             the ``bbox`` column (resize's ``roi_crop`` uses it). Boxes annotated on an
             image of another size than the cleaned one are left out.
-        split_from: ``random`` (the stratified ``split`` of the images) or ``annotations``:
-            the Oxford-IIIT Pet release's own ``test.txt`` images are the test split, and val is
-            carved from ``trainval.txt``'s, stratified, in the ratio ``split`` gives train and val;
-            images in neither list get the random split. Needs ``annotations``.
+        split_from: ``source`` (the default): an image keeps the split its source gives it (a
+            ``train``/``val``/``test`` folder, the Hub's ``data/train-*`` and ``data/test-*``
+            files, a ``split`` column); a split the source lacks is carved from its train
+            images, stratified, in the ratio ``split`` gives, and images the source gives no
+            split get the stratified random split (so a source without splits is split at
+            random). ``random``: the stratified ``split`` of every image, whatever the source
+            says. ``annotations``: the Oxford-IIIT Pet release's own ``test.txt`` images are the
+            test split, and val is carved from ``trainval.txt``'s in the same way; images in
+            neither list get the random split. Needs ``annotations``.
+        min_images_per_class: Fewest images a class may keep; a class below it fails the step
+            (naming the classes). 0 turns the check off.
+        min_images_per_split: Fewest images a split whose fraction is above 0 may get; below
+            it the step fails (a tiny dataset's test split can round to nothing). 0 turns the
+            check off.
         skip_hashes_from: Prefix of a previous committed clean output (incremental
             re-runs). Images whose sha256 it holds are not decoded again: their rows
             are copied from it (bytes, size, mode, head box) and keep their split, so no
@@ -118,7 +129,9 @@ class CleanConfig:
     row_group_rows: int = 128
     row_group_bytes: int = 64 << 20
     annotations: str | None = None
-    split_from: Literal["random", "annotations"] = "random"
+    split_from: Literal["source", "random", "annotations"] = "source"
+    min_images_per_class: int = 1
+    min_images_per_split: int = 1
     skip_hashes_from: str | None = None
     near_duplicates: Literal["reject", "group", "off"] = "reject"
     near_duplicate_distance: int = 2
@@ -145,8 +158,10 @@ class CleanConfig:
             raise ValueError(f"label_source must be auto, oxford, folder, csv or given, got {self.label_source!r}")
         if self.label_source == "csv" and not self.labels_csv:
             raise ValueError("label_source='csv' needs labels_csv, the URI of a path,label CSV")
-        if self.split_from not in ("random", "annotations"):
-            raise ValueError(f"split_from must be random or annotations, got {self.split_from!r}")
+        if self.split_from not in ("source", "random", "annotations"):
+            raise ValueError(f"split_from must be source, random or annotations, got {self.split_from!r}")
+        check_range("min_images_per_class", self.min_images_per_class, 0, integer=True, note="0 = no minimum")
+        check_range("min_images_per_split", self.min_images_per_split, 0, integer=True, note="0 = no minimum")
         if self.split_from == "annotations" and not self.annotations:
             raise ValueError("split_from='annotations' needs annotations, the download of the release's annotations archive")
         check_range("max_pixels", self.max_pixels, 1, integer=True)

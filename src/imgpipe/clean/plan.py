@@ -19,11 +19,12 @@ import pyarrow.parquet as pq
 
 from imgpipe import storage
 from imgpipe.clean.config import SPLITS, CleanConfig
+from imgpipe.clean.splits import given_codes, source_codes, split_codes
 from imgpipe.contract import Reject
 from imgpipe.data.annotations import image_stem
-from imgpipe.data.labels import Labeler, choose_label_source, encode_labels, read_label_csv
+from imgpipe.data.labels import AutoLabeler, Labeler, auto_layout, encode_labels, nested_prefixes, read_label_csv, source_class_order
 
-__all__ = ["Unit", "Index", "Plan", "RowsPlan", "read_index", "split_codes", "stratified_split", "shuffled_order", "build_labeler", "plan_rows"]
+__all__ = ["Unit", "Index", "Plan", "RowsPlan", "read_index", "shuffled_order", "build_labeler", "plan_rows"]
 
 # Rows labelled per batch: the paths of one batch are Python strings for a moment, never
 # all of them at once.
@@ -64,6 +65,7 @@ class Index:
     paths: pa.Array
     sha256: pa.Array
     labels: pa.Array | None = None  # what the source labelled each row (the download's label column), if it did
+    splits: pa.Array | None = None  # the split the source gave each row (the download's split column), if it did
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -97,6 +99,8 @@ class Plan:
     split: np.ndarray
     carried: np.ndarray
     deferred: dict[int, Reject] = field(default_factory=dict)
+    pinned: int = 0  # the first classes are the source's own list: kept whole, with or without images
+    source_split: dict[str, Any] | None = None  # what split_from=source found (imgpipe.clean.splits.source_codes)
 
     @property
     def planned(self) -> int:
@@ -128,69 +132,37 @@ def read_index(files: Sequence[str]) -> Index:
     paths: list[pa.Array] = []
     hashes: list[pa.Array] = []
     labels: list[pa.Array] = []
+    splits: list[pa.Array] = []
     start = 0
     for uri in files:
         fs, path = storage.arrow_filesystem(uri)
         with fs.open_input_file(path) as fh:
             pf = pq.ParquetFile(fh)
-            labelled = "label" in pf.schema_arrow.names  # downloads of older runs have no label column
+            # Downloads of older runs have no label or split column.
+            given = [c for c in ("label", "split") if c in pf.schema_arrow.names]
             for rg in range(pf.metadata.num_row_groups):
-                meta = pf.read_row_group(rg, columns=["path", "sha256", *(["label"] if labelled else [])], use_threads=False)
+                meta = pf.read_row_group(rg, columns=["path", "sha256", *given], use_threads=False)
                 units.append(Unit(uri, rg, start, meta.num_rows))
                 # Large strings: at 100M images the paths alone pass 2 GiB, a string array's limit.
                 paths.append(meta.column("path").combine_chunks().cast(pa.large_string()))
                 hashes.append(meta.column("sha256").combine_chunks().cast(pa.large_string()))
-                given = meta.column("label").combine_chunks() if labelled else pa.nulls(meta.num_rows)
-                labels.append(given.cast(pa.large_string()))
+                for name, into in (("label", labels), ("split", splits)):
+                    column = meta.column(name).combine_chunks() if name in given else pa.nulls(meta.num_rows)
+                    into.append(column.cast(pa.large_string()))
                 start += meta.num_rows
     empty = pa.array([], pa.large_string())
-    given = pa.concat_arrays(labels) if labels else empty
+
+    def any_given(arrays: list[pa.Array]) -> pa.Array | None:
+        joined = pa.concat_arrays(arrays) if arrays else empty
+        return joined if joined.null_count < len(joined) else None
+
     return Index(
         units,
         pa.concat_arrays(paths) if paths else empty,
         pa.concat_arrays(hashes) if hashes else empty,
-        given if given.null_count < len(given) else None,
+        any_given(labels),
+        any_given(splits),
     )
-
-
-def split_codes(labels: Sequence[int] | np.ndarray, fractions: Sequence[float], seed: int) -> np.ndarray:
-    """Assigns each item a split so every class follows ``fractions`` as closely as possible.
-
-    Per class, counts come from the largest-remainder method (so they sum exactly),
-    with at least one training item for any non-empty class; which items go where is
-    drawn from a generator seeded with ``seed``.
-
-    Args:
-        labels: Class index per item, in a deterministic item order.
-        fractions: One fraction per split in :data:`SPLITS`.
-        seed: Base seed.
-
-    Returns:
-        The split per item, as an index into :data:`SPLITS` (int8).
-    """
-    rng = np.random.default_rng([seed, 0x5EED, 1])
-    labels_arr = np.asarray(labels)
-    out = np.empty(len(labels_arr), dtype=np.int8)
-    for cls in np.unique(labels_arr):
-        idx = np.flatnonzero(labels_arr == cls)
-        n = len(idx)
-        exact = np.asarray(fractions, dtype=float) * n
-        counts = np.floor(exact).astype(int)
-        for j in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
-            counts[j] += 1
-        if counts[0] == 0 and n > 0:
-            counts[int(np.argmax(counts))] -= 1
-            counts[0] += 1
-        perm = rng.permutation(idx)
-        bounds = np.cumsum(counts)[:-1]
-        for code, part in enumerate(np.split(perm, bounds)):
-            out[part] = code
-    return out
-
-
-def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[str]:
-    """:func:`split_codes` as split names."""
-    return [SPLITS[c] for c in split_codes(labels, fractions, seed).tolist()]
 
 
 def shuffled_order(n: int, seed: int) -> np.ndarray:
@@ -198,20 +170,35 @@ def shuffled_order(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 0x5EED, 2]).permutation(n)
 
 
-def build_labeler(cfg: CleanConfig, index: Index) -> Labeler:
-    """The labeler the config asks for (``auto`` chooses from the index's paths), with ``label_overrides`` over it."""
+def build_labeler(cfg: CleanConfig, index: Index, sources: Sequence[dict[str, Any]] = ()) -> Labeler:
+    """The labeler the config asks for, with ``label_overrides`` over it.
+
+    ``sources`` are the download manifest's ``sources`` entries: the class list a source gives
+    (a ``ClassLabel``'s names) sets the class order of the ``given`` and ``auto`` schemes, and
+    the nested archives it lists let ``auto`` label their members by their class folder
+    (:class:`~imgpipe.data.labels.AutoLabeler`, which decides per image).
+    """
+    order = source_class_order(sources) if cfg.label_source in ("auto", "given") else ()
     if cfg.label_source == "csv":
         assert cfg.labels_csv is not None  # checked in CleanConfig
         base = Labeler("csv", read_label_csv(storage.read_bytes(cfg.labels_csv), f"labels_csv {storage.redact_uri(cfg.labels_csv)}"))
     elif cfg.label_source == "auto":
-        base = Labeler(choose_label_source(index.iter_paths(), given=index.labels is not None))
+        base = AutoLabeler(auto_layout(_given_pairs(index)), nested_prefixes(sources), order)
     else:
-        base = Labeler(cfg.label_source)
+        base = Labeler(cfg.label_source, class_order=order)
     if cfg.label_overrides:
         return OverriddenLabeler(
             base, read_label_csv(storage.read_bytes(cfg.label_overrides), f"label_overrides {storage.redact_uri(cfg.label_overrides)}")
         )
     return base
+
+
+def _given_pairs(index: Index) -> Iterator[tuple[str, str | None]]:
+    """Every row's path and the label its source gave it, a batch at a time."""
+    for lo in range(0, len(index.paths), _LABEL_BATCH):
+        paths = index.paths.slice(lo, _LABEL_BATCH).to_pylist()
+        given = index.labels.slice(lo, _LABEL_BATCH).to_pylist() if index.labels is not None else [None] * len(paths)
+        yield from zip(paths, given)
 
 
 class OverriddenLabeler(Labeler):
@@ -223,7 +210,7 @@ class OverriddenLabeler(Labeler):
     """
 
     def __init__(self, base: Labeler, overrides: dict[str, str]) -> None:
-        super().__init__(base.source, base.csv_labels if base.source == "csv" else None)
+        super().__init__(base.source, base.csv_labels if base.source == "csv" else None, base.class_order)
         self.base, self.overrides = base, overrides
         self.applied: set[str] = set()
 
@@ -236,6 +223,17 @@ class OverriddenLabeler(Labeler):
 
     def describe_missing(self, path: str) -> str:
         return self.base.describe_missing(path)
+
+    @property
+    def folds_case(self) -> bool:
+        return self.base.folds_case
+
+    @property
+    def resolved(self) -> str:
+        return self.base.resolved
+
+    def auto_counts(self) -> dict[str, int] | None:
+        return self.base.auto_counts()
 
     def report(self) -> dict[str, Any]:
         """What the manifest records: how many overrides applied, and those that matched no image."""
@@ -301,14 +299,15 @@ def plan_rows(index: Index, labeler: Labeler, cfg: CleanConfig, known: pa.Table 
         cfg: The clean config (split fractions, seed).
         known: ``sha256`` and ``split`` of a previous output's rows: a candidate found there
             keeps its split and is carried instead of decoded.
-        official: Image stem -> ``trainval``/``test`` (``split_from: annotations``).
+        official: Image stem -> ``trainval``/``test`` (``split_from: annotations``). Without it,
+            ``split_from: source`` keeps the split the source gives (:mod:`imgpipe.clean.splits`).
     """
     n = len(index)
     deferred: dict[int, Reject] = {}
     by_path = pc.sort_indices(index.paths).to_numpy().astype(np.int64)
     name_codes, names = _label_rows(index, by_path, labeler, deferred)
     candidates = _first_of_each_hash(index, by_path[name_codes[by_path] >= 0], deferred)
-    classes = encode_labels(names[c] for c in np.unique(name_codes[candidates]).tolist())
+    classes = encode_labels((names[c] for c in np.unique(name_codes[candidates]).tolist()), labeler.class_order, fold_case=labeler.folds_case)
     to_label = np.array([classes.index(name) if name in classes else -1 for name in names] or [0], dtype=np.int32)
     label_ids = to_label[name_codes[candidates]]
     carried = np.zeros(len(candidates), dtype=bool)
@@ -319,8 +318,14 @@ def plan_rows(index: Index, labeler: Labeler, cfg: CleanConfig, known: pa.Table 
         carried = at >= 0
         known_codes = np.array([SPLITS.index(s) for s in known.column("split").to_pylist()], dtype=np.int8)
         splits[carried] = known_codes[at[carried]]
+    source_facts = None
     if official:
         splits[~carried] = _official_codes(index, candidates[~carried], label_ids[~carried], official, cfg)
+    elif cfg.split_from == "source":
+        fresh = candidates[~carried]
+        given = index.splits.take(pa.array(fresh)).to_pylist() if index.splits is not None else [None] * len(fresh)
+        codes = given_codes(index.paths.take(pa.array(fresh)).to_pylist(), given)
+        splits[~carried], source_facts = source_codes(codes, label_ids[~carried], classes, cfg.split, cfg.seed)
     else:
         splits[~carried] = split_codes(label_ids[~carried], cfg.split, cfg.seed)
     plan = Plan(
@@ -330,6 +335,8 @@ def plan_rows(index: Index, labeler: Labeler, cfg: CleanConfig, known: pa.Table 
         split=np.full(n, -1, dtype=np.int8),
         carried=np.zeros(n, dtype=bool),
         deferred=deferred,
+        source_split=source_facts,
+        pinned=len(labeler.class_order),
     )
     plan.order[candidates] = shuffled_order(len(candidates), cfg.seed)
     plan.label[candidates] = label_ids

@@ -126,6 +126,8 @@ class Member:
         opener: Opens the member's data for reading; ``None`` for flagged members.
         label: The class its source gave it (a URI list's, a WebDataset sample's, a nested
             archive's name), or ``None`` where the class comes from the path.
+        split: The split its source put it in (``train``, ``val`` or ``test``: a Hugging Face
+            dataset's split file or ``split`` column), or ``None`` where the source has none.
         etag: The object's change token where the source is a listing, else ``None``.
     """
 
@@ -135,6 +137,7 @@ class Member:
     detail: str = ""
     opener: Callable[[], IO[bytes]] | None = field(default=None, repr=False, compare=False)
     label: str | None = None
+    split: str | None = None
     etag: str | None = None
 
     @property

@@ -33,12 +33,24 @@ __all__ = [
     "thumbnail",
     "to_8bit",
     "flatten_alpha",
+    "NORMALIZATION",
 ]
 
 # The largest image (width x height) decoded unless told otherwise: PIL's own default
 # MAX_IMAGE_PIXELS, a 1024 MiB 24-bit image (CleanConfig.max_pixels, ResizeSpec.max_pixels).
 MAX_PIXELS = 89_478_485
 
+
+# What validate_and_normalize makes of every image, as a model card's `input` records it
+# (imgpipe.train.export): what a caller must do to a picture before the card's resize and crop.
+NORMALIZATION = {
+    "exif_orientation": "applied",
+    "mode_normalization": {
+        "alpha": "composited on white (LA, RGBA, palette with transparency)",
+        "high_bit_depth": "16/32-bit scaled to 8-bit by the container's range, not clipped",
+        "other_modes": "CMYK, palette, 1-bit, YCbCr and the rest converted to the input's mode",
+    },
+}
 
 # Modes that to_8bit maps to L, and modes whose alpha flatten_alpha composites away.
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")

@@ -5,7 +5,9 @@
 
 Every shard has :data:`SHARD_SCHEMA`. ``label`` is the class a source gave the member (a
 URI list's label, a WebDataset sample's class, a Hugging Face ``ClassLabel``), null where
-the class comes from the path; ``etag`` is the object's change token where the source
+the class comes from the path; ``split`` the split a source put it in (a Hugging Face
+dataset's ``train``/``val``/``test`` files or ``split`` column), null where it has none
+(outputs of older runs lack the column: read it as null); ``etag`` is the object's change token where the source
 was a listing (a bucket prefix, a URI list), null otherwise.
 """
 
@@ -35,6 +37,7 @@ SHARD_SCHEMA = pa.schema(
         pa.field("size", pa.int64(), nullable=False),
         pa.field("sha256", pa.string(), nullable=False),
         pa.field("label", pa.string(), nullable=True),
+        pa.field("split", pa.string(), nullable=True),
         pa.field("etag", pa.string(), nullable=True),
     ]
 )
@@ -46,6 +49,7 @@ class Row(NamedTuple):
     path: str
     data: bytes
     label: str | None
+    split: str | None
     etag: str | None
 
 
@@ -58,6 +62,7 @@ def shard_table(rows: Sequence[Row]) -> pa.Table:
             "size": [len(r.data) for r in rows],
             "sha256": [hashlib.sha256(r.data).hexdigest() for r in rows],
             "label": [r.label for r in rows],
+            "split": [r.split for r in rows],
             "etag": [r.etag for r in rows],
         },
         schema=SHARD_SCHEMA,
@@ -92,8 +97,8 @@ class ShardWriter:
         self.shards = 0
 
     def add(self, member: Member, data: bytes) -> None:
-        """Queues one member's row (its path, label and change token with ``data``)."""
-        self._rows.append(Row(member.path, data, member.label, member.etag))
+        """Queues one member's row (its path, label, split and change token with ``data``)."""
+        self._rows.append(Row(member.path, data, member.label, member.split, member.etag))
         self._group_bytes += len(data)
         # Header and path count too: a million empty members must still cut shards.
         self._shard_bytes += member.header_bytes + len(data)

@@ -25,6 +25,7 @@ from imgpipe.data.sharding import Shard
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
 from imgpipe.kfp.local_containers import docker_runner_for, engine_for
 from imgpipe.kfp.local_s3 import local_s3_server
+from imgpipe.kfp.progress import step_progress
 from imgpipe.kfp.shards import SHARDS_DIR
 from imgpipe.registry import STEPS
 
@@ -237,8 +238,16 @@ def _allow_local_files(*uris: str) -> Iterator[None]:
 
 
 def run_pipeline(
-    workdir: Path, arguments: dict[str, Any], runner: Any = None, *, sweep: bool = False, audit: bool = False, shards: int = 1
+    workdir: Path,
+    arguments: dict[str, Any],
+    runner: Any = None,
+    *,
+    sweep: bool = False,
+    audit: bool = False,
+    shards: int = 1,
+    log: Path | None = None,
 ) -> dict[str, Any]:
+    """Runs one of the pipelines through kfp.local; with ``log``, kfp's output goes there and the terminal gets a line per step."""
     from kfp import local
 
     from imgpipe.kfp.package import import_pipelines
@@ -258,7 +267,7 @@ def run_pipeline(
         pipeline = pipelines.build_audit_pipeline(pipelines.AuditOptions(pipeline=options))
     else:
         pipeline = pipelines.build_pipeline(options)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), step_progress(log) if log is not None else contextlib.nullcontext():
         # The images are not Python images to kfp's eye, and resources/GPU are Kubernetes-only.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
@@ -300,8 +309,11 @@ def start_run(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, a
     return data_root, own_store, runner
 
 
-def run_local(cfg: LocalRunConfig) -> LocalRunResult:
+def run_local(cfg: LocalRunConfig, *, verbose: bool = False) -> LocalRunResult:
     """Runs the pipeline through ``kfp.local`` (see the module docstring); returns where things are.
+
+    Unless ``verbose``, kfp's own output (each task's executor input and log) goes to
+    ``workdir/logs/run-<time>.log`` and the terminal gets one line per step.
 
     Raises:
         RuntimeError: If a step fails (kfp.local raises) or the local S3 server cannot start.
@@ -311,7 +323,8 @@ def run_local(cfg: LocalRunConfig) -> LocalRunResult:
     arguments = cfg.pipeline_arguments()
     with contextlib.ExitStack() as stack:
         data_root, own_store, runner = start_run(cfg, stack, workdir, arguments)
-        outputs = run_pipeline(workdir, arguments, runner, shards=cfg.shards)
+        log = None if verbose else workdir / "logs" / time.strftime("run-%Y%m%d-%H%M%S.log")
+        outputs = run_pipeline(workdir, arguments, runner, shards=cfg.shards, log=log)
         train_prefix = outputs["model"].metadata["prefix"]
         run_id = train_prefix.rstrip("/").split("/")[-2]
         prefixes = {step: storage.join(data_root, "runs", run_id, step) for step in STEPS}

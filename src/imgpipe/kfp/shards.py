@@ -111,7 +111,7 @@ def prepare_shard(
     previous = ka.resolve_previous(data_root, previous_run_prefix, policy)
     images = fetch(source_uri, source_sha256, "download", _previous_download(previous, shard, policy), shard)
     cfg = clean_config(data_root, step_config, policy=policy, annotations=annotations, previous=previous, **named)
-    return clean(images, shard_prefix(data_root, run_id, shard, "clean"), cfg)
+    return clean(images, shard_prefix(data_root, run_id, shard, "clean"), cfg, whole=False)
 
 
 def merge_shards(

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from imgpipe.report import html as htmlpage
+from imgpipe.train.recipes import BASE, without_effect
 
 __all__ = ["curves_png", "sweep_curves_png", "confusion_matrix_png", "augmentations_png", "gallery_png", "html_report"]
 
@@ -159,7 +160,9 @@ def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: 
     recipe = metrics.get("recipe")
     if recipe:
         set_by = {**{k: f"{v} (recipe)" for k, v in recipe["from_recipe"].items()}, **{k: f"{v} (domain)" for k, v in recipe["from_domain"].items()}}
-        rows = [{"setting": k, "value": v} for k, v in set_by.items()]
+        resolved = {**recipe["from_recipe"], **recipe["from_domain"], **{k: v for k, v in (metrics.get("config") or {}).items() if k in BASE}}
+        inert = without_effect(resolved)
+        rows = [{"setting": k, "value": v} for k, v in set_by.items() if k not in inert]
         note = f"{recipe['recipe']} recipe: {recipe['reason']}; {recipe['domain']} domain" + (
             f"; set explicitly, so kept: {', '.join(recipe['explicit'])}" if recipe["explicit"] else ""
         )

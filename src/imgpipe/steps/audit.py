@@ -172,10 +172,10 @@ def make_folds(data: str, dest_root: str, cfg: AuditConfig | None = None) -> lis
     for split in ("val", "test"):
         modes[split] = modes.get("train", extra.get("mode"))  # the rows are stored as train stored them
     extra.update(split_modes=modes, splits=["train", "val", "test"], audit={"source": data, "folds": cfg.folds, "seed": cfg.seed, "groups": grouping})
-    labels_json = storage.join(data, contract.LABELS)
+    labels_json = contract.side_file(data, contract.LABELS)
     for i, w in enumerate(writers):
         held = int((fold == i).sum())
-        if storage.exists(labels_json):
+        if labels_json is not None:
             storage.write_bytes(w.uri(contract.LABELS), storage.read_bytes(labels_json))
         w.commit(
             inputs=len(labels), rejects=[], config=cfg, extra={**extra, "fold": i, "held_out": held}, upstream={"source": data, "step": "resize"}

@@ -36,6 +36,7 @@ from imgpipe.config import config_to_dict
 from imgpipe.contract import Reject, StepReport
 from imgpipe.data.annotations import HeadBox, image_stem, read_head_boxes, read_official_split
 from imgpipe.data.images import ImageRejected, open_image
+from imgpipe.outcome import check_clean
 from imgpipe.phases import PhaseLog
 from imgpipe.writer import OutputWriter
 
@@ -290,8 +291,9 @@ class _Tally:
 def _tally(settled: TaskResult, index: Index, plan: Plan) -> _Tally:
     """Counts the outcome of every row: rejects (decode failures first, then the plan's), kept rows by shard, split and class.
 
-    A class whose every image failed to decode is dropped from the label space; ``label_map``
-    re-indexes the planned labels to the kept classes (-1 for a dropped one).
+    A class whose every image failed to decode is dropped from the label space, unless it is
+    one of the source's own classes (``plan.pinned``: their indices stay the source's);
+    ``label_map`` re-indexes the planned labels to the kept classes (-1 for a dropped one).
     """
     rejects = [Reject(index.path(row), reason, detail) for row, (reason, detail) in settled.failures.items()]
     decoded = np.zeros(len(index), dtype=bool)
@@ -308,7 +310,7 @@ def _tally(settled: TaskResult, index: Index, plan: Plan) -> _Tally:
     )
     labels = set(np.unique(plan.label[kept_rows]).tolist())
     carried, boxed = int(plan.carried[kept_rows].sum()), int(settled.boxed.sum())
-    classes = [c for i, c in enumerate(plan.classes) if i in labels]
+    classes = [c for i, c in enumerate(plan.classes) if i in labels or i < plan.pinned]
     label_map = np.array([classes.index(c) if c in classes else -1 for c in plan.classes] or [0], dtype=np.int32)
     split_counts: Counter[str] = Counter()
     class_counts: Counter[str] = Counter()
@@ -330,13 +332,15 @@ def _tally(settled: TaskResult, index: Index, plan: Plan) -> _Tally:
     )
 
 
-def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
+def clean(source: str, dest: str, cfg: CleanConfig | None = None, *, whole: bool = True) -> StepReport:
     """Runs the clean step from a committed download output to a committed clean output.
 
     Args:
         source: Prefix of a committed download output.
         dest: Output prefix; any previous output there is replaced.
         cfg: Step settings; defaults when omitted.
+        whole: Whether ``source`` is the whole dataset. One shard's share (a sharded run)
+            may keep no image of a class, or nothing at all: the merge checks the whole.
 
     Returns:
         The step report (also written as ``manifest.json``).
@@ -344,6 +348,8 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     Raises:
         UncommittedOutputError: If ``source`` is not a committed output.
         ValueError: If ``source`` is not a download output, or the config is unusable.
+        DegenerateOutput: If the committed output kept no image, or left a class or a split
+            below its minimum (``min_images_per_class``, ``min_images_per_split``).
     """
     cfg = cfg or CleanConfig()
     phases = PhaseLog("clean")
@@ -352,11 +358,14 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
     contract.check_disjoint(dest, inputs, "clean")
     manifest = contract.read_manifest(source, expect_step="download")
     index = read_index(contract.data_files(source, manifest))
-    labeler = build_labeler(cfg, index)
+    labeler = build_labeler(cfg, index, (manifest.get("extra") or {}).get("sources") or [])
     known_files, known = _read_known(cfg.skip_hashes_from, cfg) if cfg.skip_hashes_from else ([], None)
     official = read_official_split(cfg.annotations) if cfg.split_from == "annotations" and cfg.annotations else None
     plan = plan_rows(index, labeler, cfg, known, official)
     known_rows = known.num_rows if known is not None else 0
+    source_split = plan.source_split
+    for split, lacking in ((source_split or {}).get("missing_classes") or {}).items():
+        log.warning("the source's %s split has no image of %d class(es): %s", split, len(lacking), ", ".join(lacking[:10]))
     phases.done("plan", rows=len(index), classes=len(plan.classes), planned=plan.planned, known=known_rows)
     boxes, bad_boxes = read_head_boxes(cfg.annotations) if cfg.annotations else ({}, {})
     pool = decode_pool(cfg.workers or resources.available_cpus(), resources.usable_memory())
@@ -411,8 +420,14 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         rejects=tally.rejects,
         config=cfg,
         extra={
-            "label_source": labeler.source,
+            "label_source": labeler.resolved,
+            # label_source auto decides per image: how many each scheme labelled (None for a fixed scheme).
+            "label_auto": labeler.auto_counts(),
+            # How the class indices were ordered: the source's own list (kept whole), and whether
+            # the other names sort case-insensitively (Oxford breeds); the merge of shards reuses it.
+            "class_order": {"source": list(labeler.class_order) or None, "fold_case": labeler.folds_case},
             "split_from": cfg.split_from,
+            "source_split": source_split,
             "label_overrides": labeler.report() if isinstance(labeler, OverriddenLabeler) else None,
             "classes": classes,
             "num_classes": len(classes),
@@ -446,4 +461,6 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None) -> StepReport:
         },
     )
     phases.done("commit", outputs=report.outputs, rejected=report.rejected, files=len(report.files))
+    if whole:
+        check_clean(report, min_images_per_class=cfg.min_images_per_class, min_images_per_split=cfg.min_images_per_split, fractions=cfg.split)
     return report

@@ -7,9 +7,11 @@ How it works in detail: docs/internals.md, "imgpipe.steps.download".
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,12 @@ from imgpipe.data.readers.archives import DirectoryReader
 from imgpipe.data.readers.base import Reader, ReaderSettings
 from imgpipe.data.readers.factory import is_prefix, open_source
 from imgpipe.data.readers.urilist import UriListReader
-from imgpipe.data.readers.webdataset import expand_braces
+from imgpipe.data.readers.webdataset import expand_braces, parse_label_key
 from imgpipe.data.sharding import Shard
 from imgpipe.data.shards import SHARD_SCHEMA, ShardWriter
 from imgpipe.data.sources import SourcePolicy
 from imgpipe.data.transport import HttpSettings
+from imgpipe.outcome import check_download
 from imgpipe.phases import PhaseLog
 from imgpipe.writer import OutputWriter
 
@@ -101,6 +104,16 @@ class DownloadConfig:
         backoff_s: First HTTP retry delay; it doubles on each consecutive failure.
         fetch_workers: Objects of a bucket prefix or URI list fetched at once (memory holds
             at most twice as many fetched objects).
+        label_key: Where a WebDataset sample's class is. Empty: its ``.cls`` (an integer index),
+            else a ``.json``'s ``label``/``class``/``cls``; a caption ``.txt`` never by default.
+            A part (``txt``, ``caption.txt``) takes that part's text as the class; ``PART:KEY``
+            (``json:category``) a key of a JSON part.
+        class_names: Names of a WebDataset's integer classes, by index (``.cls`` 0 is the first);
+            the class order clean keeps. Empty: the integer is the name.
+        image_column: The image column of a Hugging Face dataset (Parquet or ``save_to_disk``);
+            unset: ``image``, else ``img``. An ``Image`` feature or a binary column.
+        label_column: Its label column (a ``ClassLabel`` or a string); unset: ``label``,
+            ``labels``, else ``fine_label``.
     """
 
     sha256: tuple[str, ...] = ()
@@ -116,6 +129,10 @@ class DownloadConfig:
     write_workers: int = 4
     backoff_s: float = 1.0
     fetch_workers: int = 16
+    label_key: str = ""
+    class_names: tuple[str, ...] = ()
+    image_column: str | None = None
+    label_column: str | None = None
 
     def caps(self) -> Caps:
         """The limits on what all sources together may bring."""
@@ -127,6 +144,8 @@ class DownloadConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha256", _normalize_digests(self.sha256))
+        parse_label_key(self.label_key)
+        object.__setattr__(self, "class_names", _normalize_names(self.class_names))
         check_range("max_member_bytes", self.max_member_bytes, 1, _MAX_BINARY_BYTES, integer=True)
         check_range("max_total_bytes", self.max_total_bytes, 1, integer=True)
         check_range("max_members", self.max_members, 1, integer=True)
@@ -158,6 +177,19 @@ def _normalize_digests(value: Any) -> tuple[str, ...]:
             )
         digests.append(digest)
     return tuple(digests)
+
+
+def _normalize_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"class_names must be a list of class names, by index; got {type(value).__name__}")
+    names = tuple(n.strip() if isinstance(n, str) else n for n in value)
+    bad = [i for i, n in enumerate(names) if not isinstance(n, str) or not n or "\n" in n]
+    if bad:
+        raise ValueError(f"class_names[{bad[0]}]={names[bad[0]]!r} is not a class name (a non-empty one-line string)")
+    repeated = sorted(n for n, k in Counter(names).items() if k > 1)
+    if repeated:
+        raise ValueError(f"class_names lists {', '.join(map(repr, repeated[:5]))} more than once; each index needs its own name")
+    return names
 
 
 # --------------------------------------------------------------------------- sources
@@ -313,6 +345,8 @@ def download(
         policy.check_source(item.uri, pinned=item.sha256 is not None)
     carry = PreviousDownload(previous) if previous else None
     settings = ReaderSettings(cfg.max_member_bytes, cfg.fetch_workers, cfg.http(), policy, carry, shard)
+    settings = dataclasses.replace(settings, image_column=cfg.image_column, label_column=cfg.label_column)
+    settings = dataclasses.replace(settings, label_key=cfg.label_key, class_names=cfg.class_names)
     phases = PhaseLog(STEP)
     with tempfile.TemporaryDirectory(prefix="imgpipe-download-") as spool_dir:
         readers = []
@@ -350,4 +384,6 @@ def download(
         upstream={"sources": [storage.redact_uri(u) for u in uris], **({"previous": carry.prefix} if carry else {})},
     )
     phases.done("commit", outputs=report.outputs, rejected=report.rejected, files=len(report.files))
+    if shard is None:  # one shard of a listing may hold nothing; the merge checks the whole
+        check_download(report)
     return report

@@ -5,14 +5,15 @@
 Each shard (:mod:`imgpipe.data.sharding`) was downloaded and cleaned in its own pod, so what
 needs every image at once is settled here, from metadata first and then in one streaming pass:
 
-* labels: the union of the shards' classes, encoded as clean encodes them;
+* labels: the union of the shards' classes, encoded as clean encodes them (the source's own
+  class list first and whole, from the shards' ``class_order``);
 * exact duplicates across shards (same sha256): the copy in the lowest shard is kept, the
   others are ``duplicate`` rejects, as within a shard;
 * near-duplicates across shards (pHash within ``near_duplicate_distance``, mirrored too):
   rejected or grouped as ``near_duplicates`` says, as within a shard;
-* the stratified split over all kept images (split_from ``random`` without a previous run:
-  a carried image keeps its split, and an official split is the release's, so then each
-  shard's split stands), near-duplicate groups kept in one split;
+* the stratified split over all kept images (split_from ``random``, or ``source`` where the
+  source gave none, without a previous run: a carried image keeps its split, and an official
+  or source split is the release's, so then each shard's split stands), near-duplicate groups kept in one split;
 * the shuffled ``order``: a seeded uniform interleaving of the shards' shuffled rows, which is
   itself a uniform shuffle of all rows.
 
@@ -37,11 +38,12 @@ from imgpipe import contract, storage
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.decode import output_schema
 from imgpipe.clean.neardup import group_representatives, hamming
-from imgpipe.clean.plan import split_codes
 from imgpipe.clean.review import NEAR_DUPLICATE, REPORTED
+from imgpipe.clean.splits import split_codes
 from imgpipe.config import config_to_dict
 from imgpipe.contract import Reject, StepReport
-from imgpipe.data.labels import encode_labels
+from imgpipe.data.labels import encode_labels, merge_class_orders
+from imgpipe.outcome import check_clean
 from imgpipe.phases import PhaseLog
 from imgpipe.writer import OutputWriter
 
@@ -234,7 +236,11 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
     phases.done("read", shards=len(parts), rows=sum(s.rows for s in parts))
 
     # Every kept row of every shard, shard after shard, in each shard's order.
-    classes = encode_labels(c for s in parts for c in s.classes)
+    orders = [(s.manifest.get("extra") or {}).get("class_order") or {} for s in parts]
+    # A shard cleaned before class_order was recorded sorted its classes case-insensitively.
+    source_order = merge_class_orders(o.get("source") for o in orders)
+    fold_case = all(o.get("fold_case", True) for o in orders)
+    classes = encode_labels((c for s in parts for c in s.classes), source_order, fold_case=fold_case)
     lookup = {c: i for i, c in enumerate(classes)}
     start = np.cumsum([0] + [s.rows for s in parts])
     keys = np.concatenate([s.keys for s in parts]) if parts else np.zeros(0, f"S{_KEY_HEX}")
@@ -280,7 +286,9 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
     merged = np.empty(len(seq), np.int64)
     for k in range(len(parts)):
         merged[seq == k] = np.flatnonzero((shard_of == k) & ~dropped)
-    global_split = cfg.split_from == "random" and not cfg.skip_hashes_from
+    # A split the source gave (split_from source, in any shard) stands, as an official one does.
+    source_given = any(((s.manifest.get("extra") or {}).get("source_split") or {}).get("used") for s in parts)
+    global_split = not cfg.skip_hashes_from and (cfg.split_from == "random" or (cfg.split_from == "source" and not source_given))
     if global_split:
         split[merged] = split_codes(label[merged], cfg.split, cfg.seed)
     if cfg.near_duplicates == "group" and len(members):
@@ -344,6 +352,7 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
         upstream={"shards": prefixes, "step": "clean", "outputs": sum(s.rows for s in parts)},
     )
     phases.done("commit", outputs=report.outputs, rejected=report.rejected, files=len(report.files))
+    check_clean(report, min_images_per_class=cfg.min_images_per_class, min_images_per_split=cfg.min_images_per_split, fractions=cfg.split)
     return report
 
 
@@ -420,7 +429,12 @@ def _summary(
         for g, lead, b in list(zip(members.tolist(), leads.tolist(), bits.tolist()))[:REPORTED]:
             merge_pairs.append([_name(named, lead, shard_of, start), _name(named, g, shard_of, start), b])
     return {
-        "label_source": extras[0].get("label_source") if extras else None,
+        "label_source": _label_source(extras),
+        "label_auto": _sum_counts(e.get("label_auto") for e in extras),
+        "class_order": {
+            "source": list(merge_class_orders((e.get("class_order") or {}).get("source") for e in extras)) or None,
+            "fold_case": all((e.get("class_order") or {}).get("fold_case", True) for e in extras),
+        },
         "split_from": cfg.split_from,
         "classes": classes,
         "num_classes": len(classes),
@@ -446,3 +460,20 @@ def _summary(
             "split": "stratified over all shards" if global_split else "each shard's (carried or official splits are kept)",
         },
     }
+
+
+def _label_source(extras: Sequence[dict[str, Any]]) -> str | None:
+    """The shards' ``label_source``: theirs when they agree, else ``auto`` (each shard's ``auto`` chose for its own images)."""
+    found = {e.get("label_source") for e in extras if e.get("label_source")}
+    return found.pop() if len(found) == 1 else ("auto" if found else None)
+
+
+def _sum_counts(counts: Iterator[dict[str, int] | None]) -> dict[str, int] | None:
+    """The shards' ``label_auto`` counts added up; ``None`` when no shard ran ``auto``."""
+    total: Counter[str] = Counter()
+    seen = False
+    for c in counts:
+        if c:
+            seen = True
+            total.update({k: int(v) for k, v in c.items()})
+    return dict(total) if seen else None

@@ -7,7 +7,10 @@ with every member checked as usual). It preprocesses from ``model.json`` alone
 (:mod:`imgpipe.train.card`) exactly as the train step's evaluation does: images cut at the
 model's size by resize are used as stored (their evaluation view is the identity); whole
 pictures (resize mode ``whole``, clean and download outputs, folders) get the shorter
-side scaled to ``input.resize_short_side`` and the centre crop.
+side scaled to ``input.resize_short_side`` and the centre crop. Raw images (download
+outputs, folders, archives) first get clean's own decode
+(:func:`imgpipe.data.images.validate_and_normalize`: EXIF orientation, grey, CMYK,
+palette, 16-bit and alpha made the model's mode), as the model's training images did.
 
 Work: one Ray task per input row group on an actor pool (``actors``, default one per
 cluster CPU; each actor holds one onnxruntime session with ``threads`` intra-op threads).
@@ -38,12 +41,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgpipe import contract, parquet, storage
+from imgpipe.clean.config import CleanConfig
 from imgpipe.contract import Reject, StepReport
 from imgpipe.data.formats import DEFAULT_FORMATS
-from imgpipe.data.images import MAX_PIXELS, ImageRejected, open_image
+from imgpipe.data.images import MAX_PIXELS, ImageRejected, NormalizedImage, validate_and_normalize
 from imgpipe.raysession import ray_session
 from imgpipe.resize.spec import ResizeError
 from imgpipe.train.card import (
+    check_view,
     eval_view,
     preprocessing_mismatch,
     preprocessing_of,
@@ -228,14 +233,24 @@ def _row_groups(files: Sequence[str]) -> list[dict[str, Any]]:
 # The actors' side.
 
 
-def _decode(data: bytes, channels: int) -> np.ndarray:
-    """Encoded image bytes as ``H x W x C`` uint8 in the model's mode (RGB or L).
+def _normalized(data: bytes, channels: int) -> NormalizedImage:
+    """Encoded image bytes as clean stores them, in the model's mode (RGB or L); any side is accepted.
 
-    Through the one decode gate (:func:`imgpipe.data.images.open_image`): a signature of
-    clean's default formats, the pixel count checked from the header, before any decoder.
+    Clean's own :func:`imgpipe.data.images.validate_and_normalize`, through the one decode gate.
+
+    Raises:
+        ImageRejected: With clean's reason, for an image that cannot be made valid.
     """
-    with open_image(data, formats=DEFAULT_FORMATS, max_pixels=MAX_PIXELS) as img:
-        return np.asarray(img.convert("L" if channels == 1 else "RGB")).reshape(img.height, img.width, channels)
+    return validate_and_normalize(
+        data, grayscale=channels == 1, max_pixels=MAX_PIXELS, min_side=1, jpeg_quality=CleanConfig.jpeg_quality, formats=DEFAULT_FORMATS
+    )
+
+
+def _decode(data: bytes, channels: int) -> np.ndarray:
+    """Encoded image bytes as ``H x W x C`` uint8 in the model's mode (:func:`_normalized`)."""
+    img = _normalized(data, channels).pixels
+    assert img is not None  # validate_and_normalize always returns the decoded image
+    return np.asarray(img).reshape(img.height, img.width, channels)
 
 
 class _Predictor:
@@ -267,15 +282,20 @@ class _Predictor:
         return [*base, "label", "split", "height", "width", "channels"]
 
     def _image(self, row: Mapping[str, Any], table_kind: str) -> np.ndarray:
-        """A row's evaluation view (see the module docstring)."""
+        """A row's evaluation view (see the module docstring), checked against the card; else ImageRejected."""
         if self.kind in ("download", "clean"):
-            return self._prepared(row["bytes"] if self.kind == "download" else row["image"]["bytes"], row.get("bbox"))
-        if table_kind == "raw":
-            img = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], row["channels"])
+            view = self._prepared(row["bytes"] if self.kind == "download" else row["image"]["bytes"], row.get("bbox"))
         else:
-            img = _decode(row["image"]["bytes"], self.channels)
-        # Stored at the model's size (short-side-crop, fixed, pad): used as stored; whole: the view.
-        return eval_view(img, self.size, self.short if row["split"] in self.whole else self.size)
+            if table_kind == "raw":
+                img = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], row["channels"])
+            else:
+                img = _decode(row["image"]["bytes"], self.channels)
+            # Stored at the model's size (short-side-crop, fixed, pad): used as stored; whole: the view.
+            view = eval_view(img, self.size, self.short if row["split"] in self.whole else self.size)
+        try:
+            return check_view(view, self.card)
+        except ValueError as exc:  # caught here, so one such image never reaches the batch
+            raise ImageRejected("wrong_shape", str(exc)) from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         (item,) = (json.loads(x) for x in batch["item"])
@@ -313,6 +333,8 @@ class _Predictor:
         )
 
         assert self.prepare is not None  # _check_preprocessing refused the input otherwise
+        if self.kind == "download":  # raw bytes: what clean made of the training images first
+            data = _normalized(data, self.channels).data
         try:
             arr = resize_image(data, self.prepare, list(bbox) if bbox is not None else None)
         except ResizeError as exc:

@@ -404,8 +404,8 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepRepor
         raise RuntimeError(f"resize: {results.tasks} of {len(tasks)} tasks reported back; refusing to commit {out.dest}")
     counts = {"rows": results.seen, "rejected": len(results.rejects), "tasks": results.tasks, "files": len(out.files)}
     phases.done(executor, **counts, ray_nodes=len(results.node_rows))
-    labels_uri = storage.join(source, LABELS_FILE)
-    if storage.exists(labels_uri):
+    labels_uri = contract.side_file(source, LABELS_FILE)
+    if labels_uri is not None:
         storage.write_bytes(out.uri(LABELS_FILE), storage.read_bytes(labels_uri))
     written = dict(sorted(results.splits.items()))
     statistics = _statistics(results.statistics, cfg, upstream_extra.get("classes") or [])

@@ -30,6 +30,7 @@ from typing import IO, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 __all__ = [
+    "explain",
     "ObjectInfo",
     "S3Options",
     "Settings",
@@ -258,6 +259,13 @@ def fork_safe(uris: Iterable[str]) -> bool:
 def segments(uri: str) -> list[str]:
     """The location of ``uri`` as segments, root first: ``s3://b/a/c`` is ``[b, a, c]``, ``/x/y`` ``[x, y]``."""
     return get_backend(uri).segments(normalize_uri(uri))
+
+
+def explain(exc: BaseException) -> str | None:
+    """One line a user can act on for a store's own failure (a missing bucket, an endpoint down, access denied), else ``None``."""
+    from imgpipe.storage.s3 import explain as explain_s3
+
+    return explain_s3(exc)
 
 
 def get_backend(uri: str) -> Backend:

@@ -342,3 +342,34 @@ def boto3_credentials() -> Any:
     import boto3
 
     return boto3.session.Session().get_credentials()
+
+
+_NOT_ALLOWED = {*_DENIED, "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+_CHECK_ENDPOINT = "the endpoint (--s3-endpoint or AWS_ENDPOINT_URL)"
+_CHECK_KEYS = "the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; in a pod, the secret the pipeline mounts) and the bucket's policy"
+
+
+def explain(exc: BaseException) -> str | None:
+    """One line a user can act on for a botocore failure, else ``None``.
+
+    A missing bucket, a store that does not answer and access denied each name the setting to check.
+    """
+    if not type(exc).__module__.startswith("botocore"):
+        return None
+    from botocore import exceptions as bx
+
+    where = endpoint_url() or "the default AWS endpoint"
+    if isinstance(exc, bx.ClientError):
+        code, error = _error_code(exc), exc.response.get("Error", {})
+        bucket = error.get("BucketName") or ""
+        what = f"bucket {bucket!r}" if bucket else "the bucket"
+        if code == "NoSuchBucket":
+            return f"{what} does not exist on {where} ({exc.operation_name}): create it, or check the URI's bucket name and {_CHECK_ENDPOINT}"
+        if code in _NOT_ALLOWED:
+            return f"access denied on {where} ({code} in {exc.operation_name}): check {_CHECK_KEYS}"
+        return f"the object store at {where} refused {exc.operation_name}: {code} {error.get('Message', '')}".rstrip()
+    if isinstance(exc, bx.NoCredentialsError):
+        return f"no credentials for the object store at {where}: set {_CHECK_KEYS.split(' and the')[0]}"
+    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError, bx.ConnectionClosedError)):
+        return f"the object store at {where} does not answer ({type(exc).__name__}): is it running, and is {_CHECK_ENDPOINT} right?"
+    return f"the object store at {where} failed: {exc}"

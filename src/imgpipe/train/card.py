@@ -27,6 +27,7 @@ __all__ = [
     "OUTPUT_NAME",
     "read_card",
     "eval_view",
+    "check_view",
     "to_input",
     "preprocessing_of",
     "preprocessing_spec",
@@ -91,11 +92,33 @@ def eval_view(image: np.ndarray, size: int, resize_to: int) -> np.ndarray:
     return image[top : top + size, left : left + size]
 
 
-def to_input(images: Sequence[np.ndarray], card: Mapping[str, Any]) -> np.ndarray:
-    """``N x C x size x size`` float32, scaled and normalized as ``card`` says, from evaluation views."""
+def check_view(image: np.ndarray, card: Mapping[str, Any]) -> np.ndarray:
+    """``image`` as a ``size x size x channels`` evaluation view of ``card``'s model (a 2-D grey view gets its axis).
+
+    Raises:
+        ValueError: If it has another size or channel count: the picture was not decoded
+            to the card's ``input.mode`` (``imgpipe.data.images.validate_and_normalize`` does).
+    """
     spec = card["input"]
-    channels = int(spec["channels"])
-    x = np.stack([np.asarray(img).reshape(img.shape[0], img.shape[1], -1)[..., :channels] for img in images]).astype(np.float32)
+    size, channels = int(spec["size"]), int(spec["channels"])
+    view = np.asarray(image)
+    view = view[:, :, None] if view.ndim == 2 else view
+    if view.shape != (size, size, channels):
+        raise ValueError(
+            f"the evaluation view is {'x'.join(map(str, view.shape))}, the model takes {size}x{size}x{channels}"
+            f" ({spec.get('mode', 'RGB' if channels == 3 else 'L')}): decode the picture to that mode first"
+        )
+    return view
+
+
+def to_input(images: Sequence[np.ndarray], card: Mapping[str, Any]) -> np.ndarray:
+    """``N x C x size x size`` float32, scaled and normalized as ``card`` says, from evaluation views.
+
+    Raises:
+        ValueError: If a view is not of the card's size and channels (:func:`check_view`).
+    """
+    spec = card["input"]
+    x = np.stack([check_view(img, card) for img in images]).astype(np.float32)
     mean = np.asarray(spec["mean"], np.float32).reshape(1, 1, 1, -1)
     std = np.asarray(spec["std"], np.float32).reshape(1, 1, 1, -1)
     return np.ascontiguousarray(((x * np.float32(spec["scale"]) - mean) / std).transpose(0, 3, 1, 2))

@@ -2,7 +2,8 @@
 
 ``model.json`` (:func:`model_card`) is the one description of a trained model that
 :mod:`imgpipe.steps.predict` and any serving stack need: the architecture, the input
-(side, the evaluation resize and centre crop, scale, mean and std, channels), the class
+(clean's decode: EXIF orientation applied and the mode normalized; side, the evaluation
+resize and centre crop, scale, mean and std, channels), the class
 names in output order, the recipe, the metrics and which weights were kept, and the
 digest of the data's manifest. Reading it back (no torch) is :mod:`imgpipe.train.card`.
 
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgpipe import __version__, contract, serving, storage
+from imgpipe import __version__, contract, serving
+from imgpipe.data.images import NORMALIZATION
 from imgpipe.resize.spec import CROP_FRACTION
 from imgpipe.train.card import CARD_FORMAT, INPUT_NAME, OUTPUT_NAME, preprocessing_of
 
@@ -126,7 +128,7 @@ def model_card(
         files: Export name (``onnx``, ``torchscript``, ``state_dict``) -> file, ``None`` when missing.
         failures: Export name -> why it is missing.
     """
-    manifest = storage.read_bytes(storage.join(data, contract.MANIFEST))
+    manifest = contract.read_side_file(data, contract.MANIFEST)
     preprocessing = preprocessing_of(json.loads(manifest))
     if preprocessing is not None:
         preprocessing = {**preprocessing, "channels": channels, "normalization": {"mean": list(mean), "std": list(std)}}
@@ -142,6 +144,8 @@ def model_card(
             "dtype": "float32",
             "channels": channels,
             "mode": "L" if channels == 1 else "RGB",
+            # clean's decode of every picture before the resize below: EXIF orientation and modes.
+            **copy.deepcopy(NORMALIZATION),
             "size": size,
             # The evaluation view of a picture: shorter side to size / crop fraction, then the centre size x size.
             "resize_short_side": round(size / CROP_FRACTION),

@@ -147,7 +147,7 @@ def read_split_labels(info: SplitInfo) -> np.ndarray:
 
 
 def read_labels(data: str, manifest: Mapping[str, Any] | None = None) -> list[str]:
-    """Class names by index, from ``labels.json`` (``{"0": name, ...}``) of a resize output.
+    """Class names by index, from ``__imgpipe__/labels.json`` (``{"0": name, ...}``) of a resize output.
 
     Falls back to the manifest's ``extra.classes`` when the file is absent.
 
@@ -155,8 +155,8 @@ def read_labels(data: str, manifest: Mapping[str, Any] | None = None) -> list[st
         ValueError: If neither names any class, or the indices are not 0..N-1.
     """
     data = storage.normalize_uri(data)
-    uri = storage.join(data, LABELS_FILE)
-    if storage.exists(uri):
+    uri = contract.side_file(data, LABELS_FILE)
+    if uri is not None:
         raw = json.loads(storage.read_bytes(uri))
         try:
             by_index = {int(k): str(v) for k, v in raw.items()}

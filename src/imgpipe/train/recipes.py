@@ -17,7 +17,7 @@ why, which field came from where) to ``metrics.json`` and the report.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
@@ -27,6 +27,7 @@ import numpy as np
 C = TypeVar("C")
 
 __all__ = [
+    "without_effect",
     "Recipe",
     "Domain",
     "RECIPES",
@@ -336,3 +337,35 @@ def tta_flip_dims(hflip: bool, vflip: bool) -> tuple[int, ...]:
     for text or medical images, where a mirror image is another image.
     """
     return (-1,) * hflip + (-2,) * vflip
+
+
+# Settings that change nothing unless another setting turns their part on.
+_AUGMENTS = ("hflip", "vflip", "rot90", "rotation", "color_jitter", "hue", "noise_p", "jpeg_p", "crop_scale", "policy_exclude", "policy_max_m")
+
+
+def without_effect(values: Mapping[str, Any]) -> set[str]:
+    """The settings among ``values`` (resolved, by :data:`BASE`'s names) that the others make inert.
+
+    RandAugment's N and M without the RandAugment policy, a policy's limits with none, MixUp's
+    probabilities with MixUp and CutMix off, hue without colour jitter, unfreezing stages without
+    a frozen start, every augmentation under policy ``none``. A report shows only what took effect.
+    """
+    policy = values.get("aug_policy")
+    inert: set[str] = set()
+    if policy is not None and policy != "randaugment":
+        inert |= {"randaugment_n", "randaugment_m"}
+    if policy in ("basic", "none"):
+        inert |= {"policy_exclude", "policy_max_m"}
+    if policy == "none":
+        inert |= set(_AUGMENTS)
+    mixup, cutmix = values.get("mixup"), values.get("cutmix")
+    if mixup is not None and cutmix is not None:
+        if not mixup and not cutmix:
+            inert |= {"mixup_prob", "mixup_switch_prob"}
+        elif not (mixup and cutmix):
+            inert.add("mixup_switch_prob")
+    if "color_jitter" in values and not values["color_jitter"]:
+        inert.add("hue")
+    if "freeze_fraction" in values and not values["freeze_fraction"]:
+        inert.add("unfreeze_stages")
+    return inert & set(values)

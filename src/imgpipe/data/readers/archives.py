@@ -5,8 +5,11 @@
 
 A member of an archive that is itself an archive (ImageNet's train archive is a tar of one tar
 per class) is opened in its turn, once: its members become members of the source, named
-``<inner archive name>/<member path>`` and labelled with the inner archive's name (without its
-extension). A third level is a ``nested_archive`` reject. Every member of either level counts
+``<inner archive path without its extension>/<member path>`` (``n01440764.tar`` ->
+``n01440764/1.JPEG``; ``B/x.tar`` -> ``B/x/1.png``, the folder kept) and labelled with the inner
+archive's name (without its extension). The manifest entry lists those member prefixes
+(``nested``), so clean's ``label_source: auto`` can give the members of an archive that sits in
+a class folder that folder's class instead. A third level is a ``nested_archive`` reject. Every member of either level counts
 against the step's caps (members, bytes, expansion of the outer archive), since the step sees
 them as members of this source.
 """
@@ -62,6 +65,7 @@ class ArchiveReader(Reader):
         self.sha256, self.bytes, self.final_uri = sha256, size, final_uri
         self.max_member_bytes = max_member_bytes
         self.streams_skipped = fmt.startswith("tar")
+        self.nested: set[str] = set()  # member prefixes of the nested archives opened
 
     def declared_members(self) -> int | None:
         return archive.declared_members(self.local, self.kind)
@@ -70,6 +74,8 @@ class ArchiveReader(Reader):
         entry = {"uri": self.uri, "format": self.kind, "sha256": self.sha256, "bytes": self.bytes}
         if self.final_uri is not None:
             entry["final_uri"] = self.final_uri
+        if self.nested:
+            entry["nested"] = sorted(self.nested)
         return entry
 
     def members(self) -> Iterator[Member]:
@@ -95,8 +101,10 @@ class ArchiveReader(Reader):
             except ValueError:  # named like an archive, but is not one: an ordinary member
                 yield Member(member.path, copied, opener=partial(open, spool, "rb"))
                 return
+            prefix = posixpath.join(posixpath.dirname(member.path), stem) + "/"
+            self.nested.add(prefix)
             for inner in archive.iter_archive(spool, fmt):
-                path = f"{stem}/{inner.path}"
+                path = f"{prefix}{inner.path}"
                 if inner.reason is not None:
                     yield Member(path, inner.size, inner.reason, inner.detail)
                 elif archive_stem(inner.path) is not None:

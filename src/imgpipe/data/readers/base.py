@@ -53,6 +53,12 @@ class ReaderSettings:
         policy: Where a listed URI may lead (a URI list's entries are run input).
         carry: The previous run's objects that need no fetching (incremental runs).
         shard: This pod's share of a listing (a sharded download); ``None``: all of it.
+        image_column: A Hugging Face dataset's image column; ``None``: ``image``, else ``img``.
+        label_column: A Hugging Face dataset's label column; ``None``: ``label``, ``labels``, else ``fine_label``.
+        label_key: Where a WebDataset sample's class is: empty for ``cls``, else a ``json``'s
+            ``label``/``class``/``cls``; a part (``txt``, ``caption.txt``), or ``PART:KEY`` for a
+            key of a JSON part (:mod:`imgpipe.data.readers.webdataset`).
+        class_names: The names of a WebDataset's integer classes, by index.
     """
 
     max_member_bytes: int = 256 << 20
@@ -61,6 +67,10 @@ class ReaderSettings:
     policy: SourcePolicy = field(default_factory=SourcePolicy.trusted)
     carry: Carry | None = None
     shard: Shard | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    label_key: str = ""
+    class_names: tuple[str, ...] = ()
 
     def keeps(self, key: str) -> bool:
         """Whether the listed input named ``key`` is this pod's to read (:meth:`Shard.owns`)."""

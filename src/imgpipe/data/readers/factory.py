@@ -4,9 +4,11 @@
 
 Decided from the URI, then from the content:
 
-* a URI ending in ``/``, or an ``s3://`` URI with no object at it but objects below it: a
-  prefix of loose objects (:class:`~imgpipe.data.readers.listing.PrefixReader`);
-* a local directory: every file below it (:class:`~imgpipe.data.readers.archives.DirectoryReader`);
+* a URI ending in ``/``, or an ``s3://`` URI with no object at it but objects below it, or a
+  local directory: a Hugging Face dataset where it holds Parquet shards or ``save_to_disk``'s
+  files (:class:`~imgpipe.data.readers.hffolder.HfFolderReader`), else a prefix of loose
+  objects (:class:`~imgpipe.data.readers.listing.PrefixReader`) or every file below the
+  directory (:class:`~imgpipe.data.readers.archives.DirectoryReader`); an empty one is refused;
 * anything else is made local (HTTP spooled with resumes, an object downloaded, a local
   file read in place), hashed and checked against its sha256 pin, then judged by its bytes:
   a tar or zip (WebDataset when its first members pair images with class parts, or when the
@@ -23,7 +25,8 @@ from imgpipe import storage
 from imgpipe.data import archive
 from imgpipe.data.readers.archives import ArchiveReader, DirectoryReader
 from imgpipe.data.readers.base import Reader, ReaderSettings
-from imgpipe.data.readers.hfparquet import HfParquetReader, is_parquet
+from imgpipe.data.readers.hffolder import HfFolderReader, sniff_folder
+from imgpipe.data.readers.hfparquet import HfParquetReader, ImageFiles, is_parquet
 from imgpipe.data.readers.listing import PrefixReader
 from imgpipe.data.readers.urilist import UriListReader, looks_like_uri_list
 from imgpipe.data.readers.webdataset import WebDatasetReader, looks_like_webdataset
@@ -35,7 +38,8 @@ __all__ = ["SUPPORTED", "is_prefix", "open_source"]
 SUPPORTED = (
     "a tar/tar.gz/tar.bz2/tar.xz/zip archive (nested archives one level deep), WebDataset shards "
     "(brace patterns like shards-{000..099}.tar), a Hugging Face Parquet file, a CSV or JSON Lines list "
-    "of uri,label, a local directory, or a bucket prefix of loose images (s3://bucket/prefix/)"
+    "of uri,label, a local directory or a bucket prefix (s3://bucket/prefix/) of loose images, of Hugging Face "
+    "Parquet shards (the Hub's data/train-00000-of-00001.parquet with its README.md) or of a datasets save_to_disk folder"
 )
 _CHUNK = 1 << 20
 
@@ -65,6 +69,9 @@ def open_source(uri: str, *, sha256: str | None, spool: Path, settings: ReaderSe
     shown = storage.redact_uri(uri)
     if is_prefix(uri):
         _no_pin(shown, sha256, "a bucket prefix")
+        layout = sniff_folder(uri)
+        if layout is not None:
+            return HfFolderReader(shown, uri, layout, settings, spool.with_name(spool.name + ".d"))
         return PrefixReader(uri, settings)
     final = None
     if is_http(uri):
@@ -75,6 +82,9 @@ def open_source(uri: str, *, sha256: str | None, spool: Path, settings: ReaderSe
         local = storage.local_path(uri)
         if local.is_dir():
             _no_pin(shown, sha256, "a directory")
+            layout = sniff_folder(storage.normalize_uri(str(local)))
+            if layout is not None:
+                return HfFolderReader(shown, storage.normalize_uri(str(local)), layout, settings, spool.with_name(spool.name + ".d"))
             return DirectoryReader(shown, local, settings.carry, settings.keeps if settings.shard else None)
         if not local.is_file():
             raise FileNotFoundError(f"download source {shown} does not exist (no file or directory at {local})")
@@ -102,14 +112,33 @@ def _by_content(uri: str, shown: str, local: Path, digest: str, size: int, final
     limit = settings.max_member_bytes
     if fmt is not None:
         if webdataset or looks_like_webdataset(local, fmt):
-            return WebDatasetReader(shown, local, fmt, sha256=digest, size=size, max_member_bytes=limit)
+            return WebDatasetReader(
+                shown, local, fmt, sha256=digest, size=size, max_member_bytes=limit, label_key=settings.label_key, class_names=settings.class_names
+            )
         return ArchiveReader(shown, local, fmt, sha256=digest, size=size, final_uri=final, max_member_bytes=limit)
     if is_parquet(local):
-        return HfParquetReader(shown, local, sha256=digest, size=size, max_member_bytes=limit)
+        return HfParquetReader(
+            shown,
+            local,
+            sha256=digest,
+            size=size,
+            max_member_bytes=limit,
+            images=_beside(uri, settings),
+            image_column=settings.image_column,
+            label_column=settings.label_column,
+        )
     listing = looks_like_uri_list(local)
     if listing is not None:
         return UriListReader(uri, local, listing, settings)
     raise ValueError(f"{refused}; nor is it anything else the download step reads: {SUPPORTED}")
+
+
+def _beside(uri: str, settings: ReaderSettings) -> ImageFiles | None:
+    """Where a single Parquet file's path-only images may be read: its own folder (not over HTTP)."""
+    if is_http(uri) or not storage.serves(uri):
+        return None
+    folder = storage.normalize_uri(uri).rsplit("/", 1)[0]
+    return ImageFiles(folder, "", settings.policy)
 
 
 def _no_pin(shown: str, sha256: str | None, what: str) -> None:

@@ -1,16 +1,27 @@
 """WebDataset shards as a source: tar files whose consecutive members are the parts of one sample.
 
-    reader = WebDatasetReader(uri, local_tar, fmt, max_member_bytes=...)
+    reader = WebDatasetReader(uri, local_tar, fmt, max_member_bytes=..., label_key="", class_names=())
     expand_braces("s3://b/train-{000000..000099}.tar")   # the shard URIs, in order
 
 A sample is the run of members sharing a key: the member path up to the first ``.`` of its
 file name (``n01440764/10026.jpg`` and ``n01440764/10026.cls`` are sample ``n01440764/10026``),
-as the WebDataset format defines it. Its image is the part with an image extension; its class
-comes from ``.cls`` (the class index, as text), else a ``.json``'s ``label``/``class``/``cls``,
-else ``.txt``. Each sample is one input: a member named after its image, or a reject
-(``sample_without_image``, ``no_label``); parts other than the image and its class are ignored.
-A tar whose first members pair an image with a class part is taken as WebDataset
-(:func:`looks_like_webdataset`); so is every shard of a brace-expanded list.
+as the WebDataset format defines it. Its image is the part with an image extension. Its class
+comes from a label part only, never from a caption:
+
+* ``.cls``: an integer, the class index itself; its name is ``class_names[index]`` when the
+  run names the classes, else the integer as text;
+* else a ``.json``'s ``label``, ``class`` or ``cls`` (an integer there is an index, as in ``.cls``);
+* or the part ``label_key`` names: ``txt`` or ``caption.txt`` (the part's text is the class),
+  ``PART:KEY`` for a key of a JSON part (``json:category``).
+
+An img2dataset shard (``jpg``, a caption ``txt``, a ``json`` of url and caption) has no label
+part: each of its samples is a ``no_label`` reject whose detail names the parts found and the
+setting to use. Each sample is one input: a member named after its image, or a reject
+(``sample_without_image``, ``no_label``); other parts are ignored. A tar whose first members
+pair an image with a ``cls``, ``json`` or ``txt`` part is taken as WebDataset
+(:func:`looks_like_webdataset`); so is every shard of a brace-expanded list. The manifest entry
+records the class list (``classes``): ``class_names``, else ``0..n-1`` for integer classes, so
+clean gives class ``i`` index ``i``.
 """
 
 from __future__ import annotations
@@ -27,10 +38,28 @@ from imgpipe.data.archive import Member
 from imgpipe.data.readers.base import Reader
 from imgpipe.data.readers.listing import fetched
 
-__all__ = ["IMAGE_EXTENSIONS", "LABEL_EXTENSIONS", "NO_IMAGE", "NO_LABEL", "expand_braces", "sample_key", "looks_like_webdataset", "WebDatasetReader"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LABEL_EXTENSIONS",
+    "JSON_LABEL_KEYS",
+    "NO_IMAGE",
+    "NO_LABEL",
+    "expand_braces",
+    "sample_key",
+    "parse_label_key",
+    "looks_like_webdataset",
+    "WebDatasetReader",
+]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm")
-LABEL_EXTENSIONS = ("cls", "json", "txt")
+# The parts a class is read from by default, in this order (a caption ``txt`` only when named).
+LABEL_EXTENSIONS = ("cls", "json")
+JSON_LABEL_KEYS = ("label", "class", "cls")
+# Parts that, beside an image under one key, mark a tar as WebDataset (img2dataset's too).
+_SAMPLE_PARTS = ("cls", "json", "txt")
+# Integer classes without names are recorded as the list 0..n-1 up to this many.
+_MAX_LISTED_INDEX = 100_000
+_INTEGER = re.compile(r"[+-]?\d+")
 NO_IMAGE = "sample_without_image"
 NO_LABEL = "no_label"
 # A class part is a few bytes; a bigger one is no label.
@@ -68,8 +97,31 @@ def sample_key(path: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def parse_label_key(label_key: str) -> tuple[str, str]:
+    """``(part, json key)`` of a ``label_key`` setting.
+
+    ``""`` -> ``("", "")`` (the defaults), ``txt`` -> ``("txt", "")``, ``json:category`` -> ``("json", "category")``.
+
+    Raises:
+        ValueError: For an image part, a part with a path or spaces, or an empty key after ``:``.
+    """
+    if not isinstance(label_key, str):
+        raise TypeError(f"label_key must be a string (a sample part like txt, or PART:KEY), got {type(label_key).__name__}")
+    part, colon, key = label_key.strip().partition(":")
+    part = part.strip().lower().lstrip(".")
+    if colon and not (part and key.strip()):
+        raise ValueError(f"label_key {label_key!r}: PART:KEY needs both, like json:category")
+    if not part and not colon:
+        return "", ""
+    if not part or "/" in part or any(c.isspace() for c in part):
+        raise ValueError(f"label_key {label_key!r} is not a sample part: name an extension such as txt, caption.txt or json:category")
+    if part in IMAGE_EXTENSIONS:
+        raise ValueError(f"label_key {label_key!r} names the image part; name the part that holds the class (cls, json, txt)")
+    return part, key.strip()
+
+
 def looks_like_webdataset(local: Path, fmt: str) -> bool:
-    """Whether a tar's first members pair an image with a class part under one key."""
+    """Whether a tar's first members pair an image with a ``cls``, ``json`` or ``txt`` part (``caption.txt`` too) under one key."""
     if not fmt.startswith("tar"):
         return False
     parts: dict[str, set[str]] = {}
@@ -81,72 +133,138 @@ def looks_like_webdataset(local: Path, fmt: str) -> bool:
             parts.setdefault(key, set()).add(ext)
     except (archive.ArchiveError, ValueError):
         return False  # a corrupt tar is the archive reader's to report, naming the source
-    return any(exts & set(IMAGE_EXTENSIONS) and exts & set(LABEL_EXTENSIONS) for exts in parts.values())
+    return any(exts & set(IMAGE_EXTENSIONS) and any(e.rsplit(".", 1)[-1] in _SAMPLE_PARTS for e in exts) for exts in parts.values())
 
 
 class WebDatasetReader(Reader):
-    """The samples of one WebDataset shard."""
+    """The samples of one WebDataset shard.
+
+    Attributes:
+        label_part: The part the class is read from (empty: ``cls``, else ``json``).
+        json_key: The key of a JSON part holding the class (empty: ``label``, ``class``, ``cls``).
+        class_names: Names of the integer classes, by index.
+    """
 
     kind = "webdataset"
     streams_skipped = True
 
-    def __init__(self, uri: str, local: Path, fmt: str, *, sha256: str | None, size: int | None, max_member_bytes: int) -> None:
+    def __init__(
+        self,
+        uri: str,
+        local: Path,
+        fmt: str,
+        *,
+        sha256: str | None,
+        size: int | None,
+        max_member_bytes: int,
+        label_key: str = "",
+        class_names: tuple[str, ...] = (),
+    ) -> None:
         self.uri, self.local, self.format = uri, local, fmt
         self.sha256, self.bytes, self.max_member_bytes = sha256, size, max_member_bytes
+        self.label_part, self.json_key = parse_label_key(label_key)
+        self.class_names = tuple(class_names)
+        self._parts = (self.label_part,) if self.label_part else LABEL_EXTENSIONS
+        self._top_index = -1  # the largest integer class seen
 
     def manifest_entry(self) -> dict[str, Any]:
-        return {"uri": self.uri, "format": f"{self.kind}/{self.format}", "sha256": self.sha256, "bytes": self.bytes}
+        entry = {"uri": self.uri, "format": f"{self.kind}/{self.format}", "sha256": self.sha256, "bytes": self.bytes}
+        if self.class_names:
+            entry["classes"] = list(self.class_names)
+        elif 0 <= self._top_index < _MAX_LISTED_INDEX:
+            entry["classes"] = [str(i) for i in range(self._top_index + 1)]
+        return entry
 
     def members(self) -> Iterator[Member]:
-        key, parts = None, {}
+        key, parts, seen = None, {}, set()
         for member in archive.iter_archive(self.local, self.format):
             if member.reason is not None:
                 yield member  # an unsafe entry is its own reject, whatever sample it claims
                 continue
             this, ext = sample_key(member.path)
             if this != key and key is not None:
-                yield self._sample(key, parts)
-                parts = {}
+                yield self._sample(key, parts, seen)
+                parts, seen = {}, set()
             key = this
-            if ext in IMAGE_EXTENSIONS or ext in LABEL_EXTENSIONS:
+            seen.add(ext)
+            if ext in IMAGE_EXTENSIONS or ext in self._parts:
                 parts.setdefault(ext, self._read(member, ext))
         if key is not None:
-            yield self._sample(key, parts)
+            yield self._sample(key, parts, seen)
 
     def _read(self, member: Member, ext: str) -> Member:
         """The part's bytes in hand (the tar stream moves on), or its reject."""
-        limit = _MAX_LABEL_BYTES if ext in LABEL_EXTENSIONS else self.max_member_bytes
+        limit = _MAX_LABEL_BYTES if ext in self._parts else self.max_member_bytes
         try:
             return fetched(member.path, member.read(limit))
         except archive.MemberTooLarge:
             return Member(member.path, member.size, "member_too_large", f"more than {limit} bytes")
 
-    def _sample(self, key: str, parts: dict[str, Member]) -> Member:
+    def _sample(self, key: str, parts: dict[str, Member], seen: set[str]) -> Member:
         image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
         if image is None:
-            return Member(key, 0, NO_IMAGE, f"parts {sorted(parts)} hold no image ({', '.join(IMAGE_EXTENSIONS)})")
+            return Member(key, 0, NO_IMAGE, f"parts {sorted(seen)} hold no image ({', '.join(IMAGE_EXTENSIONS)})")
         if image.reason is not None:
             return image
-        label = _label(parts)
+        label, why = self._label(parts)
         if label is None:
-            return Member(image.path, image.size, NO_LABEL, f"no readable class in {sorted(set(parts) & set(LABEL_EXTENSIONS)) or 'the sample'}")
+            return Member(image.path, image.size, NO_LABEL, f"{why}; the sample's parts are {sorted(seen)}. {self._fix()}")
         return fetched(image.path, image.read(self.max_member_bytes), label=label)
 
+    def _fix(self) -> str:
+        """What a user can set to read the class, for a ``no_label`` detail."""
+        if self.label_part:
+            return f"Fix the sample's .{self.label_part} part, or set label_key to the part that holds the class"
+        return (
+            "A caption is not a class: set label_key to the part that holds the class "
+            "(label_key: txt takes each .txt as its class, label_key: json:KEY a key of the .json)"
+        )
 
-def _label(parts: dict[str, Member]) -> str | None:
-    """The sample's class: ``.cls``, else a ``.json``'s label field, else ``.txt``; ``None`` if none reads."""
-    for ext in LABEL_EXTENSIONS:
-        part = parts.get(ext)
-        if part is None or part.reason is not None:
-            continue
-        text = part.read(_MAX_LABEL_BYTES).decode("utf-8", "replace").strip()
-        if ext == "json":
-            try:
-                obj = json.loads(text)
-            except ValueError:
+    def _label(self, parts: dict[str, Member]) -> tuple[str | None, str]:
+        """The sample's class from its label part, or ``None`` and why it has none."""
+        why = f"no .{self.label_part} part" if self.label_part else "no class part (.cls, or a .json with label, class or cls)"
+        for ext in self._parts:
+            part = parts.get(ext)
+            if part is None:
                 continue
-            value = next((obj[k] for k in ("label", "class", "cls") if isinstance(obj, dict) and k in obj), None)
-            text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
-        if text and "\n" not in text:
-            return text
-    return None
+            if part.reason is not None:
+                why = f"its .{ext} part is unreadable ({part.reason}: {part.detail})"
+                continue
+            text = part.read(_MAX_LABEL_BYTES).decode("utf-8", "replace").strip()
+            kind = ext.rsplit(".", 1)[-1]
+            if kind == "json" or self.json_key:
+                label, why = self._from_json(ext, text)
+            elif kind == "cls":
+                label, why = self._indexed(text, ext) if _INTEGER.fullmatch(text) else (None, f"its .{ext} part is not an integer class index")
+            else:
+                label, why = (text, "") if text and "\n" not in text else (None, f"its .{ext} part is empty or more than one line")
+            if label is not None:
+                return label, ""
+        return None, why
+
+    def _from_json(self, ext: str, text: str) -> tuple[str | None, str]:
+        keys = (self.json_key,) if self.json_key else JSON_LABEL_KEYS
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return None, f"its .{ext} part is not JSON"
+        value = next((obj[k] for k in keys if isinstance(obj, dict) and k in obj), None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return self._indexed(str(value), ext)
+        if isinstance(value, str) and value.strip() and "\n" not in value.strip():
+            return value.strip(), ""
+        if value is None:
+            return None, f"its .{ext} part has no key {' or '.join(keys)}"
+        return None, f"its .{ext} part's {next(k for k in keys if k in obj)} is not a class name or index"
+
+    def _indexed(self, text: str, ext: str) -> tuple[str | None, str]:
+        """An integer class: its name in ``class_names``, else the integer as text."""
+        index = int(text)
+        if index < 0:
+            return None, f"its .{ext} class index {index} is negative"
+        if self.class_names:
+            if index >= len(self.class_names):
+                return None, f"its .{ext} class index {index} is outside class_names ({len(self.class_names)} names)"
+            return self.class_names[index], ""
+        self._top_index = max(self._top_index, index)
+        return str(index), ""
