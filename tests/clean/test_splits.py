@@ -144,3 +144,25 @@ def test_a_source_with_no_image_fails_at_download_or_at_clean(tmp_path):
 
 def test_splits_constant_is_the_order_codes_use():
     assert SPLITS == ("train", "val", "test")
+
+
+def test_the_hubs_split_files_keep_their_splits_through_clean(hf_datasets, tmp_path):
+    """A Hub repository written by `datasets` (train and test files, no validation): test stays test, val comes out of train."""
+    from tests.data.test_hf_sources import BEANS, _card, _dataset
+
+    repo = tmp_path / "beans"
+    (repo / "data").mkdir(parents=True)
+    train, test = _dataset(hf_datasets, 30), _dataset(hf_datasets, 6, offset=30)
+    train.to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+    test.to_parquet(str(repo / "data" / "test-00000-of-00001.parquet"))
+    (repo / "README.md").write_text(_card(hf_datasets, train.features, ["train", "test"]))
+    download(str(repo), str(tmp_path / "dl"), DownloadConfig())
+    clean(str(tmp_path / "dl"), str(tmp_path / "clean"), CleanConfig(workers=1, min_side=16))
+    table = read_output(str(tmp_path / "clean"))
+    by_file = {}
+    for path, split in zip(table.column("path").to_pylist(), table.column("split").to_pylist()):
+        by_file.setdefault(path.split("/")[1].split("-")[0], []).append(split)
+    assert by_file["test"] == ["test"] * 6, "the source's test set, whole and alone"
+    assert set(by_file["train"]) == {"train", "val"} and by_file["train"].count("val") >= 3
+    extra = contract.read_manifest(str(tmp_path / "clean"))["extra"]
+    assert extra["classes"] == BEANS and extra["source_split"]["carved"] == ["val"]
