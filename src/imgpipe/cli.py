@@ -153,7 +153,7 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
     p.description = f"Each SOURCE is {SUPPORTED}: told apart by its URI, then by its content."
     p.add_argument("paths", nargs="+", metavar="SOURCE... DEST", help="one or more sources, then the output prefix")
     p.add_argument("--previous", help="an earlier download output over the same prefix or URI list: fetch only what is new or changed")
-    add_field_flags(p, DownloadConfig, ("sha256", "fetch_workers"))
+    add_field_flags(p, DownloadConfig, ("sha256", "fetch_workers", "label_key", "class_names", "image_column", "label_column"))
 
 
 def _clean_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,7 +161,11 @@ def _clean_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("source", help="committed download output prefix")
     p.add_argument("dest", help="output prefix")
-    add_field_flags(p, CleanConfig, ("grayscale", "split", "seed", "label_source", "labels_csv", "workers"))
+    add_field_flags(
+        p,
+        CleanConfig,
+        ("grayscale", "split", "seed", "label_source", "labels_csv", "split_from", "min_images_per_class", "min_images_per_split", "workers"),
+    )
 
 
 def _resize_arguments(p: argparse.ArgumentParser) -> None:
