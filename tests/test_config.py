@@ -152,3 +152,70 @@ def test_check_range_passes_values_in_range():
     check_range("lr", 0.5, 0, 1, high_open=True)
     check_range("workers", 0, 0, integer=True)
     check_range("alpha", 3, 0)
+
+
+def _numeric(annotation: object) -> bool:
+    """Whether a field's annotation holds an ``int`` or a ``float`` (alone, optional, or in a tuple)."""
+    import types
+    import typing
+
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, tuple):
+        return any(_numeric(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+    return False
+
+
+def _step_configs() -> list[type]:
+    from imgpipe.registry import STEPS
+    from imgpipe.resize.spec import ResizeSpec
+    from imgpipe.steps.audit import AuditConfig
+    from imgpipe.steps.compare import CompareConfig
+    from imgpipe.steps.predict import PredictConfig
+    from imgpipe.steps.promote import PromoteConfig
+    from imgpipe.train.config import AugmentConfig, LoaderConfig
+
+    extra = [AugmentConfig, LoaderConfig, ResizeSpec, PredictConfig, PromoteConfig, CompareConfig, AuditConfig]
+    return [*(s.config_class() for s in STEPS.values()), *extra]
+
+
+def _numeric_fields() -> list[tuple[type, str]]:
+    import dataclasses
+    import typing
+
+    return [(cls, f.name) for cls in _step_configs() for f in dataclasses.fields(cls) if f.init and _numeric(typing.get_type_hints(cls)[f.name])]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e300], ids=["nan", "inf", "-inf", "1e300"])
+@pytest.mark.parametrize(("cls", "name"), _numeric_fields(), ids=lambda x: x.__name__ if isinstance(x, type) else x)
+def test_every_numeric_field_of_every_step_config_refuses_non_finite_and_huge_values(cls, name, value):
+    import dataclasses
+    import typing
+
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    given: object = value
+    if typing.get_origin(typing.get_type_hints(cls)[name]) is tuple or isinstance(default, tuple):
+        given = (value, *default[1:]) if isinstance(default, tuple) and default else (value, value)
+    with pytest.raises(ValueError) as raised:
+        cls(**{name: given})
+    assert name in str(raised.value)
+
+
+def test_the_bounds_hold_at_the_cli_and_in_a_pipelines_step_config(capsys):
+    from imgpipe.cli import main
+    from imgpipe.config import MAX_NUMBER, check_range, step_config
+    from imgpipe.train.config import MAX_CACHE_GB, TrainConfig
+
+    for text in ("inf", ".inf", "nan", "1e300", str(MAX_CACHE_GB + 1)):
+        assert main(["train", "in", "out", "--set", f"loader_cache_gb={text}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("imgpipe train: error: loader_cache_gb must be") and len(err.splitlines()) == 1, err
+    for value in (float("inf"), float("nan"), 1e300):
+        with pytest.raises(ValueError, match="loader_cache_gb must be a finite number"):
+            step_config(TrainConfig, {"train": {"loader_cache_gb": value}}, "train")
+    assert step_config(TrainConfig, {"train": {"loader_cache_gb": float(MAX_CACHE_GB)}}, "train").loader_cache_gb == MAX_CACHE_GB
+    check_range("x", float("inf"), 0, allow_inf=True)  # a field may allow inf, explicitly
+    with pytest.raises(ValueError, match=r"x must be a number >= 0 and of at most 2\*\*53 in size \(or inf\), got nan"):
+        check_range("x", float("nan"), 0, allow_inf=True)
+    with pytest.raises(ValueError, match="seed"):
+        check_range("seed", MAX_NUMBER + 1, integer=True)

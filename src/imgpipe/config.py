@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import math
 import re
 import types
 import typing
@@ -37,6 +38,8 @@ __all__ = [
     "parse_override",
     "coerce",
     "check_range",
+    "check_numbers",
+    "MAX_NUMBER",
     "field_docs",
     "plain_text",
     "field_default",
@@ -49,6 +52,11 @@ C = TypeVar("C")
 # the sample data set, and one per step.
 # A config file's sections: the pipeline's parameters, the sample data set, and one per step.
 SECTIONS = ("pipeline", "synth", *STEPS)
+
+
+# The largest magnitude of any numeric setting: past it a float no longer holds every integer,
+# and what the code derives from a setting (bytes, int64 tensors, seeds) may overflow.
+MAX_NUMBER = 2**53
 
 
 class NotANumberError(TypeError, ValueError):
@@ -65,12 +73,15 @@ def check_range(
     low_open: bool = False,
     high_open: bool = False,
     note: str = "",
+    allow_inf: bool = False,
 ) -> None:
     """Refuses a config value that is not a number in its range, in one message for every config.
 
     ``check_range("lr", 0.5, 0, 1, high_open=True)`` passes; ``check_range("epochs", 0, 1,
     integer=True, note="0 trains nothing")`` raises ``epochs must be an integer >= 1 (0
-    trains nothing), got 0``. A ``bool`` is never a number here.
+    trains nothing), got 0``. A ``bool`` is never a number here. NaN is refused, and so are
+    ``inf``, ``-inf`` (unless ``allow_inf``) and magnitudes past :data:`MAX_NUMBER`, whatever
+    the range: ``loader_cache_gb=inf`` names its field instead of overflowing later.
 
     Args:
         name: The field, as the message names it.
@@ -81,18 +92,24 @@ def check_range(
         low_open: Whether ``low`` itself is refused.
         high_open: Whether ``high`` itself is refused.
         note: What a special value means, e.g. ``0 disables``.
+        allow_inf: Whether ``inf`` and ``-inf`` (where the range holds them) are allowed.
 
     Raises:
         NotANumberError: For anything but a number (an ``int`` with ``integer``).
-        ValueError: For a number outside the range.
+        ValueError: For a number outside the range, NaN, or one not finite or past
+            :data:`MAX_NUMBER`.
     """
-    kind = "an integer" if integer else "a number"
     bad_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+    # NaN fails every comparison, so it is never within bounds.
+    unbounded = not bad_type and not (math.isinf(value) and allow_inf) and not -MAX_NUMBER <= value <= MAX_NUMBER
     outside = not bad_type and (
-        (low is not None and (value <= low if low_open else value < low)) or (high is not None and (value >= high if high_open else value > high))
+        unbounded
+        or (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
     )
     if not (bad_type or outside):
         return
+    kind = "an integer" if integer else "a finite number" if unbounded and not allow_inf else "a number"
     text = lambda x: str(x) if isinstance(x, int) else f"{x:g}"  # noqa: E731
     if low is not None and high is not None:
         bound = f"in {'(' if low_open else '['}{text(low)}, {text(high)}{')' if high_open else ']'}"
@@ -102,8 +119,33 @@ def check_range(
         bound = f"{'<' if high_open else '<='} {text(high)}"
     else:
         bound = ""
+    if unbounded:
+        bound += f"{' and ' if bound else ''}of at most 2**53 in size{' (or inf)' if allow_inf else ''}"
     message = f"{name} must be {kind}{' ' + bound if bound else ''}{f' ({note})' if note else ''}, got {value!r}"
     raise (NotANumberError if bad_type else ValueError)(message)
+
+
+def check_numbers(cfg: Any, *, allow_inf: Iterable[str] = ()) -> None:
+    """Refuses NaN, infinities and magnitudes past :data:`MAX_NUMBER` in every numeric field of a config.
+
+    A config's ``__post_init__`` calls it first, so that a field its own range checks miss (a
+    seed, a ratio compared only one way) cannot hold ``nan`` or ``1e300`` either; tuples of
+    numbers are checked item by item. The message names the field.
+
+    Args:
+        cfg: The config dataclass instance.
+        allow_inf: Fields that may be ``inf`` or ``-inf`` (documented as such on the field).
+
+    Raises:
+        ValueError: Naming the first field that holds such a value.
+    """
+    allowed = set(allow_inf)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                check_range(f.name if i is None else f"{f.name}[{i}]", item, allow_inf=f.name in allowed)
 
 
 def coerce(name: str, value: Any, annotation: Any) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from imgpipe.data.labels import check_class_name
 from imgpipe.train.card import INPUT_NAME, OUTPUT_NAME
 
 __all__ = [
@@ -91,13 +92,16 @@ def repository_files(card: Mapping[str, Any], onnx: bytes, name: str = MODEL_NAM
     """The repository's files, by path below its root: ``config.pbtxt``, ``labels.txt`` and ``1/model.onnx``.
 
     Raises:
-        ValueError: If a class name holds a line break (``labels.txt`` has one per line), or
+        ValueError: If a class name is one clean would have rejected
+            (:func:`imgpipe.data.labels.check_class_name`: ``labels.txt`` has one per line), or
             the model is one Triton cannot load (:func:`check_loadable`).
     """
     check_loadable(onnx)
     classes = [str(c) for c in card["classes"]]
-    if any("\n" in c or "\r" in c for c in classes):
-        raise ValueError("a class name holds a line break; Triton's labels.txt has one class per line")
+    for index, c in enumerate(classes):
+        bad = check_class_name(c)
+        if bad is not None:
+            raise ValueError(f"class {index} of the model card cannot be written to Triton's {LABELS}: {bad}; clean rejects such names (bad_label)")
     return {
         f"{name}/config.pbtxt": triton_config(card, name).encode(),
         f"{name}/{LABELS}": ("\n".join(classes) + "\n").encode(),

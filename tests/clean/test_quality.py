@@ -74,7 +74,7 @@ def test_assess_flags_then_rejects_past_the_threshold():
         ("outlier_z", 0, "positive robust z-score"),
         ("blank_std", -1, "within 0..128"),
         ("reject_dark", -2.0, "reject_dark must be a positive"),
-        ("reject_odd_aspect", float("inf"), "reject_odd_aspect must be a positive"),
+        ("reject_odd_aspect", float("inf"), "reject_odd_aspect must be a finite number"),
     ],
 )
 def test_config_range_checks(field, value, message):

@@ -151,7 +151,7 @@ def test_a_second_run_fetches_only_what_changed_and_counts_what_was_deleted(pets
     second = download(pets, f"{s3_bucket}/runs/2/download", FAST, previous=first.dest)
     assert sorted(reads) == sorted(f"{s3_bucket}/pets/cat/new-{i}.jpg" for i in range(10)), "exactly the 10 new objects"
     counts = contract.read_manifest(second.dest)["extra"]["incremental"]
-    assert counts == {"previous": first.dest, "new": 10, "changed": 0, "unchanged": 13 - 2, "deleted": 2, "carried_refused": 0}
+    assert counts == {"previous": first.dest, "new": 10, "changed": 0, "unchanged": 13 - 2, "deleted": 2, "carried_refused": 0, "carried_unproved": 0}
     before, after = rows(first.dest), rows(second.dest)
     assert {p: r["sha256"] for p, r in after.items() if p in before} == {p: before[p]["sha256"] for p in after if p in before}
     assert not {"dog/0.jpg", "dog/1.jpg"} & set(after) and len(after) == 13 - 2 + 10
@@ -181,6 +181,50 @@ def test_a_changed_object_and_a_forged_previous_row_are_fetched_again(pets, s3_b
     assert (counts["changed"], counts["unchanged"], counts["carried_refused"]) == (2, 13 - 2, 1)
     got = rows(second.dest)
     assert got["dog/2.jpg"]["bytes"] == storage.read_bytes(f"{s3_bucket}/pets/dog/2.jpg"), "the source's bytes, not the forged ones"
+
+
+def _forge(prefix: str, edit) -> None:
+    """Rewrites a committed download output's one data file, ``edit(path, row) -> row`` on every row."""
+    (shard,) = contract.data_files(prefix)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(shard)))
+    forged = pa.Table.from_pylist([edit(r["path"], r) for r in table.to_pylist()], schema=table.schema)
+    buf = io.BytesIO()
+    pq.write_table(forged, buf, row_group_size=4)
+    storage.write_bytes(shard, buf.getvalue())
+
+
+def test_carried_bytes_are_proved_against_the_store_s_etag_not_the_previous_record(pets, s3_bucket, monkeypatch):
+    # A multipart upload (one part): its ETag is "<md5 of the part MD5s>-1", no MD5 of the object.
+    client, bucket = storage.S3Backend.client(), s3_bucket[5:]
+    upload = client.create_multipart_upload(Bucket=bucket, Key="pets/fox/multi.jpg")["UploadId"]
+    part = client.upload_part(Bucket=bucket, Key="pets/fox/multi.jpg", UploadId=upload, PartNumber=1, Body=jpeg(48, 40, seed=4321))
+    client.complete_multipart_upload(
+        Bucket=bucket, Key="pets/fox/multi.jpg", UploadId=upload, MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]}
+    )
+    first = download(pets, f"{s3_bucket}/runs/1/download", FAST)
+    assert rows(first.dest)["fox/multi.jpg"]["etag"].endswith("-1")
+    real = storage.read_bytes(f"{s3_bucket}/pets/dog/2.jpg")
+    other = jpeg(48, 40, seed=12345)
+    other = (other + bytes(len(real)))[: len(real)]  # other content, of the listed size
+
+    def forge(path: str, row: dict) -> dict:
+        # The whole record forged: bytes, their sha256, and the ETag the listing gives now.
+        return {**row, "bytes": other, "sha256": hashlib.sha256(other).hexdigest()} if path == "dog/2.jpg" else row
+
+    _forge(first.dest, forge)
+    monkeypatch.setattr(contract, "_check_sizes", lambda prefix, files: None)  # the forger also fixed the manifest's sizes
+    reads = []
+    real_read = storage.read_some
+    monkeypatch.setattr(storage, "read_some", lambda uri, limit: (reads.append(uri.rsplit("/pets/", 1)[1]), real_read(uri, limit))[1])
+    second = download(pets, f"{s3_bucket}/runs/2/download", FAST, previous=first.dest)
+    assert sorted(reads) == ["dog/2.jpg", "fox/multi.jpg"], "the forged row and the unprovable one; every honest row is carried"
+    counts = contract.read_manifest(second.dest)["extra"]["incremental"]
+    assert (counts["unchanged"], counts["changed"], counts["carried_refused"], counts["carried_unproved"]) == (14 - 2, 2, 1, 1)
+    got = rows(second.dest)
+    assert got["dog/2.jpg"]["bytes"] == real, "the store's bytes, not the forged ones"
+    assert got["dog/2.jpg"]["sha256"] == hashlib.sha256(real).hexdigest()
+    assert got["cat/3.jpg"]["bytes"] == storage.read_bytes(f"{s3_bucket}/pets/cat/3.jpg"), "an honest row, carried"
+    reconciles(second, second.dest)
 
 
 # --------------------------------------------------------------------------- a URI list

@@ -36,7 +36,9 @@ from imgpipe.steps.download import DownloadConfig, download
 from tests import imagefactory as f
 
 # Class names are folder names: whoever made the archive chose them.
-HOSTILE = ["<script>alert(1)<", "<img src=x onerror=alert(1)>", "a&b \"c\" 'd' \x1b[31mred"]
+HOSTILE = ["<script>alert(1)<", "<img src=x onerror=alert(1)>", "a&b \"c\" 'd' red"]
+# A class name no label file can carry: its images are clean's bad_label rejects, and its path is shown escaped.
+UNLABELLABLE = "\x1b[31mred"
 PER_CLASS = 6
 MAX_PAGE = 2 << 20
 # What clean rejects: path -> (reason, bytes).
@@ -53,6 +55,7 @@ def _tar(path: Path) -> Path:
     members = {f"{name}/{i}.jpg": f.jpeg(120 + 8 * i, 90 + 4 * c, seed=10 * c + i) for c, name in enumerate(HOSTILE) for i in range(PER_CLASS)}
     members.update({p: data for p, (_, data) in BAD.items()})
     members[f"{HOSTILE[0]}/copy.jpg"] = members[f"{HOSTILE[0]}/0.jpg"]  # a duplicate
+    members.update({f"{UNLABELLABLE}/{i}.jpg": f.jpeg(100, 80, seed=900 + i) for i in range(2)})
     with tarfile.open(path, "w:gz") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
@@ -109,6 +112,7 @@ def test_clean_report_counts_histograms_thumbnails_and_rejects(outputs):
     m = report.metrics
     assert m["outputs"] == manifest["outputs"] == 3 * PER_CLASS
     assert {k: v for k, v in m.items() if k.startswith("rejected_")} == {
+        "rejected_bad_label": 2,
         "rejected_duplicate": 1,
         "rejected_not_an_image": 1,
         "rejected_too_large": 1,
@@ -124,7 +128,7 @@ def test_clean_report_counts_histograms_thumbnails_and_rejects(outputs):
     assert {label for label, _ in per_class.rows} == set(HOSTILE)
     assert all(len(tiles) == 4 and all(t.picture is not None for t in tiles) for _, tiles in per_class.rows)
     rejected = {t.caption.split(":")[0]: t for _, tiles in galleries["Rejected images"].rows for t in tiles}
-    assert set(rejected) == {"duplicate", "too_small"}, "what decodes is shown with its reason"
+    assert set(rejected) == {"bad_label", "duplicate", "too_small"}, "what decodes is shown with its reason"
     assert all(t.picture is not None for t in rejected.values())
     note = galleries["Rejected images"].note
     assert "not decoded again: not_an_image, too_large, truncated" in note, "a bomb, or what clean could not decode"
@@ -145,7 +149,7 @@ def test_text_is_aligned_and_inert_in_a_terminal(outputs):
     assert lines[header].split() == ["reason", "count"] and set(lines[header + 1]) == {"-", " "}
     counts = lines[header + 2 : header + 5]
     assert len({len(line) for line in counts}) == 1, "numbers right-aligned in one column"
-    assert "... 2 more" in text, "tables cut at max_rows say how much is left"
+    assert re.search(r"\.\.\. \d+ more", text), "tables cut at max_rows say how much is left"
 
 
 def test_reports_are_bounded_by_their_limits(outputs):
@@ -287,7 +291,7 @@ def test_every_data_step_logs_its_phases(outputs, tmp_path, caplog):
         ("clean", "write"),
         ("clean", "commit"),
     ]
-    assert "download: commit: outputs=23 rejected=2 files=1" in " ".join(lines)
+    assert "download: commit: outputs=25 rejected=2 files=1" in " ".join(lines)
 
 
 # ------------------------------------------------------------------ resize and train (Ray, torch)

@@ -788,9 +788,9 @@ def test_expansion_ratio_refuses_bombs_but_not_directories(tmp_path: Path) -> No
 
 
 def test_new_limits_are_validated() -> None:
-    with pytest.raises(ValueError, match="max_members must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"max_members must be an integer in \[1, "):
         DownloadConfig(max_members=0)
-    with pytest.raises(ValueError, match="max_expansion_ratio must be a number > 0"):
+    with pytest.raises(ValueError, match=r"max_expansion_ratio must be a number in \(0, "):
         DownloadConfig(max_expansion_ratio=0)
     with pytest.raises(TypeError, match="max_download_bytes must be an integer"):
         DownloadConfig(max_download_bytes="1GB")

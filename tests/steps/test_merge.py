@@ -9,6 +9,7 @@ input accounted once.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -134,3 +135,63 @@ def test_the_merge_is_reproducible_and_refuses_mixed_configs(source, tmp_path):
         merge([shards[0], shards[0]], str(tmp_path / "d"), CFG)
     with pytest.raises(ValueError, match="inside|contains|equals|overlap"):
         merge(shards, shards[0], CFG)
+
+
+def test_a_sharded_run_keeps_every_rule_of_an_unsharded_one_across_two_sources(tmp_path):
+    # Two sources hold one member path: a directory (split among shards object by object) and a
+    # zip (whole to the shard of its name). Unsharded, the zip's copy is a duplicate_member; sharded,
+    # each copy sits alone in its own shard and only the merge sees both. The zip also holds an exact
+    # copy of a directory image under a class of its own, which then keeps no image and is no class.
+    import zipfile
+
+    root = tmp_path / "src"
+    names = []
+    for c, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            (root / name / f"{i}.jpg").write_bytes(jpeg(96, 64, seed=300 + 50 * c + i))
+            names.append(f"{name}/{i}.jpg")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not an image")
+    archive = next(p for k in range(200) if _owner(str(p := tmp_path / f"extra-{k}.zip")) == N - 1)
+    same_path, same_bytes = [n for n in names if _owner(n) < N - 1][:2]
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(same_path, jpeg(96, 64, seed=900))  # other bytes, one path
+        zf.writestr("fox/0.jpg", (root / same_bytes).read_bytes())
+        zf.writestr("dog/zip-only.jpg", jpeg(96, 64, seed=901))
+    sources = [str(root), str(archive)]
+
+    whole = download(sources, str(tmp_path / "dl"), DownloadConfig())
+    single = clean(whole.dest, str(tmp_path / "cl"), CFG)
+    parts, prefixes = [], []
+    for i in range(N):
+        parts.append(download(sources, str(tmp_path / f"dl-{i}"), DownloadConfig(), shard=Shard(i, N)))
+        prefixes.append(clean(parts[-1].dest, str(tmp_path / f"cl-{i}"), CFG).dest)
+    merged = merge(prefixes, str(tmp_path / "merged"), CFG)
+
+    def kept(prefix: str) -> dict[str, str]:
+        rows = _rows(prefix)
+        return dict(zip(rows.column("path").to_pylist(), rows.column("label_name").to_pylist()))
+
+    def refused(*prefixes: str) -> list[tuple[str, str]]:
+        return sorted((r["path"], r["reason"]) for p in prefixes for r in contract.read_rejects(p).to_pylist())
+
+    # Unsharded, the download rejects the path; sharded, the merge does: compare download + clean.
+    assert whole.inputs == sum(p.inputs for p in parts) == 2 * 10 + 1 + 3
+    assert whole.rejects_by_reason == {"duplicate_member": 1} and not any(p.rejected for p in parts)
+    assert merged.inputs == sum(p.outputs for p in parts) == merged.outputs + merged.rejected
+    assert single.inputs + whole.rejected == merged.inputs and merged.outputs == single.outputs
+    assert refused(whole.dest, single.dest) == refused(*(p.dest for p in parts), merged.dest)
+    assert (same_path, "duplicate_member") in refused(merged.dest)
+    assert kept(merged.dest) == kept(single.dest)
+    # The directory's copy is the one kept (its bytes, not the zip's), as unsharded.
+    sha = {r["path"]: r["sha256"] for r in _rows(merged.dest).select(["path", "sha256"]).to_pylist()}
+    assert sha[same_path] == {r["path"]: r["sha256"] for r in _rows(single.dest).select(["path", "sha256"]).to_pylist()}[same_path]
+    assert sha[same_path] == hashlib.sha256((root / same_path).read_bytes()).hexdigest()
+    # Not "splits": one clean draws them before decoding (dog/broken.jpg held a place), the merge
+    # over the kept images; each is the stratified split of what it drew over.
+    for key in ("classes", "per_class"):
+        assert merged.extra[key] == single.extra[key], key
+    assert "fox" not in merged.extra["classes"]
+    assert merged.extra["merge"]["duplicate_paths_across_shards"] == 1
+    rows = _rows(merged.dest)
+    assert [merged.extra["classes"][i] for i in rows.column("label").to_pylist()] == rows.column("label_name").to_pylist()

@@ -53,13 +53,15 @@ def write_resize_output(
     seed: int = 0,
     whole: tuple[str, ...] = (),
     mislabel: Callable[[str, int], bool] | None = None,
+    forge: Callable[[str, int, dict], None] | None = None,
 ) -> str:
     """Commits a resize-shaped output: ``SPLIT/part-NNNNN.parquet`` sorted by ``order``, labels.json, manifest.
 
     Splits in ``whole`` hold whole pictures, as resize mode ``whole`` stores them: sizes
     vary per row (short side ``size / 0.875``, aspect up to 2:1), and the manifest says so.
     ``mislabel(split, i)`` true gives row ``i`` of ``split`` the next class's label (its pixels
-    stay its own class's): planted label errors.
+    stay its own class's): planted label errors. ``forge(split, i, row)`` may rewrite row ``i``'s
+    columns in place before it is written: a forged row.
     """
     counts = counts if counts is not None else {"train": 24, "val": 8, "test": 8}
     names = [f"class_{k}" for k in range(classes)]
@@ -97,6 +99,8 @@ def write_resize_output(
                 buf = io.BytesIO()
                 Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(buf, "JPEG", quality=95)
                 row["image"] = {"bytes": buf.getvalue(), "path": row["path"]}
+            if forge is not None:
+                forge(split, i, row)
             rows.append(row)
             order += 1
         total += n
@@ -384,3 +388,57 @@ def test_a_jpeg_row_larger_than_its_row_says_is_refused_before_it_is_decoded(tmp
         decode_jpeg_cpu([Row(0, data, (16, 16, 3))])
     with pytest.raises(ValueError):
         decode_jpeg_cpu([Row(0, np.frombuffer(b"not a jpeg at all", np.uint8), (16, 16, 3))])
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose header (its SOF0 segment) claims ``width x height``: a decompression bomb's header."""
+    buf = io.BytesIO()
+    Image.fromarray(class_image(0, 0, 32)).save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_forged_row_agreeing_with_its_huge_header_is_a_counted_reject_never_decoded(tmp_path, monkeypatch):
+    import simplejpeg
+
+    def forged(split: str, i: int, row: dict) -> None:
+        if i == 5:  # its columns and its JPEG header both say 20000x20000; the split is 32x32
+            row["image"]["bytes"] = jpeg_claiming(20000, 20000)
+            row["height"] = row["width"] = 20000
+
+    data = write_resize_output("file://" + str(tmp_path / "forged"), counts={"train": 12}, fmt="jpeg", size=32, forge=forged)
+    info = describe_split(data, "train")
+    assert (info.height, info.width) == (32, 32)  # the manifest's size, whatever a row says
+    assert simplejpeg.decode_jpeg_header(jpeg_claiming(20000, 20000))[:2] == (20000, 20000)
+    decoded: list[tuple[int, int]] = []
+    real = simplejpeg.decode_jpeg
+
+    def recording(data, *args, **kwargs):
+        decoded.append(simplejpeg.decode_jpeg_header(data)[:2])
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", recording)
+    loader = ImageLoader(info, LoaderConfig(batch_size=4, shuffle=False, drop_last=False, num_workers=0))
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert loader.rejected == {"not_as_declared": 1}
+    assert sum(len(b["label"]) for b in batches) == 11 and all(b["image"].shape[1:] == (3, 32, 32) for b in batches)
+    assert 5 not in torch.cat([b["index"] for b in batches]).tolist()
+    assert [r for b in batches for r in b["rejected"]] == ["not_as_declared: 20000x20000, the train split holds 32x32 (row 5)"]
+    assert len(decoded) == 11 and (20000, 20000) not in decoded
+
+
+def test_every_row_is_bounded_by_the_absolute_pixel_cap_and_its_own_bytes(tmp_path):
+    from imgpipe.train.partition import MAX_ROW_PIXELS
+    from imgpipe.train.rows import Row, refuse_row
+
+    data = write_resize_output("file://" + str(tmp_path / "w"), counts={"train": 4}, size=16, whole=("train",))
+    info = describe_split(data, "train")
+    assert refuse_row(info, Row(0, np.zeros(18 * 30 * 3, np.uint8), (18, 30, 3))) is None
+    assert refuse_row(info, Row(0, np.zeros(3, np.uint8), (18, 30, 3))).startswith("unreadable:")
+    assert refuse_row(info, Row(0, np.zeros(3, np.uint8), (18, 400, 3))).startswith("not_as_declared:")
+    assert refuse_row(info, Row(0, np.zeros(3, np.uint8), (MAX_ROW_PIXELS, 2, 3))).startswith("not_as_declared:")
+    huge = dataclasses.replace(info, size=8192, max_aspect=8.0)  # a manifest declaring more than any row may hold
+    assert refuse_row(huge, Row(0, np.zeros(3, np.uint8), (9362, 20000, 3))).startswith("too_large:")

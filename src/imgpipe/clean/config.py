@@ -8,9 +8,9 @@ from typing import ClassVar, Literal
 
 from imgpipe.clean.neardup import MAX_DISTANCE
 from imgpipe.clean.quality import OUTLIERS
-from imgpipe.config import check_range
+from imgpipe.config import check_numbers, check_range
 from imgpipe.data.formats import DEFAULT_FORMATS, check_formats
-from imgpipe.data.images import MAX_PIXELS
+from imgpipe.data.images import MAX_PIXELS, MAX_PIXELS_LIMIT
 from imgpipe.data.labels import LabelSource
 
 __all__ = ["SPLITS", "CleanConfig"]
@@ -148,6 +148,7 @@ class CleanConfig:
         return {o.reason: getattr(self, f"reject_{o.reason}") for o in OUTLIERS}
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if len(self.split) != 3 or any(f < 0 for f in self.split):
             raise ValueError(f"split must be three non-negative fractions (train,val,test), got {self.split}")
         if not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
@@ -164,14 +165,16 @@ class CleanConfig:
         check_range("min_images_per_split", self.min_images_per_split, 0, integer=True, note="0 = no minimum")
         if self.split_from == "annotations" and not self.annotations:
             raise ValueError("split_from='annotations' needs annotations, the download of the release's annotations archive")
-        check_range("max_pixels", self.max_pixels, 1, integer=True)
-        check_range("min_side", self.min_side, 1, integer=True)
+        check_range("max_pixels", self.max_pixels, 1, MAX_PIXELS_LIMIT, integer=True)
+        check_range("min_side", self.min_side, 1, 65535, integer=True, note="JPEG's and WebP's largest side")
         check_range("jpeg_quality", self.jpeg_quality, 1, 100, integer=True)
         object.__setattr__(self, "formats", check_formats(self.formats))
-        check_range("workers", self.workers, 0, integer=True, note="0 = all cores")
-        check_range("image_timeout_s", self.image_timeout_s, 0, note="0 = no limit")
-        for name in ("rows_per_shard", "row_group_rows", "row_group_bytes"):
-            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("workers", self.workers, 0, 1024, integer=True, note="0 = all cores")
+        check_range("image_timeout_s", self.image_timeout_s, 0, 86400, note="0 = no limit")
+        check_range("rows_per_shard", self.rows_per_shard, 1, 1 << 20, integer=True)
+        check_range("row_group_rows", self.row_group_rows, 1, 1 << 16, integer=True)
+        # Arrow's binary type addresses a column chunk with int32 offsets.
+        check_range("row_group_bytes", self.row_group_bytes, 1, (1 << 31) - 1, integer=True)
         if self.near_duplicates not in ("reject", "group", "off"):
             raise ValueError(f"near_duplicates must be reject, group or off, got {self.near_duplicates!r}")
         if isinstance(self.near_duplicate_distance, bool) or not 0 <= self.near_duplicate_distance <= MAX_DISTANCE:

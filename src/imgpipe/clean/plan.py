@@ -22,7 +22,17 @@ from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.splits import given_codes, source_codes, split_codes
 from imgpipe.contract import Reject
 from imgpipe.data.annotations import image_stem
-from imgpipe.data.labels import AutoLabeler, Labeler, auto_layout, encode_labels, nested_prefixes, read_label_csv, source_class_order
+from imgpipe.data.labels import (
+    BAD_LABEL,
+    AutoLabeler,
+    Labeler,
+    auto_layout,
+    check_class_name,
+    encode_labels,
+    nested_prefixes,
+    read_label_csv,
+    source_class_order,
+)
 
 __all__ = ["Unit", "Index", "Plan", "RowsPlan", "read_index", "shuffled_order", "build_labeler", "plan_rows"]
 
@@ -242,7 +252,12 @@ class OverriddenLabeler(Labeler):
 
 
 def _label_rows(index: Index, by_path: np.ndarray, labeler: Labeler, deferred: dict[int, Reject]) -> tuple[np.ndarray, list[str]]:
-    """Labels every row: a code into the returned names per row, -1 (and a ``no_label`` reject) where none."""
+    """Labels every row: a code into the returned names per row, -1 (and a ``no_label`` or ``bad_label`` reject) where none.
+
+    Every class name is checked here, where clean first reads it, whatever gave it (a folder,
+    an Oxford file name, a label CSV, an override, the source): one that no labels file,
+    CSV or report could carry (:func:`imgpipe.data.labels.check_class_name`) is ``bad_label``.
+    """
     codes = np.full(len(index), -1, dtype=np.int32)
     names: dict[str, int] = {}
     for lo in range(0, len(by_path), _LABEL_BATCH):
@@ -250,8 +265,11 @@ def _label_rows(index: Index, by_path: np.ndarray, labeler: Labeler, deferred: d
         given = index.labels.take(pa.array(rows)).to_pylist() if index.labels is not None else [None] * len(rows)
         for row, path, label in zip(rows.tolist(), index.paths.take(pa.array(rows)).to_pylist(), given):
             name = labeler(path, label)
+            bad = check_class_name(name) if name is not None else None
             if name is None:
                 deferred[row] = Reject(path, "no_label", labeler.describe_missing(path))
+            elif bad is not None:
+                deferred[row] = Reject(path, BAD_LABEL, bad)
             else:
                 codes[row] = names.setdefault(name, len(names))
     return codes, list(names)

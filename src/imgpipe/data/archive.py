@@ -42,6 +42,7 @@ __all__ = [
     "MAX_EXTENDED_HEADER_BYTES",
     "MAX_HEADER_CHAIN",
     "HEADER_BYTES",
+    "CORRUPT_ERRORS",
     "ArchiveError",
     "MemberTooLarge",
     "Member",
@@ -80,13 +81,15 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # first local header, or the end re
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _ZIP_ENCRYPTED = 0x1  # general purpose bit 0, APPNOTE.TXT section 4.4.4
 # Errors that mean the archive bytes themselves are bad (truncated download, bit rot).
-_CORRUPT = (
+CORRUPT_ERRORS = (
     tarfile.TarError,
     zipfile.BadZipFile,
     EOFError,
     zlib.error,
     lzma.LZMAError,
     gzip.BadGzipFile,
+    UnicodeDecodeError,  # a zip name whose UTF-8 flag lies
+    NotImplementedError,  # a zip version or feature zipfile does not read
 )
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _EXTENDED_HEADERS = {
@@ -166,7 +169,7 @@ class Member:
                     size += len(chunk)
                     if size > limit:
                         raise MemberTooLarge(f"{self.path!r} holds more than {limit} bytes")
-        except _CORRUPT as exc:
+        except CORRUPT_ERRORS as exc:
             raise ArchiveError(f"corrupt or truncated archive at member {self.path!r}: {exc}") from exc
         return b"".join(chunks)
 
@@ -306,7 +309,7 @@ def iter_archive(path: str | os.PathLike[str], fmt: str) -> Iterator[Member]:
         raise ValueError(f"unknown archive format {fmt!r}; expected one of {SUPPORTED_FORMATS}")
     try:
         yield from members
-    except _CORRUPT as exc:
+    except CORRUPT_ERRORS as exc:
         raise ArchiveError(f"corrupt or truncated {fmt} archive: {exc}") from exc
 
 
@@ -508,7 +511,7 @@ def _zip_link_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
             return fh.read(4096).decode("utf-8", "replace")
     # zipfile raises NotImplementedError for an unsupported method and RuntimeError for an
     # encrypted member: the link is flagged unsafe either way, only its detail is lost.
-    except (*_CORRUPT, NotImplementedError, RuntimeError):
+    except (*CORRUPT_ERRORS, NotImplementedError, RuntimeError):
         return "<unreadable target>"
 
 

@@ -25,26 +25,15 @@ from tqdm import tqdm
 from imgpipe.contract import Reject
 from imgpipe.data import archive
 from imgpipe.data.archive import Member
+from imgpipe.data.archivecaps import Caps, too_expanded, too_many
+from imgpipe.data.labels import BAD_LABEL, check_class_name
 from imgpipe.data.readers.base import Reader
 from imgpipe.data.transport import basename
 
-__all__ = ["MEMBER_TOO_LARGE", "DUPLICATE_MEMBER", "Caps", "SeenPaths", "Extraction", "read_member", "Sink", "extract_source", "Discard", "dry_run"]
+__all__ = ["MEMBER_TOO_LARGE", "DUPLICATE_MEMBER", "SeenPaths", "Extraction", "read_member", "Sink", "extract_source", "Discard", "dry_run"]
 
 MEMBER_TOO_LARGE = "member_too_large"
 DUPLICATE_MEMBER = "duplicate_member"
-# Headroom under max_expansion_ratio for tiny archives, whose per-member header and
-# path costs alone can exceed 100x the few hundred bytes they compress to.
-_EXPANSION_SLACK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Caps:
-    """The step's limits on what all sources together may bring (``DownloadConfig`` carries them)."""
-
-    max_member_bytes: int
-    max_total_bytes: int
-    max_members: int
-    max_expansion_ratio: float
 
 
 class SeenPaths:
@@ -105,21 +94,23 @@ class Extraction:
     per_source: dict[str, int] = field(default_factory=dict)  # members by source URI
 
     def start(self, source: Reader) -> None:
-        """Begins a source; refuses a zip whose index alone declares too many entries.
+        """Begins a source; refuses a zip whose index alone declares too many entries or bytes.
 
-        The index counts directory entries too: they cost memory when it is parsed.
+        The index counts directory entries too: they cost memory when it is parsed. The
+        source's own pre-checks (:meth:`Reader.precheck`) are those every nested archive passes.
         """
         self.expanded = 0
         declared = source.declared_members()
         if declared is not None and self.inputs + declared > self.cfg.max_members:
-            raise ValueError(self._too_many(source, f"its index declares {declared} entries, directories included"))
+            raise ValueError(too_many(source.uri, self.cfg.max_members, f"its index declares {declared} entries, directories included"))
+        source.precheck(self.cfg)
 
     def admit(self, source: Reader, member: Member) -> None:
         """Counts a member, read or rejected, with its header and path bytes."""
         self.inputs += 1
         self.per_source[source.uri] = self.per_source.get(source.uri, 0) + 1
         if self.inputs > self.cfg.max_members:
-            raise ValueError(self._too_many(source, f"at {member.path!r}"))
+            raise ValueError(too_many(source.uri, self.cfg.max_members, f"at {member.path!r}"))
         self._charge(source, member, member.header_bytes)
 
     def screen(self, member: Member) -> Reject | None:
@@ -127,6 +118,8 @@ class Extraction:
         duplicate = self.seen.add(member.path)
         if member.reason is not None:
             return Reject(member.path, member.reason, member.detail)
+        if member.label is not None and (bad := check_class_name(member.label)) is not None:  # every reader's given label
+            return Reject(member.path, BAD_LABEL, bad)
         if duplicate:
             return Reject(member.path, DUPLICATE_MEMBER, "an earlier member has the same path")
         if member.size > self.cfg.max_member_bytes:
@@ -157,19 +150,8 @@ class Extraction:
         self.expanded += size
         if source.bytes is None:  # a directory: its files are what they are
             return
-        if self.expanded > self.cfg.max_expansion_ratio * source.bytes + _EXPANSION_SLACK:
-            raise ValueError(
-                f"{source.uri} expands to more than max_expansion_ratio={self.cfg.max_expansion_ratio} "
-                f"times its {source.bytes} bytes (reached at {member.path!r}); this looks like an "
-                "archive bomb. Raise max_expansion_ratio if it is genuine. Nothing was committed."
-            )
-
-    def _too_many(self, source: Reader, where: str) -> str:
-        return (
-            f"{source.uri} brings the member count over max_members={self.cfg.max_members} "
-            f"({where}); this looks like an archive bomb. Raise max_members if the data set "
-            "really has that many files. Nothing was committed."
-        )
+        if self.expanded > self.cfg.expansion_limit(source.bytes):
+            raise ValueError(too_expanded(source.uri, self.cfg, source.bytes, f"reached at {member.path!r}"))
 
 
 def _too_large(size: int, cfg: Caps) -> str:
@@ -216,6 +198,8 @@ def extract_source(source: Reader, state: Extraction, shards: Sink) -> None:
                 state.count(source, member, len(outcome))
                 shards.add(member, outcome)
     except archive.ArchiveError as exc:
+        if str(exc).startswith(source.uri):
+            raise
         raise archive.ArchiveError(f"{source.uri}: {exc}") from exc
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "ImageRejected",
     "NormalizedImage",
     "MAX_PIXELS",
+    "MAX_PIXELS_LIMIT",
     "open_image",
     "decode_bytes",
     "validate_and_normalize",
@@ -39,6 +40,9 @@ __all__ = [
 # The largest image (width x height) decoded unless told otherwise: PIL's own default
 # MAX_IMAGE_PIXELS, a 1024 MiB 24-bit image (CleanConfig.max_pixels, ResizeSpec.max_pixels).
 MAX_PIXELS = 89_478_485
+# The most a config may raise max_pixels to: a 2-gigapixel image, 6 GiB as RGB, already more
+# than a decode worker's memory holds; past it a setting would only defer the failure.
+MAX_PIXELS_LIMIT = 1 << 31
 
 
 # What validate_and_normalize makes of every image, as a model card's `input` records it

@@ -17,12 +17,16 @@ import csv
 import io
 import posixpath
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 __all__ = [
     "LabelSource",
+    "BAD_LABEL",
+    "MAX_CLASS_NAME",
+    "check_class_name",
     "oxford_label",
     "folder_label",
     "escape_csv_cell",
@@ -38,6 +42,41 @@ __all__ = [
 ]
 
 LabelSource = Literal["auto", "oxford", "folder", "csv", "given"]
+
+# The reject reason of an image whose class name fails check_class_name.
+BAD_LABEL = "bad_label"
+# The longest class name, in characters: a label, not a caption.
+MAX_CLASS_NAME = 128
+
+
+def check_class_name(name: str) -> str | None:
+    """Why ``name`` cannot be a class name, or ``None`` when it can.
+
+    A class name travels to every format that lists classes: Triton's ``labels.txt`` (one
+    per line), CSV tables, ``labels.json``, HTML reports. Each can carry what this allows: a
+    non-empty string of at most :data:`MAX_CLASS_NAME` characters without control, format,
+    private-use or unassigned characters (Unicode category ``C*``: tab, CR, LF, zero-width
+    and bidirectional marks), without line or paragraph separators, and without leading or
+    trailing white space. It is checked once, where a label is first read (a reader's given
+    label, a folder or file name, a label CSV); a name that fails makes its image a
+    :data:`BAD_LABEL` reject.
+
+    Returns:
+        The reason, naming the offending character by code point (never echoing it), or ``None``.
+    """
+    if not isinstance(name, str) or not name:
+        return "the class name is empty"
+    if len(name) > MAX_CLASS_NAME:
+        return f"the class name has {len(name)} characters; at most {MAX_CLASS_NAME} are allowed"
+    for i, char in enumerate(name):
+        category = unicodedata.category(char)
+        if category[0] == "C" or category in ("Zl", "Zp"):
+            what = f"U+{ord(char):04X} ({unicodedata.name(char, category)}) at position {i}"
+            return f"the class name holds {what}; control characters and line breaks are not allowed"
+    if name != name.strip():
+        return "the class name starts or ends with white space"
+    return None
+
 
 # Oxford-IIIT Pet names images "<Breed_Name>_<number>.<ext>": cats capitalized, dogs not.
 _OXFORD_NAME = re.compile(r"^(?P<breed>[A-Za-z][A-Za-z_]*?)_(?P<num>\d+)$")

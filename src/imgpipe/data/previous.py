@@ -12,11 +12,17 @@ fetched again from its source (a previous output is read back from storage: untr
 An object is unchanged when the listing gives the same key, size and change token (S3's
 ETag; a local file's modification time and inode; an HTTP ETag, asked for with
 ``If-None-Match``); an object without a change token is always fetched.
+
+A record can be forged whole (bytes, sha256 and ETag alike), so a store listing that gives a
+content hash proves the bytes against the store itself (``take(..., store_md5=True)``): S3's
+ETag of a single-part upload is the MD5 of the object, and carried bytes must have it; an
+object whose ETag is no MD5 (a multipart upload's ``<md5>-<parts>``) is fetched again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,6 +36,9 @@ __all__ = ["PreviousDownload"]
 
 # Row groups kept decoded at once: fetch threads read neighbouring rows of the same few groups.
 _CACHED_GROUPS = 4
+# S3's ETag of a single-part upload: the MD5 of its bytes (a multipart one ends "-<parts>").
+# https://docs.aws.amazon.com/AmazonS3/latest/API/API_Object.html (ETag)
+_MD5_ETAG = re.compile(r"[0-9a-fA-F]{32}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +75,8 @@ class PreviousDownload:
         self._groups: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._seen: set[str] = set()
         self.carried = 0
-        self.refused = 0  # rows whose bytes did not hash to their recorded sha256
+        self.refused = 0  # rows whose bytes failed a check: their recorded sha256, or the store's MD5
+        self.unproved = 0  # unchanged rows the store gives no MD5 for (multipart uploads): fetched again
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -80,8 +90,16 @@ class PreviousDownload:
             self._seen.add(path)
         return row.size, row.etag
 
-    def take(self, path: str, size: int, etag: str | None) -> bytes | None:
-        """The recorded bytes of ``path`` when its size and change token are unchanged (and they hash as recorded)."""
+    def take(self, path: str, size: int, etag: str | None, *, store_md5: bool = False) -> bytes | None:
+        """The recorded bytes of ``path`` when its size and change token are unchanged (and they hash as recorded).
+
+        Args:
+            path: The member path, as recorded.
+            size: Its size as the listing gives it now.
+            etag: Its change token as the listing gives it now.
+            store_md5: ``etag`` is S3's: carry only bytes whose MD5 it is (a single-part
+                upload's ETag); an ETag that is no MD5 (a multipart upload's) is fetched again.
+        """
         row = self._rows.get(path)
         if row is None:
             return None
@@ -89,8 +107,16 @@ class PreviousDownload:
             self._seen.add(path)
         if etag is None or row.etag != etag or row.size != size:
             return None
+        if store_md5 and not _MD5_ETAG.fullmatch(etag):
+            with self._lock:
+                self.unproved += 1
+            return None
         data = self._bytes(row)
-        if data is None or hashlib.sha256(data).hexdigest() != row.sha256:
+        if (
+            data is None
+            or hashlib.sha256(data).hexdigest() != row.sha256
+            or (store_md5 and hashlib.md5(data, usedforsecurity=False).hexdigest() != etag.lower())
+        ):
             with self._lock:
                 self.refused += 1
             return None
@@ -124,4 +150,5 @@ class PreviousDownload:
             "unchanged": self.carried,
             "deleted": len(self._rows) - seen,
             "carried_refused": self.refused,
+            "carried_unproved": self.unproved,
         }

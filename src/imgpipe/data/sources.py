@@ -324,12 +324,25 @@ def peer_checked_session(policy: SourcePolicy) -> requests.Session:
     The check runs in ``connect()``, right after the TCP (and TLS) handshake and before
     the request is written, under every policy (link-local addresses are refused to all).
     Connections through a proxy are not checked: their peer is the proxy, which then
-    decides what may be reached.
+    decides what may be reached. The session never follows a redirect itself (callers follow
+    them by hand, each hop checked by :func:`check_redirect`).
     """
-    session = requests.Session()
+    session = _NoRedirectSession()
     session.mount("http://", _PeerCheckedAdapter(policy.check_address))
     session.mount("https://", _PeerCheckedAdapter(policy.check_address))
     return session
+
+
+class _NoRedirectSession(requests.Session):
+    """A session for which no response is a redirect.
+
+    requests prepares a redirect's next request (``Response.next``) even with
+    ``allow_redirects=False``, and a ``Location`` that does not parse (``http://[bad``)
+    then raises out of ``get``, before the caller sees the response it could reject.
+    """
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        return None
 
 
 def _checked_connection(base: type, check: Callable[[str, str], None]) -> type:

@@ -133,6 +133,8 @@ class SynthConfig:
             raise ValueError(f"SynthConfig.classes must be in 1..{len(OXFORD_BREEDS)}, got {self.classes}")
         if self.per_class < 1:
             raise ValueError(f"SynthConfig.per_class must be >= 1, got {self.per_class}")
+        if self.per_class > 100_000:
+            raise ValueError(f"SynthConfig.per_class must be <= 100000 (a sample data set), got {self.per_class}")
         if self.seed < 0:
             raise ValueError(f"SynthConfig.seed must be >= 0 (numpy seeds are non-negative), got {self.seed}")
         if self.min_side < 32:

@@ -12,6 +12,8 @@ server errors and dropped connections are retried with exponential backoff (the 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "HttpSpooler",
     "open_response",
+    "check_url",
+    "RedirectFailed",
     "FetchFailed",
     "fetch_url",
     "retry_after",
@@ -42,6 +46,7 @@ __all__ = [
     "FETCH_FAILED",
     "TOO_LARGE",
     "REFUSED",
+    "REDIRECT_REFUSED",
 ]
 
 _CHUNK = 1 << 20
@@ -60,6 +65,10 @@ TRANSIENT_ERRORS = (
     ConnectionError,
     TimeoutError,
 )
+_HTTP_SCHEMES = ("http", "https")
+# urllib3 logs each request line, query included (at DEBUG: `imgpipe -v`); a presigned
+# URL's signature must not reach the log that way.
+logging.getLogger("urllib3.connectionpool").addFilter(storage.RedactingFilter())
 
 
 @dataclass(frozen=True)
@@ -132,8 +141,8 @@ class HttpSpooler:
                     if failures > self.cfg.retries:
                         raise ConnectionError(
                             f"downloading {storage.redact_uri(self.url)} failed {failures} times in a row without "
-                            f"progress (retries={self.cfg.retries}): {exc}"
-                        ) from exc
+                            f"progress (retries={self.cfg.retries}): {storage.redact_text(str(exc))}"
+                        ) from None
                     time.sleep(self._delay(failures, exc))
 
     def _delay(self, failures: int, exc: BaseException) -> float:
@@ -233,6 +242,39 @@ def retry_after(resp: requests.Response) -> float:
     return float(value) if value.isdigit() else 0.0
 
 
+def check_url(url: str) -> None:
+    """Refuses a URL that cannot be fetched as written: one that does not parse, a port out of range, an http(s) URL without a usable host.
+
+    Raises:
+        ValueError: Saying what is wrong, without the URL (it may carry credentials).
+    """
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 - raises for a port past 65535 or one that is not a number
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535"
+        raise ValueError(f"not a usable URL ({exc})") from None
+    if parsed.scheme.lower() not in _HTTP_SCHEMES:
+        return
+    host = parsed.hostname
+    if not host:
+        raise ValueError("not a usable URL (it names no host)")
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return  # an address written out
+    except ValueError:
+        pass
+    try:
+        host.encode("idna")  # what the resolver is asked: labels of 1 to 63 characters
+    except UnicodeError:
+        raise ValueError(f"not a usable URL (host {host[:80]!r} is not a valid host name)") from None
+    if any(c.isspace() or not c.isprintable() for c in host):
+        raise ValueError(f"not a usable URL (host {host[:80]!r} holds blanks or control characters)")
+
+
+class RedirectFailed(ValueError):
+    """A redirect that cannot be followed: a loop or too many hops, no ``Location``, or a ``Location`` that is not a usable URL."""
+
+
 def open_response(
     session: requests.Session, url: str, policy: SourcePolicy, *, headers: dict[str, str], timeout_s: float, pinned: bool
 ) -> tuple[requests.Response, str]:
@@ -240,7 +282,8 @@ def open_response(
 
     Raises:
         SourceRefused: If the host or a redirect's target is outside ``policy``.
-        ValueError: For a redirect without a Location, or more than five.
+        RedirectFailed: For a redirect without a Location, one whose Location is not a
+            usable URL, or more than five.
     """
     first = url
     policy.check_host(url)
@@ -251,13 +294,20 @@ def open_response(
         location = resp.headers.get("Location")
         resp.close()
         if not location:
-            raise ValueError(f"{storage.redact_uri(url)} answered HTTP {resp.status_code} without a Location")
+            raise RedirectFailed(f"{storage.redact_uri(url)} answered HTTP {resp.status_code} without a Location")
         if hop > _MAX_REDIRECTS:
             break
-        target = urljoin(url, location)
+        try:
+            target = urljoin(url, location)
+            check_url(target)
+        except ValueError as exc:
+            raise RedirectFailed(f"{storage.redact_uri(url)} answered HTTP {resp.status_code} with a Location that is {exc}") from None
         check_redirect(policy, url, target, pinned=pinned, hop=hop)
         url = target
-    raise ValueError(f"downloading {storage.redact_uri(first)}: more than {_MAX_REDIRECTS} redirects (last at {storage.redact_uri(url)})")
+    raise RedirectFailed(
+        f"downloading {storage.redact_uri(first)}: more than {_MAX_REDIRECTS} redirects, a loop or a chain too long "
+        f"(last at {storage.redact_uri(url)})"
+    )
 
 
 class FetchFailed(Exception):
@@ -274,6 +324,7 @@ FETCH_TIMEOUT = "fetch_timeout"
 FETCH_FAILED = "fetch_failed"
 TOO_LARGE = "member_too_large"
 REFUSED = "source_refused"
+REDIRECT_REFUSED = "redirect_refused"
 
 
 def fetch_url(
@@ -290,7 +341,9 @@ def fetch_url(
     Raises:
         FetchFailed: With :data:`HTTP_ERROR` (a status that is not worth retrying, or one that
             stayed after the retries), :data:`FETCH_TIMEOUT`, :data:`FETCH_FAILED` (connections
-            that kept failing), :data:`TOO_LARGE` or :data:`REFUSED` (the policy).
+            that kept failing, a URL requests cannot send), :data:`TOO_LARGE`, :data:`REFUSED`
+            (the policy) or :data:`REDIRECT_REFUSED` (:class:`RedirectFailed`). Details pass
+            through :func:`storage.redact_text`.
     """
     from imgpipe.data.sources import SourceRefused
 
@@ -299,13 +352,17 @@ def fetch_url(
         try:
             return _fetch_once(session, url, settings, policy, pinned, etag)
         except SourceRefused as exc:
-            raise FetchFailed(REFUSED, str(exc)) from None
+            raise FetchFailed(REFUSED, storage.redact_text(str(exc))) from None
+        except RedirectFailed as exc:
+            raise FetchFailed(REDIRECT_REFUSED, storage.redact_text(str(exc))) from None
         except (Transient, *TRANSIENT_ERRORS) as exc:
             failures += 1
             if failures > settings.retries:
                 timeout = isinstance(exc, (requests.Timeout, TimeoutError, urllib3.exceptions.TimeoutError))
                 reason = FETCH_TIMEOUT if timeout else HTTP_ERROR if str(exc).startswith("HTTP ") else FETCH_FAILED
-                raise FetchFailed(reason, f"{str(exc)[:200]} ({failures} attempts)") from None
+                raise FetchFailed(reason, f"{storage.redact_text(str(exc))[:200]} ({failures} attempts)") from None
+        except (requests.RequestException, ValueError) as exc:  # InvalidURL and kin: sending it again changes nothing
+            raise FetchFailed(FETCH_FAILED, f"{type(exc).__name__}: {storage.redact_text(str(exc))[:200]}") from None
             hint = exc.retry_after if isinstance(exc, Transient) else 0.0
             time.sleep(min(max(settings.backoff_s * 2 ** (failures - 1), hint), _MAX_BACKOFF_S))
 

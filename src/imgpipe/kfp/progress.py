@@ -5,9 +5,10 @@
 
 kfp.local writes everything to ``sys.stdout``: each task's executor input, its streamed log
 and its outputs, about 750 lines for one run. Inside :func:`step_progress` that text goes to the
-log file whole, and the terminal gets a line per task as it starts and ends (``clean ...
-done in 12.4 s``). A failed task's last lines are shown with the log's path, so the reason
-is on screen without ``--verbose``.
+log file whole (every URI in it redacted, as :func:`imgpipe.storage.redact_text` does), and
+the terminal gets a line per task as it starts and ends (``clean ... done in 12.4 s``). A
+failed task's last lines are shown with the log's path, so the reason is on screen without
+``--verbose``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
+
+from imgpipe import storage
 
 __all__ = ["StepProgress", "step_progress"]
 
@@ -45,14 +48,19 @@ class StepProgress(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        self.log.write(text)
         lines = (self._partial + text).split("\n")
         self._partial = lines.pop()
         for line in lines:
+            # Executor inputs carry the run's parameters: a source URI's password or signature stays out of the file.
+            line = storage.redact_text(line)
+            self.log.write(line + "\n")
             self._line(_ANSI.sub("", line))
         return len(text)
 
     def flush(self) -> None:
+        if self._partial:
+            self.log.write(storage.redact_text(self._partial))
+            self._partial = ""
         self.log.flush()
 
     def _line(self, line: str) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from imgpipe.config import check_range
+from imgpipe.config import check_numbers, check_range
 from imgpipe.remote.targets import parse_address
 from imgpipe.resize.spec import PRESETS, OutputFormat, Resample, ResizeMode, ResizeSpec
 
@@ -111,6 +111,7 @@ class ResizeConfig:
     no_progress_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         parse_address(self.ray_address)  # a remote address is well-formed
@@ -121,12 +122,12 @@ class ResizeConfig:
                 f"executor 'pool' runs the tasks in this process's own pool, but ray_address {self.ray_address!r} "
                 "names a Ray cluster or job: use executor 'ray' or 'auto' there, or an empty ray_address for the pool"
             )
-        check_range("batch_size", self.batch_size, 1, integer=True)
-        check_range("concurrency", self.concurrency, 0, integer=True, note="0 = one per CPU")
-        check_range("rows_per_shard", self.rows_per_shard, 1, integer=True)
-        check_range("row_group_rows", self.row_group_rows, 1, integer=True)
-        if self.no_progress_timeout_s <= 0 and self.no_progress_timeout_s != -1:
-            raise ValueError("no_progress_timeout_s must be > 0 seconds, or -1 to disable")
+        check_range("batch_size", self.batch_size, 1, 1 << 16, integer=True)
+        check_range("concurrency", self.concurrency, 0, 1 << 16, integer=True, note="0 = one per CPU")
+        check_range("rows_per_shard", self.rows_per_shard, 1, 1 << 20, integer=True)
+        check_range("row_group_rows", self.row_group_rows, 1, 1 << 16, integer=True)
+        if self.no_progress_timeout_s != -1:
+            check_range("no_progress_timeout_s", self.no_progress_timeout_s, 0, 7 * 86400, low_open=True, note="seconds, or -1 to disable")
         _ = self.spec  # building the per-image settings checks size, mode, ops, ... here
         _ = self.spec_for("train")  # and train_mode
 

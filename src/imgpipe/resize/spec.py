@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from imgpipe.config import check_range
-from imgpipe.data.images import MAX_PIXELS
+from imgpipe.config import check_numbers, check_range
+from imgpipe.data.images import MAX_PIXELS, MAX_PIXELS_LIMIT
 
 __all__ = [
     "PRESETS",
@@ -251,6 +251,7 @@ class ResizeSpec:
     parsed_ops: tuple[Op, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         check_range("size", self.size, 1, 8192, integer=True)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -261,7 +262,7 @@ class ResizeSpec:
         if self.format not in ("raw", "jpeg"):
             raise ValueError(f"format must be raw or jpeg, got {self.format!r}")
         check_range("jpeg_quality", self.jpeg_quality, 1, 100, integer=True)
-        check_range("max_pixels", self.max_pixels, 1, integer=True, note="width x height")
+        check_range("max_pixels", self.max_pixels, 1, MAX_PIXELS_LIMIT, integer=True, note="width x height")
         parsed = tuple(parse_op(o) for o in self.ops)
         if any(op.name == "roi_crop" for op in parsed[1:]):
             raise ValueError("roi_crop selects the region before the resize, so it must be the first op")

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgpipe import contract, parquet, storage, writer
+from imgpipe.config import check_numbers
 from imgpipe.contract import StepReport
 from imgpipe.data.labels import escape_csv_cell
 from imgpipe.report import html as htmlpage
@@ -86,6 +87,7 @@ class AuditConfig:
     filter_by: str = "prune_by_noise_rate"
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not 2 <= self.folds <= 20:
             raise ValueError(f"folds must be between 2 and 20, got {self.folds}")
         allowed = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from imgpipe import contract, storage, writer
-from imgpipe.config import config_to_dict, config_to_yaml
+from imgpipe.config import check_numbers, check_range, config_to_dict, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
 from imgpipe.report import training as report
 from imgpipe.report.comparison import CURVES_PNG, TABLE_KEYS, page
@@ -112,6 +112,8 @@ class CompareConfig:
     collapse_reference: float = COLLAPSE_REFERENCE
 
     def __post_init__(self) -> None:
+        check_numbers(self)
+        check_range("trend_window", self.trend_window, 2, 10_000, integer=True, note="epochs")
         if not 0 <= self.collapsed_recall < self.collapse_reference <= 1:
             raise ValueError("collapsed_recall and collapse_reference must satisfy 0 <= collapsed_recall < collapse_reference <= 1")
         if self.imbalance_ratio < 1:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import contract, storage
-from imgpipe.config import check_range
+from imgpipe.config import check_numbers, check_range
 from imgpipe.contract import StepReport
-from imgpipe.data.extraction import Caps, Extraction, dry_run, extract_source
+from imgpipe.data.archivecaps import Caps
+from imgpipe.data.extraction import Extraction, dry_run, extract_source
 from imgpipe.data.previous import PreviousDownload
 from imgpipe.data.readers.archives import DirectoryReader
 from imgpipe.data.readers.base import Reader, ReaderSettings
@@ -62,6 +63,8 @@ _MiB = 1 << 20
 _GiB = 1 << 30
 # Arrow's binary type addresses a column chunk with int32 offsets.
 _MAX_BINARY_BYTES = (1 << 31) - 1
+# The largest byte count a size cap may name: a pebibyte, beyond any one run's storage.
+_MAX_BYTES = 1 << 50
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = _MiB
 # Headroom under max_expansion_ratio for tiny archives, whose per-member header and
@@ -143,21 +146,22 @@ class DownloadConfig:
         return HttpSettings(retries=self.retries, timeout_s=self.timeout_s, backoff_s=self.backoff_s, max_bytes=self.max_download_bytes)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         object.__setattr__(self, "sha256", _normalize_digests(self.sha256))
         parse_label_key(self.label_key)
         object.__setattr__(self, "class_names", _normalize_names(self.class_names))
         check_range("max_member_bytes", self.max_member_bytes, 1, _MAX_BINARY_BYTES, integer=True)
-        check_range("max_total_bytes", self.max_total_bytes, 1, integer=True)
-        check_range("max_members", self.max_members, 1, integer=True)
-        check_range("max_expansion_ratio", self.max_expansion_ratio, 0, low_open=True)
-        check_range("max_download_bytes", self.max_download_bytes, 1, integer=True)
+        check_range("max_total_bytes", self.max_total_bytes, 1, _MAX_BYTES, integer=True)
+        check_range("max_members", self.max_members, 1, 1 << 32, integer=True)
+        check_range("max_expansion_ratio", self.max_expansion_ratio, 0, 1e6, low_open=True)
+        check_range("max_download_bytes", self.max_download_bytes, 1, _MAX_BYTES, integer=True)
         check_range("shard_bytes", self.shard_bytes, 1, _MAX_BINARY_BYTES, integer=True)
-        check_range("row_group_rows", self.row_group_rows, 1, integer=True)
-        check_range("retries", self.retries, 0, integer=True)
-        check_range("write_workers", self.write_workers, 1, integer=True)
+        check_range("row_group_rows", self.row_group_rows, 1, 1 << 16, integer=True)
+        check_range("retries", self.retries, 0, 100, integer=True)
+        check_range("write_workers", self.write_workers, 1, 256, integer=True)
         check_range("fetch_workers", self.fetch_workers, 1, 256, integer=True)
-        check_range("timeout_s", self.timeout_s, 0, low_open=True)
-        check_range("backoff_s", self.backoff_s, 0)
+        check_range("timeout_s", self.timeout_s, 0, 86400, low_open=True)
+        check_range("backoff_s", self.backoff_s, 0, 3600)
 
 
 def _normalize_digests(value: Any) -> tuple[str, ...]:
@@ -344,7 +348,7 @@ def download(
         _check_outside_dest(item.uri, dest)
         policy.check_source(item.uri, pinned=item.sha256 is not None)
     carry = PreviousDownload(previous) if previous else None
-    settings = ReaderSettings(cfg.max_member_bytes, cfg.fetch_workers, cfg.http(), policy, carry, shard)
+    settings = ReaderSettings(cfg.max_member_bytes, cfg.fetch_workers, cfg.http(), policy, carry, shard, caps=cfg.caps())
     settings = dataclasses.replace(settings, image_column=cfg.image_column, label_column=cfg.label_column)
     settings = dataclasses.replace(settings, label_key=cfg.label_key, class_names=cfg.class_names)
     phases = PhaseLog(STEP)

@@ -5,8 +5,11 @@
 Each shard (:mod:`imgpipe.data.sharding`) was downloaded and cleaned in its own pod, so what
 needs every image at once is settled here, from metadata first and then in one streaming pass:
 
+* member paths: a path in more than one shard (two sources holding it, :mod:`imgpipe.steps.merge_rules`)
+  is kept from the lowest shard that has it, the others are ``duplicate_member`` rejects, as in
+  an unsharded download; this comes first, as the download's rule comes before clean's;
 * labels: the union of the shards' classes, encoded as clean encodes them (the source's own
-  class list first and whole, from the shards' ``class_order``);
+  class list first and whole, from the shards' ``class_order``), less a class that lost every image here;
 * exact duplicates across shards (same sha256): the copy in the lowest shard is kept, the
   others are ``duplicate`` rejects, as within a shard;
 * near-duplicates across shards (pHash within ``near_duplicate_distance``, mirrored too):
@@ -18,8 +21,8 @@ needs every image at once is settled here, from metadata first and then in one s
   itself a uniform shuffle of all rows.
 
 Every input is accounted once: the shards' rejects are carried over and the merge's own are
-added, so ``inputs == outputs + rejected`` over the union. Memory: about 60 bytes per image
-for the metadata (sha256 prefix, hashes, label, split, place), plus one Parquet batch of each
+added, so ``inputs == outputs + rejected`` over the union. Memory: about 80 bytes per image
+for the metadata (sha256 prefix, path digest, hashes, label, split, place), plus one Parquet batch of each
 shard while the rows stream into the output (at most clean's ``row_group_bytes`` each).
 """
 
@@ -42,9 +45,11 @@ from imgpipe.clean.review import NEAR_DUPLICATE, REPORTED
 from imgpipe.clean.splits import split_codes
 from imgpipe.config import config_to_dict
 from imgpipe.contract import Reject, StepReport
+from imgpipe.data.extraction import DUPLICATE_MEMBER
 from imgpipe.data.labels import encode_labels, merge_class_orders
 from imgpipe.outcome import check_clean
 from imgpipe.phases import PhaseLog
+from imgpipe.steps.merge_rules import exact_duplicates, kept_classes, later_paths, path_keys
 from imgpipe.writer import OutputWriter
 
 __all__ = ["merge"]
@@ -53,7 +58,7 @@ STEP = "clean"  # the merged output is a clean output: resize reads it as it rea
 
 # Hex digits of the sha256 the exact-duplicate search compares (128 bits: no collision among 10^9 images).
 _KEY_HEX = 32
-_META_COLUMNS = ["sha256", "label", "split", "phash", "phash_mirror"]
+_META_COLUMNS = ["path", "sha256", "label", "split", "phash", "phash_mirror"]
 # Settings the shards must share: the merge applies them to all of them at once.
 _SHARED = (
     "grayscale",
@@ -102,10 +107,11 @@ class _Shard:
         if self.rows != int(self.manifest.get("outputs") or 0):
             raise ValueError(f"shard {prefix} holds {self.rows} rows but its manifest says {self.manifest.get('outputs')}")
         if meta is None:
-            self.keys, self.label = np.zeros(0, f"S{_KEY_HEX}"), np.zeros(0, np.int32)
+            self.keys, self.label, self.paths = np.zeros(0, f"S{_KEY_HEX}"), np.zeros(0, np.int32), path_keys(())
             self.split, self.phash, self.mirror = np.zeros(0, np.int8), np.zeros(0, np.uint64), np.zeros(0, np.uint64)
             return
         self.keys = _sha_keys(meta.column("sha256"))
+        self.paths = path_keys(meta.column("path").to_pylist())
         self.label = meta.column("label").to_numpy().astype(np.int32)
         if len(self.label) and (self.label.min() < 0 or self.label.max() >= len(self.classes)):
             raise ValueError(f"shard {prefix} has labels outside its {len(self.classes)} classes")
@@ -194,16 +200,6 @@ def _paths_of(shards: Sequence[_Shard], wanted: dict[int, list[int]]) -> dict[tu
     return out
 
 
-def _exact_duplicates(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows whose key an earlier row has (the lowest shard's copy is kept), and that earlier row of each."""
-    order = np.argsort(keys, kind="stable")  # equal keys stay in row order: the first is the kept one
-    ranked = keys[order]
-    starts = np.r_[0, np.flatnonzero(ranked[1:] != ranked[:-1]) + 1] if len(keys) else np.zeros(0, np.int64)
-    first = np.repeat(order[starts], np.diff(np.r_[starts, len(keys)]))  # per position in ``order``
-    later = first != order
-    return order[later], first[later]
-
-
 def _name(named: dict[tuple[int, int], str], row: int, shard_of: np.ndarray, start: np.ndarray) -> str:
     """The path of merged row ``row`` among those :func:`_paths_of` read."""
     k = int(shard_of[row])
@@ -247,15 +243,23 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
     label = np.concatenate([np.array([lookup[c] for c in s.classes] or [0], np.int32)[s.label] for s in parts])
     split = np.concatenate([s.split for s in parts])
     phash, mirror = np.concatenate([s.phash for s in parts]), np.concatenate([s.mirror for s in parts])
+    shard_rejects = [contract.read_rejects(p) for p in prefixes]
+    same_path, path_lead = later_paths([s.paths for s in parts], [path_keys(t.column("path").to_pylist()) for t in shard_rejects])
     for s in parts:
-        del s.keys, s.label, s.split, s.phash, s.mirror
+        del s.keys, s.label, s.split, s.phash, s.mirror, s.paths
     n = len(keys)
     shard_of = np.repeat(np.arange(len(parts), dtype=np.int32), np.diff(start))
     dropped = np.zeros(n, bool)
     why: dict[int, tuple[str, str]] = {}
     wanted: dict[int, list[int]] = {k: [] for k in range(len(parts))}
 
-    dup, dup_lead = _exact_duplicates(keys)
+    # Member paths first: a download would not have read the later copy at all.
+    dropped[same_path] = True
+    for g, lead in zip(same_path.tolist(), path_lead.tolist()):
+        why[g] = (DUPLICATE_MEMBER, f"shard {lead} holds a member of the same path (the lowest shard's is kept)")
+    alive = np.flatnonzero(~dropped)
+    dup, dup_lead = exact_duplicates(keys[alive])
+    dup, dup_lead = alive[dup], alive[dup_lead]
     for lead in dup_lead.tolist():
         wanted[int(shard_of[lead])].append(int(lead - start[shard_of[lead]]))
     dropped[dup] = True
@@ -279,6 +283,7 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
             for g in [*leads.tolist(), *members[:REPORTED].tolist()]:
                 wanted[int(shard_of[g])].append(int(g - start[shard_of[g]]))
     del phash, mirror
+    classes, label = kept_classes(classes, label, dropped, source_order)
 
     # The merged order: a seeded uniform interleaving of the shards' kept rows.
     kept_per = np.bincount(shard_of[~dropped], minlength=len(parts))
@@ -306,8 +311,7 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
     out = OutputWriter(dest, STEP)
     out.begin()
     rejects: list[Reject] = []
-    for prefix in prefixes:
-        table = contract.read_rejects(prefix)
+    for table in shard_rejects:
         rejects += [Reject(p, r, d) for p, r, d in zip(*(table.column(c).to_pylist() for c in ("path", "reason", "detail")))]
     merge_rejects: list[Reject] = []
     cursors = [
@@ -335,6 +339,7 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
         per_split_class,
         cfg,
         global_split,
+        len(same_path),
         len(dup),
         across,
         members,
@@ -406,6 +411,7 @@ def _summary(
     per_split_class: dict[str, dict[str, int]],
     cfg: CleanConfig,
     global_split: bool,
+    duplicate_paths: int,
     duplicates: int,
     across: int,
     members: np.ndarray,
@@ -455,6 +461,7 @@ def _summary(
                 {"prefix": p, "inputs": s.manifest.get("inputs"), "outputs": s.rows, "rejected": s.manifest.get("rejected")}
                 for p, s in zip(prefixes, parts)
             ],
+            "duplicate_paths_across_shards": duplicate_paths,
             "duplicates_across_shards": duplicates,
             "near_duplicates_across_shards": across,
             "split": "stratified over all shards" if global_split else "each shard's (carried or official splits are kept)",

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from imgpipe import contract, parquet, storage
 from imgpipe.clean.config import CleanConfig
+from imgpipe.config import check_numbers, check_range
 from imgpipe.contract import Reject, StepReport
 from imgpipe.data.formats import DEFAULT_FORMATS
 from imgpipe.data.images import MAX_PIXELS, ImageRejected, NormalizedImage, validate_and_normalize
@@ -104,11 +105,11 @@ class PredictConfig:
     tta: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "threads", "top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.actors < 0:
-            raise ValueError(f"actors must be >= 0 (0: one per CPU), got {self.actors}")
+        check_numbers(self)
+        check_range("batch_size", self.batch_size, 1, 1 << 16, integer=True)
+        check_range("threads", self.threads, 1, 256, integer=True)
+        check_range("top_k", self.top_k, 1, 1000, integer=True)
+        check_range("actors", self.actors, 0, 4096, integer=True, note="0: one per CPU")
         unknown = set(self.splits) - {"train", "val", "test"}
         if unknown:
             raise ValueError(f"splits must be among train, val, test; got {sorted(unknown)}")

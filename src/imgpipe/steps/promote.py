@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from imgpipe import contract, serving, storage, writer
-from imgpipe.config import config_to_yaml
+from imgpipe.config import check_numbers, config_to_yaml
 from imgpipe.contract import StepReport
 from imgpipe.readpolicy import ReadPolicy
 from imgpipe.report import html as htmlpage
@@ -62,6 +62,7 @@ class PromoteConfig:
     min_images: int = 20
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not 0.0 <= self.tolerance <= 1.0:
             raise ValueError(f"tolerance is a difference of scores in [0, 1], got {self.tolerance}")
         if self.split != "test":

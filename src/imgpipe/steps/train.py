@@ -190,6 +190,8 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
         "images_per_s": total_seen / max(elapsed, 1e-9),
         "data_wait_fraction": wait_fraction / run.ctx.world_size,
         "lr": run.scheduler.get_last_lr()[0],
+        # This rank's rows refused before decoding, by reason (imgpipe.train.rows.refuse_row).
+        "loader_rejected": dict(run.train_loader.rejected),
     }
 
 

@@ -21,7 +21,9 @@ The backends are :mod:`imgpipe.storage.local` and :mod:`imgpipe.storage.s3`, eac
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -49,6 +51,9 @@ __all__ = [
     "segments",
     "normalize_uri",
     "redact_uri",
+    "uri_location",
+    "redact_text",
+    "RedactingFilter",
     "join",
     "get_backend",
     "exists",
@@ -108,21 +113,63 @@ def redact_uri(uri: str | os.PathLike[str]) -> str:
 
     Presigned URLs carry their signature and access key in the query, ``user:pass@``
     URLs their password; neither may reach a manifest, an artifact or a log. What
-    remains names the object well enough to find it.
+    remains names the object well enough to find it. Never raises: a URI that does not
+    parse (``http://u:p@[::1/x``, a port past 65535) is cut by hand the same way.
     """
     text = os.fspath(uri)
-    parsed = urlparse(text)
-    if not parsed.scheme or parsed.scheme == "file":
+    scheme = text.split(":", 1)[0].lower() if _SCHEME.match(text) else ""
+    if not scheme or scheme == "file":
         return text
-    host = parsed.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"  # an IPv6 literal keeps its brackets (RFC 3986 section 3.2.2)
-    if parsed.port:
-        host = f"{host}:{parsed.port}"
-    redacted = parsed._replace(netloc=host, query="", fragment="", params="").geturl()
-    if parsed.username or parsed.password or parsed.query or parsed.fragment:
-        redacted += " (credentials and query removed)"
-    return redacted
+    location, hidden = _location(text)
+    return f"{scheme}://{location}" + (" (credentials and query removed)" if hidden else "")
+
+
+def uri_location(uri: str) -> str:
+    """``host[:port]/path`` of a URI: what :func:`redact_uri` keeps of it, without the scheme.
+
+    What a member named after its URI is called (``example.com:8080/img/a.jpg``): userinfo,
+    query and fragment never reach it. Never raises.
+    """
+    return _location(uri)[0]
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an error message, a log line) with every URI in it passed through :func:`redact_uri`.
+
+    A query written without its URI (urllib3's ``Max retries exceeded with url:
+    /a.jpg?X-Amz-Signature=...``) is cut as well.
+    """
+    text = _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+    return _QUERY_IN_TEXT.sub("?(query removed)", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that passes each record's message through :func:`redact_text` (urllib3's request lines carry queries)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        shown = redact_text(message)
+        if shown != message:
+            record.msg, record.args = shown, ()
+        return True
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_QUERY_IN_TEXT = re.compile(r"(?<=[^\s?])\?(?!\(query removed\))[^\s'\"<>()]+")
+
+
+def _location(text: str) -> tuple[str, bool]:
+    """``(host[:port]/path, whether anything was cut)`` of a URI; by hand where it does not parse."""
+    try:
+        parsed = urlparse(text)
+    except ValueError:  # "Invalid IPv6 URL": the same cut, by hand
+        rest = text.split("://", 1)[-1]
+        kept = re.split(r"[?#;]", rest, maxsplit=1)[0]
+        authority, slash, path = kept.partition("/")
+        return authority.rpartition("@")[2] + slash + path, kept != rest or "@" in authority
+    hidden = bool("@" in parsed.netloc or parsed.query or parsed.fragment or parsed.params)
+    return parsed.netloc.rpartition("@")[2] + parsed.path, hidden
 
 
 def join(base: str, *parts: str) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
 from imgpipe import resources, storage
-from imgpipe.config import check_range
+from imgpipe.config import check_numbers, check_range
 from imgpipe.train.policies import MAX_M, MAX_N, PolicyLimits, check_limits
 from imgpipe.train.recipes import (
     BASE,
@@ -48,6 +48,15 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 WEIGHTS_CACHE = "weights"
 # The most nodes a config may name at all; the operator's cap on a run is lower (remote.trainjob).
 MAX_NODES = 64
+# Upper bounds of the loader's sizes: past them a value only exhausts memory (or overflows
+# the bytes it is turned into) at the first epoch instead of being refused here.
+MAX_BATCH = 1 << 16
+MAX_SHUFFLE_BUFFER = 1 << 20
+MAX_PREFETCH = 64
+MAX_WORKERS = 256
+# The row cache's largest size, in GiB (LoaderConfig.cache_bytes, TrainConfig.loader_cache_gb):
+# more than any one training node's memory.
+MAX_CACHE_GB = 4096
 
 
 def check_policy(n: int, m: int, policy: str, limits: PolicyLimits) -> None:
@@ -114,13 +123,14 @@ class AugmentConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
         check_policy(self.randaugment_n, self.randaugment_m, self.policy, PolicyLimits(tuple(self.policy_exclude), self.policy_max_m))
         for name in ("grayscale_p", "blur_p", "random_erasing", "noise_p", "jpeg_p"):
             check_range(name, getattr(self, name), 0, 1, note="a probability")
-        check_range("color_jitter", self.color_jitter, 0)
-        check_range("rotation", self.rotation, 0)
+        check_range("color_jitter", self.color_jitter, 0, 1, note="a strength; 0 disables")
+        check_range("rotation", self.rotation, 0, 180, note="degrees; 0 disables")
         check_range("hue", self.hue, 0, 0.5, note="a fraction of the colour circle; 0 keeps hues")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
@@ -180,14 +190,15 @@ class LoaderConfig:
     cache_bytes: int = 0
 
     def __post_init__(self) -> None:
-        check_range("batch_size", self.batch_size, 1, integer=True)
-        check_range("cache_bytes", self.cache_bytes, 0, integer=True)
+        check_numbers(self)
+        check_range("batch_size", self.batch_size, 1, MAX_BATCH, integer=True)
+        check_range("cache_bytes", self.cache_bytes, 0, MAX_CACHE_GB << 30, integer=True)
         if self.engine not in LOADER_ENGINES:
             raise ValueError(f"engine must be one of {', '.join(LOADER_ENGINES)}, got {self.engine!r}")
-        check_range("shuffle_buffer", self.shuffle_buffer, 0, integer=True)
+        check_range("shuffle_buffer", self.shuffle_buffer, 0, MAX_SHUFFLE_BUFFER, integer=True)
         if self.num_workers is not None:
-            check_range("num_workers", self.num_workers, 0, integer=True, note="or unset: automatic")
-        check_range("prefetch_factor", self.prefetch_factor, 1, integer=True)
+            check_range("num_workers", self.num_workers, 0, MAX_WORKERS, integer=True, note="or unset: automatic")
+        check_range("prefetch_factor", self.prefetch_factor, 1, MAX_PREFETCH, integer=True)
         if self.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
             raise ValueError(f"multiprocessing_context must be fork, spawn or forkserver, got {self.multiprocessing_context!r}")
 
@@ -434,6 +445,7 @@ class TrainConfig:
         # not at import, so the pipeline compiles without torch.
         from imgpipe.train.models import available_models
 
+        check_numbers(self)
         if self.model not in available_models():
             raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(available_models())}")
         if self.recipe not in RECIPES:
@@ -443,9 +455,9 @@ class TrainConfig:
         if self.domain not in DOMAIN_NAMES:
             raise ValueError(f"unknown domain {self.domain!r}; choose one of: {', '.join(DOMAIN_NAMES)}")
         v = self._filled()
-        check_range("epochs", v.epochs, 1, integer=True)
-        check_range("batch_size", self.batch_size, 1, integer=True)
-        check_range("loader_cache_gb", self.loader_cache_gb, 0, note="0 keeps nothing")
+        check_range("epochs", v.epochs, 1, 1_000_000, integer=True)
+        check_range("batch_size", self.batch_size, 1, MAX_BATCH, integer=True)
+        check_range("loader_cache_gb", self.loader_cache_gb, 0, MAX_CACHE_GB, note="0 keeps nothing")
         if self.lr is not None:
             check_range("lr", self.lr, 0, note="0 trains nothing")
         check_range("lr_base", self.lr_base, 0, low_open=True)
@@ -471,7 +483,7 @@ class TrainConfig:
         if self.max_steps_per_epoch is not None:
             check_range("max_steps_per_epoch", self.max_steps_per_epoch, 1, integer=True, note="or unset")
         if self.image_size is not None:
-            check_range("image_size", self.image_size, 8, integer=True, note="or unset: the data's size")
+            check_range("image_size", self.image_size, 8, 8192, integer=True, note="or unset: the data's size")
         check_range("nodes", self.nodes, 1, MAX_NODES, integer=True)
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

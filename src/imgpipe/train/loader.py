@@ -34,7 +34,7 @@ from imgpipe.train.partition import (
     worker_batches,
 )
 from imgpipe.train.rowcache import RowCache, cache_budget
-from imgpipe.train.rows import Row, RowGroupReader, decode_jpeg_cpu, decode_raw, jpeg_tensor
+from imgpipe.train.rows import Row, RowGroupReader, decode_jpeg_cpu, decode_raw, jpeg_tensor, refuse_row
 from imgpipe.train.threads import thread_batches
 
 __all__ = [
@@ -93,7 +93,9 @@ class ParquetImageDataset(IterableDataset):
     Each batch is a dict: ``image`` (``B x C x H x W`` uint8 tensor with channels-last
     strides, a view of one ``B x H x W x C`` array; or a list of JPEG byte tensors when
     decoding is left to the device), ``label`` and ``index`` (the
-    rows' positions in the split, int64), and ``part``, the worker partition it came from.
+    rows' positions in the split, int64), ``part``, the worker partition it came from, and
+    ``rejected``, the ``reason: detail`` of each row of the batch refused before decoding
+    (:func:`imgpipe.train.rows.refuse_row`; those rows are left out of the batch).
 
     Args:
         info: The split.
@@ -218,15 +220,22 @@ class ParquetImageDataset(IterableDataset):
             yield rows, keys
 
     def make_batch(self, rows: list[Row], keys: list[int], epoch: int, part: int) -> dict[str, Any]:
-        """One batch (class docstring) from :meth:`part_rows`' rows: decoded, transformed, stacked."""
+        """One batch (class docstring) from :meth:`part_rows`' rows: bounded, decoded, transformed, stacked."""
+        refused = [refuse_row(self.info, r) for r in rows]
+        rejected = [f"{reason} (row {k})" for reason, k in zip(refused, keys) if reason is not None]
+        if rejected:
+            log.warning("loader: %d row(s) of split %s refused before decoding: %s", len(rejected), self.info.split, "; ".join(rejected))
+            rows = [r for r, reason in zip(rows, refused) if reason is None]
+            keys = [k for k, reason in zip(keys, refused) if reason is None]
         labels = torch.tensor([r.label for r in rows], dtype=torch.int64)
         index = torch.tensor(keys, dtype=torch.int64)
-        if self.decode_on_device:
-            return {"image": [jpeg_tensor(r) for r in rows], "label": labels, "index": index, "part": part}
+        batch: dict[str, Any] = {"label": labels, "index": index, "part": part, "rejected": rejected}
+        if self.decode_on_device or not rows:
+            return {"image": [jpeg_tensor(r) for r in rows], **batch}
         images = decode_raw(rows) if self.info.format == "raw" else decode_jpeg_cpu(rows)
         if self.transform is not None:
-            return {"image": self._transformed(images, keys, epoch), "label": labels, "index": index, "part": part}
-        return {"image": _stack(images), "label": labels, "index": index, "part": part}
+            return {"image": self._transformed(images, keys, epoch), **batch}
+        return {"image": _stack(images), **batch}
 
     def _transformed(self, images: Sequence[np.ndarray], keys: Sequence[int], epoch: int) -> torch.Tensor:
         """The transform's outputs as one ``N x C x H x W`` batch, each written into its row where the transform can."""
@@ -252,7 +261,9 @@ class ImageLoader:
 
     Wraps a :class:`ParquetImageDataset` in a ``DataLoader(batch_size=None)``;
     batching, shuffling and partitioning happen in the dataset. Call :meth:`set_epoch`
-    before each epoch (as with ``DistributedSampler``).
+    before each epoch (as with ``DistributedSampler``). ``rejected`` counts, by reason, the
+    rows of the epoch so far that were refused before decoding (a forged or corrupt row);
+    they are left out of their batches.
 
     Args:
         info: The split.
@@ -287,6 +298,9 @@ class ImageLoader:
             num_workers=self.num_workers,
         )
         self.epoch = 0
+        # Rows of the current epoch refused before decoding, by reason (refuse_row): the
+        # loader's report of what it left out.
+        self.rejected: dict[str, int] = {}
         self._consumed = [0] * self.dataset.parts
         self._rotation = 0
         self._loader: DataLoader | None = None
@@ -344,6 +358,7 @@ class ImageLoader:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
+        self.rejected = {}
         self._consumed = [0] * self.parts
         self._rotation = 0
 
@@ -371,8 +386,12 @@ class ImageLoader:
         for p in range(self.parts):
             shared[2 + p] = self._consumed[p]
         for batch in self._batches():
-            self._consumed[batch["part"]] += len(batch["label"])
-            yield batch
+            self._consumed[batch["part"]] += len(batch["label"]) + len(batch["rejected"])
+            for refused in batch["rejected"]:
+                reason = refused.partition(":")[0]
+                self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            if len(batch["label"]):  # a batch whose every row was refused has nothing to train on
+                yield batch
             remaining -= 1
             if remaining == 0:
                 break

@@ -39,6 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgpipe import contract, storage
+from imgpipe.data.images import MAX_PIXELS
+from imgpipe.resize.spec import CROP_FRACTION, MAX_ASPECT_LIMIT
 from imgpipe.train.config import LoaderConfig
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "RowGroup",
     "Unit",
     "SplitInfo",
+    "MAX_ROW_PIXELS",
     "read_labels",
     "split_names",
     "describe_split",
@@ -95,6 +98,11 @@ class Unit:
     stop: int
 
 
+# The most pixels a row of any split may hold, whatever its manifest declares: the largest image
+# decoded anywhere unless told otherwise (8192 x 8192 rows fit). A row past it is never decoded.
+MAX_ROW_PIXELS = MAX_PIXELS
+
+
 @dataclass(frozen=True)
 class SplitInfo:
     """A split of a committed resize output, described from its metadata.
@@ -104,13 +112,16 @@ class SplitInfo:
         split: Split name (``train``, ``val``, ``test``).
         format: ``raw`` (``pixels`` column) or ``jpeg`` (``image`` column).
         row_groups: Every row group of the split's files, in manifest order.
-        height: Image height of the first row (all rows alike unless ``whole``).
-        width: Image width of the first row.
+        height: Image height the manifest declares (``size``; for a ``whole`` split, the
+            first row's, as a nominal figure only: rows vary).
+        width: Image width, likewise.
         channels: Channels of the first row (1 or 3).
         size: The side the resize step made for models (its manifest's ``size``): every
             row's side, or for a ``whole`` split the side readers crop to.
         whole: Rows are whole pictures of varying size (resize mode ``whole``); a reader
             crops each one (RandomResizedCrop for training, a centre crop for evaluation).
+        max_aspect: ``whole`` rows' cap of the long side, as a multiple of the short side's
+            target (the manifest's ``max_aspect``).
     """
 
     data: str
@@ -122,11 +133,38 @@ class SplitInfo:
     channels: int
     size: int = 0
     whole: bool = False
+    max_aspect: float = MAX_ASPECT_LIMIT
 
     @property
     def num_samples(self) -> int:
         """Rows in the split."""
         return sum(g.rows for g in self.row_groups)
+
+    def refuse_size(self, height: int, width: int) -> str | None:
+        """Why a row of ``height x width`` (its image header's) cannot belong to this split, or ``None``.
+
+        The bound is what the resize output's manifest declares (``size``, the split's mode
+        and ``max_aspect``), never another row, plus :data:`MAX_ROW_PIXELS`.
+
+        Returns:
+            ``not_as_declared`` with the detail for a row of another geometry than the split's,
+            ``too_large`` for one past the absolute cap, or ``None`` for a row that fits.
+        """
+        if not self.whole:
+            ok = (height, width) == (self.size, self.size)
+            declared = f"{self.size}x{self.size}"
+        else:
+            # resize's whole mode: short side at most size / CROP_FRACTION, long side at most
+            # max_aspect times that (imgpipe.resize.spec.plan_geometry).
+            short_target = round(self.size / CROP_FRACTION)
+            long_cap = max(short_target, round(self.max_aspect * short_target))
+            ok = 1 <= min(height, width) <= short_target and max(height, width) <= long_cap
+            declared = f"at most {short_target} by {long_cap}"
+        if not ok:
+            return f"not_as_declared: {width}x{height}, the {self.split} split holds {declared}"
+        if height * width > MAX_ROW_PIXELS:
+            return f"too_large: {width}x{height} is over {MAX_ROW_PIXELS} pixels"
+        return None
 
 
 def read_split_columns(info: SplitInfo, columns: Sequence[str]) -> pa.Table:
@@ -220,8 +258,26 @@ def describe_split(data: str, split: str, manifest: Mapping[str, Any] | None = N
     assert fmt is not None and geometry is not None
     extra = manifest.get("extra") or {}
     whole = (extra.get("split_modes") or {}).get(split, extra.get("mode")) == "whole"
-    size = int(extra.get("size") or geometry[0])
-    return SplitInfo(data, split, fmt, tuple(groups), *geometry, size=size, whole=whole)  # type: ignore[arg-type]
+    # The split's geometry is what resize declared, not what a (possibly forged) first row says.
+    size = extra.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 8192:
+        raise ValueError(f"{data}: its manifest declares no image size (extra.size, 1..8192), got {size!r}; is this a resize output?")
+    if geometry[2] not in (1, 3):
+        raise ValueError(f"{data}: rows of split {split!r} have {geometry[2]} channels; a resize output holds 1 or 3")
+    max_aspect = float(extra.get("max_aspect") or MAX_ASPECT_LIMIT)
+    height, width = geometry[:2] if whole else (size, size)
+    return SplitInfo(
+        data,
+        split,
+        fmt,
+        tuple(groups),
+        height,
+        width,
+        geometry[2],
+        size=size,
+        whole=whole,
+        max_aspect=min(max_aspect, MAX_ASPECT_LIMIT),  # type: ignore[arg-type]
+    )
 
 
 # ----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from imgpipe.train.rowcache import RowCache
 __all__ = [
     "Row",
     "RowGroupReader",
+    "refuse_row",
     "binary_views",
     "decode_raw",
     "decode_jpeg_cpu",
@@ -108,6 +109,35 @@ class RowGroupReader:
             with contextlib.suppress(Exception):
                 pf.close()
         self._files.clear()
+
+
+def refuse_row(info: SplitInfo, row: Row) -> str | None:
+    """Why ``row`` must not be decoded, as ``reason: detail``, or ``None``: its bytes are bounded first.
+
+    A row read back from storage is untrusted, its columns included. Its image's own size
+    (a JPEG's header, read without decoding; a raw row's byte count) must agree with its
+    columns, and that size with what the split's manifest declares
+    (:meth:`imgpipe.train.partition.SplitInfo.refuse_size`), so a forged row whose columns
+    agree with a huge header is refused unread. Reasons: ``unreadable`` (no JPEG header, or
+    raw bytes of another length), ``not_as_declared`` and ``too_large``.
+    """
+    height, width, channels = row.shape
+    refused = info.refuse_size(height, width)
+    if refused is not None:
+        return refused
+    if info.format == "raw":
+        if row.data.size != height * width * channels:
+            return f"unreadable: {row.data.size} bytes, its row says {width}x{height}x{channels}"
+        return None
+    import simplejpeg
+
+    try:
+        header_height, header_width, _, _ = simplejpeg.decode_jpeg_header(row.data)
+    except ValueError as exc:
+        return f"unreadable: no JPEG header ({exc})"
+    if (header_height, header_width) != (height, width):
+        return f"not_as_declared: a {header_width}x{header_height} JPEG, its row says {width}x{height}"
+    return None
 
 
 def decode_raw(rows: Sequence[Row]) -> list[np.ndarray]:

@@ -11,7 +11,10 @@ archive's name (without its extension). The manifest entry lists those member pr
 (``nested``), so clean's ``label_source: auto`` can give the members of an archive that sits in
 a class folder that folder's class instead. A third level is a ``nested_archive`` reject. Every member of either level counts
 against the step's caps (members, bytes, expansion of the outer archive), since the step sees
-them as members of this source.
+them as members of this source. Before a nested archive is expanded it passes the checks a
+top-level one does (:mod:`imgpipe.data.archivecaps`), against its own compressed size: a zip's
+index (entries, declared sizes), then each member's count and declared size before its data is
+read; a crossing refuses the source with the top level's message, naming the nested archive.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 from imgpipe.data import archive
 from imgpipe.data.archive import Member
+from imgpipe.data.archivecaps import ArchiveBudget, Caps, precheck
 from imgpipe.data.readers.base import Carry, Reader
 
 __all__ = ["NESTED_ARCHIVE", "ARCHIVE_SUFFIXES", "ArchiveReader", "DirectoryReader", "archive_stem"]
@@ -60,10 +64,11 @@ class ArchiveReader(Reader):
         size: int | None,
         final_uri: str | None = None,
         max_member_bytes: int = 256 << 20,
+        caps: Caps | None = None,
     ) -> None:
         self.uri, self.local, self.kind = uri, local, fmt
         self.sha256, self.bytes, self.final_uri = sha256, size, final_uri
-        self.max_member_bytes = max_member_bytes
+        self.max_member_bytes, self.caps = max_member_bytes, caps
         self.streams_skipped = fmt.startswith("tar")
         self.nested: set[str] = set()  # member prefixes of the nested archives opened
 
@@ -78,13 +83,22 @@ class ArchiveReader(Reader):
             entry["nested"] = sorted(self.nested)
         return entry
 
+    def precheck(self, caps: Caps) -> None:
+        if self.bytes is not None:
+            precheck(self.uri, self.local, self.kind, self.bytes, caps)
+
     def members(self) -> Iterator[Member]:
-        for member in archive.iter_archive(self.local, self.kind):
-            stem = archive_stem(member.path) if member.reason is None else None
-            if stem is None:
-                yield member
-            else:
-                yield from self._nested(member, stem)
+        try:
+            for member in archive.iter_archive(self.local, self.kind):
+                stem = archive_stem(member.path) if member.reason is None else None
+                if stem is None:
+                    yield member
+                else:
+                    yield from self._nested(member, stem)
+        except archive.ArchiveError as exc:
+            if str(exc).startswith(self.uri):
+                raise
+            raise archive.ArchiveError(f"{self.uri}: {exc}") from None
 
     def _nested(self, member: Member, stem: str) -> Iterator[Member]:
         """The members of an archive inside this one (spooled to a local file), or the member itself if it is none."""
@@ -96,6 +110,8 @@ class ArchiveReader(Reader):
             except archive.MemberTooLarge:
                 yield Member(member.path, member.size, archive.UNREADABLE_MEMBER, f"nested archive over max_member_bytes={self.max_member_bytes}")
                 return
+            except archive.CORRUPT_ERRORS as exc:
+                raise archive.ArchiveError(f"corrupt or truncated archive at member {member.path!r}: {exc}") from None
             try:
                 fmt = archive.detect_format(spool, name=member.path)
             except ValueError:  # named like an archive, but is not one: an ordinary member
@@ -103,7 +119,14 @@ class ArchiveReader(Reader):
                 return
             prefix = posixpath.join(posixpath.dirname(member.path), stem) + "/"
             self.nested.add(prefix)
-            for inner in archive.iter_archive(spool, fmt):
+            shown = f"{self.uri} (nested archive {member.path!r})"
+            budget = None
+            if self.caps is not None:
+                precheck(shown, spool, fmt, copied, self.caps)
+                budget = ArchiveBudget(shown, copied, self.caps)
+            for inner in _named(archive.iter_archive(spool, fmt), shown):
+                if budget is not None:
+                    budget.admit(inner)  # before its data is read: a bomb is never expanded
                 path = f"{prefix}{inner.path}"
                 if inner.reason is not None:
                     yield Member(path, inner.size, inner.reason, inner.detail)
@@ -111,6 +134,14 @@ class ArchiveReader(Reader):
                     yield Member(path, inner.size, NESTED_ARCHIVE, "an archive inside a nested archive (one level is opened)")
                 else:
                     yield Member(path, inner.size, opener=inner.opener, label=stem)
+
+
+def _named(members: Iterator[Member], shown: str) -> Iterator[Member]:
+    """``members``, a corrupt archive's error naming ``shown`` (the nested archive)."""
+    try:
+        yield from members
+    except archive.ArchiveError as exc:
+        raise archive.ArchiveError(f"{shown}: {exc}") from None
 
 
 def _copy_at_most(src: Any, dst: Any, limit: int) -> int:

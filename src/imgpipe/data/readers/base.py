@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from imgpipe.data.archive import Member
+from imgpipe.data.archivecaps import Caps
 from imgpipe.data.sharding import Shard
 from imgpipe.data.sources import SourcePolicy
 from imgpipe.data.transport import HttpSettings
@@ -37,8 +38,11 @@ class Carry(Protocol):
     def known(self, path: str) -> tuple[int, str | None] | None:
         """The size and change token the previous run recorded for ``path``, if it had it."""
 
-    def take(self, path: str, size: int, etag: str | None) -> bytes | None:
-        """Its bytes (checked against the sha256 recorded with them) when ``size`` and ``etag`` are what it recorded, else ``None``."""
+    def take(self, path: str, size: int, etag: str | None, *, store_md5: bool = False) -> bytes | None:
+        """Its bytes (checked against the sha256 recorded with them) when ``size`` and ``etag`` are what it recorded, else ``None``.
+
+        With ``store_md5`` the bytes must also have ``etag`` as their MD5 (S3's single-part ETag).
+        """
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class ReaderSettings:
             ``label``/``class``/``cls``; a part (``txt``, ``caption.txt``), or ``PART:KEY`` for a
             key of a JSON part (:mod:`imgpipe.data.readers.webdataset`).
         class_names: The names of a WebDataset's integer classes, by index.
+        caps: The step's caps, which every nested archive passes before it is opened
+            (:mod:`imgpipe.data.archivecaps`); ``None``: nested archives are not capped.
     """
 
     max_member_bytes: int = 256 << 20
@@ -71,6 +77,7 @@ class ReaderSettings:
     label_column: str | None = None
     label_key: str = ""
     class_names: tuple[str, ...] = ()
+    caps: Caps | None = None
 
     def keeps(self, key: str) -> bool:
         """Whether the listed input named ``key`` is this pod's to read (:meth:`Shard.owns`)."""
@@ -99,6 +106,10 @@ class Reader(ABC):
     def declared_members(self) -> int | None:
         """How many entries the source declares before it is read (a zip's index), if it does."""
         return None
+
+    def precheck(self, caps: Caps) -> None:
+        """Refuses the source, before it is read, where what it declares crosses ``caps`` (a zip's index)."""
+        return None  # most sources declare nothing in advance
 
     def manifest_entry(self) -> dict[str, Any]:
         """What the download manifest records of this source."""

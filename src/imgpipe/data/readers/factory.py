@@ -115,7 +115,7 @@ def _by_content(uri: str, shown: str, local: Path, digest: str, size: int, final
             return WebDatasetReader(
                 shown, local, fmt, sha256=digest, size=size, max_member_bytes=limit, label_key=settings.label_key, class_names=settings.class_names
             )
-        return ArchiveReader(shown, local, fmt, sha256=digest, size=size, final_uri=final, max_member_bytes=limit)
+        return ArchiveReader(shown, local, fmt, sha256=digest, size=size, final_uri=final, max_member_bytes=limit, caps=settings.caps)
     if is_parquet(local):
         return HfParquetReader(
             shown,

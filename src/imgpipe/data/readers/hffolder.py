@@ -110,7 +110,12 @@ def _arrow_layout(prefix: str, keys: list[str], states: list[str]) -> Layout:
         info_key = posixpath.join(folder, _INFO)
         feats = (_json(prefix, info_key).get("features") or {}) if info_key in keys else {}
         split = normalize_split(state.get("_split")) or split_from_path(posixpath.join(folder, "x"))
-        for entry in state.get("_data_files") or []:
+        entries = state.get("_data_files") or []
+        if not isinstance(entries, list):
+            raise ValueError(
+                f"{storage.redact_uri(prefix + state_key)} has _data_files {str(entries)[:80]}; save_to_disk writes a list of {{'filename': ...}}"
+            )
+        for entry in entries:
             name = entry.get("filename") if isinstance(entry, dict) else None
             if not isinstance(name, str) or "/" in name or name.startswith("."):
                 raise ValueError(f"{storage.redact_uri(prefix + state_key)} names a data file {name!r}; save_to_disk writes plain file names")

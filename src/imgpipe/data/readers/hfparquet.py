@@ -129,7 +129,10 @@ class HfTableReader(Reader):
         self.split = split if split is not None else split_from_path(uri.rsplit("/", 1)[-1])
         schema = self.schema()
         self.columns: Columns = resolve_columns(uri, schema, features, image_column=image_column, label_column=label_column)
-        self.names = (card or {}).get(self.columns.label) or class_names(schema, self.columns.label, features)
+        try:
+            self.names = (card or {}).get(self.columns.label) or class_names(schema, self.columns.label, features)
+        except ValueError as exc:
+            raise ValueError(f"{uri}: {exc} (the huggingface schema metadata or dataset_info.json); fix or drop the metadata") from None
 
     @abstractmethod
     def schema(self) -> pa.Schema:
@@ -143,6 +146,12 @@ class HfTableReader(Reader):
         return {"uri": self.uri, "format": self.kind, "sha256": getattr(self, "sha256", None), "bytes": self.bytes, "classes": self.names}
 
     def members(self) -> Iterator[Member]:
+        try:
+            yield from self._rows()
+        except (pa.ArrowException, OSError) as exc:  # ArrowInvalid is a ValueError, without the file's name
+            raise ValueError(f"{self.uri} is corrupt: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+    def _rows(self) -> Iterator[Member]:
         cols = self.columns
         wanted = [cols.image, cols.label, *([cols.split] if cols.split else [])]
         row = 0
@@ -217,7 +226,10 @@ class HfParquetReader(HfTableReader):
 
     def __init__(self, uri: str, local: Path, *, sha256: str | None, size: int | None, **kwargs: Any) -> None:
         self.local, self.sha256, self.bytes = local, sha256, size
-        self._file = pq.ParquetFile(local)
+        try:
+            self._file = pq.ParquetFile(local)
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{uri} is not a readable Parquet file: {type(exc).__name__}: {str(exc)[:200]}") from None
         super().__init__(uri, **kwargs)
 
     def schema(self) -> pa.Schema:
@@ -241,8 +253,8 @@ class HfArrowReader(HfTableReader):
         try:
             with pa.memory_map(str(local)) as src:
                 self._schema = pa.ipc.open_stream(src).schema
-        except pa.ArrowInvalid as exc:
-            raise ValueError(f"{uri} is not an Arrow stream file as datasets' save_to_disk writes them: {exc}") from None
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{uri} is not an Arrow stream file as datasets' save_to_disk writes them: {str(exc)[:200]}") from None
         super().__init__(uri, **kwargs)
 
     def schema(self) -> pa.Schema:

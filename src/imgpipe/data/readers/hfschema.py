@@ -83,17 +83,25 @@ def schema_features(schema: pa.Schema) -> dict[str, Any]:
         return {}
     if not isinstance(info, dict):
         return {}
-    features = (info.get("info") or {}).get("features") or info.get("features") or {}
+    inner = info.get("info")
+    features = (inner.get("features") if isinstance(inner, dict) else None) or info.get("features") or {}
     return features if isinstance(features, dict) else {}
 
 
 def class_names(schema: pa.Schema, column: str = "label", features: dict[str, Any] | None = None) -> list[str] | None:
-    """The ``ClassLabel`` names of ``column``: from ``features`` (``dataset_info.json``), else the schema metadata."""
-    for source in (features or {}, schema_features(schema)):
+    """The ``ClassLabel`` names of ``column``: from ``features`` (``dataset_info.json``), else the schema metadata.
+
+    Raises:
+        ValueError: If the ``ClassLabel`` feature's ``names`` is not a list of strings.
+    """
+    for source in (features if isinstance(features, dict) else {}, schema_features(schema)):
         feature = source.get(column)
-        names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
-        if isinstance(names, list):
-            return [str(n) for n in names]
+        if not (isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and "names" in feature):
+            continue
+        names = feature["names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"the ClassLabel feature of column {column!r} has names {str(names)[:80]}, not a list of strings")
+        return list(names)
     return None
 
 
@@ -119,9 +127,9 @@ def card_class_names(readme: str) -> dict[str, list[str]]:
     for feature in features if isinstance(features, list) else []:
         dtype = feature.get("dtype") if isinstance(feature, dict) else None
         names = (dtype.get("class_label") or {}).get("names") if isinstance(dtype, dict) else None
-        if isinstance(names, dict):
-            names = [names[k] for k in sorted(names, key=lambda k: int(k))]
-        if isinstance(names, list) and "name" in feature:
+        if isinstance(names, dict):  # {'0': cat, '1': dog}; other keys make it no list of names
+            names = [names[k] for k in sorted(names, key=int)] if all(isinstance(k, int) or str(k).isdigit() for k in names) else None
+        if isinstance(names, list) and isinstance(feature, dict) and "name" in feature:
             out[str(feature["name"])] = [str(n) for n in names]
     return out
 
@@ -151,7 +159,7 @@ def resolve_columns(
         ValueError: Naming the columns the file has, what was expected, and the setting to
             use, when the image or the label column is missing or of another type.
     """
-    feats = {**schema_features(schema), **(features or {})}
+    feats = {**schema_features(schema), **(features if isinstance(features, dict) else {})}
     image = _pick(schema, feats, image_column, IMAGE_COLUMNS, "Image", _is_image)
     label = _pick(schema, feats, label_column, LABEL_COLUMNS, "ClassLabel", _is_label)
     problems = []
@@ -191,7 +199,10 @@ def _is_string(t: pa.DataType) -> bool:
 def _is_image(t: pa.DataType) -> bool:
     if pa.types.is_struct(t):
         kids = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
-        return "bytes" in kids and (_is_binary(kids["bytes"]) or (pa.types.is_null(kids["bytes"]) and "path" in kids))
+        path = kids.get("path")
+        if path is not None and not (_is_string(path) or pa.types.is_null(path)):
+            return False  # a path that is no text is no Image feature
+        return "bytes" in kids and (_is_binary(kids["bytes"]) or (pa.types.is_null(kids["bytes"]) and path is not None))
     return _is_binary(t)
 
 

@@ -10,8 +10,11 @@ reads. ``settings.fetch_workers`` objects are fetched at once, at most twice tha
 held; boto3 retries throttling and 5xx answers (its adaptive mode, :mod:`imgpipe.storage`).
 An object that still cannot be read, or is gone by the time it is read, or is larger than
 ``max_member_bytes``, is a reject with its reason; a key with ``..`` or a leading ``/`` is an
-``unsafe_member``. Where the previous run holds an object of the same key, size and ETag
-(``settings.carry``), its bytes are taken from there and the object is not fetched.
+``unsafe_member``; any other error over one object (its key, the previous run's copy of it) is
+its ``fetch_failed``, and only a listing that fails fails the step. Where the previous run
+holds an object of the same key, size and ETag (``settings.carry``), its bytes are taken from there and the object is not fetched, once they
+are proved against the store: their MD5 is the listed ETag (a single-part upload's). An
+object whose ETag is no MD5 (a multipart upload's) is fetched on every run.
 """
 
 from __future__ import annotations
@@ -120,13 +123,22 @@ class PrefixReader(Reader):
             yield info
 
     def _member(self, info: storage.ObjectInfo) -> Member:
+        """One listed object as a member, or as a reject with its reason: nothing about one object fails the step."""
+        try:
+            return self._read(info)
+        except Exception as exc:  # noqa: BLE001 - whatever one object raises is that object's reject
+            path = info.uri[len(self.prefix) :]
+            return Member(path, info.size, FETCH_FAILED, f"{type(exc).__name__}: {storage.redact_text(str(exc))[:200]}", etag=info.etag)
+
+    def _read(self, info: storage.ObjectInfo) -> Member:
         key = info.uri[len(self.prefix) :]
         path, problem = archive.normalize_member_path(key)
         if problem is not None:
             return Member(path, info.size, archive.UNSAFE_MEMBER, problem, etag=info.etag)
         carry = self.settings.carry
         if carry is not None:
-            data = carry.take(path, info.size, info.etag)
+            # The previous output is only a record; the listing's ETag is the store's word.
+            data = carry.take(path, info.size, info.etag, store_md5=True)
             if data is not None:
                 return fetched(path, data, etag=info.etag)  # carried
         limit = self.settings.max_member_bytes
@@ -139,5 +151,5 @@ class PrefixReader(Reader):
         except FileNotFoundError:
             return Member(path, info.size, VANISHED, "listed, then gone when it was read", etag=info.etag)
         except Exception as exc:  # noqa: BLE001 - what boto3 raises once its own retries are spent is this object's reject
-            return Member(path, info.size, FETCH_FAILED, f"{type(exc).__name__}: {str(exc)[:200]}", etag=info.etag)
+            return Member(path, info.size, FETCH_FAILED, f"{type(exc).__name__}: {storage.redact_text(str(exc))[:200]}", etag=info.etag)
         return fetched(path, data, etag=now.etag or info.etag)

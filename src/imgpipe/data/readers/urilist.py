@@ -10,9 +10,12 @@ given as a pipeline parameter cannot make the pod read its own files or a link-l
 and the redirect checks of :mod:`imgpipe.data.transport`.
 
 An entry that fails is a reject with its reason, never the step's failure: ``bad_row`` (no URI,
-not JSON; the path names the line), ``source_refused``, ``http_error`` (the status),
-``fetch_timeout``, ``fetch_failed``, ``member_too_large``, ``vanished``. A member's path is the
-entry without its scheme (``bucket/key``, ``host/path``) or the relative path as written.
+not JSON, a URI that does not parse; the path names the line), ``source_refused``,
+``redirect_refused``, ``http_error`` (the status), ``fetch_timeout``, ``fetch_failed`` (and any
+other error while fetching it), ``member_too_large``, ``vanished``. Only a list that cannot be
+read fails the step. A member's path is the entry's :func:`storage.uri_location`
+(``bucket/key``, ``host[:port]/path``: never its userinfo or query) or the relative path as
+written; a reject's detail passes through :func:`storage.redact_text`.
 Entries are fetched ``settings.fetch_workers`` at once, in list order, the list read a line at a
 time. In an incremental run an entry the previous run fetched is asked for again only
 conditionally (``If-None-Match`` with its ETag; a HEAD for ``s3://``), and taken from the previous
@@ -24,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,13 +43,14 @@ from imgpipe.data.archive import Member
 from imgpipe.data.readers.base import Reader, ReaderSettings, ordered_map
 from imgpipe.data.readers.listing import VANISHED, fetched, read_object
 from imgpipe.data.sources import SourceRefused, is_http, peer_checked_session
-from imgpipe.data.transport import REFUSED, TOO_LARGE, FetchFailed, fetch_url
+from imgpipe.data.transport import FETCH_FAILED, REFUSED, TOO_LARGE, FetchFailed, check_url, fetch_url
 
 __all__ = ["BAD_ROW", "URI_COLUMNS", "looks_like_uri_list", "UriListReader"]
 
 BAD_ROW = "bad_row"
 URI_COLUMNS = ("uri", "url")
 _PROBE_BYTES = 64 << 10
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # RFC 3986 section 3.1
 
 
 def looks_like_uri_list(local: Path) -> str | None:
@@ -153,27 +158,37 @@ class UriListReader(Reader):
     # ---------------------------------------------------------------- one entry
 
     def _member(self, entry: _Entry) -> Member:
+        """One entry as a member, or as a reject with its reason: nothing about one entry fails the step."""
         where = f"{Path(urlparse(self.uri).path).name or 'list'}#line-{entry.line}"
         if entry.problem is not None or entry.uri is None:
             return Member(where, 0, BAD_ROW, f"line {entry.line}: {entry.problem}")
-        resolved, path, problem = self._resolve(entry.uri)
+        try:
+            resolved, path, problem = self._resolve(entry.uri)
+        except ValueError as exc:  # check_url's: says what is wrong without the URI
+            return Member(where, 0, BAD_ROW, f"line {entry.line}: {exc}")
         try:  # first: a refused URI is refused whatever its path looks like
             self.settings.policy.check_source(resolved, pinned=False)
         except SourceRefused as exc:
-            return Member(path or where, 0, REFUSED, str(exc))
+            return Member(path or where, 0, REFUSED, storage.redact_text(str(exc)))
         if problem is not None:
             return Member(path or where, 0, archive.UNSAFE_MEMBER if path else BAD_ROW, f"line {entry.line}: {problem}")
         try:
             return self._fetch(resolved, path, entry.label)
         except FetchFailed as exc:
-            return Member(path, 0, exc.reason, exc.detail, label=entry.label)
+            return Member(path, 0, exc.reason, storage.redact_text(exc.detail), label=entry.label)
+        except Exception as exc:  # noqa: BLE001 - whatever one entry raises is that entry's reject
+            return Member(path, 0, FETCH_FAILED, f"{type(exc).__name__}: {storage.redact_text(str(exc))[:200]}", label=entry.label)
 
     def _resolve(self, text: str) -> tuple[str, str, str | None]:
-        """``(URI to fetch, member path, problem)`` of one entry."""
-        scheme = urlparse(text).scheme.lower()
-        if len(scheme) > 1:  # a URI (a one-letter "scheme" is a Windows drive, refused as a path below)
-            parsed = urlparse(text)
-            shown = f"{parsed.netloc}{parsed.path}".lstrip("/")  # file:///x/y: the path, made relative
+        """``(URI to fetch, member path, problem)`` of one entry.
+
+        Raises:
+            ValueError: For a URI that does not parse (:func:`check_url`).
+        """
+        scheme = _SCHEME.match(text)
+        if scheme and len(scheme.group(0)) > 2:  # a URI (a one-letter "scheme" is a Windows drive, refused as a path below)
+            check_url(text)
+            shown = storage.uri_location(text).lstrip("/")  # file:///x/y: the path, made relative
             path, problem = archive.normalize_member_path(shown)
             return text, path, problem
         path, problem = archive.normalize_member_path(text)

@@ -176,21 +176,29 @@ class WebDatasetReader(Reader):
         return entry
 
     def members(self) -> Iterator[Member]:
-        key, parts, seen = None, {}, set()
+        try:
+            yield from self._samples()
+        except archive.ArchiveError as exc:
+            raise archive.ArchiveError(f"{self.uri}: {exc}") from None
+
+    def _samples(self) -> Iterator[Member]:
+        key, parts, seen, first = None, {}, set(), ""
         for member in archive.iter_archive(self.local, self.format):
             if member.reason is not None:
                 yield member  # an unsafe entry is its own reject, whatever sample it claims
                 continue
             this, ext = sample_key(member.path)
             if this != key and key is not None:
-                yield self._sample(key, parts, seen)
+                yield self._sample(key or first, parts, seen)
                 parts, seen = {}, set()
+            if this != key:
+                first = member.path  # names a sample whose key is empty (a member named .cls)
             key = this
             seen.add(ext)
             if ext in IMAGE_EXTENSIONS or ext in self._parts:
                 parts.setdefault(ext, self._read(member, ext))
         if key is not None:
-            yield self._sample(key, parts, seen)
+            yield self._sample(key or first, parts, seen)
 
     def _read(self, member: Member, ext: str) -> Member:
         """The part's bytes in hand (the tar stream moves on), or its reject."""
