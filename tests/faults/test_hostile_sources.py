@@ -86,9 +86,10 @@ class _Site:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        for label in ("cat", "dog"):
+        for c, label in enumerate(("cat", "dog")):
             for i in range(10):
-                self.bodies[f"/img/{label}-{i}.jpg"] = jpeg(64, 48, seed=hash((label, i)) % 10_000)
+                # Distinct seeds (hash() of a str changes from process to process: two could collide).
+                self.bodies[f"/img/{label}-{i}.jpg"] = jpeg(64, 48, seed=100 * c + i)
 
 
 @pytest.fixture

@@ -107,7 +107,8 @@ class PreviousDownload:
             self._seen.add(path)
         if etag is None or row.etag != etag or row.size != size:
             return None
-        if store_md5 and not _MD5_ETAG.fullmatch(etag):
+        md5 = etag.strip('"')  # an HTTP ETag is quoted; a weak one (W/"...") proves nothing
+        if store_md5 and not _MD5_ETAG.fullmatch(md5):
             with self._lock:
                 self.unproved += 1
             return None
@@ -115,7 +116,7 @@ class PreviousDownload:
         if (
             data is None
             or hashlib.sha256(data).hexdigest() != row.sha256
-            or (store_md5 and hashlib.md5(data, usedforsecurity=False).hexdigest() != etag.lower())
+            or (store_md5 and hashlib.md5(data, usedforsecurity=False).hexdigest() != md5.lower())
         ):
             with self._lock:
                 self.refused += 1
@@ -142,11 +143,16 @@ class PreviousDownload:
         return value if isinstance(value, bytes) else None
 
     def counts(self, listed: int) -> dict[str, int]:
-        """New, changed, unchanged and deleted objects, for a run that listed ``listed`` objects."""
+        """New, changed, unchanged and deleted objects, for a run that listed ``listed`` objects.
+
+        ``carried_unproved`` objects were known but fetched again, their store giving no proof
+        of the recorded bytes (no MD5 ETag: a multipart upload, a local file, most HTTP servers):
+        neither changed nor unchanged.
+        """
         seen = len(self._seen)
         return {
             "new": listed - seen,
-            "changed": seen - self.carried,
+            "changed": seen - self.carried - self.unproved,
             "unchanged": self.carried,
             "deleted": len(self._rows) - seen,
             "carried_refused": self.refused,

@@ -157,8 +157,9 @@ def _copy_at_most(src: Any, dst: Any, limit: int) -> int:
 class DirectoryReader(Reader):
     """A local directory tree: every file below it, symbolic links refused (:func:`imgpipe.data.archive.iter_directory`).
 
-    With ``carry`` (an incremental run) a file whose size and change token (modification time
-    and inode) the previous run recorded is taken from the previous output.
+    With ``carry`` (an incremental run) every file is still read: a local file's change token
+    (modification time and inode) proves nothing about the bytes a previous output recorded,
+    and a local read costs what checking them would; the incremental counts still come from it.
     """
 
     kind = "directory"
@@ -177,5 +178,5 @@ class DirectoryReader(Reader):
         for member in archive.iter_directory(self.local):
             if self.keeps is not None and not self.keeps(member.path):
                 continue  # another shard's
-            data = self.carry.take(member.path, member.size, member.etag) if self.carry and member.reason is None else None
+            data = self.carry.take(member.path, member.size, member.etag, store_md5=True) if self.carry and member.reason is None else None
             yield member if data is None else Member(member.path, len(data), opener=partial(io.BytesIO, data), etag=member.etag)

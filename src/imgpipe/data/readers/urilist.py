@@ -206,12 +206,14 @@ class UriListReader(Reader):
             data, etag = fetch_url(self._session(), uri, settings, self.settings.policy, etag=known[1] if known else None)
             if data is None:  # 304: the previous run's bytes
                 assert carry is not None and known is not None
-                data = carry.take(path, known[0], etag)
+                # A 304 says the server's object is unchanged, not that the recorded bytes are it:
+                # carried only where the ETag is their MD5 (an S3-style one), else fetched.
+                data = carry.take(path, known[0], etag, store_md5=True)
                 if data is None:  # its copy failed the check: fetch it whole
                     data, etag = fetch_url(self._session(), uri, settings, self.settings.policy)
             return fetched(path, data or b"", etag=etag, label=label)
         info = storage.stat(uri) if known is not None else None  # a HEAD only where the previous run had it
-        if info is not None and carry is not None and (data := carry.take(path, info.size, info.etag)) is not None:
+        if info is not None and carry is not None and (data := carry.take(path, info.size, info.etag, store_md5=True)) is not None:
             return fetched(path, data, etag=info.etag, label=label)
         try:
             data, info = read_object(uri, limit)
