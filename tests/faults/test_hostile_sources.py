@@ -153,8 +153,12 @@ def test_each_bad_entry_or_redirect_is_one_reject_and_the_step_completes(site, t
     assert report.inputs == len(lines) == report.outputs + report.rejected == len(kept) + len(refused)
 
 
-def test_no_credential_of_a_list_entry_is_persisted_shown_or_logged(site, tmp_path, capfd, caplog):
+def test_no_credential_of_a_list_entry_is_persisted_shown_or_logged(site, tmp_path, capfd, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)  # urllib3's request lines (imgpipe -v) included
+    for name in ("urllib3", "urllib3.connectionpool"):  # whatever an earlier test in this worker set on them
+        caplog.set_level(logging.DEBUG, logger=name)
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
     private = [f"http://{USER}:{PASSWORD}@{site.host}/private/{label}-{i}.jpg?{QUERY},{label}" for label in ("cat", "dog") for i in range(10)]
     failing = [
         f"http://{USER}:{PASSWORD}@{site.host}/private/none.jpg?{QUERY},cat",  # 404
