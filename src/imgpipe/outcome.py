@@ -17,8 +17,6 @@ from imgpipe.contract import REJECTS, StepReport, dest_uri
 
 __all__ = ["DegenerateOutput", "check_download", "check_clean", "check_rows"]
 
-SPLITS = ("train", "val", "test")
-
 
 class DegenerateOutput(ValueError):
     """A step kept nothing, or left a class or a split below its minimum."""
@@ -81,10 +79,11 @@ def check_clean(
             f"image(s): {shown}{more}; add images of those classes, drop them from the source, or lower min_images_per_class "
             f"(0 turns the check off). {_why(report)}"
         )
+    # Clean's report names every split, in the order its fractions are given (clean.config.SPLITS).
     splits: Mapping[str, int] = report.extra.get("splits") or {}
-    short = [name for name, fraction in zip(SPLITS, fractions) if fraction > 0 and splits.get(name, 0) < min_images_per_split]
+    short = [name for name, fraction in zip(splits, fractions) if fraction > 0 and splits[name] < min_images_per_split]
     if short and min_images_per_split > 0:
-        counts = ", ".join(f"{name} {splits.get(name, 0)}" for name in SPLITS)
+        counts = ", ".join(f"{name} {n}" for name, n in splits.items())
         raise DegenerateOutput(
             f"clean's {'/'.join(short)} split has fewer than min_images_per_split={min_images_per_split} image(s) "
             f"({counts} of {report.outputs} kept, split {tuple(fractions)} per class): use more images per class, raise the "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from imgpipe.clean.plan import Index, Unit, plan_rows
 from imgpipe.data.labels import Labeler
 from imgpipe.steps.clean import clean
 from imgpipe.steps.download import DownloadConfig, download
+from tests.data.test_readers import tar_bytes
 from tests.imagefactory import jpeg
 
 FAST = DownloadConfig(retries=1, backoff_s=0.0, timeout_s=5.0, fetch_workers=2)
@@ -34,16 +34,6 @@ def _clean(source: str, dest: Path, cfg: CleanConfig = ONE_SPLIT) -> tuple[dict,
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["path", "label", "label_name"]) for u in contract.data_files(report.dest)]
     rows = pa.concat_tables(tables).to_pylist()
     return contract.read_manifest(report.dest), {r["path"]: (r["label"], r["label_name"]) for r in rows}
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def test_a_class_label_keeps_its_order_through_clean(hf_datasets, tmp_path):
@@ -84,12 +74,12 @@ def test_folder_names_keep_imagefolders_case_sensitive_order(tmp_path):
 
 
 def test_two_class_folders_one_holding_a_nested_tar_keep_every_folder_label(tmp_path):
-    nested = _tar({f"inner/{i}.png": jpeg(48, 40, seed=50 + i) for i in range(3)})
+    nested = tar_bytes({f"inner/{i}.png": jpeg(48, 40, seed=50 + i) for i in range(3)})
     members = {f"A/{i}.png": jpeg(48, 40, seed=i) for i in range(4)}
     members |= {f"B/{i}.png": jpeg(48, 40, seed=20 + i) for i in range(4)}
     members["B/more.tar"] = nested
     path = tmp_path / "images.tar"
-    path.write_bytes(_tar(members))
+    path.write_bytes(tar_bytes(members))
     dl = download(str(path), str(tmp_path / "download"), FAST)
     (source,) = contract.read_manifest(dl.dest)["extra"]["sources"]
     assert source["nested"] == ["B/more/"]
@@ -106,9 +96,9 @@ def test_two_class_folders_one_holding_a_nested_tar_keep_every_folder_label(tmp_
 
 
 def test_a_tar_of_per_class_tars_keeps_the_inner_names_under_auto(tmp_path):
-    inner = {f"n0{c}.tar": _tar({f"n0{c}_{i}.JPEG": jpeg(48, 40, seed=10 * c + i) for i in range(2)}) for c in range(2)}
+    inner = {f"n0{c}.tar": tar_bytes({f"n0{c}_{i}.JPEG": jpeg(48, 40, seed=10 * c + i) for i in range(2)}) for c in range(2)}
     path = tmp_path / "train.tar"
-    path.write_bytes(_tar(inner))
+    path.write_bytes(tar_bytes(inner))
     dl = download(str(path), str(tmp_path / "download"), FAST)
     manifest, rows = _clean(dl.dest, tmp_path / "clean")
     assert manifest["extra"]["classes"] == ["n00", "n01"] and manifest["extra"]["label_source"] == "given"

@@ -509,9 +509,9 @@ def _zip_link_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
     try:
         with zf.open(info) as fh:
             return fh.read(4096).decode("utf-8", "replace")
-    # zipfile raises NotImplementedError for an unsupported method and RuntimeError for an
+    # CORRUPT_ERRORS holds zipfile's NotImplementedError (an unsupported method); RuntimeError is an
     # encrypted member: the link is flagged unsafe either way, only its detail is lost.
-    except (*CORRUPT_ERRORS, NotImplementedError, RuntimeError):
+    except (*CORRUPT_ERRORS, RuntimeError):
         return "<unreadable target>"
 
 
