@@ -47,12 +47,13 @@ def train(
     from imgpipe import config
     from imgpipe.kfp import artifacts as ka
     from imgpipe.remote.dispatch import run_train
-    from imgpipe.sweep import branch_step
+    from imgpipe.sweep import branch_config, branch_step
     from imgpipe.train.config import TrainConfig
 
     policy = ka.read_policy(data_root)  # weights, weights_cache and the data lie below data_root
     named = ka.train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes, recipe, domain)
     cfg = config.step_config(TrainConfig, step_config, "train", policy=policy, **named, weights_cache=ka.weights_cache(data_root))
+    cfg = branch_config(cfg) if branch else cfg  # a diverged branch is compare's to rank last, not a failed sweep
     data, out = ka.committed_prefix(resized, "resize", policy), ka.run_prefix(data_root, run_id, branch_step(branch) if branch else "train")
     result = run_train(data, out, cfg, run_id=run_id, placement=placement)  # the pod's GPUs, or a TrainJob of cfg.nodes nodes
     ka.publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)

@@ -7,6 +7,7 @@ How it works in detail: docs/internals.md, "imgpipe.sweep".
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -35,6 +36,7 @@ __all__ = [
     "Branch",
     "check_branch_name",
     "branch_step",
+    "branch_config",
     "check_seeds",
     "seed_runs",
     "expand_grid",
@@ -143,6 +145,15 @@ def check_branch_name(name: Any) -> str:
 def branch_step(name: str) -> str:
     """The run-prefix step of branch ``name``: ``train-{name}`` (checked)."""
     return BRANCH_STEP_PREFIX + check_branch_name(name)
+
+
+def branch_config(cfg: TrainConfig) -> TrainConfig:
+    """A branch's train config: a branch that diverges ends normally, marked (``diverged_fails`` off).
+
+    Compare ranks it last and never picks it, and the other branches' results stand; a
+    diverged branch failing its task would fail the loop and the whole sweep.
+    """
+    return dataclasses.replace(cfg, diverged_fails=False)
 
 
 def check_seeds(value: Any) -> int:
@@ -274,7 +285,8 @@ def _check_distinct(named: Sequence[tuple[str, Any]], what: str) -> None:
     """Refuses two branches that would train alike: the sweep would spend a GPU on a repeat."""
     seen: dict[str, str] = {}
     for name, value in named:
-        key = repr(sorted(value.items()) if isinstance(value, Mapping) else value)
+        parts = value if isinstance(value, tuple) else (value,)
+        key = repr([sorted(v.items()) if isinstance(v, Mapping) else v for v in parts])
         if key in seen:
             raise ValueError(f"branches {seen[key]} and {name} have {what}; drop one of them")
         seen[key] = name
@@ -364,7 +376,7 @@ def plan(
                 # Explicit randomness: run k's every stream starts from the branch's seed + k (TrainConfig.seed).
                 repeat = {**own, "train": {**own["train"], "seed": cfg.seed + k}}
                 items.append({"branch": run, "resized": resized, "settings": branch.settings, "step_config": repeat, "group": branch.name})
-        trained_as.append((branch.name, _effective(_resolved(cfg))))
+        trained_as.append((branch.name, _trained_as(cfg)))
         log.info("sweep: branch %s -> %s", branch.label(), trained_as[-1][1])
     _check_distinct(trained_as, "the same effective recipe (a grid value that the policy ignores?)")
     return items
@@ -400,14 +412,21 @@ def checked_branches(
     return out
 
 
-def _resolved(cfg: TrainConfig) -> dict[str, Any]:
-    """The recipe (and epochs) ``cfg`` trains, the fields its size recipe and domain fill included.
+def _trained_as(cfg: TrainConfig) -> tuple[dict[str, Any], ...]:
+    """What ``cfg`` trains (:func:`_effective` of :func:`_resolved`), under each size recipe it may get.
 
-    ``recipe: auto`` picks its size recipe from the train split, unknown here: its unset
-    fields stay ``None`` and the branch compares by what it sets (``auto`` included).
+    ``recipe: auto`` picks its size recipe from the train split, unknown here: the branch
+    trains as one of ``small``, ``medium`` and ``large``, and two ``auto`` branches repeat
+    each other only when they train alike under all three.
     """
     if cfg.recipe != "auto":
-        cfg, _ = recipes.resolve(cfg)
+        return (_effective(_resolved(cfg)),)
+    return tuple(_effective(_resolved(dataclasses.replace(cfg, recipe=name))) for name in recipes.SIZE_RECIPES)
+
+
+def _resolved(cfg: TrainConfig) -> dict[str, Any]:
+    """The recipe (and epochs) ``cfg`` trains, the fields its size recipe and domain fill included (``cfg`` names one)."""
+    cfg, _ = recipes.resolve(cfg)
     return {k: getattr(cfg, k) for k in (*RECIPE_FIELDS, "epochs")}
 
 

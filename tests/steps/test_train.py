@@ -63,7 +63,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def finished(data: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, object]:
-    """One complete run with the default recipe (RandAugment, MixUp/CutMix) and flip TTA."""
+    """One complete run with the default recipe (auto: small here, 8 train images per class) and flip TTA."""
     out = "file://" + str(tmp_path_factory.mktemp("train-out") / "model")
     report = train(data, out, tiny(tta_flip=True, label_smoothing=0.1))
     return out, report
@@ -74,6 +74,25 @@ def read_json(uri: str) -> dict:
 
 
 # ------------------------------------------------------------------ outputs
+
+
+def test_metrics_say_how_many_images_an_epoch_used_and_when_each_epoch_ended(finished):
+    out, report = finished
+    metrics = read_json(storage.join(out, "metrics.json"))
+    used = metrics["epoch_images"]
+    assert used == {"split": 32, "per_epoch": 32, "left_out": 0, "why": used["why"]}, "32 rows: four full batches of 8"
+    assert "full batches of 8" in used["why"]
+    ends = [e["ended_at"] for e in metrics["epochs"]]
+    assert ends == sorted(ends) and all(0 < e["elapsed_s"] < report.seconds + 1 for e in metrics["epochs"])
+    assert metrics["diverged"] is False and metrics["divergence"] == {"diverged": False, "lr_scale": 1.0, "events": []}
+    assert "each epoch trains on 32 of the 32 train images" in storage.read_bytes(storage.join(out, "report.html")).decode()
+
+
+def test_an_epoch_leaves_out_the_partial_batch_and_says_so(data, tmp_path):
+    out = "file://" + str(tmp_path / "partial")
+    train(data, out, tiny(batch_size=5, epochs=1))
+    used = read_json(storage.join(out, "metrics.json"))["epoch_images"]
+    assert used["per_epoch"] == 30 and used["left_out"] == 2 and "full batches of 5" in used["why"]
 
 
 def test_outputs_exist_and_commit_last(finished):
@@ -366,17 +385,19 @@ def test_config_rejects_bad_values_at_the_boundary(values, message):
 def test_config_defaults_and_yaml_style_overrides():
     unset = TrainConfig()
     assert unset.epochs is None and unset.mixup is None and not unset.resolved, "recipe fields wait for the recipe"
-    cfg, _ = resolve_recipe(unset)
+    assert unset.recipe == "auto", "the notes' recipe by dataset size is what a run gets by default"
+    cfg, how = resolve_recipe(unset, [200] * 10)
+    assert how.recipe == "medium" and how.requested == "auto"
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.device, cfg.aug_policy, cfg.aug_device) == (
         "resnet18",
-        10,
+        50,
         128,
         "auto",
         "randaugment",
         "auto",
     )
-    assert (cfg.mixup, cfg.cutmix, cfg.hflip, cfg.resume, cfg.weights, cfg.image_size) == (0.2, 1.0, True, False, None, None)
-    cfg, _ = resolve_recipe(config_from_dict(TrainConfig, {"crop_scale": "0.35,1", "hflip": "false", "num_workers": "3"}))
+    assert (cfg.mixup, cfg.cutmix, cfg.hflip, cfg.resume, cfg.weights, cfg.image_size) == (0.5, 0.5, True, False, None, None)
+    cfg, _ = resolve_recipe(config_from_dict(TrainConfig, {"crop_scale": "0.35,1", "hflip": "false", "num_workers": "3"}), [200] * 10)
     assert cfg.crop_scale == (0.35, 1.0) and cfg.hflip is False and cfg.num_workers == 3
     assert cfg.augment.crop_scale == (0.35, 1.0) and cfg.loader(shuffle=True).num_workers == 3
 
@@ -444,7 +465,7 @@ def test_cuda_run_uses_the_gpu_path(tmp_path):
 
 
 def test_train_config_augmentation_defaults_are_augment_configs():
-    assert resolve_recipe(TrainConfig())[0].augment == AugmentConfig()
+    assert resolve_recipe(TrainConfig(recipe="none"))[0].augment == AugmentConfig()
     with pytest.raises(ValueError, match="resolve it first"):
         TrainConfig().augment  # noqa: B018
 

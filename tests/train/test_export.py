@@ -67,7 +67,9 @@ def test_the_card_says_how_to_feed_the_model_and_what_it_is(trained):
     data, out = trained
     card = read_card(out)
     assert card["classes"] == [f"class_{k}" for k in range(4)]
-    assert card["input"]["size"] == 32 and card["input"]["center_crop"] == 32 and card["input"]["resize_short_side"] == 37
+    assert card["input"]["size"] == 32 and "center_crop" not in card["input"] and "resize_short_side" not in card["input"]
+    assert card["input"]["view"].startswith("as stored"), "stored at the model's size: the evaluation neither resizes nor crops"
+    assert card["diverged"] is False and card["divergence"]["events"] == []
     assert len(card["input"]["mean"]) == len(card["input"]["std"]) == card["input"]["channels"] == 3
     manifest = storage.read_bytes(storage.join(data, contract.MANIFEST))
     import hashlib

@@ -53,7 +53,7 @@ def test_explicit_settings_win_field_by_field():
 
 
 def test_no_recipe_is_the_base_settings_of_before():
-    cfg, how = resolve(TrainConfig())
+    cfg, how = resolve(TrainConfig(recipe="none"))
     assert how.recipe == "none" and not how.from_recipe and not how.from_domain
     # Every base setting, but colour jitter: off under the base policy (RandAugment), as timm does.
     assert all(getattr(cfg, k) == v for k, v in BASE.items() if k != "color_jitter") and cfg.color_jitter == 0.0
@@ -69,23 +69,23 @@ def test_resolved_config_round_trips_and_resolves_to_itself():
 
 @pytest.mark.parametrize(("domain", "dims"), [("natural", (-1,)), ("text", ()), ("medical", ()), ("satellite", (-1, -2)), ("product", (-1,))])
 def test_tta_uses_only_the_flips_the_domain_allows(domain, dims):
-    cfg, _ = resolve(TrainConfig(domain=domain))
+    cfg, _ = resolve(TrainConfig(recipe="none", domain=domain))
     assert tta_flip_dims(cfg.hflip, cfg.vflip) == dims
 
 
 def test_each_domain_sets_what_the_notes_ask():
-    text, _ = resolve(TrainConfig(domain="text"))
+    text, _ = resolve(TrainConfig(recipe="none", domain="text"))
     assert not text.hflip and not text.vflip and not text.rot90
     # "No flips, small rotations": the policy neither shears nor translates, and rotates at most 5 degrees.
     assert {"ShearX", "ShearY", "TranslateX", "TranslateY"} <= set(text.policy_exclude) and text.policy_max_m == 5
-    satellite, _ = resolve(TrainConfig(domain="satellite"))
+    satellite, _ = resolve(TrainConfig(recipe="none", domain="satellite"))
     # Flips on; "geographic rotation can change meaning": quarter turns only when asked.
     assert satellite.vflip and satellite.hflip and not satellite.rot90
     assert {"Color", "Equalize", "AutoContrast"} <= set(satellite.policy_exclude)  # bands change together
-    product, _ = resolve(TrainConfig(domain="product"))
+    product, _ = resolve(TrainConfig(recipe="none", domain="product"))
     assert product.hue == 0.0 and product.jpeg_p > 0
     assert {"Color", "Solarize", "Invert", "Posterize"} <= set(product.policy_exclude)  # no colour-changing op
-    medical, _ = resolve(TrainConfig(domain="medical"))
+    medical, _ = resolve(TrainConfig(recipe="none", domain="medical"))
     assert not medical.hflip and medical.rotation <= 5 and medical.color_jitter < BASE["color_jitter"]
     assert {"Rotate", "ShearX", "ShearY"} <= set(medical.policy_exclude) and medical.policy_max_m <= 9  # orientation kept
 
@@ -174,7 +174,7 @@ def test_each_recipe_is_the_notes(name):
 
 def test_color_jitter_stays_when_set_or_without_a_policy():
     assert resolve(TrainConfig(recipe="medium", color_jitter=0.3))[0].color_jitter == 0.3
-    assert resolve(TrainConfig(aug_policy="basic"))[0].color_jitter == BASE["color_jitter"]
+    assert resolve(TrainConfig(recipe="none", aug_policy="basic"))[0].color_jitter == BASE["color_jitter"]
 
 
 def test_the_example_sweep_grid_uses_the_notes_ranges():

@@ -426,7 +426,8 @@ def promote_run(
 def publish_promotion(decision: Any, *, metrics: Any, report: Any) -> None:
     """Adds the promotion verdict to the promote task's Metrics and to its HTML report artifact (the training report)."""
     metrics.log_metric("promoted", 1.0 if decision.promoted else 0.0)
-    metrics.log_metric(f"promotion_candidate_{decision.metric}", decision.candidate)
+    if decision.candidate is not None:  # None: not scored (a diverged candidate)
+        metrics.log_metric(f"promotion_candidate_{decision.metric}", decision.candidate)
     if decision.current is not None:
         metrics.log_metric(f"promotion_current_{decision.metric}", decision.current)
     path = Path(report.path)

@@ -98,14 +98,15 @@ def launch(data: str, out: str, cfg: Any, procs: int) -> Any:
         procs: Ranks to start, 1 to :data:`MAX_PROCS`.
 
     Returns:
-        The step's :class:`~imgpipe.steps.train.TrainReport` (rank 0's).
+        The step's :class:`~imgpipe.train.summary.TrainReport` (rank 0's).
 
     Raises:
         ValueError: For a count out of range, or more CUDA ranks than GPUs.
         torch.distributed.elastic.multiprocessing.errors.ChildFailedError: If a rank fails.
     """
     from imgpipe.contract import FileEntry
-    from imgpipe.steps.train import TrainReport, train
+    from imgpipe.steps.train import train
+    from imgpipe.train.summary import TrainReport
 
     procs = check_procs(procs)
     if procs == 1:

@@ -52,7 +52,8 @@ def curves_png(history: Sequence[Mapping[str, Any]]) -> bytes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():  # no validation (none, or a run that diverged first): no legend to draw
+            ax.legend()
     loss_ax.set_title("loss")
     quality_ax.set_title("validation")
     quality_ax.set_ylim(0, 1.02)
@@ -157,6 +158,16 @@ def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: 
     """
     parts = []
     epochs = list(metrics.get("epochs", []))
+    divergence = metrics.get("divergence") or {}
+    if divergence.get("events"):
+        rows = [{**e, "epoch": int(e["epoch"]) + 1, "step": int(e["step"]) + 1} for e in divergence["events"]]
+        title = "Diverged: not to be promoted" if divergence.get("diverged") else "Recovered from divergence"
+        note = (
+            "the run stopped when its loss diverged; the weights kept are the best validated before it, if any"
+            if divergence.get("diverged")
+            else f"restarted from the last checkpoint, every learning rate x {divergence.get('lr_scale')}"
+        )
+        parts.append(htmlpage.section(title, htmlpage.table(rows, ["epoch", "step", "lr", "loss", "reason", "action", "detail"]), note=note))
     recipe = metrics.get("recipe")
     if recipe:
         set_by = {**{k: f"{v} (recipe)" for k, v in recipe["from_recipe"].items()}, **{k: f"{v} (domain)" for k, v in recipe["from_domain"].items()}}
@@ -172,7 +183,9 @@ def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: 
         parts.append(htmlpage.section("Kept weights", note=selection["reason"]))
     if epochs:
         shown = [{**e, "epoch": int(e["epoch"]) + 1} for e in epochs]
-        parts.append(htmlpage.section("Epochs", htmlpage.table(shown, [c for c in _EPOCH_COLUMNS if c in epochs[-1]])))
+        used = metrics.get("epoch_images")
+        note = f"each epoch trains on {used['per_epoch']} of the {used['split']} train images ({used['why']})" if used else ""
+        parts.append(htmlpage.section("Epochs", htmlpage.table(shown, [c for c in _EPOCH_COLUMNS if c in epochs[-1]]), note=note))
     evaluations = [(name, metrics[name]) for name in ("test", "test_tta") if metrics.get(name)]
     if evaluations:
         rows = [{"split": n, **{k: v for k, v in m.items() if not isinstance(v, (Mapping, list))}} for n, m in evaluations]

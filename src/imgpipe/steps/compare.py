@@ -131,7 +131,7 @@ class Flag:
     """A diagnosis of one branch, with the numbers it rests on.
 
     Attributes:
-        kind: ``over_regularized``, ``overfitting``, ``under_fitted`` or ``class_collapse``.
+        kind: ``over_regularized``, ``overfitting``, ``under_fitted``, ``class_collapse`` or ``diverged``.
         message: What the numbers say and what to do, in one sentence.
         numbers: The values the rule compared.
     """
@@ -152,6 +152,7 @@ class BranchResult:
         history: ``metrics.json``'s per-epoch records.
         config: Its resolved TrainConfig (the manifest's ``config``).
         flags: Its diagnoses.
+        diverged: Its training diverged (``metrics.json``'s ``diverged``): ranked last, never the winner.
     """
 
     name: str
@@ -163,6 +164,7 @@ class BranchResult:
 
     kept: dict[str, Any] = field(default_factory=dict)
     kept_epoch: int | None = None
+    diverged: bool = False
 
     def class_recall(self) -> dict[str, float]:
         """Validation recall per class of the kept epoch (else the last), classes without images left out."""
@@ -264,7 +266,8 @@ def group_seeds(runs: Sequence[BranchResult], groups: Mapping[str, str]) -> list
         if len(set(seeds)) < len(seeds):
             raise ValueError(f"the runs of branch {name} ({', '.join(r.name for r in ordered)}) repeat a seed ({seeds}); each needs its own")
         base = ordered[0]
-        out.append(SeedGroup(name, base.prefix, base.settings, _mean_history(ordered), base.config, runs=ordered))
+        diverged = any(r.diverged for r in ordered)
+        out.append(SeedGroup(name, base.prefix, base.settings, _mean_history(ordered), base.config, runs=ordered, diverged=diverged))
     return out
 
 
@@ -299,16 +302,18 @@ def spread_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 def rank(results: Sequence[BranchResult], keys: Sequence[str]) -> list[BranchResult]:
     """``results`` best first, on the last epoch's ``keys`` (higher is better; name breaks exact ties).
 
-    A :class:`SeedGroup` ranks by its mean over its runs.
+    A :class:`SeedGroup` ranks by its mean over its runs. Diverged branches come last, in
+    name order, whatever their numbers (they may have none).
 
     Raises:
-        ValueError: If a branch's last epoch lacks a key.
+        ValueError: If a branch that did not diverge lacks a key in its last epoch.
     """
     for r in results:
         missing = [k for k in keys if r.last(k) is None]
-        if missing:
+        if missing and not r.diverged:
             raise ValueError(f"branch {r.name} has no {', '.join(missing)} in its last epoch ({r.prefix}/metrics.json)")
-    return sorted(results, key=lambda r: (*(-r.last(k) for k in keys), r.name))  # type: ignore[operator]
+    trained = sorted((r for r in results if not r.diverged), key=lambda r: (*(-r.last(k) for k in keys), r.name))  # type: ignore[operator]
+    return trained + sorted((r for r in results if r.diverged), key=lambda r: r.name)
 
 
 def trend(history: Sequence[Mapping[str, Any]], cfg: CompareConfig) -> dict[str, Any] | None:
@@ -404,6 +409,13 @@ def under_fitting(result: BranchResult, winner: BranchResult, cfg: CompareConfig
     return Flag("under_fitted", message, numbers)
 
 
+def diverged_flag(result: BranchResult) -> Flag:
+    """The flag of a branch whose training diverged (or, for seeds, one of whose runs did)."""
+    runs = result.runs if isinstance(result, SeedGroup) else [result]
+    names = [r.name for r in runs if r.diverged]
+    return Flag("diverged", f"training diverged ({', '.join(names)}): ranked last and never the winner; lower its learning rate", {"runs": names})
+
+
 def winner_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The ``step_config`` of a full run with a branch's recipe: ``{"train": {field: value}}`` over :data:`RECIPE_FIELDS`."""
     return {"train": {k: config[k] for k in RECIPE_FIELDS if k in config}}
@@ -419,7 +431,16 @@ def _read_branch(name: str, prefix: str, settings: Mapping[str, Any]) -> tuple[B
     # The values as the branch trained with them (kfp hands the plan's numbers over as floats), in grid key order.
     shown = {k: config.get(GRID_KEYS[k], settings[k]) for k in GRID_KEYS if k in settings}
     kept_epoch = (metrics.get("selection") or {}).get("epoch")
-    result = BranchResult(name, storage.normalize_uri(prefix), shown, history, config, kept=dict(metrics.get("kept") or {}), kept_epoch=kept_epoch)
+    result = BranchResult(
+        name,
+        storage.normalize_uri(prefix),
+        shown,
+        history,
+        config,
+        kept=dict(metrics.get("kept") or {}),
+        kept_epoch=kept_epoch,
+        diverged=bool(metrics.get("diverged")),
+    )
     return result, manifest, metrics
 
 
@@ -493,15 +514,21 @@ def compare(
     contract.check_disjoint(dest, branches.values(), "compare")
     read = {n: _read_branch(n, p, (settings or {}).get(n, {})) for n, p in branches.items()}
     _check_same_data({n: m for n, (_, m, _) in read.items()}, {n: x for n, (_, _, x) in read.items()})
-    first_metrics = next(iter(read.values()))[2]
+    # The class counts come from a branch that validated: a diverged one may have stopped before validating.
+    first_metrics = next((x for r, _, x in read.values() if not r.diverged), next(iter(read.values()))[2])
     ratio = imbalance(class_counts(first_metrics))
     imbalanced = ratio > cfg.imbalance_ratio
     keys = ranking_keys(imbalanced)
     runs = [r for r, _, _ in read.values()]
     ranked = rank(group_seeds(runs, groups) if groups else runs, keys)
     best = ranked[0]
+    if best.diverged:
+        raise ValueError(
+            f"every branch diverged ({', '.join(r.name for r in ranked)}; each one's metrics.json says where): "
+            "no winner; sweep again with a lower learning rate (lr or lr_base)"
+        )
     for r in ranked:
-        checks = (diagnose(r.history, cfg), under_fitting(r, best, cfg), class_collapse(r, ranked, cfg))
+        checks = (diverged_flag(r),) if r.diverged else (diagnose(r.history, cfg), under_fitting(r, best, cfg), class_collapse(r, ranked, cfg))
         r.flags = [f for f in checks if f is not None]
     winner = winner_config(best.config)
     result = {

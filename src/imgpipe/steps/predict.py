@@ -7,7 +7,7 @@ with every member checked as usual). It preprocesses from ``model.json`` alone
 (:mod:`imgpipe.train.card`) exactly as the train step's evaluation does: images cut at the
 model's size by resize are used as stored (their evaluation view is the identity); whole
 pictures (resize mode ``whole``, clean and download outputs, folders) get the shorter
-side scaled to ``input.resize_short_side`` and the centre crop. Raw images (download
+side scaled to ``input.resize_short_side`` and the centre crop (``input.view`` says which). Raw images (download
 outputs, folders, archives) first get clean's own decode
 (:func:`imgpipe.data.images.validate_and_normalize`: EXIF orientation, grey, CMYK,
 palette, 16-bit and alpha made the model's mode), as the model's training images did.
@@ -269,7 +269,9 @@ class _Predictor:
         self.kind, self.splits, self.whole = kind, set(splits), set(whole)
         self.batch_size, self.top_k = int(cfg["batch_size"]), int(cfg["top_k"])
         spec = self.card["input"]
-        self.size, self.channels, self.short = int(spec["size"]), int(spec["channels"]), int(spec["resize_short_side"])
+        # A card says resize_short_side only where the evaluation resized (older cards always did).
+        self.size, self.channels = int(spec["size"]), int(spec["channels"])
+        self.short = int(spec.get("resize_short_side", self.size))
         self.prepare = preprocessing_spec(self.card) if kind != "resize" else None
         recipe = self.card.get("recipe") or {}
         self.flips = tta_flip_dims(bool(recipe.get("hflip")), bool(recipe.get("vflip"))) if cfg.get("tta") else ()

@@ -182,6 +182,25 @@ def decide(candidate: str, current: str | None, cfg: PromoteConfig | None = None
     card = read_card(candidate)
     metric = _metric(metrics)
     trained = (metrics.get("test") or {}).get(metric)
+    if metrics.get("diverged") or card.get("diverged"):
+        # Never scored: weights from a run whose loss blew up are no candidate, whatever a test split says of them.
+        summary = (metrics.get("divergence") or card.get("divergence") or {}).get("events") or [{}]
+        where = summary[-1]
+        at = f" in epoch {where['epoch'] + 1} at step {where['step'] + 1} (lr {where['lr']:.3g})" if "epoch" in where else ""
+        return Decision(
+            promoted=False,
+            reason=f"not promoted: the candidate's training diverged{at}; train it again with a lower learning rate",
+            metric=metric,
+            candidate=None,
+            current=None,
+            candidate_prefix=candidate,
+            current_prefix=None if current is None else storage.redact_uri(current),
+            split=cfg.split,
+            images=0,
+            images_digest="",
+            tolerance=cfg.tolerance,
+            trained_score=None,
+        )
     data = policy.check("the candidate's card data.uri", card["data"]["uri"])
     if "test" not in split_names(data, contract.read_manifest(data)):
         raise ValueError(f"{candidate} trained on {data}, which has no test split: it cannot be gated")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +18,6 @@ from torch import nn
 from tqdm import tqdm
 
 from imgpipe import contract, storage
-from imgpipe.contract import StepReport
 
 # The settings are torch-free (imgpipe.train.config) so the pipeline compiles without torch.
 from imgpipe.train.assembly import (
@@ -34,14 +32,14 @@ from imgpipe.train.augment import (
     step_generator,
     step_seed,
 )
-from imgpipe.train.checkpoint import resume, save_checkpoint
+from imgpipe.train.checkpoint import restart, resume, save_checkpoint
 from imgpipe.train.config import TrainConfig
 from imgpipe.train.distributed import (
     all_reduce,
-    barrier,
     determinism,
     init_distributed,
 )
+from imgpipe.train.divergence import Divergence, DivergenceGuard, TrainingDiverged
 from imgpipe.train.evaluation import EvalResult, evaluate
 from imgpipe.train.loader import ImageLoader
 from imgpipe.train.models import (
@@ -49,17 +47,15 @@ from imgpipe.train.models import (
 )
 from imgpipe.train.outputs import (
     check_locations,
-    commit,
     start_output,
-    write_outputs,
 )
 from imgpipe.train.recipes import tta_flip_dims
 from imgpipe.train.rows import decode_jpeg_batch
 from imgpipe.train.run import TrainingRun
 from imgpipe.train.selection import EMA_PREFIX
+from imgpipe.train.summary import TrainReport, finish, val_keys
 
 __all__ = [
-    "TrainReport",
     "train_one_epoch",
     "train",
 ]
@@ -69,31 +65,6 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------
 # Configuration.
-
-
-@dataclass
-class TrainReport(StepReport):
-    """What the train step did; the manifest is this report plus config and provenance.
-
-    Attributes:
-        epochs_run: Epochs trained by this invocation (fewer than ``epochs`` on resume).
-        metrics: Final validation (and test) figures, as in ``metrics.json``.
-        model_uri: Where ``model.pt`` was written.
-    """
-
-    epochs_run: int = 0
-    metrics: dict[str, Any] = field(default_factory=dict)
-    model_uri: str = ""
-
-    def summary(self) -> str:
-        """One line for logs and the CLI."""
-        m = self.metrics
-        parts = [f"train: {self.epochs_run} epoch(s)"]
-        if m.get("val_accuracy") is not None:
-            parts.append(f"val acc {m['val_accuracy']:.3f}, macro-F1 {m['val_macro_f1']:.3f}")
-        if m.get("test_accuracy") is not None:
-            parts.append(f"test acc {m['test_accuracy']:.3f}")
-        return ", ".join(parts) + f" in {self.seconds:.1f}s -> {self.dest}"
 
 
 # ----------------------------------------------------------------------------------------
@@ -124,12 +95,36 @@ def _prepare_train_batch(run: TrainingRun, batch: Mapping[str, Any], epoch: int,
 # Training and evaluation.
 
 
-def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
+# Steps between two looks at the losses (one copy from the device, and an all-reduce under DDP).
+_WATCH_EVERY = 16
+
+
+def _watch(run: TrainingRun, losses: torch.Tensor, lrs: list[float], start: int, stop: int, epoch: int) -> Divergence | None:
+    """Feeds the losses of steps ``[start, stop)`` (their mean over the ranks) to the divergence guard."""
+    chunk = losses[start:stop]
+    if run.ctx.world_size > 1:
+        chunk = chunk.clone()
+        dist.all_reduce(chunk)
+        chunk /= run.ctx.world_size
+    assert run.guard is not None
+    values = chunk.cpu().tolist()
+    for offset, value in enumerate(values):  # one step at a time, so the event names its step's learning rate
+        event = run.guard.update([value], first_step=start + offset, epoch=epoch, lr=lrs[start + offset])
+        if event is not None:
+            return event
+    return None
+
+
+def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
     """Trains one epoch; returns train loss, images/s and data-wait fraction (over all ranks).
 
     The data-wait fraction is the time the loop spent blocked on the loader divided by
     the epoch's wall time. On CUDA the CPU runs ahead of the GPU, so time the GPU needs
     shows up as compute, and time the loader is late shows up as waiting.
+
+    Every few steps the losses go to the divergence guard (:mod:`imgpipe.train.divergence`);
+    when it calls the run diverged, the epoch stops there and the record holds the
+    :class:`~imgpipe.train.divergence.Divergence` under ``"divergence"``.
     """
     run.model.train()
     if run.unfreeze.starts:
@@ -151,6 +146,9 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
     batches = iter(run.train_loader)
     progress = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", disable=not run.ctx.is_main, mininterval=5)
     every = run.cfg.checkpoint_every_steps
+    losses = torch.zeros(steps, dtype=torch.float32, device=run.device)
+    lrs = [0.0] * steps
+    watched, event = first, None
     try:
         for step in range(first, steps):
             batch = next(batches, None)
@@ -165,16 +163,23 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
             loss.backward()
             if run.cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+            lrs[step] = run.optimizer.param_groups[0]["lr"]
             run.optimizer.step()
             run.scheduler.step()
             if run.ema is not None and step % run.cfg.ema_steps == 0:
                 run.ema.update_parameters(run.module)
                 if sum(run.steps_per_epoch[:epoch]) + step < run.warmup_steps:  # during the warmup the average restarts: torchvision's rule
                     run.ema.n_averaged.fill_(0)
+            losses[step] = loss.detach()
             loss_sum += loss.detach().double() * len(targets)
             seen += len(targets)
             progress.update()
-            if every and (step + 1) % every == 0 and step + 1 < steps:
+            checkpoint_due = every and (step + 1) % every == 0 and step + 1 < steps
+            if checkpoint_due or step + 1 - watched >= _WATCH_EVERY or step + 1 == steps:
+                event, watched = _watch(run, losses, lrs, watched, step + 1, epoch), step + 1
+                if event is not None:
+                    break
+            if checkpoint_due and not run.guard.worrying:  # type: ignore[union-attr] # never a checkpoint of a loss on its way up
                 save_checkpoint(run, epoch, step=step + 1)  # every rank: it gathers their RNG states
             tick = time.perf_counter()
     finally:
@@ -192,6 +197,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
         "lr": run.scheduler.get_last_lr()[0],
         # This rank's rows refused before decoding, by reason (imgpipe.train.rows.refuse_row).
         "loader_rejected": dict(run.train_loader.rejected),
+        **({"divergence": event} if event is not None else {}),
     }
 
 
@@ -231,28 +237,19 @@ def _evaluate_split(
 # The step.
 
 
-def _val_keys(val: EvalResult, labels: list[str]) -> dict[str, Any]:
-    """A validation as the per-epoch record's ``val_*`` keys."""
-    v = val.to_dict(labels)
-    return {
-        "val_loss": v["loss"],
-        "val_accuracy": v["accuracy"],
-        "val_macro_f1": v["macro_f1"],
-        "val_pr_auc": v["pr_auc"],
-        "val_per_class_recall": v["per_class_recall"],
-        "val_images": v["images"],
-    }
-
-
 def _validate(run: TrainingRun, epoch: int, record: dict[str, Any]) -> None:
     """Validates the model (and its EMA) after ``epoch`` into ``record``; keeps the weights if they are the best yet."""
     assert run.val_loader is not None
     val = _evaluate_split(run, run.val_loader)
-    record.update(_val_keys(val, run.labels))
+    record.update(val_keys(val, run.labels))
+    event = DivergenceGuard.validation(val.loss, epoch=epoch, step=run.steps_per_epoch[epoch] - 1, lr=run.scheduler.get_last_lr()[0])
+    if event is not None:  # weights (or the norms' statistics) blown up: nothing of this epoch is kept
+        record["divergence"] = event
+        return
     ema_val = None
     if run.ema is not None:
         ema_val = _evaluate_split(run, run.val_loader, model=run.ema.module)
-        record.update({EMA_PREFIX + k: v for k, v in _val_keys(ema_val, run.labels).items() if k != "val_per_class_recall"})
+        record.update({EMA_PREFIX + k: v for k, v in val_keys(ema_val, run.labels).items() if k != "val_per_class_recall"})
     run.selection.fix_keys([sum(row) for row in val.confusion])
     chosen = run.selection.consider(epoch, record)
     if chosen is not None:
@@ -268,39 +265,68 @@ def _fit(run: TrainingRun) -> int:
     best yet (:class:`imgpipe.train.selection.Selection`); at the end ``run.module`` holds
     the kept weights, which the test split, ``model.pt`` and the export use.
     """
-    ran = 0
-    for epoch in range(run.start_epoch, run.cfg.epochs):
+    ran, epoch = 0, run.start_epoch
+    if run.cfg.divergence_restarts and epoch == 0 and not run.start_step:
+        save_checkpoint(run, -1)  # the start: what a divergence in the first epoch restarts from
+    while epoch < run.cfg.epochs:
         if run.selection.stopped_at is not None:  # resumed after early stopping
             break
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(run, epoch)}
-        if run.val_loader is not None:
+        if run.val_loader is not None and "divergence" not in record:
             _validate(run, epoch, record)
         record["seconds"] = round(time.perf_counter() - started, 3)
+        # Wall-clock time at the epoch's end (validation included), and since the step began: time to accuracy.
+        record["ended_at"] = round(time.time(), 3)
+        record["elapsed_s"] = round(record["ended_at"] - run.started_at, 3)
+        event = record.pop("divergence", None)
+        if event is not None and _after_divergence(run, event):
+            epoch = run.start_epoch  # restarted from the last checkpoint, the learning rate halved
+            continue
+        if event is not None:
+            record["diverged"] = event.to_dict()
         run.history.append(record)
         ran += 1
+        if event is not None:
+            break
         if run.selection.should_stop(run.cfg.patience):
             run.selection.stopped_at = epoch
-        save_checkpoint(run, epoch)
+        if run.guard is not None and run.guard.worrying:
+            log.warning("train: no checkpoint after epoch %d: the loss is above %.4g, on its way to divergence", epoch + 1, run.guard.limit())
+        else:
+            save_checkpoint(run, epoch)
         if run.ctx.is_main:
             log.info("train: %s", {k: v for k, v in record.items() if not isinstance(v, dict)})
         if run.selection.stopped_at is not None:
             log.info("train: no better %s for %d epochs: stopping after epoch %d", run.selection.keys[0], run.cfg.patience, epoch + 1)
             break
+        epoch += 1
     if run.best_state is not None:
         run.module.load_state_dict(run.best_state)
     return ran
 
 
-def _kept(run: TrainingRun) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``metrics.json``'s ``selection`` (which weights, and why) and ``kept`` (their validation keys)."""
-    trained = len(run.history)
-    if run.best_val is None:
-        last = run.history[-1]["epoch"] if run.history else run.cfg.epochs - 1
-        reason = "no validation split: the last epoch's weights"
-        return {"epoch": last, "weights": "model", "reason": reason, "epochs_trained": trained}, {}
-    kept = {k: v for k, v in _val_keys(run.best_val, run.labels).items() if k != "val_per_class_recall"}
-    return run.selection.summary(run.cfg.patience, run.cfg.epochs, trained), kept
+def _after_divergence(run: TrainingRun, event: Divergence) -> bool:
+    """Restarts ``run`` from its last checkpoint with the learning rate halved, if restarts are left (True); else marks it diverged."""
+    record = run.divergence
+    if run.ctx.is_main:
+        log.warning("train: diverged in epoch %d at step %d (lr %.4g): %s", event.epoch + 1, event.step + 1, event.lr, event.detail)
+    if record.restarts < run.cfg.divergence_restarts:
+        record.lr_scale /= 2
+        record.events.append({**event.to_dict(), "action": "restarted", "lr_scale": record.lr_scale})
+        record.events[-1]["from_epoch"] = restart(run, record.lr_scale)
+        if run.ctx.is_main:
+            log.warning(
+                "train: restart %d of %d: from the checkpoint before epoch %d, every learning rate x %g",
+                record.restarts,
+                run.cfg.divergence_restarts,
+                run.start_epoch + 1,
+                record.lr_scale,
+            )
+        return True
+    record.events.append({**event.to_dict(), "action": "stopped"})
+    record.diverged = True
+    return False
 
 
 def _final_evaluations(run: TrainingRun) -> tuple[dict[str, Any], dict[str, EvalResult]]:
@@ -341,103 +367,32 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
         UncommittedOutputError: If ``data`` is not committed.
         ValueError: If ``data`` is not a resize output or has no ``train`` split, the
             settings do not fit it, or a resume checkpoint is incompatible.
+        TrainingDiverged: If the run stopped diverged and ``cfg.diverged_fails``; raised
+            after its output is committed, marked diverged.
     """
     cfg = cfg or TrainConfig()
     data, out = storage.normalize_uri(data), storage.normalize_uri(out)
     check_locations(data, out)
     upstream_manifest = contract.read_manifest(data, expect_step="resize")
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     ctx = init_distributed(cfg.device)
     try:
         with determinism(cfg.deterministic):
             run = build_run(data, out, cfg, ctx, upstream_manifest)
+            run.started_at = started_at
             run.attempt = start_output(out, cfg, ctx)
             if cfg.resume:
                 resume(run)
             epochs_run = _fit(run)
             tests, with_rows = _final_evaluations(run)
-            return _finish(run, epochs_run, run.best_val, tests, with_rows, upstream_manifest, time.monotonic() - started)
+            report = finish(run, epochs_run, run.best_val, tests, with_rows, upstream_manifest, time.monotonic() - started)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
-
-
-def _finish(
-    run: TrainingRun,
-    epochs_run: int,
-    last_val: EvalResult | None,
-    tests: Mapping[str, Any],
-    with_rows: Mapping[str, EvalResult],
-    upstream_manifest: Mapping[str, Any],
-    seconds: float,
-) -> TrainReport:
-    last = run.history[-1]
-    seen = {"train": int(last.get("train_images", 0))}
-    if last_val is not None:
-        seen["val"] = last_val.images
-    if "test" in tests:
-        seen["test"] = int(tests["test"]["images"])
-    selection, kept = _kept(run)
-    metrics = {
-        "epochs": run.history,
-        **tests,
-        "labels": run.labels,
-        "images_seen": seen,
-        "selection": selection,
-        "kept": kept,
-        "recipe": run.recipe.to_dict() if run.recipe else None,
-        "learning_rate": {
-            **(run.learning_rate.to_dict() if run.learning_rate else {}),
-            "warmup_steps": run.warmup_steps,
-            "unfreeze_epochs": list(run.unfreeze.starts),
-        },
-    }
-    if last_val is not None:
-        metrics["val_confusion"] = last_val.confusion
-    final = {
-        "val_accuracy": last_val.accuracy if last_val else None,
-        "val_macro_f1": last_val.macro_f1 if last_val else None,
-        "val_pr_auc": last_val.pr_auc if last_val else None,
-        "val_loss": last_val.loss if last_val else None,
-        "test_accuracy": tests["test"]["accuracy"] if "test" in tests else None,
-        "test_tta_accuracy": tests["test_tta"]["accuracy"] if "test_tta" in tests else None,
-        "train_loss": last.get("train_loss"),
-    }
-    files = write_outputs(run, metrics, last_val, with_rows) if run.ctx.is_main else []
-    # The rows of the dataset it was given: a partial last batch is dropped each epoch,
-    # but a different one every epoch, so no row is lost; what was seen is in extra.
-    total = int(upstream_manifest.get("outputs", sum(seen.values())))
-    train_report = TrainReport(
-        step="train",
-        dest=run.out,
-        inputs=total,
-        outputs=total,
-        rejected=0,
-        files=files,
-        seconds=round(seconds, 3),
-        extra={
-            "images_seen": seen,
-            "epochs": run.cfg.epochs,
-            "model": run.cfg.model,
-            "num_classes": len(run.labels),
-            "image_size": run.image_size,
-            "channels": run.channels,
-            "world_size": run.ctx.world_size,
-            "device": str(run.device),
-            "resumed_from_epoch": run.start_epoch if run.start_epoch else None,
-            "kept": {k: selection[k] for k in ("epoch", "weights", "reason")},
-            "recipe": run.recipe.summary() if run.recipe else None,
-        },
-        epochs_run=epochs_run,
-        metrics=final,
-        model_uri=storage.join(run.out, contract.MODEL),
-    )
-    if run.ctx.is_main:
-        upstream = {"source": run.data, "step": "resize", "outputs": upstream_manifest.get("outputs")}
-        commit(run, train_report, upstream)
-    barrier(run.ctx)
-    return train_report
-
-
-# ----------------------------------------------------------------------------------------
-# A trained model on another split (the promotion gate, audits).
+    if run.divergence.diverged and cfg.diverged_fails:
+        raise TrainingDiverged(
+            f"train {run.divergence.summary()}. The output is committed at {out}, marked diverged (metrics.json, "
+            "report.html, model.json) and is never promoted. Lower lr (or lr_base), raise warmup_fraction or batch_size, "
+            "or set divergence_restarts=N to restart from the last checkpoint with the learning rate halved"
+        )
+    return report

@@ -39,6 +39,7 @@ from imgpipe.train.distributed import (
     DistInfo,
     resolve_device,
 )
+from imgpipe.train.divergence import DivergenceGuard
 from imgpipe.train.loader import ImageLoader
 from imgpipe.train.models import (
     backbone_blocks,
@@ -277,6 +278,8 @@ def build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Ma
         unfreeze=plan,
         groups=groups,
         warmup_steps=warmup,
+        base_lrs=list(scheduler.base_lrs),
+        guard=DivergenceGuard(cfg.divergence_factor, cfg.divergence_steps, len(labels)),
     )
 
 

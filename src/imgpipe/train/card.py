@@ -19,13 +19,15 @@ import numpy as np
 from imgpipe import contract, storage
 from imgpipe.config import config_from_dict
 from imgpipe.resize.config import ResizeConfig
-from imgpipe.resize.spec import ResizeSpec, color_space
+from imgpipe.resize.spec import CROP_FRACTION, ResizeSpec, color_space
 
 __all__ = [
     "CARD_FORMAT",
+    "VIEW_INTERPOLATION",
     "INPUT_NAME",
     "OUTPUT_NAME",
     "read_card",
+    "view_of",
     "eval_view",
     "check_view",
     "to_input",
@@ -35,6 +37,8 @@ __all__ = [
 ]
 
 CARD_FORMAT = 1
+# How eval_view resizes (albumentations' SmallestMaxSize as the train step's evaluation runs it), as a card says it.
+VIEW_INTERPOLATION = "area when shrinking, bilinear when enlarging (OpenCV)"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
@@ -70,6 +74,33 @@ def read_card(prefix: str, classes: Sequence[str] | None = None) -> dict[str, An
             f" than expected ({len(classes)}: {', '.join(list(classes)[:5])}...)"
         )
     return card
+
+
+def view_of(size: int, *, whole: bool, stored_size: int | None = None) -> dict[str, Any]:
+    """The card's account of the evaluation view: the keys :func:`eval_view` needs, only those that act.
+
+    Whole pictures (resize mode ``whole``) get their shorter side scaled to
+    ``round(size / 0.875)`` and the centre ``size x size`` (``resize_short_side``,
+    ``center_crop``). Images stored square at ``size`` (``short-side-crop``, ``fixed``,
+    ``pad``) are the input as they are: no key. Stored square at another side, they are
+    scaled to ``size`` (``resize_short_side`` alone: a square needs no crop). ``view`` says
+    it in words.
+    """
+    if whole:
+        short = round(size / CROP_FRACTION)
+        return {
+            "view": f"shorter side to {short}, then the centre {size} x {size}",
+            "resize_short_side": short,
+            "interpolation": VIEW_INTERPOLATION,
+            "center_crop": size,
+        }
+    if stored_size is not None and stored_size != size:
+        return {
+            "view": f"the stored {stored_size} x {stored_size} image scaled to {size} x {size}",
+            "resize_short_side": size,
+            "interpolation": VIEW_INTERPOLATION,
+        }
+    return {"view": f"as stored: the resize step's {size} x {size} image, no further resize or crop"}
 
 
 def eval_view(image: np.ndarray, size: int, resize_to: int) -> np.ndarray:

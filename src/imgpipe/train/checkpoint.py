@@ -21,13 +21,15 @@ import torch.distributed as dist
 from imgpipe import storage
 from imgpipe.config import config_to_dict
 from imgpipe.train.distributed import DistInfo
+from imgpipe.train.divergence import DivergenceRecord
 from imgpipe.train.evaluation import EvalResult
 from imgpipe.train.models import error_line
+from imgpipe.train.optim import scale_lr
 
 if TYPE_CHECKING:
     from imgpipe.train.run import TrainingRun
 
-__all__ = ["CHECKPOINT", "RESUME_FIXED", "save_checkpoint", "load_checkpoint", "resume"]
+__all__ = ["CHECKPOINT", "RESUME_FIXED", "save_checkpoint", "load_checkpoint", "resume", "restart"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ def save_checkpoint(run: TrainingRun, epoch: int, step: int | None = None) -> No
         "best_state": run.best_state,
         "best_val": run.best_val.summary_dict() if run.best_val is not None else None,
         "selection": run.selection.state_dict(),
+        "guard": run.guard.state_dict() if run.guard is not None else None,
+        "divergence": run.divergence.to_dict(),
     }
     with storage.open_write(storage.join(run.out, CHECKPOINT)) as fh:
         torch.save(state, fh)
@@ -138,6 +142,32 @@ def resume(run: TrainingRun) -> None:
     changed = sorted(k for k in current if k not in ("resume",) and saved.get(k) != current[k])
     if changed:
         log.warning("train: resuming with changed settings: %s", ", ".join(changed))
+    _restore(run, state)
+    run.divergence = DivergenceRecord.from_dict(state.get("divergence"))
+    run.resumed_from = run.start_epoch
+    log.info("train: resumed from %s after epoch %d%s", uri, run.start_epoch, f" and {run.start_step} steps of the next" if run.start_step else "")
+
+
+def restart(run: TrainingRun, lr_scale: float) -> int:
+    """Puts ``run`` back to its last checkpoint, every peak learning rate at ``lr_scale`` times the configured one.
+
+    What a divergence restart does (``divergence_restarts``): the weights, optimizer, loader
+    position, random state, history and kept weights of the checkpoint, the divergence record
+    of now (it holds the divergence that made the restart). Returns the epoch it restarts at.
+
+    Raises:
+        FileNotFoundError: If the run has no checkpoint (the train step writes one at its start
+            when restarts are on).
+    """
+    divergence = run.divergence
+    _restore(run, load_checkpoint(storage.join(run.out, CHECKPOINT)))
+    run.divergence = divergence
+    scale_lr(run.scheduler, run.base_lrs, lr_scale)
+    return run.start_epoch
+
+
+def _restore(run: TrainingRun, state: Mapping[str, Any]) -> None:
+    """``run`` as ``state`` (a checkpoint) holds it; the divergence record aside (the caller's)."""
     run.module.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -150,8 +180,8 @@ def resume(run: TrainingRun) -> None:
     if state.get("ema") is not None and run.ema is not None:
         run.ema.load_state_dict(state["ema"])
     run.best_state = state.get("best_state")
-    if state.get("best_val") is not None:
-        run.best_val = EvalResult(**state["best_val"])
+    run.best_val = EvalResult(**state["best_val"]) if state.get("best_val") is not None else None
     if state.get("selection") is not None:
         run.selection.load_state_dict(state["selection"])
-    log.info("train: resumed from %s after epoch %d%s", uri, run.start_epoch, f" and {run.start_step} steps of the next" if run.start_step else "")
+    if run.guard is not None:
+        run.guard.load_state_dict(state.get("guard"))

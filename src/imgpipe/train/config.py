@@ -300,6 +300,18 @@ class TrainConfig:
         amp: bf16 autocast on CUDA (ignored on CPU).
         channels_last: Channels-last memory format on CUDA.
         grad_clip: Maximum gradient norm; 0 disables clipping.
+        divergence_factor: The run has diverged when a loss is not finite, or when the
+            loss (smoothed over twice ``divergence_steps`` steps) stays above this many times
+            its lowest value so far for ``divergence_steps`` steps (:mod:`imgpipe.train.divergence`);
+            0 leaves only the non-finite rule.
+        divergence_steps: How many steps in a row the loss may stay above that limit.
+        divergence_restarts: On divergence, restart from the last checkpoint (an epoch's end,
+            or the start) with the learning rate halved, up to this many times; 0 stops at
+            the first. A run that stops diverged commits its output marked ``diverged``
+            (``metrics.json``, the report, the card), which promotion refuses.
+        diverged_fails: A run that stopped diverged fails the step after committing its
+            output (the message names the epoch, step and learning rate); off, it ends
+            normally, marked (a sweep's branches: compare ranks it last).
         num_workers: Loader worker processes per rank; ``None`` derives it from the
             CPUs available to this rank.
         prefetch_factor: Batches each worker prepares ahead.
@@ -372,7 +384,7 @@ class TrainConfig:
     READS: ClassVar[tuple[str, ...]] = ("weights", "weights_cache")
 
     model: str = "resnet18"
-    recipe: Recipe = "none"
+    recipe: Recipe = "auto"
     domain: Domain = "natural"
     # None: unset, filled by imgpipe.train.recipes.resolve (here and below).
     epochs: int | None = None
@@ -411,6 +423,10 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     grad_clip: float = 1.0
+    divergence_factor: float = 1.5
+    divergence_steps: int = 5
+    divergence_restarts: int = 0
+    diverged_fails: bool = True
     num_workers: int | None = None
     prefetch_factor: int = 2
     pin_memory: bool | None = None
@@ -474,6 +490,11 @@ class TrainConfig:
         if v.drop_path is not None:
             check_range("drop_path", v.drop_path, 0, 1, high_open=True, note="a stochastic depth rate")
         check_range("grad_clip", self.grad_clip, 0, note="0 disables")
+        check_range("divergence_factor", self.divergence_factor, 0, 1e6, note="0: only a non-finite loss is divergence")
+        if 0 < self.divergence_factor <= 1:
+            raise ValueError(f"divergence_factor must be above 1 (a multiple of the lowest loss) or 0, got {self.divergence_factor}")
+        check_range("divergence_steps", self.divergence_steps, 1, 1_000_000, integer=True)
+        check_range("divergence_restarts", self.divergence_restarts, 0, 10, integer=True, note="each halves the learning rate")
         check_range("checkpoint_every_steps", self.checkpoint_every_steps, 0, integer=True, note="0: at epoch ends only")
         check_range("patience", v.patience, 0, integer=True, note="0 trains every epoch")
         check_range("ema_decay", self.ema_decay, 0, 1, high_open=True, note="0 disables; torchvision uses 0.99998")

@@ -3,7 +3,8 @@
 ``model.json`` (:func:`model_card`) is the one description of a trained model that
 :mod:`imgpipe.steps.predict` and any serving stack need: the architecture, the input
 (clean's decode: EXIF orientation applied and the mode normalized; side, the evaluation
-resize and centre crop, scale, mean and std, channels), the class
+view (a resize and centre crop only where the train step's evaluation made one), scale,
+mean and std, channels), the class
 names in output order, the recipe, the metrics and which weights were kept, and the
 digest of the data's manifest. Reading it back (no torch) is :mod:`imgpipe.train.card`.
 
@@ -29,8 +30,7 @@ from torch import nn
 
 from imgpipe import __version__, contract, serving
 from imgpipe.data.images import NORMALIZATION
-from imgpipe.resize.spec import CROP_FRACTION
-from imgpipe.train.card import CARD_FORMAT, INPUT_NAME, OUTPUT_NAME, preprocessing_of
+from imgpipe.train.card import CARD_FORMAT, INPUT_NAME, OUTPUT_NAME, preprocessing_of, view_of
 
 __all__ = ["OPSET", "MAX_IR_VERSION", "export_onnx", "export_torchscript", "model_card"]
 
@@ -111,6 +111,9 @@ def model_card(
     data: str,
     files: Mapping[str, str | None],
     failures: Mapping[str, str] | None = None,
+    divergence: Mapping[str, Any] | None = None,
+    whole: bool = False,
+    stored_size: int | None = None,
 ) -> dict[str, Any]:
     """``model.json``: everything needed to run the model and to know what it is.
 
@@ -127,6 +130,10 @@ def model_card(
         data: The resize output it trained on.
         files: Export name (``onnx``, ``torchscript``, ``state_dict``) -> file, ``None`` when missing.
         failures: Export name -> why it is missing.
+        divergence: The run's divergence record (``metrics.json``'s ``divergence``); a
+            diverged model says so in ``diverged``, and promotion refuses it.
+        whole: The evaluation splits hold whole pictures (resize mode ``whole``).
+        stored_size: The side resize stored the evaluation images at (``None``: ``size``).
     """
     manifest = contract.read_side_file(data, contract.MANIFEST)
     preprocessing = preprocessing_of(json.loads(manifest))
@@ -135,6 +142,7 @@ def model_card(
     return {
         "format": CARD_FORMAT,
         "created_by": f"imgpipe {__version__}",
+        "diverged": bool((divergence or {}).get("diverged")),
         "architecture": architecture,
         "classes": list(classes),
         "num_classes": len(classes),
@@ -147,9 +155,8 @@ def model_card(
             # clean's decode of every picture before the resize below: EXIF orientation and modes.
             **copy.deepcopy(NORMALIZATION),
             "size": size,
-            # The evaluation view of a picture: shorter side to size / crop fraction, then the centre size x size.
-            "resize_short_side": round(size / CROP_FRACTION),
-            "center_crop": size,
+            # What prediction does to a stored (resized) picture: only what the train step's evaluation did.
+            **view_of(size, whole=whole, stored_size=stored_size),
             "scale": 1 / 255,
             "mean": [float(m) for m in mean],
             "std": [float(s) for s in std],
@@ -161,6 +168,7 @@ def model_card(
         "recipe": dict(recipe),
         "metrics": dict(metrics),
         "selection": dict(selection),
+        "divergence": dict(divergence or {}),
         "data": {"uri": data, "manifest_sha256": hashlib.sha256(manifest).hexdigest()},
         # The resize step's preprocessing of the data it trained on: what predict repeats on raw images.
         "preprocessing": preprocessing,

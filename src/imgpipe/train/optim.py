@@ -16,7 +16,7 @@ from torch import nn
 
 from imgpipe.train.schedule import UnfreezePlan, lr_factor
 
-__all__ = ["TrainGroup", "param_groups", "fused_adamw", "build_optimizer", "build_scheduler"]
+__all__ = ["TrainGroup", "param_groups", "fused_adamw", "build_optimizer", "build_scheduler", "scale_lr"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
         return lambda step: lr_factor(step, warmup_steps, total_steps, start)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [from_step(int(g.get("start_step", 0))) for g in optimizer.param_groups])
+
+
+def scale_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float], scale: float) -> None:
+    """Every group's peak learning rate set to ``scale`` times ``base_lrs`` (its configured one), from the current step on.
+
+    The scheduler keeps the scaled peaks (``base_lrs`` in its state, so a checkpoint after
+    this resumes with them), and each group's learning rate is that of the current step at once.
+    """
+    scheduler.base_lrs = [b * scale for b in base_lrs]
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]  # what get_last_lr() reports

@@ -171,6 +171,7 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResul
         _write(run, contract.PREDICTIONS, parquet.table_to_parquet_bytes(predictions), files)
     model_state = {k: v.detach().cpu() for k, v in run.module.state_dict().items()}
     mean, std = channel_stats(run.channels, run.norm)
+    evaluated = run.test_info or run.val_info or run.train_info  # what the card's evaluation view describes
     payload = {
         "model": model_state,
         "model_name": run.cfg.model,
@@ -204,6 +205,9 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResul
             "state_dict": contract.MODEL,
         },
         failures=failures,
+        divergence=metrics.get("divergence"),
+        whole=evaluated.whole,
+        stored_size=evaluated.size,
     )
     _write(run, contract.MODEL_CARD, json.dumps(card, indent=2).encode(), files)
     _write(run, contract.METRICS, json.dumps(metrics, indent=2).encode(), files)

@@ -11,6 +11,7 @@ from torch import nn
 from imgpipe.train.augment import IMAGENET, BatchAugment, MixupCutmix, Normalization
 from imgpipe.train.config import TrainConfig
 from imgpipe.train.distributed import DistInfo
+from imgpipe.train.divergence import DivergenceGuard, DivergenceRecord
 from imgpipe.train.loader import ImageLoader
 from imgpipe.train.optim import TrainGroup
 from imgpipe.train.partition import SplitInfo
@@ -53,6 +54,12 @@ class TrainingRun:
         unfreeze: Which epochs train the head alone and which parts of the backbone.
         groups: The optimizer's parameter groups: the head and the backbone blocks by stage.
         warmup_steps: Steps of the learning-rate warmup (and of each late group's own).
+        base_lrs: Each parameter group's peak learning rate as configured (before any
+            restart after a divergence scaled them).
+        guard: The divergence rule watching the training loss (:mod:`imgpipe.train.divergence`).
+        divergence: The divergences seen and what was done about them.
+        started_at: Unix time the step started (each epoch's ``elapsed_s`` counts from it).
+        resumed_from: The epoch a ``--resume`` continued at (0: none).
     """
 
     data: str
@@ -91,6 +98,11 @@ class TrainingRun:
     unfreeze: UnfreezePlan = field(default_factory=lambda: UnfreezePlan(()))
     groups: list[TrainGroup] = field(default_factory=list)
     warmup_steps: int = 0
+    base_lrs: list[float] = field(default_factory=list)
+    guard: DivergenceGuard | None = None
+    divergence: DivergenceRecord = field(default_factory=DivergenceRecord)
+    started_at: float = 0.0
+    resumed_from: int = 0
 
     def trainable(self, epoch: int) -> frozenset[str] | None:
         """The parameters that train in ``epoch`` (the head and the unfrozen blocks), ``None`` for all."""
