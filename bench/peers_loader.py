@@ -37,15 +37,33 @@ WDS_SHARDS = 8
 IMGPIPE_RAW, IMGPIPE_JPEG = "imgpipe raw", "imgpipe jpeg"
 # The same loader with LoaderConfig(engine="threads") (imgpipe.train.threads): its workers are threads.
 IMGPIPE_RAW_THREADS, IMGPIPE_JPEG_THREADS = "imgpipe raw, threads", "imgpipe jpeg, threads"
+# The loader as a train step with its defaults builds it (TrainConfig().loader: loader_engine auto,
+# the row cache a quarter of the memory the process may use): the rows the issue's targets apply to.
+IMGPIPE_RAW_DEFAULTS, IMGPIPE_JPEG_DEFAULTS = "imgpipe raw, defaults", "imgpipe jpeg, defaults"
 IMGPIPE = {
     IMGPIPE_RAW: ("raw", "processes"),
     IMGPIPE_JPEG: ("jpeg", "processes"),
     IMGPIPE_RAW_THREADS: ("raw", "threads"),
     IMGPIPE_JPEG_THREADS: ("jpeg", "threads"),
+    IMGPIPE_RAW_DEFAULTS: ("raw", "defaults"),
+    IMGPIPE_JPEG_DEFAULTS: ("jpeg", "defaults"),
 }
 FFCV_RAW, FFCV_JPEG = "FFCV raw .beton", "FFCV JPEG .beton"
 TORCHVISION, HF, MDS, WDS = "torchvision ImageFolder", "HF datasets (Parquet)", "MosaicML Streaming (MDS)", "WebDataset (tar)"
-CONTENDERS = [IMGPIPE_RAW, IMGPIPE_JPEG, IMGPIPE_RAW_THREADS, IMGPIPE_JPEG_THREADS, FFCV_RAW, FFCV_JPEG, TORCHVISION, HF, MDS, WDS]
+CONTENDERS = [
+    IMGPIPE_RAW_DEFAULTS,
+    IMGPIPE_JPEG_DEFAULTS,
+    IMGPIPE_RAW,
+    IMGPIPE_JPEG,
+    IMGPIPE_RAW_THREADS,
+    IMGPIPE_JPEG_THREADS,
+    FFCV_RAW,
+    FFCV_JPEG,
+    TORCHVISION,
+    HF,
+    MDS,
+    WDS,
+]
 IN_PEERS_VENV = {FFCV_RAW, FFCV_JPEG, MDS}
 # The copy each contender reads, written once by `--prepare KEY` (in the contender's venv).
 COPY = {FFCV_RAW: "ffcv-raw", FFCV_JPEG: "ffcv-jpeg", TORCHVISION: "imagefolder", HF: "hf", MDS: "mds", WDS: "wds"}
@@ -225,7 +243,9 @@ THREADS_CACHE_BYTES = 2 << 30
 def imgpipe_loader(data: str, batch_size: int, workers: int, engine: str = "processes") -> Any:
     """imgpipe's contender: :class:`imgpipe.train.loader.ImageLoader` with exactly RandomResizedCrop + flip, uint8 out.
 
-    The ``threads`` engine runs with the row cache (:data:`THREADS_CACHE_BYTES`); ``processes`` without.
+    The ``threads`` engine runs with the row cache (:data:`THREADS_CACHE_BYTES`); ``processes`` without;
+    ``defaults`` is what ``TrainConfig`` gives a run that sets neither (``loader_engine`` auto,
+    ``loader_cache_gb`` unset), at the same batch and workers.
     """
     from imgpipe.train.augment_cpu import build_train_transform
     from imgpipe.train.config import AugmentConfig, LoaderConfig
@@ -233,8 +253,13 @@ def imgpipe_loader(data: str, batch_size: int, workers: int, engine: str = "proc
     from imgpipe.train.partition import describe_split
 
     crop_flip = AugmentConfig(policy="basic", color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0)
-    cache = THREADS_CACHE_BYTES if engine == "threads" else 0
-    cfg = LoaderConfig(batch_size=batch_size, num_workers=workers, engine=engine, cache_bytes=cache)
+    if engine == "defaults":
+        from imgpipe.train.config import TrainConfig
+
+        cfg = TrainConfig(batch_size=batch_size, num_workers=workers).loader(shuffle=True)
+    else:
+        cache = THREADS_CACHE_BYTES if engine == "threads" else 0
+        cfg = LoaderConfig(batch_size=batch_size, num_workers=workers, engine=engine, cache_bytes=cache)
     return ImageLoader(describe_split(data, "train"), cfg, transform=build_train_transform(crop_flip, SIZE, 3))
 
 
@@ -394,12 +419,17 @@ def _speedup(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, key: st
 
 
 def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ratios: imgpipe raw against the best peer, imgpipe jpeg against FFCV's JPEG .beton (speed, >1 = imgpipe faster)."""
+    """The ratios: imgpipe (its defaults first) against the best peer and FFCV's .beton of the same format (speed, >1 = imgpipe faster)."""
     peers = {n: r for n, r in results.items() if not n.startswith("imgpipe") and r["cold_s"] and r["warm_img_s"]}
     best_cold = min(peers, key=lambda n: peers[n]["cold_s"]["median"], default=None)
     best_warm = max(peers, key=lambda n: peers[n]["warm_img_s"]["median"], default=None)
     rows = []
     for ours, theirs, what in (
+        (IMGPIPE_RAW_DEFAULTS, best_cold, "cold_s"),
+        (IMGPIPE_RAW_DEFAULTS, best_warm, "warm_img_s"),
+        (IMGPIPE_RAW_DEFAULTS, FFCV_RAW, "warm_img_s"),
+        (IMGPIPE_JPEG_DEFAULTS, best_cold, "cold_s"),
+        (IMGPIPE_JPEG_DEFAULTS, FFCV_JPEG, "warm_img_s"),
         (IMGPIPE_RAW, best_cold, "cold_s"),
         (IMGPIPE_RAW, best_warm, "warm_img_s"),
         (IMGPIPE_JPEG, FFCV_JPEG, "cold_s"),

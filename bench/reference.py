@@ -67,7 +67,9 @@ def prepare(name: str, root: Path, size: int) -> dict[str, Any]:
     rejects = pq.read_table(io.BytesIO(storage.read_bytes(contract.dest_uri(f"{prefix}/clean", contract.REJECTS)))).to_pylist()
     excluded = sorted(r["path"] for r in rejects)
     (root / f"{name}.exclude.json").write_text(json.dumps(excluded))
+    (root / "runs").mkdir(exist_ok=True)
     return {
+        "name": name,
         "folder": folder,
         "resize": f"{prefix}/resize",
         "exclude": root / f"{name}.exclude.json",
@@ -92,10 +94,10 @@ def _run(cmd: list[str], log: Path) -> tuple[float, float, str]:
 def run_imgpipe(prep: dict, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from imgpipe import contract, storage
 
-    out = work / f"imgpipe-{seed}"
+    out = work / "runs" / f"{prep['name']}-imgpipe-{seed}"
     cmd = [str(IMGPIPE), "train", prep["resize"], str(out), "--model", args.model, "--epochs", str(args.epochs)]
     cmd += ["--batch-size", str(args.batch_size), "--seed", str(seed), "--device", "cpu"]
-    started, seconds, _ = _run(cmd, work / f"imgpipe-{seed}.log")
+    started, seconds, _ = _run(cmd, out.with_suffix(".log"))
     metrics = json.loads((out / contract.METRICS).read_text())
     curve = [
         {"epoch": e["epoch"], "t": e["ended_at"] - started, "val_macro_f1": max(e["val_macro_f1"], e.get("ema_val_macro_f1") or 0.0)}
@@ -131,14 +133,14 @@ def run_reference(prep: dict, seed: int, args: argparse.Namespace, work: Path, l
     cmd = [sys.executable, str(HERE / "reference_recipe.py"), str(prep["folder"]), "--exclude", str(prep["exclude"])]
     cmd += ["--model", args.model, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed)]
     cmd += ["--workers", str(args.ref_workers)] + (["--lr", str(lr)] if lr is not None else [])
-    started, seconds, stdout = _run(cmd, work / f"reference-{seed}-{lr}.log")
+    started, seconds, stdout = _run(cmd, work / "runs" / f"{prep['name']}-reference-{seed}-{lr}.log")
     lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     final = lines[-1]
     curve = [
-        {"epoch": r["epoch"], "t": r["time"] - started, "val_macro_f1": max(r["val_macro_f1"], r.get("ema_val_macro_f1", 0.0))}
-        for r in lines[:-1]
+        {"epoch": r["epoch"], "t": r["time"] - started, "val_macro_f1": max(r["val_macro_f1"], r.get("ema_val_macro_f1", 0.0))} for r in lines[:-1]
     ]
-    return {"seed": seed, "seconds": round(seconds, 1), "curve": curve, "lr": final["lr"], **{k: v for k, v in final.items() if k.startswith(("test", "best"))}}
+    scores = {k: v for k, v in final.items() if k.startswith(("test", "best"))}
+    return {"seed": seed, "seconds": round(seconds, 1), "curve": curve, "lr": final["lr"], **scores}
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -206,7 +208,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def table(results: dict[str, Any]) -> str:
     """The markdown table of docs/benchmarks.md: one row per system, recipe and seed, then the means."""
-    lines = ["| set | system | recipe | seed | test top-1 | test macro-F1 | s to threshold | run s |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| set | system | recipe | seed | test top-1 | test macro-F1 | s to threshold | run s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, entry in results["sets"].items():
         s = entry["summary"]
         for side, rs in entry["runs"].items():
@@ -262,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             paths = {tuple(r.pop("test_paths")) for r in runs["imgpipe"]}
             assert len(paths) == 1, "every imgpipe run tests on the same images"
             (test_paths,) = paths
-            ref_test = sorted(p for p in (str(q.relative_to(prep["folder"])) for q in (prep["folder"] / "test").rglob("*.png")) if p not in prep["excluded"])
+            written = (str(q.relative_to(prep["folder"])) for q in (prep["folder"] / "test").rglob("*.png"))
+            ref_test = sorted(p for p in written if p not in prep["excluded"])
             assert list(test_paths) == ref_test, "imgpipe and the reference test on the same files"
             results["sets"][name] = {
                 "split": prep["split"],

@@ -31,6 +31,7 @@ from imgpipe.steps.compare import (
 )
 from imgpipe.sweep import RECIPE_FIELDS
 from imgpipe.train.config import TrainConfig
+from imgpipe.train.recipes import resolve as resolve_recipe
 from imgpipe.train.selection import imbalance
 
 LABELS = ["a", "b", "c"]
@@ -58,7 +59,7 @@ def write_branch(root: str, name: str, epochs: list[dict], confusion=BALANCED, d
     body = json.dumps(metrics).encode()
     storage.write_bytes(storage.join(prefix, contract.METRICS), body)
     report = StepReport(step="train", dest=prefix, inputs=1, outputs=1, rejected=0, files=[writer.entry_for_bytes(contract.METRICS, body)])
-    cfg = TrainConfig(model="tiny_cnn", device="cpu", **settings)
+    cfg, _ = resolve_recipe(TrainConfig(model="tiny_cnn", device="cpu", **settings), [100] * len(LABELS))  # as train writes it: resolved
     contract.publish(prefix, "train", attempt, contract.manifest_body(report, cfg, {"source": data, "step": "resize"}))
     return prefix
 
@@ -212,14 +213,16 @@ def test_the_winners_config_round_trips_into_a_full_run(root, tmp_path):
     }
     branches = {"only": write_branch(root, "only", history([1.0, 0.9, 0.8], [0.5, 0.6, 0.7]), **recipe)}
     report = compare(branches, storage.join(root, "compare"))
-    expected = {k: v for k, v in config_to_dict(TrainConfig(model="tiny_cnn", **recipe)).items() if k in RECIPE_FIELDS}
-    assert report.winner == {"train": expected} and set(expected) == set(RECIPE_FIELDS)
+    resolved, _ = resolve_recipe(TrainConfig(model="tiny_cnn", **recipe), [100] * len(LABELS))
+    expected = {k: v for k, v in config_to_dict(resolved).items() if k in RECIPE_FIELDS and v is not None}
+    assert report.winner == {"train": expected} and set(expected) == set(RECIPE_FIELDS) - {"lr"}, "lr unset: the full run's own lr_base rule"
+    assert "null" not in storage.read_bytes(storage.join(report.dest, cmp.WINNER_YAML)).decode(), "a run parameter carries no null"
 
     winner = tmp_path / "winner.yaml"
     winner.write_bytes(storage.read_bytes(storage.join(report.dest, cmp.WINNER_YAML)))
     # imgpipe train --config winner.yaml (with the run's other flags)
     cfg = load_config(TrainConfig, winner, {"model": "tiny_cnn", "epochs": 30}, "train")
-    assert {k: getattr(cfg, k) for k in RECIPE_FIELDS} == {**expected, "crop_scale": (0.25, 1.0)}
+    assert {k: getattr(cfg, k) for k in RECIPE_FIELDS} == {**expected, "crop_scale": (0.25, 1.0), "lr": None, "policy_exclude": ()}
     assert cfg.epochs == 30, "the winner carries the recipe, not the sweep's short epochs"
     # the main pipeline's step_config parameter, as `imgpipe submit --param step_config="$(cat winner.yaml)"` passes it
     package = kfp_package.compile_package(tmp_path / "imgpipe.yaml")

@@ -81,18 +81,24 @@ def test_metrics_say_how_many_images_an_epoch_used_and_when_each_epoch_ended(fin
     metrics = read_json(storage.join(out, "metrics.json"))
     used = metrics["epoch_images"]
     assert used == {"split": 32, "per_epoch": 32, "left_out": 0, "why": used["why"]}, "32 rows: four full batches of 8"
-    assert "full batches of 8" in used["why"]
+    assert used["why"] == "every image, in full batches of 8"
     ends = [e["ended_at"] for e in metrics["epochs"]]
     assert ends == sorted(ends) and all(0 < e["elapsed_s"] < report.seconds + 1 for e in metrics["epochs"])
     assert metrics["diverged"] is False and metrics["divergence"] == {"diverged": False, "lr_scale": 1.0, "events": []}
     assert "each epoch trains on 32 of the 32 train images" in storage.read_bytes(storage.join(out, "report.html")).decode()
 
 
-def test_an_epoch_leaves_out_the_partial_batch_and_says_so(data, tmp_path):
+def test_one_rank_trains_on_every_image_each_epoch_but_a_last_batch_of_one(data, tmp_path):
+    """32 rows in batches of 5: six full batches and one of 2 (torchvision's reference keeps it too); of 31: one left out."""
     out = "file://" + str(tmp_path / "partial")
     train(data, out, tiny(batch_size=5, epochs=1))
+    metrics = read_json(storage.join(out, "metrics.json"))
+    assert metrics["epoch_images"] == {"split": 32, "per_epoch": 32, "left_out": 0, "why": "every image, the last batch 2 images"}
+    assert metrics["epochs"][0]["train_images"] == 32
+    out = "file://" + str(tmp_path / "one-left")
+    train(data, out, tiny(batch_size=31, epochs=1))
     used = read_json(storage.join(out, "metrics.json"))["epoch_images"]
-    assert used["per_epoch"] == 30 and used["left_out"] == 2 and "full batches of 5" in used["why"]
+    assert used["per_epoch"] == 31 and used["left_out"] == 1 and "full batches of 31" in used["why"], "BatchNorm cannot train on one image"
 
 
 def test_outputs_exist_and_commit_last(finished):
@@ -373,7 +379,7 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
         ({"weights": "gs://bucket/w.pt"}, "unsupported storage URI"),
         ({"max_steps_per_epoch": 0}, "max_steps_per_epoch"),
         ({"num_workers": -2}, "num_workers"),
-        ({"loader_engine": "greenlets"}, "loader_engine must be one of threads, processes"),
+        ({"loader_engine": "greenlets"}, "loader_engine must be one of auto, threads, processes"),
         ({"learning_rate": 0.1}, "unknown TrainConfig option"),
     ],
 )
@@ -407,8 +413,9 @@ def test_train_rejects_bad_inputs(data, tmp_path):
         train(data, data + "/model", tiny())
     with pytest.raises(contract.UncommittedOutputError):
         train("file://" + str(tmp_path / "missing"), "file://" + str(tmp_path / "out"), tiny())
-    with pytest.raises(ValueError, match="too few for one batch"):
-        train(data, "file://" + str(tmp_path / "out"), tiny(batch_size=64))
+    # A batch larger than the split: one rank trains on it all as one short batch (several ranks are refused).
+    report = train(data, "file://" + str(tmp_path / "out"), tiny(batch_size=64, epochs=1))
+    assert report.extra["images_seen"]["train"] == 32
 
 
 # ------------------------------------------------------------------ distributed and GPU

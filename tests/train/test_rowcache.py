@@ -97,6 +97,21 @@ def test_settings_refuse_a_negative_budget():
     assert cfg.loader(shuffle=False).cache_bytes == 0  # evaluation reads each row once an epoch: nothing to keep
 
 
+def test_a_run_that_names_no_cache_gets_a_quarter_of_the_pods_memory(monkeypatch):
+    """The default row cache follows the cgroup's memory limit (resources.usable_memory reads v1 and v2)."""
+    from imgpipe import resources
+    from imgpipe.train.config import AUTO_CACHE_FRACTION
+
+    monkeypatch.setattr(resources, "usable_memory", lambda: 48 << 30)
+    cfg = TrainConfig()
+    assert cfg.loader_cache_gb is None and cfg.loader_engine == "auto"
+    loader = cfg.loader(shuffle=True)
+    assert loader.cache_bytes == int((48 << 30) * AUTO_CACHE_FRACTION) == 12 << 30 and loader.engine == "threads"
+    assert cfg.loader(shuffle=False).cache_bytes == 0
+    monkeypatch.setattr(resources, "usable_memory", lambda: None)
+    assert cfg.loader(shuffle=True).cache_bytes == 0, "no limit known: no cache"
+
+
 def test_a_budget_past_half_the_memory_is_cut_to_it_with_a_warning(data, monkeypatch, caplog):
     from imgpipe import resources
 

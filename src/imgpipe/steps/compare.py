@@ -417,8 +417,12 @@ def diverged_flag(result: BranchResult) -> Flag:
 
 
 def winner_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``step_config`` of a full run with a branch's recipe: ``{"train": {field: value}}`` over :data:`RECIPE_FIELDS`."""
-    return {"train": {k: config[k] for k in RECIPE_FIELDS if k in config}}
+    """The ``step_config`` of a full run with a branch's recipe: ``{"train": {field: value}}`` over :data:`RECIPE_FIELDS`.
+
+    A field the branch left unset (``None``, e.g. ``lr``: the ``lr_base`` rule) stays unset:
+    the full run applies its own rule, and a run parameter cannot carry a null.
+    """
+    return {"train": {k: config[k] for k in RECIPE_FIELDS if config.get(k) is not None}}
 
 
 def _read_branch(name: str, prefix: str, settings: Mapping[str, Any]) -> tuple[BranchResult, dict[str, Any], dict[str, Any]]:

@@ -34,7 +34,7 @@ from imgpipe.train.augment_cpu import (
     build_eval_transform,
     build_train_transform,
 )
-from imgpipe.train.config import TrainConfig, default_weights_cache
+from imgpipe.train.config import LoaderConfig, TrainConfig, default_weights_cache
 from imgpipe.train.distributed import (
     DistInfo,
     resolve_device,
@@ -73,6 +73,7 @@ __all__ = [
     "initial_model",
     "build_run",
     "ddp",
+    "train_loader_config",
     "describe_plan",
     "class_counts",
     "recipe_for",
@@ -201,7 +202,7 @@ def build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Ma
     decode = "cuda" if on_device and device.type == "cuda" else "cpu"
     train_loader = ImageLoader(
         train_info,
-        cfg.loader(shuffle=True),
+        train_loader_config(cfg, train_info.num_samples, ctx.world_size),
         transform=train_transform(cfg, train_info, size, on_device, norm),
         decode_device="cpu" if train_info.whole else decode,
         rank=ctx.rank,
@@ -247,6 +248,8 @@ def build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Ma
         num_workers=train_loader.num_workers,
         pin_memory=torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory,
         aug_device="gpu" if on_device else "cpu",
+        loader_engine=train_loader.cfg.engine,
+        loader_cache_gb=round(train_loader.cfg.cache_bytes / 2**30, 3),
     )
     return TrainingRun(
         data=data,
@@ -281,6 +284,19 @@ def build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Ma
         base_lrs=list(scheduler.base_lrs),
         guard=DivergenceGuard(cfg.divergence_factor, cfg.divergence_steps, len(labels)),
     )
+
+
+def train_loader_config(cfg: TrainConfig, samples: int, world_size: int) -> LoaderConfig:
+    """The training loader's settings: one rank trains on every image every epoch, the last batch short.
+
+    Several ranks read whole batches only (DDP needs the same step count on every rank, and
+    torchvision's DistributedSampler pads instead); one rank keeps the last partial batch
+    (``drop_last`` off) unless it would hold a single image, which BatchNorm cannot train on.
+    """
+    loader = cfg.loader(shuffle=True)
+    if world_size == 1 and samples % cfg.batch_size != 1:
+        return dataclasses.replace(loader, drop_last=False)
+    return loader
 
 
 def ddp(module: nn.Module, device: torch.device) -> nn.Module:

@@ -65,6 +65,13 @@ def _policy(cfg: AugmentConfig, size: int) -> PolicyTransform | None:
 # The transforms.
 
 
+# A JPEG row is decoded at the smallest DCT scale that keeps the crop's box at least this many
+# times the output (issue 50), so a box of 2.3 times the output or more decodes at 7/8 or less;
+# the resize after it shrinks by 2 or more, which smooths what the DCT's scaling leaves
+# (tests/train/test_reduced_decode.py: within 3.5 grey levels of torchvision's full decode).
+KEEP_FOR_RESIZE = 2.0
+
+
 def _filled(slot: np.ndarray, image: np.ndarray) -> np.ndarray:
     np.copyto(slot, image)
     return slot
@@ -120,14 +127,19 @@ class SampleTransform:
         if self._rest is not None:
             self._rest.set_random_state(self._np_rng, self._py_rng)
 
-    def _native_head(self, image: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        """The leading crop (and flip) with albumentations' draws, in albumentations' order."""
+    def _head_params(self, shape: tuple[int, ...]) -> tuple[tuple[int, int, int, int], bool]:
+        """The leading crop's box ``(x1, y1, x2, y2)`` and whether to flip, drawn as albumentations draws them, from the shape alone."""
         crop, flip, rng = self._crop, self._flip, self._py_rng
         rng.random()  # Compose's own draw: it makes one even at p=1 (need_to_run)
-        x1, y1, x2, y2 = crop.get_params_dependent_on_data({"shape": image.shape}, {"image": image})["crop_coords"]
-        region = image[y1:y2, x1:x2]
+        box = crop.get_params_dependent_on_data({"shape": shape}, {})["crop_coords"]
+        flipped = flip is not None and flip.p > 0 and (flip.p >= 1 or rng.random() < flip.p)
+        return box, flipped
+
+    def _head(self, region: np.ndarray, out: np.ndarray | None, flipped: bool) -> np.ndarray:
+        """``region`` (the crop's pixels) resized to the output side, into ``out`` where it can, then flipped."""
+        crop = self._crop
         h, w = crop.size
-        slot = out if out is not None and self._rest is None and out.shape == (h, w, image.shape[2]) else None
+        slot = out if out is not None and self._rest is None and out.shape == (h, w, region.shape[2]) else None
         if region.shape[:2] == (h, w):  # albumentations keeps a crop of the right size as it is
             result = region if slot is None else _filled(slot, region)
         else:
@@ -135,9 +147,41 @@ class SampleTransform:
             result = cv2.resize(region, (w, h), dst=slot, interpolation=interpolation)
             if result.ndim == 2:  # OpenCV drops the channel axis of a one-channel image
                 result = result[..., None]
-        if flip is not None and flip.p > 0 and (flip.p >= 1 or rng.random() < flip.p):
+        if flipped:
             result = _flipped(result, in_place=result is not region)  # a buffer of ours (the row, or the resize's)
         return result
+
+    def _native_head(self, image: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """The leading crop (and flip) with albumentations' draws, in albumentations' order."""
+        (x1, y1, x2, y2), flipped = self._head_params(image.shape)
+        return self._head(image[y1:y2, x1:x2], out, flipped)
+
+    @property
+    def crops_first(self) -> bool:
+        """It starts with a RandomResizedCrop run natively: :meth:`from_jpeg` can decode for the crop."""
+        return self._crop is not None
+
+    def from_jpeg(self, data: np.ndarray, shape: tuple[int, int, int], seed: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``transform(decode(data), seed, out)``, the JPEG decoded only as large as the crop needs.
+
+        The crop's box is drawn from the shape alone (``shape``: the row's, which its header
+        was checked against); the JPEG is decoded at the smallest of libjpeg-turbo's DCT
+        scales (``n/8``) that keeps the box :data:`KEEP_FOR_RESIZE` times the output, and the
+        box is cut from that (:func:`imgpipe.train.rows.decode_jpeg_for_box`); where no scale
+        below 1 does, at full size: the pixels of :meth:`__call__` exactly.
+
+        Raises:
+            ValueError: For bytes the decoder refuses (a corrupt or truncated JPEG).
+        """
+        from imgpipe.train.rows import decode_jpeg_for_box
+
+        if self._crop is None:
+            raise TypeError("from_jpeg needs a transform that starts with a RandomResizedCrop")
+        self._reseed(seed)
+        box, flipped = self._head_params(shape)
+        region = decode_jpeg_for_box(data, shape, box, self._crop.size, KEEP_FOR_RESIZE)
+        result = self._head(region, out, flipped)
+        return self._finish(result, out)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -147,17 +191,28 @@ class SampleTransform:
         expected = (1, 3) if self.channels is None else (self.channels,)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in expected:
             raise TypeError(f"expected an H x W x {' or '.join(map(str, expected))} uint8 array, got {image.dtype} {tuple(image.shape)}")
+        self._reseed(seed)
+        if self._crop is not None:
+            return self._finish(self._native_head(image, out), out)
+        result = self.pipeline(image=image)["image"]
+        if result.ndim == 2:  # an OpenCV kernel dropped the channel axis of a one-channel image
+            result = result[..., None]
+        if out is not None and not np.shares_memory(result, out):
+            np.copyto(out, result)
+            return out
+        return result
+
+    def _reseed(self, seed: int) -> None:
         if self.random:
             # Reset in place: the state depends on this seed alone (as fresh generators would).
             self._py_rng.seed(seed)
             if self._crop is None or self._rest is not None:  # the native head draws from the Python generator alone
                 self._np_rng.bit_generator.state = np.random.PCG64(seed).state
-        if self._crop is not None:
-            result = self._native_head(image, out)
-            if self._rest is not None:
-                result = self._rest(image=result, force_apply=True)["image"]  # force_apply: no second Compose draw
-        else:
-            result = self.pipeline(image=image)["image"]
+
+    def _finish(self, result: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """The rest of the pipeline after the native head, and the result in ``out``."""
+        if self._rest is not None:
+            result = self._rest(image=result, force_apply=True)["image"]  # force_apply: no second Compose draw
         if result.ndim == 2:  # an OpenCV kernel dropped the channel axis of a one-channel image
             result = result[..., None]
         if out is not None and not np.shares_memory(result, out):

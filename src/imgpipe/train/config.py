@@ -35,6 +35,10 @@ __all__ = [
     "AugmentConfig",
     "LoaderConfig",
     "LOADER_ENGINES",
+    "TRAIN_LOADER_ENGINES",
+    "AUTO_CACHE_FRACTION",
+    "resolve_engine",
+    "default_cache_bytes",
     "TrainConfig",
     "WEIGHTS_CACHE",
     "default_num_workers",
@@ -138,6 +142,11 @@ class AugmentConfig:
 
 
 LOADER_ENGINES = ("threads", "processes")
+# TrainConfig.loader_engine also takes "auto": resolve_engine's choice.
+TRAIN_LOADER_ENGINES = ("auto", *LOADER_ENGINES)
+# The row cache a run that names none gets: this fraction of the memory the pod may use
+# (resources.usable_memory: its cgroup limit, v1 or v2, else the machine's RAM).
+AUTO_CACHE_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -167,9 +176,9 @@ class LoaderConfig:
             quickest to start, otherwise.
         engine: What the ``num_workers`` workers are: ``threads`` in the training
             process (nothing to start, no batch copied between processes; reads,
-            decoding and OpenCV release the GIL), or DataLoader worker ``processes``
-            (for a transform that holds the GIL in Python). Both deliver the same
-            batches in the same order.
+            decoding and OpenCV release the GIL; the default, by measurement), or
+            DataLoader worker ``processes`` (for a transform that holds the GIL in
+            Python). Both deliver the same batches in the same order.
         cache_bytes: Memory for keeping the row groups read (0: none): a group kept is
             not read again in later epochs, neither copied out of Parquet's pages nor
             downloaded (:mod:`imgpipe.train.rowcache`). The loader's memory grows by up to
@@ -186,7 +195,7 @@ class LoaderConfig:
     pin_memory: bool | None = None
     persistent_workers: bool = True
     multiprocessing_context: str | None = None
-    engine: str = "processes"
+    engine: str = "threads"
     cache_bytes: int = 0
 
     def __post_init__(self) -> None:
@@ -217,6 +226,26 @@ def default_num_workers(local_world_size: int | None = None) -> int:
     """
     local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(16, resources.available_cpus() // max(1, local) - 1))
+
+
+def resolve_engine(engine: str) -> str:
+    """The loader engine ``engine`` names: ``auto`` is ``threads``.
+
+    Measured on the whole train step (bench/train_step.py, docs/benchmarks.md, "The train
+    step by loader engine and row cache"): threads in the training process were as fast per
+    step as worker processes, or faster, in every configuration (tiny_cnn and resnet18,
+    batches of 64 and 128, raw and JPEG rows, with and without the row cache), with a lower
+    data-wait fraction; the loader alone is 1.4x FFCV with threads and 0.8x with processes.
+    """
+    if engine not in TRAIN_LOADER_ENGINES:
+        raise ValueError(f"loader_engine must be one of {', '.join(TRAIN_LOADER_ENGINES)}, got {engine!r}")
+    return "threads" if engine == "auto" else engine
+
+
+def default_cache_bytes() -> int:
+    """The row cache of a run that names none: :data:`AUTO_CACHE_FRACTION` of the memory this process may use."""
+    usable = resources.usable_memory()
+    return int(usable * AUTO_CACHE_FRACTION) if usable else 0
 
 
 def default_weights_cache(out: str) -> str:
@@ -317,12 +346,14 @@ class TrainConfig:
         prefetch_factor: Batches each worker prepares ahead.
         pin_memory: Page-locked host batches; ``None`` means "when CUDA is available".
         persistent_workers: Keep training loader workers alive between epochs.
-        loader_engine: The loader's workers: DataLoader worker ``processes`` or
-            ``threads`` in the training process (the same batches either way; see
-            :class:`LoaderConfig`).
+        loader_engine: The loader's workers: DataLoader worker ``processes``, ``threads``
+            in the training process (the same batches either way; see :class:`LoaderConfig`),
+            or ``auto``: :func:`resolve_engine`'s choice, by measurement (docs/benchmarks.md,
+            "The train step by loader engine and row cache").
         loader_cache_gb: Memory, in GiB, for keeping the training rows read in the first
             epoch, so that later epochs neither copy them out of Parquet nor download them
-            again (``LoaderConfig.cache_bytes``; 0: none).
+            again (``LoaderConfig.cache_bytes``; 0: none). Unset: :data:`AUTO_CACHE_FRACTION`
+            of the memory the pod may use (its cgroup limit), :func:`default_cache_bytes`.
         shuffle_buffer: Rows each loader worker mixes at once.
         seed: Base of every random stream of the run.
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.
@@ -431,8 +462,8 @@ class TrainConfig:
     prefetch_factor: int = 2
     pin_memory: bool | None = None
     persistent_workers: bool = True
-    loader_engine: str = "processes"
-    loader_cache_gb: float = 0.0
+    loader_engine: str = "auto"
+    loader_cache_gb: float | None = None
     shuffle_buffer: int = 1024
     seed: int = 0
     deterministic: bool = False
@@ -466,14 +497,15 @@ class TrainConfig:
             raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(available_models())}")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
-        if self.loader_engine not in LOADER_ENGINES:
-            raise ValueError(f"loader_engine must be one of {', '.join(LOADER_ENGINES)}, got {self.loader_engine!r}")
+        if self.loader_engine not in TRAIN_LOADER_ENGINES:
+            raise ValueError(f"loader_engine must be one of {', '.join(TRAIN_LOADER_ENGINES)}, got {self.loader_engine!r}")
         if self.domain not in DOMAIN_NAMES:
             raise ValueError(f"unknown domain {self.domain!r}; choose one of: {', '.join(DOMAIN_NAMES)}")
         v = self._filled()
         check_range("epochs", v.epochs, 1, 1_000_000, integer=True)
         check_range("batch_size", self.batch_size, 1, MAX_BATCH, integer=True)
-        check_range("loader_cache_gb", self.loader_cache_gb, 0, MAX_CACHE_GB, note="0 keeps nothing")
+        if self.loader_cache_gb is not None:
+            check_range("loader_cache_gb", self.loader_cache_gb, 0, MAX_CACHE_GB, note="0 keeps nothing; unset: a quarter of the pod's memory")
         if self.lr is not None:
             check_range("lr", self.lr, 0, note="0 trains nothing")
         check_range("lr_base", self.lr_base, 0, low_open=True)
@@ -581,6 +613,6 @@ class TrainConfig:
             prefetch_factor=self.prefetch_factor,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers if persistent is None else persistent,
-            engine=self.loader_engine,
-            cache_bytes=int(self.loader_cache_gb * 2**30) if shuffle else 0,
+            engine=resolve_engine(self.loader_engine),
+            cache_bytes=(default_cache_bytes() if self.loader_cache_gb is None else int(self.loader_cache_gb * 2**30)) if shuffle else 0,
         )

@@ -227,15 +227,56 @@ class ParquetImageDataset(IterableDataset):
             log.warning("loader: %d row(s) of split %s refused before decoding: %s", len(rejected), self.info.split, "; ".join(rejected))
             rows = [r for r, reason in zip(rows, refused) if reason is None]
             keys = [k for k, reason in zip(keys, refused) if reason is None]
+        if self.decode_on_device or not rows:
+            image: Any = [jpeg_tensor(r) for r in rows]
+        elif self.info.format == "jpeg" and getattr(self.transform, "crops_first", False):
+            image, rows, keys = self._cropped_jpegs(rows, keys, epoch, rejected)
+        else:
+            if self.info.format == "raw":
+                images = decode_raw(rows)
+            else:
+                images, rows, keys = self._decoded_jpegs(rows, keys, rejected)
+            image = self._transformed(images, keys, epoch) if self.transform is not None else _stack(images)
         labels = torch.tensor([r.label for r in rows], dtype=torch.int64)
         index = torch.tensor(keys, dtype=torch.int64)
-        batch: dict[str, Any] = {"label": labels, "index": index, "part": part, "rejected": rejected}
-        if self.decode_on_device or not rows:
-            return {"image": [jpeg_tensor(r) for r in rows], **batch}
-        images = decode_raw(rows) if self.info.format == "raw" else decode_jpeg_cpu(rows)
-        if self.transform is not None:
-            return {"image": self._transformed(images, keys, epoch), **batch}
-        return {"image": _stack(images), **batch}
+        return {"image": image, "label": labels, "index": index, "part": part, "rejected": rejected}
+
+    def _decoded_jpegs(self, rows: list[Row], keys: list[int], rejected: list[str]) -> tuple[list[np.ndarray], list[Row], list[int]]:
+        """JPEG rows decoded at full size; one the decoder refuses is an ``undecodable`` reject, not a failed batch."""
+        images, kept, kept_keys = [], [], []
+        for r, k in zip(rows, keys):
+            try:
+                images.extend(decode_jpeg_cpu([r]))
+            except ValueError as exc:
+                rejected.append(_undecodable(exc, k))
+                continue
+            kept.append(r)
+            kept_keys.append(k)
+        return images, kept, kept_keys
+
+    def _cropped_jpegs(self, rows: list[Row], keys: list[int], epoch: int, rejected: list[str]) -> tuple[torch.Tensor, list[Row], list[int]]:
+        """JPEG rows decoded only as large as each sample's crop needs (``SampleTransform.from_jpeg``), into one batch.
+
+        A row the decoder refuses is an ``undecodable`` reject, left out of the batch.
+        """
+        transform = self.transform
+        seeds = sample_seeds(self.cfg.seed, epoch, keys).tolist()
+        batch = np.empty((len(rows), transform.size, transform.size, rows[0].shape[2]), dtype=np.uint8)  # type: ignore[union-attr]
+        kept, kept_keys = [], []
+        for r, k, seed in zip(rows, keys, seeds):
+            slot = batch[len(kept)]
+            try:
+                got = transform.from_jpeg(r.data, r.shape, seed, out=slot)  # type: ignore[union-attr]
+            except ValueError as exc:
+                rejected.append(_undecodable(exc, k))
+                continue
+            if got is not slot:
+                if got.shape != slot.shape:
+                    raise ValueError(_MIXED_SIZES)
+                slot[...] = got
+            kept.append(r)
+            kept_keys.append(k)
+        return torch.from_numpy(batch[: len(kept)]).permute(0, 3, 1, 2), kept, kept_keys
 
     def _transformed(self, images: Sequence[np.ndarray], keys: Sequence[int], epoch: int) -> torch.Tensor:
         """The transform's outputs as one ``N x C x H x W`` batch, each written into its row where the transform can."""
@@ -254,6 +295,12 @@ class ParquetImageDataset(IterableDataset):
                     raise ValueError(_MIXED_SIZES)
                 row[...] = got
         return torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+
+def _undecodable(exc: Exception, key: int) -> str:
+    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    log.warning("loader: row %d does not decode: %s", key, detail)
+    return f"undecodable: {detail} (row {key})"
 
 
 class ImageLoader:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "binary_views",
     "decode_raw",
     "decode_jpeg_cpu",
+    "decode_jpeg_for_box",
     "decode_jpeg_batch",
     "jpeg_tensor",
     "read_samples",
@@ -171,6 +173,38 @@ def decode_jpeg_cpu(rows: Sequence[Row]) -> list[np.ndarray]:
             raise ValueError(f"a JPEG row holds a {width}x{height} image, its row says {r.shape[1]}x{r.shape[0]}; is this a resize output?")
         decoded.append(simplejpeg.decode_jpeg(r.data, colorspace="GRAY" if r.shape[2] == 1 else "RGB"))
     return decoded
+
+
+def decode_jpeg_for_box(
+    data: np.ndarray, shape: tuple[int, int, int], box: tuple[int, int, int, int], out_size: tuple[int, int], keep: float
+) -> np.ndarray:
+    """The pixels of ``box`` (``x1, y1, x2, y2`` of the full image) of a JPEG, decoded only as large as ``out_size`` needs.
+
+    libjpeg-turbo decodes at the smallest of its ``n/8`` DCT scales that keeps the box at
+    least ``keep`` times ``out_size`` (height, width) (simplejpeg's ``min_height`` and
+    ``min_width``), and the box is cut from that with its edges rounded outwards (under one
+    reduced pixel); the caller's resize then shrinks it by ``keep`` or more, which smooths
+    what the DCT's scaling leaves. Where no scale below 1 keeps that, the full image is
+    decoded and the box cut exactly. ``shape`` is the row's, which its header was checked
+    against (:func:`refuse_row`); the decoder reads only ``data``, the row's own bytes.
+
+    Raises:
+        ValueError: For bytes the decoder refuses (corrupt or truncated).
+    """
+    import simplejpeg
+
+    height, width, channels = shape
+    x1, y1, x2, y2 = box
+    colorspace = "GRAY" if channels == 1 else "RGB"
+    need_h = math.ceil(height * keep * out_size[0] / (y2 - y1))
+    need_w = math.ceil(width * keep * out_size[1] / (x2 - x1))
+    if need_h >= height * 7 / 8 or need_w >= width * 7 / 8:  # no n/8 scale below 1 keeps the box large enough
+        return simplejpeg.decode_jpeg(data, colorspace=colorspace)[y1:y2, x1:x2]
+    image = simplejpeg.decode_jpeg(data, colorspace=colorspace, min_height=need_h, min_width=need_w)
+    fy, fx = image.shape[0] / height, image.shape[1] / width
+    top, left = math.floor(y1 * fy), math.floor(x1 * fx)
+    bottom, right = min(image.shape[0], math.ceil(y2 * fy)), min(image.shape[1], math.ceil(x2 * fx))
+    return image[top:bottom, left:right]
 
 
 def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torch.device | str) -> torch.Tensor:

@@ -78,10 +78,15 @@ def kept_weights(run: TrainingRun) -> tuple[dict[str, Any], dict[str, Any]]:
 def epoch_images(run: TrainingRun) -> dict[str, Any]:
     """How many of the train split's images one epoch trains on, and why the rest wait for another epoch."""
     split = run.train_info.num_samples
-    used = run.steps_per_epoch[-1] * run.cfg.batch_size * run.ctx.world_size
-    why = f"only full batches of {run.cfg.batch_size} per rank ({run.ctx.world_size} rank(s)), a new shuffle each epoch"
+    used = min(split, run.steps_per_epoch[-1] * run.cfg.batch_size * run.ctx.world_size)
     if run.cfg.max_steps_per_epoch is not None and run.steps_per_epoch[-1] == run.cfg.max_steps_per_epoch:
         why = f"max_steps_per_epoch {run.cfg.max_steps_per_epoch}"
+    elif run.train_loader.cfg.drop_last:
+        why = f"only full batches of {run.cfg.batch_size} per rank ({run.ctx.world_size} rank(s)), a new shuffle each epoch"
+    elif split % run.cfg.batch_size:
+        why = f"every image, the last batch {split % run.cfg.batch_size} images"
+    else:
+        why = f"every image, in full batches of {run.cfg.batch_size}"
     return {"split": split, "per_epoch": used, "left_out": split - used, "why": why}
 
 
