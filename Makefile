@@ -12,7 +12,7 @@ IMAGE_KINDS ?= cpu ray gpu
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench bench-scale bench-download bench-peers images images-push compile clean-data help run-containers test-containers test-faults test-slow cluster-build cluster-up cluster-down test-cluster
+.PHONY: install run test lint bench bench-scale bench-download bench-peers bench-race bench-train-step images images-push compile clean-data help run-containers test-containers test-faults test-slow cluster-build cluster-up cluster-down test-cluster
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
@@ -22,6 +22,8 @@ help:
 	@echo "make bench-scale  every step at 4k, 32k and 128k generated images: peak RSS and CPU per image"
 	@echo "make bench-download  a bucket prefix fetched by imgpipe, a boto3 loop and aws s3 sync (10k, 100k objects)"
 	@echo "make bench-peers  imgpipe against FFCV, torchvision, HF datasets, MosaicML Streaming, WebDataset, Ray Data, a Pool, cleanvision"
+	@echo "make bench-race   imgpipe's defaults against torchvision's reference recipe on scikit-learn's digits and scikit-image's LFW subset (~20 min)"
+	@echo "make bench-train-step  the whole train step on CPU by loader engine and row cache (~12 min)"
 	@echo "make images build and tag the step images through DOCKER_HOST (IMAGE_KINDS=\"$(IMAGE_KINDS)\")"
 	@echo "make images-push  build, then push them"
 	@echo "make run-containers  the pipeline with each step in its image, resize on a 2-container Ray cluster"
@@ -113,6 +115,18 @@ bench: install
 	$(NETNS) $(BIN)/python bench/crop_modes.py --classes 12 --per-class 80 --size 64 --epochs 12 --seeds 0,1
 	$(NETNS) $(BIN)/python bench/pretrained.py --json bench/results/pretrained.json
 	$(NETNS) $(BIN)/python bench/step_report.py --repeats 3 --resize
+
+# The model race (issue 49): imgpipe train with its defaults against torchvision's reference recipe
+# (bench/reference_recipe.py), cold, 3 seeds, on real sets that scikit-learn and scikit-image ship
+# (extra "bench"). Figures: bench/results/reference.json, docs/img/reference.png, docs/benchmarks.md.
+bench-race: install
+	$(BIN)/python -m pip install -q -e '.[dev,bench]' --constraint docker/constraints.txt
+	$(NETNS) $(BIN)/python bench/reference.py --sets digits,lfw --seeds 0,1,2 --epochs 10 --ref-lrs 0.025,0.1 \
+		--json bench/results/reference.json --plot docs/img/reference.png
+
+# The whole train step on the CPU by loader engine and row cache (issue 50): what the defaults are chosen by.
+bench-train-step: install
+	$(NETNS) $(BIN)/python bench/train_step.py --images 1024 --size 96 --epochs 3 --json bench/results/train_step.json
 
 # imgpipe's download of a bucket prefix against a boto3 loop and `aws s3 sync` (its own venv: the
 # CLI pins botocore), 10k and 100k objects on a local S3 server; figures in docs/benchmarks.md.

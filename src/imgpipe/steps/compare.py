@@ -409,6 +409,9 @@ def under_fitting(result: BranchResult, winner: BranchResult, cfg: CompareConfig
     return Flag("under_fitted", message, numbers)
 
 
+_ALL_DIVERGED = "every branch diverged ({}; each one's metrics.json says where): no winner; sweep again with a lower learning rate (lr or lr_base)"
+
+
 def diverged_flag(result: BranchResult) -> Flag:
     """The flag of a branch whose training diverged (or, for seeds, one of whose runs did)."""
     runs = result.runs if isinstance(result, SeedGroup) else [result]
@@ -518,6 +521,8 @@ def compare(
     contract.check_disjoint(dest, branches.values(), "compare")
     read = {n: _read_branch(n, p, (settings or {}).get(n, {})) for n, p in branches.items()}
     _check_same_data({n: m for n, (_, m, _) in read.items()}, {n: x for n, (_, _, x) in read.items()})
+    if all(r.diverged for r, _, _ in read.values()):
+        raise ValueError(_ALL_DIVERGED.format(", ".join(read)))
     # The class counts come from a branch that validated: a diverged one may have stopped before validating.
     first_metrics = next((x for r, _, x in read.values() if not r.diverged), next(iter(read.values()))[2])
     ratio = imbalance(class_counts(first_metrics))
@@ -526,11 +531,8 @@ def compare(
     runs = [r for r, _, _ in read.values()]
     ranked = rank(group_seeds(runs, groups) if groups else runs, keys)
     best = ranked[0]
-    if best.diverged:
-        raise ValueError(
-            f"every branch diverged ({', '.join(r.name for r in ranked)}; each one's metrics.json says where): "
-            "no winner; sweep again with a lower learning rate (lr or lr_base)"
-        )
+    if best.diverged:  # with seeds: every branch had a run that diverged
+        raise ValueError(_ALL_DIVERGED.format(", ".join(r.name for r in ranked)))
     for r in ranked:
         checks = (diverged_flag(r),) if r.diverged else (diagnose(r.history, cfg), under_fitting(r, best, cfg), class_collapse(r, ranked, cfg))
         r.flags = [f for f in checks if f is not None]

@@ -226,7 +226,7 @@ def _evaluate_split(
             images, labels = _prepare_eval_batch(run, loader, batch)
             yield (images, labels, batch["index"]) if keep_rows else (images, labels)
 
-    return evaluate(model or run.module, batches, len(run.labels), run.device, amp=run.amp, tta_flips=tta_flips, ctx=run.ctx)
+    return evaluate(model or run.module, batches, len(run.labels), run.device, amp=run.eval_amp, tta_flips=tta_flips, ctx=run.ctx)
 
 
 # ----------------------------------------------------------------------------------------

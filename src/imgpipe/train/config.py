@@ -326,7 +326,9 @@ class TrainConfig:
         rotation: Maximum degrees of the small random affine; 0 disables. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         random_erasing: RandomErasing probability.
         crop_scale: RandomResizedCrop area range. Unset: the recipe's value (imgpipe.train.recipes).
-        amp: bf16 autocast on CUDA (ignored on CPU).
+        amp: bf16 autocast of the training steps on CUDA, and on a CPU with native bf16
+            (AVX512-BF16 or AMX; :func:`imgpipe.train.run.cpu_bf16`); evaluation on a CPU
+            stays float32, the exported model's arithmetic.
         channels_last: Channels-last memory format on CUDA.
         grad_clip: Maximum gradient norm; 0 disables clipping.
         divergence_factor: The run has diverged when a loss is not finite, or when the

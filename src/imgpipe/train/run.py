@@ -19,7 +19,17 @@ from imgpipe.train.recipes import Resolution
 from imgpipe.train.schedule import LearningRate, UnfreezePlan
 from imgpipe.train.selection import Selection
 
-__all__ = ["TrainingRun"]
+__all__ = ["TrainingRun", "cpu_bf16"]
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 autocast is then faster, not emulated.
+
+    Measured on such a CPU (2 cores, resnet18 at 64 px, batch 64, forward, backward and
+    AdamW): 0.25 s a step under bf16 autocast against 0.35 s in float32 (docs/benchmarks.md).
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 @dataclass
@@ -113,7 +123,12 @@ class TrainingRun:
 
     @property
     def amp(self) -> bool:
-        """bf16 autocast is on (CUDA only)."""
+        """bf16 autocast of the training steps: on CUDA, and on a CPU that computes bf16 natively (:func:`cpu_bf16`)."""
+        return self.cfg.amp and (self.device.type == "cuda" or (self.device.type == "cpu" and cpu_bf16()))
+
+    @property
+    def eval_amp(self) -> bool:
+        """bf16 autocast of evaluations: CUDA only, so that a CPU's test predictions are the float32 export's."""
         return self.cfg.amp and self.device.type == "cuda"
 
     @property
