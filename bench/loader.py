@@ -159,8 +159,8 @@ def recipe_loader(folder: Path, size: int, batch_size: int, workers: int) -> Ite
 def imgpipe_loader(data: str, size: int, batch_size: int, workers: int, on_device: bool) -> ImageLoader:
     """imgpipe's loader with the recipe's three augmentations (CPU path) or none (GPU path)."""
     from imgpipe.train.augment_cpu import build_train_transform
-    from imgpipe.train.config import LoaderConfig
     from imgpipe.train.loader import ImageLoader
+    from imgpipe.train.loader_config import LoaderConfig
     from imgpipe.train.partition import describe_split
 
     cfg = LoaderConfig(batch_size=batch_size, num_workers=workers, shuffle_buffer=1024)

@@ -248,8 +248,9 @@ def imgpipe_loader(data: str, batch_size: int, workers: int, engine: str = "proc
     ``loader_cache_gb`` unset), at the same batch and workers.
     """
     from imgpipe.train.augment_cpu import build_train_transform
-    from imgpipe.train.config import AugmentConfig, LoaderConfig
+    from imgpipe.train.config import AugmentConfig
     from imgpipe.train.loader import ImageLoader
+    from imgpipe.train.loader_config import LoaderConfig
     from imgpipe.train.partition import describe_split
 
     crop_flip = AugmentConfig(policy="basic", color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0)

@@ -278,7 +278,7 @@ def _default_resources() -> dict[str, Resources]:
         # KubeRay or a Ray cluster does the work; the pod submits, polls and copies the log.
         "resize": Resources("250m", "1", "512Mi", "1Gi"),
         # 32 GiB for the process and its loader workers, plus GpuScheduling.shm_size (16 GiB). The row
-        # cache a run names none of takes a quarter of the limit (train.config.AUTO_CACHE_FRACTION: 12 GiB),
+        # cache a run names none of takes a quarter of the limit (train.loader_config.AUTO_CACHE_FRACTION: 12 GiB),
         # within the 32: the request equals the limit, so the node has it.
         "train": Resources("8", "8", "48Gi", "48Gi"),
         # train_nodes > 1: a TrainJob's nodes do the work; the pod creates and follows it.

@@ -173,7 +173,8 @@ def _step_configs() -> list[type]:
     from imgpipe.steps.compare import CompareConfig
     from imgpipe.steps.predict import PredictConfig
     from imgpipe.steps.promote import PromoteConfig
-    from imgpipe.train.config import AugmentConfig, LoaderConfig
+    from imgpipe.train.config import AugmentConfig
+    from imgpipe.train.loader_config import LoaderConfig
 
     extra = [AugmentConfig, LoaderConfig, ResizeSpec, PredictConfig, PromoteConfig, CompareConfig, AuditConfig]
     return [*(s.config_class() for s in STEPS.values()), *extra]
@@ -204,7 +205,8 @@ def test_every_numeric_field_of_every_step_config_refuses_non_finite_and_huge_va
 def test_the_bounds_hold_at_the_cli_and_in_a_pipelines_step_config(capsys):
     from imgpipe.cli import main
     from imgpipe.config import MAX_NUMBER, check_range, step_config
-    from imgpipe.train.config import MAX_CACHE_GB, TrainConfig
+    from imgpipe.train.config import TrainConfig
+    from imgpipe.train.loader_config import MAX_CACHE_GB
 
     for text in ("inf", ".inf", "nan", "1e300", str(MAX_CACHE_GB + 1)):
         assert main(["train", "in", "out", "--set", f"loader_cache_gb={text}"]) == 2

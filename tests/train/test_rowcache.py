@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from imgpipe.train.config import LoaderConfig, TrainConfig
+from imgpipe.train.config import TrainConfig
 from imgpipe.train.loader import ImageLoader
+from imgpipe.train.loader_config import LoaderConfig
 from imgpipe.train.partition import describe_split
 from imgpipe.train.rowcache import RowCache
 from tests.train.test_loader import write_resize_output
@@ -100,7 +101,7 @@ def test_settings_refuse_a_negative_budget():
 def test_a_run_that_names_no_cache_gets_a_quarter_of_the_pods_memory(monkeypatch):
     """The default row cache follows the cgroup's memory limit (resources.usable_memory reads v1 and v2)."""
     from imgpipe import resources
-    from imgpipe.train.config import AUTO_CACHE_FRACTION
+    from imgpipe.train.loader_config import AUTO_CACHE_FRACTION
 
     monkeypatch.setattr(resources, "usable_memory", lambda: 48 << 30)
     cfg = TrainConfig()

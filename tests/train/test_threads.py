@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from imgpipe.train.augment_cpu import build_train_transform
-from imgpipe.train.config import AugmentConfig, LoaderConfig
+from imgpipe.train.config import AugmentConfig
 from imgpipe.train.loader import ImageLoader
+from imgpipe.train.loader_config import LoaderConfig
 from imgpipe.train.partition import describe_split
 from tests.train.test_loader import write_resize_output
 

@@ -34,13 +34,14 @@ from imgpipe.train.augment_cpu import (
     build_eval_transform,
     build_train_transform,
 )
-from imgpipe.train.config import LoaderConfig, TrainConfig, default_weights_cache
+from imgpipe.train.config import TrainConfig, default_weights_cache
 from imgpipe.train.distributed import (
     DistInfo,
     resolve_device,
 )
 from imgpipe.train.divergence import DivergenceGuard
 from imgpipe.train.loader import ImageLoader
+from imgpipe.train.loader_config import LoaderConfig
 from imgpipe.train.models import (
     backbone_blocks,
     build_model,

@@ -1,8 +1,8 @@
 """What a training run is, without torch: the train step's settings and the recipes they hold.
 
-:class:`TrainConfig` (the train step), :class:`AugmentConfig` (its augmentation recipe)
-and :class:`LoaderConfig` (how a split is streamed) are plain frozen dataclasses, apart
-from the torch code that uses them (:mod:`imgpipe.steps.train`, :mod:`imgpipe.train.augment`,
+:class:`TrainConfig` (the train step) and :class:`AugmentConfig` (its augmentation recipe)
+are plain frozen dataclasses (how a split is streamed, ``LoaderConfig``, is
+:mod:`imgpipe.train.loader_config`'s), apart from the torch code that uses them (:mod:`imgpipe.steps.train`, :mod:`imgpipe.train.augment`,
 :mod:`imgpipe.train.loader`), so that reading a config or compiling the pipeline
 (``imgpipe compile`` in the ``cpu`` image) needs no torch.
 """
@@ -10,13 +10,20 @@ from the torch code that uses them (:mod:`imgpipe.steps.train`, :mod:`imgpipe.tr
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
-from imgpipe import resources, storage
+from imgpipe import storage
 from imgpipe.config import check_numbers, check_range
+from imgpipe.train.loader_config import (
+    MAX_BATCH,
+    MAX_CACHE_GB,
+    TRAIN_LOADER_ENGINES,
+    LoaderConfig,
+    default_cache_bytes,
+    resolve_engine,
+)
 from imgpipe.train.policies import MAX_M, MAX_N, PolicyLimits, check_limits
 from imgpipe.train.recipes import (
     BASE,
@@ -33,15 +40,8 @@ __all__ = [
     "POLICIES",
     "Policy",
     "AugmentConfig",
-    "LoaderConfig",
-    "LOADER_ENGINES",
-    "TRAIN_LOADER_ENGINES",
-    "AUTO_CACHE_FRACTION",
-    "resolve_engine",
-    "default_cache_bytes",
     "TrainConfig",
     "WEIGHTS_CACHE",
-    "default_num_workers",
     "default_weights_cache",
 ]
 
@@ -52,15 +52,6 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 WEIGHTS_CACHE = "weights"
 # The most nodes a config may name at all; the operator's cap on a run is lower (remote.trainjob).
 MAX_NODES = 64
-# Upper bounds of the loader's sizes: past them a value only exhausts memory (or overflows
-# the bytes it is turned into) at the first epoch instead of being refused here.
-MAX_BATCH = 1 << 16
-MAX_SHUFFLE_BUFFER = 1 << 20
-MAX_PREFETCH = 64
-MAX_WORKERS = 256
-# The row cache's largest size, in GiB (LoaderConfig.cache_bytes, TrainConfig.loader_cache_gb):
-# more than any one training node's memory.
-MAX_CACHE_GB = 4096
 
 
 def check_policy(n: int, m: int, policy: str, limits: PolicyLimits) -> None:
@@ -139,113 +130,6 @@ class AugmentConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
-
-
-LOADER_ENGINES = ("threads", "processes")
-# TrainConfig.loader_engine also takes "auto": resolve_engine's choice.
-TRAIN_LOADER_ENGINES = ("auto", *LOADER_ENGINES)
-# The row cache a run that names none gets: this fraction of the memory the pod may use
-# (resources.usable_memory: its cgroup limit, v1 or v2, else the machine's RAM).
-AUTO_CACHE_FRACTION = 0.25
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    """How one split is streamed.
-
-    Attributes:
-        batch_size: Samples per batch (per rank).
-        shuffle: Permute units and pass rows through the shuffle buffer (training);
-            off gives the file order, partitioned the same way (evaluation).
-        shuffle_buffer: Rows a worker mixes at once; 0 or 1 keeps the unit order.
-        drop_last: Training mode: every rank reads the same number of rows and only
-            full batches (DDP needs equal step counts); fewer than ``world_size`` rows
-            plus one partial batch per rank are left out each epoch. Off, every row is
-            read and the last batch of a rank may be short.
-        seed: Base seed of the unit permutation, the shuffle buffer and the
-            per-sample transform seeds.
-        num_workers: DataLoader worker processes; ``None`` picks
-            :func:`default_num_workers`.
-        prefetch_factor: Batches each worker prepares ahead.
-        pin_memory: Page-locked batches for fast host-to-GPU copies; ``None`` means
-            "when CUDA is available".
-        persistent_workers: Keep workers alive between epochs.
-        multiprocessing_context: Start method of the workers (``fork``, ``spawn``,
-            ``forkserver``); ``None`` picks ``forkserver`` for ``s3://`` data (the AWS
-            SDK's threads in the parent do not survive a ``fork``) and ``fork``, the
-            quickest to start, otherwise.
-        engine: What the ``num_workers`` workers are: ``threads`` in the training
-            process (nothing to start, no batch copied between processes; reads,
-            decoding and OpenCV release the GIL; the default, by measurement), or
-            DataLoader worker ``processes`` (for a transform that holds the GIL in
-            Python). Both deliver the same batches in the same order.
-        cache_bytes: Memory for keeping the row groups read (0: none): a group kept is
-            not read again in later epochs, neither copied out of Parquet's pages nor
-            downloaded (:mod:`imgpipe.train.rowcache`). The loader's memory grows by up to
-            this much; worker processes share it out.
-    """
-
-    batch_size: int = 128
-    shuffle: bool = True
-    shuffle_buffer: int = 1024
-    drop_last: bool = True
-    seed: int = 0
-    num_workers: int | None = None
-    prefetch_factor: int = 2
-    pin_memory: bool | None = None
-    persistent_workers: bool = True
-    multiprocessing_context: str | None = None
-    engine: str = "threads"
-    cache_bytes: int = 0
-
-    def __post_init__(self) -> None:
-        check_numbers(self)
-        check_range("batch_size", self.batch_size, 1, MAX_BATCH, integer=True)
-        check_range("cache_bytes", self.cache_bytes, 0, MAX_CACHE_GB << 30, integer=True)
-        if self.engine not in LOADER_ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(LOADER_ENGINES)}, got {self.engine!r}")
-        check_range("shuffle_buffer", self.shuffle_buffer, 0, MAX_SHUFFLE_BUFFER, integer=True)
-        if self.num_workers is not None:
-            check_range("num_workers", self.num_workers, 0, MAX_WORKERS, integer=True, note="or unset: automatic")
-        check_range("prefetch_factor", self.prefetch_factor, 1, MAX_PREFETCH, integer=True)
-        if self.multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
-            raise ValueError(f"multiprocessing_context must be fork, spawn or forkserver, got {self.multiprocessing_context!r}")
-
-    @property
-    def resolved_num_workers(self) -> int:
-        """``num_workers``, or the automatic choice when it is ``None``."""
-        return default_num_workers() if self.num_workers is None else self.num_workers
-
-
-def default_num_workers(local_world_size: int | None = None) -> int:
-    """Worker processes per rank: the rank's share of the CPUs minus one for the training loop.
-
-    Args:
-        local_world_size: Ranks on this machine; defaults to ``LOCAL_WORLD_SIZE`` (set
-            by torchrun) or 1.
-    """
-    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(16, resources.available_cpus() // max(1, local) - 1))
-
-
-def resolve_engine(engine: str) -> str:
-    """The loader engine ``engine`` names: ``auto`` is ``threads``.
-
-    Measured on the whole train step (bench/train_step.py, docs/benchmarks.md, "The train
-    step by loader engine and row cache"): threads in the training process were as fast per
-    step as worker processes, or faster, in every configuration (tiny_cnn and resnet18,
-    batches of 64 and 128, raw and JPEG rows, with and without the row cache), with a lower
-    data-wait fraction; the loader alone is 1.4x FFCV with threads and 0.8x with processes.
-    """
-    if engine not in TRAIN_LOADER_ENGINES:
-        raise ValueError(f"loader_engine must be one of {', '.join(TRAIN_LOADER_ENGINES)}, got {engine!r}")
-    return "threads" if engine == "auto" else engine
-
-
-def default_cache_bytes() -> int:
-    """The row cache of a run that names none: :data:`AUTO_CACHE_FRACTION` of the memory this process may use."""
-    usable = resources.usable_memory()
-    return int(usable * AUTO_CACHE_FRACTION) if usable else 0
 
 
 def default_weights_cache(out: str) -> str:
@@ -350,12 +234,12 @@ class TrainConfig:
         persistent_workers: Keep training loader workers alive between epochs.
         loader_engine: The loader's workers: DataLoader worker ``processes``, ``threads``
             in the training process (the same batches either way; see :class:`LoaderConfig`),
-            or ``auto``: :func:`resolve_engine`'s choice, by measurement (docs/benchmarks.md,
+            or ``auto``: :func:`imgpipe.train.loader_config.resolve_engine`'s choice, by measurement (docs/benchmarks.md,
             "The train step by loader engine and row cache").
         loader_cache_gb: Memory, in GiB, for keeping the training rows read in the first
             epoch, so that later epochs neither copy them out of Parquet nor download them
-            again (``LoaderConfig.cache_bytes``; 0: none). Unset: :data:`AUTO_CACHE_FRACTION`
-            of the memory the pod may use (its cgroup limit), :func:`default_cache_bytes`.
+            again (``LoaderConfig.cache_bytes``; 0: none). Unset: :data:`imgpipe.train.loader_config.AUTO_CACHE_FRACTION`
+            of the memory the pod may use (its cgroup limit), :func:`imgpipe.train.loader_config.default_cache_bytes`.
         shuffle_buffer: Rows each loader worker mixes at once.
         seed: Base of every random stream of the run.
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.

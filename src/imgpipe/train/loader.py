@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from imgpipe import storage
 
 # The settings are torch-free (imgpipe.train.config); re-exported here.
-from imgpipe.train.config import LoaderConfig
+from imgpipe.train.loader_config import LoaderConfig
 
 # Which rows, in which order: torch-free (imgpipe.train.partition); re-exported here.
 from imgpipe.train.partition import (

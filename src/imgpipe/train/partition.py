@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from imgpipe import contract, storage
 from imgpipe.data.images import MAX_PIXELS
 from imgpipe.resize.spec import CROP_FRACTION, MAX_ASPECT_LIMIT
-from imgpipe.train.config import LoaderConfig
+from imgpipe.train.loader_config import LoaderConfig
 
 __all__ = [
     "read_split_columns",
