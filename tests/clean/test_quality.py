@@ -18,6 +18,51 @@ def _photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
     return render_image(seed % 12, image_rng(7, seed % 12, seed), size)[0]
 
 
+def _measure(img: Image.Image):
+    return measure(np.asarray(img))
+
+
+def _pillows_thumbnails(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The thumbnail and the pHash picture as Pillow makes them: resize(NEAREST) to 128, convert("L"), reduce(2) twice."""
+    thumb = img.resize((128, 128), Image.Resampling.NEAREST).convert("L").reduce(2)
+    return np.asarray(thumb), np.asarray(thumb.reduce(2))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_the_measures_are_pillows_arithmetic_on_the_array(mode):
+    """measure() samples, greys and reduces the decoder's array itself; Pillow's operations are the oracle."""
+    rng = np.random.default_rng(4)
+    for trial in range(60):
+        w, h = (int(v) for v in rng.integers(1, 1800, 2))
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(arr).convert(mode) if trial % 3 else _photo(trial, (w + 64, h + 64)).convert(mode)
+        w, h = img.size
+        thumb, picture = _pillows_thumbnails(img)
+        got = measure(np.asarray(img))
+        g = thumb.astype(np.float64)
+        lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+        p = np.bincount(thumb.ravel(), minlength=256) / thumb.size
+        p = p[p > 0]
+        want = [g.mean(), g.std(), lap.var(), -(p * np.log2(p)).sum(), w / h]
+        np.testing.assert_allclose(got.metrics, np.array(want, np.float32), rtol=1e-5, atol=1e-4)
+        low = _dct_low(picture.astype(np.float64))
+        assert got.phash == _imagehash_bits(low)
+        assert got.phash_mirror == _imagehash_bits(_dct_low(picture[:, ::-1].astype(np.float64)))
+        assert measure(np.asarray(img).reshape(h, w, -1)).phash == got.phash  # H x W x 1 as H x W
+
+
+def _dct_low(picture: np.ndarray) -> np.ndarray:
+    """imagehash.phash's transform: scipy's unnormalized DCT-II along both axes, the 8 x 8 lowest."""
+    from scipy.fftpack import dct
+
+    return dct(dct(picture, axis=0), axis=1)[:8, :8]
+
+
+def _imagehash_bits(low: np.ndarray) -> int:
+    bits = (low > np.median(low)).ravel()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_phash_is_imagehash_phash(seed):
     img = _photo(seed, (200 + 40 * seed, 260))
@@ -28,7 +73,7 @@ def test_phash_is_imagehash_phash(seed):
 
 def test_measures_are_comparable_across_sizes():
     img = _photo(1, (640, 480))
-    big, small = measure(img), measure(img.resize((320, 240), Image.Resampling.LANCZOS))
+    big, small = _measure(img), _measure(img.resize((320, 240), Image.Resampling.LANCZOS))
     assert big.metrics.dtype == np.float32 and big.metrics.shape == (len(METRICS),)
     for name in ("brightness", "contrast", "entropy", "aspect_ratio"):
         k = METRICS.index(name)
@@ -36,12 +81,12 @@ def test_measures_are_comparable_across_sizes():
     blur = METRICS.index("blur")
     assert 0.5 < big.metrics[blur] / small.metrics[blur] < 2  # the same scene, not 4x the pixels
     # Blur finer than the 64-pixel thumbnail does not show: the measure is for heavy blur.
-    blurred = measure(img.resize((32, 24)).resize((640, 480), Image.Resampling.BILINEAR))
+    blurred = _measure(img.resize((32, 24)).resize((640, 480), Image.Resampling.BILINEAR))
     assert blurred.metrics[blur] < big.metrics[blur] / 2
 
 
 def test_blank_image_has_no_contrast():
-    m = measure(Image.new("RGB", (100, 80), (120, 30, 200))).metrics
+    m = _measure(Image.new("RGB", (100, 80), (120, 30, 200))).metrics
     assert m[METRICS.index("contrast")] == 0 and m[METRICS.index("entropy")] == 0
 
 
@@ -53,7 +98,7 @@ def test_robust_z_survives_a_constant_majority():
 
 
 def test_assess_flags_then_rejects_past_the_threshold():
-    metrics = np.array([measure(_photo(s)).metrics for s in range(30)])
+    metrics = np.array([_measure(_photo(s)).metrics for s in range(30)])
     dark = metrics[0].copy()
     dark[METRICS.index("brightness")] = 3.0
     metrics = np.vstack([metrics, dark])
@@ -89,3 +134,4 @@ def test_jpeg_reencode_keeps_the_hash_close():
     a, _ = phash_pair(img)
     b, _ = phash_pair(Image.open(io.BytesIO(buf.getvalue())))
     assert bin(a ^ b).count("1") <= 4
+

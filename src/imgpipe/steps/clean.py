@@ -193,7 +193,7 @@ def _carried_measures(prev: dict, cfg: CleanConfig) -> Measures:
         return Measures(prev["phash"], prev["phash_mirror"], np.array([prev[m] for m in METRICS], np.float32))
     with open_image(prev["image"]["bytes"], formats=_CARRIED_FORMATS, max_pixels=cfg.max_pixels) as img:
         img.load()
-        return measure(img)
+        return measure(np.asarray(img if img.mode in ("RGB", "L") else img.convert("RGB")))
 
 
 # A carried row's bytes are stored unchanged, so they are JPEG or PNG (other formats are re-encoded).

@@ -249,9 +249,9 @@ def _normalized(data: bytes, channels: int) -> NormalizedImage:
 
 def _decode(data: bytes, channels: int) -> np.ndarray:
     """Encoded image bytes as ``H x W x C`` uint8 in the model's mode (:func:`_normalized`)."""
-    img = _normalized(data, channels).pixels
-    assert img is not None  # validate_and_normalize always returns the decoded image
-    return np.asarray(img).reshape(img.height, img.width, channels)
+    pixels = _normalized(data, channels).pixels
+    assert pixels is not None  # validate_and_normalize always returns the decoded image
+    return pixels
 
 
 class _Predictor:
