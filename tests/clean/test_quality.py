@@ -134,4 +134,3 @@ def test_jpeg_reencode_keeps_the_hash_close():
     a, _ = phash_pair(img)
     b, _ = phash_pair(Image.open(io.BytesIO(buf.getvalue())))
     assert bin(a ^ b).count("1") <= 4
-

@@ -329,9 +329,9 @@ def test_to_8bit_memory_is_about_its_8bit_result():
     ids=["I;16", "I-wide", "I-8bit", "F-with-nan"],
 )
 def test_to_8bit_blocks_join_into_the_whole_image_mapping(arr, monkeypatch):
-    from imgpipe.data import images
+    from imgpipe.data import modes
 
-    monkeypatch.setattr(images, "_BLOCK_BYTES", 23 * 8 * 5)  # 5 rows a block, the last one short
+    monkeypatch.setattr(modes, "_BLOCK_BYTES", 23 * 8 * 5)  # 5 rows a block, the last one short
     img = Image.fromarray(arr)
     assert np.array_equal(np.asarray(to_8bit(img)), _reference_8bit(arr, img.mode))
 
