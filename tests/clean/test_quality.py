@@ -134,3 +134,14 @@ def test_jpeg_reencode_keeps_the_hash_close():
     a, _ = phash_pair(img)
     b, _ = phash_pair(Image.open(io.BytesIO(buf.getvalue())))
     assert bin(a ^ b).count("1") <= 4
+
+
+def test_a_checkerboard_thumbnail_measures_without_overflow():
+    """The thumbnail's Laplacian is +-1020 everywhere: its squares sum past 2 ** 31 (the blur must not wrap)."""
+    board = ((np.indices((64, 64)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    image = np.kron(board, np.ones((2, 2), np.uint8))  # 128 x 128: the grid is the image itself
+    got = measure(image).metrics[METRICS.index("blur")]
+    g = board.astype(np.float64)
+    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    assert lap.var() > 1e6
+    np.testing.assert_allclose(got, lap.var(), rtol=1e-6)

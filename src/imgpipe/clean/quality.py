@@ -5,8 +5,9 @@ Two halves:
 * :func:`measure`, in the decode workers, while the decoded image is in memory: one small
   greyscale thumbnail (:data:`THUMB_SIDE` pixels square, whatever the image's size, so
   every measure is comparable across sizes) gives brightness, contrast, blur, entropy and
-  the perceptual hashes; the aspect ratio comes from the size. About 0.05 ms an image, a
-  twentieth of a 0.3-megapixel JPEG's decode (``bench/clean.py``).
+  the perceptual hashes; the aspect ratio comes from the size. About 0.2 ms an image (0.25 ms
+  in a worker beside another), a quarter of a 0.2-megapixel JPEG's decode (docs/benchmarks.md,
+  "clean near its floor").
 * :func:`assess`, in the step after the decode pass, over the dataset's own distribution:
   robust z-scores (median and MAD) flag outliers, and reject them only past the thresholds
   the config sets (:data:`OUTLIERS`); a blank image (no contrast) is rejected by its own
@@ -165,7 +166,7 @@ def _halve(grey: np.ndarray) -> np.ndarray:
 
 
 def _thumbnail(pixels: np.ndarray) -> np.ndarray:
-    """The ``THUMB_SIDE``-square grey thumbnail of ``H x W`` or ``H x W x C`` uint8 pixels (C = 1 or 3), as int32.
+    """The ``THUMB_SIDE``-square grey uint8 thumbnail of ``H x W`` or ``H x W x C`` uint8 pixels (C = 1 or 3).
 
     Pillow's ``resize((_GRID, _GRID), NEAREST)``, ``convert("L")`` and ``reduce(2)``, on the
     16,384 sampled pixels only.
@@ -202,14 +203,15 @@ def measure(pixels: np.ndarray) -> Measures:
     """
     grey = _thumbnail(pixels)
     g = grey.astype(np.int32)
-    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    # int64: a squared Laplacian summed over the thumbnail passes 2 ** 31 (a checkerboard: 4e9).
+    lap = (4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]).ravel().astype(np.int64)
     n = lap.size
     lap_mean = int(lap.sum()) / n
     p = np.bincount(grey.ravel(), minlength=256) / grey.size
     mean = float(p @ _LEVELS)
     std = math.sqrt(max(0.0, float(p @ _SQUARES) - mean * mean))
     p = p[p > 0]
-    blur = max(0.0, int(np.vdot(lap, lap)) / n - lap_mean * lap_mean)
+    blur = max(0.0, int(lap @ lap) / n - lap_mean * lap_mean)
     metrics = np.array([mean, std, blur, -float(p @ np.log2(p)), pixels.shape[1] / pixels.shape[0]], dtype=np.float32)
     phash, mirror = _hash_pairs(_halve(grey).astype(np.float64)[None])
     return Measures(int(phash[0]), int(mirror[0]), metrics)
