@@ -19,16 +19,9 @@ from imgpipe.config import config_to_dict, load_config, step_config
 from imgpipe.contract import StepReport
 from imgpipe.report.comparison import CURVES_PNG
 from imgpipe.steps import compare as cmp
-from imgpipe.steps.compare import (
-    BranchResult,
-    CompareConfig,
-    class_collapse,
-    compare,
-    diagnose,
-    rank,
-    trend,
-    under_fitting,
-)
+from imgpipe.steps import compare_rules as rules
+from imgpipe.steps.compare import CompareConfig, compare
+from imgpipe.steps.compare_rules import BranchResult, class_collapse, diagnose, rank, trend, under_fitting
 from imgpipe.sweep import RECIPE_FIELDS
 from imgpipe.train.config import TrainConfig
 from imgpipe.train.recipes import resolve as resolve_recipe
@@ -65,7 +58,7 @@ def write_branch(root: str, name: str, epochs: list[dict], confusion=BALANCED, d
 
 
 def result(name, epochs):
-    return cmp.BranchResult(name, f"file:///x/{name}", {}, epochs, {})
+    return rules.BranchResult(name, f"file:///x/{name}", {}, epochs, {})
 
 
 # ------------------------------------------------------------------ rules on their own
@@ -126,7 +119,7 @@ def test_the_same_trend_with_train_loss_below_val_loss_is_overfitting():
 def test_the_trend_thresholds(train_loss, val_acc, flagged):
     epochs = history(train_loss, val_acc, val_loss=[0.5] * len(train_loss))
     assert (diagnose(epochs, CompareConfig()) is not None) is flagged
-    if len(train_loss) < cmp.TREND_WINDOW:
+    if len(train_loss) < rules.TREND_WINDOW:
         assert trend(epochs, CompareConfig()) is None
 
 
@@ -351,7 +344,7 @@ def test_seed_groups_average_the_curves_and_the_recall_a_collapse_reads():
     # Class b collapses in every seed of "strong", in one seed only of "unlucky": the mean recall decides.
     strong = [run("strong-s0", 0, 0.05, 0.6), run("strong-s1", 1, 0.0, 0.5), run("strong-s2", 2, 0.1, 0.55)]
     unlucky = [run("unlucky-s1", 1, 1.0, 0.7), run("unlucky-s0", 0, 0.0, 0.6)]
-    groups = cmp.group_seeds([*strong, *unlucky], {r.name: r.name.rsplit("-s", 1)[0] for r in (*strong, *unlucky)})
+    groups = rules.group_seeds([*strong, *unlucky], {r.name: r.name.rsplit("-s", 1)[0] for r in (*strong, *unlucky)})
     by_name = {g.name: g for g in groups}
     assert [r.name for r in by_name["unlucky"].runs] == ["unlucky-s0", "unlucky-s1"], "lowest seed first"
     assert by_name["strong"].class_recall()["b"] == pytest.approx(0.05)
@@ -360,9 +353,9 @@ def test_seed_groups_average_the_curves_and_the_recall_a_collapse_reads():
     assert flag is not None and set(flag.numbers["classes"]) == {"b"}
     assert class_collapse(by_name["unlucky"], groups, CompareConfig()) is None, "one seed's collapse, mean 0.5"
     with pytest.raises(ValueError, match="run strong-s0 belongs to no branch"):
-        cmp.group_seeds(strong, {"strong-s1": "strong"})
+        rules.group_seeds(strong, {"strong-s1": "strong"})
     with pytest.raises(ValueError, match="repeat a seed"):
-        cmp.group_seeds([strong[0], run("strong-s9", 0, 0.1, 0.5)], {"strong-s0": "strong", "strong-s9": "strong"})
+        rules.group_seeds([strong[0], run("strong-s9", 0, 0.1, 0.5)], {"strong-s0": "strong", "strong-s9": "strong"})
 
 
 def test_the_compare_component_groups_the_plans_seeds_and_logs_the_spread(tmp_path, monkeypatch):

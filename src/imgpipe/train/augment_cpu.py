@@ -77,6 +77,16 @@ def _filled(slot: np.ndarray, image: np.ndarray) -> np.ndarray:
     return slot
 
 
+def _placed(result: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """A pipeline's ``H x W x C`` result, in ``out`` where one is given."""
+    if result.ndim == 2:  # an OpenCV kernel dropped the channel axis of a one-channel image
+        result = result[..., None]
+    if out is not None and not np.shares_memory(result, out):
+        np.copyto(out, result)
+        return out
+    return result
+
+
 def _flipped(image: np.ndarray, *, in_place: bool) -> np.ndarray:
     """``image`` mirrored left to right: in place where it is a slot of ours, else a new array."""
     flipped = cv2.flip(image, 1, dst=image) if in_place else cv2.flip(image, 1)  # in place: 5 us at 224 px, numpy's copy 180
@@ -194,13 +204,7 @@ class SampleTransform:
         self._reseed(seed)
         if self._crop is not None:
             return self._finish(self._native_head(image, out), out)
-        result = self.pipeline(image=image)["image"]
-        if result.ndim == 2:  # an OpenCV kernel dropped the channel axis of a one-channel image
-            result = result[..., None]
-        if out is not None and not np.shares_memory(result, out):
-            np.copyto(out, result)
-            return out
-        return result
+        return _placed(self.pipeline(image=image)["image"], out)
 
     def _reseed(self, seed: int) -> None:
         if self.random:
@@ -213,12 +217,7 @@ class SampleTransform:
         """The rest of the pipeline after the native head, and the result in ``out``."""
         if self._rest is not None:
             result = self._rest(image=result, force_apply=True)["image"]  # force_apply: no second Compose draw
-        if result.ndim == 2:  # an OpenCV kernel dropped the channel axis of a one-channel image
-            result = result[..., None]
-        if out is not None and not np.shares_memory(result, out):
-            np.copyto(out, result)
-            return out
-        return result
+        return _placed(result, out)
 
     def __repr__(self) -> str:
         return f"SampleTransform(size={self.size}, channels={self.channels}, random={self.random}, {self.pipeline!r})"

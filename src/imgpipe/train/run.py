@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from imgpipe.train.selection import Selection
 __all__ = ["TrainingRun", "cpu_bf16"]
 
 
+@functools.cache
 def cpu_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 autocast is then faster, not emulated.
 
