@@ -210,6 +210,14 @@ def decode_jpeg_for_box(
 def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torch.device | str) -> torch.Tensor:
     """Decodes a batch of JPEG byte tensors on ``device`` (nvJPEG on CUDA) into ``B x C x H x W`` uint8.
 
+    On CUDA the device's queued work is drained first. nvJPEG's hardware engine (A100, H100,
+    H200: baseline JPEGs) writes its output before the work already queued on the stream
+    has run, and the caching allocator hands the decoder blocks that queued kernels (the
+    last training step's) still read: without the barrier those kernels read pixels, and
+    training turned NaN within three steps on an H200 (docs/benchmarks.md, "GPU"; the
+    same report upstream: pytorch/vision#9606, meta-pytorch/torchcodec#1634). The cost is
+    that the decode no longer overlaps the previous step (measured there).
+
     Raises:
         ValueError: If the images differ in size (resize makes them equal; mixing
             sizes means the data is not a resize output).
@@ -218,7 +226,11 @@ def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torc
 
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     device = torch.device(device)
-    images = decode_jpeg(list(jpegs), mode=mode, device=device) if device.type == "cuda" else [decode_jpeg(j, mode=mode) for j in jpegs]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        images = decode_jpeg(list(jpegs), mode=mode, device=device)
+    else:
+        images = [decode_jpeg(j, mode=mode) for j in jpegs]
     if len({tuple(i.shape) for i in images}) != 1:
         raise ValueError("JPEG batch holds images of different sizes; train expects a resize output")
     return torch.stack(images)
