@@ -128,3 +128,18 @@ def test_worker_processes_that_end_each_epoch_get_no_cache(data, caplog):
     cfg = LoaderConfig(batch_size=4, num_workers=2, engine="processes", persistent_workers=False, cache_bytes=1 << 20)
     assert ImageLoader(info, cfg).dataset.cache is None
     assert "set persistent_workers" in caplog.text
+
+
+def test_auto_engine_is_processes_only_where_the_workers_augment_for_a_gpu():
+    """Measured on an H200 (docs/benchmarks.md, "GPU"): per-sample CPU augmentation in threads
+    fed ResNet-50 680 images/s against 2,805 in processes; elsewhere threads won (CPU steps)."""
+    from imgpipe.train.assembly import train_loader_config
+    from imgpipe.train.loader_config import resolve_engine
+
+    assert resolve_engine("auto") == "threads"
+    assert resolve_engine("auto", feeds_gpu_per_sample=True) == "processes"
+    assert resolve_engine("threads", feeds_gpu_per_sample=True) == "threads", "a named engine is kept"
+    cfg = TrainConfig(batch_size=8)
+    assert train_loader_config(cfg, 64, 1).engine == "threads"
+    assert train_loader_config(cfg, 64, 1, feeds_gpu_per_sample=True).engine == "processes"
+    assert cfg.loader(shuffle=False).engine == "threads"

@@ -203,7 +203,7 @@ def build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Ma
     decode = "cuda" if on_device and device.type == "cuda" else "cpu"
     train_loader = ImageLoader(
         train_info,
-        train_loader_config(cfg, train_info.num_samples, ctx.world_size),
+        train_loader_config(cfg, train_info.num_samples, ctx.world_size, feeds_gpu_per_sample=device.type == "cuda" and not on_device),
         transform=train_transform(cfg, train_info, size, on_device, norm),
         decode_device="cpu" if train_info.whole else decode,
         rank=ctx.rank,
@@ -287,14 +287,15 @@ def build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Ma
     )
 
 
-def train_loader_config(cfg: TrainConfig, samples: int, world_size: int) -> LoaderConfig:
+def train_loader_config(cfg: TrainConfig, samples: int, world_size: int, feeds_gpu_per_sample: bool = False) -> LoaderConfig:
     """The training loader's settings: one rank trains on every image every epoch, the last batch short.
 
     Several ranks read whole batches only (DDP needs the same step count on every rank, and
     torchvision's DistributedSampler pads instead); one rank keeps the last partial batch
     (``drop_last`` off) unless it would hold a single image, which BatchNorm cannot train on.
+    ``feeds_gpu_per_sample``: the workers augment for a CUDA device (the engine then).
     """
-    loader = cfg.loader(shuffle=True)
+    loader = cfg.loader(shuffle=True, feeds_gpu_per_sample=feeds_gpu_per_sample)
     if world_size == 1 and samples % cfg.batch_size != 1:
         return dataclasses.replace(loader, drop_last=False)
     return loader

@@ -487,8 +487,8 @@ class TrainConfig:
             crop_scale=tuple(self.crop_scale),  # type: ignore[arg-type]
         )
 
-    def loader(self, *, shuffle: bool, persistent: bool | None = None) -> LoaderConfig:
-        """Loader settings: training (``shuffle``) or evaluation order."""
+    def loader(self, *, shuffle: bool, persistent: bool | None = None, feeds_gpu_per_sample: bool = False) -> LoaderConfig:
+        """Loader settings: training (``shuffle``) or evaluation order (``feeds_gpu_per_sample``: ``resolve_engine``'s)."""
         return LoaderConfig(
             batch_size=self.batch_size,
             shuffle=shuffle,
@@ -499,6 +499,6 @@ class TrainConfig:
             prefetch_factor=self.prefetch_factor,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers if persistent is None else persistent,
-            engine=resolve_engine(self.loader_engine),
+            engine=resolve_engine(self.loader_engine, feeds_gpu_per_sample=feeds_gpu_per_sample),
             cache_bytes=(default_cache_bytes() if self.loader_cache_gb is None else int(self.loader_cache_gb * 2**30)) if shuffle else 0,
         )

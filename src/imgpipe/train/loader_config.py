@@ -128,18 +128,26 @@ def default_num_workers(local_world_size: int | None = None) -> int:
     return max(1, min(16, resources.available_cpus() // max(1, local) - 1))
 
 
-def resolve_engine(engine: str) -> str:
-    """The loader engine ``engine`` names: ``auto`` is ``threads``.
+def resolve_engine(engine: str, *, feeds_gpu_per_sample: bool = False) -> str:
+    """The loader engine ``engine`` names: ``auto`` is ``threads``, or ``processes`` when the
+    workers augment sample by sample on the CPU for a CUDA device (``feeds_gpu_per_sample``).
 
-    Measured on the whole train step (bench/train_step.py, docs/benchmarks.md, "The train
-    step by loader engine and row cache"): threads in the training process were as fast per
-    step as worker processes, or faster, in every configuration (tiny_cnn and resnet18,
-    batches of 64 and 128, raw and JPEG rows, with and without the row cache), with a lower
-    data-wait fraction; the loader alone is 1.4x FFCV with threads and 0.8x with processes.
+    Measured on the whole train step. On the CPU (bench/train_step.py, docs/benchmarks.md,
+    "The train step by loader engine and row cache"): threads in the training process were
+    as fast per step as worker processes, or faster, in every configuration (tiny_cnn and
+    resnet18, batches of 64 and 128, raw and JPEG rows, with and without the row cache),
+    with a lower data-wait fraction; the loader alone is 1.4x FFCV with threads and 0.8x
+    with processes. On an H200 with 16 cores (bench/gpu.py, docs/benchmarks.md, "GPU"),
+    ResNet-50 at 224 with the augmentation in the workers: 680 images/s with threads (the
+    per-sample transforms hold the GIL) against 2,805 with processes. Where the device
+    augments (``aug_device`` gpu, the default on CUDA) the workers only read, and threads
+    stay.
     """
     if engine not in TRAIN_LOADER_ENGINES:
         raise ValueError(f"loader_engine must be one of {', '.join(TRAIN_LOADER_ENGINES)}, got {engine!r}")
-    return "threads" if engine == "auto" else engine
+    if engine != "auto":
+        return engine
+    return "processes" if feeds_gpu_per_sample else "threads"
 
 
 def default_cache_bytes() -> int:
