@@ -81,41 +81,55 @@ def make_image(index: int, size: int) -> Image.Image:
     return Image.fromarray(noisy)
 
 
-def write_datasets(root: Path, count: int, size: int, source: tuple[int, int]) -> tuple[Path, str, str]:
-    """Writes an ImageFolder of source-size JPEGs, and their resize-step outputs (raw and JPEG)."""
-    import pyarrow as pa
-
+def _sample(i: int, folder: Path, size: int, source: tuple[int, int]) -> tuple[dict, dict]:
+    """Image ``i``: its source-size JPEG written under ``folder``, and its raw and JPEG resize rows."""
     from imgpipe.resize.ops import encode_jpeg, resize_image
     from imgpipe.resize.spec import ResizeSpec
+
+    label = i % CLASSES
+    buf = io.BytesIO()
+    make_image(i, source[1]).resize(source, Image.BILINEAR).save(buf, "JPEG", quality=90)
+    original = buf.getvalue()
+    path = folder / f"class_{label:02d}" / f"{i:06d}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(original)
+    pixels = resize_image(original, ResizeSpec(size=size, mode="short-side-crop"))  # what the resize step stores
+    jpeg = encode_jpeg(pixels, 95)
+    meta = {
+        "path": str(path.relative_to(folder)),
+        "label": label,
+        "label_name": f"class_{label:02d}",
+        "split": "train",
+        "order": i,
+        "sha256": hashlib.sha256(jpeg).hexdigest(),
+        "height": size,
+        "width": size,
+        "channels": 3,
+    }
+    return {**meta, "pixels": pixels.tobytes()}, {**meta, "image": {"bytes": jpeg, "path": meta["path"]}}
+
+
+def write_datasets(root: Path, count: int, size: int, source: tuple[int, int], workers: int = 1) -> tuple[Path, str, str]:
+    """Writes an ImageFolder of source-size JPEGs, and their resize-step outputs (raw and JPEG).
+
+    ``workers`` > 1 makes the images in that many processes (the same bytes: each image's
+    pixels come from its index alone).
+    """
+    import multiprocessing
+
+    import pyarrow as pa
+
     from imgpipe.steps.resize import output_schema
     from imgpipe.writer import OutputWriter
 
     folder = root / "imagefolder"
-    rows: dict[str, list[dict]] = {"raw": [], "jpeg": []}
-    spec = ResizeSpec(size=size, mode="short-side-crop")
-    for i in range(count):
-        label = i % CLASSES
-        buf = io.BytesIO()
-        make_image(i, source[1]).resize(source, Image.BILINEAR).save(buf, "JPEG", quality=90)
-        original = buf.getvalue()
-        path = folder / f"class_{label:02d}" / f"{i:06d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(original)
-        pixels = resize_image(original, spec)  # what the resize step stores
-        jpeg = encode_jpeg(pixels, 95)
-        meta = {
-            "path": str(path.relative_to(folder)),
-            "label": label,
-            "label_name": f"class_{label:02d}",
-            "split": "train",
-            "order": i,
-            "sha256": hashlib.sha256(jpeg).hexdigest(),
-            "height": size,
-            "width": size,
-            "channels": 3,
-        }
-        rows["raw"].append({**meta, "pixels": pixels.tobytes()})
-        rows["jpeg"].append({**meta, "image": {"bytes": jpeg, "path": meta["path"]}})
+    make = functools.partial(_sample, folder=folder, size=size, source=source)
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            samples = pool.map(make, range(count), chunksize=64)
+    else:
+        samples = [make(i) for i in range(count)]
+    rows: dict[str, list[dict]] = {"raw": [s[0] for s in samples], "jpeg": [s[1] for s in samples]}
     uris = {}
     for fmt, fmt_rows in rows.items():
         out = OutputWriter(storage.normalize_uri(str(root / f"resize-{fmt}")), "resize")

@@ -1,0 +1,281 @@
+"""The GPU rows: the train step on one GPU with its defaults, augmentation on the CPU against the GPU, nvJPEG against the CPU.
+
+Three measurements, in one process that starts the train runs as cold children:
+
+* **train step**: ``imgpipe train`` on the resize-shaped outputs of ``bench/loader.py``
+  (``write_datasets``: photo-like images stored at ``--size``, raw and JPEG rows), one fresh
+  process per configuration as a pod runs it, ResNet-50 at 224 with the step's defaults
+  (bf16 autocast, channels-last, ``loader_engine: auto``, the row cache, ``aug_device: auto``,
+  which is ``gpu`` on CUDA) against the same with ``aug_device: cpu``. From ``metrics.json``:
+  the epochs after the first give images/s and the data-wait fraction (time the loop waited
+  on the loader over the epoch). The model's exports (ONNX, TorchScript) are skipped in
+  these children: they come after training and are not timed.
+* **batched augmentation**: :class:`imgpipe.train.augment.BatchAugment` alone on uint8
+  batches already on the device (the crop, flips, the policy, normalization), images/s.
+* **decode**: one photo-like JPEG at 1, 12 and 24 MP decoded by nvJPEG
+  (``torchvision.io.decode_jpeg(device="cuda")``, batched as the loader does) against
+  libjpeg-turbo on the CPU (simplejpeg, one thread, and one thread per core).
+
+    python bench/gpu.py --images 8192 --epochs 4 --json bench/results/gpu.json
+    python bench/gpu.py --plot docs/img/gpu.png bench/recorded/gpu.json   # the figure from the recorded runs
+
+On a machine without CUDA it runs on the CPU at whatever size it is given (a smoke test of
+the script, not a GPU row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loader import write_datasets  # noqa: E402
+
+# A cold `imgpipe train` whose exports are skipped (not timed; they follow training).
+TRAIN_CHILD = """
+import sys
+import imgpipe.train.outputs as outputs
+outputs._exports = lambda run: ({}, {})
+from imgpipe.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_run(data: str, out: Path, *, model: str, batch: int, epochs: int, aug: str, device: str, seed: int, sets: list[str]) -> dict[str, Any]:
+    """One cold ``imgpipe train``: warm images/s and data wait from its ``metrics.json``."""
+    cmd = [sys.executable, "-c", TRAIN_CHILD, "train", data, str(out), "--model", model, "--epochs", str(epochs)]
+    cmd += ["--batch-size", str(batch), "--device", device, "--seed", str(seed)]
+    if aug != "default":
+        cmd += ["--set", f"aug_device={aug}"]
+    for setting in sets:
+        cmd += ["--set", setting]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"error": "\n".join(done.stderr.strip().splitlines()[-15:])}
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = (out / "__imgpipe__" / "config.yaml").read_text()
+    epochs_ = metrics["epochs"]
+    warm = epochs_[1:] or epochs_
+    return {
+        "wall_s": round(wall, 2),
+        "first_epoch_s": epochs_[0]["seconds"],
+        "warm_img_s": round(statistics.median(e["images_per_s"] for e in warm), 1),
+        "data_wait": round(statistics.median(e["data_wait_fraction"] for e in warm), 4),
+        "first_data_wait": round(epochs_[0]["data_wait_fraction"], 4),
+        "resolved": {
+            k: v
+            for k, v in (line.split(": ", 1) for line in config.splitlines() if ": " in line)
+            if k in ("aug_device", "loader_engine", "loader_cache_gb", "num_workers", "amp", "channels_last", "aug_policy", "recipe")
+        },
+    }
+
+
+def augment_rate(device: torch.device, batch: int, size: int, iters: int) -> dict[str, float]:
+    """Images/s of BatchAugment on uint8 batches already on ``device``: the defaults and RandAugment."""
+    from imgpipe.train.augment import BatchAugment
+    from imgpipe.train.config import AugmentConfig
+
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    rates = {}
+    for name, cfg in (("defaults", AugmentConfig()), ("randaugment", AugmentConfig(policy="randaugment"))):
+        aug = BatchAugment(cfg, size, 3).to(device)
+        for i in range(3):
+            aug(x, seed=i)
+        _sync(device)
+        started = time.perf_counter()
+        for i in range(iters):
+            aug(x, seed=100 + i)
+        _sync(device)
+        rates[name] = round(batch * iters / (time.perf_counter() - started), 1)
+    return rates
+
+
+def photo_jpeg(megapixels: float, seed: int = 0) -> bytes:
+    """A 4:3 photo-like JPEG (smooth colour field with noise) of about ``megapixels``, quality 90."""
+    h = int(round((megapixels * 1e6 * 3 / 4) ** 0.5))
+    w = h * 4 // 3
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8))
+    base = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16)
+    noisy = np.clip(base + rng.integers(-8, 9, size=base.shape, dtype=np.int16), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noisy).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _timed(call, per_call: int, device: torch.device, seconds: float) -> float:
+    """Calls per second of ``call`` times ``per_call`` images, after two warm-up calls (handles, allocator)."""
+    call()
+    call()
+    _sync(device)
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        call()
+        n += per_call
+    _sync(device)
+    return n / (time.perf_counter() - started)
+
+
+def decode_row(mp: float, device: torch.device, seconds: float) -> dict[str, Any]:
+    """One JPEG of about ``mp`` megapixels: nvJPEG batched and single, simplejpeg on 1 and all cores."""
+    import simplejpeg
+    from torchvision.io import decode_jpeg
+
+    cores = os.cpu_count() or 1
+    data = photo_jpeg(mp)
+    h, w = simplejpeg.decode_jpeg_header(data)[:2]
+    row: dict[str, Any] = {"megapixels": round(h * w / 1e6, 2), "shape": [h, w], "bytes": len(data)}
+    rates = {"cpu_1_thread": _timed(lambda: simplejpeg.decode_jpeg(data, fastdct=False), 1, device, seconds)}
+    with concurrent.futures.ThreadPoolExecutor(cores) as pool:  # simplejpeg lets go of the GIL
+        copies = [data] * (cores * 2)
+
+        def spread() -> None:
+            list(pool.map(functools.partial(simplejpeg.decode_jpeg, fastdct=False), copies))
+
+        rates[f"cpu_{cores}_threads"] = _timed(spread, len(copies), device, seconds)
+    if device.type == "cuda":
+        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        batch = max(1, min(32, int(96 / mp)))
+        rates["gpu_single"] = _timed(lambda: decode_jpeg(tensor, device=device), 1, device, seconds)
+        rates[f"gpu_batch_{batch}"] = _timed(lambda: decode_jpeg([tensor] * batch, device=device), batch, device, seconds)
+        # nvJPEG's pixels against libjpeg-turbo's (the colour conversion and upsampling may differ).
+        ours = decode_jpeg(tensor, device=device).permute(1, 2, 0).cpu().numpy().astype(np.int16)
+        ref = simplejpeg.decode_jpeg(data, fastdct=False).astype(np.int16)
+        row["gpu_vs_cpu_mean_abs"] = round(float(np.abs(ours - ref).mean()), 3)
+    row.update({k: {"img_s": round(r, 1), "mp_s": round(r * row["megapixels"], 1)} for k, r in rates.items()})
+    return row
+
+
+def decode_rates(device: torch.device, sizes: list[float], seconds: float) -> list[dict[str, Any]]:
+    """:func:`decode_row` for each size, printed as it comes."""
+    rows = []
+    for mp in sizes:
+        rows.append(decode_row(mp, device, seconds))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """Train images/s and data wait per data format, augmentation device and engine (the latest run of each), decode MP/s per path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for key, r in run.get("train", {}).items():
+            if "error" not in r:
+                label = f"{key.split(' | ')[0]} rows, augment on {r['resolved']['aug_device']}, {r['resolved']['loader_engine']}"
+                train[label] = {**r, "default": "aug default" in key}
+    decode = next((r["decode"] for r in runs if "decode" in r), [])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 3.5 + 0.35 * (len(train) + 4 * len(decode))))
+    names = sorted(train)
+    rates = [train[n]["warm_img_s"] for n in names]
+    top.barh(names, rates, color=["tab:blue" if train[n]["default"] else "tab:gray" for n in names])
+    for y, n in enumerate(names):
+        top.text(rates[y], y, f" {rates[y]:.0f} img/s, data wait {train[n]['data_wait']:.1%}", va="center", fontsize=8)
+    top.invert_yaxis()
+    top.set_xlim(0, max(rates, default=1) * 1.5)
+    top.set_title(f"ResNet-50 train step, {runs[0]['device']}: warm images/s (blue: the defaults)", fontsize=10)
+    bars = [(f"{row['megapixels']:.0f} MP, {p}", v["mp_s"]) for row in decode for p, v in row.items() if isinstance(v, dict)]
+    bottom.barh([b[0] for b in bars], [b[1] for b in bars], color=["tab:green" if "gpu" in b[0] else "tab:gray" for b in bars])
+    bottom.invert_yaxis()
+    bottom.set_title("JPEG decode, megapixels/s: nvJPEG (green), libjpeg-turbo (grey)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8192)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--source-size", default="500x375")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=4, help="the first is warm-up")
+    parser.add_argument("--formats", default="raw,jpeg")
+    parser.add_argument("--augs", default="default,cpu", help="aug_device per run; 'default' leaves the step's own (auto)")
+    parser.add_argument("--decode-sizes", default="1,12,24", help="megapixels")
+    parser.add_argument("--decode-seconds", type=float, default=2.0)
+    parser.add_argument("--parts", default="decode,augment,train")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every train run (e.g. loader_engine=processes)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="draw the figure here from the recorded runs named (positional) and stop")
+    parser.add_argument("recorded", nargs="*", type=Path, help="with --plot: result files, each a run or {'runs': [...]}")
+    args = parser.parse_args(argv)
+    if args.plot:
+        runs = []
+        for f in args.recorded:
+            loaded = json.loads(f.read_text())
+            runs.extend(loaded.get("runs", [loaded]))
+        plot(runs, args.plot)
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+    }
+    parts = args.parts.split(",")
+
+    def save() -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+
+    if "decode" in parts:
+        results["decode"] = decode_rates(device, [float(s) for s in args.decode_sizes.split(",")], args.decode_seconds)
+        save()
+    if "augment" in parts:
+        results["augment"] = augment_rate(device, args.batch_size, args.size, iters=20 if device.type == "cuda" else 2)
+        print("augment", results["augment"], file=sys.stderr, flush=True)
+        save()
+    if "train" in parts:
+        results["train"] = {}
+        with tempfile.TemporaryDirectory(prefix="imgpipe-gpu-bench-") as tmp:
+            started = time.perf_counter()
+            w, h = (int(v) for v in args.source_size.split("x"))
+            _, raw, jpeg = write_datasets(Path(tmp), args.images, args.size, (w, h), workers=os.cpu_count() or 1)
+            print(f"data written in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            data = {"raw": raw, "jpeg": jpeg}
+            for fmt in args.formats.split(","):
+                for aug in args.augs.split(","):
+                    key = " | ".join([fmt, args.model, str(args.batch_size), f"aug {aug}", *args.set])
+                    out = Path(tmp) / "out" / f"{fmt}-{aug}"
+                    shape = {"model": args.model, "batch": args.batch_size, "epochs": args.epochs}
+                    r = train_run(data[fmt], out, **shape, aug=aug, device=device.type, seed=0, sets=args.set)
+                    results["train"][key] = r
+                    print(key, json.dumps(r), file=sys.stderr, flush=True)
+                    save()
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
