@@ -126,7 +126,7 @@ def write_datasets(root: Path, count: int, size: int, source: tuple[int, int], w
     make = functools.partial(_sample, folder=folder, size=size, source=source)
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            samples = pool.map(make, range(count), chunksize=64)
+            samples = pool.map(make, range(count), chunksize=max(1, min(64, count // (4 * workers))))
     else:
         samples = [make(i) for i in range(count)]
     rows: dict[str, list[dict]] = {"raw": [s[0] for s in samples], "jpeg": [s[1] for s in samples]}

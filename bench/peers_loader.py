@@ -39,6 +39,7 @@ IMGPIPE_RAW, IMGPIPE_JPEG = "imgpipe raw", "imgpipe jpeg"
 IMGPIPE_RAW_THREADS, IMGPIPE_JPEG_THREADS = "imgpipe raw, threads", "imgpipe jpeg, threads"
 # The loader as a train step with its defaults builds it (TrainConfig().loader: loader_engine auto,
 # the row cache a quarter of the memory the process may use): the rows the targets apply to.
+# (auto is threads here: the processes of resolve_engine's GPU rule need CUDA and CPU augmentation.)
 IMGPIPE_RAW_DEFAULTS, IMGPIPE_JPEG_DEFAULTS = "imgpipe raw, defaults", "imgpipe jpeg, defaults"
 IMGPIPE = {
     IMGPIPE_RAW: ("raw", "processes"),

@@ -68,3 +68,16 @@ def test_on_cuda_the_queued_work_is_drained_before_nvjpeg_is_called(monkeypatch)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
 def test_nvjpeg_decode_never_overwrites_memory_queued_kernels_still_read():
     assert corrupted_reads(lambda jpegs: decode_jpeg_batch(jpegs, 3, "cuda")) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+def test_the_harness_sees_the_hazard_where_the_gpu_has_it():
+    """The negative control: on GPUs with nvJPEG's hardware engine (A100, H100, H200, B200: compute
+    capability 8.0, 9.0, 10.0) torchvision's decode alone corrupts the queued reads (39 of 40 on an
+    H200), so the test above is not passing for want of a hazard. Should torchvision order its
+    writes one day, this fails there: decode_jpeg_batch's drain can then go."""
+    from torchvision.io import decode_jpeg
+
+    if torch.cuda.get_device_capability() not in {(8, 0), (9, 0), (10, 0)}:
+        pytest.skip("no hardware JPEG engine on this GPU: nvJPEG's software path orders its writes")
+    assert corrupted_reads(lambda jpegs: decode_jpeg(list(jpegs), device="cuda")) > 0

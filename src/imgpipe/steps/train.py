@@ -341,7 +341,7 @@ def _final_evaluations(run: TrainingRun) -> tuple[dict[str, Any], dict[str, Eval
     if run.test_info is None:
         return {}, with_rows
     decode = "cuda" if run.train_loader.decode_on_device else "cpu"
-    loader = eval_loader(run.cfg, run.test_info, run.image_size, decode, run.ctx, persistent=False)
+    loader = eval_loader(run.cfg, run.test_info, run.image_size, decode, run.ctx, persistent=False, engine=run.eval_engine)
     with_rows["test"] = _evaluate_split(run, loader, keep_rows=True)
     out = {"test": with_rows["test"].to_dict(run.labels)}
     flips = tta_flip_dims(bool(run.cfg.hflip), bool(run.cfg.vflip))

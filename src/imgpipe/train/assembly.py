@@ -102,13 +102,18 @@ def eval_transform(info: SplitInfo, size: int) -> SampleTransform:
     return build_eval_transform(size, info.channels, resize_to=resize_to)
 
 
-def eval_loader(cfg: TrainConfig, info: SplitInfo, size: int, decode: str, ctx: DistInfo, persistent: bool) -> ImageLoader:
-    """Evaluation order; the resize/centre-crop runs in the workers unless the device decodes."""
+def eval_loader(cfg: TrainConfig, info: SplitInfo, size: int, decode: str, ctx: DistInfo, persistent: bool, engine: str | None = None) -> ImageLoader:
+    """Evaluation order; the resize/centre-crop runs in the workers unless the device decodes.
+
+    ``engine``: the workers' engine where it is not ``cfg``'s (a run's resolved ``cfg`` records
+    its training loader's, which the GPU rule of ``resolve_engine`` may have made processes).
+    """
     on_device = info.format == "jpeg" and decode == "cuda" and not info.whole
     identity = not info.whole and (info.height, info.width) == (size, size)
+    settings = cfg.loader(shuffle=False, persistent=persistent)
     return ImageLoader(
         info,
-        cfg.loader(shuffle=False, persistent=persistent),
+        settings if engine is None else dataclasses.replace(settings, engine=engine),
         transform=None if identity or on_device else eval_transform(info, size),
         decode_device="cpu" if info.whole else decode,
         rank=ctx.rank,
@@ -272,6 +277,7 @@ def build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Ma
         mixer=MixupCutmix(len(labels), cfg.mixup, cfg.cutmix, cfg.label_smoothing, switch_prob=cfg.mixup_switch_prob, prob=cfg.mixup_prob),
         train_loader=train_loader,
         val_loader=val_loader,
+        eval_engine=cfg.loader(shuffle=False).engine,
         steps_per_epoch=steps,
         norm=norm,
         head=head,

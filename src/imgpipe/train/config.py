@@ -235,7 +235,7 @@ class TrainConfig:
         loader_engine: The loader's workers: DataLoader worker ``processes``, ``threads``
             in the training process (the same batches either way; see :class:`LoaderConfig`),
             or ``auto``: :func:`imgpipe.train.loader_config.resolve_engine`'s choice, by measurement (docs/benchmarks.md,
-            "The train step by loader engine and row cache").
+            "The train step by loader engine and row cache", and "GPU": processes where the workers augment for CUDA).
         loader_cache_gb: Memory, in GiB, for keeping the training rows read in the first
             epoch, so that later epochs neither copy them out of Parquet nor download them
             again (``LoaderConfig.cache_bytes``; 0: none). Unset: :data:`imgpipe.train.loader_config.AUTO_CACHE_FRACTION`

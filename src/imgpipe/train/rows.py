@@ -216,7 +216,7 @@ def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torc
     last training step's) still read: without the barrier those kernels read pixels, and
     training turned NaN within three steps on an H200 (docs/benchmarks.md, "GPU"; the
     same report upstream: pytorch/vision#9606, meta-pytorch/torchcodec#1634). The cost is
-    that the decode no longer overlaps the previous step (measured there).
+    that the decode no longer overlaps the previous step (not measured apart from the decode).
 
     Raises:
         ValueError: If the images differ in size (resize makes them equal; mixing

@@ -50,6 +50,8 @@ class TrainingRun:
         model: What the training step calls (the DDP wrapper under DDP).
         module: The bare model (evaluation, checkpoints, ``model.pt``).
         steps_per_epoch: Planned optimizer steps of each epoch (same on every rank).
+        eval_engine: The evaluation loaders' engine: ``loader_engine`` as set, where ``auto``
+            is threads whatever the training loader's became (``cfg`` records that one).
         history: One metrics record per finished epoch.
         start_epoch: First epoch this invocation trains (after a resume, the next one).
         attempt: The output claim's attempt id (main rank), for the commit.
@@ -94,6 +96,7 @@ class TrainingRun:
     train_loader: ImageLoader
     val_loader: ImageLoader | None
     steps_per_epoch: list[int]
+    eval_engine: str = "threads"
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
     start_step: int = 0
