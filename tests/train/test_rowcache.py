@@ -143,3 +143,17 @@ def test_auto_engine_is_processes_only_where_the_workers_augment_for_a_gpu():
     assert train_loader_config(cfg, 64, 1).engine == "threads"
     assert train_loader_config(cfg, 64, 1, feeds_gpu_per_sample=True).engine == "processes"
     assert cfg.loader(shuffle=False).engine == "threads"
+
+
+def test_evaluation_loaders_keep_the_engine_as_set_when_training_got_processes(data):
+    """A run's resolved config records its training loader's engine; the test split's loader takes
+    ``TrainingRun.eval_engine`` (auto: threads) instead of those processes."""
+    from imgpipe.train.assembly import eval_loader
+    from imgpipe.train.distributed import DistInfo
+
+    info = describe_split(data, "train")
+    resolved = TrainConfig(batch_size=8, num_workers=2, loader_engine="processes")
+    ctx = DistInfo(rank=0, world_size=1, local_rank=0)
+    assert eval_loader(resolved, info, 16, "cpu", ctx, persistent=False).cfg.engine == "processes"
+    loader = eval_loader(resolved, info, 16, "cpu", ctx, persistent=False, engine=TrainConfig().loader(shuffle=False).engine)
+    assert loader.cfg.engine == "threads"
