@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 
 import pyarrow as pa
@@ -388,3 +389,33 @@ def test_hf_features_survive_a_committed_parquet_file_byte_for_byte(tmp_path):
 def test_hf_features_refuse_what_datasets_would_ignore_or_reject(schema, classes, error, message):
     with pytest.raises(error, match=message):
         parquet.with_hf_features(schema, classes)
+
+
+def test_a_claim_killed_while_it_deletes_leaves_the_prefix_to_the_same_step(any_root, monkeypatch):
+    """``make test-faults`` once killed a rerun mid-delete: the owner marker was gone, the old files
+    were not, and the next attempt refused the prefix as foreign. The marker is now never deleted."""
+    dest = storage.join(any_root, "out")
+    done = _one_file_output(dest, 1)
+    done.commit(inputs=3, rejects=[], config={})
+    real_many, real_one = storage.delete_many, storage.delete
+
+    class Killed(BaseException):
+        pass
+
+    def cut_off(uris):  # the first object goes, then the process is killed
+        if uris:
+            real_one(sorted(uris)[0])
+        raise Killed
+
+    def prefix_cut_off(prefix):
+        cut_off([o.uri for o in storage.list_objects(prefix)])
+
+    monkeypatch.setattr(storage, "delete_many", cut_off)
+    monkeypatch.setattr(storage, "delete_prefix", prefix_cut_off)
+    with pytest.raises(Killed):
+        OutputWriter(dest, "demo").begin()
+    monkeypatch.setattr(storage, "delete_many", real_many)
+    assert storage.list_objects(dest), "the kill left files behind"
+    again = _one_file_output(dest, 2)  # taken over, not refused
+    again.commit(inputs=3, rejects=[], config={})
+    assert pq.read_table(io.BytesIO(storage.read_bytes(storage.join(dest, "part-00000.parquet")))).column("x").to_pylist() == [2, 2, 2]

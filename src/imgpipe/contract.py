@@ -446,9 +446,12 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
     ``/`` and shallow prefixes (:func:`check_destination`).
 
     Order: the ``_SUCCESS`` marker goes first (readers refuse the prefix from then on),
-    then everything but ``keep``, then the owner marker is written with a new attempt
-    id. The newest claim wins: an older attempt still writing finds out at
-    :func:`publish` and stops.
+    then everything but ``keep`` and the owner marker, then the owner marker is written
+    over with a new attempt id. The marker is never deleted: a claim killed while it
+    deletes (a pod killed, a bulk delete cut off) leaves the prefix still marked as this
+    step's, so the next attempt takes it over instead of refusing it as foreign (seen in
+    ``make test-faults``, a kill -9 during a rerun's claim). The newest claim wins: an
+    older attempt still writing finds out at :func:`publish` and stops.
 
     Args:
         dest: The output prefix.
@@ -482,11 +485,9 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
         )
     storage.delete(dest_uri(dest, SUCCESS))
     storage.delete(dest_uri(dest, LEGACY_NAMES[SUCCESS]))  # an earlier version's output
-    kept = {dest_uri(dest, name) for name in keep}
-    if kept:
-        storage.delete_many([obj.uri for obj in present if obj.uri not in kept])
-    elif present:
-        storage.delete_prefix(dest)
+    markers = {dest_uri(dest, OWNER), dest_uri(dest, LEGACY_NAMES[OWNER])}
+    kept = {dest_uri(dest, name) for name in keep} | markers
+    storage.delete_many([obj.uri for obj in present if obj.uri not in kept])
     attempt = uuid.uuid4().hex
     marker = {
         "step": step,
@@ -497,6 +498,7 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
         "started_at": _now(),
     }
     storage.write_bytes(dest_uri(dest, OWNER), json.dumps(marker).encode())
+    storage.delete(dest_uri(dest, LEGACY_NAMES[OWNER]))  # an earlier version's marker, once the new one is there
     return attempt
 
 
