@@ -31,8 +31,6 @@ import functools
 import io
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loader import write_datasets  # noqa: E402
+from train_step import run_config  # noqa: E402
 
 # A cold `imgpipe train` whose exports are skipped (not timed; they follow training).
 TRAIN_CHILD = """
@@ -60,37 +59,6 @@ sys.exit(main(sys.argv[1:]))
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def train_run(data: str, out: Path, *, model: str, batch: int, epochs: int, aug: str, device: str, seed: int, sets: list[str]) -> dict[str, Any]:
-    """One cold ``imgpipe train``: warm images/s and data wait from its ``metrics.json``."""
-    cmd = [sys.executable, "-c", TRAIN_CHILD, "train", data, str(out), "--model", model, "--epochs", str(epochs)]
-    cmd += ["--batch-size", str(batch), "--device", device, "--seed", str(seed)]
-    if aug != "default":
-        cmd += ["--set", f"aug_device={aug}"]
-    for setting in sets:
-        cmd += ["--set", setting]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        return {"error": "\n".join(done.stderr.strip().splitlines()[-15:])}
-    metrics = json.loads((out / "metrics.json").read_text())
-    config = (out / "__imgpipe__" / "config.yaml").read_text()
-    epochs_ = metrics["epochs"]
-    warm = epochs_[1:] or epochs_
-    return {
-        "wall_s": round(wall, 2),
-        "first_epoch_s": epochs_[0]["seconds"],
-        "warm_img_s": round(statistics.median(e["images_per_s"] for e in warm), 1),
-        "data_wait": round(statistics.median(e["data_wait_fraction"] for e in warm), 4),
-        "first_data_wait": round(epochs_[0]["data_wait_fraction"], 4),
-        "resolved": {
-            k: v
-            for k, v in (line.split(": ", 1) for line in config.splitlines() if ": " in line)
-            if k in ("aug_device", "loader_engine", "loader_cache_gb", "num_workers", "amp", "channels_last", "aug_policy", "recipe")
-        },
-    }
 
 
 def augment_rate(device: torch.device, batch: int, size: int, iters: int) -> dict[str, float]:
@@ -268,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                 for aug in args.augs.split(","):
                     key = " | ".join([fmt, args.model, str(args.batch_size), f"aug {aug}", *args.set])
                     out = Path(tmp) / "out" / f"{fmt}-{aug}"
-                    shape = {"model": args.model, "batch": args.batch_size, "epochs": args.epochs}
-                    r = train_run(data[fmt], out, **shape, aug=aug, device=device.type, seed=0, sets=args.set)
+                    sets = ([] if aug == "default" else [f"aug_device={aug}"]) + args.set
+                    shape = {"model": args.model, "batch": args.batch_size, "epochs": args.epochs, "seed": 0}
+                    r = run_config(data[fmt], out, **shape, device=device.type, sets=sets, launcher=[sys.executable, "-c", TRAIN_CHILD])
                     results["train"][key] = r
                     print(key, json.dumps(r), file=sys.stderr, flush=True)
                     save()

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +37,42 @@ IMGPIPE = Path(sys.executable).with_name("imgpipe")
 CACHE_GB = 2.0
 
 
-def run_config(data: str, out: Path, *, model: str, batch: int, engine: str, cache: float | None, epochs: int, seed: int) -> dict[str, Any]:
-    cmd = [str(IMGPIPE), "train", data, str(out), "--model", model, "--epochs", str(epochs), "--batch-size", str(batch)]
-    cmd += ["--device", "cpu", "--seed", str(seed)]
+# What each run's config.yaml settled "auto" and the unset fields to (recorded beside its figures).
+RESOLVED_KEYS = ("loader_engine", "loader_cache_gb", "num_workers", "aug_device", "amp", "channels_last", "aug_policy", "recipe")
+
+
+def run_config(
+    data: str,
+    out: Path,
+    *,
+    model: str,
+    batch: int,
+    engine: str = "default",
+    cache: float | None = None,
+    epochs: int,
+    seed: int,
+    device: str = "cpu",
+    sets: Sequence[str] = (),
+    launcher: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """One cold ``imgpipe train`` (``launcher`` + ``train ...``; default: the ``imgpipe`` command) and its figures.
+
+    The epochs after the first (warm) give images/s, optimizer steps/s and the data-wait
+    fraction, from ``metrics.json``; ``sets`` are more ``--set KEY=VALUE``.
+    """
+    cmd = [*(launcher or [str(IMGPIPE)]), "train", data, str(out), "--model", model, "--epochs", str(epochs), "--batch-size", str(batch)]
+    cmd += ["--device", device, "--seed", str(seed)]
     if engine != "default":
         cmd += ["--set", f"loader_engine={engine}"]
     if cache is not None:
         cmd += ["--set", f"loader_cache_gb={cache}"]
+    for setting in sets:
+        cmd += ["--set", setting]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        return {"error": "\n".join(done.stderr.strip().splitlines()[-15:]) or "?"}
     metrics = json.loads((out / "metrics.json").read_text())
     config = (out / "__imgpipe__" / "config.yaml").read_text()
     epochs_ = metrics["epochs"]
@@ -60,11 +85,7 @@ def run_config(data: str, out: Path, *, model: str, batch: int, engine: str, cac
         "warm_steps_s": round(img_s / batch, 3),
         "data_wait": round(statistics.median(e["data_wait_fraction"] for e in warm), 4),
         "first_data_wait": round(epochs_[0]["data_wait_fraction"], 4),
-        "resolved": {
-            k: v
-            for k, v in (line.split(": ", 1) for line in config.splitlines() if ": " in line)
-            if k in ("loader_engine", "loader_cache_gb", "num_workers")
-        },
+        "resolved": {k: v for k, v in (line.split(": ", 1) for line in config.splitlines() if ": " in line) if k in RESOLVED_KEYS},
     }
 
 
