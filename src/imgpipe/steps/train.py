@@ -45,6 +45,7 @@ from imgpipe.train.loader import ImageLoader
 from imgpipe.train.models import (
     set_trainable,
 )
+from imgpipe.train.norm_stats import norm_layers, recompute
 from imgpipe.train.outputs import (
     check_locations,
     start_output,
@@ -237,9 +238,43 @@ def _evaluate_split(
 # The step.
 
 
+def _recompute_norm_stats(run: TrainingRun) -> int:
+    """``precise_bn``: the training batch-norm layers' statistics (the model's, its EMA's) from train images in the evaluation view.
+
+    Returns the images measured on this rank (0: off, or no batch-norm layer trains).
+    """
+    names = [name for name, _ in norm_layers(run.module)]  # right after an epoch: the layers that trained
+    if not run.cfg.precise_bn or not names:
+        return 0
+    if run.stats_loader is None:
+        decode = "cuda" if run.train_loader.decode_on_device else "cpu"
+        run.stats_loader = eval_loader(run.cfg, run.train_info, run.image_size, decode, run.ctx, run.cfg.persistent_workers, engine=run.eval_engine)
+    loader, images = run.stats_loader, -(-run.cfg.precise_bn // run.ctx.world_size)
+
+    def batches() -> Iterator[torch.Tensor]:
+        loader.set_epoch(0)
+        rows = iter(loader)
+        try:
+            for batch in rows:
+                yield _prepare_eval_batch(run, loader, batch)[0]
+        finally:
+            rows.close()  # type: ignore[attr-defined]
+
+    seen = 0
+    for module in (run.module, *((run.ema.module,) if run.ema is not None else ())):
+        source = batches()
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.eval_amp):  # as evaluation runs
+            seen = recompute(module, source, images, run.ctx, names=names)
+        source.close()
+    return seen
+
+
 def _validate(run: TrainingRun, epoch: int, record: dict[str, Any]) -> None:
     """Validates the model (and its EMA) after ``epoch`` into ``record``; keeps the weights if they are the best yet."""
     assert run.val_loader is not None
+    measured = _recompute_norm_stats(run)
+    if measured:
+        record["precise_bn_images"] = measured
     val = _evaluate_split(run, run.val_loader)
     record.update(val_keys(val, run.labels))
     event = DivergenceGuard.validation(val.loss, epoch=epoch, step=run.steps_per_epoch[epoch] - 1, lr=run.scheduler.get_last_lr()[0])

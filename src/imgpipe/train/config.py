@@ -283,6 +283,9 @@ class TrainConfig:
             ranks, ``ema_steps`` and epochs); it is validated every epoch and kept when it
             scores better. 0 disables.
         ema_steps: Optimizer steps between EMA updates (``--model-ema-steps``).
+        precise_bn: Before each validation, recompute the batch-norm statistics over this many
+            train images in the evaluation view, unmixed (:mod:`imgpipe.train.norm_stats`);
+            0 evaluates with the running averages of the training batches.
         class_weights: ``balanced`` weighs each class's loss by ``N / (classes x n_class)`` of
             the train split (scikit-learn's "balanced"; a sample's mean weight is 1), so rare
             classes count as much as common ones; ``none`` weighs every image alike.
@@ -367,6 +370,7 @@ class TrainConfig:
     patience: int | None = None
     ema_decay: float = 0.0
     ema_steps: int = 32
+    precise_bn: int = 2048
     class_weights: Literal["none", "balanced"] = "none"
     predictions_probs: bool = False
     max_steps_per_epoch: int | None = None
@@ -419,6 +423,7 @@ class TrainConfig:
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"class_weights must be none or balanced, got {self.class_weights!r}")
         check_range("ema_steps", self.ema_steps, 1, integer=True)
+        check_range("precise_bn", self.precise_bn, 0, integer=True, note="train images; 0 keeps the running averages")
         if self.max_steps_per_epoch is not None:
             check_range("max_steps_per_epoch", self.max_steps_per_epoch, 1, integer=True, note="or unset")
         if self.image_size is not None:

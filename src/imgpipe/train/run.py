@@ -74,6 +74,7 @@ class TrainingRun:
         divergence: The divergences seen and what was done about them.
         started_at: Unix time the step started (each epoch's ``elapsed_s`` counts from it).
         resumed_from: The epoch a ``--resume`` continued at (0: none).
+        stats_loader: The train split in the evaluation view, for ``precise_bn`` (made at the first validation).
     """
 
     data: str
@@ -118,6 +119,7 @@ class TrainingRun:
     divergence: DivergenceRecord = field(default_factory=DivergenceRecord)
     started_at: float = 0.0
     resumed_from: int = 0
+    stats_loader: ImageLoader | None = None
 
     def trainable(self, epoch: int) -> frozenset[str] | None:
         """The parameters that train in ``epoch`` (the head and the unfrozen blocks), ``None`` for all."""
