@@ -9,7 +9,9 @@ blends and the policy distorts, while evaluation sees plain pictures. Wu and Joh
 population statistics with the weights frozen; FixRes (Touvron et al., 2019) adapts
 them to the evaluation view for the second. :func:`recompute` does both: it averages the
 statistics of up to ``images`` train images, in the evaluation view, unmixed, with equal
-weight per batch (the layers' cumulative average, ``momentum=None``).
+weight per batch (the layers' cumulative average, ``momentum=None``). The images are the
+first of the train split in stored order, which clean shuffled (a seeded permutation, so
+every class is there in its share), and the same every epoch.
 
 Only the layers that train are recomputed: a frozen block's layers stay in evaluation
 mode with their pretrained statistics (:func:`imgpipe.train.models.set_trainable`); the
