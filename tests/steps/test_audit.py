@@ -51,6 +51,10 @@ def audited(tmp_path_factory):
         cutmix=0.0,
         aug_policy="none",
         predictions_probs=True,
+        # The fold trainings as they were when the recall bound below was set. With precise BN
+        # the toy's recall over AuditConfig seeds 1-4 was 3, 3, 3, 5 of 6 against 6, 3, 2, 4
+        # without: no worse in the mean, but seed 1 keeps another epoch (the earliest of equal ones).
+        precise_bn=0,
     )
     models = []
     with pytest.MonkeyPatch.context() as mp:  # the folds' exports are not what the audit reads
@@ -80,6 +84,30 @@ def test_folds_partition_the_train_split_stratified():
 
 def _paths(files: list[str], split: str) -> list[str]:
     return [p for u in files if f"/{split}/" in u for p in pq.read_table(io.BytesIO(storage.read_bytes(u))).column("path").to_pylist()]
+
+
+def test_a_fold_whose_file_starts_with_an_empty_row_group_is_read(tmp_path):
+    """The folds keep the source's row groups, empty ones too (valid Parquet): a split is read from the first that has rows."""
+    from imgpipe.train.partition import describe_split
+
+    data = write_resize_output(
+        "file://" + str(tmp_path / "resize"),
+        counts={"train": 96, "val": 8, "test": 8},
+        size=16,
+        mislabel=lambda split, i: split == "train" and i in FLIPPED,
+    )
+    folds = make_folds(data, "file://" + str(tmp_path / "folds"), AuditConfig(folds=2, seed=2))
+    empty_first = [
+        uri
+        for fold in folds
+        for uri in contract.data_files(fold, contract.read_manifest(fold, expect_step="resize"))
+        if pq.ParquetFile(io.BytesIO(storage.read_bytes(uri))).metadata.row_group(0).num_rows == 0
+    ]
+    assert empty_first, "the case: files that start with an empty row group"
+    for fold in folds:
+        for split in ("train", "val", "test"):
+            info = describe_split(fold, split)
+            assert (info.height, info.width, info.channels) == (16, 16, 3) and info.num_samples > 0
 
 
 def test_each_train_image_is_held_out_exactly_once(audited):

@@ -247,15 +247,17 @@ def describe_split(data: str, split: str, manifest: Mapping[str, Any] | None = N
             if file_fmt is None or (fmt is not None and file_fmt != fmt):
                 raise ValueError(f"{uri} has neither a 'pixels' nor an 'image' column, or mixes formats")
             fmt = file_fmt
-            if geometry is None and pf.metadata.num_rows:
-                first = pf.read_row_group(0, columns=["height", "width", "channels"]).slice(0, 1).to_pylist()[0]
-                geometry = (int(first["height"]), int(first["width"]), int(first["channels"]))
             for rg in range(pf.metadata.num_row_groups):
                 rows = pf.metadata.row_group(rg).num_rows
-                if rows:
-                    groups.append(RowGroup(uri, rg, rows, first_index))
-                    first_index += rows
-    assert fmt is not None and geometry is not None
+                if not rows:  # valid Parquet (the audit's folds write them): nothing to read
+                    continue
+                if geometry is None:
+                    first = pf.read_row_group(rg, columns=["height", "width", "channels"]).slice(0, 1).to_pylist()[0]
+                    geometry = (int(first["height"]), int(first["width"]), int(first["channels"]))
+                groups.append(RowGroup(uri, rg, rows, first_index))
+                first_index += rows
+    if fmt is None or geometry is None:
+        raise ValueError(f"{data}: the {split} split's files hold no rows, although its manifest counts some; the output is damaged: make it again")
     extra = manifest.get("extra") or {}
     whole = (extra.get("split_modes") or {}).get(split, extra.get("mode")) == "whole"
     # The split's geometry is what resize declared, not what a (possibly forged) first row says.
