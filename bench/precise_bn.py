@@ -31,12 +31,13 @@ IMGPIPE = Path(sys.executable).with_name("imgpipe")
 def _models(out: Path, labels: list[str]) -> dict[str, Any]:
     import torch
 
+    from imgpipe.train.checkpoint import CHECKPOINT
     from imgpipe.train.models import build_model
     from imgpipe.train.saved import load_saved_model
 
     kept, card = load_saved_model("file://" + str(out), labels)
     last = build_model(card["architecture"], card["num_classes"], card["input"]["channels"])
-    last.load_state_dict(torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+    last.load_state_dict(torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)["model"])
     return {"kept": kept, "last": last.eval(), "card": card}
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from imgpipe import contract, storage
 from imgpipe.steps.train import train
+from imgpipe.train.checkpoint import CHECKPOINT
 from imgpipe.train.config import TrainConfig
 from imgpipe.train.distributed import DistInfo
 from imgpipe.train.norm_stats import norm_layers, recompute
@@ -125,6 +126,18 @@ def test_each_validation_follows_a_recompute_and_the_kept_model_carries_it(tmp_p
     kept = torch.load(tmp_path / "train" / contract.MODEL, weights_only=True)["model"]
     tracked = {k: int(v) for k, v in kept.items() if k.endswith("num_batches_tracked")}
     assert tracked and all(v > 0 for v in tracked.values()), "the training count is kept, not the recompute's"
+
+
+def test_without_a_validation_split_the_last_weights_ship_measured(tmp_path):
+    """No val split: no epoch is validated, and the shipped weights still get the statistics measured (the checkpoint keeps the running ones)."""
+    data = write_resize_output(str(tmp_path / "resize"), counts={"train": 24, "test": 8})
+    out = str(tmp_path / "train")
+    train(data, out, _tiny(precise_bn=1024))
+    shipped = torch.load(tmp_path / "train" / contract.MODEL, weights_only=True)["model"]
+    last = torch.load(tmp_path / "train" / CHECKPOINT, weights_only=False)["model"]
+    means = [k for k in shipped if k.endswith("running_mean")]
+    assert means and torch.equal(shipped[means[0].replace("running_mean", "weight")], last[means[0].replace("running_mean", "weight")])
+    assert all(not torch.equal(shipped[k], last[k]) for k in means), "the same weights, other statistics"
 
 
 def test_off_it_leaves_the_running_averages(tmp_path):

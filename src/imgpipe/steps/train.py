@@ -338,6 +338,8 @@ def _fit(run: TrainingRun) -> int:
         epoch += 1
     if run.best_state is not None:
         run.module.load_state_dict(run.best_state)
+    elif ran and run.val_loader is None:  # no validation: the last weights ship, with their statistics measured
+        _recompute_norm_stats(run)
     return ran
 
 
