@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imgpipe.train import policies  # noqa: E402
 from imgpipe.train.augment import IMAGENET, BatchAugment  # noqa: E402
+from imgpipe.train.augment_config import AugmentConfig  # noqa: E402
 from imgpipe.train.augment_cpu import build_train_transform  # noqa: E402
-from imgpipe.train.config import AugmentConfig  # noqa: E402
 from imgpipe.train.policy_cpu import apply_op as cpu_op  # noqa: E402
 from imgpipe.train.policy_gpu import apply_op as gpu_op  # noqa: E402
 

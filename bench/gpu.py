@@ -64,7 +64,7 @@ def _sync(device: torch.device) -> None:
 def augment_rate(device: torch.device, batch: int, size: int, iters: int) -> dict[str, float]:
     """Images/s of BatchAugment on uint8 batches already on ``device``: the defaults and RandAugment."""
     from imgpipe.train.augment import BatchAugment
-    from imgpipe.train.config import AugmentConfig
+    from imgpipe.train.augment_config import AugmentConfig
 
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     rates = {}

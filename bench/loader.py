@@ -56,7 +56,7 @@ import torch
 from PIL import Image
 
 from imgpipe import contract, resources, storage
-from imgpipe.train.config import AugmentConfig
+from imgpipe.train.augment_config import AugmentConfig
 
 # What a pipeline needs is imported where it is built, so that a --child process (the cold
 # figure) imports what a pod running that pipeline would, and nothing for the others.

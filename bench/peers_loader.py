@@ -248,8 +248,8 @@ def imgpipe_loader(data: str, batch_size: int, workers: int, engine: str = "proc
     ``defaults`` is what ``TrainConfig`` gives a run that sets neither (``loader_engine`` auto,
     ``loader_cache_gb`` unset), at the same batch and workers.
     """
+    from imgpipe.train.augment_config import AugmentConfig
     from imgpipe.train.augment_cpu import build_train_transform
-    from imgpipe.train.config import AugmentConfig
     from imgpipe.train.loader import ImageLoader
     from imgpipe.train.loader_config import LoaderConfig
     from imgpipe.train.partition import describe_split

@@ -173,7 +173,7 @@ def _step_configs() -> list[type]:
     from imgpipe.steps.compare import CompareConfig
     from imgpipe.steps.predict import PredictConfig
     from imgpipe.steps.promote import PromoteConfig
-    from imgpipe.train.config import AugmentConfig
+    from imgpipe.train.augment_config import AugmentConfig
     from imgpipe.train.loader_config import LoaderConfig
 
     extra = [AugmentConfig, LoaderConfig, ResizeSpec, PredictConfig, PromoteConfig, CompareConfig, AuditConfig]

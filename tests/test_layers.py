@@ -55,7 +55,7 @@ MIDDLE = {
     "serving",
     "sweep",
 }
-TOP = {"cli", "kfp", "remote", "containers", "components", "pipelines"}
+TOP = {"cli", "cli_args", "kfp", "remote", "containers", "components", "pipelines"}
 RANK = {**{m: 0 for m in LOW}, **{m: 1 for m in MIDDLE}, **{m: 2 for m in TOP}}
 
 

@@ -256,7 +256,8 @@ def test_branch_prefixes_come_from_the_collected_artifacts_and_match_the_plan():
 def test_every_augmentation_field_is_in_the_winners_recipe():
     from dataclasses import fields
 
-    from imgpipe.train.config import AugmentConfig, TrainConfig
+    from imgpipe.train.augment_config import AugmentConfig
+    from imgpipe.train.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     augment = {"aug_policy" if f.name == "policy" else f.name for f in fields(AugmentConfig)}

@@ -67,19 +67,17 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _param_flag(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--param KEY=VALUE``, repeatable: a pipeline parameter."""
+    p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def _kfp_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="KFP API endpoint (default $KF_PIPELINES_ENDPOINT)")
     p.add_argument("--experiment", help="experiment name (default $IMGPIPE_EXPERIMENT, else imgpipe)")
     p.add_argument("--namespace", help="Kubeflow profile namespace (default $IMGPIPE_KFP_NAMESPACE)")
     p.add_argument("--service-account", help="service account of the run's pods (default $IMGPIPE_SERVICE_ACCOUNT)")
-    p.add_argument(
-        "--param",
-        dest="params",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="pipeline parameter (repeatable), e.g. --param data_root=s3://bucket/imgpipe",
-    )
+    _param_flag(p, "pipeline parameter (repeatable), e.g. --param data_root=s3://bucket/imgpipe")
     p.add_argument(
         "--params-from-env",
         action="store_true",
@@ -109,14 +107,7 @@ def _local_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, help="sample dataset breeds (default 12)")
     p.add_argument("--per-class", type=int, help="sample dataset images per breed (default 60)")
     p.add_argument("--shards", type=int, help="download and clean as this many shard tasks and a merge (default 1)")
-    p.add_argument(
-        "--param",
-        dest="params",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="pipeline parameter over the local defaults (repeatable), e.g. --param epochs=1",
-    )
+    _param_flag(p, "pipeline parameter over the local defaults (repeatable), e.g. --param epochs=1")
     p.add_argument(
         "--runner",
         choices=["subprocess", "docker"],

@@ -21,7 +21,8 @@ from typing import Any
 from imgpipe import config, storage
 from imgpipe.config import coerce, read_config_file
 from imgpipe.train import recipes
-from imgpipe.train.config import AugmentConfig, TrainConfig
+from imgpipe.train.augment_config import AugmentConfig
+from imgpipe.train.config import TrainConfig
 
 __all__ = [
     "SWEEP_PIPELINE_NAME",

@@ -24,8 +24,9 @@ from imgpipe.report.training import html_report
 from imgpipe.steps import train as train_mod
 from imgpipe.steps.train import train
 from imgpipe.train import assembly
+from imgpipe.train.augment_config import AugmentConfig
 from imgpipe.train.checkpoint import CHECKPOINT, load_checkpoint
-from imgpipe.train.config import AugmentConfig, TrainConfig
+from imgpipe.train.config import TrainConfig
 from imgpipe.train.models import build_model, extract_state_dict, load_weights
 from imgpipe.train.optim import lr_factor
 from imgpipe.train.recipes import resolve as resolve_recipe

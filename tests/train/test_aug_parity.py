@@ -17,8 +17,9 @@ from torchvision.transforms import v2
 
 from imgpipe.train import policies
 from imgpipe.train.augment import IMAGENET, BatchAugment
+from imgpipe.train.augment_config import AugmentConfig
 from imgpipe.train.augment_cpu import build_train_transform
-from imgpipe.train.config import AugmentConfig, TrainConfig
+from imgpipe.train.config import TrainConfig
 from imgpipe.train.policies import PolicyLimits, PolicySpec, draw, magnitude_table
 from imgpipe.train.policy_cpu import apply_op as cpu_op
 from imgpipe.train.policy_gpu import apply_op as gpu_op

@@ -22,12 +22,12 @@ from imgpipe.train.augment import (
     step_generator,
     step_seed,
 )
+from imgpipe.train.augment_config import POLICIES, AugmentConfig
 from imgpipe.train.augment_cpu import (
     SampleTransform,
     build_eval_transform,
     build_train_transform,
 )
-from imgpipe.train.config import POLICIES, AugmentConfig
 from imgpipe.train.partition import sample_seed
 from imgpipe.train.policies import PolicySpec
 

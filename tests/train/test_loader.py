@@ -17,8 +17,8 @@ from PIL import Image
 
 from imgpipe import contract, storage
 from imgpipe.steps.resize import output_schema
+from imgpipe.train.augment_config import AugmentConfig
 from imgpipe.train.augment_cpu import build_train_transform
-from imgpipe.train.config import AugmentConfig
 from imgpipe.train.loader import ImageLoader, ParquetImageDataset
 from imgpipe.train.loader_config import LoaderConfig
 from imgpipe.train.partition import describe_split

@@ -270,7 +270,7 @@ def test_normalize_uses_the_given_statistics():
 
 def test_the_batched_gpu_recipe_normalizes_with_the_given_statistics():
     from imgpipe.train.augment import BatchAugment
-    from imgpipe.train.config import AugmentConfig
+    from imgpipe.train.augment_config import AugmentConfig
 
     norm = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)

@@ -17,8 +17,8 @@ from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from imgpipe.train import rows as rows_mod
+from imgpipe.train.augment_config import AugmentConfig
 from imgpipe.train.augment_cpu import KEEP_FOR_RESIZE, build_crop_transform
-from imgpipe.train.config import AugmentConfig
 from imgpipe.train.loader import ImageLoader
 from imgpipe.train.loader_config import LoaderConfig
 from imgpipe.train.partition import describe_split

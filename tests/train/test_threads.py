@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
+from imgpipe.train.augment_config import AugmentConfig
 from imgpipe.train.augment_cpu import build_train_transform
-from imgpipe.train.config import AugmentConfig
 from imgpipe.train.loader import ImageLoader
 from imgpipe.train.loader_config import LoaderConfig
 from imgpipe.train.partition import describe_split

@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 # The recipe's settings are torch-free (imgpipe.train.config); re-exported here.
-from imgpipe.train.config import AugmentConfig
+from imgpipe.train.augment_config import AugmentConfig
 from imgpipe.train.policies import POLICY_NAMES, PolicyLimits, PolicySpec
 from imgpipe.train.policy_gpu import apply_policy
 

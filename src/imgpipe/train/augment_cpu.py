@@ -41,7 +41,7 @@ from imgpipe.train.augment import (
     _mean_uint8,
     channel_stats,
 )
-from imgpipe.train.config import AugmentConfig
+from imgpipe.train.augment_config import AugmentConfig
 from imgpipe.train.policies import POLICY_NAMES, PolicyLimits, PolicySpec
 from imgpipe.train.policy_cpu import PolicyTransform
 

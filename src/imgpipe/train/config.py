@@ -1,7 +1,7 @@
 """What a training run is, without torch: the train step's settings and the recipes they hold.
 
-:class:`TrainConfig` (the train step) and :class:`AugmentConfig` (its augmentation recipe)
-are plain frozen dataclasses (how a split is streamed, ``LoaderConfig``, is
+:class:`TrainConfig` (the train step) and :class:`~imgpipe.train.augment_config.AugmentConfig`
+(its augmentation recipe, its own module) are plain frozen dataclasses (how a split is streamed, ``LoaderConfig``, is
 :mod:`imgpipe.train.loader_config`'s), apart from the torch code that uses them (:mod:`imgpipe.steps.train`, :mod:`imgpipe.train.augment`,
 :mod:`imgpipe.train.loader`), so that reading a config or compiling the pipeline
 (``imgpipe compile`` in the ``cpu`` image) needs no torch.
@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Literal, get_args
+from typing import ClassVar, Literal
 
 from imgpipe import storage
 from imgpipe.config import check_numbers, check_range
+from imgpipe.train.augment_config import AugmentConfig, Policy
 from imgpipe.train.loader_config import (
     MAX_BATCH,
     MAX_CACHE_GB,
@@ -24,7 +25,6 @@ from imgpipe.train.loader_config import (
     default_cache_bytes,
     resolve_engine,
 )
-from imgpipe.train.policies import MAX_M, MAX_N, PolicyLimits, check_limits
 from imgpipe.train.recipes import (
     BASE,
     DOMAIN_FIELDS,
@@ -37,99 +37,16 @@ from imgpipe.train.recipes import (
 )
 
 __all__ = [
-    "POLICIES",
-    "Policy",
-    "AugmentConfig",
     "TrainConfig",
     "WEIGHTS_CACHE",
     "default_weights_cache",
 ]
 
-Policy = Literal["randaugment", "trivialaugment", "autoaugment", "basic", "none"]
-POLICIES: tuple[str, ...] = get_args(Policy)
 # The pretrained-weights cache's folder: {data_root}/weights in the pipeline, and beside the
 # output prefix of a run that names no cache (imgpipe.train.pretrained has the layout below it).
 WEIGHTS_CACHE = "weights"
 # The most nodes a config may name at all; the operator's cap on a run is lower (remote.trainjob).
 MAX_NODES = 64
-
-
-def check_policy(n: int, m: int, policy: str, limits: PolicyLimits) -> None:
-    """RandAugment's N and M within what the CPU and GPU paths and torchvision all take, and usable limits.
-
-    Raises:
-        ValueError: Naming the field and its range, or the policy a domain leaves empty.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise ValueError(f"randaugment_n must be an integer in [1, {MAX_N}], got {n!r} (for no policy use aug_policy basic)")
-    if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_M:
-        raise ValueError(f"randaugment_m must be an integer in [0, {MAX_M}] (torchvision's magnitude bins), got {m!r}")
-    check_limits(policy, limits)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """The training augmentation recipe (shared by the CPU and GPU paths).
-
-    Attributes:
-        policy: ``randaugment``, ``trivialaugment``, ``autoaugment``, ``basic`` (no
-            policy) or ``none`` (no augmentation).
-        hflip: Random horizontal flips; turn off where mirroring changes the class
-            (text, digits, some medical images).
-        vflip: Random vertical flips (overhead and microscope images, which have no "up").
-        rot90: Random quarter turns (0, 90, 180 or 270 degrees), for the same images.
-        randaugment_n: RandAugment operations per image, 1-4 (no policy: ``basic``).
-        randaugment_m: RandAugment magnitude bin, 0-30 (torchvision's 31 bins).
-        policy_exclude: Policy operations never applied (the domain's; names of
-            :data:`imgpipe.train.policies.ALL_OPS`).
-        policy_max_m: No policy operation stronger than RandAugment's at this bin (0-30;
-            30: no cap), on every policy (:class:`imgpipe.train.policies.PolicyLimits`).
-        color_jitter: Brightness/contrast/saturation strength, applied with probability
-            0.8 (with ``hue``); 0 disables.
-        hue: Hue shift range of the colour jitter, as a fraction of the colour circle
-            (0-0.5); 0 keeps hues, for data where colour is the label.
-        noise_p: Probability of additive Gaussian noise (std 2-8% of the range), as from a sensor.
-        jpeg_p: Probability of re-encoding as a JPEG of quality 40-95, as web images are.
-        grayscale_p: Probability of converting a colour image to grey (kept 3-channel).
-        blur_p: Probability of a Gaussian blur (sigma 0.1-2, kernel ~5% of the side).
-        rotation: Maximum rotation in degrees of the affine (with +-5% translation and
-            scale), applied with probability 0.5; 0 disables.
-        random_erasing: Probability of erasing a random rectangle (filled with the
-            mean colour, i.e. 0 after normalization).
-        crop_scale: Area range of RandomResizedCrop, as fractions of the image.
-    """
-
-    policy: Policy = BASE["aug_policy"]
-    hflip: bool = BASE["hflip"]
-    vflip: bool = BASE["vflip"]
-    rot90: bool = BASE["rot90"]
-    randaugment_n: int = BASE["randaugment_n"]
-    randaugment_m: int = BASE["randaugment_m"]
-    policy_exclude: tuple[str, ...] = BASE["policy_exclude"]
-    policy_max_m: int = BASE["policy_max_m"]
-    color_jitter: float = 0.0  # off under the default policy, as a resolved TrainConfig has it (timm)
-    hue: float = BASE["hue"]
-    noise_p: float = BASE["noise_p"]
-    jpeg_p: float = BASE["jpeg_p"]
-    grayscale_p: float = 0.02
-    blur_p: float = 0.1
-    rotation: float = BASE["rotation"]
-    random_erasing: float = 0.25
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-
-    def __post_init__(self) -> None:
-        check_numbers(self)
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        check_policy(self.randaugment_n, self.randaugment_m, self.policy, PolicyLimits(tuple(self.policy_exclude), self.policy_max_m))
-        for name in ("grayscale_p", "blur_p", "random_erasing", "noise_p", "jpeg_p"):
-            check_range(name, getattr(self, name), 0, 1, note="a probability")
-        check_range("color_jitter", self.color_jitter, 0, 1, note="a strength; 0 disables")
-        check_range("rotation", self.rotation, 0, 180, note="degrees; 0 disables")
-        check_range("hue", self.hue, 0, 0.5, note="a fraction of the colour circle; 0 keeps hues")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
 
 
 def default_weights_cache(out: str) -> str:
