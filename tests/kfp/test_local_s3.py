@@ -201,3 +201,25 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path):
             for sock in (f"/tmp/seaweedfs-{name.split('.')[0]}-grpc-{port}.sock", f"/tmp/seaweedfs-{name.split('.')[0]}-{port}.sock"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(sock)
+
+
+def test_a_weed_shell_that_hangs_is_run_again(tmp_path, monkeypatch):
+    """Seen under load in CI: `weed shell` hung past its timeout while the master came up. The start tries again within its deadline."""
+    import subprocess
+
+    from imgpipe.kfp import local_s3
+
+    tries = tmp_path / "tries"
+    weed = tmp_path / "weed"
+    # The first try hangs; the next ones answer as `s3.configure -apply` does, with the key.
+    weed.write_text(f'#!/bin/sh\necho x >> {tries}\n[ "$(wc -l < {tries})" -gt 1 ] || exec sleep 30\ncat > /dev/null\necho "AK-given applied"\n')
+    weed.chmod(0o755)
+    monkeypatch.setattr(local_s3, "SHELL_TIMEOUT_S", 1.0)
+    server = subprocess.Popen(["sleep", "60"])  # stands for the running server (the loop stops if it dies)
+    try:
+        ports = {"master.port": 1, "master.port.grpc": 2}
+        local_s3._configure_admin(str(weed), "127.0.0.1", ports, S3Identity("admin", "AK-given", "SK"), server, tmp_path / "log")
+    finally:
+        server.kill()
+        server.wait()
+    assert len(tries.read_text().splitlines()) == 2

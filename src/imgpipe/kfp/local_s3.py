@@ -51,6 +51,8 @@ copy_other = 1
 """
 MAX_VOLUMES = 2000
 START_TIMEOUT_S = 60.0
+# One `weed shell` try: a shell started before the master elects itself can hang; it is run again.
+SHELL_TIMEOUT_S = 15.0
 STOP_GRACE_S = 1.0
 _S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
@@ -183,15 +185,19 @@ def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Id
     deadline = time.monotonic() + START_TIMEOUT_S
     last = ""
     while time.monotonic() < deadline and proc.poll() is None:
-        shell = subprocess.run(
-            # host:port.grpcPort, SeaweedFS's form for a gRPC port that is not port + 10000.
-            [weed, "shell", f"-master={host}:{ports['master.port']}.{ports['master.port.grpc']}"],
-            input=command,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        try:
+            shell = subprocess.run(
+                # host:port.grpcPort, SeaweedFS's form for a gRPC port that is not port + 10000.
+                [weed, "shell", f"-master={host}:{ports['master.port']}.{ports['master.port.grpc']}"],
+                input=command,
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, min(SHELL_TIMEOUT_S, deadline - time.monotonic())),
+                check=False,
+            )
+        except subprocess.TimeoutExpired:  # a shell that hangs on a master still electing itself (seen under load): run it again
+            last = f"weed shell did not answer in {SHELL_TIMEOUT_S:g} s"
+            continue
         last = (shell.stdout + shell.stderr).strip()
         if shell.returncode == 0 and identity.access_key in last:
             return
