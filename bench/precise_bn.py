@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,32 +40,15 @@ def _models(out: Path, labels: list[str]) -> dict[str, Any]:
     return {"kept": kept, "last": last.eval(), "card": card}
 
 
-def _batches(data: str, split: str, card: dict, labels_too: bool = False) -> Iterator[Any]:
-    from imgpipe import contract
-    from imgpipe.train.assembly import eval_loader
-    from imgpipe.train.augment import Normalization, normalize
-    from imgpipe.train.config import TrainConfig
-    from imgpipe.train.distributed import DistInfo
-    from imgpipe.train.partition import describe_split
-
-    info = describe_split(data, split, contract.read_manifest(data, expect_step="resize"))
-    channels, size = int(card["input"]["channels"]), int(card["input"]["size"])
-    norm = Normalization(tuple(card["input"]["mean"] * (3 // channels)), tuple(card["input"]["std"] * (3 // channels)))
-    cfg = TrainConfig(model=card["architecture"], batch_size=64, num_workers=0, device="cpu", persistent_workers=False)
-    loader = eval_loader(cfg, info, size, "cpu", DistInfo(), persistent=False)
-    loader.set_epoch(0)
-    for batch in loader:
-        x = normalize(batch["image"], channels, False, norm)
-        yield (x, batch["label"]) if labels_too else x
-
-
 def _score(model: Any, data: str, card: dict) -> float:
     import torch
     from sklearn.metrics import f1_score
 
+    from imgpipe.train.saved import saved_batches
+
     truth, predicted = [], []
     with torch.no_grad():
-        for x, y in _batches(data, "test", card, labels_too=True):
+        for x, y, _ in saved_batches(data, "test", card)():
             predicted += model(x).argmax(1).tolist()
             truth += y.tolist()
     return float(f1_score(truth, predicted, average="macro"))
@@ -78,6 +60,7 @@ def score_run(out: Path, data: str) -> dict[str, float]:
     from imgpipe.train.distributed import DistInfo
     from imgpipe.train.norm_stats import recompute
     from imgpipe.train.partition import read_labels
+    from imgpipe.train.saved import saved_batches
 
     models = _models(out, read_labels(data, contract.read_manifest(data, expect_step="resize")))
     card = models.pop("card")
@@ -85,7 +68,7 @@ def score_run(out: Path, data: str) -> dict[str, float]:
     for name, model in models.items():
         scores[name] = round(_score(model, data, card), 3)
         model.train()  # every batch-norm layer measured (no block is frozen from scratch)
-        recompute(model, _batches(data, "train", card), 1 << 30, DistInfo())
+        recompute(model, (x for x, _, _ in saved_batches(data, "train", card)()), 1 << 30, DistInfo())
         scores[f"{name}, measured"] = round(_score(model.eval(), data, card), 3)
     return scores
 

@@ -50,6 +50,7 @@ from imgpipe.train.outputs import (
     check_locations,
     start_output,
 )
+from imgpipe.train.partition import SplitInfo
 from imgpipe.train.recipes import tta_flip_dims
 from imgpipe.train.rows import decode_jpeg_batch
 from imgpipe.train.run import TrainingRun
@@ -209,6 +210,23 @@ def _prepare_eval_batch(run: TrainingRun, loader: ImageLoader, batch: Mapping[st
     return normalize(images, run.channels, run.channels_last, run.norm), batch["label"].to(run.device, non_blocking=True)
 
 
+def _eval_batches(run: TrainingRun, loader: ImageLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """``loader``'s split in evaluation order: normalized images on the device, labels, row indexes; its workers' iterator closed at the end."""
+    loader.set_epoch(0)
+    rows = iter(loader)
+    try:
+        for batch in rows:
+            yield (*_prepare_eval_batch(run, loader, batch), batch["index"])
+    finally:
+        rows.close()  # type: ignore[attr-defined]
+
+
+def _run_eval_loader(run: TrainingRun, info: SplitInfo, persistent: bool) -> ImageLoader:
+    """An evaluation-order loader of ``info``'s split, decoding where the training loader does."""
+    decode = "cuda" if run.train_loader.decode_on_device else "cpu"
+    return eval_loader(run.cfg, info, run.image_size, decode, run.ctx, persistent, engine=run.eval_engine)
+
+
 def _evaluate_split(
     run: TrainingRun,
     loader: ImageLoader,
@@ -222,10 +240,8 @@ def _evaluate_split(
     """
 
     def batches() -> Iterator[tuple[torch.Tensor, ...]]:
-        loader.set_epoch(0)
-        for batch in loader:
-            images, labels = _prepare_eval_batch(run, loader, batch)
-            yield (images, labels, batch["index"]) if keep_rows else (images, labels)
+        for images, labels, index in _eval_batches(run, loader):
+            yield (images, labels, index) if keep_rows else (images, labels)
 
     return evaluate(model or run.module, batches, len(run.labels), run.device, amp=run.eval_amp, tta_flips=tta_flips, ctx=run.ctx)
 
@@ -247,24 +263,13 @@ def _recompute_norm_stats(run: TrainingRun) -> int:
     if not run.cfg.precise_bn or not names:
         return 0
     if run.stats_loader is None:
-        decode = "cuda" if run.train_loader.decode_on_device else "cpu"
-        run.stats_loader = eval_loader(run.cfg, run.train_info, run.image_size, decode, run.ctx, run.cfg.persistent_workers, engine=run.eval_engine)
-    loader, images = run.stats_loader, -(-run.cfg.precise_bn // run.ctx.world_size)
-
-    def batches() -> Iterator[torch.Tensor]:
-        loader.set_epoch(0)
-        rows = iter(loader)
-        try:
-            for batch in rows:
-                yield _prepare_eval_batch(run, loader, batch)[0]
-        finally:
-            rows.close()  # type: ignore[attr-defined]
-
+        run.stats_loader = _run_eval_loader(run, run.train_info, run.cfg.persistent_workers)
+    images = -(-run.cfg.precise_bn // run.ctx.world_size)
     seen = 0
     for module in (run.module, *((run.ema.module,) if run.ema is not None else ())):
-        source = batches()
+        source = _eval_batches(run, run.stats_loader)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.eval_amp):  # as evaluation runs
-            seen = recompute(module, source, images, run.ctx, names=names)
+            seen = recompute(module, (x for x, _, _ in source), images, run.ctx, names=names)
         source.close()
     return seen
 
@@ -377,8 +382,7 @@ def _final_evaluations(run: TrainingRun) -> tuple[dict[str, Any], dict[str, Eval
         with_rows["val"] = _evaluate_split(run, run.val_loader, keep_rows=True)
     if run.test_info is None:
         return {}, with_rows
-    decode = "cuda" if run.train_loader.decode_on_device else "cpu"
-    loader = eval_loader(run.cfg, run.test_info, run.image_size, decode, run.ctx, persistent=False, engine=run.eval_engine)
+    loader = _run_eval_loader(run, run.test_info, persistent=False)
     with_rows["test"] = _evaluate_split(run, loader, keep_rows=True)
     out = {"test": with_rows["test"].to_dict(run.labels)}
     flips = tta_flip_dims(bool(run.cfg.hflip), bool(run.cfg.vflip))
