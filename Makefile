@@ -38,7 +38,7 @@ help:
 
 # Re-install only when the dependency list changes. The images' pins (docker/constraints.txt)
 # hold here too, so the tests run the versions the images ship, whatever the index has since.
-$(STAMP): pyproject.toml docker/constraints.txt
+$(STAMP): pyproject.toml docker/constraints.txt src/imgpipe/data/_jpeg_region.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[dev]' --constraint docker/constraints.txt

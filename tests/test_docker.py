@@ -26,6 +26,7 @@ import tomllib
 
 from imgpipe.containers import build
 from imgpipe.containers import catalog as images
+from imgpipe.data import jpeg_region
 from imgpipe.remote import rayjob_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +210,7 @@ def test_build_context_holds_what_the_dockerfile_copies_and_this_machines_pip_se
             copied.update(a.rstrip("/") for a in shlex.split(rest)[:-1])
     for source in copied:
         assert any(n == source or n.startswith(source + "/") for n in names), f"{source} is COPY'd but not sent"
-    assert not any(n.startswith(("tests/", ".git/", ".venv/")) or n.endswith(".pyc") for n in names)
+    assert not any(n.startswith(("tests/", ".git/", ".venv/")) or n.endswith((".pyc", ".so")) for n in names), "no host build output"
     assert build.build_context(ROOT, (conf, None)) != data
 
 
@@ -249,7 +250,8 @@ def test_dockerignore_sends_the_same_files_as_the_builder():
     for source in build.CONTEXT:
         if source != images.DOCKERFILE:  # docker sends the Dockerfile itself
             assert _included(source, patterns), f"{source} is in the build context but .dockerignore leaves it out"
-    for excluded in (".venv/bin/python", ".data/runs/x", "tests/test_docker.py", ".git/HEAD", "src/imgpipe/__pycache__/x.pyc"):
+    host_built = "src/imgpipe/data/_jpeg_region.cpython-311-x86_64-linux-gnu.so"
+    for excluded in (".venv/bin/python", ".data/runs/x", "tests/test_docker.py", ".git/HEAD", "src/imgpipe/__pycache__/x.pyc", host_built):
         assert not _included(excluded, patterns), excluded
 
 
@@ -271,6 +273,8 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
     sources += [f"imgpipe/{folder}/{p.name}" for folder in ("components", "pipelines") for p in (ROOT / folder).glob("*.py")]
     missing = sorted(set(sources) - set(names))
     assert not missing, f"pyproject.toml [tool.setuptools] packages leaves these out of the wheel: {missing}"
+    if jpeg_region.AVAILABLE:  # built here, so the wheel's build must build it too (the images' does)
+        assert any(n.startswith("imgpipe/data/_jpeg_region.") and n.endswith(".so") for n in names), "the wheel lacks the JPEG region decode"
     # Package data through a symlink: the wheel holds the file itself, the same bytes.
     packaged = zipfile.ZipFile(wheel).read("imgpipe/manifests/rayjob-resize.yaml")
     assert packaged == (ROOT / "k8s" / "ray" / "rayjob-resize.yaml").read_bytes()

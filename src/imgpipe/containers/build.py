@@ -189,7 +189,7 @@ def _context_files(root: Path) -> Iterable[Path]:
         elif path.is_dir():
             for file in sorted(path.rglob("*")):
                 rel = file.relative_to(root).as_posix()
-                skip = any(p in rel for p in _SKIP_PARTS) or ".tmp-" in file.name or file.suffix == ".pyc"
+                skip = any(p in rel for p in _SKIP_PARTS) or ".tmp-" in file.name or file.suffix in (".pyc", ".so")
                 if file.is_file() and not skip:
                     yield file
         else:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -178,33 +177,23 @@ def decode_jpeg_cpu(rows: Sequence[Row]) -> list[np.ndarray]:
 def decode_jpeg_for_box(
     data: np.ndarray, shape: tuple[int, int, int], box: tuple[int, int, int, int], out_size: tuple[int, int], keep: float
 ) -> np.ndarray:
-    """The pixels of ``box`` (``x1, y1, x2, y2`` of the full image) of a JPEG, decoded only as large as ``out_size`` needs.
+    """The pixels of ``box`` (``x1, y1, x2, y2`` of the full image) of a JPEG, decoded only as large and as far as ``out_size`` needs.
 
     libjpeg-turbo decodes at the smallest of its ``n/8`` DCT scales that keeps the box at
-    least ``keep`` times ``out_size`` (height, width) (simplejpeg's ``min_height`` and
-    ``min_width``), and the box is cut from that with its edges rounded outwards (under one
-    reduced pixel); the caller's resize then shrinks it by ``keep`` or more, which smooths
-    what the DCT's scaling leaves. Where no scale below 1 keeps that, the full image is
-    decoded and the box cut exactly. ``shape`` is the row's, which its header was checked
-    against (:func:`refuse_row`); the decoder reads only ``data``, the row's own bytes.
+    least ``keep`` times ``out_size`` (height, width), with the box's edges rounded outwards
+    (under one reduced pixel); the caller's resize then shrinks it by ``keep`` or more, which
+    smooths what the DCT's scaling leaves. Where no scale below 1 keeps that, the box is
+    decoded at full size: the pixels of a whole decode cut to the box, exactly. Either way
+    only the box's rows and columns are decoded (:func:`imgpipe.data.jpeg_region.decode_box`).
+    ``shape`` is the row's, which its header was checked against (:func:`refuse_row`); the
+    decoder reads only ``data``, the row's own bytes.
 
     Raises:
         ValueError: For bytes the decoder refuses (corrupt or truncated).
     """
-    import simplejpeg
+    from imgpipe.data.jpeg_region import decode_box, reduced_scale
 
-    height, width, channels = shape
-    x1, y1, x2, y2 = box
-    colorspace = "GRAY" if channels == 1 else "RGB"
-    need_h = math.ceil(height * keep * out_size[0] / (y2 - y1))
-    need_w = math.ceil(width * keep * out_size[1] / (x2 - x1))
-    if need_h >= height * 7 / 8 or need_w >= width * 7 / 8:  # no n/8 scale below 1 keeps the box large enough
-        return simplejpeg.decode_jpeg(data, colorspace=colorspace)[y1:y2, x1:x2]
-    image = simplejpeg.decode_jpeg(data, colorspace=colorspace, min_height=need_h, min_width=need_w)
-    fy, fx = image.shape[0] / height, image.shape[1] / width
-    top, left = math.floor(y1 * fy), math.floor(x1 * fx)
-    bottom, right = min(image.shape[0], math.ceil(y2 * fy)), min(image.shape[1], math.ceil(x2 * fx))
-    return image[top:bottom, left:right]
+    return decode_box(data, shape, box, reduced_scale(shape[0], shape[1], box, out_size, keep))
 
 
 def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], channels: int, device: torch.device | str) -> torch.Tensor:
