@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from imgpipe.data import jpeg_region
 from imgpipe.train import rows as rows_mod
 from imgpipe.train.augment_config import AugmentConfig
-from imgpipe.train.augment_cpu import KEEP_FOR_RESIZE, build_crop_transform
+from imgpipe.train.augment_cpu import KEEP_FOR_RESIZE, build_crop_transform, build_eval_transform
 from imgpipe.train.loader import ImageLoader
 from imgpipe.train.loader_config import LoaderConfig
 from imgpipe.train.partition import describe_split
@@ -132,3 +132,28 @@ def test_a_corrupt_jpeg_row_is_a_reject_not_a_dead_worker(tmp_path):
         batches = list(loader)
         assert sum(len(b["label"]) for b in batches) == 7, engine
         assert loader.rejected == {"undecodable": 1}, (engine, loader.rejected)
+
+
+@pytest.mark.parametrize("size", [(341, 256), (256, 341), (256, 256), (400, 300), (300, 250)])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_the_evaluation_view_decodes_its_centre_alone_with_the_whole_decodes_pixels(size, channels, monkeypatch):
+    """Shorter side already the view's size: only the centre box is decoded; the pixels are those of decode-then-transform."""
+    boxes = []
+    real = jpeg_region.decode_box
+    monkeypatch.setattr(jpeg_region, "decode_box", lambda d, shape, box, *a: boxes.append(box) or real(d, shape, box, *a))
+    width, height = size
+    picture = Image.open(io.BytesIO(_photo_jpeg(width, height, seed=width + height)))
+    buf = io.BytesIO()
+    (picture.convert("L") if channels == 1 else picture).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    transform = build_eval_transform(224, channels, resize_to=256)
+    assert transform.crops_first
+    shape = (height, width, channels)
+    whole = simplejpeg.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB")
+    expected = transform(whole, 0)
+    out = np.empty((224, 224, channels), np.uint8)
+    got = transform.from_jpeg(np.frombuffer(data, np.uint8), shape, 0, out=out)
+    assert got is out and np.array_equal(got, expected), size
+    x1, y1, x2, y2 = boxes[-1]
+    decoded = (x2 - x1, y2 - y1)
+    assert decoded == ((224, 224) if min(size) == 256 else size), "the centre alone, where no resize comes first"

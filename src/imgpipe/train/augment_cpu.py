@@ -127,6 +127,10 @@ class SampleTransform:
         self._crop, self._flip = crop, flip
         rest = ops[(crop is not None) + (flip is not None) :]
         self._rest = A.Compose(rest, p=1.0, is_check_shapes=False) if crop is not None and rest else None
+        # The evaluation view (shorter side to a size, centre crop): where the shorter side is
+        # that size already, the output is the centre box of the image, which a JPEG decodes alone.
+        centred = [type(op) for op in ops] == [A.SmallestMaxSize, A.CenterCrop]
+        self._centre = (ops[0].max_size, ops[1].height, ops[1].width) if centred else None
         self._link_generators()
 
     def _link_generators(self) -> None:
@@ -168,8 +172,17 @@ class SampleTransform:
 
     @property
     def crops_first(self) -> bool:
-        """It starts with a RandomResizedCrop run natively: :meth:`from_jpeg` can decode for the crop."""
-        return self._crop is not None
+        """It starts with a crop (a RandomResizedCrop run natively, or the evaluation view's centre crop): :meth:`from_jpeg` decodes for it."""
+        return self._crop is not None or self._centre is not None
+
+    def _centre_box(self, shape: tuple[int, int, int]) -> tuple[int, int, int, int] | None:
+        """The evaluation view's output as a box of the image (albumentations' centre), where no resize comes before it; else None."""
+        max_size, crop_h, crop_w = self._centre  # type: ignore[misc]
+        height, width = shape[:2]
+        if min(height, width) != max_size or crop_h > height or crop_w > width:
+            return None
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        return left, top, left + crop_w, top + crop_h
 
     def from_jpeg(self, data: np.ndarray, shape: tuple[int, int, int], seed: int, out: np.ndarray | None = None) -> np.ndarray:
         """``transform(decode(data), seed, out)``, the JPEG decoded only as large as the crop needs.
@@ -178,15 +191,23 @@ class SampleTransform:
         was checked against); the JPEG is decoded at the smallest of libjpeg-turbo's DCT
         scales (``n/8``) that keeps the box :data:`KEEP_FOR_RESIZE` times the output, and the
         box is cut from that (:func:`imgpipe.train.rows.decode_jpeg_for_box`); where no scale
-        below 1 does, at full size: the pixels of :meth:`__call__` exactly.
+        below 1 does, at full size: the pixels of :meth:`__call__` exactly. The evaluation view
+        decodes only its centre box where the shorter side is its size already (the pixels of
+        :meth:`__call__` exactly), else the whole picture.
 
         Raises:
             ValueError: For bytes the decoder refuses (a corrupt or truncated JPEG).
         """
+        from imgpipe.data.jpeg_region import decode_box
         from imgpipe.train.rows import decode_jpeg_for_box
 
         if self._crop is None:
-            raise TypeError("from_jpeg needs a transform that starts with a RandomResizedCrop")
+            if self._centre is None:
+                raise TypeError("from_jpeg needs a transform that starts with a RandomResizedCrop, or the evaluation view")
+            box = self._centre_box(shape)
+            if box is None:  # a resize comes first: it needs the whole picture
+                return self(decode_box(data, shape, (0, 0, shape[1], shape[0])), seed, out)
+            return _placed(decode_box(data, shape, box), out)
         self._reseed(seed)
         box, flipped = self._head_params(shape)
         region = decode_jpeg_for_box(data, shape, box, self._crop.size, KEEP_FOR_RESIZE)
