@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = [
     "decode_floor",
     "resize_one",
     "draft_scale",
+    "region_decode",
     "time_pool",
     "Clock",
     "timed_results",
@@ -119,6 +121,29 @@ def decode_floor(data: bytes) -> int:
 def resize_one(data: bytes) -> bytes:
     """The process pool's work: our per-image function, returning the pixels as Ray's tasks do."""
     return resize_image(data, SPEC).tobytes()
+
+
+def region_decode(data: bytes, num: int | None = None) -> int:
+    """The floor's scale (or ``num``/8), decoding only the box the resize reads (imgpipe.data.jpeg_region).
+
+    What a region decode would leave of the floor: the rows above the box are still
+    entropy-decoded, so at 1/4 and 1/8 (where the IDCT is a few coefficients) it saves little.
+    ``num=1`` on the whole picture is libjpeg's least work for a JPEG: entropy decoding, DC only.
+    """
+    from imgpipe.data.jpeg_region import decode_box
+
+    img = _open(data, SPEC.max_pixels)
+    geometry = plan_geometry(img.width, img.height, SPEC)
+    shape = (img.height, img.width, 1 if img.mode == "L" else 3)
+    if num is None:
+        need, num = geometry.scale * DRAFT_MARGIN, 8
+        while num > 1 and num / 2 / 8 >= need:  # Pillow's draft: the strongest power-of-two reduction that keeps it
+            num //= 2
+        x0, y0, x1, y1 = geometry.box
+        box = (math.floor(x0), math.floor(y0), min(img.width, math.ceil(x1)), min(img.height, math.ceil(y1)))
+    else:
+        box = (0, 0, img.width, img.height)
+    return decode_box(data, shape, box, num).shape[1]
 
 
 def draft_scale(data: bytes) -> float:

@@ -22,6 +22,7 @@ from resize_common import (
     SPEC,
     decode_floor,
     draft_scale,
+    region_decode,
     resize_one,
 )
 
@@ -73,6 +74,8 @@ def per_image_cpu(photos: Sequence[Photo], repeats: int = PER_IMAGE_PASSES) -> d
     methods: dict[str, Callable[[bytes], Any]] = {
         "full decode": full_decode,
         "draft decode (floor)": decode_floor,
+        "region decode": region_decode,
+        "1/8 decode": lambda b: region_decode(b, 1),
         "resize_image": resize_one,
         "resize_image_reference": lambda b: resize_image_reference(b, SPEC),
         "baseline PIL + torchvision": lambda b: baseline_one(b, transform),
@@ -112,4 +115,13 @@ def print_per_image(per_image: dict[str, dict[str, Any]], images: int) -> None:
             f"| {r['resize_image_reference']:.1f} | {base:.1f} | {base / ours:.2f} | {floor / ours:.2f} "
             f"| {r['mad']:.2f} | {drafts} | {whole:.2f} | {floor / whole:.2f} | {r['mad whole']:.2f} |"
         )
+    print()
+    print("What a decoder of only the resize's box could take off the floor (ms; same scale), and libjpeg's least work (1/8, DC only):")
+    print()
+    print("| set | draft decode (floor) | region decode | floor / region | 1/8 decode | floor / 1/8 | resize_image / 1/8 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, r in per_image.items():
+        floor, region, least = r["draft decode (floor)"], r["region decode"], r["1/8 decode"]
+        ours = r["resize_image"]
+        print(f"| {label} | {floor:.2f} | {region:.2f} | {floor / region:.2f} | {least:.2f} | {floor / least:.2f} | {ours / least:.2f} |")
     print()
