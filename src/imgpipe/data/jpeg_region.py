@@ -10,6 +10,7 @@ released; the pixels are those of a whole decode at the same scale, cut to the b
 
 * :func:`scale_for`: the smallest ``n/8`` scale whose image is at least ``need`` pixels.
 * :func:`decode_box`: a box of the full-size image, decoded at a scale.
+* :func:`decode_scaled`: a window of the scaled image, decoded exactly (the resize's reads).
 * :func:`reduced_scale`: the scale a box needs to stay a given number of times its output.
 
 Where the extension was not built (no compiler or no libjpeg headers at install time: it is
@@ -29,7 +30,7 @@ try:
 except ImportError:  # the optional extension was not built
     _jpeg_region = None  # type: ignore[assignment]
 
-__all__ = ["AVAILABLE", "decode_box", "reduced_scale", "scale_for", "scaled_size"]
+__all__ = ["AVAILABLE", "decode_box", "decode_scaled", "reduced_scale", "scale_for", "scaled_size"]
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,33 @@ def decode_box(data: np.ndarray | bytes, shape: tuple[int, int, int], box: tuple
             the box), bytes without an end-of-image marker (truncated), or a header of
             another size than ``shape``.
     """
-    height, width, channels = shape
+    height, width, _ = shape
     x1, y1, x2, y2 = box
     if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
         raise ValueError(f"no box {box} in a {width}x{height} image")
     if not 1 <= num <= 8:
         raise ValueError(f"no DCT scale {num}/8 (1/8 to 8/8)")
-    sh, sw = scaled_size(height, width, num)
-    left, top, right, bottom = _scaled_box(box, height, width, sh, sw)
     if _jpeg_region is None:
         return _whole_then_cut(data, shape, box, num)
+    sh, sw = scaled_size(height, width, num)
+    return decode_scaled(data, shape, _scaled_box(box, height, width, sh, sw), num)
+
+
+def decode_scaled(data: np.ndarray | bytes, shape: tuple[int, int, int], window: tuple[int, int, int, int], num: int) -> np.ndarray:
+    """The pixels of ``window`` (``left, top, right, bottom``) of the image decoded at ``num/8`` (:func:`scaled_size`), exactly.
+
+    Needs the extension (:data:`AVAILABLE`). ``shape`` is the row's, as for :func:`decode_box`.
+
+    Raises:
+        ValueError: As :func:`decode_box`, and for a window outside the scaled image.
+    """
+    if _jpeg_region is None:
+        raise RuntimeError("imgpipe.data._jpeg_region was not built: decode_scaled needs it (decode_box falls back)")
+    height, width, channels = shape
+    sh, sw = scaled_size(height, width, num) if 1 <= num <= 8 else (0, 0)
+    left, top, right, bottom = window
+    if not (0 <= left < right <= sw and 0 <= top < bottom <= sh):
+        raise ValueError(f"no window {window} in a {width}x{height} image at scale {num}/8 ({sw}x{sh})")
     if b"\xff\xd9" not in bytes(data[-EOI_WITHIN:]):
         raise ValueError("JPEG: truncated (no end-of-image marker)")
     wide_left, wide_right = max(0, left - MARGIN), min(sw, right + MARGIN)

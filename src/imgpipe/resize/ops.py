@@ -17,10 +17,13 @@ import numpy as np
 from PIL import Image
 
 from imgpipe.data.images import ImageRejected, open_image
+from imgpipe.resize import jpeg_window
 
 # The declarations (modes, presets, op names, per-image settings, geometry) are OpenCV-free,
 # so configs and the pipeline compile without it; they are re-exported here for callers.
 from imgpipe.resize.spec import DRAFT_MARGIN, RESAMPLE, Geometry, Op, ResizeError, ResizeSpec, plan_geometry
+from imgpipe.resize.warp import ANTIALIAS_K, warp_margin, warp_resize, within_warp
+from imgpipe.resize.warp import hwc as _hwc
 
 __all__ = [
     "OP_FUNCTIONS",
@@ -46,11 +49,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------
 # Standardization ops: HWC uint8 in, HWC uint8 out.
-
-
-def _hwc(arr: np.ndarray) -> np.ndarray:
-    """OpenCV drops a trailing channel axis of 1; put it back."""
-    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
@@ -201,73 +199,6 @@ def _decode(img: Image.Image, geometry: Geometry, fast: bool, margin: float) -> 
     return img, scale
 
 
-# Antialiasing of the fast path: a Gaussian of sigma ANTIALIAS_K * sqrt(s^2 - 1) per axis
-# before bilinear sampling (s source pixels per output pixel; skimage's and kornia's
-# antialiased rescale use the same form). Bilinear sampling is itself a triangle of
-# half-width 1; the prefilter widens it to about what PIL's bilinear filter of support s
-# applies. 0.5 gave the smallest difference from PIL on real photos (MAD 0.55 mean, 1.05
-# at worst at 0.2 MP; 0.4 and 0.6 gave 0.74 and 0.86).
-ANTIALIAS_K = 0.5
-# Up to this many source pixels per output pixel the prefilter stays within ~0.5 grey
-# levels of PIL's filter; beyond it (large PNGs, ratios a JPEG draft would have cut) the
-# Gaussian and PIL's triangle part ways (MAD 2.35 at 10x), so PIL resizes. After a draft,
-# PIL resizes too: the reduced decode already spends the error budget.
-WARP_MAX_SCALE = 2.0
-
-
-def _sigma(scale: float) -> float:
-    return ANTIALIAS_K * math.sqrt(scale * scale - 1.0) if scale > 1.0 else 0.0
-
-
-def _blur(arr: np.ndarray, sig_x: float, sig_y: float) -> np.ndarray:
-    kx, ky = 2 * round(2 * sig_x) + 1, 2 * round(2 * sig_y) + 1
-    return cv2.GaussianBlur(arr, (kx, ky), sigmaX=sig_x or 1e-6, sigmaY=sig_y or 1e-6, borderType=cv2.BORDER_REPLICATE)
-
-
-def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> np.ndarray:
-    """Antialiased bilinear resize of the sub-pixel ``box`` of ``arr`` to ``out_size``, with OpenCV.
-
-    The same geometry as ``PIL.Image.resize(size, BILINEAR, box=box)`` (output pixel
-    centres map to the same source points) at about half its cost: a Gaussian prefilter
-    (:data:`ANTIALIAS_K`) on the box and a small margin, then ``cv2.warpAffine`` sampling.
-    Pixels beyond the edges of ``arr`` repeat the edge, so a caller that must keep pixels
-    outside a region out of the output passes only that region.
-
-    Args:
-        arr: ``H x W x C`` uint8 (C = 1 or 3).
-        box: (left, upper, right, lower) in ``arr`` pixels.
-        out_size: (width, height) of the output.
-
-    Returns:
-        ``height x width x C`` uint8.
-    """
-    x0, y0, x1, y1 = box
-    sx, sy = (x1 - x0) / out_size[0], (y1 - y0) / out_size[1]
-    sig_x, sig_y = _sigma(sx), _sigma(sy)
-    if box == (0.0, 0.0, float(arr.shape[1]), float(arr.shape[0])):
-        # The whole array (whole, fixed and pad modes): cv2.resize maps output pixel
-        # centres onto the same source points as the warp below and repeats the edge
-        # too, at about 2/3 of warpAffine's cost (separable tables, no per-pixel map).
-        if sig_x or sig_y:
-            arr = _blur(arr, sig_x, sig_y)
-        return _hwc(cv2.resize(arr, out_size, interpolation=cv2.INTER_LINEAR))
-    # Only the box and what the filters reach beyond it are touched.
-    margin = 2 + 2 * math.ceil(2 * max(sig_x, sig_y))
-    left, top = max(0, math.floor(x0) - margin), max(0, math.floor(y0) - margin)
-    right, bottom = min(arr.shape[1], math.ceil(x1) + margin), min(arr.shape[0], math.ceil(y1) + margin)
-    sub = arr[top:bottom, left:right]
-    if sig_x or sig_y:
-        sub = _blur(sub, sig_x, sig_y)
-    # Output pixel (u, v) samples the source at x0 + (u + 0.5) * sx - 0.5 (pixel centres).
-    matrix = np.array([[sx, 0.0, x0 - left + 0.5 * sx - 0.5], [0.0, sy, y0 - top + 0.5 * sy - 0.5]])
-    out = cv2.warpAffine(sub, matrix, out_size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
-    return _hwc(out)
-
-
-def _within_warp(box: tuple[float, float, float, float], out_size: tuple[int, int]) -> bool:
-    return max((box[2] - box[0]) / out_size[0], (box[3] - box[1]) / out_size[1]) <= WARP_MAX_SCALE
-
-
 def _region_and_box(
     geometry: Geometry, scale: float, size: tuple[int, int]
 ) -> tuple[tuple[int, int, int, int] | None, tuple[float, float, float, float]]:
@@ -325,15 +256,39 @@ def _pad(out: np.ndarray, spec: ResizeSpec, offset: tuple[int, int]) -> np.ndarr
 def _warp_path(data: bytes, img: Image.Image, geometry: Geometry) -> np.ndarray | None:
     """The OpenCV path, where the box is within :data:`WARP_MAX_SCALE` (no draft would help)."""
     crop, box = _region_and_box(geometry, 1.0, img.size)
-    if not _within_warp(box, geometry.out_size):
+    if not within_warp(box, geometry.out_size):
         return None
+    if jpeg_window.applies(img, geometry):  # only what the warp reads: the same output
+        left, top, right, bottom = jpeg_window.window_around(box, img.size, warp_margin(box, geometry.out_size))
+        arr = jpeg_window.decode_window(data, img, (left, top, right, bottom), 8)
+        return warp_resize(arr, (box[0] - left, box[1] - top, box[2] - left, box[3] - top), geometry.out_size)
     arr = _decode_array(data, img, geometry)
     if crop is not None:
         arr = arr[crop[1] : crop[3], crop[0] : crop[2]]
     return warp_resize(arr, box, geometry.out_size)
 
 
-def _pil_path(img: Image.Image, geometry: Geometry, resample: str, fast: bool) -> np.ndarray:
+# Source pixels beyond the box that PIL's widest filter (Lanczos, support 3) reads, per source
+# pixel per output pixel: the window a JPEG decodes for the PIL path reaches that far and 2 more.
+_PIL_REACH = 3.0
+
+
+def _pil_window_path(data: bytes, img: Image.Image, geometry: Geometry, resample: str) -> np.ndarray:
+    """:func:`_pil_path` after a draft, decoding only the window PIL's resize reads (:mod:`imgpipe.resize.jpeg_window`)."""
+    num = jpeg_window.draft_num(img, geometry.scale * DRAFT_MARGIN)
+    size = (-(-img.width * num // 8), -(-img.height * num // 8))  # the draft's size
+    _, box = _region_and_box(geometry, num / 8, size)
+    reach = max((box[2] - box[0]) / geometry.out_size[0], (box[3] - box[1]) / geometry.out_size[1])
+    left, top, right, bottom = jpeg_window.window_around(box, size, math.ceil(_PIL_REACH * reach) + 2)
+    arr = jpeg_window.decode_window(data, img, (left, top, right, bottom), num)
+    window = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    shifted = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
+    return _hwc(np.asarray(window.resize(geometry.out_size, RESAMPLE[resample], box=shifted, reducing_gap=_GAP_FOR_REDUCE)))
+
+
+def _pil_path(img: Image.Image, geometry: Geometry, resample: str, fast: bool, data: bytes | None = None) -> np.ndarray:
+    if fast and data is not None and geometry.scale * DRAFT_MARGIN <= 0.5 and jpeg_window.applies(img, geometry):
+        return _pil_window_path(data, img, geometry, resample)
     img, scale = _decode(img, geometry, fast, DRAFT_MARGIN)
     crop, box = _region_and_box(geometry, scale, img.size)
     if crop is not None:
@@ -348,7 +303,7 @@ def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, 
     try:
         out = _warp_path(data, img, geometry) if fast and spec.resample == "bilinear" else None
         if out is None:
-            out = _pil_path(img, geometry, spec.resample, fast)
+            out = _pil_path(img, geometry, spec.resample, fast, data)
     except (OSError, ValueError, cv2.error) as exc:
         raise ResizeError("resize_failed", f"{type(exc).__name__}: {exc}") from exc
     if spec.mode == "pad":
