@@ -23,7 +23,7 @@ from photos import Photo  # noqa: E402
 import imgpipe.steps.resize as resize_step  # noqa: E402
 from imgpipe.clean.decode import OUTPUT_SCHEMA  # noqa: E402
 from imgpipe.resize.config import ResizeConfig
-from imgpipe.resize.ops import _decode, _open, resize_image
+from imgpipe.resize.ops import _decode, _draft, _open, resize_image
 from imgpipe.resize.spec import DRAFT_MARGIN, ResizeSpec, plan_geometry
 from imgpipe.resize.task import TaskResult
 from imgpipe.steps.resize import resize
@@ -136,13 +136,11 @@ def region_decode(data: bytes, num: int | None = None) -> int:
     geometry = plan_geometry(img.width, img.height, SPEC)
     shape = (img.height, img.width, 1 if img.mode == "L" else 3)
     if num is None:
-        need, num = geometry.scale * DRAFT_MARGIN, 8
-        while num > 1 and num / 2 / 8 >= need:  # Pillow's draft: the strongest power-of-two reduction that keeps it
-            num //= 2
+        num = round(8 * _draft(img, geometry, SPEC.fast_decode, DRAFT_MARGIN))  # Pillow's draft picks it, decoding nothing
         x0, y0, x1, y1 = geometry.box
-        box = (math.floor(x0), math.floor(y0), min(img.width, math.ceil(x1)), min(img.height, math.ceil(y1)))
+        box = (math.floor(x0), math.floor(y0), min(shape[1], math.ceil(x1)), min(shape[0], math.ceil(y1)))
     else:
-        box = (0, 0, img.width, img.height)
+        box = (0, 0, shape[1], shape[0])
     return decode_box(data, shape, box, num).shape[1]
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from imgpipe import contract, storage
 from tests.faults.conftest import Runner
+from tests.faults.mutate import mutate
 
 SEED = 2026
 PER_FORMAT = 1000
@@ -44,28 +45,6 @@ def _base(rng: random.Random, fmt: str, mode: str) -> bytes:
     return buf.getvalue()
 
 
-def _mutate(rng: random.Random, data: bytes) -> tuple[bytes, str]:
-    buf = bytearray(data)
-    kind = rng.choice(("bitflip", "truncate", "header", "zero_run", "splice"))
-    if kind == "bitflip":
-        for _ in range(rng.randint(1, 32)):
-            i = rng.randrange(len(buf))
-            buf[i] ^= 1 << rng.randrange(8)
-    elif kind == "truncate":
-        del buf[rng.randrange(1, len(buf)) :]
-    elif kind == "header":  # width, height, chunk lengths and markers live in the first bytes
-        for _ in range(rng.randint(1, 8)):
-            buf[rng.randrange(min(64, len(buf)))] = rng.choice((0x00, 0xFF, 0x7F, 0x80, rng.randrange(256)))
-    elif kind == "zero_run":
-        start = rng.randrange(len(buf))
-        buf[start : start + rng.randint(1, 512)] = bytes(min(len(buf) - start, rng.randint(1, 512)))
-    else:  # a piece of the file repeated somewhere else
-        a, b = sorted(rng.randrange(len(buf)) for _ in range(2))
-        at = rng.randrange(len(buf))
-        buf[at:at] = buf[a:b]
-    return bytes(buf), kind
-
-
 def _fuzz_archive(path: str) -> Counter:
     rng = random.Random(SEED)
     kinds: Counter = Counter()
@@ -73,7 +52,7 @@ def _fuzz_archive(path: str) -> Counter:
         for ext, (fmt, modes) in FORMATS.items():
             bases = [_base(rng, fmt, modes[i % len(modes)]) for i in range(8)]
             for i in range(PER_FORMAT):
-                data, kind = _mutate(rng, rng.choice(bases))
+                data, kind = mutate(rng, rng.choice(bases))
                 kinds[kind] += 1
                 # Oxford-style names, so clean labels them (class = name before the last _).
                 info = tarfile.TarInfo(f"images/{ext}_class_{'ABCDE'[i % 5]}_{i}.{ext}")

@@ -1,5 +1,7 @@
 """3,000 mutated JPEGs through the C region decoder (imgpipe.data._jpeg_region) and the resize's window decode.
 
+The damage is the suite's shared kinds (tests/faults/mutate.py) and more in the tables and the scan.
+
 The decoder is C: a bad read would kill the process, not raise. So the files are decoded in a
 child process; it must exit 0, and every file must give a region of its box's shape or a
 ValueError (the loader's ``undecodable``), and through the resize a ``ResizeError``.
@@ -15,6 +17,7 @@ import textwrap
 import pytest
 
 from imgpipe.data import jpeg_region
+from tests.conftest import ROOT
 
 pytestmark = [
     pytest.mark.faults,
@@ -34,6 +37,7 @@ CHILD = textwrap.dedent(
     from imgpipe.data.jpeg_region import decode_box
     from imgpipe.resize.ops import resize_image
     from imgpipe.resize.spec import ResizeError, ResizeSpec
+    from tests.faults.mutate import mutate
 
     rng = random.Random(int(sys.argv[1]))
     files = int(sys.argv[2])
@@ -51,25 +55,19 @@ CHILD = textwrap.dedent(
     spec = ResizeSpec(size=32, mode="short-side-crop")
     for n in range(files):
         data, shape = rng.choice(bases)
-        buf = bytearray(data)
-        kind = rng.choice(("bitflip", "header", "scan_bytes", "truncate", "zero_run"))
-        if kind == "bitflip":
-            for _ in range(rng.randint(1, 16)):
-                i = rng.randrange(len(buf))
-                buf[i] ^= 1 << rng.randrange(8)
-        elif kind == "header":
-            for _ in range(rng.randint(1, 6)):
-                buf[rng.randrange(2, min(len(buf), 700))] = rng.choice((0x00, 0xFF, 0x7F, 0x80, 0x11, 0x22, rng.randrange(256)))
-        elif kind == "scan_bytes":
-            start = rng.randrange(len(buf) // 2, len(buf) - 2)
-            for i in range(start, min(len(buf) - 2, start + rng.randint(1, 400))):
-                buf[i] = rng.randrange(256)
-        elif kind == "truncate":
-            del buf[rng.randrange(1, len(buf)):]
+        kind = rng.choice(("shared", "shared", "tables", "scan_bytes"))
+        if kind == "shared":  # the suite's common damage: bit flips, truncation, the first bytes, zero runs, splices
+            data, _ = mutate(rng, data)
         else:
-            start = rng.randrange(len(buf))
-            buf[start:start + rng.randint(1, 256)] = bytes(min(len(buf) - start, 256))[: rng.randint(1, 256)]
-        data = bytes(buf)
+            buf = bytearray(data)
+            if kind == "tables":  # quantization and Huffman tables, the frame header: the first 700 bytes
+                for _ in range(rng.randint(1, 6)):
+                    buf[rng.randrange(2, min(len(buf), 700))] = rng.choice((0x00, 0xFF, 0x7F, 0x80, 0x11, 0x22, rng.randrange(256)))
+            else:  # a run of random bytes in the second half of the scan
+                start = rng.randrange(len(buf) // 2, len(buf) - 2)
+                for i in range(start, min(len(buf) - 2, start + rng.randint(1, 400))):
+                    buf[i] = rng.randrange(256)
+            data = bytes(buf)
         try:  # the size the header now says, as the loader's refuse_row would have read it
             h, w, _, _ = simplejpeg.decode_jpeg_header(data)
             shape = (h, w, shape[2])
@@ -103,7 +101,7 @@ CHILD = textwrap.dedent(
 
 
 def test_mutated_jpegs_give_a_region_or_a_value_error_never_a_crash():
-    run = subprocess.run([sys.executable, "-c", CHILD, "2026", str(FILES)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", CHILD, "2026", str(FILES)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, f"the decoding process died (exit {run.returncode}):\n{run.stderr[-3000:]}"
     outcomes = json.loads(run.stdout.strip().splitlines()[-1])
     assert outcomes.get("decoded", 0) > 0 and outcomes.get("ValueError", 0) > 0, outcomes

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
 from imgpipe.data.images import validate_and_normalize
-from imgpipe.resize import jpeg_window, ops, spec
+from imgpipe.resize import ops, spec
 from imgpipe.resize.ops import resize_batch, resize_image, resize_image_reference
 from imgpipe.resize.spec import DRAFT_MARGIN, PRESETS, ResizeError, ResizeSpec, parse_op, plan_geometry
 from tests import imagefactory as f
@@ -38,11 +37,7 @@ def png_of(arr: np.ndarray) -> bytes:
 
 @pytest.fixture
 def draft_calls(monkeypatch) -> list[tuple]:
-    """Records every JPEG draft request and the reduced extent libjpeg agreed to.
-
-    The window decode (imgpipe.resize.jpeg_window) picks the scale Pillow's draft would and
-    decodes at it: its choice is recorded in the same form, ``(size, request, (mode, box))``.
-    """
+    """Records every JPEG draft request and the reduced extent libjpeg agreed to (the window decode asks Pillow's draft too)."""
     calls: list[tuple] = []
     real = JpegImagePlugin.JpegImageFile.draft
 
@@ -52,16 +47,7 @@ def draft_calls(monkeypatch) -> list[tuple]:
         calls.append((original, size, result))
         return result
 
-    real_num = jpeg_window.draft_num
-
-    def window_spy(img, need):
-        num = real_num(img, need)
-        request = (max(1, math.ceil(img.width * need)), max(1, math.ceil(img.height * need)))
-        calls.append((img.size, request, (img.mode, (0, 0, img.width * num / 8, img.height * num / 8))))
-        return num
-
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
-    monkeypatch.setattr(jpeg_window, "draft_num", window_spy)
     return calls
 
 

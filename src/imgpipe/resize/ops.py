@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from imgpipe.data.images import ImageRejected, open_image
+from imgpipe.data.jpeg_region import scaled_size
 from imgpipe.resize import jpeg_window
 
 # The declarations (modes, presets, op names, per-image settings, geometry) are OpenCV-free,
@@ -177,26 +178,38 @@ def _open(data: bytes | None, max_pixels: int, recorded: tuple[int, int] | None 
     return img
 
 
-def _decode(img: Image.Image, geometry: Geometry, fast: bool, margin: float) -> tuple[Image.Image, float]:
-    """Loads the pixels, at a reduced JPEG scale if allowed; returns the image and its scale."""
-    scale = 1.0
+def _draft(img: Image.Image, geometry: Geometry, fast: bool, margin: float) -> float:
+    """Asks Pillow's ``draft`` for a reduced JPEG scale where allowed (nothing is decoded yet); returns the scale (1.0: none)."""
+    if not (fast and img.format == "JPEG" and img.mode in ("RGB", "L") and geometry.scale * margin <= 0.5):
+        return 1.0
+    # Ask for the strongest power-of-two reduction that still leaves DRAFT_MARGIN
+    # times what the resize needs (only worth it when 1/2 or more is possible).
+    full_width, need = img.width, geometry.scale * margin
+    request = (max(1, math.ceil(img.width * need)), max(1, math.ceil(img.height * need)))
     try:
-        if fast and img.format == "JPEG" and img.mode in ("RGB", "L") and geometry.scale * margin <= 0.5:
-            # Ask for the strongest power-of-two reduction that still leaves DRAFT_MARGIN
-            # times what the resize needs (only worth it when 1/2 or more is possible).
-            full_width, need = img.width, geometry.scale * margin
-            request = (max(1, math.ceil(img.width * need)), max(1, math.ceil(img.height * need)))
-            drafted = img.draft(img.mode, request)
-            if drafted is not None:
-                # draft() returns the original image's extent in reduced pixels.
-                scale = drafted[1][2] / full_width
+        drafted = img.draft(img.mode, request)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ResizeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+    # draft() returns the original image's extent in reduced pixels.
+    return drafted[1][2] / full_width if drafted is not None else 1.0
+
+
+def _load(img: Image.Image) -> Image.Image:
+    """Decodes the pixels (at the scale a :func:`_draft` set), as RGB or L."""
+    try:
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ResizeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
     if img.mode not in ("RGB", "L"):
         # clean emits RGB or L; anything else (an input that skipped clean) becomes RGB.
         img = img.convert("RGB")
-    return img, scale
+    return img
+
+
+def _decode(img: Image.Image, geometry: Geometry, fast: bool, margin: float) -> tuple[Image.Image, float]:
+    """Loads the pixels, at a reduced JPEG scale if allowed; returns the image and its scale."""
+    scale = _draft(img, geometry, fast, margin)
+    return _load(img), scale
 
 
 def _region_and_box(
@@ -260,7 +273,7 @@ def _warp_path(data: bytes, img: Image.Image, geometry: Geometry) -> np.ndarray 
         return None
     if jpeg_window.applies(img, geometry):  # only what the warp reads: the same output
         left, top, right, bottom = jpeg_window.window_around(box, img.size, warp_margin(box, geometry.out_size))
-        arr = jpeg_window.decode_window(data, img, (left, top, right, bottom), 8)
+        arr = jpeg_window.decode_window(data, img.mode, img.size, (left, top, right, bottom), 8)
         return warp_resize(arr, (box[0] - left, box[1] - top, box[2] - left, box[3] - top), geometry.out_size)
     arr = _decode_array(data, img, geometry)
     if crop is not None:
@@ -273,23 +286,28 @@ def _warp_path(data: bytes, img: Image.Image, geometry: Geometry) -> np.ndarray 
 _PIL_REACH = 3.0
 
 
-def _pil_window_path(data: bytes, img: Image.Image, geometry: Geometry, resample: str) -> np.ndarray:
-    """:func:`_pil_path` after a draft, decoding only the window PIL's resize reads (:mod:`imgpipe.resize.jpeg_window`)."""
-    num = jpeg_window.draft_num(img, geometry.scale * DRAFT_MARGIN)
-    size = (-(-img.width * num // 8), -(-img.height * num // 8))  # the draft's size
-    _, box = _region_and_box(geometry, num / 8, size)
+def _pil_window_path(data: bytes, img: Image.Image, full: tuple[int, int], geometry: Geometry, resample: str, scale: float) -> np.ndarray:
+    """:func:`_pil_path` after a draft to ``scale``, decoding only the window PIL's resize reads (:mod:`imgpipe.resize.jpeg_window`).
+
+    ``full`` is the picture's (width, height) before the draft (``img.size`` is the draft's).
+    """
+    num = round(8 * scale)  # Pillow's draft scales are 1/2, 1/4 and 1/8
+    height, width = scaled_size(full[1], full[0], num)
+    _, box = _region_and_box(geometry, scale, (width, height))
     reach = max((box[2] - box[0]) / geometry.out_size[0], (box[3] - box[1]) / geometry.out_size[1])
-    left, top, right, bottom = jpeg_window.window_around(box, size, math.ceil(_PIL_REACH * reach) + 2)
-    arr = jpeg_window.decode_window(data, img, (left, top, right, bottom), num)
+    left, top, right, bottom = jpeg_window.window_around(box, (width, height), math.ceil(_PIL_REACH * reach) + 2)
+    arr = jpeg_window.decode_window(data, img.mode, full, (left, top, right, bottom), num)
     window = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
     shifted = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
     return _hwc(np.asarray(window.resize(geometry.out_size, RESAMPLE[resample], box=shifted, reducing_gap=_GAP_FOR_REDUCE)))
 
 
-def _pil_path(img: Image.Image, geometry: Geometry, resample: str, fast: bool, data: bytes | None = None) -> np.ndarray:
-    if fast and data is not None and geometry.scale * DRAFT_MARGIN <= 0.5 and jpeg_window.applies(img, geometry):
-        return _pil_window_path(data, img, geometry, resample)
-    img, scale = _decode(img, geometry, fast, DRAFT_MARGIN)
+def _pil_path(data: bytes, img: Image.Image, geometry: Geometry, resample: str, fast: bool) -> np.ndarray:
+    full = img.size
+    scale = _draft(img, geometry, fast, DRAFT_MARGIN)
+    if scale < 1.0 and jpeg_window.applies(img, geometry):
+        return _pil_window_path(data, img, full, geometry, resample, scale)
+    img = _load(img)
     crop, box = _region_and_box(geometry, scale, img.size)
     if crop is not None:
         img = img.crop(crop)
@@ -303,7 +321,7 @@ def _resize(data: bytes | None, spec: ResizeSpec, bbox: Sequence[float] | None, 
     try:
         out = _warp_path(data, img, geometry) if fast and spec.resample == "bilinear" else None
         if out is None:
-            out = _pil_path(img, geometry, spec.resample, fast, data)
+            out = _pil_path(data, img, geometry, spec.resample, fast)
     except (OSError, ValueError, cv2.error) as exc:
         raise ResizeError("resize_failed", f"{type(exc).__name__}: {exc}") from exc
     if spec.mode == "pad":
