@@ -2,7 +2,9 @@
 
 Pillow is the oracle twice: the pixels of every accepted JPEG are Pillow's, bit for bit,
 and on hundreds of mutated JPEGs the verdict (kept, or rejected with which reason) is the
-one Pillow's decode alone gives (the plain path switched off).
+one Pillow's decode alone gives (the plain path switched off). The reduced decode clean's
+workers ask for (``reduce_to``: the luma at a smaller DCT scale) is held to the same: its
+pixels are Pillow's ``draft("L", ...)`` decode, and its verdicts Pillow's full decode's.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ def _pillow(data: bytes) -> np.ndarray:
         return np.asarray(img).reshape(img.height, img.width, len(img.getbands()))
 
 
-def _verdict(data: bytes, grayscale: bool = False) -> tuple[str, object]:
+def _verdict(data: bytes, grayscale: bool = False, reduce_to: int = 0) -> tuple[str, object]:
     try:
-        out = validate_and_normalize(data, grayscale=grayscale, min_side=1)
+        out = validate_and_normalize(data, grayscale=grayscale, min_side=1, reduce_to=reduce_to)
     except ImageRejected as exc:
         return "rejected", exc.reason
-    return "kept", (out.data, out.mode, out.format, out.changes, out.pixels.tobytes(), out.pixels.shape)
+    kept = (out.data, out.mode, out.format, out.changes, out.width, out.height)
+    return "kept", kept if reduce_to else (*kept, out.pixels.tobytes(), out.pixels.shape)
 
 
 CASES = {
@@ -55,7 +58,7 @@ CASES = {
 def test_plain_jpegs_give_pillows_pixels(case, size, monkeypatch):
     calls = []
     real = images._decode_plain_jpeg
-    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda data, img: calls.append(1) or real(data, img))
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda data, img, num=8: calls.append(1) or real(data, img, num))
     data = _jpeg(size[0] + size[1], size, **CASES[case])
     out = validate_and_normalize(data, min_side=1)
     assert calls and out.data is data and out.changes == () and out.format == "jpeg"
@@ -75,7 +78,7 @@ def test_a_grey_jpeg_in_a_grey_dataset_gives_pillows_pixels():
     [("L", False, "L->RGB"), ("RGB", True, "RGB->L"), ("CMYK", False, "CMYK->RGB")],
 )
 def test_jpegs_that_need_normalizing_take_pillows_path(mode, grayscale, change, monkeypatch):
-    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda data, img: pytest.fail("a JPEG to convert took the plain path"))
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda data, img, num=8: pytest.fail("a JPEG to convert took the plain path"))
     out = validate_and_normalize(_jpeg(1, (120, 90), mode=mode, quality=90), grayscale=grayscale, min_side=1)
     assert change in out.changes and out.pixels.shape[2] == (1 if grayscale else 3)
 
@@ -84,14 +87,15 @@ def test_a_rotated_jpeg_takes_pillows_path(monkeypatch):
     exif = Image.Exif()
     exif[0x0112] = 6
     data = _jpeg(2, (120, 90), quality=90, exif=exif.tobytes())
-    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda data, img: pytest.fail("a rotated JPEG took the plain path"))
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda data, img, num=8: pytest.fail("a rotated JPEG took the plain path"))
     out = validate_and_normalize(data, min_side=1)
     assert out.changes == ("exif_rotate:6",) and out.pixels.shape == (120, 90, 3)
 
 
-def _mutations(count: int) -> list[bytes]:
+def _mutations(count: int, large: bool = False) -> list[bytes]:
     rng = random.Random(50)
-    bases = [_jpeg(s, (96 + 8 * s, 64 + 4 * s), quality=85, progressive=s % 3 == 0) for s in range(6)]
+    side = (520, 400) if large else (96, 64)  # large: decoded at 2/8 to 4/8 for measures (reduce_to=128)
+    bases = [_jpeg(s, (side[0] + 8 * s, side[1] + 4 * s), quality=85, progressive=s % 3 == 0) for s in range(6)]
     out = []
     for i in range(count):
         buf = bytearray(rng.choice(bases))
@@ -119,10 +123,47 @@ def _mutations(count: int) -> list[bytes]:
 def test_mutated_jpegs_get_pillows_verdict(monkeypatch):
     mutated = _mutations(400)
     plain = [_verdict(data) for data in mutated]
-    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda data, img: None)
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda data, img, num=8: None)
     pillow = [_verdict(data) for data in mutated]
     differ = [i for i, (a, b) in enumerate(zip(plain, pillow)) if a != b]
     assert not differ, [(i, plain[i][0], pillow[i][0], plain[i][1] if plain[i][0] == "rejected" else "") for i in differ[:5]]
     # The set exercises both sides: kept ones (damage the decoder tolerates) and each reject reason.
+    kinds = {v[0] if v[0] == "kept" else v[1] for v in pillow}
+    assert {"kept", "truncated", "corrupt"} <= kinds
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(("size", "scale"), [((1024, 768), 1 / 4), ((2048, 1536), 1 / 8), ((700, 260), 1 / 2), ((1001, 75), 1)])
+def test_a_decode_for_measures_is_pillows_draft_in_grey(case, size, scale):
+    """reduce_to: the luma at the smallest n/8 scale keeping both sides >= 128; Pillow's draft("L") is the oracle."""
+    data = _jpeg(size[0] // 7, size, **CASES[case])
+    out = validate_and_normalize(data, min_side=1, reduce_to=128)
+    assert out.data is data and out.mode == "RGB" and (out.width, out.height) == size and out.scale == scale
+    want = (-(-size[1] * int(scale * 8) // 8), -(-size[0] * int(scale * 8) // 8))
+    if scale == 1:  # a side too short to reduce: the full colour decode, as without reduce_to
+        assert np.array_equal(out.pixels, _pillow(data))
+        return
+    assert out.pixels.shape == (*want, 1)
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("L", (want[1], want[0]))
+        img.load()
+        assert img.mode == "L" and img.size == (want[1], want[0])
+        assert np.array_equal(out.pixels[..., 0], np.asarray(img))
+
+
+def test_a_decode_for_measures_takes_scales_between_the_powers_of_two():
+    """libjpeg-turbo scales by any n/8: 3/8 keeps a 400-pixel side at 150 >= 128, where 1/4 would give 100."""
+    out = validate_and_normalize(_jpeg(9, (600, 400), quality=90), min_side=1, reduce_to=128)
+    assert out.scale == 3 / 8 and out.pixels.shape == (150, 225, 1)
+
+
+def test_mutated_jpegs_decoded_for_measures_get_pillows_verdict(monkeypatch):
+    """A reduced decode entropy-decodes every coefficient: what it keeps or rejects, and why, is Pillow's full decode's."""
+    mutated = _mutations(400, large=True)
+    reduced = [_verdict(data, reduce_to=128) for data in mutated]
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda data, img, num=8: None)
+    pillow = [_verdict(data, reduce_to=128) for data in mutated]
+    differ = [i for i, (a, b) in enumerate(zip(reduced, pillow)) if a != b]
+    assert not differ, [(i, reduced[i][0], pillow[i][0], reduced[i][1] if reduced[i][0] == "rejected" else "") for i in differ[:5]]
     kinds = {v[0] if v[0] == "kept" else v[1] for v in pillow}
     assert {"kept", "truncated", "corrupt"} <= kinds

@@ -360,6 +360,37 @@ def test_incremental_clean_carries_known_images(tmp_path):
         clean(src2, str(tmp_path / "clean3"), CleanConfig(workers=1, grayscale=True, skip_hashes_from=prev))
 
 
+@pytest.mark.parametrize("same_version", [True, False])
+def test_carried_rows_keep_their_measures_only_from_an_output_of_this_version(tmp_path, monkeypatch, same_version):
+    """An output of another measures version (an older imgpipe's) has its carried rows measured anew, as new rows are."""
+    import imgpipe.clean.decode as decode
+    import imgpipe.steps.clean as step
+    from dataclasses import replace
+
+    first = good_members(6)
+    prev = str(tmp_path / "clean1")
+    real = decode.measure_row
+    # The previous output's hashes are marked: every bit inverted (the distances between rows stay).
+    flip = (1 << 64) - 1
+    monkeypatch.setattr(decode, "measure_row", lambda img: replace(m := real(img), phash=m.phash ^ flip, phash_mirror=m.phash_mirror ^ flip))
+    clean(write_download_output(str(tmp_path / "dl1"), first), prev, CleanConfig(workers=1))
+    monkeypatch.setattr(decode, "measure_row", real)
+    if not same_version:
+        monkeypatch.setattr(step, "MEASURES_VERSION", step.MEASURES_VERSION + 1)
+    second = {**first, "images/Siamese_50.jpg": f.jpeg(90, 70, seed=550)}
+    dest = str(tmp_path / "clean2")
+    report = clean(write_download_output(str(tmp_path / "dl2"), second), dest, CleanConfig(workers=1, skip_hashes_from=prev))
+    assert report.extra["carried"] == len(first) and report.extra["quality"]["version"] == 2
+    fresh = str(tmp_path / "fresh")
+    clean(write_download_output(str(tmp_path / "dl3"), second), fresh, CleanConfig(workers=1))
+    want = {r["path"]: r["phash"] for r in read_output(fresh).to_pylist()}
+    for row in read_output(dest).to_pylist():
+        if row["path"] in first and same_version:
+            assert row["phash"] == want[row["path"]] ^ flip, "the previous output's own measures are carried"
+        else:
+            assert row["phash"] == want[row["path"]], "measured as a fresh clean measures it"
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -400,8 +431,9 @@ def test_pool_workers_exit_when_clean_is_killed(tmp_path, backend, request):
 
     root = "file://" + str(tmp_path / "store") if backend == "file" else request.getfixturevalue("s3_bucket") + "/kill"
     # Seconds of decoding after the pool starts, however fast the rest of the step gets:
-    # exact copies are rejected only after their full decode, so few pictures suffice.
-    pictures = [f.jpeg(640, 480, seed=i) for i in range(8)]
+    # exact copies are rejected only after their full decode, so few pictures suffice, and
+    # CMYK ones take Pillow's decode and a re-encode (a plain JPEG's reduced decode is too quick).
+    pictures = [f.encode(f.photo(640, 480, seed=i).convert("CMYK"), "JPEG", quality=90) for i in range(8)]
     members = {f"images/Abyssinian_{i}.jpg": pictures[i % 8] for i in range(1000)}
     source = write_download_output(f"{root}/download", members, row_group_rows=8, shards=4)
     proc = subprocess.Popen(

@@ -21,12 +21,12 @@ from imgpipe import parquet, storage
 from imgpipe.clean.buckets import Marker, bucket_path
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.plan import RowsPlan
-from imgpipe.clean.quality import METRICS, Measures, measure
+from imgpipe.clean.quality import MEASURE_SIDE, METRICS, Measures, measure
 from imgpipe.clean.tasks import ResultBuilder, Task, TaskResult
 from imgpipe.data.annotations import HeadBox, image_stem
-from imgpipe.data.images import ImageRejected, validate_and_normalize
+from imgpipe.data.images import ImageRejected, NormalizedImage, validate_and_normalize
 
-__all__ = ["OUTPUT_SCHEMA", "output_schema", "ShardBuckets", "validate_task"]
+__all__ = ["OUTPUT_SCHEMA", "output_schema", "ShardBuckets", "decode_row", "measure_row", "validate_task"]
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -58,6 +58,33 @@ OUTPUT_SCHEMA = pa.schema(
 def output_schema(classes: Sequence[str]) -> pa.Schema:
     """The schema of the data files: :data:`OUTPUT_SCHEMA` with the ``datasets`` features of ``classes``."""
     return parquet.with_hf_features(OUTPUT_SCHEMA, classes)
+
+
+def decode_row(data: bytes, cfg: CleanConfig, max_decode_bytes: int | None = None) -> NormalizedImage:
+    """One input's full validation and normalization as clean does it, its pixels decoded for measuring only.
+
+    A JPEG kept as it is comes back as its luma at a reduced DCT scale (``reduce_to``:
+    :data:`imgpipe.clean.quality.MEASURE_SIDE`); :func:`measure_row` measures either kind.
+
+    Raises:
+        ImageRejected: With the reject reason and detail.
+    """
+    return validate_and_normalize(
+        data,
+        grayscale=cfg.grayscale,
+        max_pixels=cfg.max_pixels,
+        min_side=cfg.min_side,
+        jpeg_quality=cfg.jpeg_quality,
+        max_decode_bytes=max_decode_bytes,
+        formats=cfg.formats,
+        reduce_to=MEASURE_SIDE,
+    )
+
+
+def measure_row(img: NormalizedImage) -> Measures:
+    """The measures of a :func:`decode_row` result, over the part of its pixels the image covers."""
+    assert img.pixels is not None  # validate_and_normalize always returns the decoded pixels
+    return measure(img.pixels, (img.width * img.scale, img.height * img.scale))
 
 
 def _box_for(member: str, width: int, height: int, boxes: dict[str, HeadBox]) -> list[float] | None:
@@ -157,15 +184,7 @@ def validate_task(
                     continue  # carried rows are copied from the previous output by _carry_rows
                 try:
                     with marker.naming(row, member):
-                        img = validate_and_normalize(
-                            blobs[i].as_py() or b"",
-                            grayscale=cfg.grayscale,
-                            max_pixels=cfg.max_pixels,
-                            min_side=cfg.min_side,
-                            jpeg_quality=cfg.jpeg_quality,
-                            max_decode_bytes=max_decode_bytes,
-                            formats=cfg.formats,
-                        )
+                        img = decode_row(blobs[i].as_py() or b"", cfg, max_decode_bytes)
                 except ImageRejected as exc:
                     results.failed(row, exc.reason, exc.detail[:500])
                     continue
@@ -176,7 +195,7 @@ def validate_task(
                     results.settled(row)  # decodes, but the plan rejects it
                     continue
                 bbox = _box_for(member, img.width, img.height, boxes)
-                measures = measure(img.pixels)
+                measures = measure_row(img)
                 shard = buckets.add(member, img, place, at, hashes[i].as_py(), bbox, measures)
                 results.settled(row, shard, bbox is not None, measures)
             buckets.flush()

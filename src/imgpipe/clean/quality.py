@@ -5,9 +5,8 @@ Two halves:
 * :func:`measure`, in the decode workers, while the decoded image is in memory: one small
   greyscale thumbnail (:data:`THUMB_SIDE` pixels square, whatever the image's size, so
   every measure is comparable across sizes) gives brightness, contrast, blur, entropy and
-  the perceptual hashes; the aspect ratio comes from the size. About 0.2 ms an image (0.25 ms
-  in a worker beside another), a quarter of a 0.2-megapixel JPEG's decode (docs/benchmarks.md,
-  "clean near its floor").
+  the perceptual hashes; the aspect ratio comes from the size. About 0.1 ms an image on the
+  reduced decode clean's workers hand it (docs/benchmarks.md, "clean near its floor").
 * :func:`assess`, in the step after the decode pass, over the dataset's own distribution:
   robust z-scores (median and MAD) flag outliers, and reject them only past the thresholds
   the config sets (:data:`OUTLIERS`); a blank image (no contrast) is rejected by its own
@@ -18,9 +17,10 @@ greyscale picture, the 8 x 8 lowest frequencies against their median; ``imagehas
 after https://www.hackerfactor.com/blog/index.php?/archives/432-Looks-Like-It.html),
 computed with two small matrix products instead of ``scipy.fftpack``: importing scipy
 costs a cold step 0.5 s and ``imagehash.phash`` 1 ms an image, more than the rest of the
-measures together. ``tests/clean/test_quality.py`` checks the two agree. The hash of the
-mirrored image comes from the same 32 x 32 picture flipped, so mirrored copies are found
-without a second resize.
+measures together. ``tests/clean/test_quality.py`` checks the transform against scipy's. The
+hash of the mirrored image comes from the same 32 x 32 picture flipped, so mirrored copies are
+found without a second resize. What the hashes find, against the definition before this one,
+is ``bench/measures.py``'s table in docs/benchmarks.md ("What they find").
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ __all__ = [
     "OUTLIERS",
     "Outlier",
     "THUMB_SIDE",
+    "MEASURE_SIDE",
+    "MEASURES_VERSION",
     "Measures",
     "measure",
     "phash_pair",
@@ -53,10 +55,14 @@ METRICS = ("brightness", "contrast", "blur", "entropy", "aspect_ratio")
 # Reject code of an image without contrast (its grey thumbnail's std below CleanConfig.blank_std).
 BLANK = "blank"
 
-# Side of the square greyscale thumbnail every measure is taken on, and of the nearest-neighbour
-# grid it is box-filtered from (2 x 2 pixels per thumbnail pixel).
+# Side of the square greyscale thumbnail every measure is taken on.
 THUMB_SIDE = 64
-_GRID = 2 * THUMB_SIDE
+
+# Which definition of the measures an output's columns hold (its manifest's ``quality.version``).
+# 1: a 128-pixel nearest-neighbour grid of the full decode, boxed 2 x 2; 2: the antialiased
+# thumbnail of :func:`measure`, of a reduced decode. Rows carried from an output of another
+# version are measured anew, so one run never compares hashes of two definitions.
+MEASURES_VERSION = 2
 
 # pHash: a HASH_SIDE x HASH_SIDE picture, whose LOW x LOW lowest DCT frequencies make 64 bits.
 _HASH_SIDE, _LOW = 32, 8
@@ -133,7 +139,8 @@ def _hash_pairs(pictures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     image's low frequencies are the picture's with every odd column's sign flipped.
     """
     low = _DCT @ pictures @ _DCT.T
-    return _bits(low), _bits(low * _MIRROR)
+    both = _bits(np.concatenate([low, low * _MIRROR]))
+    return both[: len(low)], both[len(low) :]
 
 
 def phash_pair(picture: Image.Image) -> tuple[int, int]:
@@ -145,17 +152,11 @@ def phash_pair(picture: Image.Image) -> tuple[int, int]:
 
 _LEVELS = np.arange(256, dtype=np.float64)
 _SQUARES = _LEVELS**2
-# PIL's RGB -> L weights (ITU-R 601-2 luma in 16-bit fixed point; they sum to 1 << 16, so a
-# grey pixel repeated in three channels is itself): ``Image.convert("L")`` is
-# ``(19595 R + 38470 G + 7471 B + 0x8000) >> 16``. In float32 that is exact: every partial
-# sum is an integer below 255 * 65536 + 32768 < 2 ** 24, and the scale by 2 ** -16 is exact too.
-_LUMA = np.array([19595.0, 38470.0, 7471.0], np.float32)
-_HALF, _UNIT = np.float32(0x8000), np.float32(1 / 65536)
 
-
-def _nearest(n: int) -> np.ndarray:
-    """The source indices ``Image.resize(..., NEAREST)`` samples to take :data:`_GRID` of ``n`` (pixel centres, floored)."""
-    return ((np.arange(_GRID) + 0.5) * (n / _GRID)).astype(np.intp)
+# The shortest side a reduced decode may hand measure(): the thumbnail's. Clean's workers decode
+# a JPEG kept as it is at the smallest DCT scale that keeps both sides at least this long
+# (imgpipe.data.images.validate_and_normalize, ``reduce_to``).
+MEASURE_SIDE = 2 * THUMB_SIDE
 
 
 def _halve(grey: np.ndarray) -> np.ndarray:
@@ -165,43 +166,52 @@ def _halve(grey: np.ndarray) -> np.ndarray:
     return ((rows[..., 0::2] + rows[..., 1::2] + 2) >> 2).astype(np.uint8)
 
 
-def _thumbnail(pixels: np.ndarray) -> np.ndarray:
+def _thumbnail(pixels: np.ndarray, extent: tuple[float, float] | None) -> np.ndarray:
     """The ``THUMB_SIDE``-square grey uint8 thumbnail of ``H x W`` or ``H x W x C`` uint8 pixels (C = 1 or 3).
 
-    Pillow's ``resize((_GRID, _GRID), NEAREST)``, ``convert("L")`` and ``reduce(2)``, on the
-    16,384 sampled pixels only.
+    Pillow's antialiased ``resize((THUMB_SIDE, THUMB_SIDE), BILINEAR)`` (a triangle filter
+    as wide as the reduction) of the ``extent`` the image covers, then ``convert("L")``.
+    A filter that weighs every pixel by its distance, where a box cuts at hard edges, keeps
+    the thumbnail of a resized, mirrored or differently decoded copy close to the
+    original's (docs/benchmarks.md, "What they find"). A picture over three times the
+    thumbnail's side is first box-reduced by a whole factor (``reducing_gap=3``: within 3
+    grey levels of the direct resize, a quarter of its time on a 12-megapixel picture).
     """
-    grid = pixels.take(_nearest(pixels.shape[0]), axis=0).take(_nearest(pixels.shape[1]), axis=1)
-    if grid.ndim == 3 and grid.shape[2] == 3:
-        luma = grid.reshape(-1, 3).astype(np.float32) @ _LUMA
-        luma += _HALF
-        luma *= _UNIT
-        grid = luma.astype(np.int32).reshape(_GRID, _GRID)
-    return _halve(grid.reshape(_GRID, _GRID))
+    img = Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
+    box = None if extent is None else (0.0, 0.0, *extent)
+    thumb = img.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+    return np.asarray(thumb if thumb.mode == "L" else thumb.convert("L"))
 
 
-def measure(pixels: np.ndarray) -> Measures:
+def measure(pixels: np.ndarray, extent: tuple[float, float] | None = None) -> Measures:
     """The quality measures and perceptual hashes of a decoded image, ``H x W`` or ``H x W x C`` uint8 (C = 1 or 3).
 
-    The thumbnail is a 2 x 2 box filter over a :data:`_GRID` square nearest-neighbour
-    sample of the image: it reads the same 16,384 pixels whatever the image's size, and
-    it samples symmetrically, so a mirrored copy gives the mirrored thumbnail (an integer
-    reduce drops its remainder from the right and bottom edges). The arithmetic is
-    Pillow's (``resize(NEAREST)``, ``convert("L")``, ``reduce(2)``), on the array the
-    decoder wrote, without copying the picture into an ``Image`` first;
-    ``tests/clean/test_quality.py`` checks it pixel for pixel against Pillow.
-    Measured on 1,200 synthetic photos, copies within 2 bits: re-encoded at quality 60 96%
-    (a whole-image reduce: 99%), resized by 10% 97% (91%), mirrored 100% (90%); no two
-    distinct photos within 4 bits either way. The hashes are pHash's DCT and median rule
-    on the thumbnail box-filtered to 32 x 32 (:func:`phash_pair` is ``imagehash.phash``
+    Every measure is taken on one :data:`THUMB_SIDE`-square grey thumbnail, an antialiased
+    reduction of the whole image (:func:`_thumbnail`), so the measures of one scene compare
+    across sizes and do not depend on which pixels a sample happens to hit. ``pixels`` may
+    be the image itself or its grey decoded at a reduced DCT scale with at least
+    :data:`MEASURE_SIDE` pixels a side (what clean's workers hand it): the measures are
+    nearly the same either way (``tests/clean/test_quality.py`` bounds the difference), and
+    the reduced decode costs a third of the full one. Blur is measured at the thumbnail's
+    scale, as cleanvision measures it on a 64-pixel picture: it finds heavy blur, not a
+    soft focus that only shows at full size. The hashes are pHash's DCT and median rule on
+    the thumbnail reduced 2 x 2 to 32 x 32 (:func:`phash_pair` is ``imagehash.phash``
     exactly, with its LANCZOS resize, for a picture given whole).
+
+    Args:
+        pixels: The decoded image, or its reduced decode.
+        extent: ``(width, height)`` of the image in ``pixels``' units, where a reduced decode
+            covers its last column and row only in part (libjpeg rounds each side of an
+            ``n/8`` decode up: a 333-pixel side at 2/8 is 84 pixels, of which the image
+            covers 83.25); the thumbnail and the aspect ratio are taken of it. ``None``: the
+            whole of ``pixels``.
 
     Returns:
         Brightness (mean grey, 0..255), contrast (grey std), blur (variance of the
         4-neighbour Laplacian: low is blurry), entropy (bits of the grey histogram, 0..8),
         aspect ratio (width / height), and the two hashes.
     """
-    grey = _thumbnail(pixels)
+    grey = _thumbnail(pixels, extent)
     g = grey.astype(np.int32)
     # int64: a squared Laplacian summed over the thumbnail passes 2 ** 31 (a checkerboard: 4e9).
     lap = (4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]).ravel().astype(np.int64)
@@ -212,7 +222,8 @@ def measure(pixels: np.ndarray) -> Measures:
     std = math.sqrt(max(0.0, float(p @ _SQUARES) - mean * mean))
     p = p[p > 0]
     blur = max(0.0, int(lap @ lap) / n - lap_mean * lap_mean)
-    metrics = np.array([mean, std, blur, -float(p @ np.log2(p)), pixels.shape[1] / pixels.shape[0]], dtype=np.float32)
+    aspect = pixels.shape[1] / pixels.shape[0] if extent is None else extent[0] / extent[1]
+    metrics = np.array([mean, std, blur, -float(p @ np.log2(p)), aspect], dtype=np.float32)
     phash, mirror = _hash_pairs(_halve(grey).astype(np.float64)[None])
     return Measures(int(phash[0]), int(mirror[0]), metrics)
 

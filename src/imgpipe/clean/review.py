@@ -34,7 +34,7 @@ import numpy as np
 from imgpipe.clean.config import CleanConfig
 from imgpipe.clean.neardup import group_representatives, hamming
 from imgpipe.clean.plan import Index, Plan
-from imgpipe.clean.quality import BLANK, METRICS, OUTLIERS, assess, histogram
+from imgpipe.clean.quality import BLANK, MEASURES_VERSION, METRICS, OUTLIERS, assess, histogram
 from imgpipe.clean.tasks import TaskResult
 from imgpipe.contract import Reject
 
@@ -132,6 +132,7 @@ def review(settled: TaskResult, index: Index, plan: Plan, cfg: CleanConfig) -> R
         }
     summary = {
         "quality": {
+            "version": MEASURES_VERSION,
             "outlier_z": cfg.outlier_z,
             "blank_std": cfg.blank_std,
             "reject_z": cfg.reject_z(),

@@ -22,6 +22,7 @@ from imgpipe.data.formats import (
     check_formats,
     sniff_format,
 )
+from imgpipe.data.jpeg_region import scale_for, scaled_size
 from imgpipe.data.modes import HIGH_BIT_MODES, decode_bytes, flatten_alpha, normalize_mode, target_mode, to_8bit
 
 __all__ = [
@@ -89,7 +90,11 @@ class NormalizedImage:
             when the original bytes are kept.
         pixels: The normalized image itself, ``height x width x C`` uint8 (C = 1 for
             ``L``, 3 for ``RGB``), for measures taken while it is decoded (clean's
-            quality metrics and perceptual hash), so nothing decodes it twice.
+            quality metrics and perceptual hash), so nothing decodes it twice; a JPEG
+            decoded for measures only (``reduce_to``) gives its reduced grey picture.
+        scale: The scale of ``pixels`` (``n/8`` for a reduced decode, else 1): the image
+            covers ``width * scale`` of their columns and ``height * scale`` of their rows,
+            the last of each perhaps only in part (libjpeg rounds each side up).
     """
 
     data: bytes
@@ -99,6 +104,7 @@ class NormalizedImage:
     format: str
     changes: tuple[str, ...]
     pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    scale: float = 1.0
 
 
 def load_decoders() -> None:
@@ -208,6 +214,7 @@ def validate_and_normalize(
     jpeg_quality: int = 95,
     max_decode_bytes: int | None = None,
     formats: Sequence[str] = DEFAULT_FORMATS,
+    reduce_to: int = 0,
 ) -> NormalizedImage:
     """Fully decodes an image, rejects what cannot be used, and normalizes the rest.
 
@@ -230,6 +237,13 @@ def validate_and_normalize(
             from its header by :func:`decode_bytes`; ``None`` for no limit.
         formats: The formats to decode (:func:`check_formats`); a file whose signature
             names another is ``unsupported_format``, without being parsed.
+        reduce_to: For a caller that only measures the pixels' grey (clean): a JPEG kept as
+            it is may be decoded to its luma alone, at the smallest DCT scale (``n/8``)
+            that keeps both sides at least this long, and ``pixels`` is then that reduced
+            ``H x W x 1`` grey picture, whatever ``mode`` says. The verdict is the
+            same: every scale entropy-decodes every coefficient, where corruption shows
+            (``tests/data/test_plain_jpeg.py`` checks it against Pillow's full decode). 0
+            decodes at full size.
 
     Returns:
         The normalized image, with the original bytes when nothing changed.
@@ -256,9 +270,10 @@ def validate_and_normalize(
         raise ImageRejected("too_small", f"{width}x{height}: a side is below min_side {min_side}")
     source_format = (img.format or sniff_format(data) or "unknown").lower()
     if source_format == "jpeg" and img.mode == target_mode(grayscale) and img.getexif().get(0x0112, 1) in (1, None):
-        pixels = _decode_plain_jpeg(data, img)
+        num = scale_for(height, width, reduce_to, reduce_to) if reduce_to > 0 else 8
+        pixels = _decode_plain_jpeg(data, img, num)
         if pixels is not None:
-            return NormalizedImage(data, width, height, img.mode, "jpeg", (), pixels)
+            return NormalizedImage(data, width, height, img.mode, "jpeg", (), pixels, num / 8)
     _decode(img)
     changes: list[str] = []
     orientation = img.getexif().get(0x0112, 1)
@@ -294,23 +309,29 @@ def _array(img: Image.Image) -> np.ndarray:
     return np.asarray(img).reshape(img.height, img.width, len(img.getbands()))
 
 
-def _decode_plain_jpeg(data: bytes, img: Image.Image) -> np.ndarray | None:
+def _decode_plain_jpeg(data: bytes, img: Image.Image, num: int = 8) -> np.ndarray | None:
     """The pixels of a JPEG that needs no normalization, decoded by libjpeg-turbo straight into an array.
 
     ``img`` is its opened header (``RGB`` or ``L``, upright). simplejpeg runs the same
     libjpeg-turbo decode as Pillow (the same pixels, ``tests/data/test_plain_jpeg.py``) without
     Pillow's copy out of its own 32-bit-per-pixel store: about a quarter less time per image,
-    which is most of clean's work. It is strict: on any warning of the decoder (truncation,
-    corrupt data, an odd sampling layout) this returns ``None`` and the caller decodes with
-    Pillow, so what is accepted or rejected, and why, stays Pillow's verdict.
+    which is most of clean's work. At a reduced scale (``num/8``, for measures only) it
+    decodes the luma alone (the JPEG's own Y channel: no chroma transform, upsampling or
+    colour conversion): 0.54 ms against 0.8-1.0 ms whole on 0.2-megapixel photos. It is
+    strict: on any warning of the decoder (truncation, corrupt data, an odd sampling layout)
+    this returns ``None`` and the caller decodes with Pillow, so what is accepted or
+    rejected, and why, stays Pillow's verdict.
     """
     import simplejpeg
 
+    want = scaled_size(img.height, img.width, num)
+    grey = img.mode == "L" or num < 8
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if img.mode == "L" else "RGB", strict=True)
+        # simplejpeg picks the smallest n/8 scale that keeps both sides at least this long: num's.
+        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if grey else "RGB", strict=True, min_height=want[0], min_width=want[1])
     except ValueError:
         return None
-    return pixels if pixels.shape[:2] == (img.height, img.width) else None
+    return pixels if pixels.shape[:2] == want else None
 
 
 def thumbnail(data: bytes, side: int, max_pixels: int) -> Image.Image:

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 from imgpipe import contract, parquet, resources, storage
 from imgpipe.clean.buckets import BUCKET_SUFFIX, bucket_path, read_bucket
 from imgpipe.clean.config import SPLITS, CleanConfig
-from imgpipe.clean.decode import ShardBuckets, output_schema, validate_task
+from imgpipe.clean.decode import ShardBuckets, decode_row, measure_row, output_schema, validate_task
 from imgpipe.clean.plan import Index, OverriddenLabeler, Plan, build_labeler, plan_rows, read_index
 from imgpipe.clean.pool import DecodePool, decode_pool, run_tasks
-from imgpipe.clean.quality import METRICS, Measures, measure
+from imgpipe.clean.quality import MEASURES_VERSION, METRICS, Measures
 from imgpipe.clean.review import Review, review
 from imgpipe.clean.tasks import ResultBuilder, Task, TaskResult, make_tasks
 from imgpipe.config import config_to_dict
@@ -164,8 +164,8 @@ def _write_shards(
 _ROW_SETTINGS = ("grayscale", "max_pixels", "min_side", "jpeg_quality", "formats")
 
 
-def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], pa.Table]:
-    """Data files, and ``sha256`` and ``split`` of every row, of a previous clean output."""
+def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], pa.Table, bool]:
+    """Data files, ``sha256`` and ``split`` of every row, and whether its measures are this version's, of a previous clean output."""
     manifest = contract.read_manifest(prefix, expect_step="clean")
     # As the manifest stores them (tuples as lists); an output written before a setting
     # existed was made with its default.
@@ -180,20 +180,25 @@ def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], pa.Table]:
         with fs.open_input_file(path) as fh:
             tables.append(pq.read_table(fh, columns=["sha256", "split"]))
     known = pa.concat_tables(tables) if tables else pa.table({"sha256": pa.array([], pa.string()), "split": pa.array([], pa.string())})
-    return files, known
+    version = ((manifest.get("extra") or {}).get("quality") or {}).get("version")
+    if version != MEASURES_VERSION:
+        log.info("clean: %s holds measures of version %s, not %s: its carried rows are measured anew", prefix, version, MEASURES_VERSION)
+    return files, known, version == MEASURES_VERSION
 
 
-# A previous output's measures, carried with its rows; one written before they existed is measured anew.
+# A previous output's measures, carried with its rows where they are this version's; others are measured anew.
 _MEASURE_COLUMNS = ["phash", "phash_mirror", *METRICS]
 
 
 def _carried_measures(prev: dict, cfg: CleanConfig) -> Measures:
-    """A carried row's hashes and quality metrics: its own columns, or measured from its stored image."""
+    """A carried row's hashes and quality metrics: its own columns, or measured from its stored image as a new row is.
+
+    Raises:
+        ImageRejected: If the stored image does not decode (the row is then decoded anew from the input).
+    """
     if prev.get("phash") is not None and all(prev.get(m) is not None for m in METRICS):
         return Measures(prev["phash"], prev["phash_mirror"], np.array([prev[m] for m in METRICS], np.float32))
-    with open_image(prev["image"]["bytes"], formats=_CARRIED_FORMATS, max_pixels=cfg.max_pixels) as img:
-        img.load()
-        return measure(np.asarray(img if img.mode in ("RGB", "L") else img.convert("RGB")))
+    return measure_row(decode_row(prev["image"]["bytes"], replace(cfg, formats=_CARRIED_FORMATS)))
 
 
 # A carried row's bytes are stored unchanged, so they are JPEG or PNG (other formats are re-encoded).
@@ -220,13 +225,17 @@ def _recheck_carried(prev: dict, sha256: str, cfg: CleanConfig) -> str | None:
     return None if seen == claimed else f"header says {seen}, the row says {claimed}"
 
 
-def _carry_rows(files: Sequence[str], index: Index, plan: Plan, bucket_dir: Path, task: int, cfg: CleanConfig) -> tuple[TaskResult, Counter[str]]:
+def _carry_rows(
+    files: Sequence[str], index: Index, plan: Plan, bucket_dir: Path, task: int, cfg: CleanConfig, measured: bool = True
+) -> tuple[TaskResult, Counter[str]]:
     """Copies the carried rows that pass :func:`_recheck_carried` into the shard buckets, placed anew.
 
     One previous file is read at a time; its rows are matched to the carried ones by
     sha256 in Arrow (a clean output holds each sha256 once). A row that fails the
     re-check, or that the previous output lacks, is no longer carried (``plan.carried``
     is cleared for it), so the decode pass that runs next decodes it from this run's input.
+    ``measured``: the output's measure columns are this version's (:data:`MEASURES_VERSION`);
+    otherwise every carried row is measured anew from its stored image.
 
     Returns:
         What was carried, and how many rows were refused, by why.
@@ -243,8 +252,8 @@ def _carry_rows(files: Sequence[str], index: Index, plan: Plan, bucket_dir: Path
             fs, path = storage.arrow_filesystem(uri)
             with fs.open_input_file(path) as fh:
                 pf = pq.ParquetFile(fh)
-                measured = _MEASURE_COLUMNS if set(_MEASURE_COLUMNS) <= set(pf.schema_arrow.names) else []
-                table = pf.read(columns=columns + measured)
+                reused = _MEASURE_COLUMNS if measured and set(_MEASURE_COLUMNS) <= set(pf.schema_arrow.names) else []
+                table = pf.read(columns=columns + reused)
             at = pc.index_in(table.column("sha256").cast(hashes.type), value_set=hashes).fill_null(-1).to_numpy()
             matched = np.flatnonzero(at >= 0)
             place = plan.of_rows(carried[at[matched]])
@@ -257,7 +266,12 @@ def _carry_rows(files: Sequence[str], index: Index, plan: Plan, bucket_dir: Path
                     plan.carried[row] = False
                     continue
                 img = SimpleNamespace(data=prev["image"]["bytes"], **{f: prev[f] for f in ("width", "height", "mode", "format")})
-                measures = _carried_measures(prev, cfg)
+                try:
+                    measures = _carried_measures(prev, cfg)
+                except ImageRejected as exc:
+                    refused[f"stored image does not decode ({exc.reason})"] += 1
+                    plan.carried[row] = False
+                    continue
                 shard = buckets.add(index.path(row), img, place, k, prev["sha256"], prev["bbox"], measures)
                 results.settled(row, shard, prev["bbox"] is not None, measures)
             buckets.flush()
@@ -359,7 +373,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None, *, whole: bool
     manifest = contract.read_manifest(source, expect_step="download")
     index = read_index(contract.data_files(source, manifest))
     labeler = build_labeler(cfg, index, (manifest.get("extra") or {}).get("sources") or [])
-    known_files, known = _read_known(cfg.skip_hashes_from, cfg) if cfg.skip_hashes_from else ([], None)
+    known_files, known, measured = _read_known(cfg.skip_hashes_from, cfg) if cfg.skip_hashes_from else ([], None, True)
     official = read_official_split(cfg.annotations) if cfg.split_from == "annotations" and cfg.annotations else None
     plan = plan_rows(index, labeler, cfg, known, official)
     known_rows = known.num_rows if known is not None else 0
@@ -375,7 +389,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None, *, whole: bool
     with tempfile.TemporaryDirectory(prefix="imgpipe-clean-") as tmp:
         bucket_dir = Path(tmp)
         # Carried first: a row that fails its re-check is decoded by the decode pass instead.
-        carried_rows, refused = _carry_rows(known_files, index, plan, bucket_dir, len(tasks), cfg) if known_rows else (None, Counter())
+        carried_rows, refused = _carry_rows(known_files, index, plan, bucket_dir, len(tasks), cfg, measured) if known_rows else (None, Counter())
         args = _task_arguments(index, plan, boxes, cfg, bucket_dir, pool)
         settled, _ = run_tasks(
             tasks,
