@@ -363,18 +363,18 @@ def test_incremental_clean_carries_known_images(tmp_path):
 @pytest.mark.parametrize("same_version", [True, False])
 def test_carried_rows_keep_their_measures_only_from_an_output_of_this_version(tmp_path, monkeypatch, same_version):
     """An output of another measures version (an older imgpipe's) has its carried rows measured anew, as new rows are."""
-    import imgpipe.clean.decode as decode
-    import imgpipe.steps.clean as step
     from dataclasses import replace
+
+    import imgpipe.steps.clean as step
 
     first = good_members(6)
     prev = str(tmp_path / "clean1")
-    real = decode.measure_row
+    real = clean_decode.measure_row
     # The previous output's hashes are marked: every bit inverted (the distances between rows stay).
     flip = (1 << 64) - 1
-    monkeypatch.setattr(decode, "measure_row", lambda img: replace(m := real(img), phash=m.phash ^ flip, phash_mirror=m.phash_mirror ^ flip))
+    monkeypatch.setattr(clean_decode, "measure_row", lambda img: replace(m := real(img), phash=m.phash ^ flip, phash_mirror=m.phash_mirror ^ flip))
     clean(write_download_output(str(tmp_path / "dl1"), first), prev, CleanConfig(workers=1))
-    monkeypatch.setattr(decode, "measure_row", real)
+    monkeypatch.setattr(clean_decode, "measure_row", real)
     if not same_version:
         monkeypatch.setattr(step, "MEASURES_VERSION", step.MEASURES_VERSION + 1)
     second = {**first, "images/Siamese_50.jpg": f.jpeg(90, 70, seed=550)}
