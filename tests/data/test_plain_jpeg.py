@@ -167,3 +167,19 @@ def test_mutated_jpegs_decoded_for_measures_get_pillows_verdict(monkeypatch):
     assert not differ, [(i, reduced[i][0], pillow[i][0], reduced[i][1] if reduced[i][0] == "rejected" else "") for i in differ[:5]]
     kinds = {v[0] if v[0] == "kept" else v[1] for v in pillow}
     assert {"kept", "truncated", "corrupt"} <= kinds
+
+
+def test_an_unusual_sampling_layout_gets_pillows_verdict_when_decoded_for_measures(monkeypatch):
+    """Luma 1 x 1 under chroma 2 x 2: a decode of the luma alone skips the chroma upsampling that a colour decode needs.
+
+    The reduced decode must not keep what the colour decode would refuse: it gives the verdict
+    and the pixels Pillow's path gives (simplejpeg refuses the layout, so Pillow decodes it).
+    """
+    data = bytearray(_jpeg(4, (640, 480), quality=85, subsampling=2))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 11], data[sof + 14] = 0x11, 0x22  # Y 2x2 -> 1x1, Cb 1x1 -> 2x2
+    with Image.open(io.BytesIO(bytes(data))) as img:
+        assert [layer[1:3] for layer in img.layer] == [(1, 1), (2, 2), (1, 1)]
+    reduced = _verdict(bytes(data), reduce_to=128)
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda data, img, num=8: None)
+    assert reduced == _verdict(bytes(data), reduce_to=128)
