@@ -3,7 +3,7 @@
 Photo-like JPEGs (bench/scale.py's set); for ``--copies`` of them a copy re-encoded as JPEG
 quality 60, one resized to 90% (LANCZOS, re-encoded at the set's quality) and one mirrored
 left-right (re-encoded likewise). Every file goes through what clean's decode workers run on
-it (``validate_and_normalize`` with clean's ``reduce_to``, then ``measure``). Reported:
+it (``imgpipe.clean.decode.decode_row``, then ``measure_row``). Reported:
 
 * the share of copies whose pHash (or, for the mirrored, the original's mirrored pHash) is
   within 2 and 4 bits of the original's, and the distinct pairs of originals within 4 bits;
@@ -19,37 +19,38 @@ Run it against an older tree with ``PYTHONPATH=OLD/src`` to compare two definiti
 from __future__ import annotations
 
 import argparse
-import inspect
 import io
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from imgpipe.clean import quality
+from imgpipe.clean.config import CleanConfig
 from imgpipe.data.images import validate_and_normalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale import QUALITY, generate_archive  # noqa: E402
 
 
-def _clean_path() -> tuple[dict, str]:
-    """The keyword arguments clean's workers pass for measuring, and a name for them."""
-    if "reduce_to" in inspect.signature(validate_and_normalize).parameters:
-        side = quality.MEASURE_SIDE
-        return {"reduce_to": side}, f"reduced decode (>= {side} px a side, luma), antialiased thumbnail"
-    return {}, "full decode, 128-px grid + boxes"
+def _clean_path() -> tuple[Callable[[bytes], quality.Measures], str]:
+    """How clean's workers measure one file (:func:`imgpipe.clean.decode.decode_row` and ``measure_row``), and its name.
 
+    A tree from before them (through ``PYTHONPATH``) measured the full decode.
+    """
+    from imgpipe.clean import decode
 
-def _measure(data: bytes, kwargs: dict) -> quality.Measures:
-    img = validate_and_normalize(data, **kwargs)
-    if kwargs:  # as imgpipe.clean.decode.validate_task measures
-        return quality.measure(img.pixels, (img.width * img.scale, img.height * img.scale))
-    return quality.measure(img.pixels)
+    if hasattr(decode, "measure_row"):
+        cfg = CleanConfig()
+        return (lambda data: decode.measure_row(decode.decode_row(data, cfg))), (
+            f"reduced decode (>= {quality.MEASURE_SIDE} px a side, luma), antialiased thumbnail"
+        )
+    return (lambda data: quality.measure(validate_and_normalize(data).pixels)), "full decode, 128-px grid + boxes"
 
 
 def _bits(a: int, b: int) -> int:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copies", type=int, default=300)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    kwargs, path_name = _clean_path()
+    measure_file, path_name = _clean_path()
     with tempfile.TemporaryDirectory(prefix="imgpipe-bench-") as tmp:
         import tarfile
 
@@ -77,15 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         with tarfile.open(archive) as tar:
             originals = [tar.extractfile(m).read() for m in tar if m.isfile()]
     t0 = time.perf_counter()
-    measured = [_measure(data, kwargs) for data in originals]
+    measured = [measure_file(data) for data in originals]
     per_image_ms = (time.perf_counter() - t0) / len(originals) * 1e3
     kinds: dict[str, list[int]] = {"re-encoded q60": [], "resized 90%": [], "mirrored": []}
     for k in range(min(args.copies, len(originals))):
         img = Image.open(io.BytesIO(originals[k])).convert("RGB")
         small = img.resize((round(img.width * 0.9), round(img.height * 0.9)), Image.Resampling.LANCZOS)
-        kinds["re-encoded q60"].append(_bits(measured[k].phash, _measure(_jpeg(img, 60), kwargs).phash))
-        kinds["resized 90%"].append(_bits(measured[k].phash, _measure(_jpeg(small, QUALITY), kwargs).phash))
-        flipped = _measure(_jpeg(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), QUALITY), kwargs)
+        kinds["re-encoded q60"].append(_bits(measured[k].phash, measure_file(_jpeg(img, 60)).phash))
+        kinds["resized 90%"].append(_bits(measured[k].phash, measure_file(_jpeg(small, QUALITY)).phash))
+        flipped = measure_file(_jpeg(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), QUALITY))
         kinds["mirrored"].append(_bits(measured[k].phash_mirror, flipped.phash))
     hashes = np.array([m.phash for m in measured], np.uint64)
     close = 0

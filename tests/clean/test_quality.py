@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from imgpipe.clean.config import CleanConfig
+from imgpipe.clean.decode import decode_row, measure_row
 from imgpipe.clean.quality import MEASURE_SIDE, METRICS, OUTLIERS, assess, measure, phash_pair, robust_z
 from imgpipe.data.images import validate_and_normalize
 from imgpipe.data.synth_images import image_rng, render_image
@@ -65,10 +66,10 @@ def test_the_extent_is_what_the_thumbnail_covers():
 
 def _reduced_and_whole(data: bytes) -> tuple:
     """An image measured as clean's workers measure it (reduced decode) and from its whole decode."""
-    reduced = validate_and_normalize(data, reduce_to=MEASURE_SIDE)
+    reduced = decode_row(data, CleanConfig())
     whole = validate_and_normalize(data)
-    assert reduced.scale < 1 and whole.scale == 1
-    return measure(reduced.pixels, (reduced.width * reduced.scale, reduced.height * reduced.scale)), measure(whole.pixels)
+    assert reduced.scale < 1 and min(reduced.pixels.shape[:2]) >= MEASURE_SIDE and whole.scale == 1
+    return measure_row(reduced), measure(whole.pixels)
 
 
 @pytest.mark.parametrize("subsampling", [0, 1, 2])

@@ -375,8 +375,8 @@ def test_carried_rows_keep_their_measures_only_from_an_output_of_this_version(tm
     monkeypatch.setattr(clean_decode, "measure_row", lambda img: replace(m := real(img), phash=m.phash ^ flip, phash_mirror=m.phash_mirror ^ flip))
     clean(write_download_output(str(tmp_path / "dl1"), first), prev, CleanConfig(workers=1))
     monkeypatch.setattr(clean_decode, "measure_row", real)
-    if not same_version:
-        monkeypatch.setattr(step, "MEASURES_VERSION", step.MEASURES_VERSION + 1)
+    if not same_version:  # as an output an older imgpipe wrote reads (review.measures_current)
+        monkeypatch.setattr(step, "measures_current", lambda extra: False)
     second = {**first, "images/Siamese_50.jpg": f.jpeg(90, 70, seed=550)}
     dest = str(tmp_path / "clean2")
     report = clean(write_download_output(str(tmp_path / "dl2"), second), dest, CleanConfig(workers=1, skip_hashes_from=prev))
@@ -389,6 +389,40 @@ def test_carried_rows_keep_their_measures_only_from_an_output_of_this_version(tm
             assert row["phash"] == want[row["path"]] ^ flip, "the previous output's own measures are carried"
         else:
             assert row["phash"] == want[row["path"]], "measured as a fresh clean measures it"
+
+
+def test_measures_are_current_only_with_this_versions_mark():
+    from imgpipe.clean.quality import MEASURES_VERSION
+    from imgpipe.clean.review import measures_current
+
+    assert measures_current({"quality": {"version": MEASURES_VERSION}})
+    for extra in (None, {}, {"quality": None}, {"quality": {}}, {"quality": {"version": MEASURES_VERSION - 1}}):
+        assert not measures_current(extra), extra
+
+
+def test_a_carried_row_whose_stored_image_does_not_decode_is_decoded_anew(tmp_path, monkeypatch):
+    """Measuring a carried row anew that fails (its stored bytes refused) sends it to the decode pass, not the step down."""
+    import imgpipe.steps.clean as step
+    from imgpipe.data.images import ImageRejected
+
+    first = good_members(6)
+    prev = str(tmp_path / "clean1")
+    clean(write_download_output(str(tmp_path / "dl1"), first), prev, CleanConfig(workers=1))
+    monkeypatch.setattr(step, "measures_current", lambda extra: False)
+    real, refused = step.decode_row, "images/Bengal_1.jpg"
+    stored = {r["path"]: r["image"]["bytes"] for r in read_output(prev).to_pylist()}[refused]
+
+    def decode_row(data, cfg, max_decode_bytes=None):
+        if data == stored:
+            raise ImageRejected("corrupt", "refused for the test")
+        return real(data, cfg, max_decode_bytes)
+
+    monkeypatch.setattr(step, "decode_row", decode_row)  # the carried path only: the pool calls clean.decode's own
+    report = clean(write_download_output(str(tmp_path / "dl2"), first), str(tmp_path / "clean2"), CleanConfig(workers=1, skip_hashes_from=prev))
+    assert report.inputs == report.outputs + report.rejected
+    assert report.extra["carried"] == len(first) - 1
+    assert report.extra["carried_refused"] == {"stored image does not decode (corrupt)": 1}
+    assert refused in {r["path"] for r in read_output(str(tmp_path / "clean2")).to_pylist()}
 
 
 def _running(pid: int) -> bool:

@@ -153,7 +153,9 @@ def phash_pair(picture: Image.Image) -> tuple[int, int]:
 _LEVELS = np.arange(256, dtype=np.float64)
 _SQUARES = _LEVELS**2
 
-# The shortest side a reduced decode may hand measure(): the thumbnail's. Clean's workers decode
+# The shortest side a reduced decode may hand measure(): twice the thumbnail's, so every thumbnail
+# pixel averages at least 2 x 2 decoded ones and the reduced IDCT's own errors mostly cancel (at
+# 64, blur drifted to x0.61-1.45 of the whole decode's; docs/benchmarks.md). Clean's workers decode
 # a JPEG kept as it is at the smallest DCT scale that keeps both sides at least this long
 # (imgpipe.data.images.validate_and_normalize, ``reduce_to``).
 MEASURE_SIDE = 2 * THUMB_SIDE

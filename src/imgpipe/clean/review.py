@@ -38,7 +38,7 @@ from imgpipe.clean.quality import BLANK, MEASURES_VERSION, METRICS, OUTLIERS, as
 from imgpipe.clean.tasks import TaskResult
 from imgpipe.contract import Reject
 
-__all__ = ["NEAR_DUPLICATE", "REPORTED", "Review", "review"]
+__all__ = ["NEAR_DUPLICATE", "REPORTED", "Review", "measures_current", "review"]
 
 # Reject code of an image within near_duplicate_distance of an image that is kept.
 NEAR_DUPLICATE = "near_duplicate"
@@ -67,6 +67,11 @@ class Review:
     split_by_order: np.ndarray
     dropped_by_order: np.ndarray
     summary: dict[str, Any]
+
+
+def measures_current(extra: dict[str, Any] | None) -> bool:
+    """Whether a clean output's manifest ``extra`` (its :attr:`Review.summary` among it) holds measures of :data:`MEASURES_VERSION`."""
+    return ((extra or {}).get("quality") or {}).get("version") == MEASURES_VERSION
 
 
 def _outlier_detail(k: int, value: float, z: float, limit: float, median: float) -> str:

@@ -30,7 +30,7 @@ from imgpipe.clean.decode import ShardBuckets, decode_row, measure_row, output_s
 from imgpipe.clean.plan import Index, OverriddenLabeler, Plan, build_labeler, plan_rows, read_index
 from imgpipe.clean.pool import DecodePool, decode_pool, run_tasks
 from imgpipe.clean.quality import MEASURES_VERSION, METRICS, Measures
-from imgpipe.clean.review import Review, review
+from imgpipe.clean.review import Review, measures_current, review
 from imgpipe.clean.tasks import ResultBuilder, Task, TaskResult, make_tasks
 from imgpipe.config import config_to_dict
 from imgpipe.contract import Reject, StepReport
@@ -180,10 +180,10 @@ def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], pa.Table, boo
         with fs.open_input_file(path) as fh:
             tables.append(pq.read_table(fh, columns=["sha256", "split"]))
     known = pa.concat_tables(tables) if tables else pa.table({"sha256": pa.array([], pa.string()), "split": pa.array([], pa.string())})
-    version = ((manifest.get("extra") or {}).get("quality") or {}).get("version")
-    if version != MEASURES_VERSION:
-        log.info("clean: %s holds measures of version %s, not %s: its carried rows are measured anew", prefix, version, MEASURES_VERSION)
-    return files, known, version == MEASURES_VERSION
+    current = measures_current(manifest.get("extra"))
+    if not current:
+        log.info("clean: %s holds measures of another version than %s: its carried rows are measured anew", prefix, MEASURES_VERSION)
+    return files, known, current
 
 
 # A previous output's measures, carried with its rows where they are this version's; others are measured anew.
