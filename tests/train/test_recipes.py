@@ -17,6 +17,9 @@ from imgpipe.train.recipes import BASE, DOMAINS, SIZE_RECIPES, pick_recipe, reso
         ([30] * 10, "small"),
         ([49] * 3 + [500], "small"),  # the median decides: one big class does not make the data medium
         ([50] * 37, "medium"),
+        ([59] * 2, "small"),  # LFW's subset in the model race: 118 images in all are not "thousands"
+        ([99] * 10, "small"),  # 990 in all
+        ([100] * 10, "medium"),  # 1,000 in all
         ([100] * 37, "medium"),  # Oxford-IIIT Pet's size: thousands of images
         ([1000] * 5, "medium"),  # 5,000 images: "thousands", whatever the count per class
         ([1040] * 2, "medium"),  # 2 classes x 1,300 images, 1,040 each in the train split (the case)

@@ -76,9 +76,9 @@ class TrainConfig:
 
     Attributes:
         model: torchvision classification model name (``weights=None``) or ``tiny_cnn``.
-        recipe: Training recipe by dataset size: ``small`` (under 50 images per class),
-            ``medium`` (thousands), ``large`` (hundreds of thousands), ``auto`` (chosen from
-            the train split's images per class) or ``none`` (imgpipe's base settings). It
+        recipe: Training recipe by dataset size: ``small`` (under 50 images per class, or
+            under a thousand in all), ``medium`` (thousands), ``large`` (hundreds of thousands),
+            ``auto`` (chosen from the train split's counts) or ``none`` (imgpipe's base settings). It
             sets the policy, RandAugment N/M, MixUp/CutMix, label smoothing, weight decay,
             drop path, epochs and the linear-probe schedule; fields set explicitly win.
         domain: What the images are: ``natural``, ``text`` (no flips), ``medical``

@@ -2,7 +2,8 @@
 
 * ``recipe`` (:data:`SIZE_RECIPES`): note 004's recipes by data size, each value beside the
   note's words: ``small`` (under :data:`SMALL_BELOW` train images per class), ``medium``
-  (thousands) and ``large`` (:data:`LARGE_FROM_IMAGES` images in all). ``auto`` picks one
+  (thousands: :data:`MEDIUM_FROM_IMAGES` images in all) and ``large`` (:data:`LARGE_FROM_IMAGES`
+  images in all). ``auto`` picks one
   from the train split (:func:`pick_recipe`); ``none`` is :data:`BASE`, as before recipes.
 * ``domain`` (:data:`DOMAINS`): which transformations keep the label, flips and the
   policy's operations alike; test-time augmentation uses only the flips the domain allows.
@@ -39,6 +40,7 @@ __all__ = [
     "DOMAIN_FIELDS",
     "MAY_STAY_UNSET",
     "SMALL_BELOW",
+    "MEDIUM_FROM_IMAGES",
     "LARGE_FROM_IMAGES",
     "Resolution",
     "pick_recipe",
@@ -52,8 +54,12 @@ Domain = Literal["natural", "text", "medical", "satellite", "product"]
 DOMAIN_NAMES: tuple[str, ...] = get_args(Domain)
 
 # The notes' size classes: "small data (< 50 per class)", "thousands", "hundreds of thousands"
-# (of images in all: a 2-class set of 2,600 images is "thousands", not "large").
+# (of images in all: a 2-class set of 2,600 images is "thousands", not "large"). A set of at
+# least 50 per class but under a thousand images in all is in neither of the first two; it gets
+# the small recipe (milder mixing, early stopping), which won there in the model race
+# (docs/benchmarks.md: LFW's 118 train images, 59 per class; the medium recipe lost).
 SMALL_BELOW = 50
+MEDIUM_FROM_IMAGES = 1_000
 LARGE_FROM_IMAGES = 100_000
 
 # imgpipe's settings when no recipe is named (recipe "none", domain "natural"): the values
@@ -257,8 +263,9 @@ def pick_recipe(class_counts: Sequence[int] | np.ndarray) -> tuple[str, str]:
     """The size recipe for a train split with ``class_counts`` images per class, and why.
 
     The median over the classes present decides between ``small`` and ``medium`` (one rare
-    class does not make a dataset small); ``large`` needs :data:`LARGE_FROM_IMAGES` train
-    images in all (the notes' "hundreds of thousands", never a count per class).
+    class does not make a dataset small), and ``medium`` needs :data:`MEDIUM_FROM_IMAGES`
+    train images in all (the notes' "thousands"); ``large`` needs :data:`LARGE_FROM_IMAGES`
+    (the notes' "hundreds of thousands"). Both are counts in all, never per class.
 
     Raises:
         ValueError: If no class has an image.
@@ -271,9 +278,11 @@ def pick_recipe(class_counts: Sequence[int] | np.ndarray) -> tuple[str, str]:
     seen = f"{per_class:g} train images per class (median of {present.size} classes), {total} in all"
     if per_class < SMALL_BELOW:
         return "small", f"auto: {seen}: under {SMALL_BELOW} per class"
+    if total < MEDIUM_FROM_IMAGES:
+        return "small", f"auto: {seen}: under {MEDIUM_FROM_IMAGES:,} in all (not yet the notes' thousands)"
     if total >= LARGE_FROM_IMAGES:
         return "large", f"auto: {seen}: at least {LARGE_FROM_IMAGES} images in all"
-    return "medium", f"auto: {seen}: between the small and the large recipe"
+    return "medium", f"auto: {seen}: the notes' thousands, below the large recipe"
 
 
 def resolve(cfg: C, class_counts: Sequence[int] | np.ndarray | None = None) -> tuple[C, Resolution]:
