@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pickle
 import random
+import subprocess
+import sys
 
 import albumentations as A
 import numpy as np
@@ -50,6 +52,21 @@ def top_level_ops(transform: SampleTransform) -> list[str]:
 
 
 # ------------------------------------------------------------------ the CPU recipe (albumentations)
+
+
+def test_the_loader_and_the_cpu_recipe_start_without_torchvision():
+    """A loader worker unpickles its recipe in a fresh process; torchvision would add a second or so to each start."""
+    code = (
+        "import sys\n"
+        "from imgpipe.train.augment_config import AugmentConfig\n"
+        "from imgpipe.train.augment_cpu import build_train_transform\n"
+        "from imgpipe.train.loader import ImageLoader\n"
+        "build_train_transform(AugmentConfig(policy='randaugment', random_erasing=0.25), 32, 3)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", "the CPU recipe or the loader imports torchvision"
 
 
 @pytest.mark.parametrize("channels", [3, 1])

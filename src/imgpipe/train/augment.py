@@ -8,8 +8,7 @@ How it works in detail: docs/internals.md, "imgpipe.train.augment".
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,6 +18,16 @@ from torchvision.transforms import v2
 
 # The recipe's settings are torch-free (imgpipe.train.config); re-exported here.
 from imgpipe.train.augment_config import AugmentConfig
+from imgpipe.train.augment_shared import (
+    AFFINE_P,
+    COLOR_JITTER_P,
+    IMAGENET,
+    JPEG_QUALITY,
+    NOISE_STD,
+    Normalization,
+    blur_kernel,
+    channel_stats,
+)
 from imgpipe.train.policies import POLICY_NAMES, PolicyLimits, PolicySpec
 from imgpipe.train.policy_gpu import apply_policy
 
@@ -37,71 +46,6 @@ __all__ = [
     "step_seed",
     "step_generator",
 ]
-
-_AFFINE_P = 0.5
-_COLOR_JITTER_P = 0.8
-# Gaussian noise's std as a fraction of the pixel range (the CPU path draws one per image in
-# this range; kornia's noise has one std, the range's middle), and the JPEG qualities drawn.
-NOISE_STD = (0.02, 0.08)
-JPEG_QUALITY = (40, 95)
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel mean and std of the stored pixels scaled to ``[0, 1]``, as a model expects them.
-
-    Three channels: RGB, or the colour space the resize ops stored (YCbCr, Lab); a grey
-    model uses their averages (:func:`channel_stats`). The training run holds one
-    (``TrainingRun.norm``): the starting weights' own (:func:`imgpipe.train.pretrained.normalization`,
-    :func:`imgpipe.train.pretrained.recorded_normalization`), else the data's own train-split
-    statistics (the resize manifest's, :func:`imgpipe.resize.statistics.split_moments`), else
-    :data:`IMAGENET`; every consumer (:func:`normalize`, :class:`BatchAugment`, the CPU recipe's
-    erasing fill, ``model.pt`` and ``model.json``) takes it from there.
-    """
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def __post_init__(self) -> None:
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"need 3 means and 3 positive stds, got mean={self.mean}, std={self.std}")
-
-    @classmethod
-    def of_channels(cls, mean: Sequence[float], std: Sequence[float]) -> Normalization:
-        """From per-channel values of 3 channels, or of 1 (grey: repeated, so :func:`channel_stats` gives it back).
-
-        Raises:
-            ValueError: For another count, counts that differ, or a std that is not positive.
-        """
-        if len(mean) != len(std) or len(mean) not in (1, 3):
-            raise ValueError(f"need 1 or 3 means and as many stds, got mean={list(mean)}, std={list(std)}")
-        repeat = 3 // len(mean)
-        return cls(tuple(float(m) for m in mean) * repeat, tuple(float(s) for s in std) * repeat)  # type: ignore[arg-type]
-
-
-# The ImageNet statistics of torchvision's references (and of most of its weights).
-IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def channel_stats(channels: int, norm: Normalization = IMAGENET) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalization mean and std for 3 channels, or their averages for 1 (grey) channel.
-
-    Raises:
-        ValueError: For any other channel count.
-    """
-    if channels == 3:
-        return tuple(norm.mean), tuple(norm.std)
-    if channels == 1:
-        return (sum(norm.mean) / 3,), (sum(norm.std) / 3,)
-    raise ValueError(f"images must have 1 or 3 channels, got {channels}")
-
-
-def _mean_uint8(channels: int, norm: Normalization = IMAGENET) -> list[int]:
-    return [round(m * 255) for m in channel_stats(channels, norm)[0]]
-
-
-def _blur_kernel(size: int) -> int:
-    return max(3, (size // 20) | 1)
 
 
 def build_batch_eval_transform(size: int) -> v2.Compose:
@@ -189,7 +133,7 @@ class BatchAugment(nn.Module):
         if cfg.rot90:  # exact quarter turns of the square crop: nearest neighbour moves pixels only
             geometric.append(K.RandomRotation90(times=(0, 3), resample="nearest", p=1.0))
         if cfg.rotation > 0:
-            geometric.append(K.RandomAffine(cfg.rotation, translate=(0.05, 0.05), scale=(0.95, 1.05), p=_AFFINE_P))
+            geometric.append(K.RandomAffine(cfg.rotation, translate=(0.05, 0.05), scale=(0.95, 1.05), p=AFFINE_P))
         self.geometric = nn.Sequential(*geometric)
         # torchvision's policies with the domain's limits, drawn as on the CPU path (imgpipe.train.policies).
         limits = PolicyLimits(tuple(cfg.policy_exclude), cfg.policy_max_m)
@@ -197,11 +141,11 @@ class BatchAugment(nn.Module):
         color: list[nn.Module] = []
         if cfg.color_jitter > 0:
             cj = cfg.color_jitter
-            color.append(K.ColorJitter(cj, cj, cj, cfg.hue, p=_COLOR_JITTER_P))
+            color.append(K.ColorJitter(cj, cj, cj, cfg.hue, p=COLOR_JITTER_P))
         if cfg.grayscale_p > 0 and channels == 3:
             color.append(K.RandomGrayscale(p=cfg.grayscale_p))
         self.color = nn.Sequential(*color)
-        k = _blur_kernel(size)
+        k = blur_kernel(size)
         self.blur = K.RandomGaussianBlur((k, k), (0.1, 2.0), p=cfg.blur_p) if cfg.blur_p > 0 else None
         mid_std = sum(NOISE_STD) / 2
         self.noise = K.RandomGaussianNoise(std=mid_std, p=cfg.noise_p) if cfg.noise_p > 0 else None

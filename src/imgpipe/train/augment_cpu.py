@@ -30,18 +30,18 @@ import albumentations as A  # noqa: E402 - after the setting above
 import cv2
 import numpy as np
 
-from imgpipe.train.augment import (
-    _AFFINE_P,
-    _COLOR_JITTER_P,
+from imgpipe.train.augment_config import AugmentConfig
+from imgpipe.train.augment_shared import (
+    AFFINE_P,
+    COLOR_JITTER_P,
     IMAGENET,
     JPEG_QUALITY,
     NOISE_STD,
     Normalization,
-    _blur_kernel,
-    _mean_uint8,
+    blur_kernel,
     channel_stats,
+    mean_uint8,
 )
-from imgpipe.train.augment_config import AugmentConfig
 from imgpipe.train.policies import POLICY_NAMES, PolicyLimits, PolicySpec
 from imgpipe.train.policy_cpu import PolicyTransform
 
@@ -271,7 +271,7 @@ def _train_ops(cfg: AugmentConfig, size: int, channels: int, norm: Normalization
                 interpolation=cv2.INTER_NEAREST,
                 border_mode=cv2.BORDER_CONSTANT,
                 fill=0,
-                p=_AFFINE_P,
+                p=AFFINE_P,
             )
         )
     policy = _policy(cfg, size)
@@ -279,18 +279,18 @@ def _train_ops(cfg: AugmentConfig, size: int, channels: int, norm: Normalization
         ops.append(policy)
     if cfg.color_jitter > 0:
         cj = cfg.color_jitter
-        ops.append(A.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=cfg.hue, p=_COLOR_JITTER_P))
+        ops.append(A.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=cfg.hue, p=COLOR_JITTER_P))
     if cfg.grayscale_p > 0 and channels == 3:
         ops.append(A.ToGray(num_output_channels=3, method="weighted_average", p=cfg.grayscale_p))
     if cfg.blur_p > 0:
-        k = _blur_kernel(size)
+        k = blur_kernel(size)
         ops.append(A.GaussianBlur(blur_limit=(k, k), sigma_limit=(0.1, 2.0), p=cfg.blur_p))
     if cfg.noise_p > 0:
         ops.append(A.GaussNoise(std_range=NOISE_STD, p=cfg.noise_p))
     if cfg.jpeg_p > 0:
         ops.append(A.ImageCompression(compression_type="jpeg", quality_range=JPEG_QUALITY, p=cfg.jpeg_p))
     if cfg.random_erasing > 0:
-        ops.append(A.Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill=tuple(_mean_uint8(channels, norm)), p=cfg.random_erasing))
+        ops.append(A.Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill=tuple(mean_uint8(channels, norm)), p=cfg.random_erasing))
     return ops
 
 
