@@ -41,6 +41,8 @@ IMGPIPE_RAW_THREADS, IMGPIPE_JPEG_THREADS = "imgpipe raw, threads", "imgpipe jpe
 # the row cache a quarter of the memory the process may use): the rows the issue's targets apply to.
 # (auto is threads here: the processes of resolve_engine's GPU rule need CUDA and CPU augmentation.)
 IMGPIPE_RAW_DEFAULTS, IMGPIPE_JPEG_DEFAULTS = "imgpipe raw, defaults", "imgpipe jpeg, defaults"
+# The defaults' LoaderConfig fields as JSON, from the bench's process to the contender's (defaults_loader_fields).
+DEFAULTS_ENV = "IMGPIPE_BENCH_LOADER_DEFAULTS"
 IMGPIPE = {
     IMGPIPE_RAW: ("raw", "processes"),
     IMGPIPE_JPEG: ("jpeg", "processes"),
@@ -241,12 +243,27 @@ def _hf_dataset(root: Path) -> Any:
 THREADS_CACHE_BYTES = 2 << 30
 
 
-def imgpipe_loader(data: str, batch_size: int, workers: int, engine: str = "processes") -> Any:
+def defaults_loader_fields(batch_size: int, workers: int) -> dict[str, Any]:
+    """The loader settings ``TrainConfig`` gives a run that sets neither engine nor cache, at this batch and workers.
+
+    Built in the bench's own process and handed to the contender's: ``TrainConfig`` checks its
+    model name against torchvision's model list, the train step's check and not the loader's, and
+    a cold figure of the loader should not carry torchvision's import for it.
+    """
+    import dataclasses
+
+    from imgpipe.train.config import TrainConfig
+
+    return dataclasses.asdict(TrainConfig(batch_size=batch_size, num_workers=workers).loader(shuffle=True))
+
+
+def imgpipe_loader(data: str, batch_size: int, workers: int, engine: str = "processes", defaults: dict[str, Any] | None = None) -> Any:
     """imgpipe's contender: :class:`imgpipe.train.loader.ImageLoader` with exactly RandomResizedCrop + flip, uint8 out.
 
     The ``threads`` engine runs with the row cache (:data:`THREADS_CACHE_BYTES`); ``processes`` without;
     ``defaults`` is what ``TrainConfig`` gives a run that sets neither (``loader_engine`` auto,
-    ``loader_cache_gb`` unset), at the same batch and workers.
+    ``loader_cache_gb`` unset), at the same batch and workers: :func:`defaults_loader_fields`, or
+    ``defaults`` when the bench's process built them.
     """
     from imgpipe.train.augment_config import AugmentConfig
     from imgpipe.train.augment_cpu import build_train_transform
@@ -256,9 +273,7 @@ def imgpipe_loader(data: str, batch_size: int, workers: int, engine: str = "proc
 
     crop_flip = AugmentConfig(policy="basic", color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0)
     if engine == "defaults":
-        from imgpipe.train.config import TrainConfig
-
-        cfg = TrainConfig(batch_size=batch_size, num_workers=workers).loader(shuffle=True)
+        cfg = LoaderConfig(**(defaults or defaults_loader_fields(batch_size, workers)))
     else:
         cache = THREADS_CACHE_BYTES if engine == "threads" else 0
         cfg = LoaderConfig(batch_size=batch_size, num_workers=workers, engine=engine, cache_bytes=cache)
@@ -294,7 +309,8 @@ def build(name: str, root: Path, batch_size: int, workers: int) -> Callable[[int
         from imgpipe import storage
 
         fmt, engine = IMGPIPE[name]
-        loader = imgpipe_loader(storage.normalize_uri(str(root / f"resize-{fmt}")), batch_size, workers, engine)
+        defaults = json.loads(os.environ[DEFAULTS_ENV]) if engine == "defaults" and DEFAULTS_ENV in os.environ else None
+        loader = imgpipe_loader(storage.normalize_uri(str(root / f"resize-{fmt}")), batch_size, workers, engine, defaults)
 
         def run_epoch(epoch: int) -> int:
             loader.set_epoch(epoch)
@@ -373,7 +389,10 @@ def _child_env() -> dict[str, str]:
 
 def _run(name: str, root: Path, epochs: int, batch_size: int, workers: int) -> Run:
     cmd = [_python(name), __file__, "--child", name, "--root", str(root), "--epochs", str(epochs)]
-    return timed_child([*cmd, "--batch-size", str(batch_size), "--workers", str(workers)], env=_child_env())
+    env = _child_env()
+    if name in IMGPIPE and IMGPIPE[name][1] == "defaults":
+        env[DEFAULTS_ENV] = json.dumps(defaults_loader_fields(batch_size, workers))
+    return timed_child([*cmd, "--batch-size", str(batch_size), "--workers", str(workers)], env=env)
 
 
 def measure(
