@@ -32,6 +32,12 @@ def test_auto_picks_the_recipe_by_images_per_class(counts, expected):
     assert "per class" in reason and str(int(np.median(counts))) in reason
 
 
+def test_auto_gives_a_set_under_a_thousand_images_the_small_recipe_and_says_why():
+    name, reason = pick_recipe([59, 59])  # LFW's subset in the model race
+    assert name == "small"
+    assert "118 in all" in reason and "under 1,000 in all" in reason and "thousands" in reason
+
+
 def test_auto_picks_the_small_recipe_for_30_per_class_and_says_so():
     cfg, how = resolve(TrainConfig(recipe="auto", pretrained="IMAGENET1K_V1"), [30] * 10 + [0])
     assert how.requested == "auto" and how.recipe == cfg.recipe == "small"

@@ -38,7 +38,7 @@ class Normalization:
     (``TrainingRun.norm``): the starting weights' own (:func:`imgpipe.train.pretrained.normalization`,
     :func:`imgpipe.train.pretrained.recorded_normalization`), else the data's own train-split
     statistics (the resize manifest's, :func:`imgpipe.resize.statistics.split_moments`), else
-    :data:`IMAGENET`; every consumer (:func:`normalize`, :class:`BatchAugment`, the CPU recipe's
+    :data:`IMAGENET`; every consumer (:func:`imgpipe.train.augment.normalize`, :class:`imgpipe.train.augment.BatchAugment`, the CPU recipe's
     erasing fill, ``model.pt`` and ``model.json``) takes it from there.
     """
 
