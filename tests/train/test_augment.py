@@ -8,11 +8,14 @@ import subprocess
 import sys
 
 import albumentations as A
+import albumentations.augmentations.geometric.functional as fgeometric
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from imgpipe.resize.warp import shrink
 from imgpipe.train.augment import (
     BatchAugment,
     MixupCutmix,
@@ -397,11 +400,29 @@ def test_kornia_noise_and_jpeg_keep_shape_and_stay_close(channels):
 
 
 def _albumentations_itself(transform: SampleTransform, image: np.ndarray, seed: int) -> np.ndarray:
-    """The transform's own ``albumentations.Compose``, run as albumentations runs it, with the sample's generators."""
+    """The transform's own ``albumentations.Compose``, run as albumentations runs it, with the sample's generators.
+
+    Run inside :func:`_shrinking_as_ours`, which is the one change the native crop makes.
+    """
     pipeline = transform.pipeline
     pipeline.set_random_state(np.random.Generator(np.random.PCG64(seed)), random.Random(seed))
     out = pipeline(image=image)["image"]
     return out[..., None] if out.ndim == 2 else out
+
+
+def _shrinking_as_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """albumentations' crops resized as the native crop resizes them: :func:`shrink` where it would call INTER_AREA.
+
+    ``tests/resize/test_shrink.py`` holds that shrink to torchvision's ``resized_crop``.
+    """
+    resize = fgeometric.resize
+
+    def patched(img: np.ndarray, target_shape: tuple[int, int], interpolation: int) -> np.ndarray:
+        if interpolation == cv2.INTER_AREA and target_shape != img.shape[:2]:
+            return shrink(img, (target_shape[1], target_shape[0]))
+        return resize(img, target_shape, interpolation)
+
+    monkeypatch.setattr(fgeometric, "resize", patched)
 
 
 @pytest.mark.parametrize("channels", [3, 1])
@@ -414,7 +435,9 @@ def _albumentations_itself(transform: SampleTransform, image: np.ndarray, seed: 
         AugmentConfig(color_jitter=0.3, rotation=10, crop_scale=(0.3, 1.0)),
     ],
 )
-def test_the_native_crop_and_flip_are_albumentations_own_pixels(cfg, channels):
+def test_the_native_crop_and_flip_are_albumentations_own_pixels(cfg, channels, monkeypatch):
+    """albumentations' draws and pixels, but for the shrink of a crop larger than the output (``_shrinking_as_ours``)."""
+    _shrinking_as_ours(monkeypatch)
     rng = np.random.default_rng(7)
     for size in (24, 64):
         transform = build_train_transform(cfg, size, channels)

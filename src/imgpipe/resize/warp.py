@@ -1,8 +1,9 @@
-"""The resize's OpenCV sampling: an antialiased bilinear resize of a sub-pixel box (:func:`warp_resize`).
+"""OpenCV's antialiased bilinear resizes: a sub-pixel box (:func:`warp_resize`), a whole array (:func:`shrink`).
 
-:mod:`imgpipe.resize.ops` uses it where the box is within :data:`WARP_MAX_SCALE` source pixels
-per output pixel (no JPEG draft would help); docs/internals.md, "imgpipe.resize.ops", says how
-it compares with PIL's filter.
+:mod:`imgpipe.resize.ops` uses :func:`warp_resize` where the box is within :data:`WARP_MAX_SCALE`
+source pixels per output pixel (no JPEG draft would help); docs/internals.md, "imgpipe.resize.ops",
+says how it compares with PIL's filter. The train step's RandomResizedCrop
+(:mod:`imgpipe.train.augment_cpu`) uses :func:`shrink` where a crop is larger than the output.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import cv2
 import numpy as np
 
-__all__ = ["ANTIALIAS_K", "WARP_MAX_SCALE", "hwc", "warp_margin", "warp_resize", "within_warp"]
+__all__ = ["ANTIALIAS_K", "WARP_MAX_SCALE", "hwc", "shrink", "warp_margin", "warp_resize", "within_warp"]
 
 
 def hwc(arr: np.ndarray) -> np.ndarray:
@@ -43,7 +44,7 @@ def _blur(arr: np.ndarray, sig_x: float, sig_y: float) -> np.ndarray:
     return cv2.GaussianBlur(arr, (kx, ky), sigmaX=sig_x or 1e-6, sigmaY=sig_y or 1e-6, borderType=cv2.BORDER_REPLICATE)
 
 
-def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> np.ndarray:
+def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_size: tuple[int, int], dst: np.ndarray | None = None) -> np.ndarray:
     """Antialiased bilinear resize of the sub-pixel ``box`` of ``arr`` to ``out_size``, with OpenCV.
 
     The same geometry as ``PIL.Image.resize(size, BILINEAR, box=box)`` (output pixel
@@ -56,9 +57,10 @@ def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_siz
         arr: ``H x W x C`` uint8 (C = 1 or 3).
         box: (left, upper, right, lower) in ``arr`` pixels.
         out_size: (width, height) of the output.
+        dst: An ``height x width x C`` uint8 array to write into, or None.
 
     Returns:
-        ``height x width x C`` uint8.
+        ``height x width x C`` uint8 (``dst`` where one is given).
     """
     x0, y0, x1, y1 = box
     sx, sy = (x1 - x0) / out_size[0], (y1 - y0) / out_size[1]
@@ -69,7 +71,7 @@ def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_siz
         # too, at about 2/3 of warpAffine's cost (separable tables, no per-pixel map).
         if sig_x or sig_y:
             arr = _blur(arr, sig_x, sig_y)
-        return hwc(cv2.resize(arr, out_size, interpolation=cv2.INTER_LINEAR))
+        return hwc(cv2.resize(arr, out_size, dst=dst, interpolation=cv2.INTER_LINEAR))
     # Only the box and what the filters reach beyond it are touched.
     margin = warp_margin(box, out_size)
     left, top = max(0, math.floor(x0) - margin), max(0, math.floor(y0) - margin)
@@ -79,8 +81,40 @@ def warp_resize(arr: np.ndarray, box: tuple[float, float, float, float], out_siz
         sub = _blur(sub, sig_x, sig_y)
     # Output pixel (u, v) samples the source at x0 + (u + 0.5) * sx - 0.5 (pixel centres).
     matrix = np.array([[sx, 0.0, x0 - left + 0.5 * sx - 0.5], [0.0, sy, y0 - top + 0.5 * sy - 0.5]])
-    out = cv2.warpAffine(sub, matrix, out_size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.warpAffine(sub, matrix, out_size, dst=dst, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
     return hwc(out)
+
+
+def shrink(arr: np.ndarray, out_size: tuple[int, int], dst: np.ndarray | None = None) -> np.ndarray:
+    """The whole of ``arr`` resized to ``out_size`` (width, height), antialiased on each axis it shrinks.
+
+    Per axis, while the array is at least twice the output, a two-pixel average
+    (``cv2.INTER_AREA``'s integer path, which leaves out an odd last row or column); then
+    :func:`warp_resize` of the input's own extent in what is left (under 2 source pixels per
+    output pixel: the Gaussian prefilter and bilinear sampling, the edge repeated where a
+    dropped row or column was). An axis that does not shrink is sampled bilinearly. The filter of torchvision's
+    ``resized_crop(antialias=True)`` (PIL's triangle) is approximated within about one grey
+    level on photos, at a quarter to a half of the cost of ``cv2.INTER_AREA``, which falls
+    back to a slow general path at non-integer ratios
+    (``tests/resize/test_shrink.py``; docs/benchmarks.md, "The loader's crop").
+
+    Args:
+        arr: ``H x W x C`` uint8 (C = 1 or 3); a view is read within its own bounds.
+        out_size: (width, height) of the output.
+        dst: An ``height x width x C`` uint8 array to write into (a batch's row), or None.
+
+    Returns:
+        ``height x width x C`` uint8: ``dst`` where one is given.
+    """
+    out_w, out_h = out_size
+    h, w = arr.shape[:2]
+    ext_w, ext_h = float(w), float(h)  # the whole of the input, in the current array's pixels
+    while w >= 2 * out_w or h >= 2 * out_h:
+        fx, fy = (2 if w >= 2 * out_w else 1), (2 if h >= 2 * out_h else 1)
+        w, h = w // fx, h // fy
+        arr = hwc(cv2.resize(arr[: h * fy, : w * fx], (w, h), interpolation=cv2.INTER_AREA))
+        ext_w, ext_h = ext_w / fx, ext_h / fy  # an odd last column or row dropped: the box reaches past the edge
+    return warp_resize(arr, (0.0, 0.0, ext_w, ext_h), out_size, dst=dst)
 
 
 def warp_margin(box: tuple[float, float, float, float], out_size: tuple[int, int]) -> int:

@@ -30,6 +30,7 @@ import albumentations as A  # noqa: E402 - after the setting above
 import cv2
 import numpy as np
 
+from imgpipe.resize.warp import shrink
 from imgpipe.train.augment_config import AugmentConfig
 from imgpipe.train.augment_shared import (
     AFFINE_P,
@@ -102,10 +103,14 @@ class SampleTransform:
     started by spawn or forkserver receive a copy).
 
     A pipeline that starts with a ``RandomResizedCrop`` (and a ``HorizontalFlip``) runs those
-    two natively: albumentations' own crop parameters from the same draws, then one
-    ``cv2.resize`` straight into ``out`` and an in-place flip, without albumentations' per-call
-    bookkeeping; the rest of the pipeline, if any, runs as albumentations runs it. The pixels
-    are albumentations' own, bit for bit (``tests/train/test_augment.py``).
+    two natively: albumentations' own crop parameters from the same draws, then one resize
+    straight into ``out`` and an in-place flip, without albumentations' per-call bookkeeping;
+    the rest of the pipeline, if any, runs as albumentations runs it. A crop no larger than
+    the output is albumentations' own pixels, bit for bit; a larger one is shrunk by
+    :func:`imgpipe.resize.warp.shrink` where albumentations calls ``cv2.INTER_AREA``, which
+    at the non-integer ratios of random crops costs 2 to 4 times as much and is no closer to
+    torchvision's ``resized_crop(antialias=True)`` (``tests/train/test_augment.py``,
+    ``tests/resize/test_shrink.py``).
 
     Attributes:
         pipeline: The ``albumentations.Compose`` it runs.
@@ -156,9 +161,10 @@ class SampleTransform:
         slot = out if out is not None and self._rest is None and out.shape == (h, w, region.shape[2]) else None
         if region.shape[:2] == (h, w):  # albumentations keeps a crop of the right size as it is
             result = region if slot is None else _filled(slot, region)
+        elif region.shape[0] > h or region.shape[1] > w:
+            result = shrink(region, (w, h), dst=slot)  # where albumentations' cv2.INTER_AREA (module docstring)
         else:
-            interpolation = crop._get_interpolation_for_resize(region.shape[:2], "image")
-            result = cv2.resize(region, (w, h), dst=slot, interpolation=interpolation)
+            result = cv2.resize(region, (w, h), dst=slot, interpolation=crop.interpolation)
             if result.ndim == 2:  # OpenCV drops the channel axis of a one-channel image
                 result = result[..., None]
         if flipped:
