@@ -94,6 +94,37 @@ def test_each_operation_on_both_paths_is_torchvisions(channels):
             assert diff.max() == 0, f"CPU path {op} {magnitude}: {int((diff > 0).sum())} pixels differ"
 
 
+@pytest.mark.parametrize("counts", ["opencv", "numpy"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_table_and_remap_kernels_are_torchvisions_at_training_sizes(channels, counts, monkeypatch):
+    """The operations the CPU path runs as lookup tables or ``cv2.remap``, on non-square 224-class images."""
+    from imgpipe.train import policy_cpu
+
+    if counts == "numpy":  # Equalize's count for images too large for OpenCV's float32 histogram
+        monkeypatch.setattr(policy_cpu, "_EXACT_FLOAT32", 0)
+    rng = np.random.default_rng(1)
+    for height, width in [(224, 224), (131, 200)]:
+        image = np.clip(rng.normal(120, 50, (height, width, 3)), 0, 255).astype(np.uint8)[..., :channels].copy()
+        image[: height // 3] //= 2  # uneven histogram: Equalize's table matters
+        for op, magnitude in [
+            ("Rotate", 17.3),
+            ("Rotate", -30.0),
+            ("ShearX", 0.3),
+            ("ShearY", -0.21),
+            ("TranslateX", -61.0),
+            ("TranslateY", 45.0),
+            ("Brightness", 0.7),
+            ("Brightness", -0.45),
+            ("Contrast", 0.9),
+            ("Contrast", -0.3),
+            ("Solarize", 0.4),
+            ("AutoContrast", 0.0),
+            ("Equalize", 0.0),
+        ]:
+            expected = oracle("randaugment", image, op, magnitude)
+            np.testing.assert_array_equal(cpu_op(image, op, magnitude), expected, err_msg=f"{op} {magnitude} at {height}x{width}x{channels}")
+
+
 def _torchvision_draws(policy: str, runs: int, **kwargs) -> Counter:
     """(op, magnitude) pairs torchvision's own ``forward`` applies over ``runs`` calls, recorded."""
     torch.manual_seed(0)

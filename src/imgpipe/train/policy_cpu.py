@@ -34,10 +34,32 @@ _GREY = np.array([0.2989, 0.587, 0.114], np.float32)
 _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13.0
 
 
+_LEVELS = np.arange(256, dtype=np.float32)  # every uint8 value, for the tables below
+
+
 def _blend(img: np.ndarray, other: np.ndarray | float, ratio: float) -> np.ndarray:
-    """torchvision's ``_blend`` on uint8: ``img * r + other * (1 - r)``, clamped, truncated to uint8."""
-    out = img.astype(np.float32) * np.float32(ratio) + np.asarray(other, np.float32) * np.float32(1.0 - ratio)
+    """torchvision's ``_blend`` on uint8: ``img * r + other * (1 - r)``, clamped, truncated to uint8.
+
+    With a scalar ``other`` (Brightness, Contrast) a pixel's result depends on its own value
+    alone: the same arithmetic runs once on the 256 values and the image is looked up.
+    """
+    if np.ndim(other) == 0:
+        return _lookup(img, _blended(_LEVELS, other, ratio))
+    return _blended(img.astype(np.float32), other, ratio)
+
+
+def _blended(values: np.ndarray, other: np.ndarray | float, ratio: float) -> np.ndarray:
+    out = values * np.float32(ratio) + np.asarray(other, np.float32) * np.float32(1.0 - ratio)
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _lookup(img: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``table[img]``: one 256-entry uint8 table for every channel, or a ``256 x C`` one per channel (``cv2.LUT``)."""
+    if table.ndim == 1 or img.shape[2] == 1:
+        out = cv2.LUT(img, np.ascontiguousarray(table.reshape(256, -1)[:, 0]))
+    else:
+        out = cv2.LUT(img, np.ascontiguousarray(table.reshape(256, 1, img.shape[2])))
+    return out.reshape(img.shape)
 
 
 def _grey(img: np.ndarray) -> np.ndarray:
@@ -68,36 +90,44 @@ def _sharpness(img: np.ndarray, factor: float) -> np.ndarray:
 
 
 def _autocontrast(img: np.ndarray) -> np.ndarray:
-    f = img.astype(np.float32)
-    lo, hi = f.min(axis=(0, 1), keepdims=True), f.max(axis=(0, 1), keepdims=True)
+    """Each channel stretched from its own minimum and maximum, one table per channel."""
+    pixels = img.reshape(-1, img.shape[2])
+    lo = np.array([cv2.minMaxLoc(pixels[:, c])[:2] for c in range(img.shape[2])], np.float32)
+    lo, hi = lo[:, 0], lo[:, 1]
     flat = hi == lo
     scale = (hi - lo) * np.float32(1.0 / 255)
     lo, scale = np.where(flat, 0, lo), np.where(flat, 1, scale)
-    return np.clip((f - lo) / scale, 0, 255).astype(np.uint8)
+    table = np.clip((_LEVELS[:, None] - lo) / scale, 0, 255).astype(np.uint8)  # 256 x C
+    return _lookup(img, table)
+
+
+_EXACT_FLOAT32 = 1 << 24  # every count below it is exact in float32
 
 
 def _equalize(img: np.ndarray) -> np.ndarray:
-    """PIL's equalization per channel, as torchvision's ``equalize_image`` computes it."""
-    out = np.empty_like(img)
-    for c in range(img.shape[2]):
-        channel = img[..., c]
-        hist = np.bincount(channel.ravel(), minlength=256)
+    """PIL's equalization per channel, as torchvision's ``equalize_image`` computes it: one table per channel."""
+    channels = img.shape[2]
+    table = np.empty((256, channels), np.uint8)
+    for c in range(channels):
+        if img.shape[0] * img.shape[1] < _EXACT_FLOAT32:  # OpenCV counts in float32
+            hist = cv2.calcHist([img], [c], None, [256], [0, 256]).ravel().astype(np.int64)
+        else:
+            hist = np.bincount(img[..., c].ravel(), minlength=256)
         cum = np.cumsum(hist)
-        step = (channel.size - hist[int(np.argmax(cum))]) // 255
+        step = (cum[-1] - hist[int(np.argmax(cum))]) // 255
         if step == 0:
-            out[..., c] = channel
+            table[:, c] = np.arange(256)  # the channel as it is
             continue
-        lut = np.concatenate([[0], np.clip((cum[:-1] + step // 2) // step, 0, 255)]).astype(np.uint8)
-        out[..., c] = lut[channel]
-    return out
+        table[:, c] = np.concatenate([[0], np.clip((cum[:-1] + step // 2) // step, 0, 255)])
+    return _lookup(img, table)
 
 
 @lru_cache(maxsize=64)
 def _centres(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Output pixel centres relative to the image centre, as ``torchvision``'s affine grid has them."""
+    """Output pixel centres relative to the image centre, as ``torchvision``'s affine grid has them: a row and a column."""
     xs = np.arange(w, dtype=np.float32) - np.float32(w * 0.5 - 0.5)
     ys = np.arange(h, dtype=np.float32) - np.float32(h * 0.5 - 0.5)
-    return np.meshgrid(xs, ys)
+    return xs[None, :], ys[:, None]
 
 
 def _inverse_matrix(angle: float, translate: tuple[float, float], shear: tuple[float, float], centre: tuple[float, float]) -> list[float]:
@@ -116,17 +146,23 @@ def _inverse_matrix(angle: float, translate: tuple[float, float], shear: tuple[f
 
 
 def _warp(img: np.ndarray, m: list[float]) -> np.ndarray:
-    """Nearest-neighbour resampling through the inverse matrix ``m``, fill 0 (``grid_sample``, ``align_corners=False``)."""
+    """Nearest-neighbour resampling through the inverse matrix ``m``, fill 0 (``grid_sample``, ``align_corners=False``).
+
+    The source coordinates are computed in float32, in torchvision's order; ``cv2.remap``'s
+    nearest neighbour rounds them half to even (``cvRound``), as ``grid_sample`` does, and
+    fills what falls outside with 0.
+    """
     h, w = img.shape[:2]
     xs, ys = _centres(h, w)
     m32 = np.asarray(m, np.float32)
-    sx = np.rint(xs * m32[0] + ys * m32[1] + m32[2] + np.float32(w * 0.5 - 0.5)).astype(np.int64)
-    sy = np.rint(xs * m32[3] + ys * m32[4] + m32[5] + np.float32(h * 0.5 - 0.5)).astype(np.int64)
-    inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
-    flat = img.reshape(h * w, img.shape[2])
-    out = flat[np.where(inside, sy * w + sx, 0).ravel()].reshape(img.shape)
-    out[~inside] = 0
-    return out
+    sx = xs * m32[0] + ys * m32[1]
+    sx += m32[2]
+    sx += np.float32(w * 0.5 - 0.5)
+    sy = xs * m32[3] + ys * m32[4]
+    sy += m32[5]
+    sy += np.float32(h * 0.5 - 0.5)
+    out = cv2.remap(img, sx, sy, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out.reshape(img.shape)
 
 
 def _geometric(img: np.ndarray, op: str, m: float) -> np.ndarray:
@@ -163,7 +199,8 @@ def apply_op(img: np.ndarray, op: str, magnitude: float) -> np.ndarray:
         bits = int(magnitude)
         return img if bits >= 8 else img & np.uint8((0xFF << (8 - bits)) & 0xFF)
     if op == "Solarize":
-        return np.where(img >= np.float32(255.0 * magnitude), 255 - img, img).astype(np.uint8)
+        levels = _LEVELS
+        return _lookup(img, np.where(levels >= np.float32(255.0 * magnitude), 255 - levels, levels).astype(np.uint8))
     if op == "AutoContrast":
         return _autocontrast(img)
     if op == "Equalize":
