@@ -17,22 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from peers_common import Run, fmt_spread, markdown, peers_python, rotated, spread, timed_child
+from peers_loader_copies import COPIES, hf_dataset, photos
+from peers_loader_copies import __file__ as COPIES_SCRIPT
 
 __all__ = ["CONTENDERS", "IMGPIPE_RAW", "IMGPIPE_JPEG", "FFCV_JPEG", "imgpipe_loader", "prepare", "measure", "summarize", "tables"]
 
 SIZE = 224
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
-JPEG_QUALITY = 95  # imgpipe's jpeg output (ResizeSpec.jpeg_quality); FFCV's JPEG .beton holds the same files
-WDS_SHARDS = 8
 
 IMGPIPE_RAW, IMGPIPE_JPEG = "imgpipe raw", "imgpipe jpeg"
 # The same loader with LoaderConfig(engine="threads") (imgpipe.train.threads): its workers are threads.
@@ -68,7 +66,7 @@ CONTENDERS = [
     WDS,
 ]
 IN_PEERS_VENV = {FFCV_RAW, FFCV_JPEG, MDS}
-# The copy each contender reads, written once by `--prepare KEY` (in the contender's venv).
+# The copy each contender reads, written once by bench/peers_loader_copies.py KEY (in the contender's venv).
 COPY = {FFCV_RAW: "ffcv-raw", FFCV_JPEG: "ffcv-jpeg", TORCHVISION: "imagefolder", HF: "hf", MDS: "mds", WDS: "wds"}
 
 
@@ -76,33 +74,8 @@ def _python(name: str) -> str:
     return peers_python() if name in IN_PEERS_VENV else sys.executable
 
 
-def _train_files(root: Path, fmt: str) -> list[Path]:
-    return sorted((root / f"resize-{fmt}" / "train").glob("*.parquet"))
-
-
 # ----------------------------------------------------------------------------------------
-# The data, written once.
-
-
-def _photos(root: Path, count: int) -> list:
-    """``count`` photo-like JPEGs of varying size (bench/scale.py's set: sides 250-640, 37 classes)."""
-    import io
-
-    from photos import Photo
-    from PIL import Image
-    from scale import generate_archive
-
-    archive = root / f"images-{count}.tar"
-    generate_archive(archive, count)
-    photos = []
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            data = tar.extractfile(member).read()
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-            name = Path(member.name).name
-            photos.append(Photo(name, name.rsplit("_", 1)[0], width, height, data))
-    return photos
+# The data, written once (the copies themselves: bench/peers_loader_copies.py).
 
 
 def prepare(root: Path, images: int, workers: int) -> dict[str, str]:
@@ -118,15 +91,15 @@ def prepare(root: Path, images: int, workers: int) -> dict[str, str]:
     from imgpipe.steps.resize import resize
 
     root.mkdir(parents=True, exist_ok=True)
-    clean = write_clean_output(root / "clean", _photos(root, images), 128, 2048)  # clean's default layout
+    clean = write_clean_output(root / "clean", photos(root, images), 128, 2048)  # clean's default layout
     with ray_session():
         for fmt in ("raw", "jpeg"):
             resize(clean, storage.normalize_uri(str(root / f"resize-{fmt}")), ResizeConfig(preset="224", train_mode="whole", format=fmt))
     failed: dict[str, str] = {}
-    for key in ("imagefolder", "wds", "hf", "ffcv-raw", "ffcv-jpeg", "mds"):  # mds reads the imagefolder
+    for key in COPIES:  # mds reads the imagefolder, written before it
         python = peers_python() if key.startswith(("ffcv", "mds")) else sys.executable
         # A timeout: FFCV's writer waits forever on a worker that died.
-        run = timed_child([python, __file__, "--prepare", key, "--root", str(root), "--workers", str(workers)], env=_child_env(), timeout=900)
+        run = timed_child([python, COPIES_SCRIPT, key, "--root", str(root), "--workers", str(workers)], env=_child_env(), timeout=900)
         for name, copy in COPY.items():
             if copy == key and run.error:
                 failed[name] = f"prepare failed: {run.error}"
@@ -134,104 +107,6 @@ def prepare(root: Path, images: int, workers: int) -> dict[str, str]:
             failed[MDS] = f"prepare failed: {run.error}"
         print(f"prepare {key}: {run.error or f'{run.seconds:.1f} s'}", file=sys.stderr, flush=True)
     return failed
-
-
-def _write_copy(key: str, root: Path, workers: int) -> None:
-    """One peer's copy of the train images (the ``--prepare KEY`` child, in that peer's venv)."""
-    import pyarrow.parquet as pq
-
-    # A copy under a --root written before, maybe at another size, is written anew.
-    stale = root / "hf-cache" if key == "hf" else root / (f"{key}.beton" if key.startswith("ffcv") else key)
-    if stale.is_dir():
-        shutil.rmtree(stale)
-    else:
-        stale.unlink(missing_ok=True)
-    if key == "imagefolder":  # the jpeg output's own bytes, as files in class folders
-        for f in _train_files(root, "jpeg"):
-            for row in pq.read_table(f, columns=["image", "path", "label_name"]).to_pylist():
-                path = root / "imagefolder" / row["label_name"] / Path(row["path"]).name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(row["image"]["bytes"])
-    elif key == "wds":
-        import webdataset as wds
-
-        rows = [r for f in _train_files(root, "jpeg") for r in pq.read_table(f, columns=["image", "label"]).to_pylist()]
-        (root / "wds").mkdir(exist_ok=True)
-        for shard in range(WDS_SHARDS):
-            with wds.TarWriter(str(root / "wds" / f"shard-{shard:06d}.tar")) as sink:
-                for i, r in enumerate(rows[shard::WDS_SHARDS]):
-                    sink.write({"__key__": f"{shard:02d}{i:06d}", "jpg": r["image"]["bytes"], "cls": r["label"]})
-    elif key == "hf":  # the Parquet to the Arrow cache, as the first load_dataset of a user does
-        _hf_dataset(root)
-    elif key.startswith("ffcv"):
-        _write_beton(root, key.split("-")[1], workers)
-    elif key == "mds":
-        from PIL import Image
-        from streaming import MDSWriter
-
-        classes = sorted(p.name for p in (root / "imagefolder").iterdir())
-        with MDSWriter(out=str(root / "mds"), columns={"image": "jpeg", "label": "int"}) as out:
-            for label, name in enumerate(classes):
-                for path in sorted((root / "imagefolder" / name).iterdir()):
-                    with Image.open(path) as img:  # a JpegImageFile with a filename: MDS stores the file's bytes
-                        out.write({"image": img, "label": label})
-    else:
-        raise ValueError(f"unknown copy {key!r}")
-
-
-def _write_beton(root: Path, mode: str, workers: int) -> None:
-    """FFCV's .beton of the raw output's pixels (``write_mode`` raw), or of the jpeg output's very JPEG files.
-
-    FFCV's writer encodes JPEGs itself (OpenCV at 4:2:0); the JPEG .beton holds imgpipe's
-    files instead (4:4:4 at quality 95), so that both loaders decode the same bytes: each
-    row's pixels carry its file, which the writer's encoder hands back unchanged.
-    """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.fields import rgb_image as ffcv_rgb
-    from ffcv.writer import DatasetWriter
-
-    table = pa.concat_tables(pq.read_table(f, columns=["path", "pixels", "height", "width", "label"]) for f in _train_files(root, "raw"))
-    paths, pixels, heights, widths, labels = (table.column(c).to_pylist() for c in ("path", "pixels", "height", "width", "label"))
-    files: dict[str, bytes] = {}
-    if mode == "jpeg":
-        jpegs = pa.concat_tables(pq.read_table(f, columns=["path", "image"]) for f in _train_files(root, "jpeg"))
-        files = {p: img["bytes"] for p, img in zip(jpegs.column("path").to_pylist(), jpegs.column("image").to_pylist())}
-        if set(files) != set(paths):
-            raise ValueError("the raw and jpeg resize outputs hold different images")
-
-    class WithFile(np.ndarray):
-        jpeg: bytes
-
-    encode = ffcv_rgb.encode_jpeg
-
-    def same_file(image: np.ndarray, quality: int) -> np.ndarray:
-        return np.frombuffer(image.jpeg, np.uint8) if isinstance(image, WithFile) else encode(image, quality)
-
-    ffcv_rgb.encode_jpeg = same_file  # the writer's workers are forked after this
-
-    class Rows:
-        def __len__(self) -> int:
-            return len(pixels)
-
-        def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-            image = np.frombuffer(pixels[i], np.uint8).reshape(heights[i], widths[i], 3)
-            if mode == "jpeg":
-                image = image.view(WithFile)
-                image.jpeg = files[paths[i]]
-            return image, labels[i]
-
-    fields = {"image": RGBImageField(write_mode="jpg" if mode == "jpeg" else mode, jpeg_quality=JPEG_QUALITY), "label": IntField()}
-    DatasetWriter(str(root / f"ffcv-{mode}.beton"), fields, num_workers=workers).from_indexed_dataset(Rows())
-
-
-def _hf_dataset(root: Path) -> Any:
-    import datasets
-
-    files = [str(f) for f in _train_files(root, "jpeg")]
-    return datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(root / "hf-cache"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -334,7 +209,7 @@ def build(name: str, root: Path, batch_size: int, workers: int) -> Callable[[int
 
         return _count(_data_loader(ImageFolder(str(root / "imagefolder"), transform=transform), batch_size, workers))
     if name == HF:
-        dataset = _hf_dataset(root).select_columns(["image", "label"])
+        dataset = hf_dataset(root).select_columns(["image", "label"])
         dataset.set_transform(lambda b: {"image": [transform(im.convert("RGB")) for im in b["image"]], "label": b["label"]})
         loader = _data_loader(dataset, batch_size, workers)
         return lambda epoch: sum(len(batch["image"]) for batch in loader)
@@ -493,18 +368,14 @@ def tables(results: dict[str, dict[str, Any]], ratios: list[dict[str, Any]], rep
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help="run this contender's epochs in this process")
-    parser.add_argument("--prepare", help="write this copy of the train images (imagefolder, wds, hf, ffcv-raw, ffcv-jpeg, mds)")
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.prepare:
-        _write_copy(args.prepare, args.root, args.workers)
-        return 0
     if args.child:
         return child_main(args)
-    parser.error("--child or --prepare (bench/peers.py runs the comparison)")
+    parser.error("--child (bench/peers.py runs the comparison)")
     return 2
 
 
