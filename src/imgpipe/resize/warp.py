@@ -92,11 +92,12 @@ def shrink(arr: np.ndarray, out_size: tuple[int, int], dst: np.ndarray | None = 
     (``cv2.INTER_AREA``'s integer path, which leaves out an odd last row or column); then
     :func:`warp_resize` of the input's own extent in what is left (under 2 source pixels per
     output pixel: the Gaussian prefilter and bilinear sampling, the edge repeated where a
-    dropped row or column was). An axis that does not shrink is sampled bilinearly. The filter of torchvision's
-    ``resized_crop(antialias=True)`` (PIL's triangle) is approximated within about one grey
-    level on photos, at a quarter to a half of the cost of ``cv2.INTER_AREA``, which falls
-    back to a slow general path at non-integer ratios
-    (``tests/resize/test_shrink.py``; docs/benchmarks.md, "The loader's crop").
+    dropped row or column was). An axis that does not shrink is sampled bilinearly.
+
+    It is as close to torchvision's ``resized_crop(antialias=True)`` (PIL's triangle filter)
+    as ``cv2.INTER_AREA`` is, at a quarter to a half of its cost at the non-integer ratios of
+    random crops, where OpenCV's area resize takes a slow general path
+    (``tests/resize/test_shrink.py``; docs/benchmarks.md, "The CPU recipe per sample").
 
     Args:
         arr: ``H x W x C`` uint8 (C = 1 or 3); a view is read within its own bounds.
