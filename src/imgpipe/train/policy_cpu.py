@@ -92,8 +92,8 @@ def _sharpness(img: np.ndarray, factor: float) -> np.ndarray:
 def _autocontrast(img: np.ndarray) -> np.ndarray:
     """Each channel stretched from its own minimum and maximum, one table per channel."""
     pixels = img.reshape(-1, img.shape[2])
-    lo = np.array([cv2.minMaxLoc(pixels[:, c])[:2] for c in range(img.shape[2])], np.float32)
-    lo, hi = lo[:, 0], lo[:, 1]
+    bounds = np.array([cv2.minMaxLoc(pixels[:, c])[:2] for c in range(img.shape[2])], np.float32)  # C x (min, max)
+    lo, hi = bounds[:, 0], bounds[:, 1]
     flat = hi == lo
     scale = (hi - lo) * np.float32(1.0 / 255)
     lo, scale = np.where(flat, 0, lo), np.where(flat, 1, scale)
@@ -150,7 +150,8 @@ def _warp(img: np.ndarray, m: list[float]) -> np.ndarray:
 
     The source coordinates are computed in float32, in torchvision's order; ``cv2.remap``'s
     nearest neighbour rounds them half to even (``cvRound``), as ``grid_sample`` does, and
-    fills what falls outside with 0.
+    fills what falls outside with 0. OpenCV's remap takes sides under 32,767 pixels; the
+    policies run on the crop, at the model's input size.
     """
     h, w = img.shape[:2]
     xs, ys = _centres(h, w)
