@@ -59,7 +59,7 @@ def resize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def recipe_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A ``read_parquet`` batch of clean's rows through the torchvision recipe of bench/resize.py (PIL decode), JPEG out."""
+    """A ``read_parquet`` batch of clean's rows through the torchvision recipe of bench/resize_warm.py (PIL decode), JPEG out."""
     import io
 
     from PIL import Image
@@ -74,8 +74,8 @@ def recipe_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def images_row(row: dict[str, Any]) -> dict[str, Any]:
-    """``read_images``' rows (already decoded) through the torchvision recipe of bench/resize.py, JPEG out."""
-    from resize import baseline_row
+    """``read_images``' rows (already decoded) through the torchvision recipe of bench/resize_warm.py, JPEG out."""
+    from resize_warm import baseline_row
 
     return {"image": encode_jpeg(baseline_row(row)["image"], SPEC.jpeg_quality)}
 

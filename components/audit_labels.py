@@ -22,10 +22,11 @@ def audit_labels(
 ) -> None:
     """Ranks the train images by label quality into the run's ``audit/``; ``overrides`` is the CSV for clean's ``label_overrides``."""
     from imgpipe.kfp import artifacts as ka
+    from imgpipe.kfp.publish import publish_audit
     from imgpipe.steps.audit import AuditConfig, rank_label_issues
     from imgpipe.sweep import branch_prefixes
 
     models = list(branch_prefixes(branches, trained, ka.read_policy(data_root)).values())
     result = rank_label_issues(models, ka.run_prefix(data_root, run_id, "audit"), AuditConfig(folds=len(models), filter_by=filter_by))
-    ka.publish_audit(result.dest, report=report, metrics=metrics, overrides=overrides)
+    publish_audit(result.dest, report=report, metrics=metrics, overrides=overrides)
     ka.write_step_artifact(audit, result.dest)

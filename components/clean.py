@@ -28,6 +28,7 @@ def clean(
     from imgpipe import config
     from imgpipe.clean.config import CleanConfig
     from imgpipe.kfp import artifacts as ka
+    from imgpipe.kfp.publish import publish_step_report
     from imgpipe.steps.clean import clean
 
     policy = ka.read_policy(data_root)  # every URI the parameters name lies below data_root
@@ -36,5 +37,5 @@ def clean(
     named = {"grayscale": grayscale, "split": split, "seed": seed, "annotations": annotations, "skip_hashes_from": previous}
     cfg = config.step_config(CleanConfig, step_config, "clean", policy=policy, **named)
     result = clean(ka.read_step_artifact(dataset, "download", policy), ka.run_prefix(data_root, run_id, "clean"), cfg)
-    ka.publish_step_report(result.dest, metrics=metrics, report=report)
+    publish_step_report(result.dest, metrics=metrics, report=report)
     ka.write_step_artifact(cleaned, result.dest, previous_run_prefix=previous or "")

@@ -21,6 +21,7 @@ def compare(
 ) -> None:
     """Ranks the branches (``branches``: the plan; ``trained``: their collected step artifacts) into the run's ``compare/``."""
     from imgpipe.kfp import artifacts as ka
+    from imgpipe.kfp.publish import publish_comparison
     from imgpipe.steps.compare import compare, spread_metrics
     from imgpipe.sweep import branch_prefixes
 
@@ -28,7 +29,7 @@ def compare(
     groups = {b["branch"]: b["group"] for b in branches if "group" in b}  # with seeds: run -> its branch
     dest = ka.run_prefix(data_root, run_id, "compare")
     result = compare(branch_prefixes(branches, trained, ka.read_policy(data_root)), dest, settings=settings, groups=groups or None)
-    published = ka.publish_comparison(result.dest, report=report, metrics=metrics, winner=winner)
+    published = publish_comparison(result.dest, report=report, metrics=metrics, winner=winner)
     for name, value in spread_metrics(published).items():
         metrics.log_metric(name, value)
     ka.write_step_artifact(comparison, result.dest)

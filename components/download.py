@@ -35,6 +35,7 @@ def download(
     from imgpipe import config
     from imgpipe.data.sources import SourcePolicy
     from imgpipe.kfp import artifacts as ka
+    from imgpipe.kfp.publish import publish_step_report
     from imgpipe.steps.download import DownloadConfig, download
 
     def fetch(uri: str, sha256: str, step: str, previous: str | None = None) -> str:
@@ -44,5 +45,5 @@ def download(
     annotations = fetch(annotations_uri, annotations_sha256, "annotations") if annotations_uri else ""
     previous = ka.resolve_previous(data_root, previous_run_prefix, ka.read_policy(data_root), step="download")
     images = fetch(source_uri, source_sha256, "download", previous)
-    ka.publish_step_report(images, metrics=metrics, report=report)
+    publish_step_report(images, metrics=metrics, report=report)
     ka.write_step_artifact(dataset, images, annotations=annotations)

@@ -25,9 +25,10 @@ def merge_shards(
 ) -> None:
     """Merges the shards' clean outputs into the run's ``clean/`` prefix (labels, duplicates, split and order over all)."""
     from imgpipe.kfp import artifacts as ka
+    from imgpipe.kfp.publish import publish_step_report
     from imgpipe.kfp.shards import merge_shards
 
     named = {"grayscale": grayscale, "split": split, "seed": seed}
     done = merge_shards(shards, data_root, run_id, previous_run_prefix=previous_run_prefix, step_config=step_config, **named)
-    ka.publish_step_report(done.dest, metrics=metrics, report=report)
+    publish_step_report(done.dest, metrics=metrics, report=report)
     ka.write_step_artifact(cleaned, done.dest, previous_run_prefix=done.extra.get("carried_from") or "")

@@ -27,7 +27,7 @@ def prepare_shard(
     step_config: Optional[dict] = None,
 ) -> str:
     """Downloads and cleans this shard's share of the sources; returns the shard's clean prefix."""
-    from imgpipe.kfp import artifacts as ka
+    from imgpipe.kfp.publish import publish_step_report
     from imgpipe.kfp.shards import prepare_shard
 
     named = {"grayscale": grayscale, "split": split, "seed": seed}
@@ -43,5 +43,5 @@ def prepare_shard(
         step_config=step_config,
         **named,
     )
-    ka.publish_step_report(done.dest, metrics=metrics, report=report)
+    publish_step_report(done.dest, metrics=metrics, report=report)
     return done.dest

@@ -30,8 +30,9 @@ def promote(
     Either way the task succeeds, with the verdict and both numbers in its Metrics and report.
     """
     from imgpipe.kfp import artifacts as ka
+    from imgpipe.kfp.publish import publish_training
 
     policy = ka.read_policy(data_root)
     prefix = ka.committed_prefix(trained, "train", policy)
-    ka.publish_training(prefix, model=model, metrics=metrics, classification=confusion, report=report)
+    publish_training(prefix, model=model, metrics=metrics, classification=confusion, report=report)
     ka.promote_run(data_root, run_id, tolerance=promotion_tolerance or 0.0, metrics=metrics, report=report, policy=policy, candidate=prefix)

@@ -33,6 +33,7 @@ def resize(
     """
     from imgpipe import config
     from imgpipe.kfp import artifacts as ka
+    from imgpipe.kfp.publish import publish_step_report
     from imgpipe.remote.dispatch import run_step
     from imgpipe.resize.config import ResizeConfig
 
@@ -46,5 +47,5 @@ def resize(
     cfg = config.step_config(ResizeConfig, step_config, "resize", **named)
     source, dest = ka.read_step_artifact(cleaned, "clean", ka.read_policy(data_root)), ka.run_prefix(data_root, run_id, "resize")
     done = run_step("resize", source, dest, cfg, run_id=run_id).dest
-    ka.publish_step_report(done, metrics=metrics, report=report)
+    publish_step_report(done, metrics=metrics, report=report)
     return ka.write_step_artifact(resized, done)["dest"]

@@ -46,6 +46,7 @@ def train(
     """
     from imgpipe import config
     from imgpipe.kfp import artifacts as ka
+    from imgpipe.kfp.publish import publish_training
     from imgpipe.remote.dispatch import run_train
     from imgpipe.sweep import branch_config, branch_step
     from imgpipe.train.config import TrainConfig
@@ -56,5 +57,5 @@ def train(
     cfg = branch_config(cfg) if branch else cfg  # a diverged branch is compare's to rank last, not a failed sweep
     data, out = ka.committed_prefix(resized, "resize", policy), ka.run_prefix(data_root, run_id, branch_step(branch) if branch else "train")
     result = run_train(data, out, cfg, run_id=run_id, placement=placement)  # the pod's GPUs, or a TrainJob of cfg.nodes nodes
-    ka.publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)
+    publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)
     return ka.write_step_artifact(trained, result.dest, branch=branch)["dest"]

@@ -1,6 +1,7 @@
 """The Kubeflow pipelines of imgpipe: :mod:`pipelines.imgpipe_pipeline` (the pipeline),
 :mod:`pipelines.imgpipe_sweep` (the augmentation sweep over its data steps) and
-:mod:`pipelines.imgpipe_audit` (the K-fold label audit over them)."""
+:mod:`pipelines.imgpipe_audit` (the K-fold label audit over them); :mod:`pipelines.options`
+holds what is fixed when they are compiled."""
 
 from imgpipe.pipelines.imgpipe_audit import (
     AUDIT_PIPELINE_NAME,
@@ -10,10 +11,6 @@ from imgpipe.pipelines.imgpipe_audit import (
 )
 from imgpipe.pipelines.imgpipe_pipeline import (
     PIPELINE_NAME,
-    GpuScheduling,
-    PipelineOptions,
-    Resources,
-    Retry,
     build_pipeline,
     compile_pipeline,
 )
@@ -22,6 +19,12 @@ from imgpipe.pipelines.imgpipe_sweep import (
     SweepOptions,
     build_sweep_pipeline,
     compile_sweep,
+)
+from imgpipe.pipelines.options import (
+    GpuScheduling,
+    PipelineOptions,
+    Resources,
+    Retry,
 )
 
 __all__ = [

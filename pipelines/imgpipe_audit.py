@@ -28,8 +28,6 @@ from typing import Any, NamedTuple
 from imgpipe.components.audit_labels import audit_labels
 from imgpipe.components.plan_folds import plan_folds
 from imgpipe.pipelines.imgpipe_pipeline import (
-    Resources,
-    _configure,
     data_steps,
     pipeline_docstring,
     pipeline_function,
@@ -41,10 +39,11 @@ from imgpipe.pipelines.imgpipe_sweep import (
     branch_parameters,
     train_each,
 )
+from imgpipe.pipelines.options import Resources, configure_task
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Metrics
 
-from imgpipe.config import field_docs, plain_text
+from imgpipe.config_flags import field_docs, plain_text
 from imgpipe.steps.audit import AUDIT_PIPELINE_NAME, AuditConfig
 
 __all__ = ["AuditOptions", "build_audit_pipeline", "compile_audit"]
@@ -98,12 +97,12 @@ def build_audit_pipeline(options: AuditOptions | None = None) -> dsl.graph_compo
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         resized = data_steps(base, **{name: p[name] for name in _DATA_PARAMETERS})
         planned = plan_folds(resized=resized, data_root=p["data_root"], run_id=run_id, folds=p["folds"], seed=p["seed"], step_config=p["step_config"])
-        _configure(planned, "plan_folds", images.cpu, base, base.retry)
+        configure_task(planned, "plan_folds", images.cpu, base, base.retry)
         tr = train_each(planned.output, p, run_id, base, options.parallelism, "folds")
         ranked = audit_labels(
             branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"], run_id=run_id, filter_by=p["filter_by"]
         )
-        _configure(ranked, "audit_labels", images.gpu, base, base.retry)
+        configure_task(ranked, "audit_labels", images.gpu, base, base.retry)
         return Outputs(report=ranked.outputs["report"], metrics=ranked.outputs["metrics"], overrides=ranked.outputs["overrides"])
 
     docs = field_docs(AuditConfig)

@@ -3,10 +3,10 @@
 Every task writes ``{data_root}/runs/{run id}/{step}/`` and passes the next one a small
 step artifact that names that prefix (:mod:`imgpipe.kfp.artifacts`); images never
 travel as kfp artifacts. Every data task also emits a Metrics and an HTML artifact
-(:func:`imgpipe.kfp.artifacts.publish_step_report`); the train task emits the Model,
+(:func:`imgpipe.kfp.publish.publish_step_report`); the train task emits the Model,
 Metrics, ClassificationMetrics and HTML artifacts the Kubeflow UI shows.
 
-What is fixed when the pipeline is compiled (:class:`PipelineOptions`): the images,
+What is fixed when the pipeline is compiled (:class:`pipelines.options.PipelineOptions`): the images,
 resources, retries, GPU scheduling and caching. Caching is a compile-time choice on
 purpose: a run created from an uploaded pipeline version (``imgpipe submit``) cannot
 override it (kfp applies ``enable_caching`` only to runs created from a package
@@ -46,11 +46,8 @@ runs the gate, registers a promoted model, and holds the run's outputs.
 
 # No `from __future__ import annotations`: kfp reads the signature's annotations as types.
 import functools
-import json
-import os
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -61,21 +58,23 @@ from imgpipe.components.prepare_shard import prepare_shard
 from imgpipe.components.promote import promote
 from imgpipe.components.resize import resize
 from imgpipe.components.train import train
+from imgpipe.pipelines.options import (
+    RAY_TOKEN_KEYS,
+    RAY_TOKEN_SECRET,
+    PipelineOptions,
+    configure_task,
+    schedule_on_gpu,
+    step_image,
+    trainjob_settings,
+)
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
 
 from imgpipe import modelregistry
 from imgpipe.clean.config import CleanConfig
-from imgpipe.config import check_range, field_default, field_docs, plain_text
-from imgpipe.containers.catalog import ImageSet
-from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV
+from imgpipe.config_flags import field_default, field_docs, plain_text
 from imgpipe.kfp.artifacts import PIPELINE_NAME
 from imgpipe.kfp.shards import shard_items
-from imgpipe.readpolicy import READ_PREFIXES_ENV
-from imgpipe.registry import STEPS
-from imgpipe.remote import kube, rayjob_spec, trainjob
-from imgpipe.remote.ranks import PROCS_ENV
-from imgpipe.remote.targets import CLUSTERS_ENV
 from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
 from imgpipe.steps.promote import PromoteConfig
@@ -86,16 +85,6 @@ __all__ = [
     "PARAMETER_FIELDS",
     "DEFAULT_RAY_ADDRESS",
     "DEFAULT_RESIZE_TRAIN_MODE",
-    "S3_SECRET",
-    "S3_SECRET_KEYS",
-    "S3_CONFIG_MAP",
-    "S3_CONFIG_KEYS",
-    "OPERATOR_SETTINGS",
-    "RAY_TOKEN_SECRET",
-    "Resources",
-    "Retry",
-    "GpuScheduling",
-    "PipelineOptions",
     "data_steps",
     "train_steps",
     "pipeline_docstring",
@@ -104,33 +93,6 @@ __all__ = [
     "write_package",
     "pipeline_function",
 ]
-
-# The same Secret and ConfigMap the KubeRay resources use (k8s/ray/, k8s/base/).
-S3_SECRET = "imgpipe-s3-credentials"
-S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-S3_CONFIG_MAP = "imgpipe-s3-config"
-# Every operator setting a task reads at run time, as env of every task from the ConfigMap
-# (optional, and so is each key; docs/deploy.md, "Operator settings", lists the same): the S3
-# endpoint and region, the Ray clusters a run may send resize to, the KubeRay worker cap, the
-# TrainJob node cap, what sources and other URIs a run may name, and the Model Registry's
-# model name and whether registering may fail.
-OPERATOR_SETTINGS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-    CLUSTERS_ENV,
-    rayjob_spec.MAX_WORKERS_ENV,
-    trainjob.MAX_NODES_ENV,
-    SOURCE_NETWORKS_ENV,
-    SOURCE_LOCAL_ENV,
-    READ_PREFIXES_ENV,
-    modelregistry.MODEL_NAME_ENV,
-    modelregistry.OPTIONAL_ENV,
-)
-S3_CONFIG_KEYS = {name: name for name in OPERATOR_SETTINGS}
-# The token of the shared RayCluster's Jobs API (k8s/ray-shared/raycluster-shared.yaml; KubeRay
-# creates the Secret). Optional: the local and KubeRay modes need none.
-RAY_TOKEN_SECRET = "imgpipe-ray-shared"
-RAY_TOKEN_KEYS = {"auth_token": "RAY_AUTH_TOKEN"}
 
 
 # Each typed run parameter sets one step config field; its default and its description
@@ -225,112 +187,6 @@ def pipeline_docstring(
     return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class Resources:
-    """Kubernetes requests and limits of one task (kfp quantity strings)."""
-
-    cpu_request: str
-    cpu_limit: str
-    memory_request: str
-    memory_limit: str
-
-
-@dataclass(frozen=True)
-class Retry:
-    """A task's retry policy: ``num_retries`` more attempts, waiting ``backoff`` x ``factor``^n, capped."""
-
-    num_retries: int = 3
-    backoff: str = "60s"
-    factor: float = 2.0
-    max_backoff: str = "1800s"
-
-
-@dataclass(frozen=True)
-class GpuScheduling:
-    """Where the train task runs: its accelerators, the taint it tolerates, the nodes it selects.
-
-    ``count`` GPUs, one training process each; the task's CPUs are ``count`` times train's
-    (each process has its loader workers), and its memory is train's limit as set.
-
-    The defaults fit the NVIDIA GPU operator (nodes labelled
-    ``nvidia.com/gpu.present=true``) and GPU node pools tainted ``nvidia.com/gpu``.
-    """
-
-    accelerator: str = "nvidia.com/gpu"
-    count: int = 1
-    toleration_key: str = "nvidia.com/gpu"
-    node_selector: tuple[tuple[str, str], ...] = (("nvidia.com/gpu.present", "true"),)
-    # PyTorch loader workers share batches through /dev/shm; the container default is 64 MiB.
-    # A memory-backed emptyDir counts against the container's memory limit.
-    shm_size: str = "16Gi"
-
-
-def _default_resources() -> dict[str, Resources]:
-    return {
-        "download": Resources("1", "2", "2Gi", "4Gi"),
-        "clean": Resources("4", "4", "8Gi", "8Gi"),
-        # PipelineOptions.shards > 1: each shard downloads and cleans its share, sized like clean.
-        "prepare-shard": Resources("4", "4", "8Gi", "8Gi"),
-        # About 60 bytes an image plus one Parquet batch per shard (imgpipe.steps.merge).
-        "merge-shards": Resources("2", "2", "4Gi", "8Gi"),
-        # ray_address "": the pod does the work (a process pool or a local Ray: ResizeConfig.executor).
-        "resize-local": Resources("4", "4", "8Gi", "8Gi"),
-        # KubeRay or a Ray cluster does the work; the pod submits, polls and copies the log.
-        "resize": Resources("250m", "1", "512Mi", "1Gi"),
-        # 32 GiB for the process and its loader workers, plus GpuScheduling.shm_size (16 GiB). The row
-        # cache a run names none of takes a quarter of the limit (train.loader_config.AUTO_CACHE_FRACTION: 12 GiB),
-        # within the 32: the request equals the limit, so the node has it.
-        "train": Resources("8", "8", "48Gi", "48Gi"),
-        # train_nodes > 1: a TrainJob's nodes do the work; the pod creates and follows it.
-        "train-trainjob": Resources("250m", "1", "512Mi", "1Gi"),
-        # Re-scores the current and the new model on the test split (CPU, one pass each).
-        "promote": Resources("2", "4", "4Gi", "8Gi"),
-    }
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    """What is fixed at compile time.
-
-    Attributes:
-        caching: kfp caching of every task (off: see the module docstring).
-        images: The step images; read from the environment when the options are made.
-        retry: Retry policy of download, clean and resize; ``None`` disables retries.
-        train_retry: Retry policy of train (it resumes from its last checkpoint).
-        resources: Requests and limits per step.
-        gpu: GPU scheduling of train; ``None`` trains on CPU nodes.
-        s3_secret: Secret with ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, as env
-            of every task; ``None`` for pods with other credentials (IRSA, workload identity).
-        model_registry: Kubeflow Model Registry where a promoted model is registered
-            (``http(s)://host[:port]``; read from ``$IMGPIPE_MODEL_REGISTRY`` when the options
-            are made); empty registers nothing.
-        image_pull_secrets: Secrets every pod pulls its image with (a private registry): the
-            tasks', the RayJobs' and the TrainJobs' (read from ``$IMGPIPE_IMAGE_PULL_SECRETS``,
-            comma-separated, when the options are made).
-        shards: Pods download and clean run on: 1 is one task each; more compiles a
-            ``ParallelFor`` of ``prepare-shard`` tasks (each downloads and cleans its share of
-            the sources, :mod:`imgpipe.data.sharding`) and a ``merge-shards`` task that writes
-            the one clean output resize reads. Fixed when compiling, like the sweep's parallelism.
-        shard_parallelism: Shards running at once (0: all of them).
-    """
-
-    caching: bool = False
-    images: ImageSet = field(default_factory=ImageSet.from_env)
-    retry: Retry | None = Retry()
-    train_retry: Retry | None = Retry(num_retries=1, backoff="120s")
-    resources: dict = field(default_factory=_default_resources)
-    gpu: GpuScheduling | None = GpuScheduling()
-    s3_secret: str | None = S3_SECRET
-    model_registry: str = field(default_factory=lambda: os.environ.get(modelregistry.REGISTRY_ENV, ""))
-    image_pull_secrets: tuple[str, ...] = field(default_factory=kube.pull_secrets)
-    shards: int = 1
-    shard_parallelism: int = 0
-
-    def __post_init__(self) -> None:
-        shard_items(self.shards)  # checks the count
-        check_range("shard_parallelism", self.shard_parallelism, 0, self.shards, integer=True)
-
-
 class Outputs(NamedTuple):
     """What a run hands back: the promote task's UI artifacts (the model, its scores and report, the verdict)."""
 
@@ -338,85 +194,6 @@ class Outputs(NamedTuple):
     metrics: Metrics
     confusion: ClassificationMetrics
     report: HTML
-
-
-def _cpus_times(quantity: str, n: int) -> str:
-    """A CPU quantity (``"8"``, ``"500m"``) ``n`` times over."""
-    if quantity.endswith("m"):
-        return f"{int(quantity[:-1]) * n}m"
-    return f"{float(quantity) * n:g}"
-
-
-def step_image(images: ImageSet, step: str) -> str:
-    """The image of ``step``'s task: the kind its :mod:`imgpipe.registry` entry names."""
-    return getattr(images, STEPS[step].image)
-
-
-def _configure(task: dsl.PipelineTask, step: str, image: str, options: PipelineOptions, retry: Retry | None) -> None:
-    res = options.resources[step]
-    if step == "train" and options.gpu is not None and options.gpu.count > 1:
-        # One training process per GPU, each with its loader workers.
-        n = options.gpu.count
-        res = Resources(_cpus_times(res.cpu_request, n), _cpus_times(res.cpu_limit, n), res.memory_request, res.memory_limit)
-    task.set_display_name(step)
-    task.set_container_image(image)
-    task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
-    task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
-    task.set_caching_options(enable_caching=options.caching)
-    task.set_env_variable("PYTHONUNBUFFERED", "1")
-    if options.image_pull_secrets:  # this pod's, and those of the RayJobs and TrainJobs it creates
-        kubernetes.set_image_pull_secrets(task, list(options.image_pull_secrets))
-        task.set_env_variable(kube.PULL_SECRETS_ENV, ",".join(options.image_pull_secrets))
-    if retry is not None:
-        task.set_retry(
-            num_retries=retry.num_retries,
-            backoff_duration=retry.backoff,
-            backoff_factor=retry.factor,
-            backoff_max_duration=retry.max_backoff,
-        )
-    if options.s3_secret:
-        kubernetes.use_secret_as_env(task, secret_name=options.s3_secret, secret_key_to_env=S3_SECRET_KEYS)
-    # Endpoint and region are not secret, and a pod on AWS needs neither: optional.
-    kubernetes.use_config_map_as_env(task, S3_CONFIG_MAP, S3_CONFIG_KEYS, optional=True)
-
-
-def _schedule_on_gpu(task: dsl.PipelineTask, gpu: GpuScheduling) -> None:
-    # One training process per GPU (imgpipe.remote.ranks); CPU and memory grow with them.
-    task.set_env_variable(PROCS_ENV, str(gpu.count))
-    task.set_accelerator_type(gpu.accelerator).set_accelerator_limit(gpu.count)
-    kubernetes.add_toleration(task, key=gpu.toleration_key, operator="Exists", effect="NoSchedule")
-    for key, value in gpu.node_selector:
-        kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=gpu.shm_size)
-
-
-def _trainjob_settings(task: dsl.PipelineTask, image: str, options: PipelineOptions) -> None:
-    """What the poller hands a TrainJob's nodes (train_nodes > 1): image, resources, scheduling, /dev/shm, S3 Secret.
-
-    Each node gets what the in-pod train task gets: its requests, limits, GPUs, toleration,
-    node selector and pull secrets (one fact, here and in :func:`_schedule_on_gpu`); a CPU
-    build's nodes get no GPU. The poller itself asks for none.
-    """
-    res = options.resources["train"]
-    procs = options.gpu.count if options.gpu is not None else 1
-    node = {
-        "requests": {"cpu": _cpus_times(res.cpu_request, procs), "memory": res.memory_request},
-        "limits": {"cpu": _cpus_times(res.cpu_limit, procs), "memory": res.memory_limit},
-    }
-    pod: dict[str, Any] = {}
-    if options.gpu is not None:
-        node["limits"][options.gpu.accelerator] = str(options.gpu.count)
-        task.set_env_variable(trainjob.SHM_ENV, options.gpu.shm_size)
-        pod["tolerations"] = [{"key": options.gpu.toleration_key, "operator": "Exists", "effect": "NoSchedule"}]
-        pod["nodeSelector"] = dict(options.gpu.node_selector)
-    if options.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": n} for n in options.image_pull_secrets]
-    task.set_env_variable(trainjob.POD_ENV, json.dumps(pod, sort_keys=True))
-    task.set_env_variable(PROCS_ENV, str(procs))  # processes per node
-    task.set_env_variable(trainjob.IMAGE_ENV, image)
-    task.set_env_variable(trainjob.NODE_RESOURCES_ENV, json.dumps(node, sort_keys=True))
-    if options.s3_secret:
-        task.set_env_variable(trainjob.SECRET_ENV, options.s3_secret)
 
 
 def data_steps(
@@ -454,9 +231,9 @@ def data_steps(
         cleaned = _sharded_clean(options, sources, cleaning, common)
     else:
         dl = download(**sources, previous_run_prefix=previous_run_prefix, **common)
-        _configure(dl, "download", step_image(images, "download"), options, options.retry)
+        configure_task(dl, "download", step_image(images, "download"), options, options.retry)
         cl = clean(dataset=dl.outputs["dataset"], **cleaning, **common)
-        _configure(cl, "clean", step_image(images, "clean"), options, options.retry)
+        configure_task(cl, "clean", step_image(images, "clean"), options, options.retry)
         cleaned = cl.outputs["cleaned"]
     resize_args = {
         "cleaned": cleaned,
@@ -469,10 +246,10 @@ def data_steps(
     }
     with dsl.If(ray_address == "", name="ray-in-the-pod"):
         in_pod = resize(**resize_args)
-        _configure(in_pod, "resize-local", step_image(images, "resize"), options, options.retry)
+        configure_task(in_pod, "resize-local", step_image(images, "resize"), options, options.retry)
     with dsl.Else(name="ray-cluster"):
         remote = resize(**resize_args)
-        _configure(remote, "resize", step_image(images, "resize"), options, options.retry)
+        configure_task(remote, "resize", step_image(images, "resize"), options, options.retry)
         # ray_address "kuberay": the RayJob's cluster runs the resize image too.
         remote.set_env_variable("IMGPIPE_RAY_IMAGE", images.ray)
         kubernetes.use_secret_as_env(remote, RAY_TOKEN_SECRET, RAY_TOKEN_KEYS, optional=True)
@@ -488,9 +265,9 @@ def _sharded_clean(options: PipelineOptions, sources: dict[str, Any], cleaning: 
     image = step_image(options.images, "clean")
     with dsl.ParallelFor(shard_items(options.shards), parallelism=options.shard_parallelism, name="shards") as item:
         prep = prepare_shard(shard=item, **sources, **cleaning, **common)
-        _configure(prep, "prepare-shard", image, options, options.retry)
+        configure_task(prep, "prepare-shard", image, options, options.retry)
     merged = merge_shards(shards=dsl.Collected(prep.outputs["Output"]), **cleaning, **common)
-    _configure(merged, "merge-shards", image, options, options.retry)
+    configure_task(merged, "merge-shards", image, options, options.retry)
     return merged.outputs["cleaned"]
 
 
@@ -498,7 +275,7 @@ def train_steps(options: PipelineOptions, *, train_nodes: Any, **train_args: Any
     """Adds the two train tasks to the pipeline being built; returns the committed train prefix of the one that ran.
 
     ``train_nodes`` 1: ``train`` on every GPU of its pod. More: ``train-trainjob``, a poller
-    without GPUs that creates the TrainJob (:func:`_trainjob_settings`) and follows it. Each
+    without GPUs that creates the TrainJob (:func:`trainjob_settings`) and follows it. Each
     task refuses a config whose node count is not its own (``placement``), so a
     ``step_config`` cannot make the poller train or the GPU pod wait.
 
@@ -508,13 +285,13 @@ def train_steps(options: PipelineOptions, *, train_nodes: Any, **train_args: Any
     images = options.images
     with dsl.If(train_nodes == 1, name="train-in-the-pod"):
         in_pod = train(train_nodes=train_nodes, placement="pod", **train_args)
-        _configure(in_pod, "train", step_image(images, "train"), options, options.train_retry)
+        configure_task(in_pod, "train", step_image(images, "train"), options, options.train_retry)
         if options.gpu is not None:
-            _schedule_on_gpu(in_pod, options.gpu)
+            schedule_on_gpu(in_pod, options.gpu)
     with dsl.Else(name="train-as-trainjob"):
         poller = train(train_nodes=train_nodes, placement="trainjob", **train_args)
-        _configure(poller, "train-trainjob", step_image(images, "train"), options, options.train_retry)
-        _trainjob_settings(poller, images.gpu, options)
+        configure_task(poller, "train-trainjob", step_image(images, "train"), options, options.train_retry)
+        trainjob_settings(poller, images.gpu, options)
     return dsl.OneOf(in_pod.outputs["Output"], poller.outputs["Output"])
 
 
@@ -590,7 +367,7 @@ def pipeline_function(options: PipelineOptions | None = None) -> Callable[..., O
             step_config=step_config,
         )
         pr = promote(trained=trained, data_root=data_root, run_id=run_id, promotion_tolerance=promotion_tolerance)
-        _configure(pr, "promote", images.gpu, options, options.retry)
+        configure_task(pr, "promote", images.gpu, options, options.retry)
         if options.model_registry:
             pr.set_env_variable(modelregistry.REGISTRY_ENV, options.model_registry)
         return Outputs(**{name: pr.outputs[name] for name in Outputs._fields})

@@ -50,19 +50,16 @@ from imgpipe.components.compare import compare
 from imgpipe.components.plan_sweep import plan_sweep
 from imgpipe.components.train import train
 from imgpipe.pipelines.imgpipe_pipeline import (
-    PipelineOptions,
-    Resources,
-    _configure,
-    _schedule_on_gpu,
     data_steps,
     pipeline_docstring,
     pipeline_function,
     write_package,
 )
+from imgpipe.pipelines.options import PipelineOptions, Resources, configure_task, schedule_on_gpu
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Metrics
 
-from imgpipe.config import field_docs, plain_text
+from imgpipe.config_flags import field_docs, plain_text
 from imgpipe.sweep import GRID_KEYS, MAX_SEEDS, SEEDS_KEY, SWEEP_EPOCHS, SWEEP_PIPELINE_NAME
 from imgpipe.train.config import TrainConfig
 
@@ -195,9 +192,9 @@ def train_each(items: Any, p: dict[str, Any], run_id: Any, base: PipelineOptions
             train_nodes=1,
             **_typed_train_inputs(p),
         )
-        _configure(tr, "train", base.images.gpu, base, base.train_retry)
+        configure_task(tr, "train", base.images.gpu, base, base.train_retry)
         if base.gpu is not None:
-            _schedule_on_gpu(tr, base.gpu)
+            schedule_on_gpu(tr, base.gpu)
     return tr
 
 
@@ -215,10 +212,10 @@ def build_sweep_pipeline(options: SweepOptions | None = None) -> dsl.graph_compo
         typed = _typed_train_inputs(p)
         grid = {g: p[g] for g in (*GRID_PARAMETERS, SEEDS_KEY)}
         planned = plan_sweep(resized=resized, step_config=p["step_config"], **typed, **grid)
-        _configure(planned, "plan", images.gpu, base, base.retry)
+        configure_task(planned, "plan", images.gpu, base, base.retry)
         tr = train_each(planned.output, p, run_id, base, options.parallelism, "branches")
         cmp = compare(branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"], run_id=run_id)
-        _configure(cmp, "compare", images.gpu, base, base.retry)
+        configure_task(cmp, "compare", images.gpu, base, base.retry)
         return Outputs(report=cmp.outputs["report"], metrics=cmp.outputs["metrics"], winner=cmp.outputs["winner"])
 
     imgpipe_sweep.__signature__ = signature  # type: ignore[attr-defined]

@@ -4,7 +4,8 @@
 source executed by ``kfp.dsl.executor_main`` in a subprocess); kfp.local refuses input
 artifacts for a single component, so ``clean`` and ``train`` are called through their
 ``python_func`` with real kfp artifact objects. The whole chain under kfp.local is in
-``test_pipeline.py``. Helpers of :mod:`imgpipe.kfp.artifacts` are tested directly.
+``test_pipeline.py``. Helpers of :mod:`imgpipe.kfp.artifacts` and :mod:`imgpipe.kfp.publish` are
+tested directly.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from imgpipe.containers.catalog import ImageSet, image
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
 from imgpipe.data.synth import SynthConfig, generate
 from imgpipe.kfp import artifacts as kfp_artifacts
+from imgpipe.kfp import publish as kfp_publish
 from imgpipe.remote.dispatch import remote_steps
 from imgpipe.steps.download import DownloadConfig
 from imgpipe.steps.download import download as run_download
@@ -222,7 +224,7 @@ def test_publish_training_logs_the_confusion_matrix_of_the_test_split(tmp_path):
         "classification": _artifact(dsl.ClassificationMetrics, tmp_path / "a" / "cm"),
         "report": _artifact(dsl.HTML, tmp_path / "a" / "report"),
     }
-    kfp_artifacts.publish_training(out, **arts)
+    kfp_publish.publish_training(out, **arts)
     matrix = arts["classification"].metadata["confusionMatrix"]
     assert [a["displayName"] for a in matrix["annotationSpecs"]] == ["cat", "dog"]
     assert [r["row"] for r in matrix["rows"]] == [[3, 1], [0, 4]]
@@ -233,9 +235,9 @@ def test_publish_training_logs_the_confusion_matrix_of_the_test_split(tmp_path):
 
 
 def test_find_confusion_prefers_test_then_last_validation():
-    assert kfp_artifacts.find_confusion({"test": {"confusion": [[1]]}, "val_confusion": [[2]]}) == ("test", [[1]])
-    assert kfp_artifacts.find_confusion({"test": {"accuracy": 1.0}, "epochs": [{"val_confusion": [[2]]}]}) == ("val", [[2]])
-    assert kfp_artifacts.find_confusion({"epochs": [{"val_accuracy": 1.0}]}) is None
+    assert kfp_publish.find_confusion({"test": {"confusion": [[1]]}, "val_confusion": [[2]]}) == ("test", [[1]])
+    assert kfp_publish.find_confusion({"test": {"accuracy": 1.0}, "epochs": [{"val_confusion": [[2]]}]}) == ("val", [[2]])
+    assert kfp_publish.find_confusion({"epochs": [{"val_accuracy": 1.0}]}) is None
 
 
 def test_step_config_sections_win_over_typed_parameters():

@@ -76,7 +76,7 @@ def test_a_typo_in_a_section_or_an_option_names_the_nearest_valid_one(tmp_path):
 def test_flags_take_type_choices_default_and_help_from_the_config():
     import argparse
 
-    from imgpipe.config import add_field_flags, field_default, flag_overrides
+    from imgpipe.config_flags import add_field_flags, field_default, flag_overrides
     from imgpipe.resize.config import ResizeConfig
 
     parser = argparse.ArgumentParser()
@@ -95,7 +95,7 @@ def test_flags_take_type_choices_default_and_help_from_the_config():
 
 
 def test_field_default_names_the_nearest_field():
-    from imgpipe.config import field_default
+    from imgpipe.config_flags import field_default
 
     with pytest.raises(ValueError, match="did you mean 'seed'"):
         field_default(CleanConfig, "sed")

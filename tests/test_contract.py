@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imgpipe import contract, parquet, storage
+from imgpipe import commit, contract, parquet, storage
 from imgpipe.contract import Reject, UncommittedOutputError
 from imgpipe.data.previous import PreviousDownload
 from imgpipe.writer import OutputWriter
@@ -156,10 +156,10 @@ def test_binary_columns_stored_without_recompression(tmp_path):
 
 def test_check_disjoint(tmp_path):
     base = str(tmp_path)
-    contract.check_disjoint(f"{base}/out", [f"{base}/in", f"{base}/output"], "demo")
+    commit.check_disjoint(f"{base}/out", [f"{base}/in", f"{base}/output"], "demo")
     for src in (f"{base}/out", f"{base}/out/sub", base):
         with pytest.raises(ValueError, match="overlap"):
-            contract.check_disjoint(f"{base}/out", [src], "demo")
+            commit.check_disjoint(f"{base}/out", [src], "demo")
 
 
 # ----------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_an_attempt_overtaken_by_a_newer_claim_does_not_commit(any_root):
     dest = storage.join(any_root, "step")
     first = _one_file_output(dest, 1)
     second = _one_file_output(dest, 2)  # claims while the first still writes, deleting its file
-    with pytest.raises(contract.ConcurrentWriterError, match="another attempt"):
+    with pytest.raises(commit.ConcurrentWriterError, match="another attempt"):
         first.commit(inputs=3, rejects=[], config={})
     assert not contract.is_committed(dest)
     second.commit(inputs=3, rejects=[], config={})
@@ -240,7 +240,7 @@ def test_a_stale_attempt_writing_after_the_newer_one_is_stopped(any_root):
     second = _one_file_output(dest, 2)
     second.commit(inputs=3, rejects=[], config={})
     first.write_table("part-00000.parquet", pa.table({"x": [1] * 3}))  # same size, other bytes
-    with pytest.raises(contract.ConcurrentWriterError):
+    with pytest.raises(commit.ConcurrentWriterError):
         first.commit(inputs=3, rejects=[], config={})
     assert contract.is_committed(dest), "the newer attempt's commit stands"
     with pytest.raises(ValueError, match="does not match the sha256"):
@@ -272,11 +272,11 @@ def test_a_claim_between_manifest_and_success_takes_the_marker_back(tmp_path, mo
 
     def claim_before_success(uri, data):
         if uri.endswith(contract.SUCCESS):
-            contract.claim(dest, "demo")  # deletes the manifest and files, takes the owner marker
+            commit.claim(dest, "demo")  # deletes the manifest and files, takes the owner marker
         real_write(uri, data)
 
     monkeypatch.setattr(storage, "write_bytes", claim_before_success)
-    with pytest.raises(contract.ConcurrentWriterError):
+    with pytest.raises(commit.ConcurrentWriterError):
         out.commit(inputs=3, rejects=[], config={})
     assert not contract.is_committed(dest), "a _SUCCESS over another attempt's claim is removed again"
 

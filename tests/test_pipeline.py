@@ -23,6 +23,7 @@ from imgpipe import contract, storage
 from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.kfp import package as kfp_package
 from imgpipe.kfp.local_run import LocalRunConfig, load_local_config, run_local
+from imgpipe.kfp.publish import find_confusion
 from imgpipe.remote.dispatch import remote_steps
 
 STEPS = ("download", "clean", "resize", "train")
@@ -231,7 +232,7 @@ def test_every_operator_setting_the_docs_name_reaches_every_task(compiled):
     """One list (OPERATOR_SETTINGS): the docs' table of ConfigMap keys, and each task's env in the compiled package."""
     import re
 
-    from imgpipe.pipelines.imgpipe_pipeline import OPERATOR_SETTINGS
+    from imgpipe.pipelines.options import OPERATOR_SETTINGS
 
     ir, executors, _ = compiled
     for step in TASKS:
@@ -286,7 +287,7 @@ def test_kfps_own_compile_command_finds_the_one_default_pipeline(compiled, tmp_p
 def test_typed_parameters_default_to_their_config_field_and_say_so(compiled):
     from imgpipe.pipelines.imgpipe_pipeline import PARAMETER_FIELDS, parameter_default
 
-    from imgpipe.config import field_default
+    from imgpipe.config_flags import field_default
 
     params = compiled[0]["root"]["inputDefinitions"]["parameters"]
     for name, (cls, field) in PARAMETER_FIELDS.items():
@@ -330,7 +331,7 @@ def test_components_take_typed_parameters_as_optional(compiled):
 def test_the_pipeline_chooses_the_train_split_mode_apart(compiled):
     from imgpipe.pipelines.imgpipe_pipeline import DEFAULT_RESIZE_TRAIN_MODE, PARAMETER_FIELDS
 
-    from imgpipe.config import field_default
+    from imgpipe.config_flags import field_default
     from imgpipe.resize.config import ResizeConfig
     from imgpipe.resize.spec import MODES
 
@@ -451,9 +452,9 @@ def test_whole_pipeline_through_kfp_local_on_the_local_s3_server(s3_bucket, tmp_
     html = Path(result.artifacts["report"]).read_text()
     assert "<html" in html.lower() and "data:image/png;base64" in html
     history = json.loads(storage.read_bytes(f"{result.prefixes['train']}/metrics.json"))
-    found = kfp_artifacts.find_confusion(history)
+    found = find_confusion(history)
     # A matrix in metrics.json (the train step's test confusion) reaches the UI artifact, and
-    # only then: an empty artifact means train wrote none (see kfp_artifacts.find_confusion).
+    # only then: an empty artifact means train wrote none (see imgpipe.kfp.publish.find_confusion).
     shown = result.metadata["confusion"].get("confusionMatrix")
     assert (found is None) == (shown is None)
     if found is not None:

@@ -20,7 +20,8 @@ from typing import Any
 
 from imgpipe import resources, storage
 from imgpipe.cli_args import ENDPOINT_FLAG, build_parser
-from imgpipe.config import flag_overrides, load_config, parse_override
+from imgpipe.config import load_config, parse_override
+from imgpipe.config_flags import flag_overrides
 
 __all__ = ["build_parser", "main"]
 

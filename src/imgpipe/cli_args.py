@@ -1,6 +1,6 @@
 """The ``imgpipe`` command line's arguments: every command's flags, and nothing they run.
 
-Each step's flags come from its config dataclass (:func:`imgpipe.config.add_field_flags`),
+Each step's flags come from its config dataclass (:func:`imgpipe.config_flags.add_field_flags`),
 so a default changes in one place; :mod:`imgpipe.cli` runs what they ask for.
 """
 
@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 
 import imgpipe
-from imgpipe.config import add_field_flags
+from imgpipe.config_flags import add_field_flags
 from imgpipe.registry import STEPS
 
 __all__ = ["ENDPOINT_FLAG", "build_parser"]

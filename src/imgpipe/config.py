@@ -3,24 +3,22 @@
 Every step owns one frozen dataclass (``CleanConfig``, ``DownloadConfig``, ...).
 This module holds the machinery they share: building a config from a YAML file
 plus ``key=value`` overrides with type checking at the boundary, and writing the
-resolved config next to a step's outputs (as timm writes ``args.yaml``).
+resolved config next to a step's outputs (as timm writes ``args.yaml``). The flags and
+pipeline parameters derived from a config live in :mod:`imgpipe.config_flags`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import functools
 import math
-import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import docstring_parser
 import yaml
 
 from imgpipe.registry import STEPS
@@ -40,11 +38,7 @@ __all__ = [
     "check_range",
     "check_numbers",
     "MAX_NUMBER",
-    "field_docs",
-    "plain_text",
-    "field_default",
-    "add_field_flags",
-    "flag_overrides",
+    "did_you_mean",
 ]
 
 C = TypeVar("C")
@@ -264,7 +258,7 @@ def _user_error(name: str, value: Any, annotation: Any, error: Mapping[str, Any]
     got = error.get("input", value)
     if kind == "literal_error":
         choices = [a for a in typing.get_args(_literal_of(annotation)) if a is not None]
-        return ValueError(f"{where}: {got!r} is not one of {choices}{_nearest(str(got), map(str, choices))}")
+        return ValueError(f"{where}: {got!r} is not one of {choices}{did_you_mean(str(got), map(str, choices))}")
     if typing.get_origin(annotation) is tuple and kind in ("too_short", "too_long", "missing"):
         items = _comma_separated(value)
         return ValueError(f"{name}: expected {len(typing.get_args(annotation))} items, got {len(items)}")
@@ -304,7 +298,7 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any], _prefix: str = "")
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(
-            f"unknown {cls.__name__} option(s) {', '.join(_prefix + u + _nearest(u, fields) for u in unknown)}; "
+            f"unknown {cls.__name__} option(s) {', '.join(_prefix + u + did_you_mean(u, fields) for u in unknown)}; "
             f"valid options: {', '.join(sorted(fields))}"
         )
     kwargs = {k: coerce(_prefix + k, v, hints[k]) for k, v in values.items()}
@@ -345,7 +339,7 @@ def step_config(cls: type[C], sections: Mapping[str, Any] | None, section: str, 
     return built
 
 
-def _nearest(name: str, valid: Iterable[str]) -> str:
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest valid name, or nothing."""
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -359,7 +353,7 @@ def check_sections(doc: Mapping[str, Any], where: str, sections: Sequence[str] =
     """
     unknown = sorted(set(doc) - set(sections))
     if unknown:
-        raise ValueError(f"{where}: unknown section(s) {', '.join(u + _nearest(u, sections) for u in unknown)}; sections: {', '.join(sections)}")
+        raise ValueError(f"{where}: unknown section(s) {', '.join(u + did_you_mean(u, sections) for u in unknown)}; sections: {', '.join(sections)}")
 
 
 def load_yaml(text: str, what: str) -> Any:
@@ -461,127 +455,3 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def config_to_yaml(cfg: Any) -> str:
     """Returns the resolved config as YAML, the form written next to a step's outputs."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-# ----------------------------------------------------------------------------------------
-# Flags and parameters derived from a config: its fields' types, choices, defaults and docs.
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's description, from the ``Attributes:`` section of the class docstring."""
-    parsed = docstring_parser.parse(cls.__doc__ or "")
-    return {p.arg_name: " ".join(p.description.split()) for p in parsed.params if p.args[:1] == ["attribute"]}
-
-
-def field_default(cls: type, name: str) -> Any:
-    """The default of field ``name`` of config ``cls`` (the one place it is written).
-
-    Raises:
-        ValueError: If ``cls`` has no such field, or the field has no default.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if name not in fields:
-        raise ValueError(f"{cls.__name__} has no field {name!r}{_nearest(name, fields)}")
-    f = fields[name]
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    raise ValueError(f"{cls.__name__}.{name} has no default")
-
-
-def _strip_optional(annotation: Any) -> Any:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return annotation
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def plain_text(doc: str) -> str:
-    """A docstring fragment without reST literals and roles (``x``, :data:`X`), for terminals and UIs."""
-    return re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc).replace("``", "")
-
-
-def _flag_help(doc: str, default: Any) -> str:
-    doc = plain_text(doc)
-    text = doc if default is None or default == () else f"{doc} (default: {_shown(default)})"
-    return text.replace("%", "%%")  # argparse formats help with %
-
-
-def add_field_flags(parser: argparse.ArgumentParser, cls: type, names: Sequence[str], *, flags: Mapping[str, str] | None = None) -> None:
-    """Adds one flag per config field, its type, choices, default and help taken from ``cls``.
-
-    Every flag's value defaults to ``None`` ("not given"): the config file, then the
-    field's default, apply (:func:`load_config`). Booleans get ``--x/--no-x``; a
-    ``Literal`` gets its choices; a ``tuple[str, ...]`` field a repeatable flag; other
-    tuples one comma-separated value. :func:`flag_overrides` reads them back.
-
-    Args:
-        parser: The sub-command's parser.
-        cls: The step's config dataclass.
-        names: The fields to expose, in help order.
-        flags: Flag names that differ from ``--field-name`` (``{"num_workers": "--workers"}``).
-
-    Raises:
-        ValueError: For a name that is not a field of ``cls``.
-    """
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    for name in names:
-        default = field_default(cls, name)
-        annotation = _strip_optional(hints[name])
-        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": _flag_help(docs.get(name, ""), default)}
-        args = typing.get_args(annotation)
-        if annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(annotation) is typing.Literal:
-            kwargs.update(choices=list(args), type=type(args[0]))
-        elif typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis:
-            kwargs.update(action="append", type=args[0])
-        elif annotation in (int, float):
-            kwargs["type"] = annotation
-        if "choices" not in kwargs and annotation is not bool:
-            kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
-        parser.add_argument(flag, **kwargs)
-    known = parser.get_default("config_fields") or ()
-    parser.set_defaults(config_fields=(*known, *names))
-
-
-def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields given as flags (see :func:`add_field_flags`) and ``--set`` pairs.
-
-    A flag wins over a ``--set`` of the same field; flags not given are left out.
-    """
-    values = dict(parse_override(o) for o in getattr(args, "overrides", None) or [])
-    for name in getattr(args, "config_fields", ()):
-        value = getattr(args, name, None)
-        if value is not None:
-            values[name] = tuple(value) if isinstance(value, list) else value
-    return values
-
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-def env_flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
-    """Whether the variable ``name`` of ``env`` says yes (``1``, ``true``, ``yes``, ``on``); unset or empty is ``default``.
-
-    Raises:
-        ValueError: For a value that is neither yes nor no.
-    """
-    value = env.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"{name}={env[name]!r} must be 1 (yes) or 0 (no)")

@@ -29,7 +29,7 @@ import os
 from typing import Any
 
 from imgpipe import contract, storage
-from imgpipe.config import env_flag
+from imgpipe.config_flags import env_flag
 from imgpipe.train.card import read_card
 
 __all__ = [

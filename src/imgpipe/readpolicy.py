@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from imgpipe import storage
-from imgpipe.config import env_flag
+from imgpipe.config_flags import env_flag
 
 __all__ = ["READ_PREFIXES_ENV", "SOURCE_LOCAL_ENV", "ReadPolicy", "ReadRefused"]
 

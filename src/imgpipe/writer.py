@@ -1,7 +1,7 @@
 """Writing a step's output the contract's way: data files hashed as they are written, names scoped to the attempt, one writer per output.
 
     out = OutputWriter(dest, "clean")
-    out.begin()                                   # claims dest (imgpipe.contract.claim)
+    out.begin()                                   # claims dest (imgpipe.commit.claim)
     with out.parquet_file("part-00000.parquet", schema) as sink:
         sink.write(table)
     report = out.commit(inputs=n, rejects=rejects, config=cfg)   # manifest, then _SUCCESS
@@ -26,19 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgpipe import storage
+from imgpipe.commit import claim, manifest_body, publish
 from imgpipe.config import config_to_yaml
-from imgpipe.contract import (
-    CONFIG,
-    REJECTS,
-    REJECTS_SCHEMA,
-    FileEntry,
-    Reject,
-    StepReport,
-    claim,
-    dest_uri,
-    manifest_body,
-    publish,
-)
+from imgpipe.contract import CONFIG, REJECTS, REJECTS_SCHEMA, FileEntry, Reject, StepReport, dest_uri
 from imgpipe.parquet import parquet_write_options, table_to_parquet_bytes
 
 __all__ = ["HashingWriter", "entry_for_bytes", "write_entry", "ParquetSink", "stream_parquet", "attempt_name", "unscoped_name", "OutputWriter"]
@@ -154,7 +144,7 @@ def attempt_name(name: str, attempt: str) -> str:
         ValueError: If ``attempt`` is not a claim's id, or ``name`` has no extension.
     """
     if not re.fullmatch(rf"[0-9a-f]{{{_ATTEMPT_CHARS},}}", attempt or ""):
-        raise ValueError(f"{attempt!r} is not an attempt id (contract.claim returns one)")
+        raise ValueError(f"{attempt!r} is not an attempt id (commit.claim returns one)")
     stem, dot, ext = name.rpartition(".")
     if not dot or "/" in ext:
         raise ValueError(f"{name!r} needs an extension to be scoped to an attempt")

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from imgpipe.remote import kuberay, rayjob_spec, trainjob
+from imgpipe.remote import kuberay, rayjob_spec, trainjob, trainjob_spec
 from tests.cluster.conftest import apply_docs, kubectl, settings
 from tests.test_manifests import ADMIN_SELECTOR, OWNER, OWNER_SELECTOR, _selected, build
 
@@ -68,7 +68,7 @@ def test_the_rayjob_imgpipe_builds_is_created_as_sent_by_the_pipelines_account(d
 def test_the_trainjob_falls_back_to_trainer_2_1s_form_on_its_crd(dev_overlay):
     s = settings()
     api = _api_as("imgpipe-pipeline")
-    params = trainjob.TrainJobParams(
+    params = trainjob_spec.TrainJobParams(
         name=f"imgpipe-check-{uuid.uuid4().hex[:8]}",
         namespace=NAMESPACE,
         image="ghcr.io/imgpipe/imgpipe-gpu:dev",
@@ -80,7 +80,7 @@ def test_the_trainjob_falls_back_to_trainer_2_1s_form_on_its_crd(dev_overlay):
     sent, returned, created, used = trainjob._create_in_form(api, params)
     try:
         assert created
-        expected = trainjob.API_FORMS[1] if s["TRAINER_VERSION"].startswith("v2.1") else trainjob.API_FORMS[0]
+        expected = trainjob_spec.API_FORMS[1] if s["TRAINER_VERSION"].startswith("v2.1") else trainjob_spec.API_FORMS[0]
         assert used.form == expected, f"Trainer {s['TRAINER_VERSION']}'s CRD took {used.form}"
         trainjob._refuse_pruned(api, sent, returned)  # raises if the CRD dropped a field imgpipe relies on
     finally:

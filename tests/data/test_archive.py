@@ -1,4 +1,4 @@
-"""imgpipe.data.archive on hand-made hostile archives: oversized headers, endless chains, long names."""
+"""imgpipe.data.archive and its tar stream (imgpipe.data.archivetar) on hand-made hostile archives: oversized headers, endless chains, long names."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from imgpipe.data import archive
+from imgpipe.data import archive, archivetar
 
 BLOCK = tarfile.BLOCKSIZE
 END = b"\0" * (2 * BLOCK)
@@ -55,7 +55,7 @@ def iterate(path: Path, fmt: str = "tar") -> list[tuple[archive.Member, bytes | 
 
 
 def test_an_oversized_gnu_longname_is_skipped_and_the_member_flagged(tmp_path: Path) -> None:
-    size = archive.MAX_EXTENDED_HEADER_BYTES + 1
+    size = archivetar.MAX_EXTENDED_HEADER_BYTES + 1
     src = tmp_path / "long.tar"
     src.write_bytes(
         header("././@LongLink", tarfile.GNUTYPE_LONGNAME, size)
@@ -69,7 +69,7 @@ def test_an_oversized_gnu_longname_is_skipped_and_the_member_flagged(tmp_path: P
     (victim, _), (after, data) = iterate(src)
 
     assert (victim.path, victim.reason) == ("victim.jpg", archive.UNSAFE_MEMBER)
-    assert victim.detail == f"GNU longname header of {size} bytes exceeds {archive.MAX_EXTENDED_HEADER_BYTES}"
+    assert victim.detail == f"GNU longname header of {size} bytes exceeds {archivetar.MAX_EXTENDED_HEADER_BYTES}"
     assert (after.path, after.reason, data) == ("after.jpg", None, b"fine")  # the stream stayed in step
 
 
@@ -94,12 +94,12 @@ def test_a_chain_of_extended_headers_fails_the_archive_not_the_stack(tmp_path: P
     link = header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 6) + b"a.jpg\0".ljust(BLOCK, b"\0")
     src = tmp_path / "chain.tar"
     src.write_bytes(link * 2000 + member("a.jpg", b"x") + END)
-    with pytest.raises(archive.ArchiveError, match=f"MAX_HEADER_CHAIN={archive.MAX_HEADER_CHAIN}"):
+    with pytest.raises(archive.ArchiveError, match=f"MAX_HEADER_CHAIN={archivetar.MAX_HEADER_CHAIN}"):
         iterate(src)
 
     # Up to MAX_HEADER_CHAIN in a row is fine (real archivers write at most three).
     ok = tmp_path / "ok.tar"
-    ok.write_bytes(link * (archive.MAX_HEADER_CHAIN - 1) + member("b.jpg", b"y") + END)
+    ok.write_bytes(link * (archivetar.MAX_HEADER_CHAIN - 1) + member("b.jpg", b"y") + END)
     assert [(m.path, data) for m, data in iterate(ok)] == [("a.jpg", b"y")]
 
 

@@ -171,7 +171,7 @@ def test_a_changed_object_and_a_forged_previous_row_are_fetched_again(pets, s3_b
     buf = io.BytesIO()
     pq.write_table(forged, buf, row_group_size=4)
     storage.write_bytes(shard, buf.getvalue())
-    monkeypatch.setattr(contract, "_check_sizes", lambda prefix, files: None)  # the forger also fixed the manifest's sizes
+    monkeypatch.setattr(contract, "check_sizes", lambda prefix, files: None)  # the forger also fixed the manifest's sizes
     reads = []
     real = storage.read_some
     monkeypatch.setattr(storage, "read_some", lambda uri, limit: (reads.append(uri.rsplit("/pets/", 1)[1]), real(uri, limit))[1])
@@ -212,7 +212,7 @@ def test_carried_bytes_are_proved_against_the_store_s_etag_not_the_previous_reco
         return {**row, "bytes": other, "sha256": hashlib.sha256(other).hexdigest()} if path == "dog/2.jpg" else row
 
     _forge(first.dest, forge)
-    monkeypatch.setattr(contract, "_check_sizes", lambda prefix, files: None)  # the forger also fixed the manifest's sizes
+    monkeypatch.setattr(contract, "check_sizes", lambda prefix, files: None)  # the forger also fixed the manifest's sizes
     reads = []
     real_read = storage.read_some
     monkeypatch.setattr(storage, "read_some", lambda uri, limit: (reads.append(uri.rsplit("/pets/", 1)[1]), real_read(uri, limit))[1])

@@ -519,7 +519,7 @@ def test_off_centre_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
 
 def test_synth_cli_flag() -> None:
     from imgpipe.cli import build_parser
-    from imgpipe.config import flag_overrides
+    from imgpipe.config_flags import flag_overrides
 
     assert flag_overrides(build_parser().parse_args(["synth", "out", "--off-centre"])) == {"off_centre": True}
     assert flag_overrides(build_parser().parse_args(["synth", "out"])) == {}

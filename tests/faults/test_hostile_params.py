@@ -12,7 +12,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from imgpipe import contract, storage
+from imgpipe import commit, contract, storage
 from imgpipe.writer import OutputWriter
 
 pytestmark = pytest.mark.quick
@@ -48,9 +48,9 @@ def test_a_destination_that_is_a_link_to_another_output_is_refused_before_anythi
     os.symlink(storage.local_path(victim), link)
     forbid_deletes()
     with pytest.raises(ValueError, match="symbolic link.*resolves to .*victim"):
-        contract.claim(str(link), "clean")
+        commit.claim(str(link), "clean")
     with pytest.raises(ValueError, match="symbolic link"):
-        contract.claim(str(link), "clean", keep=["checkpoint.pt"])  # train's resume path
+        commit.claim(str(link), "clean", keep=["checkpoint.pt"])  # train's resume path
     assert contract.is_committed(victim), "the other output keeps its _SUCCESS"
 
 
@@ -60,13 +60,13 @@ def test_a_destination_below_a_linked_directory_or_holding_a_link_is_refused(tmp
     elsewhere.mkdir()
     (tmp_path / "parent-link").symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(ValueError, match="symbolic link"):
-        contract.claim(str(tmp_path / "parent-link" / "out"), "resize")
+        commit.claim(str(tmp_path / "parent-link" / "out"), "resize")
     dest = tmp_path / "out" / "resize"
     dest.mkdir(parents=True)
     (elsewhere / "precious.txt").write_text("not imgpipe's")
     (dest / "part-00000.parquet").symlink_to(elsewhere / "precious.txt")
     with pytest.raises(ValueError, match="symbolic link.*part-00000.parquet"):
-        contract.claim(str(dest), "resize")
+        commit.claim(str(dest), "resize")
     assert (elsewhere / "precious.txt").read_text() == "not imgpipe's"
 
 
@@ -79,13 +79,13 @@ def test_a_copied_output_is_not_proof_of_ownership(tmp_path, forbid_deletes):
     shutil.copytree(storage.local_path(original), copy)
     forbid_deletes()
     with pytest.raises(ValueError, match="an output written at .*/a/clean, not here"):
-        contract.claim(str(copy), "clean")
+        commit.claim(str(copy), "clean")
 
 
 def test_an_output_claimed_again_at_its_own_path_is_still_taken_over(tmp_path):
     dest = str(tmp_path / "out" / "clean")
     _committed(dest)
-    contract.claim(dest, "clean")  # a re-run of the same step at the same resolved path
+    commit.claim(dest, "clean")  # a re-run of the same step at the same resolved path
     assert not contract.is_committed(dest)
 
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from imgpipe import contract, storage
+from imgpipe import commit, contract, storage
 from tests.faults.conftest import Runner
 from tests.faults.pipeline import Layout, make_source, step_args
 from tests.faults.s3proxy import NAMESPACE_PREFIX, FaultProxy, PrefixPolicy, prefix_policy
@@ -54,16 +54,16 @@ def test_the_policy_answers_like_seaweedfs_4_00():
 def test_a_retry_clears_the_killed_attempt_one_key_at_a_time(policy_store):
     proxy, root = policy_store
     dest = storage.join(root, "runs", "r1", "clean")
-    contract.claim(dest, "clean")  # the first attempt, killed after writing these
+    commit.claim(dest, "clean")  # the first attempt, killed after writing these
     for i in range(25):
         storage.write_bytes(storage.join(dest, f"part-{i:05d}.parquet"), b"x")
 
-    contract.claim(dest, "clean")  # the retry
+    commit.claim(dest, "clean")  # the retry
     assert [o.uri[len(dest.rstrip("/")) + 1 :] for o in storage.list_objects(dest)] == [contract.OWNER]
     assert proxy.stats.denied["bulk_delete"] == 1
 
     storage.write_bytes(storage.join(dest, "part-00000.parquet"), b"x")
-    contract.claim(dest, "clean")  # a third attempt in the same process: no second bulk try
+    commit.claim(dest, "clean")  # a third attempt in the same process: no second bulk try
     assert proxy.stats.denied["bulk_delete"] == 1
     assert proxy.stats.denied["outside_prefix"] == 0
 
@@ -71,10 +71,10 @@ def test_a_retry_clears_the_killed_attempt_one_key_at_a_time(policy_store):
 def test_train_resume_keeps_its_checkpoint_and_deletes_the_rest_under_the_policy(policy_store):
     proxy, root = policy_store
     dest = storage.join(root, "runs", "r1", "train")
-    contract.claim(dest, "train")
+    commit.claim(dest, "train")
     for name in ("checkpoint.pt", "model.pt", "metrics.json"):
         storage.write_bytes(storage.join(dest, name), b"x")
-    contract.claim(dest, "train", keep=("checkpoint.pt",))
+    commit.claim(dest, "train", keep=("checkpoint.pt",))
     assert sorted(o.uri[len(dest.rstrip("/")) + 1 :] for o in storage.list_objects(dest)) == sorted([contract.OWNER, "checkpoint.pt"])
     assert proxy.stats.denied["bulk_delete"] == 1
 

@@ -39,7 +39,7 @@ from kubernetes.client.exceptions import ApiException
 from imgpipe import contract, storage
 from imgpipe.kfp import client as kfp_client
 from imgpipe.kfp import package as kfp_package
-from imgpipe.remote import dispatch, ranks, trainjob
+from imgpipe.remote import dispatch, ranks, trainjob, trainjob_spec
 from imgpipe.remote.attempts import attempt_id, job_id
 from imgpipe.remote.job import main as job_main
 from imgpipe.train.config import TrainConfig
@@ -123,7 +123,7 @@ class FakeTrainer:
         self.sent: dict[str, dict] = {}
 
     def _authorize(self, verb, namespace, name="") -> None:
-        request = rbac.Request(verb, trainjob.GROUP, trainjob.PLURAL, namespace, "", name)
+        request = rbac.Request(verb, trainjob_spec.GROUP, trainjob_spec.PLURAL, namespace, "", name)
         if self.authorizer is not None and not self.authorizer.allows(RUN_USER, request):
             exc = ApiException(status=403, reason="Forbidden")
             exc.body = rbac.forbidden_status(RUN_USER, request)
@@ -213,7 +213,7 @@ class FakeTrainer:
         return {"kind": "Status", "status": "Success"}
 
 
-# What a GPU build compiles into the train task (pipelines/imgpipe_pipeline.py, _trainjob_settings).
+# What a GPU build compiles into the train task (pipelines/options.py, trainjob_settings).
 GPU_NODE = {"requests": {"cpu": "32", "memory": "48Gi"}, "limits": {"cpu": "32", "memory": "48Gi", "nvidia.com/gpu": "4"}}
 GPU_POD = {
     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -224,10 +224,10 @@ GPU_POD = {
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch, trainjob_schema, base_rbac):
-    for name in (trainjob.IMAGE_ENV, trainjob.SECRET_ENV, trainjob.MAX_NODES_ENV, trainjob.SHM_ENV, "IMGPIPE_RUN_ID"):
+    for name in (trainjob_spec.IMAGE_ENV, trainjob_spec.SECRET_ENV, trainjob_spec.MAX_NODES_ENV, trainjob_spec.SHM_ENV, "IMGPIPE_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(trainjob.NODE_RESOURCES_ENV, json.dumps(GPU_NODE))
-    monkeypatch.setenv(trainjob.POD_ENV, json.dumps(GPU_POD))
+    monkeypatch.setenv(trainjob_spec.NODE_RESOURCES_ENV, json.dumps(GPU_NODE))
+    monkeypatch.setenv(trainjob_spec.POD_ENV, json.dumps(GPU_POD))
     data = write_resize_output("file://" + str(tmp_path / "resize"), classes=3, size=16)
     out = "file://" + str(tmp_path / "train")
     cfg = TrainConfig(model="tiny_cnn", epochs=1, batch_size=4, num_workers=0, device="cpu", shuffle_buffer=8, nodes=2)
@@ -266,7 +266,7 @@ def _node_pod(body: dict) -> tuple[dict, dict]:
         assert override["targetJobs"] == [{"name": "node"}]
         return override["metadata"], override["spec"]
     (patch,) = spec["runtimePatches"]  # Trainer 2.2
-    assert patch["manager"] == trainjob.PATCH_MANAGER
+    assert patch["manager"] == trainjob_spec.PATCH_MANAGER
     (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     assert job["name"] == "node"  # torch_distributed.yaml names its replicated job and container "node"
     return job["template"]["spec"]["template"]["metadata"], job["template"]["spec"]["template"]["spec"]
@@ -287,7 +287,7 @@ def test_the_trainjob_validates_against_each_trainer_and_carries_the_run(setup, 
     assert secrets == {k: {"name": "imgpipe-s3-credentials", "key": k} for k in storage.SECRET_ENV}
     assert not [e for e in trainer["env"] if "value" in e and re.search("SECRET|KEY_ID", e["name"])], "no key in clear"
     # v2.2 ends the TrainJob at its deadline; v2.1 has no such field (the wait's deadline deletes it).
-    assert spec.get("activeDeadlineSeconds") == (trainjob.DEFAULT_ACTIVE_DEADLINE_S if trainer_release >= "v2.2" else None)
+    assert spec.get("activeDeadlineSeconds") == (trainjob_spec.DEFAULT_ACTIVE_DEADLINE_S if trainer_release >= "v2.2" else None)
     meta, pod = _node_pod(body)
     assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}, "torch's rendezvous stays out of the mesh"
     assert (pod["tolerations"], pod["nodeSelector"], pod["imagePullSecrets"]) == (
@@ -304,7 +304,7 @@ def test_the_trainjob_validates_against_each_trainer_and_carries_the_run(setup, 
 
 
 def test_every_node_gets_a_memory_backed_dev_shm(setup, trainjob_schema, monkeypatch):
-    monkeypatch.setenv(trainjob.SHM_ENV, "16Gi")
+    monkeypatch.setenv(trainjob_spec.SHM_ENV, "16Gi")
     api = setup["fake"]()
     run(setup, api)
     body = api.sent[api.created[0]]
@@ -315,8 +315,8 @@ def test_every_node_gets_a_memory_backed_dev_shm(setup, trainjob_schema, monkeyp
     assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
     params = dict(name="x", namespace="ml", image="i:1", nodes=2, procs_per_node=1, args=[])
     for bad in ("16 GiB", "-1Gi", "lots", "16Gi; rm"):
-        with pytest.raises(ValueError, match=trainjob.SHM_ENV):
-            trainjob.build_trainjob(trainjob.TrainJobParams(shm_size=bad, **params))
+        with pytest.raises(ValueError, match=trainjob_spec.SHM_ENV):
+            trainjob_spec.build_trainjob(trainjob_spec.TrainJobParams(shm_size=bad, **params))
 
 
 @ONE_RELEASE
@@ -342,7 +342,7 @@ def test_a_crd_with_neither_api_is_refused_in_one_line_naming_the_install_step(s
 
 @ONE_RELEASE
 def test_an_api_server_that_prunes_despite_strict_validation_is_caught_and_the_trainjob_deleted(setup, trainjob_schemas, monkeypatch):
-    monkeypatch.setenv(trainjob.SHM_ENV, "16Gi")
+    monkeypatch.setenv(trainjob_spec.SHM_ENV, "16Gi")
     old = copy.deepcopy(trainjob_schemas["v2.2.1"])
     del old["properties"]["spec"]["properties"]["runtimePatches"]
     api = FakeTrainer(old, None, SUCCESS)
@@ -354,8 +354,8 @@ def test_an_api_server_that_prunes_despite_strict_validation_is_caught_and_the_t
 
 
 def test_a_cpu_build_asks_for_no_gpu_on_any_node(setup, monkeypatch):
-    monkeypatch.setenv(trainjob.NODE_RESOURCES_ENV, json.dumps({"requests": {"cpu": "8"}, "limits": {"cpu": "8", "memory": "48Gi"}}))
-    monkeypatch.setenv(trainjob.POD_ENV, "")
+    monkeypatch.setenv(trainjob_spec.NODE_RESOURCES_ENV, json.dumps({"requests": {"cpu": "8"}, "limits": {"cpu": "8", "memory": "48Gi"}}))
+    monkeypatch.setenv(trainjob_spec.POD_ENV, "")
     api = setup["fake"]()
     run(setup, api)
     body = api.sent[api.created[0]]
@@ -387,9 +387,9 @@ def test_a_retry_attaches_to_the_running_trainjob_and_never_starts_a_second(setu
 def test_409_attaches_to_the_trainjob_another_submitter_created(setup, trainer_release):
     api = setup["fake"]()
     name = setup["base"]
-    form = trainjob.API_FORMS[0] if trainer_release >= "v2.2" else trainjob.API_FORMS[1]
-    body = trainjob.build_trainjob(
-        trainjob.TrainJobParams(
+    form = trainjob_spec.API_FORMS[0] if trainer_release >= "v2.2" else trainjob_spec.API_FORMS[1]
+    body = trainjob_spec.build_trainjob(
+        trainjob_spec.TrainJobParams(
             name=name, namespace="ml", image="reg/x:1", nodes=2, procs_per_node=4, args=["-m", "imgpipe.remote", "train", "{}"], form=form
         )
     )
@@ -443,7 +443,7 @@ def test_on_trainer_2_1_the_wait_deadline_deletes_the_trainjob(setup, trainjob_s
 
 
 def test_a_webhook_denial_is_reported_with_the_webhooks_own_message_not_as_rbac(setup, monkeypatch):
-    monkeypatch.setattr(trainjob, "RUNTIME", "torch-distributed-v9")
+    monkeypatch.setattr(trainjob_spec, "RUNTIME", "torch-distributed-v9")
     with pytest.raises(RuntimeError) as caught:
         run(setup, setup["fake"]())
     message = str(caught.value)
@@ -454,30 +454,30 @@ def test_a_webhook_denial_is_reported_with_the_webhooks_own_message_not_as_rbac(
 def test_reserved_torchrun_variables_and_a_missing_image_are_refused_before_any_call():
     base = dict(name="x", namespace="ml", nodes=2, procs_per_node=1, args=[])
     with pytest.raises(ValueError, match="PET_NNODES"):
-        trainjob.build_trainjob(trainjob.TrainJobParams(image="i:1", env={"PET_NNODES": "9"}, **base))
-    with pytest.raises(ValueError, match=trainjob.IMAGE_ENV):
-        trainjob.build_trainjob(trainjob.TrainJobParams(image="", **base))
+        trainjob_spec.build_trainjob(trainjob_spec.TrainJobParams(image="i:1", env={"PET_NNODES": "9"}, **base))
+    with pytest.raises(ValueError, match=trainjob_spec.IMAGE_ENV):
+        trainjob_spec.build_trainjob(trainjob_spec.TrainJobParams(image="", **base))
 
 
 @pytest.mark.parametrize("nodes", [0, -2, 5, 65])
 def test_node_counts_out_of_range_are_refused(nodes, monkeypatch):
-    monkeypatch.delenv(trainjob.MAX_NODES_ENV, raising=False)
+    monkeypatch.delenv(trainjob_spec.MAX_NODES_ENV, raising=False)
     with pytest.raises((ValueError, TypeError), match=r"nodes must be an integer in \[1, "):
-        trainjob.check_nodes(nodes) if nodes <= 64 else TrainConfig(model="tiny_cnn", nodes=nodes)
+        trainjob_spec.check_nodes(nodes) if nodes <= 64 else TrainConfig(model="tiny_cnn", nodes=nodes)
 
 
 def test_the_operator_sets_the_cap_and_a_run_cannot_raise_it(monkeypatch):
-    monkeypatch.setenv(trainjob.MAX_NODES_ENV, "16")
-    assert trainjob.check_nodes(16) == 16
-    monkeypatch.setenv(trainjob.MAX_NODES_ENV, "many")
-    with pytest.raises(ValueError, match=trainjob.MAX_NODES_ENV):
-        trainjob.check_nodes(2)
+    monkeypatch.setenv(trainjob_spec.MAX_NODES_ENV, "16")
+    assert trainjob_spec.check_nodes(16) == 16
+    monkeypatch.setenv(trainjob_spec.MAX_NODES_ENV, "many")
+    with pytest.raises(ValueError, match=trainjob_spec.MAX_NODES_ENV):
+        trainjob_spec.check_nodes(2)
     with pytest.raises(TypeError):
-        trainjob.check_nodes("2")
+        trainjob_spec.check_nodes("2")
 
 
 def test_dispatch_refuses_more_nodes_than_the_cap_before_any_api_call(setup, monkeypatch):
-    monkeypatch.setenv(trainjob.MAX_NODES_ENV, "2")
+    monkeypatch.setenv(trainjob_spec.MAX_NODES_ENV, "2")
 
     def no_api():
         raise AssertionError("no Kubernetes call for a refused count")
@@ -499,16 +499,16 @@ def test_dispatch_runs_one_node_in_the_pod_and_more_as_a_trainjob(setup, monkeyp
 
 def test_the_node_resources_come_from_the_task_and_are_checked():
     text = json.dumps({"requests": {"cpu": "16"}, "limits": {"cpu": "16", "memory": "48Gi", "nvidia.com/gpu": "2"}})
-    assert trainjob.node_resources(2, text)["limits"]["nvidia.com/gpu"] == "2"
-    assert trainjob.node_resources(3, "") == {}, "a CPU build: no GPU unless the compiled resources ask for one"
+    assert trainjob_spec.node_resources(2, text)["limits"]["nvidia.com/gpu"] == "2"
+    assert trainjob_spec.node_resources(3, "") == {}, "a CPU build: no GPU unless the compiled resources ask for one"
     for bad in ("{", '["cpu"]', '{"limits": 4}', '{"cpus": {}}'):
-        with pytest.raises(ValueError, match=trainjob.NODE_RESOURCES_ENV):
-            trainjob.node_resources(1, bad)
+        with pytest.raises(ValueError, match=trainjob_spec.NODE_RESOURCES_ENV):
+            trainjob_spec.node_resources(1, bad)
     with pytest.raises(ValueError, match="processes run on each"):
-        trainjob.node_resources(4, text)
+        trainjob_spec.node_resources(4, text)
     for bad in ("{", '{"env": []}', "[]"):
-        with pytest.raises(ValueError, match=trainjob.POD_ENV):
-            trainjob.pod_settings(bad)
+        with pytest.raises(ValueError, match=trainjob_spec.POD_ENV):
+            trainjob_spec.pod_settings(bad)
 
 
 # ------------------------------------------------------------------ RBAC
@@ -597,7 +597,7 @@ def test_the_pipeline_takes_train_nodes_and_gives_a_poller_without_gpus_what_a_t
 
     # train_nodes 1: the pod trains on its GPUs and holds no TrainJob settings.
     assert container("train")["resources"]["accelerator"]["resourceCount"] == "2"
-    assert not {e["name"] for e in container("train")["env"]} & {trainjob.IMAGE_ENV, trainjob.NODE_RESOURCES_ENV, trainjob.POD_ENV}
+    assert not {e["name"] for e in container("train")["env"]} & {trainjob_spec.IMAGE_ENV, trainjob_spec.NODE_RESOURCES_ENV, trainjob_spec.POD_ENV}
     # More: the poller holds no GPU, toleration, selector or /dev/shm, so a quota counts only the nodes.
     task = tasks["train-trainjob"]
     assert task["inputs"]["parameters"]["train_nodes"]["componentInputParameter"] == "pipelinechannel--train_nodes"
@@ -605,11 +605,11 @@ def test_the_pipeline_takes_train_nodes_and_gives_a_poller_without_gpus_what_a_t
     assert "accelerator" not in res and (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("1", "1Gi")
     assert not {"tolerations", "nodeSelector", "emptyDirMounts"} & set(kube[executor("train-trainjob")])
     env = {e["name"]: e["value"] for e in container("train-trainjob")["env"]}
-    assert env[trainjob.IMAGE_ENV] == "registry.test/gpu:3" and env[trainjob.SECRET_ENV] == "imgpipe-s3-credentials"
-    node = json.loads(env[trainjob.NODE_RESOURCES_ENV])
+    assert env[trainjob_spec.IMAGE_ENV] == "registry.test/gpu:3" and env[trainjob_spec.SECRET_ENV] == "imgpipe-s3-credentials"
+    node = json.loads(env[trainjob_spec.NODE_RESOURCES_ENV])
     assert node["limits"] == {"cpu": "16", "memory": "48Gi", "nvidia.com/gpu": "2"} and node["requests"]["cpu"] == "16"
-    assert env[trainjob.SHM_ENV] == "16Gi", "the nodes get the train task's /dev/shm"
-    pod = json.loads(env[trainjob.POD_ENV])
+    assert env[trainjob_spec.SHM_ENV] == "16Gi", "the nodes get the train task's /dev/shm"
+    pod = json.loads(env[trainjob_spec.POD_ENV])
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert env[ranks.PROCS_ENV] == "2"

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from imgpipe import contract, storage, writer
+from imgpipe import commit, contract, storage, writer
 from imgpipe.config import config_to_dict, load_config, step_config
 from imgpipe.contract import StepReport
 from imgpipe.report.comparison import CURVES_PNG
@@ -47,13 +47,13 @@ def history(train_loss, val_acc, val_loss=None, f1=None, pr_auc=None):
 def write_branch(root: str, name: str, epochs: list[dict], confusion=BALANCED, data="file:///data/resize", **settings) -> str:
     """A committed train output holding ``epochs`` as its metrics and TrainConfig(**settings) as its config."""
     prefix = storage.join(root, f"train-{name}")
-    attempt = contract.claim(prefix, "train")
+    attempt = commit.claim(prefix, "train")
     metrics = {"epochs": epochs, "labels": LABELS, "val_confusion": confusion}
     body = json.dumps(metrics).encode()
     storage.write_bytes(storage.join(prefix, contract.METRICS), body)
     report = StepReport(step="train", dest=prefix, inputs=1, outputs=1, rejected=0, files=[writer.entry_for_bytes(contract.METRICS, body)])
     cfg, _ = resolve_recipe(TrainConfig(model="tiny_cnn", device="cpu", **settings), [100] * len(LABELS))  # as train writes it: resolved
-    contract.publish(prefix, "train", attempt, contract.manifest_body(report, cfg, {"source": data, "step": "resize"}))
+    commit.publish(prefix, "train", attempt, commit.manifest_body(report, cfg, {"source": data, "step": "resize"}))
     return prefix
 
 
@@ -239,7 +239,7 @@ def test_compare_refuses_branches_of_different_data_and_overlapping_dest(root):
 def test_publish_comparison_fills_the_kfp_artifacts(root, tmp_path):
     from types import SimpleNamespace
 
-    from imgpipe.kfp.artifacts import publish_comparison
+    from imgpipe.kfp.publish import publish_comparison
 
     class Metrics(SimpleNamespace):
         def log_metric(self, key, value):
@@ -287,7 +287,7 @@ def write_seeds(root: str, branch: str, f1s: list[float], **settings) -> dict[st
 
 
 def test_seeds_rank_branches_by_the_mean_and_show_the_spread(root, tmp_path):
-    from imgpipe.kfp.artifacts import publish_comparison
+    from imgpipe.kfp.publish import publish_comparison
 
     # "lucky" has the best single run (0.80) but the lower mean (0.68); "steady" wins on the mean (0.71).
     runs = {**write_seeds(root, "lucky", [0.80, 0.62, 0.62], aug_policy="basic"), **write_seeds(root, "steady", [0.70, 0.71, 0.72], randaugment_m=5)}

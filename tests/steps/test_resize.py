@@ -159,7 +159,7 @@ def test_hostile_train_mode_is_refused_with_a_clear_error():
 
 def test_cli_train_mode_flag():
     from imgpipe.cli import build_parser
-    from imgpipe.config import flag_overrides
+    from imgpipe.config_flags import flag_overrides
 
     args = build_parser().parse_args(["resize", "src", "dest", "--train-mode", "whole", "--mode", "pad"])
     assert flag_overrides(args) == {"train_mode": "whole", "mode": "pad"}

@@ -9,17 +9,14 @@ so the caller can count and report them.
 Formats are recognised by content (magic bytes), not by file name: ``tar``,
 ``tar.gz``/``tgz``, ``tar.bz2``, ``tar.xz`` and ``zip``.
 
-Memory stays bounded whatever the archive holds: a tar extended header (GNU
-longname/longlink, pax) over :data:`MAX_EXTENDED_HEADER_BYTES` is skipped unread and
-the member it describes flagged, chains of extended headers stop at
-:data:`MAX_HEADER_CHAIN`, names over :data:`MAX_NAME_BYTES` are flagged, and data a
-header declares is skipped in bounded reads that stop at the end of the stream.
+Memory stays bounded whatever the archive holds: names over :data:`MAX_NAME_BYTES`
+are flagged, and a tar is read through :mod:`imgpipe.data.archivetar`, whose bounded
+stream skips oversized extended headers (the member they describe is flagged here),
+caps chains of them and skips declared data in bounded reads.
 """
 
 from __future__ import annotations
 
-import bz2
-import contextlib
 import gzip
 import lzma
 import os
@@ -34,13 +31,13 @@ from functools import partial
 from pathlib import Path
 from typing import IO
 
+from imgpipe.data.archivetar import COMPRESSED_TAR, TAR_FORMATS, combine_problems, next_tar, tar_stream, utf8_len
+
 __all__ = [
     "SUPPORTED_FORMATS",
     "UNSAFE_MEMBER",
     "UNREADABLE_MEMBER",
     "MAX_NAME_BYTES",
-    "MAX_EXTENDED_HEADER_BYTES",
-    "MAX_HEADER_CHAIN",
     "HEADER_BYTES",
     "CORRUPT_ERRORS",
     "ArchiveError",
@@ -58,24 +55,11 @@ UNSAFE_MEMBER = "unsafe_member"
 UNREADABLE_MEMBER = "unreadable_member"
 # Linux's PATH_MAX: no file system stores a longer path, so a longer name is an attack.
 MAX_NAME_BYTES = 4096
-# Room for a pax header carrying a PATH_MAX path and link path plus the usual times,
-# owners and a few xattrs; tarfile reads a whole extended header into memory.
-MAX_EXTENDED_HEADER_BYTES = 64 << 10
-# Real archivers write at most a longname, a longlink and a pax header before a member;
-# tarfile recurses once per header, so an endless chain would end in RecursionError.
-MAX_HEADER_CHAIN = 8
 # What one member costs besides its data and name: a tar header block (and about a
 # zip's local plus central directory entry), so zero-byte members still add up.
 HEADER_BYTES = tarfile.BLOCKSIZE
 
 _CHUNK = 1 << 20
-_COMPRESSED_TAR = (
-    (b"\x1f\x8b", "tar.gz", "gzip", gzip.open),
-    (b"BZh", "tar.bz2", "bzip2", bz2.open),
-    (b"\xfd7zXZ\x00", "tar.xz", "xz", lzma.open),
-)
-_TAR_CODECS = {fmt: (codec, opener) for _, fmt, codec, opener in _COMPRESSED_TAR}
-_TAR_FORMATS = ("tar", *_TAR_CODECS)
 _SUPPORTED_TEXT = "supported formats: .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .zip (detected by content), or a directory"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # first local header, or the end record of an empty zip
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
@@ -92,13 +76,6 @@ CORRUPT_ERRORS = (
     NotImplementedError,  # a zip version or feature zipfile does not read
 )
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_EXTENDED_HEADERS = {
-    tarfile.GNUTYPE_LONGNAME: "GNU longname header",
-    tarfile.GNUTYPE_LONGLINK: "GNU longlink header",
-    tarfile.XHDTYPE: "pax header",
-    tarfile.XGLTYPE: "pax global header",
-    tarfile.SOLARIS_XHDTYPE: "Solaris extended header",
-}
 _SHOWN_NAME_CHARS = 200  # how much of an overlong name a reject keeps
 
 
@@ -146,7 +123,7 @@ class Member:
     @property
     def header_bytes(self) -> int:
         """What the member costs besides its data: a header block and its UTF-8 path."""
-        return HEADER_BYTES + _utf8_len(self.path)
+        return HEADER_BYTES + utf8_len(self.path)
 
     def read(self, limit: int) -> bytes:
         """Reads the whole member, refusing to hold more than ``limit`` bytes.
@@ -178,13 +155,8 @@ def _flagged(path: str, size: int, reason: str, detail: str) -> Member:
     return Member(path=path, size=size, reason=reason, detail=detail)
 
 
-def _utf8_len(text: str) -> int:
-    # surrogatepass: tar names decoded with surrogateescape must be countable, not an error.
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
 def _long_name_problem(what: str, name: str) -> str | None:
-    size = _utf8_len(name)
+    size = utf8_len(name)
     if size > MAX_NAME_BYTES:
         return f"{what} of {size} bytes exceeds MAX_NAME_BYTES={MAX_NAME_BYTES}"
     return None
@@ -192,9 +164,9 @@ def _long_name_problem(what: str, name: str) -> str | None:
 
 def _shown(name: str) -> str:
     """An overlong name cut to what a reject may hold (rejects are kept in memory)."""
-    if _utf8_len(name) <= MAX_NAME_BYTES:
+    if utf8_len(name) <= MAX_NAME_BYTES:
         return name
-    return f"{name[:_SHOWN_NAME_CHARS]}...[{_utf8_len(name)} bytes]"
+    return f"{name[:_SHOWN_NAME_CHARS]}...[{utf8_len(name)} bytes]"
 
 
 def normalize_member_path(name: str) -> tuple[str, str | None]:
@@ -223,11 +195,6 @@ def normalize_member_path(name: str) -> tuple[str, str | None]:
     return clean, None
 
 
-def _combine(*problems: str | None) -> str | None:
-    found = [p for p in problems if p]
-    return "; ".join(found) if found else None
-
-
 def _looks_like_tar(block: bytes) -> bool:
     try:
         tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
@@ -254,7 +221,7 @@ def detect_format(path: str | os.PathLike[str], name: str | None = None) -> str:
     name = name or os.fspath(path)
     with open(path, "rb") as fh:
         head = fh.read(tarfile.BLOCKSIZE)
-    for magic, fmt, codec, opener in _COMPRESSED_TAR:
+    for magic, fmt, codec, opener in COMPRESSED_TAR:
         if head.startswith(magic):
             try:
                 with opener(path, "rb") as inner:
@@ -303,7 +270,7 @@ def iter_archive(path: str | os.PathLike[str], fmt: str) -> Iterator[Member]:
     """
     if fmt == "zip":
         members = _iter_zip(path)
-    elif fmt in _TAR_FORMATS:
+    elif fmt in TAR_FORMATS:
         members = _iter_tar(path, fmt)
     else:
         raise ValueError(f"unknown archive format {fmt!r}; expected one of {SUPPORTED_FORMATS}")
@@ -329,144 +296,16 @@ def _tar_type_problem(info: tarfile.TarInfo) -> str | None:
     return None
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
-    """A TarInfo whose extended headers cannot exhaust memory or the stack.
-
-    tarfile reads a GNU longname/longlink or pax header whole
-    (``TarInfo._proc_gnulong``/``_proc_pax`` read ``self._block(self.size)`` bytes) and
-    recurses once per header. Here an oversized one is skipped in bounded reads and
-    the member it describes comes back with ``problem`` set, and a chain longer than
-    :data:`MAX_HEADER_CHAIN` fails the archive (``next()`` turns
-    ``SubsequentHeaderError`` into ``ReadError``).
-    """
-
-    __slots__ = ("problem",)
-
-    def __init__(self, name: str = "") -> None:
-        super().__init__(name)
-        self.problem: str | None = None
-
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        kind = _EXTENDED_HEADERS.get(self.type)
-        if kind is None:
-            return super()._proc_member(tarfile_)
-        chain = getattr(tarfile_, "_imgpipe_header_chain", 0) + 1
-        if chain > MAX_HEADER_CHAIN:
-            raise tarfile.SubsequentHeaderError(
-                f"more than MAX_HEADER_CHAIN={MAX_HEADER_CHAIN} extended headers in a row at byte {self.offset} of the tar stream"
-            )
-        tarfile_._imgpipe_header_chain = chain  # type: ignore[attr-defined]
-        try:
-            if self.size > MAX_EXTENDED_HEADER_BYTES:
-                return self._skip_header(tarfile_, kind)
-            member = super()._proc_member(tarfile_)
-        finally:
-            tarfile_._imgpipe_header_chain = chain - 1  # type: ignore[attr-defined]
-        if self.type == tarfile.XGLTYPE:
-            _check_global_headers(tarfile_)
-        return member
-
-    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        # An old GNU sparse map continues in as many extension blocks as the archive
-        # chains, and tarfile keeps every entry. Sparse files are no images: skip the
-        # blocks unread and leave an empty map, which marks the member unreadable.
-        _, isextended, real_size = self._sparse_structs
-        del self._sparse_structs
-        while isextended:
-            block = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
-            if len(block) < tarfile.BLOCKSIZE:
-                raise tarfile.SubsequentHeaderError("the tar stream ends inside a sparse map")
-            isextended = bool(block[504])  # the isextended byte of an extension block
-        self.sparse = []
-        self.offset_data = tarfile_.fileobj.tell()
-        tarfile_.offset = self.offset_data + self._block(self.size)
-        self.size = real_size
-        return self
-
-    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str], tarfile_: tarfile.TarFile) -> None:
-        # A pax 1.0 sparse map is a list of numbers at the start of the member's data,
-        # as long as it claims; tarfile reads it all. The member's position is already
-        # known from its header, so leave the map unread.
-        next.sparse = []
-
-    def _skip_header(self, tarfile_: tarfile.TarFile, kind: str) -> tarfile.TarInfo:
-        _skip(tarfile_.fileobj, self._block(self.size), kind)
-        try:
-            member = self.fromtarfile(tarfile_)
-        except tarfile.HeaderError as exc:
-            raise tarfile.SubsequentHeaderError(str(exc)) from None
-        problem = f"{kind} of {self.size} bytes exceeds {MAX_EXTENDED_HEADER_BYTES}"
-        member.problem = _combine(problem, member.problem)
-        return member
-
-
-def _check_global_headers(tarfile_: tarfile.TarFile) -> None:
-    # Global pax headers accumulate in tarfile.pax_headers for the rest of the archive.
-    size = sum(_utf8_len(k) + _utf8_len(v) for k, v in tarfile_.pax_headers.items())
-    if size > MAX_EXTENDED_HEADER_BYTES:
-        raise tarfile.SubsequentHeaderError(f"pax global headers hold {size} bytes, more than {MAX_EXTENDED_HEADER_BYTES}")
-
-
-def _skip(fileobj: IO[bytes], count: int, what: str) -> None:
-    """Reads and drops ``count`` bytes of a tar stream in bounded chunks.
-
-    ``tarfile._Stream.seek`` loops over the whole distance even past the end of the
-    data, so a header declaring an exabyte-sized member would spin forever.
-    """
-    while count > 0:
-        got = len(fileobj.read(min(count, _CHUNK)))
-        if not got:
-            raise tarfile.ReadError(f"the tar stream ends inside {what} (truncated?)")
-        count -= got
-
-
-def _next_tar(tf: tarfile.TarFile) -> _BoundedTarInfo | None:
-    """``tf.next()``, skipping the previous member's data with :func:`_skip`."""
-    # Opening read the first header already (tf.firstmember); its data is still to come.
-    if tf.firstmember is None and tf.offset > tf.fileobj.tell():
-        _skip(tf.fileobj, tf.offset - tf.fileobj.tell(), "a member's data")
-    return tf.next()  # type: ignore[return-value]
-
-
-class _BoundedDecompression:
-    """A compressed tar's bytes for tarfile's stream mode, decompressed a read at a time.
-
-    tarfile's own ``r|gz``/``r|bz2``/``r|xz`` decompress each 10 KiB input buffer
-    whole (no ``max_length``) and copy what is left on every read: 854 bytes of bzip2
-    become a GiB in one call. ``gzip.open`` and friends inflate only what a read asks
-    for. Codec errors become ``tarfile.ReadError`` as in tarfile's own stream.
-    """
-
-    def __init__(self, fh: IO[bytes], codec: str) -> None:
-        self._fh = fh
-        self._codec = codec
-
-    def read(self, size: int) -> bytes:
-        try:
-            return self._fh.read(size)
-        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:  # bz2 raises OSError
-            raise tarfile.ReadError(f"corrupt {self._codec} data: {exc}") from exc
-
-
-@contextlib.contextmanager
-def _tar_stream(path: str | os.PathLike[str], fmt: str) -> Iterator[tarfile.TarFile]:
-    codec, opener = _TAR_CODECS.get(fmt, (None, None))
-    with opener(path, "rb") if opener else open(path, "rb") as fh:
-        stream = _BoundedDecompression(fh, codec) if codec else fh
-        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as tf:
-            yield tf
-
-
 def _iter_tar(path: str | os.PathLike[str], fmt: str) -> Iterator[Member]:
-    with _tar_stream(path, fmt) as tf:
-        while (info := _next_tar(tf)) is not None:
+    with tar_stream(path, fmt) as tf:
+        while (info := next_tar(tf)) is not None:
             # Stream mode still appends every header to tf.members; drop them so memory
             # stays flat on archives with millions of members (nothing here looks back).
             tf.members.clear()
             if info.isdir():
                 continue
             path_, bad_path = normalize_member_path(info.name)
-            problem = _combine(
+            problem = combine_problems(
                 info.problem,
                 _tar_type_problem(info),
                 bad_path,
@@ -524,7 +363,7 @@ def _zip_problem(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[str, str] 
         type_problem = f"symlink -> {_zip_link_target(zf, info)}"
     elif stat.S_IFMT(mode):
         type_problem = _mode_problem(mode)
-    problem = _combine(type_problem, normalize_member_path(info.filename)[1])
+    problem = combine_problems(type_problem, normalize_member_path(info.filename)[1])
     if problem:
         return UNSAFE_MEMBER, problem
     if info.flag_bits & _ZIP_ENCRYPTED:

@@ -34,7 +34,7 @@ import requests
 import urllib3
 
 from imgpipe import storage
-from imgpipe.config import env_flag
+from imgpipe.config_flags import env_flag
 from imgpipe.readpolicy import SOURCE_LOCAL_ENV
 
 __all__ = [

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from imgpipe.config import coerce, env_flag
+from imgpipe.config import coerce
+from imgpipe.config_flags import env_flag
 from imgpipe.kfp.artifacts import PIPELINE_NAME
 from imgpipe.steps.audit import AUDIT_PIPELINE_NAME
 from imgpipe.sweep import SWEEP_PIPELINE_NAME

@@ -125,8 +125,8 @@ def run_train(data: str, out: str, cfg: Any, *, procs: int | None = None, run_id
     check_placement(cfg, placement)
     procs = ranks.procs_from_env() if procs is None else ranks.check_procs(procs)
     if cfg.nodes > 1:
-        from imgpipe.remote import trainjob
+        from imgpipe.remote import trainjob, trainjob_spec
 
-        trainjob.check_nodes(cfg.nodes)
+        trainjob_spec.check_nodes(cfg.nodes)
         return trainjob.run_train_job(data, out, cfg, procs=procs, run_id=run_id)
     return ranks.launch(data, out, cfg, procs)

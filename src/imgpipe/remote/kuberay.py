@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from imgpipe import contract, storage
+from imgpipe import commit, storage
 from imgpipe.contract import StepReport
 from imgpipe.remote.attempts import RUN_ID_ENV, attempt_id, committed_report, job_id, resolve_run_id
 from imgpipe.remote.kube import (
@@ -323,7 +323,7 @@ def run_step_rayjob(
         TimeoutError: If the deadline passes first (the RayJob keeps running).
     """
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
-    contract.check_disjoint(dest, [source], step)
+    commit.check_disjoint(dest, [source], step)
     namespace = namespace or current_namespace()
     api = api if api is not None else load_api()
     if template is None:

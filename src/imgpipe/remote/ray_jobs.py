@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from imgpipe import contract, storage
+from imgpipe import commit, storage
 from imgpipe.contract import StepReport
 from imgpipe.remote.attempts import RUN_ID_ENV, attempt_id, committed_report, job_id, resolve_run_id
 from imgpipe.remote.payload import step_entrypoint
@@ -213,7 +213,7 @@ def run_step_job(
         TimeoutError: If ``timeout_s`` passes first.
     """
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
-    contract.check_disjoint(dest, [source], step)
+    commit.check_disjoint(dest, [source], step)
     job_cfg = _job_cfg(cfg)
     run_id = resolve_run_id(run_id)
     if run_id is None:

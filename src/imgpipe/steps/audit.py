@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgpipe import contract, parquet, storage, writer
+from imgpipe import commit, contract, parquet, storage, writer
 from imgpipe.config import check_numbers
 from imgpipe.contract import StepReport
 from imgpipe.data.labels import escape_csv_cell
@@ -272,7 +272,7 @@ def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | 
     cfg = cfg or AuditConfig()
     started = time.monotonic()
     dest = storage.normalize_uri(dest)
-    contract.check_disjoint(dest, fold_models, "audit")
+    commit.check_disjoint(dest, fold_models, "audit")
     table = _out_of_fold(fold_models)
     classes = json.loads(storage.read_bytes(storage.join(fold_models[0], contract.MODEL_CARD)))["classes"]
     labels = table.column("label").to_numpy().astype(np.int64)
@@ -299,7 +299,7 @@ def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | 
     )
     order = np.argsort(np.where(rank >= 0, rank, len(labels) + np.argsort(np.argsort(quality))), kind="stable")
     out_table = out_table.take(pa.array(order))
-    attempt = contract.claim(dest, "audit")
+    attempt = commit.claim(dest, "audit")
     suspects = out_table.slice(0, len(issues)).to_pylist()
     outputs = {
         LABEL_ISSUES: parquet.table_to_parquet_bytes(out_table),
@@ -328,7 +328,7 @@ def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | 
         seconds=round(time.monotonic() - started, 3),
         extra=extra,
     )
-    contract.publish(dest, "audit", attempt, contract.manifest_body(body, cfg, {"step": "train", "folds": list(fold_models)}))
+    commit.publish(dest, "audit", attempt, commit.manifest_body(body, cfg, {"step": "train", "folds": list(fold_models)}))
     log.info("audit: %d of %d train images have a suspect label -> %s", len(issues), len(labels), dest)
     return body
 

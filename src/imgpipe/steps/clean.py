@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgpipe import contract, parquet, resources, storage
+from imgpipe import commit, contract, parquet, resources, storage
 from imgpipe.clean.buckets import BUCKET_SUFFIX, bucket_path, read_bucket
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.decode import ShardBuckets, decode_row, measure_row, output_schema, validate_task
@@ -369,7 +369,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None, *, whole: bool
     phases = PhaseLog("clean")
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
     inputs = [source] + [u for u in (cfg.labels_csv, cfg.label_overrides, cfg.annotations, cfg.skip_hashes_from) if u]
-    contract.check_disjoint(dest, inputs, "clean")
+    commit.check_disjoint(dest, inputs, "clean")
     manifest = contract.read_manifest(source, expect_step="download")
     index = read_index(contract.data_files(source, manifest))
     labeler = build_labeler(cfg, index, (manifest.get("extra") or {}).get("sources") or [])

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from imgpipe import contract, storage, writer
+from imgpipe import commit, contract, storage, writer
 from imgpipe.config import check_numbers, check_range, config_to_dict, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
 from imgpipe.report import training as report
@@ -241,7 +241,7 @@ def compare(
 
     Args:
         branches: Branch name (a run's, with seeds) -> its committed train output prefix.
-        dest: Output prefix; replaced (``contract.claim``).
+        dest: Output prefix; replaced (``commit.claim``).
         cfg: The thresholds; the module's constants when omitted.
         settings: Branch name -> its grid settings, for the table.
         groups: With seeds: run name -> the branch it repeats (the plan items'
@@ -258,7 +258,7 @@ def compare(
     if not branches:
         raise ValueError("compare needs at least one branch")
     dest = storage.normalize_uri(dest)
-    contract.check_disjoint(dest, branches.values(), "compare")
+    commit.check_disjoint(dest, branches.values(), "compare")
     read = {n: _read_branch(n, p, (settings or {}).get(n, {})) for n, p in branches.items()}
     _check_same_data({n: m for n, (_, m, _) in read.items()}, {n: x for n, (_, _, x) in read.items()})
     if all(r.diverged for r, _, _ in read.values()):
@@ -315,7 +315,7 @@ def compare(
 
 def _write(dest: str, result: Mapping[str, Any], curves: bytes, winner_yaml: str, cfg: CompareConfig) -> list[FileEntry]:
     """Claims ``dest``, writes the comparison's files, commits; returns the manifest's file entries."""
-    attempt = contract.claim(dest, "compare")
+    attempt = commit.claim(dest, "compare")
     # Every run trained (with seeds, each seed's), so lineage and local copies reach them all.
     trained = [run for r in result["branches"] for run in r.get("runs", [r])]
     outputs = {
@@ -336,5 +336,5 @@ def _write(dest: str, result: Mapping[str, Any], curves: bytes, winner_yaml: str
         extra={"winner": result["winner"]["branch"], "ranked_by": result["ranked_by"]},
     )
     upstream = {"step": "train", "branches": {r["branch"]: r["prefix"] for r in trained}}
-    contract.publish(dest, "compare", attempt, contract.manifest_body(body, cfg, upstream))
+    commit.publish(dest, "compare", attempt, commit.manifest_body(body, cfg, upstream))
     return files

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgpipe import contract, storage
+from imgpipe import commit, storage
 from imgpipe.config import check_numbers, check_range
 from imgpipe.contract import StepReport
 from imgpipe.data.archivecaps import Caps
@@ -263,7 +263,7 @@ def _split_by_entry(reader: Reader) -> bool:
 def _check_outside_dest(uri: str, dest: str) -> None:
     """Refuses a storage source that ``OutputWriter.begin()`` would delete, or that would see the output."""
     if storage.serves(uri):
-        contract.check_disjoint(dest, [uri], STEP)
+        commit.check_disjoint(dest, [uri], STEP)
 
 
 def _census(readers: Sequence[Reader], caps: Caps) -> None:
@@ -308,7 +308,7 @@ def download(
     Every source that is one file is fetched, its checksum verified and every member read
     once (a dry run), and every listing counted, before ``dest`` is touched: a corrupt,
     truncated or oversized archive fails there and leaves the previous committed output as
-    it was. Only then is ``dest`` claimed (:func:`imgpipe.contract.claim`: it must be empty or
+    it was. Only then is ``dest`` claimed (:func:`imgpipe.commit.claim`: it must be empty or
     a download output) and the new output written and committed. Re-running with the same
     sources and dest reproduces the same rows and shard names.
 

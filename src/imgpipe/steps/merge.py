@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgpipe import contract, storage
+from imgpipe import commit, contract, storage
 from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.decode import output_schema
 from imgpipe.clean.neardup import group_representatives, hamming
@@ -225,7 +225,7 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
     if len(set(prefixes)) != len(prefixes):
         raise ValueError("a shard's clean prefix is listed twice; every shard must be merged once")
     dest = storage.normalize_uri(dest)
-    contract.check_disjoint(dest, prefixes, STEP)
+    commit.check_disjoint(dest, prefixes, STEP)
     phases = PhaseLog("merge")
     parts = [_Shard(p) for p in prefixes]
     _check_shards(prefixes, parts, cfg)

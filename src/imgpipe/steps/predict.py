@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgpipe import contract, parquet, storage
+from imgpipe import commit, contract, parquet, storage
 from imgpipe.clean.config import CleanConfig
 from imgpipe.config import check_numbers, check_range
 from imgpipe.contract import Reject, StepReport
@@ -420,7 +420,7 @@ def predict(model: str, data: str, dest: str, cfg: PredictConfig | None = None) 
     card = read_card(model)
     if not card["files"].get("onnx"):
         raise ValueError(f"{model} has no ONNX export ({card.get('export_failures', {}).get('model.onnx', 'not written')})")
-    contract.check_disjoint(dest, [model, data], "predict")
+    commit.check_disjoint(dest, [model, data], "predict")
     with contextlib.ExitStack() as stack:
         source = _image_source(storage.normalize_uri(data), stack)
         spec = _describe(source, card, cfg)

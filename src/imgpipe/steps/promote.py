@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from imgpipe import contract, serving, storage, writer
+from imgpipe import commit, contract, serving, storage, writer
 from imgpipe.config import check_numbers, config_to_yaml
 from imgpipe.contract import StepReport
 from imgpipe.readpolicy import ReadPolicy
@@ -330,13 +330,13 @@ def promote(
     cfg = cfg or PromoteConfig()
     started = time.monotonic()
     dest = storage.normalize_uri(dest)
-    contract.check_disjoint(dest, [candidate] + ([current] if current else []), "promote")
+    commit.check_disjoint(dest, [candidate] + ([current] if current else []), "promote")
     decision = decide(candidate, current, cfg, device, policy)
     # Before the registry hears of it: a model Triton cannot load is refused with nothing registered.
     repository = _serving_files(decision.candidate_prefix) if decision.promoted else {}
     if before_commit is not None:
         before_commit(decision)
-    attempt = contract.claim(dest, "promote")
+    attempt = commit.claim(dest, "promote")
     if repository:
         decision = replace(decision, serving=storage.join(dest, serving.REPOSITORY))
     outputs = {
@@ -357,7 +357,7 @@ def promote(
         extra={"decision": asdict(decision)},
     )
     upstream = {"step": "train", "candidate": decision.candidate_prefix, "current": decision.current_prefix}
-    contract.publish(dest, "promote", attempt, contract.manifest_body(body, cfg, upstream))
+    commit.publish(dest, "promote", attempt, commit.manifest_body(body, cfg, upstream))
     log.info("%s", decision.summary())
     return decision
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgpipe import contract, parquet, resources, storage
+from imgpipe import commit, contract, parquet, resources, storage
 from imgpipe.contract import Reject, StepReport
 from imgpipe.phases import PhaseLog
 from imgpipe.raysession import ray_session, shut_down_local_ray
@@ -373,7 +373,7 @@ def resize(source: str, dest: str, cfg: ResizeConfig | None = None) -> StepRepor
         )
     phases = PhaseLog("resize")
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
-    contract.check_disjoint(dest, [source], "resize")
+    commit.check_disjoint(dest, [source], "resize")
     manifest = contract.read_manifest(source, expect_step="clean")
     files = contract.data_files(source, manifest)
     inputs = sum(int(f["rows"]) for f in manifest["files"])

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 
 from imgpipe import contract, parquet, writer
+from imgpipe.commit import claim, manifest_body, publish
 from imgpipe.config import config_to_dict, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
 from imgpipe.report import training as report
@@ -225,19 +226,19 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResul
 
 def commit(run: TrainingRun, train_report: StepReport, upstream: Mapping[str, Any]) -> None:
     """Manifest, then ``_SUCCESS``: the same protocol (and keys) as every step's output."""
-    manifest = contract.manifest_body(train_report, run.cfg, upstream)
-    contract.publish(run.out, "train", run.attempt, manifest)
+    manifest = manifest_body(train_report, run.cfg, upstream)
+    publish(run.out, "train", run.attempt, manifest)
 
 
 def start_output(out: str, cfg: TrainConfig, ctx: DistInfo) -> str:
-    """Claims ``out`` for train (``contract.claim``): ``_SUCCESS`` first; the rest unless resuming.
+    """Claims ``out`` for train (:func:`imgpipe.commit.claim`): ``_SUCCESS`` first; the rest unless resuming.
 
     Returns:
         The attempt id on the main rank (which commits), ``""`` on the others.
     """
     attempt = ""
     if ctx.is_main:
-        attempt = contract.claim(out, "train", keep=(CHECKPOINT,) if cfg.resume else ())
+        attempt = claim(out, "train", keep=(CHECKPOINT,) if cfg.resume else ())
     barrier(ctx)
     return attempt
 
