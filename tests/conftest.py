@@ -28,17 +28,18 @@ RAY_ALLOWED = os.environ.get("IMGPIPE_IN_NETNS") == "1" or os.environ.get("IMGPI
 # to the two xdist workers first (`--dist loadfile` hands files out in collection order), so
 # that the run ends on short files rather than one worker finishing a minute-long one alone.
 LONGEST_FIRST = (
+    "tests/steps/test_train_weights.py",
     "tests/steps/test_train.py",
     "tests/test_pipeline.py",
     "tests/remote/test_trainjob.py",
     "tests/test_sharded_pipeline.py",
     "tests/steps/test_predict_preprocessing.py",
     "tests/test_output_readers.py",
-    "tests/steps/test_resize.py",
+    "tests/steps/test_resize_end_to_end.py",
     "tests/train/test_normalization.py",
     "tests/test_sources_end_to_end.py",
     "tests/steps/test_audit.py",
-    "tests/remote/test_ray_jobs.py",
+    "tests/remote/test_ray_jobs_head.py",
     "tests/remote/test_ranks.py",
     "tests/steps/test_train_transfer.py",
     "tests/train/test_evaluation.py",

@@ -1,22 +1,33 @@
-"""Test helpers that build committed step outputs directly through the contract."""
+"""Test helpers that build committed step outputs directly through the contract, and the download step's sources."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import ipaddress
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
+import tarfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from imgpipe import contract, resources, storage
+from imgpipe import contract, registry, resources, storage
+from imgpipe.clean.config import CleanConfig
+from imgpipe.config import config_from_dict
+from imgpipe.resize.config import ResizeConfig
+from imgpipe.steps.clean import clean
+from imgpipe.steps.download import SHARD_SCHEMA, DownloadConfig
 from imgpipe.writer import OutputWriter
+from tests import imagefactory as f
 
 
 def write_download_output(dest: str, members: Mapping[str, bytes], row_group_rows: int = 4, shards: int = 2) -> str:
@@ -49,6 +60,91 @@ def as_legacy_layout(dest: str) -> str:
             storage.delete(uri)
     assert not any(contract.META_DIR in o.uri for o in storage.list_objects(dest))
     return dest
+
+
+# --------------------------------------------------------------------------- the download step's sources and outputs
+
+IMAGES = {
+    "cats/a.jpg": b"\xff\xd8cat-a" * 50,
+    "cats/b.jpg": b"\xff\xd8cat-b" * 70,
+    "dogs/c.png": b"\x89PNGdog-c" * 30,
+    "dogs/d.jpg": b"\xff\xd8dog-d" * 90,
+    "e.jpg": b"\xff\xd8e" * 10,
+}
+# Small shards and row groups so a handful of members exercise sharding and parallel writes.
+FAST = DownloadConfig(shard_bytes=1500, row_group_rows=2, write_workers=2, backoff_s=0.01, timeout_s=5.0)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _add_file(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _add_special(tf: tarfile.TarFile, name: str, kind: bytes, linkname: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    tf.addfile(info)
+
+
+def make_tar(path: Path, files: dict[str, bytes], mode: str = "w:gz", prefix: str = "./") -> Path:
+    """A tar archive with a directory entry and the files under ``prefix`` (tar's own ``./``)."""
+    with tarfile.open(path, mode) as tf:
+        _add_special(tf, prefix + "cats", tarfile.DIRTYPE)
+        for name, data in files.items():
+            _add_file(tf, prefix + name, data)
+    return path
+
+
+def make_zip(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cats/", b"")  # a directory entry: not an input
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def make_dir(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def read_rows(dest: str) -> dict[str, dict]:
+    """Every output row by path, read through the manifest; asserts paths are unique."""
+    rows: dict[str, dict] = {}
+    for uri in contract.data_files(dest):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        assert table.schema.equals(SHARD_SCHEMA)
+        for row in table.to_pylist():
+            assert row["path"] not in rows, f"duplicate row {row['path']}"
+            rows[row["path"]] = row
+    return rows
+
+
+def rejects_by_path(dest: str) -> dict[str, tuple[str, str]]:
+    table = contract.read_rejects(dest)
+    return {r["path"]: (r["reason"], r["detail"]) for r in table.to_pylist()}
+
+
+def assert_rows_match(dest: str, expected: dict[str, bytes]) -> None:
+    rows = read_rows(dest)
+    assert sorted(rows) == sorted(expected)
+    for path, data in expected.items():
+        assert rows[path]["bytes"] == data
+        assert rows[path]["size"] == len(data)
+        assert rows[path]["sha256"] == _sha(data)
+
+
+def object_names(dest: str) -> list[str]:
+    base = storage.normalize_uri(dest).rstrip("/") + "/"
+    return [o.uri[len(base) :] for o in storage.list_objects(dest)]
 
 
 # The cloud metadata ranges, spelled out here rather than taken from imgpipe.data.sources: the
@@ -120,3 +216,51 @@ def torchrun_two_ranks(script: Path, tmp_path: Path, timeout: float) -> list[dic
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+# --------------------------------------------------------------------------- the resize step's input: a small clean output
+
+CLASSES = ["Abyssinian", "beagle", "Persian"]
+
+
+def clean_members() -> dict[str, bytes]:
+    """Small, varied inputs: sizes, an extreme aspect ratio, grey, PNG, EXIF-rotated."""
+    members = {f"images/{name}_{i}.jpg": f.jpeg(60 + 7 * i, 40 + 5 * c, seed=10 * c + i) for c, name in enumerate(CLASSES) for i in range(1, 7)}
+    members["images/beagle_20.jpg"] = f.encode(f.photo(600, 40, seed=20), "JPEG", quality=90)
+    members["images/Persian_21.jpg"] = f.grayscale_jpeg(21)
+    members["images/Persian_22.png"] = f.png_in_jpg(22)
+    members["images/Abyssinian_23.jpg"] = f.exif_rotated_jpeg(6, seed=23)
+    members["images/Abyssinian_24.jpg"] = f.encode(f.photo(1200, 900, seed=24), "JPEG", quality=90)
+    return members
+
+
+def build_clean(root: str) -> str:
+    download = write_download_output(storage.join(root, "download"), clean_members())
+    dest = storage.join(root, "clean")
+    report = clean(download, dest, CleanConfig(workers=1, seed=3, rows_per_shard=8, row_group_rows=4))
+    assert report.rejected == 0 and report.outputs == len(clean_members())
+    return dest
+
+
+def read_table(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+# --------------------------------------------------------------------------- a step job: its entrypoint, and the output its driver commits
+
+
+def parse_entrypoint(entrypoint: str) -> tuple[str, str, str, ResizeConfig]:
+    """What the job's ``python -m imgpipe.remote`` makes of an entrypoint: step, source, dest, config."""
+    argv = shlex.split(entrypoint)
+    assert argv[:3] == ["python", "-m", "imgpipe.remote"], entrypoint
+    step, text = argv[3:]
+    body = json.loads(text)
+    return step, body["source"], body["dest"], config_from_dict(registry.step(step).config_class(), body["config"])
+
+
+def commit_like_the_job(entrypoint: str) -> None:
+    """Does what the job's driver would: a committed resize output with the entrypoint's config."""
+    step, source, dest, cfg = parse_entrypoint(entrypoint)
+    out = OutputWriter(dest, step)
+    out.begin()
+    out.commit(inputs=0, rejects=[], config=cfg, upstream={"source": storage.normalize_uri(source)})

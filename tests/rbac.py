@@ -223,8 +223,8 @@ def render(directory: Path, workdir: Path, namespace: str | None = None) -> list
     """The objects ``kubectl kustomize`` renders for ``directory``, optionally into another namespace.
 
     With ``namespace`` the directory is wrapped in a kustomization (in ``workdir``) that
-    sets it, as an overlay would. Without kubectl, tests/test_manifests.py's resolver
-    builds it (which that file compares with ``kubectl kustomize`` wherever kubectl is).
+    sets it, as an overlay would. Without kubectl, tests/manifests.py's resolver builds
+    it (which tests/test_manifests.py compares with ``kubectl kustomize`` wherever kubectl is).
     """
     target = directory
     if namespace is not None:
@@ -242,7 +242,7 @@ def render(directory: Path, workdir: Path, namespace: str | None = None) -> list
         target = workdir
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        from tests.test_manifests import _build
+        from tests.manifests import _build
 
         return _build(target)[0]
     out = subprocess.run([kubectl, "kustomize", str(target)], capture_output=True, text=True, timeout=120, check=True)

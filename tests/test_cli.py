@@ -174,7 +174,7 @@ def test_run_reconciles_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # a whole `imgpipe run` first; resize itself: tests/steps/test_resize.py
+@pytest.mark.slow  # a whole `imgpipe run` first; resize itself: tests/steps/test_resize_end_to_end.py
 def test_resize_command(tmp_path, capsys):
     root = tmp_path / "data"
     assert (

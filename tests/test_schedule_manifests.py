@@ -28,7 +28,7 @@ from imgpipe import cli
 from imgpipe.containers import catalog
 from imgpipe.kfp import connect as kfp_connect
 from tests.kfp.fake_kfp import serve
-from tests.test_manifests import ARGO_SCHEMAS, K8S, ROOT, argo_validator, build
+from tests.manifests import ARGO_SCHEMAS, K8S, ROOT, argo_validator, build
 
 KUBECTL = shutil.which("kubectl")
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from tests import rbac
-from tests.test_manifests import CONTRIBUTOR, DEPLOYED, NAMESPACES, OWNER
+from tests.manifests import DEPLOYED, NAMESPACES
+from tests.test_manifests_security import CONTRIBUTOR, OWNER
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"

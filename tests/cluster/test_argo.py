@@ -20,7 +20,8 @@ import pytest
 from tests import rbac
 from tests.cluster.conftest import apply_docs, kubectl, kubectl_json, node_service, server_allows, settings, step_image
 from tests.kfp import fake_kfp
-from tests.test_manifests import ADMIN_SELECTOR, OWNER, OWNER_SELECTOR, _selected, build
+from tests.manifests import build
+from tests.test_manifests_security import ADMIN_SELECTOR, OWNER, OWNER_SELECTOR, _selected
 
 pytestmark = pytest.mark.cluster
 NAMESPACE = "imgpipe-dev"

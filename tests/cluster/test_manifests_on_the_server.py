@@ -18,7 +18,8 @@ import yaml
 from tests import rbac
 from tests.cluster.conftest import apply_docs as _apply
 from tests.cluster.conftest import kubectl, kubectl_json, server_allows
-from tests.test_manifests import ADMIN_SELECTOR, CONTRIBUTOR, DEPLOYED, NAMESPACES, OWNER, OWNER_SELECTOR, _selected, build
+from tests.manifests import DEPLOYED, NAMESPACES, build
+from tests.test_manifests_security import ADMIN_SELECTOR, CONTRIBUTOR, OWNER, OWNER_SELECTOR, _selected
 
 pytestmark = pytest.mark.cluster
 
@@ -50,7 +51,7 @@ def test_the_owner_cannot_make_the_admins_part(profiles, name):
         check=False,
     )
     # KUBERAY_EDIT gives the owner ray.io through kubeflow-edit, so this is allowed; without
-    # it the escalation check refuses (tests/test_manifests.py). Either way the real answer
+    # it the escalation check refuses (tests/test_manifests_security.py). Either way the real answer
     # must be the fake's.
     fake = _authorizer(NAMESPACES[name]).uncovered(OWNER, NAMESPACES[name], roles[0]["rules"])
     assert (proc.returncode == 0) == (fake == []), proc.stderr

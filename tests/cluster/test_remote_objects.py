@@ -14,7 +14,8 @@ import pytest
 
 from imgpipe.remote import kuberay, rayjob_spec, trainjob, trainjob_spec
 from tests.cluster.conftest import apply_docs, kubectl, settings
-from tests.test_manifests import ADMIN_SELECTOR, OWNER, OWNER_SELECTOR, _selected, build
+from tests.manifests import build
+from tests.test_manifests_security import ADMIN_SELECTOR, OWNER, OWNER_SELECTOR, _selected
 
 pytestmark = pytest.mark.cluster
 NAMESPACE = "imgpipe-dev"

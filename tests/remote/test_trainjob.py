@@ -1,322 +1,27 @@
-"""Training across nodes as a Kubeflow Trainer TrainJob, against a fake of each Trainer Kubeflow ships.
-
-No cluster here: :class:`FakeTrainer` stands in for the API server and the Trainer
-controller as kubeflow/trainer has them at v2.1.0 (commit 73c9bec, what kubeflow/manifests
-v1.11.0 and 26.03 ship) and at v2.2.1 (commit c505fc7); every test that creates a TrainJob
-runs against both (tests/contracts/trainer-kserve/README.md has the facts and citations):
-
-* the CRD (``manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml``, vendored in
-  tests/schemas and tests/contracts/trainer-kserve): fields the schema lacks are pruned, or
-  with ``fieldValidation=Strict`` refused with the API server's 400 ``strict decoding error:
-  unknown field``; the rest is validated against the schema (422), with its CEL name rules
-  (RFC 1035 label, at most 63 characters), and stored pruned;
-* the validating webhook ``validator.trainjob.trainer.kubeflow.org``
-  (``pkg/webhooks/trainjob_webhook.go``): the runtime must exist, and the torch plugin refuses
-  the ``PET_*`` variables it sets itself; a denial is the API server's 403 ``admission webhook
-  "..." denied the request: ...`` (controller-runtime's ``Denied``), not RBAC's;
-* the controller: no condition while the JobSet runs (``status.jobsStatus`` only), then the
-  JobSet's ``Completed``/``Failed`` condition copied as ``Complete``/``Failed`` with its
-  reason and message (``pkg/runtime/framework/plugins/jobset/jobset.go``). A successful
-  TrainJob "runs" its nodes' command: ``python -m imgpipe.remote train PAYLOAD`` in-process;
-* RBAC: every call is authorized as the run's service account against k8s/base as rendered
-  (tests/rbac.py), a refusal being the API server's 403.
-"""
+"""Training across nodes as a Kubeflow Trainer TrainJob: submit, attach, wait and retry against each Trainer, its RBAC, the compiled pipeline."""
 
 from __future__ import annotations
 
 import copy
-import io
 import json
-import re
-from pathlib import Path
-from typing import Any
 
-import jsonschema
 import pytest
 import yaml
-from kubernetes.client.exceptions import ApiException
 
-from imgpipe import contract, storage
-from imgpipe.kfp import client as kfp_client
 from imgpipe.kfp import package as kfp_package
 from imgpipe.remote import dispatch, ranks, trainjob, trainjob_spec
-from imgpipe.remote.attempts import attempt_id, job_id
-from imgpipe.remote.job import main as job_main
+from imgpipe.remote.attempts import attempt_id
 from imgpipe.train.config import TrainConfig
 from tests import rbac
-from tests.remote.test_kuberay import Recording, prune, strict
-from tests.train.test_loader import write_resize_output
+from tests.conftest import ROOT
+from tests.remote.fake_kuberay import Recording
+from tests.remote.fake_trainer import CRDS, FAILED, RUNNING, SUCCESS, WEBHOOK, FakeTrainer, run
 
 # No test here checks the ONNX or TorchScript exports (tests/train/test_export.py does).
 pytestmark = pytest.mark.usefixtures("no_exports")
 
-ROOT = Path(__file__).resolve().parents[2]
-RUN_USER = rbac.service_account("ml", kfp_client.PIPELINE_SERVICE_ACCOUNT)
-# The TrainJob CRD of each Trainer release kubeflow/manifests ships or imgpipe supports.
-CRDS = {
-    "v2.1.0": ROOT / "tests" / "contracts" / "trainer-kserve" / "kubeflow-trainer-v2.1.0-trainer.kubeflow.org_trainjobs.yaml",
-    "v2.2.1": ROOT / "tests" / "schemas" / "kubeflow-trainer-v2.2.1-trainer.kubeflow.org_trainjobs.yaml",
-}
-WEBHOOK = "validator.trainjob.trainer.kubeflow.org"
-RUNTIMES = ("torch-distributed", "deepspeed-distributed", "mlx-distributed", "jax-distributed", "xgboost-distributed")
-TORCH_RESERVED = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
-# Controller steps a TrainJob walks through, one per read: the JobSet running, then its end.
-RUNNING = {"jobsStatus": [{"name": "node", "active": 2, "ready": 2, "succeeded": 0, "failed": 0, "suspended": 0}]}
-COMPLETE = {"type": "Complete", "status": "True", "reason": "AllJobsCompleted", "message": "jobset completed successfully"}
-FAILED = {
-    "type": "Failed",
-    "status": "True",
-    "reason": "FailedJobs",
-    "message": "jobset failed due to one or more job failures (first failed job: {name}-node-0)",
-}
-SUCCESS = [RUNNING, COMPLETE]
-
-
-@pytest.fixture(scope="module")
-def trainjob_schemas() -> dict[str, dict]:
-    """Each vendored TrainJob CRD's ``v1alpha1`` schema, by Trainer release."""
-    out = {}
-    for release, path in CRDS.items():
-        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
-        out[release] = version["schema"]["openAPIV3Schema"]
-    return out
-
-
 # For a test that installs the CRDs it needs itself: the release of ``setup`` would only repeat it.
 ONE_RELEASE = pytest.mark.parametrize("trainer_release", [next(iter(CRDS))])
-
-
-@pytest.fixture(params=list(CRDS))
-def trainer_release(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def trainjob_schema(trainjob_schemas, trainer_release) -> dict:
-    return trainjob_schemas[trainer_release]
-
-
-def _unknown_fields(sent: Any, kept: Any, path: str = "") -> list[str]:
-    """The paths of ``sent`` that pruning to the schema dropped (``kept`` is the pruned copy)."""
-    if isinstance(sent, dict) and isinstance(kept, dict):
-        return [f for k, v in sent.items() for f in ([f"{path}{k}"] if k not in kept else _unknown_fields(v, kept[k], f"{path}{k}."))]
-    if isinstance(sent, list) and isinstance(kept, list):
-        return [f for a, b in zip(sent, kept) for f in _unknown_fields(a, b, path)]
-    return []
-
-
-@pytest.fixture(scope="module")
-def base_rbac(tmp_path_factory) -> list[dict]:
-    return rbac.render(ROOT / "k8s" / "base", tmp_path_factory.mktemp("rbac"), namespace="ml")
-
-
-class FakeTrainer:
-    """A ``CustomObjectsApi`` for TrainJobs, with one Trainer release's CRD, webhook and controller."""
-
-    def __init__(self, schema: dict, authorizer: rbac.Authorizer | None, script=SUCCESS, *, run_nodes=True) -> None:
-        self.schema, self.validator = schema, jsonschema.Draft7Validator(schema)
-        self.authorizer, self.script, self.run_nodes = authorizer, list(script), run_nodes
-        self.objects: dict[tuple[str, str], dict] = {}
-        self.created: list[str] = []
-        self.deleted: list[str] = []
-        self.sent: dict[str, dict] = {}
-
-    def _authorize(self, verb, namespace, name="") -> None:
-        request = rbac.Request(verb, trainjob_spec.GROUP, trainjob_spec.PLURAL, namespace, "", name)
-        if self.authorizer is not None and not self.authorizer.allows(RUN_USER, request):
-            exc = ApiException(status=403, reason="Forbidden")
-            exc.body = rbac.forbidden_status(RUN_USER, request)
-            raise exc
-
-    @staticmethod
-    def _check(group, version, plural) -> None:
-        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
-
-    @staticmethod
-    def _status(code: int, reason: str, message: str) -> ApiException:
-        exc = ApiException(status=code, reason=reason)
-        exc.body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message})
-        return exc
-
-    def _admit(self, body: dict, field_validation: str | None) -> dict:
-        """Decoding (unknown fields), the schema with its CEL rules, then the validating webhook; returns the object as stored."""
-        name = body["metadata"]["name"]
-        stored = prune(copy.deepcopy(body), self.schema)
-        unknown = _unknown_fields(body, stored)
-        if unknown and field_validation == "Strict":  # apiserver: strict decoding refuses, 400, nothing is created
-            fields = ", ".join(f'unknown field "{f}"' for f in unknown)
-            raise self._status(400, "BadRequest", f'TrainJob in version "v1alpha1" cannot be handled as a TrainJob: strict decoding error: {fields}')
-        causes = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in self.validator.iter_errors(stored)]
-        if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
-            causes.append("metadata.name must match RFC 1035 DNS label format")
-        if len(name) > 63:
-            causes.append("metadata.name must be no more than 63 characters")
-        if causes:
-            raise self._status(422, "Invalid", f'TrainJob.trainer.kubeflow.org "{name}" is invalid: {"; ".join(causes)}')
-        runtime = stored["spec"].get("runtimeRef", {}).get("name")
-        denials = []
-        if runtime not in RUNTIMES:
-            denials.append(f"unsupported runtime: {{kind: ClusterTrainingRuntime, name: {runtime}}}")
-        reserved = [e for e in stored["spec"].get("trainer", {}).get("env", []) if e["name"] in TORCH_RESERVED]
-        if reserved:
-            denials.append(
-                f"spec.trainer.env: Invalid value: {json.dumps(reserved)}: must not have reserved envs, "
-                f"invalid envs configured: [{' '.join(e['name'] for e in reserved)}]"
-            )
-        if denials:
-            raise self._status(403, "Forbidden", f'admission webhook "{WEBHOOK}" denied the request: {"; ".join(denials)}')
-        return stored
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body, field_validation=None):
-        self._check(group, version, plural)
-        self._authorize("create", namespace)
-        name = body["metadata"]["name"]
-        if (namespace, name) in self.objects:
-            raise ApiException(status=409, reason="AlreadyExists")
-        stored = self._admit(body, field_validation)
-        self.created.append(name)
-        self.sent[name] = copy.deepcopy(body)
-        self.objects[(namespace, name)] = {**stored, "status": {}, "_steps": [copy.deepcopy(s) for s in self.script]}
-        return {k: copy.deepcopy(v) for k, v in self.objects[(namespace, name)].items() if k != "_steps"}
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self._check(group, version, plural)
-        self._authorize("get", namespace, name)
-        obj = self.objects.get((namespace, name))
-        if obj is None:
-            raise ApiException(status=404, reason="NotFound")
-        if obj["_steps"]:
-            step = obj["_steps"].pop(0)
-            if "type" in step:
-                condition = {**step, "message": step["message"].format(name=name)}
-                obj["status"] = {**obj["status"], "conditions": [condition]}
-                if step["type"] == "Complete" and self.run_nodes:
-                    self._run_nodes(obj)
-            else:
-                obj["status"] = {**obj["status"], **step}
-        return {k: copy.deepcopy(v) for k, v in obj.items() if k != "_steps"}
-
-    @staticmethod
-    def _run_nodes(obj: dict) -> None:
-        """What the nodes' torchrun runs, in this process (one rank): ``python -m imgpipe.remote train PAYLOAD``."""
-        trainer = obj["spec"]["trainer"]
-        assert trainer["command"] == ["torchrun"] and trainer["args"][:2] == ["-m", "imgpipe.remote"]
-        assert job_main(trainer["args"][2:]) == 0
-
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
-        self._check(group, version, plural)
-        self._authorize("delete", namespace, name)
-        if self.objects.pop((namespace, name), None) is None:
-            raise ApiException(status=404, reason="NotFound")
-        self.deleted.append(name)  # the JobSet and its pods follow (owner references)
-        return {"kind": "Status", "status": "Success"}
-
-
-# What a GPU build compiles into the train task (pipelines/options.py, trainjob_settings).
-GPU_NODE = {"requests": {"cpu": "32", "memory": "48Gi"}, "limits": {"cpu": "32", "memory": "48Gi", "nvidia.com/gpu": "4"}}
-GPU_POD = {
-    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-    "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
-    "imagePullSecrets": [{"name": "regcred"}],
-}
-
-
-@pytest.fixture
-def setup(tmp_path, monkeypatch, trainjob_schema, base_rbac):
-    for name in (trainjob_spec.IMAGE_ENV, trainjob_spec.SECRET_ENV, trainjob_spec.MAX_NODES_ENV, trainjob_spec.SHM_ENV, "IMGPIPE_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(trainjob_spec.NODE_RESOURCES_ENV, json.dumps(GPU_NODE))
-    monkeypatch.setenv(trainjob_spec.POD_ENV, json.dumps(GPU_POD))
-    data = write_resize_output("file://" + str(tmp_path / "resize"), classes=3, size=16)
-    out = "file://" + str(tmp_path / "train")
-    cfg = TrainConfig(model="tiny_cnn", epochs=1, batch_size=4, num_workers=0, device="cpu", shuffle_buffer=8, nodes=2)
-
-    def fake(script=SUCCESS, authorizer: Any = "role", **kwargs) -> FakeTrainer:
-        chosen = rbac.Authorizer(base_rbac) if authorizer == "role" else authorizer
-        return FakeTrainer(trainjob_schema, chosen, script, **kwargs)
-
-    return {"data": data, "out": out, "cfg": cfg, "fake": fake, "base": job_id("train", data, out, cfg, "run-9")}
-
-
-def run(setup, api, **kwargs):
-    stream = io.StringIO()
-    report = trainjob.run_train_job(
-        setup["data"],
-        setup["out"],
-        setup["cfg"],
-        procs=4,
-        namespace="ml",
-        run_id="run-9",
-        api=api,
-        image="reg/imgpipe-gpu:1",
-        secret="imgpipe-s3-credentials",
-        poll_s=0,
-        stream=stream,
-        **kwargs,
-    )
-    return report, stream.getvalue()
-
-
-def _node_pod(body: dict) -> tuple[dict, dict]:
-    """The node pods' metadata and spec a TrainJob sets, in either Trainer's form."""
-    spec = body["spec"]
-    if "podTemplateOverrides" in spec:  # Trainer 2.1
-        (override,) = spec["podTemplateOverrides"]
-        assert override["targetJobs"] == [{"name": "node"}]
-        return override["metadata"], override["spec"]
-    (patch,) = spec["runtimePatches"]  # Trainer 2.2
-    assert patch["manager"] == trainjob_spec.PATCH_MANAGER
-    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
-    assert job["name"] == "node"  # torch_distributed.yaml names its replicated job and container "node"
-    return job["template"]["spec"]["template"]["metadata"], job["template"]["spec"]["template"]["spec"]
-
-
-def test_the_trainjob_validates_against_each_trainer_and_carries_the_run(setup, trainjob_schema, trainer_release):
-    api = setup["fake"]()
-    report, printed = run(setup, api)
-    (name,) = api.created
-    body = api.sent[name]
-    assert not list(jsonschema.Draft7Validator(strict(trainjob_schema)).iter_errors(body)), "no field the release lacks"
-    spec = body["spec"]
-    assert spec["runtimeRef"] == {"name": "torch-distributed", "kind": "ClusterTrainingRuntime", "apiGroup": "trainer.kubeflow.org"}
-    trainer = spec["trainer"]
-    assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (2, 4, "reg/imgpipe-gpu:1")
-    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4", "one GPU per process"
-    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in trainer["env"] if "valueFrom" in e}
-    assert secrets == {k: {"name": "imgpipe-s3-credentials", "key": k} for k in storage.SECRET_ENV}
-    assert not [e for e in trainer["env"] if "value" in e and re.search("SECRET|KEY_ID", e["name"])], "no key in clear"
-    # v2.2 ends the TrainJob at its deadline; v2.1 has no such field (the wait's deadline deletes it).
-    assert spec.get("activeDeadlineSeconds") == (trainjob_spec.DEFAULT_ACTIVE_DEADLINE_S if trainer_release >= "v2.2" else None)
-    meta, pod = _node_pod(body)
-    assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}, "torch's rendezvous stays out of the mesh"
-    assert (pod["tolerations"], pod["nodeSelector"], pod["imagePullSecrets"]) == (
-        GPU_POD["tolerations"],
-        GPU_POD["nodeSelector"],
-        GPU_POD["imagePullSecrets"],
-    )
-    labels = body["metadata"]["labels"]
-    assert labels["imgpipe.dev/step"] == "train" and labels["imgpipe.dev/run-id"] == "run-9"
-    # The nodes ran the resolved config; the output is committed and the TrainJob deleted.
-    assert report.step == "train" and contract.read_manifest(setup["out"])["config"]["nodes"] == 2
-    assert api.deleted == [name] and not api.objects
-    assert "Complete AllJobsCompleted jobset completed successfully" in printed
-
-
-def test_every_node_gets_a_memory_backed_dev_shm(setup, trainjob_schema, monkeypatch):
-    monkeypatch.setenv(trainjob_spec.SHM_ENV, "16Gi")
-    api = setup["fake"]()
-    run(setup, api)
-    body = api.sent[api.created[0]]
-    assert not list(jsonschema.Draft7Validator(strict(trainjob_schema)).iter_errors(body))
-    _, pod = _node_pod(body)
-    assert pod["containers"][0]["name"] == "node"
-    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
-    assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
-    params = dict(name="x", namespace="ml", image="i:1", nodes=2, procs_per_node=1, args=[])
-    for bad in ("16 GiB", "-1Gi", "lots", "16Gi; rm"):
-        with pytest.raises(ValueError, match=trainjob_spec.SHM_ENV):
-            trainjob_spec.build_trainjob(trainjob_spec.TrainJobParams(shm_size=bad, **params))
 
 
 @ONE_RELEASE
@@ -351,17 +56,6 @@ def test_an_api_server_that_prunes_despite_strict_validation_is_caught_and_the_t
     with pytest.raises(RuntimeError, match=r"dropped spec.runtimePatches although it was asked to refuse unknown fields"):
         run(setup, api)
     assert api.deleted == api.created and not api.objects
-
-
-def test_a_cpu_build_asks_for_no_gpu_on_any_node(setup, monkeypatch):
-    monkeypatch.setenv(trainjob_spec.NODE_RESOURCES_ENV, json.dumps({"requests": {"cpu": "8"}, "limits": {"cpu": "8", "memory": "48Gi"}}))
-    monkeypatch.setenv(trainjob_spec.POD_ENV, "")
-    api = setup["fake"]()
-    run(setup, api)
-    body = api.sent[api.created[0]]
-    assert "nvidia.com/gpu" not in json.dumps(body), "no GPU limit, toleration or selector"
-    meta, pod = _node_pod(body)
-    assert meta["annotations"] == {"sidecar.istio.io/inject": "false"} and "tolerations" not in pod
 
 
 def test_a_retry_after_the_output_is_committed_creates_nothing(setup):
@@ -451,31 +145,6 @@ def test_a_webhook_denial_is_reported_with_the_webhooks_own_message_not_as_rbac(
     assert "may not create" not in message and "role-trainjobs" not in message and "\n" not in message
 
 
-def test_reserved_torchrun_variables_and_a_missing_image_are_refused_before_any_call():
-    base = dict(name="x", namespace="ml", nodes=2, procs_per_node=1, args=[])
-    with pytest.raises(ValueError, match="PET_NNODES"):
-        trainjob_spec.build_trainjob(trainjob_spec.TrainJobParams(image="i:1", env={"PET_NNODES": "9"}, **base))
-    with pytest.raises(ValueError, match=trainjob_spec.IMAGE_ENV):
-        trainjob_spec.build_trainjob(trainjob_spec.TrainJobParams(image="", **base))
-
-
-@pytest.mark.parametrize("nodes", [0, -2, 5, 65])
-def test_node_counts_out_of_range_are_refused(nodes, monkeypatch):
-    monkeypatch.delenv(trainjob_spec.MAX_NODES_ENV, raising=False)
-    with pytest.raises((ValueError, TypeError), match=r"nodes must be an integer in \[1, "):
-        trainjob_spec.check_nodes(nodes) if nodes <= 64 else TrainConfig(model="tiny_cnn", nodes=nodes)
-
-
-def test_the_operator_sets_the_cap_and_a_run_cannot_raise_it(monkeypatch):
-    monkeypatch.setenv(trainjob_spec.MAX_NODES_ENV, "16")
-    assert trainjob_spec.check_nodes(16) == 16
-    monkeypatch.setenv(trainjob_spec.MAX_NODES_ENV, "many")
-    with pytest.raises(ValueError, match=trainjob_spec.MAX_NODES_ENV):
-        trainjob_spec.check_nodes(2)
-    with pytest.raises(TypeError):
-        trainjob_spec.check_nodes("2")
-
-
 def test_dispatch_refuses_more_nodes_than_the_cap_before_any_api_call(setup, monkeypatch):
     monkeypatch.setenv(trainjob_spec.MAX_NODES_ENV, "2")
 
@@ -495,20 +164,6 @@ def test_dispatch_runs_one_node_in_the_pod_and_more_as_a_trainjob(setup, monkeyp
     dispatch.run_train(setup["data"], setup["out"], TrainConfig(model="tiny_cnn"), procs=2)
     dispatch.run_train(setup["data"], setup["out"], setup["cfg"], procs=2, run_id="r")
     assert calls == [("pod", 2), ("trainjob", 2, "r")]
-
-
-def test_the_node_resources_come_from_the_task_and_are_checked():
-    text = json.dumps({"requests": {"cpu": "16"}, "limits": {"cpu": "16", "memory": "48Gi", "nvidia.com/gpu": "2"}})
-    assert trainjob_spec.node_resources(2, text)["limits"]["nvidia.com/gpu"] == "2"
-    assert trainjob_spec.node_resources(3, "") == {}, "a CPU build: no GPU unless the compiled resources ask for one"
-    for bad in ("{", '["cpu"]', '{"limits": 4}', '{"cpus": {}}'):
-        with pytest.raises(ValueError, match=trainjob_spec.NODE_RESOURCES_ENV):
-            trainjob_spec.node_resources(1, bad)
-    with pytest.raises(ValueError, match="processes run on each"):
-        trainjob_spec.node_resources(4, text)
-    for bad in ("{", '{"env": []}', "[]"):
-        with pytest.raises(ValueError, match=trainjob_spec.POD_ENV):
-            trainjob_spec.pod_settings(bad)
 
 
 # ------------------------------------------------------------------ RBAC

@@ -1,6 +1,6 @@
 """What runs resize's tasks: the rule between Ray and the pool, and the pool, without Ray.
 
-The step on each executor, end to end, is tests/steps/test_resize.py's.
+The step on each executor, end to end, is tests/steps/test_resize_end_to_end.py's.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from imgpipe.resize import jpeg_window
 from imgpipe.resize.ops import resize_image
 from imgpipe.resize.spec import MODES, ResizeError, ResizeSpec
 from tests import imagefactory as f
-from tests.resize.test_ops import textured_photo
+from tests.resize.conftest import textured_photo
 
 pytestmark = pytest.mark.skipif(not jpeg_region.AVAILABLE, reason="imgpipe.data._jpeg_region was not built (no libjpeg headers)")
 

@@ -28,7 +28,7 @@ from imgpipe.resize.statistics import (
 )
 from imgpipe.steps.resize import read_pixels, resize
 from tests import imagefactory as f
-from tests.steps.test_resize import CLASSES, build_clean, clean_members, read_table
+from tests.helpers import CLASSES, build_clean, clean_members, read_table
 
 # ------------------------------------------------------------------ accumulate and merge (no Ray)
 

@@ -9,7 +9,7 @@ from imgpipe.clean.config import CleanConfig
 from imgpipe.steps.clean import clean
 from tests import imagefactory as f
 from tests.helpers import write_download_output
-from tests.steps.test_clean import good_members, read_output
+from tests.steps.conftest import good_members, read_output
 
 
 def test_incremental_clean_carries_known_images(tmp_path):

@@ -27,7 +27,7 @@ from imgpipe.steps.train import train
 from imgpipe.train.augment import IMAGENET, Normalization
 from imgpipe.train.models import build_model, extract_state_dict, head_parameter_names
 from tests.helpers import torchrun_two_ranks
-from tests.steps.test_train import COUNTS, tiny, train_preempted_at
+from tests.steps.conftest import COUNTS, tiny, train_preempted_at
 from tests.train.test_loader import write_resize_output
 from tests.train.test_pretrained import count_downloads, serve_weights
 
@@ -129,7 +129,7 @@ def test_the_backbone_stays_frozen_for_the_first_epochs_at_its_own_lr(data, tmp_
     assert all(0 < lr <= 0.1 * head_lr * 1.0001 for name, lr in seen[1][1] if name.startswith("backbone"))
 
 
-# The resume inside the frozen epochs is the plain case (tests/steps/test_train.py resumes too): slow.
+# The resume inside the frozen epochs is the plain case (tests/steps/test_train_weights.py resumes too): slow.
 @pytest.mark.parametrize("interrupted_at", [pytest.param(1, marks=pytest.mark.slow), 2], ids=["in-the-frozen-epochs", "at-the-unfreeze-epoch"])
 def test_resume_across_the_unfreeze_epoch_gives_the_same_weights(data, tmp_path, monkeypatch, interrupted_at):
     cfg = tiny(epochs=3, deterministic=True, max_steps_per_epoch=3, freeze_fraction=0.67, unfreeze_stages=1, backbone_lr_mult=0.5)
@@ -147,7 +147,7 @@ def test_resume_across_the_unfreeze_epoch_gives_the_same_weights(data, tmp_path,
 # ------------------------------------------------------------------ distributed
 
 
-@pytest.mark.slow  # two DDP ranks of resnet18: DDP is in test_train.py, pretrained runs above
+@pytest.mark.slow  # two DDP ranks of resnet18: DDP is in test_train_weights.py, pretrained runs above
 def test_ddp_ranks_share_one_download_and_freeze_alike(data, tmp_path, monkeypatch):
     weights, served = serve_weights("resnet18", "DEFAULT", tmp_path / "hub", monkeypatch, seed=2)
     out = "file://" + str(tmp_path / "ddp" / "train")

@@ -26,7 +26,7 @@ from imgpipe.train import assembly
 from imgpipe.train.augment import IMAGENET, Normalization, channel_stats
 from imgpipe.train.config import TrainConfig
 from imgpipe.train.models import build_model, resolve_weights
-from tests.steps.test_resize import build_clean
+from tests.helpers import build_clean
 from tests.train.test_pretrained import count_downloads, serve_weights
 
 # For a training whose ONNX and TorchScript exports nothing reads (predict reads the ONNX one).

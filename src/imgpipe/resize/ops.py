@@ -233,7 +233,7 @@ def _region_and_box(
 
 # OpenCV's JPEG decode straight into an array, for the modes clean emits; EXIF orientation
 # ignored, as Pillow does (clean already stored the picture upright). Same libjpeg-turbo,
-# same pixels as Pillow's (tests/resize/test_ops.py); it saves Pillow's copy out of its
+# same pixels as Pillow's (tests/resize/test_geometry.py); it saves Pillow's copy out of its
 # own buffer. OpenCV returns None for a truncated JPEG where Pillow raises ("image file is
 # truncated"), and both decode a JPEG with corrupt data but an end marker. IMREAD_COLOR_RGB
 # is OpenCV >= 4.11; older builds keep Pillow's decode.

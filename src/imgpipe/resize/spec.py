@@ -81,7 +81,7 @@ PRESETS: dict[str, int] = {
 # (1/4 and 1/8 instead of 1/2 and 1/4 for a 256 px short side), about 1.3x faster per
 # image, for a mean absolute difference to the full decode of ~1 grey level on real
 # photos (bench/resize.py) and 1.94 at worst on a synthetic high-frequency texture
-# (tests/resize/test_ops.py). A margin of 1 reached 4.3 there.
+# (tests/resize/test_geometry.py). A margin of 1 reached 4.3 there.
 DRAFT_MARGIN = 1.25
 
 # The largest ``max_aspect`` a config may ask for: a ``whole`` row then holds at most this
