@@ -6,6 +6,7 @@ import ipaddress
 import os
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,23 @@ def _one_onnx_registry_per_worker() -> None:
         return
     build = _registration.ONNXRegistry.from_torchlib
     _registration.ONNXRegistry.from_torchlib = staticmethod(functools.cache(build))
+
+
+@pytest.fixture(autouse=True)
+def _s3_options_restored() -> Iterator[None]:
+    """Each test starts with the S3 options the one before it found (``storage.configure_s3``'s process-wide state).
+
+    A step's task adopts its driver's storage settings (``storage.use_settings``), pinning the
+    endpoint it resolved: right in a worker process, a leak when a test runs the task in the
+    test process. Left pinned, every later test of that worker talks to that endpoint, whatever
+    server it starts (a moto or SeaweedFS server's own keys then meet another server).
+    """
+    from imgpipe.storage import s3
+
+    saved = s3._s3_options
+    yield
+    if s3._s3_options != saved:
+        s3.configure(**saved.__dict__)
 
 
 @pytest.fixture(scope="session")
