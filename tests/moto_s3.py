@@ -2,7 +2,7 @@
 
 Each user names why (docs/reliability.md, "Where moto stays"):
 
-- tests/data/test_readers.py ``..`` in a key: AWS S3 stores ``pets/cat/../../up.jpg`` as it is
+- tests/data/test_listed_sources.py ``..`` in a key: AWS S3 stores ``pets/cat/../../up.jpg`` as it is
   and lists it under ``pets/``; SeaweedFS answers ``InvalidRequest``, so the hostile key that
   imgpipe must refuse can only be planted on a store that keeps it.
 """

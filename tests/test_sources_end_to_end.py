@@ -95,7 +95,7 @@ KINDS = {"prefix": _prefix, "urilist": _uri_list, "webdataset": _webdataset, "hf
 
 
 # A bucket prefix and WebDataset shards in make test; the others' readers are tested on their
-# own (tests/data/test_readers.py), and run end to end in make test-slow.
+# own (tests/data/test_listed_sources.py, tests/data/test_file_sources.py), and run end to end in make test-slow.
 IN_MAKE_TEST = ("webdataset",)  # a prefix is tests/test_sharded_pipeline.py's kfp.local run's source too
 
 

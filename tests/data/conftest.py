@@ -9,21 +9,30 @@ reads every member. What must hold: no exception escapes but the step's refusals
 naming the source, and ``FileNotFoundError``), and every input is either read or flagged with a
 reason; where the file was written whole, the members are exactly its entries (rows, samples,
 list lines). Runs are derandomized (:data:`FUZZ`), so ``make test`` sees the same examples every time.
+
+Also what the source tests (``test_listed_sources.py``, ``test_file_sources.py``,
+``test_hf_sources.py``) read a download output with: :data:`FAST`, :func:`rows`, :func:`rejects`
+and :func:`reconciles`.
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from imgpipe import contract, storage
 from imgpipe.data import archive
 from imgpipe.data.readers.base import ReaderSettings
 from imgpipe.data.readers.factory import open_source
 from imgpipe.data.sources import SourcePolicy
+from imgpipe.steps.download import DownloadConfig
 
 LIMIT = 4096
 # Local files only: a URI list's entries must never reach the network.
@@ -99,3 +108,24 @@ def mutated(draw: st.DrawFn, data: bytes) -> bytes:
 
 def workdir():
     return tempfile.TemporaryDirectory(prefix="imgpipe-fuzz-")
+
+
+# --------------------------------------------------------------------------- a download output
+
+
+FAST = DownloadConfig(retries=1, backoff_s=0.0, timeout_s=5.0, fetch_workers=4)
+
+
+def rows(prefix: str) -> dict[str, dict]:
+    """path -> row (bytes, label, etag, sha256) of a committed download output."""
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in contract.data_files(prefix)]
+    table = pa.concat_tables(tables) if tables else pa.table({"path": []})
+    return {r["path"]: r for r in table.to_pylist()}
+
+
+def rejects(prefix: str) -> dict[str, str]:
+    return {r["path"]: r["reason"] for r in contract.read_rejects(prefix).to_pylist()}
+
+
+def reconciles(report, prefix: str) -> None:
+    assert report.inputs == report.outputs + report.rejected == len(rows(prefix)) + len(rejects(prefix))

@@ -16,7 +16,7 @@ from imgpipe import contract, storage
 from imgpipe.data.readers.base import ReaderSettings
 from imgpipe.data.readers.factory import open_source
 from imgpipe.steps.download import DownloadConfig, download
-from tests.data.test_readers import FAST, reconciles, rejects, rows
+from tests.data.conftest import FAST, reconciles, rejects, rows
 from tests.imagefactory import jpeg
 
 BEANS = ["angular_leaf_spot", "bean_rust", "healthy"]
