@@ -164,7 +164,7 @@ class FakeCustomObjects:
         return copy.deepcopy(obj)
 
 
-def run(api, run_args, **kwargs):
+def run(api, run_args, poll_s=0, **kwargs):
     out = io.StringIO()
     core_api = api if hasattr(api, "list_namespaced_pod") else kuberay.NO_LOGS
     report = kuberay.run_step_rayjob(
@@ -178,7 +178,7 @@ def run(api, run_args, **kwargs):
         core_api=core_api,
         template=run_args["template"],
         image="reg/imgpipe-ray:1",
-        poll_s=0,
+        poll_s=poll_s,
         out=out,
         **kwargs,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 
 import pytest
@@ -58,22 +57,7 @@ def test_every_wait_has_a_deadline_from_the_rayjobs_own_deadlines(run_args):
         now[0] += seconds
 
     with pytest.raises(TimeoutError, match="keeps running"):
-        kuberay.run_step_rayjob(
-            "resize",
-            run_args["source"],
-            run_args["dest"],
-            run_args["cfg"],
-            namespace="ml",
-            run_id="run-7",
-            api=api,
-            core_api=api,
-            template=run_args["template"],
-            image="reg/imgpipe-ray:1",
-            poll_s=600,
-            out=io.StringIO(),
-            sleep=sleep,
-            clock=lambda: now[0],
-        )
+        run(api, run_args, poll_s=600, sleep=sleep, clock=lambda: now[0])
     assert expected <= now[0] < expected + 600
 
 
