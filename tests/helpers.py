@@ -92,6 +92,15 @@ def _add_special(tf: tarfile.TarFile, name: str, kind: bytes, linkname: str = ""
     tf.addfile(info)
 
 
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """An uncompressed tar of ``members`` (name -> bytes), in memory: a WebDataset shard, a nested archive."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            _add_file(tf, name, data)
+    return buf.getvalue()
+
+
 def make_tar(path: Path, files: dict[str, bytes], mode: str = "w:gz", prefix: str = "./") -> Path:
     """A tar archive with a directory entry and the files under ``prefix`` (tar's own ``./``)."""
     with tarfile.open(path, mode) as tf:

@@ -7,9 +7,7 @@ and every input accounted for once: download's inputs = clean's outputs + both s
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from imgpipe.steps.download import DownloadConfig, download
 from imgpipe.steps.resize import resize
 from imgpipe.steps.train import train
 from imgpipe.train.config import TrainConfig
+from tests.helpers import tar_bytes
 from tests.imagefactory import jpeg
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("no_exports")]  # the exports are tests/train/test_export.py's
@@ -32,16 +31,6 @@ FAST = DownloadConfig(retries=1, backoff_s=0.0, timeout_s=5.0, fetch_workers=4)
 
 def _image(c: int, i: int) -> bytes:
     return jpeg(64, 48, seed=100 * c + i)
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _prefix(root: str, tmp_path: Path, request) -> str:
@@ -70,7 +59,7 @@ def _webdataset(root: str, tmp_path: Path, request) -> str:
             for i in range(shard * PER_CLASS // 2, (shard + 1) * PER_CLASS // 2):
                 samples[f"{name}{i:03d}.jpg"] = _image(c, i)
                 samples[f"{name}{i:03d}.json"] = json.dumps({"label": name}).encode()
-        storage.write_bytes(f"{root}/wds/train-{shard:03d}.tar", _tar(samples))
+        storage.write_bytes(f"{root}/wds/train-{shard:03d}.tar", tar_bytes(samples))
     return f"{root}/wds/train-{{000..001}}.tar"
 
 
@@ -86,8 +75,8 @@ def _hf_parquet(root: str, tmp_path: Path, request) -> str:
 
 
 def _nested(root: str, tmp_path: Path, request) -> str:
-    outer = {f"{name}.tar": _tar({f"{name}_{i}.JPEG": _image(c, i) for i in range(PER_CLASS)}) for c, name in enumerate(CLASSES)}
-    storage.write_bytes(f"{root}/imagenet/train.tar", _tar(outer))
+    outer = {f"{name}.tar": tar_bytes({f"{name}_{i}.JPEG": _image(c, i) for i in range(PER_CLASS)}) for c, name in enumerate(CLASSES)}
+    storage.write_bytes(f"{root}/imagenet/train.tar", tar_bytes(outer))
     return f"{root}/imagenet/train.tar"
 
 

@@ -21,7 +21,7 @@ from imgpipe.clean.plan import Index, Unit, plan_rows
 from imgpipe.data.labels import Labeler
 from imgpipe.steps.clean import clean
 from imgpipe.steps.download import DownloadConfig, download
-from tests.data.test_file_sources import tar_bytes
+from tests.helpers import tar_bytes
 from tests.imagefactory import jpeg
 
 FAST = DownloadConfig(retries=1, backoff_s=0.0, timeout_s=5.0, fetch_workers=2)

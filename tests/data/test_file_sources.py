@@ -8,9 +8,6 @@ output or in the rejects with a reason, and that the counts reconcile.
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,18 +16,8 @@ from imgpipe import contract, storage
 from imgpipe.data.readers.webdataset import expand_braces, sample_key
 from imgpipe.steps.download import DownloadConfig, download
 from tests.data.conftest import FAST, reconciles, rejects, rows
+from tests.helpers import tar_bytes
 from tests.imagefactory import jpeg, png_in_jpg
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
 
 # --------------------------------------------------------------------------- WebDataset
 
