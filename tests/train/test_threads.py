@@ -100,3 +100,31 @@ def test_stopping_early_leaves_no_thread_behind_and_a_failure_reaches_the_loop(d
 def test_the_engine_is_checked():
     with pytest.raises(ValueError, match="engine must be one of threads, processes"):
         LoaderConfig(engine="greenlets")
+
+
+def test_each_partition_is_read_on_a_thread_of_its_own_and_a_failed_read_reaches_the_loop(data, monkeypatch):
+    from imgpipe.train import rows as rows_module
+
+    info = describe_split(data["raw"], "train")
+    read = rows_module.RowGroupReader.read
+    readers: set[tuple[str, int]] = set()
+
+    def recorded(self, group):
+        readers.add((threading.current_thread().name, id(self)))
+        return read(self, group)
+
+    monkeypatch.setattr(rows_module.RowGroupReader, "read", recorded)
+    loader = ImageLoader(info, LoaderConfig(batch_size=2, shuffle_buffer=4, num_workers=2, engine="threads"), transform=recipe())
+    assert batches(loader, 0)
+    assert {name for name, _ in readers} == {"imgpipe-loader-read_0", "imgpipe-loader-read_1"}
+    assert len({reader for _, reader in readers}) == 2  # a reader's open files stay on one thread
+
+    def failing(self, group):
+        raise OSError("the row group went away on purpose")
+
+    monkeypatch.setattr(rows_module.RowGroupReader, "read", failing)
+    broken = ImageLoader(info, LoaderConfig(batch_size=2, num_workers=2, engine="threads"), transform=recipe())
+    broken.set_epoch(0)
+    with pytest.raises(OSError, match="on purpose"):
+        list(broken)
+    assert not [t for t in threading.enumerate() if t.name.startswith("imgpipe-loader")]

@@ -140,7 +140,8 @@ class ParquetImageDataset(IterableDataset):
         # Workers started by spawn/forkserver begin with default storage settings; carry any
         # set in-process (e.g. by --s3-endpoint) over to them.
         self.storage_settings = storage.settings()
-        self._readers: dict[int, RowGroupReader] = {}
+        self._readers: dict[int, RowGroupReader] = {}  # by partition, for the process _readers_pid
+        self._readers_pid = os.getpid()
         # One budget per process: the thread engine's threads share it; worker processes get
         # a share each (a copy of the cache in a worker starts empty).
         processes = cfg.engine == "processes" and num_workers > 0
@@ -179,18 +180,25 @@ class ParquetImageDataset(IterableDataset):
         is cheap next to :meth:`make_batch`, which turns the rows into a batch.
         """
         mine, order = epoch_order(self.info, self.cfg, epoch, self.rank, self.world_size, part, self.parts)
-        yield from self._batches(mine, order[skip:], self._reader())
+        yield from self._batches(mine, order[skip:], self._reader(part))
 
-    def _reader(self) -> RowGroupReader:
-        """This process's reader, kept from epoch to epoch: its files stay open (and mapped)."""
+    def _reader(self, part: int) -> RowGroupReader:
+        """This process's reader for partition ``part``, kept from epoch to epoch: its files stay open (and mapped).
+
+        One per partition: the thread engine reads its partitions on threads of their own,
+        and a reader's open files are not shared between threads. The row cache is.
+        """
         pid = os.getpid()
-        if self._readers.get(pid) is None:  # a forked worker opens its own, after the fork
-            self._readers = {pid: RowGroupReader(self.info, self.cache)}
-        return self._readers[pid]
+        if self._readers_pid != pid:  # a forked worker opens its own, after the fork
+            self._readers, self._readers_pid = {}, pid
+        reader = self._readers.get(part)
+        if reader is None:
+            reader = self._readers[part] = RowGroupReader(self.info, self.cache)
+        return reader
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_readers"] = {}  # open files do not travel to a spawned worker
+        state["_readers"], state["_readers_pid"] = {}, None  # open files do not travel to a spawned worker
         return state
 
     def _batches(self, mine: list[Unit], order: np.ndarray, reader: RowGroupReader) -> Iterator[tuple[list[Row], list[int]]]:

@@ -5,9 +5,11 @@
 It delivers the batches a ``DataLoader`` over :class:`imgpipe.train.loader.ParquetImageDataset`
 with ``workers`` processes delivers, in the same order: worker ``w`` serves partition
 ``(w + rotation) % parts`` and the workers are visited round-robin, an exhausted one skipped.
-One thread reads row groups ahead; ``workers`` threads decode and transform whole batches.
-Arrow's reads, the JPEG decoder and OpenCV's kernels release the GIL, so the threads use the
-cores without starting a process or copying a finished batch from one process to another.
+One thread per partition reads its row groups ahead (as each worker process reads its own),
+so the reads of a first epoch, before the row cache holds them, run side by side; ``workers``
+threads decode and transform whole batches. Arrow's reads, the JPEG decoder and OpenCV's
+kernels release the GIL, so the threads use the cores without starting a process or copying a
+finished batch from one process to another.
 Each thread runs its own copy of the transform (a transform's generators are per call, but
 live on the object).
 """
@@ -26,23 +28,80 @@ __all__ = ["thread_batches"]
 _DONE = object()
 
 
-def _round_robin(dataset: Any, epoch: int, rotation: int, consumed: Sequence[int]) -> Iterator[tuple[Any, list[int], int]]:
-    """``(rows, keys, part)`` per batch, in the order the DataLoader's workers would deliver them."""
+def _put(out: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Puts ``item`` unless ``stop`` is set first; whether it did."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(source: queue.Queue, stop: threading.Event) -> Any:
+    """The next item of ``source``, or :data:`_DONE` once ``stop`` is set while it waits."""
+    while True:
+        try:
+            return source.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                return _DONE
+
+
+def _feed(source: Iterator[tuple[Any, list[int]]], out: queue.Queue, stop: threading.Event) -> None:
+    """Puts a partition's ``(rows, keys)`` into ``out``, then :data:`_DONE` or the error; closes ``source`` in this thread."""
+    try:
+        for item in source:
+            if not _put(out, item, stop):
+                return
+        _put(out, _DONE, stop)
+    except BaseException as error:  # handed to the orderer, which hands it to the loop
+        _put(out, error, stop)
+    finally:
+        source.close()
+
+
+def _round_robin(dataset: Any, epoch: int, rotation: int, consumed: Sequence[int], stop: threading.Event) -> Iterator[tuple[Any, list[int], int]]:
+    """``(rows, keys, part)`` per batch, in the order the DataLoader's workers would deliver them.
+
+    Each partition's rows come from a thread of its own (one batch ahead), reading through
+    the partition's own reader (:meth:`imgpipe.train.loader.ParquetImageDataset.part_rows`).
+    It stops waiting for them once ``stop`` is set, and they stop when it ends.
+    """
+    halt = threading.Event()
     parts = dataset.parts
     slots = [(w + rotation) % parts for w in range(parts)]
-    sources = {w: dataset.part_rows(epoch, part, int(consumed[part])) for w, part in enumerate(slots)}
+    queues: dict[int, queue.Queue] = {w: queue.Queue(maxsize=1) for w in range(parts)}
+    feeders = [
+        threading.Thread(
+            target=_feed,
+            args=(dataset.part_rows(epoch, part, int(consumed[part])), queues[w], halt),
+            name=f"imgpipe-loader-read_{part}",
+            daemon=True,
+        )
+        for w, part in enumerate(slots)
+    ]
+    for feeder in feeders:
+        feeder.start()
     try:
-        while sources:
-            for w in list(sources):
-                got = next(sources[w], None)
-                if got is None:
-                    del sources[w]
+        live = list(range(parts))
+        while live:
+            for w in list(live):
+                item = _get(queues[w], stop)
+                if stop.is_set():
+                    return
+                if item is _DONE:
+                    live.remove(w)
                     continue
-                rows, keys = got
+                if isinstance(item, BaseException):
+                    raise item
+                rows, keys = item
                 yield rows, keys, slots[w]
     finally:
-        for source in sources.values():
-            source.close()
+        halt.set()
+        for feeder in feeders:
+            feeder.join()
 
 
 def thread_batches(
@@ -81,27 +140,21 @@ def thread_batches(
     ahead: queue.Queue[Future | BaseException | object] = queue.Queue(maxsize=max(1, workers * prefetch))
     stop = threading.Event()
 
-    def put(item: Future | BaseException | object) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def produce(pool: ThreadPoolExecutor) -> None:
+        source = _round_robin(dataset, epoch, rotation, consumed, stop)
         try:
-            for rows, keys, part in _round_robin(dataset, epoch, rotation, consumed):
-                if not put(pool.submit(make, rows, keys, part)):
+            for rows, keys, part in source:
+                if not _put(ahead, pool.submit(make, rows, keys, part), stop):
                     return
-            put(_DONE)
+            _put(ahead, _DONE, stop)
         except BaseException as error:  # handed to the loop, which raises it
-            put(error)
+            _put(ahead, error, stop)
+        finally:
+            source.close()
 
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="imgpipe-loader")
-    reader = threading.Thread(target=produce, args=(pool,), name="imgpipe-loader-reader", daemon=True)
-    reader.start()
+    orderer = threading.Thread(target=produce, args=(pool,), name="imgpipe-loader-order", daemon=True)
+    orderer.start()
     try:
         while True:
             item = ahead.get()
@@ -113,5 +166,5 @@ def thread_batches(
             yield item.result()
     finally:
         stop.set()
-        reader.join()
+        orderer.join()
         pool.shutdown(wait=True, cancel_futures=True)
