@@ -259,11 +259,7 @@ class FakeModelRegistry:
                 body = json.loads(self.rfile.read(length)) if length else None
                 status, payload = registry.handle(method, self.path, body)
                 data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                serving.answer(self, status, data, {"Content-Type": "application/json"})
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 self._answer("GET")

@@ -109,15 +109,40 @@ def test_a_listing_is_consumed_a_few_objects_ahead_never_held_whole(monkeypatch)
     assert len(pulled) <= 5 + 2 * 4 + 1, f"pulled {len(pulled)} objects from the listing for 5 members"
 
 
+def _forge(prefix: str, edit) -> None:
+    """Rewrites a committed download output's one data file, ``edit(path, row) -> row`` on every row."""
+    (shard,) = contract.data_files(prefix)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(shard)))
+    forged = pa.Table.from_pylist([edit(r["path"], r) for r in table.to_pylist()], schema=table.schema)
+    buf = io.BytesIO()
+    pq.write_table(forged, buf, row_group_size=4)
+    storage.write_bytes(shard, buf.getvalue())
+
+
+def _record_reads(monkeypatch, key=lambda uri: uri) -> list[str]:
+    """What ``storage.read_some`` fetches from now on, each URI through ``key``."""
+    reads: list[str] = []
+    real = storage.read_some
+
+    def read_some(uri: str, limit: int):
+        reads.append(key(uri))
+        return real(uri, limit)
+
+    monkeypatch.setattr(storage, "read_some", read_some)
+    return reads
+
+
+def _under_pets(uri: str) -> str:
+    return uri.rsplit("/pets/", 1)[1]
+
+
 def test_a_second_run_fetches_only_what_changed_and_counts_what_was_deleted(pets, s3_bucket, monkeypatch):
     first = download(pets, f"{s3_bucket}/runs/1/download", FAST)
     for i in range(10):
         storage.write_bytes(f"{s3_bucket}/pets/cat/new-{i}.jpg", jpeg(48, 40, seed=500 + i))
     storage.delete(f"{s3_bucket}/pets/dog/0.jpg")
     storage.delete(f"{s3_bucket}/pets/dog/1.jpg")
-    reads = []
-    real = storage.read_some
-    monkeypatch.setattr(storage, "read_some", lambda uri, limit: (reads.append(uri), real(uri, limit))[1])
+    reads = _record_reads(monkeypatch)
     second = download(pets, f"{s3_bucket}/runs/2/download", FAST, previous=first.dest)
     assert sorted(reads) == sorted(f"{s3_bucket}/pets/cat/new-{i}.jpg" for i in range(10)), "exactly the 10 new objects"
     counts = contract.read_manifest(second.dest)["extra"]["incremental"]
@@ -132,35 +157,16 @@ def test_a_changed_object_and_a_forged_previous_row_are_fetched_again(pets, s3_b
     first = download(pets, f"{s3_bucket}/runs/1/download", FAST)
     storage.write_bytes(f"{s3_bucket}/pets/cat/0.jpg", jpeg(48, 40, seed=777))  # a new ETag
     # Forge the previous output: one carried row's bytes no longer hash to its recorded sha256.
-    (shard,) = [u for u in contract.data_files(first.dest)]
-    table = pq.read_table(io.BytesIO(storage.read_bytes(shard)))
-    data = table.column("bytes").to_pylist()
-    at = table.column("path").to_pylist().index("dog/2.jpg")
-    data[at] = jpeg(48, 40, seed=12345)
-    forged = table.set_column(table.schema.get_field_index("bytes"), "bytes", pa.array(data, pa.binary()))
-    buf = io.BytesIO()
-    pq.write_table(forged, buf, row_group_size=4)
-    storage.write_bytes(shard, buf.getvalue())
+    forged = jpeg(48, 40, seed=12345)
+    _forge(first.dest, lambda path, row: {**row, "bytes": forged} if path == "dog/2.jpg" else row)
     monkeypatch.setattr(contract, "check_sizes", lambda prefix, files: None)  # the forger also fixed the manifest's sizes
-    reads = []
-    real = storage.read_some
-    monkeypatch.setattr(storage, "read_some", lambda uri, limit: (reads.append(uri.rsplit("/pets/", 1)[1]), real(uri, limit))[1])
+    reads = _record_reads(monkeypatch, _under_pets)
     second = download(pets, f"{s3_bucket}/runs/2/download", FAST, previous=first.dest)
     assert sorted(reads) == ["cat/0.jpg", "dog/2.jpg"], "the changed object, and the row that failed its check"
     counts = contract.read_manifest(second.dest)["extra"]["incremental"]
     assert (counts["changed"], counts["unchanged"], counts["carried_refused"]) == (2, 13 - 2, 1)
     got = rows(second.dest)
     assert got["dog/2.jpg"]["bytes"] == storage.read_bytes(f"{s3_bucket}/pets/dog/2.jpg"), "the source's bytes, not the forged ones"
-
-
-def _forge(prefix: str, edit) -> None:
-    """Rewrites a committed download output's one data file, ``edit(path, row) -> row`` on every row."""
-    (shard,) = contract.data_files(prefix)
-    table = pq.read_table(io.BytesIO(storage.read_bytes(shard)))
-    forged = pa.Table.from_pylist([edit(r["path"], r) for r in table.to_pylist()], schema=table.schema)
-    buf = io.BytesIO()
-    pq.write_table(forged, buf, row_group_size=4)
-    storage.write_bytes(shard, buf.getvalue())
 
 
 def test_carried_bytes_are_proved_against_the_store_s_etag_not_the_previous_record(pets, s3_bucket, monkeypatch):
@@ -183,9 +189,7 @@ def test_carried_bytes_are_proved_against_the_store_s_etag_not_the_previous_reco
 
     _forge(first.dest, forge)
     monkeypatch.setattr(contract, "check_sizes", lambda prefix, files: None)  # the forger also fixed the manifest's sizes
-    reads = []
-    real_read = storage.read_some
-    monkeypatch.setattr(storage, "read_some", lambda uri, limit: (reads.append(uri.rsplit("/pets/", 1)[1]), real_read(uri, limit))[1])
+    reads = _record_reads(monkeypatch, _under_pets)
     second = download(pets, f"{s3_bucket}/runs/2/download", FAST, previous=first.dest)
     assert sorted(reads) == ["dog/2.jpg", "fox/multi.jpg"], "the forged row and the unprovable one; every honest row is carried"
     counts = contract.read_manifest(second.dest)["extra"]["incremental"]
@@ -233,11 +237,7 @@ class _Site:
                     self.send_header("ETag", etag)
                     self.end_headers()
                     return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("ETag", etag)
-                self.end_headers()
-                self.wfile.write(body)
+                serving.answer(self, 200, body, {"ETag": etag})
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -76,10 +76,7 @@ class _Site:
                 if body is None:
                     self.send_error(404)
                     return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                serving.answer(self, 200, body)
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -158,11 +158,7 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
         def _send(self, status: int, payload: Any) -> None:
             text = isinstance(payload, str)  # Go's http.Error: the message and a newline, as text
             data = (payload + "\n").encode() if text else json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            serving.answer(self, status, data, {"Content-Type": "text/plain; charset=utf-8" if text else "application/json"})
 
         def _handle(self, method: str) -> None:
             url = urlparse(self.path)
