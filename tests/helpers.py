@@ -273,3 +273,18 @@ def commit_like_the_job(entrypoint: str) -> None:
     out = OutputWriter(dest, step)
     out.begin()
     out.commit(inputs=0, rejects=[], config=cfg, upstream={"source": storage.normalize_uri(source)})
+
+
+def resident_mapped_kib(under: Path) -> tuple[int, int]:
+    """Files under ``under`` this process has mapped, and the KiB of their pages resident in it (the kernel's ``/proc/self/smaps``)."""
+    files, kib, inside = set(), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            name = line.split()[-1] if len(line.split()) >= 6 else ""
+            inside = name.startswith(str(under))
+            if inside:
+                files.add(name)
+        elif inside and line.startswith("Rss:"):
+            kib += int(line.split()[1])
+    return len(files), kib

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from imgpipe import storage
+from tests.helpers import resident_mapped_kib
 
 
 def test_normalize_uri(tmp_path):
@@ -205,11 +207,44 @@ def test_scheme_questions_are_answered_by_storage(tmp_path):
 
 
 def test_a_local_parquet_input_is_memory_mapped_and_reads_as_the_file(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"pixels": [b"\x01\x02", b"\x03"]}), path)
     source = storage.open_arrow_input(storage.normalize_uri(str(path)))
-    assert isinstance(source, pa.MemoryMappedFile)
-    assert pq.ParquetFile(source).read().column("pixels").to_pylist() == [b"\x01\x02", b"\x03"]
+    assert resident_mapped_kib(tmp_path)[0] == 1  # a mapping of the file, not a copy
+    assert pq.ParquetFile(source.file).read().column("pixels").to_pylist() == [b"\x01\x02", b"\x03"]
+    source.close()
+
+
+def test_released_pages_leave_the_process_and_the_file_reads_the_same_again(tmp_path):
+    """What a long-lived reader's memory held: every page of every file it read (issue 50, "Scale")."""
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, 64 * 64 * 3, dtype=np.uint8).tobytes() for _ in range(512)]
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"pixels": pixels}), path, row_group_size=64, compression="none")
+    source = storage.open_arrow_input(storage.normalize_uri(str(path)))
+    pf = pq.ParquetFile(source.file)
+    first = [pf.read_row_group(i).column("pixels").to_pylist() for i in range(pf.num_row_groups)]
+    assert resident_mapped_kib(tmp_path)[1] > 5 * 1024  # read through the mapping: 6 MB of pages resident
+    source.release()
+    assert resident_mapped_kib(tmp_path) == (1, 0)  # still mapped, nothing resident
+    again = [pf.read_row_group(i).column("pixels").to_pylist() for i in range(pf.num_row_groups)]
+    assert sum(first, []) == sum(again, []) == pixels
+    source.close()
+
+
+def test_an_empty_local_file_is_refused_by_parquet_not_by_the_mapping(tmp_path):
+    path = tmp_path / "empty.parquet"
+    path.write_bytes(b"")
+    source = storage.open_arrow_input(storage.normalize_uri(str(path)))
+    source.release()
+    with pytest.raises(pa.ArrowInvalid, match="size is 0 bytes"):
+        pq.ParquetFile(source.file)
+    source.close()
+
+
+def test_a_fifo_or_directory_where_a_data_file_should_be_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "part-0.parquet"
+    os.mkfifo(fifo)  # opening it for reading in the usual way would wait for a writer for ever
+    for path in (fifo, tmp_path):
+        with pytest.raises(ValueError, match="not a regular file"):
+            storage.open_arrow_input(storage.normalize_uri(str(path)))

@@ -73,6 +73,17 @@ def test_the_budget_bounds_what_is_kept(data, reads):
     assert 0 < len(cache) <= 3 and cache.used_bytes <= cache.limit_bytes
     groups = len(info.row_groups)
     assert len(reads) == 2 * groups - len(cache)  # what is kept is not read again; the rest is
+    assert loader.cached_bytes == cache.used_bytes  # what the train step reports after each epoch
+
+
+def test_what_the_cache_holds_is_reported_where_this_process_holds_it(data):
+    info = describe_split(data, "train")
+    threads = ImageLoader(info, LoaderConfig(batch_size=4, num_workers=2, engine="threads", cache_bytes=1 << 30))
+    assert threads.cached_bytes == 0
+    epochs(threads, 1)
+    assert threads.cached_bytes == threads.dataset.cache.used_bytes > 0
+    assert ImageLoader(info, LoaderConfig(batch_size=4, num_workers=2, engine="processes", cache_bytes=1 << 30)).cached_bytes is None
+    assert ImageLoader(info, LoaderConfig(batch_size=4, num_workers=2, engine="threads")).cached_bytes == 0
 
 
 def test_worker_processes_share_the_budget_out_and_start_empty(data):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from imgpipe.train.augment_cpu import build_train_transform
 from imgpipe.train.loader import ImageLoader
 from imgpipe.train.loader_config import LoaderConfig
 from imgpipe.train.partition import describe_split
+from tests.helpers import resident_mapped_kib
 from tests.train.test_loader import write_resize_output
 
 
@@ -95,6 +97,15 @@ def test_stopping_early_leaves_no_thread_behind_and_a_failure_reaches_the_loop(d
     with pytest.raises(RuntimeError, match="on purpose"):
         list(failing)
     assert not [t for t in threading.enumerate() if t.name.startswith("imgpipe-loader")]
+
+
+def test_an_epoch_leaves_none_of_the_splits_pages_in_the_process(data):
+    """The readers keep every file open, but not its pages: memory does not grow with the split ("Scale")."""
+    info = describe_split(data["raw"], "train")
+    loader = ImageLoader(info, LoaderConfig(batch_size=4, num_workers=2, engine="threads"), transform=recipe())
+    assert len(batches(loader, 0)) == 37 // 4
+    mapped, kib = resident_mapped_kib(Path(data["raw"].removeprefix("file://")))
+    assert mapped >= 2 and kib == 0
 
 
 def test_the_engine_is_checked():

@@ -199,6 +199,8 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
         "lr": run.scheduler.get_last_lr()[0],
         # This rank's rows refused before decoding, by reason (imgpipe.train.rows.refuse_row).
         "loader_rejected": dict(run.train_loader.rejected),
+        # What the row cache holds after the epoch (bounded by its budget, not by the split).
+        **({"loader_cache_bytes": cached} if (cached := run.train_loader.cached_bytes) is not None else {}),
         **({"divergence": event} if event is not None else {}),
     }
 

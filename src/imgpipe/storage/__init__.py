@@ -73,12 +73,14 @@ __all__ = [
     "arrow_filesystem",
     "arrow_path",
     "open_arrow_input",
+    "ArrowInput",
     "with_retries",
     "TMP_MARKER",
     "s3_client",
 ]
 
 from imgpipe.storage import s3
+from imgpipe.storage.arrow_input import ArrowInput
 from imgpipe.storage.base import TMP_MARKER, Backend, ObjectInfo
 from imgpipe.storage.local import LocalBackend
 from imgpipe.storage.s3 import S3Backend, S3Options
@@ -421,17 +423,15 @@ def arrow_path(uri: str) -> str:
     return get_backend(uri).arrow_path(normalize_uri(uri))
 
 
-def open_arrow_input(uri: str) -> Any:
-    """``uri`` as a random-access ``pyarrow`` input file (for ``pyarrow.parquet.ParquetFile``).
+def open_arrow_input(uri: str) -> ArrowInput:
+    """``uri`` as a random-access ``pyarrow`` input (its ``file``, for ``pyarrow.parquet.ParquetFile``).
 
     A local file is memory-mapped: a read then comes from the page cache without a copy into a
-    fresh buffer (a 64-image row group of 224 px raw pixels: 2.4 ms instead of 6.8 ms), and
-    Arrow keeps the mapping alive while any buffer read from it is. Any other scheme opens
-    through :func:`arrow_filesystem`.
+    fresh buffer (a 64-image row group of 224 px raw pixels: 2.4 ms instead of 6.8 ms); a
+    reader that keeps it open hands the pages it read back with ``release()``
+    (:mod:`imgpipe.storage.arrow_input`). Any other scheme opens through :func:`arrow_filesystem`.
     """
     if is_local(uri):
-        import pyarrow as pa
-
-        return pa.memory_map(str(local_path(uri)))
+        return ArrowInput.mapped(local_path(uri))
     fs, path = arrow_filesystem(uri)
-    return fs.open_input_file(path)
+    return ArrowInput(fs.open_input_file(path))

@@ -183,7 +183,9 @@ class ParquetImageDataset(IterableDataset):
         yield from self._batches(mine, order[skip:], self._reader(part))
 
     def _reader(self, part: int) -> RowGroupReader:
-        """This process's reader for partition ``part``, kept from epoch to epoch: its files stay open (and mapped).
+        """This process's reader for partition ``part``, kept from epoch to epoch: its files stay open.
+
+        Local files stay mapped, their pages handed back after each read (:class:`imgpipe.train.rows.RowGroupReader`).
 
         One per partition: the thread engine reads its partitions on threads of their own,
         and a reader's open files are not shared between threads. The row cache is.
@@ -369,6 +371,14 @@ class ImageLoader:
     def decode_on_device(self) -> bool:
         """Whether batches carry undecoded JPEG bytes for :func:`decode_jpeg_batch`."""
         return self.dataset.decode_on_device
+
+    @property
+    def cached_bytes(self) -> int | None:
+        """Bytes of row groups the row cache holds in this process, or ``None`` where worker processes hold them."""
+        cache = self.dataset.cache
+        if cache is None:
+            return 0
+        return cache.used_bytes if self.cfg.engine == "threads" or self.num_workers == 0 else None
 
     def _dataloader(self) -> DataLoader:
         if self._loader is None:

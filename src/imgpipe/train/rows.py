@@ -64,30 +64,39 @@ def binary_views(array: Any) -> list[np.ndarray]:
 
 
 class RowGroupReader:
-    """Reads row groups of a split's files, keeping each file's footer open; through ``cache`` when there is one."""
+    """Reads row groups of a split's files, keeping each file's footer open; through ``cache`` when there is one.
+
+    After each read the file's pages go back to the page cache (:mod:`imgpipe.storage.arrow_input`):
+    the reader's resident memory does not grow with the split.
+    """
 
     def __init__(self, info: SplitInfo, cache: RowCache | None = None) -> None:
         self.info = info
         self.cache = cache
         self.column = "pixels" if info.format == "raw" else "image"
-        self._files: dict[str, pq.ParquetFile] = {}
+        self._files: dict[str, tuple[pq.ParquetFile, storage.ArrowInput]] = {}
 
-    def _table(self, pf: pq.ParquetFile, group: RowGroup) -> Any:
+    def _table(self, group: RowGroup) -> Any:
         key = (group.file, group.row_group)
         cached = self.cache.get(key) if self.cache is not None else None
         if cached is not None:
             return cached
-        # One thread: Arrow's pool would compete with the loader's own workers (and reads a
-        # row group of one large column 4x slower here).
-        table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column], use_threads=False)
+        opened = self._files.get(group.file)  # opened here, lazily: in the worker, after any fork
+        if opened is None:
+            source = storage.open_arrow_input(group.file)
+            opened = self._files[group.file] = (pq.ParquetFile(source.file), source)
+        pf, source = opened
+        try:
+            # One thread: Arrow's pool would compete with the loader's own workers (and reads a
+            # row group of one large column 4x slower here).
+            table = pf.read_row_group(group.row_group, columns=["label", "height", "width", "channels", self.column], use_threads=False)
+        finally:
+            source.release()
         return table if self.cache is None else self.cache.put(key, table)
 
     def read(self, group: RowGroup) -> list[Row]:
         def once() -> list[Row]:
-            pf = self._files.get(group.file)  # opened here, lazily: in the worker, after any fork
-            if pf is None:
-                pf = self._files[group.file] = pq.ParquetFile(storage.open_arrow_input(group.file))
-            table = self._table(pf, group)
+            table = self._table(group)
             column = table.column(self.column)
             payload = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # combining copies even one chunk
             if self.info.format == "jpeg":
@@ -106,9 +115,11 @@ class RowGroupReader:
         return storage.with_retries(once, attempts=3, describe=f"reading row group {group.row_group} of {group.file}")
 
     def close(self) -> None:
-        for pf in self._files.values():
+        for pf, source in self._files.values():
             with contextlib.suppress(Exception):
                 pf.close()
+            with contextlib.suppress(Exception):
+                source.close()
         self._files.clear()
 
 
