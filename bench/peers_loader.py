@@ -148,6 +148,9 @@ def imgpipe_loader(data: str, batch_size: int, workers: int, engine: str = "proc
 
     crop_flip = AugmentConfig(policy="basic", color_jitter=0, grayscale_p=0, blur_p=0, rotation=0, random_erasing=0)
     if engine == "defaults":
+        from imgpipe import resources
+
+        resources.use_system_allocator()  # as the train step does for its loader
         cfg = LoaderConfig(**(defaults or defaults_loader_fields(batch_size, workers)))
     else:
         cache = THREADS_CACHE_BYTES if engine == "threads" else 0

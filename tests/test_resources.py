@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from imgpipe import resources
 from imgpipe.resources import (
     available_cpus,
     cpu_quota,
@@ -256,3 +257,28 @@ def test_a_worker_of_a_step_running_as_pid_1_lives():
     if result.returncode and "Operation not permitted" in result.stderr:
         pytest.skip("creating a pid namespace needs privileges here")
     assert result.stdout.strip() == "worker exit 7", result.stderr
+
+
+def test_the_system_allocator_becomes_arrows_default_after_pyarrow_has_allocated():
+    code = (
+        "import os\n"
+        "os.environ.pop('ARROW_DEFAULT_MEMORY_POOL', None)\n"
+        "import pyarrow as pa\n"
+        "kept = pa.array([b'x' * 1000] * 100)\n"
+        "from imgpipe import resources\n"
+        "print(resources.use_system_allocator(), pa.default_memory_pool().backend_name)\n"
+        "assert pa.array([b'y' * 1000] * 100).to_pylist()[0] == b'y' * 1000 and kept.to_pylist()[0] == b'x' * 1000\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.split() == ["mimalloc", "system"]
+
+
+def test_the_train_step_reads_with_the_system_allocator(monkeypatch, tmp_path):
+    from imgpipe.steps import train as train_step
+
+    switched = []
+    monkeypatch.setattr(resources, "use_system_allocator", lambda: switched.append(True) or "mimalloc")
+    monkeypatch.setattr(train_step.contract, "read_manifest", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        train_step.train(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert switched == [True]

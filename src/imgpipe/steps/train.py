@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from imgpipe import contract, storage
+from imgpipe import contract, resources, storage
 
 # The settings are torch-free (imgpipe.train.config) so the pipeline compiles without torch.
 from imgpipe.train.assembly import (
@@ -416,6 +416,7 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
     cfg = cfg or TrainConfig()
     data, out = storage.normalize_uri(data), storage.normalize_uri(out)
     check_locations(data, out)
+    resources.use_system_allocator()  # for the loader's reads and row cache (its docstring)
     upstream_manifest = contract.read_manifest(data, expect_step="resize")
     started, started_at = time.monotonic(), time.time()
     ctx = init_distributed(cfg.device)
