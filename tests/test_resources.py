@@ -273,12 +273,30 @@ def test_the_system_allocator_becomes_arrows_default_after_pyarrow_has_allocated
     assert out.split() == ["mimalloc", "system"]
 
 
-def test_the_train_step_reads_with_the_system_allocator(monkeypatch, tmp_path):
-    from imgpipe.steps import train as train_step
+class _Stop(Exception):
+    pass
 
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+@pytest.mark.parametrize(
+    ("step", "first_read"),
+    [("download", "_plan"), ("clean", "contract.read_manifest"), ("train", "contract.read_manifest")],
+)
+def test_each_step_that_handles_row_groups_switches_to_the_system_allocator_first(step, first_read, monkeypatch, tmp_path):
+    """A kfp component imports the step in a running interpreter: the environment variable the command sets comes too late there."""
+    import importlib
+
+    from imgpipe.steps.download import DownloadConfig
+
+    module = importlib.import_module(f"imgpipe.steps.{step}")
     switched = []
-    monkeypatch.setattr(resources, "use_system_allocator", lambda: switched.append(True) or "mimalloc")
-    monkeypatch.setattr(train_step.contract, "read_manifest", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
-    with pytest.raises(RuntimeError, match="stop here"):
-        train_step.train(str(tmp_path / "in"), str(tmp_path / "out"))
-    assert switched == [True]
+    monkeypatch.setattr(resources, "use_system_allocator", lambda: switched.append(step) or "mimalloc")
+    owner, _, name = first_read.rpartition(".")
+    monkeypatch.setattr(getattr(module, owner) if owner else module, name, _stop)
+    args = (str(tmp_path / "in"), str(tmp_path / "out"))
+    with pytest.raises(_Stop):
+        getattr(module, step)(*args, DownloadConfig()) if step == "download" else getattr(module, step)(*args)
+    assert switched == [step]

@@ -44,11 +44,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 # The steps whose process never uses pandas: pyarrow would import it anyway (resources.hide_unused_module).
 _WITHOUT_PANDAS = ("download", "clean")
-# The steps whose threads encode Parquet row groups of megabytes at once: pyarrow's default
-# allocator (mimalloc) keeps segments per thread, 46 MB of clean's peak at 128k images against
-# the C library's allocator, at the same speed (docs/benchmarks.md, "Scale"). Arrow reads the
-# setting when it first allocates, so it is set before pyarrow is imported.
-_SYSTEM_ALLOCATOR = ("download", "clean")
+# The steps that give Arrow the C library's allocator (resources.use_system_allocator, which
+# each step function calls first, for kfp components too): the command also sets it before
+# pyarrow is imported, so the allocations of the import itself come from it as well.
+_SYSTEM_ALLOCATOR = ("download", "clean", "train")
 
 
 def cmd_download(args: argparse.Namespace) -> int:

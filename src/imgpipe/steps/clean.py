@@ -366,6 +366,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None, *, whole: bool
             below its minimum (``min_images_per_class``, ``min_images_per_split``).
     """
     cfg = cfg or CleanConfig()
+    resources.use_system_allocator()
     phases = PhaseLog("clean")
     source, dest = storage.normalize_uri(source), storage.normalize_uri(dest)
     inputs = [source] + [u for u in (cfg.labels_csv, cfg.label_overrides, cfg.annotations, cfg.skip_hashes_from) if u]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgpipe import commit, storage
+from imgpipe import commit, resources, storage
 from imgpipe.config import check_numbers, check_range
 from imgpipe.contract import StepReport
 from imgpipe.data.archivecaps import Caps
@@ -339,6 +339,7 @@ def download(
         raise TypeError(f"cfg must be a DownloadConfig, got {type(cfg).__name__}")
     if not isinstance(policy, SourcePolicy):
         raise TypeError(f"policy must be a SourcePolicy, got {type(policy).__name__}")
+    resources.use_system_allocator()
     uris = _source_list(sources)
     if cfg.sha256 and len(cfg.sha256) != len(uris):
         raise ValueError(f"got {len(cfg.sha256)} sha256 digest(s) for {len(uris)} source(s); give one digest per source, in the same order, or none")

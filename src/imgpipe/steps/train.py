@@ -416,7 +416,7 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
     cfg = cfg or TrainConfig()
     data, out = storage.normalize_uri(data), storage.normalize_uri(out)
     check_locations(data, out)
-    resources.use_system_allocator()  # for the loader's reads and row cache (its docstring)
+    resources.use_system_allocator()
     upstream_manifest = contract.read_manifest(data, expect_step="resize")
     started, started_at = time.monotonic(), time.time()
     ctx = init_distributed(cfg.device)
