@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import multiprocessing
+import os
 from collections.abc import Iterable, Iterator, Sequence
 
 from imgpipe import resources, storage
@@ -40,7 +41,31 @@ def pool_context(uris: Iterable[str], preload: Sequence[str] = (), *, fork_ok: b
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))
+    _forkserver_in_this_environment()
     return ctx
+
+
+_forkserver_environ: dict[str, str] | None = None
+
+
+def _forkserver_in_this_environment() -> None:
+    """Stops a forkserver started in another environment, so the next workers start in this one.
+
+    The forkserver is one per process and lives on; its workers inherit the environment it
+    started in, object-store credentials included (:func:`init_worker` passes the settings,
+    never a secret). A process that runs a step again after its environment changed (another
+    endpoint or key pair, as a notebook or a test session may) would otherwise give its
+    workers the old credentials: ACCESS_DENIED, or another store.
+    """
+    global _forkserver_environ
+    from multiprocessing import forkserver
+
+    now = dict(os.environ)
+    if _forkserver_environ is not None and now != _forkserver_environ:
+        stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own; without it the server stays
+        if stop is not None:
+            stop()
+    _forkserver_environ = now
 
 
 def init_worker(settings: storage.Settings, step_pid: int) -> None:
