@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import functools
 import io
 import json
@@ -34,6 +35,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,23 @@ def augment_rate(device: torch.device, batch: int, size: int, iters: int) -> dic
         _sync(device)
         rates[name] = round(batch * iters / (time.perf_counter() - started), 1)
     return rates
+
+
+@contextlib.contextmanager
+def pinned_to(cores: int | None) -> Iterator[None]:
+    """This process (and so the train child it starts) on its first ``cores`` CPUs, as a pod with that CPU limit sees them.
+
+    imgpipe sizes its loader from ``os.sched_getaffinity`` (:func:`imgpipe.resources.available_cpus`).
+    """
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(before)[:cores])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def photo_jpeg(megapixels: float, seed: int = 0) -> bytes:
@@ -157,7 +176,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     for run in runs:
         for key, r in run.get("train", {}).items():
             if "error" not in r:
-                label = f"{key.split(' | ')[0]} rows, augment on {r['resolved']['aug_device']}, {r['resolved']['loader_engine']}"
+                cores = next((part for part in key.split(" | ") if part.startswith("cores ")), "all cores")
+                label = f"{key.split(' | ')[0]} rows, augment on {r['resolved']['aug_device']}, {r['resolved']['loader_engine']}, {cores}"
                 train[label] = {**r, "default": "aug default" in key}
     decode = next((r["decode"] for r in runs if "decode" in r), [])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 3.5 + 0.35 * (len(train) + 4 * len(decode))))
@@ -188,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4, help="the first is warm-up")
     parser.add_argument("--formats", default="raw,jpeg")
     parser.add_argument("--augs", default="default,cpu", help="aug_device per run; 'default' leaves the step's own (auto)")
+    parser.add_argument(
+        "--plan",
+        default="",
+        help="train runs as FORMAT:AUG:CORES,... in this order (CORES: 'all' or a count, the run pinned to the first CORES "
+        "cores as a pod with that CPU limit); default: every --formats x --augs on all cores",
+    )
     parser.add_argument("--decode-sizes", default="1,12,24", help="megapixels")
     parser.add_argument("--decode-seconds", type=float, default=2.0)
     parser.add_argument("--parts", default="decode,augment,train")
@@ -211,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
     }
     parts = args.parts.split(",")
+    plan = [tuple(p.split(":")) for p in args.plan.split(",") if p] or [
+        (fmt, aug, "all") for fmt in args.formats.split(",") for aug in args.augs.split(",")
+    ]
 
     def save() -> None:
         if args.json:
@@ -232,16 +261,17 @@ def main(argv: list[str] | None = None) -> int:
             _, raw, jpeg = write_datasets(Path(tmp), args.images, args.size, (w, h), workers=os.cpu_count() or 1)
             print(f"data written in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
             data = {"raw": raw, "jpeg": jpeg}
-            for fmt in args.formats.split(","):
-                for aug in args.augs.split(","):
-                    key = " | ".join([fmt, args.model, str(args.batch_size), f"aug {aug}", *args.set])
-                    out = Path(tmp) / "out" / f"{fmt}-{aug}"
-                    sets = ([] if aug == "default" else [f"aug_device={aug}"]) + args.set
-                    shape = {"model": args.model, "batch": args.batch_size, "epochs": args.epochs, "seed": 0}
+            for fmt, aug, cores in plan:
+                pinned = [] if cores == "all" else [f"cores {cores}"]
+                key = " | ".join([fmt, args.model, str(args.batch_size), f"aug {aug}", *pinned, *args.set])
+                out = Path(tmp) / "out" / key.replace(" | ", "-").replace(" ", "_")
+                sets = ([] if aug == "default" else [f"aug_device={aug}"]) + args.set
+                shape = {"model": args.model, "batch": args.batch_size, "epochs": args.epochs, "seed": 0}
+                with pinned_to(None if cores == "all" else int(cores)):
                     r = run_config(data[fmt], out, **shape, device=device.type, sets=sets, launcher=[sys.executable, "-c", TRAIN_CHILD])
-                    results["train"][key] = r
-                    print(key, json.dumps(r), file=sys.stderr, flush=True)
-                    save()
+                results["train"][key] = r
+                print(key, json.dumps(r), file=sys.stderr, flush=True)
+                save()
     print(json.dumps(results, indent=1))
     return 0
 
