@@ -18,6 +18,8 @@ Three measurements, in one process that starts the train runs as cold children:
 
     python bench/gpu.py --images 8192 --epochs 4 --json bench/results/gpu.json
     python bench/gpu.py --plot docs/img/gpu.png bench/recorded/gpu.json   # the figure from the recorded runs
+    python bench/gpu.py --images 8192 --plan raw:default:4,raw:cpu:4,raw:default:8,raw:cpu:8 --parts train
+        # runs pinned to 4 and 8 cores; with --plot, runs at several core counts also draw NAME-cores.png
 
 On a machine without CUDA it runs on the CPU at whatever size it is given (a smoke test of
 the script, not a GPU row).
@@ -178,17 +180,17 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
             if "error" not in r:
                 cores = next((part for part in key.split(" | ") if part.startswith("cores ")), "all cores")
                 label = f"{key.split(' | ')[0]} rows, augment on {r['resolved']['aug_device']}, {r['resolved']['loader_engine']}, {cores}"
-                train[label] = {**r, "default": "aug default" in key}
+                train[label] = {**r, "on_gpu": r["resolved"]["aug_device"] == "gpu"}
     decode = next((r["decode"] for r in runs if "decode" in r), [])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 3.5 + 0.35 * (len(train) + 4 * len(decode))))
     names = sorted(train)
     rates = [train[n]["warm_img_s"] for n in names]
-    top.barh(names, rates, color=["tab:blue" if train[n]["default"] else "tab:gray" for n in names])
+    top.barh(names, rates, color=["tab:blue" if train[n]["on_gpu"] else "tab:gray" for n in names])
     for y, n in enumerate(names):
         top.text(rates[y], y, f" {rates[y]:.0f} img/s, data wait {train[n]['data_wait']:.1%}", va="center", fontsize=8)
     top.invert_yaxis()
     top.set_xlim(0, max(rates, default=1) * 1.5)
-    top.set_title(f"ResNet-50 train step, {runs[0]['device']}: warm images/s (blue: the defaults)", fontsize=10)
+    top.set_title(f"ResNet-50 train step, {runs[0]['device']}: warm images/s (blue: augmentation on the GPU)", fontsize=10)
     bars = [(f"{row['megapixels']:.0f} MP, {p}", v["mp_s"]) for row in decode for p, v in row.items() if isinstance(v, dict)]
     bottom.barh([b[0] for b in bars], [b[1] for b in bars], color=["tab:green" if "gpu" in b[0] else "tab:gray" for b in bars])
     bottom.invert_yaxis()
@@ -196,6 +198,32 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    by_cores = cores_curves(runs)
+    if any(len(points) > 1 for points in by_cores.values()):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for (fmt, aug), points in sorted(by_cores.items()):
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", linestyle="-" if aug == "gpu" else "--", label=f"{fmt} rows, augment on {aug}")
+        ax.set_xlabel("CPU cores of the train process (its loader workers: one less)")
+        ax.set_ylabel("warm images/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"ResNet-50 train step on one {runs[0]['device']}, by the cores it may use", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path.with_name(path.stem + "-cores" + path.suffix), dpi=110)
+
+
+def cores_curves(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, float]]:
+    """Warm images/s by the cores a run was pinned to, per (data format, augmentation device); the latest run of each."""
+    curves: dict[tuple[str, str], dict[int, float]] = {}
+    for run in runs:
+        for key, r in run.get("train", {}).items():
+            if "error" in r:
+                continue
+            pinned = [int(part.split()[1]) for part in key.split(" | ") if part.startswith("cores ")]
+            cores = pinned[0] if pinned else int(run["cores"])
+            curves.setdefault((key.split(" | ")[0], r["resolved"]["aug_device"]), {})[cores] = r["warm_img_s"]
+    return curves
 
 
 def main(argv: list[str] | None = None) -> int:

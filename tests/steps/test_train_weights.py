@@ -210,7 +210,8 @@ def test_ddp_two_ranks_with_torchrun_gloo(data, tmp_path):
 def test_cuda_run_uses_the_gpu_path(tmp_path):
     data = write_resize_output("file://" + str(tmp_path / "jpeg"), counts={"train": 32, "val": 8}, size=64, fmt="jpeg")
     out = "file://" + str(tmp_path / "out")
-    report = train(data, out, TrainConfig(model="resnet18", epochs=2, batch_size=8, num_workers=2, device="auto"))
+    cfg = TrainConfig(model="resnet18", epochs=2, batch_size=8, num_workers=2, device="auto", aug_device="gpu")
+    report = train(data, out, cfg)
     resolved = yaml.safe_load(storage.read_bytes(storage.join(out, contract.CONFIG)))
     assert report.extra["device"].startswith("cuda") and resolved["aug_device"] == "gpu"
     assert np.isfinite(report.metrics["train_loss"])

@@ -156,6 +156,27 @@ def test_auto_engine_is_processes_only_where_the_workers_augment_for_a_gpu():
     assert cfg.loader(shuffle=False).engine == "threads"
 
 
+@pytest.mark.parametrize(
+    ("cpus", "local_ranks", "device", "on_device"),
+    [(4, 1, "cuda", True), (5, 1, "cuda", True), (6, 1, "cuda", False), (16, 1, "cuda", False), (16, 4, "cuda", True), (16, 1, "cpu", False)],
+)
+def test_auto_augments_on_the_gpu_only_where_the_rank_has_few_cores(monkeypatch, cpus, local_ranks, device, on_device):
+    """Measured on an H100 (docs/benchmarks.md, "GPU"): the workers augmenting fed ResNet-50 faster
+    than the device's batched augmentation from 6 cores up, slower from 4. A pod's CPU limit and
+    the ranks beside it decide (16 cores shared by 4 ranks are 4 each)."""
+    from imgpipe import resources
+    from imgpipe.train.assembly import aug_on_device
+    from imgpipe.train.loader_config import CPU_AUGMENT_MIN_CORES, augments_on_device, cores_per_rank
+
+    monkeypatch.setattr(resources, "available_cpus", lambda root=None: cpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    assert cores_per_rank() == cpus // local_ranks
+    assert aug_on_device(TrainConfig(), torch.device(device)) is on_device
+    assert CPU_AUGMENT_MIN_CORES == 6
+    for named in ("cpu", "gpu"):  # a named place is kept, whatever the cores
+        assert augments_on_device(named, device, cpus // local_ranks) is (named == "gpu")
+
+
 def test_evaluation_loaders_keep_the_engine_as_set_when_training_got_processes(data):
     """A run's resolved config records its training loader's engine; the test split's loader takes
     ``TrainingRun.eval_engine`` (auto: threads) instead of those processes."""

@@ -41,7 +41,7 @@ from imgpipe.train.distributed import (
 )
 from imgpipe.train.divergence import DivergenceGuard
 from imgpipe.train.loader import ImageLoader
-from imgpipe.train.loader_config import LoaderConfig
+from imgpipe.train.loader_config import LoaderConfig, augments_on_device, cores_per_rank
 from imgpipe.train.models import (
     backbone_blocks,
     build_model,
@@ -86,7 +86,8 @@ log = logging.getLogger(__name__)
 
 
 def aug_on_device(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.aug_device == "gpu" or (cfg.aug_device == "auto" and device.type == "cuda")
+    """``cfg.aug_device`` settled for ``device`` and this rank's cores (:func:`imgpipe.train.loader_config.augments_on_device`)."""
+    return augments_on_device(cfg.aug_device, device.type, cores_per_rank())
 
 
 def optional_split(data: str, split: str, manifest: Mapping[str, Any]) -> SplitInfo | None:

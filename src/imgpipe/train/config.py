@@ -102,7 +102,8 @@ class TrainConfig:
             policy) or ``none`` (no augmentation). Unset: the recipe's or domain's value (imgpipe.train.recipes).
         aug_device: Where training augmentation runs: ``cpu`` (per sample in the
             loader workers), ``gpu`` (batched with kornia on the training device, also
-            on CPU tensors) or ``auto`` (``gpu`` when training on CUDA).
+            on CPU tensors) or ``auto``: ``gpu`` when training on CUDA with few CPU cores
+            per rank, else ``cpu`` (by measurement: imgpipe.train.loader_config.augments_on_device).
         hflip: Random horizontal flips; off for text, digits and other mirror-sensitive data.
             Unset: the recipe's or domain's value (imgpipe.train.recipes).
         vflip: Random vertical flips (overhead, microscope images). Unset: the recipe's or domain's value (imgpipe.train.recipes).

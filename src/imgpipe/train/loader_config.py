@@ -4,8 +4,8 @@ The train step builds a ``LoaderConfig`` from its own settings
 (:meth:`imgpipe.train.config.TrainConfig.loader`); :mod:`imgpipe.train.loader` streams by it.
 The defaults a run gets when it names none are here, each chosen by measurement
 (docs/benchmarks.md, "The train step by loader engine and row cache"): the engine
-(:func:`resolve_engine`), the row cache (:func:`default_cache_bytes`) and the workers
-(:func:`default_num_workers`).
+(:func:`resolve_engine`), the row cache (:func:`default_cache_bytes`), the workers
+(:func:`default_num_workers`) and where a CUDA run augments (:func:`augments_on_device`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ __all__ = [
     "TRAIN_LOADER_ENGINES",
     "AUTO_CACHE_FRACTION",
     "LoaderConfig",
+    "CPU_AUGMENT_MIN_CORES",
+    "cores_per_rank",
     "default_num_workers",
+    "augments_on_device",
     "resolve_engine",
     "default_cache_bytes",
 ]
@@ -47,6 +50,9 @@ TRAIN_LOADER_ENGINES = ("auto", *LOADER_ENGINES)
 # The row cache a run that names none gets: this fraction of the memory the pod may use
 # (resources.usable_memory: its cgroup limit, v1 or v2, else the machine's RAM).
 AUTO_CACHE_FRACTION = 0.25
+# A CUDA run whose rank has at least this many CPU cores augments in its loader workers
+# (aug_device auto): augments_on_device, measured in docs/benchmarks.md, "GPU".
+CPU_AUGMENT_MIN_CORES = 6
 
 
 @dataclass(frozen=True)
@@ -117,15 +123,37 @@ class LoaderConfig:
         return default_num_workers() if self.num_workers is None else self.num_workers
 
 
-def default_num_workers(local_world_size: int | None = None) -> int:
-    """Worker processes per rank: the rank's share of the CPUs minus one for the training loop.
+def cores_per_rank(local_world_size: int | None = None) -> int:
+    """This rank's share of the CPUs the pod may use (at least 1).
 
     Args:
         local_world_size: Ranks on this machine; defaults to ``LOCAL_WORLD_SIZE`` (set
             by torchrun) or 1.
     """
     local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(16, resources.available_cpus() // max(1, local) - 1))
+    return max(1, resources.available_cpus() // max(1, local))
+
+
+def default_num_workers(local_world_size: int | None = None) -> int:
+    """Worker processes per rank: the rank's share of the CPUs (:func:`cores_per_rank`) minus one for the training loop."""
+    return max(1, min(16, cores_per_rank(local_world_size) - 1))
+
+
+def augments_on_device(aug_device: str, device_type: str, cores: int) -> bool:
+    """Whether a run augments its batches on the training device rather than per sample in the workers.
+
+    ``gpu`` and ``cpu`` say so; ``auto`` is ``gpu`` on CUDA only where the rank has fewer than
+    :data:`CPU_AUGMENT_MIN_CORES` cores (``cores``, :func:`cores_per_rank`), else ``cpu``.
+    Measured on one H100, ResNet-50 at 224, batch 256, the rank pinned to 4 to 16 cores
+    (bench/gpu.py, docs/benchmarks.md, "GPU"): the augmentation on the device takes GPU time
+    from the model (about 2,000-2,170 images/s at any core count), while the workers, as
+    processes, fed 1,905 images/s from 4 cores, 2,495 from 6, 2,875 from 8 and 2,755 from 16
+    (JPEG rows: 2,454 from 8, 2,881 from 16, against 1,629-1,752 with nvJPEG and the device
+    augmenting).
+    """
+    if aug_device != "auto":
+        return aug_device == "gpu"
+    return device_type == "cuda" and cores < CPU_AUGMENT_MIN_CORES
 
 
 def resolve_engine(engine: str, *, feeds_gpu_per_sample: bool = False) -> str:
@@ -140,9 +168,10 @@ def resolve_engine(engine: str, *, feeds_gpu_per_sample: bool = False) -> str:
     with processes. On an H200 with 16 cores (bench/gpu.py, docs/benchmarks.md, "GPU"),
     ResNet-50 at 224 with the augmentation in the workers: 680 images/s with threads (the
     per-sample transforms hold the GIL) against 2,805 with processes. Where the device
-    augments (``aug_device`` gpu, the default on CUDA) the workers only read rows (2,649
-    images/s with threads, 3 % data wait), and threads stay; for ``whole`` pictures they also
-    decode and crop each sample there, which was not measured on a GPU.
+    augments (``aug_device`` gpu, the default on CUDA with few cores: :func:`augments_on_device`)
+    the workers only read rows (2,649 images/s with threads, 3 % data wait), and threads stay;
+    for ``whole`` pictures they also decode and crop each sample there, which was not measured
+    on a GPU.
     """
     if engine not in TRAIN_LOADER_ENGINES:
         raise ValueError(f"loader_engine must be one of {', '.join(TRAIN_LOADER_ENGINES)}, got {engine!r}")
