@@ -6,6 +6,7 @@ stays within a couple of minutes on two shared cores.
 
 from __future__ import annotations
 
+import inspect
 import io
 
 import numpy as np
@@ -322,3 +323,21 @@ def test_auto_recipe_and_text_domain_train_without_flips_and_say_so(tmp_path, ca
     assert ran["freeze_fraction"] == 0 and "no linear probe" in recipe["reason"], "from scratch: nothing to probe"
     assert "test_tta" not in metrics and "test" in metrics, "TTA with no allowed flip has no view to add"
     assert "Recipe" in storage.read_bytes(storage.join(out, "report.html")).decode()
+
+
+def test_the_step_hands_back_freed_heap_pages_while_it_trains_and_evaluates(tmp_path, monkeypatch):
+    """Every few batches of training and of each evaluation pass, and after each pass (resources.trim_heap)."""
+    from imgpipe import resources
+    from imgpipe.steps import train as step
+
+    data = write_resize_output("file://" + str(tmp_path / "d"), counts={"train": 40, "val": 4}, size=16)
+    where: list[str] = []
+
+    def counted() -> bool:
+        where.append("training" if any(f.function == "train_one_epoch" for f in inspect.stack()) else "evaluation")
+        return True
+
+    monkeypatch.setattr(resources, "trim_heap", counted)
+    train(data, "file://" + str(tmp_path / "out"), tiny(epochs=1, batch_size=2, num_workers=0))
+    assert where.count("training") == 20 // step._TRIM_EVERY, where
+    assert where.count("evaluation") >= 2, where  # after the validation pass and the final ones
