@@ -328,3 +328,15 @@ def test_trimming_the_heap_hands_back_the_pages_of_blocks_freed_below_its_top():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
     assert int(out) >= 100, f"only {out.strip()} MB handed back of the 152 MB freed"
+
+
+def test_a_report_switches_to_the_system_allocator_first(monkeypatch, tmp_path):
+    """Each step's component draws its report; resize's and ``imgpipe show`` had drawn it on mimalloc."""
+    from imgpipe.report import steps as report_steps
+
+    switched = []
+    monkeypatch.setattr(resources, "use_system_allocator", lambda: switched.append("report") or "mimalloc")
+    monkeypatch.setattr(report_steps.contract, "read_manifest", _stop)
+    with pytest.raises(_Stop):
+        report_steps.build_report(str(tmp_path / "out"))
+    assert switched == ["report"]

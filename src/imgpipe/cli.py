@@ -44,10 +44,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 # The steps whose process never uses pandas: pyarrow would import it anyway (resources.hide_unused_module).
 _WITHOUT_PANDAS = ("download", "clean")
-# The steps that give Arrow the C library's allocator (resources.use_system_allocator, which
-# each step function calls first, for kfp components too): the command also sets it before
-# pyarrow is imported, so the allocations of the import itself come from it as well.
-_SYSTEM_ALLOCATOR = ("download", "clean", "train")
+# The commands that give Arrow the C library's allocator (resources.use_system_allocator, which
+# each of their functions calls first, for kfp components too: the steps and build_report): the
+# command also sets it before pyarrow is imported, so the allocations of the import itself come
+# from it as well.
+_SYSTEM_ALLOCATOR = ("download", "clean", "train", "show")
 
 
 def cmd_download(args: argparse.Namespace) -> int:
