@@ -22,6 +22,7 @@ from imgpipe.report.output import (
 from imgpipe.report.parts import (
     MIN_THUMBS,
     NEVER_DECODE,
+    RejectSample,
     RowGroups,
     data_files,
     rejects_tables,
@@ -34,6 +35,9 @@ from imgpipe.report.parts import (
 )
 
 __all__ = ["source_images", "clean_report"]
+
+# Rejects looked up per thumbnail shown (some are not in the download output, or do not decode).
+_REJECTS_TRIED = 4
 
 
 def _class_chart(extra: Mapping[str, Any], limits: ReportLimits) -> Chart:
@@ -192,13 +196,13 @@ def _quality_gallery(manifest: Mapping[str, Any], limits: ReportLimits, reader: 
     return Gallery(title, tuple(rows), note=f"{len(shown)} of {len(pairs)} pairs shown; flagged images kept")
 
 
-def _reject_gallery(manifest: Mapping[str, Any], rejects: Sequence[Mapping[str, Any]], limits: ReportLimits, reader: RowGroups) -> Gallery:
+def _reject_gallery(manifest: Mapping[str, Any], rejects: RejectSample, limits: ReportLimits, reader: RowGroups) -> Gallery:
     """Thumbnails of rejected images, from the download output they came from, where they decode at all."""
     title = "Rejected images"
-    if not rejects:
+    if not rejects.total:
         return Gallery(title, ())
-    wanted = {r["path"]: r for r in _pick_rejects(rejects, 4 * limits.rejects_shown)}
-    skipped = sorted({r["reason"] for r in rejects} & NEVER_DECODE)
+    wanted = {r["path"]: r for r in _pick_rejects(rejects.rows, _REJECTS_TRIED * limits.rejects_shown)}
+    skipped = sorted(rejects.reasons & NEVER_DECODE)
     never = f"; not decoded again: {', '.join(skipped)} (clean could not decode them, or it is unsafe)" if skipped else ""
     source, why = upstream(manifest, "download")
     if source is None:
@@ -206,14 +210,14 @@ def _reject_gallery(manifest: Mapping[str, Any], rejects: Sequence[Mapping[str, 
     found = source_images(source, set(wanted), limits, reader)
     shown = [r for r in wanted.values() if r["path"] in found][: limits.rejects_shown]
     tiles = tuple(thumb_tiles([(found[r["path"]], f"{r['reason']}: {r['path'].rsplit('/', 1)[-1]}") for r in shown], limits))
-    note = f"{len(tiles)} of {len(rejects)} rejects{never}"
+    note = f"{len(tiles)} of {rejects.total} rejects{never}"
     return Gallery(title, (("rejected", tiles),) if tiles else (), note=note)
 
 
 def clean_report(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reader: RowGroups) -> OutputReport:
     extra = manifest.get("extra") or {}
     splits = {s: int((extra.get("splits") or {}).get(s, 0)) for s in SPLITS}
-    reject_tables, rejects = rejects_tables(prefix, manifest, limits)
+    reject_tables, rejects = rejects_tables(prefix, manifest, limits, per_reason=_REJECTS_TRIED * limits.rejects_shown)
     gallery, sample = _class_gallery(prefix, manifest, limits, reader)
     facts = step_facts(manifest) + [
         ("label source", extra.get("label_source")),
