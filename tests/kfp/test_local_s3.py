@@ -14,7 +14,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from imgpipe import storage
-from imgpipe.kfp.local_s3 import ADMIN_USER, IDENTITIES, S3Identity, local_s3_server, seaweedfs_server, weed_binary
+from imgpipe.kfp.local_s3 import ADMIN_USER, IDENTITIES, LOG, S3Identity, local_s3_server, seaweedfs_server, weed_binary
 
 
 def test_the_store_keeps_what_a_run_wrote_for_the_next_run(tmp_path):
@@ -69,21 +69,29 @@ def test_a_named_weed_that_is_not_executable_is_refused(tmp_path, monkeypatch):
         weed_binary()
 
 
-def _with_retries(call):
+def _with_retries(call, log: Path | None = None):
     """``call()``, again while the IAM API answers a server error (seen once in a full-suite run under
-    load: an ``Unknown`` error, with no error body, on the first call after start; CI saw it again);
-    the profile controller's sync loop retries too."""
-    for _ in range(60):
+    load: an ``Unknown`` error, with no error body, on the first call after start; CI saw it again, and
+    a full run on 2026-11-27 saw it for 30 s in a row); the profile controller's sync loop retries too.
+    If it never answers, the failure carries the status codes seen and the end of the server's ``log``.
+    """
+    statuses: list[int] = []
+    deadline = time.monotonic() + 90
+    while True:
         try:
             return call()
         except ClientError as exc:
             # An answer with no parsable <Error> body has no "Error" key (botocore then says "Unknown").
             code = exc.response.get("Error", {}).get("Code", "Unknown")
-            if code != "Unknown" and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) < 500:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code != "Unknown" and status < 500:
                 raise
-            last = exc
+            statuses.append(status)
+            if time.monotonic() > deadline:
+                tail = log.read_text(errors="replace").splitlines()[-30:] if log is not None and log.exists() else []
+                seen = f"the IAM API answered {len(statuses)} times with HTTP {sorted(set(statuses))}"
+                raise AssertionError(f"{seen}; the server's log ends:\n" + "\n".join(tail)) from exc
             time.sleep(0.5)
-    raise last
 
 
 def test_a_profiles_key_made_as_kfp_makes_it_writes_only_below_its_prefix(tmp_path):
@@ -102,7 +110,7 @@ def test_a_profiles_key_made_as_kfp_makes_it_writes_only_below_its_prefix(tmp_pa
         storage.s3_client().create_bucket(Bucket="mlpipeline")
         admin = {k: os.environ[v] for k, v in (("aws_access_key_id", "AWS_ACCESS_KEY_ID"), ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"))}
         iam = boto3.client("iam", endpoint_url=iam_endpoint(endpoint), region_name="us-east-1", **admin)
-        key = _with_retries(lambda: iam.create_access_key(UserName="team-a"))["AccessKey"]
+        key = _with_retries(lambda: iam.create_access_key(UserName="team-a"), tmp_path / "store" / LOG)["AccessKey"]
         resources = ["arn:aws:s3:::mlpipeline/private/team-a/*", "arn:aws:s3:::mlpipeline/shared/*"]
         policy = {
             "Version": "2012-10-17",
