@@ -229,7 +229,7 @@ def _malloc_trim() -> Any:
 def trim_heap() -> bool:
     """``malloc_trim(0)``: the C library's free heap pages back to the system, with no garbage collection; whether it could.
 
-    For loops over batches (the train step calls it every few batches). glibc serves a block
+    For loops over batches (the train step's loaders call it every few batches they deliver). glibc serves a block
     of up to 32 MB from its heaps once a block that large has been freed (its mmap threshold
     rises to it), and it keeps the pages of freed blocks that are not at the top of a heap.
     Batches of varying sizes from loader threads then raise the resident memory pass after

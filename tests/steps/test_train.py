@@ -326,9 +326,9 @@ def test_auto_recipe_and_text_domain_train_without_flips_and_say_so(tmp_path, ca
 
 
 def test_the_step_hands_back_freed_heap_pages_while_it_trains_and_evaluates(tmp_path, monkeypatch):
-    """Every few batches of training and of each evaluation pass, and after each pass (resources.trim_heap)."""
+    """Every few batches its loaders deliver, in training and in each evaluation pass, and after each pass (resources.trim_heap)."""
     from imgpipe import resources
-    from imgpipe.steps import train as step
+    from imgpipe.train.loader_config import TRIM_EVERY_BATCHES
 
     data = write_resize_output("file://" + str(tmp_path / "d"), counts={"train": 40, "val": 4}, size=16)
     where: list[str] = []
@@ -339,5 +339,5 @@ def test_the_step_hands_back_freed_heap_pages_while_it_trains_and_evaluates(tmp_
 
     monkeypatch.setattr(resources, "trim_heap", counted)
     train(data, "file://" + str(tmp_path / "out"), tiny(epochs=1, batch_size=2, num_workers=0))
-    assert where.count("training") == 20 // step._TRIM_EVERY, where
+    assert where.count("training") == 20 // TRIM_EVERY_BATCHES, where
     assert where.count("evaluation") >= 2, where  # after the validation pass and the final ones

@@ -99,9 +99,6 @@ def _prepare_train_batch(run: TrainingRun, batch: Mapping[str, Any], epoch: int,
 
 # Steps between two looks at the losses (one copy from the device, and an all-reduce under DDP).
 _WATCH_EVERY = 16
-# Batches between two hand-backs of the C library's free heap pages (resources.trim_heap): without
-# them the step's resident memory grew with every pass over a split.
-_TRIM_EVERY = 16
 
 
 def _watch(run: TrainingRun, losses: torch.Tensor, lrs: list[float], start: int, stop: int, epoch: int) -> Divergence | None:
@@ -179,8 +176,6 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
             loss_sum += loss.detach().double() * len(targets)
             seen += len(targets)
             progress.update()
-            if (step + 1) % _TRIM_EVERY == 0:
-                resources.trim_heap()
             checkpoint_due = every and (step + 1) % every == 0 and step + 1 < steps
             if checkpoint_due or step + 1 - watched >= _WATCH_EVERY or step + 1 == steps:
                 event, watched = _watch(run, losses, lrs, watched, step + 1, epoch), step + 1
@@ -222,13 +217,10 @@ def _eval_batches(run: TrainingRun, loader: ImageLoader) -> Iterator[tuple[torch
     loader.set_epoch(0)
     rows = iter(loader)
     try:
-        for i, batch in enumerate(rows, 1):
+        for batch in rows:
             yield (*_prepare_eval_batch(run, loader, batch), batch["index"])
-            if i % _TRIM_EVERY == 0:
-                resources.trim_heap()
     finally:
         rows.close()  # type: ignore[attr-defined]
-        resources.trim_heap()
 
 
 def _run_eval_loader(run: TrainingRun, info: SplitInfo, persistent: bool) -> ImageLoader:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imgpipe import storage
+from imgpipe import resources, storage
 
 # The settings are torch-free (imgpipe.train.config); re-exported here.
-from imgpipe.train.loader_config import LoaderConfig
+from imgpipe.train.loader_config import TRIM_EVERY_BATCHES, LoaderConfig
 
 # Which rows, in which order: torch-free (imgpipe.train.partition); re-exported here.
 from imgpipe.train.partition import (
@@ -458,6 +458,8 @@ class ImageLoader:
             if len(batch["label"]):  # a batch whose every row was refused has nothing to train on
                 yield batch
             remaining -= 1
+            if remaining % TRIM_EVERY_BATCHES == 0:  # the batches handed out and freed: their pages back
+                resources.trim_heap()
             if remaining == 0:
                 break
 

@@ -25,6 +25,7 @@ __all__ = [
     "LOADER_ENGINES",
     "TRAIN_LOADER_ENGINES",
     "AUTO_CACHE_FRACTION",
+    "TRIM_EVERY_BATCHES",
     "LoaderConfig",
     "CPU_AUGMENT_MIN_CORES",
     "cores_per_rank",
@@ -50,6 +51,10 @@ TRAIN_LOADER_ENGINES = ("auto", *LOADER_ENGINES)
 # The row cache a run that names none gets: this fraction of the memory the pod may use
 # (resources.usable_memory: its cgroup limit, v1 or v2, else the machine's RAM).
 AUTO_CACHE_FRACTION = 0.25
+# Batches a loader delivers between two hand-backs of the C library's free heap pages
+# (resources.trim_heap; also after its last batch): without them a process's resident memory
+# grew with every pass over a split, the batches it had freed kept (docs/benchmarks.md, "Scale").
+TRIM_EVERY_BATCHES = 16
 # A CUDA run whose rank has at least this many CPU cores augments in its loader workers
 # (aug_device auto): augments_on_device, measured in docs/benchmarks.md, "GPU".
 CPU_AUGMENT_MIN_CORES = 6
