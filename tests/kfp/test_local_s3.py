@@ -14,7 +14,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from imgpipe import storage
-from imgpipe.kfp.local_s3 import ADMIN_USER, IDENTITIES, LOG, S3Identity, local_s3_server, seaweedfs_server, weed_binary
+from imgpipe.kfp.local_s3 import ADMIN_USER, IDENTITIES, LOG, S3Identity, iam_endpoint, local_s3_server, seaweedfs_server, weed_binary
 
 
 def test_the_store_keeps_what_a_run_wrote_for_the_next_run(tmp_path):
@@ -69,29 +69,58 @@ def test_a_named_weed_that_is_not_executable_is_refused(tmp_path, monkeypatch):
         weed_binary()
 
 
-def _with_retries(call, log: Path | None = None):
-    """``call()``, again while the IAM API answers a server error (seen once in a full-suite run under
-    load: an ``Unknown`` error, with no error body, on the first call after start; CI saw it again, and
-    a full run on 2026-11-27 saw it for 30 s in a row); the profile controller's sync loop retries too.
-    If it never answers, the failure carries the status codes seen and the end of the server's ``log``.
-    """
-    statuses: list[int] = []
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            return call()
-        except ClientError as exc:
-            # An answer with no parsable <Error> body has no "Error" key (botocore then says "Unknown").
-            code = exc.response.get("Error", {}).get("Code", "Unknown")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code != "Unknown" and status < 500:
-                raise
-            statuses.append(status)
-            if time.monotonic() > deadline:
-                tail = log.read_text(errors="replace").splitlines()[-30:] if log is not None and log.exists() else []
-                seen = f"the IAM API answered {len(statuses)} times with HTTP {sorted(set(statuses))}"
-                raise AssertionError(f"{seen}; the server's log ends:\n" + "\n".join(tail)) from exc
-            time.sleep(0.5)
+def test_the_callers_own_aws_keys_are_not_served(tmp_path, monkeypatch):
+    """SeaweedFS serves AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from its environment as one more
+    admin; the caller's keys (a user's cloud keys, another store's admin) stay out of it."""
+    own = S3Identity("someone", "AKIACALLERSOWNKEY001", "callers-own-secret-0123456789abcdef")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", own.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", own.secret_key)
+    with seaweedfs_server(tmp_path / "store") as endpoint:
+        keys = {"aws_access_key_id": own.access_key, "aws_secret_access_key": own.secret_key}
+        theirs = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
+        with pytest.raises(ClientError, match="InvalidAccessKeyId"):
+            theirs.list_buckets()
+        iam = boto3.client("iam", endpoint_url=iam_endpoint(endpoint), region_name="us-east-1", **_admin_keys())
+        assert [u["UserName"] for u in iam.list_users()["Users"]] == [ADMIN_USER]
+
+
+def test_an_iam_api_that_read_the_identities_before_the_admin_is_started_again(tmp_path, monkeypatch):
+    """`weed server -iam` reads the identities once, as its IAM API starts. Here the admin is stored
+    only after that API answers (as happens under load), so it has no identity and checks no
+    signature: the server is started again, and the IAM API it yields takes the admin's key and
+    refuses a made-up one."""
+    import socket
+
+    from imgpipe.kfp import local_s3
+
+    configure = local_s3._configure_admin
+    calls = []
+
+    def late(weed, host, ports, identity, proc, log):
+        if not calls:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError), socket.create_connection((host, ports["iam.port"]), timeout=1):
+                    break
+                time.sleep(0.1)
+        calls.append(ports["iam.port"])
+        configure(weed, host, ports, identity, proc, log)
+
+    monkeypatch.setattr(local_s3, "_configure_admin", late)
+    with seaweedfs_server(tmp_path / "store") as endpoint:
+        iam = boto3.client("iam", endpoint_url=iam_endpoint(endpoint), region_name="us-east-1", **_admin_keys())
+        assert [u["UserName"] for u in iam.list_users()["Users"]] == [ADMIN_USER]
+        made_up = {"aws_access_key_id": "nobody", "aws_secret_access_key": "x" * 30}
+        stranger = boto3.client("iam", endpoint_url=iam_endpoint(endpoint), region_name="us-east-1", **made_up)
+        with pytest.raises(ClientError) as refused:
+            stranger.create_access_key(UserName="team-x")
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert len(calls) == 2, "the first start's IAM API served anyone, the second checks signatures"
+    assert "starting the server again" in (tmp_path / "store" / LOG).read_text()
+
+
+def _admin_keys() -> dict[str, str]:
+    return {k: os.environ[v] for k, v in (("aws_access_key_id", "AWS_ACCESS_KEY_ID"), ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"))}
 
 
 def test_a_profiles_key_made_as_kfp_makes_it_writes_only_below_its_prefix(tmp_path):
@@ -103,20 +132,18 @@ def test_a_profiles_key_made_as_kfp_makes_it_writes_only_below_its_prefix(tmp_pa
     """
     import json
 
-    from imgpipe.kfp.local_s3 import iam_endpoint
     from tests.faults.s3proxy import PrefixPolicy
 
     with seaweedfs_server(tmp_path / "store") as endpoint:
         storage.s3_client().create_bucket(Bucket="mlpipeline")
-        admin = {k: os.environ[v] for k, v in (("aws_access_key_id", "AWS_ACCESS_KEY_ID"), ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"))}
-        iam = boto3.client("iam", endpoint_url=iam_endpoint(endpoint), region_name="us-east-1", **admin)
-        key = _with_retries(lambda: iam.create_access_key(UserName="team-a"), tmp_path / "store" / LOG)["AccessKey"]
+        iam = boto3.client("iam", endpoint_url=iam_endpoint(endpoint), region_name="us-east-1", **_admin_keys())
+        key = iam.create_access_key(UserName="team-a")["AccessKey"]
         resources = ["arn:aws:s3:::mlpipeline/private/team-a/*", "arn:aws:s3:::mlpipeline/shared/*"]
         policy = {
             "Version": "2012-10-17",
             "Statement": [{"Effect": "Allow", "Action": ["s3:Put*", "s3:Get*", "s3:List*"], "Resource": resources}],
         }
-        _with_retries(lambda: iam.put_user_policy(UserName="team-a", PolicyName="KubeflowProjectteam-a", PolicyDocument=json.dumps(policy)))
+        iam.put_user_policy(UserName="team-a", PolicyName="KubeflowProjectteam-a", PolicyDocument=json.dumps(policy))
         profile = boto3.client(
             "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"]
         )
@@ -161,7 +188,7 @@ def test_a_profiles_key_made_as_kfp_makes_it_writes_only_below_its_prefix(tmp_pa
             },
             {"Effect": "Allow", "Action": ["s3:DeleteObject"], "Resource": ["arn:aws:s3:::mlpipeline/private/team-a/*"]},
         ]
-        _with_retries(lambda: iam.put_user_policy(UserName="team-a", PolicyName="KubeflowProjectteam-a", PolicyDocument=json.dumps(policy)))
+        iam.put_user_policy(UserName="team-a", PolicyName="KubeflowProjectteam-a", PolicyDocument=json.dumps(policy))
         for _ in range(40):
             try:
                 listed = profile.list_objects_v2(Bucket="mlpipeline", Prefix="private/team-a/")

@@ -54,6 +54,8 @@ START_TIMEOUT_S = 60.0
 # One `weed shell` try: a shell started before the master elects itself can hang; it is run again.
 SHELL_TIMEOUT_S = 15.0
 STOP_GRACE_S = 1.0
+# Starts of `weed server` before giving up on an IAM API that never took the admin identity.
+START_TRIES = 3
 _S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
@@ -206,6 +208,55 @@ def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Id
     raise RuntimeError(f"the local S3 server (SeaweedFS) took no admin identity: {last[-300:]}; its log {log} ends:\n" + "\n".join(tail))
 
 
+def _weed_env(tmpdir: Path) -> dict[str, str]:
+    """``weed``'s environment: this one less the caller's AWS keys, which SeaweedFS would serve as one more admin."""
+    env = {k: v for k, v in os.environ.items() if k not in (*storage.SECRET_ENV, "AWS_SESSION_TOKEN")}
+    return {**env, "TMPDIR": str(tmpdir)}
+
+
+def _iam_takes(iam_url: str, identity: S3Identity) -> bool | None:
+    """Whether the IAM API at ``iam_url`` takes ``identity``'s key: True, False (refused), None (no answer yet)."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client(
+        "iam",
+        endpoint_url=iam_url,
+        aws_access_key_id=identity.access_key,
+        aws_secret_access_key=identity.secret_key,
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+    )
+    try:
+        client.list_users(MaxItems=1)
+    except ClientError as exc:
+        return False if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403 else None
+    except BotoCoreError:
+        return None
+    return True
+
+
+def _wait_iam(proc: subprocess.Popen, iam_url: str, identity: S3Identity, log: Path) -> bool:
+    """Until the IAM API answers: True if it takes the admin's key and refuses a made-up one, else False.
+
+    ``weed server -iam`` (4.48) reads the identities once, as its IAM API starts, and again only
+    when a call to that API changes them. Under load it can read them before ``s3.configure`` has
+    stored the admin: with no identity it then serves every caller unsigned checks (auth off), and
+    with only another one it refuses the admin, for as long as it runs.
+    """
+    stranger = S3Identity("stranger", "imgpipe-not-a-key", secrets.token_urlsafe(30))
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        takes = _iam_takes(iam_url, identity)
+        if takes is not None:
+            return takes and _iam_takes(iam_url, stranger) is False
+        time.sleep(0.2)
+    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+    state = f"exited with {proc.returncode}" if proc.poll() is not None else f"did not answer in {START_TIMEOUT_S:.0f} s"
+    raise RuntimeError(f"the local S3 server's IAM API (SeaweedFS) {state}; its log {log} ends:\n" + "\n".join(tail))
+
+
 def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log: Path) -> None:
     """Until the S3 gateway answers a signed call (its /status answers before the filer behind it does)."""
     import boto3
@@ -332,33 +383,50 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
     with _exclusive(data_dir):
         identity = _identity(data_dir, identity)
         (data_dir / "master.toml").write_text(MASTER_TOML)
-        ports = _ports()
-        endpoint = f"http://{host}:{ports['s3.port']}"
         log = data_dir / LOG
-        # A short private directory for its sockets (a socket path holds at most 107 bytes), and its TMPDIR.
-        sockets = Path(tempfile.mkdtemp(prefix="imgpipe-weed-"))
-        try:
-            with open(log, "ab") as out:
-                proc = subprocess.Popen(
-                    _command(weed, data_dir, ports, sockets, host),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=data_dir,
-                    start_new_session=True,
-                    env={**os.environ, "TMPDIR": str(sockets)},
-                    preexec_fn=_die_with_parent(),
-                )
-            try:
+        for _ in range(START_TRIES):
+            with _started(weed, data_dir, host, log) as (proc, ports):
+                endpoint = f"http://{host}:{ports['s3.port']}"
+                iam = f"http://{host}:{ports['iam.port']}"
                 _configure_admin(weed, host, ports, identity, proc, log)
                 _wait_ready(proc, endpoint, identity, log)
-                _IAM[endpoint] = f"http://{host}:{ports['iam.port']}"
-                with pointed_at(endpoint, identity):
-                    yield endpoint
-            finally:
-                _IAM.pop(endpoint, None)
-                _stop(proc, ports)
+                if _wait_iam(proc, iam, identity, log):
+                    _IAM[endpoint] = iam
+                    try:
+                        with pointed_at(endpoint, identity):
+                            yield endpoint
+                    finally:
+                        _IAM.pop(endpoint, None)
+                    return
+            # The identity is in the filer now: the next start's IAM API reads it as it starts.
+            with open(log, "a") as out:
+                out.write("imgpipe: the IAM API read the identities before the admin was stored; starting the server again\n")
+        raise RuntimeError(f"the local S3 server's IAM API (SeaweedFS) did not guard itself with the admin key in {START_TRIES} starts; see {log}")
+
+
+@contextlib.contextmanager
+def _started(weed: str, data_dir: Path, host: str, log: Path) -> Iterator[tuple[subprocess.Popen, dict[str, int]]]:
+    """One ``weed server`` process over ``data_dir`` on fresh ports, stopped on exit."""
+    ports = _ports()
+    # A short private directory for its sockets (a socket path holds at most 107 bytes), and its TMPDIR.
+    sockets = Path(tempfile.mkdtemp(prefix="imgpipe-weed-"))
+    try:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                _command(weed, data_dir, ports, sockets, host),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=data_dir,
+                start_new_session=True,
+                env=_weed_env(sockets),
+                preexec_fn=_die_with_parent(),
+            )
+        try:
+            yield proc, ports
         finally:
-            shutil.rmtree(sockets, ignore_errors=True)
+            _stop(proc, ports)
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 @contextlib.contextmanager
