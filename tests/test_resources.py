@@ -330,6 +330,37 @@ def test_trimming_the_heap_hands_back_the_pages_of_blocks_freed_below_its_top():
     assert int(out) >= 100, f"only {out.strip()} MB handed back of the 152 MB freed"
 
 
+@pytest.mark.parametrize("one", [False, True])
+def test_with_one_malloc_arena_a_new_thread_allocates_from_the_main_heap(one):
+    """glibc gives a new thread an arena of its own (mapped above the program break); after
+    ``one_malloc_arena`` it allocates below the break, from the main heap. In a fresh process."""
+    code = (
+        "import ctypes, sys, threading\n"
+        "from imgpipe import resources\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
+        "libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_long]\n"
+        f"assert {one} is False or resources.one_malloc_arena()\n"
+        "got = []\n"
+        "t = threading.Thread(target=lambda: got.append(libc.malloc(64)))\n"
+        "t.start(); t.join()\n"
+        "print(int(got[0] < libc.sbrk(0)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == str(int(one))
+
+
+def test_the_download_step_takes_one_malloc_arena_before_its_threads_start(monkeypatch, tmp_path):
+    from imgpipe.steps import download as download_step
+
+    calls = []
+    monkeypatch.setattr(resources, "one_malloc_arena", lambda: calls.append("arena") or True)
+    monkeypatch.setattr(download_step, "_source_list", _stop)
+    with pytest.raises(_Stop):
+        download_step.download("x", str(tmp_path / "out"), download_step.DownloadConfig())
+    assert calls == ["arena"]
+
+
 def test_a_report_switches_to_the_system_allocator_first(monkeypatch, tmp_path):
     """Each step's component draws its report; resize's and ``imgpipe show`` had drawn it on mimalloc."""
     from imgpipe.report import steps as report_steps

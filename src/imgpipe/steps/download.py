@@ -340,6 +340,7 @@ def download(
     if not isinstance(policy, SourcePolicy):
         raise TypeError(f"policy must be a SourcePolicy, got {type(policy).__name__}")
     resources.use_system_allocator()
+    resources.one_malloc_arena()  # before the pool's threads start
     uris = _source_list(sources)
     if cfg.sha256 and len(cfg.sha256) != len(uris):
         raise ValueError(f"got {len(cfg.sha256)} sha256 digest(s) for {len(uris)} source(s); give one digest per source, in the same order, or none")
