@@ -257,6 +257,30 @@ def _wait_iam(proc: subprocess.Popen, iam_url: str, identity: S3Identity, log: P
     raise RuntimeError(f"the local S3 server's IAM API (SeaweedFS) {state}; its log {log} ends:\n" + "\n".join(tail))
 
 
+def _wait_volumes(proc: subprocess.Popen, master: str, data_dir: Path, log: Path) -> None:
+    """Until the master knows every volume in ``data_dir`` (its ``.dat`` files).
+
+    After a restart the filer lists what the last run wrote before the volume server has
+    told the master where its volumes are; a read then fails with ``InternalError`` (seen
+    once in a full test run, on the first read after a restart).
+    """
+    want = len(list(data_dir.glob("*.dat")))
+    deadline = time.monotonic() + START_TIMEOUT_S
+    have = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(f"{master}/dir/status", timeout=2) as answer:
+            status = json.load(answer)
+            # A master with no volume server yet lists its data centres as null.
+            centres = status.get("Topology", {}).get("DataCenters") or []
+            nodes = (n for dc in centres for rack in dc.get("Racks") or [] for n in rack.get("DataNodes") or [])
+            have = sum(int(n.get("Volumes", 0)) for n in nodes)
+            if have >= want:
+                return
+        time.sleep(0.2)
+    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+    raise RuntimeError(f"the local S3 server (SeaweedFS) registered {have} of its {want} volumes; its log {log} ends:\n" + "\n".join(tail))
+
+
 def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log: Path) -> None:
     """Until the S3 gateway answers a signed call (its /status answers before the filer behind it does)."""
     import boto3
@@ -390,6 +414,7 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
                 iam = f"http://{host}:{ports['iam.port']}"
                 _configure_admin(weed, host, ports, identity, proc, log)
                 _wait_ready(proc, endpoint, identity, log)
+                _wait_volumes(proc, f"http://{host}:{ports['master.port']}", data_dir, log)
                 if _wait_iam(proc, iam, identity, log):
                     _IAM[endpoint] = iam
                     try:
