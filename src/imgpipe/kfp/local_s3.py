@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imgpipe import resources, storage
 
@@ -177,6 +178,27 @@ def _ports() -> dict[str, int]:
     return ports
 
 
+def _start_failure(what: str, log: Path) -> RuntimeError:
+    """The error a start that went wrong raises: ``what``, and the end of the server's ``log``."""
+    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+    return RuntimeError(f"the local S3 server (SeaweedFS) {what}; its log {log} ends:\n" + "\n".join(tail))
+
+
+def _one_try_client(service: str, endpoint: str, identity: S3Identity) -> Any:
+    """A boto3 client for ``service`` at ``endpoint`` signed with ``identity``, each call tried once, for polling."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        service,
+        endpoint_url=endpoint,
+        aws_access_key_id=identity.access_key,
+        aws_secret_access_key=identity.secret_key,
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+    )
+
+
 def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Identity, proc: subprocess.Popen, log: Path) -> None:
     """The admin identity, as kubeflow/manifests' SeaweedFS makes it: ``s3.configure ... -actions Admin -apply`` in ``weed shell``.
 
@@ -204,8 +226,7 @@ def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Id
         if shell.returncode == 0 and identity.access_key in last:
             return
         time.sleep(0.5)
-    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
-    raise RuntimeError(f"the local S3 server (SeaweedFS) took no admin identity: {last[-300:]}; its log {log} ends:\n" + "\n".join(tail))
+    raise _start_failure(f"took no admin identity: {last[-300:]}", log)
 
 
 def _weed_env(tmpdir: Path) -> dict[str, str]:
@@ -214,20 +235,10 @@ def _weed_env(tmpdir: Path) -> dict[str, str]:
     return {**env, "TMPDIR": str(tmpdir)}
 
 
-def _iam_takes(iam_url: str, identity: S3Identity) -> bool | None:
-    """Whether the IAM API at ``iam_url`` takes ``identity``'s key: True, False (refused), None (no answer yet)."""
-    import boto3
-    from botocore.config import Config
+def _iam_takes(client: Any) -> bool | None:
+    """Whether the IAM API ``client`` calls takes its key: True, False (refused), None (no answer yet)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client = boto3.client(
-        "iam",
-        endpoint_url=iam_url,
-        aws_access_key_id=identity.access_key,
-        aws_secret_access_key=identity.secret_key,
-        region_name="us-east-1",
-        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
-    )
     try:
         client.list_users(MaxItems=1)
     except ClientError as exc:
@@ -245,16 +256,16 @@ def _wait_iam(proc: subprocess.Popen, iam_url: str, identity: S3Identity, log: P
     stored the admin: with no identity it then serves every caller unsigned checks (auth off), and
     with only another one it refuses the admin, for as long as it runs.
     """
-    stranger = S3Identity("stranger", "imgpipe-not-a-key", secrets.token_urlsafe(30))
+    admin = _one_try_client("iam", iam_url, identity)
+    stranger = _one_try_client("iam", iam_url, S3Identity("stranger", "imgpipe-not-a-key", secrets.token_urlsafe(30)))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and proc.poll() is None:
-        takes = _iam_takes(iam_url, identity)
+        takes = _iam_takes(admin)
         if takes is not None:
-            return takes and _iam_takes(iam_url, stranger) is False
+            return takes and _iam_takes(stranger) is False
         time.sleep(0.2)
-    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
     state = f"exited with {proc.returncode}" if proc.poll() is not None else f"did not answer in {START_TIMEOUT_S:.0f} s"
-    raise RuntimeError(f"the local S3 server's IAM API (SeaweedFS) {state}; its log {log} ends:\n" + "\n".join(tail))
+    raise _start_failure(f"IAM API {state}", log)
 
 
 def _wait_volumes(proc: subprocess.Popen, master: str, data_dir: Path, log: Path) -> None:
@@ -277,23 +288,12 @@ def _wait_volumes(proc: subprocess.Popen, master: str, data_dir: Path, log: Path
             if have >= want:
                 return
         time.sleep(0.2)
-    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
-    raise RuntimeError(f"the local S3 server (SeaweedFS) registered {have} of its {want} volumes; its log {log} ends:\n" + "\n".join(tail))
+    raise _start_failure(f"registered {have} of its {want} volumes", log)
 
 
 def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log: Path) -> None:
     """Until the S3 gateway answers a signed call (its /status answers before the filer behind it does)."""
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=identity.access_key,
-        aws_secret_access_key=identity.secret_key,
-        region_name="us-east-1",
-        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
-    )
+    client = _one_try_client("s3", endpoint, identity)
     deadline = time.monotonic() + START_TIMEOUT_S
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -307,9 +307,8 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log
         except Exception as exc:  # noqa: BLE001 - any failure means "not yet"; the last one is reported
             last = exc
             time.sleep(0.2)
-    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
     state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {START_TIMEOUT_S:.0f} s ({last})"
-    raise RuntimeError(f"the local S3 server (SeaweedFS) {state}; its log {log} ends:\n" + "\n".join(tail))
+    raise _start_failure(state, log)
 
 
 def _die_with_parent() -> Callable[[], None]:
