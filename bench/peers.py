@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers_clean  # noqa: E402
 import peers_loader  # noqa: E402
 import peers_resize  # noqa: E402
+from host import describe  # noqa: E402
 from peers_common import peers_python  # noqa: E402
 
 from imgpipe.resources import available_cpus  # noqa: E402
@@ -59,7 +59,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def environment(workers: int) -> dict[str, Any]:
-    """Versions of every contender's libraries (the peers' venv asked in a child), cores and load."""
+    """The machine, versions of every contender's libraries (the peers' venv asked in a child), cores and load."""
     main = {}
     for package in ("numpy", "torch", "torchvision", "ray", "pillow", "pyarrow", "datasets", "webdataset", "cleanvision", "albumentations"):
         try:
@@ -72,7 +72,7 @@ def environment(workers: int) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError, subprocess.TimeoutExpired) as exc:
         peers = {"error": f"{type(exc).__name__}: {exc}"}
     return {
-        "python": platform.python_version(),
+        "machine": describe(),
         "cpus_available": available_cpus(),
         "workers": workers,
         "loadavg_start": os.getloadavg(),

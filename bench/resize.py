@@ -63,7 +63,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -73,6 +72,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from host import describe  # noqa: E402
 from photos import photo_set  # noqa: E402
 from resize_cold import measure_cold, pool_run, print_cold
 from resize_common import (
@@ -268,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     from ray.data import DataContext
 
     env = {
+        "machine": describe(),
         "cpus_available": available_cpus(),
         "workers": args.workers,
-        "python": platform.python_version(),
         "ray": ray.__version__,
         "pillow": Image.__version__,
         "libjpeg_turbo": PIL.features.version("libjpeg_turbo"),

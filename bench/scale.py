@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from host import describe  # noqa: E402
 from photos import make_photo, source_photos  # noqa: E402
 from proctree import process_tree  # noqa: E402
 
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = verdicts(results)
     print_table(results, checks)
     doc = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {**describe(), "platform": platform.platform()},
         "sizes": results,
         "verdicts": checks,
     }
