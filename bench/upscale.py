@@ -4,8 +4,8 @@ With torchvision's RandomResizedCrop scale (0.08-1) on rows stored at a short si
 crops are smaller than a 224 output, and the loader enlarges them with OpenCV's bilinear
 ``cv2.resize`` (albumentations' kernel). This times that call, one thread, against torch's
 ``interpolate`` on the same uint8 pixels (channels-last), the same enlargement as two
-one-channel passes with transposes, and OpenCV's nearest neighbour (a bound on any kernel that
-writes the output a pixel at a time); and it gives how far each one's pixels are from OpenCV's::
+one-channel passes with transposes, and OpenCV's nearest neighbour (what OpenCV takes only to
+pick the output's pixels); and it gives how far torch's pixels are from OpenCV's::
 
     .venv/bin/python bench/upscale.py [--calls 200] [--passes 9]
 

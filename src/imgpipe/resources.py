@@ -217,13 +217,14 @@ def return_freed_memory() -> bool:
 
 
 @functools.cache
-def _malloc_trim() -> Any:
+def _libc_function(name: str, argtypes: tuple[Any, ...]) -> Any:
+    """The C library's function ``name`` (returning an int), or ``None`` where it has none (musl, macOS)."""
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    function.argtypes, function.restype = list(argtypes), ctypes.c_int
+    return function
 
 
 def trim_heap() -> bool:
@@ -238,7 +239,7 @@ def trim_heap() -> bool:
     "Scale"). A trim costs a walk of the free lists; the pages it returns are faulted in again
     when used.
     """
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim", (ctypes.c_size_t,))
     if trim is None:
         return False
     trim(0)
@@ -253,12 +254,9 @@ def one_malloc_arena() -> bool:
     swung by 70 MB, and its peak at 128k images was 236 MB (1.25x that at 4k). With one arena
     it was 212 MB (1.20x), and the step took 12 % less CPU (docs/benchmarks.md, "Scale").
     """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
     m_arena_max = -8  # <malloc.h>
-    return bool(mallopt(ctypes.c_int(m_arena_max), ctypes.c_int(1)))
+    return mallopt is not None and bool(mallopt(m_arena_max, 1))
 
 
 def use_system_allocator() -> str:
