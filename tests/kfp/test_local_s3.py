@@ -119,6 +119,57 @@ def test_an_iam_api_that_read_the_identities_before_the_admin_is_started_again(t
     assert "starting the server again" in (tmp_path / "store" / LOG).read_text()
 
 
+def test_a_port_taken_before_the_server_binds_it_is_a_start_on_fresh_ports(tmp_path, monkeypatch):
+    """Ports are found free, then handed to `weed`; another process can take one in between
+    (seen once in a full test run: the volume server's gRPC port, and `weed` exited). That start
+    fails, and the server starts again on fresh ports."""
+    import socket
+
+    from imgpipe.kfp import local_s3
+
+    fresh = local_s3._ports
+    given = []
+
+    def ports():
+        chosen = fresh()
+        if not given:
+            chosen["volume.port.grpc"] = holder.getsockname()[1]
+        given.append(chosen)
+        return chosen
+
+    monkeypatch.setattr(local_s3, "_ports", ports)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        with seaweedfs_server(tmp_path / "store") as endpoint:
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **_admin_keys())
+            s3.create_bucket(Bucket="after-a-taken-port")
+            s3.put_object(Bucket="after-a-taken-port", Key="k", Body=b"v")
+            assert s3.get_object(Bucket="after-a-taken-port", Key="k")["Body"].read() == b"v"
+    assert len(given) == 2
+    assert "starting the server again on fresh ports" in (tmp_path / "store" / LOG).read_text()
+
+
+def test_a_start_that_fails_for_another_reason_is_not_tried_again(tmp_path, monkeypatch):
+    from imgpipe.kfp import local_s3
+
+    starts = []
+    real = local_s3._started
+
+    def counted(*args):
+        starts.append(1)
+        return real(*args)
+
+    def refuse(weed, host, ports, identity, proc, log):
+        raise local_s3._start_failure("took no admin identity: refused by the test", log)
+
+    monkeypatch.setattr(local_s3, "_started", counted)
+    monkeypatch.setattr(local_s3, "_configure_admin", refuse)
+    with pytest.raises(RuntimeError, match="refused by the test"), seaweedfs_server(tmp_path / "store"):
+        pass
+    assert len(starts) == 1
+
+
 def _admin_keys() -> dict[str, str]:
     return {k: os.environ[v] for k, v in (("aws_access_key_id", "AWS_ACCESS_KEY_ID"), ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"))}
 

@@ -407,25 +407,42 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
         identity = _identity(data_dir, identity)
         (data_dir / "master.toml").write_text(MASTER_TOML)
         log = data_dir / LOG
-        for _ in range(START_TRIES):
+        for attempt in range(1, START_TRIES + 1):
+            before = log.stat().st_size if log.exists() else 0
             with _started(weed, data_dir, host, log) as (proc, ports):
                 endpoint = f"http://{host}:{ports['s3.port']}"
                 iam = f"http://{host}:{ports['iam.port']}"
-                _configure_admin(weed, host, ports, identity, proc, log)
-                _wait_ready(proc, endpoint, identity, log)
-                _wait_volumes(proc, f"http://{host}:{ports['master.port']}", data_dir, log)
-                if _wait_iam(proc, iam, identity, log):
-                    _IAM[endpoint] = iam
-                    try:
-                        with pointed_at(endpoint, identity):
-                            yield endpoint
-                    finally:
-                        _IAM.pop(endpoint, None)
-                    return
-            # The identity is in the filer now: the next start's IAM API reads it as it starts.
+                try:
+                    _configure_admin(weed, host, ports, identity, proc, log)
+                    _wait_ready(proc, endpoint, identity, log)
+                    _wait_volumes(proc, f"http://{host}:{ports['master.port']}", data_dir, log)
+                    guarded = _wait_iam(proc, iam, identity, log)
+                except RuntimeError:
+                    if attempt == START_TRIES or not _port_taken(log, before):
+                        raise
+                    # A free port was taken by another process before weed bound it, and weed exited.
+                    again = "a port it was given was taken before it bound it; starting the server again on fresh ports"
+                else:
+                    if guarded:
+                        _IAM[endpoint] = iam
+                        try:
+                            with pointed_at(endpoint, identity):
+                                yield endpoint
+                        finally:
+                            _IAM.pop(endpoint, None)
+                        return
+                    # The identity is in the filer now: the next start's IAM API reads it as it starts.
+                    again = "the IAM API read the identities before the admin was stored; starting the server again"
             with open(log, "a") as out:
-                out.write("imgpipe: the IAM API read the identities before the admin was stored; starting the server again\n")
+                out.write(f"imgpipe: {again}\n")
         raise RuntimeError(f"the local S3 server's IAM API (SeaweedFS) did not guard itself with the admin key in {START_TRIES} starts; see {log}")
+
+
+def _port_taken(log: Path, since: int) -> bool:
+    """Whether the server's ``log``, from byte ``since`` on, says a port it was to listen on was taken."""
+    with open(log, "rb") as text:
+        text.seek(since)
+        return b"address already in use" in text.read()
 
 
 @contextlib.contextmanager
