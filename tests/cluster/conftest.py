@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from functools import cache
@@ -149,9 +150,14 @@ def step_image(kind: str) -> str:
     address = ["--address", f"{s['CLUSTER_STATE']}/containerd/containerd.sock", "-n", "k8s.io"]
     if subprocess.run([ctr, *address, "images", "check", f"name=={ref}"], capture_output=True, text=True, check=False).stdout.count(ref):
         return ref
-    save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE)
-    subprocess.run([ctr, *address, "images", "import", "-"], stdin=save.stdout, check=True, capture_output=True)
-    assert save.wait() == 0
+    # podman save writes the whole archive to its TMPDIR first (6 GB for the gpu image): a directory of
+    # this call's own, removed after the import, so a failed import leaves nothing behind.
+    with tempfile.TemporaryDirectory(prefix="imgpipe-podman-save-", dir="/var/tmp") as spool:
+        save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE, env={**os.environ, "TMPDIR": spool})
+        imported = subprocess.run([ctr, *address, "images", "import", "-"], stdin=save.stdout, capture_output=True, text=True, check=False)
+        saved = save.wait()
+    assert imported.returncode == 0, f"ctr images import of {ref} failed: {imported.stderr.strip()[-500:]}"
+    assert saved == 0
     return ref
 
 
