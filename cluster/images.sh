@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The images the cluster runs that no registry can give here, each one binary built by
-# cluster/build.sh in an image of its own: the pod sandbox (pause), CoreDNS, Argo's executor, and
-# the JobSet and Trainer managers (installed as pods, by their own manifests: cluster/trainer.sh).
-#   build:  podman builds each (FROM scratch) and saves it under the cache, once per version
+# The images the cluster runs that no registry can give here, built from what cluster/build.sh
+# built and from Debian's packages, and saved under the cache once per version:
+#   - one binary FROM scratch: the pod sandbox (pause), CoreDNS, Argo's executor, the JobSet and
+#     Trainer managers;
+#   - root file systems from Debian's packages (mmdebstrap): a glibc base with a shell, nc and
+#     Python (debian), and KFP's database (mariadb);
+#   - on that base: KFP's API server (with its /config from the source), driver, launcher,
+#     persistence agent and ScheduledWorkflow controller, and the MLMD server (cluster/mlmd).
+#   build:  podman builds each and saves it under the cache, once per version
 #   import: the saved archives into the running cluster's containerd (namespace k8s.io)
 #
-# usage: cluster/images.sh build | import
+# usage: cluster/images.sh build | import [NAME ...]    (default: every image of the built tiers)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
@@ -18,30 +23,138 @@ binary_of() { # NAME: the binary, where the image keeps it, and the user it runs
 	case $1 in
 	pause) echo "$(bin_dir pause)/pause /pause 0" ;;
 	coredns) echo "$(bin_dir runtime)/coredns /coredns 0" ;;
-	argoexec) echo "$(bin_dir argo)/argoexec /bin/argoexec 0" ;;
+	# Upstream's argoexec image runs as uid 8737: KFP's pods (runAsNonRoot) insist.
+	argoexec) echo "$(bin_dir argo)/argoexec /bin/argoexec 8737" ;;
 	# Their upstream images are distroless "nonroot" (uid 65532); their pods insist (runAsNonRoot).
 	jobset) echo "$(bin_dir trainer)/jobset-manager /manager 65532" ;;
 	trainer) echo "$(bin_dir trainer)/trainer-controller-manager /manager 65532" ;;
 	esac
 }
 
-build() { # NAME
-	local out ref dir bin inside user
+# NAME DIR: the Containerfile and context of an image built on the Debian base (its binaries in DIR).
+on_debian() {
+	local kfp base
+	kfp=$(bin_dir kfp)
+	base=$(image_ref debian)
+	case $1 in
+	kfp-api-server)
+		cp "$kfp/apiserver" "$2/apiserver"
+		cp -r "$(kfp_tree)/backend/src/apiserver/config" "$2/config"
+		# Upstream's image preloads sample pipelines; this one starts with none.
+		echo '{"pipelines": [], "loadSamplesOnRestart": false}' >"$2/config/sample_config.json"
+		cat <<-EOF
+			FROM $base
+			COPY apiserver /bin/apiserver
+			COPY config /config
+			ENV LOG_LEVEL=info TAG_NAME=$KFP_VERSION COMMIT_SHA=$KFP_COMMIT
+			USER 1000
+			EXPOSE 8888 8887
+			CMD ["/bin/sh", "-c", "/bin/apiserver --config=/config --sampleconfig=/config/sample_config.json -logtostderr=true --logLevel=\${LOG_LEVEL}"]
+		EOF
+		;;
+	kfp-driver | kfp-launcher)
+		local b=${1#kfp-}
+		[[ $b == launcher ]] && b=launcher-v2
+		cp "$kfp/$b" "$2/$b"
+		printf 'FROM %s\nCOPY %s /bin/%s\nUSER 65532\nENTRYPOINT ["/bin/%s"]\n' "$base" "$b" "$b" "$b"
+		;;
+	kfp-persistence-agent)
+		cp "$kfp/persistence_agent" "$2/persistence_agent"
+		cat <<-EOF
+			FROM $base
+			COPY persistence_agent /bin/persistence_agent
+			ENV NAMESPACE="" TTL_SECONDS_AFTER_WORKFLOW_FINISH=86400 NUM_WORKERS=2 LOG_LEVEL=info EXECUTIONTYPE=Workflow
+			USER 1000
+			CMD ["/bin/sh", "-c", "persistence_agent --logtostderr=true --namespace=\${NAMESPACE} --ttlSecondsAfterWorkflowFinish=\${TTL_SECONDS_AFTER_WORKFLOW_FINISH} --numWorker \${NUM_WORKERS} --executionType \${EXECUTIONTYPE} --logLevel=\${LOG_LEVEL}"]
+		EOF
+		;;
+	kfp-scheduledworkflow)
+		cp "$kfp/scheduledworkflow" "$2/controller"
+		cat <<-EOF
+			FROM $base
+			COPY controller /bin/controller
+			ENV NAMESPACE="" LOG_LEVEL=info
+			USER 1000
+			CMD ["/bin/sh", "-c", "/bin/controller --logtostderr=true --namespace=\${NAMESPACE} --logLevel=\${LOG_LEVEL} --clientQPS=\${CLIENT_QPS:-5} --clientBurst=\${CLIENT_BURST:-10} --recurringRunResyncIntervalSeconds=\${RESYNC_INTERVAL_SECONDS:-30} --metricsPort=\${METRICS_PORT:-9090} --userIdentityHeader=\"\${USER_IDENTITY_HEADER:-}\" --userIdentityValue=\"\${USER_IDENTITY_VALUE:-}\""]
+		EOF
+		;;
+	mlmd)
+		cp "$here/mlmd/server.py" "$2/server.py"
+		# ml-metadata pins protobuf<5: a venv of its own. pip needs the machine's network and CA bundle.
+		cat <<-EOF
+			FROM $base
+			RUN python3 -m venv /opt/mlmd && /opt/mlmd/bin/pip install -q --no-cache-dir ml-metadata==$ML_METADATA_VERSION
+			COPY server.py /opt/mlmd/server.py
+			USER 1000
+			ENTRYPOINT ["/opt/mlmd/bin/python", "/opt/mlmd/server.py"]
+		EOF
+		;;
+	mariadb)
+		cp "$here/kfp/mariadb-entrypoint.sh" "$2/entrypoint"
+		printf 'FROM %s\nCOPY entrypoint /usr/local/bin/mariadb-entrypoint\nUSER 999:999\nENTRYPOINT ["/usr/local/bin/mariadb-entrypoint"]\nCMD ["/var/lib/mysql"]\n' \
+			"$(image_ref mariadb-rootfs)"
+		;;
+	*) return 1 ;;
+	esac
+}
+
+# Debian packages of a root file system image (mmdebstrap, minbase).
+packages_of() {
+	case $1 in
+	debian) echo "ca-certificates,netcat-openbsd,python3,python3-venv" ;;
+	mariadb-rootfs) echo "mariadb-server,netcat-openbsd" ;;
+	esac
+}
+
+save() { # NAME
+	local out
 	out=$(archive "$1")
-	ref=$(image_ref "$1")
-	[[ -f $out ]] && return 0
-	command -v podman >/dev/null || die "podman is missing: apt-get install podman (make cluster-build does)"
-	read -r bin inside user <<<"$(binary_of "$1")"
-	[[ -x $bin ]] || die "no $bin: run make cluster-build"
-	dir=$(mktemp -d)
-	cp "$bin" "$dir/binary"
-	printf 'FROM scratch\nCOPY binary %s\nWORKDIR /tmp\nUSER %s:%s\nENTRYPOINT ["%s"]\n' "$inside" "$user" "$user" "$inside" >"$dir/Containerfile"
-	podman build -q -t "$ref" -f "$dir/Containerfile" "$dir" >/dev/null
 	mkdir -p "$(dirname "$out")"
-	podman save -q --format docker-archive -o "$out.tmp" "$ref"
+	podman save -q --format docker-archive -o "$out.tmp" "$(image_ref "$1")"
 	mv "$out.tmp" "$out"
+	log "built $(image_ref "$1")"
+}
+
+rootfs() { # NAME
+	local dir
+	command -v mmdebstrap >/dev/null || die "mmdebstrap is missing: apt-get install mmdebstrap (make cluster-build does)"
+	dir=$(mktemp -d /var/tmp/imgpipe-cluster-rootfs.XXXXXX)
+	# shellcheck disable=SC2016 # the hook's $1 is mmdebstrap's (the root being built)
+	mmdebstrap --quiet --variant=minbase --include="$(packages_of "$1")" '--aptopt=APT::Install-Recommends "false"' \
+		--dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+		--dpkgopt='path-exclude=/usr/share/locale/*' --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
+		bookworm "$dir/rootfs.tar"
+	podman import -q "$dir/rootfs.tar" "$(image_ref "$1")" >/dev/null
 	rm -rf "$dir"
-	log "built $ref"
+}
+
+build() { # NAME
+	local ref dir bin inside user
+	ref=$(image_ref "$1")
+	if [[ -f $(archive "$1") ]]; then
+		# The archive is the cache; an image built on this one must also be in podman's store.
+		podman image exists "$ref" || podman load -q -i "$(archive "$1")" >/dev/null
+		return 0
+	fi
+	command -v podman >/dev/null || die "podman is missing: apt-get install podman (make cluster-build does)"
+	if [[ -n $(packages_of "$1") ]]; then
+		rootfs "$1"
+		save "$1"
+		return 0
+	fi
+	dir=$(mktemp -d /var/tmp/imgpipe-cluster-image.XXXXXX)
+	if on_debian "$1" "$dir" >"$dir/Containerfile"; then
+		if [[ $1 == mariadb ]]; then build mariadb-rootfs; else build debian; fi
+		podman build -q --network host -v /etc/ssl/certs:/etc/ssl/certs:ro -t "$ref" -f "$dir/Containerfile" "$dir" >/dev/null
+	else
+		read -r bin inside user <<<"$(binary_of "$1")"
+		[[ -x $bin ]] || die "no $bin: run make cluster-build"
+		cp "$bin" "$dir/binary"
+		printf 'FROM scratch\nCOPY binary %s\nWORKDIR /tmp\nUSER %s:%s\nENTRYPOINT ["%s"]\n' "$inside" "$user" "$user" "$inside" >"$dir/Containerfile"
+		podman build -q -t "$ref" -f "$dir/Containerfile" "$dir" >/dev/null
+	fi
+	rm -rf "$dir"
+	save "$1"
 }
 
 import() { # NAME
@@ -49,11 +162,20 @@ import() { # NAME
 		images import "$(archive "$1")" >/dev/null
 }
 
+# The images of the tiers whose binaries are built (tier 3's only where KFP is).
+wanted() {
+	echo "$CLUSTER_IMAGES"
+	[[ -x $(bin_dir kfp)/apiserver ]] && echo "$KFP_IMAGES"
+	return 0
+}
+
+names=("${@:2}")
+[[ ${#names[@]} -gt 0 ]] || read -r -a names <<<"$(wanted | tr '\n' ' ')"
 case ${1:-} in
-build) for i in $CLUSTER_IMAGES; do build "$i"; done ;;
-import) for i in $CLUSTER_IMAGES; do
+build) for i in "${names[@]}"; do build "$i"; done ;;
+import) for i in "${names[@]}"; do
 	build "$i"
 	import "$i"
 done ;;
-*) die "usage: cluster/images.sh build | import" ;;
+*) die "usage: cluster/images.sh build | import [NAME ...]" ;;
 esac

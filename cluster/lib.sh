@@ -15,6 +15,8 @@ group_key() { # GROUP
 	argo) echo "argo$ARGO_VERSION" ;;
 	kuberay) echo "kuberay$KUBERAY_VERSION" ;;
 	trainer) echo "trainer$TRAINER_VERSION-jobset$JOBSET_VERSION" ;;
+	kfp) echo "kfp$KFP_VERSION-${KFP_COMMIT:0:12}" ;;
+	store) echo "seaweedfs$SEAWEEDFS_VERSION" ;;
 	# Our own sandbox process: keyed by its source.
 	pause) echo "src$(cat "$here/pause/main.go" "$here/pause/go.mod" | sha256sum | cut -c1-12)" ;;
 	*) echo "unknown group: $1" >&2; return 1 ;;
@@ -22,6 +24,32 @@ group_key() { # GROUP
 }
 
 bin_dir() { echo "$CLUSTER_CACHE/bin/$1-$(group_key "$1")"; }
+
+# Kubeflow Pipelines' source at the pinned commit: a checkout in the cache, made by cluster/build.sh
+# from the clone at $KFP_SOURCE. The manifests are taken from it too (never from the repository).
+KFP_TREE=$CLUSTER_CACHE/src/kfp-$KFP_VERSION-${KFP_COMMIT:0:12}
+
+# Checks out KFP_COMMIT from $KFP_SOURCE into KFP_TREE; refuses a source whose tag names another commit.
+kfp_checkout() {
+	local src=${KFP_SOURCE:-} tagged
+	[[ -n $src ]] || die "KFP_SOURCE is not set: point it at a clone of the public kubeflow/pipelines repository (one that has tag $KFP_VERSION, commit $KFP_COMMIT)"
+	git -C "$src" rev-parse --git-dir >/dev/null 2>&1 || die "KFP_SOURCE=$src is not a git repository"
+	git -C "$src" cat-file -e "$KFP_COMMIT^{commit}" 2>/dev/null || die "KFP_SOURCE=$src has no commit $KFP_COMMIT (KFP $KFP_VERSION): fetch its tags"
+	tagged=$(git -C "$src" rev-parse -q --verify "refs/tags/$KFP_VERSION^{commit}" || true)
+	[[ -z $tagged || $tagged == "$KFP_COMMIT" ]] || die "KFP_SOURCE=$src has tag $KFP_VERSION at $tagged, not the pinned $KFP_COMMIT: refusing it"
+	if [[ ! -d $KFP_TREE/.git ]]; then
+		rm -rf "$KFP_TREE"
+		git clone -q --no-checkout "$src" "$KFP_TREE"
+	fi
+	git -C "$KFP_TREE" -c advice.detachedHead=false checkout -q --force --detach "$KFP_COMMIT"
+	git -C "$KFP_TREE" clean -qfdx
+}
+
+# The checked-out tree, or why there is none.
+kfp_tree() {
+	[[ $(git -C "$KFP_TREE" rev-parse HEAD 2>/dev/null) == "$KFP_COMMIT" ]] || die "no KFP $KFP_VERSION source in $KFP_TREE: make cluster-build KFP_SOURCE=<a clone of kubeflow/pipelines>"
+	echo "$KFP_TREE"
+}
 
 # Go's module and build caches inside the cluster's cache; -mod=mod: our go.mod files are made
 # in the cache and filled in as go resolves them.
@@ -61,14 +89,26 @@ CLUSTER_MASKED_SYSCTLS="kernel/panic kernel/panic_on_oops vm/overcommit_memory v
 CNI_BIN=/usr/lib/cni
 # Images the cluster needs, built here from the binaries above (cluster/images.sh): no registry.
 CLUSTER_IMAGES="pause coredns argoexec jobset trainer"
+# The node-address port of tier 3's object store (behind seaweedfs.kubeflow:9000).
+KFP_S3_PORT=19000
+# Tier 3's (cluster/kfp.sh): KFP's backend, its database and MLMD.
+KFP_IMAGES="debian kfp-api-server kfp-driver kfp-launcher kfp-persistence-agent kfp-scheduledworkflow mlmd mariadb"
+
+# NAME: a short hash of the files of ours an image is built from (its tag changes with them).
+src_key() { cat "$@" | sha256sum | cut -c1-12; }
 
 image_ref() { # NAME
 	case $1 in
 	pause) echo "localhost/imgpipe-cluster/pause:$(group_key pause)" ;;
 	coredns) echo "localhost/imgpipe-cluster/coredns:$COREDNS_VERSION" ;;
-	argoexec) echo "localhost/imgpipe-cluster/argoexec:$ARGO_VERSION" ;;
+	argoexec) echo "localhost/imgpipe-cluster/argoexec:$ARGO_VERSION-8737" ;;
 	jobset) echo "localhost/imgpipe-cluster/jobset:$JOBSET_VERSION" ;;
 	trainer) echo "localhost/imgpipe-cluster/trainer-controller-manager:$TRAINER_VERSION" ;;
+	debian) echo "localhost/imgpipe-cluster/debian:bookworm" ;;
+	mariadb-rootfs) echo "localhost/imgpipe-cluster/mariadb-rootfs:$MARIADB_VERSION" ;;
+	mariadb) echo "localhost/imgpipe-cluster/mariadb:$MARIADB_VERSION-$(src_key "$here/kfp/mariadb-entrypoint.sh")" ;;
+	mlmd) echo "localhost/imgpipe-cluster/mlmd-server:$ML_METADATA_VERSION-$(src_key "$here/mlmd/server.py")" ;;
+	kfp-*) echo "localhost/imgpipe-cluster/$1:$KFP_VERSION" ;;
 	*) echo "unknown image: $1" >&2; return 1 ;;
 	esac
 }

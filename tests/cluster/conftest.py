@@ -38,6 +38,8 @@ SETTINGS = (
     "KUBERAY_VERSION",
     "TRAINER_VERSION",
     "JOBSET_VERSION",
+    "KFP_VERSION",
+    "KFP_S3_PORT",
 )
 
 
@@ -199,25 +201,51 @@ def node_service(name: str, port: int, target_port: int, namespace: str = "kubef
     ]
 
 
-@contextlib.contextmanager
-def cleaned_data(tmp_path: Path, namespace: str, name: str, synth: Any) -> Iterator[tuple[str, Any]]:
-    """SeaweedFS on the node's address behind ``seaweedfs.kubeflow:8333`` (what the dev overlay names), its
-    keys in ``namespace``'s ``imgpipe-s3-credentials``, and a clean output of ``synth`` below the profile's
-    prefix: yields ``(root, clean report)``."""
-    from imgpipe import storage
-    from imgpipe.clean.config import CleanConfig
-    from imgpipe.data.synth import generate
-    from imgpipe.kfp.local_s3 import seaweedfs_server
-    from imgpipe.steps.clean import clean
-    from imgpipe.steps.download import DownloadConfig, download
+def kfp_store_keys() -> dict[str, str] | None:
+    """Tier 3's object store keys (cluster/kfp.sh), where it runs."""
+    env = Path(settings()["CLUSTER_STATE"]) / "kfp" / "s3.env"
+    if not env.is_file():
+        return None
+    return dict(line.split("=", 1) for line in env.read_text().split())
 
-    with seaweedfs_server(tmp_path / "store", host=settings()["CLUSTER_NODE_IP"]) as endpoint:
-        apply_docs(node_service("seaweedfs", 8333, int(endpoint.rsplit(":", 1)[1])))
+
+@contextlib.contextmanager
+def object_store(tmp_path: Path, namespace: str) -> Iterator[str]:
+    """The store behind ``seaweedfs.kubeflow``: tier 3's (cluster/kfp.sh) where it runs, else SeaweedFS on the
+    node's address started here; this process pointed at it, its keys in ``namespace``'s
+    ``imgpipe-s3-credentials``; the ``mlpipeline`` bucket made. Yields the endpoint."""
+    from imgpipe import storage
+    from imgpipe.kfp.local_s3 import S3Identity, pointed_at, seaweedfs_server
+
+    keys = kfp_store_keys()
+    with contextlib.ExitStack() as stack:
+        if keys is not None:
+            endpoint = f"http://{settings()['CLUSTER_NODE_IP']}:{settings()['KFP_S3_PORT']}"
+            stack.enter_context(pointed_at(endpoint, S3Identity("admin", keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"])))
+        else:
+            endpoint = stack.enter_context(seaweedfs_server(tmp_path / "store", host=settings()["CLUSTER_NODE_IP"]))
+            apply_docs(node_service("seaweedfs", 8333, int(endpoint.rsplit(":", 1)[1])))
         keys = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
         secret = {"name": "imgpipe-s3-credentials", "namespace": namespace}
         apply_docs([{"apiVersion": "v1", "kind": "Secret", "metadata": secret, "stringData": keys}])
-        storage.s3_client().create_bucket(Bucket="mlpipeline")
-        root = f"s3://mlpipeline/private/{namespace}/{name}"
+        client = storage.s3_client()
+        if "mlpipeline" not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket="mlpipeline")
+        yield endpoint
+
+
+@contextlib.contextmanager
+def cleaned_data(tmp_path: Path, namespace: str, name: str, synth: Any) -> Iterator[tuple[str, Any]]:
+    """A clean output of ``synth`` below the profile's prefix in the store behind ``seaweedfs.kubeflow``
+    (:func:`object_store`): yields ``(root, clean report)``."""
+    from imgpipe.clean.config import CleanConfig
+    from imgpipe.steps.clean import clean
+    from imgpipe.steps.download import DownloadConfig, download
+
+    with object_store(tmp_path, namespace):
+        root = f"s3://mlpipeline/private/{namespace}/{name}-{os.urandom(3).hex()}"
+        from imgpipe.data.synth import generate
+
         generate(f"{root}/synth", synth, progress=False)
         dl = download([f"{root}/synth/images.tar.gz"], f"{root}/download", DownloadConfig())
         yield root, clean(dl.dest, f"{root}/clean", CleanConfig(workers=1))

@@ -14,12 +14,14 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 
 import pytest
+import requests
 
 from tests import rbac
-from tests.cluster.conftest import apply_docs, kubectl, kubectl_json, node_service, server_allows, settings, step_image
-from tests.kfp import fake_kfp
+from tests.cluster.conftest import apply_docs, kubectl, kubectl_json, server_allows, step_image
+from tests.cluster.kfp_backend import api_server, enable_profile, token
 from tests.manifests import build
 from tests.test_manifests_security import ADMIN_SELECTOR, OWNER, OWNER_SELECTOR, _selected
 
@@ -77,27 +79,56 @@ def _wait_workflow(deadline_s: float) -> dict:
 
 
 def test_the_retraining_cronworkflow_fires_and_its_pod_submits_a_run(profiles, cpu_image, api_client):
+    host = api_server()  # tier 3: KFP's own API server behind ml-pipeline.kubeflow
     docs = _with_image(list(build("overlays/dev")), cpu_image)
     apply_docs([d for d in docs if _selected(ADMIN_SELECTOR, d)])
     apply_docs([d for d in docs if _selected(OWNER_SELECTOR, d)], f"--as={OWNER}")
+    enable_profile(NAMESPACE)
     kubectl("delete", "workflows", "-n", NAMESPACE, "-l", f"workflows.argoproj.io/cron-workflow={CRON}", "--wait=true")
-    auth = _ApiServerAuth(api_client)
-    node_ip = settings()["CLUSTER_NODE_IP"]
-    with fake_kfp.serve("2.16.0", host=node_ip, multi_user=True, authorizer=auth, authenticate=auth.authenticate) as (url, fake):
-        apply_docs(node_service("ml-pipeline", 8888, int(url.rsplit(":", 1)[1])))
-        # Fire it: every minute, not suspended (the dev overlay ships it suspended).
-        patch = {"spec": {"suspend": False, "schedules": ["* * * * *"], "startingDeadlineSeconds": 120}}
-        kubectl("patch", "cronworkflow", CRON, "-n", NAMESPACE, "--type", "merge", "-p", json.dumps(patch))
-        try:
-            workflow = _wait_workflow(420)
-        finally:
-            kubectl("patch", "cronworkflow", CRON, "-n", NAMESPACE, "--type", "merge", "-p", json.dumps({"spec": {"suspend": True}}))
-        name = workflow["metadata"]["name"]
-        pods = kubectl_json("get", "pods", "-n", NAMESPACE, "-l", f"workflows.argoproj.io/workflow={name}")["items"]
-        logs = "\n".join(kubectl("logs", p["metadata"]["name"], "-n", NAMESPACE, "-c", "main", check=False).stdout for p in pods)
-        assert workflow["status"]["phase"] == "Succeeded", f"{workflow['status'].get('message')}\n{logs[-3000:]}"
-        account = rbac.service_account(NAMESPACE, "imgpipe-retrain")
-        assert fake.runs and fake.runs[-1]["display_name"] == name, "the run is named for the workflow"
-        assert fake.reviews and all(r.namespace == NAMESPACE for r in fake.reviews)
-        users = {auth.authenticate(r.headers.get("authorization", "").removeprefix("Bearer ")) for r in fake.posted("/runs")}
-        assert users == {account}, users
+    owner = token("default-editor", NAMESPACE)
+    # Fire it: every minute, not suspended (the dev overlay ships it suspended); once is enough.
+    patch = {"spec": {"suspend": False, "schedules": ["* * * * *"], "startingDeadlineSeconds": 120}}
+    kubectl("patch", "cronworkflow", CRON, "-n", NAMESPACE, "--type", "merge", "-p", json.dumps(patch))
+    try:
+        name = _wait(420, "the CronWorkflow's first Workflow", lambda: _workflow_names())[0]
+    finally:
+        kubectl("patch", "cronworkflow", CRON, "-n", NAMESPACE, "--type", "merge", "-p", json.dumps({"spec": {"suspend": True}}))
+    # Its pod submits to KFP's own API server: the run is in KFP's database, named for the workflow.
+    run = _wait(300, f"a KFP run named {name}", lambda: _kfp_runs(host, owner, name))[0]
+    experiment = requests.get(f"{host}/apis/v2beta1/experiments/{run['experiment_id']}", headers=_bearer(owner), timeout=30).json()
+    assert experiment.get("namespace") == NAMESPACE, experiment
+    # The run is the pipeline's full size, more than this node has: end it, and the submitter,
+    # which waits for it (--wait), ends with the run's state as its one-line reason.
+    answer = requests.post(f"{host}/apis/v2beta1/runs/{run['run_id']}:terminate", headers=_bearer(owner), timeout=30)
+    assert answer.status_code == 200, answer.text
+    workflow = _wait_workflow(300)
+    pods = kubectl_json("get", "pods", "-n", NAMESPACE, "-l", f"workflows.argoproj.io/workflow={name}")["items"]
+    logs = "\n".join(kubectl("logs", p["metadata"]["name"], "-n", NAMESPACE, "-c", "main", check=False).stdout for p in pods)
+    assert workflow["status"]["phase"] == "Failed", f"{workflow['status']}\n{logs[-3000:]}"
+    last = [line for line in logs.splitlines() if line.strip()][-1]
+    assert run["run_id"] in last or "CANCEL" in last.upper() or "terminat" in last.lower(), logs[-2000:]
+
+
+def _workflow_names() -> list[str]:
+    items = kubectl_json("get", "workflows", "-n", NAMESPACE, "-l", f"workflows.argoproj.io/cron-workflow={CRON}")["items"]
+    return [w["metadata"]["name"] for w in items]
+
+
+def _wait(seconds: float, what: str, found: Callable[[], list]) -> list:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if got := found():
+            return got
+        time.sleep(2)
+    raise AssertionError(f"no {what} in {seconds} s")
+
+
+def _bearer(token_: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_}"}
+
+
+def _kfp_runs(host: str, bearer: str, display_name: str) -> list[dict]:
+    query = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS", "string_value": display_name}]})
+    answer = requests.get(f"{host}/apis/v2beta1/runs", headers=_bearer(bearer), params={"namespace": NAMESPACE, "filter": query}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json().get("runs", [])

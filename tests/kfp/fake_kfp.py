@@ -58,6 +58,7 @@ and :func:`serve` fails when its block ends with any.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import email
 import itertools
 import json
@@ -66,6 +67,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+import yaml
 
 from tests import rbac, serving
 from tests.kfp.contract import contract
@@ -120,9 +123,58 @@ def _matching(items: list[dict], query: dict[str, str], **equal: str) -> list[di
     return out
 
 
-def _invalid(message: str) -> tuple[int, Any]:
+def _given(query: dict[str, str], *keys: str) -> dict[str, str]:
+    """The query's ``keys`` that it has: the server leaves a field it was not given out of its answer."""
+    return {k: query[k] for k in keys if query.get(k) is not None}
+
+
+def _status(code: int, message: str, cause: str | None = None) -> dict[str, Any]:
+    """A ``google.rpc.Status`` answer as the API server's grpc-gateway writes it: the wrapped message, and the
+    cause's own Status as its one detail (checked against the real server: tests/cluster/test_kfp_fake.py)."""
+    detail = {"@type": "type.googleapis.com/google.rpc.Status", "code": code, "message": cause or message}
+    return {"code": code, "message": message, "details": [detail]}
+
+
+def _version(version_id: str, pipeline_id: str, query: dict[str, str], package: bytes) -> dict[str, Any]:
+    docs = [d for d in yaml.safe_load_all(package) if d]
+    spec = docs[0] if len(docs) == 1 else {"pipeline_spec": docs[0], "platform_spec": docs[1]}
+    return {
+        "pipeline_id": pipeline_id,
+        "pipeline_version_id": version_id,
+        "display_name": query["name"],
+        "name": query["name"],
+        "created_at": _now(),
+        "pipeline_spec": spec,
+        **_given(query, "description"),
+        "package": package,
+    }
+
+
+def _bad_inputs(fake: FakeKfp, body: dict) -> str | None:
+    """What the server's ExecutionSpec check says of a run's parameters against its version's root inputs."""
+    ref = body.get("pipeline_version_reference") or {}
+    version = next((v for v in fake.versions if v["pipeline_version_id"] == ref.get("pipeline_version_id")), None)
+    if version is None:
+        return None
+    spec = version["pipeline_spec"].get("pipeline_spec", version["pipeline_spec"])
+    declared = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    given = (body.get("runtime_config") or {}).get("parameters") or {}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        return f"Invalid input error: parameter(s) provided are not required by pipeline: {', '.join(unknown)}"
+    for name, d in declared.items():
+        if name not in given and "defaultValue" not in d and not d.get("isOptional"):
+            return f"Invalid input error: parameter {name} is not optional, yet has neither default value nor user provided value"
+    return None
+
+
+def _invalid(message: str, cause: str | None = None) -> tuple[int, Any]:
     """InvalidArgument, as grpc-gateway v2 maps it."""
-    return 400, {"code": 3, "message": message, "details": []}
+    return 400, _status(3, message, cause)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _denied(context: str, user: str, request: rbac.Request) -> str:
@@ -172,6 +224,8 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                 status, payload = route(method, parts, query, body, fake.authenticate(token) if token else None)
             except _Refused as refused:
                 status, payload = refused.status, refused.payload
+            except Exception as exc:  # a call the fake does not model: an answer, not a dropped connection
+                status, payload = 500, _status(13, f"the fake cannot answer this: {type(exc).__name__}: {exc}")
             fake.violations += contract(fake.version).check(method, url.path, query, body, status, payload)
             self._send(status, payload)
 
@@ -194,10 +248,10 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
             raise _Refused(400, {"error_message": upload, "error_details": upload})  # any failure of the upload handler
         if user is None:
             message = "Failed to check authorization. User identity is empty in the request header"
-            raise _Refused(401, {"code": 16, "message": message, "details": []})
+            raise _Refused(401, _status(16, message))
         if fake.authorizer.allows(user, request):
             return
-        raise _Refused(403, {"code": 7, "message": _denied(context, user, request), "details": []})
+        raise _Refused(403, _status(7, _denied(context, user, request)))
 
     def pipeline_namespace(pipeline_id: str) -> str:
         return next((p["namespace"] for p in fake.pipelines if p["pipeline_id"] == pipeline_id), "")
@@ -226,31 +280,24 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                     # pipeline_upload_server.go: http.Error(w, err.Error(), 400) of validation.ValidateNamespaceRequired
                     return 400, "Invalid input error: Namespace is required for pipeline operations"
                 check(user, "create", "pipelines", namespace, context="", upload="Failed to create a pipeline")
+                if any(p.get("name", p["display_name"]) == q["name"] and p["namespace"] == namespace for p in fake.pipelines):
+                    # pipeline_upload_server.go: the store's AlreadyExists, through its plain handler
+                    message = "Failed to create a pipeline and a pipeline version"
+                    return 409, {"error_message": message, "error_details": message}
                 pipeline = {
                     "pipeline_id": fake.new_id("p"),
                     "display_name": q["name"],
-                    "description": q.get("description"),
+                    "name": q["name"],
+                    "created_at": _now(),
                     "namespace": namespace,
+                    **_given(q, "description"),
                 }
                 fake.pipelines.append(pipeline)
-                fake.versions.append(
-                    {
-                        "pipeline_id": pipeline["pipeline_id"],
-                        "pipeline_version_id": fake.new_id("v"),
-                        "display_name": q["name"],
-                        "package": body["uploadfile"],
-                    }
-                )
+                fake.versions.append(_version(fake.new_id("v"), pipeline["pipeline_id"], q, body["uploadfile"]))
                 return 200, pipeline
             case "POST", ["pipelines", "upload_version"]:
                 check(user, "create", "pipelines", pipeline_namespace(q["pipelineid"]), context="", upload="Failed to create a pipeline version")
-                version = {
-                    "pipeline_id": q["pipelineid"],
-                    "pipeline_version_id": fake.new_id("v"),
-                    "display_name": q["name"],
-                    "description": q.get("description"),
-                    "package": body["uploadfile"],
-                }
+                version = _version(fake.new_id("v"), q["pipelineid"], q, body["uploadfile"])
                 fake.versions.append(version)
                 return 200, {k: v for k, v in version.items() if k != "package"}
             case "GET", ["pipelines", pid, "versions"]:
@@ -267,7 +314,8 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                 return 200, {"pipeline_versions": found[: int(q.get("page_size") or 10)], "total_size": len(found)}
             case "GET", ["experiments"]:
                 check(user, "list", "experiments", q.get("namespace", ""), context="Failed to authorize with API")
-                return 200, {"experiments": _matching(fake.experiments, q, namespace=q.get("namespace"))}
+                found = _matching(fake.experiments, q, namespace=q.get("namespace"))
+                return 200, {"experiments": found, "total_size": len(found)}
             case "POST", ["experiments"]:
                 if fake.multi_user and not body.get("namespace"):
                     return _invalid("Failed to authorize the request: An experiment cannot have an empty namespace in multi-user mode")
@@ -279,7 +327,17 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                     body.get("display_name", ""),
                     context="Failed to authorize the request: Failed to authorize with API",
                 )
-                experiment = {**body, "experiment_id": fake.new_id("e")}
+                name, namespace = body.get("display_name", ""), body.get("namespace", "")
+                if any(e["display_name"] == name and e.get("namespace") == namespace for e in fake.experiments):
+                    cause = f"Failed to create a new experiment. The name {name} already exists. Please specify a new name"
+                    return 409, _status(6, f"Failed to create a experiment: Already exist error: {cause}", cause)
+                experiment = {
+                    **body,
+                    "experiment_id": fake.new_id("e"),
+                    "created_at": _now(),
+                    "storage_state": "AVAILABLE",
+                    "last_run_created_at": "1970-01-01T00:00:00Z",
+                }
                 fake.experiments.append(experiment)
                 return 200, experiment
             case "GET", ["runs"]:
@@ -303,11 +361,17 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                     namespace,
                     context=f"Failed to create a run due to authorization error. Check if you have write permissions to namespace {namespace}",
                 )
+                if problem := _bad_inputs(fake, body):
+                    wrapped = f"Failed to create a new run: Failed to generate the ExecutionSpec: invalid pipeline job inputs: {problem}"
+                    return _invalid(wrapped, problem.removeprefix("Invalid input error: "))
                 run = {**body, "run_id": fake.new_id("r"), "state": "PENDING"}  # v2beta1Run has no namespace: its experiment's
                 fake.runs.append(run)
                 return 200, run
             case "GET", ["runs", run_id]:
-                run = next(r for r in fake.runs if r["run_id"] == run_id)
+                run = next((r for r in fake.runs if r["run_id"] == run_id), None)
+                if run is None:
+                    cause = f"Run {run_id} not found"
+                    return 404, _status(5, f"Failed to get a run: Failed to authorize the request: ResourceNotFoundError: {cause}", cause)
                 namespace = _namespace_of(run)
                 check(
                     user,
@@ -325,6 +389,13 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                 if fake.multi_user and not body.get("experiment_id"):
                     return _invalid("Experiment id can not be empty in multi-user mode")
                 check(user, "create", "jobs", _namespace_of(body), context="Failed to authorize with API")
+                cron = (body.get("trigger") or {}).get("cron_schedule", {}).get("cron")
+                if cron is not None and not 5 <= len(cron.split()) <= 6:  # robfig/cron, as the server parses it
+                    cause = (
+                        "Schedule cron is not a supported format(https://godoc.org/github.com/robfig/cron). "
+                        f"Error: Expected 5 to 6 fields, found {len(cron.split())}: {cron}"
+                    )
+                    return _invalid(f"Failed to create a recurring run due to conversion error: Invalid input error: {cause}", cause)
                 rr = contract(fake.version).as_served(
                     "v2beta1RecurringRun", {**body, "recurring_run_id": fake.new_id("rr"), "namespace": _namespace_of(body)}
                 )
@@ -335,7 +406,7 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
                 check(user, "delete", "jobs", namespace, rr_id, context="Failed to authorize with API")
                 fake.recurring[:] = [r for r in fake.recurring if r["recurring_run_id"] != rr_id]
                 return 200, {}
-        return 404, {"code": 5, "message": "Not Found", "details": []}  # grpc-gateway's unmatched route
+        return 404, _status(5, "Not Found")  # grpc-gateway's unmatched route
 
     def _namespace_of(body: dict) -> str:
         experiment = next((e for e in fake.experiments if e["experiment_id"] == body.get("experiment_id")), {})

@@ -1,0 +1,161 @@
+"""Tier 3: imgpipe through Kubeflow Pipelines' own backend, built from its source (cluster/kfp.sh).
+
+The API server, driver, launcher, persistence agent, ScheduledWorkflow controller, MLMD and the
+database are upstream's code at KFP 2.17.0 (the SDK's pin), installed by KFP's own multi-user
+kustomization; the profile namespace gets what KFP's profile controller's own sync code attaches
+(tests/cluster/kfp_backend.py). Every call goes as a user's would: ``imgpipe submit`` and
+``imgpipe schedule`` with a token the API server issued to an account of the profile, which KFP
+checks with its own TokenReview and SubjectAccessReview.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from imgpipe.data.synth import SynthConfig
+from imgpipe.remote import rayjob_spec
+from tests.cluster.conftest import ROOT, apply_docs, kubectl, kubectl_json, object_store, step_image
+from tests.cluster.kfp_backend import api_server, enable_profile, token
+from tests.cluster.test_kuberay import _small
+from tests.cluster.test_remote_objects import NAMESPACE, dev_overlay  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.cluster
+V2 = "/apis/v2beta1"
+# A 2-core node: every task small enough that the run's pods, KubeRay's and Trainer's fit beside the backend.
+SMALL_TASK = ("100m", "1", "512Mi", "3Gi")
+RUN_TIMEOUT_S = 1500
+
+
+@pytest.fixture(scope="module")
+def kfp(dev_overlay):  # noqa: F811
+    host = api_server()
+    enable_profile(NAMESPACE)
+    return host
+
+
+def _imgpipe(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "imgpipe"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def _small_package(path: Path, *, caching: bool = False) -> Path:
+    """The pipeline compiled for this 2-core node: small requests, train on CPU, images as built here."""
+    from imgpipe.pipelines import PipelineOptions, compile_pipeline
+    from imgpipe.pipelines.options import Resources
+
+    options = PipelineOptions(caching=caching, gpu=None)
+    small = {step: Resources(*SMALL_TASK) for step in options.resources}
+    return compile_pipeline(path, dataclasses.replace(options, resources=small))
+
+
+def _rayjob_templates(image: str) -> None:
+    """The operator's RayJob template for this node (ConfigMap imgpipe-rayjob-templates, which the pipeline mounts)."""
+    template = _small(rayjob_spec.load_template(rayjob_spec.template_path("resize")), image)
+    cm = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": rayjob_spec.TEMPLATES_CONFIG_MAP, "namespace": NAMESPACE},
+        "data": {"rayjob-resize.yaml": yaml.safe_dump(template)},
+    }
+    apply_docs([cm])
+
+
+def _get(host: str, path: str, bearer: str | None = None, **params: str) -> requests.Response:
+    headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+    return requests.get(f"{host}{V2}{path}", headers=headers, params=params, timeout=30)
+
+
+def test_the_api_server_is_kfps_own_and_refuses_as_multi_user_kfp_does(kfp):
+    health = _get(kfp, "/healthz")
+    assert health.status_code == 200, health.text
+    assert health.json().get("multi_user") is True, health.json()
+    # No identity: KFP's own refusal.
+    anonymous = _get(kfp, "/experiments", namespace=NAMESPACE)
+    assert anonymous.status_code in (401, 403), anonymous.text
+    # An account of another namespace: KFP's SubjectAccessReview says no.
+    kubectl("create", "serviceaccount", "outsider", "-n", "default", check=False)
+    outsider = token("outsider", "default")
+    denied = _get(kfp, "/experiments", bearer=outsider, namespace=NAMESPACE)
+    assert denied.status_code == 403, denied.text
+    # The profile's editor may.
+    allowed = _get(kfp, "/experiments", bearer=token("default-editor", NAMESPACE), namespace=NAMESPACE)
+    assert allowed.status_code == 200, allowed.text
+
+
+def test_an_account_outside_the_profile_gets_imgpipes_one_line_refusal(kfp, tmp_path):
+    package = _small_package(tmp_path / "imgpipe.yaml")
+    env = {"KF_PIPELINES_TOKEN": token("outsider", "default")}
+    proc = _imgpipe("submit", "--host", kfp, "--namespace", NAMESPACE, "--package", str(package), "--param", "data_root=s3://mlpipeline/x", env=env)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "403" in last or "denied" in last.lower() or "forbidden" in last.lower(), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def step_images() -> dict[str, str]:
+    return {kind: step_image(kind) for kind in ("cpu", "ray", "gpu")}
+
+
+def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tmp_path):
+    from imgpipe.data.synth import generate
+
+    _rayjob_templates(step_images["ray"])
+    package = _small_package(tmp_path / "imgpipe.yaml")
+    with object_store(tmp_path, NAMESPACE):
+        root = f"s3://mlpipeline/private/{NAMESPACE}/kfp-{uuid.uuid4().hex[:8]}"
+        generate(f"{root}/synth", SynthConfig(classes=3, per_class=24, seed=0, min_side=64, max_side=160), progress=False)
+        env = {"KF_PIPELINES_TOKEN": token("default-editor", NAMESPACE)}
+        params = {
+            "data_root": root,
+            "source_uri": f"{root}/synth/images.tar.gz",
+            "annotations_uri": "",
+            "epochs": "1",
+            "image_size": "64",
+            "model": "resnet18",
+            "train_nodes": "2",
+        }
+        args = [f"--param={k}={v}" for k, v in params.items()]
+        started = time.monotonic()
+        proc = _imgpipe(
+            "submit",
+            "--host",
+            kfp,
+            "--namespace",
+            NAMESPACE,
+            "--package",
+            str(package),
+            *args,
+            "--wait",
+            "--timeout",
+            str(RUN_TIMEOUT_S),
+            env=env,
+            timeout=RUN_TIMEOUT_S + 60,
+        )
+        took = time.monotonic() - started
+        pods = kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False).stdout
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{pods}"
+        print(f"run succeeded in {took:.0f} s\n{proc.stdout[-1500:]}")
+        # The RayJob and the TrainJob ran from inside the run.
+        rayjobs = kubectl_json("get", "rayjobs", "-n", NAMESPACE)["items"]
+        assert any(r.get("status", {}).get("jobStatus") == "SUCCEEDED" for r in rayjobs), json.dumps(rayjobs)[:2000]
+        trainjobs = kubectl_json("get", "trainjobs", "-n", NAMESPACE)["items"]
+        assert trainjobs, "no TrainJob was created"

