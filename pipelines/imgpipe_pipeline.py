@@ -49,7 +49,7 @@ import functools
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from imgpipe.components.clean import clean
 from imgpipe.components.download import download
@@ -151,14 +151,16 @@ def parameter_default(name: str) -> Any:
     """The default of typed run parameter ``name``: its config field's, as a kfp parameter value.
 
     An unset field (``None``: the recipe's value, or none) is ``""`` for a text parameter and
-    ``None`` (an optional parameter left empty) for a number.
+    ``0`` for a number. Never ``None``: KFP's driver refuses a null parameter where a sub-DAG
+    (a ``dsl.If`` branch) takes it ("the resolved input parameter is null"), and a run started
+    from the UI leaves every optional parameter unset.
     """
     value = field_default(*PARAMETER_FIELDS[name])
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     if value is None:
         cls, field_name = PARAMETER_FIELDS[name]
-        return "" if _is_text(typing.get_type_hints(cls)[field_name]) else None
+        return "" if _is_text(typing.get_type_hints(cls)[field_name]) else 0
     return value
 
 
@@ -330,13 +332,13 @@ def pipeline_function(options: PipelineOptions | None = None) -> Callable[..., O
         model: str = parameter_default("model"),
         recipe: str = parameter_default("recipe"),
         domain: str = parameter_default("domain"),
-        epochs: Optional[int] = parameter_default("epochs"),  # unset: the recipe's
+        epochs: int = parameter_default("epochs"),  # 0: the recipe's
         batch_size: int = parameter_default("batch_size"),
         aug_policy: str = parameter_default("aug_policy"),
         pretrained: str = parameter_default("pretrained"),
         train_nodes: int = parameter_default("train_nodes"),
         promotion_tolerance: float = parameter_default("promotion_tolerance"),
-        step_config: Optional[dict] = None,  # kfp reads typing.Optional, not `dict | None`
+        step_config: dict = {},  # noqa: B006 - kfp's default value, never mutated; not None: see parameter_default
     ) -> Outputs:
         resized = data_steps(
             options,

@@ -292,13 +292,15 @@ def test_typed_parameters_default_to_their_config_field_and_say_so(compiled):
     params = compiled[0]["root"]["inputDefinitions"]["parameters"]
     for name, (cls, field) in PARAMETER_FIELDS.items():
         value = field_default(cls, field)
-        if value is None and parameter_default(name) is None:  # an unset number: optional, left empty
-            assert params[name]["isOptional"] and "defaultValue" not in params[name], name
-        else:
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else ("" if value is None else value)
-            assert params[name]["defaultValue"] == shown == parameter_default(name), name
+        # Every parameter has a value: KFP's driver refuses a null one where a dsl.If branch takes it
+        # (tests/cluster/test_kfp.py ran into it). An unset field is "" for text and 0 for a number.
+        assert "defaultValue" in params[name], name
+        unset = "" if params[name]["parameterType"] == "STRING" else 0
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else (unset if value is None else value)
+        assert params[name]["defaultValue"] == shown == parameter_default(name), name
         assert f"{cls.__name__}.{field}" in params[name]["description"], name
     assert all(spec.get("description") for spec in params.values()), "every run parameter is described in the UI"
+    assert params["step_config"]["defaultValue"] == {}, "no parameter is null at run time"
 
 
 def test_the_parameters_table_shows_the_compiled_defaults(compiled):

@@ -106,12 +106,13 @@ def train_overrides(
     """TrainConfig fields from the train component's typed inputs (as the sweep's plan takes them too).
 
     ``model_name`` is ``model`` (the component's ``model`` is its Model output); an empty
-    ``pretrained`` (the pipeline parameter's default) means none; ``resume`` is on: a run's
+    ``pretrained`` (the pipeline parameter's default) means none, and so does ``epochs`` 0
+    (the recipe's); ``resume`` is on: a run's
     prefix is its own, so a first attempt starts fresh and a retry continues.
     """
     return {
         "model": model_name,
-        "epochs": epochs,
+        "epochs": epochs or None,
         "batch_size": batch_size,
         "aug_policy": aug_policy or None,
         "pretrained": pretrained or None,
