@@ -72,7 +72,10 @@ dir=$CLUSTER_STATE/install/kfp
 mkdir -p "$dir"
 # One file a patch (kustomize 5.5 crashes on a `$patch: delete` inside a file of several).
 rm -f "$dir"/patch-*.yaml
-sed -e "s|KFP_DRIVER_IMAGE|$(image_ref kfp-driver)|" -e "s|KFP_LAUNCHER_IMAGE|$(image_ref kfp-launcher)|" "$here/kfp/patches.yaml" |
+# The database's files: uid 999 is the mysql Deployment's runAsUser.
+install -d -o 999 -g 999 -m 700 "$state/mariadb"
+sed -e "s|KFP_DRIVER_IMAGE|$(image_ref kfp-driver)|" -e "s|KFP_LAUNCHER_IMAGE|$(image_ref kfp-launcher)|" \
+	-e "s|KFP_DATABASE_DIR|$state/mariadb|" "$here/kfp/patches.yaml" |
 	csplit -s -z -f "$dir/patch-" -b '%02d.yaml' - '/^---$/' '{*}'
 src=$(realpath --relative-to="$dir" "$tree/manifests/kustomize")
 ref() { image_ref "$1" | cut -d: -f1; }

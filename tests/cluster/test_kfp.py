@@ -159,3 +159,35 @@ def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tm
         assert any(r.get("status", {}).get("jobStatus") == "SUCCEEDED" for r in rayjobs), json.dumps(rayjobs)[:2000]
         trainjobs = kubectl_json("get", "trainjobs", "-n", NAMESPACE)["items"]
         assert trainjobs, "no TrainJob was created"
+
+
+def test_imgpipe_schedule_makes_a_recurring_run_the_scheduledworkflow_controller_fires(kfp, tmp_path):
+    """KFP's own ScheduledWorkflow controller starts the run; the run itself is not this test's (it is
+    ended once it exists): a source that does not exist, so it could not hold the node for long."""
+    package = _small_package(tmp_path / "imgpipe.yaml")
+    owner = token("default-editor", NAMESPACE)
+    name = f"sched-{uuid.uuid4().hex[:6]}"
+    params = [f"--param=data_root=s3://mlpipeline/private/{NAMESPACE}/{name}", "--param=source_uri=s3://mlpipeline/none.tar.gz"]
+    env = {"KF_PIPELINES_TOKEN": owner}
+    where = ["--host", kfp, "--namespace", NAMESPACE, "--package", str(package)]
+    made = _imgpipe("schedule", *where, "--cron", "0 * * * * *", "--name", name, *params, env=env)
+    assert made.returncode == 0, made.stderr[-2000:]
+    listed = _get(kfp, "/recurringruns", bearer=owner, namespace=NAMESPACE).json().get("recurringRuns", [])
+    recurring = [r for r in listed if r["display_name"] == name]
+    assert len(recurring) == 1, recurring
+    rr = recurring[0]
+    try:
+        assert rr["status"] == "ENABLED" and rr["trigger"]["cron_schedule"]["cron"] == "0 * * * * *", rr
+        deadline = time.monotonic() + 150
+        runs: list[dict] = []
+        while time.monotonic() < deadline and not runs:
+            answer = _get(kfp, "/runs", bearer=owner, namespace=NAMESPACE, experiment_id=rr["experiment_id"])
+            runs = [r for r in answer.json().get("runs", []) if r.get("recurring_run_id") == rr["recurring_run_id"]]
+            time.sleep(3)
+        assert runs, f"the ScheduledWorkflow controller started no run of {name} in 150 s"
+        swf = kubectl_json("get", "scheduledworkflows", "-n", NAMESPACE)["items"]
+        assert any(s["metadata"]["name"].startswith(name) or s["spec"].get("pipelineName") for s in swf), swf
+    finally:
+        requests.delete(f"{kfp}{V2}/recurringruns/{rr['recurring_run_id']}", headers={"Authorization": f"Bearer {owner}"}, timeout=30)
+        for run in runs:
+            requests.post(f"{kfp}{V2}/runs/{run['run_id']}:terminate", headers={"Authorization": f"Bearer {owner}"}, timeout=30)
