@@ -75,7 +75,6 @@ from imgpipe.clean.config import CleanConfig
 from imgpipe.config_flags import field_default, field_docs, plain_text
 from imgpipe.kfp.artifacts import PIPELINE_NAME
 from imgpipe.kfp.shards import shard_items
-from imgpipe.remote import rayjob_spec
 from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
 from imgpipe.steps.promote import PromoteConfig
@@ -119,8 +118,6 @@ PARAMETER_FIELDS: dict[str, tuple[type, str]] = {
 # On Kubeflow the resize work goes to a KubeRay RayJob; the step's own default (a local
 # Ray, ResizeConfig.ray_address "") is the CLI's. "" runs the work inside the resize pod.
 DEFAULT_RAY_ADDRESS = "kuberay"
-# Where the resize poller finds the operator's RayJob templates (ConfigMap imgpipe-rayjob-templates).
-RAYJOB_TEMPLATE_MOUNT = "/etc/imgpipe/rayjob-templates"
 # The pipeline always trains, so its train split is stored whole by default: training crops
 # then sample the whole picture (as FFCV and timm do), and train centre-crops val/test as
 # short-side-crop stored them. The step's own default (ResizeConfig.train_mode None: train
@@ -258,9 +255,6 @@ def data_steps(
         # ray_address "kuberay": the RayJob's cluster runs the resize image too.
         remote.set_env_variable("IMGPIPE_RAY_IMAGE", images.ray)
         kubernetes.use_secret_as_env(remote, RAY_TOKEN_SECRET, RAY_TOKEN_KEYS, optional=True)
-        # The operator's RayJob templates (sizes for their cluster), where the ConfigMap exists.
-        kubernetes.use_config_map_as_volume(remote, rayjob_spec.TEMPLATES_CONFIG_MAP, RAYJOB_TEMPLATE_MOUNT, optional=True)
-        remote.set_env_variable(rayjob_spec.TEMPLATE_DIR_ENV, RAYJOB_TEMPLATE_MOUNT)
     return dsl.OneOf(in_pod.outputs["Output"], remote.outputs["Output"])
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from imgpipe.data.synth import SynthConfig
 from imgpipe.remote import rayjob_spec
@@ -66,16 +65,13 @@ def _small_package(path: Path, *, caching: bool = False) -> Path:
     return compile_pipeline(path, dataclasses.replace(options, resources=small))
 
 
-def _rayjob_templates(image: str) -> None:
-    """The operator's RayJob template for this node (ConfigMap imgpipe-rayjob-templates, which the pipeline mounts)."""
+def _rayjob_template(image: str) -> None:
+    """The namespace's RayJob template (the overlay's suspended ``imgpipe-resize``, which the resize task reads
+    before its packaged copy) sized for this 2-core node, as an operator of a small cluster would."""
     template = _small(rayjob_spec.load_template(rayjob_spec.template_path("resize")), image)
-    cm = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": rayjob_spec.TEMPLATES_CONFIG_MAP, "namespace": NAMESPACE},
-        "data": {"rayjob-resize.yaml": yaml.safe_dump(template)},
-    }
-    apply_docs([cm])
+    template["metadata"] = {"name": "imgpipe-resize", "namespace": NAMESPACE, "labels": template.get("metadata", {}).get("labels", {})}
+    template["spec"]["suspend"] = True
+    apply_docs([template])
 
 
 def _get(host: str, path: str, bearer: str | None = None, **params: str) -> requests.Response:
@@ -118,7 +114,7 @@ def step_images() -> dict[str, str]:
 def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tmp_path):
     from imgpipe.data.synth import generate
 
-    _rayjob_templates(step_images["ray"])
+    _rayjob_template(step_images["ray"])
     package = _small_package(tmp_path / "imgpipe.yaml")
     with object_store(tmp_path, NAMESPACE):
         root = f"s3://mlpipeline/private/{NAMESPACE}/kfp-{uuid.uuid4().hex[:8]}"

@@ -196,18 +196,3 @@ def test_the_packaged_template_is_the_one_in_k8s_ray_and_needs_no_env(monkeypatc
     custom = tmp_path / "custom.yaml"
     monkeypatch.setenv(rayjob_spec.TEMPLATE_ENV, str(custom))
     assert rayjob_spec.template_path("resize") == custom, "the environment variable still overrides it"
-
-
-def test_the_operators_template_folder_wins_where_it_has_the_steps_file(monkeypatch, tmp_path):
-    # The pipeline mounts the optional ConfigMap imgpipe-rayjob-templates there: absent, or without
-    # this step's file, the packaged template is used.
-    monkeypatch.delenv(rayjob_spec.TEMPLATE_ENV, raising=False)
-    monkeypatch.setenv(rayjob_spec.TEMPLATE_DIR_ENV, str(tmp_path / "not-mounted"))
-    packaged = rayjob_spec.template_path("resize")
-    assert packaged.name == "rayjob-resize.yaml" and packaged.parent.name == "manifests"
-    monkeypatch.setenv(rayjob_spec.TEMPLATE_DIR_ENV, str(tmp_path))
-    assert rayjob_spec.template_path("resize") == packaged, "a folder without the step's file"
-    (tmp_path / "rayjob-resize.yaml").write_bytes(packaged.read_bytes())
-    assert rayjob_spec.template_path("resize") == tmp_path / "rayjob-resize.yaml"
-    monkeypatch.setenv(rayjob_spec.TEMPLATE_ENV, str(tmp_path / "one.yaml"))
-    assert rayjob_spec.template_path("resize") == tmp_path / "one.yaml", "the one-file variable comes first"

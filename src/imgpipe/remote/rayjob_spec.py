@@ -44,10 +44,6 @@ IMAGE_PLACEHOLDER = "imgpipe-ray"
 IMAGE_ENV = "IMGPIPE_RAY_IMAGE"
 MAX_WORKERS_ENV = "IMGPIPE_KUBERAY_MAX_WORKERS"
 TEMPLATE_ENV = "IMGPIPE_RAYJOB_TEMPLATE"
-# A folder of the operator's templates (rayjob-<step>.yaml), where the pipeline mounts the optional
-# ConfigMap TEMPLATES_CONFIG_MAP: a step's file there wins over the packaged one.
-TEMPLATE_DIR_ENV = "IMGPIPE_RAYJOB_TEMPLATE_DIR"
-TEMPLATES_CONFIG_MAP = "imgpipe-rayjob-templates"
 _MANAGED = {"app.kubernetes.io/managed-by": "imgpipe"}
 # Beyond the RayJob's own deadlines: the operator's reconcile period and the submitter's
 # grace periods (JobDeploymentStatusTransitionGracePeriod, 300 s in v1.6.0) before it
@@ -106,9 +102,7 @@ def wait_deadline_s(rayjob: Mapping[str, Any]) -> float:
 
 
 def template_path(step: str) -> Path:
-    """The RayJob template of ``step``: ``$IMGPIPE_RAYJOB_TEMPLATE``, else ``rayjob-<step>.yaml`` in
-    ``$IMGPIPE_RAYJOB_TEMPLATE_DIR`` (the operator's ConfigMap, mounted by the pipeline) if it is
-    there, else the packaged one.
+    """The RayJob template of ``step``: ``$IMGPIPE_RAYJOB_TEMPLATE``, else the packaged one.
 
     The packaged template is ``imgpipe/manifests/rayjob-<step>.yaml``, the same file as
     ``k8s/ray/rayjob-<step>.yaml``; an installed imgpipe (a wheel, the images) has it
@@ -117,9 +111,6 @@ def template_path(step: str) -> Path:
     env = os.environ.get(TEMPLATE_ENV)
     if env:
         return Path(env)
-    folder = os.environ.get(TEMPLATE_DIR_ENV)
-    if folder and (Path(folder) / f"rayjob-{step}.yaml").is_file():
-        return Path(folder) / f"rayjob-{step}.yaml"
     # imgpipe is a regular package on the file system, so the resource is a real path.
     return Path(str(resources.files("imgpipe") / _MANIFESTS / f"rayjob-{step}.yaml"))
 
