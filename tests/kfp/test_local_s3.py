@@ -96,7 +96,7 @@ def test_an_iam_api_that_read_the_identities_before_the_admin_is_started_again(t
     configure = local_s3._configure_admin
     calls = []
 
-    def late(weed, host, ports, identity, proc, log):
+    def late(weed, host, ports, identity, proc, log, private):
         if not calls:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -104,7 +104,7 @@ def test_an_iam_api_that_read_the_identities_before_the_admin_is_started_again(t
                     break
                 time.sleep(0.1)
         calls.append(ports["iam.port"])
-        configure(weed, host, ports, identity, proc, log)
+        configure(weed, host, ports, identity, proc, log, private)
 
     monkeypatch.setattr(local_s3, "_configure_admin", late)
     with seaweedfs_server(tmp_path / "store") as endpoint:
@@ -160,7 +160,7 @@ def test_a_start_that_fails_for_another_reason_is_not_tried_again(tmp_path, monk
         starts.append(1)
         return real(*args)
 
-    def refuse(weed, host, ports, identity, proc, log):
+    def refuse(weed, host, ports, identity, proc, log, private):
         raise local_s3._start_failure("took no admin identity: refused by the test", log)
 
     monkeypatch.setattr(local_s3, "_started", counted)
@@ -269,7 +269,9 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "store")], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout.readline(), "the server came up"
-        weeds = [int(p) for p in subprocess.run(["pgrep", "-P", str(parent.pid), "-f", "weed server"], capture_output=True, text=True).stdout.split()]
+        weeds = [
+            int(p) for p in subprocess.run(["pgrep", "-P", str(parent.pid), "-f", "weed .*server"], capture_output=True, text=True).stdout.split()
+        ]
         assert len(weeds) == 1
         args = Path(f"/proc/{weeds[0]}/cmdline").read_text().split("\0")
     finally:
@@ -304,7 +306,7 @@ def test_a_weed_shell_that_hangs_is_run_again(tmp_path, monkeypatch):
     server = subprocess.Popen(["sleep", "60"])  # stands for the running server (the loop stops if it dies)
     try:
         ports = {"master.port": 1, "master.port.grpc": 2}
-        local_s3._configure_admin(str(weed), "127.0.0.1", ports, S3Identity("admin", "AK-given", "SK"), server, tmp_path / "log")
+        local_s3._configure_admin(str(weed), "127.0.0.1", ports, S3Identity("admin", "AK-given", "SK"), server, tmp_path / "log", tmp_path)
     finally:
         server.kill()
         server.wait()

@@ -7,7 +7,8 @@ with local_s3_server(Path(".data/seaweedfs")) as bucket:  # "s3://imgpipe-local"
 outlives the server, so a second run finds the first run's outputs. Its admin identity is the
 one kubeflow/manifests configures (``kubeflow-admin``, set with ``weed shell s3.configure``),
 with keys made once per data directory; profiles' keys come from its IAM API, as KFP makes
-them. docs/internals.md, "The local object store", says how it is started.
+them. Every other port asks for this start's certificate (local_s3_security), and the data
+directory is its user's alone. docs/internals.md, "The local object store", says how it is started.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import resources, storage
+from imgpipe.kfp.local_s3_security import StoreKeys, make_private, write_private, write_security
 
 __all__ = ["ADMIN_USER", "LOCAL_BUCKET", "WEED_ENV", "S3Identity", "iam_endpoint", "local_s3_server", "pointed_at", "seaweedfs_server", "weed_binary"]
 
@@ -117,9 +120,7 @@ def _identity(data_dir: Path, given: S3Identity | None = None) -> S3Identity:
             ]
         }
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
+        write_private(tmp, json.dumps(doc, indent=2).encode())
         tmp.replace(path)
     try:
         doc = json.loads(path.read_text())
@@ -133,10 +134,11 @@ def _identity(data_dir: Path, given: S3Identity | None = None) -> S3Identity:
     return identity
 
 
-def _command(weed: str, data_dir: Path, ports: dict[str, int], sockets: Path, host: str) -> list[str]:
-    """``weed server`` as kubeflow/manifests runs it (``-s3 -iam -filer``, no preallocation), on ``host`` only."""
+def _command(weed: str, data_dir: Path, ports: dict[str, int], private: Path, host: str) -> list[str]:
+    """``weed server`` as kubeflow/manifests runs it (``-s3 -iam -filer``, no preallocation), on ``host`` only, locked by ``private``'s keys."""
     return [
         weed,
+        f"-config_dir={private}",  # security.toml: read before ./, ~/.seaweedfs and /etc/seaweedfs
         "server",
         f"-dir={data_dir}",
         f"-ip={host}",
@@ -149,13 +151,14 @@ def _command(weed: str, data_dir: Path, ports: dict[str, int], sockets: Path, ho
         # (MASTER_TOML), and room for many buckets (a test makes one per test).
         "-master.volumeSizeLimitMB=256",
         f"-volume.max={MAX_VOLUMES}",
-        "-metricsPort=0",
+        "-metricsPort=0",  # no metrics listener
+        "-master.telemetry=false",  # no reports to seaweedfs.com
         # Fixed ports by default: off, so that servers side by side (test workers) do not collide.
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         # Unix sockets: in this server's own directory, not /tmp.
-        f"-filer.localSocket={sockets / 'filer.sock'}",
-        f"-s3.localSocket={sockets / 's3.sock'}",
+        f"-filer.localSocket={private / 'filer.sock'}",
+        f"-s3.localSocket={private / 's3.sock'}",
         *(f"-{name}={port}" for name, port in ports.items()),
     ]
 
@@ -199,7 +202,7 @@ def _one_try_client(service: str, endpoint: str, identity: S3Identity) -> Any:
     )
 
 
-def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Identity, proc: subprocess.Popen, log: Path) -> None:
+def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Identity, proc: subprocess.Popen, log: Path, private: Path) -> None:
     """The admin identity, as kubeflow/manifests' SeaweedFS makes it: ``s3.configure ... -actions Admin -apply`` in ``weed shell``.
 
     The identities live in the filer (so the IAM API can add the profiles' keys beside them);
@@ -212,10 +215,12 @@ def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Id
         try:
             shell = subprocess.run(
                 # host:port.grpcPort, SeaweedFS's form for a gRPC port that is not port + 10000.
-                [weed, "shell", f"-master={host}:{ports['master.port']}.{ports['master.port.grpc']}"],
+                [weed, f"-config_dir={private}", "shell", f"-master={host}:{ports['master.port']}.{ports['master.port.grpc']}"],
                 input=command,
                 capture_output=True,
                 text=True,
+                env=_weed_env(private),  # its logs go there, not to /tmp
+                preexec_fn=_before_exec(),
                 timeout=max(1.0, min(SHELL_TIMEOUT_S, deadline - time.monotonic())),
                 check=False,
             )
@@ -268,27 +273,29 @@ def _wait_iam(proc: subprocess.Popen, iam_url: str, identity: S3Identity, log: P
     raise _start_failure(f"IAM API {state}", log)
 
 
-def _wait_volumes(proc: subprocess.Popen, master: str, data_dir: Path, log: Path) -> None:
-    """Until the master knows every volume in ``data_dir`` (its ``.dat`` files).
+def _wait_volumes(proc: subprocess.Popen, master: str, data_dir: Path, log: Path, context: ssl.SSLContext) -> None:
+    """Until the master knows the volume server and every volume in ``data_dir`` (its ``.dat`` files).
 
     After a restart the filer lists what the last run wrote before the volume server has
     told the master where its volumes are; a read then fails with ``InternalError`` (seen
-    once in a full test run, on the first read after a restart).
+    once in a full test run, on the first read after a restart). A volume server whose first
+    heartbeat came before the master was leader tries again 5 s later, and a new bucket's
+    first write waits for it.
     """
     want = len(list(data_dir.glob("*.dat")))
     deadline = time.monotonic() + START_TIMEOUT_S
-    have = 0
+    have, servers = 0, 0
     while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(f"{master}/dir/status", timeout=2) as answer:
+        with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(f"{master}/dir/status", timeout=2, context=context) as answer:
             status = json.load(answer)
             # A master with no volume server yet lists its data centres as null.
             centres = status.get("Topology", {}).get("DataCenters") or []
-            nodes = (n for dc in centres for rack in dc.get("Racks") or [] for n in rack.get("DataNodes") or [])
-            have = sum(int(n.get("Volumes", 0)) for n in nodes)
-            if have >= want:
+            nodes = [n for dc in centres for rack in dc.get("Racks") or [] for n in rack.get("DataNodes") or []]
+            have, servers = sum(int(n.get("Volumes", 0)) for n in nodes), len(nodes)
+            if servers and have >= want:
                 return
         time.sleep(0.2)
-    raise _start_failure(f"registered {have} of its {want} volumes", log)
+    raise _start_failure(f"registered {servers} volume servers and {have} of its {want} volumes", log)
 
 
 def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log: Path) -> None:
@@ -311,8 +318,9 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log
     raise _start_failure(state, log)
 
 
-def _die_with_parent() -> Callable[[], None]:
-    """What the child runs before exec: SIGKILL when the process that started it dies (a killed test run leaves no server).
+def _before_exec() -> Callable[[], None]:
+    """What the child runs before exec: a umask that keeps each file and socket it makes to its user (weed
+    writes its volumes 0644), and SIGKILL when the process that started it dies (a killed test run leaves no server).
 
     libc's ``prctl`` is looked up here, in the parent: a ``dlopen`` between fork and exec could
     wait forever on a lock another thread of the parent held at the fork.
@@ -321,7 +329,12 @@ def _die_with_parent() -> Callable[[], None]:
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1  # <linux/prctl.h>
-    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    def before_exec() -> None:
+        os.umask(0o077)
+        prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    return before_exec
 
 
 def _stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
@@ -349,7 +362,7 @@ def _stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
 @contextlib.contextmanager
 def _exclusive(data_dir: Path) -> Iterator[None]:
     """One server per data directory: a second would corrupt the first one's volumes."""
-    with open(data_dir / ".lock", "w") as lock:
+    with open(os.open(data_dir / ".lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -403,19 +416,20 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
     weed = weed_binary()
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    make_private(data_dir)
     with _exclusive(data_dir):
         identity = _identity(data_dir, identity)
-        (data_dir / "master.toml").write_text(MASTER_TOML)
+        write_private(data_dir / "master.toml", MASTER_TOML.encode())
         log = data_dir / LOG
         for attempt in range(1, START_TRIES + 1):
             before = log.stat().st_size if log.exists() else 0
-            with _started(weed, data_dir, host, log) as (proc, ports):
+            with _started(weed, data_dir, host, log) as (proc, ports, keys):
                 endpoint = f"http://{host}:{ports['s3.port']}"
                 iam = f"http://{host}:{ports['iam.port']}"
                 try:
-                    _configure_admin(weed, host, ports, identity, proc, log)
+                    _configure_admin(weed, host, ports, identity, proc, log, keys.config_dir)
                     _wait_ready(proc, endpoint, identity, log)
-                    _wait_volumes(proc, f"http://{host}:{ports['master.port']}", data_dir, log)
+                    _wait_volumes(proc, f"https://{host}:{ports['master.port']}", data_dir, log, keys.client_context())
                     guarded = _wait_iam(proc, iam, identity, log)
                 except RuntimeError:
                     if attempt == START_TRIES or not _port_taken(log, before):
@@ -446,28 +460,29 @@ def _port_taken(log: Path, since: int) -> bool:
 
 
 @contextlib.contextmanager
-def _started(weed: str, data_dir: Path, host: str, log: Path) -> Iterator[tuple[subprocess.Popen, dict[str, int]]]:
-    """One ``weed server`` process over ``data_dir`` on fresh ports, stopped on exit."""
+def _started(weed: str, data_dir: Path, host: str, log: Path) -> Iterator[tuple[subprocess.Popen, dict[str, int], StoreKeys]]:
+    """One ``weed server`` process over ``data_dir`` on fresh ports, with keys of its own, stopped on exit."""
     ports = _ports()
-    # A short private directory for its sockets (a socket path holds at most 107 bytes), and its TMPDIR.
-    sockets = Path(tempfile.mkdtemp(prefix="imgpipe-weed-"))
+    # A short private (0700) directory for its keys, its sockets (a socket path holds at most 107 bytes) and its TMPDIR.
+    private = Path(tempfile.mkdtemp(prefix="imgpipe-weed-"))
     try:
-        with open(log, "ab") as out:
+        keys = write_security(private, host)
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             proc = subprocess.Popen(
-                _command(weed, data_dir, ports, sockets, host),
+                _command(weed, data_dir, ports, private, host),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=data_dir,
                 start_new_session=True,
-                env=_weed_env(sockets),
-                preexec_fn=_die_with_parent(),
+                env=_weed_env(private),
+                preexec_fn=_before_exec(),
             )
         try:
-            yield proc, ports
+            yield proc, ports, keys
         finally:
             _stop(proc, ports)
     finally:
-        shutil.rmtree(sockets, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 @contextlib.contextmanager
