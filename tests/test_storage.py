@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -248,3 +249,28 @@ def test_a_fifo_or_directory_where_a_data_file_should_be_is_refused_without_wait
     for path in (fifo, tmp_path):
         with pytest.raises(ValueError, match="not a regular file"):
             storage.open_arrow_input(storage.normalize_uri(str(path)))
+
+
+def test_a_local_path_is_opened_only_when_it_is_a_regular_file_and_never_waited_on(tmp_path):
+    from imgpipe.storage import NotRegularFile, check_regular, open_regular
+
+    (tmp_path / "ok.bin").write_bytes(b"data")
+    os.mkfifo(tmp_path / "pipe")  # opened for reading the usual way, it waits for a writer for ever
+    os.symlink(tmp_path / "ok.bin", tmp_path / "link")
+    with open_regular(tmp_path / "ok.bin") as fh:
+        assert fh.read() == b"data"
+    with open_regular(tmp_path / "link") as fh:  # a link is followed unless asked not to
+        assert fh.read() == b"data"
+    for path, kind, follow in [
+        (tmp_path / "pipe", "FIFO (named pipe)", True),
+        (tmp_path, "directory", True),
+        ("/dev/null", "character device", True),
+        (tmp_path / "link", "symbolic link", False),
+    ]:
+        with pytest.raises(NotRegularFile, match=re.escape(f"{path} is a {kind}, not a regular file")) as caught:
+            open_regular(path, follow_links=follow)
+        assert caught.value.kind == kind and isinstance(caught.value, ValueError)
+    with pytest.raises(NotRegularFile):
+        check_regular(tmp_path / "pipe")
+    with pytest.raises(FileNotFoundError):
+        check_regular(tmp_path / "missing")

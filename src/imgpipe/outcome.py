@@ -1,7 +1,7 @@
 """Degenerate outcomes: a committed step output that is empty or lopsided is an error, not a success.
 
     check_download(report)                 # no image kept from any source
-    check_clean(report, min_images_per_class=1, min_images_per_split=1, fractions=cfg.split)
+    check_clean(report, min_classes=2, min_images_per_class=1, min_images_per_split=1, fractions=cfg.split)
 
 A step commits its output first (so its rejects table can be read: it says why nothing was
 kept), then calls these; a failing check raises :class:`DegenerateOutput`, which the CLI and
@@ -58,18 +58,28 @@ def check_clean(
     min_images_per_class: int,
     min_images_per_split: int,
     fractions: Sequence[float],
+    min_classes: int = 2,
 ) -> None:
-    """Raises when clean kept nothing, a class has fewer than its minimum, or a split that should have images has too few.
+    """Raises when clean kept nothing, images of fewer than ``min_classes`` classes, a class under its minimum, or a split too few.
 
     Args:
         report: The committed clean report (``extra`` has ``per_class`` and ``splits``).
         min_images_per_class: Fewest kept images a class may have; 0 turns the check off.
         min_images_per_split: Fewest images a split whose fraction is above 0 may have; 0 turns it off.
         fractions: The train/val/test fractions the config asked for.
+        min_classes: Fewest classes with a kept image (a classifier needs two; 1 accepts one).
     """
     check_rows(report, "the download", "see the reasons above; label_source and the source's layout decide which images have a class")
     per_class: Mapping[str, int] = report.extra.get("per_class") or {}
     classes = report.extra.get("classes") or list(per_class)
+    found = sorted((name for name in classes if per_class.get(name, 0) > 0), key=lambda name: -per_class[name])
+    if len(found) < min_classes:
+        shown = ", ".join(f"{name!r} {per_class[name]}" for name in found[:8])
+        raise DegenerateOutput(
+            f"clean kept images of {len(found)} class(es) ({shown}), fewer than min_classes={min_classes}: a classifier needs "
+            "images of two classes at least; check label_source and the source's layout (the class of each image), add images of "
+            f"other classes, or set min_classes=1 to accept a one-class set (train still refuses it). {_why(report)}"
+        )
     thin = {name: per_class.get(name, 0) for name in classes if per_class.get(name, 0) < min_images_per_class}
     if thin:
         shown = ", ".join(f"{name!r} {n}" for name, n in sorted(thin.items(), key=lambda kv: kv[1])[:8])

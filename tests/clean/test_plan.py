@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
+import pytest
 
+from imgpipe.clean import plan as plan_module
 from imgpipe.clean.config import SPLITS, CleanConfig
-from imgpipe.clean.plan import Index, Unit, plan_rows
+from imgpipe.clean.plan import Index, Unit, build_labeler, plan_rows
 from imgpipe.clean.splits import split_codes, stratified_split
 from imgpipe.data.labels import Labeler
 
@@ -54,3 +58,25 @@ def test_split_codes_match_split_names():
     codes = split_codes(labels, (0.8, 0.1, 0.1), seed=3)
     assert codes.dtype == np.int8
     assert [SPLITS[c] for c in codes] == stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
+
+
+@pytest.mark.parametrize(
+    ("classes", "rule"),
+    [
+        (["cat", "cat"], "class 1 repeats class 0 ('cat')"),
+        (["cat", "dog\x07"], "class 1: the class name holds U+0007"),
+        ("cat", "the class names are a string, not a list of strings"),
+    ],
+)
+def test_a_download_manifests_class_list_passes_the_label_gate_before_it_orders_classes(classes, rule):
+    # A download output written before the gate: its source list is a file like any other.
+    sources = [{"uri": "file:///ok", "classes": ["cat", "dog"]}, {"uri": "file:///d/README.md", "classes": classes}]
+    with pytest.raises(ValueError, match=re.escape(f"the download manifest's sources[1] (file:///d/README.md) classes: {rule}")):
+        build_labeler(CleanConfig(label_source="given"), _index([]), sources)
+
+
+def test_more_distinct_class_names_than_the_cap_fail_the_plan(monkeypatch):
+    monkeypatch.setattr(plan_module, "MAX_CLASSES", 3)
+    rows = [(f"{c}/1.jpg", c) for c in ("a", "b", "c", "d")]
+    with pytest.raises(ValueError, match="label_source folder gives more than 3 distinct class names"):
+        plan_rows(_index(rows), Labeler("folder"), CleanConfig())

@@ -125,6 +125,17 @@ def test_a_class_below_its_minimum_fails_naming_it(tmp_path):
     clean(src, str(tmp_path / "ok"), CleanConfig(workers=1, min_images_per_class=0, min_images_per_split=0))
 
 
+def test_a_set_of_one_class_fails_naming_it_unless_min_classes_accepts_it(tmp_path):
+    members = {f"x/cat/{i}.jpg": f.jpeg(seed=i) for i in range(6)}
+    src = write_download_output(str(tmp_path / "dl"), members)
+    with pytest.raises(DegenerateOutput, match=r"kept images of 1 class\(es\) \('cat' 6\), fewer than min_classes=2.*min_classes=1"):
+        clean(src, str(tmp_path / "clean"), CleanConfig(workers=1, label_source="folder", min_images_per_split=0))
+    report = clean(src, str(tmp_path / "one"), CleanConfig(workers=1, label_source="folder", min_images_per_split=0, min_classes=1))
+    assert report.extra["classes"] == ["cat"]
+    with pytest.raises(ValueError, match="min_classes"):
+        CleanConfig(min_classes=0)
+
+
 def test_an_empty_split_fails_with_the_fix(tmp_path):
     src = write_download_output(str(tmp_path / "dl"), _folders({"x": 2}))
     with pytest.raises(DegenerateOutput, match="min_images_per_split=0"):

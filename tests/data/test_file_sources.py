@@ -8,6 +8,8 @@ output or in the rejects with a reason, and that the counts reconcile.
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -96,7 +98,8 @@ def test_a_hugging_face_parquet_dataset_keeps_its_labels_and_class_names(hf_data
         f"train-00000-of-00001/{i:08d}-{i}.jpg": ["cat", "dog", "fox"][i % 3] for i in range(6)
     }
     assert got["train-00000-of-00001/00000000-0.jpg"]["bytes"] == images[0]
-    assert rejects("file://" + str(tmp_path / "out")) == {"broken/00000004-4.jpg": "no_label", "broken/00000005-5.jpg": "no_label"}
+    # An index past the three names is that row's bad_label; a null is no label at all.
+    assert rejects("file://" + str(tmp_path / "out")) == {"broken/00000004-4.jpg": "bad_label", "broken/00000005-5.jpg": "no_label"}
     (first, _) = contract.read_manifest("file://" + str(tmp_path / "out"))["extra"]["sources"]
     assert first["format"] == "hf-parquet" and first["classes"] == ["cat", "dog", "fox"]
     reconciles(report, "file://" + str(tmp_path / "out"))
@@ -135,3 +138,10 @@ def test_the_member_cap_counts_across_both_levels(tmp_path):
     with pytest.raises(ValueError, match=r"max_members=10"):
         download(str(path), str(tmp_path / "out"), DownloadConfig(max_members=10))
     assert not (tmp_path / "out").exists(), "refused in the dry run, before dest was touched"
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_named_as_the_source_is_refused_by_its_kind_without_waiting(tmp_path):
+    os.mkfifo(tmp_path / "images.tar")  # opened for reading the usual way, it waits for a writer for ever
+    with pytest.raises(ValueError, match=r"images\.tar is a FIFO \(named pipe\), not a regular file"):
+        download(str(tmp_path / "images.tar"), str(tmp_path / "out"), FAST)

@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import lzma
+import re
 import stat
 import tarfile
 import zipfile
@@ -17,7 +18,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from imgpipe.data import archive
+from imgpipe.data.labelgate import MAX_CLASSES
 from imgpipe.data.readers.base import ReaderSettings
+from imgpipe.data.readers.factory import open_source
 from imgpipe.data.readers.webdataset import sample_key
 from tests.data.conftest import FUZZ, LIMIT, LOCAL_ONLY, drain, mutated, workdir
 
@@ -205,3 +208,43 @@ def _samples(path: Path) -> int:
     flagged = [m for m in archive.iter_archive(path, "tar") if m.reason is not None]
     keys = [sample_key(m.path)[0] for m in archive.iter_archive(path, "tar") if m.reason is None]
     return len(flagged) + len([k for k, _ in itertools.groupby(keys)])
+
+
+CLS_BODY = st.one_of(
+    st.integers(-(10**6), 10**6).map(lambda i: str(i).encode()),
+    st.integers(0, 3).map(lambda i: f" {i:+d}\n".encode()),
+    st.integers(1, 9000).map(lambda n: b"9" * n),  # past Python's int-string limit at 4301 digits
+    st.integers(1, 9000).map(lambda n: b"0" * n + b"1"),
+    st.sampled_from([b"", b" ", b"1.0", b"0x1", b"1e3", b"\xd9\xa3", b"--1", b"1 2", b"nan", b"\x00"]),
+    st.binary(max_size=16),
+)
+
+
+def _cls_expected(body: bytes, names: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """What a ``.cls`` body gives, by the rule of imgpipe.data.labelgate: ``(None, label)`` or ``(reason, None)``."""
+    text = body.decode("utf-8", "replace").strip()
+    if not text:
+        return "no_label", None
+    match = re.fullmatch(r"([+-]?)0*([0-9]+)", text)
+    if match is None or len(match.group(2)) > 12:
+        return "bad_label", None
+    index = int(match.group(1) + match.group(2))
+    if 0 <= index < (len(names) or MAX_CLASSES):
+        return None, names[index] if names else str(index)
+    return "bad_label", None
+
+
+@FUZZ
+@given(bodies=st.lists(CLS_BODY, min_size=1, max_size=6), names=st.sampled_from([(), ("cat", "dog"), tuple(f"c{i}" for i in range(12))]))
+def test_fuzzed_cls_parts_give_each_sample_its_class_or_its_own_reject(bodies, names):
+    members = []
+    for i, body in enumerate(bodies):
+        members += [(f"k{i}.jpg", tarfile.REGTYPE, b"\xff\xd8\xff"), (f"k{i}.cls", tarfile.REGTYPE, body)]
+    rs = ReaderSettings(max_member_bytes=LIMIT, policy=LOCAL_ONLY, class_names=names)
+    with workdir() as tmp:
+        src = Path(tmp) / "shard-000.tar"
+        src.write_bytes(tar_of(members))
+        reader = open_source(str(src), sha256=None, spool=Path(tmp) / "spool", settings=rs, webdataset=True)
+        got = {m.path: (m.reason, m.label) for m in reader.members()}
+    assert got == {f"k{i}.jpg": _cls_expected(body, names) for i, body in enumerate(bodies)}
+    assert reader.manifest_entry().get("classes") == (list(names) or None)

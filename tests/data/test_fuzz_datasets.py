@@ -6,15 +6,19 @@ import csv
 import io
 import itertools
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from imgpipe import storage
+from imgpipe.data.labelgate import check_class_list
 from imgpipe.data.readers.base import ReaderSettings
+from imgpipe.data.readers.hffolder import sniff_folder
 from tests.data.conftest import FUZZ, LIMIT, LOCAL_ONLY, drain, mutated, workdir
 
 # --------------------------------------------------------------------------- Hugging Face Parquet
@@ -168,6 +172,118 @@ def test_fuzzed_hub_folders_are_read_or_refused(card, blob, table):
         pq.write_table(table, root / "data" / "train-00000-of-00001.parquet")
         (root / "data" / "test-00000-of-00001.parquet").write_bytes(b"PAR1" + blob + b"PAR1")
         drain(str(root), Path(tmp) / "spool", "hub")
+
+
+# --------------------------------------------------------------------------- the card, state.json and dataset_info.json
+
+
+CLASS_NAME = st.one_of(
+    st.sampled_from(["cat", "dog", "Chat noir", "a/b", "..", "dog\x07", " x", "bidi\u202e", "x" * 129, ""]),
+    st.text(max_size=6),
+    st.integers(-2, 3),
+    st.none(),
+    st.lists(st.text(max_size=3), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.text(max_size=2), max_size=1),
+)
+CLASS_LIST = st.lists(CLASS_NAME, max_size=5)
+# String keys only: JSON writes 1 and "1" alike, and YAML keeps the last of two equal keys.
+NAMES_MAPPING = st.dictionaries(st.sampled_from(["0", "1", "2", "3", "4", "01", "-1", "x", " 1"]), CLASS_NAME, max_size=5)
+
+
+def _gate(value: object) -> tuple[str, ...] | None:
+    """The list the label gate keeps of ``value``, ``None`` where it refuses it."""
+    try:
+        return check_class_list(value, "x")
+    except ValueError:
+        return None
+
+
+@st.composite
+def alias_blocks(draw: st.DrawFn) -> tuple[str, str, list]:
+    """YAML lines anchoring lists of aliases of lists, the alias of the last, and the value it stands for (shared, so never expanded here).
+
+    A few hundred bytes that stand for up to 12**7 nodes.
+    """
+    depth, fanout = draw(st.integers(1, 7)), draw(st.integers(1, 12))
+    lines, value = [f"x0: &x0 [{', '.join(['a'] * fanout)}]"], ["a"] * fanout
+    for k in range(1, depth):
+        lines.append(f"x{k}: &x{k} [{', '.join([f'*x{k - 1}'] * fanout)}]")
+        value = [value] * fanout
+    return "\n".join(lines) + "\n", f"*x{depth - 1}", value
+
+
+@FUZZ
+@given(
+    names=st.one_of(CLASS_LIST, NAMES_MAPPING, CLASS_NAME),
+    aliases=st.one_of(st.none(), alias_blocks()),
+    column=st.sampled_from(["label", "labels"]),
+)
+def test_fuzzed_card_class_names_are_kept_whole_when_they_pass_the_gate_else_refused(names, aliases, column):
+    features = [{"name": "image", "dtype": "image"}, {"name": column, "dtype": {"class_label": {"names": "NAMES"}}}]
+    front = yaml.safe_dump({"dataset_info": {"features": features}}, allow_unicode=False)
+    front = front.replace("names: NAMES", "names: " + (aliases[1] if aliases else json.dumps(names)))
+    if aliases:
+        front = aliases[0] + front
+    card = f"---\n{front}---\n# A card\n"
+    table = pa.table({"image": [b"\x89PNG"] * 2, column: pa.array([0, 1], pa.int64())})
+    with workdir() as tmp:
+        root = Path(tmp) / "hub"
+        (root / "data").mkdir(parents=True)
+        (root / "README.md").write_text(card)
+        pq.write_table(table, root / "data" / "train-00000-of-00001.parquet")
+        started = time.monotonic()
+        try:
+            layout = sniff_folder(str(root))
+        except ValueError as exc:
+            assert "hub/README.md: " in str(exc) and "\n" not in str(exc)
+            layout = None
+        assert time.monotonic() - started < 5, "the budget refuses an expansion before it is built"
+        drain(str(root), Path(tmp) / "spool", "hub")
+    listed = [names[k] for k in sorted(names, key=int)] if isinstance(names, dict) and _dense(names) else names
+    expected = _gate(aliases[2] if aliases else listed)
+    assert (layout is not None) == (expected is not None)
+    if layout is not None:
+        assert layout.card == {column: expected}
+
+
+def _dense(mapping: dict) -> bool:
+    """Whether a names mapping's keys are the class indices 0..n-1, once each (ints or digit strings)."""
+    keys = [str(k) for k in mapping]
+    return all(k.isascii() and k.isdigit() and (k == "0" or not k.startswith("0")) for k in keys) and sorted(map(int, keys)) == list(range(len(keys)))
+
+
+DATA_FILE = "data-00000-of-00001.arrow"
+FILENAME = st.one_of(
+    st.sampled_from([DATA_FILE, DATA_FILE, DATA_FILE, "missing.arrow", "../ds/" + DATA_FILE, "", ".hidden", "a/b", "state.json"]),
+    st.text(max_size=6),
+    st.integers(),
+    st.none(),
+)
+
+
+@FUZZ
+@given(
+    files=st.lists(st.one_of(FILENAME.map(lambda f: {"filename": f}), JSONISH), max_size=4),
+    names=st.one_of(CLASS_LIST, CLASS_NAME),
+    split=st.one_of(st.none(), st.sampled_from(["train", "validation", "x"]), JSONISH),
+)
+def test_fuzzed_state_and_dataset_info_files_are_checked_claims(files, names, split):
+    table = pa.table({"image": [b"\x89PNG"] * 3, "label": pa.array([0, 1, 0], pa.int64())})
+    stream = io.BytesIO()
+    with pa.ipc.new_stream(stream, table.schema) as writer:
+        writer.write_table(table)
+    with workdir() as tmp:
+        root = Path(tmp) / "ds"
+        root.mkdir()
+        (root / DATA_FILE).write_bytes(stream.getvalue())
+        (root / "state.json").write_text(json.dumps({"_data_files": files, "_split": split}))
+        (root / "dataset_info.json").write_text(json.dumps({"features": {"label": {"_type": "ClassLabel", "names": names}}}))
+        tally = drain(str(root), Path(tmp) / "spool", "ds")
+    honest = files in ([], [{"filename": DATA_FILE}])
+    gated = _gate(names) is not None
+    assert (tally is not None) == (honest and gated)
+    if tally is not None:
+        assert tally.members == (table.num_rows if files else 0), "each data file read once: the rows are the file's own"
 
 
 # --------------------------------------------------------------------------- URI lists (local entries only)

@@ -78,11 +78,49 @@ def test_class_names_name_the_cls_indices_in_the_order_given(tmp_path):
     manifest, rows = _cleaned(tmp_path, dl.dest)
     assert manifest["extra"]["classes"] == list(names)
     assert all(names[label] == name and label == int(path[1:3]) for path, (label, name) in rows.items())
-    # An index past the names is no class: a reject that says so.
+    # An index past the names is that sample's bad label: a reject that says so, the rest kept.
     short = download(_cls_shards(tmp_path / "wds2"), str(tmp_path / "download2"), DownloadConfig(fetch_workers=2, class_names=names[:10]))
     found = _rejects(short.dest)
-    assert len(found) == 2 * PER_CLASS and {reason for reason, _ in found.values()} == {"no_label"}
-    assert all("outside class_names (10 names)" in detail for _, detail in found.values())
+    assert len(found) == 2 * PER_CLASS and {reason for reason, _ in found.values()} == {"bad_label"}
+    assert all("outside the 10 class names the source declares" in detail for _, detail in found.values())
+
+
+def _odd_index_shard(path: Path, odd: bytes) -> None:
+    """Six samples of classes 0 and 1, and one whose .cls is ``odd``."""
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"k{i}", "jpg": jpeg(48, 40, seed=i), "cls": i % 2})
+        sink.write({"__key__": "odd", "jpg": jpeg(48, 40, seed=99), "cls": odd})
+
+
+@pytest.mark.parametrize(
+    ("odd", "why"),
+    [
+        (b"9" * 5000, "has 5000 digits"),  # past Python's int-string limit: int() raised, the shard failed
+        (b"cat", "is not an integer"),
+        (b"-3", "is negative"),
+        (str(10**7).encode(), "is past 99999"),
+    ],
+)
+def test_an_unparsable_or_unbounded_class_index_is_one_samples_bad_label(tmp_path, odd, why):
+    _odd_index_shard(tmp_path / "shard.tar", odd)
+    dl = download(str(tmp_path / "shard.tar"), str(tmp_path / "download"), FAST)
+    (path, (reason, detail)), *others = _rejects(dl.dest).items()
+    assert (path, reason, others) == ("odd.jpg", "bad_label", []) and detail.startswith("its .cls class index") and why in detail
+    assert dl.outputs == 6 and set(_download_rows(dl.dest).values()) == {"0", "1"}
+
+
+def test_a_far_class_index_makes_no_table_of_that_many_classes(tmp_path):
+    _odd_index_shard(tmp_path / "shard.tar", b"99999")
+    # With the class names declared, 99,999 among 0 and 1 is outside them: that sample's bad label.
+    named = download(str(tmp_path / "shard.tar"), str(tmp_path / "named"), DownloadConfig(fetch_workers=2, class_names=("cat", "dog")))
+    assert _rejects(named.dest) == {"odd.jpg": ("bad_label", "its .cls class index 99999 is outside the 2 class names the source declares")}
+    # Without names the classes are the indices present, in value order: three, not 100,000.
+    dl = download(str(tmp_path / "shard.tar"), str(tmp_path / "download"), FAST)
+    assert "classes" not in contract.read_manifest(dl.dest)["extra"]["sources"][0]
+    manifest, rows = _cleaned(tmp_path, dl.dest, min_images_per_class=0)
+    assert manifest["extra"]["classes"] == ["0", "1", "99999"]
+    assert rows["odd.jpg"] == (2, "99999")
 
 
 def test_json_labels_are_classes_and_sort_like_imagefolder(tmp_path):
@@ -150,7 +188,8 @@ def test_a_named_part_with_a_longer_extension_is_read(tmp_path):
         ({"label_key": "json:"}, "PART:KEY needs both"),
         ({"label_key": "a/b"}, "not a sample part"),
         ({"class_names": ("cat", "dog", "cat")}, "more than once"),
-        ({"class_names": ("cat", "")}, "not a class name"),
+        ({"class_names": ("cat", "")}, "class 1: the class name is empty"),
+        ({"class_names": ("cat", "dog/x")}, "class 1: the class name holds a path separator"),
     ],
 )
 def test_label_settings_are_checked_with_a_message_to_act_on(settings, message):

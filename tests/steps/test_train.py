@@ -239,6 +239,21 @@ def test_train_rejects_bad_inputs(data, tmp_path):
     assert report.extra["images_seen"]["train"] == 32
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "found"),
+    [
+        ({"classes": 1}, r"training images of 1 class\(es\) \('class_0'\) of the 1 it names"),
+        # Two classes named, but every training image is of one (the other only in val and test).
+        ({"classes": 2, "mislabel": lambda split, i: split == "train" and i % 2 == 1}, r"of 1 class\(es\) \('class_0'\) of the 2"),
+    ],
+)
+def test_train_commits_no_model_over_one_class(tmp_path, kwargs, found):
+    data = write_resize_output(f"file://{tmp_path}/resize", counts={"train": 16, "val": 4, "test": 4}, **kwargs)
+    with pytest.raises(ValueError, match=found + ".*a classifier needs two classes"):
+        train(data, f"file://{tmp_path}/model", tiny(epochs=1))
+    assert not (tmp_path / "model").exists(), "nothing is written, no model.onnx, no card"
+
+
 # ------------------------------------------------------------------ per-image predictions
 
 

@@ -69,6 +69,10 @@ class CleanConfig:
             says. ``annotations``: the Oxford-IIIT Pet release's own ``test.txt`` images are the
             test split, and val is carved from ``trainval.txt``'s in the same way; images in
             neither list get the random split. Needs ``annotations``.
+        min_classes: Fewest classes with a kept image: a classifier needs two, so a clean that
+            keeps images of fewer fails the step (naming the classes it found). 1 accepts a
+            one-class set (to merge with others later, or for anything but a classifier);
+            train still refuses to fit a model over one class.
         min_images_per_class: Fewest images a class may keep; a class below it fails the step
             (naming the classes). 0 turns the check off.
         min_images_per_split: Fewest images a split whose fraction is above 0 may get; below
@@ -130,6 +134,7 @@ class CleanConfig:
     row_group_bytes: int = 64 << 20
     annotations: str | None = None
     split_from: Literal["source", "random", "annotations"] = "source"
+    min_classes: int = 2
     min_images_per_class: int = 1
     min_images_per_split: int = 1
     skip_hashes_from: str | None = None
@@ -161,6 +166,7 @@ class CleanConfig:
             raise ValueError("label_source='csv' needs labels_csv, the URI of a path,label CSV")
         if self.split_from not in ("source", "random", "annotations"):
             raise ValueError(f"split_from must be source, random or annotations, got {self.split_from!r}")
+        check_range("min_classes", self.min_classes, 1, integer=True, note="1 accepts a one-class set")
         check_range("min_images_per_class", self.min_images_per_class, 0, integer=True, note="0 = no minimum")
         check_range("min_images_per_split", self.min_images_per_split, 0, integer=True, note="0 = no minimum")
         if self.split_from == "annotations" and not self.annotations:

@@ -22,6 +22,7 @@ from imgpipe.clean.config import SPLITS, CleanConfig
 from imgpipe.clean.splits import given_codes, source_codes, split_codes
 from imgpipe.contract import Reject
 from imgpipe.data.annotations import image_stem
+from imgpipe.data.labelgate import MAX_CLASSES, check_class_list
 from imgpipe.data.labels import (
     BAD_LABEL,
     AutoLabeler,
@@ -188,7 +189,7 @@ def build_labeler(cfg: CleanConfig, index: Index, sources: Sequence[dict[str, An
     the nested archives it lists let ``auto`` label their members by their class folder
     (:class:`~imgpipe.data.labels.AutoLabeler`, which decides per image).
     """
-    order = source_class_order(sources) if cfg.label_source in ("auto", "given") else ()
+    order = _source_order(sources) if cfg.label_source in ("auto", "given") else ()
     if cfg.label_source == "csv":
         assert cfg.labels_csv is not None  # checked in CleanConfig
         base = Labeler("csv", read_label_csv(storage.read_bytes(cfg.labels_csv), f"labels_csv {storage.redact_uri(cfg.labels_csv)}"))
@@ -201,6 +202,23 @@ def build_labeler(cfg: CleanConfig, index: Index, sources: Sequence[dict[str, An
             base, read_label_csv(storage.read_bytes(cfg.label_overrides), f"label_overrides {storage.redact_uri(cfg.label_overrides)}")
         )
     return base
+
+
+def _source_order(sources: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The sources' own class list, each source's list through the label gate (the manifest is a file, like any other).
+
+    Raises:
+        ValueError: Naming the source whose list breaks the rule
+            (:func:`imgpipe.data.labelgate.check_class_list`), or when the lists together
+            name more than :data:`~imgpipe.data.labelgate.MAX_CLASSES` classes.
+    """
+    for i, entry in enumerate(sources):
+        if isinstance(entry, dict) and entry.get("classes") is not None:
+            check_class_list(entry["classes"], f"the download manifest's sources[{i}] ({entry.get('uri')}) classes")
+    order = source_class_order(sources)
+    if len(order) > MAX_CLASSES:
+        raise ValueError(f"the download manifest's sources name {len(order)} classes together; at most {MAX_CLASSES} are allowed")
+    return order
 
 
 def _given_pairs(index: Index) -> Iterator[tuple[str, str | None]]:
@@ -272,6 +290,11 @@ def _label_rows(index: Index, by_path: np.ndarray, labeler: Labeler, deferred: d
                 deferred[row] = Reject(path, BAD_LABEL, bad)
             else:
                 codes[row] = names.setdefault(name, len(names))
+                if len(names) > MAX_CLASSES:
+                    raise ValueError(
+                        f"label_source {labeler.resolved} gives more than {MAX_CLASSES} distinct class names (the label gate's cap); "
+                        "check that it reads the class from where the source keeps it (label_source, labels_csv)"
+                    )
     return codes, list(names)
 
 

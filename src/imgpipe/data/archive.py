@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from imgpipe.data.archivetar import COMPRESSED_TAR, TAR_FORMATS, combine_problems, next_tar, tar_stream, utf8_len
+from imgpipe.storage.regular import open_regular
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -387,9 +388,8 @@ def _iter_zip(path: str | os.PathLike[str]) -> Iterator[Member]:
 
 
 def _open_no_follow(path: str) -> IO[bytes]:
-    # O_NOFOLLOW closes the race where a file is swapped for a symlink after lstat().
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    return os.fdopen(fd, "rb")
+    # Closes the race where a file is swapped for a symlink or a FIFO after lstat(): refused, never followed or waited on.
+    return open_regular(path, follow_links=False)
 
 
 def _raise(exc: OSError) -> None:

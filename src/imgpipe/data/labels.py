@@ -56,10 +56,12 @@ def check_class_name(name: str) -> str | None:
     per line), CSV tables, ``labels.json``, HTML reports. Each can carry what this allows: a
     non-empty string of at most :data:`MAX_CLASS_NAME` characters without control, format,
     private-use or unassigned characters (Unicode category ``C*``: tab, CR, LF, zero-width
-    and bidirectional marks), without line or paragraph separators, and without leading or
-    trailing white space. It is checked once, where a label is first read (a reader's given
-    label, a folder or file name, a label CSV); a name that fails makes its image a
-    :data:`BAD_LABEL` reject.
+    and bidirectional marks), without line or paragraph separators, without a path separator
+    (``/``, ``\\``) and other than ``.`` and ``..`` (a class becomes a folder name in an
+    ImageFolder export), and without leading or trailing white space. It is checked once,
+    where a label is first read (a reader's given label, a folder or file name, a label CSV);
+    a name that fails makes its image a :data:`BAD_LABEL` reject, and a declared list that
+    holds one refuses its source (:func:`imgpipe.data.labelgate.check_class_list`).
 
     Returns:
         The reason, naming the offending character by code point (never echoing it), or ``None``.
@@ -75,6 +77,11 @@ def check_class_name(name: str) -> str | None:
             return f"the class name holds {what}; control characters and line breaks are not allowed"
     if name != name.strip():
         return "the class name starts or ends with white space"
+    at = next((i for i, char in enumerate(name) if char in "/\\"), None)
+    if at is not None:
+        return f"the class name holds a path separator (U+{ord(name[at]):04X}) at position {at}"
+    if name in (".", ".."):
+        return "the class name is a path component (. or ..)"
     return None
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import re
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from imgpipe.config import check_numbers, check_range
 from imgpipe.contract import StepReport
 from imgpipe.data.archivecaps import Caps
 from imgpipe.data.extraction import Extraction, dry_run, extract_source
+from imgpipe.data.labelgate import check_class_list
 from imgpipe.data.previous import PreviousDownload
 from imgpipe.data.readers.archives import DirectoryReader
 from imgpipe.data.readers.base import Reader, ReaderSettings
@@ -112,7 +112,9 @@ class DownloadConfig:
             A part (``txt``, ``caption.txt``) takes that part's text as the class; ``PART:KEY``
             (``json:category``) a key of a JSON part.
         class_names: Names of a WebDataset's integer classes, by index (``.cls`` 0 is the first);
-            the class order clean keeps. Empty: the integer is the name.
+            the class order clean keeps. Empty: the integer is the name. They pass the label
+            gate (:func:`imgpipe.data.labelgate.check_class_list`), and a ``.cls`` past them is
+            that sample's ``bad_label``.
         image_column: The image column of a Hugging Face dataset (Parquet or ``save_to_disk``);
             unset: ``image``, else ``img``. An ``Image`` feature or a binary column.
         label_column: Its label column (a ``ClassLabel`` or a string); unset: ``label``,
@@ -186,14 +188,7 @@ def _normalize_digests(value: Any) -> tuple[str, ...]:
 def _normalize_names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (tuple, list)):
         raise TypeError(f"class_names must be a list of class names, by index; got {type(value).__name__}")
-    names = tuple(n.strip() if isinstance(n, str) else n for n in value)
-    bad = [i for i, n in enumerate(names) if not isinstance(n, str) or not n or "\n" in n]
-    if bad:
-        raise ValueError(f"class_names[{bad[0]}]={names[bad[0]]!r} is not a class name (a non-empty one-line string)")
-    repeated = sorted(n for n, k in Counter(names).items() if k > 1)
-    if repeated:
-        raise ValueError(f"class_names lists {', '.join(map(repr, repeated[:5]))} more than once; each index needs its own name")
-    return names
+    return check_class_list([n.strip() if isinstance(n, str) else n for n in value], "class_names (download config)")
 
 
 # --------------------------------------------------------------------------- sources

@@ -74,6 +74,9 @@ __all__ = [
     "arrow_path",
     "open_arrow_input",
     "ArrowInput",
+    "NotRegularFile",
+    "open_regular",
+    "check_regular",
     "with_retries",
     "TMP_MARKER",
     "s3_client",
@@ -83,6 +86,7 @@ from imgpipe.storage import s3
 from imgpipe.storage.arrow_input import ArrowInput
 from imgpipe.storage.base import TMP_MARKER, Backend, ObjectInfo
 from imgpipe.storage.local import LocalBackend
+from imgpipe.storage.regular import NotRegularFile, check_regular, open_regular
 from imgpipe.storage.s3 import S3Backend, S3Options
 
 T = TypeVar("T")

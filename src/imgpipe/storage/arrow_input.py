@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import stat
 from typing import Any
+
+from imgpipe.storage.regular import regular_fd
 
 __all__ = ["ArrowInput"]
 
@@ -37,17 +38,14 @@ class ArrowInput:
         """``path`` mapped read-only (an empty file reads as no bytes: pyarrow's readers refuse it).
 
         Raises:
-            ValueError: For anything but a regular file (a directory, a FIFO, a device).
+            NotRegularFile: For anything but a regular file (a directory, a FIFO, a device): a ``ValueError``.
         """
         import pyarrow as pa
 
-        # Not blocking: a FIFO planted where a data file should be is refused, not waited on.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # A FIFO planted where a data file should be is refused, not waited on.
+        fd = regular_fd(path)
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise ValueError(f"{os.fspath(path)} is not a regular file; a step's data files are")
-            if info.st_size == 0:  # mmap refuses an empty file
+            if os.fstat(fd).st_size == 0:  # mmap refuses an empty file
                 return cls(pa.BufferReader(b""))
             mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:

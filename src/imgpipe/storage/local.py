@@ -16,6 +16,7 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 from imgpipe.storage.base import TMP_MARKER, Backend, ObjectInfo
+from imgpipe.storage.regular import open_regular
 
 __all__ = ["LocalBackend"]
 
@@ -59,7 +60,7 @@ class LocalBackend(Backend):
         path = self._path(uri)
         if not path.is_file():
             raise FileNotFoundError(f"no object at {uri}")
-        return open(path, "rb")
+        return open_regular(path)  # swapped for a FIFO since is_file(): refused, not waited on
 
     @contextlib.contextmanager
     def open_write(self, uri: str) -> Iterator[IO[bytes]]:
@@ -117,7 +118,8 @@ class LocalBackend(Backend):
         local_path = Path(local_path)
         tmp = local_path.with_name(f"{local_path.name}{TMP_MARKER}{uuid.uuid4().hex}")
         try:
-            shutil.copyfile(src, tmp)
+            with open_regular(src) as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
             os.replace(tmp, local_path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -77,6 +77,7 @@ __all__ = [
     "train_loader_config",
     "describe_plan",
     "class_counts",
+    "check_classes",
     "recipe_for",
     "ema_model",
     "class_weights",
@@ -198,9 +199,10 @@ def build_run(data: str, out: str, cfg: TrainConfig, ctx: DistInfo, manifest: Ma
     device = resolve_device(cfg.device, ctx.local_rank)
     labels = read_labels(data, manifest)
     train_info = describe_split(data, "train", manifest)
-    # Read once: recipe auto and balanced class weights both count the train split's labels.
-    counts = class_counts(train_info, len(labels)) if cfg.recipe == "auto" or cfg.class_weights != "none" else None
-    cfg, recipe = recipe_for(cfg, counts, ctx)
+    # Read once: the two-class check, recipe auto and balanced class weights all count the train split's labels.
+    counts = class_counts(train_info, len(labels))
+    check_classes(data, labels, counts)
+    cfg, recipe = recipe_for(cfg, counts if cfg.recipe == "auto" or cfg.class_weights != "none" else None, ctx)
     size = cfg.image_size or train_info.size
     channels = train_info.channels
     on_device = aug_on_device(cfg, device)
@@ -328,6 +330,22 @@ def describe_plan(plan: UnfreezePlan, groups: list[TrainGroup], epochs: int) -> 
 def class_counts(info: SplitInfo, classes: int) -> np.ndarray:
     """Images per class of a split, from its ``label`` column (one small read per file)."""
     return np.bincount(read_split_labels(info), minlength=classes)
+
+
+def check_classes(data: str, labels: list[str], counts: np.ndarray) -> None:
+    """Refuses, before anything is written, a model over fewer than two classes: it would answer one class whatever it sees.
+
+    Raises:
+        ValueError: If the data names fewer than two classes, or its train split has images of fewer than two.
+    """
+    present = [labels[i] for i in np.flatnonzero(counts[: len(labels)]).tolist()]
+    if len(labels) >= 2 and len(present) >= 2:
+        return
+    shown = ", ".join(repr(name) for name in present[:8]) or "none"
+    raise ValueError(
+        f"{data} has training images of {len(present)} class(es) ({shown}) of the {len(labels)} it names: a classifier needs "
+        "two classes at least, and train commits no model over one; clean a set with images of two classes or more"
+    )
 
 
 def recipe_for(cfg: TrainConfig, counts: np.ndarray | None, ctx: DistInfo) -> tuple[TrainConfig, Resolution]:

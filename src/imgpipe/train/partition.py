@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from imgpipe import contract, storage
 from imgpipe.data.images import MAX_PIXELS
+from imgpipe.data.labelgate import check_class_list
 from imgpipe.resize.spec import CROP_FRACTION, MAX_ASPECT_LIMIT
 from imgpipe.train.loader_config import LoaderConfig
 
@@ -190,14 +191,15 @@ def read_labels(data: str, manifest: Mapping[str, Any] | None = None) -> list[st
     Falls back to the manifest's ``extra.classes`` when the file is absent.
 
     Raises:
-        ValueError: If neither names any class, or the indices are not 0..N-1.
+        ValueError: If neither names any class, the indices are not 0..N-1, or the names break
+            the label gate's rule (:func:`imgpipe.data.labelgate.check_class_list`).
     """
     data = storage.normalize_uri(data)
     uri = contract.side_file(data, LABELS_FILE)
     if uri is not None:
         raw = json.loads(storage.read_bytes(uri))
         try:
-            by_index = {int(k): str(v) for k, v in raw.items()}
+            by_index = {int(k): v for k, v in raw.items()}
         except (AttributeError, ValueError) as exc:
             raise ValueError(f'{uri} must map class indices to names, e.g. {{"0": "cat"}}') from exc
         if sorted(by_index) != list(range(len(by_index))):
@@ -205,10 +207,10 @@ def read_labels(data: str, manifest: Mapping[str, Any] | None = None) -> list[st
         names = [by_index[i] for i in range(len(by_index))]
     else:
         manifest = manifest or contract.read_manifest(data)
-        names = [str(c) for c in manifest.get("extra", {}).get("classes", [])]
+        names = manifest.get("extra", {}).get("classes") or []
     if not names:
         raise ValueError(f"{data} names no classes (no {LABELS_FILE}, no classes in its manifest)")
-    return names
+    return list(check_class_list(names, uri or f"{data}'s manifest"))
 
 
 def split_names(data: str, manifest: Mapping[str, Any] | None = None) -> list[str]:

@@ -19,6 +19,7 @@ Decided from the URI, then from the content:
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from imgpipe import storage
@@ -87,6 +88,7 @@ def open_source(uri: str, *, sha256: str | None, spool: Path, settings: ReaderSe
                 return HfFolderReader(shown, storage.normalize_uri(str(local)), layout, settings, spool.with_name(spool.name + ".d"))
             return DirectoryReader(shown, local, settings.carry, settings.keeps if settings.shard else None)
         if not local.is_file():
+            _no_fifo(shown, local)
             raise FileNotFoundError(f"download source {shown} does not exist (no file or directory at {local})")
         _check_size(shown, local.stat().st_size, settings)
         digest, size = _hash_file(local, f"hash {local.name}")
@@ -146,6 +148,17 @@ def _no_pin(shown: str, sha256: str | None, what: str) -> None:
         raise ValueError(f"sha256 was given for {shown}, {what}; checksums apply to single files only")
 
 
+def _no_fifo(shown: str, local: Path) -> None:
+    """Refuses a FIFO, device or socket at ``local`` by its kind (never opened to wait on it); nothing at all is the caller's to say."""
+    if os.path.lexists(local):
+        try:
+            storage.check_regular(local)
+        except storage.NotRegularFile as exc:
+            raise ValueError(f"download source {shown} is a {exc.kind}, not a regular file; name a file, a directory or a prefix") from None
+        except FileNotFoundError:
+            return  # a link to nothing
+
+
 def _check_size(shown: str, size: int, settings: ReaderSettings) -> None:
     if size > settings.http.max_bytes:
         raise ValueError(
@@ -157,7 +170,7 @@ def _check_size(shown: str, size: int, settings: ReaderSettings) -> None:
 def _hash_file(path: Path, label: str) -> tuple[str, int]:
     hasher = hashlib.sha256()
     size = 0
-    with open(path, "rb") as fh, byte_bar(label, path.stat().st_size) as bar:
+    with storage.open_regular(path) as fh, byte_bar(label, path.stat().st_size) as bar:
         while chunk := fh.read(_CHUNK):
             hasher.update(chunk)
             size += len(chunk)

@@ -11,9 +11,18 @@ Told by content, not by the source's name:
   the folder's name;
 * ``*.parquet`` files (the Hub's layout, ``data/train-00000-of-00001.parquet`` and a
   ``README.md``, or any prefix of Parquet shards): every one in key order, class names from
-  the README's YAML front matter when it has them, else from each file's schema metadata,
-  the split from the file's name (``train``/``validation``/``test``) or a ``split`` column;
+  the README's YAML front matter when it has them (:mod:`imgpipe.data.readers.card`), else
+  from each file's schema metadata, the split from the file's name
+  (``train``/``validation``/``test``) or a ``split`` column;
 * anything else: loose images (``None``).
+
+A folder's own files are claims to check, not instructions: ``state.json``'s ``_data_files``
+must name each data file once, by a plain name, among the files listed beside it (so no file
+is read twice and the rows are the files' own); class names in the card or
+``dataset_info.json`` pass the label gate (:func:`imgpipe.data.labelgate.check_class_list`);
+the JSON files and the card are read up to :data:`MAX_META_BYTES` and :data:`MAX_CARD_BYTES`.
+A data file of a local folder must be a regular file below the folder: a FIFO, device, socket
+or a link out of the folder is refused before it is read.
 
 Only the first :data:`SNIFF_OBJECTS` objects are looked at to tell a dataset from loose
 images; a dataset's files are then listed whole. Files of a bucket are spooled to local
@@ -24,6 +33,7 @@ sharded download each file goes whole to the shard that owns its key.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,13 +42,18 @@ from typing import Any
 
 from imgpipe import storage
 from imgpipe.data.archive import Member
+from imgpipe.data.labelgate import check_class_list, describe
 from imgpipe.data.readers.base import Reader, ReaderSettings
+from imgpipe.data.readers.card import MAX_CARD_BYTES, card_class_names
 from imgpipe.data.readers.hfparquet import HfArrowReader, HfParquetReader, HfTableReader, ImageFiles, is_parquet
-from imgpipe.data.readers.hfschema import card_class_names, normalize_split, split_from_path
+from imgpipe.data.readers.hfschema import normalize_split, split_from_path
 
-__all__ = ["SNIFF_OBJECTS", "Layout", "sniff_folder", "HfFolderReader"]
+__all__ = ["SNIFF_OBJECTS", "MAX_META_BYTES", "Layout", "sniff_folder", "HfFolderReader"]
 
 SNIFF_OBJECTS = 1000
+# The largest state.json or dataset_info.json read: a few KB as datasets writes them, a few MB
+# with the names of 100,000 classes.
+MAX_META_BYTES = 16 << 20
 _CARD = "README.md"
 _STATE = "state.json"
 _INFO = "dataset_info.json"
@@ -61,7 +76,7 @@ class Layout:
     files: tuple[str, ...]
     splits: dict[str, str | None]
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
-    card: dict[str, list[str]] = field(default_factory=dict)
+    card: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ignored: int = 0
 
 
@@ -70,7 +85,8 @@ def sniff_folder(root: str) -> Layout | None:
 
     Raises:
         FileNotFoundError: If nothing is there ("no images found").
-        ValueError: If a ``state.json`` or ``dataset_info.json`` is not JSON.
+        ValueError: If a ``state.json``, ``dataset_info.json`` or the card is not what
+            ``datasets`` writes, or breaks a rule of the module docstring (one line naming the file).
     """
     prefix = storage.normalize_uri(root).rstrip("/") + "/"
     keys: list[str] = []
@@ -104,39 +120,73 @@ def _arrow_layout(prefix: str, keys: list[str], states: list[str]) -> Layout:
     files: list[str] = []
     splits: dict[str, str | None] = {}
     features: dict[str, dict[str, Any]] = {}
+    listed = set(keys)
     for state_key in states:
         folder = posixpath.dirname(state_key)
         state = _json(prefix, state_key)
         info_key = posixpath.join(folder, _INFO)
-        feats = (_json(prefix, info_key).get("features") or {}) if info_key in keys else {}
+        feats = _features(prefix, info_key) if info_key in listed else {}
         split = normalize_split(state.get("_split")) or split_from_path(posixpath.join(folder, "x"))
-        entries = state.get("_data_files") or []
-        if not isinstance(entries, list):
-            raise ValueError(
-                f"{storage.redact_uri(prefix + state_key)} has _data_files {str(entries)[:80]}; save_to_disk writes a list of {{'filename': ...}}"
-            )
-        for entry in entries:
-            name = entry.get("filename") if isinstance(entry, dict) else None
-            if not isinstance(name, str) or "/" in name or name.startswith("."):
-                raise ValueError(f"{storage.redact_uri(prefix + state_key)} names a data file {name!r}; save_to_disk writes plain file names")
-            key = posixpath.join(folder, name)
+        for key in _data_files(prefix, state_key, state, listed):
             files.append(key)
-            splits[key], features[key] = split, feats if isinstance(feats, dict) else {}
+            splits[key], features[key] = split, feats
     used = {*files, *states, *(posixpath.join(posixpath.dirname(s), _INFO) for s in states), "dataset_dict.json", _CARD}
     return Layout("hf-arrow", tuple(files), splits, features, {}, sum(k not in used for k in keys))
 
 
+def _data_files(prefix: str, state_key: str, state: dict[str, Any], listed: set[str]) -> list[str]:
+    """The keys of the data files a ``state.json`` names: each once, by a plain file name, each listed beside it."""
+    shown = storage.redact_uri(prefix + state_key)
+    entries = state.get("_data_files") or []
+    if not isinstance(entries, list):
+        raise ValueError(f"{shown}: _data_files is {describe(entries)}; save_to_disk writes a list of {{'filename': ...}}")
+    folder, keys = posixpath.dirname(state_key), []
+    for i, entry in enumerate(entries):
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+            raise ValueError(f"{shown}: _data_files[{i}] is no plain file name; save_to_disk writes names like data-00000-of-00001.arrow")
+        key = posixpath.join(folder, name)
+        if key in keys:
+            raise ValueError(f"{shown}: _data_files[{i}] names {name!r} again; each data file is named once")
+        if key not in listed:
+            raise ValueError(f"{shown}: _data_files[{i}] names {name!r}, which is not a file of the folder")
+        keys.append(key)
+    return keys
+
+
+def _features(prefix: str, info_key: str) -> dict[str, Any]:
+    """The features of a ``dataset_info.json``, each ``ClassLabel``'s names through the label gate."""
+    feats = _json(prefix, info_key).get("features") or {}
+    if not isinstance(feats, dict):
+        return {}
+    shown = storage.redact_uri(prefix + info_key)
+    for column, feature in feats.items():
+        if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and "names" in feature:
+            check_class_list(feature["names"], f"{shown}: ClassLabel names of column {column!r}")
+    return feats
+
+
 def _parquet_layout(prefix: str, keys: list[str]) -> Layout:
     files = tuple(k for k in keys if k.lower().endswith(".parquet"))
-    card = card_class_names(storage.read_bytes(prefix + _CARD).decode("utf-8", "replace")) if _CARD in keys else {}
+    card = card_class_names(_text(prefix, _CARD, MAX_CARD_BYTES), storage.redact_uri(prefix + _CARD)) if _CARD in keys else {}
     return Layout("hf-parquet", files, {k: split_from_path(k) for k in files}, {}, card, len(keys) - len(files) - (_CARD in keys))
 
 
+def _text(prefix: str, key: str, limit: int) -> str:
+    """The first ``limit`` bytes of a text file of the folder (a card's front matter is at its top)."""
+    data, _ = storage.read_some(prefix + key, limit)
+    return data.decode("utf-8", "replace")
+
+
 def _json(prefix: str, key: str) -> dict[str, Any]:
+    shown = storage.redact_uri(prefix + key)
+    data, info = storage.read_some(prefix + key, MAX_META_BYTES + 1)
+    if len(data) > MAX_META_BYTES or info.size > MAX_META_BYTES:
+        raise ValueError(f"{shown} is over {MAX_META_BYTES} bytes; datasets' save_to_disk writes a few KB")
     try:
-        value = json.loads(storage.read_bytes(prefix + key))
+        value = json.loads(data)
     except ValueError as exc:
-        raise ValueError(f"{storage.redact_uri(prefix + key)} is not JSON ({exc}); is this folder what datasets' save_to_disk wrote?") from None
+        raise ValueError(f"{shown} is not JSON ({exc}); is this folder what datasets' save_to_disk wrote?") from None
     return value if isinstance(value, dict) else {}
 
 
@@ -149,7 +199,7 @@ class HfFolderReader(Reader):
         self.kind = layout.kind
         self.files = [f for f in layout.files if settings.keeps(f)]
         self._local: dict[str, Path] = {}
-        self._classes: list[str] | None = None
+        self._classes: tuple[str, ...] | None = None
         self._rows: dict[str, int] = {}
 
     def manifest_entry(self) -> dict[str, Any]:
@@ -160,7 +210,7 @@ class HfFolderReader(Reader):
             "bytes": None,
             "files": len(self.files),
             "ignored": self.layout.ignored,
-            "classes": self._classes,
+            "classes": list(self._classes) if self._classes is not None else None,
             "splits": self._rows,
         }
 
@@ -197,10 +247,18 @@ class HfFolderReader(Reader):
         return HfParquetReader(shown, local, sha256=None, size=local.stat().st_size, **common)
 
     def _fetch(self, key: str) -> Path:
-        """The file local: read in place from a folder, spooled once from a bucket."""
+        """The file local: read in place from a folder (a regular file below it), spooled once from a bucket."""
         uri = f"{self.root}/{key}"
         if storage.is_local(uri):
-            return storage.local_path(uri)
+            local, top = storage.local_path(uri), os.path.realpath(storage.local_path(self.root))
+            shown = f"{self.uri.rstrip('/')}/{key}"
+            if os.path.commonpath([os.path.realpath(local), top]) != top:
+                raise ValueError(f"{shown} is a link that leads outside the dataset's folder; a data file is read only from below it")
+            try:
+                storage.check_regular(local)
+            except storage.NotRegularFile as exc:
+                raise ValueError(f"{shown} is a {exc.kind}, not a regular file; a data file is read only when it is one") from None
+            return local
         if key not in self._local:
             size = storage.size(uri)
             if size is not None and size > self.settings.http.max_bytes:

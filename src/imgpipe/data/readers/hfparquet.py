@@ -17,8 +17,10 @@ A row whose image has no bytes but a path (``Dataset.to_parquet`` of an ``Image`
 from file paths stores only the path) is read from that path relative to the file's folder
 when :class:`ImageFiles` allows it: never outside the dataset's folder (an ``unsafe_member``),
 and an absolute path refuses the whole source with the fix. A row with neither is a
-``sample_without_image`` reject, one whose label is null or outside the names a ``no_label``
-reject.
+``sample_without_image`` reject, one whose label is null (or ``-1``) a ``no_label`` reject,
+and one whose class index is outside the declared names (or past the label gate's cap where
+none are declared) a ``bad_label`` reject (:func:`imgpipe.data.labelgate.class_index`). A
+FIFO, device or socket where a data file should be is refused before it is read.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import pyarrow.parquet as pq
 from imgpipe import storage
 from imgpipe.data import archive
 from imgpipe.data.archive import Member
+from imgpipe.data.labelgate import class_index
+from imgpipe.data.labels import BAD_LABEL
 from imgpipe.data.readers.base import Reader
 from imgpipe.data.readers.hfschema import Columns, class_names, normalize_split, resolve_columns, split_from_path
 from imgpipe.data.readers.listing import read_object
@@ -60,8 +64,12 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def is_parquet(local: Path) -> bool:
-    """Whether a local file starts (and ends) with Parquet's magic bytes."""
-    with open(local, "rb") as fh:
+    """Whether a local file starts (and ends) with Parquet's magic bytes.
+
+    Raises:
+        NotRegularFile: For a FIFO, device or socket (refused, never waited on): a ``ValueError``.
+    """
+    with storage.open_regular(local) as fh:
         head = fh.read(4)
         fh.seek(0, 2)
         if fh.tell() < 8:
@@ -118,7 +126,7 @@ class HfTableReader(Reader):
         max_member_bytes: int,
         stem: str | None = None,
         split: str | None = None,
-        card: dict[str, list[str]] | None = None,
+        card: dict[str, tuple[str, ...]] | None = None,
         features: dict[str, Any] | None = None,
         images: ImageFiles | None = None,
         image_column: str | None = None,
@@ -130,9 +138,9 @@ class HfTableReader(Reader):
         schema = self.schema()
         self.columns: Columns = resolve_columns(uri, schema, features, image_column=image_column, label_column=label_column)
         try:
-            self.names = (card or {}).get(self.columns.label) or class_names(schema, self.columns.label, features)
+            self.names = (card or {}).get(self.columns.label) or class_names(schema, self.columns.label, features, uri)
         except ValueError as exc:
-            raise ValueError(f"{uri}: {exc} (the huggingface schema metadata or dataset_info.json); fix or drop the metadata") from None
+            raise ValueError(f"{exc}; fix or drop the metadata") from None
 
     @abstractmethod
     def schema(self) -> pa.Schema:
@@ -143,7 +151,8 @@ class HfTableReader(Reader):
         """The file's rows, a row group (record batch) at a time, only ``columns``."""
 
     def manifest_entry(self) -> dict[str, Any]:
-        return {"uri": self.uri, "format": self.kind, "sha256": getattr(self, "sha256", None), "bytes": self.bytes, "classes": self.names}
+        classes = list(self.names) if self.names is not None else None
+        return {"uri": self.uri, "format": self.kind, "sha256": getattr(self, "sha256", None), "bytes": self.bytes, "classes": classes}
 
     def members(self) -> Iterator[Member]:
         try:
@@ -182,9 +191,9 @@ class HfTableReader(Reader):
         return self._labelled(path, data, label, split)
 
     def _labelled(self, path: str, data: bytes, label: Any, split: str | None) -> Member:
-        name = self._name(label)
+        name, reason, detail = self._name(label)
         if name is None:
-            return Member(path, len(data), NO_LABEL, f"label {label!r} names no class" + (f" of {len(self.names)}" if self.names else ""))
+            return Member(path, len(data), reason, detail)
         return Member(path, len(data), opener=partial(io.BytesIO, data), label=name, split=split)
 
     def _from_path(self, path: str, source_path: str, label: Any, split: str | None) -> Member:
@@ -206,17 +215,28 @@ class HfTableReader(Reader):
             return Member(path, 0, TOO_LARGE, f"{source_path} is over max_member_bytes={self.max_member_bytes}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return Member(path, 0, NO_IMAGE, f"the row's image path {source_path!r} names no file below the dataset's folder")
+        except storage.NotRegularFile:
+            return Member(path, 0, archive.UNSAFE_MEMBER, f"the row's image path {source_path!r} names no regular file (a FIFO, device or socket)")
         return self._labelled(path, data, label, split)
 
-    def _name(self, label: Any) -> str | None:
+    def _name(self, label: Any) -> tuple[str | None, str, str]:
+        """The class name of a row's label, else ``None`` with the reject's reason and detail.
+
+        An integer is a class index below the declared names' count (or the label gate's cap
+        where the file declares none): anything else is this row's ``bad_label``. ``-1`` is
+        ``datasets``' own mark of a row without a label (``no_label``).
+        """
         if label is None or isinstance(label, bool):
-            return None
+            return None, NO_LABEL, "the row's label is null"
         if isinstance(label, int):
-            if self.names is None:
-                return str(label)
-            return self.names[label] if 0 <= label < len(self.names) else None
+            if label == -1:
+                return None, NO_LABEL, "the row's label is -1 (datasets' mark of a row without a label)"
+            index, why = class_index(label, None if self.names is None else len(self.names), "the row's class index")
+            if index is None:
+                return None, BAD_LABEL, why
+            return (str(index) if self.names is None else self.names[index]), "", ""
         text = str(label).strip()
-        return text or None
+        return (text, "", "") if text else (None, NO_LABEL, "the row's label is empty")
 
 
 class HfParquetReader(HfTableReader):
@@ -227,8 +247,9 @@ class HfParquetReader(HfTableReader):
     def __init__(self, uri: str, local: Path, *, sha256: str | None, size: int | None, **kwargs: Any) -> None:
         self.local, self.sha256, self.bytes = local, sha256, size
         try:
+            storage.check_regular(local)  # pyarrow would wait on a FIFO for ever
             self._file = pq.ParquetFile(local)
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, storage.NotRegularFile) as exc:
             raise ValueError(f"{uri} is not a readable Parquet file: {type(exc).__name__}: {str(exc)[:200]}") from None
         super().__init__(uri, **kwargs)
 
@@ -251,9 +272,12 @@ class HfArrowReader(HfTableReader):
     def __init__(self, uri: str, local: Path, **kwargs: Any) -> None:
         self.local, self.sha256, self.bytes = local, None, None
         try:
-            with pa.memory_map(str(local)) as src:
-                self._schema = pa.ipc.open_stream(src).schema
-        except (pa.ArrowException, OSError) as exc:
+            source = storage.ArrowInput.mapped(local)  # a FIFO or device is refused, never waited on
+            try:
+                self._schema = pa.ipc.open_stream(source.file).schema
+            finally:
+                source.close()
+        except (pa.ArrowException, OSError, ValueError) as exc:
             raise ValueError(f"{uri} is not an Arrow stream file as datasets' save_to_disk writes them: {str(exc)[:200]}") from None
         super().__init__(uri, **kwargs)
 
@@ -261,6 +285,9 @@ class HfArrowReader(HfTableReader):
         return self._schema
 
     def tables(self, columns: list[str]) -> Iterator[pa.Table]:
-        with pa.memory_map(str(self.local)) as src:
-            for batch in pa.ipc.open_stream(src):
+        source = storage.ArrowInput.mapped(self.local)
+        try:
+            for batch in pa.ipc.open_stream(source.file):
                 yield pa.Table.from_batches([batch]).select(columns)
+        finally:
+            source.close()

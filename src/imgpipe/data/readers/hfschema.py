@@ -1,15 +1,16 @@
 """What a Hugging Face dataset's files say about themselves: its image and label columns, class names, splits.
 
     columns = resolve_columns(uri, schema, features, image_column=None, label_column=None)
-    names = card_class_names(readme_text)          # {"labels": ["angular_leaf_spot", ...]} from the Hub's README
+    names = class_names(schema, "labels", features, uri)   # ("angular_leaf_spot", ...) of a ClassLabel, or None
     split = split_from_path("data/validation-00000-of-00001.parquet")   # "val"
 
 Columns are found by name (``image``/``img``, ``label``/``labels``/``fine_label``: what
 ``datasets`` writes for most image sets, CIFAR-10's ``img``, beans' ``labels``, CIFAR-100's
 ``fine_label``), then by feature type (the one ``Image`` or ``ClassLabel`` column), or named
 by the ``image_column``/``label_column`` settings. Class names come from the Hub README's
-``dataset_info`` front matter, ``dataset_info.json`` (``save_to_disk``) or the ``huggingface``
-schema metadata ``datasets`` writes into every Parquet and Arrow file.
+``dataset_info`` front matter (:mod:`imgpipe.data.readers.card`), ``dataset_info.json``
+(``save_to_disk``) or the ``huggingface`` schema metadata ``datasets`` writes into every Parquet
+and Arrow file, each through the label gate (:func:`imgpipe.data.labelgate.check_class_list`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import yaml
 
+from imgpipe.data.labelgate import check_class_list
 from imgpipe.parquet import HF_METADATA_KEY
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "Columns",
     "schema_features",
     "class_names",
-    "card_class_names",
     "normalize_split",
     "split_from_path",
     "resolve_columns",
@@ -53,7 +53,6 @@ _SPLITS = {
     "test": "test",
     "testing": "test",
 }
-_FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|\Z)", re.S)
 _SETTING = "set the download step's {0} (config `download: {{{0}: NAME}}`, or step_config download.{0})"
 
 
@@ -88,50 +87,19 @@ def schema_features(schema: pa.Schema) -> dict[str, Any]:
     return features if isinstance(features, dict) else {}
 
 
-def class_names(schema: pa.Schema, column: str = "label", features: dict[str, Any] | None = None) -> list[str] | None:
+def class_names(schema: pa.Schema, column: str, features: dict[str, Any] | None, uri: str) -> tuple[str, ...] | None:
     """The ``ClassLabel`` names of ``column``: from ``features`` (``dataset_info.json``), else the schema metadata.
 
     Raises:
-        ValueError: If the ``ClassLabel`` feature's ``names`` is not a list of strings.
+        ValueError: Naming ``uri`` and where in it, when the names break the label gate's rule
+            (:func:`imgpipe.data.labelgate.check_class_list`).
     """
-    for source in (features if isinstance(features, dict) else {}, schema_features(schema)):
+    given = features if isinstance(features, dict) else {}
+    for source, what in ((given, "dataset_info.json features"), (schema_features(schema), "huggingface schema metadata")):
         feature = source.get(column)
-        if not (isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and "names" in feature):
-            continue
-        names = feature["names"]
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"the ClassLabel feature of column {column!r} has names {str(names)[:80]}, not a list of strings")
-        return list(names)
+        if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and "names" in feature:
+            return check_class_list(feature["names"], f"{uri}: ClassLabel names of column {column!r} in the {what}")
     return None
-
-
-def card_class_names(readme: str) -> dict[str, list[str]]:
-    """Each ``class_label`` column's names in a dataset card's YAML front matter (the Hub's ``README.md``).
-
-    ``push_to_hub`` writes ``dataset_info: features: - name: label dtype: class_label: names:
-    {'0': cat, '1': dog}`` (``datasets.info.DatasetInfo._to_yaml_dict``); a card with several
-    configs has a list of ``dataset_info`` entries, of which the first (or ``default``) counts.
-    """
-    match = _FRONT_MATTER.match(readme.lstrip("\ufeff"))
-    if match is None:
-        return {}
-    try:
-        meta = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return {}
-    info = meta.get("dataset_info") if isinstance(meta, dict) else None
-    if isinstance(info, list):
-        info = next((i for i in info if isinstance(i, dict) and i.get("config_name") == "default"), info[0] if info else None)
-    features = info.get("features") if isinstance(info, dict) else None
-    out: dict[str, list[str]] = {}
-    for feature in features if isinstance(features, list) else []:
-        dtype = feature.get("dtype") if isinstance(feature, dict) else None
-        names = (dtype.get("class_label") or {}).get("names") if isinstance(dtype, dict) else None
-        if isinstance(names, dict):  # {'0': cat, '1': dog}; other keys make it no list of names
-            names = [names[k] for k in sorted(names, key=int)] if all(isinstance(k, int) or str(k).isdigit() for k in names) else None
-        if isinstance(names, list) and isinstance(feature, dict) and "name" in feature:
-            out[str(feature["name"])] = [str(n) for n in names]
-    return out
 
 
 def normalize_split(name: Any) -> str | None:

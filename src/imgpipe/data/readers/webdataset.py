@@ -9,7 +9,9 @@ as the WebDataset format defines it. Its image is the part with an image extensi
 comes from a label part only, never from a caption:
 
 * ``.cls``: an integer, the class index itself; its name is ``class_names[index]`` when the
-  run names the classes, else the integer as text;
+  run names the classes, else the integer as text; an index that is no integer, or not below
+  the number of ``class_names`` (below the label gate's cap without them), is that sample's
+  ``bad_label`` (:func:`imgpipe.data.labelgate.class_index`), never the shard's failure;
 * else a ``.json``'s ``label``, ``class`` or ``cls`` (an integer there is an index, as in ``.cls``);
 * or the part ``label_key`` names: ``txt`` or ``caption.txt`` (the part's text is the class),
   ``PART:KEY`` for a key of a JSON part (``json:category``).
@@ -17,11 +19,12 @@ comes from a label part only, never from a caption:
 An img2dataset shard (``jpg``, a caption ``txt``, a ``json`` of url and caption) has no label
 part: each of its samples is a ``no_label`` reject whose detail names the parts found and the
 setting to use. Each sample is one input: a member named after its image, or a reject
-(``sample_without_image``, ``no_label``); other parts are ignored. A tar whose first members
-pair an image with a ``cls``, ``json`` or ``txt`` part is taken as WebDataset
+(``sample_without_image``, ``no_label``, ``bad_label``); other parts are ignored. A tar whose
+first members pair an image with a ``cls``, ``json`` or ``txt`` part is taken as WebDataset
 (:func:`looks_like_webdataset`); so is every shard of a brace-expanded list. The manifest entry
-records the class list (``classes``): ``class_names``, else ``0..n-1`` for integer classes, so
-clean gives class ``i`` index ``i``.
+records the class list (``classes``) where the run names the classes (``class_names``), so
+clean gives class ``i`` index ``i``; integer classes without names are the indices present,
+which clean orders by value.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from typing import Any
 
 from imgpipe.data import archive
 from imgpipe.data.archive import Member
+from imgpipe.data.labelgate import class_index
+from imgpipe.data.labels import BAD_LABEL
 from imgpipe.data.readers.base import Reader
 from imgpipe.data.readers.listing import fetched
 
@@ -57,9 +62,6 @@ LABEL_EXTENSIONS = ("cls", "json")
 JSON_LABEL_KEYS = ("label", "class", "cls")
 # Parts that, beside an image under one key, mark a tar as WebDataset (img2dataset's too).
 _SAMPLE_PARTS = ("cls", "json", "txt")
-# Integer classes without names are recorded as the list 0..n-1 up to this many.
-_MAX_LISTED_INDEX = 100_000
-_INTEGER = re.compile(r"[+-]?\d+")
 NO_IMAGE = "sample_without_image"
 NO_LABEL = "no_label"
 # A class part is a few bytes; a bigger one is no label.
@@ -165,14 +167,11 @@ class WebDatasetReader(Reader):
         self.label_part, self.json_key = parse_label_key(label_key)
         self.class_names = tuple(class_names)
         self._parts = (self.label_part,) if self.label_part else LABEL_EXTENSIONS
-        self._top_index = -1  # the largest integer class seen
 
     def manifest_entry(self) -> dict[str, Any]:
         entry = {"uri": self.uri, "format": f"{self.kind}/{self.format}", "sha256": self.sha256, "bytes": self.bytes}
         if self.class_names:
             entry["classes"] = list(self.class_names)
-        elif 0 <= self._top_index < _MAX_LISTED_INDEX:
-            entry["classes"] = [str(i) for i in range(self._top_index + 1)]
         return entry
 
     def members(self) -> Iterator[Member]:
@@ -214,7 +213,9 @@ class WebDatasetReader(Reader):
             return Member(key, 0, NO_IMAGE, f"parts {sorted(seen)} hold no image ({', '.join(IMAGE_EXTENSIONS)})")
         if image.reason is not None:
             return image
-        label, why = self._label(parts)
+        label, why, bad = self._label(parts)
+        if label is None and bad:
+            return Member(image.path, image.size, BAD_LABEL, why)
         if label is None:
             return Member(image.path, image.size, NO_LABEL, f"{why}; the sample's parts are {sorted(seen)}. {self._fix()}")
         return fetched(image.path, image.read(self.max_member_bytes), label=label)
@@ -228,8 +229,8 @@ class WebDatasetReader(Reader):
             "(label_key: txt takes each .txt as its class, label_key: json:KEY a key of the .json)"
         )
 
-    def _label(self, parts: dict[str, Member]) -> tuple[str | None, str]:
-        """The sample's class from its label part, or ``None`` and why it has none."""
+    def _label(self, parts: dict[str, Member]) -> tuple[str | None, str, bool]:
+        """The sample's class from its label part, or ``None``, why it has none, and whether a part gave a bad one."""
         why = f"no .{self.label_part} part" if self.label_part else "no class part (.cls, or a .json with label, class or cls)"
         for ext in self._parts:
             part = parts.get(ext)
@@ -241,38 +242,34 @@ class WebDatasetReader(Reader):
             text = part.read(_MAX_LABEL_BYTES).decode("utf-8", "replace").strip()
             kind = ext.rsplit(".", 1)[-1]
             if kind == "json" or self.json_key:
-                label, why = self._from_json(ext, text)
+                label, why, bad = self._from_json(ext, text)
             elif kind == "cls":
-                label, why = self._indexed(text, ext) if _INTEGER.fullmatch(text) else (None, f"its .{ext} part is not an integer class index")
+                label, why, bad = self._indexed(text, ext) if text else (None, f"its .{ext} part is empty", False)
             else:
-                label, why = (text, "") if text and "\n" not in text else (None, f"its .{ext} part is empty or more than one line")
-            if label is not None:
-                return label, ""
-        return None, why
+                label, why, bad = (text, "", False) if text and "\n" not in text else (None, f"its .{ext} part is empty or more than one line", False)
+            if label is not None or bad:
+                return label, why, bad
+        return None, why, False
 
-    def _from_json(self, ext: str, text: str) -> tuple[str | None, str]:
+    def _from_json(self, ext: str, text: str) -> tuple[str | None, str, bool]:
         keys = (self.json_key,) if self.json_key else JSON_LABEL_KEYS
         try:
             obj = json.loads(text)
         except ValueError:
-            return None, f"its .{ext} part is not JSON"
+            return None, f"its .{ext} part is not JSON", False
         value = next((obj[k] for k in keys if isinstance(obj, dict) and k in obj), None)
         if isinstance(value, int) and not isinstance(value, bool):
-            return self._indexed(str(value), ext)
+            return self._indexed(value, ext)
         if isinstance(value, str) and value.strip() and "\n" not in value.strip():
-            return value.strip(), ""
+            return value.strip(), "", False
         if value is None:
-            return None, f"its .{ext} part has no key {' or '.join(keys)}"
-        return None, f"its .{ext} part's {next(k for k in keys if k in obj)} is not a class name or index"
+            return None, f"its .{ext} part has no key {' or '.join(keys)}", False
+        return None, f"its .{ext} part's {next(k for k in keys if k in obj)} is not a class name or index", True
 
-    def _indexed(self, text: str, ext: str) -> tuple[str | None, str]:
-        """An integer class: its name in ``class_names``, else the integer as text."""
-        index = int(text)
-        if index < 0:
-            return None, f"its .{ext} class index {index} is negative"
-        if self.class_names:
-            if index >= len(self.class_names):
-                return None, f"its .{ext} class index {index} is outside class_names ({len(self.class_names)} names)"
-            return self.class_names[index], ""
-        self._top_index = max(self._top_index, index)
-        return str(index), ""
+    def _indexed(self, value: int | str, ext: str) -> tuple[str | None, str, bool]:
+        """An integer class: its name in ``class_names``, else the integer as text; else why not (a ``bad_label``)."""
+        declared = len(self.class_names) if self.class_names else None
+        index, why = class_index(value, declared, f"its .{ext} class index")
+        if index is None:
+            return None, why, True
+        return (self.class_names[index] if self.class_names else str(index)), "", False
