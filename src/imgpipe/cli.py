@@ -10,22 +10,31 @@ options. The resolved config is written next to each step's output.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from imgpipe import resources, storage
 from imgpipe.cli_args import ENDPOINT_FLAG, build_parser
-from imgpipe.config import load_config, parse_override
+from imgpipe.config import changed_fields, load_config
 from imgpipe.config_flags import flag_overrides
 
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("imgpipe")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _resolved(cls: type, args: argparse.Namespace, section: str) -> Any:
+    """A step command's config: defaults < ``--config`` < ``--set`` < its flags; logs what differs from the defaults."""
+    cfg = load_config(cls, args.config, flag_overrides(args), section)
+    changed = changed_fields(cfg)
+    log.info("%s settings changed from the defaults: %s", section, ", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
+    return cfg
 
 
 def _emit(report: Any, as_json: bool) -> None:
@@ -38,7 +47,7 @@ def _emit(report: Any, as_json: bool) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from imgpipe.data.synth import SynthConfig, generate
 
-    _emit(generate(args.dest, load_config(SynthConfig, args.config, flag_overrides(args), "synth")), args.json)
+    _emit(generate(args.dest, _resolved(SynthConfig, args, "synth")), args.json)
     return 0
 
 
@@ -57,7 +66,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     if len(args.paths) < 2:
         raise ValueError("download needs at least one SOURCE and a DEST")
     *sources, dest = args.paths
-    cfg = load_config(DownloadConfig, args.config, flag_overrides(args), "download")
+    cfg = _resolved(DownloadConfig, args, "download")
     _emit(download(sources, dest, cfg, previous=args.previous), args.json)
     return 0
 
@@ -66,7 +75,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from imgpipe.clean.config import CleanConfig
     from imgpipe.steps.clean import clean
 
-    cfg = load_config(CleanConfig, args.config, flag_overrides(args), "clean")
+    cfg = _resolved(CleanConfig, args, "clean")
     _emit(clean(args.source, args.dest, cfg), args.json)
     return 0
 
@@ -75,7 +84,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     from imgpipe.remote.dispatch import run_step
     from imgpipe.resize.config import ResizeConfig
 
-    cfg = load_config(ResizeConfig, args.config, flag_overrides(args), "resize")
+    cfg = _resolved(ResizeConfig, args, "resize")
     _emit(run_step("resize", args.source, args.dest, cfg, run_id=args.run_id), args.json)
     return 0
 
@@ -84,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from imgpipe.steps.train import train
     from imgpipe.train.config import TrainConfig
 
-    cfg = load_config(TrainConfig, args.config, flag_overrides(args), "train")
+    cfg = _resolved(TrainConfig, args, "train")
     _emit(train(args.data, args.out, cfg), args.json)
     return 0
 
@@ -92,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgpipe.steps.predict import PredictConfig, predict
 
-    cfg = load_config(PredictConfig, args.config, flag_overrides(args), "predict")
+    cfg = _resolved(PredictConfig, args, "predict")
     report = predict(args.model, args.data, args.dest, cfg)
     _emit(report, args.json)
     for split, score in sorted((report.extra.get("scores") or {}).items()):
@@ -116,11 +125,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _local_config(args: argparse.Namespace) -> Any:
-    """The :class:`~imgpipe.kfp.local_run.LocalRunConfig` of ``run``/``sweep``'s options."""
+    """The :class:`~imgpipe.kfp.local_run.LocalRunConfig` of ``run``/``sweep``'s options: defaults < ``--config`` < ``--param``/``--set``."""
     from imgpipe.kfp.local_run import load_local_config
 
-    cfg = load_local_config(
+    return load_local_config(
         args.config or None,
+        params=args.params,
+        sets=args.overrides,
         data_root=args.data_root,
         workdir=args.workdir,
         source=args.source,
@@ -130,9 +141,6 @@ def _local_config(args: argparse.Namespace) -> Any:
         runner=args.runner,
         shards=getattr(args, "shards", None),
     )
-    if args.params:
-        cfg = dataclasses.replace(cfg, params={**cfg.params, **dict(parse_override(p) for p in args.params)})
-    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -307,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(only=command).parse_args(argv)
     resources.skip_collection_at_exit()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # "Found credentials in environment variables" on every start says nothing to act on
+        logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     if args.storage_endpoint:
         storage.configure_endpoint(args.storage_endpoint)
     try:
@@ -318,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # A user's mistake, a store that refuses or does not answer, or a failed remote run
         # (Ray job, KFP run): one clear line and a non-zero exit, no traceback (-v shows it).
-        print(f"imgpipe {args.command}: error: {line}", file=sys.stderr)
+        # One line, never a terminal's colour codes (kfp colours task names in its errors).
+        print(f"imgpipe {args.command}: error: {_ANSI.sub('', line)}", file=sys.stderr)
         return 2
 
 

@@ -107,7 +107,15 @@ def _local_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, help="sample dataset breeds (default 12)")
     p.add_argument("--per-class", type=int, help="sample dataset images per breed (default 60)")
     p.add_argument("--shards", type=int, help="download and clean as this many shard tasks and a merge (default 1)")
-    _param_flag(p, "pipeline parameter over the local defaults (repeatable), e.g. --param epochs=1")
+    _param_flag(p, "pipeline parameter (repeatable), e.g. --param epochs=1; wins over --config, the step's field included (train.epochs)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any field of a config section (repeatable), e.g. --set train.lr=0.001; wins over --config",
+    )
     p.add_argument(
         "--runner",
         choices=["subprocess", "docker"],
@@ -227,6 +235,8 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
     p = sub.add_parser(
         "run",
         help="run the Kubeflow pipeline locally (kfp.local, a local S3 server, local Ray) on the sample dataset",
+        description="Runs the pipeline on this machine. Settings: the defaults in code, then each --config file in "
+        "order, then --param and --set (the command line wins). Everything is checked before anything starts.",
     )
     _local_run_options(p)
 

@@ -33,6 +33,7 @@ __all__ = [
     "load_config",
     "config_to_dict",
     "config_to_yaml",
+    "changed_fields",
     "parse_override",
     "coerce",
     "check_range",
@@ -455,3 +456,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def config_to_yaml(cfg: Any) -> str:
     """Returns the resolved config as YAML, the form written next to a step's outputs."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def changed_fields(cfg: Any) -> dict[str, Any]:
+    """The fields of a config that differ from its defaults in code, as plain data (what a run changed)."""
+    defaults, values = config_to_dict(type(cfg)()), config_to_dict(cfg)
+    return {k: v for k, v in values.items() if v != defaults.get(k)}

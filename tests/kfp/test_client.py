@@ -166,6 +166,27 @@ def test_schedule_refuses_a_five_field_cron_before_any_request(kfp_server, packa
 
 
 @pytest.mark.parametrize(
+    ("param", "message"),
+    [
+        ("epoch=3", r"unknown pipeline parameter 'epoch' \(did you mean 'epochs'\?\)"),
+        ("model=resnet19", r"train: unknown model 'resnet19' \(did you mean 'resnet18'\?\)"),
+        ("preset=resnett", r"resize: unknown preset 'resnett' \(did you mean 'resnet'\?\)"),
+        ("epochs=0", r"train: epochs must be an integer"),
+        ('step_config={"train": {"epoch": 3}}', r"train: unknown TrainConfig option\(s\) epoch \(did you mean 'epochs'\?\)"),
+        ('step_config={"trian": {}}', r"unknown section\(s\) trian \(did you mean 'train'\?\)"),
+        ("source_uri=ftp://host/images.tar", r"parameter source_uri ftp://host/images.tar: unsupported scheme 'ftp'"),
+    ],
+)
+def test_submit_and_schedule_check_every_step_config_before_any_request(kfp_server, package, param, message):
+    host, fake = kfp_server
+    with pytest.raises(ValueError, match=message):
+        kfp_client.submit(["data_root=s3://b/imgpipe", param], target=Target(host=host), package=package)
+    with pytest.raises(ValueError, match=message):
+        kfp_client.schedule("0 0 3 * * *", ["data_root=s3://b/imgpipe", param], target=Target(host=host), package=package)
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
     ("cron", "message"),
     [
         ("0 0 3 * *", "5 fields"),
@@ -394,3 +415,21 @@ def test_a_user_without_jobs_rights_is_told_so_by_schedule(kfp_server, package, 
         r"service account team-a/imgpipe-retrain may not list jobs\.pipelines\.kubeflow\.org in namespace team-a",
     ):
         kfp_client.schedule("0 0 3 * * *", ["data_root=s3://b"], target=Target(host=host, namespace="team-a"), package=package)
+
+
+def test_a_failed_run_says_which_task_failed_and_why():
+    from types import SimpleNamespace as NS
+
+    from imgpipe.kfp.client import run_failure
+
+    err = NS(message="clean kept no image from 2 input(s)\ntraceback ...")
+    tasks = [
+        NS(task_id="root", parent_task_id=None, state="FAILED", display_name="imgpipe", error=None, pod_name=None),
+        NS(task_id="dag", parent_task_id="root", state="FAILED", display_name="condition-branches-1", error=None, pod_name=None),
+        NS(task_id="t1", parent_task_id="dag", state="FAILED", display_name="clean", error=err, pod_name="imgpipe-x-impl-1"),
+        NS(task_id="t2", parent_task_id="root", state="SUCCEEDED", display_name="download", error=None, pod_name="p2"),
+    ]
+    run = NS(run_details=NS(task_details=tasks), error=NS(message="run failed"))
+    assert run_failure(run) == ": clean failed (pod imgpipe-x-impl-1): clean kept no image from 2 input(s)"
+    assert run_failure(NS(run_details=None, error=NS(message="the driver refused it"))) == ": the driver refused it"
+    assert run_failure(NS(run_details=NS(task_details=[]), error=None)) == ""

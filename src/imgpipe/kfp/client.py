@@ -27,6 +27,7 @@ from imgpipe.kfp.package import (
     parse_params,
     version_name,
 )
+from imgpipe.kfp.preflight import check_params
 from imgpipe.kfp.refusals import call
 
 __all__ = [
@@ -218,6 +219,7 @@ def _prepare(
 ) -> tuple[Any, dict[str, Any], str, str, str, str, str | None]:
     path = _package(package, caching, gpu, tmp, pipeline, parallelism, shards)
     typed = parse_params(params, path)
+    check_params(typed)  # every step's config as its task will build it: refused here, not hours into the run
     client = client or connect(target.host, namespace=target.namespace)
     namespace = _namespace(client, target)
     pipeline_id, version_id, version = ensure_pipeline_version(client, path, pipeline_name=pipeline, namespace=namespace)
@@ -249,6 +251,29 @@ def _namespace(client: Any, target: Target) -> str | None:
             f"{NAMESPACE_ENV}) to your Kubeflow profile's namespace; experiments, pipelines and runs live there"
         )
     return target.namespace
+
+
+def run_failure(run: Any) -> str:
+    """What failed in a run, as KFP's API tells it: ``": TASK failed (pod POD): REASON"``, or ``""``.
+
+    The tasks named are those that failed themselves (not the DAGs around them); the reason is
+    the task's own error, else the run's, first line only.
+    """
+    tasks = list(getattr(getattr(run, "run_details", None), "task_details", None) or [])
+    parents = {t.parent_task_id for t in tasks if getattr(t, "parent_task_id", None)}
+    failed = [t for t in tasks if str(t.state or "").upper() == "FAILED" and t.task_id not in parents]
+    reason = next((_headline(t.error) for t in failed if _headline(t.error)), "") or _headline(getattr(run, "error", None))
+    if not failed:
+        return f": {reason}" if reason else ""
+    names = ", ".join(sorted({t.display_name or t.task_id for t in failed}))
+    pods = sorted({t.pod_name for t in failed if getattr(t, "pod_name", None)})
+    where = f" (pod {', '.join(pods)})" if pods else ""
+    return f": {names} failed{where}" + (f": {reason}" if reason else "")
+
+
+def _headline(error: Any) -> str:
+    message = getattr(error, "message", None) or ""
+    return message.strip().splitlines()[0][:300] if message.strip() else ""
 
 
 def _wait(client: Any, run_id: str, timeout_s: float, poll_s: float, namespace: str | None = None) -> str:
@@ -344,7 +369,8 @@ def submit(
     if wait:
         state = _wait(client, run_id, timeout_s, poll_s, namespace)
         if state != "SUCCEEDED":
-            raise RuntimeError(f"run {run_id} ended {state}")
+            run = call(f"read run {run_id}", "get", "runs", namespace, client.get_run, run_id)
+            raise RuntimeError(f"run {run_id} ended {state}{run_failure(run)}")
     return Submitted(pipeline_id, version_id, version, experiment_id, run_id, created, state)
 
 

@@ -8,9 +8,9 @@ How it works in detail: docs/internals.md, "imgpipe.kfp.local_run".
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,22 +19,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import yaml
+
 from imgpipe import contract, storage
-from imgpipe.config import check_sections, read_config_file
-from imgpipe.data.sharding import Shard
+from imgpipe.config import config_from_dict, config_to_dict
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
+from imgpipe.kfp import preflight
 from imgpipe.kfp.local_containers import docker_runner_for, engine_for
+from imgpipe.kfp.local_result import LocalRunResult, collect_result
 from imgpipe.kfp.local_s3 import local_s3_server
 from imgpipe.kfp.progress import step_progress
-from imgpipe.kfp.shards import SHARDS_DIR
+from imgpipe.kfp.publish import with_promotion
+from imgpipe.kfp.run_settings import Layers, parameter_fields
 from imgpipe.registry import STEPS
 
 __all__ = [
     "LOCAL_PARAMS",
     "LOCAL_STEP_CONFIG",
     "LocalRunConfig",
-    "LocalRunResult",
-    "SYNTH_KEYS",
     "load_local_config",
     "STORE_DIR",
     "local_s3_server",
@@ -55,8 +57,6 @@ LOCAL_PARAMS: dict[str, Any] = {
     "batch_size": 32,
     "ray_address": "",
 }
-# The synth section's keys: the SynthConfig fields a local run passes on.
-SYNTH_KEYS = ("classes", "per_class", "seed", "off_centre")
 # Step config sections: loader workers as processes cost more than they give on two cores.
 LOCAL_STEP_CONFIG: dict[str, dict[str, Any]] = {
     "train": {"num_workers": 0, "shuffle_buffer": 256, "warmup_fraction": 0.05},
@@ -79,7 +79,8 @@ class LocalRunConfig:
         seed: Sample dataset seed.
         off_centre: Sample dataset with off-centre objects in wide or tall images
             (:class:`imgpipe.data.synth.SynthConfig`), which a centre crop often loses.
-        params: Pipeline parameters over :data:`LOCAL_PARAMS`.
+        params: Pipeline parameters over :data:`LOCAL_PARAMS`; each one wins over the step
+            config field it sets (``epochs`` over ``step_config["train"]["epochs"]``).
         step_config: Step config sections over :data:`LOCAL_STEP_CONFIG` (per field).
         runner: ``subprocess`` (each step a subprocess of this Python) or ``docker``
             (each step in its image; see the module docstring).
@@ -104,69 +105,37 @@ class LocalRunConfig:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
 
     def pipeline_arguments(self) -> dict[str, Any]:
-        """The pipeline parameters of this run, except the data locations."""
+        """The pipeline parameters of this run, except the data locations.
+
+        The local defaults lie under :attr:`params` and :attr:`step_config`; a parameter of
+        :attr:`params` replaces the step field it sets (:func:`imgpipe.kfp.run_settings.parameter_fields`),
+        so a component never sees a section that overrules it.
+        """
         sections = {k: dict(v) for k, v in LOCAL_STEP_CONFIG.items()}
         for step, values in self.step_config.items():
             if step not in STEPS:
                 raise ValueError(f"step_config has a section {step!r}; steps are {', '.join(STEPS)}")
             sections.setdefault(step, {}).update(values)
+        fields = parameter_fields()
+        for name in self.params:
+            if name in fields:
+                step, key = fields[name]
+                sections.get(step, {}).pop(key, None)
         return {**LOCAL_PARAMS, **self.params, "step_config": sections}
 
 
-@dataclass
-class LocalRunResult:
-    """Where a local run left its results.
+def load_local_config(
+    path: str | Path | Sequence[str | Path] | None,
+    *,
+    params: Sequence[str] = (),
+    sets: Sequence[str] = (),
+    **overrides: Any,
+) -> LocalRunConfig:
+    """A local run's settings: the defaults in code, then each YAML file in order, then the command line.
 
-    Attributes:
-        run_id: The kfp local run id (the ``runs/{run_id}/`` segment of every prefix).
-        prefixes: Step name -> committed output prefix (in the store the run used).
-        reports: Step name -> its manifest.
-        artifacts: kfp output name -> local file (model, metrics, confusion, report).
-        metadata: kfp output name -> the artifact's metadata (metrics, confusion matrix).
-        copies: Local copies of the train output, when the store was the run's own.
-        promotion: The promotion gate's decision (:class:`imgpipe.steps.promote.Decision` as a dict).
-        reconciled: Whether every archive member ended in exactly one place.
-        seconds: Wall time of the whole run.
-    """
-
-    run_id: str
-    prefixes: dict[str, str]
-    reports: dict[str, dict[str, Any]]
-    artifacts: dict[str, str]
-    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
-    copies: dict[str, str] = field(default_factory=dict)
-    reconciled: bool = False
-    seconds: float = 0.0
-    promotion: dict[str, Any] | None = None
-
-    def summary(self) -> str:
-        """The lines ``imgpipe run`` prints at the end."""
-        r = self.reports
-        lines = [f"{step}: {m['inputs']} in -> {m['outputs']} out, {m['rejected']} rejected -> {self.prefixes[step]}" for step, m in r.items()]
-        dl, cl, rs = r["download"], r["clean"], r["resize"]
-        lines.append(
-            f"\nrun {self.run_id} finished in {self.seconds:.1f}s: {dl['inputs']} archive members -> "
-            f"{rs['outputs']} training images, {dl['rejected'] + cl['rejected'] + rs['rejected']} rejected "
-            f"({'reconciled' if self.reconciled else 'NOT RECONCILED'})"
-        )
-        metrics = (r.get("train") or {}).get("metrics") or {}
-        if metrics.get("val_accuracy") is not None:
-            lines.append(f"validation accuracy {metrics['val_accuracy']:.3f}, macro-F1 {metrics['val_macro_f1']:.3f}")
-        if self.promotion is not None:
-            verdict = "promoted" if self.promotion["promoted"] else "NOT promoted (latest unchanged)"
-            lines.append(f"promotion: {verdict}: {self.promotion['reason']}")
-        local = self.copies or {}
-        for name in (contract.REPORT, contract.MODEL, contract.METRICS):
-            lines.append(f"{name + ':':14} {local.get(name) or storage.join(self.prefixes['train'], name)}")
-        lines.append(f"{'kfp outputs:':14} {Path(self.artifacts['model']).parents[1]} (model, metrics, confusion, report)")
-        return "\n".join(lines)
-
-
-def load_local_config(path: str | Path | Sequence[str | Path] | None, **overrides: Any) -> LocalRunConfig:
-    """Reads a local run's YAML: sections ``pipeline`` (parameters), ``synth`` and one per step.
-
-    Several files are read in order and merged field by field, a later file winning (a
-    run's settings, then a sweep winner's ``train:`` recipe).
+    Each file holds sections ``pipeline`` (parameters), ``synth`` and one per step; a later
+    layer wins field by field, and a parameter and the step field it sets are one setting
+    (:mod:`imgpipe.kfp.run_settings`): ``--param epochs=1`` wins over a file's ``train: {epochs: 3}``.
 
     Example::
 
@@ -176,41 +145,42 @@ def load_local_config(path: str | Path | Sequence[str | Path] | None, **override
 
     Args:
         path: The YAML file, several of them, or ``None``.
-        overrides: :class:`LocalRunConfig` fields that win over the file (``None`` ignored).
+        params: ``--param KEY=VALUE`` pairs: pipeline parameters (``step_config`` too).
+        sets: ``--set SECTION.KEY=VALUE`` pairs: any field of a section.
+        overrides: :class:`LocalRunConfig` fields that win over everything (``None`` ignored).
 
     Raises:
         ValueError: On a missing file, an unknown section, a section that is not a
-            mapping or an unknown synth key.
+            mapping, an unknown synth key or a malformed pair.
     """
-    doc: dict[str, dict[str, Any]] = {}
+    layers = Layers()
     for one in [] if path is None else [path] if isinstance(path, (str, Path)) else list(path):
-        loaded = read_config_file(one)
-        check_sections(loaded, f"config file {one}")
-        for section, values in loaded.items():
-            if not isinstance(values, Mapping):
-                raise ValueError(f"config file {one}: section {section!r} must hold a mapping of options")
-            doc.setdefault(section, {}).update(values)
-    synth = dict(doc.get("synth") or {})
-    unknown = sorted(set(synth) - set(SYNTH_KEYS))
-    if unknown:
-        raise ValueError(f"synth section: unknown key(s) {', '.join(unknown)}; keys: {', '.join(SYNTH_KEYS)}")
-    values: dict[str, Any] = {
-        **synth,
-        "params": dict(doc.get("pipeline") or {}),
-        "step_config": {s: dict(doc[s]) for s in STEPS if doc.get(s)},
-    }
+        layers.add_file(one)
+    layers.add_command_line(params, sets)
+    values: dict[str, Any] = {**layers.synth, "params": layers.params, "step_config": layers.sections}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return LocalRunConfig(**values)
+
+
+def _synth_config(cfg: LocalRunConfig) -> Any:
+    """The sample data set's :class:`~imgpipe.data.synth.SynthConfig` (its own checks run)."""
+    from imgpipe.data.synth import SynthConfig
+
+    values = {"classes": cfg.classes, "per_class": cfg.per_class, "seed": cfg.seed, "off_centre": cfg.off_centre}
+    try:
+        return config_from_dict(SynthConfig, values)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"synth: {exc}") from None
 
 
 def _sample_dataset(cfg: LocalRunConfig, data_root: str) -> tuple[str, str]:
     if cfg.source is not None:
         return cfg.source, cfg.annotations or ""
-    from imgpipe.data.synth import SynthConfig, generate
+    from imgpipe.data.synth import generate
 
     synth_dir = storage.join(data_root, "synth")
-    synth = SynthConfig(classes=cfg.classes, per_class=cfg.per_class, seed=cfg.seed, off_centre=cfg.off_centre)
-    print(generate(synth_dir, synth).summary())
+    # A progress bar only where it redraws in place: piped, its every frame would be a line.
+    print(generate(synth_dir, _synth_config(cfg), progress=sys.stderr.isatty()).summary())
     return storage.join(synth_dir, "images.tar.gz"), cfg.annotations or storage.join(synth_dir, "annotations.tar.gz")
 
 
@@ -294,7 +264,11 @@ def start_run(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, a
 
     Returns:
         ``(data_root, own_store, runner)``; ``own_store``: the run's own S3 server (its data persists; the server stops with ``stack``).
+
+    Raises:
+        ValueError: Before anything starts, for a source that is missing or unreadable, or a malformed URI.
     """
+    preflight.check_locations(cfg.source, cfg.annotations, cfg.data_root)
     client = engine_for(cfg.runner, cfg.data_root, stack)
     own_store = cfg.data_root is None
     data_root = stack.enter_context(local_s3_server(workdir / STORE_DIR)) if own_store else storage.normalize_uri(cfg.data_root)
@@ -309,57 +283,74 @@ def start_run(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, a
     return data_root, own_store, runner
 
 
+def check_run(cfg: LocalRunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The whole configuration of a run, checked before anything starts or is written (:mod:`imgpipe.kfp.preflight`).
+
+    Returns:
+        The pipeline arguments, typed, and each section's config (``synth`` too when the sample data set is made).
+
+    Raises:
+        ValueError, TypeError: In one line naming the setting and what would do.
+    """
+    if isinstance(cfg.shards, bool) or not isinstance(cfg.shards, int) or cfg.shards < 1:
+        raise ValueError(f"--shards must be a whole number >= 1, got {cfg.shards!r}")
+    preflight.check_locations(cfg.source, cfg.annotations, cfg.data_root)
+    synth = {"synth": _synth_config(cfg)} if cfg.source is None else {}
+    arguments, configs = preflight.check_arguments(cfg.pipeline_arguments())
+    return arguments, {**synth, **configs}
+
+
+def _settings_text(arguments: Mapping[str, Any], configs: Mapping[str, Any]) -> str:
+    """The resolved configuration as YAML: the pipeline's parameters, then every section's whole config."""
+    doc = {"pipeline": {k: v for k, v in arguments.items() if k != "step_config"}, **{k: config_to_dict(c) for k, c in configs.items()}}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _announce(log: Path | None, settings: Path, arguments: Mapping[str, Any], configs: Mapping[str, Any]) -> None:
+    """The start of a run on the terminal: where the log is, and the settings that differ from the defaults."""
+    if log is not None:
+        print(f"imgpipe run: the whole log: {log}", file=sys.stderr)
+    changed = preflight.changed_settings(arguments, configs)
+    print(f"settings changed from the defaults (all of them: {settings}):", file=sys.stderr)
+    for section, values in changed.items():
+        print(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
+    sys.stderr.flush()
+
+
 def run_local(cfg: LocalRunConfig, *, verbose: bool = False) -> LocalRunResult:
     """Runs the pipeline through ``kfp.local`` (see the module docstring); returns where things are.
 
-    Unless ``verbose``, kfp's own output (each task's executor input and log) goes to
-    ``workdir/logs/run-<time>.log`` and the terminal gets one line per step.
+    The whole configuration is checked first (:func:`check_run`): nothing starts and nothing is
+    written before it passes. Unless ``verbose``, kfp's own output (each task's executor input
+    and log) goes to ``workdir/logs/run-<time>.log`` and the terminal gets a line per step and
+    per epoch. The resolved settings are written beside the log, and beside the outputs
+    (``workdir/runs/<run id>/settings.yaml``).
 
     Raises:
-        RuntimeError: If a step fails (kfp.local raises) or the local S3 server cannot start.
+        ValueError, TypeError: For a setting the check refuses (before anything starts).
+        StepFailed: If a step fails: its name and its own reason (the traceback is in the log).
+        RuntimeError: If the local S3 server cannot start.
     """
     started = time.monotonic()
     workdir = Path(cfg.workdir).resolve()
-    arguments = cfg.pipeline_arguments()
+    arguments, configs = check_run(cfg)
+    stamp = time.strftime("run-%Y%m%d-%H%M%S")
+    log = None if verbose else workdir / "logs" / f"{stamp}.log"
+    settings = workdir / "logs" / f"{stamp}.yaml"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    text = _settings_text(arguments, configs)
+    settings.write_text(text)
+    _announce(log, settings, arguments, configs)
     with contextlib.ExitStack() as stack:
         data_root, own_store, runner = start_run(cfg, stack, workdir, arguments)
-        log = None if verbose else workdir / "logs" / time.strftime("run-%Y%m%d-%H%M%S.log")
         outputs = run_pipeline(workdir, arguments, runner, shards=cfg.shards, log=log)
-        train_prefix = outputs["model"].metadata["prefix"]
-        run_id = train_prefix.rstrip("/").split("/")[-2]
-        prefixes = {step: storage.join(data_root, "runs", run_id, step) for step in STEPS}
-        if cfg.shards > 1:
-            prefixes["download"] = storage.join(data_root, "runs", run_id, SHARDS_DIR)
-        reports = {step: _report(step, prefix, cfg.shards) for step, prefix in prefixes.items()}
-        promotion = decision(storage.join(data_root, "runs", run_id, "promote"))
-        copies = copy_prefix(prefixes["train"], workdir / "runs" / run_id / "train") if own_store else {}
-    dl, cl, rs = reports["download"], reports["clean"], reports["resize"]
-    reconciled = dl["inputs"] == cl["outputs"] + cl["rejected"] + dl["rejected"] and rs["inputs"] == cl["outputs"]
-    return LocalRunResult(
-        run_id=run_id,
-        prefixes=prefixes,
-        reports=reports,
-        artifacts={name: artifact.path for name, artifact in outputs.items()},
-        metadata={name: dict(artifact.metadata) for name, artifact in outputs.items()},
-        copies=copies,
-        reconciled=reconciled,
-        seconds=round(time.monotonic() - started, 1),
-        promotion=promotion,
-    )
-
-
-def _report(step: str, prefix: str, shards: int) -> dict[str, Any]:
-    """A step's manifest; a sharded run's download is its shards' downloads, counted together."""
-    if step != "download" or shards == 1:
-        return contract.read_manifest(prefix, expect_step=step)
-    parts = [contract.read_manifest(storage.join(prefix, Shard(i, shards).name, "download"), expect_step=step) for i in range(shards)]
-    return {"step": step, "shards": shards, **{k: sum(int(m[k]) for m in parts) for k in ("inputs", "outputs", "rejected")}}
-
-
-def decision(prefix: str) -> dict[str, Any] | None:
-    """The promotion decision of a run, when the gate committed one."""
-    from imgpipe.steps.promote import read_decision
-
-    if not contract.is_committed(prefix):
-        return None
-    return dataclasses.asdict(read_decision(prefix))
+        run_id = outputs["model"].metadata["prefix"].rstrip("/").split("/")[-2]
+        copies = copy_prefix(storage.join(data_root, "runs", run_id, "train"), workdir / "runs" / run_id / "train") if own_store else {}
+        result = collect_result(run_id, data_root, outputs, shards=cfg.shards, copies=copies, seconds=0.0)
+    (workdir / "runs" / run_id).mkdir(parents=True, exist_ok=True)
+    (workdir / "runs" / run_id / "settings.yaml").write_text(text)
+    if result.promotion is not None and contract.REPORT in copies:
+        page = Path(copies[contract.REPORT])
+        page.write_text(with_promotion(page.read_text(), result.promotion["promoted"], result.promotion["reason"]))
+    result.seconds = round(time.monotonic() - started, 1)
+    return result

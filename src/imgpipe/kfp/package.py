@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from imgpipe.config import coerce
+from imgpipe.config import coerce, did_you_mean
 from imgpipe.config_flags import env_flag
 from imgpipe.kfp.artifacts import PIPELINE_NAME
 from imgpipe.steps.audit import AUDIT_PIPELINE_NAME
@@ -181,7 +181,7 @@ def parse_params(pairs: Iterable[str] | Mapping[str, Any], package: str | Path) 
     params: dict[str, Any] = {}
     for key, value in items:
         if key not in spec:
-            raise ValueError(f"unknown pipeline parameter {key!r}; parameters: {', '.join(sorted(spec))}")
+            raise ValueError(f"unknown pipeline parameter {key!r}{did_you_mean(key, spec)}; parameters: {', '.join(sorted(spec))}")
         params[key] = _coerce_param(key, value, spec[key]["parameterType"])
     missing = sorted(k for k, v in spec.items() if not v.get("isOptional") and k not in params)
     if missing:

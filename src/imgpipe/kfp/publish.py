@@ -24,6 +24,7 @@ __all__ = [
     "find_confusion",
     "publish_training",
     "publish_promotion",
+    "with_promotion",
     "publish_audit",
     "publish_step_report",
     "publish_comparison",
@@ -114,10 +115,12 @@ def publish_promotion(decision: Any, *, metrics: Any, report: Any) -> None:
         metrics.log_metric(f"promotion_current_{decision.metric}", decision.current)
     path = Path(report.path)
     if path.exists():
-        verdict = "promoted" if decision.promoted else "not promoted"
-        section = htmlpage.section(f"Promotion: {verdict}", note=decision.reason)
-        page = path.read_text()
-        path.write_text(page.replace("</body>", section + "</body>", 1) if "</body>" in page else page + section)
+        path.write_text(with_promotion(path.read_text(), decision.promoted, decision.reason))
+
+
+def with_promotion(page: str, promoted: bool, reason: str) -> str:
+    """A training report with the promotion verdict and its reason at the top, under the run's result."""
+    return htmlpage.at_top(page, htmlpage.section(f"Promotion: {'promoted' if promoted else 'not promoted'}", note=reason))
 
 
 def publish_audit(out: str, *, report: Any, metrics: Any, overrides: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["STYLE", "text", "cell", "clip", "table", "image", "section", "page", "bar_chart_svg"]
+__all__ = ["STYLE", "HEADLINE_END", "text", "cell", "clip", "table", "image", "section", "page", "at_top", "bar_chart_svg"]
 
 STYLE = (
     "body{font-family:sans-serif;margin:1.5em;max-width:1100px}"
@@ -28,6 +28,8 @@ STYLE = (
     "table.grid img{display:inline;margin:0}"
     "p.note{color:#555}"
 )
+# Ends a page's headline (its result, first thing under the title): what comes later to the top goes after it.
+HEADLINE_END = "<!-- headline -->"
 # C0 controls but tab and newlines, and DEL: invalid in HTML text, so shown as escapes.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Series colours of the bar charts (train, val, test, then the rest).
@@ -76,6 +78,14 @@ def page(title: str, parts: Iterable[str]) -> str:
     """A whole HTML document: the escaped title, the shared style, then ``parts`` (markup)."""
     head = f"<!doctype html><html><head><meta charset='utf-8'><title>{text(title)}</title>"
     return "\n".join([head + f"<style>{STYLE}</style></head><body><h1>{text(title)}</h1>", *parts, "</body></html>"])
+
+
+def at_top(page_html: str, markup: str) -> str:
+    """``page_html`` with ``markup`` at its top: after its headline (:data:`HEADLINE_END`), else right under its title."""
+    for mark in (HEADLINE_END, "</h1>", "<body>"):
+        if mark in page_html:
+            return page_html.replace(mark, mark + markup, 1)
+    return markup + page_html
 
 
 def bar_chart_svg(categories: Sequence[str], series: Mapping[str, Sequence[int]], *, label_width: int = 28) -> str:

@@ -40,7 +40,7 @@ from imgpipe.report.parts import (
 __all__ = ["TRAIN_METRICS", "build_report", "train_metrics"]
 
 # The final scalars of a train manifest that the UI shows (manifest["metrics"]).
-TRAIN_METRICS = ("val_accuracy", "val_macro_f1", "val_pr_auc", "val_loss", "test_accuracy", "test_tta_accuracy", "train_loss")
+TRAIN_METRICS = ("val_accuracy", "val_macro_f1", "val_pr_auc", "val_loss", "test_accuracy", "test_macro_f1", "test_tta_accuracy", "train_loss")
 
 
 def build_report(prefix: str, limits: ReportLimits | None = None) -> OutputReport:

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from imgpipe.report import html as htmlpage
 from imgpipe.train.recipes import BASE, without_effect
 
-__all__ = ["curves_png", "sweep_curves_png", "confusion_matrix_png", "augmentations_png", "gallery_png", "html_report"]
+__all__ = ["curves_png", "sweep_curves_png", "confusion_matrix_png", "augmentations_png", "gallery_png", "result_line", "html_report"]
 
 _ANNOTATE_MAX_CLASSES = 20
 
@@ -147,6 +147,23 @@ _EPOCH_COLUMNS = (
 )
 
 
+def result_line(metrics: Mapping[str, Any]) -> str:
+    """A training's result in one sentence: its test macro-F1 (else the kept weights' validation), and whether it diverged."""
+    test, kept = metrics.get("test") or {}, metrics.get("kept") or {}
+    if test.get("macro_f1") is not None:
+        line = f"test macro-F1 {test['macro_f1']:.3f}, accuracy {test['accuracy']:.3f} on {test['images']} test images"
+        tta = metrics.get("test_tta") or {}
+        if tta.get("macro_f1") is not None:
+            line += f" (with flipped views: macro-F1 {tta['macro_f1']:.3f})"
+    elif kept.get("val_macro_f1") is not None:
+        line = f"no test split; validation macro-F1 {kept['val_macro_f1']:.3f}, accuracy {kept['val_accuracy']:.3f}"
+    else:
+        line = "not scored: no test or validation split"
+    if metrics.get("diverged"):
+        line += "; the run diverged, so it is not to be promoted"
+    return line
+
+
 def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: str = "imgpipe training report") -> str:
     """A self-contained HTML page: metric tables and the PNG figures embedded as base64.
 
@@ -156,7 +173,7 @@ def html_report(metrics: Mapping[str, Any], images: Mapping[str, bytes], title: 
         images: Figure name -> PNG bytes, shown in order.
         title: Page title.
     """
-    parts = []
+    parts = [htmlpage.section("Result", note=result_line(metrics)) + htmlpage.HEADLINE_END]
     epochs = list(metrics.get("epochs", []))
     divergence = metrics.get("divergence") or {}
     if divergence.get("events"):

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from imgpipe.config import check_numbers, check_range
+from imgpipe.config import check_numbers, check_range, did_you_mean
 from imgpipe.remote.targets import parse_address
 from imgpipe.resize.spec import PRESETS, OutputFormat, Resample, ResizeMode, ResizeSpec
 
@@ -113,7 +113,7 @@ class ResizeConfig:
     def __post_init__(self) -> None:
         check_numbers(self)
         if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
+            raise ValueError(f"unknown preset {self.preset!r}{did_you_mean(str(self.preset), PRESETS)}; valid presets: {', '.join(PRESETS)}")
         parse_address(self.ray_address)  # a remote address is well-formed
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from imgpipe import storage
-from imgpipe.config import check_numbers, check_range
+from imgpipe.config import check_numbers, check_range, did_you_mean
 from imgpipe.train.augment_config import AugmentConfig, Policy
 from imgpipe.train.loader_config import (
     MAX_BATCH,
@@ -301,8 +301,9 @@ class TrainConfig:
         from imgpipe.train.models import available_models
 
         check_numbers(self)
-        if self.model not in available_models():
-            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(available_models())}")
+        models = available_models()
+        if self.model not in models:
+            raise ValueError(f"unknown model {self.model!r}{did_you_mean(str(self.model), models)}; choose one of: {', '.join(models)}")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
         if self.loader_engine not in TRAIN_LOADER_ENGINES:

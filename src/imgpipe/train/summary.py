@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgpipe import contract, storage
+from imgpipe.config import config_to_dict
 from imgpipe.contract import StepReport
 from imgpipe.train.distributed import barrier
 from imgpipe.train.evaluation import EvalResult
@@ -125,6 +126,8 @@ def finish(
         "selection": selection,
         "kept": kept,
         "recipe": run.recipe.to_dict() if run.recipe else None,
+        # The config as run: the report's recipe table shows only the settings that took effect under it.
+        "config": config_to_dict(run.cfg),
         "diverged": run.divergence.diverged,
         "divergence": run.divergence.to_dict(),
         "epoch_images": epoch_images(run),
@@ -142,6 +145,7 @@ def finish(
         "val_pr_auc": last_val.pr_auc if last_val else None,
         "val_loss": last_val.loss if last_val else None,
         "test_accuracy": tests["test"]["accuracy"] if "test" in tests else None,
+        "test_macro_f1": tests["test"]["macro_f1"] if "test" in tests else None,
         "test_tta_accuracy": tests["test_tta"]["accuracy"] if "test_tta" in tests else None,
         "train_loss": last.get("train_loss"),
     }
