@@ -422,14 +422,17 @@ def test_a_failed_run_says_which_task_failed_and_why():
 
     from imgpipe.kfp.client import run_failure
 
+    def task(name: str, state: str = "FAILED", error: object = None) -> NS:
+        return NS(task_id=name, state=state, display_name=name, error=error)
+
+    # As KFP 2.17's API lists a run whose train step failed: Argo's nodes around the step, no errors.
+    scaffold = [task(n) for n in ("root", "executor", "executor(0)", "condition-branches-4", "condition-6", "imgpipe-lkpsv")]
+    run = NS(run_details=NS(task_details=[*scaffold, task("train-2"), task("download", "SUCCEEDED")]), error=None)
+    said = run_failure(run)
+    assert said.startswith(": train-2 failed; its own reason is the last line of its log"), said
+    assert "workflows.argoproj.io/workflow=imgpipe-lkpsv" in said
     err = NS(message="clean kept no image from 2 input(s)\ntraceback ...")
-    tasks = [
-        NS(task_id="root", parent_task_id=None, state="FAILED", display_name="imgpipe", error=None, pod_name=None),
-        NS(task_id="dag", parent_task_id="root", state="FAILED", display_name="condition-branches-1", error=None, pod_name=None),
-        NS(task_id="t1", parent_task_id="dag", state="FAILED", display_name="clean", error=err, pod_name="imgpipe-x-impl-1"),
-        NS(task_id="t2", parent_task_id="root", state="SUCCEEDED", display_name="download", error=None, pod_name="p2"),
-    ]
-    run = NS(run_details=NS(task_details=tasks), error=NS(message="run failed"))
-    assert run_failure(run) == ": clean failed (pod imgpipe-x-impl-1): clean kept no image from 2 input(s)"
+    run = NS(run_details=NS(task_details=[*scaffold, task("clean", error=err)]), error=None)
+    assert run_failure(run) == ": clean failed: clean kept no image from 2 input(s)"
     assert run_failure(NS(run_details=None, error=NS(message="the driver refused it"))) == ": the driver refused it"
     assert run_failure(NS(run_details=NS(task_details=[]), error=None)) == ""

@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -253,22 +254,31 @@ def _namespace(client: Any, target: Target) -> str | None:
     return target.namespace
 
 
-def run_failure(run: Any) -> str:
-    """What failed in a run, as KFP's API tells it: ``": TASK failed (pod POD): REASON"``, or ``""``.
+# KFP's task details (2.17) list Argo's nodes too: the DAG scaffolding around the steps, and the
+# workflow itself (the pipeline's name and five characters).
+_SCAFFOLD = re.compile(r"^(root|executor(\(\d+\))?|condition-(branches-)?\d+|for-loop-\d+(\(\d+\))?|imgpipe(-sweep|-audit)?-[a-z0-9]{5})$")
 
-    The tasks named are those that failed themselves (not the DAGs around them); the reason is
-    the task's own error, else the run's, first line only.
+
+def run_failure(run: Any) -> str:
+    """What failed in a run, as KFP's API tells it: ``": TASK failed: REASON"``, or ``""``.
+
+    The tasks named are the pipeline's steps that failed (not the DAG nodes around them); the
+    reason is a task's own error, else the run's, first line only. KFP 2.17 fills neither for a
+    step whose container failed: then the message says where its log is.
     """
     tasks = list(getattr(getattr(run, "run_details", None), "task_details", None) or [])
-    parents = {t.parent_task_id for t in tasks if getattr(t, "parent_task_id", None)}
-    failed = [t for t in tasks if str(t.state or "").upper() == "FAILED" and t.task_id not in parents]
+    failed = [t for t in tasks if str(t.state or "").upper() == "FAILED" and not _SCAFFOLD.match(t.display_name or "")]
     reason = next((_headline(t.error) for t in failed if _headline(t.error)), "") or _headline(getattr(run, "error", None))
     if not failed:
         return f": {reason}" if reason else ""
     names = ", ".join(sorted({t.display_name or t.task_id for t in failed}))
-    pods = sorted({t.pod_name for t in failed if getattr(t, "pod_name", None)})
-    where = f" (pod {', '.join(pods)})" if pods else ""
-    return f": {names} failed{where}" + (f": {reason}" if reason else "")
+    workflow = next(
+        (t.display_name for t in tasks if t.display_name and _SCAFFOLD.match(t.display_name) and t.display_name.startswith("imgpipe")), ""
+    )
+    if reason:
+        return f": {names} failed: {reason}"
+    where = f" (kubectl logs -l workflows.argoproj.io/workflow={workflow} -c main)" if workflow else ""
+    return f": {names} failed; its own reason is the last line of its log, on the run's page in the KFP UI{where}"
 
 
 def _headline(error: Any) -> str:

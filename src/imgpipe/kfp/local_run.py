@@ -257,8 +257,10 @@ def copy_prefix(prefix: str, dest: Path) -> dict[str, str]:
     return copies
 
 
-def start_run(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, arguments: dict[str, Any]) -> tuple[str, bool, Any]:
-    """Sets up a local run inside ``stack``: engine, store, sample data, local sources, runner.
+def start_run(
+    cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, arguments: dict[str, Any], client: Any = None
+) -> tuple[str, bool, Any]:
+    """Sets up a local run inside ``stack``: store, sample data, local sources, runner (on ``client``, a docker run's engine).
 
     Fills the data locations (and a docker run's ``ray_address``) into ``arguments``.
 
@@ -269,7 +271,6 @@ def start_run(cfg: LocalRunConfig, stack: contextlib.ExitStack, workdir: Path, a
         ValueError: Before anything starts, for a source that is missing or unreadable, or a malformed URI.
     """
     preflight.check_locations(cfg.source, cfg.annotations, cfg.data_root)
-    client = engine_for(cfg.runner, cfg.data_root, stack)
     own_store = cfg.data_root is None
     data_root = stack.enter_context(local_s3_server(workdir / STORE_DIR)) if own_store else storage.normalize_uri(cfg.data_root)
     source, annotations = _sample_dataset(cfg, data_root)
@@ -334,15 +335,16 @@ def run_local(cfg: LocalRunConfig, *, verbose: bool = False) -> LocalRunResult:
     started = time.monotonic()
     workdir = Path(cfg.workdir).resolve()
     arguments, configs = check_run(cfg)
-    stamp = time.strftime("run-%Y%m%d-%H%M%S")
-    log = None if verbose else workdir / "logs" / f"{stamp}.log"
-    settings = workdir / "logs" / f"{stamp}.yaml"
-    settings.parent.mkdir(parents=True, exist_ok=True)
-    text = _settings_text(arguments, configs)
-    settings.write_text(text)
-    _announce(log, settings, arguments, configs)
     with contextlib.ExitStack() as stack:
-        data_root, own_store, runner = start_run(cfg, stack, workdir, arguments)
+        client = engine_for(cfg.runner, cfg.data_root, stack)  # a docker run with no engine: one line, nothing written
+        stamp = time.strftime("run-%Y%m%d-%H%M%S")
+        log = None if verbose else workdir / "logs" / f"{stamp}.log"
+        settings = workdir / "logs" / f"{stamp}.yaml"
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        text = _settings_text(arguments, configs)
+        settings.write_text(text)
+        _announce(log, settings, arguments, configs)
+        data_root, own_store, runner = start_run(cfg, stack, workdir, arguments, client)
         outputs = run_pipeline(workdir, arguments, runner, shards=cfg.shards, log=log)
         run_id = outputs["model"].metadata["prefix"].rstrip("/").split("/")[-2]
         copies = copy_prefix(storage.join(data_root, "runs", run_id, "train"), workdir / "runs" / run_id / "train") if own_store else {}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import contract, storage
+from imgpipe.kfp.local_containers import engine_for
 from imgpipe.kfp.local_run import LocalRunConfig, copy_prefix, run_pipeline, start_run
 from imgpipe.steps.compare import COMPARISON_JSON
 
@@ -99,7 +100,8 @@ def run_sweep(cfg: LocalRunConfig, grid: Sequence[Mapping[str, Any]] | None, axe
     sweep.plan("", grid, axes, arguments["step_config"], **named)  # the edge: fail before any data moves
     arguments.update(sweep.grid_parameters(grid, axes))
     with contextlib.ExitStack() as stack:
-        data_root, own_store, runner = start_run(cfg, stack, workdir, arguments)
+        client = engine_for(cfg.runner, cfg.data_root, stack)
+        data_root, own_store, runner = start_run(cfg, stack, workdir, arguments, client)
         outputs = run_pipeline(workdir, arguments, runner, sweep=True)
         compare_prefix, run_id, manifest = _committed(outputs, "winner", "compare")
         prefixes = {"compare": compare_prefix}
@@ -164,7 +166,8 @@ def run_audit(cfg: LocalRunConfig, folds: int | None = None) -> AuditRunResult:
     if folds is not None:
         arguments["folds"] = folds
     with contextlib.ExitStack() as stack:
-        data_root, own_store, runner = start_run(cfg, stack, workdir, arguments)
+        client = engine_for(cfg.runner, cfg.data_root, stack)
+        data_root, own_store, runner = start_run(cfg, stack, workdir, arguments, client)
         outputs = run_pipeline(workdir, arguments, runner, audit=True)
         prefix, run_id, manifest = _committed(outputs, "overrides", "audit")
         copies = copy_prefix(prefix, workdir / "runs" / run_id / "audit") if own_store else {}
