@@ -11,7 +11,6 @@ checks with its own TokenReview and SubjectAccessReview.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -135,6 +134,7 @@ def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tm
             "batch_size": "16",
         }
         args = [f"--param={k}={v}" for k, v in params.items()]
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         started = time.monotonic()
         proc = _imgpipe(
             "submit",
@@ -155,11 +155,28 @@ def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tm
         pods = kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False).stdout
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{pods}"
         print(f"run succeeded in {took:.0f} s\n{proc.stdout[-1500:]}")
-        # The RayJob and the TrainJob ran from inside the run.
-        rayjobs = kubectl_json("get", "rayjobs", "-n", NAMESPACE)["items"]
-        assert any(r.get("status", {}).get("jobStatus") == "SUCCEEDED" for r in rayjobs), json.dumps(rayjobs)[:2000]
-        trainjobs = kubectl_json("get", "trainjobs", "-n", NAMESPACE)["items"]
-        assert trainjobs, "no TrainJob was created"
+        # The RayJob and the TrainJob ran from inside the run (imgpipe deletes each once it has ended:
+        # the operators' events for them remain).
+        events = kubectl_json("get", "events", "-n", NAMESPACE)["items"]
+        made = {(e["involvedObject"]["kind"], e["involvedObject"]["name"]) for e in events if e["metadata"]["creationTimestamp"] >= since}
+        assert any(kind == "RayJob" and name.startswith("imgpipe-resize-") for kind, name in made), sorted(made)
+        assert any(kind == "JobSet" and name.startswith("imgpipe-train-") for kind, name in made), sorted(made)
+        # What the UI shows of the run, read as it reads it: the steps' HTML reports in the pipeline
+        # root (the launcher uploaded them to the object store), and the run's steps in KFP's API.
+        from imgpipe import storage
+
+        run_id = next(line.rsplit("/", 1)[-1] for line in proc.stdout.splitlines() if "/#/runs/details/" in line)
+        pipeline_root = f"s3://mlpipeline/private-artifacts/{NAMESPACE}/v2/artifacts/imgpipe/{run_id}"
+        reports = [o.uri for o in storage.list_objects(pipeline_root) if o.uri.rsplit("/", 1)[-1].startswith("report")]
+        assert {uri.split(f"{run_id}/", 1)[1].split("/", 1)[0] for uri in reports} >= {"download", "clean"}, reports
+        for uri in reports:
+            page = storage.read_bytes(uri).decode().lower()
+            step = uri.split(f"{run_id}/", 1)[1].split("/", 1)[0]
+            assert "<html" in page and ("reject" in page if step in ("download", "clean") else "macro" in page), uri
+        details = _get(kfp, f"/runs/{run_id}", bearer=env["KF_PIPELINES_TOKEN"]).json()
+        assert details["state"] == "SUCCEEDED", details.get("state")
+        steps = {t["display_name"] for t in details["run_details"]["task_details"] if t.get("state") == "SUCCEEDED"}
+        assert {"download", "clean", "resize", "promote"} <= steps, steps
 
 
 def test_imgpipe_schedule_makes_a_recurring_run_the_scheduledworkflow_controller_fires(kfp, tmp_path):
