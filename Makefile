@@ -12,7 +12,7 @@ IMAGE_KINDS ?= cpu ray gpu
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench bench-scale bench-download bench-peers bench-race bench-train-step images images-push compile clean-data help run-containers test-containers test-faults test-slow cluster-build cluster-up cluster-down test-cluster
+.PHONY: install run test lint bench bench-scale bench-download bench-peers bench-race bench-train-step images images-push compile clean-data help image-tools run-containers test-containers test-faults test-slow cluster-build cluster-up cluster-down test-cluster
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
@@ -35,6 +35,7 @@ help:
 	@echo "make cluster-up     start the cluster in a network namespace of its own (docs/cluster.md)"
 	@echo "make test-cluster   the tests against the running cluster (each skips with one line when it is not up)"
 	@echo "make cluster-down   stop it: no process, mount, cgroup or state left"
+	@echo "make clean-data     remove .data/ (make run's object store, runs and logs)"
 
 # Re-install only when the dependency list changes. The images' pins (docker/constraints.txt)
 # hold here too, so the tests run the versions the images ship, whatever the index has since.
@@ -89,10 +90,17 @@ lint: install
 
 # Needs a Docker-compatible engine (DOCKER_HOST; docs/containers.md). Builds use the
 # host's network for pip, so they run outside the loopback-only namespace.
-images: install
+# Where no registry gives the base image, the build bootstraps one from Debian's packages with
+# mmdebstrap (imgpipe.containers.build): installed here when missing, as cluster-build installs its own.
+IMAGES_APT := mmdebstrap
+image-tools:
+	@dpkg -s $(IMAGES_APT) >/dev/null 2>&1 || { echo "make images: installing $(IMAGES_APT) (to build a base image from Debian's packages where none can be pulled)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(IMAGES_APT) >/dev/null; }
+
+images: install image-tools
 	$(ENGINE) $(BIN)/imgpipe images build $(IMAGE_ARGS) $(IMAGE_KINDS)
 
-images-push: install
+images-push: install image-tools
 	$(ENGINE) $(BIN)/imgpipe images build --push $(IMAGE_ARGS) $(IMAGE_KINDS)
 
 # The same pipeline as `make run`, each step in its image as uid 10001; every container,
