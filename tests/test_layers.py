@@ -171,7 +171,16 @@ def test_the_cycle_check_finds_a_lazy_circle():
 
 # Modules that may name a storage scheme besides storage itself: the local S3 server that
 # `imgpipe run` starts (and its keys), and the policy of where a download may fetch from.
-SCHEME_EXCEPTIONS = {"storage", "storage.base", "storage.local", "storage.s3", "kfp.local_run", "kfp.local_s3", "kfp.local_s3_security", "data.sources"}
+SCHEME_EXCEPTIONS = {
+    "storage",
+    "storage.base",
+    "storage.local",
+    "storage.s3",
+    "kfp.local_run",
+    "kfp.local_s3",
+    "kfp.local_s3_security",
+    "data.sources",
+}
 _SCHEME_WORDS = {"s3", "s3://", "file://"}
 
 
