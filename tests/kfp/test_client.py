@@ -171,7 +171,7 @@ def test_schedule_refuses_a_five_field_cron_before_any_request(kfp_server, packa
         ("epoch=3", r"unknown pipeline parameter 'epoch' \(did you mean 'epochs'\?\)"),
         ("model=resnet19", r"train: unknown model 'resnet19' \(did you mean 'resnet18'\?\)"),
         ("preset=resnett", r"resize: unknown preset 'resnett' \(did you mean 'resnet'\?\)"),
-        ("epochs=0", r"train: epochs must be an integer"),
+        ("epochs=-1", r"train: epochs must be an integer"),
         ('step_config={"train": {"epoch": 3}}', r"train: unknown TrainConfig option\(s\) epoch \(did you mean 'epochs'\?\)"),
         ('step_config={"trian": {}}', r"unknown section\(s\) trian \(did you mean 'train'\?\)"),
         ("source_uri=ftp://host/images.tar", r"parameter source_uri ftp://host/images.tar: unsupported scheme 'ftp'"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -18,7 +19,7 @@ BASE = {**LOCAL_PARAMS, "step_config": LOCAL_STEP_CONFIG}
         ({"epoch": 1}, r"^unknown pipeline parameter 'epoch' \(did you mean 'epochs'\?\); parameters: .*epochs"),
         ({"preset": "resnett"}, r"^resize: unknown preset 'resnett' \(did you mean 'resnet'\?\)"),
         ({"model": "resnet19"}, r"^train: unknown model 'resnet19' \(did you mean 'resnet18'\?\)"),
-        ({"epochs": 0}, r"^train: epochs must be an integer in \[1, "),
+        ({"epochs": -1}, r"^train: epochs must be an integer in \[1, "),
         ({"promotion_tolerance": 2.0}, r"^promotion_tolerance: tolerance is a difference of scores in \[0, 1\]"),
         ({"step_config": {"train": {"epoch": 3}}}, r"^train: unknown TrainConfig option\(s\) epoch \(did you mean 'epochs'\?\)"),
         ({"step_config": {"clean": {"split": [0.5, 0.1]}}}, r"^clean: "),
@@ -102,3 +103,31 @@ def test_a_cluster_runs_parameters_get_the_same_step_checks():
     with pytest.raises(ValueError, match="parameter data_root"):
         check_params({"data_root": "gs://b/x"})
     assert check_params({"data_root": "s3://b/x", "previous_run_prefix": "latest"})["train"].epochs is None
+
+
+def test_submit_checks_without_torch_where_the_submitter_has_none(monkeypatch):
+    # The retraining CronWorkflow's pod runs `imgpipe submit` in the cpu image, which has no torch:
+    # the train step's model check is its task's, the other steps' are made here (a cluster run hit it).
+    import builtins
+
+    from imgpipe.kfp import preflight
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch.") or name == "torchvision" or name.startswith("torchvision."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name.split(".")[0])
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "imgpipe.train.models", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    configs = preflight.check_params({"data_root": "s3://b/p", "epochs": 0, "model": "resnet18"})
+    assert "train" not in configs and "clean" in configs
+    with pytest.raises(ValueError, match="clean"):
+        preflight.check_params({"data_root": "s3://b/p", "step_config": {"clean": {"nope": 1}}})
+
+
+def test_epochs_zero_is_the_recipes_as_the_component_reads_it():
+    from imgpipe.kfp import preflight
+
+    assert preflight.check_params({"data_root": "s3://b/p", "epochs": 0})["train"].epochs is None

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 from imgpipe import storage
 from imgpipe.config import changed_fields, coerce, config_from_dict, did_you_mean, step_config
+from imgpipe.config_flags import field_default
 from imgpipe.kfp.run_settings import parameter_fields
 from imgpipe.registry import STEPS
 
@@ -104,17 +105,34 @@ def step_configs(params: Mapping[str, Any]) -> dict[str, Any]:
     fields = parameter_fields()
     configs: dict[str, Any] = {}
     for name, entry in STEPS.items():
-        named = {key: (None if params[p] == "" else params[p]) for p, (step, key) in fields.items() if step == name and p in params}
+        cls = entry.config_class()
+        named = {key: _unset_to_none(cls, key, params[p]) for p, (step, key) in fields.items() if step == name and p in params}
         try:
-            configs[name] = step_config(entry.config_class(), sections, name, **named)
+            configs[name] = step_config(cls, sections, name, **named)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name}: {exc}") from None
+        except ModuleNotFoundError as exc:
+            # Where the step's libraries are not installed (`imgpipe submit` in the cpu image has no
+            # torch to list the models), its task checks its config when it starts.
+            if exc.name not in _STEP_ONLY_MODULES:
+                raise
     tolerance = params.get("promotion_tolerance")
     try:
         configs["promote"] = config_from_dict(PromoteConfig, {} if tolerance is None else {"tolerance": tolerance})
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"promotion_tolerance: {exc}") from None
     return configs
+
+
+# What only the step images that run them install (the gpu image: train).
+_STEP_ONLY_MODULES = ("torch", "torchvision", "timm", "kornia")
+
+
+def _unset_to_none(cls: type, key: str, value: Any) -> Any:
+    """A typed parameter's "unset" (``""``, or ``0`` for a number whose field defaults to none) as the component reads it."""
+    if value == "" or (value == 0 and not isinstance(value, bool) and field_default(cls, key) is None):
+        return None
+    return value
 
 
 def check_uri_form(uri: str, what: str) -> None:
