@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from imgpipe.clean.neardup import MAX_DISTANCE
 from imgpipe.clean.quality import OUTLIERS
@@ -147,6 +147,15 @@ class CleanConfig:
     reject_blurry: float | None = None
     reject_low_information: float | None = None
     reject_odd_aspect: float | None = None
+
+    def outcome_limits(self) -> dict[str, Any]:
+        """The limits a committed clean output is held to (:func:`imgpipe.outcome.check_clean`'s keywords)."""
+        return {
+            "min_classes": self.min_classes,
+            "min_images_per_class": self.min_images_per_class,
+            "min_images_per_split": self.min_images_per_split,
+            "fractions": self.split,
+        }
 
     def reject_z(self) -> dict[str, float | None]:
         """The ``reject_<reason>`` thresholds by outlier reason (:data:`imgpipe.clean.quality.OUTLIERS`)."""

@@ -477,11 +477,5 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None, *, whole: bool
     )
     phases.done("commit", outputs=report.outputs, rejected=report.rejected, files=len(report.files))
     if whole:
-        check_clean(
-            report,
-            min_classes=cfg.min_classes,
-            min_images_per_class=cfg.min_images_per_class,
-            min_images_per_split=cfg.min_images_per_split,
-            fractions=cfg.split,
-        )
+        check_clean(report, **cfg.outcome_limits())
     return report

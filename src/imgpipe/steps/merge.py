@@ -357,13 +357,7 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
         upstream={"shards": prefixes, "step": "clean", "outputs": sum(s.rows for s in parts)},
     )
     phases.done("commit", outputs=report.outputs, rejected=report.rejected, files=len(report.files))
-    check_clean(
-        report,
-        min_classes=cfg.min_classes,
-        min_images_per_class=cfg.min_images_per_class,
-        min_images_per_split=cfg.min_images_per_split,
-        fractions=cfg.split,
-    )
+    check_clean(report, **cfg.outcome_limits())
     return report
 
 
