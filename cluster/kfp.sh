@@ -2,7 +2,8 @@
 # Tier 3: Kubeflow Pipelines' backend, built from its own source (cluster/build.sh kfp), installed
 # by KFP 2.17.0's own multi-user kustomization from that source tree with cluster/kfp/patches.yaml
 # over it: the API server (multi-user: its own TokenReview and SubjectAccessReview), the persistence
-# agent, the ScheduledWorkflow controller, MLMD (cluster/mlmd) and the database (MariaDB); and the
+# agent, the ScheduledWorkflow controller, MLMD (cluster/mlmd), the database (MariaDB) and KFP's UI
+# (ml-pipeline-ui, built by cluster/build.sh ui from the same tree); and the
 # object store the pipeline root lives on, SeaweedFS, as a daemon on the node's address behind the
 # `seaweedfs.kubeflow` Service (8333, and 9000, the launcher's default). Its admin keys are in the
 # `mlpipeline-minio-artifact` Secret and in $CLUSTER_STATE/kfp/s3.env (readable by root alone).
@@ -94,6 +95,7 @@ images:
   - {name: ghcr.io/kubeflow/kfp-api-server, newName: $(ref kfp-api-server), newTag: "$(tag kfp-api-server)"}
   - {name: ghcr.io/kubeflow/kfp-persistence-agent, newName: $(ref kfp-persistence-agent), newTag: "$(tag kfp-persistence-agent)"}
   - {name: ghcr.io/kubeflow/kfp-scheduled-workflow-controller, newName: $(ref kfp-scheduledworkflow), newTag: "$(tag kfp-scheduledworkflow)"}
+  - {name: ghcr.io/kubeflow/kfp-frontend, newName: $(ref kfp-ui), newTag: "$(tag kfp-ui)"}
   - {name: gcr.io/tfx-oss-public/ml_metadata_store_server, newName: $(ref mlmd), newTag: "$(tag mlmd)"}
   - {name: mysql, newName: $(ref mariadb), newTag: "$(tag mariadb)"}
   # The wait-for init containers need a shell and nc: the Debian base has both.
@@ -101,7 +103,7 @@ images:
 EOF2
 "$(bin_dir control)/kubectl" kustomize --load-restrictor=LoadRestrictionsNone "$dir" >"$dir/rendered.yaml"
 kubectl_admin apply --server-side --force-conflicts --field-manager=imgpipe-cluster -f - <"$dir/rendered.yaml" >/dev/null
-for d in mysql metadata-grpc-deployment ml-pipeline ml-pipeline-persistenceagent ml-pipeline-scheduledworkflow; do
+for d in mysql metadata-grpc-deployment ml-pipeline ml-pipeline-persistenceagent ml-pipeline-scheduledworkflow ml-pipeline-ui; do
 	kubectl_admin -n kubeflow rollout status "deployment/$d" --timeout=300s >/dev/null ||
 		die "KFP's $d did not become ready: cluster/kubectl -n kubeflow get pods; cluster/kubectl -n kubeflow logs deploy/$d"
 done

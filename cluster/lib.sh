@@ -16,6 +16,7 @@ group_key() { # GROUP
 	kuberay) echo "kuberay$KUBERAY_VERSION" ;;
 	trainer) echo "trainer$TRAINER_VERSION-jobset$JOBSET_VERSION" ;;
 	kfp) echo "kfp$KFP_VERSION-${KFP_COMMIT:0:12}" ;;
+	ui) echo "kfp$KFP_VERSION-${KFP_COMMIT:0:12}-node$NODE_VERSION" ;;
 	store) echo "seaweedfs$SEAWEEDFS_VERSION" ;;
 	# Our own sandbox process: keyed by its source.
 	pause) echo "src$(cat "$here/pause/main.go" "$here/pause/go.mod" | sha256sum | cut -c1-12)" ;;
@@ -49,6 +50,45 @@ kfp_checkout() {
 kfp_tree() {
 	[[ $(git -C "$KFP_TREE" rev-parse HEAD 2>/dev/null) == "$KFP_COMMIT" ]] || die "no KFP $KFP_VERSION source in $KFP_TREE: make cluster-build KFP_SOURCE=<a clone of kubeflow/pipelines>"
 	echo "$KFP_TREE"
+}
+
+NPM_REGISTRY=${NPM_REGISTRY:-https://registry.npmjs.org}
+
+# PACKAGE VERSION DIR: a package of the npm registry unpacked into DIR, its tarball checked against
+# the integrity (sha512) the registry's metadata gives for it.
+npm_unpack() {
+	local meta url want got tgz
+	meta=$(curl -sSf "$NPM_REGISTRY/$1/$2") || die "the npm registry has no $1@$2"
+	url=$(jq -r .dist.tarball <<<"$meta")
+	want=$(jq -r .dist.integrity <<<"$meta")
+	tgz=$(mktemp /var/tmp/imgpipe-cluster-npm.XXXXXX)
+	curl -sSfL -o "$tgz" "$url"
+	got="sha512-$(openssl dgst -sha512 -binary "$tgz" | base64 -w0)"
+	[[ $got == "$want" ]] || die "$1@$2: the tarball's $got is not the registry's $want"
+	rm -rf "$3"
+	mkdir -p "$3"
+	tar -xzf "$tgz" -C "$3" --strip-components=1 --no-same-owner
+	rm -f "$tgz"
+}
+
+# DIR NAME VERSION: DIR's package.json and package-lock.json without the dependency NAME@VERSION
+# (the root's dependency on it and its node_modules entry); refused where another package of the
+# lock needs NAME. For what the registry does not serve (npm's `fs` placeholder).
+npm_drop() {
+	local lock=$1/package-lock.json tmp
+	jq -e --arg n "$2" --arg v "$3" '.packages["node_modules/" + $n].version == $v' "$lock" >/dev/null ||
+		die "$lock has no $2@$3"
+	jq -e --arg n "$2" '[.packages | to_entries[] | select(.key != "") | .value
+		| (.dependencies, .optionalDependencies, .peerDependencies) // {} | has($n)] | any | not' "$lock" >/dev/null ||
+		die "$lock: another package needs $2"
+	# shellcheck disable=SC2016 # jq's $n
+	local root='del(.dependencies[$n], .devDependencies[$n], .optionalDependencies[$n])'
+	tmp=$(mktemp /var/tmp/imgpipe-cluster-npm.XXXXXX)
+	jq --arg n "$2" "del(.packages[\"node_modules/\" + \$n]) | .packages[\"\"] |= $root" "$lock" >"$tmp"
+	cat "$tmp" >"$lock"
+	jq --arg n "$2" "$root" "$1/package.json" >"$tmp"
+	cat "$tmp" >"$1/package.json"
+	rm -f "$tmp"
 }
 
 # Go's module and build caches inside the cluster's cache; -mod=mod: our go.mod files are made
@@ -91,8 +131,8 @@ CNI_BIN=/usr/lib/cni
 CLUSTER_IMAGES="pause coredns argoexec jobset trainer"
 # The node-address port of tier 3's object store (behind seaweedfs.kubeflow:9000).
 KFP_S3_PORT=19000
-# Tier 3's (cluster/kfp.sh): KFP's backend, its database and MLMD.
-KFP_IMAGES="debian kfp-api-server kfp-driver kfp-launcher kfp-persistence-agent kfp-scheduledworkflow mlmd mariadb"
+# Tier 3's (cluster/kfp.sh): KFP's backend, its database, MLMD and KFP's UI.
+KFP_IMAGES="debian kfp-api-server kfp-driver kfp-launcher kfp-persistence-agent kfp-scheduledworkflow mlmd mariadb kfp-ui"
 
 # NAME: a short hash of the files of ours an image is built from (its tag changes with them).
 src_key() { cat "$@" | sha256sum | cut -c1-12; }
@@ -108,6 +148,7 @@ image_ref() { # NAME
 	mariadb-rootfs) echo "localhost/imgpipe-cluster/mariadb-rootfs:$MARIADB_VERSION" ;;
 	mariadb) echo "localhost/imgpipe-cluster/mariadb:$MARIADB_VERSION-$(src_key "$here/kfp/mariadb-entrypoint.sh")" ;;
 	mlmd) echo "localhost/imgpipe-cluster/mlmd-server:$ML_METADATA_VERSION-$(src_key "$here/mlmd/server.py")" ;;
+	kfp-ui) echo "localhost/imgpipe-cluster/kfp-ui:$KFP_VERSION-node$NODE_VERSION" ;;
 	kfp-*) echo "localhost/imgpipe-cluster/$1:$KFP_VERSION" ;;
 	*) echo "unknown image: $1" >&2; return 1 ;;
 	esac

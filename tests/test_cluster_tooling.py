@@ -2,10 +2,14 @@
 
 The cluster's build refuses any KFP source but the pinned commit (cluster/lib.sh ``kfp_checkout``);
 checked here on small git repositories made in the test's directory, with the cluster's cache there too.
+The UI's build drops one dependency from its copy of the frontend's lock (``npm_drop``): checked on a
+small lock file.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
 import subprocess
@@ -88,3 +92,54 @@ def test_a_source_without_the_commit_or_no_source_says_what_to_set(tmp_path, sou
     assert missing.returncode != 0 and "has no commit" in missing.stderr
     unset = _checkout(tmp_path, None, "0" * 40)
     assert unset.returncode != 0 and "KFP_SOURCE is not set" in unset.stderr
+
+
+def _lock() -> tuple[dict, dict]:
+    """A package.json and its lock (npm's lockfileVersion 3) with the ``fs`` placeholder among the dev dependencies."""
+    dev = {"fs": "0.0.1-security", "left-pad": "^1.3.0"}
+    package = {"name": "frontend", "version": "0.1.0", "dependencies": {"react": "^19.2.4"}, "devDependencies": dev}
+    lock = {
+        "name": "frontend",
+        "version": "0.1.0",
+        "lockfileVersion": 3,
+        "requires": True,
+        "packages": {
+            "": {"name": "frontend", "version": "0.1.0", "dependencies": {"react": "^19.2.4"}, "devDependencies": dev},
+            "node_modules/fs": {"version": "0.0.1-security", "dev": True, "license": "ISC"},
+            "node_modules/fs.realpath": {"version": "1.0.0", "dev": True, "license": "ISC"},
+            "node_modules/left-pad": {"version": "1.3.0", "dev": True, "dependencies": {"fs.realpath": "^1.0.0"}},
+            "node_modules/react": {"version": "19.2.4", "license": "MIT"},
+        },
+    }
+    return package, lock
+
+
+def _drop(tmp_path: Path, package: dict, lock: dict, version: str = "0.0.1-security") -> subprocess.CompletedProcess:
+    (tmp_path / "package.json").write_text(json.dumps(package, indent=2) + "\n")
+    (tmp_path / "package-lock.json").write_text(json.dumps(lock, indent=2) + "\n")
+    script = f'. "{LIB}"; npm_drop "{tmp_path}" fs {version}'
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, env={"PATH": os.environ["PATH"]})
+
+
+def test_the_ui_build_drops_exactly_the_fs_placeholder_from_the_lock(tmp_path):
+    package, lock = _lock()
+    done = _drop(tmp_path, package, lock)
+    assert done.returncode == 0, done.stderr
+    want_package, want_lock = copy.deepcopy(package), copy.deepcopy(lock)
+    del want_package["devDependencies"]["fs"]
+    del want_lock["packages"][""]["devDependencies"]["fs"]
+    del want_lock["packages"]["node_modules/fs"]
+    assert json.loads((tmp_path / "package.json").read_text()) == want_package
+    assert json.loads((tmp_path / "package-lock.json").read_text()) == want_lock
+
+
+def test_the_lock_is_left_as_it_was_where_another_package_needs_fs_or_the_version_differs(tmp_path):
+    package, lock = _lock()
+    lock["packages"]["node_modules/left-pad"]["dependencies"]["fs"] = "0.0.1-security"
+    refused = _drop(tmp_path, package, lock)
+    assert refused.returncode != 0 and "another package needs fs" in refused.stderr
+    assert json.loads((tmp_path / "package-lock.json").read_text()) == lock
+    package, lock = _lock()
+    refused = _drop(tmp_path, package, lock, version="0.0.2")
+    assert refused.returncode != 0 and "has no fs@0.0.2" in refused.stderr
+    assert json.loads((tmp_path / "package.json").read_text()) == package

@@ -156,7 +156,8 @@ def step_image(kind: str) -> str:
     # this call's own, removed after the import, so a failed import leaves nothing behind.
     with tempfile.TemporaryDirectory(prefix="imgpipe-podman-save-", dir="/var/tmp") as spool:
         save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE, env={**os.environ, "TMPDIR": spool})
-        imported = subprocess.run([ctr, *address, "images", "import", "-"], stdin=save.stdout, capture_output=True, text=True, check=False)
+        pinned = ["--label", "io.cri-containerd.pinned=pinned"]  # never garbage-collected under disk pressure mid-run
+        imported = subprocess.run([ctr, *address, "images", "import", *pinned, "-"], stdin=save.stdout, capture_output=True, text=True, check=False)
         saved = save.wait()
     assert imported.returncode == 0, f"ctr images import of {ref} failed: {imported.stderr.strip()[-500:]}"
     assert saved == 0
