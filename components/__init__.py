@@ -8,4 +8,17 @@ and :mod:`imgpipe.kfp.publish`; kfp ships the body to the container as source, s
 nothing else in this package runs there. Image names come from :mod:`imgpipe.containers.catalog`.
 """
 
-__all__ = ["download", "clean", "resize", "train", "promote", "plan_sweep", "compare", "plan_folds", "audit_labels", "prepare_shard", "merge_shards"]
+__all__ = [
+    "download",
+    "clean",
+    "resize",
+    "train",
+    "promote",
+    "plan_sweep",
+    "compare",
+    "plan_folds",
+    "audit_labels",
+    "prepare_shard",
+    "merge_shards",
+    "verify_output",
+]

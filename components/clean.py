@@ -36,6 +36,7 @@ def clean(
     previous = ka.resolve_previous(data_root, previous_run_prefix, policy)
     named = {"grayscale": grayscale, "split": split, "seed": seed, "annotations": annotations, "skip_hashes_from": previous}
     cfg = config.step_config(CleanConfig, step_config, "clean", policy=policy, **named)
-    result = clean(ka.read_step_artifact(dataset, "download", policy), ka.run_prefix(data_root, run_id, "clean"), cfg)
+    source = ka.read_step_artifact(dataset, "download", policy)
+    result = clean(source, ka.task_prefix(data_root, run_id, "clean", source, cfg), cfg)
     publish_step_report(result.dest, metrics=metrics, report=report)
     ka.write_step_artifact(cleaned, result.dest, previous_run_prefix=previous or "")

@@ -40,7 +40,9 @@ def download(
 
     def fetch(uri: str, sha256: str, step: str, previous: str | None = None) -> str:
         cfg = config.step_config(DownloadConfig, step_config, "download", sha256=[sha256] if sha256 else None)
-        return download([uri], ka.run_prefix(data_root, run_id, step), cfg, policy=SourcePolicy.from_env(), previous=previous).dest
+        return download(
+            [uri], ka.task_prefix(data_root, run_id, step, [uri, previous], cfg), cfg, policy=SourcePolicy.from_env(), previous=previous
+        ).dest
 
     annotations = fetch(annotations_uri, annotations_sha256, "annotations") if annotations_uri else ""
     previous = ka.resolve_previous(data_root, previous_run_prefix, ka.read_policy(data_root), step="download")

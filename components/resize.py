@@ -45,7 +45,8 @@ def resize(
         "ray_address": ray_address,
     }
     cfg = config.step_config(ResizeConfig, step_config, "resize", **named)
-    source, dest = ka.read_step_artifact(cleaned, "clean", ka.read_policy(data_root)), ka.run_prefix(data_root, run_id, "resize")
+    source = ka.read_step_artifact(cleaned, "clean", ka.read_policy(data_root))
+    dest = ka.task_prefix(data_root, run_id, "resize", source, cfg)
     done = run_step("resize", source, dest, cfg, run_id=run_id).dest
     publish_step_report(done, metrics=metrics, report=report)
     return ka.write_step_artifact(resized, done)["dest"]

@@ -55,7 +55,8 @@ def train(
     named = ka.train_overrides(model_name, epochs, batch_size, aug_policy, pretrained, train_nodes, recipe, domain)
     cfg = config.step_config(TrainConfig, step_config, "train", policy=policy, **named, weights_cache=ka.weights_cache(data_root))
     cfg = branch_config(cfg) if branch else cfg  # a diverged branch is compare's to rank last, not a failed sweep
-    data, out = ka.committed_prefix(resized, "resize", policy), ka.run_prefix(data_root, run_id, branch_step(branch) if branch else "train")
+    data = ka.committed_prefix(resized, "resize", policy)
+    out = ka.task_prefix(data_root, run_id, branch_step(branch) if branch else "train", data, cfg)
     result = run_train(data, out, cfg, run_id=run_id, placement=placement)  # the pod's GPUs, or a TrainJob of cfg.nodes nodes
     publish_training(result.dest, model=model, metrics=metrics, classification=confusion, report=report)
     return ka.write_step_artifact(trained, result.dest, branch=branch)["dest"]

@@ -11,12 +11,12 @@ resources, retries, GPU scheduling and caching. Caching is a compile-time choice
 purpose: a run created from an uploaded pipeline version (``imgpipe submit``) cannot
 override it (kfp applies ``enable_caching`` only to runs created from a package
 file), and the version name carries the package digest, so a ``--caching`` build is
-another version. Note that every task takes the run id (its output prefix and the
-idempotency key of remote Ray jobs) as an input, and the KFP backend resolves
-``{{$.pipeline_job_uuid}}`` before it computes the cache key: with run-scoped prefixes
-a cache hit cannot happen across runs, so ``--caching`` buys little today. It is off
-by default and must stay off for scheduled retraining, where new data behind an
-unchanged URI must never be a cache hit.
+another version. The KFP backend resolves ``{{$.pipeline_job_uuid}}`` before it computes
+a task's cache key, so a task that took the run's id could never be a hit: in a
+``--caching`` build the data and train tasks take ``BY_INPUTS`` instead and write below
+prefixes keyed by their inputs (``PipelineOptions.task_run_id``), and promote, which moves
+``latest.json``, runs every time. Caching is off by default and must stay off for
+scheduled retraining, where new data behind an unchanged URI must never be a cache hit.
 
 What is chosen per run: the pipeline parameters of :func:`imgpipe_pipeline`
 (``imgpipe submit --param k=v``); any step config field through ``step_config``
@@ -58,6 +58,7 @@ from imgpipe.components.prepare_shard import prepare_shard
 from imgpipe.components.promote import promote
 from imgpipe.components.resize import resize
 from imgpipe.components.train import train
+from imgpipe.components.verify_output import verify_output
 from imgpipe.pipelines.options import (
     RAY_TOKEN_KEYS,
     RAY_TOKEN_SECRET,
@@ -226,7 +227,7 @@ def data_steps(
         ``dsl.OneOf`` of the two resize tasks' outputs (the one ``ray_address`` chose).
     """
     images = options.images
-    common = {"data_root": data_root, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "step_config": step_config}
+    common = {"data_root": data_root, "run_id": options.task_run_id, "step_config": step_config}
     sources = {"source_uri": source_uri, "source_sha256": source_sha256, "annotations_uri": annotations_uri, "annotations_sha256": annotations_sha256}
     cleaning = {"grayscale": grayscale, "split": split, "seed": seed, "previous_run_prefix": previous_run_prefix}
     if options.shards > 1:
@@ -249,13 +250,29 @@ def data_steps(
     with dsl.If(ray_address == "", name="ray-in-the-pod"):
         in_pod = resize(**resize_args)
         configure_task(in_pod, "resize-local", step_image(images, "resize"), options, options.retry)
+        here = verified(options, in_pod.outputs["Output"], "resize", data_root)
     with dsl.Else(name="ray-cluster"):
         remote = resize(**resize_args)
         configure_task(remote, "resize", step_image(images, "resize"), options, options.retry)
         # ray_address "kuberay": the RayJob's cluster runs the resize image too.
         remote.set_env_variable("IMGPIPE_RAY_IMAGE", images.ray)
         kubernetes.use_secret_as_env(remote, RAY_TOKEN_SECRET, RAY_TOKEN_KEYS, optional=True)
-    return dsl.OneOf(in_pod.outputs["Output"], remote.outputs["Output"])
+        there = verified(options, remote.outputs["Output"], "resize", data_root)
+    return dsl.OneOf(here, there)
+
+
+def verified(options: PipelineOptions, prefix: Any, step: str, data_root: Any) -> Any:
+    """``prefix`` (a branch task's output), through a ``verify-output`` task in a ``--caching`` build.
+
+    KFP 2.17 leaves a ``dsl.If`` branch whose task was a cache hit RUNNING, and the
+    ``dsl.OneOf`` after it then fails (components/verify_output.py); a task that is never
+    cached, after it in the branch, completes the branch. A build without caching needs none.
+    """
+    if not options.caching:
+        return prefix
+    task = verify_output(prefix=prefix, step=step, data_root=data_root)
+    configure_task(task, "verify-output", options.images.cpu, options, options.retry)
+    return task.output
 
 
 def _sharded_clean(options: PipelineOptions, sources: dict[str, Any], cleaning: dict[str, Any], common: dict[str, Any]) -> Any:
@@ -290,11 +307,13 @@ def train_steps(options: PipelineOptions, *, train_nodes: Any, **train_args: Any
         configure_task(in_pod, "train", step_image(images, "train"), options, options.train_retry)
         if options.gpu is not None:
             schedule_on_gpu(in_pod, options.gpu)
+        here = verified(options, in_pod.outputs["Output"], "train", train_args["data_root"])
     with dsl.Else(name="train-as-trainjob"):
         poller = train(train_nodes=train_nodes, placement="trainjob", **train_args)
         configure_task(poller, "train-trainjob", step_image(images, "train"), options, options.train_retry)
         trainjob_settings(poller, images.gpu, options)
-    return dsl.OneOf(in_pod.outputs["Output"], poller.outputs["Output"])
+        there = verified(options, poller.outputs["Output"], "train", train_args["data_root"])
+    return dsl.OneOf(here, there)
 
 
 def build_pipeline(options: PipelineOptions | None = None) -> dsl.graph_component.GraphComponent:
@@ -352,7 +371,6 @@ def pipeline_function(options: PipelineOptions | None = None) -> Callable[..., O
             ray_address=ray_address,
             step_config=step_config,
         )
-        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         trained = train_steps(
             options,
             resized=resized,
@@ -365,10 +383,11 @@ def pipeline_function(options: PipelineOptions | None = None) -> Callable[..., O
             recipe=recipe,
             domain=domain,
             data_root=data_root,
-            run_id=run_id,
+            run_id=options.task_run_id,
             step_config=step_config,
         )
-        pr = promote(trained=trained, data_root=data_root, run_id=run_id, promotion_tolerance=promotion_tolerance)
+        # Promote's own prefix and latest.json name this run; the prefixes it records come from the chain of manifests.
+        pr = promote(trained=trained, data_root=data_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, promotion_tolerance=promotion_tolerance)
         configure_task(pr, "promote", images.gpu, options, options.retry)
         if options.model_registry:
             pr.set_env_variable(modelregistry.REGISTRY_ENV, options.model_registry)

@@ -20,6 +20,7 @@ from imgpipe import modelregistry
 from imgpipe.config import check_range
 from imgpipe.containers.catalog import ImageSet
 from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV
+from imgpipe.kfp.artifacts import BY_INPUTS
 from imgpipe.kfp.shards import shard_items
 from imgpipe.readpolicy import READ_PREFIXES_ENV
 from imgpipe.registry import STEPS
@@ -121,6 +122,8 @@ def _default_resources() -> dict[str, Resources]:
         "prepare-shard": Resources("4", "4", "8Gi", "8Gi"),
         # About 60 bytes an image plus one Parquet batch per shard (imgpipe.steps.merge).
         "merge-shards": Resources("2", "2", "4Gi", "8Gi"),
+        # --caching builds: reads one manifest after each cacheable task in a dsl.If branch.
+        "verify-output": Resources("100m", "1", "256Mi", "1Gi"),
         # ray_address "": the pod does the work (a process pool or a local Ray: ResizeConfig.executor).
         "resize-local": Resources("4", "4", "8Gi", "8Gi"),
         # KubeRay or a Ray cluster does the work; the pod submits, polls and copies the log.
@@ -136,12 +139,19 @@ def _default_resources() -> dict[str, Resources]:
     }
 
 
+# Tasks that run in every run: promote acts beyond its own output (it moves latest.json and
+# registers the model), and verify-output exists to run (components/verify_output.py).
+NEVER_CACHED = frozenset({"promote", "verify-output"})
+
+
 @dataclass(frozen=True)
 class PipelineOptions:
     """What is fixed at compile time.
 
     Attributes:
-        caching: kfp caching of every task (off: see :mod:`pipelines.imgpipe_pipeline`).
+        caching: kfp caching of every task but those in :data:`NEVER_CACHED` (off: see
+            :mod:`pipelines.imgpipe_pipeline`); the data and train tasks then write below
+            prefixes keyed by their inputs (:attr:`task_run_id`).
         images: The step images; read from the environment when the options are made.
         retry: Retry policy of download, clean and resize; ``None`` disables retries.
         train_retry: Retry policy of train (it resumes from its last checkpoint).
@@ -178,6 +188,16 @@ class PipelineOptions:
         shard_items(self.shards)  # checks the count
         check_range("shard_parallelism", self.shard_parallelism, 0, self.shards, integer=True)
 
+    @property
+    def task_run_id(self) -> str:
+        """The run id the data and train tasks get: the run's, or with caching :data:`~imgpipe.kfp.artifacts.BY_INPUTS`.
+
+        With the run's id in a task's inputs, KFP's cache key differs in every run, so a
+        package compiled with caching hands those tasks :data:`~imgpipe.kfp.artifacts.BY_INPUTS`
+        instead: each writes a prefix keyed by its inputs (:func:`imgpipe.kfp.artifacts.task_prefix`).
+        """
+        return BY_INPUTS if self.caching else dsl.PIPELINE_JOB_ID_PLACEHOLDER
+
 
 def _cpus_times(quantity: str, n: int) -> str:
     """A CPU quantity (``"8"``, ``"500m"``) ``n`` times over."""
@@ -201,7 +221,7 @@ def configure_task(task: dsl.PipelineTask, step: str, image: str, options: Pipel
     task.set_container_image(image)
     task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
     task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
-    task.set_caching_options(enable_caching=options.caching)
+    task.set_caching_options(enable_caching=options.caching and step not in NEVER_CACHED)
     task.set_env_variable("PYTHONUNBUFFERED", "1")
     if options.image_pull_secrets:  # this pod's, and those of the RayJobs and TrainJobs it creates
         kubernetes.set_image_pull_secrets(task, list(options.image_pull_secrets))

@@ -14,6 +14,7 @@ import ast
 import inspect
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,44 @@ def test_train_then_promote_components_publish_model_metrics_report_and_the_verd
     assert "Promotion: promoted" in Path(shown["report"].path).read_text()
     with pytest.raises(ValueError, match="not this run's train output"):  # a prefix of another run is no candidate
         promote.python_func(trained=trained, data_root=data_root, run_id="r2", **shown)
+
+
+def test_a_cached_build_writes_prefixes_keyed_by_inputs_and_promote_walks_their_manifests(tmp_path, monkeypatch):
+    """With caching, KFP hands a later run the earlier run's output: its prefix must not name either run."""
+    monkeypatch.setenv(SOURCE_LOCAL_ENV, "1")
+    data_root = "file://" + str(tmp_path / "store")
+    data = write_resize_output(kfp_artifacts.run_prefix(data_root, "r1", "resize"), classes=3, size=16)
+    settings = {"train": {"num_workers": 0, "device": "cpu", "max_steps_per_epoch": 1, "shuffle_buffer": 8}}
+
+    def trains(name: str, epochs: int) -> str:
+        outs = {
+            "trained": _artifact(dsl.Artifact, tmp_path / name / "trained"),
+            "model": _artifact(dsl.Model, tmp_path / name / "model"),
+            "metrics": _artifact(dsl.Metrics, tmp_path / name / "metrics"),
+            "confusion": _artifact(dsl.ClassificationMetrics, tmp_path / name / "confusion"),
+            "report": _artifact(dsl.HTML, tmp_path / name / "report"),
+        }
+        args = {"model_name": "tiny_cnn", "epochs": epochs, "batch_size": 4, "aug_policy": "basic", "step_config": settings}
+        return train.python_func(resized=data, data_root=data_root, run_id=kfp_artifacts.BY_INPUTS, **args, **outs)
+
+    first = trains("a", 1)
+    assert re.fullmatch(re.escape(f"{data_root}/runs/") + r"in-[0-9a-f]{20}/train", first), first
+    assert trains("b", 1) == first, "the same inputs: the same prefix (a retry continues it)"
+    assert trains("c", 2) != first, "other inputs: another prefix"
+    shown = {
+        name: _artifact(cls, tmp_path / "promote" / name)
+        for name, cls in {"model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}.items()
+    }
+    promote.python_func(trained=first, data_root=data_root, run_id="r9", **shown)
+    latest = kfp_artifacts.read_latest(data_root)
+    assert latest["run_id"] == "r9" and latest["prefixes"]["train"] == first
+    assert latest["prefixes"]["resize"] == data and "clean" not in latest["prefixes"], "the chain ends at a resize output with no upstream"
+    assert contract.is_committed(kfp_artifacts.run_prefix(data_root, "r9", "promote"))
+    elsewhere = write_resize_output(kfp_artifacts.run_prefix(data_root, "in-" + "0" * 20, "resize"), classes=2, size=8)
+    with pytest.raises(ValueError, match="expected 'train'"):  # a keyed prefix of another step is no candidate
+        promote.python_func(trained=elsewhere, data_root=data_root, run_id="r9", **shown)
+    with pytest.raises(ValueError, match="not this run's train output"):  # nor another run's own
+        kfp_artifacts.promote_run(data_root, "r9", candidate=kfp_artifacts.run_prefix(data_root, "r1", "train"))
 
 
 def _fake_train_output(out: str, metrics: dict) -> None:

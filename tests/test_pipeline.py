@@ -11,6 +11,7 @@ of ``conftest.py`` and a local Ray (so it is marked ``ray``: run it inside
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from kfp import dsl
 
 from imgpipe import contract, storage
 from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.kfp import package as kfp_package
+from imgpipe.kfp.artifacts import BY_INPUTS
 from imgpipe.kfp.local_run import LocalRunConfig, load_local_config, run_local
 from imgpipe.kfp.publish import find_confusion
 from imgpipe.remote.dispatch import remote_steps
@@ -247,7 +250,28 @@ def test_caching_is_decided_when_compiling(compiled, tmp_path):
     ir, _, _ = compiled
     assert all(_tasks(ir)[s]["cachingOptions"] == {} for s in TASKS), "off by default (scheduled retraining)"
     cached, _ = _load(kfp_package.compile_package(tmp_path / "cached.yaml", caching=True))
-    assert all(_tasks(cached)[s]["cachingOptions"] == {"enableCache": True} for s in TASKS)
+    cacheable = [s for s in TASKS if s != "promote"]
+    assert all(_tasks(cached)[s]["cachingOptions"] == {"enableCache": True} for s in cacheable)
+    assert _tasks(cached)["promote"]["cachingOptions"] == {}, "promote moves latest.json: never a cache hit"
+
+
+def test_a_cached_build_keys_task_prefixes_by_inputs(compiled, tmp_path):
+    """KFP resolves the run id before it computes a cache key: a task that took it could never hit."""
+
+    def run_ids(ir):
+        return {s: _tasks(ir)[s]["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] for s in TASKS}
+
+    job = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    assert set(run_ids(compiled[0]).values()) == {job}
+    cached, _ = _load(kfp_package.compile_package(tmp_path / "cached.yaml", caching=True))
+    assert run_ids(cached) == {**{s: BY_INPUTS for s in TASKS}, "promote": job}
+    # KFP 2.17 leaves a branch whose task was a hit RUNNING: a never-cached task after it completes it.
+    dags = [cached["root"]["dag"]] + [c["dag"] for c in cached["components"].values() if "dag" in c]
+    verifiers = [t for dag in dags for t in dag["tasks"].values() if t["componentRef"]["name"].startswith("comp-verify-output")]
+    assert len(verifiers) == 4 and all(t["cachingOptions"] == {} for t in verifiers), verifiers
+    fed = {t["inputs"]["parameters"]["prefix"]["taskOutputParameter"]["producerTask"] for t in verifiers}
+    assert {re.sub(r"-\d+$", "", f) for f in fed} == {"resize", "train"} and len(fed) == 4, fed
+    assert not [n for n in _tasks(compiled[0]) if n.startswith("verify-output")], "a build without caching needs none"
 
 
 def test_cpu_only_build_drops_the_gpu_scheduling(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ How it works in detail: docs/internals.md, "imgpipe.kfp.artifacts".
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imgpipe import contract, modelregistry, resources, storage
+from imgpipe.config import config_to_dict
 from imgpipe.kfp.publish import publish_promotion
 from imgpipe.readpolicy import ReadPolicy, ReadRefused
 from imgpipe.train.config import WEIGHTS_CACHE
@@ -27,14 +29,18 @@ __all__ = [
     "RUNS",
     "LATEST",
     "LATEST_KEYWORD",
+    "BY_INPUTS",
     "check_run_id",
     "run_prefix",
+    "task_prefix",
+    "is_keyed_run",
     "weights_cache",
     "read_policy",
     "train_overrides",
     "write_step_artifact",
     "read_step_artifact",
     "committed_prefix",
+    "verify_handed_on",
     "resolve_previous",
     "record_latest",
     "read_latest",
@@ -53,6 +59,12 @@ PIPELINE_NAME = "imgpipe"
 RUNS = "runs"
 LATEST = "latest.json"
 LATEST_KEYWORD = "latest"
+# The run id a package compiled with caching hands its cacheable tasks (pipelines.options):
+# each of them then writes below a prefix keyed by what it reads and how (task_prefix), so
+# the output an earlier run's identical task committed, which KFP's cache hands on, is where
+# it was, and a later run never claims another run's prefix.
+BY_INPUTS = "by-inputs"
+_KEYED = re.compile(r"in-[0-9a-f]{20}")
 # A run id becomes one path segment; a placeholder that was never substituted
 # ("{{$.pipeline_job_uuid}}") must fail loudly instead of becoming a directory.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -81,6 +93,36 @@ def check_run_id(run_id: str) -> str:
 def run_prefix(data_root: str, run_id: str, step: str) -> str:
     """The prefix ``step`` writes in run ``run_id``: ``{data_root}/runs/{run_id}/{step}``."""
     return storage.join(storage.normalize_uri(data_root), RUNS, check_run_id(run_id), step)
+
+
+def task_prefix(data_root: str, run_id: str, step: str, source: Any, cfg: Any) -> str:
+    """The prefix a task writes: the run's own (:func:`run_prefix`), or, for run id :data:`BY_INPUTS`, its inputs'.
+
+    A task of a package compiled with caching gets :data:`BY_INPUTS`: its prefix is then
+    ``{data_root}/runs/in-{digest}/{step}``, the digest of ``step``, ``source`` (what it reads:
+    URIs, an upstream prefix) and ``cfg`` (its resolved config), so KFP's cache hit for the same
+    inputs hands on an output that is still where the earlier run committed it, and a retry of
+    the task continues its own prefix as before.
+    """
+    if check_run_id(run_id) != BY_INPUTS:
+        return run_prefix(data_root, run_id, step)
+    key = json.dumps({"step": step, "source": source, "config": config_to_dict(cfg)}, sort_keys=True, default=str)
+    return run_prefix(data_root, f"in-{hashlib.sha256(key.encode()).hexdigest()[:20]}", step)
+
+
+def is_keyed_run(name: str) -> bool:
+    """Whether ``name`` (a folder of ``{data_root}/runs``) is one :func:`task_prefix` keys by a task's inputs."""
+    return bool(_KEYED.fullmatch(name))
+
+
+def _is_keyed(data_root: str, prefix: str, step: str) -> bool:
+    """Whether ``prefix`` is a :func:`task_prefix` of ``step`` keyed by its inputs under ``data_root``."""
+    runs = storage.join(storage.normalize_uri(data_root), RUNS) + "/"
+    rest = storage.normalize_uri(prefix)
+    if not rest.startswith(runs):
+        return False
+    key, _, tail = rest[len(runs) :].partition("/")
+    return is_keyed_run(key) and tail == step
 
 
 def weights_cache(data_root: str) -> str:
@@ -161,6 +203,22 @@ def committed_prefix(prefix: str, expect_step: str, policy: ReadPolicy | None = 
         policy.check(f"the {expect_step} output handed over", prefix)
     contract.read_manifest(prefix, expect_step=expect_step)
     return storage.normalize_uri(prefix)
+
+
+def verify_handed_on(prefix: str, step: str, data_root: str) -> str:
+    """What KFP's cache handed on for ``step`` (a task's prefix parameter), checked to be committed.
+
+    Raises:
+        ValueError: If it holds no committed output of ``step`` any more (deleted since the
+            run that made it), naming what to do; ``ReadRefused`` if it is outside the run's policy.
+    """
+    try:
+        return committed_prefix(prefix, step, read_policy(data_root))
+    except contract.UncommittedOutputError as exc:
+        raise ValueError(
+            f"the {step} output {prefix} that this run was handed (KFP's cache, from an earlier run) is no longer committed: "
+            "submit a package compiled without --caching, or delete that output's cached execution"
+        ) from exc
 
 
 def read_step_artifact(artifact: Any, expect_step: str, policy: ReadPolicy | None = None) -> str:
@@ -283,6 +341,31 @@ def current_model(data_root: str, policy: ReadPolicy | None = None) -> str | Non
     return prefix or None
 
 
+# What a train output is made from, nearest first: each manifest's upstream names the next.
+_UPSTREAM = ("resize", "clean", "download")
+
+
+def _made_from(trained: str, policy: ReadPolicy) -> dict[str, str]:
+    """The committed prefixes ``trained`` was made from, by step, read back from the manifests' ``upstream``.
+
+    The chain ends where a manifest names no single source (a clean output merged from shards).
+
+    Raises:
+        ReadRefused: If a manifest names a prefix outside ``policy`` (read back from storage: untrusted).
+        ValueError: If the prefix it names is not a committed output of the step before.
+    """
+    found: dict[str, str] = {}
+    manifest = contract.read_manifest(trained)
+    for step in _UPSTREAM:
+        source = (manifest.get("upstream") or {}).get("source")
+        if not isinstance(source, str) or not source:
+            break
+        source = policy.check(f"the {step} prefix a manifest names", source)
+        manifest = contract.read_manifest(source, expect_step=step)
+        found[step] = storage.normalize_uri(source)
+    return found
+
+
 def promote_run(
     data_root: str,
     run_id: str,
@@ -314,9 +397,11 @@ def promote_run(
     from imgpipe.steps.promote import PromoteConfig, promote
 
     policy = policy or read_policy(data_root)
-    prefixes = {s: run_prefix(data_root, run_id, s) for s in ("download", "clean", "resize", train_step)}
-    if candidate is not None and storage.normalize_uri(candidate) != prefixes[train_step]:
-        raise ValueError(f"the train task handed on {candidate}, not this run's train output {prefixes[train_step]}")
+    own = run_prefix(data_root, run_id, train_step)
+    trained = own if candidate is None else storage.normalize_uri(candidate)
+    if trained != own and not _is_keyed(data_root, trained, train_step):
+        raise ValueError(f"the train task handed on {candidate}, not this run's train output {own} (nor one keyed by its inputs)")
+    prefixes = {**_made_from(trained, policy), train_step: trained}
     try:
         current = current_model(data_root, policy)
     except ReadRefused:  # never probed; the gate refuses it again, as a decision rather than a failed run
@@ -336,7 +421,8 @@ def promote_run(
     )
     if decision.promoted:
         served = {"serving": decision.serving} if decision.serving else {}  # KServe's storageUri (imgpipe.serving)
-        record_latest(data_root, run_id, {**{s: prefixes[s] for s in ("download", "clean", "resize")}, "train": prefixes[train_step], **served})
+        made_from = {s: prefixes[s] for s in _UPSTREAM if s in prefixes}
+        record_latest(data_root, run_id, {**made_from, "train": prefixes[train_step], **served})
     else:
         log.warning("%s; latest.json still names %s", decision.summary(), decision.current_prefix)
     if metrics is not None and report is not None:

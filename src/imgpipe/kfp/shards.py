@@ -47,9 +47,9 @@ def _shard(item: Any) -> Shard:
     return Shard(index, count)
 
 
-def shard_prefix(data_root: str, run_id: str, shard: Shard, step: str) -> str:
-    """Where ``step`` (download, annotations, clean) of ``shard`` writes in run ``run_id``."""
-    return ka.run_prefix(data_root, run_id, f"{SHARDS_DIR}/{shard.name}/{step}")
+def shard_prefix(data_root: str, run_id: str, shard: Shard, step: str, source: Any, cfg: Any) -> str:
+    """Where ``step`` (download, annotations, clean) of ``shard`` writes in run ``run_id`` (:func:`imgpipe.kfp.artifacts.task_prefix`)."""
+    return ka.task_prefix(data_root, run_id, f"{SHARDS_DIR}/{shard.name}/{step}", source, cfg)
 
 
 def clean_config(
@@ -105,13 +105,15 @@ def prepare_shard(
 
     def fetch(uri: str, sha256: str, step: str, previous: str | None = None, part: Shard | None = None) -> str:
         cfg = config.step_config(DownloadConfig, step_config, "download", sha256=[sha256] if sha256 else None)
-        return download([uri], shard_prefix(data_root, run_id, shard, step), cfg, policy=sources, previous=previous, shard=part).dest
+        return download(
+            [uri], shard_prefix(data_root, run_id, shard, step, [uri, previous], cfg), cfg, policy=sources, previous=previous, shard=part
+        ).dest
 
     annotations = fetch(annotations_uri, annotations_sha256, "annotations") if annotations_uri else None
     previous = ka.resolve_previous(data_root, previous_run_prefix, policy)
     images = fetch(source_uri, source_sha256, "download", _previous_download(previous, shard, policy), shard)
     cfg = clean_config(data_root, step_config, policy=policy, annotations=annotations, previous=previous, **named)
-    return clean(images, shard_prefix(data_root, run_id, shard, "clean"), cfg, whole=False)
+    return clean(images, shard_prefix(data_root, run_id, shard, "clean", images, cfg), cfg, whole=False)
 
 
 def merge_shards(
@@ -123,11 +125,23 @@ def merge_shards(
     policy = ka.read_policy(data_root)
     if isinstance(shards, str) or not isinstance(shards, Sequence) or not shards:
         raise ValueError(f"merge_shards needs the list of the shards' clean prefixes, got {shards!r}")
-    own = ka.run_prefix(data_root, run_id, SHARDS_DIR).rstrip("/") + "/"
     for prefix in shards:
-        if not isinstance(prefix, str) or not storage.normalize_uri(prefix).startswith(own):
-            raise ValueError(f"{prefix!r} is not a shard of run {run_id} (below {own})")
+        if not isinstance(prefix, str) or not _is_shard_of(data_root, run_id, prefix):
+            raise ValueError(f"{prefix!r} is not a shard of run {run_id} (below {ka.run_prefix(data_root, run_id, SHARDS_DIR)})")
     previous = ka.resolve_previous(data_root, previous_run_prefix, policy)
     cfg = clean_config(data_root, step_config, policy=policy, annotations=None, previous=previous, **named)
     ordered = sorted(storage.normalize_uri(p) for p in shards)
-    return merge(ordered, ka.run_prefix(data_root, run_id, "clean"), cfg)
+    return merge(ordered, ka.task_prefix(data_root, run_id, "clean", ordered, cfg), cfg)
+
+
+def _is_shard_of(data_root: str, run_id: str, prefix: str) -> bool:
+    """Whether ``prefix`` is a shard's clean output of run ``run_id``.
+
+    For :data:`~imgpipe.kfp.artifacts.BY_INPUTS`: of any run, in a folder keyed by its inputs.
+    """
+    prefix = storage.normalize_uri(prefix)
+    if ka.check_run_id(run_id) != ka.BY_INPUTS:
+        return prefix.startswith(ka.run_prefix(data_root, run_id, SHARDS_DIR).rstrip("/") + "/")
+    runs = storage.join(storage.normalize_uri(data_root), ka.RUNS) + "/"
+    key, _, rest = prefix[len(runs) :].partition("/") if prefix.startswith(runs) else ("", "", "")
+    return bool(ka.is_keyed_run(key)) and rest.startswith(f"{SHARDS_DIR}/")
