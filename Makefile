@@ -12,7 +12,7 @@ IMAGE_KINDS ?= cpu ray gpu
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench bench-scale bench-download bench-peers bench-race bench-train-step images images-push compile clean-data help image-tools run-containers test-containers test-faults test-slow cluster-build cluster-up cluster-down test-cluster
+.PHONY: install run test lint bench bench-scale bench-download bench-peers bench-race bench-train-step images images-push compile clean-data ui-pictures help image-tools run-containers test-containers test-faults test-slow cluster-build cluster-up cluster-down test-cluster
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
@@ -34,6 +34,7 @@ help:
 	@echo "make cluster-build  build the cluster's binaries from upstream's Go modules into the cache (cluster/; ~20 min cold)"
 	@echo "make cluster-up     start the cluster in a network namespace of its own (docs/cluster.md)"
 	@echo "make test-cluster   the tests against the running cluster (each skips with one line when it is not up)"
+	@echo "make ui-pictures    refresh docs/img/kfp-ui-*.png: a person's path through KFP's UI on the running cluster"
 	@echo "make cluster-down   stop it: no process, mount, cgroup or state left"
 	@echo "make clean-data     remove .data/ (make run's object store, runs and logs)"
 
@@ -186,7 +187,7 @@ bench-scale: install
 # from upstream's Go modules at the versions in cluster/versions.env into CLUSTER_CACHE (outside
 # the repository), run inside a network and mount namespace of their own. Not part of make test.
 # What the node runs beside the binaries built from Go modules (Debian's packages).
-CLUSTER_APT := runc containernetworking-plugins iptables podman jq openssl mmdebstrap
+CLUSTER_APT := runc containernetworking-plugins iptables podman jq openssl mmdebstrap chromium chromium-driver
 cluster-build:
 	dpkg -s $(CLUSTER_APT) >/dev/null 2>&1 || ($(SUDO) apt-get update && $(SUDO) apt-get install -y $(CLUSTER_APT))
 	bash cluster/build.sh
@@ -202,6 +203,11 @@ cluster-down:
 # otherwise every test skips with the one line that says so.
 test-cluster: install
 	cluster/in-netns $(BIN)/python -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
+
+# The screenshots docs/ shows (docs/img/kfp-ui-*.png), refreshed by the UI test of a person's path
+# through KFP's UI on the running cluster (make cluster-up first).
+ui-pictures: install
+	IMGPIPE_UI_PICTURES=$(CURDIR)/docs/img cluster/in-netns $(BIN)/python -m pytest -m cluster tests/cluster/test_kfp_ui.py -k uploads $(PYTEST_ARGS)
 
 clean-data:
 	rm -rf .data

@@ -19,10 +19,12 @@ from typing import Any
 
 __all__ = ["STYLE", "HEADLINE_END", "text", "cell", "clip", "table", "image", "section", "page", "at_top", "bar_chart_svg"]
 
+# Tables fit the page they are shown in (KFP's UI shows a step's HTML in a side panel about 500 px
+# wide): long values (URIs, digests) wrap anywhere instead of pushing the table past the edge.
 STYLE = (
     "body{font-family:sans-serif;margin:1.5em;max-width:1100px}"
-    "table{border-collapse:collapse;margin:0.5em 0 1.5em}"
-    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+    "table{border-collapse:collapse;margin:0.5em 0 1.5em;max-width:100%}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;overflow-wrap:anywhere}th{background:#f3f3f3}"
     "img{max-width:100%;display:block;margin:0.5em 0 1.5em}"
     "table.grid td{text-align:center;vertical-align:top;font-size:11px}"
     "table.grid img{display:inline;margin:0}"
