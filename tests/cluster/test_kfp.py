@@ -115,6 +115,7 @@ def step_images() -> dict[str, str]:
     return {kind: step_image(kind) for kind in ("cpu", "ray", "gpu")}
 
 
+@pytest.mark.timeout(RUN_TIMEOUT_S + 120)  # the run's own bound, not pytest's default
 def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tmp_path):
     from imgpipe.data.synth import generate
 
