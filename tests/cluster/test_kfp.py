@@ -203,7 +203,8 @@ def test_imgpipe_schedule_makes_a_recurring_run_the_scheduledworkflow_controller
         deadline = time.monotonic() + 150
         runs: list[dict] = []
         while time.monotonic() < deadline and not runs:
-            answer = _get(kfp, "/runs", bearer=owner, namespace=NAMESPACE, experiment_id=rr["experiment_id"])
+            # Newest first: the experiment holds every earlier test run (a page holds the oldest otherwise).
+            answer = _get(kfp, "/runs", bearer=owner, namespace=NAMESPACE, experiment_id=rr["experiment_id"], sort_by="created_at desc")
             runs = [r for r in answer.json().get("runs", []) if r.get("recurring_run_id") == rr["recurring_run_id"]]
             time.sleep(3)
         assert runs, f"the ScheduledWorkflow controller started no run of {name} in 150 s"
