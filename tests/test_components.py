@@ -160,13 +160,7 @@ def test_train_then_promote_components_publish_model_metrics_report_and_the_verd
     monkeypatch.setenv(SOURCE_LOCAL_ENV, "1")  # the data root is local: the operator allows it
     data_root = "file://" + str(tmp_path / "store")
     data = write_resize_output(kfp_artifacts.run_prefix(data_root, "r1", "resize"), classes=3, size=16)
-    outs = {
-        "trained": _artifact(dsl.Artifact, tmp_path / "trained"),
-        "model": _artifact(dsl.Model, tmp_path / "model"),
-        "metrics": _artifact(dsl.Metrics, tmp_path / "metrics"),
-        "confusion": _artifact(dsl.ClassificationMetrics, tmp_path / "confusion"),
-        "report": _artifact(dsl.HTML, tmp_path / "report"),
-    }
+    outs = {"trained": _artifact(dsl.Artifact, tmp_path / "trained"), **_shown(tmp_path)}
     trained = train.python_func(
         resized=data,  # the committed prefix, as dsl.OneOf hands over the resize branch that ran
         data_root=data_root,
@@ -194,10 +188,7 @@ def test_train_then_promote_components_publish_model_metrics_report_and_the_verd
     assert config["pretrained"] is None and config["weights_cache"] == f"{data_root}/weights"  # one cache per data root
     # The train task hands its prefix on (dsl.OneOf of the two train tasks); the promote task gates it.
     assert trained == out and kfp_artifacts.read_latest(data_root) is None
-    shown = {
-        name: _artifact(cls, tmp_path / "promote" / name)
-        for name, cls in {"model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}.items()
-    }
+    shown = _shown(tmp_path / "promote")
     promote.python_func(trained=trained, data_root=data_root, run_id="r1", **shown)
     latest = kfp_artifacts.read_latest(data_root)
     assert latest["run_id"] == "r1" and latest["prefixes"]["train"] == out
@@ -205,6 +196,12 @@ def test_train_then_promote_components_publish_model_metrics_report_and_the_verd
     assert "Promotion: promoted" in Path(shown["report"].path).read_text()
     with pytest.raises(ValueError, match="not this run's train output"):  # a prefix of another run is no candidate
         promote.python_func(trained=trained, data_root=data_root, run_id="r2", **shown)
+
+
+def _shown(where: Path) -> dict:
+    """The artifacts train and promote show in the UI (model, metrics, confusion, report), under ``where``."""
+    kinds = {"model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}
+    return {name: _artifact(cls, where / name) for name, cls in kinds.items()}
 
 
 def test_a_cached_build_writes_prefixes_keyed_by_inputs_and_promote_walks_their_manifests(tmp_path, monkeypatch):
@@ -215,13 +212,7 @@ def test_a_cached_build_writes_prefixes_keyed_by_inputs_and_promote_walks_their_
     settings = {"train": {"num_workers": 0, "device": "cpu", "max_steps_per_epoch": 1, "shuffle_buffer": 8}}
 
     def trains(name: str, epochs: int) -> str:
-        outs = {
-            "trained": _artifact(dsl.Artifact, tmp_path / name / "trained"),
-            "model": _artifact(dsl.Model, tmp_path / name / "model"),
-            "metrics": _artifact(dsl.Metrics, tmp_path / name / "metrics"),
-            "confusion": _artifact(dsl.ClassificationMetrics, tmp_path / name / "confusion"),
-            "report": _artifact(dsl.HTML, tmp_path / name / "report"),
-        }
+        outs = {"trained": _artifact(dsl.Artifact, tmp_path / name / "trained"), **_shown(tmp_path / name)}
         args = {"model_name": "tiny_cnn", "epochs": epochs, "batch_size": 4, "aug_policy": "basic", "step_config": settings}
         return train.python_func(resized=data, data_root=data_root, run_id=kfp_artifacts.BY_INPUTS, **args, **outs)
 
@@ -229,10 +220,7 @@ def test_a_cached_build_writes_prefixes_keyed_by_inputs_and_promote_walks_their_
     assert re.fullmatch(re.escape(f"{data_root}/runs/") + r"in-[0-9a-f]{20}/train", first), first
     assert trains("b", 1) == first, "the same inputs: the same prefix (a retry continues it)"
     assert trains("c", 2) != first, "other inputs: another prefix"
-    shown = {
-        name: _artifact(cls, tmp_path / "promote" / name)
-        for name, cls in {"model": dsl.Model, "metrics": dsl.Metrics, "confusion": dsl.ClassificationMetrics, "report": dsl.HTML}.items()
-    }
+    shown = _shown(tmp_path / "promote")
     promote.python_func(trained=first, data_root=data_root, run_id="r9", **shown)
     latest = kfp_artifacts.read_latest(data_root)
     assert latest["run_id"] == "r9" and latest["prefixes"]["train"] == first
@@ -329,3 +317,18 @@ def test_a_component_process_skips_the_collection_at_exit():
     code = "import atexit, gc\natexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\nimport imgpipe.kfp.artifacts\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "frozen at exit: True"
+
+
+def test_a_prefix_keyed_by_inputs_names_its_step_and_a_cached_merge_takes_only_keyed_shards():
+    from imgpipe.kfp.shards import _is_shard_of
+
+    root, key = "s3://bucket/root", "in-" + "a" * 20
+    shard = f"{root}/runs/{key}/shards/00000-of-00002/clean"
+    assert kfp_artifacts.keyed_step(root, f"{root}/runs/{key}/train") == "train"
+    assert kfp_artifacts.keyed_step(root, shard) == "shards/00000-of-00002/clean"
+    assert kfp_artifacts.keyed_step(root, f"{root}/runs/r1/train") is None, "a run's own prefix is not keyed"
+    assert kfp_artifacts.keyed_step(root, f"s3://bucket/other/runs/{key}/train") is None, "nor one under another data root"
+    assert _is_shard_of(root, kfp_artifacts.BY_INPUTS, shard)
+    assert not _is_shard_of(root, kfp_artifacts.BY_INPUTS, f"{root}/runs/{key}/clean"), "a keyed output that is no shard"
+    assert not _is_shard_of(root, "r1", shard), "a run's own merge takes only its own shards"
+    assert _is_shard_of(root, "r1", f"{root}/runs/r1/shards/00000-of-00002/clean")

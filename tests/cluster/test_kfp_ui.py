@@ -80,7 +80,7 @@ def _upload(page: b.Browser, package: Path, name: str) -> None:
     page.shot("pipeline")
 
 
-def _fill_run_form(page: b.Browser, params: dict[str, str], name: str, *, recurring: bool = False, start: bool = True) -> None:
+def _fill_run_form(page: b.Browser, params: dict[str, str], name: str, *, recurring: bool = False) -> None:
     """On the run form: the experiment chosen, one-off or every minute, the parameters typed, the name; then Start."""
     page.wait("the run form", lambda: any(title in page.text() for title in ("Start a new run", "Clone a run")))
     page.element("//label[starts-with(normalize-space(.), 'Experiment')]/..//button").click()
@@ -97,8 +97,7 @@ def _fill_run_form(page: b.Browser, params: dict[str, str], name: str, *, recurr
     # Last: the form writes its default name once the pipeline version has loaded.
     page.fill("Recurring run config name" if recurring else "Run name", name)
     page.shot("run-form-recurring" if recurring else "run-form")
-    if start:
-        page.click("Start")
+    page.click("Start")
 
 
 def _wait_for_status(page: b.Browser, status: str, timeout: float = RUN_TIMEOUT_S) -> None:

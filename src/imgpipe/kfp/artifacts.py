@@ -33,7 +33,7 @@ __all__ = [
     "check_run_id",
     "run_prefix",
     "task_prefix",
-    "is_keyed_run",
+    "keyed_step",
     "weights_cache",
     "read_policy",
     "train_overrides",
@@ -110,19 +110,15 @@ def task_prefix(data_root: str, run_id: str, step: str, source: Any, cfg: Any) -
     return run_prefix(data_root, f"in-{hashlib.sha256(key.encode()).hexdigest()[:20]}", step)
 
 
-def is_keyed_run(name: str) -> bool:
-    """Whether ``name`` (a folder of ``{data_root}/runs``) is one :func:`task_prefix` keys by a task's inputs."""
-    return bool(_KEYED.fullmatch(name))
-
-
-def _is_keyed(data_root: str, prefix: str, step: str) -> bool:
-    """Whether ``prefix`` is a :func:`task_prefix` of ``step`` keyed by its inputs under ``data_root``."""
+def keyed_step(data_root: str, prefix: str) -> str | None:
+    """What follows the run folder of ``prefix`` when :func:`task_prefix` keyed it by a task's inputs
+    (``train``, ``shards/00000-of-00004/clean``); ``None`` for any other prefix."""
     runs = storage.join(storage.normalize_uri(data_root), RUNS) + "/"
     rest = storage.normalize_uri(prefix)
     if not rest.startswith(runs):
-        return False
+        return None
     key, _, tail = rest[len(runs) :].partition("/")
-    return is_keyed_run(key) and tail == step
+    return tail if _KEYED.fullmatch(key) else None
 
 
 def weights_cache(data_root: str) -> str:
@@ -399,7 +395,7 @@ def promote_run(
     policy = policy or read_policy(data_root)
     own = run_prefix(data_root, run_id, train_step)
     trained = own if candidate is None else storage.normalize_uri(candidate)
-    if trained != own and not _is_keyed(data_root, trained, train_step):
+    if trained != own and keyed_step(data_root, trained) != train_step:
         raise ValueError(f"the train task handed on {candidate}, not this run's train output {own} (nor one keyed by its inputs)")
     prefixes = {**_made_from(trained, policy), train_step: trained}
     try:

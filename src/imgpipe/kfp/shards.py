@@ -142,6 +142,4 @@ def _is_shard_of(data_root: str, run_id: str, prefix: str) -> bool:
     prefix = storage.normalize_uri(prefix)
     if ka.check_run_id(run_id) != ka.BY_INPUTS:
         return prefix.startswith(ka.run_prefix(data_root, run_id, SHARDS_DIR).rstrip("/") + "/")
-    runs = storage.join(storage.normalize_uri(data_root), ka.RUNS) + "/"
-    key, _, rest = prefix[len(runs) :].partition("/") if prefix.startswith(runs) else ("", "", "")
-    return bool(ka.is_keyed_run(key)) and rest.startswith(f"{SHARDS_DIR}/")
+    return (ka.keyed_step(data_root, prefix) or "").startswith(f"{SHARDS_DIR}/")
