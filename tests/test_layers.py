@@ -179,6 +179,8 @@ SCHEME_EXCEPTIONS = {
     "kfp.local_run",
     "kfp.local_s3",
     "kfp.local_s3_security",
+    "kfp.local_names",
+    "kfp.local_store",
     "data.sources",
 }
 _SCHEME_WORDS = {"s3", "s3://", "file://"}

@@ -10,6 +10,7 @@ options. The resolved config is written next to each step's output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from imgpipe import resources, storage
 from imgpipe.cli_args import ENDPOINT_FLAG, build_parser
 from imgpipe.config import changed_fields, load_config
 from imgpipe.config_flags import flag_overrides
+from imgpipe.kfp.local_names import in_local_store
 
 __all__ = ["build_parser", "main"]
 
@@ -122,6 +124,13 @@ def cmd_show(args: argparse.Namespace) -> int:
             log.info("wrote %s", path)
     print(report.text(max_rows=args.rows))
     return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    """Serves the local run's object store in the foreground; prints its endpoint and keys."""
+    from imgpipe.kfp.local_store import serve
+
+    return serve(args.workdir)
 
 
 def _local_config(args: argparse.Namespace) -> Any:
@@ -275,6 +284,7 @@ COMMANDS = {
     "train": cmd_train,
     "predict": cmd_predict,
     "show": cmd_show,
+    "store": cmd_store,
     "run": cmd_run,
     "sweep": cmd_sweep,
     "audit": cmd_audit,
@@ -284,6 +294,19 @@ COMMANDS = {
     "submit": cmd_submit,
     "schedule": cmd_schedule,
 }
+
+
+# Commands handed output URIs: one in the local run's bucket reaches (or starts) its store for the command.
+_REACH_LOCAL_STORE = ("download", "clean", "resize", "train", "predict", "show", "register")
+
+
+def _store_for(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
+    """The local run's store while the command runs, when it names an ``s3://imgpipe-local`` URI."""
+    if args.command not in _REACH_LOCAL_STORE or not any(in_local_store(v) for v in vars(args).values()):
+        return contextlib.nullcontext()
+    from imgpipe.kfp.local_store import reachable
+
+    return reachable(vars(args).values(), getattr(args, "workdir", None), endpoint=args.storage_endpoint)
 
 
 def _command_named(argv: Sequence[str]) -> str | None:
@@ -320,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.storage_endpoint:
         storage.configure_endpoint(args.storage_endpoint)
     try:
-        return COMMANDS[args.command](args)
+        with _store_for(args):
+            return COMMANDS[args.command](args)
     except Exception as exc:
         known = isinstance(exc, (ValueError, TypeError, OSError, RuntimeError, TimeoutError))
         line = storage.explain(exc) or (str(exc) if known else None)

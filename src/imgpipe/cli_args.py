@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import imgpipe
 from imgpipe.config_flags import add_field_flags
+from imgpipe.kfp.local_names import DEFAULT_WORKDIR
 from imgpipe.registry import STEPS
 
 __all__ = ["ENDPOINT_FLAG", "build_parser"]
@@ -27,6 +28,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override one config field (repeatable), e.g. --set max_pixels=50000000",
     )
     p.add_argument("--json", action="store_true", help="print the step report as JSON")
+
+
+def _workdir_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--workdir", default=None, help=f"{what} (default {DEFAULT_WORKDIR})")
 
 
 def _compile_options(p: argparse.ArgumentParser) -> None:
@@ -97,7 +102,7 @@ def _local_run_options(p: argparse.ArgumentParser) -> None:
         "a later file wins per field (e.g. configs/local.yaml, then a sweep's winner.yaml)",
     )
     p.add_argument("--data-root", help="where the steps write (default: SeaweedFS on 127.0.0.1 over WORKDIR/seaweedfs, kept from run to run)")
-    p.add_argument("--workdir", default="./.data", help="kfp local outputs and copies of the results (default ./.data)")
+    _workdir_flag(p, "kfp local outputs, the local object store, logs and copies of the results")
     p.add_argument(
         "--source",
         help="your images: a folder, an archive, a bucket prefix, WebDataset shards, Hugging Face Parquet or a "
@@ -186,6 +191,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="a committed download, clean or resize output, or a folder or archive of images")
     p.add_argument("dest", help="output prefix: predictions.parquet, rejects, manifest")
     add_field_flags(p, PredictConfig, ("batch_size", "actors", "threads", "top_k", "splits", "ray_address", "tta"))
+    _workdir_flag(p, "for s3://imgpipe-local URIs: the --workdir of the imgpipe run that wrote them")
 
 
 ENDPOINT_FLAG = "--s3-endpoint"  # the one global option that takes a value
@@ -227,10 +233,19 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
             _common(p)
 
     p = sub.add_parser("show", help="summarize a committed step output: counts, rejects, classes, sample rows")
-    p.add_argument("uri", help="a committed download, clean, resize or train output prefix")
+    p.add_argument("uri", help="a committed output prefix: download, clean, resize, train, predict or promote")
     p.add_argument("--html", metavar="FILE", help="also write the step's HTML report (the Kubeflow UI's) to FILE")
     p.add_argument("--grid", metavar="FILE.png", help="also write a PNG grid of sample images to FILE.png")
     p.add_argument("--rows", type=int, default=10, help="rows shown per table (default 10)")
+    _workdir_flag(p, "for an s3://imgpipe-local URI: the --workdir of the imgpipe run that wrote it")
+
+    p = sub.add_parser(
+        "store",
+        help="serve the local object store of imgpipe run (s3://imgpipe-local) and print its endpoint and keys",
+        description="Serves the store a local run keeps under its --workdir until Ctrl-C, and prints what the AWS CLI, "
+        "boto3 and pandas need to reach it. imgpipe show and predict start it by themselves for the length of the command.",
+    )
+    _workdir_flag(p, "the --workdir of the imgpipe run whose store to serve")
 
     p = sub.add_parser(
         "run",

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from imgpipe import contract, storage
+from imgpipe.report.steps import build_report
 from imgpipe.steps.predict import PredictConfig, predict
 from imgpipe.steps.train import train
 from imgpipe.train.config import TrainConfig
@@ -52,6 +53,13 @@ def test_predict_reproduces_the_models_test_metrics(trained):
     own = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(model, "predictions.parquet"))))
     own_test = {r["path"]: r["predicted"] for r in own.to_pylist() if r["split"] == "test"}
     assert {r["path"]: r["predicted"] for r in table.to_pylist()} == own_test
+    # `imgpipe show` opens a predict output: its scores, the predicted classes counted, a sample.
+    shown = build_report(dest)
+    assert shown.step == "predict" and shown.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    counted = next(s for s in shown.sections if s.title == "Predicted classes")
+    assert sum(counted.series["predicted"]) == 40
+    text = shown.text()
+    assert "Scores (inputs with a label)" in text and "Sample predictions" in text and "class_0" in text, text
 
 
 @pytest.mark.slow  # a Ray Data run each; make test keeps the first test's

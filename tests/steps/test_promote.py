@@ -8,6 +8,7 @@ import pytest
 
 from imgpipe import contract, storage
 from imgpipe.kfp import artifacts as ka
+from imgpipe.report.steps import build_report
 from imgpipe.steps.promote import PromoteConfig, promote, read_decision
 from imgpipe.steps.train import train
 from imgpipe.train.config import TrainConfig
@@ -45,6 +46,9 @@ def test_the_first_model_promotes_itself(models):
     d = promote(models["bad"], None, "file://" + str(models["root"] / "p1"))
     assert d.promoted and d.current is None and "first model" in d.reason
     assert read_decision("file://" + str(models["root"] / "p1")) == d
+    # `imgpipe show` opens a decision: the verdict and the reason, its own page as the HTML.
+    shown = build_report("file://" + str(models["root"] / "p1"))
+    assert shown.metrics["promoted"] == 1.0 and "first model" in shown.text() and "promoted" in shown.html()
 
 
 def test_a_worse_candidate_is_not_promoted_and_both_numbers_are_kept(models):

@@ -37,6 +37,7 @@ class LocalRunResult:
         reconciled: Whether every source item ended in exactly one place.
         seconds: Wall time of the whole run.
         test: The model's scores on the test split (``metrics.json``'s ``test``), when it has one.
+        store_dir: The local object store's data directory when the store was the run's own (``""`` otherwise).
     """
 
     run_id: str
@@ -49,6 +50,7 @@ class LocalRunResult:
     seconds: float = 0.0
     promotion: dict[str, Any] | None = None
     test: dict[str, Any] | None = None
+    store_dir: str = ""
 
     def summary(self) -> str:
         """The lines ``imgpipe run`` prints at the end; the headline (test score, promotion) last."""
@@ -68,6 +70,10 @@ class LocalRunResult:
         for name in (contract.REPORT, contract.MODEL, contract.METRICS):
             lines.append(f"{name + ':':14} {local.get(name) or storage.join(self.prefixes['train'], name)}")
         lines.append(f"{'kfp outputs:':14} {Path(self.artifacts['model']).parents[1]} (model, metrics, confusion, report)")
+        if self.store_dir:  # the run's own store stopped with it; these start it again
+            workdir = Path(self.store_dir).parent
+            lines.append(f"{'open:':14} imgpipe show --workdir {workdir} {self.prefixes['train']} (any prefix above; starts the store)")
+            lines.append(f"{'':14} imgpipe store --workdir {workdir} (serves it; prints the endpoint and keys for pandas, boto3, aws)")
         lines += headline(self.test, (r.get("train") or {}).get("metrics") or {}, self.promotion)
         return "\n".join(lines)
 

@@ -26,6 +26,7 @@ from imgpipe.config import config_from_dict, config_to_dict
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
 from imgpipe.kfp import preflight
 from imgpipe.kfp.local_containers import docker_runner_for, engine_for
+from imgpipe.kfp.local_names import DEFAULT_WORKDIR, STORE_DIR
 from imgpipe.kfp.local_result import LocalRunResult, collect_result
 from imgpipe.kfp.local_s3 import local_s3_server
 from imgpipe.kfp.progress import step_progress
@@ -46,8 +47,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RUNNERS = ("subprocess", "docker")
-# Under the workdir: the local object store's data (SeaweedFS), kept from run to run.
-STORE_DIR = "seaweedfs"
 # Pipeline parameters that make a laptop run finish in minutes on two cores: small
 # images, few epochs, a local Ray (the pipeline's default is KubeRay); the rest (model,
 # augmentation, ...) are the configs' defaults.
@@ -88,7 +87,7 @@ class LocalRunConfig:
     """
 
     data_root: str | None = None
-    workdir: str = "./.data"
+    workdir: str = DEFAULT_WORKDIR
     source: str | None = None
     annotations: str | None = None
     classes: int = 12
@@ -349,6 +348,7 @@ def run_local(cfg: LocalRunConfig, *, verbose: bool = False) -> LocalRunResult:
         run_id = outputs["model"].metadata["prefix"].rstrip("/").split("/")[-2]
         copies = copy_prefix(storage.join(data_root, "runs", run_id, "train"), workdir / "runs" / run_id / "train") if own_store else {}
         result = collect_result(run_id, data_root, outputs, shards=cfg.shards, copies=copies, seconds=0.0)
+        result.store_dir = str(workdir / STORE_DIR) if own_store else ""
     (workdir / "runs" / run_id).mkdir(parents=True, exist_ok=True)
     (workdir / "runs" / run_id / "settings.yaml").write_text(text)
     if result.promotion is not None and contract.REPORT in copies:

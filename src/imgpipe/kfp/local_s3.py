@@ -33,11 +33,24 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import resources, storage
+from imgpipe.kfp.local_names import LOCAL_BUCKET
 from imgpipe.kfp.local_s3_security import StoreKeys, make_private, write_private, write_security
 
-__all__ = ["ADMIN_USER", "LOCAL_BUCKET", "WEED_ENV", "S3Identity", "iam_endpoint", "local_s3_server", "pointed_at", "seaweedfs_server", "weed_binary"]
+__all__ = [
+    "ADMIN_USER",
+    "LOCAL_BUCKET",
+    "SERVING",
+    "WEED_ENV",
+    "S3Identity",
+    "iam_endpoint",
+    "local_s3_server",
+    "pointed_at",
+    "read_identity",
+    "seaweedfs_server",
+    "served_by_another",
+    "weed_binary",
+]
 
-LOCAL_BUCKET = "imgpipe-local"
 # kubeflow/manifests' SeaweedFS gives its admin identity this name (keys from the
 # mlpipeline-minio-artifact Secret); the local store's identity is the same user.
 ADMIN_USER = "kubeflow-admin"
@@ -45,6 +58,8 @@ ADMIN_USER = "kubeflow-admin"
 WEED_ENV = "IMGPIPE_WEED"
 IDENTITIES = "s3-identities.json"
 LOG = "weed.log"
+# While a server serves a data directory, its S3 endpoint is here (0600), for another command to reach it.
+SERVING = "serving.json"
 # `weed` reads master.toml from its working directory (the data directory): a collection's
 # volumes grow one at a time instead of seven (`weed scaffold -config=master`).
 MASTER_TOML = """[master.volume_growth]
@@ -359,6 +374,40 @@ def _stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
                     path.unlink()
 
 
+def read_identity(data_dir: Path) -> S3Identity:
+    """The admin key pair of the store kept in ``data_dir`` (made by its first start).
+
+    Raises:
+        RuntimeError: If there is no store there, or its identities file is not one imgpipe wrote.
+    """
+    if not (Path(data_dir) / IDENTITIES).is_file():
+        raise RuntimeError(f"{data_dir} holds no local object store (no {IDENTITIES})")
+    return _identity(Path(data_dir))
+
+
+def served_by_another(data_dir: Path) -> str | None:
+    """The S3 endpoint of the server another process runs over ``data_dir``, or ``None`` when none does.
+
+    The lock :func:`_exclusive` holds says whether one serves; the endpoint is the one it recorded.
+    """
+    data_dir = Path(data_dir)
+    if not (data_dir / ".lock").exists():
+        return None
+    with open(os.open(data_dir / ".lock", os.O_RDONLY), "rb") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # held: a server runs
+        else:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return None
+    try:
+        endpoint = json.loads((data_dir / SERVING).read_text())["endpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # starting, or stopping: not reachable yet
+    return endpoint if isinstance(endpoint, str) and endpoint.startswith("http://") else None
+
+
 @contextlib.contextmanager
 def _exclusive(data_dir: Path) -> Iterator[None]:
     """One server per data directory: a second would corrupt the first one's volumes."""
@@ -439,11 +488,13 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
                 else:
                     if guarded:
                         _IAM[endpoint] = iam
+                        write_private(data_dir / SERVING, json.dumps({"endpoint": endpoint, "pid": os.getpid()}).encode())
                         try:
                             with pointed_at(endpoint, identity):
                                 yield endpoint
                         finally:
                             _IAM.pop(endpoint, None)
+                            (data_dir / SERVING).unlink(missing_ok=True)
                         return
                     # The identity is in the filer now: the next start's IAM API reads it as it starts.
                     again = "the IAM API read the identities before the admin was stored; starting the server again"

@@ -44,7 +44,7 @@ TRAIN_METRICS = ("val_accuracy", "val_macro_f1", "val_pr_auc", "val_loss", "test
 
 
 def build_report(prefix: str, limits: ReportLimits | None = None) -> OutputReport:
-    """Builds the report of the committed output at ``prefix`` (download, clean, resize or train).
+    """Builds the report of the committed output at ``prefix`` (download, clean, resize, train, predict or promote).
 
     Raises:
         UncommittedOutputError: If ``prefix`` holds no committed output (no ``_SUCCESS``).
@@ -59,11 +59,18 @@ def build_report(prefix: str, limits: ReportLimits | None = None) -> OutputRepor
         raise TypeError(f"limits must be a ReportLimits, got {type(limits).__name__}")
     prefix = storage.normalize_uri(prefix)
     manifest = contract.read_manifest(prefix)
-    entry = STEPS.get(manifest.get("step"))
-    if entry is None:
-        raise ValueError(f"{prefix} holds a {manifest.get('step')!r} output; reports exist for {', '.join(STEPS)} outputs")
+    kind = manifest.get("step")
+    entry = STEPS.get(kind)
+    if entry is not None:
+        builder = entry.report_builder()
+    else:
+        from imgpipe.report.results import RESULT_REPORTS  # predictions and promotion decisions
+
+        builder = RESULT_REPORTS.get(kind)
+        if builder is None:
+            raise ValueError(f"{prefix} holds a {kind!r} output; reports exist for {', '.join([*STEPS, *RESULT_REPORTS])} outputs")
     with RowGroups(limits) as reader:
-        return entry.report_builder()(prefix, manifest, limits, reader)
+        return builder(prefix, manifest, limits, reader)
 
 
 def train_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:
