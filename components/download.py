@@ -35,6 +35,7 @@ def download(
     from imgpipe import config
     from imgpipe.data.sources import SourcePolicy
     from imgpipe.kfp import artifacts as ka
+    from imgpipe.kfp import lineage
     from imgpipe.kfp.publish import publish_step_report
     from imgpipe.steps.download import DownloadConfig, download
 
@@ -45,7 +46,8 @@ def download(
         ).dest
 
     annotations = fetch(annotations_uri, annotations_sha256, "annotations") if annotations_uri else ""
-    previous = ka.resolve_previous(data_root, previous_run_prefix, ka.read_policy(data_root), step="download")
+    sources = lineage.dataset_sources([source_uri])  # "latest" is this dataset's, not another's in the data root
+    previous = ka.resolve_previous(data_root, previous_run_prefix, ka.read_policy(data_root), step="download", sources=sources)
     images = fetch(source_uri, source_sha256, "download", previous)
     publish_step_report(images, metrics=metrics, report=report)
     ka.write_step_artifact(dataset, images, annotations=annotations)

@@ -54,6 +54,7 @@ MIDDLE = {
     "remote.trainjob",
     "remote.runner",
     "kfp.artifacts",
+    "kfp.lineage",
     "kfp.publish",
     "modelregistry",
     "serving",

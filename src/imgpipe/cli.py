@@ -126,6 +126,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Makes a committed train output its dataset's latest, without the gate (an operator's choice)."""
+    from imgpipe.kfp.promote_by_hand import promote_by_hand
+
+    done = promote_by_hand(args.prefix, args.data_root)
+    print(f"{args.prefix} is now latest for {done['lineage'] or 'its data root'} (replacing {done['previous'] or 'none'}): {done['latest']}")
+    return 0
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     """Serves the local run's object store in the foreground; prints its endpoint and keys."""
     from imgpipe.kfp.local_store import serve
@@ -285,6 +294,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "show": cmd_show,
     "store": cmd_store,
+    "promote": cmd_promote,
     "run": cmd_run,
     "sweep": cmd_sweep,
     "audit": cmd_audit,
@@ -297,7 +307,7 @@ COMMANDS = {
 
 
 # Commands handed output URIs: one in the local run's bucket reaches (or starts) its store for the command.
-_REACH_LOCAL_STORE = ("download", "clean", "resize", "train", "predict", "show", "register")
+_REACH_LOCAL_STORE = ("download", "clean", "resize", "train", "predict", "show", "register", "promote")
 
 
 def _store_for(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:

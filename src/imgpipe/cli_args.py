@@ -240,6 +240,17 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
     _workdir_flag(p, "for an s3://imgpipe-local URI: the --workdir of the imgpipe run that wrote it")
 
     p = sub.add_parser(
+        "promote",
+        help="make a committed train output its dataset's latest by hand, without the promotion gate",
+        description="Records the train output as the latest model of its dataset and class set (and in latest.json), "
+        "as the gate does for a better model; for a model the gate would not compare, or a rollback. "
+        "Writes no serving repository and registers nothing (imgpipe register does).",
+    )
+    p.add_argument("prefix", help="a committed train output, e.g. s3://bucket/imgpipe/runs/<run id>/train")
+    p.add_argument("--data-root", help="the data root whose latest it becomes (default: the prefix's, above runs/<run id>/)")
+    _workdir_flag(p, "for an s3://imgpipe-local URI: the --workdir of the imgpipe run that wrote it")
+
+    p = sub.add_parser(
         "store",
         help="serve the local object store of imgpipe run (s3://imgpipe-local) and print its endpoint and keys",
         description="Serves the store a local run keeps under its --workdir until Ctrl-C, and prints what the AWS CLI, "

@@ -189,3 +189,50 @@ def test_latest_json_moves_only_on_a_promotion(models, tmp_path, run_policy):
     d = ka.promote_run(root, "r2")
     assert not d.promoted and ka.read_latest(root)["run_id"] == "r1", "a worse run leaves latest.json as it was"
     assert contract.is_committed(ka.run_prefix(root, "r2", "promote")), "the rejected candidate's decision stays"
+
+
+def test_latest_is_per_dataset_and_class_set_and_promoting_by_hand_is_a_command(models, tmp_path, monkeypatch):
+    """The sample's model does not stand in the way of an own-data model (other classes), nor compete with it."""
+    from imgpipe.kfp import lineage
+    from imgpipe.kfp.promote_by_hand import promote_by_hand
+
+    other = "file://" + str(models["root"] / "other")
+    monkeypatch.setenv("IMGPIPE_SOURCE_LOCAL", "1")
+    monkeypatch.setenv("IMGPIPE_READ_PREFIXES", f"{models['data']},{other}")
+    root = "file://" + str(tmp_path / "root")
+    pets, shapes = ["s3://team/pets.tar"], ["file:///home/me/shapes"]
+    made = {"r1": pets, "r2": shapes, "r3": pets}
+    # Which source each run downloaded (its download manifest's, which these copied models do not carry).
+    monkeypatch.setattr(lineage, "sources_of", lambda prefixes, policy: made[prefixes["train"].rstrip("/").split("/")[-2]])
+    _place(root, "r1", models["good"])
+    assert ka.promote_run(root, "r1").promoted
+    _place(root, "r2", models["foreign"])  # 3 classes of its own
+    d2 = ka.promote_run(root, "r2")
+    assert d2.promoted and d2.current_prefix is None and "first model" in d2.reason, "compared with its own lineage: none yet"
+    key_pets = lineage.lineage_key(pets, [f"class_{k}" for k in range(4)])
+    key_shapes = lineage.lineage_key(shapes, [f"class_{k}" for k in range(3)])
+    assert ka.read_latest(root, key_pets)["run_id"] == "r1" and ka.read_latest(root, key_shapes)["run_id"] == "r2"
+    assert ka.read_latest(root)["run_id"] == "r2", "latest.json names the newest promotion of any dataset"
+    assert ka.read_latest(root, key_shapes)["dataset"] == {"key": key_shapes, "sources": shapes, "classes": ["class_0", "class_1", "class_2"]}
+    _place(root, "r3", models["bad"])
+    d3 = ka.promote_run(root, "r3")
+    assert not d3.promoted and d3.current_prefix == ka.run_prefix(root, "r1", "train"), "compared with its own dataset's r1, not r2"
+    assert ka.read_latest(root, key_pets)["run_id"] == "r1" and ka.read_latest(root)["run_id"] == "r2"
+    # An operator overrules the gate: r3 becomes the pets' latest, marked as such, r1 named as replaced.
+    done = promote_by_hand(ka.run_prefix(root, "r3", "train"))
+    assert done["lineage"] == key_pets and done["previous"] == ka.run_prefix(root, "r1", "train")
+    record = ka.read_latest(root, key_pets)
+    assert record["run_id"] == "r3" and record["by_hand"] is True and record["replaced"] == ka.run_prefix(root, "r1", "train")
+    assert ka.read_latest(root, key_shapes)["run_id"] == "r2", "another dataset's latest is untouched"
+
+
+def test_a_latest_json_from_before_lineages_is_still_the_current_model(models, tmp_path, run_policy):
+    """A data root promoted into by an earlier version (latest.json without a dataset) keeps its gate."""
+    root = "file://" + str(tmp_path / "root")
+    _place(root, "r1", models["good"])
+    storage.write_bytes(
+        storage.join(root, ka.LATEST), json.dumps({"run_id": "r1", "prefixes": {"train": ka.run_prefix(root, "r1", "train")}}).encode()
+    )
+    _place(root, "r2", models["bad"])
+    d = ka.promote_run(root, "r2")
+    assert not d.promoted and d.current_prefix == ka.run_prefix(root, "r1", "train")

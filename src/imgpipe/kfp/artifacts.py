@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from imgpipe import contract, modelregistry, resources, storage
 from imgpipe.config import config_to_dict
+from imgpipe.kfp import lineage
 from imgpipe.kfp.publish import publish_promotion
 from imgpipe.readpolicy import ReadPolicy, ReadRefused
 from imgpipe.train.config import WEIGHTS_CACHE
@@ -45,6 +46,8 @@ __all__ = [
     "record_latest",
     "read_latest",
     "current_model",
+    "dataset_of",
+    "made_from",
     "promote_run",
 ]
 
@@ -239,27 +242,38 @@ def read_step_artifact(artifact: Any, expect_step: str, policy: ReadPolicy | Non
     return storage.normalize_uri(prefix)
 
 
-def read_latest(data_root: str) -> dict[str, Any] | None:
-    """The record of the last successful run under ``data_root``, or ``None``.
+def read_latest(data_root: str, key: str | None = None) -> dict[str, Any] | None:
+    """The record of the last promoted run under ``data_root`` (of the lineage ``key`` when given), or ``None``.
 
     Raises:
         ValueError: If the record is not a JSON object (naming the file, not its content).
     """
-    uri = storage.join(storage.normalize_uri(data_root), LATEST)
-    if not storage.exists(uri):
-        return None
-    try:
-        record = json.loads(storage.read_bytes(uri))
-    except ValueError:
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("prefixes", {}), dict):
-        raise ValueError(f"{uri} is not a record imgpipe wrote (a JSON object with 'prefixes'); remove it or restore it")
-    return record
+    root = storage.normalize_uri(data_root)
+    return lineage.read_record(lineage.record_uri(root, key) if key else storage.join(root, LATEST))
 
 
-def _latest_prefix(data_root: str, step: str, policy: ReadPolicy | None) -> str | None:
-    """The ``step`` prefix ``latest.json`` names, checked against ``policy`` (the run's by default)."""
-    prefix = ((read_latest(data_root) or {}).get("prefixes") or {}).get(step)
+def _lineage_record(data_root: str, key: str | None = None, sources: list[str] | None = None) -> dict[str, Any] | None:
+    """The record the gate (``key``) or an incremental run (``sources``) continues; ``latest.json`` when neither is known.
+
+    A lineage with no record of its own falls back to ``latest.json`` only when that record names
+    no dataset (written before lineages) or names this one: never to another dataset's model.
+    """
+    if key is None and sources is None:
+        return read_latest(data_root)
+    own = read_latest(data_root, key) if key else lineage.newest_for_sources(data_root, sources or [])
+    if own is not None:
+        return own
+    root = read_latest(data_root)
+    dataset = (root or {}).get("dataset")
+    if root is None or dataset is None:
+        return root
+    same = dataset.get("key") == key if key else dataset.get("sources") == sources
+    return root if same else None
+
+
+def _latest_prefix(data_root: str, step: str, policy: ReadPolicy | None, record: Mapping[str, Any] | None) -> str | None:
+    """The ``step`` prefix a latest ``record`` names, checked against ``policy`` (the run's by default)."""
+    prefix = ((record or {}).get("prefixes") or {}).get(step)
     if not prefix:
         return None
     if not isinstance(prefix, str):
@@ -267,23 +281,31 @@ def _latest_prefix(data_root: str, step: str, policy: ReadPolicy | None) -> str 
     return (policy or read_policy(data_root)).check(f"latest.json's {step} prefix", prefix)
 
 
-def record_latest(data_root: str, run_id: str, prefixes: Mapping[str, str]) -> str:
-    """Records ``prefixes`` (step -> prefix) as the last successful run; returns the record's URI.
+def record_latest(data_root: str, run_id: str, prefixes: Mapping[str, str], dataset: Mapping[str, Any] | None = None, **more: Any) -> str:
+    """Records ``prefixes`` (step -> prefix) as the last promoted run; returns the record's URI.
 
-    Written once, atomically, by the last step of a successful run, so a reader sees
-    either the previous record or this one.
+    With ``dataset`` (``key``, ``sources``, ``classes``) the record is also its lineage's
+    (:mod:`imgpipe.kfp.lineage`), written first: ``latest.json`` names the newest promotion of any
+    lineage. Each file is written once, atomically, so a reader sees the previous record or this one.
     """
-    uri = storage.join(storage.normalize_uri(data_root), LATEST)
     record = {
         "run_id": check_run_id(run_id),
-        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),  # orders a lineage's records
         "prefixes": {k: storage.normalize_uri(v) for k, v in prefixes.items()},
+        **({"dataset": dict(dataset)} if dataset else {}),
+        **more,
     }
-    storage.write_bytes(uri, json.dumps(record, indent=2).encode())
+    text = json.dumps(record, indent=2).encode()
+    if dataset:
+        storage.write_bytes(lineage.record_uri(data_root, str(dataset["key"])), text)
+    uri = storage.join(storage.normalize_uri(data_root), LATEST)
+    storage.write_bytes(uri, text)
     return uri
 
 
-def resolve_previous(data_root: str, previous: str, policy: ReadPolicy | None = None, step: str = "clean") -> str | None:
+def resolve_previous(
+    data_root: str, previous: str, policy: ReadPolicy | None = None, step: str = "clean", sources: list[str] | None = None
+) -> str | None:
     """The previous output of ``step`` (clean, or download) an incremental run compares against.
 
     Args:
@@ -293,6 +315,8 @@ def resolve_previous(data_root: str, previous: str, policy: ReadPolicy | None = 
             committed clean output (for ``download``: the download output it was made from).
         policy: What the run may read (:func:`read_policy` of ``data_root`` by default).
         step: ``clean`` or ``download``.
+        sources: The run's dataset (:func:`imgpipe.kfp.lineage.dataset_sources`): ``latest`` is
+            then that dataset's newest promoted run, never another dataset's.
 
     Raises:
         ValueError: If an explicit URI is not a committed clean output; ``ReadRefused``
@@ -303,7 +327,7 @@ def resolve_previous(data_root: str, previous: str, policy: ReadPolicy | None = 
         return None
     policy = policy or read_policy(data_root)
     if text == LATEST_KEYWORD:
-        prefix = _latest_prefix(data_root, step, policy)
+        prefix = _latest_prefix(data_root, step, policy, _lineage_record(data_root, sources=sources))
         if not prefix:
             log.info("incremental: no previous %s recorded under %s; processing everything", step, data_root)
             return None
@@ -324,13 +348,13 @@ def resolve_previous(data_root: str, previous: str, policy: ReadPolicy | None = 
     return source
 
 
-def current_model(data_root: str, policy: ReadPolicy | None = None) -> str | None:
-    """The train output ``latest.json`` names as the current model, if it is still there.
+def current_model(data_root: str, policy: ReadPolicy | None = None, key: str | None = None) -> str | None:
+    """The train output ``latest.json`` (the lineage ``key``'s record when given) names as the current model, if it is still there.
 
     Raises:
         ReadRefused: If ``latest.json`` names one outside ``policy`` (the run's by default).
     """
-    prefix = _latest_prefix(data_root, "train", policy)
+    prefix = _latest_prefix(data_root, "train", policy, _lineage_record(data_root, key=key))
     if prefix and not contract.is_committed(prefix):
         log.warning("promotion: the current model %s recorded in latest.json is gone; the candidate is the first", prefix)
         return None
@@ -341,7 +365,7 @@ def current_model(data_root: str, policy: ReadPolicy | None = None) -> str | Non
 _UPSTREAM = ("resize", "clean", "download")
 
 
-def _made_from(trained: str, policy: ReadPolicy) -> dict[str, str]:
+def made_from(trained: str, policy: ReadPolicy) -> dict[str, str]:
     """The committed prefixes ``trained`` was made from, by step, read back from the manifests' ``upstream``.
 
     The chain ends where a manifest names no single source (a clean output merged from shards).
@@ -362,6 +386,28 @@ def _made_from(trained: str, policy: ReadPolicy) -> dict[str, str]:
     return found
 
 
+def dataset_of(made_from: Mapping[str, str], trained: str, policy: ReadPolicy) -> dict[str, Any] | None:
+    """The lineage of the train output ``trained`` (:mod:`imgpipe.kfp.lineage`): key, sources and classes.
+
+    ``None`` for a model whose data names no download (an output made by hand): such models share
+    the data root's one ``latest.json``, as before lineages.
+
+    Raises:
+        ReadRefused: If a manifest on the way names a prefix outside ``policy``.
+    """
+    from imgpipe.train.card import read_card
+
+    try:
+        sources = lineage.sources_of(made_from, policy)
+        classes = [str(c) for c in read_card(trained)["classes"]]
+    except ReadRefused:
+        raise
+    except (ValueError, FileNotFoundError) as exc:
+        log.info("promotion: %s; the model is compared with the data root's latest.json", exc)
+        return None
+    return {"key": lineage.lineage_key(sources, classes), "sources": sources, "classes": classes}
+
+
 def promote_run(
     data_root: str,
     run_id: str,
@@ -374,6 +420,9 @@ def promote_run(
     candidate: str | None = None,
 ) -> Any:
     """The promotion gate for a finished run (:mod:`imgpipe.steps.promote`): records it in ``latest.json`` only if promoted.
+
+    The current model is the one its dataset and class set last promoted (:func:`dataset_of`),
+    never another dataset's in the same data root.
 
     The decision is committed to ``{data_root}/runs/{run_id}/promote/``, promoted or not,
     and shown in the task's ``metrics`` and ``report`` artifacts when given (:func:`imgpipe.kfp.publish.publish_promotion`).
@@ -397,11 +446,13 @@ def promote_run(
     trained = own if candidate is None else storage.normalize_uri(candidate)
     if trained != own and keyed_step(data_root, trained) != train_step:
         raise ValueError(f"the train task handed on {candidate}, not this run's train output {own} (nor one keyed by its inputs)")
-    prefixes = {**_made_from(trained, policy), train_step: trained}
+    prefixes = {**made_from(trained, policy), train_step: trained}
+    dataset = dataset_of(prefixes, trained, policy)
+    key = dataset["key"] if dataset else None
     try:
-        current = current_model(data_root, policy)
+        current = current_model(data_root, policy, key)
     except ReadRefused:  # never probed; the gate refuses it again, as a decision rather than a failed run
-        current = _latest_prefix(data_root, "train", ReadPolicy.trusted())
+        current = _latest_prefix(data_root, "train", ReadPolicy.trusted(), _lineage_record(data_root, key=key))
 
     def register(decision: Any) -> None:  # before the decision is committed and latest.json moves
         if decision.promoted:
@@ -417,8 +468,8 @@ def promote_run(
     )
     if decision.promoted:
         served = {"serving": decision.serving} if decision.serving else {}  # KServe's storageUri (imgpipe.serving)
-        made_from = {s: prefixes[s] for s in _UPSTREAM if s in prefixes}
-        record_latest(data_root, run_id, {**made_from, "train": prefixes[train_step], **served})
+        upstream = {s: prefixes[s] for s in _UPSTREAM if s in prefixes}
+        record_latest(data_root, run_id, {**upstream, "train": prefixes[train_step], **served}, dataset)
     else:
         log.warning("%s; latest.json still names %s", decision.summary(), decision.current_prefix)
     if metrics is not None and report is not None:

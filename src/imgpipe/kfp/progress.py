@@ -250,6 +250,14 @@ class _KfpChatterToLog(logging.Filter):
         return False
 
 
+def _drop_handlers_writing_to(stream: Any) -> None:
+    """Removes the logging handlers made during the block on the redirected stdout (kfp's): its log closes after it."""
+    for logger in [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]:
+        for handler in list(logger.handlers):
+            if getattr(handler, "stream", None) is stream:
+                logger.removeHandler(handler)
+
+
 @contextlib.contextmanager
 def step_progress(log_path: Path, terminal: TextIO | None = None) -> Iterator[StepProgress]:
     """Sends ``sys.stdout`` to ``log_path`` while the block runs, with a line per kfp task to ``terminal`` (stderr).
@@ -281,4 +289,5 @@ def step_progress(log_path: Path, terminal: TextIO | None = None) -> Iterator[St
         finally:
             for handler in handlers:
                 handler.removeFilter(chatter)
+            _drop_handlers_writing_to(progress)
             progress.flush()

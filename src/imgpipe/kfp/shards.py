@@ -23,6 +23,7 @@ from imgpipe.contract import StepReport
 from imgpipe.data.sharding import Shard
 from imgpipe.data.sources import SourcePolicy
 from imgpipe.kfp import artifacts as ka
+from imgpipe.kfp import lineage
 from imgpipe.readpolicy import ReadPolicy, ReadRefused
 
 __all__ = ["SHARDS_DIR", "shard_items", "shard_prefix", "clean_config", "prepare_shard", "merge_shards"]
@@ -110,7 +111,7 @@ def prepare_shard(
         ).dest
 
     annotations = fetch(annotations_uri, annotations_sha256, "annotations") if annotations_uri else None
-    previous = ka.resolve_previous(data_root, previous_run_prefix, policy)
+    previous = ka.resolve_previous(data_root, previous_run_prefix, policy, sources=lineage.dataset_sources([source_uri]))
     images = fetch(source_uri, source_sha256, "download", _previous_download(previous, shard, policy), shard)
     cfg = clean_config(data_root, step_config, policy=policy, annotations=annotations, previous=previous, **named)
     return clean(images, shard_prefix(data_root, run_id, shard, "clean", images, cfg), cfg, whole=False)
@@ -128,7 +129,8 @@ def merge_shards(
     for prefix in shards:
         if not isinstance(prefix, str) or not _is_shard_of(data_root, run_id, prefix):
             raise ValueError(f"{prefix!r} is not a shard of run {run_id} (below {ka.run_prefix(data_root, run_id, SHARDS_DIR)})")
-    previous = ka.resolve_previous(data_root, previous_run_prefix, policy)
+    sources = lineage.sources_of_cleans(shards, policy) if previous_run_prefix.strip() == ka.LATEST_KEYWORD else None
+    previous = ka.resolve_previous(data_root, previous_run_prefix, policy, sources=sources)
     cfg = clean_config(data_root, step_config, policy=policy, annotations=None, previous=previous, **named)
     ordered = sorted(storage.normalize_uri(p) for p in shards)
     return merge(ordered, ka.task_prefix(data_root, run_id, "clean", ordered, cfg), cfg)
