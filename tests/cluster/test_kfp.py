@@ -110,6 +110,26 @@ def test_an_account_outside_the_profile_gets_imgpipes_one_line_refusal(kfp, tmp_
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_parameter_the_api_server_rejects_is_one_line_naming_it(kfp, tmp_path, monkeypatch):
+    """imgpipe checks a run's parameters against its package first; what the server itself rejects
+    (a parameter the version on the server does not take) comes back as the server's words, on one line."""
+    from imgpipe.kfp import client as kc
+    from imgpipe.kfp.refusals import call
+
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", token("default-editor", NAMESPACE))
+    package = _small_package(tmp_path / "imgpipe.yaml")
+    target = kc.Target(host=kfp, namespace=NAMESPACE).resolved()
+    client, typed, pipeline_id, version_id, version, experiment_id, namespace = kc._prepare(
+        target, ["data_root=s3://mlpipeline/x"], package, False, None, None, str(tmp_path)
+    )
+    with pytest.raises(RuntimeError) as caught:
+        call(f"start a run of {version}", "create", "runs", namespace, client.run_pipeline, experiment_id=experiment_id,
+             job_name="rejected", params={**typed, "no_such_parameter": 1}, pipeline_id=pipeline_id, version_id=version_id,
+             service_account=target.service_account)  # fmt: skip
+    line = str(caught.value)
+    assert "\n" not in line and "HTTP 400" in line and "no_such_parameter" in line, line
+
+
 @pytest.fixture(scope="module")
 def step_images() -> dict[str, str]:
     return {kind: step_image(kind) for kind in ("cpu", "ray", "gpu")}

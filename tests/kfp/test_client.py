@@ -8,6 +8,7 @@ Swagger document of 2.15.0 and of 2.16.0 (tests/kfp/contract.py): every test run
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -436,3 +437,28 @@ def test_a_failed_run_says_which_task_failed_and_why():
     assert run_failure(run) == ": clean failed: clean kept no image from 2 input(s)"
     assert run_failure(NS(run_details=None, error=NS(message="the driver refused it"))) == ": the driver refused it"
     assert run_failure(NS(run_details=NS(task_details=[]), error=None)) == ""
+
+
+def test_a_request_the_api_server_rejects_is_one_line_in_its_words():
+    """KFP's API server answers an invalid run with HTTP 400 and grpc-gateway's JSON (tests/cluster/test_kfp.py checks the real one)."""
+    from kfp_server_api.exceptions import ApiException
+
+    from imgpipe.kfp.refusals import call
+
+    message = "Failed to create a run: Invalid input error: parameter(s) provided are not required by pipeline: no_such_parameter"
+    exc = ApiException(status=400, reason="Bad Request")
+    exc.body = json.dumps({"error": message, "code": 3, "message": message, "details": []}).encode()
+
+    def refuse(**_):
+        raise exc
+
+    with pytest.raises(RuntimeError) as caught:
+        call("start a run of imgpipe-x", "create", "runs", "team-a", refuse)
+    assert str(caught.value) == f"Kubeflow Pipelines rejected the request to start a run of imgpipe-x (HTTP 400): {message}"
+    other = ApiException(status=500, reason="Internal")
+
+    def fail(**_):
+        raise other
+
+    with pytest.raises(ApiException):  # not a rejection: the error as it came
+        call("start a run", "create", "runs", "team-a", fail)

@@ -15,7 +15,7 @@ from typing import Any
 from imgpipe.kfp.connect import caller
 from imgpipe.remote.kube import account_name
 
-__all__ = ["KFP_GROUP", "refusal_message", "call"]
+__all__ = ["KFP_GROUP", "refusal_message", "rejection_message", "call"]
 
 KFP_GROUP = "pipelines.kubeflow.org"
 # What the API server's PermissionDenied says (util.NewPermissionDeniedError in
@@ -43,16 +43,7 @@ def refusal_message(exc: Exception, verb: str, resource: str, namespace: str | N
         namespace: The namespace of the call.
         doing: What imgpipe was doing, e.g. ``upload pipeline 'imgpipe' into team-a``.
     """
-    status = getattr(exc, "status", None)
-    body = getattr(exc, "body", None)
-    if isinstance(body, bytes):
-        body = body.decode(errors="replace")
-    try:
-        payload = json.loads(body) if body else {}
-    except ValueError:
-        payload = {}
-    payload = payload if isinstance(payload, dict) else {}
-    message = str(payload.get("message") or payload.get("error_message") or body or "")
+    status, message = _status_and_message(exc)
     if status == 400 and message.strip() in _UPLOAD_REFUSED:
         how = f"HTTP 400 {message.strip()!r}, the upload endpoint's answer to a refused authorization"
     elif status == 403:
@@ -72,8 +63,31 @@ def refusal_message(exc: Exception, verb: str, resource: str, namespace: str | N
     )
 
 
+def _status_and_message(exc: Exception) -> tuple[Any, str]:
+    body = getattr(exc, "body", None)
+    if isinstance(body, bytes):
+        body = body.decode(errors="replace")
+    try:
+        payload = json.loads(body) if body else {}
+    except ValueError:
+        payload = {}
+    payload = payload if isinstance(payload, dict) else {}
+    return getattr(exc, "status", None), str(payload.get("message") or payload.get("error_message") or body or "")
+
+
+def rejection_message(exc: Exception, doing: str) -> str | None:
+    """One line for a call the API server rejected as invalid (HTTP 400: a run parameter the pipeline's
+    version does not take, or of the wrong type), naming what it named; ``None`` for any other error.
+    """
+    status, message = _status_and_message(exc)
+    if status != 400 or not message.strip() or message.strip() in _UPLOAD_REFUSED:
+        return None
+    said = " ".join(message.split())[:500]  # the server's words, on one line
+    return f"Kubeflow Pipelines rejected the request to {doing} (HTTP 400): {said}"
+
+
 def call(doing: str, verb: str, resource: str, namespace: str | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, a KFP refusal raised as one line (:func:`refusal_message`).
+    """``fn(*args, **kwargs)``, a KFP refusal or rejection raised as one line (:func:`refusal_message`, :func:`rejection_message`).
 
     Raises:
         RuntimeError: If KFP refuses the call.
@@ -81,7 +95,7 @@ def call(doing: str, verb: str, resource: str, namespace: str | None, fn: Callab
     try:
         return fn(*args, **kwargs)
     except Exception as exc:
-        message = refusal_message(exc, verb, resource, namespace, doing)
+        message = refusal_message(exc, verb, resource, namespace, doing) or rejection_message(exc, doing)
         if message is None:
             raise
         raise RuntimeError(message) from None
