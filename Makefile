@@ -7,8 +7,8 @@ NETNS := scripts/in-loopback-netns
 ENGINE := scripts/with-engine
 PYTEST_ARGS ?=
 # Which images `make images` builds; names and tags come from src/imgpipe/containers/catalog.py
-# (override with IMGPIPE_REGISTRY, IMGPIPE_IMAGE_TAG or IMGPIPE_{CPU,RAY,GPU}_IMAGE).
-IMAGE_KINDS ?= cpu ray gpu
+# (override with IMGPIPE_REGISTRY, IMGPIPE_IMAGE_TAG or IMGPIPE_{CPU,RAY,GPU,SERVE}_IMAGE).
+IMAGE_KINDS ?= cpu ray gpu serve
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
@@ -58,6 +58,17 @@ $(IMG2DATASET):
 	$(PY) -m venv $(VENV)/img2dataset
 	$(IMG2DATASET) -m pip install -q img2dataset==1.47.0
 
+# The serving runtime (imgpipe.serve_runtime, the serve image) from its own venv: kserve 0.20 needs
+# pandas<3, where this venv and the step images have pandas 3. The images' pins hold here too; the
+# tests import its kserve-free half (imgpipe.serve_model) here and start the server with this python.
+SERVE := $(VENV)/serve/bin/python
+SERVE_STAMP := $(VENV)/serve/.installed
+$(SERVE_STAMP): pyproject.toml docker/constraints.txt src/imgpipe/data/_jpeg_region.c
+	$(PY) -m venv $(VENV)/serve
+	$(SERVE) -m pip install -q --upgrade pip setuptools wheel
+	$(SERVE) -m pip install -q -e '.[serve]' --constraint docker/constraints.txt
+	touch $(SERVE_STAMP)
+
 # The container suite (make test-containers) needs an engine and images; the reliability suite
 # (make test-faults) takes about eight minutes; the slow integration tests (make test-slow) repeat
 # what a faster test here covers. Each has its own target; the quick reliability tests (hostile parameters, storage policy)
@@ -65,8 +76,8 @@ $(IMG2DATASET):
 # Spread over the machine's cores, a test file per worker (module fixtures stay shared); the 20
 # slowest tests and the total time are printed at the end.
 TEST_WORKERS ?= auto
-test: install $(IMG2DATASET)
-	$(NETNS) env IMGPIPE_IMG2DATASET_PYTHON=$(abspath $(IMG2DATASET)) $(BIN)/python -m pytest -m "not containers and not slow and not cluster and (not faults or quick)" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
+test: install $(IMG2DATASET) $(SERVE_STAMP)
+	$(NETNS) env IMGPIPE_IMG2DATASET_PYTHON=$(abspath $(IMG2DATASET)) IMGPIPE_SERVE_PYTHON=$(abspath $(SERVE)) $(BIN)/python -m pytest -m "not containers and not slow and not cluster and (not faults or quick)" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The tests marked slow (whole-pipeline variants, Ray Data prediction cases, DDP variants, the
 # export under onnxruntime 1.15.0, the one tritonserver 23.05 bundles: installed here, outside the
@@ -125,7 +136,7 @@ bench: install
 	$(NETNS) $(BIN)/python bench/pretrained.py --json bench/results/pretrained.json
 	$(NETNS) $(BIN)/python bench/step_report.py --repeats 3 --resize
 
-# The model race (issue 49): imgpipe train with its defaults against torchvision's reference recipe
+# The model race (issues 49, 71): imgpipe train with its defaults against torchvision's IMAGENET1K_V2 recipe and the reference script's own defaults
 # (bench/reference_recipe.py), cold, 3 seeds, on real sets that scikit-learn and scikit-image ship
 # (extra "bench"). Figures: bench/results/reference.json, docs/img/reference.png, docs/benchmarks.md.
 bench-race: install

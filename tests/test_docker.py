@@ -11,7 +11,9 @@ built and run by tests/containers/ (``make test-containers``).
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import io
+import json
 import os
 import re
 import shlex
@@ -28,6 +30,7 @@ from imgpipe.containers import build
 from imgpipe.containers import catalog as images
 from imgpipe.data import jpeg_region
 from imgpipe.remote import rayjob_spec
+from tests import serve_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / images.DOCKERFILE
@@ -79,6 +82,19 @@ def test_cpu_image_has_no_torch_and_no_ray_and_ray_image_no_torch():
     assert not _requirement_names(extras["ray"]) & (heavy - {"ray"})
     assert "ray" in _requirement_names(extras["ray"])
     assert {"torch", "torchvision", "kornia"} <= _requirement_names(extras["gpu"])
+    assert not _requirement_names(extras["serve"]) & heavy and {"kserve", "onnxruntime"} <= _requirement_names(extras["serve"])
+
+
+def test_the_serve_extra_keeps_to_its_own_venv_and_this_one_has_pandas_3():
+    """kserve 0.20 needs pandas < 3; the step images ship pandas 3, and the tests run what they ship.
+
+    So `all` (hence `dev`, this venv) leaves `serve` out; make test builds the serve venv, .venv/serve.
+    """
+    extras = PYPROJECT["optional-dependencies"]
+    assert "serve" not in re.search(r"\[(.*)\]", extras["all"][0]).group(1).split(",")
+    assert "kserve" not in _requirement_names([r for name, reqs in extras.items() if name != "serve" for r in reqs])
+    assert importlib.util.find_spec("kserve") is None, "kserve is in the serve venv only (make test builds .venv/serve)"
+    assert int(metadata.version("pandas").split(".")[0]) >= 3
 
 
 @pytest.mark.parametrize(
@@ -98,8 +114,9 @@ def test_cpu_image_has_no_torch_and_no_ray_and_ray_image_no_torch():
             ("torch", "ray"),
         ),
         (["imgpipe.steps.resize", "imgpipe.remote.ray_jobs", "imgpipe.remote.kuberay", "imgpipe.components.resize"], ("torch",)),
+        (["imgpipe.serve_model"], ("torch", "ray", "kserve")),
     ],
-    ids=["cpu-steps", "ray-steps"],
+    ids=["cpu-steps", "ray-steps", "serve-model"],
 )
 def test_steps_import_only_what_their_image_has(modules, forbidden):
     code = (
@@ -113,16 +130,40 @@ def test_steps_import_only_what_their_image_has(modules, forbidden):
     assert result.stdout.strip() == "", f"importing {modules} pulls in {result.stdout.strip()}"
 
 
-def test_constraints_pin_the_versions_the_tests_ran_with():
+@serve_venv.needs_serve_venv
+def test_the_serve_runtime_imports_neither_torch_nor_ray_in_the_serve_venv():
+    code = "import sys, imgpipe.serve_runtime; print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray'))))"
+    result = subprocess.run([serve_venv.python(), "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"importing imgpipe.serve_runtime pulls in {result.stdout.strip()}"
+
+
+def _pins() -> dict[str, str]:
     pins = {}
     for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, version = line.split("==")
             pins[name] = version
-    assert set(pins) == {p.lower() for p in images.CONSTRAINED}
-    installed = {name: metadata.version(name).split("+")[0] for name in pins}
-    assert pins == installed, "regenerate: python -m imgpipe.containers.catalog constraints > docker/constraints.txt"
-    assert (ROOT / "docker" / "constraints.txt").read_text() == images.constraints()
+    return pins
+
+
+def test_constraints_pin_the_versions_the_tests_ran_with():
+    pins = _pins()
+    assert set(pins) == {p.lower() for p in images.CONSTRAINED} and set(images.SERVE_VENV_ONLY) <= set(pins)
+    ours = {name: version for name, version in pins.items() if name not in images.SERVE_VENV_ONLY}
+    assert ours == images.installed_versions(list(ours)), "regenerate: python -m imgpipe.containers.catalog constraints > docker/constraints.txt"
+
+
+@serve_venv.needs_serve_venv
+def test_constraints_pin_the_versions_the_serve_venv_ran_with():
+    """kserve, fastapi, starlette: the serve venv's; every other pin it has installed (numpy, onnxruntime...) holds there too."""
+    pins, python = _pins(), serve_venv.python()
+    code = "import json, sys; from importlib import metadata as m; print(json.dumps([d.metadata['Name'] for d in m.distributions()]))"
+    has = {n.lower().replace("_", "-") for n in json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)}
+    held = {name: version for name, version in pins.items() if name in has}
+    assert set(images.SERVE_VENV_ONLY) | {"onnxruntime", "numpy", "opencv-python-headless"} <= set(held)
+    assert held == images.installed_versions(list(held), python), "rebuild it (make test) or regenerate docker/constraints.txt"
+    assert (ROOT / "docker" / "constraints.txt").read_text() == images.constraints(serve=python)
 
 
 def test_default_base_is_the_builders_and_runs_the_tested_python_minor():

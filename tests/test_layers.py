@@ -58,9 +58,10 @@ MIDDLE = {
     "kfp.publish",
     "modelregistry",
     "serving",
+    "serve_model",
     "sweep",
 }
-TOP = {"cli", "cli_args", "kfp", "remote", "containers", "components", "pipelines"}
+TOP = {"cli", "cli_args", "kfp", "remote", "containers", "components", "pipelines", "serve_runtime"}
 RANK = {**{m: 0 for m in LOW}, **{m: 1 for m in MIDDLE}, **{m: 2 for m in TOP}}
 
 

@@ -24,6 +24,7 @@ import yaml
 from imgpipe.kfp import client as kfp_client
 from imgpipe.kfp import connect as kfp_connect
 from imgpipe.kfp import package as kfp_package
+from tests import serve_venv
 from tests.manifests import (
     ARGO_SCHEMAS,
     BUILDS,
@@ -316,3 +317,48 @@ def test_the_serving_component_is_a_valid_inferenceservice_for_the_onnx_export(s
     assert not errors, [e.message for e in errors[:5]]
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "onnx" and model["storageUri"].startswith("s3://")
+
+
+# KServe's ServingRuntime CRD where Kubeflow 1.11 runs it and where issue 70's controller does.
+SERVING_RUNTIME_CRDS = ("kserve-v0.15.2-serving.kserve.io_servingruntimes.yaml", "kserve-v0.20.0-serving.kserve.io_servingruntimes.yaml")
+
+
+def test_the_serving_component_brings_imgpipes_runtime_for_the_same_model(schemas_dir):
+    from imgpipe.containers import catalog
+    from tests.test_manifests_security import restricted_violations
+
+    docs = _build(K8S / "serving")[0]
+    (runtime,) = [d for d in docs if d["kind"] == "ServingRuntime"]
+    (isvc,) = [d for d in docs if d["kind"] == "InferenceService"]
+    for name in SERVING_RUNTIME_CRDS:
+        crd = yaml.safe_load((schemas_dir / name).read_text())
+        (version,) = [v for v in crd["spec"]["versions"] if v["name"] == runtime["apiVersion"].split("/")[1]]
+        errors = list(jsonschema.Draft7Validator(_strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))).iter_errors(runtime))
+        assert not errors, (name, [e.message for e in errors[:5]])
+    spec = runtime["spec"]
+    model = isvc["spec"]["predictor"]["model"]
+    assert {"name": model["modelFormat"]["name"], "version": "1", "autoSelect": False} in spec["supportedModelFormats"], "named, never picked"
+    assert spec["protocolVersions"] == [model["protocolVersion"]] == ["v2"]
+    assert model["runtime"] == "kserve-tritonserver", "Triton stays the InferenceService's runtime; imgpipe-onnx is chosen by name"
+    (container,) = spec["containers"]
+    assert container["name"] == "kserve-container" and container["image"] == "imgpipe-serve" and "serve" in catalog.KINDS
+    assert restricted_violations({"containers": [container], "volumes": spec["volumes"]}) == []
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert container["command"] == ["python", "-m", "imgpipe.serve_runtime"]
+
+
+@serve_venv.needs_serve_venv
+def test_the_serving_runtimes_command_line_is_one_the_runtime_takes(tmp_path):
+    """With KServe's substitutions and an empty model directory, it gets as far as looking for the model, and says so in one line."""
+    docs = _build(K8S / "serving")[0]
+    (runtime,) = [d for d in docs if d["kind"] == "ServingRuntime"]
+    (isvc,) = [d for d in docs if d["kind"] == "InferenceService"]
+    (container,) = runtime["spec"]["containers"]
+    args = [a.replace("{{.Name}}", isvc["metadata"]["name"]).replace("=/mnt/models", f"={tmp_path}") for a in container["args"]]
+    assert f"--model_dir={tmp_path}" in args and "--http_port=8080" in args
+    # The serve image's python: kserve is in the serve venv only (tests/serve_venv.py).
+    command = [serve_venv.python(), *container["command"][1:], *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"imgpipe.serve_runtime: {tmp_path} must hold one imgpipe model (model.json and its ONNX), in it or in one subfolder; it holds none"
+    )

@@ -32,8 +32,8 @@ from tests.manifests import ARGO_SCHEMAS, K8S, ROOT, argo_validator, build
 
 KUBECTL = shutil.which("kubectl")
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-# The names the manifests and imgpipe.containers.catalog give the images: imgpipe-<kind>.
-IMAGE_NAMES = {f"imgpipe-{kind}": kind for kind in catalog.KINDS}
+# The names the manifests and imgpipe.containers.catalog give the pipeline's images: imgpipe-<kind>.
+IMAGE_NAMES = {f"imgpipe-{kind}": kind for kind in catalog.STEP_KINDS}
 # What Argo substitutes for {{workflow.name}}: the CronWorkflow's name and the schedule's time.
 WORKFLOW_NAME = "imgpipe-retrain-1718000000"
 # docs/deploy.md, "Step by step", step 6: a finished retraining workflow is kept 7 days.

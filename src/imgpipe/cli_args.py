@@ -289,7 +289,7 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
     p = sub.add_parser("images", help="build the step images through a Docker-compatible engine (DOCKER_HOST)")
     images_sub = p.add_subparsers(dest="images_command", required=True, metavar="ACTION")
     b = images_sub.add_parser("build", help="build (and push) the images from docker/Dockerfile")
-    b.add_argument("kinds", nargs="*", metavar="KIND", help="cpu, ray, gpu (default: all)")
+    b.add_argument("kinds", nargs="*", metavar="KIND", help="cpu, ray, gpu, serve (default: all)")
     b.add_argument(
         "--base",
         help="base image with python3 and python3-venv (default: $IMGPIPE_BASE_IMAGE, "

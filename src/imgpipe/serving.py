@@ -14,10 +14,16 @@ registered model), version :data:`VERSION`. ``config.pbtxt`` names the export's 
 class) with the batch dimension left to Triton (``max_batch_size``), and ``labels.txt`` lists the
 classes in output order, so Triton's classification extension answers with class names. Which
 Triton and ONNX versions this was checked against: docs/deploy.md, "Serving".
+
+The model's folder also holds its card, ``model.json`` (:data:`CARD`, with ``files.onnx``
+naming ``1/model.onnx``): Triton ignores a file there, and imgpipe's own runtime
+(:mod:`imgpipe.serve_runtime`, ServingRuntime ``imgpipe-onnx``) serves the same
+``storageUri`` from it, preprocessing included (docs/serving.md).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +36,7 @@ __all__ = [
     "REPOSITORY",
     "MAX_BATCH_SIZE",
     "LABELS",
+    "CARD",
     "TRITON",
     "MAX_IR_VERSION",
     "MAX_OPSET",
@@ -47,6 +54,8 @@ REPOSITORY = "serving"
 # Triton batches requests up to this (the export's batch axis is dynamic).
 MAX_BATCH_SIZE = 64
 LABELS = "labels.txt"
+# The model card beside config.pbtxt: what imgpipe's runtime (imgpipe.serve_runtime) loads.
+CARD = "model.json"
 # The Triton KServe runs for onnx in Kubeflow 1.11 and 26.03, and the newest ONNX its onnxruntime
 # (1.15.0) loads: IR 9 (IR 10 is refused, measured), opset 19 (onnxruntime's compatibility
 # table). docs/deploy.md, "Serving", cites both.
@@ -89,7 +98,10 @@ def check_loadable(onnx: bytes) -> None:
 
 
 def repository_files(card: Mapping[str, Any], onnx: bytes, name: str = MODEL_NAME) -> dict[str, bytes]:
-    """The repository's files, by path below its root: ``config.pbtxt``, ``labels.txt`` and ``1/model.onnx``.
+    """The repository's files, by path below its root: ``config.pbtxt``, ``labels.txt``, ``model.json`` and ``1/model.onnx``.
+
+    ``model.json`` is the card with ``files`` naming what the folder holds (``onnx``:
+    ``1/model.onnx``), so that the folder is a model prefix :func:`imgpipe.train.card.read_card` reads.
 
     Raises:
         ValueError: If a class name is one clean would have rejected
@@ -105,5 +117,6 @@ def repository_files(card: Mapping[str, Any], onnx: bytes, name: str = MODEL_NAM
     return {
         f"{name}/config.pbtxt": triton_config(card, name).encode(),
         f"{name}/{LABELS}": ("\n".join(classes) + "\n").encode(),
+        f"{name}/{CARD}": (json.dumps({**card, "files": {"onnx": f"{VERSION}/model.onnx"}}, indent=2) + "\n").encode(),
         f"{name}/{VERSION}/model.onnx": onnx,
     }

@@ -47,7 +47,7 @@ from imgpipe.contract import Reject, StepReport
 from imgpipe.data.formats import DEFAULT_FORMATS
 from imgpipe.data.images import MAX_PIXELS, ImageRejected, NormalizedImage, validate_and_normalize
 from imgpipe.raysession import ray_session
-from imgpipe.resize.spec import ResizeError
+from imgpipe.resize.spec import ResizeError, ResizeSpec
 from imgpipe.train.card import (
     check_view,
     eval_view,
@@ -61,7 +61,7 @@ from imgpipe.train.recipes import tta_flip_dims
 from imgpipe.train.scores import confusion_scores, top_k_columns
 from imgpipe.writer import OutputWriter
 
-__all__ = ["PREDICT_SCHEMA", "PredictConfig", "predict"]
+__all__ = ["PREDICT_SCHEMA", "PredictConfig", "predict", "prepare_encoded", "softmax"]
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,45 @@ def _decode(data: bytes, channels: int) -> np.ndarray:
     return pixels
 
 
+def prepare_encoded(
+    data: bytes, card: Mapping[str, Any], spec: ResizeSpec, bbox: Sequence[float] | None = None, *, cleaned: bool = False
+) -> np.ndarray:
+    """Encoded image bytes as the model's evaluation data was: its evaluation view, ``size x size x channels`` uint8.
+
+    Clean's decode first (:func:`_normalized`, unless ``cleaned``: a clean output's image
+    already had it), then the resize step's own code with the card's settings (``spec``,
+    :func:`imgpipe.train.card.preprocessing_spec`), the JPEG round trip where resize stored
+    JPEG, and the evaluation view. ``imgpipe predict`` on raw images and the serving runtime
+    (:mod:`imgpipe.serve_runtime`) both prepare pictures here.
+
+    Raises:
+        ImageRejected: With clean's or resize's reason, for an image that cannot be prepared.
+    """
+    from imgpipe.resize.ops import (  # OpenCV: where images are prepared only (the cpu image reads cards)
+        encode_jpeg,
+        resize_image,
+    )
+
+    size, channels = int(card["input"]["size"]), int(card["input"]["channels"])
+    if not cleaned:  # raw bytes: what clean made of the training images first
+        data = _normalized(data, channels).data
+    try:
+        arr = resize_image(data, spec, list(bbox) if bbox is not None else None)
+    except ResizeError as exc:
+        raise ImageRejected(exc.reason, exc.detail) from None
+    if spec.format == "jpeg":  # stored as JPEG, trained on its decoded pixels: the same round trip
+        arr = _decode(encode_jpeg(arr, spec.jpeg_quality), arr.shape[2])
+    short = int(card["input"].get("resize_short_side", size))
+    return eval_view(arr, size, short if spec.mode == "whole" else size)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """``N x K`` float32 probabilities of ``N x K`` logits (computed in float64)."""
+    x = np.asarray(logits, np.float64)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 class _Predictor:
     """A Ray Data actor: one onnxruntime session, fed one input row group per call."""
 
@@ -329,22 +368,9 @@ class _Predictor:
         }
 
     def _prepared(self, data: bytes, bbox: Sequence[float] | None) -> np.ndarray:
-        """Raw image bytes as the model's evaluation data was: the resize step's own code, then its evaluation view."""
-        from imgpipe.resize.ops import (  # OpenCV: in the actors only (the cpu image reads cards)
-            encode_jpeg,
-            resize_image,
-        )
-
+        """Raw image bytes as the model's evaluation data was (:func:`prepare_encoded`)."""
         assert self.prepare is not None  # _check_preprocessing refused the input otherwise
-        if self.kind == "download":  # raw bytes: what clean made of the training images first
-            data = _normalized(data, self.channels).data
-        try:
-            arr = resize_image(data, self.prepare, list(bbox) if bbox is not None else None)
-        except ResizeError as exc:
-            raise ImageRejected(exc.reason, exc.detail) from None
-        if self.prepare.format == "jpeg":  # stored as JPEG, trained on its decoded pixels: the same round trip
-            arr = _decode(encode_jpeg(arr, self.prepare.jpeg_quality), arr.shape[2])
-        return eval_view(arr, self.size, self.short if self.prepare.mode == "whole" else self.size)
+        return prepare_encoded(data, self.card, self.prepare, bbox, cleaned=self.kind == "clean")
 
     def _run(self, views: Sequence[np.ndarray]) -> np.ndarray:
         """Softmax over the model's classes; with TTA, the mean over each image and its flips."""
@@ -354,9 +380,7 @@ class _Predictor:
         return (probs / (1 + len(self.flips))).astype(np.float32)
 
     def _softmax(self, views: Sequence[np.ndarray]) -> np.ndarray:
-        logits = self.session.run(None, {self.card["input"]["name"]: to_input(views, self.card)})[0].astype(np.float64)
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return softmax(self.session.run(None, {self.card["input"]["name"]: to_input(views, self.card)})[0])
 
     def _table(self, rows: Sequence[Mapping[str, Any]], probs: np.ndarray) -> pa.Table:
         columns = {
