@@ -9,10 +9,13 @@ defaults). Then, per seed, two cold processes, one after the other:
   everything else is the step's default (``recipe: auto``);
 * ``python bench/reference_recipe.py SET_DIR ...``: torchvision's reference recipe on the
   same files, less those clean rejected (its near-duplicate rejects), so both train,
-  validate and test on the same images.
+  validate and test on the same images;
+* ``python bench/reference_recipe.py SET_DIR --recipe simple ...`` (side ``simple``): the
+  script's own defaults (crop and flip, constant-lr SGD at the lr scaled to the batch), the
+  recipe a user starts from.
 
 Both print when each epoch ended; time counts from the moment this script started the
-process. The threshold is the reference's best mean validation macro-F1 (the mean over
+process. Each reference recipe sets a threshold, its best mean validation macro-F1 (the mean over
 seeds, per epoch, of the better of its model and its EMA; the best epoch); a run's time to
 accuracy is the wall-clock until its validation macro-F1 first reaches it. Test top-1 and
 macro-F1 are scikit-learn's, from each side's predictions (imgpipe's ``predictions.parquet``,
@@ -47,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_sets import load_set, write_set  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# The side of the reference script's own defaults (reference_recipe.py --recipe simple).
+SIMPLE = "simple"
 IMGPIPE = Path(sys.executable).with_name("imgpipe")
 
 
@@ -133,18 +138,18 @@ def _scores(predictions: bytes) -> dict[str, Any]:
     }
 
 
-def run_reference(prep: dict, seed: int, args: argparse.Namespace, work: Path, lr: float | None) -> dict[str, Any]:
-    cmd = [sys.executable, str(HERE / "reference_recipe.py"), str(prep["folder"]), "--exclude", str(prep["exclude"])]
+def run_reference(prep: dict, seed: int, args: argparse.Namespace, work: Path, lr: float | None, recipe: str = "v2") -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "reference_recipe.py"), str(prep["folder"]), "--exclude", str(prep["exclude"]), "--recipe", recipe]
     cmd += ["--model", args.model, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed)]
     cmd += ["--workers", str(args.ref_workers)] + (["--lr", str(lr)] if lr is not None else [])
-    started, seconds, stdout = _run(cmd, work / "runs" / f"{prep['name']}-reference-{seed}-{lr}.log")
+    started, seconds, stdout = _run(cmd, work / "runs" / f"{prep['name']}-reference-{recipe}-{seed}-{lr}.log")
     lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     final = lines[-1]
     curve = [
         {"epoch": r["epoch"], "t": r["time"] - started, "val_macro_f1": max(r["val_macro_f1"], r.get("ema_val_macro_f1", 0.0))} for r in lines[:-1]
     ]
     scores = {k: v for k, v in final.items() if k.startswith(("test", "best"))}
-    return {"seed": seed, "seconds": round(seconds, 1), "curve": curve, "lr": final["lr"], **scores}
+    return {"seed": seed, "seconds": round(seconds, 1), "curve": curve, "lr": final["lr"], "ref_recipe": recipe, **scores}
 
 
 def _seeds(listed: str) -> list[int]:
@@ -160,29 +165,37 @@ def time_to(curve: list[dict], threshold: float) -> float | None:
     return next((p["t"] for p in curve if p["val_macro_f1"] >= threshold - 1e-12), None)
 
 
+def _best_mean(rs: list[dict]) -> tuple[float, int]:
+    """A side's best mean validation macro-F1 over seeds, by epoch, and that epoch."""
+    epochs = min(len(r["curve"]) for r in rs)
+    per_epoch = [statistics.fmean(r["curve"][e]["val_macro_f1"] for r in rs) for e in range(epochs)]
+    return max(per_epoch), per_epoch.index(max(per_epoch))
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict[str, Any]:
-    """The threshold (the reference's best mean validation macro-F1) and each side's figures."""
-    ref = runs["reference"]
-    epochs = min(len(r["curve"]) for r in ref)
-    per_epoch = [statistics.fmean(r["curve"][e]["val_macro_f1"] for r in ref) for e in range(epochs)]
-    threshold = max(per_epoch)
-    out: dict[str, Any] = {"threshold": threshold, "threshold_epoch": per_epoch.index(threshold)}
+    """Each reference recipe's threshold (its best mean validation macro-F1) and every side's time to each."""
+    thresholds = {side: _best_mean(rs) for side, rs in runs.items() if side == "reference" or side == SIMPLE}
+    threshold, threshold_epoch = thresholds["reference"]
+    out: dict[str, Any] = {"threshold": threshold, "threshold_epoch": threshold_epoch, "thresholds": {k: v[0] for k, v in thresholds.items()}}
     for side, rs in runs.items():
-        times = [time_to(r["curve"], threshold) for r in rs]
-        for r, t in zip(rs, times):
-            r["seconds_to_threshold"] = None if t is None else round(t, 1)
-        reached = [t for t in times if t is not None]
-        out[side] = {
+        entry: dict[str, Any] = {
             "test_top1": _mean_std([r["test_top1"] for r in rs]),
             "test_macro_f1": _mean_std([r["test_macro_f1"] for r in rs]),
-            "reached": f"{len(reached)}/{len(rs)}",
-            # A run that never reached it counts with its whole run time (a lower bound on its time).
-            "seconds_to_threshold": _mean_std([t if t is not None else r["seconds"] for r, t in zip(rs, times)]),
             "seconds": _mean_std([r["seconds"] for r in rs]),
         }
-        if side.startswith("reference"):
-            out[side]["best_test_macro_f1"] = _mean_std([r["best_test_macro_f1"] for r in rs])
-            out[side]["best_test_top1"] = _mean_std([r["best_test_top1"] for r in rs])
+        for ref, (level, _) in thresholds.items():
+            times = [time_to(r["curve"], level) for r in rs]
+            key = "seconds_to_threshold" if ref == "reference" else f"seconds_to_{ref}"
+            for r, t in zip(rs, times):
+                r[key] = None if t is None else round(t, 1)
+            reached = [t for t in times if t is not None]
+            # A run that never reached it counts with its whole run time (a lower bound on its time).
+            entry[key] = _mean_std([t if t is not None else r["seconds"] for r, t in zip(rs, times)])
+            entry["reached" if ref == "reference" else f"reached_{ref}"] = f"{len(reached)}/{len(rs)}"
+        if side.startswith("reference") or side == SIMPLE:
+            entry["best_test_macro_f1"] = _mean_std([r["best_test_macro_f1"] for r in rs])
+            entry["best_test_top1"] = _mean_std([r["best_test_top1"] for r in rs])
+        out[side] = entry
     return out
 
 
@@ -193,7 +206,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     sets = list(results["sets"])
     fig = Figure(figsize=(6 * len(sets), 4.2))
     axes = np.atleast_1d(fig.subplots(1, len(sets)))
-    colours = {"imgpipe": "tab:blue", "reference": "tab:orange"}
+    colours = {"imgpipe": "tab:blue", "reference": "tab:orange", SIMPLE: "tab:green"}
     for ax, name in zip(axes, sets):
         entry = results["sets"][name]
         for side, rs in entry["runs"].items():
@@ -202,7 +215,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 xs = [0.0] + [p["t"] for p in r["curve"]]
                 ys = [0.0] + [p["val_macro_f1"] for p in r["curve"]]
                 ax.plot(xs, ys, marker="o", ms=3, color=colour, alpha=0.8, label=side if i == 0 else None)
-        ax.axhline(entry["summary"]["threshold"], color="grey", ls="--", lw=1, label="reference's best mean")
+        for ref, level in entry["summary"]["thresholds"].items():
+            ax.axhline(level, color=colours[ref], ls="--", lw=1, label=f"{ref}'s best mean")
         ax.set_title(f"{name}: validation macro-F1 against wall-clock (cold, {results['args']['model']})")
         ax.set_xlabel("seconds since the process started")
         ax.set_ylabel("validation macro-F1")
@@ -217,23 +231,26 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def table(results: dict[str, Any]) -> str:
     """The markdown table of docs/benchmarks.md: one row per system, recipe and seed, then the means."""
     lines = [
-        "| set | system | recipe | seed | test top-1 | test macro-F1 | s to threshold | run s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| set | system | recipe | seed | test top-1 | test macro-F1 | s to the v2 recipe's best | s to the simple recipe's best | run s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, entry in results["sets"].items():
         s = entry["summary"]
         for side, rs in entry["runs"].items():
             for r in rs:
-                recipe = r.get("recipe") or f"torchvision reference, lr {r.get('lr'):.3g}"
-                reach = "not reached" if r["seconds_to_threshold"] is None else f"{r['seconds_to_threshold']:.1f}"
+                kind = "torchvision reference's defaults" if r.get("ref_recipe") == SIMPLE else "torchvision IMAGENET1K_V2 recipe"
+                recipe = r.get("recipe") or f"{kind}, lr {r.get('lr'):.3g}"
+                reach = ["not reached" if r.get(k) is None else f"{r[k]:.1f}" for k in ("seconds_to_threshold", f"seconds_to_{SIMPLE}")]
                 lines.append(
-                    f"| {name} | {side} | {recipe} | {r['seed']} | {r['test_top1']:.3f} | {r['test_macro_f1']:.3f} | {reach} | {r['seconds']:.0f} |"
+                    f"| {name} | {side} | {recipe} | {r['seed']} | {r['test_top1']:.3f} | {r['test_macro_f1']:.3f} | {reach[0]} | {reach[1]} | "
+                    f"{r['seconds']:.0f} |"
                 )
             m = s[side]
+            to_simple = f"{m[f'seconds_to_{SIMPLE}']['mean']:.1f} ({m[f'reached_{SIMPLE}']} reached)" if f"seconds_to_{SIMPLE}" in m else ""
             lines.append(
                 f"| {name} | **{side}, mean ± std** | | | {m['test_top1']['mean']:.3f} ± {m['test_top1']['std']:.3f} | "
                 f"{m['test_macro_f1']['mean']:.3f} ± {m['test_macro_f1']['std']:.3f} | "
-                f"{m['seconds_to_threshold']['mean']:.1f} ({m['reached']} reached) | {m['seconds']['mean']:.0f} |"
+                f"{m['seconds_to_threshold']['mean']:.1f} ({m['reached']} reached) | {to_simple} | {m['seconds']['mean']:.0f} |"
             )
     return "\n".join(lines)
 
@@ -268,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.sets.split(","):
             prep = prepare(name, work, args.size)
             print(f"{name}: split {prep['split']}, clean rejected {prep['clean_rejects']} in {prep['prep_seconds']} s", file=sys.stderr, flush=True)
-            runs: dict[str, list[dict]] = {"imgpipe": []}
+            runs: dict[str, list[dict]] = {"imgpipe": [], SIMPLE: []}
             for lr in ref_lrs:
                 runs["reference" if lr == ref_lrs[0] else f"reference lr {lr:g}"] = []
             for seed in seeds[name]:  # interleaved, so that a drift of the machine falls on both sides
@@ -278,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                     side = "reference" if lr == ref_lrs[0] else f"reference lr {lr:g}"
                     runs[side].append(run_reference(prep, seed, args, work, lr))
                     print(f"{name} {side} seed {seed}: {runs[side][-1]['test_macro_f1']:.3f}", file=sys.stderr, flush=True)
+                runs[SIMPLE].append(run_reference(prep, seed, args, work, None, recipe=SIMPLE))
+                print(f"{name} {SIMPLE} seed {seed}: {runs[SIMPLE][-1]['test_macro_f1']:.3f}", file=sys.stderr, flush=True)
             paths = {tuple(r.pop("test_paths")) for r in runs["imgpipe"]}
             assert len(paths) == 1, "every imgpipe run tests on the same images"
             (test_paths,) = paths
@@ -298,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         s = entry["summary"]
         ratio = s["imgpipe"]["seconds_to_threshold"]["mean"] / s["reference"]["seconds_to_threshold"]["mean"]
         print(f"{name}: threshold {s['threshold']:.3f} (epoch {s['threshold_epoch'] + 1}); time to it, imgpipe / reference: {ratio:.2f}")
+        key = f"seconds_to_{SIMPLE}"
+        to_simple = {side: s[side][key]["mean"] for side in ("imgpipe", "reference", SIMPLE)}
+        print(
+            f"{name}: the simple recipe's best {s['thresholds'][SIMPLE]:.3f}; time to it, imgpipe / simple: "
+            f"{to_simple['imgpipe'] / to_simple[SIMPLE]:.2f}, imgpipe / the v2 recipe: {to_simple['imgpipe'] / to_simple['reference']:.2f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

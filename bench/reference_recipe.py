@@ -12,6 +12,12 @@ resize to ``crop / 0.875`` then the centre crop). Nothing here is copied from to
 and ``torch.optim.swa_utils``; the sizes and learning rate follow the data and batch
 (``--lr`` defaults to the script's 0.1 for a batch of 256, scaled linearly).
 
+``--recipe simple`` is instead the recipe most users start from: the classification reference's
+defaults as its README's ResNet command runs them (``RandomResizedCrop`` and a flip, no
+TrivialAugment, RandomErasing, MixUp/CutMix, label smoothing or EMA; SGD with momentum 0.9 and
+weight decay 1e-4 on every parameter; its step schedule, lr x 0.1 every 30 epochs, which is a
+constant lr for a run shorter than that), at the same lr scaled to the batch.
+
 One process per run, as a pod runs it. It prints one JSON line per epoch (unix time at
 the epoch's end, validation top-1, macro-F1 and loss for the model and its EMA) and one for
 the end (test top-1 and macro-F1 of the last epoch's weights, and of the weights of the best
@@ -42,11 +48,28 @@ from torchvision.transforms import v2
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The evaluation resize of the presets: 256 for a 224 crop.
 CROP_FRACTION = 224 / 256
+# What each recipe sets (the flags' defaults are v2's). simple: train.py's own defaults.
+RECIPES = {
+    "v2": {},
+    "simple": {
+        "weight_decay": 1e-4,
+        "norm_weight_decay": None,
+        "label_smoothing": 0.0,
+        "mixup_alpha": 0.0,
+        "cutmix_alpha": 0.0,
+        "random_erase": 0.0,
+        "warmup_epochs": 0,
+        "ema_decay": 0.0,
+        "auto_augment": False,
+        "lr_step_size": 30,
+    },
+}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help)
     p.add_argument("data", type=Path, help="a folder with train/, val/ and test/ class folders")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="v2", help="v2: the IMAGENET1K_V2 recipe (default); simple: the script's defaults")
     p.add_argument("--exclude", type=Path, help="a JSON list of paths (relative to data) to leave out")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--epochs", type=int, default=10)
@@ -82,11 +105,11 @@ def datasets(args: argparse.Namespace, crop: int) -> dict[str, torchvision.datas
         [
             v2.RandomResizedCrop(crop, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
             v2.RandomHorizontalFlip(0.5),
-            v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR),
+            *([v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR)] if args.auto_augment else []),
             v2.PILToTensor(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(MEAN, STD),
-            v2.RandomErasing(args.random_erase),
+            *([v2.RandomErasing(args.random_erase)] if args.random_erase > 0 else []),
             v2.ToPureTensor(),
         ]
     )
@@ -110,8 +133,10 @@ def datasets(args: argparse.Namespace, crop: int) -> dict[str, torchvision.datas
     return out
 
 
-def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
-    """The norm layers' parameters apart (their own weight decay), as the reference's ``--norm-weight-decay``."""
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float | None) -> list[dict]:
+    """The norm layers' parameters apart (their own weight decay), as the reference's ``--norm-weight-decay`` (``None``: the same)."""
+    if norm_weight_decay is None:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
     norm, other = [], []
     for module in model.modules():
@@ -136,6 +161,9 @@ def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     started = time.time()
+    args.auto_augment, args.lr_step_size = True, 0
+    for name, value in RECIPES[args.recipe].items():
+        setattr(args, name, value)
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay, args.norm_weight_decay), lr=lr, momentum=args.momentum)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     warmup = min(args.warmup_epochs, args.epochs - 1)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs - warmup)
+    if args.lr_step_size:
+        cosine = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=0.1)
+    else:
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs - warmup)
     if warmup:
         linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=args.warmup_decay, total_iters=warmup)
         scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
@@ -207,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = evaluate(model, eval_loaders["test"])
     final = {
         "final": True,
+        "recipe": args.recipe,
         "lr": lr,
         "test_top1": last["top1"],
         "test_macro_f1": last["macro_f1"],
