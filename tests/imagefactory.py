@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, features
+from PIL import Image, ImageDraw, features
 
 
 def photo(width: int = 96, height: int = 64, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -138,3 +140,48 @@ def icns(seed: int = 0) -> bytes:
 def heic_header() -> bytes:
     """The start of an iPhone HEIC (an ISO base media ftyp box, brand heic); Pillow has no decoder."""
     return b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_image(kind: str, rng: np.random.Generator, min_side: int = 128, max_side: int = 200) -> Image.Image:
+    """One filled circle, square or triangle of random size and colour on a smooth random background.
+
+    The shape lies inside the centred square of the short side (what a centre crop keeps), at a
+    random place there.
+    """
+    width, height = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+    grid = rng.integers(0, 256, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
+    background = Image.fromarray(grid, "RGB").resize((width, height), Image.BILINEAR)
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    r = int(rng.uniform(0.18, 0.4) * side)  # half the shape's extent
+    cx, cy = left + int(rng.integers(r, side - r + 1)), top + int(rng.integers(r, side - r + 1))
+    colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    draw = ImageDraw.Draw(background)
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour, outline=(0, 0, 0), width=2)
+    elif kind == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour, outline=(0, 0, 0), width=2)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour, outline=(0, 0, 0), width=2)
+    else:
+        raise ValueError(f"unknown shape {kind!r}; one of {', '.join(SHAPES)}")
+    return background
+
+
+def shapes_folder(root: str | os.PathLike, per_class: int = 100, seed: int = 0, classes: tuple[str, ...] = SHAPES) -> Path:
+    """An easy own-data set as a user has one: ``root/{circle,square,triangle}/NNNN.jpg``.
+
+    Each image is one filled shape (random position, size and colour, black outline) on a smooth
+    random background, 128-200 px a side, JPEG quality 90; the same seed gives the same files.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for kind in classes:
+        folder = root / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (folder / f"{i:04d}.jpg").write_bytes(encode(shape_image(kind, rng), "JPEG", quality=90))
+    return root
