@@ -43,8 +43,8 @@ def _step_config(cls: type, section: str, **here: Any) -> Any:
 
 @pytest.mark.usefixtures("no_exports")
 def test_the_own_data_config_learns_an_easy_folder_of_class_folders(tmp_path):
-    """60 images per class (144 train, 18 test): measured test macro-F1 0.94-1.0 over seeds, in about a minute."""
-    folder = shapes_folder(tmp_path / "shapes", per_class=60, seed=0)
+    """README's 300 images (240 train, 30 test): measured test macro-F1 0.93-1.0 on 4 seeds, in about 25 s on 2 idle cores."""
+    folder = shapes_folder(tmp_path / "shapes", per_class=100, seed=0)
     root = "file://" + str(tmp_path / "store")
     started = time.monotonic()
     dl = download(str(folder), f"{root}/download", DownloadConfig())
@@ -56,12 +56,12 @@ def test_the_own_data_config_learns_an_easy_folder_of_class_folders(tmp_path):
     assert metrics["labels"] == list(SHAPES)
     assert metrics["selection"]["epochs_trained"] == metrics["selection"]["epochs_planned"], "every epoch trains (patience 0)"
     test = metrics["test"]
-    assert test["images"] == 18
-    assert test["macro_f1"] >= 0.75, f"test macro-F1 {test['macro_f1']:.3f} (chance {CHANCE:.2f}) after {seconds:.0f} s"
+    assert test["images"] == 30
+    assert test["macro_f1"] >= 0.8, f"test macro-F1 {test['macro_f1']:.3f} (chance {CHANCE:.2f}) after {seconds:.0f} s"
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # the whole pipeline on README's 300 images (about 2.5 min); the config's steps: the test above
+@pytest.mark.slow  # the whole pipeline (about a minute); the config's steps on the same images: the test above
 def test_readme_s_first_own_data_run_learns_three_easy_classes(tmp_path, capsys):
     folder = shapes_folder(tmp_path / "shapes", per_class=100, seed=0)
     argv = ["run", "--source", str(folder), "--config", str(OWN_DATA), "--workdir", str(tmp_path / "w"), "--data-root", str(tmp_path / "d")]
