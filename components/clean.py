@@ -28,16 +28,13 @@ def clean(
     from imgpipe import config
     from imgpipe.clean.config import CleanConfig
     from imgpipe.kfp import artifacts as ka
-    from imgpipe.kfp import lineage
     from imgpipe.kfp.publish import publish_step_report
     from imgpipe.steps.clean import clean
 
     policy = ka.read_policy(data_root)  # every URI the parameters name lies below data_root
     annotations = dataset.metadata.get("annotations") or None
     # "latest" is this dataset's newest promoted run, not another's in the data root.
-    latest = previous_run_prefix.strip() == ka.LATEST_KEYWORD
-    sources = lineage.sources_of_downloads([ka.read_step_artifact(dataset, "download", policy)]) if latest else None
-    previous = ka.resolve_previous(data_root, previous_run_prefix, policy, sources=sources)
+    previous = ka.resolve_previous(data_root, previous_run_prefix, policy, sources=ka.sources_for_latest(previous_run_prefix, dataset, policy))
     named = {"grayscale": grayscale, "split": split, "seed": seed, "annotations": annotations, "skip_hashes_from": previous}
     cfg = config.step_config(CleanConfig, step_config, "clean", policy=policy, **named)
     source = ka.read_step_artifact(dataset, "download", policy)

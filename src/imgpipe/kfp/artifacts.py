@@ -43,6 +43,7 @@ __all__ = [
     "committed_prefix",
     "verify_handed_on",
     "resolve_previous",
+    "sources_for_latest",
     "record_latest",
     "read_latest",
     "current_model",
@@ -346,6 +347,14 @@ def resolve_previous(
         return None
     contract.read_manifest(source, expect_step=step)
     return source
+
+
+def sources_for_latest(previous: str, dataset: Any, policy: ReadPolicy) -> list[str] | None:
+    """The run's dataset (:mod:`imgpipe.kfp.lineage`) when ``previous`` is ``latest``, read from the download
+    step artifact ``dataset``; ``None`` otherwise (nothing is read)."""
+    if (previous or "").strip() != LATEST_KEYWORD:
+        return None
+    return lineage.sources_of_downloads([read_step_artifact(dataset, "download", policy)])
 
 
 def current_model(data_root: str, policy: ReadPolicy | None = None, key: str | None = None) -> str | None:
