@@ -46,6 +46,24 @@ def _succeeded(kfp: str, run_id: str, owner: str) -> None:  # noqa: F811
     assert details["state"] == "SUCCEEDED", details.get("state")
 
 
+def small_run(name: str, epochs: int) -> tuple[str, dict[str, str]]:
+    """A data root in the profile's prefix with a small generated set, and the parameters of a run on it (inside object_store)."""
+    root = f"s3://mlpipeline/private/{NAMESPACE}/{name}-{uuid.uuid4().hex[:8]}"
+    generate(f"{root}/synth", SynthConfig(classes=3, per_class=24, seed=0, min_side=64, max_side=160), progress=False)
+    params = {
+        "data_root": root,
+        "source_uri": f"{root}/synth/images.tar.gz",
+        "annotations_uri": "",
+        "epochs": str(epochs),
+        "image_size": "64",
+        "model": "resnet18",
+        "batch_size": "16",
+        "ray_address": "",  # resize in its pod
+        "train_nodes": "1",  # train in its pod, on CPU (the package drops GPU scheduling)
+    }
+    return root, params
+
+
 def _executors(run_id: str) -> dict[str, str]:
     """What each task's executor did in the run's Argo Workflow: ``ran``, or ``cached``.
 
@@ -105,19 +123,7 @@ def test_a_cached_build_is_served_from_kfps_cache_and_a_killed_train_step_is_ret
     cached = _small_package(tmp_path / "cached.yaml", caching=True)
     uncached = _small_package(tmp_path / "uncached.yaml")
     with object_store(tmp_path, NAMESPACE):
-        root = f"s3://mlpipeline/private/{NAMESPACE}/cache-{uuid.uuid4().hex[:8]}"
-        generate(f"{root}/synth", SynthConfig(classes=3, per_class=24, seed=0, min_side=64, max_side=160), progress=False)
-        params = {
-            "data_root": root,
-            "source_uri": f"{root}/synth/images.tar.gz",
-            "annotations_uri": "",
-            "epochs": str(EPOCHS),
-            "image_size": "64",
-            "model": "resnet18",
-            "batch_size": "16",
-            "ray_address": "",  # resize in its pod
-            "train_nodes": "1",  # train in its pod, on CPU (the package drops GPU scheduling)
-        }
+        root, params = small_run("cache", EPOCHS)
         first = _submit(kfp, cached, params, owner, wait=True)
         _succeeded(kfp, first, owner)
         assert _executors(first) == {t: "ran" for t in (*DATA_TASKS, "verify-output", "promote")}, _executors(first)

@@ -12,12 +12,11 @@ import uuid
 import pytest
 
 from imgpipe import contract, storage
-from imgpipe.data.synth import SynthConfig, generate
 from imgpipe.kfp import artifacts as ka
 from tests.cluster.conftest import kubectl, object_store
 from tests.cluster.kfp_backend import token
 from tests.cluster.test_kfp import RUN_TIMEOUT_S, _get, _imgpipe, _small_package, kfp, step_images  # noqa: F401 - fixtures
-from tests.cluster.test_kfp_cache_retry import _submit, _succeeded, _train_pods, _workflow
+from tests.cluster.test_kfp_cache_retry import _submit, _succeeded, _train_pods, _workflow, small_run
 from tests.cluster.test_remote_objects import NAMESPACE, dev_overlay  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.cluster
@@ -45,19 +44,7 @@ def test_mlmd_stopped_mid_run_fails_it_naming_what_failed_and_the_run_again_succ
     owner = token("default-editor", NAMESPACE)
     package = _small_package(tmp_path / "imgpipe.yaml")
     with object_store(tmp_path, NAMESPACE):
-        root = f"s3://mlpipeline/private/{NAMESPACE}/mlmd-{uuid.uuid4().hex[:8]}"
-        generate(f"{root}/synth", SynthConfig(classes=3, per_class=24, seed=0, min_side=64, max_side=160), progress=False)
-        params = {
-            "data_root": root,
-            "source_uri": f"{root}/synth/images.tar.gz",
-            "annotations_uri": "",
-            "epochs": "2",
-            "image_size": "64",
-            "model": "resnet18",
-            "batch_size": "16",
-            "ray_address": "",
-            "train_nodes": "1",
-        }
+        root, params = small_run("mlmd", 2)
         name = f"mlmd-down-{uuid.uuid4().hex[:6]}"
         args = [
             "--host",
