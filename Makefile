@@ -12,7 +12,7 @@ IMAGE_KINDS ?= cpu ray gpu serve
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
-.PHONY: install run test lint bench bench-scale bench-download bench-peers bench-race bench-train-step images images-push compile clean-data ui-pictures help image-tools run-containers test-containers test-faults test-slow cluster-build cluster-up cluster-down test-cluster
+.PHONY: install run test lint bench bench-scale bench-download bench-peers bench-race bench-train-step bench-train-phases images images-push compile clean-data ui-pictures help image-tools run-containers test-containers test-faults test-slow cluster-build cluster-up cluster-down test-cluster
 
 help:
 	@echo "make run    install into $(VENV), then run the pipeline end to end on the embedded sample data"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-peers  imgpipe against FFCV, torchvision, HF datasets, MosaicML Streaming, WebDataset, Ray Data, a Pool, cleanvision"
 	@echo "make bench-race   imgpipe's defaults against torchvision's reference recipe on scikit-learn's digits and scikit-image's LFW subset (~20 min; LFW on six seeds)"
 	@echo "make bench-train-step  the whole train step on CPU by loader engine and row cache (~12 min)"
+	@echo "make bench-train-phases  where a cold train step's time goes, by phase, at 500 / 5k / 50k images"
 	@echo "make images build and tag the step images through DOCKER_HOST (IMAGE_KINDS=\"$(IMAGE_KINDS)\")"
 	@echo "make images-push  build, then push them"
 	@echo "make run-containers  the pipeline with each step in its image, resize on a 2-container Ray cluster"
@@ -143,6 +144,11 @@ bench-race: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]' --constraint docker/constraints.txt
 	$(NETNS) $(BIN)/python bench/reference.py --sets digits,lfw --seeds 0,1,2 --set-seeds lfw=0,1,2,3,4,5 --epochs 10 --ref-lrs 0.025,0.1 \
 		--json bench/results/reference.json --plot docs/img/reference.png
+
+# Where a cold train step's time goes, by phase, at 500, 5,000 and 50,000 images (issue 71; bench/train_phases.py).
+bench-train-phases: install
+	$(NETNS) $(BIN)/python bench/train_phases.py --sizes 500,5000,50000 --epochs 10,10,2 \
+		--json bench/results/train_phases.json --plot docs/img/train-phases.png
 
 # The whole train step on the CPU by loader engine and row cache (issue 50): what the defaults are chosen by.
 bench-train-step: install

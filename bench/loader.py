@@ -109,11 +109,12 @@ def _sample(i: int, folder: Path, size: int, source: tuple[int, int]) -> tuple[d
     return {**meta, "pixels": pixels.tobytes()}, {**meta, "image": {"bytes": jpeg, "path": meta["path"]}}
 
 
-def write_datasets(root: Path, count: int, size: int, source: tuple[int, int], workers: int = 1) -> tuple[Path, str, str]:
+def write_datasets(root: Path, count: int, size: int, source: tuple[int, int], workers: int = 1, held_out: bool = False) -> tuple[Path, str, str]:
     """Writes an ImageFolder of source-size JPEGs, and their resize-step outputs (raw and JPEG).
 
     ``workers`` > 1 makes the images in that many processes (the same bytes: each image's
-    pixels come from its index alone).
+    pixels come from its index alone). ``held_out``: a tenth of each class goes to ``val``
+    and a tenth to ``test`` (as the clean step's default split), else every row is ``train``.
     """
     import multiprocessing
 
@@ -129,14 +130,21 @@ def write_datasets(root: Path, count: int, size: int, source: tuple[int, int], w
             samples = pool.map(make, range(count), chunksize=max(1, min(64, count // (4 * workers))))
     else:
         samples = [make(i) for i in range(count)]
+    if held_out:
+        for i, pair in enumerate(samples):
+            split = {8: "val", 9: "test"}.get((i // CLASSES) % 10, "train")
+            for row in pair:
+                row["split"] = split
     rows: dict[str, list[dict]] = {"raw": [s[0] for s in samples], "jpeg": [s[1] for s in samples]}
     uris = {}
     for fmt, fmt_rows in rows.items():
         out = OutputWriter(storage.normalize_uri(str(root / f"resize-{fmt}")), "resize")
         out.begin()
-        for shard, start in enumerate(range(0, count, 1024)):
-            table = pa.Table.from_pylist(fmt_rows[start : start + 1024], schema=output_schema(fmt))
-            out.write_table(f"train/part-{shard:05d}.parquet", table, row_group_size=64)
+        for split in dict.fromkeys(r["split"] for r in fmt_rows):
+            in_split = [r for r in fmt_rows if r["split"] == split]
+            for shard, start in enumerate(range(0, len(in_split), 1024)):
+                table = pa.Table.from_pylist(in_split[start : start + 1024], schema=output_schema(fmt))
+                out.write_table(f"{split}/part-{shard:05d}.parquet", table, row_group_size=64)
         storage.write_bytes(out.uri(contract.LABELS), json.dumps({str(k): f"class_{k:02d}" for k in range(CLASSES)}).encode())
         out.commit(inputs=count, rejects=[], config={"generated_by": "bench/loader.py"}, extra={"format": fmt, "size": size})
         uris[fmt] = out.dest

@@ -56,6 +56,16 @@ def test_metrics_say_how_many_images_an_epoch_used_and_when_each_epoch_ended(fin
     assert "each epoch trains on 32 of the 32 train images" in storage.read_bytes(storage.join(out, "report.html")).decode()
 
 
+def test_the_manifest_says_where_the_steps_time_went_by_phase(finished):
+    """bench/train_phases.py draws these: each phase timed once or summed over the epochs."""
+    out, report = finished
+    phases = contract.read_manifest(out, expect_step="train")["extra"]["phase_s"]
+    assert set(phases) == {"setup", "steps", "validation", "checkpoints", "final_evaluation", "outputs"}
+    # The report's seconds end where the outputs begin.
+    assert all(v > 0 for v in phases.values()) and sum(phases.values()) - phases["outputs"] <= report.seconds + 0.01
+    assert report.extra["started_at"] <= read_json(storage.join(out, "metrics.json"))["epochs"][0]["ended_at"]
+
+
 def test_one_rank_trains_on_every_image_each_epoch_but_a_last_batch_of_one(data, tmp_path):
     """32 rows in batches of 5: six full batches and one of 2 (torchvision's reference keeps it too); of 31: one left out."""
     out = "file://" + str(tmp_path / "partial")

@@ -314,9 +314,11 @@ def _fit(run: TrainingRun) -> int:
         if run.selection.stopped_at is not None:  # resumed after early stopping
             break
         started = time.perf_counter()
-        record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(run, epoch)}
+        with run.timed("steps"):
+            record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(run, epoch)}
         if run.val_loader is not None and "divergence" not in record:
-            _validate(run, epoch, record)
+            with run.timed("validation"):
+                _validate(run, epoch, record)
         record["seconds"] = round(time.perf_counter() - started, 3)
         # Wall-clock time at the epoch's end (validation included), and since the step began: time to accuracy.
         record["ended_at"] = round(time.time(), 3)
@@ -336,7 +338,8 @@ def _fit(run: TrainingRun) -> int:
         if run.guard is not None and run.guard.worrying:
             log.warning("train: no checkpoint after epoch %d: the loss is above %.4g, on its way to divergence", epoch + 1, run.guard.limit())
         else:
-            save_checkpoint(run, epoch)
+            with run.timed("checkpoints"):
+                save_checkpoint(run, epoch)
         if run.ctx.is_main:
             log.info("train: %s", {k: v for k, v in record.items() if not isinstance(v, dict)})
         if run.selection.stopped_at is not None:
@@ -427,8 +430,10 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
             run.attempt = start_output(out, cfg, ctx)
             if cfg.resume:
                 resume(run)
+            run.phase_s["setup"] = time.monotonic() - started
             epochs_run = _fit(run)
-            tests, with_rows = _final_evaluations(run)
+            with run.timed("final_evaluation"):
+                tests, with_rows = _final_evaluations(run)
             report = finish(run, epochs_run, run.best_val, tests, with_rows, upstream_manifest, time.monotonic() - started)
     finally:
         if ctx.owns_group:

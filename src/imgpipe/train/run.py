@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +78,8 @@ class TrainingRun:
         started_at: Unix time the step started (each epoch's ``elapsed_s`` counts from it).
         resumed_from: The epoch a ``--resume`` continued at (0: none).
         stats_loader: The train split in the evaluation view, for ``precise_bn`` (made at the first validation).
+        phase_s: Seconds spent in each phase of the step so far (:meth:`timed`): where a run's
+            time goes (``bench/train_phases.py``), recorded in the manifest.
     """
 
     data: str
@@ -120,6 +125,16 @@ class TrainingRun:
     started_at: float = 0.0
     resumed_from: int = 0
     stats_loader: ImageLoader | None = None
+    phase_s: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Adds the seconds the block takes to ``phase_s[phase]`` (also when it raises)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_s[phase] = self.phase_s.get(phase, 0.0) + time.perf_counter() - started
 
     def trainable(self, epoch: int) -> frozenset[str] | None:
         """The parameters that train in ``epoch`` (the head and the unfrozen blocks), ``None`` for all."""

@@ -149,7 +149,8 @@ def finish(
         "test_tta_accuracy": tests["test_tta"]["accuracy"] if "test_tta" in tests else None,
         "train_loss": last.get("train_loss"),
     }
-    files = write_outputs(run, metrics, last_val, with_rows) if run.ctx.is_main else []
+    with run.timed("outputs"):
+        files = write_outputs(run, metrics, last_val, with_rows) if run.ctx.is_main else []
     # The rows of the dataset it was given: a partial last batch is dropped each epoch,
     # but a different one every epoch, so no row is lost; what was seen is in extra.
     total = int(upstream_manifest.get("outputs", sum(seen.values())))
@@ -175,6 +176,9 @@ def finish(
             "recipe": run.recipe.summary() if run.recipe else None,
             "diverged": run.divergence.diverged,
             "divergence": run.divergence.summary() or None,
+            # Where the step's time went, by phase, up to the commit (bench/train_phases.py draws it).
+            "started_at": round(run.started_at, 3),
+            "phase_s": {k: round(v, 3) for k, v in run.phase_s.items()},
         },
         epochs_run=epochs_run,
         metrics=final,
