@@ -60,7 +60,8 @@ def test_the_manifest_says_where_the_steps_time_went_by_phase(finished):
     """bench/train_phases.py draws these: each phase timed once or summed over the epochs."""
     out, report = finished
     phases = contract.read_manifest(out, expect_step="train")["extra"]["phase_s"]
-    assert set(phases) == {"setup", "steps", "validation", "checkpoints", "final_evaluation", "outputs"}
+    assert set(phases) == {"setup", "steps", "validation", "precise_bn", "checkpoints", "final_evaluation", "outputs"}
+    assert 0 < phases.pop("precise_bn") < phases["validation"]  # a part of it
     # The report's seconds end where the outputs begin.
     assert all(v > 0 for v in phases.values()) and sum(phases.values()) - phases["outputs"] <= report.seconds + 0.01
     assert report.extra["started_at"] <= read_json(storage.join(out, "metrics.json"))["epochs"][0]["ended_at"]

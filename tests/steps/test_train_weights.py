@@ -256,21 +256,23 @@ def test_saving_a_checkpoint_leaves_the_loader_where_it_is(tmp_path, monkeypatch
 
 def _scripted_validation(monkeypatch, f1_by_call: list[float]) -> list[dict]:
     """Validations score ``f1_by_call`` in turn; returns the trained weights at each call."""
-    from imgpipe.train.evaluation import EvalResult
-
     calls: list[dict] = []
-    real = train_mod._evaluate_split
+    real = getattr(train_mod._evaluate_split, "real", train_mod._evaluate_split)  # a second script replaces the first
 
     def scripted(run, loader, tta_flips=(), model=None, keep_rows=False):
-        if loader is not run.val_loader or keep_rows:  # the test split, and the kept weights' rows at the end
-            return real(run, loader, tta_flips, model, keep_rows)
+        measured = real(run, loader, tta_flips, model, keep_rows)
+        if loader is not run.val_loader:  # the test split
+            return measured
         source = model or run.module
         calls.append({k: v.detach().clone() for k, v in source.state_dict().items()})
         f1 = f1_by_call[len(calls) - 1]
         n = len(run.labels)
         confusion = [[2 if i == j else 0 for j in range(n)] for i in range(n)]
-        return EvalResult(loss=1 - f1, accuracy=f1, macro_f1=f1, per_class_recall=[f1] * n, confusion=confusion, images=2 * n, pr_auc=f1)
+        # The scores scripted, the rows measured (the kept validation's rows are predictions.parquet's).
+        scores = {"loss": 1 - f1, "accuracy": f1, "macro_f1": f1, "per_class_recall": [f1] * n, "pr_auc": f1}
+        return dataclasses.replace(measured, **scores, confusion=confusion, images=2 * n)
 
+    scripted.real = real
     monkeypatch.setattr(train_mod, "_evaluate_split", scripted)
     return calls
 
@@ -308,7 +310,8 @@ def test_a_resumed_run_keeps_the_same_weights(data, tmp_path, monkeypatch):
     out = "file://" + str(tmp_path / "model")
     train(data, out, tiny(epochs=2))
     first = read_json(storage.join(out, "metrics.json"))["selection"]
-    _scripted_validation(monkeypatch, [0.1])
+    # Epoch 3's validation, then the kept weights' rows at the end (their validation came from the checkpoint, without rows).
+    _scripted_validation(monkeypatch, [0.1, 0.9])
     train(data, out, tiny(epochs=3, resume=True))
     second = read_json(storage.join(out, "metrics.json"))["selection"]
     assert first["epoch"] == second["epoch"] == 1, "epoch 3 (0.1) does not displace epoch 2 (0.9)"

@@ -279,10 +279,12 @@ def _recompute_norm_stats(run: TrainingRun) -> int:
 def _validate(run: TrainingRun, epoch: int, record: dict[str, Any]) -> None:
     """Validates the model (and its EMA) after ``epoch`` into ``record``; keeps the weights if they are the best yet."""
     assert run.val_loader is not None
-    measured = _recompute_norm_stats(run)
+    with run.timed("precise_bn"):  # a part of the validation's time
+        measured = _recompute_norm_stats(run)
     if measured:
         record["precise_bn_images"] = measured
-    val = _evaluate_split(run, run.val_loader)
+    # With its rows: the kept epoch's are predictions.parquet's val rows (no second pass at the end).
+    val = _evaluate_split(run, run.val_loader, keep_rows=True)
     record.update(val_keys(val, run.labels))
     event = DivergenceGuard.validation(val.loss, epoch=epoch, step=run.steps_per_epoch[epoch] - 1, lr=run.scheduler.get_last_lr()[0])
     if event is not None:  # weights (or the norms' statistics) blown up: nothing of this epoch is kept
@@ -290,7 +292,7 @@ def _validate(run: TrainingRun, epoch: int, record: dict[str, Any]) -> None:
         return
     ema_val = None
     if run.ema is not None:
-        ema_val = _evaluate_split(run, run.val_loader, model=run.ema.module)
+        ema_val = _evaluate_split(run, run.val_loader, model=run.ema.module, keep_rows=True)
         record.update({EMA_PREFIX + k: v for k, v in val_keys(ema_val, run.labels).items() if k != "val_per_class_recall"})
     run.selection.fix_keys([sum(row) for row in val.confusion])
     chosen = run.selection.consider(epoch, record)
@@ -377,14 +379,16 @@ def _after_divergence(run: TrainingRun, event: Divergence) -> bool:
 
 
 def _final_evaluations(run: TrainingRun) -> tuple[dict[str, Any], dict[str, EvalResult]]:
-    """The kept weights on test (and with flip TTA), and per-image rows of val and test.
+    """The kept weights on test (and with flip TTA), and per-image rows of val (their validation's) and test.
 
     Returns:
         ``metrics.json``'s ``test`` / ``test_tta``, and the evaluations with rows by split.
     """
     with_rows: dict[str, EvalResult] = {}
     if run.val_loader is not None:
-        with_rows["val"] = _evaluate_split(run, run.val_loader, keep_rows=True)
+        # The kept weights' own validation, rows and all, unless it came from a checkpoint (no rows kept).
+        kept = run.best_val if run.best_val is not None and run.best_val.rows is not None else None
+        with_rows["val"] = kept or _evaluate_split(run, run.val_loader, keep_rows=True)
     if run.test_info is None:
         return {}, with_rows
     loader = _run_eval_loader(run, run.test_info, persistent=False)
