@@ -18,7 +18,7 @@ import requests
 
 from imgpipe.data.synth import SynthConfig, generate
 from tests.cluster import browser as b
-from tests.cluster.conftest import kubectl_json, object_store
+from tests.cluster.conftest import kubectl_json, object_store, step_image
 from tests.cluster.kfp_backend import token
 from tests.cluster.test_kfp import _small_package, kfp, step_images  # noqa: F401 - fixtures
 from tests.cluster.test_remote_objects import NAMESPACE, dev_overlay  # noqa: F401 - the fixture
@@ -248,9 +248,6 @@ def test_a_recurring_run_made_in_the_form_is_fired_by_the_controller(page, kfp, 
         runs[-1].click()  # the first one started
         page.wait("the run's graph", lambda: "/runs/details/" in page.driver.current_url and "download" in page.text(), timeout=60)
         page.shot("recurring-run-fired")
-        # Not yet: the failure's reason in the step's Logs tab. There KFP's UI asks for the logs of a pod
-        # named by MLMD, which names none for a failed step whose retries wait ("Failed to retrieve pod
-        # logs", docs/cluster.md); the reason is in the pod's log (kubectl logs) and the run's page.
     finally:
         listed = requests.get(f"{kfp}/apis/v2beta1/recurringruns", headers=auth, params={"namespace": NAMESPACE}, timeout=30).json()
         for rr in listed.get("recurringRuns", []):
@@ -262,3 +259,42 @@ def test_a_recurring_run_made_in_the_form_is_fired_by_the_controller(page, kfp, 
                 for run in runs.json().get("runs", []):
                     if run.get("recurring_run_id") == rr["recurring_run_id"] and run.get("state") not in ("SUCCEEDED", "FAILED", "CANCELED"):
                         requests.post(f"{kfp}/apis/v2beta1/runs/{run['run_id']}:terminate", headers=auth, timeout=30)
+
+
+def _task_logs(page: b.Browser, task: str) -> str:
+    """On a run's graph: the task node ``task`` opened, its Logs tab's text (the pod's log, as the UI's server reads it)."""
+    page.click("Graph")
+    node = page.element(f"//*[normalize-space(text())='{task}']", timeout=120)
+    page.driver.execute_script("arguments[0].click();", node)
+    page.click("Logs", timeout=60)
+    return page.text()
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S)
+def test_a_failed_steps_reason_is_in_its_logs_tab(page, kfp, tmp_path):  # noqa: F811
+    """A run started from the form with a source that is not there: its download step fails, and the
+    Logs tab of the step's node shows imgpipe's one line saying which source is missing."""
+    step_image("cpu")  # download's, the one step that runs
+    name = f"imgpipe-ui-{uuid.uuid4().hex[:6]}"
+    with object_store(tmp_path, NAMESPACE):
+        root = f"s3://mlpipeline/private/{NAMESPACE}/{name}"
+        _upload(page, _small_package(tmp_path / "imgpipe.yaml"), name)
+        page.click("Create run")
+        _fill_run_form(page, {"data_root": root, "source_uri": f"{root}/none.tar.gz", "annotations_uri": "", "ray_address": ""}, f"{name}-missing")
+        page.wait("the run's page", lambda: "/runs/details/" in page.driver.current_url, timeout=60)
+        run_id = page.driver.current_url.rsplit("/", 1)[-1]
+        try:
+            reason = f"download source {root}/none.tar.gz does not exist (no such object)"
+            # The first attempt fails within a minute; its retries (60 s apart) keep the run going, and
+            # each attempt's pod is the one MLMD names (the launcher's pre-publish), so its log is shown.
+            page.wait(
+                "the step's reason in its Logs tab",
+                lambda: reason in _task_logs(page, "download"),
+                timeout=600,
+                every=10,
+                between=page.driver.refresh,
+            )
+            page.shot("failed-step-logs")
+        finally:
+            owner = {"Authorization": f"Bearer {token('default-editor', NAMESPACE)}"}
+            requests.post(f"{kfp}/apis/v2beta1/runs/{run_id}:terminate", headers=owner, timeout=30)
