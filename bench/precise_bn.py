@@ -9,6 +9,7 @@ batch-norm layers' statistics measured over the whole train split in the evaluat
 only if measuring changes nothing.
 
     scripts/in-loopback-netns .venv/bin/python bench/precise_bn.py --set lfw --seeds 0,1,2   # about 3 min
+    scripts/in-loopback-netns .venv/bin/python bench/precise_bn.py --set digits --counts 512,2048   # how many images it needs
 """
 
 from __future__ import annotations
@@ -78,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", default="lfw")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--counts", default="0,2048", help="precise_bn values (train images measured before each validation)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="imgpipe-precise-bn-") as tmp:
         work = Path(tmp)
         prep = prepare(args.set, work, 64)
-        for precise in (0, 2048):
+        for precise in (int(c) for c in args.counts.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
                 out = work / "runs" / f"{precise}-{seed}"
                 cmd = [str(IMGPIPE), "train", prep["resize"], str(out), "--model", "resnet18", "--epochs", str(args.epochs)]
