@@ -13,7 +13,7 @@ import pytest
 
 from imgpipe import contract, storage
 from imgpipe.kfp import artifacts as ka
-from tests.cluster.conftest import kubectl, object_store
+from tests.cluster.conftest import kubectl, object_store, settings
 from tests.cluster.kfp_backend import token
 from tests.cluster.test_kfp import RUN_TIMEOUT_S, _get, _imgpipe, _small_package, kfp, step_images  # noqa: F401 - fixtures
 from tests.cluster.test_kfp_cache_retry import _submit, _succeeded, _train_pods, _workflow, small_run
@@ -64,9 +64,9 @@ def test_mlmd_stopped_mid_run_fails_it_naming_what_failed_and_the_run_again_succ
         _scale(0)
         try:
             # The same command attaches to the run by its name and waits for it to end.
-            waited = _imgpipe(
-                "submit", *args, "--wait", "--timeout", str(RUN_TIMEOUT_S), env={"KF_PIPELINES_TOKEN": owner}, timeout=RUN_TIMEOUT_S + 60
-            )
+            # As an operator with read access to the cluster runs it: the failed pod's last line is the reason.
+            env = {"KF_PIPELINES_TOKEN": owner, "KUBECONFIG": f"{settings()['CLUSTER_STATE']}/admin.kubeconfig"}
+            waited = _imgpipe("submit", *args, "--wait", "--timeout", str(RUN_TIMEOUT_S), env=env, timeout=RUN_TIMEOUT_S + 60)
         finally:
             _scale(1)
         last = (waited.stderr.strip().splitlines() or [""])[-1]

@@ -429,7 +429,7 @@ def test_a_failed_run_says_which_task_failed_and_why():
     # As KFP 2.17's API lists a run whose train step failed: Argo's nodes around the step, no errors.
     scaffold = [task(n) for n in ("root", "executor", "executor(0)", "condition-branches-4", "condition-6", "imgpipe-lkpsv")]
     run = NS(run_details=NS(task_details=[*scaffold, task("train-2"), task("download", "SUCCEEDED")]), error=None)
-    said = run_failure(run)
+    said = run_failure(run, "team", pod_reason=lambda namespace, workflow: "")  # the log unreadable
     assert said.startswith(": train-2 failed; its own reason is the last line of its log"), said
     assert "workflows.argoproj.io/workflow=imgpipe-lkpsv" in said
     err = NS(message="clean kept no image from 2 input(s)\ntraceback ...")
@@ -437,6 +437,65 @@ def test_a_failed_run_says_which_task_failed_and_why():
     assert run_failure(run) == ": clean failed: clean kept no image from 2 input(s)"
     assert run_failure(NS(run_details=None, error=NS(message="the driver refused it"))) == ": the driver refused it"
     assert run_failure(NS(run_details=NS(task_details=[]), error=None)) == ""
+    # Where the pod's log can be read, its last line is the reason.
+    asked = []
+    read = run_failure(run_with_train_failed := NS(run_details=NS(task_details=[*scaffold, task("train-2")]), error=None), "team",
+                       pod_reason=lambda namespace, workflow: asked.append((namespace, workflow)) or "MLMD is down")  # fmt: skip
+    assert read == ": train-2 failed: MLMD is down" and asked == [("team", "imgpipe-lkpsv")], run_with_train_failed
+
+
+# The end of a step pod's log as KFP 2.17's launcher and Argo's wrapper leave it (tests/cluster).
+_IMGPIPE_FAILED = """\
+Traceback (most recent call last):
+  File "/opt/venv/lib/python3.11/site-packages/imgpipe/data/readers/factory.py", line 184, in _spool_object
+FileNotFoundError: download source s3://mlpipeline/x/none.tar.gz does not exist (no such object)
+E1128 00:45:39.612319      15 launcher_v2.go:449] Component failed to execute successfully: exit status 1
+I1128 00:45:39.633577      15 object_store.go:231] uploadFile(localFilePath="/minio/x", blobFilePath="download/x")
+I1128 00:45:39.655330      15 launcher_v2.go:206] publish success.
+F1128 00:45:39.663615      15 main.go:59] failed to execute component: exit status 1
+time="2026-11-28T00:45:39.988Z" level=info msg="sub-process exited" argo=true error="<nil>"
+Error: exit status 1
+"""
+_MLMD_DOWN = """\
+I1128 01:20:40.000000      16 launcher_v2.go:150] hello
+F1128 01:20:43.397147      16 main.go:59] failed to execute component: failed to pre-publish Pod info to ML Metadata: rpc error
+time="2026-11-28T01:20:43.792Z" level=info msg="sub-process exited" argo=true error="<nil>"
+Error: exit status 1
+"""
+
+
+def test_a_failed_pods_reason_is_the_line_its_log_ends_with_past_the_launchers_wrapping():
+    from types import SimpleNamespace as NS
+
+    from imgpipe.kfp.pod_reason import failed_pod_reason, last_line
+
+    assert last_line(_IMGPIPE_FAILED) == "FileNotFoundError: download source s3://mlpipeline/x/none.tar.gz does not exist (no such object)"
+    assert last_line(_MLMD_DOWN).startswith("failed to execute component: failed to pre-publish Pod info to ML Metadata")
+    assert last_line("") == "" and last_line("Error: exit status 1\n") == ""
+
+    def pod(name: str, phase: str, created: int) -> NS:
+        return NS(metadata=NS(name=name, creation_timestamp=created), status=NS(phase=phase))
+
+    class Core:
+        def __init__(self):
+            self.read = []
+
+        def list_namespaced_pod(self, namespace, label_selector):
+            assert label_selector == "workflows.argoproj.io/workflow=imgpipe-x"
+            return NS(items=[pod("driver", "Succeeded", 0), pod("try-0", "Failed", 1), pod("try-1", "Failed", 2)])
+
+        def read_namespaced_pod_log(self, name, namespace, container, tail_lines):
+            self.read.append((name, namespace, container))
+            return _MLMD_DOWN
+
+    core = Core()
+    assert "ML Metadata" in failed_pod_reason("team", "imgpipe-x", core) and core.read == [("try-1", "team", "main")]  # the newest
+
+    class Refused:
+        def list_namespaced_pod(self, namespace, label_selector):
+            raise RuntimeError("403 pods is forbidden")
+
+    assert failed_pod_reason("team", "imgpipe-x", Refused()) == ""  # unreadable: the caller says where the log is
 
 
 def test_a_request_the_api_server_rejects_is_one_line_in_its_words():

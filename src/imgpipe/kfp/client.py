@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from imgpipe.kfp.package import (
     parse_params,
     version_name,
 )
+from imgpipe.kfp.pod_reason import failed_pod_reason
 from imgpipe.kfp.preflight import check_params
 from imgpipe.kfp.refusals import call
 
@@ -259,12 +260,14 @@ def _namespace(client: Any, target: Target) -> str | None:
 _SCAFFOLD = re.compile(r"^(root|executor(\(\d+\))?|condition-(branches-)?\d+|for-loop-\d+(\(\d+\))?|imgpipe(-sweep|-audit)?-[a-z0-9]{5})$")
 
 
-def run_failure(run: Any) -> str:
+def run_failure(run: Any, namespace: str | None = None, pod_reason: Callable[[str, str], str] = failed_pod_reason) -> str:
     """What failed in a run, as KFP's API tells it: ``": TASK failed: REASON"``, or ``""``.
 
     The tasks named are the pipeline's steps that failed (not the DAG nodes around them); the
     reason is a task's own error, else the run's, first line only. KFP 2.17 fills neither for a
-    step whose container failed: then the message says where its log is.
+    step whose container failed: then the reason is the last line of the failed pod's log
+    (``pod_reason(namespace, workflow)``, :mod:`imgpipe.kfp.pod_reason`) where this process may
+    read it, else the message says where that log is.
     """
     tasks = list(getattr(getattr(run, "run_details", None), "task_details", None) or [])
     failed = [t for t in tasks if str(t.state or "").upper() == "FAILED" and not _SCAFFOLD.match(t.display_name or "")]
@@ -275,6 +278,8 @@ def run_failure(run: Any) -> str:
     workflow = next(
         (t.display_name for t in tasks if t.display_name and _SCAFFOLD.match(t.display_name) and t.display_name.startswith("imgpipe")), ""
     )
+    # Without a namespace (single-user KFP), the run's pods are in KFP's own.
+    reason = reason or (pod_reason(namespace or "kubeflow", workflow) if workflow else "")
     if reason:
         return f": {names} failed: {reason}"
     where = f" (kubectl logs -l workflows.argoproj.io/workflow={workflow} -c main)" if workflow else ""
@@ -380,7 +385,7 @@ def submit(
         state = _wait(client, run_id, timeout_s, poll_s, namespace)
         if state != "SUCCEEDED":
             run = call(f"read run {run_id}", "get", "runs", namespace, client.get_run, run_id)
-            raise RuntimeError(f"run {run_id} ended {state}{run_failure(run)}")
+            raise RuntimeError(f"run {run_id} ended {state}{run_failure(run, namespace)}")
     return Submitted(pipeline_id, version_id, version, experiment_id, run_id, created, state)
 
 
