@@ -147,7 +147,7 @@ bench-race: install
 
 # Where a cold train step's time goes, by phase, at 500, 5,000 and 50,000 images (issue 71; bench/train_phases.py).
 bench-train-phases: install
-	$(NETNS) $(BIN)/python bench/train_phases.py --sizes 500,5000,50000 --epochs 10,10,2 \
+	$(NETNS) $(BIN)/python bench/train_phases.py --sizes 500,5000,50000 --epochs 10,10,1 \
 		--json bench/results/train_phases.json --plot docs/img/train-phases.png
 
 # The whole train step on the CPU by loader engine and row cache (issue 50): what the defaults are chosen by.
