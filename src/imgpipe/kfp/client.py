@@ -28,7 +28,7 @@ from imgpipe.kfp.package import (
     parse_params,
     version_name,
 )
-from imgpipe.kfp.pod_reason import failed_pod_reason
+from imgpipe.kfp.pod_reason import MAX_REASON, WORKFLOW_LABEL, failed_pod_reason
 from imgpipe.kfp.preflight import check_params
 from imgpipe.kfp.refusals import call
 
@@ -282,13 +282,13 @@ def run_failure(run: Any, namespace: str | None = None, pod_reason: Callable[[st
     reason = reason or (pod_reason(namespace or "kubeflow", workflow) if workflow else "")
     if reason:
         return f": {names} failed: {reason}"
-    where = f" (kubectl logs -l workflows.argoproj.io/workflow={workflow} -c main)" if workflow else ""
+    where = f" (kubectl logs -l {WORKFLOW_LABEL}={workflow} -c main)" if workflow else ""
     return f": {names} failed; its own reason is the last line of its log, on the run's page in the KFP UI{where}"
 
 
 def _headline(error: Any) -> str:
     message = getattr(error, "message", None) or ""
-    return message.strip().splitlines()[0][:300] if message.strip() else ""
+    return message.strip().splitlines()[0][:MAX_REASON] if message.strip() else ""
 
 
 def _wait(client: Any, run_id: str, timeout_s: float, poll_s: float, namespace: str | None = None) -> str:

@@ -18,7 +18,7 @@ import logging
 import re
 from typing import Any
 
-__all__ = ["WORKFLOW_LABEL", "last_line", "failed_pod_reason"]
+__all__ = ["WORKFLOW_LABEL", "MAX_REASON", "last_line", "failed_pod_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ _GLOG = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w.-]+:\d+\] ")
 _ARGO = re.compile(r'^time="[^"]*" level=')
 # What the launcher and the wrapper add after a command that failed: an exit status, no reason.
 _EXIT_ONLY = re.compile(r"(^Error: |: )exit status \d+$")
-_MAX = 300
+# The longest reason a one-line failure message quotes (the API's error or a pod's log line).
+MAX_REASON = 300
 
 
 def last_line(text: str) -> str:
@@ -48,7 +49,7 @@ def last_line(text: str) -> str:
             continue
         if bare != line and not bare.startswith("failed to execute component"):
             continue  # the launcher's progress (uploads, publish), not a reason
-        return bare[:_MAX]
+        return bare[:MAX_REASON]
     return ""
 
 
