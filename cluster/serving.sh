@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Tier 5: where a promoted model is registered and served, each installed by its project's own
+# kustomization from its pinned source tree (cluster/build.sh registry kserve), with patches of ours:
+#   - Kubeflow Model Registry's server (manifests/kustomize/base), in `kubeflow`, storing in tier 3's
+#     MariaDB (its own database, model_registry, made by an init container) as upstream's base
+#     stores in KFP's: model-registry-service.kubeflow:8080;
+#   - KServe's controller in RawDeployment ("Standard") mode (config/overlays/standalone/kserve:
+#     CRDs, RBAC, webhooks, the inferenceservice-config ConfigMap, the default ClusterStorageContainer)
+#     and its ClusterServingRuntimes (config/runtimes). Neither Knative nor Istio: no Ingress is made
+#     (a predictor is its Service). cert-manager's Issuer and Certificate give way to a webhook
+#     certificate signed here by the cluster's CA (cluster/certs.sh), its CA in every webhook's
+#     caBundle; kube-rbac-proxy (metrics behind auth, an image not built here) is left out.
+#
+# usage: cluster/serving.sh     (called by cluster/up.sh once tier 3 is up)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=cluster/lib.sh
+. "$here/lib.sh"
+cluster_running || die "the cluster is not up: make cluster-up"
+apply() { kubectl_admin apply --server-side --force-conflicts --field-manager=imgpipe-cluster -f - >/dev/null; }
+render() { "$(bin_dir control)/kubectl" kustomize --load-restrictor=LoadRestrictionsNone "$1"; }
+
+# DIR: an install folder of ours, emptied; a kustomization's patches are files there (one a file).
+install_dir() {
+	local dir=$CLUSTER_STATE/install/$1
+	mkdir -p "$dir"
+	rm -f "$dir"/*.yaml
+	echo "$dir"
+}
+
+t0=$SECONDS
+dir=$(install_dir model-registry)
+src=$(realpath --relative-to="$dir" "$(source_tree model-registry)/manifests/kustomize/base")
+cat >"$dir/database.yaml" <<EOF2
+# The registry's own database in KFP's MariaDB (upstream's base names a key, embedmdDb, that KFP
+# 2.17's pipeline-install-config does not have). The init container makes it; the server migrates it.
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: model-registry-deployment}
+spec:
+  template:
+    spec:
+      initContainers:
+        - name: database
+          image: $(image_ref mariadb)
+          command: ["sh", "-c", 'until mariadb -h"\$MYSQL_HOST" -P"\$MYSQL_PORT" -u"\$DBCONFIG_USER" --password="\$DBCONFIG_PASSWORD" -e "CREATE DATABASE IF NOT EXISTS \$MYSQL_DATABASE CHARACTER SET utf8mb4"; do sleep 2; done']
+          env:
+            - {name: DBCONFIG_USER, valueFrom: {secretKeyRef: {name: mysql-secret, key: username}}}
+            - {name: DBCONFIG_PASSWORD, valueFrom: {secretKeyRef: {name: mysql-secret, key: password}}}
+            - {name: MYSQL_DATABASE, value: model_registry}
+            - {name: MYSQL_HOST, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: dbHost}}}
+            - {name: MYSQL_PORT, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: dbPort}}}
+          securityContext: {runAsNonRoot: true, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+      containers:
+        - name: rest-container
+          env: # replaced whole: a merge would keep the base's valueFrom beside our value
+            - \$patch: replace
+            - {name: DBCONFIG_USER, valueFrom: {secretKeyRef: {name: mysql-secret, key: username}}}
+            - {name: DBCONFIG_PASSWORD, valueFrom: {secretKeyRef: {name: mysql-secret, key: password}}}
+            - {name: MYSQL_DATABASE, value: model_registry}
+            - {name: MYSQL_HOST, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: dbHost}}}
+            - {name: MYSQL_PORT, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: dbPort}}}
+EOF2
+cat >"$dir/kustomization.yaml" <<EOF2
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: kubeflow
+resources: [$src]
+patches:
+  - path: database.yaml
+images:
+  - {name: ghcr.io/kubeflow/model-registry/server, newName: $(image_ref model-registry | cut -d: -f1), newTag: "$MODEL_REGISTRY_VERSION"}
+EOF2
+render "$dir" >"$dir/rendered.yaml"
+apply <"$dir/rendered.yaml"
+kubectl_admin -n kubeflow rollout status deployment/model-registry-deployment --timeout=300s >/dev/null ||
+	die "the Model Registry did not become ready: cluster/kubectl -n kubeflow logs deploy/model-registry-deployment --all-containers"
+log "Model Registry $MODEL_REGISTRY_VERSION ready in $((SECONDS - t0)) s (model-registry-service.kubeflow:8080)"
+
+t0=$SECONDS
+tree=$(source_tree kserve)
+dir=$(install_dir kserve)
+# The webhook's serving certificate, signed by the cluster's CA.
+pki=$CLUSTER_STATE/pki
+service=kserve-webhook-server-service.kserve.svc
+(
+	umask 077
+	cd "$pki"
+	openssl req -newkey rsa:2048 -nodes -subj "/CN=$service" -keyout kserve-webhook.key -out kserve-webhook.csr 2>/dev/null
+	printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:%s,DNS:%s.%s\n' \
+		"$service" "$service" "$CLUSTER_DOMAIN" >kserve-webhook.ext
+	openssl x509 -req -in kserve-webhook.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+		-extfile kserve-webhook.ext -out kserve-webhook.crt 2>/dev/null
+	rm -f kserve-webhook.csr kserve-webhook.ext ca.srl
+)
+ca=$(base64 -w0 <"$pki/ca.crt")
+src=$(realpath --relative-to="$dir" "$tree/config")
+for kind in Issuer Certificate; do
+	# shellcheck disable=SC2016 # kustomize's $patch, not a variable
+	printf 'apiVersion: cert-manager.io/v1\nkind: %s\nmetadata: {name: %s, namespace: kserve}\n$patch: delete\n' \
+		"$kind" "$([[ $kind == Issuer ]] && echo selfsigned-issuer || echo serving-cert)" >"$dir/no-$kind.yaml"
+done
+cat >"$dir/manager.yaml" <<'EOF2'
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: kserve-controller-manager, namespace: kserve}
+spec:
+  template:
+    spec:
+      containers:
+        - {name: kube-rbac-proxy, $patch: delete}
+EOF2
+storage_initializer=$(image_ref kserve-storage-initializer)
+cat >"$dir/config.yaml" <<EOF2
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: inferenceservice-config, namespace: kserve}
+data:
+  deploy: '{"defaultDeploymentMode": "Standard"}'
+  storageInitializer: '{"image": "$storage_initializer", "memoryRequest": "100Mi", "memoryLimit": "1Gi", "cpuRequest": "100m", "cpuLimit": "1", "caBundleConfigMapName": "", "caBundleVolumeMountPath": "/etc/ssl/custom-certs", "enableModelcar": false, "cpuModelcar": "10m", "memoryModelcar": "15Mi", "uidModelcar": 1010}'
+  ingress: '{"enableGatewayApi": false, "kserveIngressGateway": "kserve/kserve-ingress-gateway", "ingressGateway": "knative-serving/knative-ingress-gateway", "localGateway": "knative-serving/knative-local-gateway", "localGatewayService": "knative-local-gateway.istio-system.svc.cluster.local", "ingressDomain": "example.com", "ingressClassName": "istio", "domainTemplate": "{{ .Name }}-{{ .Namespace }}.{{ .IngressDomain }}", "urlScheme": "http", "disableIstioVirtualHost": true, "disableIngressCreation": true, "disableHTTPRouteTimeout": false}'
+---
+apiVersion: serving.kserve.io/v1alpha1
+kind: ClusterStorageContainer
+metadata: {name: default}
+spec:
+  container: {name: storage-initializer, image: $storage_initializer}
+EOF2
+cat >"$dir/kustomization.yaml" <<EOF2
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [$src/overlays/standalone/kserve]
+patches:
+  - path: no-Issuer.yaml
+  - path: no-Certificate.yaml
+  - path: manager.yaml
+  - path: config.yaml
+  - target: {kind: MutatingWebhookConfiguration}
+    patch: |-
+      - {op: add, path: /webhooks/0/clientConfig/caBundle, value: $ca}
+      - {op: add, path: /webhooks/1/clientConfig/caBundle, value: $ca}
+  - target: {kind: ValidatingWebhookConfiguration}
+    patch: |-
+      - {op: add, path: /webhooks/0/clientConfig/caBundle, value: $ca}
+images:
+  - {name: kserve/kserve-controller, newName: $(image_ref kserve-controller | cut -d: -f1), newTag: "$KSERVE_VERSION"}
+secretGenerator:
+  - name: kserve-webhook-server-cert
+    namespace: kserve
+    type: kubernetes.io/tls
+    files: [tls.crt=$pki/kserve-webhook.crt, tls.key=$pki/kserve-webhook.key]
+    options: {disableNameSuffixHash: true}
+EOF2
+render "$dir" >"$dir/rendered.yaml"
+grep -q 'cert-manager.io/v1' "$dir/rendered.yaml" && die "KServe's install still holds cert-manager's resources: $dir/rendered.yaml"
+apply <"$dir/rendered.yaml"
+kubectl_admin -n kserve rollout status deployment/kserve-controller-manager --timeout=300s >/dev/null ||
+	die "KServe's controller did not become ready: cluster/kubectl -n kserve logs deploy/kserve-controller-manager"
+# The runtimes go through KServe's own webhook: retry while it starts serving.
+for _ in $(seq 30); do
+	render "$tree/config/runtimes" 2>/dev/null | apply 2>/dev/null && break
+	sleep 2
+done
+kubectl_admin get clusterservingruntime kserve-tritonserver >/dev/null || die "KServe's ClusterServingRuntimes were not installed"
+log "KServe $KSERVE_VERSION (RawDeployment) ready in $((SECONDS - t0)) s"
