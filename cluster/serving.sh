@@ -32,8 +32,9 @@ t0=$SECONDS
 dir=$(install_dir model-registry)
 src=$(realpath --relative-to="$dir" "$(source_tree model-registry)/manifests/kustomize/base")
 cat >"$dir/database.yaml" <<EOF2
-# The registry's own database in KFP's MariaDB (upstream's base names a key, embedmdDb, that KFP
-# 2.17's pipeline-install-config does not have). The init container makes it; the server migrates it.
+# The registry's own database in KFP's MariaDB. Upstream's base reads embedmdDb, dbHost and dbPort
+# from pipeline-install-config, keys KFP 2.17's does not have (it names mysqlHost and mysqlPort).
+# The init container makes the database; the server migrates it.
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: model-registry-deployment}
@@ -48,8 +49,8 @@ spec:
             - {name: DBCONFIG_USER, valueFrom: {secretKeyRef: {name: mysql-secret, key: username}}}
             - {name: DBCONFIG_PASSWORD, valueFrom: {secretKeyRef: {name: mysql-secret, key: password}}}
             - {name: MYSQL_DATABASE, value: model_registry}
-            - {name: MYSQL_HOST, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: dbHost}}}
-            - {name: MYSQL_PORT, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: dbPort}}}
+            - {name: MYSQL_HOST, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: mysqlHost}}}
+            - {name: MYSQL_PORT, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: mysqlPort}}}
           securityContext: {runAsNonRoot: true, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
       containers:
         - name: rest-container
@@ -58,8 +59,8 @@ spec:
             - {name: DBCONFIG_USER, valueFrom: {secretKeyRef: {name: mysql-secret, key: username}}}
             - {name: DBCONFIG_PASSWORD, valueFrom: {secretKeyRef: {name: mysql-secret, key: password}}}
             - {name: MYSQL_DATABASE, value: model_registry}
-            - {name: MYSQL_HOST, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: dbHost}}}
-            - {name: MYSQL_PORT, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: dbPort}}}
+            - {name: MYSQL_HOST, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: mysqlHost}}}
+            - {name: MYSQL_PORT, valueFrom: {configMapKeyRef: {name: pipeline-install-config, key: mysqlPort}}}
 EOF2
 cat >"$dir/kustomization.yaml" <<EOF2
 apiVersion: kustomize.config.k8s.io/v1beta1
@@ -109,6 +110,7 @@ spec:
     spec:
       containers:
         - {name: kube-rbac-proxy, $patch: delete}
+        - {name: manager, imagePullPolicy: IfNotPresent} # upstream's Always: no registry here
 EOF2
 storage_initializer=$(image_ref kserve-storage-initializer)
 cat >"$dir/config.yaml" <<EOF2
@@ -153,6 +155,9 @@ secretGenerator:
 EOF2
 render "$dir" >"$dir/rendered.yaml"
 grep -q 'cert-manager.io/v1' "$dir/rendered.yaml" && die "KServe's install still holds cert-manager's resources: $dir/rendered.yaml"
+# The CRDs first (the same ones the overlay holds), established before the custom resources it holds.
+render "$tree/config/crd" | apply
+kubectl_admin wait --for=condition=Established --timeout=60s crd --all >/dev/null
 apply <"$dir/rendered.yaml"
 kubectl_admin -n kserve rollout status deployment/kserve-controller-manager --timeout=300s >/dev/null ||
 	die "KServe's controller did not become ready: cluster/kubectl -n kserve logs deploy/kserve-controller-manager"
