@@ -15,10 +15,15 @@ list, a field of the wrong type, an operation the fake does not implement) is re
 :attr:`FakeModelRegistry.violations`, and leaving the ``with`` block with any raises: the fake
 can never pass a test by answering what the server would not.
 
-What the contract says only in prose is as the server does it: ``find`` operations give 404
-when nothing matches; creates give 201 with a server id (a decimal string) and epoch-millisecond
-timestamps; names are unique (409 for a second registered model of one name, or a second version
-of one name within a model); an artifact posted to a version is a ``model-artifact``.
+What the contract says only in prose, or not at all, is as the real v0.3.8 server does it
+(compared call by call on the cluster: tests/cluster/test_registry_fake.py): ``find`` operations
+give 404 when nothing matches; creates give 201 with a server id (a decimal string),
+epoch-millisecond timestamps and an empty ``customProperties`` where none was sent; names are
+unique (409 for a second registered model of one name, or a second version of one name within a
+model); a body without a required field gets 422 (``Bad Request``, "required field 'name' is zero
+value."), which the contract does not list; a version naming a registered model that does not
+exist is created; an artifact posted to a version is a ``model-artifact`` and has no ``state``
+unless one was sent.
 """
 
 from __future__ import annotations
@@ -105,6 +110,14 @@ class Contract:
         schema = spec["content"]["application/json"]["schema"]
         return [f"{'.'.join(map(str, e.absolute_path)) or 'body'}: {e.message}" for e in self.validator(schema).iter_errors(body)]
 
+    def missing_fields(self, op: dict[str, Any], body: Any) -> list[str]:
+        """The required top-level fields a JSON object body lacks."""
+        spec = op.get("requestBody")
+        if spec is None or not isinstance(body, dict):
+            return []
+        schema = self.resolve(self.resolve(spec)["content"]["application/json"]["schema"])
+        return [f for f in schema.get("required", []) if body.get(f) in (None, "")]
+
     def response_errors(self, op: dict[str, Any], status: int, body: Any) -> list[str]:
         responses = op.get("responses", {})
         spec = responses.get(str(status)) or responses.get("default")
@@ -151,7 +164,8 @@ class FakeModelRegistry:
 
     def _stamp(self, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
         now = str(int(time.time() * 1000))
-        return {**body, **extra, "id": str(next(self._ids)), "createTimeSinceEpoch": now, "lastUpdateTimeSinceEpoch": now}
+        stamped = {"customProperties": {}, **body, **extra}  # the server answers an empty map where none was sent
+        return {**stamped, "id": str(next(self._ids)), "createTimeSinceEpoch": now, "lastUpdateTimeSinceEpoch": now}
 
     def handle(self, method: str, url: str, body: Any) -> tuple[int, Any]:
         """One request, as the server answers it; the answer is checked against the contract."""
@@ -163,6 +177,9 @@ class FakeModelRegistry:
             if found is None:  # the server's router: no such route
                 return 404, {"code": "404", "message": f"{method} {parsed.path}: not found"}
             template, op, params = found
+            missing = self.contract.missing_fields(op, body)
+            if missing:  # the server's 422, which the contract does not list (its answer, word for word)
+                return 422, {"code": "Bad Request", "message": f"required field '{missing[0]}' is zero value."}
             errors = self.contract.request_errors(op, body)
             if errors:
                 status, answer = _error(400, f"invalid {op['operationId']} request: {'; '.join(errors)}")
@@ -217,8 +234,7 @@ class FakeModelRegistry:
         return (200, copy.deepcopy(version)) if version else _error(404, "no model version found")
 
     def _createModelVersion(self, params, query, body):  # noqa: N802
-        if body["registeredModelId"] not in self.models:
-            return _error(400, "registeredModelId names no registered model")
+        # The server takes a registeredModelId that names no model (v0.3.8 answers 201): so does the fake.
         if any(v["registeredModelId"] == body["registeredModelId"] and v["name"] == body["name"] for v in self.versions.values()):
             return _error(409, f"model version {body['name']} exists")
         version = self._stamp(body, state=body.get("state", "LIVE"))
@@ -241,7 +257,7 @@ class FakeModelRegistry:
         if existing:
             existing[0].update(body)
             return 200, copy.deepcopy(existing[0])
-        artifact = self._stamp(body, artifactType=body.get("artifactType", "model-artifact"), state=body.get("state", "LIVE"))
+        artifact = self._stamp(body, artifactType=body.get("artifactType", "model-artifact"))  # no state unless sent
         self.artifacts.setdefault(version_id, []).append(artifact)
         return 201, copy.deepcopy(artifact)
 
