@@ -12,6 +12,7 @@ on the test split. A second promotion rolls it while requests keep coming.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import io
 import threading
@@ -20,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -339,3 +341,35 @@ def test_a_second_promotion_rolls_the_service_with_no_failed_request(served, kfp
     failed = [s for s in load.statuses if s != 200]
     print(f"during the roll: {len(load.statuses)} requests, {len(failed)} failed")
     assert load.statuses and not failed, failed
+
+
+# ----------------------------------------------------------------------------------------
+# The quick tests' stand-in for KServe (its CRDs' schemas, vendored: tests/test_manifests.py)
+# held to the real CRDs and webhooks of the controller built here.
+
+
+def _schema_errors(doc: dict) -> list[str]:
+    from tests.conftest import SCHEMAS
+    from tests.manifests import _strict
+
+    name = {"InferenceService": "kserve-kubeflow-manifests-v1.11.0-inferenceservices.serving.kserve.io.yaml"}.get(
+        doc["kind"], "kserve-v0.20.0-serving.kserve.io_servingruntimes.yaml"
+    )
+    crd = yaml.safe_load((SCHEMAS / name).read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == doc["apiVersion"].split("/")[1]]
+    return [e.message for e in jsonschema.Draft7Validator(_strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))).iter_errors(doc)]
+
+
+def _server_refusal(doc: dict) -> str:
+    """The real API server's (and KServe's webhooks') answer to a strict server-side dry run: '' where it takes the doc."""
+    done = kubectl("apply", "--dry-run=server", "--validate=strict", "-f", "-", check=False, input=yaml.safe_dump(doc))
+    return "" if done.returncode == 0 else done.stderr.strip()
+
+
+@pytest.mark.parametrize("kind", ["InferenceService", "ServingRuntime"])
+def test_the_vendored_schemas_take_and_refuse_what_kserve_does(kind):
+    _kserve()
+    (doc,) = [d for d in _serving_docs("s3://mlpipeline/private/none/promote/serving") if d["kind"] == kind]
+    assert _schema_errors(doc) == [] and _server_refusal(doc) == ""
+    wrong = {**doc, "spec": {**doc["spec"], "unknownField": 1}}
+    assert _schema_errors(wrong) and "unknownField" in _server_refusal(wrong)
