@@ -32,6 +32,12 @@ install jobset <<EOF2
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources: [$jobset/config/default]
+# A 50m CPU request (upstream's 500m): on the 2-core node a pipeline's RayJob worker and KServe's
+# predictor did not fit beside it (Insufficient cpu).
+patches:
+  - patch: |-
+      {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "jobset-controller-manager", "namespace": "jobset-system"},
+       "spec": {"template": {"spec": {"containers": [{"name": "manager", "resources": {"requests": {"cpu": "50m"}}}]}}}}
 images:
   - name: us-central1-docker.pkg.dev/k8s-staging-images/jobset/jobset
     newName: $(image_ref jobset | cut -d: -f1)
