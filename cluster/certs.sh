@@ -42,6 +42,9 @@ issue controller-manager "/CN=system:kube-controller-manager"
 issue scheduler "/CN=system:kube-scheduler"
 issue kube-proxy "/CN=system:kube-proxy"
 issue kubelet "/O=system:nodes/CN=system:node:$CLUSTER_NODE_NAME" "DNS:$CLUSTER_NODE_NAME,DNS:localhost,IP:127.0.0.1,IP:$CLUSTER_NODE_IP"
+# KServe's webhook server (tier 5, cluster/serving.sh): in place of cert-manager's Certificate.
+kserve_webhook=kserve-webhook-server-service.kserve.svc
+issue kserve-webhook "/CN=$kserve_webhook" "DNS:$kserve_webhook,DNS:$kserve_webhook.$CLUSTER_DOMAIN"
 openssl genrsa -out sa.key 2048 2>/dev/null
 openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 rm -f ca.srl

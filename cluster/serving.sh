@@ -81,19 +81,9 @@ log "Model Registry $MODEL_REGISTRY_VERSION ready in $((SECONDS - t0)) s (model-
 t0=$SECONDS
 tree=$(source_tree kserve)
 dir=$(install_dir kserve)
-# The webhook's serving certificate, signed by the cluster's CA.
+# The webhook's serving certificate: cluster/certs.sh signs it with the cluster's CA.
 pki=$CLUSTER_STATE/pki
-service=kserve-webhook-server-service.kserve.svc
-(
-	umask 077
-	cd "$pki"
-	openssl req -newkey rsa:2048 -nodes -subj "/CN=$service" -keyout kserve-webhook.key -out kserve-webhook.csr 2>/dev/null
-	printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:%s,DNS:%s.%s\n' \
-		"$service" "$service" "$CLUSTER_DOMAIN" >kserve-webhook.ext
-	openssl x509 -req -in kserve-webhook.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
-		-extfile kserve-webhook.ext -out kserve-webhook.crt 2>/dev/null
-	rm -f kserve-webhook.csr kserve-webhook.ext ca.srl
-)
+[[ -f $pki/kserve-webhook.crt ]] || die "no $pki/kserve-webhook.crt: this cluster was started before tier 5; make cluster-down, then make cluster-up"
 ca=$(base64 -w0 <"$pki/ca.crt")
 src=$(realpath --relative-to="$dir" "$tree/config")
 for kind in Issuer Certificate; do

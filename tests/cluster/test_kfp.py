@@ -55,14 +55,39 @@ def _imgpipe(*args: str, env: dict[str, str] | None = None, timeout: float = 120
     )
 
 
-def _small_package(path: Path, *, caching: bool = False) -> Path:
-    """The pipeline compiled for this 2-core node: small requests, train on CPU, images as built here."""
-    from imgpipe.pipelines import PipelineOptions, compile_pipeline
+def small_options(**fields: object):
+    """The main pipeline's options for this 2-core node: small requests, train on CPU, images as built here."""
+    from imgpipe.pipelines import PipelineOptions
     from imgpipe.pipelines.options import Resources
 
-    options = PipelineOptions(caching=caching, gpu=None)
-    small = {step: Resources(*SMALL_TASK) for step in options.resources}
-    return compile_pipeline(path, dataclasses.replace(options, resources=small))
+    options = PipelineOptions(gpu=None, **fields)
+    return dataclasses.replace(options, resources={step: Resources(*SMALL_TASK) for step in options.resources})
+
+
+def _small_package(path: Path, *, caching: bool = False) -> Path:
+    """The pipeline compiled with :func:`small_options`."""
+    from imgpipe.pipelines import compile_pipeline
+
+    return compile_pipeline(path, small_options(caching=caching))
+
+
+# The sample run the tier-3 tests submit (over ``generate``'s archive below a data root).
+SMALL_RUN = {"annotations_uri": "", "epochs": "1", "image_size": "64", "model": "resnet18", "train_nodes": "1", "batch_size": "16"}
+
+
+def submit_run(host: str, package: Path, root: str, **params: str) -> tuple[str, str]:
+    """``imgpipe submit --wait`` of ``package`` over ``root``'s sample as the profile's editor, to the end.
+
+    Returns the run's id and what imgpipe printed; a run that did not succeed fails the test with
+    imgpipe's output and the namespace's pods."""
+    params = {"data_root": root, "source_uri": f"{root}/synth/images.tar.gz", **SMALL_RUN, **params}
+    args = [f"--param={k}={v}" for k, v in params.items()]
+    submit = ["submit", "--host", host, "--namespace", NAMESPACE, "--package", str(package), *args, "--wait", "--timeout", str(RUN_TIMEOUT_S)]
+    proc = _imgpipe(*submit, env={"KF_PIPELINES_TOKEN": token("default-editor", NAMESPACE)}, timeout=RUN_TIMEOUT_S + 60)
+    if proc.returncode != 0:
+        pods = kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False).stdout
+        pytest.fail(f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{pods}")
+    return next(line.rsplit("/", 1)[-1] for line in proc.stdout.splitlines() if "/#/runs/details/" in line), proc.stdout
 
 
 def _rayjob_template(image: str) -> None:
@@ -144,39 +169,10 @@ def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tm
     with object_store(tmp_path, NAMESPACE):
         root = f"s3://mlpipeline/private/{NAMESPACE}/kfp-{uuid.uuid4().hex[:8]}"
         generate(f"{root}/synth", SynthConfig(classes=3, per_class=24, seed=0, min_side=64, max_side=160), progress=False)
-        env = {"KF_PIPELINES_TOKEN": token("default-editor", NAMESPACE)}
-        params = {
-            "data_root": root,
-            "source_uri": f"{root}/synth/images.tar.gz",
-            "annotations_uri": "",
-            "epochs": "1",
-            "image_size": "64",
-            "model": "resnet18",
-            "train_nodes": "2",
-            "batch_size": "16",
-        }
-        args = [f"--param={k}={v}" for k, v in params.items()]
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         started = time.monotonic()
-        proc = _imgpipe(
-            "submit",
-            "--host",
-            kfp,
-            "--namespace",
-            NAMESPACE,
-            "--package",
-            str(package),
-            *args,
-            "--wait",
-            "--timeout",
-            str(RUN_TIMEOUT_S),
-            env=env,
-            timeout=RUN_TIMEOUT_S + 60,
-        )
-        took = time.monotonic() - started
-        pods = kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False).stdout
-        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{pods}"
-        print(f"run succeeded in {took:.0f} s\n{proc.stdout[-1500:]}")
+        run_id, out = submit_run(kfp, package, root, train_nodes="2")
+        print(f"run succeeded in {time.monotonic() - started:.0f} s\n{out[-1500:]}")
         # The RayJob and the TrainJob ran from inside the run (imgpipe deletes each once it has ended:
         # the operators' events for them remain).
         events = kubectl_json("get", "events", "-n", NAMESPACE)["items"]
@@ -187,7 +183,6 @@ def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tm
         # root (the launcher uploaded them to the object store), and the run's steps in KFP's API.
         from imgpipe import storage
 
-        run_id = next(line.rsplit("/", 1)[-1] for line in proc.stdout.splitlines() if "/#/runs/details/" in line)
         pipeline_root = f"s3://mlpipeline/private-artifacts/{NAMESPACE}/v2/artifacts/imgpipe/{run_id}"
         reports = [o.uri for o in storage.list_objects(pipeline_root) if o.uri.rsplit("/", 1)[-1].startswith("report")]
         steps_with_pages = {uri.split(f"{run_id}/", 1)[1].split("/", 1)[0].rsplit("-", 1)[0] for uri in reports}
@@ -196,7 +191,7 @@ def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tm
             page = storage.read_bytes(uri).decode().lower()
             step = uri.split(f"{run_id}/", 1)[1].split("/", 1)[0]
             assert "<html" in page and ("reject" in page or step not in ("download", "clean")), uri
-        details = _get(kfp, f"/runs/{run_id}", bearer=env["KF_PIPELINES_TOKEN"]).json()
+        details = _get(kfp, f"/runs/{run_id}", bearer=token("default-editor", NAMESPACE)).json()
         assert details["state"] == "SUCCEEDED", details.get("state")
         # KFP names a task in a dsl.If branch with its branch's number (resize-2).
         steps = {re.sub(r"-\d+$", "", t["display_name"]) for t in details["run_details"]["task_details"] if t.get("state") == "SUCCEEDED"}

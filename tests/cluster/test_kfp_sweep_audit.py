@@ -8,7 +8,6 @@ or the audit's folds, then the ranking. What each hands back is read from the ob
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import uuid
 from pathlib import Path
@@ -18,8 +17,7 @@ import pytest
 from imgpipe import contract, storage
 from imgpipe.data.synth import SynthConfig, generate
 from tests.cluster.conftest import object_store
-from tests.cluster.kfp_backend import token
-from tests.cluster.test_kfp import RUN_TIMEOUT_S, SMALL_TASK, _imgpipe, kfp  # noqa: F401 - the fixture
+from tests.cluster.test_kfp import RUN_TIMEOUT_S, SMALL_TASK, kfp, small_options, submit_run  # noqa: F401 - the fixture
 from tests.cluster.test_remote_objects import NAMESPACE, dev_overlay  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(RUN_TIMEOUT_S + 300)]
@@ -27,15 +25,8 @@ GRID = [
     {"name": "light", "policy": "basic", "mixup_alpha": 0, "cutmix_alpha": 0},
     {"name": "strong", "randaugment_n": 2, "randaugment_m": 15, "mixup_prob": 0.5},
 ]
-BASE = {"annotations_uri": "", "epochs": "2", "image_size": "32", "model": "resnet18", "batch_size": "8", "ray_address": ""}
-
-
-def _options():
-    from imgpipe.pipelines import PipelineOptions
-    from imgpipe.pipelines.options import Resources
-
-    options = PipelineOptions(gpu=None)
-    return dataclasses.replace(options, resources={step: Resources(*SMALL_TASK) for step in options.resources})
+# Over the tier-3 sample run: two epochs at 32 px, resize inside its pod (no RayJob beside the fan-out).
+BASE = {"epochs": "2", "image_size": "32", "batch_size": "8", "ray_address": ""}
 
 
 def _small(resources: dict) -> dict:
@@ -45,14 +36,7 @@ def _small(resources: dict) -> dict:
 
 
 def _submit(host: str, package: Path, root: str, **params: str) -> tuple[str, str]:
-    """Runs ``package`` over ``root``'s sample to the end; (run id, imgpipe's output)."""
-    args = [f"--param={k}={v}" for k, v in {"data_root": root, "source_uri": f"{root}/synth/images.tar.gz", **BASE, **params}.items()]
-    env = {"KF_PIPELINES_TOKEN": token("default-editor", NAMESPACE)}
-    command = ["submit", "--host", host, "--namespace", NAMESPACE, "--package", str(package), *args, "--wait", "--timeout", str(RUN_TIMEOUT_S)]
-    proc = _imgpipe(*command, env=env, timeout=RUN_TIMEOUT_S + 60)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    run_id = next(line.rsplit("/", 1)[-1] for line in proc.stdout.splitlines() if "/#/runs/details/" in line)
-    return run_id, proc.stdout
+    return submit_run(host, package, root, **{**BASE, **params})
 
 
 @pytest.fixture
@@ -67,7 +51,7 @@ def test_the_sweep_trains_each_branch_and_ranks_them_on_kfp(kfp, sample, tmp_pat
     from imgpipe.pipelines.imgpipe_sweep import SweepOptions, compile_sweep
 
     defaults = SweepOptions()
-    package = compile_sweep(tmp_path / "sweep.yaml", SweepOptions(pipeline=_options(), parallelism=1, resources=_small(defaults.resources)))
+    package = compile_sweep(tmp_path / "sweep.yaml", SweepOptions(pipeline=small_options(), parallelism=1, resources=_small(defaults.resources)))
     run_id, out = _submit(kfp, package, sample, grid=json.dumps(GRID))
     run = f"{sample}/runs/{run_id}"
     for branch in ("light", "strong"):
@@ -82,7 +66,7 @@ def test_the_audit_trains_its_folds_and_ranks_suspected_labels_on_kfp(kfp, sampl
     from imgpipe.pipelines.imgpipe_audit import AuditOptions, compile_audit
 
     defaults = AuditOptions()
-    package = compile_audit(tmp_path / "audit.yaml", AuditOptions(pipeline=_options(), parallelism=1, resources=_small(defaults.resources)))
+    package = compile_audit(tmp_path / "audit.yaml", AuditOptions(pipeline=small_options(), parallelism=1, resources=_small(defaults.resources)))
     run_id, out = _submit(kfp, package, sample, folds="2")
     run = f"{sample}/runs/{run_id}"
     manifest = contract.read_manifest(f"{run}/audit", expect_step="audit")

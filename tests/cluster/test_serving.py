@@ -33,8 +33,7 @@ from imgpipe.data.synth import SynthConfig
 from imgpipe.modelregistry import API_PATH, DEFAULT_MODEL_NAME
 from imgpipe.train.card import read_card
 from tests.cluster.conftest import ROOT, apply_docs, kubectl, kubectl_json, object_store, step_image
-from tests.cluster.kfp_backend import token
-from tests.cluster.test_kfp import RUN_TIMEOUT_S, SMALL_TASK, _imgpipe, _rayjob_template, kfp  # noqa: F401 - the fixture
+from tests.cluster.test_kfp import RUN_TIMEOUT_S, _rayjob_template, kfp, small_options, submit_run  # noqa: F401 - the fixture
 from tests.cluster.test_remote_objects import NAMESPACE, dev_overlay  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3 * RUN_TIMEOUT_S)]  # a fixture runs the pipeline through KFP
@@ -61,36 +60,16 @@ def _kserve() -> None:
 
 def _package(path: Path) -> Path:
     """The pipeline compiled for this node, its promote task naming the in-cluster registry."""
-    from imgpipe.pipelines import PipelineOptions, compile_pipeline
-    from imgpipe.pipelines.options import Resources
+    from imgpipe.pipelines import compile_pipeline
 
-    options = PipelineOptions(gpu=None, model_registry=_in_cluster_registry())
-    small = {step: Resources(*SMALL_TASK) for step in options.resources}
-    return compile_pipeline(path, dataclasses.replace(options, resources=small))
+    return compile_pipeline(path, small_options(model_registry=_in_cluster_registry()))
 
 
 def _run(host: str, package: Path, root: str, **extra: str) -> str:
-    """One ``imgpipe submit --wait`` of the small pipeline over ``root``'s sample; the run's id."""
-    params = {
-        "data_root": root,
-        "source_uri": f"{root}/synth/images.tar.gz",
-        "annotations_uri": "",
-        "epochs": "1",
-        "image_size": "64",
-        "model": "resnet18",
-        "train_nodes": "1",
-        "batch_size": "16",
-        # A test split of over 20 pictures: the gate compares a second model with the first only on
-        # that many it never trained or validated on (the same split seed for both runs).
-        "split": "0.5,0.1,0.4",
-        **extra,
-    }
-    env = {"KF_PIPELINES_TOKEN": token("default-editor", NAMESPACE)}
-    args = [f"--param={k}={v}" for k, v in params.items()]
-    submit = ["submit", "--host", host, "--namespace", NAMESPACE, "--package", str(package), *args, "--wait", "--timeout", str(RUN_TIMEOUT_S)]
-    proc = _imgpipe(*submit, env=env, timeout=RUN_TIMEOUT_S + 60)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return next(line.rsplit("/", 1)[-1] for line in proc.stdout.splitlines() if "/#/runs/details/" in line)
+    """One run of the small pipeline over ``root``'s sample; the run's id."""
+    # A test split of over 20 pictures: the gate compares a second model with the first only on
+    # that many it never trained or validated on (the same split seed for both runs).
+    return submit_run(host, package, root, split="0.5,0.1,0.4", **extra)[0]
 
 
 @dataclasses.dataclass
