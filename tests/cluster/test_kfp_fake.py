@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.cluster.conftest import settings
+from tests.cluster.conftest import kubectl, settings
 from tests.cluster.kfp_backend import api_server, enable_profile, token
 from tests.cluster.test_argo import _ApiServerAuth
 from tests.cluster.test_remote_objects import NAMESPACE, dev_overlay  # noqa: F401 - the fixture
@@ -121,6 +121,7 @@ def _script(call: Call, owner: str, outsider: str) -> list[tuple[str, dict[str, 
 def test_the_fake_answers_imgpipes_calls_as_the_real_api_server_does(dev_overlay, api_client):  # noqa: F811
     host = api_server()
     enable_profile(NAMESPACE)
+    kubectl("create", "serviceaccount", "outsider", "-n", "default", check=False)  # an account of no profile (here, not test_kfp's)
     owner, outsider = token("default-editor", NAMESPACE), token("outsider", "default")
     real = _script(_caller(host), owner, outsider)
     auth = _ApiServerAuth(api_client)
