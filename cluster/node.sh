@@ -113,9 +113,7 @@ evictionHard: {memory.available: 200Mi, nodefs.available: 2Gi, imagefs.available
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 EOF
-start_daemon kubelet "$NODE_BIN/kubelet" --config="$CLUSTER_STATE/kubelet.yaml" \
-	--kubeconfig="$CLUSTER_STATE/kubelet.kubeconfig" --root-dir="$CLUSTER_STATE/kubelet" \
-	--hostname-override="$CLUSTER_NODE_NAME" --node-ip="$CLUSTER_NODE_IP"
+"$here/kubelet.sh" start
 
 cat >"$CLUSTER_STATE/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1

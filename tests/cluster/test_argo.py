@@ -3,10 +3,9 @@
 The CronWorkflow is the dev overlay's, applied as docs/deploy.md says, with its image the
 imgpipe-cpu image `make images IMAGE_KINDS=cpu` built (imported into the cluster's containerd).
 Argo's real workflow-controller fires it; its pod runs `imgpipe submit` with the projected token
-the API server issues. KFP's API server cannot be built here (docs/cluster.md), so the pod talks
-to tests/kfp/fake_kfp.py, held to KFP's Swagger contract, behind the Service name the overlay
-names (`ml-pipeline.kubeflow`); the fake authenticates each call with a real TokenReview and
-authorizes it with a real SubjectAccessReview, as multi-user KFP does.
+the API server issues, against KFP's own API server (tier 3, cluster/kfp.sh) behind the Service
+name the overlay names (`ml-pipeline.kubeflow`), which authenticates each call with a TokenReview
+and authorizes it with a SubjectAccessReview, as multi-user KFP does.
 """
 
 from __future__ import annotations

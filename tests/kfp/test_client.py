@@ -9,6 +9,7 @@ Swagger document of 2.15.0 and of 2.16.0 (tests/kfp/contract.py): every test run
 from __future__ import annotations
 
 import json
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -521,3 +522,36 @@ def test_a_request_the_api_server_rejects_is_one_line_in_its_words():
 
     with pytest.raises(ApiException):  # not a rejection: the error as it came
         call("start a run", "create", "runs", "team-a", fail)
+
+
+class _RecordingCore:
+    """CoreV1Api's two calls pod_reason makes, recorded as the requests the API server authorizes."""
+
+    def __init__(self, namespace: str) -> None:
+        self.requests: list[rbac.Request] = []
+        self.namespace = namespace
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        self.requests.append(rbac.Request("list", "", "pods", namespace))
+        failed = types.SimpleNamespace(
+            metadata=types.SimpleNamespace(name="imgpipe-x-train-1", creation_timestamp=1), status=types.SimpleNamespace(phase="Failed")
+        )
+        return types.SimpleNamespace(items=[failed])
+
+    def read_namespaced_pod_log(self, name, namespace, container, tail_lines):
+        self.requests.append(rbac.Request("get", "", "pods", namespace, subresource="log", name=name))
+        return "train: no images left after cleaning\n"
+
+
+def test_the_retrain_role_lets_the_submitter_read_a_failed_steps_reason_and_no_more(team_a_rbac):
+    """The CronWorkflow's log names why its run failed: the failed pod's last line, read as the retrain account."""
+    from imgpipe.kfp.pod_reason import failed_pod_reason
+
+    core = _RecordingCore("team-a")
+    assert failed_pod_reason("team-a", "imgpipe-x", core=core) == "train: no images left after cleaning"
+    authorizer = rbac.Authorizer(team_a_rbac)
+    user = rbac.service_account("team-a", RETRAIN_ACCOUNT)
+    assert all(authorizer.allows(user, r) for r in core.requests), core.requests
+    (role,) = [d for d in team_a_rbac if d["kind"] == "Role" and d["metadata"]["name"] == RETRAIN_ACCOUNT]
+    core_rules = {(res, v) for rule in role["rules"] if rule["apiGroups"] == [""] for res in rule["resources"] for v in rule["verbs"]}
+    assert core_rules == {(r.combined, r.verb) for r in core.requests}

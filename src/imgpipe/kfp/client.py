@@ -30,7 +30,7 @@ from imgpipe.kfp.package import (
 )
 from imgpipe.kfp.pod_reason import MAX_REASON, WORKFLOW_LABEL, failed_pod_reason
 from imgpipe.kfp.preflight import check_params
-from imgpipe.kfp.refusals import call
+from imgpipe.kfp.refusals import call, unavailable_message
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
@@ -52,6 +52,8 @@ SERVICE_ACCOUNT_ENV = "IMGPIPE_SERVICE_ACCOUNT"
 # The account k8s/base creates for imgpipe's runs (k8s/base/serviceaccount-pipeline.yaml): the
 # only one the RayJob Role is bound to. Runs in a profile namespace use it unless told otherwise.
 PIPELINE_SERVICE_ACCOUNT = "imgpipe-pipeline"
+# How long `submit --wait` waits out KFP's API server answering 5xx or not at all before it gives up.
+OUTAGE_S = 900.0
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED"})
 _EQUALS = 1  # kfp filter.proto Predicate.Operation.EQUALS
 
@@ -291,10 +293,33 @@ def _headline(error: Any) -> str:
     return message.strip().splitlines()[0][:MAX_REASON] if message.strip() else ""
 
 
-def _wait(client: Any, run_id: str, timeout_s: float, poll_s: float, namespace: str | None = None) -> str:
+def _wait(client: Any, run_id: str, timeout_s: float, poll_s: float, namespace: str | None = None, outage_s: float = OUTAGE_S) -> str:
+    """The run's final state. KFP unavailable for a while (its database restarting, the API server's pod
+    replaced) is waited out, the run goes on without it; unavailable for ``outage_s`` it raises, naming
+    what the server said.
+    """
     deadline = time.monotonic() + timeout_s
+    down_since: float | None = None
+    state = ""
     while True:
-        state = str(call(f"read run {run_id}", "get", "runs", namespace, client.get_run, run_id).state or "").upper()
+        try:
+            state = str(call(f"read run {run_id}", "get", "runs", namespace, client.get_run, run_id).state or "").upper()
+            if down_since is not None:
+                log.warning("Kubeflow Pipelines answers again after %.0f s; run %s is %s", time.monotonic() - down_since, run_id, state)
+            down_since = None
+        except Exception as exc:
+            trouble = unavailable_message(exc)
+            if trouble is None:
+                raise
+            now = time.monotonic()
+            if down_since is None:
+                down_since = now
+                log.warning("Kubeflow Pipelines is unavailable (%s); waiting up to %.0f s for it", trouble, outage_s)
+            elif now - down_since >= outage_s:
+                raise RuntimeError(
+                    f"Kubeflow Pipelines could not say how run {run_id} is for {now - down_since:.0f} s ({trouble}); "
+                    "the run may still be going: `imgpipe submit --run-name NAME --wait` attaches to it again"
+                ) from None
         if state in TERMINAL_STATES:
             return state
         if time.monotonic() > deadline:

@@ -15,7 +15,7 @@ from typing import Any
 from imgpipe.kfp.connect import caller
 from imgpipe.remote.kube import account_name
 
-__all__ = ["KFP_GROUP", "refusal_message", "rejection_message", "call"]
+__all__ = ["KFP_GROUP", "refusal_message", "rejection_message", "unavailable_message", "call"]
 
 KFP_GROUP = "pipelines.kubeflow.org"
 # What the API server's PermissionDenied says (util.NewPermissionDeniedError in
@@ -84,6 +84,26 @@ def rejection_message(exc: Exception, doing: str) -> str | None:
         return None
     said = " ".join(message.split())[:500]  # the server's words, on one line
     return f"Kubeflow Pipelines rejected the request to {doing} (HTTP 400): {said}"
+
+
+def unavailable_message(exc: Exception) -> str | None:
+    """The server's trouble on one line when ``exc`` is KFP being unavailable, not refusing: an HTTP 5xx
+    (its database or metadata store down: the API server answers 500 with the cause) or no answer at all
+    (connection refused or reset, a timeout, the Service without endpoints); ``None`` for anything else.
+    """
+    status, message = _status_and_message(exc)
+    if isinstance(status, int) and status >= 500:
+        return f"HTTP {status}: {' '.join(message.split())[:300] or getattr(exc, 'reason', '')}"
+    connection = (ConnectionError, TimeoutError)
+    try:
+        import urllib3.exceptions
+
+        connection += (urllib3.exceptions.HTTPError,)
+    except ImportError:  # pragma: no cover - kfp depends on urllib3
+        pass
+    if isinstance(exc, connection):
+        return f"no answer ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+    return None
 
 
 def call(doing: str, verb: str, resource: str, namespace: str | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
