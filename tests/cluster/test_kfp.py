@@ -75,12 +75,14 @@ def _small_package(path: Path, *, caching: bool = False) -> Path:
 SMALL_RUN = {"annotations_uri": "", "epochs": "1", "image_size": "64", "model": "resnet18", "train_nodes": "1", "batch_size": "16"}
 
 
-def submit_run(host: str, package: Path, root: str, **params: str) -> tuple[str, str]:
+def submit_run(host: str, package: Path, root: str, **params: str | None) -> tuple[str, str]:
     """``imgpipe submit --wait`` of ``package`` over ``root``'s sample as the profile's editor, to the end.
 
     Returns the run's id and what imgpipe printed; a run that did not succeed fails the test with
-    imgpipe's output and the namespace's pods."""
-    params = {"data_root": root, "source_uri": f"{root}/synth/images.tar.gz", **SMALL_RUN, **params}
+    imgpipe's output and the namespace's pods. A parameter given as ``None`` is left out (one of
+    :data:`SMALL_RUN` that ``package``'s pipeline does not take)."""
+    given = {"data_root": root, "source_uri": f"{root}/synth/images.tar.gz", **SMALL_RUN, **params}
+    params = {k: v for k, v in given.items() if v is not None}
     args = [f"--param={k}={v}" for k, v in params.items()]
     submit = ["submit", "--host", host, "--namespace", NAMESPACE, "--package", str(package), *args, "--wait", "--timeout", str(RUN_TIMEOUT_S)]
     proc = _imgpipe(*submit, env={"KF_PIPELINES_TOKEN": token("default-editor", NAMESPACE)}, timeout=RUN_TIMEOUT_S + 60)

@@ -109,7 +109,7 @@ def _until(what: str, ok, timeout_s: float) -> float:
     raise AssertionError(f"{what} not within {timeout_s:.0f} s")
 
 
-def _run_through_a_fault(kfp, package, owner: str, label: str, fault) -> None:  # noqa: F811
+def _run_through_a_fault(kfp, package, owner: str, label: str, fault, tmp_path: Path) -> None:  # noqa: F811
     """Starts a small run, waits for its train task, attaches ``imgpipe submit --wait`` to it, runs
     ``fault()`` (which ends with what it stopped running again) and then checks the outcome."""
     root, params = small_run(label, 2)
@@ -121,21 +121,27 @@ def _run_through_a_fault(kfp, package, owner: str, label: str, fault) -> None:  
     run_id = next(line.rsplit("/", 1)[-1] for line in started.stdout.splitlines() if "/#/runs/details/" in line)
     _await_train_running(run_id)
     # The waiting submitter stays attached through the fault, as the retraining CronWorkflow's does.
-    waiter = subprocess.Popen(
-        [str(Path(sys.executable).parent / "imgpipe"), "submit", *args, "--wait", "--timeout", str(RUN_TIMEOUT_S)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
-    )
+    said = tmp_path / f"{label}.stderr"
+    with said.open("w") as stderr:
+        waiter = subprocess.Popen(
+            [str(Path(sys.executable).parent / "imgpipe"), "submit", *args, "--wait", "--timeout", str(RUN_TIMEOUT_S)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, **env},
+        )
     try:
+        # The fault comes once the submitter is waiting on the run, not while it uploads.
+        _until("the submitter attached to its run", lambda: "attaching to it" in said.read_text() or waiter.poll() is not None, 300)
         fault()
-        out, err = waiter.communicate(timeout=RUN_TIMEOUT_S + 60)
+        waiter.wait(timeout=RUN_TIMEOUT_S + 60)
     finally:
         if waiter.poll() is None:
             waiter.kill()
+    err = said.read_text()
     last = (err.strip().splitlines() or [""])[-1]
-    print(f"{label}: imgpipe submit --wait exited {waiter.returncode}; its last line: {last}")
+    print(f"{label}: imgpipe submit --wait exited {waiter.returncode}; what it said while waiting:")
+    print("\n".join(line for line in err.splitlines() if "Kubeflow Pipelines" in line or line.startswith("imgpipe")))
     assert "Traceback" not in err, err[-3000:]
     for step in ("download", "clean", "resize", "train"):
         prefix = ka.run_prefix(root, run_id, step)
@@ -167,7 +173,7 @@ def test_the_database_stopped_mid_run_is_waited_out_or_named_and_nothing_is_lost
             _scale(1, DATABASE)
 
     with object_store(tmp_path, NAMESPACE):
-        _run_through_a_fault(kfp, package, owner, "db-down", stop_the_database)
+        _run_through_a_fault(kfp, package, owner, "db-down", stop_the_database, tmp_path)
 
 
 @pytest.mark.timeout(3 * RUN_TIMEOUT_S)
@@ -187,4 +193,4 @@ def test_the_kubelet_stopped_and_started_mid_run_loses_nothing(kfp, step_images,
         print(f"kubelet: the node was Ready {back:.0f} s after its kubelet started")
 
     with object_store(tmp_path, NAMESPACE):
-        _run_through_a_fault(kfp, package, owner, "kubelet-restart", restart_the_kubelet)
+        _run_through_a_fault(kfp, package, owner, "kubelet-restart", restart_the_kubelet, tmp_path)

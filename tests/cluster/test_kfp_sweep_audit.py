@@ -26,7 +26,8 @@ GRID = [
     {"name": "strong", "randaugment_n": 2, "randaugment_m": 15, "mixup_prob": 0.5},
 ]
 # Over the tier-3 sample run: two epochs at 32 px, resize inside its pod (no RayJob beside the fan-out).
-BASE = {"epochs": "2", "image_size": "32", "batch_size": "8", "ray_address": ""}
+# The sweep and the audit train in their fan-out's pods: no train_nodes parameter.
+BASE = {"epochs": "2", "image_size": "32", "batch_size": "8", "ray_address": "", "train_nodes": None}
 
 
 def _small(resources: dict) -> dict:
@@ -35,7 +36,7 @@ def _small(resources: dict) -> dict:
     return {name: Resources(*SMALL_TASK) for name in resources}
 
 
-def _submit(host: str, package: Path, root: str, **params: str) -> tuple[str, str]:
+def _submit(host: str, package: Path, root: str, **params: str | None) -> tuple[str, str]:
     return submit_run(host, package, root, **{**BASE, **params})
 
 

@@ -9,7 +9,7 @@ import pytest
 import urllib3
 from kfp_server_api.exceptions import ApiException
 
-from imgpipe.kfp import client as kfp_client
+from imgpipe.kfp import run_end
 
 
 class _Server:
@@ -28,26 +28,31 @@ class _Server:
 
 
 def _db_down() -> ApiException:
-    # What KFP 2.17's API server answers for GET /runs/{id} with its MariaDB stopped.
+    # What KFP 2.17's API server answered for GET /runs/{id} with its MariaDB stopped
+    # (tests/cluster/test_kfp_faults.py, 2026-11-28; the run's id and the Service address shortened).
     error = ApiException(status=500, reason="Internal Server Error")
-    said = "Failed to get a run: InternalServerError: dial tcp 10.0.0.7:3306: connect: connection refused"
-    error.body = json.dumps({"error": "Failed to get a run", "code": 13, "message": said})
+    said = (
+        "Failed to get a run: Failed to authorize the request: Failed to authorize with the run ID r1: Failed to fetch run r1: "
+        "InternalServerError: Failed to get run: dial tcp 10.96.205.74:3306: connect: connection refused"
+    )
+    details = [{"@type": "type.googleapis.com/google.rpc.Status", "code": 13, "message": "Internal Server Error"}]
+    error.body = json.dumps({"code": 13, "message": said, "details": details})
     return error
 
 
 def test_a_database_outage_during_the_wait_is_waited_out():
     server = _Server("RUNNING", _db_down(), urllib3.exceptions.MaxRetryError(None, "/runs/r1"), "RUNNING", "SUCCEEDED")
-    assert kfp_client._wait(server, "r1", timeout_s=60, poll_s=0, outage_s=60) == "SUCCEEDED"
+    assert run_end.wait_for_run(server, "r1", timeout_s=60, poll_s=0, outage_s=60) == "SUCCEEDED"
     assert server.calls == 5
 
 
 def test_an_outage_longer_than_the_grace_is_one_line_naming_the_servers_cause():
     server = _Server("RUNNING", _db_down())
     with pytest.raises(RuntimeError) as caught:
-        kfp_client._wait(server, "r1", timeout_s=60, poll_s=0.01, outage_s=0.05)
+        run_end.wait_for_run(server, "r1", timeout_s=60, poll_s=0.01, outage_s=0.05)
     message = str(caught.value)
     assert message.startswith("Kubeflow Pipelines could not say how run r1 is for ") and "\n" not in message
-    assert "HTTP 500: Failed to get a run: InternalServerError: dial tcp 10.0.0.7:3306" in message
+    assert "HTTP 500: Failed to get a run: Failed to authorize the request" in message and "3306: connect: connection refused" in message
     assert "--run-name NAME --wait" in message
 
 
@@ -57,5 +62,42 @@ def test_a_refusal_or_a_missing_run_is_not_waited_out(status):
     error.body = '{"message": "no such run"}'
     server = _Server(error)
     with pytest.raises((ApiException, RuntimeError)):
-        kfp_client._wait(server, "r1", timeout_s=60, poll_s=0, outage_s=60)
+        run_end.wait_for_run(server, "r1", timeout_s=60, poll_s=0, outage_s=60)
     assert server.calls == 1
+
+
+def test_a_read_is_tried_again_through_an_outage_and_a_write_is_not(monkeypatch):
+    from imgpipe.kfp import refusals
+
+    monkeypatch.setattr(refusals.time, "sleep", lambda s: None)
+    answers = [_db_down(), urllib3.exceptions.ProtocolError("Connection aborted."), "found"]
+
+    def list_pipelines():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert refusals.call("look for pipeline imgpipe", "list", "pipelines", "team-a", list_pipelines) == "found"
+    tries = []
+
+    def upload():
+        tries.append(1)
+        raise _db_down()
+
+    with pytest.raises(RuntimeError, match=r"^Kubeflow Pipelines is unavailable: could not upload it \(HTTP 500: Failed to get a run"):
+        refusals.call("upload it", "create", "pipelines", "team-a", upload)
+    assert len(tries) == 1
+
+
+def test_a_read_gives_up_after_its_retries_with_one_line(monkeypatch):
+    from imgpipe.kfp import refusals
+
+    monkeypatch.setattr(refusals, "READ_RETRY_S", 0.0)
+
+    def list_pipelines():
+        raise _db_down()
+
+    with pytest.raises(RuntimeError) as caught:
+        refusals.call("look for pipeline imgpipe", "list", "pipelines", "team-a", list_pipelines)
+    assert str(caught.value).startswith("Kubeflow Pipelines is unavailable: could not look for pipeline imgpipe (HTTP 500: ")

@@ -1,7 +1,7 @@
 """A failed KFP step's own reason: the line its pod's log ends with, read through the Kubernetes API.
 
 KFP 2.17's API reports a step whose container failed with no error at all
-(:func:`imgpipe.kfp.client.run_failure`). The reason is at the end of the step pod's log:
+(:func:`imgpipe.kfp.run_end.run_failure`). The reason is at the end of the step pod's log:
 imgpipe's one line (``FileNotFoundError: download source ... does not exist``) or, when KFP
 itself failed around the step, its launcher's (``failed to pre-publish Pod info to ML
 Metadata: ... connection refused`` while MLMD is down). Where this process may read pod logs

@@ -8,16 +8,21 @@ The account, verb, resource and namespace the server named, and the Role that gr
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
 from imgpipe.kfp.connect import caller
 from imgpipe.remote.kube import account_name
 
-__all__ = ["KFP_GROUP", "refusal_message", "rejection_message", "unavailable_message", "call"]
+__all__ = ["KFP_GROUP", "refusal_message", "rejection_message", "unavailable_message", "one_line", "call"]
 
 KFP_GROUP = "pipelines.kubeflow.org"
+# How long a read KFP cannot answer is tried again before the call gives up (:func:`call`).
+READ_RETRY_S = 120.0
+log = logging.getLogger(__name__)
 # What the API server's PermissionDenied says (util.NewPermissionDeniedError in
 # resource_manager.go IsAuthorized): "User '<user>' is not authorized with reason: ...
 # (request: &ResourceAttributes{Namespace:...,Verb:...,Group:...,Version:...,Resource:...,".
@@ -93,7 +98,7 @@ def unavailable_message(exc: Exception) -> str | None:
     """
     status, message = _status_and_message(exc)
     if isinstance(status, int) and status >= 500:
-        return f"HTTP {status}: {' '.join(message.split())[:300] or getattr(exc, 'reason', '')}"
+        return f"HTTP {status}: {_clip(' '.join(message.split())) or getattr(exc, 'reason', '')}"
     connection = (ConnectionError, TimeoutError)
     try:
         import urllib3.exceptions
@@ -102,20 +107,48 @@ def unavailable_message(exc: Exception) -> str | None:
     except ImportError:  # pragma: no cover - kfp depends on urllib3
         pass
     if isinstance(exc, connection):
-        return f"no answer ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+        return f"no answer ({type(exc).__name__}: {_clip(' '.join(str(exc).split()))})"
     return None
 
 
+def _clip(text: str, head: int = 150, tail: int = 250) -> str:
+    """``text`` shortened in its middle: KFP's errors chain their causes, the first and the last say most."""
+    return text if len(text) <= head + tail + 5 else f"{text[:head]} ... {text[-tail:]}"
+
+
 def call(doing: str, verb: str, resource: str, namespace: str | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, a KFP refusal or rejection raised as one line (:func:`refusal_message`, :func:`rejection_message`).
+    """``fn(*args, **kwargs)``, a KFP refusal, rejection or outage raised as one line (:func:`refusal_message`,
+    :func:`rejection_message`, :func:`unavailable_message`).
+
+    A read (``list``, ``get``) KFP cannot answer (:func:`unavailable_message`: its database restarting,
+    its pod replaced) is tried again for up to :data:`READ_RETRY_S`; a write is not, as it may have
+    taken effect.
 
     Raises:
-        RuntimeError: If KFP refuses the call.
+        RuntimeError: If KFP refuses or rejects the call, or stays unavailable.
     """
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:
-        message = refusal_message(exc, verb, resource, namespace, doing) or rejection_message(exc, doing)
-        if message is None:
-            raise
-        raise RuntimeError(message) from None
+    deadline = time.monotonic() + (READ_RETRY_S if verb in ("list", "get") else 0.0)
+    delay = 1.0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            trouble = unavailable_message(exc)
+            if trouble is not None and time.monotonic() + delay < deadline:
+                log.warning("Kubeflow Pipelines could not %s (%s); trying again in %.0f s", doing, trouble, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 15.0)
+                continue
+            said = one_line(exc, verb, resource, namespace, doing)
+            if said is exc:
+                raise
+            raise said from None
+
+
+def one_line(exc: Exception, verb: str, resource: str, namespace: str | None, doing: str) -> Exception:
+    """A ``RuntimeError`` of one line for KFP's refusal, rejection or outage in ``exc``; else ``exc`` itself."""
+    trouble = unavailable_message(exc)
+    if trouble is not None:
+        return RuntimeError(f"Kubeflow Pipelines is unavailable: could not {doing} ({trouble})")
+    message = refusal_message(exc, verb, resource, namespace, doing) or rejection_message(exc, doing)
+    return exc if message is None else RuntimeError(message)
