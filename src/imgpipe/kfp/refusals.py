@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import urllib3.exceptions
+
 from imgpipe.kfp.connect import caller
 from imgpipe.remote.kube import account_name
 
@@ -99,14 +101,7 @@ def unavailable_message(exc: Exception) -> str | None:
     status, message = _status_and_message(exc)
     if isinstance(status, int) and status >= 500:
         return f"HTTP {status}: {_clip(' '.join(message.split())) or getattr(exc, 'reason', '')}"
-    connection = (ConnectionError, TimeoutError)
-    try:
-        import urllib3.exceptions
-
-        connection += (urllib3.exceptions.HTTPError,)
-    except ImportError:  # pragma: no cover - kfp depends on urllib3
-        pass
-    if isinstance(exc, connection):
+    if isinstance(exc, (ConnectionError, TimeoutError, urllib3.exceptions.HTTPError)):
         return f"no answer ({type(exc).__name__}: {_clip(' '.join(str(exc).split()))})"
     return None
 
