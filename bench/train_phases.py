@@ -114,7 +114,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for i, s in enumerate(sizes):
         r = results[s]
         ax.text(i, 101, f"{r['wall_s']:.0f} s, fixed {100 * r['fixed_fraction']:.0f} %", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(sizes)), [f"{int(s):,} images\n{results[s]['epochs']} epochs" for s in sizes])
+    ax.set_xticks(range(len(sizes)), [f"{int(s):,} images\n{results[s]['epochs']} epoch{'s' * (results[s]['epochs'] != 1)}" for s in sizes])
     ax.set_ylim(0, 112)
     ax.set_ylabel("share of the cold process's time, %")
     ax.set_title("train step on CPU: where the time goes", fontsize=10)
