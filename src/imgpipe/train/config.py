@@ -288,7 +288,7 @@ class TrainConfig:
     patience: int | None = None
     ema_decay: float = 0.0
     ema_steps: int = 32
-    # 256: on the digits (1,437 train images) as accurate as 512 and the whole split over three
+    # 256: on the digits (1,075 train images) as accurate as 512 and the whole split over three
     # seeds, at an eighth of the whole split's cost per epoch (docs/training.md, "Batch-norm statistics").
     precise_bn: int = 256
     class_weights: Literal["none", "balanced"] = "none"
