@@ -146,7 +146,9 @@ def test_plan_builds_every_branch_config_and_names_the_branch_it_refuses():
     with pytest.raises(ValueError, match="same effective recipe"):
         plan("", None, {"mixup_prob": [0.5, 1.0]}, {"train": {"mixup": 0, "cutmix": 0}}, **NAMED)
     with pytest.raises(ValueError, match="same effective recipe"):
-        plan("", [{}, {"randaugment_m": 9}], None, None, **NAMED)  # 9 is the default
+        plan("", [{}, {"randaugment_n": 2}], None, None, **NAMED)  # 2 is every recipe's
+    # 9 is the recipes' magnitude, but a 3-epoch run of medium's 50 is short: medium's short version takes 7.
+    assert [i["branch"] for i in plan("", [{}, {"randaugment_m": 9}], None, None, **NAMED)] == ["b00", "b01"]
     with pytest.raises(TypeError, match=r"step_config\['train'\] must be a mapping"):
         plan("", [{}], None, {"train": [1]}, **NAMED)
 

@@ -60,6 +60,50 @@ def test_a_short_spike_that_comes_back_is_not_divergence():
     assert _fed(DivergenceGuard(1.5, 5, 10), losses) is None
 
 
+def _half_mixed_trace(steps: int = 1200, seed: int = 0):
+    """A run at mixup_prob 0.5 to the end of its schedule: the mixed batches' losses fall to about 1.3, the unmixed ones' to 0.3."""
+    rng = np.random.default_rng(seed)
+    mixed = rng.random(steps) < 0.5
+    t = np.linspace(0, 1, steps)
+    losses = np.where(mixed, (2.2 - 0.9 * t) * rng.uniform(0.7, 1.3, steps), (2.0 - 1.7 * t) * rng.uniform(0.8, 1.2, steps))
+    return losses, ["mixed" if m else "unmixed" for m in mixed]
+
+
+def test_half_mixed_batches_are_not_divergence_when_each_kind_is_watched_apart():
+    """One stream of both kinds: a streak of unmixed batches sets a lowest that the mixed ones then stay above (seen on the digits at lr 4e-5)."""
+    caught = 0
+    for seed in range(5):
+        losses, kinds = _half_mixed_trace(seed=seed)
+        caught += _fed(DivergenceGuard(1.5, 5, 10), losses) is not None
+        assert DivergenceGuard(1.5, 5, 10).update(list(losses), first_step=0, epoch=0, lr=0.01, kinds=kinds) is None, seed
+    assert caught >= 3, "the trace is the one the rule of one stream gets wrong"
+
+
+def test_a_divergence_is_caught_on_every_kind_and_named_by_it():
+    losses, kinds = _half_mixed_trace(steps=400)
+    exploded = np.r_[losses, np.full(40, 9.0)]
+    guard = DivergenceGuard(1.5, 5, 10)
+    event = guard.update(list(exploded), first_step=0, epoch=1, lr=0.01, kinds=kinds + kinds[:40])
+    assert event is not None and event.reason == "loss_exploded" and 400 <= event.step < 420
+    assert re.match(r"the loss of the (un)?mixed batches \(smoothed", event.detail), event.detail
+    assert guard.worrying
+    with pytest.raises(ValueError, match="one each"):
+        guard.update([1.0, 2.0], first_step=0, epoch=0, lr=0.01, kinds=["mixed"])
+
+
+def test_a_checkpoint_of_one_stream_starts_every_kind():
+    old = {"smoothed": 1.0, "lowest": 1.0, "above": 0}  # what checkpoints held before kinds
+    kinds = ["mixed", "unmixed"] * 20
+    assert DivergenceGuard(1.5, 5, 10).update([1.6] * 40, first_step=0, epoch=0, lr=0.01, kinds=kinds) is None, "fresh: 1.6 is its lowest"
+    guard = DivergenceGuard(1.5, 5, 10)
+    guard.load_state_dict(old)
+    event = guard.update([1.6] * 40, first_step=0, epoch=0, lr=0.01, kinds=kinds)
+    assert event is not None and event.reason == "loss_exploded", "each kind starts from the old lowest (1.0): 1.6 is above 1.5 x it"
+    again = DivergenceGuard(1.5, 5, 10)
+    again.load_state_dict(json.loads(json.dumps(guard.state_dict())))
+    assert again.state_dict() == guard.state_dict() and again.limit("mixed") == guard.limit("mixed")
+
+
 def test_factor_zero_leaves_only_the_non_finite_rule():
     assert _fed(DivergenceGuard(0, 5, 10), [2.0, 50.0, 80.0, 90.0, 100.0, 120.0, 150.0, 190.0]) is None
     assert _fed(DivergenceGuard(0, 5, 10), [2.0, math.nan]).reason == "non_finite_loss"
@@ -184,3 +228,21 @@ def test_restarts_halve_the_learning_rate_from_the_last_checkpoint(data, tmp_pat
     assert metrics["epochs"][-1]["lr"] <= 100 * DEFAULT_LR * record.lr_scale
     assert "Recovered from divergence" in storage.read_bytes(storage.join(out, contract.REPORT)).decode()
     assert decide(out, None).promoted, "a run that recovered is a candidate like any other"
+
+
+def test_the_train_step_tells_the_guard_which_batches_were_mixed(data, tmp_path, monkeypatch):
+    """At mixup_prob 0.5 every step's loss reaches the guard with its kind; at 1.0 (every batch mixed) with none."""
+    seen: list = []
+    update = DivergenceGuard.update
+
+    def recording(self, losses, **kw):
+        seen.append(kw.get("kinds"))
+        return update(self, losses, **kw)
+
+    monkeypatch.setattr(DivergenceGuard, "update", recording)
+    train(data, "file://" + str(tmp_path / "half"), _cfg(epochs=1, mixup=0.2, cutmix=1.0, mixup_prob=0.5))
+    kinds = [k for ks in seen for k in ks]
+    assert len(seen) == 64 // 8 and set(kinds) == {"mixed", "unmixed"}, kinds
+    seen.clear()
+    train(data, "file://" + str(tmp_path / "all"), _cfg(epochs=1, mixup=0.2, cutmix=1.0, mixup_prob=1.0))
+    assert seen == [None] * 8

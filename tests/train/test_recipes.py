@@ -61,6 +61,25 @@ def test_explicit_settings_win_field_by_field():
     assert "mixup" not in how.from_recipe and "hflip" not in how.from_domain
 
 
+@pytest.mark.parametrize(("epochs", "short"), [(None, False), (50, False), (11, False), (10, True), (3, True)])
+def test_a_short_medium_run_gets_the_lighter_version_and_says_so(epochs, short):
+    """At most a fifth of medium's 50 epochs, set explicitly: the notes' lowest magnitude, half the batches mixed."""
+    cfg, how = resolve(TrainConfig(recipe="auto", epochs=epochs), [108] * 10)
+    assert how.recipe == "medium"
+    lighter = recipes.SHORT_RUNS["medium"]
+    want = lighter if short else {k: SIZE_RECIPES["medium"][k] for k in lighter}
+    assert {k: getattr(cfg, k) for k in lighter} == want
+    assert ("a short run" in how.reason) is short and ((f"{epochs} of the recipe's 50 epochs" in how.reason) is short)
+    assert cfg.mixup == cfg.cutmix == 0.5 and 7 <= cfg.randaugment_m <= 12, "still the notes' recipe"
+    assert resolve(config_from_dict(TrainConfig, config_to_dict(cfg)))[0] == cfg, "config.yaml reruns the same settings"
+
+
+def test_a_short_run_keeps_what_the_user_set():
+    cfg, how = resolve(TrainConfig(recipe="medium", epochs=10, mixup_prob=1.0, randaugment_m=9))
+    assert (cfg.mixup_prob, cfg.randaugment_m) == (1.0, 9) and {"mixup_prob", "randaugment_m"} <= set(how.explicit)
+    assert resolve(TrainConfig(recipe="small", epochs=2))[0].mixup_prob == SIZE_RECIPES["small"]["mixup_prob"], "measured for medium only"
+
+
 def test_no_recipe_is_the_base_settings_of_before():
     cfg, how = resolve(TrainConfig(recipe="none"))
     assert how.recipe == "none" and not how.from_recipe and not how.from_domain

@@ -80,17 +80,18 @@ def _to_device(run: TrainingRun, batch: Mapping[str, Any]) -> torch.Tensor:
     return images.to(run.device, non_blocking=True)
 
 
-def _prepare_train_batch(run: TrainingRun, batch: Mapping[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prepare_train_batch(run: TrainingRun, batch: Mapping[str, Any], epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The step's batch on the device, augmented and mixed: images, soft targets and whether it was mixed."""
     images = _to_device(run, batch)
     labels = batch["label"].to(run.device, non_blocking=True)
     if run.gpu_augment is not None:
         x = run.gpu_augment(images, step_seed(run.cfg.seed, epoch, run.ctx.rank, step))
     else:
         x = normalize(images, run.channels, run.channels_last, run.norm)
-    x, targets = run.mixer(x, labels, step_generator(run.cfg.seed, epoch, run.ctx.rank, step))
+    x, targets, mixed = run.mixer.mix(x, labels, step_generator(run.cfg.seed, epoch, run.ctx.rank, step))
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, targets
+    return x, targets, mixed
 
 
 # ----------------------------------------------------------------------------------------
@@ -101,17 +102,33 @@ def _prepare_train_batch(run: TrainingRun, batch: Mapping[str, Any], epoch: int,
 _WATCH_EVERY = 16
 
 
-def _watch(run: TrainingRun, losses: torch.Tensor, lrs: list[float], start: int, stop: int, epoch: int) -> Divergence | None:
-    """Feeds the losses of steps ``[start, stop)`` (their mean over the ranks) to the divergence guard."""
+def _batch_kind(mixed_ranks: int, world_size: int) -> str:
+    """The divergence guard's name for a step's batches: mixed on every rank, on none, or on some."""
+    if mixed_ranks == 0:
+        return "unmixed"
+    return "mixed" if mixed_ranks == world_size else f"mixed on {mixed_ranks} of {world_size} ranks"
+
+
+def _watch(run: TrainingRun, losses: torch.Tensor, mixed: list[bool], lrs: list[float], start: int, stop: int, epoch: int) -> Divergence | None:
+    """Feeds the losses of steps ``[start, stop)`` (their mean over the ranks) to the divergence guard.
+
+    When only some batches are mixed (``mixup_prob`` between 0 and 1), each step's kind goes
+    with its loss: the guard watches mixed and unmixed batches apart (imgpipe.train.divergence).
+    """
+    world = run.ctx.world_size
+    varies = run.mixer.enabled and 0.0 < run.mixer.prob < 1.0
     chunk = losses[start:stop]
-    if run.ctx.world_size > 1:
+    if varies:
+        chunk = torch.stack([chunk, torch.tensor(mixed[start:stop], dtype=chunk.dtype, device=chunk.device)])
+    if world > 1:
         chunk = chunk.clone()
         dist.all_reduce(chunk)
-        chunk /= run.ctx.world_size
+    rows = chunk.cpu().tolist()
+    values, kinds = (rows[0], [_batch_kind(round(k), world) for k in rows[1]]) if varies else (rows, None)
     assert run.guard is not None
-    values = chunk.cpu().tolist()
     for offset, value in enumerate(values):  # one step at a time, so the event names its step's learning rate
-        event = run.guard.update([value], first_step=start + offset, epoch=epoch, lr=lrs[start + offset])
+        kind = None if kinds is None else [kinds[offset]]
+        event = run.guard.update([value / world], first_step=start + offset, epoch=epoch, lr=lrs[start + offset], kinds=kind)
         if event is not None:
             return event
     return None
@@ -149,6 +166,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
     progress = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", disable=not run.ctx.is_main, mininterval=5)
     every = run.cfg.checkpoint_every_steps
     losses = torch.zeros(steps, dtype=torch.float32, device=run.device)
+    mixed = [False] * steps
     lrs = [0.0] * steps
     watched, event = first, None
     try:
@@ -157,7 +175,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
             if batch is None:
                 raise RuntimeError(f"train loader ended after {step} of {steps} planned steps in epoch {epoch}")
             waited += time.perf_counter() - tick
-            x, targets = _prepare_train_batch(run, batch, epoch, step)
+            x, targets, mixed[step] = _prepare_train_batch(run, batch, epoch, step)
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
                 logits = run.model(x)
             loss = soft_target_cross_entropy(logits, targets, run.class_weights)
@@ -178,7 +196,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
             progress.update()
             checkpoint_due = every and (step + 1) % every == 0 and step + 1 < steps
             if checkpoint_due or step + 1 - watched >= _WATCH_EVERY or step + 1 == steps:
-                event, watched = _watch(run, losses, lrs, watched, step + 1, epoch), step + 1
+                event, watched = _watch(run, losses, mixed, lrs, watched, step + 1, epoch), step + 1
                 if event is not None:
                     break
             if checkpoint_due and not run.guard.worrying:  # type: ignore[union-attr] # never a checkpoint of a loss on its way up

@@ -272,12 +272,17 @@ class MixupCutmix:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the mixed ``B x C x H x W`` float batch and ``B x num_classes`` targets."""
+        images, targets, _ = self.mix(images, labels, rng)
+        return images, targets
+
+    def mix(self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """As calling it, and whether this batch was mixed (its loss is of another level: imgpipe.train.divergence)."""
         targets = one_hot_targets(labels, self.num_classes, self.label_smoothing)
         if not self.enabled or len(labels) < 2:
-            return images, targets
+            return images, targets, False
         # Drawn only when it can matter, so prob=1 keeps the random stream (and results) of before.
         if self.prob < 1.0 and rng.random() >= self.prob:
-            return images, targets
+            return images, targets, False
         use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < self.switch_prob)
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
         lam = float(rng.beta(alpha, alpha))
@@ -286,7 +291,7 @@ class MixupCutmix:
             images, lam = self._cutmix(images, partner, lam, rng)
         else:
             images = images * lam + partner * (1.0 - lam)
-        return images, targets * lam + targets.roll(1, 0) * (1.0 - lam)
+        return images, targets * lam + targets.roll(1, 0) * (1.0 - lam), True
 
     @staticmethod
     def _cutmix(images: torch.Tensor, partner: torch.Tensor, lam: float, rng: np.random.Generator) -> tuple[torch.Tensor, float]:

@@ -10,6 +10,13 @@ the loss of a uniform guess (``ln(classes) / 10``), so that a run whose loss rea
 is not called diverged for the noise above it. The guard's state carries over epochs and into
 checkpoints.
 
+Batches of different kinds have losses of different levels: with ``mixup_prob`` below 1 a
+mixed batch's loss sits well above an unmixed one's, and a streak of unmixed batches sets a
+lowest value that the mixed ones after it stay above by chance (a digits run at ``mixup_prob``
+0.5 was called diverged at a learning rate of 4e-5: smoothed 1.27 against a lowest of 0.79). So
+the rule runs on each kind's losses apart (``kinds``: one label per step, ``mixed`` or
+``unmixed``); a run that diverges does so on every kind.
+
 The defaults (1.5, 5) come from loss traces of resnet18 on scikit-learn's digits
 (docs/training.md, "Divergence"): with the default recipe's MixUp/CutMix the per-batch loss
 swings by half its level, which a span of 10 steps smooths to well under 1.5 x; at 100 x
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = ["Divergence", "DivergenceGuard", "DivergenceRecord", "TrainingDiverged"]
@@ -104,13 +111,22 @@ class DivergenceRecord:
         return f"recovered: {self.restarts} restart(s) from the last checkpoint, learning rate x {self.lr_scale:g} (last: {where})"
 
 
+@dataclass
+class _Stream:
+    """The rule's state for one kind of batch."""
+
+    smoothed: float | None = None
+    lowest: float = math.inf
+    above: int = 0
+
+
 class DivergenceGuard:
     """The divergence rule of the module docstring, fed the losses of consecutive steps.
 
     Args:
         factor: How many times its lowest value the smoothed loss may reach (0: only
             non-finite losses count).
-        steps: How long (in steps) it may stay above that, and the smoothing span.
+        steps: How long (in steps of one kind) it may stay above that, and the smoothing span.
         classes: The number of classes (the floor of the lowest value is ``ln(classes) / 10``).
     """
 
@@ -118,52 +134,72 @@ class DivergenceGuard:
         self.factor, self.steps = float(factor), int(steps)
         self.floor = math.log(max(classes, 2)) / 10
         self.alpha = 2.0 / (2 * self.steps + 1)  # an EMA with a span of 2 x `steps` steps
-        self.smoothed: float | None = None
-        self.lowest = math.inf
-        self.above = 0
+        self._streams: dict[str, _Stream] = {}
+        self._last = ""
+        # A checkpoint of before kinds: its one state starts every kind.
+        self._legacy: _Stream | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"smoothed": self.smoothed, "lowest": self.lowest, "above": self.above}
+        return {"streams": {k: asdict(v) for k, v in self._streams.items()}, "last": self._last}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state:
-            self.smoothed, self.lowest, self.above = state["smoothed"], float(state["lowest"]), int(state["above"])
+        if not state:
+            return
+        if "streams" not in state:  # one stream, as checkpoints of before kinds hold it
+            self._legacy = _Stream(state["smoothed"], float(state["lowest"]), int(state["above"]))
+            return
+        self._streams = {k: _Stream(v["smoothed"], float(v["lowest"]), int(v["above"])) for k, v in state["streams"].items()}
+        self._last = str(state.get("last", ""))
 
     @property
     def worrying(self) -> bool:
         """The loss is above the limit now (not yet long enough to call it diverged): no checkpoint worth keeping."""
-        return self.above > 0
+        return any(s.above > 0 for s in self._streams.values())
 
-    def limit(self) -> float:
-        """The smoothed loss above which a step counts towards divergence."""
-        return self.factor * max(self.lowest, self.floor)
+    def limit(self, kind: str | None = None) -> float:
+        """The smoothed loss above which a step of ``kind`` (unnamed: the last kind fed) counts towards divergence."""
+        stream = self._streams.get(self._last if kind is None else kind) or _Stream()
+        return self.factor * max(stream.lowest, self.floor)
 
-    def update(self, losses: Sequence[float], *, first_step: int, epoch: int, lr: float) -> Divergence | None:
-        """Takes the losses of steps ``first_step``, ``first_step + 1``, ...; returns the first divergence, if any."""
+    def _stream(self, kind: str) -> _Stream:
+        if kind not in self._streams:
+            self._streams[kind] = replace(self._legacy) if self._legacy is not None else _Stream()
+        return self._streams[kind]
+
+    def update(self, losses: Sequence[float], *, first_step: int, epoch: int, lr: float, kinds: Sequence[str] | None = None) -> Divergence | None:
+        """Takes the losses of steps ``first_step``, ``first_step + 1``, ...; returns the first divergence, if any.
+
+        ``kinds`` names each step's kind of batch (``mixed``, ``unmixed``), one each; unnamed, all are one kind.
+        """
+        if kinds is not None and len(kinds) != len(losses):
+            raise ValueError(f"{len(kinds)} kinds for {len(losses)} losses: one each")
         for offset, loss in enumerate(losses):
             step = first_step + offset
             loss = float(loss)
             if not math.isfinite(loss):
                 return Divergence(epoch, step, lr, loss, "non_finite_loss", f"the loss is {loss} (not a finite number)")
-            self.smoothed = loss if self.smoothed is None else self.smoothed + self.alpha * (loss - self.smoothed)
+            kind = "" if kinds is None else str(kinds[offset])
+            s, self._last = self._stream(kind), kind
+            s.smoothed = loss if s.smoothed is None else s.smoothed + self.alpha * (loss - s.smoothed)
             if self.factor <= 0:
                 continue
-            limit = self.limit()
-            if self.smoothed > limit:
-                self.above += 1
-                if self.above >= self.steps:
+            limit = self.limit(kind)
+            if s.smoothed > limit:
+                s.above += 1
+                if s.above >= self.steps:
+                    of = f" of the {kind} batches" if len(self._streams) > 1 else ""
                     return Divergence(
                         epoch,
                         step,
                         lr,
                         loss,
                         "loss_exploded",
-                        f"the loss (smoothed {self.smoothed:.4g}) stayed above {self.factor:g} x its lowest "
-                        f"({max(self.lowest, self.floor):.4g}) for {self.steps} steps",
+                        f"the loss{of} (smoothed {s.smoothed:.4g}) stayed above {self.factor:g} x its lowest "
+                        f"({max(s.lowest, self.floor):.4g}) for {self.steps} steps",
                     )
             else:
-                self.above = 0
-            self.lowest = min(self.lowest, self.smoothed)
+                s.above = 0
+            s.lowest = min(s.lowest, s.smoothed)
         return None
 
     @staticmethod
