@@ -169,7 +169,8 @@ SIZE_RECIPES: dict[str, dict[str, Any]] = {
 # images, resnet18 from scratch, 10 epochs, CPU, seeds 0-2), half the batches mixed reached the
 # simple reference recipe's best validation macro-F1 (0.889) in about three quarters of the
 # recipe's time, and at the notes' lowest magnitude scored higher (test macro-F1 0.984 ± 0.007
-# against 0.975 ± 0.008); docs/benchmarks/runs/2026-11-28-short-run-medium.md, issue 71.
+# against 0.975 ± 0.008); docs/benchmarks/runs/2026-11-28-short-run-medium.md, issue 71 (make
+# bench-race: 0.42x the simple recipe's time to its best, where the recipe took 0.55x).
 SHORT_RUN_UPTO = 0.2
 SHORT_RUNS: dict[str, dict[str, Any]] = {
     "medium": {
