@@ -91,6 +91,14 @@ def test_a_divergence_is_caught_on_every_kind_and_named_by_it():
         guard.update([1.0, 2.0], first_step=0, epoch=0, lr=0.01, kinds=["mixed"])
 
 
+def test_the_limit_the_log_names_is_the_worrying_kinds():
+    guard = DivergenceGuard(1.5, 5, 10)
+    guard.update([1.0] * 4 + [0.4] * 4, first_step=0, epoch=0, lr=0.01, kinds=["mixed"] * 4 + ["unmixed"] * 4)
+    assert guard.limit("mixed") == pytest.approx(1.5) and guard.limit("unmixed") == pytest.approx(0.6)
+    guard.update([10.0, 0.4], first_step=8, epoch=0, lr=0.01, kinds=["mixed", "unmixed"])
+    assert guard.worrying and guard.limit() == pytest.approx(1.5), "the mixed batches' limit, though an unmixed one came last"
+
+
 def test_a_checkpoint_of_one_stream_starts_every_kind():
     old = {"smoothed": 1.0, "lowest": 1.0, "above": 0}  # what checkpoints held before kinds
     kinds = ["mixed", "unmixed"] * 20

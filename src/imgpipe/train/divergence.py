@@ -15,7 +15,7 @@ mixed batch's loss sits well above an unmixed one's, and a streak of unmixed bat
 lowest value that the mixed ones after it stay above by chance (a digits run at ``mixup_prob``
 0.5 was called diverged at a learning rate of 4e-5: smoothed 1.27 against a lowest of 0.79). So
 the rule runs on each kind's losses apart (``kinds``: one label per step, ``mixed`` or
-``unmixed``); a run that diverges does so on every kind.
+``unmixed``); a run that blows up shows it on whichever kind it trains next.
 
 The defaults (1.5, 5) come from loss traces of resnet18 on scikit-learn's digits
 (docs/training.md, "Divergence"): with the default recipe's MixUp/CutMix the per-batch loss
@@ -135,12 +135,11 @@ class DivergenceGuard:
         self.floor = math.log(max(classes, 2)) / 10
         self.alpha = 2.0 / (2 * self.steps + 1)  # an EMA with a span of 2 x `steps` steps
         self._streams: dict[str, _Stream] = {}
-        self._last = ""
         # A checkpoint of before kinds: its one state starts every kind.
         self._legacy: _Stream | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"streams": {k: asdict(v) for k, v in self._streams.items()}, "last": self._last}
+        return {"streams": {k: asdict(v) for k, v in self._streams.items()}}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if not state:
@@ -149,7 +148,6 @@ class DivergenceGuard:
             self._legacy = _Stream(state["smoothed"], float(state["lowest"]), int(state["above"]))
             return
         self._streams = {k: _Stream(v["smoothed"], float(v["lowest"]), int(v["above"])) for k, v in state["streams"].items()}
-        self._last = str(state.get("last", ""))
 
     @property
     def worrying(self) -> bool:
@@ -157,9 +155,9 @@ class DivergenceGuard:
         return any(s.above > 0 for s in self._streams.values())
 
     def limit(self, kind: str | None = None) -> float:
-        """The smoothed loss above which a step of ``kind`` (unnamed: the last kind fed) counts towards divergence."""
-        stream = self._streams.get(self._last if kind is None else kind) or _Stream()
-        return self.factor * max(stream.lowest, self.floor)
+        """The smoothed loss above which a step of ``kind`` counts towards divergence (unnamed: of the kind that is :attr:`worrying`)."""
+        named = self._streams.get(kind) if kind is not None else next((s for s in self._streams.values() if s.above), None)
+        return self.factor * max((named or _Stream()).lowest, self.floor)
 
     def _stream(self, kind: str) -> _Stream:
         if kind not in self._streams:
@@ -179,7 +177,7 @@ class DivergenceGuard:
             if not math.isfinite(loss):
                 return Divergence(epoch, step, lr, loss, "non_finite_loss", f"the loss is {loss} (not a finite number)")
             kind = "" if kinds is None else str(kinds[offset])
-            s, self._last = self._stream(kind), kind
+            s = self._stream(kind)
             s.smoothed = loss if s.smoothed is None else s.smoothed + self.alpha * (loss - s.smoothed)
             if self.factor <= 0:
                 continue
