@@ -28,6 +28,7 @@ LOW = {
     "writer",
     "parquet",
     "resources",
+    "shutdown",
     "pools",
     "phases",
     "data",

@@ -204,29 +204,6 @@ def test_a_killed_child_not_yet_collected_is_not_alive():
         child.wait()
 
 
-def test_skipping_the_exit_collection_waits_for_the_exit():
-    # In a fresh interpreter: a handler registered before runs after it (exit handlers run
-    # last in, first out), so it sees the heap frozen; until then nothing is.
-    code = (
-        "import atexit, gc\n"
-        "from imgpipe import resources\n"
-        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
-        "resources.skip_collection_at_exit(); resources.skip_collection_at_exit()\n"
-        "print('frozen now:', gc.get_freeze_count() > 0)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split("\n")[:2] == ["frozen now: False", "frozen at exit: True"]
-
-
-def test_a_process_that_loaded_torchvision_ends_without_leak_reports():
-    # torchvision.ops imports triton (through torch._dynamo) when it is installed; triton's
-    # nanobind bindings report every object a frozen heap left unfreed at the exit.
-    pytest.importorskip("torchvision")
-    code = "from imgpipe import resources\nimport torchvision\nresources.skip_collection_at_exit()\n"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "leaked" not in done.stderr, done.stderr[-2000:]
-
-
 def _in_own_pid_namespace(code: str) -> subprocess.CompletedProcess:
     """Runs ``code`` as pid 1 of a new pid namespace, as a container's main process runs."""
     try:

@@ -10,8 +10,6 @@ step divides among its workers.
 
 :func:`die_with_parent` makes a worker process end when the process that started it
 dies, even by ``kill -9``: a pool worker must never outlive the step it works for.
-:func:`skip_collection_at_exit` spares a step process the collector's passes over its
-whole heap on the way out.
 :func:`reaped_with_me` does the same for processes this one does not start directly (a
 local Ray's daemons, agents and workers): a small reaper process kills them once this
 process is gone.
@@ -19,7 +17,6 @@ process is gone.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import functools
@@ -49,7 +46,6 @@ __all__ = [
     "process_table",
     "boot_ticks",
     "free_port",
-    "skip_collection_at_exit",
     "hide_unused_module",
     "return_freed_memory",
     "trim_heap",
@@ -140,36 +136,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def skip_collection_at_exit() -> None:
-    """Lets this process end without the collector walking every object it still holds.
-
-    Python's finalization collects garbage several times while it tears the modules down,
-    and each pass visits every tracked object: 0.18–0.27 s of a cold ``imgpipe clean``
-    on 2 cores (``perf``: all in ``gc_collect_main``), for memory the kernel frees anyway.
-    Freezing the heap from an exit handler moves it out of the collector's view only once
-    the process is ending, so calling this from code that goes on running (a test, a
-    notebook) changes nothing until that process exits. Exit handlers, stream flushes and
-    the modules' teardown still run; only garbage in reference cycles is left unfinalized,
-    which is why the steps close their files and commit before they return.
-    """
-    atexit.unregister(_freeze_at_exit)  # one registration however often it is called
-    atexit.register(_freeze_at_exit)
-
-
-# Extensions built with nanobind check, when the interpreter finalizes, that every object
-# they made was freed, and print a report of the rest ("nanobind: leaked 514 functions!",
-# about 27 lines) that users read as a crash. A frozen heap leaves their cycles unfreed, so
-# a process that loaded one is finalized in full. triton is one: torchvision.ops imports
-# torch._dynamo, which imports triton when it is installed (torch.utils._triton).
-_CHECKED_AT_EXIT = ("triton",)
-
-
-def _freeze_at_exit() -> None:
-    """Freezes the heap for the finalization, unless an extension that checks for leaks is loaded."""
-    if not any(name in sys.modules for name in _CHECKED_AT_EXIT):
-        gc.freeze()
 
 
 class _Hidden:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imgpipe import contract, modelregistry, resources, storage
+from imgpipe import contract, modelregistry, shutdown, storage
 from imgpipe.config import config_to_dict
 from imgpipe.kfp import lineage
 from imgpipe.kfp.publish import publish_promotion
@@ -52,7 +52,7 @@ __all__ = [
     "promote_run",
 ]
 
-resources.skip_collection_at_exit()  # every component imports this module first
+shutdown.skip_collection_at_exit()  # every component imports this module first
 
 log = logging.getLogger(__name__)
 

@@ -337,7 +337,7 @@ def _fit(run: TrainingRun) -> int:
         with run.timed("steps"):
             record: dict[str, Any] = {"epoch": epoch, **train_one_epoch(run, epoch)}
         if run.val_loader is not None and "divergence" not in record:
-            with run.timed("validation"):
+            with run.timed("validation"), run.evaluation_layout():
                 _validate(run, epoch, record)
         record["seconds"] = round(time.perf_counter() - started, 3)
         # Wall-clock time at the epoch's end (validation included), and since the step began: time to accuracy.
@@ -369,7 +369,8 @@ def _fit(run: TrainingRun) -> int:
     if run.best_state is not None:
         run.module.load_state_dict(run.best_state)
     elif ran and run.val_loader is None:  # no validation: the last weights ship, with their statistics measured
-        _recompute_norm_stats(run)
+        with run.evaluation_layout():
+            _recompute_norm_stats(run)
     return ran
 
 
@@ -454,7 +455,7 @@ def train(data: str, out: str, cfg: TrainConfig | None = None) -> TrainReport:
                 resume(run)
             run.phase_s["setup"] = time.monotonic() - started
             epochs_run = _fit(run)
-            with run.timed("final_evaluation"):
+            with run.timed("final_evaluation"), run.evaluation_layout():
                 tests, with_rows = _final_evaluations(run)
             report = finish(run, epochs_run, run.best_val, tests, with_rows, upstream_manifest, time.monotonic() - started)
     finally:

@@ -131,7 +131,8 @@ class TrainConfig:
         amp: bf16 autocast of the training steps on CUDA, and on a CPU with native bf16
             (AVX512-BF16 or AMX; :func:`imgpipe.train.run.cpu_bf16`); evaluation on a CPU
             stays float32, the exported model's arithmetic.
-        channels_last: Channels-last memory format on CUDA.
+        channels_last: Channels-last memory format: on CUDA throughout; on a CPU for the
+            evaluations only, where it is faster (:meth:`imgpipe.train.run.TrainingRun.evaluation_layout`).
         grad_clip: Maximum gradient norm; 0 disables clipping.
         divergence_factor: The run has diverged when a loss is not finite, or when the
             loss (smoothed over twice ``divergence_steps`` steps) stays above this many times
