@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 
@@ -10,8 +12,10 @@ import pytest
 from imgpipe import cli, shutdown
 
 
-def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def _python(code: str, buffered: bool = False) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter; ``buffered``: its stdout block-buffered, whatever PYTHONUNBUFFERED says."""
+    env = {k: v for k, v in os.environ.items() if not (buffered and k == "PYTHONUNBUFFERED")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_skipping_the_exit_collection_waits_for_the_exit():
@@ -59,6 +63,23 @@ def test_ending_a_process_runs_its_exit_handlers_and_flushes_but_skips_the_teard
     assert usual.returncode == 3 and usual.stdout.endswith("finalized in the teardown\n")
 
 
+def test_ending_a_process_flushes_the_c_librarys_output_too():
+    # An extension's printf sits in the C library's buffer while stdout is a pipe.
+    done = _python("import ctypes\nfrom imgpipe import shutdown\nctypes.CDLL(None).printf(b'from C\\n')\nshutdown.end_process(None)\n")
+    assert (done.returncode, done.stdout) == (0, "from C\n"), done.stderr
+
+
+@pytest.mark.parametrize("end", ["shutdown.end_process(0)", "sys.exit(0)"])
+def test_a_stdout_whose_reader_is_gone_fails_the_exit_as_python_fails_it(end):
+    code = (
+        "import os, sys\n"
+        "from imgpipe import shutdown\n"
+        "sys.stdout.write('lost')\n"  # buffered: stdout is a pipe
+        "r, w = os.pipe(); os.dup2(w, 1); os.close(r); os.close(w)\n" + end + "\n"
+    )
+    assert _python(code, buffered=True).returncode == 120
+
+
 def test_a_process_with_a_thread_still_running_ends_as_python_ends_it():
     # end_process returns; Python's exit then waits for the thread, whose output is not lost.
     code = (
@@ -81,6 +102,8 @@ def test_the_train_command_ends_its_process_without_the_teardown(monkeypatch, co
     monkeypatch.setattr(shutdown, "skip_collection_at_exit", lambda: None)
     monkeypatch.setattr(cli.resources, "hide_unused_module", lambda name: False)
     monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "system")
+    credentials = logging.getLogger("botocore.credentials")
+    monkeypatch.setattr(credentials, "level", credentials.level)
     monkeypatch.setitem(cli.COMMANDS, command, lambda args: 0)
     monkeypatch.setattr(sys, "argv", ["imgpipe", command, "file:///nowhere/in", "file:///nowhere/out"])
     assert cli.main() == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import gc
 import os
 import sys
@@ -53,16 +54,18 @@ def _freeze_at_exit() -> None:
         gc.freeze()
 
 
-def end_process(code: int) -> None:
+def end_process(code: int | None) -> None:
     """Ends this process with exit status ``code`` as Python's exit does, less the modules' teardown.
 
-    The exit handlers run and the standard streams are flushed; then the process ends
-    (``os._exit``), without the teardown's garbage collections and finalizers. With triton
-    loaded (:data:`_CHECKED_AT_EXIT`: the heap cannot be frozen) the teardown took 1.9–2.7 s
-    of a cold ``imgpipe train`` on 2 cores, after its output was committed; this takes
-    0.2 s. For a step's own process only, once its output is committed and its files are
-    closed: an object left to the teardown (a file in a module's global, garbage in a
-    reference cycle) is not finalized.
+    The exit handlers run and the standard streams are flushed, Python's and the C
+    library's (an extension's ``printf``); then the process ends (``os._exit``), without the
+    teardown's garbage collections and finalizers. ``None`` is status 0, as for
+    ``sys.exit``; a stdout that cannot be flushed (its reader gone) makes a successful exit
+    status 120, as Python's does. With triton loaded (:data:`_CHECKED_AT_EXIT`: the heap
+    cannot be frozen) the teardown took 1.9–2.7 s of a cold ``imgpipe train`` on 2 cores,
+    after its output was committed; this takes 0.2 s. For a step's own process only, once
+    its output is committed and its files are closed: an object left to the teardown (a
+    file in a module's global, garbage in a reference cycle) is not finalized.
 
     Returns (and ends nothing) while a thread other than this one, not a daemon, still
     runs: Python's exit waits for such threads, and wakes the idle workers of a thread pool
@@ -71,8 +74,14 @@ def end_process(code: int) -> None:
     me = threading.current_thread()
     if any(t is not me and not t.daemon and t.is_alive() for t in threading.enumerate()):
         return
+    status = 0 if code is None else code
     atexit._run_exitfuncs()  # what Python's exit runs them with: last registered first
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # closed, or its reader gone: Python's exit ignores it too
+        try:
             stream.flush()
-    os._exit(code)
+        except (OSError, ValueError):  # closed, or its reader gone
+            if stream is sys.stdout and status == 0:
+                status = 120
+    with contextlib.suppress(OSError, AttributeError):  # a C library without fflush(NULL)
+        ctypes.CDLL(None).fflush(None)
+    os._exit(status)

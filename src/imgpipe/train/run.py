@@ -150,7 +150,11 @@ class TrainingRun:
 
     @property
     def eval_amp(self) -> bool:
-        """bf16 autocast of evaluations: CUDA only, so that a CPU's test predictions are the float32 export's."""
+        """bf16 autocast of evaluations: CUDA only, so that a CPU's test predictions are float32, as the export computes.
+
+        They may still differ from the export's in the last bits: a CPU evaluates with
+        channels-last weights (:meth:`evaluation_layout`), the export's are contiguous.
+        """
         return self.cfg.amp and self.device.type == "cuda"
 
     @property
