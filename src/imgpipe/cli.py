@@ -61,8 +61,8 @@ _WITHOUT_PANDAS = ("download", "clean")
 # from it as well.
 _SYSTEM_ALLOCATOR = ("download", "clean", "train", "show")
 # The commands whose process ends without the interpreter's teardown once they return
-# (shutdown.end_process): torch with triton loaded, whose teardown took 1.9-2.7 s of a cold
-# `imgpipe train` after its output was committed.
+# (shutdown.end_process, which says why and what it cost): the train step, where it was
+# measured. predict loads torch too, with a Ray session beside it; it keeps Python's exit.
 _NO_TEARDOWN = ("train",)
 
 

@@ -166,12 +166,10 @@ class TrainingRun:
     def evaluation_layout(self) -> Iterator[None]:
         """On a CPU, the model's and its EMA's weights channels-last for the block, the training's layout back after.
 
-        A CPU's forward pass is faster with channels-last weights (2 cores, float32, batch
-        of 16: resnet50 at 224 px 20 %, efficientnet_b0 20-30 %, mobilenet_v3_large 40 %,
-        resnet18 at 64 px 15-30 %; convnext_tiny and vit_b_16 the same), its training step is
-        not (resnet18 at 64 px, forward, backward and SGD: the same within the noise). So
-        the evaluations (precise BN, validation, test) take it, and the steps keep the
-        layout they train fastest in. On CUDA the weights are channels-last throughout
+        A CPU's forward pass is faster with channels-last weights (15-40 % for the
+        convolutional models measured, the same for the others), its training step is not
+        (docs/benchmarks/runs/2026-11-28-eval-layout.md). So the evaluations (precise BN,
+        validation, test) take it, and the steps keep the layout they train fastest in. On CUDA the weights are channels-last throughout
         (:attr:`channels_last`); with ``channels_last`` off, nothing changes. The values
         stay the same (only their order in memory changes); a convolution's sums may round
         in another order.
