@@ -60,6 +60,7 @@ MIDDLE = {
     "modelregistry",
     "serving",
     "serve_model",
+    "serve_limits",
     "sweep",
 }
 TOP = {"cli", "cli_args", "kfp", "remote", "containers", "components", "pipelines", "serve_runtime"}

@@ -6,8 +6,9 @@ Triton repository a promotion writes (imgpipe.serving, with its model.json). Ora
 ``imgpipe predict`` on the same pictures (top-1 equal, probabilities within 1e-4), the train
 step's own test predictions for the prepared-tensor form, and the v2 protocol's error body. The
 model's discovery and checks (imgpipe.serve_model, no kserve) run here, in this venv.
-KServe's server listens on 0.0.0.0 (it has no host setting): the tests that start it run
-inside scripts/in-loopback-netns (make test does), where that is the loopback alone.
+The runtime listens on 127.0.0.1 unless told (kserve's own server has no host setting; the
+runtime sets it); the tests that start it still run inside scripts/in-loopback-netns (make test
+does), so that a server that did bind every interface would reach the loopback alone.
 """
 
 from __future__ import annotations

@@ -122,10 +122,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.rows < 1:
         raise ValueError(f"--rows must be >= 1, got {args.rows}")
     report = build_report(args.uri)
-    for path, content in ((args.html, lambda: report.html().encode("utf-8")), (args.grid, report.grid_png)):
-        if path:
-            storage.write_bytes(storage.normalize_uri(path), content())
-            log.info("wrote %s", path)
+    if args.html:
+        storage.write_text(storage.normalize_uri(args.html), report.html())
+        log.info("wrote %s", args.html)
+    if args.grid:
+        storage.write_bytes(storage.normalize_uri(args.grid), report.grid_png())
+        log.info("wrote %s", args.grid)
     print(report.text(max_rows=args.rows))
     return 0
 
@@ -352,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(only=command).parse_args(argv)
     shutdown.skip_collection_at_exit()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # every record on the terminal through the one redaction
+        handler.addFilter(storage.RedactingFilter())
     if not args.verbose:  # "Found credentials in environment variables" on every start says nothing to act on
         logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     if args.storage_endpoint:
@@ -367,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A user's mistake, a store that refuses or does not answer, or a failed remote run
         # (Ray job, KFP run): one clear line and a non-zero exit, no traceback (-v shows it).
         # One line, never a terminal's colour codes (kfp colours task names in its errors).
-        print(f"imgpipe {args.command}: error: {_ANSI.sub('', line)}", file=sys.stderr)
+        print(f"imgpipe {args.command}: error: {storage.redact_text(_ANSI.sub('', line))}", file=sys.stderr)
         return 2
     if whole_process and args.command in _NO_TEARDOWN:
         shutdown.end_process(code)  # returns only while another thread runs

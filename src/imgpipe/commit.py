@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from imgpipe import storage
-from imgpipe.config import config_to_dict
+from imgpipe.config import config_record
 from imgpipe.contract import LEGACY_NAMES, MANIFEST, OWNER, SCHEMA_VERSION, SUCCESS, StepReport, check_sizes, dest_uri, side_file
 
 __all__ = [
@@ -170,7 +170,7 @@ def claim(dest: str, step: str, *, keep: Iterable[str] = ()) -> str:
         "pid": os.getpid(),
         "started_at": _now(),
     }
-    storage.write_bytes(dest_uri(dest, OWNER), json.dumps(marker).encode())
+    storage.write_text(dest_uri(dest, OWNER), json.dumps(marker))
     storage.delete(dest_uri(dest, LEGACY_NAMES[OWNER]))  # an earlier version's marker, once the new one is there
     return attempt
 
@@ -210,7 +210,7 @@ def publish(dest: str, step: str, attempt: str, manifest: Mapping[str, Any]) -> 
     _check_owner(dest, step, attempt)
     check_sizes(dest, manifest.get("files", []))
     body = {**manifest, "attempt": attempt}
-    storage.write_bytes(dest_uri(dest, MANIFEST), json.dumps(body, indent=2).encode())
+    storage.write_json(dest_uri(dest, MANIFEST), body)
     _check_owner(dest, step, attempt)
     storage.write_bytes(dest_uri(dest, SUCCESS), b"")
     try:
@@ -247,6 +247,6 @@ def manifest_body(report: StepReport, config: Any, upstream: Mapping[str, Any] |
         "schema_version": SCHEMA_VERSION,
         **report.to_dict(),
         "created_at": _now(),
-        "config": config_to_dict(config),
+        "config": config_record(config),
         "upstream": dict(upstream or {}),
     }

@@ -22,6 +22,7 @@ from typing import Annotated, Any, TypeVar
 import yaml
 
 from imgpipe.registry import STEPS
+from imgpipe.storage.redact import redact_value
 
 __all__ = [
     "SECTIONS",
@@ -32,6 +33,7 @@ __all__ = [
     "step_config",
     "load_config",
     "config_to_dict",
+    "config_record",
     "config_to_yaml",
     "changed_fields",
     "parse_override",
@@ -453,9 +455,18 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def config_record(cfg: Any) -> dict[str, Any]:
+    """The config as it is kept at rest (manifests, cards, checkpoints, ``config.yaml``) and compared with
+    what was kept: :func:`config_to_dict` with every configured secret cut (:func:`imgpipe.storage.redact_value`).
+
+    What a step runs with stays :func:`config_to_dict` (a remote job's payload needs the real URIs).
+    """
+    return redact_value(config_to_dict(cfg))
+
+
 def config_to_yaml(cfg: Any) -> str:
-    """Returns the resolved config as YAML, the form written next to a step's outputs."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    """Returns the resolved config as YAML, the form written next to a step's outputs (:func:`config_record`)."""
+    return yaml.safe_dump(config_record(cfg), sort_keys=False)
 
 
 def changed_fields(cfg: Any) -> dict[str, Any]:

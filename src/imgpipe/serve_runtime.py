@@ -24,8 +24,10 @@ from typing import Any
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.rest import server as rest_server
 
 from imgpipe import serve_model
+from imgpipe.serve_limits import MAX_INFLIGHT, RequestLimits, request_limit
 from imgpipe.serve_model import OUTPUTS, BadRequest, open_model
 from imgpipe.train.card import preprocessing_spec
 
@@ -105,25 +107,52 @@ async def _invalid_request(_: Any, exc: Exception) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Loads the model (refused in one line, exit 1) and serves it until stopped."""
+    """Loads the model (refused in one line, exit 1) and serves it until stopped, on the address and within the bounds it prints."""
     from fastapi.exceptions import RequestValidationError
     from kserve import model_server
 
     parser = argparse.ArgumentParser(prog="python -m imgpipe.serve_runtime", parents=[model_server.parser], description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", required=True, help="the model prefix, or a folder holding one (KServe: /mnt/models)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime's intra-op threads")
+    parser.add_argument("--host", default="127.0.0.1", help="the HTTP address; 0.0.0.0 in a pod (the ServingRuntime passes it)")
+    parser.add_argument("--max_body_mb", type=float, default=None, help="the largest request body (default: 64 prepared tensors of the card's size)")
+    parser.add_argument("--max_inflight", type=int, default=MAX_INFLIGHT, help="requests with a body held at once; one more gets 503")
+    parser.set_defaults(enable_grpc=False)  # kserve opens gRPC on every interface by default: only when asked
     args, _ = parser.parse_known_args(argv)
     model = ImgpipeModel(args.model_name, args.model_dir, threads=args.threads)
     try:
         model.load()
+        if args.max_body_mb is not None and not args.max_body_mb > 0:
+            raise ValueError(f"--max_body_mb must be > 0, got {args.max_body_mb}")
     except ValueError as exc:
         print(f"imgpipe.serve_runtime: {exc}", file=sys.stderr)
         return 1
+    max_body = int(args.max_body_mb * (1 << 20)) if args.max_body_mb else request_limit(model.card, serve_model.MAX_IMAGES)
+    _RESTServer.host = args.host
+    model_server.RESTServer = _RESTServer
     server = ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc)
     server.dataplane = _DataPlane(model_registry=server.registered_models)
     model_server.app.add_exception_handler(RequestValidationError, _invalid_request)
+    model_server.app.add_middleware(RequestLimits, max_body=max_body, max_inflight=args.max_inflight)
+    grpc = f"gRPC on [::]:{args.grpc_port} (every interface)" if args.enable_grpc else "no gRPC (--enable_grpc=true opens it)"
+    print(
+        f"imgpipe.serve_runtime: serving {args.model_name} on http://{args.host}:{args.http_port} (v2), {grpc}; "
+        f"request bodies up to {max_body / (1 << 20):.1f} MiB, {args.max_inflight} at once",
+        file=sys.stderr,
+        flush=True,
+    )
     server.start([model])
     return 0
+
+
+class _RESTServer(rest_server.RESTServer):
+    """kserve's REST server on :attr:`host` (kserve's own is fixed at 0.0.0.0)."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.host = self.host
 
 
 if __name__ == "__main__":

@@ -70,12 +70,15 @@ def entry_for_bytes(name: str, data: bytes, rows: int = 0) -> FileEntry:
     return FileEntry(name=name, rows=rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
-def write_entry(dest: str, name: str, data: bytes) -> FileEntry:
+def write_entry(dest: str, name: str, data: bytes | str) -> FileEntry:
     """Writes ``data`` as ``name`` in the prefix ``dest`` (in one piece); returns its manifest entry.
 
     For outputs of small files that commit with :func:`publish` (train, compare); Parquet
-    data files go through :class:`OutputWriter`.
+    data files go through :class:`OutputWriter`. Text (``str``: a page, JSON, YAML) passes
+    through :func:`imgpipe.storage.redact_text` first; bytes are written as they are.
     """
+    if isinstance(data, str):
+        data = storage.redact_text(data).encode()
     storage.write_bytes(dest_uri(dest, name), data)
     return entry_for_bytes(name, data)
 
@@ -290,7 +293,7 @@ class OutputWriter:
             schema=REJECTS_SCHEMA,
         )
         storage.write_bytes(self.uri(REJECTS), table_to_parquet_bytes(rejects_table))
-        storage.write_bytes(self.uri(CONFIG), config_to_yaml(config).encode())
+        storage.write_text(self.uri(CONFIG), config_to_yaml(config))
         report = StepReport(
             step=self.step,
             dest=self.dest,

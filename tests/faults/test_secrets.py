@@ -34,7 +34,11 @@ ACCESS_KEY = "AKIAIMGPIPESECRET4711"
 SECRET_KEY = "imgpipe-secret-key-0f3c9a7e55d1"
 URL_PASSWORD = "imgpipe-url-password-77ab"
 URL_SIGNATURE = "imgpipe-presigned-signature-5e21"
-SECRETS = (ACCESS_KEY, SECRET_KEY, URL_PASSWORD, URL_SIGNATURE)
+URL_TOKEN = "imgpipe-url-token-3c9e81"  # a token in a query string (Hugging Face's, a CDN's)
+OVERRIDES_SIGNATURE = "imgpipe-overrides-signature-a4d0"  # clean.label_overrides, presigned
+ENV_TOKEN = "imgpipe-env-token-19b7c2e5"  # a token the environment holds (a registry's, Label Studio's)
+SECRETS = (ACCESS_KEY, SECRET_KEY, URL_PASSWORD, URL_SIGNATURE, URL_TOKEN, OVERRIDES_SIGNATURE, ENV_TOKEN)
+pytestmark = pytest.mark.quick  # make test runs it too (issue 83: no secret at rest)
 
 
 @pytest.fixture
@@ -69,24 +73,29 @@ def _hits(blob: bytes, where: str) -> list[str]:
 def test_no_secret_in_outputs_artifacts_or_logs(tmp_path, monkeypatch, capfd, archive_server, figures):
     host, digest = archive_server
     monkeypatch.setenv("IMGPIPE_SOURCE_NETWORKS", "127.0.0.1/32")  # the archive server is on loopback
+    monkeypatch.setenv("IMGPIPE_MODEL_REGISTRY_TOKEN", ENV_TOKEN)
     # A store of its own whose one identity has the secret keys (the server sets the environment).
     store = seaweedfs_server(tmp_path / "seaweedfs", S3Identity(ADMIN_USER, ACCESS_KEY, SECRET_KEY))
     with store:
         storage.s3_client().create_bucket(Bucket="secrets")
+        storage.write_bytes("s3://secrets/imgpipe/review/label_overrides.csv", b"path,label\n")
+        storage.write_bytes("s3://secrets/imgpipe/src/annotations.tar.gz", (tmp_path / "synth" / "annotations.tar.gz").read_bytes())
         _run_and_search(tmp_path, capfd, host, digest, figures)
 
 
 def _run_and_search(tmp_path, capfd, host, digest, figures):
     s3_bucket = "s3://secrets"
     source = f"http://reader:{URL_PASSWORD}@{host}/images.tar.gz?X-Amz-Signature={URL_SIGNATURE}&X-Amz-Expires=600"
+    annotations = f"{s3_bucket}/imgpipe/src/annotations.tar.gz?token={URL_TOKEN}"
+    overrides = f"{s3_bucket}/imgpipe/review/label_overrides.csv?X-Amz-Signature={OVERRIDES_SIGNATURE}"
     result = run_local(
         LocalRunConfig(
             data_root=f"{s3_bucket}/imgpipe",
             workdir=str(tmp_path / "work"),
             source=source,
-            annotations="",
+            annotations=annotations,
             params={"image_size": 32, "model": "tiny_cnn", "epochs": 1, "batch_size": 4, "source_sha256": digest},
-            step_config={"clean": {"workers": 1}, "train": {"max_steps_per_epoch": 2, "device": "cpu"}},
+            step_config={"clean": {"workers": 1, "label_overrides": overrides}, "train": {"max_steps_per_epoch": 2, "device": "cpu"}},
         )
     )
     assert result.reconciled
@@ -104,6 +113,7 @@ def _run_and_search(tmp_path, capfd, host, digest, figures):
             hits += _hits(path.read_bytes(), str(path))
             scanned["local_files"] += 1
     logged = (logs.out + logs.err).replace(source, "<the source_uri parameter, as KFP echoes it>")
+    logged = logged.replace(annotations, "<the annotations_uri parameter, as KFP echoes it>")
     hits += _hits(logged.encode(), "the captured logs")
     hits += _hits(repr(result.metadata).encode(), "the kfp artifact metadata")
     assert not hits, hits

@@ -56,7 +56,7 @@ class Marker:
     def __init__(self, bucket_dir: str | Path, task: int) -> None:
         path = marker_path(bucket_dir, task)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # at rest: a spill of decoded rows (data), 0600
 
     @contextlib.contextmanager
     def naming(self, row: int, member: str) -> Iterator[None]:

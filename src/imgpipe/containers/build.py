@@ -220,7 +220,7 @@ def build_context(root: Path = ROOT, pip_settings: tuple[str, bytes | None] | No
     """
     conf, ca = pip_settings if pip_settings is not None else host_pip_settings()[:2]
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    with tarfile.open(fileobj=buf, mode="w") as tar:  # at rest: an image's build context, in memory
         for path in _context_files(root):
             name = path.relative_to(root).as_posix()
             if name == f"{PIP_DIR}/pip.conf":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
-import json
 import math
 import os
 import tarfile
@@ -26,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from imgpipe import resources, storage
-from imgpipe.config import config_to_dict
+from imgpipe.config import config_record
 from imgpipe.data.synth_images import (
     OXFORD_BREEDS,
     choose_breeds,
@@ -367,9 +366,9 @@ def _annotations(cfg: SynthConfig, breeds: Sequence[str], kept: Sequence[_Member
 def _write_tar_gz(path: str, files: dict[str, bytes], compresslevel: int) -> None:
     """Writes a byte-reproducible tar.gz: sorted members, fixed owner/mode/mtimes."""
     with (
-        open(path, "wb") as raw,
+        open(path, "wb") as raw,  # at rest: the sample archive (generated pictures)
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=compresslevel) as gz,
-        tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar,  # at rest: the sample archive (generated pictures)
     ):
         for name in sorted(files):
             info = tarfile.TarInfo(name)
@@ -447,7 +446,7 @@ def generate(dest: str, cfg: SynthConfig, *, progress: bool = True) -> SynthRepo
     images = {m.path: rendered[m.path].data for m in members}
     annotations = _annotations(cfg, breeds, kept, rendered)
     meta = {
-        "config": config_to_dict(cfg),
+        "config": config_record(cfg),
         "classes": list(breeds),
         "members": len(images),
         "valid_images": len(kept),
@@ -464,7 +463,7 @@ def generate(dest: str, cfg: SynthConfig, *, progress: bool = True) -> SynthRepo
             local = os.path.join(tmp, name)
             _write_tar_gz(local, files, level)
             storage.upload_file(local, storage.join(dest, name))
-    storage.write_bytes(storage.join(dest, "synth.json"), json.dumps(meta, indent=2).encode() + b"\n")
+    storage.write_json(storage.join(dest, "synth.json"), meta)
     return SynthReport(
         dest=dest,
         classes=list(breeds),

@@ -125,7 +125,7 @@ class HttpSpooler:
         failures = 0
         with (
             peer_checked_session(self.policy) as session,
-            open(self.path, "wb") as fh,
+            open(self.path, "wb") as fh,  # at rest: the downloaded source (data)
             byte_bar(f"fetch {basename(self.url)}", None) as bar,
         ):
             session.headers["User-Agent"] = "imgpipe-download"

@@ -179,9 +179,7 @@ def write_step_artifact(artifact: Any, prefix: str, **metadata: Any) -> dict[str
     """
     prefix = storage.normalize_uri(prefix)
     manifest = contract.read_manifest(prefix)
-    path = Path(artifact.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=2, default=str))
+    storage.write_json(artifact.path, manifest)
     artifact.metadata.update({k: manifest.get(k) for k in _SUMMARY_KEYS})
     artifact.metadata.update(prefix=prefix, **metadata)
     return manifest
@@ -296,11 +294,10 @@ def record_latest(data_root: str, run_id: str, prefixes: Mapping[str, str], data
         **({"dataset": dict(dataset)} if dataset else {}),
         **more,
     }
-    text = json.dumps(record, indent=2).encode()
     if dataset:
-        storage.write_bytes(lineage.record_uri(data_root, str(dataset["key"])), text)
+        storage.write_json(lineage.record_uri(data_root, str(dataset["key"])), record)
     uri = storage.join(storage.normalize_uri(data_root), LATEST)
-    storage.write_bytes(uri, text)
+    storage.write_json(uri, record)
     return uri
 
 

@@ -301,9 +301,9 @@ def check_run(cfg: LocalRunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _settings_text(arguments: Mapping[str, Any], configs: Mapping[str, Any]) -> str:
-    """The resolved configuration as YAML: the pipeline's parameters, then every section's whole config."""
+    """The resolved configuration as YAML: the pipeline's parameters, then every section's whole config (as kept at rest)."""
     doc = {"pipeline": {k: v for k, v in arguments.items() if k != "step_config"}, **{k: config_to_dict(c) for k, c in configs.items()}}
-    return yaml.safe_dump(doc, sort_keys=False)
+    return yaml.safe_dump(storage.redact_value(doc), sort_keys=False)
 
 
 def _announce(log: Path | None, settings: Path, arguments: Mapping[str, Any], configs: Mapping[str, Any]) -> None:
@@ -313,7 +313,7 @@ def _announce(log: Path | None, settings: Path, arguments: Mapping[str, Any], co
     changed = preflight.changed_settings(arguments, configs)
     print(f"settings changed from the defaults (all of them: {settings}):", file=sys.stderr)
     for section, values in changed.items():
-        print(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
+        print(f"  {section}: " + ", ".join(f"{k}={storage.redact_text(str(v))}" for k, v in values.items()), file=sys.stderr)
     sys.stderr.flush()
 
 
@@ -339,9 +339,8 @@ def run_local(cfg: LocalRunConfig, *, verbose: bool = False) -> LocalRunResult:
         stamp = time.strftime("run-%Y%m%d-%H%M%S")
         log = None if verbose else workdir / "logs" / f"{stamp}.log"
         settings = workdir / "logs" / f"{stamp}.yaml"
-        settings.parent.mkdir(parents=True, exist_ok=True)
         text = _settings_text(arguments, configs)
-        settings.write_text(text)
+        storage.write_text(str(settings), text)
         _announce(log, settings, arguments, configs)
         data_root, own_store, runner = start_run(cfg, stack, workdir, arguments, client)
         outputs = run_pipeline(workdir, arguments, runner, shards=cfg.shards, log=log)
@@ -349,10 +348,9 @@ def run_local(cfg: LocalRunConfig, *, verbose: bool = False) -> LocalRunResult:
         copies = copy_prefix(storage.join(data_root, "runs", run_id, "train"), workdir / "runs" / run_id / "train") if own_store else {}
         result = collect_result(run_id, data_root, outputs, shards=cfg.shards, copies=copies, seconds=0.0)
         result.store_dir = str(workdir / STORE_DIR) if own_store else ""
-    (workdir / "runs" / run_id).mkdir(parents=True, exist_ok=True)
-    (workdir / "runs" / run_id / "settings.yaml").write_text(text)
+    storage.write_text(str(workdir / "runs" / run_id / "settings.yaml"), text)
     if result.promotion is not None and contract.REPORT in copies:
         page = Path(copies[contract.REPORT])
-        page.write_text(with_promotion(page.read_text(), result.promotion["promoted"], result.promotion["reason"]))
+        storage.write_text(str(page), with_promotion(page.read_text(), result.promotion["promoted"], result.promotion["reason"]))
     result.seconds = round(time.monotonic() - started, 1)
     return result

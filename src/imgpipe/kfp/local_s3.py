@@ -60,6 +60,8 @@ IDENTITIES = "s3-identities.json"
 LOG = "weed.log"
 # While a server serves a data directory, its S3 endpoint is here (0600), for another command to reach it.
 SERVING = "serving.json"
+# The megabytes each of the store's servers holds in flight at once (uploads, downloads, S3 read buffers).
+STORE_INFLIGHT_MB = 256
 # `weed` reads master.toml from its working directory (the data directory): a collection's
 # volumes grow one at a time instead of seven (`weed scaffold -config=master`).
 MASTER_TOML = """[master.volume_growth]
@@ -167,6 +169,11 @@ def _command(weed: str, data_dir: Path, ports: dict[str, int], private: Path, ho
         "-master.volumeSizeLimitMB=256",
         f"-volume.max={MAX_VOLUMES}",
         "-metricsPort=0",  # no metrics listener
+        # Bounded: the bytes in flight through each server at once (uploads beyond wait their turn),
+        # and the S3 gateway's read buffers (docs/serving.md, "Every server bounded").
+        *(f"-{server}.concurrentUploadLimitMB={STORE_INFLIGHT_MB}" for server in ("s3", "filer", "volume")),
+        f"-volume.concurrentDownloadLimitMB={STORE_INFLIGHT_MB}",
+        f"-s3.readerCacheSizeMB={STORE_INFLIGHT_MB}",
         "-master.telemetry=false",  # no reports to seaweedfs.com
         # Fixed ports by default: off, so that servers side by side (test workers) do not collide.
         "-s3.port.iceberg=0",
@@ -411,7 +418,7 @@ def served_by_another(data_dir: Path) -> str | None:
 @contextlib.contextmanager
 def _exclusive(data_dir: Path) -> Iterator[None]:
     """One server per data directory: a second would corrupt the first one's volumes."""
-    with open(os.open(data_dir / ".lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
+    with open(os.open(data_dir / ".lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:  # at rest: an empty lock file
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -498,7 +505,7 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
                         return
                     # The identity is in the filer now: the next start's IAM API reads it as it starts.
                     again = "the IAM API read the identities before the admin was stored; starting the server again"
-            with open(log, "a") as out:
+            with open(log, "a") as out:  # at rest: SeaweedFS's own log, 0600 in the store's 0700 directory
                 out.write(f"imgpipe: {again}\n")
         raise RuntimeError(f"the local S3 server's IAM API (SeaweedFS) did not guard itself with the admin key in {START_TRIES} starts; see {log}")
 
@@ -518,7 +525,8 @@ def _started(weed: str, data_dir: Path, host: str, log: Path) -> Iterator[tuple[
     private = Path(tempfile.mkdtemp(prefix="imgpipe-weed-"))
     try:
         keys = write_security(private, host)
-        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # at rest: SeaweedFS's own log, 0600 in the store's 0700 directory
+        with open(fd, "ab") as out:  # at rest: the same log
             proc = subprocess.Popen(
                 _command(weed, data_dir, ports, private, host),
                 stdout=out,

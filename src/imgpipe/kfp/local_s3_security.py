@@ -54,8 +54,8 @@ class StoreKeys:
 def write_private(path: Path, data: bytes) -> None:
     """Writes ``path`` anew, a file only its owner may read (0600 from its creation: never readable by others, not even briefly)."""
     path.unlink(missing_ok=True)  # a new inode: an old file keeps its mode through O_TRUNC
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # at rest: the store's keys: a secret file, 0600 in a 0700 directory
+    with os.fdopen(fd, "wb") as f:  # at rest: the store's keys: a secret file, 0600 in a 0700 directory
         f.write(data)
 
 

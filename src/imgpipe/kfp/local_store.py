@@ -20,10 +20,11 @@ import signal
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 from imgpipe.contract import PREDICTIONS
 from imgpipe.kfp.local_names import DEFAULT_WORKDIR, LOCAL_BUCKET, STORE_DIR, in_local_store
-from imgpipe.kfp.local_s3 import pointed_at, read_identity, seaweedfs_server, served_by_another
+from imgpipe.kfp.local_s3 import STORE_INFLIGHT_MB, pointed_at, read_identity, seaweedfs_server, served_by_another
 
 __all__ = ["reachable", "serve", "store_dir", "usage_lines"]
 
@@ -78,7 +79,8 @@ def usage_lines(endpoint: str, data_dir: Path) -> list[str]:
     key = read_identity(data_dir)
     train = f"s3://{LOCAL_BUCKET}/runs/<run id>/train"
     return [
-        f"the local object store ({data_dir}) serves s3://{LOCAL_BUCKET} at {endpoint}",
+        f"the local object store ({data_dir}) serves s3://{LOCAL_BUCKET} at {endpoint} (its other ports on "
+        f"{urlparse(endpoint).hostname} alone, each asking for this start's certificate; {STORE_INFLIGHT_MB} MB in flight per server at most)",
         "in another shell:",
         f"  export AWS_ENDPOINT_URL={endpoint} AWS_DEFAULT_REGION=us-east-1",
         f"  export AWS_ACCESS_KEY_ID={key.access_key} AWS_SECRET_ACCESS_KEY={key.secret_key}",

@@ -267,7 +267,7 @@ def step_progress(log_path: Path, terminal: TextIO | None = None) -> Iterator[St
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     terminal = terminal or sys.stderr
-    with open(log_path, "w", encoding="utf-8") as log:
+    with open(log_path, "w", encoding="utf-8") as log:  # at rest: every line through storage.redact_text (Progress.write)
         progress = StepProgress(log, terminal, log_path)
         chatter = _KfpChatterToLog(progress)
         handlers = list(logging.getLogger().handlers)

@@ -115,7 +115,7 @@ def publish_promotion(decision: Any, *, metrics: Any, report: Any) -> None:
         metrics.log_metric(f"promotion_current_{decision.metric}", decision.current)
     path = Path(report.path)
     if path.exists():
-        path.write_text(with_promotion(path.read_text(), decision.promoted, decision.reason))
+        storage.write_text(str(path), with_promotion(path.read_text(), decision.promoted, decision.reason))
 
 
 def with_promotion(page: str, promoted: bool, reason: str) -> str:
@@ -165,13 +165,11 @@ def publish_step_report(prefix: str, *, metrics: Any, report: Any) -> OutputRepo
     built = step_report.build_report(prefix)
     for key, value in built.metrics.items():
         metrics.log_metric(key, value)
-    page = built.html().encode("utf-8")
-    path = Path(report.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(page)
+    page = built.html()
+    storage.write_text(report.path, page)
     seconds, step_seconds = time.monotonic() - started, built.metrics.get("seconds", 0.0)
     share = f"{100 * seconds / step_seconds:.1f}% of the step's {step_seconds:.1f} s" if step_seconds else "the step took 0 s"
-    log.info("%s: UI report built in %.2f s (%s), %d KiB", built.step, seconds, share, len(page) >> 10)
+    log.info("%s: UI report built in %.2f s (%s), %d KiB", built.step, seconds, share, len(page.encode()) >> 10)
     return built
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from imgpipe import contract
-from imgpipe.config import config_to_dict
+from imgpipe.config import config_record
 from imgpipe.contract import StepReport
 
 __all__ = ["RUN_ID_ENV", "resolve_run_id", "job_id", "attempt_id", "latest_attempt", "choose_action", "committed_report"]
@@ -46,7 +46,7 @@ def job_id(step: str, source: str, dest: str, cfg: Any, run_id: str | None) -> s
     if run_id is None:
         return f"imgpipe-{step}-{uuid.uuid4().hex[:16]}"
     key = json.dumps(
-        {"run_id": run_id, "step": step, "source": source, "dest": dest, "config": config_to_dict(cfg)},
+        {"run_id": run_id, "step": step, "source": source, "dest": dest, "config": config_record(cfg)},
         sort_keys=True,
     )
     return f"imgpipe-{step}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -106,7 +106,7 @@ def committed_report(step: str, source: str, dest: str, cfg: Any) -> StepReport 
         manifest = contract.read_manifest(dest, expect_step=step)
     except (ValueError, FileNotFoundError):
         return None
-    if manifest.get("config") != config_to_dict(cfg):
+    if manifest.get("config") != config_record(cfg):
         return None
     if manifest.get("upstream", {}).get("source", source) != source:
         return None

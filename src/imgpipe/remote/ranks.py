@@ -82,6 +82,8 @@ def _rank_main(data: str, out: str, cfg: dict[str, Any], settings: storage.Setti
     from imgpipe.train.config import TrainConfig
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(storage.RedactingFilter())
     # Spawned ranks start bare: the launcher's endpoints (--s3-endpoint) come with them.
     storage.use_settings(settings)
     report = train(data, out, config_from_dict(TrainConfig, cfg))

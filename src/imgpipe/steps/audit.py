@@ -303,8 +303,8 @@ def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | 
     suspects = out_table.slice(0, len(issues)).to_pylist()
     outputs = {
         LABEL_ISSUES: parquet.table_to_parquet_bytes(out_table),
-        LABEL_OVERRIDES: _overrides_csv(suspects).encode(),
-        LABEL_ISSUES_HTML: _gallery(suspects[:_GALLERY], fold_models, len(labels)).encode(),
+        LABEL_OVERRIDES: _overrides_csv(suspects).encode(),  # at rest: data (paths and labels, as the dataset has them)
+        LABEL_ISSUES_HTML: _gallery(suspects[:_GALLERY], fold_models, len(labels)),
     }
     files = sorted((writer.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
     extra = {

@@ -32,7 +32,7 @@ from imgpipe.clean.pool import DecodePool, decode_pool, run_tasks
 from imgpipe.clean.quality import MEASURES_VERSION, METRICS, Measures
 from imgpipe.clean.review import Review, measures_current, review
 from imgpipe.clean.tasks import ResultBuilder, Task, TaskResult, make_tasks
-from imgpipe.config import config_to_dict
+from imgpipe.config import config_record
 from imgpipe.contract import Reject, StepReport
 from imgpipe.data.annotations import HeadBox, image_stem, read_head_boxes, read_official_split
 from imgpipe.data.images import ImageRejected, open_image
@@ -169,7 +169,7 @@ def _read_known(prefix: str, cfg: CleanConfig) -> tuple[list[str], pa.Table, boo
     manifest = contract.read_manifest(prefix, expect_step="clean")
     # As the manifest stores them (tuples as lists); an output written before a setting
     # existed was made with its default.
-    current, default = config_to_dict(cfg), config_to_dict(CleanConfig())
+    current, default = config_record(cfg), config_record(CleanConfig())
     changed = [k for k in _ROW_SETTINGS if manifest["config"].get(k, default[k]) != current[k]]
     if changed:
         raise ValueError(f"skip_hashes_from={prefix} was cleaned with other {', '.join(changed)}; run a full clean instead")
@@ -428,7 +428,7 @@ def clean(source: str, dest: str, cfg: CleanConfig | None = None, *, whole: bool
     classes = tally.classes
     storage.write_bytes(
         out.uri(LABELS_FILE),
-        json.dumps({str(i): n for i, n in enumerate(classes)}, indent=2).encode(),
+        json.dumps({str(i): n for i, n in enumerate(classes)}, indent=2).encode(),  # at rest: data (class names)
     )
     report = out.commit(
         inputs=tally.inputs,

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from imgpipe import commit, contract, storage, writer
-from imgpipe.config import check_numbers, check_range, config_to_dict, config_to_yaml
+from imgpipe.config import check_numbers, check_range, config_record, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
 from imgpipe.report import training as report
 from imgpipe.report.comparison import CURVES_PNG, TABLE_KEYS, page
@@ -283,7 +283,7 @@ def compare(
         "imbalance": ratio,
         "class_counts": class_counts(first_metrics),
         "labels": first_metrics.get("labels") or [],
-        "rules": config_to_dict(cfg),
+        "rules": config_record(cfg),
         "branches": _rows(ranked),
         "winner": {"branch": best.name, "prefix": best.prefix, "step_config": winner},
     }
@@ -319,11 +319,11 @@ def _write(dest: str, result: Mapping[str, Any], curves: bytes, winner_yaml: str
     # Every run trained (with seeds, each seed's), so lineage and local copies reach them all.
     trained = [run for r in result["branches"] for run in r.get("runs", [r])]
     outputs = {
-        COMPARISON_JSON: json.dumps(result, indent=2).encode(),
-        COMPARISON_HTML: page(result, curves, winner_yaml).encode(),
+        COMPARISON_JSON: json.dumps(result, indent=2),
+        COMPARISON_HTML: page(result, curves, winner_yaml),
         CURVES_PNG: curves,
-        WINNER_YAML: winner_yaml.encode(),
-        contract.CONFIG: config_to_yaml(cfg).encode(),
+        WINNER_YAML: winner_yaml,
+        contract.CONFIG: config_to_yaml(cfg),
     }
     files = sorted((writer.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)
     body = StepReport(

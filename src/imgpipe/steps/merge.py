@@ -43,7 +43,7 @@ from imgpipe.clean.decode import output_schema
 from imgpipe.clean.neardup import group_representatives, hamming
 from imgpipe.clean.review import NEAR_DUPLICATE, REPORTED
 from imgpipe.clean.splits import split_codes
-from imgpipe.config import config_to_dict
+from imgpipe.config import config_record
 from imgpipe.contract import Reject, StepReport
 from imgpipe.data.extraction import DUPLICATE_MEMBER
 from imgpipe.data.labels import encode_labels, merge_class_orders
@@ -175,7 +175,7 @@ class _Cursor:
 
 
 def _check_shards(prefixes: Sequence[str], shards: Sequence[_Shard], cfg: CleanConfig) -> None:
-    mine = config_to_dict(cfg)
+    mine = config_record(cfg)
     for prefix, shard in zip(prefixes, shards):
         theirs = shard.manifest.get("config") or {}
         differ = [k for k in _SHARED if k in theirs and theirs[k] != mine[k]]
@@ -329,7 +329,8 @@ def merge(shards: Sequence[str], dest: str, cfg: CleanConfig | None = None) -> S
     np.add.at(tally, (counts.astype(np.int64), label[merged]), 1)
     per_class = Counter({c: int(tally[:, i].sum()) for i, c in enumerate(classes) if tally[:, i].any()})
     per_split_class = {s: {c: int(tally[j, i]) for i, c in enumerate(classes) if tally[j, i]} for j, s in enumerate(SPLITS)}
-    storage.write_bytes(out.uri(contract.LABELS), json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2).encode())
+    names = json.dumps({str(i): c for i, c in enumerate(classes)}, indent=2)
+    storage.write_bytes(out.uri(contract.LABELS), names.encode())  # at rest: data (class names)
     extra = _summary(
         parts,
         prefixes,

@@ -340,9 +340,9 @@ def promote(
     if repository:
         decision = replace(decision, serving=storage.join(dest, serving.REPOSITORY))
     outputs = {
-        PROMOTION_JSON: json.dumps(asdict(decision), indent=2).encode(),
-        PROMOTION_HTML: _html(decision).encode(),
-        contract.CONFIG: config_to_yaml(cfg).encode(),
+        PROMOTION_JSON: json.dumps(asdict(decision), indent=2),
+        PROMOTION_HTML: _html(decision),
+        contract.CONFIG: config_to_yaml(cfg),
         **{f"{serving.REPOSITORY}/{name}": data for name, data in repository.items()},
     }
     files = sorted((writer.write_entry(dest, name, data) for name, data in outputs.items()), key=lambda f: f.name)

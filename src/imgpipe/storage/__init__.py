@@ -21,9 +21,8 @@ The backends are :mod:`imgpipe.storage.local` and :mod:`imgpipe.storage.s3`, eac
 from __future__ import annotations
 
 import contextlib
-import logging
+import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ __all__ = [
     "uri_location",
     "redact_text",
     "RedactingFilter",
+    "redact_value",
     "join",
     "get_backend",
     "exists",
@@ -65,6 +65,8 @@ __all__ = [
     "read_some",
     "open_write",
     "write_bytes",
+    "write_text",
+    "write_json",
     "delete",
     "delete_prefix",
     "delete_many",
@@ -86,6 +88,7 @@ from imgpipe.storage import s3
 from imgpipe.storage.arrow_input import ArrowInput
 from imgpipe.storage.base import TMP_MARKER, Backend, ObjectInfo
 from imgpipe.storage.local import LocalBackend
+from imgpipe.storage.redact import RedactingFilter, redact_text, redact_uri, redact_value, uri_location
 from imgpipe.storage.regular import NotRegularFile, check_regular, open_regular
 from imgpipe.storage.s3 import S3Backend, S3Options
 
@@ -109,73 +112,9 @@ def normalize_uri(uri: str | os.PathLike[str]) -> str:
         return "file://" + os.path.abspath(os.path.expanduser(path))
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise ValueError(f"S3 URI {text!r} has no bucket; expected s3://bucket/prefix")
+            raise ValueError(f"S3 URI {redact_uri(text)!r} has no bucket; expected s3://bucket/prefix")
         return f"s3://{parsed.netloc}/{parsed.path.lstrip('/')}"
-    raise ValueError(f"unsupported storage URI {text!r}: use file://, s3:// or a local path")
-
-
-def redact_uri(uri: str | os.PathLike[str]) -> str:
-    """``uri`` as it may be persisted or logged: without userinfo, query or fragment.
-
-    Presigned URLs carry their signature and access key in the query, ``user:pass@``
-    URLs their password; neither may reach a manifest, an artifact or a log. What
-    remains names the object well enough to find it. Never raises: a URI that does not
-    parse (``http://u:p@[::1/x``, a port past 65535) is cut by hand the same way.
-    """
-    text = os.fspath(uri)
-    scheme = text.split(":", 1)[0].lower() if _SCHEME.match(text) else ""
-    if not scheme or scheme == "file":
-        return text
-    location, hidden = _location(text)
-    return f"{scheme}://{location}" + (" (credentials and query removed)" if hidden else "")
-
-
-def uri_location(uri: str) -> str:
-    """``host[:port]/path`` of a URI: what :func:`redact_uri` keeps of it, without the scheme.
-
-    What a member named after its URI is called (``example.com:8080/img/a.jpg``): userinfo,
-    query and fragment never reach it. Never raises.
-    """
-    return _location(uri)[0]
-
-
-def redact_text(text: str) -> str:
-    """``text`` (an error message, a log line) with every URI in it passed through :func:`redact_uri`.
-
-    A query written without its URI (urllib3's ``Max retries exceeded with url:
-    /a.jpg?X-Amz-Signature=...``) is cut as well.
-    """
-    text = _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
-    return _QUERY_IN_TEXT.sub("?(query removed)", text)
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that passes each record's message through :func:`redact_text` (urllib3's request lines carry queries)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        shown = redact_text(message)
-        if shown != message:
-            record.msg, record.args = shown, ()
-        return True
-
-
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-_QUERY_IN_TEXT = re.compile(r"(?<=[^\s?])\?(?!\(query removed\))[^\s'\"<>()]+")
-
-
-def _location(text: str) -> tuple[str, bool]:
-    """``(host[:port]/path, whether anything was cut)`` of a URI; by hand where it does not parse."""
-    try:
-        parsed = urlparse(text)
-    except ValueError:  # "Invalid IPv6 URL": the same cut, by hand
-        rest = text.split("://", 1)[-1]
-        kept = re.split(r"[?#;]", rest, maxsplit=1)[0]
-        authority, slash, path = kept.partition("/")
-        return authority.rpartition("@")[2] + slash + path, kept != rest or "@" in authority
-    hidden = bool("@" in parsed.netloc or parsed.query or parsed.fragment or parsed.params)
-    return parsed.netloc.rpartition("@")[2] + parsed.path, hidden
+    raise ValueError(f"unsupported storage URI {redact_uri(text)!r}: use file://, s3:// or a local path")
 
 
 def join(base: str, *parts: str) -> str:
@@ -378,9 +317,19 @@ def open_write(uri: str) -> contextlib.AbstractContextManager[IO[bytes]]:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Writes a whole object atomically."""
+    """Writes a whole object atomically (data as it is: text goes through :func:`write_text`)."""
     with open_write(uri) as fh:
         fh.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    """Writes a whole text object atomically, through :func:`redact_text`: no configured secret reaches it."""
+    write_bytes(uri, redact_text(text).encode())
+
+
+def write_json(uri: str, value: Any, *, indent: int | None = 2) -> None:
+    """Writes ``value`` as JSON atomically, each string through :func:`redact_value` first (then the text again)."""
+    write_text(uri, json.dumps(redact_value(value), indent=indent, default=str) + ("\n" if indent else ""))
 
 
 def delete(uri: str) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from imgpipe import storage
-from imgpipe.config import config_to_dict
+from imgpipe.config import config_record
 from imgpipe.train.distributed import DistInfo
 from imgpipe.train.divergence import DivergenceRecord
 from imgpipe.train.evaluation import EvalResult
@@ -84,7 +84,7 @@ def save_checkpoint(run: TrainingRun, epoch: int, step: int | None = None) -> No
         # Where a resumed run starts: epoch + 1 from its beginning, or the rest of this epoch.
         "loader": run.train_loader.state_at_start(epoch + 1) if step is None else run.train_loader.state_dict(),
         "rng": rng,
-        "config": config_to_dict(run.cfg),
+        "config": config_record(run.cfg),
         # How the epoch's samples were dealt: a resume with another layout would see others.
         "layout": _layout(run),
         "history": run.history,
@@ -123,7 +123,7 @@ def resume(run: TrainingRun) -> None:
         return
     state = load_checkpoint(uri)
     saved = state["config"]
-    current = config_to_dict(run.cfg)
+    current = config_record(run.cfg)
     fixed = {k: (saved.get(k), current[k]) for k in RESUME_FIXED if saved.get(k) != current[k]}
     if fixed:
         raise ValueError(

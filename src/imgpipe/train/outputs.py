@@ -24,7 +24,7 @@ import torch
 
 from imgpipe import contract, parquet, writer
 from imgpipe.commit import claim, manifest_body, publish
-from imgpipe.config import config_to_dict, config_to_yaml
+from imgpipe.config import config_record, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
 from imgpipe.report import training as report
 from imgpipe.train.assembly import (
@@ -90,7 +90,7 @@ def _augmentation_grid(run: TrainingRun) -> bytes:
     return report.augmentations_png(originals, versions)
 
 
-def _write(run: TrainingRun, name: str, data: bytes, files: list[FileEntry]) -> None:
+def _write(run: TrainingRun, name: str, data: bytes | str, files: list[FileEntry]) -> None:
     files.append(writer.write_entry(run.out, name, data))
 
 
@@ -181,7 +181,7 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResul
         "channels": run.channels,
         "mean": list(mean),
         "std": list(std),
-        "config": config_to_dict(run.cfg),
+        "config": config_record(run.cfg),
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -196,7 +196,7 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResul
         channels=run.channels,
         mean=mean,
         std=std,
-        recipe=config_to_dict(run.cfg),
+        recipe=config_record(run.cfg),
         metrics=_card_metrics(metrics),
         selection=metrics["selection"],
         data=run.data,
@@ -210,8 +210,8 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResul
         whole=evaluated.whole,
         stored_size=evaluated.size,
     )
-    _write(run, contract.MODEL_CARD, json.dumps(card, indent=2).encode(), files)
-    _write(run, contract.METRICS, json.dumps(metrics, indent=2).encode(), files)
+    _write(run, contract.MODEL_CARD, json.dumps(card, indent=2), files)
+    _write(run, contract.METRICS, json.dumps(metrics, indent=2), files)
     figures = {"curves.png": report.curves_png(metrics["epochs"])}
     if last_val is not None:
         figures["confusion_matrix.png"] = report.confusion_matrix_png(last_val.confusion, run.labels)
@@ -219,8 +219,8 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResul
     figures.update(review)
     for name, png in figures.items():
         _write(run, name, png, files)
-    _write(run, contract.REPORT, report.html_report(metrics, figures).encode(), files)
-    _write(run, contract.CONFIG, config_to_yaml(run.cfg).encode(), files)
+    _write(run, contract.REPORT, report.html_report(metrics, figures), files)
+    _write(run, contract.CONFIG, config_to_yaml(run.cfg), files)
     return sorted(files, key=lambda f: f.name)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgpipe import contract, storage
-from imgpipe.config import config_to_dict
+from imgpipe.config import config_record
 from imgpipe.contract import StepReport
 from imgpipe.train.distributed import barrier
 from imgpipe.train.evaluation import EvalResult
@@ -127,7 +127,7 @@ def finish(
         "kept": kept,
         "recipe": run.recipe.to_dict() if run.recipe else None,
         # The config as run: the report's recipe table shows only the settings that took effect under it.
-        "config": config_to_dict(run.cfg),
+        "config": config_record(run.cfg),
         "diverged": run.divergence.diverged,
         "divergence": run.divergence.to_dict(),
         "epoch_images": epoch_images(run),

@@ -105,7 +105,7 @@ class ArchiveReader(Reader):
         with tempfile.TemporaryDirectory(prefix="imgpipe-nested-") as tmp:
             spool = Path(tmp) / "inner"
             try:
-                with member.opener() as src, open(spool, "wb") as dst:  # type: ignore[misc]
+                with member.opener() as src, open(spool, "wb") as dst:  # type: ignore[misc]  # at rest: a spool of an archive member (data)
                     copied = _copy_at_most(src, dst, self.max_member_bytes)
             except archive.MemberTooLarge:
                 yield Member(member.path, member.size, archive.UNREADABLE_MEMBER, f"nested archive over max_member_bytes={self.max_member_bytes}")
