@@ -59,9 +59,9 @@ $(IMG2DATASET):
 	$(PY) -m venv $(VENV)/img2dataset
 	$(IMG2DATASET) -m pip install -q img2dataset==1.47.0
 
-# The serving runtime (imgpipe.serve_runtime, the serve image) from its own venv: kserve 0.20 needs
+# The serving runtime (imgpipe.serving.runtime, the serve image) from its own venv: kserve 0.20 needs
 # pandas<3, where this venv and the step images have pandas 3. The images' pins hold here too; the
-# tests import its kserve-free half (imgpipe.serve_model) here and start the server with this python.
+# tests import its kserve-free half (imgpipe.serving.model) here and start the server with this python.
 SERVE := $(VENV)/serve/bin/python
 SERVE_STAMP := $(VENV)/serve/.installed
 $(SERVE_STAMP): pyproject.toml docker/constraints.txt src/imgpipe/data/_jpeg_region.c

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from imgpipe.kfp.local_run import LocalRunConfig, run_local
+from imgpipe.local.run import LocalRunConfig, run_local
 
 MODES = ("short-side-crop", "whole")
 # The make-run recipe (configs/local.yaml) at a smaller size: quick on two CPU cores.

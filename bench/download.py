@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from imgpipe import storage
-from imgpipe.kfp.local_s3 import seaweedfs_server
+from imgpipe.local.s3 import seaweedfs_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "bench-download"

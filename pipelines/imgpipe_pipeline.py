@@ -71,12 +71,12 @@ from imgpipe.pipelines.options import (
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
 
-from imgpipe import modelregistry
 from imgpipe.clean.config import CleanConfig
 from imgpipe.config_flags import field_default, field_docs, plain_text
 from imgpipe.kfp.artifacts import PIPELINE_NAME
 from imgpipe.kfp.shards import shard_items
 from imgpipe.resize.config import ResizeConfig
+from imgpipe.serving import registry as modelregistry
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
 from imgpipe.steps.promote import PromoteConfig
 from imgpipe.train.config import TrainConfig

@@ -16,17 +16,17 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
-from imgpipe import modelregistry
 from imgpipe.config import check_range
 from imgpipe.containers.catalog import ImageSet
 from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV
 from imgpipe.kfp.artifacts import BY_INPUTS
 from imgpipe.kfp.shards import shard_items
 from imgpipe.readpolicy import READ_PREFIXES_ENV
-from imgpipe.registry import STEPS
 from imgpipe.remote import kube, rayjob_spec, trainjob_spec
 from imgpipe.remote.ranks import PROCS_ENV
 from imgpipe.remote.targets import CLUSTERS_ENV
+from imgpipe.serving import registry as modelregistry
+from imgpipe.step_table import STEPS
 
 __all__ = [
     "S3_SECRET",
@@ -207,7 +207,7 @@ def _cpus_times(quantity: str, n: int) -> str:
 
 
 def step_image(images: ImageSet, step: str) -> str:
-    """The image of ``step``'s task: the kind its :mod:`imgpipe.registry` entry names."""
+    """The image of ``step``'s task: the kind its :mod:`imgpipe.step_table` entry names."""
     return getattr(images, STEPS[step].image)
 
 

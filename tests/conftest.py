@@ -103,7 +103,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     HTTP API, so tests exercise signing, multipart uploads, pagination and pyarrow's own
     S3 client, not an in-process patch. Its data lives in this session's temporary directory.
     """
-    from imgpipe.kfp.local_s3 import seaweedfs_server
+    from imgpipe.local.s3 import seaweedfs_server
 
     with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
         yield endpoint

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imgpipe import contract, registry, resources, storage
+from imgpipe import contract, resources, storage
+from imgpipe import step_table as registry
 from imgpipe.clean.config import CleanConfig
 from imgpipe.config import config_from_dict
 from imgpipe.resize.config import ResizeConfig

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 
 from imgpipe import resources
-from imgpipe.kfp.local_s3 import S3Identity, pointed_at
+from imgpipe.local.s3 import S3Identity, pointed_at
 
 
 @contextlib.contextmanager

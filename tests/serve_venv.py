@@ -1,8 +1,8 @@
 """The serve venv: ``imgpipe[serve]``, with kserve 0.20, whose pandas < 3 this venv's pandas 3 excludes.
 
 ``make test`` builds it (``.venv/serve``) and names its python in ``$IMGPIPE_SERVE_PYTHON``; the
-tests that run kserve's model server (``python -m imgpipe.serve_runtime``) start it with that
-python, and import the kserve-free rest (:mod:`imgpipe.serve_model`) here. Where make test names
+tests that run kserve's model server (``python -m imgpipe.serving.runtime``) start it with that
+python, and import the kserve-free rest (:mod:`imgpipe.serving.model`) here. Where make test names
 it, a missing one fails; a bare pytest skips in one line.
 """
 

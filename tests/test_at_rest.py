@@ -118,7 +118,7 @@ def test_every_writer_is_found_and_passes_the_redaction_or_says_why_not():
     # The search finds the writers it is about (manifests, configs, reports, settings, artifacts), not none.
     assert len(redacting) >= 15, redacting
     joined = "\n".join(redacting)
-    for writer_of in ("commit.py", "writer.py", "local_run.py", "artifacts.py", "publish.py", "train/outputs.py"):
+    for writer_of in ("commit.py", "writer.py", "local/run.py", "artifacts.py", "publish.py", "train/outputs.py"):
         assert writer_of in joined, f"no redacting writer found in {writer_of}"
     for entry in marked:  # each says why
         assert entry.split(MARK, 1)[-1].strip(), entry

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from imgpipe.cli import main
-from imgpipe.kfp import local_run
-from imgpipe.kfp.progress import StepFailed
+from imgpipe.local import run as local_run
+from imgpipe.local.progress import StepFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_YAML = str(ROOT / "configs" / "local.yaml")

@@ -167,8 +167,8 @@ def _numeric(annotation: object) -> bool:
 
 
 def _step_configs() -> list[type]:
-    from imgpipe.registry import STEPS
     from imgpipe.resize.spec import ResizeSpec
+    from imgpipe.step_table import STEPS
     from imgpipe.steps.audit import AuditConfig
     from imgpipe.steps.compare import CompareConfig
     from imgpipe.steps.predict import PredictConfig

@@ -114,7 +114,7 @@ def test_the_serve_extra_keeps_to_its_own_venv_and_this_one_has_pandas_3():
             ("torch", "ray"),
         ),
         (["imgpipe.steps.resize", "imgpipe.remote.ray_jobs", "imgpipe.remote.kuberay", "imgpipe.components.resize"], ("torch",)),
-        (["imgpipe.serve_model"], ("torch", "ray", "kserve")),
+        (["imgpipe.serving.model"], ("torch", "ray", "kserve")),
     ],
     ids=["cpu-steps", "ray-steps", "serve-model"],
 )
@@ -132,10 +132,10 @@ def test_steps_import_only_what_their_image_has(modules, forbidden):
 
 @serve_venv.needs_serve_venv
 def test_the_serve_runtime_imports_neither_torch_nor_ray_in_the_serve_venv():
-    code = "import sys, imgpipe.serve_runtime; print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray'))))"
+    code = "import sys, imgpipe.serving.runtime; print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray'))))"
     result = subprocess.run([serve_venv.python(), "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "", f"importing imgpipe.serve_runtime pulls in {result.stdout.strip()}"
+    assert result.stdout.strip() == "", f"importing imgpipe.serving.runtime pulls in {result.stdout.strip()}"
 
 
 def _pins() -> dict[str, str]:

@@ -41,7 +41,7 @@ LOW = {
     "remote.rayjob_spec",
     "remote.trainjob_spec",
     "readpolicy",
-    "registry",
+    "step_table",
     "outcome",
 }
 MIDDLE = {
@@ -57,13 +57,10 @@ MIDDLE = {
     "kfp.artifacts",
     "kfp.lineage",
     "kfp.publish",
-    "modelregistry",
     "serving",
-    "serve_model",
-    "serve_limits",
     "sweep",
 }
-TOP = {"cli", "cli_args", "kfp", "remote", "containers", "components", "pipelines", "serve_runtime"}
+TOP = {"cli", "cli_args", "kfp", "local", "remote", "containers", "components", "pipelines", "serving.runtime"}
 RANK = {**{m: 0 for m in LOW}, **{m: 1 for m in MIDDLE}, **{m: 2 for m in TOP}}
 
 
@@ -180,11 +177,11 @@ SCHEME_EXCEPTIONS = {
     "storage.base",
     "storage.local",
     "storage.s3",
-    "kfp.local_run",
-    "kfp.local_s3",
-    "kfp.local_s3_security",
-    "kfp.local_names",
-    "kfp.local_store",
+    "local.run",
+    "local.s3",
+    "local.s3_security",
+    "local.names",
+    "local.store",
     "data.sources",
 }
 _SCHEME_WORDS = {"s3", "s3://", "file://"}

@@ -344,7 +344,7 @@ def test_the_serving_component_brings_imgpipes_runtime_for_the_same_model(schema
     assert container["name"] == "kserve-container" and container["image"] == "imgpipe-serve" and "serve" in catalog.KINDS
     assert restricted_violations({"containers": [container], "volumes": spec["volumes"]}) == []
     assert container["securityContext"]["readOnlyRootFilesystem"] is True and container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
-    assert container["command"] == ["python", "-m", "imgpipe.serve_runtime"]
+    assert container["command"] == ["python", "-m", "imgpipe.serving.runtime"]
 
 
 @serve_venv.needs_serve_venv
@@ -360,5 +360,5 @@ def test_the_serving_runtimes_command_line_is_one_the_runtime_takes(tmp_path):
     command = [serve_venv.python(), *container["command"][1:], *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1 and result.stderr.strip() == (
-        f"imgpipe.serve_runtime: {tmp_path} must hold one imgpipe model (model.json and its ONNX), in it or in one subfolder; it holds none"
+        f"imgpipe.serving.runtime: {tmp_path} must hold one imgpipe model (model.json and its ONNX), in it or in one subfolder; it holds none"
     )

@@ -12,7 +12,7 @@ import re
 import pytest
 
 from imgpipe import storage
-from imgpipe.modelregistry import register_model
+from imgpipe.serving.registry import register_model
 from tests.fake_model_registry import VERSIONS, Contract, FakeModelRegistry, load_contract
 
 pytest.importorskip("model_registry")
@@ -139,7 +139,7 @@ def _as_newer_server(server: FakeModelRegistry) -> None:
 def test_a_registry_on_another_api_version_fails_registration_in_one_line_and_promotes_nothing(model, tmp_path, monkeypatch):
     from imgpipe import contract
     from imgpipe.kfp import artifacts as ka
-    from imgpipe.modelregistry import RegistryError
+    from imgpipe.serving.registry import RegistryError
 
     root = _as_run(model, tmp_path, monkeypatch, "r8")
     with FakeModelRegistry() as server:

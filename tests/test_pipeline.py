@@ -25,8 +25,8 @@ from imgpipe import contract, storage
 from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.kfp import package as kfp_package
 from imgpipe.kfp.artifacts import BY_INPUTS
-from imgpipe.kfp.local_run import LocalRunConfig, load_local_config, run_local
 from imgpipe.kfp.publish import find_confusion
+from imgpipe.local.run import LocalRunConfig, load_local_config, run_local
 from imgpipe.remote.dispatch import remote_steps
 
 STEPS = ("download", "clean", "resize", "train")

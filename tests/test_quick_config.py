@@ -21,7 +21,7 @@ from imgpipe import contract, storage
 from imgpipe.clean.config import CleanConfig
 from imgpipe.cli import main
 from imgpipe.config import config_from_dict, read_config_file
-from imgpipe.kfp.local_run import LOCAL_STEP_CONFIG
+from imgpipe.local.run import LOCAL_STEP_CONFIG
 from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.clean import clean
 from imgpipe.steps.download import DownloadConfig, download

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from imgpipe import config, registry
+from imgpipe import config
+from imgpipe import step_table as registry
 from imgpipe.containers.catalog import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]

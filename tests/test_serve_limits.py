@@ -1,8 +1,8 @@
 """Bounded serving (issue 83): a body over the limit is refused with 413 before it is held, few are held at once,
 and the runtime listens only where it was asked to.
 
-The middleware (imgpipe.serve_limits) is checked on hand-made ASGI messages; then the real kserve
-server (``python -m imgpipe.serve_runtime``, the serve venv) takes an over-limit body and 16
+The middleware (imgpipe.serving.limits) is checked on hand-made ASGI messages; then the real kserve
+server (``python -m imgpipe.serving.runtime``, the serve venv) takes an over-limit body and 16
 concurrent 50 MB bodies while its peak RSS (``VmHWM``) is read from /proc, and its listening
 sockets are read from /proc/net/tcp*.
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from imgpipe import serving
-from imgpipe.serve_limits import MIN_BODY_BYTES, RequestLimits, request_limit
-from imgpipe.serve_model import MAX_IMAGES
+from imgpipe.serving import triton as serving
+from imgpipe.serving.limits import MIN_BODY_BYTES, RequestLimits, request_limit
+from imgpipe.serving.model import MAX_IMAGES
 from tests import serve_venv
 from tests.test_serve_runtime import LOOPBACK_ONLY, needs_netns, trained  # noqa: F401 - the module's trained model
 
@@ -193,7 +193,14 @@ def runtime(trained):  # noqa: F811 - the fixture imported above
     if not LOOPBACK_ONLY:
         pytest.skip("run under scripts/in-loopback-netns (make test does)")
     port, log = _free_port(), trained["root"] / "limits.log"
-    args = [serve_venv.python(), "-m", "imgpipe.serve_runtime", f"--model_name={NAME}", f"--model_dir={trained['repository']}", f"--http_port={port}"]
+    args = [
+        serve_venv.python(),
+        "-m",
+        "imgpipe.serving.runtime",
+        f"--model_name={NAME}",
+        f"--model_dir={trained['repository']}",
+        f"--http_port={port}",
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"

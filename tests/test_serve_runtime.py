@@ -1,11 +1,11 @@
-"""imgpipe's KServe serving runtime (imgpipe.serve_runtime): the real kserve model server, real HTTP v2 requests.
+"""imgpipe's KServe serving runtime (imgpipe.serving.runtime): the real kserve model server, real HTTP v2 requests.
 
-The server runs as KServe runs it (``python -m imgpipe.serve_runtime --model_dir ...``), with the
+The server runs as KServe runs it (``python -m imgpipe.serving.runtime --model_dir ...``), with the
 serve venv's python (kserve needs pandas < 3: tests/serve_venv.py, which make test builds), on the
-Triton repository a promotion writes (imgpipe.serving, with its model.json). Oracles:
+Triton repository a promotion writes (imgpipe.serving.triton, with its model.json). Oracles:
 ``imgpipe predict`` on the same pictures (top-1 equal, probabilities within 1e-4), the train
 step's own test predictions for the prepared-tensor form, and the v2 protocol's error body. The
-model's discovery and checks (imgpipe.serve_model, no kserve) run here, in this venv.
+model's discovery and checks (imgpipe.serving.model, no kserve) run here, in this venv.
 The runtime listens on 127.0.0.1 unless told (kserve's own server has no host setting; the
 runtime sets it); the tests that start it still run inside scripts/in-loopback-netns (make test
 does), so that a server that did bind every interface would reach the loopback alone.
@@ -29,8 +29,9 @@ import pytest
 import requests
 from PIL import Image
 
-from imgpipe import contract, serving, storage
-from imgpipe.serve_model import MAX_IMAGES, OUTPUTS, open_model
+from imgpipe import contract, storage
+from imgpipe.serving import triton as serving
+from imgpipe.serving.model import MAX_IMAGES, OUTPUTS, open_model
 from imgpipe.steps.predict import prepare_encoded, softmax
 from imgpipe.train.card import preprocessing_spec, to_input
 from tests import serve_venv
@@ -73,7 +74,7 @@ def server(trained):
         pytest.skip("KServe's server listens on 0.0.0.0: run under scripts/in-loopback-netns (make test does)")
     python = serve_venv.python()
     port, log = _free_port(), trained["root"] / "server.log"
-    args = [python, "-m", "imgpipe.serve_runtime", f"--model_name={NAME}", f"--model_dir={trained['repository']}"]
+    args = [python, "-m", "imgpipe.serving.runtime", f"--model_name={NAME}", f"--model_dir={trained['repository']}"]
     with open(log, "wb") as out:
         proc = subprocess.Popen([*args, f"--http_port={port}", "--enable_grpc=false"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -322,11 +323,11 @@ def test_a_graph_its_card_does_not_describe_is_refused(trained, tmp_path, change
 @serve_venv.needs_serve_venv
 def test_the_runtime_refuses_such_a_model_at_load_in_one_line(trained, tmp_path):
     folder = _altered(trained, tmp_path / "model", lambda c: c["input"].update(size=32))
-    args = [serve_venv.python(), "-m", "imgpipe.serve_runtime", f"--model_name={NAME}", f"--model_dir={folder}", "--enable_grpc=false"]
+    args = [serve_venv.python(), "-m", "imgpipe.serving.runtime", f"--model_name={NAME}", f"--model_dir={folder}", "--enable_grpc=false"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"imgpipe.serve_runtime: {folder}: the ONNX graph and model.json disagree: input 'image'"), line
+    assert line.startswith(f"imgpipe.serving.runtime: {folder}: the ONNX graph and model.json disagree: input 'image'"), line
 
 
 def test_the_model_is_found_in_a_train_output_or_a_repository_and_nowhere_else(trained, tmp_path):
@@ -348,7 +349,7 @@ def test_requests_are_decoded_and_answered_here_without_kserve(trained):
     """serve_model, the runtime's kserve-free half, in this venv (which has pandas 3 and no kserve)."""
     from types import SimpleNamespace
 
-    from imgpipe import serve_model
+    from imgpipe.serving import model as serve_model
 
     _, card, session = open_model(trained["repository"])
     spec = preprocessing_spec(card)

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import pytest
 
-from imgpipe import contract, serving, storage
+from imgpipe import contract, storage
+from imgpipe.serving import triton as serving
 from imgpipe.steps.promote import promote
 from imgpipe.train.export import MAX_IR_VERSION, OPSET
 

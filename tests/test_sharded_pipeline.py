@@ -13,7 +13,7 @@ import yaml
 from imgpipe import contract, storage
 from imgpipe.data.sharding import Shard
 from imgpipe.kfp import package as kfp_package
-from imgpipe.kfp.local_run import LocalRunConfig, run_local
+from imgpipe.local.run import LocalRunConfig, run_local
 from tests.imagefactory import jpeg
 
 CLASSES = ("cat", "dog", "fox")

@@ -399,7 +399,7 @@ def test_submit_checks_the_grid_before_contacting_a_server(tmp_path, capsys):
 
 
 def test_a_winner_file_layers_over_the_run_config(tmp_path):
-    from imgpipe.kfp.local_run import load_local_config
+    from imgpipe.local.run import load_local_config
 
     run, winner = tmp_path / "run.yaml", tmp_path / "winner.yaml"
     run.write_text("pipeline: {epochs: 2}\ntrain: {lr: 0.002, aug_policy: basic, mixup: 0.0}\n")
@@ -444,7 +444,7 @@ def test_each_branch_gets_the_run_parameters_the_main_pipelines_train_gets(compi
 
 
 def test_the_sweep_summary_shows_each_branchs_spread_over_seeds():
-    from imgpipe.kfp.local_sweeps import SweepRunResult
+    from imgpipe.local.sweeps import SweepRunResult
 
     row = {
         "rank": 1,

@@ -18,8 +18,8 @@ import yaml
 from imgpipe import contract, storage
 from imgpipe.config import load_config
 from imgpipe.kfp import artifacts as kfp_artifacts
-from imgpipe.kfp.local_run import LocalRunConfig
-from imgpipe.kfp.local_sweeps import run_sweep
+from imgpipe.local.run import LocalRunConfig
+from imgpipe.local.sweeps import run_sweep
 from imgpipe.train.config import TrainConfig
 
 GRID = [

@@ -23,7 +23,7 @@ from imgpipe import resources, shutdown, storage
 from imgpipe.cli_args import ENDPOINT_FLAG, build_parser
 from imgpipe.config import changed_fields, load_config
 from imgpipe.config_flags import flag_overrides
-from imgpipe.kfp.local_names import in_local_store
+from imgpipe.local.names import in_local_store
 
 __all__ = ["build_parser", "main"]
 
@@ -143,14 +143,14 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_store(args: argparse.Namespace) -> int:
     """Serves the local run's object store in the foreground; prints its endpoint and keys."""
-    from imgpipe.kfp.local_store import serve
+    from imgpipe.local.store import serve
 
     return serve(args.workdir)
 
 
 def _local_config(args: argparse.Namespace) -> Any:
-    """The :class:`~imgpipe.kfp.local_run.LocalRunConfig` of ``run``/``sweep``'s options: defaults < ``--config`` < ``--param``/``--set``."""
-    from imgpipe.kfp.local_run import load_local_config
+    """The :class:`~imgpipe.local.run.LocalRunConfig` of ``run``/``sweep``'s options: defaults < ``--config`` < ``--param``/``--set``."""
+    from imgpipe.local.run import load_local_config
 
     return load_local_config(
         args.config or None,
@@ -169,7 +169,7 @@ def _local_config(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Runs the pipeline through kfp.local; prints per-step counts and where the results are."""
-    from imgpipe.kfp.local_run import run_local
+    from imgpipe.local.run import run_local
 
     result = run_local(_local_config(args), verbose=args.verbose)
     print(result.summary())
@@ -178,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Runs the sweep pipeline through kfp.local; prints the ranking, the flags and where the winner's config is."""
-    from imgpipe.kfp.local_sweeps import run_sweep
+    from imgpipe.local.sweeps import run_sweep
     from imgpipe.sweep import load_grid_file
 
     grid, axes = load_grid_file(args.grid)
@@ -187,7 +187,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from imgpipe.modelregistry import register_model
+    from imgpipe.serving.registry import register_model
 
     got = register_model(args.prefix, args.version, args.registry, args.name)
     print(f"{'registered' if got['created'] else 'already registered'}: {got['name']} version {got['version']} -> {got['uri']}")
@@ -196,7 +196,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Runs the audit pipeline through kfp.local; prints how many labels are suspect and where the review files are."""
-    from imgpipe.kfp.local_sweeps import run_audit
+    from imgpipe.local.sweeps import run_audit
 
     print(run_audit(_local_config(args), folds=args.folds).summary())
     return 0
@@ -320,7 +320,7 @@ def _store_for(args: argparse.Namespace) -> contextlib.AbstractContextManager[An
     """The local run's store while the command runs, when it names an ``s3://imgpipe-local`` URI."""
     if args.command not in _REACH_LOCAL_STORE or not any(in_local_store(v) for v in vars(args).values()):
         return contextlib.nullcontext()
-    from imgpipe.kfp.local_store import reachable
+    from imgpipe.local.store import reachable
 
     return reachable(vars(args).values(), getattr(args, "workdir", None), endpoint=args.storage_endpoint)
 

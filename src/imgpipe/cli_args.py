@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import imgpipe
 from imgpipe.config_flags import add_field_flags
-from imgpipe.kfp.local_names import DEFAULT_WORKDIR
-from imgpipe.registry import STEPS
+from imgpipe.local.names import DEFAULT_WORKDIR
+from imgpipe.step_table import STEPS
 
 __all__ = ["ENDPOINT_FLAG", "build_parser"]
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 import yaml
 
-from imgpipe.registry import STEPS
+from imgpipe.step_table import STEPS
 from imgpipe.storage.redact import redact_value
 
 __all__ = [

@@ -216,7 +216,7 @@ def object_store(tmp_path: Path, namespace: str) -> Iterator[str]:
     node's address started here; this process pointed at it, its keys in ``namespace``'s
     ``imgpipe-s3-credentials``; the ``mlpipeline`` bucket made. Yields the endpoint."""
     from imgpipe import storage
-    from imgpipe.kfp.local_s3 import S3Identity, pointed_at, seaweedfs_server
+    from imgpipe.local.s3 import S3Identity, pointed_at, seaweedfs_server
 
     keys = kfp_store_keys()
     with contextlib.ExitStack() as stack:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from imgpipe.modelregistry import API_PATH
+from imgpipe.serving.registry import API_PATH
 from tests.cluster.test_serving import registry
 from tests.fake_model_registry import FakeModelRegistry
 

@@ -30,7 +30,7 @@ import yaml
 
 from imgpipe import contract, storage
 from imgpipe.data.synth import SynthConfig
-from imgpipe.modelregistry import API_PATH, DEFAULT_MODEL_NAME
+from imgpipe.serving.registry import API_PATH, DEFAULT_MODEL_NAME
 from imgpipe.train.card import read_card
 from tests.cluster.conftest import ROOT, apply_docs, kubectl, kubectl_json, object_store, step_image
 from tests.cluster.test_kfp import RUN_TIMEOUT_S, _rayjob_template, kfp, small_options, submit_run  # noqa: F401 - the fixture

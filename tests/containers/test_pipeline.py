@@ -14,8 +14,8 @@ import pytest
 
 from imgpipe import contract, storage, writer
 from imgpipe.data.synth import SynthConfig, generate
-from imgpipe.kfp.local_containers import container_env, container_writable, docker_runner
-from imgpipe.kfp.local_run import LocalRunConfig, run_local
+from imgpipe.local.containers import container_env, container_writable, docker_runner
+from imgpipe.local.run import LocalRunConfig, run_local
 
 # Small enough to run twice in a few minutes on 2 cores, big enough for several row groups.
 SYNTH = {"classes": 4, "per_class": 16, "seed": 3}

@@ -33,9 +33,9 @@ def test_the_serve_image_runs_the_runtime_as_uid_10001_without_torch_or_ray(engi
 
 
 def test_the_serve_image_refuses_an_empty_model_directory_in_one_line(engine, serve_image):
-    script = "python -m imgpipe.serve_runtime --model_name=m --model_dir=/tmp --enable_grpc=false 2>&1; echo exit $?"
+    script = "python -m imgpipe.serving.runtime --model_name=m --model_dir=/tmp --enable_grpc=false 2>&1; echo exit $?"
     out = _run(engine, serve_image, script)
     assert out.splitlines() == [
-        "imgpipe.serve_runtime: /tmp must hold one imgpipe model (model.json and its ONNX), in it or in one subfolder; it holds none",
+        "imgpipe.serving.runtime: /tmp must hold one imgpipe model (model.json and its ONNX), in it or in one subfolder; it holds none",
         "exit 1",
     ]

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from imgpipe import contract, serving, storage
+from imgpipe import contract, storage
 from imgpipe.clean.config import CleanConfig
 from imgpipe.data.labels import BAD_LABEL, MAX_CLASS_NAME, check_class_name
 from imgpipe.resize.config import ResizeConfig
+from imgpipe.serving import triton as serving
 from imgpipe.steps.clean import clean
 from imgpipe.steps.download import DownloadConfig, download
 from imgpipe.steps.resize import resize

@@ -26,8 +26,8 @@ import pytest
 from imgpipe import storage
 from imgpipe.cli import main
 from imgpipe.data.synth import SynthConfig, generate
-from imgpipe.kfp.local_run import LocalRunConfig, run_local
-from imgpipe.kfp.local_s3 import ADMIN_USER, S3Identity, seaweedfs_server
+from imgpipe.local.run import LocalRunConfig, run_local
+from imgpipe.local.s3 import ADMIN_USER, S3Identity, seaweedfs_server
 from tests import serving
 
 ACCESS_KEY = "AKIAIMGPIPESECRET4711"

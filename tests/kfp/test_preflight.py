@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from imgpipe.kfp.local_run import LOCAL_PARAMS, LOCAL_STEP_CONFIG
 from imgpipe.kfp.preflight import changed_settings, check_arguments, check_locations, check_params, check_uri_form
+from imgpipe.local.run import LOCAL_PARAMS, LOCAL_STEP_CONFIG
 
 BASE = {**LOCAL_PARAMS, "step_config": LOCAL_STEP_CONFIG}
 

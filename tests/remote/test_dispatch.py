@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imgpipe import registry
+from imgpipe import step_table as registry
 from imgpipe.remote import dispatch
 from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.resize import resize

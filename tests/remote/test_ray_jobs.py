@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from imgpipe import contract, registry, storage
+from imgpipe import contract, storage
+from imgpipe import step_table as registry
 from imgpipe.config import config_from_dict, config_to_dict
 from imgpipe.remote import attempts, job, payload, ray_jobs, targets
 from imgpipe.resize.config import ResizeConfig

@@ -7,7 +7,7 @@ of that image import):
 * ``cpu``: download, clean, and ``imgpipe compile``/``submit`` (no torch, no Ray),
 * ``ray``: resize on Ray Data, also the image of KubeRay clusters (no torch),
 * ``gpu``: train on CUDA (torch's CUDA wheels from the package index),
-* ``serve``: the promoted model behind KServe (:mod:`imgpipe.serve_runtime`; no torch, no Ray).
+* ``serve``: the promoted model behind KServe (:mod:`imgpipe.serving.runtime`; no torch, no Ray).
   No pipeline step runs in it (:data:`STEP_KINDS`): the ServingRuntime of ``k8s/serving`` does.
 
 An image is ``{registry}/imgpipe-{kind}:{tag}``. The environment overrides it when
@@ -54,7 +54,7 @@ KINDS: dict[str, str] = {
     "cpu": "download, clean, compile/submit (no torch, no Ray)",
     "ray": "resize on Ray Data; KubeRay head and workers (no torch)",
     "gpu": "train on CUDA (torch, torchvision, kornia)",
-    "serve": "the promoted model on KServe: imgpipe.serve_runtime (kserve, onnxruntime; no torch, no Ray)",
+    "serve": "the promoted model on KServe: imgpipe.serving.runtime (kserve, onnxruntime; no torch, no Ray)",
 }
 # The kinds a compiled pipeline's steps run in (ImageSet); serve runs beside the pipeline, in KServe.
 STEP_KINDS = ("cpu", "ray", "gpu")

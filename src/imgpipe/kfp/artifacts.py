@@ -18,11 +18,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imgpipe import contract, modelregistry, shutdown, storage
+from imgpipe import contract, shutdown, storage
 from imgpipe.config import config_to_dict
 from imgpipe.kfp import lineage
 from imgpipe.kfp.publish import publish_promotion
 from imgpipe.readpolicy import ReadPolicy, ReadRefused
+from imgpipe.serving import registry as modelregistry
 from imgpipe.train.config import WEIGHTS_CACHE
 
 __all__ = [
@@ -433,7 +434,7 @@ def promote_run(
     The decision is committed to ``{data_root}/runs/{run_id}/promote/``, promoted or not,
     and shown in the task's ``metrics`` and ``report`` artifacts when given (:func:`imgpipe.kfp.publish.publish_promotion`).
     What ``latest.json`` and the current model's card name must pass ``policy`` (the run's by default).
-    A promoted model is registered (:func:`imgpipe.modelregistry.register_promoted`) before the
+    A promoted model is registered (:func:`imgpipe.serving.registry.register_promoted`) before the
     decision is committed and ``latest.json`` moves: a registration that fails fails the task
     with nothing promoted (unless the operator made the registry optional).
 
@@ -473,7 +474,7 @@ def promote_run(
         before_commit=register,
     )
     if decision.promoted:
-        served = {"serving": decision.serving} if decision.serving else {}  # KServe's storageUri (imgpipe.serving)
+        served = {"serving": decision.serving} if decision.serving else {}  # KServe's storageUri (imgpipe.serving.triton)
         upstream = {s: prefixes[s] for s in _UPSTREAM if s in prefixes}
         record_latest(data_root, run_id, {**upstream, "train": prefixes[train_step], **served}, dataset)
     else:

@@ -22,10 +22,18 @@ from urllib.parse import urlparse
 from imgpipe import storage
 from imgpipe.config import changed_fields, coerce, config_from_dict, did_you_mean, step_config
 from imgpipe.config_flags import field_default
-from imgpipe.kfp.run_settings import parameter_fields
-from imgpipe.registry import STEPS
+from imgpipe.step_table import STEPS
 
-__all__ = ["RUN_OWNED", "check_arguments", "check_params", "step_configs", "check_locations", "check_uri_form", "changed_settings"]
+__all__ = [
+    "parameter_fields",
+    "RUN_OWNED",
+    "check_arguments",
+    "check_params",
+    "step_configs",
+    "check_locations",
+    "check_uri_form",
+    "changed_settings",
+]
 
 # Pipeline parameters `imgpipe run` sets from its own options, never from --param.
 RUN_OWNED = {"data_root": "--data-root", "source_uri": "--source", "annotations_uri": "--annotations"}
@@ -38,6 +46,20 @@ def _pipeline_signature() -> inspect.Signature:
     from imgpipe.pipelines.options import PipelineOptions
 
     return inspect.signature(pipeline_function(PipelineOptions()))
+
+
+@functools.cache
+def parameter_fields() -> dict[str, tuple[str, str]]:
+    """Each typed pipeline parameter that sets a step config field -> ``(step, field)``.
+
+    The pipeline's own table (``PARAMETER_FIELDS``), plus the two resize parameters it
+    passes under other names; the promotion tolerance is no step's section.
+    """
+    from imgpipe.pipelines.imgpipe_pipeline import PARAMETER_FIELDS
+
+    sections = {STEPS[name].config_class(): name for name in STEPS}
+    found = {param: (sections[cls], name) for param, (cls, name) in PARAMETER_FIELDS.items() if cls in sections}
+    return {**found, "resize_train_mode": ("resize", "train_mode"), "ray_address": ("resize", "ray_address")}
 
 
 def check_arguments(arguments: Mapping[str, Any], *, local: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -6,7 +6,7 @@ config (``ray_address`` for resize, checked by :func:`imgpipe.remote.targets.che
 and either calls the step function here or hands the run to a remote runner
 (:mod:`imgpipe.remote.ray_jobs`, :mod:`imgpipe.remote.kuberay`), which starts
 ``python -m imgpipe.remote STEP PAYLOAD`` (:mod:`imgpipe.remote.job`) on the cluster. A new
-remote-capable step is a ``ray_target`` in its :mod:`imgpipe.registry` entry; a new kind of target is one
+remote-capable step is a ``ray_target`` in its :mod:`imgpipe.step_table` entry; a new kind of target is one
 branch of :func:`run_step` and its runner module. Training goes through :func:`run_train`,
 which starts one process per GPU of the pod (:mod:`imgpipe.remote.ranks`), or a Kubeflow
 Trainer TrainJob across nodes (:mod:`imgpipe.remote.trainjob`).
@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from imgpipe.contract import StepReport
-from imgpipe.registry import Step, steps_where
 from imgpipe.remote.targets import RemoteTarget, check_allowed
+from imgpipe.step_table import Step, steps_where
 
 __all__ = ["remote_steps", "PLACEMENTS", "remote_step", "target_of", "run_step", "check_placement", "run_train"]
 

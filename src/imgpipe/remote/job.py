@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from imgpipe.config import config_from_dict
-from imgpipe.registry import Step, steps_where
 from imgpipe.remote.payload import read_payload
+from imgpipe.step_table import Step, steps_where
 
 __all__ = ["job_steps", "main"]
 

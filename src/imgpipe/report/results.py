@@ -102,5 +102,5 @@ def promote_report(prefix: str, manifest: Mapping[str, Any], limits: ReportLimit
     return OutputReport("promote", prefix, tuple(facts), metrics, (Table("Decision", ("", "value"), rows),), limits, page=page)
 
 
-# The committed outputs that are not a pipeline step of imgpipe.registry, by the manifest's step.
+# The committed outputs that are not a pipeline step of imgpipe.step_table, by the manifest's step.
 RESULT_REPORTS = {"predict": predict_report, "promote": promote_report}

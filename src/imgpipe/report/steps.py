@@ -3,7 +3,7 @@
     report = build_report(prefix)        # any committed download, clean, resize or train output
     report.html(); report.text(); report.grid_png()
 
-One builder per step, named by its :mod:`imgpipe.registry` entry (download and train here, clean and resize in
+One builder per step, named by its :mod:`imgpipe.step_table` entry (download and train here, clean and resize in
 :mod:`imgpipe.report.clean` and :mod:`imgpipe.report.resize`) makes an
 :class:`~imgpipe.report.output.OutputReport`; the component and the command line share it, so
 the UI and the terminal say the same thing. Every read is bounded
@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from imgpipe import contract, resources, storage
-from imgpipe.registry import STEPS
 from imgpipe.report.output import (
     Gallery,
     OutputReport,
@@ -36,6 +35,7 @@ from imgpipe.report.parts import (
     step_metrics,
     thumb_tiles,
 )
+from imgpipe.step_table import STEPS
 
 __all__ = ["TRAIN_METRICS", "build_report", "train_metrics"]
 

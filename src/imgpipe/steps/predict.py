@@ -263,7 +263,7 @@ def prepare_encoded(
     already had it), then the resize step's own code with the card's settings (``spec``,
     :func:`imgpipe.train.card.preprocessing_spec`), the JPEG round trip where resize stored
     JPEG, and the evaluation view. ``imgpipe predict`` on raw images and the serving runtime
-    (:mod:`imgpipe.serve_runtime`) both prepare pictures here.
+    (:mod:`imgpipe.serving.runtime`) both prepare pictures here.
 
     Raises:
         ImageRejected: With clean's or resize's reason, for an image that cannot be prepared.

@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from imgpipe import commit, contract, serving, storage, writer
+from imgpipe import commit, contract, storage, writer
 from imgpipe.config import check_numbers, config_to_yaml
 from imgpipe.contract import StepReport
 from imgpipe.readpolicy import ReadPolicy
 from imgpipe.report import html as htmlpage
+from imgpipe.serving import triton as serving
 from imgpipe.train.card import preprocessing_mismatch, read_card
 from imgpipe.train.partition import describe_split, read_split_columns, split_names
 from imgpipe.train.scores import confusion_scores
@@ -95,7 +96,7 @@ class Decision:
         evaluation: How both models were scored.
         trained_score: The candidate's own test score from its run (for reference only).
         serving: The Triton model repository written for a promoted model (KServe's
-            ``storageUri``, :mod:`imgpipe.serving`); ``None`` when not promoted or it has no ONNX export.
+            ``storageUri``, :mod:`imgpipe.serving.triton`); ``None`` when not promoted or it has no ONNX export.
     """
 
     promoted: bool
@@ -325,7 +326,7 @@ def promote(
 
     Raises:
         ValueError: If a promoted model's ONNX export is one KServe's Triton cannot load
-            (:func:`imgpipe.serving.check_loadable`), before anything is registered or written.
+            (:func:`imgpipe.serving.triton.check_loadable`), before anything is registered or written.
     """
     cfg = cfg or PromoteConfig()
     started = time.monotonic()
@@ -363,7 +364,7 @@ def promote(
 
 
 def _serving_files(candidate: str) -> dict[str, bytes]:
-    """The Triton model repository of a promoted candidate (:func:`imgpipe.serving.repository_files`); none without an ONNX export."""
+    """The Triton model repository of a promoted candidate (:func:`imgpipe.serving.triton.repository_files`); none without an ONNX export."""
     card = read_card(candidate)
     onnx = card["files"].get("onnx")
     if not onnx:

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgpipe import __version__, contract, serving
+from imgpipe import __version__, contract
 from imgpipe.data.images import NORMALIZATION
+from imgpipe.serving import triton as serving
 from imgpipe.train.card import CARD_FORMAT, INPUT_NAME, OUTPUT_NAME, preprocessing_of, view_of
 
 __all__ = ["OPSET", "MAX_IR_VERSION", "export_onnx", "export_torchscript", "model_card"]
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # A current opset that onnxruntime 1.20+ runs in full, and that the Triton KServe ships runs.
 OPSET = 18
-# The newest ONNX IR version that KServe's Triton runs (imgpipe.serving.MAX_IR_VERSION); the
+# The newest ONNX IR version that KServe's Triton runs (imgpipe.serving.triton.MAX_IR_VERSION); the
 # exporter writes IR 10, which it refuses.
 MAX_IR_VERSION = serving.MAX_IR_VERSION
 # The exporter's dynamic batch axis needs a bound; no serving batch comes near it.

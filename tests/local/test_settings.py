@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from imgpipe.kfp.local_run import LOCAL_PARAMS, LocalRunConfig, load_local_config
 from imgpipe.kfp.preflight import check_arguments
-from imgpipe.kfp.run_settings import Layers, parameter_fields
+from imgpipe.local.run import LOCAL_PARAMS, LocalRunConfig, load_local_config
+from imgpipe.local.settings import Layers, parameter_fields
 
 LOCAL_YAML = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 
@@ -59,7 +59,7 @@ def test_params_set_in_code_win_over_sections_set_in_code():
 
 
 def test_every_mapped_parameter_names_a_real_field():
-    from imgpipe.registry import STEPS
+    from imgpipe.step_table import STEPS
 
     for param, (step, field) in parameter_fields().items():
         assert field in STEPS[step].config_class().__dataclass_fields__, param

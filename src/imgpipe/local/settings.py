@@ -13,33 +13,19 @@ Within one file the step section wins over its ``pipeline`` section (it is more 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imgpipe.config import SECTIONS, check_sections, did_you_mean, parse_override, read_config_file
-from imgpipe.registry import STEPS
+from imgpipe.kfp.preflight import parameter_fields
+from imgpipe.step_table import STEPS
 
-__all__ = ["SYNTH_KEYS", "Layers", "parameter_fields"]
+__all__ = ["SYNTH_KEYS", "Layers"]
 
 # The synth section's keys: the SynthConfig fields a local run passes on.
 SYNTH_KEYS = ("classes", "per_class", "seed", "off_centre")
-
-
-@functools.cache
-def parameter_fields() -> dict[str, tuple[str, str]]:
-    """Each typed pipeline parameter that sets a step config field -> ``(step, field)``.
-
-    The pipeline's own table (``PARAMETER_FIELDS``), plus the two resize parameters it
-    passes under other names; the promotion tolerance is no step's section.
-    """
-    from imgpipe.pipelines.imgpipe_pipeline import PARAMETER_FIELDS
-
-    sections = {STEPS[name].config_class(): name for name in STEPS}
-    found = {param: (sections[cls], name) for param, (cls, name) in PARAMETER_FIELDS.items() if cls in sections}
-    return {**found, "resize_train_mode": ("resize", "train_mode"), "ray_address": ("resize", "ray_address")}
 
 
 @dataclass

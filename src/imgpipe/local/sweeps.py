@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import contract, storage
-from imgpipe.kfp.local_containers import engine_for
-from imgpipe.kfp.local_run import LocalRunConfig, copy_prefix, run_pipeline, start_run
+from imgpipe.local.containers import engine_for
+from imgpipe.local.run import LocalRunConfig, copy_prefix, run_pipeline, start_run
 from imgpipe.steps.compare import COMPARISON_JSON
 
 __all__ = ["SweepRunResult", "run_sweep", "AuditRunResult", "run_audit"]

@@ -1,12 +1,12 @@
 """The model behind imgpipe's serving runtime, without the server: finding it, checking it, answering a request.
 
-:mod:`imgpipe.serve_runtime` puts this behind the ``kserve`` SDK's model server (the ``serve``
+:mod:`imgpipe.serving.runtime` puts this behind the ``kserve`` SDK's model server (the ``serve``
 image); nothing here imports kserve, so the step images' venv, whose pandas 3 kserve 0.20
 excludes, imports and tests it too (``make test`` runs the server itself from ``.venv/serve``).
 
 The model directory is a model prefix, ``model.json`` beside the ONNX file its ``files.onnx``
 names (a train output), or a folder holding one such prefix: the Triton repository a promotion
-writes (:mod:`imgpipe.serving`), which is what KServe's storage initializer puts in
+writes (:mod:`imgpipe.serving.triton`), which is what KServe's storage initializer puts in
 ``/mnt/models``. :func:`open_model` checks the ONNX graph against the card.
 
 A request has one input, named as the card's (``image``), in one of two forms (docs/serving.md):
@@ -35,7 +35,7 @@ import numpy as np
 
 from imgpipe import contract, storage
 from imgpipe.data.images import ImageRejected
-from imgpipe.serving import MAX_BATCH_SIZE
+from imgpipe.serving.triton import MAX_BATCH_SIZE
 from imgpipe.steps.predict import prepare_encoded, softmax
 from imgpipe.train.card import read_card, to_input
 
@@ -56,7 +56,7 @@ __all__ = [
 # The outputs of every answer, in order, and their v2 datatypes; a request may ask for some of them by name.
 OUTPUTS = ("logits", "probabilities", "predicted", "predicted_name")
 DATATYPES = {"logits": "FP32", "probabilities": "FP32", "predicted": "INT32", "predicted_name": "BYTES"}
-# Pictures or tensors per request: Triton's max_batch_size for the same model (imgpipe.serving).
+# Pictures or tensors per request: Triton's max_batch_size for the same model (imgpipe.serving.triton).
 MAX_IMAGES = MAX_BATCH_SIZE
 
 

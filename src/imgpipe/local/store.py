@@ -3,7 +3,7 @@
     with reachable(["s3://imgpipe-local/runs/<id>/train"], workdir="./.data"):
         build_report("s3://imgpipe-local/runs/<id>/train")
 
-A local run keeps its outputs in SeaweedFS over ``{workdir}/seaweedfs`` (:mod:`imgpipe.kfp.local_s3`),
+A local run keeps its outputs in SeaweedFS over ``{workdir}/seaweedfs`` (:mod:`imgpipe.local.s3`),
 and the server stops with the run. A command handed a URI in that bucket reaches it here: the
 server another process runs over the directory (a run still going, or ``imgpipe store``), else one
 started for the length of the command. ``imgpipe store`` serves it in the foreground and prints
@@ -23,8 +23,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from imgpipe.contract import PREDICTIONS
-from imgpipe.kfp.local_names import DEFAULT_WORKDIR, LOCAL_BUCKET, STORE_DIR, in_local_store
-from imgpipe.kfp.local_s3 import STORE_INFLIGHT_MB, pointed_at, read_identity, seaweedfs_server, served_by_another
+from imgpipe.local.names import DEFAULT_WORKDIR, LOCAL_BUCKET, STORE_DIR, in_local_store
+from imgpipe.local.s3 import STORE_INFLIGHT_MB, pointed_at, read_identity, seaweedfs_server, served_by_another
 
 __all__ = ["reachable", "serve", "store_dir", "usage_lines"]
 

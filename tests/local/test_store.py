@@ -12,8 +12,8 @@ import pytest
 
 from imgpipe import storage
 from imgpipe.cli import main
-from imgpipe.kfp.local_names import LOCAL_BUCKET, STORE_DIR
-from imgpipe.kfp.local_s3 import SERVING, local_s3_server, served_by_another
+from imgpipe.local.names import LOCAL_BUCKET, STORE_DIR
+from imgpipe.local.s3 import SERVING, local_s3_server, served_by_another
 from tests.train.test_loader import write_resize_output
 
 RESIZE = f"s3://{LOCAL_BUCKET}/runs/r1/resize"

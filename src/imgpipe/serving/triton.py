@@ -17,7 +17,7 @@ Triton and ONNX versions this was checked against: docs/deploy.md, "Serving".
 
 The model's folder also holds its card, ``model.json`` (:data:`CARD`, with ``files.onnx``
 naming ``1/model.onnx``): Triton ignores a file there, and imgpipe's own runtime
-(:mod:`imgpipe.serve_runtime`, ServingRuntime ``imgpipe-onnx``) serves the same
+(:mod:`imgpipe.serving.runtime`, ServingRuntime ``imgpipe-onnx``) serves the same
 ``storageUri`` from it, preprocessing included (docs/serving.md).
 """
 
@@ -54,7 +54,7 @@ REPOSITORY = "serving"
 # Triton batches requests up to this (the export's batch axis is dynamic).
 MAX_BATCH_SIZE = 64
 LABELS = "labels.txt"
-# The model card beside config.pbtxt: what imgpipe's runtime (imgpipe.serve_runtime) loads.
+# The model card beside config.pbtxt: what imgpipe's runtime (imgpipe.serving.runtime) loads.
 CARD = "model.json"
 # The Triton KServe runs for onnx in Kubeflow 1.11 and 26.03, and the newest ONNX its onnxruntime
 # (1.15.0) loads: IR 9 (IR 10 is refused, measured), opset 19 (onnxruntime's compatibility

@@ -1,11 +1,11 @@
 """imgpipe's KServe serving runtime: the ONNX export on onnxruntime, behind the Open Inference (v2) protocol.
 
-    python -m imgpipe.serve_runtime --model_name imgpipe-classifier --model_dir /mnt/models
+    python -m imgpipe.serving.runtime --model_name imgpipe-classifier --model_dir /mnt/models
 
 What the ServingRuntime ``imgpipe-onnx`` (k8s/serving/servingruntime-imgpipe.yaml) runs in the
 ``serve`` image, with the ``kserve`` SDK's model server (HTTP on ``--http_port``, 8080). This
 module is the server's side alone: the model, its checks and the requests it takes are
-:mod:`imgpipe.serve_model`'s (docs/serving.md), which imports no kserve. kserve 0.20 needs
+:mod:`imgpipe.serving.model`'s (docs/serving.md), which imports no kserve. kserve 0.20 needs
 pandas < 3, so only the serve image and the serve venv (``make test``: ``.venv/serve``) have it.
 
 A request the model cannot take is a 400 with the v2 error body ``{"error": ...}``; a model
@@ -26,16 +26,16 @@ from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest import server as rest_server
 
-from imgpipe import serve_model
-from imgpipe.serve_limits import MAX_INFLIGHT, RequestLimits, request_limit
-from imgpipe.serve_model import OUTPUTS, BadRequest, open_model
+from imgpipe.serving import model as serve_model
+from imgpipe.serving.limits import MAX_INFLIGHT, RequestLimits, request_limit
+from imgpipe.serving.model import OUTPUTS, BadRequest, open_model
 from imgpipe.train.card import preprocessing_spec
 
 __all__ = ["ImgpipeModel", "main"]
 
 
 class ImgpipeModel(Model):
-    """One imgpipe model as a KServe model: :func:`~imgpipe.serve_model.open_model` at load, v2 requests in :meth:`predict`."""
+    """One imgpipe model as a KServe model: :func:`~imgpipe.serving.model.open_model` at load, v2 requests in :meth:`predict`."""
 
     def __init__(self, name: str, model_dir: str | Path, threads: int = 1) -> None:
         super().__init__(name)
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastapi.exceptions import RequestValidationError
     from kserve import model_server
 
-    parser = argparse.ArgumentParser(prog="python -m imgpipe.serve_runtime", parents=[model_server.parser], description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m imgpipe.serving.runtime", parents=[model_server.parser], description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", required=True, help="the model prefix, or a folder holding one (KServe: /mnt/models)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime's intra-op threads")
     parser.add_argument("--host", default="127.0.0.1", help="the HTTP address; 0.0.0.0 in a pod (the ServingRuntime passes it)")
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_body_mb is not None and not args.max_body_mb > 0:
             raise ValueError(f"--max_body_mb must be > 0, got {args.max_body_mb}")
     except ValueError as exc:
-        print(f"imgpipe.serve_runtime: {exc}", file=sys.stderr)
+        print(f"imgpipe.serving.runtime: {exc}", file=sys.stderr)
         return 1
     max_body = int(args.max_body_mb * (1 << 20)) if args.max_body_mb else request_limit(model.card, serve_model.MAX_IMAGES)
     _RESTServer.host = args.host
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_server.app.add_middleware(RequestLimits, max_body=max_body, max_inflight=args.max_inflight)
     grpc = f"gRPC on [::]:{args.grpc_port} (every interface)" if args.enable_grpc else "no gRPC (--enable_grpc=true opens it)"
     print(
-        f"imgpipe.serve_runtime: serving {args.model_name} on http://{args.host}:{args.http_port} (v2), {grpc}; "
+        f"imgpipe.serving.runtime: serving {args.model_name} on http://{args.host}:{args.http_port} (v2), {grpc}; "
         f"request bodies up to {max_body / (1 << 20):.1f} MiB, {args.max_inflight} at once",
         file=sys.stderr,
         flush=True,

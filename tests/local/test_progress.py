@@ -10,7 +10,7 @@ import pytest
 from kfp import dsl
 from kfp.local import logging_utils, status
 
-from imgpipe.kfp.progress import StepFailed, describe_metrics, failure_reason, rejects_line, step_progress
+from imgpipe.local.progress import StepFailed, describe_metrics, failure_reason, rejects_line, step_progress
 
 
 def _kfp_task(name: str, ok: bool, lines: list[str], metrics: dict[str, float] | None = None) -> None:

@@ -14,7 +14,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from imgpipe import storage
-from imgpipe.kfp.local_s3 import ADMIN_USER, IDENTITIES, LOG, S3Identity, iam_endpoint, local_s3_server, seaweedfs_server, weed_binary
+from imgpipe.local.s3 import ADMIN_USER, IDENTITIES, LOG, S3Identity, iam_endpoint, local_s3_server, seaweedfs_server, weed_binary
 
 
 def test_the_store_keeps_what_a_run_wrote_for_the_next_run(tmp_path):
@@ -91,7 +91,7 @@ def test_an_iam_api_that_read_the_identities_before_the_admin_is_started_again(t
     refuses a made-up one."""
     import socket
 
-    from imgpipe.kfp import local_s3
+    from imgpipe.local import s3 as local_s3
 
     configure = local_s3._configure_admin
     calls = []
@@ -125,7 +125,7 @@ def test_a_port_taken_before_the_server_binds_it_is_a_start_on_fresh_ports(tmp_p
     fails, and the server starts again on fresh ports."""
     import socket
 
-    from imgpipe.kfp import local_s3
+    from imgpipe.local import s3 as local_s3
 
     fresh = local_s3._ports
     given = []
@@ -151,7 +151,7 @@ def test_a_port_taken_before_the_server_binds_it_is_a_start_on_fresh_ports(tmp_p
 
 
 def test_a_start_that_fails_for_another_reason_is_not_tried_again(tmp_path, monkeypatch):
-    from imgpipe.kfp import local_s3
+    from imgpipe.local import s3 as local_s3
 
     starts = []
     real = local_s3._started
@@ -261,7 +261,7 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path):
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from imgpipe.kfp import local_s3\n"
+        "from imgpipe.local import s3 as local_s3\n"
         "with local_s3.seaweedfs_server(Path(sys.argv[1])):\n"
         "    print(open(Path(sys.argv[1]) / '.lock').name, flush=True)\n"
         "    time.sleep(600)\n"
@@ -295,7 +295,7 @@ def test_a_weed_shell_that_hangs_is_run_again(tmp_path, monkeypatch):
     """Seen under load in CI: `weed shell` hung past its timeout while the master came up. The start tries again within its deadline."""
     import subprocess
 
-    from imgpipe.kfp import local_s3
+    from imgpipe.local import s3 as local_s3
 
     tries = tmp_path / "tries"
     weed = tmp_path / "weed"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from imgpipe.kfp.local_result import LocalRunResult
 from imgpipe.kfp.publish import with_promotion
+from imgpipe.local.result import LocalRunResult
 from imgpipe.report.training import html_report
 
 

@@ -7,7 +7,7 @@ with local_s3_server(Path(".data/seaweedfs")) as bucket:  # "s3://imgpipe-local"
 outlives the server, so a second run finds the first run's outputs. Its admin identity is the
 one kubeflow/manifests configures (``kubeflow-admin``, set with ``weed shell s3.configure``),
 with keys made once per data directory; profiles' keys come from its IAM API, as KFP makes
-them. Every other port asks for this start's certificate (local_s3_security), and the data
+them. Every other port asks for this start's certificate (local.s3_security), and the data
 directory is its user's alone. docs/internals.md, "The local object store", says how it is started.
 """
 
@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import resources, storage
-from imgpipe.kfp.local_names import LOCAL_BUCKET
-from imgpipe.kfp.local_s3_security import StoreKeys, make_private, write_private, write_security
+from imgpipe.local.names import LOCAL_BUCKET
+from imgpipe.local.s3_security import StoreKeys, make_private, write_private, write_security
 
 __all__ = [
     "ADMIN_USER",

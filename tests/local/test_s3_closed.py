@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from imgpipe import storage
-from imgpipe.kfp.local_s3 import IDENTITIES, seaweedfs_server
-from imgpipe.kfp.local_s3_security import SECURITY_TOML, StoreKeys
+from imgpipe.local.s3 import IDENTITIES, seaweedfs_server
+from imgpipe.local.s3_security import SECURITY_TOML, StoreKeys
 from tests.kfp import intruder
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's sockets from /proc")

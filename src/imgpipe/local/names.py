@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __all__ = ["DEFAULT_WORKDIR", "LOCAL_BUCKET", "STORE_DIR", "in_local_store"]
 
-# The bucket of the local object store (SeaweedFS, imgpipe.kfp.local_s3) a local run writes to.
+# The bucket of the local object store (SeaweedFS, imgpipe.local.s3) a local run writes to.
 LOCAL_BUCKET = "imgpipe-local"
 # A local run's directory (``--workdir``): kfp's outputs, logs, copies of results and, in STORE_DIR, the store's data.
 DEFAULT_WORKDIR = "./.data"

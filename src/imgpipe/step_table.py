@@ -1,6 +1,6 @@
 """The pipeline's steps, in order: each one's config, function, report, image and where it may run.
 
-    from imgpipe.registry import STEPS, step
+    from imgpipe.step_table import STEPS, step
     cfg = step("clean").config_class()(workers=2); report = step("clean").function()(src, dest, cfg)
 
 Everything that lists the steps (config sections, the command line, ``imgpipe run``, reports,

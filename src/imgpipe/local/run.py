@@ -2,7 +2,7 @@
 
     result = run_local(load_local_config("configs/local.yaml")); print(result.summary())
 
-How it works in detail: docs/internals.md, "imgpipe.kfp.local_run".
+How it works in detail: docs/internals.md, "imgpipe.local.run".
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from imgpipe import contract, storage
 from imgpipe.config import config_from_dict, config_to_dict
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
 from imgpipe.kfp import preflight
-from imgpipe.kfp.local_containers import docker_runner_for, engine_for
-from imgpipe.kfp.local_names import DEFAULT_WORKDIR, STORE_DIR
-from imgpipe.kfp.local_result import LocalRunResult, collect_result
-from imgpipe.kfp.local_s3 import local_s3_server
-from imgpipe.kfp.progress import step_progress
 from imgpipe.kfp.publish import with_promotion
-from imgpipe.kfp.run_settings import Layers, parameter_fields
-from imgpipe.registry import STEPS
+from imgpipe.local.containers import docker_runner_for, engine_for
+from imgpipe.local.names import DEFAULT_WORKDIR, STORE_DIR
+from imgpipe.local.progress import step_progress
+from imgpipe.local.result import LocalRunResult, collect_result
+from imgpipe.local.s3 import local_s3_server
+from imgpipe.local.settings import Layers, parameter_fields
+from imgpipe.step_table import STEPS
 
 __all__ = [
     "LOCAL_PARAMS",
@@ -107,7 +107,7 @@ class LocalRunConfig:
         """The pipeline parameters of this run, except the data locations.
 
         The local defaults lie under :attr:`params` and :attr:`step_config`; a parameter of
-        :attr:`params` replaces the step field it sets (:func:`imgpipe.kfp.run_settings.parameter_fields`),
+        :attr:`params` replaces the step field it sets (:func:`imgpipe.local.settings.parameter_fields`),
         so a component never sees a section that overrules it.
         """
         sections = {k: dict(v) for k, v in LOCAL_STEP_CONFIG.items()}
@@ -134,7 +134,7 @@ def load_local_config(
 
     Each file holds sections ``pipeline`` (parameters), ``synth`` and one per step; a later
     layer wins field by field, and a parameter and the step field it sets are one setting
-    (:mod:`imgpipe.kfp.run_settings`): ``--param epochs=1`` wins over a file's ``train: {epochs: 3}``.
+    (:mod:`imgpipe.local.settings`): ``--param epochs=1`` wins over a file's ``train: {epochs: 3}``.
 
     Example::
 
