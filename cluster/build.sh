@@ -5,7 +5,7 @@
 # cache that requires the upstream module at its pinned version and carries over the module's own
 # `replace` directives (Kubernetes' staging modules become their published v0.X.Y releases).
 #
-# usage: cluster/build.sh [GROUP ...]    groups: control node runtime pause argo kuberay trainer store kfp ui registry kserve (default: all)
+# usage: [CLUSTER_RELEASE=kubeflow-1.11] cluster/build.sh [GROUP ...]    groups: CLUSTER_GROUPS in lib.sh (default: all)
 # kfp (tier 3) is built from a clone of kubeflow/pipelines at KFP_SOURCE (cluster/versions.env);
 # ui, KFP's UI, from the frontend of that checkout with Node.js and npm from the npm registry;
 # registry and kserve (tier 5) from clones at MODEL_REGISTRY_SOURCE and KSERVE_SOURCE.
@@ -53,17 +53,19 @@ gobuild() { # DIR OUT PACKAGE [LDFLAGS] [CGO]
 }
 
 # Runs GROUP's build once per versions; the stamp records what was built.
-group() { # GROUP KEY
-	local stamp="$CLUSTER_CACHE/stamps/$1-$2"
+group() { # GROUP
+	local stamp key
+	stamp=$(build_stamp "$1")
+	key=$(group_key "$1")
 	if [[ -f $stamp && -z ${CLUSTER_REBUILD:-} ]]; then
-		log "$1 ($2): cached"
+		log "$1 ($key): cached"
 		return 0
 	fi
 	local start=$SECONDS
 	"build_$1"
 	mkdir -p "$CLUSTER_CACHE/stamps"
 	echo "built in $((SECONDS - start)) s on $(date -u +%FT%TZ)" >"$stamp"
-	log "$1 ($2): built in $((SECONDS - start)) s"
+	log "$1 ($key): built in $((SECONDS - start)) s"
 }
 
 k8s_ldflags() {
@@ -286,8 +288,9 @@ build_ui() {
 }
 
 groups=("$@")
-[[ ${#groups[@]} -gt 0 ]] || groups=(control node runtime pause argo kuberay trainer store kfp ui registry kserve)
+[[ ${#groups[@]} -gt 0 ]] || read -ra groups <<<"$CLUSTER_GROUPS"
 mkdir -p "$CLUSTER_CACHE"
+log "release profile $CLUSTER_RELEASE: KFP $KFP_VERSION, Argo $ARGO_VERSION, Model Registry $MODEL_REGISTRY_VERSION, KServe $KSERVE_VERSION, Trainer $TRAINER_VERSION"
 for g in "${groups[@]}"; do
-	group "$g" "$(group_key "$g")"
+	group "$g"
 done

@@ -28,6 +28,26 @@ group_key() { # GROUP
 
 bin_dir() { echo "$CLUSTER_CACHE/bin/$1-$(group_key "$1")"; }
 
+# Every group a cluster runs (cluster/build.sh's), the order it builds them in.
+CLUSTER_GROUPS="control node runtime pause argo kuberay trainer store kfp ui registry kserve"
+
+# The stamp cluster/build.sh leaves once GROUP is built for its versions.
+build_stamp() { echo "$CLUSTER_CACHE/stamps/$1-$(group_key "$1")"; }
+
+# The groups of this release with no build in the cache, each as " group (its key)".
+unbuilt_groups() {
+	local group
+	for group in $CLUSTER_GROUPS; do
+		[[ -f $(build_stamp "$group") ]] || printf ' %s (%s)' "$group" "$(group_key "$group")"
+	done
+}
+
+# The command that builds this release: the sources the Go module proxy refuses named by their variables.
+build_command() {
+	printf 'make cluster-build CLUSTER_RELEASE=%s KFP_SOURCE=<a clone of kubeflow/pipelines with tag %s> ' "$CLUSTER_RELEASE" "$KFP_VERSION"
+	printf 'MODEL_REGISTRY_SOURCE=<kubeflow/model-registry, tag %s> KSERVE_SOURCE=<kserve/kserve, tag %s>' "$MODEL_REGISTRY_VERSION" "$KSERVE_VERSION"
+}
+
 # Upstream sources the Go module proxy refuses (kubeflow/pipelines, kubeflow/model-registry,
 # kserve/kserve), each a checkout in the cache at its pinned commit, made by cluster/build.sh from
 # the clone its variable names (KFP_SOURCE, MODEL_REGISTRY_SOURCE, KSERVE_SOURCE). Their

@@ -13,7 +13,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
 
 CONTROL_BIN=$(bin_dir control)
-[[ -x $CONTROL_BIN/kube-apiserver ]] || die "no control-plane binaries in $CONTROL_BIN: run make cluster-build first"
+# A release profile runs whole or not at all: each group it needs must be built for its versions.
+# `current` may run with only the lower tiers built (make cluster-build GROUPS=...).
+missing=$(unbuilt_groups)
+if [[ -n $missing && ( $CLUSTER_RELEASE != current || ! -x $CONTROL_BIN/kube-apiserver ) ]]; then
+	die "CLUSTER_RELEASE=$CLUSTER_RELEASE has no build in $CLUSTER_CACHE of:$missing; run $(build_command)"
+fi
 
 if cluster_running; then
 	log "already up (namespace holder pid $(holder_pid)); make cluster-down stops it"

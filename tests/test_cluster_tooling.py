@@ -22,9 +22,77 @@ ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / "cluster" / "lib.sh"
 
 
-def _versions() -> dict[str, str]:
-    text = (ROOT / "cluster" / "versions.env").read_text()
-    return dict(re.findall(r"^([A-Z_]+)=(\S+)$", text, re.M))
+RELEASES = ("current", "kubeflow-26.03", "kubeflow-1.11")
+
+
+def _versions(release: str = "current") -> dict[str, str]:
+    """cluster/versions.env as bash reads it for ``release``: every variable it sets."""
+    script = f"set -a; CLUSTER_RELEASE={release}; . {ROOT / 'cluster' / 'versions.env'}; env -0"
+    out = subprocess.run(["env", "-i", "bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    pairs = (item.split("=", 1) for item in out.split("\0") if "=" in item)
+    return {k: v for k, v in pairs if re.fullmatch(r"[A-Z_]+", k) and k not in ("PWD", "SHLVL", "_")}
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_each_release_profile_pins_every_part_to_a_tag_and_its_commit(release):
+    pins = _versions(release)
+    assert pins["CLUSTER_RELEASE"] == release and set(pins["CLUSTER_RELEASES"].split()) == set(RELEASES)
+    for project in ("KFP", "MODEL_REGISTRY", "KSERVE"):
+        assert re.fullmatch(r"[0-9a-f]{40}", pins[f"{project}_COMMIT"]), project
+    for name in ("KFP_VERSION", "NODE_VERSION"):
+        assert re.fullmatch(r"\d+\.\d+\.\d+", pins[name]), name
+    for name in ("ARGO_VERSION", "MODEL_REGISTRY_VERSION", "KSERVE_VERSION", "TRAINER_VERSION", "JOBSET_VERSION"):
+        assert re.fullmatch(r"v\d+\.\d+\.\d+", pins[name]), name
+    # What every release shares is the same in each.
+    shared = ("KUBERNETES_VERSION", "ETCD_VERSION", "CONTAINERD_VERSION", "KUBERAY_VERSION", "SEAWEEDFS_VERSION", "TRITON_VERSION")
+    assert {k: pins[k] for k in shared} == {k: _versions()[k] for k in shared}
+
+
+def test_the_releases_are_what_kubeflow_ships():
+    """kubeflow/manifests v1.11.0 and 26.03: KFP 2.15.0 / 2.16.0, Model Registry v0.3.4 / v0.3.7, KServe v0.15.2 / v0.16.0,
+    Trainer v2.1.0 with JobSet v0.10.1, Argo v3.7.3 (docs/cluster.md, "Releases")."""
+    got = {
+        r: {k: _versions(r)[k] for k in ("KFP_VERSION", "MODEL_REGISTRY_VERSION", "KSERVE_VERSION", "TRAINER_VERSION", "ARGO_VERSION")}
+        for r in RELEASES[1:]
+    }
+    assert got == {
+        "kubeflow-26.03": {
+            "KFP_VERSION": "2.16.0",
+            "MODEL_REGISTRY_VERSION": "v0.3.7",
+            "KSERVE_VERSION": "v0.16.0",
+            "TRAINER_VERSION": "v2.1.0",
+            "ARGO_VERSION": "v3.7.3",
+        },
+        "kubeflow-1.11": {
+            "KFP_VERSION": "2.15.0",
+            "MODEL_REGISTRY_VERSION": "v0.3.4",
+            "KSERVE_VERSION": "v0.15.2",
+            "TRAINER_VERSION": "v2.1.0",
+            "ARGO_VERSION": "v3.7.3",
+        },
+    }
+
+
+def test_a_release_that_is_no_profile_is_refused_with_the_list():
+    result = subprocess.run(
+        ["bash", "-c", f"set -e; CLUSTER_RELEASE=kubeflow-1.9; . {ROOT / 'cluster' / 'versions.env'}; echo reached"], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "reached" not in result.stdout
+    assert "CLUSTER_RELEASE=kubeflow-1.9 is no release profile of cluster/versions.env: one of current kubeflow-26.03 kubeflow-1.11" in result.stderr
+
+
+def test_a_release_with_no_cached_build_says_which_build_to_run_and_starts_nothing(tmp_path):
+    env = {
+        "PATH": os.environ["PATH"],
+        "CLUSTER_CACHE": str(tmp_path / "cache"),
+        "CLUSTER_STATE": str(tmp_path / "state"),
+        "CLUSTER_RELEASE": "kubeflow-26.03",
+    }
+    result = subprocess.run(["bash", str(ROOT / "cluster" / "up.sh")], capture_output=True, text=True, env=env)
+    assert result.returncode != 0
+    assert "CLUSTER_RELEASE=kubeflow-26.03 has no build in" in result.stderr and "kfp (kfp2.16.0-e4ebca310f40)" in result.stderr
+    assert "make cluster-build CLUSTER_RELEASE=kubeflow-26.03 KFP_SOURCE=<a clone of kubeflow/pipelines with tag 2.16.0>" in result.stderr
+    assert not (tmp_path / "state").exists(), "nothing started, nothing written"
 
 
 def test_the_kfp_backend_is_pinned_to_the_sdks_release():

@@ -39,7 +39,7 @@ CONTRACTS = Path(__file__).resolve().parents[1] / "contracts" / "kfp"
 VERSIONS = ("2.15.0", "2.16.0")
 UPLOADS = ("/apis/v2beta1/pipelines/upload", "/apis/v2beta1/pipelines/upload_version")
 HEALTHZ = "/apis/v2beta1/healthz"
-# main.go's healthz handler at 2.15.0 and 2.16.0 (a literal JSON string).
+# main.go's healthz handler at 2.15.0 and 2.16.0 (a literal JSON string); 2.5.0's writes no pipeline_store.
 HEALTHZ_BODY = {
     "type": "object",
     "properties": {
@@ -51,6 +51,16 @@ HEALTHZ_BODY = {
     "required": ["commit_sha", "tag_name", "multi_user", "pipeline_store"],
     "additionalProperties": False,
 }
+
+
+def healthz_body(version: str) -> dict[str, Any]:
+    """The healthz handler's answer at ``version``: ``pipeline_store`` came in 2.15.0 (2.5.0 writes the other three)."""
+    if tuple(int(p) for p in version.split(".")) >= (2, 15, 0):
+        return HEALTHZ_BODY
+    names = ["commit_sha", "tag_name", "multi_user"]
+    return {**HEALTHZ_BODY, "properties": {k: HEALTHZ_BODY["properties"][k] for k in names}, "required": names}
+
+
 # pipeline_upload_server.go writeErrorToResponse: apiv1beta1.Error with these statuses.
 UPLOAD_ERROR = {
     "type": "object",
@@ -146,7 +156,7 @@ class KfpContract:
         if bodies and isinstance(body, (dict, list)):
             problems += self._errors(bodies[0]["schema"], body, f"{name} request", request=True)
         if template == HEALTHZ:
-            return problems + self._errors(HEALTHZ_BODY, payload, f"{name} response")
+            return problems + self._errors(healthz_body(self.version), payload, f"{name} response")
         if template in UPLOADS and status != 200:
             if status not in UPLOAD_ERROR_STATUSES:
                 problems.append(f"{name}: the upload handler answers errors with {UPLOAD_ERROR_STATUSES}, not {status}")

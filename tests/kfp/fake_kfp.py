@@ -71,7 +71,7 @@ from urllib.parse import parse_qs, urlparse
 import yaml
 
 from tests import rbac, serving
-from tests.kfp.contract import contract
+from tests.kfp.contract import contract, healthz_body
 
 API = "/apis/v2beta1"
 
@@ -262,7 +262,8 @@ def _handler(fake: FakeKfp) -> type[BaseHTTPRequestHandler]:
     def route(method: str, parts: list[str], q: dict[str, str], body: Any, user: str | None) -> tuple[int, Any]:
         match method, parts:
             case "GET", ["healthz"]:
-                return 200, {"commit_sha": "unknown", "tag_name": fake.version, "multi_user": fake.multi_user, "pipeline_store": "database"}
+                healthz = {"commit_sha": "unknown", "tag_name": fake.version, "multi_user": fake.multi_user, "pipeline_store": "database"}
+                return 200, {k: healthz[k] for k in healthz_body(fake.version)["required"]}
             case "GET", ["pipelines"]:
                 namespace = q.get("namespace", "")
                 check(

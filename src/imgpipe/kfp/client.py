@@ -28,6 +28,7 @@ from imgpipe.kfp.package import (
 )
 from imgpipe.kfp.preflight import check_params
 from imgpipe.kfp.refusals import call
+from imgpipe.kfp.releases import check_release, server_healthz
 from imgpipe.kfp.run_end import TERMINAL_STATES, run_failure, wait_for_run
 
 __all__ = [
@@ -236,12 +237,15 @@ def _prepare(
 
 
 def _namespace(client: Any, target: Target) -> str | None:
-    """The profile namespace in multi-user mode (required there), else ``None``.
+    """The profile namespace in multi-user mode (required there), else ``None``; first, the server's release checked.
 
     Raises:
         ValueError: If the server runs multi-user and no namespace is set.
+        RuntimeError: If the server is a Kubeflow Pipelines imgpipe cannot run on (:func:`~imgpipe.kfp.releases.check_release`).
     """
-    multi_user = bool(getattr(client.get_kfp_healthz(), "multi_user", False))
+    healthz = server_healthz(client)
+    check_release(healthz)
+    multi_user = bool(healthz.get("multi_user", False))
     if not multi_user:
         return None
     if not target.namespace:
