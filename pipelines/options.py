@@ -51,7 +51,7 @@ S3_SECRET = "imgpipe-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 S3_CONFIG_MAP = "imgpipe-s3-config"
 # Every operator setting a task reads at run time, as env of every task from the ConfigMap
-# (optional, and so is each key; docs/deploy.md, "Operator settings", lists the same): the S3
+# (optional, and so is each key; docs/deploy/permissions.md, "Operator settings", lists the same): the S3
 # endpoint and region, the Ray clusters a run may send resize to, the KubeRay worker cap, the
 # TrainJob node cap, what sources and other URIs a run may name, and the Model Registry's
 # model name and whether registering may fail.

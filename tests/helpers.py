@@ -289,3 +289,9 @@ def resident_mapped_kib(under: Path) -> tuple[int, int]:
         elif inside and line.startswith("Rss:"):
             kib += int(line.split()[1])
     return len(files), kib
+
+
+def deploy_guide() -> str:
+    """The whole cluster guide: docs/deploy.md and its parts in docs/deploy/, as one text."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    return "\n".join(p.read_text() for p in [docs / "deploy.md", *sorted((docs / "deploy").glob("*.md"))])

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "imgpipe"
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs").glob("*/*.md"))]
 TOP = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")} | {".ci"}
 PACKAGE_DIRS = {p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("_")}
 GENERATED = ("bench/results/", "out/")
@@ -120,3 +120,13 @@ def test_every_command_a_doc_shows_has_the_flags_it_uses(doc):
         used = [flag for w in rest for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", w)]
         wrong += [f"{flag} is no option of imgpipe {name}: {example}" for flag in used if flag not in options]
     assert not wrong, "\n".join(wrong)
+
+
+# A page a person can find an answer in (issue 86): split a longer one by what a reader comes for.
+PAGE_LINES = 425
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_page_is_too_long_to_find_an_answer_in(doc):
+    lines = len(doc.read_text().splitlines())
+    assert lines <= PAGE_LINES, f"{doc.relative_to(ROOT)} has {lines} lines: split it by what a reader comes for (docs/deploy/, docs/internals/)"

@@ -25,6 +25,7 @@ from imgpipe.kfp import client as kfp_client
 from imgpipe.kfp import connect as kfp_connect
 from imgpipe.kfp import package as kfp_package
 from tests import serve_venv
+from tests.helpers import deploy_guide
 from tests.manifests import (
     ARGO_SCHEMAS,
     BUILDS,
@@ -270,7 +271,7 @@ def test_dev_overlay_uses_the_object_store_kfp_installs():
 def test_stated_version_floors_match_the_fields_used(tmp_path):
     readme = (ROOT / "README.md").read_text()
     base = (K8S / "base" / "kustomization.yaml").read_text()
-    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    deploy = deploy_guide()
     floors = {"Kubeflow Pipelines": "2.15", "KubeRay": "1.6", "Argo Workflows": "3.6"}
     for product, version in floors.items():
         assert f"{product} ≥ {version}" in readme and f"{product} ≥ {version}" in deploy, product

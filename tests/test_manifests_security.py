@@ -10,7 +10,8 @@ import yaml
 
 from imgpipe.kfp import client as kfp_client
 from tests import rbac
-from tests.manifests import BUILDS, DEPLOYED, K8S, NAMESPACES, ROOT, _key, build
+from tests.helpers import deploy_guide
+from tests.manifests import BUILDS, DEPLOYED, K8S, NAMESPACES, _key, build
 
 # ----------------------------------------------------------------------------------------
 # Hardening: Pod Security, securityContext, API tokens, NetworkPolicy, RBAC.
@@ -82,7 +83,7 @@ def _pods(doc: dict) -> list[tuple[str, dict]]:
     """(role, pod spec) of every pod ``doc`` brings, with what the operators add that matters here.
 
     Argo's own init and wait containers are not in a manifest: their securityContext is
-    the workflow controller's `executor` setting (docs/deploy.md, "Pod Security").
+    the workflow controller's `executor` setting (docs/deploy/permissions.md, "Pod Security").
     """
     spec = doc.get("spec") or {}
     if doc["kind"] in ("RayJob", "RayCluster"):
@@ -154,7 +155,7 @@ def test_profile_namespaces_get_pod_security_labels():
     }
     assert re.fullmatch(r"v1\.\d+", labels[prefix + "enforce-version"]), "enforce pinned to a Kubernetes minor version"
     assert {labels[prefix + m + "-version"] for m in ("warn", "audit")} == {"latest"}
-    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    deploy = deploy_guide()
     assert "--type merge --patch-file k8s/profiles/pod-security-labels.yaml" in deploy
 
 
@@ -266,7 +267,7 @@ def test_the_rayjob_role_is_bound_to_imgpipes_own_account_only(name, monkeypatch
     role = next(d for d in docs if _key(d) == ("Role", "imgpipe-rayjobs"))
     granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
     assert granted == set(CALL_VERBS.values()), "exactly the calls tests/remote/test_kuberay.py records"
-    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    deploy = deploy_guide()
     assert f"--as=system:serviceaccount:{NAMESPACES['overlays/dev']}:{RUN_ACCOUNT}" in deploy
 
 
@@ -274,7 +275,7 @@ def test_the_rayjob_role_is_bound_to_imgpipes_own_account_only(name, monkeypatch
 # Who applies what: a cluster admin the objects labelled so, a profile's owner the rest.
 
 APPLIED_BY = "imgpipe.dev/applied-by"
-# The two commands of docs/deploy.md, "Who applies what" (kubectl filters the rendered
+# The two commands of docs/deploy/permissions.md, "Who applies what" (kubectl filters the rendered
 # objects by the selector before it sends any: kubernetes/kubernetes
 # staging/src/k8s.io/cli-runtime/pkg/resource/builder.go, visitByPaths, FilterByLabelSelector).
 ADMIN_SELECTOR = f"{APPLIED_BY}=cluster-admin"
@@ -339,7 +340,7 @@ def test_the_owner_cannot_grant_the_rayjob_role_without_kuberays_aggregation(nam
     The owner (kubeflow-admin: kubeflow-edit plus roles/rolebindings) could make the retrain
     Role, but not the RayJob Role: nothing on ray.io. Kubeflow's own KubeRay install
     aggregates ray.io into kubeflow-edit, and then default-editor, which every pipeline
-    runs as, may create RayJobs too (docs/deploy.md, "RBAC").
+    runs as, may create RayJobs too (docs/deploy/permissions.md, "RBAC").
     """
     docs, namespace = build(name), NAMESPACES[name]
     roles = {d["metadata"]["name"]: d["rules"] for d in docs if d["kind"] == "Role"}
@@ -367,7 +368,7 @@ def test_the_owner_cannot_grant_the_rayjob_role_without_kuberays_aggregation(nam
 
 
 def test_deploy_md_says_who_applies_what_with_these_selectors():
-    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    deploy = deploy_guide()
     assert "## Who applies what" in deploy
     for overlay in ("dev", "gpu"):
         assert f"kubectl apply -k k8s/overlays/{overlay} -l {ADMIN_SELECTOR}" in deploy

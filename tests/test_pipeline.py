@@ -28,6 +28,7 @@ from imgpipe.kfp.artifacts import BY_INPUTS
 from imgpipe.kfp.publish import find_confusion
 from imgpipe.local.run import LocalRunConfig, load_local_config, run_local
 from imgpipe.remote.dispatch import remote_steps
+from tests.helpers import deploy_guide
 
 STEPS = ("download", "clean", "resize", "train")
 # The tasks of the compiled DAG, by display name: resize is two tasks, one per ray_address mode,
@@ -241,7 +242,7 @@ def test_every_operator_setting_the_docs_name_reaches_every_task(compiled):
     for step in TASKS:
         (config,) = executors[_executor(ir, step)]["configMapAsEnv"]
         assert {(m["configMapKey"], m["envVar"]) for m in config["keyToEnv"]} == {(k, k) for k in OPERATOR_SETTINGS}, step
-    deploy = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    deploy = deploy_guide()
     table = deploy[deploy.index("## Operator settings") :].split("\n## ", 1)[0]
     assert set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.M)) == set(OPERATOR_SETTINGS)
 

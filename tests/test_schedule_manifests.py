@@ -27,8 +27,9 @@ import yaml
 from imgpipe import cli
 from imgpipe.containers import catalog
 from imgpipe.kfp import connect as kfp_connect
+from tests.helpers import deploy_guide
 from tests.kfp.fake_kfp import serve
-from tests.manifests import ARGO_SCHEMAS, K8S, ROOT, argo_validator, build
+from tests.manifests import ARGO_SCHEMAS, K8S, argo_validator, build
 
 KUBECTL = shutil.which("kubectl")
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
@@ -36,7 +37,7 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomiz
 IMAGE_NAMES = {f"imgpipe-{kind}": kind for kind in catalog.STEP_KINDS}
 # What Argo substitutes for {{workflow.name}}: the CronWorkflow's name and the schedule's time.
 WORKFLOW_NAME = "imgpipe-retrain-1718000000"
-# docs/deploy.md, "Step by step", step 6: a finished retraining workflow is kept 7 days.
+# docs/deploy/install.md, "Step by step", step 6: a finished retraining workflow is kept 7 days.
 RETENTION_S = 7 * 24 * 3600
 
 needs_kubectl = pytest.mark.skipif(
@@ -301,7 +302,7 @@ def test_retraining_history_is_kept_as_documented(overlay):
         assert argo_ttl(cron["spec"]["workflowSpec"], phase) == RETENTION_S, f"{overlay}: a {phase} workflow, no defaults"
     # The CronWorkflow controller keeps this many finished workflows at most, each within its TTL.
     assert (cron["spec"]["successfulJobsHistoryLimit"], cron["spec"]["failedJobsHistoryLimit"]) == (3, 5)
-    deploy = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
+    deploy = " ".join(deploy_guide().split())
     assert "the last 3 succeeded and 5 failed retraining workflows, each for 7 days after it ends" in deploy
 
 

@@ -2,7 +2,7 @@
 
     items = plan(resized, grid, axes, step_config, model="resnet18")   # one loop item per branch and seed
 
-How it works in detail: docs/internals.md, "imgpipe.sweep".
+How it works in detail: docs/internals/steps.md, "imgpipe.sweep".
 """
 
 from __future__ import annotations

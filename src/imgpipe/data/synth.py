@@ -2,7 +2,7 @@
 
     generate("file:///tmp/sample", SynthConfig(classes=12, per_class=60))   # images.tar.gz, annotations.tar.gz, synth.json
 
-How it works in detail: docs/internals.md, "imgpipe.data.synth".
+How it works in detail: docs/internals/steps.md, "imgpipe.data.synth".
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     rng = image_rng(seed, class_index, n)
     img, box = render_image(class_index, rng, sample_size(rng))
 
-:mod:`imgpipe.data.synth` writes these images into a release; docs/internals.md, "imgpipe.data.synth", has the details.
+:mod:`imgpipe.data.synth` writes these images into a release; docs/internals/steps.md, "imgpipe.data.synth", has the details.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 What each component shows in the UI (Metrics, HTML, the Model) is :mod:`imgpipe.kfp.publish`'s.
 
-How it works in detail: docs/internals.md, "imgpipe.kfp.artifacts".
+How it works in detail: docs/internals/kubeflow.md, "imgpipe.kfp.artifacts".
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     submit(["data_root=s3://b/imgpipe"], target=Target(host=..., namespace="team-a")); schedule("0 0 3 * * *", params, target=...)
 
-How it works in detail: docs/internals.md, "imgpipe.kfp.client".
+How it works in detail: docs/internals/kubeflow.md, "imgpipe.kfp.client".
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def refusal_message(exc: Exception, verb: str, resource: str, namespace: str | N
     return (
         f"Kubeflow Pipelines refused to {doing} ({how}): {who} may not {verb} {resource}.{KFP_GROUP} in "
         f"namespace {namespace}; grant it with a Role bound to that account in {namespace} (the retraining "
-        'submitter\'s: k8s/base/role-retrain.yaml; docs/deploy.md, "RBAC")'
+        'submitter\'s: k8s/base/role-retrain.yaml; docs/deploy/permissions.md, "RBAC")'
     )
 
 

@@ -5,7 +5,7 @@
 
 ``imgpipe submit`` and ``imgpipe schedule`` call both first (:func:`imgpipe.kfp.client.submit`):
 a server below :data:`KFP_FLOOR` is refused before a pipeline, an experiment or a run is made.
-docs/deploy.md, "Versions", says why the floor is where it is.
+docs/deploy/versions.md, "Versions", says why the floor is where it is.
 """
 
 from __future__ import annotations
@@ -81,6 +81,6 @@ def check_release(healthz: Mapping[str, Any]) -> str:
             upgrade = next((f"{name} (KFP {'.'.join(map(str, v))})" for v, name in sorted(KUBEFLOW_RELEASES.items()) if v >= first), "")
             raise RuntimeError(
                 f"{release_name(version)} cannot run imgpipe: it lacks {feature}. That came in Kubeflow Pipelines "
-                f'{".".join(map(str, first))}: upgrade to {upgrade or "it"} or later (docs/deploy.md, "Versions")'
+                f'{".".join(map(str, first))}: upgrade to {upgrade or "it"} or later (docs/deploy/versions.md, "Versions")'
             )
     return tag

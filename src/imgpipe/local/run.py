@@ -2,7 +2,7 @@
 
     result = run_local(load_local_config("configs/local.yaml")); print(result.summary())
 
-How it works in detail: docs/internals.md, "imgpipe.local.run".
+How it works in detail: docs/internals/kubeflow.md, "imgpipe.local.run".
 """
 
 from __future__ import annotations

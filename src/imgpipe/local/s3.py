@@ -8,7 +8,7 @@ outlives the server, so a second run finds the first run's outputs. Its admin id
 one kubeflow/manifests configures (``kubeflow-admin``, set with ``weed shell s3.configure``),
 with keys made once per data directory; profiles' keys come from its IAM API, as KFP makes
 them. Every other port asks for this start's certificate (local.s3_security), and the data
-directory is its user's alone. docs/internals.md, "The local object store", says how it is started.
+directory is its user's alone. docs/internals/kubeflow.md, "The local object store", says how it is started.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ weed -config_dir={keys.config_dir} server ...      # and the same for `weed shel
 Each start gets a CA of its own (its key is never written), one certificate that every
 server presents and every client shows back (mutual TLS on each gRPC port and on the
 master's, volume server's and filer's HTTP), and JWT signing keys for the volume server
-and the filer. docs/internals.md, "Ports and files", lists the ports and what guards each.
+and the filer. docs/internals/kubeflow.md, "Ports and files", lists the ports and what guards each.
 """
 
 from __future__ import annotations

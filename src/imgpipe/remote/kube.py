@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 RUN_ID_LABEL = "imgpipe.dev/run-id"
 STEP_LABEL = "imgpipe.dev/step"
 # The Secrets pods pull the step images with (a private registry), comma-separated; set at
-# compile time on the tasks that create pods (imgpipe compile; docs/deploy.md, "Private registries").
+# compile time on the tasks that create pods (imgpipe compile; docs/deploy/install.md, "Private registries").
 PULL_SECRETS_ENV = "IMGPIPE_IMAGE_PULL_SECRETS"
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -57,7 +57,7 @@ _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 # handlers/responsewriters/errors.go, forbiddenMessage).
 _FORBIDDEN_USER = re.compile(r'User "([^"]*)"')
 _SA_USER = re.compile(r"system:serviceaccount:([^:]+):(.+)")
-_RBAC_HINT = '{role}, bound to imgpipe-pipeline; docs/deploy.md, "RBAC"'
+_RBAC_HINT = '{role}, bound to imgpipe-pipeline; docs/deploy/permissions.md, "RBAC"'
 
 
 def _load_config() -> None:

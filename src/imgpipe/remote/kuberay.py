@@ -2,7 +2,7 @@
 
     report = run_step_rayjob("resize", source, dest, cfg, namespace="team-a", run_id=run_id)
 
-How it works in detail: docs/internals.md, "imgpipe.remote.kuberay".
+How it works in detail: docs/internals/remote.md, "imgpipe.remote.kuberay".
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 ROLE = "k8s/base/role-rayjobs.yaml"
 NO_LOGS = object()  # core_api value that turns log tailing off
-# The KubeRay floor (docs/deploy.md, "Versions"), and the RayJob fields behind it with the
+# The KubeRay floor (docs/deploy/versions.md, "Versions"), and the RayJob fields behind it with the
 # release whose CRD first has each (ray-project/kuberay ray-operator/config/crd/bases/
 # ray.io_rayjobs.yaml at those tags; Kubeflow's own KubeRay install, kubeflow/manifests
 # 26.03 experimental/ray, is 1.3.2 and has only submitterConfig).

@@ -2,7 +2,7 @@
 
     report = run_step_job("resize", source, dest, cfg, address="http://raycluster-head-svc:8265", run_id=run_id)
 
-How it works in detail: docs/internals.md, "imgpipe.remote.ray_jobs".
+How it works in detail: docs/internals/remote.md, "imgpipe.remote.ray_jobs".
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     report = run_train_job(data, out, cfg, procs=4, run_id=run_id)   # cfg.nodes > 1
 
 The TrainJob object itself is built in :mod:`imgpipe.remote.trainjob_spec`.
-How it works in detail: docs/internals.md, "imgpipe.remote.trainjob".
+How it works in detail: docs/internals/remote.md, "imgpipe.remote.trainjob".
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MIN_TRAINER = "2.1.0"
-# How to install or upgrade Trainer (kubeflow/trainer CHANGELOG-2.1.md; docs/deploy.md, "Kubeflow Trainer").
+# How to install or upgrade Trainer (kubeflow/trainer CHANGELOG-2.1.md; docs/deploy/versions.md, "Kubeflow Trainer").
 INSTALL_HINT = (
     'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=v2.2.1" '
-    'and the same for overlays/runtimes (docs/deploy.md, "Kubeflow Trainer")'
+    'and the same for overlays/runtimes (docs/deploy/versions.md, "Kubeflow Trainer")'
 )
 # Fields of the v2.2 form that v2.1.0's CRD lacks, with the release that added each. The create
 # asks for fieldValidation=Strict, so a CRD without them refuses the object (and the v2.1 form is

@@ -2,7 +2,7 @@
 
     pixels = resize_image(jpeg_bytes, spec)   # decoded, resized to the spec's size and mode, its ops applied: H x W x C uint8
 
-How it works in detail: docs/internals.md, "imgpipe.resize.ops".
+How it works in detail: docs/internals/resize.md, "imgpipe.resize.ops".
 """
 
 from __future__ import annotations

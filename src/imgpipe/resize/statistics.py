@@ -2,7 +2,7 @@
 
     moments = split_moments(manifest, "train")   # per-channel mean and std a resize output recorded
 
-How it works in detail: docs/internals.md, "imgpipe.resize.statistics".
+How it works in detail: docs/internals/resize.md, "imgpipe.resize.statistics".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """OpenCV's antialiased bilinear resizes: a sub-pixel box (:func:`warp_resize`), a whole array (:func:`shrink`).
 
 :mod:`imgpipe.resize.ops` uses :func:`warp_resize` where the box is within :data:`WARP_MAX_SCALE`
-source pixels per output pixel (no JPEG draft would help); docs/internals.md, "imgpipe.resize.ops",
+source pixels per output pixel (no JPEG draft would help); docs/internals/resize.md, "imgpipe.resize.ops",
 says how it compares with PIL's filter. The train step's RandomResizedCrop
 (:mod:`imgpipe.train.augment_cpu`) uses :func:`shrink` where a crop is larger than the output.
 """

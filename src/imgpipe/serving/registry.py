@@ -11,7 +11,7 @@ does it by hand. Registering the same version again is a no-op, so a retried tas
 
 The client (``model_registry.ModelRegistry``, model-registry 0.3.5 to 0.3.11) speaks the REST
 API the servers Kubeflow ships serve, ``/api/model_registry/v1alpha3`` (which versions, and why
-not a newer client: docs/deploy.md, "Model Registry"). A registry that answers another API
+not a newer client: docs/deploy/serving.md, "Model Registry"). A registry that answers another API
 version is named in one line (:class:`RegistryError`). The client sends the pod's token when it
 has one.
 

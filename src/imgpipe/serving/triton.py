@@ -13,7 +13,7 @@ registered model), version :data:`VERSION`. ``config.pbtxt`` names the export's 
 (``image``, ``C x S x S`` float32 after the card's preprocessing) and output (``logits``, one per
 class) with the batch dimension left to Triton (``max_batch_size``), and ``labels.txt`` lists the
 classes in output order, so Triton's classification extension answers with class names. Which
-Triton and ONNX versions this was checked against: docs/deploy.md, "Serving".
+Triton and ONNX versions this was checked against: docs/deploy/serving.md, "Serving".
 
 The model's folder also holds its card, ``model.json`` (:data:`CARD`, with ``files.onnx``
 naming ``1/model.onnx``): Triton ignores a file there, and imgpipe's own runtime
@@ -58,7 +58,7 @@ LABELS = "labels.txt"
 CARD = "model.json"
 # The Triton KServe runs for onnx in Kubeflow 1.11 and 26.03, and the newest ONNX its onnxruntime
 # (1.15.0) loads: IR 9 (IR 10 is refused, measured), opset 19 (onnxruntime's compatibility
-# table). docs/deploy.md, "Serving", cites both.
+# table). docs/deploy/serving.md, "Serving", cites both.
 TRITON = "tritonserver 23.05 (onnxruntime 1.15.0)"
 MAX_IR_VERSION = 9
 MAX_OPSET = 19

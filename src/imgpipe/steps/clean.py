@@ -2,7 +2,7 @@
 
     report = clean("s3://b/run/download", "s3://b/run/clean", CleanConfig(seed=1))
 
-How it works in detail: docs/internals.md, "imgpipe.steps.clean".
+How it works in detail: docs/internals/steps.md, "imgpipe.steps.clean".
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     report = compare({"ra": prefix_a, "base": prefix_b}, dest)   # ranks a sweep's branches: comparison.json, .html, winner.yaml
 
-How it works in detail: docs/internals.md, "imgpipe.steps.compare".
+How it works in detail: docs/internals/steps.md, "imgpipe.steps.compare".
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 
 :mod:`imgpipe.steps.compare` reads each branch's train output into a :class:`BranchResult`,
 applies these and writes the comparison. The rules read the notes' tuning procedure (how
-each is decided: docs/internals.md, "imgpipe.steps.compare"); their thresholds are the
+each is decided: docs/internals/steps.md, "imgpipe.steps.compare"); their thresholds are the
 named constants here, which :class:`imgpipe.steps.compare.CompareConfig` defaults to.
 """
 

@@ -2,7 +2,7 @@
 
     report = download(["s3://ml-data/pets/"], "s3://b/run/download", DownloadConfig(), previous=None)
 
-How it works in detail: docs/internals.md, "imgpipe.steps.download".
+How it works in detail: docs/internals/steps.md, "imgpipe.steps.download".
 """
 
 from __future__ import annotations

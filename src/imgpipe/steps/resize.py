@@ -2,7 +2,7 @@
 
     report = resize("s3://b/run/clean", "s3://b/run/resize", ResizeConfig(preset="resnet"))
 
-How it works in detail: docs/internals.md, "imgpipe.steps.resize".
+How it works in detail: docs/internals/resize.md, "imgpipe.steps.resize".
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     report = train("s3://b/run/resize", "s3://b/run/train", TrainConfig(model="resnet18", epochs=10))
 
-How it works in detail: docs/internals.md, "imgpipe.steps.train".
+How it works in detail: docs/internals/train.md, "imgpipe.steps.train".
 """
 
 from __future__ import annotations

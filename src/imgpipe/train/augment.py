@@ -2,7 +2,7 @@
 
     batch = BatchAugment(cfg, size, channels, ...)(images, seed)   # uint8 B x C x H x W in, normalized float out, on the device
 
-How it works in detail: docs/internals.md, "imgpipe.train.augment".
+How it works in detail: docs/internals/train.md, "imgpipe.train.augment".
 """
 
 from __future__ import annotations

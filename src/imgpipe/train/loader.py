@@ -2,7 +2,7 @@
 
     loader = ImageLoader(info, LoaderConfig(batch_size=128, seed=0), transform=tf, rank=0, world_size=1); loader.set_epoch(epoch)
 
-How it works in detail: docs/internals.md, "imgpipe.train.loader".
+How it works in detail: docs/internals/train.md, "imgpipe.train.loader".
 """
 
 from __future__ import annotations
