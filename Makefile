@@ -130,29 +130,29 @@ compile: install
 # The resize benchmark's real photographs come from scikit-image and scikit-learn (extra "bench").
 bench: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
-	$(NETNS) $(BIN)/python bench/clean.py --classes 37 --per-class 100 --repeats 3
-	$(NETNS) $(BIN)/python bench/resize.py --repeats 3 --cold
-	$(NETNS) $(BIN)/python bench/loader.py --images 2000 --epochs 3 --cold-repeats 2
-	$(NETNS) $(BIN)/python bench/crop_modes.py --classes 12 --per-class 80 --size 64 --epochs 12 --seeds 0,1
-	$(NETNS) $(BIN)/python bench/pretrained.py --json bench/results/pretrained.json
-	$(NETNS) $(BIN)/python bench/step_report.py --repeats 3 --resize
+	$(NETNS) $(BIN)/python bench/steps/clean.py --classes 37 --per-class 100 --repeats 3
+	$(NETNS) $(BIN)/python bench/steps/resize.py --repeats 3 --cold
+	$(NETNS) $(BIN)/python bench/steps/loader.py --images 2000 --epochs 3 --cold-repeats 2
+	$(NETNS) $(BIN)/python bench/probes/crop_modes.py --classes 12 --per-class 80 --size 64 --epochs 12 --seeds 0,1
+	$(NETNS) $(BIN)/python bench/race/pretrained.py --json bench/results/pretrained.json
+	$(NETNS) $(BIN)/python bench/steps/step_report.py --repeats 3 --resize
 
 # The model race (issues 49, 71): imgpipe train with its defaults against torchvision's IMAGENET1K_V2 recipe and the reference script's own defaults
-# (bench/reference_recipe.py), cold, 3 seeds, on real sets that scikit-learn and scikit-image ship
+# (bench/race/reference_recipe.py), cold, 3 seeds, on real sets that scikit-learn and scikit-image ship
 # (extra "bench"). Figures: bench/results/reference.json, docs/img/reference.png, docs/benchmarks.md.
 bench-race: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]' --constraint docker/constraints.txt
-	$(NETNS) $(BIN)/python bench/reference.py --sets digits,lfw --seeds 0,1,2 --set-seeds lfw=0,1,2,3,4,5 --epochs 10 --ref-lrs 0.025,0.1 \
+	$(NETNS) $(BIN)/python bench/race/reference.py --sets digits,lfw --seeds 0,1,2 --set-seeds lfw=0,1,2,3,4,5 --epochs 10 --ref-lrs 0.025,0.1 \
 		--json bench/results/reference.json --plot docs/img/reference.png
 
-# Where a cold train step's time goes, by phase, at 500, 5,000 and 50,000 images (issue 71; bench/train_phases.py).
+# Where a cold train step's time goes, by phase, at 500, 5,000 and 50,000 images (issue 71; bench/steps/train_phases.py).
 bench-train-phases: install
-	$(NETNS) $(BIN)/python bench/train_phases.py --sizes 500,5000,50000 --epochs 10,10,1 \
+	$(NETNS) $(BIN)/python bench/steps/train_phases.py --sizes 500,5000,50000 --epochs 10,10,1 \
 		--json bench/results/train_phases.json --plot docs/img/train-phases.png
 
 # The whole train step on the CPU by loader engine and row cache (issue 50): what the defaults are chosen by.
 bench-train-step: install
-	$(NETNS) $(BIN)/python bench/train_step.py --images 1024 --size 96 --epochs 3 --json bench/results/train_step.json
+	$(NETNS) $(BIN)/python bench/steps/train_step.py --images 1024 --size 96 --epochs 3 --json bench/results/train_step.json
 
 # imgpipe's download of a bucket prefix against a boto3 loop and `aws s3 sync` (its own venv: the
 # CLI pins botocore), 10k and 100k objects on a local S3 server; figures in docs/benchmarks.md.
@@ -162,7 +162,7 @@ $(AWSCLI):
 	$(VENV)/awscli/bin/python -m pip install -q awscli
 
 bench-download: install $(AWSCLI)
-	$(NETNS) $(BIN)/python bench/download.py --objects 10000,100000 --repeats 2 --json bench/results/download.json
+	$(NETNS) $(BIN)/python bench/steps/download.py --objects 10000,100000 --repeats 2 --json bench/results/download.json
 
 # imgpipe against the tools a user would pick instead (issue 39): the training loader against FFCV,
 # torchvision ImageFolder, HF datasets, MosaicML Streaming and WebDataset; resize against Ray Data's
@@ -187,7 +187,7 @@ $(PEERS_STAMP): docker/constraints.txt
 
 bench-peers: install $(PEERS_STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench,peers]' --constraint docker/constraints.txt
-	$(NETNS) env IMGPIPE_PEERS_PYTHON=$(abspath $(PEERS_PY)) $(BIN)/python bench/peers.py --repeats 3 \
+	$(NETNS) env IMGPIPE_PEERS_PYTHON=$(abspath $(PEERS_PY)) $(BIN)/python bench/peers/peers.py --repeats 3 \
 		--json bench/results/peers.json --plot docs/img/peers.png
 
 # Every step as a fresh process at 4k, 32k and 128k generated photos (about 4 GB of archive
@@ -197,7 +197,7 @@ SCALE_ROOT ?= /var/tmp/imgpipe-scale
 SCALE_SIZES ?= 4000,32000,128000
 bench-scale: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
-	$(NETNS) $(BIN)/python bench/scale.py --sizes $(SCALE_SIZES) --root $(SCALE_ROOT) --repeats 3 \
+	$(NETNS) $(BIN)/python bench/scale/scale.py --sizes $(SCALE_SIZES) --root $(SCALE_ROOT) --repeats 3 \
 		--json bench/results/scale.json --plot docs/img/scale.png
 
 # The cluster tiers (issue 46; docs/cluster.md): real etcd, kube-apiserver, controllers, built

@@ -1,4 +1,4 @@
-"""bench/crop_threads.py: what it counts as a kernel, and its share outside them on a real transform."""
+"""bench/probes/crop_threads.py: what it counts as a kernel, and its share outside them on a real transform."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH = Path(__file__).parents[2] / "bench"
+BENCH = Path(__file__).parents[2] / "bench" / "probes"
 
 
 def _load():

@@ -1,4 +1,4 @@
-"""bench/gpu.py and the data it shares with bench/loader.py: the same images in parallel, its figure from the recorded runs."""
+"""bench/steps/gpu.py and the data it shares with bench/steps/loader.py: the same images in parallel, its figure from the recorded runs."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-BENCH = Path(__file__).parents[2] / "bench"
+BENCH = Path(__file__).parents[2] / "bench" / "steps"
 
 
 def _load(name: str):
     if name not in sys.modules:
-        sys.path.insert(0, str(BENCH))  # bench/gpu.py imports its sibling loader.py by name
+        sys.path.insert(0, str(BENCH))  # bench/steps/gpu.py imports its sibling loader.py by name
         spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
@@ -36,7 +36,7 @@ def test_images_made_in_worker_processes_are_the_same_rows(tmp_path):
 
 def test_the_figure_is_drawn_from_the_recorded_runs(tmp_path):
     gpu = _load("gpu")
-    assert gpu.main(["--plot", str(tmp_path / "gpu.png"), str(BENCH / "recorded" / "gpu.json")]) == 0
+    assert gpu.main(["--plot", str(tmp_path / "gpu.png"), str(BENCH.parent / "recorded" / "gpu.json")]) == 0
     assert (tmp_path / "gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

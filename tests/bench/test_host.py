@@ -1,4 +1,4 @@
-"""bench/host.py: what a benchmark records of the machine, read from the kernel's own files."""
+"""bench/common/host.py: what a benchmark records of the machine, read from the kernel's own files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).parents[2] / "bench"
+BENCH = Path(__file__).parents[2] / "bench" / "common"
 
 
 def _load():

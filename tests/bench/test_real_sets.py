@@ -1,4 +1,4 @@
-"""bench/real_sets.py: the race's fixed split is stratified, the same for a seed, and refuses a set too small for it (issue 49)."""
+"""bench/race/real_sets.py: the race's fixed split is stratified, the same for a seed, and refuses a set too small for it (issue 49)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location("real_sets", Path(__file__).parents[2] / "bench" / "real_sets.py")
+_SPEC = importlib.util.spec_from_file_location("real_sets", Path(__file__).parents[2] / "bench" / "race" / "real_sets.py")
 real_sets = importlib.util.module_from_spec(_SPEC)
 sys.modules["real_sets"] = real_sets  # dataclasses look their module up there
 _SPEC.loader.exec_module(real_sets)

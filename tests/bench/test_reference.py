@@ -1,4 +1,4 @@
-"""The model race's arithmetic (bench/reference.py): each reference recipe's threshold and every side's time to it."""
+"""The model race's arithmetic (bench/race/reference.py): each reference recipe's threshold and every side's time to it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "race"))
 
 import reference  # noqa: E402
 

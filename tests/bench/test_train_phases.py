@@ -1,4 +1,4 @@
-"""bench/train_phases.py: a real cold train step's phases add up to its process's wall time, and the bars are drawn."""
+"""bench/steps/train_phases.py: a real cold train step's phases add up to its process's wall time, and the bars are drawn."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def _reduced_and_whole(data: bytes) -> tuple:
 def test_a_reduced_decode_measures_as_the_whole_image_does(subsampling):
     """clean measures JPEGs from their luma at a reduced DCT scale; the whole colour decode is the oracle, within stated bounds.
 
-    Bounds from bench/measures.py over 300 photo-like JPEGs (largest differences: brightness 0.32,
+    Bounds from bench/scale/measures.py over 300 photo-like JPEGs (largest differences: brightness 0.32,
     contrast 0.39, entropy 0.05, blur x0.90-1.06), with room for other pictures.
     """
     k = {name: METRICS.index(name) for name in METRICS}

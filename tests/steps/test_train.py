@@ -57,7 +57,7 @@ def test_metrics_say_how_many_images_an_epoch_used_and_when_each_epoch_ended(fin
 
 
 def test_the_manifest_says_where_the_steps_time_went_by_phase(finished):
-    """bench/train_phases.py draws these: each phase timed once or summed over the epochs."""
+    """bench/steps/train_phases.py draws these: each phase timed once or summed over the epochs."""
     out, report = finished
     phases = contract.read_manifest(out, expect_step="train")["extra"]["phase_s"]
     assert set(phases) == {"setup", "steps", "validation", "precise_bn", "checkpoints", "final_evaluation", "outputs"}

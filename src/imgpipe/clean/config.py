@@ -94,7 +94,7 @@ class CleanConfig:
             near-duplicates, 0..32 (0: same hash only; pHashes differ in even numbers of
             bits, so 2 means 2 or 3). At 2 a JPEG re-encode is found nearly always and a 10%
             resize or a mirror image about 9 times in 10 on the synthetic sample; at 4, 99
-            in 100, but two distinct images of the 3,705 of ``bench/clean.py``'s sample meet.
+            in 100, but two distinct images of the 3,705 of ``bench/steps/clean.py``'s sample meet.
         outlier_z: Robust z-score (median and MAD over the dataset) past which an image is
             flagged ``dark``, ``overexposed``, ``blurry``, ``low_information`` or
             ``odd_aspect`` in the manifest; flagged images are kept unless a

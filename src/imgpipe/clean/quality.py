@@ -20,7 +20,7 @@ costs a cold step 0.5 s and ``imagehash.phash`` 1 ms an image, more than the res
 measures together. ``tests/clean/test_quality.py`` checks the transform against scipy's. The
 hash of the mirrored image comes from the same 32 x 32 picture flipped, so mirrored copies are
 found without a second resize. What the hashes find, against the definition before this one,
-is ``bench/measures.py``'s table in docs/benchmarks.md ("What they find").
+is ``bench/scale/measures.py``'s table in docs/benchmarks.md ("What they find").
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ PRESETS: dict[str, int] = {
 # Image.thumbnail uses 2.0; 1.25 lets 3 MP and 12 MP photos decode one scale lower
 # (1/4 and 1/8 instead of 1/2 and 1/4 for a 256 px short side), about 1.3x faster per
 # image, for a mean absolute difference to the full decode of ~1 grey level on real
-# photos (bench/resize.py) and 1.94 at worst on a synthetic high-frequency texture
+# photos (bench/steps/resize.py) and 1.94 at worst on a synthetic high-frequency texture
 # (tests/resize/test_geometry.py). A margin of 1 reached 4.3 there.
 DRAFT_MARGIN = 1.25
 

@@ -1,7 +1,7 @@
 """Label audit, step 4 of the notes' tuning procedure: find the training images whose label is likely wrong.
 
 Three parts, each a plain function (the ``imgpipe-audit`` pipeline runs them as tasks,
-the K trainings in a ``ParallelFor``; ``bench/audit.py`` calls them in one process):
+the K trainings in a ``ParallelFor``; ``bench/probes/audit.py`` calls them in one process):
 
 1. :func:`make_folds` splits the ``train`` split of a resize output into ``k`` stratified
    folds (by class, seeded), keeping each near-duplicate group (clean's pHashes) in one

@@ -150,7 +150,7 @@ def augments_on_device(aug_device: str, device_type: str, cores: int) -> bool:
     ``gpu`` and ``cpu`` say so; ``auto`` is ``gpu`` on CUDA only where the rank has fewer than
     :data:`CPU_AUGMENT_MIN_CORES` cores (``cores``, :func:`cores_per_rank`), else ``cpu``.
     Measured on one H100, ResNet-50 at 224, batch 256, the rank pinned to 4 to 16 cores
-    (bench/gpu.py, docs/benchmarks.md, "GPU"): the augmentation on the device takes GPU time
+    (bench/steps/gpu.py, docs/benchmarks.md, "GPU"): the augmentation on the device takes GPU time
     from the model (about 2,000-2,170 images/s at any core count), while the workers, as
     processes, fed 1,905 images/s from 4 cores, 2,495 from 6, 2,875 from 8 and 2,755 from 16
     (JPEG rows: 2,454 from 8, 2,881 from 16, against 1,629-1,752 with nvJPEG and the device
@@ -165,12 +165,12 @@ def resolve_engine(engine: str, *, feeds_gpu_per_sample: bool = False) -> str:
     """The loader engine ``engine`` names: ``auto`` is ``threads``, or ``processes`` when the
     workers augment sample by sample on the CPU for a CUDA device (``feeds_gpu_per_sample``).
 
-    Measured on the whole train step. On the CPU (bench/train_step.py, docs/benchmarks.md,
+    Measured on the whole train step. On the CPU (bench/steps/train_step.py, docs/benchmarks.md,
     "The train step by loader engine and row cache"): threads in the training process were
     as fast per step as worker processes, or faster, in every configuration (tiny_cnn and
     resnet18, batches of 64 and 128, raw and JPEG rows, with and without the row cache),
     with a lower data-wait fraction; the loader alone is 1.4x FFCV with threads and 0.8x
-    with processes. On an H200 with 16 cores (bench/gpu.py, docs/benchmarks.md, "GPU"),
+    with processes. On an H200 with 16 cores (bench/steps/gpu.py, docs/benchmarks.md, "GPU"),
     ResNet-50 at 224 with the augmentation in the workers: 680 images/s with threads (the
     per-sample transforms hold the GIL) against 2,805 with processes. Where the device
     augments (``aug_device`` gpu, the default on CUDA with few cores: :func:`augments_on_device`)

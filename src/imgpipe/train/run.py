@@ -79,7 +79,7 @@ class TrainingRun:
         resumed_from: The epoch a ``--resume`` continued at (0: none).
         stats_loader: The train split in the evaluation view, for ``precise_bn`` (made at the first validation).
         phase_s: Seconds spent in each phase of the step so far (:meth:`timed`): where a run's
-            time goes (``bench/train_phases.py``), recorded in the manifest.
+            time goes (``bench/steps/train_phases.py``), recorded in the manifest.
     """
 
     data: str

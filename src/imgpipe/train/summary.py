@@ -176,7 +176,7 @@ def finish(
             "recipe": run.recipe.summary() if run.recipe else None,
             "diverged": run.divergence.diverged,
             "divergence": run.divergence.summary() or None,
-            # Where the step's time went, by phase, up to the commit (bench/train_phases.py draws it).
+            # Where the step's time went, by phase, up to the commit (bench/steps/train_phases.py draws it).
             "started_at": round(run.started_at, 3),
             "phase_s": {k: round(v, 3) for k, v in run.phase_s.items()},
         },
