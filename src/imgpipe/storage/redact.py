@@ -42,7 +42,9 @@ _KEYED_SECRET = re.compile(
 )
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-_QUERY_IN_TEXT = re.compile(r"(?<=[^\s?])\?(?!\(query removed\))[^\s'\"<>()]+")
+# A query without its URI: a "?" after a path, then key=value (urllib3's "url: /a.jpg?X-Amz-Signature=...").
+# A "?" in a word ("what?", a class named "a?b") is no query.
+_QUERY_IN_TEXT = re.compile(r"(?<=[^\s?])\?(?!\(query removed\))(?=[\w.~%-]+=)[^\s'\"<>()]+")
 
 
 def redact_uri(uri: str | os.PathLike[str]) -> str:
