@@ -59,6 +59,7 @@ MIDDLE = {
     "kfp.publish",
     "serving",
     "sweep",
+    "review",
 }
 TOP = {"cli", "cli_args", "kfp", "local", "remote", "containers", "components", "pipelines", "serving.runtime"}
 RANK = {**{m: 0 for m in LOW}, **{m: 1 for m in MIDDLE}, **{m: 2 for m in TOP}}

@@ -68,6 +68,8 @@ LABEL_ISSUES = "label_issues.parquet"
 LABEL_OVERRIDES = "label_overrides.csv"
 LABEL_ISSUES_HTML = "label_issues.html"
 _GALLERY = 40
+# Suggestions kept per image (``top_labels``, ``top_probs``).
+TOP_K = 3
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,7 @@ def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | 
     rank = np.full(len(labels), -1, np.int64)
     rank[issues] = np.arange(len(issues))
     suggested = probs.argmax(axis=1)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K]
     names = np.asarray(classes, dtype=object)
     out_table = pa.table(
         {
@@ -293,6 +296,9 @@ def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | 
             "label_quality": pa.array(quality.astype(np.float32)),
             "suggested_prob": pa.array(probs.max(axis=1).astype(np.float32)),
             "given_prob": pa.array(probs[np.arange(len(labels)), labels].astype(np.float32)),
+            # The out-of-fold models' top-k, most probable first: a reviewer's pre-annotations (imgpipe.review).
+            "top_labels": pa.array([names[r].tolist() for r in top], pa.list_(pa.string())),
+            "top_probs": pa.array([probs[i, r].astype(np.float32) for i, r in enumerate(top)], pa.list_(pa.float32())),
             "is_issue": pa.array(rank >= 0),
             "issue_rank": pa.array(np.where(rank >= 0, rank, None), pa.int64()),
         }
