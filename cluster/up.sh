@@ -26,6 +26,7 @@ if cluster_running; then
 fi
 [[ ! -e $CLUSTER_STATE ]] || die "$CLUSTER_STATE exists but no cluster runs: make cluster-down clears it"
 mkdir -p "$CLUSTER_STATE"/{run,log,sysctl,sysctl-machine}
+echo "$CLUSTER_RELEASE" >"$CLUSTER_STATE/release" # what the scripts and tests read while it runs
 PKI=$CLUSTER_STATE/pki
 
 # The cgroup parent, in every v1 hierarchy; a child "control" for the daemons started here.
@@ -114,7 +115,7 @@ start_control() {
 	"$here/crds.sh"
 }
 
-log "state in $CLUSTER_STATE, binaries from $CLUSTER_CACHE"
+log "release $CLUSTER_RELEASE (KFP $KFP_VERSION), state in $CLUSTER_STATE, binaries from $CLUSTER_CACHE"
 make_cgroups
 start_holder
 setup_namespace

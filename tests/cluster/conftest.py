@@ -43,12 +43,17 @@ SETTINGS = (
 )
 
 
+def _release() -> dict[str, str]:
+    """The release profile asked for (``CLUSTER_RELEASE``); unset, cluster/versions.env reads the running cluster's."""
+    return {"CLUSTER_RELEASE": os.environ["CLUSTER_RELEASE"]} if os.environ.get("CLUSTER_RELEASE") else {}
+
+
 @cache
 def settings() -> dict[str, str]:
     """The cluster's settings as cluster/lib.sh (and versions.env, the one place they are named) give them."""
     script = f". {CLUSTER / 'lib.sh'}; " + "; ".join(f'printf "%s=%s\\n" {n} "${n}"' for n in SETTINGS)
     script += '; printf "CONTROL_BIN=%s\\n" "$(bin_dir control)"; printf "HOLDER=%s\\n" "$(holder_pid)"'
-    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin", **_release()}).stdout
     return dict(line.split("=", 1) for line in out.splitlines())
 
 
