@@ -104,13 +104,28 @@ spec:
         # pipeline's RayJob and TrainJob beside it
         - {name: manager, imagePullPolicy: IfNotPresent, resources: {requests: {cpu: 10m}}}
 EOF2
+# KServe v0.20 installs standalone from config/overlays/standalone/kserve; v0.15 and v0.16 (Kubeflow
+# v1.11's and 26.03's) from config/default, which also holds the LocalModel controller and node agent
+# (images not built here, and unused by imgpipe: left out). v0.16 renamed RawDeployment to Standard
+# and still takes the old name; v0.15 knows RawDeployment alone.
+overlay=$src/overlays/standalone/kserve extra_patches=""
+if [[ ! -d $tree/config/overlays/standalone/kserve ]]; then
+	overlay=$src/default
+	for pair in Deployment:kserve-localmodel-controller-manager DaemonSet:kserve-localmodelnode-agent; do
+		# shellcheck disable=SC2016 # kustomize's $patch, not a variable
+		printf 'apiVersion: apps/v1\nkind: %s\nmetadata: {name: %s, namespace: kserve}\n$patch: delete\n' "${pair%%:*}" "${pair#*:}" >"$dir/no-${pair#*:}.yaml"
+		extra_patches+="  - path: no-${pair#*:}.yaml"$'\n'
+	done
+fi
+mode=Standard
+[[ $(printf '%s\n' "$KSERVE_VERSION" v0.16.0 | sort -V | head -n1) == v0.16.0 ]] || mode=RawDeployment
 storage_initializer=$(image_ref kserve-storage-initializer)
 cat >"$dir/config.yaml" <<EOF2
 apiVersion: v1
 kind: ConfigMap
 metadata: {name: inferenceservice-config, namespace: kserve}
 data:
-  deploy: '{"defaultDeploymentMode": "Standard"}'
+  deploy: '{"defaultDeploymentMode": "$mode"}'
   storageInitializer: '{"image": "$storage_initializer", "memoryRequest": "100Mi", "memoryLimit": "1Gi", "cpuRequest": "100m", "cpuLimit": "1", "caBundleConfigMapName": "", "caBundleVolumeMountPath": "/etc/ssl/custom-certs", "enableModelcar": false, "cpuModelcar": "10m", "memoryModelcar": "15Mi", "uidModelcar": 1010}'
   ingress: '{"enableGatewayApi": false, "kserveIngressGateway": "kserve/kserve-ingress-gateway", "ingressGateway": "knative-serving/knative-ingress-gateway", "localGateway": "knative-serving/knative-local-gateway", "localGatewayService": "knative-local-gateway.istio-system.svc.cluster.local", "ingressDomain": "example.com", "ingressClassName": "istio", "domainTemplate": "{{ .Name }}-{{ .Namespace }}.{{ .IngressDomain }}", "urlScheme": "http", "disableIstioVirtualHost": true, "disableIngressCreation": true, "disableHTTPRouteTimeout": false}'
 ---
@@ -123,13 +138,13 @@ EOF2
 cat >"$dir/kustomization.yaml" <<EOF2
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
-resources: [$src/overlays/standalone/kserve]
+resources: [$overlay]
 patches:
   - path: no-Issuer.yaml
   - path: no-Certificate.yaml
   - path: manager.yaml
   - path: config.yaml
-  - target: {kind: MutatingWebhookConfiguration}
+$extra_patches  - target: {kind: MutatingWebhookConfiguration}
     patch: |-
       - {op: add, path: /webhooks/0/clientConfig/caBundle, value: $ca}
       - {op: add, path: /webhooks/1/clientConfig/caBundle, value: $ca}
@@ -159,4 +174,4 @@ for _ in $(seq 30); do
 	sleep 2
 done
 kubectl_admin get clusterservingruntime kserve-tritonserver >/dev/null || die "KServe's ClusterServingRuntimes were not installed"
-log "KServe $KSERVE_VERSION (RawDeployment) ready in $((SECONDS - t0)) s"
+log "KServe $KSERVE_VERSION ($mode) ready in $((SECONDS - t0)) s"
