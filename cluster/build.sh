@@ -151,7 +151,7 @@ build_argo() {
 	local bin dir tree m=github.com/argoproj/argo-workflows/v3
 	bin=$(bin_dir argo)
 	mkdir -p "$bin"
-	dir=$(moddir argo-$ARGO_VERSION "$m" "$ARGO_VERSION")
+	dir=$(moddir "argo-$ARGO_VERSION" "$m" "$ARGO_VERSION")
 	# Upstream's workflow/executor/osspecific/signal_linux.go is a symlink to signal_darwin.go;
 	# module zips hold no symlinks, so argoexec does not build from the zip alone. Restore it.
 	tree=$(module_tree "$m" "$ARGO_VERSION" "argo-$ARGO_VERSION")
@@ -174,9 +174,9 @@ build_trainer() {
 	local bin dir
 	bin=$(bin_dir trainer)
 	mkdir -p "$bin"
-	dir=$(moddir trainer-$TRAINER_VERSION github.com/kubeflow/trainer/v2 "$TRAINER_VERSION")
+	dir=$(moddir "trainer-$TRAINER_VERSION" github.com/kubeflow/trainer/v2 "$TRAINER_VERSION")
 	gobuild "$dir" "$bin/trainer-controller-manager" github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager
-	dir=$(moddir jobset-$JOBSET_VERSION sigs.k8s.io/jobset "$JOBSET_VERSION")
+	dir=$(moddir "jobset-$JOBSET_VERSION" sigs.k8s.io/jobset "$JOBSET_VERSION")
 	gobuild "$dir" "$bin/jobset-manager" sigs.k8s.io/jobset
 }
 
@@ -246,9 +246,15 @@ build_ui() {
 	local bin tree work pm
 	bin=$(bin_dir ui)
 	tree=$(kfp_tree)
-	[[ $(<"$tree/frontend/.nvmrc") == "v$NODE_VERSION" && $(jq -r .engines.node "$tree/frontend/package.json") == "$NODE_VERSION" ]] ||
+	local engines
+	engines=$(jq -r '.engines.node // empty' "$tree/frontend/package.json") # 2.17 names it; 2.15 and 2.16 do not
+	[[ $(<"$tree/frontend/.nvmrc") == "v$NODE_VERSION" && ${engines:-$NODE_VERSION} == "$NODE_VERSION" ]] ||
 		die "NODE_VERSION=$NODE_VERSION is not the Node.js KFP $KFP_VERSION's frontend names (frontend/.nvmrc, package.json engines)"
-	pm=$(jq -r .packageManager "$tree/frontend/package.json")
+	pm=$(jq -r '.packageManager // empty' "$tree/frontend/package.json")
+	# 2.15 and 2.16 name no packageManager: their image builds with the npm its Node.js ships (NPM_VERSION).
+	[[ -n $pm || -n ${NPM_VERSION:-} ]] || die "KFP $KFP_VERSION's frontend names no npm (packageManager) and the profile no NPM_VERSION"
+	[[ -z $pm || -z ${NPM_VERSION:-} || $pm == "npm@$NPM_VERSION" ]] || die "NPM_VERSION=$NPM_VERSION is not the npm KFP $KFP_VERSION's frontend names ($pm)"
+	pm=${pm:-npm@$NPM_VERSION}
 	[[ $pm == npm@* ]] || die "KFP $KFP_VERSION's frontend names no npm (packageManager: $pm)"
 	rm -rf "$bin"
 	mkdir -p "$bin"

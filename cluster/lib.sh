@@ -16,7 +16,7 @@ group_key() { # GROUP
 	kuberay) echo "kuberay$KUBERAY_VERSION" ;;
 	trainer) echo "trainer$TRAINER_VERSION-jobset$JOBSET_VERSION" ;;
 	kfp) echo "kfp$KFP_VERSION-${KFP_COMMIT:0:12}" ;;
-	ui) echo "kfp$KFP_VERSION-${KFP_COMMIT:0:12}-node$NODE_VERSION" ;;
+	ui) echo "kfp$KFP_VERSION-${KFP_COMMIT:0:12}-node$NODE_VERSION${NPM_VERSION:+-npm$NPM_VERSION}" ;;
 	registry) echo "model-registry$MODEL_REGISTRY_VERSION-${MODEL_REGISTRY_COMMIT:0:12}" ;;
 	kserve) echo "kserve$KSERVE_VERSION-${KSERVE_COMMIT:0:12}" ;;
 	store) echo "seaweedfs$SEAWEEDFS_VERSION" ;;
