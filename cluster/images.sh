@@ -118,14 +118,22 @@ on_debian() {
 	kserve-storage-initializer)
 		# As KServe's python/storage-initializer.Dockerfile builds it: its storage package and
 		# entrypoint from the pinned source (pip needs the machine's network and CA bundle).
-		local tree
+		# Before v0.16's python/storage, the storage code is the kserve package's, with its "storage"
+		# extra (v0.15's Dockerfile installs python/kserve so): taken from the checkout's own objects.
+		local tree package=storage
 		tree=$(source_tree kserve)
-		cp -r "$tree/python/storage" "$2/storage"
+		if [[ -d $tree/python/storage ]]; then
+			cp -r "$tree/python/storage" "$2/storage"
+		else
+			package="storage[storage]"
+			mkdir -p "$2/storage"
+			git -C "$tree" archive HEAD python/kserve | tar -x -C "$2/storage" --strip-components=2
+		fi
 		cp -r "$tree/python/storage-initializer" "$2/storage-initializer"
 		cat <<-EOF
 			FROM $base
-			COPY storage /opt/storage-src
-			RUN python3 -m venv /prod_venv && /prod_venv/bin/pip install -q --no-cache-dir /opt/storage-src && rm -rf /opt/storage-src
+			COPY storage /opt/storage
+			RUN python3 -m venv /prod_venv && /prod_venv/bin/pip install -q --no-cache-dir "/opt/$package" && rm -rf /opt/storage
 			COPY storage-initializer /storage-initializer
 			ENV VIRTUAL_ENV=/prod_venv PATH=/prod_venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 			RUN chmod 755 /storage-initializer/scripts/initializer-entrypoint && mkdir -p /work /mnt/models && chown 1000:1000 /work /mnt/models
