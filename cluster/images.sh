@@ -74,13 +74,14 @@ on_debian() {
 		EOF
 		;;
 	kfp-scheduledworkflow)
+		# Its command line as the pinned release's own Dockerfile gives it (2.17 added flags 2.15 refuses).
 		cp "$kfp/scheduledworkflow" "$2/controller"
 		cat <<-EOF
 			FROM $base
 			COPY controller /bin/controller
 			ENV NAMESPACE="" LOG_LEVEL=info
 			USER 1000
-			CMD ["/bin/sh", "-c", "/bin/controller --logtostderr=true --namespace=\${NAMESPACE} --logLevel=\${LOG_LEVEL} --clientQPS=\${CLIENT_QPS:-5} --clientBurst=\${CLIENT_BURST:-10} --recurringRunResyncIntervalSeconds=\${RESYNC_INTERVAL_SECONDS:-30} --metricsPort=\${METRICS_PORT:-9090} --userIdentityHeader=\"\${USER_IDENTITY_HEADER:-}\" --userIdentityValue=\"\${USER_IDENTITY_VALUE:-}\""]
+			$(grep '^CMD' "$(kfp_tree)/backend/Dockerfile.scheduledworkflow")
 		EOF
 		;;
 	kfp-ui)

@@ -61,6 +61,21 @@ addressType: IPv4
 endpoints: [{addresses: ["$CLUSTER_NODE_IP"]}]
 ports: [{name: http-s3, port: $KFP_S3_PORT, protocol: TCP}, {name: http-s3-compat, port: $KFP_S3_PORT, protocol: TCP}]
 ---
+# The object store's older name: KFP 2.15's API server and launcher call minio-service:9000 (Kubeflow
+# v1.11's manifests keep that Service as an alias of SeaweedFS; 2.16 dropped it).
+apiVersion: v1
+kind: Service
+metadata: {name: minio-service, namespace: kubeflow}
+spec:
+  ports: [{name: http, port: 9000, targetPort: $KFP_S3_PORT, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: minio-service-seaweedfs, namespace: kubeflow, labels: {kubernetes.io/service-name: minio-service}}
+addressType: IPv4
+endpoints: [{addresses: ["$CLUSTER_NODE_IP"]}]
+ports: [{name: http, port: $KFP_S3_PORT, protocol: TCP}]
+---
 apiVersion: v1
 kind: Secret
 metadata: {name: mlpipeline-minio-artifact, namespace: kubeflow}

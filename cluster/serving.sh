@@ -110,7 +110,7 @@ EOF2
 # and still takes the old name; v0.15 knows RawDeployment alone.
 overlay=$src/overlays/standalone/kserve extra_patches=""
 if [[ ! -d $tree/config/overlays/standalone/kserve ]]; then
-	overlay=$src/default
+	overlay="$src/default, $src/storagecontainers" # v0.20's overlay holds the default ClusterStorageContainer; here it is apart
 	for pair in Deployment:kserve-localmodel-controller-manager DaemonSet:kserve-localmodelnode-agent; do
 		# shellcheck disable=SC2016 # kustomize's $patch, not a variable
 		printf 'apiVersion: apps/v1\nkind: %s\nmetadata: {name: %s, namespace: kserve}\n$patch: delete\n' "${pair%%:*}" "${pair#*:}" >"$dir/no-${pair#*:}.yaml"
