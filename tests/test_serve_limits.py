@@ -14,8 +14,6 @@ import concurrent.futures
 import json
 import os
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -152,12 +150,6 @@ def test_the_limit_is_what_64_prepared_tensors_of_the_cards_size_take():
 # The real server.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _peak_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -192,37 +184,9 @@ def runtime(trained):  # noqa: F811 - the fixture imported above
     """The runtime with its defaults (no --host, no --enable_grpc): its process, URL and start-up line."""
     if not LOOPBACK_ONLY:
         pytest.skip("run under scripts/in-loopback-netns (make test does)")
-    port, log = _free_port(), trained["root"] / "limits.log"
-    args = [
-        serve_venv.python(),
-        "-m",
-        "imgpipe.serving.runtime",
-        f"--model_name={NAME}",
-        f"--model_dir={trained['repository']}",
-        f"--http_port={port}",
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"the server exited {proc.returncode}: {log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in 90 s: {log.read_text()[-3000:]}"
-            time.sleep(0.2)
+    log = trained["root"] / "limits.log"
+    with serve_venv.runtime(trained["repository"], log) as (proc, url, port):
         yield proc, url, port, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _tensor_request(trained) -> dict:  # noqa: F811

@@ -17,10 +17,8 @@ import base64
 import io
 import json
 import os
-import socket
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,42 +59,13 @@ def trained(tmp_path_factory):
     return {"root": root, "data": data, "model": model, "card": card, "repository": repository}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(trained):
     """The runtime serving the repository, as the ServingRuntime starts it; its base URL."""
     if not LOOPBACK_ONLY:
         pytest.skip("KServe's server listens on 0.0.0.0: run under scripts/in-loopback-netns (make test does)")
-    python = serve_venv.python()
-    port, log = _free_port(), trained["root"] / "server.log"
-    args = [python, "-m", "imgpipe.serving.runtime", f"--model_name={NAME}", f"--model_dir={trained['repository']}"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*args, f"--http_port={port}", "--enable_grpc=false"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"the server exited {proc.returncode}: {log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in 90 s: {log.read_text()[-3000:]}"
-            time.sleep(0.2)
+    with serve_venv.runtime(trained["repository"], trained["root"] / "server.log", "--enable_grpc=false") as (_, url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _infer(url: str, inputs: list[dict], **extra) -> requests.Response:
