@@ -3,8 +3,8 @@
 Each module defines one lightweight kfp v2 component, named like the module
 (``components.clean.clean``): ``@dsl.component`` with the step's image as
 ``base_image`` and ``install_kfp_package=False`` (the image already has imgpipe and
-kfp). The function body imports ``imgpipe`` and calls the step, :mod:`imgpipe.kfp.artifacts`
-and :mod:`imgpipe.kfp.publish`; kfp ships the body to the container as source, so
+kfp). The function body imports ``imgpipe`` and calls the step, :mod:`imgpipe.stepio.artifacts`
+and :mod:`imgpipe.stepio.publish`; kfp ships the body to the container as source, so
 nothing else in this package runs there. Image names come from :mod:`imgpipe.containers.catalog`.
 """
 

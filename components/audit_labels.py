@@ -21,8 +21,8 @@ def audit_labels(
     overrides: Output[Artifact],
 ) -> None:
     """Ranks the train images by label quality into the run's ``audit/``; ``overrides`` is the CSV for clean's ``label_overrides``."""
-    from imgpipe.kfp import artifacts as ka
-    from imgpipe.kfp.publish import publish_audit
+    from imgpipe.stepio import artifacts as ka
+    from imgpipe.stepio.publish import publish_audit
     from imgpipe.steps.audit import AuditConfig, rank_label_issues
     from imgpipe.sweep import branch_prefixes
 

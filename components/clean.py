@@ -27,8 +27,8 @@ def clean(
     """Validates, labels, splits and shuffles; with ``previous_run_prefix`` skips images seen before."""
     from imgpipe import config
     from imgpipe.clean.config import CleanConfig
-    from imgpipe.kfp import artifacts as ka
-    from imgpipe.kfp.publish import publish_step_report
+    from imgpipe.stepio import artifacts as ka
+    from imgpipe.stepio.publish import publish_step_report
     from imgpipe.steps.clean import clean
 
     policy = ka.read_policy(data_root)  # every URI the parameters name lies below data_root

@@ -20,8 +20,8 @@ def compare(
     winner: Output[Artifact],
 ) -> None:
     """Ranks the branches (``branches``: the plan; ``trained``: their collected step artifacts) into the run's ``compare/``."""
-    from imgpipe.kfp import artifacts as ka
-    from imgpipe.kfp.publish import publish_comparison
+    from imgpipe.stepio import artifacts as ka
+    from imgpipe.stepio.publish import publish_comparison
     from imgpipe.steps.compare import compare, spread_metrics
     from imgpipe.sweep import branch_prefixes
 

@@ -34,9 +34,9 @@ def download(
     """
     from imgpipe import config
     from imgpipe.data.sources import SourcePolicy
-    from imgpipe.kfp import artifacts as ka
-    from imgpipe.kfp import lineage
-    from imgpipe.kfp.publish import publish_step_report
+    from imgpipe.stepio import artifacts as ka
+    from imgpipe.stepio import lineage
+    from imgpipe.stepio.publish import publish_step_report
     from imgpipe.steps.download import DownloadConfig, download
 
     def fetch(uri: str, sha256: str, step: str, previous: str | None = None) -> str:

@@ -24,9 +24,9 @@ def merge_shards(
     step_config: Optional[dict] = None,
 ) -> None:
     """Merges the shards' clean outputs into the run's ``clean/`` prefix (labels, duplicates, split and order over all)."""
-    from imgpipe.kfp import artifacts as ka
-    from imgpipe.kfp.publish import publish_step_report
-    from imgpipe.kfp.shards import merge_shards
+    from imgpipe.stepio import artifacts as ka
+    from imgpipe.stepio.publish import publish_step_report
+    from imgpipe.stepio.shards import merge_shards
 
     named = {"grayscale": grayscale, "split": split, "seed": seed}
     done = merge_shards(shards, data_root, run_id, previous_run_prefix=previous_run_prefix, step_config=step_config, **named)

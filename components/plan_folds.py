@@ -21,7 +21,7 @@ def plan_folds(
 
     Returns one item per fold (``branch``, ``resized``, ``step_config`` with per-image probabilities on).
     """
-    from imgpipe.kfp import artifacts as ka
+    from imgpipe.stepio import artifacts as ka
     from imgpipe.steps.audit import AuditConfig, plan_folds
 
     data = ka.committed_prefix(resized, "resize", ka.read_policy(data_root))

@@ -48,7 +48,7 @@ def plan_sweep(
     ``step_config``, and ``group`` with ``seeds`` above 1): the loop's tasks take
     everything from the item and the run parameters.
     """
-    from imgpipe.kfp.artifacts import train_overrides
+    from imgpipe.stepio.artifacts import train_overrides
     from imgpipe.sweep import SEEDS_KEY, plan
 
     axes = {

@@ -27,8 +27,8 @@ def prepare_shard(
     step_config: Optional[dict] = None,
 ) -> str:
     """Downloads and cleans this shard's share of the sources; returns the shard's clean prefix."""
-    from imgpipe.kfp.publish import publish_step_report
-    from imgpipe.kfp.shards import prepare_shard
+    from imgpipe.stepio.publish import publish_step_report
+    from imgpipe.stepio.shards import prepare_shard
 
     named = {"grayscale": grayscale, "split": split, "seed": seed}
     done = prepare_shard(

@@ -29,8 +29,8 @@ def promote(
     ``promotion_tolerance``, and is then registered where the operator names a Model Registry.
     Either way the task succeeds, with the verdict and both numbers in its Metrics and report.
     """
-    from imgpipe.kfp import artifacts as ka
-    from imgpipe.kfp.publish import publish_training
+    from imgpipe.stepio import artifacts as ka
+    from imgpipe.stepio.publish import publish_training
 
     policy = ka.read_policy(data_root)
     prefix = ka.committed_prefix(trained, "train", policy)

@@ -32,10 +32,10 @@ def resize(
     train takes: the pipeline picks one of two resize tasks with ``dsl.OneOf``).
     """
     from imgpipe import config
-    from imgpipe.kfp import artifacts as ka
-    from imgpipe.kfp.publish import publish_step_report
     from imgpipe.remote.dispatch import run_step
     from imgpipe.resize.config import ResizeConfig
+    from imgpipe.stepio import artifacts as ka
+    from imgpipe.stepio.publish import publish_step_report
 
     named = {
         "size": image_size,

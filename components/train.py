@@ -45,9 +45,9 @@ def train(
     The promotion gate is the next task's (``components/promote.py``).
     """
     from imgpipe import config
-    from imgpipe.kfp import artifacts as ka
-    from imgpipe.kfp.publish import publish_training
     from imgpipe.remote.dispatch import run_train
+    from imgpipe.stepio import artifacts as ka
+    from imgpipe.stepio.publish import publish_training
     from imgpipe.sweep import branch_config, branch_step
     from imgpipe.train.config import TrainConfig
 

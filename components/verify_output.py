@@ -15,6 +15,6 @@ def verify_output(prefix: str, step: str, data_root: str) -> str:
     cached, runs in the branch after that task: its launcher completes the branch, and it
     refuses an output the cache names but storage no longer holds.
     """
-    from imgpipe.kfp import artifacts as ka
+    from imgpipe.stepio import artifacts as ka
 
     return ka.verify_handed_on(prefix, step, data_root)

@@ -1,9 +1,9 @@
 """The imgpipe Kubeflow pipeline: download -> clean -> resize -> train.
 
 Every task writes ``{data_root}/runs/{run id}/{step}/`` and passes the next one a small
-step artifact that names that prefix (:mod:`imgpipe.kfp.artifacts`); images never
+step artifact that names that prefix (:mod:`imgpipe.stepio.artifacts`); images never
 travel as kfp artifacts. Every data task also emits a Metrics and an HTML artifact
-(:func:`imgpipe.kfp.publish.publish_step_report`); the train task emits the Model,
+(:func:`imgpipe.stepio.publish.publish_step_report`); the train task emits the Model,
 Metrics, ClassificationMetrics and HTML artifacts the Kubeflow UI shows.
 
 What is fixed when the pipeline is compiled (:class:`pipelines.options.PipelineOptions`): the images,
@@ -25,7 +25,7 @@ What is chosen per run: the pipeline parameters of :func:`imgpipe_pipeline`
 Download and clean run as one task each, or, in a package compiled with ``PipelineOptions.shards``
 above 1, as a ``ParallelFor`` of ``prepare-shard`` tasks (each downloads and cleans its share of
 the sources) and a ``merge-shards`` task that writes the one clean output resize reads
-(:mod:`imgpipe.kfp.shards`, docs/sources.md, "Past one pod").
+(:mod:`imgpipe.stepio.shards`, docs/sources.md, "Past one pod").
 
 Resize runs as one of two tasks, chosen by ``ray_address`` at run time: ``resize-local``
 (``ray_address == ""``: the work inside the pod, sized like clean: a process pool for a
@@ -73,10 +73,10 @@ from kfp.dsl import HTML, ClassificationMetrics, Metrics, Model
 
 from imgpipe.clean.config import CleanConfig
 from imgpipe.config_flags import field_default, field_docs, plain_text
-from imgpipe.kfp.artifacts import PIPELINE_NAME
-from imgpipe.kfp.shards import shard_items
 from imgpipe.resize.config import ResizeConfig
 from imgpipe.serving import registry as modelregistry
+from imgpipe.stepio.artifacts import PIPELINE_NAME
+from imgpipe.stepio.shards import shard_items
 from imgpipe.steps.download import OXFORD_PET_ANNOTATIONS_URL, OXFORD_PET_IMAGES_URL
 from imgpipe.steps.promote import PromoteConfig
 from imgpipe.train.config import TrainConfig

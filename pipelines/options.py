@@ -19,14 +19,14 @@ from kfp import dsl, kubernetes
 from imgpipe.config import check_range
 from imgpipe.containers.catalog import ImageSet
 from imgpipe.data.sources import SOURCE_LOCAL_ENV, SOURCE_NETWORKS_ENV
-from imgpipe.kfp.artifacts import BY_INPUTS
-from imgpipe.kfp.shards import shard_items
 from imgpipe.readpolicy import READ_PREFIXES_ENV
 from imgpipe.remote import kube, rayjob_spec, trainjob_spec
 from imgpipe.remote.ranks import PROCS_ENV
 from imgpipe.remote.targets import CLUSTERS_ENV
 from imgpipe.serving import registry as modelregistry
 from imgpipe.step_table import STEPS
+from imgpipe.stepio.artifacts import BY_INPUTS
+from imgpipe.stepio.shards import shard_items
 
 __all__ = [
     "S3_SECRET",
@@ -190,11 +190,11 @@ class PipelineOptions:
 
     @property
     def task_run_id(self) -> str:
-        """The run id the data and train tasks get: the run's, or with caching :data:`~imgpipe.kfp.artifacts.BY_INPUTS`.
+        """The run id the data and train tasks get: the run's, or with caching :data:`~imgpipe.stepio.artifacts.BY_INPUTS`.
 
         With the run's id in a task's inputs, KFP's cache key differs in every run, so a
-        package compiled with caching hands those tasks :data:`~imgpipe.kfp.artifacts.BY_INPUTS`
-        instead: each writes a prefix keyed by its inputs (:func:`imgpipe.kfp.artifacts.task_prefix`).
+        package compiled with caching hands those tasks :data:`~imgpipe.stepio.artifacts.BY_INPUTS`
+        instead: each writes a prefix keyed by its inputs (:func:`imgpipe.stepio.artifacts.task_prefix`).
         """
         return BY_INPUTS if self.caching else dsl.PIPELINE_JOB_ID_PLACEHOLDER
 

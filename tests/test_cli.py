@@ -12,7 +12,7 @@ import pytest
 
 from imgpipe import contract, storage
 from imgpipe.cli import _command_named, build_parser, main
-from imgpipe.kfp import artifacts as kfp_artifacts
+from imgpipe.stepio import artifacts as kfp_artifacts
 
 
 def test_parser_is_reusable():
@@ -294,7 +294,7 @@ def test_the_cpu_images_command_line_builds_without_the_other_images_packages():
         "    assert resources.hide_unused_module(m), m\n"
         "from imgpipe.cli import build_parser\n"
         "build_parser()\n"
-        "import imgpipe.kfp.artifacts, imgpipe.steps.audit, imgpipe.steps.promote, imgpipe.steps.predict\n"
+        "import imgpipe.stepio.artifacts, imgpipe.steps.audit, imgpipe.steps.promote, imgpipe.steps.predict\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
 

@@ -4,7 +4,7 @@
 source executed by ``kfp.dsl.executor_main`` in a subprocess); kfp.local refuses input
 artifacts for a single component, so ``clean`` and ``train`` are called through their
 ``python_func`` with real kfp artifact objects. The whole chain under kfp.local is in
-``test_pipeline.py``. Helpers of :mod:`imgpipe.kfp.artifacts` and :mod:`imgpipe.kfp.publish` are
+``test_pipeline.py``. Helpers of :mod:`imgpipe.stepio.artifacts` and :mod:`imgpipe.stepio.publish` are
 tested directly.
 """
 
@@ -34,9 +34,9 @@ from imgpipe.config import step_config
 from imgpipe.containers.catalog import ImageSet, image
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
 from imgpipe.data.synth import SynthConfig, generate
-from imgpipe.kfp import artifacts as kfp_artifacts
-from imgpipe.kfp import publish as kfp_publish
 from imgpipe.remote.dispatch import remote_steps
+from imgpipe.stepio import artifacts as kfp_artifacts
+from imgpipe.stepio import publish as kfp_publish
 from imgpipe.steps.download import DownloadConfig
 from imgpipe.steps.download import download as run_download
 from imgpipe.train.config import TrainConfig
@@ -314,13 +314,13 @@ def test_incremental_runs_resolve_latest(tmp_path, monkeypatch):
 
 def test_a_component_process_skips_the_collection_at_exit():
     # The components import kfp_artifacts first; a fresh interpreter sees its exit handler.
-    code = "import atexit, gc\natexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\nimport imgpipe.kfp.artifacts\n"
+    code = "import atexit, gc\natexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\nimport imgpipe.stepio.artifacts\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "frozen at exit: True"
 
 
 def test_a_prefix_keyed_by_inputs_names_its_step_and_a_cached_merge_takes_only_keyed_shards():
-    from imgpipe.kfp.shards import _is_shard_of
+    from imgpipe.stepio.shards import _is_shard_of
 
     root, key = "s3://bucket/root", "in-" + "a" * 20
     shard = f"{root}/runs/{key}/shards/00000-of-00002/clean"

@@ -105,7 +105,7 @@ def test_the_serve_extra_keeps_to_its_own_venv_and_this_one_has_pandas_3():
                 "imgpipe.cli",
                 "imgpipe.steps.download",
                 "imgpipe.steps.clean",
-                "imgpipe.kfp.artifacts",
+                "imgpipe.stepio.artifacts",
                 "imgpipe.kfp.client",
                 "imgpipe.pipelines",
                 "imgpipe.components.download",

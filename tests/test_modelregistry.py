@@ -71,7 +71,7 @@ def test_no_registry_or_no_card_is_refused(model, tmp_path, monkeypatch):
 def _as_run(model: str, tmp_path, monkeypatch, run_id: str) -> str:
     """A data root whose run ``run_id`` trained ``model`` (a copy), under a task's read policy; returns the root."""
     from imgpipe import contract
-    from imgpipe.kfp import artifacts as ka
+    from imgpipe.stepio import artifacts as ka
 
     root = "file://" + str(tmp_path / "root")
     dst = ka.run_prefix(root, run_id, "train")
@@ -84,7 +84,7 @@ def _as_run(model: str, tmp_path, monkeypatch, run_id: str) -> str:
 
 
 def test_a_promoted_run_is_registered_where_the_operator_names_a_registry(model, tmp_path, monkeypatch, registry):
-    from imgpipe.kfp import artifacts as ka
+    from imgpipe.stepio import artifacts as ka
 
     root = _as_run(model, tmp_path, monkeypatch, "r7")
     with registry as server:
@@ -138,8 +138,8 @@ def _as_newer_server(server: FakeModelRegistry) -> None:
 
 def test_a_registry_on_another_api_version_fails_registration_in_one_line_and_promotes_nothing(model, tmp_path, monkeypatch):
     from imgpipe import contract
-    from imgpipe.kfp import artifacts as ka
     from imgpipe.serving.registry import RegistryError
+    from imgpipe.stepio import artifacts as ka
 
     root = _as_run(model, tmp_path, monkeypatch, "r8")
     with FakeModelRegistry() as server:

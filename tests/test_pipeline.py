@@ -22,12 +22,12 @@ import yaml
 from kfp import dsl
 
 from imgpipe import contract, storage
-from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.kfp import package as kfp_package
-from imgpipe.kfp.artifacts import BY_INPUTS
-from imgpipe.kfp.publish import find_confusion
 from imgpipe.local.run import LocalRunConfig, load_local_config, run_local
 from imgpipe.remote.dispatch import remote_steps
+from imgpipe.stepio import artifacts as kfp_artifacts
+from imgpipe.stepio.artifacts import BY_INPUTS
+from imgpipe.stepio.publish import find_confusion
 from tests.helpers import deploy_guide
 
 STEPS = ("download", "clean", "resize", "train")
@@ -481,7 +481,7 @@ def test_whole_pipeline_through_kfp_local_on_the_local_s3_server(s3_bucket, tmp_
     history = json.loads(storage.read_bytes(f"{result.prefixes['train']}/metrics.json"))
     found = find_confusion(history)
     # A matrix in metrics.json (the train step's test confusion) reaches the UI artifact, and
-    # only then: an empty artifact means train wrote none (see imgpipe.kfp.publish.find_confusion).
+    # only then: an empty artifact means train wrote none (see imgpipe.stepio.publish.find_confusion).
     shown = result.metadata["confusion"].get("confusionMatrix")
     assert (found is None) == (shown is None)
     if found is not None:

@@ -30,7 +30,7 @@ from PIL import Image
 from imgpipe import contract, storage
 from imgpipe.serving import triton as serving
 from imgpipe.serving.model import MAX_IMAGES, OUTPUTS, open_model
-from imgpipe.steps.predict import prepare_encoded, softmax
+from imgpipe.serving.prepare import prepare_encoded, softmax
 from imgpipe.train.card import preprocessing_spec, to_input
 from tests import serve_venv
 from tests.train.test_loader import class_image, write_resize_output

@@ -14,8 +14,8 @@ import yaml
 
 from imgpipe import sweep
 from imgpipe.cli import main
-from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.kfp import package as kfp_package
+from imgpipe.stepio import artifacts as kfp_artifacts
 from imgpipe.sweep import (
     GRID_KEYS,
     MAX_SEEDS,

@@ -17,9 +17,9 @@ import yaml
 
 from imgpipe import contract, storage
 from imgpipe.config import load_config
-from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.local.run import LocalRunConfig
 from imgpipe.local.sweeps import run_sweep
+from imgpipe.stepio import artifacts as kfp_artifacts
 from imgpipe.train.config import TrainConfig
 
 GRID = [

@@ -1,7 +1,7 @@
 """Benchmark: what each step's UI report (kfp Metrics + HTML) costs against the step itself.
 
 The components build the report in the step's own process right after the step
-(:func:`imgpipe.kfp.publish.publish_step_report`), once per pod. This runs each repeat
+(:func:`imgpipe.stepio.publish.publish_step_report`), once per pod. This runs each repeat
 in a fresh process, as a pod does: each step on a generated sample (``imgpipe synth``,
 the dataset of ``make run``), then its report as the component builds it
 (:func:`imgpipe.report.steps.build_report` and the page, first use of everything it

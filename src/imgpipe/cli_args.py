@@ -303,7 +303,7 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
     images_sub.add_parser("list", help="print kind, image name and what runs in it")
     images_sub.add_parser("bootstrap-base", help="build the Debian-based Python base image with mmdebstrap")
 
-    # --pipeline's choices import the pipeline package (kfp.artifacts, the reports, 0.12 s):
+    # --pipeline's choices import the pipeline package (stepio.artifacts, the reports, 0.12 s):
     # a step command leaves them out as it leaves out the other steps' flags.
     p = sub.add_parser("compile", help="compile the Kubeflow pipeline (or the sweep) to a YAML package")
     p.add_argument("out", help="package path, e.g. out/imgpipe.yaml")

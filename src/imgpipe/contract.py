@@ -93,6 +93,8 @@ PREDICTIONS = "predictions.parquet"  # train: per-image predictions of val and t
 MODEL_CARD = "model.json"  # train: what a model needs to run outside imgpipe (input, classes, recipe, metrics)
 MODEL_ONNX = "model.onnx"  # train: the kept weights as ONNX (dynamic batch)
 MODEL_TORCHSCRIPT = "model.ts"  # train: the kept weights as TorchScript (traced)
+PROMOTION_JSON = "promotion.json"  # promote: the gate's decision
+PROMOTION_HTML = "promotion.html"  # promote: the decision as a page
 SCHEMA_VERSION = 1
 
 REJECTS_SCHEMA = pa.schema(

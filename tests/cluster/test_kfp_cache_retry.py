@@ -17,7 +17,7 @@ import pytest
 
 from imgpipe import contract, storage
 from imgpipe.data.synth import SynthConfig, generate
-from imgpipe.kfp import artifacts as ka
+from imgpipe.stepio import artifacts as ka
 from imgpipe.train.checkpoint import CHECKPOINT
 from tests.cluster.conftest import kubectl, kubectl_json, object_store
 from tests.cluster.kfp_backend import token

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from imgpipe import contract, storage
-from imgpipe.kfp import artifacts as ka
+from imgpipe.stepio import artifacts as ka
 from tests.cluster.conftest import kubectl, object_store, settings
 from tests.cluster.kfp_backend import token
 from tests.cluster.test_kfp import RUN_TIMEOUT_S, _get, _imgpipe, _small_package, kfp, step_images  # noqa: F401 - fixtures

@@ -300,7 +300,7 @@ def test_predicts_decode_goes_through_the_gate(monkeypatch):
     from PIL import EpsImagePlugin
 
     from imgpipe.data.images import ImageRejected
-    from imgpipe.steps.predict import _decode
+    from imgpipe.serving.prepare import decode as _decode
     from tests import imagefactory as f
 
     monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: (_ for _ in ()).throw(AssertionError("Ghostscript")))
@@ -363,8 +363,8 @@ def test_a_clean_parameter_cannot_name_what_lies_outside_the_data_root(tmp_path,
 
 
 def test_previous_run_prefix_and_the_prefixes_latest_json_names_are_checked_before_reading(monkeypatch, forbid_reads):
-    from imgpipe.kfp import artifacts as ka
     from imgpipe.readpolicy import ReadPolicy, ReadRefused
+    from imgpipe.stepio import artifacts as ka
 
     policy = ReadPolicy.for_run(ROOT, {})
     for uri in OUTSIDE:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from imgpipe import storage
-from imgpipe.kfp import artifacts as ka
-from imgpipe.kfp import lineage
 from imgpipe.readpolicy import ReadPolicy
+from imgpipe.stepio import artifacts as ka
+from imgpipe.stepio import lineage
 from imgpipe.steps.download import DownloadConfig, download
 from tests.imagefactory import jpeg
 

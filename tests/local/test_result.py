@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from imgpipe.kfp.publish import with_promotion
 from imgpipe.local.result import LocalRunResult
 from imgpipe.report.training import html_report
+from imgpipe.stepio.publish import with_promotion
 
 
 def _result(promoted: bool) -> LocalRunResult:

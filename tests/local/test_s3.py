@@ -14,7 +14,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from imgpipe import storage
-from imgpipe.local.s3 import ADMIN_USER, IDENTITIES, LOG, S3Identity, iam_endpoint, local_s3_server, seaweedfs_server, weed_binary
+from imgpipe.local.s3 import ADMIN_USER, IDENTITIES, S3Identity, iam_endpoint, local_s3_server, seaweedfs_server
+from imgpipe.local.weed import LOG, weed_binary
 
 
 def test_the_store_keeps_what_a_run_wrote_for_the_next_run(tmp_path):
@@ -125,9 +126,9 @@ def test_a_port_taken_before_the_server_binds_it_is_a_start_on_fresh_ports(tmp_p
     fails, and the server starts again on fresh ports."""
     import socket
 
-    from imgpipe.local import s3 as local_s3
+    from imgpipe.local import weed
 
-    fresh = local_s3._ports
+    fresh = weed.free_ports
     given = []
 
     def ports():
@@ -137,7 +138,7 @@ def test_a_port_taken_before_the_server_binds_it_is_a_start_on_fresh_ports(tmp_p
         given.append(chosen)
         return chosen
 
-    monkeypatch.setattr(local_s3, "_ports", ports)
+    monkeypatch.setattr(weed, "free_ports", ports)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -152,18 +153,19 @@ def test_a_port_taken_before_the_server_binds_it_is_a_start_on_fresh_ports(tmp_p
 
 def test_a_start_that_fails_for_another_reason_is_not_tried_again(tmp_path, monkeypatch):
     from imgpipe.local import s3 as local_s3
+    from imgpipe.local import weed
 
     starts = []
-    real = local_s3._started
+    real = weed.started
 
     def counted(*args):
         starts.append(1)
         return real(*args)
 
-    def refuse(weed, host, ports, identity, proc, log, private):
-        raise local_s3._start_failure("took no admin identity: refused by the test", log)
+    def refuse(binary, host, ports, identity, proc, log, private):
+        raise weed.start_failure("took no admin identity: refused by the test", log)
 
-    monkeypatch.setattr(local_s3, "_started", counted)
+    monkeypatch.setattr(weed, "started", counted)
     monkeypatch.setattr(local_s3, "_configure_admin", refuse)
     with pytest.raises(RuntimeError, match="refused by the test"), seaweedfs_server(tmp_path / "store"):
         pass

@@ -15,9 +15,9 @@ from imgpipe.components.train import train as train_component
 from kfp import dsl
 
 from imgpipe import contract, storage
-from imgpipe.kfp import artifacts as kfp_artifacts
 from imgpipe.kfp import package as kfp_package
 from imgpipe.remote import ranks
+from imgpipe.stepio import artifacts as kfp_artifacts
 from tests.test_components import _artifact
 from tests.train.test_loader import write_resize_output
 

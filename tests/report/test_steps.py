@@ -197,7 +197,7 @@ class Refuse:
         if name.split(".")[0] in ("matplotlib", "torch", "torchvision", "cv2", "ray", "kornia", "albumentations", "rich"):
             raise ImportError(f"{{name}} is not installed in the cpu image")
 sys.meta_path.insert(0, Refuse())
-from imgpipe.kfp import artifacts as kfp_artifacts
+from imgpipe.stepio import artifacts as kfp_artifacts
 from imgpipe.report import steps as step_report
 from imgpipe.cli import main
 for prefix in ({outputs["download"]!r}, {outputs["clean"]!r}):

@@ -239,7 +239,7 @@ def test_compare_refuses_branches_of_different_data_and_overlapping_dest(root):
 def test_publish_comparison_fills_the_kfp_artifacts(root, tmp_path):
     from types import SimpleNamespace
 
-    from imgpipe.kfp.publish import publish_comparison
+    from imgpipe.stepio.publish import publish_comparison
 
     class Metrics(SimpleNamespace):
         def log_metric(self, key, value):
@@ -287,7 +287,7 @@ def write_seeds(root: str, branch: str, f1s: list[float], **settings) -> dict[st
 
 
 def test_seeds_rank_branches_by_the_mean_and_show_the_spread(root, tmp_path):
-    from imgpipe.kfp.publish import publish_comparison
+    from imgpipe.stepio.publish import publish_comparison
 
     # "lucky" has the best single run (0.80) but the lower mean (0.68); "steady" wins on the mean (0.71).
     runs = {**write_seeds(root, "lucky", [0.80, 0.62, 0.62], aug_policy="basic"), **write_seeds(root, "steady", [0.70, 0.71, 0.72], randaugment_m=5)}

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from imgpipe import contract, storage
-from imgpipe.kfp import artifacts as ka
 from imgpipe.report.steps import build_report
+from imgpipe.stepio import artifacts as ka
 from imgpipe.steps.promote import PromoteConfig, promote, read_decision
 from imgpipe.steps.train import train
 from imgpipe.train.config import TrainConfig
@@ -193,8 +193,8 @@ def test_latest_json_moves_only_on_a_promotion(models, tmp_path, run_policy):
 
 def test_latest_is_per_dataset_and_class_set_and_promoting_by_hand_is_a_command(models, tmp_path, monkeypatch):
     """The sample's model does not stand in the way of an own-data model (other classes), nor compete with it."""
-    from imgpipe.kfp import lineage
     from imgpipe.kfp.promote_by_hand import promote_by_hand
+    from imgpipe.stepio import lineage
 
     other = "file://" + str(models["root"] / "other")
     monkeypatch.setenv("IMGPIPE_SOURCE_LOCAL", "1")

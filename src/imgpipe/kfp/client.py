@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgpipe.kfp.artifacts import PIPELINE_NAME
 from imgpipe.kfp.connect import HOST_ENV, connect
 from imgpipe.kfp.cron import validate_cron
 from imgpipe.kfp.package import (
@@ -30,6 +29,7 @@ from imgpipe.kfp.preflight import check_params
 from imgpipe.kfp.refusals import call
 from imgpipe.kfp.releases import check_release, server_healthz
 from imgpipe.kfp.run_end import TERMINAL_STATES, run_failure, wait_for_run
+from imgpipe.stepio.artifacts import PIPELINE_NAME
 
 __all__ = [
     "DEFAULT_EXPERIMENT",

@@ -19,7 +19,7 @@ import yaml
 
 from imgpipe.config import coerce, did_you_mean
 from imgpipe.config_flags import env_flag
-from imgpipe.kfp.artifacts import PIPELINE_NAME
+from imgpipe.stepio.artifacts import PIPELINE_NAME
 from imgpipe.steps.audit import AUDIT_PIPELINE_NAME
 from imgpipe.sweep import SWEEP_PIPELINE_NAME
 

@@ -2,7 +2,7 @@
 
     imgpipe promote s3://bucket/imgpipe/runs/r7/train          # data root: the prefix's, above runs/<id>/
 
-The gate (:func:`imgpipe.kfp.artifacts.promote_run`) promotes only a model at least as good as
+The gate (:func:`imgpipe.stepio.artifacts.promote_run`) promotes only a model at least as good as
 its dataset's current one on the same test images; a person may know better (a model of a new
 class set that should serve, a rollback). This records the choice where the gate would have: the
 lineage's record and ``latest.json``, marked ``by_hand``, with the model it replaced. It writes
@@ -16,8 +16,8 @@ import os
 from typing import Any
 
 from imgpipe import contract, storage
-from imgpipe.kfp import artifacts as ka
 from imgpipe.readpolicy import SOURCE_LOCAL_ENV, ReadPolicy
+from imgpipe.stepio import artifacts as ka
 
 __all__ = ["promote_by_hand"]
 

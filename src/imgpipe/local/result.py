@@ -15,9 +15,9 @@ from typing import Any
 
 from imgpipe import contract, storage
 from imgpipe.data.sharding import Shard
-from imgpipe.kfp.shards import SHARDS_DIR
 from imgpipe.local.progress import rejects_line
 from imgpipe.step_table import STEPS
+from imgpipe.stepio.shards import SHARDS_DIR
 
 __all__ = ["LocalRunResult", "collect_result", "headline"]
 

@@ -25,7 +25,6 @@ from imgpipe import contract, storage
 from imgpipe.config import config_from_dict, config_to_dict
 from imgpipe.data.sources import SOURCE_LOCAL_ENV
 from imgpipe.kfp import preflight
-from imgpipe.kfp.publish import with_promotion
 from imgpipe.local.containers import docker_runner_for, engine_for
 from imgpipe.local.names import DEFAULT_WORKDIR, STORE_DIR
 from imgpipe.local.progress import step_progress
@@ -33,6 +32,7 @@ from imgpipe.local.result import LocalRunResult, collect_result
 from imgpipe.local.s3 import local_s3_server
 from imgpipe.local.settings import Layers, parameter_fields
 from imgpipe.step_table import STEPS
+from imgpipe.stepio.publish import with_promotion
 
 __all__ = [
     "LOCAL_PARAMS",

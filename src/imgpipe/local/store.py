@@ -24,7 +24,8 @@ from urllib.parse import urlparse
 
 from imgpipe.contract import PREDICTIONS
 from imgpipe.local.names import DEFAULT_WORKDIR, LOCAL_BUCKET, STORE_DIR, in_local_store
-from imgpipe.local.s3 import STORE_INFLIGHT_MB, pointed_at, read_identity, seaweedfs_server, served_by_another
+from imgpipe.local.s3 import pointed_at, read_identity, seaweedfs_server, served_by_another
+from imgpipe.local.weed import STORE_INFLIGHT_MB
 
 __all__ = ["reachable", "serve", "store_dir", "usage_lines"]
 

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from imgpipe import storage
+from imgpipe import contract, storage
 from imgpipe.report.output import Chart, OutputReport, ReportLimits, Section, Table
 from imgpipe.report.parts import RowGroups, data_files, rejects_tables, sample_table, step_facts, step_metrics
 
@@ -66,11 +66,10 @@ def predict_report(prefix: str, manifest: Mapping[str, Any], limits: ReportLimit
 
 def promote_report(prefix: str, manifest: Mapping[str, Any], limits: ReportLimits, reader: RowGroups) -> OutputReport:
     """A promotion decision: the verdict, both scores and what they were compared on; its own page as the HTML."""
-    from imgpipe.steps.promote import PROMOTION_HTML, PROMOTION_JSON
 
-    decision = json.loads(storage.read_bytes(storage.join(prefix, PROMOTION_JSON)))
+    decision = json.loads(storage.read_bytes(storage.join(prefix, contract.PROMOTION_JSON)))
     if not isinstance(decision, dict):
-        raise ValueError(f"{storage.join(prefix, PROMOTION_JSON)} is not a decision imgpipe wrote")
+        raise ValueError(f"{storage.join(prefix, contract.PROMOTION_JSON)} is not a decision imgpipe wrote")
     facts = [
         ("step", "promote"),
         ("prefix", manifest.get("dest")),
@@ -96,7 +95,7 @@ def promote_report(prefix: str, manifest: Mapping[str, Any], limits: ReportLimit
     metrics = {k: float(decision[k]) for k in ("candidate", "current") if isinstance(decision.get(k), (int, float))}
     metrics["promoted"] = float(bool(decision.get("promoted")))
     try:
-        page = storage.read_bytes(storage.join(prefix, PROMOTION_HTML)).decode("utf-8")
+        page = storage.read_bytes(storage.join(prefix, contract.PROMOTION_HTML)).decode("utf-8")
     except FileNotFoundError:
         page = None
     return OutputReport("promote", prefix, tuple(facts), metrics, (Table("Decision", ("", "value"), rows),), limits, page=page)

@@ -13,7 +13,7 @@ A request has one input, named as the card's (``image``), in one of two forms (d
 
 * ``BYTES``, shape ``[N]``: encoded pictures (JPEG, PNG, whatever clean accepts), each a base64
   string; they are prepared as ``imgpipe predict`` prepares raw images
-  (:func:`imgpipe.steps.predict.prepare_encoded`: clean's decode, the card's resize, the
+  (:func:`imgpipe.serving.prepare.prepare_encoded`: clean's decode, the card's resize, the
   evaluation view, then the card's scaling and normalization);
 * ``FP32``, shape ``[N, C, S, S]``: the model's input, prepared by the client (Triton's request).
 
@@ -35,8 +35,8 @@ import numpy as np
 
 from imgpipe import contract, storage
 from imgpipe.data.images import ImageRejected
+from imgpipe.serving.prepare import prepare_encoded, softmax
 from imgpipe.serving.triton import MAX_BATCH_SIZE
-from imgpipe.steps.predict import prepare_encoded, softmax
 from imgpipe.train.card import read_card, to_input
 
 __all__ = [

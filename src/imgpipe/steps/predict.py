@@ -4,7 +4,7 @@
 committed download, clean or resize output, or a folder or archive of images (first
 made a download output in a temporary local prefix by :func:`imgpipe.steps.download.download`,
 with every member checked as usual). It preprocesses from ``model.json`` alone
-(:mod:`imgpipe.train.card`) exactly as the train step's evaluation does: images cut at the
+(:mod:`imgpipe.train.card`, :mod:`imgpipe.serving.prepare`) exactly as the train step's evaluation does: images cut at the
 model's size by resize are used as stored (their evaluation view is the identity); whole
 pictures (resize mode ``whole``, clean and download outputs, folders) get the shorter
 side scaled to ``input.resize_short_side`` and the centre crop (``input.view`` says which). Raw images (download
@@ -41,13 +41,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgpipe import commit, contract, parquet, storage
-from imgpipe.clean.config import CleanConfig
 from imgpipe.config import check_numbers, check_range
 from imgpipe.contract import Reject, StepReport
-from imgpipe.data.formats import DEFAULT_FORMATS
-from imgpipe.data.images import MAX_PIXELS, ImageRejected, NormalizedImage, validate_and_normalize
+from imgpipe.data.images import ImageRejected
 from imgpipe.raysession import ray_session
-from imgpipe.resize.spec import ResizeError, ResizeSpec
+from imgpipe.serving.prepare import decode, prepare_encoded, softmax
 from imgpipe.train.card import (
     check_view,
     eval_view,
@@ -61,7 +59,7 @@ from imgpipe.train.recipes import tta_flip_dims
 from imgpipe.train.scores import confusion_scores, top_k_columns
 from imgpipe.writer import OutputWriter
 
-__all__ = ["PREDICT_SCHEMA", "PredictConfig", "predict", "prepare_encoded", "softmax"]
+__all__ = ["PREDICT_SCHEMA", "PredictConfig", "predict"]
 
 log = logging.getLogger(__name__)
 
@@ -234,65 +232,6 @@ def _row_groups(files: Sequence[str]) -> list[dict[str, Any]]:
 # The actors' side.
 
 
-def _normalized(data: bytes, channels: int) -> NormalizedImage:
-    """Encoded image bytes as clean stores them, in the model's mode (RGB or L); any side is accepted.
-
-    Clean's own :func:`imgpipe.data.images.validate_and_normalize`, through the one decode gate.
-
-    Raises:
-        ImageRejected: With clean's reason, for an image that cannot be made valid.
-    """
-    return validate_and_normalize(
-        data, grayscale=channels == 1, max_pixels=MAX_PIXELS, min_side=1, jpeg_quality=CleanConfig.jpeg_quality, formats=DEFAULT_FORMATS
-    )
-
-
-def _decode(data: bytes, channels: int) -> np.ndarray:
-    """Encoded image bytes as ``H x W x C`` uint8 in the model's mode (:func:`_normalized`)."""
-    pixels = _normalized(data, channels).pixels
-    assert pixels is not None  # validate_and_normalize always returns the decoded image
-    return pixels
-
-
-def prepare_encoded(
-    data: bytes, card: Mapping[str, Any], spec: ResizeSpec, bbox: Sequence[float] | None = None, *, cleaned: bool = False
-) -> np.ndarray:
-    """Encoded image bytes as the model's evaluation data was: its evaluation view, ``size x size x channels`` uint8.
-
-    Clean's decode first (:func:`_normalized`, unless ``cleaned``: a clean output's image
-    already had it), then the resize step's own code with the card's settings (``spec``,
-    :func:`imgpipe.train.card.preprocessing_spec`), the JPEG round trip where resize stored
-    JPEG, and the evaluation view. ``imgpipe predict`` on raw images and the serving runtime
-    (:mod:`imgpipe.serving.runtime`) both prepare pictures here.
-
-    Raises:
-        ImageRejected: With clean's or resize's reason, for an image that cannot be prepared.
-    """
-    from imgpipe.resize.ops import (  # OpenCV: where images are prepared only (the cpu image reads cards)
-        encode_jpeg,
-        resize_image,
-    )
-
-    size, channels = int(card["input"]["size"]), int(card["input"]["channels"])
-    if not cleaned:  # raw bytes: what clean made of the training images first
-        data = _normalized(data, channels).data
-    try:
-        arr = resize_image(data, spec, list(bbox) if bbox is not None else None)
-    except ResizeError as exc:
-        raise ImageRejected(exc.reason, exc.detail) from None
-    if spec.format == "jpeg":  # stored as JPEG, trained on its decoded pixels: the same round trip
-        arr = _decode(encode_jpeg(arr, spec.jpeg_quality), arr.shape[2])
-    short = int(card["input"].get("resize_short_side", size))
-    return eval_view(arr, size, short if spec.mode == "whole" else size)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """``N x K`` float32 probabilities of ``N x K`` logits (computed in float64)."""
-    x = np.asarray(logits, np.float64)
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 class _Predictor:
     """A Ray Data actor: one onnxruntime session, fed one input row group per call."""
 
@@ -331,7 +270,7 @@ class _Predictor:
             if table_kind == "raw":
                 img = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], row["channels"])
             else:
-                img = _decode(row["image"]["bytes"], self.channels)
+                img = decode(row["image"]["bytes"], self.channels)
             # Stored at the model's size (short-side-crop, fixed, pad): used as stored; whole: the view.
             view = eval_view(img, self.size, self.short if row["split"] in self.whole else self.size)
         try:

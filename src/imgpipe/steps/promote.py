@@ -36,13 +36,11 @@ from imgpipe.train.card import preprocessing_mismatch, read_card
 from imgpipe.train.partition import describe_split, read_split_columns, split_names
 from imgpipe.train.scores import confusion_scores
 
-__all__ = ["PROMOTION_JSON", "PROMOTION_HTML", "PromoteConfig", "Decision", "promote", "read_decision"]
+__all__ = ["PromoteConfig", "Decision", "promote", "read_decision"]
 
 log = logging.getLogger(__name__)
 
-PROMOTION_JSON = "promotion.json"
 EVALUATION = "evaluate_saved: fp32, batch 64, the evaluation view, no TTA"
-PROMOTION_HTML = "promotion.html"
 
 
 @dataclass(frozen=True)
@@ -341,8 +339,8 @@ def promote(
     if repository:
         decision = replace(decision, serving=storage.join(dest, serving.REPOSITORY))
     outputs = {
-        PROMOTION_JSON: json.dumps(asdict(decision), indent=2),
-        PROMOTION_HTML: _html(decision),
+        contract.PROMOTION_JSON: json.dumps(asdict(decision), indent=2),
+        contract.PROMOTION_HTML: _html(decision),
         contract.CONFIG: config_to_yaml(cfg),
         **{f"{serving.REPOSITORY}/{name}": data for name, data in repository.items()},
     }
@@ -376,4 +374,4 @@ def _serving_files(candidate: str) -> dict[str, bytes]:
 def read_decision(prefix: str) -> Decision:
     """The decision a committed promote output holds."""
     contract.read_manifest(prefix, expect_step="promote")
-    return Decision(**json.loads(storage.read_bytes(storage.join(prefix, PROMOTION_JSON))))
+    return Decision(**json.loads(storage.read_bytes(storage.join(prefix, contract.PROMOTION_JSON))))

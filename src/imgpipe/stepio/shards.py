@@ -22,9 +22,9 @@ from imgpipe.clean.config import CleanConfig
 from imgpipe.contract import StepReport
 from imgpipe.data.sharding import Shard
 from imgpipe.data.sources import SourcePolicy
-from imgpipe.kfp import artifacts as ka
-from imgpipe.kfp import lineage
 from imgpipe.readpolicy import ReadPolicy, ReadRefused
+from imgpipe.stepio import artifacts as ka
+from imgpipe.stepio import lineage
 
 __all__ = ["SHARDS_DIR", "shard_items", "shard_prefix", "clean_config", "prepare_shard", "merge_shards"]
 
@@ -49,7 +49,7 @@ def _shard(item: Any) -> Shard:
 
 
 def shard_prefix(data_root: str, run_id: str, shard: Shard, step: str, source: Any, cfg: Any) -> str:
-    """Where ``step`` (download, annotations, clean) of ``shard`` writes in run ``run_id`` (:func:`imgpipe.kfp.artifacts.task_prefix`)."""
+    """Where ``step`` (download, annotations, clean) of ``shard`` writes in run ``run_id`` (:func:`imgpipe.stepio.artifacts.task_prefix`)."""
     return ka.task_prefix(data_root, run_id, f"{SHARDS_DIR}/{shard.name}/{step}", source, cfg)
 
 
@@ -139,7 +139,7 @@ def merge_shards(
 def _is_shard_of(data_root: str, run_id: str, prefix: str) -> bool:
     """Whether ``prefix`` is a shard's clean output of run ``run_id``.
 
-    For :data:`~imgpipe.kfp.artifacts.BY_INPUTS`: of any run, in a folder keyed by its inputs.
+    For :data:`~imgpipe.stepio.artifacts.BY_INPUTS`: of any run, in a folder keyed by its inputs.
     """
     prefix = storage.normalize_uri(prefix)
     if ka.check_run_id(run_id) != ka.BY_INPUTS:

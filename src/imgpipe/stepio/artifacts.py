@@ -2,9 +2,9 @@
 
     prefix = run_prefix(data_root, run_id, "clean"); write_step_artifact(cleaned, prefix); promote_run(data_root, run_id)
 
-What each component shows in the UI (Metrics, HTML, the Model) is :mod:`imgpipe.kfp.publish`'s.
+What each component shows in the UI (Metrics, HTML, the Model) is :mod:`imgpipe.stepio.publish`'s.
 
-How it works in detail: docs/internals/kubeflow.md, "imgpipe.kfp.artifacts".
+How it works in detail: docs/internals/kubeflow.md, "imgpipe.stepio.artifacts".
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 
 from imgpipe import contract, shutdown, storage
 from imgpipe.config import config_to_dict
-from imgpipe.kfp import lineage
-from imgpipe.kfp.publish import publish_promotion
 from imgpipe.readpolicy import ReadPolicy, ReadRefused
 from imgpipe.serving import registry as modelregistry
+from imgpipe.stepio import lineage
+from imgpipe.stepio.publish import publish_promotion
 from imgpipe.train.config import WEIGHTS_CACHE
 
 __all__ = [
@@ -285,7 +285,7 @@ def record_latest(data_root: str, run_id: str, prefixes: Mapping[str, str], data
     """Records ``prefixes`` (step -> prefix) as the last promoted run; returns the record's URI.
 
     With ``dataset`` (``key``, ``sources``, ``classes``) the record is also its lineage's
-    (:mod:`imgpipe.kfp.lineage`), written first: ``latest.json`` names the newest promotion of any
+    (:mod:`imgpipe.stepio.lineage`), written first: ``latest.json`` names the newest promotion of any
     lineage. Each file is written once, atomically, so a reader sees the previous record or this one.
     """
     record = {
@@ -314,7 +314,7 @@ def resolve_previous(
             committed clean output (for ``download``: the download output it was made from).
         policy: What the run may read (:func:`read_policy` of ``data_root`` by default).
         step: ``clean`` or ``download``.
-        sources: The run's dataset (:func:`imgpipe.kfp.lineage.dataset_sources`): ``latest`` is
+        sources: The run's dataset (:func:`imgpipe.stepio.lineage.dataset_sources`): ``latest`` is
             then that dataset's newest promoted run, never another dataset's.
 
     Raises:
@@ -348,7 +348,7 @@ def resolve_previous(
 
 
 def sources_for_latest(previous: str, dataset: Any, policy: ReadPolicy) -> list[str] | None:
-    """The run's dataset (:mod:`imgpipe.kfp.lineage`) when ``previous`` is ``latest``, read from the download
+    """The run's dataset (:mod:`imgpipe.stepio.lineage`) when ``previous`` is ``latest``, read from the download
     step artifact ``dataset``; ``None`` otherwise (nothing is read)."""
     if (previous or "").strip() != LATEST_KEYWORD:
         return None
@@ -394,7 +394,7 @@ def made_from(trained: str, policy: ReadPolicy) -> dict[str, str]:
 
 
 def dataset_of(made_from: Mapping[str, str], trained: str, policy: ReadPolicy) -> dict[str, Any] | None:
-    """The lineage of the train output ``trained`` (:mod:`imgpipe.kfp.lineage`): key, sources and classes.
+    """The lineage of the train output ``trained`` (:mod:`imgpipe.stepio.lineage`): key, sources and classes.
 
     ``None`` for a model whose data names no download (an output made by hand): such models share
     the data root's one ``latest.json``, as before lineages.
@@ -432,7 +432,7 @@ def promote_run(
     never another dataset's in the same data root.
 
     The decision is committed to ``{data_root}/runs/{run_id}/promote/``, promoted or not,
-    and shown in the task's ``metrics`` and ``report`` artifacts when given (:func:`imgpipe.kfp.publish.publish_promotion`).
+    and shown in the task's ``metrics`` and ``report`` artifacts when given (:func:`imgpipe.stepio.publish.publish_promotion`).
     What ``latest.json`` and the current model's card name must pass ``policy`` (the run's by default).
     A promoted model is registered (:func:`imgpipe.serving.registry.register_promoted`) before the
     decision is committed and ``latest.json`` moves: a registration that fails fails the task

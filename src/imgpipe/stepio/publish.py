@@ -3,7 +3,7 @@
     publish_step_report(prefix, metrics=metrics, report=report)   # a data step's, from its committed output
     publish_training(train_prefix, model=m, metrics=mt, classification=c, report=r)
 
-Like :mod:`imgpipe.kfp.artifacts`, it never imports kfp: docs/internals/kubeflow.md, "imgpipe.kfp.artifacts".
+Like :mod:`imgpipe.stepio.artifacts`, it never imports kfp: docs/internals/kubeflow.md, "imgpipe.stepio.artifacts".
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ its manifest records them, redacted) and the model's class names in order: a new
 new lineage, and new images in the same source continue one. ``{data_root}/latest.json`` still
 names the newest promotion of any lineage (what a reader of one model per data root expects);
 ``latest/`` holds one record per lineage, which the gate and ``previous_run_prefix=latest`` read.
-How it fits the rest: docs/internals/kubeflow.md, "imgpipe.kfp.artifacts".
+How it fits the rest: docs/internals/kubeflow.md, "imgpipe.stepio.artifacts".
 """
 
 from __future__ import annotations
