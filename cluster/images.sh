@@ -12,8 +12,10 @@
 #   - the serving tier's servers FROM scratch: the Model Registry server and KServe's controller.
 #   build:  podman builds each and saves it under the cache, once per version
 #   import: the saved archives into the running cluster's containerd (namespace k8s.io)
+#   share:  images of the control node's containerd onto the workers' (NODE_INDEX: one worker)
 #
 # usage: cluster/images.sh build | import [NAME ...]    (default: every image of the built tiers)
+#        cluster/images.sh share [REF ...]              (default: every image the control node has)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
@@ -214,8 +216,41 @@ build() { # NAME
 # Pinned: kubelet's image garbage collection, which disk pressure starts, never removes them
 # (it did remove argoexec while a 6 GB step image was imported beside the cluster).
 import() { # NAME
-	in_cluster "$(bin_dir runtime)/ctr" --address "$CLUSTER_STATE/containerd/containerd.sock" -n k8s.io \
+	in_cluster "$(bin_dir runtime)/ctr" --address "$(node_socket 0)" -n k8s.io \
 		images import --label io.cri-containerd.pinned=pinned "$(archive "$1")" >/dev/null
+}
+
+# INDEX REF...: the control node's images REF on worker INDEX, as a registry would give each node
+# its own: the blobs hard-linked (no second copy on disk), exported by one containerd and imported
+# by the other only to be recorded (a blob the worker's store holds is not written again), each layer
+# unpacked on the worker when a pod first needs it (containerd's CRI unpacks on create); the pod
+# sandbox's unpacked at once.
+share() {
+	local index=$1 ref unpack
+	shift
+	local ctr src dst tar
+	ctr=$(bin_dir runtime)/ctr
+	src=$(node_state 0)/containerd/root/io.containerd.content.v1.content/blobs/sha256
+	dst=$(node_state "$index")/containerd/root/io.containerd.content.v1.content/blobs/sha256
+	mkdir -p "$dst"
+	find "$src" -maxdepth 1 -type f -printf '%f\n' | while read -r blob; do
+		[[ -e $dst/$blob ]] || ln "$src/$blob" "$dst/$blob"
+	done
+	for ref; do
+		"$ctr" --address "$(node_socket "$index")" -n k8s.io images ls -q "name==$ref" | grep -q . && continue # shared before
+		unpack=(--no-unpack)
+		[[ $ref == "$(image_ref pause)" ]] && unpack=()
+		# Through a file: an import from a pipe fails with a short read (containerd 2.2.9) where it
+		# skips a blob it holds, and a file lets it seek past. Removed at once; it is the state dir's.
+		tar=$(mktemp "$CLUSTER_STATE/run/share.XXXXXX")
+		"$ctr" --address "$(node_socket 0)" -n k8s.io images export "$tar" "$ref" >/dev/null &&
+			"$ctr" --address "$(node_socket "$index")" -n k8s.io images import "${unpack[@]}" \
+				--label io.cri-containerd.pinned=pinned "$tar" >/dev/null || {
+			rm -f "$tar"
+			die "$ref: not shared with $(node_name "$index")"
+		}
+		rm -f "$tar"
+	done
 }
 
 # The images of the tiers whose binaries are built (tier 3's only where KFP is).
@@ -226,6 +261,12 @@ wanted() {
 	return 0
 }
 
+if [[ ${1:-} == share ]]; then # [REF...]: default every image the control node has; to NODE_INDEX, else every worker
+	refs=("${@:2}")
+	[[ ${#refs[@]} -gt 0 ]] || read -r -a refs <<<"$("$(bin_dir runtime)/ctr" --address "$(node_socket 0)" -n k8s.io images ls -q | grep -v '^sha256:' | tr '\n' ' ')"
+	for ((i = ${NODE_INDEX:-1}; i <= ${NODE_INDEX:-$((NODES - 1))}; i++)); do share "$i" "${refs[@]}"; done
+	exit 0
+fi
 names=("${@:2}")
 [[ ${#names[@]} -gt 0 ]] || read -r -a names <<<"$(wanted | tr '\n' ' ')"
 case ${1:-} in
@@ -234,5 +275,5 @@ import) for i in "${names[@]}"; do
 	build "$i"
 	import "$i"
 done ;;
-*) die "usage: cluster/images.sh build | import [NAME ...]" ;;
+*) die "usage: cluster/images.sh build | import [NAME ...] | share [REF ...]" ;;
 esac

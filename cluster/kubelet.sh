@@ -1,36 +1,40 @@
 #!/usr/bin/env bash
-# The node's kubelet alone, stopped or started again while the rest of the cluster runs: the one
-# way cluster/node.sh starts it, and the fault tests' way to take the node away from a run
+# A node's kubelet alone, stopped or started again while the rest of the cluster runs: the one
+# way cluster/node.sh starts it, and the fault tests' way to take a node away from a run
 # (tests/cluster/test_kfp_faults.py). Its pods' containers keep running under containerd while it
 # is stopped, as on a node whose kubelet crashed or was restarted for an upgrade.
 #
-# usage: cluster/kubelet.sh start|stop
+# usage: cluster/kubelet.sh start|stop [INDEX]    (INDEX: the node, 0 the control node, the default)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
 . "$here/lib.sh"
 cluster_running || die "the cluster is not up: make cluster-up"
-pidfile=$CLUSTER_STATE/run/kubelet.pid
+index=${2:-0}
+[[ $index =~ ^[0-9]+$ ]] || die "usage: cluster/kubelet.sh start|stop [INDEX]"
+daemon=$(node_daemon kubelet "$index")
+state=$(node_state "$index")
+pidfile=$CLUSTER_STATE/run/$daemon.pid
 
 alive() { [[ -s $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
 case ${1:-} in
 start)
-	alive && die "kubelet is already running (pid $(cat "$pidfile"))"
-	[[ -s $CLUSTER_STATE/kubelet.yaml ]] || die "no $CLUSTER_STATE/kubelet.yaml: cluster/node.sh writes it (make cluster-up)"
-	start_daemon kubelet "$(bin_dir node)/kubelet" --config="$CLUSTER_STATE/kubelet.yaml" \
-		--kubeconfig="$CLUSTER_STATE/kubelet.kubeconfig" --root-dir="$CLUSTER_STATE/kubelet" \
-		--hostname-override="$CLUSTER_NODE_NAME" --node-ip="$CLUSTER_NODE_IP"
+	alive && die "$daemon is already running (pid $(cat "$pidfile"))"
+	[[ -s $state/kubelet.yaml ]] || die "no $state/kubelet.yaml: cluster/node.sh writes it (make cluster-up)"
+	start_daemon_on "$index" "$daemon" "$(bin_dir node)/kubelet" --config="$state/kubelet.yaml" \
+		--kubeconfig="$state/kubelet.kubeconfig" --root-dir="$state/kubelet" \
+		--hostname-override="$(node_name "$index")" --node-ip="$(node_ip "$index")"
 	;;
 stop)
-	alive || die "kubelet is not running"
+	alive || die "$daemon is not running"
 	pid=$(cat "$pidfile")
 	kill -TERM "$pid"
 	for _ in $(seq 150); do
 		kill -0 "$pid" 2>/dev/null || exit 0
 		sleep 0.2
 	done
-	die "kubelet (pid $pid) did not stop in 30 s"
+	die "$daemon (pid $pid) did not stop in 30 s"
 	;;
-*) die "usage: cluster/kubelet.sh start|stop" ;;
+*) die "usage: cluster/kubelet.sh start|stop [INDEX]" ;;
 esac

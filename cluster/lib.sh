@@ -164,6 +164,13 @@ CLUSTER_CGROUP=imgpipe-cluster
 CLUSTER_NODE_NAME=imgpipe-node
 # Addresses exist only inside the cluster's namespace: its loopback interface carries the node's.
 CLUSTER_NODE_IP=10.240.0.1
+# Nodes in all: the control-plane node, and NODES-1 workers (cluster/worker.sh), each in a network
+# namespace of its own behind a veth from the control node's. One fits 2 cores. While a cluster
+# runs, the number it was brought up with (recorded in its state directory) wins over the variable.
+NODES=$(cat "$CLUSTER_STATE/nodes" 2>/dev/null || echo "${NODES:-1}")
+# The worker that carries a GPU node's labels and taint (the gpu overlay's nvidia.com/gpu), with a
+# faked nvidia.com/gpu capacity of one: the scheduler places, nothing runs CUDA there.
+CLUSTER_GPU_WORKER=2
 CLUSTER_SERVICE_CIDR=10.96.0.0/16
 CLUSTER_API_SERVICE_IP=10.96.0.1
 CLUSTER_DNS_IP=10.96.0.10
@@ -211,6 +218,26 @@ image_ref() { # NAME
 
 holder_pid() { cat "$CLUSTER_STATE/run/holder.pid" 2>/dev/null; }
 
+# Node INDEX: 0 is the control-plane node (the namespace holder's), 1.. the workers.
+node_name() { if (($1 == 0)); then echo "$CLUSTER_NODE_NAME"; else echo "imgpipe-worker-$1"; fi; }
+node_ip() { echo "10.240.0.$(($1 + 1))"; }
+# The process whose network namespace is the node's (a worker's shares the holder's mounts).
+node_pid() { if (($1 == 0)); then holder_pid; else cat "$CLUSTER_STATE/run/worker-$1.pid" 2>/dev/null; fi; }
+# A node's own files: the control node's at the state directory's top, as before workers.
+node_state() { if (($1 == 0)); then echo "$CLUSTER_STATE"; else echo "$CLUSTER_STATE/workers/$(node_name "$1")"; fi; }
+# Its daemons' names in run/ and log/: containerd, kubelet, kube-proxy; a worker's with its suffix.
+node_daemon() { if (($2 == 0)); then echo "$1"; else echo "$1-worker-$2"; fi; } # DAEMON INDEX
+node_socket() { echo "$(node_state "$1")/containerd/containerd.sock"; }
+# The control node's end of the veth to worker INDEX.
+worker_link() { echo "imgw$1"; }
+# Runs a command in node INDEX's network namespace (and the cluster's mounts).
+in_node() { # INDEX CMD...
+	local pid
+	pid=$(node_pid "$1")
+	shift
+	nsenter -t "$pid" -n -m --wd="$PWD" -- "$@"
+}
+
 # Is the namespace holder alive (and ours: its command line names the state dir's marker)?
 cluster_running() {
 	local pid
@@ -247,11 +274,15 @@ die() {
 }
 
 # NAME CMD...: a daemon in the namespace and in the cluster's cgroup; its pid in run/NAME.pid.
-start_daemon() {
-	local name=$1
-	shift
+start_daemon() { start_daemon_on 0 "$@"; }
+
+# INDEX NAME CMD...: the same in node INDEX's network namespace.
+start_daemon_on() {
+	local pid name=$2
+	pid=$(node_pid "$1")
+	shift 2
 	# shellcheck disable=SC2016 # expanded by the inner bash
-	setsid nsenter -t "$(holder_pid)" -n -m -- bash -c '
+	setsid nsenter -t "$pid" -n -m -- bash -c '
 		for c in $1; do echo $$ >"/sys/fs/cgroup/$c/$2/control/cgroup.procs"; done
 		echo $$ >"$3"
 		shift 3
@@ -271,10 +302,10 @@ wait_for() {
 	die "$name is not ready after $seconds s (log: $CLUSTER_STATE/log/$name.log)"
 }
 
-kubeconfig() { # NAME CERT
-	local kc=$CLUSTER_STATE/$1.kubeconfig k PKI=$CLUSTER_STATE/pki
+kubeconfig() { # NAME CERT [SERVER [FILE]]: FILE (default $CLUSTER_STATE/NAME.kubeconfig) as NAME with CERT's key
+	local kc=${4:-$CLUSTER_STATE/$1.kubeconfig} k PKI=$CLUSTER_STATE/pki
 	k=$(bin_dir control)/kubectl
-	$k config set-cluster imgpipe --server="$CLUSTER_API" --certificate-authority="$PKI/ca.crt" --embed-certs --kubeconfig="$kc" >/dev/null
+	$k config set-cluster imgpipe --server="${3:-$CLUSTER_API}" --certificate-authority="$PKI/ca.crt" --embed-certs --kubeconfig="$kc" >/dev/null
 	$k config set-credentials "$1" --client-certificate="$PKI/$2.crt" --client-key="$PKI/$2.key" --embed-certs --kubeconfig="$kc" >/dev/null
 	$k config set-context default --cluster=imgpipe --user="$1" --kubeconfig="$kc" >/dev/null
 	$k config use-context default --kubeconfig="$kc" >/dev/null

@@ -1,42 +1,66 @@
 #!/usr/bin/env bash
-# Tier 2, the node: containerd (runc, the CNI bridge), the cluster's images, kubelet, kube-proxy
-# and CoreDNS, in the namespaces and cgroup cluster/up.sh made. Every path they write is under
-# the state directory: what their defaults would put elsewhere on the machine (CNI's cache,
-# pods' network namespaces, pod logs) is pointed there or bind-mounted there inside the
-# cluster's mount namespace.
+# Tier 2, a node: containerd (runc, the CNI bridge), the cluster's images, kubelet and kube-proxy,
+# in the namespaces and cgroup cluster/up.sh made; on the control-plane node (INDEX 0) CoreDNS too.
+# A worker (INDEX 1..) gets its own network namespace first (cluster/worker.sh). Every path they
+# write is under the state directory: what their defaults would put elsewhere on the machine (CNI's
+# cache, pods' network namespaces, pod logs, NRI's socket) is pointed there or bind-mounted there
+# inside the cluster's mount namespace.
 #
-# usage: cluster/node.sh     (called by cluster/up.sh when the node binaries are built)
+# usage: cluster/node.sh [INDEX]    (called by cluster/up.sh when the node binaries are built)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
 . "$here/lib.sh"
 cluster_running || die "the control plane is not up: make cluster-up"
+index=${1:-0}
+[[ $index =~ ^[0-9]+$ ]] || die "usage: cluster/node.sh [INDEX]"
 
 NODE_BIN=$(bin_dir node)
 RUNTIME_BIN=$(bin_dir runtime)
 PKI=$CLUSTER_STATE/pki
-CTD=$CLUSTER_STATE/containerd
-SOCK=$CTD/containerd.sock
+name=$(node_name "$index")
+ip=$(node_ip "$index")
+state=$(node_state "$index")
+CTD=$state/containerd
+SOCK=$(node_socket "$index")
 RUNC=$(command -v runc) || die "runc is missing: apt-get install runc containernetworking-plugins iptables (make cluster-build does)"
 [[ -x $CNI_BIN/bridge ]] || die "no CNI plugins in $CNI_BIN: apt-get install containernetworking-plugins"
 command -v iptables >/dev/null || die "iptables is missing (kube-proxy): apt-get install iptables"
 
-mkdir -p "$CTD" "$CLUSTER_STATE"/{cni,cni-cache,cni-ipam,kubelet,pod-logs,run-containerd}
+mkdir -p "$CTD" "$state"/{cni,cni-ipam,kubelet,pod-logs}
 
-# Paths fixed in the code, whatever the configuration says: inside the namespace they are ours.
-# The CNI cache (go-cni: /var/lib/cni):
 mount_point() { # PATH: made if missing, recorded so that cluster/down.sh removes it again
 	[[ -d $1 ]] && return 0
 	mkdir -p "$1"
 	echo "$1" >>"$CLUSTER_STATE/run/made-dirs"
 }
-mount_point /var/lib/cni
-in_cluster mount --bind "$CLUSTER_STATE/cni-cache" /var/lib/cni
-# containerd's shims put their sockets in /run/containerd/s whatever its state dir is.
-mount_point /run/containerd
-in_cluster mount --bind "$CLUSTER_STATE/run-containerd" /run/containerd
-# Pods reach the API server and CoreDNS through Service addresses on this bridge.
-in_cluster sysctl -qw net.bridge.bridge-nf-call-iptables=1 net.ipv4.ip_forward=1
+
+if ((index == 0)); then
+	# Paths fixed in the code, whatever the configuration says: inside the namespace they are ours,
+	# and every node's (keys are container ids and sockets' hashes of their containerd's address).
+	mkdir -p "$CLUSTER_STATE"/{cni-cache,run-containerd}
+	# The CNI cache (go-cni: /var/lib/cni):
+	mount_point /var/lib/cni
+	in_cluster mount --bind "$CLUSTER_STATE/cni-cache" /var/lib/cni
+	# containerd's shims put their sockets in /run/containerd/s whatever its state dir is.
+	mount_point /run/containerd
+	in_cluster mount --bind "$CLUSTER_STATE/run-containerd" /run/containerd
+	# Pods reach the API server and CoreDNS through Service addresses on this bridge.
+	in_cluster sysctl -qw net.bridge.bridge-nf-call-iptables=1 net.ipv4.ip_forward=1
+	pod_cidr=$CLUSTER_NODE_POD_CIDR
+else
+	"$here/worker.sh" "$index" # its network namespace, its addresses and routes
+	in_node "$index" sysctl -qw net.bridge.bridge-nf-call-iptables=1 net.ipv4.ip_forward=1
+	# The cgroup kubelet puts this node's pods under: beside the control node's, never inside it.
+	for c in $(cgroup_controllers); do
+		dir=/sys/fs/cgroup/$c/$CLUSTER_CGROUP/$name
+		mkdir -p "$dir"
+		if [[ $c == cpuset ]]; then
+			cat "/sys/fs/cgroup/cpuset/$CLUSTER_CGROUP/cpuset.cpus" >"$dir/cpuset.cpus"
+			cat "/sys/fs/cgroup/cpuset/$CLUSTER_CGROUP/cpuset.mems" >"$dir/cpuset.mems"
+		fi
+	done
+fi
 
 cat >"$CTD/config.toml" <<EOF
 version = 3
@@ -44,6 +68,9 @@ root = '$CTD/root'
 state = '$CTD/state'
 [grpc]
   address = '$SOCK'
+[plugins.'io.containerd.nri.v1.nri']
+  # Its default socket is the machine's /var/run/nri/nri.sock.
+  disable = true
 [plugins.'io.containerd.cri.v1.images']
   snapshotter = 'overlayfs'
   [plugins.'io.containerd.cri.v1.images'.pinned_images]
@@ -59,30 +86,23 @@ state = '$CTD/state'
       SystemdCgroup = false
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ['$CNI_BIN']
-    conf_dir = '$CLUSTER_STATE/cni'
-EOF
-
-cat >"$CLUSTER_STATE/cni/10-imgpipe.conflist" <<EOF
-{
-  "cniVersion": "1.0.0",
-  "name": "imgpipe",
-  "plugins": [
-    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
-     "ipam": {"type": "host-local", "dataDir": "$CLUSTER_STATE/cni-ipam",
-              "ranges": [[{"subnet": "$CLUSTER_NODE_POD_CIDR"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-    {"type": "portmap", "capabilities": {"portMappings": true}}
-  ]
-}
+    conf_dir = '$state/cni'
 EOF
 
 t0=$SECONDS
-start_daemon containerd "$RUNTIME_BIN/containerd" --config "$CTD/config.toml"
-wait_for containerd 60 "$RUNTIME_BIN/ctr" --address "$SOCK" version
-"$here/images.sh" import
+start_daemon_on "$index" "$(node_daemon containerd "$index")" "$RUNTIME_BIN/containerd" --config "$CTD/config.toml"
+wait_for "$(node_daemon containerd "$index")" 60 "$RUNTIME_BIN/ctr" --address "$SOCK" version
+if ((index == 0)); then
+	"$here/images.sh" import
+else # the control node's images, its blobs hard-linked (cluster/images.sh share)
+	NODE_INDEX=$index "$here/images.sh" share
+fi
 
 # Pods resolve through CoreDNS; what kubelet hands a pod with dnsPolicy Default leads nowhere.
 echo "options ndots:1" >"$CLUSTER_STATE/resolv.conf"
-cat >"$CLUSTER_STATE/kubelet.yaml" <<EOF
+cgroup_root=/$CLUSTER_CGROUP
+((index == 0)) || cgroup_root+=/$name
+cat >"$state/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 authentication:
@@ -91,16 +111,16 @@ authentication:
   x509: {clientCAFile: $PKI/ca.crt}
 authorization: {mode: Webhook}
 cgroupDriver: cgroupfs
-cgroupRoot: /$CLUSTER_CGROUP
+cgroupRoot: $cgroup_root
 failCgroupV1: false
 failSwapOn: false
 clusterDNS: [$CLUSTER_DNS_IP]
 clusterDomain: $CLUSTER_DOMAIN
 containerRuntimeEndpoint: unix://$SOCK
-tlsCertFile: $PKI/kubelet.crt
-tlsPrivateKeyFile: $PKI/kubelet.key
+tlsCertFile: $PKI/$(node_daemon kubelet "$index").crt
+tlsPrivateKeyFile: $PKI/$(node_daemon kubelet "$index").key
 resolvConf: $CLUSTER_STATE/resolv.conf
-podLogsDir: $CLUSTER_STATE/pod-logs
+podLogsDir: $state/pod-logs
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
 protectKernelDefaults: false
@@ -113,25 +133,61 @@ evictionHard: {memory.available: 200Mi, nodefs.available: 2Gi, imagefs.available
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 EOF
-"$here/kubelet.sh" start
+if ((index == CLUSTER_GPU_WORKER)); then # what the GPU operator's nodes carry; kubelet may set its own taint
+	echo "registerWithTaints: [{key: nvidia.com/gpu, value: present, effect: NoSchedule}]" >>"$state/kubelet.yaml"
+fi
+"$here/kubelet.sh" start "$index"
 
-cat >"$CLUSTER_STATE/kube-proxy.yaml" <<EOF
+if ((index > 0)); then
+	# The pod range the controller manager gave this node, for its bridge (as kind's kindnet reads it).
+	wait_for "$(node_daemon kubelet "$index")" 120 bash -c "[[ -n \$(\"$(bin_dir control)/kubectl\" --kubeconfig=\"$CLUSTER_STATE/admin.kubeconfig\" get node \"$name\" -o jsonpath='{.spec.podCIDR}') ]]"
+	pod_cidr=$(kubectl_admin get node "$name" -o jsonpath='{.spec.podCIDR}')
+	# Pod traffic between nodes: through the control node, which routes each node's range to it.
+	in_cluster ip route replace "$pod_cidr" via "$ip" dev "$(worker_link "$index")" onlink
+fi
+cat >"$state/cni/10-imgpipe.conflist" <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "imgpipe",
+  "plugins": [
+    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+     "ipam": {"type": "host-local", "dataDir": "$state/cni-ipam",
+              "ranges": [[{"subnet": "$pod_cidr"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+EOF
+
+cat >"$state/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
-clientConnection: {kubeconfig: $CLUSTER_STATE/kube-proxy.kubeconfig}
+clientConnection: {kubeconfig: $state/kube-proxy.kubeconfig}
 mode: iptables
 clusterCIDR: $CLUSTER_POD_CIDR
-hostnameOverride: $CLUSTER_NODE_NAME
+hostnameOverride: $name
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
 # Leave conntrack's settings alone: nf_conntrack_max is the machine's, not the namespace's.
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 EOF
-start_daemon kube-proxy "$NODE_BIN/kube-proxy" --config="$CLUSTER_STATE/kube-proxy.yaml"
+start_daemon_on "$index" "$(node_daemon kube-proxy "$index")" "$NODE_BIN/kube-proxy" --config="$state/kube-proxy.yaml"
 
-wait_for kubelet 120 "$(bin_dir control)/kubectl" --kubeconfig="$CLUSTER_STATE/admin.kubeconfig" \
-	wait --for=condition=Ready "node/$CLUSTER_NODE_NAME" --timeout=5s
-log "node Ready in $((SECONDS - t0)) s"
+wait_for "$(node_daemon kubelet "$index")" 120 "$(bin_dir control)/kubectl" --kubeconfig="$CLUSTER_STATE/admin.kubeconfig" \
+	wait --for=condition=Ready "node/$name" --timeout=5s
+if ((index == 0)); then
+	kubectl_admin label --overwrite node "$name" node-role.kubernetes.io/control-plane= >/dev/null
+else
+	kubectl_admin label --overwrite node "$name" node-role.kubernetes.io/worker= >/dev/null
+fi
+if ((index == CLUSTER_GPU_WORKER)); then
+	# The labels the GPU operator's feature discovery sets, and one GPU of capacity (faked: nothing
+	# runs CUDA here; the scheduler places by it). kubelet keeps a status field it does not manage.
+	kubectl_admin label --overwrite node "$name" nvidia.com/gpu.present=true nvidia.com/gpu.product=imgpipe-faked >/dev/null
+	kubectl_admin patch node "$name" --subresource=status --type=merge \
+		-p '{"status":{"capacity":{"nvidia.com/gpu":"1"},"allocatable":{"nvidia.com/gpu":"1"}}}' >/dev/null
+fi
+log "node $name ($ip, pods $pod_cidr) Ready in $((SECONDS - t0)) s"
+((index == 0)) || exit 0
 
 sed -e "s|@COREDNS_IMAGE@|$(image_ref coredns)|" -e "s|@DNS_IP@|$CLUSTER_DNS_IP|" -e "s|@DOMAIN@|$CLUSTER_DOMAIN|" \
 	"$here/manifests/coredns.yaml" | kubectl_admin apply --server-side --field-manager=imgpipe-cluster -f - >/dev/null

@@ -3,10 +3,11 @@
 # namespace of its own: nothing it serves or calls leaves that namespace, kubelet's sysctl writes
 # land on files of ours, and every process sits in one cgroup parent (cluster/down.sh removes all).
 #
-# usage: cluster/up.sh    (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the CRDs;
-#                          then, where their binaries are built, the node (node.sh), Argo and
-#                          KubeRay (controllers.sh), JobSet and Trainer (trainer.sh), KFP (kfp.sh),
-#                          the Model Registry and KServe (serving.sh))
+# usage: [NODES=N] cluster/up.sh
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the CRDs; then, where their
+#   binaries are built, N nodes (node.sh: the control node, and N-1 workers, default none), Argo and
+#   KubeRay (controllers.sh), JobSet and Trainer (trainer.sh), KFP (kfp.sh), the Model Registry
+#   and KServe (serving.sh)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=cluster/lib.sh
@@ -24,9 +25,11 @@ if cluster_running; then
 	log "already up (namespace holder pid $(holder_pid)); make cluster-down stops it"
 	exit 0
 fi
+[[ $NODES =~ ^[1-9]$ ]] || die "NODES=$NODES: the number of nodes, 1 to 9 (1 fits 2 cores)"
 [[ ! -e $CLUSTER_STATE ]] || die "$CLUSTER_STATE exists but no cluster runs: make cluster-down clears it"
 mkdir -p "$CLUSTER_STATE"/{run,log,sysctl,sysctl-machine}
 echo "$CLUSTER_RELEASE" >"$CLUSTER_STATE/release" # what the scripts and tests read while it runs
+echo "$NODES" >"$CLUSTER_STATE/nodes"
 PKI=$CLUSTER_STATE/pki
 
 # The cgroup parent, in every v1 hierarchy; a child "control" for the daemons started here.
@@ -115,7 +118,7 @@ start_control() {
 	"$here/crds.sh"
 }
 
-log "release $CLUSTER_RELEASE (KFP $KFP_VERSION), state in $CLUSTER_STATE, binaries from $CLUSTER_CACHE"
+log "release $CLUSTER_RELEASE (KFP $KFP_VERSION), $NODES node(s), state in $CLUSTER_STATE, binaries from $CLUSTER_CACHE"
 make_cgroups
 start_holder
 setup_namespace
@@ -127,7 +130,7 @@ kubeconfig kube-proxy kube-proxy
 kubeconfig kubelet kubelet
 start_control
 if [[ -x $(bin_dir node)/kubelet && -x $(bin_dir runtime)/containerd && -x $(bin_dir pause)/pause ]]; then
-	"$here/node.sh"
+	for ((i = 0; i < NODES; i++)); do "$here/node.sh" "$i"; done
 	[[ -x $(bin_dir argo)/workflow-controller ]] && "$here/controllers.sh"
 	[[ -x $(bin_dir trainer)/trainer-controller-manager ]] && "$here/trainer.sh"
 	[[ -x $(bin_dir kfp)/apiserver ]] && "$here/kfp.sh"

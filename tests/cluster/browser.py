@@ -105,10 +105,14 @@ class Browser:
         e.click()
 
     def field(self, label: str) -> Any:
-        """The input of the text field labelled ``label`` (a Material UI TextField: the label names its input's id)."""
+        """The input of the text field labelled ``label`` (a Material UI TextField: the label names its input's id;
+        where it names none, as KFP 2.15's recurring run name, the input beside it in the field)."""
         literal = json.dumps(label)
         box = self.element(f"//label[starts-with(normalize-space(.), {literal})]")
-        return self.driver.find_element("id", box.get_attribute("for"))
+        target = box.get_attribute("for")
+        if target:
+            return self.driver.find_element("id", target)
+        return box.find_element("xpath", "./..//input | ./..//textarea")
 
     def fill(self, label: str, value: str) -> None:
         from selenium.webdriver.common.keys import Keys

@@ -40,6 +40,8 @@ SETTINGS = (
     "JOBSET_VERSION",
     "KFP_VERSION",
     "KFP_S3_PORT",
+    "NODES",
+    "CLUSTER_GPU_WORKER",
 )
 
 
@@ -156,6 +158,7 @@ def step_image(kind: str) -> str:
     ).stdout.strip()
     address = ["--address", f"{s['CLUSTER_STATE']}/containerd/containerd.sock", "-n", "k8s.io"]
     if subprocess.run([ctr, *address, "images", "check", f"name=={ref}"], capture_output=True, text=True, check=False).stdout.count(ref):
+        _share(ref, int(s["NODES"]))
         return ref
     # podman save writes the whole archive to its TMPDIR first (6 GB for the gpu image): a directory of
     # this call's own, removed after the import, so a failed import leaves nothing behind.
@@ -166,7 +169,15 @@ def step_image(kind: str) -> str:
         saved = save.wait()
     assert imported.returncode == 0, f"ctr images import of {ref} failed: {imported.stderr.strip()[-500:]}"
     assert saved == 0
+    _share(ref, int(s["NODES"]))
     return ref
+
+
+def _share(ref: str, nodes: int) -> None:
+    """``ref`` on every worker too (cluster/images.sh share: hard links of its blobs, no second copy)."""
+    if nodes > 1:
+        shared = subprocess.run(["bash", str(CLUSTER / "images.sh"), "share", ref], capture_output=True, text=True, check=False)
+        assert shared.returncode == 0, f"cluster/images.sh share {ref} failed: {shared.stderr.strip()[-500:]}"
 
 
 def server_allows(api_client, user: str, request: rbac.Request) -> bool:
@@ -255,3 +266,33 @@ def cleaned_data(tmp_path: Path, namespace: str, name: str, synth: Any) -> Itera
         generate(f"{root}/synth", synth, progress=False)
         dl = download([f"{root}/synth/images.tar.gz"], f"{root}/download", DownloadConfig())
         yield root, clean(dl.dest, f"{root}/clean", CleanConfig(workers=1))
+
+
+@contextlib.contextmanager
+def placements(namespace: str, poll_s: float = 2.0) -> Iterator[dict[str, dict]]:
+    """Every pod seen in ``namespace`` while the block runs: name -> its labels and ``nodeName``.
+
+    Polled from the API server (the pods of a RayJob or TrainJob are gone once it ends), for the
+    multi-node tests' "on another node" assertions.
+    """
+    import threading
+
+    seen: dict[str, dict] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            proc = kubectl("get", "pods", "-n", namespace, "-o", "json", check=False)
+            if proc.returncode == 0:
+                for pod in json.loads(proc.stdout)["items"]:
+                    if pod["spec"].get("nodeName"):
+                        seen[pod["metadata"]["name"]] = {"labels": pod["metadata"].get("labels", {}), "node": pod["spec"]["nodeName"]}
+            stop.wait(poll_s)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -37,7 +38,10 @@ def test_every_daemon_runs_in_the_clusters_namespaces_and_cgroup():
     holder = pids["holder"]
     for name, pid in pids.items():
         net, mnt = os.readlink(f"/proc/{pid}/ns/net"), os.readlink(f"/proc/{pid}/ns/mnt")
-        assert net == os.readlink(f"/proc/{holder}/ns/net") != host_net, f"{name} is not in the cluster's network namespace"
+        # A worker's daemons (run/<daemon>-worker-<i>.pid) are in its node's namespace (run/worker-<i>.pid).
+        node = re.search(r"worker-\d+$", name)
+        node_holder = pids[node.group()] if node else holder
+        assert net == os.readlink(f"/proc/{node_holder}/ns/net") != host_net, f"{name} is not in its node's network namespace"
         assert mnt == os.readlink(f"/proc/{holder}/ns/mnt") != host_mnt, f"{name} is not in the cluster's mount namespace"
         groups = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
         pids_line = next(g for g in groups if g.split(":")[1] == "pids")

@@ -17,7 +17,7 @@ import pytest
 from imgpipe import contract, storage
 from imgpipe.data.synth import SynthConfig, generate
 from tests.cluster.conftest import object_store
-from tests.cluster.test_kfp import RUN_TIMEOUT_S, SMALL_TASK, kfp, small_options, submit_run  # noqa: F401 - the fixture
+from tests.cluster.test_kfp import RUN_TIMEOUT_S, SMALL_TASK, kfp, small_options, step_images, submit_run  # noqa: F401 - the fixtures
 from tests.cluster.test_remote_objects import NAMESPACE, dev_overlay  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(RUN_TIMEOUT_S + 300)]
@@ -48,7 +48,7 @@ def sample(tmp_path):
         yield root
 
 
-def test_the_sweep_trains_each_branch_and_ranks_them_on_kfp(kfp, sample, tmp_path):  # noqa: F811
+def test_the_sweep_trains_each_branch_and_ranks_them_on_kfp(kfp, step_images, sample, tmp_path):  # noqa: F811
     from imgpipe.pipelines.imgpipe_sweep import SweepOptions, compile_sweep
 
     defaults = SweepOptions()
@@ -63,7 +63,7 @@ def test_the_sweep_trains_each_branch_and_ranks_them_on_kfp(kfp, sample, tmp_pat
     print(f"sweep run {run_id}: winner {comparison['winner']['branch']}\n{out[-800:]}")
 
 
-def test_the_audit_trains_its_folds_and_ranks_suspected_labels_on_kfp(kfp, sample, tmp_path):  # noqa: F811
+def test_the_audit_trains_its_folds_and_ranks_suspected_labels_on_kfp(kfp, step_images, sample, tmp_path):  # noqa: F811
     from imgpipe.pipelines.imgpipe_audit import AuditOptions, compile_audit
 
     defaults = AuditOptions()

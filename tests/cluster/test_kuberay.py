@@ -20,7 +20,7 @@ from imgpipe import contract
 from imgpipe.data.synth import SynthConfig
 from imgpipe.remote import kuberay
 from imgpipe.resize.config import ResizeConfig
-from tests.cluster.conftest import cleaned_data, settings, step_image
+from tests.cluster.conftest import cleaned_data, placements, settings, step_image
 from tests.cluster.test_remote_objects import (
     NAMESPACE,
     _api_as,
@@ -58,7 +58,10 @@ def test_resize_runs_as_a_rayjob_the_operator_runs_to_the_end(dev_overlay, tmp_p
         pytest.skip("KubeRay's operator is not running: make cluster-build builds it, make cluster-up starts it")
     image = step_image("ray")
     template = next(d for d in dev_overlay if d["kind"] == "RayJob")
-    with cleaned_data(tmp_path, NAMESPACE, f"kuberay-{uuid.uuid4().hex[:6]}", SynthConfig(classes=3, per_class=8, seed=3)) as (root, cl):
+    with (
+        cleaned_data(tmp_path, NAMESPACE, f"kuberay-{uuid.uuid4().hex[:6]}", SynthConfig(classes=3, per_class=8, seed=3)) as (root, cl),
+        placements(NAMESPACE) as pods,
+    ):
         out = io.StringIO()
         report = kuberay.run_step_rayjob(
             "resize",
@@ -83,3 +86,6 @@ def test_resize_runs_as_a_rayjob_the_operator_runs_to_the_end(dev_overlay, tmp_p
         # Where the work ran: Ray, on the RayCluster's worker (the head has num-cpus 0).
         assert extra["executor"] == "ray" and len(extra["ray_nodes"]) == 1, extra
         assert "SUCCEEDED" in out.getvalue(), out.getvalue()
+    if int(settings()["NODES"]) > 1:  # the work crossed nodes: the Ray worker ran on another node than the head
+        kinds = {kind: {p["node"] for p in pods.values() if p["labels"].get("ray.io/node-type") == kind} for kind in ("head", "worker")}
+        assert kinds["head"] and kinds["worker"] and not kinds["head"] & kinds["worker"], f"Ray's pods were placed {kinds}"

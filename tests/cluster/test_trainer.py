@@ -19,7 +19,7 @@ from imgpipe.remote import trainjob
 from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.resize import resize
 from imgpipe.train.config import TrainConfig
-from tests.cluster.conftest import cleaned_data, kubectl_json, step_image
+from tests.cluster.conftest import cleaned_data, kubectl_json, placements, settings, step_image
 from tests.cluster.test_remote_objects import (
     NAMESPACE,
     _api_as,
@@ -34,7 +34,10 @@ def test_a_two_node_trainjob_trains_and_rank_0_commits(dev_overlay, tmp_path):  
     if not kubectl_json("get", "clustertrainingruntimes", "--ignore-not-found")["items"]:
         pytest.skip("Kubeflow Trainer is not installed: make cluster-build builds it, make cluster-up installs it")
     image = step_image("gpu")
-    with cleaned_data(tmp_path, NAMESPACE, f"trainer-{uuid.uuid4().hex[:6]}", SynthConfig(classes=3, per_class=10, seed=5)) as (root, cl):
+    with (
+        cleaned_data(tmp_path, NAMESPACE, f"trainer-{uuid.uuid4().hex[:6]}", SynthConfig(classes=3, per_class=10, seed=5)) as (root, cl),
+        placements(NAMESPACE) as pods,
+    ):
         rs = resize(cl.dest, f"{root}/resize", ResizeConfig(size=32, executor="pool"))
         cfg = TrainConfig(model="tiny_cnn", epochs=1, batch_size=4, num_workers=0, device="cpu", nodes=2, max_steps_per_epoch=3)
         stream = io.StringIO()
@@ -59,3 +62,7 @@ def test_a_two_node_trainjob_trains_and_rank_0_commits(dev_overlay, tmp_path):  
         assert manifest["extra"]["world_size"] == 2, "two node pods trained as one process group"
         assert manifest["extra"]["device"] == "cpu"
         assert "Complete" in stream.getvalue() or "Succeeded" in stream.getvalue(), stream.getvalue()
+    if int(settings()["NODES"]) > 1:  # rank 1 trained on another node than rank 0 (the Job's completion index)
+        node_pods = [p for p in pods.values() if "jobset.sigs.k8s.io/jobset-name" in p["labels"]]
+        ranks = {p["labels"].get("batch.kubernetes.io/job-completion-index"): p["node"] for p in node_pods}
+        assert ranks.get("0") and ranks.get("1") and ranks["0"] != ranks["1"], f"the TrainJob's ranks were placed {ranks}"
