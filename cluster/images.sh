@@ -243,12 +243,12 @@ share() {
 		# Through a file: an import from a pipe fails with a short read (containerd 2.2.9) where it
 		# skips a blob it holds, and a file lets it seek past. Removed at once; it is the state dir's.
 		tar=$(mktemp "$CLUSTER_STATE/run/share.XXXXXX")
-		"$ctr" --address "$(node_socket 0)" -n k8s.io images export "$tar" "$ref" >/dev/null &&
-			"$ctr" --address "$(node_socket "$index")" -n k8s.io images import "${unpack[@]}" \
-				--label io.cri-containerd.pinned=pinned "$tar" >/dev/null || {
+		if ! "$ctr" --address "$(node_socket 0)" -n k8s.io images export "$tar" "$ref" >/dev/null ||
+			! "$ctr" --address "$(node_socket "$index")" -n k8s.io images import "${unpack[@]}" \
+				--label io.cri-containerd.pinned=pinned "$tar" >/dev/null; then
 			rm -f "$tar"
 			die "$ref: not shared with $(node_name "$index")"
-		}
+		fi
 		rm -f "$tar"
 	done
 }
