@@ -202,6 +202,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    """Publishes an audit's suspects to Label Studio, or imports its reviewers' answers (:mod:`imgpipe.review.loop`)."""
+    from imgpipe.review import loop
+    from imgpipe.review.client import TOKEN_ENV, URL_ENV, LabelStudio
+
+    url = args.label_studio or os.environ.get(URL_ENV)
+    if not url:
+        raise ValueError(f"no Label Studio: pass --label-studio http://host:port or set ${URL_ENV}")
+    ls = LabelStudio(url, os.environ.get(TOKEN_ENV, ""))
+    if args.review_command == "publish":
+        print(loop.publish(args.audit, ls, title=args.project, top=args.top or loop.TOP, images=args.images).summary())
+        return 0
+    review = loop.import_review(args.audit, ls, args.dest, title=args.project)
+    print(f"{review.summary()}; overrides in {args.dest}: imgpipe run --set clean.label_overrides={args.dest}")
+    return 0
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     """Builds, lists or bootstraps the step images (:mod:`imgpipe.containers.build`)."""
     from imgpipe.containers.catalog import KINDS, listing
@@ -304,6 +321,7 @@ COMMANDS = {
     "run": cmd_run,
     "sweep": cmd_sweep,
     "audit": cmd_audit,
+    "review": cmd_review,
     "register": cmd_register,
     "images": cmd_images,
     "compile": cmd_compile,
@@ -313,7 +331,7 @@ COMMANDS = {
 
 
 # Commands handed output URIs: one in the local run's bucket reaches (or starts) its store for the command.
-_REACH_LOCAL_STORE = ("download", "clean", "resize", "train", "predict", "show", "register", "promote")
+_REACH_LOCAL_STORE = ("download", "clean", "resize", "train", "predict", "show", "register", "promote", "review")
 
 
 def _store_for(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:

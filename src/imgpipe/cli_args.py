@@ -286,6 +286,23 @@ def build_parser(add_help: bool = True, only: str | None = None) -> argparse.Arg
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: AuditConfig's, 5)")
     _local_run_options(p)
 
+    p = sub.add_parser("review", help="an audit's suspects to a Label Studio project, and its reviewers' answers back as label_overrides")
+    review_sub = p.add_subparsers(dest="review_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("publish", "put the audit's most suspect images in the project, worst first (again: new ones added, links renewed)"),
+        ("import", "write the project's answers as clean's label_overrides (path,label, then who and when)"),
+    ):
+        r = review_sub.add_parser(action, help=text)
+        r.add_argument("audit", help="a committed audit output (imgpipe audit, or the audit pipeline's)")
+        if action == "import":
+            r.add_argument("dest", help="where to write the overrides (a URI or path), for --set clean.label_overrides=DEST")
+        r.add_argument("--label-studio", dest="label_studio", help="http(s)://host:port of Label Studio (default $LABEL_STUDIO_URL)")
+        r.add_argument("--project", help="the project's title (default: one per class list, 'imgpipe label review (...)')")
+        if action == "publish":
+            r.add_argument("--top", type=int, default=None, help="the most suspect images to publish (default 200)")
+            r.add_argument("--images", help="where the pictures go (default: the audit's sibling label-review/, same store)")
+        _workdir_flag(r, "for an s3://imgpipe-local URI: the --workdir of the imgpipe run that wrote it")
+
     p = sub.add_parser("images", help="build the step images through a Docker-compatible engine (DOCKER_HOST)")
     images_sub = p.add_subparsers(dest="images_command", required=True, metavar="ACTION")
     b = images_sub.add_parser("build", help="build (and push) the images from docker/Dockerfile")

@@ -1,7 +1,7 @@
 """Label Studio over HTTP: a project found or made by title, tasks imported once, the export and the users read back.
 
     ls = LabelStudio("http://127.0.0.1:8080", token)        # $LABEL_STUDIO_API_KEY: a legacy token or a personal one
-    project = ls.project("imgpipe review: pets", label_config(classes))
+    project = ls.project("imgpipe review: pets", label_config(classes))   # ls.find_project(title): only an existing one
     added = ls.add_tasks(project, tasks)                      # tasks whose path the project has already are left alone
     export, users = ls.export(project), ls.users()
 
@@ -20,9 +20,10 @@ import requests
 
 from imgpipe import storage
 
-__all__ = ["TOKEN_ENV", "LabelStudio", "LabelStudioError"]
+__all__ = ["TOKEN_ENV", "URL_ENV", "LabelStudio", "LabelStudioError"]
 
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
+URL_ENV = "LABEL_STUDIO_URL"
 _PAGE = 100
 
 
@@ -80,6 +81,22 @@ class LabelStudio:
             return int(same[0]["id"])
         made = self._call("POST", "/api/projects/", f"create project {title!r}", json={"title": title, "label_config": label_config})
         return int(made["id"])
+
+    def find_project(self, title: str) -> int:
+        """The id of the project titled ``title``.
+
+        Raises:
+            LabelStudioError: If there is none (nothing was published to it).
+        """
+        found = self._call("GET", "/api/projects/", f"look for project {title!r}", params={"title": title, "page_size": _PAGE})
+        same = [p for p in (found.get("results", []) if isinstance(found, Mapping) else found) if p.get("title") == title]
+        if not same:
+            raise LabelStudioError(f"Label Studio has no project {title!r}: imgpipe review publish makes it")
+        return int(same[0]["id"])
+
+    def update_task_data(self, task: int, data: Mapping[str, Any]) -> None:
+        """Replaces task ``task``'s data (its annotations stay): a renewed picture link."""
+        self._call("PATCH", f"/api/tasks/{task}/", f"update task {task}", json={"data": dict(data)})
 
     def tasks(self, project: int) -> list[dict[str, Any]]:
         """Every task of ``project`` with its annotations (the task list's pages, until Label Studio answers 404 past the last)."""

@@ -58,6 +58,7 @@ __all__ = [
     "plan_folds",
     "fold_name",
     "rank_label_issues",
+    "held_out_pictures",
 ]
 
 log = logging.getLogger(__name__)
@@ -350,11 +351,27 @@ def _overrides_csv(suspects: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def held_out_pictures(fold_models: Sequence[str], wanted: set[str]) -> dict[str, np.ndarray]:
+    """The pictures at ``wanted`` paths as the folds' models saw them held out (``H x W x C`` uint8), by path.
+
+    Each train image is in exactly one fold's held-out split; a path no fold holds is left out.
+    """
+    from imgpipe.train.partition import describe_split, read_split_columns
+    from imgpipe.train.rows import read_rows
+
+    images: dict[str, np.ndarray] = {}
+    for prefix in fold_models:
+        data = json.loads(storage.read_bytes(storage.join(prefix, contract.MODEL_CARD)))["data"]["uri"]
+        info = describe_split(data, "test", contract.read_manifest(data))
+        paths = read_split_columns(info, ["path"]).column("path").to_pylist()
+        at = [i for i, p in enumerate(paths) if p in wanted]
+        images.update(zip((paths[i] for i in at), read_rows(info, at)))
+    return images
+
+
 def _gallery(suspects: Sequence[Mapping[str, Any]], fold_models: Sequence[str], total: int) -> str:
     """The most suspect images with their given and suggested labels, as one page."""
     from imgpipe.report.training import gallery_png
-    from imgpipe.train.partition import describe_split, read_split_columns
-    from imgpipe.train.rows import read_rows
 
     parts = [
         htmlpage.section(
@@ -367,14 +384,7 @@ def _gallery(suspects: Sequence[Mapping[str, Any]], fold_models: Sequence[str], 
         )
     ]
     if suspects:
-        wanted = {s["path"] for s in suspects}
-        images: dict[str, np.ndarray] = {}
-        for prefix in fold_models:
-            data = json.loads(storage.read_bytes(storage.join(prefix, contract.MODEL_CARD)))["data"]["uri"]
-            info = describe_split(data, "test", contract.read_manifest(data))
-            paths = read_split_columns(info, ["path"]).column("path").to_pylist()
-            at = [i for i, p in enumerate(paths) if p in wanted]
-            images.update(zip((paths[i] for i in at), read_rows(info, at)))
+        images = held_out_pictures(fold_models, {s["path"] for s in suspects})
         rows = [
             (f"#{i + 1}", [(images[s["path"]], f"given {s['given_label']}\nsuggested {s['suggested_label']}\nquality {s['label_quality']:.2f}")])
             for i, s in enumerate(suspects)

@@ -71,6 +71,7 @@ __all__ = [
     "delete_prefix",
     "delete_many",
     "download_file",
+    "presigned_get",
     "upload_file",
     "arrow_filesystem",
     "arrow_path",
@@ -355,6 +356,15 @@ def delete_many(uris: list[str]) -> int:
 def download_file(uri: str, local_path: str | os.PathLike[str]) -> None:
     """Copies an object to a local file."""
     get_backend(uri).download_file(normalize_uri(uri), local_path)
+
+
+def presigned_get(uri: str, expires_s: int) -> str:
+    """A URL that reads the object ``uri`` over HTTP without credentials for ``expires_s`` seconds (S3: SigV4, 7 days at most).
+
+    Raises:
+        ValueError: For a store with no such URL (a local file), or an expiry out of range.
+    """
+    return get_backend(uri).presigned_get(normalize_uri(uri), expires_s)
 
 
 def upload_file(local_path: str | os.PathLike[str], uri: str) -> None:

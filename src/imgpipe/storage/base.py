@@ -153,6 +153,14 @@ class Backend(ABC):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def presigned_get(self, uri: str, expires_s: int) -> str:
+        """An HTTP(S) URL that reads ``uri`` without credentials for ``expires_s`` seconds.
+
+        Raises:
+            ValueError: Where the store has no such URL (a local file).
+        """
+        raise ValueError(f"{uri} cannot be read over HTTP without credentials: keep it in an S3-compatible store")
+
     def upload_file(self, local_path: str | os.PathLike[str], uri: str) -> None:
         """Copies a local file to an object."""
         with open(local_path, "rb") as src, self.open_write(uri) as dst:
