@@ -222,7 +222,7 @@ bench-scale: install
 CLUSTER_APT := runc containernetworking-plugins iptables podman jq openssl mmdebstrap chromium chromium-driver
 cluster-build:
 	dpkg -s $(CLUSTER_APT) >/dev/null 2>&1 || ($(SUDO) apt-get update && $(SUDO) apt-get install -y $(CLUSTER_APT))
-	bash cluster/build.sh
+	bash cluster/build.sh $(GROUPS)
 	bash cluster/images.sh build
 
 cluster-up: cluster-build

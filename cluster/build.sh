@@ -199,6 +199,20 @@ build_kfp() {
 	gobuild "$tree" "$bin/scheduledworkflow" ./backend/src/crd/controller/scheduledworkflow
 }
 
+# Kubeflow v1.10.2's KFP API server alone (KFP_OLD_VERSION), with its own config: not part of any
+# release's groups; cluster/kfp-old.sh runs it beside the running cluster's KFP.
+build_kfp-old() {
+	local bin tree
+	bin=$(bin_dir kfp-old)
+	mkdir -p "$bin"
+	source_checkout kfp-old
+	tree=$(source_tree kfp-old)
+	local -x GOFLAGS=-mod=readonly
+	(cd "$tree" && go mod download)
+	gobuild "$tree" "$bin/apiserver" ./backend/src/apiserver "" 1
+	cp "$tree/backend/src/apiserver/config/config.json" "$bin/config.json"
+}
+
 # The serving tier's servers from their own sources at the pinned commits, with their own go.mod
 # and go.sum, as upstream's Dockerfiles build them (static): Kubeflow Model Registry's server
 # (`make build/compile`: the module's root package) and KServe's controller (cmd/manager).

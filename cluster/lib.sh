@@ -16,6 +16,7 @@ group_key() { # GROUP
 	kuberay) echo "kuberay$KUBERAY_VERSION" ;;
 	trainer) echo "trainer$TRAINER_VERSION-jobset$JOBSET_VERSION" ;;
 	kfp) echo "kfp$KFP_VERSION-${KFP_COMMIT:0:12}" ;;
+	kfp-old) echo "kfp$KFP_OLD_VERSION-${KFP_OLD_COMMIT:0:12}" ;;
 	ui) echo "kfp$KFP_VERSION-${KFP_COMMIT:0:12}-node$NODE_VERSION${NPM_VERSION:+-npm$NPM_VERSION}" ;;
 	registry) echo "model-registry$MODEL_REGISTRY_VERSION-${MODEL_REGISTRY_COMMIT:0:12}" ;;
 	kserve) echo "kserve$KSERVE_VERSION-${KSERVE_COMMIT:0:12}" ;;
@@ -53,15 +54,17 @@ build_command() {
 # the clone its variable names (KFP_SOURCE, MODEL_REGISTRY_SOURCE, KSERVE_SOURCE). Their
 # manifests are taken from these checkouts too, never from the repository.
 KFP_TREE=$CLUSTER_CACHE/src/kfp-$KFP_VERSION-${KFP_COMMIT:0:12}
+KFP_OLD_TREE=$CLUSTER_CACHE/src/kfp-$KFP_OLD_VERSION-${KFP_OLD_COMMIT:0:12}
 MODEL_REGISTRY_TREE=$CLUSTER_CACHE/src/model-registry-$MODEL_REGISTRY_VERSION-${MODEL_REGISTRY_COMMIT:0:12}
 KSERVE_TREE=$CLUSTER_CACHE/src/kserve-$KSERVE_VERSION-${KSERVE_COMMIT:0:12}
 
 # The source of a project: its variable's name, public repository, tag, commit and checkout, and
 # the paths the build reads where it needs only those (KServe's tree also carries every release's
 # generated install bundle, which a shallow or partial clone may lack).
-source_of() { # kfp | model-registry | kserve
+source_of() { # kfp | kfp-old | model-registry | kserve
 	case $1 in
 	kfp) echo "KFP_SOURCE kubeflow/pipelines $KFP_VERSION $KFP_COMMIT $KFP_TREE" ;;
+	kfp-old) echo "KFP_SOURCE kubeflow/pipelines $KFP_OLD_VERSION $KFP_OLD_COMMIT $KFP_OLD_TREE" ;;
 	model-registry) echo "MODEL_REGISTRY_SOURCE kubeflow/model-registry $MODEL_REGISTRY_VERSION $MODEL_REGISTRY_COMMIT $MODEL_REGISTRY_TREE" ;;
 	kserve) echo "KSERVE_SOURCE kserve/kserve $KSERVE_VERSION $KSERVE_COMMIT $KSERVE_TREE /go.mod /go.sum /LICENSE /cmd/ /pkg/ /config/ /python/storage/ /python/storage-initializer/" ;;
 	*) die "no upstream source named $1" ;;
@@ -189,6 +192,8 @@ CNI_BIN=/usr/lib/cni
 CLUSTER_IMAGES="pause coredns argoexec jobset trainer"
 # The node-address port of tier 3's object store (behind seaweedfs.kubeflow:9000).
 KFP_S3_PORT=19000
+# The node-address HTTP port of Kubeflow v1.10.2's KFP API server (cluster/kfp-old.sh; gRPC one below; clear of weed's 18888).
+KFP_OLD_PORT=17888
 # Tier 3's (cluster/kfp.sh): KFP's backend, its database, MLMD and KFP's UI.
 KFP_IMAGES="debian kfp-api-server kfp-driver kfp-launcher kfp-persistence-agent kfp-scheduledworkflow mlmd mariadb kfp-ui"
 # Tier 5's (cluster/serving.sh): the Model Registry server, KServe's controller and its storage initializer.

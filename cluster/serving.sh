@@ -116,6 +116,18 @@ if [[ ! -d $tree/config/overlays/standalone/kserve ]]; then
 		printf 'apiVersion: apps/v1\nkind: %s\nmetadata: {name: %s, namespace: kserve}\n$patch: delete\n' "${pair%%:*}" "${pair#*:}" >"$dir/no-${pair#*:}.yaml"
 		extra_patches+="  - path: no-${pair#*:}.yaml"$'\n'
 	done
+	# v0.16's config/default also holds the LLMInferenceService controller (its image is not built here,
+	# imgpipe does not use it) with a cert-manager Certificate and webhooks of its own: left out, with
+	# the LLMInferenceServiceConfigs its webhook would have to admit. Targets that match nothing (v0.15) are no error.
+	for target in Deployment:llmisvc-controller-manager Certificate:llmisvc-serving-cert \
+		"ValidatingWebhookConfiguration:llminferenceservice.*" "LLMInferenceServiceConfig:.*"; do
+		extra_patches+="  - target: {kind: ${target%%:*}, name: \"${target#*:}\"}
+    patch: |-
+      \$patch: delete
+      kind: ${target%%:*}
+      metadata: {name: any}
+"
+	done
 fi
 mode=Standard
 [[ $(printf '%s\n' "$KSERVE_VERSION" v0.16.0 | sort -V | head -n1) == v0.16.0 ]] || mode=RawDeployment

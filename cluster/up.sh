@@ -134,6 +134,7 @@ if [[ -x $(bin_dir node)/kubelet && -x $(bin_dir runtime)/containerd && -x $(bin
 	[[ -x $(bin_dir argo)/workflow-controller ]] && "$here/controllers.sh"
 	[[ -x $(bin_dir trainer)/trainer-controller-manager ]] && "$here/trainer.sh"
 	[[ -x $(bin_dir kfp)/apiserver ]] && "$here/kfp.sh"
+	[[ -x $(bin_dir kfp)/apiserver && -x $(bin_dir kfp-old)/apiserver ]] && "$here/kfp-old.sh"
 	[[ -x $(bin_dir kfp)/apiserver && -x $(bin_dir registry)/model-registry && -x $(bin_dir kserve)/manager ]] && "$here/serving.sh"
 else
 	log "no node binaries: control plane only (make cluster-build builds them)"

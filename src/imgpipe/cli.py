@@ -359,6 +359,13 @@ def _command_named(argv: Sequence[str]) -> str | None:
     return None
 
 
+class _QuietKfp(logging.Filter):
+    """Drops the kfp SDK's INFO records, which it logs on the root logger: a refusal stays one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}kfp{os.sep}" not in record.pathname
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``imgpipe`` command."""
     whole_process = argv is None  # the `imgpipe` command, not a caller in a longer-lived process
@@ -376,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.addFilter(storage.RedactingFilter())
     if not args.verbose:  # "Found credentials in environment variables" on every start says nothing to act on
         logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:  # the kfp SDK's root-logger chatter ("Failed to automatically set namespace.")
+            handler.addFilter(_QuietKfp())
     if args.storage_endpoint:
         storage.configure_endpoint(args.storage_endpoint)
     try:

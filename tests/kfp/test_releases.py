@@ -99,3 +99,5 @@ def test_the_kubeflow_releases_named_are_the_cluster_profiles_kfp_versions():
         profiles[release] = tuple(int(p) for p in out.stdout.strip().split("."))
     assert KUBEFLOW_RELEASES[profiles["kubeflow-1.11"]] == "Kubeflow v1.11"
     assert KUBEFLOW_RELEASES[profiles["kubeflow-26.03"]] == "Kubeflow 26.03"
+    old = subprocess.run(["bash", "-c", f'. {ROOT}/cluster/versions.env && echo "$KFP_OLD_VERSION"'], capture_output=True, text=True, check=True)
+    assert KUBEFLOW_RELEASES[tuple(int(p) for p in old.stdout.strip().split("."))] == "Kubeflow v1.10", "the server cluster/kfp-old.sh runs"
