@@ -326,3 +326,21 @@ def test_a_store_that_refuses_or_does_not_answer_is_one_line_naming_what_to_chec
         storage.configure_endpoint(previous)
     err = capsys.readouterr().err
     assert "does not answer" in err and closed in err and err.count("\n") == 1, err
+
+
+def test_the_kfp_sdks_info_lines_stay_off_the_terminal_and_its_warnings_do_not():
+    """kfp logs on the root logger ("Failed to automatically set namespace." on every multi-user call):
+    a refusal stays one line (tests/cluster/test_kfp_old.py against the real KFP 2.5.0)."""
+    import logging
+    import os
+
+    from imgpipe.cli import _QuietKfp
+
+    def record(level: int, path: str, name: str = "root") -> logging.LogRecord:
+        return logging.LogRecord(name, level, path, 1, "message", None, None)
+
+    kfp_file = os.path.join("site-packages", "kfp", "client", "client.py")
+    assert not _QuietKfp().filter(record(logging.INFO, kfp_file))
+    assert _QuietKfp().filter(record(logging.WARNING, kfp_file))
+    ours = os.path.join("src", "imgpipe", "kfp", "client.py")
+    assert _QuietKfp().filter(record(logging.INFO, ours, "imgpipe.kfp.client")), "imgpipe's own kfp modules still say what they do"

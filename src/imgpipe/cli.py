@@ -363,7 +363,8 @@ class _QuietKfp(logging.Filter):
     """Drops the kfp SDK's INFO records, which it logs on the root logger: a refusal stays one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or f"{os.sep}kfp{os.sep}" not in record.pathname
+        from_kfp = record.name == "root" and f"{os.sep}kfp{os.sep}" in record.pathname  # imgpipe's own modules log by name
+        return record.levelno >= logging.WARNING or not from_kfp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
