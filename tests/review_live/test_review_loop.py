@@ -5,7 +5,8 @@ A team's labels with a share flipped on purpose (a ``labels_csv`` the clean step
 audited (two folds, cleanlab); ``imgpipe review publish`` puts the suspects in a project; the
 reviewer signs in, goes through the tasks in Label Studio's own labelling screen and picks each
 picture's true class; ``imgpipe review import`` writes the answers as ``label_overrides``; the
-next clean run with them has the reviewed labels right and every other label as it was.
+next clean run with them has the reviewed labels right and every other label as it was, and the
+retrain (resize, train) runs on it.
 """
 
 from __future__ import annotations
@@ -237,3 +238,10 @@ def test_three_labels_corrected_in_the_browser_reach_the_next_clean_run(label_st
     assert {p: labels[p] for p in corrected} == {p: truth[p] for p in corrected}
     assert all(labels[p] == given[p] for p in labels if p not in corrected), "no other label changed"
     assert contract.is_committed(after.dest)
+
+    # The retrain: the next run's resize and train on the reviewed labels.
+    resized = resize(after.dest, f"{noisy['root']}/resize-after-review", ResizeConfig(size=32, executor="pool"))
+    model = f"{noisy['root']}/train-after-review"
+    train(resized.dest, model, TrainConfig(model="tiny_cnn", epochs=2, batch_size=8, num_workers=0, device="cpu"))
+    manifest = contract.read_manifest(model, expect_step="train")
+    assert manifest["upstream"]["source"] == resized.dest and contract.is_committed(model)
