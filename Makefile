@@ -87,7 +87,7 @@ test: install $(IMG2DATASET) $(SERVE_STAMP)
 # Label Studio for the review loop's live test (issue 85): PyPI's server in a venv of its own (its
 # Django and pins are its own), started on loopback by tests/review_live with a database of its own.
 LABEL_STUDIO := $(VENV)/labelstudio/bin/label-studio
-LABEL_STUDIO_PIN := label-studio==1.23.2
+LABEL_STUDIO_PIN := label-studio==$(shell . cluster/versions.env && echo $$LABEL_STUDIO_VERSION)
 $(LABEL_STUDIO):
 	python3 -m venv $(VENV)/labelstudio
 	$(VENV)/labelstudio/bin/python -m pip install -q $(LABEL_STUDIO_PIN)

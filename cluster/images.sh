@@ -145,6 +145,15 @@ on_debian() {
 			ENTRYPOINT ["/storage-initializer/scripts/initializer-entrypoint"]
 		EOF
 		;;
+	label-studio)
+		# PyPI's label-studio in a venv of its own (k8s/label-studio's image; heartexlabs' where a registry is).
+		cat <<-EOF
+			FROM $base
+			RUN python3 -m venv /opt/label-studio && /opt/label-studio/bin/pip install -q --no-cache-dir label-studio==$LABEL_STUDIO_VERSION
+			ENV PATH=/opt/label-studio/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+			ENTRYPOINT ["label-studio"]
+		EOF
+		;;
 	mariadb)
 		cp "$here/kfp/mariadb-entrypoint.sh" "$2/entrypoint"
 		printf 'FROM %s\nCOPY entrypoint /usr/local/bin/mariadb-entrypoint\nUSER 999:999\nENTRYPOINT ["/usr/local/bin/mariadb-entrypoint"]\nCMD ["/var/lib/mysql"]\n' \

@@ -217,6 +217,7 @@ image_ref() { # NAME
 	kfp-*) echo "localhost/imgpipe-cluster/$1:$KFP_VERSION" ;;
 	model-registry) echo "localhost/imgpipe-cluster/model-registry:$MODEL_REGISTRY_VERSION" ;;
 	kserve-*) echo "localhost/imgpipe-cluster/$1:$KSERVE_VERSION" ;;
+	label-studio) echo "localhost/imgpipe-cluster/label-studio:$LABEL_STUDIO_VERSION" ;;
 	*) echo "unknown image: $1" >&2; return 1 ;;
 	esac
 }

@@ -363,3 +363,25 @@ def test_the_serving_runtimes_command_line_is_one_the_runtime_takes(tmp_path):
     assert result.returncode == 1 and result.stderr.strip() == (
         f"imgpipe.serving.runtime: {tmp_path} must hold one imgpipe model (model.json and its ONNX), in it or in one subfolder; it holds none"
     )
+
+
+# Label Studio for the label review (opt-in Component k8s/label-studio; tests/cluster/test_label_studio.py runs it).
+
+
+def test_the_label_studio_component_is_valid_and_takes_its_account_from_its_secret():
+    assert _kind(K8S / "label-studio") == "Component", "opt-in: overlays add it under components:"
+    docs = _build(K8S / "label-studio")[0]
+    for doc in docs:
+        kubernetes_validate.validate(copy.deepcopy(doc), kubernetes_validate.latest_version(), strict=True)
+    by_kind = {d["kind"]: d for d in docs}
+    secret, deployment, service = by_kind["Secret"], by_kind["Deployment"], by_kind["Service"]
+    assert set(secret["stringData"]) == {"username", "password", "token"} and not any(secret["stringData"].values()), "a template"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert {ref["name"] for ref in from_secret.values()} == {secret["metadata"]["name"]}
+    assert {"LABEL_STUDIO_USERNAME", "LABEL_STUDIO_PASSWORD", "LABEL_STUDIO_USER_TOKEN"} <= set(from_secret)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true", "the Secret's token is then the API key imgpipe sends"
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    claim = deployment["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim == by_kind["PersistentVolumeClaim"]["metadata"]["name"], "the reviewers' work outlives the pod"

@@ -1,0 +1,93 @@
+"""Label Studio on the cluster (k8s/label-studio): the Component's Deployment, its admin and token from
+the Secret, reached over its Service by ``imgpipe review publish`` as a pod in the namespace would.
+
+The image is PyPI's label-studio built here (``bash cluster/images.sh build label-studio``; a cluster
+with a registry runs heartexlabs'). This node has no storage provisioner, so the test gives the pod
+an emptyDir where the Component asks for a volume claim.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cluster.conftest import CLUSTER, kubectl, kubectl_json, object_store, settings
+from tests.steps.test_audit import audited  # noqa: F401 - the fixture: a real two-fold audit
+
+pytestmark = pytest.mark.cluster
+NAMESPACE = "imgpipe-dev"
+COMPONENT = Path(__file__).resolve().parents[2] / "k8s" / "label-studio"
+
+
+def _lib(expr: str) -> str:
+    return subprocess.run(["bash", "-c", f". {CLUSTER / 'lib.sh'}; {expr}"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _docs(ref: str, token: str) -> list[dict]:
+    files = yaml.safe_load((COMPONENT / "kustomization.yaml").read_text())["resources"]
+    docs = [d for f in files for d in yaml.safe_load_all((COMPONENT / f).read_text()) if d]
+    out = []
+    for doc in docs:
+        doc["metadata"]["namespace"] = NAMESPACE
+        if doc["kind"] == "PersistentVolumeClaim":
+            continue  # no provisioner on this node
+        if doc["kind"] == "Secret":
+            doc["stringData"] = {"username": "reviewer@example.com", "password": secrets.token_urlsafe(12), "token": token}
+        if doc["kind"] == "Deployment":
+            pod = doc["spec"]["template"]["spec"]
+            pod["volumes"] = [{"name": "data", "emptyDir": {}}]
+            pod["containers"][0].update(image=ref, imagePullPolicy="IfNotPresent")
+        out.append(doc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def label_studio():
+    ref = _lib("image_ref label-studio")
+    archive = Path(_lib("echo $CLUSTER_CACHE")) / "images" / (ref.replace("/", "_").replace(":", "_") + ".tar")
+    if not archive.exists():
+        pytest.skip(f"no {ref}: bash cluster/images.sh build label-studio, then make test-cluster")
+    subprocess.run(["bash", str(CLUSTER / "images.sh"), "import", "label-studio"], check=True, capture_output=True)
+    if int(settings()["NODES"]) > 1:
+        subprocess.run(["bash", str(CLUSTER / "images.sh"), "share", ref], check=True, capture_output=True)
+    token = secrets.token_hex(20)
+    docs = _docs(ref, token)
+    kubectl("create", "namespace", NAMESPACE, check=False)
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    try:
+        kubectl("-n", NAMESPACE, "rollout", "status", "deployment/label-studio", "--timeout=600s")
+        ip = kubectl_json("-n", NAMESPACE, "get", "service", "label-studio")["spec"]["clusterIP"]
+        yield f"http://{ip}:8080", token
+    finally:
+        kubectl("delete", "-f", "-", "--wait=false", input=yaml.safe_dump_all(docs), check=False)
+
+
+def test_the_secrets_token_reaches_label_studio_over_its_service_and_publish_fills_the_project(label_studio, audited, tmp_path):  # noqa: F811
+    from imgpipe.review.client import LabelStudio, LabelStudioError
+    from imgpipe.review.loop import publish
+
+    url, token = label_studio
+    secret = kubectl_json("-n", NAMESPACE, "get", "secret", "imgpipe-label-studio")["data"]
+    assert base64.b64decode(secret["token"]).decode() == token, "the token imgpipe sends is the Secret's"
+    with object_store(tmp_path, NAMESPACE):
+        images = f"s3://mlpipeline/private/{NAMESPACE}/label-review-{os.urandom(3).hex()}"
+        deadline = time.monotonic() + 120
+        while True:  # the readiness probe answers before the first request is served under load
+            try:
+                done = publish(audited["dest"], LabelStudio(url, token), top=4, images=images)
+                break
+            except LabelStudioError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(5)
+    assert (done.suspects, done.added) == (4, 4)
+    assert len(LabelStudio(url, token).tasks(done.project)) == 4
+    with pytest.raises(LabelStudioError, match="HTTP 401"):
+        LabelStudio(url, "0" * 40).tasks(done.project)
