@@ -59,6 +59,11 @@ def settings() -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines())
 
 
+def lib(expr: str) -> str:
+    """What a shell expression of cluster/lib.sh prints (``image_ref pause``, ``node_ip 1``, ``echo $KFP_OLD_PORT``)."""
+    return subprocess.run(["bash", "-c", f". {CLUSTER / 'lib.sh'}; {expr}"], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def running() -> bool:
     """Whether cluster/up.sh's namespace holder is alive (the same test as cluster/lib.sh's)."""
     return subprocess.run(["bash", "-c", f". {CLUSTER / 'lib.sh'}; cluster_running"], check=False).returncode == 0

@@ -9,23 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.conftest import CLUSTER, settings
+from tests.cluster.conftest import lib, settings
 from tests.cluster.test_kfp import _imgpipe
 
 pytestmark = pytest.mark.cluster
-
-
-def _lib(expr: str) -> str:
-    import subprocess
-
-    return subprocess.run(["bash", "-c", f". {CLUSTER / 'lib.sh'}; {expr}"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 @pytest.fixture(scope="module")
 def old_kfp() -> tuple[str, str]:
     if not (Path(settings()["CLUSTER_STATE"]) / "run" / "kfp-old.pid").exists():
         pytest.skip("Kubeflow v1.10's KFP API server is not running: make cluster-build GROUPS=kfp-old, then make cluster-up")
-    return f"http://{settings()['CLUSTER_NODE_IP']}:{_lib('echo $KFP_OLD_PORT')}", _lib("echo $KFP_OLD_VERSION")
+    return f"http://{settings()['CLUSTER_NODE_IP']}:{lib('echo $KFP_OLD_PORT')}", lib("echo $KFP_OLD_VERSION")
 
 
 def _query(version: str, sql: str) -> int:

@@ -9,6 +9,7 @@ an emptyDir where the Component asks for a volume claim.
 from __future__ import annotations
 
 import base64
+import copy
 import os
 import secrets
 import subprocess
@@ -18,21 +19,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster.conftest import CLUSTER, kubectl, kubectl_json, object_store, settings
+from tests.cluster.conftest import CLUSTER, kubectl, kubectl_json, lib, object_store, settings
+from tests.manifests import K8S, _build
 from tests.steps.test_audit import audited  # noqa: F401 - the fixture: a real two-fold audit
 
 pytestmark = pytest.mark.cluster
 NAMESPACE = "imgpipe-dev"
-COMPONENT = Path(__file__).resolve().parents[2] / "k8s" / "label-studio"
-
-
-def _lib(expr: str) -> str:
-    return subprocess.run(["bash", "-c", f". {CLUSTER / 'lib.sh'}; {expr}"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _docs(ref: str, token: str) -> list[dict]:
-    files = yaml.safe_load((COMPONENT / "kustomization.yaml").read_text())["resources"]
-    docs = [d for f in files for d in yaml.safe_load_all((COMPONENT / f).read_text()) if d]
+    docs = copy.deepcopy(_build(K8S / "label-studio")[0])  # the Component as tests/test_manifests.py checks it
     out = []
     for doc in docs:
         doc["metadata"]["namespace"] = NAMESPACE
@@ -50,8 +46,8 @@ def _docs(ref: str, token: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def label_studio():
-    ref = _lib("image_ref label-studio")
-    archive = Path(_lib("echo $CLUSTER_CACHE")) / "images" / (ref.replace("/", "_").replace(":", "_") + ".tar")
+    ref = lib("image_ref label-studio")
+    archive = Path(lib("echo $CLUSTER_CACHE")) / "images" / (ref.replace("/", "_").replace(":", "_") + ".tar")
     if not archive.exists():
         pytest.skip(f"no {ref}: bash cluster/images.sh build label-studio, then make test-cluster")
     subprocess.run(["bash", str(CLUSTER / "images.sh"), "import", "label-studio"], check=True, capture_output=True)

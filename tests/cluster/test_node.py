@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster.conftest import kubectl, kubectl_json, settings
+from tests.cluster.conftest import kubectl, kubectl_json, lib, settings
 
 pytestmark = pytest.mark.cluster
 
@@ -62,20 +62,12 @@ def _run_pod(name: str, namespace: str, image: str, args: list[str], timeout_s: 
 
 
 def test_a_pod_runs_to_completion_and_its_log_comes_back_through_the_api_server():
-    image = _image_ref("argoexec")
+    image = lib("image_ref argoexec")
     pod = _run_pod("imgpipe-node-check", "default", image, ["version"])
     assert pod["status"]["phase"] == "Succeeded", pod["status"]
     log = kubectl("logs", "imgpipe-node-check", "-n", "default").stdout
     assert settings()["ARGO_VERSION"] in log, log
     kubectl("delete", "pod", "imgpipe-node-check", "-n", "default", "--wait=false")
-
-
-def _image_ref(name: str) -> str:
-    import subprocess
-
-    from tests.cluster.conftest import CLUSTER
-
-    return subprocess.run(["bash", "-c", f". {CLUSTER / 'lib.sh'}; image_ref {name}"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _dns_query(server: str, name: str) -> list[str]:
@@ -132,7 +124,7 @@ def test_pod_security_baseline_refuses_a_privileged_pod_in_a_profile_namespace()
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "privileged", "namespace": "imgpipe-pss-check"},
-        "spec": {"containers": [{"name": "c", "image": _image_ref("pause"), "securityContext": {"privileged": True}}]},
+        "spec": {"containers": [{"name": "c", "image": lib("image_ref pause"), "securityContext": {"privileged": True}}]},
     }
     proc = kubectl("apply", "-f", "-", input=yaml.safe_dump(pod), check=False)
     assert proc.returncode != 0 and 'violates PodSecurity "baseline' in proc.stderr, proc.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster.conftest import CLUSTER, kubectl, kubectl_json, settings
+from tests.cluster.conftest import kubectl, kubectl_json, lib, settings
 
 pytestmark = pytest.mark.cluster
 
@@ -35,14 +35,8 @@ def workers():
     kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
 
 
-def _lib(expr: str) -> str:
-    import subprocess
-
-    return subprocess.run(["bash", "-c", f". {CLUSTER / 'lib.sh'}; {expr}"], capture_output=True, text=True, check=True).stdout.strip()
-
-
 def _image(name: str) -> str:
-    return _lib(f"image_ref {name}")
+    return lib(f"image_ref {name}")
 
 
 def _pod(name: str, args: list[str], *, node: str | None = None, labels: dict | None = None, spec: dict | None = None) -> dict:
@@ -90,7 +84,7 @@ def test_every_node_is_ready_with_its_own_pod_range_and_the_pinned_kubelet(worke
         assert conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"] == nodes[name]["spec"]["podCIDR"]
         assert nodes[name]["metadata"]["labels"].get("node-role.kubernetes.io/worker") == ""
         addresses = {a["type"]: a["address"] for a in nodes[name]["status"]["addresses"]}
-        assert addresses["InternalIP"] == _lib(f"node_ip {i}")
+        assert addresses["InternalIP"] == lib(f"node_ip {i}")
 
 
 def test_each_worker_runs_its_daemons_in_a_network_namespace_of_its_own(workers):
