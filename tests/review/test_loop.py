@@ -166,3 +166,11 @@ def test_pictures_in_a_store_with_no_links_are_refused_before_anything_is_made(a
 
 def test_the_default_project_is_one_per_class_list():
     assert loop.project_title(["cat", "dog"]) == loop.project_title(["cat", "dog"]) != loop.project_title(["cat", "dog", "fox"])
+
+
+@pytest.mark.parametrize("folds", [[], [3], "s3://bucket/x", ["http://elsewhere/x"]])
+def test_fold_models_named_by_the_manifest_are_checked_as_read_back_input(folds):
+    from imgpipe.readpolicy import ReadRefused
+
+    with pytest.raises((ValueError, ReadRefused), match="upstream.folds"):
+        loop._folds({"upstream": {"folds": folds}})

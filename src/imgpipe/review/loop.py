@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from imgpipe import contract, storage
+from imgpipe.readpolicy import ReadPolicy
 from imgpipe.review.client import LabelStudio
 from imgpipe.review.labelstudio import Review, label_config, read_review, suspect_tasks
 from imgpipe.steps.audit import LABEL_ISSUES, held_out_pictures
@@ -64,10 +65,11 @@ def _read_audit(audit: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _folds(manifest: Mapping[str, Any]) -> list[str]:
+    """The fold models the audit's manifest names: read back from storage, so each is checked as a typed URI would be."""
     folds = (manifest.get("upstream") or {}).get("folds") or []
-    if not folds:
+    if not folds or not isinstance(folds, list) or not all(isinstance(f, str) for f in folds):
         raise ValueError("the audit's manifest names no fold models (upstream.folds): not an output of imgpipe's audit")
-    return [str(f) for f in folds]
+    return [ReadPolicy.trusted().check("the audit manifest's upstream.folds", f) for f in folds]
 
 
 def audit_classes(manifest: Mapping[str, Any]) -> list[str]:
