@@ -292,6 +292,17 @@ def test_the_best_epoch_is_kept_and_patience_stops_the_run(data, tmp_path, monke
     assert "stopped early" in storage.read_bytes(storage.join(out, "report.html")).decode()
 
 
+def test_a_validation_at_its_ceiling_ends_the_run_with_the_kept_epoch_a_full_run_keeps(data, tmp_path, monkeypatch):
+    calls = _scripted_validation(monkeypatch, [0.5, 1.0, 1.0, 1.0, 1.0])
+    out = "file://" + str(tmp_path / "model")
+    report = train(data, out, tiny(epochs=5, patience=3, mixup=0, cutmix=0))
+    assert report.epochs_run == 2, "nothing after a perfect validation can be kept: no epochs spent finding that out"
+    sel = read_json(storage.join(out, "metrics.json"))["selection"]
+    assert (sel["epoch"], sel["stopped_early"], sel["stop_reason"], sel["epochs_trained"]) == (1, True, "ceiling", 2)
+    assert "stopped early after epoch 2: validation at its ceiling" in sel["reason"]
+    assert len(calls) == 2
+
+
 def test_the_moving_average_is_validated_and_kept_when_better(data, tmp_path, monkeypatch):
     # Calls alternate: the trained weights, then their average, every epoch.
     calls = _scripted_validation(monkeypatch, [0.5, 0.6, 0.55, 0.7])

@@ -114,7 +114,7 @@ def test_no_batch_or_no_layer_leaves_the_statistics_as_they_were():
 
 
 def _tiny(**overrides) -> TrainConfig:
-    values = {"model": "tiny_cnn", "epochs": 2, "batch_size": 8, "lr": 3e-3, "num_workers": 0, "shuffle_buffer": 16, "device": "cpu"}
+    values = {"model": "tiny_cnn", "epochs": 2, "batch_size": 8, "lr": 3e-3, "num_workers": 0, "shuffle_buffer": 16, "device": "cpu", "patience": 0}
     return TrainConfig(**{**values, **overrides})
 
 

@@ -31,9 +31,9 @@ def test_only_a_strictly_better_score_replaces_the_kept_weights_and_patience_cou
     assert s.consider(0, record(0.5)) == "model"
     assert s.consider(1, record(0.7)) == "model"
     assert s.consider(2, record(0.7)) is None, "a tie keeps the earlier epoch"
-    assert not s.should_stop(2)
+    assert s.should_stop(2) is None
     assert s.consider(3, record(0.6)) is None
-    assert s.should_stop(2) and not s.should_stop(0), "0 never stops"
+    assert s.should_stop(2) == "patience" and s.should_stop(0) is None, "0 never stops"
     assert (s.best.epoch, s.best.weights, s.best.score) == (1, "model", (0.7, 0.5))
     # The tie-break decides between equal primaries.
     assert s.consider(4, record(0.7, acc=0.6)) == "model" and s.since_best == 0
@@ -53,10 +53,34 @@ def test_the_state_survives_a_round_trip():
     s.fix_keys([30, 10])
     s.consider(0, record(0.4, pr=0.8))
     s.consider(1, record(0.5, pr=0.7))
-    s.stopped_at = 1
+    s.stop(1, "ceiling")
     t = Selection()
     t.load_state_dict(s.state_dict())
-    assert (t.keys, t.imbalanced, t.best, t.since_best, t.stopped_at) == (s.keys, s.imbalanced, s.best, s.since_best, 1)
+    assert (t.keys, t.imbalanced, t.best, t.since_best, t.stopped_at, t.stop_reason) == (s.keys, s.imbalanced, s.best, s.since_best, 1, "ceiling")
+    older = {k: v for k, v in s.state_dict().items() if k != "stop_reason"}  # a checkpoint from before the reasons
+    t.load_state_dict(older)
+    assert t.stop_reason == "patience"
+
+
+def test_a_score_at_its_ceiling_stops_at_once_because_no_later_epoch_can_be_kept():
+    s = Selection()
+    s.fix_keys([5, 5])
+    s.consider(0, record(0.9, acc=0.9))
+    assert s.consider(1, record(1.0, acc=1.0)) == "model" and s.at_ceiling()
+    assert s.should_stop(5) == "ceiling", "no need to wait out the patience"
+    assert s.should_stop(0) is None, "patience 0 trains every epoch, ceiling or not"
+    assert s.consider(2, record(1.0, acc=1.0, ema=(1.0, 1.0, 1.0))) is None, "what a later epoch could score is not kept"
+    s.stop(1, "ceiling")
+    summary = s.summary(patience=5, epochs=10, trained=2)
+    assert summary["stop_reason"] == "ceiling" and "validation at its ceiling" in summary["reason"]
+    assert "val_macro_f1 1.0000" in summary["reason"]
+
+
+def test_a_perfect_primary_with_a_lower_tie_break_is_not_the_ceiling():
+    s = Selection()
+    s.fix_keys([50, 10])  # imbalanced: PR-AUC, then macro-F1
+    s.consider(0, record(0.9, pr=1.0))
+    assert not s.at_ceiling() and s.should_stop(3) is None, "a better macro-F1 at the same PR-AUC would still be kept"
 
 
 def test_considering_before_the_keys_are_fixed_is_an_error():

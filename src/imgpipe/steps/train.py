@@ -353,8 +353,9 @@ def _fit(run: TrainingRun) -> int:
         ran += 1
         if event is not None:
             break
-        if run.selection.should_stop(run.cfg.patience):
-            run.selection.stopped_at = epoch
+        stop = run.selection.should_stop(run.cfg.patience)
+        if stop is not None:
+            run.selection.stop(epoch, stop)
         if run.guard is not None and run.guard.worrying:
             log.warning("train: no checkpoint after epoch %d: the loss is above %.4g, on its way to divergence", epoch + 1, run.guard.limit())
         else:
@@ -363,7 +364,7 @@ def _fit(run: TrainingRun) -> int:
         if run.ctx.is_main:
             log.info("train: %s", {k: v for k, v in record.items() if not isinstance(v, dict)})
         if run.selection.stopped_at is not None:
-            log.info("train: no better %s for %d epochs: stopping after epoch %d", run.selection.keys[0], run.cfg.patience, epoch + 1)
+            log.info("train: %s", run.selection.stop_message(run.cfg.patience))
             break
         epoch += 1
     if run.best_state is not None:

@@ -195,7 +195,8 @@ class TrainConfig:
             their flips, only those training used (horizontal with ``hflip``, vertical with
             ``vflip``): none for the ``text`` and ``medical`` domains.
         patience: Early stopping: end training after this many epochs without a better
-            validation score (the ranking metric of :mod:`imgpipe.train.selection`); 0 trains
+            validation score (the ranking metric of :mod:`imgpipe.train.selection`), or at once
+            when that score is at its ceiling (1.0), which no later epoch can beat; 0 trains
             every epoch. Either way the best epoch's weights are kept, not the last. Unset: the recipe's value.
         ema_decay: Keep an exponential moving average of the weights, as torchvision's
             references do (``--model-ema-decay``, e.g. 0.99998, adjusted for the batch,
