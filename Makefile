@@ -9,6 +9,8 @@ PYTEST_ARGS ?=
 # Which images `make images` builds; names and tags come from src/imgpipe/containers/catalog.py
 # (override with IMGPIPE_REGISTRY, IMGPIPE_IMAGE_TAG or IMGPIPE_{CPU,RAY,GPU,SERVE}_IMAGE).
 IMAGE_KINDS ?= cpu ray gpu serve
+# The model race's real sets (bench/race/real_sets.py): two from PyPI packages, four from npm and Debian ones.
+RACE_SETS ?= digits,lfw,fashion,cvdigits,quickdraw,dogscats
 IMAGE_ARGS ?=
 PACKAGE ?= out/imgpipe.yaml
 
@@ -22,7 +24,7 @@ help:
 	@echo "make bench-scale  every step at 4k, 32k and 128k generated images: peak RSS and CPU per image"
 	@echo "make bench-download  a bucket prefix fetched by imgpipe, a boto3 loop and aws s3 sync (10k, 100k objects)"
 	@echo "make bench-peers  imgpipe against FFCV, torchvision, HF datasets, MosaicML Streaming, WebDataset, Ray Data, a Pool, cleanvision"
-	@echo "make bench-race   imgpipe's defaults against torchvision's reference recipe on scikit-learn's digits and scikit-image's LFW subset (~20 min; LFW on six seeds)"
+	@echo "make bench-race   imgpipe's defaults against torchvision's reference recipes on six real sets (RACE_SETS; bench/race/real_sets.py; about 2 hours)"
 	@echo "make bench-train-step  the whole train step on CPU by loader engine and row cache (~12 min)"
 	@echo "make bench-train-phases  where a cold train step's time goes, by phase, at 500 / 5k / 50k images"
 	@echo "make images build and tag the step images through DOCKER_HOST (IMAGE_KINDS=\"$(IMAGE_KINDS)\")"
@@ -157,8 +159,9 @@ bench: install
 # (extra "bench"). Figures: bench/results/reference.json, docs/img/reference.png, docs/benchmarks.md.
 bench-race: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]' --constraint docker/constraints.txt
-	$(NETNS) $(BIN)/python bench/race/reference.py --sets digits,lfw --seeds 0,1,2 --set-seeds lfw=0,1,2,3,4,5 --epochs 10 --ref-lrs 0.025,0.1 \
-		--json bench/results/reference.json --plot docs/img/reference.png
+	$(BIN)/python bench/race/packaged.py install
+	$(NETNS) $(BIN)/python bench/race/reference.py --sets $(RACE_SETS) --seeds 0,1,2 --set-seeds lfw=0,1,2,3,4,5 --epochs 10 --ref-lrs 0.025,0.1 \
+		--set-sizes quickdraw=32 --set-sizes dogscats=32 --json bench/results/reference.json --plot docs/img/reference.png
 
 # Where a cold train step's time goes, by phase, at 500, 5,000 and 50,000 images (issue 71; bench/steps/train_phases.py).
 bench-train-phases: install

@@ -166,6 +166,12 @@ def time_to(curve: list[dict], threshold: float) -> float | None:
     return next((p["t"] for p in curve if p["val_macro_f1"] >= threshold - 1e-12), None)
 
 
+def epoch_seconds(curve: list[dict]) -> float | None:
+    """A run's seconds per epoch: the median time between successive epochs' ends (the first's start-up left out)."""
+    gaps = [b["t"] - a["t"] for a, b in zip(curve, curve[1:])]
+    return statistics.median(gaps) if gaps else None
+
+
 def _best_mean(rs: list[dict]) -> tuple[float, int]:
     """A side's best mean validation macro-F1 over seeds, by epoch, and that epoch."""
     epochs = min(len(r["curve"]) for r in rs)
@@ -184,6 +190,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, Any]:
             "test_macro_f1": _mean_std([r["test_macro_f1"] for r in rs]),
             "seconds": _mean_std([r["seconds"] for r in rs]),
         }
+        per_epoch = [e for e in (epoch_seconds(r["curve"]) for r in rs) if e is not None]
+        if per_epoch:
+            entry["epoch_seconds"] = _mean_std(per_epoch)
+        entry["epochs_run"] = _mean_std([float(len(r["curve"])) for r in rs])
         for ref, (level, _) in thresholds.items():
             times = [time_to(r["curve"], level) for r in rs]
             key = "seconds_to_threshold" if ref == "reference" else f"seconds_to_{ref}"
@@ -265,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=64, help="the side every image is written at")
+    parser.add_argument("--set-sizes", action="append", default=[], metavar="NAME=PX", help="one set's side instead of --size (repeatable)")
     parser.add_argument("--ref-lrs", default="", help="the reference's learning rates, comma separated; empty: its default (0.1 x batch / 256)")
     parser.add_argument("--ref-workers", type=int, default=2, help="the reference's DataLoader workers (the machine's cores)")
     parser.add_argument("--workdir", type=Path, help="keep the sets and outputs here (default: a temporary folder)")
@@ -277,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         if name not in seeds or not _seeds(listed):
             parser.error(f"--set-seeds {item!r}: expected NAME=S1,S2,... with NAME one of --sets ({args.sets})")
         seeds[name] = _seeds(listed)
+    sizes = {name: args.size for name in seeds}
+    for item in args.set_sizes:
+        name, _, px = item.partition("=")
+        if name not in sizes or not px.isdigit() or int(px) < 16:
+            parser.error(f"--set-sizes {item!r}: expected NAME=PX with NAME one of --sets ({args.sets}) and PX >= 16")
+        sizes[name] = int(px)
     ref_lrs = [float(x) for x in args.ref_lrs.split(",") if x] or [None]
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="imgpipe-race-") as tmp:
@@ -284,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         results: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "sets": {}}
         for name in args.sets.split(","):
-            prep = prepare(name, work, args.size)
+            prep = prepare(name, work, sizes[name])
             print(f"{name}: split {prep['split']}, clean rejected {prep['clean_rejects']} in {prep['prep_seconds']} s", file=sys.stderr, flush=True)
             runs: dict[str, list[dict]] = {"imgpipe": [], SIMPLE: []}
             for lr in ref_lrs:
@@ -305,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             ref_test = sorted(p for p in written if p not in prep["excluded"])
             assert list(test_paths) == ref_test, "imgpipe and the reference test on the same files"
             results["sets"][name] = {
+                "size": sizes[name],
                 "split": prep["split"],
                 "clean_rejects": prep["clean_rejects"],
                 "prep_seconds": prep["prep_seconds"],
@@ -324,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: the simple recipe's best {s['thresholds'][SIMPLE]:.3f}; time to it, imgpipe / simple: "
             f"{to_simple['imgpipe'] / to_simple[SIMPLE]:.2f}, imgpipe / the v2 recipe: {to_simple['imgpipe'] / to_simple['reference']:.2f}"
         )
+        per_epoch = {side: s[side]["epoch_seconds"]["mean"] for side in ("imgpipe", "reference", SIMPLE) if "epoch_seconds" in s[side]}
+        if len(per_epoch) == 3:
+            print(
+                f"{name}: seconds per epoch, imgpipe {per_epoch['imgpipe']:.1f} ({s['imgpipe']['epochs_run']['mean']:.1f} epochs run), "
+                f"simple {per_epoch[SIMPLE]:.1f}, v2 {per_epoch['reference']:.1f}: imgpipe / simple {per_epoch['imgpipe'] / per_epoch[SIMPLE]:.2f}, "
+                f"imgpipe / v2 {per_epoch['imgpipe'] / per_epoch['reference']:.2f}"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

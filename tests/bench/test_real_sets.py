@@ -46,3 +46,24 @@ def test_written_sets_read_back_as_imagefolder_classes(tmp_path):
     files = sorted(p.relative_to(tmp_path / "toy").as_posix() for p in (tmp_path / "toy").rglob("*.png"))
     assert len(files) == 30 and files[0].startswith("test/a/toy-")
     assert (tmp_path / "toy.split.json").exists(), "the split's record lies beside the set, not among its images"
+
+
+def test_a_colour_set_is_written_in_colour(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    data = real_sets.RealSet("toy", images, np.array([0, 1] * 5), ("dog", "cat"), "tests")
+    real_sets.write_set(data, tmp_path / "toy", size=8)
+    first = sorted((tmp_path / "toy").rglob("*.png"))[0]
+    index = int(first.stem.split("-")[1])
+    with Image.open(first) as img:
+        assert img.mode == "RGB" and (np.asarray(img) == images[index]).all()
+
+
+def test_a_packaged_sample_keeps_the_same_images_per_class_for_the_same_seed():
+    labels = np.repeat(np.arange(3), [50, 40, 60])
+    images = np.arange(150)
+    a, la = real_sets._sample(images, labels, 30)
+    b, _ = real_sets._sample(images, labels, 30)
+    assert (a == b).all() and np.bincount(la).tolist() == [30, 30, 30] and (np.diff(a) > 0).all()

@@ -42,3 +42,9 @@ def test_each_reference_sets_a_threshold_and_every_side_is_timed_to_both():
     assert s["simple"]["reached"] == "0/2" and s["simple"]["seconds_to_threshold"]["mean"] == 17
     table = reference.table({"sets": {"digits": {"summary": s, "runs": runs}}})
     assert "s to the simple recipe's best" in table and "torchvision reference's defaults" not in table  # no ref_recipe set
+
+
+def test_seconds_per_epoch_leave_the_first_epochs_start_up_out():
+    curve = [{"epoch": 0, "t": 12.0}, {"epoch": 1, "t": 14.0}, {"epoch": 2, "t": 16.5}, {"epoch": 3, "t": 18.5}]
+    assert reference.epoch_seconds(curve) == 2.0
+    assert reference.epoch_seconds(curve[:1]) is None
