@@ -249,11 +249,13 @@ share() {
 		"$ctr" --address "$(node_socket "$index")" -n k8s.io images ls -q "name==$ref" | grep -q . && continue # shared before
 		unpack=(--no-unpack)
 		[[ $ref == "$(image_ref pause)" ]] && unpack=()
-		# Through a file: an import from a pipe fails with a short read (containerd 2.2.9) where it
-		# skips a blob it holds, and a file lets it seek past. Removed at once; it is the state dir's.
+		# Exported and imported by ctr itself (--local), through a file. Through containerd 2.2.9's
+		# transfer service an export may close its file before the last blob is written ("file
+		# already closed") and an import breaks off with a short read where it skips a blob the
+		# store holds, which every hard-linked blob is. The file is removed at once; it is the state dir's.
 		tar=$(mktemp "$CLUSTER_STATE/run/share.XXXXXX")
-		if ! "$ctr" --address "$(node_socket 0)" -n k8s.io images export "$tar" "$ref" >/dev/null ||
-			! "$ctr" --address "$(node_socket "$index")" -n k8s.io images import "${unpack[@]}" \
+		if ! "$ctr" --address "$(node_socket 0)" -n k8s.io images export --local "$tar" "$ref" >/dev/null ||
+			! "$ctr" --address "$(node_socket "$index")" -n k8s.io images import --local "${unpack[@]}" \
 				--label io.cri-containerd.pinned=pinned "$tar" >/dev/null; then
 			rm -f "$tar"
 			die "$ref: not shared with $(node_name "$index")"

@@ -88,6 +88,19 @@ state = '$CTD/state'
     bin_dirs = ['$CNI_BIN']
     conf_dir = '$state/cni'
 EOF
+if ((index > 0)); then
+	# A worker's blobs are hard links of the control node's (cluster/images.sh share), which its
+	# metadata records only once an image is shared. containerd's collector deletes blobs it has no
+	# record of (after every import's lease ends): it took the links, raced the imports (a short
+	# read) and made each worker a full copy. Here it runs only when asked; the cluster is thrown
+	# away whole.
+	cat >>"$CTD/config.toml" <<-EOF
+		[plugins.'io.containerd.gc.v1.scheduler']
+		  startup_delay = '0s'
+		  deletion_threshold = 1000000000
+		  mutation_threshold = 1000000000
+	EOF
+fi
 
 t0=$SECONDS
 start_daemon_on "$index" "$(node_daemon containerd "$index")" "$RUNTIME_BIN/containerd" --config "$CTD/config.toml"
