@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -60,6 +61,37 @@ def test_resume_after_an_interruption_gives_the_same_weights(data, tmp_path, mon
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     history = read_json(str(tmp_path / "interrupted" / "metrics.json"))["epochs"]
     assert [e["epoch"] for e in history] == [0, 1, 2]
+
+
+def test_a_checkpoint_stores_the_kept_weights_once_when_they_are_the_models_and_resumes_them(data, tmp_path, monkeypatch):
+    # Epoch 1, epoch 2, then the kept weights' own validation (rows are not in a checkpoint).
+    _scripted_validation(monkeypatch, [0.8, 0.4, 0.8])
+    cfg = tiny(epochs=2, deterministic=True, max_steps_per_epoch=3, mixup=0, cutmix=0)
+    interrupted = "file://" + str(tmp_path / "interrupted")
+    train_preempted_at(1, data, interrupted, cfg, monkeypatch)
+    state = torch.load(str(tmp_path / "interrupted" / "checkpoint.pt"), weights_only=True)
+    assert state["epoch"] == 0 and state["best_is_model"] and state["best_state"] is None, "epoch 1 was the best yet: its weights once"
+    train(data, interrupted, dataclasses.replace(cfg, resume=True))  # epoch 2 scores lower: epoch 1's weights, from the checkpoint, ship
+    assert read_json(str(tmp_path / "interrupted" / "metrics.json"))["selection"]["epoch"] == 0
+    shipped = extract_state_dict(torch.load(str(tmp_path / "interrupted" / "model.pt"), weights_only=True))
+    assert all(torch.equal(shipped[k], state["model"][k]) for k in shipped)
+
+
+def test_a_checkpoint_written_in_the_background_is_on_storage_when_the_step_fails(data, tmp_path, monkeypatch):
+    from imgpipe.train import checkpoint as ckpt
+
+    writes = []
+    real = ckpt.storage.write_bytes
+
+    def slow(uri, blob):
+        time.sleep(0.5)  # still writing when the error comes
+        writes.append(uri)
+        real(uri, blob)
+
+    monkeypatch.setattr(ckpt.storage, "write_bytes", slow)
+    out = "file://" + str(tmp_path / "failed")
+    train_preempted_at(1, data, out, tiny(epochs=3, max_steps_per_epoch=2), monkeypatch)
+    assert writes and (tmp_path / "failed" / "checkpoint.pt").exists(), "the last checkpoint was written before the error went up"
 
 
 def test_the_loaders_thread_engine_trains_the_same_weights_as_its_worker_processes(data, tmp_path):

@@ -32,7 +32,7 @@ from imgpipe.train.augment import (
     step_generator,
     step_seed,
 )
-from imgpipe.train.checkpoint import restart, resume, save_checkpoint
+from imgpipe.train.checkpoint import finish_write, restart, resume, save_checkpoint
 from imgpipe.train.config import TrainConfig
 from imgpipe.train.distributed import (
     all_reduce,
@@ -325,8 +325,26 @@ def _fit(run: TrainingRun) -> int:
 
     After each epoch the validation decides whether these weights (or their EMA) are the
     best yet (:class:`imgpipe.train.selection.Selection`); at the end ``run.module`` holds
-    the kept weights, which the test split, ``model.pt`` and the export use.
+    the kept weights, which the test split, ``model.pt`` and the export use. The last
+    checkpoint is written before this returns or raises.
     """
+    try:
+        ran = _epochs(run)
+    except BaseException:
+        finish_write(run, quiet=True)  # what was checkpointed before the error is on storage
+        raise
+    with run.timed("checkpoints"):
+        finish_write(run)
+    if run.best_state is not None:
+        run.module.load_state_dict(run.best_state)
+    elif ran and run.val_loader is None:  # no validation: the last weights ship, with their statistics measured
+        with run.evaluation_layout():
+            _recompute_norm_stats(run)
+    return ran
+
+
+def _epochs(run: TrainingRun) -> int:
+    """The epochs of :func:`_fit`; returns how many ran."""
     ran, epoch = 0, run.start_epoch
     if run.cfg.divergence_restarts and epoch == 0 and not run.start_step:
         save_checkpoint(run, -1)  # the start: what a divergence in the first epoch restarts from
@@ -367,11 +385,6 @@ def _fit(run: TrainingRun) -> int:
             log.info("train: %s", run.selection.stop_message(run.cfg.patience))
             break
         epoch += 1
-    if run.best_state is not None:
-        run.module.load_state_dict(run.best_state)
-    elif ran and run.val_loader is None:  # no validation: the last weights ship, with their statistics measured
-        with run.evaluation_layout():
-            _recompute_norm_stats(run)
     return ran
 
 

@@ -1,5 +1,10 @@
 """Checkpoints of the train step: written atomically after each epoch, read back by ``--resume``.
 
+A checkpoint is taken at once (its bytes, in memory) and written while training goes on, one
+write at a time: the next checkpoint, a restart, the end of training or an error waits for
+the last write first (:func:`finish_write`). When the kept weights are the ones just trained
+(the epoch was the best yet), they are stored once, not twice.
+
 A checkpoint holds the model, optimizer, scheduler, the loader's position (the start of
 the next epoch), every rank's random state, the config and the history, and the weights
 kept so far (the best epoch's, with their validation and the early-stopping count) and
@@ -13,6 +18,7 @@ import io
 import logging
 import random
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,7 +35,7 @@ from imgpipe.train.optim import scale_lr
 if TYPE_CHECKING:
     from imgpipe.train.run import TrainingRun
 
-__all__ = ["CHECKPOINT", "RESUME_FIXED", "save_checkpoint", "load_checkpoint", "resume", "restart"]
+__all__ = ["CHECKPOINT", "RESUME_FIXED", "finish_write", "save_checkpoint", "load_checkpoint", "resume", "restart"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,8 @@ CHECKPOINT = "checkpoint.pt"
 # Fields that change what a checkpoint means; resuming with other values is refused
 # (pretrained also picks the mean and std every batch is normalized with).
 RESUME_FIXED = ("model", "batch_size", "seed", "image_size", "pretrained")
+# The one thread checkpoints are written from (a write at a time; the process's, not a run's).
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgpipe-checkpoint")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -69,10 +77,17 @@ def _layout(run: TrainingRun) -> dict[str, int]:
 
 
 def save_checkpoint(run: TrainingRun, epoch: int, step: int | None = None) -> None:
-    """Writes ``checkpoint.pt`` atomically after ``epoch``, or after ``step`` steps into it (rank 0; every rank must call it)."""
+    """Takes ``checkpoint.pt`` after ``epoch``, or after ``step`` steps into it, and writes it atomically in the background.
+
+    Rank 0 writes; every rank must call it (it gathers their random states). The bytes are
+    taken before this returns, so training may change the weights at once.
+    """
     rng = _gather_rng(run.ctx)  # collective: every rank takes part
     if not run.ctx.is_main:
         return
+    best = run.selection.best
+    # The kept weights are the model's own when this epoch was the best yet: stored once.
+    best_is_model = step is None and run.best_state is not None and best is not None and best.epoch == epoch and best.weights == "model"
     state = {
         "format": 1,
         # The last whole epoch; "step": steps already taken in the next one (a mid-epoch checkpoint).
@@ -90,14 +105,30 @@ def save_checkpoint(run: TrainingRun, epoch: int, step: int | None = None) -> No
         "history": run.history,
         "labels": run.labels,
         "ema": run.ema.state_dict() if run.ema is not None else None,
-        "best_state": run.best_state,
+        "best_state": None if best_is_model else run.best_state,
+        "best_is_model": best_is_model,
         "best_val": run.best_val.summary_dict() if run.best_val is not None else None,
         "selection": run.selection.state_dict(),
         "guard": run.guard.state_dict() if run.guard is not None else None,
         "divergence": run.divergence.to_dict(),
     }
-    with storage.open_write(storage.join(run.out, CHECKPOINT)) as fh:
-        torch.save(state, fh)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    finish_write(run)
+    run.checkpoint_write = _WRITER.submit(storage.write_bytes, storage.join(run.out, CHECKPOINT), buf.getvalue())
+
+
+def finish_write(run: TrainingRun, *, quiet: bool = False) -> None:
+    """Waits for the checkpoint being written, if any; its error is raised (or, ``quiet``, logged)."""
+    pending, run.checkpoint_write = run.checkpoint_write, None
+    if pending is None:
+        return
+    try:
+        pending.result()
+    except Exception as exc:
+        if not quiet:
+            raise
+        log.warning("train: the last checkpoint was not written: %s", error_line(exc))
 
 
 def load_checkpoint(uri: str) -> dict[str, Any]:
@@ -160,6 +191,7 @@ def restart(run: TrainingRun, lr_scale: float) -> int:
             when restarts are on).
     """
     divergence = run.divergence
+    finish_write(run)
     _restore(run, load_checkpoint(storage.join(run.out, CHECKPOINT)))
     run.divergence = divergence
     scale_lr(run.scheduler, run.base_lrs, lr_scale)
@@ -179,7 +211,7 @@ def _restore(run: TrainingRun, state: Mapping[str, Any]) -> None:
     run.start_step = int(state.get("step") or 0)
     if state.get("ema") is not None and run.ema is not None:
         run.ema.load_state_dict(state["ema"])
-    run.best_state = state.get("best_state")
+    run.best_state = {k: v.clone() for k, v in state["model"].items()} if state.get("best_is_model") else state.get("best_state")
     run.best_val = EvalResult(**state["best_val"]) if state.get("best_val") is not None else None
     if state.get("selection") is not None:
         run.selection.load_state_dict(state["selection"])

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +125,8 @@ class TrainingRun:
     divergence: DivergenceRecord = field(default_factory=DivergenceRecord)
     started_at: float = 0.0
     resumed_from: int = 0
+    # The checkpoint being written in the background (imgpipe.train.checkpoint.finish_write waits for it).
+    checkpoint_write: Future | None = None
     stats_loader: ImageLoader | None = None
     phase_s: dict[str, float] = field(default_factory=dict)
 
