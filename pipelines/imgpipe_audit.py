@@ -14,7 +14,11 @@ signature, never listed twice), plus ``folds`` and ``filter_by``. Then:
   ``iteratorPolicy.parallelismLimit``, as the sweep's);
 * ``audit-labels`` (:mod:`components.audit_labels`) gathers the out-of-fold probabilities
   and writes the run's ``audit/``: ``label_issues.parquet``, ``label_overrides.csv`` (an
-  artifact: review it, then pass its URI to clean as ``label_overrides``) and the gallery.
+  artifact: review it, then pass its URI to clean as ``label_overrides``) and the gallery;
+* with ``review_url`` set, ``publish-review`` (:mod:`components.publish_review`) puts the
+  ``review_top`` most suspect images in a Label Studio project there, its API token read from
+  the Secret ``imgpipe-label-studio`` (k8s/label-studio); ``imgpipe review import`` brings the
+  answers back as clean's ``label_overrides``.
 
 The fold data travels in the loop items for the reason the sweep's resize prefix does
 (``kfp.local`` replaces a loop iteration's task-output inputs with the item).
@@ -27,6 +31,7 @@ from typing import Any, NamedTuple
 
 from imgpipe.components.audit_labels import audit_labels
 from imgpipe.components.plan_folds import plan_folds
+from imgpipe.components.publish_review import publish_review
 from imgpipe.pipelines.imgpipe_pipeline import (
     data_steps,
     pipeline_docstring,
@@ -40,21 +45,33 @@ from imgpipe.pipelines.imgpipe_sweep import (
     train_each,
 )
 from imgpipe.pipelines.options import Resources, configure_task
-from kfp import dsl
+from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Metrics
 
 from imgpipe.config_flags import field_docs, plain_text
+from imgpipe.review.client import SECRET, SECRET_TOKEN_KEY, TOKEN_ENV
+from imgpipe.review.loop import TOP
 from imgpipe.steps.audit import AUDIT_PIPELINE_NAME, AuditConfig
 
 __all__ = ["AuditOptions", "build_audit_pipeline", "compile_audit"]
 
 AUDIT_PARAMETERS = {"folds": int, "filter_by": str}
+# The review's parameters: their defaults publish nothing.
+REVIEW_PARAMETERS: dict[str, tuple[type, object, str]] = {
+    "review_url": (str, "", "Label Studio's http(s)://host:port: publish the most suspect images there for review (empty: no review task)."),
+    "review_top": (int, TOP, "How many of the most suspect images the review project gets, worst first."),
+}
 _DATA_PARAMETERS = tuple(p for p in inspect.signature(data_steps).parameters if p != "options")
 
 
 def _default_resources() -> dict[str, Resources]:
     # plan-folds copies the train split into the folds (streamed); audit-labels ranks and draws.
-    return {"plan_folds": Resources("500m", "2", "2Gi", "4Gi"), "audit_labels": Resources("500m", "2", "2Gi", "8Gi")}
+    return {
+        "plan_folds": Resources("500m", "2", "2Gi", "4Gi"),
+        "audit_labels": Resources("500m", "2", "2Gi", "8Gi"),
+        # Draws up to review_top held-out pictures and sends them: light.
+        "publish_review": Resources("250m", "1", "1Gi", "4Gi"),
+    }
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,7 @@ def _signature(main: inspect.Signature) -> inspect.Signature:
     assert last.name == "step_config", "the main pipeline's last parameter is step_config"
     defaults = AuditConfig()
     extra = [inspect.Parameter(n, kind, default=getattr(defaults, n), annotation=t) for n, t in AUDIT_PARAMETERS.items()]
+    extra += [inspect.Parameter(n, kind, default=d, annotation=t) for n, (t, d, _) in REVIEW_PARAMETERS.items()]
     return inspect.Signature([*params, *extra, last], return_annotation=Outputs)
 
 
@@ -103,17 +121,23 @@ def build_audit_pipeline(options: AuditOptions | None = None) -> dsl.graph_compo
             branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"], run_id=run_id, filter_by=p["filter_by"]
         )
         configure_task(ranked, "audit_labels", images.gpu, base, base.retry)
+        with dsl.If(p["review_url"] != "", name="review"):
+            review = {name: p[name] for name in REVIEW_PARAMETERS}
+            published = publish_review(audit=ranked.outputs["audit"], data_root=p["data_root"], **review)
+            configure_task(published, "publish_review", images.gpu, base, base.retry)
+            # Optional: without the Secret the task says which token is missing, in one line.
+            kubernetes.use_secret_as_env(published, SECRET, {SECRET_TOKEN_KEY: TOKEN_ENV}, optional=True)
         return Outputs(report=ranked.outputs["report"], metrics=ranked.outputs["metrics"], overrides=ranked.outputs["overrides"])
 
     docs = field_docs(AuditConfig)
-    extra = {name: plain_text(docs[name]) for name in AUDIT_PARAMETERS}
+    extra = {name: plain_text(docs[name]) for name in AUDIT_PARAMETERS} | {n: text for n, (_, _, text) in REVIEW_PARAMETERS.items()}
     imgpipe_audit.__signature__ = signature  # type: ignore[attr-defined]
     imgpipe_audit.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()} | {"return": Outputs}
     imgpipe_audit.__doc__ = pipeline_docstring(
         summary="Prepares the data once, trains one model per fold, ranks suspected label errors; see docs/tuning.md (label audit).",
         extra=extra,
     )
-    description = "Label audit: download -> clean -> resize once, K-fold training (ParallelFor), cleanlab's label issues."
+    description = "Label audit: download -> clean -> resize once, K-fold training (ParallelFor), cleanlab's label issues, a Label Studio review."
     return dsl.pipeline(name=AUDIT_PIPELINE_NAME, description=description)(imgpipe_audit)
 
 

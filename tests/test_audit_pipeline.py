@@ -6,6 +6,8 @@ import pytest
 
 from imgpipe.cli import main
 from imgpipe.kfp import package as kfp_package
+from imgpipe.review.client import SECRET, TOKEN_ENV
+from imgpipe.review.loop import TOP
 from imgpipe.steps.audit import AuditConfig
 from tests.test_sweep import _dag_tasks, _load
 
@@ -25,9 +27,27 @@ def test_the_audit_takes_every_parameter_of_imgpipe_and_its_own(compiled, tmp_pa
     assert ir["pipelineInfo"]["name"] == "imgpipe-audit"
     params = ir["root"]["inputDefinitions"]["parameters"]
     main_params = kfp_package.pipeline_inputs(kfp_package.compile_package(tmp_path / "main.yaml"))
-    assert set(params) == set(main_params) - {"train_nodes"} | {"folds", "filter_by"}, "each fold trains in its pod"
+    assert set(params) == set(main_params) - {"train_nodes"} | {"folds", "filter_by", "review_url", "review_top"}, "each fold trains in its pod"
     assert params["folds"]["defaultValue"] == AuditConfig().folds and params["folds"]["description"]
     assert params["filter_by"]["defaultValue"] == "prune_by_noise_rate"
+    assert params["review_url"]["defaultValue"] == "" and params["review_top"]["defaultValue"] == TOP
+
+
+def test_the_review_is_published_only_when_asked_with_the_token_from_the_secret(compiled):
+    ir, executors = compiled
+    root = ir["root"]["dag"]["tasks"]
+    (branch,) = [t for t in root.values() if "publish-review" in ir["components"].get(t["componentRef"]["name"], {}).get("dag", {}).get("tasks", {})]
+    condition = branch["triggerPolicy"]["condition"]
+    assert "review_url" in condition and "!= ''" in condition.replace('"', "'"), condition
+    task = ir["components"][branch["componentRef"]["name"]]["dag"]["tasks"]["publish-review"]
+    assert task["inputs"]["artifacts"]["audit"] == {"componentInputArtifact": "pipelinechannel--audit-labels-audit"}, "the ranking's output"
+    assert branch["inputs"]["artifacts"]["pipelinechannel--audit-labels-audit"]["taskOutputArtifact"]["producerTask"] == "audit-labels"
+    secret = executors["exec-publish-review"]["secretAsEnv"]
+    assert [(s["secretName"], s["keyToEnv"], s.get("optional")) for s in secret if s["secretName"] == SECRET] == [
+        (SECRET, [{"secretKey": "token", "envVar": TOKEN_ENV}], True)
+    ]
+    images = {name: spec["container"]["image"] for name, spec in ir["deploymentSpec"]["executors"].items()}
+    assert "trainer:7" in images["exec-publish-review"], "the held-out pictures are drawn with the train step's reader"
 
 
 def test_folds_train_in_a_parallel_for_and_the_ranking_collects_them(compiled):

@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from imgpipe.components.publish_review import publish_review
+from kfp import dsl
 
 from imgpipe import contract, resources, storage
 from imgpipe.clean.config import CleanConfig
@@ -209,8 +211,9 @@ def test_three_labels_corrected_in_the_browser_reach_the_next_clean_run(label_st
     assert len(published) == 8
     flipped = [p for p in published if given[p] != truth[p]]
     assert len(flipped) >= 3, f"the audit's 8 most suspect hold {len(flipped)} of the planted flips"
-    # Again: nothing duplicated, the links renewed.
-    assert main(["review", "publish", audit, "--label-studio", label_studio, "--top", "8"]) == 0
+    # Again, as the audit pipeline's publish-review task does it: nothing duplicated, the links renewed.
+    said = publish_review.python_func(dsl.Artifact(uri=audit, metadata={"prefix": audit}), noisy["root"], label_studio, 8)
+    assert "0 task(s) added, 8 link(s) renewed" in said, said
     assert len(ls.tasks(project)) == 8
 
     reviewer = Reviewer(label_studio, SHOTS or tmp_path / "shots")

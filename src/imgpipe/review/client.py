@@ -20,10 +20,14 @@ import requests
 
 from imgpipe import storage
 
-__all__ = ["TOKEN_ENV", "URL_ENV", "LabelStudio", "LabelStudioError"]
+__all__ = ["SECRET", "SECRET_TOKEN_KEY", "TOKEN_ENV", "URL_ENV", "LabelStudio", "LabelStudioError"]
 
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 URL_ENV = "LABEL_STUDIO_URL"
+# The Secret the review Component (k8s/label-studio) makes, and its key that holds the API token:
+# what the audit pipeline's publish task reads into TOKEN_ENV.
+SECRET = "imgpipe-label-studio"
+SECRET_TOKEN_KEY = "token"
 _PAGE = 100
 
 
