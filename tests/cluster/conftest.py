@@ -170,7 +170,9 @@ def step_image(kind: str) -> str:
     with tempfile.TemporaryDirectory(prefix="imgpipe-podman-save-", dir="/var/tmp") as spool:
         save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE, env={**os.environ, "TMPDIR": spool})
         pinned = ["--label", "io.cri-containerd.pinned=pinned"]  # never garbage-collected under disk pressure mid-run
-        imported = subprocess.run([ctr, *address, "images", "import", *pinned, "-"], stdin=save.stdout, capture_output=True, text=True, check=False)
+        # Read by ctr itself (--local), as cluster/images.sh share does: containerd 2.2.9's transfer service breaks off imports.
+        cmd = [ctr, *address, "images", "import", "--local", *pinned, "-"]
+        imported = subprocess.run(cmd, stdin=save.stdout, capture_output=True, text=True, check=False)
         saved = save.wait()
     assert imported.returncode == 0, f"ctr images import of {ref} failed: {imported.stderr.strip()[-500:]}"
     assert saved == 0
@@ -301,3 +303,26 @@ def placements(namespace: str, poll_s: float = 2.0) -> Iterator[dict[str, dict]]
     finally:
         stop.set()
         thread.join()
+
+
+def ray_nodes(pods: dict[str, dict]) -> dict[str, set[str]]:
+    """The nodes Ray's head and its workers ran on, from :func:`placements`."""
+    return {kind: {p["node"] for p in pods.values() if p["labels"].get("ray.io/node-type") == kind} for kind in ("head", "worker")}
+
+
+def rank_nodes(pods: dict[str, dict]) -> dict[str, str]:
+    """The node each TrainJob rank ran on (its Job's completion index), from :func:`placements`."""
+    node_pods = [p for p in pods.values() if "jobset.sigs.k8s.io/jobset-name" in p["labels"]]
+    return {p["labels"].get("batch.kubernetes.io/job-completion-index"): p["node"] for p in node_pods}
+
+
+def assert_ray_crossed_nodes(pods: dict[str, dict]) -> None:
+    """Ray's worker ran on another node than its head (on a cluster of more than one node)."""
+    kinds = ray_nodes(pods)
+    assert kinds["head"] and kinds["worker"] and not kinds["head"] & kinds["worker"], f"Ray's pods were placed {kinds}"
+
+
+def assert_ranks_crossed_nodes(pods: dict[str, dict]) -> None:
+    """The TrainJob's rank 1 trained on another node than rank 0."""
+    ranks = rank_nodes(pods)
+    assert ranks.get("0") and ranks.get("1") and ranks["0"] != ranks["1"], f"the TrainJob's ranks were placed {ranks}"

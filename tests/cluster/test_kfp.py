@@ -24,7 +24,18 @@ import requests
 
 from imgpipe.data.synth import SynthConfig
 from imgpipe.remote import rayjob_spec
-from tests.cluster.conftest import ROOT, apply_docs, kubectl, kubectl_json, object_store, step_image
+from tests.cluster.conftest import (
+    ROOT,
+    apply_docs,
+    assert_ranks_crossed_nodes,
+    assert_ray_crossed_nodes,
+    kubectl,
+    kubectl_json,
+    object_store,
+    placements,
+    settings,
+    step_image,
+)
 from tests.cluster.kfp_backend import api_server, enable_profile, token
 from tests.cluster.test_kuberay import _small
 from tests.cluster.test_remote_objects import NAMESPACE, dev_overlay  # noqa: F401 - the fixture
@@ -168,7 +179,7 @@ def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tm
 
     _rayjob_template(step_images["ray"])
     package = _small_package(tmp_path / "imgpipe.yaml")
-    with object_store(tmp_path, NAMESPACE):
+    with object_store(tmp_path, NAMESPACE), placements(NAMESPACE) as pods:
         root = f"s3://mlpipeline/private/{NAMESPACE}/kfp-{uuid.uuid4().hex[:8]}"
         generate(f"{root}/synth", SynthConfig(classes=3, per_class=24, seed=0, min_side=64, max_side=160), progress=False)
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -198,6 +209,31 @@ def test_imgpipe_submit_runs_the_pipeline_end_to_end_on_kfp(kfp, step_images, tm
         # KFP names a task in a dsl.If branch with its branch's number (resize-2).
         steps = {re.sub(r"-\d+$", "", t["display_name"]) for t in details["run_details"]["task_details"] if t.get("state") == "SUCCEEDED"}
         assert {"download", "clean", "resize", "promote"} <= steps, steps
+        _assert_counts_reconcile(root, run_id)
+    if int(settings()["NODES"]) > 1:  # the run's remote work crossed nodes
+        assert_ray_crossed_nodes(pods)
+        assert_ranks_crossed_nodes(pods)
+
+
+def _assert_counts_reconcile(root: str, run_id: str) -> None:
+    """Every image the run downloaded is in clean's output or its rejects, and every clean output in resize's.
+
+    Read from the steps' committed manifests under the run's data root (a prefix of this test's own):
+    the run's id names them, or with caching their inputs (imgpipe.stepio.artifacts.task_prefix).
+    """
+    from imgpipe import contract, storage
+
+    manifests: dict[str, dict] = {}
+    for obj in storage.list_objects(f"{root}/runs/"):
+        if obj.uri.endswith("/" + contract.MANIFEST):
+            manifest = contract.read_manifest(obj.uri[: -len("/" + contract.MANIFEST)])
+            assert manifest["step"] not in manifests, f"one {manifest['step']} output per run, found another at {obj.uri}"
+            manifests[manifest["step"]] = manifest
+    assert {"download", "clean", "resize"} <= set(manifests), (run_id, sorted(manifests))
+    manifests = {k: manifests[k] for k in ("download", "clean", "resize")}
+    for step, m in manifests.items():
+        assert m["inputs"] == m["outputs"] + m["rejected"], (step, m["inputs"], m["outputs"], m["rejected"])
+    assert manifests["clean"]["inputs"] == manifests["download"]["outputs"] and manifests["resize"]["inputs"] == manifests["clean"]["outputs"]
 
 
 def test_imgpipe_schedule_makes_a_recurring_run_the_scheduledworkflow_controller_fires(kfp, tmp_path):

@@ -20,7 +20,7 @@ from imgpipe import contract
 from imgpipe.data.synth import SynthConfig
 from imgpipe.remote import kuberay
 from imgpipe.resize.config import ResizeConfig
-from tests.cluster.conftest import cleaned_data, placements, settings, step_image
+from tests.cluster.conftest import assert_ray_crossed_nodes, cleaned_data, placements, settings, step_image
 from tests.cluster.test_remote_objects import (
     NAMESPACE,
     _api_as,
@@ -87,5 +87,4 @@ def test_resize_runs_as_a_rayjob_the_operator_runs_to_the_end(dev_overlay, tmp_p
         assert extra["executor"] == "ray" and len(extra["ray_nodes"]) == 1, extra
         assert "SUCCEEDED" in out.getvalue(), out.getvalue()
     if int(settings()["NODES"]) > 1:  # the work crossed nodes: the Ray worker ran on another node than the head
-        kinds = {kind: {p["node"] for p in pods.values() if p["labels"].get("ray.io/node-type") == kind} for kind in ("head", "worker")}
-        assert kinds["head"] and kinds["worker"] and not kinds["head"] & kinds["worker"], f"Ray's pods were placed {kinds}"
+        assert_ray_crossed_nodes(pods)

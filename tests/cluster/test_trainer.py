@@ -19,7 +19,7 @@ from imgpipe.remote import trainjob
 from imgpipe.resize.config import ResizeConfig
 from imgpipe.steps.resize import resize
 from imgpipe.train.config import TrainConfig
-from tests.cluster.conftest import cleaned_data, kubectl_json, placements, settings, step_image
+from tests.cluster.conftest import assert_ranks_crossed_nodes, cleaned_data, kubectl_json, placements, settings, step_image
 from tests.cluster.test_remote_objects import (
     NAMESPACE,
     _api_as,
@@ -63,6 +63,4 @@ def test_a_two_node_trainjob_trains_and_rank_0_commits(dev_overlay, tmp_path):  
         assert manifest["extra"]["device"] == "cpu"
         assert "Complete" in stream.getvalue() or "Succeeded" in stream.getvalue(), stream.getvalue()
     if int(settings()["NODES"]) > 1:  # rank 1 trained on another node than rank 0 (the Job's completion index)
-        node_pods = [p for p in pods.values() if "jobset.sigs.k8s.io/jobset-name" in p["labels"]]
-        ranks = {p["labels"].get("batch.kubernetes.io/job-completion-index"): p["node"] for p in node_pods}
-        assert ranks.get("0") and ranks.get("1") and ranks["0"] != ranks["1"], f"the TrainJob's ranks were placed {ranks}"
+        assert_ranks_crossed_nodes(pods)

@@ -55,6 +55,10 @@ def test_the_trainjob_validates_against_each_trainer_and_carries_the_run(setup, 
         GPU_POD["nodeSelector"],
         GPU_POD["imagePullSecrets"],
     )
+    # Each node pod preferably where no other of this TrainJob's is (JobSet labels them with its name, the TrainJob's).
+    (spread,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    term = {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {trainjob_spec.JOBSET_LABEL: name}}}
+    assert spread["podAffinityTerm"] == term
     labels = body["metadata"]["labels"]
     assert labels["imgpipe.dev/step"] == "train" and labels["imgpipe.dev/run-id"] == "run-9"
     # The nodes ran the resolved config; the output is committed and the TrainJob deleted.

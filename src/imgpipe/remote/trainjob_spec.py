@@ -159,9 +159,25 @@ def pod_settings(text: str | None = None) -> dict[str, Any]:
     return value
 
 
+# The label JobSet puts on every pod of the JobSet the TrainJob makes (named as the TrainJob).
+JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
+
+
+def _spread(params: TrainJobParams) -> dict[str, Any]:
+    """Each node pod where no other of the run's is, where the cluster has room: nodes, not processes.
+
+    Preferred, not required: a one-node cluster still trains (both ranks on it), and a node's
+    GPUs (a resource each pod requests) place them anyway where that is the bound.
+    """
+    term = {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {JOBSET_LABEL: params.name}}}
+    return {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": term}]}}
+
+
 def _node_pod(params: TrainJobParams) -> dict[str, Any]:
     """What imgpipe adds to each node pod's spec: scheduling, pull secrets, ``/dev/shm``."""
     spec = {k: copy.deepcopy(v) for k, v in params.pod.items() if v}
+    if params.nodes > 1:
+        spec["affinity"] = _spread(params)
     if params.shm_size:
         if not _QUANTITY.match(params.shm_size):
             raise ValueError(f"${SHM_ENV} must be a Kubernetes quantity such as 16Gi, got {params.shm_size!r}")
