@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 from imgpipe import storage
 from imgpipe.config_flags import env_flag
 
-__all__ = ["READ_PREFIXES_ENV", "SOURCE_LOCAL_ENV", "ReadPolicy", "ReadRefused"]
+__all__ = ["READ_PREFIXES_ENV", "SOURCE_LOCAL_ENV", "ReadPolicy", "ReadRefused", "odd_segment"]
 
 READ_PREFIXES_ENV = "IMGPIPE_READ_PREFIXES"
 # The operator's word that run parameters may name files in the pod (download sources too:
@@ -120,7 +120,7 @@ class ReadPolicy:
             raise ReadRefused(f"{field}: {exc}") from None
         if self.roots is None:
             return normalized
-        odd = _odd_segments(uri)
+        odd = odd_segment(uri)
         if odd:
             raise ReadRefused(f"{field}: {shown} has a {odd!r} segment; name the object by its plain path")
         if storage.is_local(normalized) and not self.local:
@@ -147,7 +147,7 @@ class ReadPolicy:
         return True
 
 
-def _odd_segments(uri: str) -> str | None:
+def odd_segment(uri: str) -> str | None:
     """The first ``.``, ``..`` or empty segment of ``uri``'s path (a trailing ``/`` aside), if any."""
     path = urlparse(os.fspath(uri)).path if urlparse(os.fspath(uri)).scheme else os.fspath(uri)
     parts = path.strip("/").split("/") if path.strip("/") else []

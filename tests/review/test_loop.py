@@ -168,7 +168,9 @@ def test_the_default_project_is_one_per_class_list():
     assert loop.project_title(["cat", "dog"]) == loop.project_title(["cat", "dog"]) != loop.project_title(["cat", "dog", "fox"])
 
 
-@pytest.mark.parametrize("folds", [[], [3], "s3://bucket/x", ["http://elsewhere/x"]])
+@pytest.mark.parametrize(
+    "folds", [[], [3], "s3://bucket/x", ["http://elsewhere/x"], ["s3://bucket/runs/r/../../other/model"], ["file:///data/./x"], ["s3://b/a//b"]]
+)
 def test_fold_models_named_by_the_manifest_are_checked_as_read_back_input(folds):
     from imgpipe.readpolicy import ReadRefused
 

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from imgpipe import contract, storage
-from imgpipe.readpolicy import ReadPolicy
+from imgpipe.readpolicy import ReadPolicy, ReadRefused, odd_segment
 from imgpipe.review.client import LabelStudio
 from imgpipe.review.labelstudio import Review, label_config, read_review, suspect_tasks
 from imgpipe.steps.audit import LABEL_ISSUES, held_out_pictures
@@ -69,6 +69,10 @@ def _folds(manifest: Mapping[str, Any]) -> list[str]:
     folds = (manifest.get("upstream") or {}).get("folds") or []
     if not folds or not isinstance(folds, list) or not all(isinstance(f, str) for f in folds):
         raise ValueError("the audit's manifest names no fold models (upstream.folds): not an output of imgpipe's audit")
+    for f in folds:  # a plain path, even where the operator's own words could be relative (ReadPolicy.trusted)
+        odd = odd_segment(f)
+        if odd:
+            raise ReadRefused(f"the audit manifest's upstream.folds: {storage.redact_uri(f)} has a {odd!r} segment: not what imgpipe's audit writes")
     return [ReadPolicy.trusted().check("the audit manifest's upstream.folds", f) for f in folds]
 
 
