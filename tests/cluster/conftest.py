@@ -305,9 +305,17 @@ def placements(namespace: str, poll_s: float = 2.0) -> Iterator[dict[str, dict]]
         thread.join()
 
 
-def ray_nodes(pods: dict[str, dict]) -> dict[str, set[str]]:
-    """The nodes Ray's head and its workers ran on, from :func:`placements`."""
-    return {kind: {p["node"] for p in pods.values() if p["labels"].get("ray.io/node-type") == kind} for kind in ("head", "worker")}
+def ray_nodes(pods: dict[str, dict]) -> dict[str, dict[str, set[str]]]:
+    """Per Ray cluster (KubeRay's ``ray.io/cluster`` label), the nodes its head and its workers ran on, from :func:`placements`.
+
+    By cluster: the namespace may still hold an earlier test's Ray pods, ending.
+    """
+    clusters: dict[str, dict[str, set[str]]] = {}
+    for p in pods.values():
+        kind = p["labels"].get("ray.io/node-type")
+        if kind in ("head", "worker"):
+            clusters.setdefault(p["labels"].get("ray.io/cluster", ""), {"head": set(), "worker": set()})[kind].add(p["node"])
+    return clusters
 
 
 def rank_nodes(pods: dict[str, dict]) -> dict[str, str]:
@@ -318,8 +326,8 @@ def rank_nodes(pods: dict[str, dict]) -> dict[str, str]:
 
 def assert_ray_crossed_nodes(pods: dict[str, dict]) -> None:
     """Ray's worker ran on another node than its head (on a cluster of more than one node)."""
-    kinds = ray_nodes(pods)
-    assert kinds["head"] and kinds["worker"] and not kinds["head"] & kinds["worker"], f"Ray's pods were placed {kinds}"
+    clusters = {name: kinds for name, kinds in ray_nodes(pods).items() if kinds["head"] and kinds["worker"]}
+    assert clusters and all(not k["head"] & k["worker"] for k in clusters.values()), f"Ray's pods were placed {clusters}"
 
 
 def assert_ranks_crossed_nodes(pods: dict[str, dict]) -> None:
