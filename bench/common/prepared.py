@@ -36,3 +36,14 @@ def prepare(root: str, *, per_class: int, seed: int, size: int, clean_cfg: Any =
     """:func:`download_synth` then :func:`clean_and_resize`; returns the resize prefix."""
     download_synth(root, per_class=per_class, seed=seed)
     return clean_and_resize(root, size=size, clean_cfg=clean_cfg)
+
+
+def plain_recipe(model: str, epochs: int, *, lr: float = 2e-3, **overrides: Any) -> Any:
+    """The probes' plain CPU training: batch 32, short warmup, basic augmentation, no MixUp, CutMix or erasing.
+
+    What the label and class-balance probes train with, so what they measure is the labels, not the recipe.
+    """
+    from imgpipe.train.config import TrainConfig
+
+    plain = dict(batch_size=32, warmup_fraction=0.05, num_workers=0, device="cpu", aug_policy="basic", mixup=0.0, cutmix=0.0, random_erasing=0.0)
+    return TrainConfig(model=model, epochs=epochs, lr=lr, **{**plain, **overrides})

@@ -60,6 +60,7 @@ def main() -> int:
     from prepared import (  # bench/ is the script's folder, on sys.path
         clean_and_resize,
         download_synth,
+        plain_recipe,
     )
 
     from imgpipe import contract, storage
@@ -67,7 +68,6 @@ def main() -> int:
     from imgpipe.data.labels import oxford_label
     from imgpipe.steps.audit import LABEL_ISSUES, AuditConfig, make_folds, rank_label_issues
     from imgpipe.steps.train import train
-    from imgpipe.train.config import TrainConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="imgpipe-bench-audit-"))
     root = "file://" + str(work)
@@ -84,20 +84,7 @@ def main() -> int:
     resized = clean_and_resize(root, size=args.size, clean_cfg=CleanConfig(label_overrides=overrides))
     cfg = AuditConfig(folds=args.folds, seed=args.seed)
     folds = make_folds(resized, storage.join(root, "folds"), cfg)
-    recipe = TrainConfig(
-        model=args.model,
-        epochs=args.epochs,
-        batch_size=32,
-        lr=2e-3,
-        warmup_fraction=0.05,
-        num_workers=0,
-        device="cpu",
-        aug_policy="basic",
-        mixup=0.0,
-        cutmix=0.0,
-        random_erasing=0.0,
-        predictions_probs=True,
-    )
+    recipe = plain_recipe(args.model, args.epochs, predictions_probs=True)
     models = []
     for i, fold in enumerate(folds):
         out = storage.join(root, f"train-fold-{i}")

@@ -70,12 +70,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from prepared import prepare  # bench/ is the script's folder, on sys.path
+    from prepared import plain_recipe, prepare  # bench/ is the script's folder, on sys.path
 
     from imgpipe import storage
     from imgpipe.clean.config import CleanConfig
     from imgpipe.steps.train import train
-    from imgpipe.train.config import TrainConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="imgpipe-bench-balance-"))
     root = "file://" + str(work)
@@ -85,20 +84,7 @@ def main() -> int:
     results = {}
     for weights in ("none", "balanced"):
         out = storage.join(root, f"train-{weights}")
-        cfg = TrainConfig(
-            model="resnet18",
-            epochs=args.epochs,
-            batch_size=32,
-            lr=2e-3,
-            warmup_fraction=0.05,
-            num_workers=0,
-            device="cpu",
-            aug_policy="basic",
-            mixup=0.0,
-            cutmix=0.0,
-            random_erasing=0.0,
-            class_weights=weights,
-        )
+        cfg = plain_recipe("resnet18", args.epochs, class_weights=weights)
         train(storage.join(root, "imbalanced"), out, cfg)
         test = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))["test"]
         recall = test["per_class_recall"]

@@ -99,6 +99,7 @@ def main() -> int:  # noqa: PLR0915 - one measured procedure, top to bottom
 
 def _one_seed(args: argparse.Namespace, seed: int, work: Path) -> list[dict]:
     """The whole procedure once: its flips, folds and trainings seeded by ``seed``; one row per flip share."""
+    from prepared import plain_recipe  # bench/ is the script's folder, on sys.path
     from real_sets import load_set, write_set
 
     from imgpipe import contract, storage
@@ -109,7 +110,6 @@ def _one_seed(args: argparse.Namespace, seed: int, work: Path) -> list[dict]:
     from imgpipe.steps.download import DownloadConfig, download
     from imgpipe.steps.resize import resize
     from imgpipe.steps.train import train
-    from imgpipe.train.config import TrainConfig
 
     root = "file://" + str(work)
     write_set(load_set("digits"), work / "digits", size=args.size)
@@ -123,21 +123,7 @@ def _one_seed(args: argparse.Namespace, seed: int, work: Path) -> list[dict]:
     truth = {r["path"]: r["label_name"] for r in rows}
     train_paths = sorted(r["path"] for r in rows if r["split"] == "train")
     classes = sorted(set(truth.values()))
-    recipe = TrainConfig(
-        model=args.model,
-        epochs=args.epochs,
-        batch_size=32,
-        lr=3e-3,
-        warmup_fraction=0.05,
-        num_workers=0,
-        device="cpu",
-        aug_policy="basic",
-        mixup=0.0,
-        cutmix=0.0,
-        random_erasing=0.0,
-        predictions_probs=True,
-        seed=seed,
-    )
+    recipe = plain_recipe(args.model, args.epochs, lr=3e-3, predictions_probs=True, seed=seed)
 
     def trained(name: str, overrides: dict[str, str] | None) -> tuple[str, float]:
         cfg = CleanConfig(workers=1, split_from="source")
