@@ -1,4 +1,4 @@
-"""A node drained mid-run (``kubectl drain``): the node of a training rank, and of Ray's worker.
+"""A node drained mid-run (``kubectl drain``): the node of a training rank, and of Ray's worker (or head).
 
 What a cluster admin does before a node's maintenance, while imgpipe's remote work runs there: the
 run recovers (imgpipe's next attempt, or the operator's replacement pod) or fails with its reason
@@ -52,17 +52,37 @@ def _running_on_a_worker(selector: str) -> str | None:
     return None
 
 
-def _drain_when_running(selector: str, work: threading.Thread, timeout_s: float = 900) -> str:
-    """Drains the worker node of the first Running pod matching ``selector``, once there is one; returns it."""
+def _drain_when_running(selectors: tuple[str, ...], work: threading.Thread, timeout_s: float = 900) -> str:
+    """Drains the worker node of the first Running pod matching a selector (in their order), once there is one; returns it."""
     deadline = time.monotonic() + timeout_s
     while work.is_alive() and time.monotonic() < deadline:
-        node = _running_on_a_worker(selector)
+        node = next((n for n in map(_running_on_a_worker, selectors) if n), None)
         if node:
             drained = kubectl("drain", node, "--ignore-daemonsets", "--delete-emptydir-data", "--force", "--timeout=180s", check=False)
             assert drained.returncode == 0, drained.stderr[-1000:]
             return node
         time.sleep(1)
-    pytest.fail(f"no pod matching {selector} ran on a worker node while the work ran (it {'ended' if not work.is_alive() else 'timed out'})")
+    pytest.fail(f"no pod matching {selectors} ran on a worker node while the work ran (it {'ended' if not work.is_alive() else 'timed out'})")
+
+
+def _drained_mid_run(call: Callable[[], Any], selectors: tuple[str, ...], out: str) -> tuple[str, dict[str, Any]]:
+    """Runs ``call`` in a thread, drains a node under it, waits for its end (the node uncordoned whatever happens).
+
+    Returns:
+        ``recovered`` (committed) or ``failed`` (one line, nothing committed), and the call's result.
+    """
+    work, result = _in_thread(call)
+    node = None
+    try:
+        node = _drain_when_running(selectors, work)
+        work.join(1500)
+        assert not work.is_alive(), "the run ended within its deadline"
+        outcome = _outcome(result, out)
+        print(f"drained {node} under {selectors}: the run {outcome}; {str(result.get('error', ''))[:300]}")
+    finally:
+        if node:
+            kubectl("uncordon", node)
+    return outcome, result
 
 
 def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
@@ -104,18 +124,7 @@ def test_draining_the_node_of_a_training_rank_mid_run(dev_overlay, tmp_path):  #
                 image=image, resources=NODE, secret="imgpipe-s3-credentials", active_deadline_s=1200, poll_s=5, stream=stream,
             )  # fmt: skip
 
-        stream = io.StringIO()
-        work, result = _in_thread(lambda: train(stream))
-        node = None
-        try:
-            node = _drain_when_running("jobset.sigs.k8s.io/jobset-name", work)
-            work.join(1500)
-            assert not work.is_alive(), "the run ended within its deadline"
-            outcome = _outcome(result, out)
-            print(f"drained {node} under a training rank: the run {outcome}; {str(result.get('error', ''))[:300]}")
-        finally:
-            if node:
-                kubectl("uncordon", node)
+        outcome, _ = _drained_mid_run(lambda: train(io.StringIO()), ("jobset.sigs.k8s.io/jobset-name",), out)
         if outcome == "failed":
             again = train(io.StringIO())
             assert contract.is_committed(out) and again.outputs > 0, "a rerun after the drain trains and commits"
@@ -136,18 +145,8 @@ def test_draining_the_node_of_rays_worker_mid_run(dev_overlay, tmp_path):  # noq
                 template=_small(template, image), image=image, max_workers=1, timeout_s=1200, poll_s=5, out=stream,
             )  # fmt: skip
 
-        stream = io.StringIO()
-        work, result = _in_thread(lambda: run(stream))
-        node = None
-        try:
-            node = _drain_when_running("ray.io/node-type=worker", work)
-            work.join(1500)
-            assert not work.is_alive(), "the run ended within its deadline"
-            outcome = _outcome(result, out)
-            print(f"drained {node} under Ray's worker: the run {outcome}; {str(result.get('error', ''))[:300]}")
-        finally:
-            if node:
-                kubectl("uncordon", node)
+        # Ray's worker; where it runs on the control node (never drained), Ray's head, a harsher fault.
+        outcome, result = _drained_mid_run(lambda: run(io.StringIO()), ("ray.io/node-type=worker", "ray.io/node-type=head"), out)
         report = result.get("report") if outcome == "recovered" else run(io.StringIO())
         assert contract.is_committed(out)
         assert report.inputs == cl.outputs and report.outputs + report.rejected == report.inputs, "every image in the output or the rejects"
