@@ -13,16 +13,17 @@ def publish_review(audit: Input[Artifact], data_root: str, review_url: str, revi
     """Publishes the audit's ``review_top`` most suspect images to the Label Studio at ``review_url``; returns what it did.
 
     The API token is ``$LABEL_STUDIO_API_KEY``, from the Secret the review Component makes
-    (:data:`imgpipe.review.client.SECRET`); no token or URL is ever a parameter or in a log.
+    (:data:`imgpipe.review.client.SECRET`), and goes only to the Label Studio that Secret names
+    (``review_url`` must be it: a run parameter is untrusted); no token is a parameter or in a log.
     Run again, it adds only new suspects and renews the pictures' links (:func:`imgpipe.review.loop.publish`).
     """
     import os
 
-    from imgpipe.review.client import TOKEN_ENV, LabelStudio
+    from imgpipe.review.client import TOKEN_ENV, LabelStudio, operator_url
     from imgpipe.review.loop import publish
     from imgpipe.stepio import artifacts as ka
 
     dest = ka.read_step_artifact(audit, "audit", ka.read_policy(data_root))
-    done = publish(dest, LabelStudio(review_url, os.environ.get(TOKEN_ENV, "")), top=review_top)
+    done = publish(dest, LabelStudio(operator_url(review_url), os.environ.get(TOKEN_ENV, "")), top=review_top)
     print(done.summary(), flush=True)
     return done.summary()

@@ -49,7 +49,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Metrics
 
 from imgpipe.config_flags import field_docs, plain_text
-from imgpipe.review.client import SECRET, SECRET_TOKEN_KEY, TOKEN_ENV
+from imgpipe.review.client import SECRET, SECRET_TOKEN_KEY, SECRET_URL_KEY, TOKEN_ENV, URL_ENV
 from imgpipe.review.loop import TOP
 from imgpipe.steps.audit import AUDIT_PIPELINE_NAME, AuditConfig
 
@@ -125,8 +125,9 @@ def build_audit_pipeline(options: AuditOptions | None = None) -> dsl.graph_compo
             review = {name: p[name] for name in REVIEW_PARAMETERS}
             published = publish_review(audit=ranked.outputs["audit"], data_root=p["data_root"], **review)
             configure_task(published, "publish_review", images.gpu, base, base.retry)
-            # Optional: without the Secret the task says which token is missing, in one line.
-            kubernetes.use_secret_as_env(published, SECRET, {SECRET_TOKEN_KEY: TOKEN_ENV}, optional=True)
+            # Optional: without the Secret the task says what is missing, in one line. The URL in it is the one
+            # review_url may name (the token goes only there).
+            kubernetes.use_secret_as_env(published, SECRET, {SECRET_TOKEN_KEY: TOKEN_ENV, SECRET_URL_KEY: URL_ENV}, optional=True)
         return Outputs(report=ranked.outputs["report"], metrics=ranked.outputs["metrics"], overrides=ranked.outputs["overrides"])
 
     docs = field_docs(AuditConfig)

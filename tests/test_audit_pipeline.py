@@ -44,7 +44,7 @@ def test_the_review_is_published_only_when_asked_with_the_token_from_the_secret(
     assert branch["inputs"]["artifacts"]["pipelinechannel--audit-labels-audit"]["taskOutputArtifact"]["producerTask"] == "audit-labels"
     secret = executors["exec-publish-review"]["secretAsEnv"]
     assert [(s["secretName"], s["keyToEnv"], s.get("optional")) for s in secret if s["secretName"] == SECRET] == [
-        (SECRET, [{"secretKey": "token", "envVar": TOKEN_ENV}], True)
+        (SECRET, [{"secretKey": "token", "envVar": TOKEN_ENV}, {"secretKey": "url", "envVar": "LABEL_STUDIO_URL"}], True)
     ]
     images = {name: spec["container"]["image"] for name, spec in ir["deploymentSpec"]["executors"].items()}
     assert "trainer:7" in images["exec-publish-review"], "the held-out pictures are drawn with the train step's reader"

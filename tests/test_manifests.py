@@ -375,7 +375,9 @@ def test_the_label_studio_component_is_valid_and_takes_its_account_from_its_secr
         kubernetes_validate.validate(copy.deepcopy(doc), kubernetes_validate.latest_version(), strict=True)
     by_kind = {d["kind"]: d for d in docs}
     secret, deployment, service = by_kind["Secret"], by_kind["Deployment"], by_kind["Service"]
-    assert set(secret["stringData"]) == {"username", "password", "token"} and not any(secret["stringData"].values()), "a template"
+    data = secret["stringData"]
+    assert set(data) == {"username", "password", "token", "url"} and not any(data[k] for k in ("username", "password", "token")), "a template"
+    assert data["url"] == "http://label-studio:8080", "the one Label Studio a run may send the token to: this Component's Service"
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     assert {ref["name"] for ref in from_secret.values()} == {secret["metadata"]["name"]}

@@ -176,3 +176,14 @@ def test_fold_models_named_by_the_manifest_are_checked_as_read_back_input(folds)
 
     with pytest.raises((ValueError, ReadRefused), match="upstream.folds"):
         loop._folds({"upstream": {"folds": folds}})
+
+
+def test_a_runs_review_url_must_be_the_label_studio_the_operator_named():
+    from imgpipe.review.client import operator_url
+
+    env = {"LABEL_STUDIO_URL": "http://label-studio:8080/"}
+    assert operator_url("http://label-studio:8080", env) == "http://label-studio:8080"
+    with pytest.raises(ValueError, match="not the Label Studio the operator named .* the API token goes only there"):
+        operator_url("http://attacker.example:8080", env)
+    with pytest.raises(ValueError, match="no Label Studio named by the operator: set url in the Secret imgpipe-label-studio"):
+        operator_url("http://label-studio:8080", {})

@@ -212,6 +212,7 @@ def test_three_labels_corrected_in_the_browser_reach_the_next_clean_run(label_st
     flipped = [p for p in published if given[p] != truth[p]]
     assert len(flipped) >= 3, f"the audit's 8 most suspect hold {len(flipped)} of the planted flips"
     # Again, as the audit pipeline's publish-review task does it: nothing duplicated, the links renewed.
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio)  # what the Secret names: the one place the token may go
     said = publish_review.python_func(dsl.Artifact(uri=audit, metadata={"prefix": audit}), noisy["root"], label_studio, 8)
     assert "0 task(s) added, 8 link(s) renewed" in said, said
     assert len(ls.tasks(project)) == 8

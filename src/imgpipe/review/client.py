@@ -13,6 +13,7 @@ reviewers' work on the others. A refusal, a 5xx or no answer is one line naming 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import requests
 
 from imgpipe import storage
 
-__all__ = ["SECRET", "SECRET_TOKEN_KEY", "TOKEN_ENV", "URL_ENV", "LabelStudio", "LabelStudioError"]
+__all__ = ["SECRET", "SECRET_TOKEN_KEY", "SECRET_URL_KEY", "TOKEN_ENV", "URL_ENV", "LabelStudio", "LabelStudioError", "operator_url"]
 
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 URL_ENV = "LABEL_STUDIO_URL"
@@ -28,7 +29,29 @@ URL_ENV = "LABEL_STUDIO_URL"
 # what the audit pipeline's publish task reads into TOKEN_ENV.
 SECRET = "imgpipe-label-studio"
 SECRET_TOKEN_KEY = "token"
+# Its key naming the one Label Studio a pipeline run may send that token to (read into URL_ENV).
+SECRET_URL_KEY = "url"
 _PAGE = 100
+
+
+def operator_url(given: str, environ: Mapping[str, str] | None = None) -> str:
+    """``given`` (a run parameter: untrusted), once it is the Label Studio the operator named (``$LABEL_STUDIO_URL``).
+
+    The token goes with every call, so a run may not choose where: only to the URL in the Secret.
+
+    Raises:
+        ValueError: If the operator named none, or ``given`` is another.
+    """
+    environ = os.environ if environ is None else environ
+    allowed = environ.get(URL_ENV, "").strip().rstrip("/")
+    if not allowed:
+        raise ValueError(f"no Label Studio named by the operator: set {SECRET_URL_KEY} in the Secret {SECRET} (it becomes ${URL_ENV})")
+    if given.strip().rstrip("/") != allowed:
+        raise ValueError(
+            f"review_url {storage.redact_uri(given)!r} is not the Label Studio the operator named ({storage.redact_uri(allowed)}, "
+            f"the Secret {SECRET}'s {SECRET_URL_KEY}): the API token goes only there"
+        )
+    return allowed
 
 
 class LabelStudioError(RuntimeError):
