@@ -79,6 +79,37 @@ def test_the_backbone_gets_its_own_groups_and_the_schedule_scales_every_group():
         scheduler.step()
 
 
+def test_on_the_cpu_adamw_is_fused_and_steps_as_torchs_own_loop_does():
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3)
+    head = head_parameter_names(model, 3)
+    groups = param_groups(head, backbone_blocks(model, head), UnfreezePlan(()), [5], backbone_lr_mult=0.1)
+    twin = copy.deepcopy(model)
+    fused = build_optimizer(model, 1e-3, 0.05, groups)
+    assert all(g["fused"] for g in fused.param_groups)
+    # torch's per-parameter AdamW over the same groups: what imgpipe's fused one must match.
+    loop = torch.optim.AdamW(
+        [{**{k: v for k, v in g.items() if k != "params"}, "fused": None, "params": [dict(twin.named_parameters())[n] for n in _names(model, g["params"])]} for g in fused.param_groups]
+    )
+    twins = dict(twin.named_parameters())
+    for step in range(5):  # the same gradients into both: the optimizers alone are compared
+        torch.manual_seed(step)
+        for name, p in model.named_parameters():
+            p.grad = torch.randn_like(p)
+            twins[name].grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, twins[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _names(model: nn.Module, params: list) -> list[str]:
+    ids = {id(p) for p in params}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
 def test_a_block_that_unfreezes_later_starts_its_own_warmup_there():
     model = build_model("resnet18", 4)
     head = head_parameter_names(model, 4)

@@ -59,10 +59,16 @@ def param_groups(
     return groups
 
 
+# The devices whose fused AdamW kernel imgpipe uses. On the CPU the fused kernel steps a ResNet-18 in
+# a few milliseconds where the per-parameter loop takes over 100 (torch's default there: no foreach).
+FUSED_DEVICES = ("cuda", "cpu")
+
+
 def fused_adamw(model: nn.Module) -> bool:
-    """Whether AdamW may use its fused kernel: every parameter on CUDA (it has none for the CPU)."""
+    """Whether AdamW may use its fused kernel: every parameter a floating-point tensor on one CUDA device or the CPU."""
     params = list(model.parameters())
-    return bool(params) and all(p.device.type == "cuda" for p in params)
+    devices = {p.device for p in params}
+    return len(devices) == 1 and next(iter(devices)).type in FUSED_DEVICES and all(p.is_floating_point() for p in params)
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, groups: Sequence[TrainGroup]) -> torch.optim.Optimizer:
@@ -70,7 +76,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, groups: Se
 
     Every parameter is included, also one frozen now (``requires_grad`` off): AdamW skips a
     parameter without a gradient, and its group's schedule starts when it unfreezes.
-    ``param_groups[0]`` is the head's decayed weights, at the peak LR. Fused on CUDA.
+    ``param_groups[0]`` is the head's decayed weights, at the peak LR. Fused (:func:`fused_adamw`).
     """
     owner = {n: g for g in groups for n in g.names}
     split: dict[tuple[str, bool], list[nn.Parameter]] = {}
