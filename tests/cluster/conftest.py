@@ -165,6 +165,7 @@ def step_image(kind: str) -> str:
     if subprocess.run([ctr, *address, "images", "check", f"name=={ref}"], capture_output=True, text=True, check=False).stdout.count(ref):
         _share(ref, int(s["NODES"]))
         return ref
+    _room_for(ref, s["CLUSTER_STATE"])
     # podman save writes the whole archive to its TMPDIR first (6 GB for the gpu image): a directory of
     # this call's own, removed after the import, so a failed import leaves nothing behind.
     with tempfile.TemporaryDirectory(prefix="imgpipe-podman-save-", dir="/var/tmp") as spool:
@@ -178,6 +179,23 @@ def step_image(kind: str) -> str:
     assert saved == 0
     _share(ref, int(s["NODES"]))
     return ref
+
+
+# Beside an image's three copies on the way in: what SeaweedFS keeps free (it stops taking writes below
+# 1 % of the disk) and the runs' own objects.
+DISK_MARGIN = 4 << 30
+
+
+def _room_for(ref: str, state: str) -> None:
+    """Fails at once where the import would fill the disk: its archive, containerd's blobs and their
+    unpacked layers each take about the image's size, and a full disk stops the object store mid-run."""
+    import shutil
+
+    size = int(subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", ref], capture_output=True, text=True, check=True).stdout)
+    free = min(shutil.disk_usage(d).free for d in ("/var/tmp", state))
+    need = 3 * size + DISK_MARGIN
+    if free < need:
+        pytest.fail(f"{ref} needs {need / 2**30:.0f} GiB free to import, {free / 2**30:.0f} GiB are: prune podman's images or the cluster cache")
 
 
 def _share(ref: str, nodes: int) -> None:
