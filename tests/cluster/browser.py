@@ -104,6 +104,19 @@ class Browser:
         self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", e)
         e.click()
 
+    def press(self, element: Any) -> None:
+        """A person's click on ``element`` as its page sees one: pointer and mouse down, up, then click, at its
+        centre, sent to it even where a panel covers it. The graph's nodes (React Flow, draggable) open
+        their side panel on that sequence, not on a bare ``click`` event."""
+        self.driver.execute_script(
+            """const el = arguments[0], r = el.getBoundingClientRect();
+            const at = {bubbles: true, cancelable: true, view: window, clientX: r.x + r.width / 2, clientY: r.y + r.height / 2, button: 0};
+            for (const type of ['pointerdown', 'mousedown', 'pointerup', 'mouseup', 'click']) {
+              el.dispatchEvent(type.startsWith('pointer') ? new PointerEvent(type, at) : new MouseEvent(type, at));
+            }""",
+            element,
+        )
+
     def field(self, label: str) -> Any:
         """The input of the text field labelled ``label`` (a Material UI TextField: the label names its input's id;
         where it names none, as KFP 2.15's recurring run name, the input beside it in the field)."""
