@@ -157,6 +157,7 @@ def step_image(kind: str) -> str:
     ref = catalog.image(kind)
     if not _podman() or subprocess.run(["podman", "image", "exists", ref], check=False).returncode != 0:
         pytest.skip(f"no {ref} in podman's store: make images IMAGE_KINDS={kind}, then make test-cluster")
+    _current(ref)
     s = settings()
     ctr = subprocess.run(
         ["bash", "-c", f". {CLUSTER / 'lib.sh'}; echo $(bin_dir runtime)/ctr"], capture_output=True, text=True, check=True
@@ -179,6 +180,23 @@ def step_image(kind: str) -> str:
     assert saved == 0
     _share(ref, int(s["NODES"]))
     return ref
+
+
+# What a step image carries from this checkout: an image built before their last commit runs older code.
+IMAGE_SOURCES = ("src", "components", "pipelines", "pyproject.toml", "docker")
+
+
+def _current(ref: str) -> None:
+    """Fails where ``ref`` was built before the last commit of what it carries: its pods would run older code than this checkout's."""
+    from datetime import datetime
+
+    created = subprocess.run(["podman", "image", "inspect", "--format", "{{.Created.Unix}}", ref], capture_output=True, text=True, check=True).stdout
+    root = Path(__file__).resolve().parents[2]
+    log = ["git", "log", "-1", "--format=%ct %h", "--", *IMAGE_SOURCES]
+    last = subprocess.run(log, cwd=root, capture_output=True, text=True, check=False).stdout.split()
+    if last and int(created.strip()) < int(last[0]):
+        built = datetime.fromtimestamp(int(created.strip())).isoformat(timespec="minutes")
+        pytest.fail(f"{ref} was built {built}, before commit {last[1]} changed what it carries: make images, then make test-cluster")
 
 
 # Beside an image's three copies on the way in: what SeaweedFS keeps free (it stops taking writes below
