@@ -122,6 +122,8 @@ def run_imgpipe(prep: dict, seed: int, args: argparse.Namespace, work: Path) -> 
         "recipe": (metrics.get("recipe") or {}).get("recipe"),
         "diverged": metrics.get("diverged"),
         "epoch_images": metrics.get("epoch_images"),
+        # Where its time went, by phase (the step's manifest; validation includes precise BN).
+        "phase_s": contract.read_manifest("file://" + str(out), expect_step="train").get("extra", {}).get("phase_s"),
     }
 
 
@@ -170,6 +172,19 @@ def epoch_seconds(curve: list[dict]) -> float | None:
     """A run's seconds per epoch: the median time between successive epochs' ends (the first's start-up left out)."""
     gaps = [b["t"] - a["t"] for a, b in zip(curve, curve[1:])]
     return statistics.median(gaps) if gaps else None
+
+
+def epoch_phases(rs: list[dict]) -> str:
+    """Where an imgpipe epoch's seconds went, over ``rs`` (their manifests' ``phase_s`` per epoch run)."""
+    epochs = sum(len(r["curve"]) for r in rs)
+    total: dict[str, float] = {}
+    for r in rs:
+        for phase, seconds in (r.get("phase_s") or {}).items():
+            total[phase] = total.get(phase, 0.0) + seconds
+    bn = total.get("precise_bn", 0.0)
+    parts = {"training steps": total.get("steps", 0.0), "precise BN": bn, "validation": total.get("validation", 0.0) - bn}
+    parts["checkpoints"] = total.get("checkpoints", 0.0)
+    return "an imgpipe epoch, mean s: " + ", ".join(f"{k} {v / max(epochs, 1):.2f}" for k, v in parts.items())
 
 
 def _best_mean(rs: list[dict]) -> tuple[float, int]:
@@ -349,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"simple {per_epoch[SIMPLE]:.1f}, v2 {per_epoch['reference']:.1f}: imgpipe / simple {per_epoch['imgpipe'] / per_epoch[SIMPLE]:.2f}, "
                 f"imgpipe / v2 {per_epoch['imgpipe'] / per_epoch['reference']:.2f}"
             )
+        print(f"{name}: {epoch_phases(entry['runs']['imgpipe'])}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
