@@ -89,11 +89,11 @@ def test_on_the_cpu_adamw_is_fused_and_steps_as_torchs_own_loop_does():
     twin = copy.deepcopy(model)
     fused = build_optimizer(model, 1e-3, 0.05, groups)
     assert all(g["fused"] for g in fused.param_groups)
-    # torch's per-parameter AdamW over the same groups: what imgpipe's fused one must match.
-    loop = torch.optim.AdamW(
-        [{**{k: v for k, v in g.items() if k != "params"}, "fused": None, "params": [dict(twin.named_parameters())[n] for n in _names(model, g["params"])]} for g in fused.param_groups]
-    )
     twins = dict(twin.named_parameters())
+    # torch's per-parameter AdamW over the same groups: what imgpipe's fused one must match.
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in fused.param_groups]
+    groups_of_twin = [[twins[n] for n in _names(model, g["params"])] for g in fused.param_groups]
+    loop = torch.optim.AdamW([{**kept, "fused": None, "params": ps} for kept, ps in zip(settings, groups_of_twin, strict=True)])
     for step in range(5):  # the same gradients into both: the optimizers alone are compared
         torch.manual_seed(step)
         for name, p in model.named_parameters():
