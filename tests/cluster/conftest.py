@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -186,16 +187,21 @@ def step_image(kind: str) -> str:
 IMAGE_SOURCES = ("src", "components", "pipelines", "pyproject.toml", "docker")
 
 
+def _inspect(ref: str, field: str) -> str:
+    """One field of podman's record of ``ref`` (a Go template, as ``podman image inspect --format`` takes)."""
+    return subprocess.run(["podman", "image", "inspect", "--format", field, ref], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def _current(ref: str) -> None:
     """Fails where ``ref`` was built before the last commit of what it carries: its pods would run older code than this checkout's."""
     from datetime import datetime
 
-    created = subprocess.run(["podman", "image", "inspect", "--format", "{{.Created.Unix}}", ref], capture_output=True, text=True, check=True).stdout
+    created = _inspect(ref, "{{.Created.Unix}}")
     root = Path(__file__).resolve().parents[2]
     log = ["git", "log", "-1", "--format=%ct %h", "--", *IMAGE_SOURCES]
     last = subprocess.run(log, cwd=root, capture_output=True, text=True, check=False).stdout.split()
-    if last and int(created.strip()) < int(last[0]):
-        built = datetime.fromtimestamp(int(created.strip())).isoformat(timespec="minutes")
+    if last and int(created) < int(last[0]):
+        built = datetime.fromtimestamp(int(created)).isoformat(timespec="minutes")
         pytest.fail(f"{ref} was built {built}, before commit {last[1]} changed what it carries: make images, then make test-cluster")
 
 
@@ -207,9 +213,7 @@ DISK_MARGIN = 4 << 30
 def _room_for(ref: str, state: str) -> None:
     """Fails at once where the import would fill the disk: its archive, containerd's blobs and their
     unpacked layers each take about the image's size, and a full disk stops the object store mid-run."""
-    import shutil
-
-    size = int(subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", ref], capture_output=True, text=True, check=True).stdout)
+    size = int(_inspect(ref, "{{.Size}}"))
     free = min(shutil.disk_usage(d).free for d in ("/var/tmp", state))
     need = 3 * size + DISK_MARGIN
     if free < need:

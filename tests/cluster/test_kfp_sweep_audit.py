@@ -40,6 +40,13 @@ def _submit(host: str, package: Path, root: str, **params: str | None) -> tuple[
     return submit_run(host, package, root, **{**BASE, **params})
 
 
+def audit_package(path: Path) -> Path:
+    """The audit pipeline compiled for this node: the small run's options, one fold at a time, small requests."""
+    from imgpipe.pipelines.imgpipe_audit import AuditOptions, compile_audit
+
+    return compile_audit(path, AuditOptions(pipeline=small_options(), parallelism=1, resources=_small(AuditOptions().resources)))
+
+
 @pytest.fixture
 def sample(tmp_path):
     with object_store(tmp_path, NAMESPACE):
@@ -64,10 +71,7 @@ def test_the_sweep_trains_each_branch_and_ranks_them_on_kfp(kfp, step_images, sa
 
 
 def test_the_audit_trains_its_folds_and_ranks_suspected_labels_on_kfp(kfp, step_images, sample, tmp_path):  # noqa: F811
-    from imgpipe.pipelines.imgpipe_audit import AuditOptions, compile_audit
-
-    defaults = AuditOptions()
-    package = compile_audit(tmp_path / "audit.yaml", AuditOptions(pipeline=small_options(), parallelism=1, resources=_small(defaults.resources)))
+    package = audit_package(tmp_path / "audit.yaml")
     run_id, out = _submit(kfp, package, sample, folds="2")
     run = f"{sample}/runs/{run_id}"
     manifest = contract.read_manifest(f"{run}/audit", expect_step="audit")

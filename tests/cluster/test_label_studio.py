@@ -22,7 +22,7 @@ import yaml
 from imgpipe import storage
 from tests.cluster.conftest import CLUSTER, kubectl, kubectl_json, lib, object_store, settings
 from tests.cluster.test_kfp import RUN_TIMEOUT_S, kfp, step_images  # noqa: F401 - the fixtures
-from tests.cluster.test_kfp_sweep_audit import _small, _submit, sample  # noqa: F401 - the fixture
+from tests.cluster.test_kfp_sweep_audit import _submit, audit_package, sample  # noqa: F401 - the fixture
 from tests.cluster.test_remote_objects import dev_overlay  # noqa: F401 - the fixture
 from tests.manifests import K8S, _build
 from tests.steps.test_audit import audited  # noqa: F401 - the fixture: a real two-fold audit
@@ -99,16 +99,13 @@ def test_the_secrets_token_reaches_label_studio_over_its_service_and_publish_fil
 def test_an_audit_runs_publish_review_pod_reaches_label_studio_with_the_secrets_token(label_studio, kfp, step_images, sample, tmp_path):  # noqa: F811
     """The audit pipeline on KFP with ``review_url``: its publish-review pod reads the token and the
     allowed URL from the Secret, reaches Label Studio over the Service's DNS name and fills the project."""
-    from imgpipe.pipelines.imgpipe_audit import AuditOptions, compile_audit
 
     from imgpipe.review.client import LabelStudio
     from imgpipe.review.loop import IMAGES_DIR, _read_audit, audit_classes, project_title
-    from tests.cluster.test_kfp import small_options
 
     url, token = label_studio
     allowed = base64.b64decode(kubectl_json("-n", NAMESPACE, "get", "secret", "imgpipe-label-studio")["data"]["url"]).decode()
-    defaults = AuditOptions()
-    package = compile_audit(tmp_path / "audit.yaml", AuditOptions(pipeline=small_options(), parallelism=1, resources=_small(defaults.resources)))
+    package = audit_package(tmp_path / "audit.yaml")
     run_id, out = _submit(kfp, package, sample, folds="2", review_url=allowed, review_top="4")
     with object_store(tmp_path, NAMESPACE):
         audit = f"{sample}/runs/{run_id}/audit"
