@@ -242,8 +242,11 @@ share() {
 	src=$(node_state 0)/containerd/root/io.containerd.content.v1.content/blobs/sha256
 	dst=$(node_state "$index")/containerd/root/io.containerd.content.v1.content/blobs/sha256
 	mkdir -p "$dst"
+	# A blob the control node's collector removes meanwhile was no image's (an image's are
+	# referenced): it is skipped, as the import below writes whatever its image still lacks.
 	find "$src" -maxdepth 1 -type f -printf '%f\n' | while read -r blob; do
-		[[ -e $dst/$blob ]] || ln "$src/$blob" "$dst/$blob"
+		[[ -e $dst/$blob ]] || ln "$src/$blob" "$dst/$blob" 2>/dev/null || [[ ! -e $src/$blob ]] ||
+			die "blob $blob: not linked into $(node_name "$index")'s store"
 	done
 	for ref; do
 		"$ctr" --address "$(node_socket "$index")" -n k8s.io images ls -q "name==$ref" | grep -q . && continue # shared before
