@@ -12,7 +12,7 @@ from imgpipe.train.models import (
     head_parameter_names,
     set_backbone_frozen,
 )
-from imgpipe.train.optim import build_optimizer, build_scheduler, param_groups
+from imgpipe.train.optim import build_optimizer, build_scheduler, clip_gradients, param_groups
 from imgpipe.train.schedule import UnfreezePlan, lr_factor, unfreeze_plan
 
 
@@ -103,6 +103,23 @@ def test_on_the_cpu_adamw_is_fused_and_steps_as_torchs_own_loop_does():
         loop.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, twins[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])  # clipped, and left as they are
+def test_clipping_gradients_with_the_multi_tensor_kernels_matches_torchs_own_loop(max_norm):
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3)
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    norm = clip_gradients(model, max_norm)
+    torch_norm = nn.utils.clip_grad_norm_(twin.parameters(), max_norm, foreach=False)  # the per-tensor loop
+    torch.testing.assert_close(norm, torch_norm)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
 
 
 def _names(model: nn.Module, params: list) -> list[str]:

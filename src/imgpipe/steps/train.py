@@ -46,6 +46,7 @@ from imgpipe.train.models import (
     set_trainable,
 )
 from imgpipe.train.norm_stats import norm_layers, recompute
+from imgpipe.train.optim import clip_gradients
 from imgpipe.train.outputs import (
     check_locations,
     start_output,
@@ -182,7 +183,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if run.cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+                clip_gradients(run.model, run.cfg.grad_clip)
             lrs[step] = run.optimizer.param_groups[0]["lr"]
             run.optimizer.step()
             run.scheduler.step()
