@@ -134,6 +134,8 @@ def tiny(**overrides) -> TrainConfig:
         # Every epoch, as the test asks: its tiny sets reach a perfect validation in an epoch
         # or two, where early stopping (the recipes' patience) would end the run.
         "patience": 0,
+        # A checkpoint after every epoch, as the resume tests expect (the default waits a minute).
+        "checkpoint_every_s": 0,
         **overrides,
     }
     return TrainConfig(**values)

@@ -177,7 +177,8 @@ def test_ddp_ranks_share_one_download_and_freeze_alike(data, tmp_path, monkeypat
 
             train_mod.save_checkpoint = save_and_record
             cfg = train_mod.TrainConfig(model="resnet18", pretrained="DEFAULT", epochs=2, batch_size=4, num_workers=0,
-                                        device="cpu", shuffle_buffer=8, max_steps_per_epoch=2, freeze_fraction=0.5)
+                                        device="cpu", shuffle_buffer=8, max_steps_per_epoch=2, freeze_fraction=0.5,
+                                        checkpoint_every_s=0)
             train_mod.train({data!r}, {out!r}, cfg)
             with open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w") as fh:
                 json.dump({{"digests": digests, "downloads": downloads}}, fh)

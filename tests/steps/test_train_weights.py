@@ -203,7 +203,8 @@ def test_ddp_two_ranks_with_torchrun_gloo(data, tmp_path):
     out = "file://" + str(tmp_path / "ddp")
     script = tmp_path / "ddp_train.py"
     # Each rank records a digest of its own parameters at every checkpoint (a collective that
-    # every rank enters), then the train and image counts the run reports.
+    # every rank enters; every epoch is past the interval, which the ranks agree on through
+    # another), then the train and image counts the run reports.
     script.write_text(
         textwrap.dedent(
             f"""
@@ -222,7 +223,7 @@ def test_ddp_two_ranks_with_torchrun_gloo(data, tmp_path):
 
             train_mod.save_checkpoint = save_and_record
             cfg = train_mod.TrainConfig(model="tiny_cnn", epochs=2, batch_size=4, num_workers=0, device="cpu",
-                                        shuffle_buffer=8, deterministic=True)
+                                        shuffle_buffer=8, deterministic=True, checkpoint_every_s=1e-6)
             report = train_mod.train({data!r}, {out!r}, cfg)
             with open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w") as fh:
                 json.dump({{"digests": digests, "world": report.extra["world_size"],
@@ -308,6 +309,42 @@ def _scripted_validation(monkeypatch, f1_by_call: list[float]) -> list[dict]:
     scripted.real = real
     monkeypatch.setattr(train_mod, "_evaluate_split", scripted)
     return calls
+
+
+def _checkpointed_epochs(monkeypatch) -> list[int]:
+    written: list[int] = []
+    real = train_mod.save_checkpoint
+
+    def save(run, epoch, step=None):
+        written.append(epoch)
+        real(run, epoch, step)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save)
+    return written
+
+
+def test_epochs_shorter_than_the_checkpoint_interval_write_only_the_last_one_and_a_resume_finds_it(data, tmp_path, monkeypatch):
+    written = _checkpointed_epochs(monkeypatch)
+    out = str(tmp_path / "out")
+    train(data, out, tiny(epochs=3, checkpoint_every_s=3600))
+    assert written == [2], "an hour between checkpoints: only the last epoch's is written"
+    assert load_checkpoint(storage.join(out, CHECKPOINT))["epoch"] == 2
+    assert train(data, out, tiny(epochs=3, checkpoint_every_s=3600, resume=True)).epochs_run == 0, "the finished run resumes at its end"
+
+
+def test_epochs_longer_than_the_checkpoint_interval_each_write_one(data, tmp_path, monkeypatch):
+    written = _checkpointed_epochs(monkeypatch)
+    train(data, str(tmp_path / "out"), tiny(epochs=3, checkpoint_every_s=1e-6))
+    assert written == [0, 1, 2]
+
+
+def test_early_stopping_writes_the_checkpoint_of_its_epoch_whatever_the_interval(data, tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, [0.4, 0.8, 0.6, 0.7, 0.9])
+    written = _checkpointed_epochs(monkeypatch)
+    out = str(tmp_path / "out")
+    train(data, out, tiny(epochs=5, patience=2, mixup=0, cutmix=0, checkpoint_every_s=3600))
+    assert written == [3], "the run stopped after epoch 4: its checkpoint records the stop for a resume"
+    assert load_checkpoint(storage.join(out, CHECKPOINT))["selection"]["stopped_at"] == 3
 
 
 def test_the_best_epoch_is_kept_and_patience_stops_the_run(data, tmp_path, monkeypatch):

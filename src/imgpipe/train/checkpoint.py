@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,7 @@ def save_checkpoint(run: TrainingRun, epoch: int, step: int | None = None) -> No
     taken before this returns, so training may change the weights at once.
     """
     rng = _gather_rng(run.ctx)  # collective: every rank takes part
+    run.checkpointed_at = time.monotonic()
     if not run.ctx.is_main:
         return
     best = run.selection.best

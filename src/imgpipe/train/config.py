@@ -167,6 +167,11 @@ class TrainConfig:
         checkpoint_every_steps: Also write ``checkpoint.pt`` every this many optimizer steps
             within an epoch (0: at epoch ends only); a resume continues from that step, with
             the rest of the epoch's samples in their order (a preempted pod loses at most N steps).
+        checkpoint_every_s: At an epoch's end, write ``checkpoint.pt`` only when this many
+            seconds have passed since the last one (0: after every epoch). The last epoch, and
+            one that stops the run early, are always written. Where epochs take a second or two
+            (small images on a CPU) writing the model, the optimizer and the kept weights costs
+            as much as the validation; a preempted pod loses at most this much time plus an epoch.
         resume: Continue from ``out/checkpoint.pt`` when it exists.
         weights: Optional URI of initial weights (state dict, model.pt or
             checkpoint.pt) in object storage; never downloaded from a hub.
@@ -278,6 +283,7 @@ class TrainConfig:
     deterministic: bool = False
     compile: bool = False
     checkpoint_every_steps: int = 0
+    checkpoint_every_s: float = 60.0
     resume: bool = False
     weights: str | None = None
     pretrained: str | None = None
@@ -341,6 +347,7 @@ class TrainConfig:
         check_range("divergence_steps", self.divergence_steps, 1, 1_000_000, integer=True)
         check_range("divergence_restarts", self.divergence_restarts, 0, 10, integer=True, note="each halves the learning rate")
         check_range("checkpoint_every_steps", self.checkpoint_every_steps, 0, integer=True, note="0: at epoch ends only")
+        check_range("checkpoint_every_s", self.checkpoint_every_s, 0, note="seconds; 0: after every epoch")
         check_range("patience", v.patience, 0, integer=True, note="0 trains every epoch")
         check_range("ema_decay", self.ema_decay, 0, 1, high_open=True, note="0 disables; torchvision uses 0.99998")
         if self.class_weights not in ("none", "balanced"):

@@ -77,6 +77,8 @@ class TrainingRun:
         guard: The divergence rule watching the training loss (:mod:`imgpipe.train.divergence`).
         divergence: The divergences seen and what was done about them.
         started_at: Unix time the step started (each epoch's ``elapsed_s`` counts from it).
+        checkpointed_at: ``time.monotonic()`` of the last checkpoint (or of the run's start), for
+            ``checkpoint_every_s``.
         resumed_from: The epoch a ``--resume`` continued at (0: none).
         stats_loader: The train split in the evaluation view, for ``precise_bn`` (made at the first validation).
         phase_s: Seconds spent in each phase of the step so far (:meth:`timed`): where a run's
@@ -124,6 +126,7 @@ class TrainingRun:
     guard: DivergenceGuard | None = None
     divergence: DivergenceRecord = field(default_factory=DivergenceRecord)
     started_at: float = 0.0
+    checkpointed_at: float = field(default_factory=time.monotonic)
     resumed_from: int = 0
     # The checkpoint being written in the background (imgpipe.train.checkpoint.finish_write waits for it).
     checkpoint_write: Future | None = None
