@@ -80,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", default="lfw")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--size", type=int, default=64, help="the side every image is written at (the race's --set-sizes)")
     parser.add_argument("--counts", default="0,2048", help="precise_bn values (train images measured before each validation)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="imgpipe-precise-bn-") as tmp:
         work = Path(tmp)
-        prep = prepare(args.set, work, 64)
+        prep = prepare(args.set, work, args.size)
         for precise in (int(c) for c in args.counts.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
                 out = work / "runs" / f"{precise}-{seed}"
