@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -65,6 +67,12 @@ def test_the_manifest_says_where_the_steps_time_went_by_phase(finished):
     # The report's seconds end where the outputs begin.
     assert all(v > 0 for v in phases.values()) and sum(phases.values()) - phases["outputs"] <= report.seconds + 0.01
     assert report.extra["started_at"] <= read_json(storage.join(out, "metrics.json"))["epochs"][0]["ended_at"]
+
+
+def test_the_train_step_starts_without_the_reports_plotting_library():
+    """matplotlib (a third of a second of a cold start) is imported when the outputs are drawn, not before the first epoch."""
+    code = "import sys, imgpipe.steps.train; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=120).returncode == 0
 
 
 def test_one_rank_trains_on_every_image_each_epoch_but_a_last_batch_of_one(data, tmp_path):

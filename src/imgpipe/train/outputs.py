@@ -15,6 +15,7 @@ import io
 import json
 import logging
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,6 @@ from imgpipe import contract, parquet, writer
 from imgpipe.commit import claim, manifest_body, publish
 from imgpipe.config import config_record, config_to_yaml
 from imgpipe.contract import FileEntry, StepReport
-from imgpipe.report import training as report
 from imgpipe.train.assembly import (
     eval_transform,
     train_transform,
@@ -54,6 +54,15 @@ from imgpipe.train.run import TrainingRun
 __all__ = ["write_outputs", "commit", "start_output", "check_locations"]
 
 log = logging.getLogger(__name__)
+
+
+def _report() -> ModuleType:
+    """:mod:`imgpipe.report.training`, imported once the outputs are written: it brings matplotlib, a
+    third of a second of a cold step's start that would otherwise come before the first epoch."""
+    from imgpipe.report import training
+
+    return training
+
 
 # The augmentation grid: samples of the train split, each in this many augmented versions.
 _AUG_SAMPLES, _AUG_VERSIONS = 6, 4
@@ -87,7 +96,7 @@ def _augmentation_grid(run: TrainingRun) -> bytes:
             augmented = [cpu_tf(s, seed) for s, seed in zip(samples, seeds)]
         for i, img in enumerate(augmented):
             versions[i].append(img)
-    return report.augmentations_png(originals, versions)
+    return _report().augmentations_png(originals, versions)
 
 
 def _write(run: TrainingRun, name: str, data: bytes | str, files: list[FileEntry]) -> None:
@@ -124,9 +133,9 @@ def _review_figures(run: TrainingRun, table: pa.Table, metrics: dict[str, Any]) 
         caption = f"predicted {r['predicted_name']}\np={r['confidence']:.2f}, loss {r['loss']:.2f}"
         by_class.setdefault(r["label_name"], []).append((images[r["index"]], caption))
     if by_class:
-        figures["worst_loss.png"] = report.gallery_png([(f"true {name}", imgs) for name, imgs in by_class.items()])
+        figures["worst_loss.png"] = _report().gallery_png([(f"true {name}", imgs) for name, imgs in by_class.items()])
     if pairs:
-        figures["confused_pairs.png"] = report.gallery_png(
+        figures["confused_pairs.png"] = _report().gallery_png(
             [
                 (f"{p['true']} as {p['predicted']} ({p['count']})", [(images[e["index"]], f"loss {e['loss']:.2f}") for e in p["examples"]])
                 for p in pairs
@@ -212,14 +221,14 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], last_val: EvalResul
     )
     _write(run, contract.MODEL_CARD, json.dumps(card, indent=2), files)
     _write(run, contract.METRICS, json.dumps(metrics, indent=2), files)
-    figures = {"curves.png": report.curves_png(metrics["epochs"])}
+    figures = {"curves.png": _report().curves_png(metrics["epochs"])}
     if last_val is not None:
-        figures["confusion_matrix.png"] = report.confusion_matrix_png(last_val.confusion, run.labels)
+        figures["confusion_matrix.png"] = _report().confusion_matrix_png(last_val.confusion, run.labels)
     figures["augmentations.png"] = _augmentation_grid(run)
     figures.update(review)
     for name, png in figures.items():
         _write(run, name, png, files)
-    _write(run, contract.REPORT, report.html_report(metrics, figures), files)
+    _write(run, contract.REPORT, _report().html_report(metrics, figures), files)
     _write(run, contract.CONFIG, config_to_yaml(run.cfg), files)
     return sorted(files, key=lambda f: f.name)
 
