@@ -116,7 +116,7 @@ def build_audit_pipeline(options: AuditOptions | None = None) -> dsl.graph_compo
         resized = data_steps(base, **{name: p[name] for name in _DATA_PARAMETERS})
         planned = plan_folds(resized=resized, data_root=p["data_root"], run_id=run_id, folds=p["folds"], seed=p["seed"], step_config=p["step_config"])
         configure_task(planned, "plan_folds", images.cpu, base, base.retry)
-        tr = train_each(planned.output, p, run_id, base, options.parallelism, "folds")
+        tr = train_each(planned.output, p, run_id, base, options.parallelism)
         ranked = audit_labels(
             branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"], run_id=run_id, filter_by=p["filter_by"]
         )

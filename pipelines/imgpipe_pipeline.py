@@ -282,7 +282,7 @@ def _sharded_clean(options: PipelineOptions, sources: dict[str, Any], cleaning: 
     run parameter: ``kfp.local`` hands a loop body the item in place of any task output.
     """
     image = step_image(options.images, "clean")
-    with dsl.ParallelFor(shard_items(options.shards), parallelism=options.shard_parallelism, name="shards") as item:
+    with dsl.ParallelFor(shard_items(options.shards), parallelism=options.shard_parallelism) as item:  # no name=: imgpipe_sweep.train_each
         prep = prepare_shard(shard=item, **sources, **cleaning, **common)
         configure_task(prep, "prepare-shard", image, options, options.retry)
     merged = merge_shards(shards=dsl.Collected(prep.outputs["Output"]), **cleaning, **common)

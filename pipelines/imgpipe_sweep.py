@@ -172,7 +172,7 @@ def base_options(options: SweepOptions) -> PipelineOptions:
     return dataclasses.replace(options.pipeline, resources={**options.pipeline.resources, **options.resources})
 
 
-def train_each(items: Any, p: dict[str, Any], run_id: Any, base: PipelineOptions, parallelism: int, name: str) -> dsl.PipelineTask:
+def train_each(items: Any, p: dict[str, Any], run_id: Any, base: PipelineOptions, parallelism: int) -> dsl.PipelineTask:
     """A ``ParallelFor`` of train tasks over plan ``items`` (the sweep's branches, the audit's folds).
 
     Each takes its data, branch name and ``step_config`` from the item and the typed train
@@ -181,7 +181,10 @@ def train_each(items: Any, p: dict[str, Any], run_id: Any, base: PipelineOptions
     Returns:
         The loop's train task (for ``dsl.Collected`` of its outputs).
     """
-    with dsl.ParallelFor(items, parallelism=parallelism, name=name) as item:
+    # No name=: KFP before 2.16.0 (Kubeflow v1.11's 2.15.0) then records the loop under it, not
+    # its task key, and the fan-in's driver cannot find its producer (kubeflow/pipelines#13239,
+    # fixed by #12808); tests/test_fan_in.py holds every loop's name to its key.
+    with dsl.ParallelFor(items, parallelism=parallelism) as item:
         tr = train(
             resized=item.resized,
             data_root=p["data_root"],
@@ -213,7 +216,7 @@ def build_sweep_pipeline(options: SweepOptions | None = None) -> dsl.graph_compo
         grid = {g: p[g] for g in (*GRID_PARAMETERS, SEEDS_KEY)}
         planned = plan_sweep(resized=resized, step_config=p["step_config"], **typed, **grid)
         configure_task(planned, "plan", images.gpu, base, base.retry)
-        tr = train_each(planned.output, p, run_id, base, options.parallelism, "branches")
+        tr = train_each(planned.output, p, run_id, base, options.parallelism)
         cmp = compare(branches=planned.output, trained=dsl.Collected(tr.outputs["trained"]), data_root=p["data_root"], run_id=run_id)
         configure_task(cmp, "compare", images.gpu, base, base.retry)
         return Outputs(report=cmp.outputs["report"], metrics=cmp.outputs["metrics"], winner=cmp.outputs["winner"])
