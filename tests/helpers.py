@@ -295,3 +295,8 @@ def deploy_guide() -> str:
     """The whole cluster guide: docs/deploy.md and its parts in docs/deploy/, as one text."""
     docs = Path(__file__).resolve().parents[1] / "docs"
     return "\n".join(p.read_text() for p in [docs / "deploy.md", *sorted((docs / "deploy").glob("*.md"))])
+
+
+def ir_dags(ir: Mapping) -> list[dict]:
+    """Every DAG of a compiled pipeline's IR: the root's, then each condition's and loop's."""
+    return [ir["root"]["dag"], *(c["dag"] for c in ir["components"].values() if "dag" in c)]

@@ -18,11 +18,11 @@ import yaml
 from imgpipe.kfp import package as kfp_package
 from imgpipe.steps.audit import AUDIT_PIPELINE_NAME
 from imgpipe.sweep import SWEEP_PIPELINE_NAME
+from tests.helpers import ir_dags
 
 
 def _loops(spec: dict) -> Iterator[tuple[str, dict]]:
-    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
-    for dag in dags:
+    for dag in ir_dags(spec):
         for key, task in dag["tasks"].items():
             if "parameterIterator" in task or "artifactIterator" in task:
                 yield key, task
@@ -30,9 +30,8 @@ def _loops(spec: dict) -> Iterator[tuple[str, dict]]:
 
 def _collected_from(spec: dict) -> set[str]:
     """The producers of every task output a task takes (a loop's: a dsl.Collected)."""
-    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
     producers = set()
-    for dag in dags:
+    for dag in ir_dags(spec):
         for task in dag["tasks"].values():
             for kind in ("parameters", "artifacts"):
                 for given in task.get("inputs", {}).get(kind, {}).values():

@@ -28,7 +28,7 @@ from imgpipe.remote.dispatch import remote_steps
 from imgpipe.stepio import artifacts as kfp_artifacts
 from imgpipe.stepio.artifacts import BY_INPUTS
 from imgpipe.stepio.publish import find_confusion
-from tests.helpers import deploy_guide
+from tests.helpers import deploy_guide, ir_dags
 
 STEPS = ("download", "clean", "resize", "train")
 # The tasks of the compiled DAG, by display name: resize is two tasks, one per ray_address mode,
@@ -59,9 +59,8 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str]
 
 def _all_tasks(ir: dict) -> dict[str, tuple[dict, str]]:
     """Every container task, root DAG and condition branches alike: display name -> (task, executor label)."""
-    dags = [ir["root"]["dag"]] + [c["dag"] for c in ir["components"].values() if "dag" in c]
     found = {}
-    for dag in dags:
+    for dag in ir_dags(ir):
         for task in dag["tasks"].values():
             component = ir["components"][task["componentRef"]["name"]]
             if "executorLabel" in component:
@@ -267,8 +266,7 @@ def test_a_cached_build_keys_task_prefixes_by_inputs(compiled, tmp_path):
     cached, _ = _load(kfp_package.compile_package(tmp_path / "cached.yaml", caching=True))
     assert run_ids(cached) == {**{s: BY_INPUTS for s in TASKS}, "promote": job}
     # KFP 2.17 leaves a branch whose task was a hit RUNNING: a never-cached task after it completes it.
-    dags = [cached["root"]["dag"]] + [c["dag"] for c in cached["components"].values() if "dag" in c]
-    verifiers = [t for dag in dags for t in dag["tasks"].values() if t["componentRef"]["name"].startswith("comp-verify-output")]
+    verifiers = [t for dag in ir_dags(cached) for t in dag["tasks"].values() if t["componentRef"]["name"].startswith("comp-verify-output")]
     assert len(verifiers) == 4 and all(t["cachingOptions"] == {} for t in verifiers), verifiers
     fed = {t["inputs"]["parameters"]["prefix"]["taskOutputParameter"]["producerTask"] for t in verifiers}
     assert {re.sub(r"-\d+$", "", f) for f in fed} == {"resize", "train"} and len(fed) == 4, fed

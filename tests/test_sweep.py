@@ -27,6 +27,7 @@ from imgpipe.sweep import (
     load_grid_file,
     plan,
 )
+from tests.helpers import ir_dags
 
 NAMED = {"model": "tiny_cnn", "epochs": 3, "batch_size": 4, "aug_policy": None, "resume": True}
 
@@ -299,8 +300,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
 
 def _dag_tasks(ir: dict) -> dict[str, dict]:
     """Every task of every DAG (root, conditions, loop), by task name."""
-    dags = [ir["root"]["dag"]] + [c["dag"] for c in ir["components"].values() if "dag" in c]
-    return {name: task for dag in dags for name, task in dag["tasks"].items()}
+    return {name: task for dag in ir_dags(ir) for name, task in dag["tasks"].items()}
 
 
 def test_the_sweep_compiles_with_the_main_pipelines_parameters_and_the_grid(compiled, tmp_path):

@@ -18,6 +18,7 @@ from imgpipe import contract, storage
 from imgpipe.kfp import package as kfp_package
 from imgpipe.remote import ranks
 from imgpipe.stepio import artifacts as kfp_artifacts
+from tests.helpers import ir_dags
 from tests.test_components import _artifact
 from tests.train.test_loader import write_resize_output
 
@@ -50,8 +51,8 @@ def test_the_environment_count_defaults_to_one(monkeypatch):
 
 def _train_container(package: Path) -> tuple[dict, dict]:
     ir = next(yaml.safe_load_all(package.read_text()))
-    dags = [ir["root"]["dag"]] + [c["dag"] for c in ir["components"].values() if "dag" in c]  # train runs in an If branch
-    (label,) = [task["componentRef"]["name"] for dag in dags for task in dag["tasks"].values() if task["taskInfo"]["name"] == "train"]
+    # train runs in an If branch
+    (label,) = [task["componentRef"]["name"] for dag in ir_dags(ir) for task in dag["tasks"].values() if task["taskInfo"]["name"] == "train"]
     executor = ir["components"][label]["executorLabel"]
     return ir["deploymentSpec"]["executors"][executor]["container"], ir
 

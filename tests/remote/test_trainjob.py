@@ -14,6 +14,7 @@ from imgpipe.remote.attempts import attempt_id
 from imgpipe.train.config import TrainConfig
 from tests import rbac
 from tests.conftest import ROOT
+from tests.helpers import ir_dags
 from tests.remote.fake_kuberay import Recording
 from tests.remote.fake_trainer import CRDS, FAILED, RUNNING, SUCCESS, WEBHOOK, FakeTrainer, run
 
@@ -229,8 +230,8 @@ def test_kubeflow_edit_holds_the_trainjob_rights_where_trainer_is_installed():
 
 def _compiled_tasks(ir: dict) -> dict[str, dict]:
     """Every container task of a compiled package, branches included, by display name."""
-    dags = [ir["root"]["dag"]] + [c["dag"] for c in ir["components"].values() if "dag" in c]
-    return {t["taskInfo"]["name"]: t for dag in dags for t in dag["tasks"].values() if "executorLabel" in ir["components"][t["componentRef"]["name"]]}
+    tasks = (t for dag in ir_dags(ir) for t in dag["tasks"].values())
+    return {t["taskInfo"]["name"]: t for t in tasks if "executorLabel" in ir["components"][t["componentRef"]["name"]]}
 
 
 def test_the_pipeline_takes_train_nodes_and_gives_a_poller_without_gpus_what_a_trainjob_needs(tmp_path, monkeypatch):
