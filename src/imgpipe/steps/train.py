@@ -32,7 +32,7 @@ from imgpipe.train.augment import (
     step_generator,
     step_seed,
 )
-from imgpipe.train.checkpoint import finish_write, restart, resume, save_checkpoint
+from imgpipe.train.checkpoint import checkpoint_due, finish_write, restart, resume, save_checkpoint
 from imgpipe.train.config import TrainConfig
 from imgpipe.train.distributed import (
     all_reduce,
@@ -377,7 +377,7 @@ def _epochs(run: TrainingRun) -> int:
             run.selection.stop(epoch, stop)
         if run.guard is not None and run.guard.worrying:
             log.warning("train: no checkpoint after epoch %d: the loss is above %.4g, on its way to divergence", epoch + 1, run.guard.limit())
-        elif _checkpoint_due(run, last=run.selection.stopped_at is not None or epoch + 1 >= run.cfg.epochs):
+        elif checkpoint_due(run, last=run.selection.stopped_at is not None or epoch + 1 >= run.cfg.epochs):
             with run.timed("checkpoints"):
                 save_checkpoint(run, epoch)
         if run.ctx.is_main:
@@ -387,18 +387,6 @@ def _epochs(run: TrainingRun) -> int:
             break
         epoch += 1
     return ran
-
-
-def _checkpoint_due(run: TrainingRun, last: bool) -> bool:
-    """Whether this epoch's end writes a checkpoint: the ``last`` one, or ``checkpoint_every_s`` since the one before.
-
-    Every rank gets the same answer (a checkpoint is collective): one that is due on any rank is due on all.
-    """
-    every = run.cfg.checkpoint_every_s
-    if last or not every:
-        return True
-    (due,) = all_reduce([float(time.monotonic() - run.checkpointed_at >= every)], run.device, run.ctx)
-    return due > 0
 
 
 def _after_divergence(run: TrainingRun, event: Divergence) -> bool:

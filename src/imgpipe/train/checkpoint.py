@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from imgpipe import storage
 from imgpipe.config import config_record
-from imgpipe.train.distributed import DistInfo
+from imgpipe.train.distributed import DistInfo, all_reduce
 from imgpipe.train.divergence import DivergenceRecord
 from imgpipe.train.evaluation import EvalResult
 from imgpipe.train.models import error_line
@@ -36,7 +36,7 @@ from imgpipe.train.optim import scale_lr
 if TYPE_CHECKING:
     from imgpipe.train.run import TrainingRun
 
-__all__ = ["CHECKPOINT", "RESUME_FIXED", "finish_write", "save_checkpoint", "load_checkpoint", "resume", "restart"]
+__all__ = ["CHECKPOINT", "RESUME_FIXED", "checkpoint_due", "finish_write", "save_checkpoint", "load_checkpoint", "resume", "restart"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,18 @@ def _gather_rng(ctx: DistInfo) -> list[dict[str, Any]]:
 def _layout(run: TrainingRun) -> dict[str, int]:
     """What decides which rank and worker reads which samples, and how many steps an epoch has."""
     return {"world_size": run.ctx.world_size, "loader_parts": int(run.train_loader.parts), "batch_size": run.cfg.batch_size}
+
+
+def checkpoint_due(run: TrainingRun, last: bool) -> bool:
+    """Whether this epoch's end writes a checkpoint: the ``last`` one, or ``checkpoint_every_s`` since the one before.
+
+    Every rank gets the same answer (a checkpoint is collective): one that is due on any rank is due on all.
+    """
+    every = run.cfg.checkpoint_every_s
+    if last or not every:
+        return True
+    (due,) = all_reduce([float(time.monotonic() - run.checkpointed_at >= every)], run.device, run.ctx)
+    return due > 0
 
 
 def save_checkpoint(run: TrainingRun, epoch: int, step: int | None = None) -> None:
