@@ -40,13 +40,14 @@ binary_of() { # NAME: the binary, where the image keeps it, and the user it runs
 
 # NAME DIR: the Containerfile and context of an image built on the Debian base (its binaries in DIR).
 on_debian() {
-	local kfp base
+	local kfp base tree
 	kfp=$(bin_dir kfp)
 	base=$(image_ref debian)
 	case $1 in
 	kfp-api-server)
+		tree=$(kfp_tree) # an assignment: a missing source stops here with its one line
 		cp "$kfp/apiserver" "$2/apiserver"
-		cp -r "$(kfp_tree)/backend/src/apiserver/config" "$2/config"
+		cp -r "$tree/backend/src/apiserver/config" "$2/config"
 		# Upstream's image preloads sample pipelines; this one starts with none.
 		echo '{"pipelines": [], "loadSamplesOnRestart": false}' >"$2/config/sample_config.json"
 		cat <<-EOF
@@ -78,12 +79,13 @@ on_debian() {
 	kfp-scheduledworkflow)
 		# Its command line as the pinned release's own Dockerfile gives it (2.17 added flags 2.15 refuses).
 		cp "$kfp/scheduledworkflow" "$2/controller"
+		tree=$(kfp_tree)
 		cat <<-EOF
 			FROM $base
 			COPY controller /bin/controller
 			ENV NAMESPACE="" LOG_LEVEL=info
 			USER 1000
-			$(grep '^CMD' "$(kfp_tree)/backend/Dockerfile.scheduledworkflow")
+			$(grep '^CMD' "$tree/backend/Dockerfile.scheduledworkflow")
 		EOF
 		;;
 	kfp-ui)

@@ -95,10 +95,14 @@ source_checkout() { # PROJECT
 	git -C "$tree" clean -qfdx
 }
 
-# The project's checked-out tree, or why there is none.
+# The project's checked-out tree, or why there is none. A tree removed since its binaries were
+# cached (the disk made room) is checked out again where its variable names the clone.
 source_tree() { # PROJECT
 	local var repo version commit tree paths
 	read -r var repo version commit tree paths <<<"$(source_of "$1")"
+	if [[ $(git -C "$tree" rev-parse HEAD 2>/dev/null) != "$commit" && -n ${!var:-} ]]; then
+		source_checkout "$1" >&2
+	fi
 	[[ $(git -C "$tree" rev-parse HEAD 2>/dev/null) == "$commit" ]] || die "no $repo $version source in $tree: make cluster-build $var=<a clone of $repo>"
 	echo "$tree"
 }

@@ -250,3 +250,24 @@ def test_the_lock_is_left_as_it_was_where_another_package_needs_fs_or_the_versio
     refused = _drop(tmp_path, package, lock, version="0.0.2")
     assert refused.returncode != 0 and "has no fs@0.0.2" in refused.stderr
     assert json.loads((tmp_path / "package.json").read_text()) == package
+
+
+def _tree(tmp_path: Path, source: Path | None, commit: str) -> subprocess.CompletedProcess:
+    script = f'. "{LIB}"; KFP_VERSION=9.9.9; KFP_COMMIT={commit}; KFP_TREE=$CLUSTER_CACHE/src/kfp; source_tree kfp'
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CLUSTER_CACHE": str(tmp_path / "cache")}
+    if source is not None:
+        env["KFP_SOURCE"] = str(source)
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, env=env)
+
+
+def test_a_tree_removed_after_its_build_is_checked_out_again_or_named_with_the_build_to_run(tmp_path, source):
+    """The binaries stay cached when a disk is cleared of the source trees; the image build still reads a tree."""
+    repo, first, _ = source
+    _git(repo, "tag", "9.9.9", first)
+    again = _tree(tmp_path, repo, first)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == str(tmp_path / "cache" / "src" / "kfp"), "the tree's path alone on stdout"
+    assert (tmp_path / "cache" / "src" / "kfp" / "VERSION").read_text() == "1\n"
+    missing = _tree(tmp_path / "other", None, first)
+    assert missing.returncode != 0 and missing.stdout == ""
+    assert "no kubeflow/pipelines 9.9.9 source" in missing.stderr and "make cluster-build KFP_SOURCE=" in missing.stderr
