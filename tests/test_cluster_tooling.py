@@ -147,10 +147,13 @@ def _checkout(tmp_path: Path, source: Path | None, commit: str, version: str = "
     pin = PROJECTS[project]
     pins = f"{pin}_VERSION={version}; {pin}_COMMIT={commit}; {pin}_TREE=$CLUSTER_CACHE/src/{project}"
     script = f'. "{LIB}"; {pins}; source_checkout {project} && git -C "${pin}_TREE" rev-parse HEAD'
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, env=_env(tmp_path, source, pin))
+
+
+def _env(tmp_path: Path, source: Path | None, pin: str) -> dict[str, str]:
+    """A bare environment with the cache under ``tmp_path`` and ``<pin>_SOURCE`` where there is a source."""
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CLUSTER_CACHE": str(tmp_path / "cache")}
-    if source is not None:
-        env[f"{pin}_SOURCE"] = str(source)
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, env=env)
+    return env | ({f"{pin}_SOURCE": str(source)} if source is not None else {})
 
 
 @pytest.mark.parametrize("project", sorted(PROJECTS))
@@ -254,10 +257,7 @@ def test_the_lock_is_left_as_it_was_where_another_package_needs_fs_or_the_versio
 
 def _tree(tmp_path: Path, source: Path | None, commit: str) -> subprocess.CompletedProcess:
     script = f'. "{LIB}"; KFP_VERSION=9.9.9; KFP_COMMIT={commit}; KFP_TREE=$CLUSTER_CACHE/src/kfp; source_tree kfp'
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CLUSTER_CACHE": str(tmp_path / "cache")}
-    if source is not None:
-        env["KFP_SOURCE"] = str(source)
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, env=env)
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, env=_env(tmp_path, source, "KFP"))
 
 
 def test_a_tree_removed_after_its_build_is_checked_out_again_or_named_with_the_build_to_run(tmp_path, source):
