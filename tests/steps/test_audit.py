@@ -151,6 +151,25 @@ def test_bad_settings_and_folds_without_probs_are_refused(audited, tmp_path):
         rank_label_issues([plain], "file://" + str(tmp_path / "a"))
 
 
+def test_the_ranking_runs_in_the_steps_own_process(audited, tmp_path, monkeypatch):
+    """cleanlab forks a pool by default; a fork from a process with threads (torch's, storage clients') can hang."""
+    import multiprocessing
+    import threading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the audit forked a pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", refuse)
+    blocker = threading.Event()
+    thread = threading.Thread(target=blocker.wait, daemon=True)  # a step's process is never single-threaded
+    thread.start()
+    try:
+        report = rank_label_issues(audited["models"], "file://" + str(tmp_path / "again"), AuditConfig(folds=2, seed=1, filter_by="both"))
+    finally:
+        blocker.set()
+    assert report.extra["images"] == 96 and report.extra["issues"] > 0  # both of cleanlab's pool paths (by class, by noise rate) ran
+
+
 def _split_paths(prefix: str, split: str) -> set[str]:
     from imgpipe.train.partition import describe_split, read_split_columns
 

@@ -281,7 +281,10 @@ def rank_label_issues(fold_models: Sequence[str], dest: str, cfg: AuditConfig | 
     labels = table.column("label").to_numpy().astype(np.int64)
     probs = np.stack(table.column("probs").to_numpy(zero_copy_only=False)).astype(np.float64)
     probs /= probs.sum(axis=1, keepdims=True)
-    issues = find_label_issues(labels, probs, filter_by=cfg.filter_by, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab's default forks a multiprocessing.Pool per call, and a fork from this
+    # process (torch's threads, storage clients' threads) can leave the pool's children waiting on
+    # a lock no thread will release: the step then hangs. The pruning is O(images) per class.
+    issues = find_label_issues(labels, probs, filter_by=cfg.filter_by, return_indices_ranked_by="self_confidence", n_jobs=1)
     quality = get_label_quality_scores(labels, probs, method="self_confidence")
     rank = np.full(len(labels), -1, np.int64)
     rank[issues] = np.arange(len(issues))
