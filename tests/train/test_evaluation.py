@@ -119,3 +119,33 @@ def test_pr_auc_over_two_ranks_gathers_every_score(tmp_path):
         assert got["pr_auc"] == pytest.approx(alone.pr_auc) and got["per_class_ap"] == pytest.approx(alone.per_class_ap)
     # Not a trivial case: the ranks' own halves would give other values.
     assert alone.pr_auc != pytest.approx(evaluate(torch.nn.Identity(), lambda: iter([(logits[:3], y[:3])]), 3, torch.device("cpu")).pr_auc)
+
+
+def test_the_evaluations_take_twice_the_steps_batch_and_score_alike_in_any_batch(tmp_path):
+    """``eval_batch_size`` 0: twice ``batch_size``; a validation's loss and a test's predictions do not depend on it."""
+    import json
+
+    from imgpipe import contract, storage
+    from imgpipe.steps.train import train
+    from imgpipe.train.config import TrainConfig
+    from imgpipe.train.loader_config import MAX_BATCH
+    from tests.train.test_loader import write_resize_output
+
+    assert TrainConfig(batch_size=8).loader(shuffle=False).batch_size == 16
+    assert TrainConfig(batch_size=8).loader(shuffle=True).batch_size == 8
+    assert TrainConfig(batch_size=8, eval_batch_size=3).loader(shuffle=False).batch_size == 3
+    assert TrainConfig(batch_size=MAX_BATCH).evaluation_batch == MAX_BATCH
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        TrainConfig(eval_batch_size=-1)
+    data = write_resize_output(str(tmp_path / "resize"))
+    base = {"model": "tiny_cnn", "epochs": 1, "batch_size": 8, "num_workers": 0, "device": "cpu", "precise_bn": 0, "seed": 3}
+    outs = {}
+    for eval_batch in (0, 3):
+        out = str(tmp_path / f"train-{eval_batch}")
+        train(data, out, TrainConfig(**base, eval_batch_size=eval_batch))
+        outs[eval_batch] = json.loads(storage.read_bytes(storage.join(out, contract.METRICS)))
+    (a,), (b,) = outs[0]["epochs"], outs[3]["epochs"]
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5) and a["val_accuracy"] == b["val_accuracy"]
+    ta, tb = outs[0]["test"], outs[3]["test"]
+    assert ta["confusion"] == tb["confusion"] and ta["per_class_ap"] == pytest.approx(tb["per_class_ap"])
+    assert ta["loss"] == pytest.approx(tb["loss"], rel=1e-5)
