@@ -122,7 +122,10 @@ def test_pr_auc_over_two_ranks_gathers_every_score(tmp_path):
 
 
 def test_the_evaluations_take_twice_the_steps_batch_and_score_alike_in_any_batch(tmp_path):
-    """``eval_batch_size`` 0: twice ``batch_size``; a validation's loss and a test's predictions do not depend on it."""
+    """``eval_batch_size`` 0: twice ``batch_size``; a validation's loss and a test's predictions do not depend on it.
+
+    Precise BN measures in the training's batches whatever the evaluations' are, so its statistics do not either.
+    """
     import json
 
     from imgpipe import contract, storage
@@ -138,7 +141,7 @@ def test_the_evaluations_take_twice_the_steps_batch_and_score_alike_in_any_batch
     with pytest.raises(ValueError, match="eval_batch_size"):
         TrainConfig(eval_batch_size=-1)
     data = write_resize_output(str(tmp_path / "resize"))
-    base = {"model": "tiny_cnn", "epochs": 1, "batch_size": 8, "num_workers": 0, "device": "cpu", "precise_bn": 0, "seed": 3}
+    base = {"model": "tiny_cnn", "epochs": 1, "batch_size": 8, "num_workers": 0, "device": "cpu", "precise_bn": 16, "seed": 3}
     outs = {}
     for eval_batch in (0, 3):
         out = str(tmp_path / f"train-{eval_batch}")

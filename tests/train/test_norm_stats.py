@@ -122,7 +122,7 @@ def test_each_validation_follows_a_recompute_and_the_kept_model_carries_it(tmp_p
     data, out = write_resize_output(str(tmp_path / "resize")), str(tmp_path / "train")
     train(data, out, _tiny(precise_bn=16))
     epochs = json.loads(storage.read_bytes(storage.join(out, contract.METRICS)))["epochs"]
-    assert [e["precise_bn_images"] for e in epochs] == [16, 16], "one batch of 16 (the evaluations' batch: twice the step's 8): the cap"
+    assert [e["precise_bn_images"] for e in epochs] == [16, 16], "two batches of 8 (the training's batch, not the evaluations'): the cap"
     kept = torch.load(tmp_path / "train" / contract.MODEL, weights_only=True)["model"]
     tracked = {k: int(v) for k, v in kept.items() if k.endswith("num_batches_tracked")}
     assert tracked and all(v > 0 for v in tracked.values()), "the training count is kept, not the recompute's"

@@ -242,10 +242,10 @@ def _eval_batches(run: TrainingRun, loader: ImageLoader) -> Iterator[tuple[torch
         rows.close()  # type: ignore[attr-defined]
 
 
-def _run_eval_loader(run: TrainingRun, info: SplitInfo, persistent: bool) -> ImageLoader:
-    """An evaluation-order loader of ``info``'s split, decoding where the training loader does."""
+def _run_eval_loader(run: TrainingRun, info: SplitInfo, persistent: bool, batch_size: int | None = None) -> ImageLoader:
+    """An evaluation-order loader of ``info``'s split, decoding where the training loader does (``batch_size``: :func:`eval_loader`'s)."""
     decode = "cuda" if run.train_loader.decode_on_device else "cpu"
-    return eval_loader(run.cfg, info, run.image_size, decode, run.ctx, persistent, engine=run.eval_engine)
+    return eval_loader(run.cfg, info, run.image_size, decode, run.ctx, persistent, engine=run.eval_engine, batch_size=batch_size)
 
 
 def _evaluate_split(
@@ -284,7 +284,8 @@ def _recompute_norm_stats(run: TrainingRun) -> int:
     if not run.cfg.precise_bn or not names:
         return 0
     if run.stats_loader is None:
-        run.stats_loader = _run_eval_loader(run, run.train_info, run.cfg.persistent_workers)
+        # In the training's batches: the statistics average batches like those the layers trained on.
+        run.stats_loader = _run_eval_loader(run, run.train_info, run.cfg.persistent_workers, batch_size=run.cfg.batch_size)
     images = -(-run.cfg.precise_bn // run.ctx.world_size)
     seen = 0
     for module in (run.module, *((run.ema.module,) if run.ema is not None else ())):

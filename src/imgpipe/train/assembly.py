@@ -104,18 +104,32 @@ def eval_transform(info: SplitInfo, size: int) -> SampleTransform:
     return build_eval_transform(size, info.channels, resize_to=resize_to)
 
 
-def eval_loader(cfg: TrainConfig, info: SplitInfo, size: int, decode: str, ctx: DistInfo, persistent: bool, engine: str | None = None) -> ImageLoader:
+def eval_loader(
+    cfg: TrainConfig,
+    info: SplitInfo,
+    size: int,
+    decode: str,
+    ctx: DistInfo,
+    persistent: bool,
+    engine: str | None = None,
+    batch_size: int | None = None,
+) -> ImageLoader:
     """Evaluation order; the resize/centre-crop runs in the workers unless the device decodes.
 
     ``engine``: the workers' engine where it is not ``cfg``'s (a run's resolved ``cfg`` records
     its training loader's, which the GPU rule of ``resolve_engine`` may have made processes).
+    ``batch_size``: where it is not the evaluations' (``cfg.evaluation_batch``).
     """
     on_device = info.format == "jpeg" and decode == "cuda" and not info.whole
     identity = not info.whole and (info.height, info.width) == (size, size)
     settings = cfg.loader(shuffle=False, persistent=persistent)
+    if engine is not None:
+        settings = dataclasses.replace(settings, engine=engine)
+    if batch_size:
+        settings = dataclasses.replace(settings, batch_size=batch_size)
     return ImageLoader(
         info,
-        settings if engine is None else dataclasses.replace(settings, engine=engine),
+        settings,
         transform=None if identity or on_device else eval_transform(info, size),
         decode_device="cpu" if info.whole else decode,
         rank=ctx.rank,

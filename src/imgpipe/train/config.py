@@ -87,8 +87,8 @@ class TrainConfig:
             hue, noise and JPEG augmentation, and which flips test-time augmentation uses.
         epochs: Passes over the training split. Unset: the recipe's or domain's value (imgpipe.train.recipes).
         batch_size: Images per step per rank (the global batch is ``batch_size x ranks``).
-        eval_batch_size: Images per batch per rank of the evaluations (precise BN,
-            validation, test). 0: twice ``batch_size`` (timm's ``--validation-batch-size``
+        eval_batch_size: Images per batch per rank of the evaluations (validation, test;
+            precise BN measures in the training's batches). 0: twice ``batch_size`` (timm's ``--validation-batch-size``
             is one such setting): a forward pass without gradients holds far less than a
             training step, and a CPU's takes a quarter less time per image at 128 than at 64
             (docs/training.md). Scores do not depend on it.
