@@ -125,7 +125,7 @@ def eval_loader(
     settings = cfg.loader(shuffle=False, persistent=persistent)
     if engine is not None:
         settings = dataclasses.replace(settings, engine=engine)
-    if batch_size:
+    if batch_size is not None:
         settings = dataclasses.replace(settings, batch_size=batch_size)
     return ImageLoader(
         info,

@@ -435,7 +435,10 @@ class TrainConfig:
         return self.eval_batch_size or min(2 * self.batch_size, MAX_BATCH)
 
     def loader(self, *, shuffle: bool, persistent: bool | None = None, feeds_gpu_per_sample: bool = False) -> LoaderConfig:
-        """Loader settings: training (``shuffle``) or evaluation order (``feeds_gpu_per_sample``: ``resolve_engine``'s)."""
+        """Loader settings: training (``shuffle``, ``batch_size``) or evaluation (its order, :attr:`evaluation_batch`).
+
+        ``feeds_gpu_per_sample``: ``resolve_engine``'s.
+        """
         return LoaderConfig(
             batch_size=self.batch_size if shuffle else self.evaluation_batch,
             shuffle=shuffle,
