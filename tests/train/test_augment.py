@@ -226,6 +226,26 @@ def test_kornia_batch_path_is_seeded_explicitly_and_leaves_the_global_rng_alone(
         augment(batch.float(), seed=1)
 
 
+def test_the_device_crop_warps_the_batch_at_once_with_kornias_per_sample_pixels():
+    """One batched warp for every sample's box, not an interpolation per sample; the same pixels as kornia's per-sample crop."""
+    import kornia.augmentation as K
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = AugmentConfig()
+    crop = BatchAugment(cfg, 24, 3).geometric[0]
+    per_sample = K.RandomResizedCrop((24, 24), scale=cfg.crop_scale)  # kornia's default cropping_mode: "slice"
+    batch = images(16, size=40).float() / 255
+    torch.manual_seed(5)
+    batched = crop(batch)
+    torch.manual_seed(5)
+    reference = per_sample(batch)
+    assert batched.shape == (16, 3, 24, 24)
+    assert torch.allclose(batched, reference, atol=1e-4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        crop(batch)
+    assert not [e.key for e in prof.key_averages() if e.key == "aten::upsample_bilinear2d"]
+
+
 def test_normalize_matches_imagenet_statistics():
     batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     out = normalize(batch, 3, channels_last=True)
