@@ -33,7 +33,12 @@ from tests.cluster.test_remote_objects import (
 )
 from tests.cluster.test_trainer import NODE
 
-pytestmark = pytest.mark.cluster
+# Each remote job's own bound (the TrainJob's active deadline, the RayJob's timeout). pytest's bound
+# is above the drained run's and its rerun's, so that a slow run ends on their deadlines with their
+# messages: the first pods on a worker unpack the 6.8 GB gpu image there, minutes on two cores
+# (kubeflow-1.11, 2026-11-30: pytest's default 600 s ended the training rank's drain mid-recovery).
+JOB_DEADLINE_S = 1200
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(2 * JOB_DEADLINE_S + 600)]
 CONTROL_NODE = "imgpipe-node"
 
 
@@ -75,7 +80,7 @@ def _drained_mid_run(call: Callable[[], Any], selectors: tuple[str, ...], out: s
     node = None
     try:
         node = _drain_when_running(selectors, work)
-        work.join(1500)
+        work.join(JOB_DEADLINE_S + 300)
         assert not work.is_alive(), "the run ended within its deadline"
         outcome = _outcome(result, out)
         print(f"drained {node} under {selectors}: the run {outcome}; {str(result.get('error', ''))[:300]}")
@@ -121,7 +126,7 @@ def test_draining_the_node_of_a_training_rank_mid_run(dev_overlay, tmp_path):  #
         def train(stream: io.StringIO) -> Any:
             return trainjob.run_train_job(
                 rs.dest, out, cfg, procs=1, namespace=NAMESPACE, run_id=f"drain-{uuid.uuid4().hex[:8]}", api=_api_as("imgpipe-pipeline"),
-                image=image, resources=NODE, secret="imgpipe-s3-credentials", active_deadline_s=1200, poll_s=5, stream=stream,
+                image=image, resources=NODE, secret="imgpipe-s3-credentials", active_deadline_s=JOB_DEADLINE_S, poll_s=5, stream=stream,
             )  # fmt: skip
 
         outcome, _ = _drained_mid_run(lambda: train(io.StringIO()), ("jobset.sigs.k8s.io/jobset-name",), out)
@@ -142,7 +147,7 @@ def test_draining_the_node_of_rays_worker_mid_run(dev_overlay, tmp_path):  # noq
             return kuberay.run_step_rayjob(
                 "resize", cl.dest, out, ResizeConfig(size=32, ray_address="kuberay"), namespace=NAMESPACE,
                 run_id=f"drain-{uuid.uuid4().hex[:8]}", api=_api_as("imgpipe-pipeline"), core_api=kuberay.NO_LOGS,
-                template=_small(template, image), image=image, max_workers=1, timeout_s=1200, poll_s=5, out=stream,
+                template=_small(template, image), image=image, max_workers=1, timeout_s=JOB_DEADLINE_S, poll_s=5, out=stream,
             )  # fmt: skip
 
         # Ray's worker; where it runs on the control node (never drained), Ray's head, a harsher fault.
