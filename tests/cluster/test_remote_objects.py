@@ -30,10 +30,14 @@ def dev_overlay(profiles):
 
 
 def _api_as(account: str):
-    """A ``CustomObjectsApi`` that authenticates with a token the API server issues to ``account``."""
+    """A ``CustomObjectsApi`` that authenticates with a token the API server issues to ``account``.
+
+    An hour, as a pod's projected token lives (where its kubelet renews it, the client rereads the
+    file): longer than any test's run. A 10-minute token expired under a drain test's wait (401).
+    """
     from kubernetes import client
 
-    token = kubectl("create", "token", account, "-n", NAMESPACE, "--duration=10m").stdout.strip()
+    token = kubectl("create", "token", account, "-n", NAMESPACE, "--duration=1h").stdout.strip()
     cfg = client.Configuration()
     cfg.host = "https://127.0.0.1:6443"
     cfg.ssl_ca_cert = f"{settings()['CLUSTER_STATE']}/pki/ca.crt"

@@ -288,3 +288,69 @@ def test_only_this_jobs_output_counts_as_done(setup):
 
     assert trainjob.committed_train(setup["data"], setup["out"], dataclasses.replace(setup["cfg"], epochs=2)) is None
     assert trainjob.committed_train(setup["data"] + "-other", setup["out"], setup["cfg"]) is None
+
+
+def test_a_trainjob_still_running_after_its_output_is_committed_is_done_and_removed(setup):
+    # A drained node's rank replaced after rank 0 committed waits for peers that have ended: the
+    # TrainJob would run on to the deadline (kubeflow-1.11, three nodes, 2026-11-30).
+    api = setup["fake"](script=[RUNNING] * 50)
+    real_get = api.get_namespaced_custom_object
+    reads = []
+
+    def get(*args):
+        obj = real_get(*args)
+        reads.append(1)
+        if len(reads) == 3:
+            FakeTrainer._run_nodes(obj)  # rank 0 commits; the TrainJob stays Running
+        return obj
+
+    api.get_namespaced_custom_object = get
+    report, said = run(setup, api)
+    assert report.step == "train" and report.outputs > 0
+    assert "its output is committed while it still runs" in said
+    assert api.deleted == [setup["base"]] and not api.objects, "the stuck TrainJob is removed"
+    assert len(reads) < 10, "not waited for until its deadline"
+
+
+def test_a_trainjob_that_fails_after_its_output_is_committed_counts_as_done(setup):
+    api = setup["fake"](script=[RUNNING, FAILED])
+    real_get = api.get_namespaced_custom_object
+
+    def get(*args):
+        obj = real_get(*args)
+        if obj["status"].get("conditions"):
+            FakeTrainer._run_nodes(obj)  # committed before a replaced rank failed the JobSet
+        return obj
+
+    api.get_namespaced_custom_object = get
+    report, _ = run(setup, api)
+    assert report.step == "train" and api.deleted == [setup["base"]]
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "expected"),
+    [
+        (401, "Unauthorized", "did not accept the kubeconfig's credentials to read TrainJob ml/"),
+        (500, "Internal Server Error", "failed to read TrainJob ml/"),
+    ],
+)
+def test_an_api_error_while_waiting_is_one_line(setup, code, reason, expected):
+    from kubernetes.client.exceptions import ApiException
+
+    api = setup["fake"](script=[RUNNING] * 5)
+    real_get = api.get_namespaced_custom_object
+    reads = []
+
+    def get(*args):
+        reads.append(1)
+        if len(reads) == 3:  # the token expired mid-wait, or the API server failed
+            exc = ApiException(status=code, reason=reason)
+            exc.body = json.dumps({"kind": "Status", "status": "Failure", "message": reason, "reason": reason, "code": code})
+            raise exc
+        return real_get(*args)
+
+    api.get_namespaced_custom_object = get
+    with pytest.raises(RuntimeError) as caught:
+        run(setup, api)
+    message = str(caught.value)
+    assert "\n" not in message and expected in message and f"({code} " in message, message

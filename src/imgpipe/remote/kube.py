@@ -34,6 +34,7 @@ __all__ = [
     "admission_denial",
     "forbidden_message",
     "account_name",
+    "api_failure",
     "field_at",
     "label_value",
     "pull_secrets",
@@ -162,6 +163,23 @@ def forbidden_message(exc: Exception, verb: str, resource: str, namespace: str, 
     )
 
 
+def api_failure(exc: Exception, doing: str) -> RuntimeError:
+    """One line for an API error that is neither a refusal (403) nor an absence (404).
+
+    The client's own ``str`` of an ``ApiException`` runs over several lines (its headers and
+    body); this keeps the status, the API server's message and, for a 401, what to renew.
+    """
+    code, reason = status_code(exc), getattr(exc, "reason", None) or type(exc).__name__
+    if code == 401:
+        whose = "this pod's service account token" if _SA_NAMESPACE.is_file() else "the kubeconfig's credentials"
+        return RuntimeError(
+            f"the Kubernetes API did not accept {whose} to {doing} (401 Unauthorized): they expired or were revoked "
+            "(a pod's projected token is renewed by its kubelet; a kubeconfig's, by whoever issued it)"
+        )
+    message = " ".join(_status_message(exc).split())[:500]
+    return RuntimeError(f"the Kubernetes API failed to {doing} ({code} {reason})" + (f": {message}" if message else ""))
+
+
 def field_at(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     """The value at ``path`` in a nested mapping (a custom object), ``None`` where it is absent."""
     for key in path:
@@ -236,7 +254,7 @@ class CustomObjects:
         """The object, ``None`` if there is none.
 
         Raises:
-            RuntimeError: If RBAC refuses the read.
+            RuntimeError: If RBAC refuses the read (naming the permission), or any other API error, in one line.
         """
         from kubernetes.client.exceptions import ApiException
 
@@ -245,9 +263,10 @@ class CustomObjects:
         except ApiException as exc:
             if status_code(exc) == 404:
                 return None
+            doing = doing or f"read {self.kind} {namespace}/{name}"
             if status_code(exc) == 403:
-                raise self.refused(exc, "get", namespace, doing or f"read {self.kind} {namespace}/{name}") from None
-            raise
+                raise self.refused(exc, "get", namespace, doing) from None
+            raise api_failure(exc, doing) from None
 
     def create_or_attach(self, body: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
         """Creates the object, or returns the existing one of that name (409 AlreadyExists).
@@ -256,7 +275,7 @@ class CustomObjects:
             The object as the API server has it, and whether this call created it.
 
         Raises:
-            RuntimeError: If RBAC refuses the create (403), in one line naming the permission.
+            RuntimeError: If RBAC refuses the create (403), in one line naming the permission; any other API error in one line.
         """
         from kubernetes.client.exceptions import ApiException
 
@@ -270,7 +289,7 @@ class CustomObjects:
             if status_code(exc) == 403:
                 raise self.refused(exc, "create", namespace, f"create {self.kind} {namespace}/{name}") from None
             if status_code(exc) != 409:
-                raise
+                raise api_failure(exc, f"create {self.kind} {namespace}/{name}") from None
         existing = self.get(namespace, name)
         if existing is None:  # deleted between the two calls: a retry creates it again
             raise RuntimeError(f"{self.kind} {namespace}/{name} already existed but is gone now; retry")

@@ -8,13 +8,15 @@ Kubeflow Trainer TrainJob each implement :class:`RemoteJob` (a few methods) and 
     report = run_remote(RayJobTarget(...), base=job_id(...), committed=lambda: committed_report(...), max_attempts=3)
 
 A destination that already holds the job's committed output returns before anything is
-created. A running attempt is attached to, never started twice; a failed one is followed by a
+created; an attempt that ends otherwise than succeeded after committing its output counts as done.
+A running attempt is attached to, never started twice; a failed one is followed by a
 new attempt up to ``max_attempts``; a succeeded one whose output is gone too. Once an attempt
 succeeds and the output is verified, every attempt is cleaned up (where the target keeps any).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -22,6 +24,8 @@ from imgpipe.contract import StepReport
 from imgpipe.remote.attempts import attempt_id, choose_action, latest_attempt
 
 __all__ = ["RemoteJob", "run_remote"]
+
+log = logging.getLogger(__name__)
 
 
 class RemoteJob(Protocol):
@@ -59,7 +63,7 @@ def run_remote(job: RemoteJob, *, base: str, committed: Callable[[], StepReport 
     """Runs ``job`` to a committed output: attempts ``base``, ``base-a2``, ... (see the module docstring).
 
     Raises:
-        RuntimeError: If the attempt fails (the target's message), no attempt is left, or
+        RuntimeError: If the attempt fails without committing the output (the target's message), no attempt is left, or
             a succeeded attempt's output is not there.
         TimeoutError: If the wait's deadline passes (the attempt keeps running; a retry attaches).
     """
@@ -77,10 +81,15 @@ def run_remote(job: RemoteJob, *, base: str, committed: Callable[[], StepReport 
     obj = job.submit(name, attempt, latest, detail) if action == "submit" else job.attach(name, latest, detail)
     final = job.wait(name, obj)
     state, detail = job.state(final)
-    if state != "succeeded":
-        raise RuntimeError(job.failure(name, detail, final))
+    # The output decides, not the attempt's end: one that ended failed (or still runs) after its
+    # output was committed did the work (a rank replaced after rank 0's commit cannot rejoin, and
+    # waits for its peers until a deadline); a retry would find it done, so it is done now.
     report = committed()
     if report is None:
-        raise RuntimeError(job.no_output(name))
+        raise RuntimeError(job.failure(name, detail, final) if state != "succeeded" else job.no_output(name))
+    if state == "failed":
+        log.warning("%s failed (%s) after its output was committed: the output counts, the attempt is removed", name, detail)
+    elif state != "succeeded":
+        log.info("%s still runs (%s) with its output committed: the output counts, the attempt is removed", name, detail)
     job.clean_up(every)
     return report

@@ -138,8 +138,13 @@ def wait_for_trainjob(
     out: TextIO | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    committed: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Polls the TrainJob until ``Complete`` or ``Failed``; prints each status change.
+    """Polls the TrainJob until ``Complete`` or ``Failed``, or until ``committed()`` while it runs; prints each status change.
+
+    A node's pod replaced after rank 0 committed the output (a drained node) waits for peers that
+    have ended: the TrainJob runs on until a deadline although its work is done. ``committed``
+    (one read of the output's manifest a poll) ends the wait there.
 
     Raises:
         TimeoutError: After ``timeout_s`` (the TrainJob's own deadline bounds it).
@@ -157,6 +162,10 @@ def wait_for_trainjob(
             out.flush()
             last = text
         if state != "active":
+            return obj
+        if committed is not None and committed():
+            out.write(f"trainjob {namespace}/{name}: its output is committed while it still runs; it is not waited for\n")
+            out.flush()
             return obj
         if clock() >= deadline:
             raise TimeoutError(f"TrainJob {namespace}/{name} not finished after {timeout_s:.0f}s ({text}); it keeps running")
@@ -336,8 +345,9 @@ class _TrainJobTarget(ObjectTarget):
         limit = self.active_deadline_s + WAIT_SLACK_S
         try:
             return wait_for_trainjob(
-                self.objects.api, self.namespace, name, timeout_s=limit, poll_s=self.poll_s, out=self.stream, sleep=self.sleep, clock=self.clock
-            )
+                self.objects.api, self.namespace, name, timeout_s=limit, poll_s=self.poll_s, out=self.stream, sleep=self.sleep, clock=self.clock,
+                committed=lambda: committed_train(self.data, self.out, self.cfg) is not None,
+            )  # fmt: skip
         except TimeoutError:
             if obj is not None and field_at(obj, ("spec", "activeDeadlineSeconds")) is None:
                 self.objects.delete(self.namespace, name)  # Trainer 2.1 has no deadline of its own: the wait's ends it
