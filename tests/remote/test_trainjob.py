@@ -16,7 +16,7 @@ from tests import rbac
 from tests.conftest import ROOT
 from tests.helpers import ir_dags
 from tests.remote.fake_kuberay import Recording
-from tests.remote.fake_trainer import CRDS, FAILED, RUNNING, SUCCESS, WEBHOOK, FakeTrainer, run
+from tests.remote.fake_trainer import COMPLETE, CRDS, FAILED, RUNNING, SUCCESS, WEBHOOK, FakeTrainer, run
 
 # No test here checks the ONNX or TorchScript exports (tests/train/test_export.py does).
 pytestmark = pytest.mark.usefixtures("no_exports")
@@ -354,3 +354,18 @@ def test_an_api_error_while_waiting_is_one_line(setup, code, reason, expected):
         run(setup, api)
     message = str(caught.value)
     assert "\n" not in message and expected in message and f"({code} " in message, message
+
+
+def test_a_failed_read_of_the_manifest_does_not_end_the_wait(setup, monkeypatch):
+    real = trainjob.committed_train
+    calls = []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) in (2, 3):  # the wait's reads (the first is the runner's, before anything is created)
+            raise OSError("the object store did not answer")
+        return real(*args)
+
+    monkeypatch.setattr(trainjob, "committed_train", flaky)
+    report, _ = run(setup, setup["fake"](script=[RUNNING, RUNNING, RUNNING, COMPLETE]))
+    assert report.step == "train" and len(calls) >= 4

@@ -346,12 +346,20 @@ class _TrainJobTarget(ObjectTarget):
         try:
             return wait_for_trainjob(
                 self.objects.api, self.namespace, name, timeout_s=limit, poll_s=self.poll_s, out=self.stream, sleep=self.sleep, clock=self.clock,
-                committed=lambda: committed_train(self.data, self.out, self.cfg) is not None,
+                committed=self._committed,
             )  # fmt: skip
         except TimeoutError:
             if obj is not None and field_at(obj, ("spec", "activeDeadlineSeconds")) is None:
                 self.objects.delete(self.namespace, name)  # Trainer 2.1 has no deadline of its own: the wait's ends it
             raise
+
+    def _committed(self) -> bool:
+        """Whether the output is committed yet; a failed read is a no (the wait goes on, and the runner reads again at its end)."""
+        try:
+            return committed_train(self.data, self.out, self.cfg) is not None
+        except Exception as exc:  # noqa: BLE001 - a store's passing error must not end a wait the TrainJob's state decides
+            log.debug("train: reading %s's manifest failed (%s); waiting on", self.out, exc)
+            return False
 
     def done(self, name: str) -> None:
         log.info("train: %s already holds this job's committed output", self.out)
