@@ -119,8 +119,9 @@ def test_draining_the_node_of_a_training_rank_mid_run(dev_overlay, tmp_path):  #
     image = step_image("gpu")
     with cleaned_data(tmp_path, NAMESPACE, f"drain-train-{uuid.uuid4().hex[:6]}", SynthConfig(classes=3, per_class=12, seed=7)) as (root, cl):
         rs = resize(cl.dest, f"{root}/resize", ResizeConfig(size=32, executor="pool"))
-        # Long enough to be drained while it trains; every epoch (no early stop on this easy set).
-        cfg = TrainConfig(model="tiny_cnn", epochs=60, batch_size=4, num_workers=0, device="cpu", nodes=2, patience=0)
+        # Long enough to be drained while it trains (about 80 s; 60 epochs, 16 s, ended before the drain once
+        # the workers held the image unpacked: kubeflow-1.11, 2026-11-30); every epoch (no early stop on this easy set).
+        cfg = TrainConfig(model="tiny_cnn", epochs=300, batch_size=4, num_workers=0, device="cpu", nodes=2, patience=0)
         out = f"{root}/train"
 
         def train(stream: io.StringIO) -> Any:
